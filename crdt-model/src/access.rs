@@ -1,0 +1,429 @@
+//! Typed, validating reads of automerge objects, and the few write helpers the documents share.
+//!
+//! Every read checks every conflicting value of a field, not only the winner: the merge of two
+//! valid documents then stays valid, which is what makes `validate` independent of the order
+//! in which replicas received their changes.
+
+use std::borrow::Cow;
+
+use automerge::transaction::Transactable;
+use automerge::{ObjId, ObjType, ReadDoc, ScalarValue, Value};
+use serde::{Deserialize, Serialize};
+
+use crate::error::ValidationError;
+use crate::ids::{Date, EntryId, Icd10, InstitutionId, Timestamp};
+
+/// A single-valued field as replicas see it after a merge: the value every replica shows by
+/// default, and the concurrent values it won over, kept for a clinician to review.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(bound(deserialize = "T: Deserialize<'de>"))]
+pub struct Register<T> {
+    /// The value shown by default (automerge's deterministic winner).
+    pub value: T,
+    /// Values written concurrently with `value`; empty when there is no conflict.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conflicts: Vec<T>,
+}
+
+impl<T> Register<T> {
+    /// A register without conflicts.
+    pub fn single(value: T) -> Self {
+        Self {
+            value,
+            conflicts: Vec::new(),
+        }
+    }
+
+    /// Whether concurrent values are waiting for review.
+    pub fn is_conflicted(&self) -> bool {
+        !self.conflicts.is_empty()
+    }
+}
+
+/// One automerge object of a document, read against its schema path.
+pub(crate) struct Obj<'d, D: ReadDoc> {
+    pub doc: &'d D,
+    pub id: ObjId,
+    pub path: &'static str,
+}
+
+impl<'d, D: ReadDoc> Obj<'d, D> {
+    pub fn root(doc: &'d D) -> Self {
+        Self {
+            doc,
+            id: automerge::ROOT,
+            path: "root",
+        }
+    }
+
+    pub fn child(&self, id: ObjId, path: &'static str) -> Self {
+        Self {
+            doc: self.doc,
+            id,
+            path,
+        }
+    }
+
+    /// Rejects keys the schema does not define, so nothing unvalidated hides in a document.
+    pub fn only_keys(&self, allowed: &[&str]) -> Result<(), ValidationError> {
+        if self
+            .doc
+            .keys(&self.id)
+            .any(|key| !allowed.contains(&key.as_str()))
+        {
+            return Err(ValidationError::UnknownField { object: self.path });
+        }
+        Ok(())
+    }
+
+    /// Reads every value of `key`, validates each with `parse`, and returns them as a register.
+    pub fn register<T>(
+        &self,
+        key: &str,
+        field: &'static str,
+        parse: impl Fn(&Self, &Value<'_>, &ObjId) -> Result<T, ValidationError>,
+    ) -> Result<Option<Register<T>>, ValidationError> {
+        let all = self
+            .doc
+            .get_all(&self.id, key)
+            .map_err(|_| ValidationError::WrongType {
+                field,
+                expected: "a field of a map",
+            })?;
+        let winner = match self.doc.get(&self.id, key) {
+            Ok(Some((_, id))) => id,
+            _ => return Ok(None),
+        };
+        let mut value = None;
+        let mut conflicts = Vec::with_capacity(all.len().saturating_sub(1));
+        for (candidate, id) in &all {
+            let parsed = parse(self, candidate, id)?;
+            if *id == winner {
+                value = Some(parsed);
+            } else {
+                conflicts.push(parsed);
+            }
+        }
+        Ok(value.map(|value| Register { value, conflicts }))
+    }
+
+    /// A register that must be present.
+    pub fn required<T>(
+        &self,
+        key: &str,
+        field: &'static str,
+        parse: impl Fn(&Self, &Value<'_>, &ObjId) -> Result<T, ValidationError>,
+    ) -> Result<Register<T>, ValidationError> {
+        self.register(key, field, parse)?
+            .ok_or(ValidationError::MissingField { field })
+    }
+
+    /// A field written once: every value is validated, the winner is returned.
+    pub fn once<T>(
+        &self,
+        key: &str,
+        field: &'static str,
+        parse: impl Fn(&Self, &Value<'_>, &ObjId) -> Result<T, ValidationError>,
+    ) -> Result<T, ValidationError> {
+        Ok(self.required(key, field, parse)?.value)
+    }
+
+    /// An optional field written once.
+    pub fn once_opt<T>(
+        &self,
+        key: &str,
+        field: &'static str,
+        parse: impl Fn(&Self, &Value<'_>, &ObjId) -> Result<T, ValidationError>,
+    ) -> Result<Option<T>, ValidationError> {
+        Ok(self.register(key, field, parse)?.map(|r| r.value))
+    }
+
+    /// The entries of the list at `key`: each must be a single map; returns their ids.
+    pub fn entries(
+        &self,
+        key: &str,
+        field: &'static str,
+        max: usize,
+    ) -> Result<Vec<ObjId>, ValidationError> {
+        let list = self.once(key, field, object(ObjType::List, "a list"))?;
+        let count = self.doc.length(&list);
+        if count > max {
+            return Err(ValidationError::TooMany { field, count, max });
+        }
+        let mut entries = Vec::with_capacity(count);
+        for index in 0..count {
+            let values =
+                self.doc
+                    .get_all(&list, index)
+                    .map_err(|_| ValidationError::WrongType {
+                        field,
+                        expected: "a list",
+                    })?;
+            for (value, id) in values {
+                if value != Value::Object(ObjType::Map) {
+                    return Err(ValidationError::WrongType {
+                        field,
+                        expected: "a list of objects",
+                    });
+                }
+                entries.push(id);
+            }
+        }
+        Ok(entries)
+    }
+
+    /// The keys of a map object, in key order.
+    pub fn keys(&self) -> Vec<String> {
+        self.doc.keys(&self.id).collect()
+    }
+}
+
+/// The parser for an object of type `kind`: yields its id.
+pub(crate) fn object<D: ReadDoc>(
+    kind: ObjType,
+    expected: &'static str,
+) -> impl Fn(&Obj<'_, D>, &Value<'_>, &ObjId) -> Result<ObjId, ValidationError> {
+    move |obj, value, id| match value {
+        Value::Object(found) if *found == kind => Ok(id.clone()),
+        _ => Err(ValidationError::WrongType {
+            field: obj.path,
+            expected,
+        }),
+    }
+}
+
+fn scalar<'v>(value: &'v Value<'_>) -> Option<&'v ScalarValue> {
+    match value {
+        Value::Scalar(Cow::Borrowed(scalar)) => Some(scalar),
+        Value::Scalar(Cow::Owned(scalar)) => Some(scalar),
+        Value::Object(_) => None,
+    }
+}
+
+/// Checks a text's length (and that it is not empty when `required`).
+pub(crate) fn check_text(
+    text: &str,
+    field: &'static str,
+    max: usize,
+    required: bool,
+) -> Result<(), ValidationError> {
+    if required && text.trim().is_empty() {
+        return Err(ValidationError::Empty { field });
+    }
+    if text.len() > max {
+        return Err(ValidationError::TooLong {
+            field,
+            bytes: text.len(),
+            max,
+        });
+    }
+    Ok(())
+}
+
+/// Parser of a string field of at most `max` bytes; `required` refuses blank text.
+pub(crate) fn text<D: ReadDoc>(
+    field: &'static str,
+    max: usize,
+    required: bool,
+) -> impl Fn(&Obj<'_, D>, &Value<'_>, &ObjId) -> Result<String, ValidationError> {
+    move |_, value, _| match scalar(value) {
+        Some(ScalarValue::Str(text)) => {
+            check_text(text, field, max, required)?;
+            Ok(text.to_string())
+        }
+        _ => Err(ValidationError::WrongType {
+            field,
+            expected: "text",
+        }),
+    }
+}
+
+/// Parser of a text field checked by `check` and wrapped by `wrap`.
+pub(crate) fn checked<D: ReadDoc, T>(
+    field: &'static str,
+    check: impl Fn(&str, &'static str) -> Result<T, ValidationError>,
+) -> impl Fn(&Obj<'_, D>, &Value<'_>, &ObjId) -> Result<T, ValidationError> {
+    move |_, value, _| match scalar(value) {
+        Some(ScalarValue::Str(text)) => check(text, field),
+        _ => Err(ValidationError::WrongType {
+            field,
+            expected: "text",
+        }),
+    }
+}
+
+pub(crate) fn date<D: ReadDoc>(
+    field: &'static str,
+) -> impl Fn(&Obj<'_, D>, &Value<'_>, &ObjId) -> Result<Date, ValidationError> {
+    checked(field, |text, field| {
+        Date::check(text, field)?;
+        Date::new(text)
+    })
+}
+
+pub(crate) fn icd10<D: ReadDoc>(
+    field: &'static str,
+) -> impl Fn(&Obj<'_, D>, &Value<'_>, &ObjId) -> Result<Icd10, ValidationError> {
+    checked(field, |text, field| {
+        Icd10::check(text, field)?;
+        Icd10::new(text)
+    })
+}
+
+pub(crate) fn institution<D: ReadDoc>(
+    field: &'static str,
+) -> impl Fn(&Obj<'_, D>, &Value<'_>, &ObjId) -> Result<InstitutionId, ValidationError> {
+    checked(field, |text, field| {
+        InstitutionId::check(text, field)?;
+        InstitutionId::new(text)
+    })
+}
+
+pub(crate) fn timestamp<D: ReadDoc>(
+    field: &'static str,
+) -> impl Fn(&Obj<'_, D>, &Value<'_>, &ObjId) -> Result<Timestamp, ValidationError> {
+    move |_, value, _| match scalar(value) {
+        Some(ScalarValue::Timestamp(ms)) => Ok(Timestamp(*ms)),
+        _ => Err(ValidationError::WrongType {
+            field,
+            expected: "a timestamp",
+        }),
+    }
+}
+
+pub(crate) fn uint<D: ReadDoc>(
+    field: &'static str,
+) -> impl Fn(&Obj<'_, D>, &Value<'_>, &ObjId) -> Result<u64, ValidationError> {
+    move |_, value, _| match scalar(value) {
+        Some(ScalarValue::Uint(n)) => Ok(*n),
+        _ => Err(ValidationError::WrongType {
+            field,
+            expected: "an unsigned integer",
+        }),
+    }
+}
+
+pub(crate) fn finite<D: ReadDoc>(
+    field: &'static str,
+) -> impl Fn(&Obj<'_, D>, &Value<'_>, &ObjId) -> Result<f64, ValidationError> {
+    move |_, value, _| match scalar(value) {
+        Some(ScalarValue::F64(n)) if n.is_finite() => Ok(*n),
+        _ => Err(ValidationError::WrongType {
+            field,
+            expected: "a finite number",
+        }),
+    }
+}
+
+/// Parser of an automerge Text object within `max` bytes; yields the text.
+pub(crate) fn long_text<D: ReadDoc>(
+    field: &'static str,
+    max: usize,
+) -> impl Fn(&Obj<'_, D>, &Value<'_>, &ObjId) -> Result<String, ValidationError> {
+    move |obj, value, id| match value {
+        Value::Object(ObjType::Text) => {
+            let text = obj.doc.text(id).map_err(|_| ValidationError::WrongType {
+                field,
+                expected: "text",
+            })?;
+            check_text(&text, field, max, false)?;
+            Ok(text)
+        }
+        _ => Err(ValidationError::WrongType {
+            field,
+            expected: "text",
+        }),
+    }
+}
+
+/// The entry id of an object.
+pub(crate) fn entry_id(id: &ObjId) -> EntryId {
+    EntryId(id.to_string())
+}
+
+/// Writes a text field, refusing what `validate` would refuse.
+pub(crate) fn put_text(
+    tx: &mut impl Transactable,
+    obj: &ObjId,
+    key: &str,
+    value: &str,
+    field: &'static str,
+    max: usize,
+) -> Result<(), crate::OpError> {
+    check_text(value, field, max, true)?;
+    tx.put(obj, key, value)?;
+    Ok(())
+}
+
+/// Writes an optional text field, if present.
+pub(crate) fn put_opt_text(
+    tx: &mut impl Transactable,
+    obj: &ObjId,
+    key: &str,
+    value: Option<&str>,
+    field: &'static str,
+    max: usize,
+) -> Result<(), crate::OpError> {
+    if let Some(value) = value {
+        check_text(value, field, max, false)?;
+        tx.put(obj, key, value)?;
+    }
+    Ok(())
+}
+
+/// Writes a timestamp field.
+pub(crate) fn put_time(
+    tx: &mut impl Transactable,
+    obj: &ObjId,
+    key: &str,
+    at: Timestamp,
+) -> Result<(), crate::OpError> {
+    tx.put(obj, key, ScalarValue::Timestamp(at.0))?;
+    Ok(())
+}
+
+/// Appends a new map to the list at `key` of `parent`, refusing when the list is full.
+pub(crate) fn append_entry(
+    tx: &mut impl Transactable,
+    parent: &ObjId,
+    key: &str,
+    field: &'static str,
+    max: usize,
+) -> Result<ObjId, crate::OpError> {
+    let list = match tx.get(parent, key)? {
+        Some((Value::Object(ObjType::List), id)) => id,
+        _ => {
+            return Err(ValidationError::MissingField { field }.into());
+        }
+    };
+    let len = tx.length(&list);
+    if len >= max {
+        return Err(crate::OpError::Full { field, max });
+    }
+    Ok(tx.insert_object(&list, len, ObjType::Map)?)
+}
+
+/// Finds the list index and object id of `entry` in the list at `key` of `parent`.
+pub(crate) fn find_entry(
+    doc: &impl ReadDoc,
+    parent: &ObjId,
+    key: &str,
+    field: &'static str,
+    entry: &EntryId,
+) -> Result<(ObjId, usize, ObjId), crate::OpError> {
+    let unknown = || crate::OpError::UnknownEntry {
+        field,
+        entry: entry.clone(),
+    };
+    let Some((Value::Object(ObjType::List), list)) = doc.get(parent, key)? else {
+        return Err(ValidationError::MissingField { field }.into());
+    };
+    for index in 0..doc.length(&list) {
+        if let Some((_, id)) = doc.get(&list, index)?
+            && id.to_string() == entry.0
+        {
+            return Ok((list, index, id));
+        }
+    }
+    Err(unknown())
+}

@@ -1,0 +1,204 @@
+//! What every model document shares: its identity fields, its schema version, and the replica
+//! API (load, save, merge, heads) that each typed document exposes.
+
+use automerge::transaction::Transactable;
+use automerge::{ObjId, ReadDoc};
+
+use crate::access::{Obj, checked, uint};
+use crate::error::ValidationError;
+use crate::ids::DocumentId;
+use crate::vocab::vocabulary;
+
+/// The schema version this build reads and writes.
+pub const SCHEMA_VERSION: u64 = 1;
+
+vocabulary! {
+    /// The three kinds of document in a consortium.
+    DocumentKind {
+        /// A resident's health file.
+        HealthFile = "health_file",
+        /// A referral between two member institutions.
+        Referral = "referral",
+        /// The consortium roster.
+        Roster = "roster",
+    }
+}
+
+/// Root keys every document has.
+pub(crate) const IDENTITY_KEYS: [&str; 3] = ["type", "schema", "id"];
+
+/// Reads and checks a document's identity: its kind, schema version and id.
+pub(crate) fn read_identity<D: ReadDoc>(
+    doc: &D,
+) -> Result<(DocumentKind, DocumentId), ValidationError> {
+    let root = Obj::root(doc);
+    let kind = root
+        .register("type", "type", checked("type", DocumentKind::parse))
+        .map_err(|_| ValidationError::UnknownDocumentType)?
+        .ok_or(ValidationError::UnknownDocumentType)?;
+    if kind.is_conflicted() {
+        return Err(ValidationError::IdentityChanged);
+    }
+    let schema = root.once("schema", "schema", uint("schema"))?;
+    if schema != SCHEMA_VERSION {
+        return Err(ValidationError::UnsupportedSchema {
+            found: schema,
+            supported: SCHEMA_VERSION,
+        });
+    }
+    let id = root.required("id", "id", checked("id", |text, _| DocumentId::parse(text)))?;
+    if id.is_conflicted() {
+        return Err(ValidationError::IdentityChanged);
+    }
+    Ok((kind.value, id.value))
+}
+
+/// Writes a new document's identity.
+pub(crate) fn write_identity(
+    tx: &mut impl Transactable,
+    kind: DocumentKind,
+    id: DocumentId,
+) -> Result<(), automerge::AutomergeError> {
+    let root: ObjId = automerge::ROOT;
+    tx.put(&root, "type", kind.as_str())?;
+    tx.put(&root, "schema", SCHEMA_VERSION)?;
+    tx.put(&root, "id", id.to_string())?;
+    Ok(())
+}
+
+/// Implements the replica API shared by every typed document: a struct with fields
+/// `doc: AutoCommit` and `id: DocumentId`, a `KIND`, and a `parse` function.
+macro_rules! replica {
+    ($name:ident, $kind:expr, $view:ty, $parse:path) => {
+        impl $name {
+            /// The kind of document this type holds.
+            pub const KIND: $crate::DocumentKind = $kind;
+
+            /// Loads a saved document, checking it is of this kind and valid, and sets the
+            /// actor this replica will write as.
+            pub fn load(bytes: &[u8], actor: &$crate::Actor) -> Result<Self, $crate::LoadError> {
+                let doc = automerge::AutoCommit::load(bytes)?;
+                Self::from_automerge(doc, actor)
+            }
+
+            /// Wraps an automerge document after checking it is of this kind and valid.
+            pub fn from_automerge(
+                mut doc: automerge::AutoCommit,
+                actor: &$crate::Actor,
+            ) -> Result<Self, $crate::LoadError> {
+                let (found, id) = $crate::document::read_identity(&doc)?;
+                if found != Self::KIND {
+                    return Err($crate::LoadError::WrongKind {
+                        expected: Self::KIND,
+                        found,
+                    });
+                }
+                $parse(&doc)?;
+                doc.set_actor(actor.to_automerge());
+                Ok(Self { doc, id })
+            }
+
+            /// The document's id.
+            pub fn id(&self) -> $crate::DocumentId {
+                self.id
+            }
+
+            /// The typed view of the whole document, with conflicts.
+            pub fn view(&self) -> $view {
+                // Every constructor validates, and every operation writes only what validation
+                // accepts, so a failure here is a bug in this crate, not bad input.
+                $parse(&self.doc).expect("a typed document is valid on every path that builds it")
+            }
+
+            /// The current heads (hashes of the changes no other change depends on).
+            pub fn heads(&mut self) -> Vec<automerge::ChangeHash> {
+                self.doc.get_heads()
+            }
+
+            /// The whole document, compacted.
+            pub fn save(&mut self) -> Vec<u8> {
+                self.doc.save()
+            }
+
+            /// The changes made since the last `save` or `save_incremental`.
+            pub fn save_incremental(&mut self) -> Vec<u8> {
+                self.doc.save_incremental()
+            }
+
+            /// Applies saved changes (from `save` or `save_incremental` of another replica).
+            /// The result is validated on a fork first; an invalid result leaves this replica
+            /// unchanged.
+            pub fn load_incremental(&mut self, bytes: &[u8]) -> Result<(), $crate::LoadError> {
+                let mut fork = self.doc.fork();
+                fork.load_incremental(bytes)?;
+                self.adopt(fork)
+            }
+
+            /// Merges another replica of the same document into this one. The result is
+            /// validated on a fork first; an invalid result leaves this replica unchanged.
+            pub fn merge(&mut self, other: &mut Self) -> Result<(), $crate::LoadError> {
+                let mut fork = self.doc.fork();
+                fork.merge(&mut other.doc)?;
+                self.adopt(fork)
+            }
+
+            /// Applies changes (for instance from `get_changes` of another replica), validated as
+            /// `merge` is.
+            pub fn apply_changes(
+                &mut self,
+                changes: Vec<automerge::Change>,
+            ) -> Result<(), $crate::LoadError> {
+                let mut fork = self.doc.fork();
+                fork.apply_changes(changes)?;
+                self.adopt(fork)
+            }
+
+            /// The changes this replica holds that are not ancestors of `have`.
+            pub fn changes_since(
+                &mut self,
+                have: &[automerge::ChangeHash],
+            ) -> Vec<automerge::Change> {
+                self.doc.get_changes(have)
+            }
+
+            /// Read-only access to the underlying automerge document, for sync and storage.
+            /// Edits go through the typed operations only.
+            pub fn automerge(&self) -> &automerge::AutoCommit {
+                &self.doc
+            }
+
+            fn adopt(&mut self, mut fork: automerge::AutoCommit) -> Result<(), $crate::LoadError> {
+                let (_, id) = $crate::document::read_identity(&fork)?;
+                if id != self.id {
+                    return Err($crate::ValidationError::IdentityChanged.into());
+                }
+                $parse(&fork)?;
+                fork.set_actor(self.doc.get_actor().clone());
+                self.doc = fork;
+                Ok(())
+            }
+
+            /// Runs `write` as one change: committed if it succeeds, rolled back if it fails.
+            fn transact<T>(
+                &mut self,
+                editor: &$crate::Editor,
+                write: impl FnOnce(&mut automerge::AutoCommit) -> Result<T, $crate::OpError>,
+            ) -> Result<T, $crate::OpError> {
+                match write(&mut self.doc) {
+                    Ok(value) => {
+                        // automerge records change times in seconds.
+                        let options = automerge::transaction::CommitOptions::default()
+                            .with_time(editor.at.0.div_euclid(1000));
+                        self.doc.commit_with(options);
+                        Ok(value)
+                    }
+                    Err(error) => {
+                        self.doc.rollback();
+                        Err(error)
+                    }
+                }
+            }
+        }
+    };
+}
+pub(crate) use replica;

@@ -1,0 +1,1725 @@
+//! A resident's health file, shaped after the national resident health file.
+//!
+//! Layout of the automerge document (all keys fixed by this module):
+//! - `demographics`: single-valued registers; structured ones (`name`, `address`, `insurance`)
+//!   are whole maps so that concurrent edits conflict as whole values, never as a mix.
+//! - `contract`: the family doctor contract "1+1+1", one register holding a whole map.
+//! - `allergies`, `problems`: add-wins sets. Each add inserts a fresh entry; a remove deletes
+//!   only the entries its writer had seen, so an add concurrent with a remove survives.
+//! - `medications`, `encounters`, `exams`, `follow_ups`: append-only lists; entries are never
+//!   removed (a medication is stopped, not deleted).
+
+use automerge::transaction::Transactable;
+use automerge::{AutoCommit, ObjId, ObjType, ReadDoc, Value};
+use serde::{Deserialize, Serialize};
+
+use crate::access::{
+    self, Obj, Register, append_entry, check_text, date, entry_id, find_entry, finite, icd10,
+    institution, long_text, object, put_opt_text, put_text, put_time, text, timestamp, uint,
+};
+use crate::document::{DocumentKind, IDENTITY_KEYS, read_identity, replica, write_identity};
+use crate::error::{OpError, ValidationError};
+use crate::ids::{Actor, Date, DocumentId, Editor, EntryId, Icd10, InstitutionId, Timestamp};
+use crate::limits::{
+    DIAGNOSES_PER_ENCOUNTER_MAX, ENTRIES_PER_LIST_MAX, FIELD_BYTES_MAX,
+    MEASUREMENTS_PER_RESULT_MAX, NOTE_BYTES_MAX, PRESCRIPTION_DAYS_MAX, SUMMARY_BYTES_MAX,
+};
+use crate::vocab::{EncounterKind, ExamKind, ProblemStatus, Severity, Sex};
+
+/// A resident's name: family and given names in Latin script, and the name as written
+/// (for example in Chinese characters).
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct PersonName {
+    /// Family name.
+    pub family: String,
+    /// Given name.
+    pub given: String,
+    /// The full name as written locally, if it differs from family + given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text: Option<String>,
+}
+
+/// A postal address.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct Address {
+    /// Street and number.
+    pub line: String,
+    /// Town.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub town: Option<String>,
+    /// District.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub district: Option<String>,
+    /// City.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub city: Option<String>,
+    /// Postal code.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postal_code: Option<String>,
+}
+
+/// Health insurance.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct Insurance {
+    /// The scheme, for example "UEBMI (urban employee)".
+    pub scheme: String,
+    /// The member number.
+    pub number: String,
+    /// Last day of cover.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub valid_until: Option<Date>,
+}
+
+/// The demographics a health file is created with.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct Demographics {
+    /// Name.
+    pub name: PersonName,
+    /// Administrative sex.
+    pub sex: Sex,
+    /// Date of birth.
+    pub birth_date: Date,
+    /// Telephone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phone: Option<String>,
+    /// Address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<Address>,
+    /// National id number. Stored in the file; indexed by `node` only as a salted hash.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub national_id: Option<String>,
+    /// Insurance.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub insurance: Option<Insurance>,
+}
+
+/// One demographic field with its new value.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(tag = "field", content = "value", rename_all = "snake_case")]
+pub enum DemographicField {
+    /// Name.
+    Name(PersonName),
+    /// Administrative sex.
+    Sex(Sex),
+    /// Date of birth.
+    BirthDate(Date),
+    /// Telephone.
+    Phone(String),
+    /// Address.
+    Address(Address),
+    /// National id number.
+    NationalId(String),
+    /// Insurance.
+    Insurance(Insurance),
+}
+
+/// The family doctor contract "1+1+1": a community centre, a district hospital and a municipal
+/// hospital, with the contracted family doctor.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct FamilyDoctorContract {
+    /// The contracted community health centre.
+    pub community_centre: InstitutionId,
+    /// The contracted district hospital.
+    pub district_hospital: InstitutionId,
+    /// The contracted municipal hospital.
+    pub municipal_hospital: InstitutionId,
+    /// The family doctor's staff id.
+    pub doctor_id: String,
+    /// The family doctor's name.
+    pub doctor_name: String,
+    /// Start of the contract.
+    pub since: Date,
+}
+
+/// An allergy to record.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct NewAllergy {
+    /// The substance, for example "penicillin".
+    pub substance: String,
+    /// The reaction, for example "urticaria".
+    pub reaction: String,
+    /// How severe the reaction is.
+    pub severity: Severity,
+}
+
+/// A chronic problem to record.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct NewProblem {
+    /// ICD-10 code.
+    pub icd10: Icd10,
+    /// The code's display text.
+    pub display: String,
+    /// Date of onset, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub onset: Option<Date>,
+    /// Whether the problem is active.
+    pub status: ProblemStatus,
+}
+
+/// A prescription to record.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct NewMedication {
+    /// The drug.
+    pub drug: String,
+    /// The dose, for example "100 mg".
+    pub dose: String,
+    /// How often, for example "once daily".
+    pub frequency: String,
+    /// First day.
+    pub start: Date,
+    /// Days prescribed; at most `PRESCRIPTION_DAYS_MAX`.
+    pub days: u64,
+}
+
+/// A diagnosis made at an encounter.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct Diagnosis {
+    /// ICD-10 code.
+    pub icd10: Icd10,
+    /// The code's display text.
+    pub display: String,
+}
+
+/// An encounter to record at the editor's institution.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct NewEncounter {
+    /// When it took place.
+    pub time: Timestamp,
+    /// What kind of encounter it was.
+    pub kind: EncounterKind,
+    /// Diagnoses made.
+    pub diagnoses: Vec<Diagnosis>,
+    /// The clinician's free-text note.
+    pub note: String,
+}
+
+/// One measured value of an exam.
+#[derive(Clone, PartialEq, Debug, Serialize, Deserialize)]
+pub struct Measurement {
+    /// What was measured, for example "creatinine" or "qtc".
+    pub name: String,
+    /// The value.
+    pub value: f64,
+    /// Its unit, for example "µmol/L".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unit: Option<String>,
+}
+
+/// An exam result to record as produced by the editor's institution.
+#[derive(Clone, PartialEq, Debug, Serialize, Deserialize)]
+pub struct NewExamResult {
+    /// Lab, imaging or ECG.
+    pub kind: ExamKind,
+    /// When the exam was done.
+    pub time: Timestamp,
+    /// The exam's name, for example "chest X-ray" or "fasting glucose".
+    pub name: String,
+    /// Measured values.
+    #[serde(default)]
+    pub measurements: Vec<Measurement>,
+    /// A written report or finding.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report: Option<String>,
+}
+
+/// A chronic-disease follow-up to record at the editor's institution.
+#[derive(Clone, PartialEq, Debug, Serialize, Deserialize)]
+pub struct NewFollowUp {
+    /// When it took place.
+    pub time: Timestamp,
+    /// Systolic blood pressure, mmHg.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub systolic_mmhg: Option<u64>,
+    /// Diastolic blood pressure, mmHg.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub diastolic_mmhg: Option<u64>,
+    /// Blood glucose, mmol/L.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub glucose_mmol_per_l: Option<f64>,
+}
+
+/// A typed edit of a health file. This is also the JSON form apps send through the API.
+#[derive(Clone, PartialEq, Debug, Serialize, Deserialize)]
+#[serde(tag = "op", content = "args", rename_all = "snake_case")]
+pub enum HealthFileOp {
+    /// Sets one demographic field (overwriting the values the editor has seen).
+    SetDemographic(DemographicField),
+    /// Sets the family doctor contract.
+    SetContract(FamilyDoctorContract),
+    /// Adds an allergy record.
+    AddAllergy(NewAllergy),
+    /// Removes every allergy record of a substance that the editor has seen.
+    RemoveAllergy {
+        /// The substance, compared case-insensitively.
+        substance: String,
+    },
+    /// Adds a chronic problem record.
+    AddProblem(NewProblem),
+    /// Sets whether a problem is active.
+    SetProblemStatus {
+        /// The problem's entry.
+        entry: EntryId,
+        /// Its new status.
+        status: ProblemStatus,
+    },
+    /// Removes every record of a problem (by ICD-10 code) that the editor has seen.
+    RemoveProblem {
+        /// The problem's code.
+        icd10: Icd10,
+    },
+    /// Adds a prescription.
+    AddMedication(NewMedication),
+    /// Records that a prescription was stopped.
+    StopMedication {
+        /// The prescription's entry.
+        entry: EntryId,
+        /// Day it was stopped.
+        on: Date,
+    },
+    /// Appends an encounter at the editor's institution.
+    AddEncounter(NewEncounter),
+    /// Replaces the note of an encounter of the editor's institution (merged character-wise
+    /// with concurrent edits).
+    EditEncounterNote {
+        /// The encounter's entry.
+        entry: EntryId,
+        /// The note's new text.
+        note: String,
+    },
+    /// Appends an exam result produced by the editor's institution.
+    AddExamResult(NewExamResult),
+    /// Appends a chronic-disease follow-up at the editor's institution.
+    AddFollowUp(NewFollowUp),
+}
+
+/// An allergy record in a view.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct AllergyView {
+    /// The record's entry id.
+    pub entry: EntryId,
+    /// The substance.
+    pub substance: String,
+    /// The reaction.
+    pub reaction: String,
+    /// Severity.
+    pub severity: Severity,
+    /// Institution that recorded it.
+    pub recorded_by: InstitutionId,
+    /// When it was recorded.
+    pub recorded_at: Timestamp,
+}
+
+/// A chronic problem record in a view.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct ProblemView {
+    /// The record's entry id.
+    pub entry: EntryId,
+    /// ICD-10 code.
+    pub icd10: Icd10,
+    /// The code's display text.
+    pub display: String,
+    /// Date of onset.
+    pub onset: Option<Date>,
+    /// Whether it is active, with concurrent settings.
+    pub status: Register<ProblemStatus>,
+    /// Institution that recorded it.
+    pub recorded_by: InstitutionId,
+    /// When it was recorded.
+    pub recorded_at: Timestamp,
+}
+
+/// A prescription in a view.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct MedicationView {
+    /// The prescription's entry id.
+    pub entry: EntryId,
+    /// The drug.
+    pub drug: String,
+    /// The dose.
+    pub dose: String,
+    /// How often.
+    pub frequency: String,
+    /// First day.
+    pub start: Date,
+    /// Days prescribed.
+    pub days: u64,
+    /// Prescribing institution.
+    pub prescribed_by: InstitutionId,
+    /// When it was recorded.
+    pub recorded_at: Timestamp,
+    /// Day it was stopped, with concurrent stops.
+    pub stopped: Option<Register<Date>>,
+}
+
+/// An encounter in a view.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct EncounterView {
+    /// The encounter's entry id.
+    pub entry: EntryId,
+    /// Where it took place.
+    pub institution: InstitutionId,
+    /// When.
+    pub time: Timestamp,
+    /// What kind.
+    pub kind: EncounterKind,
+    /// Diagnoses made.
+    pub diagnoses: Vec<Diagnosis>,
+    /// The note.
+    pub note: String,
+}
+
+/// An exam result in a view.
+#[derive(Clone, PartialEq, Debug, Serialize, Deserialize)]
+pub struct ExamResultView {
+    /// The result's entry id.
+    pub entry: EntryId,
+    /// Lab, imaging or ECG.
+    pub kind: ExamKind,
+    /// Producing institution.
+    pub institution: InstitutionId,
+    /// When the exam was done.
+    pub time: Timestamp,
+    /// The exam's name.
+    pub name: String,
+    /// Measured values.
+    pub measurements: Vec<Measurement>,
+    /// Written report or finding.
+    pub report: Option<String>,
+}
+
+/// A follow-up in a view.
+#[derive(Clone, PartialEq, Debug, Serialize, Deserialize)]
+pub struct FollowUpView {
+    /// The follow-up's entry id.
+    pub entry: EntryId,
+    /// Where it took place.
+    pub institution: InstitutionId,
+    /// When.
+    pub time: Timestamp,
+    /// Systolic blood pressure, mmHg.
+    pub systolic_mmhg: Option<u64>,
+    /// Diastolic blood pressure, mmHg.
+    pub diastolic_mmhg: Option<u64>,
+    /// Blood glucose, mmol/L.
+    pub glucose_mmol_per_l: Option<f64>,
+}
+
+/// The demographics in a view: every field a register, so conflicts show.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct DemographicsView {
+    /// Name.
+    pub name: Register<PersonName>,
+    /// Administrative sex.
+    pub sex: Register<Sex>,
+    /// Date of birth.
+    pub birth_date: Register<Date>,
+    /// Telephone.
+    pub phone: Option<Register<String>>,
+    /// Address.
+    pub address: Option<Register<Address>>,
+    /// National id.
+    pub national_id: Option<Register<String>>,
+    /// Insurance.
+    pub insurance: Option<Register<Insurance>>,
+}
+
+/// A health file as apps see it. Lists are in document order, which is the same on every
+/// replica.
+#[derive(Clone, PartialEq, Debug, Serialize, Deserialize)]
+pub struct HealthFileView {
+    /// The document id.
+    pub id: DocumentId,
+    /// Demographics.
+    pub demographics: DemographicsView,
+    /// Family doctor contract.
+    pub contract: Option<Register<FamilyDoctorContract>>,
+    /// Allergy records.
+    pub allergies: Vec<AllergyView>,
+    /// Chronic problem records.
+    pub problems: Vec<ProblemView>,
+    /// Prescriptions.
+    pub medications: Vec<MedicationView>,
+    /// Encounters.
+    pub encounters: Vec<EncounterView>,
+    /// Exam results.
+    pub exams: Vec<ExamResultView>,
+    /// Chronic-disease follow-ups.
+    pub follow_ups: Vec<FollowUpView>,
+}
+
+impl HealthFileView {
+    /// The schema paths of the fields holding concurrent values for a clinician to review.
+    pub fn conflicts(&self) -> Vec<String> {
+        let d = &self.demographics;
+        let mut fields: Vec<String> = [
+            ("demographics.name", d.name.is_conflicted()),
+            ("demographics.sex", d.sex.is_conflicted()),
+            ("demographics.birth_date", d.birth_date.is_conflicted()),
+            (
+                "demographics.phone",
+                d.phone.as_ref().is_some_and(Register::is_conflicted),
+            ),
+            (
+                "demographics.address",
+                d.address.as_ref().is_some_and(Register::is_conflicted),
+            ),
+            (
+                "demographics.national_id",
+                d.national_id.as_ref().is_some_and(Register::is_conflicted),
+            ),
+            (
+                "demographics.insurance",
+                d.insurance.as_ref().is_some_and(Register::is_conflicted),
+            ),
+            (
+                "contract",
+                self.contract.as_ref().is_some_and(Register::is_conflicted),
+            ),
+        ]
+        .into_iter()
+        .filter(|(_, conflicted)| *conflicted)
+        .map(|(field, _)| field.to_string())
+        .collect();
+        for problem in &self.problems {
+            if problem.status.is_conflicted() {
+                fields.push(format!("problems[{}].status", problem.entry));
+            }
+        }
+        for medication in &self.medications {
+            if medication
+                .stopped
+                .as_ref()
+                .is_some_and(Register::is_conflicted)
+            {
+                fields.push(format!("medications[{}].stopped", medication.entry));
+            }
+        }
+        fields
+    }
+
+    /// The distinct substances the resident is allergic to (lower-cased), sorted.
+    pub fn allergy_substances(&self) -> Vec<String> {
+        let mut substances: Vec<String> = self
+            .allergies
+            .iter()
+            .map(|a| a.substance.to_lowercase())
+            .collect();
+        substances.sort();
+        substances.dedup();
+        substances
+    }
+}
+
+/// A resident's health file: one automerge document behind typed operations.
+#[derive(Debug)]
+pub struct HealthFile {
+    doc: AutoCommit,
+    id: DocumentId,
+}
+
+replica!(
+    HealthFile,
+    DocumentKind::HealthFile,
+    HealthFileView,
+    parse_health_file
+);
+
+const ROOT_KEYS: [&str; 11] = [
+    IDENTITY_KEYS[0],
+    IDENTITY_KEYS[1],
+    IDENTITY_KEYS[2],
+    "demographics",
+    "contract",
+    "allergies",
+    "problems",
+    "medications",
+    "encounters",
+    "exams",
+    "follow_ups",
+];
+const LISTS: [&str; 6] = [
+    "allergies",
+    "problems",
+    "medications",
+    "encounters",
+    "exams",
+    "follow_ups",
+];
+
+impl HealthFile {
+    /// Creates a health file with its demographics, as one change by `editor`.
+    pub fn create(
+        id: DocumentId,
+        actor: &Actor,
+        editor: &Editor,
+        demographics: &Demographics,
+    ) -> Result<Self, OpError> {
+        let mut file = Self {
+            doc: AutoCommit::new().with_actor(actor.to_automerge()),
+            id,
+        };
+        file.transact(editor, |tx| {
+            write_identity(tx, DocumentKind::HealthFile, id)?;
+            let root = automerge::ROOT;
+            let section = tx.put_object(&root, "demographics", ObjType::Map)?;
+            for list in LISTS {
+                tx.put_object(&root, list, ObjType::List)?;
+            }
+            let d = demographics;
+            write_demographic(tx, &section, &DemographicField::Name(d.name.clone()))?;
+            write_demographic(tx, &section, &DemographicField::Sex(d.sex))?;
+            write_demographic(
+                tx,
+                &section,
+                &DemographicField::BirthDate(d.birth_date.clone()),
+            )?;
+            let optional = [
+                d.phone.clone().map(DemographicField::Phone),
+                d.address.clone().map(DemographicField::Address),
+                d.national_id.clone().map(DemographicField::NationalId),
+                d.insurance.clone().map(DemographicField::Insurance),
+            ];
+            for field in optional.into_iter().flatten() {
+                write_demographic(tx, &section, &field)?;
+            }
+            Ok(())
+        })?;
+        Ok(file)
+    }
+
+    /// Applies one typed operation as one change. On error nothing is written.
+    pub fn apply(&mut self, editor: &Editor, op: &HealthFileOp) -> Result<(), OpError> {
+        self.transact(editor, |tx| apply_op(tx, editor, op))
+    }
+}
+
+fn section(doc: &AutoCommit, key: &'static str) -> Result<ObjId, OpError> {
+    match doc.get(automerge::ROOT, key)? {
+        Some((Value::Object(ObjType::Map), id)) => Ok(id),
+        _ => Err(ValidationError::MissingField { field: key }.into()),
+    }
+}
+
+fn apply_op(tx: &mut AutoCommit, editor: &Editor, op: &HealthFileOp) -> Result<(), OpError> {
+    let root = automerge::ROOT;
+    let by = &editor.institution;
+    match op {
+        HealthFileOp::SetDemographic(field) => {
+            let demographics = section(tx, "demographics")?;
+            write_demographic(tx, &demographics, field)
+        }
+        HealthFileOp::SetContract(contract) => write_contract(tx, contract),
+        HealthFileOp::AddAllergy(allergy) => {
+            check_text(
+                &allergy.substance,
+                "allergies.substance",
+                FIELD_BYTES_MAX,
+                true,
+            )?;
+            check_text(
+                &allergy.reaction,
+                "allergies.reaction",
+                FIELD_BYTES_MAX,
+                true,
+            )?;
+            let entry = append_entry(tx, &root, "allergies", "allergies", ENTRIES_PER_LIST_MAX)?;
+            tx.put(&entry, "substance", allergy.substance.as_str())?;
+            tx.put(&entry, "reaction", allergy.reaction.as_str())?;
+            tx.put(&entry, "severity", allergy.severity.as_str())?;
+            record_provenance(tx, &entry, "recorded_by", editor)
+        }
+        HealthFileOp::RemoveAllergy { substance } => {
+            let wanted = substance.to_lowercase();
+            remove_matching(tx, "allergies", |doc, entry| {
+                Ok(matches!(doc.get(entry, "substance")?,
+                    Some((Value::Scalar(s), _)) if s.as_str().is_some_and(|t| t.to_lowercase() == wanted)))
+            })
+        }
+        HealthFileOp::AddProblem(problem) => {
+            check_text(&problem.display, "problems.display", FIELD_BYTES_MAX, true)?;
+            let entry = append_entry(tx, &root, "problems", "problems", ENTRIES_PER_LIST_MAX)?;
+            tx.put(&entry, "icd10", problem.icd10.as_str())?;
+            tx.put(&entry, "display", problem.display.as_str())?;
+            if let Some(onset) = &problem.onset {
+                tx.put(&entry, "onset", onset.as_str())?;
+            }
+            tx.put(&entry, "status", problem.status.as_str())?;
+            record_provenance(tx, &entry, "recorded_by", editor)
+        }
+        HealthFileOp::SetProblemStatus { entry, status } => {
+            let (_, _, id) = find_entry(tx, &root, "problems", "problems", entry)?;
+            tx.put(&id, "status", status.as_str())?;
+            Ok(())
+        }
+        HealthFileOp::RemoveProblem { icd10 } => remove_matching(tx, "problems", |doc, entry| {
+            Ok(matches!(doc.get(entry, "icd10")?,
+                Some((Value::Scalar(s), _)) if s.as_str() == Some(icd10.as_str())))
+        }),
+        HealthFileOp::AddMedication(medication) => {
+            check_prescription(medication.days)?;
+            for (value, field) in [
+                (&medication.drug, "medications.drug"),
+                (&medication.dose, "medications.dose"),
+                (&medication.frequency, "medications.frequency"),
+            ] {
+                check_text(value, field, FIELD_BYTES_MAX, true)?;
+            }
+            let entry = append_entry(
+                tx,
+                &root,
+                "medications",
+                "medications",
+                ENTRIES_PER_LIST_MAX,
+            )?;
+            tx.put(&entry, "drug", medication.drug.as_str())?;
+            tx.put(&entry, "dose", medication.dose.as_str())?;
+            tx.put(&entry, "frequency", medication.frequency.as_str())?;
+            tx.put(&entry, "start", medication.start.as_str())?;
+            tx.put(&entry, "days", medication.days)?;
+            record_provenance(tx, &entry, "prescribed_by", editor)
+        }
+        HealthFileOp::StopMedication { entry, on } => {
+            let (_, _, id) = find_entry(tx, &root, "medications", "medications", entry)?;
+            tx.put(&id, "stopped", on.as_str())?;
+            Ok(())
+        }
+        HealthFileOp::AddEncounter(encounter) => {
+            check_text(&encounter.note, "encounters.note", NOTE_BYTES_MAX, false)?;
+            check_diagnoses(&encounter.diagnoses)?;
+            let entry = append_entry(tx, &root, "encounters", "encounters", ENTRIES_PER_LIST_MAX)?;
+            tx.put(&entry, "institution", by.as_str())?;
+            put_time(tx, &entry, "time", encounter.time)?;
+            tx.put(&entry, "kind", encounter.kind.as_str())?;
+            let diagnoses = tx.put_object(&entry, "diagnoses", ObjType::List)?;
+            for (index, diagnosis) in encounter.diagnoses.iter().enumerate() {
+                let item = tx.insert_object(&diagnoses, index, ObjType::Map)?;
+                tx.put(&item, "icd10", diagnosis.icd10.as_str())?;
+                tx.put(&item, "display", diagnosis.display.as_str())?;
+            }
+            let note = tx.put_object(&entry, "note", ObjType::Text)?;
+            tx.splice_text(&note, 0, 0, &encounter.note)?;
+            Ok(())
+        }
+        HealthFileOp::EditEncounterNote { entry, note } => {
+            check_text(note, "encounters.note", NOTE_BYTES_MAX, false)?;
+            let (_, _, id) = find_entry(tx, &root, "encounters", "encounters", entry)?;
+            let owner = match tx.get(&id, "institution")? {
+                Some((Value::Scalar(s), _)) => s.as_str().map(str::to_owned),
+                _ => None,
+            };
+            if owner.as_deref() != Some(by.as_str()) {
+                return Err(ValidationError::Provenance {
+                    field: "encounters.note",
+                }
+                .into());
+            }
+            let Some((Value::Object(ObjType::Text), text)) = tx.get(&id, "note")? else {
+                return Err(ValidationError::MissingField {
+                    field: "encounters.note",
+                }
+                .into());
+            };
+            tx.update_text(&text, note)?;
+            Ok(())
+        }
+        HealthFileOp::AddExamResult(result) => {
+            check_text(&result.name, "exams.name", FIELD_BYTES_MAX, true)?;
+            if let Some(report) = &result.report {
+                check_text(report, "exams.report", SUMMARY_BYTES_MAX, false)?;
+            }
+            check_measurements(&result.measurements)?;
+            let entry = append_entry(tx, &root, "exams", "exams", ENTRIES_PER_LIST_MAX)?;
+            tx.put(&entry, "kind", result.kind.as_str())?;
+            tx.put(&entry, "institution", by.as_str())?;
+            put_time(tx, &entry, "time", result.time)?;
+            tx.put(&entry, "name", result.name.as_str())?;
+            let list = tx.put_object(&entry, "measurements", ObjType::List)?;
+            for (index, m) in result.measurements.iter().enumerate() {
+                let item = tx.insert_object(&list, index, ObjType::Map)?;
+                tx.put(&item, "name", m.name.as_str())?;
+                tx.put(&item, "value", m.value)?;
+                put_opt_text(
+                    tx,
+                    &item,
+                    "unit",
+                    m.unit.as_deref(),
+                    "exams.measurements.unit",
+                    FIELD_BYTES_MAX,
+                )?;
+            }
+            put_opt_text(
+                tx,
+                &entry,
+                "report",
+                result.report.as_deref(),
+                "exams.report",
+                SUMMARY_BYTES_MAX,
+            )
+        }
+        HealthFileOp::AddFollowUp(follow_up) => {
+            check_follow_up(
+                follow_up.systolic_mmhg,
+                follow_up.diastolic_mmhg,
+                follow_up.glucose_mmol_per_l,
+            )?;
+            let entry = append_entry(tx, &root, "follow_ups", "follow_ups", ENTRIES_PER_LIST_MAX)?;
+            tx.put(&entry, "institution", by.as_str())?;
+            put_time(tx, &entry, "time", follow_up.time)?;
+            if let Some(v) = follow_up.systolic_mmhg {
+                tx.put(&entry, "systolic_mmhg", v)?;
+            }
+            if let Some(v) = follow_up.diastolic_mmhg {
+                tx.put(&entry, "diastolic_mmhg", v)?;
+            }
+            if let Some(v) = follow_up.glucose_mmol_per_l {
+                tx.put(&entry, "glucose_mmol_per_l", v)?;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Writes who recorded an entry and when.
+fn record_provenance(
+    tx: &mut AutoCommit,
+    entry: &ObjId,
+    key: &str,
+    editor: &Editor,
+) -> Result<(), OpError> {
+    tx.put(entry, key, editor.institution.as_str())?;
+    put_time(tx, entry, "recorded_at", editor.at)
+}
+
+/// Deletes every entry of the list at `key` that `matches`. Only entries this replica holds
+/// are deleted, which is what makes the set add-wins.
+fn remove_matching(
+    tx: &mut AutoCommit,
+    key: &'static str,
+    matches: impl Fn(&AutoCommit, &ObjId) -> Result<bool, OpError>,
+) -> Result<(), OpError> {
+    let Some((Value::Object(ObjType::List), list)) = tx.get(automerge::ROOT, key)? else {
+        return Err(ValidationError::MissingField { field: key }.into());
+    };
+    // Walk backwards so deleting an entry does not shift the ones still to visit.
+    for index in (0..tx.length(&list)).rev() {
+        if let Some((_, entry)) = tx.get(&list, index)?
+            && matches(tx, &entry)?
+        {
+            tx.delete(&list, index)?;
+        }
+    }
+    Ok(())
+}
+
+fn check_prescription(days: u64) -> Result<(), ValidationError> {
+    if days == 0 {
+        return Err(ValidationError::InvalidValue {
+            field: "medications.days",
+            reason: "a prescription lasts at least one day",
+        });
+    }
+    if days > PRESCRIPTION_DAYS_MAX {
+        return Err(ValidationError::PrescriptionTooLong {
+            days,
+            max: PRESCRIPTION_DAYS_MAX,
+        });
+    }
+    Ok(())
+}
+
+fn check_diagnoses(diagnoses: &[Diagnosis]) -> Result<(), ValidationError> {
+    if diagnoses.len() > DIAGNOSES_PER_ENCOUNTER_MAX {
+        return Err(ValidationError::TooMany {
+            field: "encounters.diagnoses",
+            count: diagnoses.len(),
+            max: DIAGNOSES_PER_ENCOUNTER_MAX,
+        });
+    }
+    for diagnosis in diagnoses {
+        check_text(
+            &diagnosis.display,
+            "encounters.diagnoses.display",
+            FIELD_BYTES_MAX,
+            true,
+        )?;
+    }
+    Ok(())
+}
+
+fn check_measurements(measurements: &[Measurement]) -> Result<(), ValidationError> {
+    if measurements.len() > MEASUREMENTS_PER_RESULT_MAX {
+        return Err(ValidationError::TooMany {
+            field: "exams.measurements",
+            count: measurements.len(),
+            max: MEASUREMENTS_PER_RESULT_MAX,
+        });
+    }
+    for m in measurements {
+        check_text(&m.name, "exams.measurements.name", FIELD_BYTES_MAX, true)?;
+        if !m.value.is_finite() {
+            return Err(ValidationError::WrongType {
+                field: "exams.measurements.value",
+                expected: "a finite number",
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Plausibility bounds for follow-up vital signs: wide enough for any living patient, narrow
+/// enough to catch a unit error (kPa for mmHg, mg/dL for mmol/L).
+const BLOOD_PRESSURE_MMHG_MAX: u64 = 350;
+const GLUCOSE_MMOL_PER_L_MAX: f64 = 100.0;
+
+fn check_follow_up(
+    systolic: Option<u64>,
+    diastolic: Option<u64>,
+    glucose: Option<f64>,
+) -> Result<(), ValidationError> {
+    if systolic.is_none() && diastolic.is_none() && glucose.is_none() {
+        return Err(ValidationError::InvalidValue {
+            field: "follow_ups",
+            reason: "a follow-up records blood pressure, glucose, or both",
+        });
+    }
+    if systolic.is_some() != diastolic.is_some() {
+        return Err(ValidationError::InvalidValue {
+            field: "follow_ups",
+            reason: "blood pressure needs both systolic and diastolic values",
+        });
+    }
+    for (value, field) in [
+        (systolic, "follow_ups.systolic_mmhg"),
+        (diastolic, "follow_ups.diastolic_mmhg"),
+    ] {
+        if value.is_some_and(|v| v == 0 || v > BLOOD_PRESSURE_MMHG_MAX) {
+            return Err(ValidationError::InvalidValue {
+                field,
+                reason: "blood pressure is between 1 and 350 mmHg",
+            });
+        }
+    }
+    if glucose.is_some_and(|g| !(g > 0.0 && g <= GLUCOSE_MMOL_PER_L_MAX)) {
+        return Err(ValidationError::InvalidValue {
+            field: "follow_ups.glucose_mmol_per_l",
+            reason: "glucose is between 0 and 100 mmol/L",
+        });
+    }
+    Ok(())
+}
+
+fn write_demographic(
+    tx: &mut AutoCommit,
+    demographics: &ObjId,
+    field: &DemographicField,
+) -> Result<(), OpError> {
+    match field {
+        DemographicField::Name(name) => {
+            check_name(name)?;
+            let obj = tx.put_object(demographics, "name", ObjType::Map)?;
+            tx.put(&obj, "family", name.family.as_str())?;
+            tx.put(&obj, "given", name.given.as_str())?;
+            put_opt_text(
+                tx,
+                &obj,
+                "text",
+                name.text.as_deref(),
+                "demographics.name.text",
+                FIELD_BYTES_MAX,
+            )
+        }
+        DemographicField::Sex(sex) => Ok(tx.put(demographics, "sex", sex.as_str())?),
+        DemographicField::BirthDate(date) => {
+            Ok(tx.put(demographics, "birth_date", date.as_str())?)
+        }
+        DemographicField::Phone(phone) => put_text(
+            tx,
+            demographics,
+            "phone",
+            phone,
+            "demographics.phone",
+            FIELD_BYTES_MAX,
+        ),
+        DemographicField::NationalId(national_id) => put_text(
+            tx,
+            demographics,
+            "national_id",
+            national_id,
+            "demographics.national_id",
+            FIELD_BYTES_MAX,
+        ),
+        DemographicField::Address(address) => {
+            check_text(
+                &address.line,
+                "demographics.address.line",
+                FIELD_BYTES_MAX,
+                true,
+            )?;
+            let obj = tx.put_object(demographics, "address", ObjType::Map)?;
+            tx.put(&obj, "line", address.line.as_str())?;
+            for (key, value) in [
+                ("town", &address.town),
+                ("district", &address.district),
+                ("city", &address.city),
+                ("postal_code", &address.postal_code),
+            ] {
+                put_opt_text(
+                    tx,
+                    &obj,
+                    key,
+                    value.as_deref(),
+                    "demographics.address",
+                    FIELD_BYTES_MAX,
+                )?;
+            }
+            Ok(())
+        }
+        DemographicField::Insurance(insurance) => {
+            check_text(
+                &insurance.scheme,
+                "demographics.insurance.scheme",
+                FIELD_BYTES_MAX,
+                true,
+            )?;
+            check_text(
+                &insurance.number,
+                "demographics.insurance.number",
+                FIELD_BYTES_MAX,
+                true,
+            )?;
+            let obj = tx.put_object(demographics, "insurance", ObjType::Map)?;
+            tx.put(&obj, "scheme", insurance.scheme.as_str())?;
+            tx.put(&obj, "number", insurance.number.as_str())?;
+            if let Some(until) = &insurance.valid_until {
+                tx.put(&obj, "valid_until", until.as_str())?;
+            }
+            Ok(())
+        }
+    }
+}
+
+fn check_name(name: &PersonName) -> Result<(), ValidationError> {
+    check_text(
+        &name.family,
+        "demographics.name.family",
+        FIELD_BYTES_MAX,
+        true,
+    )?;
+    check_text(
+        &name.given,
+        "demographics.name.given",
+        FIELD_BYTES_MAX,
+        true,
+    )?;
+    if let Some(text) = &name.text {
+        check_text(text, "demographics.name.text", FIELD_BYTES_MAX, false)?;
+    }
+    Ok(())
+}
+
+fn write_contract(tx: &mut AutoCommit, contract: &FamilyDoctorContract) -> Result<(), OpError> {
+    check_text(
+        &contract.doctor_id,
+        "contract.doctor_id",
+        FIELD_BYTES_MAX,
+        true,
+    )?;
+    check_text(
+        &contract.doctor_name,
+        "contract.doctor_name",
+        FIELD_BYTES_MAX,
+        true,
+    )?;
+    // A fresh map per write: concurrent contracts conflict as wholes, never field by field.
+    let obj = tx.put_object(automerge::ROOT, "contract", ObjType::Map)?;
+    tx.put(&obj, "community_centre", contract.community_centre.as_str())?;
+    tx.put(
+        &obj,
+        "district_hospital",
+        contract.district_hospital.as_str(),
+    )?;
+    tx.put(
+        &obj,
+        "municipal_hospital",
+        contract.municipal_hospital.as_str(),
+    )?;
+    tx.put(&obj, "doctor_id", contract.doctor_id.as_str())?;
+    tx.put(&obj, "doctor_name", contract.doctor_name.as_str())?;
+    tx.put(&obj, "since", contract.since.as_str())?;
+    Ok(())
+}
+
+// ---- Reading and validation -------------------------------------------------------------
+
+/// Reads the map object `value` as a child of `obj` with schema path `path`.
+fn map_child<'d, D: ReadDoc>(
+    obj: &Obj<'d, D>,
+    value: &Value<'_>,
+    id: &ObjId,
+    path: &'static str,
+    keys: &[&str],
+) -> Result<Obj<'d, D>, ValidationError> {
+    let id = object(ObjType::Map, "an object")(&obj.child(id.clone(), path), value, id)?;
+    let child = obj.child(id, path);
+    child.only_keys(keys)?;
+    Ok(child)
+}
+
+/// Parses and validates a whole health file.
+pub(crate) fn parse_health_file<D: ReadDoc>(doc: &D) -> Result<HealthFileView, ValidationError> {
+    let (kind, id) = read_identity(doc)?;
+    if kind != DocumentKind::HealthFile {
+        return Err(ValidationError::UnknownDocumentType);
+    }
+    let root = Obj::root(doc);
+    root.only_keys(&ROOT_KEYS)?;
+    let demographics = root.once("demographics", "demographics", |obj, value, id| {
+        let section = map_child(
+            obj,
+            value,
+            id,
+            "demographics",
+            &[
+                "name",
+                "sex",
+                "birth_date",
+                "phone",
+                "address",
+                "national_id",
+                "insurance",
+            ],
+        )?;
+        parse_demographics(&section)
+    })?;
+    let contract = root.register("contract", "contract", parse_contract)?;
+    let list = |key: &'static str| root.entries(key, key, ENTRIES_PER_LIST_MAX);
+    let allergies = list("allergies")?
+        .iter()
+        .map(|id| parse_allergy(&root.child(id.clone(), "allergies")))
+        .collect::<Result<_, _>>()?;
+    let problems = list("problems")?
+        .iter()
+        .map(|id| parse_problem(&root.child(id.clone(), "problems")))
+        .collect::<Result<_, _>>()?;
+    let medications = list("medications")?
+        .iter()
+        .map(|id| parse_medication(&root.child(id.clone(), "medications")))
+        .collect::<Result<_, _>>()?;
+    let encounters = list("encounters")?
+        .iter()
+        .map(|id| parse_encounter(&root.child(id.clone(), "encounters")))
+        .collect::<Result<_, _>>()?;
+    let exams = list("exams")?
+        .iter()
+        .map(|id| parse_exam(&root.child(id.clone(), "exams")))
+        .collect::<Result<_, _>>()?;
+    let follow_ups = list("follow_ups")?
+        .iter()
+        .map(|id| parse_follow_up(&root.child(id.clone(), "follow_ups")))
+        .collect::<Result<_, _>>()?;
+    Ok(HealthFileView {
+        id,
+        demographics,
+        contract,
+        allergies,
+        problems,
+        medications,
+        encounters,
+        exams,
+        follow_ups,
+    })
+}
+
+fn parse_demographics<D: ReadDoc>(
+    section: &Obj<'_, D>,
+) -> Result<DemographicsView, ValidationError> {
+    Ok(DemographicsView {
+        name: section.required("name", "demographics.name", |obj, value, id| {
+            let name = map_child(
+                obj,
+                value,
+                id,
+                "demographics.name",
+                &["family", "given", "text"],
+            )?;
+            Ok(PersonName {
+                family: name.once(
+                    "family",
+                    "demographics.name.family",
+                    text("demographics.name.family", FIELD_BYTES_MAX, true),
+                )?,
+                given: name.once(
+                    "given",
+                    "demographics.name.given",
+                    text("demographics.name.given", FIELD_BYTES_MAX, true),
+                )?,
+                text: name.once_opt(
+                    "text",
+                    "demographics.name.text",
+                    text("demographics.name.text", FIELD_BYTES_MAX, false),
+                )?,
+            })
+        })?,
+        sex: section.required(
+            "sex",
+            "demographics.sex",
+            access::checked("demographics.sex", Sex::parse),
+        )?,
+        birth_date: section.required(
+            "birth_date",
+            "demographics.birth_date",
+            date("demographics.birth_date"),
+        )?,
+        phone: section.register(
+            "phone",
+            "demographics.phone",
+            text("demographics.phone", FIELD_BYTES_MAX, true),
+        )?,
+        national_id: section.register(
+            "national_id",
+            "demographics.national_id",
+            text("demographics.national_id", FIELD_BYTES_MAX, true),
+        )?,
+        address: section.register("address", "demographics.address", |obj, value, id| {
+            let address = map_child(
+                obj,
+                value,
+                id,
+                "demographics.address",
+                &["line", "town", "district", "city", "postal_code"],
+            )?;
+            let optional = |key: &str| {
+                address.once_opt(
+                    key,
+                    "demographics.address",
+                    text("demographics.address", FIELD_BYTES_MAX, false),
+                )
+            };
+            Ok(Address {
+                line: address.once(
+                    "line",
+                    "demographics.address.line",
+                    text("demographics.address.line", FIELD_BYTES_MAX, true),
+                )?,
+                town: optional("town")?,
+                district: optional("district")?,
+                city: optional("city")?,
+                postal_code: optional("postal_code")?,
+            })
+        })?,
+        insurance: section.register("insurance", "demographics.insurance", |obj, value, id| {
+            let insurance = map_child(
+                obj,
+                value,
+                id,
+                "demographics.insurance",
+                &["scheme", "number", "valid_until"],
+            )?;
+            Ok(Insurance {
+                scheme: insurance.once(
+                    "scheme",
+                    "demographics.insurance.scheme",
+                    text("demographics.insurance.scheme", FIELD_BYTES_MAX, true),
+                )?,
+                number: insurance.once(
+                    "number",
+                    "demographics.insurance.number",
+                    text("demographics.insurance.number", FIELD_BYTES_MAX, true),
+                )?,
+                valid_until: insurance.once_opt(
+                    "valid_until",
+                    "demographics.insurance.valid_until",
+                    date("demographics.insurance.valid_until"),
+                )?,
+            })
+        })?,
+    })
+}
+
+fn parse_contract<D: ReadDoc>(
+    obj: &Obj<'_, D>,
+    value: &Value<'_>,
+    id: &ObjId,
+) -> Result<FamilyDoctorContract, ValidationError> {
+    let contract = map_child(
+        obj,
+        value,
+        id,
+        "contract",
+        &[
+            "community_centre",
+            "district_hospital",
+            "municipal_hospital",
+            "doctor_id",
+            "doctor_name",
+            "since",
+        ],
+    )?;
+    Ok(FamilyDoctorContract {
+        community_centre: contract.once(
+            "community_centre",
+            "contract.community_centre",
+            institution("contract.community_centre"),
+        )?,
+        district_hospital: contract.once(
+            "district_hospital",
+            "contract.district_hospital",
+            institution("contract.district_hospital"),
+        )?,
+        municipal_hospital: contract.once(
+            "municipal_hospital",
+            "contract.municipal_hospital",
+            institution("contract.municipal_hospital"),
+        )?,
+        doctor_id: contract.once(
+            "doctor_id",
+            "contract.doctor_id",
+            text("contract.doctor_id", FIELD_BYTES_MAX, true),
+        )?,
+        doctor_name: contract.once(
+            "doctor_name",
+            "contract.doctor_name",
+            text("contract.doctor_name", FIELD_BYTES_MAX, true),
+        )?,
+        since: contract.once("since", "contract.since", date("contract.since"))?,
+    })
+}
+
+fn parse_allergy<D: ReadDoc>(entry: &Obj<'_, D>) -> Result<AllergyView, ValidationError> {
+    entry.only_keys(&[
+        "substance",
+        "reaction",
+        "severity",
+        "recorded_by",
+        "recorded_at",
+    ])?;
+    Ok(AllergyView {
+        entry: entry_id(&entry.id),
+        substance: entry.once(
+            "substance",
+            "allergies.substance",
+            text("allergies.substance", FIELD_BYTES_MAX, true),
+        )?,
+        reaction: entry.once(
+            "reaction",
+            "allergies.reaction",
+            text("allergies.reaction", FIELD_BYTES_MAX, true),
+        )?,
+        severity: entry.once(
+            "severity",
+            "allergies.severity",
+            access::checked("allergies.severity", Severity::parse),
+        )?,
+        recorded_by: entry.once(
+            "recorded_by",
+            "allergies.recorded_by",
+            institution("allergies.recorded_by"),
+        )?,
+        recorded_at: entry.once(
+            "recorded_at",
+            "allergies.recorded_at",
+            timestamp("allergies.recorded_at"),
+        )?,
+    })
+}
+
+fn parse_problem<D: ReadDoc>(entry: &Obj<'_, D>) -> Result<ProblemView, ValidationError> {
+    entry.only_keys(&[
+        "icd10",
+        "display",
+        "onset",
+        "status",
+        "recorded_by",
+        "recorded_at",
+    ])?;
+    Ok(ProblemView {
+        entry: entry_id(&entry.id),
+        icd10: entry.once("icd10", "problems.icd10", icd10("problems.icd10"))?,
+        display: entry.once(
+            "display",
+            "problems.display",
+            text("problems.display", FIELD_BYTES_MAX, true),
+        )?,
+        onset: entry.once_opt("onset", "problems.onset", date("problems.onset"))?,
+        status: entry.required(
+            "status",
+            "problems.status",
+            access::checked("problems.status", ProblemStatus::parse),
+        )?,
+        recorded_by: entry.once(
+            "recorded_by",
+            "problems.recorded_by",
+            institution("problems.recorded_by"),
+        )?,
+        recorded_at: entry.once(
+            "recorded_at",
+            "problems.recorded_at",
+            timestamp("problems.recorded_at"),
+        )?,
+    })
+}
+
+fn parse_medication<D: ReadDoc>(entry: &Obj<'_, D>) -> Result<MedicationView, ValidationError> {
+    entry.only_keys(&[
+        "drug",
+        "dose",
+        "frequency",
+        "start",
+        "days",
+        "prescribed_by",
+        "recorded_at",
+        "stopped",
+    ])?;
+    let days = entry.once("days", "medications.days", uint("medications.days"))?;
+    check_prescription(days)?;
+    Ok(MedicationView {
+        entry: entry_id(&entry.id),
+        drug: entry.once(
+            "drug",
+            "medications.drug",
+            text("medications.drug", FIELD_BYTES_MAX, true),
+        )?,
+        dose: entry.once(
+            "dose",
+            "medications.dose",
+            text("medications.dose", FIELD_BYTES_MAX, true),
+        )?,
+        frequency: entry.once(
+            "frequency",
+            "medications.frequency",
+            text("medications.frequency", FIELD_BYTES_MAX, true),
+        )?,
+        start: entry.once("start", "medications.start", date("medications.start"))?,
+        days,
+        prescribed_by: entry.once(
+            "prescribed_by",
+            "medications.prescribed_by",
+            institution("medications.prescribed_by"),
+        )?,
+        recorded_at: entry.once(
+            "recorded_at",
+            "medications.recorded_at",
+            timestamp("medications.recorded_at"),
+        )?,
+        stopped: entry.register(
+            "stopped",
+            "medications.stopped",
+            date("medications.stopped"),
+        )?,
+    })
+}
+
+fn parse_encounter<D: ReadDoc>(entry: &Obj<'_, D>) -> Result<EncounterView, ValidationError> {
+    entry.only_keys(&["institution", "time", "kind", "diagnoses", "note"])?;
+    let diagnoses = entry
+        .entries(
+            "diagnoses",
+            "encounters.diagnoses",
+            DIAGNOSES_PER_ENCOUNTER_MAX,
+        )?
+        .into_iter()
+        .map(|id| {
+            let item = entry.child(id, "encounters.diagnoses");
+            item.only_keys(&["icd10", "display"])?;
+            Ok(Diagnosis {
+                icd10: item.once(
+                    "icd10",
+                    "encounters.diagnoses.icd10",
+                    icd10("encounters.diagnoses.icd10"),
+                )?,
+                display: item.once(
+                    "display",
+                    "encounters.diagnoses.display",
+                    text("encounters.diagnoses.display", FIELD_BYTES_MAX, true),
+                )?,
+            })
+        })
+        .collect::<Result<_, ValidationError>>()?;
+    Ok(EncounterView {
+        entry: entry_id(&entry.id),
+        institution: entry.once(
+            "institution",
+            "encounters.institution",
+            institution("encounters.institution"),
+        )?,
+        time: entry.once("time", "encounters.time", timestamp("encounters.time"))?,
+        kind: entry.once(
+            "kind",
+            "encounters.kind",
+            access::checked("encounters.kind", EncounterKind::parse),
+        )?,
+        diagnoses,
+        note: entry.once(
+            "note",
+            "encounters.note",
+            long_text("encounters.note", NOTE_BYTES_MAX),
+        )?,
+    })
+}
+
+fn parse_exam<D: ReadDoc>(entry: &Obj<'_, D>) -> Result<ExamResultView, ValidationError> {
+    entry.only_keys(&[
+        "kind",
+        "institution",
+        "time",
+        "name",
+        "measurements",
+        "report",
+    ])?;
+    let measurements = entry
+        .entries(
+            "measurements",
+            "exams.measurements",
+            MEASUREMENTS_PER_RESULT_MAX,
+        )?
+        .into_iter()
+        .map(|id| {
+            let item = entry.child(id, "exams.measurements");
+            item.only_keys(&["name", "value", "unit"])?;
+            Ok(Measurement {
+                name: item.once(
+                    "name",
+                    "exams.measurements.name",
+                    text("exams.measurements.name", FIELD_BYTES_MAX, true),
+                )?,
+                value: item.once(
+                    "value",
+                    "exams.measurements.value",
+                    finite("exams.measurements.value"),
+                )?,
+                unit: item.once_opt(
+                    "unit",
+                    "exams.measurements.unit",
+                    text("exams.measurements.unit", FIELD_BYTES_MAX, false),
+                )?,
+            })
+        })
+        .collect::<Result<_, ValidationError>>()?;
+    Ok(ExamResultView {
+        entry: entry_id(&entry.id),
+        kind: entry.once(
+            "kind",
+            "exams.kind",
+            access::checked("exams.kind", ExamKind::parse),
+        )?,
+        institution: entry.once(
+            "institution",
+            "exams.institution",
+            institution("exams.institution"),
+        )?,
+        time: entry.once("time", "exams.time", timestamp("exams.time"))?,
+        name: entry.once(
+            "name",
+            "exams.name",
+            text("exams.name", FIELD_BYTES_MAX, true),
+        )?,
+        measurements,
+        report: entry.once_opt(
+            "report",
+            "exams.report",
+            text("exams.report", SUMMARY_BYTES_MAX, false),
+        )?,
+    })
+}
+
+fn parse_follow_up<D: ReadDoc>(entry: &Obj<'_, D>) -> Result<FollowUpView, ValidationError> {
+    entry.only_keys(&[
+        "institution",
+        "time",
+        "systolic_mmhg",
+        "diastolic_mmhg",
+        "glucose_mmol_per_l",
+    ])?;
+    let systolic = entry.once_opt(
+        "systolic_mmhg",
+        "follow_ups.systolic_mmhg",
+        uint("follow_ups.systolic_mmhg"),
+    )?;
+    let diastolic = entry.once_opt(
+        "diastolic_mmhg",
+        "follow_ups.diastolic_mmhg",
+        uint("follow_ups.diastolic_mmhg"),
+    )?;
+    let glucose = entry.once_opt(
+        "glucose_mmol_per_l",
+        "follow_ups.glucose_mmol_per_l",
+        finite("follow_ups.glucose_mmol_per_l"),
+    )?;
+    check_follow_up(systolic, diastolic, glucose)?;
+    Ok(FollowUpView {
+        entry: entry_id(&entry.id),
+        institution: entry.once(
+            "institution",
+            "follow_ups.institution",
+            institution("follow_ups.institution"),
+        )?,
+        time: entry.once("time", "follow_ups.time", timestamp("follow_ups.time"))?,
+        systolic_mmhg: systolic,
+        diastolic_mmhg: diastolic,
+        glucose_mmol_per_l: glucose,
+    })
+}
+
+/// Checks what a change may do to a health file given what it saw (`before`): append-only
+/// lists keep every entry unchanged, fixed fields stay fixed, and new entries and note edits
+/// are written only in the author's own name.
+pub(crate) fn check_change(
+    before: &HealthFileView,
+    after: &HealthFileView,
+    author: &InstitutionId,
+) -> Result<(), ValidationError> {
+    // Allergies and problems are add-wins sets: entries may go, but not change.
+    check_entries(
+        &before.allergies,
+        &after.allergies,
+        |a| &a.entry,
+        false,
+        "allergies",
+        |a| a.clone(),
+    )?;
+    check_entries(
+        &before.problems,
+        &after.problems,
+        |p| &p.entry,
+        false,
+        "problems",
+        |p| ProblemView {
+            status: Register::single(ProblemStatus::Active),
+            ..p.clone()
+        },
+    )?;
+    check_entries(
+        &before.medications,
+        &after.medications,
+        |m| &m.entry,
+        true,
+        "medications",
+        |m| MedicationView {
+            stopped: None,
+            ..m.clone()
+        },
+    )?;
+    check_entries(
+        &before.encounters,
+        &after.encounters,
+        |e| &e.entry,
+        true,
+        "encounters",
+        |e| EncounterView {
+            note: String::new(),
+            ..e.clone()
+        },
+    )?;
+    check_entries(
+        &before.exams,
+        &after.exams,
+        |e| &e.entry,
+        true,
+        "exams",
+        |e| e.clone(),
+    )?;
+    check_entries(
+        &before.follow_ups,
+        &after.follow_ups,
+        |f| &f.entry,
+        true,
+        "follow_ups",
+        |f| f.clone(),
+    )?;
+
+    let new = |entry: &EntryId, list: &[EntryId]| !list.contains(entry);
+    let ids = |entries: Vec<&EntryId>| entries.into_iter().cloned().collect::<Vec<_>>();
+    let seen_allergies = ids(before.allergies.iter().map(|a| &a.entry).collect());
+    if after
+        .allergies
+        .iter()
+        .any(|a| new(&a.entry, &seen_allergies) && a.recorded_by != *author)
+    {
+        return Err(ValidationError::Provenance {
+            field: "allergies.recorded_by",
+        });
+    }
+    let seen_problems = ids(before.problems.iter().map(|p| &p.entry).collect());
+    if after
+        .problems
+        .iter()
+        .any(|p| new(&p.entry, &seen_problems) && p.recorded_by != *author)
+    {
+        return Err(ValidationError::Provenance {
+            field: "problems.recorded_by",
+        });
+    }
+    let seen_medications = ids(before.medications.iter().map(|m| &m.entry).collect());
+    if after
+        .medications
+        .iter()
+        .any(|m| new(&m.entry, &seen_medications) && m.prescribed_by != *author)
+    {
+        return Err(ValidationError::Provenance {
+            field: "medications.prescribed_by",
+        });
+    }
+    for encounter in &after.encounters {
+        match before
+            .encounters
+            .iter()
+            .find(|e| e.entry == encounter.entry)
+        {
+            None if encounter.institution != *author => {
+                return Err(ValidationError::Provenance {
+                    field: "encounters.institution",
+                });
+            }
+            Some(seen) if seen.note != encounter.note && encounter.institution != *author => {
+                return Err(ValidationError::Provenance {
+                    field: "encounters.note",
+                });
+            }
+            _ => {}
+        }
+    }
+    let seen_exams = ids(before.exams.iter().map(|e| &e.entry).collect());
+    if after
+        .exams
+        .iter()
+        .any(|e| new(&e.entry, &seen_exams) && e.institution != *author)
+    {
+        return Err(ValidationError::Provenance {
+            field: "exams.institution",
+        });
+    }
+    let seen_follow_ups = ids(before.follow_ups.iter().map(|f| &f.entry).collect());
+    if after
+        .follow_ups
+        .iter()
+        .any(|f| new(&f.entry, &seen_follow_ups) && f.institution != *author)
+    {
+        return Err(ValidationError::Provenance {
+            field: "follow_ups.institution",
+        });
+    }
+    Ok(())
+}
+
+/// Every entry of `before` must still be in `after` (when `append_only`) and, where present,
+/// unchanged in its fixed part (`fixed` blanks the fields that may change).
+fn check_entries<T, F: PartialEq>(
+    before: &[T],
+    after: &[T],
+    entry: impl Fn(&T) -> &EntryId,
+    append_only: bool,
+    field: &'static str,
+    fixed: impl Fn(&T) -> F,
+) -> Result<(), ValidationError> {
+    for old in before {
+        match after.iter().find(|new| entry(new) == entry(old)) {
+            None if append_only => return Err(ValidationError::EntryRemoved { field }),
+            None => {}
+            Some(new) if fixed(new) != fixed(old) => {
+                return Err(ValidationError::ImmutableChanged { field });
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(())
+}

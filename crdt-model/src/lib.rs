@@ -1,0 +1,134 @@
+//! The consortium's data model: residents' health files, referrals and the roster as
+//! automerge documents behind a typed API.
+//!
+//! This crate does no I/O, no cryptography and no async. Callers never write automerge paths:
+//! they create documents, apply typed operations ([`HealthFileOp`], [`ReferralOp`],
+//! [`RosterOp`]) and read typed, serde-serialisable views that show concurrent values as
+//! conflicts to review.
+//!
+//! [`validate`] decides whether a document state is well formed and [`validate_change`]
+//! whether one change is allowed given the history it was written on. Both are deterministic
+//! functions of the document's content, so every replica that holds the same history gives
+//! the same answer; `estuary-node` quarantines peers' changes on them.
+
+mod access;
+mod document;
+mod error;
+mod health_file;
+mod ids;
+pub mod limits;
+mod referral;
+mod roster;
+mod vocab;
+
+pub use access::Register;
+pub use document::{DocumentKind, SCHEMA_VERSION};
+pub use error::{LoadError, OpError, ValidationError};
+pub use health_file::{
+    Address, AllergyView, DemographicField, Demographics, DemographicsView, Diagnosis,
+    EncounterView, ExamResultView, FamilyDoctorContract, FollowUpView, HealthFile, HealthFileOp,
+    HealthFileView, Insurance, Measurement, MedicationView, NewAllergy, NewEncounter,
+    NewExamResult, NewFollowUp, NewMedication, NewProblem, PersonName, ProblemView,
+};
+pub use ids::{Actor, Date, DocumentId, Editor, EntryId, Icd10, InstitutionId, Timestamp};
+pub use referral::{
+    EventView, NewReferral, Referral, ReferralOp, ReferralStatus, ReferralView, Role,
+};
+pub use roster::{Bytes32, InstitutionView, RevocationView, Roster, RosterOp, RosterView};
+pub use vocab::{
+    Direction, EncounterKind, ExamKind, InstitutionKind, ProblemStatus, Severity, Sex, Urgency,
+};
+
+/// Re-exported so callers name the same automerge types this crate uses.
+pub use automerge;
+
+use automerge::ReadDoc;
+
+/// Checks that a document is a well-formed model document and returns its kind.
+///
+/// Deterministic: it reads only the document's content (every conflicting value included),
+/// so replicas holding the same changes agree, whatever order the changes arrived in.
+pub fn validate<D: ReadDoc>(doc: &D) -> Result<DocumentKind, ValidationError> {
+    let (kind, _) = document::read_identity(doc)?;
+    match kind {
+        DocumentKind::HealthFile => health_file::parse_health_file(doc).map(|_| kind),
+        DocumentKind::Referral => referral::parse_referral(doc).map(|_| kind),
+        DocumentKind::Roster => roster::parse_roster(doc).map(|_| kind),
+    }
+}
+
+/// Checks one change: `before` is the document at the change's dependencies (empty for the
+/// change that creates it), `after` is `before` with the change applied, and `author` is the
+/// institution the change's signing key belongs to.
+///
+/// Besides `validate(after)`, it enforces what a state alone cannot show: append-only lists
+/// keep their entries, fixed fields stay fixed, entries are recorded only in the author's own
+/// name, and referral transitions are made by the side allowed to make them, from exactly the
+/// events their writer held. Because `before` is fixed by the change's own dependencies, the
+/// answer does not depend on what else the validating replica holds.
+pub fn validate_change<B: ReadDoc, A: ReadDoc>(
+    before: &B,
+    after: &A,
+    author: &InstitutionId,
+) -> Result<DocumentKind, ValidationError> {
+    let kind = validate(after)?;
+    if before.keys(automerge::ROOT).next().is_none() {
+        return check_creation(after, kind, author).map(|()| kind);
+    }
+    let (before_kind, before_id) = document::read_identity(before)?;
+    let (_, after_id) = document::read_identity(after)?;
+    if before_kind != kind || before_id != after_id {
+        return Err(ValidationError::IdentityChanged);
+    }
+    match kind {
+        DocumentKind::HealthFile => health_file::check_change(
+            &health_file::parse_health_file(before)?,
+            &health_file::parse_health_file(after)?,
+            author,
+        )?,
+        DocumentKind::Referral => referral::check_change(
+            &referral::parse_referral(before)?,
+            &referral::parse_referral(after)?,
+            author,
+        )?,
+        // Only the consortium authority may change the roster; `node` checks its signature.
+        DocumentKind::Roster => {}
+    }
+    Ok(kind)
+}
+
+/// The first change of a document: a referral is sent by its `from` institution, and nothing
+/// is recorded in another institution's name.
+fn check_creation<D: ReadDoc>(
+    after: &D,
+    kind: DocumentKind,
+    author: &InstitutionId,
+) -> Result<(), ValidationError> {
+    match kind {
+        DocumentKind::HealthFile => {
+            let view = health_file::parse_health_file(after)?;
+            let blank = HealthFileView {
+                allergies: Vec::new(),
+                problems: Vec::new(),
+                medications: Vec::new(),
+                encounters: Vec::new(),
+                exams: Vec::new(),
+                follow_ups: Vec::new(),
+                ..view.clone()
+            };
+            health_file::check_change(&blank, &view, author)
+        }
+        DocumentKind::Referral => {
+            let view = referral::parse_referral(after)?;
+            if view.from != *author {
+                return Err(ValidationError::Provenance { field: "from" });
+            }
+            let blank = ReferralView {
+                history: Vec::new(),
+                ..view.clone()
+            };
+            referral::check_change(&blank, &view, author)
+        }
+        DocumentKind::Roster => Ok(()),
+    }
+}

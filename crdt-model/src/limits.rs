@@ -1,0 +1,34 @@
+//! Every bound the model enforces, named with its unit.
+//!
+//! The same limits guard local operations and peers' changes: a value that an operation
+//! refuses is also a value that `validate` rejects, so an honest node can never write what
+//! another honest node would quarantine.
+
+/// Longest short text field (names, addresses, reasons, codes), in UTF-8 bytes.
+pub const FIELD_BYTES_MAX: usize = 512;
+/// Longest free-text note on an encounter, in UTF-8 bytes.
+pub const NOTE_BYTES_MAX: usize = 16 * 1024;
+/// Longest referral handover summary or exam report, in UTF-8 bytes.
+pub const SUMMARY_BYTES_MAX: usize = 16 * 1024;
+/// Most entries in one clinical list of a health file (allergies, encounters, …).
+pub const ENTRIES_PER_LIST_MAX: usize = 10_000;
+/// Most diagnoses on one encounter.
+pub const DIAGNOSES_PER_ENCOUNTER_MAX: usize = 32;
+/// Most measurements in one exam result.
+pub const MEASUREMENTS_PER_RESULT_MAX: usize = 64;
+/// Longest prescription, in days. Long-term prescriptions for chronic disease are capped at
+/// 60 days by the consortium's prescribing rules; no prescription may be longer.
+pub const PRESCRIPTION_DAYS_MAX: u64 = 60;
+/// Most status events on one referral. A full life cycle needs five; the rest is headroom
+/// for concurrent transitions, and a bound on what a faulty node can append.
+pub const REFERRAL_EVENTS_MAX: usize = 64;
+/// Most institutions in one roster.
+pub const INSTITUTIONS_MAX: usize = 1_024;
+/// Most node keys one institution may hold at once (a node and its standby, rotations).
+pub const NODE_KEYS_PER_INSTITUTION_MAX: usize = 16;
+/// Most revocations in one roster.
+pub const REVOCATIONS_MAX: usize = 4_096;
+/// Most heads a revocation may name as its cut-off.
+pub const REVOCATION_HEADS_MAX: usize = 1_024;
+/// Longest institution id, in bytes.
+pub const INSTITUTION_ID_BYTES_MAX: usize = 64;

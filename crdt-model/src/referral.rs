@@ -1,0 +1,706 @@
+//! A referral between two member institutions, and the state machine that drives it.
+//!
+//! Status changes are stored as an append-only list of events. Each event records the status
+//! it moved from and to, and `after`: the ids of the latest events its writer held. Those
+//! links make the events a DAG that every replica holds identically, and the status is
+//! *derived* from that DAG by one deterministic rule, whatever order the events arrived in:
+//!
+//! 1. The *frontier* is the set of events no other event names in `after`.
+//! 2. The frontier event whose target status has the highest precedence wins, ties broken by
+//!    event id; the derived status is its target. Precedence, highest first:
+//!    completed > arrived > cancelled > scheduled > accepted > declined.
+//!
+//! So a cancel beats a concurrent accept or schedule (the sender withdrew; the hospital frees
+//! the slot rather than the patient being expected somewhere they will not go), nothing beats
+//! an arrival (the patient is physically there and must be cared for), and an accept beats a
+//! concurrent decline (of two desks of the receiver, the one keeping the patient in care wins).
+//! Every event is checked against the status derived from the events it names, so the winning
+//! chain is always a legal path of the state machine made by institutions allowed to make it.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use automerge::transaction::Transactable;
+use automerge::{AutoCommit, ObjType, ReadDoc, Value};
+use serde::{Deserialize, Serialize};
+
+use crate::access::{
+    Obj, Register, append_entry, check_text, checked, entry_id, institution, put_time, text,
+    timestamp,
+};
+use crate::document::{DocumentKind, IDENTITY_KEYS, read_identity, replica, write_identity};
+use crate::error::{OpError, ValidationError};
+use crate::ids::{Actor, DocumentId, Editor, EntryId, InstitutionId, Timestamp};
+use crate::limits::{FIELD_BYTES_MAX, REFERRAL_EVENTS_MAX, SUMMARY_BYTES_MAX};
+use crate::vocab::{Direction, Urgency, vocabulary};
+
+vocabulary! {
+    /// Where a referral stands.
+    ReferralStatus {
+        /// Sent, awaiting the receiver's answer.
+        Requested = "requested",
+        /// Accepted by the receiver.
+        Accepted = "accepted",
+        /// Declined by the receiver (final).
+        Declined = "declined",
+        /// An appointment is booked.
+        Scheduled = "scheduled",
+        /// The patient arrived at the receiver.
+        Arrived = "arrived",
+        /// Care at the receiver is complete (final).
+        Completed = "completed",
+        /// Withdrawn by the sender before arrival (final).
+        Cancelled = "cancelled",
+    }
+}
+
+vocabulary! {
+    /// Which side of a referral an institution is on.
+    Role {
+        /// The institution that sent the referral.
+        Sender = "sending",
+        /// The institution the referral is addressed to.
+        Receiver = "receiving",
+    }
+}
+
+impl ReferralStatus {
+    /// Whether the state machine has an edge `self -> to`.
+    pub const fn may_move_to(self, to: ReferralStatus) -> bool {
+        use ReferralStatus::*;
+        matches!(
+            (self, to),
+            (Requested, Accepted | Declined | Cancelled)
+                | (Accepted, Scheduled | Cancelled)
+                | (Scheduled, Arrived | Cancelled)
+                | (Arrived, Completed)
+        )
+    }
+
+    /// Who may move a referral into this status.
+    pub const fn authorised_role(self) -> Role {
+        match self {
+            ReferralStatus::Cancelled | ReferralStatus::Requested => Role::Sender,
+            _ => Role::Receiver,
+        }
+    }
+
+    /// Precedence among concurrent transitions: the highest wins (see the module docs).
+    pub const fn precedence(self) -> u8 {
+        match self {
+            ReferralStatus::Requested => 0,
+            ReferralStatus::Declined => 1,
+            ReferralStatus::Accepted => 2,
+            ReferralStatus::Scheduled => 3,
+            ReferralStatus::Cancelled => 4,
+            ReferralStatus::Arrived => 5,
+            ReferralStatus::Completed => 6,
+        }
+    }
+
+    /// Whether no transition leaves this status.
+    pub const fn is_final(self) -> bool {
+        matches!(
+            self,
+            ReferralStatus::Declined | ReferralStatus::Completed | ReferralStatus::Cancelled
+        )
+    }
+}
+
+/// A referral to send.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct NewReferral {
+    /// The resident's health file.
+    pub patient: DocumentId,
+    /// Up to a hospital, or down for recovery.
+    pub direction: Direction,
+    /// The receiving institution.
+    pub to: InstitutionId,
+    /// Why the resident is referred.
+    pub reason: String,
+    /// Routine, or priority ("green channel").
+    pub urgency: Urgency,
+    /// The handover summary for the receiving clinicians.
+    pub handover: String,
+}
+
+/// A typed edit of a referral. This is also the JSON form apps send through the API.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(tag = "op", content = "args", rename_all = "snake_case")]
+pub enum ReferralOp {
+    /// The receiver accepts.
+    Accept,
+    /// The receiver declines.
+    Decline,
+    /// The receiver books an appointment.
+    Schedule {
+        /// When the resident is expected.
+        appointment: Timestamp,
+    },
+    /// The receiver records the resident's arrival.
+    MarkArrived,
+    /// The receiver completes its care.
+    Complete,
+    /// The sender withdraws the referral (only before arrival).
+    Cancel,
+    /// The sender rewrites the handover summary.
+    EditHandover {
+        /// The new summary.
+        handover: String,
+    },
+    /// The sender changes the urgency.
+    SetUrgency {
+        /// The new urgency.
+        urgency: Urgency,
+    },
+}
+
+impl ReferralOp {
+    /// The status this operation moves to, if it is a transition.
+    pub fn target(&self) -> Option<ReferralStatus> {
+        match self {
+            ReferralOp::Accept => Some(ReferralStatus::Accepted),
+            ReferralOp::Decline => Some(ReferralStatus::Declined),
+            ReferralOp::Schedule { .. } => Some(ReferralStatus::Scheduled),
+            ReferralOp::MarkArrived => Some(ReferralStatus::Arrived),
+            ReferralOp::Complete => Some(ReferralStatus::Completed),
+            ReferralOp::Cancel => Some(ReferralStatus::Cancelled),
+            ReferralOp::EditHandover { .. } | ReferralOp::SetUrgency { .. } => None,
+        }
+    }
+}
+
+/// One status event in a view.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct EventView {
+    /// The event's id.
+    pub entry: EntryId,
+    /// The institution that made the transition.
+    pub institution: InstitutionId,
+    /// When (the writer's clock).
+    pub at: Timestamp,
+    /// Status moved from.
+    pub from: ReferralStatus,
+    /// Status moved to.
+    pub to: ReferralStatus,
+    /// The latest events its writer held.
+    pub after: Vec<EntryId>,
+    /// The booked appointment, on a move to `scheduled`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub appointment: Option<Timestamp>,
+}
+
+/// A referral as apps see it.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct ReferralView {
+    /// The document id.
+    pub id: DocumentId,
+    /// The resident's health file.
+    pub patient: DocumentId,
+    /// Up or down.
+    pub direction: Direction,
+    /// Sending institution.
+    pub from: InstitutionId,
+    /// Receiving institution.
+    pub to: InstitutionId,
+    /// When it was sent.
+    pub created_at: Timestamp,
+    /// Why.
+    pub reason: String,
+    /// How urgent, with concurrent settings.
+    pub urgency: Register<Urgency>,
+    /// Handover summary, with concurrent versions.
+    pub handover: Register<String>,
+    /// The derived status.
+    pub status: ReferralStatus,
+    /// The appointment on the effective path, if one was booked.
+    pub appointment: Option<Timestamp>,
+    /// The events that make up the effective path, oldest first.
+    pub effective: Vec<EntryId>,
+    /// Every event, in causal (event id) order.
+    pub history: Vec<EventView>,
+}
+
+impl ReferralView {
+    /// The role `institution` plays in this referral, if any.
+    pub fn role_of(&self, institution: &InstitutionId) -> Option<Role> {
+        if *institution == self.from {
+            Some(Role::Sender)
+        } else if *institution == self.to {
+            Some(Role::Receiver)
+        } else {
+            None
+        }
+    }
+
+    /// Transitions that were made but lost to a concurrent one, for a clinician to review.
+    pub fn superseded(&self) -> Vec<&EventView> {
+        self.history
+            .iter()
+            .filter(|e| !self.effective.contains(&e.entry))
+            .collect()
+    }
+
+    /// The fields holding concurrent values for review.
+    pub fn conflicts(&self) -> Vec<String> {
+        let mut fields = Vec::new();
+        if self.urgency.is_conflicted() {
+            fields.push("urgency".to_string());
+        }
+        if self.handover.is_conflicted() {
+            fields.push("handover".to_string());
+        }
+        fields
+    }
+}
+
+/// A referral: one automerge document behind typed operations.
+#[derive(Debug)]
+pub struct Referral {
+    doc: AutoCommit,
+    id: DocumentId,
+}
+
+replica!(
+    Referral,
+    DocumentKind::Referral,
+    ReferralView,
+    parse_referral
+);
+
+const ROOT_KEYS: [&str; 12] = [
+    IDENTITY_KEYS[0],
+    IDENTITY_KEYS[1],
+    IDENTITY_KEYS[2],
+    "patient",
+    "direction",
+    "from",
+    "to",
+    "created_at",
+    "reason",
+    "urgency",
+    "handover",
+    "events",
+];
+
+impl Referral {
+    /// Sends a referral from the editor's institution, as one change.
+    pub fn create(
+        id: DocumentId,
+        actor: &Actor,
+        editor: &Editor,
+        referral: &NewReferral,
+    ) -> Result<Self, OpError> {
+        if referral.to == editor.institution {
+            return Err(ValidationError::InvalidValue {
+                field: "to",
+                reason: "a referral goes to another institution",
+            }
+            .into());
+        }
+        check_text(&referral.reason, "reason", FIELD_BYTES_MAX, true)?;
+        check_text(&referral.handover, "handover", SUMMARY_BYTES_MAX, false)?;
+        let mut doc = Self {
+            doc: AutoCommit::new().with_actor(actor.to_automerge()),
+            id,
+        };
+        doc.transact(editor, |tx| {
+            write_identity(tx, DocumentKind::Referral, id)?;
+            let root = automerge::ROOT;
+            tx.put(&root, "patient", referral.patient.to_string())?;
+            tx.put(&root, "direction", referral.direction.as_str())?;
+            tx.put(&root, "from", editor.institution.as_str())?;
+            tx.put(&root, "to", referral.to.as_str())?;
+            put_time(tx, &root, "created_at", editor.at)?;
+            tx.put(&root, "reason", referral.reason.as_str())?;
+            tx.put(&root, "urgency", referral.urgency.as_str())?;
+            tx.put(&root, "handover", referral.handover.as_str())?;
+            tx.put_object(&root, "events", ObjType::List)?;
+            Ok(())
+        })?;
+        Ok(doc)
+    }
+
+    /// Applies one typed operation as one change. Refused with a typed error (and nothing
+    /// written) when the editor may not make it or the state machine forbids it.
+    pub fn apply(&mut self, editor: &Editor, op: &ReferralOp) -> Result<(), OpError> {
+        let view = self.view();
+        let role = view.role_of(&editor.institution);
+        let Some(to) = op.target() else {
+            if role != Some(Role::Sender) {
+                return Err(ValidationError::Provenance { field: "handover" }.into());
+            }
+            return self.transact(editor, |tx| {
+                match op {
+                    ReferralOp::EditHandover { handover } => {
+                        check_text(handover, "handover", SUMMARY_BYTES_MAX, false)?;
+                        tx.put(automerge::ROOT, "handover", handover.as_str())?;
+                    }
+                    ReferralOp::SetUrgency { urgency } => {
+                        tx.put(automerge::ROOT, "urgency", urgency.as_str())?;
+                    }
+                    _ => unreachable!("transitions have a target"),
+                }
+                Ok(())
+            });
+        };
+        check_transition(view.status, to, role)?;
+        let events = index_events(&view.history);
+        let all: BTreeSet<EntryId> = events.keys().cloned().collect();
+        let after = frontier(&events, &all);
+        self.transact(editor, |tx| {
+            let event = append_entry(
+                tx,
+                &automerge::ROOT,
+                "events",
+                "events",
+                REFERRAL_EVENTS_MAX,
+            )?;
+            tx.put(&event, "institution", editor.institution.as_str())?;
+            put_time(tx, &event, "at", editor.at)?;
+            tx.put(&event, "from", view.status.as_str())?;
+            tx.put(&event, "to", to.as_str())?;
+            let list = tx.put_object(&event, "after", ObjType::List)?;
+            for (index, id) in after.iter().enumerate() {
+                tx.insert(&list, index, id.as_str())?;
+            }
+            if let ReferralOp::Schedule { appointment } = op {
+                put_time(tx, &event, "appointment", *appointment)?;
+            }
+            Ok(())
+        })
+    }
+}
+
+/// Checks one transition against the state machine and the authority rules.
+fn check_transition(
+    from: ReferralStatus,
+    to: ReferralStatus,
+    role: Option<Role>,
+) -> Result<(), ValidationError> {
+    let required = to.authorised_role();
+    if role != Some(required) {
+        return Err(ValidationError::NotAuthorised { to, required });
+    }
+    if !from.may_move_to(to) {
+        return Err(ValidationError::IllegalTransition { from, to });
+    }
+    Ok(())
+}
+
+/// Orders events by their automerge op id (counter, then actor): a writer's event always sorts
+/// after every event it had seen.
+fn order_key(entry: &EntryId) -> (u64, &str) {
+    let (counter, actor) = entry
+        .as_str()
+        .split_once('@')
+        .unwrap_or(("0", entry.as_str()));
+    (counter.parse().unwrap_or(0), actor)
+}
+
+fn index_events(history: &[EventView]) -> BTreeMap<EntryId, &EventView> {
+    history.iter().map(|e| (e.entry.clone(), e)).collect()
+}
+
+/// The events of `set` that no other event of `set` names as seen.
+fn frontier(events: &BTreeMap<EntryId, &EventView>, set: &BTreeSet<EntryId>) -> Vec<EntryId> {
+    let named: BTreeSet<&EntryId> = set
+        .iter()
+        .filter_map(|id| events.get(id))
+        .flat_map(|e| e.after.iter())
+        .collect();
+    let mut tips: Vec<EntryId> = set
+        .iter()
+        .filter(|id| !named.contains(id))
+        .cloned()
+        .collect();
+    tips.sort_by(|a, b| order_key(a).cmp(&order_key(b)));
+    tips
+}
+
+/// Every event reachable from `start` through `after` links, `start` included.
+fn closure(events: &BTreeMap<EntryId, &EventView>, start: &[EntryId]) -> BTreeSet<EntryId> {
+    let mut seen = BTreeSet::new();
+    let mut stack: Vec<&EntryId> = start.iter().collect();
+    while let Some(id) = stack.pop() {
+        if seen.insert(id.clone())
+            && let Some(event) = events.get(id)
+        {
+            stack.extend(event.after.iter());
+        }
+    }
+    seen
+}
+
+/// The winning frontier event of a causally closed set (None for the empty set).
+fn winner<'e>(
+    events: &BTreeMap<EntryId, &'e EventView>,
+    set: &BTreeSet<EntryId>,
+) -> Option<&'e EventView> {
+    frontier(events, set)
+        .iter()
+        .filter_map(|id| events.get(id).copied())
+        .max_by(|a, b| {
+            (a.to.precedence(), order_key(&a.entry)).cmp(&(b.to.precedence(), order_key(&b.entry)))
+        })
+}
+
+/// The status derived from a causally closed set of events.
+fn derive(events: &BTreeMap<EntryId, &EventView>, set: &BTreeSet<EntryId>) -> ReferralStatus {
+    winner(events, set).map_or(ReferralStatus::Requested, |e| e.to)
+}
+
+/// Checks one event against the events it names: they exist, precede it, are exactly the
+/// frontier of what they reach, and derive the status it starts from.
+fn check_event(
+    events: &BTreeMap<EntryId, &EventView>,
+    event: &EventView,
+) -> Result<(), ValidationError> {
+    let own = order_key(&event.entry);
+    for id in &event.after {
+        if !events.contains_key(id) {
+            return Err(ValidationError::EventReference {
+                reason: "it names an event the referral does not hold",
+            });
+        }
+        if order_key(id) >= own {
+            return Err(ValidationError::EventReference {
+                reason: "it names an event written after it",
+            });
+        }
+    }
+    let reached = closure(events, &event.after);
+    let mut named = event.after.clone();
+    named.sort_by(|a, b| order_key(a).cmp(&order_key(b)));
+    if named != frontier(events, &reached) {
+        return Err(ValidationError::EventReference {
+            reason: "it must name exactly the latest events its writer held",
+        });
+    }
+    let derived = derive(events, &reached);
+    if derived != event.from {
+        return Err(ValidationError::EventBase {
+            recorded: event.from,
+            derived,
+        });
+    }
+    if event.appointment.is_some() != (event.to == ReferralStatus::Scheduled) {
+        return Err(ValidationError::InvalidValue {
+            field: "events.appointment",
+            reason: "an appointment is recorded exactly on a move to scheduled",
+        });
+    }
+    Ok(())
+}
+
+/// Parses and validates a whole referral.
+pub(crate) fn parse_referral<D: ReadDoc>(doc: &D) -> Result<ReferralView, ValidationError> {
+    let (kind, id) = read_identity(doc)?;
+    if kind != DocumentKind::Referral {
+        return Err(ValidationError::UnknownDocumentType);
+    }
+    let root = Obj::root(doc);
+    root.only_keys(&ROOT_KEYS)?;
+    let from = root.once("from", "from", institution("from"))?;
+    let to = root.once("to", "to", institution("to"))?;
+    if from == to {
+        return Err(ValidationError::InvalidValue {
+            field: "to",
+            reason: "a referral goes to another institution",
+        });
+    }
+    let mut history = root
+        .entries("events", "events", REFERRAL_EVENTS_MAX)?
+        .into_iter()
+        .map(|id| parse_event(&root.child(id, "events")))
+        .collect::<Result<Vec<_>, _>>()?;
+    history.sort_by(|a, b| order_key(&a.entry).cmp(&order_key(&b.entry)));
+
+    let events = index_events(&history);
+    for event in &history {
+        check_event(&events, event)?;
+        let role = if event.institution == from {
+            Some(Role::Sender)
+        } else if event.institution == to {
+            Some(Role::Receiver)
+        } else {
+            None
+        };
+        check_transition(event.from, event.to, role)?;
+    }
+    let all: BTreeSet<EntryId> = events.keys().cloned().collect();
+    let (status, effective, appointment) = effective_path(&events, &all);
+    drop(events);
+
+    Ok(ReferralView {
+        id,
+        patient: root.once(
+            "patient",
+            "patient",
+            checked("patient", |t, _| DocumentId::parse(t)),
+        )?,
+        direction: root.once(
+            "direction",
+            "direction",
+            checked("direction", Direction::parse),
+        )?,
+        from,
+        to,
+        created_at: root.once("created_at", "created_at", timestamp("created_at"))?,
+        reason: root.once("reason", "reason", text("reason", FIELD_BYTES_MAX, true))?,
+        urgency: root.required("urgency", "urgency", checked("urgency", Urgency::parse))?,
+        handover: root.required(
+            "handover",
+            "handover",
+            text("handover", SUMMARY_BYTES_MAX, false),
+        )?,
+        status,
+        appointment,
+        effective,
+        history,
+    })
+}
+
+/// Follows winners back from the whole set: the derived status, the effective path (oldest
+/// first) and the last appointment booked on it.
+fn effective_path(
+    events: &BTreeMap<EntryId, &EventView>,
+    all: &BTreeSet<EntryId>,
+) -> (ReferralStatus, Vec<EntryId>, Option<Timestamp>) {
+    let status = derive(events, all);
+    let mut path = Vec::new();
+    let mut appointment = None;
+    let mut set = all.clone();
+    while let Some(event) = winner(events, &set) {
+        if appointment.is_none() {
+            appointment = event.appointment;
+        }
+        path.push(event.entry.clone());
+        set = closure(events, &event.after);
+    }
+    path.reverse();
+    (status, path, appointment)
+}
+
+fn parse_event<D: ReadDoc>(event: &Obj<'_, D>) -> Result<EventView, ValidationError> {
+    event.only_keys(&["institution", "at", "from", "to", "after", "appointment"])?;
+    let after_list = event.once(
+        "after",
+        "events.after",
+        crate::access::object(ObjType::List, "a list"),
+    )?;
+    let count = event.doc.length(&after_list);
+    if count > REFERRAL_EVENTS_MAX {
+        return Err(ValidationError::TooMany {
+            field: "events.after",
+            count,
+            max: REFERRAL_EVENTS_MAX,
+        });
+    }
+    let mut after = Vec::with_capacity(count);
+    for index in 0..count {
+        let values =
+            event
+                .doc
+                .get_all(&after_list, index)
+                .map_err(|_| ValidationError::WrongType {
+                    field: "events.after",
+                    expected: "a list of event ids",
+                })?;
+        for (value, _) in values {
+            match value {
+                Value::Scalar(s) if s.as_str().is_some() => {
+                    after.push(EntryId::new(s.as_str().unwrap_or_default()));
+                }
+                _ => {
+                    return Err(ValidationError::WrongType {
+                        field: "events.after",
+                        expected: "a list of event ids",
+                    });
+                }
+            }
+        }
+    }
+    Ok(EventView {
+        entry: entry_id(&event.id),
+        institution: event.once(
+            "institution",
+            "events.institution",
+            institution("events.institution"),
+        )?,
+        at: event.once("at", "events.at", timestamp("events.at"))?,
+        from: event.once(
+            "from",
+            "events.from",
+            checked("events.from", ReferralStatus::parse),
+        )?,
+        to: event.once(
+            "to",
+            "events.to",
+            checked("events.to", ReferralStatus::parse),
+        )?,
+        after,
+        appointment: event.once_opt(
+            "appointment",
+            "events.appointment",
+            timestamp("events.appointment"),
+        )?,
+    })
+}
+
+/// Checks what a change may do to a referral given what it saw (`before`): fixed fields stay
+/// fixed, events are append-only, new events are the author's own and start from exactly the
+/// events it held, and only the sender edits the handover and urgency.
+pub(crate) fn check_change(
+    before: &ReferralView,
+    after: &ReferralView,
+    author: &InstitutionId,
+) -> Result<(), ValidationError> {
+    let fixed = |v: &ReferralView| {
+        (
+            v.patient,
+            v.direction,
+            v.from.clone(),
+            v.to.clone(),
+            v.created_at,
+            v.reason.clone(),
+        )
+    };
+    if fixed(before) != fixed(after) {
+        return Err(ValidationError::ImmutableChanged { field: "referral" });
+    }
+    let author_role = after.role_of(author);
+    if (before.urgency != after.urgency || before.handover != after.handover)
+        && author_role != Some(Role::Sender)
+    {
+        return Err(ValidationError::Provenance { field: "handover" });
+    }
+    let old: BTreeMap<&EntryId, &EventView> =
+        before.history.iter().map(|e| (&e.entry, e)).collect();
+    for event in &before.history {
+        match after.history.iter().find(|e| e.entry == event.entry) {
+            None => return Err(ValidationError::EntryRemoved { field: "events" }),
+            Some(same) if same != event => {
+                return Err(ValidationError::ImmutableChanged { field: "events" });
+            }
+            Some(_) => {}
+        }
+    }
+    // New events, in the order written: each must build on every event held when it was.
+    let mut held: Vec<EventView> = before.history.clone();
+    for event in after.history.iter().filter(|e| !old.contains_key(&e.entry)) {
+        if event.institution != *author {
+            return Err(ValidationError::Provenance {
+                field: "events.institution",
+            });
+        }
+        let index = index_events(&held);
+        let all: BTreeSet<EntryId> = index.keys().cloned().collect();
+        if event.after != frontier(&index, &all) {
+            return Err(ValidationError::EventReference {
+                reason: "it must name exactly the latest events its writer held",
+            });
+        }
+        held.push(event.clone());
+    }
+    Ok(())
+}

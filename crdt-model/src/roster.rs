@@ -1,0 +1,465 @@
+//! The consortium roster's content: member institutions, their node keys, and revocations.
+//!
+//! Only the consortium authority edits the roster; `node` checks the authority's signature.
+//! Here the roster is plain content with its rules: ids and keys well formed, each key held by
+//! one institution, limits respected, and a version the authority raises on every edit so a
+//! node can tell a newer signed roster from an older one.
+
+use std::fmt;
+
+use automerge::transaction::Transactable;
+use automerge::{AutoCommit, ObjId, ObjType, ReadDoc, ScalarValue, Value};
+use serde::{Deserialize, Serialize};
+
+use crate::access::{Obj, check_text, checked, object, put_time, text, timestamp, uint};
+use crate::document::{DocumentKind, IDENTITY_KEYS, read_identity, replica, write_identity};
+use crate::error::{OpError, ValidationError};
+use crate::ids::{Actor, DocumentId, Editor, InstitutionId, Timestamp};
+use crate::limits::{
+    FIELD_BYTES_MAX, INSTITUTIONS_MAX, NODE_KEYS_PER_INSTITUTION_MAX, REVOCATION_HEADS_MAX,
+    REVOCATIONS_MAX,
+};
+use crate::vocab::InstitutionKind;
+
+/// 32 opaque bytes: a node's public key, or the hash of a change. Shown as lowercase hex.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Bytes32(pub [u8; 32]);
+
+impl Bytes32 {
+    /// Parses 64 lowercase hex characters.
+    pub fn parse_hex(text: &str, field: &'static str) -> Result<Self, ValidationError> {
+        let invalid = ValidationError::InvalidValue {
+            field,
+            reason: "expected 64 lowercase hex characters",
+        };
+        if text.len() != 64
+            || !text
+                .bytes()
+                .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c))
+        {
+            return Err(invalid);
+        }
+        let mut bytes = [0u8; 32];
+        for (index, byte) in bytes.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(&text[index * 2..index * 2 + 2], 16)
+                .map_err(|_| invalid.clone())?;
+        }
+        Ok(Self(bytes))
+    }
+}
+
+impl fmt::Display for Bytes32 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.iter().try_for_each(|b| write!(f, "{b:02x}"))
+    }
+}
+
+impl fmt::Debug for Bytes32 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Bytes32({self})")
+    }
+}
+
+impl Serialize for Bytes32 {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Bytes32 {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        Self::parse_hex(&text, "bytes").map_err(serde::de::Error::custom)
+    }
+}
+
+/// A typed edit of the roster.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(tag = "op", content = "args", rename_all = "snake_case")]
+pub enum RosterOp {
+    /// Adds a member institution (or renames it, if present).
+    AddInstitution {
+        /// Its id.
+        id: InstitutionId,
+        /// Its display name.
+        name: String,
+        /// Core hospital, district hospital or community centre.
+        kind: InstitutionKind,
+    },
+    /// Gives an institution a node key.
+    AddNodeKey {
+        /// The institution.
+        institution: InstitutionId,
+        /// The node's public key.
+        key: Bytes32,
+    },
+    /// Revokes a node key. Changes by that key are accepted only if they are among `cutoff`
+    /// heads or their ancestors: every node draws the same line.
+    Revoke {
+        /// The revoked key.
+        key: Bytes32,
+        /// The heads accepted from that key, up to the cut-off.
+        cutoff: Vec<Bytes32>,
+        /// Why, for operators (no patient data).
+        reason: String,
+    },
+}
+
+/// An institution in a view.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct InstitutionView {
+    /// Its id.
+    pub id: InstitutionId,
+    /// Display name.
+    pub name: String,
+    /// Kind.
+    pub kind: InstitutionKind,
+    /// Node keys, sorted.
+    pub node_keys: Vec<Bytes32>,
+}
+
+/// A revocation in a view.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct RevocationView {
+    /// The revoked key.
+    pub key: Bytes32,
+    /// When it was revoked.
+    pub at: Timestamp,
+    /// Why.
+    pub reason: String,
+    /// The heads accepted from that key, up to the cut-off.
+    pub cutoff: Vec<Bytes32>,
+}
+
+/// The roster as nodes and operators see it.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct RosterView {
+    /// The document id.
+    pub id: DocumentId,
+    /// Raised by the authority on every edit.
+    pub version: u64,
+    /// Member institutions, by id.
+    pub institutions: Vec<InstitutionView>,
+    /// Revoked keys, by key.
+    pub revocations: Vec<RevocationView>,
+}
+
+impl RosterView {
+    /// The institution holding `key`, if any (revoked or not).
+    pub fn institution_of(&self, key: &Bytes32) -> Option<&InstitutionView> {
+        self.institutions.iter().find(|i| i.node_keys.contains(key))
+    }
+
+    /// The revocation of `key`, if it was revoked.
+    pub fn revocation_of(&self, key: &Bytes32) -> Option<&RevocationView> {
+        self.revocations.iter().find(|r| r.key == *key)
+    }
+}
+
+/// The consortium roster: one automerge document behind typed operations.
+#[derive(Debug)]
+pub struct Roster {
+    doc: AutoCommit,
+    id: DocumentId,
+}
+
+replica!(Roster, DocumentKind::Roster, RosterView, parse_roster);
+
+impl Roster {
+    /// Creates an empty roster at version 1.
+    pub fn create(id: DocumentId, actor: &Actor, editor: &Editor) -> Result<Self, OpError> {
+        let mut roster = Self {
+            doc: AutoCommit::new().with_actor(actor.to_automerge()),
+            id,
+        };
+        roster.transact(editor, |tx| {
+            write_identity(tx, DocumentKind::Roster, id)?;
+            tx.put(automerge::ROOT, "version", 1u64)?;
+            tx.put_object(automerge::ROOT, "institutions", ObjType::Map)?;
+            tx.put_object(automerge::ROOT, "revocations", ObjType::Map)?;
+            Ok(())
+        })?;
+        Ok(roster)
+    }
+
+    /// Applies one edit as one change and raises the version.
+    pub fn apply(&mut self, editor: &Editor, op: &RosterOp) -> Result<(), OpError> {
+        let view = self.view();
+        match op {
+            RosterOp::AddInstitution { id, .. }
+                if view.institutions.len() >= INSTITUTIONS_MAX
+                    && view.institutions.iter().all(|i| i.id != *id) =>
+            {
+                return Err(OpError::Full {
+                    field: "institutions",
+                    max: INSTITUTIONS_MAX,
+                });
+            }
+            RosterOp::AddNodeKey { institution, key } => {
+                let Some(member) = view.institutions.iter().find(|i| i.id == *institution) else {
+                    return Err(ValidationError::InvalidValue {
+                        field: "institutions",
+                        reason: "no such institution in the roster",
+                    }
+                    .into());
+                };
+                if view.institution_of(key).is_some() {
+                    return Err(ValidationError::InvalidValue {
+                        field: "institutions.node_keys",
+                        reason: "the key already belongs to a member",
+                    }
+                    .into());
+                }
+                if member.node_keys.len() >= NODE_KEYS_PER_INSTITUTION_MAX {
+                    return Err(OpError::Full {
+                        field: "institutions.node_keys",
+                        max: NODE_KEYS_PER_INSTITUTION_MAX,
+                    });
+                }
+            }
+            RosterOp::Revoke { key, cutoff, .. } => {
+                if view.institution_of(key).is_none() {
+                    return Err(ValidationError::InvalidValue {
+                        field: "revocations",
+                        reason: "only a member's key can be revoked",
+                    }
+                    .into());
+                }
+                if cutoff.len() > REVOCATION_HEADS_MAX {
+                    return Err(ValidationError::TooMany {
+                        field: "revocations.cutoff",
+                        count: cutoff.len(),
+                        max: REVOCATION_HEADS_MAX,
+                    }
+                    .into());
+                }
+                if view.revocations.len() >= REVOCATIONS_MAX {
+                    return Err(OpError::Full {
+                        field: "revocations",
+                        max: REVOCATIONS_MAX,
+                    });
+                }
+            }
+            RosterOp::AddInstitution { .. } => {}
+        }
+        self.transact(editor, |tx| {
+            match op {
+                RosterOp::AddInstitution { id, name, kind } => {
+                    check_text(name, "institutions.name", FIELD_BYTES_MAX, true)?;
+                    let institutions = map_at(tx, &automerge::ROOT, "institutions")?;
+                    let existing = match tx.get(&institutions, id.as_str())? {
+                        Some((Value::Object(ObjType::Map), obj)) => Some(obj),
+                        _ => None,
+                    };
+                    let entry = match existing {
+                        Some(entry) => entry,
+                        None => {
+                            let entry = tx.put_object(&institutions, id.as_str(), ObjType::Map)?;
+                            tx.put_object(&entry, "node_keys", ObjType::Map)?;
+                            entry
+                        }
+                    };
+                    tx.put(&entry, "name", name.as_str())?;
+                    tx.put(&entry, "kind", kind.as_str())?;
+                }
+                RosterOp::AddNodeKey { institution, key } => {
+                    let institutions = map_at(tx, &automerge::ROOT, "institutions")?;
+                    let entry = map_at(tx, &institutions, institution.as_str())?;
+                    let keys = map_at(tx, &entry, "node_keys")?;
+                    put_time(tx, &keys, &key.to_string(), editor.at)?;
+                }
+                RosterOp::Revoke {
+                    key,
+                    cutoff,
+                    reason,
+                } => {
+                    check_text(reason, "revocations.reason", FIELD_BYTES_MAX, true)?;
+                    let revocations = map_at(tx, &automerge::ROOT, "revocations")?;
+                    let entry = tx.put_object(&revocations, key.to_string(), ObjType::Map)?;
+                    put_time(tx, &entry, "at", editor.at)?;
+                    tx.put(&entry, "reason", reason.as_str())?;
+                    let list = tx.put_object(&entry, "cutoff", ObjType::List)?;
+                    for (index, head) in cutoff.iter().enumerate() {
+                        tx.insert(&list, index, ScalarValue::Bytes(head.0.to_vec()))?;
+                    }
+                }
+            }
+            tx.put(automerge::ROOT, "version", view.version + 1)?;
+            Ok(())
+        })
+    }
+}
+
+fn map_at(tx: &AutoCommit, parent: &ObjId, key: &str) -> Result<ObjId, OpError> {
+    match tx.get(parent, key)? {
+        Some((Value::Object(ObjType::Map), id)) => Ok(id),
+        _ => Err(ValidationError::InvalidValue {
+            field: "institutions",
+            reason: "no such institution in the roster",
+        }
+        .into()),
+    }
+}
+
+/// Parses and validates a whole roster.
+pub(crate) fn parse_roster<D: ReadDoc>(doc: &D) -> Result<RosterView, ValidationError> {
+    let (kind, id) = read_identity(doc)?;
+    if kind != DocumentKind::Roster {
+        return Err(ValidationError::UnknownDocumentType);
+    }
+    let root = Obj::root(doc);
+    root.only_keys(&[
+        IDENTITY_KEYS[0],
+        IDENTITY_KEYS[1],
+        IDENTITY_KEYS[2],
+        "version",
+        "institutions",
+        "revocations",
+    ])?;
+    let version = root.once("version", "version", uint("version"))?;
+    let institutions_obj = root.child(
+        root.once(
+            "institutions",
+            "institutions",
+            object(ObjType::Map, "an object"),
+        )?,
+        "institutions",
+    );
+    let ids = institutions_obj.keys();
+    if ids.len() > INSTITUTIONS_MAX {
+        return Err(ValidationError::TooMany {
+            field: "institutions",
+            count: ids.len(),
+            max: INSTITUTIONS_MAX,
+        });
+    }
+    let mut institutions = Vec::with_capacity(ids.len());
+    for key in ids {
+        let id = InstitutionId::new(key.as_str()).map_err(|_| ValidationError::InvalidValue {
+            field: "institutions",
+            reason: "an institution id is 1-64 bytes of a-z, 0-9 and '-'",
+        })?;
+        let entry = institutions_obj.child(
+            institutions_obj.once(&key, "institutions", object(ObjType::Map, "an object"))?,
+            "institutions",
+        );
+        entry.only_keys(&["name", "kind", "node_keys"])?;
+        let keys_obj = entry.child(
+            entry.once(
+                "node_keys",
+                "institutions.node_keys",
+                object(ObjType::Map, "an object"),
+            )?,
+            "institutions.node_keys",
+        );
+        let hexes = keys_obj.keys();
+        if hexes.len() > NODE_KEYS_PER_INSTITUTION_MAX {
+            return Err(ValidationError::TooMany {
+                field: "institutions.node_keys",
+                count: hexes.len(),
+                max: NODE_KEYS_PER_INSTITUTION_MAX,
+            });
+        }
+        let mut node_keys = Vec::with_capacity(hexes.len());
+        for hex in hexes {
+            keys_obj.once(
+                &hex,
+                "institutions.node_keys",
+                timestamp("institutions.node_keys"),
+            )?;
+            node_keys.push(Bytes32::parse_hex(&hex, "institutions.node_keys")?);
+        }
+        institutions.push(InstitutionView {
+            id,
+            name: entry.once(
+                "name",
+                "institutions.name",
+                text("institutions.name", FIELD_BYTES_MAX, true),
+            )?,
+            kind: entry.once(
+                "kind",
+                "institutions.kind",
+                checked("institutions.kind", InstitutionKind::parse),
+            )?,
+            node_keys,
+        });
+    }
+    let mut all_keys: Vec<&Bytes32> = institutions.iter().flat_map(|i| &i.node_keys).collect();
+    let total = all_keys.len();
+    all_keys.sort();
+    all_keys.dedup();
+    if all_keys.len() != total {
+        return Err(ValidationError::InvalidValue {
+            field: "institutions.node_keys",
+            reason: "a node key belongs to at most one institution",
+        });
+    }
+
+    let revocations_obj = root.child(
+        root.once(
+            "revocations",
+            "revocations",
+            object(ObjType::Map, "an object"),
+        )?,
+        "revocations",
+    );
+    let keys = revocations_obj.keys();
+    if keys.len() > REVOCATIONS_MAX {
+        return Err(ValidationError::TooMany {
+            field: "revocations",
+            count: keys.len(),
+            max: REVOCATIONS_MAX,
+        });
+    }
+    let mut revocations = Vec::with_capacity(keys.len());
+    for hex in keys {
+        let key = Bytes32::parse_hex(&hex, "revocations")?;
+        let entry = revocations_obj.child(
+            revocations_obj.once(&hex, "revocations", object(ObjType::Map, "an object"))?,
+            "revocations",
+        );
+        entry.only_keys(&["at", "reason", "cutoff"])?;
+        let list = entry.once(
+            "cutoff",
+            "revocations.cutoff",
+            object(ObjType::List, "a list"),
+        )?;
+        let count = doc.length(&list);
+        if count > REVOCATION_HEADS_MAX {
+            return Err(ValidationError::TooMany {
+                field: "revocations.cutoff",
+                count,
+                max: REVOCATION_HEADS_MAX,
+            });
+        }
+        let mut cutoff = Vec::with_capacity(count);
+        for index in 0..count {
+            let head = match doc.get(&list, index) {
+                Ok(Some((Value::Scalar(s), _))) => {
+                    s.as_bytes().and_then(|b| <[u8; 32]>::try_from(b).ok())
+                }
+                _ => None,
+            };
+            cutoff.push(Bytes32(head.ok_or(ValidationError::WrongType {
+                field: "revocations.cutoff",
+                expected: "a list of 32-byte change hashes",
+            })?));
+        }
+        revocations.push(RevocationView {
+            key,
+            at: entry.once("at", "revocations.at", timestamp("revocations.at"))?,
+            reason: entry.once(
+                "reason",
+                "revocations.reason",
+                text("revocations.reason", FIELD_BYTES_MAX, true),
+            )?,
+            cutoff,
+        });
+    }
+    Ok(RosterView {
+        id,
+        version,
+        institutions,
+        revocations,
+    })
+}

@@ -1,0 +1,361 @@
+//! One test per typed health-file operation, through the public API.
+
+mod common;
+
+use common::*;
+use estuary_crdt_model::*;
+
+fn chc() -> Editor {
+    editor("chc-jianshe", 2_000)
+}
+
+fn apply(file: &mut HealthFile, op: HealthFileOp) {
+    file.apply(&chc(), &op).expect("operation applies");
+    validate(file.automerge()).expect("the result validates");
+}
+
+#[test]
+fn create_records_demographics() {
+    let file = new_file(1);
+    let view = file.view();
+    assert_eq!(view.id, doc_id(1));
+    assert_eq!(view.demographics.name.value.family, "Lu");
+    assert_eq!(view.demographics.sex.value, Sex::Female);
+    assert_eq!(
+        view.demographics.national_id.as_ref().unwrap().value,
+        "310230195410170433"
+    );
+    assert!(view.conflicts().is_empty());
+    assert!(view.encounters.is_empty());
+}
+
+#[test]
+fn set_demographic_overwrites_without_conflict() {
+    let mut file = new_file(1);
+    apply(
+        &mut file,
+        HealthFileOp::SetDemographic(DemographicField::Phone("+86 1".into())),
+    );
+    let view = file.view();
+    assert_eq!(
+        view.demographics.phone.unwrap(),
+        Register::single("+86 1".to_string())
+    );
+}
+
+#[test]
+fn set_contract_stores_the_whole_contract() {
+    let mut file = new_file(1);
+    apply(&mut file, HealthFileOp::SetContract(contract()));
+    assert_eq!(file.view().contract.unwrap().value, contract());
+}
+
+#[test]
+fn add_and_remove_allergy() {
+    let mut file = new_file(1);
+    let allergy = NewAllergy {
+        substance: "Penicillin".into(),
+        reaction: "urticaria".into(),
+        severity: Severity::Severe,
+    };
+    apply(&mut file, HealthFileOp::AddAllergy(allergy.clone()));
+    apply(&mut file, HealthFileOp::AddAllergy(allergy));
+    let view = file.view();
+    assert_eq!(view.allergies.len(), 2);
+    assert_eq!(view.allergy_substances(), vec!["penicillin".to_string()]);
+    assert_eq!(view.allergies[0].recorded_by, institution("chc-jianshe"));
+    apply(
+        &mut file,
+        HealthFileOp::RemoveAllergy {
+            substance: "PENICILLIN".into(),
+        },
+    );
+    assert!(file.view().allergies.is_empty());
+}
+
+#[test]
+fn add_problem_set_status_and_remove() {
+    let mut file = new_file(1);
+    apply(
+        &mut file,
+        HealthFileOp::AddProblem(NewProblem {
+            icd10: icd("E11.9"),
+            display: "Type 2 diabetes mellitus".into(),
+            onset: Some(date("2019-10-25")),
+            status: ProblemStatus::Active,
+        }),
+    );
+    let entry = file.view().problems[0].entry.clone();
+    apply(
+        &mut file,
+        HealthFileOp::SetProblemStatus {
+            entry,
+            status: ProblemStatus::Resolved,
+        },
+    );
+    assert_eq!(
+        file.view().problems[0].status.value,
+        ProblemStatus::Resolved
+    );
+    apply(
+        &mut file,
+        HealthFileOp::RemoveProblem {
+            icd10: icd("E11.9"),
+        },
+    );
+    assert!(file.view().problems.is_empty());
+}
+
+#[test]
+fn add_and_stop_medication() {
+    let mut file = new_file(1);
+    apply(
+        &mut file,
+        HealthFileOp::AddMedication(NewMedication {
+            drug: "aspirin".into(),
+            dose: "100 mg".into(),
+            frequency: "once daily".into(),
+            start: date("2026-01-24"),
+            days: 60,
+        }),
+    );
+    let entry = file.view().medications[0].entry.clone();
+    apply(
+        &mut file,
+        HealthFileOp::StopMedication {
+            entry,
+            on: date("2026-02-01"),
+        },
+    );
+    let medication = &file.view().medications[0];
+    assert_eq!(
+        medication.stopped.as_ref().unwrap().value,
+        date("2026-02-01")
+    );
+    assert_eq!(medication.prescribed_by, institution("chc-jianshe"));
+}
+
+#[test]
+fn a_prescription_longer_than_sixty_days_is_refused() {
+    let mut file = new_file(1);
+    let before = file.heads();
+    let error = file
+        .apply(
+            &chc(),
+            &HealthFileOp::AddMedication(NewMedication {
+                drug: "metformin".into(),
+                dose: "500 mg".into(),
+                frequency: "twice daily".into(),
+                start: date("2026-01-24"),
+                days: 61,
+            }),
+        )
+        .unwrap_err();
+    assert!(matches!(
+        error,
+        OpError::Invalid(ValidationError::PrescriptionTooLong { days: 61, max: 60 })
+    ));
+    assert_eq!(file.heads(), before, "a refused operation writes nothing");
+}
+
+#[test]
+fn add_encounter_and_edit_its_note() {
+    let mut file = new_file(1);
+    apply(
+        &mut file,
+        HealthFileOp::AddEncounter(NewEncounter {
+            time: Timestamp(1_700_000_000_000),
+            kind: EncounterKind::FollowUp,
+            diagnoses: vec![Diagnosis {
+                icd10: icd("I10"),
+                display: "Essential hypertension".into(),
+            }],
+            note: "BP well controlled.".into(),
+        }),
+    );
+    let entry = file.view().encounters[0].entry.clone();
+    apply(
+        &mut file,
+        HealthFileOp::EditEncounterNote {
+            entry: entry.clone(),
+            note: "BP well controlled. Walks daily.".into(),
+        },
+    );
+    let encounter = &file.view().encounters[0];
+    assert_eq!(encounter.note, "BP well controlled. Walks daily.");
+    assert_eq!(encounter.institution, institution("chc-jianshe"));
+
+    let hospital = editor("xinhua", 3_000);
+    let error = file
+        .apply(
+            &hospital,
+            &HealthFileOp::EditEncounterNote {
+                entry,
+                note: "x".into(),
+            },
+        )
+        .unwrap_err();
+    assert!(matches!(
+        error,
+        OpError::Invalid(ValidationError::Provenance {
+            field: "encounters.note"
+        })
+    ));
+}
+
+#[test]
+fn add_exam_result_records_the_producer() {
+    let mut file = new_file(1);
+    let hospital = editor("xinhua", 3_000);
+    file.apply(
+        &hospital,
+        &HealthFileOp::AddExamResult(NewExamResult {
+            kind: ExamKind::Ecg,
+            time: Timestamp(1_600_000_000_000),
+            name: "12-lead ECG".into(),
+            measurements: vec![Measurement {
+                name: "qtc".into(),
+                value: 402.0,
+                unit: Some("ms".into()),
+            }],
+            report: Some("sinus bradycardia".into()),
+        }),
+    )
+    .unwrap();
+    let exam = &file.view().exams[0];
+    assert_eq!(exam.institution, institution("xinhua"));
+    assert_eq!(exam.measurements[0].value, 402.0);
+}
+
+#[test]
+fn add_follow_up() {
+    let mut file = new_file(1);
+    apply(
+        &mut file,
+        HealthFileOp::AddFollowUp(NewFollowUp {
+            time: Timestamp(1_700_000_000_000),
+            systolic_mmhg: Some(135),
+            diastolic_mmhg: Some(85),
+            glucose_mmol_per_l: Some(6.1),
+        }),
+    );
+    assert_eq!(file.view().follow_ups[0].systolic_mmhg, Some(135));
+    let error = file
+        .apply(
+            &chc(),
+            &HealthFileOp::AddFollowUp(NewFollowUp {
+                time: Timestamp(0),
+                systolic_mmhg: Some(135),
+                diastolic_mmhg: None,
+                glucose_mmol_per_l: None,
+            }),
+        )
+        .unwrap_err();
+    assert!(matches!(
+        error,
+        OpError::Invalid(ValidationError::InvalidValue {
+            field: "follow_ups",
+            ..
+        })
+    ));
+}
+
+#[test]
+fn operations_on_unknown_entries_are_refused() {
+    let mut file = new_file(1);
+    let error = file
+        .apply(
+            &chc(),
+            &HealthFileOp::StopMedication {
+                entry: EntryId::new("9@00"),
+                on: date("2026-01-01"),
+            },
+        )
+        .unwrap_err();
+    assert!(matches!(
+        error,
+        OpError::UnknownEntry {
+            field: "medications",
+            ..
+        }
+    ));
+}
+
+#[test]
+fn concurrent_demographic_edits_surface_as_conflicts() {
+    let mut a = new_file(1);
+    let mut b = HealthFile::load(&a.save(), &actor(2)).unwrap();
+    a.apply(
+        &chc(),
+        &HealthFileOp::SetDemographic(DemographicField::Phone("+86 111".into())),
+    )
+    .unwrap();
+    b.apply(
+        &editor("xinhua", 2_500),
+        &HealthFileOp::SetDemographic(DemographicField::Phone("+86 222".into())),
+    )
+    .unwrap();
+    a.merge(&mut b).unwrap();
+    b.merge(&mut a).unwrap();
+    let (va, vb) = (a.view(), b.view());
+    assert_eq!(va, vb);
+    let phone = va.demographics.phone.clone().unwrap();
+    let mut all = vec![phone.value.clone()];
+    all.extend(phone.conflicts.clone());
+    all.sort();
+    assert_eq!(all, vec!["+86 111".to_string(), "+86 222".to_string()]);
+    assert_eq!(va.conflicts(), vec!["demographics.phone".to_string()]);
+
+    // Writing the field again, having seen both, resolves the conflict.
+    a.apply(
+        &chc(),
+        &HealthFileOp::SetDemographic(DemographicField::Phone(phone.value)),
+    )
+    .unwrap();
+    assert!(a.view().conflicts().is_empty());
+}
+
+#[test]
+fn views_serialise_to_json_and_ops_parse_from_json() {
+    let file = new_file(1);
+    let json = serde_json::to_value(file.view()).unwrap();
+    assert_eq!(json["demographics"]["name"]["value"]["family"], "Lu");
+    let op: HealthFileOp = serde_json::from_str(
+        r#"{"op":"add_allergy","args":{"substance":"penicillin","reaction":"rash","severity":"mild"}}"#,
+    )
+    .unwrap();
+    assert!(matches!(op, HealthFileOp::AddAllergy(_)));
+    let bad = serde_json::from_str::<HealthFileOp>(
+        r#"{"op":"add_problem","args":{"icd10":"not-a-code","display":"x","status":"active"}}"#,
+    );
+    assert!(bad.is_err());
+}
+
+#[test]
+fn save_incremental_round_trips() {
+    let mut a = new_file(1);
+    let mut b = HealthFile::load(&a.save(), &actor(2)).unwrap();
+    a.apply(&chc(), &HealthFileOp::SetContract(contract()))
+        .unwrap();
+    let delta = a.save_incremental();
+    b.load_incremental(&delta).unwrap();
+    assert_eq!(a.view(), b.view());
+    assert_eq!(a.heads(), b.heads());
+}
+
+#[test]
+fn loading_the_wrong_kind_is_refused() {
+    let mut referral = new_referral(1);
+    let error = HealthFile::load(&referral.save(), &actor(1)).unwrap_err();
+    assert!(matches!(
+        error,
+        LoadError::WrongKind {
+            expected: DocumentKind::HealthFile,
+            found: DocumentKind::Referral
+        }
+    ));
+    assert!(matches!(
+        HealthFile::load(b"not a document", &actor(1)),
+        Err(LoadError::Decode(_))
+    ));
+}

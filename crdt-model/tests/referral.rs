@@ -1,0 +1,259 @@
+//! The referral's typed operations, its authority rules, and the concurrency rule.
+
+mod common;
+
+use common::*;
+use estuary_crdt_model::*;
+
+fn sender() -> Editor {
+    editor("chc-jianshe", 2_000)
+}
+
+fn receiver() -> Editor {
+    editor("xinhua", 2_000)
+}
+
+fn schedule() -> ReferralOp {
+    ReferralOp::Schedule {
+        appointment: Timestamp(1_800_000_000_000),
+    }
+}
+
+/// A replica of `referral` written by another node.
+fn replica(referral: &mut Referral, n: u8) -> Referral {
+    Referral::load(&referral.save(), &actor(n)).unwrap()
+}
+
+fn sync(a: &mut Referral, b: &mut Referral) {
+    a.merge(b).unwrap();
+    b.merge(a).unwrap();
+    assert_eq!(a.view(), b.view());
+}
+
+#[test]
+fn create_starts_requested() {
+    let referral = new_referral(1);
+    let view = referral.view();
+    assert_eq!(view.status, ReferralStatus::Requested);
+    assert_eq!(view.from, institution("chc-jianshe"));
+    assert_eq!(view.to, institution("xinhua"));
+    assert_eq!(view.urgency.value, Urgency::Priority);
+    assert!(view.history.is_empty());
+}
+
+#[test]
+fn a_referral_to_oneself_is_refused() {
+    let error = Referral::create(
+        doc_id(2),
+        &actor(1),
+        &sender(),
+        &NewReferral {
+            patient: doc_id(1),
+            direction: Direction::Up,
+            to: institution("chc-jianshe"),
+            reason: "x".into(),
+            urgency: Urgency::Routine,
+            handover: String::new(),
+        },
+    )
+    .unwrap_err();
+    assert!(matches!(
+        error,
+        OpError::Invalid(ValidationError::InvalidValue { field: "to", .. })
+    ));
+}
+
+#[test]
+fn full_life_cycle() {
+    let mut referral = new_referral(1);
+    for (op, status) in [
+        (ReferralOp::Accept, ReferralStatus::Accepted),
+        (schedule(), ReferralStatus::Scheduled),
+        (ReferralOp::MarkArrived, ReferralStatus::Arrived),
+        (ReferralOp::Complete, ReferralStatus::Completed),
+    ] {
+        referral.apply(&receiver(), &op).unwrap();
+        assert_eq!(referral.view().status, status);
+        validate(referral.automerge()).unwrap();
+    }
+    let view = referral.view();
+    assert_eq!(view.appointment, Some(Timestamp(1_800_000_000_000)));
+    assert_eq!(view.effective.len(), 4);
+    assert!(view.superseded().is_empty());
+}
+
+#[test]
+fn decline_is_final() {
+    let mut referral = new_referral(1);
+    referral.apply(&receiver(), &ReferralOp::Decline).unwrap();
+    assert_eq!(referral.view().status, ReferralStatus::Declined);
+    let error = referral
+        .apply(&receiver(), &ReferralOp::Accept)
+        .unwrap_err();
+    assert!(matches!(
+        error,
+        OpError::Invalid(ValidationError::IllegalTransition {
+            from: ReferralStatus::Declined,
+            to: ReferralStatus::Accepted
+        })
+    ));
+}
+
+#[test]
+fn only_the_receiver_moves_the_referral_forward() {
+    let mut referral = new_referral(1);
+    for op in [
+        ReferralOp::Accept,
+        ReferralOp::Decline,
+        schedule(),
+        ReferralOp::MarkArrived,
+        ReferralOp::Complete,
+    ] {
+        let error = referral.apply(&sender(), &op).unwrap_err();
+        assert!(
+            matches!(
+                error,
+                OpError::Invalid(ValidationError::NotAuthorised {
+                    required: Role::Receiver,
+                    ..
+                })
+            ),
+            "{op:?}"
+        );
+    }
+    let third_party = editor("dh-chongming-2", 2_000);
+    assert!(referral.apply(&third_party, &ReferralOp::Accept).is_err());
+    assert!(referral.apply(&third_party, &ReferralOp::Cancel).is_err());
+}
+
+#[test]
+fn only_the_sender_cancels_and_only_before_arrival() {
+    let mut referral = new_referral(1);
+    let error = referral
+        .apply(&receiver(), &ReferralOp::Cancel)
+        .unwrap_err();
+    assert!(matches!(
+        error,
+        OpError::Invalid(ValidationError::NotAuthorised {
+            required: Role::Sender,
+            ..
+        })
+    ));
+    referral.apply(&receiver(), &ReferralOp::Accept).unwrap();
+    referral.apply(&receiver(), &schedule()).unwrap();
+    referral
+        .apply(&receiver(), &ReferralOp::MarkArrived)
+        .unwrap();
+    let error = referral.apply(&sender(), &ReferralOp::Cancel).unwrap_err();
+    assert!(matches!(
+        error,
+        OpError::Invalid(ValidationError::IllegalTransition { .. })
+    ));
+}
+
+#[test]
+fn sender_edits_handover_and_urgency() {
+    let mut referral = new_referral(1);
+    referral
+        .apply(
+            &sender(),
+            &ReferralOp::EditHandover {
+                handover: "troponin pending".into(),
+            },
+        )
+        .unwrap();
+    referral
+        .apply(
+            &sender(),
+            &ReferralOp::SetUrgency {
+                urgency: Urgency::Routine,
+            },
+        )
+        .unwrap();
+    let view = referral.view();
+    assert_eq!(view.handover.value, "troponin pending");
+    assert_eq!(view.urgency.value, Urgency::Routine);
+    assert!(
+        referral
+            .apply(
+                &receiver(),
+                &ReferralOp::SetUrgency {
+                    urgency: Urgency::Priority
+                }
+            )
+            .is_err()
+    );
+}
+
+#[test]
+fn cancel_beats_a_concurrent_schedule() {
+    let mut a = new_referral(1);
+    a.apply(&receiver(), &ReferralOp::Accept).unwrap();
+    let mut b = replica(&mut a, 2);
+    a.apply(&sender(), &ReferralOp::Cancel).unwrap();
+    b.apply(&receiver(), &schedule()).unwrap();
+    sync(&mut a, &mut b);
+    let view = a.view();
+    assert_eq!(view.status, ReferralStatus::Cancelled);
+    assert_eq!(view.superseded().len(), 1);
+    assert_eq!(view.superseded()[0].to, ReferralStatus::Scheduled);
+    // The appointment lost with the schedule: nobody is expected any more.
+    assert_eq!(view.appointment, None);
+}
+
+#[test]
+fn cancel_beats_a_concurrent_accept() {
+    let mut a = new_referral(1);
+    let mut b = replica(&mut a, 2);
+    a.apply(&sender(), &ReferralOp::Cancel).unwrap();
+    b.apply(&receiver(), &ReferralOp::Accept).unwrap();
+    sync(&mut a, &mut b);
+    assert_eq!(a.view().status, ReferralStatus::Cancelled);
+}
+
+#[test]
+fn nothing_overrides_an_arrival() {
+    let mut a = new_referral(1);
+    a.apply(&receiver(), &ReferralOp::Accept).unwrap();
+    a.apply(&receiver(), &schedule()).unwrap();
+    let mut b = replica(&mut a, 2);
+    a.apply(&sender(), &ReferralOp::Cancel).unwrap();
+    b.apply(&receiver(), &ReferralOp::MarkArrived).unwrap();
+    sync(&mut a, &mut b);
+    assert_eq!(a.view().status, ReferralStatus::Arrived);
+    // Care goes on from the arrival.
+    a.apply(&receiver(), &ReferralOp::Complete).unwrap();
+    assert_eq!(a.view().status, ReferralStatus::Completed);
+}
+
+#[test]
+fn accept_beats_a_concurrent_decline() {
+    let mut a = new_referral(1);
+    let mut b = replica(&mut a, 2);
+    a.apply(&receiver(), &ReferralOp::Decline).unwrap();
+    b.apply(&receiver(), &ReferralOp::Accept).unwrap();
+    sync(&mut a, &mut b);
+    assert_eq!(a.view().status, ReferralStatus::Accepted);
+    a.apply(&receiver(), &schedule()).unwrap();
+    assert_eq!(a.view().status, ReferralStatus::Scheduled);
+}
+
+#[test]
+fn the_rule_does_not_depend_on_merge_order() {
+    let mut base = new_referral(1);
+    base.apply(&receiver(), &ReferralOp::Accept).unwrap();
+    let mut x = replica(&mut base, 2);
+    let mut y = replica(&mut base, 3);
+    let mut z = replica(&mut base, 4);
+    x.apply(&sender(), &ReferralOp::Cancel).unwrap();
+    y.apply(&receiver(), &schedule()).unwrap();
+    z.apply(&receiver(), &schedule()).unwrap();
+    let mut one = replica(&mut x, 5);
+    one.merge(&mut y).unwrap();
+    one.merge(&mut z).unwrap();
+    let mut two = replica(&mut z, 6);
+    two.merge(&mut x).unwrap();
+    two.merge(&mut y).unwrap();
+    assert_eq!(one.view(), two.view());
+    assert_eq!(one.view().status, ReferralStatus::Cancelled);
+}

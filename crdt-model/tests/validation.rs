@@ -1,0 +1,381 @@
+//! One test per validation error: documents and changes written with raw automerge, the way a
+//! faulty or hostile peer could, are rejected by `validate` / `validate_change` with the error
+//! a person can act on.
+
+mod common;
+
+use automerge::transaction::Transactable;
+use automerge::{AutoCommit, ObjId, ObjType, ReadDoc, ScalarValue};
+use common::*;
+use estuary_crdt_model::*;
+
+fn map(doc: &AutoCommit, parent: &ObjId, key: &str) -> ObjId {
+    doc.get(parent, key).unwrap().unwrap().1
+}
+
+fn item(doc: &AutoCommit, list: &ObjId, index: usize) -> ObjId {
+    doc.get(list, index).unwrap().unwrap().1
+}
+
+/// A file with one encounter and one medication, as raw automerge.
+fn raw_file() -> AutoCommit {
+    let mut file = new_file(1);
+    let chc = editor("chc-jianshe", 2_000);
+    file.apply(
+        &chc,
+        &HealthFileOp::AddEncounter(NewEncounter {
+            time: Timestamp(5),
+            kind: EncounterKind::Outpatient,
+            diagnoses: vec![],
+            note: "note".into(),
+        }),
+    )
+    .unwrap();
+    file.apply(
+        &chc,
+        &HealthFileOp::AddMedication(NewMedication {
+            drug: "aspirin".into(),
+            dose: "100 mg".into(),
+            frequency: "daily".into(),
+            start: date("2026-01-01"),
+            days: 30,
+        }),
+    )
+    .unwrap();
+    raw(&file.save())
+}
+
+fn demographics_of(doc: &AutoCommit) -> ObjId {
+    map(doc, &automerge::ROOT, "demographics")
+}
+
+fn invalid(doc: &AutoCommit) -> ValidationError {
+    validate(doc).expect_err("the document must be rejected")
+}
+
+#[test]
+fn a_document_without_type_is_unknown() {
+    let mut doc = AutoCommit::new();
+    doc.put(automerge::ROOT, "name", "x").unwrap();
+    assert_eq!(invalid(&doc), ValidationError::UnknownDocumentType);
+}
+
+#[test]
+fn a_newer_schema_is_unsupported() {
+    let mut doc = raw_file();
+    doc.put(automerge::ROOT, "schema", 2u64).unwrap();
+    assert_eq!(
+        invalid(&doc),
+        ValidationError::UnsupportedSchema {
+            found: 2,
+            supported: 1
+        }
+    );
+}
+
+#[test]
+fn a_missing_required_field_is_named() {
+    let mut doc = raw_file();
+    let demographics = demographics_of(&doc);
+    doc.delete(&demographics, "sex").unwrap();
+    assert_eq!(
+        invalid(&doc),
+        ValidationError::MissingField {
+            field: "demographics.sex"
+        }
+    );
+}
+
+#[test]
+fn a_value_of_the_wrong_type_is_named() {
+    let mut doc = raw_file();
+    let medications = map(&doc, &automerge::ROOT, "medications");
+    let medication = item(&doc, &medications, 0);
+    doc.put(&medication, "days", "thirty").unwrap();
+    assert!(matches!(
+        invalid(&doc),
+        ValidationError::WrongType {
+            field: "medications.days",
+            ..
+        }
+    ));
+}
+
+#[test]
+fn an_unknown_field_is_rejected() {
+    let mut doc = raw_file();
+    doc.put(automerge::ROOT, "hidden", "anything").unwrap();
+    assert_eq!(
+        invalid(&doc),
+        ValidationError::UnknownField { object: "root" }
+    );
+}
+
+#[test]
+fn an_empty_required_text_is_rejected() {
+    let mut doc = raw_file();
+    let demographics = demographics_of(&doc);
+    let name = map(&doc, &demographics, "name");
+    doc.put(&name, "family", "  ").unwrap();
+    assert_eq!(
+        invalid(&doc),
+        ValidationError::Empty {
+            field: "demographics.name.family"
+        }
+    );
+}
+
+#[test]
+fn an_overlong_text_is_rejected_with_its_length() {
+    let mut doc = raw_file();
+    let demographics = demographics_of(&doc);
+    doc.put(&demographics, "phone", "9".repeat(600)).unwrap();
+    assert_eq!(
+        invalid(&doc),
+        ValidationError::TooLong {
+            field: "demographics.phone",
+            bytes: 600,
+            max: limits::FIELD_BYTES_MAX
+        }
+    );
+}
+
+#[test]
+fn too_many_entries_are_rejected() {
+    let mut doc = raw_file();
+    let encounters = map(&doc, &automerge::ROOT, "encounters");
+    let encounter = item(&doc, &encounters, 0);
+    let diagnoses = map(&doc, &encounter, "diagnoses");
+    for index in 0..=limits::DIAGNOSES_PER_ENCOUNTER_MAX {
+        let d = doc.insert_object(&diagnoses, index, ObjType::Map).unwrap();
+        doc.put(&d, "icd10", "I10").unwrap();
+        doc.put(&d, "display", "Hypertension").unwrap();
+    }
+    assert_eq!(
+        invalid(&doc),
+        ValidationError::TooMany {
+            field: "encounters.diagnoses",
+            count: limits::DIAGNOSES_PER_ENCOUNTER_MAX + 1,
+            max: limits::DIAGNOSES_PER_ENCOUNTER_MAX
+        }
+    );
+}
+
+#[test]
+fn an_unknown_vocabulary_value_is_rejected() {
+    let mut doc = raw_file();
+    let demographics = demographics_of(&doc);
+    doc.put(&demographics, "sex", "M").unwrap();
+    assert!(matches!(
+        invalid(&doc),
+        ValidationError::InvalidValue {
+            field: "demographics.sex",
+            ..
+        }
+    ));
+}
+
+#[test]
+fn a_prescription_over_sixty_days_is_rejected() {
+    let mut doc = raw_file();
+    let medications = map(&doc, &automerge::ROOT, "medications");
+    let medication = item(&doc, &medications, 0);
+    doc.put(&medication, "days", 90u64).unwrap();
+    assert_eq!(
+        invalid(&doc),
+        ValidationError::PrescriptionTooLong { days: 90, max: 60 }
+    );
+}
+
+/// Appends a raw status event to a referral.
+fn raw_event(doc: &mut AutoCommit, institution: &str, from: &str, to: &str, after: &[&str]) {
+    let events = map(doc, &automerge::ROOT, "events");
+    let len = doc.length(&events);
+    let event = doc.insert_object(&events, len, ObjType::Map).unwrap();
+    doc.put(&event, "institution", institution).unwrap();
+    doc.put(&event, "at", ScalarValue::Timestamp(1)).unwrap();
+    doc.put(&event, "from", from).unwrap();
+    doc.put(&event, "to", to).unwrap();
+    let list = doc.put_object(&event, "after", ObjType::List).unwrap();
+    for (index, id) in after.iter().enumerate() {
+        doc.insert(&list, index, *id).unwrap();
+    }
+}
+
+fn raw_referral() -> AutoCommit {
+    raw(&new_referral(1).save())
+}
+
+#[test]
+fn an_illegal_transition_is_rejected() {
+    let mut doc = raw_referral();
+    raw_event(&mut doc, "xinhua", "requested", "completed", &[]);
+    assert_eq!(
+        invalid(&doc),
+        ValidationError::IllegalTransition {
+            from: ReferralStatus::Requested,
+            to: ReferralStatus::Completed
+        }
+    );
+}
+
+#[test]
+fn a_transition_by_the_wrong_side_is_rejected() {
+    let mut doc = raw_referral();
+    raw_event(&mut doc, "chc-jianshe", "requested", "accepted", &[]);
+    assert_eq!(
+        invalid(&doc),
+        ValidationError::NotAuthorised {
+            to: ReferralStatus::Accepted,
+            required: Role::Receiver
+        }
+    );
+    let mut doc = raw_referral();
+    raw_event(&mut doc, "dh-chongming-2", "requested", "cancelled", &[]);
+    assert_eq!(
+        invalid(&doc),
+        ValidationError::NotAuthorised {
+            to: ReferralStatus::Cancelled,
+            required: Role::Sender
+        }
+    );
+}
+
+#[test]
+fn an_event_that_misstates_its_starting_status_is_rejected() {
+    let mut doc = raw_referral();
+    raw_event(&mut doc, "xinhua", "accepted", "scheduled", &[]);
+    assert!(matches!(
+        invalid(&doc),
+        ValidationError::EventBase {
+            recorded: ReferralStatus::Accepted,
+            derived: ReferralStatus::Requested
+        }
+    ));
+}
+
+#[test]
+fn an_event_naming_unknown_events_is_rejected() {
+    let mut doc = raw_referral();
+    raw_event(&mut doc, "xinhua", "requested", "accepted", &["99@abcdef"]);
+    assert!(matches!(
+        invalid(&doc),
+        ValidationError::EventReference { .. }
+    ));
+}
+
+/// `before` and `after` of a change made with raw automerge by `edit`.
+fn raw_change(bytes: &[u8], edit: impl FnOnce(&mut AutoCommit)) -> (AutoCommit, AutoCommit) {
+    let before = raw(bytes);
+    let mut after = raw(bytes);
+    edit(&mut after);
+    (before, after)
+}
+
+#[test]
+fn changing_a_fixed_field_is_rejected() {
+    let (before, after) = raw_change(&raw_file().save(), |doc| {
+        let encounters = map(doc, &automerge::ROOT, "encounters");
+        let encounter = item(doc, &encounters, 0);
+        doc.put(&encounter, "kind", "inpatient").unwrap();
+    });
+    assert_eq!(
+        validate_change(&before, &after, &institution("chc-jianshe")),
+        Err(ValidationError::ImmutableChanged {
+            field: "encounters"
+        })
+    );
+}
+
+#[test]
+fn removing_an_append_only_entry_is_rejected() {
+    let (before, after) = raw_change(&raw_file().save(), |doc| {
+        let encounters = map(doc, &automerge::ROOT, "encounters");
+        doc.delete(&encounters, 0).unwrap();
+    });
+    assert_eq!(
+        validate_change(&before, &after, &institution("chc-jianshe")),
+        Err(ValidationError::EntryRemoved {
+            field: "encounters"
+        })
+    );
+}
+
+#[test]
+fn recording_in_another_institutions_name_is_rejected() {
+    let mut file = new_file(1);
+    let before = raw(&file.save());
+    file.apply(
+        &editor("chc-jianshe", 3_000),
+        &HealthFileOp::AddAllergy(NewAllergy {
+            substance: "penicillin".into(),
+            reaction: "rash".into(),
+            severity: Severity::Mild,
+        }),
+    )
+    .unwrap();
+    let after = raw(&file.save());
+    assert!(validate_change(&before, &after, &institution("chc-jianshe")).is_ok());
+    assert_eq!(
+        validate_change(&before, &after, &institution("xinhua")),
+        Err(ValidationError::Provenance {
+            field: "allergies.recorded_by"
+        })
+    );
+}
+
+#[test]
+fn a_referral_created_in_another_name_is_rejected() {
+    let after = raw(&new_referral(1).save());
+    let before = AutoCommit::new();
+    assert!(validate_change(&before, &after, &institution("chc-jianshe")).is_ok());
+    assert_eq!(
+        validate_change(&before, &after, &institution("xinhua")),
+        Err(ValidationError::Provenance { field: "from" })
+    );
+}
+
+#[test]
+fn an_event_ignoring_events_its_writer_held_is_rejected() {
+    let mut referral = new_referral(1);
+    referral
+        .apply(&editor("xinhua", 2_000), &ReferralOp::Accept)
+        .unwrap();
+    // The receiver pretends not to have seen its own accept: a forged concurrent decline.
+    let (before, after) = raw_change(&referral.save(), |doc| {
+        raw_event(doc, "xinhua", "requested", "declined", &[]);
+    });
+    validate(&after).expect("as a state it is a plausible concurrent decline");
+    assert!(matches!(
+        validate_change(&before, &after, &institution("xinhua")),
+        Err(ValidationError::EventReference { .. })
+    ));
+}
+
+#[test]
+fn changing_a_documents_identity_is_rejected() {
+    let (before, after) = raw_change(&raw_file().save(), |doc| {
+        doc.put(
+            automerge::ROOT,
+            "id",
+            DocumentId::from_bytes([7; 16]).to_string(),
+        )
+        .unwrap();
+    });
+    assert_eq!(
+        validate_change(&before, &after, &institution("chc-jianshe")),
+        Err(ValidationError::IdentityChanged)
+    );
+}
+
+#[test]
+fn error_messages_name_fields_never_values() {
+    let mut doc = raw_file();
+    let demographics = demographics_of(&doc);
+    let secret = "310230195410170433-CANARY";
+    doc.put(&demographics, "national_id", secret.repeat(30))
+        .unwrap();
+    let message = invalid(&doc).to_string();
+    assert!(message.contains("demographics.national_id"));
+    assert!(!message.contains("CANARY"));
+}

@@ -1,0 +1,88 @@
+//! An Estuary node: one member institution's replica of the consortium's documents.
+//!
+//! The node will hold identity and signed change envelopes, the durable store, sync over
+//! libp2p and the HTTP API. For now it exposes the data model it stands on, so that `cli` and
+//! `testnet` depend on `node` alone, as they will when the rest arrives.
+
+pub use estuary_crdt_model as model;
+
+use model::automerge::AutoCommit;
+use model::{DocumentKind, ValidationError};
+
+/// Why a saved document could not be inspected.
+#[derive(Debug, thiserror::Error)]
+pub enum InspectError {
+    /// The bytes are not an automerge document.
+    #[error("not a readable automerge document: {0}")]
+    Decode(#[from] model::automerge::AutomergeError),
+    /// The document breaks the model's rules.
+    #[error("document is invalid: {0}")]
+    Invalid(#[from] ValidationError),
+}
+
+/// Loads a saved document, validates it and returns its kind and typed view as JSON.
+///
+/// The view contains patient data: callers show it only to an authorised operator.
+pub fn inspect_document(bytes: &[u8]) -> Result<(DocumentKind, serde_json::Value), InspectError> {
+    let doc = AutoCommit::load(bytes)?;
+    let kind = model::validate(&doc)?;
+    let actor = model::Actor::from_bytes(Vec::new());
+    let view = match kind {
+        DocumentKind::HealthFile => to_json(model::HealthFile::from_automerge(doc, &actor)?.view()),
+        DocumentKind::Referral => to_json(model::Referral::from_automerge(doc, &actor)?.view()),
+        DocumentKind::Roster => to_json(model::Roster::from_automerge(doc, &actor)?.view()),
+    };
+    Ok((kind, view))
+}
+
+fn to_json(view: impl serde::Serialize) -> serde_json::Value {
+    // Views are plain data (strings, numbers, vectors): serialising them cannot fail.
+    serde_json::to_value(view).expect("views serialise to JSON")
+}
+
+impl From<model::LoadError> for InspectError {
+    fn from(error: model::LoadError) -> Self {
+        match error {
+            model::LoadError::Decode(e) => InspectError::Decode(e),
+            model::LoadError::Invalid(e) => InspectError::Invalid(e),
+            model::LoadError::WrongKind { .. } => {
+                InspectError::Invalid(ValidationError::UnknownDocumentType)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use model::*;
+
+    #[test]
+    fn inspects_a_saved_referral_and_rejects_garbage() {
+        let editor = Editor {
+            institution: InstitutionId::new("chc-a").unwrap(),
+            at: Timestamp(0),
+        };
+        let mut referral = Referral::create(
+            DocumentId::from_bytes([3; 16]),
+            &Actor::from_bytes(vec![1; 32]),
+            &editor,
+            &NewReferral {
+                patient: DocumentId::from_bytes([4; 16]),
+                direction: Direction::Up,
+                to: InstitutionId::new("core").unwrap(),
+                reason: "review".into(),
+                urgency: Urgency::Routine,
+                handover: String::new(),
+            },
+        )
+        .unwrap();
+        let (kind, view) = inspect_document(&referral.save()).unwrap();
+        assert_eq!(kind, DocumentKind::Referral);
+        assert_eq!(view["status"], "requested");
+        assert!(matches!(
+            inspect_document(b"\x85\x6f\x4a\x83garbage"),
+            Err(InspectError::Decode(_))
+        ));
+    }
+}
