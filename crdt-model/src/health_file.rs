@@ -9,6 +9,8 @@
 //! - `medications`, `encounters`, `exams`, `follow_ups`: append-only lists; entries are never
 //!   removed (a medication is stopped, not deleted).
 
+use std::collections::{HashMap, HashSet};
+
 use automerge::transaction::Transactable;
 use automerge::{AutoCommit, ObjId, ObjType, ReadDoc, Value};
 use serde::{Deserialize, Serialize};
@@ -1569,157 +1571,135 @@ pub(crate) fn check_change(
     author: &InstitutionId,
 ) -> Result<(), ValidationError> {
     // Allergies and problems are add-wins sets: entries may go, but not change.
-    check_entries(
-        &before.allergies,
-        &after.allergies,
-        |a| &a.entry,
-        false,
-        "allergies",
-        |a| a.clone(),
-    )?;
-    check_entries(
-        &before.problems,
-        &after.problems,
-        |p| &p.entry,
-        false,
-        "problems",
-        |p| ProblemView {
+    ListCheck {
+        field: "allergies",
+        owner_field: "allergies.recorded_by",
+        append_only: false,
+        entry: |a: &AllergyView| &a.entry,
+        owner: |a| &a.recorded_by,
+        fixed: AllergyView::clone,
+        owner_only_edit: |_, _| false,
+        owner_only_field: "",
+    }
+    .check(&before.allergies, &after.allergies, author)?;
+    ListCheck {
+        field: "problems",
+        owner_field: "problems.recorded_by",
+        append_only: false,
+        entry: |p: &ProblemView| &p.entry,
+        owner: |p| &p.recorded_by,
+        fixed: |p| ProblemView {
             status: Register::single(ProblemStatus::Active),
             ..p.clone()
         },
-    )?;
-    check_entries(
-        &before.medications,
-        &after.medications,
-        |m| &m.entry,
-        true,
-        "medications",
-        |m| MedicationView {
+        owner_only_edit: |_, _| false,
+        owner_only_field: "",
+    }
+    .check(&before.problems, &after.problems, author)?;
+    ListCheck {
+        field: "medications",
+        owner_field: "medications.prescribed_by",
+        append_only: true,
+        entry: |m: &MedicationView| &m.entry,
+        owner: |m| &m.prescribed_by,
+        fixed: |m| MedicationView {
             stopped: None,
             ..m.clone()
         },
-    )?;
-    check_entries(
-        &before.encounters,
-        &after.encounters,
-        |e| &e.entry,
-        true,
-        "encounters",
-        |e| EncounterView {
+        owner_only_edit: |_, _| false,
+        owner_only_field: "",
+    }
+    .check(&before.medications, &after.medications, author)?;
+    ListCheck {
+        field: "encounters",
+        owner_field: "encounters.institution",
+        append_only: true,
+        entry: |e: &EncounterView| &e.entry,
+        owner: |e| &e.institution,
+        fixed: |e| EncounterView {
             note: String::new(),
             ..e.clone()
         },
-    )?;
-    check_entries(
-        &before.exams,
-        &after.exams,
-        |e| &e.entry,
-        true,
-        "exams",
-        |e| e.clone(),
-    )?;
-    check_entries(
-        &before.follow_ups,
-        &after.follow_ups,
-        |f| &f.entry,
-        true,
-        "follow_ups",
-        |f| f.clone(),
-    )?;
-
-    let new = |entry: &EntryId, list: &[EntryId]| !list.contains(entry);
-    let ids = |entries: Vec<&EntryId>| entries.into_iter().cloned().collect::<Vec<_>>();
-    let seen_allergies = ids(before.allergies.iter().map(|a| &a.entry).collect());
-    if after
-        .allergies
-        .iter()
-        .any(|a| new(&a.entry, &seen_allergies) && a.recorded_by != *author)
-    {
-        return Err(ValidationError::Provenance {
-            field: "allergies.recorded_by",
-        });
+        owner_only_edit: |old, new| old.note != new.note,
+        owner_only_field: "encounters.note",
     }
-    let seen_problems = ids(before.problems.iter().map(|p| &p.entry).collect());
-    if after
-        .problems
-        .iter()
-        .any(|p| new(&p.entry, &seen_problems) && p.recorded_by != *author)
-    {
-        return Err(ValidationError::Provenance {
-            field: "problems.recorded_by",
-        });
+    .check(&before.encounters, &after.encounters, author)?;
+    ListCheck {
+        field: "exams",
+        owner_field: "exams.institution",
+        append_only: true,
+        entry: |e: &ExamResultView| &e.entry,
+        owner: |e| &e.institution,
+        fixed: ExamResultView::clone,
+        owner_only_edit: |_, _| false,
+        owner_only_field: "",
     }
-    let seen_medications = ids(before.medications.iter().map(|m| &m.entry).collect());
-    if after
-        .medications
-        .iter()
-        .any(|m| new(&m.entry, &seen_medications) && m.prescribed_by != *author)
-    {
-        return Err(ValidationError::Provenance {
-            field: "medications.prescribed_by",
-        });
+    .check(&before.exams, &after.exams, author)?;
+    ListCheck {
+        field: "follow_ups",
+        owner_field: "follow_ups.institution",
+        append_only: true,
+        entry: |f: &FollowUpView| &f.entry,
+        owner: |f| &f.institution,
+        fixed: FollowUpView::clone,
+        owner_only_edit: |_, _| false,
+        owner_only_field: "",
     }
-    for encounter in &after.encounters {
-        match before
-            .encounters
-            .iter()
-            .find(|e| e.entry == encounter.entry)
-        {
-            None if encounter.institution != *author => {
-                return Err(ValidationError::Provenance {
-                    field: "encounters.institution",
-                });
-            }
-            Some(seen) if seen.note != encounter.note && encounter.institution != *author => {
-                return Err(ValidationError::Provenance {
-                    field: "encounters.note",
-                });
-            }
-            _ => {}
-        }
-    }
-    let seen_exams = ids(before.exams.iter().map(|e| &e.entry).collect());
-    if after
-        .exams
-        .iter()
-        .any(|e| new(&e.entry, &seen_exams) && e.institution != *author)
-    {
-        return Err(ValidationError::Provenance {
-            field: "exams.institution",
-        });
-    }
-    let seen_follow_ups = ids(before.follow_ups.iter().map(|f| &f.entry).collect());
-    if after
-        .follow_ups
-        .iter()
-        .any(|f| new(&f.entry, &seen_follow_ups) && f.institution != *author)
-    {
-        return Err(ValidationError::Provenance {
-            field: "follow_ups.institution",
-        });
-    }
-    Ok(())
+    .check(&before.follow_ups, &after.follow_ups, author)
 }
 
-/// Every entry of `before` must still be in `after` (when `append_only`) and, where present,
-/// unchanged in its fixed part (`fixed` blanks the fields that may change).
-fn check_entries<T, F: PartialEq>(
-    before: &[T],
-    after: &[T],
-    entry: impl Fn(&T) -> &EntryId,
-    append_only: bool,
+/// The rules one clinical list follows across a change.
+struct ListCheck<T, F> {
     field: &'static str,
-    fixed: impl Fn(&T) -> F,
-) -> Result<(), ValidationError> {
-    for old in before {
-        match after.iter().find(|new| entry(new) == entry(old)) {
-            None if append_only => return Err(ValidationError::EntryRemoved { field }),
-            None => {}
-            Some(new) if fixed(new) != fixed(old) => {
-                return Err(ValidationError::ImmutableChanged { field });
+    /// Schema path of the field naming the institution an entry is recorded for.
+    owner_field: &'static str,
+    /// Whether entries may never be removed.
+    append_only: bool,
+    entry: fn(&T) -> &EntryId,
+    owner: fn(&T) -> &InstitutionId,
+    /// The entry with the fields that may change blanked out.
+    fixed: fn(&T) -> F,
+    /// Whether an edit from `old` to `new` is one only the entry's own institution may make.
+    owner_only_edit: fn(&T, &T) -> bool,
+    /// Schema path of what such an edit changes.
+    owner_only_field: &'static str,
+}
+
+impl<T, F: PartialEq> ListCheck<T, F> {
+    /// Linear in the list sizes. Walks both lists in document order, so the first error found,
+    /// and so the error reported, is the same on every replica.
+    fn check(
+        &self,
+        before: &[T],
+        after: &[T],
+        author: &InstitutionId,
+    ) -> Result<(), ValidationError> {
+        let field = self.field;
+        let kept: HashMap<&EntryId, &T> = after.iter().map(|e| ((self.entry)(e), e)).collect();
+        for old in before {
+            match kept.get((self.entry)(old)) {
+                None if self.append_only => return Err(ValidationError::EntryRemoved { field }),
+                None => {}
+                Some(new) if (self.fixed)(new) != (self.fixed)(old) => {
+                    return Err(ValidationError::ImmutableChanged { field });
+                }
+                Some(new) if (self.owner_only_edit)(old, new) && (self.owner)(new) != author => {
+                    return Err(ValidationError::Provenance {
+                        field: self.owner_only_field,
+                    });
+                }
+                Some(_) => {}
             }
-            Some(_) => {}
         }
+        let seen: HashSet<&EntryId> = before.iter().map(|e| (self.entry)(e)).collect();
+        if after
+            .iter()
+            .any(|e| !seen.contains((self.entry)(e)) && (self.owner)(e) != author)
+        {
+            return Err(ValidationError::Provenance {
+                field: self.owner_field,
+            });
+        }
+        Ok(())
     }
-    Ok(())
 }

@@ -30,21 +30,7 @@ impl DocumentId {
             field: "id",
             reason: "a document id is 32 lowercase hex characters",
         };
-        if text.len() != 32 {
-            return Err(invalid);
-        }
-        let mut bytes = [0u8; 16];
-        for (index, byte) in bytes.iter_mut().enumerate() {
-            let pair = &text[index * 2..index * 2 + 2];
-            if !pair
-                .bytes()
-                .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c))
-            {
-                return Err(invalid);
-            }
-            *byte = u8::from_str_radix(pair, 16).map_err(|_| invalid.clone())?;
-        }
-        Ok(Self(bytes))
+        decode_hex(text).map(Self).ok_or(invalid)
     }
 }
 
@@ -74,6 +60,28 @@ impl<'de> Deserialize<'de> for DocumentId {
         let text = String::deserialize(deserializer)?;
         Self::parse(&text).map_err(serde::de::Error::custom)
     }
+}
+
+/// Decodes exactly `2 * N` lowercase hex characters. Every byte is checked before any is
+/// decoded, so text with multi-byte characters from a peer is refused, never sliced.
+pub(crate) fn decode_hex<const N: usize>(text: &str) -> Option<[u8; N]> {
+    let hex = text.as_bytes();
+    let lowercase_hex = |c: &u8| c.is_ascii_digit() || (b'a'..=b'f').contains(c);
+    if hex.len() != 2 * N || !hex.iter().all(lowercase_hex) {
+        return None;
+    }
+    let nibble = |c: u8| {
+        if c.is_ascii_digit() {
+            c - b'0'
+        } else {
+            c - b'a' + 10
+        }
+    };
+    let mut bytes = [0u8; N];
+    for (byte, pair) in bytes.iter_mut().zip(hex.chunks_exact(2)) {
+        *byte = (nibble(pair[0]) << 4) | nibble(pair[1]);
+    }
+    Some(bytes)
 }
 
 /// An opaque institution id from the roster, such as `xinhua` or `chc-jianshe`.
@@ -217,7 +225,7 @@ impl Date {
             reason: "a date is YYYY-MM-DD with a real month and day",
         };
         let bytes = text.as_bytes();
-        if bytes.len() != 10 || bytes[4] != b'-' || bytes[7] != b'-' {
+        if !text.is_ascii() || bytes.len() != 10 || bytes[4] != b'-' || bytes[7] != b'-' {
             return Err(invalid);
         }
         let number = |range: std::ops::Range<usize>| -> Option<u32> {
@@ -319,6 +327,9 @@ mod tests {
         assert!(DocumentId::parse("AB").is_err());
         assert!(DocumentId::parse(&"g".repeat(32)).is_err());
         assert!(DocumentId::parse(&"AB".repeat(16)).is_err());
+        // 32 bytes, but multi-byte characters straddle the pairs: refused, not a panic.
+        assert!(DocumentId::parse(&"é".repeat(16)).is_err());
+        assert!(DocumentId::parse(&format!("a{}", "é".repeat(15))).is_err());
     }
 
     #[test]
@@ -337,6 +348,7 @@ mod tests {
         assert!(Date::new("2023-1-01").is_err());
         assert!(Date::new("1954-10-17").is_ok());
         assert!(Date::new("+123-10-17").is_err());
+        assert!(Date::new("2é4-01-01").is_err());
     }
 
     #[test]

@@ -157,16 +157,31 @@ pub enum ReferralOp {
 impl ReferralOp {
     /// The status this operation moves to, if it is a transition.
     pub fn target(&self) -> Option<ReferralStatus> {
-        match self {
-            ReferralOp::Accept => Some(ReferralStatus::Accepted),
-            ReferralOp::Decline => Some(ReferralStatus::Declined),
-            ReferralOp::Schedule { .. } => Some(ReferralStatus::Scheduled),
-            ReferralOp::MarkArrived => Some(ReferralStatus::Arrived),
-            ReferralOp::Complete => Some(ReferralStatus::Completed),
-            ReferralOp::Cancel => Some(ReferralStatus::Cancelled),
-            ReferralOp::EditHandover { .. } | ReferralOp::SetUrgency { .. } => None,
+        match self.intent() {
+            Intent::Transition(to) => Some(to),
+            Intent::SenderEdit(..) => None,
         }
     }
+
+    /// What the operation does: the one exhaustive match over operations.
+    fn intent(&self) -> Intent<'_> {
+        match self {
+            ReferralOp::Accept => Intent::Transition(ReferralStatus::Accepted),
+            ReferralOp::Decline => Intent::Transition(ReferralStatus::Declined),
+            ReferralOp::Schedule { .. } => Intent::Transition(ReferralStatus::Scheduled),
+            ReferralOp::MarkArrived => Intent::Transition(ReferralStatus::Arrived),
+            ReferralOp::Complete => Intent::Transition(ReferralStatus::Completed),
+            ReferralOp::Cancel => Intent::Transition(ReferralStatus::Cancelled),
+            ReferralOp::EditHandover { handover } => Intent::SenderEdit("handover", handover),
+            ReferralOp::SetUrgency { urgency } => Intent::SenderEdit("urgency", urgency.as_str()),
+        }
+    }
+}
+
+/// A referral operation: a status transition, or an edit of a field only the sender writes.
+enum Intent<'a> {
+    Transition(ReferralStatus),
+    SenderEdit(&'static str, &'a str),
 }
 
 /// One status event in a view.
@@ -325,23 +340,15 @@ impl Referral {
     pub fn apply(&mut self, editor: &Editor, op: &ReferralOp) -> Result<(), OpError> {
         let view = self.view();
         let role = view.role_of(&editor.institution);
-        let Some(to) = op.target() else {
-            if role != Some(Role::Sender) {
-                return Err(ValidationError::Provenance { field: "handover" }.into());
-            }
-            return self.transact(editor, |tx| {
-                match op {
-                    ReferralOp::EditHandover { handover } => {
-                        check_text(handover, "handover", SUMMARY_BYTES_MAX, false)?;
-                        tx.put(automerge::ROOT, "handover", handover.as_str())?;
-                    }
-                    ReferralOp::SetUrgency { urgency } => {
-                        tx.put(automerge::ROOT, "urgency", urgency.as_str())?;
-                    }
-                    _ => unreachable!("transitions have a target"),
+        let to = match op.intent() {
+            Intent::Transition(to) => to,
+            Intent::SenderEdit(field, value) => {
+                if role != Some(Role::Sender) {
+                    return Err(ValidationError::Provenance { field }.into());
                 }
-                Ok(())
-            });
+                check_text(value, field, SUMMARY_BYTES_MAX, false)?;
+                return self.transact(editor, |tx| Ok(tx.put(automerge::ROOT, field, value)?));
+            }
         };
         check_transition(view.status, to, role)?;
         let events = index_events(&view.history);

@@ -32,19 +32,7 @@ impl Bytes32 {
             field,
             reason: "expected 64 lowercase hex characters",
         };
-        if text.len() != 64
-            || !text
-                .bytes()
-                .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c))
-        {
-            return Err(invalid);
-        }
-        let mut bytes = [0u8; 32];
-        for (index, byte) in bytes.iter_mut().enumerate() {
-            *byte = u8::from_str_radix(&text[index * 2..index * 2 + 2], 16)
-                .map_err(|_| invalid.clone())?;
-        }
-        Ok(Self(bytes))
+        crate::ids::decode_hex(text).map(Self).ok_or(invalid)
     }
 }
 

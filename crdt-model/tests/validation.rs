@@ -325,6 +325,23 @@ fn recording_in_another_institutions_name_is_rejected() {
 }
 
 #[test]
+fn editing_another_institutions_note_is_rejected() {
+    let (before, after) = raw_change(&raw_file().save(), |doc| {
+        let encounters = map(doc, &automerge::ROOT, "encounters");
+        let encounter = item(doc, &encounters, 0);
+        let note = map(doc, &encounter, "note");
+        doc.splice_text(&note, 0, 0, "amended: ").unwrap();
+    });
+    assert!(validate_change(&before, &after, &institution("chc-jianshe")).is_ok());
+    assert_eq!(
+        validate_change(&before, &after, &institution("xinhua")),
+        Err(ValidationError::Provenance {
+            field: "encounters.note"
+        })
+    );
+}
+
+#[test]
 fn a_referral_created_in_another_name_is_rejected() {
     let after = raw(&new_referral(1).save());
     let before = AutoCommit::new();

@@ -1,0 +1,549 @@
+//! Property tests of the merge rules and invariants: convergence, no loss, the referral state
+//! machine under concurrency, validation determinism and save/load round trips.
+//!
+//! Replicas apply random operations and exchange their changes in random orders, with
+//! duplicates. Each replica belongs to one institution, as each node does.
+
+mod common;
+
+use std::collections::BTreeSet;
+
+use automerge::AutoCommit;
+use automerge::transaction::Transactable;
+use common::*;
+use estuary_crdt_model::*;
+use proptest::prelude::*;
+
+const INSTITUTIONS: [&str; 3] = ["chc-jianshe", "xinhua", "dh-chongming-2"];
+const SUBSTANCES: [&str; 3] = ["penicillin", "Penicillin", "iodine contrast"];
+const CODES: [&str; 3] = ["I10", "E11.9", "K21.9"];
+
+/// A step of a random history: an edit on one replica, or one replica receiving another's
+/// changes in a shuffled order, possibly twice.
+#[derive(Clone, Debug)]
+enum Step<A> {
+    Edit {
+        replica: usize,
+        action: A,
+    },
+    Sync {
+        from: usize,
+        to: usize,
+        order: u64,
+        duplicate: bool,
+    },
+}
+
+fn steps<A: std::fmt::Debug + Clone>(
+    replicas: usize,
+    action: impl Strategy<Value = A> + Clone,
+    len: std::ops::Range<usize>,
+) -> impl Strategy<Value = Vec<Step<A>>> {
+    let edit = (0..replicas, action).prop_map(|(replica, action)| Step::Edit { replica, action });
+    let sync = (0..replicas, 0..replicas, any::<u64>(), any::<bool>()).prop_map(
+        |(from, to, order, duplicate)| Step::Sync {
+            from,
+            to,
+            order,
+            duplicate,
+        },
+    );
+    prop::collection::vec(prop_oneof![3 => edit, 1 => sync], len)
+}
+
+/// Shuffles `items` deterministically from `seed` (Fisher-Yates over a xorshift stream).
+fn shuffle<T>(items: &mut [T], seed: u64) {
+    let mut state = seed | 1;
+    for i in (1..items.len()).rev() {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        items.swap(i, (state % (i as u64 + 1)) as usize);
+    }
+}
+
+/// The changes `from` holds, shuffled, optionally with every change twice.
+fn shipment(from: &AutoCommit, order: u64, duplicate: bool) -> Vec<automerge::Change> {
+    let mut changes = from.clone().get_changes(&[]);
+    if duplicate {
+        changes.extend(changes.clone());
+    }
+    shuffle(&mut changes, order);
+    changes
+}
+
+// ---- Health files -------------------------------------------------------------------------
+
+#[derive(Clone, Debug)]
+enum FileAction {
+    Phone(u8),
+    Contract(u8),
+    AddAllergy(usize, Severity),
+    RemoveAllergy(usize),
+    AddProblem(usize),
+    SetProblemStatus(usize, bool),
+    RemoveProblem(usize),
+    AddMedication(u64),
+    StopMedication(usize),
+    AddEncounter(usize),
+    EditNote(usize, String),
+    AddExam(u8),
+    AddFollowUp(u8),
+}
+
+fn file_action() -> impl Strategy<Value = FileAction> + Clone {
+    prop_oneof![
+        any::<u8>().prop_map(FileAction::Phone),
+        any::<u8>().prop_map(FileAction::Contract),
+        (
+            0..SUBSTANCES.len(),
+            prop::sample::select(Severity::ALL.to_vec())
+        )
+            .prop_map(|(s, v)| FileAction::AddAllergy(s, v)),
+        (0..SUBSTANCES.len()).prop_map(FileAction::RemoveAllergy),
+        (0..CODES.len()).prop_map(FileAction::AddProblem),
+        (0..4usize, any::<bool>()).prop_map(|(i, a)| FileAction::SetProblemStatus(i, a)),
+        (0..CODES.len()).prop_map(FileAction::RemoveProblem),
+        (1..=limits::PRESCRIPTION_DAYS_MAX).prop_map(FileAction::AddMedication),
+        (0..4usize).prop_map(FileAction::StopMedication),
+        (0..CODES.len()).prop_map(FileAction::AddEncounter),
+        (0..4usize, "[a-z ]{0,12}").prop_map(|(i, t)| FileAction::EditNote(i, t)),
+        any::<u8>().prop_map(FileAction::AddExam),
+        (90u8..200).prop_map(FileAction::AddFollowUp),
+    ]
+}
+
+/// Turns an action into an operation against what `view` holds (None when it names an entry
+/// the replica does not have).
+fn file_op(action: &FileAction, view: &HealthFileView) -> Option<HealthFileOp> {
+    Some(match action {
+        FileAction::Phone(n) => {
+            HealthFileOp::SetDemographic(DemographicField::Phone(format!("+86 139{n:08}")))
+        }
+        FileAction::Contract(n) => HealthFileOp::SetContract(FamilyDoctorContract {
+            doctor_id: format!("doc-{n}"),
+            ..contract()
+        }),
+        FileAction::AddAllergy(s, severity) => HealthFileOp::AddAllergy(NewAllergy {
+            substance: SUBSTANCES[*s].into(),
+            reaction: "rash".into(),
+            severity: *severity,
+        }),
+        FileAction::RemoveAllergy(s) => HealthFileOp::RemoveAllergy {
+            substance: SUBSTANCES[*s].into(),
+        },
+        FileAction::AddProblem(c) => HealthFileOp::AddProblem(NewProblem {
+            icd10: icd(CODES[*c]),
+            display: "problem".into(),
+            onset: None,
+            status: ProblemStatus::Active,
+        }),
+        FileAction::SetProblemStatus(i, active) => HealthFileOp::SetProblemStatus {
+            entry: view.problems.get(*i)?.entry.clone(),
+            status: if *active {
+                ProblemStatus::Active
+            } else {
+                ProblemStatus::Resolved
+            },
+        },
+        FileAction::RemoveProblem(c) => HealthFileOp::RemoveProblem {
+            icd10: icd(CODES[*c]),
+        },
+        FileAction::AddMedication(days) => HealthFileOp::AddMedication(NewMedication {
+            drug: "amlodipine".into(),
+            dose: "5 mg".into(),
+            frequency: "once daily".into(),
+            start: date("2026-03-01"),
+            days: *days,
+        }),
+        FileAction::StopMedication(i) => HealthFileOp::StopMedication {
+            entry: view.medications.get(*i)?.entry.clone(),
+            on: date("2026-04-01"),
+        },
+        FileAction::AddEncounter(c) => HealthFileOp::AddEncounter(NewEncounter {
+            time: Timestamp(1_700_000_000_000),
+            kind: EncounterKind::Outpatient,
+            diagnoses: vec![Diagnosis {
+                icd10: icd(CODES[*c]),
+                display: "dx".into(),
+            }],
+            note: "seen".into(),
+        }),
+        FileAction::EditNote(i, text) => HealthFileOp::EditEncounterNote {
+            entry: view.encounters.get(*i)?.entry.clone(),
+            note: text.clone(),
+        },
+        FileAction::AddExam(n) => HealthFileOp::AddExamResult(NewExamResult {
+            kind: ExamKind::Lab,
+            time: Timestamp(i64::from(*n)),
+            name: "creatinine".into(),
+            measurements: vec![Measurement {
+                name: "creatinine".into(),
+                value: f64::from(*n),
+                unit: None,
+            }],
+            report: None,
+        }),
+        FileAction::AddFollowUp(systolic) => HealthFileOp::AddFollowUp(NewFollowUp {
+            time: Timestamp(1),
+            systolic_mmhg: Some(u64::from(*systolic)),
+            diastolic_mmhg: Some(80),
+            glucose_mmol_per_l: None,
+        }),
+    })
+}
+
+/// Entry ids of every clinical list, for the no-loss check.
+#[derive(Default, Debug, PartialEq)]
+struct Entries {
+    allergies: BTreeSet<EntryId>,
+    problems: BTreeSet<EntryId>,
+    medications: BTreeSet<EntryId>,
+    encounters: BTreeSet<EntryId>,
+    exams: BTreeSet<EntryId>,
+    follow_ups: BTreeSet<EntryId>,
+}
+
+fn entries(view: &HealthFileView) -> Entries {
+    Entries {
+        allergies: view.allergies.iter().map(|e| e.entry.clone()).collect(),
+        problems: view.problems.iter().map(|e| e.entry.clone()).collect(),
+        medications: view.medications.iter().map(|e| e.entry.clone()).collect(),
+        encounters: view.encounters.iter().map(|e| e.entry.clone()).collect(),
+        exams: view.exams.iter().map(|e| e.entry.clone()).collect(),
+        follow_ups: view.follow_ups.iter().map(|e| e.entry.clone()).collect(),
+    }
+}
+
+fn file_replicas(count: usize) -> Vec<HealthFile> {
+    let mut origin = new_file(100);
+    let saved = origin.save();
+    (0..count)
+        .map(|i| HealthFile::load(&saved, &actor(i as u8 + 1)).unwrap())
+        .collect()
+}
+
+fn replica_editor(replica: usize) -> Editor {
+    editor(
+        INSTITUTIONS[replica % INSTITUTIONS.len()],
+        10_000 + replica as i64,
+    )
+}
+
+/// Every replica receives every other replica's changes, shuffled, then all must agree.
+fn sync_all<T>(
+    replicas: &mut [T],
+    raw: impl Fn(&T) -> &AutoCommit,
+    apply: impl Fn(&mut T, Vec<automerge::Change>),
+    seed: u64,
+) {
+    for to in 0..replicas.len() {
+        for from in 0..replicas.len() {
+            if from != to {
+                let changes = shipment(
+                    raw(&replicas[from]),
+                    seed ^ (from * 31 + to) as u64,
+                    to % 2 == 0,
+                );
+                apply(&mut replicas[to], changes);
+            }
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    /// 3-5 replicas, random concurrent operations, random exchange orders with duplicates:
+    /// all end with identical heads and views; every entry added anywhere is present unless
+    /// a replica that had seen it removed it; every honest change passes `validate_change`.
+    #[test]
+    fn health_files_converge_without_loss(
+        count in 3usize..=5,
+        history in steps(5, file_action(), 1..40),
+        seed in any::<u64>(),
+    ) {
+        let mut replicas = file_replicas(count);
+        let mut added = Entries::default();
+        let mut removed: BTreeSet<EntryId> = BTreeSet::new();
+        for step in history {
+            match step {
+                Step::Edit { replica, action } => {
+                    let replica = replica % count;
+                    let file = &mut replicas[replica];
+                    let before_view = file.view();
+                    let Some(op) = file_op(&action, &before_view) else { continue };
+                    let before = file.automerge().clone();
+                    let heads = file.heads();
+                    let who = replica_editor(replica);
+                    match file.apply(&who, &op) {
+                        Ok(()) => {
+                            let after = file.automerge().clone();
+                            prop_assert_eq!(validate_change(&before, &after, &who.institution), Ok(DocumentKind::HealthFile));
+                            let (old, new) = (entries(&before_view), entries(&file.view()));
+                            added.allergies.extend(new.allergies.difference(&old.allergies).cloned());
+                            added.problems.extend(new.problems.difference(&old.problems).cloned());
+                            added.medications.extend(new.medications.difference(&old.medications).cloned());
+                            added.encounters.extend(new.encounters.difference(&old.encounters).cloned());
+                            added.exams.extend(new.exams.difference(&old.exams).cloned());
+                            added.follow_ups.extend(new.follow_ups.difference(&old.follow_ups).cloned());
+                            removed.extend(old.allergies.difference(&new.allergies).cloned());
+                            removed.extend(old.problems.difference(&new.problems).cloned());
+                        }
+                        Err(error) => {
+                            // Only editing another institution's note is refused here.
+                            prop_assert!(matches!(error, OpError::Invalid(ValidationError::Provenance { .. })), "{error}");
+                            prop_assert_eq!(file.heads(), heads, "a refused operation wrote");
+                        }
+                    }
+                }
+                Step::Sync { from, to, order, duplicate } => {
+                    let (from, to) = (from % count, to % count);
+                    let changes = shipment(replicas[from].automerge(), order, duplicate);
+                    replicas[to].apply_changes(changes).unwrap();
+                }
+            }
+        }
+        sync_all(&mut replicas, HealthFile::automerge, |r, c| r.apply_changes(c).unwrap(), seed);
+
+        let heads = replicas[0].heads();
+        let view = replicas[0].view();
+        for replica in &mut replicas[1..] {
+            prop_assert_eq!(replica.heads(), heads.clone());
+            prop_assert_eq!(replica.view(), view.clone());
+        }
+        prop_assert!(validate(replicas[0].automerge()).is_ok());
+        let merged = entries(&view);
+        let expect = |all: &BTreeSet<EntryId>| all.difference(&removed).cloned().collect::<BTreeSet<_>>();
+        prop_assert_eq!(&merged.allergies, &expect(&added.allergies));
+        prop_assert_eq!(&merged.problems, &expect(&added.problems));
+        prop_assert_eq!(&merged.medications, &added.medications);
+        prop_assert_eq!(&merged.encounters, &added.encounters);
+        prop_assert_eq!(&merged.exams, &added.exams);
+        prop_assert_eq!(&merged.follow_ups, &added.follow_ups);
+    }
+
+    /// `save`/`load` and `save_incremental`/`load_incremental` preserve views and heads.
+    #[test]
+    fn save_and_load_round_trip(actions in prop::collection::vec(file_action(), 1..30), chunk in 1usize..6) {
+        let mut file = new_file(1);
+        let mut follower = HealthFile::load(&file.save(), &actor(2)).unwrap();
+        let mut pending = Vec::new();
+        for (index, action) in actions.iter().enumerate() {
+            if let Some(op) = file_op(action, &file.view()) {
+                let _ = file.apply(&replica_editor(0), &op);
+            }
+            pending.push(file.save_incremental());
+            if index % chunk == 0 {
+                for delta in pending.drain(..) {
+                    follower.load_incremental(&delta).unwrap();
+                }
+            }
+        }
+        for delta in pending.drain(..) {
+            follower.load_incremental(&delta).unwrap();
+        }
+        prop_assert_eq!(follower.view(), file.view());
+        prop_assert_eq!(follower.heads(), file.heads());
+        let mut loaded = HealthFile::load(&file.save(), &actor(3)).unwrap();
+        prop_assert_eq!(loaded.view(), file.view());
+        prop_assert_eq!(loaded.heads(), file.heads());
+    }
+}
+
+// ---- Referrals ----------------------------------------------------------------------------
+
+/// Replica roles: the sender's node, two nodes of the receiver (two desks), and a third
+/// institution that may not touch the referral.
+const REFERRAL_NODES: [&str; 4] = ["chc-jianshe", "xinhua", "xinhua", "dh-chongming-2"];
+
+fn referral_action() -> impl Strategy<Value = ReferralOp> + Clone {
+    prop_oneof![
+        Just(ReferralOp::Accept),
+        Just(ReferralOp::Decline),
+        (0i64..5).prop_map(|h| ReferralOp::Schedule {
+            appointment: Timestamp(h * 3_600_000)
+        }),
+        Just(ReferralOp::MarkArrived),
+        Just(ReferralOp::Complete),
+        Just(ReferralOp::Cancel),
+        "[a-z]{0,8}".prop_map(|handover| ReferralOp::EditHandover { handover }),
+    ]
+}
+
+/// The derived status must be reached by a legal path of transitions, each made by the side
+/// allowed to make it.
+fn assert_legal_path(view: &ReferralView) -> Result<(), TestCaseError> {
+    let mut status = ReferralStatus::Requested;
+    for entry in &view.effective {
+        let event = view
+            .history
+            .iter()
+            .find(|e| &e.entry == entry)
+            .expect("effective events are in history");
+        prop_assert_eq!(event.from, status);
+        prop_assert!(status.may_move_to(event.to), "{} -> {}", status, event.to);
+        prop_assert_eq!(
+            view.role_of(&event.institution),
+            Some(event.to.authorised_role())
+        );
+        status = event.to;
+    }
+    prop_assert_eq!(status, view.status);
+    for event in &view.history {
+        prop_assert_eq!(
+            view.role_of(&event.institution),
+            Some(event.to.authorised_role())
+        );
+        prop_assert!(event.from.may_move_to(event.to));
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(96))]
+
+    /// Random concurrent transitions by random institutions, merged in any order: every
+    /// replica derives the same status, by a legal path of authorised transitions; refused
+    /// operations write nothing; honest changes pass `validate_change`.
+    #[test]
+    fn referral_state_machine_holds_under_concurrency(
+        history in steps(REFERRAL_NODES.len(), referral_action(), 1..40),
+        seed in any::<u64>(),
+    ) {
+        let mut origin = new_referral(100);
+        let saved = origin.save();
+        let mut replicas: Vec<Referral> =
+            (0..REFERRAL_NODES.len()).map(|i| Referral::load(&saved, &actor(i as u8 + 1)).unwrap()).collect();
+        for step in history {
+            match step {
+                Step::Edit { replica, action } => {
+                    let who = editor(REFERRAL_NODES[replica], 20_000);
+                    let referral = &mut replicas[replica];
+                    let before = referral.automerge().clone();
+                    let heads = referral.heads();
+                    match referral.apply(&who, &action) {
+                        Ok(()) => {
+                            let after = referral.automerge().clone();
+                            prop_assert_eq!(validate_change(&before, &after, &who.institution), Ok(DocumentKind::Referral));
+                        }
+                        Err(OpError::Invalid(
+                            ValidationError::IllegalTransition { .. }
+                            | ValidationError::NotAuthorised { .. }
+                            | ValidationError::Provenance { .. },
+                        )) => prop_assert_eq!(referral.heads(), heads),
+                        Err(other) => prop_assert!(false, "unexpected error {}", other),
+                    }
+                    assert_legal_path(&referral.view())?;
+                }
+                Step::Sync { from, to, order, duplicate } => {
+                    let changes = shipment(replicas[from].automerge(), order, duplicate);
+                    replicas[to].apply_changes(changes).unwrap();
+                    assert_legal_path(&replicas[to].view())?;
+                }
+            }
+        }
+        sync_all(&mut replicas, Referral::automerge, |r, c| r.apply_changes(c).unwrap(), seed);
+        let view = replicas[0].view();
+        for replica in &mut replicas[1..] {
+            prop_assert_eq!(replica.view(), view.clone());
+        }
+        assert_legal_path(&view)?;
+    }
+}
+
+// ---- Validation determinism ---------------------------------------------------------------
+
+/// A raw edit that may break the rules, as a faulty peer could write it.
+#[derive(Clone, Debug)]
+enum Corruption {
+    None,
+    LongPrescription(u64),
+    UnknownSex,
+    UnknownRootKey,
+    EmptyName,
+}
+
+fn corruption() -> impl Strategy<Value = Corruption> + Clone {
+    prop_oneof![
+        4 => Just(Corruption::None),
+        1 => (61u64..400).prop_map(Corruption::LongPrescription),
+        1 => Just(Corruption::UnknownSex),
+        1 => Just(Corruption::UnknownRootKey),
+        1 => Just(Corruption::EmptyName),
+    ]
+}
+
+fn corrupt(doc: &mut AutoCommit, corruption: &Corruption) {
+    let root = automerge::ROOT;
+    let map = |doc: &AutoCommit, key: &str| {
+        use automerge::ReadDoc;
+        doc.get(&root, key).unwrap().map(|(_, id)| id)
+    };
+    match corruption {
+        Corruption::None => {}
+        Corruption::LongPrescription(days) => {
+            use automerge::ReadDoc;
+            let list = map(doc, "medications").unwrap();
+            if let Some((_, entry)) = doc.get(&list, 0).unwrap() {
+                doc.put(&entry, "days", *days).unwrap();
+            }
+        }
+        Corruption::UnknownSex => {
+            let demographics = map(doc, "demographics").unwrap();
+            doc.put(&demographics, "sex", "x").unwrap();
+        }
+        Corruption::UnknownRootKey => doc.put(&root, "extra", 1u64).unwrap(),
+        Corruption::EmptyName => {
+            use automerge::ReadDoc;
+            let demographics = map(doc, "demographics").unwrap();
+            let name = doc.get(&demographics, "name").unwrap().unwrap().1;
+            doc.put(&name, "given", "").unwrap();
+        }
+    }
+    doc.commit();
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// The same history, valid or not, validates the same way after save/load and after
+    /// merges in different orders.
+    #[test]
+    fn validation_is_deterministic(
+        edits in prop::collection::vec((0usize..3, file_action(), corruption()), 1..25),
+        order_a in any::<u64>(),
+        order_b in any::<u64>(),
+    ) {
+        let mut origin = new_file(100);
+        let saved = origin.save();
+        let mut replicas: Vec<AutoCommit> = (0..3)
+            .map(|i| AutoCommit::load(&saved).unwrap().with_actor(automerge::ActorId::from(vec![i as u8 + 1; 32])))
+            .collect();
+        for (replica, action, corruption) in &edits {
+            // Typed operations need a valid document; once corrupted, only raw edits go on.
+            if let Ok(mut file) = HealthFile::from_automerge(replicas[*replica].clone(), &actor(*replica as u8 + 1))
+                && let Some(op) = file_op(action, &file.view())
+                && file.apply(&replica_editor(*replica), &op).is_ok()
+            {
+                replicas[*replica] = file.automerge().clone();
+            }
+            corrupt(&mut replicas[*replica], corruption);
+        }
+        let mut all: Vec<automerge::Change> = replicas.iter().flat_map(|r| r.clone().get_changes(&[])).collect();
+        let mut one = AutoCommit::new();
+        shuffle(&mut all, order_a);
+        one.apply_changes(all.clone()).unwrap();
+        let mut two = AutoCommit::new();
+        shuffle(&mut all, order_b);
+        two.apply_changes(all).unwrap();
+        prop_assert_eq!(one.get_heads(), two.get_heads());
+        let verdict = validate(&one);
+        prop_assert_eq!(&validate(&two), &verdict);
+        prop_assert_eq!(&validate(&AutoCommit::load(&one.save()).unwrap()), &verdict);
+        let any_corruption = edits.iter().any(|(_, _, c)| !matches!(c, Corruption::None));
+        if !any_corruption {
+            prop_assert!(verdict.is_ok(), "honest edits must merge into a valid file: {:?}", verdict);
+        }
+    }
+}

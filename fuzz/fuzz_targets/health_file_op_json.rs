@@ -1,0 +1,30 @@
+//! Arbitrary JSON as an app's health-file operation: parsing and applying must return a typed
+//! result, never panic, and never leave a document that fails validation.
+#![no_main]
+
+use estuary_crdt_model::*;
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|bytes: &[u8]| {
+    let Ok(op) = serde_json::from_slice::<HealthFileOp>(bytes) else { return };
+    let editor = Editor { institution: InstitutionId::new("chc-a").unwrap(), at: Timestamp(0) };
+    let demographics = Demographics {
+        name: PersonName { family: "F".into(), given: "G".into(), text: None },
+        sex: Sex::Unknown,
+        birth_date: Date::new("1950-01-01").unwrap(),
+        phone: None,
+        address: None,
+        national_id: None,
+        insurance: None,
+    };
+    let mut file = HealthFile::create(DocumentId::from_bytes([1; 16]), &Actor::from_bytes(vec![1]), &editor, &demographics)
+        .expect("a minimal file is valid");
+    let before = file.automerge().clone();
+    let heads = file.heads();
+    match file.apply(&editor, &op) {
+        Ok(()) => {
+            validate_change(&before, file.automerge(), &editor.institution).expect("an accepted op is a valid change");
+        }
+        Err(_) => assert_eq!(file.heads(), heads, "a refused op writes nothing"),
+    }
+});
