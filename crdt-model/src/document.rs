@@ -66,6 +66,26 @@ pub(crate) fn write_identity(
     Ok(())
 }
 
+/// Runs one of automerge's decoders on untrusted bytes, turning a panic inside it into
+/// `LoadError::DecoderFault`.
+///
+/// automerge 0.12 can panic on malformed input (found by fuzzing: an `unwrap` in its column
+/// decoder). Containing the panic is sound because every caller decodes into a fresh document
+/// or a fork that is dropped on failure: no state the panic may have left half-built survives.
+pub(crate) fn guard_decoder<T>(
+    decode: impl FnOnce() -> Result<T, automerge::AutomergeError>,
+) -> Result<T, crate::LoadError> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(decode)) {
+        Ok(result) => Ok(result?),
+        Err(_) => Err(crate::LoadError::DecoderFault),
+    }
+}
+
+/// Decodes a saved automerge document from untrusted bytes, without panicking.
+pub fn load_document(bytes: &[u8]) -> Result<automerge::AutoCommit, crate::LoadError> {
+    guard_decoder(|| automerge::AutoCommit::load(bytes))
+}
+
 /// Implements the replica API shared by every typed document: a struct with fields
 /// `doc: AutoCommit` and `id: DocumentId`, a `KIND`, and a `parse` function.
 macro_rules! replica {
@@ -77,7 +97,7 @@ macro_rules! replica {
             /// Loads a saved document, checking it is of this kind and valid, and sets the
             /// actor this replica will write as.
             pub fn load(bytes: &[u8], actor: &$crate::Actor) -> Result<Self, $crate::LoadError> {
-                let doc = automerge::AutoCommit::load(bytes)?;
+                let doc = $crate::document::load_document(bytes)?;
                 Self::from_automerge(doc, actor)
             }
 
@@ -130,7 +150,7 @@ macro_rules! replica {
             /// unchanged.
             pub fn load_incremental(&mut self, bytes: &[u8]) -> Result<(), $crate::LoadError> {
                 let mut fork = self.doc.fork();
-                fork.load_incremental(bytes)?;
+                $crate::document::guard_decoder(|| fork.load_incremental(bytes))?;
                 self.adopt(fork)
             }
 
@@ -149,7 +169,7 @@ macro_rules! replica {
                 changes: Vec<automerge::Change>,
             ) -> Result<(), $crate::LoadError> {
                 let mut fork = self.doc.fork();
-                fork.apply_changes(changes)?;
+                $crate::document::guard_decoder(|| fork.apply_changes(changes))?;
                 self.adopt(fork)
             }
 

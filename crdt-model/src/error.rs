@@ -171,6 +171,10 @@ pub enum LoadError {
     /// The bytes are not an automerge document (or are truncated or corrupt).
     #[error("not a readable automerge document: {0}")]
     Decode(#[from] automerge::AutomergeError),
+    /// The bytes are malformed in a way that made automerge's decoder panic. The panic was
+    /// contained and nothing was applied; the sender's bytes are at fault, not this node.
+    #[error("malformed document bytes: the automerge decoder failed on them; nothing was applied")]
+    DecoderFault,
     /// The document decodes but breaks the model's rules.
     #[error("document is invalid: {0}")]
     Invalid(#[from] ValidationError),

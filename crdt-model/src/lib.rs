@@ -22,7 +22,7 @@ mod roster;
 mod vocab;
 
 pub use access::Register;
-pub use document::{DocumentKind, SCHEMA_VERSION};
+pub use document::{DocumentKind, SCHEMA_VERSION, load_document};
 pub use error::{LoadError, OpError, ValidationError};
 pub use health_file::{
     Address, AllergyView, DemographicField, Demographics, DemographicsView, Diagnosis,

@@ -444,11 +444,16 @@ proptest! {
             }
         }
         sync_all(&mut replicas, Referral::automerge, |r, c| r.apply_changes(c).unwrap(), seed);
+        let heads = replicas[0].heads();
         let view = replicas[0].view();
         for replica in &mut replicas[1..] {
+            prop_assert_eq!(replica.heads(), heads.clone());
             prop_assert_eq!(replica.view(), view.clone());
         }
         assert_legal_path(&view)?;
+        let mut loaded = Referral::load(&replicas[0].save(), &actor(9)).unwrap();
+        prop_assert_eq!(loaded.view(), view);
+        prop_assert_eq!(loaded.heads(), heads);
     }
 }
 

@@ -396,3 +396,26 @@ fn error_messages_name_fields_never_values() {
     assert!(message.contains("demographics.national_id"));
     assert!(!message.contains("CANARY"));
 }
+
+/// Fuzzing found bytes on which automerge 0.12's decoder panics. Loading them must be a typed
+/// error, on every path that decodes untrusted bytes.
+#[test]
+fn bytes_that_crash_the_automerge_decoder_are_refused() {
+    let bytes = include_bytes!("data/automerge-decoder-panic-1.bin");
+    assert!(matches!(load_document(bytes), Err(LoadError::DecoderFault)));
+    assert!(matches!(
+        HealthFile::load(bytes, &actor(1)),
+        Err(LoadError::DecoderFault)
+    ));
+    let mut file = new_file(1);
+    let heads = file.heads();
+    assert!(matches!(
+        file.load_incremental(bytes),
+        Err(LoadError::DecoderFault)
+    ));
+    assert_eq!(
+        file.heads(),
+        heads,
+        "a refused load leaves the replica unchanged"
+    );
+}

@@ -6,15 +6,14 @@
 
 pub use estuary_crdt_model as model;
 
-use model::automerge::AutoCommit;
 use model::{DocumentKind, ValidationError};
 
 /// Why a saved document could not be inspected.
 #[derive(Debug, thiserror::Error)]
 pub enum InspectError {
-    /// The bytes are not an automerge document.
-    #[error("not a readable automerge document: {0}")]
-    Decode(#[from] model::automerge::AutomergeError),
+    /// The bytes are not a readable automerge document.
+    #[error(transparent)]
+    Decode(model::LoadError),
     /// The document breaks the model's rules.
     #[error("document is invalid: {0}")]
     Invalid(#[from] ValidationError),
@@ -24,7 +23,7 @@ pub enum InspectError {
 ///
 /// The view contains patient data: callers show it only to an authorised operator.
 pub fn inspect_document(bytes: &[u8]) -> Result<(DocumentKind, serde_json::Value), InspectError> {
-    let doc = AutoCommit::load(bytes)?;
+    let doc = model::load_document(bytes).map_err(InspectError::from)?;
     let kind = model::validate(&doc)?;
     let actor = model::Actor::from_bytes(Vec::new());
     let view = match kind {
@@ -43,10 +42,12 @@ fn to_json(view: impl serde::Serialize) -> serde_json::Value {
 impl From<model::LoadError> for InspectError {
     fn from(error: model::LoadError) -> Self {
         match error {
-            model::LoadError::Decode(e) => InspectError::Decode(e),
             model::LoadError::Invalid(e) => InspectError::Invalid(e),
             model::LoadError::WrongKind { .. } => {
                 InspectError::Invalid(ValidationError::UnknownDocumentType)
+            }
+            decode @ (model::LoadError::Decode(_) | model::LoadError::DecoderFault) => {
+                InspectError::Decode(decode)
             }
         }
     }

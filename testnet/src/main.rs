@@ -32,6 +32,9 @@ enum Command {
         /// Print the merged views as JSON as well.
         #[arg(long)]
         json: bool,
+        /// Write the merged documents (automerge bytes) into this folder, for `estuary inspect`.
+        #[arg(long)]
+        save_dir: Option<PathBuf>,
     },
     /// Benchmarks that print figures and write JSON.
     Bench {
@@ -56,7 +59,7 @@ enum Bench {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Demo { json } => model_demo::run(json),
+        Command::Demo { json, save_dir } => model_demo::run(json, save_dir.as_deref()),
         Command::Bench {
             bench:
                 Bench::Model {

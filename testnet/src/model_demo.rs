@@ -3,12 +3,14 @@
 //! edit; the link comes back; the replicas merge. Prints what every replica now shows,
 //! including the conflicts a clinician must review.
 
+use std::path::Path;
+
 use anyhow::{Context, ensure};
 use estuary_node::model::*;
 
 use crate::sample::*;
 
-pub fn run(json: bool) -> anyhow::Result<()> {
+pub fn run(json: bool, save_dir: Option<&Path>) -> anyhow::Result<()> {
     println!(
         "Estuary data-model demo (two replicas, no network: the island demo comes with the node)\n"
     );
@@ -180,6 +182,18 @@ pub fn run(json: bool) -> anyhow::Result<()> {
                 &serde_json::json!({ "health_file": file, "referral": referral })
             )?
         );
+    }
+    if let Some(dir) = save_dir {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        for (name, bytes) in [
+            ("health-file.automerge", file_c.save()),
+            ("referral.automerge", referral_c.save()),
+        ] {
+            let path = dir.join(name);
+            std::fs::write(&path, bytes)
+                .with_context(|| format!("cannot write {}", path.display()))?;
+            println!("wrote {}", path.display());
+        }
     }
     println!("\nconverged: yes; both documents validate on both replicas");
     Ok(())
