@@ -81,8 +81,78 @@ pub(crate) fn guard_decoder<T>(
     }
 }
 
+/// The first bytes of every automerge chunk.
+const CHUNK_MAGIC: [u8; 4] = [0x85, 0x6f, 0x4a, 0x83];
+const CHUNK_DOCUMENT: u8 = 0;
+const CHUNK_CHANGE: u8 = 1;
+const CHUNK_COMPRESSED_CHANGE: u8 = 2;
+
+/// Walks the chunk framing of untrusted automerge bytes before automerge parses them.
+///
+/// Refuses chunk types Estuary never writes (automerge 0.12's bundle parser panics and
+/// allocates gigabytes on crafted bundles, found by fuzzing) and inflates compressed changes
+/// through a bound, since automerge inflates them without one.
+pub(crate) fn check_chunks(mut bytes: &[u8]) -> Result<(), crate::LoadError> {
+    use std::io::Read;
+    let refused = |reason| crate::LoadError::Refused { reason };
+    if bytes.is_empty() {
+        return Err(refused("no bytes"));
+    }
+    while !bytes.is_empty() {
+        // magic (4) | checksum (4) | chunk type (1) | data length (LEB128) | data
+        if bytes.len() < 9 || bytes[..4] != CHUNK_MAGIC {
+            return Err(refused("not automerge chunk framing"));
+        }
+        let chunk_type = bytes[8];
+        let (length, length_bytes) =
+            read_uleb128(&bytes[9..]).ok_or_else(|| refused("bad chunk length"))?;
+        let start = 9 + length_bytes;
+        let data = usize::try_from(length)
+            .ok()
+            .and_then(|length| bytes.get(start..start.checked_add(length)?))
+            .ok_or_else(|| refused("chunk longer than the bytes given"))?;
+        match chunk_type {
+            CHUNK_DOCUMENT | CHUNK_CHANGE => {}
+            CHUNK_COMPRESSED_CHANGE => {
+                let limit = crate::limits::CHANGE_INFLATED_BYTES_MAX;
+                let mut inflated = flate2::bufread::DeflateDecoder::new(data).take(limit + 1);
+                let size = std::io::copy(&mut inflated, &mut std::io::sink())
+                    .map_err(|_| refused("compressed change does not inflate"))?;
+                if size > limit {
+                    return Err(refused("compressed change inflates past its limit"));
+                }
+            }
+            _ => {
+                return Err(refused(
+                    "chunk type not accepted (only documents and changes)",
+                ));
+            }
+        }
+        bytes = &bytes[start + data.len()..];
+    }
+    Ok(())
+}
+
+/// Reads an unsigned LEB128 value of at most 64 bits: the value and the bytes it took.
+fn read_uleb128(bytes: &[u8]) -> Option<(u64, usize)> {
+    let mut value = 0u64;
+    for (index, byte) in bytes.iter().take(10).enumerate() {
+        let bits = u64::from(byte & 0x7f);
+        let shift = 7 * index as u32;
+        if shift == 63 && bits > 1 {
+            return None;
+        }
+        value |= bits << shift;
+        if byte & 0x80 == 0 {
+            return Some((value, index + 1));
+        }
+    }
+    None
+}
+
 /// Decodes a saved automerge document from untrusted bytes, without panicking.
 pub fn load_document(bytes: &[u8]) -> Result<automerge::AutoCommit, crate::LoadError> {
+    check_chunks(bytes)?;
     guard_decoder(|| automerge::AutoCommit::load(bytes))
 }
 
@@ -149,6 +219,7 @@ macro_rules! replica {
             /// The result is validated on a fork first; an invalid result leaves this replica
             /// unchanged.
             pub fn load_incremental(&mut self, bytes: &[u8]) -> Result<(), $crate::LoadError> {
+                $crate::document::check_chunks(bytes)?;
                 let mut fork = self.doc.fork();
                 $crate::document::guard_decoder(|| fork.load_incremental(bytes))?;
                 self.adopt(fork)

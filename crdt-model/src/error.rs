@@ -175,6 +175,13 @@ pub enum LoadError {
     /// contained and nothing was applied; the sender's bytes are at fault, not this node.
     #[error("malformed document bytes: the automerge decoder failed on them; nothing was applied")]
     DecoderFault,
+    /// The bytes were refused before decoding: not automerge's chunk framing, a chunk type
+    /// Estuary does not accept, or a compressed change that inflates past its limit.
+    #[error("document bytes refused: {reason}")]
+    Refused {
+        /// What is wrong with them.
+        reason: &'static str,
+    },
     /// The document decodes but breaks the model's rules.
     #[error("document is invalid: {0}")]
     Invalid(#[from] ValidationError),

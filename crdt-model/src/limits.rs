@@ -32,3 +32,6 @@ pub const REVOCATIONS_MAX: usize = 4_096;
 pub const REVOCATION_HEADS_MAX: usize = 1_024;
 /// Longest institution id, in bytes.
 pub const INSTITUTION_ID_BYTES_MAX: usize = 64;
+/// Largest size one compressed automerge change may inflate to, in bytes. automerge inflates
+/// without a bound; untrusted chunks are inflated through this bound first.
+pub const CHANGE_INFLATED_BYTES_MAX: u64 = 16 * 1024 * 1024;

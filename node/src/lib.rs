@@ -46,9 +46,9 @@ impl From<model::LoadError> for InspectError {
             model::LoadError::WrongKind { .. } => {
                 InspectError::Invalid(ValidationError::UnknownDocumentType)
             }
-            decode @ (model::LoadError::Decode(_) | model::LoadError::DecoderFault) => {
-                InspectError::Decode(decode)
-            }
+            decode @ (model::LoadError::Decode(_)
+            | model::LoadError::DecoderFault
+            | model::LoadError::Refused { .. }) => InspectError::Decode(decode),
         }
     }
 }
