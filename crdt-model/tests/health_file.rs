@@ -356,6 +356,6 @@ fn loading_the_wrong_kind_is_refused() {
     ));
     assert!(matches!(
         HealthFile::load(b"not a document", &actor(1)),
-        Err(LoadError::Decode(_))
+        Err(LoadError::Refused { .. })
     ));
 }
