@@ -87,7 +87,8 @@ const CHUNK_DOCUMENT: u8 = 0;
 const CHUNK_CHANGE: u8 = 1;
 const CHUNK_COMPRESSED_CHANGE: u8 = 2;
 
-/// Walks the chunk framing of untrusted automerge bytes before automerge parses them.
+/// Walks the chunk framing of untrusted automerge bytes before automerge parses them. No
+/// bytes at all is an empty increment, and passes.
 ///
 /// Refuses chunk types Estuary never writes (automerge 0.12's bundle parser panics and
 /// allocates gigabytes on crafted bundles, found by fuzzing) and inflates compressed changes
@@ -95,9 +96,6 @@ const CHUNK_COMPRESSED_CHANGE: u8 = 2;
 pub(crate) fn check_chunks(mut bytes: &[u8]) -> Result<(), crate::LoadError> {
     use std::io::Read;
     let refused = |reason| crate::LoadError::Refused { reason };
-    if bytes.is_empty() {
-        return Err(refused("no bytes"));
-    }
     while !bytes.is_empty() {
         // magic (4) | checksum (4) | chunk type (1) | data length (LEB128) | data
         if bytes.len() < 9 || bytes[..4] != CHUNK_MAGIC {
@@ -152,6 +150,9 @@ fn read_uleb128(bytes: &[u8]) -> Option<(u64, usize)> {
 
 /// Decodes a saved automerge document from untrusted bytes, without panicking.
 pub fn load_document(bytes: &[u8]) -> Result<automerge::AutoCommit, crate::LoadError> {
+    if bytes.is_empty() {
+        return Err(crate::LoadError::Refused { reason: "no bytes" });
+    }
     check_chunks(bytes)?;
     guard_decoder(|| automerge::AutoCommit::load(bytes))
 }

@@ -397,25 +397,84 @@ fn error_messages_name_fields_never_values() {
     assert!(!message.contains("CANARY"));
 }
 
-/// Fuzzing found bytes on which automerge 0.12's decoder panics. Loading them must be a typed
-/// error, on every path that decodes untrusted bytes.
+/// Fuzzing found bundle chunks on which automerge 0.12's decoder panics (`-panic-`) or tries
+/// to allocate 2 GiB (`-oom-`). Loading them must be a typed error, on every path that
+/// decodes untrusted bytes, without reaching automerge's bundle parser.
 #[test]
-fn bytes_that_crash_the_automerge_decoder_are_refused() {
-    let bytes = include_bytes!("data/automerge-decoder-panic-1.bin");
-    assert!(matches!(load_document(bytes), Err(LoadError::DecoderFault)));
-    assert!(matches!(
-        HealthFile::load(bytes, &actor(1)),
-        Err(LoadError::DecoderFault)
-    ));
-    let mut file = new_file(1);
-    let heads = file.heads();
-    assert!(matches!(
-        file.load_incremental(bytes),
-        Err(LoadError::DecoderFault)
-    ));
-    assert_eq!(
-        file.heads(),
-        heads,
-        "a refused load leaves the replica unchanged"
+fn bytes_that_break_the_automerge_decoder_are_refused() {
+    for bytes in [
+        &include_bytes!("data/automerge-decoder-panic-1.bin")[..],
+        &include_bytes!("data/automerge-bundle-oom-1.bin")[..],
+    ] {
+        assert!(matches!(
+            load_document(bytes),
+            Err(LoadError::Refused { .. })
+        ));
+        assert!(matches!(
+            HealthFile::load(bytes, &actor(1)),
+            Err(LoadError::Refused { .. })
+        ));
+        let mut file = new_file(1);
+        let heads = file.heads();
+        assert!(matches!(
+            file.load_incremental(bytes),
+            Err(LoadError::Refused { .. })
+        ));
+        assert_eq!(
+            file.heads(),
+            heads,
+            "a refused load leaves the replica unchanged"
+        );
+    }
+}
+
+#[test]
+fn a_compressed_change_that_inflates_past_its_limit_is_refused() {
+    use std::io::Write;
+    let mut encoder = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::best());
+    encoder
+        .write_all(&vec![0u8; (limits::CHANGE_INFLATED_BYTES_MAX + 1) as usize])
+        .unwrap();
+    let data = encoder.finish().unwrap();
+    // magic | checksum (unchecked here) | type 2 (compressed change) | LEB128 length | data
+    let mut chunk = vec![0x85, 0x6f, 0x4a, 0x83, 0, 0, 0, 0, 2];
+    let mut length = data.len();
+    loop {
+        let byte = (length & 0x7f) as u8;
+        length >>= 7;
+        chunk.push(if length == 0 { byte } else { byte | 0x80 });
+        if length == 0 {
+            break;
+        }
+    }
+    chunk.extend(&data);
+    assert!(
+        chunk.len() < 64 * 1024,
+        "the bomb is small: {} bytes",
+        chunk.len()
     );
+    assert!(matches!(
+        load_document(&chunk),
+        Err(LoadError::Refused { reason }) if reason.contains("inflates")
+    ));
+}
+
+#[test]
+fn saved_documents_and_incremental_saves_pass_the_chunk_check() {
+    let mut file = new_file(1);
+    let mut copy = HealthFile::load(&file.save(), &actor(2)).unwrap();
+    let note = "a long note that automerge compresses ".repeat(100);
+    file.apply(
+        &editor("chc-jianshe", 5),
+        &HealthFileOp::AddEncounter(NewEncounter {
+            time: Timestamp(5),
+            kind: EncounterKind::Outpatient,
+            diagnoses: vec![],
+            note,
+        }),
+    )
+    .unwrap();
+    copy.load_incremental(&file.save_incremental()).unwrap();
+    copy.load_incremental(&file.save_incremental()).unwrap();
+    assert_eq!(copy.view(), file.view());
 }
