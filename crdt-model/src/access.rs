@@ -138,16 +138,39 @@ impl<'d, D: ReadDoc> Obj<'d, D> {
         Ok(self.register(key, field, parse)?.map(|r| r.value))
     }
 
+    /// A container (a section, a list, a text) written once when its parent was created.
+    /// Concurrent values mean it was replaced, which would hide what others added to the old
+    /// one: refused.
+    pub fn container(
+        &self,
+        key: &str,
+        field: &'static str,
+        kind: ObjType,
+        expected: &'static str,
+    ) -> Result<ObjId, ValidationError> {
+        let register = self.required(key, field, object(kind, expected))?;
+        if register.is_conflicted() {
+            return Err(ValidationError::ReplacedObject { field });
+        }
+        Ok(register.value)
+    }
+
     /// The entries of the list at `key`: each must be a single map; returns their ids.
+    ///
+    /// `max` bounds lists written whole in one change. Lists that grow by merging concurrent
+    /// appends pass `None`: their bound is checked per change by `validate_change`, since a
+    /// bound on the merged state would not survive a merge.
     pub fn entries(
         &self,
         key: &str,
         field: &'static str,
-        max: usize,
+        max: Option<usize>,
     ) -> Result<Vec<ObjId>, ValidationError> {
-        let list = self.once(key, field, object(ObjType::List, "a list"))?;
+        let list = self.container(key, field, ObjType::List, "a list")?;
         let count = self.doc.length(&list);
-        if count > max {
+        if let Some(max) = max
+            && count > max
+        {
             return Err(ValidationError::TooMany { field, count, max });
         }
         let mut entries = Vec::with_capacity(count);
@@ -315,20 +338,16 @@ pub(crate) fn finite<D: ReadDoc>(
     }
 }
 
-/// Parser of an automerge Text object within `max` bytes; yields the text.
+/// Parser of an automerge Text object; yields the text. Its length grows by merging
+/// concurrent edits, so it is bounded per change by `validate_change`, not here.
 pub(crate) fn long_text<D: ReadDoc>(
     field: &'static str,
-    max: usize,
 ) -> impl Fn(&Obj<'_, D>, &Value<'_>, &ObjId) -> Result<String, ValidationError> {
     move |obj, value, id| match value {
-        Value::Object(ObjType::Text) => {
-            let text = obj.doc.text(id).map_err(|_| ValidationError::WrongType {
-                field,
-                expected: "text",
-            })?;
-            check_text(&text, field, max, false)?;
-            Ok(text)
-        }
+        Value::Object(ObjType::Text) => obj.doc.text(id).map_err(|_| ValidationError::WrongType {
+            field,
+            expected: "text",
+        }),
         _ => Err(ValidationError::WrongType {
             field,
             expected: "text",

@@ -25,12 +25,10 @@ vocabulary! {
 }
 
 /// Root keys every document has.
-pub(crate) const IDENTITY_KEYS: [&str; 3] = ["type", "schema", "id"];
+pub(crate) const IDENTITY_KEYS: [&str; 2] = ["type", "schema"];
 
-/// Reads and checks a document's identity: its kind, schema version and id.
-pub(crate) fn read_identity<D: ReadDoc>(
-    doc: &D,
-) -> Result<(DocumentKind, DocumentId), ValidationError> {
+/// Reads and checks a document's kind and schema version.
+pub(crate) fn read_identity<D: ReadDoc>(doc: &D) -> Result<DocumentKind, ValidationError> {
     let root = Obj::root(doc);
     let kind = root
         .register("type", "type", checked("type", DocumentKind::parse))
@@ -46,24 +44,106 @@ pub(crate) fn read_identity<D: ReadDoc>(
             supported: SCHEMA_VERSION,
         });
     }
-    let id = root.required("id", "id", checked("id", |text, _| DocumentId::parse(text)))?;
-    if id.is_conflicted() {
-        return Err(ValidationError::IdentityChanged);
+    Ok(kind.value)
+}
+
+/// The containers of each kind of document: written once at creation, edited in place after.
+fn containers(kind: DocumentKind) -> &'static [&'static str] {
+    match kind {
+        DocumentKind::HealthFile => &[
+            "demographics",
+            "allergies",
+            "problems",
+            "medications",
+            "encounters",
+            "exams",
+            "follow_ups",
+        ],
+        DocumentKind::Referral => &["events"],
+        DocumentKind::Roster => &["institutions", "revocations"],
     }
-    Ok((kind.value, id.value))
+}
+
+/// Checks that a change kept every container of the document: replacing one with a new object
+/// would hide what other replicas concurrently wrote into the old one.
+pub(crate) fn check_containers_kept<B: ReadDoc, A: ReadDoc>(
+    before: &B,
+    after: &A,
+    kind: DocumentKind,
+) -> Result<(), ValidationError> {
+    for key in containers(kind) {
+        let old = before
+            .get(automerge::ROOT, *key)
+            .ok()
+            .flatten()
+            .map(|(_, id)| id);
+        let new = after
+            .get(automerge::ROOT, *key)
+            .ok()
+            .flatten()
+            .map(|(_, id)| id);
+        if old != new {
+            return Err(ValidationError::ReplacedObject {
+                field: container_field(key),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The `'static` schema path of a container key.
+fn container_field(key: &str) -> &'static str {
+    [
+        "demographics",
+        "allergies",
+        "problems",
+        "medications",
+        "encounters",
+        "exams",
+        "follow_ups",
+        "events",
+        "institutions",
+        "revocations",
+    ]
+    .into_iter()
+    .find(|field| *field == key)
+    .unwrap_or("document")
 }
 
 /// Writes a new document's identity.
 pub(crate) fn write_identity(
     tx: &mut impl Transactable,
     kind: DocumentKind,
-    id: DocumentId,
 ) -> Result<(), automerge::AutomergeError> {
     let root: ObjId = automerge::ROOT;
     tx.put(&root, "type", kind.as_str())?;
     tx.put(&root, "schema", SCHEMA_VERSION)?;
-    tx.put(&root, "id", id.to_string())?;
     Ok(())
+}
+
+/// The id of the document created by the change with hash `creation`: its first 16 bytes.
+///
+/// Binding the id to the creation change means no other change can claim to create the same
+/// document: a node accepts a change without dependencies for document `d` only if
+/// `document_id_of(hash) == d`, a decision every node makes the same way.
+pub fn document_id_of(creation: &automerge::ChangeHash) -> DocumentId {
+    let mut id = [0u8; 16];
+    id.copy_from_slice(&creation.0[..16]);
+    DocumentId::from_bytes(id)
+}
+
+/// The id of a document: that of its one creation change (the only change without
+/// dependencies). A document with several is refused: two documents were mixed.
+pub fn document_id(doc: &mut automerge::AutoCommit) -> Result<DocumentId, ValidationError> {
+    let mut roots = doc
+        .get_changes_meta(&[])
+        .into_iter()
+        .filter(|change| change.deps.is_empty())
+        .map(|change| change.hash);
+    match (roots.next(), roots.next()) {
+        (Some(creation), None) => Ok(document_id_of(&creation)),
+        _ => Err(ValidationError::IdentityChanged),
+    }
 }
 
 /// Runs one of automerge's decoders on untrusted bytes, turning a panic inside it into
@@ -177,7 +257,7 @@ macro_rules! replica {
                 mut doc: automerge::AutoCommit,
                 actor: &$crate::Actor,
             ) -> Result<Self, $crate::LoadError> {
-                let (found, id) = $crate::document::read_identity(&doc)?;
+                let found = $crate::document::read_identity(&doc)?;
                 if found != Self::KIND {
                     return Err($crate::LoadError::WrongKind {
                         expected: Self::KIND,
@@ -185,6 +265,7 @@ macro_rules! replica {
                     });
                 }
                 $parse(&doc)?;
+                let id = $crate::document::document_id(&mut doc)?;
                 doc.set_actor(actor.to_automerge());
                 Ok(Self { doc, id })
             }
@@ -198,7 +279,10 @@ macro_rules! replica {
             pub fn view(&self) -> $view {
                 // Every constructor validates, and every operation writes only what validation
                 // accepts, so a failure here is a bug in this crate, not bad input.
-                $parse(&self.doc).expect("a typed document is valid on every path that builds it")
+                let mut view = $parse(&self.doc)
+                    .expect("a typed document is valid on every path that builds it");
+                view.id = self.id;
+                view
             }
 
             /// The current heads (hashes of the changes no other change depends on).
@@ -260,14 +344,36 @@ macro_rules! replica {
             }
 
             fn adopt(&mut self, mut fork: automerge::AutoCommit) -> Result<(), $crate::LoadError> {
-                let (_, id) = $crate::document::read_identity(&fork)?;
-                if id != self.id {
+                $crate::document::read_identity(&fork)?;
+                if $crate::document::document_id(&mut fork)? != self.id {
                     return Err($crate::ValidationError::IdentityChanged.into());
                 }
                 $parse(&fork)?;
                 fork.set_actor(self.doc.get_actor().clone());
                 self.doc = fork;
                 Ok(())
+            }
+
+            /// Commits a new document's first change and derives its id from it.
+            fn create_with(
+                actor: &$crate::Actor,
+                editor: &$crate::Editor,
+                write: impl FnOnce(&mut automerge::AutoCommit) -> Result<(), $crate::OpError>,
+            ) -> Result<Self, $crate::OpError> {
+                let mut created = Self {
+                    doc: automerge::AutoCommit::new().with_actor(actor.to_automerge()),
+                    id: $crate::DocumentId::from_bytes([0; 16]),
+                };
+                created.transact(editor, |tx| {
+                    $crate::document::write_identity(tx, Self::KIND)?;
+                    write(tx)
+                })?;
+                let creation = created.doc.get_heads();
+                let [creation] = creation.as_slice() else {
+                    unreachable!("a new document has exactly one change");
+                };
+                created.id = $crate::document::document_id_of(creation);
+                Ok(created)
             }
 
             /// Runs `write` as one change: committed if it succeeds, rolled back if it fails.

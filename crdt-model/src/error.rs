@@ -133,6 +133,13 @@ pub enum ValidationError {
         /// Schema path of the field.
         field: &'static str,
     },
+    /// A section, list or text was replaced by a new object instead of edited in place, which
+    /// would hide what other replicas wrote into the old one.
+    #[error("`{field}` was replaced as a whole; it may only be edited in place")]
+    ReplacedObject {
+        /// Schema path of the object.
+        field: &'static str,
+    },
     /// A change moved the document to another type or id.
     #[error("a change may not alter a document's type or id")]
     IdentityChanged,

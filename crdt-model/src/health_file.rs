@@ -19,7 +19,7 @@ use crate::access::{
     self, Obj, Register, append_entry, check_text, date, entry_id, find_entry, finite, icd10,
     institution, long_text, object, put_opt_text, put_text, put_time, text, timestamp, uint,
 };
-use crate::document::{DocumentKind, IDENTITY_KEYS, read_identity, replica, write_identity};
+use crate::document::{DocumentKind, IDENTITY_KEYS, read_identity, replica};
 use crate::error::{OpError, ValidationError};
 use crate::ids::{Actor, Date, DocumentId, Editor, EntryId, Icd10, InstitutionId, Timestamp};
 use crate::limits::{
@@ -526,10 +526,9 @@ replica!(
     parse_health_file
 );
 
-const ROOT_KEYS: [&str; 11] = [
+const ROOT_KEYS: [&str; 10] = [
     IDENTITY_KEYS[0],
     IDENTITY_KEYS[1],
-    IDENTITY_KEYS[2],
     "demographics",
     "contract",
     "allergies",
@@ -550,18 +549,14 @@ const LISTS: [&str; 6] = [
 
 impl HealthFile {
     /// Creates a health file with its demographics, as one change by `editor`.
+    ///
+    /// The file's id is derived from this first change (see [`crate::document_id_of`]).
     pub fn create(
-        id: DocumentId,
         actor: &Actor,
         editor: &Editor,
         demographics: &Demographics,
     ) -> Result<Self, OpError> {
-        let mut file = Self {
-            doc: AutoCommit::new().with_actor(actor.to_automerge()),
-            id,
-        };
-        file.transact(editor, |tx| {
-            write_identity(tx, DocumentKind::HealthFile, id)?;
+        Self::create_with(actor, editor, |tx| {
             let root = automerge::ROOT;
             let section = tx.put_object(&root, "demographics", ObjType::Map)?;
             for list in LISTS {
@@ -585,8 +580,7 @@ impl HealthFile {
                 write_demographic(tx, &section, &field)?;
             }
             Ok(())
-        })?;
-        Ok(file)
+        })
     }
 
     /// Applies one typed operation as one change. On error nothing is written.
@@ -726,6 +720,7 @@ fn apply_op(tx: &mut AutoCommit, editor: &Editor, op: &HealthFileOp) -> Result<(
         }
         HealthFileOp::AddExamResult(result) => {
             check_text(&result.name, "exams.name", FIELD_BYTES_MAX, true)?;
+            check_exam_content(&result.measurements, result.report.as_deref())?;
             if let Some(report) = &result.report {
                 check_text(report, "exams.report", SUMMARY_BYTES_MAX, false)?;
             }
@@ -844,6 +839,20 @@ fn check_diagnoses(diagnoses: &[Diagnosis]) -> Result<(), ValidationError> {
             FIELD_BYTES_MAX,
             true,
         )?;
+    }
+    Ok(())
+}
+
+/// A result others can recognise carries measured values, a report, or both.
+fn check_exam_content(
+    measurements: &[Measurement],
+    report: Option<&str>,
+) -> Result<(), ValidationError> {
+    if measurements.is_empty() && report.is_none_or(|r| r.trim().is_empty()) {
+        return Err(ValidationError::InvalidValue {
+            field: "exams",
+            reason: "an exam result records measured values, a report, or both",
+        });
     }
     Ok(())
 }
@@ -1069,32 +1078,27 @@ fn map_child<'d, D: ReadDoc>(
 
 /// Parses and validates a whole health file.
 pub(crate) fn parse_health_file<D: ReadDoc>(doc: &D) -> Result<HealthFileView, ValidationError> {
-    let (kind, id) = read_identity(doc)?;
-    if kind != DocumentKind::HealthFile {
+    if read_identity(doc)? != DocumentKind::HealthFile {
         return Err(ValidationError::UnknownDocumentType);
     }
     let root = Obj::root(doc);
     root.only_keys(&ROOT_KEYS)?;
-    let demographics = root.once("demographics", "demographics", |obj, value, id| {
-        let section = map_child(
-            obj,
-            value,
-            id,
-            "demographics",
-            &[
-                "name",
-                "sex",
-                "birth_date",
-                "phone",
-                "address",
-                "national_id",
-                "insurance",
-            ],
-        )?;
-        parse_demographics(&section)
-    })?;
+    let section = root.child(
+        root.container("demographics", "demographics", ObjType::Map, "an object")?,
+        "demographics",
+    );
+    section.only_keys(&[
+        "name",
+        "sex",
+        "birth_date",
+        "phone",
+        "address",
+        "national_id",
+        "insurance",
+    ])?;
+    let demographics = parse_demographics(&section)?;
     let contract = root.register("contract", "contract", parse_contract)?;
-    let list = |key: &'static str| root.entries(key, key, ENTRIES_PER_LIST_MAX);
+    let list = |key: &'static str| root.entries(key, key, None);
     let allergies = list("allergies")?
         .iter()
         .map(|id| parse_allergy(&root.child(id.clone(), "allergies")))
@@ -1120,7 +1124,8 @@ pub(crate) fn parse_health_file<D: ReadDoc>(doc: &D) -> Result<HealthFileView, V
         .map(|id| parse_follow_up(&root.child(id.clone(), "follow_ups")))
         .collect::<Result<_, _>>()?;
     Ok(HealthFileView {
-        id,
+        // The id is not content: it is derived from the creation change by the replica.
+        id: DocumentId::from_bytes([0; 16]),
         demographics,
         contract,
         allergies,
@@ -1417,7 +1422,7 @@ fn parse_encounter<D: ReadDoc>(entry: &Obj<'_, D>) -> Result<EncounterView, Vali
         .entries(
             "diagnoses",
             "encounters.diagnoses",
-            DIAGNOSES_PER_ENCOUNTER_MAX,
+            Some(DIAGNOSES_PER_ENCOUNTER_MAX),
         )?
         .into_iter()
         .map(|id| {
@@ -1451,11 +1456,7 @@ fn parse_encounter<D: ReadDoc>(entry: &Obj<'_, D>) -> Result<EncounterView, Vali
             access::checked("encounters.kind", EncounterKind::parse),
         )?,
         diagnoses,
-        note: entry.once(
-            "note",
-            "encounters.note",
-            long_text("encounters.note", NOTE_BYTES_MAX),
-        )?,
+        note: entry.once("note", "encounters.note", long_text("encounters.note"))?,
     })
 }
 
@@ -1468,11 +1469,11 @@ fn parse_exam<D: ReadDoc>(entry: &Obj<'_, D>) -> Result<ExamResultView, Validati
         "measurements",
         "report",
     ])?;
-    let measurements = entry
+    let measurements: Vec<Measurement> = entry
         .entries(
             "measurements",
             "exams.measurements",
-            MEASUREMENTS_PER_RESULT_MAX,
+            Some(MEASUREMENTS_PER_RESULT_MAX),
         )?
         .into_iter()
         .map(|id| {
@@ -1497,6 +1498,12 @@ fn parse_exam<D: ReadDoc>(entry: &Obj<'_, D>) -> Result<ExamResultView, Validati
             })
         })
         .collect::<Result<_, ValidationError>>()?;
+    let report = entry.once_opt(
+        "report",
+        "exams.report",
+        text("exams.report", SUMMARY_BYTES_MAX, false),
+    )?;
+    check_exam_content(&measurements, report.as_deref())?;
     Ok(ExamResultView {
         entry: entry_id(&entry.id),
         kind: entry.once(
@@ -1516,11 +1523,7 @@ fn parse_exam<D: ReadDoc>(entry: &Obj<'_, D>) -> Result<ExamResultView, Validati
             text("exams.name", FIELD_BYTES_MAX, true),
         )?,
         measurements,
-        report: entry.once_opt(
-            "report",
-            "exams.report",
-            text("exams.report", SUMMARY_BYTES_MAX, false),
-        )?,
+        report,
     })
 }
 
@@ -1580,6 +1583,7 @@ pub(crate) fn check_change(
         fixed: AllergyView::clone,
         owner_only_edit: |_, _| false,
         owner_only_field: "",
+        entry_limits: |_| Ok(()),
     }
     .check(&before.allergies, &after.allergies, author)?;
     ListCheck {
@@ -1594,6 +1598,7 @@ pub(crate) fn check_change(
         },
         owner_only_edit: |_, _| false,
         owner_only_field: "",
+        entry_limits: |_| Ok(()),
     }
     .check(&before.problems, &after.problems, author)?;
     ListCheck {
@@ -1608,6 +1613,7 @@ pub(crate) fn check_change(
         },
         owner_only_edit: |_, _| false,
         owner_only_field: "",
+        entry_limits: |_| Ok(()),
     }
     .check(&before.medications, &after.medications, author)?;
     ListCheck {
@@ -1622,6 +1628,7 @@ pub(crate) fn check_change(
         },
         owner_only_edit: |old, new| old.note != new.note,
         owner_only_field: "encounters.note",
+        entry_limits: |e| check_text(&e.note, "encounters.note", NOTE_BYTES_MAX, false),
     }
     .check(&before.encounters, &after.encounters, author)?;
     ListCheck {
@@ -1633,6 +1640,7 @@ pub(crate) fn check_change(
         fixed: ExamResultView::clone,
         owner_only_edit: |_, _| false,
         owner_only_field: "",
+        entry_limits: |_| Ok(()),
     }
     .check(&before.exams, &after.exams, author)?;
     ListCheck {
@@ -1644,6 +1652,7 @@ pub(crate) fn check_change(
         fixed: FollowUpView::clone,
         owner_only_edit: |_, _| false,
         owner_only_field: "",
+        entry_limits: |_| Ok(()),
     }
     .check(&before.follow_ups, &after.follow_ups, author)
 }
@@ -1663,6 +1672,8 @@ struct ListCheck<T, F> {
     owner_only_edit: fn(&T, &T) -> bool,
     /// Schema path of what such an edit changes.
     owner_only_field: &'static str,
+    /// Bounds on an entry that merges can grow (a note), checked on new and edited entries.
+    entry_limits: fn(&T) -> Result<(), ValidationError>,
 }
 
 impl<T, F: PartialEq> ListCheck<T, F> {
@@ -1675,6 +1686,14 @@ impl<T, F: PartialEq> ListCheck<T, F> {
         author: &InstitutionId,
     ) -> Result<(), ValidationError> {
         let field = self.field;
+        // Concurrent appends may merge past the bound; a change may not add past it.
+        if after.len() > ENTRIES_PER_LIST_MAX && after.len() > before.len() {
+            return Err(ValidationError::TooMany {
+                field,
+                count: after.len(),
+                max: ENTRIES_PER_LIST_MAX,
+            });
+        }
         let kept: HashMap<&EntryId, &T> = after.iter().map(|e| ((self.entry)(e), e)).collect();
         for old in before {
             match kept.get((self.entry)(old)) {
@@ -1683,22 +1702,25 @@ impl<T, F: PartialEq> ListCheck<T, F> {
                 Some(new) if (self.fixed)(new) != (self.fixed)(old) => {
                     return Err(ValidationError::ImmutableChanged { field });
                 }
-                Some(new) if (self.owner_only_edit)(old, new) && (self.owner)(new) != author => {
-                    return Err(ValidationError::Provenance {
-                        field: self.owner_only_field,
-                    });
+                Some(new) if (self.owner_only_edit)(old, new) => {
+                    if (self.owner)(new) != author {
+                        return Err(ValidationError::Provenance {
+                            field: self.owner_only_field,
+                        });
+                    }
+                    (self.entry_limits)(new)?;
                 }
                 Some(_) => {}
             }
         }
         let seen: HashSet<&EntryId> = before.iter().map(|e| (self.entry)(e)).collect();
-        if after
-            .iter()
-            .any(|e| !seen.contains((self.entry)(e)) && (self.owner)(e) != author)
-        {
-            return Err(ValidationError::Provenance {
-                field: self.owner_field,
-            });
+        for new in after.iter().filter(|e| !seen.contains((self.entry)(e))) {
+            if (self.owner)(new) != author {
+                return Err(ValidationError::Provenance {
+                    field: self.owner_field,
+                });
+            }
+            (self.entry_limits)(new)?;
         }
         Ok(())
     }

@@ -170,9 +170,14 @@ impl fmt::Debug for Actor {
 ///
 /// It is the automerge id of the entry's object, `counter@actor`: unique across replicas,
 /// the same on every replica, and larger than every entry the writer had seen.
-#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Serialize)]
 #[serde(transparent)]
 pub struct EntryId(pub(crate) String);
+
+/// Longest actor part of an entry id, in hex characters (a 64-byte actor).
+const ENTRY_ACTOR_HEX_MAX: usize = 128;
+/// Longest counter part of an entry id, in decimal digits (a `u64`).
+const ENTRY_COUNTER_DIGITS_MAX: usize = 20;
 
 impl EntryId {
     /// The id as text.
@@ -180,9 +185,32 @@ impl EntryId {
         &self.0
     }
 
-    /// Wraps the text form of an entry id, as shown in views.
-    pub fn new(text: impl Into<String>) -> Self {
-        Self(text.into())
+    /// Parses the `counter@actor` form shown in views: decimal digits, `@`, lowercase hex.
+    /// Anything else is refused, so an id from an app or a peer is safe to echo in errors.
+    pub fn parse(text: &str) -> Result<Self, ValidationError> {
+        let well_formed = text.split_once('@').is_some_and(|(counter, actor)| {
+            (1..=ENTRY_COUNTER_DIGITS_MAX).contains(&counter.len())
+                && counter.bytes().all(|c| c.is_ascii_digit())
+                && (1..=ENTRY_ACTOR_HEX_MAX).contains(&actor.len())
+                && actor
+                    .bytes()
+                    .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c))
+        });
+        if well_formed {
+            Ok(Self(text.to_string()))
+        } else {
+            Err(ValidationError::InvalidValue {
+                field: "entry",
+                reason: "an entry id is counter@actor: decimal digits, '@', lowercase hex",
+            })
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for EntryId {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        Self::parse(&text).map_err(serde::de::Error::custom)
     }
 }
 
@@ -338,6 +366,15 @@ mod tests {
         assert!(InstitutionId::new("").is_err());
         assert!(InstitutionId::new("Xinhua Hospital").is_err());
         assert!(InstitutionId::new("a".repeat(65)).is_err());
+    }
+
+    #[test]
+    fn entry_ids_have_their_shape() {
+        assert!(EntryId::parse("12@0a1b").is_ok());
+        for bad in ["", "12", "@ab", "12@", "x@ab", "12@AB", "12@ab@cd", "1é@ab"] {
+            assert!(EntryId::parse(bad).is_err(), "{bad}");
+        }
+        assert!(EntryId::parse(&format!("1@{}", "a".repeat(129))).is_err());
     }
 
     #[test]

@@ -22,7 +22,7 @@ mod roster;
 mod vocab;
 
 pub use access::Register;
-pub use document::{DocumentKind, SCHEMA_VERSION, load_document};
+pub use document::{DocumentKind, SCHEMA_VERSION, document_id, document_id_of, load_document};
 pub use error::{LoadError, OpError, ValidationError};
 pub use health_file::{
     Address, AllergyView, DemographicField, Demographics, DemographicsView, Diagnosis,
@@ -49,7 +49,7 @@ use automerge::ReadDoc;
 /// Deterministic: it reads only the document's content (every conflicting value included),
 /// so replicas holding the same changes agree, whatever order the changes arrived in.
 pub fn validate<D: ReadDoc>(doc: &D) -> Result<DocumentKind, ValidationError> {
-    let (kind, _) = document::read_identity(doc)?;
+    let kind = document::read_identity(doc)?;
     match kind {
         DocumentKind::HealthFile => health_file::parse_health_file(doc).map(|_| kind),
         DocumentKind::Referral => referral::parse_referral(doc).map(|_| kind),
@@ -75,11 +75,10 @@ pub fn validate_change<B: ReadDoc, A: ReadDoc>(
     if before.keys(automerge::ROOT).next().is_none() {
         return check_creation(after, kind, author).map(|()| kind);
     }
-    let (before_kind, before_id) = document::read_identity(before)?;
-    let (_, after_id) = document::read_identity(after)?;
-    if before_kind != kind || before_id != after_id {
+    if document::read_identity(before)? != kind {
         return Err(ValidationError::IdentityChanged);
     }
+    document::check_containers_kept(before, after, kind)?;
     match kind {
         DocumentKind::HealthFile => health_file::check_change(
             &health_file::parse_health_file(before)?,

@@ -27,7 +27,7 @@ use crate::access::{
     Obj, Register, append_entry, check_text, checked, entry_id, institution, put_time, text,
     timestamp,
 };
-use crate::document::{DocumentKind, IDENTITY_KEYS, read_identity, replica, write_identity};
+use crate::document::{DocumentKind, IDENTITY_KEYS, read_identity, replica};
 use crate::error::{OpError, ValidationError};
 use crate::ids::{Actor, DocumentId, Editor, EntryId, InstitutionId, Timestamp};
 use crate::limits::{FIELD_BYTES_MAX, REFERRAL_EVENTS_MAX, SUMMARY_BYTES_MAX};
@@ -282,10 +282,9 @@ replica!(
     parse_referral
 );
 
-const ROOT_KEYS: [&str; 12] = [
+const ROOT_KEYS: [&str; 11] = [
     IDENTITY_KEYS[0],
     IDENTITY_KEYS[1],
-    IDENTITY_KEYS[2],
     "patient",
     "direction",
     "from",
@@ -299,12 +298,9 @@ const ROOT_KEYS: [&str; 12] = [
 
 impl Referral {
     /// Sends a referral from the editor's institution, as one change.
-    pub fn create(
-        id: DocumentId,
-        actor: &Actor,
-        editor: &Editor,
-        referral: &NewReferral,
-    ) -> Result<Self, OpError> {
+    ///
+    /// The referral's id is derived from this first change (see [`crate::document_id_of`]).
+    pub fn create(actor: &Actor, editor: &Editor, referral: &NewReferral) -> Result<Self, OpError> {
         if referral.to == editor.institution {
             return Err(ValidationError::InvalidValue {
                 field: "to",
@@ -314,12 +310,7 @@ impl Referral {
         }
         check_text(&referral.reason, "reason", FIELD_BYTES_MAX, true)?;
         check_text(&referral.handover, "handover", SUMMARY_BYTES_MAX, false)?;
-        let mut doc = Self {
-            doc: AutoCommit::new().with_actor(actor.to_automerge()),
-            id,
-        };
-        doc.transact(editor, |tx| {
-            write_identity(tx, DocumentKind::Referral, id)?;
+        Self::create_with(actor, editor, |tx| {
             let root = automerge::ROOT;
             tx.put(&root, "patient", referral.patient.to_string())?;
             tx.put(&root, "direction", referral.direction.as_str())?;
@@ -331,8 +322,7 @@ impl Referral {
             tx.put(&root, "handover", referral.handover.as_str())?;
             tx.put_object(&root, "events", ObjType::List)?;
             Ok(())
-        })?;
-        Ok(doc)
+        })
     }
 
     /// Applies one typed operation as one change. Refused with a typed error (and nothing
@@ -501,8 +491,7 @@ fn check_event(
 
 /// Parses and validates a whole referral.
 pub(crate) fn parse_referral<D: ReadDoc>(doc: &D) -> Result<ReferralView, ValidationError> {
-    let (kind, id) = read_identity(doc)?;
-    if kind != DocumentKind::Referral {
+    if read_identity(doc)? != DocumentKind::Referral {
         return Err(ValidationError::UnknownDocumentType);
     }
     let root = Obj::root(doc);
@@ -516,7 +505,7 @@ pub(crate) fn parse_referral<D: ReadDoc>(doc: &D) -> Result<ReferralView, Valida
         });
     }
     let mut history = root
-        .entries("events", "events", REFERRAL_EVENTS_MAX)?
+        .entries("events", "events", None)?
         .into_iter()
         .map(|id| parse_event(&root.child(id, "events")))
         .collect::<Result<Vec<_>, _>>()?;
@@ -539,7 +528,8 @@ pub(crate) fn parse_referral<D: ReadDoc>(doc: &D) -> Result<ReferralView, Valida
     drop(events);
 
     Ok(ReferralView {
-        id,
+        // The id is not content: it is derived from the creation change by the replica.
+        id: DocumentId::from_bytes([0; 16]),
         patient: root.once(
             "patient",
             "patient",
@@ -616,7 +606,12 @@ fn parse_event<D: ReadDoc>(event: &Obj<'_, D>) -> Result<EventView, ValidationEr
         for (value, _) in values {
             match value {
                 Value::Scalar(s) if s.as_str().is_some() => {
-                    after.push(EntryId::new(s.as_str().unwrap_or_default()));
+                    let id = EntryId::parse(s.as_str().unwrap_or_default()).map_err(|_| {
+                        ValidationError::EventReference {
+                            reason: "it names a malformed event id",
+                        }
+                    })?;
+                    after.push(id);
                 }
                 _ => {
                     return Err(ValidationError::WrongType {
@@ -691,6 +686,14 @@ pub(crate) fn check_change(
             }
             Some(_) => {}
         }
+    }
+    // Concurrent events may merge past the bound; a change may not add past it.
+    if after.history.len() > REFERRAL_EVENTS_MAX && after.history.len() > before.history.len() {
+        return Err(ValidationError::TooMany {
+            field: "events",
+            count: after.history.len(),
+            max: REFERRAL_EVENTS_MAX,
+        });
     }
     // New events, in the order written: each must build on every event held when it was.
     let mut held: Vec<EventView> = before.history.clone();

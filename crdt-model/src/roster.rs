@@ -12,7 +12,7 @@ use automerge::{AutoCommit, ObjId, ObjType, ReadDoc, ScalarValue, Value};
 use serde::{Deserialize, Serialize};
 
 use crate::access::{Obj, check_text, checked, object, put_time, text, timestamp, uint};
-use crate::document::{DocumentKind, IDENTITY_KEYS, read_identity, replica, write_identity};
+use crate::document::{DocumentKind, IDENTITY_KEYS, read_identity, replica};
 use crate::error::{OpError, ValidationError};
 use crate::ids::{Actor, DocumentId, Editor, InstitutionId, Timestamp};
 use crate::limits::{
@@ -155,19 +155,13 @@ replica!(Roster, DocumentKind::Roster, RosterView, parse_roster);
 
 impl Roster {
     /// Creates an empty roster at version 1.
-    pub fn create(id: DocumentId, actor: &Actor, editor: &Editor) -> Result<Self, OpError> {
-        let mut roster = Self {
-            doc: AutoCommit::new().with_actor(actor.to_automerge()),
-            id,
-        };
-        roster.transact(editor, |tx| {
-            write_identity(tx, DocumentKind::Roster, id)?;
+    pub fn create(actor: &Actor, editor: &Editor) -> Result<Self, OpError> {
+        Self::create_with(actor, editor, |tx| {
             tx.put(automerge::ROOT, "version", 1u64)?;
             tx.put_object(automerge::ROOT, "institutions", ObjType::Map)?;
             tx.put_object(automerge::ROOT, "revocations", ObjType::Map)?;
             Ok(())
-        })?;
-        Ok(roster)
+        })
     }
 
     /// Applies one edit as one change and raises the version.
@@ -272,7 +266,14 @@ impl Roster {
                     }
                 }
             }
-            tx.put(automerge::ROOT, "version", view.version + 1)?;
+            let version = view
+                .version
+                .checked_add(1)
+                .ok_or(ValidationError::InvalidValue {
+                    field: "version",
+                    reason: "the roster version cannot be raised past its maximum",
+                })?;
+            tx.put(automerge::ROOT, "version", version)?;
             Ok(())
         })
     }
@@ -291,15 +292,13 @@ fn map_at(tx: &AutoCommit, parent: &ObjId, key: &str) -> Result<ObjId, OpError> 
 
 /// Parses and validates a whole roster.
 pub(crate) fn parse_roster<D: ReadDoc>(doc: &D) -> Result<RosterView, ValidationError> {
-    let (kind, id) = read_identity(doc)?;
-    if kind != DocumentKind::Roster {
+    if read_identity(doc)? != DocumentKind::Roster {
         return Err(ValidationError::UnknownDocumentType);
     }
     let root = Obj::root(doc);
     root.only_keys(&[
         IDENTITY_KEYS[0],
         IDENTITY_KEYS[1],
-        IDENTITY_KEYS[2],
         "version",
         "institutions",
         "revocations",
@@ -422,16 +421,17 @@ pub(crate) fn parse_roster<D: ReadDoc>(doc: &D) -> Result<RosterView, Validation
         }
         let mut cutoff = Vec::with_capacity(count);
         for index in 0..count {
-            let head = match doc.get(&list, index) {
-                Ok(Some((Value::Scalar(s), _))) => {
-                    s.as_bytes().and_then(|b| <[u8; 32]>::try_from(b).ok())
-                }
-                _ => None,
-            };
-            cutoff.push(Bytes32(head.ok_or(ValidationError::WrongType {
+            let malformed = ValidationError::WrongType {
                 field: "revocations.cutoff",
                 expected: "a list of 32-byte change hashes",
-            })?));
+            };
+            let values = doc.get_all(&list, index).map_err(|_| malformed.clone())?;
+            // A list element holds one value; conflicting values mean it was overwritten.
+            let [(Value::Scalar(head), _)] = values.as_slice() else {
+                return Err(malformed);
+            };
+            let head = head.as_bytes().and_then(|b| <[u8; 32]>::try_from(b).ok());
+            cutoff.push(Bytes32(head.ok_or(malformed)?));
         }
         revocations.push(RevocationView {
             key,
@@ -445,7 +445,8 @@ pub(crate) fn parse_roster<D: ReadDoc>(doc: &D) -> Result<RosterView, Validation
         });
     }
     Ok(RosterView {
-        id,
+        // The id is not content: it is derived from the creation change by the replica.
+        id: DocumentId::from_bytes([0; 16]),
         version,
         institutions,
         revocations,

@@ -18,7 +18,8 @@ fn apply(file: &mut HealthFile, op: HealthFileOp) {
 fn create_records_demographics() {
     let file = new_file(1);
     let view = file.view();
-    assert_eq!(view.id, doc_id(1));
+    assert_eq!(view.id, file.id());
+    assert_ne!(view.id, DocumentId::from_bytes([0; 16]));
     assert_eq!(view.demographics.name.value.family, "Lu");
     assert_eq!(view.demographics.sex.value, Sex::Female);
     assert_eq!(
@@ -267,7 +268,7 @@ fn operations_on_unknown_entries_are_refused() {
         .apply(
             &chc(),
             &HealthFileOp::StopMedication {
-                entry: EntryId::new("9@00"),
+                entry: EntryId::parse("9@00").unwrap(),
                 on: date("2026-01-01"),
             },
         )

@@ -44,7 +44,6 @@ fn create_starts_requested() {
 #[test]
 fn a_referral_to_oneself_is_refused() {
     let error = Referral::create(
-        doc_id(2),
         &actor(1),
         &sender(),
         &NewReferral {

@@ -14,7 +14,7 @@ fn key(n: u8) -> Bytes32 {
 }
 
 fn roster() -> Roster {
-    let mut roster = Roster::create(doc_id(9), &actor(1), &authority()).unwrap();
+    let mut roster = Roster::create(&actor(1), &authority()).unwrap();
     roster
         .apply(
             &authority(),

@@ -370,18 +370,64 @@ fn an_event_ignoring_events_its_writer_held_is_rejected() {
 }
 
 #[test]
-fn changing_a_documents_identity_is_rejected() {
+fn a_document_id_is_bound_to_its_one_creation_change() {
+    let mut a = new_file(1);
+    let mut b = new_file(2);
+    assert_ne!(a.id(), b.id(), "two creations make two documents");
+    // Mixing two documents gives two creation changes: refused, the replica unchanged.
+    let heads = a.heads();
+    assert!(matches!(
+        a.merge(&mut b),
+        Err(LoadError::Invalid(ValidationError::IdentityChanged))
+    ));
+    assert_eq!(a.heads(), heads);
+    let mut mixed = raw(&a.save());
+    mixed.merge(&mut raw(&b.save())).unwrap();
+    assert_eq!(
+        document_id(&mut mixed),
+        Err(ValidationError::IdentityChanged)
+    );
+    assert_eq!(document_id(&mut raw(&a.save())), Ok(a.id()));
+}
+
+#[test]
+fn changing_a_documents_kind_is_rejected() {
     let (before, after) = raw_change(&raw_file().save(), |doc| {
-        doc.put(
-            automerge::ROOT,
-            "id",
-            DocumentId::from_bytes([7; 16]).to_string(),
-        )
-        .unwrap();
+        doc.put(automerge::ROOT, "type", "roster").unwrap();
     });
+    assert!(validate_change(&before, &after, &institution("chc-jianshe")).is_err());
+    let mut kinds = raw(&raw_file().save());
+    let mut other = raw(&raw_file().save());
+    kinds.put(automerge::ROOT, "type", "roster").unwrap();
+    other.put(automerge::ROOT, "type", "referral").unwrap();
+    kinds.merge(&mut other).unwrap();
+    assert_eq!(validate(&kinds), Err(ValidationError::IdentityChanged));
+}
+
+#[test]
+fn replacing_a_list_is_rejected() {
+    let (before, after) = raw_change(&raw_file().save(), |doc| {
+        doc.put_object(automerge::ROOT, "allergies", ObjType::List)
+            .unwrap();
+    });
+    validate(&after).expect("as a state, an empty allergy list is fine");
     assert_eq!(
         validate_change(&before, &after, &institution("chc-jianshe")),
-        Err(ValidationError::IdentityChanged)
+        Err(ValidationError::ReplacedObject { field: "allergies" })
+    );
+    // Two concurrent replacements leave a conflicted list: invalid as a state too.
+    let mut one = raw(&raw_file().save());
+    let mut two = raw(&raw_file().save());
+    one.put_object(automerge::ROOT, "encounters", ObjType::List)
+        .unwrap();
+    two.put_object(automerge::ROOT, "encounters", ObjType::List)
+        .unwrap();
+    one.merge(&mut two).unwrap();
+    assert_eq!(
+        validate(&one),
+        Err(ValidationError::ReplacedObject {
+            field: "encounters"
+        })
     );
 }
 
@@ -477,4 +523,62 @@ fn saved_documents_and_incremental_saves_pass_the_chunk_check() {
     copy.load_incremental(&file.save_incremental()).unwrap();
     copy.load_incremental(&file.save_incremental()).unwrap();
     assert_eq!(copy.view(), file.view());
+}
+
+/// Bounds that merges can cross are per change: two concurrent note edits, each within the
+/// bound, merge into a longer note that stays valid on every replica, while one change past
+/// the bound is refused.
+#[test]
+fn a_merge_may_grow_past_a_per_change_bound() {
+    let chc = editor("chc-jianshe", 2_000);
+    let mut a = new_file(1);
+    a.apply(
+        &chc,
+        &HealthFileOp::AddEncounter(NewEncounter {
+            time: Timestamp(5),
+            kind: EncounterKind::Outpatient,
+            diagnoses: vec![],
+            note: String::new(),
+        }),
+    )
+    .unwrap();
+    let entry = a.view().encounters[0].entry.clone();
+    let mut b = HealthFile::load(&a.save(), &actor(2)).unwrap();
+    let half = limits::NOTE_BYTES_MAX / 2 + 100;
+    a.apply(
+        &chc,
+        &HealthFileOp::EditEncounterNote {
+            entry: entry.clone(),
+            note: "a".repeat(half),
+        },
+    )
+    .unwrap();
+    b.apply(
+        &chc,
+        &HealthFileOp::EditEncounterNote {
+            entry: entry.clone(),
+            note: "b".repeat(half),
+        },
+    )
+    .unwrap();
+    a.merge(&mut b).unwrap();
+    b.merge(&mut a).unwrap();
+    assert!(a.view().encounters[0].note.len() > limits::NOTE_BYTES_MAX);
+    assert_eq!(a.view(), b.view());
+    let error = a
+        .apply(
+            &chc,
+            &HealthFileOp::EditEncounterNote {
+                entry,
+                note: "c".repeat(limits::NOTE_BYTES_MAX + 1),
+            },
+        )
+        .unwrap_err();
+    assert!(matches!(
+        error,
+        OpError::Invalid(ValidationError::TooLong {
+            field: "encounters.note",
+            ..
+        })
+    ));
 }

@@ -17,7 +17,7 @@ fuzz_target!(|bytes: &[u8]| {
         national_id: None,
         insurance: None,
     };
-    let mut file = HealthFile::create(DocumentId::from_bytes([1; 16]), &Actor::from_bytes(vec![1]), &editor, &demographics)
+    let mut file = HealthFile::create(&Actor::from_bytes(vec![1]), &editor, &demographics)
         .expect("a minimal file is valid");
     let before = file.automerge().clone();
     let heads = file.heads();

@@ -65,7 +65,6 @@ mod tests {
             at: Timestamp(0),
         };
         let mut referral = Referral::create(
-            DocumentId::from_bytes([3; 16]),
             &Actor::from_bytes(vec![1; 32]),
             &editor,
             &NewReferral {

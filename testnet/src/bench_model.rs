@@ -40,12 +40,7 @@ fn elapsed_ms(start: Instant) -> f64 {
 
 fn build_file() -> anyhow::Result<HealthFile> {
     let actor = Actor::from_bytes(vec![0xc1; 32]);
-    let mut file = HealthFile::create(
-        DocumentId::from_bytes([1; 16]),
-        &actor,
-        &editor(CENTRE, MORNING_MS),
-        &demographics(),
-    )?;
+    let mut file = HealthFile::create(&actor, &editor(CENTRE, MORNING_MS), &demographics())?;
     for (by, op) in typical_file_ops() {
         file.apply(&by, &op)?;
     }
@@ -55,7 +50,6 @@ fn build_file() -> anyhow::Result<HealthFile> {
 fn build_referral() -> anyhow::Result<Referral> {
     let actor = Actor::from_bytes(vec![0xc1; 32]);
     let mut referral = Referral::create(
-        DocumentId::from_bytes([2; 16]),
         &actor,
         &editor(CENTRE, MORNING_MS),
         &referral_request(DocumentId::from_bytes([1; 16])),

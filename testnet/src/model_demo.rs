@@ -20,21 +20,12 @@ pub fn run(json: bool, save_dir: Option<&Path>) -> anyhow::Result<()> {
     let hospital = |minute: i64| editor(HOSPITAL, MORNING_MS + minute * 60_000);
 
     // Before the link drops: the centre registers the resident and refers them up.
-    let mut file_c = HealthFile::create(
-        DocumentId::from_bytes([1; 16]),
-        &centre_actor,
-        &centre(0),
-        &demographics(),
-    )?;
+    let mut file_c = HealthFile::create(&centre_actor, &centre(0), &demographics())?;
     for (by, op) in typical_file_ops().into_iter().take(4) {
         file_c.apply(&by, &op)?;
     }
-    let mut referral_c = Referral::create(
-        DocumentId::from_bytes([2; 16]),
-        &centre_actor,
-        &centre(5),
-        &referral_request(file_c.id()),
-    )?;
+    let mut referral_c =
+        Referral::create(&centre_actor, &centre(5), &referral_request(file_c.id()))?;
     let mut file_h = HealthFile::load(&file_c.save(), &hospital_actor)?;
     let mut referral_h = Referral::load(&referral_c.save(), &hospital_actor)?;
     println!("08:05  both replicas hold the file and a priority referral (status: requested)");

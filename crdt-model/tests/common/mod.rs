@@ -58,7 +58,6 @@ pub fn demographics() -> Demographics {
 
 pub fn new_file(actor_n: u8) -> HealthFile {
     HealthFile::create(
-        doc_id(1),
         &actor(actor_n),
         &editor("chc-jianshe", 1_000),
         &demographics(),
@@ -79,7 +78,6 @@ pub fn contract() -> FamilyDoctorContract {
 
 pub fn new_referral(actor_n: u8) -> Referral {
     Referral::create(
-        doc_id(2),
         &actor(actor_n),
         &editor("chc-jianshe", 1_000),
         &NewReferral {
