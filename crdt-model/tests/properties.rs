@@ -457,98 +457,224 @@ proptest! {
     }
 }
 
-// ---- Validation determinism ---------------------------------------------------------------
+// ---- Ingest determinism ------------------------------------------------------------------
 
-/// A raw edit that may break the rules, as a faulty peer could write it.
+/// Ingests changes the way a node does, in the order `order` draws: a change waits until its
+/// dependencies are decided; one with a rejected dependency is rejected; otherwise it is
+/// accepted exactly when `validate_change` accepts it against the document at its own
+/// dependencies. Returns the accepted hashes and the document they make.
+fn ingest(
+    changes: &[automerge::Change],
+    author_of: impl Fn(&automerge::Change) -> InstitutionId,
+    order: u64,
+) -> (BTreeSet<automerge::ChangeHash>, AutoCommit) {
+    let mut queue: Vec<&automerge::Change> = changes.iter().collect();
+    shuffle(&mut queue, order);
+    let mut doc = AutoCommit::new();
+    let mut accepted = BTreeSet::new();
+    let mut rejected = BTreeSet::new();
+    loop {
+        let mut progress = false;
+        for change in &queue {
+            let hash = change.hash();
+            if accepted.contains(&hash) || rejected.contains(&hash) {
+                continue;
+            }
+            if change.deps().iter().any(|d| rejected.contains(d)) {
+                rejected.insert(hash);
+                progress = true;
+                continue;
+            }
+            if !change.deps().iter().all(|d| accepted.contains(d)) {
+                continue;
+            }
+            let before = doc.fork_at(change.deps()).unwrap();
+            let mut after = before.clone();
+            after.apply_changes([(*change).clone()]).unwrap();
+            if validate_change(&before, &after, &author_of(change)).is_ok() {
+                doc.apply_changes([(*change).clone()]).unwrap();
+                accepted.insert(hash);
+            } else {
+                rejected.insert(hash);
+            }
+            progress = true;
+        }
+        if !progress {
+            return (accepted, doc);
+        }
+    }
+}
+
+/// A raw edit breaking a rule, as a faulty or hostile member could write it.
 #[derive(Clone, Debug)]
-enum Corruption {
-    None,
-    LongPrescription(u64),
+enum FileFault {
     UnknownSex,
     UnknownRootKey,
     EmptyName,
+    LongPrescription(u64),
+    ReplaceAllergies,
+    ForgedAllergy,
+    DeleteEncounter,
 }
 
-fn corruption() -> impl Strategy<Value = Corruption> + Clone {
+fn file_fault() -> impl Strategy<Value = FileFault> + Clone {
     prop_oneof![
-        4 => Just(Corruption::None),
-        1 => (61u64..400).prop_map(Corruption::LongPrescription),
-        1 => Just(Corruption::UnknownSex),
-        1 => Just(Corruption::UnknownRootKey),
-        1 => Just(Corruption::EmptyName),
+        Just(FileFault::UnknownSex),
+        Just(FileFault::UnknownRootKey),
+        Just(FileFault::EmptyName),
+        (61u64..400).prop_map(FileFault::LongPrescription),
+        Just(FileFault::ReplaceAllergies),
+        Just(FileFault::ForgedAllergy),
+        Just(FileFault::DeleteEncounter),
     ]
 }
 
-fn corrupt(doc: &mut AutoCommit, corruption: &Corruption) {
+/// Writes `fault` on `doc` as one change by `replica`; returns its hash, if it wrote anything.
+fn write_file_fault(
+    doc: &mut AutoCommit,
+    fault: &FileFault,
+    replica: usize,
+) -> Option<automerge::ChangeHash> {
+    use automerge::{ObjType, ReadDoc, ScalarValue};
     let root = automerge::ROOT;
-    let map = |doc: &AutoCommit, key: &str| {
-        use automerge::ReadDoc;
-        doc.get(&root, key).unwrap().map(|(_, id)| id)
+    let at = |doc: &AutoCommit, obj: &automerge::ObjId, key: &str| {
+        doc.get(obj, key).ok().flatten().map(|(_, id)| id)
     };
-    match corruption {
-        Corruption::None => {}
-        Corruption::LongPrescription(days) => {
-            use automerge::ReadDoc;
-            let list = map(doc, "medications").unwrap();
-            if let Some((_, entry)) = doc.get(&list, 0).unwrap() {
-                doc.put(&entry, "days", *days).unwrap();
+    let demographics = at(doc, &root, "demographics")?;
+    match fault {
+        FileFault::UnknownSex => doc.put(&demographics, "sex", "x").ok()?,
+        FileFault::UnknownRootKey => doc.put(&root, "extra", 1u64).ok()?,
+        FileFault::EmptyName => {
+            let name = at(doc, &demographics, "name")?;
+            doc.put(&name, "given", "").ok()?
+        }
+        FileFault::LongPrescription(days) => {
+            let list = at(doc, &root, "medications")?;
+            let (_, entry) = doc.get(&list, 0).ok().flatten()?;
+            doc.put(&entry, "days", *days).ok()?
+        }
+        FileFault::ReplaceAllergies => {
+            doc.put_object(&root, "allergies", ObjType::List).ok()?;
+        }
+        FileFault::ForgedAllergy => {
+            let list = at(doc, &root, "allergies")?;
+            let entry = doc.insert_object(&list, 0, ObjType::Map).ok()?;
+            doc.put(&entry, "substance", "latex").ok()?;
+            doc.put(&entry, "reaction", "rash").ok()?;
+            doc.put(&entry, "severity", "mild").ok()?;
+            // Recorded in the name of another member than the writer's.
+            let other = INSTITUTIONS[(replica + 1) % INSTITUTIONS.len()];
+            doc.put(&entry, "recorded_by", other).ok()?;
+            doc.put(&entry, "recorded_at", ScalarValue::Timestamp(1))
+                .ok()?;
+        }
+        FileFault::DeleteEncounter => {
+            let list = at(doc, &root, "encounters")?;
+            if doc.length(&list) == 0 {
+                return None;
             }
-        }
-        Corruption::UnknownSex => {
-            let demographics = map(doc, "demographics").unwrap();
-            doc.put(&demographics, "sex", "x").unwrap();
-        }
-        Corruption::UnknownRootKey => doc.put(&root, "extra", 1u64).unwrap(),
-        Corruption::EmptyName => {
-            use automerge::ReadDoc;
-            let demographics = map(doc, "demographics").unwrap();
-            let name = doc.get(&demographics, "name").unwrap().unwrap().1;
-            doc.put(&name, "given", "").unwrap();
+            doc.delete(&list, 0).ok()?;
         }
     }
-    doc.commit();
+    doc.commit()
+}
+
+#[derive(Clone, Debug)]
+enum FileStep {
+    Honest(FileAction),
+    Faulty(FileFault),
+}
+
+/// Records which changes are faulty or descend from one: those must be rejected, all others
+/// accepted.
+fn tainted(
+    changes: &[automerge::Change],
+    faulty: &BTreeSet<automerge::ChangeHash>,
+) -> BTreeSet<automerge::ChangeHash> {
+    let mut tainted = faulty.clone();
+    loop {
+        let before = tainted.len();
+        for change in changes {
+            if change.deps().iter().any(|d| tainted.contains(d)) {
+                tainted.insert(change.hash());
+            }
+        }
+        if tainted.len() == before {
+            return tainted;
+        }
+    }
+}
+
+fn all_changes(replicas: &[AutoCommit]) -> Vec<automerge::Change> {
+    let mut seen = BTreeSet::new();
+    let mut changes = Vec::new();
+    for replica in replicas {
+        for change in replica.clone().get_changes(&[]) {
+            if seen.insert(change.hash()) {
+                changes.push(change);
+            }
+        }
+    }
+    changes
 }
 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
 
-    /// The same history, valid or not, validates the same way after save/load and after
-    /// merges in different orders.
+    /// Honest and faulty changes from three replicas, exchanged in random orders and ingested
+    /// in two different orders: both accept exactly the same changes, the accepted document is
+    /// valid, every faulty change and its descendants are rejected, every other is accepted.
     #[test]
-    fn validation_is_deterministic(
-        edits in prop::collection::vec((0usize..3, file_action(), corruption()), 1..25),
+    fn ingest_is_deterministic_and_rejects_exactly_the_faulty_health_file_changes(
+        history in steps(3, prop_oneof![4 => file_action().prop_map(FileStep::Honest), 1 => file_fault().prop_map(FileStep::Faulty)], 1..30),
         order_a in any::<u64>(),
         order_b in any::<u64>(),
     ) {
         let mut origin = new_file(100);
         let saved = origin.save();
         let mut replicas: Vec<AutoCommit> = (0..3)
-            .map(|i| AutoCommit::load(&saved).unwrap().with_actor(automerge::ActorId::from(vec![i as u8 + 1; 32])))
+            .map(|i| AutoCommit::load(&saved).unwrap().with_actor(automerge::ActorId::from(actor(i as u8 + 1).as_bytes())))
             .collect();
-        for (replica, action, corruption) in &edits {
-            // Typed operations need a valid document; once corrupted, only raw edits go on.
-            if let Ok(mut file) = HealthFile::from_automerge(replicas[*replica].clone(), &actor(*replica as u8 + 1))
-                && let Some(op) = file_op(action, &file.view())
-                && file.apply(&replica_editor(*replica), &op).is_ok()
-            {
-                replicas[*replica] = file.automerge().clone();
+        let mut faulty = BTreeSet::new();
+        for step in history {
+            match step {
+                Step::Edit { replica, action: FileStep::Honest(action) } => {
+                    // A replica holding an invalid state cannot use the typed API.
+                    if let Ok(mut file) = HealthFile::from_automerge(replicas[replica].clone(), &actor(replica as u8 + 1))
+                        && let Some(op) = file_op(&action, &file.view())
+                        && file.apply(&replica_editor(replica), &op).is_ok()
+                    {
+                        replicas[replica] = file.automerge().clone();
+                    }
+                }
+                Step::Edit { replica, action: FileStep::Faulty(fault) } => {
+                    if let Some(hash) = write_file_fault(&mut replicas[replica], &fault, replica) {
+                        faulty.insert(hash);
+                    }
+                }
+                Step::Sync { from, to, .. } => {
+                    let changes = replicas[from].clone().get_changes(&[]);
+                    replicas[to].apply_changes(changes).unwrap();
+                }
             }
-            corrupt(&mut replicas[*replica], corruption);
         }
-        let mut all: Vec<automerge::Change> = replicas.iter().flat_map(|r| r.clone().get_changes(&[])).collect();
-        let mut one = AutoCommit::new();
-        shuffle(&mut all, order_a);
-        one.apply_changes(all.clone()).unwrap();
-        let mut two = AutoCommit::new();
-        shuffle(&mut all, order_b);
-        two.apply_changes(all).unwrap();
-        prop_assert_eq!(one.get_heads(), two.get_heads());
-        let verdict = validate(&one);
-        prop_assert_eq!(&validate(&two), &verdict);
-        prop_assert_eq!(&validate(&AutoCommit::load(&one.save()).unwrap()), &verdict);
-        let any_corruption = edits.iter().any(|(_, _, c)| !matches!(c, Corruption::None));
-        if !any_corruption {
-            prop_assert!(verdict.is_ok(), "honest edits must merge into a valid file: {:?}", verdict);
+        let changes = all_changes(&replicas);
+        let author_of = |change: &automerge::Change| {
+            let bytes = change.actor_id().to_bytes();
+            institution(INSTITUTIONS[usize::from(bytes[0]).saturating_sub(1) % INSTITUTIONS.len()])
+        };
+        let (accepted_a, mut doc_a) = ingest(&changes, author_of, order_a);
+        let (accepted_b, mut doc_b) = ingest(&changes, author_of, order_b);
+        prop_assert_eq!(&accepted_a, &accepted_b);
+        prop_assert_eq!(doc_a.get_heads(), doc_b.get_heads());
+        prop_assert_eq!(validate(&doc_a), Ok(DocumentKind::HealthFile));
+        let tainted = tainted(&changes, &faulty);
+        for change in &changes {
+            prop_assert_eq!(
+                accepted_a.contains(&change.hash()),
+                !tainted.contains(&change.hash()),
+                "change {} (faulty: {})", change.hash(), faulty.contains(&change.hash())
+            );
         }
     }
 }
