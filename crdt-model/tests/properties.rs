@@ -355,7 +355,14 @@ proptest! {
 
 /// Replica roles: the sender's node, two nodes of the receiver (two desks), and a third
 /// institution that may not touch the referral.
-const REFERRAL_NODES: [&str; 4] = ["chc-jianshe", "xinhua", "xinhua", "dh-chongming-2"];
+/// A run uses the first 3 to 5 of them.
+const REFERRAL_NODES: [&str; 5] = [
+    "chc-jianshe",
+    "xinhua",
+    "dh-chongming-2",
+    "xinhua",
+    "chc-jianshe",
+];
 
 fn referral_action() -> impl Strategy<Value = ReferralOp> + Clone {
     prop_oneof![
@@ -408,16 +415,18 @@ proptest! {
     /// operations write nothing; honest changes pass `validate_change`.
     #[test]
     fn referral_state_machine_holds_under_concurrency(
+        count in 3usize..=5,
         history in steps(REFERRAL_NODES.len(), referral_action(), 1..40),
         seed in any::<u64>(),
     ) {
         let mut origin = new_referral(100);
         let saved = origin.save();
         let mut replicas: Vec<Referral> =
-            (0..REFERRAL_NODES.len()).map(|i| Referral::load(&saved, &actor(i as u8 + 1)).unwrap()).collect();
+            (0..count).map(|i| Referral::load(&saved, &actor(i as u8 + 1)).unwrap()).collect();
         for step in history {
             match step {
                 Step::Edit { replica, action } => {
+                    let replica = replica % count;
                     let who = editor(REFERRAL_NODES[replica], 20_000);
                     let referral = &mut replicas[replica];
                     let before = referral.automerge().clone();
@@ -437,6 +446,7 @@ proptest! {
                     assert_legal_path(&referral.view())?;
                 }
                 Step::Sync { from, to, order, duplicate } => {
+                    let (from, to) = (from % count, to % count);
                     let changes = shipment(replicas[from].automerge(), order, duplicate);
                     replicas[to].apply_changes(changes).unwrap();
                     assert_legal_path(&replicas[to].view())?;
@@ -668,6 +678,141 @@ proptest! {
         prop_assert_eq!(&accepted_a, &accepted_b);
         prop_assert_eq!(doc_a.get_heads(), doc_b.get_heads());
         prop_assert_eq!(validate(&doc_a), Ok(DocumentKind::HealthFile));
+        let tainted = tainted(&changes, &faulty);
+        for change in &changes {
+            prop_assert_eq!(
+                accepted_a.contains(&change.hash()),
+                !tainted.contains(&change.hash()),
+                "change {} (faulty: {})", change.hash(), faulty.contains(&change.hash())
+            );
+        }
+    }
+}
+
+/// A raw referral edit breaking a rule.
+#[derive(Clone, Debug)]
+enum ReferralFault {
+    /// A status event in a third institution's name.
+    ThirdPartyEvent,
+    /// An event that ignores the events its writer held.
+    StaleBase,
+    /// A new, empty event list in place of the old one.
+    ReplaceEvents,
+    /// A fixed field rewritten.
+    ChangeReason,
+}
+
+fn referral_fault() -> impl Strategy<Value = ReferralFault> + Clone {
+    prop_oneof![
+        Just(ReferralFault::ThirdPartyEvent),
+        Just(ReferralFault::StaleBase),
+        Just(ReferralFault::ReplaceEvents),
+        Just(ReferralFault::ChangeReason),
+    ]
+}
+
+/// Writes `fault` on `doc` as one change by an institution; returns its hash if it wrote one.
+fn write_referral_fault(
+    doc: &mut AutoCommit,
+    fault: &ReferralFault,
+    by: &str,
+) -> Option<automerge::ChangeHash> {
+    use automerge::{ObjType, ReadDoc, ScalarValue};
+    let view = Referral::from_automerge(doc.clone(), &actor(99))
+        .ok()?
+        .view();
+    let root = automerge::ROOT;
+    let mut event =
+        |doc: &mut AutoCommit, institution: &str, from: ReferralStatus, after: &[EntryId]| {
+            let events = doc.get(&root, "events").ok().flatten()?.1;
+            let len = doc.length(&events);
+            let entry = doc.insert_object(&events, len, ObjType::Map).ok()?;
+            doc.put(&entry, "institution", institution).ok()?;
+            doc.put(&entry, "at", ScalarValue::Timestamp(1)).ok()?;
+            doc.put(&entry, "from", from.as_str()).ok()?;
+            doc.put(&entry, "to", "accepted").ok()?;
+            let list = doc.put_object(&entry, "after", ObjType::List).ok()?;
+            for (index, id) in after.iter().enumerate() {
+                doc.insert(&list, index, id.as_str()).ok()?;
+            }
+            Some(())
+        };
+    match fault {
+        ReferralFault::ThirdPartyEvent => {
+            let frontier: Vec<EntryId> = view.effective.last().cloned().into_iter().collect();
+            event(doc, "dh-chongming-2", view.status, &frontier)?;
+        }
+        ReferralFault::StaleBase => {
+            if view.history.is_empty() {
+                return None;
+            }
+            event(doc, by, ReferralStatus::Requested, &[])?;
+        }
+        ReferralFault::ReplaceEvents => {
+            doc.put_object(&root, "events", ObjType::List).ok()?;
+        }
+        ReferralFault::ChangeReason => doc.put(&root, "reason", "rewritten").ok()?,
+    }
+    doc.commit()
+}
+
+#[derive(Clone, Debug)]
+enum ReferralStep {
+    Honest(ReferralOp),
+    Faulty(ReferralFault),
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// The same for referrals: honest transitions by any side, forged events and rewritten
+    /// fields, ingested in two orders: identical decisions, a valid result whose status is
+    /// reached legally, exactly the faulty changes and their descendants rejected.
+    #[test]
+    fn ingest_rejects_exactly_the_faulty_referral_changes(
+        history in steps(4, prop_oneof![4 => referral_action().prop_map(ReferralStep::Honest), 1 => referral_fault().prop_map(ReferralStep::Faulty)], 1..30),
+        order_a in any::<u64>(),
+        order_b in any::<u64>(),
+    ) {
+        let mut origin = new_referral(100);
+        let saved = origin.save();
+        let mut replicas: Vec<AutoCommit> = (0..4)
+            .map(|i| AutoCommit::load(&saved).unwrap().with_actor(automerge::ActorId::from(actor(i as u8 + 1).as_bytes())))
+            .collect();
+        let mut faulty = BTreeSet::new();
+        for step in history {
+            match step {
+                Step::Edit { replica, action: ReferralStep::Honest(op) } => {
+                    let who = editor(REFERRAL_NODES[replica], 20_000);
+                    if let Ok(mut referral) = Referral::from_automerge(replicas[replica].clone(), &actor(replica as u8 + 1))
+                        && referral.apply(&who, &op).is_ok()
+                    {
+                        replicas[replica] = referral.automerge().clone();
+                    }
+                }
+                Step::Edit { replica, action: ReferralStep::Faulty(fault) } => {
+                    if let Some(hash) = write_referral_fault(&mut replicas[replica], &fault, REFERRAL_NODES[replica]) {
+                        faulty.insert(hash);
+                    }
+                }
+                Step::Sync { from, to, .. } => {
+                    let changes = replicas[from].clone().get_changes(&[]);
+                    replicas[to].apply_changes(changes).unwrap();
+                }
+            }
+        }
+        let changes = all_changes(&replicas);
+        // Actor n+1 is replica n; the origin (actor 100) is the sender.
+        let author_of = |change: &automerge::Change| {
+            let n = usize::from(change.actor_id().to_bytes()[0]);
+            institution(if n == 100 { REFERRAL_NODES[0] } else { REFERRAL_NODES[n - 1] })
+        };
+        let (accepted_a, mut doc_a) = ingest(&changes, author_of, order_a);
+        let (accepted_b, mut doc_b) = ingest(&changes, author_of, order_b);
+        prop_assert_eq!(&accepted_a, &accepted_b);
+        prop_assert_eq!(doc_a.get_heads(), doc_b.get_heads());
+        let merged = Referral::from_automerge(doc_a, &actor(99)).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        assert_legal_path(&merged.view())?;
         let tainted = tainted(&changes, &faulty);
         for change in &changes {
             prop_assert_eq!(
