@@ -722,7 +722,7 @@ fn write_referral_fault(
         .ok()?
         .view();
     let root = automerge::ROOT;
-    let mut event =
+    let event =
         |doc: &mut AutoCommit, institution: &str, from: ReferralStatus, after: &[EntryId]| {
             let events = doc.get(&root, "events").ok().flatten()?.1;
             let len = doc.length(&events);
