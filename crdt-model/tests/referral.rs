@@ -256,3 +256,16 @@ fn the_rule_does_not_depend_on_merge_order() {
     assert_eq!(one.view(), two.view());
     assert_eq!(one.view().status, ReferralStatus::Cancelled);
 }
+
+#[test]
+fn save_incremental_round_trips() {
+    let mut a = new_referral(1);
+    let mut b = replica(&mut a, 2);
+    let _ = a.save_incremental();
+    for op in [ReferralOp::Accept, schedule()] {
+        a.apply(&receiver(), &op).unwrap();
+        b.load_incremental(&a.save_incremental()).unwrap();
+        assert_eq!(a.view(), b.view());
+        assert_eq!(a.heads(), b.heads());
+    }
+}

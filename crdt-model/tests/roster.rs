@@ -148,3 +148,21 @@ fn roster_round_trips_through_save() {
     let back: RosterView = serde_json::from_str(&json).unwrap();
     assert_eq!(back, roster.view());
 }
+
+#[test]
+fn save_incremental_round_trips() {
+    let mut roster = roster();
+    let mut copy = Roster::load(&roster.save(), &actor(2)).unwrap();
+    roster
+        .apply(
+            &authority(),
+            &RosterOp::AddNodeKey {
+                institution: institution("xinhua"),
+                key: key(7),
+            },
+        )
+        .unwrap();
+    copy.load_incremental(&roster.save_incremental()).unwrap();
+    assert_eq!(copy.view(), roster.view());
+    assert_eq!(copy.heads(), roster.heads());
+}
