@@ -90,9 +90,10 @@ impl<'d, D: ReadDoc> Obj<'d, D> {
                 field,
                 expected: "a field of a map",
             })?;
-        let winner = match self.doc.get(&self.id, key) {
-            Ok(Some((_, id))) => id,
-            _ => return Ok(None),
+        // automerge's winner is the value written by the greatest op id, which is the order of
+        // `ObjId` (counter, then actor): one lookup instead of a second `get`.
+        let Some(winner) = all.iter().map(|(_, id)| id).max().cloned() else {
+            return Ok(None);
         };
         let mut value = None;
         let mut conflicts = Vec::with_capacity(all.len().saturating_sub(1));

@@ -360,3 +360,30 @@ fn loading_the_wrong_kind_is_refused() {
         Err(LoadError::Refused { .. })
     ));
 }
+
+/// The view's winner of a conflicted register is automerge's own winner, on every replica.
+#[test]
+fn the_view_shows_automerges_winner() {
+    use automerge::ReadDoc;
+    for round in 0..8u8 {
+        let mut a = new_file(round.wrapping_mul(2).wrapping_add(1));
+        let mut b =
+            HealthFile::load(&a.save(), &actor(round.wrapping_mul(2).wrapping_add(2))).unwrap();
+        let mut c = HealthFile::load(&a.save(), &actor(200 - round)).unwrap();
+        for (file, phone) in [(&mut a, "+86 1"), (&mut b, "+86 2"), (&mut c, "+86 3")] {
+            file.apply(
+                &chc(),
+                &HealthFileOp::SetDemographic(DemographicField::Phone(phone.into())),
+            )
+            .unwrap();
+        }
+        a.merge(&mut b).unwrap();
+        a.merge(&mut c).unwrap();
+        let doc = a.automerge();
+        let demographics = doc.get(automerge::ROOT, "demographics").unwrap().unwrap().1;
+        let (winner, _) = doc.get(&demographics, "phone").unwrap().unwrap();
+        let phone = a.view().demographics.phone.unwrap();
+        assert_eq!(winner.as_str(), Some(phone.value.as_str()));
+        assert_eq!(phone.conflicts.len(), 2);
+    }
+}
