@@ -237,6 +237,21 @@ pub fn load_document(bytes: &[u8]) -> Result<automerge::AutoCommit, crate::LoadE
     guard_decoder(|| automerge::AutoCommit::load(bytes))
 }
 
+/// Decodes one automerge change from untrusted bytes (a peer's envelope), without panicking.
+pub fn decode_change(bytes: &[u8]) -> Result<automerge::Change, crate::LoadError> {
+    if bytes.is_empty() {
+        return Err(crate::LoadError::Refused { reason: "no bytes" });
+    }
+    check_chunks(bytes)?;
+    match std::panic::catch_unwind(|| automerge::Change::from_bytes(bytes.to_vec())) {
+        Ok(Ok(change)) => Ok(change),
+        Ok(Err(_)) => Err(crate::LoadError::Refused {
+            reason: "not a well-formed automerge change",
+        }),
+        Err(_) => Err(crate::LoadError::DecoderFault),
+    }
+}
+
 /// Implements the replica API shared by every typed document: a struct with fields
 /// `doc: AutoCommit` and `id: DocumentId`, a `KIND`, and a `parse` function.
 macro_rules! replica {

@@ -22,7 +22,9 @@ mod roster;
 mod vocab;
 
 pub use access::Register;
-pub use document::{DocumentKind, SCHEMA_VERSION, document_id, document_id_of, load_document};
+pub use document::{
+    DocumentKind, SCHEMA_VERSION, decode_change, document_id, document_id_of, load_document,
+};
 pub use error::{LoadError, OpError, ValidationError};
 pub use health_file::{
     Address, AllergyView, DemographicField, Demographics, DemographicsView, Diagnosis,

@@ -6,6 +6,9 @@
 
 pub use estuary_crdt_model as model;
 
+pub mod envelope;
+pub mod identity;
+
 use model::{DocumentKind, ValidationError};
 
 /// Why a saved document could not be inspected.

@@ -1,0 +1,172 @@
+//! Signed change envelopes: how a change travels between nodes and is stored.
+//!
+//! An envelope carries one automerge change, the document it belongs to, and the author's
+//! ed25519 signature over `estuary/change/v1 ‖ document id ‖ change hash`. The document id is
+//! signed too, so a change cannot be replayed into another document; the author is the
+//! change's automerge actor, which is the signing node's public key.
+
+use ed25519_dalek::{Signature, VerifyingKey};
+use serde::{Deserialize, Serialize};
+
+use crate::identity::Identity;
+use crate::model::automerge::{Change, ChangeHash};
+use crate::model::{Bytes32, DocumentId, LoadError, decode_change};
+
+/// The envelope format this build writes and reads.
+pub const ENVELOPE_VERSION: u8 = 1;
+/// Largest automerge change an envelope may carry, in bytes.
+pub const CHANGE_BYTES_MAX: usize = 512 * 1024;
+/// Largest encoded envelope, in bytes: the change plus room for ids, signature and framing.
+/// Checked before anything is decoded or allocated.
+pub const ENVELOPE_BYTES_MAX: usize = CHANGE_BYTES_MAX + 1024;
+/// Domain separation for change signatures.
+const SIGNING_DOMAIN: &[u8] = b"estuary/change/v1";
+
+/// Why an envelope was refused. None of these carries patient data.
+#[derive(Debug, thiserror::Error)]
+pub enum EnvelopeError {
+    /// Larger than `ENVELOPE_BYTES_MAX`; refused before decoding.
+    #[error("envelope of {bytes} bytes exceeds the {ENVELOPE_BYTES_MAX}-byte limit")]
+    TooLarge {
+        /// Its size.
+        bytes: usize,
+    },
+    /// Not an envelope.
+    #[error("malformed envelope: {reason}")]
+    Malformed {
+        /// What is wrong.
+        reason: &'static str,
+    },
+    /// Written by a newer format.
+    #[error(
+        "envelope version {found} is not supported (this build reads {ENVELOPE_VERSION}); upgrade the node"
+    )]
+    UnsupportedVersion {
+        /// The version found.
+        found: u8,
+    },
+    /// The carried bytes are not an automerge change.
+    #[error("the envelope's change is unreadable: {0}")]
+    Change(#[from] LoadError),
+    /// The change's author is not an ed25519 public key.
+    #[error("the change's author is not a node key")]
+    NotANodeKey,
+    /// The signature does not verify against the author's key.
+    #[error("the signature does not match the change and its author")]
+    BadSignature,
+}
+
+/// An envelope as it is encoded (CBOR, byte fields as byte strings).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Envelope {
+    /// Format version.
+    pub version: u8,
+    /// The document the change belongs to (16 bytes).
+    #[serde(with = "serde_bytes")]
+    pub document: Vec<u8>,
+    /// The automerge change.
+    #[serde(with = "serde_bytes")]
+    pub change: Vec<u8>,
+    /// Ed25519 signature by the change's author (64 bytes).
+    #[serde(with = "serde_bytes")]
+    pub signature: Vec<u8>,
+}
+
+/// A change whose envelope decoded and whose signature verified.
+#[derive(Clone, Debug)]
+pub struct VerifiedChange {
+    /// The document it belongs to.
+    pub document: DocumentId,
+    /// The change's hash.
+    pub hash: ChangeHash,
+    /// The author's public key.
+    pub author: Bytes32,
+    /// The decoded change.
+    pub change: Change,
+    /// The envelope, encoded, as it is stored and forwarded.
+    pub encoded: Vec<u8>,
+}
+
+fn signing_message(document: &DocumentId, hash: &ChangeHash) -> Vec<u8> {
+    let mut message = Vec::with_capacity(SIGNING_DOMAIN.len() + 16 + 32);
+    message.extend_from_slice(SIGNING_DOMAIN);
+    message.extend_from_slice(document.as_bytes());
+    message.extend_from_slice(&hash.0);
+    message
+}
+
+impl Envelope {
+    /// Signs `change` of `document` as `identity`.
+    pub fn sign(identity: &Identity, document: DocumentId, change: &mut Change) -> Self {
+        let signature = identity.sign(&signing_message(&document, &change.hash()));
+        Self {
+            version: ENVELOPE_VERSION,
+            document: document.as_bytes().to_vec(),
+            change: change.bytes().into_owned(),
+            signature: signature.to_vec(),
+        }
+    }
+
+    /// Encodes the envelope.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut bytes = Vec::with_capacity(self.change.len() + 128);
+        // Writing CBOR into a Vec cannot fail.
+        ciborium::into_writer(self, &mut bytes).expect("CBOR encoding into memory");
+        bytes
+    }
+
+    /// Decodes an envelope, refusing oversized input before decoding it.
+    pub fn decode(bytes: &[u8]) -> Result<Self, EnvelopeError> {
+        if bytes.len() > ENVELOPE_BYTES_MAX {
+            return Err(EnvelopeError::TooLarge { bytes: bytes.len() });
+        }
+        let envelope: Self =
+            ciborium::from_reader(bytes).map_err(|_| EnvelopeError::Malformed {
+                reason: "not a CBOR envelope",
+            })?;
+        if envelope.version != ENVELOPE_VERSION {
+            return Err(EnvelopeError::UnsupportedVersion {
+                found: envelope.version,
+            });
+        }
+        if envelope.document.len() != 16 || envelope.signature.len() != 64 {
+            return Err(EnvelopeError::Malformed {
+                reason: "document id or signature of the wrong length",
+            });
+        }
+        if envelope.change.len() > CHANGE_BYTES_MAX {
+            return Err(EnvelopeError::TooLarge { bytes: bytes.len() });
+        }
+        Ok(envelope)
+    }
+
+    /// Decodes and verifies an envelope: the change decodes, its author is an ed25519 key,
+    /// and the signature verifies. Membership is the roster's business, not this function's.
+    pub fn verify(bytes: &[u8]) -> Result<VerifiedChange, EnvelopeError> {
+        let envelope = Self::decode(bytes)?;
+        let change = decode_change(&envelope.change)?;
+        let author: [u8; 32] = change
+            .actor_id()
+            .to_bytes()
+            .try_into()
+            .map_err(|_| EnvelopeError::NotANodeKey)?;
+        let key = VerifyingKey::from_bytes(&author).map_err(|_| EnvelopeError::NotANodeKey)?;
+        let mut document = [0u8; 16];
+        document.copy_from_slice(&envelope.document);
+        let document = DocumentId::from_bytes(document);
+        let mut signature = [0u8; 64];
+        signature.copy_from_slice(&envelope.signature);
+        key.verify_strict(
+            &signing_message(&document, &change.hash()),
+            &Signature::from_bytes(&signature),
+        )
+        .map_err(|_| EnvelopeError::BadSignature)?;
+        Ok(VerifiedChange {
+            document,
+            hash: change.hash(),
+            author: Bytes32(author),
+            change,
+            encoded: bytes.to_vec(),
+        })
+    }
+}

@@ -1,0 +1,173 @@
+//! The node's identity: one ed25519 key, created on first start and loaded afterwards.
+//!
+//! The key's public half is the node's automerge actor id and (from the network layer on) its
+//! libp2p PeerId, so "who wrote a change" and "who sent it" are checked against the same
+//! roster entry.
+
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use ed25519_dalek::{Signer, SigningKey};
+
+use crate::model::{Actor, Bytes32};
+
+/// Name of the key file inside the data directory.
+pub const KEY_FILE: &str = "node.key";
+/// Length of a key file: the 32-byte ed25519 secret.
+const KEY_FILE_BYTES: usize = 32;
+
+/// Why the node's key could not be created or loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    /// The key file could not be read or written.
+    #[error("cannot access the node key at {path}: {source}")]
+    Io {
+        /// The key file.
+        path: PathBuf,
+        /// The operating system's error.
+        source: std::io::Error,
+    },
+    /// The key file is not a key.
+    #[error(
+        "{path} is {found} bytes; a node key file is {KEY_FILE_BYTES} bytes. Restore it from backup"
+    )]
+    Malformed {
+        /// The key file.
+        path: PathBuf,
+        /// Its length.
+        found: u64,
+    },
+    /// Others than the owner may read the key file.
+    #[error("{path} is readable by other users (mode {mode:o}); run `chmod 600` on it")]
+    Permissions {
+        /// The key file.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
+    /// The operating system's random source failed.
+    #[error("no randomness available to create a node key: {0}")]
+    Randomness(getrandom::Error),
+}
+
+/// A node's signing key.
+pub struct Identity {
+    key: SigningKey,
+}
+
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the secret.
+        write!(f, "Identity({})", self.public_key())
+    }
+}
+
+impl Identity {
+    /// Loads the key from `data_dir`, creating it (mode 0600) on first start.
+    pub fn load_or_create(data_dir: &Path) -> Result<Self, IdentityError> {
+        let path = data_dir.join(KEY_FILE);
+        let io = |source| IdentityError::Io {
+            path: path.clone(),
+            source,
+        };
+        match fs::metadata(&path) {
+            Ok(metadata) => {
+                let mode = metadata.permissions().mode() & 0o777;
+                if mode & 0o077 != 0 {
+                    return Err(IdentityError::Permissions { path, mode });
+                }
+                if metadata.len() != KEY_FILE_BYTES as u64 {
+                    return Err(IdentityError::Malformed {
+                        path,
+                        found: metadata.len(),
+                    });
+                }
+                let bytes = fs::read(&path).map_err(io)?;
+                let secret: [u8; KEY_FILE_BYTES] =
+                    bytes
+                        .try_into()
+                        .map_err(|b: Vec<u8>| IdentityError::Malformed {
+                            path: path.clone(),
+                            found: b.len() as u64,
+                        })?;
+                Ok(Self::from_secret(secret))
+            }
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+                let mut secret = [0u8; KEY_FILE_BYTES];
+                getrandom::fill(&mut secret).map_err(IdentityError::Randomness)?;
+                // create_new: never overwrite a key another process created meanwhile.
+                let mut file = OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&path)
+                    .map_err(io)?;
+                file.write_all(&secret).map_err(io)?;
+                file.sync_all().map_err(io)?;
+                Ok(Self::from_secret(secret))
+            }
+            Err(error) => Err(io(error)),
+        }
+    }
+
+    /// An identity from a known secret (tests, the testnet's generated consortium).
+    pub fn from_secret(secret: [u8; 32]) -> Self {
+        Self {
+            key: SigningKey::from_bytes(&secret),
+        }
+    }
+
+    /// The public key.
+    pub fn public_key(&self) -> Bytes32 {
+        Bytes32(self.key.verifying_key().to_bytes())
+    }
+
+    /// The automerge actor this node writes as: its public key.
+    pub fn actor(&self) -> Actor {
+        Actor::from_bytes(self.public_key().0.to_vec())
+    }
+
+    /// Signs `message` (already domain-separated by the caller).
+    pub(crate) fn sign(&self, message: &[u8]) -> [u8; 64] {
+        self.key.sign(message).to_bytes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_key_is_created_once_with_mode_0600_and_loaded_after() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = Identity::load_or_create(dir.path()).unwrap();
+        let mode = fs::metadata(dir.path().join(KEY_FILE))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o600);
+        let again = Identity::load_or_create(dir.path()).unwrap();
+        assert_eq!(first.public_key(), again.public_key());
+    }
+
+    #[test]
+    fn a_readable_or_truncated_key_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        Identity::load_or_create(dir.path()).unwrap();
+        let path = dir.path().join(KEY_FILE);
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(matches!(
+            Identity::load_or_create(dir.path()),
+            Err(IdentityError::Permissions { mode: 0o644, .. })
+        ));
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
+        fs::write(&path, [1u8; 5]).unwrap();
+        assert!(matches!(
+            Identity::load_or_create(dir.path()),
+            Err(IdentityError::Malformed { found: 5, .. })
+        ));
+    }
+}
