@@ -8,6 +8,7 @@ pub use estuary_crdt_model as model;
 
 pub mod envelope;
 pub mod identity;
+pub mod membership;
 
 use model::{DocumentKind, ValidationError};
 

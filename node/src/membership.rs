@@ -1,0 +1,217 @@
+//! The consortium roster as a node holds it: a snapshot signed by the consortium authority,
+//! and the questions the ingest pipeline asks of it.
+//!
+//! A node never merges roster replicas: it replaces its roster with a newer signed snapshot
+//! and refuses an older one, so every node that holds the same version agrees on who may
+//! write.
+
+use std::collections::BTreeSet;
+
+use ed25519_dalek::{Signature, VerifyingKey};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::identity::Identity;
+use crate::model::automerge::ChangeHash;
+use crate::model::{Actor, Bytes32, InstitutionId, LoadError, Roster, RosterView};
+
+/// The signed-roster format this build reads and writes.
+pub const SIGNED_ROSTER_VERSION: u8 = 1;
+/// Largest signed roster, in bytes; checked before decoding.
+pub const SIGNED_ROSTER_BYTES_MAX: usize = 4 * 1024 * 1024;
+/// Domain separation for roster signatures.
+const SIGNING_DOMAIN: &[u8] = b"estuary/roster/v1";
+
+/// Why a roster was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum RosterError {
+    /// Larger than `SIGNED_ROSTER_BYTES_MAX`.
+    #[error("signed roster of {bytes} bytes exceeds the {SIGNED_ROSTER_BYTES_MAX}-byte limit")]
+    TooLarge {
+        /// Its size.
+        bytes: usize,
+    },
+    /// Not a signed roster.
+    #[error("malformed signed roster: {reason}")]
+    Malformed {
+        /// What is wrong.
+        reason: &'static str,
+    },
+    /// Written by a newer format.
+    #[error("signed roster version {found} is not supported; upgrade the node")]
+    UnsupportedVersion {
+        /// The version found.
+        found: u8,
+    },
+    /// Not signed by this consortium's authority.
+    #[error("the roster is not signed by the consortium authority")]
+    BadSignature,
+    /// The roster document is unreadable or invalid.
+    #[error("the roster document is invalid: {0}")]
+    Invalid(#[from] LoadError),
+    /// Older than the roster the node holds.
+    #[error("roster version {offered} is older than the version {current} this node holds")]
+    Stale {
+        /// The version held.
+        current: u64,
+        /// The version offered.
+        offered: u64,
+    },
+    /// Same version as the one held, different content: the authority signed two rosters with
+    /// one version number.
+    #[error("two different rosters carry version {version}; the authority must issue a newer one")]
+    Diverged {
+        /// The version both carry.
+        version: u64,
+    },
+}
+
+/// A roster snapshot with the authority's signature over `estuary/roster/v1 ‖ SHA-256(roster)`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignedRoster {
+    /// Format version.
+    pub version: u8,
+    /// The roster document, as automerge `save()` bytes.
+    #[serde(with = "serde_bytes")]
+    pub roster: Vec<u8>,
+    /// The authority's ed25519 signature.
+    #[serde(with = "serde_bytes")]
+    pub signature: Vec<u8>,
+}
+
+fn signing_message(roster: &[u8]) -> Vec<u8> {
+    let mut message = SIGNING_DOMAIN.to_vec();
+    message.extend_from_slice(&Sha256::digest(roster));
+    message
+}
+
+impl SignedRoster {
+    /// Signs a roster as the consortium authority.
+    pub fn sign(authority: &Identity, roster: &mut Roster) -> Self {
+        let bytes = roster.save();
+        let signature = authority.sign(&signing_message(&bytes));
+        Self {
+            version: SIGNED_ROSTER_VERSION,
+            roster: bytes,
+            signature: signature.to_vec(),
+        }
+    }
+
+    /// Encodes the signed roster (CBOR).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut bytes = Vec::with_capacity(self.roster.len() + 128);
+        ciborium::into_writer(self, &mut bytes).expect("CBOR encoding into memory");
+        bytes
+    }
+
+    /// Decodes a signed roster and checks it was signed by `authority`.
+    pub fn verify(bytes: &[u8], authority: &Bytes32) -> Result<Membership, RosterError> {
+        if bytes.len() > SIGNED_ROSTER_BYTES_MAX {
+            return Err(RosterError::TooLarge { bytes: bytes.len() });
+        }
+        let signed: Self = ciborium::from_reader(bytes).map_err(|_| RosterError::Malformed {
+            reason: "not a CBOR signed roster",
+        })?;
+        if signed.version != SIGNED_ROSTER_VERSION {
+            return Err(RosterError::UnsupportedVersion {
+                found: signed.version,
+            });
+        }
+        let signature: [u8; 64] =
+            signed
+                .signature
+                .as_slice()
+                .try_into()
+                .map_err(|_| RosterError::Malformed {
+                    reason: "signature of the wrong length",
+                })?;
+        let key = VerifyingKey::from_bytes(&authority.0).map_err(|_| RosterError::BadSignature)?;
+        key.verify_strict(
+            &signing_message(&signed.roster),
+            &Signature::from_bytes(&signature),
+        )
+        .map_err(|_| RosterError::BadSignature)?;
+        let roster = Roster::load(&signed.roster, &Actor::from_bytes(authority.0.to_vec()))?;
+        Ok(Membership {
+            view: roster.view(),
+            encoded: bytes.to_vec(),
+        })
+    }
+}
+
+/// Whether a change's author may write, according to the roster.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Admission {
+    /// A current member's key: the change is judged on its content.
+    Member(InstitutionId),
+    /// A revoked key, and the change is one of the heads the revocation accepted.
+    WithinCutoff(InstitutionId),
+    /// A revoked key, and the change is not among the heads the revocation accepted. It is
+    /// accepted only as an ancestor of one of them (the ingest pipeline decides that).
+    Revoked {
+        /// The institution the key belonged to.
+        institution: InstitutionId,
+        /// The heads accepted from the key up to the cut-off.
+        cutoff: BTreeSet<Bytes32>,
+    },
+    /// Not a key of the roster.
+    Stranger,
+}
+
+/// A verified roster as a node holds it.
+#[derive(Clone, Debug)]
+pub struct Membership {
+    view: RosterView,
+    encoded: Vec<u8>,
+}
+
+impl Membership {
+    /// The roster's version.
+    pub fn version(&self) -> u64 {
+        self.view.version
+    }
+
+    /// The roster's content.
+    pub fn view(&self) -> &RosterView {
+        &self.view
+    }
+
+    /// The signed roster, encoded, as it is stored and sent to peers.
+    pub fn encoded(&self) -> &[u8] {
+        &self.encoded
+    }
+
+    /// The roster to hold after being offered `offered`: a newer one replaces this one; an
+    /// older one is refused; the same version must be the same roster.
+    pub fn replaced_by(&self, offered: Membership) -> Result<Membership, RosterError> {
+        let (current, version) = (self.version(), offered.version());
+        if version < current {
+            return Err(RosterError::Stale {
+                current,
+                offered: version,
+            });
+        }
+        if version == current && offered.view != self.view {
+            return Err(RosterError::Diverged { version });
+        }
+        Ok(offered)
+    }
+
+    /// Whether `author` may write the change with hash `change`.
+    pub fn admit(&self, author: &Bytes32, change: &ChangeHash) -> Admission {
+        let Some(institution) = self.view.institution_of(author) else {
+            return Admission::Stranger;
+        };
+        let institution = institution.id.clone();
+        match self.view.revocation_of(author) {
+            None => Admission::Member(institution),
+            Some(revocation) if revocation.cutoff.contains(&Bytes32(change.0)) => {
+                Admission::WithinCutoff(institution)
+            }
+            Some(revocation) => Admission::Revoked {
+                institution,
+                cutoff: revocation.cutoff.iter().copied().collect(),
+            },
+        }
+    }
+}

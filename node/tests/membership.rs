@@ -1,0 +1,212 @@
+//! The signed roster: only the authority's signature counts, a newer roster replaces an older
+//! one and never the reverse, and admission follows membership and revocation.
+
+use estuary_node::identity::Identity;
+use estuary_node::membership::{Admission, RosterError, SignedRoster};
+use estuary_node::model::automerge::ChangeHash;
+use estuary_node::model::*;
+
+fn authority() -> Identity {
+    Identity::from_secret([1; 32])
+}
+
+fn editor() -> Editor {
+    Editor {
+        institution: InstitutionId::new("xinhua").unwrap(),
+        at: Timestamp(1),
+    }
+}
+
+fn member() -> Identity {
+    Identity::from_secret([2; 32])
+}
+
+/// A roster with Xinhua holding `member()`'s key, at version 3.
+fn roster() -> Roster {
+    let mut roster = Roster::create(&authority().actor(), &editor()).unwrap();
+    roster
+        .apply(
+            &editor(),
+            &RosterOp::AddInstitution {
+                id: InstitutionId::new("xinhua").unwrap(),
+                name: "Xinhua Hospital".into(),
+                kind: InstitutionKind::CoreHospital,
+            },
+        )
+        .unwrap();
+    roster
+        .apply(
+            &editor(),
+            &RosterOp::AddNodeKey {
+                institution: InstitutionId::new("xinhua").unwrap(),
+                key: member().public_key(),
+            },
+        )
+        .unwrap();
+    roster
+}
+
+#[test]
+fn a_roster_signed_by_the_authority_is_accepted() {
+    let signed = SignedRoster::sign(&authority(), &mut roster()).encode();
+    let membership = SignedRoster::verify(&signed, &authority().public_key()).unwrap();
+    assert_eq!(membership.version(), 3);
+    assert_eq!(membership.encoded(), signed.as_slice());
+}
+
+#[test]
+fn a_forged_authority_signature_is_rejected() {
+    let forger = Identity::from_secret([9; 32]);
+    let forged = SignedRoster::sign(&forger, &mut roster()).encode();
+    assert!(matches!(
+        SignedRoster::verify(&forged, &authority().public_key()),
+        Err(RosterError::BadSignature)
+    ));
+    // A genuine signature over other content is rejected too.
+    let mut signed = SignedRoster::sign(&authority(), &mut roster());
+    let mut other = roster();
+    other
+        .apply(
+            &editor(),
+            &RosterOp::AddInstitution {
+                id: InstitutionId::new("intruder").unwrap(),
+                name: "Intruder".into(),
+                kind: InstitutionKind::CommunityCentre,
+            },
+        )
+        .unwrap();
+    signed.roster = other.save();
+    assert!(matches!(
+        SignedRoster::verify(&signed.encode(), &authority().public_key()),
+        Err(RosterError::BadSignature)
+    ));
+}
+
+#[test]
+fn an_older_roster_never_replaces_a_newer_one() {
+    let mut document = roster();
+    let old = SignedRoster::verify(
+        &SignedRoster::sign(&authority(), &mut document).encode(),
+        &authority().public_key(),
+    )
+    .unwrap();
+    document
+        .apply(
+            &editor(),
+            &RosterOp::AddInstitution {
+                id: InstitutionId::new("chc-jianshe").unwrap(),
+                name: "Jianshe CHC".into(),
+                kind: InstitutionKind::CommunityCentre,
+            },
+        )
+        .unwrap();
+    let new = SignedRoster::verify(
+        &SignedRoster::sign(&authority(), &mut document).encode(),
+        &authority().public_key(),
+    )
+    .unwrap();
+    let held = old.replaced_by(new.clone()).unwrap();
+    assert_eq!(held.version(), 4);
+    assert!(matches!(
+        held.replaced_by(old),
+        Err(RosterError::Stale {
+            current: 4,
+            offered: 3
+        })
+    ));
+    assert_eq!(
+        held.replaced_by(new).unwrap().version(),
+        4,
+        "the same roster again is fine"
+    );
+}
+
+#[test]
+fn two_rosters_with_one_version_are_refused() {
+    let a = SignedRoster::verify(
+        &SignedRoster::sign(&authority(), &mut roster()).encode(),
+        &authority().public_key(),
+    )
+    .unwrap();
+    let mut other = Roster::create(&authority().actor(), &editor()).unwrap();
+    for id in ["a", "b"] {
+        other
+            .apply(
+                &editor(),
+                &RosterOp::AddInstitution {
+                    id: InstitutionId::new(id).unwrap(),
+                    name: id.into(),
+                    kind: InstitutionKind::CommunityCentre,
+                },
+            )
+            .unwrap();
+    }
+    let b = SignedRoster::verify(
+        &SignedRoster::sign(&authority(), &mut other).encode(),
+        &authority().public_key(),
+    )
+    .unwrap();
+    assert_eq!(a.version(), b.version());
+    assert!(matches!(
+        a.replaced_by(b),
+        Err(RosterError::Diverged { version: 3 })
+    ));
+}
+
+#[test]
+fn admission_follows_membership_and_revocation() {
+    let change = ChangeHash([5; 32]);
+    let accepted = ChangeHash([6; 32]);
+    let mut document = roster();
+    let membership = SignedRoster::verify(
+        &SignedRoster::sign(&authority(), &mut document).encode(),
+        &authority().public_key(),
+    )
+    .unwrap();
+    let xinhua = InstitutionId::new("xinhua").unwrap();
+    assert_eq!(
+        membership.admit(&member().public_key(), &change),
+        Admission::Member(xinhua.clone())
+    );
+    assert_eq!(
+        membership.admit(&Identity::from_secret([3; 32]).public_key(), &change),
+        Admission::Stranger
+    );
+
+    document
+        .apply(
+            &editor(),
+            &RosterOp::Revoke {
+                key: member().public_key(),
+                cutoff: vec![Bytes32(accepted.0)],
+                reason: "node compromised".into(),
+            },
+        )
+        .unwrap();
+    let revoked = SignedRoster::verify(
+        &SignedRoster::sign(&authority(), &mut document).encode(),
+        &authority().public_key(),
+    )
+    .unwrap();
+    assert_eq!(
+        revoked.admit(&member().public_key(), &accepted),
+        Admission::WithinCutoff(xinhua.clone())
+    );
+    assert!(matches!(
+        revoked.admit(&member().public_key(), &change),
+        Admission::Revoked { .. }
+    ));
+}
+
+#[test]
+fn malformed_and_oversized_rosters_are_refused() {
+    assert!(matches!(
+        SignedRoster::verify(b"junk", &authority().public_key()),
+        Err(RosterError::Malformed { .. })
+    ));
+    let big = vec![0u8; estuary_node::membership::SIGNED_ROSTER_BYTES_MAX + 1];
+    assert!(matches!(
+        SignedRoster::verify(&big, &authority().public_key()),
+        Err(RosterError::TooLarge { .. })
+    ));
+}
