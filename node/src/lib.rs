@@ -9,6 +9,8 @@ pub use estuary_crdt_model as model;
 pub mod envelope;
 pub mod identity;
 pub mod membership;
+pub mod node;
+pub mod store;
 
 use model::{DocumentKind, ValidationError};
 

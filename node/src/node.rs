@@ -1,0 +1,787 @@
+//! A node's core: its identity, roster, durable store, and the one ingest pipeline that every
+//! change goes through — a local write as much as a peer's.
+//!
+//! Pipeline: verify the envelope's signature → the author is a member (or within its
+//! revocation cut-off) → a creation change names its own document → dependencies accepted
+//! (otherwise held as pending, bounded) and none quarantined → apply to the document at the
+//! change's own dependencies and `validate_change` → accept (store, durable) or quarantine
+//! with the reason. Every decision depends only on the change, its history and the roster.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Mutex, MutexGuard, RwLock};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::envelope::{Envelope, EnvelopeError, VerifiedChange};
+use crate::identity::{Identity, IdentityError};
+use crate::membership::{Admission, Membership, RosterError, SignedRoster};
+use crate::model::automerge::{AutoCommit, Change, ChangeHash};
+use crate::model::{
+    Bytes32, Demographics, DocumentId, DocumentKind, Editor, HealthFile, HealthFileOp,
+    HealthFileView, InstitutionId, NewReferral, OpError, Referral, ReferralOp, ReferralView,
+    document_id_of, validate, validate_change,
+};
+use crate::store::{Batch, GroupCommit, KeyValue, SledStore, StoreError};
+
+/// Most documents held decoded in memory at once.
+pub const CACHE_DOCUMENTS_MAX: usize = 1_024;
+/// Most bytes of stored envelopes held decoded in memory at once (the cache's budget).
+pub const CACHE_BYTES_MAX: usize = 64 * 1024 * 1024;
+/// Most changes held waiting for their dependencies.
+pub const PENDING_CHANGES_MAX: usize = 10_000;
+
+/// Key prefixes of the store's keyspaces (one tree, so batches across them are atomic).
+mod keys {
+    /// `e ‖ document ‖ change hash` → envelope.
+    pub const ENVELOPE: u8 = b'e';
+    /// `d ‖ document` → document record (kind, heads).
+    pub const DOCUMENT: u8 = b'd';
+    /// `c ‖ document` → SHA-256 of the sorted heads: the catalogue reconciliation reads.
+    pub const CATALOGUE: u8 = b'c';
+    /// `q ‖ change hash` → quarantine record.
+    pub const QUARANTINE: u8 = b'q';
+    /// `p ‖ change hash` → pending record.
+    pub const PENDING: u8 = b'p';
+    /// The signed roster.
+    pub const ROSTER: &[u8] = b"m/roster";
+
+    pub fn envelope(document: &super::DocumentId, hash: &super::ChangeHash) -> Vec<u8> {
+        [&[ENVELOPE][..], document.as_bytes(), &hash.0].concat()
+    }
+    pub fn per_document(prefix: u8, document: &super::DocumentId) -> Vec<u8> {
+        [&[prefix][..], document.as_bytes()].concat()
+    }
+    pub fn per_change(prefix: u8, hash: &super::ChangeHash) -> Vec<u8> {
+        [&[prefix][..], &hash.0].concat()
+    }
+}
+
+/// Why the node could not start or do what was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// The node key.
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    /// The store.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The roster.
+    #[error(transparent)]
+    Roster(#[from] RosterError),
+    /// This node's key is not in the roster (or is revoked): it may not write.
+    #[error(
+        "this node's key is not a current member of the roster; ask the consortium authority to add it"
+    )]
+    NotAMember,
+    /// An edit made in another institution's name.
+    #[error("this node writes for {own}, not for another institution")]
+    WrongInstitution {
+        /// The node's institution.
+        own: InstitutionId,
+    },
+    /// No such document.
+    #[error("no document {0}")]
+    UnknownDocument(DocumentId),
+    /// The document is of another kind than asked for.
+    #[error("document {document} is a {found}, not a {expected}")]
+    WrongKind {
+        /// The document.
+        document: DocumentId,
+        /// The kind asked for.
+        expected: DocumentKind,
+        /// Its kind.
+        found: DocumentKind,
+    },
+    /// The typed operation was refused.
+    #[error(transparent)]
+    Op(#[from] OpError),
+    /// A stored document does not load as its kind.
+    #[error(transparent)]
+    Load(#[from] crate::model::LoadError),
+    /// The node's own change did not pass the pipeline: a bug, reported rather than hidden.
+    #[error("the local change was not accepted: {0:?}")]
+    LocalChangeRefused(Ingested),
+    /// The pipeline refused an envelope outright.
+    #[error(transparent)]
+    Ingest(#[from] IngestError),
+}
+
+/// Why an envelope was refused without being stored at all.
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    /// It does not decode or its signature does not verify.
+    #[error(transparent)]
+    Envelope(#[from] EnvelopeError),
+    /// Its author is not in the roster.
+    #[error("the change's author is not a member of the consortium")]
+    Stranger,
+    /// Too many changes already wait for their dependencies.
+    #[error("{PENDING_CHANGES_MAX} changes already wait for dependencies; retry after catching up")]
+    PendingFull,
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// What the pipeline decided for one envelope.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Ingested {
+    /// Accepted and durable.
+    Accepted(ChangeHash),
+    /// Already accepted before: nothing changed.
+    Duplicate(ChangeHash),
+    /// Held until its dependencies arrive.
+    Pending(ChangeHash),
+    /// Refused for the reason given, and stored in quarantine with it.
+    Quarantined(ChangeHash, String),
+}
+
+/// A quarantined change as operators see it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuarantineEntry {
+    /// The change.
+    pub change: [u8; 32],
+    /// Its document.
+    pub document: DocumentId,
+    /// Why it was refused (names fields and rules, never content).
+    pub reason: String,
+}
+
+#[derive(Serialize, Deserialize)]
+struct QuarantineRecord {
+    document: DocumentId,
+    reason: String,
+    #[serde(with = "serde_bytes")]
+    envelope: Vec<u8>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct PendingRecord {
+    document: DocumentId,
+    #[serde(with = "serde_bytes")]
+    envelope: Vec<u8>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct DocumentRecord {
+    kind: DocumentKind,
+    heads: Vec<[u8; 32]>,
+}
+
+/// Where a node keeps its data and whom it trusts.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    /// The data directory (key, store).
+    pub data_dir: PathBuf,
+    /// The consortium authority's public key.
+    pub authority: Bytes32,
+}
+
+/// A decoded document in the cache.
+struct Cached {
+    doc: AutoCommit,
+    kind: DocumentKind,
+    bytes: usize,
+    used: u64,
+}
+
+/// Documents decoded on demand, bounded in count and bytes: 700,000 files are not 700,000
+/// loaded documents.
+#[derive(Default)]
+struct Cache {
+    documents: HashMap<DocumentId, Cached>,
+    bytes: usize,
+    clock: u64,
+}
+
+impl Cache {
+    fn touch(&mut self, id: &DocumentId) -> Option<&mut Cached> {
+        self.clock += 1;
+        let clock = self.clock;
+        let cached = self.documents.get_mut(id)?;
+        cached.used = clock;
+        Some(cached)
+    }
+
+    fn insert(&mut self, id: DocumentId, cached: Cached) {
+        if let Some(old) = self.documents.remove(&id) {
+            self.bytes -= old.bytes;
+        }
+        self.bytes += cached.bytes;
+        self.documents.insert(id, cached);
+        while self.documents.len() > CACHE_DOCUMENTS_MAX || self.bytes > CACHE_BYTES_MAX {
+            let Some(oldest) = self
+                .documents
+                .iter()
+                .min_by_key(|(_, c)| c.used)
+                .map(|(id, _)| *id)
+            else {
+                break;
+            };
+            if oldest == id && self.documents.len() == 1 {
+                break;
+            }
+            if let Some(evicted) = self.documents.remove(&oldest) {
+                self.bytes -= evicted.bytes;
+            }
+        }
+    }
+}
+
+/// One member institution's node.
+pub struct Node {
+    identity: Identity,
+    institution: InstitutionId,
+    authority: Bytes32,
+    store: Box<dyn KeyValue>,
+    commit: GroupCommit,
+    membership: RwLock<Membership>,
+    /// Document state; held while deciding and applying a change, never while flushing.
+    cache: Mutex<Cache>,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("identity", &self.identity)
+            .field("institution", &self.institution)
+            .finish()
+    }
+}
+
+impl Node {
+    /// Opens the node in `config.data_dir`, creating its key and store on first start.
+    /// `roster` is a signed roster to adopt if newer than the stored one (the first start
+    /// needs one).
+    pub fn open(config: &NodeConfig, roster: Option<&[u8]>) -> Result<Self, NodeError> {
+        std::fs::create_dir_all(&config.data_dir)
+            .map_err(|e| StoreError::Backend(e.to_string()))?;
+        let identity = Identity::load_or_create(&config.data_dir)?;
+        let store = SledStore::open(&config.data_dir.join("store"))?;
+        let stored = store
+            .get(keys::ROSTER)?
+            .map(|bytes| SignedRoster::verify(&bytes, &config.authority))
+            .transpose()?;
+        let offered = roster
+            .map(|bytes| SignedRoster::verify(bytes, &config.authority))
+            .transpose()?;
+        let membership = match (stored, offered) {
+            (Some(held), Some(offered)) => held.replaced_by(offered)?,
+            (Some(held), None) => held,
+            (None, Some(offered)) => offered,
+            (None, None) => {
+                return Err(RosterError::Malformed {
+                    reason: "no roster: the first start needs the signed roster",
+                }
+                .into());
+            }
+        };
+        let mut batch = Batch::default();
+        batch.put(keys::ROSTER, membership.encoded().to_vec());
+        let commit = GroupCommit::default();
+        commit.commit(&store, batch)?;
+        let institution = match membership.admit(&identity.public_key(), &ChangeHash([0; 32])) {
+            Admission::Member(institution) => institution,
+            _ => return Err(NodeError::NotAMember),
+        };
+        Ok(Self {
+            identity,
+            institution,
+            authority: config.authority,
+            store: Box::new(store),
+            commit,
+            membership: RwLock::new(membership),
+            cache: Mutex::new(Cache::default()),
+        })
+    }
+
+    /// This node's public key.
+    pub fn public_key(&self) -> Bytes32 {
+        self.identity.public_key()
+    }
+
+    /// The institution this node writes for.
+    pub fn institution(&self) -> &InstitutionId {
+        &self.institution
+    }
+
+    /// Adopts a newer signed roster.
+    pub fn update_roster(&self, signed: &[u8]) -> Result<u64, NodeError> {
+        let offered = SignedRoster::verify(signed, &self.authority)?;
+        let mut membership = self.membership.write().unwrap_or_else(|p| p.into_inner());
+        let newer = membership.replaced_by(offered)?;
+        let mut batch = Batch::default();
+        batch.put(keys::ROSTER, newer.encoded().to_vec());
+        self.commit.commit(self.store.as_ref(), batch)?;
+        *membership = newer;
+        Ok(membership.version())
+    }
+
+    /// Registers a resident: creates their health file. Returns once it is durable.
+    pub fn create_health_file(
+        &self,
+        editor: &Editor,
+        demographics: &Demographics,
+    ) -> Result<(DocumentId, ChangeHash), NodeError> {
+        self.check_editor(editor)?;
+        let mut file = HealthFile::create(&self.identity.actor(), editor, demographics)?;
+        let id = file.id();
+        let hash = self.write_local(id, file.changes_since(&[]))?;
+        Ok((id, hash))
+    }
+
+    /// Sends a referral from this node's institution. Returns once it is durable.
+    pub fn create_referral(
+        &self,
+        editor: &Editor,
+        referral: &NewReferral,
+    ) -> Result<(DocumentId, ChangeHash), NodeError> {
+        self.check_editor(editor)?;
+        let mut created = Referral::create(&self.identity.actor(), editor, referral)?;
+        let id = created.id();
+        let hash = self.write_local(id, created.changes_since(&[]))?;
+        Ok((id, hash))
+    }
+
+    /// Applies a typed edit to a health file. Returns the change's hash once it is durable.
+    pub fn apply_health_file(
+        &self,
+        id: DocumentId,
+        editor: &Editor,
+        op: &HealthFileOp,
+    ) -> Result<ChangeHash, NodeError> {
+        self.check_editor(editor)?;
+        let doc = self.document(id, DocumentKind::HealthFile)?;
+        let mut file = HealthFile::from_automerge(doc, &self.identity.actor())?;
+        let heads = file.heads();
+        file.apply(editor, op)?;
+        self.write_local(id, file.changes_since(&heads))
+    }
+
+    /// Applies a typed edit to a referral. Returns the change's hash once it is durable.
+    pub fn apply_referral(
+        &self,
+        id: DocumentId,
+        editor: &Editor,
+        op: &ReferralOp,
+    ) -> Result<ChangeHash, NodeError> {
+        self.check_editor(editor)?;
+        let doc = self.document(id, DocumentKind::Referral)?;
+        let mut referral = Referral::from_automerge(doc, &self.identity.actor())?;
+        let heads = referral.heads();
+        referral.apply(editor, op)?;
+        self.write_local(id, referral.changes_since(&heads))
+    }
+
+    /// The typed view of a health file.
+    pub fn health_file(&self, id: DocumentId) -> Result<HealthFileView, NodeError> {
+        let doc = self.document(id, DocumentKind::HealthFile)?;
+        Ok(HealthFile::from_automerge(doc, &self.identity.actor())?.view())
+    }
+
+    /// The typed view of a referral.
+    pub fn referral(&self, id: DocumentId) -> Result<ReferralView, NodeError> {
+        let doc = self.document(id, DocumentKind::Referral)?;
+        Ok(Referral::from_automerge(doc, &self.identity.actor())?.view())
+    }
+
+    /// The current heads of a document.
+    pub fn heads(&self, id: DocumentId) -> Result<Vec<ChangeHash>, NodeError> {
+        let record = self
+            .document_record(&id)?
+            .ok_or(NodeError::UnknownDocument(id))?;
+        Ok(record.heads.into_iter().map(ChangeHash).collect())
+    }
+
+    /// Every stored envelope of a document, for sync and export.
+    pub fn envelopes(&self, id: DocumentId) -> Result<Vec<Vec<u8>>, NodeError> {
+        Ok(self
+            .store
+            .scan_prefix(&keys::per_document(keys::ENVELOPE, &id))?
+            .into_iter()
+            .map(|(_, v)| v)
+            .collect())
+    }
+
+    /// The quarantined changes, with their reasons.
+    pub fn quarantine(&self) -> Result<Vec<QuarantineEntry>, NodeError> {
+        self.store
+            .scan_prefix(&[keys::QUARANTINE])?
+            .into_iter()
+            .map(|(key, value)| {
+                let record: QuarantineRecord = decode(&value, "quarantine record")?;
+                let mut change = [0u8; 32];
+                change.copy_from_slice(key.get(1..33).ok_or(StoreError::Corrupt {
+                    what: "quarantine key",
+                })?);
+                Ok(QuarantineEntry {
+                    change,
+                    document: record.document,
+                    reason: record.reason,
+                })
+            })
+            .collect()
+    }
+
+    /// How many changes wait for their dependencies.
+    pub fn pending_count(&self) -> Result<usize, NodeError> {
+        Ok(self.store.scan_prefix(&[keys::PENDING])?.len())
+    }
+
+    /// Runs one envelope from a peer (or a bundle) through the pipeline; returns once the
+    /// decision is durable.
+    pub fn ingest(&self, envelope: &[u8]) -> Result<Ingested, IngestError> {
+        let verified = Envelope::verify(envelope)?;
+        let (outcome, ticket) = {
+            let mut cache = self.lock_cache();
+            let mut ticket = 0;
+            let outcome = self.decide(&mut cache, verified, &mut ticket)?;
+            // Accepting a change may complete the dependencies of pending ones.
+            if matches!(outcome, Ingested::Accepted(_)) {
+                self.retry_pending(&mut cache, &mut ticket)?;
+            }
+            (outcome, ticket)
+        };
+        // Decisions were applied in order under the lock; one flush makes them all durable,
+        // shared with concurrent writers, without holding the lock while the disk works.
+        if ticket > 0 {
+            self.commit.wait_durable(self.store.as_ref(), ticket)?;
+        }
+        Ok(outcome)
+    }
+
+    fn write_local(
+        &self,
+        id: DocumentId,
+        mut changes: Vec<Change>,
+    ) -> Result<ChangeHash, NodeError> {
+        let Some(mut change) = changes.pop() else {
+            // The operation changed nothing (for instance removing an absent allergy).
+            return self
+                .heads(id)?
+                .first()
+                .copied()
+                .ok_or(NodeError::UnknownDocument(id));
+        };
+        debug_assert!(changes.is_empty(), "a typed operation makes one change");
+        let envelope = Envelope::sign(&self.identity, id, &mut change).encode();
+        match self.ingest(&envelope)? {
+            Ingested::Accepted(hash) => Ok(hash),
+            other => Err(NodeError::LocalChangeRefused(other)),
+        }
+    }
+
+    fn check_editor(&self, editor: &Editor) -> Result<(), NodeError> {
+        if editor.institution != self.institution {
+            return Err(NodeError::WrongInstitution {
+                own: self.institution.clone(),
+            });
+        }
+        let membership = self.membership.read().unwrap_or_else(|p| p.into_inner());
+        match membership.admit(&self.identity.public_key(), &ChangeHash([0; 32])) {
+            Admission::Member(_) => Ok(()),
+            _ => Err(NodeError::NotAMember),
+        }
+    }
+
+    /// Decides one verified change and applies the writes it needs; `ticket` is then the
+    /// group-commit ticket to wait on for durability.
+    fn decide(
+        &self,
+        cache: &mut Cache,
+        verified: VerifiedChange,
+        ticket: &mut u64,
+    ) -> Result<Ingested, IngestError> {
+        let (id, hash) = (verified.document, verified.hash);
+        if self.store.get(&keys::envelope(&id, &hash))?.is_some() {
+            return Ok(Ingested::Duplicate(hash));
+        }
+        if let Some(value) = self.store.get(&keys::per_change(keys::QUARANTINE, &hash))? {
+            let record: QuarantineRecord = decode(&value, "quarantine record")?;
+            return Ok(Ingested::Quarantined(hash, record.reason));
+        }
+        let admission = {
+            let membership = self.membership.read().unwrap_or_else(|p| p.into_inner());
+            membership.admit(&verified.author, &hash)
+        };
+        let author = match admission {
+            Admission::Member(institution) | Admission::WithinCutoff(institution) => institution,
+            Admission::Revoked { .. } => {
+                return Ok(self.quarantined(
+                    ticket,
+                    &verified,
+                    "the author's key was revoked before this change",
+                )?);
+            }
+            Admission::Stranger => return Err(IngestError::Stranger),
+        };
+        let deps = verified.change.deps().to_vec();
+        if deps.is_empty() && document_id_of(&hash) != id {
+            return Ok(self.quarantined(
+                ticket,
+                &verified,
+                "a creation change for another document",
+            )?);
+        }
+        for dep in &deps {
+            if self
+                .store
+                .get(&keys::per_change(keys::QUARANTINE, dep))?
+                .is_some()
+            {
+                return Ok(self.quarantined(
+                    ticket,
+                    &verified,
+                    "it depends on a quarantined change",
+                )?);
+            }
+        }
+        let mut missing = false;
+        for dep in &deps {
+            missing |= self.store.get(&keys::envelope(&id, dep))?.is_none();
+        }
+        if missing {
+            if self.store.scan_prefix(&[keys::PENDING])?.len() >= PENDING_CHANGES_MAX {
+                return Err(IngestError::PendingFull);
+            }
+            let mut batch = Batch::default();
+            let record = PendingRecord {
+                document: id,
+                envelope: verified.encoded.clone(),
+            };
+            batch.put(keys::per_change(keys::PENDING, &hash), encode(&record));
+            *ticket = self.commit.apply(self.store.as_ref(), batch)?;
+            return Ok(Ingested::Pending(hash));
+        }
+
+        let mut current = if deps.is_empty() {
+            AutoCommit::new()
+        } else {
+            self.load(cache, &id)?
+                .ok_or(StoreError::Corrupt {
+                    what: "document record",
+                })?
+                .0
+        };
+        let before = if deps.is_empty() {
+            AutoCommit::new()
+        } else {
+            current.fork_at(&deps).map_err(|_| StoreError::Corrupt {
+                what: "document history",
+            })?
+        };
+        let mut after = before.clone();
+        if after.apply_changes([verified.change.clone()]).is_err() {
+            return Ok(self.quarantined(
+                ticket,
+                &verified,
+                "the change does not apply to its dependencies",
+            )?);
+        }
+        let kind = match validate_change(&before, &after, &author) {
+            Ok(kind) => kind,
+            Err(error) => return Ok(self.quarantined(ticket, &verified, &error.to_string())?),
+        };
+        if current.apply_changes([verified.change.clone()]).is_err() {
+            return Ok(self.quarantined(
+                ticket,
+                &verified,
+                "the change does not apply to the document",
+            )?);
+        }
+        // Per-change checks keep merged states valid; check rather than assume.
+        if let Err(error) = validate(&current) {
+            return Ok(self.quarantined(
+                ticket,
+                &verified,
+                &format!("merging it breaks the document: {error}"),
+            )?);
+        }
+        let heads = current.get_heads();
+        let mut batch = Batch::default();
+        batch.put(keys::envelope(&id, &hash), verified.encoded.clone());
+        let record = DocumentRecord {
+            kind,
+            heads: heads.iter().map(|h| h.0).collect(),
+        };
+        batch.put(keys::per_document(keys::DOCUMENT, &id), encode(&record));
+        batch.put(
+            keys::per_document(keys::CATALOGUE, &id),
+            catalogue_digest(&heads).to_vec(),
+        );
+        batch.delete(keys::per_change(keys::PENDING, &hash));
+        *ticket = self.commit.apply(self.store.as_ref(), batch)?;
+        let bytes = cache.documents.get(&id).map_or(0, |c| c.bytes) + verified.encoded.len();
+        cache.insert(
+            id,
+            Cached {
+                doc: current,
+                kind,
+                bytes,
+                used: 0,
+            },
+        );
+        cache.touch(&id);
+        Ok(Ingested::Accepted(hash))
+    }
+
+    fn quarantined(
+        &self,
+        ticket: &mut u64,
+        verified: &VerifiedChange,
+        reason: &str,
+    ) -> Result<Ingested, StoreError> {
+        tracing::info!(document = %verified.document, change = %verified.hash, reason, "change quarantined");
+        let record = QuarantineRecord {
+            document: verified.document,
+            reason: reason.to_string(),
+            envelope: verified.encoded.clone(),
+        };
+        let mut batch = Batch::default();
+        batch.put(
+            keys::per_change(keys::QUARANTINE, &verified.hash),
+            encode(&record),
+        );
+        batch.delete(keys::per_change(keys::PENDING, &verified.hash));
+        *ticket = self.commit.apply(self.store.as_ref(), batch)?;
+        Ok(Ingested::Quarantined(verified.hash, reason.to_string()))
+    }
+
+    /// Decides pending changes whose dependencies are now decided, until none is left to do.
+    fn retry_pending(&self, cache: &mut Cache, ticket: &mut u64) -> Result<(), IngestError> {
+        loop {
+            let mut progress = false;
+            for (key, value) in self.store.scan_prefix(&[keys::PENDING])? {
+                let record: PendingRecord = decode(&value, "pending record")?;
+                let Ok(verified) = Envelope::verify(&record.envelope) else {
+                    // Verified when it was parked: the stored copy is damaged. Drop it; a peer
+                    // will send the change again.
+                    let mut batch = Batch::default();
+                    batch.delete(key);
+                    *ticket = self.commit.apply(self.store.as_ref(), batch)?;
+                    continue;
+                };
+                let mut decided = true;
+                for dep in verified.change.deps() {
+                    let accepted = self
+                        .store
+                        .get(&keys::envelope(&record.document, dep))?
+                        .is_some();
+                    let refused = self
+                        .store
+                        .get(&keys::per_change(keys::QUARANTINE, dep))?
+                        .is_some();
+                    decided &= accepted || refused;
+                }
+                if decided {
+                    self.decide(cache, verified, ticket)?;
+                    progress = true;
+                }
+            }
+            if !progress {
+                return Ok(());
+            }
+        }
+    }
+
+    /// A document decoded, from the cache or the store; with its kind.
+    fn load(
+        &self,
+        cache: &mut Cache,
+        id: &DocumentId,
+    ) -> Result<Option<(AutoCommit, DocumentKind)>, StoreError> {
+        if let Some(cached) = cache.touch(id) {
+            return Ok(Some((cached.doc.clone(), cached.kind)));
+        }
+        let Some(record) = self.document_record(id)? else {
+            return Ok(None);
+        };
+        let mut doc = AutoCommit::new();
+        let mut bytes = 0;
+        let mut changes = Vec::new();
+        for (_, envelope) in self
+            .store
+            .scan_prefix(&keys::per_document(keys::ENVELOPE, id))?
+        {
+            bytes += envelope.len();
+            let verified = Envelope::verify(&envelope)
+                .map_err(|_| StoreError::Corrupt { what: "envelope" })?;
+            changes.push(verified.change);
+        }
+        doc.apply_changes(changes)
+            .map_err(|_| StoreError::Corrupt {
+                what: "document history",
+            })?;
+        let heads: Vec<[u8; 32]> = doc.get_heads().iter().map(|h| h.0).collect();
+        if heads != record.heads {
+            return Err(StoreError::Corrupt {
+                what: "document heads",
+            });
+        }
+        cache.insert(
+            *id,
+            Cached {
+                doc: doc.clone(),
+                kind: record.kind,
+                bytes,
+                used: 0,
+            },
+        );
+        cache.touch(id);
+        Ok(Some((doc, record.kind)))
+    }
+
+    fn document(&self, id: DocumentId, expected: DocumentKind) -> Result<AutoCommit, NodeError> {
+        let mut cache = self.lock_cache();
+        let (doc, found) = self
+            .load(&mut cache, &id)?
+            .ok_or(NodeError::UnknownDocument(id))?;
+        if found != expected {
+            return Err(NodeError::WrongKind {
+                document: id,
+                expected,
+                found,
+            });
+        }
+        Ok(doc)
+    }
+
+    fn document_record(&self, id: &DocumentId) -> Result<Option<DocumentRecord>, StoreError> {
+        self.store
+            .get(&keys::per_document(keys::DOCUMENT, id))?
+            .map(|bytes| decode(&bytes, "document record"))
+            .transpose()
+    }
+
+    fn lock_cache(&self) -> MutexGuard<'_, Cache> {
+        self.cache.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The data directory's store size on disk, in bytes.
+    pub fn storage_bytes(&self) -> Result<u64, NodeError> {
+        Ok(self.store.size_on_disk()?)
+    }
+}
+
+/// The catalogue's digest of a document's heads: equal digests mean equal heads.
+fn catalogue_digest(heads: &[ChangeHash]) -> [u8; 32] {
+    let mut sorted: Vec<&ChangeHash> = heads.iter().collect();
+    sorted.sort();
+    let mut hasher = Sha256::new();
+    for head in sorted {
+        hasher.update(head.0);
+    }
+    hasher.finalize().into()
+}
+
+fn encode(value: &impl Serialize) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    ciborium::into_writer(value, &mut bytes).expect("CBOR encoding into memory");
+    bytes
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8], what: &'static str) -> Result<T, StoreError> {
+    ciborium::from_reader(bytes).map_err(|_| StoreError::Corrupt { what })
+}

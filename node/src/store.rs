@@ -1,0 +1,303 @@
+//! Durable storage behind a narrow interface of our own: ordered keys, atomic batches, flush.
+//!
+//! sled 0.34 is the backend today; the interface is small so that the crash test and the
+//! benchmarks can decide the backend on evidence. Writes are acknowledged only after a flush,
+//! and concurrent writers share flushes (group commit).
+
+use std::path::Path;
+use std::sync::{Condvar, Mutex};
+
+/// Why the store failed. The messages name keys' kinds, never values.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The backend reported an error (I/O, corruption detected by sled).
+    #[error("storage backend error: {0}")]
+    Backend(String),
+    /// A stored record does not decode: the data directory is damaged.
+    #[error("stored {what} is damaged; run `estuary verify` and re-sync the affected documents")]
+    Corrupt {
+        /// Which kind of record.
+        what: &'static str,
+    },
+}
+
+impl From<sled::Error> for StoreError {
+    fn from(error: sled::Error) -> Self {
+        StoreError::Backend(error.to_string())
+    }
+}
+
+/// A set of writes applied atomically: all of them or none, even across a crash.
+#[derive(Default, Debug)]
+pub struct Batch {
+    writes: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+}
+
+impl Batch {
+    /// Sets `key` to `value`.
+    pub fn put(&mut self, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) {
+        self.writes.push((key.into(), Some(value.into())));
+    }
+
+    /// Removes `key`.
+    pub fn delete(&mut self, key: impl Into<Vec<u8>>) {
+        self.writes.push((key.into(), None));
+    }
+
+    /// Whether the batch writes nothing.
+    pub fn is_empty(&self) -> bool {
+        self.writes.is_empty()
+    }
+}
+
+/// Keys and values in key order, as a prefix scan returns them.
+pub type Entries = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// The storage interface the node needs.
+pub trait KeyValue: Send + Sync {
+    /// The value of `key`.
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Every key and value starting with `prefix`, in key order.
+    fn scan_prefix(&self, prefix: &[u8]) -> Result<Entries, StoreError>;
+    /// Applies a batch atomically. Not durable until `flush` returns.
+    fn apply(&self, batch: Batch) -> Result<(), StoreError>;
+    /// Makes every applied batch durable.
+    fn flush(&self) -> Result<(), StoreError>;
+    /// Bytes the store occupies on disk.
+    fn size_on_disk(&self) -> Result<u64, StoreError>;
+}
+
+/// The sled backend: one tree, keyspaces separated by key prefixes so that a batch spanning
+/// them stays atomic.
+pub struct SledStore {
+    db: sled::Db,
+}
+
+impl SledStore {
+    /// Opens (or creates) the store in `dir`.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        let db = sled::Config::new().path(dir).open()?;
+        Ok(Self { db })
+    }
+}
+
+impl KeyValue for SledStore {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.db.get(key)?.map(|v| v.to_vec()))
+    }
+
+    fn scan_prefix(&self, prefix: &[u8]) -> Result<Entries, StoreError> {
+        self.db
+            .scan_prefix(prefix)
+            .map(|item| {
+                item.map(|(k, v)| (k.to_vec(), v.to_vec()))
+                    .map_err(Into::into)
+            })
+            .collect()
+    }
+
+    fn apply(&self, batch: Batch) -> Result<(), StoreError> {
+        let mut sled_batch = sled::Batch::default();
+        for (key, value) in batch.writes {
+            match value {
+                Some(value) => sled_batch.insert(key, value),
+                None => sled_batch.remove(key),
+            }
+        }
+        Ok(self.db.apply_batch(sled_batch)?)
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        Ok(())
+    }
+
+    fn size_on_disk(&self) -> Result<u64, StoreError> {
+        Ok(self.db.size_on_disk()?)
+    }
+}
+
+/// Group commit: a writer that needs durability waits for a flush that began after its batch
+/// was applied. The first waiter runs the flush for everyone waiting; writers that arrive
+/// during it are covered by the next one. So N concurrent writers cost about one flush, not N.
+#[derive(Default)]
+pub struct GroupCommit {
+    state: Mutex<FlushState>,
+    flushed: Condvar,
+}
+
+#[derive(Default)]
+struct FlushState {
+    /// Batches applied so far.
+    applied: u64,
+    /// Batches known durable.
+    durable: u64,
+    /// Whether a writer is flushing now.
+    flushing: bool,
+    /// Flushes run so far (for metrics and tests).
+    flushes: u64,
+}
+
+impl GroupCommit {
+    /// Applies `batch` and returns once it is durable.
+    pub fn commit(&self, store: &dyn KeyValue, batch: Batch) -> Result<(), StoreError> {
+        let ticket = self.apply(store, batch)?;
+        self.wait_durable(store, ticket)
+    }
+
+    /// Applies `batch` (visible, not yet durable) and returns its ticket for `wait_durable`.
+    pub fn apply(&self, store: &dyn KeyValue, batch: Batch) -> Result<u64, StoreError> {
+        // Apply under the lock so that `applied` counts exactly the batches a flush that
+        // starts afterwards will cover.
+        let mut state = self.lock();
+        store.apply(batch)?;
+        state.applied += 1;
+        Ok(state.applied)
+    }
+
+    /// Returns once batch number `ticket` is durable, flushing if no one else is.
+    pub fn wait_durable(&self, store: &dyn KeyValue, ticket: u64) -> Result<(), StoreError> {
+        let mut state = self.lock();
+        loop {
+            if state.durable >= ticket {
+                return Ok(());
+            }
+            if state.flushing {
+                state = self
+                    .flushed
+                    .wait(state)
+                    .unwrap_or_else(|poisoned| poisoned.into_inner());
+                continue;
+            }
+            state.flushing = true;
+            let target = state.applied;
+            drop(state);
+            let result = store.flush();
+            state = self.lock();
+            state.flushing = false;
+            state.flushes += 1;
+            if result.is_ok() {
+                state.durable = state.durable.max(target);
+            }
+            self.flushed.notify_all();
+            result?;
+        }
+    }
+
+    /// Flushes run so far.
+    pub fn flushes(&self) -> u64 {
+        self.lock().flushes
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, FlushState> {
+        // A panic while holding this lock cannot leave the counters inconsistent (each update
+        // is a single assignment), so a poisoned lock is still usable.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn a_batch_is_atomic_and_survives_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = SledStore::open(dir.path()).unwrap();
+            let mut batch = Batch::default();
+            batch.put(b"a/1".to_vec(), b"one".to_vec());
+            batch.put(b"b/1".to_vec(), b"two".to_vec());
+            GroupCommit::default().commit(&store, batch).unwrap();
+        }
+        let store = SledStore::open(dir.path()).unwrap();
+        assert_eq!(store.get(b"a/1").unwrap(), Some(b"one".to_vec()));
+        assert_eq!(store.scan_prefix(b"b/").unwrap().len(), 1);
+    }
+
+    /// An in-memory store whose flushes wait at a gate, so a test can hold one flush open.
+    #[derive(Default)]
+    struct GatedStore {
+        map: Mutex<std::collections::BTreeMap<Vec<u8>, Vec<u8>>>,
+        gate: Mutex<bool>,
+        opened: Condvar,
+        flushes_started: std::sync::atomic::AtomicU64,
+    }
+
+    impl KeyValue for GatedStore {
+        fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+            Ok(self.map.lock().unwrap().get(key).cloned())
+        }
+        fn scan_prefix(&self, prefix: &[u8]) -> Result<Entries, StoreError> {
+            let map = self.map.lock().unwrap();
+            Ok(map
+                .iter()
+                .filter(|(k, _)| k.starts_with(prefix))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect())
+        }
+        fn apply(&self, batch: Batch) -> Result<(), StoreError> {
+            let mut map = self.map.lock().unwrap();
+            for (key, value) in batch.writes {
+                match value {
+                    Some(value) => map.insert(key, value),
+                    None => map.remove(&key),
+                };
+            }
+            Ok(())
+        }
+        fn flush(&self) -> Result<(), StoreError> {
+            self.flushes_started
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let mut open = self.gate.lock().unwrap();
+            while !*open {
+                open = self.opened.wait(open).unwrap();
+            }
+            Ok(())
+        }
+        fn size_on_disk(&self) -> Result<u64, StoreError> {
+            Ok(0)
+        }
+    }
+
+    fn write(commit: &GroupCommit, store: &dyn KeyValue, key: String) {
+        let mut batch = Batch::default();
+        batch.put(key.into_bytes(), b"v".to_vec());
+        commit.commit(store, batch).unwrap();
+    }
+
+    #[test]
+    fn writers_arriving_during_a_flush_share_the_next_one() {
+        let store = Arc::new(GatedStore::default());
+        let commit = Arc::new(GroupCommit::default());
+        let spawn = |key: String| {
+            let (store, commit) = (Arc::clone(&store), Arc::clone(&commit));
+            std::thread::spawn(move || write(&commit, store.as_ref(), key))
+        };
+        // The first writer starts a flush and is held in it.
+        let first = spawn("k/first".into());
+        while store
+            .flushes_started
+            .load(std::sync::atomic::Ordering::SeqCst)
+            == 0
+        {
+            std::thread::yield_now();
+        }
+        // Fifteen more apply their batches while that flush is open, then wait.
+        let others: Vec<_> = (0..15).map(|i| spawn(format!("k/{i}"))).collect();
+        while store.map.lock().unwrap().len() < 16 {
+            std::thread::yield_now();
+        }
+        *store.gate.lock().unwrap() = true;
+        store.opened.notify_all();
+        first.join().unwrap();
+        for other in others {
+            other.join().unwrap();
+        }
+        // One flush for the first writer, one shared by the fifteen that came during it.
+        assert_eq!(commit.flushes(), 2);
+    }
+}

@@ -1,0 +1,388 @@
+//! The ingest pipeline on a real store in a temporary directory: local writes are durable and
+//! survive reopening; every way a peer's change can be wrong ends in a typed error or in
+//! quarantine with the right reason, and nothing else changes.
+
+use automerge::transaction::Transactable;
+use automerge::{ObjType, ReadDoc};
+use estuary_node::envelope::{Envelope, EnvelopeError};
+use estuary_node::identity::Identity;
+use estuary_node::membership::SignedRoster;
+use estuary_node::model::automerge::{self, AutoCommit};
+use estuary_node::model::*;
+use estuary_node::node::{IngestError, Ingested, Node, NodeConfig, NodeError};
+
+const AUTHORITY: [u8; 32] = [1; 32];
+const PEER: [u8; 32] = [2; 32];
+const REVOKED: [u8; 32] = [3; 32];
+
+fn institution(id: &str) -> InstitutionId {
+    InstitutionId::new(id).unwrap()
+}
+
+fn editor(id: &str) -> Editor {
+    Editor {
+        institution: institution(id),
+        at: Timestamp(1_000),
+    }
+}
+
+fn demographics() -> Demographics {
+    resident("+86 13599251131")
+}
+
+/// Demographics differing by phone: two creations with the same content, author and time
+/// would be the same change, and so the same document.
+fn resident(phone: &str) -> Demographics {
+    Demographics {
+        name: PersonName {
+            family: "Lu".into(),
+            given: "Jianguo".into(),
+            text: None,
+        },
+        sex: Sex::Male,
+        birth_date: Date::new("1954-10-17").unwrap(),
+        phone: Some(phone.into()),
+        address: None,
+        national_id: None,
+        insurance: None,
+    }
+}
+
+/// A consortium: the node under test (Jianshe CHC), a peer (Xinhua), and a member whose key
+/// is revoked with `cutoff`.
+struct Consortium {
+    /// Holds the data directories until the test ends.
+    _dir: tempfile::TempDir,
+    config: NodeConfig,
+    roster: Roster,
+}
+
+impl Consortium {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let config = NodeConfig {
+            data_dir: dir.path().join("chc-jianshe"),
+            authority: Identity::from_secret(AUTHORITY).public_key(),
+        };
+        std::fs::create_dir_all(&config.data_dir).unwrap();
+        let own = Identity::load_or_create(&config.data_dir)
+            .unwrap()
+            .public_key();
+        let authority = Identity::from_secret(AUTHORITY);
+        let by = editor("xinhua");
+        let mut roster = Roster::create(&authority.actor(), &by).unwrap();
+        for (id, kind, key) in [
+            ("chc-jianshe", InstitutionKind::CommunityCentre, own),
+            (
+                "xinhua",
+                InstitutionKind::CoreHospital,
+                Identity::from_secret(PEER).public_key(),
+            ),
+            (
+                "dh-chongming-2",
+                InstitutionKind::DistrictHospital,
+                Identity::from_secret(REVOKED).public_key(),
+            ),
+        ] {
+            roster
+                .apply(
+                    &by,
+                    &RosterOp::AddInstitution {
+                        id: institution(id),
+                        name: id.into(),
+                        kind,
+                    },
+                )
+                .unwrap();
+            roster
+                .apply(
+                    &by,
+                    &RosterOp::AddNodeKey {
+                        institution: institution(id),
+                        key,
+                    },
+                )
+                .unwrap();
+        }
+        Self {
+            _dir: dir,
+            config,
+            roster,
+        }
+    }
+
+    fn signed_roster(&mut self) -> Vec<u8> {
+        SignedRoster::sign(&Identity::from_secret(AUTHORITY), &mut self.roster).encode()
+    }
+
+    fn open(&mut self) -> Node {
+        let roster = self.signed_roster();
+        Node::open(&self.config, Some(&roster)).unwrap()
+    }
+
+    fn revoke(&mut self, cutoff: Vec<Bytes32>) -> Vec<u8> {
+        let by = editor("xinhua");
+        self.roster
+            .apply(
+                &by,
+                &RosterOp::Revoke {
+                    key: Identity::from_secret(REVOKED).public_key(),
+                    cutoff,
+                    reason: "node compromised".into(),
+                },
+            )
+            .unwrap();
+        self.signed_roster()
+    }
+}
+
+/// Signs every change of `doc` after `have` as `identity`, for document `id`.
+fn envelopes(
+    identity: &Identity,
+    id: DocumentId,
+    doc: &mut AutoCommit,
+    have: &[automerge::ChangeHash],
+) -> Vec<Vec<u8>> {
+    doc.get_changes(have)
+        .into_iter()
+        .map(|mut c| Envelope::sign(identity, id, &mut c).encode())
+        .collect()
+}
+
+/// A health file created by the peer: its document and creation envelope.
+fn peer_file() -> (HealthFile, Vec<u8>) {
+    let peer = Identity::from_secret(PEER);
+    let file = HealthFile::create(&peer.actor(), &editor("xinhua"), &demographics()).unwrap();
+    let id = file.id();
+    let mut doc = file.automerge().clone();
+    let envelope = envelopes(&peer, id, &mut doc, &[]).remove(0);
+    (file, envelope)
+}
+
+#[test]
+fn local_writes_are_durable_and_survive_reopening() {
+    let mut consortium = Consortium::new();
+    let (id, view, heads) = {
+        let node = consortium.open();
+        let (id, _) = node
+            .create_health_file(&editor("chc-jianshe"), &demographics())
+            .unwrap();
+        node.apply_health_file(
+            id,
+            &editor("chc-jianshe"),
+            &HealthFileOp::AddAllergy(NewAllergy {
+                substance: "penicillin".into(),
+                reaction: "rash".into(),
+                severity: Severity::Mild,
+            }),
+        )
+        .unwrap();
+        (id, node.health_file(id).unwrap(), node.heads(id).unwrap())
+    };
+    let node = consortium.open();
+    assert_eq!(node.health_file(id).unwrap(), view);
+    assert_eq!(node.heads(id).unwrap(), heads);
+    assert_eq!(node.envelopes(id).unwrap().len(), 2);
+    assert!(node.quarantine().unwrap().is_empty());
+}
+
+#[test]
+fn an_edit_in_another_institutions_name_is_refused() {
+    let mut consortium = Consortium::new();
+    let node = consortium.open();
+    let error = node
+        .create_health_file(&editor("xinhua"), &demographics())
+        .unwrap_err();
+    assert!(matches!(error, NodeError::WrongInstitution { .. }));
+}
+
+#[test]
+fn a_peers_valid_change_is_accepted_once() {
+    let mut consortium = Consortium::new();
+    let node = consortium.open();
+    let (file, envelope) = peer_file();
+    assert!(matches!(
+        node.ingest(&envelope).unwrap(),
+        Ingested::Accepted(_)
+    ));
+    assert!(matches!(
+        node.ingest(&envelope).unwrap(),
+        Ingested::Duplicate(_)
+    ));
+    assert_eq!(node.health_file(file.id()).unwrap().id, file.id());
+}
+
+#[test]
+fn a_bad_signature_is_a_typed_error_and_stores_nothing() {
+    let mut consortium = Consortium::new();
+    let node = consortium.open();
+    let (file, envelope) = peer_file();
+    let mut forged = Envelope::decode(&envelope).unwrap();
+    forged.signature[0] ^= 1;
+    assert!(matches!(
+        node.ingest(&forged.encode()),
+        Err(IngestError::Envelope(EnvelopeError::BadSignature))
+    ));
+    assert!(matches!(
+        node.health_file(file.id()),
+        Err(NodeError::UnknownDocument(_))
+    ));
+    assert!(node.quarantine().unwrap().is_empty());
+}
+
+#[test]
+fn an_unknown_key_is_a_typed_error() {
+    let mut consortium = Consortium::new();
+    let node = consortium.open();
+    let stranger = Identity::from_secret([9; 32]);
+    let file = HealthFile::create(&stranger.actor(), &editor("xinhua"), &demographics()).unwrap();
+    let id = file.id();
+    let envelope = envelopes(&stranger, id, &mut file.automerge().clone(), &[]).remove(0);
+    assert!(matches!(node.ingest(&envelope), Err(IngestError::Stranger)));
+    assert!(node.quarantine().unwrap().is_empty());
+}
+
+#[test]
+fn malformed_and_oversized_envelopes_are_typed_errors() {
+    let mut consortium = Consortium::new();
+    let node = consortium.open();
+    assert!(matches!(
+        node.ingest(b"not an envelope"),
+        Err(IngestError::Envelope(EnvelopeError::Malformed { .. }))
+    ));
+    let big = vec![0u8; estuary_node::envelope::ENVELOPE_BYTES_MAX + 1];
+    assert!(matches!(
+        node.ingest(&big),
+        Err(IngestError::Envelope(EnvelopeError::TooLarge { .. }))
+    ));
+}
+
+#[test]
+fn a_revoked_key_past_its_cutoff_is_quarantined_within_it_accepted() {
+    let mut consortium = Consortium::new();
+    let revoked = Identity::from_secret(REVOKED);
+    let by = editor("dh-chongming-2");
+    let mut first = HealthFile::create(&revoked.actor(), &by, &demographics()).unwrap();
+    let second = HealthFile::create(&revoked.actor(), &by, &resident("+86 2")).unwrap();
+    let first_envelope =
+        envelopes(&revoked, first.id(), &mut first.automerge().clone(), &[]).remove(0);
+    let second_envelope =
+        envelopes(&revoked, second.id(), &mut second.automerge().clone(), &[]).remove(0);
+    let cutoff = first.heads().into_iter().map(|h| Bytes32(h.0)).collect();
+    let roster = consortium.revoke(cutoff);
+    let node = consortium.open();
+    node.update_roster(&roster).unwrap();
+    assert!(matches!(
+        node.ingest(&first_envelope).unwrap(),
+        Ingested::Accepted(_)
+    ));
+    match node.ingest(&second_envelope).unwrap() {
+        Ingested::Quarantined(_, reason) => assert!(reason.contains("revoked"), "{reason}"),
+        other => panic!("expected quarantine, got {other:?}"),
+    }
+    assert_eq!(node.quarantine().unwrap().len(), 1);
+}
+
+#[test]
+fn a_change_failing_validation_is_quarantined_with_the_reason_and_so_are_its_descendants() {
+    let mut consortium = Consortium::new();
+    let node = consortium.open();
+    let peer = Identity::from_secret(PEER);
+    let (file, envelope) = peer_file();
+    node.ingest(&envelope).unwrap();
+    let mut doc = file.automerge().clone();
+    let base = doc.get_heads();
+    // A raw 90-day prescription: the typed API would refuse it, a faulty peer can write it.
+    let medications = doc.get(automerge::ROOT, "medications").unwrap().unwrap().1;
+    let entry = doc.insert_object(&medications, 0, ObjType::Map).unwrap();
+    for (key, value) in [
+        ("drug", "metformin"),
+        ("dose", "500 mg"),
+        ("frequency", "daily"),
+        ("start", "2026-01-01"),
+        ("prescribed_by", "xinhua"),
+    ] {
+        doc.put(&entry, key, value).unwrap();
+    }
+    doc.put(&entry, "days", 90u64).unwrap();
+    doc.put(&entry, "recorded_at", automerge::ScalarValue::Timestamp(1))
+        .unwrap();
+    doc.commit();
+    let bad = envelopes(&peer, file.id(), &mut doc, &base);
+    let after_bad = doc.get_heads();
+    let demographics = doc.get(automerge::ROOT, "demographics").unwrap().unwrap().1;
+    doc.put(&demographics, "phone", "+86 4").unwrap();
+    doc.commit();
+    let descendant = envelopes(&peer, file.id(), &mut doc, &after_bad);
+    let heads = node.heads(file.id()).unwrap();
+
+    match node.ingest(&bad[0]).unwrap() {
+        Ingested::Quarantined(_, reason) => assert!(reason.contains("60-day"), "{reason}"),
+        other => panic!("expected quarantine, got {other:?}"),
+    }
+    match node.ingest(&descendant[0]).unwrap() {
+        Ingested::Quarantined(_, reason) => {
+            assert!(reason.contains("quarantined change"), "{reason}")
+        }
+        other => panic!("expected quarantine, got {other:?}"),
+    }
+    assert_eq!(
+        node.heads(file.id()).unwrap(),
+        heads,
+        "nothing else changed"
+    );
+    assert_eq!(node.quarantine().unwrap().len(), 2);
+    let reasons: Vec<String> = node
+        .quarantine()
+        .unwrap()
+        .into_iter()
+        .map(|q| q.reason)
+        .collect();
+    assert!(
+        reasons.iter().all(|r| !r.contains("metformin")),
+        "no patient data in reasons"
+    );
+}
+
+#[test]
+fn a_change_arriving_before_its_dependency_waits_then_is_accepted() {
+    let mut consortium = Consortium::new();
+    let node = consortium.open();
+    let peer = Identity::from_secret(PEER);
+    let (mut file, creation) = peer_file();
+    let heads = file.heads();
+    file.apply(
+        &editor("xinhua"),
+        &HealthFileOp::SetDemographic(DemographicField::Phone("+86 1".into())),
+    )
+    .unwrap();
+    let edit = envelopes(&peer, file.id(), &mut file.automerge().clone(), &heads).remove(0);
+    assert!(matches!(node.ingest(&edit).unwrap(), Ingested::Pending(_)));
+    assert_eq!(node.pending_count().unwrap(), 1);
+    assert!(matches!(
+        node.ingest(&creation).unwrap(),
+        Ingested::Accepted(_)
+    ));
+    assert_eq!(node.pending_count().unwrap(), 0);
+    assert_eq!(node.health_file(file.id()).unwrap(), file.view());
+}
+
+#[test]
+fn a_creation_change_claiming_another_document_is_quarantined() {
+    let mut consortium = Consortium::new();
+    let node = consortium.open();
+    let peer = Identity::from_secret(PEER);
+    let (existing, envelope) = peer_file();
+    node.ingest(&envelope).unwrap();
+    // A second creation change sent under the existing document's id.
+    let mut other =
+        HealthFile::create(&peer.actor(), &editor("xinhua"), &resident("+86 3")).unwrap();
+    let mut change = other.changes_since(&[]).remove(0);
+    let hijack = Envelope::sign(&peer, existing.id(), &mut change).encode();
+    match node.ingest(&hijack).unwrap() {
+        Ingested::Quarantined(_, reason) => {
+            assert!(reason.contains("another document"), "{reason}")
+        }
+        other => panic!("expected quarantine, got {other:?}"),
+    }
+}
