@@ -395,6 +395,11 @@ impl Node {
         Ok(record.heads.into_iter().map(ChangeHash).collect())
     }
 
+    /// Whether the change is stored (accepted) for the document.
+    pub fn has_change(&self, id: DocumentId, change: &ChangeHash) -> Result<bool, NodeError> {
+        Ok(self.store.get(&keys::envelope(&id, change))?.is_some())
+    }
+
     /// Every stored envelope of a document, for sync and export.
     pub fn envelopes(&self, id: DocumentId) -> Result<Vec<Vec<u8>>, NodeError> {
         Ok(self
