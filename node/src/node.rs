@@ -23,7 +23,7 @@ use crate::model::{
     HealthFileView, InstitutionId, NewReferral, OpError, Referral, ReferralOp, ReferralView,
     document_id_of, validate, validate_change,
 };
-use crate::store::{Batch, GroupCommit, KeyValue, SledStore, StoreError};
+use crate::store::{Batch, GroupCommit, KeyValue, StoreError, WITNESS_FILE, WitnessedStore};
 
 /// Most documents held decoded in memory at once.
 pub const CACHE_DOCUMENTS_MAX: usize = 1_024;
@@ -46,6 +46,8 @@ mod keys {
     pub const PENDING: u8 = b'p';
     /// The signed roster.
     pub const ROSTER: &[u8] = b"m/roster";
+    /// How many changes the store has accepted (u64, big-endian), witnessed outside it.
+    pub const ACCEPTED: &[u8] = b"m/accepted";
 
     pub fn envelope(document: &super::DocumentId, hash: &super::ChangeHash) -> Vec<u8> {
         [&[ENVELOPE][..], document.as_bytes(), &hash.0].concat()
@@ -194,6 +196,8 @@ struct Cache {
     documents: HashMap<DocumentId, Cached>,
     bytes: usize,
     clock: u64,
+    /// Changes accepted by the store so far (mirrors `keys::ACCEPTED`).
+    accepted: u64,
 }
 
 impl Cache {
@@ -235,8 +239,10 @@ pub struct Node {
     identity: Identity,
     institution: InstitutionId,
     authority: Bytes32,
-    store: Box<dyn KeyValue>,
+    store: WitnessedStore,
     commit: GroupCommit,
+    /// Acknowledged changes the store lost before this open (see `WitnessedStore`).
+    lost_at_open: u64,
     membership: RwLock<Membership>,
     /// Document state; held while deciding and applying a change, never while flushing.
     cache: Mutex<Cache>,
@@ -259,7 +265,26 @@ impl Node {
         std::fs::create_dir_all(&config.data_dir)
             .map_err(|e| StoreError::Backend(e.to_string()))?;
         let identity = Identity::load_or_create(&config.data_dir)?;
-        let store = SledStore::open(&config.data_dir.join("store"))?;
+        let store = WitnessedStore::open(
+            &config.data_dir.join("store"),
+            &config.data_dir.join(WITNESS_FILE),
+        )?;
+        let accepted = match store.get(keys::ACCEPTED)? {
+            None => 0,
+            Some(bytes) => u64::from_be_bytes(bytes.as_slice().try_into().map_err(|_| {
+                StoreError::Corrupt {
+                    what: "accepted count",
+                }
+            })?),
+        };
+        let lost_at_open = store.witnessed_at_open().saturating_sub(accepted);
+        if lost_at_open > 0 {
+            tracing::error!(
+                lost = lost_at_open,
+                "the store lost acknowledged changes; they must be re-synced from peers"
+            );
+        }
+        store.set_accepted(accepted);
         let stored = store
             .get(keys::ROSTER)?
             .map(|bytes| SignedRoster::verify(&bytes, &config.authority))
@@ -290,10 +315,14 @@ impl Node {
             identity,
             institution,
             authority: config.authority,
-            store: Box::new(store),
+            store,
             commit,
+            lost_at_open,
             membership: RwLock::new(membership),
-            cache: Mutex::new(Cache::default()),
+            cache: Mutex::new(Cache {
+                accepted,
+                ..Cache::default()
+            }),
         })
     }
 
@@ -314,7 +343,7 @@ impl Node {
         let newer = membership.replaced_by(offered)?;
         let mut batch = Batch::default();
         batch.put(keys::ROSTER, newer.encoded().to_vec());
-        self.commit.commit(self.store.as_ref(), batch)?;
+        self.commit.commit(&self.store, batch)?;
         *membership = newer;
         Ok(membership.version())
     }
@@ -452,7 +481,7 @@ impl Node {
         // Decisions were applied in order under the lock; one flush makes them all durable,
         // shared with concurrent writers, without holding the lock while the disk works.
         if ticket > 0 {
-            self.commit.wait_durable(self.store.as_ref(), ticket)?;
+            self.commit.wait_durable(&self.store, ticket)?;
         }
         Ok(outcome)
     }
@@ -557,7 +586,7 @@ impl Node {
                 envelope: verified.encoded.clone(),
             };
             batch.put(keys::per_change(keys::PENDING, &hash), encode(&record));
-            *ticket = self.commit.apply(self.store.as_ref(), batch)?;
+            *ticket = self.commit.apply(&self.store, batch)?;
             return Ok(Ingested::Pending(hash));
         }
 
@@ -617,7 +646,10 @@ impl Node {
             catalogue_digest(&heads).to_vec(),
         );
         batch.delete(keys::per_change(keys::PENDING, &hash));
-        *ticket = self.commit.apply(self.store.as_ref(), batch)?;
+        batch.put(keys::ACCEPTED, (cache.accepted + 1).to_be_bytes().to_vec());
+        *ticket = self.commit.apply(&self.store, batch)?;
+        cache.accepted += 1;
+        self.store.set_accepted(cache.accepted);
         let bytes = cache.documents.get(&id).map_or(0, |c| c.bytes) + verified.encoded.len();
         cache.insert(
             id,
@@ -650,7 +682,7 @@ impl Node {
             encode(&record),
         );
         batch.delete(keys::per_change(keys::PENDING, &verified.hash));
-        *ticket = self.commit.apply(self.store.as_ref(), batch)?;
+        *ticket = self.commit.apply(&self.store, batch)?;
         Ok(Ingested::Quarantined(verified.hash, reason.to_string()))
     }
 
@@ -665,7 +697,7 @@ impl Node {
                     // will send the change again.
                     let mut batch = Batch::default();
                     batch.delete(key);
-                    *ticket = self.commit.apply(self.store.as_ref(), batch)?;
+                    *ticket = self.commit.apply(&self.store, batch)?;
                     continue;
                 };
                 let mut decided = true;
@@ -764,9 +796,158 @@ impl Node {
         self.cache.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Re-checks the whole store: every envelope's signature and hash against its key, every
+    /// document rebuilt from its changes against its recorded heads and catalogue entry, and
+    /// validated. Reports problems; never panics on damaged data.
+    pub fn verify(&self) -> Result<VerifyReport, NodeError> {
+        let mut report = VerifyReport::default();
+        if self.lost_at_open > 0 {
+            report.problems.push(Problem {
+                document: None,
+                what: format!(
+                    "the store lost {} acknowledged changes before this start (damaged log); re-sync every document from peers",
+                    self.lost_at_open
+                ),
+            });
+        }
+        let mut by_document: HashMap<DocumentId, Vec<Change>> = HashMap::new();
+        let entries = match self.store.scan_prefix(&[keys::ENVELOPE]) {
+            Ok(entries) => entries,
+            Err(error) => {
+                report.problems.push(Problem {
+                    document: None,
+                    what: format!("the envelope keyspace is unreadable: {error}"),
+                });
+                return Ok(report);
+            }
+        };
+        for (key, value) in entries {
+            report.envelopes += 1;
+            let Some((document, hash)) = parse_envelope_key(&key) else {
+                report.problems.push(Problem {
+                    document: None,
+                    what: "an envelope is stored under a malformed key".into(),
+                });
+                continue;
+            };
+            match Envelope::verify(&value) {
+                Ok(verified) if verified.document == document && verified.hash == hash => {
+                    by_document
+                        .entry(document)
+                        .or_default()
+                        .push(verified.change);
+                }
+                Ok(_) => report.problems.push(Problem {
+                    document: Some(document),
+                    what: format!("envelope {hash} is stored under another change's key"),
+                }),
+                Err(error) => report.problems.push(Problem {
+                    document: Some(document),
+                    what: format!("envelope {hash} fails verification: {error}"),
+                }),
+            }
+        }
+        let records = self.store.scan_prefix(&[keys::DOCUMENT])?;
+        for (key, value) in records {
+            report.documents += 1;
+            let Some(document) = key
+                .get(1..17)
+                .and_then(|b| <[u8; 16]>::try_from(b).ok())
+                .map(DocumentId::from_bytes)
+            else {
+                report.problems.push(Problem {
+                    document: None,
+                    what: "a document record has a malformed key".into(),
+                });
+                continue;
+            };
+            let problem = |what: String| Problem {
+                document: Some(document),
+                what,
+            };
+            let record: DocumentRecord = match decode(&value, "document record") {
+                Ok(record) => record,
+                Err(error) => {
+                    report.problems.push(problem(error.to_string()));
+                    continue;
+                }
+            };
+            let mut doc = AutoCommit::new();
+            if doc
+                .apply_changes(by_document.remove(&document).unwrap_or_default())
+                .is_err()
+            {
+                report
+                    .problems
+                    .push(problem("its changes do not apply".into()));
+                continue;
+            }
+            let heads = doc.get_heads();
+            let recorded: Vec<ChangeHash> = record.heads.iter().copied().map(ChangeHash).collect();
+            if heads != recorded {
+                report.problems.push(problem(
+                    "its changes do not rebuild its recorded heads".into(),
+                ));
+                continue;
+            }
+            match self
+                .store
+                .get(&keys::per_document(keys::CATALOGUE, &document))
+            {
+                Ok(Some(digest)) if digest == catalogue_digest(&heads) => {}
+                _ => report.problems.push(problem(
+                    "its catalogue entry disagrees with its heads".into(),
+                )),
+            }
+            if let Err(error) = validate(&doc) {
+                report
+                    .problems
+                    .push(problem(format!("it fails validation: {error}")));
+            }
+        }
+        for document in by_document.into_keys() {
+            report.problems.push(Problem {
+                document: Some(document),
+                what: "envelopes without a document record".into(),
+            });
+        }
+        Ok(report)
+    }
+
     /// The data directory's store size on disk, in bytes.
     pub fn storage_bytes(&self) -> Result<u64, NodeError> {
         Ok(self.store.size_on_disk()?)
+    }
+}
+
+/// One problem `verify` found. Names documents and changes, never content.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Problem {
+    /// The affected document, when known.
+    pub document: Option<DocumentId>,
+    /// What is wrong.
+    pub what: String,
+}
+
+/// What `verify` checked and found.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerifyReport {
+    /// Envelopes whose signature and hash were re-checked.
+    pub envelopes: usize,
+    /// Documents rebuilt from their changes and validated.
+    pub documents: usize,
+    /// Everything found wrong; empty when the store is sound.
+    pub problems: Vec<Problem>,
+}
+
+impl VerifyReport {
+    /// The documents affected by a problem: re-sync them from peers.
+    pub fn affected_documents(&self) -> Vec<DocumentId> {
+        let mut documents: Vec<DocumentId> =
+            self.problems.iter().filter_map(|p| p.document).collect();
+        documents.sort();
+        documents.dedup();
+        documents
     }
 }
 
@@ -779,6 +960,12 @@ fn catalogue_digest(heads: &[ChangeHash]) -> [u8; 32] {
         hasher.update(head.0);
     }
     hasher.finalize().into()
+}
+
+fn parse_envelope_key(key: &[u8]) -> Option<(DocumentId, ChangeHash)> {
+    let document: [u8; 16] = key.get(1..17)?.try_into().ok()?;
+    let hash: [u8; 32] = key.get(17..49)?.try_into().ok()?;
+    (key.len() == 49).then(|| (DocumentId::from_bytes(document), ChangeHash(hash)))
 }
 
 fn encode(value: &impl Serialize) -> Vec<u8> {

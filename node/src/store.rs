@@ -117,6 +117,113 @@ impl KeyValue for SledStore {
     }
 }
 
+/// A store whose flushes also record, in a small file outside the store, how many changes
+/// the store had accepted when the flush began.
+///
+/// sled 0.34 recovers from a damaged log entry by discarding it and everything after it,
+/// silently, and then opens normally: within the store nothing is inconsistent, so nothing
+/// inside it can notice. The witness can: if it records more accepted changes than the store
+/// holds, acknowledged writes were lost, and the node says so (and re-syncs from peers).
+pub struct WitnessedStore {
+    inner: SledStore,
+    witness: Mutex<std::fs::File>,
+    accepted: std::sync::atomic::AtomicU64,
+    /// What the witness said at open.
+    witnessed_at_open: u64,
+}
+
+/// Name of the witness file in the data directory.
+pub const WITNESS_FILE: &str = "store.witness";
+/// Witness record: accepted count (8 bytes, big-endian) and its first 8 SHA-256 bytes.
+const WITNESS_BYTES: usize = 16;
+
+impl WitnessedStore {
+    /// Opens the store in `dir` and its witness file beside it.
+    pub fn open(dir: &Path, witness: &Path) -> Result<Self, StoreError> {
+        use std::io::Read;
+        let inner = SledStore::open(dir)?;
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(witness)
+            .map_err(|e| StoreError::Backend(format!("witness file: {e}")))?;
+        let mut record = Vec::with_capacity(WITNESS_BYTES);
+        file.read_to_end(&mut record)
+            .map_err(|e| StoreError::Backend(format!("witness file: {e}")))?;
+        let witnessed_at_open = match record.as_slice() {
+            [] => 0,
+            bytes => decode_witness(bytes).ok_or(StoreError::Corrupt {
+                what: "witness file",
+            })?,
+        };
+        Ok(Self {
+            inner,
+            witness: Mutex::new(file),
+            accepted: std::sync::atomic::AtomicU64::new(0),
+            witnessed_at_open,
+        })
+    }
+
+    /// How many accepted changes the witness recorded at open.
+    pub fn witnessed_at_open(&self) -> u64 {
+        self.witnessed_at_open
+    }
+
+    /// Sets the number of accepted changes the next flush will witness.
+    pub fn set_accepted(&self, accepted: u64) {
+        self.accepted
+            .store(accepted, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+fn encode_witness(accepted: u64) -> [u8; WITNESS_BYTES] {
+    use sha2::{Digest, Sha256};
+    let count = accepted.to_be_bytes();
+    let check = Sha256::digest(count);
+    let mut record = [0u8; WITNESS_BYTES];
+    record[..8].copy_from_slice(&count);
+    record[8..].copy_from_slice(&check[..8]);
+    record
+}
+
+fn decode_witness(bytes: &[u8]) -> Option<u64> {
+    let count: [u8; 8] = bytes.get(..8)?.try_into().ok()?;
+    (bytes.len() == WITNESS_BYTES && encode_witness(u64::from_be_bytes(count))[..] == *bytes)
+        .then(|| u64::from_be_bytes(count))
+}
+
+impl KeyValue for WitnessedStore {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.inner.get(key)
+    }
+
+    fn scan_prefix(&self, prefix: &[u8]) -> Result<Entries, StoreError> {
+        self.inner.scan_prefix(prefix)
+    }
+
+    fn apply(&self, batch: Batch) -> Result<(), StoreError> {
+        self.inner.apply(batch)
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
+        use std::io::{Seek, SeekFrom, Write};
+        // Captured before the flush: every change counted was applied before it began.
+        let accepted = self.accepted.load(std::sync::atomic::Ordering::SeqCst);
+        self.inner.flush()?;
+        let mut file = self.witness.lock().unwrap_or_else(|p| p.into_inner());
+        let io = |e: std::io::Error| StoreError::Backend(format!("witness file: {e}"));
+        file.seek(SeekFrom::Start(0)).map_err(io)?;
+        file.write_all(&encode_witness(accepted)).map_err(io)?;
+        file.sync_data().map_err(io)
+    }
+
+    fn size_on_disk(&self) -> Result<u64, StoreError> {
+        self.inner.size_on_disk()
+    }
+}
+
 /// Group commit: a writer that needs durability waits for a flush that began after its batch
 /// was applied. The first waiter runs the flush for everyone waiting; writers that arrive
 /// during it are covered by the next one. So N concurrent writers cost about one flush, not N.
