@@ -126,6 +126,9 @@ impl KeyValue for SledStore {
 /// holds, acknowledged writes were lost, and the node says so (and re-syncs from peers).
 pub struct WitnessedStore {
     inner: SledStore,
+    /// sled's data file, opened to `fsync` it: sled 0.34 flushes with `sync_file_range`, which
+    /// neither flushes the drive's write cache nor persists a grown file's size.
+    data_file: std::fs::File,
     witness: Mutex<std::fs::File>,
     accepted: std::sync::atomic::AtomicU64,
     /// What the witness said at open.
@@ -142,6 +145,8 @@ impl WitnessedStore {
     pub fn open(dir: &Path, witness: &Path) -> Result<Self, StoreError> {
         use std::io::Read;
         let inner = SledStore::open(dir)?;
+        let data_file = std::fs::File::open(dir.join("db"))
+            .map_err(|e| StoreError::Backend(format!("store data file: {e}")))?;
         let mut file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -160,6 +165,7 @@ impl WitnessedStore {
         };
         Ok(Self {
             inner,
+            data_file,
             witness: Mutex::new(file),
             accepted: std::sync::atomic::AtomicU64::new(0),
             witnessed_at_open,
@@ -212,6 +218,10 @@ impl KeyValue for WitnessedStore {
         // Captured before the flush: every change counted was applied before it began.
         let accepted = self.accepted.load(std::sync::atomic::Ordering::SeqCst);
         self.inner.flush()?;
+        // Power-loss durability, beyond what sled's own flush gives (see `data_file`).
+        self.data_file
+            .sync_all()
+            .map_err(|e| StoreError::Backend(format!("store data file: {e}")))?;
         let mut file = self.witness.lock().unwrap_or_else(|p| p.into_inner());
         let io = |e: std::io::Error| StoreError::Backend(format!("witness file: {e}"));
         file.seek(SeekFrom::Start(0)).map_err(io)?;
