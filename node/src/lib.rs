@@ -8,6 +8,7 @@ pub use estuary_crdt_model as model;
 
 pub mod envelope;
 pub mod identity;
+mod index;
 pub mod membership;
 pub mod node;
 pub mod store;

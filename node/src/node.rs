@@ -16,6 +16,7 @@ use sha2::{Digest, Sha256};
 
 use crate::envelope::{Envelope, EnvelopeError, VerifiedChange};
 use crate::identity::{Identity, IdentityError};
+use crate::index;
 use crate::membership::{Admission, Membership, RosterError, SignedRoster};
 use crate::model::automerge::{AutoCommit, Change, ChangeHash};
 use crate::model::{
@@ -48,6 +49,8 @@ mod keys {
     pub const ROSTER: &[u8] = b"m/roster";
     /// How many changes the store has accepted (u64, big-endian), witnessed outside it.
     pub const ACCEPTED: &[u8] = b"m/accepted";
+    /// This node's random salt for the national-id index (32 bytes).
+    pub const SALT: &[u8] = b"m/salt";
 
     pub fn envelope(document: &super::DocumentId, hash: &super::ChangeHash) -> Vec<u8> {
         [&[ENVELOPE][..], document.as_bytes(), &hash.0].concat()
@@ -243,6 +246,8 @@ pub struct Node {
     commit: GroupCommit,
     /// Acknowledged changes the store lost before this open (see `WitnessedStore`).
     lost_at_open: u64,
+    /// Salt of the national-id index; random per node, so the index is useless elsewhere.
+    salt: [u8; 32],
     membership: RwLock<Membership>,
     /// Document state; held while deciding and applying a change, never while flushing.
     cache: Mutex<Cache>,
@@ -305,6 +310,18 @@ impl Node {
         };
         let mut batch = Batch::default();
         batch.put(keys::ROSTER, membership.encoded().to_vec());
+        let salt: [u8; 32] = match store.get(keys::SALT)? {
+            Some(bytes) => bytes
+                .as_slice()
+                .try_into()
+                .map_err(|_| StoreError::Corrupt { what: "index salt" })?,
+            None => {
+                let mut salt = [0u8; 32];
+                getrandom::fill(&mut salt).map_err(IdentityError::Randomness)?;
+                batch.put(keys::SALT, salt.to_vec());
+                salt
+            }
+        };
         let commit = GroupCommit::default();
         commit.commit(&store, batch)?;
         let institution = match membership.admit(&identity.public_key(), &ChangeHash([0; 32])) {
@@ -318,6 +335,7 @@ impl Node {
             store,
             commit,
             lost_at_open,
+            salt,
             membership: RwLock::new(membership),
             cache: Mutex::new(Cache {
                 accepted,
@@ -647,6 +665,7 @@ impl Node {
         );
         batch.delete(keys::per_change(keys::PENDING, &hash));
         batch.put(keys::ACCEPTED, (cache.accepted + 1).to_be_bytes().to_vec());
+        self.reindex(&mut batch, &id, kind, &current)?;
         *ticket = self.commit.apply(&self.store, batch)?;
         cache.accepted += 1;
         self.store.set_accepted(cache.accepted);
@@ -794,6 +813,71 @@ impl Node {
 
     fn lock_cache(&self) -> MutexGuard<'_, Cache> {
         self.cache.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Adds to `batch` the index updates for a document's new content: its old entries out,
+    /// its new ones in, atomically with the change itself.
+    fn reindex(
+        &self,
+        batch: &mut Batch,
+        id: &DocumentId,
+        kind: DocumentKind,
+        doc: &AutoCommit,
+    ) -> Result<(), StoreError> {
+        let record_key = keys::per_document(index::RECORD, id);
+        let old: Vec<Vec<u8>> = match self.store.get(&record_key)? {
+            Some(bytes) => decode(&bytes, "index record")?,
+            None => Vec::new(),
+        };
+        let new = index::keys_of(&self.salt, id, kind, doc);
+        for key in old.iter().filter(|k| !new.contains(k)) {
+            batch.delete(key.clone());
+        }
+        for key in new.iter().filter(|k| !old.contains(k)) {
+            batch.put(key.clone(), Vec::new());
+        }
+        batch.put(record_key, encode(&new));
+        Ok(())
+    }
+
+    fn lookup(&self, prefix: &[u8]) -> Result<Vec<DocumentId>, NodeError> {
+        let mut found: Vec<DocumentId> = self
+            .store
+            .scan_prefix(prefix)?
+            .into_iter()
+            .filter_map(|(key, _)| index::document_of(&key))
+            .take(index::SEARCH_RESULTS_MAX)
+            .collect();
+        found.dedup();
+        Ok(found)
+    }
+
+    /// Health files of the resident with this national id (through its salted hash).
+    pub fn find_by_national_id(&self, national_id: &str) -> Result<Vec<DocumentId>, NodeError> {
+        self.lookup(&index::national_id_prefix(&self.salt, national_id))
+    }
+
+    /// Health files whose name (family and given, or as written locally) starts with `name`,
+    /// ignoring case and spacing; at most `SEARCH_RESULTS_MAX`.
+    pub fn search_by_name(&self, name: &str) -> Result<Vec<DocumentId>, NodeError> {
+        if index::normalise_name(name).is_empty() {
+            return Ok(Vec::new());
+        }
+        self.lookup(&index::name_prefix(name))
+    }
+
+    /// Referrals addressed to `to` that are in `status`: a referral desk's worklist.
+    pub fn referrals_to(
+        &self,
+        to: &InstitutionId,
+        status: crate::model::ReferralStatus,
+    ) -> Result<Vec<DocumentId>, NodeError> {
+        self.lookup(&index::destination_prefix(to.as_str(), status))
+    }
+
+    /// Referrals of a resident.
+    pub fn referrals_of(&self, patient: &DocumentId) -> Result<Vec<DocumentId>, NodeError> {
+        self.lookup(&index::patient_prefix(patient))
     }
 
     /// Re-checks the whole store: every envelope's signature and hash against its key, every

@@ -386,3 +386,81 @@ fn a_creation_change_claiming_another_document_is_quarantined() {
         other => panic!("expected quarantine, got {other:?}"),
     }
 }
+
+#[test]
+fn indexes_find_residents_and_referral_worklists_and_follow_changes() {
+    let mut consortium = Consortium::new();
+    let node = consortium.open();
+    let chc = editor("chc-jianshe");
+    let mut with_id = resident("+86 5");
+    with_id.national_id = Some("310230195410170433".into());
+    with_id.name.text = Some("陆建国".into());
+    let (file, _) = node.create_health_file(&chc, &with_id).unwrap();
+    let (other, _) = node.create_health_file(&chc, &resident("+86 6")).unwrap();
+
+    assert_eq!(
+        node.find_by_national_id("3102 3019 5410 170433").unwrap(),
+        vec![file]
+    );
+    assert!(
+        node.find_by_national_id("110101199003070000")
+            .unwrap()
+            .is_empty()
+    );
+    let mut both = node.search_by_name("lu  JIAN").unwrap();
+    both.sort();
+    let mut expected = vec![file, other];
+    expected.sort();
+    assert_eq!(both, expected);
+    assert_eq!(node.search_by_name("陆建").unwrap(), vec![file]);
+
+    // A corrected national id moves the index entry.
+    node.apply_health_file(
+        file,
+        &chc,
+        &HealthFileOp::SetDemographic(DemographicField::NationalId("310230195410170441".into())),
+    )
+    .unwrap();
+    assert!(
+        node.find_by_national_id("310230195410170433")
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        node.find_by_national_id("310230195410170441").unwrap(),
+        vec![file]
+    );
+
+    let xinhua = institution("xinhua");
+    let (referral, _) = node
+        .create_referral(
+            &chc,
+            &NewReferral {
+                patient: file,
+                direction: Direction::Up,
+                to: xinhua.clone(),
+                reason: "chest pain".into(),
+                urgency: Urgency::Priority,
+                handover: String::new(),
+            },
+        )
+        .unwrap();
+    assert_eq!(
+        node.referrals_to(&xinhua, ReferralStatus::Requested)
+            .unwrap(),
+        vec![referral]
+    );
+    assert_eq!(node.referrals_of(&file).unwrap(), vec![referral]);
+    node.apply_referral(referral, &chc, &ReferralOp::Cancel)
+        .unwrap();
+    assert!(
+        node.referrals_to(&xinhua, ReferralStatus::Requested)
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        node.referrals_to(&xinhua, ReferralStatus::Cancelled)
+            .unwrap(),
+        vec![referral]
+    );
+}

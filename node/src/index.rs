@@ -1,0 +1,189 @@
+//! The node's indexes: residents by a salted hash of their national id and by normalised
+//! name; referrals by destination institution and status, and by patient.
+//!
+//! Index entries are keys of the store with an empty value, so a lookup is a prefix scan in key
+//! order. Each document's current entries are recorded beside it, so an update removes the
+//! entries its old content had in the same atomic batch that adds the new ones.
+
+use sha2::{Digest, Sha256};
+
+use crate::model::automerge::AutoCommit;
+use crate::model::{
+    DocumentId, DocumentKind, HealthFileView, ReferralStatus, ReferralView, Register,
+};
+
+/// Key prefix: `x ‖ document` → the document's current index keys.
+pub(crate) const RECORD: u8 = b'x';
+/// Key prefix: `n ‖ SHA-256(salt ‖ national id) ‖ document`.
+const NATIONAL_ID: u8 = b'n';
+/// Key prefix: `a ‖ normalised name ‖ 0 ‖ document`.
+const NAME: u8 = b'a';
+/// Key prefix: `r ‖ destination ‖ 0 ‖ status ‖ 0 ‖ document`.
+const DESTINATION: u8 = b'r';
+/// Key prefix: `t ‖ patient ‖ document`.
+const PATIENT: u8 = b't';
+/// Most results a search returns.
+pub const SEARCH_RESULTS_MAX: usize = 100;
+/// Longest normalised name indexed, in bytes.
+const NAME_KEY_BYTES_MAX: usize = 256;
+
+/// The index keys a document's content calls for.
+pub(crate) fn keys_of(
+    salt: &[u8; 32],
+    id: &DocumentId,
+    kind: DocumentKind,
+    doc: &AutoCommit,
+) -> Vec<Vec<u8>> {
+    let actor = crate::model::Actor::from_bytes(vec![0]);
+    let mut keys = Vec::new();
+    match kind {
+        DocumentKind::HealthFile => {
+            let Ok(file) = crate::model::HealthFile::from_automerge(doc.clone(), &actor) else {
+                return keys;
+            };
+            let view: HealthFileView = file.view();
+            // Every value of a conflicted field is indexed: a search finds the resident under
+            // any of the values a clinician still has to choose between.
+            for national_id in all_values(view.demographics.national_id.as_ref()) {
+                keys.push(
+                    [
+                        &[NATIONAL_ID][..],
+                        &national_id_hash(salt, national_id),
+                        id.as_bytes(),
+                    ]
+                    .concat(),
+                );
+            }
+            for name in all_values(Some(&view.demographics.name)) {
+                for form in [
+                    format!("{} {}", name.family, name.given),
+                    name.text.clone().unwrap_or_default(),
+                ] {
+                    let normalised = normalise_name(&form);
+                    if !normalised.is_empty() {
+                        keys.push(
+                            [&[NAME][..], normalised.as_bytes(), &[0], id.as_bytes()].concat(),
+                        );
+                    }
+                }
+            }
+        }
+        DocumentKind::Referral => {
+            let Ok(referral) = crate::model::Referral::from_automerge(doc.clone(), &actor) else {
+                return keys;
+            };
+            let view: ReferralView = referral.view();
+            keys.push(destination_key(view.to.as_str(), view.status, id));
+            keys.push([&[PATIENT][..], view.patient.as_bytes(), id.as_bytes()].concat());
+        }
+        DocumentKind::Roster => {}
+    }
+    keys.sort();
+    keys.dedup();
+    keys
+}
+
+fn all_values<T>(register: Option<&Register<T>>) -> impl Iterator<Item = &T> {
+    register
+        .into_iter()
+        .flat_map(|r| std::iter::once(&r.value).chain(&r.conflicts))
+}
+
+fn destination_key(to: &str, status: ReferralStatus, id: &DocumentId) -> Vec<u8> {
+    [
+        &[DESTINATION][..],
+        to.as_bytes(),
+        &[0],
+        status.as_str().as_bytes(),
+        &[0],
+        id.as_bytes(),
+    ]
+    .concat()
+}
+
+/// The salted hash a national id is indexed under: the id itself is never a key.
+pub(crate) fn national_id_hash(salt: &[u8; 32], national_id: &str) -> [u8; 32] {
+    let normalised: String = national_id
+        .chars()
+        .filter(|c| !c.is_whitespace())
+        .flat_map(char::to_uppercase)
+        .collect();
+    let mut hasher = Sha256::new();
+    hasher.update(b"estuary/national-id/v1");
+    hasher.update(salt);
+    hasher.update(normalised.as_bytes());
+    hasher.finalize().into()
+}
+
+/// Lower case, single spaces, bounded: "  LU  Jianguo " → "lu jianguo".
+pub(crate) fn normalise_name(name: &str) -> String {
+    let mut normalised = name
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+        .to_lowercase();
+    if normalised.len() > NAME_KEY_BYTES_MAX {
+        let mut end = NAME_KEY_BYTES_MAX;
+        while !normalised.is_char_boundary(end) {
+            end -= 1;
+        }
+        normalised.truncate(end);
+    }
+    normalised
+}
+
+/// The key prefix to scan for a national id.
+pub(crate) fn national_id_prefix(salt: &[u8; 32], national_id: &str) -> Vec<u8> {
+    [&[NATIONAL_ID][..], &national_id_hash(salt, national_id)].concat()
+}
+
+/// The key prefix to scan for names starting with `name`.
+pub(crate) fn name_prefix(name: &str) -> Vec<u8> {
+    [&[NAME][..], normalise_name(name).as_bytes()].concat()
+}
+
+/// The key prefix to scan for referrals to `to` in `status`.
+pub(crate) fn destination_prefix(to: &str, status: ReferralStatus) -> Vec<u8> {
+    [
+        &[DESTINATION][..],
+        to.as_bytes(),
+        &[0],
+        status.as_str().as_bytes(),
+        &[0],
+    ]
+    .concat()
+}
+
+/// The key prefix to scan for referrals of `patient`.
+pub(crate) fn patient_prefix(patient: &DocumentId) -> Vec<u8> {
+    [&[PATIENT][..], patient.as_bytes()].concat()
+}
+
+/// The document an index key points to: its last 16 bytes.
+pub(crate) fn document_of(key: &[u8]) -> Option<DocumentId> {
+    let start = key.len().checked_sub(16)?;
+    Some(DocumentId::from_bytes(key[start..].try_into().ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_normalise_and_ids_hash_with_the_salt() {
+        assert_eq!(normalise_name("  LU  Jianguo "), "lu jianguo");
+        assert_eq!(normalise_name("陆建国"), "陆建国");
+        let long = "é".repeat(300);
+        assert!(normalise_name(&long).len() <= NAME_KEY_BYTES_MAX);
+        let salt = [1; 32];
+        // Spaces and the case of the check character do not matter.
+        assert_eq!(
+            national_id_hash(&salt, "31023019541017043x"),
+            national_id_hash(&salt, "3102 3019 5410 17043X")
+        );
+        assert_ne!(
+            national_id_hash(&[1; 32], "310230195410170433"),
+            national_id_hash(&[2; 32], "310230195410170433")
+        );
+    }
+}
