@@ -6,6 +6,7 @@
 
 pub use estuary_crdt_model as model;
 
+pub mod audit;
 pub mod envelope;
 pub mod identity;
 mod index;

@@ -14,6 +14,7 @@ use std::sync::{Mutex, MutexGuard, RwLock};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::audit::{self, AuditAction, AuditHead, AuditRecord};
 use crate::envelope::{Envelope, EnvelopeError, VerifiedChange};
 use crate::identity::{Identity, IdentityError};
 use crate::index;
@@ -201,6 +202,8 @@ struct Cache {
     clock: u64,
     /// Changes accepted by the store so far (mirrors `keys::ACCEPTED`).
     accepted: u64,
+    /// The audit log's head (mirrors `audit::HEAD`).
+    audit: AuditHead,
 }
 
 impl Cache {
@@ -322,6 +325,10 @@ impl Node {
                 salt
             }
         };
+        let audit_head: AuditHead = match store.get(audit::HEAD)? {
+            Some(bytes) => decode(&bytes, "audit head")?,
+            None => AuditHead::default(),
+        };
         let commit = GroupCommit::default();
         commit.commit(&store, batch)?;
         let institution = match membership.admit(&identity.public_key(), &ChangeHash([0; 32])) {
@@ -339,6 +346,7 @@ impl Node {
             membership: RwLock::new(membership),
             cache: Mutex::new(Cache {
                 accepted,
+                audit: audit_head,
                 ..Cache::default()
             }),
         })
@@ -562,6 +570,7 @@ impl Node {
             Admission::Member(institution) | Admission::WithinCutoff(institution) => institution,
             Admission::Revoked { .. } => {
                 return Ok(self.quarantined(
+                    cache,
                     ticket,
                     &verified,
                     "the author's key was revoked before this change",
@@ -572,6 +581,7 @@ impl Node {
         let deps = verified.change.deps().to_vec();
         if deps.is_empty() && document_id_of(&hash) != id {
             return Ok(self.quarantined(
+                cache,
                 ticket,
                 &verified,
                 "a creation change for another document",
@@ -584,6 +594,7 @@ impl Node {
                 .is_some()
             {
                 return Ok(self.quarantined(
+                    cache,
                     ticket,
                     &verified,
                     "it depends on a quarantined change",
@@ -627,6 +638,7 @@ impl Node {
         let mut after = before.clone();
         if after.apply_changes([verified.change.clone()]).is_err() {
             return Ok(self.quarantined(
+                cache,
                 ticket,
                 &verified,
                 "the change does not apply to its dependencies",
@@ -634,10 +646,13 @@ impl Node {
         }
         let kind = match validate_change(&before, &after, &author) {
             Ok(kind) => kind,
-            Err(error) => return Ok(self.quarantined(ticket, &verified, &error.to_string())?),
+            Err(error) => {
+                return Ok(self.quarantined(cache, ticket, &verified, &error.to_string())?);
+            }
         };
         if current.apply_changes([verified.change.clone()]).is_err() {
             return Ok(self.quarantined(
+                cache,
                 ticket,
                 &verified,
                 "the change does not apply to the document",
@@ -646,6 +661,7 @@ impl Node {
         // Per-change checks keep merged states valid; check rather than assume.
         if let Err(error) = validate(&current) {
             return Ok(self.quarantined(
+                cache,
                 ticket,
                 &verified,
                 &format!("merging it breaks the document: {error}"),
@@ -666,7 +682,15 @@ impl Node {
         batch.delete(keys::per_change(keys::PENDING, &hash));
         batch.put(keys::ACCEPTED, (cache.accepted + 1).to_be_bytes().to_vec());
         self.reindex(&mut batch, &id, kind, &current)?;
+        let head = self.append_audit(
+            &mut batch,
+            cache.audit,
+            AuditAction::Accepted,
+            &verified,
+            Some(author),
+        );
         *ticket = self.commit.apply(&self.store, batch)?;
+        cache.audit = head;
         cache.accepted += 1;
         self.store.set_accepted(cache.accepted);
         let bytes = cache.documents.get(&id).map_or(0, |c| c.bytes) + verified.encoded.len();
@@ -685,6 +709,7 @@ impl Node {
 
     fn quarantined(
         &self,
+        cache: &mut Cache,
         ticket: &mut u64,
         verified: &VerifiedChange,
         reason: &str,
@@ -701,7 +726,22 @@ impl Node {
             encode(&record),
         );
         batch.delete(keys::per_change(keys::PENDING, &verified.hash));
+        let institution = {
+            let membership = self.membership.read().unwrap_or_else(|p| p.into_inner());
+            membership
+                .view()
+                .institution_of(&verified.author)
+                .map(|i| i.id.clone())
+        };
+        let head = self.append_audit(
+            &mut batch,
+            cache.audit,
+            AuditAction::Quarantined,
+            verified,
+            institution,
+        );
         *ticket = self.commit.apply(&self.store, batch)?;
+        cache.audit = head;
         Ok(Ingested::Quarantined(verified.hash, reason.to_string()))
     }
 
@@ -813,6 +853,49 @@ impl Node {
 
     fn lock_cache(&self) -> MutexGuard<'_, Cache> {
         self.cache.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Adds the next audit record to `batch`; returns the new head, to adopt once the batch
+    /// is applied.
+    fn append_audit(
+        &self,
+        batch: &mut Batch,
+        head: AuditHead,
+        action: AuditAction,
+        verified: &VerifiedChange,
+        institution: Option<InstitutionId>,
+    ) -> AuditHead {
+        let record = AuditRecord {
+            sequence: head.sequence + 1,
+            previous: head.hash,
+            at_ms: audit::now_ms(),
+            action,
+            document: verified.document,
+            change: verified.hash.0,
+            institution,
+        };
+        let next = AuditHead {
+            sequence: record.sequence,
+            hash: record.hash(),
+        };
+        batch.put(audit::record_key(record.sequence), encode(&record));
+        batch.put(audit::HEAD, encode(&next));
+        next
+    }
+
+    /// Audit records from sequence `from` on, at most `limit`.
+    pub fn audit(&self, from: u64, limit: usize) -> Result<Vec<AuditRecord>, NodeError> {
+        let mut records = Vec::new();
+        for (_, value) in self.store.scan_prefix(&[audit::RECORD])? {
+            let record: AuditRecord = decode(&value, "audit record")?;
+            if record.sequence >= from {
+                records.push(record);
+                if records.len() >= limit {
+                    break;
+                }
+            }
+        }
+        Ok(records)
     }
 
     /// Adds to `batch` the index updates for a document's new content: its old entries out,
@@ -988,6 +1071,21 @@ impl Node {
                     .problems
                     .push(problem(format!("it fails validation: {error}")));
             }
+        }
+        match self.audit(1, usize::MAX) {
+            Ok(records) => {
+                let head = self.lock_cache().audit;
+                if let Err(sequence) = audit::check_chain(&records, &head) {
+                    report.problems.push(Problem {
+                        document: None,
+                        what: format!("the audit log's hash chain breaks at record {sequence}"),
+                    });
+                }
+            }
+            Err(error) => report.problems.push(Problem {
+                document: None,
+                what: format!("the audit log is unreadable: {error}"),
+            }),
         }
         for document in by_document.into_keys() {
             report.problems.push(Problem {

@@ -464,3 +464,41 @@ fn indexes_find_residents_and_referral_worklists_and_follow_changes() {
         vec![referral]
     );
 }
+
+#[test]
+fn every_decision_is_in_the_hash_chained_audit_log() {
+    let mut consortium = Consortium::new();
+    let node = consortium.open();
+    let (file, envelope) = peer_file();
+    node.ingest(&envelope).unwrap();
+    node.apply_health_file(
+        file.id(),
+        &editor("chc-jianshe"),
+        &HealthFileOp::SetDemographic(DemographicField::Phone("+86 7".into())),
+    )
+    .unwrap();
+    let records = node.audit(1, 100).unwrap();
+    assert_eq!(records.len(), 2);
+    assert_eq!(records[0].institution, Some(institution("xinhua")));
+    assert_eq!(records[1].institution, Some(institution("chc-jianshe")));
+    assert_eq!(records[1].previous, records[0].hash());
+    assert!(node.verify().unwrap().problems.is_empty());
+    drop(node);
+    // The chain continues across restarts.
+    let node = consortium.open();
+    let (_, second) = peer_file_with("+86 8");
+    node.ingest(&second).unwrap();
+    let records = node.audit(1, 100).unwrap();
+    assert_eq!(records.len(), 3);
+    assert_eq!(records[2].previous, records[1].hash());
+    assert!(node.verify().unwrap().problems.is_empty());
+}
+
+/// A peer's health file with a distinct phone.
+fn peer_file_with(phone: &str) -> (HealthFile, Vec<u8>) {
+    let peer = Identity::from_secret(PEER);
+    let file = HealthFile::create(&peer.actor(), &editor("xinhua"), &resident(phone)).unwrap();
+    let id = file.id();
+    let envelope = envelopes(&peer, id, &mut file.automerge().clone(), &[]).remove(0);
+    (file, envelope)
+}

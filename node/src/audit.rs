@@ -1,0 +1,90 @@
+//! The hash-chained audit log: every decision the node makes about a change, in order, each
+//! record holding the hash of the one before, so a record cannot be altered, removed or
+//! reordered without breaking the chain. Records name documents, changes and institutions,
+//! never patient data.
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::model::{DocumentId, InstitutionId};
+
+/// Key prefix: `l ‖ sequence (u64, big-endian)` → record.
+pub(crate) const RECORD: u8 = b'l';
+/// The head of the chain: sequence and hash of the last record.
+pub(crate) const HEAD: &[u8] = b"m/audit_head";
+
+/// What happened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuditAction {
+    /// A change was accepted.
+    Accepted,
+    /// A change was quarantined.
+    Quarantined,
+}
+
+/// One audit record.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    /// Position in the log, from 1.
+    pub sequence: u64,
+    /// Hash of the record before (zeros for the first).
+    pub previous: [u8; 32],
+    /// When the node decided, in milliseconds since the epoch (the node's clock).
+    pub at_ms: i64,
+    /// What happened.
+    pub action: AuditAction,
+    /// The document.
+    pub document: DocumentId,
+    /// The change.
+    pub change: [u8; 32],
+    /// The institution whose key signed the change, when it is a member.
+    pub institution: Option<InstitutionId>,
+}
+
+impl AuditRecord {
+    /// The record's hash, which the next record holds.
+    pub fn hash(&self) -> [u8; 32] {
+        let mut bytes = Vec::new();
+        ciborium::into_writer(self, &mut bytes).expect("CBOR encoding into memory");
+        let mut hasher = Sha256::new();
+        hasher.update(b"estuary/audit/v1");
+        hasher.update(&bytes);
+        hasher.finalize().into()
+    }
+}
+
+/// The last record's sequence and hash.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct AuditHead {
+    pub sequence: u64,
+    pub hash: [u8; 32],
+}
+
+/// The key of record `sequence`.
+pub(crate) fn record_key(sequence: u64) -> Vec<u8> {
+    [&[RECORD][..], &sequence.to_be_bytes()].concat()
+}
+
+/// The node's clock, in milliseconds since the epoch.
+pub(crate) fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// Checks a chain of records in order: sequences contiguous from 1, each holding the hash of
+/// the one before, the last matching `head`. Returns the sequence of the first broken record.
+pub(crate) fn check_chain(records: &[AuditRecord], head: &AuditHead) -> Result<(), u64> {
+    let mut previous = [0u8; 32];
+    for (index, record) in records.iter().enumerate() {
+        if record.sequence != index as u64 + 1 || record.previous != previous {
+            return Err(index as u64 + 1);
+        }
+        previous = record.hash();
+    }
+    if head.sequence != records.len() as u64 || (head.sequence > 0 && head.hash != previous) {
+        return Err(records.len() as u64 + 1);
+    }
+    Ok(())
+}
