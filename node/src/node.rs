@@ -40,6 +40,9 @@ mod keys {
     pub const ENVELOPE: u8 = b'e';
     /// `d ‖ document` → document record (kind, heads).
     pub const DOCUMENT: u8 = b'd';
+    /// `s ‖ document` → compacted snapshot (automerge `save()`), loaded instead of replaying
+    /// and re-verifying every envelope.
+    pub const SNAPSHOT: u8 = b's';
     /// `c ‖ document` → SHA-256 of the sorted heads: the catalogue reconciliation reads.
     pub const CATALOGUE: u8 = b'c';
     /// `q ‖ change hash` → quarantine record.
@@ -670,6 +673,7 @@ impl Node {
         let heads = current.get_heads();
         let mut batch = Batch::default();
         batch.put(keys::envelope(&id, &hash), verified.encoded.clone());
+        batch.put(keys::per_document(keys::SNAPSHOT, &id), current.save());
         let record = DocumentRecord {
             kind,
             heads: heads.iter().map(|h| h.0).collect(),
@@ -794,6 +798,27 @@ impl Node {
         let Some(record) = self.document_record(id)? else {
             return Ok(None);
         };
+        // The snapshot, when it holds exactly the recorded heads: no envelope to replay.
+        if let Some(snapshot) = self.store.get(&keys::per_document(keys::SNAPSHOT, id))?
+            && let Ok(mut doc) = crate::model::load_document(&snapshot)
+            && doc
+                .get_heads()
+                .iter()
+                .map(|h| h.0)
+                .eq(record.heads.iter().copied())
+        {
+            cache.insert(
+                *id,
+                Cached {
+                    doc: doc.clone(),
+                    kind: record.kind,
+                    bytes: snapshot.len(),
+                    used: 0,
+                },
+            );
+            cache.touch(id);
+            return Ok(Some((doc, record.kind)));
+        }
         let mut doc = AutoCommit::new();
         let mut bytes = 0;
         let mut changes = Vec::new();
