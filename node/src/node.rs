@@ -1082,6 +1082,18 @@ impl Node {
                 ));
                 continue;
             }
+            let snapshot_heads = self
+                .store
+                .get(&keys::per_document(keys::SNAPSHOT, &document))
+                .ok()
+                .flatten()
+                .and_then(|bytes| crate::model::load_document(&bytes).ok())
+                .map(|mut snapshot| snapshot.get_heads());
+            if snapshot_heads.as_ref() != Some(&heads) {
+                report
+                    .problems
+                    .push(problem("its snapshot disagrees with its changes".into()));
+            }
             match self
                 .store
                 .get(&keys::per_document(keys::CATALOGUE, &document))

@@ -147,3 +147,24 @@ fn a_flipped_byte_in_a_stored_envelope_is_reported_and_reads_fail_cleanly() {
         Err(error) => assert!(matches!(error, NodeError::Store(_)), "{error}"),
     }
 }
+
+#[test]
+fn verify_is_clean_on_a_sound_store_and_names_a_stale_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let (config, roster) = setup(dir.path());
+    let editor = Editor {
+        institution: InstitutionId::new("chc-a").unwrap(),
+        at: Timestamp(0),
+    };
+    let node = Node::open(&config, Some(&roster)).unwrap();
+    let (file, _) = node.create_health_file(&editor, &resident("A")).unwrap();
+    node.apply_health_file(
+        file,
+        &editor,
+        &HealthFileOp::SetDemographic(DemographicField::Phone("1".into())),
+    )
+    .unwrap();
+    let report = node.verify().unwrap();
+    assert_eq!((report.envelopes, report.documents), (2, 1));
+    assert!(report.problems.is_empty(), "{report:?}");
+}
