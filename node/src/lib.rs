@@ -7,6 +7,7 @@
 pub use estuary_crdt_model as model;
 
 pub mod audit;
+pub mod crash_writer;
 pub mod envelope;
 pub mod identity;
 mod index;

@@ -149,7 +149,7 @@ fn a_flipped_byte_in_a_stored_envelope_is_reported_and_reads_fail_cleanly() {
 }
 
 #[test]
-fn verify_is_clean_on_a_sound_store_and_names_a_stale_snapshot() {
+fn verify_counts_what_it_checked_and_is_clean_on_a_sound_store() {
     let dir = tempfile::tempdir().unwrap();
     let (config, roster) = setup(dir.path());
     let editor = Editor {

@@ -10,6 +10,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod bench_model;
+mod bench_store;
 mod model_demo;
 mod sample;
 
@@ -54,6 +55,38 @@ enum Bench {
         #[arg(long, default_value = "testnet-report")]
         report_dir: PathBuf,
     },
+    /// Durable writes, ingest, open time and memory, and a crash loop on a real store.
+    Store {
+        /// Stored health files for the open-time and memory figures.
+        #[arg(long, default_value_t = 100_000)]
+        docs: usize,
+        /// Durable writes measured for each writer count (1, 8, 64).
+        #[arg(long, default_value_t = 4_000)]
+        writes: usize,
+        /// Foreign envelopes for the ingest figure.
+        #[arg(long, default_value_t = 10_000)]
+        ingest: usize,
+        /// SIGKILLs in the crash loop.
+        #[arg(long, default_value_t = 100)]
+        kills: usize,
+        /// Write the figures as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// Opens a stopped node and prints its open time and memory (used by `bench store`).
+    #[command(hide = true)]
+    OpenProbe {
+        /// The node's data directory.
+        dir: PathBuf,
+    },
+    /// The crash loop's writer (used by `bench store`).
+    #[command(hide = true)]
+    CrashWriter {
+        /// The node's data directory.
+        dir: PathBuf,
+        /// The signed roster file.
+        roster: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -67,6 +100,28 @@ fn main() -> ExitCode {
                     report_dir,
                 },
         } => bench_model::run(iterations, &report_dir),
+        Command::Bench {
+            bench:
+                Bench::Store {
+                    docs,
+                    writes,
+                    ingest,
+                    kills,
+                    json,
+                },
+        } => bench_store::run(&bench_store::Options {
+            docs,
+            writes,
+            ingest,
+            kills,
+            json,
+        }),
+        Command::Bench {
+            bench: Bench::OpenProbe { dir },
+        } => bench_store::open_probe(&dir),
+        Command::Bench {
+            bench: Bench::CrashWriter { dir, roster },
+        } => bench_store::crash_writer(&dir, &roster),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
