@@ -135,9 +135,15 @@ fn quantile(samples: &mut [f64], q: f64) -> f64 {
         .unwrap_or(0.0)
 }
 
-/// Durable writes with `writers` concurrent writers, `total` writes in all.
+/// Health files the write benchmark spreads its writes over: a clinic writes to many
+/// residents' files, not thousands of entries into one.
+const WRITE_POOL_DOCS: usize = 256;
+
+/// Durable writes with `writers` concurrent writers, `total` writes in all, spread over
+/// `pool`.
 fn measure_writes(
     node: &Arc<Node>,
+    pool: &Arc<Vec<DocumentId>>,
     writers: usize,
     total: usize,
 ) -> anyhow::Result<(f64, f64, f64)> {
@@ -146,12 +152,12 @@ fn measure_writes(
     let threads: Vec<_> = (0..writers)
         .map(|w| {
             let node = Arc::clone(node);
+            let pool = Arc::clone(pool);
             std::thread::spawn(move || -> anyhow::Result<Vec<f64>> {
                 let editor = sample::editor(OWN, 0);
-                let (id, _) =
-                    node.create_health_file(&editor, &resident(1_000_000 + writers * 1_000 + w))?;
                 let mut latencies = Vec::with_capacity(per_writer);
                 for n in 0..per_writer {
+                    let id = pool[(w + n * writers) % pool.len()];
                     let op = HealthFileOp::AddFollowUp(NewFollowUp {
                         time: Timestamp(n as i64),
                         systolic_mmhg: Some(120),
@@ -353,8 +359,17 @@ fn run_in(root: &Path, options: &Options) -> anyhow::Result<()> {
 
     let (mut writes_per_s, mut ack_p50_ms, mut ack_p99_ms) =
         (BTreeMap::new(), BTreeMap::new(), BTreeMap::new());
+    let editor = sample::editor(OWN, 0);
+    let pool = (0..WRITE_POOL_DOCS)
+        .map(|n| {
+            Ok(node
+                .create_health_file(&editor, &resident(1_000_000 + n))?
+                .0)
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let pool = Arc::new(pool);
     for writers in WRITERS {
-        let (rate, p50, p99) = measure_writes(&node, writers, options.writes)?;
+        let (rate, p50, p99) = measure_writes(&node, &pool, writers, options.writes)?;
         eprintln!("writes: {writers:>2} writers: {rate:>8.0}/s  p50 {p50:.2} ms  p99 {p99:.2} ms");
         writes_per_s.insert(writers.to_string(), rate);
         ack_p50_ms.insert(writers.to_string(), p50);
