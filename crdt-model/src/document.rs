@@ -50,15 +50,7 @@ pub(crate) fn read_identity<D: ReadDoc>(doc: &D) -> Result<DocumentKind, Validat
 /// The containers of each kind of document: written once at creation, edited in place after.
 fn containers(kind: DocumentKind) -> &'static [&'static str] {
     match kind {
-        DocumentKind::HealthFile => &[
-            "demographics",
-            "allergies",
-            "problems",
-            "medications",
-            "encounters",
-            "exams",
-            "follow_ups",
-        ],
+        DocumentKind::HealthFile => &crate::health_file::CONTAINERS,
         DocumentKind::Referral => &["events"],
         DocumentKind::Roster => &["institutions", "revocations"],
     }
@@ -83,31 +75,10 @@ pub(crate) fn check_containers_kept<B: ReadDoc, A: ReadDoc>(
             .flatten()
             .map(|(_, id)| id);
         if old != new {
-            return Err(ValidationError::ReplacedObject {
-                field: container_field(key),
-            });
+            return Err(ValidationError::ReplacedObject { field: key });
         }
     }
     Ok(())
-}
-
-/// The `'static` schema path of a container key.
-fn container_field(key: &str) -> &'static str {
-    [
-        "demographics",
-        "allergies",
-        "problems",
-        "medications",
-        "encounters",
-        "exams",
-        "follow_ups",
-        "events",
-        "institutions",
-        "revocations",
-    ]
-    .into_iter()
-    .find(|field| *field == key)
-    .unwrap_or("document")
 }
 
 /// Writes a new document's identity.

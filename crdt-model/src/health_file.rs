@@ -538,7 +538,10 @@ const ROOT_KEYS: [&str; 10] = [
     "exams",
     "follow_ups",
 ];
-const LISTS: [&str; 6] = [
+/// Sections and lists created with the file and edited in place after (see
+/// `document::check_containers_kept`).
+pub(crate) const CONTAINERS: [&str; 7] = [
+    "demographics",
     "allergies",
     "problems",
     "medications",
@@ -546,6 +549,8 @@ const LISTS: [&str; 6] = [
     "exams",
     "follow_ups",
 ];
+/// The clinical lists: every container but the demographics section.
+const LISTS: &[&str] = CONTAINERS.split_at(1).1;
 
 impl HealthFile {
     /// Creates a health file with its demographics, as one change by `editor`.
@@ -559,7 +564,7 @@ impl HealthFile {
         Self::create_with(actor, editor, |tx| {
             let root = automerge::ROOT;
             let section = tx.put_object(&root, "demographics", ObjType::Map)?;
-            for list in LISTS {
+            for list in LISTS.iter().copied() {
                 tx.put_object(&root, list, ObjType::List)?;
             }
             let d = demographics;

@@ -615,6 +615,32 @@ fn tainted(
     }
 }
 
+/// Ingests `changes` in two orders and checks both accept the same changes and reach the same
+/// heads, and that exactly the faulty changes and their descendants are rejected. Returns the
+/// accepted document.
+fn check_ingest(
+    changes: &[automerge::Change],
+    faulty: &BTreeSet<automerge::ChangeHash>,
+    author_of: impl Fn(&automerge::Change) -> InstitutionId + Copy,
+    orders: [u64; 2],
+) -> Result<AutoCommit, TestCaseError> {
+    let (accepted_a, mut doc_a) = ingest(changes, author_of, orders[0]);
+    let (accepted_b, mut doc_b) = ingest(changes, author_of, orders[1]);
+    prop_assert_eq!(&accepted_a, &accepted_b);
+    prop_assert_eq!(doc_a.get_heads(), doc_b.get_heads());
+    let tainted = tainted(changes, faulty);
+    for change in changes {
+        prop_assert_eq!(
+            accepted_a.contains(&change.hash()),
+            !tainted.contains(&change.hash()),
+            "change {} (faulty: {})",
+            change.hash(),
+            faulty.contains(&change.hash())
+        );
+    }
+    Ok(doc_a)
+}
+
 fn all_changes(replicas: &[AutoCommit]) -> Vec<automerge::Change> {
     let mut seen = BTreeSet::new();
     let mut changes = Vec::new();
@@ -673,19 +699,8 @@ proptest! {
             let bytes = change.actor_id().to_bytes();
             institution(INSTITUTIONS[usize::from(bytes[0]).saturating_sub(1) % INSTITUTIONS.len()])
         };
-        let (accepted_a, mut doc_a) = ingest(&changes, author_of, order_a);
-        let (accepted_b, mut doc_b) = ingest(&changes, author_of, order_b);
-        prop_assert_eq!(&accepted_a, &accepted_b);
-        prop_assert_eq!(doc_a.get_heads(), doc_b.get_heads());
-        prop_assert_eq!(validate(&doc_a), Ok(DocumentKind::HealthFile));
-        let tainted = tainted(&changes, &faulty);
-        for change in &changes {
-            prop_assert_eq!(
-                accepted_a.contains(&change.hash()),
-                !tainted.contains(&change.hash()),
-                "change {} (faulty: {})", change.hash(), faulty.contains(&change.hash())
-            );
-        }
+        let merged = check_ingest(&changes, &faulty, author_of, [order_a, order_b])?;
+        prop_assert_eq!(validate(&merged), Ok(DocumentKind::HealthFile));
     }
 }
 
@@ -807,19 +822,8 @@ proptest! {
             let n = usize::from(change.actor_id().to_bytes()[0]);
             institution(if n == 100 { REFERRAL_NODES[0] } else { REFERRAL_NODES[n - 1] })
         };
-        let (accepted_a, mut doc_a) = ingest(&changes, author_of, order_a);
-        let (accepted_b, mut doc_b) = ingest(&changes, author_of, order_b);
-        prop_assert_eq!(&accepted_a, &accepted_b);
-        prop_assert_eq!(doc_a.get_heads(), doc_b.get_heads());
-        let merged = Referral::from_automerge(doc_a, &actor(99)).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        let merged = check_ingest(&changes, &faulty, author_of, [order_a, order_b])?;
+        let merged = Referral::from_automerge(merged, &actor(99)).map_err(|e| TestCaseError::fail(e.to_string()))?;
         assert_legal_path(&merged.view())?;
-        let tainted = tainted(&changes, &faulty);
-        for change in &changes {
-            prop_assert_eq!(
-                accepted_a.contains(&change.hash()),
-                !tainted.contains(&change.hash()),
-                "change {} (faulty: {})", change.hash(), faulty.contains(&change.hash())
-            );
-        }
     }
 }

@@ -1,66 +1,13 @@
 //! Damaged data on disk: bytes flipped in a stored envelope are reported by `verify`, naming
 //! the document, and reading that document fails cleanly instead of panicking.
 
+mod common;
+
 use std::path::Path;
 
-use estuary_node::identity::Identity;
-use estuary_node::membership::SignedRoster;
+use common::{editor, resident, single_node};
 use estuary_node::model::*;
-use estuary_node::node::{Node, NodeConfig, NodeError};
-
-fn setup(dir: &Path) -> (NodeConfig, Vec<u8>) {
-    let data_dir = dir.join("node");
-    std::fs::create_dir_all(&data_dir).unwrap();
-    let key = Identity::load_or_create(&data_dir).unwrap().public_key();
-    let authority = Identity::from_secret([1; 32]);
-    let by = Editor {
-        institution: InstitutionId::new("chc-a").unwrap(),
-        at: Timestamp(0),
-    };
-    let mut roster = Roster::create(&authority.actor(), &by).unwrap();
-    roster
-        .apply(
-            &by,
-            &RosterOp::AddInstitution {
-                id: by.institution.clone(),
-                name: "A".into(),
-                kind: InstitutionKind::CommunityCentre,
-            },
-        )
-        .unwrap();
-    roster
-        .apply(
-            &by,
-            &RosterOp::AddNodeKey {
-                institution: by.institution.clone(),
-                key,
-            },
-        )
-        .unwrap();
-    (
-        NodeConfig {
-            data_dir,
-            authority: authority.public_key(),
-        },
-        SignedRoster::sign(&authority, &mut roster).encode(),
-    )
-}
-
-fn resident(given: &str) -> Demographics {
-    Demographics {
-        name: PersonName {
-            family: "Lu".into(),
-            given: given.into(),
-            text: None,
-        },
-        sex: Sex::Male,
-        birth_date: Date::new("1954-10-17").unwrap(),
-        phone: None,
-        address: None,
-        national_id: None,
-        insurance: None,
-    }
-}
+use estuary_node::node::{Node, NodeError};
 
 /// Flips one byte of the first occurrence of `needle` in any file under `dir`.
 fn flip_on_disk(dir: &Path, needle: &[u8]) -> bool {
@@ -91,11 +38,8 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
 #[test]
 fn a_flipped_byte_in_a_stored_envelope_is_reported_and_reads_fail_cleanly() {
     let dir = tempfile::tempdir().unwrap();
-    let (config, roster) = setup(dir.path());
-    let editor = Editor {
-        institution: InstitutionId::new("chc-a").unwrap(),
-        at: Timestamp(0),
-    };
+    let (config, roster) = single_node(dir.path(), "chc-a");
+    let editor = editor("chc-a");
     let (damaged, healthy, signature) = {
         let node = Node::open(&config, Some(&roster)).unwrap();
         let (damaged, _) = node
@@ -151,11 +95,8 @@ fn a_flipped_byte_in_a_stored_envelope_is_reported_and_reads_fail_cleanly() {
 #[test]
 fn verify_counts_what_it_checked_and_is_clean_on_a_sound_store() {
     let dir = tempfile::tempdir().unwrap();
-    let (config, roster) = setup(dir.path());
-    let editor = Editor {
-        institution: InstitutionId::new("chc-a").unwrap(),
-        at: Timestamp(0),
-    };
+    let (config, roster) = single_node(dir.path(), "chc-a");
+    let editor = editor("chc-a");
     let node = Node::open(&config, Some(&roster)).unwrap();
     let (file, _) = node.create_health_file(&editor, &resident("A")).unwrap();
     node.apply_health_file(

@@ -2,15 +2,16 @@
 //! after its durable acknowledgement; the parent SIGKILLs it at random moments, again and
 //! again, then reopens the store and checks that every acknowledged change is there.
 
+mod common;
+
 use std::io::Read;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use estuary_node::identity::Identity;
-use estuary_node::membership::SignedRoster;
+use common::single_node;
 use estuary_node::model::automerge::ChangeHash;
 use estuary_node::model::*;
-use estuary_node::node::{Node, NodeConfig};
+use estuary_node::node::Node;
 
 /// Kills in the test (the issue asks for at least 30).
 const KILLS: usize = 32;
@@ -42,47 +43,16 @@ fn acknowledged_writes_survive_sigkill() {
     };
 
     let dir = tempfile::tempdir().unwrap();
-    let data_dir = dir.path().join("node");
-    std::fs::create_dir_all(&data_dir).unwrap();
-    let key = Identity::load_or_create(&data_dir).unwrap().public_key();
-    let authority = Identity::from_secret([1; 32]);
-    let by = Editor {
-        institution: InstitutionId::new("chc-a").unwrap(),
-        at: Timestamp(0),
-    };
-    let mut roster = Roster::create(&authority.actor(), &by).unwrap();
-    roster
-        .apply(
-            &by,
-            &RosterOp::AddInstitution {
-                id: by.institution.clone(),
-                name: "Centre A".into(),
-                kind: InstitutionKind::CommunityCentre,
-            },
-        )
-        .unwrap();
-    roster
-        .apply(
-            &by,
-            &RosterOp::AddNodeKey {
-                institution: by.institution.clone(),
-                key,
-            },
-        )
-        .unwrap();
+    let (config, roster) = single_node(dir.path(), "chc-a");
     let roster_file = dir.path().join("roster.cbor");
-    std::fs::write(
-        &roster_file,
-        SignedRoster::sign(&authority, &mut roster).encode(),
-    )
-    .unwrap();
+    std::fs::write(&roster_file, roster).unwrap();
 
     let mut acknowledged: Vec<(DocumentId, ChangeHash)> = Vec::new();
     for kill in 0..KILLS {
         let mut child = Command::new(env!("CARGO_BIN_EXE_estuary-crash-writer"))
-            .arg(&data_dir)
+            .arg(&config.data_dir)
             .arg(&roster_file)
-            .arg(authority.public_key().to_string())
+            .arg(config.authority.to_string())
             .arg("chc-a")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -114,10 +84,6 @@ fn acknowledged_writes_survive_sigkill() {
         "the writer never acknowledged a write (seed {seed})"
     );
 
-    let config = NodeConfig {
-        data_dir,
-        authority: authority.public_key(),
-    };
     let node = Node::open(&config, None)
         .unwrap_or_else(|e| panic!("store does not reopen (seed {seed}): {e}"));
     let lost: Vec<_> = acknowledged

@@ -1,30 +1,17 @@
 //! Envelopes: signing, verification, and every way an envelope can be wrong.
 
+mod common;
+
 use estuary_node::envelope::{ENVELOPE_BYTES_MAX, Envelope, EnvelopeError};
 use estuary_node::identity::Identity;
 use estuary_node::model::*;
 
 fn editor() -> Editor {
-    Editor {
-        institution: InstitutionId::new("chc-jianshe").unwrap(),
-        at: Timestamp(1),
-    }
+    common::editor("chc-jianshe")
 }
 
 fn demographics() -> Demographics {
-    Demographics {
-        name: PersonName {
-            family: "Lu".into(),
-            given: "Jianguo".into(),
-            text: None,
-        },
-        sex: Sex::Male,
-        birth_date: Date::new("1954-10-17").unwrap(),
-        phone: None,
-        address: None,
-        national_id: None,
-        insurance: None,
-    }
+    common::resident("Jianguo")
 }
 
 /// A signed creation change of a health file written by `identity`.
