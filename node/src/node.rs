@@ -173,8 +173,21 @@ struct QuarantineRecord {
 #[derive(Serialize, Deserialize)]
 struct PendingRecord {
     document: DocumentId,
+    /// The dependencies it waits for, when it was parked.
+    missing: Vec<[u8; 32]>,
     #[serde(with = "serde_bytes")]
     envelope: Vec<u8>,
+}
+
+/// A change waiting for its dependencies, as operators see it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingEntry {
+    /// The change.
+    pub change: [u8; 32],
+    /// Its document.
+    pub document: DocumentId,
+    /// The dependencies it was waiting for when it arrived.
+    pub missing: Vec<[u8; 32]>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -494,7 +507,28 @@ impl Node {
 
     /// How many changes wait for their dependencies.
     pub fn pending_count(&self) -> Result<usize, NodeError> {
-        Ok(self.store.scan_prefix(&[keys::PENDING])?.len())
+        Ok(self.store.keys_with_prefix(&[keys::PENDING])?.len())
+    }
+
+    /// The changes waiting for their dependencies, with the dependencies they wait for.
+    pub fn pending(&self) -> Result<Vec<PendingEntry>, NodeError> {
+        let mut entries = Vec::new();
+        for key in self.store.keys_with_prefix(&[keys::PENDING])? {
+            let Some(value) = self.store.get(&key)? else {
+                continue;
+            };
+            let record: PendingRecord = decode(&value, "pending record")?;
+            let mut change = [0u8; 32];
+            change.copy_from_slice(key.get(1..33).ok_or(StoreError::Corrupt {
+                what: "pending key",
+            })?);
+            entries.push(PendingEntry {
+                change,
+                document: record.document,
+                missing: record.missing,
+            });
+        }
+        Ok(entries)
     }
 
     /// Runs one envelope from a peer (or a bundle) through the pipeline; returns once the
@@ -608,17 +642,20 @@ impl Node {
                 )?);
             }
         }
-        let mut missing = false;
+        let mut missing = Vec::new();
         for dep in &deps {
-            missing |= self.store.get(&keys::envelope(&id, dep))?.is_none();
+            if self.store.get(&keys::envelope(&id, dep))?.is_none() {
+                missing.push(dep.0);
+            }
         }
-        if missing {
-            if self.store.scan_prefix(&[keys::PENDING])?.len() >= PENDING_CHANGES_MAX {
+        if !missing.is_empty() {
+            if self.store.keys_with_prefix(&[keys::PENDING])?.len() >= PENDING_CHANGES_MAX {
                 return Err(IngestError::PendingFull);
             }
             let mut batch = Batch::default();
             let record = PendingRecord {
                 document: id,
+                missing,
                 envelope: verified.encoded.clone(),
             };
             batch.put(keys::per_change(keys::PENDING, &hash), encode(&record));
@@ -777,7 +814,12 @@ impl Node {
     fn retry_pending(&self, cache: &mut Cache, ticket: &mut u64) -> Result<(), IngestError> {
         loop {
             let mut progress = false;
-            for (key, value) in self.store.scan_prefix(&[keys::PENDING])? {
+            // Keys first, then one record at a time: pending envelopes are not all held in
+            // memory at once.
+            for key in self.store.keys_with_prefix(&[keys::PENDING])? {
+                let Some(value) = self.store.get(&key)? else {
+                    continue;
+                };
                 let record: PendingRecord = decode(&value, "pending record")?;
                 let Ok(verified) = Envelope::verify(&record.envelope) else {
                     // Verified when it was parked: the stored copy is damaged. Drop it; a peer

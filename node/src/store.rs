@@ -59,6 +59,8 @@ pub trait KeyValue: Send + Sync {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
     /// Every key and value starting with `prefix`, in key order.
     fn scan_prefix(&self, prefix: &[u8]) -> Result<Entries, StoreError>;
+    /// Every key starting with `prefix`, in key order, without reading values into memory.
+    fn keys_with_prefix(&self, prefix: &[u8]) -> Result<Vec<Vec<u8>>, StoreError>;
     /// Applies a batch atomically. Not durable until `flush` returns.
     fn apply(&self, batch: Batch) -> Result<(), StoreError>;
     /// Makes every applied batch durable.
@@ -93,6 +95,14 @@ impl KeyValue for SledStore {
                 item.map(|(k, v)| (k.to_vec(), v.to_vec()))
                     .map_err(Into::into)
             })
+            .collect()
+    }
+
+    fn keys_with_prefix(&self, prefix: &[u8]) -> Result<Vec<Vec<u8>>, StoreError> {
+        self.db
+            .scan_prefix(prefix)
+            .keys()
+            .map(|key| key.map(|k| k.to_vec()).map_err(Into::into))
             .collect()
     }
 
@@ -207,6 +217,10 @@ impl KeyValue for WitnessedStore {
 
     fn scan_prefix(&self, prefix: &[u8]) -> Result<Entries, StoreError> {
         self.inner.scan_prefix(prefix)
+    }
+
+    fn keys_with_prefix(&self, prefix: &[u8]) -> Result<Vec<Vec<u8>>, StoreError> {
+        self.inner.keys_with_prefix(prefix)
     }
 
     fn apply(&self, batch: Batch) -> Result<(), StoreError> {
@@ -354,6 +368,13 @@ mod tests {
                 .iter()
                 .filter(|(k, _)| k.starts_with(prefix))
                 .map(|(k, v)| (k.clone(), v.clone()))
+                .collect())
+        }
+        fn keys_with_prefix(&self, prefix: &[u8]) -> Result<Vec<Vec<u8>>, StoreError> {
+            Ok(self
+                .scan_prefix(prefix)?
+                .into_iter()
+                .map(|(k, _)| k)
                 .collect())
         }
         fn apply(&self, batch: Batch) -> Result<(), StoreError> {

@@ -359,6 +359,12 @@ fn a_change_arriving_before_its_dependency_waits_then_is_accepted() {
     let edit = envelopes(&peer, file.id(), &mut file.automerge().clone(), &heads).remove(0);
     assert!(matches!(node.ingest(&edit).unwrap(), Ingested::Pending(_)));
     assert_eq!(node.pending_count().unwrap(), 1);
+    let pending = node.pending().unwrap();
+    assert_eq!(
+        pending[0].missing,
+        vec![heads[0].0],
+        "it says what it waits for"
+    );
     assert!(matches!(
         node.ingest(&creation).unwrap(),
         Ingested::Accepted(_)
