@@ -46,17 +46,48 @@ pub use automerge;
 
 use automerge::ReadDoc;
 
+/// A validated document's typed view, whichever its kind.
+///
+/// A view read from a bare document has the zero id: ids are not content (they derive from
+/// the creation change, see [`document_id_of`]); the typed documents fill in their own.
+#[derive(Clone, Debug, PartialEq)]
+pub enum View {
+    /// A health file (boxed: its view is several times larger than the others).
+    HealthFile(Box<HealthFileView>),
+    /// A referral.
+    Referral(ReferralView),
+    /// The roster.
+    Roster(RosterView),
+}
+
+impl View {
+    /// The document's kind.
+    pub fn kind(&self) -> DocumentKind {
+        match self {
+            View::HealthFile(_) => DocumentKind::HealthFile,
+            View::Referral(_) => DocumentKind::Referral,
+            View::Roster(_) => DocumentKind::Roster,
+        }
+    }
+}
+
+/// Validates a document and returns its typed view, read once.
+pub fn view<D: ReadDoc>(doc: &D) -> Result<View, ValidationError> {
+    Ok(match document::read_identity(doc)? {
+        DocumentKind::HealthFile => {
+            View::HealthFile(Box::new(health_file::parse_health_file(doc)?))
+        }
+        DocumentKind::Referral => View::Referral(referral::parse_referral(doc)?),
+        DocumentKind::Roster => View::Roster(roster::parse_roster(doc)?),
+    })
+}
+
 /// Checks that a document is a well-formed model document and returns its kind.
 ///
 /// Deterministic: it reads only the document's content (every conflicting value included),
 /// so replicas holding the same changes agree, whatever order the changes arrived in.
 pub fn validate<D: ReadDoc>(doc: &D) -> Result<DocumentKind, ValidationError> {
-    let kind = document::read_identity(doc)?;
-    match kind {
-        DocumentKind::HealthFile => health_file::parse_health_file(doc).map(|_| kind),
-        DocumentKind::Referral => referral::parse_referral(doc).map(|_| kind),
-        DocumentKind::Roster => roster::parse_roster(doc).map(|_| kind),
-    }
+    view(doc).map(|view| view.kind())
 }
 
 /// Checks one change: `before` is the document at the change's dependencies (empty for the
@@ -73,41 +104,43 @@ pub fn validate_change<B: ReadDoc, A: ReadDoc>(
     after: &A,
     author: &InstitutionId,
 ) -> Result<DocumentKind, ValidationError> {
-    let kind = validate(after)?;
+    validate_change_view(before, after, author).map(|view| view.kind())
+}
+
+/// `validate_change`, returning the view of `after` it read (so callers need not read it
+/// again).
+pub fn validate_change_view<B: ReadDoc, A: ReadDoc>(
+    before: &B,
+    after: &A,
+    author: &InstitutionId,
+) -> Result<View, ValidationError> {
+    let after_view = view(after)?;
     if before.keys(automerge::ROOT).next().is_none() {
-        return check_creation(after, kind, author).map(|()| kind);
+        check_creation(&after_view, author)?;
+        return Ok(after_view);
     }
-    if document::read_identity(before)? != kind {
+    if document::read_identity(before)? != after_view.kind() {
         return Err(ValidationError::IdentityChanged);
     }
-    document::check_containers_kept(before, after, kind)?;
-    match kind {
-        DocumentKind::HealthFile => health_file::check_change(
-            &health_file::parse_health_file(before)?,
-            &health_file::parse_health_file(after)?,
-            author,
-        )?,
-        DocumentKind::Referral => referral::check_change(
-            &referral::parse_referral(before)?,
-            &referral::parse_referral(after)?,
-            author,
-        )?,
+    document::check_containers_kept(before, after, after_view.kind())?;
+    match &after_view {
+        View::HealthFile(after) => {
+            health_file::check_change(&health_file::parse_health_file(before)?, after, author)?;
+        }
+        View::Referral(after) => {
+            referral::check_change(&referral::parse_referral(before)?, after, author)?;
+        }
         // Only the consortium authority may change the roster; `node` checks its signature.
-        DocumentKind::Roster => {}
+        View::Roster(_) => {}
     }
-    Ok(kind)
+    Ok(after_view)
 }
 
 /// The first change of a document: a referral is sent by its `from` institution, and nothing
 /// is recorded in another institution's name.
-fn check_creation<D: ReadDoc>(
-    after: &D,
-    kind: DocumentKind,
-    author: &InstitutionId,
-) -> Result<(), ValidationError> {
-    match kind {
-        DocumentKind::HealthFile => {
-            let view = health_file::parse_health_file(after)?;
+fn check_creation(view: &View, author: &InstitutionId) -> Result<(), ValidationError> {
+    match view {
+        View::HealthFile(view) => {
             let blank = HealthFileView {
                 allergies: Vec::new(),
                 problems: Vec::new(),
@@ -115,12 +148,11 @@ fn check_creation<D: ReadDoc>(
                 encounters: Vec::new(),
                 exams: Vec::new(),
                 follow_ups: Vec::new(),
-                ..view.clone()
+                ..(**view).clone()
             };
-            health_file::check_change(&blank, &view, author)
+            health_file::check_change(&blank, view, author)
         }
-        DocumentKind::Referral => {
-            let view = referral::parse_referral(after)?;
+        View::Referral(view) => {
             if view.from != *author {
                 return Err(ValidationError::Provenance { field: "from" });
             }
@@ -128,8 +160,8 @@ fn check_creation<D: ReadDoc>(
                 history: Vec::new(),
                 ..view.clone()
             };
-            referral::check_change(&blank, &view, author)
+            referral::check_change(&blank, view, author)
         }
-        DocumentKind::Roster => Ok(()),
+        View::Roster(_) => Ok(()),
     }
 }

@@ -7,10 +7,7 @@
 
 use sha2::{Digest, Sha256};
 
-use crate::model::automerge::AutoCommit;
-use crate::model::{
-    DocumentId, DocumentKind, HealthFileView, ReferralStatus, ReferralView, Register,
-};
+use crate::model::{DocumentId, ReferralStatus, Register, View};
 
 /// Key prefix: `x ‖ document` → the document's current index keys.
 pub(crate) const RECORD: u8 = b'x';
@@ -28,20 +25,10 @@ pub const SEARCH_RESULTS_MAX: usize = 100;
 const NAME_KEY_BYTES_MAX: usize = 256;
 
 /// The index keys a document's content calls for.
-pub(crate) fn keys_of(
-    salt: &[u8; 32],
-    id: &DocumentId,
-    kind: DocumentKind,
-    doc: &AutoCommit,
-) -> Vec<Vec<u8>> {
-    let actor = crate::model::Actor::from_bytes(vec![0]);
+pub(crate) fn keys_of(salt: &[u8; 32], id: &DocumentId, view: &View) -> Vec<Vec<u8>> {
     let mut keys = Vec::new();
-    match kind {
-        DocumentKind::HealthFile => {
-            let Ok(file) = crate::model::HealthFile::from_automerge(doc.clone(), &actor) else {
-                return keys;
-            };
-            let view: HealthFileView = file.view();
+    match view {
+        View::HealthFile(view) => {
             // Every value of a conflicted field is indexed: a search finds the resident under
             // any of the values a clinician still has to choose between.
             for national_id in all_values(view.demographics.national_id.as_ref()) {
@@ -68,15 +55,11 @@ pub(crate) fn keys_of(
                 }
             }
         }
-        DocumentKind::Referral => {
-            let Ok(referral) = crate::model::Referral::from_automerge(doc.clone(), &actor) else {
-                return keys;
-            };
-            let view: ReferralView = referral.view();
+        View::Referral(view) => {
             keys.push(destination_key(view.to.as_str(), view.status, id));
             keys.push([&[PATIENT][..], view.patient.as_bytes(), id.as_bytes()].concat());
         }
-        DocumentKind::Roster => {}
+        View::Roster(_) => {}
     }
     keys.sort();
     keys.dedup();

@@ -23,7 +23,7 @@ use crate::model::automerge::{AutoCommit, Change, ChangeHash};
 use crate::model::{
     Bytes32, Demographics, DocumentId, DocumentKind, Editor, HealthFile, HealthFileOp,
     HealthFileView, InstitutionId, NewReferral, OpError, Referral, ReferralOp, ReferralView,
-    document_id_of, validate, validate_change,
+    document_id_of, validate, validate_change_view,
 };
 use crate::store::{Batch, GroupCommit, KeyValue, StoreError, WITNESS_FILE, WitnessedStore};
 
@@ -663,14 +663,14 @@ impl Node {
             return Ok(Ingested::Pending(hash));
         }
 
-        let mut current = if deps.is_empty() {
-            AutoCommit::new()
+        // The document is taken out of the cache, not copied; it goes back once decided.
+        let (mut current, mut cached_bytes) = if deps.is_empty() {
+            (AutoCommit::new(), 0)
         } else {
-            self.load(cache, &id)?
-                .ok_or(StoreError::Corrupt {
-                    what: "document record",
-                })?
-                .0
+            let (doc, _, bytes) = self.take(cache, &id)?.ok_or(StoreError::Corrupt {
+                what: "document record",
+            })?;
+            (doc, bytes)
         };
         // Usually a change builds on the document as this node holds it: then the document is
         // its `before` as it is, and `after` becomes the document. Otherwise it is judged at
@@ -682,51 +682,53 @@ impl Node {
             wanted.sort();
             heads == wanted
         };
-        let before = if deps.is_empty() {
-            AutoCommit::new()
-        } else if on_current {
-            current.clone()
+        let judged_at = if on_current {
+            None
         } else {
-            current.fork_at(&deps).map_err(|_| StoreError::Corrupt {
+            Some(current.fork_at(&deps).map_err(|_| StoreError::Corrupt {
                 what: "document history",
-            })?
+            })?)
         };
+        let before = judged_at.as_ref().unwrap_or(&current);
         let mut after = before.clone();
-        if after.apply_changes([verified.change.clone()]).is_err() {
-            return Ok(self.quarantined(
-                cache,
-                ticket,
-                &verified,
-                "the change does not apply to its dependencies",
-            )?);
-        }
-        let kind = match validate_change(&before, &after, &author) {
-            Ok(kind) => kind,
-            Err(error) => {
-                return Ok(self.quarantined(cache, ticket, &verified, &error.to_string())?);
+        let verdict = if after.apply_changes([verified.change.clone()]).is_err() {
+            Err("the change does not apply to its dependencies".to_string())
+        } else {
+            validate_change_view(before, &after, &author).map_err(|error| error.to_string())
+        };
+        let view = match verdict {
+            Err(reason) => {
+                self.put_back(cache, id, current, cached_bytes);
+                return Ok(self.quarantined(cache, ticket, &verified, &reason)?);
+            }
+            Ok(view) if on_current => {
+                current = after;
+                view
+            }
+            Ok(_) => {
+                // Judged at its dependencies; merged into a document that holds more.
+                let mut merged = current.clone();
+                let merged_view = if merged.apply_changes([verified.change.clone()]).is_err() {
+                    Err("the change does not apply to the document".to_string())
+                } else {
+                    // Per-change checks keep merged states valid; check rather than assume.
+                    crate::model::view(&merged)
+                        .map_err(|error| format!("merging it breaks the document: {error}"))
+                };
+                match merged_view {
+                    Ok(view) => {
+                        current = merged;
+                        view
+                    }
+                    Err(reason) => {
+                        self.put_back(cache, id, current, cached_bytes);
+                        return Ok(self.quarantined(cache, ticket, &verified, &reason)?);
+                    }
+                }
             }
         };
-        if deps.is_empty() || on_current {
-            current = after;
-        } else {
-            if current.apply_changes([verified.change.clone()]).is_err() {
-                return Ok(self.quarantined(
-                    cache,
-                    ticket,
-                    &verified,
-                    "the change does not apply to the document",
-                )?);
-            }
-            // Per-change checks keep merged states valid; check rather than assume.
-            if let Err(error) = validate(&current) {
-                return Ok(self.quarantined(
-                    cache,
-                    ticket,
-                    &verified,
-                    &format!("merging it breaks the document: {error}"),
-                )?);
-            }
-        }
+        let kind = view.kind();
+        cached_bytes += verified.encoded.len();
         let heads = current.get_heads();
         let mut batch = Batch::default();
         batch.put(keys::envelope(&id, &hash), verified.encoded.clone());
@@ -746,7 +748,7 @@ impl Node {
         );
         batch.delete(keys::per_change(keys::PENDING, &hash));
         batch.put(keys::ACCEPTED, (cache.accepted + 1).to_be_bytes().to_vec());
-        self.reindex(&mut batch, &id, kind, &current)?;
+        self.reindex(&mut batch, &id, &view)?;
         let head = self.append_audit(
             &mut batch,
             cache.audit,
@@ -758,13 +760,12 @@ impl Node {
         cache.audit = head;
         cache.accepted += 1;
         self.store.set_accepted(cache.accepted);
-        let bytes = cache.documents.get(&id).map_or(0, |c| c.bytes) + verified.encoded.len();
         cache.insert(
             id,
             Cached {
                 doc: current,
                 kind,
-                bytes,
+                bytes: cached_bytes,
                 used: 0,
             },
         );
@@ -849,6 +850,44 @@ impl Node {
             if !progress {
                 return Ok(());
             }
+        }
+    }
+
+    /// A document taken out of the cache (or decoded from the store), with its kind and its
+    /// cache weight; `put_back` returns it.
+    fn take(
+        &self,
+        cache: &mut Cache,
+        id: &DocumentId,
+    ) -> Result<Option<(AutoCommit, DocumentKind, usize)>, StoreError> {
+        if let Some(cached) = cache.documents.remove(id) {
+            cache.bytes -= cached.bytes;
+            return Ok(Some((cached.doc, cached.kind, cached.bytes)));
+        }
+        self.load(cache, id)?;
+        Ok(cache.documents.remove(id).map(|cached| {
+            cache.bytes -= cached.bytes;
+            (cached.doc, cached.kind, cached.bytes)
+        }))
+    }
+
+    /// Returns a document `take` took, unchanged.
+    fn put_back(&self, cache: &mut Cache, id: DocumentId, doc: AutoCommit, bytes: usize) {
+        if bytes == 0 {
+            // A creation that was refused: there is no document to keep.
+            return;
+        }
+        if let Ok(Some(record)) = self.document_record(&id) {
+            cache.insert(
+                id,
+                Cached {
+                    doc,
+                    kind: record.kind,
+                    bytes,
+                    used: 0,
+                },
+            );
+            cache.touch(&id);
         }
     }
 
@@ -988,15 +1027,14 @@ impl Node {
         &self,
         batch: &mut Batch,
         id: &DocumentId,
-        kind: DocumentKind,
-        doc: &AutoCommit,
+        view: &crate::model::View,
     ) -> Result<(), StoreError> {
         let record_key = keys::per_document(index::RECORD, id);
         let old: Vec<Vec<u8>> = match self.store.get(&record_key)? {
             Some(bytes) => decode(&bytes, "index record")?,
             None => Vec::new(),
         };
-        let new = index::keys_of(&self.salt, id, kind, doc);
+        let new = index::keys_of(&self.salt, id, view);
         for key in old.iter().filter(|k| !new.contains(k)) {
             batch.delete(key.clone());
         }
