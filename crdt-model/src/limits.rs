@@ -6,11 +6,13 @@
 
 /// Longest short text field (names, addresses, reasons, codes), in UTF-8 bytes.
 pub const FIELD_BYTES_MAX: usize = 512;
-/// Longest free-text note on an encounter, in UTF-8 bytes.
+/// Longest free-text note on an encounter, in UTF-8 bytes. Checked per change: concurrent
+/// edits, each within it, may merge into a longer note (see `validate_change`).
 pub const NOTE_BYTES_MAX: usize = 16 * 1024;
 /// Longest referral handover summary or exam report, in UTF-8 bytes.
 pub const SUMMARY_BYTES_MAX: usize = 16 * 1024;
-/// Most entries in one clinical list of a health file (allergies, encounters, …).
+/// Most entries in one clinical list of a health file (allergies, encounters, …). Checked per
+/// change: a change may not add past it, concurrent appends may merge past it.
 pub const ENTRIES_PER_LIST_MAX: usize = 10_000;
 /// Most diagnoses on one encounter.
 pub const DIAGNOSES_PER_ENCOUNTER_MAX: usize = 32;
@@ -20,7 +22,8 @@ pub const MEASUREMENTS_PER_RESULT_MAX: usize = 64;
 /// 60 days by the consortium's prescribing rules; no prescription may be longer.
 pub const PRESCRIPTION_DAYS_MAX: u64 = 60;
 /// Most status events on one referral. A full life cycle needs five; the rest is headroom
-/// for concurrent transitions, and a bound on what a faulty node can append.
+/// for concurrent transitions, and a bound on what a faulty node can append. Checked per
+/// change, like `ENTRIES_PER_LIST_MAX`.
 pub const REFERRAL_EVENTS_MAX: usize = 64;
 /// Most institutions in one roster.
 pub const INSTITUTIONS_MAX: usize = 1_024;
