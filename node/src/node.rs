@@ -35,6 +35,8 @@ pub const CACHE_BYTES_MAX: usize = 64 * 1024 * 1024;
 /// (and at creation): saving a whole document on every change costs more than replaying a few
 /// envelopes at load.
 pub const SNAPSHOT_EVERY_CHANGES: u64 = 16;
+/// Stripes of the per-document write lock.
+const DOCUMENT_LOCK_STRIPES: usize = 64;
 /// Most changes held waiting for their dependencies.
 pub const PENDING_CHANGES_MAX: usize = 10_000;
 
@@ -235,24 +237,27 @@ impl Cache {
         Some(cached)
     }
 
-    fn insert(&mut self, id: DocumentId, cached: Cached) {
+    /// Inserts a document as the most recently used, then evicts the least recently used
+    /// others until the cache is within its bounds. The document just inserted is never the
+    /// one evicted.
+    fn insert(&mut self, id: DocumentId, mut cached: Cached) {
         if let Some(old) = self.documents.remove(&id) {
             self.bytes -= old.bytes;
         }
+        self.clock += 1;
+        cached.used = self.clock;
         self.bytes += cached.bytes;
         self.documents.insert(id, cached);
         while self.documents.len() > CACHE_DOCUMENTS_MAX || self.bytes > CACHE_BYTES_MAX {
             let Some(oldest) = self
                 .documents
                 .iter()
+                .filter(|(other, _)| **other != id)
                 .min_by_key(|(_, c)| c.used)
                 .map(|(id, _)| *id)
             else {
                 break;
             };
-            if oldest == id && self.documents.len() == 1 {
-                break;
-            }
             if let Some(evicted) = self.documents.remove(&oldest) {
                 self.bytes -= evicted.bytes;
             }
@@ -274,6 +279,10 @@ pub struct Node {
     membership: RwLock<Membership>,
     /// Document state; held while deciding and applying a change, never while flushing.
     cache: Mutex<Cache>,
+    /// Local writers to one document take turns from reading it to deciding their change:
+    /// two writes based on the same state would give the node's actor one sequence number
+    /// twice, and automerge refuses the second. Striped by document id: bounded memory.
+    document_locks: Vec<Mutex<()>>,
 }
 
 impl std::fmt::Debug for Node {
@@ -321,7 +330,15 @@ impl Node {
             .map(|bytes| SignedRoster::verify(bytes, &config.authority))
             .transpose()?;
         let membership = match (stored, offered) {
-            (Some(held), Some(offered)) => held.replaced_by(offered)?,
+            // A node restarted with its bootstrap roster keeps the newer one it adopted since.
+            (Some(held), Some(offered)) => match held.replaced_by(offered) {
+                Ok(newer) => newer,
+                Err(RosterError::Stale { current, offered }) => {
+                    tracing::warn!(current, offered, "ignoring an older roster given at start");
+                    held
+                }
+                Err(error) => return Err(error.into()),
+            },
             (Some(held), None) => held,
             (None, Some(offered)) => offered,
             (None, None) => {
@@ -364,6 +381,7 @@ impl Node {
             lost_at_open,
             salt,
             membership: RwLock::new(membership),
+            document_locks: (0..DOCUMENT_LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
             cache: Mutex::new(Cache {
                 accepted,
                 audit: audit_head,
@@ -428,6 +446,7 @@ impl Node {
         op: &HealthFileOp,
     ) -> Result<ChangeHash, NodeError> {
         self.check_editor(editor)?;
+        let _writing = self.lock_document(&id);
         let doc = self.document(id, DocumentKind::HealthFile)?;
         let mut file = HealthFile::from_automerge(doc, &self.identity.actor())?;
         let heads = file.heads();
@@ -443,6 +462,7 @@ impl Node {
         op: &ReferralOp,
     ) -> Result<ChangeHash, NodeError> {
         self.check_editor(editor)?;
+        let _writing = self.lock_document(&id);
         let doc = self.document(id, DocumentKind::Referral)?;
         let mut referral = Referral::from_automerge(doc, &self.identity.actor())?;
         let heads = referral.heads();
@@ -452,12 +472,14 @@ impl Node {
 
     /// The typed view of a health file.
     pub fn health_file(&self, id: DocumentId) -> Result<HealthFileView, NodeError> {
+        let _writing = self.lock_document(&id);
         let doc = self.document(id, DocumentKind::HealthFile)?;
         Ok(HealthFile::from_automerge(doc, &self.identity.actor())?.view())
     }
 
     /// The typed view of a referral.
     pub fn referral(&self, id: DocumentId) -> Result<ReferralView, NodeError> {
+        let _writing = self.lock_document(&id);
         let doc = self.document(id, DocumentKind::Referral)?;
         Ok(Referral::from_automerge(doc, &self.identity.actor())?.view())
     }
@@ -537,11 +559,13 @@ impl Node {
         let verified = Envelope::verify(envelope)?;
         let (outcome, ticket) = {
             let mut cache = self.lock_cache();
-            let mut ticket = 0;
+            // A duplicate's first copy may not be durable yet: wait for everything applied so
+            // far, not only for what this call applies.
+            let mut ticket = self.commit.applied();
             let outcome = self.decide(&mut cache, verified, &mut ticket)?;
-            // Accepting a change may complete the dependencies of pending ones.
-            if matches!(outcome, Ingested::Accepted(_)) {
-                self.retry_pending(&mut cache, &mut ticket)?;
+            // A decision may settle the dependencies of pending changes, accepted or not.
+            if matches!(outcome, Ingested::Accepted(_) | Ingested::Quarantined(..)) {
+                self.retry_pending(&mut cache, &mut ticket);
             }
             (outcome, ticket)
         };
@@ -569,7 +593,8 @@ impl Node {
         debug_assert!(changes.is_empty(), "a typed operation makes one change");
         let envelope = Envelope::sign(&self.identity, id, &mut change).encode();
         match self.ingest(&envelope)? {
-            Ingested::Accepted(hash) => Ok(hash),
+            // The same write made twice (a registration sent again) is already there.
+            Ingested::Accepted(hash) | Ingested::Duplicate(hash) => Ok(hash),
             other => Err(NodeError::LocalChangeRefused(other)),
         }
     }
@@ -812,7 +837,16 @@ impl Node {
     }
 
     /// Decides pending changes whose dependencies are now decided, until none is left to do.
-    fn retry_pending(&self, cache: &mut Cache, ticket: &mut u64) -> Result<(), IngestError> {
+    /// A pending record that can no longer be decided (damaged, or its author no longer in the
+    /// roster) is dropped with a log line: a peer will offer it again if it matters. Errors
+    /// here never fail the ingest that triggered the retry.
+    fn retry_pending(&self, cache: &mut Cache, ticket: &mut u64) {
+        if let Err(error) = self.retry_pending_inner(cache, ticket) {
+            tracing::warn!(%error, "retrying pending changes stopped early");
+        }
+    }
+
+    fn retry_pending_inner(&self, cache: &mut Cache, ticket: &mut u64) -> Result<(), IngestError> {
         loop {
             let mut progress = false;
             // Keys first, then one record at a time: pending envelopes are not all held in
@@ -821,7 +855,10 @@ impl Node {
                 let Some(value) = self.store.get(&key)? else {
                     continue;
                 };
-                let record: PendingRecord = decode(&value, "pending record")?;
+                let Ok(record) = decode::<PendingRecord>(&value, "pending record") else {
+                    self.drop_pending(&key, ticket)?;
+                    continue;
+                };
                 let Ok(verified) = Envelope::verify(&record.envelope) else {
                     // Verified when it was parked: the stored copy is damaged. Drop it; a peer
                     // will send the change again.
@@ -843,7 +880,10 @@ impl Node {
                     decided &= accepted || refused;
                 }
                 if decided {
-                    self.decide(cache, verified, ticket)?;
+                    if let Err(error) = self.decide(cache, verified, ticket) {
+                        tracing::warn!(%error, "a pending change could not be decided; dropped");
+                        self.drop_pending(&key, ticket)?;
+                    }
                     progress = true;
                 }
             }
@@ -851,6 +891,13 @@ impl Node {
                 return Ok(());
             }
         }
+    }
+
+    fn drop_pending(&self, key: &[u8], ticket: &mut u64) -> Result<(), StoreError> {
+        let mut batch = Batch::default();
+        batch.delete(key.to_vec());
+        *ticket = self.commit.apply(&self.store, batch)?;
+        Ok(())
     }
 
     /// A document taken out of the cache (or decoded from the store), with its kind and its
@@ -972,6 +1019,13 @@ impl Node {
             .get(&keys::per_document(keys::DOCUMENT, id))?
             .map(|bytes| decode(&bytes, "document record"))
             .transpose()
+    }
+
+    fn lock_document(&self, id: &DocumentId) -> MutexGuard<'_, ()> {
+        let stripe = usize::from(id.as_bytes()[0]) % self.document_locks.len();
+        self.document_locks[stripe]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 
     fn lock_cache(&self) -> MutexGuard<'_, Cache> {
@@ -1299,4 +1353,40 @@ fn encode(value: &impl Serialize) -> Vec<u8> {
 
 fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8], what: &'static str) -> Result<T, StoreError> {
     ciborium::from_reader(bytes).map_err(|_| StoreError::Corrupt { what })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cached(bytes: usize) -> Cached {
+        Cached {
+            doc: AutoCommit::new(),
+            kind: DocumentKind::HealthFile,
+            bytes,
+            used: 0,
+        }
+    }
+
+    #[test]
+    fn the_cache_keeps_its_bounds_and_the_document_just_inserted() {
+        let mut cache = Cache::default();
+        for n in 0..(CACHE_DOCUMENTS_MAX + 10) {
+            let mut id = [0u8; 16];
+            id[..8].copy_from_slice(&(n as u64).to_be_bytes());
+            let id = DocumentId::from_bytes(id);
+            cache.insert(id, cached(1));
+            assert!(
+                cache.documents.contains_key(&id),
+                "the newest document stays"
+            );
+            assert!(cache.documents.len() <= CACHE_DOCUMENTS_MAX);
+        }
+        // One document over the byte budget evicts the others, but stays itself.
+        let big = DocumentId::from_bytes([0xff; 16]);
+        cache.insert(big, cached(CACHE_BYTES_MAX + 1));
+        assert!(cache.documents.contains_key(&big));
+        assert_eq!(cache.documents.len(), 1);
+        assert_eq!(cache.bytes, CACHE_BYTES_MAX + 1);
+    }
 }

@@ -286,6 +286,11 @@ impl GroupCommit {
         Ok(state.applied)
     }
 
+    /// The ticket of the last batch applied: waiting on it covers everything applied so far.
+    pub fn applied(&self) -> u64 {
+        self.lock().applied
+    }
+
     /// Returns once batch number `ticket` is durable, flushing if no one else is.
     pub fn wait_durable(&self, store: &dyn KeyValue, ticket: u64) -> Result<(), StoreError> {
         let mut state = self.lock();

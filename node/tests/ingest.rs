@@ -508,3 +508,100 @@ fn peer_file_with(phone: &str) -> (HealthFile, Vec<u8>) {
     let envelope = envelopes(&peer, id, &mut file.automerge().clone(), &[]).remove(0);
     (file, envelope)
 }
+
+#[test]
+fn concurrent_local_writes_to_one_document_all_land() {
+    let mut consortium = Consortium::new();
+    let node = std::sync::Arc::new(consortium.open());
+    let (file, _) = node
+        .create_health_file(&editor("chc-jianshe"), &demographics())
+        .unwrap();
+    let threads: Vec<_> = (0..8)
+        .map(|t| {
+            let node = std::sync::Arc::clone(&node);
+            std::thread::spawn(move || {
+                for n in 0..10u64 {
+                    let op = HealthFileOp::AddFollowUp(NewFollowUp {
+                        time: Timestamp((t * 100 + n) as i64),
+                        systolic_mmhg: Some(120),
+                        diastolic_mmhg: Some(80),
+                        glucose_mmol_per_l: None,
+                    });
+                    node.apply_health_file(file, &editor("chc-jianshe"), &op)
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    for thread in threads {
+        thread.join().unwrap();
+    }
+    assert_eq!(node.health_file(file).unwrap().follow_ups.len(), 80);
+    assert!(node.quarantine().unwrap().is_empty());
+}
+
+#[test]
+fn the_same_registration_twice_is_the_same_document() {
+    let mut consortium = Consortium::new();
+    let node = consortium.open();
+    let first = node
+        .create_health_file(&editor("chc-jianshe"), &demographics())
+        .unwrap();
+    let again = node
+        .create_health_file(&editor("chc-jianshe"), &demographics())
+        .unwrap();
+    assert_eq!(first, again);
+}
+
+#[test]
+fn a_pending_change_whose_dependency_is_quarantined_is_quarantined_too() {
+    let mut consortium = Consortium::new();
+    let node = consortium.open();
+    let peer = Identity::from_secret(PEER);
+    let (file, creation) = peer_file();
+    node.ingest(&creation).unwrap();
+    let mut doc = file.automerge().clone();
+    let base = doc.get_heads();
+    // A bad change (unknown root key), then a child of it.
+    doc.put(automerge::ROOT, "extra", 1u64).unwrap();
+    doc.commit();
+    let bad = envelopes(&peer, file.id(), &mut doc, &base).remove(0);
+    let after_bad = doc.get_heads();
+    let demographics = doc.get(automerge::ROOT, "demographics").unwrap().unwrap().1;
+    doc.put(&demographics, "phone", "+86 9").unwrap();
+    doc.commit();
+    let child = envelopes(&peer, file.id(), &mut doc, &after_bad).remove(0);
+    assert!(matches!(node.ingest(&child).unwrap(), Ingested::Pending(_)));
+    assert!(matches!(
+        node.ingest(&bad).unwrap(),
+        Ingested::Quarantined(..)
+    ));
+    assert_eq!(
+        node.pending_count().unwrap(),
+        0,
+        "the child is decided with its parent"
+    );
+    assert_eq!(node.quarantine().unwrap().len(), 2);
+}
+
+#[test]
+fn a_node_restarted_with_an_older_roster_keeps_the_newer_one() {
+    let mut consortium = Consortium::new();
+    let bootstrap = consortium.signed_roster();
+    let newer = consortium.revoke(vec![]);
+    {
+        let node = Node::open(&consortium.config, Some(&bootstrap)).unwrap();
+        node.update_roster(&newer).unwrap();
+    }
+    let node = Node::open(&consortium.config, Some(&bootstrap)).unwrap();
+    let (_, envelope) = peer_file();
+    // Under the newer roster the peer is still a member; the revoked key is not.
+    assert!(matches!(
+        node.ingest(&envelope).unwrap(),
+        Ingested::Accepted(_)
+    ));
+    assert!(matches!(
+        node.update_roster(&bootstrap),
+        Err(NodeError::Roster(_))
+    ));
+}
