@@ -59,6 +59,9 @@ mod keys {
     pub const ROSTER: &[u8] = b"m/roster";
     /// How many changes the store has accepted (u64, big-endian), witnessed outside it.
     pub const ACCEPTED: &[u8] = b"m/accepted";
+    /// Acknowledged changes the store was found to have lost, over all starts (u64): kept so
+    /// that `verify` reports the loss until the documents are re-synced.
+    pub const LOST: &[u8] = b"m/lost";
     /// This node's random salt for the national-id index (32 bytes).
     pub const SALT: &[u8] = b"m/salt";
 
@@ -314,13 +317,25 @@ impl Node {
                 }
             })?),
         };
-        let lost_at_open = store.witnessed_at_open().saturating_sub(accepted);
-        if lost_at_open > 0 {
+        let previously_lost = match store.get(keys::LOST)? {
+            None => 0,
+            Some(bytes) => u64::from_be_bytes(
+                bytes
+                    .as_slice()
+                    .try_into()
+                    .map_err(|_| StoreError::Corrupt { what: "lost count" })?,
+            ),
+        };
+        let lost_now = store.witnessed_at_open().saturating_sub(accepted);
+        if lost_now > 0 {
             tracing::error!(
-                lost = lost_at_open,
+                lost = lost_now,
                 "the store lost acknowledged changes; they must be re-synced from peers"
             );
         }
+        // Kept in the store: the first flush rewrites the witness, and the loss must still be
+        // reported at the next start.
+        let lost_at_open = previously_lost + lost_now;
         store.set_accepted(accepted);
         let stored = store
             .get(keys::ROSTER)?
@@ -350,6 +365,9 @@ impl Node {
         };
         let mut batch = Batch::default();
         batch.put(keys::ROSTER, membership.encoded().to_vec());
+        if lost_now > 0 {
+            batch.put(keys::LOST, lost_at_open.to_be_bytes().to_vec());
+        }
         let salt: [u8; 32] = match store.get(keys::SALT)? {
             Some(bytes) => bytes
                 .as_slice()
@@ -710,13 +728,21 @@ impl Node {
         let judged_at = if on_current {
             None
         } else {
-            Some(current.fork_at(&deps).map_err(|_| StoreError::Corrupt {
-                what: "document history",
-            })?)
+            // `fork_at` reads only what this node accepted; contained all the same.
+            let forked =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| current.fork_at(&deps)));
+            Some(
+                forked
+                    .ok()
+                    .and_then(Result::ok)
+                    .ok_or(StoreError::Corrupt {
+                        what: "document history",
+                    })?,
+            )
         };
         let before = judged_at.as_ref().unwrap_or(&current);
         let mut after = before.clone();
-        let verdict = if after.apply_changes([verified.change.clone()]).is_err() {
+        let verdict = if !applies(&mut after, &verified.change) {
             Err("the change does not apply to its dependencies".to_string())
         } else {
             validate_change_view(before, &after, &author).map_err(|error| error.to_string())
@@ -733,7 +759,7 @@ impl Node {
             Ok(_) => {
                 // Judged at its dependencies; merged into a document that holds more.
                 let mut merged = current.clone();
-                let merged_view = if merged.apply_changes([verified.change.clone()]).is_err() {
+                let merged_view = if !applies(&mut merged, &verified.change) {
                     Err("the change does not apply to the document".to_string())
                 } else {
                     // Per-change checks keep merged states valid; check rather than assume.
@@ -1143,12 +1169,15 @@ impl Node {
     /// document rebuilt from its changes against its recorded heads and catalogue entry, and
     /// validated. Reports problems; never panics on damaged data.
     pub fn verify(&self) -> Result<VerifyReport, NodeError> {
+        // No decision runs meanwhile: envelopes, records and the audit head are read as one
+        // consistent state.
+        let cache = self.lock_cache();
         let mut report = VerifyReport::default();
         if self.lost_at_open > 0 {
             report.problems.push(Problem {
                 document: None,
                 what: format!(
-                    "the store lost {} acknowledged changes before this start (damaged log); re-sync every document from peers",
+                    "the store has lost {} acknowledged changes (damaged log); re-sync every document from peers",
                     self.lost_at_open
                 ),
             });
@@ -1269,7 +1298,7 @@ impl Node {
         }
         match self.audit(1, usize::MAX) {
             Ok(records) => {
-                let head = self.lock_cache().audit;
+                let head = cache.audit;
                 if let Err(sequence) = audit::check_chain(&records, &head) {
                     report.problems.push(Problem {
                         document: None,
@@ -1326,6 +1355,16 @@ impl VerifyReport {
         documents.dedup();
         documents
     }
+}
+
+/// Applies a peer's change, containing a panic inside automerge (0.12 panics on some crafted
+/// input, see crdt-model): false when it does not apply. The document may then be half
+/// changed, so callers apply to a copy they drop on failure.
+fn applies(doc: &mut AutoCommit, change: &Change) -> bool {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        doc.apply_changes([change.clone()])
+    }))
+    .is_ok_and(|result| result.is_ok())
 }
 
 /// The catalogue's digest of a document's heads: equal digests mean equal heads.

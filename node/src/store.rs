@@ -143,6 +143,10 @@ pub struct WitnessedStore {
     accepted: std::sync::atomic::AtomicU64,
     /// What the witness said at open.
     witnessed_at_open: u64,
+    /// sled writes values over about 128 KiB as files in `blobs/` and never `fsync`s them;
+    /// the node does, once per file. The names already synced.
+    blobs_dir: std::path::PathBuf,
+    synced_blobs: Mutex<std::collections::HashSet<std::ffi::OsString>>,
 }
 
 /// Name of the witness file in the data directory.
@@ -176,6 +180,8 @@ impl WitnessedStore {
         Ok(Self {
             inner,
             data_file,
+            blobs_dir: dir.join("blobs"),
+            synced_blobs: Mutex::new(std::collections::HashSet::new()),
             witness: Mutex::new(file),
             accepted: std::sync::atomic::AtomicU64::new(0),
             witnessed_at_open,
@@ -191,6 +197,39 @@ impl WitnessedStore {
     pub fn set_accepted(&self, accepted: u64) {
         self.accepted
             .store(accepted, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl WitnessedStore {
+    /// `fsync`s the blob files sled wrote since the last flush, and their directory.
+    fn sync_new_blobs(&self) -> Result<(), StoreError> {
+        let io = |e: std::io::Error| StoreError::Backend(format!("store blob files: {e}"));
+        let entries = match std::fs::read_dir(&self.blobs_dir) {
+            Ok(entries) => entries,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(error) => return Err(io(error)),
+        };
+        let mut synced = self.synced_blobs.lock().unwrap_or_else(|p| p.into_inner());
+        let mut present = std::collections::HashSet::new();
+        let mut new = false;
+        for entry in entries {
+            let name = entry.map_err(io)?.file_name();
+            if !synced.contains(&name) {
+                std::fs::File::open(self.blobs_dir.join(&name))
+                    .and_then(|f| f.sync_all())
+                    .map_err(io)?;
+                new = true;
+            }
+            present.insert(name);
+        }
+        if new {
+            std::fs::File::open(&self.blobs_dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io)?;
+        }
+        // Forget blobs sled has since removed: the set stays as small as the directory.
+        *synced = present;
+        Ok(())
     }
 }
 
@@ -236,6 +275,7 @@ impl KeyValue for WitnessedStore {
         self.data_file
             .sync_all()
             .map_err(|e| StoreError::Backend(format!("store data file: {e}")))?;
+        self.sync_new_blobs()?;
         let mut file = self.witness.lock().unwrap_or_else(|p| p.into_inner());
         let io = |e: std::io::Error| StoreError::Backend(format!("witness file: {e}"));
         file.seek(SeekFrom::Start(0)).map_err(io)?;
@@ -338,6 +378,30 @@ impl GroupCommit {
 mod tests {
     use super::*;
     use std::sync::Arc;
+
+    #[test]
+    fn a_value_too_large_for_sleds_log_is_stored_as_a_synced_blob_and_survives_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let store_dir = dir.path().join("store");
+        let witness = dir.path().join(WITNESS_FILE);
+        let big = vec![7u8; 300 * 1024];
+        {
+            let store = WitnessedStore::open(&store_dir, &witness).unwrap();
+            let mut batch = Batch::default();
+            batch.put(b"big".to_vec(), big.clone());
+            GroupCommit::default().commit(&store, batch).unwrap();
+            assert!(
+                std::fs::read_dir(store_dir.join("blobs")).unwrap().count() > 0,
+                "sled wrote the value as a blob file"
+            );
+            assert!(
+                !store.synced_blobs.lock().unwrap().is_empty(),
+                "and the node synced it"
+            );
+        }
+        let store = WitnessedStore::open(&store_dir, &witness).unwrap();
+        assert_eq!(store.get(b"big").unwrap(), Some(big));
+    }
 
     #[test]
     fn a_batch_is_atomic_and_survives_reopening() {

@@ -86,6 +86,17 @@ fn a_flipped_byte_in_a_stored_envelope_is_reported_and_reads_fail_cleanly() {
                     node.health_file(damaged),
                     Err(NodeError::UnknownDocument(_) | NodeError::Store(_))
                 ));
+                // The loss is still reported after another restart, until re-synced.
+                drop(node);
+                let node = Node::open(&config, None).unwrap();
+                let report = node.verify().unwrap();
+                assert!(
+                    report
+                        .problems
+                        .iter()
+                        .any(|p| p.what.contains("lost 2 acknowledged")),
+                    "{report:?}"
+                );
             }
         }
         Err(error) => assert!(matches!(error, NodeError::Store(_)), "{error}"),
