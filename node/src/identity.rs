@@ -97,15 +97,25 @@ impl Identity {
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
                 let mut secret = [0u8; KEY_FILE_BYTES];
                 getrandom::fill(&mut secret).map_err(IdentityError::Randomness)?;
-                // create_new: never overwrite a key another process created meanwhile.
+                // Written whole to a temporary file, then linked into place: a crash leaves no
+                // truncated key, and the link fails rather than overwrite a key another
+                // process created meanwhile.
+                let temporary = data_dir.join(format!("{KEY_FILE}.{}.tmp", std::process::id()));
                 let mut file = OpenOptions::new()
                     .write(true)
-                    .create_new(true)
+                    .create(true)
+                    .truncate(true)
                     .mode(0o600)
-                    .open(&path)
+                    .open(&temporary)
                     .map_err(io)?;
                 file.write_all(&secret).map_err(io)?;
                 file.sync_all().map_err(io)?;
+                let linked = fs::hard_link(&temporary, &path);
+                let _ = fs::remove_file(&temporary);
+                linked.map_err(io)?;
+                fs::File::open(data_dir)
+                    .and_then(|dir| dir.sync_all())
+                    .map_err(io)?;
                 Ok(Self::from_secret(secret))
             }
             Err(error) => Err(io(error)),

@@ -1088,15 +1088,23 @@ impl Node {
 
     /// Audit records from sequence `from` on, at most `limit`.
     pub fn audit(&self, from: u64, limit: usize) -> Result<Vec<AuditRecord>, NodeError> {
+        // Keys are in sequence order; only the records asked for are read.
         let mut records = Vec::new();
-        for (_, value) in self.store.scan_prefix(&[audit::RECORD])? {
-            let record: AuditRecord = decode(&value, "audit record")?;
-            if record.sequence >= from {
-                records.push(record);
-                if records.len() >= limit {
-                    break;
-                }
+        for key in self.store.keys_with_prefix(&[audit::RECORD])? {
+            let sequence = key
+                .get(1..9)
+                .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                .map(u64::from_be_bytes);
+            if sequence.is_none_or(|sequence| sequence < from) {
+                continue;
             }
+            if records.len() >= limit {
+                break;
+            }
+            let Some(value) = self.store.get(&key)? else {
+                continue;
+            };
+            records.push(decode(&value, "audit record")?);
         }
         Ok(records)
     }
@@ -1128,9 +1136,9 @@ impl Node {
     fn lookup(&self, prefix: &[u8]) -> Result<Vec<DocumentId>, NodeError> {
         let mut found: Vec<DocumentId> = self
             .store
-            .scan_prefix(prefix)?
+            .keys_with_prefix(prefix)?
             .into_iter()
-            .filter_map(|(key, _)| index::document_of(&key))
+            .filter_map(|key| index::document_of(&key))
             .take(index::SEARCH_RESULTS_MAX)
             .collect();
         found.dedup();

@@ -58,16 +58,17 @@ fn acknowledged_writes_survive_sigkill() {
             .stderr(Stdio::inherit())
             .spawn()
             .unwrap();
+        // Read while it runs, so a full pipe never holds the writer still when the kill lands.
+        let mut stdout = child.stdout.take().unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut output = String::new();
+            stdout.read_to_string(&mut output).unwrap();
+            output
+        });
         std::thread::sleep(Duration::from_millis(next() % RUN_MS_MAX));
         child.kill().unwrap(); // SIGKILL on Unix
         child.wait().unwrap();
-        let mut output = String::new();
-        child
-            .stdout
-            .take()
-            .unwrap()
-            .read_to_string(&mut output)
-            .unwrap();
+        let output = reader.join().unwrap();
         for line in output.lines() {
             // A line cut by the kill is not an acknowledgement.
             let parts: Vec<&str> = line.split(' ').collect();
@@ -95,6 +96,11 @@ fn acknowledged_writes_survive_sigkill() {
         "{} of {} acknowledged writes lost (seed {seed})",
         lost.len(),
         acknowledged.len()
+    );
+    let report = node.verify().unwrap();
+    assert!(
+        report.problems.is_empty(),
+        "verify after {KILLS} kills (seed {seed}): {report:?}"
     );
     // Every document written loads and validates.
     let documents: std::collections::BTreeSet<DocumentId> =
