@@ -55,6 +55,9 @@ mod keys {
     pub const QUARANTINE: u8 = b'q';
     /// `p ‖ change hash` → pending record.
     pub const PENDING: u8 = b'p';
+    /// `w ‖ missing dependency ‖ change hash` → nothing: which pending changes wait for what,
+    /// so a decision wakes only the changes waiting for it.
+    pub const WAITING: u8 = b'w';
     /// The signed roster.
     pub const ROSTER: &[u8] = b"m/roster";
     /// How many changes the store has accepted (u64, big-endian), witnessed outside it.
@@ -73,6 +76,9 @@ mod keys {
     }
     pub fn per_change(prefix: u8, hash: &super::ChangeHash) -> Vec<u8> {
         [&[prefix][..], &hash.0].concat()
+    }
+    pub fn waiting(dependency: &[u8; 32], hash: &super::ChangeHash) -> Vec<u8> {
+        [&[WAITING][..], dependency, &hash.0].concat()
     }
 }
 
@@ -582,8 +588,8 @@ impl Node {
             let mut ticket = self.commit.applied();
             let outcome = self.decide(&mut cache, verified, &mut ticket)?;
             // A decision may settle the dependencies of pending changes, accepted or not.
-            if matches!(outcome, Ingested::Accepted(_) | Ingested::Quarantined(..)) {
-                self.retry_pending(&mut cache, &mut ticket);
+            if let Ingested::Accepted(hash) | Ingested::Quarantined(hash, _) = &outcome {
+                self.retry_pending(&mut cache, &mut ticket, *hash);
             }
             (outcome, ticket)
         };
@@ -696,6 +702,9 @@ impl Node {
                 return Err(IngestError::PendingFull);
             }
             let mut batch = Batch::default();
+            for dependency in &missing {
+                batch.put(keys::waiting(dependency, &hash), Vec::new());
+            }
             let record = PendingRecord {
                 document: id,
                 missing,
@@ -798,6 +807,9 @@ impl Node {
             catalogue_digest(&heads).to_vec(),
         );
         batch.delete(keys::per_change(keys::PENDING, &hash));
+        for dependency in verified.change.deps() {
+            batch.delete(keys::waiting(&dependency.0, &hash));
+        }
         batch.put(keys::ACCEPTED, (cache.accepted + 1).to_be_bytes().to_vec());
         self.reindex(&mut batch, &id, &view)?;
         let head = self.append_audit(
@@ -843,6 +855,9 @@ impl Node {
             encode(&record),
         );
         batch.delete(keys::per_change(keys::PENDING, &verified.hash));
+        for dependency in verified.change.deps() {
+            batch.delete(keys::waiting(&dependency.0, &verified.hash));
+        }
         let institution = {
             let membership = self.membership.read().unwrap_or_else(|p| p.into_inner());
             membership
@@ -862,66 +877,92 @@ impl Node {
         Ok(Ingested::Quarantined(verified.hash, reason.to_string()))
     }
 
-    /// Decides pending changes whose dependencies are now decided, until none is left to do.
-    /// A pending record that can no longer be decided (damaged, or its author no longer in the
-    /// roster) is dropped with a log line: a peer will offer it again if it matters. Errors
-    /// here never fail the ingest that triggered the retry.
-    fn retry_pending(&self, cache: &mut Cache, ticket: &mut u64) {
-        if let Err(error) = self.retry_pending_inner(cache, ticket) {
+    /// Decides the pending changes that waited for `decided`, and in turn those that waited
+    /// for them. Only changes waiting for a decided change are read: the cost follows what a
+    /// decision settles, not how many changes wait. A pending record that can no longer be
+    /// decided (damaged, or its author no longer in the roster) is dropped with a log line: a
+    /// peer will offer it again if it matters. Errors here never fail the ingest that
+    /// triggered the retry.
+    fn retry_pending(&self, cache: &mut Cache, ticket: &mut u64, decided: ChangeHash) {
+        if let Err(error) = self.retry_pending_inner(cache, ticket, decided) {
             tracing::warn!(%error, "retrying pending changes stopped early");
         }
     }
 
-    fn retry_pending_inner(&self, cache: &mut Cache, ticket: &mut u64) -> Result<(), IngestError> {
-        loop {
-            let mut progress = false;
-            // Keys first, then one record at a time: pending envelopes are not all held in
-            // memory at once.
-            for key in self.store.keys_with_prefix(&[keys::PENDING])? {
-                let Some(value) = self.store.get(&key)? else {
+    fn retry_pending_inner(
+        &self,
+        cache: &mut Cache,
+        ticket: &mut u64,
+        decided: ChangeHash,
+    ) -> Result<(), IngestError> {
+        let mut settled = vec![decided];
+        while let Some(dependency) = settled.pop() {
+            for key in self
+                .store
+                .keys_with_prefix(&[&[keys::WAITING][..], &dependency.0].concat())?
+            {
+                let Some(hash) = key
+                    .get(33..65)
+                    .and_then(|b| <[u8; 32]>::try_from(b).ok())
+                    .map(ChangeHash)
+                else {
+                    continue;
+                };
+                let pending_key = keys::per_change(keys::PENDING, &hash);
+                let Some(value) = self.store.get(&pending_key)? else {
+                    self.drop_keys(vec![key], ticket)?;
                     continue;
                 };
                 let Ok(record) = decode::<PendingRecord>(&value, "pending record") else {
-                    self.drop_pending(&key, ticket)?;
+                    self.drop_keys(vec![key, pending_key], ticket)?;
                     continue;
                 };
-                let Ok(verified) = Envelope::verify(&record.envelope) else {
-                    // Verified when it was parked: the stored copy is damaged. Drop it; a peer
-                    // will send the change again.
-                    let mut batch = Batch::default();
-                    batch.delete(key);
-                    *ticket = self.commit.apply(&self.store, batch)?;
-                    continue;
-                };
-                let mut decided = true;
-                for dep in verified.change.deps() {
+                // Still waiting for another of its dependencies?
+                let mut ready = true;
+                for missing in &record.missing {
+                    let missing = ChangeHash(*missing);
                     let accepted = self
                         .store
-                        .get(&keys::envelope(&record.document, dep))?
+                        .get(&keys::envelope(&record.document, &missing))?
                         .is_some();
                     let refused = self
                         .store
-                        .get(&keys::per_change(keys::QUARANTINE, dep))?
+                        .get(&keys::per_change(keys::QUARANTINE, &missing))?
                         .is_some();
-                    decided &= accepted || refused;
+                    ready &= accepted || refused;
                 }
-                if decided {
-                    if let Err(error) = self.decide(cache, verified, ticket) {
+                if !ready {
+                    continue;
+                }
+                let mut stale: Vec<Vec<u8>> = record
+                    .missing
+                    .iter()
+                    .map(|m| keys::waiting(m, &hash))
+                    .collect();
+                stale.push(pending_key);
+                // Verified when it was parked; failing now means the stored copy is damaged.
+                let Ok(verified) = Envelope::verify(&record.envelope) else {
+                    self.drop_keys(stale, ticket)?;
+                    continue;
+                };
+                match self.decide(cache, verified, ticket) {
+                    Ok(Ingested::Accepted(_) | Ingested::Quarantined(..)) => settled.push(hash),
+                    Ok(_) => {}
+                    Err(error) => {
                         tracing::warn!(%error, "a pending change could not be decided; dropped");
-                        self.drop_pending(&key, ticket)?;
+                        self.drop_keys(stale, ticket)?;
                     }
-                    progress = true;
                 }
-            }
-            if !progress {
-                return Ok(());
             }
         }
+        Ok(())
     }
 
-    fn drop_pending(&self, key: &[u8], ticket: &mut u64) -> Result<(), StoreError> {
+    fn drop_keys(&self, keys: Vec<Vec<u8>>, ticket: &mut u64) -> Result<(), StoreError> {
         let mut batch = Batch::default();
-        batch.delete(key.to_vec());
+        for key in keys {
+            batch.delete(key);
+        }
         *ticket = self.commit.apply(&self.store, batch)?;
         Ok(())
     }

@@ -605,3 +605,32 @@ fn a_node_restarted_with_an_older_roster_keeps_the_newer_one() {
         Err(NodeError::Roster(_))
     ));
 }
+
+#[test]
+fn a_chain_arriving_backwards_is_decided_when_its_first_change_arrives() {
+    let mut consortium = Consortium::new();
+    let node = consortium.open();
+    let peer = Identity::from_secret(PEER);
+    let (mut file, creation) = peer_file();
+    let mut edits = Vec::new();
+    for phone in ["+86 1", "+86 2", "+86 3"] {
+        let heads = file.heads();
+        file.apply(
+            &editor("xinhua"),
+            &HealthFileOp::SetDemographic(DemographicField::Phone(phone.into())),
+        )
+        .unwrap();
+        edits.push(envelopes(&peer, file.id(), &mut file.automerge().clone(), &heads).remove(0));
+    }
+    for edit in edits.iter().rev() {
+        assert!(matches!(node.ingest(edit).unwrap(), Ingested::Pending(_)));
+    }
+    assert_eq!(node.pending_count().unwrap(), 3);
+    assert!(matches!(
+        node.ingest(&creation).unwrap(),
+        Ingested::Accepted(_)
+    ));
+    assert_eq!(node.pending_count().unwrap(), 0);
+    assert_eq!(node.health_file(file.id()).unwrap(), file.view());
+    assert_eq!(node.audit(1, 100).unwrap().len(), 4);
+}
