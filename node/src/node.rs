@@ -35,6 +35,10 @@ pub const CACHE_BYTES_MAX: usize = 64 * 1024 * 1024;
 /// (and at creation): saving a whole document on every change costs more than replaying a few
 /// envelopes at load.
 pub const SNAPSHOT_EVERY_CHANGES: u64 = 16;
+/// Most changes kept in quarantine. Past it, a change that would be quarantined is refused
+/// with `IngestError::QuarantineFull` and not stored: the decision is the same, only the record
+/// is not kept, so a faulty member cannot fill the disk.
+pub const QUARANTINE_CHANGES_MAX: usize = 100_000;
 /// Stripes of the per-document write lock.
 const DOCUMENT_LOCK_STRIPES: usize = 64;
 /// Most changes held waiting for their dependencies.
@@ -141,6 +145,11 @@ pub enum IngestError {
     /// Its author is not in the roster.
     #[error("the change's author is not a member of the consortium")]
     Stranger,
+    /// The quarantine is full; the change was refused and not stored.
+    #[error(
+        "the quarantine holds its maximum of {QUARANTINE_CHANGES_MAX} changes; the change was refused and not kept. Review and clear the quarantine"
+    )]
+    QuarantineFull,
     /// Too many changes already wait for their dependencies.
     #[error("{PENDING_CHANGES_MAX} changes already wait for dependencies; retry after catching up")]
     PendingFull,
@@ -235,6 +244,8 @@ struct Cache {
     accepted: u64,
     /// The audit log's head (mirrors `audit::HEAD`).
     audit: AuditHead,
+    /// Changes in quarantine (counted at open).
+    quarantined: usize,
 }
 
 impl Cache {
@@ -390,6 +401,7 @@ impl Node {
             Some(bytes) => decode(&bytes, "audit head")?,
             None => AuditHead::default(),
         };
+        let quarantined_at_open = store.keys_with_prefix(&[keys::QUARANTINE])?.len();
         let commit = GroupCommit::default();
         commit.commit(&store, batch)?;
         let institution = match membership.admit(&identity.public_key(), &ChangeHash([0; 32])) {
@@ -409,6 +421,7 @@ impl Node {
             cache: Mutex::new(Cache {
                 accepted,
                 audit: audit_head,
+                quarantined: quarantined_at_open,
                 ..Cache::default()
             }),
         })
@@ -659,23 +672,23 @@ impl Node {
         let author = match admission {
             Admission::Member(institution) | Admission::WithinCutoff(institution) => institution,
             Admission::Revoked { .. } => {
-                return Ok(self.quarantined(
+                return self.quarantined(
                     cache,
                     ticket,
                     &verified,
                     "the author's key was revoked before this change",
-                )?);
+                );
             }
             Admission::Stranger => return Err(IngestError::Stranger),
         };
         let deps = verified.change.deps().to_vec();
         if deps.is_empty() && document_id_of(&hash) != id {
-            return Ok(self.quarantined(
+            return self.quarantined(
                 cache,
                 ticket,
                 &verified,
                 "a creation change for another document",
-            )?);
+            );
         }
         for dep in &deps {
             if self
@@ -683,12 +696,12 @@ impl Node {
                 .get(&keys::per_change(keys::QUARANTINE, dep))?
                 .is_some()
             {
-                return Ok(self.quarantined(
+                return self.quarantined(
                     cache,
                     ticket,
                     &verified,
                     "it depends on a quarantined change",
-                )?);
+                );
             }
         }
         let mut missing = Vec::new();
@@ -759,7 +772,7 @@ impl Node {
         let view = match verdict {
             Err(reason) => {
                 self.put_back(cache, id, current, cached_bytes);
-                return Ok(self.quarantined(cache, ticket, &verified, &reason)?);
+                return self.quarantined(cache, ticket, &verified, &reason);
             }
             Ok(view) if on_current => {
                 current = after;
@@ -782,7 +795,7 @@ impl Node {
                     }
                     Err(reason) => {
                         self.put_back(cache, id, current, cached_bytes);
-                        return Ok(self.quarantined(cache, ticket, &verified, &reason)?);
+                        return self.quarantined(cache, ticket, &verified, &reason);
                     }
                 }
             }
@@ -842,7 +855,11 @@ impl Node {
         ticket: &mut u64,
         verified: &VerifiedChange,
         reason: &str,
-    ) -> Result<Ingested, StoreError> {
+    ) -> Result<Ingested, IngestError> {
+        if cache.quarantined >= QUARANTINE_CHANGES_MAX {
+            tracing::warn!(document = %verified.document, change = %verified.hash, reason, "change refused; the quarantine is full");
+            return Err(IngestError::QuarantineFull);
+        }
         tracing::info!(document = %verified.document, change = %verified.hash, reason, "change quarantined");
         let record = QuarantineRecord {
             document: verified.document,
@@ -874,6 +891,7 @@ impl Node {
         );
         *ticket = self.commit.apply(&self.store, batch)?;
         cache.audit = head;
+        cache.quarantined += 1;
         Ok(Ingested::Quarantined(verified.hash, reason.to_string()))
     }
 
@@ -1454,6 +1472,78 @@ mod tests {
             bytes,
             used: 0,
         }
+    }
+
+    #[test]
+    fn a_full_quarantine_refuses_without_storing() {
+        use crate::model::{InstitutionKind, PersonName, Roster, RosterOp, Sex, Timestamp};
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().join("node");
+        std::fs::create_dir_all(&data_dir).unwrap();
+        let own = Identity::load_or_create(&data_dir).unwrap();
+        let authority = Identity::from_secret([1; 32]);
+        let editor = Editor {
+            institution: InstitutionId::new("chc-a").unwrap(),
+            at: Timestamp(0),
+        };
+        let mut roster = Roster::create(&authority.actor(), &editor).unwrap();
+        let id = editor.institution.clone();
+        roster
+            .apply(
+                &editor,
+                &RosterOp::AddInstitution {
+                    id: id.clone(),
+                    name: "A".into(),
+                    kind: InstitutionKind::CommunityCentre,
+                },
+            )
+            .unwrap();
+        roster
+            .apply(
+                &editor,
+                &RosterOp::AddNodeKey {
+                    institution: id,
+                    key: own.public_key(),
+                },
+            )
+            .unwrap();
+        let config = NodeConfig {
+            data_dir,
+            authority: authority.public_key(),
+        };
+        let node = Node::open(
+            &config,
+            Some(&SignedRoster::sign(&authority, &mut roster).encode()),
+        )
+        .unwrap();
+        let demographics = Demographics {
+            name: PersonName {
+                family: "F".into(),
+                given: "G".into(),
+                text: None,
+            },
+            sex: Sex::Unknown,
+            birth_date: crate::model::Date::new("1950-01-01").unwrap(),
+            phone: None,
+            address: None,
+            national_id: None,
+            insurance: None,
+        };
+        // A creation change sent under another document's id: quarantined, normally.
+        let mut file = HealthFile::create(&own.actor(), &editor, &demographics).unwrap();
+        let mut change = file.changes_since(&[]).remove(0);
+        let hijack = Envelope::sign(&own, DocumentId::from_bytes([9; 16]), &mut change).encode();
+        node.lock_cache().quarantined = QUARANTINE_CHANGES_MAX;
+        assert!(matches!(
+            node.ingest(&hijack),
+            Err(IngestError::QuarantineFull)
+        ));
+        assert!(node.quarantine().unwrap().is_empty(), "nothing was stored");
+        node.lock_cache().quarantined = 0;
+        assert!(matches!(
+            node.ingest(&hijack).unwrap(),
+            Ingested::Quarantined(..)
+        ));
     }
 
     #[test]
