@@ -96,14 +96,6 @@ impl ReferralStatus {
             ReferralStatus::Completed => 6,
         }
     }
-
-    /// Whether no transition leaves this status.
-    pub const fn is_final(self) -> bool {
-        matches!(
-            self,
-            ReferralStatus::Declined | ReferralStatus::Completed | ReferralStatus::Cancelled
-        )
-    }
 }
 
 /// A referral to send.
@@ -155,14 +147,6 @@ pub enum ReferralOp {
 }
 
 impl ReferralOp {
-    /// The status this operation moves to, if it is a transition.
-    pub fn target(&self) -> Option<ReferralStatus> {
-        match self.intent() {
-            Intent::Transition(to) => Some(to),
-            Intent::SenderEdit(..) => None,
-        }
-    }
-
     /// What the operation does: the one exhaustive match over operations.
     fn intent(&self) -> Intent<'_> {
         match self {

@@ -146,17 +146,6 @@ vocabulary! {
     }
 }
 
-impl Severity {
-    /// Orders severities so the most severe record of an allergy can be shown first.
-    pub const fn rank(self) -> u8 {
-        match self {
-            Severity::Mild => 0,
-            Severity::Moderate => 1,
-            Severity::Severe => 2,
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
