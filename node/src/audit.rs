@@ -21,6 +21,9 @@ pub enum AuditAction {
     Accepted,
     /// A change was quarantined.
     Quarantined,
+    /// An accepted change was taken back out of its document because its author's key was
+    /// revoked (or it builds on such a change); it is then decided again.
+    Withdrawn,
 }
 
 /// One audit record.

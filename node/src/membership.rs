@@ -5,7 +5,7 @@
 //! and refuses an older one, so every node that holds the same version agrees on who may
 //! write.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 
 use ed25519_dalek::{Signature, VerifyingKey};
 use serde::{Deserialize, Serialize};
@@ -132,8 +132,16 @@ impl SignedRoster {
         )
         .map_err(|_| RosterError::BadSignature)?;
         let roster = Roster::load(&signed.roster, &Actor::from_bytes(authority.0.to_vec()))?;
+        let view = roster.view();
+        let mut cutoff_heads: HashMap<[u8; 32], Vec<Bytes32>> = HashMap::new();
+        for revocation in &view.revocations {
+            for head in &revocation.cutoff {
+                cutoff_heads.entry(head.0).or_default().push(revocation.key);
+            }
+        }
         Ok(Membership {
-            view: roster.view(),
+            view,
+            cutoff_heads,
             encoded: bytes.to_vec(),
         })
     }
@@ -151,8 +159,8 @@ pub enum Admission {
     Revoked {
         /// The institution the key belonged to.
         institution: InstitutionId,
-        /// The heads accepted from the key up to the cut-off.
-        cutoff: BTreeSet<Bytes32>,
+        /// The revoked key.
+        key: Bytes32,
     },
     /// Not a key of the roster.
     Stranger,
@@ -162,6 +170,8 @@ pub enum Admission {
 #[derive(Clone, Debug)]
 pub struct Membership {
     view: RosterView,
+    /// Cut-off head → the revoked keys whose revocation names it.
+    cutoff_heads: HashMap<[u8; 32], Vec<Bytes32>>,
     encoded: Vec<u8>,
 }
 
@@ -208,10 +218,31 @@ impl Membership {
             Some(revocation) if revocation.cutoff.contains(&Bytes32(change.0)) => {
                 Admission::WithinCutoff(institution)
             }
-            Some(revocation) => Admission::Revoked {
+            Some(_) => Admission::Revoked {
                 institution,
-                cutoff: revocation.cutoff.iter().copied().collect(),
+                key: *author,
             },
         }
+    }
+
+    /// The revoked keys that name `change` as one of their cut-off heads.
+    pub fn cutoff_keys_of(&self, change: &ChangeHash) -> Vec<Bytes32> {
+        self.cutoff_heads
+            .get(&change.0)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// The cut-off heads of a revoked key (empty for a key that is not revoked).
+    pub fn cutoff_of(&self, key: &Bytes32) -> BTreeSet<Bytes32> {
+        self.view
+            .revocation_of(key)
+            .map(|r| r.cutoff.iter().copied().collect())
+            .unwrap_or_default()
+    }
+
+    /// Every revoked key.
+    pub fn revoked_keys(&self) -> Vec<Bytes32> {
+        self.view.revocations.iter().map(|r| r.key).collect()
     }
 }

@@ -7,7 +7,7 @@
 //! change's own dependencies and `validate_change` → accept (store, durable) or quarantine
 //! with the reason. Every decision depends only on the change, its history and the roster.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::{Mutex, MutexGuard, RwLock};
 
@@ -43,6 +43,9 @@ pub const QUARANTINE_CHANGES_MAX: usize = 100_000;
 const DOCUMENT_LOCK_STRIPES: usize = 64;
 /// Most changes held waiting for their dependencies.
 pub const PENDING_CHANGES_MAX: usize = 10_000;
+/// Most changes of one revoked key held until the node can tell whether they are within the
+/// revocation's cut-off; past it, the key's changes are refused and not kept.
+pub const REVOKED_HELD_PER_KEY_MAX: usize = 256;
 
 /// Key prefixes of the store's keyspaces (one tree, so batches across them are atomic).
 mod keys {
@@ -81,8 +84,29 @@ mod keys {
     pub fn per_change(prefix: u8, hash: &super::ChangeHash) -> Vec<u8> {
         [&[prefix][..], &hash.0].concat()
     }
+    /// `v ‖ change hash ‖ revoked key` → document: the change is one of the key's cut-off
+    /// heads or an ancestor of one, so a change of that key here is within the cut-off.
+    pub const VOUCHED: u8 = b'v';
+    /// `h ‖ revoked key ‖ change hash` → nothing: the key's changes held until this node can
+    /// tell whether they are within its cut-off (at most `REVOKED_HELD_PER_KEY_MAX` per key).
+    pub const HELD: u8 = b'h';
+    /// `u ‖ author ‖ document` → nothing: the documents each key has changes accepted in, so
+    /// a revocation reaches only the documents it concerns.
+    pub const AUTHOR: u8 = b'u';
+    /// `m/revocation/ ‖ key` → nothing: revocations whose withdrawals are complete.
+    pub const REVOCATION_APPLIED: &[u8] = b"m/revocation/";
+
     pub fn waiting(dependency: &[u8; 32], hash: &super::ChangeHash) -> Vec<u8> {
         [&[WAITING][..], dependency, &hash.0].concat()
+    }
+    pub fn vouched(hash: &super::ChangeHash, key: &super::Bytes32) -> Vec<u8> {
+        [&[VOUCHED][..], &hash.0, &key.0].concat()
+    }
+    pub fn held(key: &super::Bytes32, hash: &super::ChangeHash) -> Vec<u8> {
+        [&[HELD][..], &key.0, &hash.0].concat()
+    }
+    pub fn author(key: &super::Bytes32, document: &super::DocumentId) -> Vec<u8> {
+        [&[AUTHOR][..], &key.0, document.as_bytes()].concat()
     }
 }
 
@@ -153,6 +177,11 @@ pub enum IngestError {
     /// Too many changes already wait for their dependencies.
     #[error("{PENDING_CHANGES_MAX} changes already wait for dependencies; retry after catching up")]
     PendingFull,
+    /// Too many changes of one revoked key already wait for its cut-off to be drawn.
+    #[error(
+        "{REVOKED_HELD_PER_KEY_MAX} changes of this revoked key already wait until its cut-off can be drawn; the change was refused and not kept"
+    )]
+    RevokedBacklogFull,
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -246,6 +275,11 @@ struct Cache {
     audit: AuditHead,
     /// Changes in quarantine (counted at open).
     quarantined: usize,
+    /// Changes to decide again: those waiting for a change just decided, and held changes of
+    /// a revoked key that were just vouched for.
+    woken: VecDeque<ChangeHash>,
+    /// Revoked keys whose cut-off may just have become drawable.
+    recheck: BTreeSet<Bytes32>,
 }
 
 impl Cache {
@@ -408,7 +442,7 @@ impl Node {
             Admission::Member(institution) => institution,
             _ => return Err(NodeError::NotAMember),
         };
-        Ok(Self {
+        let node = Self {
             identity,
             institution,
             authority: config.authority,
@@ -424,7 +458,9 @@ impl Node {
                 quarantined: quarantined_at_open,
                 ..Cache::default()
             }),
-        })
+        };
+        node.catch_up_revocations()?;
+        Ok(node)
     }
 
     /// This node's public key.
@@ -438,15 +474,23 @@ impl Node {
     }
 
     /// Adopts a newer signed roster.
+    /// Adopts a newer signed roster. A new revocation withdraws what this node accepted from
+    /// the key past its cut-off before the call returns.
     pub fn update_roster(&self, signed: &[u8]) -> Result<u64, NodeError> {
         let offered = SignedRoster::verify(signed, &self.authority)?;
-        let mut membership = self.membership.write().unwrap_or_else(|p| p.into_inner());
-        let newer = membership.replaced_by(offered)?;
-        let mut batch = Batch::default();
-        batch.put(keys::ROSTER, newer.encoded().to_vec());
-        self.commit.commit(&self.store, batch)?;
-        *membership = newer;
-        Ok(membership.version())
+        let version = {
+            // No change is decided while the roster changes: each decision sees one roster.
+            let _decisions = self.lock_cache();
+            let mut membership = self.membership.write().unwrap_or_else(|p| p.into_inner());
+            let newer = membership.replaced_by(offered)?;
+            let mut batch = Batch::default();
+            batch.put(keys::ROSTER, newer.encoded().to_vec());
+            self.commit.commit(&self.store, batch)?;
+            *membership = newer;
+            membership.version()
+        };
+        self.catch_up_revocations()?;
+        Ok(version)
     }
 
     /// Registers a resident: creates their health file. Returns once it is durable.
@@ -602,8 +646,9 @@ impl Node {
             let outcome = self.decide(&mut cache, verified, &mut ticket)?;
             // A decision may settle the dependencies of pending changes, accepted or not.
             if let Ingested::Accepted(hash) | Ingested::Quarantined(hash, _) = &outcome {
-                self.retry_pending(&mut cache, &mut ticket, *hash);
+                cache.woken.push_back(*hash);
             }
+            self.settle(&mut cache, &mut ticket);
             (outcome, ticket)
         };
         // Decisions were applied in order under the lock; one flush makes them all durable,
@@ -665,19 +710,22 @@ impl Node {
             let record: QuarantineRecord = decode(&value, "quarantine record")?;
             return Ok(Ingested::Quarantined(hash, record.reason));
         }
+        // Whether a change is within a revoked key's cut-off is settled by its descendants: a
+        // cut-off head, or a change marked as the ancestor of one, vouches for its own
+        // ancestors, whoever wrote it and whatever becomes of it.
+        let vouchers = self.vouchers(&hash)?;
+        if !vouchers.is_empty() {
+            self.vouch(cache, ticket, &vouchers, id, hash, verified.change.deps())?;
+        }
         let admission = {
             let membership = self.membership.read().unwrap_or_else(|p| p.into_inner());
             membership.admit(&verified.author, &hash)
         };
         let author = match admission {
             Admission::Member(institution) | Admission::WithinCutoff(institution) => institution,
-            Admission::Revoked { .. } => {
-                return self.quarantined(
-                    cache,
-                    ticket,
-                    &verified,
-                    "the author's key was revoked before this change",
-                );
+            Admission::Revoked { institution, key } if vouchers.contains(&key) => institution,
+            Admission::Revoked { key, .. } => {
+                return self.past_revocation(cache, ticket, &verified, key);
             }
             Admission::Stranger => return Err(IngestError::Stranger),
         };
@@ -715,6 +763,7 @@ impl Node {
                 return Err(IngestError::PendingFull);
             }
             let mut batch = Batch::default();
+            forget_waits(&mut batch, &verified);
             for dependency in &missing {
                 batch.put(keys::waiting(dependency, &hash), Vec::new());
             }
@@ -820,9 +869,8 @@ impl Node {
             catalogue_digest(&heads).to_vec(),
         );
         batch.delete(keys::per_change(keys::PENDING, &hash));
-        for dependency in verified.change.deps() {
-            batch.delete(keys::waiting(&dependency.0, &hash));
-        }
+        forget_waits(&mut batch, &verified);
+        batch.put(keys::author(&verified.author, &id), Vec::new());
         batch.put(keys::ACCEPTED, (cache.accepted + 1).to_be_bytes().to_vec());
         self.reindex(&mut batch, &id, &view)?;
         let head = self.append_audit(
@@ -872,9 +920,7 @@ impl Node {
             encode(&record),
         );
         batch.delete(keys::per_change(keys::PENDING, &verified.hash));
-        for dependency in verified.change.deps() {
-            batch.delete(keys::waiting(&dependency.0, &verified.hash));
-        }
+        forget_waits(&mut batch, verified);
         let institution = {
             let membership = self.membership.read().unwrap_or_else(|p| p.into_inner());
             membership
@@ -905,6 +951,431 @@ impl Node {
         if let Err(error) = self.retry_pending_inner(cache, ticket, decided) {
             tracing::warn!(%error, "retrying pending changes stopped early");
         }
+    }
+
+    /// Decides what the decisions so far unblocked: pending changes whose dependencies were
+    /// settled, held changes of a revoked key that were just vouched for, and — once a
+    /// revoked key's cut-off can be drawn — every change of that key still held. Errors are
+    /// logged, never returned: they must not fail the call that triggered the work.
+    fn settle(&self, cache: &mut Cache, ticket: &mut u64) {
+        loop {
+            if let Some(hash) = cache.woken.pop_front() {
+                self.retry_pending(cache, ticket, hash);
+            } else if let Some(key) = cache.recheck.pop_first() {
+                match self.held_past_cutoff(&key) {
+                    Ok(held) => cache.woken.extend(held),
+                    Err(error) => {
+                        tracing::warn!(%error, "rechecking a revoked key's held changes failed")
+                    }
+                }
+            } else {
+                return;
+            }
+        }
+    }
+
+    /// The revoked keys that vouch for `change`: it is one of their cut-off heads, or was
+    /// marked as an ancestor of one.
+    fn vouchers(&self, change: &ChangeHash) -> Result<Vec<Bytes32>, StoreError> {
+        let mut keys = {
+            let membership = self.membership.read().unwrap_or_else(|p| p.into_inner());
+            membership.cutoff_keys_of(change)
+        };
+        for key in self
+            .store
+            .keys_with_prefix(&[&[keys::VOUCHED][..], &change.0].concat())?
+        {
+            if let Some(voucher) = key.get(33..65).and_then(|b| <[u8; 32]>::try_from(b).ok()) {
+                keys.push(Bytes32(voucher));
+            }
+        }
+        keys.sort();
+        keys.dedup();
+        Ok(keys)
+    }
+
+    /// Records that `change` (of `document`) is within the cut-off of each of `vouchers`, and
+    /// so are its ancestors: marks them, walking through the changes held here but not
+    /// accepted, and stopping at accepted changes (all their ancestors are accepted) and at
+    /// changes not received yet (marked for when they arrive). A held change of a revoked key
+    /// that is now vouched for is woken to be decided again.
+    fn vouch(
+        &self,
+        cache: &mut Cache,
+        ticket: &mut u64,
+        vouchers: &[Bytes32],
+        document: DocumentId,
+        change: ChangeHash,
+        deps: &[ChangeHash],
+    ) -> Result<(), StoreError> {
+        let mut batch = Batch::default();
+        for key in vouchers {
+            batch.put(keys::vouched(&change, key), document.as_bytes().to_vec());
+            let mut next = deps.to_vec();
+            let mut seen = HashSet::new();
+            while let Some(hash) = next.pop() {
+                if !seen.insert(hash) || self.store.get(&keys::vouched(&hash, key))?.is_some() {
+                    continue;
+                }
+                batch.put(keys::vouched(&hash, key), document.as_bytes().to_vec());
+                if self.store.get(&keys::envelope(&document, &hash))?.is_some() {
+                    continue;
+                }
+                let Some(envelope) = self.held_envelope(&hash)? else {
+                    continue;
+                };
+                if self.store.get(&keys::held(key, &hash))?.is_some() {
+                    cache.woken.push_back(hash);
+                }
+                if let Ok(held) = Envelope::verify(&envelope) {
+                    next.extend(held.change.deps());
+                }
+            }
+        }
+        *ticket = self.commit.apply(&self.store, batch)?;
+        cache.recheck.extend(vouchers.iter().copied());
+        Ok(())
+    }
+
+    /// The envelope of a change held here but not accepted (pending or quarantined).
+    fn held_envelope(&self, hash: &ChangeHash) -> Result<Option<Vec<u8>>, StoreError> {
+        if let Some(value) = self.store.get(&keys::per_change(keys::PENDING, hash))? {
+            return Ok(Some(
+                decode::<PendingRecord>(&value, "pending record")?.envelope,
+            ));
+        }
+        if let Some(value) = self.store.get(&keys::per_change(keys::QUARANTINE, hash))? {
+            return Ok(Some(
+                decode::<QuarantineRecord>(&value, "quarantine record")?.envelope,
+            ));
+        }
+        Ok(None)
+    }
+
+    /// A change of a revoked key that nothing here vouches for: past the cut-off once the
+    /// cut-off can be drawn here, held until then (bounded per key).
+    fn past_revocation(
+        &self,
+        cache: &mut Cache,
+        ticket: &mut u64,
+        verified: &VerifiedChange,
+        key: Bytes32,
+    ) -> Result<Ingested, IngestError> {
+        if self.cutoff_drawn(&key)? {
+            return self.quarantined(
+                cache,
+                ticket,
+                verified,
+                "the author's key was revoked and this change is not within the revocation's cut-off",
+            );
+        }
+        let hash = verified.hash;
+        let held = keys::held(&key, &hash);
+        if self.store.get(&held)?.is_none() {
+            let prefix = [&[keys::HELD][..], &key.0].concat();
+            if self.store.keys_with_prefix(&prefix)?.len() >= REVOKED_HELD_PER_KEY_MAX {
+                return Err(IngestError::RevokedBacklogFull);
+            }
+            if self.store.keys_with_prefix(&[keys::PENDING])?.len() >= PENDING_CHANGES_MAX {
+                return Err(IngestError::PendingFull);
+            }
+        }
+        let record = PendingRecord {
+            document: verified.document,
+            missing: Vec::new(),
+            envelope: verified.encoded.clone(),
+        };
+        let mut batch = Batch::default();
+        batch.put(keys::per_change(keys::PENDING, &hash), encode(&record));
+        // Waiting for itself: woken when vouched for or when the cut-off can be drawn.
+        batch.put(keys::waiting(&hash.0, &hash), Vec::new());
+        batch.put(held, Vec::new());
+        *ticket = self.commit.apply(&self.store, batch)?;
+        Ok(Ingested::Pending(hash))
+    }
+
+    /// Whether this node holds all the history a revoked key's cut-off reaches: every cut-off
+    /// head has been seen, and every change marked as within the cut-off is held (accepted,
+    /// pending or quarantined), so no change still to arrive can extend it. Then a change of
+    /// the key that is not marked is past the cut-off — on every node, since the marks follow
+    /// from the cut-off heads' hashed histories alone.
+    fn cutoff_drawn(&self, key: &Bytes32) -> Result<bool, StoreError> {
+        let cutoff = {
+            let membership = self.membership.read().unwrap_or_else(|p| p.into_inner());
+            membership.cutoff_of(key)
+        };
+        for head in &cutoff {
+            if self
+                .store
+                .get(&keys::vouched(&ChangeHash(head.0), key))?
+                .is_none()
+            {
+                return Ok(false);
+            }
+        }
+        for (mark, value) in self.store.scan_prefix(&[keys::VOUCHED])? {
+            if mark.get(33..65) != Some(&key.0[..]) {
+                continue;
+            }
+            let (Some(hash), Ok(document)) = (
+                mark.get(1..33).and_then(|b| <[u8; 32]>::try_from(b).ok()),
+                <[u8; 16]>::try_from(value.as_slice()),
+            ) else {
+                return Err(StoreError::Corrupt {
+                    what: "cut-off mark",
+                });
+            };
+            let hash = ChangeHash(hash);
+            let document = DocumentId::from_bytes(document);
+            let held = self.store.get(&keys::envelope(&document, &hash))?.is_some()
+                || self.held_envelope(&hash)?.is_some();
+            if !held {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// The changes of a revoked key held for its cut-off, if the cut-off can now be drawn.
+    fn held_past_cutoff(&self, key: &Bytes32) -> Result<Vec<ChangeHash>, StoreError> {
+        if !self.cutoff_drawn(key)? {
+            return Ok(Vec::new());
+        }
+        Ok(self
+            .store
+            .keys_with_prefix(&[&[keys::HELD][..], &key.0].concat())?
+            .iter()
+            .filter_map(|k| k.get(33..65).and_then(|b| <[u8; 32]>::try_from(b).ok()))
+            .map(ChangeHash)
+            .collect())
+    }
+
+    /// Finishes what a start or a roster update leaves to do: applies the revocations not
+    /// applied yet, decides again the changes a crash left waiting for that, then settles.
+    fn catch_up_revocations(&self) -> Result<(), NodeError> {
+        let ticket = {
+            let mut cache = self.lock_cache();
+            let mut ticket = self.commit.applied();
+            for key in self.store.keys_with_prefix(&[keys::WAITING])? {
+                if key.len() == 65 && key[1..33] == key[33..65] {
+                    let mut hash = [0u8; 32];
+                    hash.copy_from_slice(&key[33..65]);
+                    cache.woken.push_back(ChangeHash(hash));
+                }
+            }
+            self.apply_revocations(&mut cache, &mut ticket)?;
+            self.settle(&mut cache, &mut ticket);
+            ticket
+        };
+        if ticket > 0 {
+            self.commit.wait_durable(&self.store, ticket)?;
+        }
+        Ok(())
+    }
+
+    /// Applies the revocations this node has not applied yet. A revoked key's accepted changes
+    /// that nothing here vouches for are withdrawn — taken out of their documents together
+    /// with every change built on them — and decided again by the pipeline, so this node ends
+    /// where a node that learnt of the revocation before receiving them would be. A
+    /// revocation counts as applied once all its documents are done, so a crash midway
+    /// resumes at the next start; withdrawing twice changes nothing.
+    fn apply_revocations(&self, cache: &mut Cache, ticket: &mut u64) -> Result<(), NodeError> {
+        let revoked = {
+            let membership = self.membership.read().unwrap_or_else(|p| p.into_inner());
+            membership
+                .revoked_keys()
+                .into_iter()
+                .map(|key| (key, membership.cutoff_of(&key)))
+                .collect::<Vec<_>>()
+        };
+        for (key, cutoff) in revoked {
+            let applied = [keys::REVOCATION_APPLIED, &key.0].concat();
+            if self.store.get(&applied)?.is_some() {
+                continue;
+            }
+            // Cut-off heads held but not accepted vouch for their ancestors from now on.
+            for head in &cutoff {
+                let head = ChangeHash(head.0);
+                if let Some(envelope) = self.held_envelope(&head)?
+                    && let Ok(held) = Envelope::verify(&envelope)
+                {
+                    self.vouch(
+                        cache,
+                        ticket,
+                        &[key],
+                        held.document,
+                        head,
+                        held.change.deps(),
+                    )?;
+                }
+            }
+            for author in self
+                .store
+                .keys_with_prefix(&[&[keys::AUTHOR][..], &key.0].concat())?
+            {
+                let Some(document) = author
+                    .get(33..49)
+                    .and_then(|b| <[u8; 16]>::try_from(b).ok())
+                    .map(DocumentId::from_bytes)
+                else {
+                    continue;
+                };
+                self.withdraw(cache, ticket, &key, &cutoff, document)?;
+            }
+            let mut batch = Batch::default();
+            batch.put(applied, Vec::new());
+            *ticket = self.commit.apply(&self.store, batch)?;
+            cache.recheck.insert(key);
+        }
+        Ok(())
+    }
+
+    /// Withdraws from `document` the changes of revoked `key` that are not within its
+    /// cut-off as far as this node can tell, with every change built on them. They become
+    /// pending records in the same atomic batch that rewrites the document, so none is lost,
+    /// and are then decided again (quarantined, or held until the cut-off can be drawn).
+    fn withdraw(
+        &self,
+        cache: &mut Cache,
+        ticket: &mut u64,
+        key: &Bytes32,
+        cutoff: &BTreeSet<Bytes32>,
+        document: DocumentId,
+    ) -> Result<(), NodeError> {
+        let Some((mut doc, kind, bytes)) = self.take(cache, &document)? else {
+            return Ok(());
+        };
+        // In causal order: every change comes after its dependencies.
+        let changes = doc.get_changes(&[]);
+        let mut batch = Batch::default();
+        let mut roots = Vec::new();
+        for change in &changes {
+            let hash = change.hash();
+            if cutoff.contains(&Bytes32(hash.0)) {
+                batch.put(keys::vouched(&hash, key), document.as_bytes().to_vec());
+                roots.push(hash);
+            } else if self.store.get(&keys::vouched(&hash, key))?.is_some() {
+                roots.push(hash);
+            }
+        }
+        let deps: HashMap<ChangeHash, Vec<ChangeHash>> = changes
+            .iter()
+            .map(|c| (c.hash(), c.deps().to_vec()))
+            .collect();
+        let mut within = HashSet::new();
+        while let Some(hash) = roots.pop() {
+            if within.insert(hash) {
+                roots.extend(deps.get(&hash).into_iter().flatten().copied());
+            }
+        }
+        let mut withdrawn = Vec::new();
+        let mut gone = HashSet::new();
+        let mut kept = Vec::new();
+        for change in changes {
+            let hash = change.hash();
+            let past_cutoff = change.actor_id().to_bytes() == key.0 && !within.contains(&hash);
+            if past_cutoff || change.deps().iter().any(|d| gone.contains(d)) {
+                gone.insert(hash);
+                withdrawn.push(hash);
+            } else {
+                kept.push(change);
+            }
+        }
+        if withdrawn.is_empty() {
+            self.put_back(cache, document, doc, bytes);
+            *ticket = self.commit.apply(&self.store, batch)?;
+            return Ok(());
+        }
+        let mut audit_head = cache.audit;
+        let mut withdrawn_bytes = 0;
+        for hash in &withdrawn {
+            let envelope_key = keys::envelope(&document, hash);
+            let envelope = self
+                .store
+                .get(&envelope_key)?
+                .ok_or(StoreError::Corrupt { what: "envelope" })?;
+            let verified = Envelope::verify(&envelope)
+                .map_err(|_| StoreError::Corrupt { what: "envelope" })?;
+            withdrawn_bytes += envelope.len();
+            batch.delete(envelope_key);
+            let record = PendingRecord {
+                document,
+                missing: Vec::new(),
+                envelope,
+            };
+            batch.put(keys::per_change(keys::PENDING, hash), encode(&record));
+            batch.put(keys::waiting(&hash.0, hash), Vec::new());
+            let institution = {
+                let membership = self.membership.read().unwrap_or_else(|p| p.into_inner());
+                membership
+                    .view()
+                    .institution_of(&verified.author)
+                    .map(|i| i.id.clone())
+            };
+            audit_head = self.append_audit(
+                &mut batch,
+                audit_head,
+                AuditAction::Withdrawn,
+                &verified,
+                institution,
+            );
+        }
+        let mut rebuilt = AutoCommit::new();
+        rebuilt
+            .apply_changes(kept)
+            .map_err(|_| StoreError::Corrupt {
+                what: "document history",
+            })?;
+        let heads = rebuilt.get_heads();
+        if heads.is_empty() {
+            // Its creation was withdrawn: nothing of the document is left.
+            for prefix in [keys::DOCUMENT, keys::SNAPSHOT, keys::CATALOGUE] {
+                batch.delete(keys::per_document(prefix, &document));
+            }
+            self.set_index(&mut batch, &document, Vec::new())?;
+        } else {
+            // What is left is a causal cut of accepted changes, which `validate` holds for.
+            let view = crate::model::view(&rebuilt).map_err(|_| StoreError::Corrupt {
+                what: "document after a withdrawal",
+            })?;
+            batch.put(
+                keys::per_document(keys::SNAPSHOT, &document),
+                rebuilt.save(),
+            );
+            let record = DocumentRecord {
+                kind,
+                heads: heads.iter().map(|h| h.0).collect(),
+            };
+            batch.put(
+                keys::per_document(keys::DOCUMENT, &document),
+                encode(&record),
+            );
+            batch.put(
+                keys::per_document(keys::CATALOGUE, &document),
+                catalogue_digest(&heads).to_vec(),
+            );
+            self.set_index(
+                &mut batch,
+                &document,
+                index::keys_of(&self.salt, &document, &view),
+            )?;
+        }
+        *ticket = self.commit.apply(&self.store, batch)?;
+        cache.audit = audit_head;
+        tracing::warn!(%document, withdrawn = withdrawn.len(), "changes withdrawn after a revocation");
+        if !heads.is_empty() {
+            cache.insert(
+                document,
+                Cached {
+                    doc: rebuilt,
+                    kind,
+                    bytes: bytes.saturating_sub(withdrawn_bytes),
+                    used: 0,
+                },
+            );
+        }
+        cache.woken.extend(withdrawn);
+        Ok(())
     }
 
     fn retry_pending_inner(
@@ -957,6 +1428,7 @@ impl Node {
                     .iter()
                     .map(|m| keys::waiting(m, &hash))
                     .collect();
+                stale.push(keys::waiting(&hash.0, &hash));
                 stale.push(pending_key);
                 // Verified when it was parked; failing now means the stored copy is damaged.
                 let Ok(verified) = Envelope::verify(&record.envelope) else {
@@ -1176,12 +1648,21 @@ impl Node {
         id: &DocumentId,
         view: &crate::model::View,
     ) -> Result<(), StoreError> {
+        self.set_index(batch, id, index::keys_of(&self.salt, id, view))
+    }
+
+    /// Adds to `batch` the index updates that make `new` a document's index keys.
+    fn set_index(
+        &self,
+        batch: &mut Batch,
+        id: &DocumentId,
+        new: Vec<Vec<u8>>,
+    ) -> Result<(), StoreError> {
         let record_key = keys::per_document(index::RECORD, id);
         let old: Vec<Vec<u8>> = match self.store.get(&record_key)? {
             Some(bytes) => decode(&bytes, "index record")?,
             None => Vec::new(),
         };
-        let new = index::keys_of(&self.salt, id, view);
         for key in old.iter().filter(|k| !new.contains(k)) {
             batch.delete(key.clone());
         }
@@ -1435,6 +1916,17 @@ fn applies(doc: &mut AutoCommit, change: &Change) -> bool {
 }
 
 /// The catalogue's digest of a document's heads: equal digests mean equal heads.
+/// Deletes what made a change wait: for its dependencies, to be decided again, or for a
+/// revoked key's cut-off.
+fn forget_waits(batch: &mut Batch, verified: &VerifiedChange) {
+    let hash = verified.hash;
+    for dependency in verified.change.deps() {
+        batch.delete(keys::waiting(&dependency.0, &hash));
+    }
+    batch.delete(keys::waiting(&hash.0, &hash));
+    batch.delete(keys::held(&verified.author, &hash));
+}
+
 fn catalogue_digest(heads: &[ChangeHash]) -> [u8; 32] {
     let mut sorted: Vec<&ChangeHash> = heads.iter().collect();
     sorted.sort();
