@@ -67,7 +67,9 @@ mod keys {
     pub const WAITING: u8 = b'w';
     /// The signed roster.
     pub const ROSTER: &[u8] = b"m/roster";
-    /// How many changes the store has accepted (u64, big-endian), witnessed outside it.
+    /// How many changes the store has accepted (u64, big-endian), witnessed outside it. It
+    /// counts decisions to accept and never goes down: a withdrawal after a revocation does
+    /// not lower it, or the witness would report the withdrawn changes as lost.
     pub const ACCEPTED: &[u8] = b"m/accepted";
     /// Acknowledged changes the store was found to have lost, over all starts (u64): kept so
     /// that `verify` reports the loss until the documents are re-synced.
