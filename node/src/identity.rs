@@ -1,8 +1,8 @@
 //! The node's identity: one ed25519 key, created on first start and loaded afterwards.
 //!
-//! The key's public half is the node's automerge actor id and (from the network layer on) its
-//! libp2p PeerId, so "who wrote a change" and "who sent it" are checked against the same
-//! roster entry.
+//! The key's public half is the node's automerge actor id, and the same key is the node's
+//! libp2p identity (its PeerId), so "who wrote a change" and "who sent it" are checked against
+//! the same roster entry.
 
 use std::fs::{self, OpenOptions};
 use std::io::Write;
@@ -10,6 +10,8 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use ed25519_dalek::{Signer, SigningKey};
+use libp2p::PeerId;
+use libp2p::identity::{Keypair, ed25519};
 
 use crate::model::{Actor, Bytes32};
 
@@ -143,6 +145,27 @@ impl Identity {
     pub(crate) fn sign(&self, message: &[u8]) -> [u8; 64] {
         self.key.sign(message).to_bytes()
     }
+
+    /// The same key as a libp2p keypair: the identity the node proves in every Noise
+    /// handshake.
+    pub fn libp2p_keypair(&self) -> Keypair {
+        // Any 32 bytes are an ed25519 secret; libp2p checks only the length.
+        let secret = ed25519::SecretKey::try_from_bytes(self.key.to_bytes())
+            .expect("a 32-byte ed25519 secret");
+        Keypair::from(ed25519::Keypair::from(secret))
+    }
+
+    /// The node's libp2p PeerId.
+    pub fn peer_id(&self) -> PeerId {
+        self.libp2p_keypair().public().to_peer_id()
+    }
+}
+
+/// The libp2p PeerId of a node key from the roster; `None` if the bytes are not an ed25519
+/// public key.
+pub fn peer_id_of(key: &Bytes32) -> Option<PeerId> {
+    let public = ed25519::PublicKey::try_from_bytes(&key.0).ok()?;
+    Some(libp2p::identity::PublicKey::from(public).to_peer_id())
 }
 
 #[cfg(test)]
@@ -161,6 +184,30 @@ mod tests {
         assert_eq!(mode, 0o600);
         let again = Identity::load_or_create(dir.path()).unwrap();
         assert_eq!(first.public_key(), again.public_key());
+    }
+
+    #[test]
+    fn one_key_is_the_actor_and_the_peer_id() {
+        let identity = Identity::from_secret([7; 32]);
+        let keypair = identity.libp2p_keypair();
+        assert_eq!(Some(identity.peer_id()), peer_id_of(&identity.public_key()));
+        assert_eq!(
+            keypair.public().try_into_ed25519().unwrap().to_bytes(),
+            identity.public_key().0
+        );
+        // What the libp2p key signs, the node key verifies: it is one key.
+        let signature: [u8; 64] = keypair.sign(b"estuary").unwrap().try_into().unwrap();
+        ed25519_dalek::VerifyingKey::from_bytes(&identity.public_key().0)
+            .unwrap()
+            .verify_strict(
+                b"estuary",
+                &ed25519_dalek::Signature::from_bytes(&signature),
+            )
+            .unwrap();
+        assert_ne!(
+            peer_id_of(&Identity::from_secret([8; 32]).public_key()),
+            Some(identity.peer_id())
+        );
     }
 
     #[test]

@@ -11,7 +11,9 @@ use ed25519_dalek::{Signature, VerifyingKey};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::identity::Identity;
+use libp2p::PeerId;
+
+use crate::identity::{Identity, peer_id_of};
 use crate::model::automerge::ChangeHash;
 use crate::model::{Actor, Bytes32, InstitutionId, LoadError, Roster, RosterView};
 
@@ -139,9 +141,17 @@ impl SignedRoster {
                 cutoff_heads.entry(head.0).or_default().push(revocation.key);
             }
         }
+        let peers = view
+            .institutions
+            .iter()
+            .flat_map(|i| i.node_keys.iter())
+            .filter(|key| view.revocation_of(key).is_none())
+            .filter_map(|key| Some((peer_id_of(key)?, *key)))
+            .collect();
         Ok(Membership {
             view,
             cutoff_heads,
+            peers,
             encoded: bytes.to_vec(),
         })
     }
@@ -172,6 +182,8 @@ pub struct Membership {
     view: RosterView,
     /// Cut-off head → the revoked keys whose revocation names it.
     cutoff_heads: HashMap<[u8; 32], Vec<Bytes32>>,
+    /// The PeerIds of the current (not revoked) members' node keys.
+    peers: HashMap<PeerId, Bytes32>,
     encoded: Vec<u8>,
 }
 
@@ -223,6 +235,13 @@ impl Membership {
                 key: *author,
             },
         }
+    }
+
+    /// The institution of the node behind `peer`, if its key is a current member's: whom a
+    /// node lets connect. A revoked key's node is refused like a stranger's.
+    pub fn peer_institution(&self, peer: &PeerId) -> Option<InstitutionId> {
+        let key = self.peers.get(peer)?;
+        self.view.institution_of(key).map(|i| i.id.clone())
     }
 
     /// The revoked keys that name `change` as one of their cut-off heads.

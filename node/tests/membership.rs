@@ -172,6 +172,15 @@ fn admission_follows_membership_and_revocation() {
         membership.admit(&Identity::from_secret([3; 32]).public_key(), &change),
         Admission::Stranger
     );
+    // The same key, seen as a network peer.
+    assert_eq!(
+        membership.peer_institution(&member().peer_id()),
+        Some(xinhua.clone())
+    );
+    assert_eq!(
+        membership.peer_institution(&Identity::from_secret([3; 32]).peer_id()),
+        None
+    );
 
     document
         .apply(
@@ -196,6 +205,8 @@ fn admission_follows_membership_and_revocation() {
         revoked.admit(&member().public_key(), &change),
         Admission::Revoked { .. }
     ));
+    // A revoked key's node may no longer connect.
+    assert_eq!(revoked.peer_institution(&member().peer_id()), None);
 }
 
 #[test]
