@@ -13,6 +13,7 @@ pub mod identity;
 mod index;
 pub mod membership;
 pub mod node;
+pub mod reconcile;
 pub mod store;
 
 use model::{DocumentKind, ValidationError};
