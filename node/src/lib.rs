@@ -15,6 +15,7 @@ pub mod membership;
 pub mod node;
 pub mod reconcile;
 pub mod store;
+pub mod sync;
 
 use model::{DocumentKind, ValidationError};
 

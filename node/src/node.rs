@@ -9,7 +9,7 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
-use std::sync::{Mutex, MutexGuard, RwLock};
+use std::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -25,6 +25,7 @@ use crate::model::{
     HealthFileView, InstitutionId, NewReferral, OpError, Referral, ReferralOp, ReferralView,
     document_id_of, validate, validate_change_view,
 };
+use crate::reconcile::Catalogue;
 use crate::store::{Batch, GroupCommit, KeyValue, StoreError, WITNESS_FILE, WitnessedStore};
 
 /// Most documents held decoded in memory at once.
@@ -43,6 +44,9 @@ pub const QUARANTINE_CHANGES_MAX: usize = 100_000;
 const DOCUMENT_LOCK_STRIPES: usize = 64;
 /// Most changes held waiting for their dependencies.
 pub const PENDING_CHANGES_MAX: usize = 10_000;
+/// Local changes queued for the network layer to publish; a subscriber that falls further
+/// behind misses the oldest (anti-entropy carries them instead).
+pub const LOCAL_CHANGES_QUEUE_MAX: usize = 4_096;
 /// Most changes of one revoked key held until the node can tell whether they are within the
 /// revocation's cut-off; past it, the key's changes are refused and not kept.
 pub const REVOKED_HELD_PER_KEY_MAX: usize = 256;
@@ -321,6 +325,17 @@ impl Cache {
     }
 }
 
+/// A change this node wrote, once durable: what the network layer publishes.
+#[derive(Clone, Debug)]
+pub struct LocalChange {
+    /// Its document.
+    pub document: DocumentId,
+    /// Its hash.
+    pub hash: ChangeHash,
+    /// Its signed envelope.
+    pub envelope: Vec<u8>,
+}
+
 /// One member institution's node.
 pub struct Node {
     identity: Identity,
@@ -339,6 +354,11 @@ pub struct Node {
     /// two writes based on the same state would give the node's actor one sequence number
     /// twice, and automerge refuses the second. Striped by document id: bounded memory.
     document_locks: Vec<Mutex<()>>,
+    /// Every document held and the digest of its heads, for reconciliation (mirrors the
+    /// `c` keyspace). Written under the decision lock.
+    catalogue: RwLock<Catalogue>,
+    /// Durable local writes, for the network layer.
+    local_changes: tokio::sync::broadcast::Sender<LocalChange>,
 }
 
 impl std::fmt::Debug for Node {
@@ -438,6 +458,19 @@ impl Node {
             None => AuditHead::default(),
         };
         let quarantined_at_open = store.keys_with_prefix(&[keys::QUARANTINE])?.len();
+        let mut catalogue = Catalogue::default();
+        for (key, digest) in store.scan_prefix(&[keys::CATALOGUE])? {
+            let (Some(id), Ok(digest)) = (
+                key.get(1..17).and_then(|b| <[u8; 16]>::try_from(b).ok()),
+                <[u8; 32]>::try_from(digest.as_slice()),
+            ) else {
+                return Err(StoreError::Corrupt {
+                    what: "catalogue entry",
+                }
+                .into());
+            };
+            catalogue.insert(id, digest);
+        }
         let commit = GroupCommit::default();
         commit.commit(&store, batch)?;
         let institution = match membership.admit(&identity.public_key(), &ChangeHash([0; 32])) {
@@ -454,6 +487,8 @@ impl Node {
             salt,
             membership: RwLock::new(membership),
             document_locks: (0..DOCUMENT_LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
+            catalogue: RwLock::new(catalogue),
+            local_changes: tokio::sync::broadcast::channel(LOCAL_CHANGES_QUEUE_MAX).0,
             cache: Mutex::new(Cache {
                 accepted,
                 audit: audit_head,
@@ -465,9 +500,31 @@ impl Node {
         Ok(node)
     }
 
+    /// This node's identity (its key).
+    pub fn identity(&self) -> &Identity {
+        &self.identity
+    }
+
+    /// The consortium authority's public key.
+    pub fn authority(&self) -> Bytes32 {
+        self.authority
+    }
+
     /// This node's public key.
     pub fn public_key(&self) -> Bytes32 {
         self.identity.public_key()
+    }
+
+    /// The institution of the node behind a network peer, if it is a current member.
+    pub fn peer_institution(&self, peer: &libp2p::PeerId) -> Option<InstitutionId> {
+        let membership = self.membership.read().unwrap_or_else(|p| p.into_inner());
+        membership.peer_institution(peer)
+    }
+
+    /// The signed roster this node holds, encoded as it is sent to peers.
+    pub fn signed_roster(&self) -> Vec<u8> {
+        let membership = self.membership.read().unwrap_or_else(|p| p.into_inner());
+        membership.encoded().to_vec()
     }
 
     /// The institution this node writes for.
@@ -581,13 +638,75 @@ impl Node {
     }
 
     /// Every stored envelope of a document, for sync and export.
+    /// A document's envelopes in causal order (each after its dependencies): how they are
+    /// sent to a peer that lacks the document.
     pub fn envelopes(&self, id: DocumentId) -> Result<Vec<Vec<u8>>, NodeError> {
-        Ok(self
+        let mut by_hash: HashMap<[u8; 32], Vec<u8>> = HashMap::new();
+        for (key, envelope) in self
             .store
             .scan_prefix(&keys::per_document(keys::ENVELOPE, &id))?
-            .into_iter()
-            .map(|(_, v)| v)
-            .collect())
+        {
+            let (_, hash) = parse_envelope_key(&key).ok_or(StoreError::Corrupt {
+                what: "envelope key",
+            })?;
+            by_hash.insert(hash.0, envelope);
+        }
+        let Some(mut doc) = self.sync_document(id)? else {
+            return Ok(by_hash.into_values().collect());
+        };
+        let mut ordered = Vec::with_capacity(by_hash.len());
+        for change in doc.get_changes(&[]) {
+            if let Some(envelope) = by_hash.remove(&change.hash().0) {
+                ordered.push(envelope);
+            }
+        }
+        // Anything the document does not hold (damage `verify` reports) goes last.
+        ordered.extend(by_hash.into_values());
+        Ok(ordered)
+    }
+
+    /// The catalogue: every document held and the digest of its heads.
+    pub fn catalogue(&self) -> RwLockReadGuard<'_, Catalogue> {
+        self.catalogue.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn catalogue_mut(&self) -> std::sync::RwLockWriteGuard<'_, Catalogue> {
+        self.catalogue.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A copy of a document as automerge holds it, for the sync protocol; `None` if this
+    /// node does not hold it.
+    pub fn sync_document(&self, id: DocumentId) -> Result<Option<AutoCommit>, NodeError> {
+        let mut cache = self.lock_cache();
+        Ok(self.load(&mut cache, &id)?.map(|(doc, _)| doc))
+    }
+
+    /// The signatures of accepted changes of a document, to send beside them; a change not
+    /// held is left out.
+    pub fn signatures(
+        &self,
+        id: DocumentId,
+        changes: &[ChangeHash],
+    ) -> Result<Vec<(ChangeHash, [u8; 64])>, NodeError> {
+        let mut found = Vec::with_capacity(changes.len());
+        for hash in changes {
+            if let Some(bytes) = self.store.get(&keys::envelope(&id, hash))? {
+                let envelope = Envelope::decode(&bytes)
+                    .map_err(|_| StoreError::Corrupt { what: "envelope" })?;
+                let signature: [u8; 64] = envelope
+                    .signature
+                    .as_slice()
+                    .try_into()
+                    .map_err(|_| StoreError::Corrupt { what: "envelope" })?;
+                found.push((*hash, signature));
+            }
+        }
+        Ok(found)
+    }
+
+    /// Durable local writes from now on, for the network layer to publish.
+    pub fn local_changes(&self) -> tokio::sync::broadcast::Receiver<LocalChange> {
+        self.local_changes.subscribe()
     }
 
     /// The quarantined changes, with their reasons.
@@ -639,26 +758,51 @@ impl Node {
     /// Runs one envelope from a peer (or a bundle) through the pipeline; returns once the
     /// decision is durable.
     pub fn ingest(&self, envelope: &[u8]) -> Result<Ingested, IngestError> {
-        let verified = Envelope::verify(envelope)?;
-        let (outcome, ticket) = {
+        self.ingest_many(&[envelope])?
+            .pop()
+            .unwrap_or(Err(IngestError::Store(StoreError::Corrupt {
+                what: "ingest outcome",
+            })))
+    }
+
+    /// Runs envelopes through the pipeline in order, under one decision lock and one flush:
+    /// how a peer's batch (a sync message, a fetch) is ingested. Returns one outcome per
+    /// envelope once all the decisions are durable; fails as a whole only if the flush fails.
+    pub fn ingest_many<E: AsRef<[u8]>>(
+        &self,
+        envelopes: &[E],
+    ) -> Result<Vec<Result<Ingested, IngestError>>, IngestError> {
+        // Signatures are checked before taking the lock.
+        let verified: Vec<_> = envelopes
+            .iter()
+            .map(|e| Envelope::verify(e.as_ref()))
+            .collect();
+        let (outcomes, ticket) = {
             let mut cache = self.lock_cache();
             // A duplicate's first copy may not be durable yet: wait for everything applied so
             // far, not only for what this call applies.
             let mut ticket = self.commit.applied();
-            let outcome = self.decide(&mut cache, verified, &mut ticket)?;
-            // A decision may settle the dependencies of pending changes, accepted or not.
-            if let Ingested::Accepted(hash) | Ingested::Quarantined(hash, _) = &outcome {
-                cache.woken.push_back(*hash);
+            let mut outcomes = Vec::with_capacity(verified.len());
+            for verified in verified {
+                let outcome = match verified {
+                    Ok(verified) => self.decide(&mut cache, verified, &mut ticket),
+                    Err(error) => Err(error.into()),
+                };
+                // A decision may settle the dependencies of pending changes, accepted or not.
+                if let Ok(Ingested::Accepted(hash) | Ingested::Quarantined(hash, _)) = &outcome {
+                    cache.woken.push_back(*hash);
+                }
+                self.settle(&mut cache, &mut ticket);
+                outcomes.push(outcome);
             }
-            self.settle(&mut cache, &mut ticket);
-            (outcome, ticket)
+            (outcomes, ticket)
         };
         // Decisions were applied in order under the lock; one flush makes them all durable,
         // shared with concurrent writers, without holding the lock while the disk works.
         if ticket > 0 {
             self.commit.wait_durable(&self.store, ticket)?;
         }
-        Ok(outcome)
+        Ok(outcomes)
     }
 
     fn write_local(
@@ -677,8 +821,17 @@ impl Node {
         debug_assert!(changes.is_empty(), "a typed operation makes one change");
         let envelope = Envelope::sign(&self.identity, id, &mut change).encode();
         match self.ingest(&envelope)? {
+            Ingested::Accepted(hash) => {
+                // No subscriber is fine: a node without a network layer.
+                let _ = self.local_changes.send(LocalChange {
+                    document: id,
+                    hash,
+                    envelope,
+                });
+                Ok(hash)
+            }
             // The same write made twice (a registration sent again) is already there.
-            Ingested::Accepted(hash) | Ingested::Duplicate(hash) => Ok(hash),
+            Ingested::Duplicate(hash) => Ok(hash),
             other => Err(NodeError::LocalChangeRefused(other)),
         }
     }
@@ -883,6 +1036,8 @@ impl Node {
             Some(author),
         );
         *ticket = self.commit.apply(&self.store, batch)?;
+        self.catalogue_mut()
+            .insert(*id.as_bytes(), catalogue_digest(&heads));
         cache.audit = head;
         cache.accepted += 1;
         self.store.set_accepted(cache.accepted);
@@ -1363,6 +1518,12 @@ impl Node {
             )?;
         }
         *ticket = self.commit.apply(&self.store, batch)?;
+        if heads.is_empty() {
+            self.catalogue_mut().remove(document.as_bytes());
+        } else {
+            self.catalogue_mut()
+                .insert(*document.as_bytes(), catalogue_digest(&heads));
+        }
         cache.audit = audit_head;
         tracing::warn!(%document, withdrawn = withdrawn.len(), "changes withdrawn after a revocation");
         if !heads.is_empty() {

@@ -58,7 +58,7 @@ impl Entry {
 }
 
 /// A node's catalogue in memory: every document it holds, by id.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Catalogue {
     entries: BTreeMap<Id, Entry>,
 }
@@ -269,12 +269,23 @@ impl Catalogue {
     }
 }
 
+/// How a document differs between the two sides.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Difference {
+    /// Only the initiator holds it.
+    OnlyOurs,
+    /// Only the responder holds it.
+    OnlyTheirs,
+    /// Both hold it, with different heads.
+    Both,
+}
+
 /// The initiator's side of one reconciliation.
 #[derive(Debug)]
 pub struct Reconciliation {
     asked: Query,
     rounds: usize,
-    differing: Vec<Id>,
+    differing: Vec<(Id, Difference)>,
 }
 
 impl Reconciliation {
@@ -326,11 +337,19 @@ impl Reconciliation {
                         }
                     }
                     for (id, entry) in ours.range(bounds) {
-                        if theirs_by_id.remove(id) != Some(entry.digest) {
-                            self.differing.push(*id);
+                        match theirs_by_id.remove(id) {
+                            None => self.differing.push((*id, Difference::OnlyOurs)),
+                            Some(digest) if digest != entry.digest => {
+                                self.differing.push((*id, Difference::Both));
+                            }
+                            Some(_) => {}
                         }
                     }
-                    self.differing.extend(theirs_by_id.into_keys());
+                    self.differing.extend(
+                        theirs_by_id
+                            .into_keys()
+                            .map(|id| (id, Difference::OnlyTheirs)),
+                    );
                 }
                 Answer::Split(parts) => {
                     if parts.len() > SPLIT_FANOUT || parts.is_empty() {
@@ -379,7 +398,7 @@ impl Reconciliation {
     }
 
     /// Documents found to differ so far (held by one side only, or with different heads).
-    pub fn differing(&self) -> &[Id] {
+    pub fn differing(&self) -> &[(Id, Difference)] {
         &self.differing
     }
 
@@ -424,7 +443,7 @@ mod tests {
                 break;
             }
         }
-        let mut differing = run.differing().to_vec();
+        let mut differing: Vec<Id> = run.differing().iter().map(|(id, _)| *id).collect();
         differing.sort();
         (differing, bytes, run.rounds())
     }
@@ -457,6 +476,15 @@ mod tests {
         let mut expected = vec![id(7), id(8), id(90_000)];
         expected.sort();
         assert_eq!(differing, expected);
+        let mut run = Reconciliation::new(&ours);
+        while run
+            .receive(&ours, &theirs.answer(run.query()).unwrap())
+            .unwrap()
+        {}
+        let kinds: BTreeMap<Id, Difference> = run.differing().iter().copied().collect();
+        assert_eq!(kinds[&id(7)], Difference::Both);
+        assert_eq!(kinds[&id(8)], Difference::OnlyOurs);
+        assert_eq!(kinds[&id(90_000)], Difference::OnlyTheirs);
         // And from the other side.
         assert_eq!(reconcile(&theirs, &ours).0, expected);
     }

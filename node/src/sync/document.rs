@@ -1,0 +1,228 @@
+//! One document between two nodes: automerge's sync protocol, with every carried change
+//! verified and decided by the ingest pipeline rather than applied by automerge; and the bulk
+//! fetch of documents a node lacks.
+
+use std::collections::HashMap;
+
+use serde_bytes::{ByteArray, ByteBuf};
+
+use super::protocol::{
+    ChangeSignature, FETCH_DOCUMENTS_MAX, FETCH_RESPONSE_BYTES_MAX, SYNC_MESSAGE_BYTES_MAX,
+    SYNC_SIGNATURES_MAX, SyncMessage,
+};
+use crate::envelope::{ENVELOPE_VERSION, Envelope};
+use crate::model::automerge::sync::{self, ChunkList, SyncDoc};
+use crate::model::automerge::{AutoCommit, ChangeHash};
+use crate::model::{DocumentId, decode_change, load_document};
+use crate::node::{IngestError, Ingested, Node, NodeError};
+
+/// Why a peer's sync message was refused, or ours could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum DocumentSyncError {
+    /// Larger than `SYNC_MESSAGE_BYTES_MAX`.
+    #[error("sync message of {0} bytes exceeds the limit of {SYNC_MESSAGE_BYTES_MAX}")]
+    TooLarge(usize),
+    /// Not a well-formed sync message.
+    #[error("malformed sync message: {0}")]
+    Malformed(&'static str),
+    /// This node's store.
+    #[error(transparent)]
+    Node(Box<NodeError>),
+    /// The pipeline failed as a whole (the flush).
+    #[error(transparent)]
+    Ingest(Box<IngestError>),
+}
+
+impl From<NodeError> for DocumentSyncError {
+    fn from(error: NodeError) -> Self {
+        Self::Node(Box::new(error))
+    }
+}
+
+impl From<IngestError> for DocumentSyncError {
+    fn from(error: IngestError) -> Self {
+        Self::Ingest(Box::new(error))
+    }
+}
+
+impl DocumentSyncError {
+    /// Whether the peer is to blame (rather than this node).
+    pub fn is_peers_fault(&self) -> bool {
+        matches!(self, Self::TooLarge(_) | Self::Malformed(_))
+    }
+}
+
+/// What a peer's message carried, by the pipeline's decision.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Carried {
+    /// Changes accepted.
+    pub accepted: usize,
+    /// Changes already held.
+    pub duplicate: usize,
+    /// Changes held for their dependencies.
+    pub pending: usize,
+    /// Changes refused: quarantined, unsigned, badly signed, by a stranger.
+    pub rejected: usize,
+}
+
+impl Carried {
+    /// Adds the outcomes of one `ingest_many`.
+    pub fn count(&mut self, outcomes: &[Result<Ingested, IngestError>]) {
+        for outcome in outcomes {
+            match outcome {
+                Ok(Ingested::Accepted(_)) => self.accepted += 1,
+                Ok(Ingested::Duplicate(_)) => self.duplicate += 1,
+                Ok(Ingested::Pending(_)) => self.pending += 1,
+                Ok(Ingested::Quarantined(..)) | Err(_) => self.rejected += 1,
+            }
+        }
+    }
+}
+
+fn copy_of(node: &Node, document: DocumentId) -> Result<AutoCommit, NodeError> {
+    Ok(node.sync_document(document)?.unwrap_or_default())
+}
+
+/// This node's next sync message for `document` to the peer whose state is `state`, with the
+/// signatures of the changes it carries; `None` when there is nothing to say.
+pub fn outgoing(
+    node: &Node,
+    document: DocumentId,
+    state: &mut sync::State,
+) -> Result<Option<SyncMessage>, DocumentSyncError> {
+    let mut doc = copy_of(node, document)?;
+    let before = state.sent_hashes.clone();
+    let Some(message) = doc.sync().generate_sync_message(state) else {
+        return Ok(None);
+    };
+    let carried: Vec<ChangeHash> = state.sent_hashes.difference(&before).copied().collect();
+    let signatures = node
+        .signatures(document, &carried)?
+        .into_iter()
+        .map(|(hash, signature)| ChangeSignature {
+            change: ByteArray::new(hash.0),
+            signature: ByteArray::new(signature),
+        })
+        .collect();
+    let encoded = message.encode();
+    if encoded.len() > SYNC_MESSAGE_BYTES_MAX {
+        // Too large to sync this way (a whole large document): the caller falls back to
+        // fetching envelopes.
+        return Err(DocumentSyncError::TooLarge(encoded.len()));
+    }
+    Ok(Some(SyncMessage {
+        document: ByteArray::new(*document.as_bytes()),
+        message: ByteBuf::from(encoded),
+        signatures,
+    }))
+}
+
+/// Takes a peer's sync message: every change it carries — one by one, or inside a whole
+/// document, which is loaded into a scratch document — is put in an envelope with its
+/// signature and decided by the pipeline; then automerge's state learns the rest of the
+/// message (heads, needs, what the peer has) without applying anything.
+pub fn incoming(
+    node: &Node,
+    incoming: &SyncMessage,
+    state: &mut sync::State,
+) -> Result<Carried, DocumentSyncError> {
+    let document = DocumentId::from_bytes(*incoming.document);
+    if incoming.message.len() > SYNC_MESSAGE_BYTES_MAX {
+        return Err(DocumentSyncError::TooLarge(incoming.message.len()));
+    }
+    if incoming.signatures.len() > SYNC_SIGNATURES_MAX {
+        return Err(DocumentSyncError::Malformed("too many signatures"));
+    }
+    let mut message = std::panic::catch_unwind(|| sync::Message::decode(&incoming.message))
+        .ok()
+        .and_then(Result::ok)
+        .ok_or(DocumentSyncError::Malformed(
+            "not an automerge sync message",
+        ))?;
+    let signatures: HashMap<[u8; 32], [u8; 64]> = incoming
+        .signatures
+        .iter()
+        .map(|s| (*s.change, *s.signature))
+        .collect();
+    let mut changes = Vec::new();
+    for chunk in message.changes.iter() {
+        match decode_change(chunk) {
+            Ok(change) => changes.push(change),
+            Err(_) => {
+                let mut scratch = load_document(chunk).map_err(|_| {
+                    DocumentSyncError::Malformed("a chunk that is neither a change nor a document")
+                })?;
+                changes.extend(scratch.get_changes(&[]));
+            }
+        }
+        if changes.len() > SYNC_SIGNATURES_MAX {
+            return Err(DocumentSyncError::Malformed("too many changes"));
+        }
+    }
+    let mut carried = Carried::default();
+    let mut envelopes = Vec::with_capacity(changes.len());
+    for mut change in changes {
+        match signatures.get(&change.hash().0) {
+            // A change without its author's signature cannot be checked: refused.
+            None => carried.rejected += 1,
+            Some(signature) => envelopes.push(
+                Envelope {
+                    version: ENVELOPE_VERSION,
+                    document: document.as_bytes().to_vec(),
+                    change: change.bytes().into_owned(),
+                    signature: signature.to_vec(),
+                }
+                .encode(),
+            ),
+        }
+    }
+    carried.count(&node.ingest_many(&envelopes)?);
+    message.changes = ChunkList::empty();
+    let mut doc = copy_of(node, document)?;
+    let received = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        doc.sync().receive_sync_message(state, message)
+    }));
+    match received {
+        Ok(Ok(())) => Ok(carried),
+        _ => Err(DocumentSyncError::Malformed(
+            "the sync message does not fit the document",
+        )),
+    }
+}
+
+/// The envelopes of the documents a peer asked for, in causal order per document, within
+/// `FETCH_RESPONSE_BYTES_MAX`; the documents left out are returned to ask for again. A
+/// document larger than the whole budget is sent in part, and also returned.
+pub fn fetch(
+    node: &Node,
+    documents: &[ByteArray<16>],
+) -> Result<(Vec<ByteBuf>, Vec<ByteArray<16>>), DocumentSyncError> {
+    if documents.len() > FETCH_DOCUMENTS_MAX {
+        return Err(DocumentSyncError::Malformed(
+            "too many documents in one fetch",
+        ));
+    }
+    let mut envelopes = Vec::new();
+    let mut deferred = Vec::new();
+    let mut bytes = 0;
+    for id in documents {
+        let all = node.envelopes(DocumentId::from_bytes(**id))?;
+        let size: usize = all.iter().map(Vec::len).sum();
+        if bytes + size <= FETCH_RESPONSE_BYTES_MAX {
+            bytes += size;
+            envelopes.extend(all.into_iter().map(ByteBuf::from));
+        } else if envelopes.is_empty() {
+            for envelope in all {
+                if bytes + envelope.len() > FETCH_RESPONSE_BYTES_MAX {
+                    break;
+                }
+                bytes += envelope.len();
+                envelopes.push(ByteBuf::from(envelope));
+            }
+            deferred.push(*id);
+        } else {
+            deferred.push(*id);
+        }
+    }
+    Ok((envelopes, deferred))
+}

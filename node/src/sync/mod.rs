@@ -1,0 +1,1500 @@
+//! Sync over libp2p: members find each other and refuse strangers, push every new change at
+//! once over gossipsub, and periodically reconcile catalogues with a random connected member
+//! to pull whatever the push missed — one document or 700,000. Every change from the network
+//! goes through the node's ingest pipeline.
+//!
+//! One task drives the swarm; the node's blocking work (ingest, reading documents) runs on
+//! tokio's blocking pool and reports back to it. Every queue, message and concurrency level
+//! has a named bound below or in `protocol`.
+
+mod document;
+mod gate;
+pub mod protocol;
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use futures::StreamExt;
+use libp2p::core::transport::MemoryTransport;
+use libp2p::core::upgrade::Version;
+use libp2p::gossipsub::{self, IdentTopic, MessageAcceptance, MessageAuthenticity, MessageId};
+use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
+use libp2p::swarm::{NetworkBehaviour, SwarmEvent, behaviour::toggle::Toggle};
+use libp2p::{Multiaddr, PeerId, Swarm, Transport, identify, mdns, noise, ping, tcp, yamux};
+use serde::Serialize;
+use serde_bytes::ByteArray;
+use tokio::sync::{mpsc, oneshot};
+
+pub use document::{Carried, DocumentSyncError};
+use protocol::{
+    FETCH_DOCUMENTS_MAX, GOSSIP_ENVELOPE_BYTES_MAX, GOSSIP_MESSAGE_BYTES_MAX, Gossip, PROTOCOL,
+    REQUEST_BYTES_MAX, RESPONSE_BYTES_MAX, Refusal, Request, Response, SyncMessage,
+};
+
+use crate::model::DocumentId;
+use crate::model::automerge::sync::State;
+use crate::node::{Ingested, Node, NodeError};
+use crate::reconcile::{Difference, Reconciliation};
+
+/// Concurrent automerge sync sessions this node runs with one peer.
+pub const SYNC_SESSIONS_PER_PEER_MAX: usize = 8;
+/// Concurrent fetches (of up to `FETCH_DOCUMENTS_MAX` documents) with one peer.
+pub const FETCHES_PER_PEER_MAX: usize = 4;
+/// Rounds one sync session may take before it is abandoned (the next reconciliation
+/// starts afresh).
+pub const SYNC_ROUNDS_MAX: usize = 32;
+/// Documents being synced or fetched (queued or in flight, with any peer); more differing
+/// documents wait for a later reconciliation.
+pub const DOCUMENTS_IN_PROGRESS_MAX: usize = 100_000;
+/// Requests from one peer being served at once; more are refused as busy.
+pub const INBOUND_REQUESTS_PER_PEER_MAX: usize = 16;
+/// Requests one peer may make per second (a token bucket of this size, refilled per second).
+pub const INBOUND_REQUESTS_PER_PEER_PER_S: u32 = 400;
+/// Sync states kept for peers' sessions (per peer and document); the oldest is dropped.
+pub const RESPONDER_SYNC_STATES_MAX: usize = 4_096;
+/// Gossip messages being validated at once; more are ignored (anti-entropy recovers them).
+pub const GOSSIP_VALIDATIONS_MAX: usize = 256;
+/// A peer whose gossip score falls below this is disconnected and banned.
+pub const DISCONNECT_SCORE: f64 = -500.0;
+/// How long a peer disconnected for its score stays banned.
+pub const BAN: Duration = Duration::from_secs(300);
+/// Commands queued to the sync task.
+const COMMANDS_MAX: usize = 256;
+/// How long an idle connection is kept.
+const IDLE_CONNECTION: Duration = Duration::from_secs(120);
+
+/// How a node reaches others.
+#[derive(Clone, Debug, Default)]
+pub enum TransportKind {
+    /// TCP and QUIC (with DNS): a real deployment.
+    #[default]
+    Network,
+    /// libp2p's in-process memory transport: tests and the in-process testnet.
+    Memory,
+}
+
+/// The sync layer's configuration.
+#[derive(Clone, Debug)]
+pub struct SyncConfig {
+    /// Addresses to listen on.
+    pub listen: Vec<Multiaddr>,
+    /// Peers to dial at start, and again whenever the connection is lost.
+    pub bootstrap: Vec<Multiaddr>,
+    /// Find peers on the local network with mDNS.
+    pub mdns: bool,
+    /// How often to reconcile with a random connected member.
+    pub reconcile_every: Duration,
+    /// How long a request may take.
+    pub request_timeout: Duration,
+    /// The transport.
+    pub transport: TransportKind,
+}
+
+impl Default for SyncConfig {
+    fn default() -> Self {
+        Self {
+            listen: Vec::new(),
+            bootstrap: Vec::new(),
+            mdns: false,
+            reconcile_every: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(30),
+            transport: TransportKind::Network,
+        }
+    }
+}
+
+/// Why the sync layer could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    /// The transport or a behaviour could not be set up.
+    #[error("the network layer could not start: {0}")]
+    Setup(String),
+    /// An address to listen on was refused.
+    #[error("cannot listen on {address}: {reason}")]
+    Listen {
+        /// The address.
+        address: Multiaddr,
+        /// Why.
+        reason: String,
+    },
+    /// The sync task has stopped.
+    #[error("the sync task has stopped")]
+    Stopped,
+    /// The node refused the operation.
+    #[error(transparent)]
+    Node(Box<NodeError>),
+}
+
+impl From<NodeError> for SyncError {
+    fn from(error: NodeError) -> Self {
+        Self::Node(Box::new(error))
+    }
+}
+
+/// Figures for one peer.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct PeerStats {
+    /// The peer's institution (from the roster).
+    pub institution: Option<String>,
+    /// Whether it is connected now.
+    pub connected: bool,
+    /// Bytes received from it (sync protocol and gossip payloads).
+    pub bytes_in: u64,
+    /// Bytes sent to it.
+    pub bytes_out: u64,
+    /// Messages received from it.
+    pub messages_in: u64,
+    /// Messages sent to it.
+    pub messages_out: u64,
+    /// Documents found differing with it and synced or fetched, over all reconciliations.
+    pub documents_reconciled: u64,
+    /// Changes received from it that the pipeline accepted.
+    pub changes_received: u64,
+    /// Changes received from it that the pipeline refused.
+    pub changes_rejected: u64,
+    /// When a reconciliation with it last completed (milliseconds since the epoch).
+    pub last_reconciled_ms: Option<u64>,
+    /// Documents that differed at the last completed reconciliation: how far apart the two
+    /// nodes were.
+    pub lag: Option<u64>,
+    /// Its gossipsub score.
+    pub score: Option<f64>,
+}
+
+/// Progress of pulling documents this node lacks.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct CatchUp {
+    /// Documents found missing here since start.
+    pub documents_total: u64,
+    /// Of those, fetched.
+    pub documents_done: u64,
+    /// Envelope bytes fetched.
+    pub bytes: u64,
+    /// Estimated time left at the current rate, in seconds.
+    pub eta_s: Option<f64>,
+}
+
+/// The sync layer's figures.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct SyncStats {
+    /// Per peer (by PeerId, as text).
+    pub peers: BTreeMap<String, PeerStats>,
+    /// Bulk catch-up.
+    pub catch_up: CatchUp,
+    /// Connections denied by the gate and peers disconnected for their score or revocation.
+    pub disconnected: u64,
+}
+
+enum Command {
+    ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
+    Dial(Multiaddr),
+    ReconcileNow,
+    UpdateRoster(Vec<u8>, oneshot::Sender<Result<u64, NodeError>>),
+    Connected(oneshot::Sender<Vec<PeerId>>),
+    Shutdown(oneshot::Sender<()>),
+}
+
+/// A running sync layer.
+pub struct SyncHandle {
+    peer_id: PeerId,
+    commands: mpsc::Sender<Command>,
+    stats: Arc<Mutex<SyncStats>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl SyncHandle {
+    /// Starts the sync layer for `node` on the current tokio runtime.
+    pub fn start(node: Arc<Node>, config: SyncConfig) -> Result<Self, SyncError> {
+        let bans: gate::Bans = Arc::default();
+        let mut swarm = build_swarm(&node, &config, bans.clone())?;
+        for address in &config.listen {
+            swarm
+                .listen_on(address.clone())
+                .map_err(|e| SyncError::Listen {
+                    address: address.clone(),
+                    reason: e.to_string(),
+                })?;
+        }
+        let topics = Topics::new(&node);
+        for topic in [&topics.changes, &topics.roster] {
+            swarm
+                .behaviour_mut()
+                .gossipsub
+                .subscribe(topic)
+                .map_err(|e| SyncError::Setup(e.to_string()))?;
+        }
+        for address in &config.bootstrap {
+            if let Err(error) = swarm.dial(address.clone()) {
+                tracing::warn!(%address, %error, "cannot dial a bootstrap peer");
+            }
+        }
+        let peer_id = *swarm.local_peer_id();
+        let (commands, commands_rx) = mpsc::channel(COMMANDS_MAX);
+        let stats = Arc::new(Mutex::new(SyncStats::default()));
+        let (jobs, jobs_rx) = mpsc::unbounded_channel();
+        let local = node.local_changes();
+        let driver = Driver {
+            node,
+            swarm,
+            config,
+            topics,
+            bans,
+            stats: stats.clone(),
+            jobs,
+            outbound: HashMap::new(),
+            peers: HashMap::new(),
+            responder_states: HashMap::new(),
+            responder_order: VecDeque::new(),
+            validations: 0,
+            catch_up_started: None,
+            bootstrap_peers: HashMap::new(),
+            in_progress: HashSet::new(),
+        };
+        let task = tokio::spawn(driver.run(commands_rx, jobs_rx, local));
+        Ok(Self {
+            peer_id,
+            commands,
+            stats,
+            task,
+        })
+    }
+
+    /// This node's PeerId.
+    pub fn peer_id(&self) -> PeerId {
+        self.peer_id
+    }
+
+    async fn ask<T>(
+        &self,
+        command: impl FnOnce(oneshot::Sender<T>) -> Command,
+    ) -> Result<T, SyncError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(command(tx))
+            .await
+            .map_err(|_| SyncError::Stopped)?;
+        rx.await.map_err(|_| SyncError::Stopped)
+    }
+
+    /// The addresses this node listens on.
+    pub async fn listen_addrs(&self) -> Result<Vec<Multiaddr>, SyncError> {
+        self.ask(Command::ListenAddrs).await
+    }
+
+    /// The peers connected now.
+    pub async fn connected(&self) -> Result<Vec<PeerId>, SyncError> {
+        self.ask(Command::Connected).await
+    }
+
+    /// Dials a peer.
+    pub async fn dial(&self, address: Multiaddr) -> Result<(), SyncError> {
+        self.commands
+            .send(Command::Dial(address))
+            .await
+            .map_err(|_| SyncError::Stopped)
+    }
+
+    /// Reconciles with a connected member now rather than at the next tick.
+    pub async fn reconcile_now(&self) -> Result<(), SyncError> {
+        self.commands
+            .send(Command::ReconcileNow)
+            .await
+            .map_err(|_| SyncError::Stopped)
+    }
+
+    /// Adopts a newer signed roster, passes it on to the other members, and disconnects
+    /// peers it no longer admits.
+    pub async fn update_roster(&self, signed: Vec<u8>) -> Result<u64, SyncError> {
+        Ok(self.ask(|tx| Command::UpdateRoster(signed, tx)).await??)
+    }
+
+    /// The sync figures now.
+    pub fn stats(&self) -> SyncStats {
+        self.stats.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Stops the sync layer: closes connections, waits for the task.
+    pub async fn shutdown(self) {
+        let (tx, rx) = oneshot::channel();
+        if self.commands.send(Command::Shutdown(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+        let _ = self.task.await;
+    }
+}
+
+#[derive(NetworkBehaviour)]
+struct Behaviour {
+    gate: gate::Gate,
+    identify: identify::Behaviour,
+    ping: ping::Behaviour,
+    gossipsub: gossipsub::Behaviour,
+    sync: request_response::cbor::Behaviour<Request, Response>,
+    mdns: Toggle<mdns::tokio::Behaviour>,
+}
+
+struct Topics {
+    changes: IdentTopic,
+    roster: IdentTopic,
+}
+
+impl Topics {
+    /// The consortium's topics, named after its authority key.
+    fn new(node: &Node) -> Self {
+        let consortium = node.authority().to_string();
+        Self {
+            changes: IdentTopic::new(format!("estuary/{consortium}/changes/1")),
+            roster: IdentTopic::new(format!("estuary/{consortium}/roster/1")),
+        }
+    }
+}
+
+fn gossipsub_config() -> Result<gossipsub::Config, SyncError> {
+    gossipsub::ConfigBuilder::default()
+        .validation_mode(gossipsub::ValidationMode::Strict)
+        .validate_messages()
+        .max_transmit_size(GOSSIP_MESSAGE_BYTES_MAX + 4 * 1024)
+        // A message is its content: the same envelope from two publishers is one message.
+        .message_id_fn(|message| {
+            use sha2::Digest;
+            MessageId::from(sha2::Sha256::digest(&message.data).to_vec())
+        })
+        .heartbeat_interval(Duration::from_secs(1))
+        .build()
+        .map_err(|e| SyncError::Setup(e.to_string()))
+}
+
+/// Gossip scoring: a member earns a little for first deliveries and loses much for each
+/// invalid message (a change the pipeline refuses), which decays slowly. Delivery-rate
+/// penalties are off: a consortium's traffic is bursty, and a quiet centre is not at fault.
+fn peer_score(topics: &Topics) -> (gossipsub::PeerScoreParams, gossipsub::PeerScoreThresholds) {
+    let topic = gossipsub::TopicScoreParams {
+        topic_weight: 1.0,
+        time_in_mesh_weight: 0.01,
+        time_in_mesh_quantum: Duration::from_secs(1),
+        time_in_mesh_cap: 100.0,
+        first_message_deliveries_weight: 1.0,
+        first_message_deliveries_decay: 0.9,
+        first_message_deliveries_cap: 100.0,
+        mesh_message_deliveries_weight: 0.0,
+        mesh_failure_penalty_weight: 0.0,
+        invalid_message_deliveries_weight: -100.0,
+        invalid_message_deliveries_decay: 0.99,
+        ..gossipsub::TopicScoreParams::default()
+    };
+    let mut params = gossipsub::PeerScoreParams {
+        // Institutions may share an address (NAT, the testnet's loopback).
+        ip_colocation_factor_weight: 0.0,
+        ..gossipsub::PeerScoreParams::default()
+    };
+    params.topics.insert(topics.changes.hash(), topic.clone());
+    params.topics.insert(topics.roster.hash(), topic);
+    let thresholds = gossipsub::PeerScoreThresholds {
+        gossip_threshold: -100.0,
+        publish_threshold: -200.0,
+        graylist_threshold: -400.0,
+        accept_px_threshold: 10.0,
+        opportunistic_graft_threshold: 5.0,
+    };
+    (params, thresholds)
+}
+
+fn build_swarm(
+    node: &Arc<Node>,
+    config: &SyncConfig,
+    bans: gate::Bans,
+) -> Result<Swarm<Behaviour>, SyncError> {
+    let setup = |e: &dyn std::fmt::Display| SyncError::Setup(e.to_string());
+    let keypair = node.identity().libp2p_keypair();
+    let topics = Topics::new(node);
+    let make_behaviour = |key: &libp2p::identity::Keypair| -> Result<Behaviour, SyncError> {
+        let mut gossipsub = gossipsub::Behaviour::new(
+            MessageAuthenticity::Signed(key.clone()),
+            gossipsub_config()?,
+        )
+        .map_err(|e| setup(&e))?;
+        let (params, thresholds) = peer_score(&topics);
+        gossipsub
+            .with_peer_score(params, thresholds)
+            .map_err(|e| setup(&e))?;
+        let codec = request_response::cbor::codec::Codec::<Request, Response>::default()
+            .set_request_size_maximum(REQUEST_BYTES_MAX)
+            .set_response_size_maximum(RESPONSE_BYTES_MAX);
+        let sync = request_response::Behaviour::with_codec(
+            codec,
+            [(PROTOCOL, ProtocolSupport::Full)],
+            request_response::Config::default()
+                .with_request_timeout(config.request_timeout)
+                .with_max_concurrent_streams(
+                    INBOUND_REQUESTS_PER_PEER_MAX
+                        + SYNC_SESSIONS_PER_PEER_MAX
+                        + FETCHES_PER_PEER_MAX
+                        + 1,
+                ),
+        );
+        let mdns = if config.mdns {
+            Some(
+                mdns::tokio::Behaviour::new(mdns::Config::default(), key.public().to_peer_id())
+                    .map_err(|e| setup(&e))?,
+            )
+        } else {
+            None
+        };
+        Ok(Behaviour {
+            gate: gate::Gate::new(node.clone(), bans.clone()),
+            identify: identify::Behaviour::new(identify::Config::new(
+                "/estuary/1".into(),
+                key.public(),
+            )),
+            ping: ping::Behaviour::default(),
+            gossipsub,
+            sync,
+            mdns: mdns.into(),
+        })
+    };
+    let behaviour = make_behaviour(&keypair)?;
+    let swarm_config = |c: libp2p::swarm::Config| c.with_idle_connection_timeout(IDLE_CONNECTION);
+    let builder = libp2p::SwarmBuilder::with_existing_identity(keypair).with_tokio();
+    let swarm = match config.transport {
+        TransportKind::Network => builder
+            .with_tcp(
+                tcp::Config::default().nodelay(true),
+                noise::Config::new,
+                yamux::Config::default,
+            )
+            .map_err(|e| setup(&e))?
+            .with_quic()
+            .with_dns()
+            .map_err(|e| setup(&e))?
+            .with_behaviour(|_| behaviour)
+            .map_err(|e| setup(&e))?
+            .with_swarm_config(swarm_config)
+            .build(),
+        TransportKind::Memory => builder
+            .with_other_transport(
+                |key| -> Result<_, Box<dyn std::error::Error + Send + Sync>> {
+                    Ok(MemoryTransport::default()
+                        .upgrade(Version::V1)
+                        .authenticate(noise::Config::new(key)?)
+                        .multiplex(yamux::Config::default()))
+                },
+            )
+            .map_err(|e| setup(&e))?
+            .with_behaviour(|_| behaviour)
+            .map_err(|e| setup(&e))?
+            .with_swarm_config(swarm_config)
+            .build(),
+    };
+    Ok(swarm)
+}
+
+/// What an outbound request was for.
+enum Outbound {
+    Reconcile(Reconciliation),
+    Sync {
+        document: DocumentId,
+        state: Box<State>,
+        rounds: usize,
+    },
+    Fetch(Vec<ByteArray<16>>),
+}
+
+/// Work done on the blocking pool, reported to the driver.
+enum Job {
+    Validated {
+        message_id: MessageId,
+        source: PeerId,
+        acceptance: MessageAcceptance,
+        accepted: bool,
+    },
+    RosterGossip {
+        message_id: MessageId,
+        source: PeerId,
+        acceptance: MessageAcceptance,
+    },
+    Respond {
+        peer: PeerId,
+        channel: ResponseChannel<Response>,
+        response: Response,
+        carried: Carried,
+        state: Option<(DocumentId, Box<State>)>,
+    },
+    SyncStep {
+        peer: PeerId,
+        document: DocumentId,
+        state: Box<State>,
+        rounds: usize,
+        result: Result<(Carried, Option<SyncMessage>), DocumentSyncError>,
+    },
+    Fetched {
+        peer: PeerId,
+        documents: Vec<ByteArray<16>>,
+        bytes: u64,
+        carried: Result<Carried, DocumentSyncError>,
+        deferred: Vec<ByteArray<16>>,
+    },
+    /// A sync to start with a peer that announced a change too large to gossip.
+    Announced { peer: PeerId, document: DocumentId },
+}
+
+/// What the driver keeps per connected peer.
+#[derive(Default)]
+struct PeerState {
+    reconciling: bool,
+    to_sync: VecDeque<DocumentId>,
+    to_fetch: VecDeque<ByteArray<16>>,
+    sessions: usize,
+    fetches: usize,
+    inbound: usize,
+    tokens: u32,
+    refilled: Option<Instant>,
+}
+
+impl PeerState {
+    /// Takes one request token; refills the bucket once a second.
+    fn take_token(&mut self) -> bool {
+        let now = Instant::now();
+        if self
+            .refilled
+            .is_none_or(|at| now.duration_since(at) >= Duration::from_secs(1))
+        {
+            self.tokens = INBOUND_REQUESTS_PER_PEER_PER_S;
+            self.refilled = Some(now);
+        }
+        if self.tokens == 0 {
+            return false;
+        }
+        self.tokens -= 1;
+        true
+    }
+}
+
+struct Driver {
+    node: Arc<Node>,
+    swarm: Swarm<Behaviour>,
+    config: SyncConfig,
+    topics: Topics,
+    bans: gate::Bans,
+    stats: Arc<Mutex<SyncStats>>,
+    jobs: mpsc::UnboundedSender<Job>,
+    outbound: HashMap<OutboundRequestId, (PeerId, Outbound)>,
+    peers: HashMap<PeerId, PeerState>,
+    responder_states: HashMap<(PeerId, DocumentId), Box<State>>,
+    responder_order: VecDeque<(PeerId, DocumentId)>,
+    validations: usize,
+    catch_up_started: Option<Instant>,
+    /// The peer each bootstrap address led to, once dialled.
+    bootstrap_peers: HashMap<Multiaddr, PeerId>,
+    /// Documents queued or in flight for sync or fetch with some peer: a document is worked
+    /// on with one peer at a time, until its changes are ingested.
+    in_progress: HashSet<DocumentId>,
+}
+
+/// The size of a value as CBOR, for the byte counters.
+fn cbor_len(value: &impl Serialize) -> u64 {
+    struct Count(u64);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len() as u64;
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    let _ = ciborium::into_writer(value, &mut count);
+    count.0
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Driver {
+    async fn run(
+        mut self,
+        mut commands: mpsc::Receiver<Command>,
+        mut jobs: mpsc::UnboundedReceiver<Job>,
+        mut local: tokio::sync::broadcast::Receiver<crate::node::LocalChange>,
+    ) {
+        let mut tick = tokio::time::interval(self.config.reconcile_every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                event = self.swarm.select_next_some() => self.on_swarm_event(event),
+                Some(job) = jobs.recv() => self.on_job(job),
+                change = local.recv() => match change {
+                    Ok(change) => self.publish(change),
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
+                        tracing::warn!(missed, "local changes not gossiped; anti-entropy will carry them");
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => {}
+                },
+                _ = tick.tick() => self.on_tick(),
+                command = commands.recv() => match command {
+                    Some(Command::Shutdown(done)) => {
+                        self.close();
+                        let _ = done.send(());
+                        return;
+                    }
+                    None => return self.close(),
+                    Some(command) => self.on_command(command),
+                },
+            }
+        }
+    }
+
+    fn close(&mut self) {
+        let peers: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
+        for peer in peers {
+            let _ = self.swarm.disconnect_peer_id(peer);
+        }
+    }
+
+    fn on_command(&mut self, command: Command) {
+        match command {
+            Command::ListenAddrs(reply) => {
+                let _ = reply.send(self.swarm.listeners().cloned().collect());
+            }
+            Command::Connected(reply) => {
+                let _ = reply.send(self.swarm.connected_peers().copied().collect());
+            }
+            Command::Dial(address) => {
+                if let Err(error) = self.swarm.dial(address.clone()) {
+                    tracing::warn!(%address, %error, "dial failed");
+                }
+            }
+            Command::ReconcileNow => self.reconcile_with_someone(),
+            Command::UpdateRoster(signed, reply) => {
+                let result = self.node.update_roster(&signed);
+                if result.is_ok() {
+                    self.publish_roster();
+                    self.enforce_roster();
+                }
+                let _ = reply.send(result);
+            }
+            Command::Shutdown(_) => {}
+        }
+    }
+
+    fn stats_mut(&self) -> std::sync::MutexGuard<'_, SyncStats> {
+        self.stats.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn with_peer_stats(&self, peer: &PeerId, f: impl FnOnce(&mut PeerStats)) {
+        let mut stats = self.stats_mut();
+        f(stats.peers.entry(peer.to_string()).or_default());
+    }
+
+    fn on_tick(&mut self) {
+        // Redial bootstrap peers that are not connected.
+        let connected: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
+        for address in self.config.bootstrap.clone() {
+            let reached = self
+                .bootstrap_peers
+                .get(&address)
+                .is_some_and(|peer| self.swarm.is_connected(peer));
+            if !reached {
+                let _ = self.swarm.dial(address);
+            }
+        }
+        // Disconnect and ban peers whose gossip score says they misbehave.
+        for peer in &connected {
+            let score = self.swarm.behaviour().gossipsub.peer_score(peer);
+            self.with_peer_stats(peer, |s| s.score = score);
+            if score.is_some_and(|s| s < DISCONNECT_SCORE) {
+                tracing::warn!(%peer, ?score, "disconnecting a peer for its gossip score");
+                self.bans
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(*peer, Instant::now() + BAN);
+                let _ = self.swarm.disconnect_peer_id(*peer);
+                self.stats_mut().disconnected += 1;
+            }
+        }
+        self.reconcile_with_someone();
+    }
+
+    fn publish(&mut self, change: crate::node::LocalChange) {
+        let gossip = if change.envelope.len() <= GOSSIP_ENVELOPE_BYTES_MAX {
+            Gossip::Change(change.envelope.into())
+        } else {
+            Gossip::Announce {
+                document: ByteArray::new(*change.document.as_bytes()),
+                heads: vec![ByteArray::new(change.hash.0)],
+            }
+        };
+        let data = gossip.encode();
+        let bytes = data.len() as u64;
+        match self
+            .swarm
+            .behaviour_mut()
+            .gossipsub
+            .publish(self.topics.changes.clone(), data)
+        {
+            Ok(_) => {
+                let mesh: Vec<PeerId> = self
+                    .swarm
+                    .behaviour()
+                    .gossipsub
+                    .mesh_peers(&self.topics.changes.hash())
+                    .copied()
+                    .collect();
+                for peer in mesh {
+                    self.with_peer_stats(&peer, |s| {
+                        s.bytes_out += bytes;
+                        s.messages_out += 1;
+                    });
+                }
+            }
+            // No peer to send to (alone, or still connecting): anti-entropy carries it.
+            Err(error) => tracing::debug!(%error, "change not gossiped"),
+        }
+    }
+
+    fn publish_roster(&mut self) {
+        let data = Gossip::Roster(self.node.signed_roster().into()).encode();
+        if let Err(error) = self
+            .swarm
+            .behaviour_mut()
+            .gossipsub
+            .publish(self.topics.roster.clone(), data)
+        {
+            tracing::debug!(%error, "roster not gossiped");
+        }
+    }
+
+    /// Disconnects peers the current roster no longer admits.
+    fn enforce_roster(&mut self) {
+        let peers: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
+        for peer in peers {
+            if self.node.peer_institution(&peer).is_none() {
+                tracing::warn!(%peer, "disconnecting a peer the roster no longer admits");
+                let _ = self.swarm.disconnect_peer_id(peer);
+                self.stats_mut().disconnected += 1;
+            }
+        }
+    }
+
+    fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        match event {
+            SwarmEvent::ConnectionEstablished {
+                peer_id, endpoint, ..
+            } => {
+                if let libp2p::core::ConnectedPoint::Dialer { address, .. } = &endpoint
+                    && self.config.bootstrap.contains(address)
+                {
+                    self.bootstrap_peers.insert(address.clone(), peer_id);
+                }
+                let institution = self.node.peer_institution(&peer_id);
+                tracing::info!(peer = %peer_id, ?institution, "connected");
+                self.peers.entry(peer_id).or_default();
+                self.with_peer_stats(&peer_id, |s| {
+                    s.connected = true;
+                    s.institution = institution.map(|i| i.to_string());
+                });
+                self.swarm
+                    .behaviour_mut()
+                    .gossipsub
+                    .add_explicit_peer(&peer_id);
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                num_established: 0,
+                ..
+            } => {
+                tracing::info!(peer = %peer_id, "disconnected");
+                if let Some(state) = self.peers.remove(&peer_id) {
+                    // Queued work is released; requests in flight fail and release theirs.
+                    for document in state.to_sync {
+                        self.in_progress.remove(&document);
+                    }
+                    for id in state.to_fetch {
+                        self.in_progress.remove(&DocumentId::from_bytes(*id));
+                    }
+                }
+                self.responder_order.retain(|(p, _)| *p != peer_id);
+                self.responder_states.retain(|(p, _), _| *p != peer_id);
+                self.with_peer_stats(&peer_id, |s| s.connected = false);
+            }
+            SwarmEvent::IncomingConnectionError { error, .. } => {
+                tracing::debug!(%error, "incoming connection failed or denied");
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(event)) => self.on_gossip(event),
+            SwarmEvent::Behaviour(BehaviourEvent::Sync(event)) => self.on_sync_event(event),
+            SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(found))) => {
+                for (peer, address) in found {
+                    if self.node.peer_institution(&peer).is_some()
+                        && !self.swarm.is_connected(&peer)
+                    {
+                        let _ = self.swarm.dial(address);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn on_gossip(&mut self, event: gossipsub::Event) {
+        let gossipsub::Event::Message {
+            propagation_source,
+            message_id,
+            message,
+        } = event
+        else {
+            return;
+        };
+        let bytes = message.data.len() as u64;
+        self.with_peer_stats(&propagation_source, |s| {
+            s.bytes_in += bytes;
+            s.messages_in += 1;
+        });
+        let report = |driver: &mut Self, acceptance| {
+            driver
+                .swarm
+                .behaviour_mut()
+                .gossipsub
+                .report_message_validation_result(&message_id, &propagation_source, acceptance);
+        };
+        let gossip = match Gossip::decode(&message.data) {
+            Ok(gossip) => gossip,
+            Err(error) => {
+                tracing::info!(peer = %propagation_source, %error, "gossip refused");
+                self.with_peer_stats(&propagation_source, |s| s.changes_rejected += 1);
+                return report(self, MessageAcceptance::Reject);
+            }
+        };
+        let roster_topic = message.topic == self.topics.roster.hash();
+        match gossip {
+            Gossip::Roster(signed) if roster_topic => {
+                let (node, jobs, message_id) = (self.node.clone(), self.jobs.clone(), message_id);
+                tokio::task::spawn_blocking(move || {
+                    let acceptance = match node.update_roster(&signed) {
+                        Ok(_) => MessageAcceptance::Accept,
+                        // Older or the same: nothing new, nobody's fault.
+                        Err(NodeError::Roster(
+                            crate::membership::RosterError::Stale { .. }
+                            | crate::membership::RosterError::Diverged { .. },
+                        )) => MessageAcceptance::Ignore,
+                        Err(NodeError::Roster(_)) => MessageAcceptance::Reject,
+                        Err(_) => MessageAcceptance::Ignore,
+                    };
+                    let _ = jobs.send(Job::RosterGossip {
+                        message_id,
+                        source: propagation_source,
+                        acceptance,
+                    });
+                });
+            }
+            Gossip::Change(envelope) if !roster_topic => {
+                if self.validations >= GOSSIP_VALIDATIONS_MAX {
+                    return report(self, MessageAcceptance::Ignore);
+                }
+                self.validations += 1;
+                let (node, jobs) = (self.node.clone(), self.jobs.clone());
+                tokio::task::spawn_blocking(move || {
+                    let (acceptance, accepted) = match node.ingest(&envelope) {
+                        Ok(Ingested::Accepted(_)) => (MessageAcceptance::Accept, true),
+                        // Known already, or not decidable yet: not passed on, not punished.
+                        Ok(Ingested::Duplicate(_) | Ingested::Pending(_)) => {
+                            (MessageAcceptance::Ignore, false)
+                        }
+                        Ok(Ingested::Quarantined(..)) => (MessageAcceptance::Reject, false),
+                        Err(crate::node::IngestError::Store(_)) => {
+                            (MessageAcceptance::Ignore, false)
+                        }
+                        Err(_) => (MessageAcceptance::Reject, false),
+                    };
+                    let _ = jobs.send(Job::Validated {
+                        message_id,
+                        source: propagation_source,
+                        acceptance,
+                        accepted,
+                    });
+                });
+            }
+            Gossip::Announce { document, heads } if !roster_topic => {
+                let document = DocumentId::from_bytes(*document);
+                let (node, jobs) = (self.node.clone(), self.jobs.clone());
+                report(self, MessageAcceptance::Accept);
+                tokio::task::spawn_blocking(move || {
+                    let missing = heads.iter().any(|head| {
+                        !node
+                            .has_change(document, &crate::model::automerge::ChangeHash(**head))
+                            .unwrap_or(false)
+                    });
+                    if missing {
+                        let _ = jobs.send(Job::Announced {
+                            peer: propagation_source,
+                            document,
+                        });
+                    }
+                });
+            }
+            // A message on the wrong topic.
+            _ => report(self, MessageAcceptance::Reject),
+        }
+    }
+
+    fn on_sync_event(&mut self, event: request_response::Event<Request, Response>) {
+        match event {
+            request_response::Event::Message { peer, message, .. } => match message {
+                request_response::Message::Request {
+                    request, channel, ..
+                } => self.on_request(peer, request, channel),
+                request_response::Message::Response {
+                    request_id,
+                    response,
+                } => {
+                    let bytes = cbor_len(&response);
+                    self.with_peer_stats(&peer, |s| {
+                        s.bytes_in += bytes;
+                        s.messages_in += 1;
+                    });
+                    if let Some((peer, outbound)) = self.outbound.remove(&request_id) {
+                        self.on_response(peer, outbound, response);
+                    }
+                }
+            },
+            request_response::Event::OutboundFailure {
+                peer,
+                request_id,
+                error,
+                ..
+            } => {
+                tracing::debug!(%peer, %error, "sync request failed");
+                if let Some((peer, outbound)) = self.outbound.remove(&request_id) {
+                    self.finished(peer, &outbound);
+                }
+            }
+            request_response::Event::InboundFailure { peer, error, .. } => {
+                tracing::debug!(%peer, %error, "serving a sync request failed");
+            }
+            request_response::Event::ResponseSent { .. } => {}
+        }
+    }
+
+    /// Frees what an outbound exchange held.
+    fn finished(&mut self, peer: PeerId, outbound: &Outbound) {
+        match outbound {
+            Outbound::Reconcile(_) => {}
+            Outbound::Sync { document, .. } => {
+                self.in_progress.remove(document);
+            }
+            Outbound::Fetch(documents) => {
+                for document in documents {
+                    self.in_progress.remove(&DocumentId::from_bytes(**document));
+                }
+            }
+        }
+        if let Some(state) = self.peers.get_mut(&peer) {
+            match outbound {
+                Outbound::Reconcile(_) => state.reconciling = false,
+                Outbound::Sync { .. } => state.sessions = state.sessions.saturating_sub(1),
+                Outbound::Fetch(_) => state.fetches = state.fetches.saturating_sub(1),
+            }
+        }
+        self.pump(peer);
+    }
+
+    fn send(&mut self, peer: PeerId, request: Request, outbound: Outbound) {
+        let bytes = cbor_len(&request);
+        self.with_peer_stats(&peer, |s| {
+            s.bytes_out += bytes;
+            s.messages_out += 1;
+        });
+        let id = self.swarm.behaviour_mut().sync.send_request(&peer, request);
+        self.outbound.insert(id, (peer, outbound));
+    }
+
+    fn respond(&mut self, peer: PeerId, channel: ResponseChannel<Response>, response: Response) {
+        let bytes = cbor_len(&response);
+        self.with_peer_stats(&peer, |s| {
+            s.bytes_out += bytes;
+            s.messages_out += 1;
+        });
+        if let Some(state) = self.peers.get_mut(&peer) {
+            state.inbound = state.inbound.saturating_sub(1);
+        }
+        let _ = self
+            .swarm
+            .behaviour_mut()
+            .sync
+            .send_response(channel, response);
+    }
+
+    fn reconcile_with_someone(&mut self) {
+        let candidates: Vec<PeerId> = self
+            .peers
+            .iter()
+            // A peer still working through the last differences is left alone until done.
+            .filter(|(_, s)| {
+                !s.reconciling
+                    && s.sessions == 0
+                    && s.fetches == 0
+                    && s.to_sync.is_empty()
+                    && s.to_fetch.is_empty()
+            })
+            .map(|(p, _)| *p)
+            .collect();
+        if candidates.is_empty() {
+            return;
+        }
+        let mut pick = [0u8; 8];
+        let _ = getrandom::fill(&mut pick);
+        let peer = candidates[(u64::from_le_bytes(pick) as usize) % candidates.len()];
+        self.reconcile_with(peer);
+    }
+
+    fn reconcile_with(&mut self, peer: PeerId) {
+        let Some(state) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        if state.reconciling {
+            return;
+        }
+        state.reconciling = true;
+        let run = Reconciliation::new(&self.node.catalogue());
+        let query = run.query().clone();
+        self.send(peer, Request::Reconcile(query), Outbound::Reconcile(run));
+    }
+
+    fn on_request(&mut self, peer: PeerId, request: Request, channel: ResponseChannel<Response>) {
+        let bytes = cbor_len(&request);
+        self.with_peer_stats(&peer, |s| {
+            s.bytes_in += bytes;
+            s.messages_in += 1;
+        });
+        let state = self.peers.entry(peer).or_default();
+        if state.inbound >= INBOUND_REQUESTS_PER_PEER_MAX || !state.take_token() {
+            state.inbound += 1;
+            return self.respond(peer, channel, Response::Refused(Refusal::Busy));
+        }
+        state.inbound += 1;
+        match request {
+            Request::Reconcile(query) => {
+                let response = match self.node.catalogue().answer(&query) {
+                    Ok(reply) => Response::Reconcile(reply),
+                    Err(error) => Response::Refused(Refusal::Malformed(error.to_string())),
+                };
+                self.respond(peer, channel, response);
+            }
+            Request::Sync(message) => {
+                let document = DocumentId::from_bytes(*message.document);
+                let state = self
+                    .responder_states
+                    .remove(&(peer, document))
+                    .unwrap_or_default();
+                let (node, jobs) = (self.node.clone(), self.jobs.clone());
+                tokio::task::spawn_blocking(move || {
+                    let mut state = state;
+                    let mut carried = Carried::default();
+                    let response =
+                        match document::incoming(&node, &message, &mut state).and_then(|c| {
+                            carried = c;
+                            document::outgoing(&node, document, &mut state)
+                        }) {
+                            Ok(reply) => Response::Sync(reply),
+                            Err(error) if error.is_peers_fault() => {
+                                Response::Refused(Refusal::Malformed(error.to_string()))
+                            }
+                            Err(error) => {
+                                tracing::warn!(%error, "serving a sync request failed");
+                                Response::Refused(Refusal::Failed)
+                            }
+                        };
+                    let _ = jobs.send(Job::Respond {
+                        peer,
+                        channel,
+                        response,
+                        carried,
+                        state: Some((document, state)),
+                    });
+                });
+            }
+            Request::Fetch { documents } => {
+                let (node, jobs) = (self.node.clone(), self.jobs.clone());
+                tokio::task::spawn_blocking(move || {
+                    let response = match document::fetch(&node, &documents) {
+                        Ok((envelopes, deferred)) => Response::Fetch {
+                            envelopes,
+                            deferred,
+                        },
+                        Err(error) if error.is_peers_fault() => {
+                            Response::Refused(Refusal::Malformed(error.to_string()))
+                        }
+                        Err(_) => Response::Refused(Refusal::Failed),
+                    };
+                    let _ = jobs.send(Job::Respond {
+                        peer,
+                        channel,
+                        response,
+                        carried: Carried::default(),
+                        state: None,
+                    });
+                });
+            }
+        }
+    }
+
+    fn on_response(&mut self, peer: PeerId, outbound: Outbound, response: Response) {
+        match (outbound, response) {
+            (Outbound::Reconcile(mut run), Response::Reconcile(reply)) => {
+                let more = run.receive(&self.node.catalogue(), &reply);
+                match more {
+                    Ok(true) => {
+                        let query = run.query().clone();
+                        self.send(peer, Request::Reconcile(query), Outbound::Reconcile(run));
+                    }
+                    Ok(false) => self.reconciled(peer, &run),
+                    Err(error) => {
+                        tracing::info!(%peer, %error, "reconciliation abandoned");
+                        self.finished(peer, &Outbound::Reconcile(run));
+                    }
+                }
+            }
+            (
+                Outbound::Sync {
+                    document,
+                    state,
+                    rounds,
+                },
+                Response::Sync(reply),
+            ) => {
+                let (node, jobs) = (self.node.clone(), self.jobs.clone());
+                tokio::task::spawn_blocking(move || {
+                    let mut state = state;
+                    let mut carried = Carried::default();
+                    let result = reply
+                        .as_ref()
+                        .map(|m| document::incoming(&node, m, &mut state))
+                        .transpose()
+                        .and_then(|c| {
+                            carried = c.unwrap_or_default();
+                            document::outgoing(&node, document, &mut state)
+                        })
+                        .map(|next| (carried, next));
+                    let _ = jobs.send(Job::SyncStep {
+                        peer,
+                        document,
+                        state,
+                        rounds: rounds + 1,
+                        result,
+                    });
+                });
+            }
+            (
+                Outbound::Fetch(documents),
+                Response::Fetch {
+                    envelopes,
+                    deferred,
+                },
+            ) => {
+                let (node, jobs) = (self.node.clone(), self.jobs.clone());
+                let bytes: u64 = envelopes.iter().map(|e| e.len() as u64).sum();
+                // The exchange is over; ingesting is the blocking pool's work, and the
+                // documents stay in progress until it is done.
+                if let Some(state) = self.peers.get_mut(&peer) {
+                    state.fetches = state.fetches.saturating_sub(1);
+                }
+                self.pump(peer);
+                tokio::task::spawn_blocking(move || {
+                    let carried = node
+                        .ingest_many(&envelopes)
+                        .map(|outcomes| {
+                            let mut carried = Carried::default();
+                            carried.count(&outcomes);
+                            carried
+                        })
+                        .map_err(DocumentSyncError::from);
+                    let _ = jobs.send(Job::Fetched {
+                        peer,
+                        documents,
+                        bytes,
+                        carried,
+                        deferred,
+                    });
+                });
+            }
+            (outbound, Response::Refused(refusal)) => {
+                tracing::debug!(%peer, %refusal, "sync request refused");
+                self.finished(peer, &outbound);
+            }
+            (outbound, _) => {
+                tracing::info!(%peer, "a sync response of the wrong kind");
+                self.finished(peer, &outbound);
+            }
+        }
+    }
+
+    /// A reconciliation finished: queue what differs.
+    fn reconciled(&mut self, peer: PeerId, run: &Reconciliation) {
+        let differing = run.differing();
+        let lag = differing.len() as u64;
+        self.with_peer_stats(&peer, |s| {
+            s.last_reconciled_ms = Some(now_ms());
+            s.lag = Some(lag);
+        });
+        let mut new_missing = 0;
+        if let Some(state) = self.peers.get_mut(&peer) {
+            state.reconciling = false;
+            for (id, difference) in differing {
+                let document = DocumentId::from_bytes(*id);
+                // Only this node holds it: the peer fetches it when it reconciles.
+                if *difference == Difference::OnlyOurs
+                    || self.in_progress.len() >= DOCUMENTS_IN_PROGRESS_MAX
+                    || !self.in_progress.insert(document)
+                {
+                    continue;
+                }
+                match difference {
+                    Difference::OnlyOurs => {}
+                    Difference::OnlyTheirs => {
+                        state.to_fetch.push_back(ByteArray::new(*id));
+                        new_missing += 1;
+                    }
+                    Difference::Both => state.to_sync.push_back(document),
+                }
+            }
+        }
+        if new_missing > 0 {
+            self.catch_up_started.get_or_insert_with(Instant::now);
+            self.stats_mut().catch_up.documents_total += new_missing;
+        }
+        self.pump(peer);
+    }
+
+    /// Starts as many queued syncs and fetches with `peer` as its bounds allow.
+    fn pump(&mut self, peer: PeerId) {
+        loop {
+            let Some(state) = self.peers.get_mut(&peer) else {
+                return;
+            };
+            if state.fetches < FETCHES_PER_PEER_MAX && !state.to_fetch.is_empty() {
+                let take = state.to_fetch.len().min(FETCH_DOCUMENTS_MAX);
+                let documents: Vec<ByteArray<16>> = state.to_fetch.drain(..take).collect();
+                state.fetches += 1;
+                self.send(
+                    peer,
+                    Request::Fetch {
+                        documents: documents.clone(),
+                    },
+                    Outbound::Fetch(documents),
+                );
+                continue;
+            }
+            if state.sessions < SYNC_SESSIONS_PER_PEER_MAX
+                && let Some(document) = state.to_sync.pop_front()
+            {
+                state.sessions += 1;
+                self.start_session(peer, document);
+                continue;
+            }
+            return;
+        }
+    }
+
+    fn start_session(&mut self, peer: PeerId, document: DocumentId) {
+        let (node, jobs) = (self.node.clone(), self.jobs.clone());
+        tokio::task::spawn_blocking(move || {
+            let mut state = Box::<State>::default();
+            let result = document::outgoing(&node, document, &mut state)
+                .map(|next| (Carried::default(), next));
+            let _ = jobs.send(Job::SyncStep {
+                peer,
+                document,
+                state,
+                rounds: 0,
+                result,
+            });
+        });
+    }
+
+    fn on_job(&mut self, job: Job) {
+        match job {
+            Job::Validated {
+                message_id,
+                source,
+                acceptance,
+                accepted,
+            } => {
+                self.validations = self.validations.saturating_sub(1);
+                let rejected = matches!(acceptance, MessageAcceptance::Reject);
+                self.with_peer_stats(&source, |s| {
+                    s.changes_received += u64::from(accepted);
+                    s.changes_rejected += u64::from(rejected);
+                });
+                self.swarm
+                    .behaviour_mut()
+                    .gossipsub
+                    .report_message_validation_result(&message_id, &source, acceptance);
+            }
+            Job::RosterGossip {
+                message_id,
+                source,
+                acceptance,
+            } => {
+                self.swarm
+                    .behaviour_mut()
+                    .gossipsub
+                    .report_message_validation_result(&message_id, &source, acceptance);
+                if matches!(acceptance, MessageAcceptance::Accept) {
+                    self.enforce_roster();
+                }
+            }
+            Job::Respond {
+                peer,
+                channel,
+                response,
+                carried,
+                state,
+            } => {
+                self.count_carried(&peer, &carried);
+                if let Some((document, state)) = state
+                    && self.swarm.is_connected(&peer)
+                {
+                    if self.responder_states.len() >= RESPONDER_SYNC_STATES_MAX
+                        && let Some(oldest) = self.responder_order.pop_front()
+                    {
+                        self.responder_states.remove(&oldest);
+                    }
+                    if self
+                        .responder_states
+                        .insert((peer, document), state)
+                        .is_none()
+                    {
+                        self.responder_order.push_back((peer, document));
+                    }
+                }
+                self.respond(peer, channel, response);
+            }
+            Job::SyncStep {
+                peer,
+                document,
+                state,
+                rounds,
+                result,
+            } => match result {
+                Ok((carried, Some(message))) if rounds < SYNC_ROUNDS_MAX => {
+                    self.count_carried(&peer, &carried);
+                    self.send(
+                        peer,
+                        Request::Sync(message),
+                        Outbound::Sync {
+                            document,
+                            state,
+                            rounds,
+                        },
+                    );
+                }
+                Ok((carried, _)) => {
+                    self.count_carried(&peer, &carried);
+                    self.with_peer_stats(&peer, |s| s.documents_reconciled += 1);
+                    self.finished(
+                        peer,
+                        &Outbound::Sync {
+                            document,
+                            state,
+                            rounds,
+                        },
+                    );
+                }
+                Err(error) => {
+                    tracing::info!(%peer, %document, %error, "document sync abandoned");
+                    let outbound = Outbound::Sync {
+                        document,
+                        state,
+                        rounds,
+                    };
+                    self.finished(peer, &outbound);
+                    // Too large to sync by messages: fetch its envelopes instead.
+                    if matches!(error, DocumentSyncError::TooLarge(_))
+                        && let Some(s) = self.peers.get_mut(&peer)
+                        && self.in_progress.insert(document)
+                    {
+                        s.to_fetch.push_back(ByteArray::new(*document.as_bytes()));
+                        self.pump(peer);
+                    }
+                }
+            },
+            Job::Fetched {
+                peer,
+                documents,
+                bytes,
+                carried,
+                deferred,
+            } => {
+                match carried {
+                    Ok(carried) => self.count_carried(&peer, &carried),
+                    Err(error) => tracing::warn!(%peer, %error, "fetched envelopes not ingested"),
+                }
+                let deferred_ids: HashSet<DocumentId> = deferred
+                    .iter()
+                    .map(|id| DocumentId::from_bytes(**id))
+                    .collect();
+                let mut fetched = 0u64;
+                for id in &documents {
+                    let document = DocumentId::from_bytes(**id);
+                    if !deferred_ids.contains(&document) {
+                        self.in_progress.remove(&document);
+                        fetched += 1;
+                    }
+                }
+                self.with_peer_stats(&peer, |s| s.documents_reconciled += fetched);
+                {
+                    let started = self.catch_up_started;
+                    let mut stats = self.stats_mut();
+                    let catch_up = &mut stats.catch_up;
+                    catch_up.documents_done += fetched;
+                    catch_up.bytes += bytes;
+                    let left = catch_up
+                        .documents_total
+                        .saturating_sub(catch_up.documents_done);
+                    catch_up.eta_s = started.and_then(|at| {
+                        let rate = catch_up.documents_done as f64 / at.elapsed().as_secs_f64();
+                        (rate > 0.0).then(|| left as f64 / rate)
+                    });
+                }
+                if let Some(state) = self.peers.get_mut(&peer) {
+                    for id in deferred {
+                        let document = DocumentId::from_bytes(*id);
+                        // Partly fetched documents finish by sync; others are asked again.
+                        if self.node.catalogue().get(&id).is_some() {
+                            state.to_sync.push_back(document);
+                        } else {
+                            state.to_fetch.push_back(id);
+                        }
+                    }
+                } else {
+                    for id in deferred {
+                        self.in_progress.remove(&DocumentId::from_bytes(*id));
+                    }
+                }
+                self.pump(peer);
+            }
+            Job::Announced { peer, document } => {
+                if let Some(state) = self.peers.get_mut(&peer)
+                    && self.in_progress.len() < DOCUMENTS_IN_PROGRESS_MAX
+                    && self.in_progress.insert(document)
+                {
+                    state.to_sync.push_back(document);
+                }
+                self.pump(peer);
+            }
+        }
+    }
+
+    fn count_carried(&self, peer: &PeerId, carried: &Carried) {
+        if carried.accepted + carried.rejected > 0 {
+            self.with_peer_stats(peer, |s| {
+                s.changes_received += carried.accepted as u64;
+                s.changes_rejected += carried.rejected as u64;
+            });
+        }
+    }
+}

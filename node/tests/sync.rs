@@ -1,0 +1,288 @@
+//! Sync between real nodes — real stores in temporary directories, real libp2p swarms over
+//! the in-process memory transport: concurrent writes converge, an offline node catches up,
+//! a line of nodes carries every change end to end, strangers are refused.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{AUTHORITY, editor, institution, resident};
+use estuary_node::identity::Identity;
+use estuary_node::membership::SignedRoster;
+use estuary_node::model::*;
+use estuary_node::node::{Node, NodeConfig};
+use estuary_node::sync::{SyncConfig, SyncHandle, TransportKind};
+use libp2p::Multiaddr;
+
+/// How long convergence may take before a test fails. Generous: it bounds a liveness check
+/// on a loaded 2-core machine, it does not measure speed.
+const CONVERGENCE: Duration = Duration::from_secs(90);
+
+struct Consortium {
+    dir: tempfile::TempDir,
+    roster: Vec<u8>,
+    members: Vec<String>,
+}
+
+impl Consortium {
+    /// `n` member institutions, each with a node key in its data directory.
+    fn new(n: usize) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let authority = Identity::from_secret(AUTHORITY);
+        let by = editor("xinhua");
+        let mut roster = Roster::create(&authority.actor(), &by).unwrap();
+        let members: Vec<String> = (0..n).map(|i| format!("member-{i}")).collect();
+        for member in &members {
+            let data_dir = dir.path().join(member);
+            std::fs::create_dir_all(&data_dir).unwrap();
+            let key = Identity::load_or_create(&data_dir).unwrap().public_key();
+            roster
+                .apply(
+                    &by,
+                    &RosterOp::AddInstitution {
+                        id: institution(member),
+                        name: member.clone(),
+                        kind: InstitutionKind::CommunityCentre,
+                    },
+                )
+                .unwrap();
+            roster
+                .apply(
+                    &by,
+                    &RosterOp::AddNodeKey {
+                        institution: institution(member),
+                        key,
+                    },
+                )
+                .unwrap();
+        }
+        let roster = SignedRoster::sign(&authority, &mut roster).encode();
+        Self {
+            dir,
+            roster,
+            members,
+        }
+    }
+
+    fn node(&self, i: usize) -> Arc<Node> {
+        self.node_in(&self.members[i])
+    }
+
+    fn node_in(&self, name: &str) -> Arc<Node> {
+        let config = NodeConfig {
+            data_dir: self.dir.path().join(name),
+            authority: Identity::from_secret(AUTHORITY).public_key(),
+        };
+        Arc::new(Node::open(&config, Some(&self.roster)).unwrap())
+    }
+}
+
+/// A fresh in-memory address.
+fn memory_address() -> Multiaddr {
+    let mut n = [0u8; 8];
+    getrandom::fill(&mut n).unwrap();
+    format!("/memory/{}", u64::from_le_bytes(n) >> 1)
+        .parse()
+        .unwrap()
+}
+
+fn start(node: &Arc<Node>, listen: &Multiaddr, bootstrap: Vec<Multiaddr>) -> SyncHandle {
+    SyncHandle::start(
+        node.clone(),
+        SyncConfig {
+            listen: vec![listen.clone()],
+            bootstrap,
+            reconcile_every: Duration::from_millis(500),
+            transport: TransportKind::Memory,
+            ..SyncConfig::default()
+        },
+    )
+    .unwrap()
+}
+
+/// Waits until every node holds the same catalogue of `documents` documents.
+async fn converge(nodes: &[Arc<Node>], handles: &[&SyncHandle], documents: usize) {
+    let started = Instant::now();
+    loop {
+        let first = nodes[0].catalogue().clone();
+        let agreed = first.len() == documents && nodes.iter().all(|n| *n.catalogue() == first);
+        if agreed {
+            return;
+        }
+        if started.elapsed() > CONVERGENCE {
+            let sizes: Vec<usize> = nodes.iter().map(|n| n.catalogue().len()).collect();
+            let stats: Vec<_> = handles.iter().map(|h| h.stats()).collect();
+            panic!("no convergence within {CONVERGENCE:?}: catalogues {sizes:?}; {stats:#?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn allergy(substance: &str) -> HealthFileOp {
+    HealthFileOp::AddAllergy(NewAllergy {
+        substance: substance.into(),
+        reaction: "rash".into(),
+        severity: Severity::Mild,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_converge_on_concurrent_writes() {
+    let consortium = Consortium::new(2);
+    let (a, b) = (consortium.node(0), consortium.node(1));
+    let (a_address, b_address) = (memory_address(), memory_address());
+    let a_sync = start(&a, &a_address, vec![]);
+    let b_sync = start(&b, &b_address, vec![a_address.clone()]);
+    let (a_editor, b_editor) = (editor("member-0"), editor("member-1"));
+    let shared = a
+        .create_health_file(&a_editor, &resident("Shared"))
+        .unwrap()
+        .0;
+    for i in 0..5 {
+        a.create_health_file(&a_editor, &resident(&format!("A{i}")))
+            .unwrap();
+        b.create_health_file(&b_editor, &resident(&format!("B{i}")))
+            .unwrap();
+    }
+    converge(&[a.clone(), b.clone()], &[&a_sync, &b_sync], 11).await;
+    // Both edit the same file at once: the edits merge, on both sides.
+    a.apply_health_file(shared, &a_editor, &allergy("penicillin"))
+        .unwrap();
+    b.apply_health_file(shared, &b_editor, &allergy("latex"))
+        .unwrap();
+    let started = Instant::now();
+    while a.heads(shared).unwrap().len() != 2
+        || a.heads(shared).unwrap() != b.heads(shared).unwrap()
+    {
+        assert!(started.elapsed() < CONVERGENCE, "{:#?}", a_sync.stats());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut substances = a.health_file(shared).unwrap().allergy_substances();
+    substances.sort();
+    assert_eq!(substances, vec!["latex", "penicillin"]);
+    assert_eq!(
+        b.health_file(shared).unwrap(),
+        a.health_file(shared).unwrap()
+    );
+    assert!(a.quarantine().unwrap().is_empty() && b.quarantine().unwrap().is_empty());
+    let stats = b_sync.stats();
+    let a_seen_by_b = &stats.peers[&a_sync.peer_id().to_string()];
+    assert_eq!(a_seen_by_b.institution.as_deref(), Some("member-0"));
+    assert!(a_seen_by_b.changes_received > 0 && a_seen_by_b.bytes_in > 0);
+    a_sync.shutdown().await;
+    b_sync.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_offline_while_1000_changes_were_made_catches_up() {
+    let consortium = Consortium::new(2);
+    let (a, b) = (consortium.node(0), consortium.node(1));
+    let a_address = memory_address();
+    let a_sync = start(&a, &a_address, vec![]);
+    let a_editor = editor("member-0");
+    let mut changes = 0;
+    for i in 0..100 {
+        let (file, _) = a
+            .create_health_file(&a_editor, &resident(&format!("R{i}")))
+            .unwrap();
+        changes += 1;
+        for k in 0..9 {
+            a.apply_health_file(file, &a_editor, &allergy(&format!("substance {k}")))
+                .unwrap();
+            changes += 1;
+        }
+    }
+    assert_eq!(changes, 1_000);
+    // B comes online only now.
+    let b_sync = start(&b, &memory_address(), vec![a_address]);
+    converge(&[a.clone(), b.clone()], &[&a_sync, &b_sync], 100).await;
+    let catch_up = b_sync.stats().catch_up;
+    assert_eq!(catch_up.documents_total, 100, "{catch_up:?}");
+    assert_eq!(catch_up.documents_done, 100, "{catch_up:?}");
+    assert!(catch_up.bytes > 0);
+    assert_eq!(b.pending_count().unwrap(), 0);
+    assert!(b.verify().unwrap().problems.is_empty());
+    a_sync.shutdown().await;
+    b_sync.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_nodes_in_a_line_carry_every_change_to_every_node() {
+    let consortium = Consortium::new(5);
+    let nodes: Vec<Arc<Node>> = (0..5).map(|i| consortium.node(i)).collect();
+    let addresses: Vec<Multiaddr> = (0..5).map(|_| memory_address()).collect();
+    // Each knows only its neighbour.
+    let handles: Vec<SyncHandle> = (0..5)
+        .map(|i| {
+            let bootstrap = if i == 0 {
+                vec![]
+            } else {
+                vec![addresses[i - 1].clone()]
+            };
+            start(&nodes[i], &addresses[i], bootstrap)
+        })
+        .collect();
+    for (i, node) in nodes.iter().enumerate() {
+        for k in 0..2 {
+            node.create_health_file(
+                &editor(&format!("member-{i}")),
+                &resident(&format!("N{i}-{k}")),
+            )
+            .unwrap();
+        }
+    }
+    let refs: Vec<&SyncHandle> = handles.iter().collect();
+    converge(&nodes, &refs, 10).await;
+    // The ends never connected to each other.
+    let first_peers = handles[0].connected().await.unwrap();
+    assert!(!first_peers.contains(&handles[4].peer_id()));
+    for handle in handles {
+        handle.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stranger_is_refused_at_connection() {
+    use futures::StreamExt;
+    use libp2p::core::transport::MemoryTransport;
+    use libp2p::core::upgrade::Version;
+    use libp2p::swarm::SwarmEvent;
+    use libp2p::{Transport, noise, ping, yamux};
+
+    let consortium = Consortium::new(1);
+    let member = consortium.node(0);
+    let address = memory_address();
+    let member_sync = start(&member, &address, vec![]);
+    // A peer whose key is not in the roster dials in.
+    let mut stranger = libp2p::SwarmBuilder::with_new_identity()
+        .with_tokio()
+        .with_other_transport(
+            |key| -> Result<_, Box<dyn std::error::Error + Send + Sync>> {
+                Ok(MemoryTransport::default()
+                    .upgrade(Version::V1)
+                    .authenticate(noise::Config::new(key)?)
+                    .multiplex(yamux::Config::default()))
+            },
+        )
+        .unwrap()
+        .with_behaviour(|_| ping::Behaviour::default())
+        .unwrap()
+        .build();
+    stranger.dial(address).unwrap();
+    let closed = tokio::time::timeout(CONVERGENCE, async {
+        loop {
+            match stranger.select_next_some().await {
+                SwarmEvent::ConnectionClosed { .. }
+                | SwarmEvent::OutgoingConnectionError { .. } => {
+                    return;
+                }
+                _ => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the member kept the stranger's connection");
+    assert!(member_sync.connected().await.unwrap().is_empty());
+    member_sync.shutdown().await;
+}
