@@ -12,6 +12,7 @@ use estuary_node::identity::Identity;
 use estuary_node::membership::SignedRoster;
 use estuary_node::model::*;
 use estuary_node::node::{Node, NodeConfig};
+use estuary_node::sync::faults::Faults;
 use estuary_node::sync::{SyncConfig, SyncHandle, TransportKind};
 use libp2p::Multiaddr;
 
@@ -88,13 +89,23 @@ fn memory_address() -> Multiaddr {
 }
 
 fn start(node: &Arc<Node>, listen: &Multiaddr, bootstrap: Vec<Multiaddr>) -> SyncHandle {
+    start_on(node, listen, bootstrap, TransportKind::Memory)
+}
+
+fn start_on(
+    node: &Arc<Node>,
+    listen: &Multiaddr,
+    bootstrap: Vec<Multiaddr>,
+    transport: TransportKind,
+) -> SyncHandle {
     SyncHandle::start(
         node.clone(),
         SyncConfig {
             listen: vec![listen.clone()],
             bootstrap,
             reconcile_every: Duration::from_millis(500),
-            transport: TransportKind::Memory,
+            request_timeout: Duration::from_secs(5),
+            transport,
             ..SyncConfig::default()
         },
     )
@@ -103,6 +114,16 @@ fn start(node: &Arc<Node>, listen: &Multiaddr, bootstrap: Vec<Multiaddr>) -> Syn
 
 /// Waits until every node holds the same catalogue of `documents` documents.
 async fn converge(nodes: &[Arc<Node>], handles: &[&SyncHandle], documents: usize) {
+    converge_or(nodes, handles, documents, "").await
+}
+
+/// Waits for convergence; `context` (a seed) is printed if it does not come.
+async fn converge_or(
+    nodes: &[Arc<Node>],
+    handles: &[&SyncHandle],
+    documents: usize,
+    context: &str,
+) {
     let started = Instant::now();
     loop {
         let first = nodes[0].catalogue().clone();
@@ -113,7 +134,9 @@ async fn converge(nodes: &[Arc<Node>], handles: &[&SyncHandle], documents: usize
         if started.elapsed() > CONVERGENCE {
             let sizes: Vec<usize> = nodes.iter().map(|n| n.catalogue().len()).collect();
             let stats: Vec<_> = handles.iter().map(|h| h.stats()).collect();
-            panic!("no convergence within {CONVERGENCE:?}: catalogues {sizes:?}; {stats:#?}");
+            panic!(
+                "no convergence within {CONVERGENCE:?} {context}: catalogues {sizes:?}; {stats:#?}"
+            );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -285,4 +308,66 @@ async fn a_stranger_is_refused_at_connection() {
     assert!(closed.is_ok(), "the member kept the stranger's connection");
     assert!(member_sync.connected().await.unwrap().is_empty());
     member_sync.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_nodes_converge_once_injected_faults_stop() {
+    let seed = std::env::var("ESTUARY_FAULT_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            let mut bytes = [0u8; 8];
+            getrandom::fill(&mut bytes).unwrap();
+            u64::from_le_bytes(bytes)
+        });
+    let context = format!("with fault seed {seed} (replay: ESTUARY_FAULT_SEED={seed})");
+    eprintln!("{context}");
+    let faults = Faults::new(seed);
+    let consortium = Consortium::new(5);
+    let nodes: Vec<Arc<Node>> = (0..5).map(|i| consortium.node(i)).collect();
+    let addresses: Vec<Multiaddr> = (0..5).map(|_| memory_address()).collect();
+    let handles: Vec<SyncHandle> = (0..5)
+        .map(|i| {
+            let transport = TransportKind::Faulty {
+                faults: faults.clone(),
+                node: i,
+            };
+            start_on(&nodes[i], &addresses[i], addresses[..i].to_vec(), transport)
+        })
+        .collect();
+    let refs: Vec<&SyncHandle> = handles.iter().collect();
+    // Flaky links from the start; then the northern group is cut off; then node 0 alone.
+    faults.cut_after(2 * 1024, 32 * 1024);
+    faults.delay(10, Duration::from_millis(20));
+    let write_round = |round: usize| {
+        for (i, node) in nodes.iter().enumerate() {
+            let by = editor(&format!("member-{i}"));
+            let (file, _) = node
+                .create_health_file(&by, &resident(&format!("N{i}-{round}")))
+                .unwrap();
+            for k in 0..3 {
+                node.apply_health_file(file, &by, &allergy(&format!("substance {k}")))
+                    .unwrap();
+            }
+        }
+    };
+    write_round(0);
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    faults.partition(&[vec![0, 1], vec![2, 3, 4]]);
+    write_round(1);
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    faults.partition(&[vec![0], vec![1, 2, 3, 4]]);
+    write_round(2);
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let cuts = faults.cuts();
+    faults.heal();
+    converge_or(&nodes, &refs, 15, &context).await;
+    assert!(cuts > 0, "no fault was injected {context}");
+    for node in &nodes {
+        assert_eq!(node.pending_count().unwrap(), 0, "{context}");
+        assert!(node.quarantine().unwrap().is_empty(), "{context}");
+    }
+    for handle in handles {
+        handle.shutdown().await;
+    }
 }

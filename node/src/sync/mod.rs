@@ -8,6 +8,7 @@
 //! has a named bound below or in `protocol`.
 
 mod document;
+pub mod faults;
 mod gate;
 pub mod protocol;
 
@@ -72,6 +73,13 @@ pub enum TransportKind {
     Network,
     /// libp2p's in-process memory transport: tests and the in-process testnet.
     Memory,
+    /// The memory transport under injected faults, as node `node` of the set `faults` covers.
+    Faulty {
+        /// The faults in force.
+        faults: Arc<faults::Faults>,
+        /// This node's index among them.
+        node: usize,
+    },
 }
 
 /// The sync layer's configuration.
@@ -209,6 +217,9 @@ impl SyncHandle {
         let bans: gate::Bans = Arc::default();
         let mut swarm = build_swarm(&node, &config, bans.clone())?;
         for address in &config.listen {
+            if let TransportKind::Faulty { faults, node } = &config.transport {
+                faults.register(address, *node);
+            }
             swarm
                 .listen_on(address.clone())
                 .map_err(|e| SyncError::Listen {
@@ -471,20 +482,28 @@ fn build_swarm(
             .map_err(|e| setup(&e))?
             .with_swarm_config(swarm_config)
             .build(),
-        TransportKind::Memory => builder
-            .with_other_transport(
-                |key| -> Result<_, Box<dyn std::error::Error + Send + Sync>> {
-                    Ok(MemoryTransport::default()
-                        .upgrade(Version::V1)
-                        .authenticate(noise::Config::new(key)?)
-                        .multiplex(yamux::Config::default()))
-                },
-            )
-            .map_err(|e| setup(&e))?
-            .with_behaviour(|_| behaviour)
-            .map_err(|e| setup(&e))?
-            .with_swarm_config(swarm_config)
-            .build(),
+        TransportKind::Memory | TransportKind::Faulty { .. } => {
+            // Plain memory is the faulty transport with no fault in force.
+            let (faults, node) = match &config.transport {
+                TransportKind::Faulty { faults, node } => (faults.clone(), *node),
+                _ => (faults::Faults::new(0), 0),
+            };
+            builder
+                .with_other_transport(
+                    move |key| -> Result<_, Box<dyn std::error::Error + Send + Sync>> {
+                        Ok(MemoryTransport::default()
+                            .map(move |channel, point| faults.wrap(channel, node, &point))
+                            .upgrade(Version::V1)
+                            .authenticate(noise::Config::new(key)?)
+                            .multiplex(yamux::Config::default()))
+                    },
+                )
+                .map_err(|e| setup(&e))?
+                .with_behaviour(|_| behaviour)
+                .map_err(|e| setup(&e))?
+                .with_swarm_config(swarm_config)
+                .build()
+        }
     };
     Ok(swarm)
 }
