@@ -521,6 +521,12 @@ impl Node {
         membership.peer_institution(peer)
     }
 
+    /// The version of the roster this node holds.
+    pub fn roster_version(&self) -> u64 {
+        let membership = self.membership.read().unwrap_or_else(|p| p.into_inner());
+        membership.version()
+    }
+
     /// The signed roster this node holds, encoded as it is sent to peers.
     pub fn signed_roster(&self) -> Vec<u8> {
         let membership = self.membership.read().unwrap_or_else(|p| p.into_inner());

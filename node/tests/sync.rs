@@ -23,6 +23,7 @@ const CONVERGENCE: Duration = Duration::from_secs(90);
 struct Consortium {
     dir: tempfile::TempDir,
     roster: Vec<u8>,
+    document: Roster,
     members: Vec<String>,
 }
 
@@ -58,12 +59,31 @@ impl Consortium {
                 )
                 .unwrap();
         }
-        let roster = SignedRoster::sign(&authority, &mut roster).encode();
+        let signed = SignedRoster::sign(&authority, &mut roster).encode();
         Self {
             dir,
-            roster,
+            roster: signed,
+            document: roster,
             members,
         }
+    }
+
+    /// Revokes a member's key (no cut-off: it wrote nothing); returns the signed roster.
+    fn revoke(&mut self, member: &str) -> Vec<u8> {
+        let key = Identity::load_or_create(&self.dir.path().join(member))
+            .unwrap()
+            .public_key();
+        self.document
+            .apply(
+                &editor("xinhua"),
+                &RosterOp::Revoke {
+                    key,
+                    cutoff: vec![],
+                    reason: "node compromised".into(),
+                },
+            )
+            .unwrap();
+        SignedRoster::sign(&Identity::from_secret(AUTHORITY), &mut self.document).encode()
     }
 
     fn node(&self, i: usize) -> Arc<Node> {
@@ -370,4 +390,125 @@ async fn five_nodes_converge_once_injected_faults_stop() {
     for handle in handles {
         handle.shutdown().await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_member_is_disconnected_everywhere_the_roster_reaches() {
+    let mut consortium = Consortium::new(3);
+    let nodes: Vec<Arc<Node>> = (0..3).map(|i| consortium.node(i)).collect();
+    let addresses: Vec<Multiaddr> = (0..3).map(|_| memory_address()).collect();
+    // 1 and 2 both know 0; 2 also knows 1.
+    let handles: Vec<SyncHandle> = (0..3)
+        .map(|i| start(&nodes[i], &addresses[i], addresses[..i].to_vec()))
+        .collect();
+    let started = Instant::now();
+    while handles[0].connected().await.unwrap().len() < 2
+        || handles[1].connected().await.unwrap().len() < 2
+    {
+        assert!(started.elapsed() < CONVERGENCE, "the three never connected");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The authority revokes member 2; member 0 adopts the roster and passes it on.
+    let newer = consortium.revoke("member-2");
+    let version = handles[0].update_roster(newer).await.unwrap();
+    let revoked = handles[2].peer_id();
+    let started = Instant::now();
+    loop {
+        let gone_from_0 = !handles[0].connected().await.unwrap().contains(&revoked);
+        let gone_from_1 = !handles[1].connected().await.unwrap().contains(&revoked);
+        let adopted = nodes[1].roster_version() == version;
+        if gone_from_0 && gone_from_1 && adopted {
+            break;
+        }
+        assert!(
+            started.elapsed() < CONVERGENCE,
+            "0 dropped it: {gone_from_0}, 1 dropped it: {gone_from_1}, 1 adopted: {adopted}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // It keeps redialling, and is refused every time.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(!handles[0].connected().await.unwrap().contains(&revoked));
+    assert!(handles[0].stats().disconnected >= 1);
+    for handle in handles {
+        handle.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_gossiping_invalid_data_is_penalised_then_disconnected() {
+    use futures::StreamExt;
+    use libp2p::core::transport::MemoryTransport;
+    use libp2p::core::upgrade::Version;
+    use libp2p::gossipsub::{self, IdentTopic, MessageAuthenticity};
+    use libp2p::swarm::SwarmEvent;
+    use libp2p::{Transport, noise, yamux};
+
+    let consortium = Consortium::new(2);
+    let honest = consortium.node(0);
+    let address = memory_address();
+    let honest_sync = start(&honest, &address, vec![]);
+    // Member 1's key, driven by a faulty program that gossips garbage.
+    let key = Identity::load_or_create(&consortium.dir.path().join("member-1"))
+        .unwrap()
+        .libp2p_keypair();
+    let (changes, _) =
+        estuary_node::sync::topic_names(&Identity::from_secret(AUTHORITY).public_key());
+    let topic = IdentTopic::new(changes);
+    let mut faulty = libp2p::SwarmBuilder::with_existing_identity(key.clone())
+        .with_tokio()
+        .with_other_transport(
+            |key| -> Result<_, Box<dyn std::error::Error + Send + Sync>> {
+                Ok(MemoryTransport::default()
+                    .upgrade(Version::V1)
+                    .authenticate(noise::Config::new(key)?)
+                    .multiplex(yamux::Config::default()))
+            },
+        )
+        .unwrap()
+        .with_behaviour(|key| {
+            gossipsub::Behaviour::<gossipsub::IdentityTransform>::new(
+                MessageAuthenticity::Signed(key.clone()),
+                gossipsub::Config::default(),
+            )
+            .unwrap()
+        })
+        .unwrap()
+        .build();
+    faulty.behaviour_mut().subscribe(&topic).unwrap();
+    faulty.dial(address).unwrap();
+    let outcome = tokio::time::timeout(CONVERGENCE, async {
+        let mut sent = 0u32;
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        loop {
+            tokio::select! {
+                event = faulty.select_next_some() => {
+                    if let SwarmEvent::ConnectionClosed { num_established: 0, .. } = event
+                        && sent > 0
+                    {
+                        return sent;
+                    }
+                }
+                _ = tick.tick() => {
+                    // Distinct garbage each time (gossip drops repeats).
+                    let garbage = format!("not an envelope {sent}").into_bytes();
+                    if faulty.behaviour_mut().publish(topic.clone(), garbage).is_ok() {
+                        sent += 1;
+                    }
+                }
+            }
+        }
+    })
+    .await;
+    let sent = outcome.expect("the faulty member was never disconnected");
+    let stats = honest_sync.stats();
+    let peer = &stats.peers[&key.public().to_peer_id().to_string()];
+    assert!(peer.changes_rejected >= 1, "{peer:?}");
+    assert!(stats.disconnected >= 1);
+    assert!(peer.score.is_some_and(|s| s < 0.0), "{peer:?}");
+    eprintln!(
+        "disconnected after {sent} invalid messages; score {:?}",
+        peer.score
+    );
+    honest_sync.shutdown().await;
 }

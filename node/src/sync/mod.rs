@@ -351,14 +351,21 @@ struct Topics {
 }
 
 impl Topics {
-    /// The consortium's topics, named after its authority key.
     fn new(node: &Node) -> Self {
-        let consortium = node.authority().to_string();
+        let (changes, roster) = topic_names(&node.authority());
         Self {
-            changes: IdentTopic::new(format!("estuary/{consortium}/changes/1")),
-            roster: IdentTopic::new(format!("estuary/{consortium}/roster/1")),
+            changes: IdentTopic::new(changes),
+            roster: IdentTopic::new(roster),
         }
     }
+}
+
+/// The consortium's gossip topics, named after its authority key: changes, and the roster.
+pub fn topic_names(authority: &crate::model::Bytes32) -> (String, String) {
+    (
+        format!("estuary/{authority}/changes/1"),
+        format!("estuary/{authority}/roster/1"),
+    )
 }
 
 fn gossipsub_config() -> Result<gossipsub::Config, SyncError> {
