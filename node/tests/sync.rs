@@ -512,3 +512,76 @@ async fn a_member_gossiping_invalid_data_is_penalised_then_disconnected() {
     );
     honest_sync.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_centre_behind_nat_is_reachable_through_the_hospitals_relay() {
+    use libp2p::multiaddr::Protocol;
+
+    let consortium = Consortium::new(3);
+    let nodes: Vec<Arc<Node>> = (0..3).map(|i| consortium.node(i)).collect();
+    let config = |listen: Vec<Multiaddr>| SyncConfig {
+        listen,
+        reconcile_every: Duration::from_millis(500),
+        transport: TransportKind::Memory,
+        ..SyncConfig::default()
+    };
+    let hospital_address = memory_address();
+    let hospital = SyncHandle::start(
+        nodes[0].clone(),
+        SyncConfig {
+            relay_server: true,
+            ..config(vec![hospital_address.clone()])
+        },
+    )
+    .unwrap();
+    let relay = hospital_address.with(Protocol::P2p(hospital.peer_id()));
+    // The centre listens on no address of its own: it is reachable only through the relay.
+    let centre = SyncHandle::start(
+        nodes[1].clone(),
+        SyncConfig {
+            relays: vec![relay.clone()],
+            ..config(vec![])
+        },
+    )
+    .unwrap();
+    let started = Instant::now();
+    while !centre
+        .listen_addrs()
+        .await
+        .unwrap()
+        .iter()
+        .any(|a| a.iter().any(|p| p == Protocol::P2pCircuit))
+    {
+        assert!(started.elapsed() < CONVERGENCE, "no relay reservation");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The district hospital knows the centre only by its relayed address.
+    let circuit = relay
+        .with(Protocol::P2pCircuit)
+        .with(Protocol::P2p(centre.peer_id()));
+    let district = SyncHandle::start(
+        nodes[2].clone(),
+        SyncConfig {
+            bootstrap: vec![circuit],
+            ..config(vec![memory_address()])
+        },
+    )
+    .unwrap();
+    nodes[1]
+        .create_health_file(&editor("member-1"), &resident("Centre"))
+        .unwrap();
+    nodes[2]
+        .create_health_file(&editor("member-2"), &resident("District"))
+        .unwrap();
+    converge(&nodes, &[&hospital, &centre, &district], 2).await;
+    assert!(
+        district
+            .connected()
+            .await
+            .unwrap()
+            .contains(&centre.peer_id())
+    );
+    for handle in [hospital, centre, district] {
+        handle.shutdown().await;
+    }
+}

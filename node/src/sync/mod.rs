@@ -20,9 +20,10 @@ use futures::StreamExt;
 use libp2p::core::transport::MemoryTransport;
 use libp2p::core::upgrade::Version;
 use libp2p::gossipsub::{self, IdentTopic, MessageAcceptance, MessageAuthenticity, MessageId};
+use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent, behaviour::toggle::Toggle};
-use libp2p::{Multiaddr, PeerId, Swarm, Transport, identify, mdns, noise, ping, tcp, yamux};
+use libp2p::{Multiaddr, PeerId, Swarm, Transport, identify, mdns, noise, ping, relay, tcp, yamux};
 use serde::Serialize;
 use serde_bytes::ByteArray;
 use tokio::sync::{mpsc, oneshot};
@@ -91,6 +92,15 @@ pub struct SyncConfig {
     pub bootstrap: Vec<Multiaddr>,
     /// Find peers on the local network with mDNS.
     pub mdns: bool,
+    /// Serve as a circuit relay for other members (the core hospital, reachable by all). A
+    /// relay announces its external addresses (below) in every reservation.
+    pub relay_server: bool,
+    /// Addresses others reach this node at; empty: its listen addresses.
+    pub external: Vec<Multiaddr>,
+    /// Relays to be reachable through, each `…/p2p/<relay PeerId>` (a centre behind NAT):
+    /// the node listens on a circuit through each, and others dial it at
+    /// `…/p2p/<relay>/p2p-circuit/p2p/<this node>`.
+    pub relays: Vec<Multiaddr>,
     /// How often to reconcile with a random connected member.
     pub reconcile_every: Duration,
     /// How long a request may take.
@@ -105,6 +115,9 @@ impl Default for SyncConfig {
             listen: Vec::new(),
             bootstrap: Vec::new(),
             mdns: false,
+            relay_server: false,
+            external: Vec::new(),
+            relays: Vec::new(),
             reconcile_every: Duration::from_secs(5),
             request_timeout: Duration::from_secs(30),
             transport: TransportKind::Network,
@@ -227,6 +240,32 @@ impl SyncHandle {
                     reason: e.to_string(),
                 })?;
         }
+        // Listen addresses stand in for external ones only when they are concrete.
+        let concrete = |address: &&Multiaddr| {
+            address.iter().all(|p| match p {
+                Protocol::Ip4(ip) => !ip.is_unspecified(),
+                Protocol::Ip6(ip) => !ip.is_unspecified(),
+                Protocol::Tcp(port) | Protocol::Udp(port) => port != 0,
+                _ => true,
+            })
+        };
+        let external = if config.external.is_empty() {
+            &config.listen
+        } else {
+            &config.external
+        };
+        for address in external.iter().filter(concrete) {
+            swarm.add_external_address(address.clone());
+        }
+        for relay in &config.relays {
+            let circuit = relay.clone().with(Protocol::P2pCircuit);
+            swarm
+                .listen_on(circuit.clone())
+                .map_err(|e| SyncError::Listen {
+                    address: circuit,
+                    reason: e.to_string(),
+                })?;
+        }
         let topics = Topics::new(&node);
         for topic in [&topics.changes, &topics.roster] {
             swarm
@@ -343,6 +382,8 @@ struct Behaviour {
     gossipsub: gossipsub::Behaviour,
     sync: request_response::cbor::Behaviour<Request, Response>,
     mdns: Toggle<mdns::tokio::Behaviour>,
+    relay_client: relay::client::Behaviour,
+    relay_server: Toggle<relay::Behaviour>,
 }
 
 struct Topics {
@@ -426,7 +467,9 @@ fn build_swarm(
     let setup = |e: &dyn std::fmt::Display| SyncError::Setup(e.to_string());
     let keypair = node.identity().libp2p_keypair();
     let topics = Topics::new(node);
-    let make_behaviour = |key: &libp2p::identity::Keypair| -> Result<Behaviour, SyncError> {
+    let make_behaviour = |key: &libp2p::identity::Keypair,
+                          relay_client: relay::client::Behaviour|
+     -> Result<Behaviour, SyncError> {
         let mut gossipsub = gossipsub::Behaviour::new(
             MessageAuthenticity::Signed(key.clone()),
             gossipsub_config()?,
@@ -469,9 +512,17 @@ fn build_swarm(
             gossipsub,
             sync,
             mdns: mdns.into(),
+            relay_client,
+            relay_server: config
+                .relay_server
+                .then(|| relay::Behaviour::new(key.public().to_peer_id(), relay::Config::default()))
+                .into(),
         })
     };
-    let behaviour = make_behaviour(&keypair)?;
+    let behaviour = |key: &libp2p::identity::Keypair, relay_client| {
+        make_behaviour(key, relay_client)
+            .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
+    };
     let swarm_config = |c: libp2p::swarm::Config| c.with_idle_connection_timeout(IDLE_CONNECTION);
     let builder = libp2p::SwarmBuilder::with_existing_identity(keypair).with_tokio();
     let swarm = match config.transport {
@@ -485,7 +536,9 @@ fn build_swarm(
             .with_quic()
             .with_dns()
             .map_err(|e| setup(&e))?
-            .with_behaviour(|_| behaviour)
+            .with_relay_client(noise::Config::new, yamux::Config::default)
+            .map_err(|e| setup(&e))?
+            .with_behaviour(behaviour)
             .map_err(|e| setup(&e))?
             .with_swarm_config(swarm_config)
             .build(),
@@ -506,7 +559,9 @@ fn build_swarm(
                     },
                 )
                 .map_err(|e| setup(&e))?
-                .with_behaviour(|_| behaviour)
+                .with_relay_client(noise::Config::new, yamux::Config::default)
+                .map_err(|e| setup(&e))?
+                .with_behaviour(behaviour)
                 .map_err(|e| setup(&e))?
                 .with_swarm_config(swarm_config)
                 .build()
