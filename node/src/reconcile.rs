@@ -8,6 +8,9 @@
 //! documents takes about log₁₆(n / 32) rounds and O(d · log n) bytes; equal catalogues cost one
 //! round and one fingerprint.
 //!
+//! On the wire (CBOR) fields and variants carry one-letter names: a split answer is sixteen
+//! sub-range records, and their names would otherwise be most of its bytes.
+//!
 //! A fingerprint is the count of items in the range and the wrapping sum of their 128-bit item
 //! hashes (SHA-256 of id ‖ digest, truncated): adding or changing any item changes it, and it
 //! is maintained per item, so a range's fingerprint is a sum, not a re-hash.
@@ -67,8 +70,10 @@ pub struct Catalogue {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Bounds {
     /// First id in the range.
+    #[serde(rename = "l")]
     pub lower: ByteArray<16>,
     /// First id after the range, if any.
+    #[serde(rename = "u")]
     pub upper: Option<ByteArray<16>>,
 }
 
@@ -90,8 +95,10 @@ impl Bounds {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Fingerprint {
     /// Items in the range.
+    #[serde(rename = "c")]
     pub count: u64,
     /// Wrapping sum of their hashes, big-endian.
+    #[serde(rename = "s")]
     pub sum: ByteArray<16>,
 }
 
@@ -99,6 +106,7 @@ pub struct Fingerprint {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Query {
     /// The ranges, in increasing order, not overlapping.
+    #[serde(rename = "r")]
     pub ranges: Vec<Asked>,
 }
 
@@ -106,8 +114,10 @@ pub struct Query {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Asked {
     /// The range.
+    #[serde(rename = "b")]
     pub bounds: Bounds,
     /// The initiator's fingerprint of it: the responder answers `Same` when it matches.
+    #[serde(rename = "f")]
     pub fingerprint: Fingerprint,
 }
 
@@ -116,8 +126,10 @@ pub struct Asked {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Part {
     /// First id after this sub-range (`None`: the queried range's end).
+    #[serde(rename = "u")]
     pub upper: Option<ByteArray<16>>,
     /// Its fingerprint on the responder's side.
+    #[serde(rename = "f")]
     pub fingerprint: Fingerprint,
 }
 
@@ -125,10 +137,13 @@ pub struct Part {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Answer {
     /// The responder's fingerprint matches the initiator's: nothing differs here.
+    #[serde(rename = "=")]
     Same,
     /// All its items in the range.
+    #[serde(rename = "i")]
     Items(Vec<(ByteArray<16>, ByteArray<32>)>),
     /// Fingerprints of consecutive sub-ranges covering it.
+    #[serde(rename = "s")]
     Split(Vec<Part>),
 }
 
@@ -136,6 +151,7 @@ pub enum Answer {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Reply {
     /// One answer per queried range.
+    #[serde(rename = "a")]
     pub answers: Vec<Answer>,
 }
 

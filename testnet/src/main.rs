@@ -10,6 +10,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod bench_model;
+mod bench_reconcile;
 mod bench_store;
 mod model_demo;
 mod sample;
@@ -73,6 +74,15 @@ enum Bench {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Catalogue reconciliation: bytes, rounds and time to find the documents that differ.
+    Reconcile {
+        /// Documents in the largest catalogue measured.
+        #[arg(long, default_value_t = 700_000)]
+        docs: usize,
+        /// Write the figures as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Opens a stopped node and prints its open time and memory (used by `bench store`).
     #[command(hide = true)]
     OpenProbe {
@@ -116,6 +126,9 @@ fn main() -> ExitCode {
             kills,
             json,
         }),
+        Command::Bench {
+            bench: Bench::Reconcile { docs, json },
+        } => bench_reconcile::run(docs, json.as_deref()),
         Command::Bench {
             bench: Bench::OpenProbe { dir },
         } => bench_store::open_probe(&dir),

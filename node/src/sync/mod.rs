@@ -979,6 +979,9 @@ impl Driver {
                 self.validations += 1;
                 let (node, jobs) = (self.node.clone(), self.jobs.clone());
                 tokio::task::spawn_blocking(move || {
+                    let _span =
+                        tracing::debug_span!("gossip_validation", peer = %propagation_source)
+                            .entered();
                     let (acceptance, accepted) = match node.ingest(&envelope) {
                         Ok(Ingested::Accepted(_)) => (MessageAcceptance::Accept, true),
                         // Known already, or not decidable yet: not passed on, not punished.
@@ -1173,6 +1176,8 @@ impl Driver {
                     .unwrap_or_default();
                 let (node, jobs) = (self.node.clone(), self.jobs.clone());
                 tokio::task::spawn_blocking(move || {
+                    let _span =
+                        tracing::debug_span!("serve_document_sync", %peer, %document).entered();
                     let mut state = state;
                     let mut carried = Carried::default();
                     let response =
@@ -1249,6 +1254,8 @@ impl Driver {
             ) => {
                 let (node, jobs) = (self.node.clone(), self.jobs.clone());
                 tokio::task::spawn_blocking(move || {
+                    let _span =
+                        tracing::debug_span!("document_sync", %peer, %document, rounds).entered();
                     let mut state = state;
                     let mut carried = Carried::default();
                     let result = reply
@@ -1285,6 +1292,8 @@ impl Driver {
                 }
                 self.pump(peer);
                 tokio::task::spawn_blocking(move || {
+                    let _span =
+                        tracing::debug_span!("fetch", %peer, envelopes = envelopes.len()).entered();
                     let carried = node
                         .ingest_many(&envelopes)
                         .map(|outcomes| {
@@ -1317,6 +1326,8 @@ impl Driver {
     fn reconciled(&mut self, peer: PeerId, run: &Reconciliation) {
         let differing = run.differing();
         let lag = differing.len() as u64;
+        let _span = tracing::debug_span!("reconciled", %peer, rounds = run.rounds(), lag).entered();
+        tracing::debug!("catalogues reconciled");
         self.with_peer_stats(&peer, |s| {
             s.last_reconciled_ms = Some(now_ms());
             s.lag = Some(lag);

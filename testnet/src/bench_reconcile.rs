@@ -1,0 +1,146 @@
+//! `bench reconcile`: what it costs two nodes to find the documents that differ between
+//! their catalogues — bytes on the wire (CBOR, both directions), rounds, and CPU time — for
+//! catalogues of up to 700,000 documents and a few to a thousand differences.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Instant;
+
+use estuary_node::reconcile::{Catalogue, Reconciliation};
+use serde::Serialize;
+
+/// Runs per configuration; figures are medians.
+const RUNS: usize = 5;
+
+#[derive(Serialize)]
+struct Figure {
+    docs: usize,
+    differences: usize,
+    found: usize,
+    bytes: usize,
+    rounds: usize,
+    ms: f64,
+    /// Bytes per difference found, and what sending the whole catalogue would cost.
+    bytes_per_difference: Option<f64>,
+    whole_catalogue_bytes: usize,
+}
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn bytes<const N: usize>(&mut self) -> [u8; N] {
+        let mut out = [0u8; N];
+        for chunk in out.chunks_mut(8) {
+            let word = self.next().to_le_bytes();
+            chunk.copy_from_slice(&word[..chunk.len()]);
+        }
+        out
+    }
+}
+
+fn cbor_len(value: &impl Serialize) -> anyhow::Result<usize> {
+    let mut bytes = Vec::new();
+    ciborium::into_writer(value, &mut bytes)?;
+    Ok(bytes.len())
+}
+
+fn reconcile(ours: &Catalogue, theirs: &Catalogue) -> anyhow::Result<(usize, usize, usize)> {
+    let mut run = Reconciliation::new(ours);
+    let mut bytes = 0;
+    loop {
+        bytes += cbor_len(run.query())?;
+        let reply = theirs.answer(run.query())?;
+        bytes += cbor_len(&reply)?;
+        if !run.receive(ours, &reply)? {
+            break;
+        }
+    }
+    Ok((run.differing().len(), bytes, run.rounds()))
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+pub fn run(docs: usize, json: Option<&Path>) -> anyhow::Result<()> {
+    let mut sizes: Vec<usize> = [1_000, 10_000, 100_000]
+        .into_iter()
+        .filter(|n| *n < docs)
+        .collect();
+    sizes.push(docs);
+    let mut figures = Vec::new();
+    println!(
+        "{:>9} {:>8} {:>8} {:>10} {:>7} {:>9} {:>12}",
+        "docs", "differ", "found", "bytes", "rounds", "ms", "catalogue B"
+    );
+    for &n in &sizes {
+        let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ n as u64);
+        let mut ours = Catalogue::default();
+        let mut ids = Vec::with_capacity(n);
+        for _ in 0..n {
+            let id: [u8; 16] = rng.bytes();
+            ours.insert(id, rng.bytes());
+            ids.push(id);
+        }
+        for differences in [0usize, 1, 10, 100, 1_000] {
+            if differences > n {
+                continue;
+            }
+            let mut theirs = ours.clone();
+            for k in 0..differences {
+                theirs.insert(ids[(k * 7_919) % n], rng.bytes());
+            }
+            let mut times = Vec::with_capacity(RUNS);
+            let mut outcome = (0, 0, 0);
+            for _ in 0..RUNS {
+                let started = Instant::now();
+                outcome = reconcile(&ours, &theirs)?;
+                times.push(started.elapsed().as_secs_f64() * 1e3);
+            }
+            let (found, bytes, rounds) = outcome;
+            anyhow::ensure!(
+                found == differences,
+                "found {found} of {differences} differences among {n} documents"
+            );
+            let figure = Figure {
+                docs: n,
+                differences,
+                found,
+                bytes,
+                rounds,
+                ms: median(times),
+                bytes_per_difference: (differences > 0).then(|| bytes as f64 / differences as f64),
+                whole_catalogue_bytes: n * 48,
+            };
+            println!(
+                "{:>9} {:>8} {:>8} {:>10} {:>7} {:>9.2} {:>12}",
+                n, differences, found, bytes, rounds, figure.ms, figure.whole_catalogue_bytes
+            );
+            figures.push(figure);
+        }
+    }
+    let profile = if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    };
+    println!("({profile} build; median of {RUNS} runs; bytes are CBOR, both directions)");
+    if let Some(path) = json {
+        let report = BTreeMap::from([
+            ("profile", serde_json::to_value(profile)?),
+            ("runs", serde_json::to_value(RUNS)?),
+            ("figures", serde_json::to_value(&figures)?),
+        ]);
+        std::fs::write(path, serde_json::to_vec_pretty(&report)?)?;
+        println!("wrote {}", path.display());
+    }
+    Ok(())
+}
