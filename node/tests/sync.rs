@@ -585,3 +585,137 @@ async fn a_centre_behind_nat_is_reachable_through_the_hospitals_relay() {
         handle.shutdown().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_sync_over_loopback_tcp_and_quic() {
+    use libp2p::multiaddr::Protocol;
+
+    let consortium = Consortium::new(3);
+    let nodes: Vec<Arc<Node>> = (0..3).map(|i| consortium.node(i)).collect();
+    let network = |listen: Vec<&str>, bootstrap: Vec<Multiaddr>| SyncConfig {
+        listen: listen.into_iter().map(|a| a.parse().unwrap()).collect(),
+        bootstrap,
+        reconcile_every: Duration::from_millis(500),
+        transport: TransportKind::Network,
+        ..SyncConfig::default()
+    };
+    let hub = SyncHandle::start(
+        nodes[0].clone(),
+        network(
+            vec!["/ip4/127.0.0.1/tcp/0", "/ip4/127.0.0.1/udp/0/quic-v1"],
+            vec![],
+        ),
+    )
+    .unwrap();
+    // The ports are chosen by the system: wait for both listeners.
+    let started = Instant::now();
+    let (tcp, quic) = loop {
+        let addresses = hub.listen_addrs().await.unwrap();
+        let tcp = addresses
+            .iter()
+            .find(|a| a.iter().any(|p| matches!(p, Protocol::Tcp(_))))
+            .cloned();
+        let quic = addresses
+            .iter()
+            .find(|a| a.iter().any(|p| matches!(p, Protocol::QuicV1)))
+            .cloned();
+        if let (Some(tcp), Some(quic)) = (tcp, quic) {
+            break (tcp, quic);
+        }
+        assert!(
+            started.elapsed() < CONVERGENCE,
+            "no listener: {addresses:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let over_tcp = SyncHandle::start(nodes[1].clone(), network(vec![], vec![tcp])).unwrap();
+    let over_quic = SyncHandle::start(nodes[2].clone(), network(vec![], vec![quic])).unwrap();
+    for (i, node) in nodes.iter().enumerate() {
+        node.create_health_file(&editor(&format!("member-{i}")), &resident(&format!("L{i}")))
+            .unwrap();
+    }
+    converge(&nodes, &[&hub, &over_tcp, &over_quic], 3).await;
+    for handle in [hub, over_tcp, over_quic] {
+        handle.shutdown().await;
+    }
+}
+
+/// Runs automerge's sync protocol between two nodes directly (no network) until both are
+/// quiet; returns whether any message carried a whole document, and the rejected count.
+fn sync_directly(
+    from: &Node,
+    to: &Node,
+    document: DocumentId,
+    tamper: impl Fn(&mut estuary_node::sync::protocol::SyncMessage),
+) -> (bool, usize) {
+    use estuary_node::model::automerge::sync::{Message, State};
+    use estuary_node::sync::document::{incoming, outgoing};
+    let (mut from_state, mut to_state) = (State::new(), State::new());
+    let (mut whole_document, mut rejected) = (false, 0);
+    for _ in 0..16 {
+        let sent = outgoing(from, document, &mut from_state).unwrap();
+        if let Some(mut message) = sent.clone() {
+            let decoded = Message::decode(&message.message).unwrap();
+            // Byte 8 of a chunk is its type; 0 is a whole document.
+            whole_document |= decoded.changes.iter().any(|chunk| chunk.get(8) == Some(&0));
+            tamper(&mut message);
+            rejected += incoming(to, &message, &mut to_state).unwrap().rejected;
+        }
+        let reply = outgoing(to, document, &mut to_state).unwrap();
+        if let Some(reply) = &reply {
+            incoming(from, reply, &mut from_state).unwrap();
+        }
+        if sent.is_none() && reply.is_none() {
+            break;
+        }
+    }
+    (whole_document, rejected)
+}
+
+#[test]
+fn a_whole_document_in_a_sync_message_is_checked_change_by_change() {
+    let consortium = Consortium::new(2);
+    let (a, b) = (consortium.node(0), consortium.node(1));
+    let by = editor("member-0");
+    let (file, _) = a.create_health_file(&by, &resident("Whole")).unwrap();
+    for k in 0..9 {
+        a.apply_health_file(file, &by, &allergy(&format!("substance {k}")))
+            .unwrap();
+    }
+    let (whole_document, rejected) = sync_directly(&a, &b, file, |_| {});
+    assert!(whole_document, "automerge sent the changes one by one");
+    assert_eq!(rejected, 0);
+    assert_eq!(b.heads(file).unwrap(), a.heads(file).unwrap());
+    assert_eq!(b.envelopes(file).unwrap().len(), 10);
+}
+
+#[test]
+fn changes_in_a_sync_message_without_their_authors_signatures_are_refused() {
+    let consortium = Consortium::new(2);
+    let (a, b) = (consortium.node(0), consortium.node(1));
+    let by = editor("member-0");
+    let (file, _) = a.create_health_file(&by, &resident("Forged")).unwrap();
+    a.apply_health_file(file, &by, &allergy("penicillin"))
+        .unwrap();
+    // Every signature altered.
+    let (_, rejected) = sync_directly(&a, &b, file, |message| {
+        for signature in &mut message.signatures {
+            signature.signature[0] ^= 1;
+        }
+    });
+    assert!(rejected >= 2, "{rejected}");
+    assert!(b.catalogue().is_empty());
+    // Signatures left out.
+    let (_, rejected) = sync_directly(&a, &b, file, |message| message.signatures.clear());
+    assert!(rejected >= 2, "{rejected}");
+    assert!(b.catalogue().is_empty());
+    // Not a sync message at all.
+    let mut state = estuary_node::model::automerge::sync::State::new();
+    let garbage = estuary_node::sync::protocol::SyncMessage {
+        document: serde_bytes::ByteArray::new(*file.as_bytes()),
+        message: serde_bytes::ByteBuf::from(b"garbage".to_vec()),
+        signatures: vec![],
+    };
+    let error = estuary_node::sync::document::incoming(&b, &garbage, &mut state).unwrap_err();
+    assert!(error.is_peers_fault(), "{error}");
+}

@@ -7,7 +7,7 @@
 //! tokio's blocking pool and reports back to it. Every queue, message and concurrency level
 //! has a named bound below or in `protocol`.
 
-mod document;
+pub mod document;
 pub mod faults;
 mod gate;
 pub mod protocol;
