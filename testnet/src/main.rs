@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand};
 mod bench_model;
 mod bench_reconcile;
 mod bench_store;
+mod bench_sync;
 mod model_demo;
 mod sample;
 
@@ -83,6 +84,18 @@ enum Bench {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Two nodes over libp2p: an empty node's catch-up rate, then gossip propagation latency.
+    Sync {
+        /// Health files (4 changes each) the empty node catches up on.
+        #[arg(long, default_value_t = 10_000)]
+        docs: usize,
+        /// New writes whose propagation is timed.
+        #[arg(long, default_value_t = 200)]
+        writes: usize,
+        /// Write the figures as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Opens a stopped node and prints its open time and memory (used by `bench store`).
     #[command(hide = true)]
     OpenProbe {
@@ -129,6 +142,9 @@ fn main() -> ExitCode {
         Command::Bench {
             bench: Bench::Reconcile { docs, json },
         } => bench_reconcile::run(docs, json.as_deref()),
+        Command::Bench {
+            bench: Bench::Sync { docs, writes, json },
+        } => bench_sync::run(docs, writes, json.as_deref()),
         Command::Bench {
             bench: Bench::OpenProbe { dir },
         } => bench_store::open_probe(&dir),

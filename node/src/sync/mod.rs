@@ -23,12 +23,13 @@ use libp2p::gossipsub::{self, IdentTopic, MessageAcceptance, MessageAuthenticity
 use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent, behaviour::toggle::Toggle};
-use libp2p::{Multiaddr, PeerId, Swarm, Transport, identify, mdns, noise, ping, relay, tcp, yamux};
+use libp2p::{Swarm, Transport, identify, mdns, noise, ping, relay, tcp, yamux};
 use serde::Serialize;
 use serde_bytes::ByteArray;
 use tokio::sync::{mpsc, oneshot};
 
 pub use document::{Carried, DocumentSyncError};
+pub use libp2p::{Multiaddr, PeerId};
 use protocol::{
     FETCH_DOCUMENTS_MAX, GOSSIP_ENVELOPE_BYTES_MAX, GOSSIP_MESSAGE_BYTES_MAX, Gossip, PROTOCOL,
     REQUEST_BYTES_MAX, RESPONSE_BYTES_MAX, Refusal, Request, Response, SyncMessage,
