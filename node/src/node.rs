@@ -64,6 +64,10 @@ mod keys {
     pub const CATALOGUE: u8 = b'c';
     /// `q ‖ change hash` → quarantine record.
     pub const QUARANTINE: u8 = b'q';
+    /// `f ‖ SHA-256(envelope)` → quarantine record of an envelope refused for its signature
+    /// or its author (forged, or a stranger's). Keyed by the envelope, not the change it
+    /// claims, so a forgery never blocks the genuine change.
+    pub const REFUSED: u8 = b'f';
     /// `p ‖ change hash` → pending record.
     pub const PENDING: u8 = b'p';
     /// `w ‖ missing dependency ‖ change hash` → nothing: which pending changes wait for what,
@@ -172,9 +176,6 @@ pub enum IngestError {
     /// It does not decode or its signature does not verify.
     #[error(transparent)]
     Envelope(#[from] EnvelopeError),
-    /// Its author is not in the roster.
-    #[error("the change's author is not a member of the consortium")]
-    Stranger,
     /// The quarantine is full; the change was refused and not stored.
     #[error(
         "the quarantine holds its maximum of {QUARANTINE_CHANGES_MAX} changes; the change was refused and not kept. Review and clear the quarantine"
@@ -220,6 +221,9 @@ pub struct QuarantineEntry {
 #[derive(Serialize, Deserialize)]
 struct QuarantineRecord {
     document: DocumentId,
+    /// For a refused envelope, the change it claims to carry.
+    #[serde(default)]
+    claimed: Option<[u8; 32]>,
     reason: String,
     #[serde(with = "serde_bytes")]
     envelope: Vec<u8>,
@@ -457,7 +461,8 @@ impl Node {
             Some(bytes) => decode(&bytes, "audit head")?,
             None => AuditHead::default(),
         };
-        let quarantined_at_open = store.keys_with_prefix(&[keys::QUARANTINE])?.len();
+        let quarantined_at_open = store.keys_with_prefix(&[keys::QUARANTINE])?.len()
+            + store.keys_with_prefix(&[keys::REFUSED])?.len();
         let mut catalogue = Catalogue::default();
         for (key, digest) in store.scan_prefix(&[keys::CATALOGUE])? {
             let (Some(id), Ok(digest)) = (
@@ -717,15 +722,21 @@ impl Node {
 
     /// The quarantined changes, with their reasons.
     pub fn quarantine(&self) -> Result<Vec<QuarantineEntry>, NodeError> {
-        self.store
-            .scan_prefix(&[keys::QUARANTINE])?
+        let mut records = self.store.scan_prefix(&[keys::QUARANTINE])?;
+        records.extend(self.store.scan_prefix(&[keys::REFUSED])?);
+        records
             .into_iter()
             .map(|(key, value)| {
                 let record: QuarantineRecord = decode(&value, "quarantine record")?;
-                let mut change = [0u8; 32];
-                change.copy_from_slice(key.get(1..33).ok_or(StoreError::Corrupt {
-                    what: "quarantine key",
-                })?);
+                let change = match record.claimed {
+                    Some(claimed) => claimed,
+                    None => key
+                        .get(1..33)
+                        .and_then(|b| <[u8; 32]>::try_from(b).ok())
+                        .ok_or(StoreError::Corrupt {
+                            what: "quarantine key",
+                        })?,
+                };
                 Ok(QuarantineEntry {
                     change,
                     document: record.document,
@@ -789,9 +800,15 @@ impl Node {
             // far, not only for what this call applies.
             let mut ticket = self.commit.applied();
             let mut outcomes = Vec::with_capacity(verified.len());
-            for verified in verified {
+            for (verified, encoded) in verified.into_iter().zip(envelopes) {
                 let outcome = match verified {
                     Ok(verified) => self.decide(&mut cache, verified, &mut ticket),
+                    Err(EnvelopeError::BadSignature | EnvelopeError::NotANodeKey) => self.refuse(
+                        &mut cache,
+                        &mut ticket,
+                        encoded.as_ref(),
+                        "the signature does not verify against the change's author",
+                    ),
                     Err(error) => Err(error.into()),
                 };
                 // A decision may settle the dependencies of pending changes, accepted or not.
@@ -888,7 +905,14 @@ impl Node {
             Admission::Revoked { key, .. } => {
                 return self.past_revocation(cache, ticket, &verified, key);
             }
-            Admission::Stranger => return Err(IngestError::Stranger),
+            Admission::Stranger => {
+                return self.refuse(
+                    cache,
+                    ticket,
+                    &verified.encoded,
+                    "the change's author is not a member of the consortium",
+                );
+            }
         };
         let deps = verified.change.deps().to_vec();
         if deps.is_empty() && document_id_of(&hash) != id {
@@ -1038,7 +1062,7 @@ impl Node {
             &mut batch,
             cache.audit,
             AuditAction::Accepted,
-            &verified,
+            (verified.document, verified.hash),
             Some(author),
         );
         *ticket = self.commit.apply(&self.store, batch)?;
@@ -1074,6 +1098,7 @@ impl Node {
         tracing::info!(document = %verified.document, change = %verified.hash, reason, "change quarantined");
         let record = QuarantineRecord {
             document: verified.document,
+            claimed: None,
             reason: reason.to_string(),
             envelope: verified.encoded.clone(),
         };
@@ -1095,13 +1120,64 @@ impl Node {
             &mut batch,
             cache.audit,
             AuditAction::Quarantined,
-            verified,
+            (verified.document, verified.hash),
             institution,
         );
         *ticket = self.commit.apply(&self.store, batch)?;
         cache.audit = head;
         cache.quarantined += 1;
         Ok(Ingested::Quarantined(verified.hash, reason.to_string()))
+    }
+
+    /// Quarantines an envelope refused for its signature or its author. It is kept under its
+    /// own digest: the change it claims may be genuine and arrive later, properly signed.
+    /// An envelope whose change does not decode cannot be attributed and is refused with a
+    /// typed error instead.
+    fn refuse(
+        &self,
+        cache: &mut Cache,
+        ticket: &mut u64,
+        encoded: &[u8],
+        reason: &str,
+    ) -> Result<Ingested, IngestError> {
+        let envelope = Envelope::decode(encoded)?;
+        let change = crate::model::decode_change(&envelope.change)
+            .map_err(|_| EnvelopeError::Malformed {
+                reason: "the change does not decode",
+            })?
+            .hash();
+        let document = <[u8; 16]>::try_from(envelope.document.as_slice())
+            .map(DocumentId::from_bytes)
+            .map_err(|_| EnvelopeError::Malformed {
+                reason: "document id of the wrong length",
+            })?;
+        let key = [&[keys::REFUSED][..], &Sha256::digest(encoded)].concat();
+        if self.store.get(&key)?.is_some() {
+            return Ok(Ingested::Quarantined(change, reason.to_string()));
+        }
+        if cache.quarantined >= QUARANTINE_CHANGES_MAX {
+            return Err(IngestError::QuarantineFull);
+        }
+        tracing::info!(%document, %change, reason, "envelope refused and quarantined");
+        let record = QuarantineRecord {
+            document,
+            claimed: Some(change.0),
+            reason: reason.to_string(),
+            envelope: encoded.to_vec(),
+        };
+        let mut batch = Batch::default();
+        batch.put(key, encode(&record));
+        let head = self.append_audit(
+            &mut batch,
+            cache.audit,
+            AuditAction::Quarantined,
+            (document, change),
+            None,
+        );
+        *ticket = self.commit.apply(&self.store, batch)?;
+        cache.audit = head;
+        cache.quarantined += 1;
+        Ok(Ingested::Quarantined(change, reason.to_string()))
     }
 
     /// Decides the pending changes that waited for `decided`, and in turn those that waited
@@ -1479,7 +1555,7 @@ impl Node {
                 &mut batch,
                 audit_head,
                 AuditAction::Withdrawn,
-                &verified,
+                (verified.document, verified.hash),
                 institution,
             );
         }
@@ -1765,7 +1841,7 @@ impl Node {
         batch: &mut Batch,
         head: AuditHead,
         action: AuditAction,
-        verified: &VerifiedChange,
+        (document, change): (DocumentId, ChangeHash),
         institution: Option<InstitutionId>,
     ) -> AuditHead {
         let record = AuditRecord {
@@ -1773,8 +1849,8 @@ impl Node {
             previous: head.hash,
             at_ms: audit::now_ms(),
             action,
-            document: verified.document,
-            change: verified.hash.0,
+            document,
+            change: change.0,
             institution,
         };
         let next = AuditHead {

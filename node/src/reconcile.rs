@@ -28,8 +28,13 @@ pub const LEAF_ITEMS_MAX: usize = 32;
 pub const SPLIT_FANOUT: usize = 16;
 /// Most ranges one query may ask about (a peer asking for more is refused).
 pub const QUERY_RANGES_MAX: usize = 4_096;
-/// Most rounds one reconciliation may take: log₁₆ of any catalogue we hold, with room.
-pub const ROUNDS_MAX: usize = 16;
+/// Most differing ranges an initiator keeps waiting to ask about: with 16 sub-ranges per
+/// split, this is enough for any two catalogues of up to a few million documents.
+pub const DIFFERING_RANGES_MAX: usize = 1 << 20;
+/// Most rounds one reconciliation may take. Ranges still to ask about beyond
+/// `QUERY_RANGES_MAX` wait for later rounds, so a node far behind a large catalogue takes
+/// more rounds (an empty node against 700,000 documents: about 20).
+pub const ROUNDS_MAX: usize = 1_024;
 
 /// A document id as the catalogue orders it.
 pub type Id = [u8; 16];
@@ -159,7 +164,9 @@ pub struct Reply {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ReconcileError {
     /// The peer asked about too many ranges at once.
-    #[error("a reconciliation query of {ranges} ranges exceeds the limit of {QUERY_RANGES_MAX}")]
+    #[error(
+        "a reconciliation of {ranges} ranges exceeds its limits ({QUERY_RANGES_MAX} per query, {DIFFERING_RANGES_MAX} waiting)"
+    )]
     TooManyRanges {
         /// Ranges asked about.
         ranges: usize,
@@ -233,6 +240,19 @@ impl Catalogue {
                 reason: "a range ends before it begins",
             });
         }
+        // In increasing order and not overlapping: each item is then summed at most once per
+        // query, so a query costs at most one pass over the catalogue.
+        let ordered = query.ranges.windows(2).all(|pair| {
+            pair[0]
+                .bounds
+                .upper
+                .is_some_and(|upper| *upper <= *pair[1].bounds.lower)
+        });
+        if !ordered {
+            return Err(ReconcileError::Malformed {
+                reason: "ranges out of order or overlapping",
+            });
+        }
         let answers = query
             .ranges
             .iter()
@@ -300,6 +320,8 @@ pub enum Difference {
 #[derive(Debug)]
 pub struct Reconciliation {
     asked: Query,
+    /// Ranges found differing that wait for a later round (in order).
+    waiting: std::collections::VecDeque<Asked>,
     rounds: usize,
     differing: Vec<(Id, Difference)>,
 }
@@ -315,6 +337,7 @@ impl Reconciliation {
                     fingerprint: ours.fingerprint(&all),
                 }],
             },
+            waiting: std::collections::VecDeque::new(),
             rounds: 0,
             differing: Vec::new(),
         }
@@ -338,6 +361,11 @@ impl Reconciliation {
         }
         let mut next = Vec::new();
         for (asked, answer) in self.asked.ranges.iter().zip(&reply.answers) {
+            if next.len() + self.waiting.len() > DIFFERING_RANGES_MAX {
+                return Err(ReconcileError::TooManyRanges {
+                    ranges: next.len() + self.waiting.len(),
+                });
+            }
             let bounds = &asked.bounds;
             match answer {
                 Answer::Same => {}
@@ -406,10 +434,15 @@ impl Reconciliation {
                 }
             }
         }
-        if next.len() > QUERY_RANGES_MAX {
-            return Err(ReconcileError::TooManyRanges { ranges: next.len() });
+        // Sub-ranges of one range come in order, and ranges were asked in order; the waiting
+        // ranges all lie after the ones just asked about, so the new ones go first.
+        for asked in next.into_iter().rev() {
+            self.waiting.push_front(asked);
         }
-        self.asked = Query { ranges: next };
+        let take = self.waiting.len().min(QUERY_RANGES_MAX);
+        self.asked = Query {
+            ranges: self.waiting.drain(..take).collect(),
+        };
         Ok(!self.asked.ranges.is_empty())
     }
 
@@ -536,6 +569,20 @@ mod tests {
     }
 
     #[test]
+    fn a_node_far_behind_a_large_catalogue_reconciles_over_more_rounds() {
+        let full = catalogue(150_000);
+        let (differing, _, rounds) = reconcile(&Catalogue::default(), &full);
+        assert_eq!(differing.len(), 150_000);
+        assert!(rounds > 4, "{rounds}");
+        // Many scattered differences: more differing ranges than one query may carry.
+        let mut theirs = full.clone();
+        for i in (0..150_000).step_by(20) {
+            theirs.insert(id(i), digest(i, 1));
+        }
+        assert_eq!(reconcile(&full, &theirs).0.len(), 7_500);
+    }
+
+    #[test]
     fn malformed_replies_and_queries_are_refused() {
         let ours = catalogue(100);
         let mut run = Reconciliation::new(&ours);
@@ -561,6 +608,19 @@ mod tests {
             }],
         };
         assert!(ours.answer(&backwards).is_err());
+        let overlapping = Query {
+            ranges: vec![
+                Asked {
+                    bounds: Bounds::all(),
+                    fingerprint: Fingerprint::default(),
+                };
+                2
+            ],
+        };
+        assert!(matches!(
+            ours.answer(&overlapping),
+            Err(ReconcileError::Malformed { .. })
+        ));
         let huge = Query {
             ranges: vec![
                 Asked {

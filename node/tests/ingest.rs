@@ -213,33 +213,57 @@ fn a_peers_valid_change_is_accepted_once() {
 }
 
 #[test]
-fn a_bad_signature_is_a_typed_error_and_stores_nothing() {
+fn a_bad_signature_is_quarantined_without_blocking_the_genuine_change() {
     let mut consortium = Consortium::new();
     let node = consortium.open();
     let (file, envelope) = peer_file();
     let mut forged = Envelope::decode(&envelope).unwrap();
     forged.signature[0] ^= 1;
-    assert!(matches!(
-        node.ingest(&forged.encode()),
-        Err(IngestError::Envelope(EnvelopeError::BadSignature))
-    ));
+    match node.ingest(&forged.encode()).unwrap() {
+        Ingested::Quarantined(_, reason) => assert!(reason.contains("signature"), "{reason}"),
+        other => panic!("expected quarantine, got {other:?}"),
+    }
     assert!(matches!(
         node.health_file(file.id()),
         Err(NodeError::UnknownDocument(_))
     ));
-    assert!(node.quarantine().unwrap().is_empty());
+    assert_eq!(node.quarantine().unwrap().len(), 1);
+    // The forgery claimed a genuine change: that change, properly signed, is still accepted.
+    assert!(matches!(
+        node.ingest(&envelope).unwrap(),
+        Ingested::Accepted(_)
+    ));
+    // A signature cut short is not an envelope at all: a typed error, nothing kept.
+    forged.signature.truncate(10);
+    assert!(matches!(
+        node.ingest(&forged.encode()),
+        Err(IngestError::Envelope(EnvelopeError::Malformed { .. }))
+    ));
+    assert_eq!(node.quarantine().unwrap().len(), 1);
 }
 
 #[test]
-fn an_unknown_key_is_a_typed_error() {
+fn an_unknown_keys_change_is_quarantined_and_never_applied() {
     let mut consortium = Consortium::new();
     let node = consortium.open();
     let stranger = Identity::from_secret([9; 32]);
     let file = HealthFile::create(&stranger.actor(), &editor("xinhua"), &demographics()).unwrap();
     let id = file.id();
     let envelope = envelopes(&stranger, id, &mut file.automerge().clone(), &[]).remove(0);
-    assert!(matches!(node.ingest(&envelope), Err(IngestError::Stranger)));
-    assert!(node.quarantine().unwrap().is_empty());
+    match node.ingest(&envelope).unwrap() {
+        Ingested::Quarantined(_, reason) => assert!(reason.contains("not a member"), "{reason}"),
+        other => panic!("expected quarantine, got {other:?}"),
+    }
+    assert!(matches!(
+        node.health_file(id),
+        Err(NodeError::UnknownDocument(_))
+    ));
+    // Offered again: the same decision, one record.
+    assert!(matches!(
+        node.ingest(&envelope).unwrap(),
+        Ingested::Quarantined(..)
+    ));
+    assert_eq!(node.quarantine().unwrap().len(), 1);
 }
 
 #[test]

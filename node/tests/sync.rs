@@ -719,3 +719,180 @@ fn changes_in_a_sync_message_without_their_authors_signatures_are_refused() {
     let error = estuary_node::sync::document::incoming(&b, &garbage, &mut state).unwrap_err();
     assert!(error.is_peers_fault(), "{error}");
 }
+
+/// Creation envelopes of `n` health files written by `node`'s key.
+fn files_by(node: &Node, institution_id: &str, n: usize) -> Vec<Vec<u8>> {
+    use estuary_node::envelope::Envelope;
+    let actor = node.identity().actor();
+    (0..n)
+        .map(|i| {
+            let file =
+                HealthFile::create(&actor, &editor(institution_id), &resident(&format!("F{i}")))
+                    .unwrap();
+            let mut change = file.automerge().clone().get_changes(&[]).remove(0);
+            Envelope::sign(node.identity(), file.id(), &mut change).encode()
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_holding_the_same_10000_documents_confirm_it_in_at_most_3_round_trips() {
+    let consortium = Consortium::new(2);
+    let (a, b) = (consortium.node(0), consortium.node(1));
+    let envelopes = files_by(&a, "member-0", 10_000);
+    for chunk in envelopes.chunks(2_000) {
+        a.ingest_many(chunk).unwrap();
+        b.ingest_many(chunk).unwrap();
+    }
+    assert_eq!(*a.catalogue(), *b.catalogue());
+    let a_address = memory_address();
+    let config = |listen: Vec<Multiaddr>, bootstrap: Vec<Multiaddr>| SyncConfig {
+        listen,
+        bootstrap,
+        // Only the reconciliation at start is measured.
+        reconcile_every: Duration::from_secs(3_600),
+        transport: TransportKind::Memory,
+        ..SyncConfig::default()
+    };
+    let a_sync = SyncHandle::start(a.clone(), config(vec![a_address.clone()], vec![])).unwrap();
+    let b_sync =
+        SyncHandle::start(b.clone(), config(vec![memory_address()], vec![a_address])).unwrap();
+    let started = Instant::now();
+    let (round_trips, bytes, lag) = loop {
+        // Connected now: reconcile.
+        b_sync.reconcile_now().await.unwrap();
+        let stats = b_sync.stats();
+        if let Some(peer) = stats.peers.get(&a_sync.peer_id().to_string())
+            && let (Some(round_trips), Some(bytes), Some(lag)) = (
+                peer.last_round_trips,
+                peer.last_reconciliation_bytes,
+                peer.lag,
+            )
+        {
+            break (round_trips, bytes, lag);
+        }
+        assert!(
+            started.elapsed() < CONVERGENCE,
+            "no reconciliation: {stats:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    println!("in-sync check of 10,000 documents: {round_trips} round trip(s), {bytes} bytes");
+    assert_eq!(lag, 0);
+    assert!(round_trips <= 3, "{round_trips} round trips");
+    a_sync.shutdown().await;
+    b_sync.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_and_strangers_changes_from_a_member_are_quarantined_and_not_forwarded() {
+    use futures::StreamExt;
+    use libp2p::core::transport::MemoryTransport;
+    use libp2p::core::upgrade::Version;
+    use libp2p::gossipsub::{self, IdentTopic, MessageAuthenticity};
+    use libp2p::{Transport, noise, yamux};
+
+    let consortium = Consortium::new(3);
+    let (a, b) = (consortium.node(0), consortium.node(1));
+    let a_address = memory_address();
+    let a_sync = start(&a, &a_address, vec![]);
+    let b_sync = start(&b, &memory_address(), vec![a_address.clone()]);
+    // Member 2's node is faulty: it gossips a forgery of one of B's changes and a change
+    // signed by a key outside the roster.
+    let genuine = files_by(&b, "member-1", 1).remove(0);
+    let mut forged = estuary_node::envelope::Envelope::decode(&genuine).unwrap();
+    forged.signature[5] ^= 0x40;
+    let stranger_node = Identity::from_secret([42; 32]);
+    let strangers = {
+        let file = HealthFile::create(&stranger_node.actor(), &editor("member-0"), &resident("S"))
+            .unwrap();
+        let mut change = file.automerge().clone().get_changes(&[]).remove(0);
+        estuary_node::envelope::Envelope::sign(&stranger_node, file.id(), &mut change).encode()
+    };
+    let bad = [forged.encode(), strangers];
+    let key = Identity::load_or_create(&consortium.dir.path().join("member-2"))
+        .unwrap()
+        .libp2p_keypair();
+    let (changes, _) =
+        estuary_node::sync::topic_names(&Identity::from_secret(AUTHORITY).public_key());
+    let topic = IdentTopic::new(changes);
+    let mut faulty = libp2p::SwarmBuilder::with_existing_identity(key)
+        .with_tokio()
+        .with_other_transport(
+            |key| -> Result<_, Box<dyn std::error::Error + Send + Sync>> {
+                Ok(MemoryTransport::default()
+                    .upgrade(Version::V1)
+                    .authenticate(noise::Config::new(key)?)
+                    .multiplex(yamux::Config::default()))
+            },
+        )
+        .unwrap()
+        .with_behaviour(|key| {
+            gossipsub::Behaviour::<gossipsub::IdentityTransform>::new(
+                MessageAuthenticity::Signed(key.clone()),
+                gossipsub::Config::default(),
+            )
+            .unwrap()
+        })
+        .unwrap()
+        .build();
+    faulty.behaviour_mut().subscribe(&topic).unwrap();
+    faulty.dial(a_address).unwrap();
+    // Honest writes on both sides meanwhile.
+    a.create_health_file(&editor("member-0"), &resident("Honest A"))
+        .unwrap();
+    b.create_health_file(&editor("member-1"), &resident("Honest B"))
+        .unwrap();
+    let started = Instant::now();
+    let mut published = [false, false];
+    while a.quarantine().unwrap().len() < 2 {
+        assert!(
+            started.elapsed() < CONVERGENCE,
+            "A never received the bad changes"
+        );
+        tokio::select! {
+            _ = faulty.select_next_some() => {}
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {
+                for (i, envelope) in bad.iter().enumerate() {
+                    if !published[i] {
+                        let gossip = estuary_node::sync::protocol::Gossip::Change(
+                            envelope.clone().into(),
+                        );
+                        published[i] = faulty
+                            .behaviour_mut()
+                            .publish(topic.clone(), gossip.encode())
+                            .is_ok();
+                    }
+                }
+            }
+        }
+    }
+    let reasons: Vec<String> = a
+        .quarantine()
+        .unwrap()
+        .into_iter()
+        .map(|q| q.reason)
+        .collect();
+    assert!(
+        reasons.iter().any(|r| r.contains("signature")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.iter().any(|r| r.contains("not a member")),
+        "{reasons:?}"
+    );
+    // The honest nodes converge; B never saw the bad changes (A did not pass them on), and
+    // B's genuine change was not blocked by its forgery.
+    b.ingest(&genuine).unwrap();
+    converge(&[a.clone(), b.clone()], &[&a_sync, &b_sync], 3).await;
+    assert!(b.quarantine().unwrap().is_empty());
+    let a_stats = a_sync.stats();
+    let faulty_peer = a_stats
+        .peers
+        .values()
+        .find(|p| p.institution.as_deref() == Some("member-2"))
+        .unwrap();
+    assert!(faulty_peer.changes_rejected >= 2, "{faulty_peer:?}");
+    a_sync.shutdown().await;
+    b_sync.shutdown().await;
+}

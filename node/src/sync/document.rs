@@ -92,7 +92,13 @@ pub fn outgoing(
 ) -> Result<Option<SyncMessage>, DocumentSyncError> {
     let mut doc = copy_of(node, document)?;
     let before = state.sent_hashes.clone();
-    let Some(message) = doc.sync().generate_sync_message(state) else {
+    // The state holds what the peer said it has and needs; automerge trusts it (it can
+    // panic on hashes the document lacks), so it is contained like a decoder.
+    let generated = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        doc.sync().generate_sync_message(state)
+    }))
+    .map_err(|_| DocumentSyncError::Malformed("the peer's sync state does not fit the document"))?;
+    let Some(message) = generated else {
         return Ok(None);
     };
     let carried: Vec<ChangeHash> = state.sent_hashes.difference(&before).copied().collect();

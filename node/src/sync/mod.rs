@@ -55,7 +55,15 @@ pub const INBOUND_REQUESTS_PER_PEER_MAX: usize = 16;
 /// Requests one peer may make per second (a token bucket of this size, refilled per second).
 pub const INBOUND_REQUESTS_PER_PEER_PER_S: u32 = 400;
 /// Sync states kept for peers' sessions (per peer and document); the oldest is dropped.
-pub const RESPONDER_SYNC_STATES_MAX: usize = 4_096;
+pub const RESPONDER_SYNC_STATES_MAX: usize = 1_024;
+/// Of those, most kept for one peer.
+pub const RESPONDER_SYNC_STATES_PER_PEER_MAX: usize = 64;
+/// A state is kept only after a message of at most this many bytes (what a peer can make
+/// this node hold is then at most `RESPONDER_SYNC_STATES_MAX` × this).
+pub const RESPONDER_STATE_MESSAGE_BYTES_MAX: usize = 64 * 1024;
+/// Reconciliation queries one peer may make per second (each costs up to one pass over the
+/// catalogue).
+pub const RECONCILE_QUERIES_PER_PEER_PER_S: u32 = 40;
 /// Gossip messages being validated at once; more are ignored (anti-entropy recovers them).
 pub const GOSSIP_VALIDATIONS_MAX: usize = 256;
 /// A peer whose gossip score falls below this is disconnected and banned.
@@ -182,6 +190,10 @@ pub struct PeerStats {
     pub lag: Option<u64>,
     /// Its gossipsub score.
     pub score: Option<f64>,
+    /// Round trips the last completed reconciliation this node started with it took.
+    pub last_round_trips: Option<u64>,
+    /// Bytes (both ways) that reconciliation took.
+    pub last_reconciliation_bytes: Option<u64>,
 }
 
 /// Progress of pulling documents this node lacks.
@@ -295,8 +307,7 @@ impl SyncHandle {
             jobs,
             outbound: HashMap::new(),
             peers: HashMap::new(),
-            responder_states: HashMap::new(),
-            responder_order: VecDeque::new(),
+            responder: ResponderStates::default(),
             validations: 0,
             catch_up_started: None,
             bootstrap_peers: HashMap::new(),
@@ -573,13 +584,34 @@ fn build_swarm(
 
 /// What an outbound request was for.
 enum Outbound {
-    Reconcile(Reconciliation),
+    Reconcile {
+        run: Box<Reconciliation>,
+        round_trips: u64,
+        bytes: u64,
+    },
     Sync {
         document: DocumentId,
         state: Box<State>,
         rounds: usize,
     },
     Fetch(Vec<ByteArray<16>>),
+    Roster,
+}
+
+/// What a blocking job held, to release if it fails.
+enum Release {
+    /// A request being served.
+    Inbound,
+    /// A sync session.
+    Session(DocumentId),
+    /// A reconciliation this node started.
+    Reconciliation,
+    /// Fetched documents being ingested.
+    Fetched(Vec<ByteArray<16>>),
+    /// A gossip validation slot.
+    Validation,
+    /// Nothing.
+    Nothing,
 }
 
 /// Work done on the blocking pool, reported to the driver.
@@ -590,17 +622,27 @@ enum Job {
         acceptance: MessageAcceptance,
         accepted: bool,
     },
-    RosterGossip {
-        message_id: MessageId,
-        source: PeerId,
-        acceptance: MessageAcceptance,
+    RosterAdopted {
+        result: Result<u64, NodeError>,
+        /// The gossip message it came in, to report on.
+        gossip: Option<(MessageId, PeerId)>,
+        /// The operator's call waiting for the result (then the roster is also published).
+        reply: Option<oneshot::Sender<Result<u64, NodeError>>>,
     },
     Respond {
         peer: PeerId,
         channel: ResponseChannel<Response>,
         response: Response,
         carried: Carried,
+        /// The session's state to keep, when the step succeeded.
         state: Option<(DocumentId, Box<State>)>,
+    },
+    ReconcileStep {
+        peer: PeerId,
+        run: Box<Reconciliation>,
+        round_trips: u64,
+        bytes: u64,
+        result: Result<bool, crate::reconcile::ReconcileError>,
     },
     SyncStep {
         peer: PeerId,
@@ -616,8 +658,38 @@ enum Job {
         carried: Result<Carried, DocumentSyncError>,
         deferred: Vec<ByteArray<16>>,
     },
-    /// A sync to start with a peer that announced a change too large to gossip.
-    Announced { peer: PeerId, document: DocumentId },
+    /// An announced change this node lacks: sync the document with the announcer.
+    Announced {
+        peer: PeerId,
+        document: Option<DocumentId>,
+    },
+    /// A job failed (panicked); what it held is released.
+    Released { peer: PeerId, release: Release },
+}
+
+/// A token bucket refilled once a second.
+#[derive(Default)]
+struct Bucket {
+    tokens: u32,
+    refilled: Option<Instant>,
+}
+
+impl Bucket {
+    fn take(&mut self, per_second: u32) -> bool {
+        let now = Instant::now();
+        if self
+            .refilled
+            .is_none_or(|at| now.duration_since(at) >= Duration::from_secs(1))
+        {
+            self.tokens = per_second;
+            self.refilled = Some(now);
+        }
+        if self.tokens == 0 {
+            return false;
+        }
+        self.tokens -= 1;
+        true
+    }
 }
 
 /// What the driver keeps per connected peer.
@@ -629,26 +701,52 @@ struct PeerState {
     sessions: usize,
     fetches: usize,
     inbound: usize,
-    tokens: u32,
-    refilled: Option<Instant>,
+    requests: Bucket,
+    reconcile_queries: Bucket,
 }
 
-impl PeerState {
-    /// Takes one request token; refills the bucket once a second.
-    fn take_token(&mut self) -> bool {
-        let now = Instant::now();
-        if self
-            .refilled
-            .is_none_or(|at| now.duration_since(at) >= Duration::from_secs(1))
-        {
-            self.tokens = INBOUND_REQUESTS_PER_PEER_PER_S;
-            self.refilled = Some(now);
+/// Sync states of sessions peers run with this node, bounded in total and per peer; the
+/// least recently used goes first.
+#[derive(Default)]
+struct ResponderStates {
+    states: HashMap<(PeerId, DocumentId), (Box<State>, u64)>,
+    clock: u64,
+}
+
+impl ResponderStates {
+    fn take(&mut self, key: &(PeerId, DocumentId)) -> Option<Box<State>> {
+        self.states.remove(key).map(|(state, _)| state)
+    }
+
+    fn put(&mut self, key: (PeerId, DocumentId), state: Box<State>) {
+        let of_peer = self.states.keys().filter(|(p, _)| *p == key.0).count();
+        let evict = if of_peer >= RESPONDER_SYNC_STATES_PER_PEER_MAX {
+            self.oldest(|(p, _)| *p == key.0)
+        } else if self.states.len() >= RESPONDER_SYNC_STATES_MAX {
+            self.oldest(|_| true)
+        } else {
+            None
+        };
+        if let Some(old) = evict {
+            self.states.remove(&old);
         }
-        if self.tokens == 0 {
-            return false;
-        }
-        self.tokens -= 1;
-        true
+        self.clock += 1;
+        self.states.insert(key, (state, self.clock));
+    }
+
+    fn oldest(
+        &self,
+        which: impl Fn(&(PeerId, DocumentId)) -> bool,
+    ) -> Option<(PeerId, DocumentId)> {
+        self.states
+            .iter()
+            .filter(|(key, _)| which(key))
+            .min_by_key(|(_, (_, used))| *used)
+            .map(|(key, _)| *key)
+    }
+
+    fn forget(&mut self, peer: &PeerId) {
+        self.states.retain(|(p, _), _| p != peer);
     }
 }
 
@@ -662,8 +760,7 @@ struct Driver {
     jobs: mpsc::UnboundedSender<Job>,
     outbound: HashMap<OutboundRequestId, (PeerId, Outbound)>,
     peers: HashMap<PeerId, PeerState>,
-    responder_states: HashMap<(PeerId, DocumentId), Box<State>>,
-    responder_order: VecDeque<(PeerId, DocumentId)>,
+    responder: ResponderStates,
     validations: usize,
     catch_up_started: Option<Instant>,
     /// The peer each bootstrap address led to, once dialled.
@@ -695,6 +792,20 @@ fn now_ms() -> u64 {
         .duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+/// How a roster offered by a peer (gossip) is judged.
+fn roster_acceptance(result: &Result<u64, NodeError>) -> MessageAcceptance {
+    match result {
+        Ok(_) => MessageAcceptance::Accept,
+        // Older or the same: nothing new, nobody's fault.
+        Err(NodeError::Roster(
+            crate::membership::RosterError::Stale { .. }
+            | crate::membership::RosterError::Diverged { .. },
+        )) => MessageAcceptance::Ignore,
+        Err(NodeError::Roster(_)) => MessageAcceptance::Reject,
+        Err(_) => MessageAcceptance::Ignore,
+    }
 }
 
 impl Driver {
@@ -731,6 +842,23 @@ impl Driver {
         }
     }
 
+    /// Runs `work` on the blocking pool; the job it returns goes back to the driver. If it
+    /// panics, what it held is released instead, so no slot or document stays taken.
+    fn spawn_job(&self, peer: PeerId, release: Release, work: impl FnOnce() -> Job + Send + 'static)
+    where
+        Release: Send,
+    {
+        let jobs = self.jobs.clone();
+        tokio::task::spawn_blocking(move || {
+            let job =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)).unwrap_or_else(|_| {
+                    tracing::error!(%peer, "a sync job failed unexpectedly; its work is released");
+                    Job::Released { peer, release }
+                });
+            let _ = jobs.send(job);
+        });
+    }
+
     fn close(&mut self) {
         let peers: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
         for peer in peers {
@@ -752,16 +880,27 @@ impl Driver {
                 }
             }
             Command::ReconcileNow => self.reconcile_with_someone(),
-            Command::UpdateRoster(signed, reply) => {
-                let result = self.node.update_roster(&signed);
-                if result.is_ok() {
-                    self.publish_roster();
-                    self.enforce_roster();
-                }
-                let _ = reply.send(result);
-            }
+            Command::UpdateRoster(signed, reply) => self.adopt_roster(signed, None, Some(reply)),
             Command::Shutdown(_) => {}
         }
+    }
+
+    /// Adopts a signed roster on the blocking pool (it may withdraw a revoked key's changes).
+    fn adopt_roster(
+        &self,
+        signed: Vec<u8>,
+        gossip: Option<(MessageId, PeerId)>,
+        reply: Option<oneshot::Sender<Result<u64, NodeError>>>,
+    ) {
+        let node = self.node.clone();
+        let peer = gossip
+            .as_ref()
+            .map_or(*self.swarm.local_peer_id(), |(_, p)| *p);
+        self.spawn_job(peer, Release::Nothing, move || Job::RosterAdopted {
+            result: node.update_roster(&signed),
+            gossip,
+            reply,
+        });
     }
 
     fn stats_mut(&self) -> std::sync::MutexGuard<'_, SyncStats> {
@@ -847,7 +986,7 @@ impl Driver {
             .gossipsub
             .publish(self.topics.roster.clone(), data)
         {
-            tracing::debug!(%error, "roster not gossiped");
+            tracing::debug!(%error, "roster not gossiped; peers will ask for it");
         }
     }
 
@@ -863,15 +1002,27 @@ impl Driver {
         }
     }
 
+    /// Asks a peer for its roster if newer than ours.
+    fn ask_roster(&mut self, peer: PeerId) {
+        let have = self.node.roster_version();
+        self.send(peer, Request::Roster { have }, Outbound::Roster);
+    }
+
     fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
         match event {
             SwarmEvent::ConnectionEstablished {
-                peer_id, endpoint, ..
+                peer_id,
+                endpoint,
+                num_established,
+                ..
             } => {
                 if let libp2p::core::ConnectedPoint::Dialer { address, .. } = &endpoint
                     && self.config.bootstrap.contains(address)
                 {
                     self.bootstrap_peers.insert(address.clone(), peer_id);
+                }
+                if num_established.get() > 1 {
+                    return;
                 }
                 let institution = self.node.peer_institution(&peer_id);
                 tracing::info!(peer = %peer_id, ?institution, "connected");
@@ -880,10 +1031,7 @@ impl Driver {
                     s.connected = true;
                     s.institution = institution.map(|i| i.to_string());
                 });
-                self.swarm
-                    .behaviour_mut()
-                    .gossipsub
-                    .add_explicit_peer(&peer_id);
+                self.ask_roster(peer_id);
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
@@ -900,8 +1048,7 @@ impl Driver {
                         self.in_progress.remove(&DocumentId::from_bytes(*id));
                     }
                 }
-                self.responder_order.retain(|(p, _)| *p != peer_id);
-                self.responder_states.retain(|(p, _), _| *p != peer_id);
+                self.responder.forget(&peer_id);
                 self.with_peer_stats(&peer_id, |s| s.connected = false);
             }
             SwarmEvent::IncomingConnectionError { error, .. } => {
@@ -922,9 +1069,16 @@ impl Driver {
         }
     }
 
+    fn report(&mut self, message_id: &MessageId, source: &PeerId, acceptance: MessageAcceptance) {
+        self.swarm
+            .behaviour_mut()
+            .gossipsub
+            .report_message_validation_result(message_id, source, acceptance);
+    }
+
     fn on_gossip(&mut self, event: gossipsub::Event) {
         let gossipsub::Event::Message {
-            propagation_source,
+            propagation_source: source,
             message_id,
             message,
         } = event
@@ -932,57 +1086,31 @@ impl Driver {
             return;
         };
         let bytes = message.data.len() as u64;
-        self.with_peer_stats(&propagation_source, |s| {
+        self.with_peer_stats(&source, |s| {
             s.bytes_in += bytes;
             s.messages_in += 1;
         });
-        let report = |driver: &mut Self, acceptance| {
-            driver
-                .swarm
-                .behaviour_mut()
-                .gossipsub
-                .report_message_validation_result(&message_id, &propagation_source, acceptance);
-        };
         let gossip = match Gossip::decode(&message.data) {
             Ok(gossip) => gossip,
             Err(error) => {
-                tracing::info!(peer = %propagation_source, %error, "gossip refused");
-                self.with_peer_stats(&propagation_source, |s| s.changes_rejected += 1);
-                return report(self, MessageAcceptance::Reject);
+                tracing::info!(peer = %source, %error, "gossip refused");
+                self.with_peer_stats(&source, |s| s.changes_rejected += 1);
+                return self.report(&message_id, &source, MessageAcceptance::Reject);
             }
         };
         let roster_topic = message.topic == self.topics.roster.hash();
         match gossip {
             Gossip::Roster(signed) if roster_topic => {
-                let (node, jobs, message_id) = (self.node.clone(), self.jobs.clone(), message_id);
-                tokio::task::spawn_blocking(move || {
-                    let acceptance = match node.update_roster(&signed) {
-                        Ok(_) => MessageAcceptance::Accept,
-                        // Older or the same: nothing new, nobody's fault.
-                        Err(NodeError::Roster(
-                            crate::membership::RosterError::Stale { .. }
-                            | crate::membership::RosterError::Diverged { .. },
-                        )) => MessageAcceptance::Ignore,
-                        Err(NodeError::Roster(_)) => MessageAcceptance::Reject,
-                        Err(_) => MessageAcceptance::Ignore,
-                    };
-                    let _ = jobs.send(Job::RosterGossip {
-                        message_id,
-                        source: propagation_source,
-                        acceptance,
-                    });
-                });
+                self.adopt_roster(signed.into_vec(), Some((message_id, source)), None);
             }
             Gossip::Change(envelope) if !roster_topic => {
                 if self.validations >= GOSSIP_VALIDATIONS_MAX {
-                    return report(self, MessageAcceptance::Ignore);
+                    return self.report(&message_id, &source, MessageAcceptance::Ignore);
                 }
                 self.validations += 1;
-                let (node, jobs) = (self.node.clone(), self.jobs.clone());
-                tokio::task::spawn_blocking(move || {
-                    let _span =
-                        tracing::debug_span!("gossip_validation", peer = %propagation_source)
-                            .entered();
+                let node = self.node.clone();
+                self.spawn_job(source, Release::Validation, move || {
+                    let _span = tracing::debug_span!("gossip_validation", peer = %source).entered();
                     let (acceptance, accepted) = match node.ingest(&envelope) {
                         Ok(Ingested::Accepted(_)) => (MessageAcceptance::Accept, true),
                         // Known already, or not decidable yet: not passed on, not punished.
@@ -990,39 +1118,46 @@ impl Driver {
                             (MessageAcceptance::Ignore, false)
                         }
                         Ok(Ingested::Quarantined(..)) => (MessageAcceptance::Reject, false),
-                        Err(crate::node::IngestError::Store(_)) => {
-                            (MessageAcceptance::Ignore, false)
-                        }
+                        // This node's own trouble (its store, a full quarantine).
+                        Err(
+                            crate::node::IngestError::Store(_)
+                            | crate::node::IngestError::QuarantineFull
+                            | crate::node::IngestError::PendingFull
+                            | crate::node::IngestError::RevokedBacklogFull,
+                        ) => (MessageAcceptance::Ignore, false),
                         Err(_) => (MessageAcceptance::Reject, false),
                     };
-                    let _ = jobs.send(Job::Validated {
+                    Job::Validated {
                         message_id,
-                        source: propagation_source,
+                        source,
                         acceptance,
                         accepted,
-                    });
+                    }
                 });
             }
             Gossip::Announce { document, heads } if !roster_topic => {
+                // Not passed on: the announcer's neighbours pull from it, others reconcile.
+                self.report(&message_id, &source, MessageAcceptance::Ignore);
+                if self.validations >= GOSSIP_VALIDATIONS_MAX {
+                    return;
+                }
+                self.validations += 1;
                 let document = DocumentId::from_bytes(*document);
-                let (node, jobs) = (self.node.clone(), self.jobs.clone());
-                report(self, MessageAcceptance::Accept);
-                tokio::task::spawn_blocking(move || {
-                    let missing = heads.iter().any(|head| {
+                let node = self.node.clone();
+                self.spawn_job(source, Release::Validation, move || {
+                    let missing = heads.iter().take(16).any(|head| {
                         !node
                             .has_change(document, &crate::model::automerge::ChangeHash(**head))
                             .unwrap_or(false)
                     });
-                    if missing {
-                        let _ = jobs.send(Job::Announced {
-                            peer: propagation_source,
-                            document,
-                        });
+                    Job::Announced {
+                        peer: source,
+                        document: missing.then_some(document),
                     }
                 });
             }
             // A message on the wrong topic.
-            _ => report(self, MessageAcceptance::Reject),
+            _ => self.report(&message_id, &source, MessageAcceptance::Reject),
         }
     }
 
@@ -1042,7 +1177,7 @@ impl Driver {
                         s.messages_in += 1;
                     });
                     if let Some((peer, outbound)) = self.outbound.remove(&request_id) {
-                        self.on_response(peer, outbound, response);
+                        self.on_response(peer, outbound, response, bytes);
                     }
                 }
             },
@@ -1067,27 +1202,53 @@ impl Driver {
     /// Frees what an outbound exchange held.
     fn finished(&mut self, peer: PeerId, outbound: &Outbound) {
         match outbound {
-            Outbound::Reconcile(_) => {}
-            Outbound::Sync { document, .. } => {
-                self.in_progress.remove(document);
-            }
+            Outbound::Sync { document, .. } => self.release(peer, Release::Session(*document)),
             Outbound::Fetch(documents) => {
                 for document in documents {
                     self.in_progress.remove(&DocumentId::from_bytes(**document));
                 }
+                if let Some(state) = self.peers.get_mut(&peer) {
+                    state.fetches = state.fetches.saturating_sub(1);
+                }
+                self.pump(peer);
             }
+            Outbound::Reconcile { .. } => self.release(peer, Release::Reconciliation),
+            Outbound::Roster => {}
         }
-        if let Some(state) = self.peers.get_mut(&peer) {
-            match outbound {
-                Outbound::Reconcile(_) => state.reconciling = false,
-                Outbound::Sync { .. } => state.sessions = state.sessions.saturating_sub(1),
-                Outbound::Fetch(_) => state.fetches = state.fetches.saturating_sub(1),
+    }
+
+    /// Releases what a job or an exchange held.
+    fn release(&mut self, peer: PeerId, release: Release) {
+        let state = self.peers.get_mut(&peer);
+        match release {
+            Release::Inbound => {
+                if let Some(state) = state {
+                    state.inbound = state.inbound.saturating_sub(1);
+                }
             }
+            Release::Session(document) => {
+                self.in_progress.remove(&document);
+                if let Some(state) = state {
+                    state.sessions = state.sessions.saturating_sub(1);
+                }
+            }
+            Release::Reconciliation => {
+                if let Some(state) = state {
+                    state.reconciling = false;
+                }
+            }
+            Release::Fetched(documents) => {
+                for document in documents {
+                    self.in_progress.remove(&DocumentId::from_bytes(*document));
+                }
+            }
+            Release::Validation => self.validations = self.validations.saturating_sub(1),
+            Release::Nothing => {}
         }
         self.pump(peer);
     }
 
-    fn send(&mut self, peer: PeerId, request: Request, outbound: Outbound) {
+    fn send(&mut self, peer: PeerId, request: Request, outbound: Outbound) -> u64 {
         let bytes = cbor_len(&request);
         self.with_peer_stats(&peer, |s| {
             s.bytes_out += bytes;
@@ -1095,6 +1256,7 @@ impl Driver {
         });
         let id = self.swarm.behaviour_mut().sync.send_request(&peer, request);
         self.outbound.insert(id, (peer, outbound));
+        bytes
     }
 
     fn respond(&mut self, peer: PeerId, channel: ResponseChannel<Response>, response: Response) {
@@ -1144,9 +1306,18 @@ impl Driver {
             return;
         }
         state.reconciling = true;
-        let run = Reconciliation::new(&self.node.catalogue());
-        let query = run.query().clone();
-        self.send(peer, Request::Reconcile(query), Outbound::Reconcile(run));
+        self.ask_roster(peer);
+        let node = self.node.clone();
+        self.spawn_job(peer, Release::Reconciliation, move || {
+            let run = Box::new(Reconciliation::new(&node.catalogue()));
+            Job::ReconcileStep {
+                peer,
+                run,
+                round_trips: 0,
+                bytes: 0,
+                result: Ok(true),
+            }
+        });
     }
 
     fn on_request(&mut self, peer: PeerId, request: Request, channel: ResponseChannel<Response>) {
@@ -1156,57 +1327,74 @@ impl Driver {
             s.messages_in += 1;
         });
         let state = self.peers.entry(peer).or_default();
-        if state.inbound >= INBOUND_REQUESTS_PER_PEER_MAX || !state.take_token() {
-            state.inbound += 1;
+        state.inbound += 1;
+        let allowed = state.inbound <= INBOUND_REQUESTS_PER_PEER_MAX
+            && state.requests.take(INBOUND_REQUESTS_PER_PEER_PER_S)
+            && (!matches!(request, Request::Reconcile(_))
+                || state
+                    .reconcile_queries
+                    .take(RECONCILE_QUERIES_PER_PEER_PER_S));
+        if !allowed {
             return self.respond(peer, channel, Response::Refused(Refusal::Busy));
         }
-        state.inbound += 1;
+        let node = self.node.clone();
         match request {
+            Request::Roster { have } => {
+                let newer = (node.roster_version() > have).then(|| node.signed_roster().into());
+                self.respond(peer, channel, Response::Roster(newer));
+            }
             Request::Reconcile(query) => {
-                let response = match self.node.catalogue().answer(&query) {
-                    Ok(reply) => Response::Reconcile(reply),
-                    Err(error) => Response::Refused(Refusal::Malformed(error.to_string())),
-                };
-                self.respond(peer, channel, response);
+                self.spawn_job(peer, Release::Inbound, move || {
+                    let response = match node.catalogue().answer(&query) {
+                        Ok(reply) => Response::Reconcile(reply),
+                        Err(error) => Response::Refused(Refusal::Malformed(error.to_string())),
+                    };
+                    Job::Respond {
+                        peer,
+                        channel,
+                        response,
+                        carried: Carried::default(),
+                        state: None,
+                    }
+                });
             }
             Request::Sync(message) => {
                 let document = DocumentId::from_bytes(*message.document);
-                let state = self
-                    .responder_states
-                    .remove(&(peer, document))
-                    .unwrap_or_default();
-                let (node, jobs) = (self.node.clone(), self.jobs.clone());
-                tokio::task::spawn_blocking(move || {
+                let state = self.responder.take(&(peer, document)).unwrap_or_default();
+                self.spawn_job(peer, Release::Inbound, move || {
                     let _span =
                         tracing::debug_span!("serve_document_sync", %peer, %document).entered();
                     let mut state = state;
                     let mut carried = Carried::default();
-                    let response =
-                        match document::incoming(&node, &message, &mut state).and_then(|c| {
-                            carried = c;
-                            document::outgoing(&node, document, &mut state)
-                        }) {
-                            Ok(reply) => Response::Sync(reply),
-                            Err(error) if error.is_peers_fault() => {
-                                Response::Refused(Refusal::Malformed(error.to_string()))
-                            }
-                            Err(error) => {
-                                tracing::warn!(%error, "serving a sync request failed");
-                                Response::Refused(Refusal::Failed)
-                            }
-                        };
-                    let _ = jobs.send(Job::Respond {
+                    let step = document::incoming(&node, &message, &mut state).and_then(|c| {
+                        carried = c;
+                        document::outgoing(&node, document, &mut state)
+                    });
+                    let (response, keep) = match step {
+                        Ok(reply) => (
+                            Response::Sync(reply),
+                            message.message.len() <= RESPONDER_STATE_MESSAGE_BYTES_MAX,
+                        ),
+                        Err(error) if error.is_peers_fault() => (
+                            Response::Refused(Refusal::Malformed(error.to_string())),
+                            false,
+                        ),
+                        Err(error) => {
+                            tracing::warn!(%error, "serving a sync request failed");
+                            (Response::Refused(Refusal::Failed), false)
+                        }
+                    };
+                    Job::Respond {
                         peer,
                         channel,
                         response,
                         carried,
-                        state: Some((document, state)),
-                    });
+                        state: keep.then_some((document, state)),
+                    }
                 });
             }
             Request::Fetch { documents } => {
-                let (node, jobs) = (self.node.clone(), self.jobs.clone());
-                tokio::task::spawn_blocking(move || {
+                self.spawn_job(peer, Release::Inbound, move || {
                     let response = match document::fetch(&node, &documents) {
                         Ok((envelopes, deferred)) => Response::Fetch {
                             envelopes,
@@ -1217,33 +1405,40 @@ impl Driver {
                         }
                         Err(_) => Response::Refused(Refusal::Failed),
                     };
-                    let _ = jobs.send(Job::Respond {
+                    Job::Respond {
                         peer,
                         channel,
                         response,
                         carried: Carried::default(),
                         state: None,
-                    });
+                    }
                 });
             }
         }
     }
 
-    fn on_response(&mut self, peer: PeerId, outbound: Outbound, response: Response) {
+    fn on_response(&mut self, peer: PeerId, outbound: Outbound, response: Response, bytes: u64) {
         match (outbound, response) {
-            (Outbound::Reconcile(mut run), Response::Reconcile(reply)) => {
-                let more = run.receive(&self.node.catalogue(), &reply);
-                match more {
-                    Ok(true) => {
-                        let query = run.query().clone();
-                        self.send(peer, Request::Reconcile(query), Outbound::Reconcile(run));
+            (
+                Outbound::Reconcile {
+                    run,
+                    round_trips,
+                    bytes: so_far,
+                },
+                Response::Reconcile(reply),
+            ) => {
+                let node = self.node.clone();
+                self.spawn_job(peer, Release::Reconciliation, move || {
+                    let mut run = run;
+                    let result = run.receive(&node.catalogue(), &reply);
+                    Job::ReconcileStep {
+                        peer,
+                        run,
+                        round_trips: round_trips + 1,
+                        bytes: so_far + bytes,
+                        result,
                     }
-                    Ok(false) => self.reconciled(peer, &run),
-                    Err(error) => {
-                        tracing::info!(%peer, %error, "reconciliation abandoned");
-                        self.finished(peer, &Outbound::Reconcile(run));
-                    }
-                }
+                });
             }
             (
                 Outbound::Sync {
@@ -1253,8 +1448,8 @@ impl Driver {
                 },
                 Response::Sync(reply),
             ) => {
-                let (node, jobs) = (self.node.clone(), self.jobs.clone());
-                tokio::task::spawn_blocking(move || {
+                let node = self.node.clone();
+                self.spawn_job(peer, Release::Session(document), move || {
                     let _span =
                         tracing::debug_span!("document_sync", %peer, %document, rounds).entered();
                     let mut state = state;
@@ -1268,13 +1463,13 @@ impl Driver {
                             document::outgoing(&node, document, &mut state)
                         })
                         .map(|next| (carried, next));
-                    let _ = jobs.send(Job::SyncStep {
+                    Job::SyncStep {
                         peer,
                         document,
                         state,
                         rounds: rounds + 1,
                         result,
-                    });
+                    }
                 });
             }
             (
@@ -1284,7 +1479,7 @@ impl Driver {
                     deferred,
                 },
             ) => {
-                let (node, jobs) = (self.node.clone(), self.jobs.clone());
+                let node = self.node.clone();
                 let bytes: u64 = envelopes.iter().map(|e| e.len() as u64).sum();
                 // The exchange is over; ingesting is the blocking pool's work, and the
                 // documents stay in progress until it is done.
@@ -1292,7 +1487,7 @@ impl Driver {
                     state.fetches = state.fetches.saturating_sub(1);
                 }
                 self.pump(peer);
-                tokio::task::spawn_blocking(move || {
+                self.spawn_job(peer, Release::Fetched(documents.clone()), move || {
                     let _span =
                         tracing::debug_span!("fetch", %peer, envelopes = envelopes.len()).entered();
                     let carried = node
@@ -1303,15 +1498,19 @@ impl Driver {
                             carried
                         })
                         .map_err(DocumentSyncError::from);
-                    let _ = jobs.send(Job::Fetched {
+                    Job::Fetched {
                         peer,
                         documents,
                         bytes,
                         carried,
                         deferred,
-                    });
+                    }
                 });
             }
+            (Outbound::Roster, Response::Roster(Some(signed))) => {
+                self.adopt_roster(signed.into_vec(), None, None);
+            }
+            (Outbound::Roster, Response::Roster(None)) => {}
             (outbound, Response::Refused(refusal)) => {
                 tracing::debug!(%peer, %refusal, "sync request refused");
                 self.finished(peer, &outbound);
@@ -1324,14 +1523,16 @@ impl Driver {
     }
 
     /// A reconciliation finished: queue what differs.
-    fn reconciled(&mut self, peer: PeerId, run: &Reconciliation) {
+    fn reconciled(&mut self, peer: PeerId, run: &Reconciliation, round_trips: u64, bytes: u64) {
         let differing = run.differing();
         let lag = differing.len() as u64;
-        let _span = tracing::debug_span!("reconciled", %peer, rounds = run.rounds(), lag).entered();
+        let _span = tracing::debug_span!("reconciled", %peer, round_trips, bytes, lag).entered();
         tracing::debug!("catalogues reconciled");
         self.with_peer_stats(&peer, |s| {
             s.last_reconciled_ms = Some(now_ms());
             s.lag = Some(lag);
+            s.last_round_trips = Some(round_trips);
+            s.last_reconciliation_bytes = Some(bytes);
         });
         let mut new_missing = 0;
         if let Some(state) = self.peers.get_mut(&peer) {
@@ -1356,8 +1557,15 @@ impl Driver {
             }
         }
         if new_missing > 0 {
-            self.catch_up_started.get_or_insert_with(Instant::now);
-            self.stats_mut().catch_up.documents_total += new_missing;
+            let mut stats = self.stats_mut();
+            // A new catch-up starts when the last one is done.
+            if stats.catch_up.documents_done >= stats.catch_up.documents_total {
+                stats.catch_up = CatchUp::default();
+                drop(stats);
+                self.catch_up_started = Some(Instant::now());
+                stats = self.stats_mut();
+            }
+            stats.catch_up.documents_total += new_missing;
         }
         self.pump(peer);
     }
@@ -1393,18 +1601,18 @@ impl Driver {
     }
 
     fn start_session(&mut self, peer: PeerId, document: DocumentId) {
-        let (node, jobs) = (self.node.clone(), self.jobs.clone());
-        tokio::task::spawn_blocking(move || {
+        let node = self.node.clone();
+        self.spawn_job(peer, Release::Session(document), move || {
             let mut state = Box::<State>::default();
             let result = document::outgoing(&node, document, &mut state)
                 .map(|next| (Carried::default(), next));
-            let _ = jobs.send(Job::SyncStep {
+            Job::SyncStep {
                 peer,
                 document,
                 state,
                 rounds: 0,
                 result,
-            });
+            }
         });
     }
 
@@ -1422,22 +1630,24 @@ impl Driver {
                     s.changes_received += u64::from(accepted);
                     s.changes_rejected += u64::from(rejected);
                 });
-                self.swarm
-                    .behaviour_mut()
-                    .gossipsub
-                    .report_message_validation_result(&message_id, &source, acceptance);
+                self.report(&message_id, &source, acceptance);
             }
-            Job::RosterGossip {
-                message_id,
-                source,
-                acceptance,
+            Job::RosterAdopted {
+                result,
+                gossip,
+                reply,
             } => {
-                self.swarm
-                    .behaviour_mut()
-                    .gossipsub
-                    .report_message_validation_result(&message_id, &source, acceptance);
-                if matches!(acceptance, MessageAcceptance::Accept) {
+                if let Some((message_id, source)) = gossip {
+                    self.report(&message_id, &source, roster_acceptance(&result));
+                }
+                if result.is_ok() {
+                    if reply.is_some() {
+                        self.publish_roster();
+                    }
                     self.enforce_roster();
+                }
+                if let Some(reply) = reply {
+                    let _ = reply.send(result);
                 }
             }
             Job::Respond {
@@ -1451,21 +1661,36 @@ impl Driver {
                 if let Some((document, state)) = state
                     && self.swarm.is_connected(&peer)
                 {
-                    if self.responder_states.len() >= RESPONDER_SYNC_STATES_MAX
-                        && let Some(oldest) = self.responder_order.pop_front()
-                    {
-                        self.responder_states.remove(&oldest);
-                    }
-                    if self
-                        .responder_states
-                        .insert((peer, document), state)
-                        .is_none()
-                    {
-                        self.responder_order.push_back((peer, document));
-                    }
+                    self.responder.put((peer, document), state);
                 }
                 self.respond(peer, channel, response);
             }
+            Job::ReconcileStep {
+                peer,
+                run,
+                round_trips,
+                bytes,
+                result,
+            } => match result {
+                Ok(true) => {
+                    let query = run.query().clone();
+                    let sent = cbor_len(&query);
+                    self.send(
+                        peer,
+                        Request::Reconcile(query),
+                        Outbound::Reconcile {
+                            run,
+                            round_trips,
+                            bytes: bytes + sent,
+                        },
+                    );
+                }
+                Ok(false) => self.reconciled(peer, &run, round_trips, bytes),
+                Err(error) => {
+                    tracing::info!(%peer, %error, "reconciliation abandoned");
+                    self.release(peer, Release::Reconciliation);
+                }
+            },
             Job::SyncStep {
                 peer,
                 document,
@@ -1488,23 +1713,11 @@ impl Driver {
                 Ok((carried, _)) => {
                     self.count_carried(&peer, &carried);
                     self.with_peer_stats(&peer, |s| s.documents_reconciled += 1);
-                    self.finished(
-                        peer,
-                        &Outbound::Sync {
-                            document,
-                            state,
-                            rounds,
-                        },
-                    );
+                    self.release(peer, Release::Session(document));
                 }
                 Err(error) => {
                     tracing::info!(%peer, %document, %error, "document sync abandoned");
-                    let outbound = Outbound::Sync {
-                        document,
-                        state,
-                        rounds,
-                    };
-                    self.finished(peer, &outbound);
+                    self.release(peer, Release::Session(document));
                     // Too large to sync by messages: fetch its envelopes instead.
                     if matches!(error, DocumentSyncError::TooLarge(_))
                         && let Some(s) = self.peers.get_mut(&peer)
@@ -1521,57 +1734,11 @@ impl Driver {
                 bytes,
                 carried,
                 deferred,
-            } => {
-                match carried {
-                    Ok(carried) => self.count_carried(&peer, &carried),
-                    Err(error) => tracing::warn!(%peer, %error, "fetched envelopes not ingested"),
-                }
-                let deferred_ids: HashSet<DocumentId> = deferred
-                    .iter()
-                    .map(|id| DocumentId::from_bytes(**id))
-                    .collect();
-                let mut fetched = 0u64;
-                for id in &documents {
-                    let document = DocumentId::from_bytes(**id);
-                    if !deferred_ids.contains(&document) {
-                        self.in_progress.remove(&document);
-                        fetched += 1;
-                    }
-                }
-                self.with_peer_stats(&peer, |s| s.documents_reconciled += fetched);
-                {
-                    let started = self.catch_up_started;
-                    let mut stats = self.stats_mut();
-                    let catch_up = &mut stats.catch_up;
-                    catch_up.documents_done += fetched;
-                    catch_up.bytes += bytes;
-                    let left = catch_up
-                        .documents_total
-                        .saturating_sub(catch_up.documents_done);
-                    catch_up.eta_s = started.and_then(|at| {
-                        let rate = catch_up.documents_done as f64 / at.elapsed().as_secs_f64();
-                        (rate > 0.0).then(|| left as f64 / rate)
-                    });
-                }
-                if let Some(state) = self.peers.get_mut(&peer) {
-                    for id in deferred {
-                        let document = DocumentId::from_bytes(*id);
-                        // Partly fetched documents finish by sync; others are asked again.
-                        if self.node.catalogue().get(&id).is_some() {
-                            state.to_sync.push_back(document);
-                        } else {
-                            state.to_fetch.push_back(id);
-                        }
-                    }
-                } else {
-                    for id in deferred {
-                        self.in_progress.remove(&DocumentId::from_bytes(*id));
-                    }
-                }
-                self.pump(peer);
-            }
+            } => self.fetched(peer, documents, bytes, carried, deferred),
             Job::Announced { peer, document } => {
-                if let Some(state) = self.peers.get_mut(&peer)
+                self.validations = self.validations.saturating_sub(1);
+                if let Some(document) = document
+                    && let Some(state) = self.peers.get_mut(&peer)
                     && self.in_progress.len() < DOCUMENTS_IN_PROGRESS_MAX
                     && self.in_progress.insert(document)
                 {
@@ -1579,7 +1746,65 @@ impl Driver {
                 }
                 self.pump(peer);
             }
+            Job::Released { peer, release } => self.release(peer, release),
         }
+    }
+
+    fn fetched(
+        &mut self,
+        peer: PeerId,
+        documents: Vec<ByteArray<16>>,
+        bytes: u64,
+        carried: Result<Carried, DocumentSyncError>,
+        deferred: Vec<ByteArray<16>>,
+    ) {
+        match carried {
+            Ok(carried) => self.count_carried(&peer, &carried),
+            Err(error) => tracing::warn!(%peer, %error, "fetched envelopes not ingested"),
+        }
+        let deferred_ids: HashSet<DocumentId> = deferred
+            .iter()
+            .map(|id| DocumentId::from_bytes(**id))
+            .collect();
+        let mut fetched = 0u64;
+        for id in &documents {
+            let document = DocumentId::from_bytes(**id);
+            if !deferred_ids.contains(&document) {
+                self.in_progress.remove(&document);
+                fetched += 1;
+            }
+        }
+        self.with_peer_stats(&peer, |s| s.documents_reconciled += fetched);
+        {
+            let started = self.catch_up_started;
+            let mut stats = self.stats_mut();
+            let catch_up = &mut stats.catch_up;
+            catch_up.documents_done += fetched;
+            catch_up.bytes += bytes;
+            let left = catch_up
+                .documents_total
+                .saturating_sub(catch_up.documents_done);
+            catch_up.eta_s = started.and_then(|at| {
+                let rate = catch_up.documents_done as f64 / at.elapsed().as_secs_f64();
+                (rate > 0.0).then(|| left as f64 / rate)
+            });
+        }
+        if let Some(state) = self.peers.get_mut(&peer) {
+            for id in deferred {
+                let document = DocumentId::from_bytes(*id);
+                // Partly fetched documents finish by sync; others are asked again.
+                if self.node.catalogue().get(&id).is_some() {
+                    state.to_sync.push_back(document);
+                } else {
+                    state.to_fetch.push_back(id);
+                }
+            }
+        } else {
+            for id in deferred {
+                self.in_progress.remove(&DocumentId::from_bytes(*id));
+            }
+        }
+        self.pump(peer);
     }
 
     fn count_carried(&self, peer: &PeerId, carried: &Carried) {

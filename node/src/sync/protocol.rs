@@ -42,6 +42,13 @@ pub enum Request {
         /// At most `FETCH_DOCUMENTS_MAX`.
         documents: Vec<ByteArray<16>>,
     },
+    /// The responder's signed roster, if newer than the version the asker holds (asked at
+    /// every connection and reconciliation, so a node that missed the roster gossip learns
+    /// of a revocation all the same).
+    Roster {
+        /// The version the asker holds.
+        have: u64,
+    },
 }
 
 /// An answer.
@@ -58,6 +65,8 @@ pub enum Response {
         /// Documents left out for lack of room, to ask for again.
         deferred: Vec<ByteArray<16>>,
     },
+    /// The responder's signed roster when it is newer than the asker's.
+    Roster(Option<ByteBuf>),
     /// The request was not served.
     Refused(Refusal),
 }
