@@ -1,10 +1,14 @@
-//! `bench sync`: two real nodes (real stores, real libp2p swarms over the in-process memory
-//! transport). A node that joins empty catches up on every health file the other holds —
-//! documents and changes per second, bytes on the wire — and then the other's new writes
-//! reach it by gossip: propagation latency from the writer's acknowledgement to the change
-//! being durable at the receiver, as p50 and p99.
+//! `bench sync bootstrap|insync|diff`: two real nodes (real stores, real libp2p swarms over
+//! the in-process memory transport).
+//!
+//! - `bootstrap`: a node that joins empty catches up on every health file the other holds:
+//!   seconds, files per second, bytes on the wire against the compressed size of the data;
+//!   then the other's new writes reach it by gossip (propagation p50/p99).
+//! - `insync`: both hold the same files; one reconciliation confirms it: round trips, bytes,
+//!   and the CPU time of the reconciliation's work on both sides.
+//! - `diff`: the files differ in `D` of them: round trips and bytes per difference.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -14,29 +18,85 @@ use estuary_node::identity::Identity;
 use estuary_node::membership::SignedRoster;
 use estuary_node::model::*;
 use estuary_node::node::{Node, NodeConfig};
-use estuary_node::sync::{Multiaddr, SyncConfig, SyncHandle, TransportKind};
+use estuary_node::reconcile::Reconciliation;
+use estuary_node::sync::{Multiaddr, PeerStats, SyncConfig, SyncHandle, TransportKind};
 use serde::Serialize;
 
 use crate::sample;
 
 const AUTHORITY: [u8; 32] = [1; 32];
-/// Envelopes ingested per batch while building the source node.
+/// Envelopes ingested per batch while building a node's files.
 const BUILD_BATCH: usize = 2_048;
-/// How long the catch-up may take before the benchmark gives up.
-const CATCH_UP_LIMIT: Duration = Duration::from_secs(1_800);
+/// How long a catch-up or a reconciliation may take before the benchmark gives up.
+const LIMIT: Duration = Duration::from_secs(3_600);
+
+/// Which measurement.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum Which {
+    /// A fresh node bootstraps every file from one peer.
+    Bootstrap,
+    /// Two nodes holding the same files confirm it.
+    Insync,
+    /// Two nodes find the files that differ.
+    Diff,
+}
+
+/// Options of `bench sync`.
+pub struct Options {
+    pub which: Which,
+    pub files: usize,
+    pub changes_per_file: usize,
+    pub diff: usize,
+    pub writes: usize,
+    pub json: Option<PathBuf>,
+}
 
 #[derive(Serialize)]
-struct Report {
+struct Bootstrap {
     profile: &'static str,
-    docs: usize,
+    files: usize,
     changes: usize,
-    catch_up_s: f64,
-    catch_up_docs_per_s: f64,
-    catch_up_changes_per_s: f64,
-    catch_up_bytes_in: u64,
+    seconds: f64,
+    files_per_s: f64,
+    changes_per_s: f64,
+    /// Bytes on the wire, both ways (the sync protocol's messages, CBOR).
+    wire_bytes: u64,
+    /// The data's compressed size: every file saved by automerge.
+    payload_bytes: u64,
+    wire_to_payload: f64,
     propagation_writes: usize,
     propagation_p50_ms: f64,
     propagation_p99_ms: f64,
+}
+
+#[derive(Serialize)]
+struct Insync {
+    profile: &'static str,
+    files: usize,
+    round_trips: u64,
+    bytes: u64,
+    /// CPU of the reconciliation's work on both sides (fingerprints, answers), in ms.
+    cpu_ms: f64,
+}
+
+#[derive(Serialize)]
+struct Diff {
+    profile: &'static str,
+    files: usize,
+    differences: usize,
+    round_trips: u64,
+    bytes: u64,
+    bytes_per_difference: f64,
+    /// Bytes per difference beyond the 16-byte document id and 32-byte digest it names.
+    overhead_per_difference: f64,
+}
+
+fn profile() -> &'static str {
+    if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    }
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -44,33 +104,13 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[index.min(sorted.len() - 1)]
 }
 
-fn memory_address(n: u64) -> Multiaddr {
-    format!("/memory/{n}").parse().expect("a memory address")
+/// Two member nodes, the hospital and a centre, in `root`.
+struct Pair {
+    hospital: Arc<Node>,
+    centre: Arc<Node>,
 }
 
-pub fn run(docs: usize, writes: usize, json: Option<&Path>) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        docs > 0 && writes > 0,
-        "--docs and --writes must be positive"
-    );
-    let root = std::env::temp_dir().join(format!("estuary-bench-sync-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&root);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    let result = runtime.block_on(run_in(&root, docs, writes, json));
-    let _ = std::fs::remove_dir_all(&root);
-    result
-}
-
-async fn run_in(
-    root: &Path,
-    docs: usize,
-    writes: usize,
-    json: Option<&Path>,
-) -> anyhow::Result<()> {
-    // Two members: the hospital holds every file; the centre joins empty.
+fn pair(root: &Path) -> anyhow::Result<Pair> {
     let authority = Identity::from_secret(AUTHORITY);
     let by = sample::editor(sample::HOSPITAL, 0);
     let mut roster = Roster::create(&authority.actor(), &by)?;
@@ -103,72 +143,164 @@ async fn run_in(
         });
     }
     let roster = SignedRoster::sign(&authority, &mut roster).encode();
-    let hospital = Arc::new(Node::open(&configs[0], Some(&roster))?);
-    let centre = Arc::new(Node::open(&configs[1], Some(&roster))?);
+    Ok(Pair {
+        hospital: Arc::new(Node::open(&configs[0], Some(&roster))?),
+        centre: Arc::new(Node::open(&configs[1], Some(&roster))?),
+    })
+}
 
-    eprintln!("building {docs} health files at the hospital…");
-    let actor = hospital.identity().actor();
+/// Health files written by `writer`'s key, `changes` changes each, ingested into every node
+/// of `into`; returns their ids, the number of changes, and their compressed size.
+fn build(
+    writer: &Node,
+    into: &[&Node],
+    files: usize,
+    changes: usize,
+) -> anyhow::Result<(Vec<DocumentId>, usize, u64)> {
+    let actor = writer.identity().actor();
     let mut batch = Vec::new();
-    let mut changes = 0;
-    let mut files = Vec::with_capacity(docs);
-    for n in 0..docs {
-        let at = sample::MORNING_MS + n as i64;
+    let (mut ids, mut total, mut payload) = (Vec::with_capacity(files), 0, 0u64);
+    for n in 0..files {
+        let at = sample::MORNING_MS + n as i64 * 100;
         let mut demographics = sample::demographics();
         demographics.phone = Some(format!("+86 135{n:08}"));
         let mut file =
             HealthFile::create(&actor, &sample::editor(sample::HOSPITAL, at), &demographics)?;
-        for (k, substance) in ["penicillin", "sulfonamide", "latex"].iter().enumerate() {
+        for k in 1..changes {
             file.apply(
-                &sample::editor(sample::HOSPITAL, at + k as i64 + 1),
+                &sample::editor(sample::HOSPITAL, at + k as i64),
                 &HealthFileOp::AddAllergy(NewAllergy {
-                    substance: (*substance).into(),
+                    substance: format!("substance {k}"),
                     reaction: "rash".into(),
                     severity: Severity::Mild,
                 }),
             )?;
         }
+        payload += file.save().len() as u64;
         let id = file.id();
-        files.push(id);
+        ids.push(id);
         for mut change in file.automerge().clone().get_changes(&[]) {
-            batch.push(Envelope::sign(hospital.identity(), id, &mut change).encode());
-            changes += 1;
+            batch.push(Envelope::sign(writer.identity(), id, &mut change).encode());
+            total += 1;
         }
-        if batch.len() >= BUILD_BATCH {
-            hospital.ingest_many(&batch)?;
+        if batch.len() >= BUILD_BATCH || n + 1 == files {
+            for node in into {
+                node.ingest_many(&batch)?;
+            }
             batch.clear();
         }
+        if (n + 1) % 50_000 == 0 {
+            eprintln!("  {} files built", n + 1);
+        }
     }
-    hospital.ingest_many(&batch)?;
+    Ok((ids, total, payload))
+}
 
-    let config = |listen: Vec<_>, bootstrap: Vec<_>| SyncConfig {
+fn memory_address(n: u64) -> Multiaddr {
+    format!("/memory/{n}").parse().expect("a memory address")
+}
+
+fn config(listen: Vec<Multiaddr>, bootstrap: Vec<Multiaddr>, every: Duration) -> SyncConfig {
+    SyncConfig {
         listen,
         bootstrap,
-        reconcile_every: Duration::from_secs(1),
+        reconcile_every: every,
         transport: TransportKind::Memory,
         ..SyncConfig::default()
-    };
-    let port = u64::from(std::process::id()) << 16;
+    }
+}
+
+/// Starts both nodes' sync, the centre dialling the hospital.
+fn start(pair: &Pair, every: Duration) -> anyhow::Result<(SyncHandle, SyncHandle)> {
+    let port = u64::from(std::process::id()) << 20;
     let hospital_address = memory_address(port + 1);
-    let hospital_sync = SyncHandle::start(
-        hospital.clone(),
-        config(vec![hospital_address.clone()], vec![]),
+    let hospital = SyncHandle::start(
+        pair.hospital.clone(),
+        config(vec![hospital_address.clone()], vec![], every),
+    )?;
+    let centre = SyncHandle::start(
+        pair.centre.clone(),
+        config(
+            vec![memory_address(port + 2)],
+            vec![hospital_address],
+            every,
+        ),
+    )?;
+    Ok((hospital, centre))
+}
+
+fn peer_stats(of: &SyncHandle, peer: &SyncHandle) -> Option<PeerStats> {
+    of.stats().peers.get(&peer.peer_id().to_string()).cloned()
+}
+
+/// Reconciles the centre with the hospital once (after connecting); returns its round trips
+/// and bytes.
+async fn reconcile_once(centre: &SyncHandle, hospital: &SyncHandle) -> anyhow::Result<(u64, u64)> {
+    let started = Instant::now();
+    loop {
+        centre.reconcile_now().await?;
+        if let Some(stats) = peer_stats(centre, hospital)
+            && let (Some(round_trips), Some(bytes)) =
+                (stats.last_round_trips, stats.last_reconciliation_bytes)
+        {
+            return Ok((round_trips, bytes));
+        }
+        anyhow::ensure!(
+            started.elapsed() < LIMIT,
+            "no reconciliation within {LIMIT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub fn run(options: &Options) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        options.files > 0 && options.changes_per_file > 0,
+        "--files and --changes must be positive"
+    );
+    let root = std::env::temp_dir().join(format!("estuary-bench-sync-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let result = runtime.block_on(async {
+        let pair = pair(&root)?;
+        let report = match options.which {
+            Which::Bootstrap => serde_json::to_value(bootstrap(&pair, options).await?)?,
+            Which::Insync => serde_json::to_value(insync(&pair, options).await?)?,
+            Which::Diff => serde_json::to_value(diff(&pair, options).await?)?,
+        };
+        if let Some(path) = &options.json {
+            std::fs::write(path, serde_json::to_vec_pretty(&report)?)
+                .with_context(|| format!("writing {}", path.display()))?;
+            println!("wrote {}", path.display());
+        }
+        anyhow::Ok(())
+    });
+    let _ = std::fs::remove_dir_all(&root);
+    result
+}
+
+async fn bootstrap(pair: &Pair, options: &Options) -> anyhow::Result<Bootstrap> {
+    let files = options.files;
+    eprintln!("building {files} health files at the hospital…");
+    let (ids, changes, payload) = build(
+        &pair.hospital,
+        &[&pair.hospital],
+        files,
+        options.changes_per_file,
     )?;
     let started = Instant::now();
-    let centre_sync = SyncHandle::start(
-        centre.clone(),
-        config(vec![memory_address(port + 2)], vec![hospital_address]),
-    )?;
+    let (hospital, centre) = start(pair, Duration::from_secs(1))?;
     eprintln!("the centre joins empty and catches up…");
     let mut last_report = Instant::now();
-    while *centre.catalogue() != *hospital.catalogue() {
-        anyhow::ensure!(
-            started.elapsed() < CATCH_UP_LIMIT,
-            "no catch-up within {CATCH_UP_LIMIT:?}"
-        );
-        if last_report.elapsed() > Duration::from_secs(5) {
-            let catch_up = centre_sync.stats().catch_up;
+    while *pair.centre.catalogue() != *pair.hospital.catalogue() {
+        anyhow::ensure!(started.elapsed() < LIMIT, "no catch-up within {LIMIT:?}");
+        if last_report.elapsed() > Duration::from_secs(10) {
+            let catch_up = centre.stats().catch_up;
             eprintln!(
-                "  {}/{} documents, {} KiB, ETA {:.0} s",
+                "  {}/{} files, {} KiB, ETA {:.0} s",
                 catch_up.documents_done,
                 catch_up.documents_total,
                 catch_up.bytes / 1024,
@@ -178,28 +310,25 @@ async fn run_in(
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let catch_up_s = started.elapsed().as_secs_f64();
-    let bytes_in = centre_sync
-        .stats()
-        .peers
-        .get(&hospital_sync.peer_id().to_string())
-        .map(|p| p.bytes_in)
+    let seconds = started.elapsed().as_secs_f64();
+    let wire_bytes = peer_stats(&centre, &hospital)
+        .map(|p| p.bytes_in + p.bytes_out)
         .unwrap_or(0);
 
+    let writes = options.writes;
     eprintln!("{writes} new writes at the hospital, gossiped…");
-    // Let the gossip mesh settle after the bulk transfer.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let mut latencies = Vec::with_capacity(writes);
     for n in 0..writes {
-        let file = files[(n * 7_919) % files.len()];
-        let writer = hospital.clone();
+        let file = ids[(n * 7_919) % ids.len()];
+        let writer = pair.hospital.clone();
         let acked = tokio::task::spawn_blocking(move || {
             writer
                 .apply_health_file(
                     file,
-                    &sample::editor(sample::HOSPITAL, sample::MORNING_MS + 10_000_000 + n as i64),
+                    &sample::editor(sample::HOSPITAL, sample::MORNING_MS + (1 << 40) + n as i64),
                     &HealthFileOp::AddAllergy(NewAllergy {
-                        substance: format!("substance {n}"),
+                        substance: format!("gossiped {n}"),
                         reaction: "rash".into(),
                         severity: Severity::Mild,
                     }),
@@ -208,10 +337,7 @@ async fn run_in(
         })
         .await??;
         let acked_at = Instant::now();
-        loop {
-            if centre.has_change(file, &acked)? {
-                break;
-            }
+        while !pair.centre.has_change(file, &acked)? {
             anyhow::ensure!(
                 acked_at.elapsed() < Duration::from_secs(60),
                 "write {n} did not reach the centre within a minute"
@@ -221,39 +347,128 @@ async fn run_in(
         latencies.push(acked_at.elapsed().as_secs_f64() * 1e3);
     }
     latencies.sort_by(f64::total_cmp);
-    let report = Report {
-        profile: if cfg!(debug_assertions) {
-            "debug"
-        } else {
-            "release"
-        },
-        docs,
+    hospital.shutdown().await;
+    centre.shutdown().await;
+    let report = Bootstrap {
+        profile: profile(),
+        files,
         changes,
-        catch_up_s,
-        catch_up_docs_per_s: docs as f64 / catch_up_s,
-        catch_up_changes_per_s: changes as f64 / catch_up_s,
-        catch_up_bytes_in: bytes_in,
+        seconds,
+        files_per_s: files as f64 / seconds,
+        changes_per_s: changes as f64 / seconds,
+        wire_bytes,
+        payload_bytes: payload,
+        wire_to_payload: wire_bytes as f64 / payload as f64,
         propagation_writes: writes,
         propagation_p50_ms: percentile(&latencies, 0.5),
         propagation_p99_ms: percentile(&latencies, 0.99),
     };
     println!(
-        "catch-up of {docs} files ({changes} changes): {catch_up_s:.1} s, {:.0} files/s, {:.0} changes/s, {} KiB received",
-        report.catch_up_docs_per_s,
-        report.catch_up_changes_per_s,
-        bytes_in / 1024
+        "bootstrap of {files} files ({changes} changes): {seconds:.1} s, {:.0} files/s, wire {} KiB = {:.2}× the compressed payload ({} KiB)",
+        report.files_per_s,
+        wire_bytes / 1024,
+        report.wire_to_payload,
+        payload / 1024
     );
     println!(
         "gossip propagation of {writes} writes: p50 {:.2} ms, p99 {:.2} ms (ack at the writer → durable at the receiver)",
         report.propagation_p50_ms, report.propagation_p99_ms
     );
     println!("({} build)", report.profile);
-    hospital_sync.shutdown().await;
-    centre_sync.shutdown().await;
-    if let Some(path) = json {
-        std::fs::write(path, serde_json::to_vec_pretty(&report)?)
-            .with_context(|| format!("writing {}", path.display()))?;
-        println!("wrote {}", path.display());
+    Ok(report)
+}
+
+/// The CPU time of one reconciliation's work on both sides, with the nodes' catalogues,
+/// in-process: the median of 5 runs, in ms.
+fn reconciliation_cpu_ms(pair: &Pair) -> anyhow::Result<f64> {
+    let mut times = Vec::new();
+    for _ in 0..5 {
+        let started = Instant::now();
+        let ours = pair.centre.catalogue();
+        let theirs = pair.hospital.catalogue();
+        let mut run = Reconciliation::new(&ours);
+        while run.receive(&ours, &theirs.answer(run.query())?)? {}
+        times.push(started.elapsed().as_secs_f64() * 1e3);
     }
-    Ok(())
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
+}
+
+async fn insync(pair: &Pair, options: &Options) -> anyhow::Result<Insync> {
+    let files = options.files;
+    eprintln!("building the same {files} health files at both nodes…");
+    build(
+        &pair.hospital,
+        &[&pair.hospital, &pair.centre],
+        files,
+        options.changes_per_file,
+    )?;
+    let (hospital, centre) = start(pair, Duration::from_secs(3_600))?;
+    let (round_trips, bytes) = reconcile_once(&centre, &hospital).await?;
+    let lag = peer_stats(&centre, &hospital).and_then(|p| p.lag);
+    anyhow::ensure!(lag == Some(0), "the nodes differ: {lag:?}");
+    hospital.shutdown().await;
+    centre.shutdown().await;
+    let report = Insync {
+        profile: profile(),
+        files,
+        round_trips,
+        bytes,
+        cpu_ms: reconciliation_cpu_ms(pair)?,
+    };
+    println!(
+        "in-sync check of {files} files: {round_trips} round trip(s), {bytes} bytes, {:.1} ms CPU ({} build)",
+        report.cpu_ms, report.profile
+    );
+    Ok(report)
+}
+
+async fn diff(pair: &Pair, options: &Options) -> anyhow::Result<Diff> {
+    let (files, differences) = (options.files, options.diff.min(options.files));
+    anyhow::ensure!(differences > 0, "--diff must be positive");
+    eprintln!(
+        "building the same {files} health files at both nodes, then {differences} edits at one…"
+    );
+    let (ids, _, _) = build(
+        &pair.hospital,
+        &[&pair.hospital, &pair.centre],
+        files,
+        options.changes_per_file,
+    )?;
+    for k in 0..differences {
+        let file = ids[(k * 7_919) % ids.len()];
+        pair.hospital.apply_health_file(
+            file,
+            &sample::editor(sample::HOSPITAL, sample::MORNING_MS + (1 << 40) + k as i64),
+            &HealthFileOp::AddAllergy(NewAllergy {
+                substance: format!("different {k}"),
+                reaction: "rash".into(),
+                severity: Severity::Mild,
+            }),
+        )?;
+    }
+    let (hospital, centre) = start(pair, Duration::from_secs(3_600))?;
+    let (round_trips, bytes) = reconcile_once(&centre, &hospital).await?;
+    let lag = peer_stats(&centre, &hospital).and_then(|p| p.lag);
+    anyhow::ensure!(
+        lag == Some(differences as u64),
+        "found {lag:?} differences, not {differences}"
+    );
+    hospital.shutdown().await;
+    centre.shutdown().await;
+    let per = bytes as f64 / differences as f64;
+    let report = Diff {
+        profile: profile(),
+        files,
+        differences,
+        round_trips,
+        bytes,
+        bytes_per_difference: per,
+        overhead_per_difference: per - 48.0,
+    };
+    println!(
+        "{differences} differences among {files} files: {round_trips} round trips, {bytes} bytes, {per:.0} bytes per difference ({} build)",
+        report.profile
+    );
+    Ok(report)
 }

@@ -84,12 +84,22 @@ enum Bench {
         #[arg(long)]
         json: Option<PathBuf>,
     },
-    /// Two nodes over libp2p: an empty node's catch-up rate, then gossip propagation latency.
+    /// Two nodes over libp2p: bootstrap of an empty node (and gossip latency after), the
+    /// in-sync check, and finding differences.
     Sync {
-        /// Health files (4 changes each) the empty node catches up on.
+        /// What to measure.
+        #[arg(value_enum)]
+        which: bench_sync::Which,
+        /// Health files the nodes hold.
         #[arg(long, default_value_t = 10_000)]
-        docs: usize,
-        /// New writes whose propagation is timed.
+        files: usize,
+        /// Changes per file (its creation and allergy records).
+        #[arg(long, default_value_t = 4)]
+        changes: usize,
+        /// Files that differ (`diff`).
+        #[arg(long, default_value_t = 100)]
+        diff: usize,
+        /// New writes whose gossip propagation is timed (`bootstrap`).
         #[arg(long, default_value_t = 200)]
         writes: usize,
         /// Write the figures as JSON here.
@@ -143,8 +153,23 @@ fn main() -> ExitCode {
             bench: Bench::Reconcile { docs, json },
         } => bench_reconcile::run(docs, json.as_deref()),
         Command::Bench {
-            bench: Bench::Sync { docs, writes, json },
-        } => bench_sync::run(docs, writes, json.as_deref()),
+            bench:
+                Bench::Sync {
+                    which,
+                    files,
+                    changes,
+                    diff,
+                    writes,
+                    json,
+                },
+        } => bench_sync::run(&bench_sync::Options {
+            which,
+            files,
+            changes_per_file: changes,
+            diff,
+            writes,
+            json,
+        }),
         Command::Bench {
             bench: Bench::OpenProbe { dir },
         } => bench_store::open_probe(&dir),
