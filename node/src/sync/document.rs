@@ -7,8 +7,8 @@ use std::collections::HashMap;
 use serde_bytes::{ByteArray, ByteBuf};
 
 use super::protocol::{
-    ChangeSignature, FETCH_DOCUMENTS_MAX, FETCH_RESPONSE_BYTES_MAX, SYNC_MESSAGE_BYTES_MAX,
-    SYNC_SIGNATURES_MAX, SyncMessage,
+    ChangeSignature, FETCH_DOCUMENTS_MAX, FETCH_RESPONSE_BYTES_MAX, FetchedDocument,
+    RESPONSE_BYTES_MAX, SYNC_MESSAGE_BYTES_MAX, SYNC_SIGNATURES_MAX, SyncMessage,
 };
 use crate::envelope::{ENVELOPE_VERSION, Envelope};
 use crate::model::automerge::sync::{self, ChunkList, SyncDoc};
@@ -166,22 +166,7 @@ pub fn incoming(
         }
     }
     let mut carried = Carried::default();
-    let mut envelopes = Vec::with_capacity(changes.len());
-    for mut change in changes {
-        match signatures.get(&change.hash().0) {
-            // A change without its author's signature cannot be checked: refused.
-            None => carried.rejected += 1,
-            Some(signature) => envelopes.push(
-                Envelope {
-                    version: ENVELOPE_VERSION,
-                    document: document.as_bytes().to_vec(),
-                    change: change.bytes().into_owned(),
-                    signature: signature.to_vec(),
-                }
-                .encode(),
-            ),
-        }
-    }
+    let envelopes = sealed(document, changes, &signatures, &mut carried);
     carried.count(&node.ingest_many(&envelopes)?);
     message.changes = ChunkList::empty();
     let mut doc = copy_of(node, document)?;
@@ -196,39 +181,118 @@ pub fn incoming(
     }
 }
 
-/// The envelopes of the documents a peer asked for, in causal order per document, within
-/// `FETCH_RESPONSE_BYTES_MAX`; the documents left out are returned to ask for again. A
-/// document larger than the whole budget is sent in part, and also returned.
+/// Each change in its envelope, with the signature sent beside it; a change without one
+/// cannot be checked and is counted as refused.
+fn sealed(
+    document: DocumentId,
+    changes: Vec<crate::model::automerge::Change>,
+    signatures: &HashMap<[u8; 32], [u8; 64]>,
+    carried: &mut Carried,
+) -> Vec<Vec<u8>> {
+    let mut envelopes = Vec::with_capacity(changes.len());
+    for mut change in changes {
+        match signatures.get(&change.hash().0) {
+            None => carried.rejected += 1,
+            Some(signature) => envelopes.push(
+                Envelope {
+                    version: ENVELOPE_VERSION,
+                    document: document.as_bytes().to_vec(),
+                    change: change.bytes().into_owned(),
+                    signature: signature.to_vec(),
+                }
+                .encode(),
+            ),
+        }
+    }
+    envelopes
+}
+
+/// The documents a peer asked for, each saved (compressed) with its changes' signatures,
+/// within `FETCH_RESPONSE_BYTES_MAX`; the documents left out are returned to ask for again.
+/// The first document is always sent, however large, so a fetch always makes progress.
 pub fn fetch(
     node: &Node,
     documents: &[ByteArray<16>],
-) -> Result<(Vec<ByteBuf>, Vec<ByteArray<16>>), DocumentSyncError> {
+) -> Result<(Vec<FetchedDocument>, Vec<ByteArray<16>>), DocumentSyncError> {
     if documents.len() > FETCH_DOCUMENTS_MAX {
         return Err(DocumentSyncError::Malformed(
             "too many documents in one fetch",
         ));
     }
-    let mut envelopes = Vec::new();
+    let mut fetched = Vec::new();
     let mut deferred = Vec::new();
     let mut bytes = 0;
     for id in documents {
-        let all = node.envelopes(DocumentId::from_bytes(**id))?;
-        let size: usize = all.iter().map(Vec::len).sum();
-        if bytes + size <= FETCH_RESPONSE_BYTES_MAX {
-            bytes += size;
-            envelopes.extend(all.into_iter().map(ByteBuf::from));
-        } else if envelopes.is_empty() {
-            for envelope in all {
-                if bytes + envelope.len() > FETCH_RESPONSE_BYTES_MAX {
-                    break;
-                }
-                bytes += envelope.len();
-                envelopes.push(ByteBuf::from(envelope));
-            }
+        let document = DocumentId::from_bytes(**id);
+        if !fetched.is_empty() && bytes >= FETCH_RESPONSE_BYTES_MAX {
             deferred.push(*id);
-        } else {
-            deferred.push(*id);
+            continue;
         }
+        let Some(mut doc) = node.sync_document(document)? else {
+            // Not held (any more): nothing to send, nothing to ask again.
+            continue;
+        };
+        let hashes: Vec<ChangeHash> = doc.get_changes(&[]).iter().map(|c| c.hash()).collect();
+        let signatures: Vec<ChangeSignature> = node
+            .signatures(document, &hashes)?
+            .into_iter()
+            .map(|(hash, signature)| ChangeSignature {
+                change: ByteArray::new(hash.0),
+                signature: ByteArray::new(signature),
+            })
+            .collect();
+        let saved = doc.save();
+        let size = saved.len() + signatures.len() * SIGNATURE_ENTRY_BYTES;
+        if !fetched.is_empty() && bytes + size > FETCH_RESPONSE_BYTES_MAX {
+            deferred.push(*id);
+            continue;
+        }
+        bytes += size;
+        fetched.push(FetchedDocument {
+            document: *id,
+            saved: ByteBuf::from(saved),
+            signatures,
+        });
     }
-    Ok((envelopes, deferred))
+    Ok((fetched, deferred))
+}
+
+/// Bytes a change signature takes on the wire (hash, signature, framing).
+const SIGNATURE_ENTRY_BYTES: usize = 104;
+
+/// Takes fetched documents: each is loaded into a scratch document (bounded and guarded like
+/// any peer's bytes), and its changes, in their envelopes, go through the pipeline together.
+/// A document that does not load, or a change without a signature, is counted as refused.
+pub fn ingest_fetched(
+    node: &Node,
+    fetched: &[FetchedDocument],
+) -> Result<Carried, DocumentSyncError> {
+    let mut carried = Carried::default();
+    let mut envelopes = Vec::new();
+    for document in fetched {
+        if document.saved.len() > RESPONSE_BYTES_MAX as usize
+            || document.signatures.len() > SYNC_SIGNATURES_MAX
+        {
+            carried.rejected += 1;
+            continue;
+        }
+        let Ok(mut scratch) = load_document(&document.saved) else {
+            carried.rejected += 1;
+            continue;
+        };
+        let signatures: HashMap<[u8; 32], [u8; 64]> = document
+            .signatures
+            .iter()
+            .map(|s| (*s.change, *s.signature))
+            .collect();
+        let changes = scratch.get_changes(&[]);
+        envelopes.extend(sealed(
+            DocumentId::from_bytes(*document.document),
+            changes,
+            &signatures,
+            &mut carried,
+        ));
+    }
+    carried.count(&node.ingest_many(&envelopes)?);
+    Ok(carried)
 }

@@ -1396,8 +1396,8 @@ impl Driver {
             Request::Fetch { documents } => {
                 self.spawn_job(peer, Release::Inbound, move || {
                     let response = match document::fetch(&node, &documents) {
-                        Ok((envelopes, deferred)) => Response::Fetch {
-                            envelopes,
+                        Ok((documents, deferred)) => Response::Fetch {
+                            documents,
                             deferred,
                         },
                         Err(error) if error.is_peers_fault() => {
@@ -1475,12 +1475,11 @@ impl Driver {
             (
                 Outbound::Fetch(documents),
                 Response::Fetch {
-                    envelopes,
+                    documents: fetched,
                     deferred,
                 },
             ) => {
                 let node = self.node.clone();
-                let bytes: u64 = envelopes.iter().map(|e| e.len() as u64).sum();
                 // The exchange is over; ingesting is the blocking pool's work, and the
                 // documents stay in progress until it is done.
                 if let Some(state) = self.peers.get_mut(&peer) {
@@ -1489,15 +1488,8 @@ impl Driver {
                 self.pump(peer);
                 self.spawn_job(peer, Release::Fetched(documents.clone()), move || {
                     let _span =
-                        tracing::debug_span!("fetch", %peer, envelopes = envelopes.len()).entered();
-                    let carried = node
-                        .ingest_many(&envelopes)
-                        .map(|outcomes| {
-                            let mut carried = Carried::default();
-                            carried.count(&outcomes);
-                            carried
-                        })
-                        .map_err(DocumentSyncError::from);
+                        tracing::debug_span!("fetch", %peer, documents = fetched.len()).entered();
+                    let carried = document::ingest_fetched(&node, &fetched);
                     Job::Fetched {
                         peer,
                         documents,

@@ -58,10 +58,10 @@ pub enum Response {
     Reconcile(Reply),
     /// The responder's next sync message, or `None` when it has nothing more to say.
     Sync(Option<SyncMessage>),
-    /// Envelopes of the documents asked for.
+    /// The documents asked for, compressed, with their changes' signatures.
     Fetch {
-        /// The envelopes, each document's in causal order.
-        envelopes: Vec<ByteBuf>,
+        /// The documents.
+        documents: Vec<FetchedDocument>,
         /// Documents left out for lack of room, to ask for again.
         deferred: Vec<ByteArray<16>>,
     },
@@ -94,6 +94,19 @@ pub struct SyncMessage {
     /// Automerge's encoded sync message.
     pub message: ByteBuf,
     /// The author's signature of each change the message carries.
+    pub signatures: Vec<ChangeSignature>,
+}
+
+/// A whole document as a fetch carries it: automerge's compressed save, and the signature of
+/// every change in it. The receiver loads it into a scratch document and runs each change,
+/// in its envelope, through the pipeline.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FetchedDocument {
+    /// The document.
+    pub document: ByteArray<16>,
+    /// `save()` of the document.
+    pub saved: ByteBuf,
+    /// The author's signature of each change.
     pub signatures: Vec<ChangeSignature>,
 }
 
