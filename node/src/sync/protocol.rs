@@ -1,6 +1,7 @@
 //! What nodes say to each other: request-response messages (CBOR, `/estuary/sync/1`) and
 //! gossip messages. Every byte field is a CBOR byte string; every size has a named limit
-//! checked before decoding.
+//! checked before decoding. Records sent by the thousand (signatures, fetched documents)
+//! carry one-letter field names.
 
 use libp2p::StreamProtocol;
 use serde::{Deserialize, Serialize};
@@ -103,10 +104,13 @@ pub struct SyncMessage {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FetchedDocument {
     /// The document.
+    #[serde(rename = "d")]
     pub document: ByteArray<16>,
     /// `save()` of the document.
+    #[serde(rename = "b")]
     pub saved: ByteBuf,
     /// The author's signature of each change.
+    #[serde(rename = "s")]
     pub signatures: Vec<ChangeSignature>,
 }
 
@@ -114,8 +118,10 @@ pub struct FetchedDocument {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChangeSignature {
     /// The change hash.
+    #[serde(rename = "c")]
     pub change: ByteArray<32>,
     /// The author's ed25519 signature over `estuary/change/v1 ‖ document ‖ change hash`.
+    #[serde(rename = "s")]
     pub signature: ByteArray<64>,
 }
 
