@@ -896,3 +896,35 @@ async fn forged_and_strangers_changes_from_a_member_are_quarantined_and_not_forw
     a_sync.shutdown().await;
     b_sync.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_too_large_to_gossip_is_announced_and_pulled() {
+    let consortium = Consortium::new(2);
+    let (a, b) = (consortium.node(0), consortium.node(1));
+    let a_address = memory_address();
+    // Every envelope counts as too large; reconciliation waits an hour, so only the
+    // announcement can bring the change across.
+    let config = |listen: Vec<Multiaddr>, bootstrap: Vec<Multiaddr>| SyncConfig {
+        listen,
+        bootstrap,
+        reconcile_every: Duration::from_secs(3_600),
+        gossip_envelope_bytes_max: 0,
+        transport: TransportKind::Memory,
+        ..SyncConfig::default()
+    };
+    let a_sync = SyncHandle::start(a.clone(), config(vec![a_address.clone()], vec![])).unwrap();
+    let b_sync =
+        SyncHandle::start(b.clone(), config(vec![memory_address()], vec![a_address])).unwrap();
+    let started = Instant::now();
+    while a_sync.connected().await.unwrap().is_empty() {
+        assert!(started.elapsed() < CONVERGENCE, "never connected");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Let the mesh form and the first (empty) reconciliation pass.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    a.create_health_file(&editor("member-0"), &resident("Announced"))
+        .unwrap();
+    converge(&[a.clone(), b.clone()], &[&a_sync, &b_sync], 1).await;
+    a_sync.shutdown().await;
+    b_sync.shutdown().await;
+}

@@ -114,6 +114,9 @@ pub struct SyncConfig {
     pub reconcile_every: Duration,
     /// How long a request may take.
     pub request_timeout: Duration,
+    /// Envelopes larger than this are announced on gossip rather than carried (at most
+    /// `GOSSIP_ENVELOPE_BYTES_MAX`, the default).
+    pub gossip_envelope_bytes_max: usize,
     /// The transport.
     pub transport: TransportKind,
 }
@@ -129,6 +132,7 @@ impl Default for SyncConfig {
             relays: Vec::new(),
             reconcile_every: Duration::from_secs(5),
             request_timeout: Duration::from_secs(30),
+            gossip_envelope_bytes_max: GOSSIP_ENVELOPE_BYTES_MAX,
             transport: TransportKind::Network,
         }
     }
@@ -239,7 +243,10 @@ pub struct SyncHandle {
 
 impl SyncHandle {
     /// Starts the sync layer for `node` on the current tokio runtime.
-    pub fn start(node: Arc<Node>, config: SyncConfig) -> Result<Self, SyncError> {
+    pub fn start(node: Arc<Node>, mut config: SyncConfig) -> Result<Self, SyncError> {
+        config.gossip_envelope_bytes_max = config
+            .gossip_envelope_bytes_max
+            .min(GOSSIP_ENVELOPE_BYTES_MAX);
         let bans: gate::Bans = Arc::default();
         let mut swarm = build_swarm(&node, &config, bans.clone())?;
         for address in &config.listen {
@@ -942,7 +949,7 @@ impl Driver {
     }
 
     fn publish(&mut self, change: crate::node::LocalChange) {
-        let gossip = if change.envelope.len() <= GOSSIP_ENVELOPE_BYTES_MAX {
+        let gossip = if change.envelope.len() <= self.config.gossip_envelope_bytes_max {
             Gossip::Change(change.envelope.into())
         } else {
             Gossip::Announce {
