@@ -237,11 +237,15 @@ impl Membership {
         }
     }
 
+    /// The institution holding `key`, revoked or not.
+    pub fn institution_of(&self, key: &Bytes32) -> Option<InstitutionId> {
+        self.view.institution_of(key).map(|i| i.id.clone())
+    }
+
     /// The institution of the node behind `peer`, if its key is a current member's: whom a
     /// node lets connect. A revoked key's node is refused like a stranger's.
     pub fn peer_institution(&self, peer: &PeerId) -> Option<InstitutionId> {
-        let key = self.peers.get(peer)?;
-        self.view.institution_of(key).map(|i| i.id.clone())
+        self.institution_of(self.peers.get(peer)?)
     }
 
     /// The revoked keys that name `change` as one of their cut-off heads.

@@ -522,19 +522,19 @@ impl Node {
 
     /// The institution of the node behind a network peer, if it is a current member.
     pub fn peer_institution(&self, peer: &libp2p::PeerId) -> Option<InstitutionId> {
-        let membership = self.membership.read().unwrap_or_else(|p| p.into_inner());
+        let membership = self.membership();
         membership.peer_institution(peer)
     }
 
     /// The version of the roster this node holds.
     pub fn roster_version(&self) -> u64 {
-        let membership = self.membership.read().unwrap_or_else(|p| p.into_inner());
+        let membership = self.membership();
         membership.version()
     }
 
     /// The signed roster this node holds, encoded as it is sent to peers.
     pub fn signed_roster(&self) -> Vec<u8> {
-        let membership = self.membership.read().unwrap_or_else(|p| p.into_inner());
+        let membership = self.membership();
         membership.encoded().to_vec()
     }
 
@@ -865,7 +865,7 @@ impl Node {
                 own: self.institution.clone(),
             });
         }
-        let membership = self.membership.read().unwrap_or_else(|p| p.into_inner());
+        let membership = self.membership();
         match membership.admit(&self.identity.public_key(), &ChangeHash([0; 32])) {
             Admission::Member(_) => Ok(()),
             _ => Err(NodeError::NotAMember),
@@ -896,7 +896,7 @@ impl Node {
             self.vouch(cache, ticket, &vouchers, id, hash, verified.change.deps())?;
         }
         let admission = {
-            let membership = self.membership.read().unwrap_or_else(|p| p.into_inner());
+            let membership = self.membership();
             membership.admit(&verified.author, &hash)
         };
         let author = match admission {
@@ -1109,13 +1109,7 @@ impl Node {
         );
         batch.delete(keys::per_change(keys::PENDING, &verified.hash));
         forget_waits(&mut batch, verified);
-        let institution = {
-            let membership = self.membership.read().unwrap_or_else(|p| p.into_inner());
-            membership
-                .view()
-                .institution_of(&verified.author)
-                .map(|i| i.id.clone())
-        };
+        let institution = self.membership().institution_of(&verified.author);
         let head = self.append_audit(
             &mut batch,
             cache.audit,
@@ -1217,7 +1211,11 @@ impl Node {
     /// marked as an ancestor of one.
     fn vouchers(&self, change: &ChangeHash) -> Result<Vec<Bytes32>, StoreError> {
         let mut keys = {
-            let membership = self.membership.read().unwrap_or_else(|p| p.into_inner());
+            let membership = self.membership();
+            // Marks exist only for revoked keys: without one, no scan on the hot path.
+            if membership.view().revocations.is_empty() {
+                return Ok(Vec::new());
+            }
             membership.cutoff_keys_of(change)
         };
         for key in self
@@ -1340,7 +1338,7 @@ impl Node {
     /// from the cut-off heads' hashed histories alone.
     fn cutoff_drawn(&self, key: &Bytes32) -> Result<bool, StoreError> {
         let cutoff = {
-            let membership = self.membership.read().unwrap_or_else(|p| p.into_inner());
+            let membership = self.membership();
             membership.cutoff_of(key)
         };
         for head in &cutoff {
@@ -1420,7 +1418,7 @@ impl Node {
     /// resumes at the next start; withdrawing twice changes nothing.
     fn apply_revocations(&self, cache: &mut Cache, ticket: &mut u64) -> Result<(), NodeError> {
         let revoked = {
-            let membership = self.membership.read().unwrap_or_else(|p| p.into_inner());
+            let membership = self.membership();
             membership
                 .revoked_keys()
                 .into_iter()
@@ -1544,13 +1542,7 @@ impl Node {
             };
             batch.put(keys::per_change(keys::PENDING, hash), encode(&record));
             batch.put(keys::waiting(&hash.0, hash), Vec::new());
-            let institution = {
-                let membership = self.membership.read().unwrap_or_else(|p| p.into_inner());
-                membership
-                    .view()
-                    .institution_of(&verified.author)
-                    .map(|i| i.id.clone())
-            };
+            let institution = self.membership().institution_of(&verified.author);
             audit_head = self.append_audit(
                 &mut batch,
                 audit_head,
@@ -1828,6 +1820,10 @@ impl Node {
         self.document_locks[stripe]
             .lock()
             .unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn membership(&self) -> RwLockReadGuard<'_, Membership> {
+        self.membership.read().unwrap_or_else(|p| p.into_inner())
     }
 
     fn lock_cache(&self) -> MutexGuard<'_, Cache> {

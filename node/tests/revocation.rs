@@ -7,7 +7,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-use common::{AUTHORITY, editor, institution, resident};
+use common::{AUTHORITY, add_member, allergy, editor, resident};
 use estuary_node::envelope::Envelope;
 use estuary_node::identity::Identity;
 use estuary_node::membership::SignedRoster;
@@ -51,25 +51,7 @@ impl Consortium {
             Identity::from_secret(REVOKED).public_key(),
         ));
         for (id, kind, key) in members {
-            roster
-                .apply(
-                    &by,
-                    &RosterOp::AddInstitution {
-                        id: institution(id),
-                        name: id.into(),
-                        kind,
-                    },
-                )
-                .unwrap();
-            roster
-                .apply(
-                    &by,
-                    &RosterOp::AddNodeKey {
-                        institution: institution(id),
-                        key,
-                    },
-                )
-                .unwrap();
+            add_member(&mut roster, &by, id, kind, key);
         }
         Self { dir, roster }
     }
@@ -119,14 +101,6 @@ fn copy_key(from: &Path, to: &Path) {
 
 fn hash_of(envelope: &[u8]) -> ChangeHash {
     Envelope::verify(envelope).unwrap().hash
-}
-
-fn allergy(substance: &str) -> HealthFileOp {
-    HealthFileOp::AddAllergy(NewAllergy {
-        substance: substance.into(),
-        reaction: "rash".into(),
-        severity: Severity::Mild,
-    })
 }
 
 /// The revoked key's replica of one document: each edit becomes a signed envelope.

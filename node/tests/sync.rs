@@ -7,7 +7,7 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{AUTHORITY, editor, institution, resident};
+use common::{AUTHORITY, add_member, allergy, editor, resident};
 use estuary_node::identity::Identity;
 use estuary_node::membership::SignedRoster;
 use estuary_node::model::*;
@@ -39,25 +39,13 @@ impl Consortium {
             let data_dir = dir.path().join(member);
             std::fs::create_dir_all(&data_dir).unwrap();
             let key = Identity::load_or_create(&data_dir).unwrap().public_key();
-            roster
-                .apply(
-                    &by,
-                    &RosterOp::AddInstitution {
-                        id: institution(member),
-                        name: member.clone(),
-                        kind: InstitutionKind::CommunityCentre,
-                    },
-                )
-                .unwrap();
-            roster
-                .apply(
-                    &by,
-                    &RosterOp::AddNodeKey {
-                        institution: institution(member),
-                        key,
-                    },
-                )
-                .unwrap();
+            add_member(
+                &mut roster,
+                &by,
+                member,
+                InstitutionKind::CommunityCentre,
+                key,
+            );
         }
         let signed = SignedRoster::sign(&authority, &mut roster).encode();
         Self {
@@ -97,6 +85,57 @@ impl Consortium {
         };
         Arc::new(Node::open(&config, Some(&self.roster)).unwrap())
     }
+}
+
+/// A bare libp2p swarm over the memory transport: a peer that is not an Estuary node (a
+/// stranger, or a member's node running faulty code).
+fn bare_swarm<B: libp2p::swarm::NetworkBehaviour>(
+    key: libp2p::identity::Keypair,
+    behaviour: B,
+) -> libp2p::Swarm<B> {
+    use libp2p::core::transport::MemoryTransport;
+    use libp2p::core::upgrade::Version;
+    use libp2p::{Transport, noise, yamux};
+    libp2p::SwarmBuilder::with_existing_identity(key)
+        .with_tokio()
+        .with_other_transport(
+            |key| -> Result<_, Box<dyn std::error::Error + Send + Sync>> {
+                Ok(MemoryTransport::default()
+                    .upgrade(Version::V1)
+                    .authenticate(noise::Config::new(key)?)
+                    .multiplex(yamux::Config::default()))
+            },
+        )
+        .unwrap()
+        .with_behaviour(|_| behaviour)
+        .unwrap()
+        .build()
+}
+
+/// `member`'s key driven by faulty code: a bare swarm subscribed to the consortium's changes
+/// topic, which it can publish anything on.
+fn faulty_member(
+    consortium: &Consortium,
+    member: &str,
+) -> (
+    libp2p::Swarm<libp2p::gossipsub::Behaviour>,
+    libp2p::gossipsub::IdentTopic,
+) {
+    use libp2p::gossipsub::{self, IdentTopic, MessageAuthenticity};
+    let key = Identity::load_or_create(&consortium.dir.path().join(member))
+        .unwrap()
+        .libp2p_keypair();
+    let (changes, _) =
+        estuary_node::sync::topic_names(&Identity::from_secret(AUTHORITY).public_key());
+    let topic = IdentTopic::new(changes);
+    let gossip = gossipsub::Behaviour::new(
+        MessageAuthenticity::Signed(key.clone()),
+        gossipsub::Config::default(),
+    )
+    .unwrap();
+    let mut swarm = bare_swarm(key, gossip);
+    swarm.behaviour_mut().subscribe(&topic).unwrap();
+    (swarm, topic)
 }
 
 /// A fresh in-memory address.
@@ -160,14 +199,6 @@ async fn converge_or(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-}
-
-fn allergy(substance: &str) -> HealthFileOp {
-    HealthFileOp::AddAllergy(NewAllergy {
-        substance: substance.into(),
-        reaction: "rash".into(),
-        severity: Severity::Mild,
-    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -288,30 +319,18 @@ async fn five_nodes_in_a_line_carry_every_change_to_every_node() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stranger_is_refused_at_connection() {
     use futures::StreamExt;
-    use libp2p::core::transport::MemoryTransport;
-    use libp2p::core::upgrade::Version;
+    use libp2p::ping;
     use libp2p::swarm::SwarmEvent;
-    use libp2p::{Transport, noise, ping, yamux};
 
     let consortium = Consortium::new(1);
     let member = consortium.node(0);
     let address = memory_address();
     let member_sync = start(&member, &address, vec![]);
     // A peer whose key is not in the roster dials in.
-    let mut stranger = libp2p::SwarmBuilder::with_new_identity()
-        .with_tokio()
-        .with_other_transport(
-            |key| -> Result<_, Box<dyn std::error::Error + Send + Sync>> {
-                Ok(MemoryTransport::default()
-                    .upgrade(Version::V1)
-                    .authenticate(noise::Config::new(key)?)
-                    .multiplex(yamux::Config::default()))
-            },
-        )
-        .unwrap()
-        .with_behaviour(|_| ping::Behaviour::default())
-        .unwrap()
-        .build();
+    let mut stranger = bare_swarm(
+        libp2p::identity::Keypair::generate_ed25519(),
+        ping::Behaviour::default(),
+    );
     stranger.dial(address).unwrap();
     let closed = tokio::time::timeout(CONVERGENCE, async {
         loop {
@@ -438,44 +457,15 @@ async fn a_revoked_member_is_disconnected_everywhere_the_roster_reaches() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_gossiping_invalid_data_is_penalised_then_disconnected() {
     use futures::StreamExt;
-    use libp2p::core::transport::MemoryTransport;
-    use libp2p::core::upgrade::Version;
-    use libp2p::gossipsub::{self, IdentTopic, MessageAuthenticity};
     use libp2p::swarm::SwarmEvent;
-    use libp2p::{Transport, noise, yamux};
 
     let consortium = Consortium::new(2);
     let honest = consortium.node(0);
     let address = memory_address();
     let honest_sync = start(&honest, &address, vec![]);
     // Member 1's key, driven by a faulty program that gossips garbage.
-    let key = Identity::load_or_create(&consortium.dir.path().join("member-1"))
-        .unwrap()
-        .libp2p_keypair();
-    let (changes, _) =
-        estuary_node::sync::topic_names(&Identity::from_secret(AUTHORITY).public_key());
-    let topic = IdentTopic::new(changes);
-    let mut faulty = libp2p::SwarmBuilder::with_existing_identity(key.clone())
-        .with_tokio()
-        .with_other_transport(
-            |key| -> Result<_, Box<dyn std::error::Error + Send + Sync>> {
-                Ok(MemoryTransport::default()
-                    .upgrade(Version::V1)
-                    .authenticate(noise::Config::new(key)?)
-                    .multiplex(yamux::Config::default()))
-            },
-        )
-        .unwrap()
-        .with_behaviour(|key| {
-            gossipsub::Behaviour::<gossipsub::IdentityTransform>::new(
-                MessageAuthenticity::Signed(key.clone()),
-                gossipsub::Config::default(),
-            )
-            .unwrap()
-        })
-        .unwrap()
-        .build();
-    faulty.behaviour_mut().subscribe(&topic).unwrap();
+    let (mut faulty, topic) = faulty_member(&consortium, "member-1");
+    let faulty_peer = *faulty.local_peer_id();
     faulty.dial(address).unwrap();
     let outcome = tokio::time::timeout(CONVERGENCE, async {
         let mut sent = 0u32;
@@ -502,7 +492,7 @@ async fn a_member_gossiping_invalid_data_is_penalised_then_disconnected() {
     .await;
     let sent = outcome.expect("the faulty member was never disconnected");
     let stats = honest_sync.stats();
-    let peer = &stats.peers[&key.public().to_peer_id().to_string()];
+    let peer = &stats.peers[&faulty_peer.to_string()];
     assert!(peer.changes_rejected >= 1, "{peer:?}");
     assert!(stats.disconnected >= 1);
     assert!(peer.score.is_some_and(|s| s < 0.0), "{peer:?}");
@@ -787,10 +777,6 @@ async fn two_nodes_holding_the_same_10000_documents_confirm_it_in_at_most_3_roun
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_and_strangers_changes_from_a_member_are_quarantined_and_not_forwarded() {
     use futures::StreamExt;
-    use libp2p::core::transport::MemoryTransport;
-    use libp2p::core::upgrade::Version;
-    use libp2p::gossipsub::{self, IdentTopic, MessageAuthenticity};
-    use libp2p::{Transport, noise, yamux};
 
     let consortium = Consortium::new(3);
     let (a, b) = (consortium.node(0), consortium.node(1));
@@ -810,33 +796,7 @@ async fn forged_and_strangers_changes_from_a_member_are_quarantined_and_not_forw
         estuary_node::envelope::Envelope::sign(&stranger_node, file.id(), &mut change).encode()
     };
     let bad = [forged.encode(), strangers];
-    let key = Identity::load_or_create(&consortium.dir.path().join("member-2"))
-        .unwrap()
-        .libp2p_keypair();
-    let (changes, _) =
-        estuary_node::sync::topic_names(&Identity::from_secret(AUTHORITY).public_key());
-    let topic = IdentTopic::new(changes);
-    let mut faulty = libp2p::SwarmBuilder::with_existing_identity(key)
-        .with_tokio()
-        .with_other_transport(
-            |key| -> Result<_, Box<dyn std::error::Error + Send + Sync>> {
-                Ok(MemoryTransport::default()
-                    .upgrade(Version::V1)
-                    .authenticate(noise::Config::new(key)?)
-                    .multiplex(yamux::Config::default()))
-            },
-        )
-        .unwrap()
-        .with_behaviour(|key| {
-            gossipsub::Behaviour::<gossipsub::IdentityTransform>::new(
-                MessageAuthenticity::Signed(key.clone()),
-                gossipsub::Config::default(),
-            )
-            .unwrap()
-        })
-        .unwrap()
-        .build();
-    faulty.behaviour_mut().subscribe(&topic).unwrap();
+    let (mut faulty, topic) = faulty_member(&consortium, "member-2");
     faulty.dial(a_address).unwrap();
     // Honest writes on both sides meanwhile.
     a.create_health_file(&editor("member-0"), &resident("Honest A"))

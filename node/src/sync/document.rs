@@ -83,6 +83,22 @@ fn copy_of(node: &Node, document: DocumentId) -> Result<AutoCommit, NodeError> {
     Ok(node.sync_document(document)?.unwrap_or_default())
 }
 
+/// The signatures of a document's accepted changes, as they travel beside the changes.
+fn change_signatures(
+    node: &Node,
+    document: DocumentId,
+    changes: &[ChangeHash],
+) -> Result<Vec<ChangeSignature>, NodeError> {
+    Ok(node
+        .signatures(document, changes)?
+        .into_iter()
+        .map(|(hash, signature)| ChangeSignature {
+            change: ByteArray::new(hash.0),
+            signature: ByteArray::new(signature),
+        })
+        .collect())
+}
+
 /// This node's next sync message for `document` to the peer whose state is `state`, with the
 /// signatures of the changes it carries; `None` when there is nothing to say.
 pub fn outgoing(
@@ -102,18 +118,11 @@ pub fn outgoing(
         return Ok(None);
     };
     let carried: Vec<ChangeHash> = state.sent_hashes.difference(&before).copied().collect();
-    let signatures = node
-        .signatures(document, &carried)?
-        .into_iter()
-        .map(|(hash, signature)| ChangeSignature {
-            change: ByteArray::new(hash.0),
-            signature: ByteArray::new(signature),
-        })
-        .collect();
+    let signatures = change_signatures(node, document, &carried)?;
     let encoded = message.encode();
     if encoded.len() > SYNC_MESSAGE_BYTES_MAX {
         // Too large to sync this way (a whole large document): the caller falls back to
-        // fetching envelopes.
+        // fetching the document.
         return Err(DocumentSyncError::TooLarge(encoded.len()));
     }
     Ok(Some(SyncMessage {
@@ -233,14 +242,7 @@ pub fn fetch(
             continue;
         };
         let hashes: Vec<ChangeHash> = doc.get_changes(&[]).iter().map(|c| c.hash()).collect();
-        let signatures: Vec<ChangeSignature> = node
-            .signatures(document, &hashes)?
-            .into_iter()
-            .map(|(hash, signature)| ChangeSignature {
-                change: ByteArray::new(hash.0),
-                signature: ByteArray::new(signature),
-            })
-            .collect();
+        let signatures = change_signatures(node, document, &hashes)?;
         let saved = doc.save();
         let size = saved.len() + signatures.len() * SIGNATURE_ENTRY_BYTES;
         if !fetched.is_empty() && bytes + size > FETCH_RESPONSE_BYTES_MAX {

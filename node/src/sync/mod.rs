@@ -66,6 +66,8 @@ pub const RESPONDER_STATE_MESSAGE_BYTES_MAX: usize = 64 * 1024;
 pub const RECONCILE_QUERIES_PER_PEER_PER_S: u32 = 40;
 /// Gossip messages being validated at once; more are ignored (anti-entropy recovers them).
 pub const GOSSIP_VALIDATIONS_MAX: usize = 256;
+/// Heads of an announcement that are looked up; more are ignored.
+pub const ANNOUNCED_HEADS_MAX: usize = 16;
 /// A peer whose gossip score falls below this is disconnected and banned.
 pub const DISCONNECT_SCORE: f64 = -500.0;
 /// How long a peer disconnected for its score stays banned.
@@ -851,10 +853,12 @@ impl Driver {
 
     /// Runs `work` on the blocking pool; the job it returns goes back to the driver. If it
     /// panics, what it held is released instead, so no slot or document stays taken.
-    fn spawn_job(&self, peer: PeerId, release: Release, work: impl FnOnce() -> Job + Send + 'static)
-    where
-        Release: Send,
-    {
+    fn spawn_job(
+        &self,
+        peer: PeerId,
+        release: Release,
+        work: impl FnOnce() -> Job + Send + 'static,
+    ) {
         let jobs = self.jobs.clone();
         tokio::task::spawn_blocking(move || {
             let job =
@@ -1152,7 +1156,7 @@ impl Driver {
                 let document = DocumentId::from_bytes(*document);
                 let node = self.node.clone();
                 self.spawn_job(source, Release::Validation, move || {
-                    let missing = heads.iter().take(16).any(|head| {
+                    let missing = heads.iter().take(ANNOUNCED_HEADS_MAX).any(|head| {
                         !node
                             .has_change(document, &crate::model::automerge::ChangeHash(**head))
                             .unwrap_or(false)

@@ -40,6 +40,38 @@ pub fn resident(given: &str) -> Demographics {
     }
 }
 
+/// Adds institution `id` of `kind` with one node key to `roster`, as `by`.
+pub fn add_member(roster: &mut Roster, by: &Editor, id: &str, kind: InstitutionKind, key: Bytes32) {
+    roster
+        .apply(
+            by,
+            &RosterOp::AddInstitution {
+                id: institution(id),
+                name: id.into(),
+                kind,
+            },
+        )
+        .unwrap();
+    roster
+        .apply(
+            by,
+            &RosterOp::AddNodeKey {
+                institution: institution(id),
+                key,
+            },
+        )
+        .unwrap();
+}
+
+/// An allergy record for `substance`.
+pub fn allergy(substance: &str) -> HealthFileOp {
+    HealthFileOp::AddAllergy(NewAllergy {
+        substance: substance.into(),
+        reaction: "rash".into(),
+        severity: Severity::Mild,
+    })
+}
+
 /// A data directory under `dir` with a node key, and a signed roster in which that key is
 /// the only member, for `institution`.
 pub fn single_node(dir: &Path, institution_id: &str) -> (NodeConfig, Vec<u8>) {
@@ -49,25 +81,13 @@ pub fn single_node(dir: &Path, institution_id: &str) -> (NodeConfig, Vec<u8>) {
     let authority = Identity::from_secret(AUTHORITY);
     let by = editor(institution_id);
     let mut roster = Roster::create(&authority.actor(), &by).unwrap();
-    roster
-        .apply(
-            &by,
-            &RosterOp::AddInstitution {
-                id: by.institution.clone(),
-                name: institution_id.into(),
-                kind: InstitutionKind::CommunityCentre,
-            },
-        )
-        .unwrap();
-    roster
-        .apply(
-            &by,
-            &RosterOp::AddNodeKey {
-                institution: by.institution.clone(),
-                key,
-            },
-        )
-        .unwrap();
+    add_member(
+        &mut roster,
+        &by,
+        institution_id,
+        InstitutionKind::CommunityCentre,
+        key,
+    );
     (
         NodeConfig {
             data_dir,
