@@ -1,79 +1,181 @@
-//! `estuary`: the command institution IT and operators use to run and inspect a node.
+//! `estuary`: the command institution IT and operators use to set up, run and inspect a node,
+//! and the consortium authority uses to keep the roster.
 //!
-//! Node commands (`init`, `node run`, `status`, `peers`, `sync`, …) arrive with the node; for
-//! now the command inspects saved documents offline.
+//! Inspection commands talk to a running node through its admin API (loopback, the admin
+//! token from the config), or open a stopped node's data directory. Tables for people by
+//! default, `--json` for scripts; exit codes are listed in [`Failure`].
+
+mod authority;
+mod client;
+mod inspect;
+mod output;
+mod run;
+mod setup;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Context;
 use clap::{Parser, Subcommand};
 
-/// Largest document file `inspect` reads, in bytes: far above any real health file, low enough
-/// that a wrong path (a disk image, a log) is refused instead of read into memory.
-const INSPECT_FILE_BYTES_MAX: u64 = 64 * 1024 * 1024;
+/// Default config path: the one `estuary init` writes with its default data directory.
+const CONFIG_DEFAULT: &str = "estuary-data/estuary.toml";
+/// Default authority directory.
+const AUTHORITY_DIR_DEFAULT: &str = "estuary-authority";
 
 #[derive(Parser)]
 #[command(name = "estuary", version, about = "Run and inspect an Estuary node")]
 struct Cli {
+    /// Print JSON for scripts instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    /// The node's config file.
+    #[arg(long, global = true, env = "ESTUARY_CONFIG", default_value = CONFIG_DEFAULT)]
+    config: PathBuf,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand)]
 enum Command {
+    /// Create a node's key, config and data directory (or, with --authority, a consortium
+    /// authority key and a first signed roster).
+    Init(setup::InitArgs),
+    /// Maintain the consortium roster (authority only).
+    #[command(subcommand)]
+    Roster(authority::RosterCommand),
+    /// Run the node.
+    #[command(subcommand)]
+    Node(run::NodeCommand),
+    /// The node: institution, roster version, documents, quarantine, storage.
+    Status,
+    /// Members connected now, with addresses, round-trip times and last reconciliation.
+    Peers,
+    /// Per-peer lag and bytes, and bulk catch-up progress.
+    Sync,
+    /// Residents' health files.
+    #[command(subcommand)]
+    Patient(inspect::PatientCommand),
+    /// Referrals.
+    #[command(subcommand)]
+    Referral(inspect::ReferralCommand),
+    /// Changes refused with a reason.
+    #[command(subcommand)]
+    Quarantine(inspect::QuarantineCommand),
+    /// The hash-chained audit log.
+    Audit(inspect::AuditArgs),
+    /// Re-check every signature, hash and document in the store.
+    Verify,
+    /// Write every envelope the node holds to a bundle signed by its key.
+    Export {
+        /// The bundle file to write.
+        file: PathBuf,
+    },
+    /// Run a bundle's envelopes through the node's pipeline.
+    Import {
+        /// The bundle file.
+        file: PathBuf,
+    },
     /// Validate a saved document (automerge bytes) and print its typed view.
     Inspect {
         /// The saved document.
         file: PathBuf,
-        /// Print the whole view as JSON instead of a summary.
-        #[arg(long)]
-        json: bool,
     },
 }
 
-/// Exit code for a document that was read but is invalid (distinct from usage or I/O errors).
-const EXIT_INVALID: u8 = 3;
+/// How a command failed, and the exit code that says so:
+/// 1 an error here (a file, a config), 3 the data checked is unsound (verify, audit
+/// --verify, an invalid document), 4 the node cannot be reached or opened, 5 not found,
+/// 6 the node refused the request. Usage errors exit with 2 (clap).
+#[derive(Debug)]
+pub struct Failure {
+    code: u8,
+    message: String,
+}
 
-fn main() -> ExitCode {
-    match run(Cli::parse()) {
-        Ok(code) => code,
-        Err(error) => {
-            eprintln!("error: {error:#}");
-            ExitCode::FAILURE
+/// Exit code: the data checked is unsound.
+pub const EXIT_UNSOUND: u8 = 3;
+const EXIT_UNREACHABLE: u8 = 4;
+const EXIT_NOT_FOUND: u8 = 5;
+const EXIT_REFUSED: u8 = 6;
+
+impl Failure {
+    /// An error here.
+    pub fn error(error: anyhow::Error) -> Self {
+        Self {
+            code: 1,
+            message: format!("{error:#}"),
+        }
+    }
+
+    /// The node cannot be reached or opened.
+    pub fn unreachable(error: anyhow::Error) -> Self {
+        Self {
+            code: EXIT_UNREACHABLE,
+            message: format!("{error:#}"),
+        }
+    }
+
+    /// The node answered with an error.
+    pub fn refused(status: u16, code: String, reason: String) -> Self {
+        Self {
+            code: if status == 404 {
+                EXIT_NOT_FOUND
+            } else {
+                EXIT_REFUSED
+            },
+            message: format!("the node refused ({status} {code}): {reason}"),
+        }
+    }
+
+    /// The data checked is unsound.
+    pub fn unsound(message: impl Into<String>) -> Self {
+        Self {
+            code: EXIT_UNSOUND,
+            message: message.into(),
         }
     }
 }
 
-fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    match cli.command {
-        Command::Inspect { file, json } => {
-            let size = std::fs::metadata(&file)
-                .with_context(|| format!("cannot read {}", file.display()))?
-                .len();
-            anyhow::ensure!(
-                size <= INSPECT_FILE_BYTES_MAX,
-                "{} is {size} bytes; documents are at most {INSPECT_FILE_BYTES_MAX} bytes",
-                file.display()
-            );
-            let bytes =
-                std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
-            match estuary_node::inspect_document(&bytes) {
-                Ok((kind, view)) if json => {
-                    println!("{}", serde_json::json!({ "kind": kind, "view": view }));
-                    Ok(ExitCode::SUCCESS)
-                }
-                Ok((kind, view)) => {
-                    println!("kind: {kind}");
-                    println!("id:   {}", view["id"].as_str().unwrap_or("?"));
-                    println!("valid: yes");
-                    Ok(ExitCode::SUCCESS)
-                }
-                Err(error) => {
-                    eprintln!("{}: {error}", file.display());
-                    Ok(ExitCode::from(EXIT_INVALID))
-                }
-            }
+impl From<anyhow::Error> for Failure {
+    fn from(error: anyhow::Error) -> Self {
+        Self::error(error)
+    }
+}
+
+impl From<std::io::Error> for Failure {
+    fn from(error: std::io::Error) -> Self {
+        Self::error(error.into())
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => {
+            eprintln!("error: {}", failure.message);
+            ExitCode::from(failure.code)
         }
+    }
+}
+
+fn run(cli: Cli) -> Result<(), Failure> {
+    let json = cli.json;
+    let connect = || client::Client::connect(&cli.config);
+    match cli.command {
+        Command::Init(args) => setup::init(args, json),
+        Command::Roster(command) => authority::roster(command, &cli.config, json),
+        Command::Node(command) => run::node(command, &cli.config),
+        Command::Status => inspect::status(&connect()?, json),
+        Command::Peers => inspect::peers(&connect()?, json),
+        Command::Sync => inspect::sync(&connect()?, json),
+        Command::Patient(command) => inspect::patient(&connect()?, command, json),
+        Command::Referral(command) => inspect::referral(&connect()?, command, json),
+        Command::Quarantine(command) => inspect::quarantine(&connect()?, command, json),
+        Command::Audit(args) => inspect::audit(&connect()?, args, json),
+        Command::Verify => inspect::verify(&connect()?, json),
+        Command::Export { file } => inspect::export(&connect()?, &file, json),
+        Command::Import { file } => inspect::import(&connect()?, &file, json),
+        Command::Inspect { file } => inspect::inspect_file(&file, json),
     }
 }

@@ -1,7 +1,8 @@
-//! The hash-chained audit log: every decision the node makes about a change, in order, each
-//! record holding the hash of the one before, so a record cannot be altered, removed or
-//! reordered without breaking the chain. Records name documents, changes and institutions,
-//! never patient data.
+//! The hash-chained audit log: every decision the node makes about a change, and every read
+//! and write of patient data by an app through the API, in order, each record holding the
+//! hash of the one before, so a record cannot be altered, removed or reordered without
+//! breaking the chain. Records name documents, changes, institutions and apps, never patient
+//! data.
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -24,6 +25,21 @@ pub enum AuditAction {
     /// An accepted change was taken back out of its document because its author's key was
     /// revoked (or it builds on such a change); it is then decided again.
     Withdrawn,
+    /// An app read a document through the API.
+    Read,
+    /// An app wrote a change through the API (recorded after the change was accepted).
+    Written,
+}
+
+impl AuditAction {
+    /// Whether the record is a decision about a change (what the change feed carries), as
+    /// opposed to an app's access.
+    pub fn is_decision(self) -> bool {
+        matches!(
+            self,
+            AuditAction::Accepted | AuditAction::Quarantined | AuditAction::Withdrawn
+        )
+    }
 }
 
 /// One audit record.
@@ -39,10 +55,14 @@ pub struct AuditRecord {
     pub action: AuditAction,
     /// The document.
     pub document: DocumentId,
-    /// The change.
-    pub change: [u8; 32],
-    /// The institution whose key signed the change, when it is a member.
+    /// The change; none for a read.
+    pub change: Option<[u8; 32]>,
+    /// The institution whose key signed the change, when it is a member; for an app's access,
+    /// this node's institution.
     pub institution: Option<InstitutionId>,
+    /// The app, for a read or write through the API (the name of its token in the config).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app: Option<String>,
 }
 
 impl AuditRecord {
@@ -70,24 +90,38 @@ pub(crate) fn record_key(sequence: u64) -> Vec<u8> {
 }
 
 /// The node's clock, in milliseconds since the epoch.
-pub(crate) fn now_ms() -> i64 {
+pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
-/// Checks a chain of records in order: sequences contiguous from 1, each holding the hash of
-/// the one before, the last matching `head`. Returns the sequence of the first broken record.
-pub(crate) fn check_chain(records: &[AuditRecord], head: &AuditHead) -> Result<(), u64> {
-    let mut previous = [0u8; 32];
-    for (index, record) in records.iter().enumerate() {
-        if record.sequence != index as u64 + 1 || record.previous != previous {
-            return Err(index as u64 + 1);
+/// Checks a chain of records fed in order: sequences contiguous from 1, each holding the
+/// hash of the one before, the last matching the head. Holds one hash, so a log of any length
+/// is checked page by page.
+#[derive(Default)]
+pub(crate) struct ChainCheck {
+    previous: [u8; 32],
+    checked: u64,
+}
+
+impl ChainCheck {
+    /// Checks the next record; on a break, returns its sequence.
+    pub fn push(&mut self, record: &AuditRecord) -> Result<(), u64> {
+        let expected = self.checked + 1;
+        if record.sequence != expected || record.previous != self.previous {
+            return Err(expected);
         }
-        previous = record.hash();
+        self.previous = record.hash();
+        self.checked = expected;
+        Ok(())
     }
-    if head.sequence != records.len() as u64 || (head.sequence > 0 && head.hash != previous) {
-        return Err(records.len() as u64 + 1);
+
+    /// Checks that the last record pushed is the head; returns the records checked.
+    pub fn finish(&self, head: &AuditHead) -> Result<u64, u64> {
+        if head.sequence != self.checked || (head.sequence > 0 && head.hash != self.previous) {
+            return Err(self.checked + 1);
+        }
+        Ok(self.checked)
     }
-    Ok(())
 }

@@ -1,5 +1,6 @@
 //! The node's indexes: residents by a salted hash of their national id and by normalised
-//! name; referrals by destination institution and status, and by patient.
+//! name; referrals by destination institution and status, and by patient; documents holding
+//! conflicts for a clinician to review.
 //!
 //! Index entries are keys of the store with an empty value, so a lookup is a prefix scan in key
 //! order. Each document's current entries are recorded beside it, so an update removes the
@@ -19,6 +20,8 @@ const NAME: u8 = b'a';
 const DESTINATION: u8 = b'r';
 /// Key prefix: `t ‖ patient ‖ document`.
 const PATIENT: u8 = b't';
+/// Key prefix: `k ‖ document`, for a document with conflicts to review.
+const CONFLICTED: u8 = b'k';
 /// Most results a search returns.
 pub const SEARCH_RESULTS_MAX: usize = 100;
 /// Longest normalised name indexed, in bytes.
@@ -60,6 +63,14 @@ pub(crate) fn keys_of(salt: &[u8; 32], id: &DocumentId, view: &View) -> Vec<Vec<
             keys.push([&[PATIENT][..], view.patient.as_bytes(), id.as_bytes()].concat());
         }
         View::Roster(_) => {}
+    }
+    let conflicted = match view {
+        View::HealthFile(view) => !view.conflicts().is_empty(),
+        View::Referral(view) => !view.conflicts().is_empty(),
+        View::Roster(_) => false,
+    };
+    if conflicted {
+        keys.push([&[CONFLICTED][..], id.as_bytes()].concat());
     }
     keys.sort();
     keys.dedup();
@@ -140,6 +151,11 @@ pub(crate) fn destination_prefix(to: &str, status: ReferralStatus) -> Vec<u8> {
 /// The key prefix to scan for referrals of `patient`.
 pub(crate) fn patient_prefix(patient: &DocumentId) -> Vec<u8> {
     [&[PATIENT][..], patient.as_bytes()].concat()
+}
+
+/// The key prefix to scan for documents with conflicts.
+pub(crate) fn conflicted_prefix() -> Vec<u8> {
+    vec![CONFLICTED]
 }
 
 /// The document an index key points to: its last 16 bytes.

@@ -1,12 +1,15 @@
 //! An Estuary node: one member institution's replica of the consortium's documents.
 //!
-//! The node will hold identity and signed change envelopes, the durable store, sync over
-//! libp2p and the HTTP API. For now it exposes the data model it stands on, so that `cli` and
-//! `testnet` depend on `node` alone, as they will when the rest arrives.
+//! The node holds its identity and signed change envelopes, the durable store, sync over
+//! libp2p and the HTTP API. It re-exports the data model it stands on, so that `cli` and
+//! `testnet` depend on `node` alone.
 
 pub use estuary_crdt_model as model;
 
+pub mod api;
 pub mod audit;
+pub mod bundle;
+pub mod config;
 pub mod crash_writer;
 pub mod envelope;
 pub mod identity;
@@ -16,6 +19,8 @@ pub mod node;
 pub mod reconcile;
 pub mod store;
 pub mod sync;
+
+pub use index::SEARCH_RESULTS_MAX;
 
 use model::{DocumentKind, ValidationError};
 

@@ -50,6 +50,8 @@ pub const LOCAL_CHANGES_QUEUE_MAX: usize = 4_096;
 /// Most changes of one revoked key held until the node can tell whether they are within the
 /// revocation's cut-off; past it, the key's changes are refused and not kept.
 pub const REVOKED_HELD_PER_KEY_MAX: usize = 256;
+/// Audit records read at a time when the whole log is checked.
+const AUDIT_PAGE_RECORDS: usize = 4_096;
 
 /// Key prefixes of the store's keyspaces (one tree, so batches across them are atomic).
 mod keys {
@@ -329,6 +331,19 @@ impl Cache {
     }
 }
 
+/// One accepted change of a document, for its history.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct HistoryEntry {
+    /// The change.
+    pub change: ChangeHash,
+    /// The institution of the key that signed it (none if the key left the roster).
+    pub institution: Option<InstitutionId>,
+    /// The signing node key.
+    pub author: Bytes32,
+    /// When, by the writer's clock, in milliseconds since the epoch (whole seconds).
+    pub at_ms: i64,
+}
+
 /// A change this node wrote, once durable: what the network layer publishes.
 #[derive(Clone, Debug)]
 pub struct LocalChange {
@@ -363,6 +378,8 @@ pub struct Node {
     catalogue: RwLock<Catalogue>,
     /// Durable local writes, for the network layer.
     local_changes: tokio::sync::broadcast::Sender<LocalChange>,
+    /// The last durable audit sequence, for the change feed.
+    audit_updates: tokio::sync::watch::Sender<u64>,
 }
 
 impl std::fmt::Debug for Node {
@@ -494,6 +511,7 @@ impl Node {
             document_locks: (0..DOCUMENT_LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
             catalogue: RwLock::new(catalogue),
             local_changes: tokio::sync::broadcast::channel(LOCAL_CHANGES_QUEUE_MAX).0,
+            audit_updates: tokio::sync::watch::Sender::new(audit_head.sequence),
             cache: Mutex::new(Cache {
                 accepted,
                 audit: audit_head,
@@ -676,6 +694,30 @@ impl Node {
         Ok(ordered)
     }
 
+    /// Who changed a document and when, oldest first: each accepted change with its hash,
+    /// the institution whose key signed it, and the writer's clock.
+    pub fn history(&self, id: DocumentId) -> Result<Vec<HistoryEntry>, NodeError> {
+        let envelopes = self.envelopes(id)?;
+        if envelopes.is_empty() {
+            return Err(NodeError::UnknownDocument(id));
+        }
+        let membership = self.membership();
+        envelopes
+            .iter()
+            .map(|bytes| {
+                let verified = Envelope::verify(bytes)
+                    .map_err(|_| StoreError::Corrupt { what: "envelope" })?;
+                Ok(HistoryEntry {
+                    change: verified.hash,
+                    institution: membership.institution_of(&verified.author),
+                    author: verified.author,
+                    // Changes carry whole seconds of the writer's clock.
+                    at_ms: verified.change.timestamp().saturating_mul(1000),
+                })
+            })
+            .collect()
+    }
+
     /// The catalogue: every document held and the digest of its heads.
     pub fn catalogue(&self) -> RwLockReadGuard<'_, Catalogue> {
         self.catalogue.read().unwrap_or_else(|p| p.into_inner())
@@ -824,6 +866,8 @@ impl Node {
         // shared with concurrent writers, without holding the lock while the disk works.
         if ticket > 0 {
             self.commit.wait_durable(&self.store, ticket)?;
+            self.audit_updates
+                .send_replace(self.lock_cache().audit.sequence);
         }
         Ok(outcomes)
     }
@@ -1840,45 +1884,129 @@ impl Node {
         (document, change): (DocumentId, ChangeHash),
         institution: Option<InstitutionId>,
     ) -> AuditHead {
-        let record = AuditRecord {
-            sequence: head.sequence + 1,
-            previous: head.hash,
-            at_ms: audit::now_ms(),
-            action,
-            document,
-            change: change.0,
-            institution,
+        append_record(
+            batch,
+            head,
+            AuditRecord {
+                sequence: 0,
+                previous: [0; 32],
+                at_ms: audit::now_ms(),
+                action,
+                document,
+                change: Some(change.0),
+                institution,
+                app: None,
+            },
+        )
+    }
+
+    /// Writes to the audit log, durably, that `app` read (`change` none) or wrote (`change`
+    /// the change it made) these documents through the API. Returns once the records are
+    /// durable: an access is on record before its data leaves the node.
+    pub fn record_access(
+        &self,
+        app: &str,
+        accesses: &[(DocumentId, Option<ChangeHash>)],
+    ) -> Result<(), NodeError> {
+        if accesses.is_empty() {
+            return Ok(());
+        }
+        let ticket = {
+            let mut cache = self.lock_cache();
+            let mut batch = Batch::default();
+            let mut head = cache.audit;
+            for (document, change) in accesses {
+                head = append_record(
+                    &mut batch,
+                    head,
+                    AuditRecord {
+                        sequence: 0,
+                        previous: [0; 32],
+                        at_ms: audit::now_ms(),
+                        action: if change.is_some() {
+                            AuditAction::Written
+                        } else {
+                            AuditAction::Read
+                        },
+                        document: *document,
+                        change: change.map(|c| c.0),
+                        institution: Some(self.institution.clone()),
+                        app: Some(app.to_owned()),
+                    },
+                );
+            }
+            let ticket = self.commit.apply(&self.store, batch)?;
+            cache.audit = head;
+            ticket
         };
-        let next = AuditHead {
-            sequence: record.sequence,
-            hash: record.hash(),
+        self.commit.wait_durable(&self.store, ticket)?;
+        self.audit_updates
+            .send_replace(self.lock_cache().audit.sequence);
+        Ok(())
+    }
+
+    /// Checks the audit log's hash chain from its first record to its head; `None` when it
+    /// is whole.
+    pub fn verify_audit(&self) -> Option<Problem> {
+        let head = self.lock_cache().audit;
+        self.check_audit_chain(head)
+    }
+
+    fn check_audit_chain(&self, head: AuditHead) -> Option<Problem> {
+        let mut chain = audit::ChainCheck::default();
+        let mut from = 1;
+        let broken = |what: String| {
+            Some(Problem {
+                document: None,
+                what,
+            })
         };
-        batch.put(audit::record_key(record.sequence), encode(&record));
-        batch.put(audit::HEAD, encode(&next));
-        next
+        loop {
+            let page = match self.audit(from, AUDIT_PAGE_RECORDS) {
+                Ok(page) => page,
+                Err(error) => return broken(format!("the audit log is unreadable: {error}")),
+            };
+            for record in page.iter().take_while(|r| r.sequence <= head.sequence) {
+                if let Err(sequence) = chain.push(record) {
+                    return broken(format!(
+                        "the audit log's hash chain breaks at record {sequence}"
+                    ));
+                }
+            }
+            match page.last() {
+                Some(last) if page.len() == AUDIT_PAGE_RECORDS && last.sequence < head.sequence => {
+                    from = last.sequence + 1;
+                }
+                _ => break,
+            }
+        }
+        chain.finish(&head).err().and_then(|sequence| {
+            broken(format!(
+                "the audit log's hash chain breaks at record {sequence}"
+            ))
+        })
+    }
+
+    /// The sequence of the last audit record written.
+    pub fn audit_sequence(&self) -> u64 {
+        self.lock_cache().audit.sequence
+    }
+
+    /// Wakes when durable audit records are added, with the last sequence: how the change
+    /// feed follows the log without polling. Withdrawals on a revocation do not wake it; a
+    /// follower sees them at its next wake.
+    pub fn audit_updates(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.audit_updates.subscribe()
     }
 
     /// Audit records from sequence `from` on, at most `limit`.
     pub fn audit(&self, from: u64, limit: usize) -> Result<Vec<AuditRecord>, NodeError> {
         // Keys are in sequence order; only the records asked for are read.
-        let mut records = Vec::new();
-        for key in self.store.keys_with_prefix(&[audit::RECORD])? {
-            let sequence = key
-                .get(1..9)
-                .and_then(|b| <[u8; 8]>::try_from(b).ok())
-                .map(u64::from_be_bytes);
-            if sequence.is_none_or(|sequence| sequence < from) {
-                continue;
-            }
-            if records.len() >= limit {
-                break;
-            }
-            let Some(value) = self.store.get(&key)? else {
-                continue;
-            };
-            records.push(decode(&value, "audit record")?);
-        }
-        Ok(records)
+        self.store
+            .scan_from(&[audit::RECORD], &audit::record_key(from.max(1)), limit)?
+            .into_iter()
+            .map(|(_, value)| Ok(decode(&value, "audit record")?))
+            .collect()
     }
 
     /// Adds to `batch` the index updates for a document's new content: its old entries out,
@@ -1915,12 +2043,12 @@ impl Node {
     }
 
     fn lookup(&self, prefix: &[u8]) -> Result<Vec<DocumentId>, NodeError> {
+        // Only the first page of keys is read, however many match.
         let mut found: Vec<DocumentId> = self
             .store
-            .keys_with_prefix(prefix)?
+            .scan_from(prefix, prefix, index::SEARCH_RESULTS_MAX)?
             .into_iter()
-            .filter_map(|key| index::document_of(&key))
-            .take(index::SEARCH_RESULTS_MAX)
+            .filter_map(|(key, _)| index::document_of(&key))
             .collect();
         found.dedup();
         Ok(found)
@@ -1947,6 +2075,27 @@ impl Node {
         status: crate::model::ReferralStatus,
     ) -> Result<Vec<DocumentId>, NodeError> {
         self.lookup(&index::destination_prefix(to.as_str(), status))
+    }
+
+    /// Documents holding concurrent values for a clinician to review (at most
+    /// `SEARCH_RESULTS_MAX`, in id order).
+    pub fn conflicted(&self) -> Result<Vec<DocumentId>, NodeError> {
+        self.lookup(&index::conflicted_prefix())
+    }
+
+    /// The kind of a document held, if held.
+    pub fn kind_of(&self, id: DocumentId) -> Result<Option<DocumentKind>, NodeError> {
+        Ok(self.document_record(&id)?.map(|record| record.kind))
+    }
+
+    /// The institution a node key belongs to in the current roster (revoked keys included).
+    pub fn institution_of_key(&self, key: &Bytes32) -> Option<InstitutionId> {
+        self.membership().institution_of(key)
+    }
+
+    /// Changes in quarantine.
+    pub fn quarantine_count(&self) -> usize {
+        self.lock_cache().quarantined
     }
 
     /// Referrals of a resident.
@@ -2085,20 +2234,8 @@ impl Node {
                     .push(problem(format!("it fails validation: {error}")));
             }
         }
-        match self.audit(1, usize::MAX) {
-            Ok(records) => {
-                let head = cache.audit;
-                if let Err(sequence) = audit::check_chain(&records, &head) {
-                    report.problems.push(Problem {
-                        document: None,
-                        what: format!("the audit log's hash chain breaks at record {sequence}"),
-                    });
-                }
-            }
-            Err(error) => report.problems.push(Problem {
-                document: None,
-                what: format!("the audit log is unreadable: {error}"),
-            }),
+        if let Some(problem) = self.check_audit_chain(cache.audit) {
+            report.problems.push(problem);
         }
         for document in by_document.into_keys() {
             report.problems.push(Problem {
@@ -2182,6 +2319,20 @@ fn parse_envelope_key(key: &[u8]) -> Option<(DocumentId, ChangeHash)> {
     let document: [u8; 16] = key.get(1..17)?.try_into().ok()?;
     let hash: [u8; 32] = key.get(17..49)?.try_into().ok()?;
     (key.len() == 49).then(|| (DocumentId::from_bytes(document), ChangeHash(hash)))
+}
+
+/// Adds `record` to `batch` as the record after `head`, filling in its place in the chain;
+/// returns the new head, to adopt once the batch is applied.
+fn append_record(batch: &mut Batch, head: AuditHead, mut record: AuditRecord) -> AuditHead {
+    record.sequence = head.sequence + 1;
+    record.previous = head.hash;
+    let next = AuditHead {
+        sequence: record.sequence,
+        hash: record.hash(),
+    };
+    batch.put(audit::record_key(record.sequence), encode(&record));
+    batch.put(audit::HEAD, encode(&next));
+    next
 }
 
 fn encode(value: &impl Serialize) -> Vec<u8> {

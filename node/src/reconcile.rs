@@ -212,6 +212,11 @@ impl Catalogue {
         self.entries.is_empty()
     }
 
+    /// Every document id, in order.
+    pub fn ids(&self) -> impl Iterator<Item = &Id> {
+        self.entries.keys()
+    }
+
     /// A document's heads digest.
     pub fn get(&self, id: &Id) -> Option<HeadsDigest> {
         self.entries.get(id).map(|e| e.digest)

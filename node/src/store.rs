@@ -61,6 +61,14 @@ pub trait KeyValue: Send + Sync {
     fn scan_prefix(&self, prefix: &[u8]) -> Result<Entries, StoreError>;
     /// Every key starting with `prefix`, in key order, without reading values into memory.
     fn keys_with_prefix(&self, prefix: &[u8]) -> Result<Vec<Vec<u8>>, StoreError>;
+    /// At most `limit` keys and values starting with `prefix`, from `start` on, in key order:
+    /// a page of a long keyspace without reading the rest.
+    fn scan_from(&self, prefix: &[u8], start: &[u8], limit: usize) -> Result<Entries, StoreError> {
+        let mut entries = self.scan_prefix(prefix)?;
+        entries.retain(|(key, _)| key.as_slice() >= start);
+        entries.truncate(limit);
+        Ok(entries)
+    }
     /// Applies a batch atomically. Not durable until `flush` returns.
     fn apply(&self, batch: Batch) -> Result<(), StoreError>;
     /// Makes every applied batch durable.
@@ -103,6 +111,18 @@ impl KeyValue for SledStore {
             .scan_prefix(prefix)
             .keys()
             .map(|key| key.map(|k| k.to_vec()).map_err(Into::into))
+            .collect()
+    }
+
+    fn scan_from(&self, prefix: &[u8], start: &[u8], limit: usize) -> Result<Entries, StoreError> {
+        self.db
+            .range(start..)
+            .take_while(|item| item.as_ref().map_or(true, |(k, _)| k.starts_with(prefix)))
+            .take(limit)
+            .map(|item| {
+                item.map(|(k, v)| (k.to_vec(), v.to_vec()))
+                    .map_err(Into::into)
+            })
             .collect()
     }
 
@@ -260,6 +280,10 @@ impl KeyValue for WitnessedStore {
 
     fn keys_with_prefix(&self, prefix: &[u8]) -> Result<Vec<Vec<u8>>, StoreError> {
         self.inner.keys_with_prefix(prefix)
+    }
+
+    fn scan_from(&self, prefix: &[u8], start: &[u8], limit: usize) -> Result<Entries, StoreError> {
+        self.inner.scan_from(prefix, start, limit)
     }
 
     fn apply(&self, batch: Batch) -> Result<(), StoreError> {

@@ -200,6 +200,10 @@ pub struct PeerStats {
     pub last_round_trips: Option<u64>,
     /// Bytes (both ways) that reconciliation took.
     pub last_reconciliation_bytes: Option<u64>,
+    /// The address of the connection last established with it.
+    pub address: Option<String>,
+    /// The last ping round-trip time, in milliseconds.
+    pub rtt_ms: Option<f64>,
 }
 
 /// Progress of pulling documents this node lacks.
@@ -224,6 +228,17 @@ pub struct SyncStats {
     pub catch_up: CatchUp,
     /// Connections denied by the gate and peers disconnected for their score or revocation.
     pub disconnected: u64,
+}
+
+/// Reads the sync layer's figures; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct StatsReader(Arc<Mutex<SyncStats>>);
+
+impl StatsReader {
+    /// The figures now.
+    pub fn get(&self) -> SyncStats {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
 }
 
 enum Command {
@@ -382,7 +397,13 @@ impl SyncHandle {
 
     /// The sync figures now.
     pub fn stats(&self) -> SyncStats {
-        self.stats.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.stats_reader().get()
+    }
+
+    /// A handle that reads the same figures, for whoever outlives a borrow of this one (the
+    /// API, metrics).
+    pub fn stats_reader(&self) -> StatsReader {
+        StatsReader(self.stats.clone())
     }
 
     /// Stops the sync layer: closes connections, waits for the task.
@@ -1038,9 +1059,11 @@ impl Driver {
                 let institution = self.node.peer_institution(&peer_id);
                 tracing::info!(peer = %peer_id, ?institution, "connected");
                 self.peers.entry(peer_id).or_default();
+                let address = endpoint.get_remote_address().to_string();
                 self.with_peer_stats(&peer_id, |s| {
                     s.connected = true;
                     s.institution = institution.map(|i| i.to_string());
+                    s.address = Some(address);
                 });
                 self.ask_roster(peer_id);
             }
@@ -1067,6 +1090,13 @@ impl Driver {
             }
             SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(event)) => self.on_gossip(event),
             SwarmEvent::Behaviour(BehaviourEvent::Sync(event)) => self.on_sync_event(event),
+            SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event {
+                peer,
+                result: Ok(rtt),
+                ..
+            })) => {
+                self.with_peer_stats(&peer, |s| s.rtt_ms = Some(rtt.as_secs_f64() * 1e3));
+            }
             SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(found))) => {
                 for (peer, address) in found {
                     if self.node.peer_institution(&peer).is_some()

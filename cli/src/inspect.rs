@@ -1,0 +1,745 @@
+//! Inspection and courier commands: status, peers, sync, patients, referrals, quarantine,
+//! audit, verify, export and import. Each is one or a few admin API calls and a table.
+
+use std::io::BufReader;
+use std::path::Path;
+
+use anyhow::Context;
+use estuary_node::bundle::BundleReader;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::Value;
+
+use crate::client::Client;
+use crate::output::{self, cell, time};
+use crate::{EXIT_UNSOUND, Failure};
+
+/// Envelopes sent per import request.
+const IMPORT_CHUNK_ENVELOPES: usize = 1_024;
+/// Largest document file `inspect` reads, in bytes: far above any real health file, low enough
+/// that a wrong path (a disk image, a log) is refused instead of read into memory.
+const INSPECT_FILE_BYTES_MAX: u64 = 64 * 1024 * 1024;
+
+#[derive(clap::Subcommand)]
+pub enum PatientCommand {
+    /// A health file, with its conflicts.
+    Show {
+        /// The document id.
+        id: String,
+    },
+    /// Who changed the file and when.
+    History {
+        /// The document id.
+        id: String,
+    },
+    /// Documents with concurrent values to review.
+    Conflicts,
+    /// Find residents by name, or by national id.
+    Search {
+        /// The beginning of the name (family and given, or as written).
+        name: Option<String>,
+        /// A national id number instead of a name.
+        #[arg(long, conflicts_with = "name")]
+        national_id: Option<String>,
+    },
+}
+
+#[derive(clap::Subcommand)]
+pub enum ReferralCommand {
+    /// A referral, with its status and events.
+    Show {
+        /// The document id.
+        id: String,
+    },
+    /// A worklist: referrals to an institution in a status, or a resident's referrals.
+    List {
+        /// The receiving institution.
+        #[arg(long, requires = "status", conflicts_with = "patient")]
+        to: Option<String>,
+        /// The status (requested, accepted, scheduled, …).
+        #[arg(long, requires = "to")]
+        status: Option<String>,
+        /// The resident's health file id.
+        #[arg(long)]
+        patient: Option<String>,
+    },
+    /// Who changed the referral and when.
+    History {
+        /// The document id.
+        id: String,
+    },
+}
+
+#[derive(clap::Subcommand)]
+pub enum QuarantineCommand {
+    /// Every quarantined change with its reason.
+    List,
+    /// One quarantined change.
+    Show {
+        /// The change hash (hex).
+        change: String,
+    },
+}
+
+#[derive(clap::Args)]
+pub struct AuditArgs {
+    /// Only records about this health file or its referrals.
+    #[arg(long)]
+    patient: Option<String>,
+    /// Only records of this institution.
+    #[arg(long)]
+    institution: Option<String>,
+    /// Only records from this time on: YYYY-MM-DD (UTC) or milliseconds since the epoch.
+    #[arg(long)]
+    since: Option<String>,
+    /// Most records to show.
+    #[arg(long, default_value_t = 100)]
+    limit: usize,
+    /// Check the whole log's hash chain instead of listing records.
+    #[arg(long)]
+    verify: bool,
+}
+
+fn empty() -> &'static Vec<Value> {
+    static EMPTY: Vec<Value> = Vec::new();
+    &EMPTY
+}
+
+fn list(value: &Value) -> &Vec<Value> {
+    value.as_array().unwrap_or(empty())
+}
+
+pub fn status(client: &Client, json: bool) -> Result<(), Failure> {
+    let status = client.get("/admin/status")?;
+    if json {
+        output::json(&status);
+        return Ok(());
+    }
+    output::fields(&[
+        ("institution", cell(&status["institution"])),
+        ("node key", cell(&status["node_key"])),
+        ("peer id", cell(&status["peer_id"])),
+        ("roster version", cell(&status["roster_version"])),
+        ("documents", cell(&status["documents"])),
+        ("quarantined", cell(&status["quarantined"])),
+        ("pending", cell(&status["pending"])),
+        ("storage", output::bytes(&status["storage_bytes"])),
+        ("audit records", cell(&status["audit_records"])),
+        (
+            "network",
+            if status["network"].as_bool() == Some(true) {
+                format!(
+                    "running, {} peers connected",
+                    cell(&status["connected_peers"])
+                )
+            } else {
+                "not running (data directory opened directly)".into()
+            },
+        ),
+    ]);
+    Ok(())
+}
+
+fn peer_rows(stats: &Value, connected_only: bool) -> Vec<(String, Value)> {
+    stats["peers"]
+        .as_object()
+        .map(|peers| {
+            peers
+                .iter()
+                .filter(|(_, p)| !connected_only || p["connected"].as_bool() == Some(true))
+                .map(|(id, p)| (id.clone(), p.clone()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+pub fn peers(client: &Client, json: bool) -> Result<(), Failure> {
+    let stats = client.get("/admin/sync")?;
+    let peers = peer_rows(&stats, true);
+    if json {
+        let peers: serde_json::Map<String, Value> = peers.into_iter().collect();
+        output::json(&Value::Object(peers));
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = peers
+        .iter()
+        .map(|(id, p)| {
+            vec![
+                cell(&p["institution"]),
+                id.clone(),
+                cell(&p["address"]),
+                p["rtt_ms"]
+                    .as_f64()
+                    .map_or("-".into(), |ms| format!("{ms:.1} ms")),
+                time(&p["last_reconciled_ms"]),
+            ]
+        })
+        .collect();
+    output::table(
+        &["INSTITUTION", "PEER", "ADDRESS", "RTT", "LAST RECONCILED"],
+        &rows,
+    );
+    Ok(())
+}
+
+pub fn sync(client: &Client, json: bool) -> Result<(), Failure> {
+    let stats = client.get("/admin/sync")?;
+    if json {
+        output::json(&stats);
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = peer_rows(&stats, false)
+        .iter()
+        .map(|(_, p)| {
+            vec![
+                cell(&p["institution"]),
+                if p["connected"].as_bool() == Some(true) {
+                    "yes".into()
+                } else {
+                    "no".into()
+                },
+                cell(&p["lag"]),
+                output::bytes(&p["bytes_in"]),
+                output::bytes(&p["bytes_out"]),
+                cell(&p["changes_received"]),
+                cell(&p["changes_rejected"]),
+                time(&p["last_reconciled_ms"]),
+                cell(&p["score"]),
+            ]
+        })
+        .collect();
+    output::table(
+        &[
+            "INSTITUTION",
+            "CONNECTED",
+            "LAG (DOCS)",
+            "IN",
+            "OUT",
+            "CHANGES IN",
+            "REJECTED",
+            "LAST RECONCILED",
+            "SCORE",
+        ],
+        &rows,
+    );
+    let c = &stats["catch_up"];
+    let (total, done) = (
+        c["documents_total"].as_u64().unwrap_or(0),
+        c["documents_done"].as_u64().unwrap_or(0),
+    );
+    if total > done {
+        let bar = ProgressBar::new(total);
+        bar.set_style(
+            ProgressStyle::with_template("catch-up {bar:30} {pos}/{len} documents {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        bar.set_position(done);
+        bar.set_message(
+            c["eta_s"]
+                .as_f64()
+                .map_or(String::new(), |s| format!("ETA {s:.0} s")),
+        );
+        bar.abandon();
+        println!(
+            "catch-up: {done}/{total} documents, {} fetched{}",
+            output::bytes(&c["bytes"]),
+            c["eta_s"]
+                .as_f64()
+                .map_or(String::new(), |s| format!(", about {s:.0} s left"))
+        );
+    } else {
+        println!("catch-up: nothing missing ({total} documents fetched since start)");
+    }
+    Ok(())
+}
+
+fn show_document(value: &Value, json: bool) {
+    if json {
+        output::json(value);
+        return;
+    }
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&value["view"]).unwrap_or_default()
+    );
+    let conflicts = list(&value["conflicts"]);
+    if conflicts.is_empty() {
+        println!("conflicts: none");
+    } else {
+        let fields: Vec<String> = conflicts.iter().map(cell).collect();
+        println!("conflicts to review: {}", fields.join(", "));
+    }
+}
+
+fn show_history(value: &Value, json: bool) {
+    if json {
+        output::json(value);
+        return;
+    }
+    let rows: Vec<Vec<String>> = list(&value["changes"])
+        .iter()
+        .map(|c| {
+            vec![
+                time(&c["at_ms"]),
+                cell(&c["institution"]),
+                cell(&c["change"]),
+            ]
+        })
+        .collect();
+    output::table(&["WHEN", "INSTITUTION", "CHANGE"], &rows);
+}
+
+pub fn patient(client: &Client, command: PatientCommand, json: bool) -> Result<(), Failure> {
+    match command {
+        PatientCommand::Show { id } => {
+            show_document(&client.get(&format!("/v1/health-files/{id}"))?, json);
+        }
+        PatientCommand::History { id } => {
+            show_history(
+                &client.get(&format!("/v1/health-files/{id}/history"))?,
+                json,
+            );
+        }
+        PatientCommand::Conflicts => {
+            let found = client.get("/v1/conflicts")?;
+            if json {
+                output::json(&found);
+            } else {
+                let rows: Vec<Vec<String>> = list(&found["results"])
+                    .iter()
+                    .map(|r| {
+                        let fields: Vec<String> = list(&r["fields"]).iter().map(cell).collect();
+                        vec![cell(&r["id"]), fields.join(", ")]
+                    })
+                    .collect();
+                output::table(&["DOCUMENT", "FIELDS IN CONFLICT"], &rows);
+            }
+        }
+        PatientCommand::Search { name, national_id } => {
+            let found = match (name, national_id) {
+                (_, Some(national_id)) => client.post_json(
+                    "/v1/health-files/search",
+                    &serde_json::json!({ "national_id": national_id }),
+                )?,
+                (Some(name), None) => {
+                    let query: String = url_encode(&name);
+                    client.get(&format!("/v1/health-files?name={query}"))?
+                }
+                (None, None) => {
+                    return Err(Failure::error(anyhow::anyhow!(
+                        "give a name, or --national-id"
+                    )));
+                }
+            };
+            if json {
+                output::json(&found);
+            } else {
+                let rows: Vec<Vec<String>> = list(&found["results"])
+                    .iter()
+                    .map(|r| {
+                        vec![
+                            cell(&r["id"]),
+                            format!(
+                                "{} {}",
+                                cell(&r["name"]["family"]),
+                                cell(&r["name"]["given"])
+                            ),
+                            cell(&r["sex"]),
+                            cell(&r["birth_date"]),
+                        ]
+                    })
+                    .collect();
+                output::table(&["DOCUMENT", "NAME", "SEX", "BORN"], &rows);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Percent-encodes a query value.
+fn url_encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+pub fn referral(client: &Client, command: ReferralCommand, json: bool) -> Result<(), Failure> {
+    match command {
+        ReferralCommand::Show { id } => {
+            show_document(&client.get(&format!("/v1/referrals/{id}"))?, json);
+        }
+        ReferralCommand::History { id } => {
+            show_history(&client.get(&format!("/v1/referrals/{id}/history"))?, json);
+        }
+        ReferralCommand::List {
+            to,
+            status,
+            patient,
+        } => {
+            let query = match (to, status, patient) {
+                (Some(to), Some(status), None) => {
+                    format!("to={}&status={}", url_encode(&to), url_encode(&status))
+                }
+                (None, None, Some(patient)) => format!("patient={}", url_encode(&patient)),
+                _ => {
+                    return Err(Failure::error(anyhow::anyhow!(
+                        "give --to and --status together, or --patient"
+                    )));
+                }
+            };
+            let found = client.get(&format!("/v1/referrals?{query}"))?;
+            if json {
+                output::json(&found);
+            } else {
+                let rows: Vec<Vec<String>> = list(&found["results"])
+                    .iter()
+                    .map(|r| {
+                        vec![
+                            cell(&r["id"]),
+                            cell(&r["status"]),
+                            cell(&r["direction"]),
+                            cell(&r["from"]),
+                            cell(&r["to"]),
+                            cell(&r["urgency"]["value"]),
+                            time(&r["created_at"]),
+                        ]
+                    })
+                    .collect();
+                output::table(
+                    &[
+                        "REFERRAL",
+                        "STATUS",
+                        "DIRECTION",
+                        "FROM",
+                        "TO",
+                        "URGENCY",
+                        "SENT",
+                    ],
+                    &rows,
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+pub fn quarantine(client: &Client, command: QuarantineCommand, json: bool) -> Result<(), Failure> {
+    let value = match &command {
+        QuarantineCommand::List => client.get("/admin/quarantine")?,
+        QuarantineCommand::Show { change } => client.get(&format!("/admin/quarantine/{change}"))?,
+    };
+    if json {
+        output::json(&value);
+        return Ok(());
+    }
+    match command {
+        QuarantineCommand::List => {
+            let rows: Vec<Vec<String>> = list(&value["entries"])
+                .iter()
+                .map(|e| vec![cell(&e["change"]), cell(&e["document"]), cell(&e["reason"])])
+                .collect();
+            output::table(&["CHANGE", "DOCUMENT", "REASON"], &rows);
+        }
+        QuarantineCommand::Show { .. } => output::fields(&[
+            ("change", cell(&value["change"])),
+            ("document", cell(&value["document"])),
+            ("reason", cell(&value["reason"])),
+        ]),
+    }
+    Ok(())
+}
+
+/// Milliseconds since the epoch from YYYY-MM-DD (UTC midnight) or a number.
+fn parse_since(text: &str) -> anyhow::Result<i64> {
+    if let Ok(ms) = text.parse::<i64>() {
+        return Ok(ms);
+    }
+    let parts: Vec<&str> = text.split('-').collect();
+    let [year, month, day] = parts.as_slice() else {
+        anyhow::bail!("--since is YYYY-MM-DD or milliseconds since the epoch");
+    };
+    let (y, m, d): (i64, i64, i64) = (year.parse()?, month.parse()?, day.parse()?);
+    anyhow::ensure!(
+        (1..=12).contains(&m) && (1..=31).contains(&d),
+        "--since: no such date"
+    );
+    // Days from civil (Howard Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let year_of_era = y - era * 400;
+    let day_of_year = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + d - 1;
+    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
+    Ok((era * 146_097 + day_of_era - 719_468) * 86_400_000)
+}
+
+pub fn audit(client: &Client, args: AuditArgs, json: bool) -> Result<(), Failure> {
+    if args.verify {
+        let check = client.get_long("/admin/audit/verify")?;
+        if json {
+            output::json(&check);
+        } else if check["sound"].as_bool() == Some(true) {
+            println!(
+                "audit log sound: {} records, hash chain whole",
+                cell(&check["records"])
+            );
+        }
+        if check["sound"].as_bool() != Some(true) {
+            return Err(Failure::unsound(format!(
+                "the audit log is not sound: {}",
+                cell(&check["problem"])
+            )));
+        }
+        return Ok(());
+    }
+    let mut documents: Vec<String> = Vec::new();
+    if let Some(patient) = &args.patient {
+        documents.push(patient.clone());
+        let referrals = client.get(&format!("/v1/referrals?patient={}", url_encode(patient)))?;
+        documents.extend(list(&referrals["results"]).iter().map(|r| cell(&r["id"])));
+    }
+    let since = args.since.as_deref().map(parse_since).transpose()?;
+    let mut base = Vec::new();
+    if let Some(institution) = &args.institution {
+        base.push(format!("institution={}", url_encode(institution)));
+    }
+    if let Some(since) = since {
+        base.push(format!("since_ms={since}"));
+    }
+    let filters: Vec<Vec<String>> = if documents.is_empty() {
+        vec![base]
+    } else {
+        documents
+            .iter()
+            .map(|d| {
+                let mut query = base.clone();
+                query.push(format!("document={d}"));
+                query
+            })
+            .collect()
+    };
+    let mut records: Vec<Value> = Vec::new();
+    for filter in filters {
+        let mut from = 1u64;
+        loop {
+            let mut query = filter.clone();
+            query.push(format!("from={from}"));
+            let page = client.get(&format!("/admin/audit?{}", query.join("&")))?;
+            records.extend(list(&page["records"]).iter().cloned());
+            match page["next"].as_u64() {
+                Some(next) if records.len() < args.limit => from = next,
+                _ => break,
+            }
+        }
+    }
+    records.sort_by_key(|r| r["sequence"].as_u64());
+    records.truncate(args.limit);
+    if json {
+        output::json(&Value::Array(records));
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = records
+        .iter()
+        .map(|r| {
+            vec![
+                cell(&r["sequence"]),
+                time(&r["at_ms"]),
+                cell(&r["action"]),
+                cell(&r["document"]),
+                cell(&r["institution"]),
+                cell(&r["app"]),
+            ]
+        })
+        .collect();
+    output::table(
+        &["SEQ", "WHEN", "ACTION", "DOCUMENT", "INSTITUTION", "APP"],
+        &rows,
+    );
+    Ok(())
+}
+
+pub fn verify(client: &Client, json: bool) -> Result<(), Failure> {
+    let spinner = ProgressBar::new_spinner();
+    spinner.set_message("verifying every signature, hash and document");
+    spinner.enable_steady_tick(std::time::Duration::from_millis(200));
+    let report = client.get_long("/admin/verify");
+    spinner.finish_and_clear();
+    let report = report?;
+    if json {
+        output::json(&report);
+    } else {
+        println!(
+            "checked {} envelopes and {} documents",
+            cell(&report["envelopes"]),
+            cell(&report["documents"])
+        );
+        for problem in list(&report["problems"]) {
+            println!(
+                "problem: {} (document {})",
+                cell(&problem["what"]),
+                cell(&problem["document"])
+            );
+        }
+    }
+    if report["sound"].as_bool() == Some(true) {
+        Ok(())
+    } else {
+        Err(Failure {
+            code: EXIT_UNSOUND,
+            message: format!(
+                "the store has problems; re-sync the affected documents ({}) from peers",
+                list(&report["affected_documents"]).len()
+            ),
+        })
+    }
+}
+
+fn byte_bar(json: bool) -> ProgressBar {
+    let bar = if json {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new_spinner()
+    };
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} {bytes} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+    );
+    bar
+}
+
+pub fn export(client: &Client, file: &Path, json: bool) -> Result<(), Failure> {
+    let bar = byte_bar(json);
+    bar.set_message("exported");
+    let mut stream = bar.wrap_read(client.get_stream("/admin/export")?);
+    let temporary = file.with_extension("partial");
+    let mut out = std::fs::File::create(&temporary)
+        .with_context(|| format!("cannot create {}", temporary.display()))?;
+    std::io::copy(&mut stream, &mut out).context("the export stopped")?;
+    out.sync_all()?;
+    bar.finish_and_clear();
+    // Checked before it is given its name: a bundle that does not verify is never left
+    // where a courier would take it.
+    let summary = BundleReader::open(BufReader::new(std::fs::File::open(&temporary)?))
+        .and_then(|reader| reader.check())
+        .map_err(|e| Failure::unsound(format!("the exported bundle does not check: {e}")))?;
+    std::fs::rename(&temporary, file)?;
+    if json {
+        output::json(&serde_json::json!({
+            "file": file,
+            "envelopes": summary.envelopes,
+            "documents": summary.header.documents,
+            "bytes": summary.bytes,
+        }));
+    } else {
+        println!(
+            "exported {} envelopes of {} documents ({}) to {}",
+            summary.envelopes,
+            summary.header.documents,
+            output::bytes(&summary.bytes.into()),
+            file.display()
+        );
+    }
+    Ok(())
+}
+
+pub fn import(client: &Client, file: &Path, json: bool) -> Result<(), Failure> {
+    let open = || -> Result<BundleReader<BufReader<std::fs::File>>, Failure> {
+        let input =
+            std::fs::File::open(file).with_context(|| format!("cannot read {}", file.display()))?;
+        BundleReader::open(BufReader::new(input)).map_err(|e| Failure::unsound(e.to_string()))
+    };
+    // First pass: the signature, before anything is sent.
+    let summary = open()?
+        .check()
+        .map_err(|e| Failure::unsound(e.to_string()))?;
+    let roster = client.get("/admin/roster")?;
+    let exporter = summary.header.created_by.to_string();
+    let institution = list(&roster["institutions"])
+        .iter()
+        .find(|i| list(&i["node_keys"]).iter().any(|k| k.as_str() == Some(&exporter)))
+        .map(|i| cell(&i["id"]))
+        .ok_or_else(|| {
+            Failure::unsound(
+                "the bundle was signed by a key this node's roster does not list; it was not imported",
+            )
+        })?;
+    let bar = if json {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(summary.envelopes)
+    };
+    bar.set_style(
+        ProgressStyle::with_template("import {bar:30} {pos}/{len} envelopes ({eta} left)")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let mut reader = open()?;
+    let mut totals = serde_json::Map::new();
+    loop {
+        let mut chunk = Vec::with_capacity(IMPORT_CHUNK_ENVELOPES);
+        while chunk.len() < IMPORT_CHUNK_ENVELOPES {
+            match reader
+                .next_envelope()
+                .map_err(|e| Failure::unsound(e.to_string()))?
+            {
+                Some(envelope) => chunk.push(serde_bytes::ByteBuf::from(envelope)),
+                None => break,
+            }
+        }
+        if chunk.is_empty() {
+            break;
+        }
+        let mut body = Vec::new();
+        ciborium::into_writer(&chunk, &mut body).context("cannot encode the chunk")?;
+        let outcome = client.post_bytes("/admin/import", &body)?;
+        for (key, value) in outcome.as_object().into_iter().flatten() {
+            let sum =
+                totals.get(key).and_then(Value::as_u64).unwrap_or(0) + value.as_u64().unwrap_or(0);
+            totals.insert(key.clone(), sum.into());
+        }
+        bar.inc(chunk.len() as u64);
+    }
+    bar.finish_and_clear();
+    totals.insert("exported_by".into(), institution.clone().into());
+    if json {
+        output::json(&Value::Object(totals));
+    } else {
+        println!(
+            "bundle from {institution}, {} envelopes:",
+            summary.envelopes
+        );
+        output::fields(
+            &["accepted", "duplicate", "pending", "quarantined", "refused"]
+                .map(|k| (k, cell(totals.get(k).unwrap_or(&Value::Null)))),
+        );
+    }
+    Ok(())
+}
+
+pub fn inspect_file(file: &Path, json: bool) -> Result<(), Failure> {
+    let size = std::fs::metadata(file)
+        .with_context(|| format!("cannot read {}", file.display()))?
+        .len();
+    if size > INSPECT_FILE_BYTES_MAX {
+        return Err(Failure::error(anyhow::anyhow!(
+            "{} is {size} bytes; documents are at most {INSPECT_FILE_BYTES_MAX} bytes",
+            file.display()
+        )));
+    }
+    let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+    match estuary_node::inspect_document(&bytes) {
+        Ok((kind, view)) if json => {
+            output::json(&serde_json::json!({ "kind": kind, "view": view }));
+            Ok(())
+        }
+        Ok((kind, view)) => {
+            println!("kind: {kind}");
+            println!("id:   {}", view["id"].as_str().unwrap_or("?"));
+            println!("valid: yes");
+            Ok(())
+        }
+        Err(error) => Err(Failure::unsound(format!("{}: {error}", file.display()))),
+    }
+}

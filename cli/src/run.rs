@@ -1,0 +1,112 @@
+//! `estuary node run`: the node in the foreground, until SIGTERM or Ctrl-C.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context;
+use estuary_node::api::{ApiState, serve};
+use estuary_node::config::Config;
+use estuary_node::node::{Node, NodeConfig};
+use estuary_node::sync::SyncHandle;
+
+use crate::Failure;
+
+#[derive(clap::Subcommand)]
+pub enum NodeCommand {
+    /// Run the node in the foreground: sync with peers and serve the API. Stops cleanly on
+    /// SIGTERM or Ctrl-C: requests in flight finish (a write is acknowledged only once
+    /// durable), then the network closes.
+    Run {
+        /// Log format: text for people, json for a log collector. The level comes from
+        /// RUST_LOG (default info).
+        #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+        log_format: String,
+    },
+}
+
+pub fn node(command: NodeCommand, config_path: &Path) -> Result<(), Failure> {
+    let NodeCommand::Run { log_format } = command;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if log_format == "json" {
+        logs.json().init();
+    } else {
+        logs.init();
+    }
+    let config = Config::load(config_path).map_err(|e| Failure::error(e.into()))?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")?;
+    runtime.block_on(run(config)).map_err(Failure::error)
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    let roster = match &config.roster {
+        Some(path) if path.exists() => {
+            Some(std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?)
+        }
+        _ => None,
+    };
+    let node_config = NodeConfig {
+        data_dir: config.data_dir.clone(),
+        authority: config.authority_key()?,
+    };
+    let node = tokio::task::spawn_blocking(move || {
+        Node::open(&node_config, roster.as_deref()).map_err(anyhow::Error::from)
+    })
+    .await?
+    .context("cannot open the node")?;
+    let node = Arc::new(node);
+    let sync =
+        SyncHandle::start(node.clone(), config.sync_config()?).context("cannot start sync")?;
+    let listener = tokio::net::TcpListener::bind(config.api.listen)
+        .await
+        .with_context(|| format!("cannot serve the API on {}", config.api.listen))?;
+    tracing::info!(
+        institution = %node.institution(),
+        peer = %sync.peer_id(),
+        api = %config.api.listen,
+        documents = node.catalogue().len(),
+        "node running"
+    );
+    let (stopping, stopped) = tokio::sync::watch::channel(false);
+    let state = ApiState::new(
+        node.clone(),
+        Some(sync.stats_reader()),
+        Arc::new(config),
+        stopped,
+    );
+    let signal = async move {
+        wait_for_signal().await;
+        tracing::info!("stopping: finishing requests in flight");
+        let _ = stopping.send(true);
+    };
+    serve(listener, state, signal)
+        .await
+        .context("the API failed")?;
+    sync.shutdown().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for SIGTERM; stop with Ctrl-C");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate => {}
+    }
+}

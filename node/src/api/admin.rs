@@ -1,0 +1,378 @@
+//! `/admin`: what the `estuary` command shows and does, for the admin token only. No route
+//! here returns patient data: documents appear by id, changes by hash, institutions by id.
+
+use std::io::Write;
+
+use axum::Json;
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, State};
+use axum::http::header;
+use axum::response::IntoResponse;
+use serde::{Deserialize, Serialize};
+
+use super::clinical::{document_id, institution_id};
+use super::error::QueryParams;
+use super::{ApiError, ApiState, Caller, Route, blocking};
+use crate::audit::AuditRecord;
+use crate::model::DocumentId;
+use crate::node::Ingested;
+
+/// Most audit records one request returns.
+pub const AUDIT_PAGE_MAX: usize = 1_000;
+/// Most audit records one filtered request reads before it returns what it found and where
+/// to go on from.
+const AUDIT_SCAN_MAX: usize = 50_000;
+/// Most envelopes one import request carries.
+pub const IMPORT_ENVELOPES_MAX: usize = 4_096;
+/// Bytes of bundle sent per chunk of an export response.
+const EXPORT_CHUNK_BYTES: usize = 64 * 1024;
+/// Export chunks buffered between the store and a slow client.
+const EXPORT_CHUNKS_QUEUED_MAX: usize = 8;
+
+pub(super) fn routes() -> Vec<Route> {
+    vec![
+        Route::get("/admin/status", status),
+        Route::get("/admin/sync", sync),
+        Route::get("/admin/roster", roster),
+        Route::get("/admin/quarantine", quarantine),
+        Route::get("/admin/quarantine/{change}", quarantined_change),
+        Route::get("/admin/audit", audit),
+        Route::get("/admin/audit/verify", verify_audit),
+        Route::get("/admin/verify", verify),
+        Route::get("/admin/export", export),
+        Route::post("/admin/import", import),
+    ]
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+async fn status(
+    State(state): State<ApiState>,
+    caller: Caller,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    caller.require_admin()?;
+    let sync = state.sync.as_ref().map(|s| s.get());
+    blocking(move || {
+        let node = &state.node;
+        Ok(Json(serde_json::json!({
+            "institution": node.institution(),
+            "node_key": node.public_key(),
+            "peer_id": node.identity().peer_id().to_string(),
+            "roster_version": node.roster_version(),
+            "documents": node.catalogue().len(),
+            "quarantined": node.quarantine_count(),
+            "pending": node.pending_count()?,
+            "storage_bytes": node.storage_bytes()?,
+            "audit_records": node.audit_sequence(),
+            "network": sync.is_some(),
+            "connected_peers": sync.map_or(0, |s| s.peers.values().filter(|p| p.connected).count()),
+            "uptime_s": state.started.elapsed().as_secs(),
+            "version": env!("CARGO_PKG_VERSION"),
+        })))
+    })
+    .await
+}
+
+async fn sync(
+    State(state): State<ApiState>,
+    caller: Caller,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    caller.require_admin()?;
+    let Some(sync) = &state.sync else {
+        return Err(ApiError::not_found(
+            "the node is not running its network layer (a stopped node's data directory)",
+        ));
+    };
+    let stats = serde_json::to_value(sync.get()).map_err(|_| ApiError::internal())?;
+    Ok(Json(stats))
+}
+
+async fn roster(
+    State(state): State<ApiState>,
+    caller: Caller,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    caller.require_admin()?;
+    let view = crate::membership::SignedRoster::verify(
+        &state.node.signed_roster(),
+        &state.node.authority(),
+    )
+    .map_err(|_| ApiError::internal())?
+    .view()
+    .clone();
+    Ok(Json(
+        serde_json::to_value(view).map_err(|_| ApiError::internal())?,
+    ))
+}
+
+fn quarantine_json(entry: &crate::node::QuarantineEntry) -> serde_json::Value {
+    serde_json::json!({
+        "change": hex(&entry.change),
+        "document": entry.document,
+        "reason": entry.reason,
+    })
+}
+
+async fn quarantine(
+    State(state): State<ApiState>,
+    caller: Caller,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    caller.require_admin()?;
+    blocking(move || {
+        let entries = state.node.quarantine()?;
+        let entries: Vec<_> = entries.iter().map(quarantine_json).collect();
+        Ok(Json(serde_json::json!({ "entries": entries })))
+    })
+    .await
+}
+
+async fn quarantined_change(
+    State(state): State<ApiState>,
+    caller: Caller,
+    Path(change): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    caller.require_admin()?;
+    blocking(move || {
+        state
+            .node
+            .quarantine()?
+            .iter()
+            .find(|entry| hex(&entry.change) == change)
+            .map(|entry| Json(quarantine_json(entry)))
+            .ok_or_else(|| ApiError::not_found("no quarantined change with that hash"))
+    })
+    .await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuditQuery {
+    /// First sequence to read.
+    from: Option<u64>,
+    /// Most records to return.
+    limit: Option<usize>,
+    /// Only records about this document.
+    document: Option<String>,
+    /// Only records of this institution.
+    institution: Option<String>,
+    /// Only records from this time on (milliseconds since the epoch).
+    since_ms: Option<i64>,
+}
+
+/// An audit record as JSON, hashes in hex.
+fn audit_json(record: &AuditRecord) -> serde_json::Value {
+    serde_json::json!({
+        "sequence": record.sequence,
+        "at_ms": record.at_ms,
+        "action": record.action,
+        "document": record.document,
+        "change": record.change.map(|c| hex(&c)),
+        "institution": record.institution,
+        "app": record.app,
+        "previous": hex(&record.previous),
+        "hash": hex(&record.hash()),
+    })
+}
+
+/// A page of the audit log, filtered; `next` is where to go on from (absent at the end).
+async fn audit(
+    State(state): State<ApiState>,
+    caller: Caller,
+    QueryParams(query): QueryParams<AuditQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    caller.require_admin()?;
+    let limit = query
+        .limit
+        .unwrap_or(AUDIT_PAGE_MAX)
+        .clamp(1, AUDIT_PAGE_MAX);
+    let document: Option<DocumentId> = query.document.as_deref().map(document_id).transpose()?;
+    let institution = query
+        .institution
+        .as_deref()
+        .map(institution_id)
+        .transpose()?;
+    blocking(move || {
+        let head = state.node.audit_sequence();
+        let mut from = query.from.unwrap_or(1).max(1);
+        let mut found = Vec::new();
+        let mut scanned = 0;
+        while found.len() < limit && scanned < AUDIT_SCAN_MAX && from <= head {
+            let page = state.node.audit(from, AUDIT_PAGE_MAX)?;
+            let Some(last) = page.last().map(|r| r.sequence) else {
+                break;
+            };
+            scanned += page.len();
+            for record in page {
+                from = record.sequence + 1;
+                let wanted = document.is_none_or(|d| record.document == d)
+                    && institution
+                        .as_ref()
+                        .is_none_or(|i| record.institution.as_ref() == Some(i))
+                    && query.since_ms.is_none_or(|since| record.at_ms >= since);
+                if wanted {
+                    found.push(audit_json(&record));
+                    if found.len() == limit {
+                        break;
+                    }
+                }
+            }
+            if last >= head {
+                break;
+            }
+        }
+        let next = (from <= head).then_some(from);
+        Ok(Json(
+            serde_json::json!({ "records": found, "next": next, "head": head }),
+        ))
+    })
+    .await
+}
+
+async fn verify_audit(
+    State(state): State<ApiState>,
+    caller: Caller,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    caller.require_admin()?;
+    blocking(move || {
+        let records = state.node.audit_sequence();
+        let problem = state.node.verify_audit().map(|p| p.what);
+        Ok(Json(serde_json::json!({
+            "records": records,
+            "sound": problem.is_none(),
+            "problem": problem,
+        })))
+    })
+    .await
+}
+
+async fn verify(
+    State(state): State<ApiState>,
+    caller: Caller,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    caller.require_admin()?;
+    blocking(move || {
+        let report = state.node.verify()?;
+        let affected = report.affected_documents();
+        Ok(Json(serde_json::json!({
+            "envelopes": report.envelopes,
+            "documents": report.documents,
+            "problems": report.problems,
+            "affected_documents": affected,
+            "sound": report.problems.is_empty(),
+        })))
+    })
+    .await
+}
+
+/// Writes into a bounded channel in chunks, blocking when the client is slow; fails once the
+/// client has gone, which stops the export.
+struct ChannelWriter {
+    chunk: Vec<u8>,
+    sender: tokio::sync::mpsc::Sender<Bytes>,
+}
+
+impl Write for ChannelWriter {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.chunk.extend_from_slice(bytes);
+        if self.chunk.len() >= EXPORT_CHUNK_BYTES {
+            self.flush()?;
+        }
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if self.chunk.is_empty() {
+            return Ok(());
+        }
+        let chunk = Bytes::from(std::mem::take(&mut self.chunk));
+        self.sender
+            .blocking_send(chunk)
+            .map_err(|_| std::io::Error::other("the client stopped reading the export"))
+    }
+}
+
+/// Every envelope this node holds, as a bundle signed by its key (see `bundle`).
+async fn export(
+    State(state): State<ApiState>,
+    caller: Caller,
+) -> Result<impl IntoResponse, ApiError> {
+    caller.require_admin()?;
+    let (sender, mut receiver) = tokio::sync::mpsc::channel(EXPORT_CHUNKS_QUEUED_MAX);
+    let node = state.node.clone();
+    tokio::task::spawn_blocking(move || {
+        let writer = ChannelWriter {
+            chunk: Vec::with_capacity(EXPORT_CHUNK_BYTES),
+            sender,
+        };
+        match crate::bundle::export(&node, writer, |_, _| {}) {
+            Ok(summary) => tracing::info!(
+                envelopes = summary.envelopes,
+                bytes = summary.bytes,
+                "bundle exported"
+            ),
+            // A failed export ends the response early; the reader's signature check fails.
+            Err(error) => tracing::warn!(%error, "bundle export stopped"),
+        }
+    });
+    let stream = futures::stream::poll_fn(move |cx| {
+        receiver
+            .poll_recv(cx)
+            .map(|chunk| chunk.map(Ok::<_, std::convert::Infallible>))
+    });
+    Ok((
+        [(header::CONTENT_TYPE, "application/octet-stream")],
+        Body::from_stream(stream),
+    ))
+}
+
+/// How an import chunk went.
+#[derive(Default, Serialize)]
+struct Imported {
+    accepted: u64,
+    duplicate: u64,
+    pending: u64,
+    quarantined: u64,
+    refused: u64,
+}
+
+/// A chunk of a bundle's envelopes (CBOR array of byte strings), through the ordinary
+/// pipeline. The `estuary` command checks the bundle's signature before it sends any.
+async fn import(
+    State(state): State<ApiState>,
+    caller: Caller,
+    body: Bytes,
+) -> Result<Json<Imported>, ApiError> {
+    caller.require_admin()?;
+    let envelopes: Vec<serde_bytes::ByteBuf> =
+        ciborium::from_reader(body.as_ref()).map_err(|_| {
+            ApiError::bad_request(
+                "malformed_import",
+                "the body must be a CBOR array of envelopes (byte strings)",
+            )
+        })?;
+    if envelopes.len() > IMPORT_ENVELOPES_MAX {
+        return Err(ApiError::bad_request(
+            "malformed_import",
+            format!("at most {IMPORT_ENVELOPES_MAX} envelopes per import request"),
+        ));
+    }
+    blocking(move || {
+        let outcomes = state
+            .node
+            .ingest_many(&envelopes)
+            .map_err(crate::node::NodeError::from)?;
+        let mut imported = Imported::default();
+        for outcome in outcomes {
+            match outcome {
+                Ok(Ingested::Accepted(_)) => imported.accepted += 1,
+                Ok(Ingested::Duplicate(_)) => imported.duplicate += 1,
+                Ok(Ingested::Pending(_)) => imported.pending += 1,
+                Ok(Ingested::Quarantined(..)) => imported.quarantined += 1,
+                Err(_) => imported.refused += 1,
+            }
+        }
+        Ok(Json(imported))
+    })
+    .await
+}

@@ -1,0 +1,469 @@
+//! `/v1`: what clinical apps use. Health files and referrals, their typed operations,
+//! searches and worklists, conflicts to review, history, and the change feed.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::IntoResponse;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use serde::{Deserialize, Serialize};
+
+use super::error::{JsonBody, QueryParams};
+use super::{ApiError, ApiState, Caller, Route, Writer, blocking};
+use crate::audit::AuditRecord;
+use crate::model::automerge::ChangeHash;
+use crate::model::{
+    Demographics, DocumentId, DocumentKind, HealthFileOp, InstitutionId, NewReferral, ReferralOp,
+    ReferralStatus,
+};
+
+/// Events sent per read of the audit log by a change feed.
+const FEED_PAGE_RECORDS: usize = 256;
+/// How long a quiet feed waits before a keep-alive, in seconds.
+const FEED_KEEP_ALIVE_S: u64 = 15;
+
+pub(super) fn routes() -> Vec<Route> {
+    vec![
+        Route::get("/v1/health-files", search_health_files),
+        Route::post("/v1/health-files", create_health_file),
+        Route::post("/v1/health-files/search", search_by_national_id),
+        Route::get("/v1/health-files/{id}", get_health_file),
+        Route::post("/v1/health-files/{id}/operations", apply_health_file),
+        Route::get("/v1/health-files/{id}/history", history),
+        Route::get("/v1/referrals", list_referrals),
+        Route::post("/v1/referrals", create_referral),
+        Route::get("/v1/referrals/{id}", get_referral),
+        Route::post("/v1/referrals/{id}/operations", apply_referral),
+        Route::get("/v1/referrals/{id}/history", history),
+        Route::get("/v1/conflicts", conflicts),
+        Route::get("/v1/changes", changes),
+    ]
+}
+
+/// Parses a document id from a path or query.
+pub(super) fn document_id(text: &str) -> Result<DocumentId, ApiError> {
+    DocumentId::parse(text).map_err(|_| {
+        ApiError::bad_request(
+            "malformed_id",
+            "a document id is 32 lowercase hexadecimal characters",
+        )
+    })
+}
+
+/// Parses an institution id from a query.
+pub(super) fn institution_id(text: &str) -> Result<InstitutionId, ApiError> {
+    InstitutionId::new(text)
+        .map_err(|e| ApiError::bad_request("malformed_institution", e.to_string()))
+}
+
+/// Parses a referral status from a query.
+pub(super) fn referral_status(text: &str) -> Result<ReferralStatus, ApiError> {
+    ReferralStatus::parse(text, "status").map_err(|_| {
+        ApiError::bad_request(
+            "malformed_status",
+            "status is one of requested, accepted, declined, scheduled, arrived, completed, cancelled",
+        )
+    })
+}
+
+/// A written change, as a write returns it.
+#[derive(Serialize)]
+struct Written {
+    id: DocumentId,
+    change: ChangeHash,
+}
+
+async fn create_health_file(
+    State(state): State<ApiState>,
+    Writer(caller): Writer,
+    JsonBody(demographics): JsonBody<Demographics>,
+) -> Result<impl IntoResponse, ApiError> {
+    let written = blocking(move || {
+        let (id, change) = state
+            .node
+            .create_health_file(&state.editor(), &demographics)?;
+        state
+            .node
+            .record_access(&caller.app, &[(id, Some(change))])?;
+        Ok(Written { id, change })
+    })
+    .await?;
+    Ok((StatusCode::CREATED, Json(written)))
+}
+
+async fn apply_health_file(
+    State(state): State<ApiState>,
+    Writer(caller): Writer,
+    Path(id): Path<String>,
+    JsonBody(op): JsonBody<HealthFileOp>,
+) -> Result<Json<Written>, ApiError> {
+    let id = document_id(&id)?;
+    blocking(move || {
+        let change = state.node.apply_health_file(id, &state.editor(), &op)?;
+        state
+            .node
+            .record_access(&caller.app, &[(id, Some(change))])?;
+        Ok(Json(Written { id, change }))
+    })
+    .await
+}
+
+async fn get_health_file(
+    State(state): State<ApiState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let id = document_id(&id)?;
+    blocking(move || {
+        let view = state.node.health_file(id)?;
+        state.node.record_access(&caller.app, &[(id, None)])?;
+        Ok(Json(serde_json::json!({
+            "id": id,
+            "kind": DocumentKind::HealthFile,
+            "conflicts": view.conflicts(),
+            "view": view,
+        })))
+    })
+    .await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NameQuery {
+    name: String,
+}
+
+/// A search hit: enough to tell residents apart, the rest is one GET away.
+#[derive(Serialize)]
+struct Resident {
+    id: DocumentId,
+    name: crate::model::PersonName,
+    sex: crate::model::Sex,
+    birth_date: crate::model::Date,
+}
+
+async fn search_health_files(
+    State(state): State<ApiState>,
+    caller: Caller,
+    QueryParams(query): QueryParams<NameQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    blocking(move || {
+        let found = state.node.search_by_name(&query.name)?;
+        residents(&state, &caller, found)
+    })
+    .await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NationalIdQuery {
+    national_id: String,
+}
+
+/// National ids are searched with a POST so that they never appear in a URL (and so in an
+/// access log).
+async fn search_by_national_id(
+    State(state): State<ApiState>,
+    caller: Caller,
+    JsonBody(query): JsonBody<NationalIdQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    blocking(move || {
+        let found = state.node.find_by_national_id(&query.national_id)?;
+        residents(&state, &caller, found)
+    })
+    .await
+}
+
+fn residents(
+    state: &ApiState,
+    caller: &Caller,
+    found: Vec<DocumentId>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let mut results = Vec::with_capacity(found.len());
+    for id in found {
+        let view = state.node.health_file(id)?;
+        let d = view.demographics;
+        results.push(Resident {
+            id,
+            name: d.name.value,
+            sex: d.sex.value,
+            birth_date: d.birth_date.value,
+        });
+    }
+    let accesses: Vec<_> = results.iter().map(|r| (r.id, None)).collect();
+    state.node.record_access(&caller.app, &accesses)?;
+    Ok(Json(serde_json::json!({ "results": results })))
+}
+
+async fn create_referral(
+    State(state): State<ApiState>,
+    Writer(caller): Writer,
+    JsonBody(referral): JsonBody<NewReferral>,
+) -> Result<impl IntoResponse, ApiError> {
+    let written = blocking(move || {
+        if state.node.kind_of(referral.patient)? != Some(DocumentKind::HealthFile) {
+            return Err(ApiError::not_found(
+                "the referral's patient is not a health file this node holds",
+            ));
+        }
+        let (id, change) = state.node.create_referral(&state.editor(), &referral)?;
+        state
+            .node
+            .record_access(&caller.app, &[(id, Some(change))])?;
+        Ok(Written { id, change })
+    })
+    .await?;
+    Ok((StatusCode::CREATED, Json(written)))
+}
+
+async fn apply_referral(
+    State(state): State<ApiState>,
+    Writer(caller): Writer,
+    Path(id): Path<String>,
+    JsonBody(op): JsonBody<ReferralOp>,
+) -> Result<Json<Written>, ApiError> {
+    let id = document_id(&id)?;
+    blocking(move || {
+        let change = state.node.apply_referral(id, &state.editor(), &op)?;
+        state
+            .node
+            .record_access(&caller.app, &[(id, Some(change))])?;
+        Ok(Json(Written { id, change }))
+    })
+    .await
+}
+
+async fn get_referral(
+    State(state): State<ApiState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let id = document_id(&id)?;
+    blocking(move || {
+        let view = state.node.referral(id)?;
+        state.node.record_access(&caller.app, &[(id, None)])?;
+        Ok(Json(serde_json::json!({
+            "id": id,
+            "kind": DocumentKind::Referral,
+            "conflicts": view.conflicts(),
+            "view": view,
+        })))
+    })
+    .await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReferralQuery {
+    to: Option<String>,
+    status: Option<String>,
+    patient: Option<String>,
+}
+
+/// A worklist: `?to=INST&status=S` (a referral desk), or `?patient=ID`.
+async fn list_referrals(
+    State(state): State<ApiState>,
+    caller: Caller,
+    QueryParams(query): QueryParams<ReferralQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let found = referral_query(&state, query).await?;
+    blocking(move || {
+        let mut results = Vec::with_capacity(found.len());
+        for id in &found {
+            results.push(state.node.referral(*id)?);
+        }
+        let accesses: Vec<_> = found.iter().map(|id| (*id, None)).collect();
+        state.node.record_access(&caller.app, &accesses)?;
+        Ok(Json(serde_json::json!({ "results": results })))
+    })
+    .await
+}
+
+async fn referral_query(
+    state: &ApiState,
+    query: ReferralQuery,
+) -> Result<Vec<DocumentId>, ApiError> {
+    let node = state.node.clone();
+    match query {
+        ReferralQuery {
+            to: Some(to),
+            status: Some(status),
+            patient: None,
+        } => {
+            let (to, status) = (institution_id(&to)?, referral_status(&status)?);
+            blocking(move || Ok(node.referrals_to(&to, status)?)).await
+        }
+        ReferralQuery {
+            to: None,
+            status: None,
+            patient: Some(patient),
+        } => {
+            let patient = document_id(&patient)?;
+            blocking(move || Ok(node.referrals_of(&patient)?)).await
+        }
+        _ => Err(ApiError::bad_request(
+            "malformed_query",
+            "ask for `to` and `status` together (a worklist), or for `patient` alone",
+        )),
+    }
+}
+
+async fn history(
+    State(state): State<ApiState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let id = document_id(&id)?;
+    blocking(move || {
+        let history = state.node.history(id)?;
+        state.node.record_access(&caller.app, &[(id, None)])?;
+        Ok(Json(serde_json::json!({ "id": id, "changes": history })))
+    })
+    .await
+}
+
+/// Documents with concurrent values for a clinician to review, and which fields.
+async fn conflicts(
+    State(state): State<ApiState>,
+    caller: Caller,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    blocking(move || {
+        let mut results = Vec::new();
+        for id in state.node.conflicted()? {
+            let fields = match state.node.kind_of(id)? {
+                Some(DocumentKind::HealthFile) => state.node.health_file(id)?.conflicts(),
+                Some(DocumentKind::Referral) => state.node.referral(id)?.conflicts(),
+                _ => continue,
+            };
+            results.push(serde_json::json!({ "id": id, "fields": fields }));
+        }
+        let accesses: Vec<_> = results
+            .iter()
+            .filter_map(|r| r["id"].as_str().and_then(|id| DocumentId::parse(id).ok()))
+            .map(|id| (id, None))
+            .collect();
+        state.node.record_access(&caller.app, &accesses)?;
+        Ok(Json(serde_json::json!({ "results": results })))
+    })
+    .await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FeedQuery {
+    cursor: Option<u64>,
+}
+
+/// One event of the change feed: a decision about a change, by audit sequence (the cursor).
+/// Ids only: an app that wants the content reads the document, and that read is audited.
+#[derive(Serialize)]
+struct FeedEvent {
+    cursor: u64,
+    action: crate::audit::AuditAction,
+    document: DocumentId,
+    kind: Option<DocumentKind>,
+    change: Option<String>,
+    institution: Option<InstitutionId>,
+    at_ms: i64,
+}
+
+struct Feed {
+    state: ApiState,
+    cursor: u64,
+    buffered: VecDeque<FeedEvent>,
+    updates: tokio::sync::watch::Receiver<u64>,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+/// The change feed (Server-Sent Events): every change accepted, quarantined or withdrawn
+/// after `cursor` (or the `Last-Event-ID` header), then new ones as they are decided. Each
+/// event's id is its cursor: reconnect with it to resume without gaps.
+async fn changes(
+    State(state): State<ApiState>,
+    _caller: Caller,
+    headers: HeaderMap,
+    QueryParams(query): QueryParams<FeedQuery>,
+) -> Result<impl IntoResponse, ApiError> {
+    let resume = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let cursor = query.cursor.or(resume).unwrap_or(0);
+    let slot = state.feeds.clone().try_acquire_owned().map_err(|_| {
+        ApiError::busy(format!(
+            "{} change feeds are open, the most this node serves; retry later",
+            super::FEED_SUBSCRIBERS_MAX
+        ))
+    })?;
+    let feed = Feed {
+        updates: state.node.audit_updates(),
+        state,
+        cursor,
+        buffered: VecDeque::new(),
+        _slot: slot,
+    };
+    let stream = futures::stream::unfold(feed, next_event);
+    Ok(Sse::new(stream)
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(FEED_KEEP_ALIVE_S))))
+}
+
+/// The next event, waiting for one if the feed is caught up; ends at shutdown or if the log
+/// cannot be read.
+async fn next_event(mut feed: Feed) -> Option<(Result<Event, std::convert::Infallible>, Feed)> {
+    loop {
+        if let Some(event) = feed.buffered.pop_front() {
+            let sse = Event::default()
+                .id(event.cursor.to_string())
+                .event("change")
+                .json_data(&event)
+                .ok()?;
+            return Some((Ok(sse), feed));
+        }
+        let node = feed.state.node.clone();
+        let from = feed.cursor + 1;
+        let page = tokio::task::spawn_blocking(move || {
+            let records = node.audit(from, FEED_PAGE_RECORDS)?;
+            let last = records.last().map(|r| r.sequence);
+            let events: Vec<FeedEvent> = records
+                .into_iter()
+                .filter(|r| r.action.is_decision())
+                .map(|record| {
+                    let kind = node.kind_of(record.document).ok().flatten();
+                    feed_event(record, kind)
+                })
+                .collect();
+            Ok::<_, crate::node::NodeError>((last, events))
+        })
+        .await
+        .ok()?
+        .ok()?;
+        let (Some(last), events) = page else {
+            let mut shutdown = feed.state.shutdown.clone();
+            if *shutdown.borrow() {
+                return None;
+            }
+            tokio::select! {
+                changed = feed.updates.changed() => changed.ok()?,
+                _ = shutdown.changed() => return None,
+            }
+            continue;
+        };
+        feed.cursor = last;
+        feed.buffered.extend(events);
+    }
+}
+
+fn feed_event(record: AuditRecord, kind: Option<DocumentKind>) -> FeedEvent {
+    FeedEvent {
+        cursor: record.sequence,
+        action: record.action,
+        document: record.document,
+        kind,
+        change: record.change.map(|c| ChangeHash(c).to_string()),
+        institution: record.institution,
+        at_ms: record.at_ms,
+    }
+}

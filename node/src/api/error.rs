@@ -1,0 +1,213 @@
+//! The API's errors: a status, a stable code apps can match on, and a reason a person can
+//! act on. Reasons name fields, rules and limits; never a value an app sent, so no patient
+//! data ends up in an app's error log.
+
+use axum::Json;
+use axum::extract::FromRequestParts;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+
+use crate::model::{OpError, ValidationError};
+use crate::node::NodeError;
+
+/// An error response.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    /// The HTTP status.
+    pub status: StatusCode,
+    /// The stable code.
+    pub code: &'static str,
+    /// Why, and what to do.
+    pub reason: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, reason: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            reason: reason.into(),
+        }
+    }
+
+    /// 400: the request is malformed.
+    pub fn bad_request(code: &'static str, reason: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, code, reason)
+    }
+
+    /// 401: no token, or not one of ours.
+    pub fn unauthorized(reason: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, "unauthorized", reason)
+    }
+
+    /// 403: the token may not do this.
+    pub fn forbidden(reason: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "forbidden", reason)
+    }
+
+    /// 404.
+    pub fn not_found(reason: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", reason)
+    }
+
+    /// 503: a bounded resource is full; retry later.
+    pub fn busy(reason: impl Into<String>) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "busy", reason)
+    }
+
+    /// 500: the node failed; its log says why (the response does not).
+    pub fn internal() -> Self {
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "the node could not complete the request; its log has the details",
+        )
+    }
+
+    /// A JSON body that did not parse into the expected shape. serde's own messages may
+    /// quote the offending value, so only its position and, for a missing field, the
+    /// field's name (from our schema) are passed on.
+    pub fn from_json(error: &serde_json::Error) -> Self {
+        let at = format!("line {} column {}", error.line(), error.column());
+        let text = error.to_string();
+        let reason = match error.classify() {
+            serde_json::error::Category::Syntax | serde_json::error::Category::Eof => {
+                format!("the body is not valid JSON (at {at})")
+            }
+            serde_json::error::Category::Data => match text
+                .strip_prefix("missing field `")
+                .and_then(|rest| rest.split('`').next())
+            {
+                Some(field) => format!("required field `{field}` is missing (at {at})"),
+                None => format!(
+                    "the JSON does not match the expected shape at {at}: check field names, types and allowed values against node/openapi.json"
+                ),
+            },
+            serde_json::error::Category::Io => format!("the body could not be read (at {at})"),
+        };
+        Self::bad_request("malformed_json", reason)
+    }
+}
+
+impl From<NodeError> for ApiError {
+    fn from(error: NodeError) -> Self {
+        match error {
+            NodeError::UnknownDocument(_) => {
+                Self::not_found("this node holds no document with that id")
+            }
+            NodeError::WrongKind {
+                expected, found, ..
+            } => Self::not_found(format!(
+                "the document is a {found}, not a {expected}; use the {found} routes"
+            )),
+            NodeError::Op(OpError::Invalid(validation)) => Self::from(validation),
+            NodeError::Op(OpError::UnknownEntry { .. }) => {
+                Self::new(StatusCode::NOT_FOUND, "unknown_entry", error.to_string())
+            }
+            NodeError::Op(OpError::Full { .. }) => {
+                Self::new(StatusCode::CONFLICT, "full", error.to_string())
+            }
+            NodeError::NotAMember => {
+                Self::new(StatusCode::FORBIDDEN, "not_a_member", error.to_string())
+            }
+            other => {
+                // Node errors name documents, changes and fields, never patient data.
+                tracing::error!(error = %other, "api request failed");
+                Self::internal()
+            }
+        }
+    }
+}
+
+impl From<ValidationError> for ApiError {
+    fn from(error: ValidationError) -> Self {
+        let reason = error.to_string();
+        match error {
+            ValidationError::IllegalTransition { .. } | ValidationError::EventBase { .. } => {
+                Self::new(StatusCode::CONFLICT, "illegal_transition", reason)
+            }
+            ValidationError::NotAuthorised { .. } | ValidationError::Provenance { .. } => {
+                Self::new(
+                    StatusCode::FORBIDDEN,
+                    "not_permitted_for_institution",
+                    reason,
+                )
+            }
+            _ => Self::bad_request("invalid", reason),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut response = (
+            self.status,
+            Json(serde_json::json!({
+                "error": { "code": self.code, "reason": self.reason }
+            })),
+        )
+            .into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                axum::http::header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static("Bearer"),
+            );
+        }
+        response
+    }
+}
+
+/// A JSON body read within the body limit and parsed with [`ApiError::from_json`].
+pub struct JsonBody<T>(pub T);
+
+impl<S, T> axum::extract::FromRequest<S> for JsonBody<T>
+where
+    S: Send + Sync,
+    T: serde::de::DeserializeOwned,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(request: axum::extract::Request, state: &S) -> Result<Self, ApiError> {
+        let bytes = axum::body::Bytes::from_request(request, state)
+            .await
+            .map_err(|rejection| {
+                if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    ApiError::new(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "payload_too_large",
+                        "the body is larger than this node's api.body_bytes_max",
+                    )
+                } else {
+                    ApiError::bad_request("unreadable_body", "the request body could not be read")
+                }
+            })?;
+        serde_json::from_slice(&bytes)
+            .map(JsonBody)
+            .map_err(|e| ApiError::from_json(&e))
+    }
+}
+
+/// Query parameters, with a reason that does not quote them when they do not parse.
+pub struct QueryParams<T>(pub T);
+
+impl<S, T> FromRequestParts<S> for QueryParams<T>
+where
+    S: Send + Sync,
+    T: serde::de::DeserializeOwned,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _: &S,
+    ) -> Result<Self, ApiError> {
+        axum::extract::Query::<T>::try_from_uri(&parts.uri)
+            .map(|query| QueryParams(query.0))
+            .map_err(|_| {
+                ApiError::bad_request(
+                    "malformed_query",
+                    "the query parameters do not match this route's (see node/openapi.json)",
+                )
+            })
+    }
+}

@@ -1,0 +1,562 @@
+//! FHIR R4 read views of the model, the shape health apps expect: `Patient` for a health
+//! file, `ServiceRequest` for a referral, `AllergyIntolerance`, `Condition` (problems, coded
+//! in ICD-10) and `Observation` (follow-ups, exam results) for a resident, and `Bundle` of
+//! type `searchset` for searches. Read only: writes go through the typed `/v1` operations.
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::header;
+use axum::response::IntoResponse;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+use super::clinical::{document_id, institution_id, referral_status};
+use super::error::QueryParams;
+use super::{ApiError, ApiState, Caller, Route, blocking};
+use crate::model::{
+    DocumentId, EntryId, ExamKind, HealthFileView, ReferralStatus, ReferralView, Severity, Sex,
+    Urgency,
+};
+
+/// Identifier system of Estuary document ids.
+pub const DOCUMENT_SYSTEM: &str = "urn:estuary:document";
+/// Identifier system of entries within a health file.
+pub const ENTRY_SYSTEM: &str = "urn:estuary:entry";
+/// Identifier system of consortium institution ids.
+pub const INSTITUTION_SYSTEM: &str = "urn:estuary:institution";
+/// Identifier system of residents' national id numbers.
+pub const NATIONAL_ID_SYSTEM: &str = "urn:estuary:national-id";
+/// Extension carrying a referral's own status (FHIR's request status is coarser).
+pub const REFERRAL_STATUS_EXTENSION: &str = "urn:estuary:fhir:referral-status";
+/// ICD-10.
+const ICD10_SYSTEM: &str = "http://hl7.org/fhir/sid/icd-10";
+/// LOINC.
+const LOINC_SYSTEM: &str = "http://loinc.org";
+/// UCUM units.
+const UCUM_SYSTEM: &str = "http://unitsofmeasure.org";
+const OBSERVATION_CATEGORY_SYSTEM: &str =
+    "http://terminology.hl7.org/CodeSystem/observation-category";
+const ALLERGY_CLINICAL_SYSTEM: &str =
+    "http://terminology.hl7.org/CodeSystem/allergyintolerance-clinical";
+const CONDITION_CLINICAL_SYSTEM: &str = "http://terminology.hl7.org/CodeSystem/condition-clinical";
+const FHIR_JSON: &str = "application/fhir+json";
+
+pub(super) fn routes() -> Vec<Route> {
+    vec![
+        Route::get("/fhir/Patient", search_patients),
+        Route::get("/fhir/Patient/{id}", patient),
+        Route::get("/fhir/ServiceRequest", search_service_requests),
+        Route::get("/fhir/ServiceRequest/{id}", service_request),
+        Route::get("/fhir/AllergyIntolerance", allergies),
+        Route::get("/fhir/Condition", conditions),
+        Route::get("/fhir/Observation", observations),
+    ]
+}
+
+fn fhir(resource: Value) -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, FHIR_JSON)], Json(resource))
+}
+
+/// RFC 3339 UTC from milliseconds since the epoch (FHIR `instant` and `dateTime`).
+pub fn instant(ms: i64) -> String {
+    let seconds = ms.div_euclid(1000);
+    let millis = ms.rem_euclid(1000);
+    let (days, second_of_day) = (seconds.div_euclid(86_400), seconds.rem_euclid(86_400));
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let day_of_era = z.rem_euclid(146_097);
+    let year_of_era =
+        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let mp = (5 * day_of_year + 2) / 153;
+    let day = day_of_year - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = year_of_era + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{millis:03}Z",
+        second_of_day / 3600,
+        second_of_day % 3600 / 60,
+        second_of_day % 60
+    )
+}
+
+/// A FHIR id for an entry of a file (allergy, problem, exam, follow-up): entry ids hold
+/// characters FHIR ids may not, and FHIR ids are at most 64 characters.
+fn entry_id(document: &DocumentId, entry: &EntryId) -> String {
+    let digest = Sha256::digest(format!("{document}/{}", entry.as_str()));
+    digest.iter().take(16).map(|b| format!("{b:02x}")).collect()
+}
+
+/// The entry's own id, as an identifier.
+fn entry_identifier(entry: &EntryId) -> Value {
+    json!({ "system": ENTRY_SYSTEM, "value": entry.as_str() })
+}
+
+fn reference(kind: &str, id: &DocumentId) -> Value {
+    json!({ "reference": format!("{kind}/{id}") })
+}
+
+fn organisation(id: &str) -> Value {
+    json!({ "identifier": { "system": INSTITUTION_SYSTEM, "value": id }, "display": id })
+}
+
+fn meta(last_updated_ms: i64) -> Value {
+    json!({ "lastUpdated": instant(last_updated_ms) })
+}
+
+/// The time of a document's latest change, from its history.
+fn last_updated(state: &ApiState, id: DocumentId) -> Result<i64, ApiError> {
+    Ok(state
+        .node
+        .history(id)?
+        .iter()
+        .map(|entry| entry.at_ms)
+        .max()
+        .unwrap_or(0))
+}
+
+/// A health file as a FHIR `Patient`. Conflicting values show the deterministic winner; the
+/// `/v1` view lists the others for review.
+pub fn patient_resource(view: &HealthFileView, last_updated_ms: i64) -> Value {
+    let d = &view.demographics;
+    let name = &d.name.value;
+    let mut identifiers = vec![json!({ "system": DOCUMENT_SYSTEM, "value": view.id.to_string() })];
+    if let Some(national_id) = &d.national_id {
+        identifiers.push(json!({
+            "use": "official",
+            "system": NATIONAL_ID_SYSTEM,
+            "value": national_id.value,
+        }));
+    }
+    let mut patient = json!({
+        "resourceType": "Patient",
+        "id": view.id.to_string(),
+        "meta": meta(last_updated_ms),
+        "identifier": identifiers,
+        "active": true,
+        "name": [{
+            "use": "official",
+            "family": name.family,
+            "given": [name.given],
+            "text": name.text.clone().unwrap_or_else(|| format!("{} {}", name.family, name.given)),
+        }],
+        "gender": match d.sex.value {
+            Sex::Male => "male",
+            Sex::Female => "female",
+            Sex::Other => "other",
+            Sex::Unknown => "unknown",
+        },
+        "birthDate": d.birth_date.value.as_str(),
+    });
+    if let Some(phone) = &d.phone {
+        patient["telecom"] = json!([{ "system": "phone", "value": phone.value, "use": "mobile" }]);
+    }
+    if let Some(address) = &d.address {
+        let a = &address.value;
+        let text = [
+            Some(a.line.as_str()),
+            a.town.as_deref(),
+            a.district.as_deref(),
+            a.city.as_deref(),
+        ]
+        .into_iter()
+        .flatten()
+        .collect::<Vec<_>>()
+        .join(", ");
+        patient["address"] = json!([{
+            "line": [a.line],
+            "city": a.city,
+            "district": a.district,
+            "postalCode": a.postal_code,
+            "text": text,
+        }]);
+        strip_nulls(&mut patient["address"][0]);
+    }
+    if let Some(contract) = &view.contract {
+        patient["generalPractitioner"] =
+            json!([organisation(contract.value.community_centre.as_str())]);
+    }
+    patient
+}
+
+/// FHIR has no nulls: absent elements are left out.
+fn strip_nulls(value: &mut Value) {
+    if let Value::Object(map) = value {
+        map.retain(|_, v| !v.is_null());
+    }
+}
+
+/// FHIR request status for a referral status.
+pub fn request_status(status: ReferralStatus) -> &'static str {
+    match status {
+        ReferralStatus::Requested
+        | ReferralStatus::Accepted
+        | ReferralStatus::Scheduled
+        | ReferralStatus::Arrived => "active",
+        ReferralStatus::Completed => "completed",
+        ReferralStatus::Declined | ReferralStatus::Cancelled => "revoked",
+    }
+}
+
+/// A referral as a FHIR `ServiceRequest`.
+pub fn service_request_resource(view: &ReferralView, last_updated_ms: i64) -> Value {
+    let mut request = json!({
+        "resourceType": "ServiceRequest",
+        "id": view.id.to_string(),
+        "meta": meta(last_updated_ms),
+        "identifier": [{ "system": DOCUMENT_SYSTEM, "value": view.id.to_string() }],
+        "status": request_status(view.status),
+        "extension": [{ "url": REFERRAL_STATUS_EXTENSION, "valueCode": view.status.as_str() }],
+        "intent": "order",
+        "category": [{
+            "coding": [{
+                "system": "http://snomed.info/sct",
+                "code": "3457005",
+                "display": "Patient referral",
+            }],
+            "text": format!("{} referral", view.direction),
+        }],
+        "priority": match view.urgency.value {
+            Urgency::Routine => "routine",
+            Urgency::Priority => "urgent",
+        },
+        "subject": reference("Patient", &view.patient),
+        "authoredOn": instant(view.created_at.0),
+        "requester": organisation(view.from.as_str()),
+        "performer": [organisation(view.to.as_str())],
+        "reasonCode": [{ "text": view.reason }],
+    });
+    if !view.handover.value.is_empty() {
+        request["note"] = json!([{ "text": view.handover.value }]);
+    }
+    if let Some(appointment) = view.appointment {
+        request["occurrenceDateTime"] = json!(instant(appointment.0));
+    }
+    request
+}
+
+fn searchset(path: &str, entries: Vec<Value>) -> Value {
+    json!({
+        "resourceType": "Bundle",
+        "type": "searchset",
+        "total": entries.len(),
+        "link": [{ "relation": "self", "url": path }],
+        "entry": entries.into_iter().map(|resource| {
+            let url = format!("{}/{}", resource["resourceType"].as_str().unwrap_or(""), resource["id"].as_str().unwrap_or(""));
+            json!({ "fullUrl": url, "resource": resource, "search": { "mode": "match" } })
+        }).collect::<Vec<_>>(),
+    })
+}
+
+async fn patient(
+    State(state): State<ApiState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    let id = document_id(&id)?;
+    blocking(move || {
+        let view = state.node.health_file(id)?;
+        let resource = patient_resource(&view, last_updated(&state, id)?);
+        state.node.record_access(&caller.app, &[(id, None)])?;
+        Ok(fhir(resource))
+    })
+    .await
+}
+
+#[derive(Deserialize)]
+struct NameSearch {
+    name: String,
+}
+
+async fn search_patients(
+    State(state): State<ApiState>,
+    caller: Caller,
+    QueryParams(query): QueryParams<NameSearch>,
+) -> Result<impl IntoResponse, ApiError> {
+    blocking(move || {
+        let mut entries = Vec::new();
+        let found = state.node.search_by_name(&query.name)?;
+        for id in &found {
+            let view = state.node.health_file(*id)?;
+            entries.push(patient_resource(&view, last_updated(&state, *id)?));
+        }
+        let accesses: Vec<_> = found.iter().map(|id| (*id, None)).collect();
+        state.node.record_access(&caller.app, &accesses)?;
+        Ok(fhir(searchset("Patient", entries)))
+    })
+    .await
+}
+
+async fn service_request(
+    State(state): State<ApiState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    let id = document_id(&id)?;
+    blocking(move || {
+        let view = state.node.referral(id)?;
+        let resource = service_request_resource(&view, last_updated(&state, id)?);
+        state.node.record_access(&caller.app, &[(id, None)])?;
+        Ok(fhir(resource))
+    })
+    .await
+}
+
+#[derive(Deserialize)]
+struct ServiceRequestSearch {
+    performer: String,
+    status: Option<String>,
+}
+
+/// `performer` is an institution id (or `Organization/<id>`); `status` a FHIR request status
+/// (`active`, `completed`, `revoked`) or a referral status.
+async fn search_service_requests(
+    State(state): State<ApiState>,
+    caller: Caller,
+    QueryParams(query): QueryParams<ServiceRequestSearch>,
+) -> Result<impl IntoResponse, ApiError> {
+    let performer = institution_id(
+        query
+            .performer
+            .strip_prefix("Organization/")
+            .unwrap_or(&query.performer),
+    )?;
+    let statuses: Vec<ReferralStatus> = match query.status.as_deref() {
+        None => ReferralStatus::ALL.to_vec(),
+        Some(fhir_status @ ("active" | "completed" | "revoked")) => ReferralStatus::ALL
+            .iter()
+            .copied()
+            .filter(|s| request_status(*s) == fhir_status)
+            .collect(),
+        Some(status) => vec![referral_status(status)?],
+    };
+    blocking(move || {
+        let mut entries = Vec::new();
+        let mut read = Vec::new();
+        for status in statuses {
+            for id in state.node.referrals_to(&performer, status)? {
+                let view = state.node.referral(id)?;
+                entries.push(service_request_resource(&view, last_updated(&state, id)?));
+                read.push((id, None));
+            }
+        }
+        state.node.record_access(&caller.app, &read)?;
+        Ok(fhir(searchset("ServiceRequest", entries)))
+    })
+    .await
+}
+
+#[derive(Deserialize)]
+struct PatientSearch {
+    patient: String,
+}
+
+/// The resident's health file for a `?patient=` search (`Patient/<id>` or the bare id).
+async fn patient_file(
+    state: &ApiState,
+    caller: &Caller,
+    query: &PatientSearch,
+) -> Result<HealthFileView, ApiError> {
+    let id = document_id(
+        query
+            .patient
+            .strip_prefix("Patient/")
+            .unwrap_or(&query.patient),
+    )?;
+    let (state, app) = (state.clone(), caller.app.clone());
+    blocking(move || {
+        let view = state.node.health_file(id)?;
+        state.node.record_access(&app, &[(id, None)])?;
+        Ok(view)
+    })
+    .await
+}
+
+async fn allergies(
+    State(state): State<ApiState>,
+    caller: Caller,
+    QueryParams(query): QueryParams<PatientSearch>,
+) -> Result<impl IntoResponse, ApiError> {
+    let view = patient_file(&state, &caller, &query).await?;
+    let entries = view
+        .allergies
+        .iter()
+        .map(|allergy| {
+            json!({
+                "resourceType": "AllergyIntolerance",
+                "id": entry_id(&view.id, &allergy.entry),
+                "identifier": [entry_identifier(&allergy.entry)],
+                "meta": meta(allergy.recorded_at.0),
+                "clinicalStatus": { "coding": [{ "system": ALLERGY_CLINICAL_SYSTEM, "code": "active" }] },
+                "code": { "text": allergy.substance },
+                "patient": reference("Patient", &view.id),
+                "recordedDate": instant(allergy.recorded_at.0),
+                "recorder": organisation(allergy.recorded_by.as_str()),
+                "reaction": [{
+                    "manifestation": [{ "text": allergy.reaction }],
+                    "severity": match allergy.severity {
+                        Severity::Mild => "mild",
+                        Severity::Moderate => "moderate",
+                        Severity::Severe => "severe",
+                    },
+                }],
+            })
+        })
+        .collect();
+    Ok(fhir(searchset("AllergyIntolerance", entries)))
+}
+
+async fn conditions(
+    State(state): State<ApiState>,
+    caller: Caller,
+    QueryParams(query): QueryParams<PatientSearch>,
+) -> Result<impl IntoResponse, ApiError> {
+    let view = patient_file(&state, &caller, &query).await?;
+    let entries = view
+        .problems
+        .iter()
+        .map(|problem| {
+            let mut condition = json!({
+                "resourceType": "Condition",
+                "id": entry_id(&view.id, &problem.entry),
+                "identifier": [entry_identifier(&problem.entry)],
+                "meta": meta(problem.recorded_at.0),
+                "clinicalStatus": { "coding": [{
+                    "system": CONDITION_CLINICAL_SYSTEM,
+                    "code": problem.status.value.as_str(),
+                }] },
+                "code": {
+                    "coding": [{
+                        "system": ICD10_SYSTEM,
+                        "code": problem.icd10.as_str(),
+                        "display": problem.display,
+                    }],
+                    "text": problem.display,
+                },
+                "subject": reference("Patient", &view.id),
+                "recordedDate": instant(problem.recorded_at.0),
+                "recorder": organisation(problem.recorded_by.as_str()),
+            });
+            if let Some(onset) = &problem.onset {
+                condition["onsetDateTime"] = json!(onset.as_str());
+            }
+            condition
+        })
+        .collect();
+    Ok(fhir(searchset("Condition", entries)))
+}
+
+fn quantity(value: f64, unit: &str, ucum: &str) -> Value {
+    json!({ "value": value, "unit": unit, "system": UCUM_SYSTEM, "code": ucum })
+}
+
+fn loinc(code: &str, display: &str) -> Value {
+    json!({ "coding": [{ "system": LOINC_SYSTEM, "code": code, "display": display }], "text": display })
+}
+
+/// Follow-ups (blood pressure panel, glucose) and exam results as `Observation`s.
+async fn observations(
+    State(state): State<ApiState>,
+    caller: Caller,
+    QueryParams(query): QueryParams<PatientSearch>,
+) -> Result<impl IntoResponse, ApiError> {
+    let view = patient_file(&state, &caller, &query).await?;
+    let subject = reference("Patient", &view.id);
+    let mut entries = Vec::new();
+    for follow_up in &view.follow_ups {
+        let base = |suffix: &str, code: Value| {
+            json!({
+                "resourceType": "Observation",
+                "id": format!("{}-{suffix}", entry_id(&view.id, &follow_up.entry)),
+                "identifier": [entry_identifier(&follow_up.entry)],
+                "meta": meta(follow_up.time.0),
+                "status": "final",
+                "category": [{ "coding": [{ "system": OBSERVATION_CATEGORY_SYSTEM, "code": "vital-signs" }] }],
+                "code": code,
+                "subject": subject,
+                "effectiveDateTime": instant(follow_up.time.0),
+                "performer": [organisation(follow_up.institution.as_str())],
+            })
+        };
+        if let (Some(systolic), Some(diastolic)) =
+            (follow_up.systolic_mmhg, follow_up.diastolic_mmhg)
+        {
+            let mut bp = base("bp", loinc("85354-9", "Blood pressure panel"));
+            bp["component"] = json!([
+                { "code": loinc("8480-6", "Systolic blood pressure"), "valueQuantity": quantity(systolic as f64, "mmHg", "mm[Hg]") },
+                { "code": loinc("8462-4", "Diastolic blood pressure"), "valueQuantity": quantity(diastolic as f64, "mmHg", "mm[Hg]") },
+            ]);
+            entries.push(bp);
+        }
+        if let Some(glucose) = follow_up.glucose_mmol_per_l {
+            let mut observation = base(
+                "glucose",
+                loinc("15074-8", "Glucose [Moles/volume] in Blood"),
+            );
+            observation["category"] = json!([{ "coding": [{ "system": OBSERVATION_CATEGORY_SYSTEM, "code": "laboratory" }] }]);
+            observation["valueQuantity"] = quantity(glucose, "mmol/L", "mmol/L");
+            entries.push(observation);
+        }
+    }
+    for exam in &view.exams {
+        let mut observation = json!({
+            "resourceType": "Observation",
+            "id": entry_id(&view.id, &exam.entry),
+            "identifier": [entry_identifier(&exam.entry)],
+            "meta": meta(exam.time.0),
+            "status": "final",
+            "category": [{ "coding": [{
+                "system": OBSERVATION_CATEGORY_SYSTEM,
+                "code": match exam.kind {
+                    ExamKind::Lab => "laboratory",
+                    ExamKind::Imaging => "imaging",
+                    ExamKind::Ecg => "procedure",
+                },
+            }] }],
+            "code": { "text": exam.name },
+            "subject": subject,
+            "effectiveDateTime": instant(exam.time.0),
+            "performer": [organisation(exam.institution.as_str())],
+        });
+        if !exam.measurements.is_empty() {
+            observation["component"] = exam
+                .measurements
+                .iter()
+                .map(|m| {
+                    let mut value = json!({ "value": m.value });
+                    if let Some(unit) = &m.unit {
+                        value["unit"] = json!(unit);
+                    }
+                    json!({ "code": { "text": m.name }, "valueQuantity": value })
+                })
+                .collect();
+        }
+        if let Some(report) = &exam.report {
+            observation["valueString"] = json!(report);
+        }
+        entries.push(observation);
+    }
+    Ok(fhir(searchset("Observation", entries)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn instants_are_rfc3339_utc() {
+        assert_eq!(instant(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(instant(951_782_400_123), "2000-02-29T00:00:00.123Z");
+        assert_eq!(instant(1_795_478_400_000), "2026-11-24T00:00:00.000Z");
+        assert_eq!(instant(-1), "1969-12-31T23:59:59.999Z");
+    }
+
+    #[test]
+    fn every_referral_status_maps_to_a_fhir_request_status() {
+        for status in ReferralStatus::ALL {
+            assert!(["active", "completed", "revoked"].contains(&request_status(*status)));
+        }
+    }
+}

@@ -1,0 +1,486 @@
+//! The HTTP API in process: the router the node serves, driven request by request against a
+//! real node on a real sled directory.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use common::*;
+use estuary_node::api::{ApiState, router, routes};
+use estuary_node::config::{ApiConfig, AppToken, Config, NetworkConfig, Scope};
+use estuary_node::identity::Identity;
+use estuary_node::membership::SignedRoster;
+use estuary_node::model::*;
+use estuary_node::node::{Node, NodeConfig};
+use futures::StreamExt;
+use serde_json::{Value, json};
+use tower::ServiceExt;
+
+const WRITER: &str = "writer-token-0123456789abcdef0123456789";
+const READER: &str = "reader-token-0123456789abcdef0123456789";
+const ADMIN: &str = "admin-token-0123456789abcdef01234567890";
+
+struct Api {
+    router: axum::Router,
+    node: Arc<Node>,
+    _stop: tokio::sync::watch::Sender<bool>,
+    _dir: tempfile::TempDir,
+}
+
+/// A node for `chc-a` in a roster that also lists the core hospital, behind its API.
+fn api() -> Api {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("node");
+    std::fs::create_dir_all(&data_dir).unwrap();
+    let key = Identity::load_or_create(&data_dir).unwrap().public_key();
+    let authority = Identity::from_secret(AUTHORITY);
+    let by = editor("chc-a");
+    let mut roster = Roster::create(&authority.actor(), &by).unwrap();
+    add_member(
+        &mut roster,
+        &by,
+        "chc-a",
+        InstitutionKind::CommunityCentre,
+        key,
+    );
+    add_member(
+        &mut roster,
+        &by,
+        "core",
+        InstitutionKind::CoreHospital,
+        Bytes32([7; 32]),
+    );
+    let signed = SignedRoster::sign(&authority, &mut roster).encode();
+    let node = Arc::new(
+        Node::open(
+            &NodeConfig {
+                data_dir: data_dir.clone(),
+                authority: authority.public_key(),
+            },
+            Some(&signed),
+        )
+        .unwrap(),
+    );
+    let config = Config {
+        data_dir,
+        authority: authority.public_key().to_string(),
+        roster: None,
+        network: NetworkConfig::default(),
+        api: ApiConfig {
+            admin_token: ADMIN.into(),
+            body_bytes_max: 64 * 1024,
+            apps: vec![
+                AppToken {
+                    name: "emr".into(),
+                    token: WRITER.into(),
+                    scope: Scope::ReadWrite,
+                },
+                AppToken {
+                    name: "dashboard".into(),
+                    token: READER.into(),
+                    scope: Scope::Read,
+                },
+            ],
+            ..ApiConfig::default()
+        },
+    };
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let state = ApiState::new(node.clone(), None, Arc::new(config), stopped);
+    Api {
+        router: router(state),
+        node,
+        _stop: stop,
+        _dir: dir,
+    }
+}
+
+impl Api {
+    async fn call(&self, method: &str, path: &str, token: &str, body: &str) -> (StatusCode, Value) {
+        let request = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("authorization", format!("Bearer {token}"))
+            .header("content-type", "application/json")
+            .body(Body::from(body.to_owned()))
+            .unwrap();
+        let response = self.router.clone().oneshot(request).await.unwrap();
+        let status = response.status();
+        let bytes = axum::body::to_bytes(response.into_body(), 16 * 1024 * 1024)
+            .await
+            .unwrap();
+        let value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        (status, value)
+    }
+
+    async fn register(&self, given: &str) -> String {
+        let (status, written) = self
+            .call(
+                "POST",
+                "/v1/health-files",
+                WRITER,
+                &json!({
+                    "name": { "family": "Lu", "given": given },
+                    "sex": "male",
+                    "birth_date": "1954-10-17",
+                    "national_id": "310230195410170433",
+                })
+                .to_string(),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{written}");
+        written["id"].as_str().unwrap().to_owned()
+    }
+}
+
+#[test]
+fn every_route_is_described_in_the_openapi_file_and_every_described_route_exists() {
+    let text =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/openapi.json")).unwrap();
+    let openapi: Value = serde_json::from_str(&text).unwrap();
+    let described: BTreeSet<(String, String)> = openapi["paths"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .flat_map(|(path, methods)| {
+            methods
+                .as_object()
+                .unwrap()
+                .keys()
+                .map(|method| (method.to_uppercase(), path.clone()))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let served: BTreeSet<(String, String)> = routes()
+        .iter()
+        .map(|r| (r.method.to_owned(), r.path.to_owned()))
+        .collect();
+    let undocumented: Vec<_> = served.difference(&described).collect();
+    let missing: Vec<_> = described.difference(&served).collect();
+    assert!(
+        undocumented.is_empty(),
+        "served but not described: {undocumented:?}"
+    );
+    assert!(missing.is_empty(), "described but not served: {missing:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_scopes_and_malformed_input_get_typed_errors_that_quote_nothing() {
+    let api = api();
+    let (status, body) = api.call("GET", "/v1/conflicts", "not-a-token", "").await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(body["error"]["code"], "unauthorized");
+
+    let (status, body) = api.call("POST", "/v1/health-files", READER, "{}").await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+
+    let (status, body) = api.call("GET", "/admin/status", WRITER, "").await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+
+    // A value that is patient data in the wrong place is not echoed back.
+    let (status, body) = api
+        .call(
+            "POST",
+            "/v1/health-files",
+            WRITER,
+            r#"{"name":{"family":"Zhang","given":"Wei"},"sex":"Zhang Wei 13800138000","birth_date":"1954-10-17"}"#,
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(body["error"]["code"], "malformed_json");
+    let reason = body["error"]["reason"].as_str().unwrap();
+    assert!(
+        !reason.contains("Zhang") && !reason.contains("13800138000"),
+        "{reason}"
+    );
+
+    let (status, body) = api
+        .call(
+            "POST",
+            "/v1/health-files",
+            WRITER,
+            r#"{"name":{"family":"Lu","given":"A"},"sex":"male"}"#,
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        body["error"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("birth_date"),
+        "{body}"
+    );
+
+    let (status, body) = api
+        .call("POST", "/v1/health-files", WRITER, "{\"name\":")
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        body["error"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("not valid JSON")
+    );
+
+    let oversized = format!("{{\"pad\":\"{}\"}}", "x".repeat(100 * 1024));
+    let (status, body) = api
+        .call("POST", "/v1/health-files", WRITER, &oversized)
+        .await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{body}");
+
+    let (status, _) = api
+        .call("GET", "/v1/health-files/not-an-id", WRITER, "")
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (status, _) = api
+        .call(
+            "GET",
+            &format!("/v1/health-files/{}", "0".repeat(32)),
+            WRITER,
+            "",
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn referral_transitions_are_checked_and_every_access_is_audited_with_the_app() {
+    let api = api();
+    let patient = api.register("Jianguo").await;
+    let (status, created) = api
+        .call(
+            "POST",
+            "/v1/referrals",
+            WRITER,
+            &json!({
+                "patient": patient, "direction": "up", "to": "core",
+                "reason": "chest pain", "urgency": "priority", "handover": "ECG attached",
+            })
+            .to_string(),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let referral = created["id"].as_str().unwrap().to_owned();
+    let operations = format!("/v1/referrals/{referral}/operations");
+
+    // Only the receiving institution may accept.
+    let (status, body) = api
+        .call("POST", &operations, WRITER, r#"{"op":"accept"}"#)
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert_eq!(body["error"]["code"], "not_permitted_for_institution");
+    let (status, _) = api
+        .call("POST", &operations, WRITER, r#"{"op":"cancel"}"#)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    // Cancelled is final.
+    let (status, body) = api
+        .call("POST", &operations, WRITER, r#"{"op":"cancel"}"#)
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert_eq!(body["error"]["code"], "illegal_transition");
+
+    let (status, list) = api
+        .call("GET", "/v1/referrals?to=core&status=cancelled", READER, "")
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(list["results"][0]["id"], referral.as_str());
+    let (status, _) = api.call("GET", "/v1/referrals?to=core", READER, "").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+
+    let (_, search) = api
+        .call("GET", "/v1/health-files?name=lu%20jian", READER, "")
+        .await;
+    assert_eq!(search["results"][0]["id"], patient.as_str());
+    let (_, search) = api
+        .call(
+            "POST",
+            "/v1/health-files/search",
+            READER,
+            r#"{"national_id":"310230195410170433"}"#,
+        )
+        .await;
+    assert_eq!(search["results"][0]["id"], patient.as_str());
+
+    let records = api.node.audit(1, 1_000).unwrap();
+    let by = |app: &str, action: estuary_node::audit::AuditAction| {
+        records
+            .iter()
+            .filter(|r| r.app.as_deref() == Some(app) && r.action == action)
+            .count()
+    };
+    use estuary_node::audit::AuditAction::{Read, Written};
+    // Patient created, referral created, cancelled.
+    assert_eq!(by("emr", Written), 3);
+    // The worklist and the two searches.
+    assert_eq!(by("dashboard", Read), 3);
+    assert!(
+        records
+            .iter()
+            .all(|r| r.app.is_none() || r.institution.is_some())
+    );
+    let (_, check) = api.call("GET", "/admin/audit/verify", ADMIN, "").await;
+    assert_eq!(check["sound"], true, "{check}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fhir_views_carry_the_required_elements() {
+    let api = api();
+    let patient = api.register("Jianguo").await;
+    let operations = format!("/v1/health-files/{patient}/operations");
+    for op in [
+        json!({"op": "add_allergy", "args": {"substance": "penicillin", "reaction": "rash", "severity": "severe"}}),
+        json!({"op": "add_problem", "args": {"icd10": "I10", "display": "Essential hypertension", "status": "active"}}),
+        json!({"op": "add_follow_up", "args": {"time": 1_790_000_000_000i64, "systolic_mmhg": 150, "diastolic_mmhg": 95, "glucose_mmol_per_l": 6.1}}),
+    ] {
+        let (status, body) = api.call("POST", &operations, WRITER, &op.to_string()).await;
+        assert_eq!(status, StatusCode::OK, "{op}: {body}");
+    }
+    let (status, resource) = api
+        .call("GET", &format!("/fhir/Patient/{patient}"), READER, "")
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(resource["resourceType"], "Patient");
+    assert_eq!(resource["id"], patient.as_str());
+    assert!(
+        resource["meta"]["lastUpdated"]
+            .as_str()
+            .unwrap()
+            .ends_with('Z')
+    );
+    assert_eq!(resource["gender"], "male");
+    assert_eq!(resource["birthDate"], "1954-10-17");
+    assert_eq!(resource["name"][0]["family"], "Lu");
+    let systems: Vec<&str> = resource["identifier"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["system"].as_str().unwrap())
+        .collect();
+    assert!(systems.contains(&"urn:estuary:national-id"), "{systems:?}");
+
+    let (_, bundle) = api
+        .call(
+            "GET",
+            &format!("/fhir/Condition?patient=Patient/{patient}"),
+            READER,
+            "",
+        )
+        .await;
+    assert_eq!(bundle["resourceType"], "Bundle");
+    assert_eq!(bundle["type"], "searchset");
+    let coding = &bundle["entry"][0]["resource"]["code"]["coding"][0];
+    assert_eq!(coding["system"], "http://hl7.org/fhir/sid/icd-10");
+    assert_eq!(coding["code"], "I10");
+
+    let (_, bundle) = api
+        .call(
+            "GET",
+            &format!("/fhir/Observation?patient={patient}"),
+            READER,
+            "",
+        )
+        .await;
+    assert_eq!(bundle["total"], 2, "{bundle}");
+    let id_ok = |id: &str| {
+        id.len() <= 64
+            && id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+    };
+    for entry in bundle["entry"].as_array().unwrap() {
+        assert!(id_ok(entry["resource"]["id"].as_str().unwrap()), "{entry}");
+        assert_eq!(
+            entry["resource"]["subject"]["reference"],
+            format!("Patient/{patient}")
+        );
+    }
+    let (_, bundle) = api
+        .call(
+            "GET",
+            &format!("/fhir/AllergyIntolerance?patient={patient}"),
+            READER,
+            "",
+        )
+        .await;
+    assert_eq!(
+        bundle["entry"][0]["resource"]["reaction"][0]["severity"],
+        "severe"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_change_feed_resumes_from_a_cursor_and_follows_new_changes() {
+    let api = api();
+    let first = api.register("First").await;
+    let feed = |cursor: u64| {
+        Request::builder()
+            .uri(format!("/v1/changes?cursor={cursor}"))
+            .header("authorization", format!("Bearer {READER}"))
+            .body(Body::empty())
+            .unwrap()
+    };
+    let mut events = Events::open(&api, feed(0)).await;
+    let event = events.next().await;
+    assert!(event.contains(&first), "{event}");
+    assert!(event.contains("\"accepted\""), "{event}");
+    let cursor: u64 = event
+        .lines()
+        .find_map(|l| l.strip_prefix("id:"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // A change made while the feed waits arrives on it.
+    let second = api.register("Second").await;
+    let mut seen = events.next().await;
+    while !seen.contains(&second) {
+        seen = events.next().await;
+    }
+    // Resuming after the first event starts with the second.
+    let mut resumed = Events::open(&api, feed(cursor)).await;
+    let event = resumed.next().await;
+    assert!(
+        event.contains(&second) && !event.contains(&first),
+        "{event}"
+    );
+}
+
+/// Server-Sent Events read off a response body.
+struct Events {
+    stream: axum::body::BodyDataStream,
+    text: String,
+}
+
+impl Events {
+    async fn open(api: &Api, request: Request<Body>) -> Self {
+        let response = api.router.clone().oneshot(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        Self {
+            stream: response.into_body().into_data_stream(),
+            text: String::new(),
+        }
+    }
+
+    /// The next event that carries data (keep-alives skipped).
+    async fn next(&mut self) -> String {
+        loop {
+            if let Some(end) = self.text.find("\n\n") {
+                let event: String = self.text.drain(..end + 2).collect();
+                if event.contains("data:") {
+                    return event;
+                }
+                continue;
+            }
+            let chunk =
+                tokio::time::timeout(std::time::Duration::from_secs(10), self.stream.next())
+                    .await
+                    .expect("an event within 10 s")
+                    .unwrap()
+                    .unwrap();
+            self.text.push_str(std::str::from_utf8(&chunk).unwrap());
+        }
+    }
+}
