@@ -1,0 +1,492 @@
+//! End to end with real processes: an authority and three nodes set up with `estuary init`,
+//! a roster signed with `estuary roster`, three `estuary node run` on loopback ports, and
+//! clinical work through the HTTP API and the command.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use estuary_node::config::Config;
+use serde_json::{Value, json};
+
+const INSTITUTIONS: [(&str, &str, &str); 3] = [
+    ("xinhua", "Xinhua Hospital Chongming", "core_hospital"),
+    (
+        "chc-jianshe",
+        "Jianshe Community Health Centre",
+        "community_centre",
+    ),
+    (
+        "chc-baozhen",
+        "Baozhen Community Health Centre",
+        "community_centre",
+    ),
+];
+/// How long anything in this test may take to propagate or start.
+const PATIENCE: Duration = Duration::from_secs(60);
+
+fn estuary(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_estuary"))
+        .current_dir(dir)
+        .args(args)
+        .env_remove("ESTUARY_CONFIG")
+        .output()
+        .expect("the estuary binary runs")
+}
+
+/// Runs a command that must succeed and print JSON.
+fn estuary_json(dir: &Path, args: &[&str]) -> Value {
+    let output = estuary(dir, args);
+    assert!(
+        output.status.success(),
+        "estuary {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
+        panic!(
+            "estuary {args:?} printed no JSON ({e}): {}",
+            String::from_utf8_lossy(&output.stdout)
+        )
+    })
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A running `estuary node run`, killed if the test fails.
+struct Running {
+    child: Option<Child>,
+    config: PathBuf,
+    api: String,
+    writer: String,
+    reader: String,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Running {
+    fn start(dir: &Path, name: &str) -> Self {
+        let config_path = dir.join(name).join("estuary.toml");
+        let config = Config::load(&config_path).unwrap();
+        let token = |app: &str| {
+            config
+                .api
+                .apps
+                .iter()
+                .find(|a| a.name == app)
+                .unwrap()
+                .token
+                .clone()
+        };
+        let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_estuary"))
+            .current_dir(dir)
+            .args(["--config", config_path.to_str().unwrap(), "node", "run"])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let running = Self {
+            child: Some(child),
+            config: config_path,
+            api: format!("http://{}", config.api.listen),
+            writer: token("clinical-app"),
+            reader: token("dashboard"),
+        };
+        running.wait_until("the API answers", || {
+            http()
+                .get(format!("{}/health", running.api))
+                .call()
+                .is_ok_and(|r| r.status() == 200)
+        });
+        running
+    }
+
+    fn wait_until(&self, what: &str, mut done: impl FnMut() -> bool) {
+        let start = Instant::now();
+        while !done() {
+            assert!(
+                start.elapsed() < PATIENCE,
+                "{what}: not within {PATIENCE:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn call(&self, method: &str, path: &str, token: &str, body: Option<&str>) -> (u16, Value) {
+        let url = format!("{}{path}", self.api);
+        let agent = http();
+        let bearer = format!("Bearer {token}");
+        let response = match (method, body) {
+            ("GET", _) => agent.get(url).header("Authorization", bearer).call(),
+            (_, body) => agent
+                .post(url)
+                .header("Authorization", bearer)
+                .header("Content-Type", "application/json")
+                .send(body.unwrap_or("")),
+        }
+        .unwrap();
+        let status = response.status().as_u16();
+        let value = response
+            .into_body()
+            .read_json::<Value>()
+            .unwrap_or(Value::Null);
+        (status, value)
+    }
+
+    fn get(&self, path: &str) -> (u16, Value) {
+        self.call("GET", path, &self.writer, None)
+    }
+
+    fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        self.call("POST", path, &self.writer, Some(&body.to_string()))
+    }
+
+    /// Sends SIGTERM and waits for a clean exit.
+    fn stop(mut self) {
+        let mut child = self.child.take().unwrap();
+        let killed = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(killed.success());
+        let start = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                assert!(status.success(), "the node exited with {status} on SIGTERM");
+                return;
+            }
+            assert!(
+                start.elapsed() < PATIENCE,
+                "the node did not stop on SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+fn http() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(30)))
+        .build()
+        .into()
+}
+
+/// Data lines of the change feed of `node`, from the start, as they arrive.
+fn follow_feed(node: &Running) -> mpsc::Receiver<String> {
+    let (sender, receiver) = mpsc::channel();
+    let url = format!("{}/v1/changes", node.api);
+    let bearer = format!("Bearer {}", node.reader);
+    std::thread::spawn(move || {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .into();
+        let Ok(response) = agent.get(url).header("Authorization", bearer).call() else {
+            return;
+        };
+        let reader = BufReader::new(response.into_body().into_reader());
+        for line in reader.lines() {
+            let Ok(line) = line else { return };
+            if let Some(data) = line.strip_prefix("data:")
+                && sender.send(data.trim().to_owned()).is_err()
+            {
+                return;
+            }
+        }
+    });
+    receiver
+}
+
+#[test]
+fn three_institutions_share_a_health_file_and_a_referral_through_the_api_and_the_command() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let authority = estuary_json(
+        root,
+        &["init", "--authority", "--data-dir", "auth", "--json"],
+    );
+    let authority_key = authority["authority_key"].as_str().unwrap().to_owned();
+
+    let p2p: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    for (i, (id, name, kind)) in INSTITUTIONS.iter().enumerate() {
+        let data_dir = format!("n{i}");
+        let listen = format!("/ip4/127.0.0.1/tcp/{}", p2p[i]);
+        let api = format!("127.0.0.1:{}", free_port());
+        let mut args = vec![
+            "init",
+            "--data-dir",
+            &data_dir,
+            "--authority-key",
+            &authority_key,
+            "--listen",
+            &listen,
+            "--api-listen",
+            &api,
+            "--app",
+            "clinical-app:read-write",
+            "--app",
+            "dashboard:read",
+            "--json",
+        ];
+        let bootstrap = format!("/ip4/127.0.0.1/tcp/{}", p2p[0]);
+        if i > 0 {
+            args.extend(["--bootstrap", &bootstrap]);
+        }
+        let created = estuary_json(root, &args);
+        let key = created["node_key"].as_str().unwrap();
+        estuary_json(
+            root,
+            &[
+                "roster",
+                "add",
+                "--dir",
+                "auth",
+                "--institution",
+                id,
+                "--name",
+                name,
+                "--kind",
+                kind,
+                "--key",
+                key,
+                "--json",
+            ],
+        );
+        // Reconcile every second, so that the test does not wait on the default interval.
+        let config = root.join(&data_dir).join("estuary.toml");
+        let text = std::fs::read_to_string(&config).unwrap();
+        std::fs::write(
+            &config,
+            text.replace("reconcile_every_s = 5", "reconcile_every_s = 1"),
+        )
+        .unwrap();
+    }
+    let signed = estuary_json(root, &["roster", "sign", "--dir", "auth", "--json"]);
+    assert!(signed["version"].as_u64().unwrap() >= 6);
+    for i in 0..3 {
+        std::fs::copy(
+            root.join("auth/roster.signed"),
+            root.join(format!("n{i}/roster.signed")),
+        )
+        .unwrap();
+    }
+    let roster = estuary_json(root, &["roster", "show", "--dir", "auth", "--json"]);
+    assert_eq!(roster["institutions"].as_array().unwrap().len(), 3);
+
+    let hospital = Running::start(root, "n0");
+    let jianshe = Running::start(root, "n1");
+    let baozhen = Running::start(root, "n2");
+    let feed = follow_feed(&baozhen);
+
+    // A resident registered at Jianshe.
+    let (status, written) = jianshe.post(
+        "/v1/health-files",
+        &json!({
+            "name": { "family": "Lu", "given": "Jianguo" },
+            "sex": "male",
+            "birth_date": "1954-10-17",
+            "phone": "13800000000",
+            "national_id": "310230195410170433",
+        }),
+    );
+    assert_eq!(status, 201, "{written}");
+    let patient = written["id"].as_str().unwrap().to_owned();
+
+    // Readable at the hospital through the API and the command.
+    let path = format!("/v1/health-files/{patient}");
+    hospital.wait_until("the file reaches the hospital", || {
+        hospital.get(&path).0 == 200
+    });
+    let (_, file) = hospital.get(&path);
+    assert_eq!(
+        file["view"]["demographics"]["name"]["value"]["family"],
+        "Lu"
+    );
+    let config0 = hospital.config.to_str().unwrap().to_owned();
+    let shown = estuary_json(
+        root,
+        &["--config", &config0, "--json", "patient", "show", &patient],
+    );
+    assert_eq!(
+        shown["view"]["demographics"]["birth_date"]["value"],
+        "1954-10-17"
+    );
+
+    // Baozhen's change feed delivers it.
+    let start = Instant::now();
+    loop {
+        let line = feed
+            .recv_timeout(PATIENCE.saturating_sub(start.elapsed()))
+            .expect("the change feed delivers the new file");
+        let event: Value = serde_json::from_str(&line).unwrap();
+        if event["document"] == patient.as_str() {
+            assert_eq!(event["action"], "accepted");
+            assert_eq!(event["institution"], "chc-jianshe");
+            break;
+        }
+    }
+
+    // A priority referral up to the hospital: requested → accepted → scheduled.
+    let (status, created) = jianshe.post(
+        "/v1/referrals",
+        &json!({
+            "patient": patient, "direction": "up", "to": "xinhua",
+            "reason": "suspected unstable angina", "urgency": "priority",
+            "handover": "ECG and troponin attached",
+        }),
+    );
+    assert_eq!(status, 201, "{created}");
+    let referral = created["id"].as_str().unwrap().to_owned();
+    let referral_path = format!("/v1/referrals/{referral}");
+    hospital.wait_until("the referral reaches the hospital", || {
+        hospital.get(&referral_path).0 == 200
+    });
+    let (_, worklist) = hospital.get("/v1/referrals?to=xinhua&status=requested");
+    assert_eq!(
+        worklist["results"][0]["id"],
+        referral.as_str(),
+        "{worklist}"
+    );
+    let operations = format!("{referral_path}/operations");
+    let (status, body) = hospital.post(&operations, &json!({ "op": "accept" }));
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = hospital.post(
+        &operations,
+        &json!({ "op": "schedule", "args": { "appointment": 1_795_600_000_000i64 } }),
+    );
+    assert_eq!(status, 200, "{body}");
+    jianshe.wait_until("the booking reaches Jianshe", || {
+        jianshe.get(&referral_path).1["view"]["status"] == "scheduled"
+    });
+
+    // Mistakes get their codes.
+    let (status, body) = hospital.post(&operations, &json!({ "op": "accept" }));
+    assert_eq!(status, 409, "an illegal transition: {body}");
+    assert_eq!(body["error"]["code"], "illegal_transition");
+    let (status, _) = jianshe.call("GET", &path, "a-token-nobody-was-given", None);
+    assert_eq!(status, 401);
+    let (status, body) = jianshe.call(
+        "POST",
+        &format!("{path}/operations"),
+        &jianshe.reader,
+        Some(r#"{"op":"add_allergy","args":{"substance":"penicillin","reaction":"rash","severity":"severe"}}"#),
+    );
+    assert_eq!(status, 403, "a read-only token writing: {body}");
+    let (status, body) = jianshe.call(
+        "POST",
+        "/v1/health-files",
+        &jianshe.writer,
+        Some(r#"{"name": {"family": "Lu""#),
+    );
+    assert_eq!(status, 400);
+    assert_eq!(body["error"]["code"], "malformed_json");
+    assert!(!body["error"]["reason"].as_str().unwrap().is_empty());
+
+    // FHIR views.
+    let (status, fhir_patient) = hospital.get(&format!("/fhir/Patient/{patient}"));
+    assert_eq!(status, 200);
+    assert_eq!(fhir_patient["resourceType"], "Patient");
+    assert_eq!(fhir_patient["id"], patient.as_str());
+    assert!(fhir_patient["meta"]["lastUpdated"].is_string());
+    assert!(fhir_patient["identifier"].as_array().unwrap().len() >= 2);
+    assert_eq!(fhir_patient["name"][0]["family"], "Lu");
+    assert_eq!(fhir_patient["gender"], "male");
+    assert_eq!(fhir_patient["birthDate"], "1954-10-17");
+    let (status, request) = hospital.get(&format!("/fhir/ServiceRequest/{referral}"));
+    assert_eq!(status, 200);
+    assert_eq!(request["resourceType"], "ServiceRequest");
+    assert_eq!(request["status"], "active");
+    assert_eq!(request["intent"], "order");
+    assert_eq!(request["priority"], "urgent");
+    assert_eq!(
+        request["subject"]["reference"],
+        format!("Patient/{patient}")
+    );
+    assert_eq!(request["performer"][0]["identifier"]["value"], "xinhua");
+    assert!(request["meta"]["lastUpdated"].is_string());
+    assert!(request["occurrenceDateTime"].is_string());
+    let (_, searchset) = hospital.get("/fhir/ServiceRequest?performer=xinhua&status=active");
+    assert_eq!(searchset["type"], "searchset");
+    assert_eq!(searchset["total"], 1);
+
+    // The audit log shows the hospital's read with the app's name, and its chain holds.
+    let audit = estuary_json(
+        root,
+        &[
+            "--config",
+            &config0,
+            "--json",
+            "audit",
+            "--patient",
+            &patient,
+        ],
+    );
+    let read = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["action"] == "read" && r["document"] == patient.as_str())
+        .unwrap_or_else(|| panic!("no read of the file in the audit log: {audit}"));
+    assert_eq!(read["app"], "clinical-app");
+    assert_eq!(read["institution"], "xinhua");
+    let verified = estuary(root, &["--config", &config0, "audit", "--verify"]);
+    assert!(
+        verified.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verified.stderr)
+    );
+
+    let status = estuary_json(root, &["--config", &config0, "--json", "status"]);
+    assert_eq!(status["institution"], "xinhua");
+    assert_eq!(status["documents"], 2);
+    assert_eq!(status["network"], true);
+    let peers = estuary_json(root, &["--config", &config0, "--json", "peers"]);
+    assert_eq!(peers.as_object().unwrap().len(), 2, "{peers}");
+
+    // The courier path: Baozhen stopped, a bundle exported at the hospital and imported.
+    let config2 = baozhen.config.to_str().unwrap().to_owned();
+    baozhen.stop();
+    let offline = estuary_json(root, &["--config", &config2, "--json", "status"]);
+    assert_eq!(offline["network"], false);
+    let exported = estuary_json(
+        root,
+        &["--config", &config0, "--json", "export", "courier.bundle"],
+    );
+    let imported = estuary_json(
+        root,
+        &["--config", &config2, "--json", "import", "courier.bundle"],
+    );
+    assert_eq!(imported["exported_by"], "xinhua");
+    assert_eq!(
+        imported["accepted"].as_u64().unwrap() + imported["duplicate"].as_u64().unwrap(),
+        exported["envelopes"].as_u64().unwrap(),
+        "{imported}"
+    );
+    assert_eq!(imported["quarantined"], 0);
+    let verify = estuary(root, &["--config", &config2, "verify"]);
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stdout)
+    );
+
+    jianshe.stop();
+    hospital.stop();
+}
