@@ -50,6 +50,9 @@ pub const LOCAL_CHANGES_QUEUE_MAX: usize = 4_096;
 /// Most changes of one revoked key held until the node can tell whether they are within the
 /// revocation's cut-off; past it, the key's changes are refused and not kept.
 pub const REVOKED_HELD_PER_KEY_MAX: usize = 256;
+/// The layout of the store this release writes. A release that changes key layouts or record
+/// encodings raises it and converts older stores at open.
+pub const STORE_FORMAT: u32 = 1;
 /// Audit records read at a time when the whole log is checked.
 const AUDIT_PAGE_RECORDS: usize = 4_096;
 
@@ -86,6 +89,8 @@ mod keys {
     pub const LOST: &[u8] = b"m/lost";
     /// This node's random salt for the national-id index (32 bytes).
     pub const SALT: &[u8] = b"m/salt";
+    /// The store layout's version (u32, big-endian).
+    pub const FORMAT: &[u8] = b"m/format";
 
     pub fn envelope(document: &super::DocumentId, hash: &super::ChangeHash) -> Vec<u8> {
         [&[ENVELOPE][..], document.as_bytes(), &hash.0].concat()
@@ -420,6 +425,20 @@ impl Node {
                     .map_err(|_| StoreError::Corrupt { what: "lost count" })?,
             ),
         };
+        if let Some(bytes) = store.get(keys::FORMAT)? {
+            let found = <[u8; 4]>::try_from(bytes.as_slice())
+                .map(u32::from_be_bytes)
+                .map_err(|_| StoreError::Corrupt {
+                    what: "format version",
+                })?;
+            if found > STORE_FORMAT {
+                return Err(StoreError::Format {
+                    found,
+                    supported: STORE_FORMAT,
+                }
+                .into());
+            }
+        }
         let lost_now = store.witnessed_at_open().saturating_sub(accepted);
         if lost_now > 0 {
             tracing::error!(
@@ -458,6 +477,7 @@ impl Node {
             }
         };
         let mut batch = Batch::default();
+        batch.put(keys::FORMAT, STORE_FORMAT.to_be_bytes().to_vec());
         batch.put(keys::ROSTER, membership.encoded().to_vec());
         if lost_now > 0 {
             batch.put(keys::LOST, lost_at_open.to_be_bytes().to_vec());

@@ -19,6 +19,16 @@ pub enum StoreError {
         /// Which kind of record.
         what: &'static str,
     },
+    /// The store was written by a newer release in a layout this one cannot read.
+    #[error(
+        "the store's format is version {found}; this release reads up to version {supported}. Run the newer release, or re-sync into a fresh data directory"
+    )]
+    Format {
+        /// The store's format version.
+        found: u32,
+        /// The newest this release reads.
+        supported: u32,
+    },
 }
 
 impl From<sled::Error> for StoreError {

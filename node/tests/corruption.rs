@@ -120,3 +120,26 @@ fn verify_counts_what_it_checked_and_is_clean_on_a_sound_store() {
     assert_eq!((report.envelopes, report.documents), (2, 1));
     assert!(report.problems.is_empty(), "{report:?}");
 }
+
+#[test]
+fn a_store_written_in_a_newer_format_is_refused_with_the_versions_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let (config, roster) = single_node(dir.path(), "chc-a");
+    drop(Node::open(&config, Some(&roster)).unwrap());
+    {
+        let db = sled::open(config.data_dir.join("store")).unwrap();
+        db.insert(b"m/format", 2u32.to_be_bytes().to_vec()).unwrap();
+        db.flush().unwrap();
+    }
+    let error = Node::open(&config, Some(&roster)).unwrap_err();
+    assert!(
+        matches!(
+            error,
+            NodeError::Store(estuary_node::store::StoreError::Format {
+                found: 2,
+                supported: 1
+            })
+        ),
+        "{error}"
+    );
+}

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use super::clinical::{document_id, institution_id};
 use super::error::QueryParams;
-use super::{ApiError, ApiState, Caller, Route, blocking};
+use super::{Admin, ApiError, ApiState, Route, blocking};
 use crate::audit::AuditRecord;
 use crate::model::DocumentId;
 use crate::node::Ingested;
@@ -50,9 +50,8 @@ fn hex(bytes: &[u8]) -> String {
 
 async fn status(
     State(state): State<ApiState>,
-    caller: Caller,
+    _admin: Admin,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    caller.require_admin()?;
     let sync = state.sync.as_ref().map(|s| s.get());
     blocking(move || {
         let node = &state.node;
@@ -77,9 +76,8 @@ async fn status(
 
 async fn sync(
     State(state): State<ApiState>,
-    caller: Caller,
+    _admin: Admin,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    caller.require_admin()?;
     let Some(sync) = &state.sync else {
         return Err(ApiError::not_found(
             "the node is not running its network layer (a stopped node's data directory)",
@@ -91,9 +89,8 @@ async fn sync(
 
 async fn roster(
     State(state): State<ApiState>,
-    caller: Caller,
+    _admin: Admin,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    caller.require_admin()?;
     let view = crate::membership::SignedRoster::verify(
         &state.node.signed_roster(),
         &state.node.authority(),
@@ -116,9 +113,8 @@ fn quarantine_json(entry: &crate::node::QuarantineEntry) -> serde_json::Value {
 
 async fn quarantine(
     State(state): State<ApiState>,
-    caller: Caller,
+    _admin: Admin,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    caller.require_admin()?;
     blocking(move || {
         let entries = state.node.quarantine()?;
         let entries: Vec<_> = entries.iter().map(quarantine_json).collect();
@@ -129,10 +125,9 @@ async fn quarantine(
 
 async fn quarantined_change(
     State(state): State<ApiState>,
-    caller: Caller,
+    _admin: Admin,
     Path(change): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    caller.require_admin()?;
     blocking(move || {
         state
             .node
@@ -178,10 +173,9 @@ fn audit_json(record: &AuditRecord) -> serde_json::Value {
 /// A page of the audit log, filtered; `next` is where to go on from (absent at the end).
 async fn audit(
     State(state): State<ApiState>,
-    caller: Caller,
+    _admin: Admin,
     QueryParams(query): QueryParams<AuditQuery>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    caller.require_admin()?;
     let limit = query
         .limit
         .unwrap_or(AUDIT_PAGE_MAX)
@@ -231,9 +225,8 @@ async fn audit(
 
 async fn verify_audit(
     State(state): State<ApiState>,
-    caller: Caller,
+    _admin: Admin,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    caller.require_admin()?;
     blocking(move || {
         let records = state.node.audit_sequence();
         let problem = state.node.verify_audit().map(|p| p.what);
@@ -248,9 +241,8 @@ async fn verify_audit(
 
 async fn verify(
     State(state): State<ApiState>,
-    caller: Caller,
+    _admin: Admin,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    caller.require_admin()?;
     blocking(move || {
         let report = state.node.verify()?;
         let affected = report.affected_documents();
@@ -295,9 +287,8 @@ impl Write for ChannelWriter {
 /// Every envelope this node holds, as a bundle signed by its key (see `bundle`).
 async fn export(
     State(state): State<ApiState>,
-    caller: Caller,
+    _admin: Admin,
 ) -> Result<impl IntoResponse, ApiError> {
-    caller.require_admin()?;
     let (sender, mut receiver) = tokio::sync::mpsc::channel(EXPORT_CHUNKS_QUEUED_MAX);
     let node = state.node.clone();
     tokio::task::spawn_blocking(move || {
@@ -340,10 +331,9 @@ struct Imported {
 /// pipeline. The `estuary` command checks the bundle's signature before it sends any.
 async fn import(
     State(state): State<ApiState>,
-    caller: Caller,
+    _admin: Admin,
     body: Bytes,
 ) -> Result<Json<Imported>, ApiError> {
-    caller.require_admin()?;
     let envelopes: Vec<serde_bytes::ByteBuf> =
         ciborium::from_reader(body.as_ref()).map_err(|_| {
             ApiError::bad_request(

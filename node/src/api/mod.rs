@@ -172,6 +172,19 @@ impl FromRequestParts<ApiState> for Writer {
     }
 }
 
+/// A caller holding the admin token; checked before the body is read.
+pub struct Admin(pub Caller);
+
+impl FromRequestParts<ApiState> for Admin {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &ApiState) -> Result<Self, ApiError> {
+        let caller = Caller::from_request_parts(parts, state).await?;
+        caller.require_admin()?;
+        Ok(Admin(caller))
+    }
+}
+
 /// One route: its method and path as the OpenAPI description names them, and its handler.
 pub struct Route {
     /// `GET` or `POST`.
