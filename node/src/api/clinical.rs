@@ -76,22 +76,66 @@ struct Written {
     change: ChangeHash,
 }
 
+/// Makes a write on the blocking pool, records it in the audit log under the app's name, and
+/// answers with the change.
+async fn write(
+    state: ApiState,
+    caller: Caller,
+    make: impl FnOnce(&ApiState) -> Result<(DocumentId, ChangeHash), ApiError> + Send + 'static,
+) -> Result<Json<Written>, ApiError> {
+    blocking(move || {
+        let (id, change) = make(&state)?;
+        state
+            .node
+            .record_access(&caller.app, &[(id, Some(change))])?;
+        Ok(Json(Written { id, change }))
+    })
+    .await
+}
+
+/// A document's view with its conflicts to review, read and audited.
+async fn read_document(
+    state: ApiState,
+    caller: Caller,
+    id: &str,
+    kind: DocumentKind,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let id = document_id(id)?;
+    blocking(move || {
+        let (conflicts, view) = match kind {
+            DocumentKind::HealthFile => {
+                let view = state.node.health_file(id)?;
+                (view.conflicts(), serde_json::to_value(view))
+            }
+            _ => {
+                let view = state.node.referral(id)?;
+                (view.conflicts(), serde_json::to_value(view))
+            }
+        };
+        let view = view.map_err(|_| ApiError::internal())?;
+        state.node.record_access(&caller.app, &[(id, None)])?;
+        Ok(Json(serde_json::json!({
+            "id": id,
+            "kind": kind,
+            "conflicts": conflicts,
+            "view": view,
+        })))
+    })
+    .await
+}
+
 async fn create_health_file(
     State(state): State<ApiState>,
     Writer(caller): Writer,
     JsonBody(demographics): JsonBody<Demographics>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let written = blocking(move || {
-        let (id, change) = state
+    let written = write(state, caller, move |state| {
+        Ok(state
             .node
-            .create_health_file(&state.editor(), &demographics)?;
-        state
-            .node
-            .record_access(&caller.app, &[(id, Some(change))])?;
-        Ok(Written { id, change })
+            .create_health_file(&state.editor(), &demographics)?)
     })
     .await?;
-    Ok((StatusCode::CREATED, Json(written)))
+    Ok((StatusCode::CREATED, written))
 }
 
 async fn apply_health_file(
@@ -101,12 +145,8 @@ async fn apply_health_file(
     JsonBody(op): JsonBody<HealthFileOp>,
 ) -> Result<Json<Written>, ApiError> {
     let id = document_id(&id)?;
-    blocking(move || {
-        let change = state.node.apply_health_file(id, &state.editor(), &op)?;
-        state
-            .node
-            .record_access(&caller.app, &[(id, Some(change))])?;
-        Ok(Json(Written { id, change }))
+    write(state, caller, move |state| {
+        Ok((id, state.node.apply_health_file(id, &state.editor(), &op)?))
     })
     .await
 }
@@ -116,18 +156,7 @@ async fn get_health_file(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let id = document_id(&id)?;
-    blocking(move || {
-        let view = state.node.health_file(id)?;
-        state.node.record_access(&caller.app, &[(id, None)])?;
-        Ok(Json(serde_json::json!({
-            "id": id,
-            "kind": DocumentKind::HealthFile,
-            "conflicts": view.conflicts(),
-            "view": view,
-        })))
-    })
-    .await
+    read_document(state, caller, &id, DocumentKind::HealthFile).await
 }
 
 #[derive(Deserialize)]
@@ -203,20 +232,16 @@ async fn create_referral(
     Writer(caller): Writer,
     JsonBody(referral): JsonBody<NewReferral>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let written = blocking(move || {
+    let written = write(state, caller, move |state| {
         if state.node.kind_of(referral.patient)? != Some(DocumentKind::HealthFile) {
             return Err(ApiError::not_found(
                 "the referral's patient is not a health file this node holds",
             ));
         }
-        let (id, change) = state.node.create_referral(&state.editor(), &referral)?;
-        state
-            .node
-            .record_access(&caller.app, &[(id, Some(change))])?;
-        Ok(Written { id, change })
+        Ok(state.node.create_referral(&state.editor(), &referral)?)
     })
     .await?;
-    Ok((StatusCode::CREATED, Json(written)))
+    Ok((StatusCode::CREATED, written))
 }
 
 async fn apply_referral(
@@ -226,12 +251,8 @@ async fn apply_referral(
     JsonBody(op): JsonBody<ReferralOp>,
 ) -> Result<Json<Written>, ApiError> {
     let id = document_id(&id)?;
-    blocking(move || {
-        let change = state.node.apply_referral(id, &state.editor(), &op)?;
-        state
-            .node
-            .record_access(&caller.app, &[(id, Some(change))])?;
-        Ok(Json(Written { id, change }))
+    write(state, caller, move |state| {
+        Ok((id, state.node.apply_referral(id, &state.editor(), &op)?))
     })
     .await
 }
@@ -241,18 +262,7 @@ async fn get_referral(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let id = document_id(&id)?;
-    blocking(move || {
-        let view = state.node.referral(id)?;
-        state.node.record_access(&caller.app, &[(id, None)])?;
-        Ok(Json(serde_json::json!({
-            "id": id,
-            "kind": DocumentKind::Referral,
-            "conflicts": view.conflicts(),
-            "view": view,
-        })))
-    })
-    .await
+    read_document(state, caller, &id, DocumentKind::Referral).await
 }
 
 #[derive(Deserialize)]

@@ -250,19 +250,57 @@ fn searchset(path: &str, entries: Vec<Value>) -> Value {
     })
 }
 
+/// A health file as a `Patient`.
+fn patient_of(state: &ApiState, id: DocumentId) -> Result<Value, ApiError> {
+    let view = state.node.health_file(id)?;
+    Ok(patient_resource(&view, last_updated(state, id)?))
+}
+
+/// A referral as a `ServiceRequest`.
+fn service_request_of(state: &ApiState, id: DocumentId) -> Result<Value, ApiError> {
+    let view = state.node.referral(id)?;
+    Ok(service_request_resource(&view, last_updated(state, id)?))
+}
+
+type Resource = fn(&ApiState, DocumentId) -> Result<Value, ApiError>;
+
+/// Documents as resources, their reads recorded in the audit log under the app's name.
+fn read_all(
+    state: &ApiState,
+    caller: &Caller,
+    ids: &[DocumentId],
+    resource: Resource,
+) -> Result<Vec<Value>, ApiError> {
+    let resources = ids
+        .iter()
+        .map(|id| resource(state, *id))
+        .collect::<Result<Vec<_>, _>>()?;
+    let accesses: Vec<_> = ids.iter().map(|id| (*id, None)).collect();
+    state.node.record_access(&caller.app, &accesses)?;
+    Ok(resources)
+}
+
+/// One document as a resource, by the id in the path.
+async fn read_one(
+    state: ApiState,
+    caller: Caller,
+    id: &str,
+    resource: Resource,
+) -> Result<impl IntoResponse + use<>, ApiError> {
+    let id = document_id(id)?;
+    blocking(move || {
+        let mut one = read_all(&state, &caller, &[id], resource)?;
+        Ok(fhir(one.pop().unwrap_or_default()))
+    })
+    .await
+}
+
 async fn patient(
     State(state): State<ApiState>,
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let id = document_id(&id)?;
-    blocking(move || {
-        let view = state.node.health_file(id)?;
-        let resource = patient_resource(&view, last_updated(&state, id)?);
-        state.node.record_access(&caller.app, &[(id, None)])?;
-        Ok(fhir(resource))
-    })
-    .await
+    read_one(state, caller, &id, patient_of).await
 }
 
 #[derive(Deserialize)]
@@ -276,14 +314,8 @@ async fn search_patients(
     QueryParams(query): QueryParams<NameSearch>,
 ) -> Result<impl IntoResponse, ApiError> {
     blocking(move || {
-        let mut entries = Vec::new();
         let found = state.node.search_by_name(&query.name)?;
-        for id in &found {
-            let view = state.node.health_file(*id)?;
-            entries.push(patient_resource(&view, last_updated(&state, *id)?));
-        }
-        let accesses: Vec<_> = found.iter().map(|id| (*id, None)).collect();
-        state.node.record_access(&caller.app, &accesses)?;
+        let entries = read_all(&state, &caller, &found, patient_of)?;
         Ok(fhir(searchset("Patient", entries)))
     })
     .await
@@ -294,14 +326,7 @@ async fn service_request(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let id = document_id(&id)?;
-    blocking(move || {
-        let view = state.node.referral(id)?;
-        let resource = service_request_resource(&view, last_updated(&state, id)?);
-        state.node.record_access(&caller.app, &[(id, None)])?;
-        Ok(fhir(resource))
-    })
-    .await
+    read_one(state, caller, &id, service_request_of).await
 }
 
 #[derive(Deserialize)]
@@ -333,16 +358,11 @@ async fn search_service_requests(
         Some(status) => vec![referral_status(status)?],
     };
     blocking(move || {
-        let mut entries = Vec::new();
-        let mut read = Vec::new();
+        let mut found = Vec::new();
         for status in statuses {
-            for id in state.node.referrals_to(&performer, status)? {
-                let view = state.node.referral(id)?;
-                entries.push(service_request_resource(&view, last_updated(&state, id)?));
-                read.push((id, None));
-            }
+            found.extend(state.node.referrals_to(&performer, status)?);
         }
-        state.node.record_access(&caller.app, &read)?;
+        let entries = read_all(&state, &caller, &found, service_request_of)?;
         Ok(fhir(searchset("ServiceRequest", entries)))
     })
     .await
