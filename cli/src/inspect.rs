@@ -15,6 +15,9 @@ use crate::{EXIT_UNSOUND, Failure};
 
 /// Envelopes sent per import request.
 const IMPORT_CHUNK_ENVELOPES: usize = 1_024;
+/// Envelope bytes sent per import request: under the node's 8 MiB import limit even when the
+/// last envelope added is the largest possible (about 513 KiB).
+const IMPORT_CHUNK_BYTES: usize = 6 * 1024 * 1024;
 /// Largest document file `inspect` reads, in bytes: far above any real health file, low enough
 /// that a wrong path (a disk image, a log) is refused instead of read into memory.
 const INSPECT_FILE_BYTES_MAX: u64 = 64 * 1024 * 1024;
@@ -291,11 +294,14 @@ fn show_history(value: &Value, json: bool) {
 pub fn patient(client: &Client, command: PatientCommand, json: bool) -> Result<(), Failure> {
     match command {
         PatientCommand::Show { id } => {
-            show_document(&client.get(&format!("/v1/health-files/{id}"))?, json);
+            show_document(
+                &client.get(&format!("/v1/health-files/{}", url_encode(&id)))?,
+                json,
+            );
         }
         PatientCommand::History { id } => {
             show_history(
-                &client.get(&format!("/v1/health-files/{id}/history"))?,
+                &client.get(&format!("/v1/health-files/{}/history", url_encode(&id)))?,
                 json,
             );
         }
@@ -370,10 +376,16 @@ fn url_encode(text: &str) -> String {
 pub fn referral(client: &Client, command: ReferralCommand, json: bool) -> Result<(), Failure> {
     match command {
         ReferralCommand::Show { id } => {
-            show_document(&client.get(&format!("/v1/referrals/{id}"))?, json);
+            show_document(
+                &client.get(&format!("/v1/referrals/{}", url_encode(&id)))?,
+                json,
+            );
         }
         ReferralCommand::History { id } => {
-            show_history(&client.get(&format!("/v1/referrals/{id}/history"))?, json);
+            show_history(
+                &client.get(&format!("/v1/referrals/{}/history", url_encode(&id)))?,
+                json,
+            );
         }
         ReferralCommand::List {
             to,
@@ -430,7 +442,9 @@ pub fn referral(client: &Client, command: ReferralCommand, json: bool) -> Result
 pub fn quarantine(client: &Client, command: QuarantineCommand, json: bool) -> Result<(), Failure> {
     let value = match &command {
         QuarantineCommand::List => client.get("/admin/quarantine")?,
-        QuarantineCommand::Show { change } => client.get(&format!("/admin/quarantine/{change}"))?,
+        QuarantineCommand::Show { change } => {
+            client.get(&format!("/admin/quarantine/{}", url_encode(change)))?
+        }
     };
     if json {
         output::json(&value);
@@ -495,48 +509,36 @@ pub fn audit(client: &Client, args: AuditArgs, json: bool) -> Result<(), Failure
         }
         return Ok(());
     }
-    let mut documents: Vec<String> = Vec::new();
-    if let Some(patient) = &args.patient {
-        documents.push(patient.clone());
-        let referrals = client.get(&format!("/v1/referrals?patient={}", url_encode(patient)))?;
-        documents.extend(list(&referrals["results"]).iter().map(|r| cell(&r["id"])));
-    }
     let since = args.since.as_deref().map(parse_since).transpose()?;
-    let mut base = Vec::new();
+    let mut filter = Vec::new();
+    if let Some(patient) = &args.patient {
+        filter.push(format!("patient={}", url_encode(patient)));
+    }
     if let Some(institution) = &args.institution {
-        base.push(format!("institution={}", url_encode(institution)));
+        filter.push(format!("institution={}", url_encode(institution)));
     }
     if let Some(since) = since {
-        base.push(format!("since_ms={since}"));
+        filter.push(format!("since_ms={since}"));
     }
-    let filters: Vec<Vec<String>> = if documents.is_empty() {
-        vec![base]
-    } else {
-        documents
-            .iter()
-            .map(|d| {
-                let mut query = base.clone();
-                query.push(format!("document={d}"));
-                query
-            })
-            .collect()
-    };
-    let mut records: Vec<Value> = Vec::new();
-    for filter in filters {
-        let mut from = 1u64;
-        loop {
-            let mut query = filter.clone();
-            query.push(format!("from={from}"));
-            let page = client.get(&format!("/admin/audit?{}", query.join("&")))?;
-            records.extend(list(&page["records"]).iter().cloned());
-            match page["next"].as_u64() {
-                Some(next) if records.len() < args.limit => from = next,
-                _ => break,
+    // The newest `limit` matching records: the log is read forward, keeping the last ones.
+    let mut records: std::collections::VecDeque<Value> = std::collections::VecDeque::new();
+    let mut from = 1u64;
+    loop {
+        let mut query = filter.clone();
+        query.push(format!("from={from}"));
+        let page = client.get(&format!("/admin/audit?{}", query.join("&")))?;
+        for record in list(&page["records"]) {
+            records.push_back(record.clone());
+            if records.len() > args.limit {
+                records.pop_front();
             }
         }
+        match page["next"].as_u64() {
+            Some(next) => from = next,
+            None => break,
+        }
     }
-    records.sort_by_key(|r| r["sequence"].as_u64());
-    records.truncate(args.limit);
+    let records: Vec<Value> = records.into();
     if json {
         output::json(&Value::Array(records));
         return Ok(());
@@ -678,13 +680,19 @@ pub fn import(client: &Client, file: &Path, json: bool) -> Result<(), Failure> {
     let mut reader = open()?;
     let mut totals = serde_json::Map::new();
     loop {
+        // Bounded by count and by bytes: the node takes at most 8 MiB per request, and one
+        // envelope may be half a MiB.
         let mut chunk = Vec::with_capacity(IMPORT_CHUNK_ENVELOPES);
-        while chunk.len() < IMPORT_CHUNK_ENVELOPES {
+        let mut bytes = 0;
+        while chunk.len() < IMPORT_CHUNK_ENVELOPES && bytes < IMPORT_CHUNK_BYTES {
             match reader
                 .next_envelope()
                 .map_err(|e| Failure::unsound(e.to_string()))?
             {
-                Some(envelope) => chunk.push(serde_bytes::ByteBuf::from(envelope)),
+                Some(envelope) => {
+                    bytes += envelope.len() + 16;
+                    chunk.push(serde_bytes::ByteBuf::from(envelope));
+                }
                 None => break,
             }
         }

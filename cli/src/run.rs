@@ -11,6 +11,9 @@ use estuary_node::sync::SyncHandle;
 
 use crate::Failure;
 
+/// How long requests in flight may take to finish after SIGTERM.
+const SHUTDOWN_DRAIN: std::time::Duration = std::time::Duration::from_secs(30);
+
 #[derive(clap::Subcommand)]
 pub enum NodeCommand {
     /// Run the node in the foreground: sync with peers and serve the API. Stops cleanly on
@@ -80,14 +83,27 @@ async fn run(config: Config) -> anyhow::Result<()> {
         Arc::new(config),
         stopped,
     );
+    let mut stopped_signal = stopping.subscribe();
     let signal = async move {
         wait_for_signal().await;
         tracing::info!("stopping: finishing requests in flight");
         let _ = stopping.send(true);
     };
-    serve(listener, state, signal)
-        .await
-        .context("the API failed")?;
+    let server = serve(listener, state, signal);
+    tokio::pin!(server);
+    // Requests in flight get a bounded time to finish; a client holding a connection open
+    // (a long export) does not keep the node from stopping.
+    let drained = async {
+        let _ = stopped_signal.wait_for(|stop| *stop).await;
+        tokio::time::sleep(SHUTDOWN_DRAIN).await;
+    };
+    tokio::select! {
+        served = &mut server => served.context("the API failed")?,
+        () = drained => tracing::warn!(
+            seconds = SHUTDOWN_DRAIN.as_secs(),
+            "requests still open after the drain time; stopping anyway"
+        ),
+    }
     sync.shutdown().await;
     tracing::info!("stopped");
     Ok(())

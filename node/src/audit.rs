@@ -29,6 +29,9 @@ pub enum AuditAction {
     Read,
     /// An app wrote a change through the API (recorded after the change was accepted).
     Written,
+    /// Every envelope the node holds was exported to a bundle; the record's document is the
+    /// zero id, meaning all of them.
+    Exported,
 }
 
 impl AuditAction {

@@ -192,7 +192,18 @@ impl Config {
         let text = std::fs::read_to_string(path).map_err(io)?;
         let mut config: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
             path: path.to_owned(),
-            reason: e.to_string(),
+            // The parser's message and line, not its excerpt of the file: the line may hold a
+            // token.
+            reason: match e.span() {
+                Some(span) => format!(
+                    "line {}: {}",
+                    text.get(..span.start)
+                        .map_or(0, |t| t.matches('\n').count())
+                        + 1,
+                    e.message()
+                ),
+                None => e.message().to_owned(),
+            },
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
         config.data_dir = base.join(&config.data_dir);
@@ -225,7 +236,14 @@ impl Config {
             return Err(invalid("api.concurrency_max", "must be at least 1"));
         }
         let mut names = std::collections::BTreeSet::new();
+        let mut tokens = std::collections::BTreeSet::new();
         for app in &self.api.apps {
+            if !tokens.insert(app.token.as_str()) {
+                return Err(invalid(
+                    "api.apps.token",
+                    "two apps share a token; the audit log would name the wrong app",
+                ));
+            }
             if app.token.len() < TOKEN_CHARS_MIN {
                 return Err(invalid(
                     "api.apps.token",
@@ -461,6 +479,20 @@ mod tests {
         std::fs::write(&path, text).unwrap();
         let error = Config::load(&path).unwrap_err().to_string();
         assert!(error.contains("mdsn"), "{error}");
+        // A parse error names the line, never quotes it (it may hold a token).
+        let config = sample();
+        let text = config
+            .template()
+            .replace("admin_token = \"", "admin_token = \"unterminated ");
+        let text = text.replacen(
+            &format!("{}\"", config.api.admin_token),
+            &config.api.admin_token,
+            1,
+        );
+        std::fs::write(&path, text).unwrap();
+        let error = Config::load(&path).unwrap_err().to_string();
+        assert!(!error.contains(&config.api.admin_token), "{error}");
+        assert!(error.contains("line"), "{error}");
 
         let mut config = sample();
         config.network.bootstrap = vec!["not an address".into()];

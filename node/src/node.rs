@@ -714,6 +714,16 @@ impl Node {
         Ok(ordered)
     }
 
+    /// The hashes of every change stored for a document, in hash order (no decoding).
+    pub fn change_hashes(&self, id: DocumentId) -> Result<Vec<ChangeHash>, NodeError> {
+        Ok(self
+            .store
+            .keys_with_prefix(&keys::per_document(keys::ENVELOPE, &id))?
+            .iter()
+            .filter_map(|key| parse_envelope_key(key).map(|(_, hash)| hash))
+            .collect())
+    }
+
     /// Who changed a document and when, oldest first: each accepted change with its hash,
     /// the institution whose key signed it, and the writer's clock.
     pub fn history(&self, id: DocumentId) -> Result<Vec<HistoryEntry>, NodeError> {
@@ -2007,9 +2017,38 @@ impl Node {
         })
     }
 
-    /// The sequence of the last audit record written.
+    /// Writes to the audit log, durably, that `app` exported every document.
+    pub fn record_export(&self, app: &str) -> Result<(), NodeError> {
+        let ticket = {
+            let mut cache = self.lock_cache();
+            let mut batch = Batch::default();
+            let head = append_record(
+                &mut batch,
+                cache.audit,
+                AuditRecord {
+                    sequence: 0,
+                    previous: [0; 32],
+                    at_ms: audit::now_ms(),
+                    action: AuditAction::Exported,
+                    document: DocumentId::from_bytes([0; 16]),
+                    change: None,
+                    institution: Some(self.institution.clone()),
+                    app: Some(app.to_owned()),
+                },
+            );
+            let ticket = self.commit.apply(&self.store, batch)?;
+            cache.audit = head;
+            ticket
+        };
+        self.commit.wait_durable(&self.store, ticket)?;
+        self.audit_updates
+            .send_replace(self.lock_cache().audit.sequence);
+        Ok(())
+    }
+
+    /// The sequence of the last durable audit record (without waiting for the decision lock).
     pub fn audit_sequence(&self) -> u64 {
-        self.lock_cache().audit.sequence
+        *self.audit_updates.borrow()
     }
 
     /// Wakes when durable audit records are added, with the last sequence: how the change

@@ -11,7 +11,7 @@ use axum::response::IntoResponse;
 use serde::{Deserialize, Serialize};
 
 use super::clinical::{document_id, institution_id};
-use super::error::QueryParams;
+use super::error::{QueryParams, RawBody};
 use super::{Admin, ApiError, ApiState, Route, blocking};
 use crate::audit::AuditRecord;
 use crate::model::DocumentId;
@@ -22,6 +22,8 @@ pub const AUDIT_PAGE_MAX: usize = 1_000;
 /// Most audit records one filtered request reads before it returns what it found and where
 /// to go on from.
 const AUDIT_SCAN_MAX: usize = 50_000;
+/// Most documents one page of `/admin/documents` lists.
+pub const DOCUMENTS_PAGE_MAX: usize = 1_000;
 /// Most envelopes one import request carries.
 pub const IMPORT_ENVELOPES_MAX: usize = 4_096;
 /// Bytes of bundle sent per chunk of an export response.
@@ -34,6 +36,7 @@ pub(super) fn routes() -> Vec<Route> {
         Route::get("/admin/status", status),
         Route::get("/admin/sync", sync),
         Route::get("/admin/roster", roster),
+        Route::get("/admin/documents", documents),
         Route::get("/admin/quarantine", quarantine),
         Route::get("/admin/quarantine/{change}", quarantined_change),
         Route::get("/admin/audit", audit),
@@ -91,16 +94,66 @@ async fn roster(
     State(state): State<ApiState>,
     _admin: Admin,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let view = crate::membership::SignedRoster::verify(
-        &state.node.signed_roster(),
-        &state.node.authority(),
-    )
-    .map_err(|_| ApiError::internal())?
-    .view()
-    .clone();
-    Ok(Json(
-        serde_json::to_value(view).map_err(|_| ApiError::internal())?,
-    ))
+    blocking(move || {
+        let membership = crate::membership::SignedRoster::verify(
+            &state.node.signed_roster(),
+            &state.node.authority(),
+        )
+        .map_err(|_| ApiError::internal())?;
+        Ok(Json(
+            serde_json::to_value(membership.view()).map_err(|_| ApiError::internal())?,
+        ))
+    })
+    .await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DocumentsQuery {
+    /// Start after this document id.
+    after: Option<String>,
+    /// Most documents to return.
+    limit: Option<usize>,
+}
+
+/// A page of the documents held, in id order, with their kinds, heads and change hashes:
+/// what a convergence check compares between nodes. Ids and hashes only.
+async fn documents(
+    State(state): State<ApiState>,
+    _admin: Admin,
+    QueryParams(query): QueryParams<DocumentsQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let limit = query
+        .limit
+        .unwrap_or(DOCUMENTS_PAGE_MAX)
+        .clamp(1, DOCUMENTS_PAGE_MAX);
+    let after = query.after.as_deref().map(document_id).transpose()?;
+    blocking(move || {
+        let ids: Vec<DocumentId> = state
+            .node
+            .catalogue()
+            .ids()
+            .map(|id| DocumentId::from_bytes(*id))
+            .filter(|id| after.is_none_or(|after| *id > after))
+            .take(limit)
+            .collect();
+        let mut documents = Vec::with_capacity(ids.len());
+        for id in &ids {
+            let heads = state.node.heads(*id)?;
+            let changes = state.node.change_hashes(*id)?;
+            documents.push(serde_json::json!({
+                "id": id,
+                "kind": state.node.kind_of(*id)?,
+                "heads": heads.iter().map(|h| h.to_string()).collect::<Vec<_>>(),
+                "changes": changes.iter().map(|h| h.to_string()).collect::<Vec<_>>(),
+            }));
+        }
+        let next = (ids.len() == limit).then(|| ids.last().copied()).flatten();
+        Ok(Json(
+            serde_json::json!({ "documents": documents, "next": next }),
+        ))
+    })
+    .await
 }
 
 fn quarantine_json(entry: &crate::node::QuarantineEntry) -> serde_json::Value {
@@ -149,6 +202,8 @@ struct AuditQuery {
     limit: Option<usize>,
     /// Only records about this document.
     document: Option<String>,
+    /// Only records about this health file or its referrals.
+    patient: Option<String>,
     /// Only records of this institution.
     institution: Option<String>,
     /// Only records from this time on (milliseconds since the epoch).
@@ -181,12 +236,24 @@ async fn audit(
         .unwrap_or(AUDIT_PAGE_MAX)
         .clamp(1, AUDIT_PAGE_MAX);
     let document: Option<DocumentId> = query.document.as_deref().map(document_id).transpose()?;
+    let patient: Option<DocumentId> = query.patient.as_deref().map(document_id).transpose()?;
     let institution = query
         .institution
         .as_deref()
         .map(institution_id)
         .transpose()?;
     blocking(move || {
+        // A resident's documents by id from the index: no content is read, so nothing here
+        // is itself a read to audit.
+        let documents: Option<std::collections::BTreeSet<DocumentId>> = match patient {
+            Some(patient) => {
+                let mut ids: std::collections::BTreeSet<_> =
+                    state.node.referrals_of(&patient)?.into_iter().collect();
+                ids.insert(patient);
+                Some(ids)
+            }
+            None => None,
+        };
         let head = state.node.audit_sequence();
         let mut from = query.from.unwrap_or(1).max(1);
         let mut found = Vec::new();
@@ -200,6 +267,9 @@ async fn audit(
             for record in page {
                 from = record.sequence + 1;
                 let wanted = document.is_none_or(|d| record.document == d)
+                    && documents
+                        .as_ref()
+                        .is_none_or(|ids| ids.contains(&record.document))
                     && institution
                         .as_ref()
                         .is_none_or(|i| record.institution.as_ref() == Some(i))
@@ -287,8 +357,11 @@ impl Write for ChannelWriter {
 /// Every envelope this node holds, as a bundle signed by its key (see `bundle`).
 async fn export(
     State(state): State<ApiState>,
-    _admin: Admin,
+    Admin(caller): Admin,
 ) -> Result<impl IntoResponse, ApiError> {
+    // On record before a byte leaves.
+    let node = state.node.clone();
+    blocking(move || Ok(node.record_export(&caller.app)?)).await?;
     let (sender, mut receiver) = tokio::sync::mpsc::channel(EXPORT_CHUNKS_QUEUED_MAX);
     let node = state.node.clone();
     tokio::task::spawn_blocking(move || {
@@ -332,7 +405,7 @@ struct Imported {
 async fn import(
     State(state): State<ApiState>,
     _admin: Admin,
-    body: Bytes,
+    RawBody(body): RawBody,
 ) -> Result<Json<Imported>, ApiError> {
     let envelopes: Vec<serde_bytes::ByteBuf> =
         ciborium::from_reader(body.as_ref()).map_err(|_| {

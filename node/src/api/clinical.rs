@@ -402,6 +402,12 @@ async fn changes(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     let cursor = query.cursor.or(resume).unwrap_or(0);
+    if cursor > state.node.audit_sequence() {
+        return Err(ApiError::bad_request(
+            "cursor_ahead",
+            "the cursor is past this node's log (was the node's store replaced?); resume from 0",
+        ));
+    }
     let slot = state.feeds.clone().try_acquire_owned().map_err(|_| {
         ApiError::busy(format!(
             "{} change feeds are open, the most this node serves; retry later",
@@ -433,7 +439,7 @@ async fn next_event(mut feed: Feed) -> Option<(Result<Event, std::convert::Infal
             return Some((Ok(sse), feed));
         }
         let node = feed.state.node.clone();
-        let from = feed.cursor + 1;
+        let from = feed.cursor.saturating_add(1);
         let page = tokio::task::spawn_blocking(move || {
             let records = node.audit(from, FEED_PAGE_RECORDS)?;
             let last = records.last().map(|r| r.sequence);

@@ -8,7 +8,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 
 use crate::model::{OpError, ValidationError};
-use crate::node::NodeError;
+use crate::node::{IngestError, NodeError};
 
 /// An error response.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,7 +22,7 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, code: &'static str, reason: impl Into<String>) -> Self {
+    pub(super) fn new(status: StatusCode, code: &'static str, reason: impl Into<String>) -> Self {
         Self {
             status,
             code,
@@ -110,6 +110,15 @@ impl From<NodeError> for ApiError {
             NodeError::NotAMember => {
                 Self::new(StatusCode::FORBIDDEN, "not_a_member", error.to_string())
             }
+            NodeError::Ingest(
+                IngestError::QuarantineFull
+                | IngestError::PendingFull
+                | IngestError::RevokedBacklogFull,
+            ) => Self::busy(error.to_string()),
+            // The node's own pipeline refused the change (its reason names rules, not data).
+            NodeError::LocalChangeRefused(_) => {
+                Self::new(StatusCode::CONFLICT, "refused_by_node", error.to_string())
+            }
             other => {
                 // Node errors name documents, changes and fields, never patient data.
                 tracing::error!(error = %other, "api request failed");
@@ -168,22 +177,34 @@ where
     type Rejection = ApiError;
 
     async fn from_request(request: axum::extract::Request, state: &S) -> Result<Self, ApiError> {
-        let bytes = axum::body::Bytes::from_request(request, state)
+        let RawBody(bytes) = RawBody::from_request(request, state).await?;
+        serde_json::from_slice(&bytes)
+            .map(JsonBody)
+            .map_err(|e| ApiError::from_json(&e))
+    }
+}
+
+/// A body read within the route's limit, with JSON errors for a body too large or unreadable.
+pub struct RawBody(pub axum::body::Bytes);
+
+impl<S: Send + Sync> axum::extract::FromRequest<S> for RawBody {
+    type Rejection = ApiError;
+
+    async fn from_request(request: axum::extract::Request, state: &S) -> Result<Self, ApiError> {
+        axum::body::Bytes::from_request(request, state)
             .await
+            .map(RawBody)
             .map_err(|rejection| {
                 if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
                     ApiError::new(
                         StatusCode::PAYLOAD_TOO_LARGE,
                         "payload_too_large",
-                        "the body is larger than this node's api.body_bytes_max",
+                        "the body is larger than this route's limit (api.body_bytes_max, or 8 MiB for an import chunk)",
                     )
                 } else {
                     ApiError::bad_request("unreadable_body", "the request body could not be read")
                 }
-            })?;
-        serde_json::from_slice(&bytes)
-            .map(JsonBody)
-            .map_err(|e| ApiError::from_json(&e))
+            })
     }
 }
 

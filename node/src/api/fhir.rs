@@ -29,6 +29,8 @@ pub const INSTITUTION_SYSTEM: &str = "urn:estuary:institution";
 pub const NATIONAL_ID_SYSTEM: &str = "urn:estuary:national-id";
 /// Extension carrying a referral's own status (FHIR's request status is coarser).
 pub const REFERRAL_STATUS_EXTENSION: &str = "urn:estuary:fhir:referral-status";
+/// Extension naming the institution that recorded an allergy or a problem.
+pub const RECORDED_BY_EXTENSION: &str = "urn:estuary:fhir:recorded-by";
 /// ICD-10.
 const ICD10_SYSTEM: &str = "http://hl7.org/fhir/sid/icd-10";
 /// LOINC.
@@ -40,6 +42,9 @@ const OBSERVATION_CATEGORY_SYSTEM: &str =
 const ALLERGY_CLINICAL_SYSTEM: &str =
     "http://terminology.hl7.org/CodeSystem/allergyintolerance-clinical";
 const CONDITION_CLINICAL_SYSTEM: &str = "http://terminology.hl7.org/CodeSystem/condition-clinical";
+/// 0001-01-01T00:00:00Z and 9999-12-31T23:59:59.999Z.
+const INSTANT_MS_MIN: i64 = -62_135_596_800_000;
+const INSTANT_MS_MAX: i64 = 253_402_300_799_999;
 const FHIR_JSON: &str = "application/fhir+json";
 
 pub(super) fn routes() -> Vec<Route> {
@@ -60,6 +65,8 @@ fn fhir(resource: Value) -> impl IntoResponse {
 
 /// RFC 3339 UTC from milliseconds since the epoch (FHIR `instant` and `dateTime`).
 pub fn instant(ms: i64) -> String {
+    // FHIR years have four digits: times outside 0001–9999 (a mistyped appointment) clamp.
+    let ms = ms.clamp(INSTANT_MS_MIN, INSTANT_MS_MAX);
     let seconds = ms.div_euclid(1000);
     let millis = ms.rem_euclid(1000);
     let (days, second_of_day) = (seconds.div_euclid(86_400), seconds.rem_euclid(86_400));
@@ -92,6 +99,14 @@ fn entry_id(document: &DocumentId, entry: &EntryId) -> String {
 /// The entry's own id, as an identifier.
 fn entry_identifier(entry: &EntryId) -> Value {
     json!({ "system": ENTRY_SYSTEM, "value": entry.as_str() })
+}
+
+/// Which institution recorded an entry: FHIR's `recorder` takes people, not organisations.
+fn recorded_by(institution: &str) -> Value {
+    json!({
+        "url": RECORDED_BY_EXTENSION,
+        "valueIdentifier": { "system": INSTITUTION_SYSTEM, "value": institution },
+    })
 }
 
 fn reference(kind: &str, id: &DocumentId) -> Value {
@@ -140,7 +155,11 @@ pub fn patient_resource(view: &HealthFileView, last_updated_ms: i64) -> Value {
             "use": "official",
             "family": name.family,
             "given": [name.given],
-            "text": name.text.clone().unwrap_or_else(|| format!("{} {}", name.family, name.given)),
+            "text": name
+                .text
+                .clone()
+                .filter(|text| !text.trim().is_empty())
+                .unwrap_or_else(|| format!("{} {}", name.family, name.given)),
         }],
         "gender": match d.sex.value {
             Sex::Male => "male",
@@ -237,14 +256,16 @@ pub fn service_request_resource(view: &ReferralView, last_updated_ms: i64) -> Va
     request
 }
 
-fn searchset(path: &str, entries: Vec<Value>) -> Value {
+/// A searchset Bundle; entries' `fullUrl`s are absolute, under this node's API address.
+fn searchset(state: &ApiState, kind: &str, entries: Vec<Value>) -> Value {
+    let base = format!("http://{}/fhir", state.config.api.listen);
     json!({
         "resourceType": "Bundle",
         "type": "searchset",
         "total": entries.len(),
-        "link": [{ "relation": "self", "url": path }],
+        "link": [{ "relation": "self", "url": format!("{base}/{kind}") }],
         "entry": entries.into_iter().map(|resource| {
-            let url = format!("{}/{}", resource["resourceType"].as_str().unwrap_or(""), resource["id"].as_str().unwrap_or(""));
+            let url = format!("{base}/{}/{}", resource["resourceType"].as_str().unwrap_or(""), resource["id"].as_str().unwrap_or(""));
             json!({ "fullUrl": url, "resource": resource, "search": { "mode": "match" } })
         }).collect::<Vec<_>>(),
     })
@@ -316,7 +337,7 @@ async fn search_patients(
     blocking(move || {
         let found = state.node.search_by_name(&query.name)?;
         let entries = read_all(&state, &caller, &found, patient_of)?;
-        Ok(fhir(searchset("Patient", entries)))
+        Ok(fhir(searchset(&state, "Patient", entries)))
     })
     .await
 }
@@ -363,7 +384,7 @@ async fn search_service_requests(
             found.extend(state.node.referrals_to(&performer, status)?);
         }
         let entries = read_all(&state, &caller, &found, service_request_of)?;
-        Ok(fhir(searchset("ServiceRequest", entries)))
+        Ok(fhir(searchset(&state, "ServiceRequest", entries)))
     })
     .await
 }
@@ -413,7 +434,7 @@ async fn allergies(
                 "code": { "text": allergy.substance },
                 "patient": reference("Patient", &view.id),
                 "recordedDate": instant(allergy.recorded_at.0),
-                "recorder": organisation(allergy.recorded_by.as_str()),
+                "extension": [recorded_by(allergy.recorded_by.as_str())],
                 "reaction": [{
                     "manifestation": [{ "text": allergy.reaction }],
                     "severity": match allergy.severity {
@@ -425,7 +446,7 @@ async fn allergies(
             })
         })
         .collect();
-    Ok(fhir(searchset("AllergyIntolerance", entries)))
+    Ok(fhir(searchset(&state, "AllergyIntolerance", entries)))
 }
 
 async fn conditions(
@@ -457,7 +478,7 @@ async fn conditions(
                 },
                 "subject": reference("Patient", &view.id),
                 "recordedDate": instant(problem.recorded_at.0),
-                "recorder": organisation(problem.recorded_by.as_str()),
+                "extension": [recorded_by(problem.recorded_by.as_str())],
             });
             if let Some(onset) = &problem.onset {
                 condition["onsetDateTime"] = json!(onset.as_str());
@@ -465,7 +486,7 @@ async fn conditions(
             condition
         })
         .collect();
-    Ok(fhir(searchset("Condition", entries)))
+    Ok(fhir(searchset(&state, "Condition", entries)))
 }
 
 fn quantity(value: f64, unit: &str, ucum: &str) -> Value {
@@ -558,7 +579,7 @@ async fn observations(
         }
         entries.push(observation);
     }
-    Ok(fhir(searchset("Observation", entries)))
+    Ok(fhir(searchset(&state, "Observation", entries)))
 }
 
 #[cfg(test)]
@@ -571,6 +592,8 @@ mod tests {
         assert_eq!(instant(951_782_400_123), "2000-02-29T00:00:00.123Z");
         assert_eq!(instant(1_795_478_400_000), "2026-11-24T00:00:00.000Z");
         assert_eq!(instant(-1), "1969-12-31T23:59:59.999Z");
+        assert_eq!(instant(i64::MAX), "9999-12-31T23:59:59.999Z");
+        assert_eq!(instant(i64::MIN), "0001-01-01T00:00:00.000Z");
     }
 
     #[test]

@@ -31,12 +31,15 @@ impl ApiMetrics {
     }
 }
 
-pub(super) async fn health(State(state): State<ApiState>) -> impl IntoResponse {
-    axum::Json(serde_json::json!({
-        "status": "ok",
-        "institution": state.node.institution(),
-        "roster_version": state.node.roster_version(),
-    }))
+pub(super) async fn health(State(state): State<ApiState>) -> Result<impl IntoResponse, ApiError> {
+    blocking(move || {
+        Ok(axum::Json(serde_json::json!({
+            "status": "ok",
+            "institution": state.node.institution(),
+            "roster_version": state.node.roster_version(),
+        })))
+    })
+    .await
 }
 
 /// Writes one metric family: its help, type and samples.
@@ -66,9 +69,13 @@ impl Families {
 }
 
 pub(super) async fn metrics(State(state): State<ApiState>) -> Result<impl IntoResponse, ApiError> {
-    let node = state.node.clone();
-    let (pending, storage_bytes) =
-        blocking(move || Ok((node.pending_count()?, node.storage_bytes()?))).await?;
+    // Node figures are read on the blocking pool: some wait for the node's decision lock.
+    blocking(move || render(&state)).await
+}
+
+fn render(state: &ApiState) -> Result<impl IntoResponse + use<>, ApiError> {
+    let pending = state.node.pending_count()?;
+    let storage_bytes = state.node.storage_bytes()?;
     let mut out = Families(String::new());
     out.gauge(
         "estuary_documents",

@@ -137,7 +137,12 @@ impl FromRequestParts<ApiState> for Caller {
         let token = header
             .to_str()
             .ok()
-            .and_then(|h| h.strip_prefix("Bearer "))
+            .and_then(|h| {
+                let (scheme, token) = h.split_once(' ')?;
+                scheme
+                    .eq_ignore_ascii_case("bearer")
+                    .then_some(token.trim())
+            })
             .ok_or_else(|| {
                 ApiError::unauthorized("the Authorization header must be `Bearer <token>`")
             })?;
@@ -248,6 +253,13 @@ pub fn router(state: ApiState) -> Router {
     }
     router
         .fallback(|| async { ApiError::not_found("no such route; see node/openapi.json") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                axum::http::StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "this route does not take that method; see node/openapi.json",
+            )
+        })
         .layer(DefaultBodyLimit::max(state.config.api.body_bytes_max))
         .layer(axum::middleware::from_fn_with_state(state.clone(), admit))
         .with_state(state)

@@ -1,0 +1,313 @@
+//! All nodes in this process over libp2p's memory transport, behind the seeded fault layer.
+//! A crash shuts a node's network down and drops its in-memory state; a restart reopens its
+//! data directory.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use estuary_node::model::automerge::ChangeHash;
+use estuary_node::model::{DocumentId, DocumentKind, OpError, ValidationError};
+use estuary_node::node::{Node, NodeConfig, NodeError};
+use estuary_node::sync::faults::Faults;
+use estuary_node::sync::{Multiaddr, SyncConfig, SyncHandle, TransportKind};
+
+use super::check::{DocumentState, NodeState};
+use super::cluster::{Cluster, NetworkFaults, Skip, Traffic, Write};
+
+/// How long after a restart a node is given to rejoin before the run goes on.
+const RECONCILE_EVERY: Duration = Duration::from_secs(1);
+/// A lost write is retransmitted after about this long (a TCP retransmission timeout).
+const LOSS_DELAY: Duration = Duration::from_millis(200);
+
+struct Running {
+    node: Arc<Node>,
+    sync: SyncHandle,
+}
+
+pub struct InProc {
+    runtime: tokio::runtime::Runtime,
+    faults: Arc<Faults>,
+    configs: Vec<NodeConfig>,
+    roster: Vec<u8>,
+    addresses: Vec<Multiaddr>,
+    bootstrap: Vec<Vec<Multiaddr>>,
+    nodes: Vec<Option<Running>>,
+    /// Traffic of node incarnations that crashed.
+    past: Traffic,
+    applied: NetworkFaults,
+}
+
+impl InProc {
+    /// Opens a node in each data directory (the key in each is already written) and connects
+    /// them: every node dials the hospitals (nodes 0–2) and `links` of the others.
+    pub fn start(
+        seed: u64,
+        data_dirs: Vec<PathBuf>,
+        authority: estuary_node::model::Bytes32,
+        roster: Vec<u8>,
+        links: &[Vec<usize>],
+    ) -> anyhow::Result<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        let mut base = [0u8; 4];
+        getrandom::fill(&mut base).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
+        let base = u64::from(u32::from_le_bytes(base)) << 8;
+        let addresses: Vec<Multiaddr> = (0..data_dirs.len())
+            .map(|i| format!("/memory/{}", base + i as u64).parse())
+            .collect::<Result<_, _>>()?;
+        let bootstrap = links
+            .iter()
+            .map(|peers| peers.iter().map(|p| addresses[*p].clone()).collect())
+            .collect();
+        let configs: Vec<NodeConfig> = data_dirs
+            .into_iter()
+            .map(|data_dir| NodeConfig {
+                data_dir,
+                authority,
+            })
+            .collect();
+        let mut cluster = Self {
+            runtime,
+            faults: Faults::new(seed),
+            nodes: configs.iter().map(|_| None).collect(),
+            configs,
+            roster,
+            addresses,
+            bootstrap,
+            past: Traffic::default(),
+            applied: NetworkFaults::default(),
+        };
+        for node in 0..cluster.configs.len() {
+            cluster.restart(node)?;
+        }
+        Ok(cluster)
+    }
+
+    fn node(&self, node: usize) -> Option<&Arc<Node>> {
+        self.nodes[node].as_ref().map(|r| &r.node)
+    }
+}
+
+fn traffic_of(sync: &SyncHandle) -> Traffic {
+    let stats = sync.stats();
+    let mut traffic = Traffic::default();
+    for peer in stats.peers.values() {
+        // Each byte is counted once, by its sender.
+        traffic.wire_bytes += peer.bytes_out;
+        traffic.messages += peer.messages_out;
+        traffic.rejected_changes += peer.changes_rejected;
+    }
+    traffic
+}
+
+/// Whether an error means the model refused the write given what the node holds.
+fn refused(error: &NodeError) -> Option<Skip> {
+    match error {
+        NodeError::UnknownDocument(_) => Some(Skip::NotYetHere),
+        NodeError::Op(OpError::Invalid(
+            ValidationError::IllegalTransition { .. }
+            | ValidationError::NotAuthorised { .. }
+            | ValidationError::EventBase { .. },
+        ))
+        | NodeError::Op(OpError::UnknownEntry { .. } | OpError::Full { .. }) => {
+            Some(Skip::Refused)
+        }
+        _ => None,
+    }
+}
+
+/// Makes a write at a node, as an app would through the API.
+pub fn apply(node: &Node, write: &Write, editor: &estuary_node::model::Editor) -> Result<(DocumentId, ChangeHash), NodeError> {
+    match write {
+        Write::CreateHealthFile(demographics) => node.create_health_file(editor, demographics),
+        Write::HealthFile(id, op) => node.apply_health_file(*id, editor, op).map(|h| (*id, h)),
+        Write::CreateReferral(referral) => {
+            if node.kind_of(referral.patient)? != Some(DocumentKind::HealthFile) {
+                return Err(NodeError::UnknownDocument(referral.patient));
+            }
+            node.create_referral(editor, referral)
+        }
+        Write::Referral(id, op) => node.apply_referral(*id, editor, op).map(|h| (*id, h)),
+    }
+}
+
+impl Cluster for InProc {
+    fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    fn is_up(&self, node: usize) -> bool {
+        self.nodes[node].is_some()
+    }
+
+    fn write(
+        &mut self,
+        index: usize,
+        write: &Write,
+    ) -> anyhow::Result<Result<(DocumentId, ChangeHash), Skip>> {
+        let Some(node) = self.node(index) else {
+            return Ok(Err(Skip::NodeDown));
+        };
+        let editor = estuary_node::model::Editor {
+            institution: node.institution().clone(),
+            at: estuary_node::model::Timestamp(estuary_node::audit::now_ms()),
+        };
+        match apply(node, write, &editor) {
+            Ok(written) => Ok(Ok(written)),
+            Err(error) => match refused(&error) {
+                Some(skip) => Ok(Err(skip)),
+                None => Err(anyhow::Error::from(error).context(format!("a write at node {index}"))),
+            },
+        }
+    }
+
+    fn crash(&mut self, node: usize) -> anyhow::Result<()> {
+        if let Some(running) = self.nodes[node].take() {
+            let traffic = traffic_of(&running.sync);
+            self.past.wire_bytes += traffic.wire_bytes;
+            self.past.messages += traffic.messages;
+            self.past.rejected_changes += traffic.rejected_changes;
+            self.runtime.block_on(running.sync.shutdown());
+            drop(running.node);
+        }
+        Ok(())
+    }
+
+    fn restart(&mut self, index: usize) -> anyhow::Result<()> {
+        if self.nodes[index].is_some() {
+            return Ok(());
+        }
+        let node = Arc::new(
+            Node::open(&self.configs[index], Some(&self.roster))
+                .with_context(|| format!("opening node {index}"))?,
+        );
+        let config = SyncConfig {
+            listen: vec![self.addresses[index].clone()],
+            bootstrap: self.bootstrap[index].clone(),
+            reconcile_every: RECONCILE_EVERY,
+            request_timeout: Duration::from_secs(10),
+            transport: TransportKind::Faulty {
+                faults: self.faults.clone(),
+                node: index,
+            },
+            ..SyncConfig::default()
+        };
+        let sync = {
+            let _entered = self.runtime.enter();
+            SyncHandle::start(node.clone(), config)
+                .with_context(|| format!("starting sync at node {index}"))?
+        };
+        self.nodes[index] = Some(Running { node, sync });
+        Ok(())
+    }
+
+    fn set_faults(&mut self, faults: &NetworkFaults) {
+        if *faults == self.applied {
+            return;
+        }
+        self.faults.heal();
+        if let Some(groups) = &faults.partition {
+            self.faults.partition(groups);
+        }
+        if let Some(percent) = faults.loss {
+            // Loss on a stream transport: lost segments arrive late (retransmitted), and some
+            // connections break; the budget shrinks as loss grows.
+            self.faults.delay(percent, LOSS_DELAY);
+            let budget = 64 * 1024 * 100 / percent.max(1);
+            self.faults.cut_after(budget, budget * 8);
+        }
+        self.applied = faults.clone();
+    }
+
+    fn catalogue(&mut self, index: usize) -> anyhow::Result<BTreeMap<[u8; 16], [u8; 32]>> {
+        let node = self.node(index).context("the node is down")?;
+        let catalogue = node.catalogue();
+        Ok(catalogue
+            .ids()
+            .filter_map(|id| catalogue.get(id).map(|digest| (*id, digest)))
+            .collect())
+    }
+
+    fn state(&mut self, index: usize) -> anyhow::Result<NodeState> {
+        let node = self.node(index).context("the node is down")?;
+        state_of(node)
+    }
+
+    fn traffic(&mut self) -> Traffic {
+        let mut total = self.past;
+        for running in self.nodes.iter().flatten() {
+            let traffic = traffic_of(&running.sync);
+            total.wire_bytes += traffic.wire_bytes;
+            total.messages += traffic.messages;
+            total.rejected_changes += traffic.rejected_changes;
+        }
+        total
+    }
+
+    fn reconcile_now(&mut self) {
+        for running in self.nodes.iter().flatten() {
+            let _ = self.runtime.block_on(running.sync.reconcile_now());
+        }
+    }
+
+    fn shutdown(&mut self) {
+        for node in 0..self.nodes.len() {
+            let _ = self.crash(node);
+        }
+    }
+}
+
+/// A node's state as the checker reads it.
+pub fn state_of(node: &Node) -> anyhow::Result<NodeState> {
+    let ids: Vec<DocumentId> = node
+        .catalogue()
+        .ids()
+        .map(|id| DocumentId::from_bytes(*id))
+        .collect();
+    let mut state = NodeState::default();
+    for id in ids {
+        let mut heads: Vec<String> = node.heads(id)?.iter().map(|h| h.to_string()).collect();
+        heads.sort();
+        let changes: BTreeSet<String> =
+            node.change_hashes(id)?.iter().map(|h| h.to_string()).collect();
+        // Reading the typed view validates the document.
+        let valid = match node.kind_of(id)? {
+            Some(DocumentKind::HealthFile) => node.health_file(id).map(|_| ()),
+            Some(DocumentKind::Referral) => node.referral(id).map(|view| {
+                if let Some(bad) = view
+                    .history
+                    .iter()
+                    .filter(|e| view.effective.contains(&e.entry))
+                    .find(|e| !e.from.may_move_to(e.to))
+                {
+                    state.violations.push(format!(
+                        "referral {id}: effective event {} moves {} -> {}",
+                        bad.entry.as_str(),
+                        bad.from,
+                        bad.to
+                    ));
+                }
+            }),
+            _ => Ok(()),
+        };
+        if let Err(error) = valid {
+            state.violations.push(format!("document {id}: {error}"));
+        }
+        state
+            .documents
+            .insert(id.to_string(), DocumentState { heads, changes });
+    }
+    for entry in node.quarantine()? {
+        let change: String = entry.change.iter().map(|b| format!("{b:02x}")).collect();
+        state.quarantine.insert((change, entry.reason));
+    }
+    for problem in node.verify()?.problems {
+        state.violations.push(format!("verify: {}", problem.what));
+    }
+    Ok(state)
+}
