@@ -230,6 +230,15 @@ async fn tokens_scopes_and_malformed_input_get_typed_errors_that_quote_nothing()
         .await;
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{body}");
 
+    let (status, body) = api.call("DELETE", "/v1/conflicts", WRITER, "").await;
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(body["error"]["code"], "method_not_allowed");
+    let (status, body) = api
+        .call("GET", &format!("/v1/changes?cursor={}", u64::MAX), READER, "")
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["error"]["code"], "cursor_ahead");
+
     let (status, _) = api
         .call("GET", "/v1/health-files/not-an-id", WRITER, "")
         .await;
