@@ -234,7 +234,12 @@ async fn tokens_scopes_and_malformed_input_get_typed_errors_that_quote_nothing()
     assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
     assert_eq!(body["error"]["code"], "method_not_allowed");
     let (status, body) = api
-        .call("GET", &format!("/v1/changes?cursor={}", u64::MAX), READER, "")
+        .call(
+            "GET",
+            &format!("/v1/changes?cursor={}", u64::MAX),
+            READER,
+            "",
+        )
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
     assert_eq!(body["error"]["code"], "cursor_ahead");

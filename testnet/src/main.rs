@@ -1,8 +1,8 @@
 //! `estuary-testnet`: a whole consortium on one machine.
 //!
-//! Today it runs the data-model demo (two institutions editing the same health file and
-//! referral while cut off from each other, then merging) and the model benchmark. The island
-//! demo with 21 networked nodes replaces `demo` when the node and sync layers exist.
+//! `demo` runs the island consortium: up to 21 nodes, a seeded clinical workload and fault
+//! schedule, and a checker. `model-demo` shows the data model's merge rules on two replicas.
+//! `bench` measures.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -13,6 +13,7 @@ mod bench_model;
 mod bench_reconcile;
 mod bench_store;
 mod bench_sync;
+mod island;
 mod model_demo;
 mod sample;
 
@@ -29,9 +30,13 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// The island consortium: nodes modelled on the core hospital, the district hospitals and
+    /// the community health centres, a clinical workload, flaky links, partitions and
+    /// crashes, and a checker. Exits non-zero, printing the seed, if anything was lost.
+    Demo(island::DemoArgs),
     /// The data-model demo: two replicas edit one health file and one referral concurrently,
     /// merge, and print the result with its conflicts.
-    Demo {
+    ModelDemo {
         /// Print the merged views as JSON as well.
         #[arg(long)]
         json: bool,
@@ -122,10 +127,18 @@ enum Bench {
     },
 }
 
+/// Exit code when the island's checker fails (distinct from errors of the harness).
+const EXIT_CHECK_FAILED: u8 = 3;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Demo { json, save_dir } => model_demo::run(json, save_dir.as_deref()),
+        Command::Demo(args) => match island::demo(args) {
+            Ok(true) => Ok(()),
+            Ok(false) => return ExitCode::from(EXIT_CHECK_FAILED),
+            Err(error) => Err(error),
+        },
+        Command::ModelDemo { json, save_dir } => model_demo::run(json, save_dir.as_deref()),
         Command::Bench {
             bench:
                 Bench::Model {

@@ -68,7 +68,7 @@ pub fn check(nodes: &[NodeState], acknowledged: &BTreeSet<Acknowledged>) -> Verd
         quarantine_identical: true,
         ..Verdict::default()
     };
-    let mut example = |verdict: &mut Verdict, text: String| {
+    let example = |verdict: &mut Verdict, text: String| {
         if verdict.examples.len() < 20 {
             verdict.examples.push(text);
         }
@@ -83,7 +83,10 @@ pub fn check(nodes: &[NodeState], acknowledged: &BTreeSet<Acknowledged>) -> Verd
         for (index, node) in nodes.iter().enumerate() {
             if node.documents.get(*id).map(|d| &d.heads) != reference {
                 verdict.identical_heads = false;
-                example(&mut verdict, format!("node {index} differs on document {id}"));
+                example(
+                    &mut verdict,
+                    format!("node {index} differs on document {id}"),
+                );
                 break;
             }
         }

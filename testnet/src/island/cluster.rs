@@ -4,9 +4,7 @@
 use std::collections::BTreeMap;
 
 use estuary_node::model::automerge::ChangeHash;
-use estuary_node::model::{
-    Demographics, DocumentId, HealthFileOp, NewReferral, ReferralOp,
-};
+use estuary_node::model::{Demographics, DocumentId, HealthFileOp, NewReferral, ReferralOp};
 
 use super::check::NodeState;
 
@@ -21,17 +19,6 @@ pub enum Write {
     CreateReferral(NewReferral),
     /// Move or edit a referral.
     Referral(DocumentId, ReferralOp),
-}
-
-impl Write {
-    /// The document the write needs the node to hold already.
-    pub fn needs(&self) -> Option<DocumentId> {
-        match self {
-            Write::CreateHealthFile(_) => None,
-            Write::HealthFile(id, _) | Write::Referral(id, _) => Some(*id),
-            Write::CreateReferral(referral) => Some(referral.patient),
-        }
-    }
 }
 
 /// Why a planned write was not made.
@@ -81,7 +68,11 @@ pub trait Cluster {
     fn is_up(&self, node: usize) -> bool;
     /// Makes a write at a node; `Err` if it was not made (and why). An error of the harness
     /// itself is a panic-free `anyhow` error.
-    fn write(&mut self, node: usize, write: &Write) -> anyhow::Result<Result<(DocumentId, ChangeHash), Skip>>;
+    fn write(
+        &mut self,
+        node: usize,
+        write: &Write,
+    ) -> anyhow::Result<Result<(DocumentId, ChangeHash), Skip>>;
     /// Kills a node.
     fn crash(&mut self, node: usize) -> anyhow::Result<()>;
     /// Restarts a killed node from its data directory.

@@ -20,7 +20,12 @@ pub struct Member {
     pub north: bool,
 }
 
-const fn member(id: &'static str, name: &'static str, kind: InstitutionKind, north: bool) -> Member {
+const fn member(
+    id: &'static str,
+    name: &'static str,
+    kind: InstitutionKind,
+    north: bool,
+) -> Member {
     Member {
         id,
         name,
@@ -29,46 +34,137 @@ const fn member(id: &'static str, name: &'static str, kind: InstitutionKind, nor
     }
 }
 
-use InstitutionKind::{CommunityCentre as Centre, CoreHospital as Core, DistrictHospital as District};
+use InstitutionKind::{
+    CommunityCentre as Centre, CoreHospital as Core, DistrictHospital as District,
+};
 
 /// The 21 members, in the order nodes are numbered: hospitals first.
 pub const MEMBERS: [Member; 21] = [
     member("xinhua", "Xinhua Hospital Chongming", Core, false),
-    member("dh-chongming-2", "Chongming No. 2 District Hospital", District, true),
-    member("dh-chongming-3", "Chongming No. 3 District Hospital", District, false),
-    member("chc-chengqiao", "Chengqiao Community Health Centre", Centre, false),
-    member("chc-jianshe", "Jianshe Community Health Centre", Centre, false),
-    member("chc-miaozhen", "Miaozhen Community Health Centre", Centre, true),
-    member("chc-baozhen", "Baozhen Community Health Centre", Centre, false),
+    member(
+        "dh-chongming-2",
+        "Chongming No. 2 District Hospital",
+        District,
+        true,
+    ),
+    member(
+        "dh-chongming-3",
+        "Chongming No. 3 District Hospital",
+        District,
+        false,
+    ),
+    member(
+        "chc-chengqiao",
+        "Chengqiao Community Health Centre",
+        Centre,
+        false,
+    ),
+    member(
+        "chc-jianshe",
+        "Jianshe Community Health Centre",
+        Centre,
+        false,
+    ),
+    member(
+        "chc-miaozhen",
+        "Miaozhen Community Health Centre",
+        Centre,
+        true,
+    ),
+    member(
+        "chc-baozhen",
+        "Baozhen Community Health Centre",
+        Centre,
+        false,
+    ),
     member("chc-xinhai", "Xinhai Community Health Centre", Centre, true),
     member("chc-xinhe", "Xinhe Community Health Centre", Centre, false),
-    member("chc-dongping", "Dongping Community Health Centre", Centre, true),
-    member("chc-zhongxing", "Zhongxing Community Health Centre", Centre, true),
-    member("chc-shuxin", "Shuxin Community Health Centre", Centre, false),
-    member("chc-gangyan", "Gangyan Community Health Centre", Centre, true),
-    member("chc-sanxing", "Sanxing Community Health Centre", Centre, false),
-    member("chc-chenjia", "Chenjia Community Health Centre", Centre, false),
-    member("chc-xianghua", "Xianghua Community Health Centre", Centre, false),
+    member(
+        "chc-dongping",
+        "Dongping Community Health Centre",
+        Centre,
+        true,
+    ),
+    member(
+        "chc-zhongxing",
+        "Zhongxing Community Health Centre",
+        Centre,
+        true,
+    ),
+    member(
+        "chc-shuxin",
+        "Shuxin Community Health Centre",
+        Centre,
+        false,
+    ),
+    member(
+        "chc-gangyan",
+        "Gangyan Community Health Centre",
+        Centre,
+        true,
+    ),
+    member(
+        "chc-sanxing",
+        "Sanxing Community Health Centre",
+        Centre,
+        false,
+    ),
+    member(
+        "chc-chenjia",
+        "Chenjia Community Health Centre",
+        Centre,
+        false,
+    ),
+    member(
+        "chc-xianghua",
+        "Xianghua Community Health Centre",
+        Centre,
+        false,
+    ),
     member("chc-luhua", "Luhua Community Health Centre", Centre, true),
-    member("chc-gangxi", "Gangxi Community Health Centre", Centre, false),
-    member("chc-hengsha", "Hengsha Community Health Centre", Centre, false),
-    member("chc-changxing", "Changxing Community Health Centre", Centre, false),
-    member("chc-xinminzhou", "Xinminzhou Community Health Centre", Centre, true),
+    member(
+        "chc-gangxi",
+        "Gangxi Community Health Centre",
+        Centre,
+        false,
+    ),
+    member(
+        "chc-hengsha",
+        "Hengsha Community Health Centre",
+        Centre,
+        false,
+    ),
+    member(
+        "chc-changxing",
+        "Changxing Community Health Centre",
+        Centre,
+        false,
+    ),
+    member(
+        "chc-xinminzhou",
+        "Xinminzhou Community Health Centre",
+        Centre,
+        true,
+    ),
 ];
 
-/// Members of an `nodes`-node consortium: the hospitals, then centres; with fewer than 21
-/// nodes, the northern centres are kept first so that a partition still splits the network.
+/// Members of an `nodes`-node consortium. Node 0 is the core hospital; a small consortium
+/// still has a district hospital, centres on both shores and a second district hospital, in
+/// that order, so that every size has referrals to send and a north to cut off.
 pub fn members(nodes: usize) -> Vec<Member> {
-    let (hospitals, centres): (Vec<Member>, Vec<Member>) = MEMBERS
-        .iter()
-        .cloned()
-        .partition(|m| m.kind != Centre);
-    let (north, south): (Vec<Member>, Vec<Member>) =
-        centres.into_iter().partition(|m| m.north);
-    let mut chosen: Vec<Member> = hospitals;
-    // Alternate north and south centres so that any size has both.
+    let (hospitals, centres): (Vec<Member>, Vec<Member>) =
+        MEMBERS.iter().cloned().partition(|m| m.kind != Centre);
+    let (north, south): (Vec<Member>, Vec<Member>) = centres.into_iter().partition(|m| m.north);
+    let mut hospitals = hospitals.into_iter();
     let mut north = north.into_iter();
     let mut south = south.into_iter();
+    let mut chosen: Vec<Member> = Vec::new();
+    chosen.extend(hospitals.next());
+    chosen.extend(hospitals.next());
+    chosen.extend(north.next());
+    chosen.extend(south.next());
+    chosen.extend(hospitals.next());
+    // Then alternate the shores.
     while chosen.len() < MEMBERS.len() {
         chosen.extend(north.next());
         chosen.extend(south.next());
@@ -110,7 +206,9 @@ pub fn roster(seed: u64, members: &[Member], keys: &[Bytes32]) -> (Identity, Vec
                 key: *key,
             },
         ] {
-            roster.apply(&editor, &op).expect("the roster takes members");
+            roster
+                .apply(&editor, &op)
+                .expect("the roster takes members");
         }
     }
     let signed = SignedRoster::sign(&authority, &mut roster).encode();
@@ -128,6 +226,8 @@ mod tests {
         assert_eq!(seven[0].id, "xinhua");
         assert!(seven.iter().any(|m| m.north && m.kind == Centre));
         assert!(seven.iter().any(|m| !m.north && m.kind == Centre));
+        let three = members(3);
+        assert_eq!(three[2].kind, Centre);
         let ids: std::collections::BTreeSet<_> = members(21).iter().map(|m| m.id).collect();
         assert_eq!(ids.len(), 21);
     }

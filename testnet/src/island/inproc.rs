@@ -38,6 +38,15 @@ pub struct InProc {
     /// Traffic of node incarnations that crashed.
     past: Traffic,
     applied: NetworkFaults,
+    /// Nodes started at least once.
+    restarted: BTreeSet<usize>,
+}
+
+/// A memory-transport address on a random port.
+fn fresh_address() -> anyhow::Result<Multiaddr> {
+    let mut port = [0u8; 8];
+    getrandom::fill(&mut port).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
+    Ok(format!("/memory/{}", u64::from_le_bytes(port) >> 8).parse()?)
 }
 
 impl InProc {
@@ -54,12 +63,9 @@ impl InProc {
             .worker_threads(2)
             .enable_all()
             .build()?;
-        let mut base = [0u8; 4];
-        getrandom::fill(&mut base).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
-        let base = u64::from(u32::from_le_bytes(base)) << 8;
         let addresses: Vec<Multiaddr> = (0..data_dirs.len())
-            .map(|i| format!("/memory/{}", base + i as u64).parse())
-            .collect::<Result<_, _>>()?;
+            .map(|_| fresh_address())
+            .collect::<anyhow::Result<_>>()?;
         let bootstrap = links
             .iter()
             .map(|peers| peers.iter().map(|p| addresses[*p].clone()).collect())
@@ -81,6 +87,7 @@ impl InProc {
             bootstrap,
             past: Traffic::default(),
             applied: NetworkFaults::default(),
+            restarted: BTreeSet::new(),
         };
         for node in 0..cluster.configs.len() {
             cluster.restart(node)?;
@@ -114,15 +121,19 @@ fn refused(error: &NodeError) -> Option<Skip> {
             | ValidationError::NotAuthorised { .. }
             | ValidationError::EventBase { .. },
         ))
-        | NodeError::Op(OpError::UnknownEntry { .. } | OpError::Full { .. }) => {
-            Some(Skip::Refused)
-        }
+        | NodeError::Op(OpError::UnknownEntry { .. } | OpError::Full { .. }) => Some(Skip::Refused),
         _ => None,
     }
 }
 
 /// Makes a write at a node, as an app would through the API.
-pub fn apply(node: &Node, write: &Write, editor: &estuary_node::model::Editor) -> Result<(DocumentId, ChangeHash), NodeError> {
+// The node's own error, passed on as it is: the caller sorts it into skips and failures.
+#[allow(clippy::result_large_err)]
+pub fn apply(
+    node: &Node,
+    write: &Write,
+    editor: &estuary_node::model::Editor,
+) -> Result<(DocumentId, ChangeHash), NodeError> {
     match write {
         Write::CreateHealthFile(demographics) => node.create_health_file(editor, demographics),
         Write::HealthFile(id, op) => node.apply_health_file(*id, editor, op).map(|h| (*id, h)),
@@ -186,6 +197,12 @@ impl Cluster for InProc {
             Node::open(&self.configs[index], Some(&self.roster))
                 .with_context(|| format!("opening node {index}"))?,
         );
+        // A restarted node listens on a fresh port (the memory transport may still hold the
+        // old one for a moment); it dials its peers, so they find it again.
+        if self.restarted.contains(&index) {
+            self.addresses[index] = fresh_address()?;
+        }
+        self.restarted.insert(index);
         let config = SyncConfig {
             listen: vec![self.addresses[index].clone()],
             bootstrap: self.bootstrap[index].clone(),
@@ -273,8 +290,11 @@ pub fn state_of(node: &Node) -> anyhow::Result<NodeState> {
     for id in ids {
         let mut heads: Vec<String> = node.heads(id)?.iter().map(|h| h.to_string()).collect();
         heads.sort();
-        let changes: BTreeSet<String> =
-            node.change_hashes(id)?.iter().map(|h| h.to_string()).collect();
+        let changes: BTreeSet<String> = node
+            .change_hashes(id)?
+            .iter()
+            .map(|h| h.to_string())
+            .collect();
         // Reading the typed view validates the document.
         let valid = match node.kind_of(id)? {
             Some(DocumentKind::HealthFile) => node.health_file(id).map(|_| ()),

@@ -13,7 +13,11 @@ pub struct Rng(u64);
 
 impl Rng {
     pub fn new(seed: u64) -> Self {
-        Self(seed ^ 0x9E37_79B9_7F4A_7C15 | 1)
+        // splitmix64 of the seed: neighbouring seeds start far apart.
+        let mut z = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        Self((z ^ (z >> 31)) | 1)
     }
 
     pub fn next(&mut self) -> u64 {
@@ -57,7 +61,13 @@ pub enum Action {
     /// The phone number changed (two institutions at once make a conflict to review).
     Phone { resident: u32, variant: u32 },
     /// A referral sent: up from the home centre to a hospital, or down for recovery.
-    Refer { referral: u32, resident: u32, to: usize, up: bool, priority: bool },
+    Refer {
+        referral: u32,
+        resident: u32,
+        to: usize,
+        up: bool,
+        priority: bool,
+    },
     /// The receiver accepts.
     Accept { referral: u32 },
     /// The receiver books an appointment.
@@ -95,7 +105,10 @@ pub struct FaultWindow {
 #[serde(tag = "fault", rename_all = "snake_case")]
 pub enum Fault {
     /// Nodes in different groups cannot reach each other (unnamed nodes form one group).
-    Partition { name: String, groups: Vec<Vec<usize>> },
+    Partition {
+        name: String,
+        groups: Vec<Vec<usize>>,
+    },
     /// Links lose this percentage of writes (retransmitted late) and drop connections.
     Loss { percent: u64 },
     /// The node is down (killed; restarted from its data directory at the end).
@@ -208,11 +221,21 @@ pub fn plan(
                     (home, Action::Phone { resident, variant })
                 }
                 _ => {
+                    // A referral goes to another institution.
+                    let others: Vec<usize> =
+                        hospitals.iter().copied().filter(|h| *h != home).collect();
+                    if others.is_empty() {
+                        continue;
+                    }
                     let referral = referrals;
                     referrals += 1;
                     let up = rng.chance(70);
-                    let hospital = *rng.pick(&hospitals);
-                    let (from, to) = if up { (home, hospital) } else { (hospital, home) };
+                    let hospital = *rng.pick(&others);
+                    let (from, to) = if up {
+                        (home, hospital)
+                    } else {
+                        (hospital, home)
+                    };
                     let priority = rng.chance(30);
                     let mut life = vec![(to, Action::Accept { referral })];
                     if rng.chance(10) {
@@ -243,7 +266,11 @@ pub fn plan(
                     )
                 }
             };
-            steps.push(Step { at_ms, node, action });
+            steps.push(Step {
+                at_ms,
+                node,
+                action,
+            });
         }
     }
     steps.retain(|s| s.at_ms < quiet_ms);
@@ -327,6 +354,7 @@ impl Plan {
     }
 
     /// When the last fault ends.
+    #[cfg(test)]
     pub fn faults_end_ms(&self) -> u64 {
         self.faults.iter().map(|w| w.end_ms).max().unwrap_or(0)
     }
@@ -348,8 +376,12 @@ mod tests {
             serde_json::to_string(&b).unwrap()
         );
         let c = plan(43, Preset::Island, &members, 50, 30_000, 20);
-        assert_ne!(a.steps, c.steps);
-        assert!(a.faults.iter().any(|w| matches!(w.fault, Fault::Partition { .. })));
+        assert!(a.steps != c.steps, "another seed, another workload");
+        assert!(
+            a.faults
+                .iter()
+                .any(|w| matches!(w.fault, Fault::Partition { .. }))
+        );
         assert_eq!(
             a.faults
                 .iter()
@@ -371,6 +403,10 @@ mod tests {
     #[test]
     fn calm_has_no_faults() {
         let members = members(5);
-        assert!(plan(1, Preset::Calm, &members, 10, 10_000, 20).faults.is_empty());
+        assert!(
+            plan(1, Preset::Calm, &members, 10, 10_000, 20)
+                .faults
+                .is_empty()
+        );
     }
 }

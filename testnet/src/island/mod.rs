@@ -1,0 +1,477 @@
+//! The island demo: a consortium of up to 21 nodes, a seeded clinical workload, a seeded fault
+//! schedule, and a checker that says whether anything was lost once the faults stop.
+
+pub mod check;
+pub mod cluster;
+pub mod consortium;
+pub mod content;
+pub mod inproc;
+pub mod plan;
+pub mod procs;
+pub mod report;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{IsTerminal, Write as _};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use estuary_node::identity::Identity;
+use estuary_node::model::{DocumentId, ReferralOp, Timestamp};
+
+use check::{Acknowledged, agreement, check};
+use cluster::{Cluster, NetworkFaults, Write};
+use consortium::Member;
+use plan::{Action, Fault, Plan, Preset};
+
+/// How the nodes run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// All nodes in this process over the memory transport, behind the fault layer.
+    Inproc,
+    /// Each node a real `estuary node run` process on a 127.0.0.1 port.
+    Procs,
+}
+
+/// The demo's settings.
+#[derive(Clone, Debug, clap::Args)]
+pub struct DemoArgs {
+    /// Nodes (at most 21: the core hospital, two district hospitals, 18 centres).
+    #[arg(long, default_value_t = 21, value_parser = clap::value_parser!(u16).range(2..=21))]
+    pub nodes: u16,
+    /// Residents registered during the run.
+    #[arg(long, default_value_t = 1_000)]
+    pub files: u32,
+    /// The seed of the workload and the fault schedule (default: random, printed).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Seconds of writing and faults; the convergence check follows.
+    #[arg(long, default_value_t = 60)]
+    pub duration: u64,
+    /// Link loss during loss periods, in percent.
+    #[arg(long, default_value_t = 20)]
+    pub loss: u64,
+    /// Which faults to inject.
+    #[arg(long, value_enum, default_value_t = Preset::Island)]
+    pub preset: Preset,
+    /// Nodes in this process, or as `estuary node run` processes.
+    #[arg(long, value_enum, default_value_t = Mode::Inproc)]
+    pub mode: Mode,
+    /// Where to write report.json and the plot.
+    #[arg(long, default_value = "testnet-report")]
+    pub report_dir: PathBuf,
+    /// Seconds to wait for agreement once faults stop before declaring failure.
+    #[arg(long, default_value_t = 120)]
+    pub converge_timeout: u64,
+    /// The `estuary` binary for `--mode procs` (default: beside this one).
+    #[arg(long)]
+    pub estuary: Option<PathBuf>,
+}
+
+/// How often agreement is sampled for the plot.
+const SAMPLE_EVERY: Duration = Duration::from_millis(500);
+
+/// Runs the demo; returns whether the checker passed.
+pub fn demo(args: DemoArgs) -> anyhow::Result<bool> {
+    let seed = match args.seed {
+        Some(seed) => seed,
+        None => {
+            let mut bytes = [0u8; 8];
+            getrandom::fill(&mut bytes).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
+            u64::from_le_bytes(bytes) >> 16
+        }
+    };
+    let members = consortium::members(usize::from(args.nodes));
+    let mut plan = plan::plan(
+        seed,
+        args.preset,
+        &members,
+        args.files,
+        args.duration * 1000,
+        args.loss,
+    );
+    if args.mode == Mode::Procs {
+        // Real TCP between processes has no fault layer: crashes (SIGKILL) only.
+        let before = plan.faults.len();
+        plan.faults
+            .retain(|w| matches!(w.fault, Fault::Crash { .. }));
+        if plan.faults.len() < before {
+            eprintln!(
+                "procs mode injects crashes (SIGKILL) only; partitions and loss need --mode inproc"
+            );
+        }
+    }
+    let replay = format!(
+        "estuary-testnet demo --seed {seed} --nodes {} --files {} --duration {} --loss {} --preset {} --mode {}",
+        args.nodes,
+        args.files,
+        args.duration,
+        args.loss,
+        clap::ValueEnum::to_possible_value(&args.preset)
+            .map(|v| v.get_name().to_owned())
+            .unwrap_or_default(),
+        clap::ValueEnum::to_possible_value(&args.mode)
+            .map(|v| v.get_name().to_owned())
+            .unwrap_or_default(),
+    );
+    eprintln!(
+        "island: {} nodes, {} residents, {} planned writes, {} fault windows, seed {seed}",
+        members.len(),
+        args.files,
+        plan.steps.len(),
+        plan.faults.len()
+    );
+    let data = tempfile::Builder::new()
+        .prefix("estuary-island-")
+        .tempdir()?;
+    let keys = write_keys(seed, &members, data.path())?;
+    let (authority, roster) = consortium::roster(seed, &members, &keys);
+    let links = links(seed, members.len());
+    let data_dirs: Vec<PathBuf> = (0..members.len())
+        .map(|i| data.path().join(format!("node-{i:02}")))
+        .collect();
+    let mut cluster: Box<dyn Cluster> = match args.mode {
+        Mode::Inproc => Box::new(inproc::InProc::start(
+            seed,
+            data_dirs,
+            authority.public_key(),
+            roster,
+            &links,
+        )?),
+        Mode::Procs => Box::new(procs::Procs::start(
+            &estuary_binary(args.estuary.as_deref())?,
+            data_dirs,
+            authority.public_key(),
+            &roster,
+            &links,
+        )?),
+    };
+    let outcome = run(&plan, &members, cluster.as_mut(), args.converge_timeout);
+    cluster.shutdown();
+    let outcome = outcome?;
+    let report = report::Report::new(&args, seed, &plan, &members, outcome, &replay);
+    report.write(&args.report_dir)?;
+    report.print_summary(&args.report_dir);
+    if !report.passed() {
+        eprintln!("FAILED; replay with: {replay}");
+    }
+    Ok(report.passed())
+}
+
+/// Where the `estuary` binary is: given, or beside this one.
+pub fn estuary_binary(given: Option<&Path>) -> anyhow::Result<PathBuf> {
+    if let Some(path) = given {
+        return Ok(path.to_owned());
+    }
+    let beside = std::env::current_exe()?.with_file_name("estuary");
+    anyhow::ensure!(
+        beside.exists(),
+        "--mode procs runs the estuary binary, not found at {}; build it with `cargo build --release -p estuary-cli` or pass --estuary PATH",
+        beside.display()
+    );
+    Ok(beside)
+}
+
+/// Writes each node's deterministic key into its data directory; returns the public keys.
+fn write_keys(
+    seed: u64,
+    members: &[Member],
+    root: &Path,
+) -> anyhow::Result<Vec<estuary_node::model::Bytes32>> {
+    let mut keys = Vec::new();
+    for (i, member) in members.iter().enumerate() {
+        let dir = root.join(format!("node-{i:02}"));
+        std::fs::create_dir_all(&dir)?;
+        let secret = consortium::secret(seed, member.id);
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(dir.join(estuary_node::identity::KEY_FILE))?;
+        file.write_all(&secret)?;
+        keys.push(Identity::from_secret(secret).public_key());
+    }
+    Ok(keys)
+}
+
+/// Whom each node dials: the hospitals and two other nodes drawn from the seed.
+fn links(seed: u64, nodes: usize) -> Vec<Vec<usize>> {
+    let mut rng = plan::Rng::new(seed ^ 0x11);
+    (0..nodes)
+        .map(|i| {
+            let mut peers: BTreeSet<usize> = (0..nodes.min(3)).filter(|p| *p != i).collect();
+            for _ in 0..2 {
+                let peer = rng.below(nodes as u64) as usize;
+                if peer != i {
+                    peers.insert(peer);
+                }
+            }
+            peers.into_iter().collect()
+        })
+        .collect()
+}
+
+/// What a run produced, for the report.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    pub acknowledged: BTreeSet<Acknowledged>,
+    pub skipped: BTreeMap<&'static str, u64>,
+    pub timeline: Vec<(u64, u64, u64)>,
+    pub converged_at_ms: Option<u64>,
+    pub verdict: check::Verdict,
+    pub traffic: cluster::Traffic,
+    pub restarts: u64,
+    pub elapsed_ms: u64,
+}
+
+/// The residents and referrals created so far, by plan number.
+#[derive(Default)]
+struct Created {
+    residents: BTreeMap<u32, DocumentId>,
+    referrals: BTreeMap<u32, DocumentId>,
+}
+
+/// The write a planned action makes, given what was created so far.
+fn write_for(plan: &Plan, members: &[Member], created: &Created, action: &Action) -> Option<Write> {
+    let seed = plan.seed;
+    let now = estuary_node::audit::now_ms();
+    let resident = |r: &u32| created.residents.get(r).copied();
+    let referral = |k: &u32| created.referrals.get(k).copied();
+    Some(match action {
+        Action::Register { resident } => {
+            Write::CreateHealthFile(content::demographics(seed, *resident))
+        }
+        Action::Encounter { resident: r } => {
+            Write::HealthFile(resident(r)?, content::encounter(seed, *r, now))
+        }
+        Action::FollowUp { resident: r } => {
+            Write::HealthFile(resident(r)?, content::follow_up(seed, *r, now))
+        }
+        Action::ExamResult { resident: r } => {
+            Write::HealthFile(resident(r)?, content::exam_result(seed, *r, now))
+        }
+        Action::Allergy { resident: r } => {
+            Write::HealthFile(resident(r)?, content::allergy(seed, *r))
+        }
+        Action::Phone {
+            resident: r,
+            variant,
+        } => Write::HealthFile(resident(r)?, content::phone(seed, *r, *variant)),
+        Action::Refer {
+            resident: r,
+            to,
+            up,
+            priority,
+            ..
+        } => Write::CreateReferral(content::referral(
+            resident(r)?,
+            members[*to].id,
+            *up,
+            *priority,
+        )),
+        Action::Accept { referral: k } => Write::Referral(referral(k)?, ReferralOp::Accept),
+        Action::Schedule { referral: k } => Write::Referral(
+            referral(k)?,
+            ReferralOp::Schedule {
+                appointment: Timestamp(now + 3 * 86_400_000),
+            },
+        ),
+        Action::Arrive { referral: k } => Write::Referral(referral(k)?, ReferralOp::MarkArrived),
+        Action::Complete { referral: k } => Write::Referral(referral(k)?, ReferralOp::Complete),
+        Action::Cancel { referral: k } => Write::Referral(referral(k)?, ReferralOp::Cancel),
+    })
+}
+
+/// Drives the plan against the cluster, then waits for agreement and checks.
+fn run(
+    plan: &Plan,
+    members: &[Member],
+    cluster: &mut dyn Cluster,
+    converge_timeout_s: u64,
+) -> anyhow::Result<Outcome> {
+    let mut outcome = Outcome::default();
+    let mut created = Created::default();
+    let start = Instant::now();
+    let elapsed = || start.elapsed().as_millis() as u64;
+    let mut next = 0;
+    let mut next_sample = 0;
+    let mut progress = Progress::new();
+    let mut writes = 0u64;
+    loop {
+        let t = elapsed();
+        // Crashes and restarts.
+        for window in &plan.faults {
+            if let Fault::Crash { node } = window.fault {
+                let down = window.start_ms <= t && t < window.end_ms;
+                if down && cluster.is_up(node) {
+                    cluster.crash(node)?;
+                } else if !down && t >= window.end_ms && !cluster.is_up(node) {
+                    cluster.restart(node)?;
+                    outcome.restarts += 1;
+                }
+            }
+        }
+        let active = plan.active(t);
+        cluster.set_faults(&network_faults(&active));
+        while next < plan.steps.len() && plan.steps[next].at_ms <= t {
+            let step = &plan.steps[next];
+            next += 1;
+            let Some(write) = write_for(plan, members, &created, &step.action) else {
+                *outcome.skipped.entry("depends_on_skipped").or_default() += 1;
+                continue;
+            };
+            match cluster.write(step.node, &write)? {
+                Ok((id, change)) => {
+                    writes += 1;
+                    outcome
+                        .acknowledged
+                        .insert((id.to_string(), change.to_string()));
+                    match step.action {
+                        Action::Register { resident } => {
+                            created.residents.insert(resident, id);
+                        }
+                        Action::Refer { referral, .. } => {
+                            created.referrals.insert(referral, id);
+                        }
+                        _ => {}
+                    }
+                }
+                Err(skip) => *outcome.skipped.entry(skip.name()).or_default() += 1,
+            }
+        }
+        if t >= next_sample {
+            let sample = sample(cluster, t)?;
+            progress.show(t, "writing", writes, sample, &active);
+            outcome.timeline.push(sample);
+            next_sample = t + SAMPLE_EVERY.as_millis() as u64;
+        }
+        if t >= plan.quiet_ms && next == plan.steps.len() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // Faults stop: links heal, every node is up.
+    cluster.set_faults(&NetworkFaults::default());
+    for node in 0..cluster.len() {
+        if !cluster.is_up(node) {
+            cluster.restart(node)?;
+            outcome.restarts += 1;
+        }
+    }
+    cluster.reconcile_now();
+    let healed = elapsed();
+    let deadline = healed + converge_timeout_s * 1000;
+    loop {
+        let t = elapsed();
+        let sample = sample(cluster, t)?;
+        outcome.timeline.push(sample);
+        progress.show(t, "converging", writes, sample, &[]);
+        if sample.1 == sample.2 && all_catalogues_equal(cluster)? {
+            outcome.converged_at_ms = Some(t - healed);
+            break;
+        }
+        if t >= deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    progress.finish();
+    let states = (0..cluster.len())
+        .map(|node| cluster.state(node))
+        .collect::<anyhow::Result<Vec<_>>>()
+        .context("reading the nodes for the checker")?;
+    outcome.verdict = check(&states, &outcome.acknowledged);
+    outcome.traffic = cluster.traffic();
+    outcome.elapsed_ms = elapsed();
+    Ok(outcome)
+}
+
+fn network_faults(active: &[&plan::FaultWindow]) -> NetworkFaults {
+    let mut faults = NetworkFaults::default();
+    for window in active {
+        match &window.fault {
+            Fault::Partition { groups, .. } => faults.partition = Some(groups.clone()),
+            Fault::Loss { percent } => faults.loss = Some(*percent),
+            Fault::Crash { .. } => {}
+        }
+    }
+    faults
+}
+
+/// (time, documents in agreement among the nodes that are up, documents).
+fn sample(cluster: &mut dyn Cluster, t: u64) -> anyhow::Result<(u64, u64, u64)> {
+    let mut catalogues = Vec::new();
+    for node in 0..cluster.len() {
+        if cluster.is_up(node) {
+            catalogues.push(cluster.catalogue(node)?);
+        }
+    }
+    let (agreed, total) = agreement(&catalogues);
+    Ok((t, agreed, total))
+}
+
+fn all_catalogues_equal(cluster: &mut dyn Cluster) -> anyhow::Result<bool> {
+    let first = cluster.catalogue(0)?;
+    for node in 1..cluster.len() {
+        if cluster.catalogue(node)? != first {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// A status line: rewritten in place on a terminal, a line every few seconds otherwise.
+struct Progress {
+    terminal: bool,
+    last_line_ms: u64,
+}
+
+impl Progress {
+    fn new() -> Self {
+        Self {
+            terminal: std::io::stderr().is_terminal(),
+            last_line_ms: 0,
+        }
+    }
+
+    fn show(
+        &mut self,
+        t: u64,
+        phase: &str,
+        writes: u64,
+        (_, agreed, total): (u64, u64, u64),
+        active: &[&plan::FaultWindow],
+    ) {
+        let faults: Vec<String> = active
+            .iter()
+            .map(|w| match &w.fault {
+                Fault::Partition { name, .. } => name.clone(),
+                Fault::Loss { percent } => format!("{percent}% loss"),
+                Fault::Crash { node } => format!("node {node} down"),
+            })
+            .collect();
+        let line = format!(
+            "[{:>6.1} s] {phase:<10} {writes:>6} writes  {agreed:>6}/{total:<6} documents in agreement  faults: {}",
+            t as f64 / 1000.0,
+            if faults.is_empty() {
+                "none".into()
+            } else {
+                faults.join(", ")
+            }
+        );
+        if self.terminal {
+            eprint!("\r{line:<120}");
+        } else if t >= self.last_line_ms + 5_000 {
+            eprintln!("{line}");
+            self.last_line_ms = t;
+        }
+    }
+
+    fn finish(&self) {
+        if self.terminal {
+            eprintln!();
+        }
+    }
+}

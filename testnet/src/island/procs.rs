@@ -1,0 +1,398 @@
+//! Each node a real `estuary node run` process on 127.0.0.1 ports, written to and read through
+//! its HTTP API. A crash is SIGKILL; a restart starts the process again on the same data
+//! directory. Partitions and loss are not injected here (real TCP has no fault layer): this
+//! mode proves the shipped binary, the in-process mode the fault schedule.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use estuary_node::config::{ApiConfig, AppToken, Config, NetworkConfig, Scope, generate_token};
+use estuary_node::model::automerge::ChangeHash;
+use estuary_node::model::{Bytes32, DocumentId};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use super::check::{DocumentState, NodeState};
+use super::cluster::{Cluster, NetworkFaults, Skip, Traffic, Write};
+
+/// How long a started process may take to answer on its API.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long one API request may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+struct Process {
+    config: PathBuf,
+    api: String,
+    admin: String,
+    app: String,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+pub struct Procs {
+    binary: PathBuf,
+    nodes: Vec<Process>,
+    agent: ureq::Agent,
+    past: Traffic,
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+impl Procs {
+    /// Writes each node's config beside its key and roster, and starts the processes.
+    pub fn start(
+        binary: &Path,
+        data_dirs: Vec<PathBuf>,
+        authority: Bytes32,
+        roster: &[u8],
+        links: &[Vec<usize>],
+    ) -> anyhow::Result<Self> {
+        let p2p: Vec<u16> = (0..data_dirs.len())
+            .map(|_| free_port())
+            .collect::<anyhow::Result<_>>()?;
+        let mut nodes = Vec::new();
+        for (i, dir) in data_dirs.iter().enumerate() {
+            std::fs::write(dir.join("roster.signed"), roster)?;
+            let api = ApiConfig {
+                listen: format!("127.0.0.1:{}", free_port()?).parse()?,
+                admin_token: generate_token()?,
+                apps: vec![AppToken {
+                    name: "island-workload".into(),
+                    token: generate_token()?,
+                    scope: Scope::ReadWrite,
+                }],
+                ..ApiConfig::default()
+            };
+            let config = Config {
+                data_dir: ".".into(),
+                authority: authority.to_string(),
+                roster: Some("roster.signed".into()),
+                network: NetworkConfig {
+                    listen: vec![format!("/ip4/127.0.0.1/tcp/{}", p2p[i])],
+                    bootstrap: links[i]
+                        .iter()
+                        .map(|p| format!("/ip4/127.0.0.1/tcp/{}", p2p[*p]))
+                        .collect(),
+                    reconcile_every_s: 1,
+                    ..NetworkConfig::default()
+                },
+                api,
+            };
+            let path = dir.join("estuary.toml");
+            std::fs::write(&path, config.template())?;
+            nodes.push(Process {
+                config: path,
+                api: format!("http://{}", config.api.listen),
+                admin: config.api.admin_token.clone(),
+                app: config.api.apps[0].token.clone(),
+                child: None,
+                log: dir.join("node.log"),
+            });
+        }
+        let mut procs = Self {
+            binary: binary.to_owned(),
+            nodes,
+            agent: ureq::Agent::config_builder()
+                .http_status_as_error(false)
+                .timeout_global(Some(REQUEST_TIMEOUT))
+                .build()
+                .into(),
+            past: Traffic::default(),
+        };
+        for node in 0..procs.nodes.len() {
+            procs.restart(node)?;
+        }
+        Ok(procs)
+    }
+
+    fn get(&self, node: usize, path: &str) -> anyhow::Result<Value> {
+        let process = &self.nodes[node];
+        let mut response = self
+            .agent
+            .get(format!("{}{path}", process.api))
+            .header("Authorization", format!("Bearer {}", process.admin))
+            .call()
+            .with_context(|| format!("node {node}: GET {path}"))?;
+        anyhow::ensure!(
+            response.status().is_success(),
+            "node {node}: GET {path} answered {}",
+            response.status()
+        );
+        Ok(response
+            .body_mut()
+            .with_config()
+            .limit(256 * 1024 * 1024)
+            .read_json()?)
+    }
+
+    /// Every document with its heads and changes, page by page.
+    fn documents(&self, node: usize) -> anyhow::Result<Vec<Value>> {
+        let mut all = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let path = match &after {
+                Some(after) => format!("/admin/documents?after={after}"),
+                None => "/admin/documents".into(),
+            };
+            let page = self.get(node, &path)?;
+            all.extend(page["documents"].as_array().cloned().unwrap_or_default());
+            match page["next"].as_str() {
+                Some(next) => after = Some(next.to_owned()),
+                None => return Ok(all),
+            }
+        }
+    }
+
+    fn traffic_of(&self, node: usize) -> Traffic {
+        let mut traffic = Traffic::default();
+        if let Ok(stats) = self.get(node, "/admin/sync") {
+            for peer in stats["peers"]
+                .as_object()
+                .into_iter()
+                .flat_map(|p| p.values())
+            {
+                let n = |k: &str| peer[k].as_u64().unwrap_or(0);
+                traffic.wire_bytes += n("bytes_out");
+                traffic.messages += n("messages_out");
+                traffic.rejected_changes += n("changes_rejected");
+            }
+        }
+        traffic
+    }
+}
+
+fn hex_to_bytes<const N: usize>(text: &str) -> Option<[u8; N]> {
+    let mut out = [0u8; N];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(text.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+impl Cluster for Procs {
+    fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    fn is_up(&self, node: usize) -> bool {
+        self.nodes[node].child.is_some()
+    }
+
+    fn write(
+        &mut self,
+        node: usize,
+        write: &Write,
+    ) -> anyhow::Result<Result<(DocumentId, ChangeHash), Skip>> {
+        let process = &self.nodes[node];
+        if process.child.is_none() {
+            return Ok(Err(Skip::NodeDown));
+        }
+        let (path, body) = match write {
+            Write::CreateHealthFile(d) => ("/v1/health-files".to_owned(), serde_json::to_value(d)?),
+            Write::HealthFile(id, op) => (
+                format!("/v1/health-files/{id}/operations"),
+                serde_json::to_value(op)?,
+            ),
+            Write::CreateReferral(r) => ("/v1/referrals".to_owned(), serde_json::to_value(r)?),
+            Write::Referral(id, op) => (
+                format!("/v1/referrals/{id}/operations"),
+                serde_json::to_value(op)?,
+            ),
+        };
+        let mut response = self
+            .agent
+            .post(format!("{}{path}", process.api))
+            .header("Authorization", format!("Bearer {}", process.app))
+            .send_json(&body)
+            .with_context(|| format!("node {node}: POST {path}"))?;
+        let status = response.status().as_u16();
+        let answer: Value = response.body_mut().read_json().unwrap_or(Value::Null);
+        match status {
+            200 | 201 => {
+                let id = answer["id"]
+                    .as_str()
+                    .and_then(|t| DocumentId::parse(t).ok())
+                    .context("a write's answer without an id")?;
+                let change = answer["change"]
+                    .as_str()
+                    .and_then(hex_to_bytes::<32>)
+                    .map(ChangeHash)
+                    .context("a write's answer without a change")?;
+                Ok(Ok((id, change)))
+            }
+            404 => Ok(Err(Skip::NotYetHere)),
+            403 | 409 => Ok(Err(Skip::Refused)),
+            _ => anyhow::bail!(
+                "node {node}: POST {path} answered {status}: {}",
+                answer["error"]["reason"]
+            ),
+        }
+    }
+
+    fn crash(&mut self, node: usize) -> anyhow::Result<()> {
+        let traffic = self.traffic_of(node);
+        self.past.wire_bytes += traffic.wire_bytes;
+        self.past.messages += traffic.messages;
+        self.past.rejected_changes += traffic.rejected_changes;
+        if let Some(mut child) = self.nodes[node].child.take() {
+            // SIGKILL: no chance to flush or say goodbye.
+            child.kill()?;
+            child.wait()?;
+        }
+        Ok(())
+    }
+
+    fn restart(&mut self, node: usize) -> anyhow::Result<()> {
+        if self.nodes[node].child.is_some() {
+            return Ok(());
+        }
+        let process = &self.nodes[node];
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&process.log)?;
+        let child = Command::new(&self.binary)
+            .args(["--config"])
+            .arg(&process.config)
+            .args(["node", "run"])
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", self.binary.display()))?;
+        self.nodes[node].child = Some(child);
+        let started = Instant::now();
+        loop {
+            let health = self
+                .agent
+                .get(format!("{}/health", self.nodes[node].api))
+                .call();
+            if health.is_ok_and(|r| r.status().is_success()) {
+                return Ok(());
+            }
+            if let Some(child) = self.nodes[node].child.as_mut()
+                && let Some(status) = child.try_wait()?
+            {
+                anyhow::bail!(
+                    "node {node} exited with {status} at start; see {}",
+                    self.nodes[node].log.display()
+                );
+            }
+            anyhow::ensure!(
+                started.elapsed() < START_TIMEOUT,
+                "node {node} did not answer within {START_TIMEOUT:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn set_faults(&mut self, _faults: &NetworkFaults) {}
+
+    fn catalogue(&mut self, node: usize) -> anyhow::Result<BTreeMap<[u8; 16], [u8; 32]>> {
+        let mut catalogue = BTreeMap::new();
+        for document in self.documents(node)? {
+            let id = document["id"]
+                .as_str()
+                .and_then(hex_to_bytes::<16>)
+                .context("a document without an id")?;
+            let mut heads: Vec<&str> = document["heads"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .collect();
+            heads.sort_unstable();
+            let digest: [u8; 32] = Sha256::digest(heads.join(",")).into();
+            catalogue.insert(id, digest);
+        }
+        Ok(catalogue)
+    }
+
+    fn state(&mut self, node: usize) -> anyhow::Result<NodeState> {
+        let mut state = NodeState::default();
+        for document in self.documents(node)? {
+            let strings = |key: &str| -> Vec<String> {
+                document[key]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|v| v.as_str().map(str::to_owned))
+                    .collect()
+            };
+            let mut heads = strings("heads");
+            heads.sort();
+            let changes: BTreeSet<String> = strings("changes").into_iter().collect();
+            let id = document["id"].as_str().unwrap_or_default().to_owned();
+            state.documents.insert(id, DocumentState { heads, changes });
+        }
+        let quarantine = self.get(node, "/admin/quarantine")?;
+        for entry in quarantine["entries"].as_array().into_iter().flatten() {
+            state.quarantine.insert((
+                entry["change"].as_str().unwrap_or_default().to_owned(),
+                entry["reason"].as_str().unwrap_or_default().to_owned(),
+            ));
+        }
+        // `verify` rebuilds and validates every document.
+        let verify = self.get(node, "/admin/verify")?;
+        for problem in verify["problems"].as_array().into_iter().flatten() {
+            state
+                .violations
+                .push(format!("verify: {}", problem["what"]));
+        }
+        Ok(state)
+    }
+
+    fn traffic(&mut self) -> Traffic {
+        let mut total = self.past;
+        for node in 0..self.nodes.len() {
+            if self.is_up(node) {
+                let traffic = self.traffic_of(node);
+                total.wire_bytes += traffic.wire_bytes;
+                total.messages += traffic.messages;
+                total.rejected_changes += traffic.rejected_changes;
+            }
+        }
+        total
+    }
+
+    fn reconcile_now(&mut self) {}
+
+    fn shutdown(&mut self) {
+        for process in &mut self.nodes {
+            if let Some(mut child) = process.child.take() {
+                // SIGTERM and a clean stop; SIGKILL if it takes too long.
+                let _ = Command::new("kill")
+                    .args(["-TERM", &child.id().to_string()])
+                    .status();
+                let started = Instant::now();
+                while child.try_wait().ok().flatten().is_none() {
+                    if started.elapsed() > Duration::from_secs(10) {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for process in &mut self.nodes {
+            if let Some(mut child) = process.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}

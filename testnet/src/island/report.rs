@@ -1,0 +1,254 @@
+//! The run's report: `report.json`, a summary on stdout, and `agreement.svg`, the share of
+//! documents in agreement over time with the fault periods shaded.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+
+use serde::Serialize;
+
+use super::check::Verdict;
+use super::cluster::Traffic;
+use super::consortium::Member;
+use super::plan::{Fault, FaultWindow, Plan, Preset};
+use super::{DemoArgs, Mode, Outcome};
+
+/// What `report.json` holds.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub seed: u64,
+    pub nodes: usize,
+    pub institutions: Vec<&'static str>,
+    pub preset: Preset,
+    pub mode: Mode,
+    pub files: u32,
+    pub duration_s: u64,
+    pub loss_percent: u64,
+    /// Every node reached identical heads, nothing lost, nothing invented, every invariant
+    /// held, quarantines identical.
+    pub converged: bool,
+    /// From the end of faults to full agreement.
+    pub convergence_ms: Option<u64>,
+    pub acknowledged_writes: u64,
+    /// Acknowledged on some node, missing on some node (counted per node).
+    pub lost: u64,
+    /// Present on some node, written by no one.
+    pub phantom: u64,
+    pub invariant_violations: u64,
+    pub quarantine_identical: bool,
+    pub identical_heads: bool,
+    pub documents: u64,
+    pub rejected_changes: u64,
+    pub wire_bytes: u64,
+    pub messages: u64,
+    pub restarts: u64,
+    /// Planned writes not made, by reason (a node down, a document not there yet, a
+    /// transition made moot by a concurrent one).
+    pub skipped_writes: BTreeMap<&'static str, u64>,
+    pub faults: Vec<FaultWindow>,
+    /// (milliseconds from start, documents in agreement, documents).
+    pub agreement: Vec<(u64, u64, u64)>,
+    pub elapsed_ms: u64,
+    pub failures: Vec<String>,
+    pub replay: String,
+}
+
+impl Report {
+    pub fn new(
+        args: &DemoArgs,
+        seed: u64,
+        plan: &Plan,
+        members: &[Member],
+        outcome: Outcome,
+        replay: &str,
+    ) -> Self {
+        let Outcome {
+            acknowledged,
+            skipped,
+            timeline,
+            converged_at_ms,
+            verdict,
+            traffic,
+            restarts,
+            elapsed_ms,
+        } = outcome;
+        let Verdict {
+            identical_heads,
+            lost,
+            phantom,
+            invariant_violations,
+            quarantine_identical,
+            documents,
+            examples,
+        } = verdict.clone();
+        let Traffic {
+            wire_bytes,
+            messages,
+            rejected_changes,
+        } = traffic;
+        Self {
+            seed,
+            nodes: members.len(),
+            institutions: members.iter().map(|m| m.id).collect(),
+            preset: args.preset,
+            mode: args.mode,
+            files: args.files,
+            duration_s: args.duration,
+            loss_percent: args.loss,
+            converged: verdict.passed() && converged_at_ms.is_some(),
+            convergence_ms: converged_at_ms,
+            acknowledged_writes: acknowledged.len() as u64,
+            lost,
+            phantom,
+            invariant_violations,
+            quarantine_identical,
+            identical_heads,
+            documents,
+            rejected_changes,
+            wire_bytes,
+            messages,
+            restarts,
+            skipped_writes: skipped,
+            faults: plan.faults.clone(),
+            agreement: timeline,
+            elapsed_ms,
+            failures: examples,
+            replay: replay.to_owned(),
+        }
+    }
+
+    pub fn passed(&self) -> bool {
+        self.converged
+    }
+
+    pub fn write(&self, dir: &Path) -> anyhow::Result<()> {
+        std::fs::create_dir_all(dir)?;
+        std::fs::write(dir.join("report.json"), serde_json::to_vec_pretty(self)?)?;
+        std::fs::write(dir.join("agreement.svg"), self.svg())?;
+        Ok(())
+    }
+
+    pub fn print_summary(&self, dir: &Path) {
+        let yes = |b: bool| if b { "yes" } else { "NO" };
+        println!(
+            "island consortium: {} nodes, preset {:?}, seed {}",
+            self.nodes, self.preset, self.seed
+        );
+        println!("  writes acknowledged   {}", self.acknowledged_writes);
+        println!("  documents             {}", self.documents);
+        for (reason, count) in &self.skipped_writes {
+            println!("  writes skipped ({reason}) {count}");
+        }
+        println!("  restarts              {}", self.restarts);
+        println!(
+            "  converged             {} ({})",
+            yes(self.converged),
+            self.convergence_ms
+                .map_or("not within the timeout".into(), |ms| format!(
+                    "{:.1} s after the faults stopped",
+                    ms as f64 / 1000.0
+                ))
+        );
+        println!("  identical heads       {}", yes(self.identical_heads));
+        println!("  lost / phantom        {} / {}", self.lost, self.phantom);
+        println!("  invariant violations  {}", self.invariant_violations);
+        println!("  quarantine identical  {}", yes(self.quarantine_identical));
+        println!("  rejected changes      {}", self.rejected_changes);
+        println!(
+            "  wire                  {:.1} MiB in {} messages",
+            self.wire_bytes as f64 / 1_048_576.0,
+            self.messages
+        );
+        for failure in &self.failures {
+            println!("  ! {failure}");
+        }
+        println!(
+            "  report                {} (and agreement.svg)",
+            dir.join("report.json").display()
+        );
+    }
+
+    /// The share of documents in agreement over time, fault periods shaded.
+    pub fn svg(&self) -> String {
+        let (width, height, left, bottom, top) = (900.0, 360.0, 60.0, 40.0, 30.0);
+        let plot_w = width - left - 20.0;
+        let plot_h = height - bottom - top;
+        let end_ms = self.agreement.last().map_or(1, |s| s.0).max(1) as f64;
+        let x = |ms: f64| left + plot_w * ms / end_ms;
+        let y = |share: f64| top + plot_h * (1.0 - share);
+        let mut svg = String::new();
+        let _ = writeln!(
+            svg,
+            r##"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">"##
+        );
+        let _ = writeln!(svg, r##"<rect width="100%" height="100%" fill="white"/>"##);
+        for (lane, window) in self.faults.iter().enumerate() {
+            let (colour, label) = match &window.fault {
+                Fault::Partition { name, .. } => ("#9ecae1", name.clone()),
+                Fault::Loss { percent } => ("#fdd0a2", format!("{percent}% loss")),
+                Fault::Crash { node } => ("#fcbba1", format!("node {node} down")),
+            };
+            let (x0, x1) = (x(window.start_ms as f64), x(window.end_ms as f64));
+            let _ = writeln!(
+                svg,
+                r##"<rect x="{x0:.1}" y="{top}" width="{:.1}" height="{plot_h}" fill="{colour}" fill-opacity="0.45"/><text x="{:.1}" y="{:.1}" fill="#555">{label}</text>"##,
+                (x1 - x0).max(1.0),
+                x0 + 3.0,
+                top + 14.0 + 14.0 * (lane % 4) as f64
+            );
+        }
+        let points: Vec<String> = self
+            .agreement
+            .iter()
+            .map(|(t, agreed, total)| {
+                let share = if *total == 0 {
+                    1.0
+                } else {
+                    *agreed as f64 / *total as f64
+                };
+                format!("{:.1},{:.1}", x(*t as f64), y(share))
+            })
+            .collect();
+        let _ = writeln!(
+            svg,
+            r##"<polyline points="{}" fill="none" stroke="#08519c" stroke-width="2"/>"##,
+            points.join(" ")
+        );
+        let _ = writeln!(
+            svg,
+            r##"<line x1="{left}" y1="{}" x2="{}" y2="{}" stroke="black"/><line x1="{left}" y1="{top}" x2="{left}" y2="{}" stroke="black"/>"##,
+            top + plot_h,
+            left + plot_w,
+            top + plot_h,
+            top + plot_h
+        );
+        for share in [0.0, 0.5, 1.0] {
+            let _ = writeln!(
+                svg,
+                r##"<text x="{:.1}" y="{:.1}" text-anchor="end">{:.0}%</text>"##,
+                left - 6.0,
+                y(share) + 4.0,
+                share * 100.0
+            );
+        }
+        let seconds = end_ms / 1000.0;
+        let step = ((seconds / 8.0).ceil()).max(1.0);
+        let mut s = 0.0;
+        while s <= seconds {
+            let _ = writeln!(
+                svg,
+                r##"<text x="{:.1}" y="{:.1}" text-anchor="middle">{s:.0} s</text>"##,
+                x(s * 1000.0),
+                top + plot_h + 18.0
+            );
+            s += step;
+        }
+        let _ = writeln!(
+            svg,
+            r##"<text x="{left}" y="18" font-size="14">Documents in agreement on every node that is up — {} nodes, preset {:?}, seed {}</text>"##,
+            self.nodes, self.preset, self.seed
+        );
+        svg.push_str("</svg>\n");
+        svg
+    }
+}
