@@ -91,7 +91,7 @@ struct Diff {
     overhead_per_difference: f64,
 }
 
-fn profile() -> &'static str {
+pub fn profile() -> &'static str {
     if cfg!(debug_assertions) {
         "debug"
     } else {
@@ -99,7 +99,7 @@ fn profile() -> &'static str {
     }
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[index.min(sorted.len() - 1)]
 }

@@ -9,6 +9,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod bench_island;
 mod bench_model;
 mod bench_reconcile;
 mod bench_store;
@@ -111,6 +112,46 @@ enum Bench {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// The consortium splits in two, each side writes `files` new files, the link heals:
+    /// time to agreement and bytes against nodes × missing payload.
+    Heal {
+        /// Nodes.
+        #[arg(long, default_value_t = 21)]
+        nodes: usize,
+        /// New files written on each side during the partition.
+        #[arg(long, default_value_t = 5_000)]
+        files: u32,
+        /// The seed of the consortium's keys and content.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Write the figures as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// The time for one write to be visible on every node, clean and under loss.
+    Latency {
+        /// Nodes.
+        #[arg(long, default_value_t = 21)]
+        nodes: usize,
+        /// Writes timed in each condition.
+        #[arg(long, default_value_t = 100)]
+        writes: usize,
+        /// Loss on every link in the second condition, in percent.
+        #[arg(long, default_value_t = 20)]
+        loss: u64,
+        /// The seed of the consortium's keys and content.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Write the figures as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// Every benchmark at a size that finishes in about ten minutes here.
+    All {
+        /// The folder for the JSON files.
+        #[arg(long, default_value = "testnet-report")]
+        json: PathBuf,
+    },
     /// Opens a stopped node and prints its open time and memory (used by `bench store`).
     #[command(hide = true)]
     OpenProbe {
@@ -183,6 +224,28 @@ fn main() -> ExitCode {
             writes,
             json,
         }),
+        Command::Bench {
+            bench:
+                Bench::Heal {
+                    nodes,
+                    files,
+                    seed,
+                    json,
+                },
+        } => bench_island::heal(nodes, files, seed, json.as_deref()).map(|_| ()),
+        Command::Bench {
+            bench:
+                Bench::Latency {
+                    nodes,
+                    writes,
+                    loss,
+                    seed,
+                    json,
+                },
+        } => bench_island::latency(nodes, writes, loss, seed, json.as_deref()).map(|_| ()),
+        Command::Bench {
+            bench: Bench::All { json },
+        } => bench_island::all(&json),
         Command::Bench {
             bench: Bench::OpenProbe { dir },
         } => bench_store::open_probe(&dir),

@@ -98,6 +98,11 @@ impl InProc {
     fn node(&self, node: usize) -> Option<&Arc<Node>> {
         self.nodes[node].as_ref().map(|r| &r.node)
     }
+
+    /// Node `node`, if it is up (for benchmarks that time what nodes hold).
+    pub fn handle(&self, node: usize) -> Option<Arc<Node>> {
+        self.node(node).cloned()
+    }
 }
 
 fn traffic_of(sync: &SyncHandle) -> Traffic {

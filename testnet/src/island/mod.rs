@@ -126,27 +126,18 @@ pub fn demo(args: DemoArgs) -> anyhow::Result<bool> {
     let data = tempfile::Builder::new()
         .prefix("estuary-island-")
         .tempdir()?;
-    let keys = write_keys(seed, &members, data.path())?;
-    let (authority, roster) = consortium::roster(seed, &members, &keys);
-    let links = links(seed, members.len());
-    let data_dirs: Vec<PathBuf> = (0..members.len())
-        .map(|i| data.path().join(format!("node-{i:02}")))
-        .collect();
     let mut cluster: Box<dyn Cluster> = match args.mode {
-        Mode::Inproc => Box::new(inproc::InProc::start(
-            seed,
-            data_dirs,
-            authority.public_key(),
-            roster,
-            &links,
-        )?),
-        Mode::Procs => Box::new(procs::Procs::start(
-            &estuary_binary(args.estuary.as_deref())?,
-            data_dirs,
-            authority.public_key(),
-            &roster,
-            &links,
-        )?),
+        Mode::Inproc => Box::new(inproc_cluster(seed, &members, data.path())?),
+        Mode::Procs => {
+            let setup = Setup::new(seed, &members, data.path())?;
+            Box::new(procs::Procs::start(
+                &estuary_binary(args.estuary.as_deref())?,
+                setup.data_dirs,
+                setup.authority,
+                &setup.roster,
+                &setup.links,
+            )?)
+        }
     };
     let outcome = run(&plan, &members, cluster.as_mut(), args.converge_timeout);
     cluster.shutdown();
@@ -158,6 +149,45 @@ pub fn demo(args: DemoArgs) -> anyhow::Result<bool> {
         eprintln!("FAILED; replay with: {replay}");
     }
     Ok(report.passed())
+}
+
+/// The consortium's data directories (with keys), roster and links, under `root`.
+struct Setup {
+    data_dirs: Vec<PathBuf>,
+    authority: estuary_node::model::Bytes32,
+    roster: Vec<u8>,
+    links: Vec<Vec<usize>>,
+}
+
+impl Setup {
+    fn new(seed: u64, members: &[Member], root: &Path) -> anyhow::Result<Self> {
+        let keys = write_keys(seed, members, root)?;
+        let (authority, roster) = consortium::roster(seed, members, &keys);
+        Ok(Self {
+            data_dirs: (0..members.len())
+                .map(|i| root.join(format!("node-{i:02}")))
+                .collect(),
+            authority: authority.public_key(),
+            roster,
+            links: links(seed, members.len()),
+        })
+    }
+}
+
+/// The consortium in this process, its nodes' data under `root`.
+pub fn inproc_cluster(
+    seed: u64,
+    members: &[Member],
+    root: &Path,
+) -> anyhow::Result<inproc::InProc> {
+    let setup = Setup::new(seed, members, root)?;
+    inproc::InProc::start(
+        seed,
+        setup.data_dirs,
+        setup.authority,
+        setup.roster,
+        &setup.links,
+    )
 }
 
 /// Where the `estuary` binary is: given, or beside this one.

@@ -104,7 +104,7 @@ pub struct FaultWindow {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(tag = "fault", rename_all = "snake_case")]
 pub enum Fault {
-    /// Nodes in different groups cannot reach each other (unnamed nodes form one group).
+    /// Nodes in different groups cannot reach each other; every node is in one group.
     Partition {
         name: String,
         groups: Vec<Vec<usize>>,
@@ -296,14 +296,15 @@ fn faults(
     let at = |fraction_per_mille: u64| quiet_ms * fraction_per_mille / 800;
     let mut windows = Vec::new();
     if preset.partitions() {
-        let north: Vec<usize> = (0..members.len()).filter(|i| members[*i].north).collect();
-        if !north.is_empty() && north.len() < members.len() {
+        let (north, south): (Vec<usize>, Vec<usize>) =
+            (0..members.len()).partition(|i| members[*i].north);
+        if !north.is_empty() && !south.is_empty() {
             windows.push(FaultWindow {
                 start_ms: at(120),
                 end_ms: at(320),
                 fault: Fault::Partition {
                     name: "north cut off".into(),
-                    groups: vec![north],
+                    groups: vec![north, south],
                 },
             });
         }
@@ -312,7 +313,7 @@ fn faults(
             end_ms: at(560),
             fault: Fault::Partition {
                 name: "core hospital isolated".into(),
-                groups: vec![vec![0]],
+                groups: vec![vec![0], (1..members.len()).collect()],
             },
         });
     }

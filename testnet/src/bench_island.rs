@@ -1,0 +1,306 @@
+//! Benchmarks on the whole consortium in this process:
+//!
+//! - `heal`: the nodes split in two (the northern centres and the rest); each side writes
+//!   `files` new health files; the link heals. Time from the heal to full agreement, and the
+//!   bytes sent meanwhile against nodes × missing payload (each node's envelope bytes it
+//!   lacked at the heal).
+//! - `latency`: one write at a random node; the time until every node holds it. Clean, and
+//!   with `loss` percent loss on every link.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use estuary_node::model::*;
+use estuary_node::node::Node;
+use serde::Serialize;
+
+use crate::bench_sync::{percentile, profile};
+use crate::island::cluster::{Cluster, NetworkFaults};
+use crate::island::inproc::InProc;
+use crate::island::{consortium, content, inproc_cluster, plan::Rng};
+
+/// How long agreement may take before the benchmark gives up.
+const AGREEMENT_LIMIT: Duration = Duration::from_secs(600);
+
+#[derive(Serialize)]
+pub struct Heal {
+    profile: &'static str,
+    nodes: usize,
+    files_per_side: u32,
+    north_nodes: usize,
+    south_nodes: usize,
+    /// Seconds from the heal to every node holding every document.
+    heal_to_agreement_s: f64,
+    /// Bytes all nodes sent from the heal to agreement.
+    wire_bytes: u64,
+    /// Σ over nodes of the envelope bytes each lacked at the heal.
+    missing_payload_bytes: u64,
+    wire_over_missing: f64,
+    target_seconds: f64,
+    target_ratio: f64,
+}
+
+#[derive(Serialize)]
+pub struct Latency {
+    profile: &'static str,
+    nodes: usize,
+    writes: usize,
+    clean_p50_ms: f64,
+    clean_p99_ms: f64,
+    loss_percent: u64,
+    lossy_p50_ms: f64,
+    lossy_p99_ms: f64,
+    target_clean_p99_ms: f64,
+    target_lossy_p99_ms: f64,
+}
+
+fn write_json(path: Option<&Path>, value: &impl Serialize) -> anyhow::Result<()> {
+    if let Some(path) = path {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        std::fs::write(path, serde_json::to_vec_pretty(value)?)?;
+        println!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+fn handles(cluster: &InProc) -> anyhow::Result<Vec<Arc<Node>>> {
+    (0..cluster.len())
+        .map(|i| cluster.handle(i).context("a node is down"))
+        .collect()
+}
+
+/// Waits until the catalogues of `nodes` are equal; returns when they were.
+fn wait_agreement(cluster: &mut InProc, nodes: &[usize]) -> anyhow::Result<Instant> {
+    let started = Instant::now();
+    loop {
+        let first = cluster.catalogue(nodes[0])?;
+        let mut equal = true;
+        for node in &nodes[1..] {
+            if cluster.catalogue(*node)? != first {
+                equal = false;
+                break;
+            }
+        }
+        if equal {
+            return Ok(Instant::now());
+        }
+        if started.elapsed() >= AGREEMENT_LIMIT {
+            let sizes: Vec<usize> = nodes
+                .iter()
+                .map(|n| cluster.catalogue(*n).map(|c| c.len()).unwrap_or(0))
+                .collect();
+            anyhow::bail!("no agreement within {AGREEMENT_LIMIT:?}: documents per node {sizes:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn envelope_bytes(node: &Node, id: DocumentId) -> anyhow::Result<u64> {
+    Ok(node.envelopes(id)?.iter().map(|e| e.len() as u64).sum())
+}
+
+pub fn heal(nodes: usize, files: u32, seed: u64, json: Option<&Path>) -> anyhow::Result<Heal> {
+    let members = consortium::members(nodes);
+    let dir = tempfile::tempdir()?;
+    let mut cluster = inproc_cluster(seed, &members, dir.path())?;
+    let north: Vec<usize> = (0..nodes).filter(|i| members[*i].north).collect();
+    let south: Vec<usize> = (0..nodes).filter(|i| !members[*i].north).collect();
+    anyhow::ensure!(
+        !north.is_empty() && !south.is_empty(),
+        "too few nodes for two sides"
+    );
+    // Connected first, then split.
+    std::thread::sleep(Duration::from_secs(2));
+    cluster.set_faults(&NetworkFaults {
+        partition: Some(vec![north.clone(), south.clone()]),
+        loss: None,
+    });
+    let all = handles(&cluster)?;
+    let mut written: [Vec<DocumentId>; 2] = [Vec::new(), Vec::new()];
+    let started = Instant::now();
+    for (side, writers) in [&north, &south].into_iter().enumerate() {
+        for k in 0..files {
+            let node = &all[writers[k as usize % writers.len()]];
+            let editor = Editor {
+                institution: node.institution().clone(),
+                at: Timestamp(estuary_node::audit::now_ms()),
+            };
+            let resident = k + side as u32 * files;
+            let (id, _) =
+                node.create_health_file(&editor, &content::demographics(seed, resident))?;
+            written[side].push(id);
+        }
+    }
+    eprintln!(
+        "heal: {} files written on each side in {:.1} s; waiting for each side to agree",
+        files,
+        started.elapsed().as_secs_f64()
+    );
+    wait_agreement(&mut cluster, &north)?;
+    wait_agreement(&mut cluster, &south)?;
+    // What each node lacks: the other side's files.
+    let north_payload: u64 = written[0]
+        .iter()
+        .map(|id| envelope_bytes(&all[north[0]], *id))
+        .sum::<anyhow::Result<u64>>()?;
+    let south_payload: u64 = written[1]
+        .iter()
+        .map(|id| envelope_bytes(&all[south[0]], *id))
+        .sum::<anyhow::Result<u64>>()?;
+    let missing = north.len() as u64 * south_payload + south.len() as u64 * north_payload;
+    let before = cluster.traffic().wire_bytes;
+    let healed = Instant::now();
+    cluster.set_faults(&NetworkFaults::default());
+    cluster.reconcile_now();
+    let everyone: Vec<usize> = (0..nodes).collect();
+    let agreed = wait_agreement(&mut cluster, &everyone)?;
+    let seconds = agreed.duration_since(healed).as_secs_f64();
+    let wire = cluster.traffic().wire_bytes - before;
+    cluster.shutdown();
+    let report = Heal {
+        profile: profile(),
+        nodes,
+        files_per_side: files,
+        north_nodes: north.len(),
+        south_nodes: south.len(),
+        heal_to_agreement_s: seconds,
+        wire_bytes: wire,
+        missing_payload_bytes: missing,
+        wire_over_missing: wire as f64 / missing.max(1) as f64,
+        target_seconds: 20.0,
+        target_ratio: 1.5,
+    };
+    println!(
+        "heal: {nodes} nodes, {files} files per side: agreement {seconds:.1} s after the heal (target ≤20 s); {:.1} MiB sent for {:.1} MiB missing = {:.2}× (target ≤1.5×)",
+        wire as f64 / 1_048_576.0,
+        missing as f64 / 1_048_576.0,
+        report.wire_over_missing
+    );
+    write_json(json, &report)?;
+    Ok(report)
+}
+
+/// Times `writes` single writes until every node holds each.
+fn time_writes(
+    cluster: &InProc,
+    rng: &mut Rng,
+    seed: u64,
+    writes: usize,
+    first_resident: u32,
+) -> anyhow::Result<Vec<f64>> {
+    let all = handles(cluster)?;
+    let mut times = Vec::with_capacity(writes);
+    for k in 0..writes {
+        let node = &all[rng.below(all.len() as u64) as usize];
+        let editor = Editor {
+            institution: node.institution().clone(),
+            at: Timestamp(estuary_node::audit::now_ms()),
+        };
+        let started = Instant::now();
+        let (id, hash) = node.create_health_file(
+            &editor,
+            &content::demographics(seed, first_resident + k as u32),
+        )?;
+        let mut waiting: BTreeSet<usize> = (0..all.len()).collect();
+        while !waiting.is_empty() {
+            waiting.retain(|i| !all[*i].has_change(id, &hash).unwrap_or(false));
+            anyhow::ensure!(
+                started.elapsed() < AGREEMENT_LIMIT,
+                "a write did not reach every node"
+            );
+            if !waiting.is_empty() {
+                std::thread::sleep(Duration::from_micros(500));
+            }
+        }
+        times.push(started.elapsed().as_secs_f64() * 1e3);
+        // Writes are spaced as a clinic's would be, not back to back.
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times)
+}
+
+pub fn latency(
+    nodes: usize,
+    writes: usize,
+    loss: u64,
+    seed: u64,
+    json: Option<&Path>,
+) -> anyhow::Result<Latency> {
+    let members = consortium::members(nodes);
+    let dir = tempfile::tempdir()?;
+    let mut cluster = inproc_cluster(seed, &members, dir.path())?;
+    // Let the mesh form.
+    std::thread::sleep(Duration::from_secs(3));
+    let mut rng = Rng::new(seed);
+    let clean = time_writes(&cluster, &mut rng, seed, writes, 0)?;
+    cluster.set_faults(&NetworkFaults {
+        partition: None,
+        loss: Some(loss),
+    });
+    let lossy = time_writes(&cluster, &mut rng, seed, writes, writes as u32)?;
+    cluster.shutdown();
+    let report = Latency {
+        profile: profile(),
+        nodes,
+        writes,
+        clean_p50_ms: percentile(&clean, 0.5),
+        clean_p99_ms: percentile(&clean, 0.99),
+        loss_percent: loss,
+        lossy_p50_ms: percentile(&lossy, 0.5),
+        lossy_p99_ms: percentile(&lossy, 0.99),
+        target_clean_p99_ms: 1_000.0,
+        target_lossy_p99_ms: 5_000.0,
+    };
+    println!(
+        "latency: one write visible on all {nodes} nodes: clean p50 {:.1} ms, p99 {:.1} ms (target ≤1 s); {loss}% loss p50 {:.1} ms, p99 {:.1} ms (target ≤5 s)",
+        report.clean_p50_ms, report.clean_p99_ms, report.lossy_p50_ms, report.lossy_p99_ms
+    );
+    write_json(json, &report)?;
+    Ok(report)
+}
+
+/// Every benchmark at a size that finishes in about ten minutes here, JSON into `dir`.
+pub fn all(dir: &Path) -> anyhow::Result<()> {
+    let path = |name: &str| -> PathBuf { dir.join(name) };
+    let started = Instant::now();
+    crate::bench_model::run(100, dir)?;
+    crate::bench_store::run(&crate::bench_store::Options {
+        docs: 20_000,
+        writes: 1_000,
+        ingest: 5_000,
+        kills: 20,
+        json: Some(path("bench-store.json")),
+    })?;
+    crate::bench_reconcile::run(100_000, Some(&path("bench-reconcile.json")))?;
+    for (which, name) in [
+        (
+            crate::bench_sync::Which::Bootstrap,
+            "bench-sync-bootstrap.json",
+        ),
+        (crate::bench_sync::Which::Insync, "bench-sync-insync.json"),
+        (crate::bench_sync::Which::Diff, "bench-sync-diff.json"),
+    ] {
+        crate::bench_sync::run(&crate::bench_sync::Options {
+            which,
+            files: 10_000,
+            changes_per_file: 4,
+            diff: 100,
+            writes: 200,
+            json: Some(path(name)),
+        })?;
+    }
+    heal(21, 5_000, 1, Some(&path("bench-heal.json")))?;
+    latency(21, 100, 20, 1, Some(&path("bench-latency.json")))?;
+    println!(
+        "all benchmarks: {:.0} s; JSON in {}",
+        started.elapsed().as_secs_f64(),
+        dir.display()
+    );
+    Ok(())
+}
