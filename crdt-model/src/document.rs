@@ -208,6 +208,24 @@ pub fn load_document(bytes: &[u8]) -> Result<automerge::AutoCommit, crate::LoadE
     guard_decoder(|| automerge::AutoCommit::load(bytes))
 }
 
+/// Decodes the changes of untrusted automerge bytes that build on `base` (a sync message's
+/// document chunk carries only the changes the receiver lacks, so it does not load on its
+/// own), without panicking and without changing `base`. Changes whose dependencies are in
+/// neither are left out.
+pub fn decode_changes_onto(
+    base: &automerge::AutoCommit,
+    bytes: &[u8],
+) -> Result<Vec<automerge::Change>, crate::LoadError> {
+    if bytes.is_empty() {
+        return Err(crate::LoadError::Refused { reason: "no bytes" });
+    }
+    check_chunks(bytes)?;
+    let mut fork = base.clone();
+    let before = fork.get_heads();
+    guard_decoder(|| fork.load_incremental(bytes))?;
+    Ok(fork.get_changes(&before))
+}
+
 /// Decodes one automerge change from untrusted bytes (a peer's envelope), without panicking.
 pub fn decode_change(bytes: &[u8]) -> Result<automerge::Change, crate::LoadError> {
     if bytes.is_empty() {

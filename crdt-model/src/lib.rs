@@ -23,7 +23,8 @@ mod vocab;
 
 pub use access::Register;
 pub use document::{
-    DocumentKind, SCHEMA_VERSION, decode_change, document_id, document_id_of, load_document,
+    DocumentKind, SCHEMA_VERSION, decode_change, decode_changes_onto, document_id, document_id_of,
+    load_document,
 };
 pub use error::{LoadError, OpError, ValidationError};
 pub use health_file::{

@@ -823,6 +823,31 @@ impl Node {
         Ok(self.store.keys_with_prefix(&[keys::PENDING])?.len())
     }
 
+    /// The dependencies that changes of `document` held pending wait for and this node does
+    /// not hold: what to ask peers for by name.
+    pub fn missing_dependencies(&self, document: DocumentId) -> Result<Vec<ChangeHash>, NodeError> {
+        // Most of the time nothing is pending and this is one empty prefix scan.
+        let mut missing = BTreeSet::new();
+        for (_, value) in self.store.scan_prefix(&[keys::PENDING])? {
+            let record: PendingRecord = decode(&value, "pending record")?;
+            if record.document != document {
+                continue;
+            }
+            for dependency in record.missing {
+                let hash = ChangeHash(dependency);
+                let held = self.has_change(document, &hash)?
+                    || self
+                        .store
+                        .get(&keys::per_change(keys::PENDING, &hash))?
+                        .is_some();
+                if !held {
+                    missing.insert(hash);
+                }
+            }
+        }
+        Ok(missing.into_iter().collect())
+    }
+
     /// The changes waiting for their dependencies, with the dependencies they wait for.
     pub fn pending(&self) -> Result<Vec<PendingEntry>, NodeError> {
         let mut entries = Vec::new();

@@ -638,22 +638,37 @@ fn sync_directly(
     document: DocumentId,
     tamper: impl Fn(&mut estuary_node::sync::protocol::SyncMessage),
 ) -> (bool, usize) {
-    use estuary_node::model::automerge::sync::{Message, State};
+    use estuary_node::model::automerge::sync::State;
+    let mut states = (State::new(), State::new());
+    sync_with_states(from, to, document, &mut states, tamper)
+}
+
+/// `sync_directly` with sync states that outlive the exchange, as a session's do.
+fn sync_with_states(
+    from: &Node,
+    to: &Node,
+    document: DocumentId,
+    (from_state, to_state): &mut (
+        estuary_node::model::automerge::sync::State,
+        estuary_node::model::automerge::sync::State,
+    ),
+    tamper: impl Fn(&mut estuary_node::sync::protocol::SyncMessage),
+) -> (bool, usize) {
+    use estuary_node::model::automerge::sync::Message;
     use estuary_node::sync::document::{incoming, outgoing};
-    let (mut from_state, mut to_state) = (State::new(), State::new());
     let (mut whole_document, mut rejected) = (false, 0);
     for _ in 0..16 {
-        let sent = outgoing(from, document, &mut from_state).unwrap();
+        let sent = outgoing(from, document, from_state).unwrap();
         if let Some(mut message) = sent.clone() {
             let decoded = Message::decode(&message.message).unwrap();
             // Byte 8 of a chunk is its type; 0 is a whole document.
             whole_document |= decoded.changes.iter().any(|chunk| chunk.get(8) == Some(&0));
             tamper(&mut message);
-            rejected += incoming(to, &message, &mut to_state).unwrap().rejected;
+            rejected += incoming(to, &message, to_state).unwrap().rejected;
         }
-        let reply = outgoing(to, document, &mut to_state).unwrap();
+        let reply = outgoing(to, document, to_state).unwrap();
         if let Some(reply) = &reply {
-            incoming(from, reply, &mut from_state).unwrap();
+            incoming(from, reply, from_state).unwrap();
         }
         if sent.is_none() && reply.is_none() {
             break;
@@ -677,6 +692,31 @@ fn a_whole_document_in_a_sync_message_is_checked_change_by_change() {
     assert_eq!(rejected, 0);
     assert_eq!(b.heads(file).unwrap(), a.heads(file).unwrap());
     assert_eq!(b.envelopes(file).unwrap().len(), 10);
+}
+
+/// Found by the island testnet: when the receiver holds the document already, automerge
+/// sends the changes it lacks as a document chunk that builds on the receiver's changes and
+/// does not load on its own. It was refused as malformed, and those changes never arrived.
+#[test]
+fn a_document_chunk_building_on_changes_the_receiver_holds_is_applied() {
+    let consortium = Consortium::new(2);
+    let (a, b) = (consortium.node(0), consortium.node(1));
+    let by = editor("member-0");
+    let (file, _) = a.create_health_file(&by, &resident("Partial")).unwrap();
+    a.apply_health_file(file, &by, &allergy("first")).unwrap();
+    let mut states = Default::default();
+    sync_with_states(&a, &b, file, &mut states, |_| {});
+    assert_eq!(b.envelopes(file).unwrap().len(), 2);
+    for k in 0..9 {
+        a.apply_health_file(file, &by, &allergy(&format!("later {k}")))
+            .unwrap();
+    }
+    let (whole_document, rejected) = sync_with_states(&a, &b, file, &mut states, |_| {});
+    assert!(whole_document, "automerge sent the changes one by one");
+    assert_eq!(rejected, 0);
+    assert_eq!(b.heads(file).unwrap(), a.heads(file).unwrap());
+    assert_eq!(b.envelopes(file).unwrap().len(), 11);
+    assert_eq!(b.pending_count().unwrap(), 0);
 }
 
 #[test]
@@ -705,6 +745,7 @@ fn changes_in_a_sync_message_without_their_authors_signatures_are_refused() {
         document: serde_bytes::ByteArray::new(*file.as_bytes()),
         message: serde_bytes::ByteBuf::from(b"garbage".to_vec()),
         signatures: vec![],
+        first: true,
     };
     let error = estuary_node::sync::document::incoming(&b, &garbage, &mut state).unwrap_err();
     assert!(error.is_peers_fault(), "{error}");

@@ -172,6 +172,13 @@ enum Bench {
 const EXIT_CHECK_FAILED: u8 = 3;
 
 fn main() -> ExitCode {
+    // Node logs on request only (RUST_LOG), to stderr: the demo's own output is the report.
+    if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_default_env() {
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init();
+    }
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Demo(args) => match island::demo(args) {

@@ -13,7 +13,7 @@ use super::protocol::{
 use crate::envelope::{ENVELOPE_VERSION, Envelope};
 use crate::model::automerge::sync::{self, ChunkList, SyncDoc};
 use crate::model::automerge::{AutoCommit, ChangeHash};
-use crate::model::{DocumentId, decode_change, load_document};
+use crate::model::{DocumentId, decode_change, decode_changes_onto, load_document};
 use crate::node::{IngestError, Ingested, Node, NodeError};
 
 /// Why a peer's sync message was refused, or ours could not be made.
@@ -114,9 +114,17 @@ pub fn outgoing(
         doc.sync().generate_sync_message(state)
     }))
     .map_err(|_| DocumentSyncError::Malformed("the peer's sync state does not fit the document"))?;
-    let Some(message) = generated else {
+    let Some(mut message) = generated else {
         return Ok(None);
     };
+    // Changes held pending here are not in the document automerge sees, so it would never
+    // ask for what they wait on; a peer whose view of our changes has a false positive for
+    // that dependency would never send it. Ask for it by name.
+    for missing in node.missing_dependencies(document)? {
+        if !message.need.contains(&missing) {
+            message.need.push(missing);
+        }
+    }
     let carried: Vec<ChangeHash> = state.sent_hashes.difference(&before).copied().collect();
     let signatures = change_signatures(node, document, &carried)?;
     let encoded = message.encode();
@@ -129,6 +137,7 @@ pub fn outgoing(
         document: ByteArray::new(*document.as_bytes()),
         message: ByteBuf::from(encoded),
         signatures,
+        first: false,
     }))
 }
 
@@ -160,14 +169,20 @@ pub fn incoming(
         .map(|s| (*s.change, *s.signature))
         .collect();
     let mut changes = Vec::new();
+    let mut base = None;
     for chunk in message.changes.iter() {
         match decode_change(chunk) {
             Ok(change) => changes.push(change),
             Err(_) => {
-                let mut scratch = load_document(chunk).map_err(|_| {
+                // A document chunk: the changes the peer found we lack, in document encoding,
+                // building on what we hold.
+                if base.is_none() {
+                    base = Some(copy_of(node, document)?);
+                }
+                let base = base.as_ref().unwrap_or_else(|| unreachable!("just set"));
+                changes.extend(decode_changes_onto(base, chunk).map_err(|_| {
                     DocumentSyncError::Malformed("a chunk that is neither a change nor a document")
-                })?;
-                changes.extend(scratch.get_changes(&[]));
+                })?);
             }
         }
         if changes.len() > SYNC_SIGNATURES_MAX {

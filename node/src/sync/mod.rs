@@ -1401,7 +1401,12 @@ impl Driver {
             }
             Request::Sync(message) => {
                 let document = DocumentId::from_bytes(*message.document);
-                let state = self.responder.take(&(peer, document)).unwrap_or_default();
+                let kept = self.responder.take(&(peer, document));
+                let state = if message.first {
+                    Box::default()
+                } else {
+                    kept.unwrap_or_default()
+                };
                 self.spawn_job(peer, Release::Inbound, move || {
                     let _span =
                         tracing::debug_span!("serve_document_sync", %peer, %document).entered();
@@ -1637,8 +1642,13 @@ impl Driver {
         let node = self.node.clone();
         self.spawn_job(peer, Release::Session(document), move || {
             let mut state = Box::<State>::default();
-            let result = document::outgoing(&node, document, &mut state)
-                .map(|next| (Carried::default(), next));
+            let result = document::outgoing(&node, document, &mut state).map(|next| {
+                let next = next.map(|message| SyncMessage {
+                    first: true,
+                    ..message
+                });
+                (Carried::default(), next)
+            });
             Job::SyncStep {
                 peer,
                 document,

@@ -96,6 +96,12 @@ pub struct SyncMessage {
     pub message: ByteBuf,
     /// The author's signature of each change the message carries.
     pub signatures: Vec<ChangeSignature>,
+    /// The first message of a session: the initiator starts from a fresh sync state, so the
+    /// responder does too. A state kept from an earlier session believes changes were
+    /// delivered whose delivery may have been lost with a cut connection or a timeout, and
+    /// automerge never sends a change its state says it sent.
+    #[serde(default)]
+    pub first: bool,
 }
 
 /// A whole document as a fetch carries it: automerge's compressed save, and the signature of

@@ -25,6 +25,8 @@ pub struct NodeState {
     pub quarantine: BTreeSet<(String, String)>,
     /// Problems `verify` found and model invariants that failed.
     pub violations: Vec<String>,
+    /// Changes still waiting for their dependencies.
+    pub pending: u64,
 }
 
 /// What the checker concluded.
@@ -42,6 +44,9 @@ pub struct Verdict {
     pub quarantine_identical: bool,
     /// Documents compared.
     pub documents: u64,
+    /// Changes still waiting for their dependencies, over all nodes (none expected once
+    /// honest nodes agree).
+    pub pending: u64,
     /// Up to 20 examples of what failed (ids and hashes only).
     pub examples: Vec<String>,
 }
@@ -124,6 +129,7 @@ pub fn check(nodes: &[NodeState], acknowledged: &BTreeSet<Acknowledged>) -> Verd
         }
     }
     for (index, node) in nodes.iter().enumerate() {
+        verdict.pending += node.pending;
         verdict.invariant_violations += node.violations.len() as u64;
         for violation in node.violations.iter().take(3) {
             example(&mut verdict, format!("node {index}: {violation}"));

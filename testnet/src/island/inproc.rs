@@ -331,6 +331,7 @@ pub fn state_of(node: &Node) -> anyhow::Result<NodeState> {
         let change: String = entry.change.iter().map(|b| format!("{b:02x}")).collect();
         state.quarantine.insert((change, entry.reason));
     }
+    state.pending = node.pending_count()? as u64;
     for problem in node.verify()?.problems {
         state.violations.push(format!("verify: {}", problem.what));
     }

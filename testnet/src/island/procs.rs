@@ -39,10 +39,18 @@ pub struct Procs {
     past: Traffic,
 }
 
+/// A port free now, below the system's ephemeral range: a port the system hands out would
+/// soon be taken again by the nodes' own outgoing connections.
 fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+    for _ in 0..1_000 {
+        let mut bytes = [0u8; 2];
+        getrandom::fill(&mut bytes).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
+        let port = 20_000 + u16::from_le_bytes(bytes) % 12_000;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    anyhow::bail!("no free port between 20000 and 32000")
 }
 
 impl Procs {
@@ -276,6 +284,10 @@ impl Cluster for Procs {
                 .get(format!("{}/health", self.nodes[node].api))
                 .call();
             if health.is_ok_and(|r| r.status().is_success()) {
+                // Our admin token is accepted only by the process started here.
+                self.get(node, "/admin/status").with_context(|| {
+                    format!("node {node}: another process answers on its API port")
+                })?;
                 return Ok(());
             }
             if let Some(child) = self.nodes[node].child.as_mut()
@@ -340,6 +352,9 @@ impl Cluster for Procs {
                 entry["reason"].as_str().unwrap_or_default().to_owned(),
             ));
         }
+        state.pending = self.get(node, "/admin/status")?["pending"]
+            .as_u64()
+            .unwrap_or(0);
         // `verify` rebuilds and validates every document.
         let verify = self.get(node, "/admin/verify")?;
         for problem in verify["problems"].as_array().into_iter().flatten() {

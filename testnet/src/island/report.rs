@@ -37,6 +37,8 @@ pub struct Report {
     pub invariant_violations: u64,
     pub quarantine_identical: bool,
     pub identical_heads: bool,
+    /// Changes still waiting for dependencies when the check ran, over all nodes.
+    pub pending_changes: u64,
     pub documents: u64,
     pub rejected_changes: u64,
     pub wire_bytes: u64,
@@ -79,6 +81,7 @@ impl Report {
             invariant_violations,
             quarantine_identical,
             documents,
+            pending,
             examples,
         } = verdict.clone();
         let Traffic {
@@ -103,6 +106,7 @@ impl Report {
             invariant_violations,
             quarantine_identical,
             identical_heads,
+            pending_changes: pending,
             documents,
             rejected_changes,
             wire_bytes,
@@ -153,6 +157,7 @@ impl Report {
         println!("  lost / phantom        {} / {}", self.lost, self.phantom);
         println!("  invariant violations  {}", self.invariant_violations);
         println!("  quarantine identical  {}", yes(self.quarantine_identical));
+        println!("  pending changes       {}", self.pending_changes);
         println!("  rejected changes      {}", self.rejected_changes);
         println!(
             "  wire                  {:.1} MiB in {} messages",
