@@ -212,7 +212,11 @@ fn config(listen: Vec<Multiaddr>, bootstrap: Vec<Multiaddr>, every: Duration) ->
 
 /// Starts both nodes' sync, the centre dialling the hospital.
 fn start(pair: &Pair, every: Duration) -> anyhow::Result<(SyncHandle, SyncHandle)> {
-    let port = u64::from(std::process::id()) << 20;
+    // Fresh ports for every start: `bench all` runs several measurements in one process, and
+    // the memory transport may hold a stopped swarm's port for a while.
+    let mut random = [0u8; 8];
+    getrandom::fill(&mut random).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
+    let port = u64::from_le_bytes(random) >> 8;
     let hospital_address = memory_address(port + 1);
     let hospital = SyncHandle::start(
         pair.hospital.clone(),
