@@ -265,7 +265,7 @@ pub fn latency(
     Ok(report)
 }
 
-/// Every benchmark at a size that finishes in about ten minutes here, JSON into `dir`.
+/// Every benchmark at a size that finishes in about five minutes here, JSON into `dir`.
 pub fn all(dir: &Path) -> anyhow::Result<()> {
     let path = |name: &str| -> PathBuf { dir.join(name) };
     let started = Instant::now();

@@ -146,7 +146,7 @@ enum Bench {
         #[arg(long)]
         json: Option<PathBuf>,
     },
-    /// Every benchmark at a size that finishes in about ten minutes here.
+    /// Every benchmark at a size that finishes in about five minutes here.
     All {
         /// The folder for the JSON files.
         #[arg(long, default_value = "testnet-report")]
