@@ -291,20 +291,21 @@ fn show_history(value: &Value, json: bool) {
     output::table(&["WHEN", "INSTITUTION", "CHANGE"], &rows);
 }
 
+/// A health file or referral (`kind` is its route), or its history.
+fn show(client: &Client, kind: &str, id: &str, history: bool, json: bool) -> Result<(), Failure> {
+    let path = format!("/v1/{kind}/{}", url_encode(id));
+    if history {
+        show_history(&client.get(&format!("{path}/history"))?, json);
+    } else {
+        show_document(&client.get(&path)?, json);
+    }
+    Ok(())
+}
+
 pub fn patient(client: &Client, command: PatientCommand, json: bool) -> Result<(), Failure> {
     match command {
-        PatientCommand::Show { id } => {
-            show_document(
-                &client.get(&format!("/v1/health-files/{}", url_encode(&id)))?,
-                json,
-            );
-        }
-        PatientCommand::History { id } => {
-            show_history(
-                &client.get(&format!("/v1/health-files/{}/history", url_encode(&id)))?,
-                json,
-            );
-        }
+        PatientCommand::Show { id } => show(client, "health-files", &id, false, json)?,
+        PatientCommand::History { id } => show(client, "health-files", &id, true, json)?,
         PatientCommand::Conflicts => {
             let found = client.get("/v1/conflicts")?;
             if json {
@@ -375,18 +376,8 @@ fn url_encode(text: &str) -> String {
 
 pub fn referral(client: &Client, command: ReferralCommand, json: bool) -> Result<(), Failure> {
     match command {
-        ReferralCommand::Show { id } => {
-            show_document(
-                &client.get(&format!("/v1/referrals/{}", url_encode(&id)))?,
-                json,
-            );
-        }
-        ReferralCommand::History { id } => {
-            show_history(
-                &client.get(&format!("/v1/referrals/{}/history", url_encode(&id)))?,
-                json,
-            );
-        }
+        ReferralCommand::Show { id } => show(client, "referrals", &id, false, json)?,
+        ReferralCommand::History { id } => show(client, "referrals", &id, true, json)?,
         ReferralCommand::List {
             to,
             status,

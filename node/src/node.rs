@@ -1963,14 +1963,39 @@ impl Node {
         app: &str,
         accesses: &[(DocumentId, Option<ChangeHash>)],
     ) -> Result<(), NodeError> {
-        if accesses.is_empty() {
-            return Ok(());
-        }
+        self.record_for_app(
+            app,
+            accesses.iter().map(|(document, change)| {
+                let action = if change.is_some() {
+                    AuditAction::Written
+                } else {
+                    AuditAction::Read
+                };
+                (action, *document, change.map(|c| c.0))
+            }),
+        )
+    }
+
+    /// Writes to the audit log, durably, that `app` exported every document.
+    pub fn record_export(&self, app: &str) -> Result<(), NodeError> {
+        self.record_for_app(
+            app,
+            [(AuditAction::Exported, DocumentId::from_bytes([0; 16]), None)],
+        )
+    }
+
+    /// Appends an app's records to the audit log in one batch and waits until they are
+    /// durable, then wakes the change feed.
+    fn record_for_app(
+        &self,
+        app: &str,
+        records: impl IntoIterator<Item = (AuditAction, DocumentId, Option<[u8; 32]>)>,
+    ) -> Result<(), NodeError> {
         let ticket = {
             let mut cache = self.lock_cache();
             let mut batch = Batch::default();
             let mut head = cache.audit;
-            for (document, change) in accesses {
+            for (action, document, change) in records {
                 head = append_record(
                     &mut batch,
                     head,
@@ -1978,17 +2003,16 @@ impl Node {
                         sequence: 0,
                         previous: [0; 32],
                         at_ms: audit::now_ms(),
-                        action: if change.is_some() {
-                            AuditAction::Written
-                        } else {
-                            AuditAction::Read
-                        },
-                        document: *document,
-                        change: change.map(|c| c.0),
+                        action,
+                        document,
+                        change,
                         institution: Some(self.institution.clone()),
                         app: Some(app.to_owned()),
                     },
                 );
+            }
+            if batch.is_empty() {
+                return Ok(());
             }
             let ticket = self.commit.apply(&self.store, batch)?;
             cache.audit = head;
@@ -2040,35 +2064,6 @@ impl Node {
                 "the audit log's hash chain breaks at record {sequence}"
             ))
         })
-    }
-
-    /// Writes to the audit log, durably, that `app` exported every document.
-    pub fn record_export(&self, app: &str) -> Result<(), NodeError> {
-        let ticket = {
-            let mut cache = self.lock_cache();
-            let mut batch = Batch::default();
-            let head = append_record(
-                &mut batch,
-                cache.audit,
-                AuditRecord {
-                    sequence: 0,
-                    previous: [0; 32],
-                    at_ms: audit::now_ms(),
-                    action: AuditAction::Exported,
-                    document: DocumentId::from_bytes([0; 16]),
-                    change: None,
-                    institution: Some(self.institution.clone()),
-                    app: Some(app.to_owned()),
-                },
-            );
-            let ticket = self.commit.apply(&self.store, batch)?;
-            cache.audit = head;
-            ticket
-        };
-        self.commit.wait_durable(&self.store, ticket)?;
-        self.audit_updates
-            .send_replace(self.lock_cache().audit.sequence);
-        Ok(())
     }
 
     /// The sequence of the last durable audit record (without waiting for the decision lock).

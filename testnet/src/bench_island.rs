@@ -22,6 +22,8 @@ use crate::island::cluster::{Cluster, NetworkFaults};
 use crate::island::inproc::InProc;
 use crate::island::{consortium, content, inproc_cluster, plan::Rng};
 
+/// How long the nodes are given to connect before anything is measured.
+const MESH_FORMING: Duration = Duration::from_secs(3);
 /// How long agreement may take before the benchmark gives up.
 const AGREEMENT_LIMIT: Duration = Duration::from_secs(600);
 
@@ -115,7 +117,7 @@ pub fn heal(nodes: usize, files: u32, seed: u64, json: Option<&Path>) -> anyhow:
         "too few nodes for two sides"
     );
     // Connected first, then split.
-    std::thread::sleep(Duration::from_secs(2));
+    std::thread::sleep(MESH_FORMING);
     cluster.set_faults(&NetworkFaults {
         partition: Some(vec![north.clone(), south.clone()]),
         loss: None,
@@ -235,8 +237,7 @@ pub fn latency(
     let members = consortium::members(nodes);
     let dir = tempfile::tempdir()?;
     let mut cluster = inproc_cluster(seed, &members, dir.path())?;
-    // Let the mesh form.
-    std::thread::sleep(Duration::from_secs(3));
+    std::thread::sleep(MESH_FORMING);
     let mut rng = Rng::new(seed);
     let clean = time_writes(&cluster, &mut rng, seed, writes, 0)?;
     cluster.set_faults(&NetworkFaults {

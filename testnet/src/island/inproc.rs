@@ -19,6 +19,9 @@ use super::cluster::{Cluster, NetworkFaults, Skip, Traffic, Write};
 
 /// How long after a restart a node is given to rejoin before the run goes on.
 const RECONCILE_EVERY: Duration = Duration::from_secs(1);
+/// How long a sync request may take: short, so a request lost with a cut link is retried
+/// soon.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// A lost write is retransmitted after about this long (a TCP retransmission timeout).
 const LOSS_DELAY: Duration = Duration::from_millis(200);
 
@@ -212,7 +215,7 @@ impl Cluster for InProc {
             listen: vec![self.addresses[index].clone()],
             bootstrap: self.bootstrap[index].clone(),
             reconcile_every: RECONCILE_EVERY,
-            request_timeout: Duration::from_secs(10),
+            request_timeout: REQUEST_TIMEOUT,
             transport: TransportKind::Faulty {
                 faults: self.faults.clone(),
                 node: index,

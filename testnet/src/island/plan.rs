@@ -149,8 +149,6 @@ pub struct Plan {
     pub duration_ms: u64,
     /// When writing and faults stop and the convergence clock starts.
     pub quiet_ms: u64,
-    /// Each resident's home centre (node index).
-    pub homes: Vec<usize>,
     pub steps: Vec<Step>,
     pub faults: Vec<FaultWindow>,
 }
@@ -184,13 +182,11 @@ pub fn plan(
         centres
     };
     let mut steps = Vec::new();
-    let mut homes = Vec::new();
     let mut referrals = 0u32;
     // Registrations fill the first half; the rest of the work follows the residents.
     let clinical_ms = quiet_ms.saturating_sub(REFERRAL_STEP_GAP_MS * 5).max(1);
     for resident in 0..files {
         let home = *rng.pick(&centres);
-        homes.push(home);
         let registered = rng.below(clinical_ms / 2);
         steps.push(Step {
             at_ms: registered,
@@ -280,7 +276,6 @@ pub fn plan(
         preset,
         duration_ms,
         quiet_ms,
-        homes,
         faults: faults(&mut rng, preset, members, quiet_ms, loss_percent),
         steps,
     }

@@ -20,6 +20,10 @@ use super::cluster::{Cluster, NetworkFaults, Skip, Traffic, Write};
 
 /// How long a started process may take to answer on its API.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a node may take to stop on SIGTERM before it is killed.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest admin answer read, in bytes (a page of 1,000 documents with their change hashes).
+const RESPONSE_BYTES_MAX: u64 = 256 * 1024 * 1024;
 /// How long one API request may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -136,7 +140,7 @@ impl Procs {
         Ok(response
             .body_mut()
             .with_config()
-            .limit(256 * 1024 * 1024)
+            .limit(RESPONSE_BYTES_MAX)
             .read_json()?)
     }
 
@@ -389,7 +393,7 @@ impl Cluster for Procs {
                     .status();
                 let started = Instant::now();
                 while child.try_wait().ok().flatten().is_none() {
-                    if started.elapsed() > Duration::from_secs(10) {
+                    if started.elapsed() > STOP_TIMEOUT {
                         let _ = child.kill();
                         let _ = child.wait();
                         break;
