@@ -29,8 +29,14 @@ pub enum NodeCommand {
 
 pub fn node(command: NodeCommand, config_path: &Path) -> Result<(), Failure> {
     let NodeCommand::Run { log_format } = command;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    for cap in estuary_node::LOG_CAPS {
+        filter = filter.add_directive(
+            cap.parse()
+                .map_err(|e| Failure::error(anyhow::anyhow!("{e}")))?,
+        );
+    }
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

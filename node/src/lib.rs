@@ -22,6 +22,12 @@ pub mod sync;
 
 pub use index::SEARCH_RESULTS_MAX;
 
+/// Log directives every log filter of ours ends with, whatever `RUST_LOG` asks: crates that
+/// log stored values when verbose are held at `info`. sled logs whole write batches and
+/// pages at trace — envelopes, snapshots and name index keys, which hold patient data (the
+/// canary test found them there).
+pub const LOG_CAPS: [&str; 1] = ["sled=info"];
+
 use model::{DocumentKind, ValidationError};
 
 /// Why a saved document could not be inspected.

@@ -8,7 +8,7 @@
 //! with the reason. Every decision depends only on the change, its history and the roster.
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard};
 
 use serde::{Deserialize, Serialize};
@@ -50,6 +50,8 @@ pub const LOCAL_CHANGES_QUEUE_MAX: usize = 4_096;
 /// Most changes of one revoked key held until the node can tell whether they are within the
 /// revocation's cut-off; past it, the key's changes are refused and not kept.
 pub const REVOKED_HELD_PER_KEY_MAX: usize = 256;
+/// The store's folder in the data directory.
+pub const STORE_DIR: &str = "store";
 /// The layout of the store this release writes. A release that changes key layouts or record
 /// encodings raises it and converts older stores at open.
 pub const STORE_FORMAT: u32 = 1;
@@ -368,7 +370,7 @@ pub struct Node {
     store: WitnessedStore,
     commit: GroupCommit,
     /// Acknowledged changes the store lost before this open (see `WitnessedStore`).
-    lost_at_open: u64,
+    lost_at_open: std::sync::atomic::AtomicU64,
     /// Salt of the national-id index; random per node, so the index is useless elsewhere.
     salt: [u8; 32],
     membership: RwLock<Membership>,
@@ -397,6 +399,30 @@ impl std::fmt::Debug for Node {
 }
 
 impl Node {
+    /// Moves a store that no longer opens (sled refuses its damaged files) aside, to
+    /// `store.damaged-<seconds since the epoch>` in the data directory, so the node starts
+    /// with an empty store and fetches everything from its peers. The key and the witness
+    /// stay: at the next open the witness reports how many acknowledged changes the store
+    /// held, as lost until the re-sync brings them back (`repair` then clears the count).
+    /// The damaged files are kept for whoever wants to salvage this node's own writes that
+    /// never reached a peer. Returns where they went.
+    pub fn set_aside_store(data_dir: &Path) -> Result<PathBuf, NodeError> {
+        let from = data_dir.join(STORE_DIR);
+        let seconds = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let to = data_dir.join(format!("{STORE_DIR}.damaged-{seconds}"));
+        std::fs::rename(&from, &to).map_err(|e| {
+            StoreError::Backend(format!(
+                "cannot move the store at {} aside: {e}",
+                from.display()
+            ))
+        })?;
+        tracing::warn!(to = %to.display(), "damaged store moved aside; the node will re-sync from peers");
+        Ok(to)
+    }
+
     /// Opens the node in `config.data_dir`, creating its key and store on first start.
     /// `roster` is a signed roster to adopt if newer than the stored one (the first start
     /// needs one).
@@ -405,7 +431,7 @@ impl Node {
             .map_err(|e| StoreError::Backend(e.to_string()))?;
         let identity = Identity::load_or_create(&config.data_dir)?;
         let store = WitnessedStore::open(
-            &config.data_dir.join("store"),
+            &config.data_dir.join(STORE_DIR),
             &config.data_dir.join(WITNESS_FILE),
         )?;
         let accepted = match store.get(keys::ACCEPTED)? {
@@ -525,7 +551,7 @@ impl Node {
             authority: config.authority,
             store,
             commit,
-            lost_at_open,
+            lost_at_open: std::sync::atomic::AtomicU64::new(lost_at_open),
             salt,
             membership: RwLock::new(membership),
             document_locks: (0..DOCUMENT_LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
@@ -2190,12 +2216,12 @@ impl Node {
         // consistent state.
         let cache = self.lock_cache();
         let mut report = VerifyReport::default();
-        if self.lost_at_open > 0 {
+        let lost = self.lost_at_open.load(std::sync::atomic::Ordering::Relaxed);
+        if lost > 0 {
             report.problems.push(Problem {
                 document: None,
                 what: format!(
-                    "the store has lost {} acknowledged changes (damaged log); re-sync every document from peers",
-                    self.lost_at_open
+                    "the store has lost {lost} acknowledged changes (damaged log); run repair, then re-sync from peers"
                 ),
             });
         }
@@ -2325,6 +2351,71 @@ impl Node {
         Ok(report)
     }
 
+    /// Repairs damaged data so that peers can make it whole again: every document `verify`
+    /// finds damaged is taken out of the store (its envelopes, snapshot, record, catalogue
+    /// entry and index entries, in one batch), so anti-entropy fetches it from peers as a
+    /// document this node lacks; and the record of changes lost at open is cleared, since the
+    /// same re-sync brings them back (they are the peers' too). What no peer holds — this
+    /// node's own writes that never left it — cannot come back; the count says how many
+    /// changes were lost, and the audit log which documents they were in. Pending and
+    /// quarantined changes are kept.
+    pub fn repair(&self) -> Result<RepairReport, NodeError> {
+        let report = self.verify()?;
+        let discarded = report.affected_documents();
+        let mut cache = self.lock_cache();
+        let mut batch = Batch::default();
+        for id in &discarded {
+            let prefix = [&[keys::ENVELOPE][..], id.as_bytes()].concat();
+            for key in self.store.keys_with_prefix(&prefix)? {
+                batch.delete(key);
+            }
+            for prefix in [keys::SNAPSHOT, keys::DOCUMENT, keys::CATALOGUE] {
+                batch.delete(keys::per_document(prefix, id));
+            }
+            let record_key = keys::per_document(index::RECORD, id);
+            // A damaged index record leaves its entries behind: lookups then name a document
+            // that is not (yet) here, which they already tolerate.
+            if let Some(bytes) = self.store.get(&record_key)?
+                && let Ok(entries) = decode::<Vec<Vec<u8>>>(&bytes, "index record")
+            {
+                for key in entries {
+                    batch.delete(key);
+                }
+            }
+            batch.delete(record_key);
+            if let Some(cached) = cache.documents.remove(id) {
+                cache.bytes -= cached.bytes;
+            }
+        }
+        let lost = self.lost_at_open.load(std::sync::atomic::Ordering::Relaxed);
+        if lost > 0 {
+            batch.delete(keys::LOST);
+        }
+        if !batch.is_empty() {
+            self.commit.commit(&self.store, batch)?;
+        }
+        {
+            let mut catalogue = self.catalogue_mut();
+            for id in &discarded {
+                catalogue.remove(id.as_bytes());
+            }
+        }
+        self.lost_at_open
+            .store(0, std::sync::atomic::Ordering::Relaxed);
+        for id in &discarded {
+            tracing::warn!(document = %id, "damaged document discarded; it will be fetched from peers");
+        }
+        Ok(RepairReport {
+            discarded,
+            lost_changes: lost,
+            unrepaired: report
+                .problems
+                .into_iter()
+                .filter(|p| p.document.is_none() && !p.what.contains("acknowledged changes"))
+                .collect(),
+        })
+    }
+
     /// The data directory's store size on disk, in bytes.
     pub fn storage_bytes(&self) -> Result<u64, NodeError> {
         Ok(self.store.size_on_disk()?)
@@ -2338,6 +2429,17 @@ pub struct Problem {
     pub document: Option<DocumentId>,
     /// What is wrong.
     pub what: String,
+}
+
+/// What `repair` did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RepairReport {
+    /// Damaged documents taken out of the store, to be fetched from peers.
+    pub discarded: Vec<DocumentId>,
+    /// Acknowledged changes the store had lost (a damaged log), now to be fetched from peers.
+    pub lost_changes: u64,
+    /// Problems repair does not touch (the audit chain, malformed keys): they stay reported.
+    pub unrepaired: Vec<Problem>,
 }
 
 /// What `verify` checked and found.

@@ -7,85 +7,16 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{AUTHORITY, add_member, allergy, editor, resident};
+use common::{
+    AUTHORITY, CONVERGENCE, Consortium, allergy, converge, converge_or, editor, memory_address,
+    resident, start, start_on,
+};
 use estuary_node::identity::Identity;
-use estuary_node::membership::SignedRoster;
 use estuary_node::model::*;
-use estuary_node::node::{Node, NodeConfig};
+use estuary_node::node::Node;
 use estuary_node::sync::faults::Faults;
 use estuary_node::sync::{SyncConfig, SyncHandle, TransportKind};
 use libp2p::Multiaddr;
-
-/// How long convergence may take before a test fails. Generous: it bounds a liveness check
-/// on a loaded 2-core machine, it does not measure speed.
-const CONVERGENCE: Duration = Duration::from_secs(90);
-
-struct Consortium {
-    dir: tempfile::TempDir,
-    roster: Vec<u8>,
-    document: Roster,
-    members: Vec<String>,
-}
-
-impl Consortium {
-    /// `n` member institutions, each with a node key in its data directory.
-    fn new(n: usize) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let authority = Identity::from_secret(AUTHORITY);
-        let by = editor("xinhua");
-        let mut roster = Roster::create(&authority.actor(), &by).unwrap();
-        let members: Vec<String> = (0..n).map(|i| format!("member-{i}")).collect();
-        for member in &members {
-            let data_dir = dir.path().join(member);
-            std::fs::create_dir_all(&data_dir).unwrap();
-            let key = Identity::load_or_create(&data_dir).unwrap().public_key();
-            add_member(
-                &mut roster,
-                &by,
-                member,
-                InstitutionKind::CommunityCentre,
-                key,
-            );
-        }
-        let signed = SignedRoster::sign(&authority, &mut roster).encode();
-        Self {
-            dir,
-            roster: signed,
-            document: roster,
-            members,
-        }
-    }
-
-    /// Revokes a member's key (no cut-off: it wrote nothing); returns the signed roster.
-    fn revoke(&mut self, member: &str) -> Vec<u8> {
-        let key = Identity::load_or_create(&self.dir.path().join(member))
-            .unwrap()
-            .public_key();
-        self.document
-            .apply(
-                &editor("xinhua"),
-                &RosterOp::Revoke {
-                    key,
-                    cutoff: vec![],
-                    reason: "node compromised".into(),
-                },
-            )
-            .unwrap();
-        SignedRoster::sign(&Identity::from_secret(AUTHORITY), &mut self.document).encode()
-    }
-
-    fn node(&self, i: usize) -> Arc<Node> {
-        self.node_in(&self.members[i])
-    }
-
-    fn node_in(&self, name: &str) -> Arc<Node> {
-        let config = NodeConfig {
-            data_dir: self.dir.path().join(name),
-            authority: Identity::from_secret(AUTHORITY).public_key(),
-        };
-        Arc::new(Node::open(&config, Some(&self.roster)).unwrap())
-    }
-}
 
 /// A bare libp2p swarm over the memory transport: a peer that is not an Estuary node (a
 /// stranger, or a member's node running faulty code).
@@ -136,69 +67,6 @@ fn faulty_member(
     let mut swarm = bare_swarm(key, gossip);
     swarm.behaviour_mut().subscribe(&topic).unwrap();
     (swarm, topic)
-}
-
-/// A fresh in-memory address.
-fn memory_address() -> Multiaddr {
-    let mut n = [0u8; 8];
-    getrandom::fill(&mut n).unwrap();
-    format!("/memory/{}", u64::from_le_bytes(n) >> 1)
-        .parse()
-        .unwrap()
-}
-
-fn start(node: &Arc<Node>, listen: &Multiaddr, bootstrap: Vec<Multiaddr>) -> SyncHandle {
-    start_on(node, listen, bootstrap, TransportKind::Memory)
-}
-
-fn start_on(
-    node: &Arc<Node>,
-    listen: &Multiaddr,
-    bootstrap: Vec<Multiaddr>,
-    transport: TransportKind,
-) -> SyncHandle {
-    SyncHandle::start(
-        node.clone(),
-        SyncConfig {
-            listen: vec![listen.clone()],
-            bootstrap,
-            reconcile_every: Duration::from_millis(500),
-            request_timeout: Duration::from_secs(5),
-            transport,
-            ..SyncConfig::default()
-        },
-    )
-    .unwrap()
-}
-
-/// Waits until every node holds the same catalogue of `documents` documents.
-async fn converge(nodes: &[Arc<Node>], handles: &[&SyncHandle], documents: usize) {
-    converge_or(nodes, handles, documents, "").await
-}
-
-/// Waits for convergence; `context` (a seed) is printed if it does not come.
-async fn converge_or(
-    nodes: &[Arc<Node>],
-    handles: &[&SyncHandle],
-    documents: usize,
-    context: &str,
-) {
-    let started = Instant::now();
-    loop {
-        let first = nodes[0].catalogue().clone();
-        let agreed = first.len() == documents && nodes.iter().all(|n| *n.catalogue() == first);
-        if agreed {
-            return;
-        }
-        if started.elapsed() > CONVERGENCE {
-            let sizes: Vec<usize> = nodes.iter().map(|n| n.catalogue().len()).collect();
-            let stats: Vec<_> = handles.iter().map(|h| h.stats()).collect();
-            panic!(
-                "no convergence within {CONVERGENCE:?} {context}: catalogues {sizes:?}; {stats:#?}"
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -72,7 +72,7 @@ fn write_json(path: Option<&Path>, value: &impl Serialize) -> anyhow::Result<()>
 
 fn handles(cluster: &InProc) -> anyhow::Result<Vec<Arc<Node>>> {
     (0..cluster.len())
-        .map(|i| cluster.handle(i).context("a node is down"))
+        .map(|i| cluster.node_handle(i).context("a node is down"))
         .collect()
 }
 

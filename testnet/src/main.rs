@@ -9,6 +9,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod bench_byzantine;
 mod bench_island;
 mod bench_model;
 mod bench_reconcile;
@@ -146,6 +147,28 @@ enum Bench {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// The island demo under each Byzantine preset beside calm runs: whether each passes,
+    /// and the honest writes' propagation (median p50, p99 and p99 over calm's).
+    Byzantine {
+        /// Nodes (at least 3).
+        #[arg(long, default_value_t = 7)]
+        nodes: u16,
+        /// Residents registered per run.
+        #[arg(long, default_value_t = 100)]
+        files: u32,
+        /// Seconds of writing per run.
+        #[arg(long, default_value_t = 20)]
+        duration: u64,
+        /// Runs of every preset (alternated).
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// The seed of every run.
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+        /// Write the figures as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Every benchmark at a size that finishes in about five minutes here.
     All {
         /// The folder for the JSON files.
@@ -173,7 +196,12 @@ const EXIT_CHECK_FAILED: u8 = 3;
 
 fn main() -> ExitCode {
     // Node logs on request only (RUST_LOG), to stderr: the demo's own output is the report.
-    if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_default_env() {
+    if let Ok(mut filter) = tracing_subscriber::EnvFilter::try_from_default_env() {
+        for cap in estuary_node::LOG_CAPS {
+            if let Ok(directive) = cap.parse() {
+                filter = filter.add_directive(directive);
+            }
+        }
         tracing_subscriber::fmt()
             .with_env_filter(filter)
             .with_writer(std::io::stderr)
@@ -250,6 +278,17 @@ fn main() -> ExitCode {
                     json,
                 },
         } => bench_island::latency(nodes, writes, loss, seed, json.as_deref()).map(|_| ()),
+        Command::Bench {
+            bench:
+                Bench::Byzantine {
+                    nodes,
+                    files,
+                    duration,
+                    rounds,
+                    seed,
+                    json,
+                },
+        } => bench_byzantine::run(nodes, files, duration, rounds, seed, json.as_deref()),
         Command::Bench {
             bench: Bench::All { json },
         } => bench_island::all(&json),

@@ -6,11 +6,17 @@ use std::process::Command;
 use serde_json::Value;
 
 fn demo(args: &[&str], report_dir: &Path) -> (bool, Value, String) {
+    demo_logging(args, report_dir, "warn")
+}
+
+/// The demo with `RUST_LOG` set to `log_filter` (for the demo and its node processes).
+fn demo_logging(args: &[&str], report_dir: &Path, log_filter: &str) -> (bool, Value, String) {
     let output = Command::new(env!("CARGO_BIN_EXE_estuary-testnet"))
         .arg("demo")
         .args(args)
         .arg("--report-dir")
         .arg(report_dir)
+        .env("RUST_LOG", log_filter)
         .output()
         .expect("the testnet binary runs");
     let text = format!(
@@ -120,4 +126,145 @@ fn three_node_processes_converge_after_sigkill_and_restart() {
     assert_clean(&report, &text);
     assert_eq!(report["mode"], "procs");
     assert!(report["restarts"].as_u64().unwrap() >= 1, "{text}");
+}
+
+/// Every way a canary could be written down: as text (any case), as hex, as a list of byte
+/// values (a `Debug` of bytes).
+fn canary_forms() -> Vec<(String, String)> {
+    const CANARIES: [&str; 5] = [
+        "QXNAMECANARY",
+        "QXPHONECANARY",
+        "QXNATIDCANARY",
+        "QXNOTECANARY",
+        "QXREASONCANARY",
+    ];
+    let mut forms = Vec::new();
+    for canary in CANARIES {
+        forms.push((canary.to_owned(), canary.to_lowercase()));
+        let hex: String = canary.bytes().map(|b| format!("{b:02x}")).collect();
+        forms.push((canary.to_owned(), hex));
+        let listed: Vec<String> = canary.bytes().map(|b| b.to_string()).collect();
+        forms.push((canary.to_owned(), listed.join(", ")));
+    }
+    forms
+}
+
+/// Fails if any canary, in any form, is in `text` (`what` names where it was found).
+fn assert_no_canary(what: &str, text: &str) {
+    let text = text.to_lowercase();
+    for (canary, form) in canary_forms() {
+        if let Some(at) = text.find(&form) {
+            let from = text[..at]
+                .char_indices()
+                .rev()
+                .nth(200)
+                .map_or(0, |(i, _)| i);
+            panic!(
+                "canary {canary} found in {what}: …{}…",
+                &text[from..(at + form.len()).min(text.len())]
+            );
+        }
+    }
+}
+
+/// Every file under `dir`, read as text.
+fn files_under(dir: &Path) -> Vec<(PathBuf, String)> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            found.extend(files_under(&path));
+        } else {
+            let text = String::from_utf8_lossy(&std::fs::read(&path).unwrap()).into_owned();
+            found.push((path, text));
+        }
+    }
+    found
+}
+
+/// The demo with canary values in names, phone numbers, national ids, notes and referral
+/// reasons, logging everything: no canary in the output, the logs, the metrics or the report.
+fn assert_canaries_stay_in(args: &[&str]) -> (Value, Vec<PathBuf>) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut args = args.to_vec();
+    args.push("--canary");
+    let (passed, report, text) = demo_logging(&args, dir.path(), "trace");
+    assert!(
+        passed,
+        "the checker failed: {}",
+        &text[text.len().saturating_sub(4_000)..]
+    );
+    assert_clean(&report, &text);
+    // The probes wrote canaries past their limits; each was refused with an error.
+    let probes = text.matches("canary probe (").count();
+    assert_eq!(probes, 3, "the canary probes did not run");
+    assert_no_canary("the demo's output and logs", &text);
+    let files = files_under(dir.path());
+    assert!(files.iter().any(|(p, _)| p.ends_with("report.json")));
+    for (path, contents) in &files {
+        assert_no_canary(&path.display().to_string(), contents);
+    }
+    eprintln!(
+        "searched {} bytes of output and {} files ({} bytes)",
+        text.len(),
+        files.len(),
+        files.iter().map(|(_, t)| t.len()).sum::<usize>()
+    );
+    (report, files.into_iter().map(|(path, _)| path).collect())
+}
+
+#[test]
+fn canaries_written_through_the_api_appear_in_no_log_error_metric_or_report() {
+    let estuary = estuary_binary();
+    let args = [
+        "--nodes",
+        "3",
+        "--files",
+        "20",
+        "--duration",
+        "10",
+        "--preset",
+        "calm",
+        "--mode",
+        "procs",
+        "--seed",
+        "21",
+        "--estuary",
+        estuary.to_str().unwrap(),
+    ];
+    let (_, files) = assert_canaries_stay_in(&args);
+    // The nodes' own logs (at trace) and metrics were searched too.
+    for (folder, extension) in [("logs", "log"), ("metrics", "prom")] {
+        let kept = files
+            .iter()
+            .filter(|p| {
+                p.extension().is_some_and(|e| e == extension)
+                    && p.parent().is_some_and(|d| d.ends_with(folder))
+            })
+            .count();
+        assert_eq!(kept, 3, "{folder}: {files:?}");
+    }
+}
+
+#[test]
+fn canaries_through_a_rogues_garbage_and_rejections_appear_in_no_log_or_report() {
+    let (report, _) = assert_canaries_stay_in(&[
+        "--nodes",
+        "5",
+        "--files",
+        "20",
+        "--duration",
+        "12",
+        "--preset",
+        "garbage",
+        "--seed",
+        "22",
+    ]);
+    assert!(
+        report["byzantine"]["bad_changes_quarantined"]
+            .as_u64()
+            .unwrap()
+            > 0,
+        "nothing was rejected"
+    );
 }

@@ -153,7 +153,7 @@ fn render(state: &ApiState) -> Result<impl IntoResponse + use<>, ApiError> {
 
 fn write_sync(out: &mut Families, stats: &crate::sync::SyncStats) {
     type Figure = fn(&crate::sync::PeerStats) -> Option<f64>;
-    let per_peer: [(&str, &str, &str, Figure); 11] = [
+    let per_peer: [(&str, &str, &str, Figure); 13] = [
         (
             "estuary_peer_connected",
             "gauge",
@@ -215,6 +215,18 @@ fn write_sync(out: &mut Families, stats: &crate::sync::SyncStats) {
             |p| p.score,
         ),
         (
+            "estuary_peer_strikes",
+            "gauge",
+            "Faulty answers the peer gave to this node's sync requests.",
+            |p| Some(f64::from(p.strikes)),
+        ),
+        (
+            "estuary_peer_unanswered_requests_total",
+            "counter",
+            "This node's sync requests the peer let time out.",
+            |p| Some(p.unanswered as f64),
+        ),
+        (
             "estuary_peer_rtt_seconds",
             "gauge",
             "The last ping round trip to the peer.",
@@ -243,7 +255,13 @@ fn write_sync(out: &mut Families, stats: &crate::sync::SyncStats) {
     out.family(
         "estuary_disconnected_peers_total",
         "counter",
-        "Connections denied by the gate and peers disconnected for their score or revocation.",
+        "Peers disconnected for their gossip score, their faulty answers or revocation.",
     );
     out.sample("estuary_disconnected_peers_total", &[], stats.disconnected);
+    out.family(
+        "estuary_denied_connections_total",
+        "counter",
+        "Connections the gate denied: strangers, revoked keys, banned peers.",
+    );
+    out.sample("estuary_denied_connections_total", &[], stats.denied);
 }

@@ -66,12 +66,30 @@ pub const RESPONDER_STATE_MESSAGE_BYTES_MAX: usize = 64 * 1024;
 pub const RECONCILE_QUERIES_PER_PEER_PER_S: u32 = 40;
 /// Gossip messages being validated at once; more are ignored (anti-entropy recovers them).
 pub const GOSSIP_VALIDATIONS_MAX: usize = 256;
+/// Gossip changes from one publisher being validated at once; more wait their turn in its
+/// queue. Validations of one node take turns at its decision lock, so without this a member
+/// flooding valid changes would put hundreds of them ahead of every other member's change.
+pub const GOSSIP_VALIDATIONS_PER_PUBLISHER_MAX: usize = 4;
+/// Gossip changes from one publisher waiting for validation; more are ignored (not passed on,
+/// not penalised: anti-entropy brings them).
+pub const GOSSIP_QUEUED_PER_PUBLISHER_MAX: usize = 1_024;
+/// Gossip changes waiting for validation, from all publishers.
+pub const GOSSIP_QUEUED_MAX: usize = 8_192;
 /// Heads of an announcement that are looked up; more are ignored.
 pub const ANNOUNCED_HEADS_MAX: usize = 16;
 /// A peer whose gossip score falls below this is disconnected and banned.
 pub const DISCONNECT_SCORE: f64 = -500.0;
-/// How long a peer disconnected for its score stays banned.
+/// How long a peer disconnected for its score or its answers stays banned.
 pub const BAN: Duration = Duration::from_secs(300);
+/// Faulty answers to this node's sync requests (of the wrong kind, a roster that does not
+/// verify, a sync message or reconciliation reply that breaks the protocol) after which a
+/// peer is disconnected and banned. A member's node never answers so, whatever its link
+/// does (a cut link loses an answer, it does not garble one): a few are proof of broken or
+/// hostile code. One is forgiven, in case of a bug on either side.
+pub const SYNC_STRIKES_MAX: u32 = 4;
+/// A peer that let a request time out is not asked to reconcile for this long: a peer that
+/// never answers costs each node one timeout per period, not one per round.
+pub const UNANSWERED_BACKOFF: Duration = Duration::from_secs(30);
 /// Commands queued to the sync task.
 const COMMANDS_MAX: usize = 256;
 /// How long an idle connection is kept.
@@ -204,6 +222,11 @@ pub struct PeerStats {
     pub address: Option<String>,
     /// The last ping round-trip time, in milliseconds.
     pub rtt_ms: Option<f64>,
+    /// Faulty answers it gave to this node's sync requests (at `SYNC_STRIKES_MAX` it is
+    /// disconnected and banned).
+    pub strikes: u32,
+    /// This node's sync requests it let time out.
+    pub unanswered: u64,
 }
 
 /// Progress of pulling documents this node lacks.
@@ -226,8 +249,10 @@ pub struct SyncStats {
     pub peers: BTreeMap<String, PeerStats>,
     /// Bulk catch-up.
     pub catch_up: CatchUp,
-    /// Connections denied by the gate and peers disconnected for their score or revocation.
+    /// Peers disconnected for their gossip score, their faulty answers or revocation.
     pub disconnected: u64,
+    /// Connections the gate denied (strangers, revoked keys, banned peers).
+    pub denied: u64,
 }
 
 /// Reads the sync layer's figures; cheap to clone.
@@ -333,6 +358,8 @@ impl SyncHandle {
             peers: HashMap::new(),
             responder: ResponderStates::default(),
             validations: 0,
+            publishers: HashMap::new(),
+            queued: 0,
             catch_up_started: None,
             bootstrap_peers: HashMap::new(),
             in_progress: HashSet::new(),
@@ -638,8 +665,10 @@ enum Release {
     Reconciliation,
     /// Fetched documents being ingested.
     Fetched(Vec<ByteArray<16>>),
-    /// A gossip validation slot.
-    Validation,
+    /// A gossip validation slot of a publisher's.
+    Validation(PeerId),
+    /// An announcement's lookup.
+    Lookup,
     /// Nothing.
     Nothing,
 }
@@ -649,6 +678,7 @@ enum Job {
     Validated {
         message_id: MessageId,
         source: PeerId,
+        publisher: PeerId,
         acceptance: MessageAcceptance,
         accepted: bool,
     },
@@ -656,6 +686,8 @@ enum Job {
         result: Result<u64, NodeError>,
         /// The gossip message it came in, to report on.
         gossip: Option<(MessageId, PeerId)>,
+        /// The peer whose answer to `Request::Roster` it came in.
+        answered_by: Option<PeerId>,
         /// The operator's call waiting for the result (then the roster is also published).
         reply: Option<oneshot::Sender<Result<u64, NodeError>>>,
     },
@@ -733,6 +765,10 @@ struct PeerState {
     inbound: usize,
     requests: Bucket,
     reconcile_queries: Bucket,
+    /// Faulty answers so far.
+    strikes: u32,
+    /// Not asked to reconcile before then (it let a request time out).
+    quiet_until: Option<Instant>,
 }
 
 /// Sync states of sessions peers run with this node, bounded in total and per peer; the
@@ -792,6 +828,10 @@ struct Driver {
     peers: HashMap<PeerId, PeerState>,
     responder: ResponderStates,
     validations: usize,
+    /// Gossip changes in validation and waiting, by publisher (only publishers with work).
+    publishers: HashMap<PeerId, PublisherQueue>,
+    /// Gossip changes waiting, over all publishers.
+    queued: usize,
     catch_up_started: Option<Instant>,
     /// The peer each bootstrap address led to, once dialled.
     bootstrap_peers: HashMap<Multiaddr, PeerId>,
@@ -836,6 +876,20 @@ fn roster_acceptance(result: &Result<u64, NodeError>) -> MessageAcceptance {
         Err(NodeError::Roster(_)) => MessageAcceptance::Reject,
         Err(_) => MessageAcceptance::Ignore,
     }
+}
+
+/// A gossiped change waiting for validation.
+struct QueuedChange {
+    message_id: MessageId,
+    source: PeerId,
+    envelope: serde_bytes::ByteBuf,
+}
+
+/// One publisher's gossip changes in validation and waiting.
+#[derive(Default)]
+struct PublisherQueue {
+    in_flight: usize,
+    waiting: VecDeque<QueuedChange>,
 }
 
 impl Driver {
@@ -912,7 +966,9 @@ impl Driver {
                 }
             }
             Command::ReconcileNow => self.reconcile_with_someone(),
-            Command::UpdateRoster(signed, reply) => self.adopt_roster(signed, None, Some(reply)),
+            Command::UpdateRoster(signed, reply) => {
+                self.adopt_roster(signed, None, None, Some(reply))
+            }
             Command::Shutdown(_) => {}
         }
     }
@@ -922,15 +978,19 @@ impl Driver {
         &self,
         signed: Vec<u8>,
         gossip: Option<(MessageId, PeerId)>,
+        answered_by: Option<PeerId>,
         reply: Option<oneshot::Sender<Result<u64, NodeError>>>,
     ) {
         let node = self.node.clone();
         let peer = gossip
             .as_ref()
-            .map_or(*self.swarm.local_peer_id(), |(_, p)| *p);
+            .map(|(_, p)| *p)
+            .or(answered_by)
+            .unwrap_or(*self.swarm.local_peer_id());
         self.spawn_job(peer, Release::Nothing, move || Job::RosterAdopted {
             result: node.update_roster(&signed),
             gossip,
+            answered_by,
             reply,
         });
     }
@@ -962,15 +1022,35 @@ impl Driver {
             self.with_peer_stats(peer, |s| s.score = score);
             if score.is_some_and(|s| s < DISCONNECT_SCORE) {
                 tracing::warn!(%peer, ?score, "disconnecting a peer for its gossip score");
-                self.bans
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(*peer, Instant::now() + BAN);
-                let _ = self.swarm.disconnect_peer_id(*peer);
-                self.stats_mut().disconnected += 1;
+                self.ban(*peer);
             }
         }
         self.reconcile_with_someone();
+    }
+
+    /// Disconnects a misbehaving peer and refuses it for `BAN`.
+    fn ban(&mut self, peer: PeerId) {
+        self.bans
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(peer, Instant::now() + BAN);
+        let _ = self.swarm.disconnect_peer_id(peer);
+        self.stats_mut().disconnected += 1;
+    }
+
+    /// Counts a faulty answer from `peer`; at `SYNC_STRIKES_MAX` it is banned.
+    fn strike(&mut self, peer: PeerId, what: &'static str) {
+        let Some(state) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        state.strikes += 1;
+        let strikes = state.strikes;
+        tracing::info!(%peer, strikes, what, "a faulty answer to a sync request");
+        self.with_peer_stats(&peer, |s| s.strikes = strikes);
+        if strikes == SYNC_STRIKES_MAX {
+            tracing::warn!(%peer, strikes, "disconnecting a peer for its faulty answers");
+            self.ban(peer);
+        }
     }
 
     fn publish(&mut self, change: crate::node::LocalChange) {
@@ -1086,7 +1166,16 @@ impl Driver {
                 self.with_peer_stats(&peer_id, |s| s.connected = false);
             }
             SwarmEvent::IncomingConnectionError { error, .. } => {
+                if matches!(error, libp2p::swarm::ListenError::Denied { .. }) {
+                    self.stats_mut().denied += 1;
+                }
                 tracing::debug!(%error, "incoming connection failed or denied");
+            }
+            SwarmEvent::OutgoingConnectionError {
+                error: libp2p::swarm::DialError::Denied { .. },
+                ..
+            } => {
+                self.stats_mut().denied += 1;
             }
             SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(event)) => self.on_gossip(event),
             SwarmEvent::Behaviour(BehaviourEvent::Sync(event)) => self.on_sync_event(event),
@@ -1142,39 +1231,38 @@ impl Driver {
         let roster_topic = message.topic == self.topics.roster.hash();
         match gossip {
             Gossip::Roster(signed) if roster_topic => {
-                self.adopt_roster(signed.into_vec(), Some((message_id, source)), None);
+                self.adopt_roster(signed.into_vec(), Some((message_id, source)), None, None);
             }
             Gossip::Change(envelope) if !roster_topic => {
                 if self.validations >= GOSSIP_VALIDATIONS_MAX {
                     return self.report(&message_id, &source, MessageAcceptance::Ignore);
                 }
-                self.validations += 1;
-                let node = self.node.clone();
-                self.spawn_job(source, Release::Validation, move || {
-                    let _span = tracing::debug_span!("gossip_validation", peer = %source).entered();
-                    let (acceptance, accepted) = match node.ingest(&envelope) {
-                        Ok(Ingested::Accepted(_)) => (MessageAcceptance::Accept, true),
-                        // Known already, or not decidable yet: not passed on, not punished.
-                        Ok(Ingested::Duplicate(_) | Ingested::Pending(_)) => {
-                            (MessageAcceptance::Ignore, false)
-                        }
-                        Ok(Ingested::Quarantined(..)) => (MessageAcceptance::Reject, false),
-                        // This node's own trouble (its store, a full quarantine).
-                        Err(
-                            crate::node::IngestError::Store(_)
-                            | crate::node::IngestError::QuarantineFull
-                            | crate::node::IngestError::PendingFull
-                            | crate::node::IngestError::RevokedBacklogFull,
-                        ) => (MessageAcceptance::Ignore, false),
-                        Err(_) => (MessageAcceptance::Reject, false),
-                    };
-                    Job::Validated {
+                // Each publisher's changes take turns: a few at once, the rest in its queue.
+                let publisher = message.source.unwrap_or(source);
+                let queue = self.publishers.entry(publisher).or_default();
+                if queue.in_flight >= GOSSIP_VALIDATIONS_PER_PUBLISHER_MAX {
+                    if queue.waiting.len() >= GOSSIP_QUEUED_PER_PUBLISHER_MAX
+                        || self.queued >= GOSSIP_QUEUED_MAX
+                    {
+                        return self.report(&message_id, &source, MessageAcceptance::Ignore);
+                    }
+                    queue.waiting.push_back(QueuedChange {
                         message_id,
                         source,
-                        acceptance,
-                        accepted,
-                    }
-                });
+                        envelope,
+                    });
+                    self.queued += 1;
+                    return;
+                }
+                queue.in_flight += 1;
+                self.validate(
+                    publisher,
+                    QueuedChange {
+                        message_id,
+                        source,
+                        envelope,
+                    },
+                );
             }
             Gossip::Announce { document, heads } if !roster_topic => {
                 // Not passed on: the announcer's neighbours pull from it, others reconcile.
@@ -1185,7 +1273,7 @@ impl Driver {
                 self.validations += 1;
                 let document = DocumentId::from_bytes(*document);
                 let node = self.node.clone();
-                self.spawn_job(source, Release::Validation, move || {
+                self.spawn_job(source, Release::Lookup, move || {
                     let missing = heads.iter().take(ANNOUNCED_HEADS_MAX).any(|head| {
                         !node
                             .has_change(document, &crate::model::automerge::ChangeHash(**head))
@@ -1199,6 +1287,64 @@ impl Driver {
             }
             // A message on the wrong topic.
             _ => self.report(&message_id, &source, MessageAcceptance::Reject),
+        }
+    }
+
+    /// Validates a gossiped change on the blocking pool: the pipeline's decision is the
+    /// gossip verdict.
+    fn validate(&mut self, publisher: PeerId, change: QueuedChange) {
+        self.validations += 1;
+        let QueuedChange {
+            message_id,
+            source,
+            envelope,
+        } = change;
+        let node = self.node.clone();
+        self.spawn_job(source, Release::Validation(publisher), move || {
+            let _span = tracing::debug_span!("gossip_validation", peer = %source).entered();
+            let (acceptance, accepted) = match node.ingest(&envelope) {
+                Ok(Ingested::Accepted(_)) => (MessageAcceptance::Accept, true),
+                // Known already, or not decidable yet: not passed on, not punished.
+                Ok(Ingested::Duplicate(_) | Ingested::Pending(_)) => {
+                    (MessageAcceptance::Ignore, false)
+                }
+                Ok(Ingested::Quarantined(..)) => (MessageAcceptance::Reject, false),
+                // This node's own trouble (its store, a full quarantine).
+                Err(
+                    crate::node::IngestError::Store(_)
+                    | crate::node::IngestError::QuarantineFull
+                    | crate::node::IngestError::PendingFull
+                    | crate::node::IngestError::RevokedBacklogFull,
+                ) => (MessageAcceptance::Ignore, false),
+                Err(_) => (MessageAcceptance::Reject, false),
+            };
+            Job::Validated {
+                message_id,
+                source,
+                publisher,
+                acceptance,
+                accepted,
+            }
+        });
+    }
+
+    /// A validation of `publisher`'s ended: the next of its queue takes the slot.
+    fn validated(&mut self, publisher: PeerId) {
+        self.validations = self.validations.saturating_sub(1);
+        let Some(queue) = self.publishers.get_mut(&publisher) else {
+            return;
+        };
+        match queue.waiting.pop_front() {
+            Some(next) => {
+                self.queued = self.queued.saturating_sub(1);
+                self.validate(publisher, next);
+            }
+            None => {
+                queue.in_flight = queue.in_flight.saturating_sub(1);
+                if queue.in_flight == 0 {
+                    self.publishers.remove(&publisher);
+                }
+            }
         }
     }
 
@@ -1229,6 +1375,19 @@ impl Driver {
                 ..
             } => {
                 tracing::debug!(%peer, %error, "sync request failed");
+                match error {
+                    request_response::OutboundFailure::Timeout => {
+                        if let Some(state) = self.peers.get_mut(&peer) {
+                            state.quiet_until = Some(Instant::now() + UNANSWERED_BACKOFF);
+                        }
+                        self.with_peer_stats(&peer, |s| s.unanswered += 1);
+                    }
+                    // An answer that did not decode, or was larger than the limit.
+                    request_response::OutboundFailure::Io(_) => {
+                        self.strike(peer, "an undecodable answer")
+                    }
+                    _ => {}
+                }
                 if let Some((peer, outbound)) = self.outbound.remove(&request_id) {
                     self.finished(peer, &outbound);
                 }
@@ -1283,7 +1442,8 @@ impl Driver {
                     self.in_progress.remove(&DocumentId::from_bytes(*document));
                 }
             }
-            Release::Validation => self.validations = self.validations.saturating_sub(1),
+            Release::Validation(publisher) => self.validated(publisher),
+            Release::Lookup => self.validations = self.validations.saturating_sub(1),
             Release::Nothing => {}
         }
         self.pump(peer);
@@ -1317,12 +1477,14 @@ impl Driver {
     }
 
     fn reconcile_with_someone(&mut self) {
+        let now = Instant::now();
         let candidates: Vec<PeerId> = self
             .peers
             .iter()
             // A peer still working through the last differences is left alone until done.
             .filter(|(_, s)| {
                 !s.reconciling
+                    && s.quiet_until.is_none_or(|until| until <= now)
                     && s.sessions == 0
                     && s.fetches == 0
                     && s.to_sync.is_empty()
@@ -1546,7 +1708,7 @@ impl Driver {
                 });
             }
             (Outbound::Roster, Response::Roster(Some(signed))) => {
-                self.adopt_roster(signed.into_vec(), None, None);
+                self.adopt_roster(signed.into_vec(), None, Some(peer), None);
             }
             (Outbound::Roster, Response::Roster(None)) => {}
             (outbound, Response::Refused(refusal)) => {
@@ -1554,7 +1716,7 @@ impl Driver {
                 self.finished(peer, &outbound);
             }
             (outbound, _) => {
-                tracing::info!(%peer, "a sync response of the wrong kind");
+                self.strike(peer, "an answer of the wrong kind");
                 self.finished(peer, &outbound);
             }
         }
@@ -1664,10 +1826,11 @@ impl Driver {
             Job::Validated {
                 message_id,
                 source,
+                publisher,
                 acceptance,
                 accepted,
             } => {
-                self.validations = self.validations.saturating_sub(1);
+                self.validated(publisher);
                 let rejected = matches!(acceptance, MessageAcceptance::Reject);
                 self.with_peer_stats(&source, |s| {
                     s.changes_received += u64::from(accepted);
@@ -1678,10 +1841,17 @@ impl Driver {
             Job::RosterAdopted {
                 result,
                 gossip,
+                answered_by,
                 reply,
             } => {
+                let acceptance = roster_acceptance(&result);
+                if let Some(peer) = answered_by
+                    && matches!(acceptance, MessageAcceptance::Reject)
+                {
+                    self.strike(peer, "a roster that does not verify");
+                }
                 if let Some((message_id, source)) = gossip {
-                    self.report(&message_id, &source, roster_acceptance(&result));
+                    self.report(&message_id, &source, acceptance);
                 }
                 if result.is_ok() {
                     if reply.is_some() {
@@ -1731,6 +1901,7 @@ impl Driver {
                 Ok(false) => self.reconciled(peer, &run, round_trips, bytes),
                 Err(error) => {
                     tracing::info!(%peer, %error, "reconciliation abandoned");
+                    self.strike(peer, "a reconciliation reply that breaks the protocol");
                     self.release(peer, Release::Reconciliation);
                 }
             },
@@ -1760,6 +1931,9 @@ impl Driver {
                 }
                 Err(error) => {
                     tracing::info!(%peer, %document, %error, "document sync abandoned");
+                    if error.is_peers_fault() && !matches!(error, DocumentSyncError::TooLarge(_)) {
+                        self.strike(peer, "a malformed sync message");
+                    }
                     self.release(peer, Release::Session(document));
                     // Too large to sync by messages: fetch its envelopes instead.
                     if matches!(error, DocumentSyncError::TooLarge(_))

@@ -2,11 +2,15 @@
 #![allow(dead_code)]
 
 use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use estuary_node::identity::Identity;
 use estuary_node::membership::SignedRoster;
 use estuary_node::model::*;
-use estuary_node::node::NodeConfig;
+use estuary_node::node::{Node, NodeConfig};
+use estuary_node::sync::{SyncConfig, SyncHandle, TransportKind};
+use libp2p::Multiaddr;
 
 /// The consortium authority's test key.
 pub const AUTHORITY: [u8; 32] = [1; 32];
@@ -95,4 +99,138 @@ pub fn single_node(dir: &Path, institution_id: &str) -> (NodeConfig, Vec<u8>) {
         },
         SignedRoster::sign(&authority, &mut roster).encode(),
     )
+}
+
+/// How long convergence may take before a test fails. Generous: it bounds a liveness check
+/// on a loaded 2-core machine, it does not measure speed.
+pub const CONVERGENCE: Duration = Duration::from_secs(90);
+
+pub struct Consortium {
+    pub dir: tempfile::TempDir,
+    pub roster: Vec<u8>,
+    pub document: Roster,
+    pub members: Vec<String>,
+}
+
+impl Consortium {
+    /// `n` member institutions, each with a node key in its data directory.
+    pub fn new(n: usize) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let authority = Identity::from_secret(AUTHORITY);
+        let by = editor("xinhua");
+        let mut roster = Roster::create(&authority.actor(), &by).unwrap();
+        let members: Vec<String> = (0..n).map(|i| format!("member-{i}")).collect();
+        for member in &members {
+            let data_dir = dir.path().join(member);
+            std::fs::create_dir_all(&data_dir).unwrap();
+            let key = Identity::load_or_create(&data_dir).unwrap().public_key();
+            add_member(
+                &mut roster,
+                &by,
+                member,
+                InstitutionKind::CommunityCentre,
+                key,
+            );
+        }
+        let signed = SignedRoster::sign(&authority, &mut roster).encode();
+        Self {
+            dir,
+            roster: signed,
+            document: roster,
+            members,
+        }
+    }
+
+    /// Revokes a member's key (no cut-off: it wrote nothing); returns the signed roster.
+    pub fn revoke(&mut self, member: &str) -> Vec<u8> {
+        let key = Identity::load_or_create(&self.dir.path().join(member))
+            .unwrap()
+            .public_key();
+        self.document
+            .apply(
+                &editor("xinhua"),
+                &RosterOp::Revoke {
+                    key,
+                    cutoff: vec![],
+                    reason: "node compromised".into(),
+                },
+            )
+            .unwrap();
+        SignedRoster::sign(&Identity::from_secret(AUTHORITY), &mut self.document).encode()
+    }
+
+    pub fn node(&self, i: usize) -> Arc<Node> {
+        self.node_in(&self.members[i])
+    }
+
+    pub fn node_in(&self, name: &str) -> Arc<Node> {
+        let config = NodeConfig {
+            data_dir: self.dir.path().join(name),
+            authority: Identity::from_secret(AUTHORITY).public_key(),
+        };
+        Arc::new(Node::open(&config, Some(&self.roster)).unwrap())
+    }
+}
+
+/// A fresh in-memory address.
+pub fn memory_address() -> Multiaddr {
+    let mut n = [0u8; 8];
+    getrandom::fill(&mut n).unwrap();
+    format!("/memory/{}", u64::from_le_bytes(n) >> 1)
+        .parse()
+        .unwrap()
+}
+
+pub fn start(node: &Arc<Node>, listen: &Multiaddr, bootstrap: Vec<Multiaddr>) -> SyncHandle {
+    start_on(node, listen, bootstrap, TransportKind::Memory)
+}
+
+pub fn start_on(
+    node: &Arc<Node>,
+    listen: &Multiaddr,
+    bootstrap: Vec<Multiaddr>,
+    transport: TransportKind,
+) -> SyncHandle {
+    SyncHandle::start(
+        node.clone(),
+        SyncConfig {
+            listen: vec![listen.clone()],
+            bootstrap,
+            reconcile_every: Duration::from_millis(500),
+            request_timeout: Duration::from_secs(5),
+            transport,
+            ..SyncConfig::default()
+        },
+    )
+    .unwrap()
+}
+
+/// Waits until every node holds the same catalogue of `documents` documents.
+pub async fn converge(nodes: &[Arc<Node>], handles: &[&SyncHandle], documents: usize) {
+    converge_or(nodes, handles, documents, "").await
+}
+
+/// Waits for convergence; `context` (a seed) is printed if it does not come.
+pub async fn converge_or(
+    nodes: &[Arc<Node>],
+    handles: &[&SyncHandle],
+    documents: usize,
+    context: &str,
+) {
+    let started = Instant::now();
+    loop {
+        let first = nodes[0].catalogue().clone();
+        let agreed = first.len() == documents && nodes.iter().all(|n| *n.catalogue() == first);
+        if agreed {
+            return;
+        }
+        if started.elapsed() > CONVERGENCE {
+            let sizes: Vec<usize> = nodes.iter().map(|n| n.catalogue().len()).collect();
+            let stats: Vec<_> = handles.iter().map(|h| h.stats()).collect();
+            panic!(
+                "no convergence within {CONVERGENCE:?} {context}: catalogues {sizes:?}; {stats:#?}"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

@@ -21,8 +21,16 @@ pub struct DocumentState {
 pub struct NodeState {
     /// Documents by id.
     pub documents: BTreeMap<String, DocumentState>,
-    /// Quarantined changes with their reasons.
-    pub quarantine: BTreeSet<(String, String)>,
+    /// Quarantined changes (document, change, reason), hex.
+    pub quarantine: BTreeSet<(String, String, String)>,
+    /// Changes held pending (document, change), hex.
+    pub pending_changes: BTreeSet<(String, String)>,
+    /// When this node first accepted each change it holds (change hex → milliseconds since
+    /// the epoch, by its audit log).
+    pub accepted_at: BTreeMap<String, i64>,
+    /// The author key (hex) of each change held, when the checker asked for one key's
+    /// changes: (document, change) of that key.
+    pub authored: BTreeSet<(String, String)>,
     /// Problems `verify` found and model invariants that failed.
     pub violations: Vec<String>,
     /// Changes still waiting for their dependencies.
@@ -47,6 +55,12 @@ pub struct Verdict {
     /// Changes still waiting for their dependencies, over all nodes (none expected once
     /// honest nodes agree).
     pub pending: u64,
+    /// Acknowledged writes that are nowhere because a change they build on was refused
+    /// (quarantined with it on a node that held both): expected only after a revocation.
+    pub collateral: u64,
+    /// Acknowledged writes expected to be refused (a revoked key's, past its cut-off) that
+    /// some node holds.
+    pub refused_but_held: u64,
     /// Up to 20 examples of what failed (ids and hashes only).
     pub examples: Vec<String>,
 }
@@ -59,15 +73,32 @@ impl Verdict {
             && self.phantom == 0
             && self.invariant_violations == 0
             && self.quarantine_identical
+            && self.refused_but_held == 0
     }
 }
 
 /// A write some node acknowledged: its document and change hash, hex.
 pub type Acknowledged = (String, String);
 
+/// What a Byzantine run expects besides the ordinary rules.
+#[derive(Clone, Debug, Default)]
+pub struct Expected {
+    /// Acknowledged writes that must end up refused everywhere (a revoked key's past its
+    /// cut-off): neither lost nor allowed anywhere.
+    pub refused: BTreeSet<Acknowledged>,
+    /// Whether an acknowledged write may be refused because it builds on a refused one.
+    pub collateral_allowed: bool,
+    /// Bad changes (document, change) from a rogue: checked by the Byzantine judge, and left
+    /// out of the quarantine comparison (only the nodes that received one hold it).
+    pub bad: BTreeSet<Acknowledged>,
+}
+
 /// Compares the nodes' states against each other and against the acknowledged writes.
-/// `extra_changes` are changes written outside the workload (none in honest presets).
-pub fn check(nodes: &[NodeState], acknowledged: &BTreeSet<Acknowledged>) -> Verdict {
+pub fn check(
+    nodes: &[NodeState],
+    acknowledged: &BTreeSet<Acknowledged>,
+    expected: &Expected,
+) -> Verdict {
     let mut verdict = Verdict {
         identical_heads: true,
         quarantine_identical: true,
@@ -96,13 +127,45 @@ pub fn check(nodes: &[NodeState], acknowledged: &BTreeSet<Acknowledged>) -> Verd
             }
         }
     }
-    for (document, change) in acknowledged {
+    let held_by = |node: &NodeState, document: &String, change: &String| {
+        node.documents
+            .get(document)
+            .is_some_and(|d| d.changes.contains(change))
+    };
+    let quarantined_somewhere = |document: &String, change: &String| {
+        nodes.iter().any(|n| {
+            n.quarantine
+                .iter()
+                .any(|(d, c, _)| d == document && c == change)
+        })
+    };
+    // Refused writes (and what was refused with them) are left out of the quarantine
+    // comparison: only the nodes that received them hold them.
+    let mut refused_here: BTreeSet<Acknowledged> = expected.refused.clone();
+    refused_here.extend(expected.bad.iter().cloned());
+    for ack @ (document, change) in acknowledged {
+        if expected.refused.contains(ack) {
+            for (index, node) in nodes.iter().enumerate() {
+                if held_by(node, document, change) {
+                    verdict.refused_but_held += 1;
+                    example(
+                        &mut verdict,
+                        format!("node {index} holds {change} of {document}, past the cut-off"),
+                    );
+                }
+            }
+            continue;
+        }
+        if expected.collateral_allowed
+            && nodes.iter().all(|n| !held_by(n, document, change))
+            && quarantined_somewhere(document, change)
+        {
+            verdict.collateral += 1;
+            refused_here.insert(ack.clone());
+            continue;
+        }
         for (index, node) in nodes.iter().enumerate() {
-            let held = node
-                .documents
-                .get(document)
-                .is_some_and(|d| d.changes.contains(change));
-            if !held {
+            if !held_by(node, document, change) {
                 verdict.lost += 1;
                 example(
                     &mut verdict,
@@ -111,6 +174,14 @@ pub fn check(nodes: &[NodeState], acknowledged: &BTreeSet<Acknowledged>) -> Verd
             }
         }
     }
+    let compared = |node: &NodeState| -> BTreeSet<(String, String, String)> {
+        node.quarantine
+            .iter()
+            .filter(|(d, c, _)| !refused_here.contains(&(d.clone(), c.clone())))
+            .cloned()
+            .collect()
+    };
+    let first_quarantine = compared(first);
     let mut present: BTreeSet<(&String, &String)> = BTreeSet::new();
     for node in nodes {
         for (id, document) in &node.documents {
@@ -134,7 +205,7 @@ pub fn check(nodes: &[NodeState], acknowledged: &BTreeSet<Acknowledged>) -> Verd
         for violation in node.violations.iter().take(3) {
             example(&mut verdict, format!("node {index}: {violation}"));
         }
-        if node.quarantine != first.quarantine {
+        if compared(node) != first_quarantine {
             verdict.quarantine_identical = false;
             example(&mut verdict, format!("node {index}'s quarantine differs"));
         }
@@ -184,21 +255,60 @@ mod tests {
             .iter()
             .map(|(d, c)| (d.to_string(), c.to_string()))
             .collect();
+        let none = Expected::default();
         let whole = node(&[("d1", &["a", "b"])]);
-        assert!(check(&[whole.clone(), whole.clone()], &acked).passed());
+        assert!(check(&[whole.clone(), whole.clone()], &acked, &none).passed());
 
         let behind = node(&[("d1", &["a"])]);
-        let verdict = check(&[whole.clone(), behind], &acked);
+        let verdict = check(&[whole.clone(), behind], &acked, &none);
         assert!(!verdict.identical_heads);
         assert_eq!(verdict.lost, 1);
 
         let invented = node(&[("d1", &["a", "b", "z"])]);
-        let verdict = check(&[invented.clone(), invented], &acked);
+        let verdict = check(&[invented.clone(), invented], &acked, &none);
         assert_eq!(verdict.phantom, 1);
         assert!(!verdict.passed());
 
         let mut quarantined = whole.clone();
-        quarantined.quarantine.insert(("x".into(), "bad".into()));
-        assert!(!check(&[whole, quarantined], &acked).quarantine_identical);
+        quarantined
+            .quarantine
+            .insert(("d1".into(), "x".into(), "bad".into()));
+        assert!(!check(&[whole.clone(), quarantined.clone()], &acked, &none).quarantine_identical);
+        // A rogue's bad change held by one node only is not a difference.
+        let rogue = Expected {
+            bad: [("d1".to_string(), "x".to_string())].into(),
+            ..Expected::default()
+        };
+        assert!(check(&[whole.clone(), quarantined], &acked, &rogue).quarantine_identical);
+
+        // A revoked key's write past the cut-off: expected nowhere, not lost; held, a failure.
+        let revoked = Expected {
+            refused: [("d1".to_string(), "b".to_string())].into(),
+            ..Expected::default()
+        };
+        let cut = node(&[("d1", &["a"])]);
+        let verdict = check(&[cut.clone(), cut.clone()], &acked, &revoked);
+        assert!(verdict.passed(), "{verdict:?}");
+        let verdict = check(&[whole.clone(), cut], &acked, &revoked);
+        assert_eq!(verdict.refused_but_held, 1);
+        assert!(!verdict.passed());
+
+        // A write built on a refused one: collateral where allowed, lost where not.
+        let mut refused_with = node(&[("d1", &["a"])]);
+        refused_with.quarantine.insert((
+            "d1".into(),
+            "b".into(),
+            "depends on a refused change".into(),
+        ));
+        let others = node(&[("d1", &["a"])]);
+        let allowed = Expected {
+            collateral_allowed: true,
+            ..Expected::default()
+        };
+        let verdict = check(&[refused_with.clone(), others.clone()], &acked, &allowed);
+        assert_eq!((verdict.collateral, verdict.lost), (1, 0));
+        assert!(verdict.passed(), "{verdict:?}");
+        let verdict = check(&[refused_with, others], &acked, &none);
+        assert_eq!(verdict.lost, 2);
     }
 }

@@ -2,9 +2,14 @@
 //! can be read by the checker. `inproc` and `procs` implement it.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use estuary_node::model::automerge::ChangeHash;
-use estuary_node::model::{Demographics, DocumentId, HealthFileOp, NewReferral, ReferralOp};
+use estuary_node::model::{
+    Bytes32, Demographics, DocumentId, HealthFileOp, NewReferral, ReferralOp,
+};
+use estuary_node::node::Node;
+use estuary_node::sync::{Multiaddr, SyncStats};
 
 use super::check::NodeState;
 
@@ -31,6 +36,9 @@ pub enum Skip {
     /// The model refused it given what the node held (a transition made moot by a concurrent
     /// one, for instance).
     Refused,
+    /// The node's pipeline refused it: the node's key was revoked, or the write built on a
+    /// change a revocation withdrew meanwhile.
+    RefusedByPipeline,
 }
 
 impl Skip {
@@ -39,6 +47,7 @@ impl Skip {
             Skip::NodeDown => "node_down",
             Skip::NotYetHere => "not_yet_here",
             Skip::Refused => "refused_by_model",
+            Skip::RefusedByPipeline => "refused_by_pipeline",
         }
     }
 }
@@ -81,12 +90,33 @@ pub trait Cluster {
     fn set_faults(&mut self, faults: &NetworkFaults);
     /// A node's catalogue: document id → digest of its heads.
     fn catalogue(&mut self, node: usize) -> anyhow::Result<BTreeMap<[u8; 16], [u8; 32]>>;
-    /// A node's full state, for the checker.
-    fn state(&mut self, node: usize) -> anyhow::Result<NodeState>;
+    /// A node's full state, for the checker; `authored_by`: list that key's changes too.
+    fn state(&mut self, node: usize, authored_by: Option<Bytes32>) -> anyhow::Result<NodeState>;
     /// Traffic so far.
     fn traffic(&mut self) -> Traffic;
     /// Asks every node to reconcile now.
     fn reconcile_now(&mut self);
     /// Stops every node.
     fn shutdown(&mut self);
+    /// The node itself, where it runs in this process (the Byzantine presets drive the bad
+    /// node's own misbehaviour through it).
+    fn handle(&self, _node: usize) -> Option<Arc<Node>> {
+        None
+    }
+    /// Where a node listens, where others in this process can dial it.
+    fn address(&self, _node: usize) -> Option<Multiaddr> {
+        None
+    }
+    /// Gives a node a newer signed roster, as its operator would; it passes it on.
+    fn update_roster(&mut self, _node: usize, _signed: &[u8]) -> anyhow::Result<()> {
+        anyhow::bail!("this cluster cannot hand a node a roster during a run")
+    }
+    /// A node's sync figures (per peer: score, strikes, disconnections).
+    fn sync_stats(&self, _node: usize) -> Option<SyncStats> {
+        None
+    }
+    /// A node's `/metrics` text, where nodes serve their HTTP API.
+    fn metrics(&mut self, _node: usize) -> anyhow::Result<Option<String>> {
+        Ok(None)
+    }
 }

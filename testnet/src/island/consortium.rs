@@ -187,11 +187,43 @@ pub fn secret(seed: u64, what: &str) -> [u8; 32] {
 
 /// The authority's identity and the roster, signed, listing every member with its key.
 pub fn roster(seed: u64, members: &[Member], keys: &[Bytes32]) -> (Identity, Vec<u8>) {
-    let authority = Identity::from_secret(secret(seed, "authority"));
-    let editor = Editor {
+    let (authority, mut roster) = roster_document(seed, members, keys);
+    let signed = SignedRoster::sign(&authority, &mut roster).encode();
+    (authority, signed)
+}
+
+/// The next roster: `key` revoked at the cut-off `heads` (the changes accepted from it).
+pub fn revoked_roster(
+    seed: u64,
+    members: &[Member],
+    keys: &[Bytes32],
+    key: Bytes32,
+    heads: Vec<Bytes32>,
+) -> anyhow::Result<Vec<u8>> {
+    let (authority, mut roster) = roster_document(seed, members, keys);
+    roster.apply(
+        &authority_editor(),
+        &RosterOp::Revoke {
+            key,
+            cutoff: heads,
+            reason: "node compromised".into(),
+        },
+    )?;
+    Ok(SignedRoster::sign(&authority, &mut roster).encode())
+}
+
+fn authority_editor() -> Editor {
+    Editor {
         institution: InstitutionId::new("consortium-authority").expect("a valid id"),
         at: Timestamp(0),
-    };
+    }
+}
+
+/// The roster document the authority keeps: the same for the same seed, so a later edit
+/// builds on the roster every node holds.
+fn roster_document(seed: u64, members: &[Member], keys: &[Bytes32]) -> (Identity, Roster) {
+    let authority = Identity::from_secret(secret(seed, "authority"));
+    let editor = authority_editor();
     let mut roster = Roster::create(&authority.actor(), &editor).expect("a roster");
     for (member, key) in members.iter().zip(keys) {
         let id = InstitutionId::new(member.id).expect("member ids are valid");
@@ -211,8 +243,7 @@ pub fn roster(seed: u64, members: &[Member], keys: &[Bytes32]) -> (Identity, Vec
                 .expect("the roster takes members");
         }
     }
-    let signed = SignedRoster::sign(&authority, &mut roster).encode();
-    (authority, signed)
+    (authority, roster)
 }
 
 #[cfg(test)]

@@ -1,9 +1,39 @@
 //! What the planned actions write: residents' demographics and clinical entries, generated from
 //! the seed and the resident's number, so a replay writes the same content.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use estuary_node::model::*;
 
 use super::plan::Rng;
+
+/// Canary values: marked text in names, phone numbers, national ids, encounter notes and
+/// referral reasons, which no log, error, metric or report may ever contain. The canary test
+/// searches for them, in any case and hex-encoded.
+pub const CANARIES: [&str; 5] = [
+    "QXNAMECANARY",
+    "QXPHONECANARY",
+    "QXNATIDCANARY",
+    "QXNOTECANARY",
+    "QXREASONCANARY",
+];
+
+/// Whether the workload writes canary values (the demo's `--canary`).
+static CANARY: AtomicBool = AtomicBool::new(false);
+
+/// Makes the workload write canary values from now on.
+pub fn use_canaries() {
+    CANARY.store(true, Ordering::Relaxed);
+}
+
+/// Whether the workload writes canary values.
+pub fn canaries_on() -> bool {
+    CANARY.load(Ordering::Relaxed)
+}
+
+fn canary() -> bool {
+    canaries_on()
+}
 
 const FAMILY: [&str; 16] = [
     "Lu", "Zhang", "Wang", "Li", "Chen", "Shi", "Huang", "Zhou", "Wu", "Xu", "Sun", "Ma", "Zhu",
@@ -38,9 +68,14 @@ pub fn demographics(seed: u64, resident: u32) -> Demographics {
     let year = 1930 + rng.below(70);
     let month = 1 + rng.below(12);
     let day = 1 + rng.below(28);
+    let family = if canary() {
+        CANARIES[0].to_owned()
+    } else {
+        (*rng.pick(&FAMILY)).to_owned()
+    };
     Demographics {
         name: PersonName {
-            family: (*rng.pick(&FAMILY)).into(),
+            family,
             // The resident's number keeps names apart (and creation changes distinct).
             given: format!("{} {resident}", rng.pick(&GIVEN)),
             text: None,
@@ -51,12 +86,17 @@ pub fn demographics(seed: u64, resident: u32) -> Demographics {
             Sex::Male
         },
         birth_date: Date::new(format!("{year:04}-{month:02}-{day:02}")).expect("a valid date"),
-        phone: Some(format!("+86 139{:08}", rng.below(100_000_000))),
+        phone: Some(if canary() {
+            format!("+86 {} {}", CANARIES[1], rng.below(100_000_000))
+        } else {
+            format!("+86 139{:08}", rng.below(100_000_000))
+        }),
         address: None,
-        national_id: Some(format!(
-            "310230{year:04}{month:02}{day:02}{:04}",
-            resident % 10_000
-        )),
+        national_id: Some(if canary() {
+            format!("{}{resident:06}", CANARIES[2])
+        } else {
+            format!("310230{year:04}{month:02}{day:02}{:04}", resident % 10_000)
+        }),
         insurance: None,
     }
 }
@@ -64,10 +104,12 @@ pub fn demographics(seed: u64, resident: u32) -> Demographics {
 /// A new phone number, variant `variant`.
 pub fn phone(seed: u64, resident: u32, variant: u32) -> HealthFileOp {
     let mut rng = rng(seed, resident, 2 + u64::from(variant));
-    HealthFileOp::SetDemographic(DemographicField::Phone(format!(
-        "+86 138{:08}",
-        rng.below(100_000_000)
-    )))
+    let number = rng.below(100_000_000);
+    HealthFileOp::SetDemographic(DemographicField::Phone(if canary() {
+        format!("+86 {} {number:08}", CANARIES[1])
+    } else {
+        format!("+86 138{number:08}")
+    }))
 }
 
 pub fn encounter(seed: u64, resident: u32, at_ms: i64) -> HealthFileOp {
@@ -83,7 +125,11 @@ pub fn encounter(seed: u64, resident: u32, at_ms: i64) -> HealthFileOp {
             icd10: Icd10::new("I10").expect("a valid code"),
             display: "Essential hypertension".into(),
         }],
-        note: "BP reviewed; continue current treatment; lifestyle advice given.".into(),
+        note: if canary() {
+            format!("{} BP reviewed; continue current treatment.", CANARIES[3])
+        } else {
+            "BP reviewed; continue current treatment; lifestyle advice given.".into()
+        },
     })
 }
 
@@ -128,7 +174,9 @@ pub fn referral(patient: DocumentId, to: &str, up: bool, priority: bool) -> NewR
         patient,
         direction: if up { Direction::Up } else { Direction::Down },
         to: InstitutionId::new(to).expect("member ids are valid"),
-        reason: if up {
+        reason: if canary() {
+            format!("{} specialist review", CANARIES[4])
+        } else if up {
             "poorly controlled hypertension; specialist review".into()
         } else {
             "recovery and follow-up at the home centre".into()
@@ -140,4 +188,29 @@ pub fn referral(patient: DocumentId, to: &str, up: bool, priority: bool) -> NewR
         },
         handover: "Current medication and latest results in the file.".into(),
     }
+}
+
+/// Writes full of canary values that every node must refuse (each past a length limit), to
+/// drive the error paths in the canary test: (what, the write's operation on a file).
+pub fn canary_probes() -> Vec<(&'static str, HealthFileOp)> {
+    let long = |canary: &str, bytes: usize| canary.repeat(bytes / canary.len() + 1);
+    vec![
+        (
+            "phone past its limit",
+            HealthFileOp::SetDemographic(DemographicField::Phone(long(CANARIES[1], 600))),
+        ),
+        (
+            "national id past its limit",
+            HealthFileOp::SetDemographic(DemographicField::NationalId(long(CANARIES[2], 600))),
+        ),
+        (
+            "encounter note past its limit",
+            HealthFileOp::AddEncounter(NewEncounter {
+                time: Timestamp(0),
+                kind: EncounterKind::Outpatient,
+                diagnoses: vec![],
+                note: long(CANARIES[3], 20 * 1024),
+            }),
+        ),
+    ]
 }

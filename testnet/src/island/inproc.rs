@@ -43,6 +43,8 @@ pub struct InProc {
     applied: NetworkFaults,
     /// Nodes started at least once.
     restarted: BTreeSet<usize>,
+    /// Slots never started: a rogue holds the member's key instead.
+    absent: BTreeSet<usize>,
 }
 
 /// A memory-transport address on a random port.
@@ -55,12 +57,14 @@ fn fresh_address() -> anyhow::Result<Multiaddr> {
 impl InProc {
     /// Opens a node in each data directory (the key in each is already written) and connects
     /// them: every node dials the hospitals (nodes 0–2) and `links` of the others.
+    /// `absent` slots are never started (a rogue takes their place), and nobody dials them.
     pub fn start(
         seed: u64,
         data_dirs: Vec<PathBuf>,
         authority: estuary_node::model::Bytes32,
         roster: Vec<u8>,
         links: &[Vec<usize>],
+        absent: BTreeSet<usize>,
     ) -> anyhow::Result<Self> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -71,7 +75,13 @@ impl InProc {
             .collect::<anyhow::Result<_>>()?;
         let bootstrap = links
             .iter()
-            .map(|peers| peers.iter().map(|p| addresses[*p].clone()).collect())
+            .map(|peers| {
+                peers
+                    .iter()
+                    .filter(|p| !absent.contains(p))
+                    .map(|p| addresses[*p].clone())
+                    .collect()
+            })
             .collect();
         let configs: Vec<NodeConfig> = data_dirs
             .into_iter()
@@ -91,6 +101,7 @@ impl InProc {
             past: Traffic::default(),
             applied: NetworkFaults::default(),
             restarted: BTreeSet::new(),
+            absent,
         };
         for node in 0..cluster.configs.len() {
             cluster.restart(node)?;
@@ -103,7 +114,7 @@ impl InProc {
     }
 
     /// Node `node`, if it is up (for benchmarks that time what nodes hold).
-    pub fn handle(&self, node: usize) -> Option<Arc<Node>> {
+    pub fn node_handle(&self, node: usize) -> Option<Arc<Node>> {
         self.node(node).cloned()
     }
 }
@@ -124,6 +135,12 @@ fn traffic_of(sync: &SyncHandle) -> Traffic {
 fn refused(error: &NodeError) -> Option<Skip> {
     match error {
         NodeError::UnknownDocument(_) => Some(Skip::NotYetHere),
+        // A revoked node that has learnt of its revocation, or a write built on a change
+        // withdrawn by a revocation meanwhile.
+        NodeError::NotAMember
+        | NodeError::LocalChangeRefused(estuary_node::node::Ingested::Quarantined(..)) => {
+            Some(Skip::RefusedByPipeline)
+        }
         NodeError::Op(OpError::Invalid(
             ValidationError::IllegalTransition { .. }
             | ValidationError::NotAuthorised { .. }
@@ -198,7 +215,7 @@ impl Cluster for InProc {
     }
 
     fn restart(&mut self, index: usize) -> anyhow::Result<()> {
-        if self.nodes[index].is_some() {
+        if self.nodes[index].is_some() || self.absent.contains(&index) {
             return Ok(());
         }
         let node = Arc::new(
@@ -258,9 +275,13 @@ impl Cluster for InProc {
             .collect())
     }
 
-    fn state(&mut self, index: usize) -> anyhow::Result<NodeState> {
+    fn state(
+        &mut self,
+        index: usize,
+        authored_by: Option<estuary_node::model::Bytes32>,
+    ) -> anyhow::Result<NodeState> {
         let node = self.node(index).context("the node is down")?;
-        state_of(node)
+        state_of(node, authored_by)
     }
 
     fn traffic(&mut self) -> Traffic {
@@ -285,10 +306,37 @@ impl Cluster for InProc {
             let _ = self.crash(node);
         }
     }
+
+    fn handle(&self, node: usize) -> Option<Arc<Node>> {
+        self.node(node).cloned()
+    }
+
+    fn address(&self, node: usize) -> Option<Multiaddr> {
+        self.nodes[node].as_ref()?;
+        self.addresses.get(node).cloned()
+    }
+
+    fn update_roster(&mut self, index: usize, signed: &[u8]) -> anyhow::Result<()> {
+        let running = self.nodes[index].as_ref().context("the node is down")?;
+        self.runtime
+            .block_on(running.sync.update_roster(signed.to_vec()))
+            .with_context(|| format!("node {index} refused the roster"))?;
+        Ok(())
+    }
+
+    fn sync_stats(&self, node: usize) -> Option<estuary_node::sync::SyncStats> {
+        self.nodes[node].as_ref().map(|r| r.sync.stats())
+    }
 }
 
-/// A node's state as the checker reads it.
-pub fn state_of(node: &Node) -> anyhow::Result<NodeState> {
+/// Audit records read at a time.
+const AUDIT_PAGE: usize = 4_096;
+
+/// A node's state as the checker reads it; `authored_by`: list that key's changes.
+pub fn state_of(
+    node: &Node,
+    authored_by: Option<estuary_node::model::Bytes32>,
+) -> anyhow::Result<NodeState> {
     let ids: Vec<DocumentId> = node
         .catalogue()
         .ids()
@@ -326,15 +374,47 @@ pub fn state_of(node: &Node) -> anyhow::Result<NodeState> {
         if let Err(error) = valid {
             state.violations.push(format!("document {id}: {error}"));
         }
+        if let Some(key) = authored_by {
+            for entry in node.history(id)? {
+                if entry.author == key {
+                    state
+                        .authored
+                        .insert((id.to_string(), entry.change.to_string()));
+                }
+            }
+        }
         state
             .documents
             .insert(id.to_string(), DocumentState { heads, changes });
     }
+    let hex = |bytes: &[u8]| -> String { bytes.iter().map(|b| format!("{b:02x}")).collect() };
     for entry in node.quarantine()? {
-        let change: String = entry.change.iter().map(|b| format!("{b:02x}")).collect();
-        state.quarantine.insert((change, entry.reason));
+        state
+            .quarantine
+            .insert((entry.document.to_string(), hex(&entry.change), entry.reason));
     }
-    state.pending = node.pending_count()? as u64;
+    for entry in node.pending()? {
+        state
+            .pending_changes
+            .insert((entry.document.to_string(), hex(&entry.change)));
+    }
+    state.pending = state.pending_changes.len() as u64;
+    let mut from = 1;
+    loop {
+        let page = node.audit(from, AUDIT_PAGE)?;
+        let Some(last) = page.last() else { break };
+        from = last.sequence + 1;
+        for record in page {
+            if record.action == estuary_node::audit::AuditAction::Accepted
+                && let Some(change) = record.change
+            {
+                state
+                    .accepted_at
+                    .entry(hex(&change))
+                    .or_insert(record.at_ms);
+            }
+        }
+    }
     for problem in node.verify()?.problems {
         state.violations.push(format!("verify: {}", problem.what));
     }

@@ -1,6 +1,7 @@
 //! The island demo: a consortium of up to 21 nodes, a seeded clinical workload, a seeded fault
 //! schedule, and a checker that says whether anything was lost once the faults stop.
 
+pub mod byzantine;
 pub mod check;
 pub mod cluster;
 pub mod consortium;
@@ -9,6 +10,7 @@ pub mod inproc;
 pub mod plan;
 pub mod procs;
 pub mod report;
+pub mod rogue;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{IsTerminal, Write as _};
@@ -20,10 +22,11 @@ use anyhow::Context;
 use estuary_node::identity::Identity;
 use estuary_node::model::{DocumentId, ReferralOp, Timestamp};
 
-use check::{Acknowledged, agreement, check};
+use byzantine::Adversary;
+use check::{Acknowledged, Expected, NodeState, agreement, check};
 use cluster::{Cluster, NetworkFaults, Write};
 use consortium::Member;
-use plan::{Action, Fault, Plan, Preset};
+use plan::{Action, BadNode, Fault, Plan, Preset};
 
 /// How the nodes run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
@@ -68,6 +71,12 @@ pub struct DemoArgs {
     /// The `estuary` binary for `--mode procs` (default: beside this one).
     #[arg(long)]
     pub estuary: Option<PathBuf>,
+    /// Write canary values (marked names, phone numbers, national ids, notes, referral
+    /// reasons) and writes full of them that nodes must refuse, and keep what could leak
+    /// them in the report folder: node logs (`logs/`) and metrics (`metrics/`), where nodes
+    /// are processes. The canary test searches all of it.
+    #[arg(long)]
+    pub canary: bool,
 }
 
 /// How often agreement is sampled for the plot.
@@ -75,6 +84,16 @@ const SAMPLE_EVERY: Duration = Duration::from_millis(500);
 
 /// Runs the demo; returns whether the checker passed.
 pub fn demo(args: DemoArgs) -> anyhow::Result<bool> {
+    let report = run_demo(&args)?;
+    report.print_summary(&args.report_dir);
+    if !report.passed() {
+        eprintln!("FAILED; replay with: {}", report.replay);
+    }
+    Ok(report.passed())
+}
+
+/// Runs the demo and writes its report; returns the report.
+pub fn run_demo(args: &DemoArgs) -> anyhow::Result<report::Report> {
     let seed = match args.seed {
         Some(seed) => seed,
         None => {
@@ -84,6 +103,19 @@ pub fn demo(args: DemoArgs) -> anyhow::Result<bool> {
         }
     };
     let members = consortium::members(usize::from(args.nodes));
+    if args.canary {
+        content::use_canaries();
+    }
+    if args.preset.byzantine() {
+        anyhow::ensure!(
+            args.mode == Mode::Inproc,
+            "the Byzantine presets run in process (--mode inproc): the bad node is driven from here"
+        );
+        anyhow::ensure!(
+            members.len() >= 3,
+            "the Byzantine presets need at least 3 nodes (two honest ones beside the bad one)"
+        );
+    }
     let mut plan = plan::plan(
         seed,
         args.preset,
@@ -126,34 +158,115 @@ pub fn demo(args: DemoArgs) -> anyhow::Result<bool> {
     let data = tempfile::Builder::new()
         .prefix("estuary-island-")
         .tempdir()?;
+    let setup = Setup::new(seed, &members, data.path())?;
+    let rogue_slot: BTreeSet<usize> = plan
+        .byzantine
+        .iter()
+        .filter(|b| b.rogue().is_some())
+        .map(|b| b.node)
+        .collect();
     let mut cluster: Box<dyn Cluster> = match args.mode {
-        Mode::Inproc => Box::new(inproc_cluster(seed, &members, data.path())?),
-        Mode::Procs => {
-            let setup = Setup::new(seed, &members, data.path())?;
-            Box::new(procs::Procs::start(
-                &estuary_binary(args.estuary.as_deref())?,
-                setup.data_dirs,
-                setup.authority,
-                &setup.roster,
-                &setup.links,
-            )?)
-        }
+        Mode::Inproc => Box::new(inproc::InProc::start(
+            seed,
+            setup.data_dirs.clone(),
+            setup.authority,
+            setup.roster.clone(),
+            &setup.links,
+            rogue_slot,
+        )?),
+        Mode::Procs => Box::new(procs::Procs::start(
+            &estuary_binary(args.estuary.as_deref())?,
+            setup.data_dirs.clone(),
+            setup.authority,
+            &setup.roster,
+            &setup.links,
+        )?),
     };
-    let outcome = run(&plan, &members, cluster.as_mut(), args.converge_timeout);
-    cluster.shutdown();
-    let outcome = outcome?;
-    let report = report::Report::new(&args, seed, &plan, &members, outcome, &replay);
-    report.write(&args.report_dir)?;
-    report.print_summary(&args.report_dir);
-    if !report.passed() {
-        eprintln!("FAILED; replay with: {replay}");
+    let outcome = match &plan.byzantine {
+        Some(byzantine) => Adversary::start(
+            byzantine,
+            seed,
+            &members,
+            &setup.keys,
+            setup.authority,
+            cluster.as_mut(),
+        )
+        .and_then(|adversary| {
+            run(
+                &plan,
+                &members,
+                cluster.as_mut(),
+                args.converge_timeout,
+                Some(adversary),
+            )
+        }),
+        None => run(
+            &plan,
+            &members,
+            cluster.as_mut(),
+            args.converge_timeout,
+            None,
+        ),
+    };
+    if args.canary {
+        keep_metrics(cluster.as_mut(), &args.report_dir)?;
     }
-    Ok(report.passed())
+    cluster.shutdown();
+    if args.canary {
+        keep_logs(&setup.data_dirs, &args.report_dir)?;
+    }
+    let outcome = outcome?;
+    let report = report::Report::new(args, seed, &plan, &members, outcome, &replay);
+    report.write(&args.report_dir)?;
+    Ok(report)
+}
+
+/// Writes each node's `/metrics` (where nodes serve it) into `metrics/` of the report folder.
+fn keep_metrics(cluster: &mut dyn Cluster, report_dir: &Path) -> anyhow::Result<()> {
+    let dir = report_dir.join("metrics");
+    std::fs::create_dir_all(&dir)?;
+    for node in 0..cluster.len() {
+        if let Some(text) = cluster.metrics(node)? {
+            std::fs::write(dir.join(format!("node-{node:02}.prom")), text)?;
+        }
+    }
+    Ok(())
+}
+
+/// Copies each node's log (where nodes are processes) into `logs/` of the report folder.
+fn keep_logs(data_dirs: &[PathBuf], report_dir: &Path) -> anyhow::Result<()> {
+    let dir = report_dir.join("logs");
+    std::fs::create_dir_all(&dir)?;
+    for (node, data_dir) in data_dirs.iter().enumerate() {
+        let log = data_dir.join(procs::NODE_LOG);
+        if log.exists() {
+            std::fs::copy(&log, dir.join(format!("node-{node:02}.log")))?;
+        }
+    }
+    Ok(())
+}
+
+/// Makes the canary probes at node 0 against a resident's file: every one must be refused.
+/// Prints each outcome (the error as an operator or app would see it) for the canary test.
+fn canary_probes(cluster: &mut dyn Cluster, resident: Option<DocumentId>) -> anyhow::Result<()> {
+    let Some(resident) = resident else {
+        return Ok(());
+    };
+    for (what, op) in content::canary_probes() {
+        let outcome = match cluster.write(0, &Write::HealthFile(resident, op)) {
+            Ok(Ok(_)) => anyhow::bail!("a canary probe ({what}) was accepted"),
+            Ok(Err(skip)) => skip.name().to_owned(),
+            Err(error) => format!("{error:#}"),
+        };
+        eprintln!("canary probe ({what}) refused: {outcome}");
+    }
+    Ok(())
 }
 
 /// The consortium's data directories (with keys), roster and links, under `root`.
 struct Setup {
     data_dirs: Vec<PathBuf>,
+    keys: Vec<estuary_node::model::Bytes32>,
     authority: estuary_node::model::Bytes32,
     roster: Vec<u8>,
     links: Vec<Vec<usize>>,
@@ -167,6 +280,7 @@ impl Setup {
             data_dirs: (0..members.len())
                 .map(|i| root.join(format!("node-{i:02}")))
                 .collect(),
+            keys,
             authority: authority.public_key(),
             roster,
             links: links(seed, members.len()),
@@ -187,6 +301,7 @@ pub fn inproc_cluster(
         setup.authority,
         setup.roster,
         &setup.links,
+        BTreeSet::new(),
     )
 }
 
@@ -254,6 +369,49 @@ pub struct Outcome {
     pub traffic: cluster::Traffic,
     pub restarts: u64,
     pub elapsed_ms: u64,
+    pub propagation: Propagation,
+    pub byzantine: Option<byzantine::ByzantineReport>,
+}
+
+/// How long the workload's writes took to reach the other nodes checked: from the writer's
+/// acknowledgement to each other node's acceptance (its audit log), over every (write,
+/// node) pair.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct Propagation {
+    pub samples: u64,
+    pub p50_ms: Option<u64>,
+    pub p99_ms: Option<u64>,
+    pub max_ms: Option<u64>,
+}
+
+impl Propagation {
+    /// From each write's writer and acknowledgement time, and the nodes' acceptance times.
+    fn measure(writes: &BTreeMap<String, (usize, i64)>, nodes: &[(usize, &NodeState)]) -> Self {
+        let mut delays: Vec<u64> = Vec::new();
+        for (change, (writer, acknowledged_ms)) in writes {
+            for (index, state) in nodes {
+                if index == writer {
+                    continue;
+                }
+                if let Some(at) = state.accepted_at.get(change) {
+                    // Clocks are the same in one process; a node may log its acceptance a
+                    // moment before the writer's acknowledgement returns.
+                    delays.push(at.saturating_sub(*acknowledged_ms).max(0) as u64);
+                }
+            }
+        }
+        delays.sort_unstable();
+        let at = |q: f64| -> Option<u64> {
+            let last = delays.len().checked_sub(1)?;
+            delays.get(((last as f64) * q).round() as usize).copied()
+        };
+        Self {
+            samples: delays.len() as u64,
+            p50_ms: at(0.5),
+            p99_ms: at(0.99),
+            max_ms: delays.last().copied(),
+        }
+    }
 }
 
 /// The residents and referrals created so far, by plan number.
@@ -314,15 +472,29 @@ fn write_for(plan: &Plan, members: &[Member], created: &Created, action: &Action
     })
 }
 
-/// Drives the plan against the cluster, then waits for agreement and checks.
+/// Drives the plan against the cluster (and the bad node, in a Byzantine preset), then waits
+/// for agreement and checks.
 fn run(
     plan: &Plan,
     members: &[Member],
     cluster: &mut dyn Cluster,
     converge_timeout_s: u64,
+    mut adversary: Option<Adversary>,
 ) -> anyhow::Result<Outcome> {
     let mut outcome = Outcome::default();
     let mut created = Created::default();
+    let bad_node = plan.byzantine.as_ref().map(|b| b.node);
+    // The nodes the checker holds to its rules: all but a rogue's slot and a revoked node
+    // (a flooding node runs honest code, and is checked).
+    let checked: Vec<usize> = (0..cluster.len())
+        .filter(|i| {
+            plan.byzantine
+                .as_ref()
+                .is_none_or(|b| b.node != *i || b.bad == BadNode::Flood)
+        })
+        .collect();
+    // Each acknowledged write's writer and acknowledgement time (epoch milliseconds).
+    let mut written: BTreeMap<String, (usize, i64)> = BTreeMap::new();
     let start = Instant::now();
     let elapsed = || start.elapsed().as_millis() as u64;
     let mut next = 0;
@@ -331,6 +503,9 @@ fn run(
     let mut writes = 0u64;
     loop {
         let t = elapsed();
+        if let Some(adversary) = adversary.as_mut() {
+            adversary.tick(t, cluster)?;
+        }
         // Crashes and restarts.
         for window in &plan.faults {
             if let Fault::Crash { node } = window.fault {
@@ -355,6 +530,10 @@ fn run(
             match cluster.write(step.node, &write)? {
                 Ok((id, change)) => {
                     writes += 1;
+                    written.insert(
+                        change.to_string(),
+                        (step.node, estuary_node::audit::now_ms()),
+                    );
                     outcome
                         .acknowledged
                         .insert((id.to_string(), change.to_string()));
@@ -372,7 +551,7 @@ fn run(
             }
         }
         if t >= next_sample {
-            let sample = sample(cluster, t)?;
+            let sample = sample(cluster, &checked, t)?;
             progress.show(t, "writing", writes, sample, &active);
             outcome.timeline.push(sample);
             next_sample = t + SAMPLE_EVERY.as_millis() as u64;
@@ -382,12 +561,21 @@ fn run(
         }
         std::thread::sleep(Duration::from_millis(5));
     }
-    // Faults stop: links heal, every node is up.
+    if content::canaries_on() {
+        canary_probes(cluster, created.residents.values().next().copied())?;
+    }
+    // Faults stop: links heal, every node is up, a flooding app stops.
     cluster.set_faults(&NetworkFaults::default());
     for node in 0..cluster.len() {
         if !cluster.is_up(node) {
             cluster.restart(node)?;
-            outcome.restarts += 1;
+            // A rogue's slot stays empty.
+            outcome.restarts += u64::from(cluster.is_up(node));
+        }
+    }
+    if let Some(adversary) = adversary.as_mut() {
+        for (ack, _) in adversary.stop_flood()? {
+            outcome.acknowledged.insert(ack.clone());
         }
     }
     cluster.reconcile_now();
@@ -395,10 +583,10 @@ fn run(
     let deadline = healed + converge_timeout_s * 1000;
     loop {
         let t = elapsed();
-        let sample = sample(cluster, t)?;
+        let sample = sample(cluster, &checked, t)?;
         outcome.timeline.push(sample);
         progress.show(t, "converging", writes, sample, &[]);
-        if sample.1 == sample.2 && all_catalogues_equal(cluster)? {
+        if sample.1 == sample.2 && all_catalogues_equal(cluster, &checked)? {
             outcome.converged_at_ms = Some(t - healed);
             break;
         }
@@ -408,11 +596,69 @@ fn run(
         std::thread::sleep(Duration::from_millis(200));
     }
     progress.finish();
-    let states = (0..cluster.len())
-        .map(|node| cluster.state(node))
+    // How the honest nodes see the bad peer, while it is still there.
+    let stats: Vec<_> = checked.iter().map(|n| cluster.sync_stats(*n)).collect();
+    let log = adversary.map(Adversary::finish).transpose()?;
+    let revoked_key = match plan.byzantine.as_ref().map(|b| b.bad) {
+        Some(BadNode::Revoked { .. }) => log.as_ref().and_then(|l| l.key),
+        _ => None,
+    };
+    let states = checked
+        .iter()
+        .map(|node| cluster.state(*node, revoked_key))
         .collect::<anyhow::Result<Vec<_>>>()
         .context("reading the nodes for the checker")?;
-    outcome.verdict = check(&states, &outcome.acknowledged);
+    let mut expected = Expected::default();
+    if let Some(log) = &log {
+        if let Some(rogue) = &log.rogue {
+            outcome.acknowledged.extend(rogue.valid.iter().cloned());
+            expected.bad = rogue
+                .bad
+                .iter()
+                .map(|b| (b.document.clone(), b.change.clone()))
+                .collect();
+        }
+        if let Some(revocation) = &log.revocation {
+            // The revoked node's writes past the cut-off; what was built on them is
+            // refused with them.
+            expected.collateral_allowed = true;
+            expected.refused = outcome
+                .acknowledged
+                .iter()
+                .filter(|(_, change)| {
+                    written
+                        .get(change)
+                        .is_some_and(|(writer, _)| Some(*writer) == bad_node)
+                })
+                .filter(|ack| !revocation.kept.contains(*ack))
+                .cloned()
+                .collect();
+        }
+    }
+    outcome.verdict = check(&states, &outcome.acknowledged, &expected);
+    // Propagation of the workload's writes among the nodes other than a bad one.
+    let workload: BTreeMap<String, (usize, i64)> = written
+        .into_iter()
+        .filter(|(_, (writer, _))| Some(*writer) != bad_node)
+        .collect();
+    let nodes: Vec<(usize, &NodeState)> = checked
+        .iter()
+        .copied()
+        .zip(states.iter())
+        .filter(|(node, _)| Some(*node) != bad_node)
+        .collect();
+    outcome.propagation = Propagation::measure(&workload, &nodes);
+    if let (Some(byzantine), Some(log)) = (&plan.byzantine, &log) {
+        outcome.byzantine = Some(byzantine::judge(
+            byzantine,
+            members,
+            log,
+            &checked,
+            &states,
+            &stats,
+            expected.refused.len() as u64,
+        ));
+    }
     outcome.traffic = cluster.traffic();
     outcome.elapsed_ms = elapsed();
     Ok(outcome)
@@ -430,22 +676,25 @@ fn network_faults(active: &[&plan::FaultWindow]) -> NetworkFaults {
     faults
 }
 
-/// (time, documents in agreement among the nodes that are up, documents).
-fn sample(cluster: &mut dyn Cluster, t: u64) -> anyhow::Result<(u64, u64, u64)> {
+/// (time, documents in agreement among the checked nodes that are up, documents).
+fn sample(cluster: &mut dyn Cluster, checked: &[usize], t: u64) -> anyhow::Result<(u64, u64, u64)> {
     let mut catalogues = Vec::new();
-    for node in 0..cluster.len() {
-        if cluster.is_up(node) {
-            catalogues.push(cluster.catalogue(node)?);
+    for node in checked {
+        if cluster.is_up(*node) {
+            catalogues.push(cluster.catalogue(*node)?);
         }
     }
     let (agreed, total) = agreement(&catalogues);
     Ok((t, agreed, total))
 }
 
-fn all_catalogues_equal(cluster: &mut dyn Cluster) -> anyhow::Result<bool> {
-    let first = cluster.catalogue(0)?;
-    for node in 1..cluster.len() {
-        if cluster.catalogue(node)? != first {
+fn all_catalogues_equal(cluster: &mut dyn Cluster, checked: &[usize]) -> anyhow::Result<bool> {
+    let Some((first, rest)) = checked.split_first() else {
+        return Ok(true);
+    };
+    let first = cluster.catalogue(*first)?;
+    for node in rest {
+        if cluster.catalogue(*node)? != first {
             return Ok(false);
         }
     }

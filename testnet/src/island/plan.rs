@@ -127,9 +127,82 @@ pub enum Preset {
     Partition,
     /// All of it: partitions, loss and restarts.
     Island,
+    /// A member publishes changes with bad signatures (the last centre runs hostile code).
+    Forged,
+    /// A non-member dials in and publishes.
+    Stranger,
+    /// A centre on the north shore is revoked while the north is cut off, and keeps writing on
+    /// its side.
+    Revoked,
+    /// A member sends missing and invented dependencies, oversized frames, undecodable
+    /// messages and replayed envelopes.
+    Garbage,
+    /// A member publishes valid but useless changes as fast as it can.
+    Flood,
+    /// A member answers sync requests with garbage or never answers.
+    Mute,
+}
+
+/// What the `rogue` of a Byzantine preset does: hostile code under a member's key (or a
+/// stranger's), not an Estuary node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Misbehaviour {
+    Forged,
+    Stranger,
+    Garbage,
+    Mute,
+}
+
+/// How a Byzantine preset's bad node misbehaves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum BadNode {
+    /// Hostile code in the member's place: it runs no node and no workload.
+    Rogue { misbehaviour: Misbehaviour },
+    /// An ordinary node the authority revokes (during the north's partition); it keeps
+    /// writing on its side.
+    Revoked { at_ms: u64 },
+    /// An ordinary node whose app writes valid, useless changes as fast as the node takes
+    /// them, besides its share of the workload.
+    Flood,
+}
+
+/// The bad node of a Byzantine preset.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Byzantine {
+    /// Its index among the members (for a stranger, the slot it is dialled from; its key
+    /// is not in the roster).
+    pub node: usize,
+    /// What it does.
+    #[serde(flatten)]
+    pub bad: BadNode,
+}
+
+impl Byzantine {
+    /// The rogue's misbehaviour, when the bad node is a rogue.
+    pub fn rogue(&self) -> Option<Misbehaviour> {
+        match self.bad {
+            BadNode::Rogue { misbehaviour } => Some(misbehaviour),
+            _ => None,
+        }
+    }
 }
 
 impl Preset {
+    /// Whether a bad node takes part.
+    pub fn byzantine(self) -> bool {
+        matches!(
+            self,
+            Preset::Forged
+                | Preset::Stranger
+                | Preset::Revoked
+                | Preset::Garbage
+                | Preset::Flood
+                | Preset::Mute
+        )
+    }
+
     fn loss(self) -> bool {
         matches!(self, Preset::Flaky | Preset::Island)
     }
@@ -138,6 +211,10 @@ impl Preset {
     }
     fn partitions(self) -> bool {
         matches!(self, Preset::Partition | Preset::Island)
+    }
+    /// Only the north's partition, for the revocation to happen during it.
+    fn north_cut_off(self) -> bool {
+        self.partitions() || self == Preset::Revoked
     }
 }
 
@@ -151,6 +228,8 @@ pub struct Plan {
     pub quiet_ms: u64,
     pub steps: Vec<Step>,
     pub faults: Vec<FaultWindow>,
+    /// The bad node of a Byzantine preset.
+    pub byzantine: Option<Byzantine>,
 }
 
 /// Steps in a referral's life after it is sent, with the share of referrals that take each:
@@ -169,11 +248,20 @@ pub fn plan(
     let mut rng = Rng::new(seed);
     let quiet_ms = duration_ms * 8 / 10;
     let nodes = members.len();
+    let byzantine = byzantine(preset, members, quiet_ms);
+    // A rogue runs no workload of its own: it is not an Estuary node.
+    let rogue = byzantine
+        .as_ref()
+        .filter(|b| b.rogue().is_some())
+        .map(|b| b.node);
+    let writers = |i: &usize| Some(*i) != rogue;
     let hospitals: Vec<usize> = (0..nodes)
         .filter(|i| members[*i].kind != InstitutionKind::CommunityCentre)
+        .filter(writers)
         .collect();
     let centres: Vec<usize> = (0..nodes)
         .filter(|i| members[*i].kind == InstitutionKind::CommunityCentre)
+        .filter(writers)
         .collect();
     // A consortium without centres (two nodes) registers at the hospitals.
     let centres = if centres.is_empty() {
@@ -278,6 +366,40 @@ pub fn plan(
         quiet_ms,
         faults: faults(&mut rng, preset, members, quiet_ms, loss_percent),
         steps,
+        byzantine,
+    }
+}
+
+/// The bad node of a Byzantine preset: the last member (a centre when there are three
+/// members or more), or for `revoked` the first northern centre, revoked while the north is
+/// cut off.
+fn byzantine(preset: Preset, members: &[Member], quiet_ms: u64) -> Option<Byzantine> {
+    let last = members.len() - 1;
+    let rogue = |misbehaviour| {
+        Some(Byzantine {
+            node: last,
+            bad: BadNode::Rogue { misbehaviour },
+        })
+    };
+    match preset {
+        Preset::Forged => rogue(Misbehaviour::Forged),
+        Preset::Stranger => rogue(Misbehaviour::Stranger),
+        Preset::Garbage => rogue(Misbehaviour::Garbage),
+        Preset::Mute => rogue(Misbehaviour::Mute),
+        Preset::Flood => Some(Byzantine {
+            node: last,
+            bad: BadNode::Flood,
+        }),
+        Preset::Revoked => Some(Byzantine {
+            node: members
+                .iter()
+                .position(|m| m.north && m.kind == InstitutionKind::CommunityCentre)?,
+            // The north is cut off from 120/800 to 320/800 of the writing phase.
+            bad: BadNode::Revoked {
+                at_ms: quiet_ms * 200 / 800,
+            },
+        }),
+        _ => None,
     }
 }
 
@@ -290,7 +412,7 @@ fn faults(
 ) -> Vec<FaultWindow> {
     let at = |fraction_per_mille: u64| quiet_ms * fraction_per_mille / 800;
     let mut windows = Vec::new();
-    if preset.partitions() {
+    if preset.north_cut_off() {
         let (north, south): (Vec<usize>, Vec<usize>) =
             (0..members.len()).partition(|i| members[*i].north);
         if !north.is_empty() && !south.is_empty() {
@@ -303,6 +425,8 @@ fn faults(
                 },
             });
         }
+    }
+    if preset.partitions() {
         windows.push(FaultWindow {
             start_ms: at(400),
             end_ms: at(560),

@@ -57,6 +57,9 @@ fn free_port() -> anyhow::Result<u16> {
     anyhow::bail!("no free port between 20000 and 32000")
 }
 
+/// Each node's log, in its data directory.
+pub const NODE_LOG: &str = "node.log";
+
 impl Procs {
     /// Writes each node's config beside its key and roster, and starts the processes.
     pub fn start(
@@ -105,7 +108,7 @@ impl Procs {
                 admin: config.api.admin_token.clone(),
                 app: config.api.apps[0].token.clone(),
                 child: None,
-                log: dir.join("node.log"),
+                log: dir.join(NODE_LOG),
             });
         }
         let mut procs = Self {
@@ -274,7 +277,11 @@ impl Cluster for Procs {
             .args(["--config"])
             .arg(&process.config)
             .args(["node", "run"])
-            .env("RUST_LOG", "warn")
+            // The demo's own log filter, if it has one, applies to its nodes too.
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -332,7 +339,19 @@ impl Cluster for Procs {
         Ok(catalogue)
     }
 
-    fn state(&mut self, node: usize) -> anyhow::Result<NodeState> {
+    fn metrics(&mut self, node: usize) -> anyhow::Result<Option<String>> {
+        if !self.is_up(node) {
+            return Ok(None);
+        }
+        let mut response = self
+            .agent
+            .get(format!("{}/metrics", self.nodes[node].api))
+            .call()
+            .with_context(|| format!("node {node}: GET /metrics"))?;
+        Ok(Some(response.body_mut().read_to_string()?))
+    }
+
+    fn state(&mut self, node: usize, _authored_by: Option<Bytes32>) -> anyhow::Result<NodeState> {
         let mut state = NodeState::default();
         for document in self.documents(node)? {
             let strings = |key: &str| -> Vec<String> {
@@ -352,6 +371,7 @@ impl Cluster for Procs {
         let quarantine = self.get(node, "/admin/quarantine")?;
         for entry in quarantine["entries"].as_array().into_iter().flatten() {
             state.quarantine.insert((
+                entry["document"].as_str().unwrap_or_default().to_owned(),
                 entry["change"].as_str().unwrap_or_default().to_owned(),
                 entry["reason"].as_str().unwrap_or_default().to_owned(),
             ));

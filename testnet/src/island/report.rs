@@ -7,11 +7,12 @@ use std::path::Path;
 
 use serde::Serialize;
 
+use super::byzantine::ByzantineReport;
 use super::check::Verdict;
 use super::cluster::Traffic;
 use super::consortium::Member;
 use super::plan::{Fault, FaultWindow, Plan, Preset};
-use super::{DemoArgs, Mode, Outcome};
+use super::{DemoArgs, Mode, Outcome, Propagation};
 
 /// What `report.json` holds.
 #[derive(Debug, Serialize)]
@@ -51,6 +52,15 @@ pub struct Report {
     /// (milliseconds from start, documents in agreement, documents).
     pub agreement: Vec<(u64, u64, u64)>,
     pub elapsed_ms: u64,
+    /// From a write's acknowledgement to its acceptance at each other node checked (the
+    /// workload's writes, not a bad node's).
+    pub propagation: Propagation,
+    /// Acknowledged writes refused because they build on a revoked key's refused change.
+    pub collateral_writes: u64,
+    /// A revoked key's acknowledged writes past its cut-off that some node holds.
+    pub refused_but_held: u64,
+    /// The Byzantine presets: what the bad node did and what the honest nodes made of it.
+    pub byzantine: Option<ByzantineReport>,
     pub failures: Vec<String>,
     pub replay: String,
 }
@@ -73,6 +83,8 @@ impl Report {
             traffic,
             restarts,
             elapsed_ms,
+            propagation,
+            byzantine,
         } = outcome;
         let Verdict {
             identical_heads,
@@ -82,6 +94,8 @@ impl Report {
             quarantine_identical,
             documents,
             pending,
+            collateral,
+            refused_but_held,
             examples,
         } = verdict.clone();
         let Traffic {
@@ -98,7 +112,9 @@ impl Report {
             files: args.files,
             duration_s: args.duration,
             loss_percent: args.loss,
-            converged: verdict.passed() && converged_at_ms.is_some(),
+            converged: verdict.passed()
+                && converged_at_ms.is_some()
+                && byzantine.as_ref().is_none_or(|b| b.passed),
             convergence_ms: converged_at_ms,
             acknowledged_writes: acknowledged.len() as u64,
             lost,
@@ -116,7 +132,14 @@ impl Report {
             faults: plan.faults.clone(),
             agreement: timeline,
             elapsed_ms,
-            failures: examples,
+            propagation,
+            collateral_writes: collateral,
+            refused_but_held,
+            failures: examples
+                .into_iter()
+                .chain(byzantine.iter().flat_map(|b| b.failures.iter().cloned()))
+                .collect(),
+            byzantine,
             replay: replay.to_owned(),
         }
     }
@@ -159,6 +182,53 @@ impl Report {
         println!("  quarantine identical  {}", yes(self.quarantine_identical));
         println!("  pending changes       {}", self.pending_changes);
         println!("  rejected changes      {}", self.rejected_changes);
+        if let (Some(p50), Some(p99)) = (self.propagation.p50_ms, self.propagation.p99_ms) {
+            println!("  propagation           p50 {p50} ms, p99 {p99} ms");
+        }
+        if let Some(b) = &self.byzantine {
+            println!(
+                "  bad node              {} ({}), {}",
+                b.institution,
+                b.peer_id,
+                yes(b.passed)
+            );
+            if b.bad_changes_sent > 0 {
+                println!(
+                    "  bad changes           {} sent, {} accepted, {} quarantined, {} held pending (over honest nodes)",
+                    b.bad_changes_sent,
+                    b.bad_changes_accepted,
+                    b.bad_changes_quarantined,
+                    b.bad_changes_pending
+                );
+            }
+            if b.flood_writes > 0 {
+                println!("  flood                 {} writes", b.flood_writes);
+            }
+            println!(
+                "  bad peer              score min {}, strikes max {}, disconnected by {} of {}, {} connections denied",
+                b.score_min.map_or("-".into(), |s| format!("{s:.0}")),
+                b.strikes_max,
+                b.disconnected_by,
+                b.per_node.len(),
+                b.denied
+            );
+            if b.valid_changes_sent > 0 {
+                println!(
+                    "  its valid changes     {} sent, {} missing on honest nodes",
+                    b.valid_changes_sent, b.valid_changes_missing
+                );
+            }
+            if let Some(r) = &b.revocation {
+                println!(
+                    "  revocation            {} cut-off heads, {} changes kept, same everywhere {}, {} writes refused, {} refused with them",
+                    r.cutoff_heads,
+                    r.kept_expected,
+                    yes(r.same_cutoff_everywhere),
+                    r.refused_writes,
+                    self.collateral_writes
+                );
+            }
+        }
         println!(
             "  wire                  {:.1} MiB in {} messages",
             self.wire_bytes as f64 / 1_048_576.0,
