@@ -2215,6 +2215,11 @@ impl Node {
         // No decision runs meanwhile: envelopes, records and the audit head are read as one
         // consistent state.
         let cache = self.lock_cache();
+        self.verify_locked(&cache)
+    }
+
+    /// `verify`, under the decision lock the caller holds.
+    fn verify_locked(&self, cache: &Cache) -> Result<VerifyReport, NodeError> {
         let mut report = VerifyReport::default();
         let lost = self.lost_at_open.load(std::sync::atomic::Ordering::Relaxed);
         if lost > 0 {
@@ -2360,9 +2365,11 @@ impl Node {
     /// changes were lost, and the audit log which documents they were in. Pending and
     /// quarantined changes are kept.
     pub fn repair(&self) -> Result<RepairReport, NodeError> {
-        let report = self.verify()?;
-        let discarded = report.affected_documents();
+        // One decision lock for the check and the removal: nothing accepted in between is
+        // taken out with the damaged documents.
         let mut cache = self.lock_cache();
+        let report = self.verify_locked(&cache)?;
+        let discarded = report.affected_documents();
         let mut batch = Batch::default();
         for id in &discarded {
             let prefix = [&[keys::ENVELOPE][..], id.as_bytes()].concat();

@@ -5,13 +5,13 @@ mod common;
 
 use std::path::Path;
 
-use common::{editor, resident, single_node};
+use common::{editor, files_under, resident, single_node};
 use estuary_node::model::*;
 use estuary_node::node::{Node, NodeError};
 
 /// Flips one byte of the first occurrence of `needle` in any file under `dir`.
 fn flip_on_disk(dir: &Path, needle: &[u8]) -> bool {
-    for entry in walk(dir) {
+    for entry in files_under(dir) {
         let mut bytes = std::fs::read(&entry).unwrap();
         if let Some(at) = bytes.windows(needle.len()).position(|w| w == needle) {
             bytes[at + needle.len() / 2] ^= 0x40;
@@ -20,19 +20,6 @@ fn flip_on_disk(dir: &Path, needle: &[u8]) -> bool {
         }
     }
     false
-}
-
-fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
-    let mut files = Vec::new();
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
-        if path.is_dir() {
-            files.extend(walk(&path));
-        } else {
-            files.push(path);
-        }
-    }
-    files
 }
 
 #[test]

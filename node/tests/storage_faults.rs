@@ -6,10 +6,10 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
-use common::{Consortium, allergy, converge, editor, memory_address, resident, start};
+use common::{Consortium, allergy, converge, editor, files_under, memory_address, resident, start};
 use estuary_node::model::DocumentId;
 use estuary_node::node::Node;
 
@@ -26,24 +26,10 @@ enum Damage {
     Truncated,
 }
 
-fn store_files(dir: &Path) -> Vec<PathBuf> {
-    let mut files = Vec::new();
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
-        if path.is_dir() {
-            files.extend(store_files(&path));
-        } else {
-            files.push(path);
-        }
-    }
-    files.sort();
-    files
-}
-
 /// Damages the stopped node's store; returns whether anything was changed.
 fn damage(store: &Path, how: Damage, needle: &[u8]) -> bool {
     let mut changed = false;
-    for file in store_files(store) {
+    for file in files_under(store) {
         let mut bytes = std::fs::read(&file).unwrap();
         if bytes.is_empty() {
             continue;

@@ -3,46 +3,26 @@
 //! demo binary and reads its report: the honest nodes converge with the checker clean, no bad
 //! change is accepted anywhere, and the bad peer is dealt with as the rules say.
 
-use std::path::Path;
-use std::process::Command;
+mod common;
 
 use serde_json::Value;
 
 /// Runs the demo with a Byzantine preset on 7 nodes; the report and the output.
 fn byzantine(preset: &str, seed: &str) -> (bool, Value, String) {
     let dir = tempfile::tempdir().unwrap();
-    let output = Command::new(env!("CARGO_BIN_EXE_estuary-testnet"))
-        .args([
-            "demo",
-            "--nodes",
-            "7",
-            "--files",
-            "40",
-            "--duration",
-            "16",
-            "--preset",
-            preset,
-            "--seed",
-            seed,
-            "--report-dir",
-        ])
-        .arg(dir.path())
-        .output()
-        .expect("the testnet binary runs");
-    let text = format!(
-        "{}\n{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let report = read_report(dir.path());
-    (output.status.success(), report, text)
-}
-
-fn read_report(dir: &Path) -> Value {
-    std::fs::read(dir.join("report.json"))
-        .ok()
-        .and_then(|bytes| serde_json::from_slice(&bytes).ok())
-        .unwrap_or(Value::Null)
+    let args = [
+        "--nodes",
+        "7",
+        "--files",
+        "40",
+        "--duration",
+        "16",
+        "--preset",
+        preset,
+        "--seed",
+        seed,
+    ];
+    common::demo(&args, dir.path(), "warn")
 }
 
 /// What every preset must show: the checker clean on the honest nodes, nothing bad accepted,

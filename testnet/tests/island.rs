@@ -1,34 +1,14 @@
 //! The island demo end to end, at a size CI runs: the binary, its exit code and its report.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use serde_json::Value;
 
 fn demo(args: &[&str], report_dir: &Path) -> (bool, Value, String) {
-    demo_logging(args, report_dir, "warn")
-}
-
-/// The demo with `RUST_LOG` set to `log_filter` (for the demo and its node processes).
-fn demo_logging(args: &[&str], report_dir: &Path, log_filter: &str) -> (bool, Value, String) {
-    let output = Command::new(env!("CARGO_BIN_EXE_estuary-testnet"))
-        .arg("demo")
-        .args(args)
-        .arg("--report-dir")
-        .arg(report_dir)
-        .env("RUST_LOG", log_filter)
-        .output()
-        .expect("the testnet binary runs");
-    let text = format!(
-        "{}\n{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let report = std::fs::read(report_dir.join("report.json"))
-        .ok()
-        .and_then(|bytes| serde_json::from_slice(&bytes).ok())
-        .unwrap_or(Value::Null);
-    (output.status.success(), report, text)
+    common::demo(args, report_dir, "warn")
 }
 
 fn assert_clean(report: &Value, text: &str) {
@@ -188,7 +168,7 @@ fn assert_canaries_stay_in(args: &[&str]) -> (Value, Vec<PathBuf>) {
     let dir = tempfile::tempdir().unwrap();
     let mut args = args.to_vec();
     args.push("--canary");
-    let (passed, report, text) = demo_logging(&args, dir.path(), "trace");
+    let (passed, report, text) = common::demo(&args, dir.path(), "trace");
     assert!(
         passed,
         "the checker failed: {}",

@@ -75,6 +75,13 @@ pub const GOSSIP_VALIDATIONS_PER_PUBLISHER_MAX: usize = 4;
 pub const GOSSIP_QUEUED_PER_PUBLISHER_MAX: usize = 1_024;
 /// Gossip changes waiting for validation, from all publishers.
 pub const GOSSIP_QUEUED_MAX: usize = 8_192;
+/// Bytes of gossip changes waiting for validation, from all publishers (each envelope is at
+/// most `GOSSIP_ENVELOPE_BYTES_MAX`).
+pub const GOSSIP_QUEUED_BYTES_MAX: usize = 32 * 1024 * 1024;
+/// A queued gossip change older than this is not validated from the queue: gossipsub keeps
+/// a message for its verdict for about 5 heartbeats (5 s), after which a verdict neither
+/// forwards it nor scores its sender. It is ignored; anti-entropy brings it.
+pub const GOSSIP_QUEUED_AGE_MAX: Duration = Duration::from_secs(4);
 /// Heads of an announcement that are looked up; more are ignored.
 pub const ANNOUNCED_HEADS_MAX: usize = 16;
 /// A peer whose gossip score falls below this is disconnected and banned.
@@ -360,6 +367,7 @@ impl SyncHandle {
             validations: 0,
             publishers: HashMap::new(),
             queued: 0,
+            queued_bytes: 0,
             catch_up_started: None,
             bootstrap_peers: HashMap::new(),
             in_progress: HashSet::new(),
@@ -830,8 +838,9 @@ struct Driver {
     validations: usize,
     /// Gossip changes in validation and waiting, by publisher (only publishers with work).
     publishers: HashMap<PeerId, PublisherQueue>,
-    /// Gossip changes waiting, over all publishers.
+    /// Gossip changes waiting, over all publishers, and their bytes.
     queued: usize,
+    queued_bytes: usize,
     catch_up_started: Option<Instant>,
     /// The peer each bootstrap address led to, once dialled.
     bootstrap_peers: HashMap<Multiaddr, PeerId>,
@@ -868,10 +877,12 @@ fn now_ms() -> u64 {
 fn roster_acceptance(result: &Result<u64, NodeError>) -> MessageAcceptance {
     match result {
         Ok(_) => MessageAcceptance::Accept,
-        // Older or the same: nothing new, nobody's fault.
+        // Older or the same: nothing new, nobody's fault; a newer format is a newer
+        // release's, during a rolling upgrade.
         Err(NodeError::Roster(
             crate::membership::RosterError::Stale { .. }
-            | crate::membership::RosterError::Diverged { .. },
+            | crate::membership::RosterError::Diverged { .. }
+            | crate::membership::RosterError::UnsupportedVersion { .. },
         )) => MessageAcceptance::Ignore,
         Err(NodeError::Roster(_)) => MessageAcceptance::Reject,
         Err(_) => MessageAcceptance::Ignore,
@@ -883,6 +894,7 @@ struct QueuedChange {
     message_id: MessageId,
     source: PeerId,
     envelope: serde_bytes::ByteBuf,
+    queued_at: Instant,
 }
 
 /// One publisher's gossip changes in validation and waiting.
@@ -1234,35 +1246,43 @@ impl Driver {
                 self.adopt_roster(signed.into_vec(), Some((message_id, source)), None, None);
             }
             Gossip::Change(envelope) if !roster_topic => {
+                // Members carry larger changes as announcements.
+                if envelope.len() > GOSSIP_ENVELOPE_BYTES_MAX {
+                    self.with_peer_stats(&source, |s| s.changes_rejected += 1);
+                    return self.report(&message_id, &source, MessageAcceptance::Reject);
+                }
                 if self.validations >= GOSSIP_VALIDATIONS_MAX {
                     return self.report(&message_id, &source, MessageAcceptance::Ignore);
                 }
                 // Each publisher's changes take turns: a few at once, the rest in its queue.
-                let publisher = message.source.unwrap_or(source);
+                // A publisher that is not a member (anyone can sign a gossip message) is
+                // queued under the peer that passed it on, so invented publishers share one
+                // queue.
+                let publisher = message
+                    .source
+                    .filter(|p| self.node.peer_institution(p).is_some())
+                    .unwrap_or(source);
                 let queue = self.publishers.entry(publisher).or_default();
-                if queue.in_flight >= GOSSIP_VALIDATIONS_PER_PUBLISHER_MAX {
-                    if queue.waiting.len() >= GOSSIP_QUEUED_PER_PUBLISHER_MAX
-                        || self.queued >= GOSSIP_QUEUED_MAX
-                    {
-                        return self.report(&message_id, &source, MessageAcceptance::Ignore);
-                    }
-                    queue.waiting.push_back(QueuedChange {
-                        message_id,
-                        source,
-                        envelope,
-                    });
-                    self.queued += 1;
-                    return;
+                let change = QueuedChange {
+                    message_id,
+                    source,
+                    envelope,
+                    queued_at: Instant::now(),
+                };
+                if queue.in_flight < GOSSIP_VALIDATIONS_PER_PUBLISHER_MAX {
+                    queue.in_flight += 1;
+                    return self.validate(publisher, change);
                 }
-                queue.in_flight += 1;
-                self.validate(
-                    publisher,
-                    QueuedChange {
-                        message_id,
-                        source,
-                        envelope,
-                    },
-                );
+                let bytes = change.envelope.len();
+                if queue.waiting.len() >= GOSSIP_QUEUED_PER_PUBLISHER_MAX
+                    || self.queued >= GOSSIP_QUEUED_MAX
+                    || self.queued_bytes + bytes > GOSSIP_QUEUED_BYTES_MAX
+                {
+                    return self.report(&change.message_id, &source, MessageAcceptance::Ignore);
+                }
+                queue.waiting.push_back(change);
+                self.queued += 1;
+                self.queued_bytes += bytes;
             }
             Gossip::Announce { document, heads } if !roster_topic => {
                 // Not passed on: the announcer's neighbours pull from it, others reconcile.
@@ -1298,6 +1318,7 @@ impl Driver {
             message_id,
             source,
             envelope,
+            ..
         } = change;
         let node = self.node.clone();
         self.spawn_job(source, Release::Validation(publisher), move || {
@@ -1328,23 +1349,28 @@ impl Driver {
         });
     }
 
-    /// A validation of `publisher`'s ended: the next of its queue takes the slot.
+    /// A validation of `publisher`'s ended: the next of its queue takes the slot (changes
+    /// queued too long are ignored on the way).
     fn validated(&mut self, publisher: PeerId) {
         self.validations = self.validations.saturating_sub(1);
-        let Some(queue) = self.publishers.get_mut(&publisher) else {
-            return;
-        };
-        match queue.waiting.pop_front() {
-            Some(next) => {
-                self.queued = self.queued.saturating_sub(1);
-                self.validate(publisher, next);
-            }
-            None => {
+        loop {
+            let Some(queue) = self.publishers.get_mut(&publisher) else {
+                return;
+            };
+            let Some(next) = queue.waiting.pop_front() else {
                 queue.in_flight = queue.in_flight.saturating_sub(1);
                 if queue.in_flight == 0 {
                     self.publishers.remove(&publisher);
                 }
+                return;
+            };
+            self.queued = self.queued.saturating_sub(1);
+            self.queued_bytes = self.queued_bytes.saturating_sub(next.envelope.len());
+            if next.queued_at.elapsed() > GOSSIP_QUEUED_AGE_MAX {
+                self.report(&next.message_id, &next.source, MessageAcceptance::Ignore);
+                continue;
             }
+            return self.validate(publisher, next);
         }
     }
 
@@ -1375,18 +1401,13 @@ impl Driver {
                 ..
             } => {
                 tracing::debug!(%peer, %error, "sync request failed");
-                match error {
-                    request_response::OutboundFailure::Timeout => {
-                        if let Some(state) = self.peers.get_mut(&peer) {
-                            state.quiet_until = Some(Instant::now() + UNANSWERED_BACKOFF);
-                        }
-                        self.with_peer_stats(&peer, |s| s.unanswered += 1);
+                // Only a timeout says something of the peer; an I/O failure may be a cut link,
+                // a full stream budget here, or an honest responder whose work failed.
+                if let request_response::OutboundFailure::Timeout = error {
+                    if let Some(state) = self.peers.get_mut(&peer) {
+                        state.quiet_until = Some(Instant::now() + UNANSWERED_BACKOFF);
                     }
-                    // An answer that did not decode, or was larger than the limit.
-                    request_response::OutboundFailure::Io(_) => {
-                        self.strike(peer, "an undecodable answer")
-                    }
-                    _ => {}
+                    self.with_peer_stats(&peer, |s| s.unanswered += 1);
                 }
                 if let Some((peer, outbound)) = self.outbound.remove(&request_id) {
                     self.finished(peer, &outbound);

@@ -234,3 +234,18 @@ pub async fn converge_or(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Every file below `dir`, in order (the store's files, for the damage tests).
+pub fn files_under(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            files.extend(files_under(&path));
+        } else {
+            files.push(path);
+        }
+    }
+    files.sort();
+    files
+}

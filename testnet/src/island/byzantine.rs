@@ -482,12 +482,16 @@ pub fn judge(
             continue;
         };
         denied += stats.denied;
-        let peer = stats.peers.get(&log.peer_id).cloned().unwrap_or_default();
+        // A node that never met the bad peer has nothing to disconnect.
+        let Some(peer) = stats.peers.get(&log.peer_id).cloned() else {
+            continue;
+        };
+        let met = peer.messages_in > 0 || peer.score.is_some() || peer.strikes > 0;
         if let Some(score) = peer.score {
             score_min = Some(score_min.map_or(score, |m: f64| m.min(score)));
         }
         strikes_max = strikes_max.max(peer.strikes);
-        disconnected_by += u64::from(!peer.connected);
+        disconnected_by += u64::from(met && !peer.connected);
         let must_go =
             peer.score.is_some_and(|s| s < DISCONNECT_SCORE) || peer.strikes >= SYNC_STRIKES_MAX;
         if must_go && peer.connected {

@@ -80,6 +80,9 @@ impl Verdict {
 /// A write some node acknowledged: its document and change hash, hex.
 pub type Acknowledged = (String, String);
 
+/// The pipeline's quarantine reason for a change built on a quarantined one.
+const DEPENDS_ON_QUARANTINED: &str = "it depends on a quarantined change";
+
 /// What a Byzantine run expects besides the ordinary rules.
 #[derive(Clone, Debug, Default)]
 pub struct Expected {
@@ -132,11 +135,12 @@ pub fn check(
             .get(document)
             .is_some_and(|d| d.changes.contains(change))
     };
-    let quarantined_somewhere = |document: &String, change: &String| {
+    // Refused with a refused change it builds on (the pipeline's reason for it).
+    let refused_with_its_dependency = |document: &String, change: &String| {
         nodes.iter().any(|n| {
-            n.quarantine
-                .iter()
-                .any(|(d, c, _)| d == document && c == change)
+            n.quarantine.iter().any(|(d, c, reason)| {
+                d == document && c == change && reason == DEPENDS_ON_QUARANTINED
+            })
         })
     };
     // Refused writes (and what was refused with them) are left out of the quarantine
@@ -158,7 +162,7 @@ pub fn check(
         }
         if expected.collateral_allowed
             && nodes.iter().all(|n| !held_by(n, document, change))
-            && quarantined_somewhere(document, change)
+            && refused_with_its_dependency(document, change)
         {
             verdict.collateral += 1;
             refused_here.insert(ack.clone());
@@ -295,11 +299,9 @@ mod tests {
 
         // A write built on a refused one: collateral where allowed, lost where not.
         let mut refused_with = node(&[("d1", &["a"])]);
-        refused_with.quarantine.insert((
-            "d1".into(),
-            "b".into(),
-            "depends on a refused change".into(),
-        ));
+        refused_with
+            .quarantine
+            .insert(("d1".into(), "b".into(), DEPENDS_ON_QUARANTINED.into()));
         let others = node(&[("d1", &["a"])]);
         let allowed = Expected {
             collateral_allowed: true,
@@ -308,7 +310,14 @@ mod tests {
         let verdict = check(&[refused_with.clone(), others.clone()], &acked, &allowed);
         assert_eq!((verdict.collateral, verdict.lost), (1, 0));
         assert!(verdict.passed(), "{verdict:?}");
-        let verdict = check(&[refused_with, others], &acked, &none);
+        let verdict = check(&[refused_with, others.clone()], &acked, &none);
         assert_eq!(verdict.lost, 2);
+        // Quarantined for a reason of its own: lost, even where collateral is allowed.
+        let mut wrongly = node(&[("d1", &["a"])]);
+        wrongly
+            .quarantine
+            .insert(("d1".into(), "b".into(), "some other rule".into()));
+        let verdict = check(&[wrongly, others], &acked, &allowed);
+        assert_eq!((verdict.collateral, verdict.lost), (0, 2));
     }
 }

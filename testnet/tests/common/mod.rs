@@ -1,0 +1,31 @@
+//! Running the demo binary from the tests, and reading what it wrote.
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::process::Command;
+
+use serde_json::Value;
+
+/// Runs `estuary-testnet demo` with `args`, its report in `report_dir` and `RUST_LOG` set to
+/// `log_filter` (for the demo and its node processes): whether it passed, `report.json`,
+/// and its output.
+pub fn demo(args: &[&str], report_dir: &Path, log_filter: &str) -> (bool, Value, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_estuary-testnet"))
+        .arg("demo")
+        .args(args)
+        .arg("--report-dir")
+        .arg(report_dir)
+        .env("RUST_LOG", log_filter)
+        .output()
+        .expect("the testnet binary runs");
+    let text = format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report = std::fs::read(report_dir.join("report.json"))
+        .ok()
+        .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+        .unwrap_or(Value::Null);
+    (output.status.success(), report, text)
+}
