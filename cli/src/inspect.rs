@@ -554,7 +554,7 @@ pub fn audit(client: &Client, args: AuditArgs, json: bool) -> Result<(), Failure
     Ok(())
 }
 
-pub fn verify(client: &Client, json: bool) -> Result<(), Failure> {
+pub fn verify(client: &Client, json: bool, repair: bool) -> Result<(), Failure> {
     let spinner = ProgressBar::new_spinner();
     spinner.set_message("verifying every signature, hash and document");
     spinner.enable_steady_tick(std::time::Duration::from_millis(200));
@@ -578,14 +578,38 @@ pub fn verify(client: &Client, json: bool) -> Result<(), Failure> {
         }
     }
     if report["sound"].as_bool() == Some(true) {
+        return Ok(());
+    }
+    if !repair {
+        return Err(Failure {
+            code: EXIT_UNSOUND,
+            message: format!(
+                "the store has problems ({} documents affected); `estuary verify --repair` takes them out for the node to fetch again from its peers",
+                list(&report["affected_documents"]).len()
+            ),
+        });
+    }
+    let repaired = client.post_json("/admin/repair", &serde_json::Value::Null)?;
+    if json {
+        output::json(&repaired);
+    } else {
+        println!(
+            "repaired: {} damaged documents taken out, {} lost changes to re-sync",
+            list(&repaired["discarded"]).len(),
+            cell(&repaired["lost_changes"])
+        );
+        for problem in list(&repaired["unrepaired"]) {
+            println!("not repaired: {}", cell(&problem["what"]));
+        }
+    }
+    if list(&repaired["unrepaired"]).is_empty() {
+        // The node fetches what was taken out from its peers as it runs (at its next start,
+        // if it is stopped).
         Ok(())
     } else {
         Err(Failure {
             code: EXIT_UNSOUND,
-            message: format!(
-                "the store has problems; re-sync the affected documents ({}) from peers",
-                list(&report["affected_documents"]).len()
-            ),
+            message: "problems repair does not touch remain (see above)".into(),
         })
     }
 }

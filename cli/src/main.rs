@@ -64,7 +64,12 @@ enum Command {
     /// The hash-chained audit log.
     Audit(inspect::AuditArgs),
     /// Re-check every signature, hash and document in the store.
-    Verify,
+    Verify {
+        /// When problems are found, take the damaged documents out of the store (the node
+        /// fetches them again from its peers) and clear the record of lost changes.
+        #[arg(long)]
+        repair: bool,
+    },
     /// Write every envelope the node holds to a bundle signed by its key.
     Export {
         /// The bundle file to write.
@@ -173,7 +178,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Referral(command) => inspect::referral(&connect()?, command, json),
         Command::Quarantine(command) => inspect::quarantine(&connect()?, command, json),
         Command::Audit(args) => inspect::audit(&connect()?, args, json),
-        Command::Verify => inspect::verify(&connect()?, json),
+        Command::Verify { repair } => inspect::verify(&connect()?, json, repair),
         Command::Export { file } => inspect::export(&connect()?, &file, json),
         Command::Import { file } => inspect::import(&connect()?, &file, json),
         Command::Inspect { file } => inspect::inspect_file(&file, json),

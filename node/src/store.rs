@@ -19,6 +19,14 @@ pub enum StoreError {
         /// Which kind of record.
         what: &'static str,
     },
+    /// sled refuses to open the store: its files are damaged.
+    #[error(
+        "the store's files are damaged and sled refuses to open them ({reason}). Stop the node, move the `store` folder aside and start it again: it opens an empty store and re-syncs every document from its peers (the witness reports the changes lost until then)"
+    )]
+    Damaged {
+        /// sled's own words.
+        reason: String,
+    },
     /// The store was written by a newer release in a layout this one cannot read.
     #[error(
         "the store's format is version {found}; this release reads up to version {supported}. Run the newer release, or re-sync into a fresh data directory"
@@ -96,7 +104,15 @@ pub struct SledStore {
 impl SledStore {
     /// Opens (or creates) the store in `dir`.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        let db = sled::Config::new().path(dir).open()?;
+        let db = sled::Config::new()
+            .path(dir)
+            .open()
+            .map_err(|error| match error {
+                sled::Error::Corruption { .. } => StoreError::Damaged {
+                    reason: error.to_string(),
+                },
+                other => StoreError::from(other),
+            })?;
         Ok(Self { db })
     }
 }

@@ -498,3 +498,21 @@ impl Events {
         }
     }
 }
+
+#[tokio::test]
+async fn repair_is_for_the_admin_and_leaves_a_sound_store_as_it_was() {
+    let api = api();
+    let id = api.register("Sound").await;
+    let (status, _) = api.call("POST", "/admin/repair", WRITER, "").await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, repaired) = api.call("POST", "/admin/repair", ADMIN, "").await;
+    assert_eq!(status, StatusCode::OK, "{repaired}");
+    assert_eq!(repaired["discarded"], json!([]));
+    assert_eq!(repaired["lost_changes"], 0);
+    assert_eq!(repaired["unrepaired"], json!([]));
+    let (status, _) = api
+        .call("GET", &format!("/v1/health-files/{id}"), READER, "")
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(api.node.verify().unwrap().problems.is_empty());
+}

@@ -134,9 +134,15 @@ async fn damaged_store_is_detected_repaired_and_resynced(how: Damage) {
             // sled refuses the files: a typed error at open, naming the store. The operator
             // moves the store aside and the node starts empty, to re-sync everything.
             assert!(
-                matches!(error, estuary_node::node::NodeError::Store(_)),
+                matches!(
+                    error,
+                    estuary_node::node::NodeError::Store(
+                        estuary_node::store::StoreError::Damaged { .. }
+                    )
+                ),
                 "{how:?}: {error}"
             );
+            assert!(error.to_string().contains("move the `store` folder aside"));
             eprintln!("{how:?}: refused at open: {error}");
             let aside = Node::set_aside_store(&c_dir).unwrap();
             assert!(aside.exists());

@@ -42,6 +42,7 @@ pub(super) fn routes() -> Vec<Route> {
         Route::get("/admin/audit", audit),
         Route::get("/admin/audit/verify", verify_audit),
         Route::get("/admin/verify", verify),
+        Route::post("/admin/repair", repair),
         Route::get("/admin/export", export),
         Route::post("/admin/import", import),
     ]
@@ -325,6 +326,15 @@ async fn verify(
         })))
     })
     .await
+}
+
+/// Takes the documents `verify` finds damaged out of the store, for anti-entropy to fetch
+/// again from peers, and clears the record of changes the store lost.
+async fn repair(
+    State(state): State<ApiState>,
+    _admin: Admin,
+) -> Result<Json<crate::node::RepairReport>, ApiError> {
+    blocking(move || Ok(Json(state.node.repair()?))).await
 }
 
 /// Writes into a bounded channel in chunks, blocking when the client is slow; fails once the
