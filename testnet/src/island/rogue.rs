@@ -458,8 +458,9 @@ impl State {
     }
 }
 
-/// The steps of a misbehaviour that runs a script (forged, garbage), one per tick once
-/// connected; then it repeats its last kind of offence until stopped.
+/// Runs the rogue until stopped: it dials every target (again once a second), answers their
+/// requests as its misbehaviour says, and once it is connected to every target (or after
+/// `CONNECT_WAIT`) plays its script, one step a tick.
 async fn run(
     config: RogueConfig,
     identity: Identity,
