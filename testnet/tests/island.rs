@@ -12,16 +12,12 @@ fn demo(args: &[&str], report_dir: &Path) -> (bool, Value, String) {
 }
 
 fn assert_clean(report: &Value, text: &str) {
-    for (field, expected) in [
-        ("converged", Value::Bool(true)),
-        ("identical_heads", Value::Bool(true)),
-        ("quarantine_identical", Value::Bool(true)),
-        ("lost", Value::from(0)),
-        ("phantom", Value::from(0)),
-        ("invariant_violations", Value::from(0)),
-    ] {
-        assert_eq!(report[field], expected, "{field}: {text}");
-    }
+    common::assert_fields(
+        report,
+        &common::CLEAN,
+        &["lost", "phantom", "invariant_violations"],
+        text,
+    );
     assert!(
         report["acknowledged_writes"].as_u64().unwrap() > 0,
         "{text}"

@@ -47,6 +47,9 @@ const OVERSIZED_REQUEST_BYTES: usize = 5 * 1024 * 1024;
 const REPLAYS_MAX: usize = 16;
 /// Requests `mute` holds without answering (dropped oldest first past this).
 const WITHHELD_MAX: usize = 1_024;
+/// How long `mute` holds a request before dropping it: past the honest nodes' request
+/// timeout, so they see a timeout, not a closed stream.
+const WITHHELD_FOR: Duration = Duration::from_secs(60);
 
 /// What the rogue is told.
 pub struct RogueConfig {
@@ -518,8 +521,11 @@ async fn run(
                         let _ = state.swarm.dial(target);
                     }
                 }
-                let withheld_for = Duration::from_secs(60);
-                while state.withheld.front().is_some_and(|(at, _)| at.elapsed() > withheld_for) {
+                while state
+                    .withheld
+                    .front()
+                    .is_some_and(|(at, _)| at.elapsed() > WITHHELD_FOR)
+                {
                     state.withheld.pop_front();
                 }
                 let ready = state.connected_to_all() || started.elapsed() >= CONNECT_WAIT;

@@ -29,3 +29,21 @@ pub fn demo(args: &[&str], report_dir: &Path, log_filter: &str) -> (bool, Value,
         .unwrap_or(Value::Null);
     (output.status.success(), report, text)
 }
+
+/// The checker's verdict in a report: every run must have converged with nothing lost,
+/// invented or invalid, and identical heads and quarantine on every node checked.
+pub const CLEAN: [(&str, bool); 3] = [
+    ("converged", true),
+    ("identical_heads", true),
+    ("quarantine_identical", true),
+];
+
+/// Asserts that each of `fields` of `value` is `true` (the `CLEAN` ones) or 0 (`zero`).
+pub fn assert_fields(value: &Value, flags: &[(&str, bool)], zero: &[&str], text: &str) {
+    for (field, expected) in flags {
+        assert_eq!(value[*field], Value::Bool(*expected), "{field}: {text}");
+    }
+    for field in zero {
+        assert_eq!(value[*field], Value::from(0), "{field}: {text}");
+    }
+}
