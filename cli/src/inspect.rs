@@ -81,6 +81,17 @@ pub enum QuarantineCommand {
         /// The change hash (hex).
         change: String,
     },
+    /// Removes quarantine records and their envelopes (all, or those older than --before).
+    /// A purged change that arrives again is judged again; the purge is on the audit log.
+    Purge {
+        /// Only records quarantined before this day (YYYY-MM-DD, UTC) or time (milliseconds
+        /// since the epoch).
+        #[arg(long)]
+        before: Option<String>,
+        /// Purge without asking (required: the records cannot be brought back).
+        #[arg(long)]
+        yes: bool,
+    },
 }
 
 #[derive(clap::Args)]
@@ -432,9 +443,38 @@ pub fn referral(client: &Client, command: ReferralCommand, json: bool) -> Result
 
 pub fn quarantine(client: &Client, command: QuarantineCommand, json: bool) -> Result<(), Failure> {
     let value = match &command {
-        QuarantineCommand::List => client.get("/admin/quarantine")?,
+        QuarantineCommand::List => {
+            // Page by page: the node answers at most a thousand records at a time.
+            let mut entries = Vec::new();
+            let mut path = "/admin/quarantine".to_string();
+            loop {
+                let page = client.get(&path)?;
+                entries.extend(list(&page["entries"]).iter().cloned());
+                match page["next"].as_str() {
+                    Some(next) => path = format!("/admin/quarantine?after={}", url_encode(next)),
+                    None => break,
+                }
+            }
+            serde_json::json!({ "entries": entries })
+        }
         QuarantineCommand::Show { change } => {
             client.get(&format!("/admin/quarantine/{}", url_encode(change)))?
+        }
+        QuarantineCommand::Purge { before, yes } => {
+            if !yes {
+                return Err(Failure::error(anyhow::anyhow!(
+                    "purging removes quarantine records for good; run again with --yes"
+                )));
+            }
+            let before_ms = before
+                .as_deref()
+                .map(parse_since)
+                .transpose()
+                .map_err(Failure::error)?;
+            client.post_json(
+                "/admin/quarantine/purge",
+                &serde_json::json!({ "before_ms": before_ms }),
+            )?
         }
     };
     if json {
@@ -453,7 +493,12 @@ pub fn quarantine(client: &Client, command: QuarantineCommand, json: bool) -> Re
             ("change", cell(&value["change"])),
             ("document", cell(&value["document"])),
             ("reason", cell(&value["reason"])),
+            ("envelope bytes", cell(&value["envelope_bytes"])),
+            ("envelope kept", cell(&value["envelope_kept"])),
         ]),
+        QuarantineCommand::Purge { .. } => {
+            println!("purged {} quarantine records", cell(&value["purged"]));
+        }
     }
     Ok(())
 }

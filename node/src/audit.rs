@@ -32,6 +32,8 @@ pub enum AuditAction {
     /// Every envelope the node holds was exported to a bundle; the record's document is the
     /// zero id, meaning all of them.
     Exported,
+    /// An operator purged quarantine records; the record's document is the zero id.
+    QuarantinePurged,
 }
 
 impl AuditAction {

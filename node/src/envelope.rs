@@ -2,8 +2,9 @@
 //!
 //! An envelope carries one automerge change, the document it belongs to, and the author's
 //! ed25519 signature over `estuary/change/v1 ‖ document id ‖ change hash`. The document id is
-//! signed too, so a change cannot be replayed into another document; the author is the
-//! change's automerge actor, which is the signing node's public key.
+//! signed too, so a change cannot be replayed into another document; the author is read from
+//! the change's automerge actor: the signing node's public key, followed by the incarnation
+//! of its store (see `ACTOR_INCARNATION_BYTES`).
 
 use ed25519_dalek::{Signature, VerifyingKey};
 use serde::{Deserialize, Serialize};
@@ -11,6 +12,24 @@ use serde::{Deserialize, Serialize};
 use crate::identity::Identity;
 use crate::model::automerge::{Change, ChangeHash};
 use crate::model::{Bytes32, DocumentId, LoadError, decode_change};
+
+/// Bytes after the node key in a node's automerge actor: a random incarnation drawn at every
+/// start. automerge refuses a second change with an actor and sequence number it holds, so a
+/// node whose store lost its tail (or was restored from an older copy) must never write as
+/// the actor it wrote as before: with the key alone it would reuse sequence numbers its peers
+/// hold, and the document would split for good. Actors of exactly 32 bytes (the key alone)
+/// are still read, as earlier releases wrote them.
+pub const ACTOR_INCARNATION_BYTES: usize = 8;
+
+/// The node key an automerge actor belongs to: the actor's first 32 bytes, when the actor is
+/// a key alone or a key and an incarnation.
+pub fn author_of(actor: &[u8]) -> Option<[u8; 32]> {
+    match actor.len() {
+        32 => actor.try_into().ok(),
+        n if n == 32 + ACTOR_INCARNATION_BYTES => actor.get(..32)?.try_into().ok(),
+        _ => None,
+    }
+}
 
 /// The envelope format this build writes and reads.
 pub const ENVELOPE_VERSION: u8 = 1;
@@ -145,11 +164,7 @@ impl Envelope {
     pub fn verify(bytes: &[u8]) -> Result<VerifiedChange, EnvelopeError> {
         let envelope = Self::decode(bytes)?;
         let change = decode_change(&envelope.change)?;
-        let author: [u8; 32] = change
-            .actor_id()
-            .to_bytes()
-            .try_into()
-            .map_err(|_| EnvelopeError::NotANodeKey)?;
+        let author = author_of(change.actor_id().to_bytes()).ok_or(EnvelopeError::NotANodeKey)?;
         let key = VerifyingKey::from_bytes(&author).map_err(|_| EnvelopeError::NotANodeKey)?;
         let mut document = [0u8; 16];
         document.copy_from_slice(&envelope.document);

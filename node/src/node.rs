@@ -21,7 +21,7 @@ use crate::index;
 use crate::membership::{Admission, Membership, RosterError, SignedRoster};
 use crate::model::automerge::{AutoCommit, Change, ChangeHash};
 use crate::model::{
-    Bytes32, Demographics, DocumentId, DocumentKind, Editor, HealthFile, HealthFileOp,
+    Actor, Bytes32, Demographics, DocumentId, DocumentKind, Editor, HealthFile, HealthFileOp,
     HealthFileView, InstitutionId, NewReferral, OpError, Referral, ReferralOp, ReferralView,
     document_id_of, validate, validate_change_view,
 };
@@ -42,8 +42,34 @@ pub const SNAPSHOT_EVERY_CHANGES: u64 = 16;
 pub const QUARANTINE_CHANGES_MAX: usize = 100_000;
 /// Stripes of the per-document write lock.
 const DOCUMENT_LOCK_STRIPES: usize = 64;
-/// Most changes held waiting for their dependencies.
+/// Quarantined envelopes are kept whole only up to this many bytes in all; past it a
+/// quarantine record keeps the envelope's digest, size and reason, not its body. 100,000
+/// records of up to 513 KiB would be 51 GB; the records alone are about 200 bytes each.
+pub const QUARANTINE_BODIES_BYTES_MAX: u64 = 64 * 1024 * 1024;
+/// Quarantine records in one page of the operators' listing.
+pub const QUARANTINE_PAGE_RECORDS_MAX: usize = 1_000;
+/// Most changes held waiting (for their dependencies, a revoked key's cut-off or a roster
+/// that knows their author), over all buckets.
 pub const PENDING_CHANGES_MAX: usize = 10_000;
+/// Most bytes of envelopes held waiting, over all buckets.
+pub const PENDING_BYTES_MAX: usize = 64 * 1024 * 1024;
+/// Most (change, missing dependency) waits, over all buckets: each is a key to wake.
+pub const PENDING_WAITS_MAX: usize = 40_000;
+/// One member's share of what waits: its own changes past it evict its oldest, so no member
+/// (or peer replaying a member's changes out of order) can push out the others'.
+pub const PENDING_CHANGES_PER_AUTHOR_MAX: usize = 2_500;
+/// One member's share of pending bytes.
+pub const PENDING_BYTES_PER_AUTHOR_MAX: usize = 16 * 1024 * 1024;
+/// One member's share of pending waits.
+pub const PENDING_WAITS_PER_AUTHOR_MAX: usize = 10_000;
+/// The share of every author this roster does not know, together: changes held until a
+/// newer roster names their author. Small, since any key can sign such changes.
+pub const PENDING_CHANGES_OF_STRANGERS_MAX: usize = 1_024;
+/// Bytes of the strangers' share.
+pub const PENDING_BYTES_OF_STRANGERS_MAX: usize = 4 * 1024 * 1024;
+/// Most missing dependencies one change may wait for. An honest change depends on its
+/// document's heads (a handful); thousands are invented, and each would be a key to keep.
+pub const PENDING_MISSING_PER_CHANGE_MAX: usize = 256;
 /// Local changes queued for the network layer to publish; a subscriber that falls further
 /// behind misses the oldest (anti-entropy carries them instead).
 pub const LOCAL_CHANGES_QUEUE_MAX: usize = 4_096;
@@ -53,8 +79,9 @@ pub const REVOKED_HELD_PER_KEY_MAX: usize = 256;
 /// The store's folder in the data directory.
 pub const STORE_DIR: &str = "store";
 /// The layout of the store this release writes. A release that changes key layouts or record
-/// encodings raises it and converts older stores at open.
-pub const STORE_FORMAT: u32 = 1;
+/// encodings raises it and converts older stores at open. 2: quarantine and pending records
+/// keyed by document as well as change, pending changes ordered per author.
+pub const STORE_FORMAT: u32 = 2;
 /// Audit records read at a time when the whole log is checked.
 const AUDIT_PAGE_RECORDS: usize = 4_096;
 
@@ -69,17 +96,34 @@ mod keys {
     pub const SNAPSHOT: u8 = b's';
     /// `c ‖ document` → SHA-256 of the sorted heads: the catalogue reconciliation reads.
     pub const CATALOGUE: u8 = b'c';
-    /// `q ‖ change hash` → quarantine record.
+    /// `q ‖ change hash ‖ document` → quarantine record. Keyed by what was judged — the
+    /// change *in that document* — so a copy sent into another document, where it fails,
+    /// never condemns the genuine change or what builds on it.
     pub const QUARANTINE: u8 = b'q';
     /// `f ‖ SHA-256(envelope)` → quarantine record of an envelope refused for its signature
     /// or its author (forged, or a stranger's). Keyed by the envelope, not the change it
     /// claims, so a forgery never blocks the genuine change.
     pub const REFUSED: u8 = b'f';
-    /// `p ‖ change hash` → pending record.
+    /// `p ‖ document ‖ change hash` → pending record: per document, so what a document's
+    /// held changes miss is one short prefix scan.
     pub const PENDING: u8 = b'p';
-    /// `w ‖ missing dependency ‖ change hash` → nothing: which pending changes wait for what,
-    /// so a decision wakes only the changes waiting for it.
+    /// `w ‖ missing dependency ‖ document ‖ change hash` → nothing: which pending changes
+    /// wait for what, so a decision wakes only the changes waiting for it. A change waiting
+    /// for itself (a revoked key's change until its cut-off can be drawn, or a change whose
+    /// author this roster does not know yet) is woken by name.
     pub const WAITING: u8 = b'w';
+    /// `o ‖ bucket ‖ sequence (u64, big-endian) ‖ document ‖ change hash` → its cost (bytes
+    /// and waits, two u64): the pending changes of each bucket (its author's key, or one
+    /// bucket for every author this roster does not know) oldest first, so a bucket over its
+    /// share evicts its own oldest, and the shares are counted at open without reading a
+    /// single pending envelope.
+    pub const PENDING_ORDER: u8 = b'o';
+    /// `y ‖ change hash ‖ document` → nothing: the pending changes that wait for themselves,
+    /// woken by name at every start and roster change.
+    pub const WAITS_ON_ITSELF: u8 = b'y';
+    /// Bytes of quarantined envelopes kept whole (u64, big-endian): bodies are kept only up
+    /// to `QUARANTINE_BODIES_BYTES_MAX`.
+    pub const QUARANTINE_BODIES: &[u8] = b"m/quarantine-bodies";
     /// The signed roster.
     pub const ROSTER: &[u8] = b"m/roster";
     /// How many changes the store has accepted (u64, big-endian), witnessed outside it. It
@@ -91,6 +135,8 @@ mod keys {
     pub const LOST: &[u8] = b"m/lost";
     /// This node's random salt for the national-id index (32 bytes).
     pub const SALT: &[u8] = b"m/salt";
+    /// The incarnation this store's node writes as (`envelope::ACTOR_INCARNATION_BYTES`).
+    pub const INCARNATION: &[u8] = b"m/incarnation";
     /// The store layout's version (u32, big-endian).
     pub const FORMAT: &[u8] = b"m/format";
 
@@ -100,13 +146,34 @@ mod keys {
     pub fn per_document(prefix: u8, document: &super::DocumentId) -> Vec<u8> {
         [&[prefix][..], document.as_bytes()].concat()
     }
-    pub fn per_change(prefix: u8, hash: &super::ChangeHash) -> Vec<u8> {
-        [&[prefix][..], &hash.0].concat()
+    pub fn quarantined(hash: &super::ChangeHash, document: &super::DocumentId) -> Vec<u8> {
+        [&[QUARANTINE][..], &hash.0, document.as_bytes()].concat()
+    }
+    pub fn pending(document: &super::DocumentId, hash: &super::ChangeHash) -> Vec<u8> {
+        [&[PENDING][..], document.as_bytes(), &hash.0].concat()
+    }
+    pub fn waits_on_itself(hash: &super::ChangeHash, document: &super::DocumentId) -> Vec<u8> {
+        [&[WAITS_ON_ITSELF][..], &hash.0, document.as_bytes()].concat()
+    }
+    pub fn pending_order(
+        bucket: &[u8; 32],
+        sequence: u64,
+        document: &super::DocumentId,
+        hash: &super::ChangeHash,
+    ) -> Vec<u8> {
+        [
+            &[PENDING_ORDER][..],
+            bucket,
+            &sequence.to_be_bytes(),
+            document.as_bytes(),
+            &hash.0,
+        ]
+        .concat()
     }
     /// `v ‖ change hash ‖ revoked key` → document: the change is one of the key's cut-off
     /// heads or an ancestor of one, so a change of that key here is within the cut-off.
     pub const VOUCHED: u8 = b'v';
-    /// `h ‖ revoked key ‖ change hash` → nothing: the key's changes held until this node can
+    /// `h ‖ revoked key ‖ change hash` → document: the key's changes held until this node can
     /// tell whether they are within its cut-off (at most `REVOKED_HELD_PER_KEY_MAX` per key).
     pub const HELD: u8 = b'h';
     /// `u ‖ author ‖ document` → nothing: the documents each key has changes accepted in, so
@@ -115,8 +182,12 @@ mod keys {
     /// `m/revocation/ ‖ key` → nothing: revocations whose withdrawals are complete.
     pub const REVOCATION_APPLIED: &[u8] = b"m/revocation/";
 
-    pub fn waiting(dependency: &[u8; 32], hash: &super::ChangeHash) -> Vec<u8> {
-        [&[WAITING][..], dependency, &hash.0].concat()
+    pub fn waiting(
+        dependency: &[u8; 32],
+        document: &super::DocumentId,
+        hash: &super::ChangeHash,
+    ) -> Vec<u8> {
+        [&[WAITING][..], dependency, document.as_bytes(), &hash.0].concat()
     }
     pub fn vouched(hash: &super::ChangeHash, key: &super::Bytes32) -> Vec<u8> {
         [&[VOUCHED][..], &hash.0, &key.0].concat()
@@ -177,6 +248,9 @@ pub enum NodeError {
     /// The pipeline refused an envelope outright.
     #[error(transparent)]
     Ingest(#[from] IngestError),
+    /// A listing cursor that is not one this node gave out.
+    #[error("the cursor is not one this node gave out; start from the first page")]
+    BadCursor,
 }
 
 /// Why an envelope was refused without being stored at all.
@@ -193,6 +267,14 @@ pub enum IngestError {
     /// Too many changes already wait for their dependencies.
     #[error("{PENDING_CHANGES_MAX} changes already wait for dependencies; retry after catching up")]
     PendingFull,
+    /// The change waits for more missing dependencies than any honest change has.
+    #[error(
+        "the change names {missing} dependencies this node lacks, more than the {PENDING_MISSING_PER_CHANGE_MAX} it holds a change for; it was refused and not kept"
+    )]
+    TooManyMissing {
+        /// How many it lacks.
+        missing: usize,
+    },
     /// Too many changes of one revoked key already wait for its cut-off to be drawn.
     #[error(
         "{REVOKED_HELD_PER_KEY_MAX} changes of this revoked key already wait until its cut-off can be drawn; the change was refused and not kept"
@@ -216,6 +298,50 @@ pub enum Ingested {
     Quarantined(ChangeHash, String),
 }
 
+/// One page of the quarantine listing.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuarantinePage {
+    /// The records of this page.
+    pub entries: Vec<QuarantineEntry>,
+    /// The cursor of the next page, if there is one.
+    pub next: Option<String>,
+}
+
+fn quarantine_entry(key: &[u8], value: &[u8]) -> Result<QuarantineEntry, StoreError> {
+    let record: QuarantineRecord = decode(value, "quarantine record")?;
+    let change = match record.claimed {
+        Some(claimed) => claimed,
+        None => key
+            .get(1..33)
+            .and_then(|b| <[u8; 32]>::try_from(b).ok())
+            .ok_or(StoreError::Corrupt {
+                what: "quarantine key",
+            })?,
+    };
+    Ok(QuarantineEntry {
+        change,
+        document: record.document,
+        reason: record.reason,
+        envelope_bytes: record.envelope_bytes,
+        envelope_kept: !record.envelope.is_empty(),
+        at_ms: record.at_ms,
+    })
+}
+
+fn hex_encode(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn hex_decode(text: &str) -> Option<Vec<u8>> {
+    if !text.len().is_multiple_of(2) || text.len() > 256 {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
 /// A quarantined change as operators see it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QuarantineEntry {
@@ -225,6 +351,15 @@ pub struct QuarantineEntry {
     pub document: DocumentId,
     /// Why it was refused (names fields and rules, never content).
     pub reason: String,
+    /// The envelope's size in bytes.
+    #[serde(default)]
+    pub envelope_bytes: u64,
+    /// Whether the envelope is kept whole (bodies are kept up to a byte budget).
+    #[serde(default)]
+    pub envelope_kept: bool,
+    /// When it was quarantined, in milliseconds since the epoch (0 if not recorded).
+    #[serde(default)]
+    pub at_ms: u64,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -234,8 +369,32 @@ struct QuarantineRecord {
     #[serde(default)]
     claimed: Option<[u8; 32]>,
     reason: String,
+    /// The envelope, when the quarantine's body budget had room for it (empty otherwise).
     #[serde(with = "serde_bytes")]
     envelope: Vec<u8>,
+    /// SHA-256 of the envelope, kept whether or not its body is.
+    #[serde(default)]
+    digest: Option<[u8; 32]>,
+    /// The envelope's size in bytes.
+    #[serde(default)]
+    envelope_bytes: u64,
+    /// When it was quarantined, in milliseconds since the epoch (0: before this was kept).
+    #[serde(default)]
+    at_ms: u64,
+}
+
+impl QuarantineRecord {
+    fn new(document: DocumentId, claimed: Option<[u8; 32]>, reason: &str, envelope: &[u8]) -> Self {
+        Self {
+            document,
+            claimed,
+            reason: reason.to_string(),
+            envelope: envelope.to_vec(),
+            digest: Some(Sha256::digest(envelope).into()),
+            envelope_bytes: envelope.len() as u64,
+            at_ms: u64::try_from(audit::now_ms()).unwrap_or(0),
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -245,6 +404,157 @@ struct PendingRecord {
     missing: Vec<[u8; 32]>,
     #[serde(with = "serde_bytes")]
     envelope: Vec<u8>,
+    /// Whose share it counts against: its author's key, or `STRANGERS_BUCKET`.
+    #[serde(default)]
+    bucket: [u8; 32],
+    /// Its place in the bucket's order (`keys::PENDING_ORDER`).
+    #[serde(default)]
+    sequence: u64,
+    /// It waits for itself: woken by name (a revoked key's change until the cut-off can be
+    /// drawn, a stranger's change until a roster names its author).
+    #[serde(default)]
+    waits_on_itself: bool,
+    /// The revoked key whose cut-off it waits for, if any (`keys::HELD`).
+    #[serde(default)]
+    held_for: Option<[u8; 32]>,
+}
+
+impl PendingRecord {
+    fn usage(&self) -> Usage {
+        Usage {
+            changes: 1,
+            bytes: self.envelope.len(),
+            waits: self.missing.len() + usize::from(self.waits_on_itself),
+        }
+    }
+}
+
+/// What a held change waits for, besides its missing dependencies.
+enum Hold {
+    /// Only its dependencies; it counts against its author's share.
+    Dependencies,
+    /// The cut-off of its revoked author's key to be drawable here, or a mark within it.
+    Cutoff(Bytes32),
+    /// A roster that names its author.
+    Roster,
+}
+
+/// The bucket of every author the roster does not know: they share one small quota.
+const STRANGERS_BUCKET: [u8; 32] = [0xff; 32];
+
+/// What pending changes hold: of one bucket, or of all.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Usage {
+    changes: usize,
+    bytes: usize,
+    waits: usize,
+}
+
+impl Usage {
+    fn plus(self, other: Usage) -> Usage {
+        Usage {
+            changes: self.changes + other.changes,
+            bytes: self.bytes + other.bytes,
+            waits: self.waits + other.waits,
+        }
+    }
+
+    fn minus(self, other: Usage) -> Usage {
+        Usage {
+            changes: self.changes.saturating_sub(other.changes),
+            bytes: self.bytes.saturating_sub(other.bytes),
+            waits: self.waits.saturating_sub(other.waits),
+        }
+    }
+
+    fn exceeds(self, quota: Usage) -> bool {
+        self.changes > quota.changes || self.bytes > quota.bytes || self.waits > quota.waits
+    }
+
+    fn encode(self) -> Vec<u8> {
+        [
+            (self.bytes as u64).to_be_bytes(),
+            (self.waits as u64).to_be_bytes(),
+        ]
+        .concat()
+    }
+
+    fn decode(bytes: &[u8]) -> Option<Usage> {
+        let bytes_held = u64::from_be_bytes(bytes.get(0..8)?.try_into().ok()?);
+        let waits = u64::from_be_bytes(bytes.get(8..16)?.try_into().ok()?);
+        Some(Usage {
+            changes: 1,
+            bytes: usize::try_from(bytes_held).ok()?,
+            waits: usize::try_from(waits).ok()?,
+        })
+    }
+}
+
+/// The pending changes' shares, counted at open from the order keys and kept in step with
+/// every batch that parks or settles a change.
+#[derive(Debug, Default)]
+struct PendingBook {
+    buckets: HashMap<[u8; 32], Usage>,
+    total: Usage,
+    next_sequence: u64,
+}
+
+impl PendingBook {
+    fn quota(bucket: &[u8; 32]) -> Usage {
+        if *bucket == STRANGERS_BUCKET {
+            Usage {
+                changes: PENDING_CHANGES_OF_STRANGERS_MAX,
+                bytes: PENDING_BYTES_OF_STRANGERS_MAX,
+                waits: PENDING_CHANGES_OF_STRANGERS_MAX,
+            }
+        } else {
+            Usage {
+                changes: PENDING_CHANGES_PER_AUTHOR_MAX,
+                bytes: PENDING_BYTES_PER_AUTHOR_MAX,
+                waits: PENDING_WAITS_PER_AUTHOR_MAX,
+            }
+        }
+    }
+
+    const TOTAL: Usage = Usage {
+        changes: PENDING_CHANGES_MAX,
+        bytes: PENDING_BYTES_MAX,
+        waits: PENDING_WAITS_MAX,
+    };
+
+    fn of(&self, bucket: &[u8; 32]) -> Usage {
+        self.buckets.get(bucket).copied().unwrap_or_default()
+    }
+
+    fn add(&mut self, bucket: [u8; 32], usage: Usage) {
+        let entry = self.buckets.entry(bucket).or_default();
+        *entry = entry.plus(usage);
+        self.total = self.total.plus(usage);
+    }
+
+    fn remove(&mut self, bucket: &[u8; 32], usage: Usage) {
+        if let Some(entry) = self.buckets.get_mut(bucket) {
+            *entry = entry.minus(usage);
+            if entry.changes == 0 {
+                self.buckets.remove(bucket);
+            }
+        }
+        self.total = self.total.minus(usage);
+    }
+
+    /// The bucket holding the largest part of the whole, in whichever measure it holds most
+    /// of: the one to evict from when the whole is full.
+    fn largest(&self) -> Option<[u8; 32]> {
+        let per_mille = |part: usize, whole: usize| part.saturating_mul(1_000) / whole.max(1);
+        self.buckets
+            .iter()
+            .max_by_key(|(_, usage)| {
+                per_mille(usage.changes, Self::TOTAL.changes)
+                    .max(per_mille(usage.bytes, Self::TOTAL.bytes))
+                    .max(per_mille(usage.waits, Self::TOTAL.waits))
+            })
+            .map(|(bucket, _)| *bucket)
+    }
 }
 
 /// A change waiting for its dependencies, as operators see it.
@@ -299,6 +609,10 @@ struct Cache {
     woken: VecDeque<ChangeHash>,
     /// Revoked keys whose cut-off may just have become drawable.
     recheck: BTreeSet<Bytes32>,
+    /// What pending changes hold, per bucket.
+    pending: PendingBook,
+    /// Bytes of quarantined envelopes kept whole (mirrors `keys::QUARANTINE_BODIES`).
+    quarantine_bodies: u64,
 }
 
 impl Cache {
@@ -365,6 +679,10 @@ pub struct LocalChange {
 /// One member institution's node.
 pub struct Node {
     identity: Identity,
+    /// The automerge actor this node writes as: its key and its store's incarnation
+    /// (`envelope::ACTOR_INCARNATION_BYTES`), so it never reuses a sequence number even if
+    /// its store lost changes its peers hold.
+    actor: Actor,
     institution: InstitutionId,
     authority: Bytes32,
     store: WitnessedStore,
@@ -387,6 +705,77 @@ pub struct Node {
     local_changes: tokio::sync::broadcast::Sender<LocalChange>,
     /// The last durable audit sequence, for the change feed.
     audit_updates: tokio::sync::watch::Sender<u64>,
+}
+
+/// Writes to this node on behalf of an app (see `Node::writer`).
+#[derive(Clone, Copy, Debug)]
+pub struct Writer<'a> {
+    node: &'a Node,
+    app: Option<&'a str>,
+}
+
+impl Writer<'_> {
+    /// Registers a resident: creates their health file. Returns once it is durable.
+    pub fn create_health_file(
+        &self,
+        editor: &Editor,
+        demographics: &Demographics,
+    ) -> Result<(DocumentId, ChangeHash), NodeError> {
+        let node = self.node;
+        node.check_editor(editor)?;
+        let mut file = HealthFile::create(&node.actor, editor, demographics)?;
+        let id = file.id();
+        let hash = node.write_local(id, file.changes_since(&[]), self.app)?;
+        Ok((id, hash))
+    }
+
+    /// Sends a referral from this node's institution. Returns once it is durable.
+    pub fn create_referral(
+        &self,
+        editor: &Editor,
+        referral: &NewReferral,
+    ) -> Result<(DocumentId, ChangeHash), NodeError> {
+        let node = self.node;
+        node.check_editor(editor)?;
+        let mut created = Referral::create(&node.actor, editor, referral)?;
+        let id = created.id();
+        let hash = node.write_local(id, created.changes_since(&[]), self.app)?;
+        Ok((id, hash))
+    }
+
+    /// Applies a typed edit to a health file. Returns the change's hash once it is durable.
+    pub fn apply_health_file(
+        &self,
+        id: DocumentId,
+        editor: &Editor,
+        op: &HealthFileOp,
+    ) -> Result<ChangeHash, NodeError> {
+        let node = self.node;
+        node.check_editor(editor)?;
+        let _writing = node.lock_document(&id);
+        let doc = node.document(id, DocumentKind::HealthFile)?;
+        let mut file = HealthFile::from_automerge(doc, &node.actor)?;
+        let heads = file.heads();
+        file.apply(editor, op)?;
+        node.write_local(id, file.changes_since(&heads), self.app)
+    }
+
+    /// Applies a typed edit to a referral. Returns the change's hash once it is durable.
+    pub fn apply_referral(
+        &self,
+        id: DocumentId,
+        editor: &Editor,
+        op: &ReferralOp,
+    ) -> Result<ChangeHash, NodeError> {
+        let node = self.node;
+        node.check_editor(editor)?;
+        let _writing = node.lock_document(&id);
+        let doc = node.document(id, DocumentKind::Referral)?;
+        let mut referral = Referral::from_automerge(doc, &node.actor)?;
+        let heads = referral.heads();
+        referral.apply(editor, op)?;
+        node.write_local(id, referral.changes_since(&heads), self.app)
+    }
 }
 
 impl std::fmt::Debug for Node {
@@ -464,6 +853,9 @@ impl Node {
                 }
                 .into());
             }
+            if found < 2 {
+                migrate_to_format_2(&store)?;
+            }
         }
         let lost_now = store.witnessed_at_open().saturating_sub(accepted);
         if lost_now > 0 {
@@ -526,6 +918,32 @@ impl Node {
         };
         let quarantined_at_open = store.keys_with_prefix(&[keys::QUARANTINE])?.len()
             + store.keys_with_prefix(&[keys::REFUSED])?.len();
+        let quarantine_bodies = match store.get(keys::QUARANTINE_BODIES)? {
+            None => 0,
+            Some(bytes) => u64::from_be_bytes(bytes.as_slice().try_into().map_err(|_| {
+                StoreError::Corrupt {
+                    what: "quarantine bodies count",
+                }
+            })?),
+        };
+        // The shares of pending changes, from their order keys alone (no envelope is read).
+        let mut pending = PendingBook::default();
+        for (key, value) in store.scan_prefix(&[keys::PENDING_ORDER])? {
+            let (Some(bucket), Some(sequence), Some(usage)) = (
+                key.get(1..33).and_then(|b| <[u8; 32]>::try_from(b).ok()),
+                key.get(33..41)
+                    .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                    .map(u64::from_be_bytes),
+                Usage::decode(&value),
+            ) else {
+                return Err(StoreError::Corrupt {
+                    what: "pending order key",
+                }
+                .into());
+            };
+            pending.add(bucket, usage);
+            pending.next_sequence = pending.next_sequence.max(sequence + 1);
+        }
         let mut catalogue = Catalogue::default();
         for (key, digest) in store.scan_prefix(&[keys::CATALOGUE])? {
             let (Some(id), Ok(digest)) = (
@@ -545,7 +963,32 @@ impl Node {
             Admission::Member(institution) => institution,
             _ => return Err(NodeError::NotAMember),
         };
+        // The incarnation is kept with the store and drawn anew with every new store and
+        // every loss the witness reports: a store that lost changes, or one restored from a
+        // bundle into an empty directory, never writes as an actor whose sequence numbers its
+        // peers may hold. Kept across ordinary restarts, so a registration sent again is
+        // still the same change.
+        let incarnation = match store.get(keys::INCARNATION)? {
+            Some(bytes) if lost_now == 0 => bytes,
+            _ => {
+                let mut incarnation = [0u8; crate::envelope::ACTOR_INCARNATION_BYTES];
+                getrandom::fill(&mut incarnation).map_err(IdentityError::Randomness)?;
+                commit.commit(
+                    &store,
+                    Batch::from_puts([(keys::INCARNATION.to_vec(), incarnation.to_vec())]),
+                )?;
+                incarnation.to_vec()
+            }
+        };
+        if incarnation.len() != crate::envelope::ACTOR_INCARNATION_BYTES {
+            return Err(StoreError::Corrupt {
+                what: "actor incarnation",
+            }
+            .into());
+        }
+        let actor = [identity.public_key().0.as_slice(), &incarnation].concat();
         let node = Self {
+            actor: Actor::from_bytes(actor),
             identity,
             institution,
             authority: config.authority,
@@ -562,6 +1005,8 @@ impl Node {
                 accepted,
                 audit: audit_head,
                 quarantined: quarantined_at_open,
+                quarantine_bodies,
+                pending,
                 ..Cache::default()
             }),
         };
@@ -577,6 +1022,11 @@ impl Node {
     /// The consortium authority's public key.
     pub fn authority(&self) -> Bytes32 {
         self.authority
+    }
+
+    /// The automerge actor this node writes as: its key and its store's incarnation.
+    pub fn actor(&self) -> &Actor {
+        &self.actor
     }
 
     /// This node's public key.
@@ -633,11 +1083,7 @@ impl Node {
         editor: &Editor,
         demographics: &Demographics,
     ) -> Result<(DocumentId, ChangeHash), NodeError> {
-        self.check_editor(editor)?;
-        let mut file = HealthFile::create(&self.identity.actor(), editor, demographics)?;
-        let id = file.id();
-        let hash = self.write_local(id, file.changes_since(&[]))?;
-        Ok((id, hash))
+        self.writer(None).create_health_file(editor, demographics)
     }
 
     /// Sends a referral from this node's institution. Returns once it is durable.
@@ -646,11 +1092,7 @@ impl Node {
         editor: &Editor,
         referral: &NewReferral,
     ) -> Result<(DocumentId, ChangeHash), NodeError> {
-        self.check_editor(editor)?;
-        let mut created = Referral::create(&self.identity.actor(), editor, referral)?;
-        let id = created.id();
-        let hash = self.write_local(id, created.changes_since(&[]))?;
-        Ok((id, hash))
+        self.writer(None).create_referral(editor, referral)
     }
 
     /// Applies a typed edit to a health file. Returns the change's hash once it is durable.
@@ -660,13 +1102,7 @@ impl Node {
         editor: &Editor,
         op: &HealthFileOp,
     ) -> Result<ChangeHash, NodeError> {
-        self.check_editor(editor)?;
-        let _writing = self.lock_document(&id);
-        let doc = self.document(id, DocumentKind::HealthFile)?;
-        let mut file = HealthFile::from_automerge(doc, &self.identity.actor())?;
-        let heads = file.heads();
-        file.apply(editor, op)?;
-        self.write_local(id, file.changes_since(&heads))
+        self.writer(None).apply_health_file(id, editor, op)
     }
 
     /// Applies a typed edit to a referral. Returns the change's hash once it is durable.
@@ -676,27 +1112,28 @@ impl Node {
         editor: &Editor,
         op: &ReferralOp,
     ) -> Result<ChangeHash, NodeError> {
-        self.check_editor(editor)?;
-        let _writing = self.lock_document(&id);
-        let doc = self.document(id, DocumentKind::Referral)?;
-        let mut referral = Referral::from_automerge(doc, &self.identity.actor())?;
-        let heads = referral.heads();
-        referral.apply(editor, op)?;
-        self.write_local(id, referral.changes_since(&heads))
+        self.writer(None).apply_referral(id, editor, op)
+    }
+
+    /// The same writes, made by `app` through the API: each change's audit record names the
+    /// app, in the same durable batch as the change, so no crash can keep the change and
+    /// lose who wrote it.
+    pub fn writer<'a>(&'a self, app: Option<&'a str>) -> Writer<'a> {
+        Writer { node: self, app }
     }
 
     /// The typed view of a health file.
     pub fn health_file(&self, id: DocumentId) -> Result<HealthFileView, NodeError> {
         let _writing = self.lock_document(&id);
         let doc = self.document(id, DocumentKind::HealthFile)?;
-        Ok(HealthFile::from_automerge(doc, &self.identity.actor())?.view())
+        Ok(HealthFile::from_automerge(doc, &self.actor)?.view())
     }
 
     /// The typed view of a referral.
     pub fn referral(&self, id: DocumentId) -> Result<ReferralView, NodeError> {
         let _writing = self.lock_document(&id);
         let doc = self.document(id, DocumentKind::Referral)?;
-        Ok(Referral::from_automerge(doc, &self.identity.actor())?.view())
+        Ok(Referral::from_automerge(doc, &self.actor)?.view())
     }
 
     /// The current heads of a document.
@@ -820,52 +1257,147 @@ impl Node {
 
     /// The quarantined changes, with their reasons.
     pub fn quarantine(&self) -> Result<Vec<QuarantineEntry>, NodeError> {
-        let mut records = self.store.scan_prefix(&[keys::QUARANTINE])?;
-        records.extend(self.store.scan_prefix(&[keys::REFUSED])?);
-        records
-            .into_iter()
-            .map(|(key, value)| {
-                let record: QuarantineRecord = decode(&value, "quarantine record")?;
-                let change = match record.claimed {
-                    Some(claimed) => claimed,
-                    None => key
-                        .get(1..33)
-                        .and_then(|b| <[u8; 32]>::try_from(b).ok())
-                        .ok_or(StoreError::Corrupt {
-                            what: "quarantine key",
-                        })?,
-                };
-                Ok(QuarantineEntry {
-                    change,
-                    document: record.document,
-                    reason: record.reason,
-                })
-            })
-            .collect()
+        let mut entries = Vec::new();
+        let mut after = None;
+        loop {
+            let page = self.quarantine_page(after.as_deref(), QUARANTINE_PAGE_RECORDS_MAX)?;
+            entries.extend(page.entries);
+            match page.next {
+                Some(next) => after = Some(next),
+                None => return Ok(entries),
+            }
+        }
     }
 
-    /// How many changes wait for their dependencies.
+    /// One page of the quarantine, in key order from just after the cursor `after` (a
+    /// page's `next`), at most `limit` records (capped at `QUARANTINE_PAGE_RECORDS_MAX`).
+    pub fn quarantine_page(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<QuarantinePage, NodeError> {
+        let limit = limit.clamp(1, QUARANTINE_PAGE_RECORDS_MAX);
+        let start = match after {
+            None => Vec::new(),
+            Some(cursor) => {
+                let mut key = hex_decode(cursor).ok_or(NodeError::BadCursor)?;
+                // Just past the cursor's key.
+                key.push(0);
+                key
+            }
+        };
+        let mut records = Vec::new();
+        // Both keyspaces, in key order ('f' before 'q').
+        for prefix in [keys::REFUSED, keys::QUARANTINE] {
+            if records.len() > limit {
+                break;
+            }
+            let from = if start.first() == Some(&prefix) {
+                start.clone()
+            } else if start.first().is_none_or(|first| *first < prefix) {
+                vec![prefix]
+            } else {
+                continue;
+            };
+            records.extend(
+                self.store
+                    .scan_from(&[prefix], &from, limit + 1 - records.len())?,
+            );
+        }
+        let next = (records.len() > limit).then(|| hex_encode(&records[limit - 1].0));
+        records.truncate(limit);
+        let entries = records
+            .into_iter()
+            .map(|(key, value)| quarantine_entry(&key, &value))
+            .collect::<Result<_, StoreError>>()?;
+        Ok(QuarantinePage { entries, next })
+    }
+
+    /// Removes quarantine records, with their envelopes: every record, or those quarantined
+    /// before `before_ms` (milliseconds since the epoch). A purged change that arrives again
+    /// is judged again, and quarantined again. The purge is on the audit log. Returns how many
+    /// records went.
+    pub fn purge_quarantine(&self, before_ms: Option<u64>) -> Result<usize, NodeError> {
+        let ticket = {
+            let mut cache = self.lock_cache();
+            let mut purged = 0usize;
+            let mut ticket = self.commit.applied();
+            for prefix in [keys::QUARANTINE, keys::REFUSED] {
+                let mut from = vec![prefix];
+                loop {
+                    let page =
+                        self.store
+                            .scan_from(&[prefix], &from, QUARANTINE_PAGE_RECORDS_MAX)?;
+                    let Some((last, _)) = page.last() else {
+                        break;
+                    };
+                    from = [last.as_slice(), &[0]].concat();
+                    let mut batch = Batch::default();
+                    for (key, value) in &page {
+                        let record: QuarantineRecord = decode(value, "quarantine record")?;
+                        if before_ms.is_some_and(|before| record.at_ms >= before) {
+                            continue;
+                        }
+                        cache.quarantine_bodies = cache
+                            .quarantine_bodies
+                            .saturating_sub(record.envelope.len() as u64);
+                        cache.quarantined = cache.quarantined.saturating_sub(1);
+                        batch.delete(key.clone());
+                        purged += 1;
+                    }
+                    batch.put(
+                        keys::QUARANTINE_BODIES,
+                        cache.quarantine_bodies.to_be_bytes().to_vec(),
+                    );
+                    ticket = self.commit.apply(&self.store, batch)?;
+                }
+            }
+            let mut batch = Batch::default();
+            let head = append_record(
+                &mut batch,
+                cache.audit,
+                AuditRecord {
+                    sequence: 0,
+                    previous: [0; 32],
+                    at_ms: audit::now_ms(),
+                    action: AuditAction::QuarantinePurged,
+                    document: DocumentId::from_bytes([0; 16]),
+                    change: None,
+                    institution: Some(self.institution.clone()),
+                    app: None,
+                },
+            );
+            ticket = ticket.max(self.commit.apply(&self.store, batch)?);
+            cache.audit = head;
+            tracing::warn!(purged, "quarantine records purged");
+            (ticket, purged)
+        };
+        let (ticket, purged) = ticket;
+        self.commit.wait_durable(&self.store, ticket)?;
+        self.audit_updates
+            .send_replace(self.lock_cache().audit.sequence);
+        Ok(purged)
+    }
+
+    /// How many changes are held waiting (for dependencies, a cut-off or a roster).
     pub fn pending_count(&self) -> Result<usize, NodeError> {
-        Ok(self.store.keys_with_prefix(&[keys::PENDING])?.len())
+        Ok(self.lock_cache().pending.total.changes)
     }
 
     /// The dependencies that changes of `document` held pending wait for and this node does
-    /// not hold: what to ask peers for by name.
+    /// not hold: what to ask peers for by name. Reads only that document's pending records.
     pub fn missing_dependencies(&self, document: DocumentId) -> Result<Vec<ChangeHash>, NodeError> {
         // Most of the time nothing is pending and this is one empty prefix scan.
         let mut missing = BTreeSet::new();
-        for (_, value) in self.store.scan_prefix(&[keys::PENDING])? {
+        for (_, value) in self
+            .store
+            .scan_prefix(&keys::per_document(keys::PENDING, &document))?
+        {
             let record: PendingRecord = decode(&value, "pending record")?;
-            if record.document != document {
-                continue;
-            }
             for dependency in record.missing {
                 let hash = ChangeHash(dependency);
                 let held = self.has_change(document, &hash)?
-                    || self
-                        .store
-                        .get(&keys::per_change(keys::PENDING, &hash))?
-                        .is_some();
+                    || self.store.get(&keys::pending(&document, &hash))?.is_some();
                 if !held {
                     missing.insert(hash);
                 }
@@ -877,13 +1409,10 @@ impl Node {
     /// The changes waiting for their dependencies, with the dependencies they wait for.
     pub fn pending(&self) -> Result<Vec<PendingEntry>, NodeError> {
         let mut entries = Vec::new();
-        for key in self.store.keys_with_prefix(&[keys::PENDING])? {
-            let Some(value) = self.store.get(&key)? else {
-                continue;
-            };
+        for (key, value) in self.store.scan_prefix(&[keys::PENDING])? {
             let record: PendingRecord = decode(&value, "pending record")?;
             let mut change = [0u8; 32];
-            change.copy_from_slice(key.get(1..33).ok_or(StoreError::Corrupt {
+            change.copy_from_slice(key.get(17..49).ok_or(StoreError::Corrupt {
                 what: "pending key",
             })?);
             entries.push(PendingEntry {
@@ -912,6 +1441,16 @@ impl Node {
         &self,
         envelopes: &[E],
     ) -> Result<Vec<Result<Ingested, IngestError>>, IngestError> {
+        self.ingest_from(envelopes, None)
+    }
+
+    /// `ingest_many`, for envelopes an app wrote through the API (`app`): the app's `written`
+    /// audit record goes in the same batch as the change it made.
+    fn ingest_from<E: AsRef<[u8]>>(
+        &self,
+        envelopes: &[E],
+        app: Option<&str>,
+    ) -> Result<Vec<Result<Ingested, IngestError>>, IngestError> {
         // Signatures are checked before taking the lock.
         let verified: Vec<_> = envelopes
             .iter()
@@ -925,7 +1464,7 @@ impl Node {
             let mut outcomes = Vec::with_capacity(verified.len());
             for (verified, encoded) in verified.into_iter().zip(envelopes) {
                 let outcome = match verified {
-                    Ok(verified) => self.decide(&mut cache, verified, &mut ticket),
+                    Ok(verified) => self.decide(&mut cache, verified, &mut ticket, app),
                     Err(EnvelopeError::BadSignature | EnvelopeError::NotANodeKey) => self.refuse(
                         &mut cache,
                         &mut ticket,
@@ -953,22 +1492,35 @@ impl Node {
         Ok(outcomes)
     }
 
+    /// Signs and ingests the change a typed operation made; `app`, when an app made it
+    /// through the API, is recorded as its writer in the same batch as the change.
     fn write_local(
         &self,
         id: DocumentId,
         mut changes: Vec<Change>,
+        app: Option<&str>,
     ) -> Result<ChangeHash, NodeError> {
         let Some(mut change) = changes.pop() else {
             // The operation changed nothing (for instance removing an absent allergy).
-            return self
+            let head = self
                 .heads(id)?
                 .first()
                 .copied()
-                .ok_or(NodeError::UnknownDocument(id));
+                .ok_or(NodeError::UnknownDocument(id))?;
+            if let Some(app) = app {
+                self.record_access(app, &[(id, Some(head))])?;
+            }
+            return Ok(head);
         };
         debug_assert!(changes.is_empty(), "a typed operation makes one change");
         let envelope = Envelope::sign(&self.identity, id, &mut change).encode();
-        match self.ingest(&envelope)? {
+        let outcome =
+            self.ingest_from(&[&envelope], app)?
+                .pop()
+                .unwrap_or(Err(IngestError::Store(StoreError::Corrupt {
+                    what: "ingest outcome",
+                })))?;
+        match outcome {
             Ingested::Accepted(hash) => {
                 // No subscriber is fine: a node without a network layer.
                 let _ = self.local_changes.send(LocalChange {
@@ -979,7 +1531,12 @@ impl Node {
                 Ok(hash)
             }
             // The same write made twice (a registration sent again) is already there.
-            Ingested::Duplicate(hash) => Ok(hash),
+            Ingested::Duplicate(hash) => {
+                if let Some(app) = app {
+                    self.record_access(app, &[(id, Some(hash))])?;
+                }
+                Ok(hash)
+            }
             other => Err(NodeError::LocalChangeRefused(other)),
         }
     }
@@ -1004,12 +1561,13 @@ impl Node {
         cache: &mut Cache,
         verified: VerifiedChange,
         ticket: &mut u64,
+        app: Option<&str>,
     ) -> Result<Ingested, IngestError> {
         let (id, hash) = (verified.document, verified.hash);
         if self.store.get(&keys::envelope(&id, &hash))?.is_some() {
             return Ok(Ingested::Duplicate(hash));
         }
-        if let Some(value) = self.store.get(&keys::per_change(keys::QUARANTINE, &hash))? {
+        if let Some(value) = self.store.get(&keys::quarantined(&hash, &id))? {
             let record: QuarantineRecord = decode(&value, "quarantine record")?;
             return Ok(Ingested::Quarantined(hash, record.reason));
         }
@@ -1030,13 +1588,11 @@ impl Node {
             Admission::Revoked { key, .. } => {
                 return self.past_revocation(cache, ticket, &verified, key);
             }
+            // Its signature holds, so its author signed it: an author this roster does not
+            // know may be a member a newer roster adds (and an honest peer on that roster
+            // passes its changes on). Held, bounded, until a roster names it.
             Admission::Stranger => {
-                return self.refuse(
-                    cache,
-                    ticket,
-                    &verified.encoded,
-                    "the change's author is not a member of the consortium",
-                );
+                return self.park(cache, ticket, &verified, Vec::new(), Hold::Roster);
             }
         };
         let deps = verified.change.deps().to_vec();
@@ -1049,11 +1605,7 @@ impl Node {
             );
         }
         for dep in &deps {
-            if self
-                .store
-                .get(&keys::per_change(keys::QUARANTINE, dep))?
-                .is_some()
-            {
+            if self.store.get(&keys::quarantined(dep, &id))?.is_some() {
                 return self.quarantined(
                     cache,
                     ticket,
@@ -1069,22 +1621,7 @@ impl Node {
             }
         }
         if !missing.is_empty() {
-            if self.store.keys_with_prefix(&[keys::PENDING])?.len() >= PENDING_CHANGES_MAX {
-                return Err(IngestError::PendingFull);
-            }
-            let mut batch = Batch::default();
-            forget_waits(&mut batch, &verified);
-            for dependency in &missing {
-                batch.put(keys::waiting(dependency, &hash), Vec::new());
-            }
-            let record = PendingRecord {
-                document: id,
-                missing,
-                envelope: verified.encoded.clone(),
-            };
-            batch.put(keys::per_change(keys::PENDING, &hash), encode(&record));
-            *ticket = self.commit.apply(&self.store, batch)?;
-            return Ok(Ingested::Pending(hash));
+            return self.park(cache, ticket, &verified, missing, Hold::Dependencies);
         }
 
         // The document is taken out of the cache, not copied; it goes back once decided.
@@ -1178,18 +1715,25 @@ impl Node {
             keys::per_document(keys::CATALOGUE, &id),
             catalogue_digest(&heads).to_vec(),
         );
-        batch.delete(keys::per_change(keys::PENDING, &hash));
-        forget_waits(&mut batch, &verified);
+        self.unpark(cache, &mut batch, &id, &hash)?;
         batch.put(keys::author(&verified.author, &id), Vec::new());
         batch.put(keys::ACCEPTED, (cache.accepted + 1).to_be_bytes().to_vec());
         self.reindex(&mut batch, &id, &view)?;
-        let head = self.append_audit(
+        let mut head = self.append_audit(
             &mut batch,
             cache.audit,
             AuditAction::Accepted,
             (verified.document, verified.hash),
             Some(author),
         );
+        if let Some(app) = app {
+            // Who wrote it is durable exactly when the change is.
+            head = append_record(
+                &mut batch,
+                head,
+                self.app_record(app, AuditAction::Written, id, Some(hash.0)),
+            );
+        }
         *ticket = self.commit.apply(&self.store, batch)?;
         self.catalogue_mut()
             .insert(*id.as_bytes(), catalogue_digest(&heads));
@@ -1221,19 +1765,15 @@ impl Node {
             return Err(IngestError::QuarantineFull);
         }
         tracing::info!(document = %verified.document, change = %verified.hash, reason, "change quarantined");
-        let record = QuarantineRecord {
-            document: verified.document,
-            claimed: None,
-            reason: reason.to_string(),
-            envelope: verified.encoded.clone(),
-        };
+        let record = QuarantineRecord::new(verified.document, None, reason, &verified.encoded);
         let mut batch = Batch::default();
-        batch.put(
-            keys::per_change(keys::QUARANTINE, &verified.hash),
-            encode(&record),
+        self.put_quarantine(
+            cache,
+            &mut batch,
+            keys::quarantined(&verified.hash, &verified.document),
+            record,
         );
-        batch.delete(keys::per_change(keys::PENDING, &verified.hash));
-        forget_waits(&mut batch, verified);
+        self.unpark(cache, &mut batch, &verified.document, &verified.hash)?;
         let institution = self.membership().institution_of(&verified.author);
         let head = self.append_audit(
             &mut batch,
@@ -1246,6 +1786,28 @@ impl Node {
         cache.audit = head;
         cache.quarantined += 1;
         Ok(Ingested::Quarantined(verified.hash, reason.to_string()))
+    }
+
+    /// Adds a quarantine record to `batch`, keeping its envelope whole only while the bodies
+    /// kept stay within `QUARANTINE_BODIES_BYTES_MAX` (the digest, size and reason always).
+    fn put_quarantine(
+        &self,
+        cache: &mut Cache,
+        batch: &mut Batch,
+        key: Vec<u8>,
+        mut record: QuarantineRecord,
+    ) {
+        let body = record.envelope.len() as u64;
+        if cache.quarantine_bodies + body <= QUARANTINE_BODIES_BYTES_MAX {
+            cache.quarantine_bodies += body;
+            batch.put(
+                keys::QUARANTINE_BODIES,
+                cache.quarantine_bodies.to_be_bytes().to_vec(),
+            );
+        } else {
+            record.envelope = Vec::new();
+        }
+        batch.put(key, encode(&record));
     }
 
     /// Quarantines an envelope refused for its signature or its author. It is kept under its
@@ -1278,14 +1840,9 @@ impl Node {
             return Err(IngestError::QuarantineFull);
         }
         tracing::info!(%document, %change, reason, "envelope refused and quarantined");
-        let record = QuarantineRecord {
-            document,
-            claimed: Some(change.0),
-            reason: reason.to_string(),
-            envelope: encoded.to_vec(),
-        };
+        let record = QuarantineRecord::new(document, Some(change.0), reason, encoded);
         let mut batch = Batch::default();
-        batch.put(key, encode(&record));
+        self.put_quarantine(cache, &mut batch, key, record);
         let head = self.append_audit(
             &mut batch,
             cache.audit,
@@ -1383,7 +1940,7 @@ impl Node {
                 if self.store.get(&keys::envelope(&document, &hash))?.is_some() {
                     continue;
                 }
-                let Some(envelope) = self.held_envelope(&hash)? else {
+                let Some(envelope) = self.held_envelope(&document, &hash)? else {
                     continue;
                 };
                 if self.store.get(&keys::held(key, &hash))?.is_some() {
@@ -1399,19 +1956,46 @@ impl Node {
         Ok(())
     }
 
-    /// The envelope of a change held here but not accepted (pending or quarantined).
-    fn held_envelope(&self, hash: &ChangeHash) -> Result<Option<Vec<u8>>, StoreError> {
-        if let Some(value) = self.store.get(&keys::per_change(keys::PENDING, hash))? {
+    /// Whether a change of `document` is held here but not accepted (pending or
+    /// quarantined), with its envelope when it is kept.
+    fn held_envelope(
+        &self,
+        document: &DocumentId,
+        hash: &ChangeHash,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        if let Some(value) = self.store.get(&keys::pending(document, hash))? {
             return Ok(Some(
                 decode::<PendingRecord>(&value, "pending record")?.envelope,
             ));
         }
-        if let Some(value) = self.store.get(&keys::per_change(keys::QUARANTINE, hash))? {
+        if let Some(value) = self.store.get(&keys::quarantined(hash, document))? {
             return Ok(Some(
                 decode::<QuarantineRecord>(&value, "quarantine record")?.envelope,
             ));
         }
         Ok(None)
+    }
+
+    /// Every envelope held but not accepted that carries `hash`, in any document: a
+    /// revocation's cut-off heads name changes, not documents. Scans the pending records;
+    /// runs only when a revocation is applied.
+    fn held_anywhere(&self, hash: &ChangeHash) -> Result<Vec<Vec<u8>>, StoreError> {
+        let mut envelopes = Vec::new();
+        for (key, value) in self.store.scan_prefix(&[keys::PENDING])? {
+            if key.get(17..49) == Some(&hash.0[..]) {
+                envelopes.push(decode::<PendingRecord>(&value, "pending record")?.envelope);
+            }
+        }
+        for (_, value) in self
+            .store
+            .scan_prefix(&[&[keys::QUARANTINE][..], &hash.0].concat())?
+        {
+            let record = decode::<QuarantineRecord>(&value, "quarantine record")?;
+            if !record.envelope.is_empty() {
+                envelopes.push(record.envelope);
+            }
+        }
+        Ok(envelopes)
     }
 
     /// A change of a revoked key that nothing here vouches for: past the cut-off once the
@@ -1432,28 +2016,14 @@ impl Node {
             );
         }
         let hash = verified.hash;
-        let held = keys::held(&key, &hash);
-        if self.store.get(&held)?.is_none() {
+        if self.store.get(&keys::held(&key, &hash))?.is_none() {
             let prefix = [&[keys::HELD][..], &key.0].concat();
             if self.store.keys_with_prefix(&prefix)?.len() >= REVOKED_HELD_PER_KEY_MAX {
                 return Err(IngestError::RevokedBacklogFull);
             }
-            if self.store.keys_with_prefix(&[keys::PENDING])?.len() >= PENDING_CHANGES_MAX {
-                return Err(IngestError::PendingFull);
-            }
         }
-        let record = PendingRecord {
-            document: verified.document,
-            missing: Vec::new(),
-            envelope: verified.encoded.clone(),
-        };
-        let mut batch = Batch::default();
-        batch.put(keys::per_change(keys::PENDING, &hash), encode(&record));
         // Waiting for itself: woken when vouched for or when the cut-off can be drawn.
-        batch.put(keys::waiting(&hash.0, &hash), Vec::new());
-        batch.put(held, Vec::new());
-        *ticket = self.commit.apply(&self.store, batch)?;
-        Ok(Ingested::Pending(hash))
+        self.park(cache, ticket, verified, Vec::new(), Hold::Cutoff(key))
     }
 
     /// Whether this node holds all the history a revoked key's cut-off reaches: every cut-off
@@ -1490,7 +2060,7 @@ impl Node {
             let hash = ChangeHash(hash);
             let document = DocumentId::from_bytes(document);
             let held = self.store.get(&keys::envelope(&document, &hash))?.is_some()
-                || self.held_envelope(&hash)?.is_some();
+                || self.held_envelope(&document, &hash)?.is_some();
             if !held {
                 return Ok(false);
             }
@@ -1518,10 +2088,9 @@ impl Node {
         let ticket = {
             let mut cache = self.lock_cache();
             let mut ticket = self.commit.applied();
-            for key in self.store.keys_with_prefix(&[keys::WAITING])? {
-                if key.len() == 65 && key[1..33] == key[33..65] {
-                    let mut hash = [0u8; 32];
-                    hash.copy_from_slice(&key[33..65]);
+            // Held for a cut-off, a roster, or withdrawn by a revocation a crash interrupted.
+            for key in self.store.keys_with_prefix(&[keys::WAITS_ON_ITSELF])? {
+                if let Some(hash) = key.get(1..33).and_then(|b| <[u8; 32]>::try_from(b).ok()) {
                     cache.woken.push_back(ChangeHash(hash));
                 }
             }
@@ -1558,17 +2127,17 @@ impl Node {
             // Cut-off heads held but not accepted vouch for their ancestors from now on.
             for head in &cutoff {
                 let head = ChangeHash(head.0);
-                if let Some(envelope) = self.held_envelope(&head)?
-                    && let Ok(held) = Envelope::verify(&envelope)
-                {
-                    self.vouch(
-                        cache,
-                        ticket,
-                        &[key],
-                        held.document,
-                        head,
-                        held.change.deps(),
-                    )?;
+                for envelope in self.held_anywhere(&head)? {
+                    if let Ok(held) = Envelope::verify(&envelope) {
+                        self.vouch(
+                            cache,
+                            ticket,
+                            &[key],
+                            held.document,
+                            head,
+                            held.change.deps(),
+                        )?;
+                    }
                 }
             }
             for author in self
@@ -1635,7 +2204,9 @@ impl Node {
         let mut kept = Vec::new();
         for change in changes {
             let hash = change.hash();
-            let past_cutoff = change.actor_id().to_bytes() == key.0 && !within.contains(&hash);
+            let past_cutoff = crate::envelope::author_of(change.actor_id().to_bytes())
+                == Some(key.0)
+                && !within.contains(&hash);
             if past_cutoff || change.deps().iter().any(|d| gone.contains(d)) {
                 gone.insert(hash);
                 withdrawn.push(hash);
@@ -1660,13 +2231,27 @@ impl Node {
                 .map_err(|_| StoreError::Corrupt { what: "envelope" })?;
             withdrawn_bytes += envelope.len();
             batch.delete(envelope_key);
+            // Held under its author's share, waiting for itself; not evicted to make room:
+            // it was accepted here, and is decided again at once.
             let record = PendingRecord {
                 document,
                 missing: Vec::new(),
                 envelope,
+                bucket: verified.author.0,
+                sequence: cache.pending.next_sequence,
+                waits_on_itself: true,
+                held_for: None,
             };
-            batch.put(keys::per_change(keys::PENDING, hash), encode(&record));
-            batch.put(keys::waiting(&hash.0, hash), Vec::new());
+            cache.pending.next_sequence += 1;
+            let usage = record.usage();
+            batch.put(
+                keys::pending_order(&record.bucket, record.sequence, &document, hash),
+                usage.encode(),
+            );
+            cache.pending.add(record.bucket, usage);
+            batch.put(keys::pending(&document, hash), encode(&record));
+            batch.put(keys::waiting(&hash.0, &document, hash), Vec::new());
+            batch.put(keys::waits_on_itself(hash, &document), Vec::new());
             let institution = self.membership().institution_of(&verified.author);
             audit_head = self.append_audit(
                 &mut batch,
@@ -1740,6 +2325,172 @@ impl Node {
         Ok(())
     }
 
+    /// Holds a change until what it waits for arrives: its `missing` dependencies, or (when
+    /// `waits_on_itself`) a wake by name. It counts against `bucket`'s share; a bucket over
+    /// its share evicts its own oldest held change, and a full whole evicts the oldest of the
+    /// bucket holding most of it. Evicted changes are dropped, not refused: a peer offers
+    /// them again. Parking a change held already replaces its record.
+    fn park(
+        &self,
+        cache: &mut Cache,
+        ticket: &mut u64,
+        verified: &VerifiedChange,
+        missing: Vec<[u8; 32]>,
+        hold: Hold,
+    ) -> Result<Ingested, IngestError> {
+        let (id, hash) = (verified.document, verified.hash);
+        if missing.len() > PENDING_MISSING_PER_CHANGE_MAX {
+            return Err(IngestError::TooManyMissing {
+                missing: missing.len(),
+            });
+        }
+        let (bucket, waits_on_itself, held_for) = match hold {
+            Hold::Dependencies => (verified.author.0, false, None),
+            Hold::Cutoff(key) => (key.0, true, Some(key.0)),
+            Hold::Roster => (STRANGERS_BUCKET, true, None),
+        };
+        let mut batch = Batch::default();
+        self.unpark(cache, &mut batch, &id, &hash)?;
+        let record = PendingRecord {
+            document: id,
+            missing,
+            envelope: verified.encoded.clone(),
+            bucket,
+            sequence: cache.pending.next_sequence,
+            waits_on_itself,
+            held_for,
+        };
+        let usage = record.usage();
+        self.make_room(cache, ticket, &bucket, usage, (&id, &hash))?;
+        cache.pending.next_sequence += 1;
+        for dependency in &record.missing {
+            batch.put(keys::waiting(dependency, &id, &hash), Vec::new());
+        }
+        if waits_on_itself {
+            batch.put(keys::waiting(&hash.0, &id, &hash), Vec::new());
+            batch.put(keys::waits_on_itself(&hash, &id), Vec::new());
+        }
+        if let Some(key) = held_for {
+            batch.put(keys::held(&Bytes32(key), &hash), id.as_bytes().to_vec());
+        }
+        batch.put(
+            keys::pending_order(&bucket, record.sequence, &id, &hash),
+            usage.encode(),
+        );
+        batch.put(keys::pending(&id, &hash), encode(&record));
+        *ticket = self.commit.apply(&self.store, batch)?;
+        cache.pending.add(bucket, usage);
+        Ok(Ingested::Pending(hash))
+    }
+
+    /// Adds to `batch` the deletion of a pending change's record and every key that points at
+    /// it, and takes it off its bucket's share. Nothing happens if it is not pending.
+    fn unpark(
+        &self,
+        cache: &mut Cache,
+        batch: &mut Batch,
+        document: &DocumentId,
+        hash: &ChangeHash,
+    ) -> Result<(), StoreError> {
+        let key = keys::pending(document, hash);
+        let Some(value) = self.store.get(&key)? else {
+            return Ok(());
+        };
+        batch.delete(key);
+        // A record that no longer decodes still goes; its waits are found by the change.
+        let Ok(record) = decode::<PendingRecord>(&value, "pending record") else {
+            return Ok(());
+        };
+        for dependency in &record.missing {
+            batch.delete(keys::waiting(dependency, document, hash));
+        }
+        batch.delete(keys::waiting(&hash.0, document, hash));
+        batch.delete(keys::waits_on_itself(hash, document));
+        if let Some(key) = record.held_for {
+            batch.delete(keys::held(&Bytes32(key), hash));
+        }
+        batch.delete(keys::pending_order(
+            &record.bucket,
+            record.sequence,
+            document,
+            hash,
+        ));
+        cache.pending.remove(&record.bucket, record.usage());
+        Ok(())
+    }
+
+    /// Evicts held changes until `usage` more fits `bucket`'s share and the whole. The change
+    /// being parked (`parking`) is never its own victim.
+    fn make_room(
+        &self,
+        cache: &mut Cache,
+        ticket: &mut u64,
+        bucket: &[u8; 32],
+        usage: Usage,
+        parking: (&DocumentId, &ChangeHash),
+    ) -> Result<(), StoreError> {
+        while cache
+            .pending
+            .of(bucket)
+            .plus(usage)
+            .exceeds(PendingBook::quota(bucket))
+        {
+            if !self.evict_oldest(cache, ticket, bucket, parking)? {
+                break;
+            }
+        }
+        while cache.pending.total.plus(usage).exceeds(PendingBook::TOTAL) {
+            let Some(largest) = cache.pending.largest() else {
+                break;
+            };
+            if !self.evict_oldest(cache, ticket, &largest, parking)? {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Drops the oldest held change of `bucket`; false if it has none to drop.
+    fn evict_oldest(
+        &self,
+        cache: &mut Cache,
+        ticket: &mut u64,
+        bucket: &[u8; 32],
+        parking: (&DocumentId, &ChangeHash),
+    ) -> Result<bool, StoreError> {
+        let prefix = [&[keys::PENDING_ORDER][..], bucket].concat();
+        for (key, value) in self.store.scan_from(&prefix, &prefix, 2)? {
+            let (Some(document), Some(hash)) = (
+                key.get(41..57)
+                    .and_then(|b| <[u8; 16]>::try_from(b).ok())
+                    .map(DocumentId::from_bytes),
+                key.get(57..89)
+                    .and_then(|b| <[u8; 32]>::try_from(b).ok())
+                    .map(ChangeHash),
+            ) else {
+                return Err(StoreError::Corrupt {
+                    what: "pending order key",
+                });
+            };
+            if (&document, &hash) == parking {
+                continue;
+            }
+            let mut batch = Batch::default();
+            self.unpark(cache, &mut batch, &document, &hash)?;
+            // An order key whose record is gone: drop it and its share.
+            batch.delete(key.clone());
+            if self.store.get(&keys::pending(&document, &hash))?.is_none() {
+                cache
+                    .pending
+                    .remove(bucket, Usage::decode(&value).unwrap_or_default());
+            }
+            *ticket = self.commit.apply(&self.store, batch)?;
+            tracing::warn!(%document, change = %hash, "a held change was evicted: its author's share of pending changes is full");
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
     fn retry_pending_inner(
         &self,
         cache: &mut Cache,
@@ -1752,20 +2503,24 @@ impl Node {
                 .store
                 .keys_with_prefix(&[&[keys::WAITING][..], &dependency.0].concat())?
             {
-                let Some(hash) = key
-                    .get(33..65)
-                    .and_then(|b| <[u8; 32]>::try_from(b).ok())
-                    .map(ChangeHash)
-                else {
+                let (Some(document), Some(hash)) = (
+                    key.get(33..49)
+                        .and_then(|b| <[u8; 16]>::try_from(b).ok())
+                        .map(DocumentId::from_bytes),
+                    key.get(49..81)
+                        .and_then(|b| <[u8; 32]>::try_from(b).ok())
+                        .map(ChangeHash),
+                ) else {
+                    self.drop_keys(vec![key], ticket)?;
                     continue;
                 };
-                let pending_key = keys::per_change(keys::PENDING, &hash);
+                let pending_key = keys::pending(&document, &hash);
                 let Some(value) = self.store.get(&pending_key)? else {
                     self.drop_keys(vec![key], ticket)?;
                     continue;
                 };
                 let Ok(record) = decode::<PendingRecord>(&value, "pending record") else {
-                    self.drop_keys(vec![key, pending_key], ticket)?;
+                    self.drop_pending(cache, ticket, vec![key], &document, &hash)?;
                     continue;
                 };
                 // Still waiting for another of its dependencies?
@@ -1774,39 +2529,51 @@ impl Node {
                     let missing = ChangeHash(*missing);
                     let accepted = self
                         .store
-                        .get(&keys::envelope(&record.document, &missing))?
+                        .get(&keys::envelope(&document, &missing))?
                         .is_some();
                     let refused = self
                         .store
-                        .get(&keys::per_change(keys::QUARANTINE, &missing))?
+                        .get(&keys::quarantined(&missing, &document))?
                         .is_some();
                     ready &= accepted || refused;
                 }
                 if !ready {
                     continue;
                 }
-                let mut stale: Vec<Vec<u8>> = record
-                    .missing
-                    .iter()
-                    .map(|m| keys::waiting(m, &hash))
-                    .collect();
-                stale.push(keys::waiting(&hash.0, &hash));
-                stale.push(pending_key);
                 // Verified when it was parked; failing now means the stored copy is damaged.
                 let Ok(verified) = Envelope::verify(&record.envelope) else {
-                    self.drop_keys(stale, ticket)?;
+                    self.drop_pending(cache, ticket, Vec::new(), &document, &hash)?;
                     continue;
                 };
-                match self.decide(cache, verified, ticket) {
+                match self.decide(cache, verified, ticket, None) {
                     Ok(Ingested::Accepted(_) | Ingested::Quarantined(..)) => settled.push(hash),
                     Ok(_) => {}
                     Err(error) => {
                         tracing::warn!(%error, "a pending change could not be decided; dropped");
-                        self.drop_keys(stale, ticket)?;
+                        self.drop_pending(cache, ticket, Vec::new(), &document, &hash)?;
                     }
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Drops a pending change that can no longer be decided, with every key pointing at it,
+    /// and `extra` keys.
+    fn drop_pending(
+        &self,
+        cache: &mut Cache,
+        ticket: &mut u64,
+        extra: Vec<Vec<u8>>,
+        document: &DocumentId,
+        hash: &ChangeHash,
+    ) -> Result<(), StoreError> {
+        let mut batch = Batch::default();
+        self.unpark(cache, &mut batch, document, hash)?;
+        for key in extra {
+            batch.delete(key);
+        }
+        *ticket = self.commit.apply(&self.store, batch)?;
         Ok(())
     }
 
@@ -2010,6 +2777,26 @@ impl Node {
         )
     }
 
+    /// An audit record of an app's access through this node.
+    fn app_record(
+        &self,
+        app: &str,
+        action: AuditAction,
+        document: DocumentId,
+        change: Option<[u8; 32]>,
+    ) -> AuditRecord {
+        AuditRecord {
+            sequence: 0,
+            previous: [0; 32],
+            at_ms: audit::now_ms(),
+            action,
+            document,
+            change,
+            institution: Some(self.institution.clone()),
+            app: Some(app.to_owned()),
+        }
+    }
+
     /// Appends an app's records to the audit log in one batch and waits until they are
     /// durable, then wakes the change feed.
     fn record_for_app(
@@ -2025,16 +2812,7 @@ impl Node {
                 head = append_record(
                     &mut batch,
                     head,
-                    AuditRecord {
-                        sequence: 0,
-                        previous: [0; 32],
-                        at_ms: audit::now_ms(),
-                        action,
-                        document,
-                        change,
-                        institution: Some(self.institution.clone()),
-                        app: Some(app.to_owned()),
-                    },
+                    self.app_record(app, action, document, change),
                 );
             }
             if batch.is_empty() {
@@ -2482,15 +3260,76 @@ fn applies(doc: &mut AutoCommit, change: &Change) -> bool {
 }
 
 /// The catalogue's digest of a document's heads: equal digests mean equal heads.
-/// Deletes what made a change wait: for its dependencies, to be decided again, or for a
-/// revoked key's cut-off.
-fn forget_waits(batch: &mut Batch, verified: &VerifiedChange) {
-    let hash = verified.hash;
-    for dependency in verified.change.deps() {
-        batch.delete(keys::waiting(&dependency.0, &hash));
+/// Converts a store of format 1 (quarantine and pending records keyed by change alone) to
+/// format 2, in one batch: quarantine records under their change and document, pending records
+/// under their document with their waits and their place in their author's order. Runs once,
+/// at the first open by a release that writes format 2.
+fn migrate_to_format_2(store: &WitnessedStore) -> Result<(), StoreError> {
+    let mut batch = Batch::default();
+    for (key, value) in store.scan_prefix(&[keys::QUARANTINE])? {
+        if key.len() != 33 {
+            continue;
+        }
+        let record: QuarantineRecord = decode(&value, "quarantine record")?;
+        batch.delete(key.clone());
+        batch.put([key.as_slice(), record.document.as_bytes()].concat(), value);
     }
-    batch.delete(keys::waiting(&hash.0, &hash));
-    batch.delete(keys::held(&verified.author, &hash));
+    for key in store.keys_with_prefix(&[keys::WAITING])? {
+        if key.len() == 65 {
+            batch.delete(key);
+        }
+    }
+    let mut sequence = 0u64;
+    for (key, value) in store.scan_prefix(&[keys::PENDING])? {
+        if key.len() != 33 {
+            continue;
+        }
+        batch.delete(key.clone());
+        let (Ok(old), Ok(verified)) = (
+            decode::<PendingRecord>(&value, "pending record"),
+            decode::<PendingRecord>(&value, "pending record")
+                .map_err(|_| ())
+                .and_then(|r| Envelope::verify(&r.envelope).map_err(|_| ())),
+        ) else {
+            // A record that cannot be read again is dropped: a peer offers the change again.
+            continue;
+        };
+        let (document, hash) = (old.document, verified.hash);
+        let held_for = store
+            .get(&keys::held(&verified.author, &hash))?
+            .map(|_| verified.author.0);
+        let record = PendingRecord {
+            bucket: verified.author.0,
+            sequence,
+            waits_on_itself: old.missing.is_empty(),
+            held_for,
+            ..old
+        };
+        sequence += 1;
+        for dependency in &record.missing {
+            batch.put(keys::waiting(dependency, &document, &hash), Vec::new());
+        }
+        if record.waits_on_itself {
+            batch.put(keys::waiting(&hash.0, &document, &hash), Vec::new());
+            batch.put(keys::waits_on_itself(&hash, &document), Vec::new());
+        }
+        if let Some(key) = held_for {
+            batch.put(
+                keys::held(&Bytes32(key), &hash),
+                document.as_bytes().to_vec(),
+            );
+        }
+        batch.put(
+            keys::pending_order(&record.bucket, record.sequence, &document, &hash),
+            record.usage().encode(),
+        );
+        batch.put(keys::pending(&document, &hash), encode(&record));
+    }
+    if !batch.is_empty() {
+        tracing::info!("store converted to format 2");
+        store.apply(batch)?;
+    }
+    Ok(())
 }
 
 fn catalogue_digest(heads: &[ChangeHash]) -> [u8; 32] {
@@ -2547,7 +3386,7 @@ mod tests {
     }
 
     #[test]
-    fn a_full_quarantine_refuses_without_storing() {
+    fn a_full_quarantine_refuses_without_storing_and_bodies_stop_at_their_budget() {
         use crate::model::{InstitutionKind, PersonName, Roster, RosterOp, Sex, Timestamp};
         let dir = tempfile::tempdir().unwrap();
         let data_dir = dir.path().join("node");
@@ -2612,10 +3451,24 @@ mod tests {
         ));
         assert!(node.quarantine().unwrap().is_empty(), "nothing was stored");
         node.lock_cache().quarantined = 0;
+        // With the bodies' budget spent, the record keeps the digest, size and reason only.
+        node.lock_cache().quarantine_bodies = QUARANTINE_BODIES_BYTES_MAX - 1;
         assert!(matches!(
             node.ingest(&hijack).unwrap(),
             Ingested::Quarantined(..)
         ));
+        let kept = node.quarantine().unwrap();
+        assert_eq!(kept.len(), 1);
+        assert!(!kept[0].envelope_kept);
+        assert_eq!(kept[0].envelope_bytes, hijack.len() as u64);
+        assert!(node.purge_quarantine(None).unwrap() == 1);
+        node.lock_cache().quarantine_bodies = 0;
+        assert!(matches!(
+            node.ingest(&hijack).unwrap(),
+            Ingested::Quarantined(..)
+        ));
+        assert!(node.quarantine().unwrap()[0].envelope_kept);
+        assert_eq!(node.lock_cache().quarantine_bodies, hijack.len() as u64);
     }
 
     #[test]

@@ -115,7 +115,7 @@ fn a_store_written_in_a_newer_format_is_refused_with_the_versions_named() {
     drop(Node::open(&config, Some(&roster)).unwrap());
     {
         let db = sled::open(config.data_dir.join("store")).unwrap();
-        db.insert(b"m/format", 2u32.to_be_bytes().to_vec()).unwrap();
+        db.insert(b"m/format", 3u32.to_be_bytes().to_vec()).unwrap();
         db.flush().unwrap();
     }
     let error = Node::open(&config, Some(&roster)).unwrap_err();
@@ -123,10 +123,77 @@ fn a_store_written_in_a_newer_format_is_refused_with_the_versions_named() {
         matches!(
             error,
             NodeError::Store(estuary_node::store::StoreError::Format {
-                found: 2,
-                supported: 1
+                found: 3,
+                supported: 2
             })
         ),
         "{error}"
     );
+}
+
+#[test]
+fn a_format_1_store_is_converted_at_open_and_its_held_changes_still_settle() {
+    use estuary_node::envelope::Envelope;
+    use estuary_node::identity::Identity;
+    use estuary_node::node::Ingested;
+
+    let consortium = common::Consortium::new(2);
+    let member = editor("member-0");
+    let author = consortium.node(0);
+    let (id, _) = author.create_health_file(&member, &resident("M")).unwrap();
+    author
+        .apply_health_file(id, &member, &common::allergy("penicillin"))
+        .unwrap();
+    let mut envelopes = author.envelopes(id).unwrap();
+    envelopes.sort_by_key(|e| !Envelope::verify(e).unwrap().change.deps().is_empty());
+    let key = Identity::load_or_create(&consortium.dir.path().join("member-0")).unwrap();
+    let mut creation = Envelope::verify(&envelopes[0]).unwrap().change;
+    let elsewhere = Envelope::sign(&key, DocumentId::from_bytes([9; 16]), &mut creation).encode();
+    {
+        let node = consortium.node(1);
+        assert!(matches!(
+            node.ingest(&elsewhere).unwrap(),
+            Ingested::Quarantined(..)
+        ));
+        assert!(matches!(
+            node.ingest(&envelopes[1]).unwrap(),
+            Ingested::Pending(_)
+        ));
+    }
+    // Rewrite the store as format 1 kept it: quarantine and pending keyed by change alone,
+    // waits without the document, no order or self-wait keys.
+    {
+        let db = sled::open(consortium.dir.path().join("member-1/store")).unwrap();
+        for entry in db.iter() {
+            let (key, value) = entry.unwrap();
+            let old = match (key[0], key.len()) {
+                (b'q', 49) => Some([&key[..33]].concat()),
+                (b'p', 49) => Some([&key[..1], &key[17..49]].concat()),
+                (b'w', 81) => Some([&key[..33], &key[49..81]].concat()),
+                (b'o' | b'y', _) => {
+                    db.remove(&key).unwrap();
+                    None
+                }
+                _ => None,
+            };
+            if let Some(old) = old {
+                db.remove(&key).unwrap();
+                db.insert(old, value).unwrap();
+            }
+        }
+        db.insert(b"m/format", 1u32.to_be_bytes().to_vec()).unwrap();
+        db.flush().unwrap();
+    }
+    let node = consortium.node(1);
+    assert_eq!(node.quarantine().unwrap().len(), 1);
+    assert_eq!(node.pending_count().unwrap(), 1);
+    assert_eq!(node.missing_dependencies(id).unwrap().len(), 1);
+    // The genuine creation is not condemned by its copy, and settles the held change.
+    assert!(matches!(
+        node.ingest(&envelopes[0]).unwrap(),
+        Ingested::Accepted(_)
+    ));
+    assert_eq!(node.pending_count().unwrap(), 0);
+    assert_eq!(node.heads(id).unwrap(), author.heads(id).unwrap());
+    assert!(node.verify().unwrap().problems.is_empty());
 }

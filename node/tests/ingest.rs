@@ -9,7 +9,9 @@ use estuary_node::identity::Identity;
 use estuary_node::membership::SignedRoster;
 use estuary_node::model::automerge::{self, AutoCommit};
 use estuary_node::model::*;
-use estuary_node::node::{IngestError, Ingested, Node, NodeConfig, NodeError};
+use estuary_node::node::{
+    IngestError, Ingested, Node, NodeConfig, NodeError, PENDING_CHANGES_OF_STRANGERS_MAX,
+};
 
 const AUTHORITY: [u8; 32] = [1; 32];
 const PEER: [u8; 32] = [2; 32];
@@ -118,6 +120,20 @@ impl Consortium {
     fn open(&mut self) -> Node {
         let roster = self.signed_roster();
         Node::open(&self.config, Some(&roster)).unwrap()
+    }
+
+    /// The roster with `key` added to `institution`, signed.
+    fn roster_adding(&mut self, institution_id: &str, key: Bytes32) -> Vec<u8> {
+        self.roster
+            .apply(
+                &editor("xinhua"),
+                &RosterOp::AddNodeKey {
+                    institution: institution(institution_id),
+                    key,
+                },
+            )
+            .unwrap();
+        self.signed_roster()
     }
 
     fn revoke(&mut self, cutoff: Vec<Bytes32>) -> Vec<u8> {
@@ -243,27 +259,77 @@ fn a_bad_signature_is_quarantined_without_blocking_the_genuine_change() {
 }
 
 #[test]
-fn an_unknown_keys_change_is_quarantined_and_never_applied() {
+fn an_unknown_keys_change_is_held_until_a_roster_names_its_author() {
     let mut consortium = Consortium::new();
     let node = consortium.open();
-    let stranger = Identity::from_secret([9; 32]);
-    let file = HealthFile::create(&stranger.actor(), &editor("xinhua"), &demographics()).unwrap();
+    let newcomer = Identity::from_secret([9; 32]);
+    let file = HealthFile::create(&newcomer.actor(), &editor("xinhua"), &demographics()).unwrap();
     let id = file.id();
-    let envelope = envelopes(&stranger, id, &mut file.automerge().clone(), &[]).remove(0);
-    match node.ingest(&envelope).unwrap() {
-        Ingested::Quarantined(_, reason) => assert!(reason.contains("not a member"), "{reason}"),
-        other => panic!("expected quarantine, got {other:?}"),
-    }
+    let envelope = envelopes(&newcomer, id, &mut file.automerge().clone(), &[]).remove(0);
+    // Its author may be a member a newer roster adds: held, not refused, never applied.
+    assert!(matches!(
+        node.ingest(&envelope).unwrap(),
+        Ingested::Pending(_)
+    ));
     assert!(matches!(
         node.health_file(id),
         Err(NodeError::UnknownDocument(_))
     ));
-    // Offered again: the same decision, one record.
+    // Offered again: still one held change, nothing in quarantine.
     assert!(matches!(
         node.ingest(&envelope).unwrap(),
-        Ingested::Quarantined(..)
+        Ingested::Pending(_)
     ));
-    assert_eq!(node.quarantine().unwrap().len(), 1);
+    assert_eq!(node.pending_count().unwrap(), 1);
+    assert!(node.quarantine().unwrap().is_empty());
+    // The roster that names the key arrives: the held change is decided and accepted.
+    node.update_roster(&consortium.roster_adding("xinhua", newcomer.public_key()))
+        .unwrap();
+    assert_eq!(node.health_file(id).unwrap().id, id);
+    assert_eq!(node.pending_count().unwrap(), 0);
+}
+
+#[test]
+fn strangers_changes_share_one_bounded_holding_and_the_oldest_go_first() {
+    let mut consortium = Consortium::new();
+    let node = consortium.open();
+    let mut first = None;
+    for n in 0..PENDING_CHANGES_OF_STRANGERS_MAX + 8 {
+        let stranger = Identity::from_secret([(n % 200) as u8 + 20; 32]);
+        let file = HealthFile::create(
+            &stranger.actor(),
+            &editor("xinhua"),
+            &resident(&format!("+86 {n}")),
+        )
+        .unwrap();
+        let envelope =
+            envelopes(&stranger, file.id(), &mut file.automerge().clone(), &[]).remove(0);
+        assert!(matches!(
+            node.ingest(&envelope).unwrap(),
+            Ingested::Pending(_)
+        ));
+        first.get_or_insert(envelope);
+    }
+    assert_eq!(
+        node.pending_count().unwrap(),
+        PENDING_CHANGES_OF_STRANGERS_MAX
+    );
+    let oldest = Envelope::verify(first.as_ref().unwrap()).unwrap();
+    assert!(
+        !node
+            .pending()
+            .unwrap()
+            .iter()
+            .any(|p| p.change == oldest.hash.0),
+        "the oldest held change was evicted"
+    );
+    drop(node);
+    // The shares are counted again at open, from the order keys.
+    let node = consortium.open();
+    assert_eq!(
+        node.pending_count().unwrap(),
+        PENDING_CHANGES_OF_STRANGERS_MAX
+    );
 }
 
 #[test]

@@ -108,7 +108,7 @@ proptest! {
         for step in steps {
             match step {
                 Step::Create(n) => {
-                    let expected = HealthFile::create(&own.actor(), &editor("chc-a"), &resident(n)).unwrap();
+                    let expected = HealthFile::create(node.actor(), &editor("chc-a"), &resident(n)).unwrap();
                     let known = model.iter().any(|f| f.id() == expected.id());
                     let (id, _) = node.create_health_file(&editor("chc-a"), &resident(n)).unwrap();
                     prop_assert_eq!(id, expected.id());
@@ -130,7 +130,7 @@ proptest! {
                     let mut change = file.changes_since(&[]).remove(0);
                     node.ingest(&Envelope::sign(&peer, file.id(), &mut change).encode()).unwrap();
                     if !model.iter().any(|f| f.id() == file.id()) {
-                        model.push(HealthFile::load(&file.save(), &own.actor()).unwrap());
+                        model.push(HealthFile::load(&file.save(), node.actor()).unwrap());
                     }
                 }
                 Step::Forged => {

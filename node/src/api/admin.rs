@@ -11,7 +11,7 @@ use axum::response::IntoResponse;
 use serde::{Deserialize, Serialize};
 
 use super::clinical::{document_id, institution_id};
-use super::error::{QueryParams, RawBody};
+use super::error::{JsonBody, QueryParams, RawBody};
 use super::{Admin, ApiError, ApiState, Route, blocking};
 use crate::audit::AuditRecord;
 use crate::model::DocumentId;
@@ -39,6 +39,7 @@ pub(super) fn routes() -> Vec<Route> {
         Route::get("/admin/documents", documents),
         Route::get("/admin/quarantine", quarantine),
         Route::get("/admin/quarantine/{change}", quarantined_change),
+        Route::post("/admin/quarantine/purge", purge_quarantine),
         Route::get("/admin/audit", audit),
         Route::get("/admin/audit/verify", verify_audit),
         Route::get("/admin/verify", verify),
@@ -162,17 +163,59 @@ fn quarantine_json(entry: &crate::node::QuarantineEntry) -> serde_json::Value {
         "change": hex(&entry.change),
         "document": entry.document,
         "reason": entry.reason,
+        "envelope_bytes": entry.envelope_bytes,
+        "envelope_kept": entry.envelope_kept,
+        "at_ms": entry.at_ms,
     })
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct QuarantineQuery {
+    /// The cursor a previous page gave as `next`.
+    after: Option<String>,
+    /// Most records to return (at most `QUARANTINE_PAGE_RECORDS_MAX`).
+    limit: Option<usize>,
+}
+
+/// One page of the quarantine; `next` is the cursor of the following page (absent at the
+/// end).
 async fn quarantine(
     State(state): State<ApiState>,
     _admin: Admin,
+    QueryParams(query): QueryParams<QuarantineQuery>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     blocking(move || {
-        let entries = state.node.quarantine()?;
-        let entries: Vec<_> = entries.iter().map(quarantine_json).collect();
-        Ok(Json(serde_json::json!({ "entries": entries })))
+        let page = state.node.quarantine_page(
+            query.after.as_deref(),
+            query
+                .limit
+                .unwrap_or(crate::node::QUARANTINE_PAGE_RECORDS_MAX),
+        )?;
+        let entries: Vec<_> = page.entries.iter().map(quarantine_json).collect();
+        Ok(Json(
+            serde_json::json!({ "entries": entries, "next": page.next }),
+        ))
+    })
+    .await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PurgeRequest {
+    /// Only records quarantined before this time (milliseconds since the epoch); all if
+    /// absent.
+    before_ms: Option<u64>,
+}
+
+async fn purge_quarantine(
+    State(state): State<ApiState>,
+    _admin: Admin,
+    JsonBody(request): JsonBody<PurgeRequest>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    blocking(move || {
+        let purged = state.node.purge_quarantine(request.before_ms)?;
+        Ok(Json(serde_json::json!({ "purged": purged })))
     })
     .await
 }

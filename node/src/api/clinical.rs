@@ -76,18 +76,17 @@ struct Written {
     change: ChangeHash,
 }
 
-/// Makes a write on the blocking pool, records it in the audit log under the app's name, and
-/// answers with the change.
+/// Makes a write on the blocking pool, as the app: its audit record names the app and is
+/// durable with the change (`Node::writer`). Answers with the change.
 async fn write(
     state: ApiState,
     caller: Caller,
-    make: impl FnOnce(&ApiState) -> Result<(DocumentId, ChangeHash), ApiError> + Send + 'static,
+    make: impl FnOnce(&ApiState, crate::node::Writer<'_>) -> Result<(DocumentId, ChangeHash), ApiError>
+    + Send
+    + 'static,
 ) -> Result<Json<Written>, ApiError> {
     blocking(move || {
-        let (id, change) = make(&state)?;
-        state
-            .node
-            .record_access(&caller.app, &[(id, Some(change))])?;
+        let (id, change) = make(&state, state.node.writer(Some(&caller.app)))?;
         Ok(Json(Written { id, change }))
     })
     .await
@@ -129,10 +128,8 @@ async fn create_health_file(
     Writer(caller): Writer,
     JsonBody(demographics): JsonBody<Demographics>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let written = write(state, caller, move |state| {
-        Ok(state
-            .node
-            .create_health_file(&state.editor(), &demographics)?)
+    let written = write(state, caller, move |state, writer| {
+        Ok(writer.create_health_file(&state.editor(), &demographics)?)
     })
     .await?;
     Ok((StatusCode::CREATED, written))
@@ -145,8 +142,8 @@ async fn apply_health_file(
     JsonBody(op): JsonBody<HealthFileOp>,
 ) -> Result<Json<Written>, ApiError> {
     let id = document_id(&id)?;
-    write(state, caller, move |state| {
-        Ok((id, state.node.apply_health_file(id, &state.editor(), &op)?))
+    write(state, caller, move |state, writer| {
+        Ok((id, writer.apply_health_file(id, &state.editor(), &op)?))
     })
     .await
 }
@@ -232,13 +229,13 @@ async fn create_referral(
     Writer(caller): Writer,
     JsonBody(referral): JsonBody<NewReferral>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let written = write(state, caller, move |state| {
+    let written = write(state, caller, move |state, writer| {
         if state.node.kind_of(referral.patient)? != Some(DocumentKind::HealthFile) {
             return Err(ApiError::not_found(
                 "the referral's patient is not a health file this node holds",
             ));
         }
-        Ok(state.node.create_referral(&state.editor(), &referral)?)
+        Ok(writer.create_referral(&state.editor(), &referral)?)
     })
     .await?;
     Ok((StatusCode::CREATED, written))
@@ -251,8 +248,8 @@ async fn apply_referral(
     JsonBody(op): JsonBody<ReferralOp>,
 ) -> Result<Json<Written>, ApiError> {
     let id = document_id(&id)?;
-    write(state, caller, move |state| {
-        Ok((id, state.node.apply_referral(id, &state.editor(), &op)?))
+    write(state, caller, move |state, writer| {
+        Ok((id, writer.apply_referral(id, &state.editor(), &op)?))
     })
     .await
 }

@@ -95,6 +95,7 @@ impl From<NodeError> for ApiError {
             NodeError::UnknownDocument(_) => {
                 Self::not_found("this node holds no document with that id")
             }
+            NodeError::BadCursor => Self::bad_request("bad_cursor", error.to_string()),
             NodeError::WrongKind {
                 expected, found, ..
             } => Self::not_found(format!(

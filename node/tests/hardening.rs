@@ -1,0 +1,327 @@
+//! What a member (or a fault) must not be able to do to honest replicas: condemn a genuine
+//! change by sending a copy of it into another document, split a document by reusing a node
+//! key after store loss, push other members' held changes out, fill the disk with quarantine,
+//! or leave an app's write on record without its writer.
+
+mod common;
+
+use common::*;
+use estuary_node::audit::AuditAction;
+use estuary_node::bundle::{BundleReader, export};
+use estuary_node::envelope::Envelope;
+use estuary_node::identity::Identity;
+use estuary_node::model::automerge::ChangeHash;
+use estuary_node::model::*;
+use estuary_node::node::{Ingested, Node, PENDING_CHANGES_PER_AUTHOR_MAX};
+
+/// The envelopes of `id` as `node` holds them, creation first.
+fn causal_envelopes(node: &Node, id: DocumentId) -> Vec<Vec<u8>> {
+    let mut envelopes = node.envelopes(id).unwrap();
+    envelopes.sort_by_key(|e| !Envelope::verify(e).unwrap().change.deps().is_empty());
+    envelopes
+}
+
+/// `envelope`'s change signed again by its own author for document `into`: a valid
+/// signature, the wrong document.
+fn sent_into(author: &Identity, envelope: &[u8], into: DocumentId) -> Vec<u8> {
+    let mut change = Envelope::verify(envelope).unwrap().change;
+    Envelope::sign(author, into, &mut change).encode()
+}
+
+fn key_of(consortium: &Consortium, member: &str) -> Identity {
+    Identity::load_or_create(&consortium.dir.path().join(member)).unwrap()
+}
+
+#[test]
+fn a_change_sent_into_another_document_never_condemns_the_genuine_one() {
+    let consortium = Consortium::new(3);
+    let (author, first, second) = (consortium.node(0), consortium.node(1), consortium.node(2));
+    let member = editor("member-0");
+    let (id, creation) = author.create_health_file(&member, &resident("A")).unwrap();
+    let follow_up = author
+        .apply_health_file(id, &member, &allergy("penicillin"))
+        .unwrap();
+    let genuine = causal_envelopes(&author, id);
+    assert_eq!(Envelope::verify(&genuine[0]).unwrap().hash, creation);
+    let elsewhere = DocumentId::from_bytes([7; 16]);
+    let key = key_of(&consortium, "member-0");
+    let replayed: Vec<Vec<u8>> = genuine
+        .iter()
+        .map(|e| sent_into(&key, e, elsewhere))
+        .collect();
+
+    // The copies first, then the genuine changes.
+    for envelope in &replayed {
+        assert!(matches!(
+            first.ingest(envelope).unwrap(),
+            Ingested::Quarantined(..)
+        ));
+    }
+    for envelope in &genuine {
+        assert!(matches!(
+            first.ingest(envelope).unwrap(),
+            Ingested::Accepted(_)
+        ));
+    }
+    // The creation, then the copies, then the change built on the creation.
+    assert!(matches!(
+        second.ingest(&genuine[0]).unwrap(),
+        Ingested::Accepted(_)
+    ));
+    for envelope in &replayed {
+        assert!(matches!(
+            second.ingest(envelope).unwrap(),
+            Ingested::Quarantined(..)
+        ));
+    }
+    assert!(matches!(
+        second.ingest(&genuine[1]).unwrap(),
+        Ingested::Accepted(hash) if hash == follow_up
+    ));
+
+    let heads = author.heads(id).unwrap();
+    for node in [&first, &second] {
+        assert_eq!(node.heads(id).unwrap(), heads);
+        assert_eq!(
+            node.health_file(id).unwrap(),
+            author.health_file(id).unwrap()
+        );
+        let mut quarantined: Vec<(DocumentId, [u8; 32])> = node
+            .quarantine()
+            .unwrap()
+            .into_iter()
+            .map(|q| (q.document, q.change))
+            .collect();
+        quarantined.sort();
+        let mut expected: Vec<(DocumentId, [u8; 32])> = genuine
+            .iter()
+            .map(|e| (elsewhere, Envelope::verify(e).unwrap().hash.0))
+            .collect();
+        expected.sort();
+        assert_eq!(quarantined, expected, "only the copies are in quarantine");
+    }
+}
+
+#[test]
+fn a_node_restored_from_an_older_bundle_writes_without_splitting_documents() {
+    let consortium = Consortium::new(2);
+    let data_dir = consortium.dir.path().join("member-0");
+    let member = editor("member-0");
+    let (id, bundle) = {
+        let a = consortium.node(0);
+        let (id, _) = a.create_health_file(&member, &resident("A")).unwrap();
+        a.apply_health_file(id, &member, &allergy("penicillin"))
+            .unwrap();
+        let mut bundle = Vec::new();
+        export(&a, &mut bundle, |_, _| {}).unwrap();
+        // Acknowledged after the bundle, and passed on to a peer before the store is lost.
+        a.apply_health_file(id, &member, &allergy("aspirin"))
+            .unwrap();
+        a.apply_health_file(id, &member, &allergy("latex")).unwrap();
+        let b = consortium.node(1);
+        for outcome in b.ingest_many(&causal_envelopes(&a, id)).unwrap() {
+            assert!(matches!(outcome.unwrap(), Ingested::Accepted(_)));
+        }
+        (id, bundle)
+    };
+    // The store and its witness are lost; the key stays; the store is restored from the
+    // older bundle, so nothing here can tell that anything is missing.
+    std::fs::remove_dir_all(data_dir.join("store")).unwrap();
+    for entry in std::fs::read_dir(&data_dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() && path.file_name().unwrap() != "node.key" {
+            std::fs::remove_file(path).unwrap();
+        }
+    }
+    let a = consortium.node(0);
+    let mut reader = BundleReader::open(&bundle[..]).unwrap();
+    let mut restored = Vec::new();
+    while let Some(envelope) = reader.next_envelope().unwrap() {
+        restored.push(envelope);
+    }
+    for outcome in a.ingest_many(&restored).unwrap() {
+        outcome.unwrap();
+    }
+    assert_eq!(a.change_hashes(id).unwrap().len(), 2);
+    let written = a
+        .apply_health_file(id, &member, &allergy("iodine"))
+        .unwrap();
+
+    // Both ways, as anti-entropy would: the document must not split.
+    let b = consortium.node(1);
+    for outcome in b.ingest_many(&causal_envelopes(&a, id)).unwrap() {
+        let outcome = outcome.unwrap();
+        assert!(
+            matches!(outcome, Ingested::Accepted(_) | Ingested::Duplicate(_)),
+            "{outcome:?}"
+        );
+    }
+    for outcome in a.ingest_many(&causal_envelopes(&b, id)).unwrap() {
+        let outcome = outcome.unwrap();
+        assert!(
+            matches!(outcome, Ingested::Accepted(_) | Ingested::Duplicate(_)),
+            "{outcome:?}"
+        );
+    }
+    assert_eq!(a.heads(id).unwrap(), b.heads(id).unwrap());
+    assert!(b.has_change(id, &written).unwrap());
+    assert_eq!(a.health_file(id).unwrap().allergies.len(), 4);
+    assert!(a.quarantine().unwrap().is_empty() && b.quarantine().unwrap().is_empty());
+    assert_ne!(
+        a.actor().as_bytes(),
+        key_of(&consortium, "member-0").public_key().0
+    );
+}
+
+#[test]
+fn one_members_held_changes_never_push_out_anothers() {
+    let consortium = Consortium::new(3);
+    let node = consortium.node(2);
+    // Member 0 sends a long chain without its first change: every change waits.
+    let flooder = key_of(&consortium, "member-0");
+    let mut file = HealthFile::create(
+        &Actor::from_bytes(flooder.public_key().0.to_vec()),
+        &editor("member-0"),
+        &resident("Flood"),
+    )
+    .unwrap();
+    // The creation is never sent.
+    let mut heads: Vec<ChangeHash> = file.heads();
+    let mut chain = Vec::new();
+    for n in 0..PENDING_CHANGES_PER_AUTHOR_MAX + 10 {
+        file.apply(
+            &editor("member-0"),
+            &HealthFileOp::SetDemographic(DemographicField::Phone(format!("+86 {n}"))),
+        )
+        .unwrap();
+        let mut change = file.changes_since(&heads).remove(0);
+        heads = file.heads();
+        chain.push(Envelope::sign(&flooder, file.id(), &mut change).encode());
+    }
+    // Member 1's one change that waits for its dependency, held first.
+    let other = key_of(&consortium, "member-1");
+    let mut theirs = HealthFile::create(
+        &Actor::from_bytes(other.public_key().0.to_vec()),
+        &editor("member-1"),
+        &resident("Other"),
+    )
+    .unwrap();
+    let creation = {
+        let mut change = theirs.changes_since(&[]).remove(0);
+        Envelope::sign(&other, theirs.id(), &mut change).encode()
+    };
+    let before = theirs.heads();
+    theirs
+        .apply(&editor("member-1"), &allergy("penicillin"))
+        .unwrap();
+    let waiting = {
+        let mut change = theirs.changes_since(&before).remove(0);
+        Envelope::sign(&other, theirs.id(), &mut change).encode()
+    };
+    assert!(matches!(
+        node.ingest(&waiting).unwrap(),
+        Ingested::Pending(_)
+    ));
+    for outcome in node.ingest_many(&chain).unwrap() {
+        assert!(matches!(outcome.unwrap(), Ingested::Pending(_)));
+    }
+    assert_eq!(
+        node.pending_count().unwrap(),
+        PENDING_CHANGES_PER_AUTHOR_MAX + 1,
+        "member 0 holds its share, member 1 its change"
+    );
+    let held: Vec<[u8; 32]> = node.pending().unwrap().iter().map(|p| p.change).collect();
+    let oldest = Envelope::verify(&chain[0]).unwrap().hash;
+    assert!(!held.contains(&oldest.0), "member 0's oldest went first");
+    assert_eq!(node.missing_dependencies(theirs.id()).unwrap().len(), 1);
+    // Member 1's change is decided when its dependency arrives.
+    node.ingest(&creation).unwrap();
+    assert_eq!(node.health_file(theirs.id()).unwrap().allergies.len(), 1);
+    assert_eq!(
+        node.pending_count().unwrap(),
+        PENDING_CHANGES_PER_AUTHOR_MAX
+    );
+}
+
+#[test]
+fn the_quarantine_pages_and_purges_and_the_purge_is_audited() {
+    let consortium = Consortium::new(2);
+    let node = consortium.node(1);
+    let author = consortium.node(0);
+    let key = key_of(&consortium, "member-0");
+    let mut copies = Vec::new();
+    for n in 0..5u8 {
+        let (id, _) = author
+            .create_health_file(&editor("member-0"), &resident(&format!("Q{n}")))
+            .unwrap();
+        let envelope = author.envelopes(id).unwrap().remove(0);
+        copies.push(sent_into(&key, &envelope, DocumentId::from_bytes([n; 16])));
+        let mut forged = Envelope::decode(&envelope).unwrap();
+        forged.signature[0] ^= 1;
+        copies.push(forged.encode());
+    }
+    for copy in &copies {
+        assert!(matches!(
+            node.ingest(copy).unwrap(),
+            Ingested::Quarantined(..)
+        ));
+    }
+    let all = node.quarantine().unwrap();
+    assert_eq!(all.len(), 10);
+    assert!(all.iter().all(|q| q.envelope_kept && q.envelope_bytes > 0));
+    let mut paged = Vec::new();
+    let mut after = None;
+    loop {
+        let page = node.quarantine_page(after.as_deref(), 3).unwrap();
+        assert!(page.entries.len() <= 3);
+        paged.extend(page.entries);
+        match page.next {
+            Some(next) => after = Some(next),
+            None => break,
+        }
+    }
+    assert_eq!(paged, all);
+    assert!(node.quarantine_page(Some("zz"), 3).is_err());
+
+    let sequence = node.audit_sequence();
+    assert_eq!(node.purge_quarantine(None).unwrap(), 10);
+    assert!(node.quarantine().unwrap().is_empty());
+    assert_eq!(node.quarantine_count(), 0);
+    let purge = node.audit(sequence + 1, 10).unwrap();
+    assert!(
+        purge
+            .iter()
+            .any(|r| r.action == AuditAction::QuarantinePurged)
+    );
+    // A purged change that comes again is judged again.
+    assert!(matches!(
+        node.ingest(&copies[0]).unwrap(),
+        Ingested::Quarantined(..)
+    ));
+    assert_eq!(node.quarantine_count(), 1);
+}
+
+#[test]
+fn an_apps_write_and_its_writer_are_recorded_together() {
+    let consortium = Consortium::new(1);
+    let node = consortium.node(0);
+    let writer = node.writer(Some("emr"));
+    let (id, created) = writer
+        .create_health_file(&editor("member-0"), &resident("W"))
+        .unwrap();
+    let changed = writer
+        .apply_health_file(id, &editor("member-0"), &allergy("penicillin"))
+        .unwrap();
+    let records = node.audit(1, 100).unwrap();
+    for change in [created, changed] {
+        let at = records
+            .iter()
+            .position(|r| r.action == AuditAction::Accepted && r.change == Some(change.0))
+            .unwrap();
+        let written = &records[at + 1];
+        assert_eq!(written.action, AuditAction::Written);
+        assert_eq!(written.change, Some(change.0));
+        assert_eq!(written.app.as_deref(), Some("emr"));
+    }
+    assert!(node.verify_audit().is_none());
+}
