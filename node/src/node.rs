@@ -342,6 +342,27 @@ fn hex_decode(text: &str) -> Option<Vec<u8>> {
         .collect()
 }
 
+/// Why a change built on a quarantined change is quarantined with it.
+pub const REASON_DEPENDS_ON_QUARANTINED: &str = "it depends on a quarantined change";
+/// Why a revoked key's change past its cut-off is quarantined.
+pub const REASON_PAST_CUTOFF: &str =
+    "the author's key was revoked and this change is not within the revocation's cut-off";
+
+impl Ingested {
+    /// Whether the decision shows that whoever sent the change is at fault: an honest member
+    /// sends only changes it accepted, and every rule but two is judged the same everywhere.
+    /// The two: a revoked key's change past its cut-off (the sender may not have the roster
+    /// that revokes it yet) and a change built on one (the same).
+    pub fn blames_sender(&self) -> bool {
+        match self {
+            Ingested::Quarantined(_, reason) => {
+                reason != REASON_DEPENDS_ON_QUARANTINED && reason != REASON_PAST_CUTOFF
+            }
+            _ => false,
+        }
+    }
+}
+
 /// A quarantined change as operators see it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QuarantineEntry {
@@ -1606,12 +1627,7 @@ impl Node {
         }
         for dep in &deps {
             if self.store.get(&keys::quarantined(dep, &id))?.is_some() {
-                return self.quarantined(
-                    cache,
-                    ticket,
-                    &verified,
-                    "it depends on a quarantined change",
-                );
+                return self.quarantined(cache, ticket, &verified, REASON_DEPENDS_ON_QUARANTINED);
             }
         }
         let mut missing = Vec::new();
@@ -2008,12 +2024,7 @@ impl Node {
         key: Bytes32,
     ) -> Result<Ingested, IngestError> {
         if self.cutoff_drawn(&key)? {
-            return self.quarantined(
-                cache,
-                ticket,
-                verified,
-                "the author's key was revoked and this change is not within the revocation's cut-off",
-            );
+            return self.quarantined(cache, ticket, verified, REASON_PAST_CUTOFF);
         }
         let hash = verified.hash;
         if self.store.get(&keys::held(&key, &hash))?.is_none() {
