@@ -137,16 +137,20 @@ const CHUNK_MAGIC: [u8; 4] = [0x85, 0x6f, 0x4a, 0x83];
 const CHUNK_DOCUMENT: u8 = 0;
 const CHUNK_CHANGE: u8 = 1;
 const CHUNK_COMPRESSED_CHANGE: u8 = 2;
+/// The bit of an automerge column specification that marks the column's data as DEFLATE.
+const COLUMN_DEFLATE: u32 = 0x08;
+/// Bytes of one change hash in a document chunk's heads.
+const CHANGE_HASH_BYTES: u64 = 32;
 
 /// Walks the chunk framing of untrusted automerge bytes before automerge parses them. No
 /// bytes at all is an empty increment, and passes.
 ///
 /// Refuses chunk types Estuary never writes (automerge 0.12's bundle parser panics and
-/// allocates gigabytes on crafted bundles, found by fuzzing) and inflates compressed changes
-/// through a bound, since automerge inflates them without one.
+/// allocates gigabytes on crafted bundles, found by fuzzing) and inflates what automerge would
+/// inflate without a bound — compressed changes, and the compressed columns of a document
+/// chunk — through bounds first, counting the bytes and never holding them.
 pub(crate) fn check_chunks(mut bytes: &[u8]) -> Result<(), crate::LoadError> {
-    use std::io::Read;
-    let refused = |reason| crate::LoadError::Refused { reason };
+    let mut inflated_bytes = 0;
     while !bytes.is_empty() {
         // magic (4) | checksum (4) | chunk type (1) | data length (LEB128) | data
         if bytes.len() < 9 || bytes[..4] != CHUNK_MAGIC {
@@ -161,16 +165,15 @@ pub(crate) fn check_chunks(mut bytes: &[u8]) -> Result<(), crate::LoadError> {
             .and_then(|length| bytes.get(start..start.checked_add(length)?))
             .ok_or_else(|| refused("chunk longer than the bytes given"))?;
         match chunk_type {
-            CHUNK_DOCUMENT | CHUNK_CHANGE => {}
-            CHUNK_COMPRESSED_CHANGE => {
-                let limit = crate::limits::CHANGE_INFLATED_BYTES_MAX;
-                let mut inflated = flate2::bufread::DeflateDecoder::new(data).take(limit + 1);
-                let size = std::io::copy(&mut inflated, &mut std::io::sink())
-                    .map_err(|_| refused("compressed change does not inflate"))?;
-                if size > limit {
-                    return Err(refused("compressed change inflates past its limit"));
-                }
-            }
+            // A change chunk's columns are never compressed: automerge refuses one that is.
+            CHUNK_CHANGE => {}
+            CHUNK_DOCUMENT => check_document_columns(data, &mut inflated_bytes)?,
+            CHUNK_COMPRESSED_CHANGE => inflate_within(
+                data,
+                Compressed::Change,
+                crate::limits::CHANGE_INFLATED_BYTES_MAX,
+                &mut inflated_bytes,
+            )?,
             _ => {
                 return Err(refused(
                     "chunk type not accepted (only documents and changes)",
@@ -180,6 +183,135 @@ pub(crate) fn check_chunks(mut bytes: &[u8]) -> Result<(), crate::LoadError> {
         bytes = &bytes[start + data.len()..];
     }
     Ok(())
+}
+
+fn refused(reason: &'static str) -> crate::LoadError {
+    crate::LoadError::Refused { reason }
+}
+
+/// Inflates the compressed columns of one document chunk's data through their bounds.
+///
+/// The layout is automerge 0.12's (`storage/document.rs`): the actors (a count, then each
+/// as a length and its bytes); the heads (a count, then 32-byte hashes); the change columns'
+/// metadata, then the op columns' metadata (each a count, then a column specification and a
+/// data length per column); the change columns' data and the op columns' data, in the order
+/// of their metadata; then the heads' indices, which this walk does not need.
+fn check_document_columns(data: &[u8], inflated_bytes: &mut u64) -> Result<(), crate::LoadError> {
+    let malformed = || refused("malformed document chunk: its column layout is unreadable");
+    let mut cursor = Cursor { bytes: data };
+    // Each actor takes at least one byte, so a huge count ends at the end of the data.
+    let actors = cursor.uleb128().ok_or_else(malformed)?;
+    for _ in 0..actors {
+        let length = cursor.uleb128().ok_or_else(malformed)?;
+        cursor.take(length).ok_or_else(malformed)?;
+    }
+    let heads = cursor.uleb128().ok_or_else(malformed)?;
+    let heads_bytes = heads.checked_mul(CHANGE_HASH_BYTES).ok_or_else(malformed)?;
+    cursor.take(heads_bytes).ok_or_else(malformed)?;
+    let change_columns = column_metadata(&mut cursor)?;
+    let op_columns = column_metadata(&mut cursor)?;
+    for (specification, length) in change_columns.into_iter().chain(op_columns) {
+        let column = cursor
+            .take(length)
+            .ok_or_else(|| refused("malformed document chunk: a column runs past its end"))?;
+        if specification & COLUMN_DEFLATE != 0 {
+            inflate_within(
+                column,
+                Compressed::DocumentColumn,
+                crate::limits::DOCUMENT_COLUMN_INFLATED_BYTES_MAX,
+                inflated_bytes,
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// Reads one block of column metadata: each column's specification and data length.
+fn column_metadata(cursor: &mut Cursor<'_>) -> Result<Vec<(u32, u64)>, crate::LoadError> {
+    let malformed = || refused("malformed document chunk: its column layout is unreadable");
+    let count = cursor.uleb128().ok_or_else(malformed)?;
+    let count = usize::try_from(count)
+        .ok()
+        .filter(|count| *count <= crate::limits::DOCUMENT_COLUMNS_MAX)
+        .ok_or_else(|| refused("malformed document chunk: too many columns"))?;
+    let mut columns = Vec::with_capacity(count);
+    for _ in 0..count {
+        // automerge reads a specification as a 32-bit value and refuses a larger one.
+        let specification = cursor
+            .uleb128()
+            .and_then(|specification| u32::try_from(specification).ok())
+            .ok_or_else(malformed)?;
+        let length = cursor.uleb128().ok_or_else(malformed)?;
+        columns.push((specification, length));
+    }
+    Ok(columns)
+}
+
+/// What a DEFLATE stream in untrusted bytes is, for the reason given when it is refused.
+#[derive(Clone, Copy)]
+enum Compressed {
+    Change,
+    DocumentColumn,
+}
+
+/// Inflates one DEFLATE stream into a counting sink, so that the inflated bytes are never
+/// held, and adds their count to `inflated_bytes`, the running total of one decode. Refuses
+/// a stream that does not inflate, that inflates past `limit_bytes`, or that takes the total
+/// past `INFLATED_BYTES_PER_DECODE_MAX`.
+fn inflate_within(
+    compressed: &[u8],
+    what: Compressed,
+    limit_bytes: u64,
+    inflated_bytes: &mut u64,
+) -> Result<(), crate::LoadError> {
+    use std::io::Read;
+    let left_bytes = crate::limits::INFLATED_BYTES_PER_DECODE_MAX.saturating_sub(*inflated_bytes);
+    let bound_bytes = limit_bytes.min(left_bytes);
+    // One byte past the bound tells a stream at the bound from one beyond it.
+    let mut inflated =
+        flate2::bufread::DeflateDecoder::new(compressed).take(bound_bytes.saturating_add(1));
+    let size = std::io::copy(&mut inflated, &mut std::io::sink()).map_err(|_| {
+        refused(match what {
+            Compressed::Change => "compressed change does not inflate",
+            Compressed::DocumentColumn => "compressed document column does not inflate",
+        })
+    })?;
+    if size > limit_bytes {
+        return Err(refused(match what {
+            Compressed::Change => "compressed change inflates past its limit",
+            Compressed::DocumentColumn => "compressed document column inflates past its limit",
+        }));
+    }
+    if size > left_bytes {
+        return Err(refused(
+            "compressed chunks and columns inflate past the limit of one decode",
+        ));
+    }
+    *inflated_bytes += size;
+    Ok(())
+}
+
+/// A cursor over untrusted bytes: reads past the end fail instead of panicking.
+struct Cursor<'a> {
+    bytes: &'a [u8],
+}
+
+impl<'a> Cursor<'a> {
+    fn uleb128(&mut self) -> Option<u64> {
+        let (value, length) = read_uleb128(self.bytes)?;
+        self.bytes = &self.bytes[length..];
+        Some(value)
+    }
+
+    fn take(&mut self, length: u64) -> Option<&'a [u8]> {
+        let length = usize::try_from(length).ok()?;
+        if length > self.bytes.len() {
+            return None;
+        }
+        let (taken, rest) = self.bytes.split_at(length);
+        self.bytes = rest;
+        Some(taken)
+    }
 }
 
 /// Reads an unsigned LEB128 value of at most 64 bits: the value and the bytes it took.

@@ -183,7 +183,9 @@ pub enum LoadError {
     #[error("malformed document bytes: the automerge decoder failed on them; nothing was applied")]
     DecoderFault,
     /// The bytes were refused before decoding: not automerge's chunk framing, a chunk type
-    /// Estuary does not accept, or a compressed change that inflates past its limit.
+    /// Estuary does not accept, a document chunk whose column layout is malformed, or a
+    /// compressed change or document column that does not inflate or inflates past its limit
+    /// (alone, or with the rest of the bytes, past the limit of one decode).
     #[error("document bytes refused: {reason}")]
     Refused {
         /// What is wrong with them.

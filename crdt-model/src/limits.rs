@@ -38,3 +38,20 @@ pub const INSTITUTION_ID_BYTES_MAX: usize = 64;
 /// Largest size one compressed automerge change may inflate to, in bytes. automerge inflates
 /// without a bound; untrusted chunks are inflated through this bound first.
 pub const CHANGE_INFLATED_BYTES_MAX: u64 = 16 * 1024 * 1024;
+/// Largest size one compressed column of a document chunk may inflate to, in bytes.
+/// automerge inflates these columns without a bound; untrusted document chunks are inflated
+/// through this bound first. Documents here are kilobytes to a few MiB, and deflate gains
+/// about 4 to 1 on their largest column, the values (a health file of 300 encounters with
+/// 3 KB notes saves to 220 KiB and its value column inflates from 212 KiB to 887 KiB), so an
+/// honest column stays far below.
+pub const DOCUMENT_COLUMN_INFLATED_BYTES_MAX: u64 = 32 * 1024 * 1024;
+/// Largest total that the compressed changes and compressed document columns of one decode
+/// (one call of `load_document`, `decode_changes_onto`, `decode_change` or `load_incremental`)
+/// may inflate to, in bytes. At the 4 to 1 measured on honest documents it admits 16 MiB of
+/// compressed input, the largest response a node reads. Without it, many compressed parts,
+/// each within its own bound, could still inflate to gigabytes.
+pub const INFLATED_BYTES_PER_DECODE_MAX: u64 = 64 * 1024 * 1024;
+/// Most columns in one block of a document chunk's column metadata (change columns, op
+/// columns). automerge 0.12 defines 9 change columns and 16 op columns; the rest is room for
+/// columns a later automerge may add. A crafted count is refused before it is read.
+pub const DOCUMENT_COLUMNS_MAX: usize = 64;

@@ -3,6 +3,8 @@
 
 use estuary_crdt_model::*;
 
+pub mod document_chunk;
+
 pub fn institution(id: &str) -> InstitutionId {
     InstitutionId::new(id).expect("test institution ids are valid")
 }
