@@ -13,8 +13,9 @@ use crate::identity::Identity;
 use crate::model::automerge::{Change, ChangeHash};
 use crate::model::{Bytes32, DocumentId, LoadError, decode_change};
 
-/// Bytes after the node key in a node's automerge actor: a random incarnation drawn at every
-/// start. automerge refuses a second change with an actor and sequence number it holds, so a
+/// Bytes after the node key in a node's automerge actor: a random incarnation, kept with the
+/// store and drawn anew for a new store and whenever the store is found to have lost
+/// acknowledged changes. automerge refuses a second change with an actor and sequence number it holds, so a
 /// node whose store lost its tail (or was restored from an older copy) must never write as
 /// the actor it wrote as before: with the key alone it would reuse sequence numbers its peers
 /// hold, and the document would split for good. Actors of exactly 32 bytes (the key alone)

@@ -1,8 +1,8 @@
 //! The node's identity: one ed25519 key, created on first start and loaded afterwards.
 //!
-//! The key's public half is the node's automerge actor id, and the same key is the node's
-//! libp2p identity (its PeerId), so "who wrote a change" and "who sent it" are checked against
-//! the same roster entry.
+//! The key's public half begins the node's automerge actor id (`Node::actor` adds its store's
+//! incarnation), and the same key is the node's libp2p identity (its PeerId), so "who wrote a
+//! change" and "who sent it" are checked against the same roster entry.
 
 use std::fs::{self, OpenOptions};
 use std::io::Write;
@@ -136,7 +136,9 @@ impl Identity {
         Bytes32(self.key.verifying_key().to_bytes())
     }
 
-    /// The automerge actor this node writes as: its public key.
+    /// The key alone as an automerge actor: what the consortium authority writes the roster
+    /// as. A node writes documents as `Node::actor` (the key and its store's incarnation),
+    /// never as this.
     pub fn actor(&self) -> Actor {
         Actor::from_bytes(self.public_key().0.to_vec())
     }

@@ -173,8 +173,9 @@ mod keys {
     /// `v ‖ change hash ‖ revoked key` → document: the change is one of the key's cut-off
     /// heads or an ancestor of one, so a change of that key here is within the cut-off.
     pub const VOUCHED: u8 = b'v';
-    /// `h ‖ revoked key ‖ change hash` → document: the key's changes held until this node can
-    /// tell whether they are within its cut-off (at most `REVOKED_HELD_PER_KEY_MAX` per key).
+    /// `h ‖ revoked key ‖ change hash ‖ document` → nothing: the key's changes held until this
+    /// node can tell whether they are within its cut-off (at most `REVOKED_HELD_PER_KEY_MAX`
+    /// per key).
     pub const HELD: u8 = b'h';
     /// `u ‖ author ‖ document` → nothing: the documents each key has changes accepted in, so
     /// a revocation reaches only the documents it concerns.
@@ -192,8 +193,12 @@ mod keys {
     pub fn vouched(hash: &super::ChangeHash, key: &super::Bytes32) -> Vec<u8> {
         [&[VOUCHED][..], &hash.0, &key.0].concat()
     }
-    pub fn held(key: &super::Bytes32, hash: &super::ChangeHash) -> Vec<u8> {
-        [&[HELD][..], &key.0, &hash.0].concat()
+    pub fn held(
+        key: &super::Bytes32,
+        hash: &super::ChangeHash,
+        document: &super::DocumentId,
+    ) -> Vec<u8> {
+        [&[HELD][..], &key.0, &hash.0, document.as_bytes()].concat()
     }
     pub fn author(key: &super::Bytes32, document: &super::DocumentId) -> Vec<u8> {
         [&[AUTHOR][..], &key.0, document.as_bytes()].concat()
@@ -402,6 +407,10 @@ struct QuarantineRecord {
     /// When it was quarantined, in milliseconds since the epoch (0: before this was kept).
     #[serde(default)]
     at_ms: u64,
+    /// The change's dependencies, kept whether or not the envelope is (`None`: a record from
+    /// before they were kept; read from its envelope).
+    #[serde(default)]
+    deps: Option<Vec<[u8; 32]>>,
 }
 
 impl QuarantineRecord {
@@ -414,6 +423,19 @@ impl QuarantineRecord {
             digest: Some(Sha256::digest(envelope).into()),
             envelope_bytes: envelope.len() as u64,
             at_ms: u64::try_from(audit::now_ms()).unwrap_or(0),
+            deps: Some(
+                dependencies_of(envelope)
+                    .into_iter()
+                    .map(|hash| hash.0)
+                    .collect(),
+            ),
+        }
+    }
+
+    fn dependencies(&self) -> Vec<ChangeHash> {
+        match &self.deps {
+            Some(deps) => deps.iter().copied().map(ChangeHash).collect(),
+            None => dependencies_of(&self.envelope),
         }
     }
 }
@@ -458,6 +480,14 @@ enum Hold {
     Cutoff(Bytes32),
     /// A roster that names its author.
     Roster,
+}
+
+/// What `Node::unpark` took out of the store, to take off its bucket's share.
+#[derive(Clone, Copy, Debug)]
+struct Unparked {
+    bucket: [u8; 32],
+    sequence: u64,
+    usage: Usage,
 }
 
 /// The bucket of every author the roster does not know: they share one small quota.
@@ -551,6 +581,13 @@ impl PendingBook {
         let entry = self.buckets.entry(bucket).or_default();
         *entry = entry.plus(usage);
         self.total = self.total.plus(usage);
+    }
+
+    /// Takes a change `unpark` removed off its share (after its batch was applied).
+    fn settled(&mut self, unparked: Option<Unparked>) {
+        if let Some(unparked) = unparked {
+            self.remove(&unparked.bucket, unparked.usage);
+        }
     }
 
     fn remove(&mut self, bucket: &[u8; 32], usage: Usage) {
@@ -916,6 +953,27 @@ impl Node {
             }
         };
         let mut batch = Batch::default();
+        // The incarnation is kept with the store and drawn anew with every new store and every
+        // loss the witness reports: a store that lost changes, or one restored from a bundle
+        // into an empty directory, never writes as an actor whose sequence numbers its peers
+        // may hold. In the first batch: the flush that follows rewrites the witness, after
+        // which the loss could no longer be seen. Kept across ordinary restarts, so a
+        // registration sent again is still the same change.
+        let incarnation = match store.get(keys::INCARNATION)? {
+            Some(bytes) if lost_now == 0 => bytes,
+            _ => {
+                let mut incarnation = [0u8; crate::envelope::ACTOR_INCARNATION_BYTES];
+                getrandom::fill(&mut incarnation).map_err(IdentityError::Randomness)?;
+                batch.put(keys::INCARNATION, incarnation.to_vec());
+                incarnation.to_vec()
+            }
+        };
+        if incarnation.len() != crate::envelope::ACTOR_INCARNATION_BYTES {
+            return Err(StoreError::Corrupt {
+                what: "actor incarnation",
+            }
+            .into());
+        }
         batch.put(keys::FORMAT, STORE_FORMAT.to_be_bytes().to_vec());
         batch.put(keys::ROSTER, membership.encoded().to_vec());
         if lost_now > 0 {
@@ -984,29 +1042,6 @@ impl Node {
             Admission::Member(institution) => institution,
             _ => return Err(NodeError::NotAMember),
         };
-        // The incarnation is kept with the store and drawn anew with every new store and
-        // every loss the witness reports: a store that lost changes, or one restored from a
-        // bundle into an empty directory, never writes as an actor whose sequence numbers its
-        // peers may hold. Kept across ordinary restarts, so a registration sent again is
-        // still the same change.
-        let incarnation = match store.get(keys::INCARNATION)? {
-            Some(bytes) if lost_now == 0 => bytes,
-            _ => {
-                let mut incarnation = [0u8; crate::envelope::ACTOR_INCARNATION_BYTES];
-                getrandom::fill(&mut incarnation).map_err(IdentityError::Randomness)?;
-                commit.commit(
-                    &store,
-                    Batch::from_puts([(keys::INCARNATION.to_vec(), incarnation.to_vec())]),
-                )?;
-                incarnation.to_vec()
-            }
-        };
-        if incarnation.len() != crate::envelope::ACTOR_INCARNATION_BYTES {
-            return Err(StoreError::Corrupt {
-                what: "actor incarnation",
-            }
-            .into());
-        }
         let actor = [identity.public_key().0.as_slice(), &incarnation].concat();
         let node = Self {
             actor: Actor::from_bytes(actor),
@@ -1339,42 +1374,12 @@ impl Node {
     /// is judged again, and quarantined again. The purge is on the audit log. Returns how many
     /// records went.
     pub fn purge_quarantine(&self, before_ms: Option<u64>) -> Result<usize, NodeError> {
-        let ticket = {
+        let (ticket, purged) = {
             let mut cache = self.lock_cache();
-            let mut purged = 0usize;
-            let mut ticket = self.commit.applied();
-            for prefix in [keys::QUARANTINE, keys::REFUSED] {
-                let mut from = vec![prefix];
-                loop {
-                    let page =
-                        self.store
-                            .scan_from(&[prefix], &from, QUARANTINE_PAGE_RECORDS_MAX)?;
-                    let Some((last, _)) = page.last() else {
-                        break;
-                    };
-                    from = [last.as_slice(), &[0]].concat();
-                    let mut batch = Batch::default();
-                    for (key, value) in &page {
-                        let record: QuarantineRecord = decode(value, "quarantine record")?;
-                        if before_ms.is_some_and(|before| record.at_ms >= before) {
-                            continue;
-                        }
-                        cache.quarantine_bodies = cache
-                            .quarantine_bodies
-                            .saturating_sub(record.envelope.len() as u64);
-                        cache.quarantined = cache.quarantined.saturating_sub(1);
-                        batch.delete(key.clone());
-                        purged += 1;
-                    }
-                    batch.put(
-                        keys::QUARANTINE_BODIES,
-                        cache.quarantine_bodies.to_be_bytes().to_vec(),
-                    );
-                    ticket = self.commit.apply(&self.store, batch)?;
-                }
-            }
+            // The purge is on record before anything goes: the audit record is in the first
+            // batch.
             let mut batch = Batch::default();
-            let head = append_record(
+            cache.audit = append_record(
                 &mut batch,
                 cache.audit,
                 AuditRecord {
@@ -1388,12 +1393,39 @@ impl Node {
                     app: None,
                 },
             );
-            ticket = ticket.max(self.commit.apply(&self.store, batch)?);
-            cache.audit = head;
+            let mut purged = 0usize;
+            for prefix in [keys::REFUSED, keys::QUARANTINE] {
+                let mut from = vec![prefix];
+                loop {
+                    let page =
+                        self.store
+                            .scan_from(&[prefix], &from, QUARANTINE_PAGE_RECORDS_MAX)?;
+                    let Some((last, _)) = page.last() else {
+                        break;
+                    };
+                    from = [last.as_slice(), &[0]].concat();
+                    let (mut bodies, mut records) = (cache.quarantine_bodies, cache.quarantined);
+                    let mut purged_here = 0;
+                    for (key, value) in &page {
+                        let record: QuarantineRecord = decode(value, "quarantine record")?;
+                        if before_ms.is_some_and(|before| record.at_ms >= before) {
+                            continue;
+                        }
+                        bodies = bodies.saturating_sub(record.envelope.len() as u64);
+                        records = records.saturating_sub(1);
+                        batch.delete(key.clone());
+                        purged_here += 1;
+                    }
+                    batch.put(keys::QUARANTINE_BODIES, bodies.to_be_bytes().to_vec());
+                    self.commit.apply(&self.store, std::mem::take(&mut batch))?;
+                    (cache.quarantine_bodies, cache.quarantined) = (bodies, records);
+                    purged += purged_here;
+                }
+            }
+            let ticket = self.commit.apply(&self.store, batch)?;
             tracing::warn!(purged, "quarantine records purged");
             (ticket, purged)
         };
-        let (ticket, purged) = ticket;
         self.commit.wait_durable(&self.store, ticket)?;
         self.audit_updates
             .send_replace(self.lock_cache().audit.sequence);
@@ -1731,7 +1763,7 @@ impl Node {
             keys::per_document(keys::CATALOGUE, &id),
             catalogue_digest(&heads).to_vec(),
         );
-        self.unpark(cache, &mut batch, &id, &hash)?;
+        let unparked = self.unpark(&mut batch, &id, &hash)?;
         batch.put(keys::author(&verified.author, &id), Vec::new());
         batch.put(keys::ACCEPTED, (cache.accepted + 1).to_be_bytes().to_vec());
         self.reindex(&mut batch, &id, &view)?;
@@ -1751,6 +1783,7 @@ impl Node {
             );
         }
         *ticket = self.commit.apply(&self.store, batch)?;
+        cache.pending.settled(unparked);
         self.catalogue_mut()
             .insert(*id.as_bytes(), catalogue_digest(&heads));
         cache.audit = head;
@@ -1783,13 +1816,13 @@ impl Node {
         tracing::info!(document = %verified.document, change = %verified.hash, reason, "change quarantined");
         let record = QuarantineRecord::new(verified.document, None, reason, &verified.encoded);
         let mut batch = Batch::default();
-        self.put_quarantine(
+        let body = self.put_quarantine(
             cache,
             &mut batch,
             keys::quarantined(&verified.hash, &verified.document),
             record,
         );
-        self.unpark(cache, &mut batch, &verified.document, &verified.hash)?;
+        let unparked = self.unpark(&mut batch, &verified.document, &verified.hash)?;
         let institution = self.membership().institution_of(&verified.author);
         let head = self.append_audit(
             &mut batch,
@@ -1799,31 +1832,36 @@ impl Node {
             institution,
         );
         *ticket = self.commit.apply(&self.store, batch)?;
+        cache.pending.settled(unparked);
+        cache.quarantine_bodies += body;
         cache.audit = head;
         cache.quarantined += 1;
         Ok(Ingested::Quarantined(verified.hash, reason.to_string()))
     }
 
     /// Adds a quarantine record to `batch`, keeping its envelope whole only while the bodies
-    /// kept stay within `QUARANTINE_BODIES_BYTES_MAX` (the digest, size and reason always).
+    /// kept stay within `QUARANTINE_BODIES_BYTES_MAX` (the digest, size, reason and
+    /// dependencies always). Returns the body bytes kept, to count once the batch is applied.
     fn put_quarantine(
         &self,
-        cache: &mut Cache,
+        cache: &Cache,
         batch: &mut Batch,
         key: Vec<u8>,
         mut record: QuarantineRecord,
-    ) {
+    ) -> u64 {
         let body = record.envelope.len() as u64;
-        if cache.quarantine_bodies + body <= QUARANTINE_BODIES_BYTES_MAX {
-            cache.quarantine_bodies += body;
+        let kept = if cache.quarantine_bodies + body <= QUARANTINE_BODIES_BYTES_MAX {
             batch.put(
                 keys::QUARANTINE_BODIES,
-                cache.quarantine_bodies.to_be_bytes().to_vec(),
+                (cache.quarantine_bodies + body).to_be_bytes().to_vec(),
             );
+            body
         } else {
             record.envelope = Vec::new();
-        }
+            0
+        };
         batch.put(key, encode(&record));
+        kept
     }
 
     /// Quarantines an envelope refused for its signature or its author. It is kept under its
@@ -1858,7 +1896,7 @@ impl Node {
         tracing::info!(%document, %change, reason, "envelope refused and quarantined");
         let record = QuarantineRecord::new(document, Some(change.0), reason, encoded);
         let mut batch = Batch::default();
-        self.put_quarantine(cache, &mut batch, key, record);
+        let body = self.put_quarantine(cache, &mut batch, key, record);
         let head = self.append_audit(
             &mut batch,
             cache.audit,
@@ -1867,6 +1905,7 @@ impl Node {
             None,
         );
         *ticket = self.commit.apply(&self.store, batch)?;
+        cache.quarantine_bodies += body;
         cache.audit = head;
         cache.quarantined += 1;
         Ok(Ingested::Quarantined(change, reason.to_string()))
@@ -1956,15 +1995,17 @@ impl Node {
                 if self.store.get(&keys::envelope(&document, &hash))?.is_some() {
                     continue;
                 }
-                let Some(envelope) = self.held_envelope(&document, &hash)? else {
+                let Some(deps) = self.held_dependencies(&document, &hash)? else {
                     continue;
                 };
-                if self.store.get(&keys::held(key, &hash))?.is_some() {
+                if self
+                    .store
+                    .get(&keys::held(key, &hash, &document))?
+                    .is_some()
+                {
                     cache.woken.push_back(hash);
                 }
-                if let Ok(held) = Envelope::verify(&envelope) {
-                    next.extend(held.change.deps());
-                }
+                next.extend(deps);
             }
         }
         *ticket = self.commit.apply(&self.store, batch)?;
@@ -1972,34 +2013,38 @@ impl Node {
         Ok(())
     }
 
-    /// Whether a change of `document` is held here but not accepted (pending or
-    /// quarantined), with its envelope when it is kept.
-    fn held_envelope(
+    /// The dependencies of a change of `document` held here but not accepted (pending or
+    /// quarantined); `None` if it is not held. Quarantine records keep the dependencies even
+    /// when they do not keep the envelope: the walk of a revocation's cut-off must not depend
+    /// on what one node's budget kept.
+    fn held_dependencies(
         &self,
         document: &DocumentId,
         hash: &ChangeHash,
-    ) -> Result<Option<Vec<u8>>, StoreError> {
+    ) -> Result<Option<Vec<ChangeHash>>, StoreError> {
         if let Some(value) = self.store.get(&keys::pending(document, hash))? {
-            return Ok(Some(
-                decode::<PendingRecord>(&value, "pending record")?.envelope,
-            ));
+            let record = decode::<PendingRecord>(&value, "pending record")?;
+            return Ok(Some(dependencies_of(&record.envelope)));
         }
         if let Some(value) = self.store.get(&keys::quarantined(hash, document))? {
-            return Ok(Some(
-                decode::<QuarantineRecord>(&value, "quarantine record")?.envelope,
-            ));
+            let record = decode::<QuarantineRecord>(&value, "quarantine record")?;
+            return Ok(Some(record.dependencies()));
         }
         Ok(None)
     }
 
-    /// Every envelope held but not accepted that carries `hash`, in any document: a
-    /// revocation's cut-off heads name changes, not documents. Scans the pending records;
-    /// runs only when a revocation is applied.
-    fn held_anywhere(&self, hash: &ChangeHash) -> Result<Vec<Vec<u8>>, StoreError> {
-        let mut envelopes = Vec::new();
+    /// Every copy held but not accepted of the change `hash`, in any document, with its
+    /// dependencies: a revocation's cut-off heads name changes, not documents. Scans the
+    /// pending records; runs only when a revocation is applied.
+    fn held_anywhere(
+        &self,
+        hash: &ChangeHash,
+    ) -> Result<Vec<(DocumentId, Vec<ChangeHash>)>, StoreError> {
+        let mut copies = Vec::new();
         for (key, value) in self.store.scan_prefix(&[keys::PENDING])? {
             if key.get(17..49) == Some(&hash.0[..]) {
-                envelopes.push(decode::<PendingRecord>(&value, "pending record")?.envelope);
+                let record = decode::<PendingRecord>(&value, "pending record")?;
+                copies.push((record.document, dependencies_of(&record.envelope)));
             }
         }
         for (_, value) in self
@@ -2007,11 +2052,9 @@ impl Node {
             .scan_prefix(&[&[keys::QUARANTINE][..], &hash.0].concat())?
         {
             let record = decode::<QuarantineRecord>(&value, "quarantine record")?;
-            if !record.envelope.is_empty() {
-                envelopes.push(record.envelope);
-            }
+            copies.push((record.document, record.dependencies()));
         }
-        Ok(envelopes)
+        Ok(copies)
     }
 
     /// A change of a revoked key that nothing here vouches for: past the cut-off once the
@@ -2027,7 +2070,11 @@ impl Node {
             return self.quarantined(cache, ticket, verified, REASON_PAST_CUTOFF);
         }
         let hash = verified.hash;
-        if self.store.get(&keys::held(&key, &hash))?.is_none() {
+        if self
+            .store
+            .get(&keys::held(&key, &hash, &verified.document))?
+            .is_none()
+        {
             let prefix = [&[keys::HELD][..], &key.0].concat();
             if self.store.keys_with_prefix(&prefix)?.len() >= REVOKED_HELD_PER_KEY_MAX {
                 return Err(IngestError::RevokedBacklogFull);
@@ -2071,7 +2118,7 @@ impl Node {
             let hash = ChangeHash(hash);
             let document = DocumentId::from_bytes(document);
             let held = self.store.get(&keys::envelope(&document, &hash))?.is_some()
-                || self.held_envelope(&document, &hash)?.is_some();
+                || self.held_dependencies(&document, &hash)?.is_some();
             if !held {
                 return Ok(false);
             }
@@ -2138,17 +2185,8 @@ impl Node {
             // Cut-off heads held but not accepted vouch for their ancestors from now on.
             for head in &cutoff {
                 let head = ChangeHash(head.0);
-                for envelope in self.held_anywhere(&head)? {
-                    if let Ok(held) = Envelope::verify(&envelope) {
-                        self.vouch(
-                            cache,
-                            ticket,
-                            &[key],
-                            held.document,
-                            head,
-                            held.change.deps(),
-                        )?;
-                    }
+                for (document, deps) in self.held_anywhere(&head)? {
+                    self.vouch(cache, ticket, &[key], document, head, &deps)?;
                 }
             }
             for author in self
@@ -2232,6 +2270,8 @@ impl Node {
         }
         let mut audit_head = cache.audit;
         let mut withdrawn_bytes = 0;
+        // Counted on their authors' shares once the batch is applied.
+        let mut held = Vec::new();
         for hash in &withdrawn {
             let envelope_key = keys::envelope(&document, hash);
             let envelope = self
@@ -2259,7 +2299,7 @@ impl Node {
                 keys::pending_order(&record.bucket, record.sequence, &document, hash),
                 usage.encode(),
             );
-            cache.pending.add(record.bucket, usage);
+            held.push((record.bucket, usage));
             batch.put(keys::pending(&document, hash), encode(&record));
             batch.put(keys::waiting(&hash.0, &document, hash), Vec::new());
             batch.put(keys::waits_on_itself(hash, &document), Vec::new());
@@ -2313,6 +2353,9 @@ impl Node {
             )?;
         }
         *ticket = self.commit.apply(&self.store, batch)?;
+        for (bucket, usage) in held {
+            cache.pending.add(bucket, usage);
+        }
         if heads.is_empty() {
             self.catalogue_mut().remove(document.as_bytes());
         } else {
@@ -2361,19 +2404,28 @@ impl Node {
             Hold::Roster => (STRANGERS_BUCKET, true, None),
         };
         let mut batch = Batch::default();
-        self.unpark(cache, &mut batch, &id, &hash)?;
+        let replaced = self.unpark(&mut batch, &id, &hash)?;
+        // Decided again and held again (at every start, every roster change), a change keeps
+        // its place: its age is when it first arrived.
+        let sequence = match replaced {
+            Some(old) if old.bucket == bucket => old.sequence,
+            _ => {
+                cache.pending.next_sequence += 1;
+                cache.pending.next_sequence - 1
+            }
+        };
         let record = PendingRecord {
             document: id,
             missing,
             envelope: verified.encoded.clone(),
             bucket,
-            sequence: cache.pending.next_sequence,
+            sequence,
             waits_on_itself,
             held_for,
         };
         let usage = record.usage();
-        self.make_room(cache, ticket, &bucket, usage, (&id, &hash))?;
-        cache.pending.next_sequence += 1;
+        let room = replaced.map_or(usage, |old| usage.minus(old.usage));
+        self.make_room(cache, ticket, &bucket, room, (&id, &hash))?;
         for dependency in &record.missing {
             batch.put(keys::waiting(dependency, &id, &hash), Vec::new());
         }
@@ -2382,7 +2434,7 @@ impl Node {
             batch.put(keys::waits_on_itself(&hash, &id), Vec::new());
         }
         if let Some(key) = held_for {
-            batch.put(keys::held(&Bytes32(key), &hash), id.as_bytes().to_vec());
+            batch.put(keys::held(&Bytes32(key), &hash, &id), Vec::new());
         }
         batch.put(
             keys::pending_order(&bucket, record.sequence, &id, &hash),
@@ -2390,35 +2442,37 @@ impl Node {
         );
         batch.put(keys::pending(&id, &hash), encode(&record));
         *ticket = self.commit.apply(&self.store, batch)?;
+        cache.pending.settled(replaced);
         cache.pending.add(bucket, usage);
         Ok(Ingested::Pending(hash))
     }
 
     /// Adds to `batch` the deletion of a pending change's record and every key that points at
-    /// it, and takes it off its bucket's share. Nothing happens if it is not pending.
+    /// it. Returns what it held, to take off its bucket's share once the batch is applied
+    /// (`PendingBook::settled`); `None` if it was not pending.
     fn unpark(
         &self,
-        cache: &mut Cache,
         batch: &mut Batch,
         document: &DocumentId,
         hash: &ChangeHash,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Option<Unparked>, StoreError> {
         let key = keys::pending(document, hash);
         let Some(value) = self.store.get(&key)? else {
-            return Ok(());
+            return Ok(None);
         };
         batch.delete(key);
-        // A record that no longer decodes still goes; its waits are found by the change.
+        batch.delete(keys::waiting(&hash.0, document, hash));
+        batch.delete(keys::waits_on_itself(hash, document));
+        // A record that no longer decodes still goes; its order key goes when its bucket
+        // next evicts.
         let Ok(record) = decode::<PendingRecord>(&value, "pending record") else {
-            return Ok(());
+            return Ok(None);
         };
         for dependency in &record.missing {
             batch.delete(keys::waiting(dependency, document, hash));
         }
-        batch.delete(keys::waiting(&hash.0, document, hash));
-        batch.delete(keys::waits_on_itself(hash, document));
         if let Some(key) = record.held_for {
-            batch.delete(keys::held(&Bytes32(key), hash));
+            batch.delete(keys::held(&Bytes32(key), hash, document));
         }
         batch.delete(keys::pending_order(
             &record.bucket,
@@ -2426,8 +2480,11 @@ impl Node {
             document,
             hash,
         ));
-        cache.pending.remove(&record.bucket, record.usage());
-        Ok(())
+        Ok(Some(Unparked {
+            bucket: record.bucket,
+            sequence: record.sequence,
+            usage: record.usage(),
+        }))
     }
 
     /// Evicts held changes until `usage` more fits `bucket`'s share and the whole. The change
@@ -2487,16 +2544,17 @@ impl Node {
                 continue;
             }
             let mut batch = Batch::default();
-            self.unpark(cache, &mut batch, &document, &hash)?;
-            // An order key whose record is gone: drop it and its share.
+            let unparked = self.unpark(&mut batch, &document, &hash)?;
+            // An order key whose record is gone (or no longer decodes) goes with its share.
             batch.delete(key.clone());
-            if self.store.get(&keys::pending(&document, &hash))?.is_none() {
-                cache
-                    .pending
-                    .remove(bucket, Usage::decode(&value).unwrap_or_default());
-            }
             *ticket = self.commit.apply(&self.store, batch)?;
-            tracing::warn!(%document, change = %hash, "a held change was evicted: its author's share of pending changes is full");
+            match unparked {
+                Some(unparked) => cache.pending.settled(Some(unparked)),
+                None => cache
+                    .pending
+                    .remove(bucket, Usage::decode(&value).unwrap_or_default()),
+            }
+            tracing::warn!(%document, change = %hash, "a held change was evicted to keep pending changes within their bounds");
             return Ok(true);
         }
         Ok(false)
@@ -2580,11 +2638,12 @@ impl Node {
         hash: &ChangeHash,
     ) -> Result<(), StoreError> {
         let mut batch = Batch::default();
-        self.unpark(cache, &mut batch, document, hash)?;
+        let unparked = self.unpark(&mut batch, document, hash)?;
         for key in extra {
             batch.delete(key);
         }
         *ticket = self.commit.apply(&self.store, batch)?;
+        cache.pending.settled(unparked);
         Ok(())
     }
 
@@ -3272,75 +3331,142 @@ fn applies(doc: &mut AutoCommit, change: &Change) -> bool {
 
 /// The catalogue's digest of a document's heads: equal digests mean equal heads.
 /// Converts a store of format 1 (quarantine and pending records keyed by change alone) to
-/// format 2, in one batch: quarantine records under their change and document, pending records
-/// under their document with their waits and their place in their author's order. Runs once,
-/// at the first open by a release that writes format 2.
+/// format 2: pending records under their document, with their waits and their place in their
+/// author's order; quarantine records under their change and document, with their digest,
+/// size and dependencies, keeping envelopes only within `QUARANTINE_BODIES_BYTES_MAX`. Works a
+/// page at a time, so a format-1 quarantine of any size converts in bounded memory. Old keys
+/// are told apart by their length, so a conversion a crash interrupted resumes at the next
+/// open (the format is written only after it). A record that no longer decodes is dropped
+/// with a log line: a peer offers the change again.
 fn migrate_to_format_2(store: &WitnessedStore) -> Result<(), StoreError> {
-    let mut batch = Batch::default();
-    for (key, value) in store.scan_prefix(&[keys::QUARANTINE])? {
-        if key.len() != 33 {
-            continue;
-        }
-        let record: QuarantineRecord = decode(&value, "quarantine record")?;
-        batch.delete(key.clone());
-        batch.put([key.as_slice(), record.document.as_bytes()].concat(), value);
-    }
-    for key in store.keys_with_prefix(&[keys::WAITING])? {
-        if key.len() == 65 {
-            batch.delete(key);
-        }
-    }
+    const PAGE_RECORDS: usize = 1_000;
+    // Pending first: the old held keys tell which were held for a revoked key's cut-off.
     let mut sequence = 0u64;
-    for (key, value) in store.scan_prefix(&[keys::PENDING])? {
-        if key.len() != 33 {
-            continue;
-        }
-        batch.delete(key.clone());
-        let (Ok(old), Ok(verified)) = (
-            decode::<PendingRecord>(&value, "pending record"),
-            decode::<PendingRecord>(&value, "pending record")
-                .map_err(|_| ())
-                .and_then(|r| Envelope::verify(&r.envelope).map_err(|_| ())),
-        ) else {
-            // A record that cannot be read again is dropped: a peer offers the change again.
-            continue;
-        };
-        let (document, hash) = (old.document, verified.hash);
-        let held_for = store
-            .get(&keys::held(&verified.author, &hash))?
-            .map(|_| verified.author.0);
-        let record = PendingRecord {
-            bucket: verified.author.0,
-            sequence,
-            waits_on_itself: old.missing.is_empty(),
-            held_for,
-            ..old
-        };
-        sequence += 1;
-        for dependency in &record.missing {
-            batch.put(keys::waiting(dependency, &document, &hash), Vec::new());
-        }
-        if record.waits_on_itself {
-            batch.put(keys::waiting(&hash.0, &document, &hash), Vec::new());
-            batch.put(keys::waits_on_itself(&hash, &document), Vec::new());
-        }
-        if let Some(key) = held_for {
+    for_each_page(
+        store,
+        keys::PENDING,
+        33,
+        PAGE_RECORDS,
+        |key, value, batch| {
+            batch.delete(key.to_vec());
+            let Ok(old) = decode::<PendingRecord>(value, "pending record") else {
+                tracing::warn!("an unreadable pending record was dropped converting the store");
+                return Ok(());
+            };
+            let Ok(verified) = Envelope::verify(&old.envelope) else {
+                tracing::warn!("an unreadable pending record was dropped converting the store");
+                return Ok(());
+            };
+            let (document, hash) = (old.document, verified.hash);
+            let old_held = [&[keys::HELD][..], &verified.author.0, &hash.0].concat();
+            let held_for = store.get(&old_held)?.map(|_| verified.author.0);
+            batch.delete(old_held);
+            let record = PendingRecord {
+                bucket: verified.author.0,
+                sequence,
+                waits_on_itself: old.missing.is_empty(),
+                held_for,
+                ..old
+            };
+            sequence += 1;
+            for dependency in &record.missing {
+                batch.put(keys::waiting(dependency, &document, &hash), Vec::new());
+            }
+            if record.waits_on_itself {
+                batch.put(keys::waiting(&hash.0, &document, &hash), Vec::new());
+                batch.put(keys::waits_on_itself(&hash, &document), Vec::new());
+            }
+            if let Some(key) = held_for {
+                batch.put(keys::held(&Bytes32(key), &hash, &document), Vec::new());
+            }
             batch.put(
-                keys::held(&Bytes32(key), &hash),
-                document.as_bytes().to_vec(),
+                keys::pending_order(&record.bucket, record.sequence, &document, &hash),
+                record.usage().encode(),
             );
-        }
-        batch.put(
-            keys::pending_order(&record.bucket, record.sequence, &document, &hash),
-            record.usage().encode(),
-        );
-        batch.put(keys::pending(&document, &hash), encode(&record));
+            batch.put(keys::pending(&document, &hash), encode(&record));
+            Ok(())
+        },
+    )?;
+    // What is left of the old waits and held keys points at nothing.
+    for (prefix, old_length) in [(keys::WAITING, 65), (keys::HELD, 65)] {
+        for_each_page(store, prefix, old_length, PAGE_RECORDS, |key, _, batch| {
+            batch.delete(key.to_vec());
+            Ok(())
+        })?;
     }
-    if !batch.is_empty() {
-        tracing::info!("store converted to format 2");
-        store.apply(batch)?;
-    }
+    let mut bodies = match store.get(keys::QUARANTINE_BODIES)? {
+        Some(bytes) => <[u8; 8]>::try_from(bytes.as_slice())
+            .map(u64::from_be_bytes)
+            .unwrap_or(0),
+        None => 0,
+    };
+    for_each_page(
+        store,
+        keys::QUARANTINE,
+        33,
+        PAGE_RECORDS,
+        |key, value, batch| {
+            batch.delete(key.to_vec());
+            let Ok(mut record) = decode::<QuarantineRecord>(value, "quarantine record") else {
+                tracing::warn!("an unreadable quarantine record was dropped converting the store");
+                return Ok(());
+            };
+            record.envelope_bytes = record.envelope.len() as u64;
+            record.digest = Some(Sha256::digest(&record.envelope).into());
+            record.deps = Some(
+                dependencies_of(&record.envelope)
+                    .into_iter()
+                    .map(|hash| hash.0)
+                    .collect(),
+            );
+            if bodies + record.envelope_bytes <= QUARANTINE_BODIES_BYTES_MAX {
+                bodies += record.envelope_bytes;
+            } else {
+                record.envelope = Vec::new();
+            }
+            batch.put([key, record.document.as_bytes()].concat(), encode(&record));
+            batch.put(keys::QUARANTINE_BODIES, bodies.to_be_bytes().to_vec());
+            Ok(())
+        },
+    )?;
     Ok(())
+}
+
+/// Runs `convert` on every key of `prefix` that is `length` bytes long (and its value), a page
+/// at a time, applying each page's writes in one batch.
+fn for_each_page(
+    store: &WitnessedStore,
+    prefix: u8,
+    length: usize,
+    page_records: usize,
+    mut convert: impl FnMut(&[u8], &[u8], &mut Batch) -> Result<(), StoreError>,
+) -> Result<(), StoreError> {
+    let mut from = vec![prefix];
+    loop {
+        let page = store.scan_from(&[prefix], &from, page_records)?;
+        let Some((last, _)) = page.last() else {
+            return Ok(());
+        };
+        from = [last.as_slice(), &[0]].concat();
+        let mut batch = Batch::default();
+        for (key, value) in &page {
+            if key.len() == length {
+                convert(key, value, &mut batch)?;
+            }
+        }
+        if !batch.is_empty() {
+            store.apply(batch)?;
+        }
+    }
+}
+
+/// The dependencies of the change in an envelope (none if it does not decode).
+fn dependencies_of(envelope: &[u8]) -> Vec<ChangeHash> {
+    Envelope::decode(envelope)
+        .ok()
+        .and_then(|envelope| crate::model::decode_change(&envelope.change).ok())
+        .map(|change| change.deps().to_vec())
+        .unwrap_or_default()
 }
 
 fn catalogue_digest(heads: &[ChangeHash]) -> [u8; 32] {

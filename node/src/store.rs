@@ -57,13 +57,6 @@ impl Batch {
         self.writes.push((key.into(), Some(value.into())));
     }
 
-    /// A batch of these writes.
-    pub fn from_puts(puts: impl IntoIterator<Item = (Vec<u8>, Vec<u8>)>) -> Self {
-        Self {
-            writes: puts.into_iter().map(|(k, v)| (k, Some(v))).collect(),
-        }
-    }
-
     /// Removes `key`.
     pub fn delete(&mut self, key: impl Into<Vec<u8>>) {
         self.writes.push((key.into(), None));

@@ -75,7 +75,8 @@ pub struct RogueConfig {
 pub enum Expect {
     /// Quarantined with a reason wherever it arrives.
     Quarantined,
-    /// Held waiting for a dependency that does not exist: never applied, never passed on.
+    /// Held — waiting for a dependency that does not exist, or for a roster that names its
+    /// author: never applied, never passed on.
     Pending,
 }
 
@@ -626,7 +627,8 @@ impl Script {
             return Ok(());
         }
         let (_, envelope, _) = writer.new_file()?;
-        state.publish_bad(envelope, "not_a_member", Expect::Quarantined);
+        // Were one to reach a node, it would be held until a roster named its author.
+        state.publish_bad(envelope, "not_a_member", Expect::Pending);
         Ok(())
     }
 
