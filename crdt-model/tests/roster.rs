@@ -228,6 +228,9 @@ fn raw(roster: &Roster, edit: impl FnOnce(&mut AutoCommit, &ObjId)) -> Roster {
     Roster::from_automerge(doc, &actor(1)).expect("the state itself is valid")
 }
 
+/// A raw edit of a roster document, given its revocations map.
+type Edit = fn(&mut AutoCommit, &ObjId);
+
 fn entry_of(doc: &AutoCommit, revocations: &ObjId, key: Bytes32) -> ObjId {
     doc.get(revocations, key.to_string()).unwrap().unwrap().1
 }
@@ -258,41 +261,31 @@ fn a_history_of_added_revocations_is_accepted() {
 #[test]
 fn a_history_that_changes_a_revocation_is_refused() {
     let changed = Err(RevocationHistoryError::Changed { key: key(7) });
-    let rewritten: [(&str, Box<dyn Fn(&mut AutoCommit, &ObjId)>); 4] = [
-        (
-            "revoked again",
-            Box::new(|doc, revocations| {
-                let entry = doc
-                    .put_object(revocations, key(7).to_string(), ObjType::Map)
-                    .unwrap();
-                doc.put(&entry, "at", ScalarValue::Timestamp(2_000))
-                    .unwrap();
-                doc.put(&entry, "reason", "a later line").unwrap();
-                let list = doc.put_object(&entry, "cutoff", ObjType::List).unwrap();
-                doc.insert(&list, 0, ScalarValue::Bytes(vec![2; 32]))
-                    .unwrap();
-            }),
-        ),
-        (
-            "removed",
-            Box::new(|doc, revocations| doc.delete(revocations, key(7).to_string()).unwrap()),
-        ),
-        (
-            "cut-off extended in place",
-            Box::new(|doc, revocations| {
-                let entry = entry_of(doc, revocations, key(7));
-                let list = doc.get(&entry, "cutoff").unwrap().unwrap().1;
-                doc.insert(&list, 1, ScalarValue::Bytes(vec![2; 32]))
-                    .unwrap();
-            }),
-        ),
-        (
-            "reason rewritten",
-            Box::new(|doc, revocations| {
-                let entry = entry_of(doc, revocations, key(7));
-                doc.put(&entry, "reason", "another reason").unwrap();
-            }),
-        ),
+    let rewritten: [(&str, Edit); 4] = [
+        ("revoked again", |doc, revocations| {
+            let entry = doc
+                .put_object(revocations, key(7).to_string(), ObjType::Map)
+                .unwrap();
+            doc.put(&entry, "at", ScalarValue::Timestamp(2_000))
+                .unwrap();
+            doc.put(&entry, "reason", "a later line").unwrap();
+            let list = doc.put_object(&entry, "cutoff", ObjType::List).unwrap();
+            doc.insert(&list, 0, ScalarValue::Bytes(vec![2; 32]))
+                .unwrap();
+        }),
+        ("removed", |doc, revocations| {
+            doc.delete(revocations, key(7).to_string()).unwrap()
+        }),
+        ("cut-off extended in place", |doc, revocations| {
+            let entry = entry_of(doc, revocations, key(7));
+            let list = doc.get(&entry, "cutoff").unwrap().unwrap().1;
+            doc.insert(&list, 1, ScalarValue::Bytes(vec![2; 32]))
+                .unwrap();
+        }),
+        ("reason rewritten", |doc, revocations| {
+            let entry = entry_of(doc, revocations, key(7));
+            doc.put(&entry, "reason", "another reason").unwrap();
+        }),
     ];
     for (what, edit) in rewritten {
         let mut roster = raw(&revoked(), edit);
