@@ -213,6 +213,10 @@ pub fn roster(command: RosterCommand, config: &Path, json: bool) -> Result<(), F
         }
         RosterCommand::Sign { dir } => {
             let (authority, mut roster) = load(&dir)?;
+            // Nodes refuse a roster whose history changes a revocation: never sign one.
+            roster
+                .check_revocations_final()
+                .context("every node would refuse this roster")?;
             let signed = SignedRoster::sign(&authority, &mut roster).encode();
             let path = dir.join(ROSTER_FILE);
             replace(&path, &signed)?;

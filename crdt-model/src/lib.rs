@@ -37,7 +37,9 @@ pub use ids::{Actor, Date, DocumentId, Editor, EntryId, Icd10, InstitutionId, Ti
 pub use referral::{
     EventView, NewReferral, Referral, ReferralOp, ReferralStatus, ReferralView, Role,
 };
-pub use roster::{Bytes32, InstitutionView, RevocationView, Roster, RosterOp, RosterView};
+pub use roster::{
+    Bytes32, InstitutionView, RevocationHistoryError, RevocationView, Roster, RosterOp, RosterView,
+};
 pub use vocab::{
     Direction, EncounterKind, ExamKind, InstitutionKind, ProblemStatus, Severity, Sex, Urgency,
 };

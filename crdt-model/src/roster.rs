@@ -2,13 +2,16 @@
 //!
 //! Only the consortium authority edits the roster; `node` checks the authority's signature.
 //! Here the roster is plain content with its rules: ids and keys well formed, each key held by
-//! one institution, limits respected, and a version the authority raises on every edit so a
-//! node can tell a newer signed roster from an older one.
+//! one institution, limits respected, a version the authority raises on every edit so a node
+//! can tell a newer signed roster from an older one, and revocations that are final: written
+//! once, never changed or removed by a later change.
 
+use std::collections::HashMap;
 use std::fmt;
 
+use automerge::legacy::{Key, ObjectId, OpId, OpType};
 use automerge::transaction::Transactable;
-use automerge::{AutoCommit, ObjId, ObjType, ReadDoc, ScalarValue, Value};
+use automerge::{AutoCommit, ChangeHash, ObjId, ObjType, ReadDoc, ScalarValue, Value};
 use serde::{Deserialize, Serialize};
 
 use crate::access::{Obj, check_text, checked, object, put_time, text, timestamp, uint};
@@ -17,7 +20,7 @@ use crate::error::{OpError, ValidationError};
 use crate::ids::{Actor, DocumentId, Editor, InstitutionId, Timestamp};
 use crate::limits::{
     FIELD_BYTES_MAX, INSTITUTIONS_MAX, NODE_KEYS_PER_INSTITUTION_MAX, REVOCATION_HEADS_MAX,
-    REVOCATIONS_MAX,
+    REVOCATIONS_MAX, ROSTER_CHANGES_MAX,
 };
 use crate::vocab::InstitutionKind;
 
@@ -82,7 +85,8 @@ pub enum RosterOp {
         key: Bytes32,
     },
     /// Revokes a node key. Changes by that key are accepted only if they are among `cutoff`
-    /// heads or their ancestors: every node draws the same line.
+    /// heads or their ancestors: every node draws the same line. A revocation is final: a key
+    /// is revoked once, and its cut-off never changes.
     Revoke {
         /// The revoked key.
         key: Bytes32,
@@ -142,6 +146,41 @@ impl RosterView {
     pub fn revocation_of(&self, key: &Bytes32) -> Option<&RevocationView> {
         self.revocations.iter().find(|r| r.key == *key)
     }
+}
+
+/// Why a roster's history is refused: it changes what a revocation said once written.
+///
+/// A node that applied a revocation withdrew the key's changes past its cut-off and will not
+/// decide them again; a node that sees only the later version would draw another line. So a
+/// revocation, once written, must stay as it was, in every change after it.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RevocationHistoryError {
+    /// A change rewrote or removed the revocation of `key`, or two concurrent changes both
+    /// wrote it.
+    #[error(
+        "the roster's history changes the revocation of node key {key}; a revocation is final \
+         because nodes that applied its cut-off cannot draw another line, so the authority must \
+         issue a roster that keeps it as first written"
+    )]
+    Changed {
+        /// The revoked key.
+        key: Bytes32,
+    },
+    /// A change replaced the revocations map, or wrote into it under something that is not a
+    /// node key.
+    #[error(
+        "the roster's history replaces its revocations or writes malformed ones; the authority \
+         must issue a roster whose revocations were only ever added"
+    )]
+    Rewritten,
+    /// More changes than a roster may hold.
+    #[error("the roster holds {count} changes; the limit is {max}")]
+    TooManyChanges {
+        /// How many it holds.
+        count: usize,
+        /// `ROSTER_CHANGES_MAX`.
+        max: usize,
+    },
 }
 
 /// The consortium roster: one automerge document behind typed operations.
@@ -204,6 +243,15 @@ impl Roster {
                     return Err(ValidationError::InvalidValue {
                         field: "revocations",
                         reason: "only a member's key can be revoked",
+                    }
+                    .into());
+                }
+                if view.revocation_of(key).is_some() {
+                    return Err(ValidationError::InvalidValue {
+                        field: "revocations",
+                        reason: "the key is already revoked, and a revocation is final: nodes \
+                                 that applied its cut-off cannot draw another line, so a second \
+                                 revocation would leave nodes disagreeing",
                     }
                     .into());
                 }
@@ -276,6 +324,72 @@ impl Roster {
             tx.put(automerge::ROOT, "version", version)?;
             Ok(())
         })
+    }
+}
+
+impl Roster {
+    /// Checks that no change in the roster's history changes a revocation once written: the
+    /// revocations map is created once, with the roster; each key in it is written by one op
+    /// only (a second one overwrites, deletes, or concurrently writes it); and everything
+    /// inside an entry is written by the change that created the entry.
+    ///
+    /// Its cost is one pass over the history's ops, bounded by `ROSTER_CHANGES_MAX` changes
+    /// (and by the bytes a node accepts as a roster).
+    pub fn check_revocations_final(&mut self) -> Result<(), RevocationHistoryError> {
+        let changes = self.doc.get_changes(&[]);
+        if changes.len() > ROSTER_CHANGES_MAX {
+            return Err(RevocationHistoryError::TooManyChanges {
+                count: changes.len(),
+                max: ROSTER_CHANGES_MAX,
+            });
+        }
+        let mut revocations: Option<OpId> = None;
+        let mut written: HashMap<Bytes32, ChangeHash> = HashMap::new();
+        // Objects inside a revocation entry (the entry and its cut-off list): the key it
+        // belongs to and the change that created it.
+        let mut inside: HashMap<OpId, (Bytes32, ChangeHash)> = HashMap::new();
+        // Changes come in causal order, so an object's creation is seen before any op in it.
+        for change in &changes {
+            let hash = change.hash();
+            let expanded = change.decode();
+            for (index, op) in expanded.operations.iter().enumerate() {
+                let id = OpId(
+                    expanded.start_op.get() + index as u64,
+                    expanded.actor_id.clone(),
+                );
+                let ObjectId::Id(obj) = &op.obj else {
+                    if matches!(&op.key, Key::Map(name) if name == "revocations") {
+                        if revocations.is_some() || op.action != OpType::Make(ObjType::Map) {
+                            return Err(RevocationHistoryError::Rewritten);
+                        }
+                        revocations = Some(id);
+                    }
+                    continue;
+                };
+                let owner = if revocations.as_ref() == Some(obj) {
+                    let Key::Map(hex) = &op.key else {
+                        return Err(RevocationHistoryError::Rewritten);
+                    };
+                    let key = Bytes32::parse_hex(hex, "revocations")
+                        .map_err(|_| RevocationHistoryError::Rewritten)?;
+                    if written.insert(key, hash).is_some() {
+                        return Err(RevocationHistoryError::Changed { key });
+                    }
+                    key
+                } else if let Some((key, created_by)) = inside.get(obj) {
+                    if *created_by != hash {
+                        return Err(RevocationHistoryError::Changed { key: *key });
+                    }
+                    *key
+                } else {
+                    continue;
+                };
+                if matches!(op.action, OpType::Make(_)) {
+                    inside.insert(id, (owner, hash));
+                }
+            }
+        }
+        Ok(())
     }
 }
 

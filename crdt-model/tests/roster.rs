@@ -3,6 +3,8 @@
 mod common;
 
 use common::*;
+use estuary_crdt_model::automerge::transaction::Transactable;
+use estuary_crdt_model::automerge::{AutoCommit, ObjId, ObjType, ReadDoc, ScalarValue};
 use estuary_crdt_model::*;
 
 fn authority() -> Editor {
@@ -165,4 +167,183 @@ fn save_incremental_round_trips() {
     copy.load_incremental(&roster.save_incremental()).unwrap();
     assert_eq!(copy.view(), roster.view());
     assert_eq!(copy.heads(), roster.heads());
+}
+
+/// A roster where Xinhua holds key 7, revoked with cut-off `[1]`.
+fn revoked() -> Roster {
+    let mut roster = roster();
+    roster
+        .apply(
+            &authority(),
+            &RosterOp::AddNodeKey {
+                institution: institution("xinhua"),
+                key: key(7),
+            },
+        )
+        .unwrap();
+    roster
+        .apply(
+            &authority(),
+            &RosterOp::Revoke {
+                key: key(7),
+                cutoff: vec![key(1)],
+                reason: "key lost".into(),
+            },
+        )
+        .unwrap();
+    roster
+}
+
+#[test]
+fn a_revocation_is_final() {
+    let mut roster = revoked();
+    let before = roster.view();
+    let error = roster
+        .apply(
+            &authority(),
+            &RosterOp::Revoke {
+                key: key(7),
+                cutoff: vec![key(2)],
+                reason: "a later line".into(),
+            },
+        )
+        .unwrap_err();
+    let OpError::Invalid(ValidationError::InvalidValue { field, reason }) = error else {
+        panic!("expected the revocation to be refused, got {error:?}");
+    };
+    assert_eq!(field, "revocations");
+    assert!(reason.contains("final"), "{reason}");
+    assert_eq!(roster.view(), before, "nothing was written");
+}
+
+/// `roster` with `edit` committed as one raw automerge change, past the typed operations'
+/// rules, as a hand-crafted roster or an older tool's could be. `edit` gets the revocations map.
+fn raw(roster: &Roster, edit: impl FnOnce(&mut AutoCommit, &ObjId)) -> Roster {
+    let mut doc = roster.automerge().clone();
+    let Some((_, revocations)) = doc.get(automerge::ROOT, "revocations").unwrap() else {
+        panic!("a roster has revocations");
+    };
+    edit(&mut doc, &revocations);
+    doc.commit();
+    Roster::from_automerge(doc, &actor(1)).expect("the state itself is valid")
+}
+
+/// A raw edit of a roster document, given its revocations map.
+type Edit = fn(&mut AutoCommit, &ObjId);
+
+fn entry_of(doc: &AutoCommit, revocations: &ObjId, key: Bytes32) -> ObjId {
+    doc.get(revocations, key.to_string()).unwrap().unwrap().1
+}
+
+#[test]
+fn a_history_of_added_revocations_is_accepted() {
+    let mut roster = revoked();
+    for n in [8, 9] {
+        for op in [
+            RosterOp::AddNodeKey {
+                institution: institution("xinhua"),
+                key: key(n),
+            },
+            RosterOp::Revoke {
+                key: key(n),
+                cutoff: vec![key(n), key(1)],
+                reason: "key lost".into(),
+            },
+        ] {
+            roster.apply(&authority(), &op).unwrap();
+        }
+    }
+    assert_eq!(roster.check_revocations_final(), Ok(()));
+    let mut loaded = Roster::load(&roster.save(), &actor(2)).unwrap();
+    assert_eq!(loaded.check_revocations_final(), Ok(()));
+}
+
+#[test]
+fn a_history_that_changes_a_revocation_is_refused() {
+    let changed = Err(RevocationHistoryError::Changed { key: key(7) });
+    let rewritten: [(&str, Edit); 4] = [
+        ("revoked again", |doc, revocations| {
+            let entry = doc
+                .put_object(revocations, key(7).to_string(), ObjType::Map)
+                .unwrap();
+            doc.put(&entry, "at", ScalarValue::Timestamp(2_000))
+                .unwrap();
+            doc.put(&entry, "reason", "a later line").unwrap();
+            let list = doc.put_object(&entry, "cutoff", ObjType::List).unwrap();
+            doc.insert(&list, 0, ScalarValue::Bytes(vec![2; 32]))
+                .unwrap();
+        }),
+        ("removed", |doc, revocations| {
+            doc.delete(revocations, key(7).to_string()).unwrap()
+        }),
+        ("cut-off extended in place", |doc, revocations| {
+            let entry = entry_of(doc, revocations, key(7));
+            let list = doc.get(&entry, "cutoff").unwrap().unwrap().1;
+            doc.insert(&list, 1, ScalarValue::Bytes(vec![2; 32]))
+                .unwrap();
+        }),
+        ("reason rewritten", |doc, revocations| {
+            let entry = entry_of(doc, revocations, key(7));
+            doc.put(&entry, "reason", "another reason").unwrap();
+        }),
+    ];
+    for (what, edit) in rewritten {
+        let mut roster = raw(&revoked(), edit);
+        assert_eq!(roster.check_revocations_final(), changed, "{what}");
+        // The verdict comes from the history itself, so a replica loaded from the bytes
+        // reaches it too.
+        let mut loaded = Roster::load(&roster.save(), &actor(2)).unwrap();
+        assert_eq!(loaded.check_revocations_final(), changed, "{what}");
+    }
+    let mut replaced = raw(&revoked(), |doc, _| {
+        doc.put_object(automerge::ROOT, "revocations", ObjType::Map)
+            .unwrap();
+    });
+    assert!(replaced.view().revocations.is_empty());
+    assert_eq!(
+        replaced.check_revocations_final(),
+        Err(RevocationHistoryError::Rewritten)
+    );
+}
+
+#[test]
+fn concurrent_revocations_of_one_key_are_refused_and_of_two_keys_accepted() {
+    let mut base = roster();
+    for n in [7, 8] {
+        let add = RosterOp::AddNodeKey {
+            institution: institution("xinhua"),
+            key: key(n),
+        };
+        base.apply(&authority(), &add).unwrap();
+    }
+    let revoke = |roster: &mut Roster, n: u8, head: u8| {
+        let op = RosterOp::Revoke {
+            key: key(n),
+            cutoff: vec![key(head)],
+            reason: "key lost".into(),
+        };
+        roster.apply(&authority(), &op).unwrap();
+    };
+    // Each replica of the authority's roster writes as its own actor.
+    let replica = |roster: &mut Roster, n: u8| Roster::load(&roster.save(), &actor(n)).unwrap();
+
+    // Two replicas revoke key 7 with different cut-offs: automerge keeps both, and nothing in
+    // the merged state says which line a node drew first.
+    let mut first = replica(&mut base, 2);
+    let mut other = replica(&mut base, 3);
+    revoke(&mut first, 7, 1);
+    revoke(&mut other, 7, 2);
+    first.merge(&mut other).unwrap();
+    assert_eq!(
+        first.check_revocations_final(),
+        Err(RevocationHistoryError::Changed { key: key(7) })
+    );
+
+    let mut first = replica(&mut base, 2);
+    let mut other = replica(&mut base, 3);
+    revoke(&mut first, 7, 1);
+    revoke(&mut other, 8, 2);
+    first.merge(&mut other).unwrap();
+    assert_eq!(first.view().revocations.len(), 2);
+    assert_eq!(first.check_revocations_final(), Ok(()));
 }

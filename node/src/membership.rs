@@ -3,7 +3,8 @@
 //!
 //! A node never merges roster replicas: it replaces its roster with a newer signed snapshot
 //! and refuses an older one, so every node that holds the same version agrees on who may
-//! write.
+//! write. A revocation is final: a roster whose history changes one, or a newer roster that
+//! drops or changes one the node holds, is refused, so every node draws the same line.
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -15,7 +16,9 @@ use libp2p::PeerId;
 
 use crate::identity::{Identity, peer_id_of};
 use crate::model::automerge::ChangeHash;
-use crate::model::{Actor, Bytes32, InstitutionId, LoadError, Roster, RosterView};
+use crate::model::{
+    Actor, Bytes32, InstitutionId, LoadError, RevocationHistoryError, Roster, RosterView,
+};
 
 /// The signed-roster format this build reads and writes.
 pub const SIGNED_ROSTER_VERSION: u8 = 1;
@@ -66,6 +69,29 @@ pub enum RosterError {
         /// The version both carry.
         version: u64,
     },
+    /// The roster's history changes a revocation once written, or the roster drops or changes
+    /// the cut-off of one the node holds. Nodes that applied the revocation cannot draw another
+    /// line, so accepting it would leave nodes disagreeing for ever.
+    #[error(
+        "the roster changes or drops the revocation of node key {key}; a revocation is final, \
+         so the authority must issue a roster that keeps it as first written"
+    )]
+    RevocationChanged {
+        /// The revoked key.
+        key: Bytes32,
+    },
+    /// The roster's history is refused for another reason than one revocation.
+    #[error("the roster's history is refused: {0}")]
+    History(RevocationHistoryError),
+}
+
+impl From<RevocationHistoryError> for RosterError {
+    fn from(error: RevocationHistoryError) -> Self {
+        match error {
+            RevocationHistoryError::Changed { key } => Self::RevocationChanged { key },
+            other => Self::History(other),
+        }
+    }
 }
 
 /// A roster snapshot with the authority's signature over `estuary/roster/v1 ‖ SHA-256(roster)`.
@@ -133,7 +159,10 @@ impl SignedRoster {
             &Signature::from_bytes(&signature),
         )
         .map_err(|_| RosterError::BadSignature)?;
-        let roster = Roster::load(&signed.roster, &Actor::from_bytes(authority.0.to_vec()))?;
+        let mut roster = Roster::load(&signed.roster, &Actor::from_bytes(authority.0.to_vec()))?;
+        // Judged from the roster's own history, so every node, fresh or not, refuses the same
+        // rosters.
+        roster.check_revocations_final()?;
         let view = roster.view();
         let mut cutoff_heads: HashMap<[u8; 32], Vec<Bytes32>> = HashMap::new();
         for revocation in &view.revocations {
@@ -204,7 +233,11 @@ impl Membership {
     }
 
     /// The roster to hold after being offered `offered`: a newer one replaces this one; an
-    /// older one is refused; the same version must be the same roster.
+    /// older one is refused; the same version must be the same roster; and a newer one must
+    /// keep every revocation this one has with the same cut-off (its time and reason may
+    /// differ: an authority that rebuilt its roster records them again, and the line is the
+    /// same). That last check guards against a roster rebuilt from scratch, whose history
+    /// cannot show what it dropped.
     pub fn replaced_by(&self, offered: Membership) -> Result<Membership, RosterError> {
         let (current, version) = (self.version(), offered.version());
         if version < current {
@@ -215,6 +248,22 @@ impl Membership {
         }
         if version == current && offered.view != self.view {
             return Err(RosterError::Diverged { version });
+        }
+        for revocation in &self.view.revocations {
+            if offered.view.revocation_of(&revocation.key).is_none()
+                || offered.cutoff_of(&revocation.key) != self.cutoff_of(&revocation.key)
+            {
+                tracing::warn!(
+                    key = %revocation.key,
+                    current,
+                    offered = version,
+                    "keeping the roster held: the one offered drops or changes a revocation, \
+                     and a revocation is final"
+                );
+                return Err(RosterError::RevocationChanged {
+                    key: revocation.key,
+                });
+            }
         }
         Ok(offered)
     }

@@ -6,16 +6,22 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use common::{AUTHORITY, add_member, allergy, editor, resident};
+use common::{
+    AUTHORITY, CONVERGENCE, add_member, allergy, editor, memory_address, resident, start,
+};
 use estuary_node::envelope::Envelope;
 use estuary_node::identity::Identity;
-use estuary_node::membership::SignedRoster;
-use estuary_node::model::automerge::{AutoCommit, ChangeHash};
+use estuary_node::membership::{RosterError, SignedRoster};
+use estuary_node::model::automerge::transaction::Transactable;
+use estuary_node::model::automerge::{AutoCommit, ChangeHash, ObjType, ReadDoc, ScalarValue};
 use estuary_node::model::*;
 use estuary_node::node::{
     IngestError, Ingested, Node, NodeConfig, NodeError, REVOKED_HELD_PER_KEY_MAX,
 };
+use estuary_node::sync::SYNC_STRIKES_MAX;
 
 /// The compromised member's key (Chongming district hospital no. 2).
 const REVOKED: [u8; 32] = [3; 32];
@@ -74,10 +80,19 @@ impl Consortium {
 
     /// A new, empty node with Baozhen's key, started with `roster`.
     fn fresh(&self, name: &str, roster: &[u8]) -> Node {
+        self.try_fresh(name, roster).unwrap()
+    }
+
+    fn try_fresh(&self, name: &str, roster: &[u8]) -> Result<Node, Box<NodeError>> {
         let data_dir = self.dir.path().join(name);
         std::fs::create_dir_all(&data_dir).unwrap();
         copy_key(&self.dir.path().join("chc-baozhen"), &data_dir);
-        Node::open(&self.config(data_dir), Some(roster)).unwrap()
+        Node::open(&self.config(data_dir), Some(roster)).map_err(Box::new)
+    }
+
+    /// Another replica of the authority's roster as it stands, writing as another actor.
+    fn replica(&mut self) -> Roster {
+        Roster::load(&self.roster.save(), &Actor::from_bytes(vec![7; 32])).unwrap()
     }
 
     fn revoke(&mut self, cutoff: Vec<Bytes32>) -> Vec<u8> {
@@ -93,6 +108,68 @@ impl Consortium {
             .unwrap();
         self.signed()
     }
+}
+
+fn sign(roster: &mut Roster) -> Vec<u8> {
+    SignedRoster::sign(&Identity::from_secret(AUTHORITY), roster).encode()
+}
+
+/// `roster` with the key revoked again with `cutoff`, written as a raw automerge change that
+/// also raises the version: the model refuses this edit, a hand-crafted roster or an older
+/// tool's does not.
+fn revoked_again(roster: &Roster, cutoff: &[Bytes32]) -> Roster {
+    let mut doc = roster.automerge().clone();
+    let Some((_, revocations)) = doc.get(automerge::ROOT, "revocations").unwrap() else {
+        panic!("a roster has revocations");
+    };
+    let key = Identity::from_secret(REVOKED).public_key().to_string();
+    let entry = doc.put_object(&revocations, key, ObjType::Map).unwrap();
+    doc.put(&entry, "at", ScalarValue::Timestamp(2_000))
+        .unwrap();
+    doc.put(&entry, "reason", "a later line").unwrap();
+    let list = doc.put_object(&entry, "cutoff", ObjType::List).unwrap();
+    for (index, head) in cutoff.iter().enumerate() {
+        doc.insert(&list, index, ScalarValue::Bytes(head.0.to_vec()))
+            .unwrap();
+    }
+    doc.put(automerge::ROOT, "version", roster.view().version + 1)
+        .unwrap();
+    doc.commit();
+    Roster::from_automerge(doc, &Identity::from_secret(AUTHORITY).actor()).unwrap()
+}
+
+/// The authority's roster rebuilt from scratch with the same members, revoking the key with
+/// `cutoff` if given, and a version above `above`.
+fn rebuilt(view: &RosterView, cutoff: Option<Vec<Bytes32>>, above: u64) -> Roster {
+    let by = editor("xinhua");
+    let mut roster = Roster::create(&Identity::from_secret(AUTHORITY).actor(), &by).unwrap();
+    for institution in &view.institutions {
+        add_member(
+            &mut roster,
+            &by,
+            institution.id.as_str(),
+            institution.kind,
+            institution.node_keys[0],
+        );
+    }
+    if let Some(cutoff) = cutoff {
+        let revoke = RosterOp::Revoke {
+            key: Identity::from_secret(REVOKED).public_key(),
+            cutoff,
+            reason: "rebuilt".into(),
+        };
+        roster.apply(&by, &revoke).unwrap();
+    }
+    let first = &view.institutions[0];
+    while roster.view().version <= above {
+        let rename = RosterOp::AddInstitution {
+            id: first.id.clone(),
+            name: first.name.clone(),
+            kind: first.kind,
+        };
+        roster.apply(&by, &rename).unwrap();
+    }
+    roster
 }
 
 fn copy_key(from: &Path, to: &Path) {
@@ -358,4 +435,181 @@ fn a_revoked_keys_changes_are_held_within_a_budget_until_the_cutoff_can_be_drawn
     ));
     assert_eq!(node.pending_count().unwrap(), REVOKED_HELD_PER_KEY_MAX);
     assert!(node.quarantine().unwrap().is_empty());
+}
+
+#[test]
+fn a_roster_whose_history_changes_a_revocation_is_refused_by_every_node() {
+    let mut consortium = Consortium::new();
+    let (a, b) = (consortium.open("chc-jianshe"), consortium.open("xinhua"));
+    let mut replica = consortium.replica();
+    let story = story(&mut consortium, &a, &b);
+    let [r1, _, r3, _] = &story.r;
+    a.update_roster(&story.revocation).unwrap();
+
+    // Revoked a second time, later, with a cut-off that keeps more.
+    let again = sign(&mut revoked_again(
+        &consortium.roster,
+        &[Bytes32(hash_of(r3).0)],
+    ));
+    // Revoked by two replicas of the authority's roster at once, with different cut-offs.
+    replica
+        .apply(
+            &editor("xinhua"),
+            &RosterOp::Revoke {
+                key: Identity::from_secret(REVOKED).public_key(),
+                cutoff: vec![Bytes32(hash_of(r1).0)],
+                reason: "node compromised".into(),
+            },
+        )
+        .unwrap();
+    let mut merged = consortium.replica();
+    merged.merge(&mut replica).unwrap();
+    let merged = sign(&mut merged);
+
+    let authority = Identity::from_secret(AUTHORITY).public_key();
+    let key = Identity::from_secret(REVOKED).public_key();
+    for (what, roster) in [("revoked again", &again), ("revoked concurrently", &merged)] {
+        assert!(
+            matches!(
+                SignedRoster::verify(roster, &authority),
+                Err(RosterError::RevocationChanged { key: k }) if k == key
+            ),
+            "{what}"
+        );
+        let fresh = consortium.try_fresh(&format!("fresh {what}"), roster);
+        assert!(
+            matches!(
+                fresh.err().as_deref(),
+                Some(NodeError::Roster(RosterError::RevocationChanged { .. }))
+            ),
+            "{what}: a fresh node refuses it"
+        );
+        assert!(
+            matches!(
+                a.update_roster(roster),
+                Err(NodeError::Roster(RosterError::RevocationChanged { .. }))
+            ),
+            "{what}: a node that applied the first revocation refuses it"
+        );
+        assert_eq!(
+            a.signed_roster(),
+            story.revocation,
+            "{what}: the roster held"
+        );
+    }
+}
+
+#[test]
+fn a_roster_that_drops_or_changes_a_revocation_does_not_replace_the_held_one() {
+    let mut consortium = Consortium::new();
+    let (a, b) = (consortium.open("chc-jianshe"), consortium.open("xinhua"));
+    let story = story(&mut consortium, &a, &b);
+    let [r1, r2, ..] = &story.r;
+    a.update_roster(&story.revocation).unwrap();
+    let expected = state(&a, &story.files);
+    let view = consortium.roster.view();
+    let version = view.version;
+
+    for (what, cutoff) in [
+        ("dropped", None),
+        ("changed", Some(vec![Bytes32(hash_of(r1).0)])),
+    ] {
+        let offered = sign(&mut rebuilt(&view, cutoff, version));
+        // Its own history is sound: only the node that held the revocation can tell.
+        SignedRoster::verify(&offered, &Identity::from_secret(AUTHORITY).public_key()).unwrap();
+        assert!(
+            matches!(
+                a.update_roster(&offered),
+                Err(NodeError::Roster(RosterError::RevocationChanged { key }))
+                    if key == Identity::from_secret(REVOKED).public_key()
+            ),
+            "{what}"
+        );
+        assert_eq!(
+            a.signed_roster(),
+            story.revocation,
+            "{what}: the roster held"
+        );
+    }
+    // The same cut-off recorded again, at another time, draws the same line: accepted.
+    let same = sign(&mut rebuilt(
+        &view,
+        Some(vec![Bytes32(hash_of(r2).0)]),
+        version,
+    ));
+    assert!(a.update_roster(&same).unwrap() > version);
+    assert_eq!(state(&a, &story.files), expected);
+    assert_settled(&a);
+}
+
+#[test]
+fn a_node_that_applied_a_revocation_and_a_fresh_node_draw_the_same_line() {
+    let mut consortium = Consortium::new();
+    let (a, b) = (consortium.open("chc-jianshe"), consortium.open("xinhua"));
+    let story = story(&mut consortium, &a, &b);
+    let r3 = &story.r[2];
+    a.update_roster(&story.revocation).unwrap();
+    let later = sign(&mut revoked_again(
+        &consortium.roster,
+        &[Bytes32(hash_of(r3).0)],
+    ));
+
+    // Jianshe is offered the later roster; a new node is started with it, and where it is
+    // refused, with the roster its peers hold.
+    let _ = a.update_roster(&later);
+    let fresh = consortium
+        .try_fresh("fresh", &later)
+        .or_else(|_| consortium.try_fresh("fresh", &a.signed_roster()))
+        .unwrap();
+    for envelope in &story.all {
+        fresh.ingest(envelope).unwrap();
+    }
+    assert_eq!(fresh.signed_roster(), a.signed_roster());
+    assert_eq!(state(&fresh, &story.files), state(&a, &story.files));
+    assert_settled(&a);
+    assert_settled(&fresh);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_holding_a_roster_that_drops_a_revocation_is_not_struck() {
+    let mut consortium = common::Consortium::new(3);
+    let nodes: Vec<Arc<Node>> = (0..2).map(|i| consortium.node(i)).collect();
+    // Member 0 applies the revocation of member 2; member 1 never held it, and adopts a roster
+    // the authority rebuilt without it, which member 0 refuses.
+    let revocation = consortium.revoke("member-2");
+    nodes[0].update_roster(&revocation).unwrap();
+    let view = consortium.document.view();
+    let without = sign(&mut rebuilt(&view, None, view.version));
+    nodes[1].update_roster(&without).unwrap();
+    assert!(nodes[0].update_roster(&without).is_err());
+
+    let addresses = [memory_address(), memory_address()];
+    let handles = [
+        start(&nodes[0], &addresses[0], vec![]),
+        start(&nodes[1], &addresses[1], vec![addresses[0].clone()]),
+    ];
+    // Member 0 asks member 1 for its newer roster at every reconciliation and refuses it each
+    // time; member 1 answered honestly, so it is neither struck nor disconnected.
+    let peer = handles[1].peer_id();
+    let started = Instant::now();
+    let mut reconciliations = BTreeSet::new();
+    while reconciliations.len() <= SYNC_STRIKES_MAX as usize {
+        let stats = handles[0].stats().peers.get(&peer.to_string()).cloned();
+        if let Some(stats) = stats {
+            assert_eq!(stats.strikes, 0, "{stats:?}");
+            reconciliations.extend(stats.last_reconciled_ms);
+        }
+        assert!(
+            started.elapsed() < CONVERGENCE,
+            "{} reconciliations",
+            reconciliations.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(handles[0].connected().await.unwrap().contains(&peer));
+    assert_eq!(nodes[0].signed_roster(), revocation);
+    assert_eq!(nodes[1].signed_roster(), without);
+    for handle in handles {
+        handle.shutdown().await;
+    }
 }

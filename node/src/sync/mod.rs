@@ -878,11 +878,15 @@ fn roster_acceptance(result: &Result<u64, NodeError>) -> MessageAcceptance {
     match result {
         Ok(_) => MessageAcceptance::Accept,
         // Older or the same: nothing new, nobody's fault; a newer format is a newer
-        // release's, during a rolling upgrade.
+        // release's, during a rolling upgrade. A roster that changes or drops a revocation is
+        // signed by the authority, and a peer may hold it honestly (it never held the
+        // revocation, or runs an older release).
         Err(NodeError::Roster(
             crate::membership::RosterError::Stale { .. }
             | crate::membership::RosterError::Diverged { .. }
-            | crate::membership::RosterError::UnsupportedVersion { .. },
+            | crate::membership::RosterError::UnsupportedVersion { .. }
+            | crate::membership::RosterError::RevocationChanged { .. }
+            | crate::membership::RosterError::History(_),
         )) => MessageAcceptance::Ignore,
         Err(NodeError::Roster(_)) => MessageAcceptance::Reject,
         Err(_) => MessageAcceptance::Ignore,
