@@ -325,3 +325,90 @@ fn an_apps_write_and_its_writer_are_recorded_together() {
     }
     assert!(node.verify_audit().is_none());
 }
+
+#[test]
+fn the_incarnation_is_kept_across_restarts_and_drawn_anew_after_a_loss() {
+    let consortium = Consortium::new(1);
+    let member = editor("member-0");
+    let first = {
+        let node = consortium.node(0);
+        node.create_health_file(&member, &resident("I")).unwrap();
+        node.actor().clone()
+    };
+    // An ordinary restart: the same actor, so a registration sent again is the same change.
+    let again = consortium.node(0);
+    assert_eq!(again.actor(), &first);
+    let (_, repeated) = again.create_health_file(&member, &resident("J")).unwrap();
+    assert_eq!(
+        again.create_health_file(&member, &resident("J")).unwrap().1,
+        repeated
+    );
+    drop(again);
+    // The store loses acknowledged changes (its count goes back; the witness outside it does
+    // not): the node must not write as the actor whose sequence numbers peers may hold.
+    {
+        let db = sled::open(consortium.dir.path().join("member-0/store")).unwrap();
+        db.insert(b"m/accepted", 0u64.to_be_bytes().to_vec())
+            .unwrap();
+        db.flush().unwrap();
+    }
+    let after_loss = consortium.node(0);
+    assert_ne!(after_loss.actor(), &first);
+    assert_eq!(
+        &after_loss.actor().as_bytes()[..32],
+        &first.as_bytes()[..32]
+    );
+}
+
+#[test]
+fn shares_are_counted_again_at_open_and_a_purge_can_keep_the_recent() {
+    let consortium = Consortium::new(2);
+    let key = key_of(&consortium, "member-0");
+    let mut file = HealthFile::create(
+        &Actor::from_bytes(key.public_key().0.to_vec()),
+        &editor("member-0"),
+        &resident("S"),
+    )
+    .unwrap();
+    let mut heads = file.heads();
+    let mut chain = Vec::new();
+    for n in 0..20 {
+        file.apply(&editor("member-0"), &allergy(&format!("a{n}")))
+            .unwrap();
+        let mut change = file.changes_since(&heads).remove(0);
+        heads = file.heads();
+        chain.push(Envelope::sign(&key, file.id(), &mut change).encode());
+    }
+    let held = {
+        let node = consortium.node(1);
+        node.ingest_many(&chain).unwrap();
+        let copy = sent_into(&key, &chain[0], DocumentId::from_bytes([3; 16]));
+        assert!(matches!(node.ingest(&copy).unwrap(), Ingested::Pending(_)));
+        node.pending().unwrap()
+    };
+    assert_eq!(held.len(), 21);
+    // Waiting for dependencies, nothing is decided again at open: the count comes from the
+    // order keys alone.
+    let node = consortium.node(1);
+    assert_eq!(node.pending_count().unwrap(), 21);
+    assert_eq!(node.pending().unwrap(), held);
+
+    let forged = {
+        let mut forged = Envelope::decode(&chain[1]).unwrap();
+        forged.signature[0] ^= 1;
+        forged.encode()
+    };
+    assert!(matches!(
+        node.ingest(&forged).unwrap(),
+        Ingested::Quarantined(..)
+    ));
+    let at = node.quarantine().unwrap()[0].at_ms;
+    assert!(at > 0);
+    assert_eq!(
+        node.purge_quarantine(Some(at)).unwrap(),
+        0,
+        "kept: not older"
+    );
+    assert_eq!(node.purge_quarantine(Some(at + 1)).unwrap(), 1);
+    assert!(node.quarantine().unwrap().is_empty());
+}
