@@ -1,14 +1,22 @@
 //! How the command reaches a node: its admin API on loopback when it runs, or, when it is
 //! stopped, its data directory opened here and served by the same API on an ephemeral
 //! loopback port for the life of the command. Every command then takes one path.
+//!
+//! The admin token goes only to a process that has proved it holds this node's key: before
+//! any request with the token, the command sends a fresh nonce to `/health` without a token
+//! and checks the node key's signature over it (`estuary_node::api::Challenge`). Another
+//! process that took the port while the node was down gets the nonce, never the token.
 
+use std::io::Read;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use estuary_node::api::{ApiState, serve};
+use estuary_node::api::{ApiState, Challenge, serve};
 use estuary_node::config::{Config, generate_token};
+use estuary_node::identity::{Identity, KEY_FILE};
+use estuary_node::model::Bytes32;
 use estuary_node::node::{Node, NodeConfig};
 use serde_json::Value;
 
@@ -21,6 +29,14 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 pub const LONG_REQUEST: Duration = Duration::from_secs(3600);
 /// Largest JSON response read, in bytes.
 const RESPONSE_BYTES_MAX: u64 = 64 * 1024 * 1024;
+/// How long the first request, the challenge, may take: a running node answers at once, and
+/// a port nobody answers on should not hold the command up before it opens the data directory.
+const CHALLENGE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Largest answer to the challenge read, in bytes: `/health` is a few hundred bytes, and
+/// whatever else answers on the port is not trusted with more.
+const CHALLENGE_RESPONSE_BYTES_MAX: u64 = 16 * 1024;
+/// Length of the node key file: the 32-byte ed25519 secret.
+const KEY_FILE_BYTES: u64 = 32;
 
 /// A connection to a node.
 pub struct Client {
@@ -47,29 +63,38 @@ impl Drop for Offline {
 fn agent(timeout: Duration) -> ureq::Agent {
     ureq::Agent::config_builder()
         .http_status_as_error(false)
+        // The node never redirects; the answer to a challenge must come from the process on
+        // the node's address, not from wherever that process points.
+        .max_redirects(0)
         .timeout_global(Some(timeout))
         .build()
         .into()
 }
 
 impl Client {
-    /// Connects to the node the config describes: its API if it answers, else its data
-    /// directory.
+    /// Connects to the node the config describes: its API if it answers and proves it is
+    /// this node, else its data directory. Whatever answers HTTP on the API's address without
+    /// that proof stops the command, and is never sent the token.
     pub fn connect(config_path: &Path) -> Result<Self, Failure> {
         let config = Config::load(config_path).map_err(|e| Failure::unreachable(e.into()))?;
         let base = format!("http://{}", config.api.listen);
-        let probe = agent(Duration::from_secs(2))
-            .get(format!("{base}/health"))
+        let challenge = Challenge::new().map_err(|e| Failure::error(e.into()))?;
+        let probe = agent(CHALLENGE_TIMEOUT)
+            .get(format!("{base}/health?challenge={}", challenge.nonce_hex()))
             .call();
-        if probe.is_ok_and(|r| r.status().is_success()) {
-            return Ok(Self {
-                base,
-                token: config.api.admin_token.clone(),
-                agent: agent(REQUEST_TIMEOUT),
-                _offline: None,
-            });
+        match probe {
+            // Nothing speaks HTTP there: the node is stopped.
+            Err(_) => Self::open_stopped(config).map_err(Failure::unreachable),
+            Ok(response) => {
+                check_answer(&config, &challenge, response)?;
+                Ok(Self {
+                    base,
+                    token: config.api.admin_token.clone(),
+                    agent: agent(REQUEST_TIMEOUT),
+                    _offline: None,
+                })
+            }
         }
-        Self::open_stopped(config).map_err(Failure::unreachable)
     }
 
     fn open_stopped(mut config: Config) -> anyhow::Result<Self> {
@@ -185,6 +210,58 @@ impl Client {
         }
         Ok(response.into_body().into_reader())
     }
+}
+
+/// Whether `response`, the answer to `challenge` on `api.listen`, carries this node's
+/// signature; if not, a failure that says the token was not sent.
+fn check_answer(
+    config: &Config,
+    challenge: &Challenge,
+    mut response: ureq::http::Response<ureq::Body>,
+) -> Result<(), Failure> {
+    let listen = config.api.listen;
+    let status = response.status();
+    if !status.is_success() {
+        return Err(Failure::unreachable(anyhow::anyhow!(
+            "the process answering on {listen} did not prove it is this node (it answered HTTP {status} to the challenge); the token was not sent"
+        )));
+    }
+    let body: Value = response
+        .body_mut()
+        .with_config()
+        .limit(CHALLENGE_RESPONSE_BYTES_MAX)
+        .read_json()
+        .unwrap_or(Value::Null);
+    let key = node_key(config)?;
+    challenge
+        .verify(&key, listen, body["challenge"]["signature"].as_str())
+        .map_err(|why| {
+            Failure::unreachable(anyhow::anyhow!(
+                "the process answering on {listen} is not this node ({why}); the token was not sent"
+            ))
+        })
+}
+
+/// This node's public key, from the key file in its data directory.
+fn node_key(config: &Config) -> Result<Bytes32, Failure> {
+    let path = config.data_dir.join(KEY_FILE);
+    let unreadable = |why: String| {
+        Failure::unreachable(anyhow::anyhow!(
+            "cannot read the node key {} to check that the process answering on {} is this node ({why}); the token was not sent",
+            path.display(),
+            config.api.listen
+        ))
+    };
+    let mut bytes = Vec::new();
+    // One byte more than a key, to tell a longer file from a key.
+    std::fs::File::open(&path)
+        .and_then(|file| file.take(KEY_FILE_BYTES + 1).read_to_end(&mut bytes))
+        .map_err(|e| unreadable(e.to_string()))?;
+    let secret: [u8; KEY_FILE_BYTES as usize] = bytes
+        .as_slice()
+        .try_into()
+        .map_err(|_| unreadable(format!("it is not {KEY_FILE_BYTES} bytes")))?;
+    Ok(Identity::from_secret(secret).public_key())
 }
 
 /// A response's JSON, or the node's error as a [`Failure`] with its code.

@@ -2,8 +2,9 @@
 //! and the consortium authority uses to keep the roster.
 //!
 //! Inspection commands talk to a running node through its admin API (loopback, the admin
-//! token from the config), or open a stopped node's data directory. Tables for people by
-//! default, `--json` for scripts; exit codes are listed in [`Failure`].
+//! token from the config, sent only once the node has signed a challenge with its key), or
+//! open a stopped node's data directory. Tables for people by default, `--json` for scripts;
+//! exit codes are listed in [`Failure`].
 
 mod authority;
 mod client;

@@ -1,11 +1,12 @@
 //! `estuary node run`: the node in the foreground, until SIGTERM or Ctrl-C.
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Context;
 use estuary_node::api::{ApiState, serve};
-use estuary_node::config::Config;
+use estuary_node::config::{Config, config_warnings};
 use estuary_node::node::{Node, NodeConfig};
 use estuary_node::sync::SyncHandle;
 
@@ -46,6 +47,13 @@ pub fn node(command: NodeCommand, config_path: &Path) -> Result<(), Failure> {
         logs.init();
     }
     let config = Config::load(config_path).map_err(|e| Failure::error(e.into()))?;
+    // The config was just read, so its metadata is there; if not, there is nothing to warn of.
+    if let Ok(metadata) = std::fs::metadata(config_path) {
+        let mode = metadata.permissions().mode();
+        for warning in config_warnings(config.api.listen, config_path, mode) {
+            tracing::warn!("{warning}");
+        }
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -96,6 +96,11 @@ pub struct ApiConfig {
     pub body_bytes_max: usize,
     /// Requests served at once.
     pub concurrency_max: usize,
+    /// Whether `/metrics` needs the admin token. Without it, callers without a token get
+    /// every figure except those that move with clinical reads (audit records, API request
+    /// counts and time, storage bytes), which would tell anyone on the host when records
+    /// are read.
+    pub metrics_token_required: bool,
     /// The token of the `estuary` command (admin routes: status, peers, quarantine, audit,
     /// verify, export, import).
     pub admin_token: String,
@@ -109,6 +114,7 @@ impl Default for ApiConfig {
             listen: API_LISTEN_DEFAULT.parse().expect("a valid default address"),
             body_bytes_max: API_BODY_BYTES_DEFAULT,
             concurrency_max: API_CONCURRENCY_DEFAULT,
+            metrics_token_required: true,
             admin_token: String::new(),
             apps: Vec::new(),
         }
@@ -368,8 +374,14 @@ request_timeout_s = {timeout}
 listen = {api_listen}
 # Largest request body, in bytes (larger requests get 413).
 body_bytes_max = {body}
-# Requests served at once; more wait their turn.
+# Requests served at once; more wait their turn. /health and /metrics have a few slots of
+# their own and do not count here.
 concurrency_max = {concurrency}
+# Whether /metrics needs the admin token (Authorization: Bearer). If false, a scraper without
+# a token gets every figure except those that move whenever a record is read (audit records,
+# API request counts and time, storage bytes): anyone who can reach the port could otherwise
+# watch clinical activity.
+metrics_token_required = {metrics_token}
 # The estuary command's token (status, peers, quarantine, audit, verify, export, import).
 admin_token = {admin}
 "#,
@@ -390,6 +402,7 @@ admin_token = {admin}
             api_listen = quote(&a.listen.to_string()),
             body = a.body_bytes_max,
             concurrency = a.concurrency_max,
+            metrics_token = a.metrics_token_required,
             admin = quote(&a.admin_token),
         );
         text.push_str(
@@ -409,6 +422,57 @@ admin_token = {admin}
         }
         text
     }
+}
+
+/// A setting that works but exposes the node more than it should; `estuary node run` logs
+/// each at start.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ConfigWarning {
+    /// The API listens on an address other machines can reach.
+    ApiNotLoopback {
+        /// `api.listen`.
+        listen: SocketAddr,
+    },
+    /// Users other than the node's may read the config, which holds the tokens.
+    ConfigReadable {
+        /// The config file.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
+}
+
+impl std::fmt::Display for ConfigWarning {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::ApiNotLoopback { listen } => write!(
+                f,
+                "api.listen is {listen}, not a loopback address: tokens and patient data cross the network as plain HTTP; listen on 127.0.0.1 and put a TLS proxy in front (see the README)"
+            ),
+            Self::ConfigReadable { path, mode } => write!(
+                f,
+                "{} is readable by other users (mode {mode:o}) and holds the API tokens; run `chmod 600` on it",
+                path.display()
+            ),
+        }
+    }
+}
+
+/// What in a config at `path`, with permission bits `mode`, exposes the node: an API address
+/// that is not loopback, a file others may read.
+pub fn config_warnings(listen: SocketAddr, path: &Path, mode: u32) -> Vec<ConfigWarning> {
+    let mut warnings = Vec::new();
+    // An IPv4 address written as IPv6 (`::ffff:127.0.0.1`) is loopback too.
+    if !listen.ip().to_canonical().is_loopback() {
+        warnings.push(ConfigWarning::ApiNotLoopback { listen });
+    }
+    if mode & 0o077 != 0 {
+        warnings.push(ConfigWarning::ConfigReadable {
+            path: path.to_owned(),
+            mode: mode & 0o777,
+        });
+    }
+    warnings
 }
 
 /// Shortest token accepted, in characters (a generated token is 64 hex characters).
@@ -469,6 +533,53 @@ mod tests {
             "emr"
         );
         assert!(loaded.app_of("not a token").is_none());
+    }
+
+    #[test]
+    fn a_config_without_the_metrics_setting_requires_the_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("estuary.toml");
+        let text = sample()
+            .template()
+            .replace("metrics_token_required = true\n", "");
+        assert!(!text.contains("metrics_token_required"));
+        std::fs::write(&path, text).unwrap();
+        assert!(Config::load(&path).unwrap().api.metrics_token_required);
+    }
+
+    #[test]
+    fn an_api_off_loopback_and_a_config_others_can_read_are_warned_of() {
+        let path = Path::new("/srv/estuary/estuary.toml");
+        for listen in [
+            "127.0.0.1:8080",
+            "127.1.2.3:8080",
+            "[::1]:8080",
+            "[::ffff:127.0.0.1]:8080",
+        ] {
+            assert_eq!(config_warnings(listen.parse().unwrap(), path, 0o100600), []);
+        }
+        for listen in ["0.0.0.0:8080", "10.0.0.5:8080", "[::]:8080"] {
+            let listen = listen.parse().unwrap();
+            assert_eq!(
+                config_warnings(listen, path, 0o600),
+                [ConfigWarning::ApiNotLoopback { listen }]
+            );
+        }
+        for mode in [0o100640, 0o604, 0o644, 0o660] {
+            let warnings = config_warnings("127.0.0.1:8080".parse().unwrap(), path, mode);
+            assert_eq!(
+                warnings,
+                [ConfigWarning::ConfigReadable {
+                    path: path.to_owned(),
+                    mode: mode & 0o777
+                }]
+            );
+            assert!(warnings[0].to_string().contains("chmod 600"));
+        }
+        assert_eq!(
+            config_warnings("0.0.0.0:8080".parse().unwrap(), path, 0o644).len(),
+            2
+        );
     }
 
     #[test]

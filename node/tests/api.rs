@@ -9,7 +9,7 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use common::*;
-use estuary_node::api::{ApiState, router, routes};
+use estuary_node::api::{ApiState, Challenge, ChallengeError, router, routes};
 use estuary_node::config::{ApiConfig, AppToken, Config, NetworkConfig, Scope};
 use estuary_node::identity::Identity;
 use estuary_node::membership::SignedRoster;
@@ -32,6 +32,11 @@ struct Api {
 
 /// A node for `chc-a` in a roster that also lists the core hospital, behind its API.
 fn api() -> Api {
+    api_with(|_| {})
+}
+
+/// [`api`] with its config changed by `adjust`.
+fn api_with(adjust: impl FnOnce(&mut Config)) -> Api {
     let dir = tempfile::tempdir().unwrap();
     let data_dir = dir.path().join("node");
     std::fs::create_dir_all(&data_dir).unwrap();
@@ -87,6 +92,8 @@ fn api() -> Api {
             ..ApiConfig::default()
         },
     };
+    let mut config = config;
+    adjust(&mut config);
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let state = ApiState::new(node.clone(), None, Arc::new(config), stopped);
     Api {
@@ -113,6 +120,25 @@ impl Api {
             .unwrap();
         let value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
         (status, value)
+    }
+
+    /// A GET with the given token, or none; the status and the body as text.
+    async fn get_text(&self, path: &str, token: Option<&str>) -> (StatusCode, String) {
+        let mut request = Request::builder().method("GET").uri(path);
+        if let Some(token) = token {
+            request = request.header("authorization", format!("Bearer {token}"));
+        }
+        let response = self
+            .router
+            .clone()
+            .oneshot(request.body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        let status = response.status();
+        let bytes = axum::body::to_bytes(response.into_body(), 16 * 1024 * 1024)
+            .await
+            .unwrap();
+        (status, String::from_utf8(bytes.to_vec()).unwrap())
     }
 
     async fn register(&self, given: &str) -> String {
@@ -515,4 +541,109 @@ async fn repair_is_for_the_admin_and_leaves_a_sound_store_as_it_was() {
         .await;
     assert_eq!(status, StatusCode::OK);
     assert!(api.node.verify().unwrap().problems.is_empty());
+}
+
+/// The value of the unlabelled sample `name` in Prometheus text, if present.
+fn sample(metrics: &str, name: &str) -> Option<f64> {
+    metrics.lines().find_map(|line| {
+        let (key, value) = line.split_once(' ')?;
+        (key == name).then(|| value.parse().unwrap())
+    })
+}
+
+/// Figures that move with every clinical read.
+const READ_FIGURES: [&str; 4] = [
+    "estuary_audit_records",
+    "estuary_api_requests_total",
+    "estuary_api_request_seconds_total",
+    "estuary_storage_bytes",
+];
+
+#[tokio::test]
+async fn metrics_that_move_with_reads_are_served_only_to_the_admin_token() {
+    // The default: /metrics needs the admin token.
+    let api = api();
+    let id = api.register("Watched").await;
+    let read = format!("/v1/health-files/{id}");
+    for token in [None, Some(READER)] {
+        let (status, body) = api.get_text("/metrics", token).await;
+        assert!(
+            [StatusCode::UNAUTHORIZED, StatusCode::FORBIDDEN].contains(&status),
+            "{status}: {body}"
+        );
+        assert!(!body.contains("estuary_"), "{body}");
+    }
+    let (status, before) = api.get_text("/metrics", Some(ADMIN)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(api.call("GET", &read, READER, "").await.0, StatusCode::OK);
+    let (_, after) = api.get_text("/metrics", Some(ADMIN)).await;
+    let audit = |text: &str| sample(text, "estuary_audit_records").unwrap();
+    assert!(
+        audit(&after) > audit(&before),
+        "a read adds an audit record"
+    );
+
+    // Without the requirement, a caller without a token gets the rest, and the admin all.
+    let api = api_with(|config| config.api.metrics_token_required = false);
+    let id = api.register("Watched").await;
+    let read = format!("/v1/health-files/{id}");
+    let (status, before) = api.get_text("/metrics", None).await;
+    assert_eq!(status, StatusCode::OK, "{before}");
+    assert_eq!(api.call("GET", &read, READER, "").await.0, StatusCode::OK);
+    let (_, after) = api.get_text("/metrics", None).await;
+    for figure in READ_FIGURES {
+        assert!(!after.contains(figure), "{figure} served without a token");
+    }
+    assert_eq!(sample(&after, "estuary_documents"), Some(1.0), "{after}");
+    assert_eq!(before, after.replace(&uptime(&after), &uptime(&before)));
+    let (status, full) = api.get_text("/metrics", Some(ADMIN)).await;
+    assert_eq!(status, StatusCode::OK);
+    for figure in READ_FIGURES {
+        assert!(full.contains(figure), "{figure} missing for the admin");
+    }
+    assert!(sample(&full, "estuary_audit_records").unwrap() >= 3.0);
+    let (status, _) = api.get_text("/metrics", Some(READER)).await;
+    assert_eq!(
+        status,
+        StatusCode::FORBIDDEN,
+        "an app token is not the admin's"
+    );
+}
+
+/// The uptime line of Prometheus text (the one figure that moves with the clock alone).
+fn uptime(metrics: &str) -> String {
+    metrics
+        .lines()
+        .find(|line| line.starts_with("estuary_uptime_seconds "))
+        .unwrap()
+        .to_owned()
+}
+
+#[tokio::test]
+async fn health_signs_a_challenge_with_the_node_key_for_its_address() {
+    let api = api();
+    let challenge = Challenge::new().unwrap();
+    let (status, body) = api
+        .get_text(
+            &format!("/health?challenge={}", challenge.nonce_hex()),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let body: Value = serde_json::from_str(&body).unwrap();
+    let key = api.node.public_key();
+    assert_eq!(body["challenge"]["key"], key.to_string());
+    let listen = ApiConfig::default().listen;
+    let signature = body["challenge"]["signature"].as_str();
+    challenge.verify(&key, listen, signature).unwrap();
+    assert!(matches!(
+        challenge.verify(&key, "127.0.0.1:9".parse().unwrap(), signature),
+        Err(ChallengeError::WrongKey)
+    ));
+    // Without a challenge, /health answers as it always did.
+    let (status, body) = api.get_text("/health", None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(!body.contains("signature"), "{body}");
+    let (status, body) = api.get_text("/health?challenge=not-hex", None).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
 }

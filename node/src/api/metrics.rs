@@ -1,14 +1,24 @@
 //! `/health` and `/metrics` (Prometheus text format): figures about the node, the store, sync
 //! per peer and the API itself. Labels are peer ids and institution ids, never patient data.
+//!
+//! Some figures move with every clinical read: each read appends an audit record (to the log,
+//! and so to the store's size on disk) and is an API request. Watched over time they say
+//! when, and how often, records are read, so they are served only to the admin token
+//! ([`Access::Full`]). The rest (documents, quarantine, sync, peers) move only with writes
+//! and the network.
 
 use std::fmt::Write;
 use std::time::Duration;
 
 use axum::extract::State;
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::IntoResponse;
+use serde::Deserialize;
 
-use super::{ApiError, ApiState, Counter, blocking};
+use super::challenge::{self, CHALLENGE_NONCE_BYTES};
+use super::error::QueryParams;
+use super::{ApiError, ApiState, Counter, bearer_token, blocking};
+use crate::model::Bytes32;
 
 /// The API's own figures.
 #[derive(Default)]
@@ -31,15 +41,76 @@ impl ApiMetrics {
     }
 }
 
-pub(super) async fn health(State(state): State<ApiState>) -> Result<impl IntoResponse, ApiError> {
+/// Other parameters are ignored, as they were before the challenge existed: health checkers
+/// may add their own.
+#[derive(Deserialize)]
+pub(super) struct HealthQuery {
+    /// A client's nonce, hex, to be signed with the node key.
+    challenge: Option<String>,
+}
+
+pub(super) async fn health(
+    State(state): State<ApiState>,
+    QueryParams(query): QueryParams<HealthQuery>,
+) -> Result<impl IntoResponse, ApiError> {
+    let nonce = query
+        .challenge
+        .map(|text| {
+            Bytes32::parse_hex(&text, "challenge").map_err(|_| {
+                ApiError::bad_request(
+                    "malformed_query",
+                    format!(
+                        "challenge must be {} lowercase hex characters ({CHALLENGE_NONCE_BYTES} random bytes)",
+                        2 * CHALLENGE_NONCE_BYTES
+                    ),
+                )
+            })
+        })
+        .transpose()?;
     blocking(move || {
-        Ok(axum::Json(serde_json::json!({
+        let mut body = serde_json::json!({
             "status": "ok",
             "institution": state.node.institution(),
             "roster_version": state.node.roster_version(),
-        })))
+        });
+        if let Some(nonce) = nonce {
+            body["challenge"] = serde_json::json!({
+                "key": state.node.public_key().to_string(),
+                "signature": challenge::answer(
+                    state.node.identity(),
+                    &nonce.0,
+                    state.config.api.listen,
+                ),
+            });
+        }
+        Ok(axum::Json(body))
     })
     .await
+}
+
+/// Which figures a `/metrics` caller gets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Access {
+    /// Every figure: the caller holds the admin token.
+    Full,
+    /// Figures that do not move with clinical reads: no token, and the config allows it.
+    WithoutReads,
+}
+
+fn access(state: &ApiState, headers: &HeaderMap) -> Result<Access, ApiError> {
+    match bearer_token(headers)? {
+        Some(token) if state.config.is_admin(token) => Ok(Access::Full),
+        Some(_) if state.config.api.metrics_token_required => Err(ApiError::forbidden(
+            "/metrics takes only the admin token from the node's config",
+        )),
+        Some(_) => Err(ApiError::forbidden(
+            "/metrics takes the admin token from the node's config, or no token",
+        )),
+        None if state.config.api.metrics_token_required => Err(ApiError::unauthorized(
+            "/metrics needs the admin token (api.metrics_token_required is true)",
+        )),
+        None => Ok(Access::WithoutReads),
+    }
 }
 
 /// Writes one metric family: its help, type and samples.
@@ -68,14 +139,17 @@ impl Families {
     }
 }
 
-pub(super) async fn metrics(State(state): State<ApiState>) -> Result<impl IntoResponse, ApiError> {
+pub(super) async fn metrics(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+) -> Result<impl IntoResponse, ApiError> {
+    let access = access(&state, &headers)?;
     // Node figures are read on the blocking pool: some wait for the node's decision lock.
-    blocking(move || render(&state)).await
+    blocking(move || render(&state, access)).await
 }
 
-fn render(state: &ApiState) -> Result<impl IntoResponse + use<>, ApiError> {
+fn render(state: &ApiState, access: Access) -> Result<impl IntoResponse + use<>, ApiError> {
     let pending = state.node.pending_count()?;
-    let storage_bytes = state.node.storage_bytes()?;
     let mut out = Families(String::new());
     out.gauge(
         "estuary_documents",
@@ -93,19 +167,9 @@ fn render(state: &ApiState) -> Result<impl IntoResponse + use<>, ApiError> {
         pending,
     );
     out.gauge(
-        "estuary_storage_bytes",
-        "Bytes the store occupies on disk.",
-        storage_bytes,
-    );
-    out.gauge(
         "estuary_roster_version",
         "Version of the roster in force.",
         state.node.roster_version(),
-    );
-    out.gauge(
-        "estuary_audit_records",
-        "Records in the audit log.",
-        state.node.audit_sequence(),
     );
     out.gauge(
         "estuary_uptime_seconds",
@@ -115,6 +179,30 @@ fn render(state: &ApiState) -> Result<impl IntoResponse + use<>, ApiError> {
     if let Some(sync) = &state.sync {
         write_sync(&mut out, &sync.get());
     }
+    if access == Access::Full {
+        write_reads(&mut out, state)?;
+    }
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        out.0,
+    ))
+}
+
+/// The figures that move with every clinical read.
+fn write_reads(out: &mut Families, state: &ApiState) -> Result<(), ApiError> {
+    out.gauge(
+        "estuary_storage_bytes",
+        "Bytes the store occupies on disk.",
+        state.node.storage_bytes()?,
+    );
+    out.gauge(
+        "estuary_audit_records",
+        "Records in the audit log.",
+        state.node.audit_sequence(),
+    );
     let m = &state.metrics;
     out.family(
         "estuary_api_requests_total",
@@ -142,13 +230,7 @@ fn render(state: &ApiState) -> Result<impl IntoResponse + use<>, ApiError> {
         &[],
         m.duration_us.get() as f64 / 1e6,
     );
-    Ok((
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        out.0,
-    ))
+    Ok(())
 }
 
 fn write_sync(out: &mut Families, stats: &crate::sync::SyncStats) {

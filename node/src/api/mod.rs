@@ -7,7 +7,15 @@
 //!   Observation), same tokens.
 //! - `/admin/…`: status, sync figures, quarantine, audit, verify, export and import, for the
 //!   admin token only.
-//! - `/metrics` (Prometheus text) and `/health` carry no patient data and need no token.
+//! - `/health` needs no token; with `?challenge=<nonce>` it also proves, by the node key's
+//!   signature, that this node is the process answering ([`Challenge`]), so the `estuary`
+//!   command sends its token nowhere else.
+//! - `/metrics` (Prometheus text) carries no patient data. It needs the admin token unless
+//!   `api.metrics_token_required` is false; then callers without a token get every figure
+//!   except those that move with clinical reads.
+//! - `/health` and `/metrics` have slots of their own ([`HEALTH_REQUESTS_IN_FLIGHT_MAX`],
+//!   [`METRICS_REQUESTS_IN_FLIGHT_MAX`]; beyond them 503), apart from `api.concurrency_max`,
+//!   so scrapers and clinical requests cannot hold up each other.
 //!
 //! Every read and write of patient data is written to the node's hash-chained audit log with
 //! the app's name before the response leaves. Errors are JSON `{"error": {"code", "reason"}}`
@@ -17,6 +25,7 @@
 //! description in `node/openapi.json` is checked against it by a test.
 
 mod admin;
+mod challenge;
 mod clinical;
 mod error;
 mod fhir;
@@ -31,10 +40,11 @@ use axum::Router;
 use axum::extract::{DefaultBodyLimit, FromRequestParts, Request, State};
 use axum::http::request::Parts;
 use axum::middleware::Next;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::routing::MethodRouter;
 use tokio::sync::{Semaphore, watch};
 
+pub use challenge::{CHALLENGE_NONCE_BYTES, Challenge, ChallengeError};
 pub use error::ApiError;
 pub use fhir::instant;
 
@@ -49,6 +59,14 @@ pub const FEED_SUBSCRIBERS_MAX: usize = 64;
 pub const IMPORT_BODY_BYTES_MAX: usize = 8 * 1024 * 1024;
 /// The name audit records carry for reads made with the admin token.
 pub const ADMIN_APP: &str = "estuary-admin";
+/// `/health` requests served at once; more get 503 at once. A probe answers in
+/// microseconds, so a few slots are plenty, and they are apart from the clinical slots so that
+/// a busy node still answers its health checks.
+pub const HEALTH_REQUESTS_IN_FLIGHT_MAX: usize = 4;
+/// `/metrics` requests served at once; more get 503 at once. A scraper asks every few
+/// seconds, so a few slots are plenty, and they are apart from the clinical slots so that
+/// scrapers cannot make clinical requests wait.
+pub const METRICS_REQUESTS_IN_FLIGHT_MAX: usize = 4;
 
 /// What every handler can reach.
 #[derive(Clone)]
@@ -57,6 +75,8 @@ pub struct ApiState {
     sync: Option<StatsReader>,
     config: Arc<Config>,
     requests: Arc<Semaphore>,
+    health_requests: Arc<Semaphore>,
+    metrics_requests: Arc<Semaphore>,
     feeds: Arc<Semaphore>,
     metrics: Arc<metrics::ApiMetrics>,
     started: Instant,
@@ -75,6 +95,8 @@ impl ApiState {
     ) -> Self {
         Self {
             requests: Arc::new(Semaphore::new(config.api.concurrency_max)),
+            health_requests: Arc::new(Semaphore::new(HEALTH_REQUESTS_IN_FLIGHT_MAX)),
+            metrics_requests: Arc::new(Semaphore::new(METRICS_REQUESTS_IN_FLIGHT_MAX)),
             feeds: Arc::new(Semaphore::new(FEED_SUBSCRIBERS_MAX)),
             node,
             sync,
@@ -130,22 +152,8 @@ impl FromRequestParts<ApiState> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &ApiState) -> Result<Self, ApiError> {
-        let header = parts
-            .headers
-            .get(axum::http::header::AUTHORIZATION)
+        let token = bearer_token(&parts.headers)?
             .ok_or_else(|| ApiError::unauthorized("send `Authorization: Bearer <token>`"))?;
-        let token = header
-            .to_str()
-            .ok()
-            .and_then(|h| {
-                let (scheme, token) = h.split_once(' ')?;
-                scheme
-                    .eq_ignore_ascii_case("bearer")
-                    .then_some(token.trim())
-            })
-            .ok_or_else(|| {
-                ApiError::unauthorized("the Authorization header must be `Bearer <token>`")
-            })?;
         if state.config.is_admin(token) {
             return Ok(Caller {
                 app: ADMIN_APP.into(),
@@ -162,6 +170,24 @@ impl FromRequestParts<ApiState> for Caller {
             admin: false,
         })
     }
+}
+
+/// The bearer token of a request, `None` without an Authorization header.
+fn bearer_token(headers: &axum::http::HeaderMap) -> Result<Option<&str>, ApiError> {
+    let Some(header) = headers.get(axum::http::header::AUTHORIZATION) else {
+        return Ok(None);
+    };
+    header
+        .to_str()
+        .ok()
+        .and_then(|h| {
+            let (scheme, token) = h.split_once(' ')?;
+            scheme
+                .eq_ignore_ascii_case("bearer")
+                .then_some(token.trim())
+        })
+        .map(Some)
+        .ok_or_else(|| ApiError::unauthorized("the Authorization header must be `Bearer <token>`"))
 }
 
 /// A caller whose token may write; checked before the body is read.
@@ -265,7 +291,8 @@ pub fn router(state: ApiState) -> Router {
         .with_state(state)
 }
 
-/// Waits for one of the concurrent-request slots, runs the request, counts it.
+/// Takes one of the request's slots — waiting for a clinical one, or refusing with 503 when
+/// `/health` or `/metrics` has none free — runs the request, counts it.
 async fn admit(State(state): State<ApiState>, request: Request, next: Next) -> Response {
     let started = Instant::now();
     let route = request
@@ -274,8 +301,27 @@ async fn admit(State(state): State<ApiState>, request: Request, next: Next) -> R
         .map_or("unmatched", |p| p.as_str())
         .to_owned();
     let method = request.method().clone();
-    // The semaphore is never closed.
-    let _slot = state.requests.acquire().await;
+    let monitoring = match route.as_str() {
+        "/health" => Some(&state.health_requests),
+        "/metrics" => Some(&state.metrics_requests),
+        _ => None,
+    };
+    let _slot = match monitoring {
+        // A monitor retries on its own schedule; queueing its requests would only pile them up.
+        Some(slots) => match slots.try_acquire() {
+            Ok(slot) => Some(slot),
+            Err(_) => {
+                let response = ApiError::busy(
+                    "this route's few request slots are all in use; retry in a moment",
+                )
+                .into_response();
+                state.metrics.record(response.status(), started.elapsed());
+                return response;
+            }
+        },
+        // The semaphore is never closed.
+        None => state.requests.acquire().await.ok(),
+    };
     let response = next.run(request).await;
     let status = response.status();
     state.metrics.record(status, started.elapsed());
@@ -315,5 +361,121 @@ impl Counter {
 
     fn get(&self) -> u64 {
         self.0.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use axum::body::Body;
+    use axum::http::StatusCode;
+    use tower::ServiceExt;
+
+    use super::*;
+    use crate::config::{ApiConfig, NetworkConfig};
+    use crate::identity::Identity;
+    use crate::membership::SignedRoster;
+    use crate::model::{InstitutionId, InstitutionKind, Roster, RosterOp};
+    use crate::node::NodeConfig;
+
+    /// How long a request that must not wait may take on a loaded machine.
+    const PATIENCE: Duration = Duration::from_secs(10);
+
+    /// A one-member node behind an API with a single clinical slot.
+    fn state(dir: &std::path::Path) -> ApiState {
+        let data_dir = dir.join("node");
+        std::fs::create_dir_all(&data_dir).unwrap();
+        let own = Identity::load_or_create(&data_dir).unwrap();
+        let authority = Identity::from_secret([1; 32]);
+        let editor = Editor {
+            institution: InstitutionId::new("chc-a").unwrap(),
+            at: Timestamp(0),
+        };
+        let mut roster = Roster::create(&authority.actor(), &editor).unwrap();
+        for op in [
+            RosterOp::AddInstitution {
+                id: editor.institution.clone(),
+                name: "A".into(),
+                kind: InstitutionKind::CommunityCentre,
+            },
+            RosterOp::AddNodeKey {
+                institution: editor.institution.clone(),
+                key: own.public_key(),
+            },
+        ] {
+            roster.apply(&editor, &op).unwrap();
+        }
+        let node = Node::open(
+            &NodeConfig {
+                data_dir: data_dir.clone(),
+                authority: authority.public_key(),
+            },
+            Some(&SignedRoster::sign(&authority, &mut roster).encode()),
+        )
+        .unwrap();
+        let config = Config {
+            data_dir,
+            authority: authority.public_key().to_string(),
+            roster: None,
+            network: NetworkConfig::default(),
+            api: ApiConfig {
+                admin_token: "admin-token-0123456789abcdef01234567890".into(),
+                concurrency_max: 1,
+                metrics_token_required: false,
+                ..ApiConfig::default()
+            },
+        };
+        // The sender is dropped: no change feed runs in this test.
+        let (_, stopped) = watch::channel(false);
+        ApiState::new(Arc::new(node), None, Arc::new(config), stopped)
+    }
+
+    async fn get(router: &Router, path: &str) -> StatusCode {
+        let request = axum::http::Request::get(path).body(Body::empty()).unwrap();
+        tokio::time::timeout(PATIENCE, router.clone().oneshot(request))
+            .await
+            .unwrap_or_else(|_| panic!("GET {path} waited for a slot"))
+            .unwrap()
+            .status()
+    }
+
+    #[tokio::test]
+    async fn health_and_metrics_have_slots_of_their_own_and_refuse_when_they_are_full() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = state(dir.path());
+        let router = router(state.clone());
+
+        // Every clinical slot taken: health checks and scrapes are still answered.
+        let clinical = state.requests.try_acquire_many(1).unwrap();
+        assert_eq!(get(&router, "/health").await, StatusCode::OK);
+        assert_eq!(get(&router, "/metrics").await, StatusCode::OK);
+        drop(clinical);
+
+        // Every /health slot taken: /health is refused at once, /metrics still answers.
+        let health = state
+            .health_requests
+            .try_acquire_many(HEALTH_REQUESTS_IN_FLIGHT_MAX as u32)
+            .unwrap();
+        assert_eq!(
+            get(&router, "/health").await,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(get(&router, "/metrics").await, StatusCode::OK);
+        drop(health);
+        assert_eq!(get(&router, "/health").await, StatusCode::OK);
+
+        // Every /metrics slot taken: /metrics is refused at once, /health still answers.
+        let metrics = state
+            .metrics_requests
+            .try_acquire_many(METRICS_REQUESTS_IN_FLIGHT_MAX as u32)
+            .unwrap();
+        assert_eq!(
+            get(&router, "/metrics").await,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(get(&router, "/health").await, StatusCode::OK);
+        drop(metrics);
+        assert_eq!(get(&router, "/metrics").await, StatusCode::OK);
     }
 }

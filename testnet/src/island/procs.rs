@@ -346,6 +346,10 @@ impl Cluster for Procs {
         let mut response = self
             .agent
             .get(format!("{}/metrics", self.nodes[node].api))
+            .header(
+                "Authorization",
+                format!("Bearer {}", self.nodes[node].admin),
+            )
             .call()
             .with_context(|| format!("node {node}: GET /metrics"))?;
         Ok(Some(response.body_mut().read_to_string()?))
