@@ -1,11 +1,16 @@
 //! Inspection and courier commands: status, peers, sync, patients, referrals, quarantine,
 //! audit, verify, export and import. Each is one or a few admin API calls and a table.
 
-use std::io::BufReader;
+use std::fs::{File, OpenOptions};
+use std::io::{BufReader, Read, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
 use anyhow::Context;
-use estuary_node::bundle::BundleReader;
+use estuary_node::bundle::{BundleError, BundleReader, BundleSummary, SealedWriter};
+use estuary_node::config::Config;
+use estuary_node::identity::Identity;
+use estuary_node::model::Bytes32;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::Value;
 
@@ -18,6 +23,9 @@ const IMPORT_CHUNK_ENVELOPES: usize = 1_024;
 /// Envelope bytes sent per import request: under the node's 8 MiB import limit even when the
 /// last envelope added is the largest possible (about 513 KiB).
 const IMPORT_CHUNK_BYTES: usize = 6 * 1024 * 1024;
+/// Permissions of a bundle file: its owner's alone, since a bundle in clear holds every
+/// resident's record.
+const BUNDLE_FILE_MODE: u32 = 0o600;
 /// Largest document file `inspect` reads, in bytes: far above any real health file, low enough
 /// that a wrong path (a disk image, a log) is refused instead of read into memory.
 const INSPECT_FILE_BYTES_MAX: u64 = 64 * 1024 * 1024;
@@ -338,10 +346,11 @@ pub fn patient(client: &Client, command: PatientCommand, json: bool) -> Result<(
                     "/v1/health-files/search",
                     &serde_json::json!({ "national_id": national_id }),
                 )?,
-                (Some(name), None) => {
-                    let query: String = url_encode(&name);
-                    client.get(&format!("/v1/health-files?name={query}"))?
-                }
+                // In the body: a name in a URL would reach access logs.
+                (Some(name), None) => client.post_json(
+                    "/v1/health-files/search",
+                    &serde_json::json!({ "name": name }),
+                )?,
                 (None, None) => {
                     return Err(Failure::error(anyhow::anyhow!(
                         "give a name, or --national-id"
@@ -672,51 +681,209 @@ fn byte_bar(json: bool) -> ProgressBar {
     bar
 }
 
-pub fn export(client: &Client, file: &Path, json: bool) -> Result<(), Failure> {
-    let bar = byte_bar(json);
-    bar.set_message("exported");
-    let mut stream = bar.wrap_read(client.get_stream("/admin/export")?);
+/// Copies `stream` to `out` while reading it as a bundle, so that what is written has been
+/// checked whole, signature included, by the time the stream ends.
+fn check_while_copying(stream: impl Read, out: &mut impl Write) -> Result<BundleSummary, Failure> {
+    /// Passes on what it reads; keeps a write error, which the reader would report as a
+    /// bundle cut short.
+    struct Tee<R, W> {
+        input: R,
+        copy: W,
+        failed: Option<std::io::Error>,
+    }
+    impl<R: Read, W: Write> Read for Tee<R, W> {
+        fn read(&mut self, buffer: &mut [u8]) -> std::io::Result<usize> {
+            let n = self.input.read(buffer)?;
+            if let Err(error) = self.copy.write_all(&buffer[..n]) {
+                let kind = error.kind();
+                self.failed = Some(error);
+                return Err(kind.into());
+            }
+            Ok(n)
+        }
+    }
+    let mut tee = Tee {
+        input: stream,
+        copy: out,
+        failed: None,
+    };
+    let checked = BundleReader::open(BufReader::new(&mut tee)).and_then(BundleReader::check);
+    if let Some(error) = tee.failed {
+        return Err(Failure::error(
+            anyhow::Error::new(error).context("cannot write the bundle"),
+        ));
+    }
+    checked.map_err(|e| Failure::unsound(format!("the exported bundle does not check: {e}")))
+}
+
+/// The roster's institution for a node key given to `--to`; a key the roster does not list,
+/// or revokes, is refused: nobody, or a compromised key, would read the bundle.
+fn recipient(client: &Client, key: &str) -> Result<(Bytes32, String), Failure> {
+    let key = Bytes32::parse_hex(key, "--to").map_err(|_| {
+        Failure::error(anyhow::anyhow!(
+            "--to takes a node key: 64 lowercase hex characters, as `estuary status` shows it"
+        ))
+    })?;
+    let roster = client.get("/admin/roster")?;
+    let hex = key.to_string();
+    if list(&roster["revocations"])
+        .iter()
+        .any(|r| r["key"].as_str() == Some(&hex))
+    {
+        return Err(Failure::error(anyhow::anyhow!(
+            "the roster revokes node key {hex}; a bundle encrypted to it could be read by whoever holds that key"
+        )));
+    }
+    let institution = list(&roster["institutions"])
+        .iter()
+        .find(|i| list(&i["node_keys"]).iter().any(|k| k.as_str() == Some(&hex)))
+        .map(|i| cell(&i["id"]))
+        .ok_or_else(|| {
+            Failure::error(anyhow::anyhow!(
+                "node key {hex} is not in this node's roster; check the key with the receiving node's `estuary status`"
+            ))
+        })?;
+    Ok((key, institution))
+}
+
+pub fn export(
+    client: &Client,
+    file: &Path,
+    to: Option<&str>,
+    force: bool,
+    json: bool,
+) -> Result<(), Failure> {
+    let recipient = to.map(|key| recipient(client, key)).transpose()?;
+    // Checked now and again just before the rename, since an export takes minutes; only a
+    // file that appears in the instant between would be replaced.
+    let exists = |path: &Path| std::fs::symlink_metadata(path).is_ok();
+    if exists(file) && !force {
+        return Err(Failure::error(anyhow::anyhow!(
+            "{} exists; give --force to replace it",
+            file.display()
+        )));
+    }
     let temporary = file.with_extension("partial");
-    let mut out = std::fs::File::create(&temporary)
-        .with_context(|| format!("cannot create {}", temporary.display()))?;
-    std::io::copy(&mut stream, &mut out).context("the export stopped")?;
-    out.sync_all()?;
-    bar.finish_and_clear();
-    // Checked before it is given its name: a bundle that does not verify is never left
-    // where a courier would take it.
-    let summary = BundleReader::open(BufReader::new(std::fs::File::open(&temporary)?))
-        .and_then(|reader| reader.check())
-        .map_err(|e| Failure::unsound(format!("the exported bundle does not check: {e}")))?;
+    // Created new, so no earlier file (or link) lends it its permissions.
+    let out = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(BUNDLE_FILE_MODE)
+        .open(&temporary)
+        .with_context(|| {
+            format!(
+                "cannot create {} (left by an export that stopped? remove it)",
+                temporary.display()
+            )
+        })?;
+    let written = write_bundle(client, out, recipient.as_ref().map(|(key, _)| key), json);
+    let summary = match written {
+        Ok(summary) => summary,
+        Err(failure) => {
+            let _ = std::fs::remove_file(&temporary);
+            return Err(failure);
+        }
+    };
+    if exists(file) && !force {
+        let _ = std::fs::remove_file(&temporary);
+        return Err(Failure::error(anyhow::anyhow!(
+            "{} appeared during the export; give --force to replace it",
+            file.display()
+        )));
+    }
     std::fs::rename(&temporary, file)?;
+    let file_bytes = std::fs::metadata(file)?.len();
+    let mode = std::fs::metadata(file)?.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        // FAT and exFAT media take their modes from the mount, not from the file.
+        eprintln!(
+            "warning: {} has mode {mode:o} on this file system; others may read it (mount removable media with umask=077)",
+            file.display()
+        );
+    }
     if json {
-        output::json(&serde_json::json!({
+        let mut value = serde_json::json!({
             "file": file,
             "envelopes": summary.envelopes,
             "documents": summary.header.documents,
-            "bytes": summary.bytes,
-        }));
+            "bytes": file_bytes,
+        });
+        if let Some((key, institution)) = &recipient {
+            value["encrypted_to"] = key.to_string().into();
+            value["recipient"] = institution.clone().into();
+        }
+        output::json(&value);
     } else {
+        let sealed = recipient
+            .as_ref()
+            .map(|(_, institution)| format!(", encrypted to {institution}'s node key"))
+            .unwrap_or_default();
         println!(
-            "exported {} envelopes of {} documents ({}) to {}",
+            "exported {} envelopes of {} documents ({}{sealed}) to {}",
             summary.envelopes,
             summary.header.documents,
-            output::bytes(&summary.bytes.into()),
+            output::bytes(&file_bytes.into()),
             file.display()
         );
     }
     Ok(())
 }
 
-pub fn import(client: &Client, file: &Path, json: bool) -> Result<(), Failure> {
-    let open = || -> Result<BundleReader<BufReader<std::fs::File>>, Failure> {
-        let input =
-            std::fs::File::open(file).with_context(|| format!("cannot read {}", file.display()))?;
-        BundleReader::open(BufReader::new(input)).map_err(|e| Failure::unsound(e.to_string()))
+/// Streams the node's export into `out`, sealed to `recipient` if given, checked as it
+/// passes, and made durable.
+fn write_bundle(
+    client: &Client,
+    out: File,
+    recipient: Option<&Bytes32>,
+    json: bool,
+) -> Result<BundleSummary, Failure> {
+    let bar = byte_bar(json);
+    bar.set_message("exported");
+    let stream = bar.wrap_read(client.get_stream("/admin/export")?);
+    let sealing = |e: BundleError| Failure::error(anyhow::Error::new(e));
+    let (summary, out) = match recipient {
+        None => {
+            let mut out = out;
+            (check_while_copying(stream, &mut out)?, out)
+        }
+        Some(key) => {
+            let mut sealed = SealedWriter::new(out, key).map_err(sealing)?;
+            let summary = check_while_copying(stream, &mut sealed)?;
+            (summary, sealed.finish().map_err(sealing)?)
+        }
+    };
+    out.sync_all()?;
+    bar.finish_and_clear();
+    Ok(summary)
+}
+
+/// This node's key, from the data directory its config names, for a bundle encrypted to it.
+fn node_identity(config_path: &Path, recipient: &Bytes32) -> Result<Identity, Failure> {
+    let config = Config::load(config_path).map_err(|e| Failure::error(e.into()))?;
+    Identity::load(&config.data_dir).map_err(|e| {
+        Failure::error(anyhow::Error::new(e).context(format!(
+            "the bundle is encrypted to node key {recipient}; opening it needs this node's key"
+        )))
+    })
+}
+
+pub fn import(client: &Client, config_path: &Path, file: &Path, json: bool) -> Result<(), Failure> {
+    let input = || -> Result<BufReader<File>, Failure> {
+        let file = File::open(file).with_context(|| format!("cannot read {}", file.display()))?;
+        Ok(BufReader::new(file))
+    };
+    let refused = |e: BundleError| Failure::unsound(e.to_string());
+    // The node's key is read only for a bundle encrypted to a node key.
+    let identity = match BundleReader::open(input()?) {
+        Err(BundleError::Sealed { recipient }) => Some(node_identity(config_path, &recipient)?),
+        _ => None,
+    };
+    let open = || match &identity {
+        None => BundleReader::open(input()?).map_err(refused),
+        Some(identity) => BundleReader::open_with_key(input()?, identity).map_err(refused),
     };
     // First pass: the signature, before anything is sent.
-    let summary = open()?
-        .check()
-        .map_err(|e| Failure::unsound(e.to_string()))?;
+    let summary = open()?.check().map_err(refused)?;
     let roster = client.get("/admin/roster")?;
     let exporter = summary.header.created_by.to_string();
     let institution = list(&roster["institutions"])
@@ -745,10 +912,7 @@ pub fn import(client: &Client, file: &Path, json: bool) -> Result<(), Failure> {
         let mut chunk = Vec::with_capacity(IMPORT_CHUNK_ENVELOPES);
         let mut bytes = 0;
         while chunk.len() < IMPORT_CHUNK_ENVELOPES && bytes < IMPORT_CHUNK_BYTES {
-            match reader
-                .next_envelope()
-                .map_err(|e| Failure::unsound(e.to_string()))?
-            {
+            match reader.next_envelope().map_err(refused)? {
                 Some(envelope) => {
                     bytes += envelope.len() + 16;
                     chunk.push(serde_bytes::ByteBuf::from(envelope));
@@ -771,11 +935,17 @@ pub fn import(client: &Client, file: &Path, json: bool) -> Result<(), Failure> {
     }
     bar.finish_and_clear();
     totals.insert("exported_by".into(), institution.clone().into());
+    totals.insert("encrypted".into(), identity.is_some().into());
     if json {
         output::json(&Value::Object(totals));
     } else {
+        let sealed = if identity.is_some() {
+            ", decrypted with this node's key"
+        } else {
+            ""
+        };
         println!(
-            "bundle from {institution}, {} envelopes:",
+            "bundle from {institution}{sealed}, {} envelopes:",
             summary.envelopes
         );
         output::fields(

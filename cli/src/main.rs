@@ -71,12 +71,21 @@ enum Command {
         #[arg(long)]
         repair: bool,
     },
-    /// Write every envelope the node holds to a bundle signed by its key.
+    /// Write every envelope the node holds to a bundle signed by its key, readable by its
+    /// owner only (mode 0600), and encrypted to the receiving node's key with --to.
     Export {
         /// The bundle file to write.
         file: PathBuf,
+        /// Encrypt the bundle to this node key (hex, as `estuary status` and the roster show
+        /// it): only that node can import it.
+        #[arg(long, value_name = "NODE_KEY")]
+        to: Option<String>,
+        /// Replace the file if it exists.
+        #[arg(long)]
+        force: bool,
     },
-    /// Run a bundle's envelopes through the node's pipeline.
+    /// Run a bundle's envelopes through the node's pipeline; a bundle encrypted to this
+    /// node is decrypted with its key, read from the data directory.
     Import {
         /// The bundle file.
         file: PathBuf,
@@ -180,8 +189,10 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Quarantine(command) => inspect::quarantine(&connect()?, command, json),
         Command::Audit(args) => inspect::audit(&connect()?, args, json),
         Command::Verify { repair } => inspect::verify(&connect()?, json, repair),
-        Command::Export { file } => inspect::export(&connect()?, &file, json),
-        Command::Import { file } => inspect::import(&connect()?, &file, json),
+        Command::Export { file, to, force } => {
+            inspect::export(&connect()?, &file, to.as_deref(), force, json)
+        }
+        Command::Import { file } => inspect::import(&connect()?, &cli.config, &file, json),
         Command::Inspect { file } => inspect::inspect_file(&file, json),
     }
 }

@@ -490,3 +490,331 @@ fn three_institutions_share_a_health_file_and_a_referral_through_the_api_and_the
     jianshe.stop();
     hospital.stop();
 }
+
+/// An authority and three institutions set up with `estuary init` and a signed roster, none
+/// of them running: commands open their data directories. Returns each node's config path
+/// and node key.
+fn stopped_consortium(root: &Path) -> Vec<(String, String)> {
+    let authority = estuary_json(
+        root,
+        &["init", "--authority", "--data-dir", "auth", "--json"],
+    );
+    let authority_key = authority["authority_key"].as_str().unwrap().to_owned();
+    let mut nodes = Vec::new();
+    for (i, (id, name, kind)) in INSTITUTIONS.iter().enumerate() {
+        let data_dir = format!("n{i}");
+        let listen = format!("/ip4/127.0.0.1/tcp/{}", free_port());
+        let api = format!("127.0.0.1:{}", free_port());
+        let created = estuary_json(
+            root,
+            &[
+                "init",
+                "--data-dir",
+                &data_dir,
+                "--authority-key",
+                &authority_key,
+                "--listen",
+                &listen,
+                "--api-listen",
+                &api,
+                "--json",
+            ],
+        );
+        let key = created["node_key"].as_str().unwrap().to_owned();
+        estuary_json(
+            root,
+            &[
+                "roster",
+                "add",
+                "--dir",
+                "auth",
+                "--institution",
+                id,
+                "--name",
+                name,
+                "--kind",
+                kind,
+                "--key",
+                &key,
+                "--json",
+            ],
+        );
+        let config = root.join(&data_dir).join("estuary.toml");
+        nodes.push((config.to_str().unwrap().to_owned(), key));
+    }
+    estuary_json(root, &["roster", "sign", "--dir", "auth", "--json"]);
+    for i in 0..nodes.len() {
+        std::fs::copy(
+            root.join("auth/roster.signed"),
+            root.join(format!("n{i}/roster.signed")),
+        )
+        .unwrap();
+    }
+    nodes
+}
+
+/// Registers a resident on a stopped node, through the library as its API would.
+fn register_offline(config_path: &str) {
+    use estuary_node::model::{Editor, Timestamp};
+    use estuary_node::node::{Node, NodeConfig};
+    let config = Config::load(Path::new(config_path)).unwrap();
+    let roster = std::fs::read(config.roster.as_ref().unwrap()).unwrap();
+    let node = Node::open(
+        &NodeConfig {
+            data_dir: config.data_dir.clone(),
+            authority: config.authority_key().unwrap(),
+        },
+        Some(&roster),
+    )
+    .unwrap();
+    let editor = Editor {
+        institution: node.institution().clone(),
+        at: Timestamp(1_790_000_000_000),
+    };
+    let demographics = serde_json::from_value(json!({
+        "name": { "family": "Lu", "given": "Jianguo" },
+        "sex": "male",
+        "birth_date": "1954-10-17",
+    }))
+    .unwrap();
+    node.create_health_file(&editor, &demographics).unwrap();
+}
+
+fn mode_of(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+/// Runs a command that must fail with `code`; returns its error output.
+fn estuary_fails(dir: &Path, args: &[&str], code: i32) -> String {
+    let output = estuary(dir, args);
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert_eq!(
+        output.status.code(),
+        Some(code),
+        "estuary {args:?}: {stderr}"
+    );
+    stderr
+}
+
+#[test]
+fn a_courier_bundle_is_private_to_its_owner_and_opens_only_on_the_node_it_is_encrypted_to() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let nodes = stopped_consortium(root);
+    let [(hospital, _), (jianshe, jianshe_key), (baozhen, _)] = &nodes[..] else {
+        unreachable!("three institutions");
+    };
+    register_offline(hospital);
+
+    // In clear: readable by its owner only, and never written over unless asked.
+    let exported = estuary_json(
+        root,
+        &["--config", hospital, "--json", "export", "clear.bundle"],
+    );
+    assert!(exported["envelopes"].as_u64().unwrap() >= 1, "{exported}");
+    assert_eq!(mode_of(&root.join("clear.bundle")), 0o600);
+    let before = std::fs::read(root.join("clear.bundle")).unwrap();
+    let refused = estuary_fails(root, &["--config", hospital, "export", "clear.bundle"], 1);
+    assert!(refused.contains("--force"), "{refused}");
+    assert_eq!(std::fs::read(root.join("clear.bundle")).unwrap(), before);
+    estuary_json(
+        root,
+        &[
+            "--config",
+            hospital,
+            "--json",
+            "export",
+            "--force",
+            "clear.bundle",
+        ],
+    );
+    assert_eq!(mode_of(&root.join("clear.bundle")), 0o600);
+
+    // Encrypted to Jianshe's node key.
+    let sealed = estuary_json(
+        root,
+        &[
+            "--config",
+            hospital,
+            "--json",
+            "export",
+            "--to",
+            jianshe_key,
+            "sealed.bundle",
+        ],
+    );
+    assert_eq!(sealed["encrypted_to"], jianshe_key.as_str(), "{sealed}");
+    assert_eq!(sealed["recipient"], "chc-jianshe", "{sealed}");
+    let path = root.join("sealed.bundle");
+    assert_eq!(mode_of(&path), 0o600);
+    let bytes = std::fs::read(&path).unwrap();
+    assert!(bytes.starts_with(b"ESTUARY-SEALED1\n"));
+    assert!(
+        !bytes.windows(b"Jianguo".len()).any(|w| w == b"Jianguo"),
+        "the resident's name is in the encrypted bundle in clear"
+    );
+    assert!(!root.join("sealed.partial").exists());
+    // A key the roster does not list is refused before anything is written.
+    let stranger = "ab".repeat(32);
+    let refused = estuary_fails(
+        root,
+        &[
+            "--config",
+            hospital,
+            "export",
+            "--to",
+            &stranger,
+            "stranger.bundle",
+        ],
+        1,
+    );
+    assert!(refused.contains("roster"), "{refused}");
+    assert!(!root.join("stranger.bundle").exists());
+
+    // Another node's key refuses it, naming the key it is for.
+    let refused = estuary_fails(root, &["--config", baozhen, "import", "sealed.bundle"], 3);
+    assert!(
+        refused.contains(&format!("encrypted to node key {}", &jianshe_key[..16]))
+            && refused.contains("not to this node's"),
+        "{refused}"
+    );
+    // A flipped byte, and a file cut short, are refused.
+    let mut flipped = bytes.clone();
+    let middle = flipped.len() / 2;
+    flipped[middle] ^= 0x01;
+    std::fs::write(root.join("flipped.bundle"), &flipped).unwrap();
+    let refused = estuary_fails(root, &["--config", jianshe, "import", "flipped.bundle"], 3);
+    assert!(refused.contains("altered or cut short"), "{refused}");
+    std::fs::write(root.join("short.bundle"), &bytes[..bytes.len() - 1]).unwrap();
+    let refused = estuary_fails(root, &["--config", jianshe, "import", "short.bundle"], 3);
+    assert!(refused.contains("altered or cut short"), "{refused}");
+    let status = estuary_json(root, &["--config", jianshe, "--json", "status"]);
+    assert_eq!(
+        status["documents"], 0,
+        "nothing of a refused bundle is imported"
+    );
+
+    // Jianshe opens it with its own key.
+    let imported = estuary_json(
+        root,
+        &["--config", jianshe, "--json", "import", "sealed.bundle"],
+    );
+    assert_eq!(imported["exported_by"], "xinhua");
+    assert_eq!(imported["encrypted"], true);
+    assert_eq!(imported["accepted"], sealed["envelopes"], "{imported}");
+    assert_eq!(imported["quarantined"], 0);
+    let status = estuary_json(root, &["--config", jianshe, "--json", "status"]);
+    assert_eq!(status["documents"], 1);
+}
+
+/// A stand-in for a node's API that answers every request and keeps each request line and
+/// body, so a test sees exactly what the command sent.
+fn recording_server() -> (std::net::SocketAddr, mpsc::Receiver<(String, String)>) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = listener.local_addr().unwrap();
+    let (sender, receiver) = mpsc::channel();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { return };
+            let sender = sender.clone();
+            std::thread::spawn(move || {
+                let mut writer = stream.try_clone().unwrap();
+                let mut reader = BufReader::new(stream);
+                loop {
+                    let mut request_line = String::new();
+                    if reader.read_line(&mut request_line).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    let mut length = 0;
+                    loop {
+                        let mut header = String::new();
+                        reader.read_line(&mut header).unwrap();
+                        let header = header.trim();
+                        if header.is_empty() {
+                            break;
+                        }
+                        if let Some((name, value)) = header.split_once(':')
+                            && name.eq_ignore_ascii_case("content-length")
+                        {
+                            length = value.trim().parse().unwrap();
+                        }
+                    }
+                    let mut body = vec![0; length];
+                    reader.read_exact(&mut body).unwrap();
+                    let answer = if request_line.starts_with("GET /health ") {
+                        r#"{"status":"ok"}"#
+                    } else {
+                        r#"{"results":[]}"#
+                    };
+                    let _ = sender.send((
+                        request_line.trim().to_owned(),
+                        String::from_utf8_lossy(&body).into_owned(),
+                    ));
+                    let response = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{answer}",
+                        answer.len()
+                    );
+                    if writer.write_all(response.as_bytes()).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (address, receiver)
+}
+
+#[test]
+fn patient_search_sends_the_name_in_the_body_never_in_the_url() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let authority = estuary_json(
+        root,
+        &["init", "--authority", "--data-dir", "auth", "--json"],
+    );
+    let (address, requests) = recording_server();
+    let api = address.to_string();
+    estuary_json(
+        root,
+        &[
+            "init",
+            "--data-dir",
+            "n0",
+            "--authority-key",
+            authority["authority_key"].as_str().unwrap(),
+            "--api-listen",
+            &api,
+            "--json",
+        ],
+    );
+    estuary_json(
+        root,
+        &[
+            "--config",
+            "n0/estuary.toml",
+            "--json",
+            "patient",
+            "search",
+            "Zhang Xiuying",
+        ],
+    );
+    let seen: Vec<(String, String)> = requests.try_iter().collect();
+    let search = seen
+        .iter()
+        .find(|(line, _)| !line.starts_with("GET /health "))
+        .unwrap_or_else(|| panic!("no search request: {seen:?}"));
+    assert!(
+        search.0.starts_with("POST /v1/health-files/search "),
+        "{seen:?}"
+    );
+    let body: Value = serde_json::from_str(&search.1).unwrap();
+    assert_eq!(body, json!({ "name": "Zhang Xiuying" }));
+    for (line, _) in &seen {
+        assert!(
+            !line.contains("Zhang") && !line.contains("name="),
+            "a name in a URL: {line}"
+        );
+    }
+}

@@ -9,9 +9,11 @@ use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use curve25519_dalek::MontgomeryPoint;
 use ed25519_dalek::{Signer, SigningKey};
 use libp2p::PeerId;
 use libp2p::identity::{Keypair, ed25519};
+use zeroize::Zeroizing;
 
 use crate::model::{Actor, Bytes32};
 
@@ -67,6 +69,16 @@ impl std::fmt::Debug for Identity {
 }
 
 impl Identity {
+    /// Loads the key of an existing node from `data_dir`, with the same checks as at start;
+    /// never creates one (a command that needs the node's key must not invent another).
+    pub fn load(data_dir: &Path) -> Result<Self, IdentityError> {
+        let path = data_dir.join(KEY_FILE);
+        match fs::metadata(&path) {
+            Ok(metadata) => Self::read(path, &metadata),
+            Err(source) => Err(IdentityError::Io { path, source }),
+        }
+    }
+
     /// Loads the key from `data_dir`, creating it (mode 0600) on first start.
     pub fn load_or_create(data_dir: &Path) -> Result<Self, IdentityError> {
         let path = data_dir.join(KEY_FILE);
@@ -75,27 +87,7 @@ impl Identity {
             source,
         };
         match fs::metadata(&path) {
-            Ok(metadata) => {
-                let mode = metadata.permissions().mode() & 0o777;
-                if mode & 0o077 != 0 {
-                    return Err(IdentityError::Permissions { path, mode });
-                }
-                if metadata.len() != KEY_FILE_BYTES as u64 {
-                    return Err(IdentityError::Malformed {
-                        path,
-                        found: metadata.len(),
-                    });
-                }
-                let bytes = fs::read(&path).map_err(io)?;
-                let secret: [u8; KEY_FILE_BYTES] =
-                    bytes
-                        .try_into()
-                        .map_err(|b: Vec<u8>| IdentityError::Malformed {
-                            path: path.clone(),
-                            found: b.len() as u64,
-                        })?;
-                Ok(Self::from_secret(secret))
-            }
+            Ok(metadata) => Self::read(path, &metadata),
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
                 let mut secret = [0u8; KEY_FILE_BYTES];
                 getrandom::fill(&mut secret).map_err(IdentityError::Randomness)?;
@@ -124,6 +116,32 @@ impl Identity {
         }
     }
 
+    /// Reads a key file that exists, refusing one others may read or of the wrong length.
+    fn read(path: PathBuf, metadata: &fs::Metadata) -> Result<Self, IdentityError> {
+        let mode = metadata.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(IdentityError::Permissions { path, mode });
+        }
+        if metadata.len() != KEY_FILE_BYTES as u64 {
+            return Err(IdentityError::Malformed {
+                path,
+                found: metadata.len(),
+            });
+        }
+        let bytes = fs::read(&path).map_err(|source| IdentityError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let secret: [u8; KEY_FILE_BYTES] =
+            bytes
+                .try_into()
+                .map_err(|b: Vec<u8>| IdentityError::Malformed {
+                    path: path.clone(),
+                    found: b.len() as u64,
+                })?;
+        Ok(Self::from_secret(secret))
+    }
+
     /// An identity from a known secret (tests, the testnet's generated consortium).
     pub fn from_secret(secret: [u8; 32]) -> Self {
         Self {
@@ -146,6 +164,19 @@ impl Identity {
     /// Signs `message` (already domain-separated by the caller).
     pub(crate) fn sign(&self, message: &[u8]) -> [u8; 64] {
         self.key.sign(message).to_bytes()
+    }
+
+    /// X25519 between this key, in Montgomery form, and `their_public`: how a bundle
+    /// encrypted to this node's key is opened. The secret scalar is the one ed25519 signs
+    /// with, so the X25519 public key is the node key's Montgomery form and a sender needs
+    /// nothing but the roster. Callers derive keys from the result under their own domain.
+    pub(crate) fn key_agreement(&self, their_public: &[u8; 32]) -> Zeroizing<[u8; 32]> {
+        let scalar = Zeroizing::new(self.key.to_scalar_bytes());
+        Zeroizing::new(
+            MontgomeryPoint(*their_public)
+                .mul_clamped(*scalar)
+                .to_bytes(),
+        )
     }
 
     /// The same key as a libp2p keypair: the identity the node proves in every Noise
@@ -209,6 +240,45 @@ mod tests {
         assert_ne!(
             peer_id_of(&Identity::from_secret([8; 32]).public_key()),
             Some(identity.peer_id())
+        );
+    }
+
+    #[test]
+    fn load_reads_an_existing_key_and_never_creates_one() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(matches!(
+            Identity::load(dir.path()),
+            Err(IdentityError::Io { .. })
+        ));
+        assert!(!dir.path().join(KEY_FILE).exists());
+        let created = Identity::load_or_create(dir.path()).unwrap();
+        assert_eq!(
+            Identity::load(dir.path()).unwrap().public_key(),
+            created.public_key()
+        );
+        let path = dir.path().join(KEY_FILE);
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o640)).unwrap();
+        assert!(matches!(
+            Identity::load(dir.path()),
+            Err(IdentityError::Permissions { mode: 0o640, .. })
+        ));
+    }
+
+    #[test]
+    fn key_agreement_matches_x25519_on_the_node_keys_montgomery_form() {
+        let node = Identity::from_secret([5; 32]);
+        let ephemeral = [9u8; 32];
+        let ephemeral_public = MontgomeryPoint::mul_base_clamped(ephemeral).to_bytes();
+        let node_public = ed25519_dalek::VerifyingKey::from_bytes(&node.public_key().0)
+            .unwrap()
+            .to_montgomery();
+        assert_eq!(
+            *node.key_agreement(&ephemeral_public),
+            node_public.mul_clamped(ephemeral).to_bytes()
+        );
+        assert_ne!(
+            *Identity::from_secret([6; 32]).key_agreement(&ephemeral_public),
+            *node.key_agreement(&ephemeral_public)
         );
     }
 

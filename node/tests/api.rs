@@ -141,6 +141,38 @@ impl Api {
         (status, String::from_utf8(bytes.to_vec()).unwrap())
     }
 
+    /// A request with a form body, as FHIR's search by POST sends it.
+    async fn call_form(&self, path: &str, token: &str, form: &str) -> (StatusCode, Value) {
+        let request = Request::builder()
+            .method("POST")
+            .uri(path)
+            .header("authorization", format!("Bearer {token}"))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(Body::from(form.to_owned()))
+            .unwrap();
+        let response = self.router.clone().oneshot(request).await.unwrap();
+        let status = response.status();
+        let bytes = axum::body::to_bytes(response.into_body(), 16 * 1024 * 1024)
+            .await
+            .unwrap();
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
+    }
+
+    /// Reads recorded in the audit log under `app`.
+    fn reads_by(&self, app: &str) -> usize {
+        self.node
+            .audit(1, 1_000)
+            .unwrap()
+            .iter()
+            .filter(|r| {
+                r.app.as_deref() == Some(app) && r.action == estuary_node::audit::AuditAction::Read
+            })
+            .count()
+    }
+
     async fn register(&self, given: &str) -> String {
         let (status, written) = self
             .call(
@@ -363,6 +395,91 @@ async fn referral_transitions_are_checked_and_every_access_is_audited_with_the_a
     );
     let (_, check) = api.call("GET", "/admin/audit/verify", ADMIN, "").await;
     assert_eq!(check["sound"], true, "{check}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn name_searches_by_post_answer_as_the_get_forms_do_and_are_audited_alike() {
+    let api = api();
+    let patient = api.register("Jianguo").await;
+    api.register("Xiuying").await;
+
+    let (status, by_get) = api
+        .call("GET", "/v1/health-files?name=lu%20jian", READER, "")
+        .await;
+    assert_eq!(status, StatusCode::OK, "{by_get}");
+    let reads = api.reads_by("dashboard");
+    let (status, by_post) = api
+        .call(
+            "POST",
+            "/v1/health-files/search",
+            READER,
+            r#"{"name":"lu jian"}"#,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{by_post}");
+    assert_eq!(by_post, by_get);
+    assert_eq!(by_post["results"].as_array().unwrap().len(), 1);
+    assert_eq!(by_post["results"][0]["id"], patient.as_str());
+    assert_eq!(
+        api.reads_by("dashboard"),
+        2 * reads,
+        "the same reads are audited"
+    );
+    for body in [
+        r#"{}"#,
+        r#"{"name":"lu","national_id":"310230195410170433"}"#,
+    ] {
+        let (status, error) = api
+            .call("POST", "/v1/health-files/search", READER, body)
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}: {error}");
+    }
+    let (status, _) = api
+        .call(
+            "POST",
+            "/v1/health-files/search",
+            "not-a-token",
+            r#"{"name":"lu"}"#,
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+
+    let (status, by_get) = api.call("GET", "/fhir/Patient?name=lu", READER, "").await;
+    assert_eq!(status, StatusCode::OK, "{by_get}");
+    let reads = api.reads_by("dashboard");
+    let (status, by_post) = api
+        .call_form("/fhir/Patient/_search", READER, "name=lu")
+        .await;
+    assert_eq!(status, StatusCode::OK, "{by_post}");
+    assert_eq!(by_post, by_get);
+    assert_eq!(by_post["type"], "searchset");
+    assert_eq!(by_post["total"], 2);
+    assert_eq!(api.reads_by("dashboard") - reads, 2);
+    let (status, by_post) = api
+        .call_form("/fhir/Patient/_search", READER, "name=lu+jian")
+        .await;
+    assert_eq!(status, StatusCode::OK, "{by_post}");
+    assert_eq!(by_post["entry"][0]["resource"]["id"], patient.as_str());
+    // FHIR's search by POST is a form; JSON is refused, and so is a form without the name.
+    let (status, body) = api
+        .call("POST", "/fhir/Patient/_search", READER, r#"{"name":"lu"}"#)
+        .await;
+    assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE, "{body}");
+    let (status, body) = api
+        .call_form("/fhir/Patient/_search", READER, "family=Zhangsan")
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(
+        !body["error"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("Zhangsan"),
+        "{body}"
+    );
+    let (status, _) = api
+        .call_form("/fhir/Patient/_search", "not-a-token", "name=lu")
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -209,6 +209,40 @@ impl<S: Send + Sync> axum::extract::FromRequest<S> for RawBody {
     }
 }
 
+/// A form body (`application/x-www-form-urlencoded`, as FHIR's search by POST sends its
+/// parameters), with reasons that do not quote it when it does not parse.
+pub struct FormBody<T>(pub T);
+
+impl<S, T> axum::extract::FromRequest<S> for FormBody<T>
+where
+    S: Send + Sync,
+    T: serde::de::DeserializeOwned,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(request: axum::extract::Request, state: &S) -> Result<Self, ApiError> {
+        axum::Form::<T>::from_request(request, state)
+            .await
+            .map(|form| FormBody(form.0))
+            .map_err(|rejection| match rejection.status() {
+                StatusCode::UNSUPPORTED_MEDIA_TYPE => ApiError::new(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    "unsupported_media_type",
+                    "send the parameters as application/x-www-form-urlencoded",
+                ),
+                StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "payload_too_large",
+                    "the body is larger than this route's limit (api.body_bytes_max)",
+                ),
+                _ => ApiError::bad_request(
+                    "malformed_form",
+                    "the form's parameters do not match this route's (see node/openapi.json)",
+                ),
+            })
+    }
+}
+
 /// Query parameters, with a reason that does not quote them when they do not parse.
 pub struct QueryParams<T>(pub T);
 

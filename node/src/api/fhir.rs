@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
 use super::clinical::{document_id, institution_id, referral_status};
-use super::error::QueryParams;
+use super::error::{FormBody, QueryParams};
 use super::{ApiError, ApiState, Caller, Route, blocking};
 use crate::model::{
     DocumentId, EntryId, ExamKind, HealthFileView, ReferralStatus, ReferralView, Severity, Sex,
@@ -50,6 +50,7 @@ const FHIR_JSON: &str = "application/fhir+json";
 pub(super) fn routes() -> Vec<Route> {
     vec![
         Route::get("/fhir/Patient", search_patients),
+        Route::post("/fhir/Patient/_search", search_patients_by_post),
         Route::get("/fhir/Patient/{id}", patient),
         Route::get("/fhir/ServiceRequest", search_service_requests),
         Route::get("/fhir/ServiceRequest/{id}", service_request),
@@ -329,10 +330,29 @@ struct NameSearch {
     name: String,
 }
 
+/// `?name=` in the URL: kept for the apps that use it, but the name ends up in access logs;
+/// `POST /fhir/Patient/_search` keeps it in the body.
 async fn search_patients(
     State(state): State<ApiState>,
     caller: Caller,
     QueryParams(query): QueryParams<NameSearch>,
+) -> Result<impl IntoResponse, ApiError> {
+    patients_named(state, caller, query).await
+}
+
+/// FHIR's search by POST: the parameters as a form body, the same searchset as the GET.
+async fn search_patients_by_post(
+    State(state): State<ApiState>,
+    caller: Caller,
+    FormBody(query): FormBody<NameSearch>,
+) -> Result<impl IntoResponse, ApiError> {
+    patients_named(state, caller, query).await
+}
+
+async fn patients_named(
+    state: ApiState,
+    caller: Caller,
+    query: NameSearch,
 ) -> Result<impl IntoResponse, ApiError> {
     blocking(move || {
         let found = state.node.search_by_name(&query.name)?;

@@ -5,6 +5,8 @@
 //!   (Server-Sent Events), for apps with a bearer token of scope `read` or `read-write`.
 //! - `/fhir/…`: FHIR R4 read views (Patient, ServiceRequest, AllergyIntolerance, Condition,
 //!   Observation), same tokens.
+//! - Residents are searched by POST (`/v1/health-files/search`, `/fhir/Patient/_search`), so
+//!   that names and national ids stay out of URLs; the GET name searches remain, deprecated.
 //! - `/admin/…`: status, sync figures, quarantine, audit, verify, export and import, for the
 //!   admin token only.
 //! - `/health` needs no token; with `?challenge=<nonce>` it also proves, by the node key's
