@@ -710,7 +710,12 @@ fn a_courier_bundle_is_private_to_its_owner_and_opens_only_on_the_node_it_is_enc
 
 /// A stand-in for a node's API that answers every request and keeps each request line and
 /// body, so a test sees exactly what the command sent.
-fn recording_server() -> (std::net::SocketAddr, mpsc::Receiver<(String, String)>) {
+/// An HTTP stand-in on loopback that records every request line and body. It answers the
+/// command's `/health` challenge as the node whose data directory is `node_dir` would (the
+/// key is read when the challenge comes, after `init` made it), so the command goes on.
+fn recording_server(
+    node_dir: std::path::PathBuf,
+) -> (std::net::SocketAddr, mpsc::Receiver<(String, String)>) {
     use std::io::{Read, Write};
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let address = listener.local_addr().unwrap();
@@ -719,6 +724,7 @@ fn recording_server() -> (std::net::SocketAddr, mpsc::Receiver<(String, String)>
         for stream in listener.incoming() {
             let Ok(stream) = stream else { return };
             let sender = sender.clone();
+            let node_dir = node_dir.clone();
             std::thread::spawn(move || {
                 let mut writer = stream.try_clone().unwrap();
                 let mut reader = BufReader::new(stream);
@@ -743,10 +749,10 @@ fn recording_server() -> (std::net::SocketAddr, mpsc::Receiver<(String, String)>
                     }
                     let mut body = vec![0; length];
                     reader.read_exact(&mut body).unwrap();
-                    let answer = if request_line.starts_with("GET /health ") {
-                        r#"{"status":"ok"}"#
+                    let answer = if request_line.starts_with("GET /health") {
+                        challenge_answer(&node_dir, &request_line, address)
                     } else {
-                        r#"{"results":[]}"#
+                        r#"{"results":[]}"#.to_owned()
                     };
                     let _ = sender.send((
                         request_line.trim().to_owned(),
@@ -766,6 +772,36 @@ fn recording_server() -> (std::net::SocketAddr, mpsc::Receiver<(String, String)>
     (address, receiver)
 }
 
+/// `/health`'s answer, signing the request's challenge with the key in `node_dir`.
+fn challenge_answer(
+    node_dir: &std::path::Path,
+    request_line: &str,
+    listen: std::net::SocketAddr,
+) -> String {
+    let Some(nonce) = request_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|target| target.split_once("challenge="))
+        .map(|(_, nonce)| nonce.to_owned())
+    else {
+        return r#"{"status":"ok"}"#.to_owned();
+    };
+    let identity = estuary_node::identity::Identity::load(node_dir).unwrap();
+    let nonce: [u8; 32] = (0..32)
+        .map(|i| u8::from_str_radix(&nonce[2 * i..2 * i + 2], 16).unwrap())
+        .collect::<Vec<u8>>()
+        .try_into()
+        .unwrap();
+    json!({
+        "status": "ok",
+        "challenge": {
+            "key": identity.public_key().to_string(),
+            "signature": estuary_node::api::answer_challenge(&identity, &nonce, listen),
+        },
+    })
+    .to_string()
+}
+
 #[test]
 fn patient_search_sends_the_name_in_the_body_never_in_the_url() {
     let dir = tempfile::tempdir().unwrap();
@@ -774,7 +810,7 @@ fn patient_search_sends_the_name_in_the_body_never_in_the_url() {
         root,
         &["init", "--authority", "--data-dir", "auth", "--json"],
     );
-    let (address, requests) = recording_server();
+    let (address, requests) = recording_server(root.join("n0"));
     let api = address.to_string();
     estuary_json(
         root,
@@ -803,7 +839,7 @@ fn patient_search_sends_the_name_in_the_body_never_in_the_url() {
     let seen: Vec<(String, String)> = requests.try_iter().collect();
     let search = seen
         .iter()
-        .find(|(line, _)| !line.starts_with("GET /health "))
+        .find(|(line, _)| !line.starts_with("GET /health"))
         .unwrap_or_else(|| panic!("no search request: {seen:?}"));
     assert!(
         search.0.starts_with("POST /v1/health-files/search "),

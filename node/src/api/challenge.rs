@@ -77,8 +77,8 @@ impl Challenge {
     }
 }
 
-/// The node's answer to `nonce`, for the API it serves on `listen`.
-pub(super) fn answer(
+/// The node's answer to `nonce`, for the API it serves on `listen`: the signature, hex.
+pub fn answer(
     identity: &Identity,
     nonce: &[u8; CHALLENGE_NONCE_BYTES],
     listen: SocketAddr,

@@ -46,7 +46,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::MethodRouter;
 use tokio::sync::{Semaphore, watch};
 
-pub use challenge::{CHALLENGE_NONCE_BYTES, Challenge, ChallengeError};
+pub use challenge::{CHALLENGE_NONCE_BYTES, Challenge, ChallengeError, answer as answer_challenge};
 pub use error::ApiError;
 pub use fhir::instant;
 
