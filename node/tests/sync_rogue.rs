@@ -15,7 +15,9 @@ use estuary_node::reconcile::Catalogue;
 use estuary_node::sync::protocol::{
     Gossip, PROTOCOL, REQUEST_BYTES_MAX, RESPONSE_BYTES_MAX, Request, Response,
 };
-use estuary_node::sync::{DOCUMENTS_IN_PROGRESS_MAX, SyncConfig, SyncHandle, TransportKind};
+use estuary_node::sync::{
+    DOCUMENTS_IN_PROGRESS_MAX, SYNC_STRIKES_MAX, SyncConfig, SyncHandle, TransportKind,
+};
 use futures::StreamExt;
 use libp2p::request_response::{self, ProtocolSupport};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
@@ -102,6 +104,9 @@ enum OnFetch {
     /// At once, with no document, deferring what was asked and this many documents that
     /// were not.
     DeferUnasked(usize),
+    /// At once, with no document, deferring what was asked (an honest responder defers only
+    /// once it has sent one).
+    DeferAsked,
 }
 
 /// What the rogue saw.
@@ -182,6 +187,10 @@ fn rogue(
                                     deferred,
                                 }
                             }
+                            OnFetch::DeferAsked => Response::Fetch {
+                                documents: vec![],
+                                deferred: documents,
+                            },
                         }
                     }
                     Request::Sync(_) => {
@@ -315,6 +324,48 @@ async fn a_fetch_answer_deferring_documents_not_asked_for_creates_no_work() {
     assert!(strikes >= Some(2), "strikes: {strikes:?}");
     rogue.abort();
     a_sync.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn documents_a_member_keeps_deferring_are_fetched_from_another() {
+    let consortium = Consortium::new(3);
+    let (a, b) = (consortium.node(0), consortium.node(1));
+    let wanted = offline_files(&b, "member-1", 5);
+    let a_address = memory_address();
+    let a_sync = start_with(&a, &a_address, vec![], Duration::from_secs(30));
+    // The rogue claims B's documents and defers them in every answer, at once.
+    let (rogue_peer, seen, rogue) = rogue(
+        &consortium,
+        "member-2",
+        a_address.clone(),
+        &wanted,
+        OnFetch::DeferAsked,
+    );
+    wait_until(CONVERGENCE, "A never fetched from the rogue", || {
+        seen.lock().unwrap().fetches > 0
+    })
+    .await;
+    let b_sync = start_with(
+        &b,
+        &memory_address(),
+        vec![a_address],
+        Duration::from_secs(30),
+    );
+    wait_until(
+        CONVERGENCE,
+        "documents the rogue kept deferring were never fetched from another member",
+        || wanted.iter().all(|id| a.catalogue().get(id).is_some()),
+    )
+    .await;
+    let strikes = a_sync
+        .stats()
+        .peers
+        .get(&rogue_peer.to_string())
+        .map(|p| p.strikes);
+    assert_eq!(strikes, Some(SYNC_STRIKES_MAX));
+    rogue.abort();
+    a_sync.shutdown().await;
+    b_sync.shutdown().await;
 }
 
 /// A bare swarm under `member`'s key subscribed to the consortium's roster topic.

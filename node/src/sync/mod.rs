@@ -1724,6 +1724,22 @@ impl Driver {
                     deferred,
                 },
             ) => {
+                // A responder defers only documents it was asked for, and only once it has
+                // sent one of them (for lack of room): any other id would be work this node
+                // never chose, and deferring everything would keep the documents from every
+                // other peer for as long as it liked.
+                let asked: HashSet<[u8; 16]> = documents.iter().map(|id| **id).collect();
+                let (deferred, unasked): (Vec<ByteArray<16>>, Vec<ByteArray<16>>) =
+                    deferred.into_iter().partition(|id| asked.contains(&**id));
+                let served = fetched.iter().any(|d| asked.contains(&*d.document));
+                if !unasked.is_empty() {
+                    self.strike(peer, "a fetch answer deferring documents not asked for");
+                } else if !deferred.is_empty() && !served {
+                    self.strike(
+                        peer,
+                        "a fetch answer deferring documents without sending one",
+                    );
+                }
                 let node = self.node.clone();
                 // The exchange is over; ingesting is the blocking pool's work, and the
                 // documents stay in progress until it is done.
@@ -1989,8 +2005,8 @@ impl Driver {
             } => self.fetched(peer, documents, bytes, carried, deferred),
             Job::Announced { peer, document } => {
                 self.validations = self.validations.saturating_sub(1);
-                // A peer that let a request time out is given no new work until it is asked
-                // to reconcile again.
+                // A peer that let a request time out is given no announced documents while it
+                // is left out of reconciliation.
                 if let Some(document) = document
                     && let Some(state) = self.peers.get_mut(&peer)
                     && state
@@ -2018,23 +2034,16 @@ impl Driver {
             Ok(carried) => self.count_carried(&peer, &carried),
             Err(error) => tracing::warn!(%peer, %error, "fetched envelopes not ingested"),
         }
-        // Only documents this request asked for can be deferred: a responder defers nothing
-        // else, and any other id would be work this node never chose.
-        let asked: HashSet<DocumentId> = documents
+        // Only documents asked for (checked when the answer came).
+        let deferred_ids: HashSet<DocumentId> = deferred
             .iter()
             .map(|id| DocumentId::from_bytes(**id))
             .collect();
-        let (deferred_ids, unasked): (HashSet<DocumentId>, HashSet<DocumentId>) = deferred
-            .iter()
-            .map(|id| DocumentId::from_bytes(**id))
-            .partition(|document| asked.contains(document));
-        if !unasked.is_empty() {
-            self.strike(peer, "a fetch answer deferring documents not asked for");
-        }
         let mut fetched = 0u64;
-        for document in &asked {
-            if !deferred_ids.contains(document) {
-                self.in_progress.release(&peer, document);
+        for id in &documents {
+            let document = DocumentId::from_bytes(**id);
+            if !deferred_ids.contains(&document) {
+                self.in_progress.release(&peer, &document);
                 fetched += 1;
             }
         }
