@@ -316,10 +316,9 @@ impl<R: Read> BundleReader<R> {
             .ok_or(BundleError::Malformed {
                 reason: "it has no header",
             })?;
-        reader.header =
-            ciborium::from_reader(header.as_slice()).map_err(|_| BundleError::Malformed {
-                reason: "the header is not CBOR of the expected shape",
-            })?;
+        reader.header = crate::cbor::decode_exact(&header).map_err(|_| BundleError::Malformed {
+            reason: "the header is not one CBOR value of the expected shape",
+        })?;
         Ok(reader)
     }
 

@@ -9,6 +9,7 @@
 use ed25519_dalek::{Signature, VerifyingKey};
 use serde::{Deserialize, Serialize};
 
+use crate::cbor::CborError;
 use crate::identity::Identity;
 use crate::model::automerge::{Change, ChangeHash};
 use crate::model::{Bytes32, DocumentId, LoadError, decode_change};
@@ -129,24 +130,32 @@ impl Envelope {
 
     /// Encodes the envelope.
     pub fn encode(&self) -> Vec<u8> {
-        let mut bytes = Vec::with_capacity(self.change.len() + 128);
-        // Writing CBOR into a Vec cannot fail.
-        ciborium::into_writer(self, &mut bytes).expect("CBOR encoding into memory");
-        bytes
+        crate::cbor::encode(self)
     }
 
-    /// Decodes an envelope, refusing oversized input before decoding it.
+    /// Decodes an envelope, refusing oversized input before decoding it. Only the encoding
+    /// `encode` writes is taken: an envelope is stored, quarantined and gossiped under the
+    /// digest of its bytes, so one change must not have several encodings that all verify.
     pub fn decode(bytes: &[u8]) -> Result<Self, EnvelopeError> {
         if bytes.len() > ENVELOPE_BYTES_MAX {
             return Err(EnvelopeError::TooLarge { bytes: bytes.len() });
         }
         let envelope: Self =
-            ciborium::from_reader(bytes).map_err(|_| EnvelopeError::Malformed {
-                reason: "not a CBOR envelope",
+            crate::cbor::decode_exact(bytes).map_err(|error| EnvelopeError::Malformed {
+                reason: match error {
+                    CborError::TrailingBytes { .. } => "trailing bytes after the envelope",
+                    CborError::Malformed | CborError::NotCanonical => "not a CBOR envelope",
+                },
             })?;
         if envelope.version != ENVELOPE_VERSION {
             return Err(EnvelopeError::UnsupportedVersion {
                 found: envelope.version,
+            });
+        }
+        // After the version: a newer format may well encode differently.
+        if envelope.encode() != bytes {
+            return Err(EnvelopeError::Malformed {
+                reason: "not the envelope's canonical encoding (re-encoded on the way)",
             });
         }
         if envelope.document.len() != 16 || envelope.signature.len() != 64 {

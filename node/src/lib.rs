@@ -9,6 +9,7 @@ pub use estuary_crdt_model as model;
 pub mod api;
 pub mod audit;
 pub mod bundle;
+mod cbor;
 pub mod config;
 pub mod crash_writer;
 pub mod envelope;

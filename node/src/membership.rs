@@ -14,6 +14,7 @@ use sha2::{Digest, Sha256};
 
 use libp2p::PeerId;
 
+use crate::cbor::CborError;
 use crate::identity::{Identity, peer_id_of};
 use crate::model::automerge::ChangeHash;
 use crate::model::{
@@ -127,9 +128,23 @@ impl SignedRoster {
 
     /// Encodes the signed roster (CBOR).
     pub fn encode(&self) -> Vec<u8> {
-        let mut bytes = Vec::with_capacity(self.roster.len() + 128);
-        ciborium::into_writer(self, &mut bytes).expect("CBOR encoding into memory");
-        bytes
+        crate::cbor::encode(self)
+    }
+
+    /// What identifies a signed roster however it is encoded: the SHA-256 of its format
+    /// version, the digest its signature covers, and the signature. `None` if `bytes` is not
+    /// a signed roster. The signature is part of it, so that a forgery of a roster is not
+    /// the same message as the genuine one.
+    pub fn content_digest(bytes: &[u8]) -> Option<[u8; 32]> {
+        if bytes.len() > SIGNED_ROSTER_BYTES_MAX {
+            return None;
+        }
+        let signed: Self = crate::cbor::decode_exact(bytes).ok()?;
+        let mut digest = Sha256::new();
+        digest.update([signed.version]);
+        digest.update(signing_message(&signed.roster));
+        digest.update(&signed.signature);
+        Some(digest.finalize().into())
     }
 
     /// Decodes a signed roster and checks it was signed by `authority`.
@@ -137,9 +152,13 @@ impl SignedRoster {
         if bytes.len() > SIGNED_ROSTER_BYTES_MAX {
             return Err(RosterError::TooLarge { bytes: bytes.len() });
         }
-        let signed: Self = ciborium::from_reader(bytes).map_err(|_| RosterError::Malformed {
-            reason: "not a CBOR signed roster",
-        })?;
+        let signed: Self =
+            crate::cbor::decode_exact(bytes).map_err(|error| RosterError::Malformed {
+                reason: match error {
+                    CborError::TrailingBytes { .. } => "trailing bytes after the signed roster",
+                    CborError::Malformed | CborError::NotCanonical => "not a CBOR signed roster",
+                },
+            })?;
         if signed.version != SIGNED_ROSTER_VERSION {
             return Err(RosterError::UnsupportedVersion {
                 found: signed.version,
@@ -183,6 +202,31 @@ impl SignedRoster {
             peers,
             encoded: bytes.to_vec(),
         })
+    }
+}
+
+/// What offering a signed roster to a node did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RosterUpdate {
+    /// It was newer than the roster held, and is held now.
+    Adopted {
+        /// Its version.
+        version: u64,
+    },
+    /// It is the roster held already (the same version and content, whatever its encoding):
+    /// nothing was written or re-checked. Gossip treats it as a duplicate.
+    AlreadyHeld {
+        /// Its version.
+        version: u64,
+    },
+}
+
+impl RosterUpdate {
+    /// The version of the roster held after the offer.
+    pub fn version(&self) -> u64 {
+        match self {
+            Self::Adopted { version } | Self::AlreadyHeld { version } => *version,
+        }
     }
 }
 
@@ -266,6 +310,12 @@ impl Membership {
             }
         }
         Ok(offered)
+    }
+
+    /// Whether `offered` is this roster: the same version and the same content, whatever its
+    /// encoding. `replaced_by` would give it back, but there is nothing to adopt.
+    pub fn is_same_roster(&self, offered: &Membership) -> bool {
+        offered.version() == self.version() && offered.view == self.view
     }
 
     /// Whether `author` may write the change with hash `change`.

@@ -1113,15 +1113,32 @@ impl Node {
         &self.institution
     }
 
-    /// Adopts a newer signed roster.
     /// Adopts a newer signed roster. A new revocation withdraws what this node accepted from
-    /// the key past its cut-off before the call returns.
-    pub fn update_roster(&self, signed: &[u8]) -> Result<u64, NodeError> {
+    /// the key past its cut-off before the call returns. The roster held, offered again (as
+    /// peers gossip and answer it), is `AlreadyHeld`: nothing is written, flushed or scanned.
+    pub fn update_roster(
+        &self,
+        signed: &[u8],
+    ) -> Result<crate::membership::RosterUpdate, NodeError> {
+        use crate::membership::RosterUpdate;
+        {
+            // The roster held, byte for byte (its bytes were verified when it was adopted).
+            let held = self.membership();
+            if held.encoded() == signed {
+                let version = held.version();
+                return Ok(RosterUpdate::AlreadyHeld { version });
+            }
+        }
         let offered = SignedRoster::verify(signed, &self.authority)?;
         let version = {
             // No change is decided while the roster changes: each decision sees one roster.
             let _decisions = self.lock_cache();
             let mut membership = self.membership.write().unwrap_or_else(|p| p.into_inner());
+            // The roster held, encoded otherwise.
+            if membership.is_same_roster(&offered) {
+                let version = membership.version();
+                return Ok(RosterUpdate::AlreadyHeld { version });
+            }
             let newer = membership.replaced_by(offered)?;
             let mut batch = Batch::default();
             batch.put(keys::ROSTER, newer.encoded().to_vec());
@@ -1130,7 +1147,7 @@ impl Node {
             membership.version()
         };
         self.catch_up_revocations()?;
-        Ok(version)
+        Ok(RosterUpdate::Adopted { version })
     }
 
     /// Registers a resident: creates their health file. Returns once it is durable.

@@ -148,3 +148,52 @@ fn byte_fields_are_encoded_as_bytes() {
         bytes.len()
     );
 }
+
+/// A relay that pads an envelope, or re-encodes it, would give one change several digests
+/// (its quarantine key, its gossip message id) while every copy still verifies: only the
+/// encoding the signer wrote is taken.
+#[test]
+fn a_padded_or_re_encoded_envelope_is_refused() {
+    let (_, bytes) = signed(&Identity::from_secret([7; 32]));
+    let trailing = |candidate: &[u8]| {
+        matches!(
+            Envelope::verify(candidate),
+            Err(EnvelopeError::Malformed { reason }) if reason.contains("trailing")
+        )
+    };
+    let mut padded = bytes.clone();
+    padded.push(0);
+    assert!(trailing(&padded));
+    let mut twice = bytes.clone();
+    twice.extend_from_slice(&bytes);
+    assert!(trailing(&twice));
+
+    #[derive(serde::Serialize)]
+    struct Reordered<'a> {
+        #[serde(with = "serde_bytes")]
+        signature: &'a [u8],
+        #[serde(with = "serde_bytes")]
+        change: &'a [u8],
+        #[serde(with = "serde_bytes")]
+        document: &'a [u8],
+        version: u8,
+    }
+    let envelope = Envelope::decode(&bytes).unwrap();
+    let mut reordered = Vec::new();
+    ciborium::into_writer(
+        &Reordered {
+            signature: &envelope.signature,
+            change: &envelope.change,
+            document: &envelope.document,
+            version: envelope.version,
+        },
+        &mut reordered,
+    )
+    .unwrap();
+    assert_ne!(reordered, bytes);
+    assert!(matches!(
+        Envelope::verify(&reordered),
+        Err(EnvelopeError::Malformed { .. })
+    ));
+    assert!(Envelope::verify(&bytes).is_ok());
+}

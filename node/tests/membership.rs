@@ -1,8 +1,10 @@
 //! The signed roster: only the authority's signature counts, a newer roster replaces an older
 //! one and never the reverse, and admission follows membership and revocation.
 
+mod common;
+
 use estuary_node::identity::Identity;
-use estuary_node::membership::{Admission, RosterError, SignedRoster};
+use estuary_node::membership::{Admission, RosterError, RosterUpdate, SignedRoster};
 use estuary_node::model::automerge::ChangeHash;
 use estuary_node::model::*;
 
@@ -220,4 +222,71 @@ fn malformed_and_oversized_rosters_are_refused() {
         SignedRoster::verify(&big, &authority().public_key()),
         Err(RosterError::TooLarge { .. })
     ));
+}
+
+#[test]
+fn a_padded_roster_is_refused() {
+    let signed = SignedRoster::sign(&authority(), &mut roster()).encode();
+    let mut padded = signed.clone();
+    padded.extend_from_slice(b"junk");
+    assert!(matches!(
+        SignedRoster::verify(&padded, &authority().public_key()),
+        Err(RosterError::Malformed { reason }) if reason.contains("trailing")
+    ));
+    assert!(SignedRoster::verify(&signed, &authority().public_key()).is_ok());
+}
+
+/// The roster a node holds, offered again (gossiped again, or re-encoded by a relay), costs
+/// no write and no flush: the witness file, rewritten by every flush, is left alone.
+#[test]
+fn the_roster_held_offered_again_writes_nothing() {
+    let mut consortium = common::Consortium::new(2);
+    let node = consortium.node(0);
+    let witness = consortium
+        .dir
+        .path()
+        .join("member-0")
+        .join(estuary_node::store::WITNESS_FILE);
+    let modified = || std::fs::metadata(&witness).unwrap().modified().unwrap();
+    #[derive(serde::Serialize)]
+    struct Reordered<'a> {
+        #[serde(with = "serde_bytes")]
+        signature: &'a [u8],
+        #[serde(with = "serde_bytes")]
+        roster: &'a [u8],
+        version: u8,
+    }
+    let held: SignedRoster = ciborium::from_reader(consortium.roster.as_slice()).unwrap();
+    let mut re_encoded = Vec::new();
+    ciborium::into_writer(
+        &Reordered {
+            signature: &held.signature,
+            roster: &held.roster,
+            version: held.version,
+        },
+        &mut re_encoded,
+    )
+    .unwrap();
+    assert_ne!(re_encoded, consortium.roster);
+    let before = modified();
+    // File times have the kernel clock's granularity: a write now would show.
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    let version = node.roster_version();
+    for offered in [&consortium.roster, &re_encoded] {
+        assert_eq!(
+            node.update_roster(offered).unwrap(),
+            RosterUpdate::AlreadyHeld { version }
+        );
+    }
+    assert_eq!(modified(), before, "the roster held was written again");
+    assert_eq!(node.signed_roster(), consortium.roster);
+    // A newer roster is written, and the witness shows it.
+    let newer = consortium.revoke("member-1");
+    assert_eq!(
+        node.update_roster(&newer).unwrap(),
+        RosterUpdate::Adopted {
+            version: version + 1
+        }
+    );
+    assert_ne!(modified(), before);
 }

@@ -297,7 +297,7 @@ async fn a_revoked_member_is_disconnected_everywhere_the_roster_reaches() {
     }
     // The authority revokes member 2; member 0 adopts the roster and passes it on.
     let newer = consortium.revoke("member-2");
-    let version = handles[0].update_roster(newer).await.unwrap();
+    let version = handles[0].update_roster(newer).await.unwrap().version();
     let revoked = handles[2].peer_id();
     let started = Instant::now();
     loop {

@@ -461,7 +461,7 @@ async fn import(
     RawBody(body): RawBody,
 ) -> Result<Json<Imported>, ApiError> {
     let envelopes: Vec<serde_bytes::ByteBuf> =
-        ciborium::from_reader(body.as_ref()).map_err(|_| {
+        crate::cbor::decode_exact(body.as_ref()).map_err(|_| {
             ApiError::bad_request(
                 "malformed_import",
                 "the body must be a CBOR array of envelopes (byte strings)",

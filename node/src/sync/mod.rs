@@ -10,6 +10,7 @@
 pub mod document;
 pub mod faults;
 mod gate;
+mod progress;
 pub mod protocol;
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
@@ -19,7 +20,9 @@ use std::time::{Duration, Instant, SystemTime};
 use futures::StreamExt;
 use libp2p::core::transport::MemoryTransport;
 use libp2p::core::upgrade::Version;
-use libp2p::gossipsub::{self, IdentTopic, MessageAcceptance, MessageAuthenticity, MessageId};
+use libp2p::gossipsub::{
+    self, IdentTopic, MessageAcceptance, MessageAuthenticity, MessageId, TopicHash,
+};
 use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent, behaviour::toggle::Toggle};
@@ -32,13 +35,15 @@ pub use document::{Carried, DocumentSyncError};
 pub use libp2p::{Multiaddr, PeerId};
 use protocol::{
     FETCH_DOCUMENTS_MAX, GOSSIP_ENVELOPE_BYTES_MAX, GOSSIP_MESSAGE_BYTES_MAX, Gossip, PROTOCOL,
-    REQUEST_BYTES_MAX, RESPONSE_BYTES_MAX, Refusal, Request, Response, SyncMessage,
+    Refusal, Request, Response, SyncMessage,
 };
 
+use crate::membership::RosterUpdate;
 use crate::model::DocumentId;
 use crate::model::automerge::sync::State;
 use crate::node::{Ingested, Node, NodeError};
 use crate::reconcile::{Difference, Reconciliation};
+use progress::InProgress;
 
 /// Concurrent automerge sync sessions this node runs with one peer.
 pub const SYNC_SESSIONS_PER_PEER_MAX: usize = 8;
@@ -50,6 +55,11 @@ pub const SYNC_ROUNDS_MAX: usize = 32;
 /// Documents being synced or fetched (queued or in flight, with any peer); more differing
 /// documents wait for a later reconciliation.
 pub const DOCUMENTS_IN_PROGRESS_MAX: usize = 100_000;
+/// Of those, most worked on with one peer; beyond, its documents wait for a later
+/// reconciliation. A peer that announces documents it never serves holds at most this share,
+/// so three quarters of the budget stay for the other peers. A node catching up from a
+/// single peer queues this many documents per reconciliation.
+pub const DOCUMENTS_IN_PROGRESS_PER_PEER_MAX: usize = DOCUMENTS_IN_PROGRESS_MAX / 4;
 /// Requests from one peer being served at once; more are refused as busy.
 pub const INBOUND_REQUESTS_PER_PEER_MAX: usize = 16;
 /// Requests one peer may make per second (a token bucket of this size, refilled per second).
@@ -277,7 +287,7 @@ enum Command {
     ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
     Dial(Multiaddr),
     ReconcileNow,
-    UpdateRoster(Vec<u8>, oneshot::Sender<Result<u64, NodeError>>),
+    UpdateRoster(Vec<u8>, oneshot::Sender<Result<RosterUpdate, NodeError>>),
     Connected(oneshot::Sender<Vec<PeerId>>),
     Shutdown(oneshot::Sender<()>),
 }
@@ -370,7 +380,7 @@ impl SyncHandle {
             queued_bytes: 0,
             catch_up_started: None,
             bootstrap_peers: HashMap::new(),
-            in_progress: HashSet::new(),
+            in_progress: InProgress::default(),
         };
         let task = tokio::spawn(driver.run(commands_rx, jobs_rx, local));
         Ok(Self {
@@ -425,8 +435,8 @@ impl SyncHandle {
     }
 
     /// Adopts a newer signed roster, passes it on to the other members, and disconnects
-    /// peers it no longer admits.
-    pub async fn update_roster(&self, signed: Vec<u8>) -> Result<u64, SyncError> {
+    /// peers it no longer admits. The roster held already is left as it is.
+    pub async fn update_roster(&self, signed: Vec<u8>) -> Result<RosterUpdate, SyncError> {
         Ok(self.ask(|tx| Command::UpdateRoster(signed, tx)).await??)
     }
 
@@ -457,7 +467,7 @@ struct Behaviour {
     identify: identify::Behaviour,
     ping: ping::Behaviour,
     gossipsub: gossipsub::Behaviour,
-    sync: request_response::cbor::Behaviour<Request, Response>,
+    sync: request_response::Behaviour<protocol::Codec>,
     mdns: Toggle<mdns::tokio::Behaviour>,
     relay_client: relay::client::Behaviour,
     relay_server: Toggle<relay::Behaviour>,
@@ -486,15 +496,16 @@ pub fn topic_names(authority: &crate::model::Bytes32) -> (String, String) {
     )
 }
 
-fn gossipsub_config() -> Result<gossipsub::Config, SyncError> {
+fn gossipsub_config(roster_topic: TopicHash) -> Result<gossipsub::Config, SyncError> {
     gossipsub::ConfigBuilder::default()
         .validation_mode(gossipsub::ValidationMode::Strict)
         .validate_messages()
         .max_transmit_size(GOSSIP_MESSAGE_BYTES_MAX + 4 * 1024)
         // A message is its content: the same envelope from two publishers is one message.
-        .message_id_fn(|message| {
-            use sha2::Digest;
-            MessageId::from(sha2::Sha256::digest(&message.data).to_vec())
+        // A roster is its content, however it was encoded on the way.
+        .message_id_fn(move |message| {
+            let roster = message.topic == roster_topic;
+            MessageId::from(protocol::gossip_message_id(roster, &message.data))
         })
         .heartbeat_interval(Duration::from_secs(1))
         .build()
@@ -549,18 +560,15 @@ fn build_swarm(
      -> Result<Behaviour, SyncError> {
         let mut gossipsub = gossipsub::Behaviour::new(
             MessageAuthenticity::Signed(key.clone()),
-            gossipsub_config()?,
+            gossipsub_config(topics.roster.hash())?,
         )
         .map_err(|e| setup(&e))?;
         let (params, thresholds) = peer_score(&topics);
         gossipsub
             .with_peer_score(params, thresholds)
             .map_err(|e| setup(&e))?;
-        let codec = request_response::cbor::codec::Codec::<Request, Response>::default()
-            .set_request_size_maximum(REQUEST_BYTES_MAX)
-            .set_response_size_maximum(RESPONSE_BYTES_MAX);
         let sync = request_response::Behaviour::with_codec(
-            codec,
+            protocol::Codec,
             [(PROTOCOL, ProtocolSupport::Full)],
             request_response::Config::default()
                 .with_request_timeout(config.request_timeout)
@@ -691,13 +699,13 @@ enum Job {
         accepted: bool,
     },
     RosterAdopted {
-        result: Result<u64, NodeError>,
+        result: Result<RosterUpdate, NodeError>,
         /// The gossip message it came in, to report on.
         gossip: Option<(MessageId, PeerId)>,
         /// The peer whose answer to `Request::Roster` it came in.
         answered_by: Option<PeerId>,
         /// The operator's call waiting for the result (then the roster is also published).
-        reply: Option<oneshot::Sender<Result<u64, NodeError>>>,
+        reply: Option<oneshot::Sender<Result<RosterUpdate, NodeError>>>,
     },
     Respond {
         peer: PeerId,
@@ -846,7 +854,7 @@ struct Driver {
     bootstrap_peers: HashMap<Multiaddr, PeerId>,
     /// Documents queued or in flight for sync or fetch with some peer: a document is worked
     /// on with one peer at a time, until its changes are ingested.
-    in_progress: HashSet<DocumentId>,
+    in_progress: InProgress,
 }
 
 /// The size of a value as CBOR, for the byte counters.
@@ -874,9 +882,11 @@ fn now_ms() -> u64 {
 }
 
 /// How a roster offered by a peer (gossip) is judged.
-fn roster_acceptance(result: &Result<u64, NodeError>) -> MessageAcceptance {
+fn roster_acceptance(result: &Result<RosterUpdate, NodeError>) -> MessageAcceptance {
     match result {
-        Ok(_) => MessageAcceptance::Accept,
+        Ok(RosterUpdate::Adopted { .. }) => MessageAcceptance::Accept,
+        // The roster held: a duplicate, not passed on as new, its sender not penalised.
+        Ok(RosterUpdate::AlreadyHeld { .. }) => MessageAcceptance::Ignore,
         // Older or the same: nothing new, nobody's fault; a newer format is a newer
         // release's, during a rolling upgrade. A roster that changes or drops a revocation is
         // signed by the authority, and a peer may hold it honestly (it never held the
@@ -995,7 +1005,7 @@ impl Driver {
         signed: Vec<u8>,
         gossip: Option<(MessageId, PeerId)>,
         answered_by: Option<PeerId>,
-        reply: Option<oneshot::Sender<Result<u64, NodeError>>>,
+        reply: Option<oneshot::Sender<Result<RosterUpdate, NodeError>>>,
     ) {
         let node = self.node.clone();
         let peer = gossip
@@ -1169,15 +1179,10 @@ impl Driver {
                 ..
             } => {
                 tracing::info!(peer = %peer_id, "disconnected");
-                if let Some(state) = self.peers.remove(&peer_id) {
-                    // Queued work is released; requests in flight fail and release theirs.
-                    for document in state.to_sync {
-                        self.in_progress.remove(&document);
-                    }
-                    for id in state.to_fetch {
-                        self.in_progress.remove(&DocumentId::from_bytes(*id));
-                    }
-                }
+                // Its documents are released, queued or in flight: requests in flight fail, and
+                // their release (or a late answer's) then finds nothing of it.
+                self.peers.remove(&peer_id);
+                self.in_progress.release_peer(&peer_id);
                 self.responder.forget(&peer_id);
                 self.with_peer_stats(&peer_id, |s| s.connected = false);
             }
@@ -1410,6 +1415,15 @@ impl Driver {
                 if let request_response::OutboundFailure::Timeout = error {
                     if let Some(state) = self.peers.get_mut(&peer) {
                         state.quiet_until = Some(Instant::now() + UNANSWERED_BACKOFF);
+                        // Its queue would take one timeout per batch to drain: released now,
+                        // those documents are found again with a peer that answers.
+                        for document in state.to_sync.drain(..) {
+                            self.in_progress.release(&peer, &document);
+                        }
+                        for id in state.to_fetch.drain(..) {
+                            self.in_progress
+                                .release(&peer, &DocumentId::from_bytes(*id));
+                        }
                     }
                     self.with_peer_stats(&peer, |s| s.unanswered += 1);
                 }
@@ -1430,7 +1444,8 @@ impl Driver {
             Outbound::Sync { document, .. } => self.release(peer, Release::Session(*document)),
             Outbound::Fetch(documents) => {
                 for document in documents {
-                    self.in_progress.remove(&DocumentId::from_bytes(**document));
+                    self.in_progress
+                        .release(&peer, &DocumentId::from_bytes(**document));
                 }
                 if let Some(state) = self.peers.get_mut(&peer) {
                     state.fetches = state.fetches.saturating_sub(1);
@@ -1452,7 +1467,7 @@ impl Driver {
                 }
             }
             Release::Session(document) => {
-                self.in_progress.remove(&document);
+                self.in_progress.release(&peer, &document);
                 if let Some(state) = state {
                     state.sessions = state.sessions.saturating_sub(1);
                 }
@@ -1464,7 +1479,8 @@ impl Driver {
             }
             Release::Fetched(documents) => {
                 for document in documents {
-                    self.in_progress.remove(&DocumentId::from_bytes(*document));
+                    self.in_progress
+                        .release(&peer, &DocumentId::from_bytes(*document));
                 }
             }
             Release::Validation(publisher) => self.validated(publisher),
@@ -1712,6 +1728,22 @@ impl Driver {
                     deferred,
                 },
             ) => {
+                // A responder defers only documents it was asked for, and only once it has
+                // sent one of them (for lack of room): any other id would be work this node
+                // never chose, and deferring everything would keep the documents from every
+                // other peer for as long as it liked.
+                let asked: HashSet<[u8; 16]> = documents.iter().map(|id| **id).collect();
+                let (deferred, unasked): (Vec<ByteArray<16>>, Vec<ByteArray<16>>) =
+                    deferred.into_iter().partition(|id| asked.contains(&**id));
+                let served = fetched.iter().any(|d| asked.contains(&*d.document));
+                if !unasked.is_empty() {
+                    self.strike(peer, "a fetch answer deferring documents not asked for");
+                } else if !deferred.is_empty() && !served {
+                    self.strike(
+                        peer,
+                        "a fetch answer deferring documents without sending one",
+                    );
+                }
                 let node = self.node.clone();
                 // The exchange is over; ingesting is the blocking pool's work, and the
                 // documents stay in progress until it is done.
@@ -1764,11 +1796,9 @@ impl Driver {
             state.reconciling = false;
             for (id, difference) in differing {
                 let document = DocumentId::from_bytes(*id);
-                // Only this node holds it: the peer fetches it when it reconciles.
-                if *difference == Difference::OnlyOurs
-                    || self.in_progress.len() >= DOCUMENTS_IN_PROGRESS_MAX
-                    || !self.in_progress.insert(document)
-                {
+                // Only this node holds it: the peer fetches it when it reconciles. Past the
+                // peer's share (or the budget), documents wait for a later reconciliation.
+                if *difference == Difference::OnlyOurs || !self.in_progress.take(peer, document) {
                     continue;
                 }
                 match difference {
@@ -1878,7 +1908,7 @@ impl Driver {
                 if let Some((message_id, source)) = gossip {
                     self.report(&message_id, &source, acceptance);
                 }
-                if result.is_ok() {
+                if let Ok(RosterUpdate::Adopted { .. }) = result {
                     if reply.is_some() {
                         self.publish_roster();
                     }
@@ -1963,7 +1993,7 @@ impl Driver {
                     // Too large to sync by messages: fetch its envelopes instead.
                     if matches!(error, DocumentSyncError::TooLarge(_))
                         && let Some(s) = self.peers.get_mut(&peer)
-                        && self.in_progress.insert(document)
+                        && self.in_progress.take(peer, document)
                     {
                         s.to_fetch.push_back(ByteArray::new(*document.as_bytes()));
                         self.pump(peer);
@@ -1979,10 +2009,14 @@ impl Driver {
             } => self.fetched(peer, documents, bytes, carried, deferred),
             Job::Announced { peer, document } => {
                 self.validations = self.validations.saturating_sub(1);
+                // A peer that let a request time out is given no announced documents while it
+                // is left out of reconciliation.
                 if let Some(document) = document
                     && let Some(state) = self.peers.get_mut(&peer)
-                    && self.in_progress.len() < DOCUMENTS_IN_PROGRESS_MAX
-                    && self.in_progress.insert(document)
+                    && state
+                        .quiet_until
+                        .is_none_or(|until| until <= Instant::now())
+                    && self.in_progress.take(peer, document)
                 {
                     state.to_sync.push_back(document);
                 }
@@ -2004,6 +2038,7 @@ impl Driver {
             Ok(carried) => self.count_carried(&peer, &carried),
             Err(error) => tracing::warn!(%peer, %error, "fetched envelopes not ingested"),
         }
+        // Only documents asked for (checked when the answer came).
         let deferred_ids: HashSet<DocumentId> = deferred
             .iter()
             .map(|id| DocumentId::from_bytes(**id))
@@ -2012,7 +2047,7 @@ impl Driver {
         for id in &documents {
             let document = DocumentId::from_bytes(**id);
             if !deferred_ids.contains(&document) {
-                self.in_progress.remove(&document);
+                self.in_progress.release(&peer, &document);
                 fetched += 1;
             }
         }
@@ -2031,19 +2066,22 @@ impl Driver {
                 (rate > 0.0).then(|| left as f64 / rate)
             });
         }
-        if let Some(state) = self.peers.get_mut(&peer) {
-            for id in deferred {
-                let document = DocumentId::from_bytes(*id);
-                // Partly fetched documents finish by sync; others are asked again.
-                if self.node.catalogue().get(&id).is_some() {
-                    state.to_sync.push_back(document);
-                } else {
-                    state.to_fetch.push_back(id);
-                }
+        // Deferred documents are asked again, in the order first asked, unless they were
+        // released meanwhile (the peer let a request time out, or left).
+        for id in documents {
+            let document = DocumentId::from_bytes(*id);
+            if !deferred_ids.contains(&document) || !self.in_progress.holds(&peer, &document) {
+                continue;
             }
-        } else {
-            for id in deferred {
-                self.in_progress.remove(&DocumentId::from_bytes(*id));
+            let Some(state) = self.peers.get_mut(&peer) else {
+                self.in_progress.release(&peer, &document);
+                continue;
+            };
+            // Partly fetched documents finish by sync; others are asked again.
+            if self.node.catalogue().get(&id).is_some() {
+                state.to_sync.push_back(document);
+            } else {
+                state.to_fetch.push_back(id);
             }
         }
         self.pump(peer);

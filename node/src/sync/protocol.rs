@@ -1,12 +1,19 @@
 //! What nodes say to each other: request-response messages (CBOR, `/estuary/sync/1`) and
 //! gossip messages. Every byte field is a CBOR byte string; every size has a named limit
-//! checked before decoding. Records sent by the thousand (signatures, fetched documents)
-//! carry one-letter field names.
+//! checked before decoding; every message is decoded exactly (bytes after it are refused).
+//! Records sent by the thousand (signatures, fetched documents) carry one-letter field names.
 
+use std::io;
+
+use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use libp2p::StreamProtocol;
+use libp2p::request_response;
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_bytes::{ByteArray, ByteBuf};
 
+use crate::cbor::{self, CborError};
+use crate::membership::SignedRoster;
 use crate::reconcile::{Query, Reply};
 
 /// The request-response protocol.
@@ -30,6 +37,83 @@ pub const FETCH_RESPONSE_BYTES_MAX: usize = 8 * 1024 * 1024;
 pub const GOSSIP_MESSAGE_BYTES_MAX: usize = 256 * 1024;
 /// Envelopes above this size are announced on gossip, not carried: receivers pull them.
 pub const GOSSIP_ENVELOPE_BYTES_MAX: usize = 64 * 1024;
+
+/// The request-response codec of `PROTOCOL`: one CBOR value per stream, read whole up to
+/// `REQUEST_BYTES_MAX` or `RESPONSE_BYTES_MAX` and decoded exactly (bytes after the value
+/// are refused, as is a message over its limit).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Codec;
+
+impl Codec {
+    async fn read<M, T>(io: &mut T, bytes_max: u64) -> io::Result<M>
+    where
+        M: DeserializeOwned,
+        T: AsyncRead + Unpin + Send,
+    {
+        let mut bytes = Vec::new();
+        // One byte past the limit tells a message over it from one that just fits.
+        io.take(bytes_max + 1).read_to_end(&mut bytes).await?;
+        if bytes.len() as u64 > bytes_max {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("a sync message over the {bytes_max}-byte limit"),
+            ));
+        }
+        cbor::decode_exact(&bytes)
+            .map_err(|error| io::Error::new(io::ErrorKind::InvalidData, error))
+    }
+
+    async fn write<T>(io: &mut T, message: &impl Serialize) -> io::Result<()>
+    where
+        T: AsyncWrite + Unpin + Send,
+    {
+        io.write_all(&cbor::encode(message)).await
+    }
+}
+
+impl request_response::Codec for Codec {
+    type Protocol = StreamProtocol;
+    type Request = Request;
+    type Response = Response;
+
+    async fn read_request<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Request>
+    where
+        T: AsyncRead + Unpin + Send,
+    {
+        Self::read(io, REQUEST_BYTES_MAX).await
+    }
+
+    async fn read_response<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Response>
+    where
+        T: AsyncRead + Unpin + Send,
+    {
+        Self::read(io, RESPONSE_BYTES_MAX).await
+    }
+
+    async fn write_request<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        request: Request,
+    ) -> io::Result<()>
+    where
+        T: AsyncWrite + Unpin + Send,
+    {
+        Self::write(io, &request).await
+    }
+
+    async fn write_response<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        response: Response,
+    ) -> io::Result<()>
+    where
+        T: AsyncWrite + Unpin + Send,
+    {
+        Self::write(io, &response).await
+    }
+}
 
 /// A request from one node to another.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -156,21 +240,177 @@ pub enum GossipError {
     /// Not a gossip message.
     #[error("malformed gossip message")]
     Malformed,
+    /// A gossip message, and then more bytes.
+    #[error("{bytes} bytes after the gossip message")]
+    TrailingBytes {
+        /// How many.
+        bytes: usize,
+    },
+    /// A gossip message encoded otherwise than nodes encode it: one message must have one
+    /// id (the SHA-256 of its bytes).
+    #[error("the gossip message is not in its canonical encoding")]
+    NotCanonical,
 }
 
 impl Gossip {
     /// Encodes the message (CBOR).
     pub fn encode(&self) -> Vec<u8> {
-        let mut bytes = Vec::new();
-        ciborium::into_writer(self, &mut bytes).expect("CBOR encoding into memory");
-        bytes
+        cbor::encode(self)
     }
 
-    /// Decodes a message, refusing oversized input before decoding.
+    /// Decodes a message, refusing oversized input before decoding, and any encoding but
+    /// the one `encode` gives.
     pub fn decode(bytes: &[u8]) -> Result<Self, GossipError> {
         if bytes.len() > GOSSIP_MESSAGE_BYTES_MAX {
             return Err(GossipError::TooLarge(bytes.len()));
         }
-        ciborium::from_reader(bytes).map_err(|_| GossipError::Malformed)
+        cbor::decode_canonical(bytes).map_err(|error| match error {
+            CborError::Malformed => GossipError::Malformed,
+            CborError::TrailingBytes { bytes } => GossipError::TrailingBytes { bytes },
+            CborError::NotCanonical => GossipError::NotCanonical,
+        })
+    }
+}
+
+/// A gossip message's id, which gossipsub deduplicates on: what the message says, not how
+/// it was encoded. On the changes topic, the SHA-256 of its bytes (a change's message has one
+/// encoding: `Gossip::decode` and `Envelope::decode` take no other). On the roster topic, the
+/// roster's `SignedRoster::content_digest` behind `ROSTER_MESSAGE_ID_TAG`, so that a roster
+/// re-encoded on the way is the same message. Bytes that would be refused keep the SHA-256
+/// of their bytes: a refused message must not share an id with the genuine one, which
+/// gossipsub would then drop as a duplicate.
+pub fn gossip_message_id(roster_topic: bool, data: &[u8]) -> Vec<u8> {
+    use sha2::Digest;
+    if roster_topic
+        && let Ok(Gossip::Roster(signed)) = Gossip::decode(data)
+        && let Some(digest) = SignedRoster::content_digest(&signed)
+    {
+        let mut id = ROSTER_MESSAGE_ID_TAG.to_vec();
+        id.extend_from_slice(&digest);
+        return id;
+    }
+    sha2::Sha256::digest(data).to_vec()
+}
+
+/// Prefix of roster message ids: they are 39 bytes long and a change's 32, so no message on
+/// the changes topic can take a roster's id.
+const ROSTER_MESSAGE_ID_TAG: &[u8] = b"roster/";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::Identity;
+    use crate::membership::SignedRoster;
+    use crate::model::{Editor, InstitutionId, Roster, Timestamp};
+    use libp2p::request_response::Codec as _;
+
+    fn signed_roster(authority: &Identity) -> SignedRoster {
+        let editor = Editor {
+            institution: InstitutionId::new("xinhua").unwrap(),
+            at: Timestamp(1),
+        };
+        let mut roster = Roster::create(&Identity::from_secret([1; 32]).actor(), &editor).unwrap();
+        SignedRoster::sign(authority, &mut roster)
+    }
+
+    /// The same fields in another order: another encoding of the same value.
+    fn reordered(signed: &SignedRoster) -> Vec<u8> {
+        #[derive(Serialize)]
+        struct Reordered<'a> {
+            #[serde(with = "serde_bytes")]
+            signature: &'a [u8],
+            #[serde(with = "serde_bytes")]
+            roster: &'a [u8],
+            version: u8,
+        }
+        let mut bytes = Vec::new();
+        ciborium::into_writer(
+            &Reordered {
+                signature: &signed.signature,
+                roster: &signed.roster,
+                version: signed.version,
+            },
+            &mut bytes,
+        )
+        .unwrap();
+        bytes
+    }
+
+    #[test]
+    fn a_padded_sync_message_is_refused() {
+        futures::executor::block_on(async {
+            let mut codec = Codec;
+            let request = Request::Roster { have: 3 };
+            let mut bytes = Vec::new();
+            codec
+                .write_request(&PROTOCOL, &mut bytes, request.clone())
+                .await
+                .unwrap();
+            let decoded = codec.read_request(&PROTOCOL, &mut &bytes[..]).await;
+            assert_eq!(decoded.unwrap(), request);
+            bytes.push(0);
+            assert!(
+                codec
+                    .read_request(&PROTOCOL, &mut &bytes[..])
+                    .await
+                    .is_err()
+            );
+
+            let response = Response::Roster(None);
+            let mut bytes = Vec::new();
+            codec
+                .write_response(&PROTOCOL, &mut bytes, response.clone())
+                .await
+                .unwrap();
+            let decoded = codec.read_response(&PROTOCOL, &mut &bytes[..]).await;
+            assert_eq!(decoded.unwrap(), response);
+            bytes.extend_from_slice(b"junk");
+            assert!(
+                codec
+                    .read_response(&PROTOCOL, &mut &bytes[..])
+                    .await
+                    .is_err()
+            );
+        });
+    }
+
+    #[test]
+    fn a_padded_gossip_message_is_refused() {
+        let gossip = Gossip::Announce {
+            document: ByteArray::new([7; 16]),
+            heads: vec![ByteArray::new([8; 32])],
+        };
+        let mut bytes = gossip.encode();
+        assert_eq!(Gossip::decode(&bytes).unwrap(), gossip);
+        bytes.push(0);
+        assert!(Gossip::decode(&bytes).is_err());
+    }
+
+    #[test]
+    fn a_roster_re_encoded_is_one_gossip_message() {
+        let authority = Identity::from_secret([1; 32]);
+        let signed = signed_roster(&authority);
+        let canonical = Gossip::Roster(signed.encode().into()).encode();
+        let other_encoding = Gossip::Roster(reordered(&signed).into()).encode();
+        assert_ne!(canonical, other_encoding);
+        assert_eq!(
+            gossip_message_id(true, &canonical),
+            gossip_message_id(true, &other_encoding)
+        );
+        // Another signature over the same roster is another message: a forgery seen first
+        // must not make the genuine roster a duplicate.
+        let mut forged = signed.clone();
+        forged.signature = Identity::from_secret([9; 32]).sign(b"anything").to_vec();
+        let forged = Gossip::Roster(forged.encode().into()).encode();
+        assert_ne!(
+            gossip_message_id(true, &canonical),
+            gossip_message_id(true, &forged)
+        );
+        // On the changes topic the same bytes have another id, so a message there cannot
+        // take a roster's id.
+        assert_ne!(
+            gossip_message_id(false, &canonical),
+            gossip_message_id(true, &canonical)
+        );
     }
 }
