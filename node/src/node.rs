@@ -269,9 +269,6 @@ pub enum IngestError {
         "the quarantine holds its maximum of {QUARANTINE_CHANGES_MAX} changes; the change was refused and not kept. Review and clear the quarantine"
     )]
     QuarantineFull,
-    /// Too many changes already wait for their dependencies.
-    #[error("{PENDING_CHANGES_MAX} changes already wait for dependencies; retry after catching up")]
-    PendingFull,
     /// The change waits for more missing dependencies than any honest change has.
     #[error(
         "the change names {missing} dependencies this node lacks, more than the {PENDING_MISSING_PER_CHANGE_MAX} it holds a change for; it was refused and not kept"

@@ -537,7 +537,7 @@ fn a_roster_that_drops_or_changes_a_revocation_does_not_replace_the_held_one() {
         Some(vec![Bytes32(hash_of(r2).0)]),
         version,
     ));
-    assert!(a.update_roster(&same).unwrap() > version);
+    assert!(a.update_roster(&same).unwrap().version() > version);
     assert_eq!(state(&a, &story.files), expected);
     assert_settled(&a);
 }

@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -13,7 +13,8 @@ use estuary_node::identity::Identity;
 use estuary_node::node::Node;
 use estuary_node::reconcile::Catalogue;
 use estuary_node::sync::protocol::{
-    Gossip, PROTOCOL, REQUEST_BYTES_MAX, RESPONSE_BYTES_MAX, Request, Response,
+    ChangeSignature, FetchedDocument, Gossip, PROTOCOL, REQUEST_BYTES_MAX, RESPONSE_BYTES_MAX,
+    Request, Response,
 };
 use estuary_node::sync::{
     DOCUMENTS_IN_PROGRESS_MAX, SYNC_STRIKES_MAX, SyncConfig, SyncHandle, TransportKind,
@@ -22,7 +23,7 @@ use futures::StreamExt;
 use libp2p::request_response::{self, ProtocolSupport};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, gossipsub};
-use serde_bytes::ByteArray;
+use serde_bytes::{ByteArray, ByteBuf};
 
 /// A bare libp2p swarm over the memory transport that keeps idle connections (a held request
 /// must not be dropped with its connection).
@@ -97,8 +98,10 @@ struct RogueBehaviour {
 }
 
 /// How the rogue answers a fetch.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 enum OnFetch {
+    /// At once, with these documents where asked for: real documents, forged signatures.
+    Forged(Arc<HashMap<[u8; 16], FetchedDocument>>),
     /// Never: it keeps the request open until the asker gives up.
     Hold,
     /// At once, with no document, deferring what was asked and this many documents that
@@ -172,13 +175,20 @@ fn rogue(
                         let mut seen = seen.lock().unwrap();
                         seen.fetches += 1;
                         seen.asked.extend(documents.iter().map(|id| **id));
-                        match on_fetch {
+                        match &on_fetch {
+                            OnFetch::Forged(forged) => Response::Fetch {
+                                documents: documents
+                                    .iter()
+                                    .filter_map(|id| forged.get(&**id).cloned())
+                                    .collect(),
+                                deferred: vec![],
+                            },
                             OnFetch::Hold => {
                                 held.push(channel);
                                 continue;
                             }
                             OnFetch::DeferUnasked(n) => {
-                                let unasked: Vec<[u8; 16]> = (0..n).map(|_| random()).collect();
+                                let unasked: Vec<[u8; 16]> = (0..*n).map(|_| random()).collect();
                                 seen.unasked.extend(&unasked);
                                 let mut deferred = documents;
                                 deferred.extend(unasked.into_iter().map(ByteArray::new));
@@ -322,6 +332,66 @@ async fn a_fetch_answer_deferring_documents_not_asked_for_creates_no_work() {
         .get(&rogue_peer.to_string())
         .map(|p| p.strikes);
     assert!(strikes >= Some(2), "strikes: {strikes:?}");
+    rogue.abort();
+    a_sync.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_whose_fetch_answers_carry_forged_changes_is_struck_off() {
+    let consortium = Consortium::new(3);
+    let a = consortium.node(0);
+    // Real documents of the rogue's member, every signature flipped.
+    let forged: HashMap<[u8; 16], FetchedDocument> = {
+        let own = consortium.node(2);
+        offline_files(&own, "member-2", 6)
+            .into_iter()
+            .map(|id| {
+                let document = estuary_node::model::DocumentId::from_bytes(id);
+                let mut doc = own.sync_document(document).unwrap().unwrap();
+                let signatures = own
+                    .signatures(document, &own.change_hashes(document).unwrap())
+                    .unwrap()
+                    .into_iter()
+                    .map(|(hash, mut signature)| {
+                        signature[0] ^= 1;
+                        ChangeSignature {
+                            change: ByteArray::new(hash.0),
+                            signature: ByteArray::new(signature),
+                        }
+                    })
+                    .collect();
+                let fetched = FetchedDocument {
+                    document: ByteArray::new(id),
+                    saved: ByteBuf::from(doc.save()),
+                    signatures,
+                };
+                (id, fetched)
+            })
+            .collect()
+    };
+    let claims: Vec<[u8; 16]> = forged.keys().copied().collect();
+    let a_address = memory_address();
+    let a_sync = start_with(&a, &a_address, vec![], Duration::from_secs(30));
+    let (rogue_peer, seen, rogue) = rogue(
+        &consortium,
+        "member-2",
+        a_address,
+        &claims,
+        OnFetch::Forged(Arc::new(forged)),
+    );
+    wait_until(CONVERGENCE, "A never fetched the forged documents", || {
+        seen.lock().unwrap().fetches > 0 && !a.quarantine().unwrap().is_empty()
+    })
+    .await;
+    wait_until(CONVERGENCE, "the forger was never struck", || {
+        a_sync
+            .stats()
+            .peers
+            .get(&rogue_peer.to_string())
+            .is_some_and(|p| p.strikes >= 1)
+    })
+    .await;
+    assert!(claims.iter().all(|id| a.catalogue().get(id).is_none()));
     rogue.abort();
     a_sync.shutdown().await;
 }

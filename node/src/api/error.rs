@@ -111,11 +111,9 @@ impl From<NodeError> for ApiError {
             NodeError::NotAMember => {
                 Self::new(StatusCode::FORBIDDEN, "not_a_member", error.to_string())
             }
-            NodeError::Ingest(
-                IngestError::QuarantineFull
-                | IngestError::PendingFull
-                | IngestError::RevokedBacklogFull,
-            ) => Self::busy(error.to_string()),
+            NodeError::Ingest(IngestError::QuarantineFull | IngestError::RevokedBacklogFull) => {
+                Self::busy(error.to_string())
+            }
             // The node's own pipeline refused the change (its reason names rules, not data).
             NodeError::LocalChangeRefused(_) => {
                 Self::new(StatusCode::CONFLICT, "refused_by_node", error.to_string())

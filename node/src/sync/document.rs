@@ -63,6 +63,10 @@ pub struct Carried {
     pub pending: usize,
     /// Changes refused: quarantined, unsigned, badly signed, by a stranger.
     pub rejected: usize,
+    /// Of those, the ones that show the sender at fault: an honest member never sends them
+    /// (`Ingested::blames_sender`; envelopes that do not decode, or name more missing
+    /// dependencies than any honest change).
+    pub blamed: usize,
 }
 
 impl Carried {
@@ -73,7 +77,15 @@ impl Carried {
                 Ok(Ingested::Accepted(_)) => self.accepted += 1,
                 Ok(Ingested::Duplicate(_)) => self.duplicate += 1,
                 Ok(Ingested::Pending(_)) => self.pending += 1,
-                Ok(Ingested::Quarantined(..)) | Err(_) => self.rejected += 1,
+                Ok(decision @ Ingested::Quarantined(..)) => {
+                    self.rejected += 1;
+                    self.blamed += usize::from(decision.blames_sender());
+                }
+                Err(IngestError::Envelope(_) | IngestError::TooManyMissing { .. }) => {
+                    self.rejected += 1;
+                    self.blamed += 1;
+                }
+                Err(_) => self.rejected += 1,
             }
         }
     }

@@ -1338,12 +1338,17 @@ impl Driver {
                 Ok(Ingested::Duplicate(_) | Ingested::Pending(_)) => {
                     (MessageAcceptance::Ignore, false)
                 }
-                Ok(Ingested::Quarantined(..)) => (MessageAcceptance::Reject, false),
+                // Refused, and the sender is at fault: an honest member never sends it.
+                Ok(decision @ Ingested::Quarantined(..)) if decision.blames_sender() => {
+                    (MessageAcceptance::Reject, false)
+                }
+                // Refused here because of a revocation the relay may not have adopted yet:
+                // not passed on, not punished.
+                Ok(Ingested::Quarantined(..)) => (MessageAcceptance::Ignore, false),
                 // This node's own trouble (its store, a full quarantine).
                 Err(
                     crate::node::IngestError::Store(_)
                     | crate::node::IngestError::QuarantineFull
-                    | crate::node::IngestError::PendingFull
                     | crate::node::IngestError::RevokedBacklogFull,
                 ) => (MessageAcceptance::Ignore, false),
                 Err(_) => (MessageAcceptance::Reject, false),
@@ -2087,12 +2092,18 @@ impl Driver {
         self.pump(peer);
     }
 
-    fn count_carried(&self, peer: &PeerId, carried: &Carried) {
+    fn count_carried(&mut self, peer: &PeerId, carried: &Carried) {
         if carried.accepted + carried.rejected > 0 {
             self.with_peer_stats(peer, |s| {
                 s.changes_received += carried.accepted as u64;
                 s.changes_rejected += carried.rejected as u64;
             });
+        }
+        // One strike per message, however many bad changes it carried: forged, malformed or
+        // invalid changes come only from a faulty or hostile node, and each is a record this
+        // node must keep.
+        if carried.blamed > 0 {
+            self.strike(*peer, "changes an honest member never sends");
         }
     }
 }
