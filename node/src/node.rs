@@ -3524,7 +3524,7 @@ fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8], what: &'static str) -> Res
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn cached(bytes: usize) -> Cached {
@@ -3536,39 +3536,36 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_full_quarantine_refuses_without_storing_and_bodies_stop_at_their_budget() {
-        use crate::model::{InstitutionKind, PersonName, Roster, RosterOp, Sex, Timestamp};
-        let dir = tempfile::tempdir().unwrap();
-        let data_dir = dir.path().join("node");
+    /// The editor of the one member of `one_member_node`'s consortium.
+    pub(crate) fn one_member_editor() -> Editor {
+        Editor {
+            institution: InstitutionId::new("chc-a").unwrap(),
+            at: crate::model::Timestamp(0),
+        }
+    }
+
+    /// A node in `dir` whose consortium is itself alone, with the authority key `[1; 32]`.
+    pub(crate) fn one_member_node(dir: &Path) -> (Node, NodeConfig) {
+        use crate::model::{InstitutionKind, Roster, RosterOp};
+        let data_dir = dir.join("node");
         std::fs::create_dir_all(&data_dir).unwrap();
         let own = Identity::load_or_create(&data_dir).unwrap();
         let authority = Identity::from_secret([1; 32]);
-        let editor = Editor {
-            institution: InstitutionId::new("chc-a").unwrap(),
-            at: Timestamp(0),
-        };
+        let editor = one_member_editor();
         let mut roster = Roster::create(&authority.actor(), &editor).unwrap();
-        let id = editor.institution.clone();
-        roster
-            .apply(
-                &editor,
-                &RosterOp::AddInstitution {
-                    id: id.clone(),
-                    name: "A".into(),
-                    kind: InstitutionKind::CommunityCentre,
-                },
-            )
-            .unwrap();
-        roster
-            .apply(
-                &editor,
-                &RosterOp::AddNodeKey {
-                    institution: id,
-                    key: own.public_key(),
-                },
-            )
-            .unwrap();
+        for op in [
+            RosterOp::AddInstitution {
+                id: editor.institution.clone(),
+                name: "A".into(),
+                kind: InstitutionKind::CommunityCentre,
+            },
+            RosterOp::AddNodeKey {
+                institution: editor.institution.clone(),
+                key: own.public_key(),
+            },
+        ] {
+            roster.apply(&editor, &op).unwrap();
+        }
         let config = NodeConfig {
             data_dir,
             authority: authority.public_key(),
@@ -3578,6 +3575,16 @@ mod tests {
             Some(&SignedRoster::sign(&authority, &mut roster).encode()),
         )
         .unwrap();
+        (node, config)
+    }
+
+    #[test]
+    fn a_full_quarantine_refuses_without_storing_and_bodies_stop_at_their_budget() {
+        use crate::model::{PersonName, Sex};
+        let dir = tempfile::tempdir().unwrap();
+        let (node, config) = one_member_node(dir.path());
+        let own = Identity::load_or_create(&config.data_dir).unwrap();
+        let editor = one_member_editor();
         let demographics = Demographics {
             name: PersonName {
                 family: "F".into(),

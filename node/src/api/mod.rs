@@ -376,49 +376,17 @@ mod tests {
 
     use super::*;
     use crate::config::{ApiConfig, NetworkConfig};
-    use crate::identity::Identity;
-    use crate::membership::SignedRoster;
-    use crate::model::{InstitutionId, InstitutionKind, Roster, RosterOp};
-    use crate::node::NodeConfig;
 
     /// How long a request that must not wait may take on a loaded machine.
     const PATIENCE: Duration = Duration::from_secs(10);
 
     /// A one-member node behind an API with a single clinical slot.
     fn state(dir: &std::path::Path) -> ApiState {
-        let data_dir = dir.join("node");
-        std::fs::create_dir_all(&data_dir).unwrap();
-        let own = Identity::load_or_create(&data_dir).unwrap();
-        let authority = Identity::from_secret([1; 32]);
-        let editor = Editor {
-            institution: InstitutionId::new("chc-a").unwrap(),
-            at: Timestamp(0),
-        };
-        let mut roster = Roster::create(&authority.actor(), &editor).unwrap();
-        for op in [
-            RosterOp::AddInstitution {
-                id: editor.institution.clone(),
-                name: "A".into(),
-                kind: InstitutionKind::CommunityCentre,
-            },
-            RosterOp::AddNodeKey {
-                institution: editor.institution.clone(),
-                key: own.public_key(),
-            },
-        ] {
-            roster.apply(&editor, &op).unwrap();
-        }
-        let node = Node::open(
-            &NodeConfig {
-                data_dir: data_dir.clone(),
-                authority: authority.public_key(),
-            },
-            Some(&SignedRoster::sign(&authority, &mut roster).encode()),
-        )
-        .unwrap();
+        let (node, node_config) = crate::node::tests::one_member_node(dir);
+        let (data_dir, authority) = (node_config.data_dir, node_config.authority);
         let config = Config {
             data_dir,
-            authority: authority.public_key().to_string(),
+            authority: authority.to_string(),
             roster: None,
             network: NetworkConfig::default(),
             api: ApiConfig {
