@@ -63,13 +63,39 @@ fuzz_target!(|input: &[u8]| {
         return;
     };
     let file = common::member().file;
-    let (path, token, content_type) = match route % 6 {
+    let (path, token, content_type) = match route % 8 {
         0 => ("/v1/health-files".to_owned(), WRITER, "application/json"),
-        1 => (format!("/v1/health-files/{file}/operations"), WRITER, "application/json"),
-        2 => ("/v1/health-files/search".to_owned(), WRITER, "application/json"),
+        1 => (
+            format!("/v1/health-files/{file}/operations"),
+            WRITER,
+            "application/json",
+        ),
+        2 => (
+            "/v1/health-files/search".to_owned(),
+            WRITER,
+            "application/json",
+        ),
         3 => ("/v1/referrals".to_owned(), WRITER, "application/json"),
-        4 => (format!("/v1/referrals/{file}/operations"), WRITER, "application/json"),
-        _ => ("/admin/import".to_owned(), ADMIN, "application/octet-stream"),
+        4 => (
+            format!("/v1/referrals/{file}/operations"),
+            WRITER,
+            "application/json",
+        ),
+        5 => (
+            "/fhir/Patient/_search".to_owned(),
+            WRITER,
+            "application/x-www-form-urlencoded",
+        ),
+        6 => (
+            "/admin/quarantine/purge".to_owned(),
+            ADMIN,
+            "application/json",
+        ),
+        _ => (
+            "/admin/import".to_owned(),
+            ADMIN,
+            "application/octet-stream",
+        ),
     };
     let api = api();
     let request = Request::post(&path)

@@ -2,11 +2,11 @@
 //! decodes them: a typed result, never a panic, no unbounded allocation.
 #![no_main]
 
-use estuary_node::sync::protocol::{Gossip, Request, Response};
+use estuary_node::sync::protocol::{Codec, Gossip, Request, Response};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|bytes: &[u8]| {
-    let _ = ciborium::from_reader::<Request, _>(bytes);
-    let _ = ciborium::from_reader::<Response, _>(bytes);
+    let _ = Codec::decode::<Request>(bytes);
+    let _ = Codec::decode::<Response>(bytes);
     let _ = Gossip::decode(bytes);
 });

@@ -1383,6 +1383,36 @@ impl Node {
         Ok(QuarantinePage { entries, next })
     }
 
+    /// The quarantine records of `change`: its copies judged in each document (one short
+    /// prefix scan), then refused envelopes that claim it (read a page at a time).
+    pub fn quarantined_change(
+        &self,
+        change: &ChangeHash,
+    ) -> Result<Vec<QuarantineEntry>, NodeError> {
+        let mut entries: Vec<QuarantineEntry> = self
+            .store
+            .scan_prefix(&[&[keys::QUARANTINE][..], &change.0].concat())?
+            .iter()
+            .map(|(key, value)| quarantine_entry(key, value))
+            .collect::<Result<_, StoreError>>()?;
+        let mut from = vec![keys::REFUSED];
+        loop {
+            let page =
+                self.store
+                    .scan_from(&[keys::REFUSED], &from, QUARANTINE_PAGE_RECORDS_MAX)?;
+            let Some((last, _)) = page.last() else {
+                return Ok(entries);
+            };
+            from = [last.as_slice(), &[0]].concat();
+            for (key, value) in &page {
+                let entry = quarantine_entry(key, value)?;
+                if entry.change == change.0 {
+                    entries.push(entry);
+                }
+            }
+        }
+    }
+
     /// Removes quarantine records, with their envelopes: every record, or those quarantined
     /// before `before_ms` (milliseconds since the epoch). A purged change that arrives again
     /// is judged again, and quarantined again. The purge is on the audit log. Returns how many

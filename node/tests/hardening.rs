@@ -282,6 +282,11 @@ fn the_quarantine_pages_and_purges_and_the_purge_is_audited() {
     }
     assert_eq!(paged, all);
     assert!(node.quarantine_page(Some("zz"), 3).is_err());
+    // One change's records: its copy in another document and the forgery claiming it.
+    let claimed = Envelope::verify(&copies[0]).unwrap().hash;
+    let records = node.quarantined_change(&claimed).unwrap();
+    assert_eq!(records.len(), 2, "{records:?}");
+    assert!(records.iter().all(|r| r.change == claimed.0));
 
     let sequence = node.audit_sequence();
     assert_eq!(node.purge_quarantine(None).unwrap(), 10);

@@ -226,11 +226,12 @@ async fn quarantined_change(
     Path(change): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     blocking(move || {
+        let hash = crate::model::Bytes32::parse_hex(&change, "change")
+            .map_err(|_| ApiError::not_found("no quarantined change with that hash"))?;
         state
             .node
-            .quarantine()?
-            .iter()
-            .find(|entry| hex(&entry.change) == change)
+            .quarantined_change(&crate::model::automerge::ChangeHash(hash.0))?
+            .first()
             .map(|entry| Json(quarantine_json(entry)))
             .ok_or_else(|| ApiError::not_found("no quarantined change with that hash"))
     })

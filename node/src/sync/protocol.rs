@@ -59,8 +59,13 @@ impl Codec {
                 format!("a sync message over the {bytes_max}-byte limit"),
             ));
         }
-        cbor::decode_exact(&bytes)
-            .map_err(|error| io::Error::new(io::ErrorKind::InvalidData, error))
+        Self::decode(&bytes)
+    }
+
+    /// Decodes one whole message exactly as it is read from a stream (the size is checked by
+    /// the reader): what the fuzz target `sync_codec` runs.
+    pub fn decode<M: DeserializeOwned>(bytes: &[u8]) -> io::Result<M> {
+        cbor::decode_exact(bytes).map_err(|error| io::Error::new(io::ErrorKind::InvalidData, error))
     }
 
     async fn write<T>(io: &mut T, message: &impl Serialize) -> io::Result<()>
