@@ -9,7 +9,7 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -22,10 +22,10 @@ use crate::membership::{Admission, Membership, RosterError, SignedRoster};
 use crate::model::automerge::{AutoCommit, Change, ChangeHash};
 use crate::model::{
     Actor, Bytes32, Demographics, DocumentId, DocumentKind, Editor, HealthFile, HealthFileOp,
-    HealthFileView, InstitutionId, NewReferral, OpError, Referral, ReferralOp, ReferralView,
+    HealthFileView, InstitutionId, NewReferral, OpError, Referral, ReferralOp, ReferralView, View,
     document_id_of, validate, validate_change_view,
 };
-use crate::reconcile::Catalogue;
+use crate::reconcile::{Catalogue, HeadsDigest};
 use crate::store::{Batch, GroupCommit, KeyValue, StoreError, WITNESS_FILE, WitnessedStore};
 
 /// Most documents held decoded in memory at once.
@@ -40,6 +40,11 @@ pub const SNAPSHOT_EVERY_CHANGES: u64 = 16;
 /// with `IngestError::QuarantineFull` and not stored: the decision is the same, only the record
 /// is not kept, so a faulty member cannot fill the disk.
 pub const QUARANTINE_CHANGES_MAX: usize = 100_000;
+/// Typed views kept for reads, most recently used first out last. A view is kept with the
+/// digest of the heads it shows, so a read that finds the catalogue's digest unchanged is
+/// answered without the decision lock and without copying the document. Views of typical
+/// files are a few KB, of the longest (thousands of entries) about a MB.
+pub const VIEWS_CACHED_MAX: usize = 256;
 /// Stripes of the per-document write lock.
 const DOCUMENT_LOCK_STRIPES: usize = 64;
 /// Quarantined envelopes are kept whole only up to this many bytes in all; past it a
@@ -707,6 +712,42 @@ impl Cache {
     }
 }
 
+/// Typed views of documents as of the heads digest they were read or decided at (see
+/// `VIEWS_CACHED_MAX`). Its lock is held only for a lookup or an insert, never across a
+/// decision, a load or I/O.
+#[derive(Default)]
+struct Views {
+    entries: HashMap<DocumentId, (HeadsDigest, Arc<View>, u64)>,
+    clock: u64,
+}
+
+impl Views {
+    fn get(&mut self, id: &DocumentId, digest: &HeadsDigest) -> Option<Arc<View>> {
+        self.clock += 1;
+        let clock = self.clock;
+        let (held, view, used) = self.entries.get_mut(id)?;
+        if held != digest {
+            return None;
+        }
+        *used = clock;
+        Some(view.clone())
+    }
+
+    fn insert(&mut self, id: DocumentId, digest: HeadsDigest, view: Arc<View>) {
+        self.clock += 1;
+        self.entries.insert(id, (digest, view, self.clock));
+        if self.entries.len() > VIEWS_CACHED_MAX
+            && let Some(oldest) = self
+                .entries
+                .iter()
+                .min_by_key(|(_, (_, _, used))| *used)
+                .map(|(id, _)| *id)
+        {
+            self.entries.remove(&oldest);
+        }
+    }
+}
+
 /// One accepted change of a document, for its history.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct HistoryEntry {
@@ -749,6 +790,8 @@ pub struct Node {
     membership: RwLock<Membership>,
     /// Document state; held while deciding and applying a change, never while flushing.
     cache: Mutex<Cache>,
+    /// Typed views for reads that need not wait for decisions.
+    views: Mutex<Views>,
     /// Local writers to one document take turns from reading it to deciding their change:
     /// two writes based on the same state would give the node's actor one sequence number
     /// twice, and automerge refuses the second. Striped by document id: bounded memory.
@@ -1054,6 +1097,7 @@ impl Node {
             catalogue: RwLock::new(catalogue),
             local_changes: tokio::sync::broadcast::channel(LOCAL_CHANGES_QUEUE_MAX).0,
             audit_updates: tokio::sync::watch::Sender::new(audit_head.sequence),
+            views: Mutex::new(Views::default()),
             cache: Mutex::new(Cache {
                 accepted,
                 audit: audit_head,
@@ -1194,16 +1238,53 @@ impl Node {
 
     /// The typed view of a health file.
     pub fn health_file(&self, id: DocumentId) -> Result<HealthFileView, NodeError> {
-        let _writing = self.lock_document(&id);
-        let doc = self.document(id, DocumentKind::HealthFile)?;
-        Ok(HealthFile::from_automerge(doc, &self.actor)?.view())
+        match self.view_of(id, DocumentKind::HealthFile)?.as_ref() {
+            View::HealthFile(view) => Ok((**view).clone()),
+            other => Err(NodeError::WrongKind {
+                document: id,
+                expected: DocumentKind::HealthFile,
+                found: other.kind(),
+            }),
+        }
     }
 
     /// The typed view of a referral.
     pub fn referral(&self, id: DocumentId) -> Result<ReferralView, NodeError> {
-        let _writing = self.lock_document(&id);
-        let doc = self.document(id, DocumentKind::Referral)?;
-        Ok(Referral::from_automerge(doc, &self.actor)?.view())
+        match self.view_of(id, DocumentKind::Referral)?.as_ref() {
+            View::Referral(view) => Ok(view.clone()),
+            other => Err(NodeError::WrongKind {
+                document: id,
+                expected: DocumentKind::Referral,
+                found: other.kind(),
+            }),
+        }
+    }
+
+    /// A document's typed view. When the view kept for it shows the heads the catalogue
+    /// holds now, that view is the answer: no decision lock, no copy of the document, so a
+    /// clinical read does not wait while the node decides a peer's batch. Otherwise the
+    /// document is read under the decision lock (a consistent state), and its view is kept.
+    fn view_of(&self, id: DocumentId, expected: DocumentKind) -> Result<Arc<View>, NodeError> {
+        if let Some(digest) = self.catalogue().get(id.as_bytes())
+            && let Some(view) = self.lock_views().get(&id, &digest)
+        {
+            return Ok(view);
+        }
+        let (doc, digest) = {
+            let doc = self.document(id, expected)?;
+            (doc, self.catalogue().get(id.as_bytes()))
+        };
+        let mut view = crate::model::view(&doc).map_err(crate::model::LoadError::from)?;
+        set_view_id(&mut view, id);
+        let view = Arc::new(view);
+        if let Some(digest) = digest {
+            self.lock_views().insert(id, digest, view.clone());
+        }
+        Ok(view)
+    }
+
+    fn lock_views(&self) -> MutexGuard<'_, Views> {
+        self.views.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The current heads of a document.
@@ -1811,6 +1892,8 @@ impl Node {
         batch.put(keys::author(&verified.author, &id), Vec::new());
         batch.put(keys::ACCEPTED, (cache.accepted + 1).to_be_bytes().to_vec());
         self.reindex(&mut batch, &id, &view)?;
+        let mut view = view;
+        set_view_id(&mut view, id);
         let mut head = self.append_audit(
             &mut batch,
             cache.audit,
@@ -1828,8 +1911,11 @@ impl Node {
         }
         *ticket = self.commit.apply(&self.store, batch)?;
         cache.pending.settled(unparked);
-        self.catalogue_mut()
-            .insert(*id.as_bytes(), catalogue_digest(&heads));
+        let digest = catalogue_digest(&heads);
+        self.catalogue_mut().insert(*id.as_bytes(), digest);
+        // The view `validate_change` read is the document's view now: kept for reads at no
+        // cost (after the catalogue, so a read never pairs a newer view with older heads).
+        self.lock_views().insert(id, digest, Arc::new(view));
         cache.audit = head;
         cache.accepted += 1;
         self.store.set_accepted(cache.accepted);
@@ -3504,6 +3590,15 @@ fn for_each_page(
     }
 }
 
+/// A view read from a document carries the id the node knows it by.
+fn set_view_id(view: &mut View, id: DocumentId) {
+    match view {
+        View::HealthFile(view) => view.id = id,
+        View::Referral(view) => view.id = id,
+        View::Roster(_) => {}
+    }
+}
+
 /// The dependencies of the change in an envelope (none if it does not decode).
 fn dependencies_of(envelope: &[u8]) -> Vec<ChangeHash> {
     Envelope::decode(envelope)
@@ -3606,6 +3701,59 @@ pub(crate) mod tests {
         )
         .unwrap();
         (node, config)
+    }
+
+    #[test]
+    fn a_read_of_a_decided_document_does_not_wait_for_the_decision_lock() {
+        use crate::model::{DemographicField, PersonName, Sex};
+        let dir = tempfile::tempdir().unwrap();
+        let (node, config) = one_member_node(dir.path());
+        let editor = one_member_editor();
+        let demographics = Demographics {
+            name: PersonName {
+                family: "F".into(),
+                given: "G".into(),
+                text: None,
+            },
+            sex: Sex::Unknown,
+            birth_date: crate::model::Date::new("1950-01-01").unwrap(),
+            phone: None,
+            address: None,
+            national_id: None,
+            insurance: None,
+        };
+        let (id, _) = node.create_health_file(&editor, &demographics).unwrap();
+        node.apply_health_file(
+            id,
+            &editor,
+            &HealthFileOp::SetDemographic(DemographicField::Phone("+86 1".into())),
+        )
+        .unwrap();
+        let node = Arc::new(node);
+        let read_while_deciding = |node: &Arc<Node>| {
+            // A decision in progress holds this lock; the read must not need it.
+            let _deciding = node.lock_cache();
+            let (sender, receiver) = std::sync::mpsc::channel();
+            let reader = node.clone();
+            std::thread::spawn(move || {
+                let _ = sender.send(reader.health_file(id));
+            });
+            receiver
+                .recv_timeout(std::time::Duration::from_secs(10))
+                .expect("the read waited for the decision lock")
+                .unwrap()
+        };
+        let read = read_while_deciding(&node);
+        assert_eq!(read.id, id);
+        assert_eq!(
+            read.demographics.phone.map(|phone| phone.value).as_deref(),
+            Some("+86 1")
+        );
+        // After a restart nothing is kept: the first read takes the lock and keeps the view.
+        drop(node);
+        let node = Arc::new(Node::open(&config, None).unwrap());
+        let first = node.health_file(id).unwrap();
+        assert_eq!(read_while_deciding(&node), first);
     }
 
     #[test]

@@ -22,8 +22,8 @@ use serde::Serialize;
 use crate::sample;
 
 const AUTHORITY: [u8; 32] = [1; 32];
-const PEER: [u8; 32] = [2; 32];
-const OWN: &str = "chc-bench";
+pub(crate) const PEER: [u8; 32] = [2; 32];
+pub(crate) const OWN: &str = "chc-bench";
 /// Writer counts measured.
 const WRITERS: [usize; 3] = [1, 8, 64];
 /// Threads ingesting foreign envelopes at once.
@@ -65,12 +65,12 @@ struct Report {
 }
 
 /// A data directory with a key, and the signed roster that admits it and the peer.
-struct Setup {
-    config: NodeConfig,
-    roster: Vec<u8>,
+pub(crate) struct Setup {
+    pub(crate) config: NodeConfig,
+    pub(crate) roster: Vec<u8>,
 }
 
-fn setup(dir: &Path) -> anyhow::Result<Setup> {
+pub(crate) fn setup(dir: &Path) -> anyhow::Result<Setup> {
     std::fs::create_dir_all(dir)?;
     let own = Identity::load_or_create(dir)?.public_key();
     let authority = Identity::from_secret(AUTHORITY);
@@ -109,7 +109,7 @@ fn setup(dir: &Path) -> anyhow::Result<Setup> {
     })
 }
 
-fn resident(n: usize) -> Demographics {
+pub(crate) fn resident(n: usize) -> Demographics {
     let mut demographics = sample::demographics();
     demographics.name.given = format!("R{n}");
     demographics.national_id = Some(format!("{n:018}"));
@@ -117,7 +117,7 @@ fn resident(n: usize) -> Demographics {
 }
 
 /// The peer's creation envelope for resident `n`.
-fn foreign_envelope(peer: &Identity, n: usize) -> anyhow::Result<Vec<u8>> {
+pub(crate) fn foreign_envelope(peer: &Identity, n: usize) -> anyhow::Result<Vec<u8>> {
     let mut file = HealthFile::create(
         &peer.actor(),
         &sample::editor(sample::HOSPITAL, n as i64),
@@ -127,7 +127,7 @@ fn foreign_envelope(peer: &Identity, n: usize) -> anyhow::Result<Vec<u8>> {
     Ok(Envelope::sign(peer, file.id(), &mut change).encode())
 }
 
-fn quantile(samples: &mut [f64], q: f64) -> f64 {
+pub(crate) fn quantile(samples: &mut [f64], q: f64) -> f64 {
     samples.sort_by(f64::total_cmp);
     samples
         .get(((samples.len().saturating_sub(1)) as f64 * q).round() as usize)

@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand};
 mod bench_byzantine;
 mod bench_island;
 mod bench_model;
+mod bench_reads;
 mod bench_reconcile;
 mod bench_store;
 mod bench_sync;
@@ -78,6 +79,19 @@ enum Bench {
         /// SIGKILLs in the crash loop.
         #[arg(long, default_value_t = 100)]
         kills: usize,
+        /// Write the figures as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// A clinical read of a long health file: cold, warm, and while the node decides peers'
+    /// batches.
+    Reads {
+        /// Follow-ups written to the file first (one write each).
+        #[arg(long, default_value_t = 500)]
+        entries: usize,
+        /// Peer batches of 64 files ingested while the file is read.
+        #[arg(long, default_value_t = 40)]
+        batches: usize,
         /// Write the figures as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -236,6 +250,18 @@ fn main() -> ExitCode {
             writes,
             ingest,
             kills,
+            json,
+        }),
+        Command::Bench {
+            bench:
+                Bench::Reads {
+                    entries,
+                    batches,
+                    json,
+                },
+        } => bench_reads::run(&bench_reads::Options {
+            entries,
+            batches,
             json,
         }),
         Command::Bench {
