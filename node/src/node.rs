@@ -3735,13 +3735,16 @@ pub(crate) mod tests {
             let _deciding = node.lock_cache();
             let (sender, receiver) = std::sync::mpsc::channel();
             let reader = node.clone();
-            std::thread::spawn(move || {
+            let thread = std::thread::spawn(move || {
                 let _ = sender.send(reader.health_file(id));
             });
-            receiver
+            let read = receiver
                 .recv_timeout(std::time::Duration::from_secs(10))
                 .expect("the read waited for the decision lock")
-                .unwrap()
+                .unwrap();
+            // The reader's handle on the node goes with its thread (the store reopens below).
+            thread.join().unwrap();
+            read
         };
         let read = read_while_deciding(&node);
         assert_eq!(read.id, id);
