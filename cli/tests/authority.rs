@@ -1,24 +1,17 @@
 //! The authority's roster commands with the real binary: a revocation is final, and a roster
 //! whose history changes one is never signed.
 
-use std::path::Path;
-use std::process::{Command, Output};
+mod common;
 
+use std::path::Path;
+
+use common::estuary;
 use estuary_node::model::automerge::transaction::Transactable;
 use estuary_node::model::automerge::{self, ObjType, ReadDoc, ScalarValue};
 use estuary_node::model::{Actor, Roster};
 
 /// A node key to add and revoke (any 32 bytes; nothing runs with it).
 const KEY: &str = "0303030303030303030303030303030303030303030303030303030303030303";
-
-fn estuary(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_estuary"))
-        .current_dir(dir)
-        .args(args)
-        .env_remove("ESTUARY_CONFIG")
-        .output()
-        .expect("the estuary binary runs")
-}
 
 fn succeeds(dir: &Path, args: &[&str]) {
     let output = estuary(dir, args);

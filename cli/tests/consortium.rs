@@ -2,12 +2,15 @@
 //! a roster signed with `estuary roster`, three `estuary node run` on loopback ports, and
 //! clinical work through the HTTP API and the command.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use common::estuary;
 use estuary_node::config::Config;
 use serde_json::{Value, json};
 
@@ -26,15 +29,6 @@ const INSTITUTIONS: [(&str, &str, &str); 3] = [
 ];
 /// How long anything in this test may take to propagate or start.
 const PATIENCE: Duration = Duration::from_secs(60);
-
-fn estuary(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_estuary"))
-        .current_dir(dir)
-        .args(args)
-        .env_remove("ESTUARY_CONFIG")
-        .output()
-        .expect("the estuary binary runs")
-}
 
 /// Runs a command that must succeed and print JSON.
 fn estuary_json(dir: &Path, args: &[&str]) -> Value {

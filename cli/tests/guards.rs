@@ -2,29 +2,23 @@
 //! the token goes only to a process that proves it holds the node key, and `node run` warns
 //! of a config that exposes the node.
 
+mod common;
+
 use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::estuary;
 use estuary_node::config::Config;
 
 /// How long a process in this test may take to start or answer.
 const PATIENCE: Duration = Duration::from_secs(60);
 /// Largest request the fake server keeps, in bytes.
 const REQUEST_BYTES_MAX: usize = 64 * 1024;
-
-fn estuary(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_estuary"))
-        .current_dir(dir)
-        .args(args)
-        .env_remove("ESTUARY_CONFIG")
-        .output()
-        .expect("the estuary binary runs")
-}
 
 /// `estuary init` of a node in `dir/node` with its API on `api`; the config's path.
 fn init(dir: &Path, api: &str) -> std::path::PathBuf {

@@ -335,12 +335,18 @@ fn quarantine_entry(key: &[u8], value: &[u8]) -> Result<QuarantineEntry, StoreEr
     })
 }
 
-fn hex_encode(bytes: &[u8]) -> String {
+/// Bytes as lowercase hex: listing cursors, and hashes and signatures in API answers.
+pub(crate) fn hex_encode(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Longest listing cursor accepted, in bytes (a quarantine key is at most 49).
+const CURSOR_BYTES_MAX: usize = 128;
+
+/// A listing cursor back to bytes; `None` if it is not even-length hex within
+/// `CURSOR_BYTES_MAX`.
 fn hex_decode(text: &str) -> Option<Vec<u8>> {
-    if !text.len().is_multiple_of(2) || text.len() > 256 {
+    if !text.len().is_multiple_of(2) || text.len() > 2 * CURSOR_BYTES_MAX {
         return None;
     }
     (0..text.len())
@@ -2657,6 +2663,7 @@ impl Node {
         parking: (&DocumentId, &ChangeHash),
     ) -> Result<bool, StoreError> {
         let prefix = [&[keys::PENDING_ORDER][..], bucket].concat();
+        // Two: the oldest may be the change being parked, which is never its own victim.
         for (key, value) in self.store.scan_from(&prefix, &prefix, 2)? {
             let (Some(document), Some(hash)) = (
                 key.get(41..57)

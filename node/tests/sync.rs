@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{
-    AUTHORITY, CONVERGENCE, Consortium, allergy, converge, converge_or, editor, memory_address,
-    resident, start, start_on,
+    AUTHORITY, CONVERGENCE, Consortium, allergy, bare_swarm, converge, converge_or, editor,
+    memory_address, resident, start, start_on,
 };
 use estuary_node::identity::Identity;
 use estuary_node::model::*;
@@ -17,31 +17,6 @@ use estuary_node::node::Node;
 use estuary_node::sync::faults::Faults;
 use estuary_node::sync::{SyncConfig, SyncHandle, TransportKind};
 use libp2p::Multiaddr;
-
-/// A bare libp2p swarm over the memory transport: a peer that is not an Estuary node (a
-/// stranger, or a member's node running faulty code).
-fn bare_swarm<B: libp2p::swarm::NetworkBehaviour>(
-    key: libp2p::identity::Keypair,
-    behaviour: B,
-) -> libp2p::Swarm<B> {
-    use libp2p::core::transport::MemoryTransport;
-    use libp2p::core::upgrade::Version;
-    use libp2p::{Transport, noise, yamux};
-    libp2p::SwarmBuilder::with_existing_identity(key)
-        .with_tokio()
-        .with_other_transport(
-            |key| -> Result<_, Box<dyn std::error::Error + Send + Sync>> {
-                Ok(MemoryTransport::default()
-                    .upgrade(Version::V1)
-                    .authenticate(noise::Config::new(key)?)
-                    .multiplex(yamux::Config::default()))
-            },
-        )
-        .unwrap()
-        .with_behaviour(|_| behaviour)
-        .unwrap()
-        .build()
-}
 
 /// `member`'s key driven by faulty code: a bare swarm subscribed to the consortium's changes
 /// topic, which it can publish anything on.
@@ -64,7 +39,7 @@ fn faulty_member(
         gossipsub::Config::default(),
     )
     .unwrap();
-    let mut swarm = bare_swarm(key, gossip);
+    let mut swarm = bare_swarm(key, gossip, Duration::ZERO);
     swarm.behaviour_mut().subscribe(&topic).unwrap();
     (swarm, topic)
 }
@@ -198,6 +173,7 @@ async fn a_stranger_is_refused_at_connection() {
     let mut stranger = bare_swarm(
         libp2p::identity::Keypair::generate_ed25519(),
         ping::Behaviour::default(),
+        Duration::ZERO,
     );
     stranger.dial(address).unwrap();
     let closed = tokio::time::timeout(CONVERGENCE, async {

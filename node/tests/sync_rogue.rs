@@ -8,7 +8,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{CONVERGENCE, Consortium, editor, memory_address, resident, start};
+use common::{CONVERGENCE, Consortium, bare_swarm, editor, memory_address, resident, start};
 use estuary_node::identity::Identity;
 use estuary_node::node::Node;
 use estuary_node::reconcile::Catalogue;
@@ -24,32 +24,6 @@ use libp2p::request_response::{self, ProtocolSupport};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, gossipsub};
 use serde_bytes::{ByteArray, ByteBuf};
-
-/// A bare libp2p swarm over the memory transport that keeps idle connections (a held request
-/// must not be dropped with its connection).
-fn bare_swarm<B: NetworkBehaviour>(
-    key: libp2p::identity::Keypair,
-    behaviour: B,
-) -> libp2p::Swarm<B> {
-    use libp2p::core::transport::MemoryTransport;
-    use libp2p::core::upgrade::Version;
-    use libp2p::{Transport, noise, yamux};
-    libp2p::SwarmBuilder::with_existing_identity(key)
-        .with_tokio()
-        .with_other_transport(
-            |key| -> Result<_, Box<dyn std::error::Error + Send + Sync>> {
-                Ok(MemoryTransport::default()
-                    .upgrade(Version::V1)
-                    .authenticate(noise::Config::new(key)?)
-                    .multiplex(yamux::Config::default()))
-            },
-        )
-        .unwrap()
-        .with_behaviour(|_| behaviour)
-        .unwrap()
-        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(600)))
-        .build()
-}
 
 fn member_key(consortium: &Consortium, member: &str) -> libp2p::identity::Keypair {
     Identity::load_or_create(&consortium.dir.path().join(member))
@@ -144,7 +118,11 @@ fn rogue(
         [(PROTOCOL, ProtocolSupport::Full)],
         request_response::Config::default().with_request_timeout(Duration::from_secs(600)),
     );
-    let mut swarm = bare_swarm(member_key(consortium, member), RogueBehaviour { sync });
+    let mut swarm = bare_swarm(
+        member_key(consortium, member),
+        RogueBehaviour { sync },
+        Duration::from_secs(600),
+    );
     let peer = *swarm.local_peer_id();
     swarm.dial(target).unwrap();
     let seen = Arc::new(Mutex::new(Seen::default()));
@@ -452,7 +430,7 @@ fn roster_gossiper(
         gossipsub::Config::default(),
     )
     .unwrap();
-    let mut swarm = bare_swarm(key, gossip);
+    let mut swarm = bare_swarm(key, gossip, Duration::from_secs(600));
     swarm.behaviour_mut().subscribe(&topic).unwrap();
     (swarm, topic)
 }

@@ -15,7 +15,7 @@ use super::error::{JsonBody, QueryParams, RawBody};
 use super::{Admin, ApiError, ApiState, Route, blocking};
 use crate::audit::AuditRecord;
 use crate::model::DocumentId;
-use crate::node::Ingested;
+use crate::node::{Ingested, hex_encode as hex};
 
 /// Most audit records one request returns.
 pub const AUDIT_PAGE_MAX: usize = 1_000;
@@ -47,10 +47,6 @@ pub(super) fn routes() -> Vec<Route> {
         Route::get("/admin/export", export),
         Route::post("/admin/import", import),
     ]
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 async fn status(

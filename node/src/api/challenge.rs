@@ -83,8 +83,7 @@ pub fn answer(
     nonce: &[u8; CHALLENGE_NONCE_BYTES],
     listen: SocketAddr,
 ) -> String {
-    let signature = identity.sign(&message(nonce, listen));
-    signature.iter().map(|b| format!("{b:02x}")).collect()
+    crate::node::hex_encode(&identity.sign(&message(nonce, listen)))
 }
 
 fn message(nonce: &[u8; CHALLENGE_NONCE_BYTES], listen: SocketAddr) -> Vec<u8> {
