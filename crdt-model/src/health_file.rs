@@ -9,7 +9,7 @@
 //! - `medications`, `encounters`, `exams`, `follow_ups`: append-only lists; entries are never
 //!   removed (a medication is stopped, not deleted).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 use automerge::transaction::Transactable;
 use automerge::{AutoCommit, ObjId, ObjType, ReadDoc, Value};
@@ -22,6 +22,7 @@ use crate::access::{
 use crate::document::{DocumentKind, IDENTITY_KEYS, read_identity, replica};
 use crate::error::{OpError, ValidationError};
 use crate::ids::{Actor, Date, DocumentId, Editor, EntryId, Icd10, InstitutionId, Timestamp};
+use crate::judge::Touch;
 use crate::limits::{
     DIAGNOSES_PER_ENCOUNTER_MAX, ENTRIES_PER_LIST_MAX, FIELD_BYTES_MAX,
     MEASUREMENTS_PER_RESULT_MAX, NOTE_BYTES_MAX, PRESCRIPTION_DAYS_MAX, SUMMARY_BYTES_MAX,
@@ -1088,6 +1089,24 @@ pub(crate) fn parse_health_file<D: ReadDoc>(doc: &D) -> Result<HealthFileView, V
     }
     let root = Obj::root(doc);
     root.only_keys(&ROOT_KEYS)?;
+    let demographics = read_demographics(&root)?;
+    let contract = read_contract(&root)?;
+    Ok(HealthFileView {
+        // The id is not content: it is derived from the creation change by the replica.
+        id: DocumentId::from_bytes([0; 16]),
+        demographics,
+        contract,
+        allergies: read_list(&root)?,
+        problems: read_list(&root)?,
+        medications: read_list(&root)?,
+        encounters: read_list(&root)?,
+        exams: read_list(&root)?,
+        follow_ups: read_list(&root)?,
+    })
+}
+
+/// The demographics section of a file.
+fn read_demographics<D: ReadDoc>(root: &Obj<'_, D>) -> Result<DemographicsView, ValidationError> {
     let section = root.child(
         root.container("demographics", "demographics", ObjType::Map, "an object")?,
         "demographics",
@@ -1101,45 +1120,22 @@ pub(crate) fn parse_health_file<D: ReadDoc>(doc: &D) -> Result<HealthFileView, V
         "national_id",
         "insurance",
     ])?;
-    let demographics = parse_demographics(&section)?;
-    let contract = root.register("contract", "contract", parse_contract)?;
-    let list = |key: &'static str| root.entries(key, key, None);
-    let allergies = list("allergies")?
+    parse_demographics(&section)
+}
+
+/// The family doctor contract of a file.
+fn read_contract<D: ReadDoc>(
+    root: &Obj<'_, D>,
+) -> Result<Option<Register<FamilyDoctorContract>>, ValidationError> {
+    root.register("contract", "contract", parse_contract)
+}
+
+/// Every entry of one clinical list, in document order.
+fn read_list<T: Listed, D: ReadDoc>(root: &Obj<'_, D>) -> Result<Vec<T>, ValidationError> {
+    root.entries(T::KEY, T::KEY, None)?
         .iter()
-        .map(|id| parse_allergy(&root.child(id.clone(), "allergies")))
-        .collect::<Result<_, _>>()?;
-    let problems = list("problems")?
-        .iter()
-        .map(|id| parse_problem(&root.child(id.clone(), "problems")))
-        .collect::<Result<_, _>>()?;
-    let medications = list("medications")?
-        .iter()
-        .map(|id| parse_medication(&root.child(id.clone(), "medications")))
-        .collect::<Result<_, _>>()?;
-    let encounters = list("encounters")?
-        .iter()
-        .map(|id| parse_encounter(&root.child(id.clone(), "encounters")))
-        .collect::<Result<_, _>>()?;
-    let exams = list("exams")?
-        .iter()
-        .map(|id| parse_exam(&root.child(id.clone(), "exams")))
-        .collect::<Result<_, _>>()?;
-    let follow_ups = list("follow_ups")?
-        .iter()
-        .map(|id| parse_follow_up(&root.child(id.clone(), "follow_ups")))
-        .collect::<Result<_, _>>()?;
-    Ok(HealthFileView {
-        // The id is not content: it is derived from the creation change by the replica.
-        id: DocumentId::from_bytes([0; 16]),
-        demographics,
-        contract,
-        allergies,
-        problems,
-        medications,
-        encounters,
-        exams,
-        follow_ups,
-    })
+        .map(|id| T::parse(&root.child(id.clone(), T::KEY)))
+        .collect()
 }
 
 fn parse_demographics<D: ReadDoc>(
@@ -1578,54 +1574,132 @@ pub(crate) fn check_change(
     after: &HealthFileView,
     author: &InstitutionId,
 ) -> Result<(), ValidationError> {
-    // Allergies and problems are add-wins sets: entries may go, but not change.
+    fn whole<T: Listed>(
+        before: &HealthFileView,
+        after: &HealthFileView,
+        author: &InstitutionId,
+    ) -> Result<(), ValidationError> {
+        let (before, after) = (T::list(before), T::list(after));
+        T::RULES.check(before, after, (before.len(), after.len()), author)
+    }
+    whole::<AllergyView>(before, after, author)?;
+    whole::<ProblemView>(before, after, author)?;
+    whole::<MedicationView>(before, after, author)?;
+    whole::<EncounterView>(before, after, author)?;
+    whole::<ExamResultView>(before, after, author)?;
+    whole::<FollowUpView>(before, after, author)
+}
+
+/// An entry of one of the clinical lists: where it lives, how it is read, and the rules the
+/// list follows across a change.
+pub(crate) trait Listed: Clone + PartialEq + Sized {
+    /// The list's root key (and schema path).
+    const KEY: &'static str;
+    /// The list's rules.
+    const RULES: ListCheck<Self>;
+    /// Reads and validates one entry.
+    fn parse<D: ReadDoc>(entry: &Obj<'_, D>) -> Result<Self, ValidationError>;
+    /// The entry's id.
+    fn entry(&self) -> &EntryId;
+    /// The list in a view.
+    fn list(view: &HealthFileView) -> &Vec<Self>;
+    /// The list in a view, to replace.
+    fn list_mut(view: &mut HealthFileView) -> &mut Vec<Self>;
+}
+
+macro_rules! listed {
+    ($view:ty, $key:literal, $field:ident, $parse:ident, $rules:expr) => {
+        impl Listed for $view {
+            const KEY: &'static str = $key;
+            const RULES: ListCheck<Self> = $rules;
+            fn parse<D: ReadDoc>(entry: &Obj<'_, D>) -> Result<Self, ValidationError> {
+                $parse(entry)
+            }
+            fn entry(&self) -> &EntryId {
+                &self.entry
+            }
+            fn list(view: &HealthFileView) -> &Vec<Self> {
+                &view.$field
+            }
+            fn list_mut(view: &mut HealthFileView) -> &mut Vec<Self> {
+                &mut view.$field
+            }
+        }
+    };
+}
+
+fn no_owner_only_edit<T>(_: &T, _: &T) -> bool {
+    false
+}
+
+fn no_entry_limits<T>(_: &T) -> Result<(), ValidationError> {
+    Ok(())
+}
+
+// Allergies and problems are add-wins sets: entries may go, but not change.
+listed!(
+    AllergyView,
+    "allergies",
+    allergies,
+    parse_allergy,
     ListCheck {
         field: "allergies",
         owner_field: "allergies.recorded_by",
         append_only: false,
-        entry: |a: &AllergyView| &a.entry,
         owner: |a| &a.recorded_by,
         fixed: AllergyView::clone,
-        owner_only_edit: |_, _| false,
+        owner_only_edit: no_owner_only_edit,
         owner_only_field: "",
-        entry_limits: |_| Ok(()),
+        entry_limits: no_entry_limits,
     }
-    .check(&before.allergies, &after.allergies, author)?;
+);
+listed!(
+    ProblemView,
+    "problems",
+    problems,
+    parse_problem,
     ListCheck {
         field: "problems",
         owner_field: "problems.recorded_by",
         append_only: false,
-        entry: |p: &ProblemView| &p.entry,
         owner: |p| &p.recorded_by,
         fixed: |p| ProblemView {
             status: Register::single(ProblemStatus::Active),
             ..p.clone()
         },
-        owner_only_edit: |_, _| false,
+        owner_only_edit: no_owner_only_edit,
         owner_only_field: "",
-        entry_limits: |_| Ok(()),
+        entry_limits: no_entry_limits,
     }
-    .check(&before.problems, &after.problems, author)?;
+);
+listed!(
+    MedicationView,
+    "medications",
+    medications,
+    parse_medication,
     ListCheck {
         field: "medications",
         owner_field: "medications.prescribed_by",
         append_only: true,
-        entry: |m: &MedicationView| &m.entry,
         owner: |m| &m.prescribed_by,
         fixed: |m| MedicationView {
             stopped: None,
             ..m.clone()
         },
-        owner_only_edit: |_, _| false,
+        owner_only_edit: no_owner_only_edit,
         owner_only_field: "",
-        entry_limits: |_| Ok(()),
+        entry_limits: no_entry_limits,
     }
-    .check(&before.medications, &after.medications, author)?;
+);
+listed!(
+    EncounterView,
+    "encounters",
+    encounters,
+    parse_encounter,
     ListCheck {
         field: "encounters",
         owner_field: "encounters.institution",
         append_only: true,
-        entry: |e: &EncounterView| &e.entry,
         owner: |e| &e.institution,
         fixed: |e| EncounterView {
             note: String::new(),
@@ -1635,44 +1709,50 @@ pub(crate) fn check_change(
         owner_only_field: "encounters.note",
         entry_limits: |e| check_text(&e.note, "encounters.note", NOTE_BYTES_MAX, false),
     }
-    .check(&before.encounters, &after.encounters, author)?;
+);
+listed!(
+    ExamResultView,
+    "exams",
+    exams,
+    parse_exam,
     ListCheck {
         field: "exams",
         owner_field: "exams.institution",
         append_only: true,
-        entry: |e: &ExamResultView| &e.entry,
         owner: |e| &e.institution,
         fixed: ExamResultView::clone,
-        owner_only_edit: |_, _| false,
+        owner_only_edit: no_owner_only_edit,
         owner_only_field: "",
-        entry_limits: |_| Ok(()),
+        entry_limits: no_entry_limits,
     }
-    .check(&before.exams, &after.exams, author)?;
+);
+listed!(
+    FollowUpView,
+    "follow_ups",
+    follow_ups,
+    parse_follow_up,
     ListCheck {
         field: "follow_ups",
         owner_field: "follow_ups.institution",
         append_only: true,
-        entry: |f: &FollowUpView| &f.entry,
         owner: |f| &f.institution,
         fixed: FollowUpView::clone,
-        owner_only_edit: |_, _| false,
+        owner_only_edit: no_owner_only_edit,
         owner_only_field: "",
-        entry_limits: |_| Ok(()),
+        entry_limits: no_entry_limits,
     }
-    .check(&before.follow_ups, &after.follow_ups, author)
-}
+);
 
 /// The rules one clinical list follows across a change.
-struct ListCheck<T, F> {
+pub(crate) struct ListCheck<T> {
     field: &'static str,
     /// Schema path of the field naming the institution an entry is recorded for.
     owner_field: &'static str,
     /// Whether entries may never be removed.
     append_only: bool,
-    entry: fn(&T) -> &EntryId,
     owner: fn(&T) -> &InstitutionId,
     /// The entry with the fields that may change blanked out.
-    fixed: fn(&T) -> F,
+    fixed: fn(&T) -> T,
     /// Whether an edit from `old` to `new` is one only the entry's own institution may make.
     owner_only_edit: fn(&T, &T) -> bool,
     /// Schema path of what such an edit changes.
@@ -1681,27 +1761,33 @@ struct ListCheck<T, F> {
     entry_limits: fn(&T) -> Result<(), ValidationError>,
 }
 
-impl<T, F: PartialEq> ListCheck<T, F> {
+impl<T: Listed> ListCheck<T> {
     /// Linear in the list sizes. Walks both lists in document order, so the first error found,
     /// and so the error reported, is the same on every replica.
-    fn check(
+    ///
+    /// `before` and `after` may leave out entries the change did not touch (kept, unchanged):
+    /// those break no rule, so the answer is the same as for the whole lists. `counts` are the
+    /// whole lists' lengths.
+    pub(crate) fn check(
         &self,
         before: &[T],
         after: &[T],
+        counts: (usize, usize),
         author: &InstitutionId,
     ) -> Result<(), ValidationError> {
         let field = self.field;
         // Concurrent appends may merge past the bound; a change may not add past it.
-        if after.len() > ENTRIES_PER_LIST_MAX && after.len() > before.len() {
+        let (count_before, count_after) = counts;
+        if count_after > ENTRIES_PER_LIST_MAX && count_after > count_before {
             return Err(ValidationError::TooMany {
                 field,
-                count: after.len(),
+                count: count_after,
                 max: ENTRIES_PER_LIST_MAX,
             });
         }
-        let kept: HashMap<&EntryId, &T> = after.iter().map(|e| ((self.entry)(e), e)).collect();
+        let kept: HashMap<&EntryId, &T> = after.iter().map(|e| (e.entry(), e)).collect();
         for old in before {
-            match kept.get((self.entry)(old)) {
+            match kept.get(old.entry()) {
                 None if self.append_only => return Err(ValidationError::EntryRemoved { field }),
                 None => {}
                 Some(new) if (self.fixed)(new) != (self.fixed)(old) => {
@@ -1718,8 +1804,8 @@ impl<T, F: PartialEq> ListCheck<T, F> {
                 Some(_) => {}
             }
         }
-        let seen: HashSet<&EntryId> = before.iter().map(|e| (self.entry)(e)).collect();
-        for new in after.iter().filter(|e| !seen.contains((self.entry)(e))) {
+        let seen: HashSet<&EntryId> = before.iter().map(|e| e.entry()).collect();
+        for new in after.iter().filter(|e| !seen.contains(e.entry())) {
             if (self.owner)(new) != author {
                 return Err(ValidationError::Provenance {
                     field: self.owner_field,
@@ -1729,4 +1815,210 @@ impl<T, F: PartialEq> ListCheck<T, F> {
         }
         Ok(())
     }
+}
+
+// ---- Judging one change from what it touched -------------------------------------------------
+
+/// The root keys a change to a file is judged by: the sections, the lists and the contract.
+pub(crate) const PARTS: [&str; 8] = [
+    CONTAINERS[0],
+    ROOT_REGISTER,
+    CONTAINERS[1],
+    CONTAINERS[2],
+    CONTAINERS[3],
+    CONTAINERS[4],
+    CONTAINERS[5],
+    CONTAINERS[6],
+];
+/// The one root field a change may write at the root, after the file's creation.
+pub(crate) const ROOT_REGISTER: &str = "contract";
+
+/// One touched list across a change: the entries the change added, removed or wrote into,
+/// before and after it, in document order, and the lengths of the whole lists.
+struct ListSides<T> {
+    before: Vec<T>,
+    after: Vec<T>,
+    counts: (usize, usize),
+}
+
+/// A touched list read after the change: its entry ids before and after it, and the entries
+/// that are new or that the change wrote into, parsed after it, in document order.
+struct AfterSide<T> {
+    /// An error here is reported after every part has been read after the change.
+    ids_before: Result<Vec<ObjId>, ValidationError>,
+    ids_after: Vec<ObjId>,
+    parsed: Vec<T>,
+}
+
+/// Reads a touched list after the change: its entry ids, and the entries that are new or that
+/// the change wrote into. Errors here are those `parse_health_file(after)` meets in this list.
+fn after_side<T: Listed, B: ReadDoc, A: ReadDoc>(
+    before: &B,
+    after: &A,
+    touched: &BTreeSet<ObjId>,
+) -> Result<AfterSide<T>, ValidationError> {
+    let root = Obj::root(after);
+    let ids_after = root.entries(T::KEY, T::KEY, None)?;
+    let ids_before = Obj::root(before).entries(T::KEY, T::KEY, None);
+    let known: Option<HashSet<&ObjId>> = ids_before.as_ref().ok().map(|ids| ids.iter().collect());
+    let mut parsed = Vec::new();
+    for id in &ids_after {
+        // Unknown before (an unreadable earlier state): every entry, as a whole read would.
+        let needed = known
+            .as_ref()
+            .is_none_or(|known| !known.contains(id) || touched.contains(id));
+        if needed {
+            parsed.push(T::parse(&root.child(id.clone(), T::KEY))?);
+        }
+    }
+    Ok(AfterSide {
+        ids_before,
+        ids_after,
+        parsed,
+    })
+}
+
+/// Completes a touched list with the entries the change removed or wrote into, read before it.
+fn before_side<T: Listed, B: ReadDoc>(
+    before: &B,
+    touched: &BTreeSet<ObjId>,
+    AfterSide {
+        ids_before,
+        ids_after,
+        parsed: after,
+    }: AfterSide<T>,
+) -> Result<ListSides<T>, ValidationError> {
+    let ids_before = ids_before?;
+    let kept: HashSet<&ObjId> = ids_after.iter().collect();
+    let root = Obj::root(before);
+    let before_entries = ids_before
+        .iter()
+        .filter(|id| !kept.contains(id) || touched.contains(id))
+        .map(|id| T::parse(&root.child(id.clone(), T::KEY)))
+        .collect::<Result<_, _>>()?;
+    Ok(ListSides {
+        before: before_entries,
+        after,
+        counts: (ids_before.len(), ids_after.len()),
+    })
+}
+
+/// Judges a change to a file from the parts it touched, in the order `validate_change` reads
+/// the whole file (every part after the change, then every part before it, then the lists'
+/// rules), so that the first error found is the one a whole read finds first.
+pub(crate) fn judge_touched<B: ReadDoc, A: ReadDoc>(
+    before: &B,
+    after: &A,
+    touch: &Touch,
+    author: &InstitutionId,
+) -> Result<(), ValidationError> {
+    let touched = |key: &str| touch.under.get(key);
+    let root = Obj::root(after);
+    if touched("demographics").is_some() {
+        read_demographics(&root)?;
+    }
+    if touched(ROOT_REGISTER).is_some() {
+        read_contract(&root)?;
+    }
+    fn after_of<T: Listed, B: ReadDoc, A: ReadDoc>(
+        before: &B,
+        after: &A,
+        touched: Option<&BTreeSet<ObjId>>,
+    ) -> Result<Option<AfterSide<T>>, ValidationError> {
+        touched
+            .map(|entries| after_side::<T, _, _>(before, after, entries))
+            .transpose()
+    }
+    let allergies = after_of::<AllergyView, _, _>(before, after, touched(AllergyView::KEY))?;
+    let problems = after_of::<ProblemView, _, _>(before, after, touched(ProblemView::KEY))?;
+    let medications =
+        after_of::<MedicationView, _, _>(before, after, touched(MedicationView::KEY))?;
+    let encounters = after_of::<EncounterView, _, _>(before, after, touched(EncounterView::KEY))?;
+    let exams = after_of::<ExamResultView, _, _>(before, after, touched(ExamResultView::KEY))?;
+    let follow_ups = after_of::<FollowUpView, _, _>(before, after, touched(FollowUpView::KEY))?;
+
+    let root = Obj::root(before);
+    if touched("demographics").is_some() {
+        read_demographics(&root)?;
+    }
+    if touched(ROOT_REGISTER).is_some() {
+        read_contract(&root)?;
+    }
+    fn before_of<T: Listed, B: ReadDoc>(
+        before: &B,
+        touched: Option<&BTreeSet<ObjId>>,
+        after: Option<AfterSide<T>>,
+    ) -> Result<Option<ListSides<T>>, ValidationError> {
+        after
+            .map(|after| before_side(before, touched.unwrap_or(&BTreeSet::new()), after))
+            .transpose()
+    }
+    let allergies = before_of(before, touched(AllergyView::KEY), allergies)?;
+    let problems = before_of(before, touched(ProblemView::KEY), problems)?;
+    let medications = before_of(before, touched(MedicationView::KEY), medications)?;
+    let encounters = before_of(before, touched(EncounterView::KEY), encounters)?;
+    let exams = before_of(before, touched(ExamResultView::KEY), exams)?;
+    let follow_ups = before_of(before, touched(FollowUpView::KEY), follow_ups)?;
+
+    fn rules<T: Listed>(
+        sides: Option<ListSides<T>>,
+        author: &InstitutionId,
+    ) -> Result<(), ValidationError> {
+        match sides {
+            Some(sides) => T::RULES.check(&sides.before, &sides.after, sides.counts, author),
+            None => Ok(()),
+        }
+    }
+    rules(allergies, author)?;
+    rules(problems, author)?;
+    rules(medications, author)?;
+    rules(encounters, author)?;
+    rules(exams, author)?;
+    rules(follow_ups, author)
+}
+
+/// `previous` brought up to date with the parts a change touched, read from `doc` now.
+pub(crate) fn update_view<D: ReadDoc>(
+    doc: &D,
+    touch: &Touch,
+    mut previous: HealthFileView,
+) -> Result<HealthFileView, ValidationError> {
+    let root = Obj::root(doc);
+    let touched = |key: &str| touch.under.get(key);
+    if touched("demographics").is_some() {
+        previous.demographics = read_demographics(&root)?;
+    }
+    if touched(ROOT_REGISTER).is_some() {
+        previous.contract = read_contract(&root)?;
+    }
+    fn update<T: Listed, D: ReadDoc>(
+        root: &Obj<'_, D>,
+        view: &mut HealthFileView,
+        touched: Option<&BTreeSet<ObjId>>,
+    ) -> Result<(), ValidationError> {
+        let Some(touched) = touched else {
+            return Ok(());
+        };
+        let ids = root.entries(T::KEY, T::KEY, None)?;
+        let mut kept: HashMap<EntryId, T> = std::mem::take(T::list_mut(view))
+            .into_iter()
+            .map(|entry| (entry.entry().clone(), entry))
+            .collect();
+        let list = ids
+            .iter()
+            .map(|id| match kept.remove(&entry_id(id)) {
+                Some(entry) if !touched.contains(id) => Ok(entry),
+                _ => T::parse(&root.child(id.clone(), T::KEY)),
+            })
+            .collect::<Result<_, _>>()?;
+        *T::list_mut(view) = list;
+        Ok(())
+    }
+    update::<AllergyView, _>(&root, &mut previous, touched(AllergyView::KEY))?;
+    update::<ProblemView, _>(&root, &mut previous, touched(ProblemView::KEY))?;
+    update::<MedicationView, _>(&root, &mut previous, touched(MedicationView::KEY))?;
+    update::<EncounterView, _>(&root, &mut previous, touched(EncounterView::KEY))?;
+    update::<ExamResultView, _>(&root, &mut previous, touched(ExamResultView::KEY))?;
+    update::<FollowUpView, _>(&root, &mut previous, touched(FollowUpView::KEY))?;
+    Ok(previous)
 }

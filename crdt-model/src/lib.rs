@@ -12,16 +12,19 @@
 //! the same answer; `estuary-node` quarantines peers' changes on them.
 
 mod access;
+mod at;
 mod document;
 mod error;
 mod health_file;
 mod ids;
+mod judge;
 pub mod limits;
 mod referral;
 mod roster;
 mod vocab;
 
 pub use access::Register;
+pub use at::At;
 pub use document::{
     DocumentKind, SCHEMA_VERSION, decode_change, decode_changes_onto, document_id, document_id_of,
     load_document,
@@ -33,6 +36,7 @@ pub use health_file::{
     HealthFileView, Insurance, Measurement, MedicationView, NewAllergy, NewEncounter,
     NewExamResult, NewFollowUp, NewMedication, NewProblem, PersonName, ProblemView,
 };
+pub use judge::{Judged, judge_change};
 pub use ids::{Actor, Date, DocumentId, Editor, EntryId, Icd10, InstitutionId, Timestamp};
 pub use referral::{
     EventView, NewReferral, Referral, ReferralOp, ReferralStatus, ReferralView, Role,

@@ -525,6 +525,16 @@ enum FileFault {
     ReplaceAllergies,
     ForgedAllergy,
     DeleteEncounter,
+    /// A fixed field of an existing encounter rewritten.
+    ChangeEncounterTime,
+    /// Another institution's encounter note edited.
+    ForeignNote,
+    /// A scalar where a list holds entries.
+    ScalarInList,
+    /// A prescription replaced by a new entry in its place (the old one is gone).
+    ReplaceMedication,
+    /// A new entry with a field the schema does not define.
+    UnknownEntryField,
 }
 
 fn file_fault() -> impl Strategy<Value = FileFault> + Clone {
@@ -536,6 +546,11 @@ fn file_fault() -> impl Strategy<Value = FileFault> + Clone {
         Just(FileFault::ReplaceAllergies),
         Just(FileFault::ForgedAllergy),
         Just(FileFault::DeleteEncounter),
+        Just(FileFault::ChangeEncounterTime),
+        Just(FileFault::ForeignNote),
+        Just(FileFault::ScalarInList),
+        Just(FileFault::ReplaceMedication),
+        Just(FileFault::UnknownEntryField),
     ]
 }
 
@@ -584,6 +599,60 @@ fn write_file_fault(
                 return None;
             }
             doc.delete(&list, 0).ok()?;
+        }
+        FileFault::ChangeEncounterTime => {
+            let list = at(doc, &root, "encounters")?;
+            let (_, entry) = doc.get(&list, 0).ok().flatten()?;
+            let time = match doc.get(&entry, "time").ok().flatten()?.0 {
+                automerge::Value::Scalar(value) => match value.as_ref() {
+                    ScalarValue::Timestamp(time) => *time,
+                    _ => return None,
+                },
+                _ => return None,
+            };
+            doc.put(&entry, "time", ScalarValue::Timestamp(time + 1))
+                .ok()?
+        }
+        FileFault::ForeignNote => {
+            let list = at(doc, &root, "encounters")?;
+            let own = INSTITUTIONS[replica % INSTITUTIONS.len()];
+            let foreign = (0..doc.length(&list)).find_map(|index| {
+                let (_, entry) = doc.get(&list, index).ok().flatten()?;
+                let (owner, _) = doc.get(&entry, "institution").ok().flatten()?;
+                (owner.as_str() != Some(own)).then_some(entry)
+            })?;
+            let note = at(doc, &foreign, "note")?;
+            doc.splice_text(&note, 0, 0, "amended ").ok()?
+        }
+        FileFault::ScalarInList => {
+            let list = at(doc, &root, "follow_ups")?;
+            let end = doc.length(&list);
+            doc.insert(&list, end, 120u64).ok()?
+        }
+        FileFault::ReplaceMedication => {
+            let list = at(doc, &root, "medications")?;
+            if doc.length(&list) == 0 {
+                return None;
+            }
+            let entry = doc.put_object(&list, 0, ObjType::Map).ok()?;
+            doc.put(&entry, "drug", "metformin").ok()?;
+            doc.put(&entry, "dose", "500 mg").ok()?;
+            doc.put(&entry, "frequency", "twice daily").ok()?;
+            doc.put(&entry, "start", "2026-03-01").ok()?;
+            doc.put(&entry, "days", 30u64).ok()?;
+            doc.put(&entry, "prescribed_by", INSTITUTIONS[replica % INSTITUTIONS.len()])
+                .ok()?;
+            doc.put(&entry, "recorded_at", ScalarValue::Timestamp(1))
+                .ok()?
+        }
+        FileFault::UnknownEntryField => {
+            let list = at(doc, &root, "follow_ups")?;
+            let end = doc.length(&list);
+            let entry = doc.insert_object(&list, end, ObjType::Map).ok()?;
+            doc.put(&entry, "institution", INSTITUTIONS[replica % INSTITUTIONS.len()])
+                .ok()?;
+            doc.put(&entry, "time", ScalarValue::Timestamp(1)).ok()?;
+            doc.put(&entry, "remark", "extra").ok()?
         }
     }
     doc.commit()
@@ -666,41 +735,139 @@ proptest! {
         order_a in any::<u64>(),
         order_b in any::<u64>(),
     ) {
-        let mut origin = new_file(100);
-        let saved = origin.save();
-        let mut replicas: Vec<AutoCommit> = (0..3)
-            .map(|i| AutoCommit::load(&saved).unwrap().with_actor(automerge::ActorId::from(actor(i as u8 + 1).as_bytes())))
-            .collect();
-        let mut faulty = BTreeSet::new();
-        for step in history {
-            match step {
-                Step::Edit { replica, action: FileStep::Honest(action) } => {
-                    // A replica holding an invalid state cannot use the typed API.
-                    if let Ok(mut file) = HealthFile::from_automerge(replicas[replica].clone(), &actor(replica as u8 + 1))
-                        && let Some(op) = file_op(&action, &file.view())
-                        && file.apply(&replica_editor(replica), &op).is_ok()
-                    {
-                        replicas[replica] = file.automerge().clone();
-                    }
-                }
-                Step::Edit { replica, action: FileStep::Faulty(fault) } => {
-                    if let Some(hash) = write_file_fault(&mut replicas[replica], &fault, replica) {
-                        faulty.insert(hash);
-                    }
-                }
-                Step::Sync { from, to, .. } => {
-                    let changes = replicas[from].clone().get_changes(&[]);
-                    replicas[to].apply_changes(changes).unwrap();
+        let (changes, faulty) = file_history(history);
+        let merged = check_ingest(&changes, &faulty, file_author, [order_a, order_b])?;
+        prop_assert_eq!(validate(&merged), Ok(DocumentKind::HealthFile));
+    }
+
+    /// Every change of random honest and faulty histories, decided in a random order, is
+    /// judged by its parts (`judge_change`) exactly as by the whole file (`validate_change`):
+    /// the same answer and the same error; and the view kept up to date from the parts the
+    /// change touched equals the view read whole.
+    #[test]
+    fn judging_a_change_by_its_parts_agrees_with_judging_the_whole_file(
+        history in steps(3, prop_oneof![3 => file_action().prop_map(FileStep::Honest), 1 => file_fault().prop_map(FileStep::Faulty)], 1..40),
+        order in any::<u64>(),
+    ) {
+        let (changes, faulty) = file_history(history);
+        let accepted = ingest_judging_parts(&changes, file_author, order)?;
+        prop_assert!(accepted.is_disjoint(&faulty), "a faulty change was accepted");
+    }
+}
+
+/// The institution a test change's actor stands for.
+fn file_author(change: &automerge::Change) -> InstitutionId {
+    let bytes = change.actor_id().to_bytes();
+    institution(INSTITUTIONS[usize::from(bytes[0]).saturating_sub(1) % INSTITUTIONS.len()])
+}
+
+/// Plays a random history of honest and faulty edits on three replicas; returns every change
+/// written and the faulty ones.
+fn file_history(
+    history: Vec<Step<FileStep>>,
+) -> (Vec<automerge::Change>, BTreeSet<automerge::ChangeHash>) {
+    let mut origin = new_file(100);
+    let saved = origin.save();
+    let mut replicas: Vec<AutoCommit> = (0..3)
+        .map(|i| {
+            AutoCommit::load(&saved)
+                .unwrap()
+                .with_actor(automerge::ActorId::from(actor(i as u8 + 1).as_bytes()))
+        })
+        .collect();
+    let mut faulty = BTreeSet::new();
+    for step in history {
+        match step {
+            Step::Edit {
+                replica,
+                action: FileStep::Honest(action),
+            } => {
+                // A replica holding an invalid state cannot use the typed API.
+                if let Ok(mut file) = HealthFile::from_automerge(
+                    replicas[replica].clone(),
+                    &actor(replica as u8 + 1),
+                ) && let Some(op) = file_op(&action, &file.view())
+                    && file.apply(&replica_editor(replica), &op).is_ok()
+                {
+                    replicas[replica] = file.automerge().clone();
                 }
             }
+            Step::Edit {
+                replica,
+                action: FileStep::Faulty(fault),
+            } => {
+                if let Some(hash) = write_file_fault(&mut replicas[replica], &fault, replica) {
+                    faulty.insert(hash);
+                }
+            }
+            Step::Sync { from, to, .. } => {
+                let changes = replicas[from].clone().get_changes(&[]);
+                replicas[to].apply_changes(changes).unwrap();
+            }
         }
-        let changes = all_changes(&replicas);
-        let author_of = |change: &automerge::Change| {
-            let bytes = change.actor_id().to_bytes();
-            institution(INSTITUTIONS[usize::from(bytes[0]).saturating_sub(1) % INSTITUTIONS.len()])
-        };
-        let merged = check_ingest(&changes, &faulty, author_of, [order_a, order_b])?;
-        prop_assert_eq!(validate(&merged), Ok(DocumentKind::HealthFile));
+    }
+    (all_changes(&replicas), faulty)
+}
+
+/// Ingests `changes` as a node does, judging each by its parts where the node would: in place
+/// on the document when the change builds on its heads, otherwise on a copy at the change's
+/// dependencies. Every verdict is compared with `validate_change`'s on the whole file before
+/// and after, and every kept view with the view read whole. Returns the accepted changes.
+fn ingest_judging_parts(
+    changes: &[automerge::Change],
+    author_of: impl Fn(&automerge::Change) -> InstitutionId,
+    order: u64,
+) -> Result<BTreeSet<automerge::ChangeHash>, TestCaseError> {
+    let mut queue: Vec<&automerge::Change> = changes.iter().collect();
+    shuffle(&mut queue, order);
+    let mut doc = AutoCommit::new();
+    let mut kept: Option<View> = None;
+    let mut decided = BTreeSet::new();
+    let mut accepted = BTreeSet::new();
+    loop {
+        let mut progress = false;
+        for change in &queue {
+            let hash = change.hash();
+            if decided.contains(&hash) || !change.deps().iter().all(|d| doc.get_change_by_hash(d).is_some()) {
+                continue;
+            }
+            decided.insert(hash);
+            progress = true;
+            let author = author_of(change);
+            let before = doc.fork_at(change.deps()).unwrap();
+            let mut after = before.clone();
+            after.apply_changes([(*change).clone()]).unwrap();
+            let whole = validate_change(&before, &after, &author);
+
+            let mut heads = doc.get_heads();
+            let mut deps = change.deps().to_vec();
+            heads.sort();
+            deps.sort();
+            let mut in_place = doc.clone();
+            let judged = if heads == deps {
+                in_place.apply_changes([(*change).clone()]).unwrap();
+                judge_change(&in_place, change, &author)
+            } else {
+                judge_change(&after, change, &author)
+            };
+            prop_assert_eq!(
+                judged.as_ref().map(Judged::kind).map_err(Clone::clone),
+                whole.clone(),
+                "change {} judged by parts and whole",
+                hash
+            );
+            let Ok(judged) = judged else {
+                continue;
+            };
+            accepted.insert(hash);
+            doc.apply_changes([(*change).clone()]).unwrap();
+            let updated = judged.view(&doc, kept.take());
+            prop_assert_eq!(&updated, &view(&doc), "view kept after {}", hash);
+            kept = updated.ok();
+        }
+        if !progress {
+            return Ok(accepted);
+        }
     }
 }
 

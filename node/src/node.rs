@@ -23,7 +23,7 @@ use crate::model::automerge::{AutoCommit, Change, ChangeHash};
 use crate::model::{
     Actor, Bytes32, Demographics, DocumentId, DocumentKind, Editor, HealthFile, HealthFileOp,
     HealthFileView, InstitutionId, NewReferral, OpError, Referral, ReferralOp, ReferralView, View,
-    document_id_of, validate, validate_change_view,
+    document_id_of, validate,
 };
 use crate::reconcile::{Catalogue, HeadsDigest};
 use crate::store::{Batch, GroupCommit, KeyValue, StoreError, WITNESS_FILE, WitnessedStore};
@@ -1812,9 +1812,12 @@ impl Node {
             })?;
             (doc, bytes)
         };
-        // Usually a change builds on the document as this node holds it: then the document is
-        // its `before` as it is, and `after` becomes the document. Otherwise it is judged at
-        // its own dependencies and merged after.
+        // Usually a change builds on the document as this node holds it: it is then applied
+        // in place and judged by what it wrote (`judge_change` reads the document before it
+        // at its dependencies, without a copy). Otherwise it is judged on a copy of the
+        // document at its own dependencies, then merged. A change refused after it was
+        // applied in place leaves the document half changed: that copy is dropped, and the
+        // document is read again from the store when next needed.
         let on_current = {
             let mut heads = current.get_heads();
             let mut wanted = deps.clone();
@@ -1822,58 +1825,42 @@ impl Node {
             wanted.sort();
             heads == wanted
         };
-        let judged_at = if on_current {
-            None
+        let digest_before = (!deps.is_empty()).then(|| catalogue_digest(&current.get_heads()));
+        let judged = if on_current {
+            judge_applied(&mut current, &verified.change, &author, APPLY_TO_DEPENDENCIES)
         } else {
             // `fork_at` reads only what this node accepted; contained all the same.
             let forked =
                 std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| current.fork_at(&deps)));
-            Some(
+            let mut judged_at =
                 forked
                     .ok()
                     .and_then(Result::ok)
                     .ok_or(StoreError::Corrupt {
                         what: "document history",
-                    })?,
-            )
-        };
-        let before = judged_at.as_ref().unwrap_or(&current);
-        let mut after = before.clone();
-        let verdict = if !applies(&mut after, &verified.change) {
-            Err("the change does not apply to its dependencies".to_string())
-        } else {
-            validate_change_view(before, &after, &author).map_err(|error| error.to_string())
-        };
-        let view = match verdict {
-            Err(reason) => {
-                self.put_back(cache, id, current, cached_bytes);
-                return self.quarantined(cache, ticket, &verified, &reason);
-            }
-            Ok(view) if on_current => {
-                current = after;
-                view
-            }
-            Ok(_) => {
-                // Judged at its dependencies; merged into a document that holds more.
-                let mut merged = current.clone();
-                let merged_view = if !applies(&mut merged, &verified.change) {
-                    Err("the change does not apply to the document".to_string())
-                } else {
-                    // Per-change checks keep merged states valid; check rather than assume.
-                    crate::model::view(&merged)
-                        .map_err(|error| format!("merging it breaks the document: {error}"))
-                };
-                match merged_view {
-                    Ok(view) => {
-                        current = merged;
-                        view
-                    }
-                    Err(reason) => {
-                        self.put_back(cache, id, current, cached_bytes);
-                        return self.quarantined(cache, ticket, &verified, &reason);
-                    }
+                    })?;
+            match judge_applied(&mut judged_at, &verified.change, &author, APPLY_TO_DEPENDENCIES)
+            {
+                Err(reason) => {
+                    self.put_back(cache, id, current, cached_bytes);
+                    return self.quarantined(cache, ticket, &verified, &reason);
                 }
+                Ok(judged) if applies(&mut current, &verified.change) => Ok(judged),
+                Ok(_) => Err(APPLY_TO_DOCUMENT.to_string()),
             }
+        };
+        let previous = digest_before
+            .and_then(|digest| self.lock_views().get(&id, &digest))
+            .map(Arc::unwrap_or_clone);
+        let view = judged.and_then(|judged| {
+            judged
+                .view(&current, previous)
+                .map_err(|error| format!("merging it breaks the document: {error}"))
+        });
+        let view = match view {
+            Ok(view) => view,
+            // `current` holds the refused change: dropped, not put back.
+            Err(reason) => return self.quarantined(cache, ticket, &verified, &reason),
         };
         let kind = view.kind();
         cached_bytes += verified.encoded.len();
@@ -3454,6 +3441,29 @@ impl VerifyReport {
         documents.dedup();
         documents
     }
+}
+
+/// Why a change that automerge cannot apply at its own dependencies is refused.
+const APPLY_TO_DEPENDENCIES: &str = "the change does not apply to its dependencies";
+/// Why a change judged at its dependencies that cannot merge into the document is refused.
+const APPLY_TO_DOCUMENT: &str = "the change does not apply to the document";
+
+/// Applies `change` to `doc`, which must hold exactly its dependencies and their ancestors,
+/// and judges it by what it wrote. On refusal `doc` may hold the change: callers drop it.
+fn judge_applied(
+    doc: &mut AutoCommit,
+    change: &Change,
+    author: &InstitutionId,
+    unappliable: &str,
+) -> Result<crate::model::Judged, String> {
+    if !applies(doc, change) {
+        return Err(unappliable.to_string());
+    }
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        crate::model::judge_change(&*doc, change, author)
+    }))
+    .map_err(|_| "the change could not be read".to_string())?
+    .map_err(|error| error.to_string())
 }
 
 /// Applies a peer's change, containing a panic inside automerge (0.12 panics on some crafted

@@ -114,6 +114,12 @@ async fn a_node_offline_while_1000_changes_were_made_catches_up() {
     // B comes online only now.
     let b_sync = start(&b, &memory_address(), vec![a_address]);
     converge(&[a.clone(), b.clone()], &[&a_sync, &b_sync], 100).await;
+    // The driver counts a fetched batch once its ingest returns, just after the documents it
+    // stored become visible.
+    let started = Instant::now();
+    while b_sync.stats().catch_up.documents_done < 100 && started.elapsed() < CONVERGENCE {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let catch_up = b_sync.stats().catch_up;
     assert_eq!(catch_up.documents_total, 100, "{catch_up:?}");
     assert_eq!(catch_up.documents_done, 100, "{catch_up:?}");

@@ -1,0 +1,182 @@
+//! Judging one change from what it wrote, at the cost of the change.
+//!
+//! [`crate::validate_change`] reads the whole document before and after a change: a history of
+//! n changes then costs O(n²). [`judge_change`] gives the same answer from the change's own
+//! operations: it finds the parts of the document they wrote (a root field, a section, a list,
+//! an entry of a list), reads only those parts before and after, and applies the same rules
+//! to them. Parts the change did not write are unchanged, so they break no rule and stay as
+//! valid as they were. Documents that stay small (referrals, the roster) and changes that
+//! write at the root (a document's creation, a container replaced) are judged whole.
+//!
+//! [`Judged::view`] then brings a kept view up to date the same way, reading again only what
+//! the change touched.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+
+use automerge::legacy::{Key, ObjectId};
+use automerge::{ActorId, Change, ChangeHash, ObjId, Prop, ReadDoc};
+
+use crate::at::At;
+use crate::document::{DocumentKind, read_identity};
+use crate::error::ValidationError;
+use crate::ids::InstitutionId;
+use crate::{View, health_file, validate_change_view, view};
+
+/// The parts of a document one change wrote.
+#[derive(Debug, Default)]
+pub(crate) struct Touch {
+    /// A root field other than a section or list, or a place it could not name: the change is
+    /// judged against the whole document.
+    pub whole: bool,
+    /// The sections and lists the change wrote into, by root key, each with the entries
+    /// (objects directly in it) whose content the change wrote. A list named here with no
+    /// entries was written itself (an insert, a delete, a replaced element).
+    pub under: BTreeMap<String, BTreeSet<ObjId>>,
+}
+
+impl Touch {
+    /// Names the place of every operation of `change`, which `doc` holds. `parts` are the
+    /// root keys judged by part (the root field `register` may be written at the root); any
+    /// other place makes the change judged whole.
+    fn of<D: ReadDoc>(doc: &D, change: &Change, parts: &[&str], register: &str) -> Self {
+        let mut touch = Touch::default();
+        // The objects a change writes are few; each is placed once.
+        let mut placed: BTreeSet<ObjId> = BTreeSet::new();
+        for op in change.decode().operations {
+            let obj = match op.obj {
+                ObjectId::Root => match op.key {
+                    Key::Map(key) => {
+                        touch.whole |= &*key != register;
+                        touch.under.entry(key.to_string()).or_default();
+                        continue;
+                    }
+                    Key::Seq(_) => {
+                        touch.whole = true;
+                        continue;
+                    }
+                },
+                ObjectId::Id(id) => object_id(id.counter(), id.actor()),
+            };
+            if !placed.insert(obj.clone()) {
+                continue;
+            }
+            match place(doc, &obj) {
+                Some((key, entry)) if parts.contains(&key.as_str()) => {
+                    let entries = touch.under.entry(key).or_default();
+                    entries.extend(entry);
+                }
+                _ => touch.whole = true,
+            }
+        }
+        touch
+    }
+}
+
+/// The external id of the object created by operation `counter@actor`. The actor index it
+/// carries is only a hint: reads look the actor up when the hint does not match.
+fn object_id(counter: u64, actor: &ActorId) -> ObjId {
+    ObjId::Id(counter, actor.clone(), usize::MAX)
+}
+
+/// The root key an object lives under and, when it is deeper than a section or list, the
+/// object directly in that section or list on its path (an entry). `None` if the object cannot
+/// be placed.
+fn place<D: ReadDoc>(doc: &D, obj: &ObjId) -> Option<(String, Option<ObjId>)> {
+    // automerge asserts on objects it cannot find; a change it applied names only objects it
+    // holds, but a place not found is refused, not a crash.
+    let chain: Vec<automerge::Parent> =
+        catch_unwind(AssertUnwindSafe(|| doc.parents(obj).map(Iterator::collect)))
+            .ok()?
+            .ok()?;
+    let top = chain.last()?;
+    if top.obj != automerge::ROOT {
+        return None;
+    }
+    let Prop::Map(key) = &top.prop else {
+        return None;
+    };
+    let entry = match chain.len() {
+        1 => None,
+        2 => Some(obj.clone()),
+        n => Some(chain[n - 3].obj.clone()),
+    };
+    Some((key.clone(), entry))
+}
+
+/// What [`judge_change`] found: the change is allowed, and what it touched.
+#[derive(Debug)]
+pub struct Judged {
+    kind: DocumentKind,
+    touch: Touch,
+}
+
+impl Judged {
+    /// The kind of the document.
+    pub fn kind(&self) -> DocumentKind {
+        self.kind
+    }
+
+    /// The view of `doc` now, where `doc` holds the judged change (applied last, or merged
+    /// with changes it was concurrent with), and `previous` is the view of `doc` before the
+    /// change was applied. Only what the change touched is read again; the rest of `previous`
+    /// moves over. Without `previous`, or for a change judged whole, `doc` is read whole.
+    ///
+    /// Fails if the merged state breaks the model (per-change checks keep merged states valid;
+    /// this checks rather than assumes).
+    pub fn view<D: ReadDoc>(&self, doc: &D, previous: Option<View>) -> Result<View, ValidationError> {
+        match (self.kind, previous) {
+            (DocumentKind::HealthFile, Some(View::HealthFile(previous))) if !self.touch.whole => {
+                health_file::update_view(doc, &self.touch, *previous)
+                    .map(|view| View::HealthFile(Box::new(view)))
+            }
+            _ => view(doc),
+        }
+    }
+}
+
+/// Judges `change` as [`validate_change`](crate::validate_change) would, given that `doc`
+/// holds exactly the change and its ancestors (the change is its only head) and that the
+/// document at the change's dependencies is valid (every state a replica accepted is).
+///
+/// A health file's change costs what the change wrote: the entries it adds or writes into are
+/// read before and after it; the entry ids of a list it inserts into or deletes from are read
+/// (no entry is parsed for that); nothing else is read. The answer, and the error reported, is
+/// the same as `validate_change`'s on the document before and after the change.
+pub fn judge_change<D: ReadDoc>(
+    doc: &D,
+    change: &Change,
+    author: &InstitutionId,
+) -> Result<Judged, ValidationError> {
+    let before = At::new(doc, change.deps());
+    let hash: [ChangeHash; 1] = [change.hash()];
+    let after = At::new(doc, &hash);
+    let creation = change.deps().is_empty();
+    let kind = if creation {
+        read_identity(&after)?
+    } else {
+        read_identity(&before)?
+    };
+    let touch = if creation || kind != DocumentKind::HealthFile {
+        Touch {
+            whole: true,
+            ..Touch::default()
+        }
+    } else {
+        Touch::of(
+            doc,
+            change,
+            &health_file::PARTS,
+            health_file::ROOT_REGISTER,
+        )
+    };
+    if touch.whole {
+        let view = validate_change_view(&before, &after, author)?;
+        return Ok(Judged {
+            kind: view.kind(),
+            touch,
+        });
+    }
+    health_file::judge_touched(&before, &after, &touch, author)?;
+    Ok(Judged { kind, touch })
+}
