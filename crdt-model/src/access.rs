@@ -174,21 +174,32 @@ impl<'d, D: ReadDoc> Obj<'d, D> {
         {
             return Err(ValidationError::TooMany { field, count, max });
         }
+        let not_objects = || ValidationError::WrongType {
+            field,
+            expected: "a list of objects",
+        };
+        // One pass over the list: reading it index by index costs a search per index, and
+        // at past heads (`At`) that search is a scan, which made a list's read quadratic.
+        // Only an element holding concurrent values is read again, for all of them.
         let mut entries = Vec::with_capacity(count);
-        for index in 0..count {
+        for item in self.doc.list_range(&list, ..) {
+            if !item.conflict {
+                if item.value != automerge::ValueRef::Object(ObjType::Map) {
+                    return Err(not_objects());
+                }
+                entries.push(item.id());
+                continue;
+            }
             let values =
                 self.doc
-                    .get_all(&list, index)
+                    .get_all(&list, item.index)
                     .map_err(|_| ValidationError::WrongType {
                         field,
                         expected: "a list",
                     })?;
             for (value, id) in values {
                 if value != Value::Object(ObjType::Map) {
-                    return Err(ValidationError::WrongType {
-                        field,
-                        expected: "a list of objects",
-                    });
+                    return Err(not_objects());
                 }
                 entries.push(id);
             }

@@ -373,6 +373,28 @@ pub fn decode_change(bytes: &[u8]) -> Result<automerge::Change, crate::LoadError
     }
 }
 
+/// Ends the change `written` made on `doc`: committed (with the editor's time) if it
+/// succeeded, rolled back if it failed. Returns the change's hash, `None` if nothing was
+/// written.
+pub(crate) fn commit_or_roll_back(
+    doc: &mut automerge::AutoCommit,
+    editor: &crate::Editor,
+    written: Result<(), crate::OpError>,
+) -> Result<Option<automerge::ChangeHash>, crate::OpError> {
+    match written {
+        Ok(()) => {
+            // automerge records change times in seconds.
+            let options = automerge::transaction::CommitOptions::default()
+                .with_time(editor.at.0.div_euclid(1000));
+            Ok(doc.commit_with(options))
+        }
+        Err(error) => {
+            doc.rollback();
+            Err(error)
+        }
+    }
+}
+
 /// Implements the replica API shared by every typed document: a struct with fields
 /// `doc: AutoCommit` and `id: DocumentId`, a `KIND`, and a `parse` function.
 macro_rules! replica {
@@ -520,10 +542,7 @@ macro_rules! replica {
             ) -> Result<T, $crate::OpError> {
                 match write(&mut self.doc) {
                     Ok(value) => {
-                        // automerge records change times in seconds.
-                        let options = automerge::transaction::CommitOptions::default()
-                            .with_time(editor.at.0.div_euclid(1000));
-                        self.doc.commit_with(options);
+                        $crate::document::commit_or_roll_back(&mut self.doc, editor, Ok(()))?;
                         Ok(value)
                     }
                     Err(error) => {

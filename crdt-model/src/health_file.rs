@@ -593,6 +593,25 @@ impl HealthFile {
     pub fn apply(&mut self, editor: &Editor, op: &HealthFileOp) -> Result<(), OpError> {
         self.transact(editor, |tx| apply_op(tx, editor, op))
     }
+
+    /// Applies one typed operation as one change by `actor` directly on `doc`, the automerge
+    /// document of a health file its holder accepted (a node's replica, which every change
+    /// it holds was judged to keep valid): nothing is copied and the file is not read whole,
+    /// so the cost is the operation's, however long the file. Returns the change's hash, or
+    /// `None` when the operation changed nothing. On error nothing is written.
+    pub fn apply_to(
+        doc: &mut AutoCommit,
+        actor: &Actor,
+        editor: &Editor,
+        op: &HealthFileOp,
+    ) -> Result<Option<automerge::ChangeHash>, OpError> {
+        if read_identity(doc)? != DocumentKind::HealthFile {
+            return Err(ValidationError::UnknownDocumentType.into());
+        }
+        doc.set_actor(actor.to_automerge());
+        let written = apply_op(doc, editor, op);
+        crate::document::commit_or_roll_back(doc, editor, written)
+    }
 }
 
 fn section(doc: &AutoCommit, key: &'static str) -> Result<ObjId, OpError> {

@@ -679,6 +679,17 @@ struct Cache {
     pending: PendingBook,
     /// Bytes of quarantined envelopes kept whole (mirrors `keys::QUARANTINE_BODIES`).
     quarantine_bodies: u64,
+    /// A document taken out of the cache with a local change made on it, until `decide`
+    /// judges that change in place.
+    applied: Option<Applied>,
+}
+
+/// A cached document holding a local change not yet decided (see `Node::write_in_place`).
+struct Applied {
+    document: DocumentId,
+    change: ChangeHash,
+    doc: AutoCommit,
+    bytes: usize,
 }
 
 impl Cache {
@@ -857,11 +868,10 @@ impl Writer<'_> {
         let node = self.node;
         node.check_editor(editor)?;
         let _writing = node.lock_document(&id);
-        let doc = node.document(id, DocumentKind::HealthFile)?;
-        let mut file = HealthFile::from_automerge(doc, &node.actor)?;
-        let heads = file.heads();
-        file.apply(editor, op)?;
-        node.write_local(id, file.changes_since(&heads), self.app)
+        let change = node.write_in_place(id, DocumentKind::HealthFile, |doc| {
+            HealthFile::apply_to(doc, &node.actor, editor, op)
+        })?;
+        node.write_local(id, change.into_iter().collect(), self.app)
     }
 
     /// Applies a typed edit to a referral. Returns the change's hash once it is durable.
@@ -1109,6 +1119,7 @@ impl Node {
                 audit: audit_head,
                 quarantined: quarantined_at_open,
                 quarantine_bodies,
+                applied: None,
                 pending,
                 ..Cache::default()
             }),
@@ -1676,6 +1687,49 @@ impl Node {
         Ok(outcomes)
     }
 
+    /// Makes a local change on the cached document itself (no copy): `write` makes it, and
+    /// the document, holding it, is kept aside for `decide` to judge in place. Returns the
+    /// change, `None` if `write` changed nothing.
+    fn write_in_place(
+        &self,
+        id: DocumentId,
+        expected: DocumentKind,
+        write: impl FnOnce(&mut AutoCommit) -> Result<Option<ChangeHash>, crate::model::OpError>,
+    ) -> Result<Option<Change>, NodeError> {
+        let mut cache = self.lock_cache();
+        let (mut doc, found, bytes) = self
+            .take(&mut cache, &id)?
+            .ok_or(NodeError::UnknownDocument(id))?;
+        if found != expected {
+            self.put_back(&mut cache, id, doc, bytes);
+            return Err(NodeError::WrongKind {
+                document: id,
+                expected,
+                found,
+            });
+        }
+        let written = match write(&mut doc) {
+            Ok(Some(hash)) => hash,
+            // Nothing written, or an error (`write` rolled back): the document is unchanged.
+            other => {
+                self.put_back(&mut cache, id, doc, bytes);
+                return Ok(other?.and(None));
+            }
+        };
+        let change = doc
+            .get_change_by_hash(&written)
+            .ok_or(StoreError::Corrupt {
+                what: "a change just written",
+            })?;
+        cache.applied = Some(Applied {
+            document: id,
+            change: written,
+            doc,
+            bytes,
+        });
+        Ok(Some(change))
+    }
+
     /// Signs and ingests the change a typed operation made; `app`, when an app made it
     /// through the API, is recorded as its writer in the same batch as the change.
     fn write_local(
@@ -1748,6 +1802,14 @@ impl Node {
         app: Option<&str>,
     ) -> Result<Ingested, IngestError> {
         let (id, hash) = (verified.document, verified.hash);
+        // A local change made on the cached document is judged on it. Any other decision
+        // first drops it (that decision may have read the document again from the store, and
+        // its copy is then the current one); so does a read of the document meanwhile.
+        let applied = cache.applied.take().filter(|applied| {
+            applied.document == id
+                && applied.change == hash
+                && !cache.documents.contains_key(&id)
+        });
         if self.store.get(&keys::envelope(&id, &hash))?.is_some() {
             return Ok(Ingested::Duplicate(hash));
         }
@@ -1804,7 +1866,10 @@ impl Node {
         }
 
         // The document is taken out of the cache, not copied; it goes back once decided.
-        let (mut current, mut cached_bytes) = if deps.is_empty() {
+        let already_applied = applied.is_some();
+        let (mut current, mut cached_bytes) = if let Some(applied) = applied {
+            (applied.doc, applied.bytes)
+        } else if deps.is_empty() {
             (AutoCommit::new(), 0)
         } else {
             let (doc, _, bytes) = self.take(cache, &id)?.ok_or(StoreError::Corrupt {
@@ -1818,16 +1883,25 @@ impl Node {
         // document at its own dependencies, then merged. A change refused after it was
         // applied in place leaves the document half changed: that copy is dropped, and the
         // document is read again from the store when next needed.
-        let on_current = {
+        let on_current = already_applied || {
             let mut heads = current.get_heads();
             let mut wanted = deps.clone();
             heads.sort();
             wanted.sort();
             heads == wanted
         };
-        let digest_before = (!deps.is_empty()).then(|| catalogue_digest(&current.get_heads()));
+        // The document's heads before the change: what its kept view shows.
+        let digest_before = match (deps.is_empty(), already_applied) {
+            (true, _) => None,
+            (false, true) => Some(catalogue_digest(&deps)),
+            (false, false) => Some(catalogue_digest(&current.get_heads())),
+        };
         let judged = if on_current {
-            judge_applied(&mut current, &verified.change, &author, APPLY_TO_DEPENDENCIES)
+            if already_applied || applies(&mut current, &verified.change) {
+                judge_applied(&current, &verified.change, &author)
+            } else {
+                Err(APPLY_TO_DEPENDENCIES.to_string())
+            }
         } else {
             // `fork_at` reads only what this node accepted; contained all the same.
             let forked =
@@ -1839,8 +1913,12 @@ impl Node {
                     .ok_or(StoreError::Corrupt {
                         what: "document history",
                     })?;
-            match judge_applied(&mut judged_at, &verified.change, &author, APPLY_TO_DEPENDENCIES)
-            {
+            let judged = if applies(&mut judged_at, &verified.change) {
+                judge_applied(&judged_at, &verified.change, &author)
+            } else {
+                Err(APPLY_TO_DEPENDENCIES.to_string())
+            };
+            match judged {
                 Err(reason) => {
                     self.put_back(cache, id, current, cached_bytes);
                     return self.quarantined(cache, ticket, &verified, &reason);
@@ -3448,19 +3526,15 @@ const APPLY_TO_DEPENDENCIES: &str = "the change does not apply to its dependenci
 /// Why a change judged at its dependencies that cannot merge into the document is refused.
 const APPLY_TO_DOCUMENT: &str = "the change does not apply to the document";
 
-/// Applies `change` to `doc`, which must hold exactly its dependencies and their ancestors,
-/// and judges it by what it wrote. On refusal `doc` may hold the change: callers drop it.
+/// Judges `change` by what it wrote, on `doc`, which holds exactly the change and its
+/// ancestors. On refusal callers drop `doc`: it holds the refused change.
 fn judge_applied(
-    doc: &mut AutoCommit,
+    doc: &AutoCommit,
     change: &Change,
     author: &InstitutionId,
-    unappliable: &str,
 ) -> Result<crate::model::Judged, String> {
-    if !applies(doc, change) {
-        return Err(unappliable.to_string());
-    }
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        crate::model::judge_change(&*doc, change, author)
+        crate::model::judge_change(doc, change, author)
     }))
     .map_err(|_| "the change could not be read".to_string())?
     .map_err(|error| error.to_string())
@@ -3774,6 +3848,103 @@ pub(crate) mod tests {
         let node = Arc::new(Node::open(&config, None).unwrap());
         let first = node.health_file(id).unwrap();
         assert_eq!(read_while_deciding(&node), first);
+    }
+
+    #[test]
+    fn a_local_change_is_judged_on_the_document_it_was_made_on_or_on_a_copy_read_meanwhile() {
+        use crate::model::{NewAllergy, PersonName, Severity, Sex};
+        let dir = tempfile::tempdir().unwrap();
+        let (node, config) = one_member_node(dir.path());
+        let editor = one_member_editor();
+        let demographics = Demographics {
+            name: PersonName {
+                family: "F".into(),
+                given: "G".into(),
+                text: None,
+            },
+            sex: Sex::Unknown,
+            birth_date: crate::model::Date::new("1950-01-01").unwrap(),
+            phone: None,
+            address: None,
+            national_id: None,
+            insurance: None,
+        };
+        let (id, _) = node.create_health_file(&editor, &demographics).unwrap();
+        let allergy = |substance: &str| {
+            HealthFileOp::AddAllergy(NewAllergy {
+                substance: substance.into(),
+                reaction: "rash".into(),
+                severity: Severity::Mild,
+            })
+        };
+        let elsewhere = std::cell::Cell::new(None);
+        let write = |op: HealthFileOp, meanwhile: &dyn Fn()| {
+            let change = node
+                .write_in_place(id, DocumentKind::HealthFile, |doc| {
+                    HealthFile::apply_to(doc, &node.actor, &editor, &op)
+                })
+                .unwrap()
+                .unwrap();
+            assert!(node.lock_cache().applied.is_some());
+            meanwhile();
+            let hash = node.write_local(id, vec![change], None).unwrap();
+            assert!(node.lock_cache().applied.is_none());
+            hash
+        };
+        write(allergy("penicillin"), &|| {});
+        // While the change waits, a change of the same document from elsewhere (the same
+        // key, another incarnation) is decided on a copy read again from the store: that
+        // copy is then the current one, and the waiting change is judged on it.
+        write(allergy("latex"), &|| {
+            let mut copy = node.document(id, DocumentKind::HealthFile).unwrap();
+            let mut other = node.identity.public_key().0.to_vec();
+            other.extend([9; crate::envelope::ACTOR_INCARNATION_BYTES]);
+            let hash = HealthFile::apply_to(
+                &mut copy,
+                &crate::model::Actor::from_bytes(other),
+                &editor,
+                &allergy("shellfish"),
+            )
+            .unwrap()
+            .unwrap();
+            let mut change = copy.get_change_by_hash(&hash).unwrap();
+            let envelope = Envelope::sign(&node.identity, id, &mut change).encode();
+            assert!(matches!(node.ingest(&envelope), Ok(Ingested::Accepted(_))));
+            elsewhere.set(Some(hash));
+        });
+        write(allergy("iodine"), &|| {});
+        assert_eq!(
+            node.health_file(id).unwrap().allergy_substances(),
+            ["iodine", "latex", "penicillin", "shellfish"]
+        );
+        // The cached document holds exactly what the store holds.
+        let cached = node.document(id, DocumentKind::HealthFile).unwrap();
+        assert_eq!(
+            cached.clone().get_heads(),
+            node.heads(id).unwrap()
+        );
+        assert!(node.verify().unwrap().problems.is_empty());
+        // An operation that fails writes nothing and leaves the document in the cache.
+        let refused = node.apply_health_file(
+            id,
+            &editor,
+            &HealthFileOp::EditEncounterNote {
+                entry: crate::model::EntryId::parse("1@00").unwrap(),
+                note: "no such encounter".into(),
+            },
+        );
+        assert!(refused.is_err());
+        assert!(node.lock_cache().documents.contains_key(&id));
+        assert_eq!(node.health_file(id).unwrap().allergies.len(), 4);
+        // Nothing was judged on a stale copy: the change from elsewhere is an ancestor of the
+        // heads, and the store read afresh shows what the node showed.
+        let mut stored = node.document(id, DocumentKind::HealthFile).unwrap();
+        assert!(stored.get_change_by_hash(&elsewhere.get().unwrap()).is_some());
+        let shown = node.health_file(id).unwrap();
+        drop(node);
+        let node = Node::open(&config, None).unwrap();
+        assert_eq!(node.health_file(id).unwrap(), shown);
+        assert_eq!(node.heads(id).unwrap(), stored.get_heads());
     }
 
     #[test]

@@ -10,14 +10,17 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod bench_byzantine;
+mod bench_growth;
 mod bench_island;
 mod bench_model;
 mod bench_reads;
 mod bench_reconcile;
 mod bench_store;
 mod bench_sync;
+mod health_data;
 mod island;
 mod model_demo;
+mod node_process;
 mod sample;
 
 #[derive(Parser)]
@@ -92,6 +95,26 @@ enum Bench {
         /// Peer batches of 64 files ingested while the file is read.
         #[arg(long, default_value_t = 40)]
         batches: usize,
+        /// Write the figures as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// One file growing to `--entries` encounters, written and read through the HTTP API of an
+    /// `estuary node run` process: write and view latency at 0, a quarter, half and all.
+    Growth {
+        /// Encounters in the file at the last checkpoint.
+        #[arg(long, default_value_t = 1_000)]
+        entries: usize,
+        /// Writes and reads timed at each checkpoint.
+        #[arg(long, default_value_t = 20)]
+        samples: usize,
+        /// Health files (NDJSON in the shape of `gen.js`, gzipped if `.gz`) to take the
+        /// encounters from; default: the same data set, generated here.
+        #[arg(long)]
+        input: Option<PathBuf>,
+        /// The `estuary` binary to run (default: beside this one).
+        #[arg(long)]
+        estuary: Option<PathBuf>,
         /// Write the figures as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -262,6 +285,22 @@ fn main() -> ExitCode {
         } => bench_reads::run(&bench_reads::Options {
             entries,
             batches,
+            json,
+        }),
+        Command::Bench {
+            bench:
+                Bench::Growth {
+                    entries,
+                    samples,
+                    input,
+                    estuary,
+                    json,
+                },
+        } => bench_growth::run(&bench_growth::Options {
+            entries,
+            samples,
+            input,
+            estuary,
             json,
         }),
         Command::Bench {

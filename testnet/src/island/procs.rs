@@ -45,7 +45,7 @@ pub struct Procs {
 
 /// A port free now, below the system's ephemeral range: a port the system hands out would
 /// soon be taken again by the nodes' own outgoing connections.
-fn free_port() -> anyhow::Result<u16> {
+pub(crate) fn free_port() -> anyhow::Result<u16> {
     for _ in 0..1_000 {
         let mut bytes = [0u8; 2];
         getrandom::fill(&mut bytes).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
