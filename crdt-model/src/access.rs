@@ -168,11 +168,12 @@ impl<'d, D: ReadDoc> Obj<'d, D> {
         max: Option<usize>,
     ) -> Result<Vec<ObjId>, ValidationError> {
         let list = self.container(key, field, ObjType::List, "a list")?;
-        let count = self.doc.length(&list);
-        if let Some(max) = max
-            && count > max
-        {
-            return Err(ValidationError::TooMany { field, count, max });
+        // A list's length at past heads is counted by a scan: only when it is bounded.
+        if let Some(max) = max {
+            let count = self.doc.length(&list);
+            if count > max {
+                return Err(ValidationError::TooMany { field, count, max });
+            }
         }
         let not_objects = || ValidationError::WrongType {
             field,
@@ -181,7 +182,7 @@ impl<'d, D: ReadDoc> Obj<'d, D> {
         // One pass over the list: reading it index by index costs a search per index, and
         // at past heads (`At`) that search is a scan, which made a list's read quadratic.
         // Only an element holding concurrent values is read again, for all of them.
-        let mut entries = Vec::with_capacity(count);
+        let mut entries = Vec::new();
         for item in self.doc.list_range(&list, ..) {
             if !item.conflict {
                 if item.value != automerge::ValueRef::Object(ObjType::Map) {
@@ -370,6 +371,29 @@ pub(crate) fn long_text<D: ReadDoc>(
 /// The entry id of an object.
 pub(crate) fn entry_id(id: &ObjId) -> EntryId {
     EntryId(id.to_string())
+}
+
+/// Whether `entry` is the entry id of the object `id`, without formatting `id` (views are
+/// brought up to date by walking a list's thousands of ids against its entries).
+pub(crate) fn is_entry_of(entry: &EntryId, id: &ObjId) -> bool {
+    let ObjId::Id(counter, actor, _) = id else {
+        return false;
+    };
+    let Some((entry_counter, entry_actor)) = entry.0.split_once('@') else {
+        return false;
+    };
+    let actor = actor.to_bytes();
+    entry_counter.parse::<u64>().ok() == Some(*counter)
+        && entry_actor.len() == 2 * actor.len()
+        && entry_actor
+            .as_bytes()
+            .chunks(2)
+            .zip(actor)
+            .all(|(hex, byte)| {
+                let digit = |c: u8| char::from(c).to_digit(16);
+                matches!((digit(hex[0]), digit(hex[1])), (Some(hi), Some(lo)) if hi * 16 + lo == u32::from(*byte))
+                    && hex.iter().all(|c| !c.is_ascii_uppercase())
+            })
 }
 
 /// Writes a text field, refusing what `validate` would refuse.

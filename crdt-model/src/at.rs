@@ -73,7 +73,11 @@ impl<D: ReadDoc> ReadDoc for At<'_, D> {
         self.doc.map_range_at(obj, range, heads)
     }
 
-    fn list_range<O: AsRef<ObjId>, R: RangeBounds<usize>>(&self, obj: O, range: R) -> ListRange<'_> {
+    fn list_range<O: AsRef<ObjId>, R: RangeBounds<usize>>(
+        &self,
+        obj: O,
+        range: R,
+    ) -> ListRange<'_> {
         self.doc.list_range_at(obj, range, self.heads)
     }
 
@@ -169,12 +173,8 @@ impl<D: ReadDoc> ReadDoc for At<'_, D> {
         at: Option<&[ChangeHash]>,
         move_cursor: MoveCursor,
     ) -> Result<Cursor, AutomergeError> {
-        self.doc.get_cursor_moving(
-            obj,
-            position,
-            Some(at.unwrap_or(self.heads)),
-            move_cursor,
-        )
+        self.doc
+            .get_cursor_moving(obj, position, Some(at.unwrap_or(self.heads)), move_cursor)
     }
 
     fn get_cursor_position<O: AsRef<ObjId>>(

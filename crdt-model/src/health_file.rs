@@ -17,7 +17,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::access::{
     self, Obj, Register, append_entry, check_text, date, entry_id, find_entry, finite, icd10,
-    institution, long_text, object, put_opt_text, put_text, put_time, text, timestamp, uint,
+    institution, is_entry_of, long_text, object, put_opt_text, put_text, put_time, text, timestamp,
+    uint,
 };
 use crate::document::{DocumentKind, IDENTITY_KEYS, read_identity, replica};
 use crate::error::{OpError, ValidationError};
@@ -2019,17 +2020,29 @@ pub(crate) fn update_view<D: ReadDoc>(
             return Ok(());
         };
         let ids = root.entries(T::KEY, T::KEY, None)?;
-        let mut kept: HashMap<EntryId, T> = std::mem::take(T::list_mut(view))
-            .into_iter()
-            .map(|entry| (entry.entry().clone(), entry))
-            .collect();
-        let list = ids
-            .iter()
-            .map(|id| match kept.remove(&entry_id(id)) {
-                Some(entry) if !touched.contains(id) => Ok(entry),
-                _ => T::parse(&root.child(id.clone(), T::KEY)),
-            })
-            .collect::<Result<_, _>>()?;
+        // Both lists are in document order, and differ only where the change wrote: walk
+        // them side by side. An id not next in the old list is new, or the old entries
+        // before it were removed; only then is the old list searched.
+        let mut old = std::mem::take(T::list_mut(view)).into_iter();
+        let mut list = Vec::with_capacity(ids.len());
+        for id in &ids {
+            let next_is_it = old
+                .as_slice()
+                .first()
+                .is_some_and(|e| is_entry_of(e.entry(), id));
+            let kept = if next_is_it {
+                old.next()
+            } else if old.as_slice().iter().any(|e| is_entry_of(e.entry(), id)) {
+                // The entries before it are gone.
+                old.by_ref().find(|e| is_entry_of(e.entry(), id))
+            } else {
+                None
+            };
+            list.push(match kept {
+                Some(entry) if !touched.contains(id) => entry,
+                _ => T::parse(&root.child(id.clone(), T::KEY))?,
+            });
+        }
         *T::list_mut(view) = list;
         Ok(())
     }

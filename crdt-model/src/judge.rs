@@ -124,7 +124,11 @@ impl Judged {
     ///
     /// Fails if the merged state breaks the model (per-change checks keep merged states valid;
     /// this checks rather than assumes).
-    pub fn view<D: ReadDoc>(&self, doc: &D, previous: Option<View>) -> Result<View, ValidationError> {
+    pub fn view<D: ReadDoc>(
+        &self,
+        doc: &D,
+        previous: Option<View>,
+    ) -> Result<View, ValidationError> {
         match (self.kind, previous) {
             (DocumentKind::HealthFile, Some(View::HealthFile(previous))) if !self.touch.whole => {
                 health_file::update_view(doc, &self.touch, *previous)
@@ -163,12 +167,7 @@ pub fn judge_change<D: ReadDoc>(
             ..Touch::default()
         }
     } else {
-        Touch::of(
-            doc,
-            change,
-            &health_file::PARTS,
-            health_file::ROOT_REGISTER,
-        )
+        Touch::of(doc, change, &health_file::PARTS, health_file::ROOT_REGISTER)
     };
     if touch.whole {
         let view = validate_change_view(&before, &after, author)?;

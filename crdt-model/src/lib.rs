@@ -36,8 +36,8 @@ pub use health_file::{
     HealthFileView, Insurance, Measurement, MedicationView, NewAllergy, NewEncounter,
     NewExamResult, NewFollowUp, NewMedication, NewProblem, PersonName, ProblemView,
 };
-pub use judge::{Judged, judge_change};
 pub use ids::{Actor, Date, DocumentId, Editor, EntryId, Icd10, InstitutionId, Timestamp};
+pub use judge::{Judged, judge_change};
 pub use referral::{
     EventView, NewReferral, Referral, ReferralOp, ReferralStatus, ReferralView, Role,
 };

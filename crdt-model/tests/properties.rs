@@ -640,8 +640,12 @@ fn write_file_fault(
             doc.put(&entry, "frequency", "twice daily").ok()?;
             doc.put(&entry, "start", "2026-03-01").ok()?;
             doc.put(&entry, "days", 30u64).ok()?;
-            doc.put(&entry, "prescribed_by", INSTITUTIONS[replica % INSTITUTIONS.len()])
-                .ok()?;
+            doc.put(
+                &entry,
+                "prescribed_by",
+                INSTITUTIONS[replica % INSTITUTIONS.len()],
+            )
+            .ok()?;
             doc.put(&entry, "recorded_at", ScalarValue::Timestamp(1))
                 .ok()?
         }
@@ -649,8 +653,12 @@ fn write_file_fault(
             let list = at(doc, &root, "follow_ups")?;
             let end = doc.length(&list);
             let entry = doc.insert_object(&list, end, ObjType::Map).ok()?;
-            doc.put(&entry, "institution", INSTITUTIONS[replica % INSTITUTIONS.len()])
-                .ok()?;
+            doc.put(
+                &entry,
+                "institution",
+                INSTITUTIONS[replica % INSTITUTIONS.len()],
+            )
+            .ok()?;
             doc.put(&entry, "time", ScalarValue::Timestamp(1)).ok()?;
             doc.put(&entry, "remark", "extra").ok()?
         }
@@ -783,10 +791,9 @@ fn file_history(
                 action: FileStep::Honest(action),
             } => {
                 // A replica holding an invalid state cannot use the typed API.
-                if let Ok(mut file) = HealthFile::from_automerge(
-                    replicas[replica].clone(),
-                    &actor(replica as u8 + 1),
-                ) && let Some(op) = file_op(&action, &file.view())
+                if let Ok(mut file) =
+                    HealthFile::from_automerge(replicas[replica].clone(), &actor(replica as u8 + 1))
+                    && let Some(op) = file_op(&action, &file.view())
                     && file.apply(&replica_editor(replica), &op).is_ok()
                 {
                     replicas[replica] = file.automerge().clone();
@@ -828,7 +835,12 @@ fn ingest_judging_parts(
         let mut progress = false;
         for change in &queue {
             let hash = change.hash();
-            if decided.contains(&hash) || !change.deps().iter().all(|d| doc.get_change_by_hash(d).is_some()) {
+            if decided.contains(&hash)
+                || !change
+                    .deps()
+                    .iter()
+                    .all(|d| doc.get_change_by_hash(d).is_some())
+            {
                 continue;
             }
             decided.insert(hash);

@@ -2,13 +2,16 @@
 //! name; referrals by destination institution and status, and by patient; documents holding
 //! conflicts for a clinician to review.
 //!
-//! Index entries are keys of the store with an empty value, so a lookup is a prefix scan in key
-//! order. Each document's current entries are recorded beside it, so an update removes the
-//! entries its old content had in the same atomic batch that adds the new ones.
+//! Index entries are keys of the store, so a lookup is a prefix scan in key order. A resident's
+//! entries (name, national id) hold the resident's summary (`ResidentSummary`: name, sex,
+//! birth date), so a search answers from the index alone, without reading a file; the other
+//! entries are empty. Each document's current keys are recorded beside it, so an update
+//! removes the entries its old content had in the same atomic batch that adds the new ones.
 
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::model::{DocumentId, ReferralStatus, Register, View};
+use crate::model::{Date, DocumentId, PersonName, ReferralStatus, Register, Sex, View};
 
 /// Key prefix: `x ‖ document` → the document's current index keys.
 pub(crate) const RECORD: u8 = b'x';
@@ -27,8 +30,51 @@ pub const SEARCH_RESULTS_MAX: usize = 100;
 /// Longest normalised name indexed, in bytes.
 const NAME_KEY_BYTES_MAX: usize = 256;
 
+/// A search hit: enough to tell residents apart (the values shown by default); the rest is
+/// one read away.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResidentSummary {
+    /// The health file.
+    pub id: DocumentId,
+    /// Name.
+    pub name: PersonName,
+    /// Administrative sex.
+    pub sex: Sex,
+    /// Date of birth.
+    pub birth_date: Date,
+}
+
+/// The index entries a document's content calls for: keys, sorted, each with its value.
+pub(crate) fn entries_of(salt: &[u8; 32], id: &DocumentId, view: &View) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let summary = match view {
+        View::HealthFile(view) => crate::cbor::encode(&ResidentSummary {
+            id: *id,
+            name: view.demographics.name.value.clone(),
+            sex: view.demographics.sex.value,
+            birth_date: view.demographics.birth_date.value.clone(),
+        }),
+        _ => Vec::new(),
+    };
+    keys_of(salt, id, view)
+        .into_iter()
+        .map(|key| {
+            let value = match key.first() {
+                Some(&NAME | &NATIONAL_ID) => summary.clone(),
+                _ => Vec::new(),
+            };
+            (key, value)
+        })
+        .collect()
+}
+
+/// The summary a resident's index entry holds; `None` for an entry written before entries held
+/// one (empty) or unreadable.
+pub(crate) fn summary_of(value: &[u8]) -> Option<ResidentSummary> {
+    crate::cbor::decode_exact(value).ok()
+}
+
 /// The index keys a document's content calls for.
-pub(crate) fn keys_of(salt: &[u8; 32], id: &DocumentId, view: &View) -> Vec<Vec<u8>> {
+fn keys_of(salt: &[u8; 32], id: &DocumentId, view: &View) -> Vec<Vec<u8>> {
     let mut keys = Vec::new();
     match view {
         View::HealthFile(view) => {

@@ -21,7 +21,7 @@ pub mod reconcile;
 pub mod store;
 pub mod sync;
 
-pub use index::SEARCH_RESULTS_MAX;
+pub use index::{ResidentSummary, SEARCH_RESULTS_MAX};
 
 /// Log directives every log filter of ours ends with, whatever `RUST_LOG` asks: crates that
 /// log stored values when verbose are held at `info`. sled logs whole write batches and

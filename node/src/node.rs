@@ -17,7 +17,7 @@ use sha2::{Digest, Sha256};
 use crate::audit::{self, AuditAction, AuditHead, AuditRecord};
 use crate::envelope::{Envelope, EnvelopeError, VerifiedChange};
 use crate::identity::{Identity, IdentityError};
-use crate::index;
+use crate::index::{self, ResidentSummary};
 use crate::membership::{Admission, Membership, RosterError, SignedRoster};
 use crate::model::automerge::{AutoCommit, Change, ChangeHash};
 use crate::model::{
@@ -97,7 +97,7 @@ mod keys {
     /// `d ‖ document` → document record (kind, heads).
     pub const DOCUMENT: u8 = b'd';
     /// `s ‖ document` → compacted snapshot (automerge `save()`), loaded instead of replaying
-    /// and re-verifying every envelope.
+    /// every envelope.
     pub const SNAPSHOT: u8 = b's';
     /// `c ‖ document` → SHA-256 of the sorted heads: the catalogue reconciliation reads.
     pub const CATALOGUE: u8 = b'c';
@@ -1277,26 +1277,46 @@ impl Node {
         }
     }
 
+    /// A document's typed view as kept (shared, not copied): what the API serialises.
+    pub fn view(&self, id: DocumentId, expected: DocumentKind) -> Result<Arc<View>, NodeError> {
+        let view = self.view_of(id, expected)?;
+        if view.kind() != expected {
+            return Err(NodeError::WrongKind {
+                document: id,
+                expected,
+                found: view.kind(),
+            });
+        }
+        Ok(view)
+    }
+
     /// A document's typed view. When the view kept for it shows the heads the catalogue
-    /// holds now, that view is the answer: no decision lock, no copy of the document, so a
-    /// clinical read does not wait while the node decides a peer's batch. Otherwise the
-    /// document is read under the decision lock (a consistent state), and its view is kept.
+    /// holds now, that view is the answer: no copy of the document. Otherwise the document
+    /// is read from the store, without the decision lock (a clinical read does not wait
+    /// while the node decides a peer's batch), and its view is kept under the digest of the
+    /// heads it shows: an accepted state at least as recent as the catalogue was when the
+    /// read began.
     fn view_of(&self, id: DocumentId, expected: DocumentKind) -> Result<Arc<View>, NodeError> {
         if let Some(digest) = self.catalogue().get(id.as_bytes())
             && let Some(view) = self.lock_views().get(&id, &digest)
         {
             return Ok(view);
         }
-        let (doc, digest) = {
-            let doc = self.document(id, expected)?;
-            (doc, self.catalogue().get(id.as_bytes()))
-        };
+        let (mut doc, found, _, _) = self
+            .stored_document(&id)?
+            .ok_or(NodeError::UnknownDocument(id))?;
+        if found != expected {
+            return Err(NodeError::WrongKind {
+                document: id,
+                expected,
+                found,
+            });
+        }
         let mut view = crate::model::view(&doc).map_err(crate::model::LoadError::from)?;
         set_view_id(&mut view, id);
         let view = Arc::new(view);
-        if let Some(digest) = digest {
-            self.lock_views().insert(id, digest, view.clone());
-        }
+        self.lock_views()
+            .insert(id, catalogue_digest(&doc.get_heads()), view.clone());
         Ok(view)
     }
 
@@ -1806,9 +1826,7 @@ impl Node {
         // first drops it (that decision may have read the document again from the store, and
         // its copy is then the current one); so does a read of the document meanwhile.
         let applied = cache.applied.take().filter(|applied| {
-            applied.document == id
-                && applied.change == hash
-                && !cache.documents.contains_key(&id)
+            applied.document == id && applied.change == hash && !cache.documents.contains_key(&id)
         });
         if self.store.get(&keys::envelope(&id, &hash))?.is_some() {
             return Ok(Ingested::Duplicate(hash));
@@ -1906,13 +1924,12 @@ impl Node {
             // `fork_at` reads only what this node accepted; contained all the same.
             let forked =
                 std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| current.fork_at(&deps)));
-            let mut judged_at =
-                forked
-                    .ok()
-                    .and_then(Result::ok)
-                    .ok_or(StoreError::Corrupt {
-                        what: "document history",
-                    })?;
+            let mut judged_at = forked
+                .ok()
+                .and_then(Result::ok)
+                .ok_or(StoreError::Corrupt {
+                    what: "document history",
+                })?;
             let judged = if applies(&mut judged_at, &verified.change) {
                 judge_applied(&judged_at, &verified.change, &author)
             } else {
@@ -2550,7 +2567,7 @@ impl Node {
             self.set_index(
                 &mut batch,
                 &document,
-                index::keys_of(&self.salt, &document, &view),
+                index::entries_of(&self.salt, &document, &view),
             )?;
         }
         *ticket = self.commit.apply(&self.store, batch)?;
@@ -2905,6 +2922,37 @@ impl Node {
         if let Some(cached) = cache.touch(id) {
             return Ok(Some((cached.doc.clone(), cached.kind)));
         }
+        let Some((mut doc, kind, bytes, record)) = self.stored_document(id)? else {
+            return Ok(None);
+        };
+        let heads: Vec<[u8; 32]> = doc.get_heads().iter().map(|h| h.0).collect();
+        if heads != record.heads {
+            return Err(StoreError::Corrupt {
+                what: "document heads",
+            });
+        }
+        cache.insert(
+            *id,
+            Cached {
+                doc: doc.clone(),
+                kind,
+                bytes,
+                used: 0,
+            },
+        );
+        cache.touch(id);
+        Ok(Some((doc, kind)))
+    }
+
+    /// A document as the store holds it: its record, then its snapshot and the envelopes the
+    /// snapshot lacks. Takes no lock: under concurrent decisions the document may hold
+    /// changes its record does not name yet (every stored envelope is an accepted change).
+    /// Returns the document, its kind, its envelopes' bytes and the record read.
+    #[allow(clippy::type_complexity)]
+    fn stored_document(
+        &self,
+        id: &DocumentId,
+    ) -> Result<Option<(AutoCommit, DocumentKind, usize, DocumentRecord)>, StoreError> {
         let Some(record) = self.document_record(id)? else {
             return Ok(None);
         };
@@ -2930,31 +2978,20 @@ impl Node {
             if crate::model::automerge::ReadDoc::get_change_by_hash(&doc, &hash).is_some() {
                 continue;
             }
-            let verified = Envelope::verify(&envelope)
-                .map_err(|_| StoreError::Corrupt { what: "envelope" })?;
-            changes.push(verified.change);
+            // Signatures were checked when the change was accepted, and `verify` checks them
+            // again; a read of the node's own store only decodes.
+            let change = Envelope::decode(&envelope)
+                .ok()
+                .and_then(|envelope| crate::model::decode_change(&envelope.change).ok())
+                .filter(|change| change.hash() == hash)
+                .ok_or(StoreError::Corrupt { what: "envelope" })?;
+            changes.push(change);
         }
         doc.apply_changes(changes)
             .map_err(|_| StoreError::Corrupt {
                 what: "document history",
             })?;
-        let heads: Vec<[u8; 32]> = doc.get_heads().iter().map(|h| h.0).collect();
-        if heads != record.heads {
-            return Err(StoreError::Corrupt {
-                what: "document heads",
-            });
-        }
-        cache.insert(
-            *id,
-            Cached {
-                doc: doc.clone(),
-                kind: record.kind,
-                bytes,
-                used: 0,
-            },
-        );
-        cache.touch(id);
-        Ok(Some((doc, record.kind)))
+        Ok(Some((doc, record.kind, bytes, record)))
     }
 
     fn document(&self, id: DocumentId, expected: DocumentKind) -> Result<AutoCommit, NodeError> {
@@ -3172,28 +3209,34 @@ impl Node {
         id: &DocumentId,
         view: &crate::model::View,
     ) -> Result<(), StoreError> {
-        self.set_index(batch, id, index::keys_of(&self.salt, id, view))
+        self.set_index(batch, id, index::entries_of(&self.salt, id, view))
     }
 
     /// Adds to `batch` the index updates that make `new` a document's index keys.
+    /// Adds to `batch` the index updates that make `new` (keys, each with its value) a
+    /// document's index entries. An entry holding a value is written again, as its value (a
+    /// resident's summary) may have changed under the same key.
     fn set_index(
         &self,
         batch: &mut Batch,
         id: &DocumentId,
-        new: Vec<Vec<u8>>,
+        new: Vec<(Vec<u8>, Vec<u8>)>,
     ) -> Result<(), StoreError> {
         let record_key = keys::per_document(index::RECORD, id);
         let old: Vec<Vec<u8>> = match self.store.get(&record_key)? {
             Some(bytes) => decode(&bytes, "index record")?,
             None => Vec::new(),
         };
-        for key in old.iter().filter(|k| !new.contains(k)) {
+        let keys: Vec<Vec<u8>> = new.iter().map(|(key, _)| key.clone()).collect();
+        for key in old.iter().filter(|k| !keys.contains(k)) {
             batch.delete(key.clone());
         }
-        for key in new.iter().filter(|k| !old.contains(k)) {
-            batch.put(key.clone(), Vec::new());
+        for (key, value) in new {
+            if !value.is_empty() || !old.contains(&key) {
+                batch.put(key, value);
+            }
         }
-        batch.put(record_key, encode(&new));
+        batch.put(record_key, encode(&keys));
         Ok(())
     }
 
@@ -3207,6 +3250,56 @@ impl Node {
             .collect();
         found.dedup();
         Ok(found)
+    }
+
+    /// Residents whose index entries start with `prefix`, answered from the index (an entry
+    /// without a summary, written by an earlier release, is answered from the file's view).
+    fn residents(&self, prefix: &[u8]) -> Result<Vec<ResidentSummary>, NodeError> {
+        let mut found: Vec<ResidentSummary> = Vec::new();
+        let mut seen = HashSet::new();
+        for (key, value) in self
+            .store
+            .scan_from(prefix, prefix, index::SEARCH_RESULTS_MAX)?
+        {
+            let Some(id) = index::document_of(&key) else {
+                continue;
+            };
+            if !seen.insert(id) {
+                continue;
+            }
+            let summary = match index::summary_of(&value) {
+                Some(summary) if summary.id == id => summary,
+                _ => match self.view(id, DocumentKind::HealthFile)?.as_ref() {
+                    View::HealthFile(view) => ResidentSummary {
+                        id,
+                        name: view.demographics.name.value.clone(),
+                        sex: view.demographics.sex.value,
+                        birth_date: view.demographics.birth_date.value.clone(),
+                    },
+                    _ => continue,
+                },
+            };
+            found.push(summary);
+        }
+        Ok(found)
+    }
+
+    /// Residents whose name (family and given, or as written locally) starts with `name`,
+    /// ignoring case and spacing, with their summaries; at most `SEARCH_RESULTS_MAX`. Answered
+    /// from the index: no file is read.
+    pub fn search_residents_by_name(&self, name: &str) -> Result<Vec<ResidentSummary>, NodeError> {
+        if index::normalise_name(name).is_empty() {
+            return Ok(Vec::new());
+        }
+        self.residents(&index::name_prefix(name))
+    }
+
+    /// The residents with this national id (through its salted hash), with their summaries.
+    pub fn find_residents_by_national_id(
+        &self,
+        national_id: &str,
+    ) -> Result<Vec<ResidentSummary>, NodeError> {
+        self.residents(&index::national_id_prefix(&self.salt, national_id))
     }
 
     /// Health files of the resident with this national id (through its salted hash).
@@ -3840,13 +3933,18 @@ pub(crate) mod tests {
         let read = read_while_deciding(&node);
         assert_eq!(read.id, id);
         assert_eq!(
-            read.demographics.phone.map(|phone| phone.value).as_deref(),
+            read.demographics
+                .phone
+                .as_ref()
+                .map(|phone| phone.value.as_str()),
             Some("+86 1")
         );
-        // After a restart nothing is kept: the first read takes the lock and keeps the view.
+        // After a restart nothing is kept: the first read reads the store, without the lock,
+        // and keeps the view.
         drop(node);
         let node = Arc::new(Node::open(&config, None).unwrap());
-        let first = node.health_file(id).unwrap();
+        let first = read_while_deciding(&node);
+        assert_eq!(first, read);
         assert_eq!(read_while_deciding(&node), first);
     }
 
@@ -3919,10 +4017,7 @@ pub(crate) mod tests {
         );
         // The cached document holds exactly what the store holds.
         let cached = node.document(id, DocumentKind::HealthFile).unwrap();
-        assert_eq!(
-            cached.clone().get_heads(),
-            node.heads(id).unwrap()
-        );
+        assert_eq!(cached.clone().get_heads(), node.heads(id).unwrap());
         assert!(node.verify().unwrap().problems.is_empty());
         // An operation that fails writes nothing and leaves the document in the cache.
         let refused = node.apply_health_file(
@@ -3939,12 +4034,80 @@ pub(crate) mod tests {
         // Nothing was judged on a stale copy: the change from elsewhere is an ancestor of the
         // heads, and the store read afresh shows what the node showed.
         let mut stored = node.document(id, DocumentKind::HealthFile).unwrap();
-        assert!(stored.get_change_by_hash(&elsewhere.get().unwrap()).is_some());
+        assert!(
+            stored
+                .get_change_by_hash(&elsewhere.get().unwrap())
+                .is_some()
+        );
         let shown = node.health_file(id).unwrap();
         drop(node);
         let node = Node::open(&config, None).unwrap();
         assert_eq!(node.health_file(id).unwrap(), shown);
         assert_eq!(node.heads(id).unwrap(), stored.get_heads());
+    }
+
+    #[test]
+    fn a_resident_search_answers_from_the_index_and_follows_edits() {
+        use crate::model::{DemographicField, PersonName, Sex};
+        let dir = tempfile::tempdir().unwrap();
+        let (node, _) = one_member_node(dir.path());
+        let editor = one_member_editor();
+        let name = |family: &str| PersonName {
+            family: family.into(),
+            given: "Jianguo".into(),
+            text: None,
+        };
+        let demographics = Demographics {
+            name: name("Lu"),
+            sex: Sex::Unknown,
+            birth_date: crate::model::Date::new("1950-01-01").unwrap(),
+            phone: None,
+            address: None,
+            national_id: Some("310230195001010011".into()),
+            insurance: None,
+        };
+        let (id, _) = node.create_health_file(&editor, &demographics).unwrap();
+        let summary = |sex, family: &str| ResidentSummary {
+            id,
+            name: name(family),
+            sex,
+            birth_date: demographics.birth_date.clone(),
+        };
+        assert_eq!(
+            node.search_residents_by_name("lu jian").unwrap(),
+            [summary(Sex::Unknown, "Lu")]
+        );
+        // An edit under the same index key (the sex), then one that moves it (the name).
+        let edit = |field| {
+            node.apply_health_file(id, &editor, &HealthFileOp::SetDemographic(field))
+                .unwrap()
+        };
+        edit(DemographicField::Sex(Sex::Female));
+        assert_eq!(
+            node.search_residents_by_name("lu").unwrap(),
+            [summary(Sex::Female, "Lu")]
+        );
+        edit(DemographicField::Name(name("Shi")));
+        assert!(node.search_residents_by_name("lu").unwrap().is_empty());
+        assert_eq!(
+            node.search_residents_by_name("SHI  jianguo").unwrap(),
+            [summary(Sex::Female, "Shi")]
+        );
+        assert_eq!(
+            node.find_residents_by_national_id("310230 195001010011")
+                .unwrap(),
+            [summary(Sex::Female, "Shi")]
+        );
+        // An entry written before entries held a summary is answered from the file.
+        let key = index::name_prefix("shi jianguo");
+        let (stored, _) = node.store.scan_from(&key, &key, 1).unwrap().remove(0);
+        let mut batch = Batch::default();
+        batch.put(stored, Vec::new());
+        node.store.apply(batch).unwrap();
+        assert_eq!(
+            node.search_residents_by_name("shi").unwrap(),
+            [summary(Sex::Female, "Shi")]
+        );
     }
 
     #[test]

@@ -290,7 +290,7 @@ pub fn all(dir: &Path) -> anyhow::Result<()> {
         crate::bench_sync::run(&crate::bench_sync::Options {
             which,
             files: 10_000,
-            changes_per_file: 4,
+            source: crate::health_data::Source::from_input(None),
             diff: 100,
             writes: 200,
             json: Some(path(name)),

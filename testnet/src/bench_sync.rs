@@ -2,8 +2,13 @@
 //! the in-process memory transport).
 //!
 //! - `bootstrap`: a node that joins empty catches up on every health file the other holds:
-//!   seconds, files per second, bytes on the wire against the compressed size of the data;
-//!   then the other's new writes reach it by gossip (propagation p50/p99).
+//!   seconds, files per second, bytes on the wire against the compressed size of the data,
+//!   and the latency of a clinical read (a name search and the first file it finds) made on the
+//!   catching-up node every 50 ms meanwhile; then the other's new writes reach it by gossip
+//!   (propagation p50/p99).
+//!
+//! The files are the realistic data set (`crate::health_data`), written as an app writes
+//! them: ~11.6 changes per file.
 //! - `insync`: both hold the same files; one reconciliation confirms it: round trips, bytes,
 //!   and the CPU time of the reconciliation's work on both sides.
 //! - `diff`: the files differ in `D` of them: round trips and bytes per difference.
@@ -22,6 +27,7 @@ use estuary_node::reconcile::Reconciliation;
 use estuary_node::sync::{Multiaddr, PeerStats, SyncConfig, SyncHandle, TransportKind};
 use serde::Serialize;
 
+use crate::health_data::Source;
 use crate::sample;
 
 const AUTHORITY: [u8; 32] = [1; 32];
@@ -41,11 +47,14 @@ pub enum Which {
     Diff,
 }
 
+/// How often a clinical read is made on the catching-up node.
+const READ_EVERY: Duration = Duration::from_millis(50);
+
 /// Options of `bench sync`.
 pub struct Options {
     pub which: Which,
     pub files: usize,
-    pub changes_per_file: usize,
+    pub source: Source,
     pub diff: usize,
     pub writes: usize,
     pub json: Option<PathBuf>,
@@ -54,6 +63,7 @@ pub struct Options {
 #[derive(Serialize)]
 struct Bootstrap {
     profile: &'static str,
+    data: String,
     files: usize,
     changes: usize,
     seconds: f64,
@@ -64,6 +74,15 @@ struct Bootstrap {
     /// The data's compressed size: every file saved by automerge.
     payload_bytes: u64,
     wire_to_payload: f64,
+    /// The catching-up node's store on disk, per file, against the file's automerge save.
+    store_bytes_per_file: f64,
+    payload_bytes_per_file: f64,
+    store_to_payload: f64,
+    /// Clinical reads made on the catching-up node while it caught up (one every 50 ms).
+    reads: usize,
+    read_ms_p50: f64,
+    read_ms_p99: f64,
+    read_ms_max: f64,
     propagation_writes: usize,
     propagation_p50_ms: f64,
     propagation_p99_ms: f64,
@@ -149,36 +168,41 @@ fn pair(root: &Path) -> anyhow::Result<Pair> {
     })
 }
 
-/// Health files written by `writer`'s key, `changes` changes each, ingested into every node
-/// of `into`; returns their ids, the number of changes, and their compressed size.
+/// The health files of `source`, written as an app writes them by `writer`'s key (the
+/// hospital), ingested into every node of `into`; returns their ids, their residents' names,
+/// the number of changes, and the files' compressed size.
 fn build(
     writer: &Node,
     into: &[&Node],
     files: usize,
-    changes: usize,
-) -> anyhow::Result<(Vec<DocumentId>, usize, u64)> {
+    source: &Source,
+) -> anyhow::Result<(Vec<DocumentId>, Vec<String>, usize, u64)> {
     let actor = writer.identity().actor();
     let mut batch = Vec::new();
-    let (mut ids, mut total, mut payload) = (Vec::with_capacity(files), 0, 0u64);
-    for n in 0..files {
-        let at = sample::MORNING_MS + n as i64 * 100;
-        let mut demographics = sample::demographics();
-        demographics.phone = Some(format!("+86 135{n:08}"));
+    let (mut ids, mut names, mut total, mut payload) =
+        (Vec::with_capacity(files), Vec::new(), 0, 0u64);
+    let records = source.records(files)?;
+    anyhow::ensure!(
+        records.len() == files,
+        "{} holds {} files, not {files}",
+        source.describe(),
+        records.len()
+    );
+    for (n, record) in records.iter().enumerate() {
+        let writes = record.writes()?;
+        let editor = |at: Timestamp| sample::editor(sample::HOSPITAL, at.0);
         let mut file =
-            HealthFile::create(&actor, &sample::editor(sample::HOSPITAL, at), &demographics)?;
-        for k in 1..changes {
-            file.apply(
-                &sample::editor(sample::HOSPITAL, at + k as i64),
-                &HealthFileOp::AddAllergy(NewAllergy {
-                    substance: format!("substance {k}"),
-                    reaction: "rash".into(),
-                    severity: Severity::Mild,
-                }),
-            )?;
+            HealthFile::create(&actor, &editor(writes.created_at), &writes.demographics)?;
+        for (at, op) in &writes.operations {
+            file.apply(&editor(*at), op)?;
         }
         payload += file.save().len() as u64;
         let id = file.id();
         ids.push(id);
+        names.push(format!(
+            "{} {}",
+            record.demographics.name.family, record.demographics.name.given
+        ));
         for mut change in file.automerge().clone().get_changes(&[]) {
             batch.push(Envelope::sign(writer.identity(), id, &mut change).encode());
             total += 1;
@@ -189,11 +213,20 @@ fn build(
             }
             batch.clear();
         }
-        if (n + 1) % 50_000 == 0 {
+        if (n + 1) % 10_000 == 0 {
             eprintln!("  {} files built", n + 1);
         }
     }
-    Ok((ids, total, payload))
+    Ok((ids, names, total, payload))
+}
+
+/// A clinician's read: a search by name and a look at the first file it finds, as the API
+/// answers them (`POST /v1/health-files/search`, `GET /v1/health-files/{id}`).
+fn clinical_read(node: &Node, name: &str) -> anyhow::Result<()> {
+    if let Some(first) = node.search_residents_by_name(name)?.first() {
+        node.view(first.id, DocumentKind::HealthFile)?;
+    }
+    Ok(())
 }
 
 fn memory_address(n: u64) -> Multiaddr {
@@ -258,10 +291,7 @@ async fn reconcile_once(centre: &SyncHandle, hospital: &SyncHandle) -> anyhow::R
 }
 
 pub fn run(options: &Options) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        options.files > 0 && options.changes_per_file > 0,
-        "--files and --changes must be positive"
-    );
+    anyhow::ensure!(options.files > 0, "--files must be positive");
     let root = std::env::temp_dir().join(format!("estuary-bench-sync-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&root);
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -288,16 +318,32 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
 
 async fn bootstrap(pair: &Pair, options: &Options) -> anyhow::Result<Bootstrap> {
     let files = options.files;
-    eprintln!("building {files} health files at the hospital…");
-    let (ids, changes, payload) = build(
-        &pair.hospital,
-        &[&pair.hospital],
-        files,
-        options.changes_per_file,
-    )?;
+    eprintln!(
+        "building {files} health files at the hospital ({})…",
+        options.source.describe()
+    );
+    let (ids, names, changes, payload) =
+        build(&pair.hospital, &[&pair.hospital], files, &options.source)?;
     let started = Instant::now();
     let (hospital, centre) = start(pair, Duration::from_secs(1))?;
-    eprintln!("the centre joins empty and catches up…");
+    eprintln!("the centre joins empty and catches up, a clinical read there every 50 ms…");
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let (node, done) = (pair.centre.clone(), done.clone());
+        std::thread::spawn(move || -> anyhow::Result<Vec<f64>> {
+            let mut reads = Vec::new();
+            let mut n = 0;
+            while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                let next = Instant::now() + READ_EVERY;
+                let start = Instant::now();
+                clinical_read(&node, &names[(n * 7_919) % names.len()])?;
+                reads.push(start.elapsed().as_secs_f64() * 1e3);
+                n += 1;
+                std::thread::sleep(next.saturating_duration_since(Instant::now()));
+            }
+            Ok(reads)
+        })
+    };
     let mut last_report = Instant::now();
     while *pair.centre.catalogue() != *pair.hospital.catalogue() {
         anyhow::ensure!(started.elapsed() < LIMIT, "no catch-up within {LIMIT:?}");
@@ -315,9 +361,15 @@ async fn bootstrap(pair: &Pair, options: &Options) -> anyhow::Result<Bootstrap> 
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let seconds = started.elapsed().as_secs_f64();
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut reads = reader
+        .join()
+        .map_err(|_| anyhow::anyhow!("the reader panicked"))??;
+    reads.sort_by(f64::total_cmp);
     let wire_bytes = peer_stats(&centre, &hospital)
         .map(|p| p.bytes_in + p.bytes_out)
         .unwrap_or(0);
+    let store_bytes = pair.centre.storage_bytes()?;
 
     let writes = options.writes;
     eprintln!("{writes} new writes at the hospital, gossiped…");
@@ -355,6 +407,7 @@ async fn bootstrap(pair: &Pair, options: &Options) -> anyhow::Result<Bootstrap> 
     centre.shutdown().await;
     let report = Bootstrap {
         profile: profile(),
+        data: options.source.describe(),
         files,
         changes,
         seconds,
@@ -363,16 +416,31 @@ async fn bootstrap(pair: &Pair, options: &Options) -> anyhow::Result<Bootstrap> 
         wire_bytes,
         payload_bytes: payload,
         wire_to_payload: wire_bytes as f64 / payload as f64,
+        store_bytes_per_file: store_bytes as f64 / files as f64,
+        payload_bytes_per_file: payload as f64 / files as f64,
+        store_to_payload: store_bytes as f64 / payload as f64,
+        reads: reads.len(),
+        read_ms_p50: percentile(&reads, 0.5),
+        read_ms_p99: percentile(&reads, 0.99),
+        read_ms_max: percentile(&reads, 1.0),
         propagation_writes: writes,
         propagation_p50_ms: percentile(&latencies, 0.5),
         propagation_p99_ms: percentile(&latencies, 0.99),
     };
     println!(
-        "bootstrap of {files} files ({changes} changes): {seconds:.1} s, {:.0} files/s, wire {} KiB = {:.2}× the compressed payload ({} KiB)",
+        "bootstrap of {files} realistic files ({changes} changes): {seconds:.1} s, {:.0} files/s, wire {} KiB = {:.2}× the compressed payload ({} KiB)",
         report.files_per_s,
         wire_bytes / 1024,
         report.wire_to_payload,
         payload / 1024
+    );
+    println!(
+        "the centre's store: {:.0} bytes per file = {:.2}× the file's automerge save ({:.0} bytes)",
+        report.store_bytes_per_file, report.store_to_payload, report.payload_bytes_per_file
+    );
+    println!(
+        "{} clinical reads on the centre meanwhile (a name search and the first file found): p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        report.reads, report.read_ms_p50, report.read_ms_p99, report.read_ms_max
     );
     println!(
         "gossip propagation of {writes} writes: p50 {:.2} ms, p99 {:.2} ms (ack at the writer → durable at the receiver)",
@@ -405,7 +473,7 @@ async fn insync(pair: &Pair, options: &Options) -> anyhow::Result<Insync> {
         &pair.hospital,
         &[&pair.hospital, &pair.centre],
         files,
-        options.changes_per_file,
+        &options.source,
     )?;
     let (hospital, centre) = start(pair, Duration::from_secs(3_600))?;
     let (round_trips, bytes) = reconcile_once(&centre, &hospital).await?;
@@ -433,11 +501,11 @@ async fn diff(pair: &Pair, options: &Options) -> anyhow::Result<Diff> {
     eprintln!(
         "building the same {files} health files at both nodes, then {differences} edits at one…"
     );
-    let (ids, _, _) = build(
+    let (ids, _, _, _) = build(
         &pair.hospital,
         &[&pair.hospital, &pair.centre],
         files,
-        options.changes_per_file,
+        &options.source,
     )?;
     for k in 0..differences {
         let file = ids[(k * 7_919) % ids.len()];

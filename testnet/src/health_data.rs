@@ -203,7 +203,7 @@ impl Rng {
         *d = d.wrapping_add(1);
         *a = *b ^ (*b >> 9);
         *b = c.wrapping_add(*c << 3);
-        *c = (*c << 21) | (*c >> 11);
+        *c = c.rotate_left(21);
         *c = c.wrapping_add(t);
         f64::from(t) / 4_294_967_296.0
     }
@@ -229,7 +229,9 @@ impl Rng {
     }
 
     fn digits(&mut self, n: usize) -> String {
-        (0..n).map(|_| char::from(b'0' + self.int(0, 9) as u8)).collect()
+        (0..n)
+            .map(|_| char::from(b'0' + self.int(0, 9) as u8))
+            .collect()
     }
 
     fn date(&mut self, y0: u32, y1: u32) -> String {
@@ -341,7 +343,10 @@ const PROBLEMS: [(&str, &str); 14] = [
     ("E11.9", "Type 2 diabetes mellitus without complications"),
     ("E78.5", "Hyperlipidaemia, unspecified"),
     ("I25.1", "Atherosclerotic heart disease"),
-    ("J44.9", "Chronic obstructive pulmonary disease, unspecified"),
+    (
+        "J44.9",
+        "Chronic obstructive pulmonary disease, unspecified",
+    ),
     ("N18.3", "Chronic kidney disease, stage 3"),
     ("I48.9", "Atrial fibrillation, unspecified"),
     ("M17.9", "Gonarthrosis, unspecified"),
@@ -415,7 +420,11 @@ const IMAGING: [(&str, &[&str]); 4] = [
     ),
     (
         "abdominal ultrasound",
-        &["fatty liver, mild", "normal study", "gallbladder polyp 4 mm"],
+        &[
+            "fatty liver, mild",
+            "normal study",
+            "gallbladder polyp 4 mm",
+        ],
     ),
     (
         "carotid ultrasound",
@@ -470,7 +479,8 @@ pub fn record(i: u32, seed: u32) -> FileRecord {
                 if !note.is_empty() {
                     note.push(' ');
                 }
-                note.push_str(*r.pick(&NOTE_PHRASES));
+                let phrase = *r.pick::<&str>(&NOTE_PHRASES);
+                note.push_str(phrase);
             }
             note.truncate(len);
             let diagnoses = (0..r.int(1, 3))
@@ -827,7 +837,7 @@ impl FileRecord {
             ));
         }
         for e in &self.encounters {
-            operations.push((millis(&e.time)?, HealthFileOp::AddEncounter(e.new()?)));
+            operations.push((millis(&e.time)?, HealthFileOp::AddEncounter(e.to_new()?)));
         }
         for x in &self.exams {
             let time = millis(&x.time)?;
@@ -873,7 +883,7 @@ impl FileRecord {
 
 impl RecordEncounter {
     /// The encounter as an app records it.
-    pub fn new(&self) -> anyhow::Result<NewEncounter> {
+    pub fn to_new(&self) -> anyhow::Result<NewEncounter> {
         Ok(NewEncounter {
             time: millis(&self.time)?,
             kind: vocabulary(EncounterKind::parse, &self.kind)?,

@@ -17,6 +17,7 @@ mod bench_reads;
 mod bench_reconcile;
 mod bench_store;
 mod bench_sync;
+mod bench_writes;
 mod health_data;
 mod island;
 mod model_demo;
@@ -119,6 +120,26 @@ enum Bench {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Durable writes through the HTTP API of an `estuary node run` process from concurrent
+    /// writers, each to its own files: writes per second and acknowledgement latency.
+    Writes {
+        /// Concurrent writers.
+        #[arg(long, default_value_t = 16)]
+        writers: usize,
+        /// Writes in all.
+        #[arg(long, default_value_t = 8_000)]
+        writes: usize,
+        /// Health files (NDJSON in the shape of `gen.js`, gzipped if `.gz`) to take the
+        /// entries from; default: the same data set, generated here.
+        #[arg(long)]
+        input: Option<PathBuf>,
+        /// The `estuary` binary to run (default: beside this one).
+        #[arg(long)]
+        estuary: Option<PathBuf>,
+        /// Write the figures as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Catalogue reconciliation: bytes, rounds and time to find the documents that differ.
     Reconcile {
         /// Documents in the largest catalogue measured.
@@ -137,9 +158,10 @@ enum Bench {
         /// Health files the nodes hold.
         #[arg(long, default_value_t = 10_000)]
         files: usize,
-        /// Changes per file (its creation and allergy records).
-        #[arg(long, default_value_t = 4)]
-        changes: usize,
+        /// Health files (NDJSON in the shape of `gen.js`, gzipped if `.gz`); default: the
+        /// same data set, generated here.
+        #[arg(long)]
+        input: Option<PathBuf>,
         /// Files that differ (`diff`).
         #[arg(long, default_value_t = 100)]
         diff: usize,
@@ -304,6 +326,22 @@ fn main() -> ExitCode {
             json,
         }),
         Command::Bench {
+            bench:
+                Bench::Writes {
+                    writers,
+                    writes,
+                    input,
+                    estuary,
+                    json,
+                },
+        } => bench_writes::run(&bench_writes::Options {
+            writers,
+            writes,
+            input,
+            estuary,
+            json,
+        }),
+        Command::Bench {
             bench: Bench::Reconcile { docs, json },
         } => bench_reconcile::run(docs, json.as_deref()),
         Command::Bench {
@@ -311,7 +349,7 @@ fn main() -> ExitCode {
                 Bench::Sync {
                     which,
                     files,
-                    changes,
+                    input,
                     diff,
                     writes,
                     json,
@@ -319,7 +357,7 @@ fn main() -> ExitCode {
         } => bench_sync::run(&bench_sync::Options {
             which,
             files,
-            changes_per_file: changes,
+            source: health_data::Source::from_input(input.as_deref()),
             diff,
             writes,
             json,

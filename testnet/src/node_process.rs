@@ -25,8 +25,6 @@ pub struct NodeProcess {
     api: String,
     admin: String,
     app: String,
-    /// Its libp2p address, for other nodes to dial.
-    pub address: String,
     child: Child,
     log: PathBuf,
     agent: ureq::Agent,
@@ -52,13 +50,13 @@ impl NodeProcess {
         bootstrap: &[String],
     ) -> anyhow::Result<Self> {
         std::fs::write(dir.join("roster.signed"), roster)?;
-        let address = format!("/ip4/127.0.0.1/tcp/{}", free_port()?);
+        let listen = format!("/ip4/127.0.0.1/tcp/{}", free_port()?);
         let config = Config {
             data_dir: ".".into(),
             authority: authority.to_string(),
             roster: Some("roster.signed".into()),
             network: NetworkConfig {
-                listen: vec![address.clone()],
+                listen: vec![listen],
                 bootstrap: bootstrap.to_vec(),
                 ..NetworkConfig::default()
             },
@@ -93,7 +91,6 @@ impl NodeProcess {
             api: format!("http://{}", config.api.listen),
             admin: config.api.admin_token.clone(),
             app: config.api.apps[0].token.clone(),
-            address,
             child,
             log,
             agent: ureq::Agent::config_builder()
@@ -148,6 +145,25 @@ impl NodeProcess {
             .limit(u64::MAX)
             .read_json()
             .unwrap_or(Value::Null);
+        Ok((status, body))
+    }
+
+    /// `GET path`: the status and the answer's bytes, read to the last byte and not parsed
+    /// (what the node's answer costs, without the client's JSON parsing).
+    pub fn get_bytes(&self, path: &str, who: As) -> anyhow::Result<(u16, Vec<u8>)> {
+        let mut response = self
+            .agent
+            .get(format!("{}{path}", self.api))
+            .header("Authorization", format!("Bearer {}", self.token(who)))
+            .call()
+            .with_context(|| format!("GET {path}"))?;
+        let status = response.status().as_u16();
+        let body = response
+            .body_mut()
+            .with_config()
+            .limit(u64::MAX)
+            .read_to_vec()
+            .with_context(|| format!("GET {path}: the answer"))?;
         Ok((status, body))
     }
 

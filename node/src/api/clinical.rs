@@ -17,7 +17,7 @@ use crate::audit::AuditRecord;
 use crate::model::automerge::ChangeHash;
 use crate::model::{
     Demographics, DocumentId, DocumentKind, HealthFileOp, InstitutionId, NewReferral, ReferralOp,
-    ReferralStatus,
+    ReferralStatus, View,
 };
 
 /// Events sent per read of the audit log by a change feed.
@@ -93,32 +93,51 @@ async fn write(
 }
 
 /// A document's view with its conflicts to review, read and audited.
+/// A document as the API answers it.
+#[derive(Serialize)]
+struct DocumentAnswer<'a, V: Serialize> {
+    id: DocumentId,
+    kind: DocumentKind,
+    conflicts: Vec<String>,
+    view: &'a V,
+}
+
+/// Reads a document's kept view and writes the answer straight from it: no copy of the view
+/// and no intermediate JSON tree (a long file's answer is half a megabyte).
 async fn read_document(
     state: ApiState,
     caller: Caller,
     id: &str,
     kind: DocumentKind,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<axum::response::Response, ApiError> {
     let id = document_id(id)?;
     blocking(move || {
-        let (conflicts, view) = match kind {
-            DocumentKind::HealthFile => {
-                let view = state.node.health_file(id)?;
-                (view.conflicts(), serde_json::to_value(view))
-            }
-            _ => {
-                let view = state.node.referral(id)?;
-                (view.conflicts(), serde_json::to_value(view))
-            }
-        };
-        let view = view.map_err(|_| ApiError::internal())?;
+        let kept = state.node.view(id, kind)?;
+        let body = match kept.as_ref() {
+            View::HealthFile(view) => serde_json::to_vec(&DocumentAnswer {
+                id,
+                kind,
+                conflicts: view.conflicts(),
+                view: view.as_ref(),
+            }),
+            View::Referral(view) => serde_json::to_vec(&DocumentAnswer {
+                id,
+                kind,
+                conflicts: view.conflicts(),
+                view,
+            }),
+            View::Roster(_) => return Err(ApiError::internal()),
+        }
+        .map_err(|_| ApiError::internal())?;
         state.node.record_access(&caller.app, &[(id, None)])?;
-        Ok(Json(serde_json::json!({
-            "id": id,
-            "kind": kind,
-            "conflicts": conflicts,
-            "view": view,
-        })))
+        Ok((
+            [(
+                axum::http::header::CONTENT_TYPE,
+                axum::http::HeaderValue::from_static("application/json"),
+            )],
+            body,
+        )
+            .into_response())
     })
     .await
 }
@@ -152,7 +171,7 @@ async fn get_health_file(
     State(state): State<ApiState>,
     caller: Caller,
     Path(id): Path<String>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<axum::response::Response, ApiError> {
     read_document(state, caller, &id, DocumentKind::HealthFile).await
 }
 
@@ -160,15 +179,6 @@ async fn get_health_file(
 #[serde(deny_unknown_fields)]
 struct NameQuery {
     name: String,
-}
-
-/// A search hit: enough to tell residents apart, the rest is one GET away.
-#[derive(Serialize)]
-struct Resident {
-    id: DocumentId,
-    name: crate::model::PersonName,
-    sex: crate::model::Sex,
-    birth_date: crate::model::Date,
 }
 
 /// A name in the query string: kept for the apps that use it, but the name ends up in the
@@ -179,7 +189,7 @@ async fn search_health_files(
     QueryParams(query): QueryParams<NameQuery>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     blocking(move || {
-        let found = state.node.search_by_name(&query.name)?;
+        let found = state.node.search_residents_by_name(&query.name)?;
         residents(&state, &caller, found)
     })
     .await
@@ -202,8 +212,8 @@ async fn search_residents(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     blocking(move || {
         let found = match (query.name, query.national_id) {
-            (Some(name), None) => state.node.search_by_name(&name)?,
-            (None, Some(national_id)) => state.node.find_by_national_id(&national_id)?,
+            (Some(name), None) => state.node.search_residents_by_name(&name)?,
+            (None, Some(national_id)) => state.node.find_residents_by_national_id(&national_id)?,
             _ => {
                 return Err(ApiError::bad_request(
                     "malformed_query",
@@ -219,19 +229,8 @@ async fn search_residents(
 fn residents(
     state: &ApiState,
     caller: &Caller,
-    found: Vec<DocumentId>,
+    results: Vec<crate::ResidentSummary>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let mut results = Vec::with_capacity(found.len());
-    for id in found {
-        let view = state.node.health_file(id)?;
-        let d = view.demographics;
-        results.push(Resident {
-            id,
-            name: d.name.value,
-            sex: d.sex.value,
-            birth_date: d.birth_date.value,
-        });
-    }
     let accesses: Vec<_> = results.iter().map(|r| (r.id, None)).collect();
     state.node.record_access(&caller.app, &accesses)?;
     Ok(Json(serde_json::json!({ "results": results })))
@@ -271,7 +270,7 @@ async fn get_referral(
     State(state): State<ApiState>,
     caller: Caller,
     Path(id): Path<String>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<axum::response::Response, ApiError> {
     read_document(state, caller, &id, DocumentKind::Referral).await
 }
 
