@@ -24,10 +24,11 @@ pub mod sync;
 pub use index::{ResidentSummary, SEARCH_RESULTS_MAX};
 
 /// Log directives every log filter of ours ends with, whatever `RUST_LOG` asks: crates that
-/// log stored values when verbose are held at `info`. sled logs whole write batches and
-/// pages at trace — envelopes, snapshots and name index keys, which hold patient data (the
-/// canary test found them there).
-pub const LOG_CAPS: [&str; 1] = ["sled=info"];
+/// log stored or carried values when verbose are held at `info`. sled logs whole write
+/// batches and pages at trace — envelopes, snapshots and name index keys, which hold patient
+/// data; yamux logs a data frame that arrives for a stream already dropped, body and all, at
+/// trace — decrypted sync messages, envelopes included (the canary test found both).
+pub const LOG_CAPS: [&str; 2] = ["sled=info", "yamux=info"];
 
 use model::{DocumentKind, ValidationError};
 
