@@ -1671,6 +1671,8 @@ impl Node {
             .iter()
             .map(|e| Envelope::verify(e.as_ref()))
             .collect();
+        // Until its batches are applied, a flush about to start waits for this call.
+        let deciding = self.commit.enter();
         let (outcomes, ticket) = {
             let mut cache = self.lock_cache();
             // A duplicate's first copy may not be durable yet: wait for everything applied so
@@ -1697,6 +1699,7 @@ impl Node {
             }
             (outcomes, ticket)
         };
+        drop(deciding);
         // Decisions were applied in order under the lock; one flush makes them all durable,
         // shared with concurrent writers, without holding the lock while the disk works.
         if ticket > 0 {

@@ -106,6 +106,11 @@ impl SledStore {
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         let db = sled::Config::new()
             .path(dir)
+            // No background flusher: every acknowledged write is flushed by `GroupCommit`
+            // already, and sled's flusher thread outlives a dropped `Db` for a moment, holding
+            // the store's file lock (a node reopened at once could not take it), and takes
+            // sled's flush lock, which stops every batch while it works.
+            .flush_every_ms(None)
             .open()
             .map_err(|error| match error {
                 sled::Error::Corruption { .. } => StoreError::Damaged {
@@ -341,10 +346,46 @@ impl KeyValue for WitnessedStore {
 /// Group commit: a writer that needs durability waits for a flush that began after its batch
 /// was applied. The first waiter runs the flush for everyone waiting; writers that arrive
 /// during it are covered by the next one. So N concurrent writers cost about one flush, not N.
-#[derive(Default)]
+///
+/// sled applies a batch under its global write lock and holds the read side through a whole
+/// flush, so no batch is applied while a flush runs. A flush started as soon as the first
+/// writer is done would therefore cover that writer alone, and every other writer, blocked
+/// behind it, would get a flush of its own. Writers deciding (`enter`) hold a flush back, at
+/// most `COMMIT_WAIT_MAX`, until they have applied their batches: one flush then covers them
+/// all. A writer alone waits for nothing.
 pub struct GroupCommit {
     state: Mutex<FlushState>,
     flushed: Condvar,
+    /// `COMMIT_WAIT_MAX`, longer in a test that must not depend on the scheduler.
+    wait_max: std::time::Duration,
+}
+
+impl Default for GroupCommit {
+    fn default() -> Self {
+        Self {
+            state: Mutex::default(),
+            flushed: Condvar::default(),
+            wait_max: COMMIT_WAIT_MAX,
+        }
+    }
+}
+
+/// Longest a flush waits for writers that are deciding to apply their batches.
+pub const COMMIT_WAIT_MAX: std::time::Duration = std::time::Duration::from_millis(2);
+
+/// A writer deciding: while it lives, a flush waits for it (see `GroupCommit`).
+pub struct Deciding<'a> {
+    commit: &'a GroupCommit,
+}
+
+impl Drop for Deciding<'_> {
+    fn drop(&mut self) {
+        let mut state = self.commit.lock();
+        state.deciding -= 1;
+        if state.deciding == 0 {
+            self.commit.flushed.notify_all();
+        }
+    }
 }
 
 #[derive(Default)]
@@ -357,6 +398,8 @@ struct FlushState {
     flushing: bool,
     /// Flushes run so far (for metrics and tests).
     flushes: u64,
+    /// Writers deciding, whose batches a flush about to start waits for.
+    deciding: usize,
 }
 
 impl GroupCommit {
@@ -376,6 +419,14 @@ impl GroupCommit {
         Ok(state.applied)
     }
 
+    /// Marks a writer that is about to decide and apply batches; a flush waits for it (at most
+    /// `COMMIT_WAIT_MAX`) until the returned guard is dropped, which the writer does once its
+    /// batches are applied, before it waits for durability.
+    pub fn enter(&self) -> Deciding<'_> {
+        self.lock().deciding += 1;
+        Deciding { commit: self }
+    }
+
     /// The ticket of the last batch applied: waiting on it covers everything applied so far.
     pub fn applied(&self) -> u64 {
         self.lock().applied
@@ -393,6 +444,25 @@ impl GroupCommit {
                     .flushed
                     .wait(state)
                     .unwrap_or_else(|poisoned| poisoned.into_inner());
+                continue;
+            }
+            // Writers still deciding get to apply first: one flush then covers them too.
+            let deadline = std::time::Instant::now() + self.wait_max;
+            while state.deciding > 0 && !state.flushing {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                state = self
+                    .flushed
+                    .wait_timeout(state, left)
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+                    .0;
+            }
+            if state.durable >= ticket {
+                return Ok(());
+            }
+            if state.flushing {
                 continue;
             }
             state.flushing = true;
@@ -555,6 +625,41 @@ mod tests {
             other.join().unwrap();
         }
         // One flush for the first writer, one shared by the fifteen that came during it.
+        assert_eq!(commit.flushes(), 2);
+    }
+
+    #[test]
+    fn a_flush_waits_for_writers_still_deciding_and_then_covers_them() {
+        let store = Arc::new(GatedStore::default());
+        *store.gate.lock().unwrap() = true;
+        // A wait long enough that the scheduler cannot end it: the second writer does.
+        let commit = Arc::new(GroupCommit {
+            wait_max: std::time::Duration::from_secs(60),
+            ..GroupCommit::default()
+        });
+        // Two writers deciding at once; the first is done and waits for durability while the
+        // second is still deciding.
+        let first = commit.enter();
+        let second = commit.enter();
+        let mut batch = Batch::default();
+        batch.put(b"k/1".to_vec(), b"v".to_vec());
+        let ticket = commit.apply(store.as_ref(), batch).unwrap();
+        drop(first);
+        let waiter = {
+            let (store, commit) = (Arc::clone(&store), Arc::clone(&commit));
+            std::thread::spawn(move || commit.wait_durable(store.as_ref(), ticket).unwrap())
+        };
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let mut batch = Batch::default();
+        batch.put(b"k/2".to_vec(), b"v".to_vec());
+        let ticket = commit.apply(store.as_ref(), batch).unwrap();
+        drop(second);
+        commit.wait_durable(store.as_ref(), ticket).unwrap();
+        waiter.join().unwrap();
+        // The flush waited for the second writer: one flush made both durable.
+        assert_eq!(commit.flushes(), 1);
+        // A writer alone, with no one deciding, flushes at once (a 60 s wait would show).
+        write(&commit, store.as_ref(), "k/3".into());
         assert_eq!(commit.flushes(), 2);
     }
 }
