@@ -3307,16 +3307,15 @@ impl Node {
 
     /// Health files of the resident with this national id (through its salted hash).
     pub fn find_by_national_id(&self, national_id: &str) -> Result<Vec<DocumentId>, NodeError> {
-        self.lookup(&index::national_id_prefix(&self.salt, national_id))
+        let found = self.find_residents_by_national_id(national_id)?;
+        Ok(found.into_iter().map(|resident| resident.id).collect())
     }
 
     /// Health files whose name (family and given, or as written locally) starts with `name`,
     /// ignoring case and spacing; at most `SEARCH_RESULTS_MAX`.
     pub fn search_by_name(&self, name: &str) -> Result<Vec<DocumentId>, NodeError> {
-        if index::normalise_name(name).is_empty() {
-            return Ok(Vec::new());
-        }
-        self.lookup(&index::name_prefix(name))
+        let found = self.search_residents_by_name(name)?;
+        Ok(found.into_iter().map(|resident| resident.id).collect())
     }
 
     /// Referrals addressed to `to` that are in `status`: a referral desk's worklist.
@@ -3848,6 +3847,23 @@ pub(crate) mod tests {
         }
     }
 
+    /// A resident with a name, a sex and a birth date, and nothing else.
+    fn bare_resident() -> Demographics {
+        Demographics {
+            name: crate::model::PersonName {
+                family: "F".into(),
+                given: "G".into(),
+                text: None,
+            },
+            sex: crate::model::Sex::Unknown,
+            birth_date: crate::model::Date::new("1950-01-01").unwrap(),
+            phone: None,
+            address: None,
+            national_id: None,
+            insurance: None,
+        }
+    }
+
     /// The editor of the one member of `one_member_node`'s consortium.
     pub(crate) fn one_member_editor() -> Editor {
         Editor {
@@ -3892,23 +3908,11 @@ pub(crate) mod tests {
 
     #[test]
     fn a_read_of_a_decided_document_does_not_wait_for_the_decision_lock() {
-        use crate::model::{DemographicField, PersonName, Sex};
+        use crate::model::DemographicField;
         let dir = tempfile::tempdir().unwrap();
         let (node, config) = one_member_node(dir.path());
         let editor = one_member_editor();
-        let demographics = Demographics {
-            name: PersonName {
-                family: "F".into(),
-                given: "G".into(),
-                text: None,
-            },
-            sex: Sex::Unknown,
-            birth_date: crate::model::Date::new("1950-01-01").unwrap(),
-            phone: None,
-            address: None,
-            national_id: None,
-            insurance: None,
-        };
+        let demographics = bare_resident();
         let (id, _) = node.create_health_file(&editor, &demographics).unwrap();
         node.apply_health_file(
             id,
@@ -3953,23 +3957,11 @@ pub(crate) mod tests {
 
     #[test]
     fn a_local_change_is_judged_on_the_document_it_was_made_on_or_on_a_copy_read_meanwhile() {
-        use crate::model::{NewAllergy, PersonName, Severity, Sex};
+        use crate::model::{NewAllergy, Severity};
         let dir = tempfile::tempdir().unwrap();
         let (node, config) = one_member_node(dir.path());
         let editor = one_member_editor();
-        let demographics = Demographics {
-            name: PersonName {
-                family: "F".into(),
-                given: "G".into(),
-                text: None,
-            },
-            sex: Sex::Unknown,
-            birth_date: crate::model::Date::new("1950-01-01").unwrap(),
-            phone: None,
-            address: None,
-            national_id: None,
-            insurance: None,
-        };
+        let demographics = bare_resident();
         let (id, _) = node.create_health_file(&editor, &demographics).unwrap();
         let allergy = |substance: &str| {
             HealthFileOp::AddAllergy(NewAllergy {
@@ -4115,24 +4107,11 @@ pub(crate) mod tests {
 
     #[test]
     fn a_full_quarantine_refuses_without_storing_and_bodies_stop_at_their_budget() {
-        use crate::model::{PersonName, Sex};
         let dir = tempfile::tempdir().unwrap();
         let (node, config) = one_member_node(dir.path());
         let own = Identity::load_or_create(&config.data_dir).unwrap();
         let editor = one_member_editor();
-        let demographics = Demographics {
-            name: PersonName {
-                family: "F".into(),
-                given: "G".into(),
-                text: None,
-            },
-            sex: Sex::Unknown,
-            birth_date: crate::model::Date::new("1950-01-01").unwrap(),
-            phone: None,
-            address: None,
-            national_id: None,
-            insurance: None,
-        };
+        let demographics = bare_resident();
         // A creation change sent under another document's id: quarantined, normally.
         let mut file = HealthFile::create(&own.actor(), &editor, &demographics).unwrap();
         let mut change = file.changes_since(&[]).remove(0);

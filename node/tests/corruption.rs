@@ -5,7 +5,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{editor, files_under, resident, single_node};
+use common::{editor, files_under, open_stopped_store, resident, single_node};
 use estuary_node::model::*;
 use estuary_node::node::{Node, NodeError};
 
@@ -114,7 +114,7 @@ fn a_store_written_in_a_newer_format_is_refused_with_the_versions_named() {
     let (config, roster) = single_node(dir.path(), "chc-a");
     drop(Node::open(&config, Some(&roster)).unwrap());
     {
-        let db = sled::open(config.data_dir.join("store")).unwrap();
+        let db = open_stopped_store(&config.data_dir.join("store"));
         db.insert(b"m/format", 3u32.to_be_bytes().to_vec()).unwrap();
         db.flush().unwrap();
     }
@@ -163,7 +163,7 @@ fn a_format_1_store_is_converted_at_open_and_its_held_changes_still_settle() {
     // Rewrite the store as format 1 kept it: quarantine and pending keyed by change alone,
     // waits without the document, no order or self-wait keys.
     {
-        let db = sled::open(consortium.dir.path().join("member-1/store")).unwrap();
+        let db = open_stopped_store(&consortium.dir.path().join("member-1/store"));
         for entry in db.iter() {
             let (key, value) = entry.unwrap();
             let old = match (key[0], key.len()) {

@@ -352,7 +352,7 @@ fn the_incarnation_is_kept_across_restarts_and_drawn_anew_after_a_loss() {
     // The store loses acknowledged changes (its count goes back; the witness outside it does
     // not): the node must not write as the actor whose sequence numbers peers may hold.
     {
-        let db = sled::open(consortium.dir.path().join("member-0/store")).unwrap();
+        let db = open_stopped_store(&consortium.dir.path().join("member-0/store"));
         db.insert(b"m/accepted", 0u64.to_be_bytes().to_vec())
             .unwrap();
         db.flush().unwrap();

@@ -58,6 +58,21 @@ enum Command {
     },
 }
 
+/// What a benchmark that measures through a node process's API takes and writes.
+#[derive(clap::Args)]
+struct ThroughApi {
+    /// Health files (NDJSON in the shape of `gen.js`, gzipped if `.gz`) to take the entries
+    /// from; default: the same data set, generated here.
+    #[arg(long)]
+    input: Option<PathBuf>,
+    /// The `estuary` binary to run (default: beside this one).
+    #[arg(long)]
+    estuary: Option<PathBuf>,
+    /// Write the figures as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
 #[derive(Subcommand)]
 enum Bench {
     /// Build, save and load a typical health file and a full-cycle referral.
@@ -109,16 +124,8 @@ enum Bench {
         /// Writes and reads timed at each checkpoint.
         #[arg(long, default_value_t = 20)]
         samples: usize,
-        /// Health files (NDJSON in the shape of `gen.js`, gzipped if `.gz`) to take the
-        /// encounters from; default: the same data set, generated here.
-        #[arg(long)]
-        input: Option<PathBuf>,
-        /// The `estuary` binary to run (default: beside this one).
-        #[arg(long)]
-        estuary: Option<PathBuf>,
-        /// Write the figures as JSON here.
-        #[arg(long)]
-        json: Option<PathBuf>,
+        #[command(flatten)]
+        through: ThroughApi,
     },
     /// Durable writes through the HTTP API of an `estuary node run` process from concurrent
     /// writers, each to its own files: writes per second and acknowledgement latency.
@@ -129,16 +136,8 @@ enum Bench {
         /// Writes in all.
         #[arg(long, default_value_t = 8_000)]
         writes: usize,
-        /// Health files (NDJSON in the shape of `gen.js`, gzipped if `.gz`) to take the
-        /// entries from; default: the same data set, generated here.
-        #[arg(long)]
-        input: Option<PathBuf>,
-        /// The `estuary` binary to run (default: beside this one).
-        #[arg(long)]
-        estuary: Option<PathBuf>,
-        /// Write the figures as JSON here.
-        #[arg(long)]
-        json: Option<PathBuf>,
+        #[command(flatten)]
+        through: ThroughApi,
     },
     /// Catalogue reconciliation: bytes, rounds and time to find the documents that differ.
     Reconcile {
@@ -314,9 +313,12 @@ fn main() -> ExitCode {
                 Bench::Growth {
                     entries,
                     samples,
-                    input,
-                    estuary,
-                    json,
+                    through:
+                        ThroughApi {
+                            input,
+                            estuary,
+                            json,
+                        },
                 },
         } => bench_growth::run(&bench_growth::Options {
             entries,
@@ -330,9 +332,12 @@ fn main() -> ExitCode {
                 Bench::Writes {
                     writers,
                     writes,
-                    input,
-                    estuary,
-                    json,
+                    through:
+                        ThroughApi {
+                            input,
+                            estuary,
+                            json,
+                        },
                 },
         } => bench_writes::run(&bench_writes::Options {
             writers,

@@ -130,14 +130,17 @@ impl NodeProcess {
         }
     }
 
-    /// `GET path`: the status and the JSON answer.
-    pub fn get(&self, path: &str, who: As) -> anyhow::Result<(u16, Value)> {
-        let mut response = self
-            .agent
+    fn call_get(&self, path: &str, who: As) -> anyhow::Result<ureq::http::Response<ureq::Body>> {
+        self.agent
             .get(format!("{}{path}", self.api))
             .header("Authorization", format!("Bearer {}", self.token(who)))
             .call()
-            .with_context(|| format!("GET {path}"))?;
+            .with_context(|| format!("GET {path}"))
+    }
+
+    /// `GET path`: the status and the JSON answer.
+    pub fn get(&self, path: &str, who: As) -> anyhow::Result<(u16, Value)> {
+        let mut response = self.call_get(path, who)?;
         let status = response.status().as_u16();
         let body = response
             .body_mut()
@@ -151,12 +154,7 @@ impl NodeProcess {
     /// `GET path`: the status and the answer's bytes, read to the last byte and not parsed
     /// (what the node's answer costs, without the client's JSON parsing).
     pub fn get_bytes(&self, path: &str, who: As) -> anyhow::Result<(u16, Vec<u8>)> {
-        let mut response = self
-            .agent
-            .get(format!("{}{path}", self.api))
-            .header("Authorization", format!("Bearer {}", self.token(who)))
-            .call()
-            .with_context(|| format!("GET {path}"))?;
+        let mut response = self.call_get(path, who)?;
         let status = response.status().as_u16();
         let body = response
             .body_mut()

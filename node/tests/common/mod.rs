@@ -277,3 +277,26 @@ pub fn bare_swarm<B: libp2p::swarm::NetworkBehaviour>(
         .with_swarm_config(|c| c.with_idle_connection_timeout(idle))
         .build()
 }
+
+/// Opens a stopped node's sled store directly, as a test that damages or rewrites it does.
+/// sled's own threads may hold the store's file lock for a moment after the node is dropped:
+/// the open is retried for up to ten seconds while the lock is held.
+pub fn open_stopped_store(dir: &Path) -> sled::Db {
+    let started = std::time::Instant::now();
+    loop {
+        match sled::open(dir) {
+            Ok(db) => return db,
+            Err(sled::Error::Io(error))
+                if error.kind() == std::io::ErrorKind::WouldBlock
+                    || error.to_string().contains("lock") =>
+            {
+                assert!(
+                    started.elapsed() < std::time::Duration::from_secs(10),
+                    "the store's lock was still held after ten seconds: {error}"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(error) => panic!("the store does not open: {error}"),
+        }
+    }
+}
