@@ -1734,9 +1734,13 @@ impl Node {
         let written = match write(&mut doc) {
             Ok(Some(hash)) => hash,
             // Nothing written, or an error (`write` rolled back): the document is unchanged.
-            other => {
+            Ok(None) => {
                 self.put_back(&mut cache, id, doc, bytes);
-                return Ok(other?.and(None));
+                return Ok(None);
+            }
+            Err(error) => {
+                self.put_back(&mut cache, id, doc, bytes);
+                return Err(error.into());
             }
         };
         let change = doc

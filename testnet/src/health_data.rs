@@ -949,6 +949,37 @@ mod tests {
     }
 
     #[test]
+    fn an_input_file_plain_or_gzipped_gives_the_records_it_holds() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let mut lines = String::new();
+        for i in 0..3 {
+            lines.push_str(&serde_json::to_string(&record(i, DEFAULT_SEED)).unwrap());
+            lines.push('\n');
+        }
+        let plain = dir.path().join("files.ndjson");
+        std::fs::write(&plain, &lines).unwrap();
+        let gzipped = dir.path().join("files.ndjson.gz");
+        let mut encoder = flate2::write::GzEncoder::new(
+            std::fs::File::create(&gzipped).unwrap(),
+            flate2::Compression::default(),
+        );
+        encoder.write_all(lines.as_bytes()).unwrap();
+        encoder.finish().unwrap();
+        let generated = Source::from_input(None).records(3).unwrap();
+        for path in [plain, gzipped] {
+            let source = Source::from_input(Some(&path));
+            assert_eq!(source.records(10).unwrap(), generated);
+            assert_eq!(source.records(2).unwrap(), generated[..2]);
+        }
+        // A line that is not a record is refused, naming its line.
+        let bad = dir.path().join("bad.ndjson");
+        std::fs::write(&bad, "{\"id\": 1}\n").unwrap();
+        let error = Source::from_input(Some(&bad)).records(1).unwrap_err();
+        assert!(format!("{error:#}").contains("line 1"), "{error:#}");
+    }
+
+    #[test]
     fn times_of_the_data_set_are_read_in_china_standard_time() {
         assert_eq!(millis("1970-01-01T08:00:00+08:00").unwrap(), Timestamp(0));
         assert_eq!(

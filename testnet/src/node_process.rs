@@ -17,6 +17,8 @@ use crate::island::procs::free_port;
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long one API request may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
+/// Largest answer read, in bytes (a 1,000-encounter file's view is about 0.6 MiB).
+const RESPONSE_BYTES_MAX: u64 = 64 * 1024 * 1024;
 /// The process's log, in its data directory.
 const LOG: &str = "node.log";
 
@@ -145,7 +147,7 @@ impl NodeProcess {
         let body = response
             .body_mut()
             .with_config()
-            .limit(u64::MAX)
+            .limit(RESPONSE_BYTES_MAX)
             .read_json()
             .unwrap_or(Value::Null);
         Ok((status, body))
@@ -159,7 +161,7 @@ impl NodeProcess {
         let body = response
             .body_mut()
             .with_config()
-            .limit(u64::MAX)
+            .limit(RESPONSE_BYTES_MAX)
             .read_to_vec()
             .with_context(|| format!("GET {path}: the answer"))?;
         Ok((status, body))
