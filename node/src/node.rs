@@ -32,10 +32,11 @@ use crate::store::{Batch, GroupCommit, KeyValue, StoreError, WITNESS_FILE, Witne
 pub const CACHE_DOCUMENTS_MAX: usize = 1_024;
 /// Most bytes of stored envelopes held decoded in memory at once (the cache's budget).
 pub const CACHE_BYTES_MAX: usize = 64 * 1024 * 1024;
-/// A document's snapshot is rewritten when the node's accepted count is a multiple of this
-/// (and at creation): saving a whole document on every change costs more than replaying a few
-/// envelopes at load.
-pub const SNAPSHOT_EVERY_CHANGES: u64 = 16;
+/// Bytes of envelopes a document accumulates since its last snapshot before a new one is
+/// saved, unless the snapshot itself is larger (then its size is the limit): saving a whole
+/// document costs O(document), so it is done once per O(document) bytes written, and a load
+/// replays at most this much, or a snapshot's worth, of changes.
+pub const SNAPSHOT_TAIL_MIN_BYTES: u64 = 8 * 1024;
 /// Most changes kept in quarantine. Past it, a change that would be quarantined is refused
 /// with `IngestError::QuarantineFull` and not stored: the decision is the same, only the record
 /// is not kept, so a faulty member cannot fill the disk.
@@ -638,6 +639,13 @@ pub struct PendingEntry {
 struct DocumentRecord {
     kind: DocumentKind,
     heads: Vec<[u8; 32]>,
+    /// Bytes of the envelopes accepted since the document's last snapshot (see
+    /// `Node::snapshot_due`).
+    #[serde(default)]
+    tail: u64,
+    /// Bytes of that snapshot.
+    #[serde(default)]
+    snapshot: u64,
 }
 
 /// Where a node keeps its data and whom it trusts.
@@ -658,12 +666,59 @@ struct Cached {
 }
 
 /// Documents decoded on demand, bounded in count and bytes: 700,000 files are not 700,000
-/// loaded documents.
+/// loaded documents. A document here is exactly as the store holds it: only a decision (under
+/// the decision lock) puts one in, and whoever changes one takes it out first.
 #[derive(Default)]
-struct Cache {
+struct Documents {
     documents: HashMap<DocumentId, Cached>,
     bytes: usize,
     clock: u64,
+}
+
+impl Documents {
+    fn touch(&mut self, id: &DocumentId) -> Option<&mut Cached> {
+        self.clock += 1;
+        let clock = self.clock;
+        let cached = self.documents.get_mut(id)?;
+        cached.used = clock;
+        Some(cached)
+    }
+
+    fn remove(&mut self, id: &DocumentId) -> Option<Cached> {
+        let cached = self.documents.remove(id)?;
+        self.bytes -= cached.bytes;
+        Some(cached)
+    }
+
+    /// Inserts a document as the most recently used, then evicts the least recently used
+    /// others until the cache is within its bounds. The document just inserted is never the
+    /// one evicted.
+    fn insert(&mut self, id: DocumentId, mut cached: Cached) {
+        self.remove(&id);
+        self.clock += 1;
+        cached.used = self.clock;
+        self.bytes += cached.bytes;
+        self.documents.insert(id, cached);
+        while self.documents.len() > CACHE_DOCUMENTS_MAX || self.bytes > CACHE_BYTES_MAX {
+            let Some(oldest) = self
+                .documents
+                .iter()
+                .filter(|(other, _)| **other != id)
+                .min_by_key(|(_, c)| c.used)
+                .map(|(id, _)| *id)
+            else {
+                break;
+            };
+            self.remove(&oldest);
+        }
+    }
+}
+
+/// What decisions share across documents: the counters, the audit log's head and the pending
+/// changes' books. Held (the decision lock) to check a change against the store and write the
+/// decision, never while judging a change prepared beforehand, nor while flushing.
+#[derive(Default)]
+struct Ledger {
     /// Changes accepted by the store so far (mirrors `keys::ACCEPTED`).
     accepted: u64,
     /// The audit log's head (mirrors `audit::HEAD`).
@@ -679,54 +734,49 @@ struct Cache {
     pending: PendingBook,
     /// Bytes of quarantined envelopes kept whole (mirrors `keys::QUARANTINE_BODIES`).
     quarantine_bodies: u64,
-    /// A document taken out of the cache with a local change made on it, until `decide`
-    /// judges that change in place.
-    applied: Option<Applied>,
 }
 
-/// A cached document holding a local change not yet decided (see `Node::write_in_place`).
-struct Applied {
-    document: DocumentId,
-    change: ChangeHash,
+/// A change to decide: its envelope verified, or why it did not (with the envelope). Held
+/// only while a batch is decided, so the size of its variants matters little.
+#[allow(clippy::large_enum_variant)]
+enum Incoming<'a> {
+    Verified(VerifiedChange),
+    Failed(EnvelopeError, &'a [u8]),
+}
+
+/// The document a local change was made on, holding the change (see `Node::write_in_place`).
+struct Written {
     doc: AutoCommit,
+    /// Its cache weight before the change.
     bytes: usize,
 }
 
-impl Cache {
-    fn touch(&mut self, id: &DocumentId) -> Option<&mut Cached> {
-        self.clock += 1;
-        let clock = self.clock;
-        let cached = self.documents.get_mut(id)?;
-        cached.used = clock;
-        Some(cached)
-    }
+/// A change applied to its document and judged there before the decision lock is taken (see
+/// `Node::prepare`). The decision uses it only if the store still holds the document at
+/// `base` and the author still belongs to `author`'s institution: the judgement is a function
+/// of these alone.
+struct Prepared {
+    /// The document's heads before the change, sorted (none for a creation).
+    base: Vec<ChangeHash>,
+    author: InstitutionId,
+    /// The document, holding the change.
+    doc: AutoCommit,
+    /// Its cache weight before the change.
+    bytes: usize,
+    /// The document's view with the change.
+    view: View,
+    /// A snapshot of `doc`, when the document's tail of envelopes outgrows its last one.
+    snapshot: Option<Vec<u8>>,
+}
 
-    /// Inserts a document as the most recently used, then evicts the least recently used
-    /// others until the cache is within its bounds. The document just inserted is never the
-    /// one evicted.
-    fn insert(&mut self, id: DocumentId, mut cached: Cached) {
-        if let Some(old) = self.documents.remove(&id) {
-            self.bytes -= old.bytes;
-        }
-        self.clock += 1;
-        cached.used = self.clock;
-        self.bytes += cached.bytes;
-        self.documents.insert(id, cached);
-        while self.documents.len() > CACHE_DOCUMENTS_MAX || self.bytes > CACHE_BYTES_MAX {
-            let Some(oldest) = self
-                .documents
-                .iter()
-                .filter(|(other, _)| **other != id)
-                .min_by_key(|(_, c)| c.used)
-                .map(|(id, _)| *id)
-            else {
-                break;
-            };
-            if let Some(evicted) = self.documents.remove(&oldest) {
-                self.bytes -= evicted.bytes;
-            }
-        }
-    }
+/// A change judged on its document.
+enum Judgement {
+    Accepted(Box<View>),
+    /// Refused; `clean` when the document was left as it was (judged on a copy).
+    Refused {
+        reason: String,
+        clean: bool,
+    },
 }
 
 /// Typed views of documents as of the heads digest they were read or decided at (see
@@ -805,8 +855,12 @@ pub struct Node {
     /// Salt of the national-id index; random per node, so the index is useless elsewhere.
     salt: [u8; 32],
     membership: RwLock<Membership>,
-    /// Document state; held while deciding and applying a change, never while flushing.
-    cache: Mutex<Cache>,
+    /// The decision lock: held while a change is checked against the store and its decision
+    /// written, never while flushing. A change that builds on what the node holds is judged
+    /// before it is taken (`prepare`), so decisions on different documents judge in parallel.
+    ledger: Mutex<Ledger>,
+    /// Decoded documents. Its lock is held only to take, put or find one.
+    documents: Mutex<Documents>,
     /// Typed views for reads that need not wait for decisions.
     views: Mutex<Views>,
     /// Local writers to one document take turns from reading it to deciding their change:
@@ -840,7 +894,7 @@ impl Writer<'_> {
         node.check_editor(editor)?;
         let mut file = HealthFile::create(&node.actor, editor, demographics)?;
         let id = file.id();
-        let hash = node.write_local(id, file.changes_since(&[]), self.app)?;
+        let hash = node.write_local(id, file.changes_since(&[]), None, self.app)?;
         Ok((id, hash))
     }
 
@@ -854,7 +908,7 @@ impl Writer<'_> {
         node.check_editor(editor)?;
         let mut created = Referral::create(&node.actor, editor, referral)?;
         let id = created.id();
-        let hash = node.write_local(id, created.changes_since(&[]), self.app)?;
+        let hash = node.write_local(id, created.changes_since(&[]), None, self.app)?;
         Ok((id, hash))
     }
 
@@ -868,10 +922,12 @@ impl Writer<'_> {
         let node = self.node;
         node.check_editor(editor)?;
         let _writing = node.lock_document(&id);
-        let change = node.write_in_place(id, DocumentKind::HealthFile, |doc| {
+        match node.write_in_place(id, DocumentKind::HealthFile, |doc| {
             HealthFile::apply_to(doc, &node.actor, editor, op)
-        })?;
-        node.write_local(id, change.into_iter().collect(), self.app)
+        })? {
+            Some((change, written)) => node.write_local(id, vec![change], Some(written), self.app),
+            None => node.write_local(id, Vec::new(), None, self.app),
+        }
     }
 
     /// Applies a typed edit to a referral. Returns the change's hash once it is durable.
@@ -888,7 +944,7 @@ impl Writer<'_> {
         let mut referral = Referral::from_automerge(doc, &node.actor)?;
         let heads = referral.heads();
         referral.apply(editor, op)?;
-        node.write_local(id, referral.changes_since(&heads), self.app)
+        node.write_local(id, referral.changes_since(&heads), None, self.app)
     }
 }
 
@@ -1114,15 +1170,15 @@ impl Node {
             local_changes: tokio::sync::broadcast::channel(LOCAL_CHANGES_QUEUE_MAX).0,
             audit_updates: tokio::sync::watch::Sender::new(audit_head.sequence),
             views: Mutex::new(Views::default()),
-            cache: Mutex::new(Cache {
+            ledger: Mutex::new(Ledger {
                 accepted,
                 audit: audit_head,
                 quarantined: quarantined_at_open,
                 quarantine_bodies,
-                applied: None,
                 pending,
-                ..Cache::default()
+                ..Ledger::default()
             }),
+            documents: Mutex::new(Documents::default()),
         };
         node.catch_up_revocations()?;
         Ok(node)
@@ -1190,7 +1246,7 @@ impl Node {
         let offered = SignedRoster::verify(signed, &self.authority)?;
         let version = {
             // No change is decided while the roster changes: each decision sees one roster.
-            let _decisions = self.lock_cache();
+            let _decisions = self.lock_ledger();
             let mut membership = self.membership.write().unwrap_or_else(|p| p.into_inner());
             // The roster held, encoded otherwise.
             if membership.is_same_roster(&offered) {
@@ -1411,8 +1467,8 @@ impl Node {
     /// A copy of a document as automerge holds it, for the sync protocol; `None` if this
     /// node does not hold it.
     pub fn sync_document(&self, id: DocumentId) -> Result<Option<AutoCommit>, NodeError> {
-        let mut cache = self.lock_cache();
-        Ok(self.load(&mut cache, &id)?.map(|(doc, _)| doc))
+        let ledger = self.lock_ledger();
+        Ok(self.load(&ledger, &id)?.map(|(doc, _)| doc))
     }
 
     /// The signatures of accepted changes of a document, to send beside them; a change not
@@ -1537,13 +1593,13 @@ impl Node {
     /// records went.
     pub fn purge_quarantine(&self, before_ms: Option<u64>) -> Result<usize, NodeError> {
         let (ticket, purged) = {
-            let mut cache = self.lock_cache();
+            let mut ledger = self.lock_ledger();
             // The purge is on record before anything goes: the audit record is in the first
             // batch.
             let mut batch = Batch::default();
-            cache.audit = append_record(
+            ledger.audit = append_record(
                 &mut batch,
-                cache.audit,
+                ledger.audit,
                 AuditRecord {
                     sequence: 0,
                     previous: [0; 32],
@@ -1566,7 +1622,7 @@ impl Node {
                         break;
                     };
                     from = [last.as_slice(), &[0]].concat();
-                    let (mut bodies, mut records) = (cache.quarantine_bodies, cache.quarantined);
+                    let (mut bodies, mut records) = (ledger.quarantine_bodies, ledger.quarantined);
                     let mut purged_here = 0;
                     for (key, value) in &page {
                         let record: QuarantineRecord = decode(value, "quarantine record")?;
@@ -1580,7 +1636,7 @@ impl Node {
                     }
                     batch.put(keys::QUARANTINE_BODIES, bodies.to_be_bytes().to_vec());
                     self.commit.apply(&self.store, std::mem::take(&mut batch))?;
-                    (cache.quarantine_bodies, cache.quarantined) = (bodies, records);
+                    (ledger.quarantine_bodies, ledger.quarantined) = (bodies, records);
                     purged += purged_here;
                 }
             }
@@ -1590,13 +1646,13 @@ impl Node {
         };
         self.commit.wait_durable(&self.store, ticket)?;
         self.audit_updates
-            .send_replace(self.lock_cache().audit.sequence);
+            .send_replace(self.lock_ledger().audit.sequence);
         Ok(purged)
     }
 
     /// How many changes are held waiting (for dependencies, a cut-off or a roster).
     pub fn pending_count(&self) -> Result<usize, NodeError> {
-        Ok(self.lock_cache().pending.total.changes)
+        Ok(self.lock_ledger().pending.total.changes)
     }
 
     /// The dependencies that changes of `document` held pending wait for and this node does
@@ -1649,8 +1705,10 @@ impl Node {
             })))
     }
 
-    /// Runs envelopes through the pipeline in order, under one decision lock and one flush:
-    /// how a peer's batch (a sync message, a fetch) is ingested. Returns one outcome per
+    /// Runs envelopes through the pipeline in order, with one flush for them all: how a peer's
+    /// batch (a sync message, a fetch) is ingested. Each is judged before the decision lock
+    /// is taken for it (see `prepare`), so batches of different documents are judged in
+    /// parallel. Returns one outcome per
     /// envelope once all the decisions are durable; fails as a whole only if the flush fails.
     pub fn ingest_many<E: AsRef<[u8]>>(
         &self,
@@ -1667,64 +1725,90 @@ impl Node {
         app: Option<&str>,
     ) -> Result<Vec<Result<Ingested, IngestError>>, IngestError> {
         // Signatures are checked before taking the lock.
-        let verified: Vec<_> = envelopes
+        let verified = envelopes
             .iter()
-            .map(|e| Envelope::verify(e.as_ref()))
+            .map(|e| match Envelope::verify(e.as_ref()) {
+                Ok(verified) => Incoming::Verified(verified),
+                Err(error) => Incoming::Failed(error, e.as_ref()),
+            })
             .collect();
+        self.decide_in_order(verified, None, app)
+    }
+
+    /// Decides changes in order, each prepared (`prepare`) before the decision lock is taken
+    /// for it, and makes every decision durable with one flush shared with concurrent callers.
+    /// `written` is the document the first change was made on, for a local write. Returns one
+    /// outcome per change; fails as a whole only if the flush fails.
+    fn decide_in_order(
+        &self,
+        changes: Vec<Incoming<'_>>,
+        mut written: Option<Written>,
+        app: Option<&str>,
+    ) -> Result<Vec<Result<Ingested, IngestError>>, IngestError> {
         // Until its batches are applied, a flush about to start waits for this call.
         let deciding = self.commit.enter();
-        let (outcomes, ticket) = {
-            let mut cache = self.lock_cache();
+        let mut ticket = 0;
+        let mut outcomes = Vec::with_capacity(changes.len());
+        for change in changes {
+            let prepared = match &change {
+                Incoming::Verified(verified) => self.prepare(verified, written.take()),
+                Incoming::Failed(..) => None,
+            };
+            let mut ledger = self.lock_ledger();
             // A duplicate's first copy may not be durable yet: wait for everything applied so
             // far, not only for what this call applies.
-            let mut ticket = self.commit.applied();
-            let mut outcomes = Vec::with_capacity(verified.len());
-            for (verified, encoded) in verified.into_iter().zip(envelopes) {
-                let outcome = match verified {
-                    Ok(verified) => self.decide(&mut cache, verified, &mut ticket, app),
-                    Err(EnvelopeError::BadSignature | EnvelopeError::NotANodeKey) => self.refuse(
-                        &mut cache,
-                        &mut ticket,
-                        encoded.as_ref(),
-                        "the signature does not verify against the change's author",
-                    ),
-                    Err(error) => Err(error.into()),
-                };
-                // A decision may settle the dependencies of pending changes, accepted or not.
-                if let Ok(Ingested::Accepted(hash) | Ingested::Quarantined(hash, _)) = &outcome {
-                    cache.woken.push_back(*hash);
+            ticket = ticket.max(self.commit.applied());
+            let outcome = match change {
+                Incoming::Verified(verified) => {
+                    self.decide(&mut ledger, verified, prepared, &mut ticket, app)
                 }
-                self.settle(&mut cache, &mut ticket);
-                outcomes.push(outcome);
+                Incoming::Failed(
+                    EnvelopeError::BadSignature | EnvelopeError::NotANodeKey,
+                    encoded,
+                ) => self.refuse(
+                    &mut ledger,
+                    &mut ticket,
+                    encoded,
+                    "the signature does not verify against the change's author",
+                ),
+                Incoming::Failed(error, _) => Err(error.into()),
+            };
+            // A decision may settle the dependencies of pending changes, accepted or not.
+            if let Ok(Ingested::Accepted(hash) | Ingested::Quarantined(hash, _)) = &outcome {
+                ledger.woken.push_back(*hash);
             }
-            (outcomes, ticket)
-        };
+            self.settle(&mut ledger, &mut ticket);
+            outcomes.push(outcome);
+        }
         drop(deciding);
-        // Decisions were applied in order under the lock; one flush makes them all durable,
-        // shared with concurrent writers, without holding the lock while the disk works.
+        // One flush makes all the decisions durable, shared with concurrent writers, without
+        // holding the lock while the disk works.
         if ticket > 0 {
             self.commit.wait_durable(&self.store, ticket)?;
             self.audit_updates
-                .send_replace(self.lock_cache().audit.sequence);
+                .send_replace(self.lock_ledger().audit.sequence);
         }
         Ok(outcomes)
     }
 
-    /// Makes a local change on the cached document itself (no copy): `write` makes it, and
-    /// the document, holding it, is kept aside for `decide` to judge in place. Returns the
-    /// change, `None` if `write` changed nothing.
+    /// Makes a local change on the cached document itself (no copy): `write` makes it. Returns
+    /// the change and the document holding it, for `write_local`; `None` if `write` changed
+    /// nothing.
     fn write_in_place(
         &self,
         id: DocumentId,
         expected: DocumentKind,
         write: impl FnOnce(&mut AutoCommit) -> Result<Option<ChangeHash>, crate::model::OpError>,
-    ) -> Result<Option<Change>, NodeError> {
-        let mut cache = self.lock_cache();
-        let (mut doc, found, bytes) = self
-            .take(&mut cache, &id)?
-            .ok_or(NodeError::UnknownDocument(id))?;
+    ) -> Result<Option<(Change, Written)>, NodeError> {
+        let taken = match self.take_unlocked(&id) {
+            Some(taken) => Some(taken),
+            // Not cached, and read while a decision was being written: read under the lock.
+            None => self.take(&self.lock_ledger(), &id)?,
+        };
+        let (mut doc, found, bytes) = taken.ok_or(NodeError::UnknownDocument(id))?;
+        let put_back = |doc| self.put_back(&self.lock_ledger(), id, doc, bytes);
         if found != expected {
-            self.put_back(&mut cache, id, doc, bytes);
+            put_back(doc);
             return Err(NodeError::WrongKind {
                 document: id,
                 expected,
@@ -1735,11 +1819,11 @@ impl Node {
             Ok(Some(hash)) => hash,
             // Nothing written, or an error (`write` rolled back): the document is unchanged.
             Ok(None) => {
-                self.put_back(&mut cache, id, doc, bytes);
+                put_back(doc);
                 return Ok(None);
             }
             Err(error) => {
-                self.put_back(&mut cache, id, doc, bytes);
+                put_back(doc);
                 return Err(error.into());
             }
         };
@@ -1748,24 +1832,20 @@ impl Node {
             .ok_or(StoreError::Corrupt {
                 what: "a change just written",
             })?;
-        cache.applied = Some(Applied {
-            document: id,
-            change: written,
-            doc,
-            bytes,
-        });
-        Ok(Some(change))
+        Ok(Some((change, Written { doc, bytes })))
     }
 
-    /// Signs and ingests the change a typed operation made; `app`, when an app made it
-    /// through the API, is recorded as its writer in the same batch as the change.
+    /// Signs and decides the change a typed operation made (on `written`, when it was made on
+    /// the cached document); `app`, when an app made it through the API, is recorded as its
+    /// writer in the same batch as the change.
     fn write_local(
         &self,
         id: DocumentId,
         mut changes: Vec<Change>,
+        written: Option<Written>,
         app: Option<&str>,
     ) -> Result<ChangeHash, NodeError> {
-        let Some(mut change) = changes.pop() else {
+        let Some(change) = changes.pop() else {
             // The operation changed nothing (for instance removing an absent allergy).
             let head = self
                 .heads(id)?
@@ -1778,13 +1858,14 @@ impl Node {
             return Ok(head);
         };
         debug_assert!(changes.is_empty(), "a typed operation makes one change");
-        let envelope = Envelope::sign(&self.identity, id, &mut change).encode();
-        let outcome =
-            self.ingest_from(&[&envelope], app)?
-                .pop()
-                .unwrap_or(Err(IngestError::Store(StoreError::Corrupt {
-                    what: "ingest outcome",
-                })))?;
+        let verified = Envelope::sign_own(&self.identity, id, change).map_err(IngestError::from)?;
+        let envelope = verified.encoded.clone();
+        let outcome = self
+            .decide_in_order(vec![Incoming::Verified(verified)], written, app)?
+            .pop()
+            .unwrap_or(Err(IngestError::Store(StoreError::Corrupt {
+                what: "ingest outcome",
+            })))?;
         match outcome {
             Ingested::Accepted(hash) => {
                 // No subscriber is fine: a node without a network layer.
@@ -1819,22 +1900,156 @@ impl Node {
         }
     }
 
+    /// Does the costly part of a decision before the decision lock is taken: applies a
+    /// member's new change to its document and judges it there, so changes to different
+    /// documents are judged in parallel. `written` is the document a local change was made
+    /// on, holding it. Anything out of the ordinary (a duplicate, an author who is not a
+    /// plain member, a document not at hand, a refusal) is left to `decide`, which checks
+    /// everything again under the lock and uses this work only if the store still holds the
+    /// document at the heads it was judged on.
+    fn prepare(&self, verified: &VerifiedChange, written: Option<Written>) -> Option<Prepared> {
+        let (id, hash) = (verified.document, verified.hash);
+        if !matches!(self.store.get(&keys::envelope(&id, &hash)), Ok(None)) {
+            return None;
+        }
+        let author = match self.membership().admit(&verified.author, &hash) {
+            Admission::Member(institution) | Admission::WithinCutoff(institution) => institution,
+            _ => return None,
+        };
+        let deps = verified.change.deps();
+        let applied = written.is_some();
+        let (mut doc, bytes, mut base) = match written {
+            // Made on the document at its heads: the change's dependencies.
+            Some(written) => (written.doc, written.bytes, deps.to_vec()),
+            None if deps.is_empty() => (AutoCommit::new(), 0, Vec::new()),
+            None => {
+                let (mut doc, _, bytes) = self.take_unlocked(&id)?;
+                let heads = doc.get_heads();
+                (doc, bytes, heads)
+            }
+        };
+        base.sort();
+        // A refused change is judged again by `decide`, which quarantines it.
+        let Ok(Judgement::Accepted(view)) =
+            self.judge_into(&id, &mut doc, verified, &author, applied)
+        else {
+            return None;
+        };
+        let snapshot = self
+            .snapshot_due(&id, verified.encoded.len())
+            .ok()?
+            .then(|| doc.save());
+        Some(Prepared {
+            base,
+            author,
+            doc,
+            bytes,
+            view: *view,
+            snapshot,
+        })
+    }
+
+    /// Applies `verified`'s change to `current` (the document as the store holds it, or, when
+    /// `applied`, the document it was made on, already holding it) and judges it by what it
+    /// wrote. A change that builds on `current`'s heads is applied in place (`judge_change`
+    /// reads the document before it at its dependencies, without a copy); any other is judged
+    /// on a copy of the document at its own dependencies, then merged. Returns the document's
+    /// view with the change; on refusal, whether `current` is still as it was.
+    fn judge_into(
+        &self,
+        id: &DocumentId,
+        current: &mut AutoCommit,
+        verified: &VerifiedChange,
+        author: &InstitutionId,
+        applied: bool,
+    ) -> Result<Judgement, StoreError> {
+        let deps = verified.change.deps();
+        let on_current = applied || {
+            let mut heads = current.get_heads();
+            let mut wanted = deps.to_vec();
+            heads.sort();
+            wanted.sort();
+            heads == wanted
+        };
+        // The document's heads before the change: what its kept view shows.
+        let digest_before = match (deps.is_empty(), applied) {
+            (true, _) => None,
+            (false, true) => Some(catalogue_digest(deps)),
+            (false, false) => Some(catalogue_digest(&current.get_heads())),
+        };
+        let judged = if on_current {
+            if applied || applies(current, &verified.change) {
+                judge_applied(current, &verified.change, author)
+            } else {
+                Err(APPLY_TO_DEPENDENCIES.to_string())
+            }
+        } else {
+            // `fork_at` reads only what this node accepted; contained all the same.
+            let forked =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| current.fork_at(deps)));
+            let mut judged_at = forked
+                .ok()
+                .and_then(Result::ok)
+                .ok_or(StoreError::Corrupt {
+                    what: "document history",
+                })?;
+            let judged = if applies(&mut judged_at, &verified.change) {
+                judge_applied(&judged_at, &verified.change, author)
+            } else {
+                Err(APPLY_TO_DEPENDENCIES.to_string())
+            };
+            match judged {
+                Err(reason) => {
+                    return Ok(Judgement::Refused {
+                        reason,
+                        clean: true,
+                    });
+                }
+                Ok(judged) if applies(current, &verified.change) => Ok(judged),
+                Ok(_) => Err(APPLY_TO_DOCUMENT.to_string()),
+            }
+        };
+        let previous = digest_before
+            .and_then(|digest| self.lock_views().get(id, &digest))
+            .map(Arc::unwrap_or_clone);
+        let view = judged.and_then(|judged| {
+            judged
+                .view(current, previous)
+                .map_err(|error| format!("merging it breaks the document: {error}"))
+        });
+        Ok(match view {
+            Ok(view) => Judgement::Accepted(Box::new(view)),
+            // `current` holds the refused change, or part of it.
+            Err(reason) => Judgement::Refused {
+                reason,
+                clean: false,
+            },
+        })
+    }
+
+    /// Whether accepting `bytes` more of envelopes in document `id` calls for a new snapshot:
+    /// when the envelopes since its last one would outweigh it (and `SNAPSHOT_TAIL_MIN_BYTES`).
+    /// Saving then costs O(1) amortised per byte written, and a load replays at most about a
+    /// snapshot's worth of changes.
+    fn snapshot_due(&self, id: &DocumentId, bytes: usize) -> Result<bool, StoreError> {
+        let (tail, snapshot) = self
+            .document_record(id)?
+            .map_or((0, 0), |record| (record.tail, record.snapshot));
+        Ok(tail + bytes as u64 > snapshot.max(SNAPSHOT_TAIL_MIN_BYTES))
+    }
+
     /// Decides one verified change and applies the writes it needs; `ticket` is then the
-    /// group-commit ticket to wait on for durability.
+    /// group-commit ticket to wait on for durability. `prepared` is the work `prepare` did
+    /// for it, used if it still holds.
     fn decide(
         &self,
-        cache: &mut Cache,
+        ledger: &mut Ledger,
         verified: VerifiedChange,
+        prepared: Option<Prepared>,
         ticket: &mut u64,
         app: Option<&str>,
     ) -> Result<Ingested, IngestError> {
         let (id, hash) = (verified.document, verified.hash);
-        // A local change made on the cached document is judged on it. Any other decision
-        // first drops it (that decision may have read the document again from the store, and
-        // its copy is then the current one); so does a read of the document meanwhile.
-        let applied = cache.applied.take().filter(|applied| {
-            applied.document == id && applied.change == hash && !cache.documents.contains_key(&id)
-        });
         if self.store.get(&keys::envelope(&id, &hash))?.is_some() {
             return Ok(Ingested::Duplicate(hash));
         }
@@ -1847,7 +2062,7 @@ impl Node {
         // ancestors, whoever wrote it and whatever becomes of it.
         let vouchers = self.vouchers(&hash)?;
         if !vouchers.is_empty() {
-            self.vouch(cache, ticket, &vouchers, id, hash, verified.change.deps())?;
+            self.vouch(ledger, ticket, &vouchers, id, hash, verified.change.deps())?;
         }
         let admission = {
             let membership = self.membership();
@@ -1857,19 +2072,19 @@ impl Node {
             Admission::Member(institution) | Admission::WithinCutoff(institution) => institution,
             Admission::Revoked { institution, key } if vouchers.contains(&key) => institution,
             Admission::Revoked { key, .. } => {
-                return self.past_revocation(cache, ticket, &verified, key);
+                return self.past_revocation(ledger, ticket, &verified, key);
             }
             // Its signature holds, so its author signed it: an author this roster does not
             // know may be a member a newer roster adds (and an honest peer on that roster
             // passes its changes on). Held, bounded, until a roster names it.
             Admission::Stranger => {
-                return self.park(cache, ticket, &verified, Vec::new(), Hold::Roster);
+                return self.park(ledger, ticket, &verified, Vec::new(), Hold::Roster);
             }
         };
         let deps = verified.change.deps().to_vec();
         if deps.is_empty() && document_id_of(&hash) != id {
             return self.quarantined(
-                cache,
+                ledger,
                 ticket,
                 &verified,
                 "a creation change for another document",
@@ -1877,7 +2092,7 @@ impl Node {
         }
         for dep in &deps {
             if self.store.get(&keys::quarantined(dep, &id))?.is_some() {
-                return self.quarantined(cache, ticket, &verified, REASON_DEPENDS_ON_QUARANTINED);
+                return self.quarantined(ledger, ticket, &verified, REASON_DEPENDS_ON_QUARANTINED);
             }
         }
         let mut missing = Vec::new();
@@ -1887,96 +2102,101 @@ impl Node {
             }
         }
         if !missing.is_empty() {
-            return self.park(cache, ticket, &verified, missing, Hold::Dependencies);
+            return self.park(ledger, ticket, &verified, missing, Hold::Dependencies);
         }
 
+        if let Some(prepared) = prepared
+            && prepared.author == author
+            && self.stored_heads(&id)? == prepared.base
+        {
+            return self.accept(ledger, ticket, &verified, prepared, app);
+        }
         // The document is taken out of the cache, not copied; it goes back once decided.
-        let already_applied = applied.is_some();
-        let (mut current, mut cached_bytes) = if let Some(applied) = applied {
-            (applied.doc, applied.bytes)
-        } else if deps.is_empty() {
+        let (mut current, bytes) = if deps.is_empty() {
             (AutoCommit::new(), 0)
         } else {
-            let (doc, _, bytes) = self.take(cache, &id)?.ok_or(StoreError::Corrupt {
+            let (doc, _, bytes) = self.take(ledger, &id)?.ok_or(StoreError::Corrupt {
                 what: "document record",
             })?;
             (doc, bytes)
         };
-        // Usually a change builds on the document as this node holds it: it is then applied
-        // in place and judged by what it wrote (`judge_change` reads the document before it
-        // at its dependencies, without a copy). Otherwise it is judged on a copy of the
-        // document at its own dependencies, then merged. A change refused after it was
-        // applied in place leaves the document half changed: that copy is dropped, and the
-        // document is read again from the store when next needed.
-        let on_current = already_applied || {
-            let mut heads = current.get_heads();
-            let mut wanted = deps.clone();
-            heads.sort();
-            wanted.sort();
-            heads == wanted
-        };
-        // The document's heads before the change: what its kept view shows.
-        let digest_before = match (deps.is_empty(), already_applied) {
-            (true, _) => None,
-            (false, true) => Some(catalogue_digest(&deps)),
-            (false, false) => Some(catalogue_digest(&current.get_heads())),
-        };
-        let judged = if on_current {
-            if already_applied || applies(&mut current, &verified.change) {
-                judge_applied(&current, &verified.change, &author)
-            } else {
-                Err(APPLY_TO_DEPENDENCIES.to_string())
+        match self.judge_into(&id, &mut current, &verified, &author, false)? {
+            Judgement::Accepted(view) => {
+                let snapshot = self
+                    .snapshot_due(&id, verified.encoded.len())?
+                    .then(|| current.save());
+                let decided = Prepared {
+                    base: Vec::new(),
+                    author,
+                    doc: current,
+                    bytes,
+                    view: *view,
+                    snapshot,
+                };
+                self.accept(ledger, ticket, &verified, decided, app)
             }
-        } else {
-            // `fork_at` reads only what this node accepted; contained all the same.
-            let forked =
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| current.fork_at(&deps)));
-            let mut judged_at = forked
-                .ok()
-                .and_then(Result::ok)
-                .ok_or(StoreError::Corrupt {
-                    what: "document history",
-                })?;
-            let judged = if applies(&mut judged_at, &verified.change) {
-                judge_applied(&judged_at, &verified.change, &author)
-            } else {
-                Err(APPLY_TO_DEPENDENCIES.to_string())
-            };
-            match judged {
-                Err(reason) => {
-                    self.put_back(cache, id, current, cached_bytes);
-                    return self.quarantined(cache, ticket, &verified, &reason);
+            Judgement::Refused { reason, clean } => {
+                if clean {
+                    self.put_back(ledger, id, current, bytes);
                 }
-                Ok(judged) if applies(&mut current, &verified.change) => Ok(judged),
-                Ok(_) => Err(APPLY_TO_DOCUMENT.to_string()),
+                self.quarantined(ledger, ticket, &verified, &reason)
             }
-        };
-        let previous = digest_before
-            .and_then(|digest| self.lock_views().get(&id, &digest))
-            .map(Arc::unwrap_or_clone);
-        let view = judged.and_then(|judged| {
-            judged
-                .view(&current, previous)
-                .map_err(|error| format!("merging it breaks the document: {error}"))
-        });
-        let view = match view {
-            Ok(view) => view,
-            // `current` holds the refused change: dropped, not put back.
-            Err(reason) => return self.quarantined(cache, ticket, &verified, &reason),
-        };
+        }
+    }
+
+    /// The heads the store holds a document at, sorted (none if it holds no such document).
+    fn stored_heads(&self, id: &DocumentId) -> Result<Vec<ChangeHash>, StoreError> {
+        let mut heads: Vec<ChangeHash> = self
+            .document_record(id)?
+            .map(|record| record.heads.into_iter().map(ChangeHash).collect())
+            .unwrap_or_default();
+        heads.sort();
+        Ok(heads)
+    }
+
+    /// Writes the acceptance of a judged change: its envelope, the document's record, heads and
+    /// index entries, its audit records; then keeps the document and its view for what comes
+    /// next. `decided.base` is not read.
+    fn accept(
+        &self,
+        ledger: &mut Ledger,
+        ticket: &mut u64,
+        verified: &VerifiedChange,
+        decided: Prepared,
+        app: Option<&str>,
+    ) -> Result<Ingested, IngestError> {
+        let (id, hash) = (verified.document, verified.hash);
+        let Prepared {
+            author,
+            doc: mut current,
+            bytes,
+            view,
+            snapshot,
+            ..
+        } = decided;
         let kind = view.kind();
-        cached_bytes += verified.encoded.len();
+        let cached_bytes = bytes + verified.encoded.len();
         let heads = current.get_heads();
         let mut batch = Batch::default();
         batch.put(keys::envelope(&id, &hash), verified.encoded.clone());
-        // A new snapshot every `SNAPSHOT_EVERY_CHANGES` changes; a load replays only the
-        // envelopes the snapshot lacks.
-        if cache.accepted.is_multiple_of(SNAPSHOT_EVERY_CHANGES) || deps.is_empty() {
-            batch.put(keys::per_document(keys::SNAPSHOT, &id), current.save());
-        }
+        // A load replays only the envelopes the snapshot lacks (see `snapshot_due`).
+        let (tail, snapshot_bytes) = match snapshot {
+            Some(snapshot) => {
+                let saved = snapshot.len() as u64;
+                batch.put(keys::per_document(keys::SNAPSHOT, &id), snapshot);
+                (0, saved)
+            }
+            None => self
+                .document_record(&id)?
+                .map_or((verified.encoded.len() as u64, 0), |record| {
+                    (record.tail + verified.encoded.len() as u64, record.snapshot)
+                }),
+        };
         let record = DocumentRecord {
             kind,
             heads: heads.iter().map(|h| h.0).collect(),
+            tail,
+            snapshot: snapshot_bytes,
         };
         batch.put(keys::per_document(keys::DOCUMENT, &id), encode(&record));
         batch.put(
@@ -1985,13 +2205,13 @@ impl Node {
         );
         let unparked = self.unpark(&mut batch, &id, &hash)?;
         batch.put(keys::author(&verified.author, &id), Vec::new());
-        batch.put(keys::ACCEPTED, (cache.accepted + 1).to_be_bytes().to_vec());
+        batch.put(keys::ACCEPTED, (ledger.accepted + 1).to_be_bytes().to_vec());
         self.reindex(&mut batch, &id, &view)?;
         let mut view = view;
         set_view_id(&mut view, id);
         let mut head = self.append_audit(
             &mut batch,
-            cache.audit,
+            ledger.audit,
             AuditAction::Accepted,
             (verified.document, verified.hash),
             Some(author),
@@ -2005,16 +2225,16 @@ impl Node {
             );
         }
         *ticket = self.commit.apply(&self.store, batch)?;
-        cache.pending.settled(unparked);
+        ledger.pending.settled(unparked);
         let digest = catalogue_digest(&heads);
         self.catalogue_mut().insert(*id.as_bytes(), digest);
-        // The view `validate_change` read is the document's view now: kept for reads at no
+        // The view the judgement read is the document's view now: kept for reads at no
         // cost (after the catalogue, so a read never pairs a newer view with older heads).
         self.lock_views().insert(id, digest, Arc::new(view));
-        cache.audit = head;
-        cache.accepted += 1;
-        self.store.set_accepted(cache.accepted);
-        cache.insert(
+        ledger.audit = head;
+        ledger.accepted += 1;
+        self.store.set_accepted(ledger.accepted);
+        self.lock_documents().insert(
             id,
             Cached {
                 doc: current,
@@ -2023,18 +2243,17 @@ impl Node {
                 used: 0,
             },
         );
-        cache.touch(&id);
         Ok(Ingested::Accepted(hash))
     }
 
     fn quarantined(
         &self,
-        cache: &mut Cache,
+        ledger: &mut Ledger,
         ticket: &mut u64,
         verified: &VerifiedChange,
         reason: &str,
     ) -> Result<Ingested, IngestError> {
-        if cache.quarantined >= QUARANTINE_CHANGES_MAX {
+        if ledger.quarantined >= QUARANTINE_CHANGES_MAX {
             tracing::warn!(document = %verified.document, change = %verified.hash, reason, "change refused; the quarantine is full");
             return Err(IngestError::QuarantineFull);
         }
@@ -2042,7 +2261,7 @@ impl Node {
         let record = QuarantineRecord::new(verified.document, None, reason, &verified.encoded);
         let mut batch = Batch::default();
         let body = self.put_quarantine(
-            cache,
+            ledger,
             &mut batch,
             keys::quarantined(&verified.hash, &verified.document),
             record,
@@ -2051,16 +2270,16 @@ impl Node {
         let institution = self.membership().institution_of(&verified.author);
         let head = self.append_audit(
             &mut batch,
-            cache.audit,
+            ledger.audit,
             AuditAction::Quarantined,
             (verified.document, verified.hash),
             institution,
         );
         *ticket = self.commit.apply(&self.store, batch)?;
-        cache.pending.settled(unparked);
-        cache.quarantine_bodies += body;
-        cache.audit = head;
-        cache.quarantined += 1;
+        ledger.pending.settled(unparked);
+        ledger.quarantine_bodies += body;
+        ledger.audit = head;
+        ledger.quarantined += 1;
         Ok(Ingested::Quarantined(verified.hash, reason.to_string()))
     }
 
@@ -2069,16 +2288,16 @@ impl Node {
     /// dependencies always). Returns the body bytes kept, to count once the batch is applied.
     fn put_quarantine(
         &self,
-        cache: &Cache,
+        ledger: &Ledger,
         batch: &mut Batch,
         key: Vec<u8>,
         mut record: QuarantineRecord,
     ) -> u64 {
         let body = record.envelope.len() as u64;
-        let kept = if cache.quarantine_bodies + body <= QUARANTINE_BODIES_BYTES_MAX {
+        let kept = if ledger.quarantine_bodies + body <= QUARANTINE_BODIES_BYTES_MAX {
             batch.put(
                 keys::QUARANTINE_BODIES,
-                (cache.quarantine_bodies + body).to_be_bytes().to_vec(),
+                (ledger.quarantine_bodies + body).to_be_bytes().to_vec(),
             );
             body
         } else {
@@ -2095,7 +2314,7 @@ impl Node {
     /// typed error instead.
     fn refuse(
         &self,
-        cache: &mut Cache,
+        ledger: &mut Ledger,
         ticket: &mut u64,
         encoded: &[u8],
         reason: &str,
@@ -2115,24 +2334,24 @@ impl Node {
         if self.store.get(&key)?.is_some() {
             return Ok(Ingested::Quarantined(change, reason.to_string()));
         }
-        if cache.quarantined >= QUARANTINE_CHANGES_MAX {
+        if ledger.quarantined >= QUARANTINE_CHANGES_MAX {
             return Err(IngestError::QuarantineFull);
         }
         tracing::info!(%document, %change, reason, "envelope refused and quarantined");
         let record = QuarantineRecord::new(document, Some(change.0), reason, encoded);
         let mut batch = Batch::default();
-        let body = self.put_quarantine(cache, &mut batch, key, record);
+        let body = self.put_quarantine(ledger, &mut batch, key, record);
         let head = self.append_audit(
             &mut batch,
-            cache.audit,
+            ledger.audit,
             AuditAction::Quarantined,
             (document, change),
             None,
         );
         *ticket = self.commit.apply(&self.store, batch)?;
-        cache.quarantine_bodies += body;
-        cache.audit = head;
-        cache.quarantined += 1;
+        ledger.quarantine_bodies += body;
+        ledger.audit = head;
+        ledger.quarantined += 1;
         Ok(Ingested::Quarantined(change, reason.to_string()))
     }
 
@@ -2142,8 +2361,8 @@ impl Node {
     /// decided (damaged, or its author no longer in the roster) is dropped with a log line: a
     /// peer will offer it again if it matters. Errors here never fail the ingest that
     /// triggered the retry.
-    fn retry_pending(&self, cache: &mut Cache, ticket: &mut u64, decided: ChangeHash) {
-        if let Err(error) = self.retry_pending_inner(cache, ticket, decided) {
+    fn retry_pending(&self, ledger: &mut Ledger, ticket: &mut u64, decided: ChangeHash) {
+        if let Err(error) = self.retry_pending_inner(ledger, ticket, decided) {
             tracing::warn!(%error, "retrying pending changes stopped early");
         }
     }
@@ -2152,13 +2371,13 @@ impl Node {
     /// settled, held changes of a revoked key that were just vouched for, and — once a
     /// revoked key's cut-off can be drawn — every change of that key still held. Errors are
     /// logged, never returned: they must not fail the call that triggered the work.
-    fn settle(&self, cache: &mut Cache, ticket: &mut u64) {
+    fn settle(&self, ledger: &mut Ledger, ticket: &mut u64) {
         loop {
-            if let Some(hash) = cache.woken.pop_front() {
-                self.retry_pending(cache, ticket, hash);
-            } else if let Some(key) = cache.recheck.pop_first() {
+            if let Some(hash) = ledger.woken.pop_front() {
+                self.retry_pending(ledger, ticket, hash);
+            } else if let Some(key) = ledger.recheck.pop_first() {
                 match self.held_past_cutoff(&key) {
-                    Ok(held) => cache.woken.extend(held),
+                    Ok(held) => ledger.woken.extend(held),
                     Err(error) => {
                         tracing::warn!(%error, "rechecking a revoked key's held changes failed")
                     }
@@ -2200,7 +2419,7 @@ impl Node {
     /// that is now vouched for is woken to be decided again.
     fn vouch(
         &self,
-        cache: &mut Cache,
+        ledger: &mut Ledger,
         ticket: &mut u64,
         vouchers: &[Bytes32],
         document: DocumentId,
@@ -2228,13 +2447,13 @@ impl Node {
                     .get(&keys::held(key, &hash, &document))?
                     .is_some()
                 {
-                    cache.woken.push_back(hash);
+                    ledger.woken.push_back(hash);
                 }
                 next.extend(deps);
             }
         }
         *ticket = self.commit.apply(&self.store, batch)?;
-        cache.recheck.extend(vouchers.iter().copied());
+        ledger.recheck.extend(vouchers.iter().copied());
         Ok(())
     }
 
@@ -2286,13 +2505,13 @@ impl Node {
     /// cut-off can be drawn here, held until then (bounded per key).
     fn past_revocation(
         &self,
-        cache: &mut Cache,
+        ledger: &mut Ledger,
         ticket: &mut u64,
         verified: &VerifiedChange,
         key: Bytes32,
     ) -> Result<Ingested, IngestError> {
         if self.cutoff_drawn(&key)? {
-            return self.quarantined(cache, ticket, verified, REASON_PAST_CUTOFF);
+            return self.quarantined(ledger, ticket, verified, REASON_PAST_CUTOFF);
         }
         let hash = verified.hash;
         if self
@@ -2306,7 +2525,7 @@ impl Node {
             }
         }
         // Waiting for itself: woken when vouched for or when the cut-off can be drawn.
-        self.park(cache, ticket, verified, Vec::new(), Hold::Cutoff(key))
+        self.park(ledger, ticket, verified, Vec::new(), Hold::Cutoff(key))
     }
 
     /// Whether this node holds all the history a revoked key's cut-off reaches: every cut-off
@@ -2369,16 +2588,16 @@ impl Node {
     /// applied yet, decides again the changes a crash left waiting for that, then settles.
     fn catch_up_revocations(&self) -> Result<(), NodeError> {
         let ticket = {
-            let mut cache = self.lock_cache();
+            let mut ledger = self.lock_ledger();
             let mut ticket = self.commit.applied();
             // Held for a cut-off, a roster, or withdrawn by a revocation a crash interrupted.
             for key in self.store.keys_with_prefix(&[keys::WAITS_ON_ITSELF])? {
                 if let Some(hash) = key.get(1..33).and_then(|b| <[u8; 32]>::try_from(b).ok()) {
-                    cache.woken.push_back(ChangeHash(hash));
+                    ledger.woken.push_back(ChangeHash(hash));
                 }
             }
-            self.apply_revocations(&mut cache, &mut ticket)?;
-            self.settle(&mut cache, &mut ticket);
+            self.apply_revocations(&mut ledger, &mut ticket)?;
+            self.settle(&mut ledger, &mut ticket);
             ticket
         };
         if ticket > 0 {
@@ -2393,7 +2612,7 @@ impl Node {
     /// where a node that learnt of the revocation before receiving them would be. A
     /// revocation counts as applied once all its documents are done, so a crash midway
     /// resumes at the next start; withdrawing twice changes nothing.
-    fn apply_revocations(&self, cache: &mut Cache, ticket: &mut u64) -> Result<(), NodeError> {
+    fn apply_revocations(&self, ledger: &mut Ledger, ticket: &mut u64) -> Result<(), NodeError> {
         let revoked = {
             let membership = self.membership();
             membership
@@ -2411,7 +2630,7 @@ impl Node {
             for head in &cutoff {
                 let head = ChangeHash(head.0);
                 for (document, deps) in self.held_anywhere(&head)? {
-                    self.vouch(cache, ticket, &[key], document, head, &deps)?;
+                    self.vouch(ledger, ticket, &[key], document, head, &deps)?;
                 }
             }
             for author in self
@@ -2425,12 +2644,12 @@ impl Node {
                 else {
                     continue;
                 };
-                self.withdraw(cache, ticket, &key, &cutoff, document)?;
+                self.withdraw(ledger, ticket, &key, &cutoff, document)?;
             }
             let mut batch = Batch::default();
             batch.put(applied, Vec::new());
             *ticket = self.commit.apply(&self.store, batch)?;
-            cache.recheck.insert(key);
+            ledger.recheck.insert(key);
         }
         Ok(())
     }
@@ -2441,13 +2660,13 @@ impl Node {
     /// and are then decided again (quarantined, or held until the cut-off can be drawn).
     fn withdraw(
         &self,
-        cache: &mut Cache,
+        ledger: &mut Ledger,
         ticket: &mut u64,
         key: &Bytes32,
         cutoff: &BTreeSet<Bytes32>,
         document: DocumentId,
     ) -> Result<(), NodeError> {
-        let Some((mut doc, kind, bytes)) = self.take(cache, &document)? else {
+        let Some((mut doc, kind, bytes)) = self.take(ledger, &document)? else {
             return Ok(());
         };
         // In causal order: every change comes after its dependencies.
@@ -2489,11 +2708,11 @@ impl Node {
             }
         }
         if withdrawn.is_empty() {
-            self.put_back(cache, document, doc, bytes);
+            self.put_back(ledger, document, doc, bytes);
             *ticket = self.commit.apply(&self.store, batch)?;
             return Ok(());
         }
-        let mut audit_head = cache.audit;
+        let mut audit_head = ledger.audit;
         let mut withdrawn_bytes = 0;
         // Counted on their authors' shares once the batch is applied.
         let mut held = Vec::new();
@@ -2514,11 +2733,11 @@ impl Node {
                 missing: Vec::new(),
                 envelope,
                 bucket: verified.author.0,
-                sequence: cache.pending.next_sequence,
+                sequence: ledger.pending.next_sequence,
                 waits_on_itself: true,
                 held_for: None,
             };
-            cache.pending.next_sequence += 1;
+            ledger.pending.next_sequence += 1;
             let usage = record.usage();
             batch.put(
                 keys::pending_order(&record.bucket, record.sequence, &document, hash),
@@ -2555,14 +2774,14 @@ impl Node {
             let view = crate::model::view(&rebuilt).map_err(|_| StoreError::Corrupt {
                 what: "document after a withdrawal",
             })?;
-            batch.put(
-                keys::per_document(keys::SNAPSHOT, &document),
-                rebuilt.save(),
-            );
+            let snapshot = rebuilt.save();
             let record = DocumentRecord {
                 kind,
                 heads: heads.iter().map(|h| h.0).collect(),
+                tail: 0,
+                snapshot: snapshot.len() as u64,
             };
+            batch.put(keys::per_document(keys::SNAPSHOT, &document), snapshot);
             batch.put(
                 keys::per_document(keys::DOCUMENT, &document),
                 encode(&record),
@@ -2579,7 +2798,7 @@ impl Node {
         }
         *ticket = self.commit.apply(&self.store, batch)?;
         for (bucket, usage) in held {
-            cache.pending.add(bucket, usage);
+            ledger.pending.add(bucket, usage);
         }
         if heads.is_empty() {
             self.catalogue_mut().remove(document.as_bytes());
@@ -2587,10 +2806,10 @@ impl Node {
             self.catalogue_mut()
                 .insert(*document.as_bytes(), catalogue_digest(&heads));
         }
-        cache.audit = audit_head;
+        ledger.audit = audit_head;
         tracing::warn!(%document, withdrawn = withdrawn.len(), "changes withdrawn after a revocation");
         if !heads.is_empty() {
-            cache.insert(
+            self.lock_documents().insert(
                 document,
                 Cached {
                     doc: rebuilt,
@@ -2600,7 +2819,7 @@ impl Node {
                 },
             );
         }
-        cache.woken.extend(withdrawn);
+        ledger.woken.extend(withdrawn);
         Ok(())
     }
 
@@ -2611,7 +2830,7 @@ impl Node {
     /// them again. Parking a change held already replaces its record.
     fn park(
         &self,
-        cache: &mut Cache,
+        ledger: &mut Ledger,
         ticket: &mut u64,
         verified: &VerifiedChange,
         missing: Vec<[u8; 32]>,
@@ -2635,8 +2854,8 @@ impl Node {
         let sequence = match replaced {
             Some(old) if old.bucket == bucket => old.sequence,
             _ => {
-                cache.pending.next_sequence += 1;
-                cache.pending.next_sequence - 1
+                ledger.pending.next_sequence += 1;
+                ledger.pending.next_sequence - 1
             }
         };
         let record = PendingRecord {
@@ -2650,7 +2869,7 @@ impl Node {
         };
         let usage = record.usage();
         let room = replaced.map_or(usage, |old| usage.minus(old.usage));
-        self.make_room(cache, ticket, &bucket, room, (&id, &hash))?;
+        self.make_room(ledger, ticket, &bucket, room, (&id, &hash))?;
         for dependency in &record.missing {
             batch.put(keys::waiting(dependency, &id, &hash), Vec::new());
         }
@@ -2667,8 +2886,8 @@ impl Node {
         );
         batch.put(keys::pending(&id, &hash), encode(&record));
         *ticket = self.commit.apply(&self.store, batch)?;
-        cache.pending.settled(replaced);
-        cache.pending.add(bucket, usage);
+        ledger.pending.settled(replaced);
+        ledger.pending.add(bucket, usage);
         Ok(Ingested::Pending(hash))
     }
 
@@ -2716,27 +2935,27 @@ impl Node {
     /// being parked (`parking`) is never its own victim.
     fn make_room(
         &self,
-        cache: &mut Cache,
+        ledger: &mut Ledger,
         ticket: &mut u64,
         bucket: &[u8; 32],
         usage: Usage,
         parking: (&DocumentId, &ChangeHash),
     ) -> Result<(), StoreError> {
-        while cache
+        while ledger
             .pending
             .of(bucket)
             .plus(usage)
             .exceeds(PendingBook::quota(bucket))
         {
-            if !self.evict_oldest(cache, ticket, bucket, parking)? {
+            if !self.evict_oldest(ledger, ticket, bucket, parking)? {
                 break;
             }
         }
-        while cache.pending.total.plus(usage).exceeds(PendingBook::TOTAL) {
-            let Some(largest) = cache.pending.largest() else {
+        while ledger.pending.total.plus(usage).exceeds(PendingBook::TOTAL) {
+            let Some(largest) = ledger.pending.largest() else {
                 break;
             };
-            if !self.evict_oldest(cache, ticket, &largest, parking)? {
+            if !self.evict_oldest(ledger, ticket, &largest, parking)? {
                 break;
             }
         }
@@ -2746,7 +2965,7 @@ impl Node {
     /// Drops the oldest held change of `bucket`; false if it has none to drop.
     fn evict_oldest(
         &self,
-        cache: &mut Cache,
+        ledger: &mut Ledger,
         ticket: &mut u64,
         bucket: &[u8; 32],
         parking: (&DocumentId, &ChangeHash),
@@ -2775,8 +2994,8 @@ impl Node {
             batch.delete(key.clone());
             *ticket = self.commit.apply(&self.store, batch)?;
             match unparked {
-                Some(unparked) => cache.pending.settled(Some(unparked)),
-                None => cache
+                Some(unparked) => ledger.pending.settled(Some(unparked)),
+                None => ledger
                     .pending
                     .remove(bucket, Usage::decode(&value).unwrap_or_default()),
             }
@@ -2788,7 +3007,7 @@ impl Node {
 
     fn retry_pending_inner(
         &self,
-        cache: &mut Cache,
+        ledger: &mut Ledger,
         ticket: &mut u64,
         decided: ChangeHash,
     ) -> Result<(), IngestError> {
@@ -2815,7 +3034,7 @@ impl Node {
                     continue;
                 };
                 let Ok(record) = decode::<PendingRecord>(&value, "pending record") else {
-                    self.drop_pending(cache, ticket, vec![key], &document, &hash)?;
+                    self.drop_pending(ledger, ticket, vec![key], &document, &hash)?;
                     continue;
                 };
                 // Still waiting for another of its dependencies?
@@ -2837,15 +3056,15 @@ impl Node {
                 }
                 // Verified when it was parked; failing now means the stored copy is damaged.
                 let Ok(verified) = Envelope::verify(&record.envelope) else {
-                    self.drop_pending(cache, ticket, Vec::new(), &document, &hash)?;
+                    self.drop_pending(ledger, ticket, Vec::new(), &document, &hash)?;
                     continue;
                 };
-                match self.decide(cache, verified, ticket, None) {
+                match self.decide(ledger, verified, None, ticket, None) {
                     Ok(Ingested::Accepted(_) | Ingested::Quarantined(..)) => settled.push(hash),
                     Ok(_) => {}
                     Err(error) => {
                         tracing::warn!(%error, "a pending change could not be decided; dropped");
-                        self.drop_pending(cache, ticket, Vec::new(), &document, &hash)?;
+                        self.drop_pending(ledger, ticket, Vec::new(), &document, &hash)?;
                     }
                 }
             }
@@ -2857,7 +3076,7 @@ impl Node {
     /// and `extra` keys.
     fn drop_pending(
         &self,
-        cache: &mut Cache,
+        ledger: &mut Ledger,
         ticket: &mut u64,
         extra: Vec<Vec<u8>>,
         document: &DocumentId,
@@ -2869,7 +3088,7 @@ impl Node {
             batch.delete(key);
         }
         *ticket = self.commit.apply(&self.store, batch)?;
-        cache.pending.settled(unparked);
+        ledger.pending.settled(unparked);
         Ok(())
     }
 
@@ -2883,31 +3102,48 @@ impl Node {
     }
 
     /// A document taken out of the cache (or decoded from the store), with its kind and its
-    /// cache weight; `put_back` returns it.
+    /// cache weight; `put_back` returns it. The ledger shows the decision lock is held: no
+    /// decision is then half written in the store, so a document read from it is whole.
     fn take(
         &self,
-        cache: &mut Cache,
+        _decisions: &Ledger,
         id: &DocumentId,
     ) -> Result<Option<(AutoCommit, DocumentKind, usize)>, StoreError> {
-        if let Some(cached) = cache.documents.remove(id) {
-            cache.bytes -= cached.bytes;
+        if let Some(cached) = self.lock_documents().remove(id) {
             return Ok(Some((cached.doc, cached.kind, cached.bytes)));
         }
-        self.load(cache, id)?;
-        Ok(cache.documents.remove(id).map(|cached| {
-            cache.bytes -= cached.bytes;
-            (cached.doc, cached.kind, cached.bytes)
-        }))
+        let Some((mut doc, kind, bytes, record)) = self.stored_document(id)? else {
+            return Ok(None);
+        };
+        if !holds_heads(&mut doc, &record) {
+            return Err(StoreError::Corrupt {
+                what: "document heads",
+            });
+        }
+        Ok(Some((doc, kind, bytes)))
     }
 
-    /// Returns a document `take` took, unchanged.
-    fn put_back(&self, cache: &mut Cache, id: DocumentId, doc: AutoCommit, bytes: usize) {
+    /// `take` without the decision lock, for `prepare`: a document read from the store while a
+    /// decision is being written may hold more than its record names, and is then not used.
+    fn take_unlocked(&self, id: &DocumentId) -> Option<(AutoCommit, DocumentKind, usize)> {
+        if let Some(cached) = self.lock_documents().remove(id) {
+            return Some((cached.doc, cached.kind, cached.bytes));
+        }
+        let (mut doc, kind, bytes, record) = self.stored_document(id).ok()??;
+        holds_heads(&mut doc, &record).then_some((doc, kind, bytes))
+    }
+
+    /// Returns a document `take` took, unchanged, if the store still holds it so (a decision
+    /// may have been written meanwhile, by a writer that read the document from the store).
+    fn put_back(&self, _decisions: &Ledger, id: DocumentId, mut doc: AutoCommit, bytes: usize) {
         if bytes == 0 {
             // A creation that was refused: there is no document to keep.
             return;
         }
-        if let Ok(Some(record)) = self.document_record(&id) {
-            cache.insert(
+        if let Ok(Some(record)) = self.document_record(&id)
+            && holds_heads(&mut doc, &record)
+        {
+            self.lock_documents().insert(
                 id,
                 Cached {
                     doc,
@@ -2916,29 +3152,22 @@ impl Node {
                     used: 0,
                 },
             );
-            cache.touch(&id);
         }
     }
 
-    /// A document decoded, from the cache or the store; with its kind.
+    /// A copy of a document, from the cache or the store; with its kind.
     fn load(
         &self,
-        cache: &mut Cache,
+        decisions: &Ledger,
         id: &DocumentId,
     ) -> Result<Option<(AutoCommit, DocumentKind)>, StoreError> {
-        if let Some(cached) = cache.touch(id) {
+        if let Some(cached) = self.lock_documents().touch(id) {
             return Ok(Some((cached.doc.clone(), cached.kind)));
         }
-        let Some((mut doc, kind, bytes, record)) = self.stored_document(id)? else {
+        let Some((doc, kind, bytes)) = self.take(decisions, id)? else {
             return Ok(None);
         };
-        let heads: Vec<[u8; 32]> = doc.get_heads().iter().map(|h| h.0).collect();
-        if heads != record.heads {
-            return Err(StoreError::Corrupt {
-                what: "document heads",
-            });
-        }
-        cache.insert(
+        self.lock_documents().insert(
             *id,
             Cached {
                 doc: doc.clone(),
@@ -2947,7 +3176,6 @@ impl Node {
                 used: 0,
             },
         );
-        cache.touch(id);
         Ok(Some((doc, kind)))
     }
 
@@ -3002,9 +3230,9 @@ impl Node {
     }
 
     fn document(&self, id: DocumentId, expected: DocumentKind) -> Result<AutoCommit, NodeError> {
-        let mut cache = self.lock_cache();
+        let ledger = self.lock_ledger();
         let (doc, found) = self
-            .load(&mut cache, &id)?
+            .load(&ledger, &id)?
             .ok_or(NodeError::UnknownDocument(id))?;
         if found != expected {
             return Err(NodeError::WrongKind {
@@ -3023,6 +3251,10 @@ impl Node {
             .transpose()
     }
 
+    fn lock_documents(&self) -> MutexGuard<'_, Documents> {
+        self.documents.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn lock_document(&self, id: &DocumentId) -> MutexGuard<'_, ()> {
         let stripe = usize::from(id.as_bytes()[0]) % self.document_locks.len();
         self.document_locks[stripe]
@@ -3034,8 +3266,8 @@ impl Node {
         self.membership.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn lock_cache(&self) -> MutexGuard<'_, Cache> {
-        self.cache.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock_ledger(&self) -> MutexGuard<'_, Ledger> {
+        self.ledger.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Adds the next audit record to `batch`; returns the new head, to adopt once the batch
@@ -3121,9 +3353,9 @@ impl Node {
         records: impl IntoIterator<Item = (AuditAction, DocumentId, Option<[u8; 32]>)>,
     ) -> Result<(), NodeError> {
         let ticket = {
-            let mut cache = self.lock_cache();
+            let mut ledger = self.lock_ledger();
             let mut batch = Batch::default();
-            let mut head = cache.audit;
+            let mut head = ledger.audit;
             for (action, document, change) in records {
                 head = append_record(
                     &mut batch,
@@ -3135,19 +3367,19 @@ impl Node {
                 return Ok(());
             }
             let ticket = self.commit.apply(&self.store, batch)?;
-            cache.audit = head;
+            ledger.audit = head;
             ticket
         };
         self.commit.wait_durable(&self.store, ticket)?;
         self.audit_updates
-            .send_replace(self.lock_cache().audit.sequence);
+            .send_replace(self.lock_ledger().audit.sequence);
         Ok(())
     }
 
     /// Checks the audit log's hash chain from its first record to its head; `None` when it
     /// is whole.
     pub fn verify_audit(&self) -> Option<Problem> {
-        let head = self.lock_cache().audit;
+        let head = self.lock_ledger().audit;
         self.check_audit_chain(head)
     }
 
@@ -3349,7 +3581,7 @@ impl Node {
 
     /// Changes in quarantine.
     pub fn quarantine_count(&self) -> usize {
-        self.lock_cache().quarantined
+        self.lock_ledger().quarantined
     }
 
     /// Referrals of a resident.
@@ -3363,12 +3595,12 @@ impl Node {
     pub fn verify(&self) -> Result<VerifyReport, NodeError> {
         // No decision runs meanwhile: envelopes, records and the audit head are read as one
         // consistent state.
-        let cache = self.lock_cache();
-        self.verify_locked(&cache)
+        let ledger = self.lock_ledger();
+        self.verify_locked(&ledger)
     }
 
     /// `verify`, under the decision lock the caller holds.
-    fn verify_locked(&self, cache: &Cache) -> Result<VerifyReport, NodeError> {
+    fn verify_locked(&self, ledger: &Ledger) -> Result<VerifyReport, NodeError> {
         let mut report = VerifyReport::default();
         let lost = self.lost_at_open.load(std::sync::atomic::Ordering::Relaxed);
         if lost > 0 {
@@ -3467,12 +3699,14 @@ impl Node {
                 .and_then(|bytes| crate::model::load_document(&bytes).ok())
                 .map(|mut snapshot| snapshot.get_heads());
             // A snapshot may lag behind the heads, but everything it holds must be among the
-            // document's verified changes.
-            let snapshot_sound = snapshot_heads.is_some_and(|snapshot| {
-                snapshot.iter().all(|head| {
+            // document's verified changes. A document whose envelopes never outweighed
+            // `SNAPSHOT_TAIL_MIN_BYTES` has none (its record says so).
+            let snapshot_sound = match snapshot_heads {
+                Some(snapshot) => snapshot.iter().all(|head| {
                     crate::model::automerge::ReadDoc::get_change_by_hash(&doc, head).is_some()
-                })
-            });
+                }),
+                None => record.snapshot == 0,
+            };
             if !snapshot_sound {
                 report.problems.push(problem(
                     "its snapshot is missing or disagrees with its changes".into(),
@@ -3493,7 +3727,7 @@ impl Node {
                     .push(problem(format!("it fails validation: {error}")));
             }
         }
-        if let Some(problem) = self.check_audit_chain(cache.audit) {
+        if let Some(problem) = self.check_audit_chain(ledger.audit) {
             report.problems.push(problem);
         }
         for document in by_document.into_keys() {
@@ -3516,8 +3750,8 @@ impl Node {
     pub fn repair(&self) -> Result<RepairReport, NodeError> {
         // One decision lock for the check and the removal: nothing accepted in between is
         // taken out with the damaged documents.
-        let mut cache = self.lock_cache();
-        let report = self.verify_locked(&cache)?;
+        let ledger = self.lock_ledger();
+        let report = self.verify_locked(&ledger)?;
         let discarded = report.affected_documents();
         let mut batch = Batch::default();
         for id in &discarded {
@@ -3539,9 +3773,7 @@ impl Node {
                 }
             }
             batch.delete(record_key);
-            if let Some(cached) = cache.documents.remove(id) {
-                cache.bytes -= cached.bytes;
-            }
+            self.lock_documents().remove(id);
         }
         let lost = self.lost_at_open.load(std::sync::atomic::Ordering::Relaxed);
         if lost > 0 {
@@ -3649,7 +3881,15 @@ fn applies(doc: &mut AutoCommit, change: &Change) -> bool {
     .is_ok_and(|result| result.is_ok())
 }
 
-/// The catalogue's digest of a document's heads: equal digests mean equal heads.
+/// Whether `doc` is at exactly the heads `record` names.
+fn holds_heads(doc: &mut AutoCommit, record: &DocumentRecord) -> bool {
+    let mut heads = doc.get_heads();
+    heads.sort();
+    let mut named: Vec<ChangeHash> = record.heads.iter().copied().map(ChangeHash).collect();
+    named.sort();
+    heads == named
+}
+
 /// Converts a store of format 1 (quarantine and pending records keyed by change alone) to
 /// format 2: pending records under their document, with their waits and their place in their
 /// author's order; quarantine records under their change and document, with their digest,
@@ -3798,6 +4038,7 @@ fn dependencies_of(envelope: &[u8]) -> Vec<ChangeHash> {
         .unwrap_or_default()
 }
 
+/// The catalogue's digest of a document's heads: equal digests mean equal heads.
 fn catalogue_digest(heads: &[ChangeHash]) -> [u8; 32] {
     let mut sorted: Vec<&ChangeHash> = heads.iter().collect();
     sorted.sort();
@@ -3927,7 +4168,7 @@ pub(crate) mod tests {
         let node = Arc::new(node);
         let read_while_deciding = |node: &Arc<Node>| {
             // A decision in progress holds this lock; the read must not need it.
-            let _deciding = node.lock_cache();
+            let _deciding = node.lock_ledger();
             let (sender, receiver) = std::sync::mpsc::channel();
             let reader = node.clone();
             let thread = std::thread::spawn(move || {
@@ -3976,16 +4217,19 @@ pub(crate) mod tests {
         };
         let elsewhere = std::cell::Cell::new(None);
         let write = |op: HealthFileOp, meanwhile: &dyn Fn()| {
-            let change = node
+            let (change, written) = node
                 .write_in_place(id, DocumentKind::HealthFile, |doc| {
                     HealthFile::apply_to(doc, &node.actor, &editor, &op)
                 })
                 .unwrap()
                 .unwrap();
-            assert!(node.lock_cache().applied.is_some());
+            // Taken out of the cache, not copied.
+            assert!(!node.lock_documents().documents.contains_key(&id));
             meanwhile();
-            let hash = node.write_local(id, vec![change], None).unwrap();
-            assert!(node.lock_cache().applied.is_none());
+            let hash = node
+                .write_local(id, vec![change], Some(written), None)
+                .unwrap();
+            assert!(node.lock_documents().documents.contains_key(&id));
             hash
         };
         write(allergy("penicillin"), &|| {});
@@ -4017,7 +4261,8 @@ pub(crate) mod tests {
         // The cached document holds exactly what the store holds.
         let cached = node.document(id, DocumentKind::HealthFile).unwrap();
         assert_eq!(cached.clone().get_heads(), node.heads(id).unwrap());
-        assert!(node.verify().unwrap().problems.is_empty());
+        let problems = node.verify().unwrap().problems;
+        assert!(problems.is_empty(), "{problems:?}");
         // An operation that fails writes nothing and leaves the document in the cache.
         let refused = node.apply_health_file(
             id,
@@ -4028,7 +4273,7 @@ pub(crate) mod tests {
             },
         );
         assert!(refused.is_err());
-        assert!(node.lock_cache().documents.contains_key(&id));
+        assert!(node.lock_documents().documents.contains_key(&id));
         assert_eq!(node.health_file(id).unwrap().allergies.len(), 4);
         // Nothing was judged on a stale copy: the change from elsewhere is an ancestor of the
         // heads, and the store read afresh shows what the node showed.
@@ -4120,15 +4365,15 @@ pub(crate) mod tests {
         let mut file = HealthFile::create(&own.actor(), &editor, &demographics).unwrap();
         let mut change = file.changes_since(&[]).remove(0);
         let hijack = Envelope::sign(&own, DocumentId::from_bytes([9; 16]), &mut change).encode();
-        node.lock_cache().quarantined = QUARANTINE_CHANGES_MAX;
+        node.lock_ledger().quarantined = QUARANTINE_CHANGES_MAX;
         assert!(matches!(
             node.ingest(&hijack),
             Err(IngestError::QuarantineFull)
         ));
         assert!(node.quarantine().unwrap().is_empty(), "nothing was stored");
-        node.lock_cache().quarantined = 0;
+        node.lock_ledger().quarantined = 0;
         // With the bodies' budget spent, the record keeps the digest, size and reason only.
-        node.lock_cache().quarantine_bodies = QUARANTINE_BODIES_BYTES_MAX - 1;
+        node.lock_ledger().quarantine_bodies = QUARANTINE_BODIES_BYTES_MAX - 1;
         assert!(matches!(
             node.ingest(&hijack).unwrap(),
             Ingested::Quarantined(..)
@@ -4138,18 +4383,18 @@ pub(crate) mod tests {
         assert!(!kept[0].envelope_kept);
         assert_eq!(kept[0].envelope_bytes, hijack.len() as u64);
         assert!(node.purge_quarantine(None).unwrap() == 1);
-        node.lock_cache().quarantine_bodies = 0;
+        node.lock_ledger().quarantine_bodies = 0;
         assert!(matches!(
             node.ingest(&hijack).unwrap(),
             Ingested::Quarantined(..)
         ));
         assert!(node.quarantine().unwrap()[0].envelope_kept);
-        assert_eq!(node.lock_cache().quarantine_bodies, hijack.len() as u64);
+        assert_eq!(node.lock_ledger().quarantine_bodies, hijack.len() as u64);
     }
 
     #[test]
     fn the_cache_keeps_its_bounds_and_the_document_just_inserted() {
-        let mut cache = Cache::default();
+        let mut cache = Documents::default();
         for n in 0..(CACHE_DOCUMENTS_MAX + 10) {
             let mut id = [0u8; 16];
             id[..8].copy_from_slice(&(n as u64).to_be_bytes());
