@@ -724,3 +724,136 @@ fn a_chain_arriving_backwards_is_decided_when_its_first_change_arrives() {
     assert_eq!(node.health_file(file.id()).unwrap(), file.view());
     assert_eq!(node.audit(1, 100).unwrap().len(), 4);
 }
+
+#[test]
+fn peers_batches_and_local_writes_decided_at_once_end_as_if_decided_one_by_one() {
+    use std::sync::Arc;
+    const FILES: usize = 6;
+    const PEER_EDITS: usize = 10;
+    const LOCAL_EDITS: u64 = 8;
+    let mut consortium = Consortium::new();
+    let node = Arc::new(consortium.open());
+    let peer = Identity::from_secret(PEER);
+    // Each file: the peer's creation and edits, as the batches a sync message carries.
+    let batches: Vec<(DocumentId, Vec<Vec<u8>>)> = (0..FILES)
+        .map(|f| {
+            let mut file = HealthFile::create(
+                &peer.actor(),
+                &editor("xinhua"),
+                &resident(&format!("+86 {f}")),
+            )
+            .unwrap();
+            for n in 0..PEER_EDITS {
+                file.apply(
+                    &editor("xinhua"),
+                    &HealthFileOp::AddFollowUp(NewFollowUp {
+                        time: Timestamp((f * 1_000 + n) as i64),
+                        systolic_mmhg: Some(130),
+                        diastolic_mmhg: Some(85),
+                        glucose_mmol_per_l: None,
+                    }),
+                )
+                .unwrap();
+            }
+            let id = file.id();
+            (id, envelopes(&peer, id, &mut file.automerge().clone(), &[]))
+        })
+        .collect();
+    // The creations first, so local writers have documents to write to.
+    for (_, envelopes) in &batches {
+        assert!(matches!(
+            node.ingest(&envelopes[0]),
+            Ok(Ingested::Accepted(_))
+        ));
+    }
+    let ids: Vec<DocumentId> = batches.iter().map(|(id, _)| *id).collect();
+    // Three ingesters take every batch, in different orders (so each change is also offered
+    // twice more, racing its first decision), while two local writers edit the same files:
+    // their changes and the peer's are concurrent, judged in place or on forks.
+    let mut threads = Vec::new();
+    for t in 0..3usize {
+        let (node, batches) = (node.clone(), batches.clone());
+        threads.push(std::thread::spawn(move || {
+            for b in 0..FILES {
+                let (_, envelopes) = &batches[(b + t * 2) % FILES];
+                for outcome in node.ingest_many(&envelopes[1..]).unwrap() {
+                    assert!(
+                        matches!(outcome, Ok(Ingested::Accepted(_) | Ingested::Duplicate(_))),
+                        "{outcome:?}"
+                    );
+                }
+            }
+        }));
+    }
+    for w in 0..2u64 {
+        let (node, ids) = (node.clone(), ids.clone());
+        threads.push(std::thread::spawn(move || {
+            for n in 0..LOCAL_EDITS {
+                for id in &ids {
+                    let op = HealthFileOp::AddFollowUp(NewFollowUp {
+                        time: Timestamp((100_000 + w * 1_000 + n) as i64),
+                        systolic_mmhg: Some(120),
+                        diastolic_mmhg: Some(80),
+                        glucose_mmol_per_l: None,
+                    });
+                    node.apply_health_file(*id, &editor("chc-jianshe"), &op)
+                        .unwrap();
+                }
+            }
+        }));
+    }
+    for thread in threads {
+        thread.join().unwrap();
+    }
+    // Every change landed once: in the documents, in the audit log, in the store's checks.
+    let expected_follow_ups = PEER_EDITS + 2 * LOCAL_EDITS as usize;
+    for id in &ids {
+        assert_eq!(
+            node.health_file(*id).unwrap().follow_ups.len(),
+            expected_follow_ups
+        );
+    }
+    let accepted = node
+        .audit(1, 10_000)
+        .unwrap()
+        .iter()
+        .filter(|record| record.action == estuary_node::audit::AuditAction::Accepted)
+        .count();
+    assert_eq!(accepted, FILES * (1 + expected_follow_ups));
+    assert!(node.quarantine().unwrap().is_empty());
+    assert!(node.verify().unwrap().problems.is_empty());
+    assert_eq!(node.verify_audit(), None);
+    // A node deciding the same changes one by one, in another order, ends the same.
+    let views: Vec<HealthFileView> = ids
+        .iter()
+        .map(|id| node.health_file(*id).unwrap())
+        .collect();
+    let heads: Vec<_> = ids.iter().map(|id| node.heads(*id).unwrap()).collect();
+    let all: Vec<Vec<u8>> = ids
+        .iter()
+        .flat_map(|id| node.envelopes(*id).unwrap())
+        .collect();
+    drop(node);
+    let elsewhere = tempfile::tempdir().unwrap();
+    let config = NodeConfig {
+        data_dir: elsewhere.path().to_path_buf(),
+        authority: Identity::from_secret(AUTHORITY).public_key(),
+    };
+    let key = Identity::load_or_create(&config.data_dir)
+        .unwrap()
+        .public_key();
+    let roster = consortium.roster_adding("xinhua", key);
+    let other = Node::open(&config, Some(&roster)).unwrap();
+    for envelope in all.iter().rev() {
+        other.ingest(envelope).unwrap();
+    }
+    for (i, id) in ids.iter().enumerate() {
+        assert_eq!(other.heads(*id).unwrap(), heads[i]);
+        assert_eq!(other.health_file(*id).unwrap(), views[i]);
+    }
+    // And the node itself, reopened, reads what it showed.
+    let node = consortium.open();
+    for (i, id) in ids.iter().enumerate() {
+        assert_eq!(node.health_file(*id).unwrap(), views[i]);
+    }
+}
