@@ -501,6 +501,13 @@ macro_rules! replica {
                 &self.doc
             }
 
+            /// The underlying automerge document, given up: for a store that keeps the
+            /// document a new replica was created in, instead of applying its first change
+            /// again.
+            pub fn into_automerge(self) -> automerge::AutoCommit {
+                self.doc
+            }
+
             fn adopt(&mut self, mut fork: automerge::AutoCommit) -> Result<(), $crate::LoadError> {
                 $crate::document::read_identity(&fork)?;
                 if $crate::document::document_id(&mut fork)? != self.id {

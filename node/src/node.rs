@@ -36,7 +36,7 @@ pub const CACHE_BYTES_MAX: usize = 64 * 1024 * 1024;
 /// saved, unless the snapshot itself is larger (then its size is the limit): saving a whole
 /// document costs O(document), so it is done once per O(document) bytes written, and a load
 /// replays at most this much, or a snapshot's worth, of changes.
-pub const SNAPSHOT_TAIL_MIN_BYTES: u64 = 8 * 1024;
+pub const SNAPSHOT_TAIL_MIN_BYTES: u64 = 4 * 1024;
 /// Most changes kept in quarantine. Past it, a change that would be quarantined is refused
 /// with `IngestError::QuarantineFull` and not stored: the decision is the same, only the record
 /// is not kept, so a faulty member cannot fill the disk.
@@ -894,7 +894,12 @@ impl Writer<'_> {
         node.check_editor(editor)?;
         let mut file = HealthFile::create(&node.actor, editor, demographics)?;
         let id = file.id();
-        let hash = node.write_local(id, file.changes_since(&[]), None, self.app)?;
+        let changes = file.changes_since(&[]);
+        let written = Written {
+            doc: file.into_automerge(),
+            bytes: 0,
+        };
+        let hash = node.write_local(id, changes, Some(written), self.app)?;
         Ok((id, hash))
     }
 
@@ -908,7 +913,12 @@ impl Writer<'_> {
         node.check_editor(editor)?;
         let mut created = Referral::create(&node.actor, editor, referral)?;
         let id = created.id();
-        let hash = node.write_local(id, created.changes_since(&[]), None, self.app)?;
+        let changes = created.changes_since(&[]);
+        let written = Written {
+            doc: created.into_automerge(),
+            bytes: 0,
+        };
+        let hash = node.write_local(id, changes, Some(written), self.app)?;
         Ok((id, hash))
     }
 
@@ -1467,8 +1477,7 @@ impl Node {
     /// A copy of a document as automerge holds it, for the sync protocol; `None` if this
     /// node does not hold it.
     pub fn sync_document(&self, id: DocumentId) -> Result<Option<AutoCommit>, NodeError> {
-        let ledger = self.lock_ledger();
-        Ok(self.load(&ledger, &id)?.map(|(doc, _)| doc))
+        Ok(self.copy_of(&id)?.map(|(doc, _)| doc))
     }
 
     /// The signatures of accepted changes of a document, to send beside them; a change not
@@ -2028,14 +2037,16 @@ impl Node {
     }
 
     /// Whether accepting `bytes` more of envelopes in document `id` calls for a new snapshot:
-    /// when the envelopes since its last one would outweigh it (and `SNAPSHOT_TAIL_MIN_BYTES`).
-    /// Saving then costs O(1) amortised per byte written, and a load replays at most about a
-    /// snapshot's worth of changes.
+    /// at its creation, and when the envelopes since its last one would outweigh it (and
+    /// `SNAPSHOT_TAIL_MIN_BYTES`). Saving then costs O(1) amortised per byte written, and a
+    /// load replays at most about a snapshot's worth of changes.
     fn snapshot_due(&self, id: &DocumentId, bytes: usize) -> Result<bool, StoreError> {
-        let (tail, snapshot) = self
-            .document_record(id)?
-            .map_or((0, 0), |record| (record.tail, record.snapshot));
-        Ok(tail + bytes as u64 > snapshot.max(SNAPSHOT_TAIL_MIN_BYTES))
+        Ok(match self.document_record(id)? {
+            None => true,
+            Some(record) => {
+                record.tail + bytes as u64 > record.snapshot.max(SNAPSHOT_TAIL_MIN_BYTES)
+            }
+        })
     }
 
     /// Decides one verified change and applies the writes it needs; `ticket` is then the
@@ -3155,7 +3166,24 @@ impl Node {
         }
     }
 
-    /// A copy of a document, from the cache or the store; with its kind.
+    /// A copy of a document, from the cache or the store; with its kind. Without the decision
+    /// lock, unless the store was read while a decision was being written (a copy read so is
+    /// not kept in the cache: only decisions put documents there).
+    fn copy_of(&self, id: &DocumentId) -> Result<Option<(AutoCommit, DocumentKind)>, StoreError> {
+        if let Some(cached) = self.lock_documents().touch(id) {
+            return Ok(Some((cached.doc.clone(), cached.kind)));
+        }
+        let Some((mut doc, kind, _, record)) = self.stored_document(id)? else {
+            return Ok(None);
+        };
+        if holds_heads(&mut doc, &record) {
+            return Ok(Some((doc, kind)));
+        }
+        self.load(&self.lock_ledger(), id)
+    }
+
+    /// A copy of a document, from the cache or the store (then kept in the cache); with its
+    /// kind.
     fn load(
         &self,
         decisions: &Ledger,
@@ -3230,10 +3258,7 @@ impl Node {
     }
 
     fn document(&self, id: DocumentId, expected: DocumentKind) -> Result<AutoCommit, NodeError> {
-        let ledger = self.lock_ledger();
-        let (doc, found) = self
-            .load(&ledger, &id)?
-            .ok_or(NodeError::UnknownDocument(id))?;
+        let (doc, found) = self.copy_of(&id)?.ok_or(NodeError::UnknownDocument(id))?;
         if found != expected {
             return Err(NodeError::WrongKind {
                 document: id,
@@ -3699,14 +3724,12 @@ impl Node {
                 .and_then(|bytes| crate::model::load_document(&bytes).ok())
                 .map(|mut snapshot| snapshot.get_heads());
             // A snapshot may lag behind the heads, but everything it holds must be among the
-            // document's verified changes. A document whose envelopes never outweighed
-            // `SNAPSHOT_TAIL_MIN_BYTES` has none (its record says so).
-            let snapshot_sound = match snapshot_heads {
-                Some(snapshot) => snapshot.iter().all(|head| {
+            // document's verified changes.
+            let snapshot_sound = snapshot_heads.is_some_and(|snapshot| {
+                snapshot.iter().all(|head| {
                     crate::model::automerge::ReadDoc::get_change_by_hash(&doc, head).is_some()
-                }),
-                None => record.snapshot == 0,
-            };
+                })
+            });
             if !snapshot_sound {
                 report.problems.push(problem(
                     "its snapshot is missing or disagrees with its changes".into(),
