@@ -78,6 +78,9 @@ struct Bootstrap {
     store_bytes_per_file: f64,
     payload_bytes_per_file: f64,
     store_to_payload: f64,
+    /// The catching-up node's live bytes (keys and values) per keyspace, per file: what the
+    /// store holds before sled's own overhead.
+    keyspaces: Vec<KeyspacePerFile>,
     /// Clinical reads made on the catching-up node while it caught up (one every 50 ms).
     reads: usize,
     read_ms_p50: f64,
@@ -86,6 +89,13 @@ struct Bootstrap {
     propagation_writes: usize,
     propagation_p50_ms: f64,
     propagation_p99_ms: f64,
+}
+
+#[derive(Serialize)]
+struct KeyspacePerFile {
+    prefix: String,
+    keys_per_file: f64,
+    bytes_per_file: f64,
 }
 
 #[derive(Serialize)]
@@ -370,6 +380,16 @@ async fn bootstrap(pair: &Pair, options: &Options) -> anyhow::Result<Bootstrap> 
         .map(|p| p.bytes_in + p.bytes_out)
         .unwrap_or(0);
     let store_bytes = pair.centre.storage_bytes()?;
+    let keyspaces: Vec<KeyspacePerFile> = pair
+        .centre
+        .keyspace_bytes()?
+        .into_iter()
+        .map(|space| KeyspacePerFile {
+            prefix: space.prefix,
+            keys_per_file: space.keys as f64 / files as f64,
+            bytes_per_file: space.bytes as f64 / files as f64,
+        })
+        .collect();
 
     let writes = options.writes;
     eprintln!("{writes} new writes at the hospital, gossiped…");
@@ -419,6 +439,7 @@ async fn bootstrap(pair: &Pair, options: &Options) -> anyhow::Result<Bootstrap> 
         store_bytes_per_file: store_bytes as f64 / files as f64,
         payload_bytes_per_file: payload as f64 / files as f64,
         store_to_payload: store_bytes as f64 / payload as f64,
+        keyspaces,
         reads: reads.len(),
         read_ms_p50: percentile(&reads, 0.5),
         read_ms_p99: percentile(&reads, 0.99),
@@ -437,6 +458,19 @@ async fn bootstrap(pair: &Pair, options: &Options) -> anyhow::Result<Bootstrap> 
     println!(
         "the centre's store: {:.0} bytes per file = {:.2}× the file's automerge save ({:.0} bytes)",
         report.store_bytes_per_file, report.store_to_payload, report.payload_bytes_per_file
+    );
+    let live: f64 = report.keyspaces.iter().map(|k| k.bytes_per_file).sum();
+    println!(
+        "  live keys and values: {live:.0} bytes per file (the rest is sled's overhead); by keyspace: {}",
+        report
+            .keyspaces
+            .iter()
+            .map(|k| format!(
+                "{} {:.0} B ({:.1} keys)",
+                k.prefix, k.bytes_per_file, k.keys_per_file
+            ))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     println!(
         "{} clinical reads on the centre meanwhile (a name search and the first file found): p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
