@@ -736,6 +736,44 @@ struct Ledger {
     quarantine_bodies: u64,
 }
 
+/// The ledger's counts as of the last release of the decision lock.
+struct LedgerCounts {
+    quarantined: std::sync::atomic::AtomicUsize,
+    pending: std::sync::atomic::AtomicUsize,
+}
+
+/// The decision lock, held. Releasing it publishes the counts status reads show
+/// (`LedgerCounts`), so no code path that changes them can forget to.
+struct LedgerGuard<'a> {
+    guard: MutexGuard<'a, Ledger>,
+    counts: &'a LedgerCounts,
+}
+
+impl std::ops::Deref for LedgerGuard<'_> {
+    type Target = Ledger;
+    fn deref(&self) -> &Ledger {
+        &self.guard
+    }
+}
+
+impl std::ops::DerefMut for LedgerGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Ledger {
+        &mut self.guard
+    }
+}
+
+impl Drop for LedgerGuard<'_> {
+    fn drop(&mut self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.counts
+            .quarantined
+            .store(self.guard.quarantined, Relaxed);
+        self.counts
+            .pending
+            .store(self.guard.pending.total.changes, Relaxed);
+    }
+}
+
 /// A change to decide: its envelope verified, or why it did not (with the envelope). Held
 /// only while a batch is decided, so the size of its variants matters little.
 #[allow(clippy::large_enum_variant)]
@@ -865,6 +903,9 @@ pub struct Node {
     /// clinical reads, local writes and the network keep the other (on two cores, batches
     /// decided side by side made reads wait 2× longer, and catch-up no faster).
     peer_batches: Mutex<()>,
+    /// The ledger's counts that status reads show, published whenever the decision lock is
+    /// released (`LedgerGuard`), so those reads never take it.
+    counts: LedgerCounts,
     /// Typed views for reads that need not wait for decisions.
     views: Mutex<Views>,
     /// Local writers to one document take turns from reading it to deciding their change:
@@ -1169,6 +1210,7 @@ impl Node {
             _ => return Err(NodeError::NotAMember),
         };
         let actor = [identity.public_key().0.as_slice(), &incarnation].concat();
+        let pending_at_open = pending.total.changes;
         let node = Self {
             actor: Actor::from_bytes(actor),
             identity,
@@ -1194,6 +1236,10 @@ impl Node {
             }),
             documents: Mutex::new(Documents::default()),
             peer_batches: Mutex::new(()),
+            counts: LedgerCounts {
+                quarantined: quarantined_at_open.into(),
+                pending: pending_at_open.into(),
+            },
         };
         node.catch_up_revocations()?;
         Ok(node)
@@ -1664,9 +1710,13 @@ impl Node {
         Ok(purged)
     }
 
-    /// How many changes are held waiting (for dependencies, a cut-off or a roster).
+    /// How many changes are held waiting (for dependencies, a cut-off or a roster), as of the
+    /// last decision (without the decision lock).
     pub fn pending_count(&self) -> Result<usize, NodeError> {
-        Ok(self.lock_ledger().pending.total.changes)
+        Ok(self
+            .counts
+            .pending
+            .load(std::sync::atomic::Ordering::Relaxed))
     }
 
     /// The dependencies that changes of `document` held pending wait for and this node does
@@ -3288,8 +3338,11 @@ impl Node {
         self.membership.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn lock_ledger(&self) -> MutexGuard<'_, Ledger> {
-        self.ledger.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock_ledger(&self) -> LedgerGuard<'_> {
+        LedgerGuard {
+            guard: self.ledger.lock().unwrap_or_else(|p| p.into_inner()),
+            counts: &self.counts,
+        }
     }
 
     /// Adds the next audit record to `batch`; returns the new head, to adopt once the batch
@@ -3601,9 +3654,11 @@ impl Node {
         self.membership().institution_of(key)
     }
 
-    /// Changes in quarantine.
+    /// Changes in quarantine, as of the last decision (without the decision lock).
     pub fn quarantine_count(&self) -> usize {
-        self.lock_ledger().quarantined
+        self.counts
+            .quarantined
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Referrals of a resident.
@@ -4234,6 +4289,9 @@ pub(crate) mod tests {
             let (sender, receiver) = std::sync::mpsc::channel();
             let reader = node.clone();
             let thread = std::thread::spawn(move || {
+                // What `/admin/status` and `/metrics` show, too.
+                let counts = (reader.pending_count().unwrap(), reader.quarantine_count());
+                assert_eq!(counts, (0, 0));
                 let _ = sender.send(reader.health_file(id));
             });
             let read = receiver
