@@ -3220,11 +3220,16 @@ impl Node {
         if let Some(cached) = self.lock_documents().touch(id) {
             return Ok(Some((cached.doc.clone(), cached.kind)));
         }
-        let Some((mut doc, kind, _, record)) = self.stored_document(id)? else {
-            return Ok(None);
-        };
-        if holds_heads(&mut doc, &record) {
-            return Ok(Some((doc, kind)));
+        // A read racing a decision being written (or a withdrawal) may see half of it: then,
+        // and on any error, read again under the lock.
+        match self.stored_document(id) {
+            Ok(None) => return Ok(None),
+            Ok(Some((mut doc, kind, _, record))) => {
+                if holds_heads(&mut doc, &record) {
+                    return Ok(Some((doc, kind)));
+                }
+            }
+            Err(_) => {}
         }
         self.load(&self.lock_ledger(), id)
     }
