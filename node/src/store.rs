@@ -101,25 +101,56 @@ pub struct SledStore {
     db: sled::Db,
 }
 
+/// How long opening a store waits for another holder of its file lock to let go: sled's
+/// threads can hold it for a moment after the store that owned them was dropped (a node
+/// restarted in the same process), and a command reading a stopped store holds it briefly.
+pub const STORE_LOCK_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(10);
+
 impl SledStore {
-    /// Opens (or creates) the store in `dir`.
+    /// Opens (or creates) the store in `dir`, waiting up to `STORE_LOCK_WAIT_MAX` for its
+    /// file lock.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        let db = sled::Config::new()
-            .path(dir)
-            // No background flusher: every acknowledged write is flushed by `GroupCommit`
-            // already, and sled's flusher thread outlives a dropped `Db` for a moment, holding
-            // the store's file lock (a node reopened at once could not take it), and takes
-            // sled's flush lock, which stops every batch while it works.
-            .flush_every_ms(None)
-            .open()
-            .map_err(|error| match error {
-                sled::Error::Corruption { .. } => StoreError::Damaged {
-                    reason: error.to_string(),
-                },
-                other => StoreError::from(other),
-            })?;
-        Ok(Self { db })
+        let started = std::time::Instant::now();
+        loop {
+            let opened = sled::Config::new()
+                .path(dir)
+                // No background flusher: every acknowledged write is flushed by `GroupCommit`
+                // already, and sled's flusher thread outlives a dropped `Db` for a moment,
+                // holding the store's file lock, and takes sled's flush lock, which stops
+                // every batch while it works.
+                .flush_every_ms(None)
+                .open();
+            match opened {
+                Ok(db) => return Ok(Self { db }),
+                Err(sled::Error::Io(error))
+                    if lock_held(&error) && started.elapsed() < STORE_LOCK_WAIT_MAX =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(sled::Error::Io(error)) if lock_held(&error) => {
+                    return Err(StoreError::Backend(format!(
+                        "another process holds the store in {} (its lock was not released \
+                         within {} s); stop it and start again",
+                        dir.display(),
+                        STORE_LOCK_WAIT_MAX.as_secs()
+                    )));
+                }
+                Err(error @ sled::Error::Corruption { .. }) => {
+                    return Err(StoreError::Damaged {
+                        reason: error.to_string(),
+                    });
+                }
+                Err(other) => return Err(StoreError::from(other)),
+            }
+        }
     }
+}
+
+/// Whether sled refused to open because another holder has the store's file lock (sled 0.34
+/// reports it as an `Other` error saying so).
+fn lock_held(error: &std::io::Error) -> bool {
+    error.kind() == std::io::ErrorKind::WouldBlock
+        || error.to_string().contains("could not acquire lock")
 }
 
 impl KeyValue for SledStore {
