@@ -175,6 +175,17 @@ pub fn incoming(
         .ok_or(DocumentSyncError::Malformed(
             "not an automerge sync message",
         ))?;
+    // automerge allocates a filter's probe count per hash it tests, unchecked: a crafted
+    // count would allocate gigabytes.
+    if !message
+        .have
+        .iter()
+        .all(|have| bloom_within_bounds(&have.bloom.to_bytes()))
+    {
+        return Err(DocumentSyncError::Malformed(
+            "a Bloom filter with more probes or bits than automerge makes",
+        ));
+    }
     let signatures: HashMap<[u8; 32], [u8; 64]> = incoming
         .signatures
         .iter()
@@ -324,4 +335,55 @@ pub fn ingest_fetched(
     }
     carried.count(&node.ingest_many(&envelopes)?);
     Ok(carried)
+}
+
+/// Most probes per hash in a peer's Bloom filter (automerge makes 7).
+pub const BLOOM_PROBES_MAX: u64 = 32;
+/// Most bits per entry in a peer's Bloom filter (automerge makes 10).
+pub const BLOOM_BITS_PER_ENTRY_MAX: u64 = 64;
+
+/// Whether an encoded Bloom filter (LEB128 entries, bits per entry, probes; then the bits)
+/// stays within `BLOOM_PROBES_MAX` and `BLOOM_BITS_PER_ENTRY_MAX`. An empty filter does.
+fn bloom_within_bounds(encoded: &[u8]) -> bool {
+    fn leb128(bytes: &mut &[u8]) -> Option<u64> {
+        let mut value = 0u64;
+        for shift in (0..64).step_by(7) {
+            let (&byte, rest) = bytes.split_first()?;
+            *bytes = rest;
+            value |= u64::from(byte & 0x7f) << shift;
+            if byte & 0x80 == 0 {
+                return Some(value);
+            }
+        }
+        None
+    }
+    if encoded.is_empty() {
+        return true;
+    }
+    let mut rest = encoded;
+    let (Some(_entries), Some(bits_per_entry), Some(probes)) =
+        (leb128(&mut rest), leb128(&mut rest), leb128(&mut rest))
+    else {
+        return false;
+    };
+    probes <= BLOOM_PROBES_MAX && bits_per_entry <= BLOOM_BITS_PER_ENTRY_MAX
+}
+
+#[cfg(test)]
+mod bloom_tests {
+    use super::*;
+
+    #[test]
+    fn a_bloom_filter_with_a_crafted_probe_count_is_refused_and_automerges_own_pass() {
+        // entries 1, 10 bits per entry, 7 probes, then the bits.
+        assert!(bloom_within_bounds(&[1, 10, 7, 0, 0]));
+        assert!(bloom_within_bounds(&[]));
+        // 2^32 - 1 probes.
+        assert!(!bloom_within_bounds(&[
+            1, 10, 0xff, 0xff, 0xff, 0xff, 0x0f, 0
+        ]));
+        assert!(!bloom_within_bounds(&[1, 200, 1, 7, 0]));
+        // Cut off inside its header.
+        assert!(!bloom_within_bounds(&[1, 0x80]));
+    }
 }
