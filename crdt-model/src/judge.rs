@@ -179,3 +179,86 @@ pub fn judge_change<D: ReadDoc>(
     health_file::judge_touched(&before, &after, &touch, author)?;
     Ok(Judged { kind, touch })
 }
+
+/// Why [`judge_history`] refused a history: the first change that deciding the changes one by
+/// one would refuse, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HistoryRefused {
+    /// Its index in the changes judged.
+    pub index: usize,
+    /// Why; `None` if automerge could not read the document at that change.
+    pub error: Option<ValidationError>,
+}
+
+impl std::fmt::Display for HistoryRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.error {
+            Some(error) => write!(
+                f,
+                "change {} of the history is refused: {error}",
+                self.index
+            ),
+            None => write!(f, "change {} of the history could not be read", self.index),
+        }
+    }
+}
+
+impl std::error::Error for HistoryRefused {}
+
+/// Judges a whole history in one pass, as deciding its changes one by one in the order given
+/// does: each change by what it wrote, on the document as it was at that change
+/// ([`judge_change`] on `doc` read at the change), and every state where concurrent changes
+/// meet as a whole (the view of the document at the heads so far must read, as a decision on
+/// the merged document checks). Nothing is applied or copied: `doc` already holds every
+/// change.
+///
+/// `doc` holds exactly `changes`, given in causal order (as `get_changes(&[])` lists them);
+/// `authors[i]` is the institution of `changes[i]`. Returns the view of `doc` when every
+/// change would be accepted, otherwise the first that would not.
+pub fn judge_history<D: ReadDoc>(
+    doc: &D,
+    changes: &[Change],
+    authors: &[InstitutionId],
+) -> Result<View, HistoryRefused> {
+    // automerge asserts on some histories it cannot read; such a history is refused.
+    let read = |index: usize, judge: &dyn Fn() -> Result<View, ValidationError>| match catch_unwind(
+        AssertUnwindSafe(judge),
+    ) {
+        Ok(Ok(view)) => Ok(view),
+        Ok(Err(error)) => Err(HistoryRefused {
+            index,
+            error: Some(error),
+        }),
+        Err(_) => Err(HistoryRefused { index, error: None }),
+    };
+    if changes.len() != authors.len() {
+        return Err(HistoryRefused {
+            index: changes.len().min(authors.len()),
+            error: None,
+        });
+    }
+    let mut heads: Vec<ChangeHash> = Vec::new();
+    for (index, (change, author)) in changes.iter().zip(authors).enumerate() {
+        let at = [change.hash()];
+        let judged = catch_unwind(AssertUnwindSafe(|| {
+            judge_change(&At::new(doc, &at), change, author)
+        }));
+        match judged {
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => {
+                return Err(HistoryRefused {
+                    index,
+                    error: Some(error),
+                });
+            }
+            Err(_) => return Err(HistoryRefused { index, error: None }),
+        }
+        heads.retain(|head| !change.deps().contains(head));
+        heads.push(at[0]);
+        // Concurrent changes meet here. The last state is read below, whole.
+        if heads.len() > 1 && index + 1 < changes.len() {
+            read(index, &|| view(&At::new(doc, &heads)))?;
+        }
+    }
+    read(changes.len().saturating_sub(1), &|| view(doc))
+}

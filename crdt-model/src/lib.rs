@@ -37,7 +37,7 @@ pub use health_file::{
     NewExamResult, NewFollowUp, NewMedication, NewProblem, PersonName, ProblemView,
 };
 pub use ids::{Actor, Date, DocumentId, Editor, EntryId, Icd10, InstitutionId, Timestamp};
-pub use judge::{Judged, judge_change};
+pub use judge::{HistoryRefused, Judged, judge_change, judge_history};
 pub use referral::{
     EventView, NewReferral, Referral, ReferralOp, ReferralStatus, ReferralView, Role,
 };

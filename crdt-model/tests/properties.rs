@@ -763,6 +763,76 @@ proptest! {
     }
 }
 
+/// Decides `changes` one by one in the order given, as a node decides them when they arrive
+/// so: each judged whole (`validate_change`) at its own dependencies, then the document with it
+/// read whole. Returns the view of the whole history, or the index of the first change refused.
+fn decide_one_by_one(
+    changes: &[automerge::Change],
+    author_of: impl Fn(&automerge::Change) -> InstitutionId,
+) -> Result<View, usize> {
+    let mut doc = AutoCommit::new();
+    for (index, change) in changes.iter().enumerate() {
+        let before = doc.fork_at(change.deps()).unwrap();
+        let mut after = before.clone();
+        after.apply_changes([change.clone()]).unwrap();
+        if validate_change(&before, &after, &author_of(change)).is_err() {
+            return Err(index);
+        }
+        doc.apply_changes([change.clone()]).unwrap();
+        if view(&doc).is_err() {
+            return Err(index);
+        }
+    }
+    Ok(view(&doc).unwrap())
+}
+
+/// A history judged at once (`judge_history`, on a document holding all of it) gets the
+/// answer deciding its changes one by one in the same order gets: the same view, or a refusal
+/// at the same change.
+fn check_judged_at_once(
+    changes: &[automerge::Change],
+    author_of: impl Fn(&automerge::Change) -> InstitutionId + Copy,
+) -> Result<bool, TestCaseError> {
+    let mut doc = AutoCommit::new();
+    doc.apply_changes(changes.to_vec()).unwrap();
+    let ordered = doc.get_changes(&[]);
+    let authors: Vec<InstitutionId> = ordered.iter().map(author_of).collect();
+    let at_once = judge_history(&doc, &ordered, &authors);
+    let one_by_one = decide_one_by_one(&ordered, author_of);
+    match (at_once, one_by_one) {
+        (Ok(at_once), Ok(one_by_one)) => {
+            prop_assert_eq!(at_once, one_by_one);
+            Ok(true)
+        }
+        (Err(refused), Err(index)) => {
+            prop_assert_eq!(refused.index, index, "{}", refused);
+            Ok(false)
+        }
+        (at_once, one_by_one) => Err(TestCaseError::fail(format!(
+            "judged at once: {:?}; one by one: {:?}",
+            at_once.map(|_| "accepted"),
+            one_by_one.map(|_| "accepted")
+        ))),
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// Random honest and faulty histories of a health file from three replicas, judged at
+    /// once as a node judges a file fetched whole, and decided one by one in the same order:
+    /// the same view, or a refusal at the same change; an honest history is accepted whole.
+    #[test]
+    fn a_health_file_history_judged_at_once_is_judged_as_one_by_one(
+        history in steps(3, prop_oneof![3 => file_action().prop_map(FileStep::Honest), 1 => file_fault().prop_map(FileStep::Faulty)], 1..40),
+    ) {
+        let (changes, faulty) = file_history(history);
+        let accepted = check_judged_at_once(&changes, file_author)?;
+        prop_assert!(accepted || !faulty.is_empty(), "an honest history was refused");
+        prop_assert!(!accepted || faulty.is_empty(), "a faulty history was accepted");
+    }
+}
+
 /// The institution a test change's actor stands for.
 fn file_author(change: &automerge::Change) -> InstitutionId {
     let bytes = change.actor_id().to_bytes();
@@ -968,41 +1038,84 @@ proptest! {
         order_a in any::<u64>(),
         order_b in any::<u64>(),
     ) {
-        let mut origin = new_referral(100);
-        let saved = origin.save();
-        let mut replicas: Vec<AutoCommit> = (0..4)
-            .map(|i| AutoCommit::load(&saved).unwrap().with_actor(automerge::ActorId::from(actor(i as u8 + 1).as_bytes())))
-            .collect();
-        let mut faulty = BTreeSet::new();
-        for step in history {
-            match step {
-                Step::Edit { replica, action: ReferralStep::Honest(op) } => {
-                    let who = editor(REFERRAL_NODES[replica], 20_000);
-                    if let Ok(mut referral) = Referral::from_automerge(replicas[replica].clone(), &actor(replica as u8 + 1))
-                        && referral.apply(&who, &op).is_ok()
-                    {
-                        replicas[replica] = referral.automerge().clone();
-                    }
-                }
-                Step::Edit { replica, action: ReferralStep::Faulty(fault) } => {
-                    if let Some(hash) = write_referral_fault(&mut replicas[replica], &fault, REFERRAL_NODES[replica]) {
-                        faulty.insert(hash);
-                    }
-                }
-                Step::Sync { from, to, .. } => {
-                    let changes = replicas[from].clone().get_changes(&[]);
-                    replicas[to].apply_changes(changes).unwrap();
-                }
-            }
-        }
-        let changes = all_changes(&replicas);
-        // Actor n+1 is replica n; the origin (actor 100) is the sender.
-        let author_of = |change: &automerge::Change| {
-            let n = usize::from(change.actor_id().to_bytes()[0]);
-            institution(if n == 100 { REFERRAL_NODES[0] } else { REFERRAL_NODES[n - 1] })
-        };
-        let merged = check_ingest(&changes, &faulty, author_of, [order_a, order_b])?;
+        let (changes, faulty) = referral_history(history);
+        let merged = check_ingest(&changes, &faulty, referral_author, [order_a, order_b])?;
         let merged = Referral::from_automerge(merged, &actor(99)).map_err(|e| TestCaseError::fail(e.to_string()))?;
         assert_legal_path(&merged.view())?;
+    }
+}
+
+/// Plays a random history of honest and faulty referral edits on four replicas; returns every
+/// change written and the faulty ones.
+fn referral_history(
+    history: Vec<Step<ReferralStep>>,
+) -> (Vec<automerge::Change>, BTreeSet<automerge::ChangeHash>) {
+    let mut origin = new_referral(100);
+    let saved = origin.save();
+    let mut replicas: Vec<AutoCommit> = (0..4)
+        .map(|i| {
+            AutoCommit::load(&saved)
+                .unwrap()
+                .with_actor(automerge::ActorId::from(actor(i as u8 + 1).as_bytes()))
+        })
+        .collect();
+    let mut faulty = BTreeSet::new();
+    for step in history {
+        match step {
+            Step::Edit {
+                replica,
+                action: ReferralStep::Honest(op),
+            } => {
+                let who = editor(REFERRAL_NODES[replica], 20_000);
+                if let Ok(mut referral) =
+                    Referral::from_automerge(replicas[replica].clone(), &actor(replica as u8 + 1))
+                    && referral.apply(&who, &op).is_ok()
+                {
+                    replicas[replica] = referral.automerge().clone();
+                }
+            }
+            Step::Edit {
+                replica,
+                action: ReferralStep::Faulty(fault),
+            } => {
+                if let Some(hash) =
+                    write_referral_fault(&mut replicas[replica], &fault, REFERRAL_NODES[replica])
+                {
+                    faulty.insert(hash);
+                }
+            }
+            Step::Sync { from, to, .. } => {
+                let changes = replicas[from].clone().get_changes(&[]);
+                replicas[to].apply_changes(changes).unwrap();
+            }
+        }
+    }
+    (all_changes(&replicas), faulty)
+}
+
+/// The institution a test referral change's actor stands for: actor n+1 is replica n; the
+/// origin (actor 100) is the sender.
+fn referral_author(change: &automerge::Change) -> InstitutionId {
+    let n = usize::from(change.actor_id().to_bytes()[0]);
+    institution(if n == 100 {
+        REFERRAL_NODES[0]
+    } else {
+        REFERRAL_NODES[n - 1]
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// The same for referrals: a history judged at once gets the answer deciding it one by
+    /// one in the same order gets.
+    #[test]
+    fn a_referral_history_judged_at_once_is_judged_as_one_by_one(
+        history in steps(4, prop_oneof![4 => referral_action().prop_map(ReferralStep::Honest), 1 => referral_fault().prop_map(ReferralStep::Faulty)], 1..30),
+    ) {
+        let (changes, faulty) = referral_history(history);
+        let accepted = check_judged_at_once(&changes, referral_author)?;
+        prop_assert!(accepted || !faulty.is_empty(), "an honest history was refused");
+        prop_assert!(!accepted || faulty.is_empty(), "a faulty history was accepted");
     }
 }

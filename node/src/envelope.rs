@@ -193,24 +193,47 @@ impl Envelope {
     pub fn verify(bytes: &[u8]) -> Result<VerifiedChange, EnvelopeError> {
         let envelope = Self::decode(bytes)?;
         let change = decode_change(&envelope.change)?;
-        let author = author_of(change.actor_id().to_bytes()).ok_or(EnvelopeError::NotANodeKey)?;
-        let key = VerifyingKey::from_bytes(&author).map_err(|_| EnvelopeError::NotANodeKey)?;
         let mut document = [0u8; 16];
         document.copy_from_slice(&envelope.document);
         let document = DocumentId::from_bytes(document);
         let mut signature = [0u8; 64];
         signature.copy_from_slice(&envelope.signature);
-        key.verify_strict(
-            &signing_message(&document, &change.hash()),
-            &Signature::from_bytes(&signature),
-        )
-        .map_err(|_| EnvelopeError::BadSignature)?;
+        let author = verify_signature(&document, &change, &signature)?;
         Ok(VerifiedChange {
             document,
             hash: change.hash(),
-            author: Bytes32(author),
+            author,
             change,
             encoded: bytes.to_vec(),
         })
     }
+
+    /// The envelope of a change and its signature, as a peer sends them apart (a sync
+    /// message, a fetched document).
+    pub fn seal(document: DocumentId, change: &mut Change, signature: &[u8; 64]) -> Self {
+        Self {
+            version: ENVELOPE_VERSION,
+            document: document.as_bytes().to_vec(),
+            change: change.bytes().into_owned(),
+            signature: signature.to_vec(),
+        }
+    }
+}
+
+/// Verifies `signature` over `change` in `document` against the change's author, as
+/// `Envelope::verify` does for an envelope: the author is an ed25519 key, and the signature
+/// verifies (strictly). Returns the author.
+pub fn verify_signature(
+    document: &DocumentId,
+    change: &Change,
+    signature: &[u8; 64],
+) -> Result<Bytes32, EnvelopeError> {
+    let author = author_of(change.actor_id().to_bytes()).ok_or(EnvelopeError::NotANodeKey)?;
+    let key = VerifyingKey::from_bytes(&author).map_err(|_| EnvelopeError::NotANodeKey)?;
+    key.verify_strict(
+        &signing_message(document, &change.hash()),
+        &Signature::from_bytes(signature),
+    )
+    .map_err(|_| EnvelopeError::BadSignature)?;
+    Ok(Bytes32(author))
 }

@@ -807,6 +807,45 @@ struct Prepared {
     snapshot: Option<Vec<u8>>,
 }
 
+/// A document a peer sent whole (a fetch), loaded, with its changes' signatures by change
+/// hash (see `Node::ingest_whole`).
+pub struct WholeDocument {
+    /// The document's id, as the peer named it (its creation change must agree).
+    pub id: DocumentId,
+    /// The document as the peer's bytes loaded.
+    pub doc: AutoCommit,
+    /// The signature of each change, by change hash.
+    pub signatures: HashMap<[u8; 32], [u8; 64]>,
+}
+
+/// A change of a document sent whole, checked before the decision lock is taken.
+struct WholeChange {
+    hash: ChangeHash,
+    author: Bytes32,
+    institution: InstitutionId,
+    envelope: Vec<u8>,
+}
+
+/// A document sent whole, judged at once before the decision lock is taken (see
+/// `Node::prepare_whole`). The decision uses it only if the store still holds nothing of the
+/// document and every author still belongs to the institution named here.
+struct PreparedWhole {
+    /// Its changes, in causal order.
+    changes: Vec<WholeChange>,
+    view: View,
+    snapshot: Vec<u8>,
+}
+
+/// What became of a document prepared whole (see `Node::decide_whole`).
+enum WholeDecision {
+    Accepted,
+    /// The store holds part of it now, or an author's standing changed: decide it change by
+    /// change.
+    GivenBack(WholeDocument),
+    /// The store failed.
+    Failed(StoreError, WholeDocument),
+}
+
 /// A change judged on its document.
 enum Judgement {
     Accepted(Box<View>),
@@ -1531,6 +1570,48 @@ impl Node {
         Ok(self.copy_of(&id)?.map(|(doc, _)| doc))
     }
 
+    /// A document as a fetch sends it: saved (automerge's compressed encoding), with the
+    /// signature of each of its changes. When its snapshot holds every accepted change (no
+    /// envelope accepted since), the snapshot is sent as stored, without decoding the
+    /// document; otherwise the document is saved afresh. The signatures are read after the
+    /// snapshot, so a change accepted meanwhile adds a signature, never takes one away. `None`
+    /// if the document is not held.
+    #[allow(clippy::type_complexity)]
+    pub fn whole_document(
+        &self,
+        id: DocumentId,
+    ) -> Result<Option<(Vec<u8>, Vec<(ChangeHash, [u8; 64])>)>, NodeError> {
+        let Some(record) = self.document_record(&id)? else {
+            return Ok(None);
+        };
+        let snapshot = match record.tail == 0 && record.snapshot > 0 {
+            true => self
+                .store
+                .get(&keys::per_document(keys::SNAPSHOT, &id))?
+                .filter(|snapshot| snapshot.len() as u64 == record.snapshot),
+            false => None,
+        };
+        let saved = match snapshot {
+            Some(snapshot) => snapshot,
+            None => match self.copy_of(&id)? {
+                Some((mut doc, _)) => doc.save(),
+                None => return Ok(None),
+            },
+        };
+        let mut signatures = Vec::new();
+        for (key, envelope) in self
+            .store
+            .scan_prefix(&keys::per_document(keys::ENVELOPE, &id))?
+        {
+            let corrupt = || StoreError::Corrupt { what: "envelope" };
+            let (_, hash) = parse_envelope_key(&key).ok_or_else(corrupt)?;
+            let envelope = Envelope::decode(&envelope).map_err(|_| corrupt())?;
+            let signature = envelope.signature.try_into().map_err(|_| corrupt())?;
+            signatures.push((hash, signature));
+        }
+        Ok(Some((saved, signatures)))
+    }
+
     /// The signatures of accepted changes of a document, to send beside them; a change not
     /// held is left out.
     pub fn signatures(
@@ -1789,6 +1870,221 @@ impl Node {
             .collect();
         let _one_at_a_time = self.peer_batches.lock().unwrap_or_else(|p| p.into_inner());
         self.decide_in_order(verified, None, None)
+    }
+
+    /// Takes documents this node holds nothing of, sent whole by a peer (a fetch): each is
+    /// judged at once (`judge_history`, as deciding its changes one by one in causal order
+    /// would) before the decision lock is taken, and accepted in one write: one load, one
+    /// judgement pass and one batch per document instead of one per change. A document is
+    /// given back, for `ingest_many` to decide change by change as usual, when this node holds
+    /// any part of it (accepted, pending or quarantined) or its history is not accepted whole:
+    /// a change unsigned, badly signed or refused, an author who is not a plain member, a
+    /// revocation in force. Returns one outcome per change of the documents taken, once their
+    /// decisions are durable, and the documents given back. Unlike `ingest_many`, calls run
+    /// side by side: the decision lock is held only to write a document already judged.
+    #[allow(clippy::type_complexity)]
+    pub fn ingest_whole(
+        &self,
+        documents: Vec<WholeDocument>,
+    ) -> Result<(Vec<Result<Ingested, IngestError>>, Vec<WholeDocument>), IngestError> {
+        // Judged first, without any lock: fetches answered at once are judged side by side
+        // (on threads of lower priority than reads, see `sync::background`).
+        let mut prepared = Vec::with_capacity(documents.len());
+        let mut given_back = Vec::new();
+        for mut whole in documents {
+            match self.prepare_whole(&mut whole) {
+                Some(judged) => prepared.push((whole, judged)),
+                None => given_back.push(whole),
+            }
+        }
+        let deciding = self.commit.enter();
+        let mut ticket = 0;
+        let mut outcomes = Vec::new();
+        for (whole, prepared) in prepared {
+            let mut ledger = self.lock_ledger();
+            let hashes: Vec<ChangeHash> = prepared.changes.iter().map(|c| c.hash).collect();
+            match self.decide_whole(&mut ledger, &mut ticket, whole, prepared) {
+                WholeDecision::Accepted => {
+                    outcomes.extend(hashes.into_iter().map(|h| Ok(Ingested::Accepted(h))))
+                }
+                WholeDecision::GivenBack(whole) => given_back.push(whole),
+                // The change-by-change pipeline meets the same failure and reports it.
+                WholeDecision::Failed(error, whole) => {
+                    tracing::warn!(%error, "storing a document fetched whole failed");
+                    given_back.push(whole);
+                }
+            }
+        }
+        drop(deciding);
+        if ticket > 0 {
+            self.commit.wait_durable(&self.store, ticket)?;
+            self.audit_updates
+                .send_replace(self.lock_ledger().audit.sequence);
+        }
+        Ok((outcomes, given_back))
+    }
+
+    /// Checks and judges a document sent whole without the decision lock: every change
+    /// signed by its author, every author a plain member, the creation change naming the
+    /// document, the history judged at once (`judge_history`). `None` if anything is out of
+    /// the ordinary: the per-change pipeline then decides it.
+    fn prepare_whole(&self, whole: &mut WholeDocument) -> Option<PreparedWhole> {
+        let id = whole.id;
+        if !matches!(self.document_record(&id), Ok(None)) {
+            return None;
+        }
+        let mut changes = whole.doc.get_changes(&[]);
+        let mut checked = Vec::with_capacity(changes.len());
+        {
+            let membership = self.membership();
+            // A revoked key's changes are decided against its cut-off, change by change.
+            if !membership.view().revocations.is_empty() {
+                return None;
+            }
+            for change in &mut changes {
+                let hash = change.hash();
+                if change.deps().is_empty() && document_id_of(&hash) != id {
+                    return None;
+                }
+                let signature = whole.signatures.get(&hash.0)?;
+                let author = crate::envelope::verify_signature(&id, change, signature).ok()?;
+                let Admission::Member(institution) = membership.admit(&author, &hash) else {
+                    return None;
+                };
+                let envelope = Envelope::seal(id, change, signature).encode();
+                if Envelope::decode(&envelope).is_err() {
+                    return None;
+                }
+                checked.push(WholeChange {
+                    hash,
+                    author,
+                    institution,
+                    envelope,
+                });
+            }
+        }
+        let institutions: Vec<InstitutionId> =
+            checked.iter().map(|c| c.institution.clone()).collect();
+        let view = crate::model::judge_history(&whole.doc, &changes, &institutions).ok()?;
+        Some(PreparedWhole {
+            changes: checked,
+            view,
+            snapshot: whole.doc.save(),
+        })
+    }
+
+    /// Accepts a document prepared whole (`prepare_whole`) in one batch: its envelopes,
+    /// snapshot, record, catalogue and index entries, and an audit record per change, as
+    /// accepting its changes one by one would leave them. Gives the document back if the store
+    /// now holds any part of it or an author's standing changed.
+    fn decide_whole(
+        &self,
+        ledger: &mut Ledger,
+        ticket: &mut u64,
+        mut whole: WholeDocument,
+        prepared: PreparedWhole,
+    ) -> WholeDecision {
+        let id = whole.id;
+        match self.holds_any_of(&id, &prepared) {
+            Ok(false) => {}
+            Ok(true) => return WholeDecision::GivenBack(whole),
+            Err(error) => return WholeDecision::Failed(error, whole),
+        }
+        {
+            let membership = self.membership();
+            if !membership.view().revocations.is_empty()
+                || prepared.changes.iter().any(|c| {
+                    !matches!(membership.admit(&c.author, &c.hash),
+                        Admission::Member(institution) if institution == c.institution)
+                })
+            {
+                return WholeDecision::GivenBack(whole);
+            }
+        }
+        let PreparedWhole {
+            changes,
+            mut view,
+            snapshot,
+        } = prepared;
+        let kind = view.kind();
+        let heads = whole.doc.get_heads();
+        let digest = catalogue_digest(&heads);
+        let accepted = ledger.accepted + changes.len() as u64;
+        let mut batch = Batch::default();
+        let mut bytes = 0;
+        let mut authors = BTreeSet::new();
+        let mut head = ledger.audit;
+        for change in changes {
+            bytes += change.envelope.len();
+            batch.put(keys::envelope(&id, &change.hash), change.envelope);
+            authors.insert(change.author);
+            head = self.append_audit(
+                &mut batch,
+                head,
+                AuditAction::Accepted,
+                (id, change.hash),
+                Some(change.institution),
+            );
+        }
+        let record = DocumentRecord {
+            kind,
+            heads: heads.iter().map(|h| h.0).collect(),
+            tail: 0,
+            snapshot: snapshot.len() as u64,
+        };
+        batch.put(keys::per_document(keys::SNAPSHOT, &id), snapshot);
+        batch.put(keys::per_document(keys::DOCUMENT, &id), encode(&record));
+        batch.put(keys::per_document(keys::CATALOGUE, &id), digest.to_vec());
+        for author in &authors {
+            batch.put(keys::author(author, &id), Vec::new());
+        }
+        batch.put(keys::ACCEPTED, accepted.to_be_bytes().to_vec());
+        let applied = self
+            .reindex(&mut batch, &id, &view)
+            .and_then(|()| self.commit.apply(&self.store, batch));
+        *ticket = match applied {
+            Ok(applied) => applied,
+            Err(error) => return WholeDecision::Failed(error, whole),
+        };
+        ledger.audit = head;
+        ledger.accepted = accepted;
+        self.store.set_accepted(accepted);
+        self.catalogue_mut().insert(*id.as_bytes(), digest);
+        set_view_id(&mut view, id);
+        self.lock_views().insert(id, digest, Arc::new(view));
+        self.lock_documents().insert(
+            id,
+            Cached {
+                doc: whole.doc,
+                kind,
+                bytes,
+                used: 0,
+            },
+        );
+        WholeDecision::Accepted
+    }
+
+    /// Whether the store holds any part of a document prepared whole: its record (an accepted
+    /// change), a pending change of it, or one of its changes in quarantine.
+    fn holds_any_of(&self, id: &DocumentId, prepared: &PreparedWhole) -> Result<bool, StoreError> {
+        if self.document_record(id)?.is_some()
+            || !self
+                .store
+                .keys_with_prefix(&keys::per_document(keys::PENDING, id))?
+                .is_empty()
+        {
+            return Ok(true);
+        }
+        for change in &prepared.changes {
+            if self
+                .store
+                .get(&keys::quarantined(&change.hash, id))?
+                .is_some()
+            {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     /// Decides changes in order, each prepared (`prepare`) before the decision lock is taken

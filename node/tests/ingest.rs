@@ -11,6 +11,7 @@ use estuary_node::model::automerge::{self, AutoCommit};
 use estuary_node::model::*;
 use estuary_node::node::{
     IngestError, Ingested, Node, NodeConfig, NodeError, PENDING_CHANGES_OF_STRANGERS_MAX,
+    WholeDocument,
 };
 
 const AUTHORITY: [u8; 32] = [1; 32];
@@ -856,4 +857,237 @@ fn peers_batches_and_local_writes_decided_at_once_end_as_if_decided_one_by_one()
     for (i, id) in ids.iter().enumerate() {
         assert_eq!(node.health_file(*id).unwrap(), views[i]);
     }
+}
+
+/// A document as a fetch carries it: loaded from its saved bytes, with each change's
+/// signature by the identity among `signers` whose key wrote it.
+fn fetched_whole(doc: &mut AutoCommit, id: DocumentId, signers: &[&Identity]) -> WholeDocument {
+    let signatures = doc
+        .get_changes(&[])
+        .into_iter()
+        .map(|mut change| {
+            let author = &change.actor_id().to_bytes()[..32];
+            let signer = signers
+                .iter()
+                .find(|s| s.public_key().0[..] == *author)
+                .expect("a signer for every change");
+            let envelope = Envelope::sign(signer, id, &mut change);
+            (change.hash().0, envelope.signature.try_into().unwrap())
+        })
+        .collect();
+    WholeDocument {
+        id,
+        doc: AutoCommit::load(&doc.save()).unwrap(),
+        signatures,
+    }
+}
+
+/// Every signed change of `whole`, in its envelope, in causal order: the same document sent
+/// change by change.
+fn one_by_one(whole: &mut WholeDocument) -> Vec<Vec<u8>> {
+    whole
+        .doc
+        .get_changes(&[])
+        .into_iter()
+        .filter_map(|mut change| {
+            let signature = whole.signatures.get(&change.hash().0)?;
+            Some(Envelope::seal(whole.id, &mut change, signature).encode())
+        })
+        .collect()
+}
+
+/// A health file written by two members at once: the peer's edits and, concurrent with the
+/// last of them, the district hospital's; merged.
+fn file_of_two_members() -> (DocumentId, AutoCommit) {
+    let peer = Identity::from_secret(PEER);
+    let district = Identity::from_secret(REVOKED);
+    let mut file = HealthFile::create(&peer.actor(), &editor("xinhua"), &demographics()).unwrap();
+    file.apply(&editor("xinhua"), &allergy("penicillin"))
+        .unwrap();
+    let mut other = HealthFile::load(&file.save(), &district.actor()).unwrap();
+    file.apply(&editor("xinhua"), &allergy("iodine contrast"))
+        .unwrap();
+    other
+        .apply(&editor("dh-chongming-2"), &allergy("latex"))
+        .unwrap();
+    file.merge(&mut other).unwrap();
+    file.apply(
+        &editor("xinhua"),
+        &HealthFileOp::SetDemographic(DemographicField::Phone("+86 13800000000".into())),
+    )
+    .unwrap();
+    (file.id(), file.automerge().clone())
+}
+
+fn allergy(substance: &str) -> HealthFileOp {
+    HealthFileOp::AddAllergy(NewAllergy {
+        substance: substance.into(),
+        reaction: "rash".into(),
+        severity: Severity::Mild,
+    })
+}
+
+#[test]
+fn a_document_fetched_whole_is_accepted_as_its_changes_one_by_one_would_be() {
+    let (id, mut doc) = file_of_two_members();
+    let signers = [
+        &Identity::from_secret(PEER),
+        &Identity::from_secret(REVOKED),
+    ];
+    let mut whole_ = Consortium::new();
+    let mut by_change_ = Consortium::new();
+    let whole = whole_.open();
+    let by_change = by_change_.open();
+
+    let mut sent = fetched_whole(&mut doc, id, &signers);
+    let envelopes = one_by_one(&mut sent);
+    let (outcomes, given_back) = whole.ingest_whole(vec![sent]).unwrap();
+    assert!(given_back.is_empty(), "an honest document is taken whole");
+    assert_eq!(outcomes.len(), envelopes.len());
+    assert!(
+        outcomes
+            .iter()
+            .all(|o| matches!(o, Ok(Ingested::Accepted(_))))
+    );
+    for outcome in by_change.ingest_many(&envelopes).unwrap() {
+        assert!(matches!(outcome, Ok(Ingested::Accepted(_))), "{outcome:?}");
+    }
+
+    let same = |a: &Node, b: &Node| {
+        assert_eq!(a.heads(id).unwrap(), b.heads(id).unwrap());
+        assert_eq!(a.health_file(id).unwrap(), b.health_file(id).unwrap());
+        let mut envelopes_a = a.envelopes(id).unwrap();
+        let mut envelopes_b = b.envelopes(id).unwrap();
+        envelopes_a.sort();
+        envelopes_b.sort();
+        assert_eq!(envelopes_a, envelopes_b);
+        assert_eq!(a.audit_sequence(), b.audit_sequence());
+        assert_eq!(
+            a.search_by_name("Lu").unwrap(),
+            b.search_by_name("Lu").unwrap()
+        );
+    };
+    same(&whole, &by_change);
+    assert_eq!(whole.health_file(id).unwrap().allergies.len(), 3);
+    assert!(whole.verify().unwrap().problems.is_empty());
+    assert_eq!(whole.verify_audit(), None);
+
+    // The same document again is held: given back, and every change is a duplicate.
+    let (outcomes, mut given_back) = whole
+        .ingest_whole(vec![fetched_whole(&mut doc, id, &signers)])
+        .unwrap();
+    assert!(outcomes.is_empty());
+    assert_eq!(given_back.len(), 1);
+    for outcome in whole.ingest_many(&one_by_one(&mut given_back[0])).unwrap() {
+        assert!(matches!(outcome, Ok(Ingested::Duplicate(_))), "{outcome:?}");
+    }
+
+    // A local write builds on it, and all of it survives reopening.
+    whole
+        .apply_health_file(id, &editor("chc-jianshe"), &allergy("aspirin"))
+        .unwrap();
+    drop(whole);
+    let whole = whole_.open();
+    assert_eq!(whole.health_file(id).unwrap().allergies.len(), 4);
+    assert!(whole.verify().unwrap().problems.is_empty());
+    assert_eq!(whole.verify_audit(), None);
+}
+
+#[test]
+fn a_document_fetched_whole_that_is_not_accepted_whole_is_decided_change_by_change() {
+    let peer = Identity::from_secret(PEER);
+    let stranger = Identity::from_secret([9; 32]);
+    let mut consortium = Consortium::new();
+    let node = consortium.open();
+    let mut reference_ = Consortium::new();
+    let reference = reference_.open();
+
+    // A change breaking a rule (a root field the model does not know) after two good ones.
+    let mut faulty = HealthFile::create(&peer.actor(), &editor("xinhua"), &resident("+86 1"))
+        .unwrap()
+        .into_automerge();
+    faulty.put(automerge::ROOT, "extra", 1u64).unwrap();
+    faulty.commit();
+    let faulty_id = document_id(&mut faulty).unwrap();
+    // A change by a key no roster names.
+    let mut foreign = HealthFile::create(&peer.actor(), &editor("xinhua"), &resident("+86 2"))
+        .unwrap()
+        .into_automerge();
+    let foreign_id = document_id(&mut foreign).unwrap();
+    let mut foreign = HealthFile::from_automerge(foreign, &stranger.actor()).unwrap();
+    foreign
+        .apply(&editor("xinhua"), &allergy("penicillin"))
+        .unwrap();
+    let mut foreign = foreign.into_automerge();
+    // A change sent without its signature.
+    let (unsigned_id, mut unsigned) = file_of_two_members();
+
+    let mut sent = vec![
+        fetched_whole(&mut faulty, faulty_id, &[&peer]),
+        fetched_whole(&mut foreign, foreign_id, &[&peer, &stranger]),
+        fetched_whole(
+            &mut unsigned,
+            unsigned_id,
+            &[&peer, &Identity::from_secret(REVOKED)],
+        ),
+    ];
+    let last = unsigned.get_heads()[0].0;
+    sent[2].signatures.remove(&last);
+    // A change whose signature does not verify.
+    let (forged_id, mut forged) = {
+        let file =
+            HealthFile::create(&peer.actor(), &editor("xinhua"), &resident("+86 3")).unwrap();
+        (file.id(), file.into_automerge())
+    };
+    sent.push(fetched_whole(&mut forged, forged_id, &[&peer]));
+    sent[3].signatures.values_mut().for_each(|s| s[7] ^= 1);
+    let envelopes: Vec<Vec<Vec<u8>>> = sent.iter_mut().map(one_by_one).collect();
+
+    let (outcomes, mut given_back) = node.ingest_whole(sent).unwrap();
+    assert!(outcomes.is_empty(), "{outcomes:?}");
+    assert_eq!(
+        given_back.iter().map(|w| w.id).collect::<Vec<_>>(),
+        [faulty_id, foreign_id, unsigned_id, forged_id]
+    );
+    // Change by change, as the fetch then sends them: the same decisions as a node that only
+    // ever saw them so.
+    for (document, expected) in given_back.iter_mut().zip(&envelopes) {
+        let got = node.ingest_many(&one_by_one(document)).unwrap();
+        let want = reference.ingest_many(expected).unwrap();
+        assert_eq!(format!("{got:?}"), format!("{want:?}"));
+    }
+    for id in [faulty_id, foreign_id, unsigned_id] {
+        assert_eq!(node.heads(id).unwrap(), reference.heads(id).unwrap());
+    }
+    assert_eq!(node.quarantine_count(), 2);
+    assert_eq!(node.pending_count().unwrap(), 1);
+    assert_eq!(node.audit_sequence(), reference.audit_sequence());
+}
+
+#[test]
+fn a_document_fetched_whole_while_one_of_its_changes_waits_is_decided_change_by_change() {
+    let (id, mut doc) = file_of_two_members();
+    let signers = [
+        &Identity::from_secret(PEER),
+        &Identity::from_secret(REVOKED),
+    ];
+    let mut consortium = Consortium::new();
+    let node = consortium.open();
+    let mut sent = fetched_whole(&mut doc, id, &signers);
+    let envelopes = one_by_one(&mut sent);
+    // The last change arrived first (gossip) and waits for the others.
+    let last = envelopes.last().unwrap();
+    assert!(matches!(node.ingest(last).unwrap(), Ingested::Pending(_)));
+
+    let (outcomes, mut given_back) = node.ingest_whole(vec![sent]).unwrap();
+    assert!(outcomes.is_empty());
+    let outcomes = node.ingest_many(&one_by_one(&mut given_back[0])).unwrap();
+    assert!(
+        outcomes
+            .iter()
+            .all(|o| matches!(o, Ok(Ingested::Accepted(_) | Ingested::Duplicate(_))))
+    );
+    assert_eq!(node.pending_count().unwrap(), 0);
+    assert_eq!(node.heads(id).unwrap(), doc.get_heads());
+    assert!(node.verify().unwrap().problems.is_empty());
 }

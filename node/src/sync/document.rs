@@ -10,11 +10,11 @@ use super::protocol::{
     ChangeSignature, FETCH_DOCUMENTS_MAX, FETCH_RESPONSE_BYTES_MAX, FetchedDocument,
     RESPONSE_BYTES_MAX, SYNC_MESSAGE_BYTES_MAX, SYNC_SIGNATURES_MAX, SyncMessage,
 };
-use crate::envelope::{ENVELOPE_VERSION, Envelope};
+use crate::envelope::Envelope;
 use crate::model::automerge::sync::{self, ChunkList, SyncDoc};
 use crate::model::automerge::{AutoCommit, ChangeHash};
 use crate::model::{DocumentId, decode_change, decode_changes_onto, load_document};
-use crate::node::{IngestError, Ingested, Node, NodeError};
+use crate::node::{IngestError, Ingested, Node, NodeError, WholeDocument};
 
 /// Why a peer's sync message was refused, or ours could not be made.
 #[derive(Debug, thiserror::Error)]
@@ -240,15 +240,9 @@ fn sealed(
     for mut change in changes {
         match signatures.get(&change.hash().0) {
             None => carried.rejected += 1,
-            Some(signature) => envelopes.push(
-                Envelope {
-                    version: ENVELOPE_VERSION,
-                    document: document.as_bytes().to_vec(),
-                    change: change.bytes().into_owned(),
-                    signature: signature.to_vec(),
-                }
-                .encode(),
-            ),
+            Some(signature) => {
+                envelopes.push(Envelope::seal(document, &mut change, signature).encode())
+            }
         }
     }
     envelopes
@@ -275,13 +269,17 @@ pub fn fetch(
             deferred.push(*id);
             continue;
         }
-        let Some(mut doc) = node.sync_document(document)? else {
+        let Some((saved, signatures)) = node.whole_document(document)? else {
             // Not held (any more): nothing to send, nothing to ask again.
             continue;
         };
-        let hashes: Vec<ChangeHash> = doc.get_changes(&[]).iter().map(|c| c.hash()).collect();
-        let signatures = change_signatures(node, document, &hashes)?;
-        let saved = doc.save();
+        let signatures: Vec<ChangeSignature> = signatures
+            .into_iter()
+            .map(|(hash, signature)| ChangeSignature {
+                change: ByteArray::new(hash.0),
+                signature: ByteArray::new(signature),
+            })
+            .collect();
         let size = saved.len() + signatures.len() * SIGNATURE_ENTRY_BYTES;
         if !fetched.is_empty() && bytes + size > FETCH_RESPONSE_BYTES_MAX {
             deferred.push(*id);
@@ -301,14 +299,16 @@ pub fn fetch(
 const SIGNATURE_ENTRY_BYTES: usize = 104;
 
 /// Takes fetched documents: each is loaded into a scratch document (bounded and guarded like
-/// any peer's bytes), and its changes, in their envelopes, go through the pipeline together.
-/// A document that does not load, or a change without a signature, is counted as refused.
+/// any peer's bytes). A document this node lacks is taken whole (`Node::ingest_whole`: judged
+/// at once, stored in one write); any other goes through the pipeline change by change, each
+/// change in its envelope. A document that does not load, or a change without a signature, is
+/// counted as refused.
 pub fn ingest_fetched(
     node: &Node,
     fetched: &[FetchedDocument],
 ) -> Result<Carried, DocumentSyncError> {
     let mut carried = Carried::default();
-    let mut envelopes = Vec::new();
+    let mut whole = Vec::with_capacity(fetched.len());
     for document in fetched {
         if document.saved.len() > RESPONSE_BYTES_MAX as usize
             || document.signatures.len() > SYNC_SIGNATURES_MAX
@@ -316,20 +316,29 @@ pub fn ingest_fetched(
             carried.rejected += 1;
             continue;
         }
-        let Ok(mut scratch) = load_document(&document.saved) else {
+        let Ok(doc) = load_document(&document.saved) else {
             carried.rejected += 1;
             continue;
         };
-        let signatures: HashMap<[u8; 32], [u8; 64]> = document
-            .signatures
-            .iter()
-            .map(|s| (*s.change, *s.signature))
-            .collect();
-        let changes = scratch.get_changes(&[]);
+        whole.push(WholeDocument {
+            id: DocumentId::from_bytes(*document.document),
+            doc,
+            signatures: document
+                .signatures
+                .iter()
+                .map(|s| (*s.change, *s.signature))
+                .collect(),
+        });
+    }
+    let (outcomes, given_back) = node.ingest_whole(whole)?;
+    carried.count(&outcomes);
+    let mut envelopes = Vec::new();
+    for mut document in given_back {
+        let changes = document.doc.get_changes(&[]);
         envelopes.extend(sealed(
-            DocumentId::from_bytes(*document.document),
+            document.id,
             changes,
-            &signatures,
+            &document.signatures,
             &mut carried,
         ));
     }

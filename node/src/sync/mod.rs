@@ -7,6 +7,7 @@
 //! tokio's blocking pool and reports back to it. Every queue, message and concurrency level
 //! has a named bound below or in `protocol`.
 
+mod background;
 pub mod document;
 pub mod faults;
 mod gate;
@@ -363,8 +364,11 @@ impl SyncHandle {
         let stats = Arc::new(Mutex::new(SyncStats::default()));
         let (jobs, jobs_rx) = mpsc::unbounded_channel();
         let local = node.local_changes();
+        let background = background::Background::start()
+            .map_err(|error| SyncError::Setup(format!("catch-up threads: {error}")))?;
         let driver = Driver {
             node,
+            background,
             swarm,
             config,
             topics,
@@ -672,6 +676,7 @@ enum Outbound {
 }
 
 /// What a blocking job held, to release if it fails.
+#[derive(Clone)]
 enum Release {
     /// A request being served.
     Inbound,
@@ -840,6 +845,8 @@ struct Driver {
     bans: gate::Bans,
     stats: Arc<Mutex<SyncStats>>,
     jobs: mpsc::UnboundedSender<Job>,
+    /// Where fetched documents are ingested, below the priority of the node's other work.
+    background: background::Background,
     outbound: HashMap<OutboundRequestId, (PeerId, Outbound)>,
     peers: HashMap<PeerId, PeerState>,
     responder: ResponderStates,
@@ -960,15 +967,38 @@ impl Driver {
         release: Release,
         work: impl FnOnce() -> Job + Send + 'static,
     ) {
+        tokio::task::spawn_blocking(self.job(peer, release, work));
+    }
+
+    /// `spawn_job` for catch-up work, on the threads of lower priority (`background`).
+    fn spawn_catch_up_job(
+        &self,
+        peer: PeerId,
+        release: Release,
+        work: impl FnOnce() -> Job + Send + 'static,
+    ) {
+        if !self.background.run(self.job(peer, release.clone(), work)) {
+            tracing::error!(%peer, "the catch-up threads are gone; the work is released");
+            let _ = self.jobs.send(Job::Released { peer, release });
+        }
+    }
+
+    /// `work`, reporting its job to the driver; a panic releases what it held.
+    fn job(
+        &self,
+        peer: PeerId,
+        release: Release,
+        work: impl FnOnce() -> Job + Send + 'static,
+    ) -> impl FnOnce() + Send + 'static {
         let jobs = self.jobs.clone();
-        tokio::task::spawn_blocking(move || {
+        move || {
             let job =
                 std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)).unwrap_or_else(|_| {
                     tracing::error!(%peer, "a sync job failed unexpectedly; its work is released");
                     Job::Released { peer, release }
                 });
             let _ = jobs.send(job);
-        });
+        }
     }
 
     fn close(&mut self) {
@@ -1756,7 +1786,7 @@ impl Driver {
                     state.fetches = state.fetches.saturating_sub(1);
                 }
                 self.pump(peer);
-                self.spawn_job(peer, Release::Fetched(documents.clone()), move || {
+                self.spawn_catch_up_job(peer, Release::Fetched(documents.clone()), move || {
                     let _span =
                         tracing::debug_span!("fetch", %peer, documents = fetched.len()).entered();
                     let carried = document::ingest_fetched(&node, &fetched);
