@@ -86,14 +86,18 @@ pub const REVOKED_HELD_PER_KEY_MAX: usize = 256;
 pub const STORE_DIR: &str = "store";
 /// The layout of the store this release writes. A release that changes key layouts or record
 /// encodings raises it and converts older stores at open. 2: quarantine and pending records
-/// keyed by document as well as change, pending changes ordered per author.
-pub const STORE_FORMAT: u32 = 2;
+/// keyed by document as well as change, pending changes ordered per author. 3: a change its
+/// document's snapshot holds may be stored as its signature alone (`StoredChange`); a format-2
+/// store is a valid format-3 store as it is.
+pub const STORE_FORMAT: u32 = 3;
 /// Audit records read at a time when the whole log is checked.
 const AUDIT_PAGE_RECORDS: usize = 4_096;
 
 /// Key prefixes of the store's keyspaces (one tree, so batches across them are atomic).
 mod keys {
-    /// `e ‖ document ‖ change hash` → envelope.
+    /// `e ‖ document ‖ change hash` → the change as `StoredChange` encodes it: its envelope,
+    /// or, once the document's snapshot holds the change, its signature alone. A key here is
+    /// an accepted change.
     pub const ENVELOPE: u8 = b'e';
     /// `d ‖ document` → document record (kind, heads).
     pub const DOCUMENT: u8 = b'd';
@@ -648,6 +652,70 @@ struct DocumentRecord {
     snapshot: u64,
 }
 
+/// A change as the store keeps it (`keys::ENVELOPE`): its envelope, as received or signed; or,
+/// once the document's snapshot holds the change, its signature alone: the change's bytes are
+/// in the snapshot, so keeping them twice would double what a file costs on disk. An envelope
+/// is rebuilt from the document when one must be sent (`into_envelope`). The cost: a snapshot
+/// damaged beyond loading loses those changes here, and `repair` then fetches the document
+/// from peers, as for any damaged document.
+enum StoredChange {
+    Envelope(Vec<u8>),
+    Signature([u8; 64]),
+}
+
+/// The first byte of a change stored as its signature alone; an envelope (a CBOR map) never
+/// starts with it.
+const SIGNATURE_ONLY: u8 = b'S';
+
+impl StoredChange {
+    fn decode(value: Vec<u8>) -> Result<Self, StoreError> {
+        match value.split_first() {
+            Some((&SIGNATURE_ONLY, signature)) => signature
+                .try_into()
+                .map(Self::Signature)
+                .map_err(|_| StoreError::Corrupt {
+                    what: "stored signature",
+                }),
+            _ => Ok(Self::Envelope(value)),
+        }
+    }
+
+    /// The value that stores a change by its signature alone.
+    fn signature_only(signature: &[u8; 64]) -> Vec<u8> {
+        [&[SIGNATURE_ONLY][..], signature].concat()
+    }
+
+    fn signature(&self) -> Result<[u8; 64], StoreError> {
+        match self {
+            Self::Signature(signature) => Ok(*signature),
+            Self::Envelope(envelope) => Envelope::decode(envelope)
+                .ok()
+                .and_then(|envelope| envelope.signature.try_into().ok())
+                .ok_or(StoreError::Corrupt { what: "envelope" }),
+        }
+    }
+
+    /// The change's envelope; rebuilt from `doc`, which must hold the change, when only its
+    /// signature is stored.
+    fn into_envelope(
+        self,
+        document: DocumentId,
+        hash: &ChangeHash,
+        doc: &AutoCommit,
+    ) -> Result<Vec<u8>, StoreError> {
+        match self {
+            Self::Envelope(envelope) => Ok(envelope),
+            Self::Signature(signature) => {
+                let mut change = crate::model::automerge::ReadDoc::get_change_by_hash(doc, hash)
+                    .ok_or(StoreError::Corrupt {
+                        what: "a change its snapshot lacks",
+                    })?;
+                Ok(Envelope::seal(document, &mut change, &signature).encode())
+            }
+        }
+    }
+}
+
 /// Where a node keeps its data and whom it trusts.
 #[derive(Clone, Debug)]
 pub struct NodeConfig {
@@ -823,7 +891,7 @@ struct WholeChange {
     hash: ChangeHash,
     author: Bytes32,
     institution: InstitutionId,
-    envelope: Vec<u8>,
+    signature: [u8; 64],
 }
 
 /// A document sent whole, judged at once before the decision lock is taken (see
@@ -1497,27 +1565,29 @@ impl Node {
     /// A document's envelopes in causal order (each after its dependencies): how they are
     /// sent to a peer that lacks the document.
     pub fn envelopes(&self, id: DocumentId) -> Result<Vec<Vec<u8>>, NodeError> {
-        let mut by_hash: HashMap<[u8; 32], Vec<u8>> = HashMap::new();
-        for (key, envelope) in self
+        let mut by_hash: HashMap<[u8; 32], StoredChange> = HashMap::new();
+        for (key, value) in self
             .store
             .scan_prefix(&keys::per_document(keys::ENVELOPE, &id))?
         {
             let (_, hash) = parse_envelope_key(&key).ok_or(StoreError::Corrupt {
                 what: "envelope key",
             })?;
-            by_hash.insert(hash.0, envelope);
+            by_hash.insert(hash.0, StoredChange::decode(value)?);
         }
-        let Some(mut doc) = self.sync_document(id)? else {
-            return Ok(by_hash.into_values().collect());
-        };
+        let mut doc = self.sync_document(id)?.unwrap_or_default();
         let mut ordered = Vec::with_capacity(by_hash.len());
         for change in doc.get_changes(&[]) {
-            if let Some(envelope) = by_hash.remove(&change.hash().0) {
-                ordered.push(envelope);
+            let hash = change.hash();
+            if let Some(stored) = by_hash.remove(&hash.0) {
+                ordered.push(stored.into_envelope(id, &hash, &doc)?);
             }
         }
-        // Anything the document does not hold (damage `verify` reports) goes last.
-        ordered.extend(by_hash.into_values());
+        // Anything the document does not hold (damage `verify` reports) goes last, if it can.
+        ordered.extend(by_hash.into_values().filter_map(|stored| match stored {
+            StoredChange::Envelope(envelope) => Some(envelope),
+            StoredChange::Signature(_) => None,
+        }));
         Ok(ordered)
     }
 
@@ -1599,15 +1669,14 @@ impl Node {
             },
         };
         let mut signatures = Vec::new();
-        for (key, envelope) in self
+        for (key, value) in self
             .store
             .scan_prefix(&keys::per_document(keys::ENVELOPE, &id))?
         {
-            let corrupt = || StoreError::Corrupt { what: "envelope" };
-            let (_, hash) = parse_envelope_key(&key).ok_or_else(corrupt)?;
-            let envelope = Envelope::decode(&envelope).map_err(|_| corrupt())?;
-            let signature = envelope.signature.try_into().map_err(|_| corrupt())?;
-            signatures.push((hash, signature));
+            let (_, hash) = parse_envelope_key(&key).ok_or(StoreError::Corrupt {
+                what: "envelope key",
+            })?;
+            signatures.push((hash, StoredChange::decode(value)?.signature()?));
         }
         Ok(Some((saved, signatures)))
     }
@@ -1621,15 +1690,8 @@ impl Node {
     ) -> Result<Vec<(ChangeHash, [u8; 64])>, NodeError> {
         let mut found = Vec::with_capacity(changes.len());
         for hash in changes {
-            if let Some(bytes) = self.store.get(&keys::envelope(&id, hash))? {
-                let envelope = Envelope::decode(&bytes)
-                    .map_err(|_| StoreError::Corrupt { what: "envelope" })?;
-                let signature: [u8; 64] = envelope
-                    .signature
-                    .as_slice()
-                    .try_into()
-                    .map_err(|_| StoreError::Corrupt { what: "envelope" })?;
-                found.push((*hash, signature));
+            if let Some(value) = self.store.get(&keys::envelope(&id, hash))? {
+                found.push((*hash, StoredChange::decode(value)?.signature()?));
             }
         }
         Ok(found)
@@ -1951,15 +2013,15 @@ impl Node {
                 let Admission::Member(institution) = membership.admit(&author, &hash) else {
                     return None;
                 };
-                let envelope = Envelope::seal(id, change, signature).encode();
-                if Envelope::decode(&envelope).is_err() {
+                // A change too large for an envelope is refused by the envelope path.
+                if change.raw_bytes().len() > crate::envelope::CHANGE_BYTES_MAX {
                     return None;
                 }
                 checked.push(WholeChange {
                     hash,
                     author,
                     institution,
-                    envelope,
+                    signature: *signature,
                 });
             }
         }
@@ -2011,12 +2073,15 @@ impl Node {
         let digest = catalogue_digest(&heads);
         let accepted = ledger.accepted + changes.len() as u64;
         let mut batch = Batch::default();
-        let mut bytes = 0;
+        let bytes = snapshot.len();
         let mut authors = BTreeSet::new();
         let mut head = ledger.audit;
+        // The snapshot holds every change: each is stored as its signature alone.
         for change in changes {
-            bytes += change.envelope.len();
-            batch.put(keys::envelope(&id, &change.hash), change.envelope);
+            batch.put(
+                keys::envelope(&id, &change.hash),
+                StoredChange::signature_only(&change.signature),
+            );
             authors.insert(change.author);
             head = self.append_audit(
                 &mut batch,
@@ -2508,6 +2573,20 @@ impl Node {
         Ok(heads)
     }
 
+    /// Adds to `batch` the rewrite of every envelope of `id` as its signature alone, for a
+    /// batch that writes a snapshot holding them all.
+    fn keep_signatures_only(&self, batch: &mut Batch, id: &DocumentId) -> Result<(), StoreError> {
+        for (key, value) in self
+            .store
+            .scan_prefix(&keys::per_document(keys::ENVELOPE, id))?
+        {
+            if let envelope @ StoredChange::Envelope(_) = StoredChange::decode(value)? {
+                batch.put(key, StoredChange::signature_only(&envelope.signature()?));
+            }
+        }
+        Ok(())
+    }
+
     /// Writes the acceptance of a judged change: its envelope, the document's record, heads and
     /// index entries, its audit records; then keeps the document and its view for what comes
     /// next. `decided.base` is not read.
@@ -2532,19 +2611,28 @@ impl Node {
         let cached_bytes = bytes + verified.encoded.len();
         let heads = current.get_heads();
         let mut batch = Batch::default();
-        batch.put(keys::envelope(&id, &hash), verified.encoded.clone());
         // A load replays only the envelopes the snapshot lacks (see `snapshot_due`).
         let (tail, snapshot_bytes) = match snapshot {
             Some(snapshot) => {
                 let saved = snapshot.len() as u64;
                 batch.put(keys::per_document(keys::SNAPSHOT, &id), snapshot);
+                // The snapshot holds every change of the document now: each is kept as its
+                // signature alone.
+                self.keep_signatures_only(&mut batch, &id)?;
+                let signature = StoredChange::Envelope(verified.encoded.clone()).signature()?;
+                batch.put(
+                    keys::envelope(&id, &hash),
+                    StoredChange::signature_only(&signature),
+                );
                 (0, saved)
             }
-            None => self
-                .document_record(&id)?
-                .map_or((verified.encoded.len() as u64, 0), |record| {
-                    (record.tail + verified.encoded.len() as u64, record.snapshot)
-                }),
+            None => {
+                batch.put(keys::envelope(&id, &hash), verified.encoded.clone());
+                self.document_record(&id)?
+                    .map_or((verified.encoded.len() as u64, 0), |record| {
+                        (record.tail + verified.encoded.len() as u64, record.snapshot)
+                    })
+            }
         };
         let record = DocumentRecord {
             kind,
@@ -3072,10 +3160,12 @@ impl Node {
         let mut held = Vec::new();
         for hash in &withdrawn {
             let envelope_key = keys::envelope(&document, hash);
-            let envelope = self
-                .store
-                .get(&envelope_key)?
-                .ok_or(StoreError::Corrupt { what: "envelope" })?;
+            let envelope = StoredChange::decode(
+                self.store
+                    .get(&envelope_key)?
+                    .ok_or(StoreError::Corrupt { what: "envelope" })?,
+            )?
+            .into_envelope(document, hash, &doc)?;
             let verified = Envelope::verify(&envelope)
                 .map_err(|_| StoreError::Corrupt { what: "envelope" })?;
             withdrawn_bytes += envelope.len();
@@ -3569,18 +3659,18 @@ impl Node {
         };
         // The snapshot, then only the envelopes it lacks (identified by their keys, so the
         // ones it holds are neither decoded nor re-verified).
-        let mut doc = self
-            .store
-            .get(&keys::per_document(keys::SNAPSHOT, id))?
+        let snapshot = self.store.get(&keys::per_document(keys::SNAPSHOT, id))?;
+        // Its cache weight: what it was decoded from.
+        let mut bytes = snapshot.as_ref().map_or(0, Vec::len);
+        let mut doc = snapshot
             .and_then(|snapshot| crate::model::load_document(&snapshot).ok())
             .unwrap_or_default();
-        let mut bytes = 0;
         let mut changes = Vec::new();
-        for (key, envelope) in self
+        for (key, value) in self
             .store
             .scan_prefix(&keys::per_document(keys::ENVELOPE, id))?
         {
-            bytes += envelope.len();
+            bytes += value.len();
             let hash = parse_envelope_key(&key)
                 .ok_or(StoreError::Corrupt {
                     what: "envelope key",
@@ -3589,6 +3679,12 @@ impl Node {
             if crate::model::automerge::ReadDoc::get_change_by_hash(&doc, &hash).is_some() {
                 continue;
             }
+            // A change stored by its signature alone is in the snapshot, or lost.
+            let StoredChange::Envelope(envelope) = StoredChange::decode(value)? else {
+                return Err(StoreError::Corrupt {
+                    what: "a change its snapshot lacks",
+                });
+            };
             // Signatures were checked when the change was accepted, and `verify` checks them
             // again; a read of the node's own store only decodes.
             let change = Envelope::decode(&envelope)
@@ -3812,7 +3908,11 @@ impl Node {
         self.store
             .scan_from(&[audit::RECORD], &audit::record_key(from.max(1)), limit)?
             .into_iter()
-            .map(|(_, value)| Ok(decode(&value, "audit record")?))
+            .map(|(key, value)| {
+                audit::decode_record(&key, &value).ok_or(NodeError::Store(StoreError::Corrupt {
+                    what: "audit record",
+                }))
+            })
             .collect()
     }
 
@@ -3989,43 +4089,8 @@ impl Node {
                 ),
             });
         }
-        let mut by_document: HashMap<DocumentId, Vec<Change>> = HashMap::new();
-        let entries = match self.store.scan_prefix(&[keys::ENVELOPE]) {
-            Ok(entries) => entries,
-            Err(error) => {
-                report.problems.push(Problem {
-                    document: None,
-                    what: format!("the envelope keyspace is unreadable: {error}"),
-                });
-                return Ok(report);
-            }
-        };
-        for (key, value) in entries {
-            report.envelopes += 1;
-            let Some((document, hash)) = parse_envelope_key(&key) else {
-                report.problems.push(Problem {
-                    document: None,
-                    what: "an envelope is stored under a malformed key".into(),
-                });
-                continue;
-            };
-            match Envelope::verify(&value) {
-                Ok(verified) if verified.document == document && verified.hash == hash => {
-                    by_document
-                        .entry(document)
-                        .or_default()
-                        .push(verified.change);
-                }
-                Ok(_) => report.problems.push(Problem {
-                    document: Some(document),
-                    what: format!("envelope {hash} is stored under another change's key"),
-                }),
-                Err(error) => report.problems.push(Problem {
-                    document: Some(document),
-                    what: format!("envelope {hash} fails verification: {error}"),
-                }),
-            }
-        }
+        // Document by document, so memory follows the largest document, not the store.
+        let mut recorded = HashSet::new();
         let records = self.store.scan_prefix(&[keys::DOCUMENT])?;
         for (key, value) in records {
             report.documents += 1;
@@ -4040,79 +4105,155 @@ impl Node {
                 });
                 continue;
             };
-            let problem = |what: String| Problem {
-                document: Some(document),
-                what,
-            };
-            let record: DocumentRecord = match decode(&value, "document record") {
-                Ok(record) => record,
-                Err(error) => {
-                    report.problems.push(problem(error.to_string()));
-                    continue;
-                }
-            };
-            let mut doc = AutoCommit::new();
-            if doc
-                .apply_changes(by_document.remove(&document).unwrap_or_default())
-                .is_err()
-            {
-                report
-                    .problems
-                    .push(problem("its changes do not apply".into()));
-                continue;
-            }
-            let heads = doc.get_heads();
-            let recorded: Vec<ChangeHash> = record.heads.iter().copied().map(ChangeHash).collect();
-            if heads != recorded {
-                report.problems.push(problem(
-                    "its changes do not rebuild its recorded heads".into(),
-                ));
-                continue;
-            }
-            let snapshot_heads = self
-                .store
-                .get(&keys::per_document(keys::SNAPSHOT, &document))
-                .ok()
-                .flatten()
-                .and_then(|bytes| crate::model::load_document(&bytes).ok())
-                .map(|mut snapshot| snapshot.get_heads());
-            // A snapshot may lag behind the heads, but everything it holds must be among the
-            // document's verified changes.
-            let snapshot_sound = snapshot_heads.is_some_and(|snapshot| {
-                snapshot.iter().all(|head| {
-                    crate::model::automerge::ReadDoc::get_change_by_hash(&doc, head).is_some()
-                })
-            });
-            if !snapshot_sound {
-                report.problems.push(problem(
-                    "its snapshot is missing or disagrees with its changes".into(),
-                ));
-            }
-            match self
-                .store
-                .get(&keys::per_document(keys::CATALOGUE, &document))
-            {
-                Ok(Some(digest)) if digest == catalogue_digest(&heads) => {}
-                _ => report.problems.push(problem(
-                    "its catalogue entry disagrees with its heads".into(),
-                )),
-            }
-            if let Err(error) = validate(&doc) {
-                report
-                    .problems
-                    .push(problem(format!("it fails validation: {error}")));
-            }
+            recorded.insert(document);
+            let problems = self.verify_document(document, &value, &mut report.envelopes);
+            report
+                .problems
+                .extend(problems.into_iter().map(|what| Problem {
+                    document: Some(document),
+                    what,
+                }));
         }
         if let Some(problem) = self.check_audit_chain(ledger.audit) {
             report.problems.push(problem);
         }
-        for document in by_document.into_keys() {
+        // Envelopes of a document without a record, a page of keys at a time.
+        let mut from = vec![keys::ENVELOPE];
+        let mut orphans = BTreeSet::new();
+        loop {
+            let page = self
+                .store
+                .scan_from(&[keys::ENVELOPE], &from, AUDIT_PAGE_RECORDS)?;
+            let Some((last, _)) = page.last() else {
+                break;
+            };
+            from = [last.as_slice(), &[0]].concat();
+            for (key, _) in &page {
+                match parse_envelope_key(key) {
+                    Some((document, _)) if !recorded.contains(&document) => {
+                        orphans.insert(document);
+                    }
+                    Some(_) => {}
+                    None => report.problems.push(Problem {
+                        document: None,
+                        what: "an envelope is stored under a malformed key".into(),
+                    }),
+                }
+            }
+        }
+        for document in orphans {
             report.problems.push(Problem {
                 document: Some(document),
                 what: "envelopes without a document record".into(),
             });
         }
         Ok(report)
+    }
+
+    /// Checks one document against its record (`value`): every stored change verifies (an
+    /// envelope's signature and hash; a change stored by its signature alone, against the
+    /// change its snapshot holds), the changes rebuild the recorded heads and nothing else,
+    /// the catalogue agrees, and the document validates. Counts the changes checked in
+    /// `envelopes`; returns what is wrong.
+    fn verify_document(
+        &self,
+        document: DocumentId,
+        value: &[u8],
+        envelopes: &mut usize,
+    ) -> Vec<String> {
+        let mut problems = Vec::new();
+        let record: DocumentRecord = match decode(value, "document record") {
+            Ok(record) => record,
+            Err(error) => return vec![error.to_string()],
+        };
+        let stored = match self
+            .store
+            .scan_prefix(&keys::per_document(keys::ENVELOPE, &document))
+        {
+            Ok(stored) => stored,
+            Err(error) => return vec![format!("its changes are unreadable: {error}")],
+        };
+        let snapshot = self
+            .store
+            .get(&keys::per_document(keys::SNAPSHOT, &document))
+            .ok()
+            .flatten()
+            .and_then(|bytes| crate::model::load_document(&bytes).ok());
+        let snapshot_loads = snapshot.is_some();
+        let mut doc = snapshot.unwrap_or_default();
+        let mut hashes = HashSet::new();
+        let mut tail = Vec::new();
+        for (key, value) in stored {
+            *envelopes += 1;
+            let Some((_, hash)) = parse_envelope_key(&key) else {
+                problems.push("a change is stored under a malformed key".into());
+                continue;
+            };
+            hashes.insert(hash);
+            match StoredChange::decode(value) {
+                Ok(StoredChange::Envelope(envelope)) => match Envelope::verify(&envelope) {
+                    Ok(verified) if verified.document == document && verified.hash == hash => {
+                        tail.push(verified.change);
+                    }
+                    Ok(_) => problems.push(format!(
+                        "envelope {hash} is stored under another change's key"
+                    )),
+                    Err(error) => {
+                        problems.push(format!("envelope {hash} fails verification: {error}"))
+                    }
+                },
+                Ok(StoredChange::Signature(signature)) => {
+                    match crate::model::automerge::ReadDoc::get_change_by_hash(&doc, &hash) {
+                        None => problems.push(format!(
+                            "change {hash} is stored by its signature alone, and its snapshot lacks it"
+                        )),
+                        Some(change) => {
+                            if let Err(error) =
+                                crate::envelope::verify_signature(&document, &change, &signature)
+                            {
+                                problems.push(format!("change {hash} fails verification: {error}"));
+                            }
+                        }
+                    }
+                }
+                Err(error) => problems.push(format!("change {hash}: {error}")),
+            }
+        }
+        if !snapshot_loads {
+            problems.push("its snapshot is missing or does not load".into());
+        }
+        // `apply_changes` skips the changes the snapshot already holds.
+        if doc.apply_changes(tail).is_err() {
+            problems.push("its changes do not apply".into());
+            return problems;
+        }
+        // Every change the document holds (its snapshot's too) is an accepted change.
+        if doc
+            .get_changes(&[])
+            .iter()
+            .any(|c| !hashes.contains(&c.hash()))
+        {
+            problems.push("its snapshot holds a change that is not stored as accepted".into());
+        }
+        let mut heads = doc.get_heads();
+        let mut recorded: Vec<ChangeHash> = record.heads.iter().copied().map(ChangeHash).collect();
+        heads.sort();
+        recorded.sort();
+        if heads != recorded {
+            problems.push("its changes do not rebuild its recorded heads".into());
+            return problems;
+        }
+        match self
+            .store
+            .get(&keys::per_document(keys::CATALOGUE, &document))
+        {
+            Ok(Some(digest)) if digest == catalogue_digest(&doc.get_heads()) => {}
+            _ => problems.push("its catalogue entry disagrees with its heads".into()),
+        }
+        if let Err(error) = validate(&doc) {
+            problems.push(format!("it fails validation: {error}"));
+        }
+        problems
     }
 
     /// Repairs damaged data so that peers can make it whole again: every document `verify`
@@ -4482,7 +4623,10 @@ fn append_record(batch: &mut Batch, head: AuditHead, mut record: AuditRecord) ->
         sequence: record.sequence,
         hash: record.hash(),
     };
-    batch.put(audit::record_key(record.sequence), encode(&record));
+    batch.put(
+        audit::record_key(record.sequence),
+        audit::encode_record(&record),
+    );
     batch.put(audit::HEAD, encode(&next));
     next
 }
@@ -4567,6 +4711,28 @@ pub(crate) mod tests {
         )
         .unwrap();
         (node, config)
+    }
+
+    #[test]
+    fn an_envelope_never_reads_as_a_change_stored_by_its_signature_alone() {
+        let envelope = Envelope {
+            version: crate::envelope::ENVELOPE_VERSION,
+            document: vec![0; 16],
+            change: vec![SIGNATURE_ONLY; 8],
+            signature: vec![SIGNATURE_ONLY; 64],
+        }
+        .encode();
+        assert_ne!(envelope[0], SIGNATURE_ONLY);
+        assert!(matches!(
+            StoredChange::decode(envelope),
+            Ok(StoredChange::Envelope(_))
+        ));
+        let signature = [7; 64];
+        assert!(matches!(
+            StoredChange::decode(StoredChange::signature_only(&signature)),
+            Ok(StoredChange::Signature(s)) if s == signature
+        ));
+        assert!(StoredChange::decode(vec![SIGNATURE_ONLY; 10]).is_err());
     }
 
     #[test]

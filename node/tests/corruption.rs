@@ -115,7 +115,7 @@ fn a_store_written_in_a_newer_format_is_refused_with_the_versions_named() {
     drop(Node::open(&config, Some(&roster)).unwrap());
     {
         let db = open_stopped_store(&config.data_dir.join("store"));
-        db.insert(b"m/format", 3u32.to_be_bytes().to_vec()).unwrap();
+        db.insert(b"m/format", 4u32.to_be_bytes().to_vec()).unwrap();
         db.flush().unwrap();
     }
     let error = Node::open(&config, Some(&roster)).unwrap_err();
@@ -123,8 +123,8 @@ fn a_store_written_in_a_newer_format_is_refused_with_the_versions_named() {
         matches!(
             error,
             NodeError::Store(estuary_node::store::StoreError::Format {
-                found: 3,
-                supported: 2
+                found: 4,
+                supported: 3
             })
         ),
         "{error}"
@@ -195,5 +195,58 @@ fn a_format_1_store_is_converted_at_open_and_its_held_changes_still_settle() {
     ));
     assert_eq!(node.pending_count().unwrap(), 0);
     assert_eq!(node.heads(id).unwrap(), author.heads(id).unwrap());
+    assert!(node.verify().unwrap().problems.is_empty());
+}
+
+#[test]
+fn a_damaged_snapshot_whose_changes_are_kept_as_signatures_is_reported_and_repaired() {
+    let dir = tempfile::tempdir().unwrap();
+    let (config, roster) = single_node(dir.path(), "chc-a");
+    let editor = editor("chc-a");
+    let (damaged, healthy) = {
+        let node = Node::open(&config, Some(&roster)).unwrap();
+        let (damaged, _) = node
+            .create_health_file(&editor, &resident("Damaged"))
+            .unwrap();
+        let (healthy, _) = node
+            .create_health_file(&editor, &resident("Healthy"))
+            .unwrap();
+        assert!(node.verify().unwrap().problems.is_empty());
+        (damaged, healthy)
+    };
+    {
+        // The snapshot is the only copy of a creation's bytes: the store keeps its signature.
+        let db = open_stopped_store(&config.data_dir.join("store"));
+        let key = [&b"s"[..], damaged.as_bytes()].concat();
+        let mut snapshot = db.get(&key).unwrap().unwrap().to_vec();
+        let middle = snapshot.len() / 2;
+        snapshot.truncate(middle);
+        db.insert(key, snapshot).unwrap();
+        db.flush().unwrap();
+    }
+    let node = Node::open(&config, None).unwrap();
+    let report = node.verify().unwrap();
+    assert_eq!(report.affected_documents(), vec![damaged], "{report:?}");
+    assert!(
+        report.problems.iter().any(|p| p
+            .what
+            .contains("signature alone, and its snapshot lacks it")),
+        "{report:?}"
+    );
+    assert!(matches!(
+        node.health_file(damaged),
+        Err(NodeError::Store(_))
+    ));
+    assert!(node.health_file(healthy).is_ok());
+    // Repair takes the document out, for peers to send again; the rest stays.
+    let repaired = node.repair().unwrap();
+    assert!(
+        format!("{repaired:?}").contains(&damaged.to_string()),
+        "{repaired:?}"
+    );
+    assert!(matches!(
+        node.health_file(damaged),
+        Err(NodeError::UnknownDocument(_))
+    ));
     assert!(node.verify().unwrap().problems.is_empty());
 }
