@@ -69,6 +69,10 @@ struct Bootstrap {
     seconds: f64,
     files_per_s: f64,
     changes_per_s: f64,
+    /// CPU time of this process (both nodes, the reader) during the catch-up, in seconds, and
+    /// per file in ms.
+    cpu_seconds: f64,
+    cpu_ms_per_file: f64,
     /// Bytes on the wire, both ways (the sync protocol's messages, CBOR).
     wire_bytes: u64,
     /// The data's compressed size: every file saved by automerge.
@@ -335,6 +339,7 @@ async fn bootstrap(pair: &Pair, options: &Options) -> anyhow::Result<Bootstrap> 
     let (ids, names, changes, payload) =
         build(&pair.hospital, &[&pair.hospital], files, &options.source)?;
     let started = Instant::now();
+    let cpu_before = process_cpu_seconds();
     let (hospital, centre) = start(pair, Duration::from_secs(1))?;
     eprintln!("the centre joins empty and catches up, a clinical read there every 50 ms…");
     let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -371,6 +376,7 @@ async fn bootstrap(pair: &Pair, options: &Options) -> anyhow::Result<Bootstrap> 
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let seconds = started.elapsed().as_secs_f64();
+    let cpu_seconds = process_cpu_seconds() - cpu_before;
     done.store(true, std::sync::atomic::Ordering::SeqCst);
     let mut reads = reader
         .join()
@@ -433,6 +439,8 @@ async fn bootstrap(pair: &Pair, options: &Options) -> anyhow::Result<Bootstrap> 
         seconds,
         files_per_s: files as f64 / seconds,
         changes_per_s: changes as f64 / seconds,
+        cpu_seconds,
+        cpu_ms_per_file: cpu_seconds * 1e3 / files as f64,
         wire_bytes,
         payload_bytes: payload,
         wire_to_payload: wire_bytes as f64 / payload as f64,
@@ -454,6 +462,10 @@ async fn bootstrap(pair: &Pair, options: &Options) -> anyhow::Result<Bootstrap> 
         wire_bytes / 1024,
         report.wire_to_payload,
         payload / 1024
+    );
+    println!(
+        "CPU over both nodes meanwhile: {cpu_seconds:.1} s, {:.2} ms per file",
+        report.cpu_ms_per_file
     );
     println!(
         "the centre's store: {:.0} bytes per file = {:.2}× the file's automerge save ({:.0} bytes)",
@@ -482,6 +494,22 @@ async fn bootstrap(pair: &Pair, options: &Options) -> anyhow::Result<Bootstrap> 
     );
     println!("({} build)", report.profile);
     Ok(report)
+}
+
+/// CPU time this process has used, in seconds (Linux: `/proc/self/stat`, in the kernel's
+/// `USER_HZ` ticks of 10 ms); 0 where it cannot be read.
+fn process_cpu_seconds() -> f64 {
+    const TICKS_PER_SECOND: f64 = 100.0;
+    std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|stat| {
+            // The fields after the command name, which is in parentheses and may hold spaces.
+            let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+            let user: f64 = fields.get(11)?.parse().ok()?;
+            let system: f64 = fields.get(12)?.parse().ok()?;
+            Some((user + system) / TICKS_PER_SECOND)
+        })
+        .unwrap_or(0.0)
 }
 
 /// The CPU time of one reconciliation's work on both sides, with the nodes' catalogues,
