@@ -1995,6 +1995,11 @@ impl Node {
         if !matches!(self.document_record(&id), Ok(None)) {
             return None;
         }
+        // Changes whose dependencies the bytes lack are held inside automerge, out of
+        // `get_changes`, yet saved with the document: such a document goes change by change.
+        if !whole.doc.get_missing_deps(&[]).is_empty() {
+            return None;
+        }
         let mut changes = whole.doc.get_changes(&[]);
         let mut checked = Vec::with_capacity(changes.len());
         {
@@ -2013,8 +2018,12 @@ impl Node {
                 let Admission::Member(institution) = membership.admit(&author, &hash) else {
                     return None;
                 };
-                // A change too large for an envelope is refused by the envelope path.
-                if change.raw_bytes().len() > crate::envelope::CHANGE_BYTES_MAX {
+                // A change too large for an envelope is refused by the envelope path, which
+                // holds its bytes as automerge encodes them (compressed above 256 bytes, which
+                // may make them larger): compressed only when it could matter.
+                if change.raw_bytes().len() > crate::envelope::CHANGE_BYTES_MAX / 2
+                    && change.bytes().len() > crate::envelope::CHANGE_BYTES_MAX
+                {
                     return None;
                 }
                 checked.push(WholeChange {
@@ -3663,7 +3672,7 @@ impl Node {
         // Its cache weight: what it was decoded from.
         let mut bytes = snapshot.as_ref().map_or(0, Vec::len);
         let mut doc = snapshot
-            .and_then(|snapshot| crate::model::load_document(&snapshot).ok())
+            .and_then(|snapshot| load_own_snapshot(&snapshot))
             .unwrap_or_default();
         let mut changes = Vec::new();
         for (key, value) in self
@@ -4178,7 +4187,7 @@ impl Node {
             .get(&keys::per_document(keys::SNAPSHOT, &document))
             .ok()
             .flatten()
-            .and_then(|bytes| crate::model::load_document(&bytes).ok());
+            .and_then(|bytes| load_own_snapshot(&bytes));
         let snapshot_loads = snapshot.is_some();
         let mut doc = snapshot.unwrap_or_default();
         let mut hashes = HashSet::new();
@@ -4226,6 +4235,9 @@ impl Node {
         if doc.apply_changes(tail).is_err() {
             problems.push("its changes do not apply".into());
             return problems;
+        }
+        if !doc.get_missing_deps(&[]).is_empty() {
+            problems.push("its snapshot holds changes whose dependencies it lacks".into());
         }
         // Every change the document holds (its snapshot's too) is an accepted change.
         if doc
@@ -4438,6 +4450,18 @@ fn applies(doc: &mut AutoCommit, change: &Change) -> bool {
         doc.apply_changes([change.clone()])
     }))
     .is_ok_and(|result| result.is_ok())
+}
+
+/// Loads a snapshot this node saved. It is loaded as a peer's bytes are (`load_document`:
+/// bounded, guarded); a snapshot beyond the bounds set for peers' bytes — a document the model
+/// allows to grow that large — is loaded by automerge unbounded, still guarded against a
+/// panic: it is this node's own, and its changes may be stored by their signatures alone.
+fn load_own_snapshot(bytes: &[u8]) -> Option<AutoCommit> {
+    crate::model::load_document(bytes).ok().or_else(|| {
+        std::panic::catch_unwind(|| AutoCommit::load(bytes))
+            .ok()?
+            .ok()
+    })
 }
 
 /// Whether `doc` is at exactly the heads `record` names.
