@@ -839,20 +839,23 @@ fn file_author(change: &automerge::Change) -> InstitutionId {
     institution(INSTITUTIONS[usize::from(bytes[0]).saturating_sub(1) % INSTITUTIONS.len()])
 }
 
+/// `count` replicas of the document saved as `saved`, replica n writing as actor n+1.
+fn replicas_of(saved: &[u8], count: u8) -> Vec<AutoCommit> {
+    (0..count)
+        .map(|i| {
+            AutoCommit::load(saved)
+                .unwrap()
+                .with_actor(automerge::ActorId::from(actor(i + 1).as_bytes()))
+        })
+        .collect()
+}
+
 /// Plays a random history of honest and faulty edits on three replicas; returns every change
 /// written and the faulty ones.
 fn file_history(
     history: Vec<Step<FileStep>>,
 ) -> (Vec<automerge::Change>, BTreeSet<automerge::ChangeHash>) {
-    let mut origin = new_file(100);
-    let saved = origin.save();
-    let mut replicas: Vec<AutoCommit> = (0..3)
-        .map(|i| {
-            AutoCommit::load(&saved)
-                .unwrap()
-                .with_actor(automerge::ActorId::from(actor(i as u8 + 1).as_bytes()))
-        })
-        .collect();
+    let mut replicas = replicas_of(&new_file(100).save(), 3);
     let mut faulty = BTreeSet::new();
     for step in history {
         match step {
@@ -1050,15 +1053,7 @@ proptest! {
 fn referral_history(
     history: Vec<Step<ReferralStep>>,
 ) -> (Vec<automerge::Change>, BTreeSet<automerge::ChangeHash>) {
-    let mut origin = new_referral(100);
-    let saved = origin.save();
-    let mut replicas: Vec<AutoCommit> = (0..4)
-        .map(|i| {
-            AutoCommit::load(&saved)
-                .unwrap()
-                .with_actor(automerge::ActorId::from(actor(i as u8 + 1).as_bytes()))
-        })
-        .collect();
+    let mut replicas = replicas_of(&new_referral(100).save(), 4);
     let mut faulty = BTreeSet::new();
     for step in history {
         match step {

@@ -120,12 +120,7 @@ impl Envelope {
     /// Signs `change` of `document` as `identity`.
     pub fn sign(identity: &Identity, document: DocumentId, change: &mut Change) -> Self {
         let signature = identity.sign(&signing_message(&document, &change.hash()));
-        Self {
-            version: ENVELOPE_VERSION,
-            document: document.as_bytes().to_vec(),
-            change: change.bytes().into_owned(),
-            signature: signature.to_vec(),
-        }
+        Self::seal(document, change, &signature)
     }
 
     /// Signs `change` of `document` as `identity` for this node's own pipeline: the envelope

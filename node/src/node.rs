@@ -1978,12 +1978,19 @@ impl Node {
             }
         }
         drop(deciding);
+        self.make_durable(ticket)?;
+        Ok((outcomes, given_back))
+    }
+
+    /// Makes the decisions applied up to batch `ticket` durable (one flush, shared with
+    /// concurrent writers, no lock held while the disk works), then tells the change feed.
+    fn make_durable(&self, ticket: u64) -> Result<(), IngestError> {
         if ticket > 0 {
             self.commit.wait_durable(&self.store, ticket)?;
             self.audit_updates
                 .send_replace(self.lock_ledger().audit.sequence);
         }
-        Ok((outcomes, given_back))
+        Ok(())
     }
 
     /// Checks and judges a document sent whole without the decision lock: every change
@@ -2207,13 +2214,7 @@ impl Node {
             outcomes.push(outcome);
         }
         drop(deciding);
-        // One flush makes all the decisions durable, shared with concurrent writers, without
-        // holding the lock while the disk works.
-        if ticket > 0 {
-            self.commit.wait_durable(&self.store, ticket)?;
-            self.audit_updates
-                .send_replace(self.lock_ledger().audit.sequence);
-        }
+        self.make_durable(ticket)?;
         Ok(outcomes)
     }
 
