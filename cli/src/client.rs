@@ -17,7 +17,7 @@ use estuary_node::api::{ApiState, Challenge, serve};
 use estuary_node::config::{Config, generate_token};
 use estuary_node::identity::{Identity, KEY_FILE};
 use estuary_node::model::Bytes32;
-use estuary_node::node::{Node, NodeConfig};
+use estuary_node::replica::{Node, NodeConfig};
 use serde_json::Value;
 
 use crate::Failure;

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use estuary_node::api::{ApiState, serve};
 use estuary_node::config::{Config, config_warnings};
-use estuary_node::node::{Node, NodeConfig};
+use estuary_node::replica::{Node, NodeConfig};
 use estuary_node::sync::SyncHandle;
 
 use crate::Failure;

@@ -550,7 +550,7 @@ fn stopped_consortium(root: &Path) -> Vec<(String, String)> {
 /// Registers a resident on a stopped node, through the library as its API would.
 fn register_offline(config_path: &str) {
     use estuary_node::model::{Editor, Timestamp};
-    use estuary_node::node::{Node, NodeConfig};
+    use estuary_node::replica::{Node, NodeConfig};
     let config = Config::load(Path::new(config_path)).unwrap();
     let roster = std::fs::read(config.roster.as_ref().unwrap()).unwrap();
     let node = Node::open(

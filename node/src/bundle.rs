@@ -34,7 +34,7 @@ use zeroize::Zeroizing;
 use crate::envelope::ENVELOPE_BYTES_MAX;
 use crate::identity::Identity;
 use crate::model::{Bytes32, DocumentId};
-use crate::node::{Node, NodeError};
+use crate::replica::{Node, NodeError};
 
 /// The first bytes of every bundle.
 pub const MAGIC: &[u8; 16] = b"ESTUARY-BUNDLE1\n";

@@ -7,7 +7,7 @@ use crate::model::{
     Date, Demographics, Editor, HealthFileOp, InstitutionId, NewFollowUp, PersonName, Sex,
     Timestamp,
 };
-use crate::node::{Node, NodeConfig, NodeError};
+use crate::replica::{Node, NodeConfig, NodeError};
 
 /// Opens the node, creates a health file, then adds follow-ups to it, `writes_max` at most,
 /// printing each acknowledged change to `out`.

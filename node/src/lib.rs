@@ -16,8 +16,8 @@ pub mod envelope;
 pub mod identity;
 mod index;
 pub mod membership;
-pub mod node;
 pub mod reconcile;
+pub mod replica;
 pub mod store;
 pub mod sync;
 

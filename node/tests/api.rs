@@ -14,7 +14,7 @@ use estuary_node::config::{ApiConfig, AppToken, Config, NetworkConfig, Scope};
 use estuary_node::identity::Identity;
 use estuary_node::membership::SignedRoster;
 use estuary_node::model::*;
-use estuary_node::node::{Node, NodeConfig};
+use estuary_node::replica::{Node, NodeConfig};
 use futures::StreamExt;
 use serde_json::{Value, json};
 use tower::ServiceExt;

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use common::{editor, files_under, open_stopped_store, resident, single_node};
 use estuary_node::model::*;
-use estuary_node::node::{Node, NodeError};
+use estuary_node::replica::{Node, NodeError};
 
 /// Flips one byte of the first occurrence of `needle` in any file under `dir`.
 fn flip_on_disk(dir: &Path, needle: &[u8]) -> bool {
@@ -135,7 +135,7 @@ fn a_store_written_in_a_newer_format_is_refused_with_the_versions_named() {
 fn a_format_1_store_is_converted_at_open_and_its_held_changes_still_settle() {
     use estuary_node::envelope::Envelope;
     use estuary_node::identity::Identity;
-    use estuary_node::node::Ingested;
+    use estuary_node::replica::Ingested;
 
     let consortium = common::Consortium::new(2);
     let member = editor("member-0");

@@ -11,7 +11,7 @@ use std::time::Duration;
 use common::single_node;
 use estuary_node::model::automerge::ChangeHash;
 use estuary_node::model::*;
-use estuary_node::node::Node;
+use estuary_node::replica::Node;
 
 /// Kills in the test (the issue asks for at least 30).
 const KILLS: usize = 32;

@@ -8,7 +8,7 @@ use estuary_node::envelope::Envelope;
 use estuary_node::identity::{Identity, KEY_FILE};
 use estuary_node::membership::SignedRoster;
 use estuary_node::model::*;
-use estuary_node::node::{Ingested, Node, NodeConfig};
+use estuary_node::replica::{Ingested, Node, NodeConfig};
 use sha2::{Digest, Sha256};
 
 /// The `ingest_change` target's member: its key, institution and first health file.

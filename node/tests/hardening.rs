@@ -12,7 +12,7 @@ use estuary_node::envelope::Envelope;
 use estuary_node::identity::Identity;
 use estuary_node::model::automerge::ChangeHash;
 use estuary_node::model::*;
-use estuary_node::node::{Ingested, Node, PENDING_CHANGES_PER_AUTHOR_MAX};
+use estuary_node::replica::{Ingested, Node, PENDING_CHANGES_PER_AUTHOR_MAX};
 
 /// The envelopes of `id` as `node` holds them, creation first.
 fn causal_envelopes(node: &Node, id: DocumentId) -> Vec<Vec<u8>> {

@@ -9,7 +9,7 @@ use estuary_node::identity::Identity;
 use estuary_node::membership::SignedRoster;
 use estuary_node::model::automerge::{self, AutoCommit};
 use estuary_node::model::*;
-use estuary_node::node::{
+use estuary_node::replica::{
     IngestError, Ingested, Node, NodeConfig, NodeError, PENDING_CHANGES_OF_STRANGERS_MAX,
     WholeDocument,
 };

@@ -6,7 +6,7 @@ use estuary_node::envelope::Envelope;
 use estuary_node::identity::Identity;
 use estuary_node::membership::SignedRoster;
 use estuary_node::model::*;
-use estuary_node::node::{Ingested, Node, NodeConfig};
+use estuary_node::replica::{Ingested, Node, NodeConfig};
 use proptest::prelude::*;
 
 const AUTHORITY: [u8; 32] = [1; 32];

@@ -18,7 +18,7 @@ use estuary_node::membership::{RosterError, SignedRoster};
 use estuary_node::model::automerge::transaction::Transactable;
 use estuary_node::model::automerge::{AutoCommit, ChangeHash, ObjType, ReadDoc, ScalarValue};
 use estuary_node::model::*;
-use estuary_node::node::{
+use estuary_node::replica::{
     IngestError, Ingested, Node, NodeConfig, NodeError, REVOKED_HELD_PER_KEY_MAX,
 };
 use estuary_node::sync::SYNC_STRIKES_MAX;

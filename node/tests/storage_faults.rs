@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use common::{Consortium, allergy, converge, editor, files_under, memory_address, resident, start};
 use estuary_node::model::DocumentId;
-use estuary_node::node::Node;
+use estuary_node::replica::Node;
 
 /// Files written at each node before the damage.
 const FILES_PER_NODE: usize = 8;
@@ -124,7 +124,7 @@ async fn damaged_store_is_detected_repaired_and_resynced(how: Damage) {
 
     // Detected at open (the witness: the log lost acknowledged changes) or by verify (a
     // damaged envelope or record, named by document). Never a panic.
-    let config = estuary_node::node::NodeConfig {
+    let config = estuary_node::replica::NodeConfig {
         data_dir: c_dir.clone(),
         authority: estuary_node::identity::Identity::from_secret(common::AUTHORITY).public_key(),
     };
@@ -136,7 +136,7 @@ async fn damaged_store_is_detected_repaired_and_resynced(how: Damage) {
             assert!(
                 matches!(
                     error,
-                    estuary_node::node::NodeError::Store(
+                    estuary_node::replica::NodeError::Store(
                         estuary_node::store::StoreError::Damaged { .. }
                     )
                 ),

@@ -13,7 +13,7 @@ use common::{
 };
 use estuary_node::identity::Identity;
 use estuary_node::model::*;
-use estuary_node::node::Node;
+use estuary_node::replica::Node;
 use estuary_node::sync::faults::Faults;
 use estuary_node::sync::{SyncConfig, SyncHandle, TransportKind};
 use libp2p::Multiaddr;

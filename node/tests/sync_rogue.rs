@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use common::{CONVERGENCE, Consortium, bare_swarm, editor, memory_address, resident, start};
 use estuary_node::identity::Identity;
-use estuary_node::node::Node;
 use estuary_node::reconcile::Catalogue;
+use estuary_node::replica::Node;
 use estuary_node::sync::protocol::{
     ChangeSignature, FetchedDocument, Gossip, PROTOCOL, REQUEST_BYTES_MAX, RESPONSE_BYTES_MAX,
     Request, Response,

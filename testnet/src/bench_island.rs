@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use estuary_node::model::*;
-use estuary_node::node::Node;
+use estuary_node::replica::Node;
 use serde::Serialize;
 
 use crate::bench_sync::{percentile, profile};

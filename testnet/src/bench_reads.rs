@@ -12,7 +12,7 @@ use std::time::Instant;
 use anyhow::Context;
 use estuary_node::identity::Identity;
 use estuary_node::model::*;
-use estuary_node::node::Node;
+use estuary_node::replica::Node;
 use serde::Serialize;
 
 use crate::bench_store::{OWN, PEER, foreign_envelope, quantile, resident, setup};

@@ -22,8 +22,8 @@ use estuary_node::envelope::Envelope;
 use estuary_node::identity::Identity;
 use estuary_node::membership::SignedRoster;
 use estuary_node::model::*;
-use estuary_node::node::{Node, NodeConfig};
 use estuary_node::reconcile::Reconciliation;
+use estuary_node::replica::{Node, NodeConfig};
 use estuary_node::sync::{Multiaddr, PeerStats, SyncConfig, SyncHandle, TransportKind};
 use serde::Serialize;
 

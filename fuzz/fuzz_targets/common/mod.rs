@@ -8,7 +8,7 @@ use std::sync::{Arc, OnceLock};
 use estuary_node::identity::Identity;
 use estuary_node::membership::SignedRoster;
 use estuary_node::model::*;
-use estuary_node::node::{Node, NodeConfig};
+use estuary_node::replica::{Node, NodeConfig};
 
 /// The consortium authority's key in these targets.
 pub const AUTHORITY: [u8; 32] = [1; 32];

@@ -15,7 +15,7 @@ use super::error::{JsonBody, QueryParams, RawBody};
 use super::{Admin, ApiError, ApiState, Route, blocking};
 use crate::audit::AuditRecord;
 use crate::model::DocumentId;
-use crate::node::{Ingested, hex_encode as hex};
+use crate::replica::{Ingested, hex_encode as hex};
 
 /// Most audit records one request returns.
 pub const AUDIT_PAGE_MAX: usize = 1_000;
@@ -154,7 +154,7 @@ async fn documents(
     .await
 }
 
-fn quarantine_json(entry: &crate::node::QuarantineEntry) -> serde_json::Value {
+fn quarantine_json(entry: &crate::replica::QuarantineEntry) -> serde_json::Value {
     serde_json::json!({
         "change": hex(&entry.change),
         "document": entry.document,
@@ -186,7 +186,7 @@ async fn quarantine(
             query.after.as_deref(),
             query
                 .limit
-                .unwrap_or(crate::node::QUARANTINE_PAGE_RECORDS_MAX),
+                .unwrap_or(crate::replica::QUARANTINE_PAGE_RECORDS_MAX),
         )?;
         let entries: Vec<_> = page.entries.iter().map(quarantine_json).collect();
         Ok(Json(
@@ -373,7 +373,7 @@ async fn verify(
 async fn repair(
     State(state): State<ApiState>,
     _admin: Admin,
-) -> Result<Json<crate::node::RepairReport>, ApiError> {
+) -> Result<Json<crate::replica::RepairReport>, ApiError> {
     blocking(move || Ok(Json(state.node.repair()?))).await
 }
 
@@ -474,7 +474,7 @@ async fn import(
         let outcomes = state
             .node
             .ingest_many(&envelopes)
-            .map_err(crate::node::NodeError::from)?;
+            .map_err(crate::replica::NodeError::from)?;
         let mut imported = Imported::default();
         for outcome in outcomes {
             match outcome {

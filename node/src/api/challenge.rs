@@ -83,7 +83,7 @@ pub fn answer(
     nonce: &[u8; CHALLENGE_NONCE_BYTES],
     listen: SocketAddr,
 ) -> String {
-    crate::node::hex_encode(&identity.sign(&message(nonce, listen)))
+    crate::replica::hex_encode(&identity.sign(&message(nonce, listen)))
 }
 
 fn message(nonce: &[u8; CHALLENGE_NONCE_BYTES], listen: SocketAddr) -> Vec<u8> {

@@ -81,7 +81,10 @@ struct Written {
 async fn write(
     state: ApiState,
     caller: Caller,
-    make: impl FnOnce(&ApiState, crate::node::Writer<'_>) -> Result<(DocumentId, ChangeHash), ApiError>
+    make: impl FnOnce(
+        &ApiState,
+        crate::replica::Writer<'_>,
+    ) -> Result<(DocumentId, ChangeHash), ApiError>
     + Send
     + 'static,
 ) -> Result<Json<Written>, ApiError> {
@@ -460,7 +463,7 @@ async fn next_event(mut feed: Feed) -> Option<(Result<Event, std::convert::Infal
                     feed_event(record, kind)
                 })
                 .collect();
-            Ok::<_, crate::node::NodeError>((last, events))
+            Ok::<_, crate::replica::NodeError>((last, events))
         })
         .await
         .ok()?

@@ -8,7 +8,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 
 use crate::model::{OpError, ValidationError};
-use crate::node::{IngestError, NodeError};
+use crate::replica::{IngestError, NodeError};
 
 /// An error response.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -52,7 +52,7 @@ pub use fhir::instant;
 
 use crate::config::{Config, Scope};
 use crate::model::{Editor, Timestamp};
-use crate::node::Node;
+use crate::replica::Node;
 use crate::sync::StatsReader;
 
 /// Change-feed subscribers served at once; more get 503 until one leaves.
@@ -382,7 +382,7 @@ mod tests {
 
     /// A one-member node behind an API with a single clinical slot.
     fn state(dir: &std::path::Path) -> ApiState {
-        let (node, node_config) = crate::node::tests::one_member_node(dir);
+        let (node, node_config) = crate::replica::tests::one_member_node(dir);
         let (data_dir, authority) = (node_config.data_dir, node_config.authority);
         let config = Config {
             data_dir,

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use estuary_node::model::{Bytes32, InstitutionId};
-use estuary_node::node::NodeConfig;
+use estuary_node::replica::NodeConfig;
 
 /// Stop by itself after this many writes if nobody kills it first.
 const DEFAULT_WRITES_MAX: u64 = 100_000;

@@ -14,7 +14,7 @@ use crate::envelope::Envelope;
 use crate::model::automerge::sync::{self, ChunkList, SyncDoc};
 use crate::model::automerge::{AutoCommit, ChangeHash};
 use crate::model::{DocumentId, decode_change, decode_changes_onto, load_document};
-use crate::node::{IngestError, Ingested, Node, NodeError, WholeDocument};
+use crate::replica::{IngestError, Ingested, Node, NodeError, WholeDocument};
 
 /// Why a peer's sync message was refused, or ours could not be made.
 #[derive(Debug, thiserror::Error)]

@@ -16,7 +16,7 @@ use libp2p::swarm::{
 };
 use libp2p::{Multiaddr, PeerId};
 
-use crate::node::Node;
+use crate::replica::Node;
 
 /// Why a connection was denied.
 #[derive(Debug, thiserror::Error)]

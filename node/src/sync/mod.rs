@@ -42,8 +42,8 @@ use protocol::{
 use crate::membership::RosterUpdate;
 use crate::model::DocumentId;
 use crate::model::automerge::sync::State;
-use crate::node::{Ingested, Node, NodeError};
 use crate::reconcile::{Difference, Reconciliation};
+use crate::replica::{Ingested, Node, NodeError};
 use progress::InProgress;
 
 /// Concurrent automerge sync sessions this node runs with one peer.
@@ -930,7 +930,7 @@ impl Driver {
         mut self,
         mut commands: mpsc::Receiver<Command>,
         mut jobs: mpsc::UnboundedReceiver<Job>,
-        mut local: tokio::sync::broadcast::Receiver<crate::node::LocalChange>,
+        mut local: tokio::sync::broadcast::Receiver<crate::replica::LocalChange>,
     ) {
         let mut tick = tokio::time::interval(self.config.reconcile_every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -1109,7 +1109,7 @@ impl Driver {
         }
     }
 
-    fn publish(&mut self, change: crate::node::LocalChange) {
+    fn publish(&mut self, change: crate::replica::LocalChange) {
         let gossip = if change.envelope.len() <= self.config.gossip_envelope_bytes_max {
             Gossip::Change(change.envelope.into())
         } else {
@@ -1377,9 +1377,9 @@ impl Driver {
                 Ok(Ingested::Quarantined(..)) => (MessageAcceptance::Ignore, false),
                 // This node's own trouble (its store, a full quarantine).
                 Err(
-                    crate::node::IngestError::Store(_)
-                    | crate::node::IngestError::QuarantineFull
-                    | crate::node::IngestError::RevokedBacklogFull,
+                    crate::replica::IngestError::Store(_)
+                    | crate::replica::IngestError::QuarantineFull
+                    | crate::replica::IngestError::RevokedBacklogFull,
                 ) => (MessageAcceptance::Ignore, false),
                 Err(_) => (MessageAcceptance::Reject, false),
             };

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use estuary_node::identity::Identity;
 use estuary_node::membership::SignedRoster;
 use estuary_node::model::*;
-use estuary_node::node::{Node, NodeConfig};
+use estuary_node::replica::{Node, NodeConfig};
 use estuary_node::sync::{SyncConfig, SyncHandle, TransportKind};
 use libp2p::Multiaddr;
 

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use anyhow::Context;
 use estuary_node::model::automerge::ChangeHash;
 use estuary_node::model::{Bytes32, DocumentId, Editor, InstitutionId, Timestamp};
-use estuary_node::node::Node;
+use estuary_node::replica::Node;
 use estuary_node::sync::{DISCONNECT_SCORE, PeerId, SYNC_STRIKES_MAX};
 use serde::Serialize;
 

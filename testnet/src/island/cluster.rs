@@ -8,7 +8,7 @@ use estuary_node::model::automerge::ChangeHash;
 use estuary_node::model::{
     Bytes32, Demographics, DocumentId, HealthFileOp, NewReferral, ReferralOp,
 };
-use estuary_node::node::Node;
+use estuary_node::replica::Node;
 use estuary_node::sync::{Multiaddr, SyncStats};
 
 use super::check::NodeState;

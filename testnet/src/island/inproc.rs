@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::Context;
 use estuary_node::model::automerge::ChangeHash;
 use estuary_node::model::{DocumentId, DocumentKind, OpError, ValidationError};
-use estuary_node::node::{Node, NodeConfig, NodeError};
+use estuary_node::replica::{Node, NodeConfig, NodeError};
 use estuary_node::sync::faults::Faults;
 use estuary_node::sync::{Multiaddr, SyncConfig, SyncHandle, TransportKind};
 
@@ -138,7 +138,7 @@ fn refused(error: &NodeError) -> Option<Skip> {
         // A revoked node that has learnt of its revocation, or a write built on a change
         // withdrawn by a revocation meanwhile.
         NodeError::NotAMember
-        | NodeError::LocalChangeRefused(estuary_node::node::Ingested::Quarantined(..)) => {
+        | NodeError::LocalChangeRefused(estuary_node::replica::Ingested::Quarantined(..)) => {
             Some(Skip::RefusedByPipeline)
         }
         NodeError::Op(OpError::Invalid(

@@ -4,6 +4,8 @@
 //! benchmarks can decide the backend on evidence. Writes are acknowledged only after a flush,
 //! and concurrent writers share flushes (group commit).
 
+pub(crate) mod keys;
+
 use std::path::Path;
 use std::sync::{Condvar, Mutex};
 

@@ -1,0 +1,201 @@
+//! The node's side of the audit chain: records appended in the same batch as what they
+//! record, app accesses and exports, and checks of the chain.
+
+use super::*;
+
+/// Adds `record` to `batch` as the record after `head`, filling in its place in the chain;
+/// returns the new head, to adopt once the batch is applied.
+pub(super) fn append_record(
+    batch: &mut Batch,
+    head: AuditHead,
+    mut record: AuditRecord,
+) -> AuditHead {
+    record.sequence = head.sequence + 1;
+    record.previous = head.hash;
+    let next = AuditHead {
+        sequence: record.sequence,
+        hash: record.hash(),
+    };
+    batch.put(
+        audit::record_key(record.sequence),
+        audit::encode_record(&record),
+    );
+    batch.put(audit::HEAD, encode(&next));
+    next
+}
+
+impl Node {
+    /// Adds the next audit record to `batch`; returns the new head, to adopt once the batch
+    /// is applied.
+    pub(super) fn append_audit(
+        &self,
+        batch: &mut Batch,
+        head: AuditHead,
+        action: AuditAction,
+        (document, change): (DocumentId, ChangeHash),
+        institution: Option<InstitutionId>,
+    ) -> AuditHead {
+        append_record(
+            batch,
+            head,
+            AuditRecord {
+                sequence: 0,
+                previous: [0; 32],
+                at_ms: audit::now_ms(),
+                action,
+                document,
+                change: Some(change.0),
+                institution,
+                app: None,
+            },
+        )
+    }
+
+    /// Writes to the audit log, durably, that `app` read (`change` none) or wrote (`change`
+    /// the change it made) these documents through the API. Returns once the records are
+    /// durable: an access is on record before its data leaves the node.
+    pub fn record_access(
+        &self,
+        app: &str,
+        accesses: &[(DocumentId, Option<ChangeHash>)],
+    ) -> Result<(), NodeError> {
+        self.record_for_app(
+            app,
+            accesses.iter().map(|(document, change)| {
+                let action = if change.is_some() {
+                    AuditAction::Written
+                } else {
+                    AuditAction::Read
+                };
+                (action, *document, change.map(|c| c.0))
+            }),
+        )
+    }
+
+    /// Writes to the audit log, durably, that `app` exported every document.
+    pub fn record_export(&self, app: &str) -> Result<(), NodeError> {
+        self.record_for_app(
+            app,
+            [(AuditAction::Exported, DocumentId::from_bytes([0; 16]), None)],
+        )
+    }
+
+    /// An audit record of an app's access through this node.
+    pub(super) fn app_record(
+        &self,
+        app: &str,
+        action: AuditAction,
+        document: DocumentId,
+        change: Option<[u8; 32]>,
+    ) -> AuditRecord {
+        AuditRecord {
+            sequence: 0,
+            previous: [0; 32],
+            at_ms: audit::now_ms(),
+            action,
+            document,
+            change,
+            institution: Some(self.institution.clone()),
+            app: Some(app.to_owned()),
+        }
+    }
+
+    /// Appends an app's records to the audit log in one batch and waits until they are
+    /// durable, then wakes the change feed.
+    pub(super) fn record_for_app(
+        &self,
+        app: &str,
+        records: impl IntoIterator<Item = (AuditAction, DocumentId, Option<[u8; 32]>)>,
+    ) -> Result<(), NodeError> {
+        let ticket = {
+            let mut ledger = self.lock_ledger();
+            let mut batch = Batch::default();
+            let mut head = ledger.audit;
+            for (action, document, change) in records {
+                head = append_record(
+                    &mut batch,
+                    head,
+                    self.app_record(app, action, document, change),
+                );
+            }
+            if batch.is_empty() {
+                return Ok(());
+            }
+            let ticket = self.commit.apply(&self.store, batch)?;
+            ledger.audit = head;
+            ticket
+        };
+        self.commit.wait_durable(&self.store, ticket)?;
+        self.audit_updates
+            .send_replace(self.lock_ledger().audit.sequence);
+        Ok(())
+    }
+
+    /// Checks the audit log's hash chain from its first record to its head; `None` when it
+    /// is whole.
+    pub fn verify_audit(&self) -> Option<Problem> {
+        let head = self.lock_ledger().audit;
+        self.check_audit_chain(head)
+    }
+
+    pub(super) fn check_audit_chain(&self, head: AuditHead) -> Option<Problem> {
+        let mut chain = audit::ChainCheck::default();
+        let mut from = 1;
+        let broken = |what: String| {
+            Some(Problem {
+                document: None,
+                what,
+            })
+        };
+        loop {
+            let page = match self.audit(from, AUDIT_PAGE_RECORDS) {
+                Ok(page) => page,
+                Err(error) => return broken(format!("the audit log is unreadable: {error}")),
+            };
+            for record in page.iter().take_while(|r| r.sequence <= head.sequence) {
+                if let Err(sequence) = chain.push(record) {
+                    return broken(format!(
+                        "the audit log's hash chain breaks at record {sequence}"
+                    ));
+                }
+            }
+            match page.last() {
+                Some(last) if page.len() == AUDIT_PAGE_RECORDS && last.sequence < head.sequence => {
+                    from = last.sequence + 1;
+                }
+                _ => break,
+            }
+        }
+        chain.finish(&head).err().and_then(|sequence| {
+            broken(format!(
+                "the audit log's hash chain breaks at record {sequence}"
+            ))
+        })
+    }
+
+    /// The sequence of the last durable audit record (without waiting for the decision lock).
+    pub fn audit_sequence(&self) -> u64 {
+        *self.audit_updates.borrow()
+    }
+
+    /// Wakes when durable audit records are added, with the last sequence: how the change
+    /// feed follows the log without polling. Withdrawals on a revocation do not wake it; a
+    /// follower sees them at its next wake.
+    pub fn audit_updates(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.audit_updates.subscribe()
+    }
+
+    /// Audit records from sequence `from` on, at most `limit`.
+    pub fn audit(&self, from: u64, limit: usize) -> Result<Vec<AuditRecord>, NodeError> {
+        // Keys are in sequence order; only the records asked for are read.
+        self.store
+            .scan_from(&[audit::RECORD], &audit::record_key(from.max(1)), limit)?
+            .into_iter()
+            .map(|(key, value)| {
+                audit::decode_record(&key, &value).ok_or(NodeError::Store(StoreError::Corrupt {
+                    what: "audit record",
+                }))
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,658 @@
+//! Documents as the replica holds them: stored records and snapshots, the bounded cache of
+//! decoded documents, the views cached by heads, and the reads that serve them.
+
+use super::*;
+
+#[derive(Serialize, Deserialize)]
+pub(super) struct DocumentRecord {
+    pub(super) kind: DocumentKind,
+    pub(super) heads: Vec<[u8; 32]>,
+    /// Bytes of the envelopes accepted since the document's last snapshot (see
+    /// `Node::snapshot_due`).
+    #[serde(default)]
+    pub(super) tail: u64,
+    /// Bytes of that snapshot.
+    #[serde(default)]
+    pub(super) snapshot: u64,
+}
+
+/// A change as the store keeps it (`keys::ENVELOPE`): its envelope, as received or signed; or,
+/// once the document's snapshot holds the change, its signature alone: the change's bytes are
+/// in the snapshot, so keeping them twice would double what a file costs on disk. An envelope
+/// is rebuilt from the document when one must be sent (`into_envelope`). The cost: a snapshot
+/// damaged beyond loading loses those changes here, and `repair` then fetches the document
+/// from peers, as for any damaged document.
+pub(super) enum StoredChange {
+    Envelope(Vec<u8>),
+    Signature([u8; 64]),
+}
+
+/// The first byte of a change stored as its signature alone; an envelope (a CBOR map) never
+/// starts with it.
+pub(super) const SIGNATURE_ONLY: u8 = b'S';
+
+impl StoredChange {
+    pub(super) fn decode(value: Vec<u8>) -> Result<Self, StoreError> {
+        match value.split_first() {
+            Some((&SIGNATURE_ONLY, signature)) => signature
+                .try_into()
+                .map(Self::Signature)
+                .map_err(|_| StoreError::Corrupt {
+                    what: "stored signature",
+                }),
+            _ => Ok(Self::Envelope(value)),
+        }
+    }
+
+    /// The value that stores a change by its signature alone.
+    pub(super) fn signature_only(signature: &[u8; 64]) -> Vec<u8> {
+        [&[SIGNATURE_ONLY][..], signature].concat()
+    }
+
+    pub(super) fn signature(&self) -> Result<[u8; 64], StoreError> {
+        match self {
+            Self::Signature(signature) => Ok(*signature),
+            Self::Envelope(envelope) => Envelope::decode(envelope)
+                .ok()
+                .and_then(|envelope| envelope.signature.try_into().ok())
+                .ok_or(StoreError::Corrupt { what: "envelope" }),
+        }
+    }
+
+    /// The change's envelope; rebuilt from `doc`, which must hold the change, when only its
+    /// signature is stored.
+    pub(super) fn into_envelope(
+        self,
+        document: DocumentId,
+        hash: &ChangeHash,
+        doc: &AutoCommit,
+    ) -> Result<Vec<u8>, StoreError> {
+        match self {
+            Self::Envelope(envelope) => Ok(envelope),
+            Self::Signature(signature) => {
+                let mut change = crate::model::automerge::ReadDoc::get_change_by_hash(doc, hash)
+                    .ok_or(StoreError::Corrupt {
+                        what: "a change its snapshot lacks",
+                    })?;
+                Ok(Envelope::seal(document, &mut change, &signature).encode())
+            }
+        }
+    }
+}
+
+/// A decoded document in the cache.
+pub(super) struct Cached {
+    pub(super) doc: AutoCommit,
+    pub(super) kind: DocumentKind,
+    pub(super) bytes: usize,
+    pub(super) used: u64,
+}
+
+/// Documents decoded on demand, bounded in count and bytes: 700,000 files are not 700,000
+/// loaded documents. A document here is exactly as the store holds it: only a decision (under
+/// the decision lock) puts one in, and whoever changes one takes it out first.
+#[derive(Default)]
+pub(super) struct Documents {
+    pub(super) documents: HashMap<DocumentId, Cached>,
+    pub(super) bytes: usize,
+    pub(super) clock: u64,
+}
+
+impl Documents {
+    pub(super) fn touch(&mut self, id: &DocumentId) -> Option<&mut Cached> {
+        self.clock += 1;
+        let clock = self.clock;
+        let cached = self.documents.get_mut(id)?;
+        cached.used = clock;
+        Some(cached)
+    }
+
+    pub(super) fn remove(&mut self, id: &DocumentId) -> Option<Cached> {
+        let cached = self.documents.remove(id)?;
+        self.bytes -= cached.bytes;
+        Some(cached)
+    }
+
+    /// Inserts a document as the most recently used, then evicts the least recently used
+    /// others until the cache is within its bounds. The document just inserted is never the
+    /// one evicted.
+    pub(super) fn insert(&mut self, id: DocumentId, mut cached: Cached) {
+        self.remove(&id);
+        self.clock += 1;
+        cached.used = self.clock;
+        self.bytes += cached.bytes;
+        self.documents.insert(id, cached);
+        while self.documents.len() > CACHE_DOCUMENTS_MAX || self.bytes > CACHE_BYTES_MAX {
+            let Some(oldest) = self
+                .documents
+                .iter()
+                .filter(|(other, _)| **other != id)
+                .min_by_key(|(_, c)| c.used)
+                .map(|(id, _)| *id)
+            else {
+                break;
+            };
+            self.remove(&oldest);
+        }
+    }
+}
+
+/// Typed views of documents as of the heads digest they were read or decided at (see
+/// `VIEWS_CACHED_MAX`). Its lock is held only for a lookup or an insert, never across a
+/// decision, a load or I/O.
+#[derive(Default)]
+pub(super) struct Views {
+    pub(super) entries: HashMap<DocumentId, (HeadsDigest, Arc<View>, u64)>,
+    pub(super) clock: u64,
+}
+
+impl Views {
+    pub(super) fn get(&mut self, id: &DocumentId, digest: &HeadsDigest) -> Option<Arc<View>> {
+        self.clock += 1;
+        let clock = self.clock;
+        let (held, view, used) = self.entries.get_mut(id)?;
+        if held != digest {
+            return None;
+        }
+        *used = clock;
+        Some(view.clone())
+    }
+
+    pub(super) fn insert(&mut self, id: DocumentId, digest: HeadsDigest, view: Arc<View>) {
+        self.clock += 1;
+        self.entries.insert(id, (digest, view, self.clock));
+        if self.entries.len() > VIEWS_CACHED_MAX
+            && let Some(oldest) = self
+                .entries
+                .iter()
+                .min_by_key(|(_, (_, _, used))| *used)
+                .map(|(id, _)| *id)
+        {
+            self.entries.remove(&oldest);
+        }
+    }
+}
+
+/// One accepted change of a document, for its history.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct HistoryEntry {
+    /// The change.
+    pub change: ChangeHash,
+    /// The institution of the key that signed it (none if the key left the roster).
+    pub institution: Option<InstitutionId>,
+    /// The signing node key.
+    pub author: Bytes32,
+    /// When, by the writer's clock, in milliseconds since the epoch (whole seconds).
+    pub at_ms: i64,
+}
+
+/// Loads a snapshot this node saved. It is loaded as a peer's bytes are (`load_document`:
+/// bounded, guarded); a snapshot beyond the bounds set for peers' bytes — a document the model
+/// allows to grow that large — is loaded by automerge unbounded, still guarded against a
+/// panic: it is this node's own, and its changes may be stored by their signatures alone.
+pub(super) fn load_own_snapshot(bytes: &[u8]) -> Option<AutoCommit> {
+    crate::model::load_document(bytes).ok().or_else(|| {
+        std::panic::catch_unwind(|| AutoCommit::load(bytes))
+            .ok()?
+            .ok()
+    })
+}
+
+/// Whether `doc` is at exactly the heads `record` names.
+pub(super) fn holds_heads(doc: &mut AutoCommit, record: &DocumentRecord) -> bool {
+    let mut heads = doc.get_heads();
+    heads.sort();
+    let mut named: Vec<ChangeHash> = record.heads.iter().copied().map(ChangeHash).collect();
+    named.sort();
+    heads == named
+}
+
+/// A view read from a document carries the id the node knows it by.
+pub(super) fn set_view_id(view: &mut View, id: DocumentId) {
+    match view {
+        View::HealthFile(view) => view.id = id,
+        View::Referral(view) => view.id = id,
+        View::Roster(_) => {}
+    }
+}
+
+impl Node {
+    /// The typed view of a health file.
+    pub fn health_file(&self, id: DocumentId) -> Result<HealthFileView, NodeError> {
+        match self.view_of(id, DocumentKind::HealthFile)?.as_ref() {
+            View::HealthFile(view) => Ok((**view).clone()),
+            other => Err(NodeError::WrongKind {
+                document: id,
+                expected: DocumentKind::HealthFile,
+                found: other.kind(),
+            }),
+        }
+    }
+
+    /// The typed view of a referral.
+    pub fn referral(&self, id: DocumentId) -> Result<ReferralView, NodeError> {
+        match self.view_of(id, DocumentKind::Referral)?.as_ref() {
+            View::Referral(view) => Ok(view.clone()),
+            other => Err(NodeError::WrongKind {
+                document: id,
+                expected: DocumentKind::Referral,
+                found: other.kind(),
+            }),
+        }
+    }
+
+    /// A document's typed view as kept (shared, not copied): what the API serialises.
+    pub fn view(&self, id: DocumentId, expected: DocumentKind) -> Result<Arc<View>, NodeError> {
+        let view = self.view_of(id, expected)?;
+        if view.kind() != expected {
+            return Err(NodeError::WrongKind {
+                document: id,
+                expected,
+                found: view.kind(),
+            });
+        }
+        Ok(view)
+    }
+
+    /// A document's typed view. When the view kept for it shows the heads the catalogue
+    /// holds now, that view is the answer: no copy of the document. Otherwise the document
+    /// is read from the store, without the decision lock (a clinical read does not wait
+    /// while the node decides a peer's batch), and its view is kept under the digest of the
+    /// heads it shows: an accepted state at least as recent as the catalogue was when the
+    /// read began.
+    pub(super) fn view_of(
+        &self,
+        id: DocumentId,
+        expected: DocumentKind,
+    ) -> Result<Arc<View>, NodeError> {
+        if let Some(digest) = self.catalogue().get(id.as_bytes())
+            && let Some(view) = self.lock_views().get(&id, &digest)
+        {
+            return Ok(view);
+        }
+        let (mut doc, found, _, _) = self
+            .stored_document(&id)?
+            .ok_or(NodeError::UnknownDocument(id))?;
+        if found != expected {
+            return Err(NodeError::WrongKind {
+                document: id,
+                expected,
+                found,
+            });
+        }
+        let mut view = crate::model::view(&doc).map_err(crate::model::LoadError::from)?;
+        set_view_id(&mut view, id);
+        let view = Arc::new(view);
+        self.lock_views()
+            .insert(id, catalogue_digest(&doc.get_heads()), view.clone());
+        Ok(view)
+    }
+
+    pub(super) fn lock_views(&self) -> MutexGuard<'_, Views> {
+        self.views.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The current heads of a document.
+    pub fn heads(&self, id: DocumentId) -> Result<Vec<ChangeHash>, NodeError> {
+        let record = self
+            .document_record(&id)?
+            .ok_or(NodeError::UnknownDocument(id))?;
+        Ok(record.heads.into_iter().map(ChangeHash).collect())
+    }
+
+    /// Whether the change is stored (accepted) for the document.
+    pub fn has_change(&self, id: DocumentId, change: &ChangeHash) -> Result<bool, NodeError> {
+        Ok(self.store.get(&keys::envelope(&id, change))?.is_some())
+    }
+
+    /// Every stored envelope of a document, for sync and export.
+    /// A document's envelopes in causal order (each after its dependencies): how they are
+    /// sent to a peer that lacks the document.
+    pub fn envelopes(&self, id: DocumentId) -> Result<Vec<Vec<u8>>, NodeError> {
+        let mut by_hash: HashMap<[u8; 32], StoredChange> = HashMap::new();
+        for (key, value) in self
+            .store
+            .scan_prefix(&keys::per_document(keys::ENVELOPE, &id))?
+        {
+            let (_, hash) = keys::parse_envelope(&key).ok_or(StoreError::Corrupt {
+                what: "envelope key",
+            })?;
+            by_hash.insert(hash.0, StoredChange::decode(value)?);
+        }
+        let mut doc = self.sync_document(id)?.unwrap_or_default();
+        let mut ordered = Vec::with_capacity(by_hash.len());
+        for change in doc.get_changes(&[]) {
+            let hash = change.hash();
+            if let Some(stored) = by_hash.remove(&hash.0) {
+                ordered.push(stored.into_envelope(id, &hash, &doc)?);
+            }
+        }
+        // Anything the document does not hold (damage `verify` reports) goes last, if it can.
+        ordered.extend(by_hash.into_values().filter_map(|stored| match stored {
+            StoredChange::Envelope(envelope) => Some(envelope),
+            StoredChange::Signature(_) => None,
+        }));
+        Ok(ordered)
+    }
+
+    /// The hashes of every change stored for a document, in hash order (no decoding).
+    pub fn change_hashes(&self, id: DocumentId) -> Result<Vec<ChangeHash>, NodeError> {
+        Ok(self
+            .store
+            .keys_with_prefix(&keys::per_document(keys::ENVELOPE, &id))?
+            .iter()
+            .filter_map(|key| keys::parse_envelope(key).map(|(_, hash)| hash))
+            .collect())
+    }
+
+    /// Who changed a document and when, oldest first: each accepted change with its hash,
+    /// the institution whose key signed it, and the writer's clock.
+    pub fn history(&self, id: DocumentId) -> Result<Vec<HistoryEntry>, NodeError> {
+        let envelopes = self.envelopes(id)?;
+        if envelopes.is_empty() {
+            return Err(NodeError::UnknownDocument(id));
+        }
+        let membership = self.membership();
+        envelopes
+            .iter()
+            .map(|bytes| {
+                let verified = Envelope::verify(bytes)
+                    .map_err(|_| StoreError::Corrupt { what: "envelope" })?;
+                Ok(HistoryEntry {
+                    change: verified.hash,
+                    institution: membership.institution_of(&verified.author),
+                    author: verified.author,
+                    // Changes carry whole seconds of the writer's clock.
+                    at_ms: verified.change.timestamp().saturating_mul(1000),
+                })
+            })
+            .collect()
+    }
+
+    /// The catalogue: every document held and the digest of its heads.
+    pub fn catalogue(&self) -> RwLockReadGuard<'_, Catalogue> {
+        self.catalogue.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(super) fn catalogue_mut(&self) -> std::sync::RwLockWriteGuard<'_, Catalogue> {
+        self.catalogue.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A copy of a document as automerge holds it, for the sync protocol; `None` if this
+    /// node does not hold it.
+    pub fn sync_document(&self, id: DocumentId) -> Result<Option<AutoCommit>, NodeError> {
+        Ok(self.copy_of(&id)?.map(|(doc, _)| doc))
+    }
+
+    /// A document as a fetch sends it: saved (automerge's compressed encoding), with the
+    /// signature of each of its changes. When its snapshot holds every accepted change (no
+    /// envelope accepted since), the snapshot is sent as stored, without decoding the
+    /// document; otherwise the document is saved afresh. The signatures are read after the
+    /// snapshot, so a change accepted meanwhile adds a signature, never takes one away. `None`
+    /// if the document is not held.
+    #[allow(clippy::type_complexity)]
+    pub fn whole_document(
+        &self,
+        id: DocumentId,
+    ) -> Result<Option<(Vec<u8>, Vec<(ChangeHash, [u8; 64])>)>, NodeError> {
+        let Some(record) = self.document_record(&id)? else {
+            return Ok(None);
+        };
+        let snapshot = match record.tail == 0 && record.snapshot > 0 {
+            true => self
+                .store
+                .get(&keys::per_document(keys::SNAPSHOT, &id))?
+                .filter(|snapshot| snapshot.len() as u64 == record.snapshot),
+            false => None,
+        };
+        let saved = match snapshot {
+            Some(snapshot) => snapshot,
+            None => match self.copy_of(&id)? {
+                Some((mut doc, _)) => doc.save(),
+                None => return Ok(None),
+            },
+        };
+        let mut signatures = Vec::new();
+        for (key, value) in self
+            .store
+            .scan_prefix(&keys::per_document(keys::ENVELOPE, &id))?
+        {
+            let (_, hash) = keys::parse_envelope(&key).ok_or(StoreError::Corrupt {
+                what: "envelope key",
+            })?;
+            signatures.push((hash, StoredChange::decode(value)?.signature()?));
+        }
+        Ok(Some((saved, signatures)))
+    }
+
+    /// The signatures of accepted changes of a document, to send beside them; a change not
+    /// held is left out.
+    pub fn signatures(
+        &self,
+        id: DocumentId,
+        changes: &[ChangeHash],
+    ) -> Result<Vec<(ChangeHash, [u8; 64])>, NodeError> {
+        let mut found = Vec::with_capacity(changes.len());
+        for hash in changes {
+            if let Some(value) = self.store.get(&keys::envelope(&id, hash))? {
+                found.push((*hash, StoredChange::decode(value)?.signature()?));
+            }
+        }
+        Ok(found)
+    }
+
+    /// The heads the store holds a document at, sorted (none if it holds no such document).
+    pub(super) fn stored_heads(&self, id: &DocumentId) -> Result<Vec<ChangeHash>, StoreError> {
+        let mut heads: Vec<ChangeHash> = self
+            .document_record(id)?
+            .map(|record| record.heads.into_iter().map(ChangeHash).collect())
+            .unwrap_or_default();
+        heads.sort();
+        Ok(heads)
+    }
+
+    /// A document taken out of the cache (or decoded from the store), with its kind and its
+    /// cache weight; `put_back` returns it. The ledger shows the decision lock is held: no
+    /// decision is then half written in the store, so a document read from it is whole.
+    pub(super) fn take(
+        &self,
+        _decisions: &Ledger,
+        id: &DocumentId,
+    ) -> Result<Option<(AutoCommit, DocumentKind, usize)>, StoreError> {
+        if let Some(cached) = self.lock_documents().remove(id) {
+            return Ok(Some((cached.doc, cached.kind, cached.bytes)));
+        }
+        let Some((mut doc, kind, bytes, record)) = self.stored_document(id)? else {
+            return Ok(None);
+        };
+        if !holds_heads(&mut doc, &record) {
+            return Err(StoreError::Corrupt {
+                what: "document heads",
+            });
+        }
+        Ok(Some((doc, kind, bytes)))
+    }
+
+    /// `take` without the decision lock, for `prepare`: a document read from the store while a
+    /// decision is being written may hold more than its record names, and is then not used.
+    pub(super) fn take_unlocked(
+        &self,
+        id: &DocumentId,
+    ) -> Option<(AutoCommit, DocumentKind, usize)> {
+        if let Some(cached) = self.lock_documents().remove(id) {
+            return Some((cached.doc, cached.kind, cached.bytes));
+        }
+        let (mut doc, kind, bytes, record) = self.stored_document(id).ok()??;
+        holds_heads(&mut doc, &record).then_some((doc, kind, bytes))
+    }
+
+    /// Returns a document `take` took, unchanged, if the store still holds it so (a decision
+    /// may have been written meanwhile, by a writer that read the document from the store).
+    pub(super) fn put_back(
+        &self,
+        _decisions: &Ledger,
+        id: DocumentId,
+        mut doc: AutoCommit,
+        bytes: usize,
+    ) {
+        if bytes == 0 {
+            // A creation that was refused: there is no document to keep.
+            return;
+        }
+        if let Ok(Some(record)) = self.document_record(&id)
+            && holds_heads(&mut doc, &record)
+        {
+            self.lock_documents().insert(
+                id,
+                Cached {
+                    doc,
+                    kind: record.kind,
+                    bytes,
+                    used: 0,
+                },
+            );
+        }
+    }
+
+    /// A copy of a document, from the cache or the store; with its kind. Without the decision
+    /// lock, unless the store was read while a decision was being written (a copy read so is
+    /// not kept in the cache: only decisions put documents there).
+    pub(super) fn copy_of(
+        &self,
+        id: &DocumentId,
+    ) -> Result<Option<(AutoCommit, DocumentKind)>, StoreError> {
+        if let Some(cached) = self.lock_documents().touch(id) {
+            return Ok(Some((cached.doc.clone(), cached.kind)));
+        }
+        // A read racing a decision being written (or a withdrawal) may see half of it: then,
+        // and on any error, read again under the lock.
+        match self.stored_document(id) {
+            Ok(None) => return Ok(None),
+            Ok(Some((mut doc, kind, _, record))) => {
+                if holds_heads(&mut doc, &record) {
+                    return Ok(Some((doc, kind)));
+                }
+            }
+            Err(_) => {}
+        }
+        self.load(&self.lock_ledger(), id)
+    }
+
+    /// A copy of a document, from the cache or the store (then kept in the cache); with its
+    /// kind.
+    pub(super) fn load(
+        &self,
+        decisions: &Ledger,
+        id: &DocumentId,
+    ) -> Result<Option<(AutoCommit, DocumentKind)>, StoreError> {
+        if let Some(cached) = self.lock_documents().touch(id) {
+            return Ok(Some((cached.doc.clone(), cached.kind)));
+        }
+        let Some((doc, kind, bytes)) = self.take(decisions, id)? else {
+            return Ok(None);
+        };
+        self.lock_documents().insert(
+            *id,
+            Cached {
+                doc: doc.clone(),
+                kind,
+                bytes,
+                used: 0,
+            },
+        );
+        Ok(Some((doc, kind)))
+    }
+
+    /// A document as the store holds it: its record, then its snapshot and the envelopes the
+    /// snapshot lacks. Takes no lock: under concurrent decisions the document may hold
+    /// changes its record does not name yet (every stored envelope is an accepted change).
+    /// Returns the document, its kind, its envelopes' bytes and the record read.
+    #[allow(clippy::type_complexity)]
+    pub(super) fn stored_document(
+        &self,
+        id: &DocumentId,
+    ) -> Result<Option<(AutoCommit, DocumentKind, usize, DocumentRecord)>, StoreError> {
+        let Some(record) = self.document_record(id)? else {
+            return Ok(None);
+        };
+        // The snapshot, then only the envelopes it lacks (identified by their keys, so the
+        // ones it holds are neither decoded nor re-verified).
+        let snapshot = self.store.get(&keys::per_document(keys::SNAPSHOT, id))?;
+        // Its cache weight: what it was decoded from.
+        let mut bytes = snapshot.as_ref().map_or(0, Vec::len);
+        let mut doc = snapshot
+            .and_then(|snapshot| load_own_snapshot(&snapshot))
+            .unwrap_or_default();
+        let mut changes = Vec::new();
+        for (key, value) in self
+            .store
+            .scan_prefix(&keys::per_document(keys::ENVELOPE, id))?
+        {
+            bytes += value.len();
+            let hash = keys::parse_envelope(&key)
+                .ok_or(StoreError::Corrupt {
+                    what: "envelope key",
+                })?
+                .1;
+            if crate::model::automerge::ReadDoc::get_change_by_hash(&doc, &hash).is_some() {
+                continue;
+            }
+            // A change stored by its signature alone is in the snapshot, or lost.
+            let StoredChange::Envelope(envelope) = StoredChange::decode(value)? else {
+                return Err(StoreError::Corrupt {
+                    what: "a change its snapshot lacks",
+                });
+            };
+            // Signatures were checked when the change was accepted, and `verify` checks them
+            // again; a read of the node's own store only decodes.
+            let change = Envelope::decode(&envelope)
+                .ok()
+                .and_then(|envelope| crate::model::decode_change(&envelope.change).ok())
+                .filter(|change| change.hash() == hash)
+                .ok_or(StoreError::Corrupt { what: "envelope" })?;
+            changes.push(change);
+        }
+        doc.apply_changes(changes)
+            .map_err(|_| StoreError::Corrupt {
+                what: "document history",
+            })?;
+        Ok(Some((doc, record.kind, bytes, record)))
+    }
+
+    pub(super) fn document(
+        &self,
+        id: DocumentId,
+        expected: DocumentKind,
+    ) -> Result<AutoCommit, NodeError> {
+        let (doc, found) = self.copy_of(&id)?.ok_or(NodeError::UnknownDocument(id))?;
+        if found != expected {
+            return Err(NodeError::WrongKind {
+                document: id,
+                expected,
+                found,
+            });
+        }
+        Ok(doc)
+    }
+
+    pub(super) fn document_record(
+        &self,
+        id: &DocumentId,
+    ) -> Result<Option<DocumentRecord>, StoreError> {
+        self.store
+            .get(&keys::per_document(keys::DOCUMENT, id))?
+            .map(|bytes| decode(&bytes, "document record"))
+            .transpose()
+    }
+
+    pub(super) fn lock_documents(&self) -> MutexGuard<'_, Documents> {
+        self.documents.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(super) fn lock_document(&self, id: &DocumentId) -> MutexGuard<'_, ()> {
+        let stripe = usize::from(id.as_bytes()[0]) % self.document_locks.len();
+        self.document_locks[stripe]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+}

@@ -1,0 +1,133 @@
+//! Upgrades a store written in an older layout, in pages of bounded size.
+
+use super::*;
+
+/// Converts a store of format 1 (quarantine and pending records keyed by change alone) to
+/// format 2: pending records under their document, with their waits and their place in their
+/// author's order; quarantine records under their change and document, with their digest,
+/// size and dependencies, keeping envelopes only within `QUARANTINE_BODIES_BYTES_MAX`. Works a
+/// page at a time, so a format-1 quarantine of any size converts in bounded memory. Old keys
+/// are told apart by their length, so a conversion a crash interrupted resumes at the next
+/// open (the format is written only after it). A record that no longer decodes is dropped
+/// with a log line: a peer offers the change again.
+pub(super) fn migrate_to_format_2(store: &WitnessedStore) -> Result<(), StoreError> {
+    const PAGE_RECORDS: usize = 1_000;
+    // Pending first: the old held keys tell which were held for a revoked key's cut-off.
+    let mut sequence = 0u64;
+    for_each_page(
+        store,
+        keys::PENDING,
+        33,
+        PAGE_RECORDS,
+        |key, value, batch| {
+            batch.delete(key.to_vec());
+            let Ok(old) = decode::<PendingRecord>(value, "pending record") else {
+                tracing::warn!("an unreadable pending record was dropped converting the store");
+                return Ok(());
+            };
+            let Ok(verified) = Envelope::verify(&old.envelope) else {
+                tracing::warn!("an unreadable pending record was dropped converting the store");
+                return Ok(());
+            };
+            let (document, hash) = (old.document, verified.hash);
+            let old_held = [&[keys::HELD][..], &verified.author.0, &hash.0].concat();
+            let held_for = store.get(&old_held)?.map(|_| verified.author.0);
+            batch.delete(old_held);
+            let record = PendingRecord {
+                bucket: verified.author.0,
+                sequence,
+                waits_on_itself: old.missing.is_empty(),
+                held_for,
+                ..old
+            };
+            sequence += 1;
+            for dependency in &record.missing {
+                batch.put(keys::waiting(dependency, &document, &hash), Vec::new());
+            }
+            if record.waits_on_itself {
+                batch.put(keys::waiting(&hash.0, &document, &hash), Vec::new());
+                batch.put(keys::waits_on_itself(&hash, &document), Vec::new());
+            }
+            if let Some(key) = held_for {
+                batch.put(keys::held(&Bytes32(key), &hash, &document), Vec::new());
+            }
+            batch.put(
+                keys::pending_order(&record.bucket, record.sequence, &document, &hash),
+                record.usage().encode(),
+            );
+            batch.put(keys::pending(&document, &hash), encode(&record));
+            Ok(())
+        },
+    )?;
+    // What is left of the old waits and held keys points at nothing.
+    for (prefix, old_length) in [(keys::WAITING, 65), (keys::HELD, 65)] {
+        for_each_page(store, prefix, old_length, PAGE_RECORDS, |key, _, batch| {
+            batch.delete(key.to_vec());
+            Ok(())
+        })?;
+    }
+    let mut bodies = match store.get(keys::QUARANTINE_BODIES)? {
+        Some(bytes) => <[u8; 8]>::try_from(bytes.as_slice())
+            .map(u64::from_be_bytes)
+            .unwrap_or(0),
+        None => 0,
+    };
+    for_each_page(
+        store,
+        keys::QUARANTINE,
+        33,
+        PAGE_RECORDS,
+        |key, value, batch| {
+            batch.delete(key.to_vec());
+            let Ok(mut record) = decode::<QuarantineRecord>(value, "quarantine record") else {
+                tracing::warn!("an unreadable quarantine record was dropped converting the store");
+                return Ok(());
+            };
+            record.envelope_bytes = record.envelope.len() as u64;
+            record.digest = Some(Sha256::digest(&record.envelope).into());
+            record.deps = Some(
+                dependencies_of(&record.envelope)
+                    .into_iter()
+                    .map(|hash| hash.0)
+                    .collect(),
+            );
+            if bodies + record.envelope_bytes <= QUARANTINE_BODIES_BYTES_MAX {
+                bodies += record.envelope_bytes;
+            } else {
+                record.envelope = Vec::new();
+            }
+            batch.put([key, record.document.as_bytes()].concat(), encode(&record));
+            batch.put(keys::QUARANTINE_BODIES, bodies.to_be_bytes().to_vec());
+            Ok(())
+        },
+    )?;
+    Ok(())
+}
+
+/// Runs `convert` on every key of `prefix` that is `length` bytes long (and its value), a page
+/// at a time, applying each page's writes in one batch.
+pub(super) fn for_each_page(
+    store: &WitnessedStore,
+    prefix: u8,
+    length: usize,
+    page_records: usize,
+    mut convert: impl FnMut(&[u8], &[u8], &mut Batch) -> Result<(), StoreError>,
+) -> Result<(), StoreError> {
+    let mut from = vec![prefix];
+    loop {
+        let page = store.scan_from(&[prefix], &from, page_records)?;
+        let Some((last, _)) = page.last() else {
+            return Ok(());
+        };
+        from = [last.as_slice(), &[0]].concat();
+        let mut batch = Batch::default();
+        for (key, value) in &page {
+            if key.len() == length {
+                convert(key, value, &mut batch)?;
+            }
+        }
+        if !batch.is_empty() {
+            store.apply(batch)?;
+        }
+    }
+}
