@@ -127,6 +127,20 @@ pub const STORE_FORMAT: u32 = 3;
 /// Audit records read at a time when the whole log is checked.
 const AUDIT_PAGE_RECORDS: usize = 4_096;
 
+// How the limits relate: a share never exceeds the whole it is a share of, and one change
+// never needs more than its author's share.
+const _: () = {
+    assert!(PENDING_CHANGES_PER_AUTHOR_MAX <= PENDING_CHANGES_MAX);
+    assert!(PENDING_BYTES_PER_AUTHOR_MAX <= PENDING_BYTES_MAX);
+    assert!(PENDING_WAITS_PER_AUTHOR_MAX <= PENDING_WAITS_MAX);
+    assert!(PENDING_CHANGES_OF_STRANGERS_MAX <= PENDING_CHANGES_PER_AUTHOR_MAX);
+    assert!(PENDING_BYTES_OF_STRANGERS_MAX <= PENDING_BYTES_PER_AUTHOR_MAX);
+    assert!(PENDING_MISSING_PER_CHANGE_MAX <= PENDING_WAITS_PER_AUTHOR_MAX);
+    assert!(QUARANTINE_PAGE_RECORDS_MAX <= QUARANTINE_CHANGES_MAX);
+    assert!(VIEWS_CACHED_MAX <= CACHE_DOCUMENTS_MAX);
+    assert!((SNAPSHOT_TAIL_MIN_BYTES as usize) < CACHE_BYTES_MAX);
+};
+
 /// Why the node could not start or do what was asked.
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {

@@ -41,6 +41,8 @@ pub(crate) fn hex_encode(bytes: &[u8]) -> String {
 
 /// Longest listing cursor accepted, in bytes (a quarantine key is at most 49).
 pub(super) const CURSOR_BYTES_MAX: usize = 128;
+// The longest listing key (`q ‖ change hash ‖ document`) fits a cursor.
+const _: () = assert!(1 + 32 + 16 <= CURSOR_BYTES_MAX);
 
 /// A listing cursor back to bytes; `None` if it is not even-length hex within
 /// `CURSOR_BYTES_MAX`.

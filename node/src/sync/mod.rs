@@ -110,6 +110,18 @@ pub const SYNC_STRIKES_MAX: u32 = 4;
 pub const UNANSWERED_BACKOFF: Duration = Duration::from_secs(30);
 /// Commands queued to the sync task.
 const COMMANDS_MAX: usize = 256;
+
+// Per-peer and per-publisher shares never exceed the totals they are shares of; a fetch fits
+// a peer's share of documents in progress; one envelope fits the gossip queue.
+const _: () = {
+    assert!(DOCUMENTS_IN_PROGRESS_PER_PEER_MAX <= DOCUMENTS_IN_PROGRESS_MAX);
+    assert!(FETCH_DOCUMENTS_MAX <= DOCUMENTS_IN_PROGRESS_PER_PEER_MAX);
+    assert!(RESPONDER_SYNC_STATES_PER_PEER_MAX <= RESPONDER_SYNC_STATES_MAX);
+    assert!(RESPONDER_STATE_MESSAGE_BYTES_MAX <= protocol::SYNC_MESSAGE_BYTES_MAX);
+    assert!(GOSSIP_VALIDATIONS_PER_PUBLISHER_MAX <= GOSSIP_VALIDATIONS_MAX);
+    assert!(GOSSIP_QUEUED_PER_PUBLISHER_MAX <= GOSSIP_QUEUED_MAX);
+    assert!(GOSSIP_ENVELOPE_BYTES_MAX <= GOSSIP_QUEUED_BYTES_MAX);
+};
 /// How long an idle connection is kept.
 const IDLE_CONNECTION: Duration = Duration::from_secs(120);
 

@@ -38,6 +38,14 @@ pub const GOSSIP_MESSAGE_BYTES_MAX: usize = 256 * 1024;
 /// Envelopes above this size are announced on gossip, not carried: receivers pull them.
 pub const GOSSIP_ENVELOPE_BYTES_MAX: usize = 64 * 1024;
 
+// Each payload fits the message that carries it, with room for the message's own fields.
+const _: () = {
+    assert!((SYNC_MESSAGE_BYTES_MAX as u64) < REQUEST_BYTES_MAX);
+    assert!((SYNC_MESSAGE_BYTES_MAX as u64) < RESPONSE_BYTES_MAX);
+    assert!((FETCH_RESPONSE_BYTES_MAX as u64) < RESPONSE_BYTES_MAX);
+    assert!(GOSSIP_ENVELOPE_BYTES_MAX < GOSSIP_MESSAGE_BYTES_MAX);
+};
+
 /// The request-response codec of `PROTOCOL`: one CBOR value per stream, read whole up to
 /// `REQUEST_BYTES_MAX` or `RESPONSE_BYTES_MAX` and decoded exactly (bytes after the value
 /// are refused, as is a message over its limit).
