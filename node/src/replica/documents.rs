@@ -583,7 +583,7 @@ impl Node {
         let mut doc = snapshot
             .and_then(|snapshot| load_own_snapshot(&snapshot))
             .unwrap_or_default();
-        let mut changes = Vec::new();
+        let mut stored = Vec::new();
         for (key, value) in self
             .store
             .scan_prefix(&keys::per_document(keys::ENVELOPE, id))?
@@ -594,7 +594,15 @@ impl Node {
                     what: "envelope key",
                 })?
                 .1;
-            if crate::model::automerge::ReadDoc::get_change_by_hash(&doc, &hash).is_some() {
+            stored.push((hash, value));
+        }
+        // What the snapshot lacks, in one pass over its change graph (asking automerge for a
+        // change by hash rebuilds the whole change).
+        let hashes: Vec<ChangeHash> = stored.iter().map(|(hash, _)| *hash).collect();
+        let lacking: HashSet<ChangeHash> = doc.get_missing_deps(&hashes).into_iter().collect();
+        let mut changes = Vec::new();
+        for (hash, value) in stored {
+            if !lacking.contains(&hash) {
                 continue;
             }
             // A change stored by its signature alone is in the snapshot, or lost.

@@ -286,7 +286,10 @@ pub struct Node {
     lost_at_open: std::sync::atomic::AtomicU64,
     /// Salt of the national-id index; random per node, so the index is useless elsewhere.
     salt: [u8; 32],
-    membership: RwLock<Membership>,
+    /// The roster in force, published whole: a reader (a decision, the swarm checking a peer)
+    /// takes the current `Arc` and never holds a lock while it reads, and an update replaces
+    /// it only once the new roster is durable.
+    membership: tokio::sync::watch::Sender<Arc<Membership>>,
     /// The decision lock: held while a change is checked against the store and its decision
     /// written, never while flushing. A change that builds on what the node holds is judged
     /// before it is taken (`prepare`), so decisions on different documents judge in parallel.
@@ -610,7 +613,7 @@ impl Node {
             commit,
             lost_at_open: std::sync::atomic::AtomicU64::new(lost_at_open),
             salt,
-            membership: RwLock::new(membership),
+            membership: tokio::sync::watch::channel(Arc::new(membership)).0,
             document_locks: (0..DOCUMENT_LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
             catalogue: RwLock::new(catalogue),
             local_changes: tokio::sync::broadcast::channel(LOCAL_CHANGES_QUEUE_MAX).0,
@@ -697,8 +700,9 @@ impl Node {
         let offered = SignedRoster::verify(signed, &self.authority)?;
         let version = {
             // No change is decided while the roster changes: each decision sees one roster.
+            // Readers keep the roster held until the new one is durable.
             let _decisions = self.lock_ledger();
-            let mut membership = self.membership.write().unwrap_or_else(|p| p.into_inner());
+            let membership = self.membership();
             // The roster held, encoded otherwise.
             if membership.is_same_roster(&offered) {
                 let version = membership.version();
@@ -708,8 +712,9 @@ impl Node {
             let mut batch = Batch::default();
             batch.put(keys::ROSTER, newer.encoded().to_vec());
             self.commit.commit(&self.store, batch)?;
-            *membership = newer;
-            membership.version()
+            let version = newer.version();
+            self.membership.send_replace(Arc::new(newer));
+            version
         };
         self.catch_up_revocations()?;
         Ok(RosterUpdate::Adopted { version })
@@ -765,8 +770,8 @@ impl Node {
         self.local_changes.subscribe()
     }
 
-    fn membership(&self) -> RwLockReadGuard<'_, Membership> {
-        self.membership.read().unwrap_or_else(|p| p.into_inner())
+    fn membership(&self) -> Arc<Membership> {
+        Arc::clone(&self.membership.borrow())
     }
 }
 
