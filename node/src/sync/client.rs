@@ -1,0 +1,351 @@
+//! What this node asks of peers: reconciliation of catalogues, then per-document sync and
+//! fetches of what differs, within each peer's share of documents in progress.
+
+use super::*;
+
+impl Driver {
+    pub(super) fn reconcile_with_someone(&mut self) {
+        let now = Instant::now();
+        let candidates: Vec<PeerId> = self
+            .peers
+            .iter()
+            // A peer still working through the last differences is left alone until done.
+            .filter(|(_, s)| {
+                !s.reconciling
+                    && s.quiet_until.is_none_or(|until| until <= now)
+                    && s.sessions == 0
+                    && s.fetches == 0
+                    && s.to_sync.is_empty()
+                    && s.to_fetch.is_empty()
+            })
+            .map(|(p, _)| *p)
+            .collect();
+        if candidates.is_empty() {
+            return;
+        }
+        let mut pick = [0u8; 8];
+        let _ = getrandom::fill(&mut pick);
+        let peer = candidates[(u64::from_le_bytes(pick) as usize) % candidates.len()];
+        self.reconcile_with(peer);
+    }
+
+    pub(super) fn reconcile_with(&mut self, peer: PeerId) {
+        let Some(state) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        if state.reconciling {
+            return;
+        }
+        state.reconciling = true;
+        self.ask_roster(peer);
+        let node = self.node.clone();
+        self.spawn_job(peer, Release::Reconciliation, move || {
+            let run = Box::new(Reconciliation::new(&node.catalogue()));
+            Job::ReconcileStep {
+                peer,
+                run,
+                round_trips: 0,
+                bytes: 0,
+                result: Ok(true),
+            }
+        });
+    }
+
+    pub(super) fn on_response(
+        &mut self,
+        peer: PeerId,
+        outbound: Outbound,
+        response: Response,
+        bytes: u64,
+    ) {
+        match (outbound, response) {
+            (
+                Outbound::Reconcile {
+                    run,
+                    round_trips,
+                    bytes: so_far,
+                },
+                Response::Reconcile(reply),
+            ) => {
+                let node = self.node.clone();
+                self.spawn_job(peer, Release::Reconciliation, move || {
+                    let mut run = run;
+                    let result = run.receive(&node.catalogue(), &reply);
+                    Job::ReconcileStep {
+                        peer,
+                        run,
+                        round_trips: round_trips + 1,
+                        bytes: so_far + bytes,
+                        result,
+                    }
+                });
+            }
+            (
+                Outbound::Sync {
+                    document,
+                    state,
+                    rounds,
+                },
+                Response::Sync(reply),
+            ) => {
+                let node = self.node.clone();
+                self.spawn_job(peer, Release::Session(document), move || {
+                    let _span =
+                        tracing::debug_span!("document_sync", %peer, %document, rounds).entered();
+                    let mut state = state;
+                    let mut carried = Carried::default();
+                    let result = reply
+                        .as_ref()
+                        .map(|m| document::incoming(&node, m, &mut state))
+                        .transpose()
+                        .and_then(|c| {
+                            carried = c.unwrap_or_default();
+                            document::outgoing(&node, document, &mut state)
+                        })
+                        .map(|next| (carried, next));
+                    Job::SyncStep {
+                        peer,
+                        document,
+                        state,
+                        rounds: rounds + 1,
+                        result,
+                    }
+                });
+            }
+            (
+                Outbound::Fetch(documents),
+                Response::Fetch {
+                    documents: fetched,
+                    deferred,
+                },
+            ) => {
+                // A responder defers only documents it was asked for, and only once it has
+                // sent one of them (for lack of room): any other id would be work this node
+                // never chose, and deferring everything would keep the documents from every
+                // other peer for as long as it liked.
+                let asked: HashSet<[u8; 16]> = documents.iter().map(|id| **id).collect();
+                let (deferred, unasked): (Vec<ByteArray<16>>, Vec<ByteArray<16>>) =
+                    deferred.into_iter().partition(|id| asked.contains(&**id));
+                let served = fetched.iter().any(|d| asked.contains(&*d.document));
+                if !unasked.is_empty() {
+                    self.strike(peer, "a fetch answer deferring documents not asked for");
+                } else if !deferred.is_empty() && !served {
+                    self.strike(
+                        peer,
+                        "a fetch answer deferring documents without sending one",
+                    );
+                }
+                let node = self.node.clone();
+                // The exchange is over; ingesting is the blocking pool's work, and the
+                // documents stay in progress until it is done.
+                if let Some(state) = self.peers.get_mut(&peer) {
+                    state.fetches = state.fetches.saturating_sub(1);
+                }
+                self.pump(peer);
+                self.spawn_catch_up_job(peer, Release::Fetched(documents.clone()), move || {
+                    let _span =
+                        tracing::debug_span!("fetch", %peer, documents = fetched.len()).entered();
+                    let carried = document::ingest_fetched(&node, &fetched);
+                    Job::Fetched {
+                        peer,
+                        documents,
+                        bytes,
+                        carried,
+                        deferred,
+                    }
+                });
+            }
+            (Outbound::Roster, Response::Roster(Some(signed))) => {
+                self.adopt_roster(signed.into_vec(), None, Some(peer), None);
+            }
+            (Outbound::Roster, Response::Roster(None)) => {}
+            (outbound, Response::Refused(refusal)) => {
+                tracing::debug!(%peer, %refusal, "sync request refused");
+                self.finished(peer, &outbound);
+            }
+            (outbound, _) => {
+                self.strike(peer, "an answer of the wrong kind");
+                self.finished(peer, &outbound);
+            }
+        }
+    }
+
+    /// A reconciliation finished: queue what differs.
+    pub(super) fn reconciled(
+        &mut self,
+        peer: PeerId,
+        run: &Reconciliation,
+        round_trips: u64,
+        bytes: u64,
+    ) {
+        let differing = run.differing();
+        let lag = differing.len() as u64;
+        let _span = tracing::debug_span!("reconciled", %peer, round_trips, bytes, lag).entered();
+        tracing::debug!("catalogues reconciled");
+        self.with_peer_stats(&peer, |s| {
+            s.last_reconciled_ms = Some(now_ms());
+            s.lag = Some(lag);
+            s.last_round_trips = Some(round_trips);
+            s.last_reconciliation_bytes = Some(bytes);
+        });
+        let mut new_missing = 0;
+        if let Some(state) = self.peers.get_mut(&peer) {
+            state.reconciling = false;
+            for (id, difference) in differing {
+                let document = DocumentId::from_bytes(*id);
+                // Only this node holds it: the peer fetches it when it reconciles. Past the
+                // peer's share (or the budget), documents wait for a later reconciliation.
+                if *difference == Difference::OnlyOurs || !self.in_progress.take(peer, document) {
+                    continue;
+                }
+                match difference {
+                    Difference::OnlyOurs => {}
+                    Difference::OnlyTheirs => {
+                        state.to_fetch.push_back(ByteArray::new(*id));
+                        new_missing += 1;
+                    }
+                    Difference::Both => state.to_sync.push_back(document),
+                }
+            }
+        }
+        if new_missing > 0 {
+            let mut stats = self.stats_mut();
+            // A new catch-up starts when the last one is done.
+            if stats.catch_up.documents_done >= stats.catch_up.documents_total {
+                stats.catch_up = CatchUp::default();
+                drop(stats);
+                self.catch_up_started = Some(Instant::now());
+                stats = self.stats_mut();
+            }
+            stats.catch_up.documents_total += new_missing;
+        }
+        self.pump(peer);
+    }
+
+    /// Starts as many queued syncs and fetches with `peer` as its bounds allow.
+    pub(super) fn pump(&mut self, peer: PeerId) {
+        loop {
+            let Some(state) = self.peers.get_mut(&peer) else {
+                return;
+            };
+            if state.fetches < FETCHES_PER_PEER_MAX && !state.to_fetch.is_empty() {
+                let take = state.to_fetch.len().min(FETCH_DOCUMENTS_MAX);
+                let documents: Vec<ByteArray<16>> = state.to_fetch.drain(..take).collect();
+                state.fetches += 1;
+                self.send(
+                    peer,
+                    Request::Fetch {
+                        documents: documents.clone(),
+                    },
+                    Outbound::Fetch(documents),
+                );
+                continue;
+            }
+            if state.sessions < SYNC_SESSIONS_PER_PEER_MAX
+                && let Some(document) = state.to_sync.pop_front()
+            {
+                state.sessions += 1;
+                self.start_session(peer, document);
+                continue;
+            }
+            return;
+        }
+    }
+
+    pub(super) fn start_session(&mut self, peer: PeerId, document: DocumentId) {
+        let node = self.node.clone();
+        self.spawn_job(peer, Release::Session(document), move || {
+            let mut state = Box::<State>::default();
+            let result = document::outgoing(&node, document, &mut state).map(|next| {
+                let next = next.map(|message| SyncMessage {
+                    first: true,
+                    ..message
+                });
+                (Carried::default(), next)
+            });
+            Job::SyncStep {
+                peer,
+                document,
+                state,
+                rounds: 0,
+                result,
+            }
+        });
+    }
+
+    pub(super) fn fetched(
+        &mut self,
+        peer: PeerId,
+        documents: Vec<ByteArray<16>>,
+        bytes: u64,
+        carried: Result<Carried, DocumentSyncError>,
+        deferred: Vec<ByteArray<16>>,
+    ) {
+        match carried {
+            Ok(carried) => self.count_carried(&peer, &carried),
+            Err(error) => tracing::warn!(%peer, %error, "fetched envelopes not ingested"),
+        }
+        // Only documents asked for (checked when the answer came).
+        let deferred_ids: HashSet<DocumentId> = deferred
+            .iter()
+            .map(|id| DocumentId::from_bytes(**id))
+            .collect();
+        let mut fetched = 0u64;
+        for id in &documents {
+            let document = DocumentId::from_bytes(**id);
+            if !deferred_ids.contains(&document) {
+                self.in_progress.release(&peer, &document);
+                fetched += 1;
+            }
+        }
+        self.with_peer_stats(&peer, |s| s.documents_reconciled += fetched);
+        {
+            let started = self.catch_up_started;
+            let mut stats = self.stats_mut();
+            let catch_up = &mut stats.catch_up;
+            catch_up.documents_done += fetched;
+            catch_up.bytes += bytes;
+            let left = catch_up
+                .documents_total
+                .saturating_sub(catch_up.documents_done);
+            catch_up.eta_s = started.and_then(|at| {
+                let rate = catch_up.documents_done as f64 / at.elapsed().as_secs_f64();
+                (rate > 0.0).then(|| left as f64 / rate)
+            });
+        }
+        // Deferred documents are asked again, in the order first asked, unless they were
+        // released meanwhile (the peer let a request time out, or left).
+        for id in documents {
+            let document = DocumentId::from_bytes(*id);
+            if !deferred_ids.contains(&document) || !self.in_progress.holds(&peer, &document) {
+                continue;
+            }
+            let Some(state) = self.peers.get_mut(&peer) else {
+                self.in_progress.release(&peer, &document);
+                continue;
+            };
+            // Partly fetched documents finish by sync; others are asked again.
+            if self.node.catalogue().get(&id).is_some() {
+                state.to_sync.push_back(document);
+            } else {
+                state.to_fetch.push_back(id);
+            }
+        }
+        self.pump(peer);
+    }
+
+    pub(super) fn count_carried(&mut self, peer: &PeerId, carried: &Carried) {
+        if carried.accepted + carried.rejected > 0 {
+            self.with_peer_stats(peer, |s| {
+                s.changes_received += carried.accepted as u64;
+                s.changes_rejected += carried.rejected as u64;
+            });
+        }
+        // One strike per message, however many bad changes it carried: forged, malformed or
+        // invalid changes come only from a faulty or hostile node, and each is a record this
+        // node must keep.
+        if carried.blamed > 0 {
+            self.strike(*peer, "changes an honest member never sends");
+        }
+    }
+}
