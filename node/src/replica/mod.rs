@@ -60,7 +60,7 @@ use crate::model::{
 };
 use crate::reconcile::{Catalogue, HeadsDigest};
 use crate::store::keys;
-use crate::store::{Batch, GroupCommit, KeyValue, StoreError, WITNESS_FILE, WitnessedStore};
+use crate::store::{Batch, GroupCommit, KeyValue, StoreError, WITNESS_FILE, WitnessedStore, pages};
 
 /// Most documents held decoded in memory at once.
 pub const CACHE_DOCUMENTS_MAX: usize = 1_024;
@@ -571,30 +571,34 @@ impl Node {
         };
         // The shares of pending changes, from their order keys alone (no envelope is read).
         let mut pending = PendingBook::default();
-        for (key, value) in store.scan_prefix(&[keys::PENDING_ORDER])? {
-            let (Some(order), Some(usage)) =
-                (keys::parse_pending_order(&key), Usage::decode(&value))
-            else {
-                return Err(StoreError::Corrupt {
-                    what: "pending order key",
-                }
-                .into());
-            };
-            pending.add(order.bucket, usage);
-            pending.next_sequence = pending.next_sequence.max(order.sequence + 1);
+        for page in pages(&store, &[keys::PENDING_ORDER]) {
+            for (key, value) in page? {
+                let (Some(order), Some(usage)) =
+                    (keys::parse_pending_order(&key), Usage::decode(&value))
+                else {
+                    return Err(StoreError::Corrupt {
+                        what: "pending order key",
+                    }
+                    .into());
+                };
+                pending.add(order.bucket, usage);
+                pending.next_sequence = pending.next_sequence.max(order.sequence + 1);
+            }
         }
         let mut catalogue = Catalogue::default();
-        for (key, digest) in store.scan_prefix(&[keys::CATALOGUE])? {
-            let (Some(id), Ok(digest)) = (
-                keys::parse_per_document(keys::CATALOGUE, &key).map(|id| *id.as_bytes()),
-                <[u8; 32]>::try_from(digest.as_slice()),
-            ) else {
-                return Err(StoreError::Corrupt {
-                    what: "catalogue entry",
-                }
-                .into());
-            };
-            catalogue.insert(id, digest);
+        for page in pages(&store, &[keys::CATALOGUE]) {
+            for (key, digest) in page? {
+                let (Some(id), Ok(digest)) = (
+                    keys::parse_per_document(keys::CATALOGUE, &key).map(|id| *id.as_bytes()),
+                    <[u8; 32]>::try_from(digest.as_slice()),
+                ) else {
+                    return Err(StoreError::Corrupt {
+                        what: "catalogue entry",
+                    }
+                    .into());
+                };
+                catalogue.insert(id, digest);
+            }
         }
         let commit = GroupCommit::default();
         commit.commit(&store, batch)?;

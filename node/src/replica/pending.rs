@@ -224,16 +224,18 @@ impl Node {
     /// The changes waiting for their dependencies, with the dependencies they wait for.
     pub fn pending(&self) -> Result<Vec<PendingEntry>, NodeError> {
         let mut entries = Vec::new();
-        for (key, value) in self.store.scan_prefix(&[keys::PENDING])? {
-            let record: PendingRecord = decode(&value, "pending record")?;
-            let (_, change) = keys::parse_pending(&key).ok_or(StoreError::Corrupt {
-                what: "pending key",
-            })?;
-            entries.push(PendingEntry {
-                change: change.0,
-                document: record.document,
-                missing: record.missing,
-            });
+        for page in pages(&self.store, &[keys::PENDING]) {
+            for (key, value) in page? {
+                let record: PendingRecord = decode(&value, "pending record")?;
+                let (_, change) = keys::parse_pending(&key).ok_or(StoreError::Corrupt {
+                    what: "pending key",
+                })?;
+                entries.push(PendingEntry {
+                    change: change.0,
+                    document: record.document,
+                    missing: record.missing,
+                });
+            }
         }
         Ok(entries)
     }

@@ -98,10 +98,12 @@ impl Node {
         hash: &ChangeHash,
     ) -> Result<Vec<(DocumentId, Vec<ChangeHash>)>, StoreError> {
         let mut copies = Vec::new();
-        for (key, value) in self.store.scan_prefix(&[keys::PENDING])? {
-            if keys::parse_pending(&key).is_some_and(|(_, pending)| pending == *hash) {
-                let record = decode::<PendingRecord>(&value, "pending record")?;
-                copies.push((record.document, dependencies_of(&record.envelope)));
+        for page in pages(&self.store, &[keys::PENDING]) {
+            for (key, value) in page? {
+                if keys::parse_pending(&key).is_some_and(|(_, pending)| pending == *hash) {
+                    let record = decode::<PendingRecord>(&value, "pending record")?;
+                    copies.push((record.document, dependencies_of(&record.envelope)));
+                }
             }
         }
         for (_, value) in self.store.scan_prefix(&keys::quarantined_copies(hash))? {
@@ -157,23 +159,25 @@ impl Node {
                 return Ok(false);
             }
         }
-        for (mark, value) in self.store.scan_prefix(&[keys::VOUCHED])? {
-            let (Some((hash, revoked)), Ok(document)) = (
-                keys::parse_vouched(&mark),
-                <[u8; 16]>::try_from(value.as_slice()),
-            ) else {
-                return Err(StoreError::Corrupt {
-                    what: "cut-off mark",
-                });
-            };
-            if revoked != *key {
-                continue;
-            }
-            let document = DocumentId::from_bytes(document);
-            let held = self.store.get(&keys::envelope(&document, &hash))?.is_some()
-                || self.held_dependencies(&document, &hash)?.is_some();
-            if !held {
-                return Ok(false);
+        for page in pages(&self.store, &[keys::VOUCHED]) {
+            for (mark, value) in page? {
+                let (Some((hash, revoked)), Ok(document)) = (
+                    keys::parse_vouched(&mark),
+                    <[u8; 16]>::try_from(value.as_slice()),
+                ) else {
+                    return Err(StoreError::Corrupt {
+                        what: "cut-off mark",
+                    });
+                };
+                if revoked != *key {
+                    continue;
+                }
+                let document = DocumentId::from_bytes(document);
+                let held = self.store.get(&keys::envelope(&document, &hash))?.is_some()
+                    || self.held_dependencies(&document, &hash)?.is_some();
+                if !held {
+                    return Ok(false);
+                }
             }
         }
         Ok(true)

@@ -81,40 +81,33 @@ impl Node {
         }
         // Document by document, so memory follows the largest document, not the store.
         let mut recorded = HashSet::new();
-        let records = self.store.scan_prefix(&[keys::DOCUMENT])?;
-        for (key, value) in records {
-            report.documents += 1;
-            let Some(document) = keys::parse_per_document(keys::DOCUMENT, &key) else {
-                report.problems.push(Problem {
-                    document: None,
-                    what: "a document record has a malformed key".into(),
-                });
-                continue;
-            };
-            recorded.insert(document);
-            let problems = self.verify_document(document, &value, &mut report.envelopes);
-            report
-                .problems
-                .extend(problems.into_iter().map(|what| Problem {
-                    document: Some(document),
-                    what,
-                }));
+        for page in pages(&self.store, &[keys::DOCUMENT]) {
+            for (key, value) in page? {
+                report.documents += 1;
+                let Some(document) = keys::parse_per_document(keys::DOCUMENT, &key) else {
+                    report.problems.push(Problem {
+                        document: None,
+                        what: "a document record has a malformed key".into(),
+                    });
+                    continue;
+                };
+                recorded.insert(document);
+                let problems = self.verify_document(document, &value, &mut report.envelopes);
+                report
+                    .problems
+                    .extend(problems.into_iter().map(|what| Problem {
+                        document: Some(document),
+                        what,
+                    }));
+            }
         }
         if let Some(problem) = self.check_audit_chain(ledger.audit) {
             report.problems.push(problem);
         }
         // Envelopes of a document without a record, a page of keys at a time.
-        let mut from = vec![keys::ENVELOPE];
         let mut orphans = BTreeSet::new();
-        loop {
-            let page = self
-                .store
-                .scan_from(&[keys::ENVELOPE], &from, AUDIT_PAGE_RECORDS)?;
-            let Some((last, _)) = page.last() else {
-                break;
-            };
-            from = [last.as_slice(), &[0]].concat();
-            for (key, _) in &page {
+        for page in pages(&self.store, &[keys::ENVELOPE]) {
+            for (key, _) in &page? {
                 match keys::parse_envelope(key) {
                     Some((document, _)) if !recorded.contains(&document) => {
                         orphans.insert(document);

@@ -73,6 +73,46 @@ impl Batch {
 /// Keys and values in key order, as a prefix scan returns them.
 pub type Entries = Vec<(Vec<u8>, Vec<u8>)>;
 
+/// Entries read at a time by [`pages`].
+pub const SCAN_PAGE_RECORDS: usize = 1_024;
+
+/// The entries starting with `prefix`, in key order, a page of at most `SCAN_PAGE_RECORDS` at
+/// a time: a walk over a whole keyspace holds one page in memory, not the keyspace.
+pub fn pages<'a>(store: &'a dyn KeyValue, prefix: &[u8]) -> Pages<'a> {
+    Pages {
+        store,
+        prefix: prefix.to_vec(),
+        from: Some(prefix.to_vec()),
+    }
+}
+
+/// See [`pages`]. Ends after the last page, or after the first error.
+pub struct Pages<'a> {
+    store: &'a dyn KeyValue,
+    prefix: Vec<u8>,
+    /// Where the next page starts; `None` once the keyspace is read.
+    from: Option<Vec<u8>>,
+}
+
+impl Iterator for Pages<'_> {
+    type Item = Result<Entries, StoreError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let from = self.from.take()?;
+        let page = match self.store.scan_from(&self.prefix, &from, SCAN_PAGE_RECORDS) {
+            Ok(page) => page,
+            Err(error) => return Some(Err(error)),
+        };
+        if page.len() == SCAN_PAGE_RECORDS {
+            // The smallest key after the page's last.
+            self.from = page
+                .last()
+                .map(|(last, _)| [last.as_slice(), &[0]].concat());
+        }
+        (!page.is_empty()).then_some(Ok(page))
+    }
+}
+
 /// The storage interface the node needs.
 pub trait KeyValue: Send + Sync {
     /// The value of `key`.
@@ -531,6 +571,37 @@ impl GroupCommit {
 mod tests {
     use super::*;
     use std::sync::Arc;
+
+    #[test]
+    fn pages_walk_a_keyspace_whole_in_order_and_nothing_beside_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        // A keyspace of exactly two pages, one of two and a half, with neighbours on both sides.
+        for (prefix, count) in [
+            (b'a', 3),
+            (b'b', 2 * SCAN_PAGE_RECORDS),
+            (b'c', 2_560),
+            (b'd', 3),
+        ] {
+            let mut batch = Batch::default();
+            for n in 0..count as u32 {
+                batch.put(
+                    [&[prefix][..], &n.to_be_bytes()].concat(),
+                    n.to_le_bytes().to_vec(),
+                );
+            }
+            store.apply(batch).unwrap();
+        }
+        for (prefix, count) in [(b'b', 2 * SCAN_PAGE_RECORDS), (b'c', 2_560), (b'e', 0)] {
+            let pages: Vec<Entries> = pages(&store, &[prefix]).map(Result::unwrap).collect();
+            assert!(pages.iter().all(|page| page.len() <= SCAN_PAGE_RECORDS));
+            let keys: Vec<Vec<u8>> = pages.into_iter().flatten().map(|(key, _)| key).collect();
+            let expected: Vec<Vec<u8>> = (0..count as u32)
+                .map(|n| [&[prefix][..], &n.to_be_bytes()].concat())
+                .collect();
+            assert_eq!(keys, expected);
+        }
+    }
 
     #[test]
     fn a_value_too_large_for_sleds_log_is_stored_as_a_synced_blob_and_survives_reopening() {
