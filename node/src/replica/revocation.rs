@@ -161,17 +161,18 @@ impl Node {
         }
         for page in pages(&self.store, &[keys::VOUCHED]) {
             for (mark, value) in page? {
-                let (Some((hash, revoked)), Ok(document)) = (
-                    keys::parse_vouched(&mark),
-                    <[u8; 16]>::try_from(value.as_slice()),
-                ) else {
-                    return Err(StoreError::Corrupt {
-                        what: "cut-off mark",
-                    });
+                // Another key's marks, even damaged ones, say nothing of this key's cut-off.
+                let Some((hash, revoked)) = keys::parse_vouched(&mark) else {
+                    continue;
                 };
                 if revoked != *key {
                     continue;
                 }
+                let Ok(document) = <[u8; 16]>::try_from(value.as_slice()) else {
+                    return Err(StoreError::Corrupt {
+                        what: "cut-off mark",
+                    });
+                };
                 let document = DocumentId::from_bytes(document);
                 let held = self.store.get(&keys::envelope(&document, &hash))?.is_some()
                     || self.held_dependencies(&document, &hash)?.is_some();

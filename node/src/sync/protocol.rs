@@ -38,7 +38,8 @@ pub const GOSSIP_MESSAGE_BYTES_MAX: usize = 256 * 1024;
 /// Envelopes above this size are announced on gossip, not carried: receivers pull them.
 pub const GOSSIP_ENVELOPE_BYTES_MAX: usize = 64 * 1024;
 
-// Each payload fits the message that carries it, with room for the message's own fields.
+// Each payload is within the message that carries it. (A sync request also carries up to
+// `SYNC_SIGNATURES_MAX` signatures beside its message, which these bounds do not cover.)
 const _: () = {
     assert!((SYNC_MESSAGE_BYTES_MAX as u64) < REQUEST_BYTES_MAX);
     assert!((SYNC_MESSAGE_BYTES_MAX as u64) < RESPONSE_BYTES_MAX);
