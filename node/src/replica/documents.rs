@@ -310,13 +310,7 @@ impl Node {
     /// sent to a peer that lacks the document.
     pub fn envelopes(&self, id: DocumentId) -> Result<Vec<Vec<u8>>, NodeError> {
         let mut by_hash: HashMap<[u8; 32], StoredChange> = HashMap::new();
-        for (key, value) in self
-            .store
-            .scan_prefix(&keys::per_document(keys::ENVELOPE, &id))?
-        {
-            let (_, hash) = keys::parse_envelope(&key).ok_or(StoreError::Corrupt {
-                what: "envelope key",
-            })?;
+        for (hash, value) in self.stored_changes(&id)? {
             by_hash.insert(hash.0, StoredChange::decode(value)?);
         }
         let mut doc = self.sync_document(id)?.unwrap_or_default();
@@ -413,13 +407,7 @@ impl Node {
             },
         };
         let mut signatures = Vec::new();
-        for (key, value) in self
-            .store
-            .scan_prefix(&keys::per_document(keys::ENVELOPE, &id))?
-        {
-            let (_, hash) = keys::parse_envelope(&key).ok_or(StoreError::Corrupt {
-                what: "envelope key",
-            })?;
+        for (hash, value) in self.stored_changes(&id)? {
             signatures.push((hash, StoredChange::decode(value)?.signature()?));
         }
         Ok(Some((saved, signatures)))
@@ -583,19 +571,8 @@ impl Node {
         let mut doc = snapshot
             .and_then(|snapshot| load_own_snapshot(&snapshot))
             .unwrap_or_default();
-        let mut stored = Vec::new();
-        for (key, value) in self
-            .store
-            .scan_prefix(&keys::per_document(keys::ENVELOPE, id))?
-        {
-            bytes += value.len();
-            let hash = keys::parse_envelope(&key)
-                .ok_or(StoreError::Corrupt {
-                    what: "envelope key",
-                })?
-                .1;
-            stored.push((hash, value));
-        }
+        let stored = self.stored_changes(id)?;
+        bytes += stored.iter().map(|(_, value)| value.len()).sum::<usize>();
         // What the snapshot lacks, in one pass over its change graph (asking automerge for a
         // change by hash rebuilds the whole change).
         let hashes: Vec<ChangeHash> = stored.iter().map(|(hash, _)| *hash).collect();
@@ -625,6 +602,24 @@ impl Node {
                 what: "document history",
             })?;
         Ok(Some((doc, record.kind, bytes, record)))
+    }
+
+    /// A document's accepted changes as the store holds them (`StoredChange`), by hash, in
+    /// key order.
+    pub(super) fn stored_changes(
+        &self,
+        id: &DocumentId,
+    ) -> Result<Vec<(ChangeHash, Vec<u8>)>, StoreError> {
+        self.store
+            .scan_prefix(&keys::per_document(keys::ENVELOPE, id))?
+            .into_iter()
+            .map(|(key, value)| {
+                let (_, hash) = keys::parse_envelope(&key).ok_or(StoreError::Corrupt {
+                    what: "envelope key",
+                })?;
+                Ok((hash, value))
+            })
+            .collect()
     }
 
     pub(super) fn document(
