@@ -36,12 +36,13 @@ impl Driver {
         if state.reconciling {
             return;
         }
-        state.reconciling = true;
+        let slot = self.take(peer, Held::Reconciliation);
         self.ask_roster(peer);
         let node = self.node.clone();
-        self.spawn_job(peer, Release::Reconciliation, move || {
+        self.spawn_job(peer, move || {
             let run = Box::new(Reconciliation::new(&node.catalogue()));
             Job::ReconcileStep {
+                slot,
                 peer,
                 run,
                 round_trips: 0,
@@ -61,6 +62,7 @@ impl Driver {
         match (outbound, response) {
             (
                 Outbound::Reconcile {
+                    slot,
                     run,
                     round_trips,
                     bytes: so_far,
@@ -68,10 +70,11 @@ impl Driver {
                 Response::Reconcile(reply),
             ) => {
                 let node = self.node.clone();
-                self.spawn_job(peer, Release::Reconciliation, move || {
+                self.spawn_job(peer, move || {
                     let mut run = run;
                     let result = run.receive(&node.catalogue(), &reply);
                     Job::ReconcileStep {
+                        slot,
                         peer,
                         run,
                         round_trips: round_trips + 1,
@@ -82,6 +85,7 @@ impl Driver {
             }
             (
                 Outbound::Sync {
+                    slot,
                     document,
                     state,
                     rounds,
@@ -89,7 +93,7 @@ impl Driver {
                 Response::Sync(reply),
             ) => {
                 let node = self.node.clone();
-                self.spawn_job(peer, Release::Session(document), move || {
+                self.spawn_job(peer, move || {
                     let _span =
                         tracing::debug_span!("document_sync", %peer, %document, rounds).entered();
                     let mut state = state;
@@ -104,6 +108,7 @@ impl Driver {
                         })
                         .map(|next| (carried, next));
                     Job::SyncStep {
+                        slot,
                         peer,
                         document,
                         state,
@@ -113,7 +118,10 @@ impl Driver {
                 });
             }
             (
-                Outbound::Fetch(documents),
+                Outbound::Fetch {
+                    exchange,
+                    documents,
+                },
                 Response::Fetch {
                     documents: fetched,
                     deferred,
@@ -123,7 +131,8 @@ impl Driver {
                 // sent one of them (for lack of room): any other id would be work this node
                 // never chose, and deferring everything would keep the documents from every
                 // other peer for as long as it liked.
-                let asked: HashSet<[u8; 16]> = documents.iter().map(|id| **id).collect();
+                let asked: HashSet<[u8; 16]> =
+                    documents.documents().iter().map(|id| **id).collect();
                 let (deferred, unasked): (Vec<ByteArray<16>>, Vec<ByteArray<16>>) =
                     deferred.into_iter().partition(|id| asked.contains(&**id));
                 let served = fetched.iter().any(|d| asked.contains(&*d.document));
@@ -136,13 +145,10 @@ impl Driver {
                     );
                 }
                 let node = self.node.clone();
-                // The exchange is over; ingesting is the blocking pool's work, and the
+                // The exchange is over; ingesting is the catch-up threads' work, and the
                 // documents stay in progress until it is done.
-                if let Some(state) = self.peers.get_mut(&peer) {
-                    state.fetches = state.fetches.saturating_sub(1);
-                }
-                self.pump(peer);
-                self.spawn_catch_up_job(peer, Release::Fetched(documents.clone()), move || {
+                self.release(exchange);
+                self.spawn_catch_up_job(peer, move || {
                     let _span =
                         tracing::debug_span!("fetch", %peer, documents = fetched.len()).entered();
                     let carried = document::ingest_fetched(&node, &fetched);
@@ -161,11 +167,11 @@ impl Driver {
             (Outbound::Roster, Response::Roster(None)) => {}
             (outbound, Response::Refused(refusal)) => {
                 tracing::debug!(%peer, %refusal, "sync request refused");
-                self.finished(peer, &outbound);
+                self.finished(outbound);
             }
             (outbound, _) => {
                 self.strike(peer, "an answer of the wrong kind");
-                self.finished(peer, &outbound);
+                self.finished(outbound);
             }
         }
     }
@@ -173,6 +179,7 @@ impl Driver {
     /// A reconciliation finished: queue what differs.
     pub(super) fn reconciled(
         &mut self,
+        slot: Slot,
         peer: PeerId,
         run: &Reconciliation,
         round_trips: u64,
@@ -190,7 +197,6 @@ impl Driver {
         });
         let mut new_missing = 0;
         if let Some(state) = self.peers.get_mut(&peer) {
-            state.reconciling = false;
             for (id, difference) in differing {
                 let document = DocumentId::from_bytes(*id);
                 // Only this node holds it: the peer fetches it when it reconciles. Past the
@@ -219,7 +225,7 @@ impl Driver {
             }
             stats.catch_up.documents_total += new_missing;
         }
-        self.pump(peer);
+        self.release(slot);
     }
 
     /// Starts as many queued syncs and fetches with `peer` as its bounds allow.
@@ -230,21 +236,25 @@ impl Driver {
             };
             if state.fetches < FETCHES_PER_PEER_MAX && !state.to_fetch.is_empty() {
                 let take = state.to_fetch.len().min(FETCH_DOCUMENTS_MAX);
-                let documents: Vec<ByteArray<16>> = state.to_fetch.drain(..take).collect();
-                state.fetches += 1;
+                let ids: Vec<ByteArray<16>> = state.to_fetch.drain(..take).collect();
+                let request = Request::Fetch {
+                    documents: ids.clone(),
+                };
+                let exchange = self.take(peer, Held::Fetch);
+                let documents = self.take(peer, Held::Documents(ids));
                 self.send(
                     peer,
-                    Request::Fetch {
-                        documents: documents.clone(),
+                    request,
+                    Outbound::Fetch {
+                        exchange,
+                        documents,
                     },
-                    Outbound::Fetch(documents),
                 );
                 continue;
             }
             if state.sessions < SYNC_SESSIONS_PER_PEER_MAX
                 && let Some(document) = state.to_sync.pop_front()
             {
-                state.sessions += 1;
                 self.start_session(peer, document);
                 continue;
             }
@@ -253,8 +263,9 @@ impl Driver {
     }
 
     pub(super) fn start_session(&mut self, peer: PeerId, document: DocumentId) {
+        let slot = self.take(peer, Held::Session(document));
         let node = self.node.clone();
-        self.spawn_job(peer, Release::Session(document), move || {
+        self.spawn_job(peer, move || {
             let mut state = Box::<State>::default();
             let result = document::outgoing(&node, document, &mut state).map(|next| {
                 let next = next.map(|message| SyncMessage {
@@ -264,6 +275,7 @@ impl Driver {
                 (Carried::default(), next)
             });
             Job::SyncStep {
+                slot,
                 peer,
                 document,
                 state,
@@ -276,7 +288,7 @@ impl Driver {
     pub(super) fn fetched(
         &mut self,
         peer: PeerId,
-        documents: Vec<ByteArray<16>>,
+        mut documents: Slot,
         bytes: u64,
         carried: Result<Carried, DocumentSyncError>,
         deferred: Vec<ByteArray<16>>,
@@ -286,18 +298,12 @@ impl Driver {
             Err(error) => tracing::warn!(%peer, %error, "fetched envelopes not ingested"),
         }
         // Only documents asked for (checked when the answer came).
-        let deferred_ids: HashSet<DocumentId> = deferred
+        let deferred: HashSet<DocumentId> = deferred
             .iter()
             .map(|id| DocumentId::from_bytes(**id))
             .collect();
-        let mut fetched = 0u64;
-        for id in &documents {
-            let document = DocumentId::from_bytes(**id);
-            if !deferred_ids.contains(&document) {
-                self.in_progress.release(&peer, &document);
-                fetched += 1;
-            }
-        }
+        let asked = documents.documents().to_vec();
+        let fetched = asked.len().saturating_sub(deferred.len()) as u64;
         self.with_peer_stats(&peer, |s| s.documents_reconciled += fetched);
         {
             let started = self.catch_up_started;
@@ -313,25 +319,30 @@ impl Driver {
                 (rate > 0.0).then(|| left as f64 / rate)
             });
         }
-        // Deferred documents are asked again, in the order first asked, unless they were
-        // released meanwhile (the peer let a request time out, or left).
-        for id in documents {
-            let document = DocumentId::from_bytes(*id);
-            if !deferred_ids.contains(&document) || !self.in_progress.holds(&peer, &document) {
-                continue;
+        // Deferred documents are asked again, in the order first asked, unless the peer's
+        // connection they were asked on is gone; the rest are released with the slot.
+        if self.is_current(&documents) {
+            let mut kept = HashSet::new();
+            for id in asked {
+                let document = DocumentId::from_bytes(*id);
+                if !deferred.contains(&document) {
+                    continue;
+                }
+                // Partly fetched documents finish by sync; others are asked again.
+                let partly = self.node.catalogue().get(&id).is_some();
+                let Some(state) = self.peers.get_mut(&peer) else {
+                    break;
+                };
+                if partly {
+                    state.to_sync.push_back(document);
+                } else {
+                    state.to_fetch.push_back(id);
+                }
+                kept.insert(document);
             }
-            let Some(state) = self.peers.get_mut(&peer) else {
-                self.in_progress.release(&peer, &document);
-                continue;
-            };
-            // Partly fetched documents finish by sync; others are asked again.
-            if self.node.catalogue().get(&id).is_some() {
-                state.to_sync.push_back(document);
-            } else {
-                state.to_fetch.push_back(id);
-            }
+            documents.keep(&kept);
         }
-        self.pump(peer);
+        self.release(documents);
     }
 
     pub(super) fn count_carried(&mut self, peer: &PeerId, carried: &Carried) {

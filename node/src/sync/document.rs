@@ -8,7 +8,8 @@ use serde_bytes::{ByteArray, ByteBuf};
 
 use super::protocol::{
     ChangeSignature, FETCH_DOCUMENTS_MAX, FETCH_RESPONSE_BYTES_MAX, FetchedDocument,
-    RESPONSE_BYTES_MAX, SYNC_MESSAGE_BYTES_MAX, SYNC_SIGNATURES_MAX, SyncMessage,
+    RESPONSE_BYTES_MAX, SIGNATURE_ENTRY_BYTES, SYNC_MESSAGE_BYTES_MAX, SYNC_SIGNATURES_MAX,
+    SyncMessage,
 };
 use crate::envelope::Envelope;
 use crate::model::automerge::sync::{self, ChunkList, SyncDoc};
@@ -19,8 +20,12 @@ use crate::replica::{IngestError, Ingested, Node, NodeError, WholeDocument};
 /// Why a peer's sync message was refused, or ours could not be made.
 #[derive(Debug, thiserror::Error)]
 pub enum DocumentSyncError {
-    /// Larger than `SYNC_MESSAGE_BYTES_MAX`.
-    #[error("sync message of {0} bytes exceeds the limit of {SYNC_MESSAGE_BYTES_MAX}")]
+    /// Larger than `SYNC_MESSAGE_BYTES_MAX`, or carrying more than `SYNC_SIGNATURES_MAX`
+    /// changes.
+    #[error(
+        "sync message of {0} bytes with its signatures exceeds the limits of \
+         {SYNC_MESSAGE_BYTES_MAX} bytes and {SYNC_SIGNATURES_MAX} changes"
+    )]
     TooLarge(usize),
     /// Not a well-formed sync message.
     #[error("malformed sync message: {0}")]
@@ -138,13 +143,16 @@ pub fn outgoing(
         }
     }
     let carried: Vec<ChangeHash> = state.sent_hashes.difference(&before).copied().collect();
-    let signatures = change_signatures(node, document, &carried)?;
     let encoded = message.encode();
-    if encoded.len() > SYNC_MESSAGE_BYTES_MAX {
+    if encoded.len() > SYNC_MESSAGE_BYTES_MAX || carried.len() > SYNC_SIGNATURES_MAX {
         // Too large to sync this way (a whole large document): the caller falls back to
-        // fetching the document.
-        return Err(DocumentSyncError::TooLarge(encoded.len()));
+        // fetching the document. Within both limits, the request is within the peer's
+        // (`SYNC_REQUEST_BYTES_MAX`).
+        return Err(DocumentSyncError::TooLarge(
+            encoded.len() + carried.len() * SIGNATURE_ENTRY_BYTES,
+        ));
     }
+    let signatures = change_signatures(node, document, &carried)?;
     Ok(Some(SyncMessage {
         document: ByteArray::new(*document.as_bytes()),
         message: ByteBuf::from(encoded),
@@ -294,9 +302,6 @@ pub fn fetch(
     }
     Ok((fetched, deferred))
 }
-
-/// Bytes a change signature takes on the wire (hash, signature, framing).
-const SIGNATURE_ENTRY_BYTES: usize = 104;
 
 /// Takes fetched documents: each is loaded into a scratch document (bounded and guarded like
 /// any peer's bytes). A document this node lacks is taken whole (`Node::ingest_whole`: judged

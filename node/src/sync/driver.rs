@@ -4,47 +4,34 @@
 
 use super::*;
 
-/// What an outbound request was for.
+/// What an outbound request was for, with the slots it holds.
 pub(super) enum Outbound {
     Reconcile {
+        slot: Slot,
         run: Box<Reconciliation>,
         round_trips: u64,
         bytes: u64,
     },
     Sync {
+        slot: Slot,
         document: DocumentId,
         state: Box<State>,
         rounds: usize,
     },
-    Fetch(Vec<ByteArray<16>>),
+    Fetch {
+        exchange: Slot,
+        /// The documents asked for (`Held::Documents`).
+        documents: Slot,
+    },
     Roster,
-}
-
-/// What a blocking job held, to release if it fails.
-#[derive(Clone)]
-pub(super) enum Release {
-    /// A request being served.
-    Inbound,
-    /// A sync session.
-    Session(DocumentId),
-    /// A reconciliation this node started.
-    Reconciliation,
-    /// Fetched documents being ingested.
-    Fetched(Vec<ByteArray<16>>),
-    /// A gossip validation slot of a publisher's.
-    Validation(PeerId),
-    /// An announcement's lookup.
-    Lookup,
-    /// Nothing.
-    Nothing,
 }
 
 /// Work done on the blocking pool, reported to the driver.
 pub(super) enum Job {
     Validated {
+        slot: Slot,
         message_id: MessageId,
         source: PeerId,
-        publisher: PeerId,
         acceptance: MessageAcceptance,
         accepted: bool,
     },
@@ -58,6 +45,7 @@ pub(super) enum Job {
         reply: Option<oneshot::Sender<Result<RosterUpdate, NodeError>>>,
     },
     Respond {
+        slot: Slot,
         peer: PeerId,
         channel: ResponseChannel<Response>,
         response: Response,
@@ -66,6 +54,7 @@ pub(super) enum Job {
         state: Option<(DocumentId, Box<State>)>,
     },
     ReconcileStep {
+        slot: Slot,
         peer: PeerId,
         run: Box<Reconciliation>,
         round_trips: u64,
@@ -73,6 +62,7 @@ pub(super) enum Job {
         result: Result<bool, crate::reconcile::ReconcileError>,
     },
     SyncStep {
+        slot: Slot,
         peer: PeerId,
         document: DocumentId,
         state: Box<State>,
@@ -80,19 +70,22 @@ pub(super) enum Job {
         result: Result<(Carried, Option<SyncMessage>), DocumentSyncError>,
     },
     Fetched {
+        /// The documents fetched (`Held::Documents`).
+        documents: Slot,
         peer: PeerId,
-        documents: Vec<ByteArray<16>>,
         bytes: u64,
         carried: Result<Carried, DocumentSyncError>,
         deferred: Vec<ByteArray<16>>,
     },
     /// An announced change this node lacks: sync the document with the announcer.
     Announced {
+        slot: Slot,
         peer: PeerId,
         document: Option<DocumentId>,
     },
-    /// A job failed (panicked); what it held is released.
-    Released { peer: PeerId, release: Release },
+    /// A slot dropped away from the driver (its job panicked or never ran, its exchange was
+    /// dropped): given back now.
+    Released(Released),
 }
 
 pub(super) struct Driver {
@@ -120,6 +113,8 @@ pub(super) struct Driver {
     /// Documents queued or in flight for sync or fetch with some peer: a document is worked
     /// on with one peer at a time, until its changes are ingested.
     pub(super) in_progress: InProgress,
+    /// Connections to peers so far, numbering each peer's state (`PeerState::connection`).
+    pub(super) connections: u64,
 }
 
 /// The size of a value as CBOR, for the byte counters.
@@ -180,45 +175,38 @@ impl Driver {
         }
     }
 
-    /// Runs `work` on the blocking pool; the job it returns goes back to the driver. If it
-    /// panics, what it held is released instead, so no slot or document stays taken.
-    pub(super) fn spawn_job(
-        &self,
-        peer: PeerId,
-        release: Release,
-        work: impl FnOnce() -> Job + Send + 'static,
-    ) {
-        tokio::task::spawn_blocking(self.job(peer, release, work));
+    /// Runs `work` on the blocking pool; the job it returns goes back to the driver. The
+    /// slots it holds travel in that job; if it panics, they are given back as it unwinds.
+    pub(super) fn spawn_job(&self, peer: PeerId, work: impl FnOnce() -> Job + Send + 'static) {
+        tokio::task::spawn_blocking(self.job(peer, work));
     }
 
     /// `spawn_job` for catch-up work, on the threads of lower priority (`background`).
     pub(super) fn spawn_catch_up_job(
         &self,
         peer: PeerId,
-        release: Release,
         work: impl FnOnce() -> Job + Send + 'static,
     ) {
-        if !self.background.run(self.job(peer, release.clone(), work)) {
+        // Not run, the work is dropped, and its slots with it.
+        if !self.background.run(self.job(peer, work)) {
             tracing::error!(%peer, "the catch-up threads are gone; the work is released");
-            let _ = self.jobs.send(Job::Released { peer, release });
         }
     }
 
-    /// `work`, reporting its job to the driver; a panic releases what it held.
+    /// `work`, reporting its job to the driver.
     pub(super) fn job(
         &self,
         peer: PeerId,
-        release: Release,
         work: impl FnOnce() -> Job + Send + 'static,
     ) -> impl FnOnce() + Send + 'static {
         let jobs = self.jobs.clone();
-        move || {
-            let job =
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)).unwrap_or_else(|_| {
-                    tracing::error!(%peer, "a sync job failed unexpectedly; its work is released");
-                    Job::Released { peer, release }
-                });
-            let _ = jobs.send(job);
+        move || match std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)) {
+            Ok(job) => {
+                let _ = jobs.send(job);
+            }
+            Err(_) => {
+                tracing::error!(%peer, "a sync job failed unexpectedly; its work is released");
+            }
         }
     }
 
@@ -264,7 +252,7 @@ impl Driver {
             .map(|(_, p)| *p)
             .or(answered_by)
             .unwrap_or(*self.swarm.local_peer_id());
-        self.spawn_job(peer, Release::Nothing, move || Job::RosterAdopted {
+        self.spawn_job(peer, move || Job::RosterAdopted {
             result: node.update_roster(&signed),
             gossip,
             answered_by,
@@ -323,7 +311,7 @@ impl Driver {
                 }
                 let institution = self.node.peer_institution(&peer_id);
                 tracing::info!(peer = %peer_id, ?institution, "connected");
-                self.peers.entry(peer_id).or_default();
+                self.peer_state(peer_id);
                 let address = endpoint.get_remote_address().to_string();
                 self.with_peer_stats(&peer_id, |s| {
                     s.connected = true;
@@ -382,13 +370,13 @@ impl Driver {
     pub(super) fn on_job(&mut self, job: Job) {
         match job {
             Job::Validated {
+                slot,
                 message_id,
                 source,
-                publisher,
                 acceptance,
                 accepted,
             } => {
-                self.validated(publisher);
+                self.release(slot);
                 let rejected = matches!(acceptance, MessageAcceptance::Reject);
                 self.with_peer_stats(&source, |s| {
                     s.changes_received += u64::from(accepted);
@@ -422,6 +410,7 @@ impl Driver {
                 }
             }
             Job::Respond {
+                slot,
                 peer,
                 channel,
                 response,
@@ -435,8 +424,10 @@ impl Driver {
                     self.responder.put((peer, document), state);
                 }
                 self.respond(peer, channel, response);
+                self.release(slot);
             }
             Job::ReconcileStep {
+                slot,
                 peer,
                 run,
                 round_trips,
@@ -450,20 +441,22 @@ impl Driver {
                         peer,
                         Request::Reconcile(query),
                         Outbound::Reconcile {
+                            slot,
                             run,
                             round_trips,
                             bytes: bytes + sent,
                         },
                     );
                 }
-                Ok(false) => self.reconciled(peer, &run, round_trips, bytes),
+                Ok(false) => self.reconciled(slot, peer, &run, round_trips, bytes),
                 Err(error) => {
                     tracing::info!(%peer, %error, "reconciliation abandoned");
                     self.strike(peer, "a reconciliation reply that breaks the protocol");
-                    self.release(peer, Release::Reconciliation);
+                    self.release(slot);
                 }
             },
             Job::SyncStep {
+                slot,
                 peer,
                 document,
                 state,
@@ -476,6 +469,7 @@ impl Driver {
                         peer,
                         Request::Sync(message),
                         Outbound::Sync {
+                            slot,
                             document,
                             state,
                             rounds,
@@ -485,14 +479,14 @@ impl Driver {
                 Ok((carried, _)) => {
                     self.count_carried(&peer, &carried);
                     self.with_peer_stats(&peer, |s| s.documents_reconciled += 1);
-                    self.release(peer, Release::Session(document));
+                    self.release(slot);
                 }
                 Err(error) => {
                     tracing::info!(%peer, %document, %error, "document sync abandoned");
                     if error.is_peers_fault() && !matches!(error, DocumentSyncError::TooLarge(_)) {
                         self.strike(peer, "a malformed sync message");
                     }
-                    self.release(peer, Release::Session(document));
+                    self.release(slot);
                     // Too large to sync by messages: fetch its envelopes instead.
                     if matches!(error, DocumentSyncError::TooLarge(_))
                         && let Some(s) = self.peers.get_mut(&peer)
@@ -504,14 +498,18 @@ impl Driver {
                 }
             },
             Job::Fetched {
-                peer,
                 documents,
+                peer,
                 bytes,
                 carried,
                 deferred,
             } => self.fetched(peer, documents, bytes, carried, deferred),
-            Job::Announced { peer, document } => {
-                self.validations = self.validations.saturating_sub(1);
+            Job::Announced {
+                slot,
+                peer,
+                document,
+            } => {
+                self.release(slot);
                 // A peer that let a request time out is given no announced documents while it
                 // is left out of reconciliation.
                 if let Some(document) = document
@@ -525,7 +523,7 @@ impl Driver {
                 }
                 self.pump(peer);
             }
-            Job::Released { peer, release } => self.release(peer, release),
+            Job::Released(released) => self.give_back(released),
         }
     }
 }

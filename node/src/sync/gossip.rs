@@ -193,16 +193,17 @@ impl Driver {
                 if self.validations >= GOSSIP_VALIDATIONS_MAX {
                     return;
                 }
-                self.validations += 1;
+                let slot = self.take(source, Held::Lookup);
                 let document = DocumentId::from_bytes(*document);
                 let node = self.node.clone();
-                self.spawn_job(source, Release::Lookup, move || {
+                self.spawn_job(source, move || {
                     let missing = heads.iter().take(ANNOUNCED_HEADS_MAX).any(|head| {
                         !node
                             .has_change(document, &crate::model::automerge::ChangeHash(**head))
                             .unwrap_or(false)
                     });
                     Job::Announced {
+                        slot,
                         peer: source,
                         document: missing.then_some(document),
                     }
@@ -216,15 +217,15 @@ impl Driver {
     /// Validates a gossiped change on the blocking pool: the pipeline's decision is the
     /// gossip verdict.
     pub(super) fn validate(&mut self, publisher: PeerId, change: QueuedChange) {
-        self.validations += 1;
         let QueuedChange {
             message_id,
             source,
             envelope,
             ..
         } = change;
+        let slot = self.take(source, Held::Validation(publisher));
         let node = self.node.clone();
-        self.spawn_job(source, Release::Validation(publisher), move || {
+        self.spawn_job(source, move || {
             let _span = tracing::debug_span!("gossip_validation", peer = %source).entered();
             let (acceptance, accepted) = match node.ingest(&envelope) {
                 Ok(Ingested::Accepted(_)) => (MessageAcceptance::Accept, true),
@@ -248,9 +249,9 @@ impl Driver {
                 Err(_) => (MessageAcceptance::Reject, false),
             };
             Job::Validated {
+                slot,
                 message_id,
                 source,
-                publisher,
                 acceptance,
                 accepted,
             }

@@ -408,6 +408,7 @@ impl SyncHandle {
             catch_up_started: None,
             bootstrap_peers: HashMap::new(),
             in_progress: InProgress::default(),
+            connections: 0,
         };
         let task = tokio::spawn(driver.run(commands_rx, jobs_rx, local));
         Ok(Self {

@@ -1,5 +1,5 @@
 //! Each peer's standing and slots: strikes and bans, the requests it may have in flight, and
-//! the release of a slot when its request ends.
+//! the slots that count them, each released exactly once.
 
 use super::*;
 
@@ -31,6 +31,8 @@ impl Bucket {
 /// What the driver keeps per connected peer.
 #[derive(Default)]
 pub(super) struct PeerState {
+    /// Which of the peer's connections this state belongs to (see `Slot`).
+    pub(super) connection: u64,
     pub(super) reconciling: bool,
     pub(super) to_sync: VecDeque<DocumentId>,
     pub(super) to_fetch: VecDeque<ByteArray<16>>,
@@ -90,7 +92,177 @@ impl ResponderStates {
     }
 }
 
+/// What a slot holds, and so what its release gives back.
+#[derive(Debug)]
+pub(super) enum Held {
+    /// A request of the peer's being served (`INBOUND_REQUESTS_PER_PEER_MAX`).
+    Inbound,
+    /// A sync session with the peer (`SYNC_SESSIONS_PER_PEER_MAX`), and its document's place
+    /// in progress.
+    Session(DocumentId),
+    /// The reconciliation this node runs with the peer (one at a time).
+    Reconciliation,
+    /// A fetch exchange with the peer (`FETCHES_PER_PEER_MAX`).
+    Fetch,
+    /// Fetched documents' places in progress, from the request until they are ingested.
+    Documents(Vec<ByteArray<16>>),
+    /// A gossip validation of this publisher's (`GOSSIP_VALIDATIONS_MAX`,
+    /// `GOSSIP_VALIDATIONS_PER_PUBLISHER_MAX`).
+    Validation(PeerId),
+    /// An announcement's lookup (within `GOSSIP_VALIDATIONS_MAX`).
+    Lookup,
+}
+
+/// A slot given back: what `Driver::give_back` returns to the counts.
+#[derive(Debug)]
+pub(super) struct Released {
+    peer: PeerId,
+    connection: u64,
+    held: Held,
+}
+
+/// A slot taken (`Driver::take`): the request, session, exchange or job it counts owns it,
+/// and it is given back exactly once — by the driver when the work ends (`Driver::release`),
+/// or, if the work is lost on the way (a job that panics or is never run, an exchange
+/// dropped), by its drop, which sends it to the driver as `Job::Released`. No count is kept
+/// by hand elsewhere.
+#[must_use = "a slot is given back when it is dropped"]
+pub(super) struct Slot {
+    /// Always `Some` until given back.
+    released: Option<Released>,
+    jobs: mpsc::UnboundedSender<Job>,
+}
+
+impl Slot {
+    /// The documents a `Held::Documents` slot holds (none for another kind).
+    pub(super) fn documents(&self) -> &[ByteArray<16>] {
+        match self.released.as_ref().map(|r| &r.held) {
+            Some(Held::Documents(documents)) => documents,
+            _ => &[],
+        }
+    }
+
+    /// Keeps `documents` in progress past this slot: they move to the peer's queue instead of
+    /// being released with it.
+    pub(super) fn keep(&mut self, documents: &HashSet<DocumentId>) {
+        if let Some(Released {
+            held: Held::Documents(held),
+            ..
+        }) = self.released.as_mut()
+        {
+            held.retain(|id| !documents.contains(&DocumentId::from_bytes(**id)));
+        }
+    }
+
+    fn give_back(mut self) -> Option<Released> {
+        self.released.take()
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Some(released) = self.released.take() {
+            // A closed channel means the driver is gone, and its counts with it.
+            let _ = self.jobs.send(Job::Released(released));
+        }
+    }
+}
+
 impl Driver {
+    /// The state of a connected peer, made for a new connection if there is none.
+    pub(super) fn peer_state(&mut self, peer: PeerId) -> &mut PeerState {
+        let connections = &mut self.connections;
+        self.peers.entry(peer).or_insert_with(|| {
+            *connections += 1;
+            PeerState {
+                connection: *connections,
+                ..PeerState::default()
+            }
+        })
+    }
+
+    /// Counts a slot of `held`'s kind for `peer` (the caller has checked its bound) and
+    /// returns it, to be given back exactly once.
+    pub(super) fn take(&mut self, peer: PeerId, held: Held) -> Slot {
+        let connection = match &held {
+            // The node's own budget, whoever the peer is.
+            Held::Validation(_) | Held::Lookup => {
+                self.validations += 1;
+                0
+            }
+            peer_held => {
+                let state = self.peer_state(peer);
+                match peer_held {
+                    Held::Inbound => state.inbound += 1,
+                    Held::Session(_) => state.sessions += 1,
+                    Held::Reconciliation => state.reconciling = true,
+                    Held::Fetch => state.fetches += 1,
+                    // Taken into progress when they were queued.
+                    _ => {}
+                }
+                state.connection
+            }
+        };
+        Slot {
+            released: Some(Released {
+                peer,
+                connection,
+                held,
+            }),
+            jobs: self.jobs.clone(),
+        }
+    }
+
+    /// Whether `slot` was taken on its peer's connection of now.
+    pub(super) fn is_current(&self, slot: &Slot) -> bool {
+        slot.released.as_ref().is_some_and(|released| {
+            self.peers
+                .get(&released.peer)
+                .is_some_and(|state| state.connection == released.connection)
+        })
+    }
+
+    /// Gives `slot` back now, and starts what it made room for.
+    pub(super) fn release(&mut self, slot: Slot) {
+        if let Some(released) = slot.give_back() {
+            self.give_back(released);
+        }
+    }
+
+    /// Returns a slot to the counts. A peer's own counts are kept per connection: after a
+    /// disconnect (which released its documents) a slot of the old connection gives nothing
+    /// back to a new one.
+    pub(super) fn give_back(&mut self, released: Released) {
+        let Released {
+            peer,
+            connection,
+            held,
+        } = released;
+        let current = self
+            .peers
+            .get(&peer)
+            .is_some_and(|state| state.connection == connection);
+        match held {
+            Held::Validation(publisher) => self.validated(publisher),
+            Held::Lookup => self.validations = self.validations.saturating_sub(1),
+            _ if !current => {}
+            Held::Inbound => self.peer_state(peer).inbound -= 1,
+            Held::Session(document) => {
+                self.in_progress.release(&peer, &document);
+                self.peer_state(peer).sessions -= 1;
+            }
+            Held::Reconciliation => self.peer_state(peer).reconciling = false,
+            Held::Fetch => self.peer_state(peer).fetches -= 1,
+            Held::Documents(documents) => {
+                for document in documents {
+                    self.in_progress
+                        .release(&peer, &DocumentId::from_bytes(*document));
+                }
+            }
+        }
+        self.pump(peer);
+    }
+
     /// Disconnects a misbehaving peer and refuses it for `BAN`.
     pub(super) fn ban(&mut self, peer: PeerId) {
         self.bans
@@ -116,56 +288,19 @@ impl Driver {
         }
     }
 
-    /// Frees what an outbound exchange held.
-    pub(super) fn finished(&mut self, peer: PeerId, outbound: &Outbound) {
+    /// Gives back what an outbound exchange held.
+    pub(super) fn finished(&mut self, outbound: Outbound) {
         match outbound {
-            Outbound::Sync { document, .. } => self.release(peer, Release::Session(*document)),
-            Outbound::Fetch(documents) => {
-                for document in documents {
-                    self.in_progress
-                        .release(&peer, &DocumentId::from_bytes(**document));
-                }
-                if let Some(state) = self.peers.get_mut(&peer) {
-                    state.fetches = state.fetches.saturating_sub(1);
-                }
-                self.pump(peer);
+            Outbound::Sync { slot, .. } | Outbound::Reconcile { slot, .. } => self.release(slot),
+            Outbound::Fetch {
+                exchange,
+                documents,
+            } => {
+                self.release(exchange);
+                self.release(documents);
             }
-            Outbound::Reconcile { .. } => self.release(peer, Release::Reconciliation),
             Outbound::Roster => {}
         }
-    }
-
-    /// Releases what a job or an exchange held.
-    pub(super) fn release(&mut self, peer: PeerId, release: Release) {
-        let state = self.peers.get_mut(&peer);
-        match release {
-            Release::Inbound => {
-                if let Some(state) = state {
-                    state.inbound = state.inbound.saturating_sub(1);
-                }
-            }
-            Release::Session(document) => {
-                self.in_progress.release(&peer, &document);
-                if let Some(state) = state {
-                    state.sessions = state.sessions.saturating_sub(1);
-                }
-            }
-            Release::Reconciliation => {
-                if let Some(state) = state {
-                    state.reconciling = false;
-                }
-            }
-            Release::Fetched(documents) => {
-                for document in documents {
-                    self.in_progress
-                        .release(&peer, &DocumentId::from_bytes(*document));
-                }
-            }
-            Release::Validation(publisher) => self.validated(publisher),
-            Release::Lookup => self.validations = self.validations.saturating_sub(1),
-            Release::Nothing => {}
-        }
-        self.pump(peer);
     }
 
     pub(super) fn send(&mut self, peer: PeerId, request: Request, outbound: Outbound) -> u64 {
@@ -177,5 +312,82 @@ impl Driver {
         let id = self.swarm.behaviour_mut().sync.send_request(&peer, request);
         self.outbound.insert(id, (peer, outbound));
         bytes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slot(jobs: &mpsc::UnboundedSender<Job>, held: Held) -> Slot {
+        Slot {
+            released: Some(Released {
+                peer: PeerId::random(),
+                connection: 7,
+                held,
+            }),
+            jobs: jobs.clone(),
+        }
+    }
+
+    fn released(jobs: &mut mpsc::UnboundedReceiver<Job>) -> Vec<Released> {
+        std::iter::from_fn(|| jobs.try_recv().ok())
+            .map(|job| match job {
+                Job::Released(released) => released,
+                _ => panic!("only slots given back were sent"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_slot_is_given_back_once_whichever_way_its_work_ends() {
+        let (sender, mut receiver) = mpsc::unbounded_channel();
+        let document = DocumentId::from_bytes([3; 16]);
+
+        // Given back by the driver: nothing more comes of it.
+        let taken = slot(&sender, Held::Session(document));
+        let given = taken.give_back().expect("a slot holds what it counts");
+        assert!(matches!(given.held, Held::Session(d) if d == document));
+        assert_eq!(given.connection, 7);
+        assert!(released(&mut receiver).is_empty());
+
+        // Dropped on the way (an exchange or a job lost): sent to the driver, once.
+        drop(slot(&sender, Held::Fetch));
+        let sent = released(&mut receiver);
+        assert_eq!(sent.len(), 1);
+        assert!(matches!(sent[0].held, Held::Fetch));
+
+        // Held by a job that panics: given back as it unwinds, once.
+        let held = slot(&sender, Held::Inbound);
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+            let _held = held;
+            panic!("a job failing");
+        }));
+        assert!(outcome.is_err());
+        let sent = released(&mut receiver);
+        assert_eq!(sent.len(), 1);
+        assert!(matches!(sent[0].held, Held::Inbound));
+
+        // With the driver gone, a dropped slot is simply gone.
+        let orphan = slot(&sender, Held::Lookup);
+        drop((sender, receiver));
+        drop(orphan);
+    }
+
+    #[test]
+    fn documents_kept_for_the_queue_are_not_released_with_their_slot() {
+        let (sender, mut receiver) = mpsc::unbounded_channel();
+        let ids: Vec<ByteArray<16>> = (1..=4u8).map(|n| ByteArray::new([n; 16])).collect();
+        let mut documents = slot(&sender, Held::Documents(ids.clone()));
+        assert_eq!(documents.documents(), &ids[..]);
+        let deferred: HashSet<DocumentId> = [DocumentId::from_bytes([2; 16])].into();
+        documents.keep(&deferred);
+        drop(documents);
+        let sent = released(&mut receiver);
+        assert_eq!(sent.len(), 1);
+        let Held::Documents(left) = &sent[0].held else {
+            panic!("the slot's kind is kept");
+        };
+        assert_eq!(left, &vec![ids[0], ids[2], ids[3]]);
     }
 }

@@ -56,7 +56,8 @@ impl InProgress {
     }
 
     /// Whether `document` is in progress with `peer`.
-    pub(super) fn holds(&self, peer: &PeerId, document: &DocumentId) -> bool {
+    #[cfg(test)]
+    fn holds(&self, peer: &PeerId, document: &DocumentId) -> bool {
         self.by_peer
             .get(peer)
             .is_some_and(|held| held.contains(document))

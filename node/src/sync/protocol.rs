@@ -18,15 +18,22 @@ use crate::reconcile::{Query, Reply};
 
 /// The request-response protocol.
 pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/estuary/sync/1");
-/// Largest request a node reads, in bytes.
-pub const REQUEST_BYTES_MAX: u64 = 4 * 1024 * 1024;
+/// Largest request a node reads, in bytes: a sync message at its limits fits.
+pub const REQUEST_BYTES_MAX: u64 = 5 * 1024 * 1024;
 /// Largest response a node reads, in bytes.
 pub const RESPONSE_BYTES_MAX: u64 = 16 * 1024 * 1024;
 /// Largest automerge sync message sent or taken, in bytes (under the request limit, with
 /// room for the signatures beside it).
 pub const SYNC_MESSAGE_BYTES_MAX: usize = 3 * 1024 * 1024;
-/// Most signatures beside one sync message.
+/// Most signatures beside one sync message, and in one fetched document.
 pub const SYNC_SIGNATURES_MAX: usize = 16_384;
+/// Bytes one `ChangeSignature` takes on the wire: a map of two one-letter keys, a 32-byte
+/// hash and a 64-byte signature, each with its CBOR header.
+pub const SIGNATURE_ENTRY_BYTES: usize = 105;
+/// Bytes of a sync request beside its message and signatures: the request's tag, the
+/// document id, the field names, the headers of the message and of the signature list, the
+/// first-message flag.
+pub const SYNC_REQUEST_FRAMING_BYTES: usize = 96;
 /// Most documents one fetch asks for.
 pub const FETCH_DOCUMENTS_MAX: usize = 64;
 /// Most envelope bytes in one fetch response; documents that do not fit are left out and
@@ -38,11 +45,16 @@ pub const GOSSIP_MESSAGE_BYTES_MAX: usize = 256 * 1024;
 /// Envelopes above this size are announced on gossip, not carried: receivers pull them.
 pub const GOSSIP_ENVELOPE_BYTES_MAX: usize = 64 * 1024;
 
-// Each payload is within the message that carries it. (A sync request also carries up to
-// `SYNC_SIGNATURES_MAX` signatures beside its message, which these bounds do not cover.)
+/// The largest sync request or response a node sends: a message and its signatures at their
+/// limits (`document::outgoing` sends no more).
+pub const SYNC_REQUEST_BYTES_MAX: usize = SYNC_MESSAGE_BYTES_MAX
+    + SYNC_SIGNATURES_MAX * SIGNATURE_ENTRY_BYTES
+    + SYNC_REQUEST_FRAMING_BYTES;
+
+// Each payload is within the message that carries it.
 const _: () = {
-    assert!((SYNC_MESSAGE_BYTES_MAX as u64) < REQUEST_BYTES_MAX);
-    assert!((SYNC_MESSAGE_BYTES_MAX as u64) < RESPONSE_BYTES_MAX);
+    assert!(SYNC_REQUEST_BYTES_MAX as u64 <= REQUEST_BYTES_MAX);
+    assert!(SYNC_REQUEST_BYTES_MAX as u64 <= RESPONSE_BYTES_MAX);
     assert!((FETCH_RESPONSE_BYTES_MAX as u64) < RESPONSE_BYTES_MAX);
     assert!(GOSSIP_ENVELOPE_BYTES_MAX < GOSSIP_MESSAGE_BYTES_MAX);
 };
@@ -348,6 +360,51 @@ mod tests {
         )
         .unwrap();
         bytes
+    }
+
+    #[test]
+    fn a_sync_message_at_its_limits_is_a_request_and_a_response_a_peer_reads() {
+        let signature = ChangeSignature {
+            change: ByteArray::new([0xa5; 32]),
+            signature: ByteArray::new([0x5a; 64]),
+        };
+        assert_eq!(cbor::encode(&signature).len(), SIGNATURE_ENTRY_BYTES);
+        let message = SyncMessage {
+            document: ByteArray::new([7; 16]),
+            message: ByteBuf::from(vec![0xee; SYNC_MESSAGE_BYTES_MAX]),
+            signatures: vec![signature; SYNC_SIGNATURES_MAX],
+            first: true,
+        };
+        let request = Request::Sync(message.clone());
+        let response = Response::Sync(Some(message));
+        futures::executor::block_on(async {
+            let mut codec = Codec;
+            let mut bytes = Vec::new();
+            codec
+                .write_request(&PROTOCOL, &mut bytes, request.clone())
+                .await
+                .unwrap();
+            assert!(
+                bytes.len() <= SYNC_REQUEST_BYTES_MAX,
+                "{} bytes",
+                bytes.len()
+            );
+            let read = codec.read_request(&PROTOCOL, &mut &bytes[..]).await;
+            assert_eq!(read.unwrap(), request);
+
+            let mut bytes = Vec::new();
+            codec
+                .write_response(&PROTOCOL, &mut bytes, response.clone())
+                .await
+                .unwrap();
+            assert!(
+                bytes.len() <= SYNC_REQUEST_BYTES_MAX,
+                "{} bytes",
+                bytes.len()
+            );
+            let read = codec.read_response(&PROTOCOL, &mut &bytes[..]).await;
+            assert_eq!(read.unwrap(), response);
+        });
     }
 
     #[test]

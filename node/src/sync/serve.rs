@@ -48,8 +48,8 @@ impl Driver {
                     }
                     self.with_peer_stats(&peer, |s| s.unanswered += 1);
                 }
-                if let Some((peer, outbound)) = self.outbound.remove(&request_id) {
-                    self.finished(peer, &outbound);
+                if let Some((_, outbound)) = self.outbound.remove(&request_id) {
+                    self.finished(outbound);
                 }
             }
             request_response::Event::InboundFailure { peer, error, .. } => {
@@ -70,9 +70,6 @@ impl Driver {
             s.bytes_out += bytes;
             s.messages_out += 1;
         });
-        if let Some(state) = self.peers.get_mut(&peer) {
-            state.inbound = state.inbound.saturating_sub(1);
-        }
         let _ = self
             .swarm
             .behaviour_mut()
@@ -91,8 +88,8 @@ impl Driver {
             s.bytes_in += bytes;
             s.messages_in += 1;
         });
-        let state = self.peers.entry(peer).or_default();
-        state.inbound += 1;
+        let slot = self.take(peer, Held::Inbound);
+        let state = self.peer_state(peer);
         let allowed = state.inbound <= INBOUND_REQUESTS_PER_PEER_MAX
             && state.requests.take(INBOUND_REQUESTS_PER_PEER_PER_S)
             && (!matches!(request, Request::Reconcile(_))
@@ -100,21 +97,24 @@ impl Driver {
                     .reconcile_queries
                     .take(RECONCILE_QUERIES_PER_PEER_PER_S));
         if !allowed {
-            return self.respond(peer, channel, Response::Refused(Refusal::Busy));
+            self.respond(peer, channel, Response::Refused(Refusal::Busy));
+            return self.release(slot);
         }
         let node = self.node.clone();
         match request {
             Request::Roster { have } => {
                 let newer = (node.roster_version() > have).then(|| node.signed_roster().into());
                 self.respond(peer, channel, Response::Roster(newer));
+                self.release(slot);
             }
             Request::Reconcile(query) => {
-                self.spawn_job(peer, Release::Inbound, move || {
+                self.spawn_job(peer, move || {
                     let response = match node.catalogue().answer(&query) {
                         Ok(reply) => Response::Reconcile(reply),
                         Err(error) => Response::Refused(Refusal::Malformed(error.to_string())),
                     };
                     Job::Respond {
+                        slot,
                         peer,
                         channel,
                         response,
@@ -131,7 +131,7 @@ impl Driver {
                 } else {
                     kept.unwrap_or_default()
                 };
-                self.spawn_job(peer, Release::Inbound, move || {
+                self.spawn_job(peer, move || {
                     let _span =
                         tracing::debug_span!("serve_document_sync", %peer, %document).entered();
                     let mut state = state;
@@ -155,6 +155,7 @@ impl Driver {
                         }
                     };
                     Job::Respond {
+                        slot,
                         peer,
                         channel,
                         response,
@@ -164,7 +165,7 @@ impl Driver {
                 });
             }
             Request::Fetch { documents } => {
-                self.spawn_job(peer, Release::Inbound, move || {
+                self.spawn_job(peer, move || {
                     let response = match document::fetch(&node, &documents) {
                         Ok((documents, deferred)) => Response::Fetch {
                             documents,
@@ -176,6 +177,7 @@ impl Driver {
                         Err(_) => Response::Refused(Refusal::Failed),
                     };
                     Job::Respond {
+                        slot,
                         peer,
                         channel,
                         response,
