@@ -9,14 +9,15 @@ impl Driver {
         let candidates: Vec<PeerId> = self
             .peers
             .iter()
-            // A peer still working through the last differences is left alone until done.
-            .filter(|(_, s)| {
+            // A peer still working through the last differences is left alone until done:
+            // until every document found with it is ingested (queued, in flight or being
+            // ingested, a document is in progress), and none are kept for later. Asked
+            // sooner, it would send the same differences again.
+            .filter(|(p, s)| {
                 !s.reconciling
                     && s.quiet_until.is_none_or(|until| until <= now)
-                    && s.sessions == 0
-                    && s.fetches == 0
-                    && s.to_sync.is_empty()
-                    && s.to_fetch.is_empty()
+                    && s.kept.is_empty()
+                    && self.in_progress.of_peer(p) == 0
             })
             .map(|(p, _)| *p)
             .collect();
@@ -195,23 +196,50 @@ impl Driver {
             s.last_round_trips = Some(round_trips);
             s.last_reconciliation_bytes = Some(bytes);
         });
-        let mut new_missing = 0;
+        // Documents only this node holds are the peer's to fetch when it reconciles.
+        let kept_elsewhere: usize = self
+            .peers
+            .iter()
+            .filter(|(p, _)| **p != peer)
+            .map(|(_, s)| s.kept.len())
+            .sum();
+        let room = DIFFERENCES_KEPT_MAX.saturating_sub(kept_elsewhere);
         if let Some(state) = self.peers.get_mut(&peer) {
-            for (id, difference) in differing {
-                let document = DocumentId::from_bytes(*id);
-                // Only this node holds it: the peer fetches it when it reconciles. Past the
-                // peer's share (or the budget), documents wait for a later reconciliation.
-                if *difference == Difference::OnlyOurs || !self.in_progress.take(peer, document) {
-                    continue;
+            state.kept = differing
+                .iter()
+                .filter(|(_, difference)| *difference != Difference::OnlyOurs)
+                .take(room)
+                .map(|(id, difference)| (ByteArray::new(*id), *difference))
+                .collect();
+        }
+        // Given back, the slot starts what was found (`pump`).
+        self.release(slot);
+    }
+
+    /// Takes the differences kept for `peer` into progress, in the order found, while its
+    /// share has room: missing documents to fetch, differing ones to sync. A document in
+    /// progress with another peer is left to it, and one missing when found but held now
+    /// (fetched from another peer) to the next reconciliation.
+    pub(super) fn take_kept(&mut self, peer: PeerId) {
+        let mut new_missing = 0;
+        let Some(state) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        while self.in_progress.has_room(&peer)
+            && let Some((id, difference)) = state.kept.pop_front()
+        {
+            let document = DocumentId::from_bytes(*id);
+            if difference == Difference::OnlyTheirs && self.node.catalogue().get(&id).is_some()
+                || !self.in_progress.take(peer, document)
+            {
+                continue;
+            }
+            match difference {
+                Difference::OnlyTheirs => {
+                    state.to_fetch.push_back(id);
+                    new_missing += 1;
                 }
-                match difference {
-                    Difference::OnlyOurs => {}
-                    Difference::OnlyTheirs => {
-                        state.to_fetch.push_back(ByteArray::new(*id));
-                        new_missing += 1;
-                    }
-                    Difference::Both => state.to_sync.push_back(document),
-                }
+                _ => state.to_sync.push_back(document),
             }
         }
         if new_missing > 0 {
@@ -225,11 +253,11 @@ impl Driver {
             }
             stats.catch_up.documents_total += new_missing;
         }
-        self.release(slot);
     }
 
     /// Starts as many queued syncs and fetches with `peer` as its bounds allow.
     pub(super) fn pump(&mut self, peer: PeerId) {
+        self.take_kept(peer);
         loop {
             let Some(state) = self.peers.get_mut(&peer) else {
                 return;

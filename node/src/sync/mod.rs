@@ -72,6 +72,11 @@ pub const DOCUMENTS_IN_PROGRESS_MAX: usize = 100_000;
 /// so three quarters of the budget stay for the other peers. A node catching up from a
 /// single peer queues this many documents per reconciliation.
 pub const DOCUMENTS_IN_PROGRESS_PER_PEER_MAX: usize = DOCUMENTS_IN_PROGRESS_MAX / 4;
+/// Differences a reconciliation found beyond the peer's share of documents in progress, kept
+/// (over all peers) to take into progress as room frees up rather than found again by another
+/// reconciliation: a document id and a flag each, about 17 MB at most. A node catching up
+/// from a single peer reconciles once, not once per share.
+pub const DIFFERENCES_KEPT_MAX: usize = 1_000_000;
 /// Requests from one peer being served at once; more are refused as busy.
 pub const INBOUND_REQUESTS_PER_PEER_MAX: usize = 16;
 /// Requests one peer may make per second (a token bucket of this size, refilled per second).

@@ -36,6 +36,9 @@ pub(super) struct PeerState {
     pub(super) reconciling: bool,
     pub(super) to_sync: VecDeque<DocumentId>,
     pub(super) to_fetch: VecDeque<ByteArray<16>>,
+    /// Differences found with it and not yet taken into progress, in the order found
+    /// (`DIFFERENCES_KEPT_MAX`).
+    pub(super) kept: VecDeque<(ByteArray<16>, Difference)>,
     pub(super) sessions: usize,
     pub(super) fetches: usize,
     pub(super) inbound: usize,

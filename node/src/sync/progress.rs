@@ -24,14 +24,17 @@ impl InProgress {
     /// any peer: a document is worked on with one peer at a time), if `peer` holds its share,
     /// or if the whole budget is used.
     pub(super) fn take(&mut self, peer: PeerId, document: DocumentId) -> bool {
-        if self.documents.len() >= DOCUMENTS_IN_PROGRESS_MAX
-            || self.of_peer(&peer) >= DOCUMENTS_IN_PROGRESS_PER_PEER_MAX
-            || !self.documents.insert(document)
-        {
+        if !self.has_room(&peer) || !self.documents.insert(document) {
             return false;
         }
         self.by_peer.entry(peer).or_default().insert(document);
         true
+    }
+
+    /// Whether `peer` may take another document (its share and the whole budget have room).
+    pub(super) fn has_room(&self, peer: &PeerId) -> bool {
+        self.documents.len() < DOCUMENTS_IN_PROGRESS_MAX
+            && self.of_peer(peer) < DOCUMENTS_IN_PROGRESS_PER_PEER_MAX
     }
 
     /// Releases `document` if it is in progress with `peer`. A peer's answer cannot release

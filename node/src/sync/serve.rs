@@ -45,6 +45,7 @@ impl Driver {
                             self.in_progress
                                 .release(&peer, &DocumentId::from_bytes(*id));
                         }
+                        state.kept.clear();
                     }
                     self.with_peer_stats(&peer, |s| s.unanswered += 1);
                 }
