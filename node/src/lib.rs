@@ -18,6 +18,7 @@ mod index;
 pub mod membership;
 pub mod reconcile;
 pub mod replica;
+pub mod riblt;
 pub mod store;
 pub mod sync;
 

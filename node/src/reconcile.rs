@@ -217,6 +217,14 @@ impl Catalogue {
         self.entries.keys()
     }
 
+    /// Every entry as a rateless IBLT item (`crate::riblt`): its id and 64 bits of its hash.
+    pub fn riblt_items(&self) -> impl Iterator<Item = crate::riblt::Item> + '_ {
+        self.entries.iter().map(|(id, entry)| crate::riblt::Item {
+            id: *id,
+            tag: entry.hash as u64,
+        })
+    }
+
     /// A document's heads digest.
     pub fn get(&self, id: &Id) -> Option<HeadsDigest> {
         self.entries.get(id).map(|e| e.digest)

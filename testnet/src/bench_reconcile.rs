@@ -6,7 +6,10 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Instant;
 
+use std::collections::BTreeSet;
+
 use estuary_node::reconcile::{Catalogue, Reconciliation};
+use estuary_node::riblt::{Decoder, Encoder, Symbols};
 use serde::Serialize;
 
 /// Runs per configuration; figures are medians.
@@ -23,6 +26,11 @@ struct Figure {
     /// Bytes per difference found, and what sending the whole catalogue would cost.
     bytes_per_difference: Option<f64>,
     whole_catalogue_bytes: usize,
+    /// The same reconciliation by rateless IBLT symbols (`estuary_node::riblt`).
+    riblt_bytes: usize,
+    riblt_rounds: usize,
+    riblt_ms: f64,
+    riblt_bytes_per_difference: Option<f64>,
 }
 
 struct Rng(u64);
@@ -65,6 +73,41 @@ fn reconcile(ours: &Catalogue, theirs: &Catalogue) -> anyhow::Result<(usize, usi
     Ok((run.differing().len(), bytes, run.rounds()))
 }
 
+/// Symbols asked for in the first round (enough to tell equal catalogues apart) and in
+/// total by the second; each later round asks for half as many again as received so far.
+const RIBLT_FIRST: usize = 1;
+const RIBLT_SECOND_TOTAL: usize = 16;
+
+/// Rateless IBLT reconciliation: the initiator asks for the next symbols of the responder's
+/// catalogue, which the responder produces from scratch each time (no state between rounds),
+/// until the initiator's decoder is done. Returns (documents found, bytes, rounds).
+fn reconcile_riblt(ours: &Catalogue, theirs: &Catalogue) -> anyhow::Result<(usize, usize, usize)> {
+    let mut decoder = Decoder::new(Encoder::new(ours.riblt_items()));
+    let (mut bytes, mut rounds) = (0, 0);
+    let mut batch = RIBLT_FIRST;
+    while !decoder.is_done() {
+        let from = decoder.received();
+        bytes += cbor_len(&(from as u64, batch as u64))?;
+        let mut responder = Encoder::new(theirs.riblt_items());
+        let sent = responder.produce(from + batch).split_off(from);
+        let wire = Symbols::encode(&sent);
+        bytes += cbor_len(&wire)?;
+        let symbols = wire
+            .decode()
+            .ok_or_else(|| anyhow::anyhow!("symbols garbled"))?;
+        decoder.take(&symbols);
+        rounds += 1;
+        let received = decoder.received();
+        batch = if received < RIBLT_SECOND_TOTAL {
+            RIBLT_SECOND_TOTAL - received
+        } else {
+            received / 2
+        };
+    }
+    let documents: BTreeSet<[u8; 16]> = decoder.found().map(|(item, _)| item.id).collect();
+    Ok((documents.len(), bytes, rounds))
+}
+
 fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
     values[values.len() / 2]
@@ -78,8 +121,17 @@ pub fn run(docs: usize, json: Option<&Path>) -> anyhow::Result<()> {
     sizes.push(docs);
     let mut figures = Vec::new();
     println!(
-        "{:>9} {:>8} {:>8} {:>10} {:>7} {:>9} {:>12}",
-        "docs", "differ", "found", "bytes", "rounds", "ms", "catalogue B"
+        "{:>9} {:>8} {:>8} {:>10} {:>7} {:>9} {:>12} {:>10} {:>7} {:>9}",
+        "docs",
+        "differ",
+        "found",
+        "bytes",
+        "rounds",
+        "ms",
+        "catalogue B",
+        "riblt B",
+        "rounds",
+        "ms"
     );
     for &n in &sizes {
         let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ n as u64);
@@ -110,19 +162,47 @@ pub fn run(docs: usize, json: Option<&Path>) -> anyhow::Result<()> {
                 found == differences,
                 "found {found} of {differences} differences among {n} documents"
             );
+            let ms = median(times);
+            let mut times = Vec::with_capacity(RUNS);
+            let mut riblt = (0, 0, 0);
+            for _ in 0..RUNS {
+                let started = Instant::now();
+                riblt = reconcile_riblt(&ours, &theirs)?;
+                times.push(started.elapsed().as_secs_f64() * 1e3);
+            }
+            let riblt_ms = median(times);
+            let (riblt_found, riblt_bytes, riblt_rounds) = riblt;
+            anyhow::ensure!(
+                riblt_found == differences,
+                "rateless IBLT found {riblt_found} of {differences} differences among {n} documents"
+            );
             let figure = Figure {
                 docs: n,
                 differences,
                 found,
                 bytes,
                 rounds,
-                ms: median(times),
+                ms,
                 bytes_per_difference: (differences > 0).then(|| bytes as f64 / differences as f64),
                 whole_catalogue_bytes: n * 48,
+                riblt_bytes,
+                riblt_rounds,
+                riblt_ms,
+                riblt_bytes_per_difference: (differences > 0)
+                    .then(|| riblt_bytes as f64 / differences as f64),
             };
             println!(
-                "{:>9} {:>8} {:>8} {:>10} {:>7} {:>9.2} {:>12}",
-                n, differences, found, bytes, rounds, figure.ms, figure.whole_catalogue_bytes
+                "{:>9} {:>8} {:>8} {:>10} {:>7} {:>9.2} {:>12} {:>10} {:>7} {:>9.2}",
+                n,
+                differences,
+                found,
+                bytes,
+                rounds,
+                figure.ms,
+                figure.whole_catalogue_bytes,
+                riblt_bytes,
+                riblt_rounds,
+                riblt_ms
             );
             figures.push(figure);
         }
