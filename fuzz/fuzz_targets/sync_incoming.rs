@@ -33,6 +33,11 @@ fuzz_target!(|input: &[u8]| {
     };
     let mut state = sync::State::new();
     if document::incoming(&member.node, &incoming, &mut state).is_ok() {
-        let _ = document::outgoing(&member.node, member.file, &mut state);
+        let _ = document::outgoing(
+            &member.node,
+            member.file,
+            &mut state,
+            estuary_node::sync::protocol::SYNC_MESSAGE_BYTES_MAX,
+        );
     }
 });

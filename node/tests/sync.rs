@@ -506,9 +506,10 @@ fn sync_with_states(
 ) -> (bool, usize) {
     use estuary_node::model::automerge::sync::Message;
     use estuary_node::sync::document::{incoming, outgoing};
+    use estuary_node::sync::protocol::SYNC_MESSAGE_BYTES_MAX;
     let (mut whole_document, mut rejected) = (false, 0);
     for _ in 0..16 {
-        let sent = outgoing(from, document, from_state).unwrap();
+        let sent = outgoing(from, document, from_state, SYNC_MESSAGE_BYTES_MAX).unwrap();
         if let Some(mut message) = sent.clone() {
             let decoded = Message::decode(&message.message).unwrap();
             // Byte 8 of a chunk is its type; 0 is a whole document.
@@ -516,7 +517,7 @@ fn sync_with_states(
             tamper(&mut message);
             rejected += incoming(to, &message, to_state).unwrap().rejected;
         }
-        let reply = outgoing(to, document, to_state).unwrap();
+        let reply = outgoing(to, document, to_state, SYNC_MESSAGE_BYTES_MAX).unwrap();
         if let Some(reply) = &reply {
             incoming(from, reply, from_state).unwrap();
         }
@@ -777,6 +778,56 @@ async fn a_change_too_large_to_gossip_is_announced_and_pulled() {
     a.create_health_file(&editor("member-0"), &resident("Announced"))
         .unwrap();
     converge(&[a.clone(), b.clone()], &[&a_sync, &b_sync], 1).await;
+    a_sync.shutdown().await;
+    b_sync.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_document_too_large_to_sync_by_messages_is_fetched_from_either_side() {
+    let consortium = Consortium::new(2);
+    let (a, b) = (consortium.node(0), consortium.node(1));
+    let a_address = memory_address();
+    // Every change is announced, not carried, and reconciliation waits an hour: only the
+    // announcements' sync sessions can bring changes across. B sends no sync message at all
+    // (each is too large for it), so it must fetch what A announces, and A, refused by B's
+    // answer, must fetch what B announces.
+    let config =
+        |listen: Vec<Multiaddr>, bootstrap: Vec<Multiaddr>, sync_bytes: usize| SyncConfig {
+            listen,
+            bootstrap,
+            reconcile_every: Duration::from_secs(3_600),
+            gossip_envelope_bytes_max: 0,
+            sync_message_bytes_max: sync_bytes,
+            transport: TransportKind::Memory,
+            ..SyncConfig::default()
+        };
+    let a_sync = SyncHandle::start(
+        a.clone(),
+        config(vec![a_address.clone()], vec![], usize::MAX),
+    )
+    .unwrap();
+    let b_sync = SyncHandle::start(
+        b.clone(),
+        config(vec![memory_address()], vec![a_address], 0),
+    )
+    .unwrap();
+    let started = Instant::now();
+    while a_sync.connected().await.unwrap().is_empty() {
+        assert!(started.elapsed() < CONVERGENCE, "never connected");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Let the mesh form and the first (empty) reconciliation pass.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let file = a
+        .create_health_file(&editor("member-0"), &resident("Fetched"))
+        .unwrap()
+        .0;
+    converge(&[a.clone(), b.clone()], &[&a_sync, &b_sync], 1).await;
+    // A holds the file, so it syncs what B announces; B refuses to answer by messages.
+    b.apply_health_file(file, &editor("member-1"), &allergy("latex"))
+        .unwrap();
+    converge(&[a.clone(), b.clone()], &[&a_sync, &b_sync], 1).await;
+    assert_eq!(a.heads(file).unwrap(), b.heads(file).unwrap());
     a_sync.shutdown().await;
     b_sync.shutdown().await;
 }

@@ -94,6 +94,7 @@ impl Driver {
                 Response::Sync(reply),
             ) => {
                 let node = self.node.clone();
+                let bytes_max = self.config.sync_message_bytes_max;
                 self.spawn_job(peer, move || {
                     let _span =
                         tracing::debug_span!("document_sync", %peer, %document, rounds).entered();
@@ -105,7 +106,7 @@ impl Driver {
                         .transpose()
                         .and_then(|c| {
                             carried = c.unwrap_or_default();
-                            document::outgoing(&node, document, &mut state)
+                            document::outgoing(&node, document, &mut state, bytes_max)
                         })
                         .map(|next| (carried, next));
                     Job::SyncStep {
@@ -166,6 +167,9 @@ impl Driver {
                 self.adopt_roster(signed.into_vec(), None, Some(peer), None);
             }
             (Outbound::Roster, Response::Roster(None)) => {}
+            (Outbound::Sync { slot, .. }, Response::Refused(Refusal::TooLarge)) => {
+                self.fetch_instead(peer, slot);
+            }
             (outbound, Response::Refused(refusal)) => {
                 tracing::debug!(%peer, %refusal, "sync request refused");
                 self.finished(outbound);
@@ -175,6 +179,20 @@ impl Driver {
                 self.finished(outbound);
             }
         }
+    }
+
+    /// A document too large to sync by messages is fetched instead: it stays in progress,
+    /// moved from the session to the peer's fetch queue.
+    pub(super) fn fetch_instead(&mut self, peer: PeerId, mut slot: Slot) {
+        if self.is_current(&slot)
+            && let Some(document) = slot.keep_document()
+            && let Some(state) = self.peers.get_mut(&peer)
+        {
+            state
+                .to_fetch
+                .push_back(ByteArray::new(*document.as_bytes()));
+        }
+        self.release(slot);
     }
 
     /// A reconciliation finished: queue what differs.
@@ -291,11 +309,12 @@ impl Driver {
     }
 
     pub(super) fn start_session(&mut self, peer: PeerId, document: DocumentId) {
-        let slot = self.take(peer, Held::Session(document));
+        let slot = self.take(peer, Held::Session(Some(document)));
         let node = self.node.clone();
+        let bytes_max = self.config.sync_message_bytes_max;
         self.spawn_job(peer, move || {
             let mut state = Box::<State>::default();
-            let result = document::outgoing(&node, document, &mut state).map(|next| {
+            let result = document::outgoing(&node, document, &mut state, bytes_max).map(|next| {
                 let next = next.map(|message| SyncMessage {
                     first: true,
                     ..message

@@ -117,11 +117,14 @@ fn change_signatures(
 }
 
 /// This node's next sync message for `document` to the peer whose state is `state`, with the
-/// signatures of the changes it carries; `None` when there is nothing to say.
+/// signatures of the changes it carries; `None` when there is nothing to say. A message over
+/// `bytes_max` (at most `SYNC_MESSAGE_BYTES_MAX`) or `SYNC_SIGNATURES_MAX` changes is
+/// `TooLarge`.
 pub fn outgoing(
     node: &Node,
     document: DocumentId,
     state: &mut sync::State,
+    bytes_max: usize,
 ) -> Result<Option<SyncMessage>, DocumentSyncError> {
     let mut doc = copy_of(node, document)?;
     let before = state.sent_hashes.clone();
@@ -144,7 +147,8 @@ pub fn outgoing(
     }
     let carried: Vec<ChangeHash> = state.sent_hashes.difference(&before).copied().collect();
     let encoded = message.encode();
-    if encoded.len() > SYNC_MESSAGE_BYTES_MAX || carried.len() > SYNC_SIGNATURES_MAX {
+    if encoded.len() > bytes_max.min(SYNC_MESSAGE_BYTES_MAX) || carried.len() > SYNC_SIGNATURES_MAX
+    {
         // Too large to sync this way (a whole large document): the caller falls back to
         // fetching the document. Within both limits, the request is within the peer's
         // (`SYNC_REQUEST_BYTES_MAX`).

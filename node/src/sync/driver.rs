@@ -290,6 +290,16 @@ impl Driver {
                 self.ban(*peer);
             }
         }
+        // Room freed by other peers' documents goes to peers with differences kept.
+        let waiting: Vec<PeerId> = self
+            .peers
+            .iter()
+            .filter(|(_, state)| !state.kept.is_empty())
+            .map(|(peer, _)| *peer)
+            .collect();
+        for peer in waiting {
+            self.pump(peer);
+        }
         self.reconcile_with_someone();
     }
 
@@ -426,6 +436,8 @@ impl Driver {
                 self.respond(peer, channel, response);
                 self.release(slot);
             }
+            // Its connection closed meanwhile: the reconciliation ends with it.
+            Job::ReconcileStep { slot, .. } if !self.is_current(&slot) => self.release(slot),
             Job::ReconcileStep {
                 slot,
                 peer,
@@ -455,6 +467,8 @@ impl Driver {
                     self.release(slot);
                 }
             },
+            // Its connection closed meanwhile: the session ends with it.
+            Job::SyncStep { slot, .. } if !self.is_current(&slot) => self.release(slot),
             Job::SyncStep {
                 slot,
                 peer,
@@ -486,14 +500,10 @@ impl Driver {
                     if error.is_peers_fault() && !matches!(error, DocumentSyncError::TooLarge(_)) {
                         self.strike(peer, "a malformed sync message");
                     }
-                    self.release(slot);
-                    // Too large to sync by messages: fetch its envelopes instead.
-                    if matches!(error, DocumentSyncError::TooLarge(_))
-                        && let Some(s) = self.peers.get_mut(&peer)
-                        && self.in_progress.take(peer, document)
-                    {
-                        s.to_fetch.push_back(ByteArray::new(*document.as_bytes()));
-                        self.pump(peer);
+                    if matches!(error, DocumentSyncError::TooLarge(_)) {
+                        self.fetch_instead(peer, slot);
+                    } else {
+                        self.release(slot);
                     }
                 }
             },

@@ -183,6 +183,9 @@ pub struct SyncConfig {
     /// Envelopes larger than this are announced on gossip rather than carried (at most
     /// `GOSSIP_ENVELOPE_BYTES_MAX`, the default).
     pub gossip_envelope_bytes_max: usize,
+    /// Sync messages this node would send larger than this are not sent: the document is
+    /// fetched instead (at most `SYNC_MESSAGE_BYTES_MAX`, the default).
+    pub sync_message_bytes_max: usize,
     /// The transport.
     pub transport: TransportKind,
 }
@@ -199,6 +202,7 @@ impl Default for SyncConfig {
             reconcile_every: Duration::from_secs(5),
             request_timeout: Duration::from_secs(30),
             gossip_envelope_bytes_max: GOSSIP_ENVELOPE_BYTES_MAX,
+            sync_message_bytes_max: protocol::SYNC_MESSAGE_BYTES_MAX,
             transport: TransportKind::Network,
         }
     }
@@ -335,6 +339,9 @@ impl SyncHandle {
         config.gossip_envelope_bytes_max = config
             .gossip_envelope_bytes_max
             .min(GOSSIP_ENVELOPE_BYTES_MAX);
+        config.sync_message_bytes_max = config
+            .sync_message_bytes_max
+            .min(protocol::SYNC_MESSAGE_BYTES_MAX);
         let bans: gate::Bans = Arc::default();
         let mut swarm = build_swarm(&node, &config, bans.clone())?;
         for address in &config.listen {

@@ -101,8 +101,8 @@ pub(super) enum Held {
     /// A request of the peer's being served (`INBOUND_REQUESTS_PER_PEER_MAX`).
     Inbound,
     /// A sync session with the peer (`SYNC_SESSIONS_PER_PEER_MAX`), and its document's place
-    /// in progress.
-    Session(DocumentId),
+    /// in progress unless kept for a fetch (`Slot::keep_document`).
+    Session(Option<DocumentId>),
     /// The reconciliation this node runs with the peer (one at a time).
     Reconciliation,
     /// A fetch exchange with the peer (`FETCHES_PER_PEER_MAX`).
@@ -157,6 +157,18 @@ impl Slot {
         }
     }
 
+    /// Keeps a session's document in progress past this slot: it moves to the peer's fetch
+    /// queue instead of being released with it. Returns the document.
+    pub(super) fn keep_document(&mut self) -> Option<DocumentId> {
+        match self.released.as_mut() {
+            Some(Released {
+                held: Held::Session(document),
+                ..
+            }) => document.take(),
+            _ => None,
+        }
+    }
+
     fn give_back(mut self) -> Option<Released> {
         self.released.take()
     }
@@ -172,7 +184,7 @@ impl Drop for Slot {
 }
 
 impl Driver {
-    /// The state of a connected peer, made for a new connection if there is none.
+    /// The state of a peer that has just connected (or that has one already).
     pub(super) fn peer_state(&mut self, peer: PeerId) -> &mut PeerState {
         let connections = &mut self.connections;
         self.peers.entry(peer).or_insert_with(|| {
@@ -185,7 +197,8 @@ impl Driver {
     }
 
     /// Counts a slot of `held`'s kind for `peer` (the caller has checked its bound) and
-    /// returns it, to be given back exactly once.
+    /// returns it, to be given back exactly once. A peer no longer connected has no counts:
+    /// its slot counts nothing and gives nothing back.
     pub(super) fn take(&mut self, peer: PeerId, held: Held) -> Slot {
         let connection = match &held {
             // The node's own budget, whoever the peer is.
@@ -194,7 +207,17 @@ impl Driver {
                 0
             }
             peer_held => {
-                let state = self.peer_state(peer);
+                let Some(state) = self.peers.get_mut(&peer) else {
+                    // Connections are numbered from 1.
+                    return Slot {
+                        released: Some(Released {
+                            peer,
+                            connection: 0,
+                            held,
+                        }),
+                        jobs: self.jobs.clone(),
+                    };
+                };
                 match peer_held {
                     Held::Inbound => state.inbound += 1,
                     Held::Session(_) => state.sessions += 1,
@@ -251,7 +274,9 @@ impl Driver {
             _ if !current => {}
             Held::Inbound => self.peer_state(peer).inbound -= 1,
             Held::Session(document) => {
-                self.in_progress.release(&peer, &document);
+                if let Some(document) = document {
+                    self.in_progress.release(&peer, &document);
+                }
                 self.peer_state(peer).sessions -= 1;
             }
             Held::Reconciliation => self.peer_state(peer).reconciling = false,
@@ -348,9 +373,9 @@ mod tests {
         let document = DocumentId::from_bytes([3; 16]);
 
         // Given back by the driver: nothing more comes of it.
-        let taken = slot(&sender, Held::Session(document));
+        let taken = slot(&sender, Held::Session(Some(document)));
         let given = taken.give_back().expect("a slot holds what it counts");
-        assert!(matches!(given.held, Held::Session(d) if d == document));
+        assert!(matches!(given.held, Held::Session(Some(d)) if d == document));
         assert_eq!(given.connection, 7);
         assert!(released(&mut receiver).is_empty());
 

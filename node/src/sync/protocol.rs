@@ -194,6 +194,10 @@ pub enum Refusal {
     /// The responder failed (its store); not the asker's fault.
     #[error("the responder could not serve the request")]
     Failed,
+    /// The responder's answer would exceed a sync message's limits (a large document): fetch
+    /// the document instead.
+    #[error("the answer is too large for a sync message; fetch the document")]
+    TooLarge,
 }
 
 /// One round of automerge's sync protocol for a document, with the signature of every change

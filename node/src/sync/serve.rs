@@ -89,6 +89,10 @@ impl Driver {
             s.bytes_in += bytes;
             s.messages_in += 1;
         });
+        // A request that arrives after its connection closed is not served.
+        if !self.peers.contains_key(&peer) {
+            return self.respond(peer, channel, Response::Refused(Refusal::Busy));
+        }
         let slot = self.take(peer, Held::Inbound);
         let state = self.peer_state(peer);
         let allowed = state.inbound <= INBOUND_REQUESTS_PER_PEER_MAX
@@ -127,6 +131,7 @@ impl Driver {
             Request::Sync(message) => {
                 let document = DocumentId::from_bytes(*message.document);
                 let kept = self.responder.take(&(peer, document));
+                let bytes_max = self.config.sync_message_bytes_max;
                 let state = if message.first {
                     Box::default()
                 } else {
@@ -139,13 +144,20 @@ impl Driver {
                     let mut carried = Carried::default();
                     let step = document::incoming(&node, &message, &mut state).and_then(|c| {
                         carried = c;
-                        document::outgoing(&node, document, &mut state)
+                        document::outgoing(&node, document, &mut state, bytes_max)
                     });
                     let (response, keep) = match step {
                         Ok(reply) => (
                             Response::Sync(reply),
                             message.message.len() <= RESPONDER_STATE_MESSAGE_BYTES_MAX,
                         ),
+                        // Its own answer, not the asker's message, is too large.
+                        Err(DocumentSyncError::TooLarge(_))
+                            if message.message.len() <= protocol::SYNC_MESSAGE_BYTES_MAX
+                                && message.signatures.len() <= protocol::SYNC_SIGNATURES_MAX =>
+                        {
+                            (Response::Refused(Refusal::TooLarge), false)
+                        }
                         Err(error) if error.is_peers_fault() => (
                             Response::Refused(Refusal::Malformed(error.to_string())),
                             false,
