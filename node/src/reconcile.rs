@@ -15,7 +15,7 @@
 //! hashes (SHA-256 of id ‖ digest, truncated): adding or changing any item changes it, and it
 //! is maintained per item, so a range's fingerprint is a sum, not a re-hash.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::ops::Bound;
 
 use serde::{Deserialize, Serialize};
@@ -65,13 +65,52 @@ impl Entry {
     }
 }
 
-/// A node's catalogue in memory: every document it holds, by id.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// Changes of a catalogue remembered (about 4.7 MB): a reconciliation by coded symbols is
+/// about one version of each side's catalogue, and must end before this many of its
+/// documents change.
+pub const CATALOGUE_LOG_MAX: usize = 65_536;
+
+/// A node's catalogue in memory: every document it holds, by id. Two catalogues are equal
+/// when they hold the same entries.
+#[derive(Clone, Debug, Default)]
 pub struct Catalogue {
     entries: BTreeMap<Id, Entry>,
     /// The wrapping sum of every item hash, kept up to date: the whole range's fingerprint —
     /// what an in-sync check compares — costs nothing to compute.
     sum: u128,
+    /// Raised by every change of an entry.
+    version: u64,
+    /// The latest changes, oldest first (at most `CATALOGUE_LOG_MAX`): an earlier version's
+    /// coded symbols are the current ones with these undone.
+    log: VecDeque<Logged>,
+    /// Coded symbol 0 (`crate::riblt`: every item), kept up to date: an in-sync check by
+    /// coded symbols costs no pass either.
+    first: crate::riblt::Symbol,
+}
+
+/// One change of a catalogue: the version it made, the item it replaced or removed, the item
+/// it added.
+#[derive(Clone, Copy, Debug)]
+struct Logged {
+    version: u64,
+    removed: Option<crate::riblt::Item>,
+    added: Option<crate::riblt::Item>,
+}
+
+impl PartialEq for Catalogue {
+    fn eq(&self, other: &Self) -> bool {
+        self.entries == other.entries
+    }
+}
+
+impl Eq for Catalogue {}
+
+/// An entry as a rateless IBLT item: its id and 64 bits of its hash.
+fn item(id: &Id, entry: &Entry) -> crate::riblt::Item {
+    crate::riblt::Item {
+        id: *id,
+        tag: entry.hash as u64,
+    }
 }
 
 /// The ids from `lower` (inclusive) to `upper` (exclusive; `None`: to the end).
@@ -180,26 +219,108 @@ pub enum ReconcileError {
         /// What is wrong.
         reason: &'static str,
     },
-    /// The peer kept splitting past any catalogue's depth.
-    #[error("reconciliation did not finish within {ROUNDS_MAX} rounds")]
+    /// The peer kept splitting past any catalogue's depth, or kept asking for more symbols.
+    #[error("reconciliation did not finish within its rounds")]
     TooManyRounds,
+    /// The catalogue version asked about is out of reach (more than `CATALOGUE_LOG_MAX`
+    /// changes ago, or not reached).
+    #[error("catalogue version {version} is out of reach; reconcile again")]
+    Stale {
+        /// The version asked about.
+        version: u64,
+    },
+    /// More symbols than one reconciliation takes (`crate::riblt::SYMBOLS_MAX`).
+    #[error("a reconciliation needs more symbols than its limit")]
+    TooManySymbols,
+}
+
+impl ReconcileError {
+    /// Whether the peer broke the protocol (rather than the catalogues changing too fast or
+    /// differing too much for one reconciliation).
+    pub fn is_peers_fault(&self) -> bool {
+        !matches!(self, Self::Stale { .. } | Self::TooManySymbols)
+    }
 }
 
 impl Catalogue {
     /// Sets a document's heads digest.
     pub fn insert(&mut self, id: Id, digest: HeadsDigest) {
         let entry = Entry::new(&id, digest);
-        if let Some(old) = self.entries.insert(id, entry) {
+        let old = self.entries.insert(id, entry);
+        if old == Some(entry) {
+            return;
+        }
+        if let Some(old) = old {
             self.sum = self.sum.wrapping_sub(old.hash);
         }
         self.sum = self.sum.wrapping_add(entry.hash);
+        self.changed(old.map(|old| item(&id, &old)), Some(item(&id, &entry)));
     }
 
     /// Forgets a document.
     pub fn remove(&mut self, id: &Id) {
         if let Some(old) = self.entries.remove(id) {
             self.sum = self.sum.wrapping_sub(old.hash);
+            self.changed(Some(item(id, &old)), None);
         }
+    }
+
+    fn changed(&mut self, removed: Option<crate::riblt::Item>, added: Option<crate::riblt::Item>) {
+        let first = std::slice::from_mut(&mut self.first);
+        if let Some(removed) = &removed {
+            crate::riblt::adjust(first, 0, removed, -1);
+        }
+        if let Some(added) = &added {
+            crate::riblt::adjust(first, 0, added, 1);
+        }
+        self.version += 1;
+        if self.log.len() == CATALOGUE_LOG_MAX {
+            self.log.pop_front();
+        }
+        self.log.push_back(Logged {
+            version: self.version,
+            removed,
+            added,
+        });
+    }
+
+    /// Its version: raised by every change of an entry.
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// Coded symbols `from .. from + count` of this catalogue as it was at `version` (at
+    /// most `CATALOGUE_LOG_MAX` changes ago). Symbol 0 alone costs no pass; any other, one
+    /// pass over the catalogue.
+    pub fn symbols(
+        &self,
+        version: u64,
+        from: u64,
+        count: usize,
+    ) -> Result<Vec<crate::riblt::Symbol>, ReconcileError> {
+        let reachable = self
+            .log
+            .front()
+            .map_or(self.version, |oldest| oldest.version - 1);
+        if version > self.version || version < reachable {
+            return Err(ReconcileError::Stale { version });
+        }
+        let mut symbols = if from == 0 && count == 1 {
+            vec![self.first]
+        } else {
+            let mut encoder = crate::riblt::Encoder::new(self.riblt_items());
+            encoder.skip_to(from);
+            encoder.produce(count)
+        };
+        for logged in self.log.iter().rev().take_while(|l| l.version > version) {
+            if let Some(added) = &logged.added {
+                crate::riblt::adjust(&mut symbols, from, added, -1);
+            }
+            if let Some(removed) = &logged.removed {
+                crate::riblt::adjust(&mut symbols, from, removed, 1);
+            }
+        }
+        Ok(symbols)
     }
 
     /// How many documents it holds.
@@ -219,10 +340,7 @@ impl Catalogue {
 
     /// Every entry as a rateless IBLT item (`crate::riblt`): its id and 64 bits of its hash.
     pub fn riblt_items(&self) -> impl Iterator<Item = crate::riblt::Item> + '_ {
-        self.entries.iter().map(|(id, entry)| crate::riblt::Item {
-            id: *id,
-            tag: entry.hash as u64,
-        })
+        self.entries.iter().map(|(id, entry)| item(id, entry))
     }
 
     /// A document's heads digest.

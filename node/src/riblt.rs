@@ -12,11 +12,31 @@
 //!
 //! On the wire a symbol is 32 bytes (id, tag and check sums) and its count.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 
+use crate::reconcile::{Catalogue, Difference, Id, ReconcileError};
+
 /// Bytes of a coded symbol's sums on the wire: the id's (16), the tag's (8), the check's (8).
 pub const SYMBOL_SUM_BYTES: usize = 32;
+/// Symbols a reconciliation asks for first: one tells equal catalogues apart.
+pub const FIRST_SYMBOLS: u32 = 1;
+/// Symbols received by the end of the second round. Each later round asks for half as many
+/// again as received so far, or for what the catalogues' sizes show to be missing.
+pub const SECOND_SYMBOLS_TOTAL: u64 = 16;
+/// Most symbols one answer carries (about 9 MB of CBOR).
+pub const SYMBOLS_PER_REPLY_MAX: u32 = 262_144;
+/// Most symbols one reconciliation takes (about 40 MB at the initiator): enough for about
+/// 750,000 documents held by one side only. A node further behind reconciles again once it
+/// has fetched those.
+pub const SYMBOLS_MAX: u64 = 1 << 20;
+/// Most rounds one reconciliation takes (from 16 symbols, half as many again each round
+/// reaches `SYMBOLS_MAX` in about 28).
+pub const ROUNDS_MAX: usize = 64;
+
+const _: () = assert!(SYMBOLS_PER_REPLY_MAX as u64 <= SYMBOLS_MAX);
 
 /// A set's element: a document id and a tag that changes with the document's heads.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -159,6 +179,19 @@ impl Encoder {
         self.produced
     }
 
+    /// Skips to symbol `to` (when it is ahead), producing nothing.
+    pub fn skip_to(&mut self, to: u64) {
+        if to <= self.produced {
+            return;
+        }
+        for (_, _, mapping) in &mut self.items {
+            while mapping.index < to {
+                mapping.advance();
+            }
+        }
+        self.produced = to;
+    }
+
     /// The next `count` symbols.
     pub fn produce(&mut self, count: usize) -> Vec<Symbol> {
         let from = self.produced;
@@ -179,7 +212,6 @@ impl Encoder {
 /// side holds.
 #[derive(Debug, Default)]
 pub struct Decoder {
-    ours: Encoder,
     /// The peer's symbols less ours, less every item found so far.
     symbols: Vec<Symbol>,
     /// Items found, with their side and their mapping at the first index past `symbols`.
@@ -187,26 +219,17 @@ pub struct Decoder {
 }
 
 impl Decoder {
-    /// The decoder of this node's set.
-    pub fn new(ours: Encoder) -> Self {
-        Self {
-            ours,
-            symbols: Vec::new(),
-            found: Vec::new(),
-        }
-    }
-
     /// Symbols taken so far.
     pub fn received(&self) -> usize {
         self.symbols.len()
     }
 
-    /// Takes the peer's next symbols and peels what it can.
-    pub fn take(&mut self, theirs: &[Symbol]) {
+    /// Takes the peer's next symbols and this node's same symbols, and peels what it can.
+    /// Both must be of the same length.
+    pub fn take(&mut self, theirs: &[Symbol], ours: &[Symbol]) {
         let from = self.symbols.len();
-        let to = (from + theirs.len()) as u64;
-        let ours = self.ours.produce(theirs.len());
-        self.symbols.extend(theirs.iter().zip(&ours).map(|(t, o)| {
+        let to = (from + theirs.len().min(ours.len())) as u64;
+        self.symbols.extend(theirs.iter().zip(ours).map(|(t, o)| {
             let mut symbol = *t;
             symbol.subtract(o);
             symbol
@@ -263,6 +286,21 @@ impl Decoder {
     /// Items found so far.
     pub fn found_len(&self) -> usize {
         self.found.len()
+    }
+}
+
+/// Adds `item` to (`direction` 1) or takes it out of (-1) `symbols`, which are the set's
+/// symbols from index `from` on: how a kept prefix follows the set, and how symbols of a
+/// set's current version are turned into an earlier version's.
+pub fn adjust(symbols: &mut [Symbol], from: u64, item: &Item, direction: i64) {
+    let to = from + symbols.len() as u64;
+    let check = item.check();
+    let mut mapping = Mapping::new(check);
+    while mapping.index < to {
+        if mapping.index >= from {
+            symbols[(mapping.index - from) as usize].apply(item, check, direction);
+        }
+        mapping.advance();
     }
 }
 
@@ -329,6 +367,166 @@ impl Symbols {
     }
 }
 
+/// An initiator's question: the responder's coded symbols `from .. from + count`, of the
+/// catalogue version its first answer named.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Query {
+    /// The responder's catalogue version (`None` in the first round: its current one).
+    #[serde(rename = "v")]
+    pub version: Option<u64>,
+    /// The first symbol asked for.
+    #[serde(rename = "f")]
+    pub from: u64,
+    /// How many.
+    #[serde(rename = "n")]
+    pub count: u32,
+}
+
+/// The responder's answer: the symbols asked for, and the catalogue version they are of.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reply {
+    /// The catalogue version.
+    #[serde(rename = "v")]
+    pub version: u64,
+    /// The symbols.
+    #[serde(rename = "s")]
+    pub symbols: Symbols,
+}
+
+/// The responder's side: answers a peer's query from `catalogue`.
+pub fn answer(catalogue: &Catalogue, query: &Query) -> Result<Reply, ReconcileError> {
+    if query.count == 0 || query.count > SYMBOLS_PER_REPLY_MAX {
+        return Err(ReconcileError::Malformed {
+            reason: "no symbols, or more than one answer carries",
+        });
+    }
+    if query.from.saturating_add(u64::from(query.count)) > SYMBOLS_MAX {
+        return Err(ReconcileError::TooManySymbols);
+    }
+    let version = query.version.unwrap_or(catalogue.version());
+    let symbols = catalogue.symbols(version, query.from, query.count as usize)?;
+    Ok(Reply {
+        version,
+        symbols: Symbols::encode(&symbols),
+    })
+}
+
+/// The initiator's side of one reconciliation: asks for the responder's symbols, a few at
+/// first and more each round, until the decoder has found every document only one side
+/// holds, or holds with other heads. Both catalogues are taken at one version each for the
+/// whole exchange (`Catalogue::symbols`), so changes meanwhile do not spoil it.
+#[derive(Debug)]
+pub struct Reconciliation {
+    /// This node's catalogue version.
+    ours: u64,
+    /// The responder's, from its first answer.
+    theirs: Option<u64>,
+    decoder: Decoder,
+    query: Query,
+    rounds: usize,
+    differing: Vec<(Id, Difference)>,
+}
+
+impl Reconciliation {
+    /// Starts a reconciliation of `ours` as it is now.
+    pub fn new(ours: &Catalogue) -> Self {
+        Self {
+            ours: ours.version(),
+            theirs: None,
+            decoder: Decoder::default(),
+            query: Query {
+                version: None,
+                from: 0,
+                count: FIRST_SYMBOLS,
+            },
+            rounds: 0,
+            differing: Vec::new(),
+        }
+    }
+
+    /// The query to send now.
+    pub fn query(&self) -> &Query {
+        &self.query
+    }
+
+    /// Takes the peer's reply to the last query; returns whether another query is needed.
+    pub fn receive(&mut self, ours: &Catalogue, reply: &Reply) -> Result<bool, ReconcileError> {
+        self.rounds += 1;
+        if self.rounds > ROUNDS_MAX {
+            return Err(ReconcileError::TooManyRounds);
+        }
+        if self.theirs.is_some_and(|version| version != reply.version) {
+            return Err(ReconcileError::Malformed {
+                reason: "an answer about another version of the catalogue",
+            });
+        }
+        self.theirs = Some(reply.version);
+        let theirs = reply
+            .symbols
+            .decode()
+            .filter(|symbols| symbols.len() == self.query.count as usize)
+            .ok_or(ReconcileError::Malformed {
+                reason: "not the symbols asked for",
+            })?;
+        let own = ours.symbols(self.ours, self.query.from, theirs.len())?;
+        self.decoder.take(&theirs, &own);
+        if self.decoder.is_done() {
+            let mut sides: BTreeMap<Id, (bool, bool)> = BTreeMap::new();
+            for (item, theirs) in self.decoder.found() {
+                let side = sides.entry(item.id).or_default();
+                if theirs {
+                    side.0 = true;
+                } else {
+                    side.1 = true;
+                }
+            }
+            self.differing = sides
+                .into_iter()
+                .map(|(id, sides)| {
+                    let difference = match sides {
+                        (true, true) => Difference::Both,
+                        (true, false) => Difference::OnlyTheirs,
+                        _ => Difference::OnlyOurs,
+                    };
+                    (id, difference)
+                })
+                .collect();
+            return Ok(false);
+        }
+        let received = self.decoder.received() as u64;
+        if received >= SYMBOLS_MAX {
+            return Err(ReconcileError::TooManySymbols);
+        }
+        let missing = self.decoder.size_difference().unwrap_or(0).unsigned_abs();
+        let wanted = if received < SECOND_SYMBOLS_TOTAL {
+            SECOND_SYMBOLS_TOTAL - received
+        } else {
+            (received / 2).max((missing * 3 / 2).saturating_sub(received))
+        };
+        let count = wanted
+            .min(u64::from(SYMBOLS_PER_REPLY_MAX))
+            .min(SYMBOLS_MAX - received)
+            .max(1);
+        self.query = Query {
+            version: self.theirs,
+            from: received,
+            count: count as u32,
+        };
+        Ok(true)
+    }
+
+    /// Documents found to differ (held by one side only, or with different heads), by id;
+    /// complete once `receive` returned false.
+    pub fn differing(&self) -> &[(Id, Difference)] {
+        &self.differing
+    }
+
+    /// Rounds taken so far.
+    pub fn rounds(&self) -> usize {
+        self.rounds
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeSet;
@@ -350,13 +548,14 @@ mod tests {
     /// Reconciles `ours` against `theirs` as the protocol does (doubling batches from one
     /// symbol); returns what was found and the symbols it took.
     fn reconcile(ours: &[Item], theirs: &[Item]) -> (BTreeSet<(Item, bool)>, usize) {
-        let mut decoder = Decoder::new(Encoder::new(ours.iter().copied()));
+        let mut decoder = Decoder::default();
+        let mut own = Encoder::new(ours.iter().copied());
         let mut encoder = Encoder::new(theirs.iter().copied());
         let mut batch = 1;
         while !decoder.is_done() {
             assert!(decoder.received() < 64 + 4 * (ours.len() + theirs.len()));
             let wire = Symbols::encode(&encoder.produce(batch));
-            decoder.take(&wire.decode().unwrap());
+            decoder.take(&wire.decode().unwrap(), &own.produce(batch));
             batch = decoder.received();
         }
         (decoder.found().collect(), decoder.received())
@@ -381,16 +580,35 @@ mod tests {
         assert_eq!(found.len(), 1_000);
         assert_eq!(found.iter().filter(|(_, theirs)| *theirs).count(), 500);
         // One batch at a time, as a peer would be asked.
-        let mut decoder = Decoder::new(Encoder::new(ours.iter().copied()));
+        let mut decoder = Decoder::default();
+        let mut own = Encoder::new(ours.iter().copied());
         let mut encoder = Encoder::new(theirs.iter().copied());
         while !decoder.is_done() {
-            decoder.take(&encoder.produce(50));
+            decoder.take(&encoder.produce(50), &own.produce(50));
         }
         let per_difference = decoder.received() as f64 / 1_000.0;
         assert!(
             per_difference < 1.8,
             "{per_difference} symbols per difference"
         );
+    }
+
+    #[test]
+    fn symbols_follow_items_added_and_taken_out_and_skipping_ahead_changes_nothing() {
+        let items: Vec<Item> = (0..500).map(item).collect();
+        let mut all = Encoder::new(items.iter().copied());
+        let mut kept = Encoder::new(items[..400].iter().copied()).produce(300);
+        for extra in &items[400..] {
+            adjust(&mut kept, 0, extra, 1);
+        }
+        let whole = all.produce(300);
+        assert_eq!(kept, whole);
+        // From index 100 on, and back again.
+        let mut later = whole[100..].to_vec();
+        adjust(&mut later, 100, &items[7], -1);
+        let mut without = Encoder::new(items.iter().copied().filter(|i| *i != items[7]));
+        without.skip_to(100);
+        assert_eq!(later, without.produce(200));
     }
 
     #[test]
@@ -401,6 +619,114 @@ mod tests {
         let mut broken = wire.clone();
         broken.counts.pop();
         assert!(broken.decode().is_none());
+    }
+
+    fn doc(n: u64) -> Id {
+        item(n).id
+    }
+
+    /// Runs a reconciliation of `ours` against `theirs`, calling `meanwhile` between rounds.
+    fn run_against(
+        ours: &mut Catalogue,
+        theirs: &mut Catalogue,
+        mut meanwhile: impl FnMut(&mut Catalogue, &mut Catalogue, usize),
+    ) -> Result<(Vec<(Id, Difference)>, usize), ReconcileError> {
+        let mut run = Reconciliation::new(ours);
+        loop {
+            let reply = answer(theirs, run.query())?;
+            let more = run.receive(ours, &reply)?;
+            if !more {
+                return Ok((run.differing().to_vec(), run.rounds()));
+            }
+            meanwhile(ours, theirs, run.rounds());
+        }
+    }
+
+    #[test]
+    fn every_kind_of_difference_is_found_at_the_versions_the_exchange_began_with() {
+        let mut ours = Catalogue::default();
+        for n in 0..2_000 {
+            ours.insert(doc(n), [1; 32]);
+        }
+        let mut theirs = ours.clone();
+        for n in 0..40 {
+            theirs.insert(doc(n), [2; 32]);
+        }
+        for n in 2_000..2_030 {
+            theirs.insert(doc(n), [1; 32]);
+        }
+        for n in 3_000..3_020 {
+            ours.insert(doc(n), [1; 32]);
+        }
+        // Equal catalogues: one round.
+        let mut same = ours.clone();
+        let (differing, rounds) = run_against(&mut ours.clone(), &mut same, |_, _, _| {}).unwrap();
+        assert!(differing.is_empty());
+        assert_eq!(rounds, 1);
+        // Documents written on both sides while the exchange runs change nothing.
+        let (differing, rounds) = run_against(&mut ours, &mut theirs, |ours, theirs, round| {
+            for k in 0..50 {
+                let n = 10_000 + round as u64 * 100 + k;
+                ours.insert(doc(n), [3; 32]);
+                theirs.insert(doc(n + 50), [3; 32]);
+                theirs.insert(doc(k), [4; 32]);
+            }
+        })
+        .unwrap();
+        assert!(rounds > 2, "{rounds} rounds");
+        let mut expected: Vec<(Id, Difference)> = (0..40)
+            .map(|n| (doc(n), Difference::Both))
+            .chain((2_000..2_030).map(|n| (doc(n), Difference::OnlyTheirs)))
+            .chain((3_000..3_020).map(|n| (doc(n), Difference::OnlyOurs)))
+            .collect();
+        expected.sort_by_key(|(id, _)| *id);
+        assert_eq!(differing, expected);
+    }
+
+    #[test]
+    fn an_exchange_outrun_by_changes_or_asked_out_of_bounds_is_refused() {
+        let mut ours = Catalogue::default();
+        let mut theirs = Catalogue::default();
+        for n in 0..10 {
+            theirs.insert(doc(n), [1; 32]);
+        }
+        let outrun = run_against(&mut ours, &mut theirs, |_, theirs, _| {
+            for n in 0..=crate::reconcile::CATALOGUE_LOG_MAX as u64 {
+                theirs.insert(doc(100 + n), [1; 32]);
+            }
+        });
+        assert!(
+            matches!(outrun, Err(ReconcileError::Stale { .. })),
+            "{outrun:?}"
+        );
+        assert!(!outrun.unwrap_err().is_peers_fault());
+        let ask = |from: u64, count: u32| {
+            answer(
+                &theirs,
+                &Query {
+                    version: None,
+                    from,
+                    count,
+                },
+            )
+        };
+        assert!(ask(0, 0).is_err());
+        assert!(ask(0, SYMBOLS_PER_REPLY_MAX + 1).is_err());
+        assert_eq!(ask(SYMBOLS_MAX, 1), Err(ReconcileError::TooManySymbols));
+        let future = answer(
+            &theirs,
+            &Query {
+                version: Some(theirs.version() + 1),
+                from: 0,
+                count: 1,
+            },
+        );
+        assert!(matches!(future, Err(ReconcileError::Stale { .. })));
+        // An answer of the wrong length or about another version breaks the protocol.
+        let mut run = Reconciliation::new(&ours);
+        let mut reply = answer(&theirs, run.query()).unwrap();
+        reply.symbols = Symbols::default();
+        assert!(run.receive(&ours, &reply).unwrap_err().is_peers_fault());
     }
 
     proptest! {

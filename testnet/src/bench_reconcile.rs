@@ -6,10 +6,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Instant;
 
-use std::collections::BTreeSet;
-
 use estuary_node::reconcile::{Catalogue, Reconciliation};
-use estuary_node::riblt::{Decoder, Encoder, Symbols};
+use estuary_node::riblt;
 use serde::Serialize;
 
 /// Runs per configuration; figures are medians.
@@ -73,39 +71,20 @@ fn reconcile(ours: &Catalogue, theirs: &Catalogue) -> anyhow::Result<(usize, usi
     Ok((run.differing().len(), bytes, run.rounds()))
 }
 
-/// Symbols asked for in the first round (enough to tell equal catalogues apart) and in
-/// total by the second; each later round asks for half as many again as received so far.
-const RIBLT_FIRST: usize = 1;
-const RIBLT_SECOND_TOTAL: usize = 16;
-
-/// Rateless IBLT reconciliation: the initiator asks for the next symbols of the responder's
-/// catalogue, which the responder produces from scratch each time (no state between rounds),
-/// until the initiator's decoder is done. Returns (documents found, bytes, rounds).
+/// Reconciliation by rateless IBLT symbols, as nodes run it (`estuary_node::riblt`).
+/// Returns (documents found, bytes, rounds).
 fn reconcile_riblt(ours: &Catalogue, theirs: &Catalogue) -> anyhow::Result<(usize, usize, usize)> {
-    let mut decoder = Decoder::new(Encoder::new(ours.riblt_items()));
-    let (mut bytes, mut rounds) = (0, 0);
-    let mut batch = RIBLT_FIRST;
-    while !decoder.is_done() {
-        let from = decoder.received();
-        bytes += cbor_len(&(from as u64, batch as u64))?;
-        let mut responder = Encoder::new(theirs.riblt_items());
-        let sent = responder.produce(from + batch).split_off(from);
-        let wire = Symbols::encode(&sent);
-        bytes += cbor_len(&wire)?;
-        let symbols = wire
-            .decode()
-            .ok_or_else(|| anyhow::anyhow!("symbols garbled"))?;
-        decoder.take(&symbols);
-        rounds += 1;
-        let received = decoder.received();
-        batch = if received < RIBLT_SECOND_TOTAL {
-            RIBLT_SECOND_TOTAL - received
-        } else {
-            received / 2
-        };
+    let mut run = riblt::Reconciliation::new(ours);
+    let mut bytes = 0;
+    loop {
+        bytes += cbor_len(run.query())?;
+        let reply = riblt::answer(theirs, run.query())?;
+        bytes += cbor_len(&reply)?;
+        if !run.receive(ours, &reply)? {
+            break;
+        }
     }
-    let documents: BTreeSet<[u8; 16]> = decoder.found().map(|(item, _)| item.id).collect();
-    Ok((documents.len(), bytes, rounds))
+    Ok((run.differing().len(), bytes, run.rounds()))
 }
 
 fn median(mut values: Vec<f64>) -> f64 {

@@ -463,7 +463,9 @@ impl Driver {
                 Ok(false) => self.reconciled(slot, peer, &run, round_trips, bytes),
                 Err(error) => {
                     tracing::info!(%peer, %error, "reconciliation abandoned");
-                    self.strike(peer, "a reconciliation reply that breaks the protocol");
+                    if error.is_peers_fault() {
+                        self.strike(peer, "a reconciliation reply that breaks the protocol");
+                    }
                     self.release(slot);
                 }
             },

@@ -114,7 +114,7 @@ impl Driver {
             }
             Request::Reconcile(query) => {
                 self.spawn_job(peer, move || {
-                    let response = match node.catalogue().answer(&query) {
+                    let response = match crate::riblt::answer(&node.catalogue(), &query) {
                         Ok(reply) => Response::Reconcile(reply),
                         Err(error) => Response::Refused(Refusal::Malformed(error.to_string())),
                     };
