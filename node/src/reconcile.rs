@@ -70,9 +70,14 @@ impl Entry {
 /// documents change.
 pub const CATALOGUE_LOG_MAX: usize = 65_536;
 
+/// Coded symbols of a catalogue kept up to date as it changes (about 40 KB): an exchange of
+/// up to this many symbols (a few hundred differing documents) costs no pass over the
+/// catalogue on either side.
+pub const CACHED_SYMBOLS: usize = 1_024;
+
 /// A node's catalogue in memory: every document it holds, by id. Two catalogues are equal
 /// when they hold the same entries.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct Catalogue {
     entries: BTreeMap<Id, Entry>,
     /// The wrapping sum of every item hash, kept up to date: the whole range's fingerprint —
@@ -83,9 +88,8 @@ pub struct Catalogue {
     /// The latest changes, oldest first (at most `CATALOGUE_LOG_MAX`): an earlier version's
     /// coded symbols are the current ones with these undone.
     log: VecDeque<Logged>,
-    /// Coded symbol 0 (`crate::riblt`: every item), kept up to date: an in-sync check by
-    /// coded symbols costs no pass either.
-    first: crate::riblt::Symbol,
+    /// Its first `CACHED_SYMBOLS` coded symbols (`crate::riblt`), kept up to date.
+    prefix: Vec<crate::riblt::Symbol>,
 }
 
 /// One change of a catalogue: the version it made, the item it replaced or removed, the item
@@ -104,6 +108,18 @@ impl PartialEq for Catalogue {
 }
 
 impl Eq for Catalogue {}
+
+impl Default for Catalogue {
+    fn default() -> Self {
+        Self {
+            entries: BTreeMap::new(),
+            sum: 0,
+            version: 0,
+            log: VecDeque::new(),
+            prefix: vec![crate::riblt::Symbol::default(); CACHED_SYMBOLS],
+        }
+    }
+}
 
 /// An entry as a rateless IBLT item: its id and 64 bits of its hash.
 fn item(id: &Id, entry: &Entry) -> crate::riblt::Item {
@@ -266,12 +282,11 @@ impl Catalogue {
     }
 
     fn changed(&mut self, removed: Option<crate::riblt::Item>, added: Option<crate::riblt::Item>) {
-        let first = std::slice::from_mut(&mut self.first);
         if let Some(removed) = &removed {
-            crate::riblt::adjust(first, 0, removed, -1);
+            crate::riblt::adjust(&mut self.prefix, 0, removed, -1);
         }
         if let Some(added) = &added {
-            crate::riblt::adjust(first, 0, added, 1);
+            crate::riblt::adjust(&mut self.prefix, 0, added, 1);
         }
         self.version += 1;
         if self.log.len() == CATALOGUE_LOG_MAX {
@@ -290,8 +305,8 @@ impl Catalogue {
     }
 
     /// Coded symbols `from .. from + count` of this catalogue as it was at `version` (at
-    /// most `CATALOGUE_LOG_MAX` changes ago). Symbol 0 alone costs no pass; any other, one
-    /// pass over the catalogue.
+    /// most `CATALOGUE_LOG_MAX` changes ago). The first `CACHED_SYMBOLS` cost no pass over
+    /// the catalogue; any later, one.
     pub fn symbols(
         &self,
         version: u64,
@@ -305,8 +320,11 @@ impl Catalogue {
         if version > self.version || version < reachable {
             return Err(ReconcileError::Stale { version });
         }
-        let mut symbols = if from == 0 && count == 1 {
-            vec![self.first]
+        let cached = usize::try_from(from)
+            .ok()
+            .and_then(|from| self.prefix.get(from..from.checked_add(count)?));
+        let mut symbols = if let Some(cached) = cached {
+            cached.to_vec()
         } else {
             let mut encoder = crate::riblt::Encoder::new(self.riblt_items());
             encoder.skip_to(from);

@@ -684,6 +684,41 @@ mod tests {
     }
 
     #[test]
+    fn a_catalogues_kept_symbols_are_its_symbols_at_each_version() {
+        let mut catalogue = Catalogue::default();
+        for n in 0..3_000 {
+            catalogue.insert(doc(n), [1; 32]);
+        }
+        let before = catalogue.version();
+        let at_before = Encoder::new(catalogue.riblt_items()).produce(1_100);
+        for n in 0..100 {
+            catalogue.insert(doc(n), [2; 32]);
+            catalogue.remove(&doc(1_000 + n));
+            catalogue.insert(doc(5_000 + n), [1; 32]);
+        }
+        let now = Encoder::new(catalogue.riblt_items()).produce(1_100);
+        let cached = crate::reconcile::CACHED_SYMBOLS;
+        let version = catalogue.version();
+        // Kept, computed, and across the two; now and as it was.
+        assert_eq!(
+            catalogue.symbols(version, 0, cached).unwrap(),
+            now[..cached]
+        );
+        assert_eq!(
+            catalogue.symbols(version, 1_000, 100).unwrap(),
+            now[1_000..]
+        );
+        assert_eq!(
+            catalogue.symbols(before, 0, cached).unwrap(),
+            at_before[..cached]
+        );
+        assert_eq!(
+            catalogue.symbols(before, 1_000, 100).unwrap(),
+            at_before[1_000..]
+        );
+    }
+
+    #[test]
     fn an_exchange_outrun_by_changes_or_asked_out_of_bounds_is_refused() {
         let mut ours = Catalogue::default();
         let mut theirs = Catalogue::default();
