@@ -78,6 +78,10 @@ pub const DOCUMENTS_IN_PROGRESS_PER_PEER_MAX: usize = DOCUMENTS_IN_PROGRESS_MAX 
 /// reconciliation: a document id and a flag each, about 17 MB at most. A node catching up
 /// from a single peer reconciles once, not once per share.
 pub const DIFFERENCES_KEPT_MAX: usize = 1_000_000;
+/// A peer whose reconciliations keep finding only documents it lacks (it is catching up from
+/// this node, and pulls them itself) is asked again after `reconcile_every` × 2ⁿ for the n-th
+/// such reconciliation in a row, n at most this.
+pub const LOPSIDED_BACKOFF_MAX: u32 = 5;
 /// Requests from one peer being served at once; more are refused as busy.
 pub const INBOUND_REQUESTS_PER_PEER_MAX: usize = 16;
 /// Requests one peer may make per second (a token bucket of this size, refilled per second).

@@ -178,6 +178,9 @@ impl Driver {
                 });
             }
             Request::Fetch { documents } => {
+                if let Some(state) = self.peers.get_mut(&peer) {
+                    state.fetched_from_us = Some(Instant::now());
+                }
                 self.spawn_job(peer, move || {
                     let response = match document::fetch(&node, &documents) {
                         Ok((documents, deferred)) => Response::Fetch {
