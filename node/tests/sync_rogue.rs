@@ -146,9 +146,9 @@ fn rogue(
                 };
                 let response = match request {
                     Request::Roster { .. } => Response::Roster(None),
-                    Request::Reconcile(query) => Response::Reconcile(
-                        estuary_node::riblt::answer(&catalogue, &query).unwrap(),
-                    ),
+                    Request::Reconcile(query) => {
+                        Response::Reconcile(catalogue.answer(&query).unwrap())
+                    }
                     Request::Fetch { documents } => {
                         let mut seen = seen.lock().unwrap();
                         seen.fetches += 1;

@@ -22,8 +22,8 @@ use estuary_node::envelope::Envelope;
 use estuary_node::identity::Identity;
 use estuary_node::membership::SignedRoster;
 use estuary_node::model::*;
+use estuary_node::reconcile::Reconciliation;
 use estuary_node::replica::{Node, NodeConfig};
-use estuary_node::riblt::{self, Reconciliation};
 use estuary_node::sync::{Multiaddr, PeerStats, SyncConfig, SyncHandle, TransportKind};
 use serde::Serialize;
 
@@ -521,7 +521,7 @@ fn reconciliation_cpu_ms(pair: &Pair) -> anyhow::Result<f64> {
         let ours = pair.centre.catalogue();
         let theirs = pair.hospital.catalogue();
         let mut run = Reconciliation::new(&ours);
-        while run.receive(&ours, &riblt::answer(&theirs, run.query())?)? {}
+        while run.receive(&ours, &theirs.answer(run.query())?)? {}
         times.push(started.elapsed().as_secs_f64() * 1e3);
     }
     times.sort_by(f64::total_cmp);

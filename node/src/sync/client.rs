@@ -6,22 +6,19 @@ use super::*;
 impl Driver {
     pub(super) fn reconcile_with_someone(&mut self) {
         let now = Instant::now();
-        let every = self.config.reconcile_every;
         let candidates: Vec<PeerId> = self
             .peers
             .iter()
             // A peer still working through the last differences is left alone until done:
             // until every document found with it is ingested (queued, in flight or being
             // ingested, a document is in progress), and none are kept for later. Asked
-            // sooner, it would send the same differences again. So is a peer catching up
-            // from this node (it asked for documents lately, or the last reconciliations
-            // found only documents it lacks): it reconciles with this node itself.
+            // sooner, it would send the same differences again. So, for a while, is a peer
+            // whose last reconciliations found only documents it lacks: it is catching up
+            // from this node, and pulls them itself.
             .filter(|(p, s)| {
                 !s.reconciling
                     && s.quiet_until.is_none_or(|until| until <= now)
                     && s.reconcile_after.is_none_or(|after| after <= now)
-                    && s.fetched_from_us
-                        .is_none_or(|at| now.duration_since(at) > 2 * every)
                     && s.kept.is_empty()
                     && self.in_progress.of_peer(p) == 0
             })

@@ -53,9 +53,6 @@ pub(super) struct PeerState {
     pub(super) lopsided: u32,
     /// Not asked to reconcile before then (its last reconciliations were lopsided).
     pub(super) reconcile_after: Option<Instant>,
-    /// When it last asked this node for documents: a peer catching up from this node
-    /// reconciles with it itself once done, and is not asked meanwhile.
-    pub(super) fetched_from_us: Option<Instant>,
 }
 
 /// Sync states of sessions peers run with this node, bounded in total and per peer; the

@@ -14,7 +14,7 @@ use serde_bytes::{ByteArray, ByteBuf};
 
 use crate::cbor::{self, CborError};
 use crate::membership::SignedRoster;
-use crate::riblt::{Query, Reply};
+use crate::reconcile::{Query, Reply};
 
 /// The request-response protocol.
 pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/estuary/sync/1");

@@ -114,7 +114,7 @@ impl Driver {
             }
             Request::Reconcile(query) => {
                 self.spawn_job(peer, move || {
-                    let response = match crate::riblt::answer(&node.catalogue(), &query) {
+                    let response = match node.catalogue().answer(&query) {
                         Ok(reply) => Response::Reconcile(reply),
                         Err(error) => Response::Refused(Refusal::Malformed(error.to_string())),
                     };
@@ -178,9 +178,6 @@ impl Driver {
                 });
             }
             Request::Fetch { documents } => {
-                if let Some(state) = self.peers.get_mut(&peer) {
-                    state.fetched_from_us = Some(Instant::now());
-                }
                 self.spawn_job(peer, move || {
                     let response = match document::fetch(&node, &documents) {
                         Ok((documents, deferred)) => Response::Fetch {
