@@ -93,8 +93,8 @@ pub const RESPONDER_SYNC_STATES_PER_PEER_MAX: usize = 64;
 /// A state is kept only after a message of at most this many bytes (what a peer can make
 /// this node hold is then at most `RESPONDER_SYNC_STATES_MAX` × this).
 pub const RESPONDER_STATE_MESSAGE_BYTES_MAX: usize = 64 * 1024;
-/// Reconciliation queries one peer may make per second (each but an in-sync check costs one
-/// pass over the catalogue; an exchange takes one round, a dozen for a thousand differences).
+/// Reconciliation queries one peer may make per second (each costs up to one pass over the
+/// catalogue; an in-sync check, none).
 pub const RECONCILE_QUERIES_PER_PEER_PER_S: u32 = 40;
 /// Gossip messages being validated at once; more are ignored (anti-entropy recovers them).
 pub const GOSSIP_VALIDATIONS_MAX: usize = 256;
@@ -142,7 +142,8 @@ const _: () = {
     assert!(GOSSIP_VALIDATIONS_PER_PUBLISHER_MAX <= GOSSIP_VALIDATIONS_MAX);
     assert!(GOSSIP_QUEUED_PER_PUBLISHER_MAX <= GOSSIP_QUEUED_MAX);
     assert!(GOSSIP_ENVELOPE_BYTES_MAX <= GOSSIP_QUEUED_BYTES_MAX);
-    // A reconciliation answer at its limit (a count takes at most 9 bytes of CBOR).
+    // An answer of coded symbols at its limit, should nodes send them (a count takes at most
+    // 9 bytes of CBOR).
     assert!(
         crate::riblt::SYMBOLS_PER_REPLY_MAX as u64 * (crate::riblt::SYMBOL_SUM_BYTES as u64 + 9)
             + 64
