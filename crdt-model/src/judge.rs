@@ -14,7 +14,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
-use automerge::legacy::{Key, ObjectId};
+use automerge::legacy::{Key, ObjectId, OpType};
 use automerge::{ActorId, Change, ChangeHash, ObjId, Prop, ReadDoc};
 
 use crate::at::At;
@@ -39,38 +39,85 @@ impl Touch {
     /// Names the place of every operation of `change`, which `doc` holds. `parts` are the
     /// root keys judged by part (the root field `register` may be written at the root); any
     /// other place makes the change judged whole.
+    ///
+    /// An object the change itself creates is placed from the operation that made it (objects
+    /// never move: `doc` would name the same parents); only objects made by earlier changes
+    /// are looked up in `doc`.
     fn of<D: ReadDoc>(doc: &D, change: &Change, parts: &[&str], register: &str) -> Self {
         let mut touch = Touch::default();
+        let whole = || Touch {
+            whole: true,
+            ..Touch::default()
+        };
+        let decoded = change.decode();
+        let actor = &decoded.actor_id;
         // The objects a change writes are few; each is placed once.
-        let mut placed: BTreeSet<ObjId> = BTreeSet::new();
-        for op in change.decode().operations {
-            let obj = match op.obj {
-                ObjectId::Root => match op.key {
+        let mut placed: BTreeMap<ObjId, Place> = BTreeMap::new();
+        for (index, op) in decoded.operations.iter().enumerate() {
+            let parent = match &op.obj {
+                ObjectId::Root => match &op.key {
                     Key::Map(key) => {
-                        touch.whole |= &*key != register;
+                        if &**key != register {
+                            return whole();
+                        }
                         touch.under.entry(key.to_string()).or_default();
-                        continue;
+                        None
                     }
-                    Key::Seq(_) => {
-                        touch.whole = true;
-                        continue;
-                    }
+                    Key::Seq(_) => return whole(),
                 },
-                ObjectId::Id(id) => object_id(id.counter(), id.actor()),
-            };
-            if !placed.insert(obj.clone()) {
-                continue;
-            }
-            match place(doc, &obj) {
-                Some((key, entry)) if parts.contains(&key.as_str()) => {
-                    let entries = touch.under.entry(key).or_default();
-                    entries.extend(entry);
+                ObjectId::Id(id) => {
+                    let obj = object_id(id.counter(), id.actor());
+                    let place = match placed.get(&obj) {
+                        Some(place) => place.clone(),
+                        None => {
+                            let Some(place) = place(doc, &obj) else {
+                                return whole();
+                            };
+                            placed.insert(obj, place.clone());
+                            place
+                        }
+                    };
+                    if !parts.contains(&place.key.as_str()) {
+                        return whole();
+                    }
+                    let entries = touch.under.entry(place.key.clone()).or_default();
+                    entries.extend(place.entry.clone());
+                    Some(place)
                 }
-                _ => touch.whole = true,
+            };
+            if let OpType::Make(_) = op.action {
+                let made = object_id(change.start_op().get() + index as u64, actor);
+                let place = match (parent, &op.key) {
+                    (None, Key::Map(key)) => Place {
+                        key: key.to_string(),
+                        depth: 1,
+                        entry: None,
+                    },
+                    (None, Key::Seq(_)) => continue,
+                    (Some(parent), _) => Place {
+                        entry: match parent.depth {
+                            1 => Some(made.clone()),
+                            _ => parent.entry,
+                        },
+                        key: parent.key,
+                        depth: parent.depth + 1,
+                    },
+                };
+                placed.insert(made, place);
             }
         }
         touch
     }
+}
+
+/// Where an object lives: the root key its path starts from, how many objects deep it is
+/// (1: directly at the root), and, deeper than a section or list, the object directly in that
+/// section or list on its path (its entry).
+#[derive(Clone, Debug)]
+struct Place {
+    key: String,
+    depth: usize,
+    entry: Option<ObjId>,
 }
 
 /// The external id of the object created by operation `counter@actor`. The actor index it
@@ -79,10 +126,8 @@ fn object_id(counter: u64, actor: &ActorId) -> ObjId {
     ObjId::Id(counter, actor.clone(), usize::MAX)
 }
 
-/// The root key an object lives under and, when it is deeper than a section or list, the
-/// object directly in that section or list on its path (an entry). `None` if the object cannot
-/// be placed.
-fn place<D: ReadDoc>(doc: &D, obj: &ObjId) -> Option<(String, Option<ObjId>)> {
+/// Where `obj` lives in `doc`. `None` if the object cannot be placed.
+fn place<D: ReadDoc>(doc: &D, obj: &ObjId) -> Option<Place> {
     // automerge asserts on objects it cannot find; a change it applied names only objects it
     // holds, but a place not found is refused, not a crash.
     let chain: Vec<automerge::Parent> =
@@ -101,7 +146,11 @@ fn place<D: ReadDoc>(doc: &D, obj: &ObjId) -> Option<(String, Option<ObjId>)> {
         2 => Some(obj.clone()),
         n => Some(chain[n - 3].obj.clone()),
     };
-    Some((key.clone(), entry))
+    Some(Place {
+        key: key.clone(),
+        depth: chain.len(),
+        entry,
+    })
 }
 
 /// What [`judge_change`] found: the change is allowed, and what it touched.

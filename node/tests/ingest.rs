@@ -1131,3 +1131,40 @@ fn a_fetched_document_carrying_a_change_without_its_dependencies_goes_change_by_
     assert_eq!(node.health_file(id).unwrap().allergies.len(), 0);
     assert!(node.verify().unwrap().problems.is_empty());
 }
+
+/// A document as a fetch sends it (its snapshot followed by the changes accepted since) loads
+/// to the document the node holds, with a signature that verifies for every change.
+#[test]
+fn a_whole_document_as_a_fetch_sends_it_loads_to_the_node_copy_with_every_signature() {
+    let mut consortium = Consortium::new();
+    let node = consortium.open();
+    let by = editor("chc-jianshe");
+    let (id, _) = node.create_health_file(&by, &demographics()).unwrap();
+    for n in 0..40 {
+        node.apply_health_file(
+            id,
+            &by,
+            &HealthFileOp::AddAllergy(NewAllergy {
+                substance: format!("substance {n}"),
+                reaction: "a rash over the forearms and the back of the hands".into(),
+                severity: Severity::Mild,
+            }),
+        )
+        .unwrap();
+    }
+    let (bytes, signatures) = node.whole_document(id).unwrap().unwrap();
+    let mut loaded = load_document(&bytes).unwrap();
+    let mut heads = loaded.get_heads();
+    heads.sort();
+    let mut held = node.heads(id).unwrap();
+    held.sort();
+    assert_eq!(heads, held);
+    let changes = loaded.get_changes(&[]);
+    assert_eq!(changes.len(), 41);
+    assert_eq!(signatures.len(), 41);
+    let by_hash: std::collections::HashMap<_, _> = signatures.into_iter().collect();
+    for change in &changes {
+        let signature = by_hash[&change.hash()];
+        estuary_node::envelope::verify_signature(&id, change, &signature).unwrap();
+    }
+}

@@ -149,7 +149,7 @@ fn rogue(
                     Request::Reconcile(query) => {
                         Response::Reconcile(catalogue.answer(&query).unwrap())
                     }
-                    Request::Fetch { documents } => {
+                    Request::Fetch { documents, .. } => {
                         let mut seen = seen.lock().unwrap();
                         seen.fetches += 1;
                         seen.asked.extend(documents.iter().map(|id| **id));

@@ -378,12 +378,12 @@ impl Node {
         Ok(self.copy_of(&id)?.map(|(doc, _)| doc))
     }
 
-    /// A document as a fetch sends it: saved (automerge's compressed encoding), with the
-    /// signature of each of its changes. When its snapshot holds every accepted change (no
-    /// envelope accepted since), the snapshot is sent as stored, without decoding the
-    /// document; otherwise the document is saved afresh. The signatures are read after the
-    /// snapshot, so a change accepted meanwhile adds a signature, never takes one away. `None`
-    /// if the document is not held.
+    /// A document as a fetch sends it: automerge bytes that load to it, with the signature of
+    /// each of its changes. The bytes are the stored snapshot followed by the changes accepted
+    /// since (their envelopes' change chunks, which automerge loads after a document chunk),
+    /// so serving a document decodes nothing of it. Should a decision land while they are read
+    /// (the record's heads moved), or the snapshot be missing, the document is saved afresh
+    /// from a copy instead. `None` if the document is not held.
     #[allow(clippy::type_complexity)]
     pub fn whole_document(
         &self,
@@ -392,25 +392,65 @@ impl Node {
         let Some(record) = self.document_record(&id)? else {
             return Ok(None);
         };
-        let snapshot = match record.tail == 0 && record.snapshot > 0 {
-            true => self
-                .store
-                .get(&keys::per_document(keys::SNAPSHOT, &id))?
-                .filter(|snapshot| snapshot.len() as u64 == record.snapshot),
-            false => None,
+        if let Some(stored) = self.stored_whole(&id, &record)? {
+            return Ok(Some(stored));
+        }
+        let Some((mut doc, _)) = self.copy_of(&id)? else {
+            return Ok(None);
         };
-        let saved = match snapshot {
-            Some(snapshot) => snapshot,
-            None => match self.copy_of(&id)? {
-                Some((mut doc, _)) => doc.save(),
-                None => return Ok(None),
-            },
-        };
+        // Read after the copy: a change accepted meanwhile adds a signature, never takes one
+        // away.
         let mut signatures = Vec::new();
         for (hash, value) in self.stored_changes(&id)? {
             signatures.push((hash, StoredChange::decode(value)?.signature()?));
         }
-        Ok(Some((saved, signatures)))
+        Ok(Some((doc.save(), signatures)))
+    }
+
+    /// A document's snapshot followed by the change chunks of the envelopes it lacks, with every
+    /// change's signature, read from the store as `record` describes it; `None` if the
+    /// snapshot is not the one `record` names or a decision on the document landed meanwhile.
+    #[allow(clippy::type_complexity)]
+    fn stored_whole(
+        &self,
+        id: &DocumentId,
+        record: &DocumentRecord,
+    ) -> Result<Option<(Vec<u8>, Vec<(ChangeHash, [u8; 64])>)>, StoreError> {
+        if record.snapshot == 0 {
+            return Ok(None);
+        }
+        let Some(mut bytes) = self
+            .store
+            .get(&keys::per_document(keys::SNAPSHOT, id))?
+            .filter(|snapshot| snapshot.len() as u64 == record.snapshot)
+        else {
+            return Ok(None);
+        };
+        let stored = self.stored_changes(id)?;
+        let mut signatures = Vec::with_capacity(stored.len());
+        for (hash, value) in stored {
+            let signature = match StoredChange::decode(value)? {
+                StoredChange::Signature(signature) => signature,
+                StoredChange::Envelope(envelope) => {
+                    let envelope = Envelope::decode(&envelope)
+                        .ok()
+                        .filter(|envelope| envelope.document == id.as_bytes())
+                        .ok_or(StoreError::Corrupt { what: "envelope" })?;
+                    bytes.extend_from_slice(&envelope.change);
+                    envelope
+                        .signature
+                        .try_into()
+                        .map_err(|_| StoreError::Corrupt { what: "envelope" })?
+                }
+            };
+            signatures.push((hash, signature));
+        }
+        // A decision that landed between the reads may have replaced the snapshot and kept its
+        // envelopes as signatures alone: then what was read may lack changes.
+        match self.document_record(id)? {
+            Some(now) if now.heads == record.heads => Ok(Some((bytes, signatures))),
+            _ => Ok(None),
+        }
     }
 
     /// The signatures of accepted changes of a document, to send beside them; a change not

@@ -131,41 +131,31 @@ impl Driver {
                     documents: fetched,
                     deferred,
                 },
-            ) => {
-                // A responder defers only documents it was asked for, and only once it has
-                // sent one of them (for lack of room): any other id would be work this node
-                // never chose, and deferring everything would keep the documents from every
-                // other peer for as long as it liked.
-                let asked: HashSet<[u8; 16]> =
-                    documents.documents().iter().map(|id| **id).collect();
-                let (deferred, unasked): (Vec<ByteArray<16>>, Vec<ByteArray<16>>) =
-                    deferred.into_iter().partition(|id| asked.contains(&**id));
-                let served = fetched.iter().any(|d| asked.contains(&*d.document));
-                if !unasked.is_empty() {
-                    self.strike(peer, "a fetch answer deferring documents not asked for");
-                } else if !deferred.is_empty() && !served {
-                    self.strike(
-                        peer,
-                        "a fetch answer deferring documents without sending one",
-                    );
-                }
-                let node = self.node.clone();
-                // The exchange is over; ingesting is the catch-up threads' work, and the
-                // documents stay in progress until it is done.
-                self.release(exchange);
-                self.spawn_catch_up_job(peer, move || {
-                    let _span =
-                        tracing::debug_span!("fetch", %peer, documents = fetched.len()).entered();
-                    let carried = document::ingest_fetched(&node, &fetched);
-                    Job::Fetched {
-                        peer,
-                        documents,
-                        bytes,
-                        carried,
-                        deferred,
-                    }
-                });
-            }
+            ) => self.fetch_answered(
+                peer,
+                exchange,
+                documents,
+                Fetched::Plain(fetched),
+                deferred,
+                bytes,
+            ),
+            (
+                Outbound::Fetch {
+                    exchange,
+                    documents,
+                },
+                Response::FetchDeflated {
+                    documents: fetched,
+                    deferred,
+                },
+            ) => self.fetch_answered(
+                peer,
+                exchange,
+                documents,
+                Fetched::Deflated(fetched.into_vec()),
+                deferred,
+                bytes,
+            ),
             (Outbound::Roster, Response::Roster(Some(signed))) => {
                 self.adopt_roster(signed.into_vec(), None, Some(peer), None);
             }
@@ -299,6 +289,7 @@ impl Driver {
                 let ids: Vec<ByteArray<16>> = state.to_fetch.drain(..take).collect();
                 let request = Request::Fetch {
                     documents: ids.clone(),
+                    deflated: true,
                 };
                 let exchange = self.take(peer, Held::Fetch);
                 let documents = self.take(peer, Held::Documents(ids));
@@ -346,6 +337,63 @@ impl Driver {
         });
     }
 
+    /// A peer answered a fetch: its documents are inflated (if sent so) and ingested on the
+    /// catch-up threads, where they stay in progress until done.
+    fn fetch_answered(
+        &mut self,
+        peer: PeerId,
+        exchange: Slot,
+        documents: Slot,
+        fetched: Fetched,
+        deferred: Vec<ByteArray<16>>,
+        bytes: u64,
+    ) {
+        // A responder defers only documents it was asked for, and only once it has sent one
+        // of them (for lack of room): any other id would be work this node never chose, and
+        // deferring everything would keep the documents from every other peer for as long as
+        // it liked. The second is checked once the documents are read.
+        let asked: HashSet<[u8; 16]> = documents.documents().iter().map(|id| **id).collect();
+        let (deferred, unasked): (Vec<ByteArray<16>>, Vec<ByteArray<16>>) =
+            deferred.into_iter().partition(|id| asked.contains(&**id));
+        let struck = !unasked.is_empty();
+        if struck {
+            self.strike(peer, "a fetch answer deferring documents not asked for");
+        }
+        let node = self.node.clone();
+        // The exchange is over; reading and ingesting are the catch-up threads' work.
+        self.release(exchange);
+        self.spawn_catch_up_job(peer, move || {
+            // One strike per answer.
+            let check = |mut sent: std::slice::Iter<'_, [u8; 16]>| {
+                let served = sent.any(|document| asked.contains(document));
+                match !deferred.is_empty() && !served && !struck {
+                    true => Err(DocumentSyncError::Malformed(
+                        "a fetch answer deferring documents without sending one",
+                    )),
+                    false => Ok(()),
+                }
+            };
+            let _span = tracing::debug_span!("fetch", %peer).entered();
+            let carried = match fetched {
+                Fetched::Plain(fetched) => check(ids(fetched.iter().map(|d| d.document)).iter())
+                    .and_then(|()| document::ingest_fetched(&node, &fetched)),
+                Fetched::Deflated(deflated) => protocol::inflate_fetched(&deflated)
+                    .map_err(|error| DocumentSyncError::Malformed(error.reason()))
+                    .and_then(|fetched| {
+                        check(ids(fetched.iter().map(|d| d.document)).iter())?;
+                        document::ingest_compact(&node, &fetched)
+                    }),
+            };
+            Job::Fetched {
+                peer,
+                documents,
+                bytes,
+                carried,
+                deferred,
+            }
+        });
+    }
+
     pub(super) fn fetched(
         &mut self,
         peer: PeerId,
@@ -356,6 +404,10 @@ impl Driver {
     ) {
         match carried {
             Ok(carried) => self.count_carried(&peer, &carried),
+            Err(DocumentSyncError::Malformed(reason)) => {
+                tracing::warn!(%peer, reason, "a fetch answer refused");
+                self.strike(peer, reason);
+            }
             Err(error) => tracing::warn!(%peer, %error, "fetched envelopes not ingested"),
         }
         // Only documents asked for (checked when the answer came).
@@ -420,4 +472,15 @@ impl Driver {
             self.strike(*peer, "changes an honest member never sends");
         }
     }
+}
+
+fn ids(documents: impl Iterator<Item = ByteArray<16>>) -> Vec<[u8; 16]> {
+    documents.map(|id| *id).collect()
+}
+
+/// The documents of a fetch answer, as the responder sent them.
+enum Fetched {
+    Plain(Vec<FetchedDocument>),
+    /// `Response::FetchDeflated`'s stream.
+    Deflated(Vec<u8>),
 }

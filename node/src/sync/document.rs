@@ -7,9 +7,9 @@ use std::collections::HashMap;
 use serde_bytes::{ByteArray, ByteBuf};
 
 use super::protocol::{
-    ChangeSignature, FETCH_DOCUMENTS_MAX, FETCH_RESPONSE_BYTES_MAX, FetchedDocument,
-    RESPONSE_BYTES_MAX, SIGNATURE_ENTRY_BYTES, SYNC_MESSAGE_BYTES_MAX, SYNC_SIGNATURES_MAX,
-    SyncMessage,
+    ChangeSignature, CompactDocument, FETCH_DOCUMENTS_MAX, FETCH_RESPONSE_BYTES_MAX,
+    FetchedDocument, RESPONSE_BYTES_MAX, SIGNATURE_ENTRY_BYTES, SYNC_MESSAGE_BYTES_MAX,
+    SYNC_SIGNATURES_MAX, SyncMessage,
 };
 use crate::envelope::Envelope;
 use crate::model::automerge::sync::{self, ChunkList, SyncDoc};
@@ -319,13 +319,7 @@ pub fn ingest_fetched(
     let mut carried = Carried::default();
     let mut whole = Vec::with_capacity(fetched.len());
     for document in fetched {
-        if document.saved.len() > RESPONSE_BYTES_MAX as usize
-            || document.signatures.len() > SYNC_SIGNATURES_MAX
-        {
-            carried.rejected += 1;
-            continue;
-        }
-        let Ok(doc) = load_document(&document.saved) else {
+        let Some(doc) = load_fetched(&document.saved, document.signatures.len()) else {
             carried.rejected += 1;
             continue;
         };
@@ -339,6 +333,72 @@ pub fn ingest_fetched(
                 .collect(),
         });
     }
+    ingest_loaded(node, whole, carried)
+}
+
+/// Takes fetched documents in their compact form (`Response::FetchDeflated`), as
+/// `ingest_fetched` does: each signature belongs to the change whose hash has its place in
+/// the order of the document's change hashes. A document whose changes and signatures do not
+/// pair up is counted as refused.
+pub fn ingest_compact(
+    node: &Node,
+    fetched: &[CompactDocument],
+) -> Result<Carried, DocumentSyncError> {
+    let mut carried = Carried::default();
+    let mut whole = Vec::with_capacity(fetched.len());
+    for document in fetched {
+        let signatures = document.signatures.chunks_exact(64);
+        let count = signatures.len();
+        let paired = signatures
+            .remainder()
+            .is_empty()
+            .then_some(())
+            .and_then(|()| {
+                let mut doc = load_fetched(&document.saved, count)?;
+                let mut hashes: Vec<ChangeHash> = doc
+                    .get_changes_meta(&[])
+                    .into_iter()
+                    .map(|meta| meta.hash)
+                    .collect();
+                hashes.sort_unstable();
+                (hashes.len() == count).then(|| {
+                    let signatures = hashes
+                        .iter()
+                        .zip(signatures)
+                        .filter_map(|(hash, signature)| Some((hash.0, signature.try_into().ok()?)))
+                        .collect();
+                    (doc, signatures)
+                })
+            });
+        let Some((doc, signatures)) = paired else {
+            carried.rejected += 1;
+            continue;
+        };
+        whole.push(WholeDocument {
+            id: DocumentId::from_bytes(*document.document),
+            doc,
+            signatures,
+        });
+    }
+    ingest_loaded(node, whole, carried)
+}
+
+/// A fetched document's bytes loaded, within the limits of one response and of the changes
+/// one document may carry.
+fn load_fetched(saved: &[u8], signatures: usize) -> Option<AutoCommit> {
+    if saved.len() > RESPONSE_BYTES_MAX as usize || signatures > SYNC_SIGNATURES_MAX {
+        return None;
+    }
+    load_document(saved).ok()
+}
+
+/// Takes fetched documents once loaded: whole where this node lacks them, change by change
+/// otherwise.
+fn ingest_loaded(
+    node: &Node,
+    whole: Vec<WholeDocument>,
+    mut carried: Carried,
+) -> Result<Carried, DocumentSyncError> {
     let (outcomes, given_back) = node.ingest_whole(whole)?;
     carried.count(&outcomes);
     let mut envelopes = Vec::new();

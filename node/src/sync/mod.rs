@@ -41,8 +41,8 @@ use tokio::sync::{mpsc, oneshot};
 pub use document::{Carried, DocumentSyncError};
 pub use libp2p::{Multiaddr, PeerId};
 use protocol::{
-    FETCH_DOCUMENTS_MAX, GOSSIP_ENVELOPE_BYTES_MAX, GOSSIP_MESSAGE_BYTES_MAX, Gossip, PROTOCOL,
-    Refusal, Request, Response, SyncMessage,
+    FETCH_DOCUMENTS_MAX, FetchedDocument, GOSSIP_ENVELOPE_BYTES_MAX, GOSSIP_MESSAGE_BYTES_MAX,
+    Gossip, PROTOCOL, Refusal, Request, Response, SyncMessage,
 };
 
 use crate::membership::RosterUpdate;

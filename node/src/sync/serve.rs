@@ -177,9 +177,18 @@ impl Driver {
                     }
                 });
             }
-            Request::Fetch { documents } => {
+            Request::Fetch {
+                documents,
+                deflated,
+            } => {
                 self.spawn_job(peer, move || {
                     let response = match document::fetch(&node, &documents) {
+                        Ok((documents, deferred)) if deflated => Response::FetchDeflated {
+                            documents: serde_bytes::ByteBuf::from(protocol::deflate_fetched(
+                                &documents,
+                            )),
+                            deferred,
+                        },
                         Ok((documents, deferred)) => Response::Fetch {
                             documents,
                             deferred,

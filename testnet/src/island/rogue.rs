@@ -417,7 +417,7 @@ impl State {
                 signatures: vec![],
                 first: false,
             })),
-            Request::Fetch { documents } => Response::Fetch {
+            Request::Fetch { documents, .. } => Response::Fetch {
                 documents: documents
                     .iter()
                     .take(4)
@@ -736,6 +736,7 @@ impl Script {
                             ByteArray::new(id)
                         })
                         .collect(),
+                    deflated: true,
                 });
                 state.request(Request::Sync(SyncMessage {
                     document,
