@@ -58,6 +58,29 @@ fn seven_nodes_in_process_converge_through_partitions_loss_and_restarts() {
             .iter()
             .any(|f| f["fault"] == "loss" && f["percent"] == 20)
     );
+    // The schedule ran on the plan's clock: every window in force near its planned start,
+    // lifted near its planned end (or when the faults stop), whatever the writes did.
+    assert_eq!(report["faults_applied"], true, "{text}");
+    for fault in faults {
+        let ms = |field: &str| {
+            fault[field]
+                .as_u64()
+                .unwrap_or_else(|| panic!("{field}: {text}"))
+        };
+        assert!(
+            ms("applied_ms") >= ms("start_ms") && ms("applied_ms") < ms("start_ms") + 3_000,
+            "{fault}: {text}"
+        );
+        assert!(ms("lifted_ms") >= ms("end_ms"), "{fault}: {text}");
+    }
+    let writes = &report["writes"];
+    assert!(writes["planned"].as_u64().unwrap() > 0, "{text}");
+    assert_eq!(writes["issued"], writes["planned"], "{text}");
+    // Clinical reads were made on the nodes during the run and their slowest is named.
+    assert!(report["reads"]["reads"].as_u64().unwrap() > 0, "{text}");
+    assert!(report["reads"]["max_ms"].as_f64().is_some(), "{text}");
+    assert!(text.contains("slowest part"), "{text}");
+    assert!(text.contains("writes on the clock"), "{text}");
     assert!(dir.path().join("agreement.svg").exists());
 }
 

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use estuary_node::model::automerge::ChangeHash;
 use estuary_node::model::{
@@ -115,6 +116,10 @@ pub trait Cluster {
     fn sync_stats(&self, _node: usize) -> Option<SyncStats> {
         None
     }
+    /// Reads health file `id` at a node as a clinical app would (its view; through the API
+    /// where nodes serve one) and says how long the node took to answer; `None` if the node is
+    /// down or does not hold the file yet.
+    fn read(&mut self, node: usize, id: DocumentId) -> anyhow::Result<Option<Duration>>;
     /// A node's `/metrics` text, where nodes serve their HTTP API.
     fn metrics(&mut self, _node: usize) -> anyhow::Result<Option<String>> {
         Ok(None)

@@ -202,6 +202,20 @@ impl Cluster for InProc {
         }
     }
 
+    fn read(&mut self, index: usize, id: DocumentId) -> anyhow::Result<Option<Duration>> {
+        let Some(node) = self.node(index) else {
+            return Ok(None);
+        };
+        let started = std::time::Instant::now();
+        match node.health_file(id) {
+            Ok(_) => Ok(Some(started.elapsed())),
+            Err(NodeError::UnknownDocument(_)) => Ok(None),
+            Err(error) => {
+                Err(anyhow::Error::from(error).context(format!("a read at node {index}")))
+            }
+        }
+    }
+
     fn crash(&mut self, node: usize) -> anyhow::Result<()> {
         if let Some(running) = self.nodes[node].take() {
             let traffic = traffic_of(&running.sync);

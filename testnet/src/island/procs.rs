@@ -251,6 +251,33 @@ impl Cluster for Procs {
         }
     }
 
+    fn read(&mut self, node: usize, id: DocumentId) -> anyhow::Result<Option<Duration>> {
+        let process = &self.nodes[node];
+        if process.child.is_none() {
+            return Ok(None);
+        }
+        let path = format!("/v1/health-files/{id}");
+        let started = Instant::now();
+        let mut response = self
+            .agent
+            .get(format!("{}{path}", process.api))
+            .header("Authorization", format!("Bearer {}", process.app))
+            .call()
+            .with_context(|| format!("node {node}: GET {path}"))?;
+        let took = started.elapsed();
+        match response.status().as_u16() {
+            200 => Ok(Some(took)),
+            404 => Ok(None),
+            status => {
+                let answer: Value = response.body_mut().read_json().unwrap_or(Value::Null);
+                anyhow::bail!(
+                    "node {node}: GET {path} answered {status}: {}",
+                    answer["error"]["reason"]
+                )
+            }
+        }
+    }
+
     fn crash(&mut self, node: usize) -> anyhow::Result<()> {
         let traffic = self.traffic_of(node);
         self.past.wire_bytes += traffic.wire_bytes;

@@ -11,8 +11,11 @@ use super::byzantine::ByzantineReport;
 use super::check::Verdict;
 use super::cluster::Traffic;
 use super::consortium::Member;
-use super::plan::{Fault, FaultWindow, Plan, Preset};
-use super::{DemoArgs, Mode, Outcome, Propagation};
+use super::plan::{Fault, Preset};
+use super::{
+    AppliedWindow, DemoArgs, LATE_AFTER_MS, Mode, Outcome, Propagation, ReadLatency, SAMPLE_EVERY,
+    WriteTiming,
+};
 
 /// What `report.json` holds.
 #[derive(Debug, Serialize)]
@@ -48,7 +51,14 @@ pub struct Report {
     /// Planned writes not made, by reason (a node down, a document not there yet, a
     /// transition made moot by a concurrent one).
     pub skipped_writes: BTreeMap<&'static str, u64>,
-    pub faults: Vec<FaultWindow>,
+    /// Each planned fault window, with when the run put it in force and lifted it.
+    pub faults: Vec<AppliedWindow>,
+    /// Every planned fault window was put in force.
+    pub faults_applied: bool,
+    /// The planned writes against the plan's clock.
+    pub writes: WriteTiming,
+    /// Clinical reads on the nodes during the run; the slowest is the run's slowest part.
+    pub reads: ReadLatency,
     /// (milliseconds from start, documents in agreement, documents).
     pub agreement: Vec<(u64, u64, u64)>,
     pub elapsed_ms: u64,
@@ -69,7 +79,6 @@ impl Report {
     pub fn new(
         args: &DemoArgs,
         seed: u64,
-        plan: &Plan,
         members: &[Member],
         outcome: Outcome,
         replay: &str,
@@ -85,7 +94,22 @@ impl Report {
             elapsed_ms,
             propagation,
             byzantine,
+            faults,
+            writes,
+            reads,
         } = outcome;
+        let not_applied: Vec<String> = faults
+            .iter()
+            .filter(|w| w.applied_ms.is_none())
+            .map(|w| {
+                format!(
+                    "planned fault {} ({:.1}–{:.1} s) was never applied",
+                    fault_label(&w.planned.fault),
+                    w.planned.start_ms as f64 / 1000.0,
+                    w.planned.end_ms as f64 / 1000.0
+                )
+            })
+            .collect();
         let Verdict {
             identical_heads,
             lost,
@@ -115,6 +139,9 @@ impl Report {
             converged: verdict.passed()
                 && converged_at_ms.is_some()
                 && byzantine.as_ref().is_none_or(|b| b.passed),
+            faults_applied: not_applied.is_empty(),
+            writes,
+            reads,
             convergence_ms: converged_at_ms,
             acknowledged_writes: acknowledged.len() as u64,
             lost,
@@ -129,14 +156,15 @@ impl Report {
             messages,
             restarts,
             skipped_writes: skipped,
-            faults: plan.faults.clone(),
+            faults,
             agreement: timeline,
             elapsed_ms,
             propagation,
             collateral_writes: collateral,
             refused_but_held,
-            failures: examples
+            failures: not_applied
                 .into_iter()
+                .chain(examples)
                 .chain(byzantine.iter().flat_map(|b| b.failures.iter().cloned()))
                 .collect(),
             byzantine,
@@ -144,8 +172,9 @@ impl Report {
         }
     }
 
+    /// The nodes converged and the run executed the fault schedule it planned.
     pub fn passed(&self) -> bool {
-        self.converged
+        self.converged && self.faults_applied
     }
 
     pub fn write(&self, dir: &Path) -> anyhow::Result<()> {
@@ -166,6 +195,36 @@ impl Report {
         for (reason, count) in &self.skipped_writes {
             println!("  writes skipped ({reason}) {count}");
         }
+        let w = &self.writes;
+        println!(
+            "  writes on the clock   {} of {} issued on time (within {:.0} s), {} late (at most {:.1} s)",
+            w.on_time,
+            w.planned,
+            LATE_AFTER_MS as f64 / 1000.0,
+            w.late,
+            w.latest_ms as f64 / 1000.0,
+        );
+        println!(
+            "  writes finished       {:.1} s into a {:.1} s plan ({:.2}× the plan)",
+            w.last_issued_ms as f64 / 1000.0,
+            w.plan_last_ms as f64 / 1000.0,
+            w.stretch()
+        );
+        if !self.faults.is_empty() {
+            println!("  faults                planned → in force");
+        }
+        let seconds =
+            |ms: Option<u64>| ms.map_or("never".into(), |ms| format!("{:.1}", ms as f64 / 1000.0));
+        for window in &self.faults {
+            println!(
+                "    {:<28} {:.1}–{:.1} s → {}–{} s",
+                fault_label(&window.planned.fault),
+                window.planned.start_ms as f64 / 1000.0,
+                window.planned.end_ms as f64 / 1000.0,
+                seconds(window.applied_ms),
+                seconds(window.lifted_ms)
+            );
+        }
         println!("  restarts              {}", self.restarts);
         println!(
             "  converged             {} ({})",
@@ -184,6 +243,18 @@ impl Report {
         println!("  rejected changes      {}", self.rejected_changes);
         if let (Some(p50), Some(p99)) = (self.propagation.p50_ms, self.propagation.p99_ms) {
             println!("  propagation           p50 {p50} ms, p99 {p99} ms");
+        }
+        if let (Some(p99), Some(max), Some(node), Some(at)) = (
+            self.reads.p99_ms,
+            self.reads.max_ms,
+            self.reads.max_node,
+            self.reads.max_at_ms,
+        ) {
+            println!(
+                "  slowest part          a clinical read took {max:.1} ms (node {node}, at {:.1} s); p99 {p99:.1} ms over {} reads",
+                at as f64 / 1000.0,
+                self.reads.reads
+            );
         }
         if let Some(b) = &self.byzantine {
             println!(
@@ -257,13 +328,18 @@ impl Report {
             r##"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">"##
         );
         let _ = writeln!(svg, r##"<rect width="100%" height="100%" fill="white"/>"##);
+        // Faults shaded by when they were in force, not by the plan.
         for (lane, window) in self.faults.iter().enumerate() {
-            let (colour, label) = match &window.fault {
-                Fault::Partition { name, .. } => ("#9ecae1", name.clone()),
-                Fault::Loss { percent } => ("#fdd0a2", format!("{percent}% loss")),
-                Fault::Crash { node } => ("#fcbba1", format!("node {node} down")),
+            let (Some(applied), Some(lifted)) = (window.applied_ms, window.lifted_ms) else {
+                continue;
             };
-            let (x0, x1) = (x(window.start_ms as f64), x(window.end_ms as f64));
+            let colour = match &window.planned.fault {
+                Fault::Partition { .. } => "#9ecae1",
+                Fault::Loss { .. } => "#fdd0a2",
+                Fault::Crash { .. } => "#fcbba1",
+            };
+            let label = fault_label(&window.planned.fault);
+            let (x0, x1) = (x(applied as f64), x(lifted as f64));
             let _ = writeln!(
                 svg,
                 r##"<rect x="{x0:.1}" y="{top}" width="{:.1}" height="{plot_h}" fill="{colour}" fill-opacity="0.45"/><text x="{:.1}" y="{:.1}" fill="#555">{label}</text>"##,
@@ -272,23 +348,37 @@ impl Report {
                 top + 14.0 + 14.0 * (lane % 4) as f64
             );
         }
-        let points: Vec<String> = self
-            .agreement
-            .iter()
-            .map(|(t, agreed, total)| {
-                let share = if *total == 0 {
-                    1.0
-                } else {
-                    *agreed as f64 / *total as f64
-                };
-                format!("{:.1},{:.1}", x(*t as f64), y(share))
-            })
-            .collect();
-        let _ = writeln!(
-            svg,
-            r##"<polyline points="{}" fill="none" stroke="#08519c" stroke-width="2"/>"##,
-            points.join(" ")
-        );
+        // Real samples only: a dot each, joined where they are at most two sample periods
+        // apart (a gap shows as a gap, not as a line across it).
+        let gap_ms = 2 * SAMPLE_EVERY.as_millis() as u64;
+        let mut segment: Vec<String> = Vec::new();
+        let mut previous_ms: Option<u64> = None;
+        let mut segments: Vec<Vec<String>> = Vec::new();
+        for (t, agreed, total) in &self.agreement {
+            let share = if *total == 0 {
+                1.0
+            } else {
+                *agreed as f64 / *total as f64
+            };
+            if previous_ms.is_some_and(|p| t.saturating_sub(p) > gap_ms) {
+                segments.push(std::mem::take(&mut segment));
+            }
+            previous_ms = Some(*t);
+            let (px, py) = (x(*t as f64), y(share));
+            let _ = writeln!(
+                svg,
+                r##"<circle cx="{px:.1}" cy="{py:.1}" r="1.8" fill="#08519c"/>"##
+            );
+            segment.push(format!("{px:.1},{py:.1}"));
+        }
+        segments.push(segment);
+        for segment in segments.iter().filter(|s| s.len() > 1) {
+            let _ = writeln!(
+                svg,
+                r##"<polyline points="{}" fill="none" stroke="#08519c" stroke-width="1.5"/>"##,
+                segment.join(" ")
+            );
+        }
         let _ = writeln!(
             svg,
             r##"<line x1="{left}" y1="{}" x2="{}" y2="{}" stroke="black"/><line x1="{left}" y1="{top}" x2="{left}" y2="{}" stroke="black"/>"##,
@@ -325,5 +415,14 @@ impl Report {
         );
         svg.push_str("</svg>\n");
         svg
+    }
+}
+
+/// A fault window's name in the summary, the plot and the progress line.
+pub(super) fn fault_label(fault: &Fault) -> String {
+    match fault {
+        Fault::Partition { name, .. } => name.clone(),
+        Fault::Loss { percent } => format!("{percent}% loss"),
+        Fault::Crash { node } => format!("node {node} down"),
     }
 }
