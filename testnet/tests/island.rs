@@ -98,24 +98,29 @@ fn estuary_binary() -> PathBuf {
     path
 }
 
+/// Real processes get real faults: five `estuary node run` processes dial each other through
+/// the fault proxy, which partitions them (twice), loses 20% (late writes, cut connections),
+/// while two are killed with SIGKILL and restarted; the checker passes.
 #[test]
-fn three_node_processes_converge_after_sigkill_and_restart() {
+fn five_node_processes_converge_through_proxy_partitions_loss_and_sigkill() {
     let estuary = estuary_binary();
     let dir = tempfile::tempdir().unwrap();
     let (passed, report, text) = demo(
         &[
             "--nodes",
-            "3",
+            "5",
             "--files",
-            "20",
+            "30",
             "--duration",
-            "12",
+            "20",
             "--preset",
-            "flaky",
+            "island",
+            "--loss",
+            "20",
             "--mode",
             "procs",
             "--seed",
-            "3",
+            "5",
             "--estuary",
             estuary.to_str().unwrap(),
         ],
@@ -124,7 +129,18 @@ fn three_node_processes_converge_after_sigkill_and_restart() {
     assert!(passed, "the checker failed: {text}");
     assert_clean(&report, &text);
     assert_eq!(report["mode"], "procs");
-    assert!(report["restarts"].as_u64().unwrap() >= 1, "{text}");
+    assert_eq!(report["faults_applied"], true, "{text}");
+    let faults = report["faults"].as_array().unwrap();
+    assert_eq!(
+        faults.iter().filter(|f| f["fault"] == "partition").count(),
+        2,
+        "{text}"
+    );
+    assert!(faults.iter().any(|f| f["fault"] == "loss"), "{text}");
+    assert_eq!(report["restarts"], 2, "{text}");
+    // The proxy did cut connections and hold writes back.
+    assert!(report["connections_cut"].as_u64().unwrap() > 0, "{text}");
+    assert!(report["writes_delayed"].as_u64().unwrap() > 0, "{text}");
 }
 
 /// Every way a canary could be written down: as text (any case), as hex, as a list of byte

@@ -1,6 +1,8 @@
 //! A fault-injecting wrapper around the in-process memory transport, driven by a seed: cut a
 //! connection after a random byte budget, delay writes, partition nodes into groups. Used by
-//! the sync tests and the in-process testnet; never by a deployed node.
+//! the sync tests and the in-process testnet, and (through `separated`, `draw_budget`,
+//! `draw_delay`, `count_cut`) by the testnet's TCP proxy between node processes; never by a
+//! deployed node.
 //!
 //! The seed fixes every random draw (byte budgets, which writes are delayed); the order in
 //! which connections draw them follows the scheduler, so a failing seed reproduces the same
@@ -38,6 +40,8 @@ struct State {
     groups: Option<HashMap<usize, usize>>,
     /// Connections cut so far (budget or partition).
     cuts: u64,
+    /// Writes delayed so far.
+    delays: u64,
 }
 
 impl State {
@@ -115,7 +119,8 @@ impl Faults {
         self.state().cuts
     }
 
-    fn separated(&self, a: usize, b: usize) -> bool {
+    /// Whether nodes `a` and `b` are in different groups of a partition in force.
+    pub fn separated(&self, a: usize, b: usize) -> bool {
         let state = self.state();
         state.groups.as_ref().is_some_and(|groups| {
             groups.get(&a).copied().unwrap_or(usize::MAX - a)
@@ -123,21 +128,36 @@ impl Faults {
         })
     }
 
-    fn draw_budget(&self) -> Option<u64> {
+    /// A new connection's byte budget, while connections are being cut.
+    pub fn draw_budget(&self) -> Option<u64> {
         let mut state = self.state();
         let (min, max) = state.cut_after?;
         let span = max - min + 1;
         Some(min + state.next() % span)
     }
 
-    fn draw_delay(&self) -> Option<Duration> {
+    /// How long the next write waits first, if it is one of those delayed.
+    pub fn draw_delay(&self) -> Option<Duration> {
         let mut state = self.state();
         let (percent, delay) = state.delay?;
-        (state.next() % 100 < percent).then_some(delay)
+        let delayed = (state.next() % 100 < percent).then_some(delay);
+        state.delays += u64::from(delayed.is_some());
+        delayed
     }
 
-    fn count_cut(&self) {
+    /// Whether connections are being cut after their budget.
+    pub fn cutting(&self) -> bool {
+        self.state().cut_after.is_some()
+    }
+
+    /// Counts a connection cut (budget spent, or a partition).
+    pub fn count_cut(&self) {
         self.state().cuts += 1;
+    }
+
+    /// Writes delayed so far.
+    pub fn delays(&self) -> u64 {
+        self.state().delays
     }
 
     /// Wraps one connection's byte stream of node `local`.
@@ -194,7 +214,7 @@ impl<S> FaultyStream<S> {
         if self.budget.is_none() {
             self.budget = self.faults.draw_budget();
         }
-        let cutting = self.faults.state().cut_after.is_some();
+        let cutting = self.faults.cutting();
         let spent = cutting && self.budget.is_some_and(|budget| self.used > budget);
         if partitioned || spent || self.cut {
             if !self.cut {

@@ -10,6 +10,7 @@ use estuary_node::model::{
     Bytes32, Demographics, DocumentId, HealthFileOp, NewReferral, ReferralOp,
 };
 use estuary_node::replica::Node;
+use estuary_node::sync::faults::Faults;
 use estuary_node::sync::{Multiaddr, SyncStats};
 
 use super::check::NodeState;
@@ -59,6 +60,10 @@ pub struct Traffic {
     pub wire_bytes: u64,
     pub messages: u64,
     pub rejected_changes: u64,
+    /// Connections the fault layer cut (partitions, loss), over the run.
+    pub connections_cut: u64,
+    /// Writes the fault layer held back by a retransmission's delay, over the run.
+    pub writes_delayed: u64,
 }
 
 /// The faults the network is under now.
@@ -68,6 +73,26 @@ pub struct NetworkFaults {
     pub partition: Option<Vec<Vec<usize>>>,
     /// Loss percentage.
     pub loss: Option<u64>,
+}
+
+/// How long a write held up by loss waits (lost segments arrive late, retransmitted after
+/// about a TCP retransmission timeout).
+pub const LOSS_DELAY: Duration = Duration::from_millis(200);
+
+impl NetworkFaults {
+    /// Puts `faults` under these faults: partitions, and loss as late writes and broken
+    /// connections (the budget shrinks as loss grows).
+    pub fn apply_to(&self, faults: &Faults) {
+        faults.heal();
+        if let Some(groups) = &self.partition {
+            faults.partition(groups);
+        }
+        if let Some(percent) = self.loss {
+            faults.delay(percent, LOSS_DELAY);
+            let budget = 64 * 1024 * 100 / percent.max(1);
+            faults.cut_after(budget, budget * 8);
+        }
+    }
 }
 
 /// A set of nodes.

@@ -22,8 +22,6 @@ const RECONCILE_EVERY: Duration = Duration::from_secs(1);
 /// How long a sync request may take: short, so a request lost with a cut link is retried
 /// soon.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-/// A lost write is retransmitted after about this long (a TCP retransmission timeout).
-const LOSS_DELAY: Duration = Duration::from_millis(200);
 
 struct Running {
     node: Arc<Node>,
@@ -266,17 +264,7 @@ impl Cluster for InProc {
         if *faults == self.applied {
             return;
         }
-        self.faults.heal();
-        if let Some(groups) = &faults.partition {
-            self.faults.partition(groups);
-        }
-        if let Some(percent) = faults.loss {
-            // Loss on a stream transport: lost segments arrive late (retransmitted), and some
-            // connections break; the budget shrinks as loss grows.
-            self.faults.delay(percent, LOSS_DELAY);
-            let budget = 64 * 1024 * 100 / percent.max(1);
-            self.faults.cut_after(budget, budget * 8);
-        }
+        faults.apply_to(&self.faults);
         self.applied = faults.clone();
     }
 
@@ -306,6 +294,8 @@ impl Cluster for InProc {
             total.messages += traffic.messages;
             total.rejected_changes += traffic.rejected_changes;
         }
+        total.connections_cut = self.faults.cuts();
+        total.writes_delayed = self.faults.delays();
         total
     }
 

@@ -9,6 +9,7 @@ pub mod content;
 pub mod inproc;
 pub mod plan;
 pub mod procs;
+pub mod proxy;
 pub mod report;
 pub mod rogue;
 
@@ -123,7 +124,7 @@ pub fn run_demo(args: &DemoArgs) -> anyhow::Result<report::Report> {
             "the Byzantine presets need at least 3 nodes (two honest ones beside the bad one)"
         );
     }
-    let mut plan = plan::plan(
+    let plan = plan::plan(
         seed,
         args.preset,
         &members,
@@ -131,17 +132,6 @@ pub fn run_demo(args: &DemoArgs) -> anyhow::Result<report::Report> {
         args.duration * 1000,
         args.loss,
     );
-    if args.mode == Mode::Procs {
-        // Real TCP between processes has no fault layer: crashes (SIGKILL) only.
-        let before = plan.faults.len();
-        plan.faults
-            .retain(|w| matches!(w.fault, Fault::Crash { .. }));
-        if plan.faults.len() < before {
-            eprintln!(
-                "procs mode injects crashes (SIGKILL) only; partitions and loss need --mode inproc"
-            );
-        }
-    }
     let replay = format!(
         "estuary-testnet demo --seed {seed} --nodes {} --files {} --duration {} --loss {} --preset {} --mode {}",
         args.nodes,
@@ -183,6 +173,7 @@ pub fn run_demo(args: &DemoArgs) -> anyhow::Result<report::Report> {
         )?),
         Mode::Procs => Box::new(procs::Procs::start(
             &estuary_binary(args.estuary.as_deref())?,
+            seed,
             setup.data_dirs.clone(),
             setup.authority,
             &setup.roster,

@@ -6,17 +6,20 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use estuary_node::config::{ApiConfig, AppToken, Config, NetworkConfig, Scope, generate_token};
 use estuary_node::model::automerge::ChangeHash;
 use estuary_node::model::{Bytes32, DocumentId};
+use estuary_node::sync::faults::Faults;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use super::check::{DocumentState, NodeState};
 use super::cluster::{Cluster, NetworkFaults, Skip, Traffic, Write};
+use super::proxy::Proxy;
 
 /// How long a started process may take to answer on its API.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
@@ -41,6 +44,11 @@ pub struct Procs {
     nodes: Vec<Process>,
     agent: ureq::Agent,
     past: Traffic,
+    /// The faults in force, which the proxy between the processes applies.
+    faults: Arc<Faults>,
+    applied: NetworkFaults,
+    /// Every link between the processes runs through it; stopped last.
+    _proxy: Proxy,
 }
 
 /// A port free now, below the system's ephemeral range: a port the system hands out would
@@ -62,8 +70,10 @@ pub const NODE_LOG: &str = "node.log";
 
 impl Procs {
     /// Writes each node's config beside its key and roster, and starts the processes.
+    /// Each node dials its peers through the fault proxy, which draws its faults from `seed`.
     pub fn start(
         binary: &Path,
+        seed: u64,
         data_dirs: Vec<PathBuf>,
         authority: Bytes32,
         roster: &[u8],
@@ -72,6 +82,8 @@ impl Procs {
         let p2p: Vec<u16> = (0..data_dirs.len())
             .map(|_| free_port())
             .collect::<anyhow::Result<_>>()?;
+        let faults = Faults::new(seed);
+        let proxy = Proxy::start(faults.clone(), links, &p2p)?;
         let mut nodes = Vec::new();
         for (i, dir) in data_dirs.iter().enumerate() {
             std::fs::write(dir.join("roster.signed"), roster)?;
@@ -93,8 +105,13 @@ impl Procs {
                     listen: vec![format!("/ip4/127.0.0.1/tcp/{}", p2p[i])],
                     bootstrap: links[i]
                         .iter()
-                        .map(|p| format!("/ip4/127.0.0.1/tcp/{}", p2p[*p]))
-                        .collect(),
+                        .map(|p| {
+                            proxy
+                                .port(i, *p)
+                                .map(|port| format!("/ip4/127.0.0.1/tcp/{port}"))
+                                .context("a link the proxy does not carry")
+                        })
+                        .collect::<anyhow::Result<_>>()?,
                     reconcile_every_s: 1,
                     ..NetworkConfig::default()
                 },
@@ -120,6 +137,9 @@ impl Procs {
                 .build()
                 .into(),
             past: Traffic::default(),
+            faults,
+            applied: NetworkFaults::default(),
+            _proxy: proxy,
         };
         for node in 0..procs.nodes.len() {
             procs.restart(node)?;
@@ -344,7 +364,13 @@ impl Cluster for Procs {
         }
     }
 
-    fn set_faults(&mut self, _faults: &NetworkFaults) {}
+    fn set_faults(&mut self, faults: &NetworkFaults) {
+        if *faults == self.applied {
+            return;
+        }
+        faults.apply_to(&self.faults);
+        self.applied = faults.clone();
+    }
 
     fn catalogue(&mut self, node: usize) -> anyhow::Result<BTreeMap<[u8; 16], [u8; 32]>> {
         let mut catalogue = BTreeMap::new();
@@ -430,6 +456,8 @@ impl Cluster for Procs {
                 total.rejected_changes += traffic.rejected_changes;
             }
         }
+        total.connections_cut = self.faults.cuts();
+        total.writes_delayed = self.faults.delays();
         total
     }
 

@@ -47,6 +47,10 @@ pub struct Report {
     pub rejected_changes: u64,
     pub wire_bytes: u64,
     pub messages: u64,
+    /// Connections the fault layer (or, between processes, the fault proxy) cut.
+    pub connections_cut: u64,
+    /// Writes it held back by a retransmission's delay.
+    pub writes_delayed: u64,
     pub restarts: u64,
     /// Planned writes not made, by reason (a node down, a document not there yet, a
     /// transition made moot by a concurrent one).
@@ -126,6 +130,8 @@ impl Report {
             wire_bytes,
             messages,
             rejected_changes,
+            connections_cut,
+            writes_delayed,
         } = traffic;
         Self {
             seed,
@@ -154,6 +160,8 @@ impl Report {
             rejected_changes,
             wire_bytes,
             messages,
+            connections_cut,
+            writes_delayed,
             restarts,
             skipped_writes: skipped,
             faults,
@@ -304,6 +312,10 @@ impl Report {
             "  wire                  {:.1} MiB in {} messages",
             self.wire_bytes as f64 / 1_048_576.0,
             self.messages
+        );
+        println!(
+            "  faults injected       {} connections cut, {} writes delayed",
+            self.connections_cut, self.writes_delayed
         );
         for failure in &self.failures {
             println!("  ! {failure}");
