@@ -398,11 +398,19 @@ impl Node {
         let Some((mut doc, _)) = self.copy_of(&id)? else {
             return Ok(None);
         };
-        // Read after the copy: a change accepted meanwhile adds a signature, never takes one
-        // away.
+        // Read after the copy, so none is missing; a change accepted meanwhile is not in the
+        // copy, and its signature is left out (a compact answer pairs signatures with the
+        // document's changes one to one).
+        let held: HashSet<ChangeHash> = doc
+            .get_changes_meta(&[])
+            .into_iter()
+            .map(|meta| meta.hash)
+            .collect();
         let mut signatures = Vec::new();
         for (hash, value) in self.stored_changes(&id)? {
-            signatures.push((hash, StoredChange::decode(value)?.signature()?));
+            if held.contains(&hash) {
+                signatures.push((hash, StoredChange::decode(value)?.signature()?));
+            }
         }
         Ok(Some((doc.save(), signatures)))
     }
