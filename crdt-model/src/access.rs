@@ -5,6 +5,7 @@
 //! in which replicas received their changes.
 
 use std::borrow::Cow;
+use std::cell::OnceCell;
 
 use automerge::transaction::Transactable;
 use automerge::{ObjId, ObjType, ReadDoc, ScalarValue, Value};
@@ -45,7 +46,14 @@ pub(crate) struct Obj<'d, D: ReadDoc> {
     pub doc: &'d D,
     pub id: ObjId,
     pub path: &'static str,
+    /// The object's fields, read in one pass when first asked for (see `fields`).
+    fields: OnceCell<Vec<Field>>,
 }
+
+/// A field of a map object as one pass over the map reads it: its key, and its value with the
+/// value's id, or `None` where concurrent values stand behind it (then read again, all of
+/// them).
+type Field = (String, Option<(Value<'static>, ObjId)>);
 
 impl<'d, D: ReadDoc> Obj<'d, D> {
     pub fn root(doc: &'d D) -> Self {
@@ -53,6 +61,7 @@ impl<'d, D: ReadDoc> Obj<'d, D> {
             doc,
             id: automerge::ROOT,
             path: "root",
+            fields: OnceCell::new(),
         }
     }
 
@@ -61,16 +70,45 @@ impl<'d, D: ReadDoc> Obj<'d, D> {
             doc: self.doc,
             id,
             path,
+            fields: OnceCell::new(),
         }
+    }
+
+    /// The object's fields in key order, read in one pass over it: reading a map field by
+    /// field costs a search of the document per field (a scan at past heads). Empty for an
+    /// empty map and for an object that is not a map, which are then read as before, key by
+    /// key, so that what they hold (nothing, or a wrong type) is reported as before.
+    fn fields(&self) -> &[Field] {
+        self.fields.get_or_init(|| {
+            let mut fields = self
+                .doc
+                .map_range(&self.id, ..)
+                .map(|item| {
+                    let value =
+                        (!item.conflict).then(|| (Value::from(item.value.clone()), item.id()));
+                    (item.key.into_owned(), value)
+                })
+                .collect::<Vec<_>>();
+            // Looked up by binary search: in the order of `str`, whatever order automerge
+            // keeps.
+            fields.sort_unstable_by(|(a, _), (b, _)| a.cmp(b));
+            fields
+        })
     }
 
     /// Rejects keys the schema does not define, so nothing unvalidated hides in a document.
     pub fn only_keys(&self, allowed: &[&str]) -> Result<(), ValidationError> {
-        if self
-            .doc
-            .keys(&self.id)
-            .any(|key| !allowed.contains(&key.as_str()))
-        {
+        let fields = self.fields();
+        let unknown = if fields.is_empty() {
+            self.doc
+                .keys(&self.id)
+                .any(|key| !allowed.contains(&key.as_str()))
+        } else {
+            fields
+                .iter()
+                .any(|(key, _)| !allowed.contains(&key.as_str()))
+        };
+        if unknown {
             return Err(ValidationError::UnknownField { object: self.path });
         }
         Ok(())
@@ -83,6 +121,17 @@ impl<'d, D: ReadDoc> Obj<'d, D> {
         field: &'static str,
         parse: impl Fn(&Self, &Value<'_>, &ObjId) -> Result<T, ValidationError>,
     ) -> Result<Option<Register<T>>, ValidationError> {
+        let fields = self.fields();
+        if !fields.is_empty() {
+            match fields.binary_search_by(|(name, _)| name.as_str().cmp(key)) {
+                Err(_) => return Ok(None),
+                Ok(at) => {
+                    if let (_, Some((value, id))) = &fields[at] {
+                        return Ok(Some(Register::single(parse(self, value, id)?)));
+                    }
+                }
+            }
+        }
         let all = self
             .doc
             .get_all(&self.id, key)
@@ -210,7 +259,11 @@ impl<'d, D: ReadDoc> Obj<'d, D> {
 
     /// The keys of a map object, in key order.
     pub fn keys(&self) -> Vec<String> {
-        self.doc.keys(&self.id).collect()
+        let fields = self.fields();
+        if fields.is_empty() {
+            return self.doc.keys(&self.id).collect();
+        }
+        fields.iter().map(|(key, _)| key.clone()).collect()
     }
 }
 

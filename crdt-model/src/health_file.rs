@@ -1854,11 +1854,14 @@ pub(crate) const PARTS: [&str; 8] = [
 pub(crate) const ROOT_REGISTER: &str = "contract";
 
 /// One touched list across a change: the entries the change added, removed or wrote into,
-/// before and after it, in document order, and the lengths of the whole lists.
+/// before and after it, in document order, and the lengths of the whole lists; and, after
+/// it, the ids of the whole list and of the entries parsed.
 struct ListSides<T> {
     before: Vec<T>,
     after: Vec<T>,
     counts: (usize, usize),
+    ids_after: Vec<ObjId>,
+    parsed_ids: Vec<ObjId>,
 }
 
 /// A touched list read after the change: its entry ids before and after it, and the entries
@@ -1868,6 +1871,7 @@ struct AfterSide<T> {
     ids_before: Result<Vec<ObjId>, ValidationError>,
     ids_after: Vec<ObjId>,
     parsed: Vec<T>,
+    parsed_ids: Vec<ObjId>,
 }
 
 /// Reads a touched list after the change: its entry ids, and the entries that are new or that
@@ -1882,6 +1886,7 @@ fn after_side<T: Listed, B: ReadDoc, A: ReadDoc>(
     let ids_before = Obj::root(before).entries(T::KEY, T::KEY, None);
     let known: Option<HashSet<&ObjId>> = ids_before.as_ref().ok().map(|ids| ids.iter().collect());
     let mut parsed = Vec::new();
+    let mut parsed_ids = Vec::new();
     for id in &ids_after {
         // Unknown before (an unreadable earlier state): every entry, as a whole read would.
         let needed = known
@@ -1889,12 +1894,14 @@ fn after_side<T: Listed, B: ReadDoc, A: ReadDoc>(
             .is_none_or(|known| !known.contains(id) || touched.contains(id));
         if needed {
             parsed.push(T::parse(&root.child(id.clone(), T::KEY))?);
+            parsed_ids.push(id.clone());
         }
     }
     Ok(AfterSide {
         ids_before,
         ids_after,
         parsed,
+        parsed_ids,
     })
 }
 
@@ -1906,6 +1913,7 @@ fn before_side<T: Listed, B: ReadDoc>(
         ids_before,
         ids_after,
         parsed: after,
+        parsed_ids,
     }: AfterSide<T>,
 ) -> Result<ListSides<T>, ValidationError> {
     let ids_before = ids_before?;
@@ -1920,26 +1928,59 @@ fn before_side<T: Listed, B: ReadDoc>(
         before: before_entries,
         after,
         counts: (ids_before.len(), ids_after.len()),
+        ids_after,
+        parsed_ids,
     })
+}
+
+/// A touched list as a change left it: the ids of all its entries, and the entries it added or
+/// wrote into, parsed, each with its id, in document order.
+struct ListAfter<T> {
+    ids: Vec<ObjId>,
+    parsed: Vec<(ObjId, T)>,
+}
+
+impl<T> From<ListSides<T>> for ListAfter<T> {
+    fn from(sides: ListSides<T>) -> Self {
+        Self {
+            ids: sides.ids_after,
+            parsed: sides.parsed_ids.into_iter().zip(sides.after).collect(),
+        }
+    }
+}
+
+/// What judging a change by its parts read after it: with the view at the change's
+/// dependencies, enough to make the view at the change without reading again
+/// ([`view_after`]).
+pub(crate) struct AfterParts {
+    demographics: Option<DemographicsView>,
+    contract: Option<Option<Register<FamilyDoctorContract>>>,
+    allergies: Option<ListAfter<AllergyView>>,
+    problems: Option<ListAfter<ProblemView>>,
+    medications: Option<ListAfter<MedicationView>>,
+    encounters: Option<ListAfter<EncounterView>>,
+    exams: Option<ListAfter<ExamResultView>>,
+    follow_ups: Option<ListAfter<FollowUpView>>,
 }
 
 /// Judges a change to a file from the parts it touched, in the order `validate_change` reads
 /// the whole file (every part after the change, then every part before it, then the lists'
-/// rules), so that the first error found is the one a whole read finds first.
+/// rules), so that the first error found is the one a whole read finds first. Returns what it
+/// read after the change.
 pub(crate) fn judge_touched<B: ReadDoc, A: ReadDoc>(
     before: &B,
     after: &A,
     touch: &Touch,
     author: &InstitutionId,
-) -> Result<(), ValidationError> {
+) -> Result<AfterParts, ValidationError> {
     let touched = |key: &str| touch.under.get(key);
     let root = Obj::root(after);
-    if touched("demographics").is_some() {
-        read_demographics(&root)?;
-    }
-    if touched(ROOT_REGISTER).is_some() {
-        read_contract(&root)?;
-    }
+    let demographics = touched("demographics")
+        .map(|_| read_demographics(&root))
+        .transpose()?;
+    let contract = touched(ROOT_REGISTER)
+        .map(|_| read_contract(&root))
+        .transpose()?;
     fn after_of<T: Listed, B: ReadDoc, A: ReadDoc>(
         before: &B,
         after: &A,
@@ -1983,18 +2024,90 @@ pub(crate) fn judge_touched<B: ReadDoc, A: ReadDoc>(
     fn rules<T: Listed>(
         sides: Option<ListSides<T>>,
         author: &InstitutionId,
-    ) -> Result<(), ValidationError> {
-        match sides {
-            Some(sides) => T::RULES.check(&sides.before, &sides.after, sides.counts, author),
-            None => Ok(()),
-        }
+    ) -> Result<Option<ListAfter<T>>, ValidationError> {
+        let Some(sides) = sides else {
+            return Ok(None);
+        };
+        T::RULES.check(&sides.before, &sides.after, sides.counts, author)?;
+        Ok(Some(sides.into()))
     }
-    rules(allergies, author)?;
-    rules(problems, author)?;
-    rules(medications, author)?;
-    rules(encounters, author)?;
-    rules(exams, author)?;
-    rules(follow_ups, author)
+    Ok(AfterParts {
+        demographics,
+        contract,
+        allergies: rules(allergies, author)?,
+        problems: rules(problems, author)?,
+        medications: rules(medications, author)?,
+        encounters: rules(encounters, author)?,
+        exams: rules(exams, author)?,
+        follow_ups: rules(follow_ups, author)?,
+    })
+}
+
+/// A list rebuilt in the order of `ids` (document order) from `old`, the list before in
+/// document order: `pick` gets each id with its old entry, if it had one, and gives its entry
+/// now. Both lists differ only where a change wrote, so they are walked side by side: an id
+/// not next in the old list is new, or the old entries before it were removed; only then is
+/// the old list searched.
+fn relist<T: Listed, E>(
+    old: Vec<T>,
+    ids: &[ObjId],
+    mut pick: impl FnMut(&ObjId, Option<T>) -> Result<T, E>,
+) -> Result<Vec<T>, E> {
+    let mut old = old.into_iter();
+    let mut list = Vec::with_capacity(ids.len());
+    for id in ids {
+        let next_is_it = old
+            .as_slice()
+            .first()
+            .is_some_and(|e| is_entry_of(e.entry(), id));
+        let kept = if next_is_it {
+            old.next()
+        } else if old.as_slice().iter().any(|e| is_entry_of(e.entry(), id)) {
+            // The entries before it are gone.
+            old.by_ref().find(|e| is_entry_of(e.entry(), id))
+        } else {
+            None
+        };
+        list.push(pick(id, kept)?);
+    }
+    Ok(list)
+}
+
+/// The view at a change from `previous`, the view at exactly the change's dependencies, and
+/// what judging the change read after it: nothing is read again. `None` if the two do not fit
+/// together (an entry kept by the change that `previous` lacks).
+pub(crate) fn view_after(
+    parts: AfterParts,
+    mut previous: HealthFileView,
+) -> Option<HealthFileView> {
+    if let Some(demographics) = parts.demographics {
+        previous.demographics = demographics;
+    }
+    if let Some(contract) = parts.contract {
+        previous.contract = contract;
+    }
+    fn update<T: Listed>(view: &mut HealthFileView, list: Option<ListAfter<T>>) -> Option<()> {
+        let Some(ListAfter { ids, parsed }) = list else {
+            return Some(());
+        };
+        let mut parsed = parsed.into_iter().peekable();
+        let old = std::mem::take(T::list_mut(view));
+        let list = relist(old, &ids, |id, kept| {
+            match parsed.next_if(|(parsed, _)| parsed == id) {
+                Some((_, entry)) => Ok(entry),
+                None => kept.ok_or(()),
+            }
+        })
+        .ok()?;
+        parsed.next().is_none().then(|| *T::list_mut(view) = list)
+    }
+    update(&mut previous, parts.allergies)?;
+    update(&mut previous, parts.problems)?;
+    update(&mut previous, parts.medications)?;
+    update(&mut previous, parts.encounters)?;
+    update(&mut previous, parts.exams)?;
+    update(&mut previous, parts.follow_ups)?;
+    Some(previous)
 }
 
 /// `previous` brought up to date with the parts a change touched, read from `doc` now.
@@ -2020,30 +2133,11 @@ pub(crate) fn update_view<D: ReadDoc>(
             return Ok(());
         };
         let ids = root.entries(T::KEY, T::KEY, None)?;
-        // Both lists are in document order, and differ only where the change wrote: walk
-        // them side by side. An id not next in the old list is new, or the old entries
-        // before it were removed; only then is the old list searched.
-        let mut old = std::mem::take(T::list_mut(view)).into_iter();
-        let mut list = Vec::with_capacity(ids.len());
-        for id in &ids {
-            let next_is_it = old
-                .as_slice()
-                .first()
-                .is_some_and(|e| is_entry_of(e.entry(), id));
-            let kept = if next_is_it {
-                old.next()
-            } else if old.as_slice().iter().any(|e| is_entry_of(e.entry(), id)) {
-                // The entries before it are gone.
-                old.by_ref().find(|e| is_entry_of(e.entry(), id))
-            } else {
-                None
-            };
-            list.push(match kept {
-                Some(entry) if !touched.contains(id) => entry,
-                _ => T::parse(&root.child(id.clone(), T::KEY))?,
-            });
-        }
-        *T::list_mut(view) = list;
+        let old = std::mem::take(T::list_mut(view));
+        *T::list_mut(view) = relist(old, &ids, |id, kept| match kept {
+            Some(entry) if !touched.contains(id) => Ok(entry),
+            _ => T::parse(&root.child(id.clone(), T::KEY)),
+        })?;
         Ok(())
     }
     update::<AllergyView, _>(&root, &mut previous, touched(AllergyView::KEY))?;

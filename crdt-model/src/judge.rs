@@ -153,11 +153,29 @@ fn place<D: ReadDoc>(doc: &D, obj: &ObjId) -> Option<Place> {
     })
 }
 
-/// What [`judge_change`] found: the change is allowed, and what it touched.
-#[derive(Debug)]
+/// What [`judge_change`] found: the change is allowed, what it touched, and what was read at
+/// the change's own state.
 pub struct Judged {
     kind: DocumentKind,
     touch: Touch,
+    after: After,
+}
+
+/// What judging a change read at the change's own state.
+enum After {
+    /// The whole view (a change judged whole).
+    Whole(View),
+    /// The parts the change touched (see [`health_file::view_after`]).
+    Parts(health_file::AfterParts),
+}
+
+impl std::fmt::Debug for Judged {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Judged")
+            .field("kind", &self.kind)
+            .field("touch", &self.touch)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Judged {
@@ -184,6 +202,35 @@ impl Judged {
                     .map(|view| View::HealthFile(Box::new(view)))
             }
             _ => view(doc),
+        }
+    }
+
+    /// The view of `doc`, which holds exactly the judged change and its ancestors (the change
+    /// is its only head), given `previous`, the view at exactly the change's dependencies:
+    /// made from what judging read, reading `doc` again only where that is not enough (no
+    /// `previous`). The same as [`Judged::view`] on such a `doc`, at the cost of nothing read.
+    pub fn view_at_change<D: ReadDoc>(
+        self,
+        doc: &D,
+        previous: Option<View>,
+    ) -> Result<View, ValidationError> {
+        match self.into_view_at_change(previous) {
+            Some(view) => Ok(view),
+            None => view(doc),
+        }
+    }
+
+    /// The view at the change's own state (the document at exactly the change and its
+    /// ancestors), given `previous`, the view at exactly the change's dependencies: made from
+    /// what judging read, with no read of the document. `None` where that is not enough (no
+    /// or another kind of `previous` for a change judged by its parts).
+    fn into_view_at_change(self, previous: Option<View>) -> Option<View> {
+        match (self.after, previous) {
+            (After::Whole(view), _) => Some(view),
+            (After::Parts(parts), Some(View::HealthFile(previous))) => {
+                health_file::view_after(parts, *previous).map(|v| View::HealthFile(Box::new(v)))
+            }
+            (After::Parts(_), _) => None,
         }
     }
 }
@@ -223,10 +270,15 @@ pub fn judge_change<D: ReadDoc>(
         return Ok(Judged {
             kind: view.kind(),
             touch,
+            after: After::Whole(view),
         });
     }
-    health_file::judge_touched(&before, &after, &touch, author)?;
-    Ok(Judged { kind, touch })
+    let parts = health_file::judge_touched(&before, &after, &touch, author)?;
+    Ok(Judged {
+        kind,
+        touch,
+        after: After::Parts(parts),
+    })
 }
 
 /// Why [`judge_history`] refused a history: the first change that deciding the changes one by
@@ -287,13 +339,16 @@ pub fn judge_history<D: ReadDoc>(
         });
     }
     let mut heads: Vec<ChangeHash> = Vec::new();
+    // The view at `heads`, while it is known without reading the whole document: each change
+    // that builds on exactly the heads so far brings it forward from what judging it read.
+    let mut running: Option<View> = None;
     for (index, (change, author)) in changes.iter().zip(authors).enumerate() {
         let at = [change.hash()];
         let judged = catch_unwind(AssertUnwindSafe(|| {
             judge_change(&At::new(doc, &at), change, author)
         }));
-        match judged {
-            Ok(Ok(_)) => {}
+        let judged = match judged {
+            Ok(Ok(judged)) => judged,
             Ok(Err(error)) => {
                 return Err(HistoryRefused {
                     index,
@@ -301,13 +356,27 @@ pub fn judge_history<D: ReadDoc>(
                 });
             }
             Err(_) => return Err(HistoryRefused { index, error: None }),
-        }
+        };
+        let on_heads = change.deps().len() == heads.len()
+            && change.deps().iter().all(|dep| heads.contains(dep));
+        running = if on_heads {
+            judged.into_view_at_change(running.take())
+        } else {
+            None
+        };
         heads.retain(|head| !change.deps().contains(head));
         heads.push(at[0]);
         // Concurrent changes meet here. The last state is read below, whole.
-        if heads.len() > 1 && index + 1 < changes.len() {
-            read(index, &|| view(&At::new(doc, &heads)))?;
+        if heads.len() > 1 {
+            running = if index + 1 < changes.len() {
+                Some(read(index, &|| view(&At::new(doc, &heads)))?)
+            } else {
+                None
+            };
         }
     }
-    read(changes.len().saturating_sub(1), &|| view(doc))
+    match running {
+        Some(view) => Ok(view),
+        None => read(changes.len().saturating_sub(1), &|| view(doc)),
+    }
 }

@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand};
 
 mod bench_byzantine;
 mod bench_growth;
+mod bench_ingest;
 mod bench_island;
 mod bench_model;
 mod bench_reads;
@@ -150,6 +151,20 @@ enum Bench {
     },
     /// Two nodes over libp2p: bootstrap of an empty node (and gossip latency after), the
     /// in-sync check, and finding differences.
+    /// What deciding one fetched health file costs, step by step (load, list, signatures,
+    /// judgement, view, save), on one core without the network.
+    Ingest {
+        /// Health files measured.
+        #[arg(long, default_value_t = 2_000)]
+        files: usize,
+        /// Health files (NDJSON in the shape of `gen.js`, gzipped if `.gz`); default: the
+        /// same data set, generated here.
+        #[arg(long)]
+        input: Option<PathBuf>,
+        /// Write the figures as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     Sync {
         /// What to measure.
         #[arg(value_enum)]
@@ -349,6 +364,13 @@ fn main() -> ExitCode {
         Command::Bench {
             bench: Bench::Reconcile { docs, json },
         } => bench_reconcile::run(docs, json.as_deref()),
+        Command::Bench {
+            bench: Bench::Ingest { files, input, json },
+        } => bench_ingest::run(&bench_ingest::Options {
+            files,
+            source: health_data::Source::from_input(input.as_deref()),
+            json,
+        }),
         Command::Bench {
             bench:
                 Bench::Sync {

@@ -466,9 +466,13 @@ impl Node {
             .and_then(|digest| self.lock_views().get(id, &digest))
             .map(Arc::unwrap_or_clone);
         let view = judged.and_then(|judged| {
-            judged
-                .view(current, previous)
-                .map_err(|error| format!("merging it breaks the document: {error}"))
+            // Built on the heads, the change is `current`'s only head: its view is what
+            // judging it read, over the view before it.
+            let view = match on_current {
+                true => judged.view_at_change(current, previous),
+                false => judged.view(current, previous),
+            };
+            view.map_err(|error| format!("merging it breaks the document: {error}"))
         });
         Ok(match view {
             Ok(view) => Judgement::Accepted(Box::new(view)),
