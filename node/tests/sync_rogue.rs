@@ -14,7 +14,7 @@ use estuary_node::reconcile::Catalogue;
 use estuary_node::replica::Node;
 use estuary_node::sync::protocol::{
     ChangeSignature, FetchedDocument, Gossip, PROTOCOL, REQUEST_BYTES_MAX, RESPONSE_BYTES_MAX,
-    Request, Response,
+    Request, Response, deflate_fetched,
 };
 use estuary_node::sync::{
     DOCUMENTS_IN_PROGRESS_MAX, SYNC_STRIKES_MAX, SyncConfig, SyncHandle, TransportKind,
@@ -84,6 +84,12 @@ enum OnFetch {
     /// At once, with no document, deferring what was asked (an honest responder defers only
     /// once it has sent one).
     DeferAsked,
+    /// At once, deflated: the documents asked for and these, which were not (real documents,
+    /// honestly signed).
+    AddUnasked(
+        Arc<HashMap<[u8; 16], FetchedDocument>>,
+        Vec<FetchedDocument>,
+    ),
 }
 
 /// What the rogue saw.
@@ -179,6 +185,17 @@ fn rogue(
                                 documents: vec![],
                                 deferred: documents,
                             },
+                            OnFetch::AddUnasked(held, unasked) => {
+                                let mut sent: Vec<FetchedDocument> = documents
+                                    .iter()
+                                    .filter_map(|id| held.get(&**id).cloned())
+                                    .collect();
+                                sent.extend(unasked.iter().cloned());
+                                Response::FetchDeflated {
+                                    documents: ByteBuf::from(deflate_fetched(&sent)),
+                                    deferred: vec![],
+                                }
+                            }
                         }
                     }
                     Request::Sync(_) => {
@@ -195,6 +212,41 @@ fn rogue(
 
 /// `n` health files written by `node`, whose sync is not running: only a pull brings them to
 /// another node.
+/// `n` documents written by `member` on `node`, as a fetch answer carries them, by id; every
+/// signature flipped if `forge`.
+fn fetch_answers(
+    node: &Node,
+    member: &str,
+    n: usize,
+    forge: bool,
+) -> HashMap<[u8; 16], FetchedDocument> {
+    offline_files(node, member, n)
+        .into_iter()
+        .map(|id| {
+            let document = estuary_node::model::DocumentId::from_bytes(id);
+            let mut doc = node.sync_document(document).unwrap().unwrap();
+            let signatures = node
+                .signatures(document, &node.change_hashes(document).unwrap())
+                .unwrap()
+                .into_iter()
+                .map(|(hash, mut signature)| {
+                    signature[0] ^= u8::from(forge);
+                    ChangeSignature {
+                        change: ByteArray::new(hash.0),
+                        signature: ByteArray::new(signature),
+                    }
+                })
+                .collect();
+            let fetched = FetchedDocument {
+                document: ByteArray::new(id),
+                saved: ByteBuf::from(doc.save()),
+                signatures,
+            };
+            (id, fetched)
+        })
+        .collect()
+}
+
 fn offline_files(node: &Node, member: &str, n: usize) -> Vec<[u8; 16]> {
     (0..n)
         .map(|i| {
@@ -319,34 +371,7 @@ async fn a_member_whose_fetch_answers_carry_forged_changes_is_struck_off() {
     let consortium = Consortium::new(3);
     let a = consortium.node(0);
     // Real documents of the rogue's member, every signature flipped.
-    let forged: HashMap<[u8; 16], FetchedDocument> = {
-        let own = consortium.node(2);
-        offline_files(&own, "member-2", 6)
-            .into_iter()
-            .map(|id| {
-                let document = estuary_node::model::DocumentId::from_bytes(id);
-                let mut doc = own.sync_document(document).unwrap().unwrap();
-                let signatures = own
-                    .signatures(document, &own.change_hashes(document).unwrap())
-                    .unwrap()
-                    .into_iter()
-                    .map(|(hash, mut signature)| {
-                        signature[0] ^= 1;
-                        ChangeSignature {
-                            change: ByteArray::new(hash.0),
-                            signature: ByteArray::new(signature),
-                        }
-                    })
-                    .collect();
-                let fetched = FetchedDocument {
-                    document: ByteArray::new(id),
-                    saved: ByteBuf::from(doc.save()),
-                    signatures,
-                };
-                (id, fetched)
-            })
-            .collect()
-    };
+    let forged = fetch_answers(&consortium.node(2), "member-2", 6, true);
     let claims: Vec<[u8; 16]> = forged.keys().copied().collect();
     let a_address = memory_address();
     let a_sync = start_with(&a, &a_address, vec![], Duration::from_secs(30));
@@ -370,6 +395,48 @@ async fn a_member_whose_fetch_answers_carry_forged_changes_is_struck_off() {
     })
     .await;
     assert!(claims.iter().all(|id| a.catalogue().get(id).is_none()));
+    rogue.abort();
+    a_sync.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fetch_answer_carrying_documents_not_asked_for_is_refused_whole() {
+    let consortium = Consortium::new(3);
+    let a = consortium.node(0);
+    let own = consortium.node(2);
+    // Real documents, honestly signed: two it claims, four it never claims but sends.
+    let claimed = fetch_answers(&own, "member-2", 2, false);
+    let unasked: Vec<FetchedDocument> = fetch_answers(&own, "member-2", 4, false)
+        .into_values()
+        .collect();
+    let unasked_ids: Vec<[u8; 16]> = unasked.iter().map(|d| *d.document).collect();
+    let claims: Vec<[u8; 16]> = claimed.keys().copied().collect();
+    let a_address = memory_address();
+    let a_sync = start_with(&a, &a_address, vec![], Duration::from_secs(30));
+    let (rogue_peer, seen, rogue) = rogue(
+        &consortium,
+        "member-2",
+        a_address,
+        &claims,
+        OnFetch::AddUnasked(Arc::new(claimed), unasked),
+    );
+    wait_until(CONVERGENCE, "the rogue was never struck", || {
+        seen.lock().unwrap().fetches > 0
+            && a_sync
+                .stats()
+                .peers
+                .get(&rogue_peer.to_string())
+                .is_some_and(|p| p.strikes >= 1)
+    })
+    .await;
+    // Nothing of the answer was taken: not the documents slipped in, nor those asked for
+    // beside them.
+    assert!(
+        unasked_ids
+            .iter()
+            .chain(&claims)
+            .all(|id| a.catalogue().get(id).is_none())
+    );
     rogue.abort();
     a_sync.shutdown().await;
 }

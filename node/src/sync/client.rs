@@ -363,10 +363,16 @@ impl Driver {
         // The exchange is over; reading and ingesting are the catch-up threads' work.
         self.release(exchange);
         self.spawn_catch_up_job(peer, move || {
-            // One strike per answer.
-            let check = |mut sent: std::slice::Iter<'_, [u8; 16]>| {
-                let served = sent.any(|document| asked.contains(document));
-                match !deferred.is_empty() && !served && !struck {
+            // An answer carries only documents asked for, each once at most: anything else is
+            // work this node never chose (a deflated answer could make it out of a few bytes:
+            // it is refused before any is loaded). One strike per fault of the answer.
+            let check = |sent: Vec<[u8; 16]>| {
+                if sent.len() > asked.len() || sent.iter().any(|d| !asked.contains(d)) {
+                    return Err(DocumentSyncError::Malformed(
+                        "a fetch answer with documents not asked for",
+                    ));
+                }
+                match !deferred.is_empty() && sent.is_empty() && !struck {
                     true => Err(DocumentSyncError::Malformed(
                         "a fetch answer deferring documents without sending one",
                     )),
@@ -375,12 +381,12 @@ impl Driver {
             };
             let _span = tracing::debug_span!("fetch", %peer).entered();
             let carried = match fetched {
-                Fetched::Plain(fetched) => check(ids(fetched.iter().map(|d| d.document)).iter())
+                Fetched::Plain(fetched) => check(ids(fetched.iter().map(|d| d.document)))
                     .and_then(|()| document::ingest_fetched(&node, &fetched)),
                 Fetched::Deflated(deflated) => protocol::inflate_fetched(&deflated)
                     .map_err(|error| DocumentSyncError::Malformed(error.reason()))
                     .and_then(|fetched| {
-                        check(ids(fetched.iter().map(|d| d.document)).iter())?;
+                        check(ids(fetched.iter().map(|d| d.document)))?;
                         document::ingest_compact(&node, &fetched)
                     }),
             };

@@ -23,6 +23,8 @@ const CHUNK_BYTES_MAX: usize = 16 * 1024;
 const RECHECK_EVERY: Duration = Duration::from_millis(100);
 /// How long the proxy waits for a node to accept the connection it passes on.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the proxy waits after a failed accept before the next.
+const ACCEPT_RETRY_AFTER: Duration = Duration::from_millis(10);
 
 /// The proxy's listeners, one per link, and the tasks that run them.
 pub struct Proxy {
@@ -111,6 +113,8 @@ async fn accept(
             _ = stopped.changed() => return,
         };
         let Ok((dialer, _)) = accepted else {
+            // Out of descriptors, say: wait rather than spin.
+            tokio::time::sleep(ACCEPT_RETRY_AFTER).await;
             continue;
         };
         if faults.separated(link.from, link.to) {
@@ -129,7 +133,9 @@ async fn accept(
             };
             let _ = dialer.set_nodelay(true);
             let _ = node.set_nodelay(true);
-            let budget = faults.draw_budget();
+            // Drawn when loss is first in force on the connection, as the in-process layer
+            // draws it: a connection made before loss began is cut too.
+            let budget = Arc::new(std::sync::OnceLock::new());
             let (dialer_read, dialer_write) = dialer.into_split();
             let (node_read, node_write) = node.into_split();
             let (cut, cut_seen) = watch::channel(false);
@@ -140,7 +146,7 @@ async fn accept(
                 Pump {
                     link,
                     faults: faults.clone(),
-                    budget,
+                    budget: budget.clone(),
                     used: used.clone(),
                     cut: cut.clone(),
                 },
@@ -169,8 +175,9 @@ async fn accept(
 struct Pump {
     link: Link,
     faults: Arc<Faults>,
-    /// Bytes the connection may carry (both ways) before it is cut, while loss is in force.
-    budget: Option<u64>,
+    /// Bytes the connection may carry (both ways) before it is cut, while loss is in force;
+    /// drawn when loss is first seen in force (shared by both directions).
+    budget: Arc<std::sync::OnceLock<u64>>,
     used: Arc<std::sync::atomic::AtomicU64>,
     /// Set by whichever direction cuts the connection first.
     cut: watch::Sender<bool>,
@@ -180,9 +187,14 @@ impl Pump {
     /// Whether the connection is to be cut now: a partition between its ends, or its budget
     /// spent while loss is in force. Counts the cut once.
     fn cutting(&self) -> bool {
+        if self.budget.get().is_none()
+            && let Some(budget) = self.faults.draw_budget()
+        {
+            let _ = self.budget.set(budget);
+        }
         let spent = self.faults.cutting()
-            && self.budget.is_some_and(|budget| {
-                self.used.load(std::sync::atomic::Ordering::Relaxed) > budget
+            && self.budget.get().is_some_and(|budget| {
+                self.used.load(std::sync::atomic::Ordering::Relaxed) > *budget
             });
         if self.faults.separated(self.link.from, self.link.to) || spent {
             if !self.cut.send_replace(true) {
