@@ -141,6 +141,8 @@ pub trait KeyValue: Send + Sync {
 /// them stays atomic.
 pub struct SledStore {
     db: sled::Db,
+    /// The directory sled keeps its files in.
+    dir: std::path::PathBuf,
 }
 
 /// How long opening a store waits for another holder of its file lock to let go: sled's
@@ -163,7 +165,12 @@ impl SledStore {
                 .flush_every_ms(None)
                 .open();
             match opened {
-                Ok(db) => return Ok(Self { db }),
+                Ok(db) => {
+                    return Ok(Self {
+                        db,
+                        dir: dir.to_path_buf(),
+                    });
+                }
                 Err(sled::Error::Io(error))
                     if lock_held(&error) && started.elapsed() < STORE_LOCK_WAIT_MAX =>
                 {
@@ -186,6 +193,23 @@ impl SledStore {
             }
         }
     }
+}
+
+/// The bytes the file system holds for the files under `dir`, as `du` counts them: sled
+/// punches holes in the segments it frees, so a file's length overstates what it holds.
+fn allocated_bytes(dir: &Path) -> std::io::Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let mut total = 0;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let metadata = entry.metadata()?;
+        total += if metadata.is_dir() {
+            allocated_bytes(&entry.path())?
+        } else {
+            metadata.blocks() * 512
+        };
+    }
+    Ok(total)
 }
 
 /// Whether sled refused to open because another holder has the store's file lock (sled 0.34
@@ -247,7 +271,12 @@ impl KeyValue for SledStore {
     }
 
     fn size_on_disk(&self) -> Result<u64, StoreError> {
-        Ok(self.db.size_on_disk()?)
+        allocated_bytes(&self.dir).map_err(|error| {
+            StoreError::Backend(format!(
+                "could not read the size of {}: {error}",
+                self.dir.display()
+            ))
+        })
     }
 }
 
