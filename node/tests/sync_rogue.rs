@@ -212,6 +212,11 @@ fn rogue(
 
 /// `n` health files written by `node`, whose sync is not running: only a pull brings them to
 /// another node.
+/// The strikes `sync`'s node holds against `peer`, once it knows the peer.
+fn strikes(sync: &SyncHandle, peer: &PeerId) -> Option<u32> {
+    sync.stats().peers.get(&peer.to_string()).map(|p| p.strikes)
+}
+
 /// `n` documents written by `member` on `node`, as a fetch answer carries them, by id; every
 /// signature flipped if `forge`.
 fn fetch_answers(
@@ -356,11 +361,7 @@ async fn a_fetch_answer_deferring_documents_not_asked_for_creates_no_work() {
         assert_eq!(asked_unasked, 0, "A fetched documents nobody offered it");
         assert!(seen.asked.iter().all(|id| claims.contains(id)));
     }
-    let strikes = a_sync
-        .stats()
-        .peers
-        .get(&rogue_peer.to_string())
-        .map(|p| p.strikes);
+    let strikes = strikes(&a_sync, &rogue_peer);
     assert!(strikes >= Some(2), "strikes: {strikes:?}");
     rogue.abort();
     a_sync.shutdown().await;
@@ -387,11 +388,7 @@ async fn a_member_whose_fetch_answers_carry_forged_changes_is_struck_off() {
     })
     .await;
     wait_until(CONVERGENCE, "the forger was never struck", || {
-        a_sync
-            .stats()
-            .peers
-            .get(&rogue_peer.to_string())
-            .is_some_and(|p| p.strikes >= 1)
+        strikes(&a_sync, &rogue_peer) >= Some(1)
     })
     .await;
     assert!(claims.iter().all(|id| a.catalogue().get(id).is_none()));
@@ -421,12 +418,7 @@ async fn a_fetch_answer_carrying_documents_not_asked_for_is_refused_whole() {
         OnFetch::AddUnasked(Arc::new(claimed), unasked),
     );
     wait_until(CONVERGENCE, "the rogue was never struck", || {
-        seen.lock().unwrap().fetches > 0
-            && a_sync
-                .stats()
-                .peers
-                .get(&rogue_peer.to_string())
-                .is_some_and(|p| p.strikes >= 1)
+        seen.lock().unwrap().fetches > 0 && strikes(&a_sync, &rogue_peer) >= Some(1)
     })
     .await;
     // Nothing of the answer was taken: not the documents slipped in, nor those asked for
@@ -472,11 +464,7 @@ async fn documents_a_member_keeps_deferring_are_fetched_from_another() {
         || wanted.iter().all(|id| a.catalogue().get(id).is_some()),
     )
     .await;
-    let strikes = a_sync
-        .stats()
-        .peers
-        .get(&rogue_peer.to_string())
-        .map(|p| p.strikes);
+    let strikes = strikes(&a_sync, &rogue_peer);
     assert_eq!(strikes, Some(SYNC_STRIKES_MAX));
     rogue.abort();
     a_sync.shutdown().await;

@@ -40,18 +40,48 @@ struct Fetched {
     signatures: Vec<[u8; 64]>,
 }
 
+/// One figure (or the samples behind it) per step.
 #[derive(Serialize, Default)]
-struct Steps {
-    load_us: f64,
-    list_changes_us: f64,
-    verify_each_change_us: f64,
-    verify_one_per_author_us: f64,
-    judge_history_us: f64,
-    view_us: f64,
-    save_us: f64,
+struct Steps<T> {
+    load_us: T,
+    list_changes_us: T,
+    verify_each_change_us: T,
+    verify_one_per_author_us: T,
+    judge_history_us: T,
+    view_us: T,
+    save_us: T,
     /// Applying the changes one by one to an empty document: what judging each change on
     /// the document as it grows (rather than at past heads) would pay before reading.
-    replay_us: f64,
+    replay_us: T,
+}
+
+impl<T> Steps<T> {
+    /// The steps with their names, in the order they run.
+    fn named(&self) -> [(&'static str, &T); 8] {
+        [
+            ("load", &self.load_us),
+            ("list changes", &self.list_changes_us),
+            ("verify every change", &self.verify_each_change_us),
+            ("verify one per author", &self.verify_one_per_author_us),
+            ("judge the history", &self.judge_history_us),
+            ("view", &self.view_us),
+            ("save", &self.save_us),
+            ("replay", &self.replay_us),
+        ]
+    }
+
+    fn map<U>(&mut self, mut f: impl FnMut(&mut T) -> U) -> Steps<U> {
+        Steps {
+            load_us: f(&mut self.load_us),
+            list_changes_us: f(&mut self.list_changes_us),
+            verify_each_change_us: f(&mut self.verify_each_change_us),
+            verify_one_per_author_us: f(&mut self.verify_one_per_author_us),
+            judge_history_us: f(&mut self.judge_history_us),
+            view_us: f(&mut self.view_us),
+            save_us: f(&mut self.save_us),
+            replay_us: f(&mut self.replay_us),
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -62,9 +92,9 @@ struct Report {
     changes_per_file: f64,
     saved_bytes_per_file: f64,
     /// Medians per file, in microseconds.
-    median: Steps,
+    median: Steps<f64>,
     /// Means per file, in microseconds (what throughput pays).
-    mean: Steps,
+    mean: Steps<f64>,
 }
 
 /// Builds the files as an app writes them and signs every change.
@@ -75,13 +105,7 @@ fn build(options: &Options) -> anyhow::Result<(Vec<Fetched>, usize)> {
     let mut fetched = Vec::with_capacity(records.len());
     let mut changes = 0;
     for record in &records {
-        let writes = record.writes()?;
-        let editor = |at: Timestamp| sample::editor(sample::HOSPITAL, at.0);
-        let mut file =
-            HealthFile::create(&actor, &editor(writes.created_at), &writes.demographics)?;
-        for (at, op) in &writes.operations {
-            file.apply(&editor(*at), op)?;
-        }
+        let file = record.writes()?.build(&actor, sample::HOSPITAL)?;
         let id = file.id();
         let mut doc = file.automerge().clone();
         let mut signed: Vec<([u8; 32], [u8; 64])> = doc
@@ -129,24 +153,15 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     );
     let (fetched, changes) = build(options)?;
     let institution = sample::institution(sample::HOSPITAL);
-    let mut samples: [Vec<f64>; 8] = Default::default();
-    let [
-        load,
-        list,
-        verify_each,
-        verify_one,
-        judge,
-        view_of,
-        save,
-        replay,
-    ] = &mut samples;
+    let mut samples: Steps<Vec<f64>> = Steps::default();
     for file in &fetched {
-        let mut doc: AutoCommit = timed(load, || load_document(&file.saved))
+        let mut doc: AutoCommit = timed(&mut samples.load_us, || load_document(&file.saved))
             .map_err(|error| anyhow::anyhow!("a built file does not load: {error}"))?;
-        let list_changes: Vec<Change> = timed(list, || doc.get_changes(&[]));
+        let list_changes: Vec<Change> =
+            timed(&mut samples.list_changes_us, || doc.get_changes(&[]));
         let mut hashes: Vec<_> = list_changes.iter().map(|c| c.hash()).collect();
         hashes.sort_unstable();
-        timed(verify_each, || {
+        timed(&mut samples.verify_each_change_us, || {
             for (change, signature) in hashes.iter().zip(&file.signatures) {
                 let change = list_changes
                     .iter()
@@ -158,19 +173,21 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
             anyhow::Ok(())
         })?;
         // One check per author: the author's latest change (here the only author's last).
-        timed(verify_one, || {
+        timed(&mut samples.verify_one_per_author_us, || {
             let last = list_changes.last().context("no changes")?;
             let at = hashes.binary_search(&last.hash()).ok().context("a hash")?;
             verify_signature(&file.id, last, &file.signatures[at])
                 .map_err(|error| anyhow::anyhow!("a signature fails: {error}"))
         })?;
         let authors = vec![institution.clone(); list_changes.len()];
-        timed(judge, || judge_history(&doc, &list_changes, &authors))
-            .map_err(|error| anyhow::anyhow!("a built history is refused: {error}"))?;
-        timed(view_of, || estuary_node::model::view(&doc))
+        timed(&mut samples.judge_history_us, || {
+            judge_history(&doc, &list_changes, &authors)
+        })
+        .map_err(|error| anyhow::anyhow!("a built history is refused: {error}"))?;
+        timed(&mut samples.view_us, || estuary_node::model::view(&doc))
             .map_err(|error| anyhow::anyhow!("a built file does not read: {error}"))?;
-        timed(save, || doc.save());
-        timed(replay, || {
+        timed(&mut samples.save_us, || doc.save());
+        timed(&mut samples.replay_us, || {
             let mut fresh = AutoCommit::new();
             for change in &list_changes {
                 fresh.apply_changes([change.clone()]).expect("replay");
@@ -178,28 +195,6 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
             fresh
         });
     }
-    let mut steps = |pick: &mut dyn FnMut(&mut Vec<f64>) -> f64| {
-        let [
-            load,
-            list,
-            verify_each,
-            verify_one,
-            judge,
-            view_of,
-            save,
-            replay,
-        ] = &mut samples;
-        Steps {
-            replay_us: pick(replay),
-            load_us: pick(load),
-            list_changes_us: pick(list),
-            verify_each_change_us: pick(verify_each),
-            verify_one_per_author_us: pick(verify_one),
-            judge_history_us: pick(judge),
-            view_us: pick(view_of),
-            save_us: pick(save),
-        }
-    };
     let report = Report {
         profile: if cfg!(debug_assertions) {
             "debug"
@@ -211,40 +206,14 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         changes_per_file: changes as f64 / fetched.len().max(1) as f64,
         saved_bytes_per_file: fetched.iter().map(|f| f.saved.len()).sum::<usize>() as f64
             / fetched.len().max(1) as f64,
-        mean: steps(&mut |s| mean(s)),
-        median: steps(&mut |s| median(s)),
+        mean: samples.map(|s| mean(s)),
+        median: samples.map(|s| median(s)),
     };
     println!(
         "{} files, {:.1} changes and {:.0} saved bytes each; per file, µs (median / mean):",
         report.files, report.changes_per_file, report.saved_bytes_per_file
     );
-    let rows = [
-        ("load", report.median.load_us, report.mean.load_us),
-        (
-            "list changes",
-            report.median.list_changes_us,
-            report.mean.list_changes_us,
-        ),
-        (
-            "verify every change",
-            report.median.verify_each_change_us,
-            report.mean.verify_each_change_us,
-        ),
-        (
-            "verify one per author",
-            report.median.verify_one_per_author_us,
-            report.mean.verify_one_per_author_us,
-        ),
-        (
-            "judge the history",
-            report.median.judge_history_us,
-            report.mean.judge_history_us,
-        ),
-        ("view", report.median.view_us, report.mean.view_us),
-        ("save", report.median.save_us, report.mean.save_us),
-        ("replay", report.median.replay_us, report.mean.replay_us),
-    ];
-    for (step, median, mean) in rows {
+    for ((step, median), (_, mean)) in report.median.named().into_iter().zip(report.mean.named()) {
         println!("  {step:<24} {median:>9.1} {mean:>9.1}");
     }
     println!("({} build)", report.profile);

@@ -203,13 +203,7 @@ fn build(
         records.len()
     );
     for (n, record) in records.iter().enumerate() {
-        let writes = record.writes()?;
-        let editor = |at: Timestamp| sample::editor(sample::HOSPITAL, at.0);
-        let mut file =
-            HealthFile::create(&actor, &editor(writes.created_at), &writes.demographics)?;
-        for (at, op) in &writes.operations {
-            file.apply(&editor(*at), op)?;
-        }
+        let mut file = record.writes()?.build(&actor, sample::HOSPITAL)?;
         payload += file.save().len() as u64;
         let id = file.id();
         ids.push(id);

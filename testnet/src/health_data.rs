@@ -710,6 +710,18 @@ pub struct Writes {
     pub operations: Vec<(Timestamp, HealthFileOp)>,
 }
 
+impl Writes {
+    /// The file these writes make, written by `actor` as an editor of `institution`.
+    pub fn build(&self, actor: &Actor, institution: &str) -> anyhow::Result<HealthFile> {
+        let editor = |at: Timestamp| crate::sample::editor(institution, at.0);
+        let mut file = HealthFile::create(actor, &editor(self.created_at), &self.demographics)?;
+        for (at, op) in &self.operations {
+            file.apply(&editor(*at), op)?;
+        }
+        Ok(file)
+    }
+}
+
 /// An institution id from a name: lower case, runs of other characters as one '-'.
 pub fn institution_id(name: &str) -> anyhow::Result<InstitutionId> {
     let mut id = String::new();
