@@ -164,9 +164,9 @@ pub struct Judged {
 /// What judging a change read at the change's own state.
 enum After {
     /// The whole view (a change judged whole).
-    Whole(View),
+    Whole(Box<View>),
     /// The parts the change touched (see [`health_file::view_after`]).
-    Parts(health_file::AfterParts),
+    Parts(Box<health_file::AfterParts>),
 }
 
 impl std::fmt::Debug for Judged {
@@ -226,9 +226,9 @@ impl Judged {
     /// or another kind of `previous` for a change judged by its parts).
     fn into_view_at_change(self, previous: Option<View>) -> Option<View> {
         match (self.after, previous) {
-            (After::Whole(view), _) => Some(view),
+            (After::Whole(view), _) => Some(*view),
             (After::Parts(parts), Some(View::HealthFile(previous))) => {
-                health_file::view_after(parts, *previous).map(|v| View::HealthFile(Box::new(v)))
+                health_file::view_after(*parts, *previous).map(|v| View::HealthFile(Box::new(v)))
             }
             (After::Parts(_), _) => None,
         }
@@ -270,14 +270,14 @@ pub fn judge_change<D: ReadDoc>(
         return Ok(Judged {
             kind: view.kind(),
             touch,
-            after: After::Whole(view),
+            after: After::Whole(Box::new(view)),
         });
     }
     let parts = health_file::judge_touched(&before, &after, &touch, author)?;
     Ok(Judged {
         kind,
         touch,
-        after: After::Parts(parts),
+        after: After::Parts(Box::new(parts)),
     })
 }
 
