@@ -12,7 +12,7 @@ use automerge::{ObjId, ObjType, ReadDoc, ScalarValue, Value};
 use serde::{Deserialize, Serialize};
 
 use crate::error::ValidationError;
-use crate::ids::{Date, EntryId, Icd10, InstitutionId, Timestamp};
+use crate::ids::{Date, EntryId, Icd10, Icd10System, InstitutionId, Timestamp};
 
 /// A single-valued field as replicas see it after a merge: the value every replica shows by
 /// default, and the concurrent values it won over, kept for a clinician to review.
@@ -350,13 +350,21 @@ pub(crate) fn date<D: ReadDoc>(
     })
 }
 
+/// The ICD-10 code of `entry`: its `code` key, in the system its `system` key names (WHO
+/// when the key is absent). Each is `(key, field)`.
 pub(crate) fn icd10<D: ReadDoc>(
-    field: &'static str,
-) -> impl Fn(&Obj<'_, D>, &Value<'_>, &ObjId) -> Result<Icd10, ValidationError> {
-    checked(field, |text, field| {
-        Icd10::check(text, field)?;
-        Icd10::new(text)
-    })
+    entry: &Obj<'_, D>,
+    code: (&str, &'static str),
+    system: (&str, &'static str),
+) -> Result<Icd10, ValidationError> {
+    let system = entry
+        .once_opt(system.0, system.1, checked(system.1, Icd10System::parse))?
+        .unwrap_or_default();
+    entry.once(
+        code.0,
+        code.1,
+        checked(code.1, move |text, field| Icd10::read(system, text, field)),
+    )
 }
 
 pub(crate) fn institution<D: ReadDoc>(

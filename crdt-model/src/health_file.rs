@@ -22,7 +22,9 @@ use crate::access::{
 };
 use crate::document::{DocumentKind, IDENTITY_KEYS, read_identity, replica};
 use crate::error::{OpError, ValidationError};
-use crate::ids::{Actor, Date, DocumentId, Editor, EntryId, Icd10, InstitutionId, Timestamp};
+use crate::ids::{
+    Actor, Date, DocumentId, Editor, EntryId, Icd10, Icd10System, InstitutionId, Timestamp,
+};
 use crate::judge::Touch;
 use crate::limits::{
     DIAGNOSES_PER_ENCOUNTER_MAX, ENTRIES_PER_LIST_MAX, FIELD_BYTES_MAX,
@@ -660,7 +662,7 @@ fn apply_op(tx: &mut AutoCommit, editor: &Editor, op: &HealthFileOp) -> Result<(
         HealthFileOp::AddProblem(problem) => {
             check_text(&problem.display, "problems.display", FIELD_BYTES_MAX, true)?;
             let entry = append_entry(tx, &root, "problems", "problems", ENTRIES_PER_LIST_MAX)?;
-            tx.put(&entry, "icd10", problem.icd10.as_str())?;
+            put_icd10(tx, &entry, &problem.icd10)?;
             tx.put(&entry, "display", problem.display.as_str())?;
             if let Some(onset) = &problem.onset {
                 tx.put(&entry, "onset", onset.as_str())?;
@@ -674,8 +676,17 @@ fn apply_op(tx: &mut AutoCommit, editor: &Editor, op: &HealthFileOp) -> Result<(
             Ok(())
         }
         HealthFileOp::RemoveProblem { icd10 } => remove_matching(tx, "problems", |doc, entry| {
-            Ok(matches!(doc.get(entry, "icd10")?,
-                Some((Value::Scalar(s), _)) if s.as_str() == Some(icd10.as_str())))
+            let text = |key| -> Result<Option<String>, OpError> {
+                Ok(match doc.get(entry, key)? {
+                    Some((Value::Scalar(s), _)) => s.as_str().map(str::to_string),
+                    _ => None,
+                })
+            };
+            // The same code in another system is another diagnosis.
+            let system = text("icd10_system")?;
+            Ok(text("icd10")?.as_deref() == Some(icd10.as_str())
+                && system.as_deref().unwrap_or(Icd10System::Who.as_str())
+                    == icd10.system().as_str())
         }),
         HealthFileOp::AddMedication(medication) => {
             check_prescription(medication.days)?;
@@ -715,7 +726,7 @@ fn apply_op(tx: &mut AutoCommit, editor: &Editor, op: &HealthFileOp) -> Result<(
             let diagnoses = tx.put_object(&entry, "diagnoses", ObjType::List)?;
             for (index, diagnosis) in encounter.diagnoses.iter().enumerate() {
                 let item = tx.insert_object(&diagnoses, index, ObjType::Map)?;
-                tx.put(&item, "icd10", diagnosis.icd10.as_str())?;
+                put_icd10(tx, &item, &diagnosis.icd10)?;
                 tx.put(&item, "display", diagnosis.display.as_str())?;
             }
             let note = tx.put_object(&entry, "note", ObjType::Text)?;
@@ -815,6 +826,16 @@ fn record_provenance(
 
 /// Deletes every entry of the list at `key` that `matches`. Only entries this replica holds
 /// are deleted, which is what makes the set add-wins.
+/// Writes `code` into `entry`: the code as written, and its system's name unless it is WHO
+/// ICD-10 (so a WHO code is stored as it always was).
+fn put_icd10(tx: &mut AutoCommit, entry: &ObjId, code: &Icd10) -> Result<(), OpError> {
+    tx.put(entry, "icd10", code.as_str())?;
+    if code.system() != Icd10System::Who {
+        tx.put(entry, "icd10_system", code.system().as_str())?;
+    }
+    Ok(())
+}
+
 fn remove_matching(
     tx: &mut AutoCommit,
     key: &'static str,
@@ -1354,6 +1375,7 @@ fn parse_allergy<D: ReadDoc>(entry: &Obj<'_, D>) -> Result<AllergyView, Validati
 fn parse_problem<D: ReadDoc>(entry: &Obj<'_, D>) -> Result<ProblemView, ValidationError> {
     entry.only_keys(&[
         "icd10",
+        "icd10_system",
         "display",
         "onset",
         "status",
@@ -1362,7 +1384,11 @@ fn parse_problem<D: ReadDoc>(entry: &Obj<'_, D>) -> Result<ProblemView, Validati
     ])?;
     Ok(ProblemView {
         entry: entry_id(&entry.id),
-        icd10: entry.once("icd10", "problems.icd10", icd10("problems.icd10"))?,
+        icd10: icd10(
+            entry,
+            ("icd10", "problems.icd10"),
+            ("icd10_system", "problems.icd10_system"),
+        )?,
         display: entry.once(
             "display",
             "problems.display",
@@ -1448,12 +1474,12 @@ fn parse_encounter<D: ReadDoc>(entry: &Obj<'_, D>) -> Result<EncounterView, Vali
         .into_iter()
         .map(|id| {
             let item = entry.child(id, "encounters.diagnoses");
-            item.only_keys(&["icd10", "display"])?;
+            item.only_keys(&["icd10", "icd10_system", "display"])?;
             Ok(Diagnosis {
-                icd10: item.once(
-                    "icd10",
-                    "encounters.diagnoses.icd10",
-                    icd10("encounters.diagnoses.icd10"),
+                icd10: icd10(
+                    &item,
+                    ("icd10", "encounters.diagnoses.icd10"),
+                    ("icd10_system", "encounters.diagnoses.icd10_system"),
                 )?,
                 display: item.once(
                     "display",

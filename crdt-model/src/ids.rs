@@ -292,27 +292,92 @@ impl<'de> Deserialize<'de> for Date {
     }
 }
 
-/// An ICD-10 code such as `I10`, `E11.9` or `K21.9`.
-#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Serialize)]
-#[serde(transparent)]
-pub struct Icd10(String);
+/// The ICD-10 a diagnosis code is written in. The writer says which: the national editions'
+/// codes share one shape, and a WHO code can look like a national one, so it is never
+/// inferred from the code.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Default)]
+pub enum Icd10System {
+    /// WHO ICD-10: `I10`, `E11.9`.
+    #[default]
+    Who,
+    /// China's national clinical edition (version 2.0), which hospital EMRs code in:
+    /// `I10.x00x002`, `E11.900`.
+    CnClinical,
+    /// China's national healthcare security (insurance) edition (version 2.0), which
+    /// insurance claims are coded in; the same shape as the clinical edition.
+    CnInsurance,
+}
 
-impl Icd10 {
-    /// Validates the shape of an ICD-10 code: a capital letter, two digits, then optionally
-    /// a dot and one to four letters or digits.
-    pub fn new(text: impl Into<String>) -> Result<Self, ValidationError> {
-        let text = text.into();
-        Self::check(&text, "icd10")?;
-        Ok(Self(text))
+/// Prefix of the national editions' URIs in FHIR: no registry (HL7's or a national one)
+/// publishes a URI for them, so they are named in the consortium's own `urn:estuary:`
+/// namespace, as its identifiers and extensions are. A code is stored with its system's
+/// name, never its URI, so only FHIR output changes if a registered URI appears.
+const CN_CODE_SYSTEM_PREFIX: &str = "urn:estuary:code-system:";
+
+impl Icd10System {
+    /// Every system, for documentation and tests.
+    pub const ALL: [Icd10System; 3] = [Self::Who, Self::CnClinical, Self::CnInsurance];
+
+    /// The system's name, as written in documents and the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Who => "icd-10",
+            Self::CnClinical => "icd-10-cn-clinical",
+            Self::CnInsurance => "icd-10-cn-insurance",
+        }
     }
 
-    pub(crate) fn check(text: &str, field: &'static str) -> Result<(), ValidationError> {
-        let bytes = text.as_bytes();
-        let head_ok = bytes.len() >= 3
-            && bytes[0].is_ascii_uppercase()
-            && bytes[1].is_ascii_digit()
-            && (bytes[2].is_ascii_digit() || bytes[2].is_ascii_uppercase());
-        let tail_ok = match &bytes[bytes.len().min(3)..] {
+    /// The system named `text`.
+    pub fn parse(text: &str, field: &'static str) -> Result<Self, ValidationError> {
+        Self::ALL
+            .into_iter()
+            .find(|system| system.as_str() == text)
+            .ok_or(ValidationError::InvalidValue {
+                field,
+                reason: "the code system is one of icd-10, icd-10-cn-clinical, icd-10-cn-insurance",
+            })
+    }
+
+    /// The system's URI in FHIR `Coding.system`.
+    pub fn fhir_uri(self) -> String {
+        match self {
+            Self::Who => "http://hl7.org/fhir/sid/icd-10".to_string(),
+            national => format!("{CN_CODE_SYSTEM_PREFIX}{}", national.as_str()),
+        }
+    }
+
+    /// Checks that `code` has this system's shape.
+    fn check(self, code: &str, field: &'static str) -> Result<(), ValidationError> {
+        let (ok, reason) = match self {
+            Self::Who => (
+                who_shape(code.as_bytes()),
+                "a WHO ICD-10 code is a capital letter, two digits, then optionally '.' and 1-4 \
+                 capital letters or digits (a national edition's code needs its system)",
+            ),
+            Self::CnClinical | Self::CnInsurance => (
+                national_shape(code.as_bytes()),
+                "a national-edition ICD-10 code is a capital letter, two digits, '.', a digit or \
+                 'x', two digits, then optionally 'x' and three digits (I10.x00x002)",
+            ),
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(ValidationError::InvalidValue { field, reason })
+        }
+    }
+}
+
+/// The category every edition shares: a capital letter, then two digits (WHO also allows a
+/// capital letter third, as in `C4A`).
+fn category(bytes: &[u8]) -> bool {
+    bytes.len() >= 3 && bytes[0].is_ascii_uppercase() && bytes[1].is_ascii_digit()
+}
+
+fn who_shape(bytes: &[u8]) -> bool {
+    category(bytes)
+        && (bytes[2].is_ascii_digit() || bytes[2].is_ascii_uppercase())
+        && match &bytes[3..] {
             [] => true,
             [b'.', rest @ ..] => {
                 (1..=4).contains(&rest.len())
@@ -321,26 +386,136 @@ impl Icd10 {
                         .all(|c| c.is_ascii_digit() || c.is_ascii_uppercase())
             }
             _ => false,
-        };
-        if head_ok && tail_ok {
-            Ok(())
-        } else {
-            Err(ValidationError::InvalidValue {
-                field,
-                reason: "an ICD-10 code is a letter, two digits, then optionally '.' and 1-4 more",
-            })
         }
+}
+
+fn national_shape(bytes: &[u8]) -> bool {
+    let digits = |part: &[u8]| part.iter().all(u8::is_ascii_digit);
+    category(bytes)
+        && bytes[2].is_ascii_digit()
+        && match &bytes[3..] {
+            [b'.', sub, extension @ ..] => {
+                (sub.is_ascii_digit() || *sub == b'x')
+                    && match extension {
+                        [a, b] => digits(&[*a, *b]),
+                        [a, b, b'x', more @ ..] => {
+                            digits(&[*a, *b]) && more.len() == 3 && digits(more)
+                        }
+                        _ => false,
+                    }
+            }
+            _ => false,
+        }
+}
+
+/// A diagnosis code in one of the ICD-10 systems accepted, kept exactly as written: `I10`
+/// in WHO ICD-10, `I10.x00x002` in the national clinical edition.
+///
+/// In JSON a WHO code is its text alone (`"I10"`), as it always was; a national edition's
+/// is `{"system": "icd-10-cn-clinical", "code": "I10.x00x002"}` (either form takes a system).
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
+pub struct Icd10 {
+    system: Icd10System,
+    code: String,
+}
+
+impl Icd10 {
+    /// A WHO ICD-10 code, checked for its shape.
+    pub fn new(code: impl Into<String>) -> Result<Self, ValidationError> {
+        Self::in_system(Icd10System::Who, code)
     }
 
-    /// The code as text.
+    /// A code of `system`, checked for that system's shape.
+    pub fn in_system(
+        system: Icd10System,
+        code: impl Into<String>,
+    ) -> Result<Self, ValidationError> {
+        let code = code.into();
+        system.check(&code, "icd10")?;
+        Ok(Self { system, code })
+    }
+
+    /// The code of `system` read from a document's `field`.
+    pub(crate) fn read(
+        system: Icd10System,
+        code: &str,
+        field: &'static str,
+    ) -> Result<Self, ValidationError> {
+        system.check(code, field)?;
+        Ok(Self {
+            system,
+            code: code.to_string(),
+        })
+    }
+
+    /// The code as written.
     pub fn as_str(&self) -> &str {
-        &self.0
+        &self.code
+    }
+
+    /// The system it is written in.
+    pub fn system(&self) -> Icd10System {
+        self.system
+    }
+}
+
+impl Serialize for Icd10 {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        if self.system == Icd10System::Who {
+            return serializer.serialize_str(&self.code);
+        }
+        let mut coded = serializer.serialize_struct("Icd10", 2)?;
+        coded.serialize_field("system", self.system.as_str())?;
+        coded.serialize_field("code", &self.code)?;
+        coded.end()
     }
 }
 
 impl<'de> Deserialize<'de> for Icd10 {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        Self::new(String::deserialize(deserializer)?).map_err(serde::de::Error::custom)
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Icd10;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a WHO ICD-10 code as text, or {\"system\": …, \"code\": …}")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, code: &str) -> Result<Icd10, E> {
+                Icd10::new(code).map_err(E::custom)
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Icd10, A::Error> {
+                use serde::de::Error;
+                let (mut system, mut code) = (None, None);
+                while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                    match &*key {
+                        "system" if system.is_none() => {
+                            let name = map.next_value::<std::borrow::Cow<'de, str>>()?;
+                            system = Some(
+                                Icd10System::parse(&name, "icd10.system")
+                                    .map_err(A::Error::custom)?,
+                            );
+                        }
+                        "code" if code.is_none() => code = Some(map.next_value::<String>()?),
+                        _ => {
+                            return Err(A::Error::custom(ValidationError::InvalidValue {
+                                field: "icd10",
+                                reason: "an ICD-10 code has the fields system and code, once each",
+                            }));
+                        }
+                    }
+                }
+                let system = system.ok_or_else(|| A::Error::missing_field("system"))?;
+                let code = code.ok_or_else(|| A::Error::missing_field("code"))?;
+                Icd10::in_system(system, code).map_err(A::Error::custom)
+            }
+        }
+        deserializer.deserialize_any(Visitor)
     }
 }
 
@@ -390,11 +565,88 @@ mod tests {
 
     #[test]
     fn icd10_codes_have_their_shape() {
-        for good in ["I10", "E11.9", "K21.9", "M17.9", "C34.1", "E78.5"] {
+        for good in ["I10", "E11.9", "K21.9", "M17.9", "C34.1", "E78.5", "C4A.0"] {
             assert!(Icd10::new(good).is_ok(), "{good}");
         }
-        for bad in ["", "i10", "I1", "E11.", "E11.12345", "E11-9", "11.9"] {
+        for bad in [
+            "",
+            "i10",
+            "I1",
+            "E11.",
+            "E11.12345",
+            "E11-9",
+            "11.9",
+            "I10.x00x002",
+        ] {
             assert!(Icd10::new(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn national_edition_codes_are_kept_as_written_in_their_own_system() {
+        for system in [Icd10System::CnClinical, Icd10System::CnInsurance] {
+            for good in [
+                "I10.x00x002",
+                "E11.900",
+                "J18.900",
+                "I63.900x003",
+                "A00.000",
+            ] {
+                let code = Icd10::in_system(system, good).unwrap();
+                assert_eq!((code.as_str(), code.system()), (good, system));
+            }
+            for bad in [
+                "",
+                "I10",
+                "E11.9",
+                "I10.X00X002",
+                "I10.x00x02",
+                "I10.x00x0021",
+                "I10.xx0",
+                "I10.x00y002",
+                "i10.x00",
+                "C4A.000",
+                "I10.x00x",
+                "E11.900 ",
+            ] {
+                assert!(Icd10::in_system(system, bad).is_err(), "{bad}");
+            }
+        }
+    }
+
+    #[test]
+    fn icd10_codes_read_and_write_json_in_both_forms() {
+        let who: Icd10 = serde_json::from_str("\"E11.9\"").unwrap();
+        assert_eq!(who, Icd10::new("E11.9").unwrap());
+        assert_eq!(serde_json::to_string(&who).unwrap(), "\"E11.9\"");
+        let national: Icd10 =
+            serde_json::from_str(r#"{"system": "icd-10-cn-clinical", "code": "I10.x00x002"}"#)
+                .unwrap();
+        assert_eq!(national.system(), Icd10System::CnClinical);
+        assert_eq!(
+            serde_json::to_string(&national).unwrap(),
+            r#"{"system":"icd-10-cn-clinical","code":"I10.x00x002"}"#
+        );
+        // The object form also takes WHO, and round-trips to the plain text.
+        let explicit: Icd10 =
+            serde_json::from_str(r#"{"code": "I10", "system": "icd-10"}"#).unwrap();
+        assert_eq!(explicit, Icd10::new("I10").unwrap());
+        for (bad, says) in [
+            ("\"I10.x00x002\"", "needs its system"),
+            (r#"{"system": "icd-10-cm", "code": "I10"}"#, "one of icd-10"),
+            (
+                r#"{"system": "icd-10-cn-clinical", "code": "I10"}"#,
+                "national-edition",
+            ),
+            (r#"{"system": "icd-10-cn-clinical"}"#, "code"),
+            (
+                r#"{"system": "icd-10", "code": "I10", "display": "x"}"#,
+                "system and code, once each",
+            ),
+            ("42", "WHO ICD-10 code as text"),
+        ] {
+            let error = serde_json::from_str::<Icd10>(bad).unwrap_err().to_string();
+            assert!(error.contains(says), "{bad}: {error}");
         }
     }
 }

@@ -36,7 +36,9 @@ pub use health_file::{
     HealthFileView, Insurance, Measurement, MedicationView, NewAllergy, NewEncounter,
     NewExamResult, NewFollowUp, NewMedication, NewProblem, PersonName, ProblemView,
 };
-pub use ids::{Actor, Date, DocumentId, Editor, EntryId, Icd10, InstitutionId, Timestamp};
+pub use ids::{
+    Actor, Date, DocumentId, Editor, EntryId, Icd10, Icd10System, InstitutionId, Timestamp,
+};
 pub use judge::{HistoryRefused, Judged, judge_change, judge_history};
 pub use referral::{
     EventView, NewReferral, Referral, ReferralOp, ReferralStatus, ReferralView, Role,

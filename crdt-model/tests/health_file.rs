@@ -107,6 +107,96 @@ fn add_problem_set_status_and_remove() {
     assert!(file.view().problems.is_empty());
 }
 
+/// Codes of the national clinical and insurance editions are written as they are, each in
+/// its own system: a WHO code, or another edition's, of the same text is another diagnosis.
+#[test]
+fn national_edition_codes_are_recorded_as_written_in_their_own_system() {
+    let mut file = new_file(1);
+    let clinical = Icd10::in_system(Icd10System::CnClinical, "E11.900").unwrap();
+    let insurance = Icd10::in_system(Icd10System::CnInsurance, "E11.900").unwrap();
+    for code in [&clinical, &insurance] {
+        apply(
+            &mut file,
+            HealthFileOp::AddProblem(NewProblem {
+                icd10: code.clone(),
+                display: "2型糖尿病".into(),
+                onset: None,
+                status: ProblemStatus::Active,
+            }),
+        );
+    }
+    apply(
+        &mut file,
+        HealthFileOp::AddEncounter(NewEncounter {
+            time: Timestamp(1_700_000_000_000),
+            kind: EncounterKind::Outpatient,
+            diagnoses: vec![
+                Diagnosis {
+                    icd10: Icd10::in_system(Icd10System::CnClinical, "I10.x00x002").unwrap(),
+                    display: "高血压1级".into(),
+                },
+                Diagnosis {
+                    icd10: icd("I10"),
+                    display: "Essential hypertension".into(),
+                },
+            ],
+            note: String::new(),
+        }),
+    );
+    let view = file.view();
+    let problems: Vec<&Icd10> = view.problems.iter().map(|p| &p.icd10).collect();
+    assert_eq!(problems, vec![&clinical, &insurance]);
+    let diagnoses: Vec<(Icd10System, &str)> = view.encounters[0]
+        .diagnoses
+        .iter()
+        .map(|d| (d.icd10.system(), d.icd10.as_str()))
+        .collect();
+    assert_eq!(
+        diagnoses,
+        vec![
+            (Icd10System::CnClinical, "I10.x00x002"),
+            (Icd10System::Who, "I10")
+        ]
+    );
+    // Removing the insurance edition's code leaves the clinical edition's of the same text.
+    apply(&mut file, HealthFileOp::RemoveProblem { icd10: insurance });
+    let problems: Vec<Icd10> = file.view().problems.into_iter().map(|p| p.icd10).collect();
+    assert_eq!(problems, vec![clinical]);
+}
+
+/// A peer's document naming a code system no node accepts, or a code that is not of the
+/// system named, is refused by validation with the field named.
+#[test]
+fn a_code_in_an_unknown_system_or_of_the_wrong_shape_is_refused() {
+    use automerge::ReadDoc;
+    use automerge::transaction::Transactable;
+    for (system, code, field) in [
+        ("icd-10-cm", "E11.9", "problems.icd10_system"),
+        ("icd-10-cn-clinical", "E11.9", "problems.icd10"),
+    ] {
+        let mut file = new_file(1);
+        apply(
+            &mut file,
+            HealthFileOp::AddProblem(NewProblem {
+                icd10: icd("E11.9"),
+                display: "Type 2 diabetes mellitus".into(),
+                onset: None,
+                status: ProblemStatus::Active,
+            }),
+        );
+        let mut doc = file.automerge().clone();
+        let (_, problems) = doc.get(automerge::ROOT, "problems").unwrap().unwrap();
+        let (_, entry) = doc.get(&problems, 0).unwrap().unwrap();
+        doc.put(&entry, "icd10_system", system).unwrap();
+        doc.put(&entry, "icd10", code).unwrap();
+        doc.commit();
+        match validate(&doc) {
+            Err(ValidationError::InvalidValue { field: named, .. }) => assert_eq!(named, field),
+            other => panic!("{system} {code}: {other:?}"),
+        }
+    }
+}
+
 #[test]
 fn add_and_stop_medication() {
     let mut file = new_file(1);

@@ -16,7 +16,20 @@ use proptest::prelude::*;
 
 const INSTITUTIONS: [&str; 3] = ["chc-jianshe", "xinhua", "dh-chongming-2"];
 const SUBSTANCES: [&str; 3] = ["penicillin", "Penicillin", "iodine contrast"];
-const CODES: [&str; 3] = ["I10", "E11.9", "K21.9"];
+/// Diagnosis codes: WHO, and the national editions (one written like a WHO code's text
+/// extended, one sharing its text across the two editions).
+const CODES: [(Icd10System, &str); 5] = [
+    (Icd10System::Who, "I10"),
+    (Icd10System::Who, "E11.9"),
+    (Icd10System::CnClinical, "I10.x00x002"),
+    (Icd10System::CnClinical, "E11.900"),
+    (Icd10System::CnInsurance, "E11.900"),
+];
+
+fn code(c: usize) -> Icd10 {
+    let (system, code) = CODES[c];
+    Icd10::in_system(system, code).expect("test codes are valid")
+}
 
 /// A step of a random history: an edit on one replica, or one replica receiving another's
 /// changes in a shuffled order, possibly twice.
@@ -133,7 +146,7 @@ fn file_op(action: &FileAction, view: &HealthFileView) -> Option<HealthFileOp> {
             substance: SUBSTANCES[*s].into(),
         },
         FileAction::AddProblem(c) => HealthFileOp::AddProblem(NewProblem {
-            icd10: icd(CODES[*c]),
+            icd10: code(*c),
             display: "problem".into(),
             onset: None,
             status: ProblemStatus::Active,
@@ -146,9 +159,7 @@ fn file_op(action: &FileAction, view: &HealthFileView) -> Option<HealthFileOp> {
                 ProblemStatus::Resolved
             },
         },
-        FileAction::RemoveProblem(c) => HealthFileOp::RemoveProblem {
-            icd10: icd(CODES[*c]),
-        },
+        FileAction::RemoveProblem(c) => HealthFileOp::RemoveProblem { icd10: code(*c) },
         FileAction::AddMedication(days) => HealthFileOp::AddMedication(NewMedication {
             drug: "amlodipine".into(),
             dose: "5 mg".into(),
@@ -164,7 +175,7 @@ fn file_op(action: &FileAction, view: &HealthFileView) -> Option<HealthFileOp> {
             time: Timestamp(1_700_000_000_000),
             kind: EncounterKind::Outpatient,
             diagnoses: vec![Diagnosis {
-                icd10: icd(CODES[*c]),
+                icd10: code(*c),
                 display: "dx".into(),
             }],
             note: "seen".into(),

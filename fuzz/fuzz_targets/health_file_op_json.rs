@@ -21,6 +21,7 @@ fn populated_file(editor: &Editor) -> HealthFile {
     let seed_ops = [
         r#"{"op":"add_allergy","args":{"substance":"penicillin","reaction":"rash","severity":"mild"}}"#,
         r#"{"op":"add_problem","args":{"icd10":"I10","display":"HT","status":"active"}}"#,
+        r#"{"op":"add_problem","args":{"icd10":{"system":"icd-10-cn-clinical","code":"I10.x00x002"},"display":"HT","status":"active"}}"#,
         r#"{"op":"add_medication","args":{"drug":"a","dose":"1","frequency":"d","start":"2026-01-01","days":30}}"#,
         r#"{"op":"add_encounter","args":{"time":1,"kind":"outpatient","diagnoses":[],"note":"n"}}"#,
     ];

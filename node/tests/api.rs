@@ -224,6 +224,57 @@ fn every_route_is_described_in_the_openapi_file_and_every_described_route_exists
     assert!(missing.is_empty(), "described but not served: {missing:?}");
 }
 
+/// A diagnosis coded in the national clinical edition, as a hospital EMR writes it, is
+/// accepted as written, read back in its own system, and named in FHIR by that system's URI;
+/// a code not of the system named is refused with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn national_edition_diagnosis_codes_are_written_read_and_served_in_their_own_system() {
+    let api = api();
+    let patient = api.register("Guifang").await;
+    let operations = format!("/v1/health-files/{patient}/operations");
+    let national = json!({"system": "icd-10-cn-clinical", "code": "I10.x00x002"});
+    let op = json!({"op": "add_problem", "args": {"icd10": national, "display": "高血压1级", "status": "active"}});
+    let (status, body) = api.call("POST", &operations, WRITER, &op.to_string()).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, view) = api
+        .call("GET", &format!("/v1/health-files/{patient}"), READER, "")
+        .await;
+    assert_eq!(status, StatusCode::OK, "{view}");
+    assert_eq!(view["view"]["problems"][0]["icd10"], national, "{view}");
+    let (_, bundle) = api
+        .call(
+            "GET",
+            &format!("/fhir/Condition?patient={patient}"),
+            READER,
+            "",
+        )
+        .await;
+    let coding = &bundle["entry"][0]["resource"]["code"]["coding"][0];
+    assert_eq!(
+        coding["system"],
+        "urn:estuary:code-system:icd-10-cn-clinical"
+    );
+    assert_eq!(coding["code"], "I10.x00x002");
+
+    for (icd10, says) in [
+        (json!("I10.x00x002"), "needs its system"),
+        (
+            json!({"system": "icd-10-cn-clinical", "code": "I10"}),
+            "national-edition",
+        ),
+        (
+            json!({"system": "icd-9", "code": "401.9"}),
+            "code system is one of",
+        ),
+    ] {
+        let op = json!({"op": "add_problem", "args": {"icd10": icd10, "display": "x", "status": "active"}});
+        let (status, body) = api.call("POST", &operations, WRITER, &op.to_string()).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{icd10}: {body}");
+        let reason = body["error"]["reason"].as_str().unwrap();
+        assert!(reason.contains(says), "{icd10}: {reason}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_scopes_and_malformed_input_get_typed_errors_that_quote_nothing() {
     let api = api();

@@ -66,7 +66,9 @@ impl ApiError {
 
     /// A JSON body that did not parse into the expected shape. serde's own messages may
     /// quote the offending value, so only its position and, for a missing field, the
-    /// field's name (from our schema) are passed on.
+    /// field's name (from our schema) are passed on; so is a value refused by the model's
+    /// own checks (a date, a diagnosis code), whose `ValidationError` names the field and
+    /// the rule and never the value.
     pub fn from_json(error: &serde_json::Error) -> Self {
         let at = format!("line {} column {}", error.line(), error.column());
         let text = error.to_string();
@@ -79,6 +81,13 @@ impl ApiError {
                 .and_then(|rest| rest.split('`').next())
             {
                 Some(field) => format!("required field `{field}` is missing (at {at})"),
+                // `ValidationError::InvalidValue`'s words; serde's own never start so.
+                None if text.starts_with("field `") && text.contains("` is invalid: ") => {
+                    let rule = text
+                        .rsplit_once(" at line ")
+                        .map_or(text.as_str(), |(rule, _)| rule);
+                    format!("{rule} (at {at})")
+                }
                 None => format!(
                     "the JSON does not match the expected shape at {at}: check field names, types and allowed values against node/openapi.json"
                 ),

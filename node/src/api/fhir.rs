@@ -31,8 +31,6 @@ pub const NATIONAL_ID_SYSTEM: &str = "urn:estuary:national-id";
 pub const REFERRAL_STATUS_EXTENSION: &str = "urn:estuary:fhir:referral-status";
 /// Extension naming the institution that recorded an allergy or a problem.
 pub const RECORDED_BY_EXTENSION: &str = "urn:estuary:fhir:recorded-by";
-/// ICD-10.
-const ICD10_SYSTEM: &str = "http://hl7.org/fhir/sid/icd-10";
 /// LOINC.
 const LOINC_SYSTEM: &str = "http://loinc.org";
 /// UCUM units.
@@ -490,7 +488,7 @@ async fn conditions(
                 }] },
                 "code": {
                     "coding": [{
-                        "system": ICD10_SYSTEM,
+                        "system": problem.icd10.system().fhir_uri(),
                         "code": problem.icd10.as_str(),
                         "display": problem.display,
                     }],

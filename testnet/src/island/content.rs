@@ -121,9 +121,18 @@ pub fn encounter(seed: u64, resident: u32, at_ms: i64) -> HealthFileOp {
         } else {
             EncounterKind::FollowUp
         },
-        diagnoses: vec![Diagnosis {
-            icd10: Icd10::new("I10").expect("a valid code"),
-            display: "Essential hypertension".into(),
+        // Hospital EMRs code in the national clinical edition; the rest in WHO ICD-10.
+        diagnoses: vec![if rng.chance(50) {
+            Diagnosis {
+                icd10: Icd10::in_system(Icd10System::CnClinical, "I10.x00x002")
+                    .expect("a valid code"),
+                display: "高血压1级".into(),
+            }
+        } else {
+            Diagnosis {
+                icd10: Icd10::new("I10").expect("a valid code"),
+                display: "Essential hypertension".into(),
+            }
         }],
         note: if canary() {
             format!("{} BP reviewed; continue current treatment.", CANARIES[3])
