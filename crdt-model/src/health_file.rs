@@ -30,7 +30,7 @@ use crate::limits::{
     DIAGNOSES_PER_ENCOUNTER_MAX, ENTRIES_PER_LIST_MAX, FIELD_BYTES_MAX,
     MEASUREMENTS_PER_RESULT_MAX, NOTE_BYTES_MAX, PRESCRIPTION_DAYS_MAX, SUMMARY_BYTES_MAX,
 };
-use crate::vocab::{EncounterKind, ExamKind, ProblemStatus, Severity, Sex};
+use crate::vocab::{AllergyVerification, EncounterKind, ExamKind, ProblemStatus, Severity, Sex};
 
 /// A resident's name: family and given names in Latin script, and the name as written
 /// (for example in Chinese characters).
@@ -259,6 +259,14 @@ pub enum HealthFileOp {
         /// The substance, compared case-insensitively.
         substance: String,
     },
+    /// Sets what is known of an allergy record: refuted when the resident turns out not to
+    /// be allergic (the record stays, refuted), confirmed, or unconfirmed.
+    SetAllergyVerification {
+        /// The allergy's entry.
+        entry: EntryId,
+        /// What is known of it now.
+        status: AllergyVerification,
+    },
     /// Adds a chronic problem record.
     AddProblem(NewProblem),
     /// Sets whether a problem is active.
@@ -313,6 +321,9 @@ pub struct AllergyView {
     pub recorded_by: InstitutionId,
     /// When it was recorded.
     pub recorded_at: Timestamp,
+    /// What is known of it, once someone has said (with concurrent settings).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verification: Option<Register<AllergyVerification>>,
 }
 
 /// A chronic problem record in a view.
@@ -486,6 +497,15 @@ impl HealthFileView {
         .filter(|(_, conflicted)| *conflicted)
         .map(|(field, _)| field.to_string())
         .collect();
+        for allergy in &self.allergies {
+            if allergy
+                .verification
+                .as_ref()
+                .is_some_and(Register::is_conflicted)
+            {
+                fields.push(format!("allergies[{}].verification", allergy.entry));
+            }
+        }
         for problem in &self.problems {
             if problem.status.is_conflicted() {
                 fields.push(format!("problems[{}].status", problem.entry));
@@ -669,6 +689,11 @@ fn apply_op(tx: &mut AutoCommit, editor: &Editor, op: &HealthFileOp) -> Result<(
             }
             tx.put(&entry, "status", problem.status.as_str())?;
             record_provenance(tx, &entry, "recorded_by", editor)
+        }
+        HealthFileOp::SetAllergyVerification { entry, status } => {
+            let (_, _, id) = find_entry(tx, &root, "allergies", "allergies", entry)?;
+            tx.put(&id, "verification", status.as_str())?;
+            Ok(())
         }
         HealthFileOp::SetProblemStatus { entry, status } => {
             let (_, _, id) = find_entry(tx, &root, "problems", "problems", entry)?;
@@ -1341,6 +1366,7 @@ fn parse_allergy<D: ReadDoc>(entry: &Obj<'_, D>) -> Result<AllergyView, Validati
         "severity",
         "recorded_by",
         "recorded_at",
+        "verification",
     ])?;
     Ok(AllergyView {
         entry: entry_id(&entry.id),
@@ -1368,6 +1394,11 @@ fn parse_allergy<D: ReadDoc>(entry: &Obj<'_, D>) -> Result<AllergyView, Validati
             "recorded_at",
             "allergies.recorded_at",
             timestamp("allergies.recorded_at"),
+        )?,
+        verification: entry.register(
+            "verification",
+            "allergies.verification",
+            access::checked("allergies.verification", AllergyVerification::parse),
         )?,
     })
 }
@@ -1693,7 +1724,10 @@ listed!(
         owner_field: "allergies.recorded_by",
         append_only: false,
         owner: |a| &a.recorded_by,
-        fixed: AllergyView::clone,
+        fixed: |a| AllergyView {
+            verification: None,
+            ..a.clone()
+        },
         owner_only_edit: no_owner_only_edit,
         owner_only_field: "",
         entry_limits: no_entry_limits,

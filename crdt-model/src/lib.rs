@@ -47,7 +47,8 @@ pub use roster::{
     Bytes32, InstitutionView, RevocationHistoryError, RevocationView, Roster, RosterOp, RosterView,
 };
 pub use vocab::{
-    Direction, EncounterKind, ExamKind, InstitutionKind, ProblemStatus, Severity, Sex, Urgency,
+    AllergyVerification, Direction, EncounterKind, ExamKind, InstitutionKind, ProblemStatus,
+    Severity, Sex, Urgency,
 };
 
 /// Re-exported so callers name the same automerge types this crate uses.

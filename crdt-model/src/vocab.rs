@@ -71,6 +71,20 @@ vocabulary! {
 }
 
 vocabulary! {
+    /// What is known of an allergy record, as FHIR's `AllergyIntoleranceVerificationStatus`.
+    /// A record no one has verified has none.
+    AllergyVerification {
+        /// Not yet confirmed: a suspicion, or a resident's own account.
+        Unconfirmed = "unconfirmed",
+        /// Confirmed, for example by a test or a reaction observed.
+        Confirmed = "confirmed",
+        /// Shown not to be: the resident is not allergic. The record stays, refuted, so the
+        /// same suspicion is not recorded again and what was believed stays visible.
+        Refuted = "refuted",
+    }
+}
+
+vocabulary! {
     /// Whether a chronic problem is current.
     ProblemStatus {
         /// Active.

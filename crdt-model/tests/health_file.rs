@@ -74,6 +74,95 @@ fn add_and_remove_allergy() {
     assert!(file.view().allergies.is_empty());
 }
 
+/// An allergy that turns out to be wrong is refuted, not removed: the record stays in the
+/// view with what is now known, and any member may say so; only that register may change.
+#[test]
+fn an_allergy_shown_wrong_is_refuted_and_stays_visible() {
+    let mut file = new_file(1);
+    apply(
+        &mut file,
+        HealthFileOp::AddAllergy(NewAllergy {
+            substance: "penicillin".into(),
+            reaction: "rash".into(),
+            severity: Severity::Moderate,
+        }),
+    );
+    let entry = file.view().allergies[0].entry.clone();
+    assert_eq!(file.view().allergies[0].verification, None);
+    // A hospital's skin test shows the centre's record wrong.
+    let hospital = editor("xinhua", 3_000);
+    file.apply(
+        &hospital,
+        &HealthFileOp::SetAllergyVerification {
+            entry: entry.clone(),
+            status: AllergyVerification::Refuted,
+        },
+    )
+    .unwrap();
+    validate(file.automerge()).unwrap();
+    let allergy = &file.view().allergies[0];
+    assert_eq!(allergy.substance, "penicillin");
+    assert_eq!(
+        allergy.verification.as_ref().map(|r| r.value),
+        Some(AllergyVerification::Refuted)
+    );
+    // An entry that is not an allergy of this file is a typed error.
+    let error = file
+        .apply(
+            &hospital,
+            &HealthFileOp::SetAllergyVerification {
+                entry: EntryId::parse("99@00").unwrap(),
+                status: AllergyVerification::Confirmed,
+            },
+        )
+        .unwrap_err();
+    assert!(matches!(error, OpError::UnknownEntry { .. }), "{error:?}");
+}
+
+/// Two members verifying one allergy at once keep both answers, surfaced as a conflict.
+#[test]
+fn concurrent_verifications_of_an_allergy_are_both_kept_and_surfaced() {
+    let mut a = new_file(1);
+    apply(
+        &mut a,
+        HealthFileOp::AddAllergy(NewAllergy {
+            substance: "iodine contrast".into(),
+            reaction: "hives".into(),
+            severity: Severity::Mild,
+        }),
+    );
+    let entry = a.view().allergies[0].entry.clone();
+    let mut b = HealthFile::load(&a.save(), &actor(2)).unwrap();
+    for (file, status) in [
+        (&mut a, AllergyVerification::Confirmed),
+        (&mut b, AllergyVerification::Refuted),
+    ] {
+        apply(
+            file,
+            HealthFileOp::SetAllergyVerification {
+                entry: entry.clone(),
+                status,
+            },
+        );
+    }
+    a.merge(&mut b).unwrap();
+    validate(a.automerge()).unwrap();
+    let view = a.view();
+    assert_eq!(
+        view.conflicts(),
+        vec![format!("allergies[{entry}].verification")]
+    );
+    assert_eq!(
+        view.allergies[0]
+            .verification
+            .as_ref()
+            .unwrap()
+            .conflicts
+            .len(),
+        1
+    );
+}
+
 #[test]
 fn add_problem_set_status_and_remove() {
     let mut file = new_file(1);

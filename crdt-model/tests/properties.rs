@@ -93,6 +93,7 @@ enum FileAction {
     Contract(u8),
     AddAllergy(usize, Severity),
     RemoveAllergy(usize),
+    VerifyAllergy(usize, AllergyVerification),
     AddProblem(usize),
     SetProblemStatus(usize, bool),
     RemoveProblem(usize),
@@ -114,6 +115,11 @@ fn file_action() -> impl Strategy<Value = FileAction> + Clone {
         )
             .prop_map(|(s, v)| FileAction::AddAllergy(s, v)),
         (0..SUBSTANCES.len()).prop_map(FileAction::RemoveAllergy),
+        (
+            0..4usize,
+            prop::sample::select(AllergyVerification::ALL.to_vec())
+        )
+            .prop_map(|(i, v)| FileAction::VerifyAllergy(i, v)),
         (0..CODES.len()).prop_map(FileAction::AddProblem),
         (0..4usize, any::<bool>()).prop_map(|(i, a)| FileAction::SetProblemStatus(i, a)),
         (0..CODES.len()).prop_map(FileAction::RemoveProblem),
@@ -144,6 +150,10 @@ fn file_op(action: &FileAction, view: &HealthFileView) -> Option<HealthFileOp> {
         }),
         FileAction::RemoveAllergy(s) => HealthFileOp::RemoveAllergy {
             substance: SUBSTANCES[*s].into(),
+        },
+        FileAction::VerifyAllergy(i, status) => HealthFileOp::SetAllergyVerification {
+            entry: view.allergies.get(*i)?.entry.clone(),
+            status: *status,
         },
         FileAction::AddProblem(c) => HealthFileOp::AddProblem(NewProblem {
             icd10: code(*c),

@@ -617,6 +617,32 @@ async fn fhir_views_carry_the_required_elements() {
         bundle["entry"][0]["resource"]["reaction"][0]["severity"],
         "severe"
     );
+    assert!(bundle["entry"][0]["resource"]["verificationStatus"].is_null());
+
+    // A test shows the resident is not allergic: the record is refuted, not removed.
+    let (_, file) = api
+        .call("GET", &format!("/v1/health-files/{patient}"), READER, "")
+        .await;
+    let entry = file["view"]["allergies"][0]["entry"].as_str().unwrap();
+    let op =
+        json!({"op": "set_allergy_verification", "args": {"entry": entry, "status": "refuted"}});
+    let (status, body) = api.call("POST", &operations, WRITER, &op.to_string()).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (_, bundle) = api
+        .call(
+            "GET",
+            &format!("/fhir/AllergyIntolerance?patient={patient}"),
+            READER,
+            "",
+        )
+        .await;
+    let resource = &bundle["entry"][0]["resource"];
+    assert_eq!(
+        resource["verificationStatus"]["coding"][0]["code"],
+        "refuted"
+    );
+    assert_eq!(resource["clinicalStatus"]["coding"][0]["code"], "inactive");
+    assert_eq!(resource["code"]["text"], "penicillin");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -15,8 +15,8 @@ use super::clinical::{document_id, institution_id, referral_status};
 use super::error::{FormBody, QueryParams};
 use super::{ApiError, ApiState, Caller, Route, blocking};
 use crate::model::{
-    DocumentId, EntryId, ExamKind, HealthFileView, ReferralStatus, ReferralView, Severity, Sex,
-    Urgency,
+    AllergyVerification, DocumentId, EntryId, ExamKind, HealthFileView, ReferralStatus,
+    ReferralView, Severity, Sex, Urgency,
 };
 
 /// Identifier system of Estuary document ids.
@@ -39,6 +39,8 @@ const OBSERVATION_CATEGORY_SYSTEM: &str =
     "http://terminology.hl7.org/CodeSystem/observation-category";
 const ALLERGY_CLINICAL_SYSTEM: &str =
     "http://terminology.hl7.org/CodeSystem/allergyintolerance-clinical";
+const ALLERGY_VERIFICATION_SYSTEM: &str =
+    "http://terminology.hl7.org/CodeSystem/allergyintolerance-verification";
 const CONDITION_CLINICAL_SYSTEM: &str = "http://terminology.hl7.org/CodeSystem/condition-clinical";
 /// 0001-01-01T00:00:00Z and 9999-12-31T23:59:59.999Z.
 const INSTANT_MS_MIN: i64 = -62_135_596_800_000;
@@ -443,12 +445,19 @@ async fn allergies(
         .allergies
         .iter()
         .map(|allergy| {
-            json!({
+            // The winning value; concurrent ones are in the file's conflicts.
+            let verification = allergy.verification.as_ref().map(|r| r.value);
+            // A refuted allergy is not a current one (FHIR still wants a clinical status).
+            let clinical = match verification {
+                Some(AllergyVerification::Refuted) => "inactive",
+                _ => "active",
+            };
+            let mut resource = json!({
                 "resourceType": "AllergyIntolerance",
                 "id": entry_id(&view.id, &allergy.entry),
                 "identifier": [entry_identifier(&allergy.entry)],
                 "meta": meta(allergy.recorded_at.0),
-                "clinicalStatus": { "coding": [{ "system": ALLERGY_CLINICAL_SYSTEM, "code": "active" }] },
+                "clinicalStatus": { "coding": [{ "system": ALLERGY_CLINICAL_SYSTEM, "code": clinical }] },
                 "code": { "text": allergy.substance },
                 "patient": reference("Patient", &view.id),
                 "recordedDate": instant(allergy.recorded_at.0),
@@ -461,7 +470,14 @@ async fn allergies(
                         Severity::Severe => "severe",
                     },
                 }],
-            })
+            });
+            if let Some(verification) = verification {
+                resource["verificationStatus"] = json!({ "coding": [{
+                    "system": ALLERGY_VERIFICATION_SYSTEM,
+                    "code": verification.as_str(),
+                }] });
+            }
+            resource
         })
         .collect();
     Ok(fhir(searchset(&state, "AllergyIntolerance", entries)))
