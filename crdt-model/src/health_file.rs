@@ -244,6 +244,15 @@ pub struct NewFollowUp {
     pub glucose_mmol_per_l: Option<f64>,
 }
 
+/// The statement that a resident has no known allergies: who made it, and when.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct NoKnownAllergies {
+    /// The institution that recorded it.
+    pub recorded_by: InstitutionId,
+    /// When.
+    pub recorded_at: Timestamp,
+}
+
 /// A typed edit of a health file. This is also the JSON form apps send through the API.
 #[derive(Clone, PartialEq, Debug, Serialize, Deserialize)]
 #[serde(tag = "op", content = "args", rename_all = "snake_case")]
@@ -267,6 +276,9 @@ pub enum HealthFileOp {
         /// What is known of it now.
         status: AllergyVerification,
     },
+    /// Records that the resident has no known allergies. Refused while the file holds an
+    /// allergy that is not refuted.
+    RecordNoKnownAllergies,
     /// Adds a chronic problem record.
     AddProblem(NewProblem),
     /// Sets whether a problem is active.
@@ -324,6 +336,16 @@ pub struct AllergyView {
     /// What is known of it, once someone has said (with concurrent settings).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verification: Option<Register<AllergyVerification>>,
+}
+
+impl AllergyView {
+    /// Whether the allergy stands: recorded and not refuted (a conflicting verification that
+    /// refutes it does not count until resolved).
+    pub fn stands(&self) -> bool {
+        self.verification
+            .as_ref()
+            .is_none_or(|r| r.value != AllergyVerification::Refuted || r.is_conflicted())
+    }
 }
 
 /// A chronic problem record in a view.
@@ -450,6 +472,11 @@ pub struct HealthFileView {
     pub demographics: DemographicsView,
     /// Family doctor contract.
     pub contract: Option<Register<FamilyDoctorContract>>,
+    /// The statement that the resident has no known allergies, once recorded. It may stand
+    /// beside allergies recorded concurrently or later: an allergy that is not refuted
+    /// always outweighs it ([`HealthFileView::no_known_allergies_now`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub no_known_allergies: Option<Register<NoKnownAllergies>>,
     /// Allergy records.
     pub allergies: Vec<AllergyView>,
     /// Chronic problem records.
@@ -465,6 +492,13 @@ pub struct HealthFileView {
 }
 
 impl HealthFileView {
+    /// The statement of no known allergies, if it holds now: recorded, and no allergy that
+    /// stands beside it (one recorded concurrently or since outweighs it).
+    pub fn no_known_allergies_now(&self) -> Option<&NoKnownAllergies> {
+        let statement = self.no_known_allergies.as_ref()?;
+        (!self.allergies.iter().any(AllergyView::stands)).then_some(&statement.value)
+    }
+
     /// The schema paths of the fields holding concurrent values for a clinician to review.
     pub fn conflicts(&self) -> Vec<String> {
         let d = &self.demographics;
@@ -491,6 +525,12 @@ impl HealthFileView {
             (
                 "contract",
                 self.contract.as_ref().is_some_and(Register::is_conflicted),
+            ),
+            (
+                "no_known_allergies",
+                self.no_known_allergies
+                    .as_ref()
+                    .is_some_and(Register::is_conflicted),
             ),
         ]
         .into_iter()
@@ -550,11 +590,13 @@ replica!(
     parse_health_file
 );
 
-const ROOT_KEYS: [&str; 10] = [
+const ROOT_KEYS: [&str; 11] = [
     IDENTITY_KEYS[0],
     IDENTITY_KEYS[1],
     "demographics",
     "contract",
+    // Written rarely: a change writing it is judged against the whole file.
+    "no_known_allergies",
     "allergies",
     "problems",
     "medications",
@@ -689,6 +731,19 @@ fn apply_op(tx: &mut AutoCommit, editor: &Editor, op: &HealthFileOp) -> Result<(
             }
             tx.put(&entry, "status", problem.status.as_str())?;
             record_provenance(tx, &entry, "recorded_by", editor)
+        }
+        HealthFileOp::RecordNoKnownAllergies => {
+            let allergies: Vec<AllergyView> = read_list(&Obj::root(&*tx))?;
+            if allergies.iter().any(AllergyView::stands) {
+                return Err(ValidationError::InvalidValue {
+                    field: "no_known_allergies",
+                    reason: "the file records an allergy that is not refuted; refute it first if it is wrong",
+                }
+                .into());
+            }
+            // A fresh map per statement: concurrent ones conflict as wholes.
+            let statement = tx.put_object(automerge::ROOT, "no_known_allergies", ObjType::Map)?;
+            record_provenance(tx, &statement, "recorded_by", editor)
         }
         HealthFileOp::SetAllergyVerification { entry, status } => {
             let (_, _, id) = find_entry(tx, &root, "allergies", "allergies", entry)?;
@@ -849,8 +904,6 @@ fn record_provenance(
     put_time(tx, entry, "recorded_at", editor.at)
 }
 
-/// Deletes every entry of the list at `key` that `matches`. Only entries this replica holds
-/// are deleted, which is what makes the set add-wins.
 /// Writes `code` into `entry`: the code as written, and its system's name unless it is WHO
 /// ICD-10 (so a WHO code is stored as it always was).
 fn put_icd10(tx: &mut AutoCommit, entry: &ObjId, code: &Icd10) -> Result<(), OpError> {
@@ -861,6 +914,8 @@ fn put_icd10(tx: &mut AutoCommit, entry: &ObjId, code: &Icd10) -> Result<(), OpE
     Ok(())
 }
 
+/// Deletes every entry of the list at `key` that `matches`. Only entries this replica holds
+/// are deleted, which is what makes the set add-wins.
 fn remove_matching(
     tx: &mut AutoCommit,
     key: &'static str,
@@ -1157,11 +1212,17 @@ pub(crate) fn parse_health_file<D: ReadDoc>(doc: &D) -> Result<HealthFileView, V
     root.only_keys(&ROOT_KEYS)?;
     let demographics = read_demographics(&root)?;
     let contract = read_contract(&root)?;
+    let no_known_allergies = root.register(
+        "no_known_allergies",
+        "no_known_allergies",
+        parse_no_known_allergies,
+    )?;
     Ok(HealthFileView {
         // The id is not content: it is derived from the creation change by the replica.
         id: DocumentId::from_bytes([0; 16]),
         demographics,
         contract,
+        no_known_allergies,
         allergies: read_list(&root)?,
         problems: read_list(&root)?,
         medications: read_list(&root)?,
@@ -1307,6 +1368,32 @@ fn parse_demographics<D: ReadDoc>(
                 )?,
             })
         })?,
+    })
+}
+
+fn parse_no_known_allergies<D: ReadDoc>(
+    obj: &Obj<'_, D>,
+    value: &Value<'_>,
+    id: &ObjId,
+) -> Result<NoKnownAllergies, ValidationError> {
+    let statement = map_child(
+        obj,
+        value,
+        id,
+        "no_known_allergies",
+        &["recorded_by", "recorded_at"],
+    )?;
+    Ok(NoKnownAllergies {
+        recorded_by: statement.once(
+            "recorded_by",
+            "no_known_allergies.recorded_by",
+            institution("no_known_allergies.recorded_by"),
+        )?,
+        recorded_at: statement.once(
+            "recorded_at",
+            "no_known_allergies.recorded_at",
+            timestamp("no_known_allergies.recorded_at"),
+        )?,
     })
 }
 
@@ -1658,6 +1745,24 @@ pub(crate) fn check_change(
     ) -> Result<(), ValidationError> {
         let (before, after) = (T::list(before), T::list(after));
         T::RULES.check(before, after, (before.len(), after.len()), author)
+    }
+    // A statement of no known allergies is made only in its author's own name.
+    if after.no_known_allergies != before.no_known_allergies
+        && let Some(statements) = &after.no_known_allergies
+    {
+        let held: Vec<&NoKnownAllergies> = before
+            .no_known_allergies
+            .iter()
+            .flat_map(|r| std::iter::once(&r.value).chain(&r.conflicts))
+            .collect();
+        if std::iter::once(&statements.value)
+            .chain(&statements.conflicts)
+            .any(|s| !held.contains(&s) && s.recorded_by != *author)
+        {
+            return Err(ValidationError::Provenance {
+                field: "no_known_allergies.recorded_by",
+            });
+        }
     }
     whole::<AllergyView>(before, after, author)?;
     whole::<ProblemView>(before, after, author)?;

@@ -163,6 +163,94 @@ fn concurrent_verifications_of_an_allergy_are_both_kept_and_surfaced() {
     );
 }
 
+/// "No known allergies" is recorded with who said it; it is refused while an allergy stands,
+/// allowed once that allergy is refuted, and an allergy recorded concurrently outweighs it.
+#[test]
+fn no_known_allergies_is_recorded_and_an_allergy_that_stands_outweighs_it() {
+    let mut file = new_file(1);
+    apply(&mut file, HealthFileOp::RecordNoKnownAllergies);
+    let view = file.view();
+    let statement = view.no_known_allergies_now().expect("recorded");
+    assert_eq!(statement.recorded_by, institution("chc-jianshe"));
+
+    // Another replica records an allergy at the same time: both merge, the allergy wins.
+    let mut other = HealthFile::load(&new_file(1).save(), &actor(2)).unwrap();
+    apply(
+        &mut other,
+        HealthFileOp::AddAllergy(NewAllergy {
+            substance: "aspirin".into(),
+            reaction: "wheeze".into(),
+            severity: Severity::Severe,
+        }),
+    );
+    file.merge(&mut other).unwrap();
+    validate(file.automerge()).unwrap();
+    let view = file.view();
+    assert!(view.no_known_allergies.is_some(), "the statement is kept");
+    assert_eq!(
+        view.no_known_allergies_now(),
+        None,
+        "but the allergy outweighs it"
+    );
+
+    // Stating it again is refused while the allergy stands...
+    let error = file
+        .apply(&chc(), &HealthFileOp::RecordNoKnownAllergies)
+        .unwrap_err();
+    assert!(
+        matches!(
+            error,
+            OpError::Invalid(ValidationError::InvalidValue {
+                field: "no_known_allergies",
+                ..
+            })
+        ),
+        "{error:?}"
+    );
+    // ...and allowed once it is refuted.
+    let entry = file.view().allergies[0].entry.clone();
+    apply(
+        &mut file,
+        HealthFileOp::SetAllergyVerification {
+            entry,
+            status: AllergyVerification::Refuted,
+        },
+    );
+    apply(&mut file, HealthFileOp::RecordNoKnownAllergies);
+    assert!(file.view().no_known_allergies_now().is_some());
+}
+
+/// A statement of no known allergies in another institution's name is refused.
+#[test]
+fn no_known_allergies_in_another_institutions_name_is_refused() {
+    use automerge::transaction::Transactable;
+    let before = new_file(1).automerge().clone();
+    let mut after = before.clone();
+    let statement = after
+        .put_object(
+            automerge::ROOT,
+            "no_known_allergies",
+            automerge::ObjType::Map,
+        )
+        .unwrap();
+    after.put(&statement, "recorded_by", "xinhua").unwrap();
+    after
+        .put(
+            &statement,
+            "recorded_at",
+            automerge::ScalarValue::Timestamp(1_000),
+        )
+        .unwrap();
+    after.commit();
+    assert_eq!(
+        validate_change(&before, &after, &institution("chc-jianshe")),
+        Err(ValidationError::Provenance {
+            field: "no_known_allergies.recorded_by"
+        })
+    );
+    assert!(validate_change(&before, &after, &institution("xinhua")).is_ok());
+}
+
 #[test]
 fn add_problem_set_status_and_remove() {
     let mut file = new_file(1);

@@ -94,6 +94,7 @@ enum FileAction {
     AddAllergy(usize, Severity),
     RemoveAllergy(usize),
     VerifyAllergy(usize, AllergyVerification),
+    NoKnownAllergies,
     AddProblem(usize),
     SetProblemStatus(usize, bool),
     RemoveProblem(usize),
@@ -120,6 +121,7 @@ fn file_action() -> impl Strategy<Value = FileAction> + Clone {
             prop::sample::select(AllergyVerification::ALL.to_vec())
         )
             .prop_map(|(i, v)| FileAction::VerifyAllergy(i, v)),
+        Just(FileAction::NoKnownAllergies),
         (0..CODES.len()).prop_map(FileAction::AddProblem),
         (0..4usize, any::<bool>()).prop_map(|(i, a)| FileAction::SetProblemStatus(i, a)),
         (0..CODES.len()).prop_map(FileAction::RemoveProblem),
@@ -155,6 +157,13 @@ fn file_op(action: &FileAction, view: &HealthFileView) -> Option<HealthFileOp> {
             entry: view.allergies.get(*i)?.entry.clone(),
             status: *status,
         },
+        // Refused while an allergy stands (tested in health_file.rs).
+        FileAction::NoKnownAllergies => {
+            if view.allergies.iter().any(AllergyView::stands) {
+                return None;
+            }
+            HealthFileOp::RecordNoKnownAllergies
+        }
         FileAction::AddProblem(c) => HealthFileOp::AddProblem(NewProblem {
             icd10: code(*c),
             display: "problem".into(),

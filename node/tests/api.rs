@@ -643,6 +643,26 @@ async fn fhir_views_carry_the_required_elements() {
     );
     assert_eq!(resource["clinicalStatus"]["coding"][0]["code"], "inactive");
     assert_eq!(resource["code"]["text"], "penicillin");
+
+    // With the only allergy refuted, "no known allergies" can be said, and FHIR serves it.
+    let op = json!({"op": "record_no_known_allergies"});
+    let (status, body) = api.call("POST", &operations, WRITER, &op.to_string()).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (_, bundle) = api
+        .call(
+            "GET",
+            &format!("/fhir/AllergyIntolerance?patient={patient}"),
+            READER,
+            "",
+        )
+        .await;
+    assert_eq!(bundle["total"], 2, "{bundle}");
+    let statement = &bundle["entry"][1]["resource"];
+    assert_eq!(statement["code"]["coding"][0]["code"], "716186003");
+    assert_eq!(
+        statement["verificationStatus"]["coding"][0]["code"],
+        "confirmed"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

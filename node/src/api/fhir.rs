@@ -39,6 +39,10 @@ const OBSERVATION_CATEGORY_SYSTEM: &str =
     "http://terminology.hl7.org/CodeSystem/observation-category";
 const ALLERGY_CLINICAL_SYSTEM: &str =
     "http://terminology.hl7.org/CodeSystem/allergyintolerance-clinical";
+/// SNOMED CT.
+const SNOMED_SYSTEM: &str = "http://snomed.info/sct";
+/// SNOMED CT 716186003 |No known allergy (situation)|, what FHIR's examples record it as.
+const NO_KNOWN_ALLERGY_SNOMED: &str = "716186003";
 const ALLERGY_VERIFICATION_SYSTEM: &str =
     "http://terminology.hl7.org/CodeSystem/allergyintolerance-verification";
 const CONDITION_CLINICAL_SYSTEM: &str = "http://terminology.hl7.org/CodeSystem/condition-clinical";
@@ -93,7 +97,12 @@ pub fn instant(ms: i64) -> String {
 /// A FHIR id for an entry of a file (allergy, problem, exam, follow-up): entry ids hold
 /// characters FHIR ids may not, and FHIR ids are at most 64 characters.
 fn entry_id(document: &DocumentId, entry: &EntryId) -> String {
-    let digest = Sha256::digest(format!("{document}/{}", entry.as_str()));
+    digest_id(&format!("{document}/{}", entry.as_str()))
+}
+
+/// A FHIR id for a part of a document named by `path`: 32 hex digits of its SHA-256.
+fn digest_id(path: &str) -> String {
+    let digest = Sha256::digest(path);
     digest.iter().take(16).map(|b| format!("{b:02x}")).collect()
 }
 
@@ -441,7 +450,7 @@ async fn allergies(
     QueryParams(query): QueryParams<PatientSearch>,
 ) -> Result<impl IntoResponse, ApiError> {
     let view = patient_file(&state, &caller, &query).await?;
-    let entries = view
+    let mut entries: Vec<Value> = view
         .allergies
         .iter()
         .map(|allergy| {
@@ -480,6 +489,27 @@ async fn allergies(
             resource
         })
         .collect();
+    // Said, and no allergy stands beside it: FHIR's way is a record of "no known allergy".
+    if let Some(statement) = view.no_known_allergies_now() {
+        entries.push(json!({
+            "resourceType": "AllergyIntolerance",
+            "id": digest_id(&format!("{}/no-known-allergies", view.id)),
+            "meta": meta(statement.recorded_at.0),
+            "clinicalStatus": { "coding": [{ "system": ALLERGY_CLINICAL_SYSTEM, "code": "active" }] },
+            "verificationStatus": { "coding": [{ "system": ALLERGY_VERIFICATION_SYSTEM, "code": "confirmed" }] },
+            "code": {
+                "coding": [{
+                    "system": SNOMED_SYSTEM,
+                    "code": NO_KNOWN_ALLERGY_SNOMED,
+                    "display": "No known allergy",
+                }],
+                "text": "No known allergies",
+            },
+            "patient": reference("Patient", &view.id),
+            "recordedDate": instant(statement.recorded_at.0),
+            "extension": [recorded_by(statement.recorded_by.as_str())],
+        }));
+    }
     Ok(fhir(searchset(&state, "AllergyIntolerance", entries)))
 }
 
