@@ -244,6 +244,79 @@ pub struct NewFollowUp {
     pub glucose_mmol_per_l: Option<f64>,
 }
 
+/// A record marked entered in error by the institution that wrote it: the record stays, kept
+/// and audited, and reads as not to be relied on.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct EnteredInError {
+    /// Why, for example "filed on the wrong resident".
+    pub reason: String,
+    /// The institution that marked it (always the one that wrote the record).
+    pub recorded_by: InstitutionId,
+    /// When.
+    pub recorded_at: Timestamp,
+}
+
+/// The append-only lists whose records can be marked entered in error.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CorrectableList {
+    /// Prescriptions.
+    Medications,
+    /// Encounters.
+    Encounters,
+    /// Lab, imaging and ECG results.
+    Exams,
+    /// Chronic-disease follow-ups.
+    FollowUps,
+}
+
+/// Schema paths of one list's entered-in-error marker.
+struct MarkerFields {
+    marker: &'static str,
+    reason: &'static str,
+    recorded_by: &'static str,
+    recorded_at: &'static str,
+}
+
+impl CorrectableList {
+    /// The list's root key.
+    fn key(self) -> &'static str {
+        match self {
+            Self::Medications => "medications",
+            Self::Encounters => "encounters",
+            Self::Exams => "exams",
+            Self::FollowUps => "follow_ups",
+        }
+    }
+
+    /// The key of the entry field naming the institution that wrote it.
+    fn owner_key(self) -> &'static str {
+        match self {
+            Self::Medications => "prescribed_by",
+            Self::Encounters | Self::Exams | Self::FollowUps => "institution",
+        }
+    }
+
+    fn marker_fields(self) -> MarkerFields {
+        macro_rules! fields {
+            ($list:literal) => {
+                MarkerFields {
+                    marker: concat!($list, ".entered_in_error"),
+                    reason: concat!($list, ".entered_in_error.reason"),
+                    recorded_by: concat!($list, ".entered_in_error.recorded_by"),
+                    recorded_at: concat!($list, ".entered_in_error.recorded_at"),
+                }
+            };
+        }
+        match self {
+            Self::Medications => fields!("medications"),
+            Self::Encounters => fields!("encounters"),
+            Self::Exams => fields!("exams"),
+            Self::FollowUps => fields!("follow_ups"),
+        }
+    }
+}
+
 /// The statement that a resident has no known allergies: who made it, and when.
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
 pub struct NoKnownAllergies {
@@ -275,6 +348,17 @@ pub enum HealthFileOp {
         entry: EntryId,
         /// What is known of it now.
         status: AllergyVerification,
+    },
+    /// Marks a record of an append-only list entered in error (a wrong value, a result filed
+    /// on the wrong resident). Only the institution that wrote the record may; the record
+    /// stays, kept and audited, and reads as entered in error.
+    MarkEnteredInError {
+        /// Which list the record is in.
+        list: CorrectableList,
+        /// The record's entry.
+        entry: EntryId,
+        /// Why.
+        reason: String,
     },
     /// Records that the resident has no known allergies. Refused while the file holds an
     /// allergy that is not refuted.
@@ -388,6 +472,9 @@ pub struct MedicationView {
     pub recorded_at: Timestamp,
     /// Day it was stopped, with concurrent stops.
     pub stopped: Option<Register<Date>>,
+    /// Marked entered in error by the prescriber, if so.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entered_in_error: Option<Register<EnteredInError>>,
 }
 
 /// An encounter in a view.
@@ -405,6 +492,9 @@ pub struct EncounterView {
     pub diagnoses: Vec<Diagnosis>,
     /// The note.
     pub note: String,
+    /// Marked entered in error by its institution, if so.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entered_in_error: Option<Register<EnteredInError>>,
 }
 
 /// An exam result in a view.
@@ -424,6 +514,9 @@ pub struct ExamResultView {
     pub measurements: Vec<Measurement>,
     /// Written report or finding.
     pub report: Option<String>,
+    /// Marked entered in error by the producing institution, if so.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entered_in_error: Option<Register<EnteredInError>>,
 }
 
 /// A follow-up in a view.
@@ -441,6 +534,9 @@ pub struct FollowUpView {
     pub diastolic_mmhg: Option<u64>,
     /// Blood glucose, mmol/L.
     pub glucose_mmol_per_l: Option<f64>,
+    /// Marked entered in error by its institution, if so.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entered_in_error: Option<Register<EnteredInError>>,
 }
 
 /// The demographics in a view: every field a register, so conflicts show.
@@ -549,6 +645,30 @@ impl HealthFileView {
         for problem in &self.problems {
             if problem.status.is_conflicted() {
                 fields.push(format!("problems[{}].status", problem.entry));
+            }
+        }
+        let markers = self
+            .medications
+            .iter()
+            .map(|m| ("medications", &m.entry, &m.entered_in_error))
+            .chain(
+                self.encounters
+                    .iter()
+                    .map(|e| ("encounters", &e.entry, &e.entered_in_error)),
+            )
+            .chain(
+                self.exams
+                    .iter()
+                    .map(|e| ("exams", &e.entry, &e.entered_in_error)),
+            )
+            .chain(
+                self.follow_ups
+                    .iter()
+                    .map(|f| ("follow_ups", &f.entry, &f.entered_in_error)),
+            );
+        for (list, entry, marker) in markers {
+            if marker.as_ref().is_some_and(Register::is_conflicted) {
+                fields.push(format!("{list}[{entry}].entered_in_error"));
             }
         }
         for medication in &self.medications {
@@ -731,6 +851,29 @@ fn apply_op(tx: &mut AutoCommit, editor: &Editor, op: &HealthFileOp) -> Result<(
             }
             tx.put(&entry, "status", problem.status.as_str())?;
             record_provenance(tx, &entry, "recorded_by", editor)
+        }
+        HealthFileOp::MarkEnteredInError {
+            list,
+            entry,
+            reason,
+        } => {
+            let fields = list.marker_fields();
+            check_text(reason, fields.reason, FIELD_BYTES_MAX, true)?;
+            let (_, _, id) = find_entry(tx, &root, list.key(), list.key(), entry)?;
+            let owner = match tx.get(&id, list.owner_key())? {
+                Some((Value::Scalar(owner), _)) => owner.as_str().map(str::to_string),
+                _ => None,
+            };
+            if owner.as_deref() != Some(editor.institution.as_str()) {
+                return Err(ValidationError::Provenance {
+                    field: fields.marker,
+                }
+                .into());
+            }
+            // A fresh map per marking: concurrent markings conflict as wholes.
+            let marker = tx.put_object(&id, "entered_in_error", ObjType::Map)?;
+            tx.put(&marker, "reason", reason.as_str())?;
+            record_provenance(tx, &marker, "recorded_by", editor)
         }
         HealthFileOp::RecordNoKnownAllergies => {
             let allergies: Vec<AllergyView> = read_list(&Obj::root(&*tx))?;
@@ -1541,6 +1684,7 @@ fn parse_medication<D: ReadDoc>(entry: &Obj<'_, D>) -> Result<MedicationView, Va
         "prescribed_by",
         "recorded_at",
         "stopped",
+        "entered_in_error",
     ])?;
     let days = entry.once("days", "medications.days", uint("medications.days"))?;
     check_prescription(days)?;
@@ -1578,11 +1722,73 @@ fn parse_medication<D: ReadDoc>(entry: &Obj<'_, D>) -> Result<MedicationView, Va
             "medications.stopped",
             date("medications.stopped"),
         )?,
+        entered_in_error: entered_in_error(entry, CorrectableList::Medications)?,
     })
 }
 
+/// The entered-in-error marker of an entry of `list`, if it has one.
+fn entered_in_error<D: ReadDoc>(
+    entry: &Obj<'_, D>,
+    list: CorrectableList,
+) -> Result<Option<Register<EnteredInError>>, ValidationError> {
+    let fields = list.marker_fields();
+    entry.register("entered_in_error", fields.marker, |obj, value, id| {
+        let marker = map_child(
+            obj,
+            value,
+            id,
+            fields.marker,
+            &["reason", "recorded_by", "recorded_at"],
+        )?;
+        Ok(EnteredInError {
+            reason: marker.once(
+                "reason",
+                fields.reason,
+                text(fields.reason, FIELD_BYTES_MAX, true),
+            )?,
+            recorded_by: marker.once(
+                "recorded_by",
+                fields.recorded_by,
+                institution(fields.recorded_by),
+            )?,
+            recorded_at: marker.once(
+                "recorded_at",
+                fields.recorded_at,
+                timestamp(fields.recorded_at),
+            )?,
+        })
+    })
+}
+
+/// Checks that every value of an entry's marker names the entry's own institution: only it
+/// marks its records, in its own name.
+fn marked_by_owner(
+    marker: &Option<Register<EnteredInError>>,
+    owner: &InstitutionId,
+    list: CorrectableList,
+) -> Result<(), ValidationError> {
+    let foreign = marker.iter().any(|register| {
+        std::iter::once(&register.value)
+            .chain(&register.conflicts)
+            .any(|m| m.recorded_by != *owner)
+    });
+    if foreign {
+        return Err(ValidationError::Provenance {
+            field: list.marker_fields().recorded_by,
+        });
+    }
+    Ok(())
+}
+
 fn parse_encounter<D: ReadDoc>(entry: &Obj<'_, D>) -> Result<EncounterView, ValidationError> {
-    entry.only_keys(&["institution", "time", "kind", "diagnoses", "note"])?;
+    entry.only_keys(&[
+        "institution",
+        "time",
+        "kind",
+        "diagnoses",
+        "note",
+        "entered_in_error",
+    ])?;
     let diagnoses = entry
         .entries(
             "diagnoses",
@@ -1622,6 +1828,7 @@ fn parse_encounter<D: ReadDoc>(entry: &Obj<'_, D>) -> Result<EncounterView, Vali
         )?,
         diagnoses,
         note: entry.once("note", "encounters.note", long_text("encounters.note"))?,
+        entered_in_error: entered_in_error(entry, CorrectableList::Encounters)?,
     })
 }
 
@@ -1633,6 +1840,7 @@ fn parse_exam<D: ReadDoc>(entry: &Obj<'_, D>) -> Result<ExamResultView, Validati
         "name",
         "measurements",
         "report",
+        "entered_in_error",
     ])?;
     let measurements: Vec<Measurement> = entry
         .entries(
@@ -1689,6 +1897,7 @@ fn parse_exam<D: ReadDoc>(entry: &Obj<'_, D>) -> Result<ExamResultView, Validati
         )?,
         measurements,
         report,
+        entered_in_error: entered_in_error(entry, CorrectableList::Exams)?,
     })
 }
 
@@ -1699,6 +1908,7 @@ fn parse_follow_up<D: ReadDoc>(entry: &Obj<'_, D>) -> Result<FollowUpView, Valid
         "systolic_mmhg",
         "diastolic_mmhg",
         "glucose_mmol_per_l",
+        "entered_in_error",
     ])?;
     let systolic = entry.once_opt(
         "systolic_mmhg",
@@ -1727,6 +1937,7 @@ fn parse_follow_up<D: ReadDoc>(entry: &Obj<'_, D>) -> Result<FollowUpView, Valid
         systolic_mmhg: systolic,
         diastolic_mmhg: diastolic,
         glucose_mmol_per_l: glucose,
+        entered_in_error: entered_in_error(entry, CorrectableList::FollowUps)?,
     })
 }
 
@@ -1810,8 +2021,8 @@ macro_rules! listed {
     };
 }
 
-fn no_owner_only_edit<T>(_: &T, _: &T) -> bool {
-    false
+fn no_owner_only_edit<T>(_: &T, _: &T) -> Option<&'static str> {
+    None
 }
 
 fn no_entry_limits<T>(_: &T) -> Result<(), ValidationError> {
@@ -1834,7 +2045,6 @@ listed!(
             ..a.clone()
         },
         owner_only_edit: no_owner_only_edit,
-        owner_only_field: "",
         entry_limits: no_entry_limits,
     }
 );
@@ -1853,7 +2063,6 @@ listed!(
             ..p.clone()
         },
         owner_only_edit: no_owner_only_edit,
-        owner_only_field: "",
         entry_limits: no_entry_limits,
     }
 );
@@ -1869,11 +2078,19 @@ listed!(
         owner: |m| &m.prescribed_by,
         fixed: |m| MedicationView {
             stopped: None,
+            entered_in_error: None,
             ..m.clone()
         },
-        owner_only_edit: no_owner_only_edit,
-        owner_only_field: "",
-        entry_limits: no_entry_limits,
+        owner_only_edit: |old, new| {
+            (old.entered_in_error != new.entered_in_error).then_some("medications.entered_in_error")
+        },
+        entry_limits: |m| {
+            marked_by_owner(
+                &m.entered_in_error,
+                &m.prescribed_by,
+                CorrectableList::Medications,
+            )
+        },
     }
 );
 listed!(
@@ -1888,11 +2105,25 @@ listed!(
         owner: |e| &e.institution,
         fixed: |e| EncounterView {
             note: String::new(),
+            entered_in_error: None,
             ..e.clone()
         },
-        owner_only_edit: |old, new| old.note != new.note,
-        owner_only_field: "encounters.note",
-        entry_limits: |e| check_text(&e.note, "encounters.note", NOTE_BYTES_MAX, false),
+        owner_only_edit: |old, new| {
+            if old.note != new.note {
+                Some("encounters.note")
+            } else {
+                (old.entered_in_error != new.entered_in_error)
+                    .then_some("encounters.entered_in_error")
+            }
+        },
+        entry_limits: |e| {
+            check_text(&e.note, "encounters.note", NOTE_BYTES_MAX, false)?;
+            marked_by_owner(
+                &e.entered_in_error,
+                &e.institution,
+                CorrectableList::Encounters,
+            )
+        },
     }
 );
 listed!(
@@ -1905,10 +2136,18 @@ listed!(
         owner_field: "exams.institution",
         append_only: true,
         owner: |e| &e.institution,
-        fixed: ExamResultView::clone,
-        owner_only_edit: no_owner_only_edit,
-        owner_only_field: "",
-        entry_limits: no_entry_limits,
+        fixed: |e| ExamResultView {
+            entered_in_error: None,
+            ..e.clone()
+        },
+        owner_only_edit: |old, new| {
+            (old.entered_in_error != new.entered_in_error).then_some("exams.entered_in_error")
+        },
+        entry_limits: |e| marked_by_owner(
+            &e.entered_in_error,
+            &e.institution,
+            CorrectableList::Exams
+        ),
     }
 );
 listed!(
@@ -1921,10 +2160,20 @@ listed!(
         owner_field: "follow_ups.institution",
         append_only: true,
         owner: |f| &f.institution,
-        fixed: FollowUpView::clone,
-        owner_only_edit: no_owner_only_edit,
-        owner_only_field: "",
-        entry_limits: no_entry_limits,
+        fixed: |f| FollowUpView {
+            entered_in_error: None,
+            ..f.clone()
+        },
+        owner_only_edit: |old, new| {
+            (old.entered_in_error != new.entered_in_error).then_some("follow_ups.entered_in_error")
+        },
+        entry_limits: |f| {
+            marked_by_owner(
+                &f.entered_in_error,
+                &f.institution,
+                CorrectableList::FollowUps,
+            )
+        },
     }
 );
 
@@ -1938,11 +2187,11 @@ pub(crate) struct ListCheck<T> {
     owner: fn(&T) -> &InstitutionId,
     /// The entry with the fields that may change blanked out.
     fixed: fn(&T) -> T,
-    /// Whether an edit from `old` to `new` is one only the entry's own institution may make.
-    owner_only_edit: fn(&T, &T) -> bool,
-    /// Schema path of what such an edit changes.
-    owner_only_field: &'static str,
-    /// Bounds on an entry that merges can grow (a note), checked on new and edited entries.
+    /// The schema path of what an edit from `old` to `new` changes, if it is an edit only the
+    /// entry's own institution may make.
+    owner_only_edit: fn(&T, &T) -> Option<&'static str>,
+    /// Bounds on an entry that merges can grow (a note), and who its marker names, checked on
+    /// new and edited entries.
     entry_limits: fn(&T) -> Result<(), ValidationError>,
 }
 
@@ -1978,15 +2227,14 @@ impl<T: Listed> ListCheck<T> {
                 Some(new) if (self.fixed)(new) != (self.fixed)(old) => {
                     return Err(ValidationError::ImmutableChanged { field });
                 }
-                Some(new) if (self.owner_only_edit)(old, new) => {
-                    if (self.owner)(new) != author {
-                        return Err(ValidationError::Provenance {
-                            field: self.owner_only_field,
-                        });
+                Some(new) => {
+                    if let Some(edited) = (self.owner_only_edit)(old, new) {
+                        if (self.owner)(new) != author {
+                            return Err(ValidationError::Provenance { field: edited });
+                        }
+                        (self.entry_limits)(new)?;
                     }
-                    (self.entry_limits)(new)?;
                 }
-                Some(_) => {}
             }
         }
         let seen: HashSet<&EntryId> = before.iter().map(|e| e.entry()).collect();

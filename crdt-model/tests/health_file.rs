@@ -251,6 +251,118 @@ fn no_known_allergies_in_another_institutions_name_is_refused() {
     assert!(validate_change(&before, &after, &institution("xinhua")).is_ok());
 }
 
+fn ecg() -> HealthFileOp {
+    HealthFileOp::AddExamResult(NewExamResult {
+        kind: ExamKind::Ecg,
+        time: Timestamp(1_600_000_000_000),
+        name: "12-lead ECG".into(),
+        measurements: vec![Measurement {
+            name: "qtc".into(),
+            value: 402.0,
+            unit: Some("ms".into()),
+        }],
+        report: Some("sinus bradycardia".into()),
+    })
+}
+
+/// A result filed on the wrong resident is marked entered in error by the hospital that
+/// filed it: the record stays as it was, with the marker; no one else may mark it.
+#[test]
+fn a_record_filed_in_error_is_marked_by_its_institution_and_kept() {
+    let mut file = new_file(1);
+    let hospital = editor("xinhua", 3_000);
+    file.apply(&hospital, &ecg()).unwrap();
+    let original = file.view().exams[0].clone();
+    let mark = HealthFileOp::MarkEnteredInError {
+        list: CorrectableList::Exams,
+        entry: original.entry.clone(),
+        reason: "filed on the wrong resident".into(),
+    };
+    // The centre did not write it: refused before anything is written.
+    let heads = file.heads();
+    let error = file.apply(&chc(), &mark).unwrap_err();
+    assert!(
+        matches!(
+            error,
+            OpError::Invalid(ValidationError::Provenance {
+                field: "exams.entered_in_error"
+            })
+        ),
+        "{error:?}"
+    );
+    assert_eq!(file.heads(), heads);
+    file.apply(&hospital, &mark).unwrap();
+    validate(file.automerge()).unwrap();
+    let marked = file.view().exams[0].clone();
+    let marker = marked.entered_in_error.clone().expect("marked").value;
+    assert_eq!(marker.reason, "filed on the wrong resident");
+    assert_eq!(marker.recorded_by, institution("xinhua"));
+    assert_eq!(
+        ExamResultView {
+            entered_in_error: None,
+            ..marked
+        },
+        original,
+        "the record itself is unchanged"
+    );
+    // An empty reason is refused.
+    let error = file
+        .apply(
+            &hospital,
+            &HealthFileOp::MarkEnteredInError {
+                list: CorrectableList::Exams,
+                entry: original.entry.clone(),
+                reason: String::new(),
+            },
+        )
+        .unwrap_err();
+    assert!(
+        matches!(error, OpError::Invalid(ValidationError::Empty { .. })),
+        "{error:?}"
+    );
+}
+
+/// A peer's change marking another institution's record, or marking its own in another's
+/// name, is refused by validation.
+#[test]
+fn a_marker_written_by_or_naming_another_institution_is_refused() {
+    use automerge::ReadDoc;
+    use automerge::transaction::Transactable;
+    let mut file = new_file(1);
+    file.apply(&editor("xinhua", 3_000), &ecg()).unwrap();
+    let before = file.automerge().clone();
+    for (named, author, field) in [
+        ("xinhua", "chc-jianshe", "exams.entered_in_error"),
+        (
+            "chc-jianshe",
+            "xinhua",
+            "exams.entered_in_error.recorded_by",
+        ),
+    ] {
+        let mut after = before.clone();
+        let (_, exams) = after.get(automerge::ROOT, "exams").unwrap().unwrap();
+        let (_, exam) = after.get(&exams, 0).unwrap().unwrap();
+        let marker = after
+            .put_object(&exam, "entered_in_error", automerge::ObjType::Map)
+            .unwrap();
+        after.put(&marker, "reason", "wrong resident").unwrap();
+        after.put(&marker, "recorded_by", named).unwrap();
+        after
+            .put(
+                &marker,
+                "recorded_at",
+                automerge::ScalarValue::Timestamp(4_000),
+            )
+            .unwrap();
+        after.commit();
+        assert_eq!(
+            validate_change(&before, &after, &institution(author)),
+            Err(ValidationError::Provenance { field }),
+            "{named} by {author}"
+        );
+    }
+}
+
 #[test]
 fn add_problem_set_status_and_remove() {
     let mut file = new_file(1);

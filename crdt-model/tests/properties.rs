@@ -95,6 +95,7 @@ enum FileAction {
     RemoveAllergy(usize),
     VerifyAllergy(usize, AllergyVerification),
     NoKnownAllergies,
+    MarkInError(CorrectableList, usize),
     AddProblem(usize),
     SetProblemStatus(usize, bool),
     RemoveProblem(usize),
@@ -122,6 +123,16 @@ fn file_action() -> impl Strategy<Value = FileAction> + Clone {
         )
             .prop_map(|(i, v)| FileAction::VerifyAllergy(i, v)),
         Just(FileAction::NoKnownAllergies),
+        (
+            prop::sample::select(vec![
+                CorrectableList::Medications,
+                CorrectableList::Encounters,
+                CorrectableList::Exams,
+                CorrectableList::FollowUps,
+            ]),
+            0..4usize
+        )
+            .prop_map(|(list, i)| FileAction::MarkInError(list, i)),
         (0..CODES.len()).prop_map(FileAction::AddProblem),
         (0..4usize, any::<bool>()).prop_map(|(i, a)| FileAction::SetProblemStatus(i, a)),
         (0..CODES.len()).prop_map(FileAction::RemoveProblem),
@@ -164,6 +175,17 @@ fn file_op(action: &FileAction, view: &HealthFileView) -> Option<HealthFileOp> {
             }
             HealthFileOp::RecordNoKnownAllergies
         }
+        // Refused unless the replica's institution wrote the record (a Provenance error).
+        FileAction::MarkInError(list, i) => HealthFileOp::MarkEnteredInError {
+            list: *list,
+            entry: match list {
+                CorrectableList::Medications => view.medications.get(*i)?.entry.clone(),
+                CorrectableList::Encounters => view.encounters.get(*i)?.entry.clone(),
+                CorrectableList::Exams => view.exams.get(*i)?.entry.clone(),
+                CorrectableList::FollowUps => view.follow_ups.get(*i)?.entry.clone(),
+            },
+            reason: "entered in error".into(),
+        },
         FileAction::AddProblem(c) => HealthFileOp::AddProblem(NewProblem {
             icd10: code(*c),
             display: "problem".into(),

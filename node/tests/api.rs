@@ -605,6 +605,27 @@ async fn fhir_views_carry_the_required_elements() {
             format!("Patient/{patient}")
         );
     }
+    // The follow-up was recorded in error: its institution marks it, and both of its
+    // observations say so; the values stay.
+    let (_, file) = api
+        .call("GET", &format!("/v1/health-files/{patient}"), READER, "")
+        .await;
+    let entry = file["view"]["follow_ups"][0]["entry"].as_str().unwrap();
+    let op = json!({"op": "mark_entered_in_error", "args": {"list": "follow_ups", "entry": entry, "reason": "another resident's reading"}});
+    let (status, body) = api.call("POST", &operations, WRITER, &op.to_string()).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (_, bundle) = api
+        .call(
+            "GET",
+            &format!("/fhir/Observation?patient={patient}"),
+            READER,
+            "",
+        )
+        .await;
+    assert_eq!(bundle["total"], 2, "{bundle}");
+    for entry in bundle["entry"].as_array().unwrap() {
+        assert_eq!(entry["resource"]["status"], "entered-in-error", "{entry}");
+    }
     let (_, bundle) = api
         .call(
             "GET",

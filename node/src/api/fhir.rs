@@ -15,8 +15,8 @@ use super::clinical::{document_id, institution_id, referral_status};
 use super::error::{FormBody, QueryParams};
 use super::{ApiError, ApiState, Caller, Route, blocking};
 use crate::model::{
-    AllergyVerification, DocumentId, EntryId, ExamKind, HealthFileView, ReferralStatus,
-    ReferralView, Severity, Sex, Urgency,
+    AllergyVerification, DocumentId, EnteredInError, EntryId, ExamKind, HealthFileView,
+    ReferralStatus, ReferralView, Register, Severity, Sex, Urgency,
 };
 
 /// Identifier system of Estuary document ids.
@@ -561,6 +561,15 @@ fn loinc(code: &str, display: &str) -> Value {
     json!({ "coding": [{ "system": LOINC_SYSTEM, "code": code, "display": display }], "text": display })
 }
 
+/// An observation's status: `entered-in-error` once its institution marked it so (with any
+/// concurrent marking), `final` otherwise.
+fn observation_status(marker: &Option<Register<EnteredInError>>) -> &'static str {
+    match marker {
+        Some(_) => "entered-in-error",
+        None => "final",
+    }
+}
+
 /// Follow-ups (blood pressure panel, glucose) and exam results as `Observation`s.
 async fn observations(
     State(state): State<ApiState>,
@@ -577,7 +586,7 @@ async fn observations(
                 "id": format!("{}-{suffix}", entry_id(&view.id, &follow_up.entry)),
                 "identifier": [entry_identifier(&follow_up.entry)],
                 "meta": meta(follow_up.time.0),
-                "status": "final",
+                "status": observation_status(&follow_up.entered_in_error),
                 "category": [{ "coding": [{ "system": OBSERVATION_CATEGORY_SYSTEM, "code": "vital-signs" }] }],
                 "code": code,
                 "subject": subject,
@@ -611,7 +620,7 @@ async fn observations(
             "id": entry_id(&view.id, &exam.entry),
             "identifier": [entry_identifier(&exam.entry)],
             "meta": meta(exam.time.0),
-            "status": "final",
+            "status": observation_status(&exam.entered_in_error),
             "category": [{ "coding": [{
                 "system": OBSERVATION_CATEGORY_SYSTEM,
                 "code": match exam.kind {
