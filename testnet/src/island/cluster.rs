@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use estuary_node::model::automerge::ChangeHash;
 use estuary_node::model::{
-    Bytes32, Demographics, DocumentId, HealthFileOp, NewReferral, ReferralOp,
+    Bytes32, CorrectableList, Demographics, DocumentId, HealthFileOp, HealthFileView,
+    InstitutionId, NewReferral, ReferralOp,
 };
 use estuary_node::replica::Node;
 use estuary_node::sync::faults::Faults;
@@ -22,6 +23,10 @@ pub enum Write {
     CreateHealthFile(Demographics),
     /// Edit a health file.
     HealthFile(DocumentId, HealthFileOp),
+    /// Mark entered in error the latest exam result the writing institution (named here)
+    /// filed in a file and has not marked yet: which one is known only at the node, when the
+    /// write is made.
+    CorrectOwnExam(DocumentId, InstitutionId),
     /// Send a referral.
     CreateReferral(NewReferral),
     /// Move or edit a referral.
@@ -41,6 +46,8 @@ pub enum Skip {
     /// The node's pipeline refused it: the node's key was revoked, or the write built on a
     /// change a revocation withdrew meanwhile.
     RefusedByPipeline,
+    /// A correction found no record of the writer's to correct (its write was skipped).
+    NothingToCorrect,
 }
 
 impl Skip {
@@ -50,8 +57,24 @@ impl Skip {
             Skip::NotYetHere => "not_yet_here",
             Skip::Refused => "refused_by_model",
             Skip::RefusedByPipeline => "refused_by_pipeline",
+            Skip::NothingToCorrect => "nothing_to_correct",
         }
     }
+}
+
+/// The operation that marks entered in error the latest exam result `institution` filed in
+/// `file` and has not marked yet; `None` if there is none.
+pub fn exam_correction(file: &HealthFileView, institution: &InstitutionId) -> Option<HealthFileOp> {
+    let exam = file
+        .exams
+        .iter()
+        .rev()
+        .find(|e| e.institution == *institution && e.entered_in_error.is_none())?;
+    Some(HealthFileOp::MarkEnteredInError {
+        list: CorrectableList::Exams,
+        entry: exam.entry.clone(),
+        reason: "filed on the wrong resident".into(),
+    })
 }
 
 /// Bytes and messages on the wire, and changes peers refused, summed over nodes.

@@ -15,7 +15,7 @@ use estuary_node::sync::faults::Faults;
 use estuary_node::sync::{Multiaddr, SyncConfig, SyncHandle, TransportKind};
 
 use super::check::{DocumentState, NodeState};
-use super::cluster::{Cluster, NetworkFaults, Skip, Traffic, Write};
+use super::cluster::{Cluster, NetworkFaults, Skip, Traffic, Write, exam_correction};
 
 /// How long after a restart a node is given to rejoin before the run goes on.
 const RECONCILE_EVERY: Duration = Duration::from_secs(1);
@@ -149,25 +149,32 @@ fn refused(error: &NodeError) -> Option<Skip> {
     }
 }
 
-/// Makes a write at a node, as an app would through the API.
+/// Makes a write at a node, as an app would through the API; a correction with nothing to
+/// correct is a skip.
 // The node's own error, passed on as it is: the caller sorts it into skips and failures.
 #[allow(clippy::result_large_err)]
-pub fn apply(
+fn apply(
     node: &Node,
     write: &Write,
     editor: &estuary_node::model::Editor,
-) -> Result<(DocumentId, ChangeHash), NodeError> {
-    match write {
-        Write::CreateHealthFile(demographics) => node.create_health_file(editor, demographics),
-        Write::HealthFile(id, op) => node.apply_health_file(*id, editor, op).map(|h| (*id, h)),
+) -> Result<Result<(DocumentId, ChangeHash), Skip>, NodeError> {
+    Ok(Ok(match write {
+        Write::CreateHealthFile(demographics) => node.create_health_file(editor, demographics)?,
+        Write::HealthFile(id, op) => (*id, node.apply_health_file(*id, editor, op)?),
+        Write::CorrectOwnExam(id, _) => {
+            let Some(op) = exam_correction(&node.health_file(*id)?, &editor.institution) else {
+                return Ok(Err(Skip::NothingToCorrect));
+            };
+            (*id, node.apply_health_file(*id, editor, &op)?)
+        }
         Write::CreateReferral(referral) => {
             if node.kind_of(referral.patient)? != Some(DocumentKind::HealthFile) {
                 return Err(NodeError::UnknownDocument(referral.patient));
             }
-            node.create_referral(editor, referral)
+            node.create_referral(editor, referral)?
         }
-        Write::Referral(id, op) => node.apply_referral(*id, editor, op).map(|h| (*id, h)),
-    }
+        Write::Referral(id, op) => (*id, node.apply_referral(*id, editor, op)?),
+    }))
 }
 
 impl Cluster for InProc {
@@ -192,7 +199,7 @@ impl Cluster for InProc {
             at: estuary_node::model::Timestamp(estuary_node::audit::now_ms()),
         };
         match apply(node, write, &editor) {
-            Ok(written) => Ok(Ok(written)),
+            Ok(written) => Ok(written),
             Err(error) => match refused(&error) {
                 Some(skip) => Ok(Err(skip)),
                 None => Err(anyhow::Error::from(error).context(format!("a write at node {index}"))),

@@ -366,6 +366,8 @@ pub struct Outcome {
     pub verdict: check::Verdict,
     pub traffic: cluster::Traffic,
     pub restarts: u64,
+    /// Exam results marked entered in error by the hospital that filed them.
+    pub corrections: u64,
     pub elapsed_ms: u64,
     pub propagation: Propagation,
     pub byzantine: Option<byzantine::ByzantineReport>,
@@ -494,7 +496,13 @@ struct Created {
 }
 
 /// The write a planned action makes, given what was created so far.
-fn write_for(plan: &Plan, members: &[Member], created: &Created, action: &Action) -> Option<Write> {
+fn write_for(
+    plan: &Plan,
+    members: &[Member],
+    created: &Created,
+    step: &plan::Step,
+) -> Option<Write> {
+    let action = &step.action;
     let seed = plan.seed;
     let now = estuary_node::audit::now_ms();
     let resident = |r: &u32| created.residents.get(r).copied();
@@ -515,6 +523,10 @@ fn write_for(plan: &Plan, members: &[Member], created: &Created, action: &Action
         Action::Allergy { resident: r } => {
             Write::HealthFile(resident(r)?, content::allergy(seed, *r))
         }
+        Action::CorrectExam { resident: r } => Write::CorrectOwnExam(
+            resident(r)?,
+            estuary_node::model::InstitutionId::new(members[step.node].id).ok()?,
+        ),
         Action::Phone {
             resident: r,
             variant,
@@ -629,7 +641,7 @@ fn run(
             } else {
                 timing.on_time += 1;
             }
-            let Some(write) = write_for(plan, members, &created, &step.action) else {
+            let Some(write) = write_for(plan, members, &created, step) else {
                 *outcome.skipped.entry("depends_on_skipped").or_default() += 1;
                 continue;
             };
@@ -650,6 +662,7 @@ fn run(
                         Action::Refer { referral, .. } => {
                             created.referrals.insert(referral, id);
                         }
+                        Action::CorrectExam { .. } => outcome.corrections += 1,
                         _ => {}
                     }
                 }

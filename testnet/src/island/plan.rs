@@ -58,6 +58,9 @@ pub enum Action {
     FollowUp { resident: u32 },
     /// An allergy recorded.
     Allergy { resident: u32 },
+    /// The hospital that filed an exam result marks it entered in error (filed on the wrong
+    /// resident, say).
+    CorrectExam { resident: u32 },
     /// The phone number changed (two institutions at once make a conflict to review).
     Phone { resident: u32, variant: u32 },
     /// A referral sent: up from the home centre to a hospital, or down for recovery.
@@ -289,7 +292,18 @@ pub fn plan(
             let (node, action) = match roll {
                 0..25 => (home, Action::FollowUp { resident }),
                 25..45 => (home, Action::Encounter { resident }),
-                45..65 => (*rng.pick(&hospitals), Action::ExamResult { resident }),
+                45..65 => {
+                    let hospital = *rng.pick(&hospitals);
+                    // One result in eight turns out to be filed in error.
+                    if rng.chance(12) {
+                        steps.push(Step {
+                            at_ms: at_ms + REFERRAL_STEP_GAP_MS,
+                            node: hospital,
+                            action: Action::CorrectExam { resident },
+                        });
+                    }
+                    (hospital, Action::ExamResult { resident })
+                }
                 65..75 => (*rng.pick(&hospitals), Action::Allergy { resident }),
                 75..85 => {
                     // The same change of phone made at the centre and at a hospital at once.

@@ -12,13 +12,13 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use estuary_node::config::{ApiConfig, AppToken, Config, NetworkConfig, Scope, generate_token};
 use estuary_node::model::automerge::ChangeHash;
-use estuary_node::model::{Bytes32, DocumentId};
+use estuary_node::model::{Bytes32, DocumentId, HealthFileView};
 use estuary_node::sync::faults::Faults;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use super::check::{DocumentState, NodeState};
-use super::cluster::{Cluster, NetworkFaults, Skip, Traffic, Write};
+use super::cluster::{Cluster, NetworkFaults, Skip, Traffic, Write, exam_correction};
 use super::proxy::Proxy;
 
 /// How long a started process may take to answer on its API.
@@ -229,6 +229,32 @@ impl Cluster for Procs {
         if process.child.is_none() {
             return Ok(Err(Skip::NodeDown));
         }
+        let corrected;
+        let write = match write {
+            Write::CorrectOwnExam(id, institution) => {
+                let path = format!("/v1/health-files/{id}");
+                let mut response = self
+                    .agent
+                    .get(format!("{}{path}", process.api))
+                    .header("Authorization", format!("Bearer {}", process.app))
+                    .call()
+                    .with_context(|| format!("node {node}: GET {path}"))?;
+                match response.status().as_u16() {
+                    200 => {}
+                    404 => return Ok(Err(Skip::NotYetHere)),
+                    status => anyhow::bail!("node {node}: GET {path} answered {status}"),
+                }
+                let answer: Value = response.body_mut().read_json()?;
+                let file: HealthFileView = serde_json::from_value(answer["view"].clone())
+                    .with_context(|| format!("node {node}: GET {path}: not a health file"))?;
+                let Some(op) = exam_correction(&file, institution) else {
+                    return Ok(Err(Skip::NothingToCorrect));
+                };
+                corrected = Write::HealthFile(*id, op);
+                &corrected
+            }
+            write => write,
+        };
         let (path, body) = match write {
             Write::CreateHealthFile(d) => ("/v1/health-files".to_owned(), serde_json::to_value(d)?),
             Write::HealthFile(id, op) => (
@@ -236,6 +262,9 @@ impl Cluster for Procs {
                 serde_json::to_value(op)?,
             ),
             Write::CreateReferral(r) => ("/v1/referrals".to_owned(), serde_json::to_value(r)?),
+            Write::CorrectOwnExam(..) => {
+                anyhow::bail!("a correction is made as a health-file write")
+            }
             Write::Referral(id, op) => (
                 format!("/v1/referrals/{id}/operations"),
                 serde_json::to_value(op)?,

@@ -52,6 +52,8 @@ pub struct Report {
     /// Writes it held back by a retransmission's delay.
     pub writes_delayed: u64,
     pub restarts: u64,
+    /// Exam results marked entered in error by the hospital that filed them.
+    pub corrections: u64,
     /// Planned writes not made, by reason (a node down, a document not there yet, a
     /// transition made moot by a concurrent one).
     pub skipped_writes: BTreeMap<&'static str, u64>,
@@ -95,6 +97,7 @@ impl Report {
             verdict,
             traffic,
             restarts,
+            corrections,
             elapsed_ms,
             propagation,
             byzantine,
@@ -163,6 +166,7 @@ impl Report {
             connections_cut,
             writes_delayed,
             restarts,
+            corrections,
             skipped_writes: skipped,
             faults,
             agreement: timeline,
@@ -234,6 +238,10 @@ impl Report {
             );
         }
         println!("  restarts              {}", self.restarts);
+        println!(
+            "  corrections           {} exam results marked entered in error (kept, on every node)",
+            self.corrections
+        );
         println!(
             "  converged             {} ({})",
             yes(self.converged),
