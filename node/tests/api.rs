@@ -224,6 +224,65 @@ fn every_route_is_described_in_the_openapi_file_and_every_described_route_exists
     assert!(missing.is_empty(), "described but not served: {missing:?}");
 }
 
+/// A resident registered again (offline at a centre, then at the hospital) is registered,
+/// and the answer names the files that may be the same person: the same national id, or
+/// the same name and birth date.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registration_names_the_files_that_may_be_the_same_resident() {
+    let api = api();
+    let register = |body: serde_json::Value| {
+        let api = &api;
+        async move {
+            let (status, answer) = api
+                .call("POST", "/v1/health-files", WRITER, &body.to_string())
+                .await;
+            assert_eq!(status, StatusCode::CREATED, "{answer}");
+            let candidates: Vec<String> = answer["possible_duplicates"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|c| c["id"].as_str().unwrap().to_owned())
+                .collect();
+            (answer["id"].as_str().unwrap().to_owned(), candidates)
+        }
+    };
+    let (first, candidates) = register(json!({
+        "name": { "family": "Shen", "given": "Meilan" },
+        "sex": "female",
+        "birth_date": "1941-03-02",
+        "national_id": "310230194103020021",
+    }))
+    .await;
+    assert!(candidates.is_empty());
+    // The hospital registers her again, without the national id, spacing the name its way.
+    let (_, candidates) = register(json!({
+        "name": { "family": "SHEN", "given": " Meilan " },
+        "sex": "female",
+        "birth_date": "1941-03-02",
+    }))
+    .await;
+    assert_eq!(candidates, vec![first.clone()]);
+    // A centre registers her with her national id and a mistyped name: found by the id.
+    let (_, candidates) = register(json!({
+        "name": { "family": "Shen", "given": "Meilin" },
+        "sex": "female",
+        "birth_date": "1941-03-02",
+        "national_id": "310230194103020021",
+    }))
+    .await;
+    assert_eq!(candidates, vec![first.clone()]);
+    // A namesake born another year is not a candidate; nor a name that only starts the same.
+    for (given, born) in [("Meilan", "1952-07-19"), ("Mei", "1941-03-02")] {
+        let (_, candidates) = register(json!({
+            "name": { "family": "Shen", "given": given },
+            "sex": "female",
+            "birth_date": born,
+        }))
+        .await;
+        assert!(candidates.is_empty(), "{given} {born}: {candidates:?}");
+    }
+}
+
 /// A diagnosis coded in the national clinical edition, as a hospital EMR writes it, is
 /// accepted as written, read back in its own system, and named in FHIR by that system's URI;
 /// a code not of the system named is refused with the reason.

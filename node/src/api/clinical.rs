@@ -145,16 +145,37 @@ async fn read_document(
     .await
 }
 
+/// A registration's answer: the new file, and the files that may be the same resident
+/// (`Node::duplicate_candidates`), for the registering clerk to check.
+#[derive(Serialize)]
+struct Registered {
+    id: DocumentId,
+    change: ChangeHash,
+    possible_duplicates: Vec<crate::ResidentSummary>,
+}
+
 async fn create_health_file(
     State(state): State<ApiState>,
     Writer(caller): Writer,
     JsonBody(demographics): JsonBody<Demographics>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let written = write(state, caller, move |state, writer| {
-        Ok(writer.create_health_file(&state.editor(), &demographics)?)
+    let registered = blocking(move || {
+        let (id, change) = state
+            .node
+            .writer(Some(&caller.app))
+            .create_health_file(&state.editor(), &demographics)?;
+        let possible_duplicates = state.node.duplicate_candidates(&demographics, Some(id))?;
+        // Shown to the app as a search's results are: audited alike.
+        let accesses: Vec<_> = possible_duplicates.iter().map(|r| (r.id, None)).collect();
+        state.node.record_access(&caller.app, &accesses)?;
+        Ok(Json(Registered {
+            id,
+            change,
+            possible_duplicates,
+        }))
     })
     .await?;
-    Ok((StatusCode::CREATED, written))
+    Ok((StatusCode::CREATED, registered))
 }
 
 async fn apply_health_file(

@@ -105,6 +105,42 @@ impl Node {
         self.residents(&index::national_id_prefix(&self.salt, national_id))
     }
 
+    /// Health files that may be the same resident as `demographics`, other than `except`:
+    /// the same national id (through its salted hash), or the same name (family and given, or
+    /// as written locally, ignoring case and spacing) and the same birth date. What a
+    /// registration warns of; at most `SEARCH_RESULTS_MAX` per way of matching, from the
+    /// index (no file is read).
+    pub fn duplicate_candidates(
+        &self,
+        demographics: &Demographics,
+        except: Option<DocumentId>,
+    ) -> Result<Vec<ResidentSummary>, NodeError> {
+        let mut found = match &demographics.national_id {
+            Some(national_id) => self.find_residents_by_national_id(national_id)?,
+            None => Vec::new(),
+        };
+        let name = &demographics.name;
+        for form in [
+            format!("{} {}", name.family, name.given),
+            name.text.clone().unwrap_or_default(),
+        ] {
+            if index::normalise_name(&form).is_empty() {
+                continue;
+            }
+            // The whole name, not a prefix of a longer one.
+            let exact = [index::name_prefix(&form), vec![0]].concat();
+            found.extend(
+                self.residents(&exact)?
+                    .into_iter()
+                    .filter(|r| r.birth_date == demographics.birth_date),
+            );
+        }
+        found.retain(|r| Some(r.id) != except);
+        found.sort_by_key(|r| r.id);
+        found.dedup_by_key(|r| r.id);
+        Ok(found)
+    }
+
     /// Health files of the resident with this national id (through its salted hash).
     pub fn find_by_national_id(&self, national_id: &str) -> Result<Vec<DocumentId>, NodeError> {
         let found = self.find_residents_by_national_id(national_id)?;
