@@ -587,21 +587,7 @@ fn add_encounter_and_edit_its_note() {
 fn add_exam_result_records_the_producer() {
     let mut file = new_file(1);
     let hospital = editor("xinhua", 3_000);
-    file.apply(
-        &hospital,
-        &HealthFileOp::AddExamResult(NewExamResult {
-            kind: ExamKind::Ecg,
-            time: Timestamp(1_600_000_000_000),
-            name: "12-lead ECG".into(),
-            measurements: vec![Measurement {
-                name: "qtc".into(),
-                value: 402.0,
-                unit: Some("ms".into()),
-            }],
-            report: Some("sinus bradycardia".into()),
-        }),
-    )
-    .unwrap();
+    file.apply(&hospital, &ecg()).unwrap();
     let exam = &file.view().exams[0];
     assert_eq!(exam.institution, institution("xinhua"));
     assert_eq!(exam.measurements[0].value, 402.0);

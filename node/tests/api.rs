@@ -173,6 +173,20 @@ impl Api {
             .count()
     }
 
+    /// A FHIR search of `resource` for one patient, as the reader app.
+    async fn fhir_search(&self, resource: &str, patient: &str) -> serde_json::Value {
+        let (status, bundle) = self
+            .call(
+                "GET",
+                &format!("/fhir/{resource}?patient={patient}"),
+                READER,
+                "",
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{bundle}");
+        bundle
+    }
+
     async fn register(&self, given: &str) -> String {
         let (status, written) = self
             .call(
@@ -300,14 +314,7 @@ async fn national_edition_diagnosis_codes_are_written_read_and_served_in_their_o
         .await;
     assert_eq!(status, StatusCode::OK, "{view}");
     assert_eq!(view["view"]["problems"][0]["icd10"], national, "{view}");
-    let (_, bundle) = api
-        .call(
-            "GET",
-            &format!("/fhir/Condition?patient={patient}"),
-            READER,
-            "",
-        )
-        .await;
+    let bundle = api.fhir_search("Condition", &patient).await;
     let coding = &bundle["entry"][0]["resource"]["code"]["coding"][0];
     assert_eq!(
         coding["system"],
@@ -642,14 +649,7 @@ async fn fhir_views_carry_the_required_elements() {
     assert_eq!(coding["system"], "http://hl7.org/fhir/sid/icd-10");
     assert_eq!(coding["code"], "I10");
 
-    let (_, bundle) = api
-        .call(
-            "GET",
-            &format!("/fhir/Observation?patient={patient}"),
-            READER,
-            "",
-        )
-        .await;
+    let bundle = api.fhir_search("Observation", &patient).await;
     assert_eq!(bundle["total"], 2, "{bundle}");
     let id_ok = |id: &str| {
         id.len() <= 64
@@ -673,26 +673,12 @@ async fn fhir_views_carry_the_required_elements() {
     let op = json!({"op": "mark_entered_in_error", "args": {"list": "follow_ups", "entry": entry, "reason": "another resident's reading"}});
     let (status, body) = api.call("POST", &operations, WRITER, &op.to_string()).await;
     assert_eq!(status, StatusCode::OK, "{body}");
-    let (_, bundle) = api
-        .call(
-            "GET",
-            &format!("/fhir/Observation?patient={patient}"),
-            READER,
-            "",
-        )
-        .await;
+    let bundle = api.fhir_search("Observation", &patient).await;
     assert_eq!(bundle["total"], 2, "{bundle}");
     for entry in bundle["entry"].as_array().unwrap() {
         assert_eq!(entry["resource"]["status"], "entered-in-error", "{entry}");
     }
-    let (_, bundle) = api
-        .call(
-            "GET",
-            &format!("/fhir/AllergyIntolerance?patient={patient}"),
-            READER,
-            "",
-        )
-        .await;
+    let bundle = api.fhir_search("AllergyIntolerance", &patient).await;
     assert_eq!(
         bundle["entry"][0]["resource"]["reaction"][0]["severity"],
         "severe"
@@ -708,14 +694,7 @@ async fn fhir_views_carry_the_required_elements() {
         json!({"op": "set_allergy_verification", "args": {"entry": entry, "status": "refuted"}});
     let (status, body) = api.call("POST", &operations, WRITER, &op.to_string()).await;
     assert_eq!(status, StatusCode::OK, "{body}");
-    let (_, bundle) = api
-        .call(
-            "GET",
-            &format!("/fhir/AllergyIntolerance?patient={patient}"),
-            READER,
-            "",
-        )
-        .await;
+    let bundle = api.fhir_search("AllergyIntolerance", &patient).await;
     let resource = &bundle["entry"][0]["resource"];
     assert_eq!(
         resource["verificationStatus"]["coding"][0]["code"],
@@ -728,14 +707,7 @@ async fn fhir_views_carry_the_required_elements() {
     let op = json!({"op": "record_no_known_allergies"});
     let (status, body) = api.call("POST", &operations, WRITER, &op.to_string()).await;
     assert_eq!(status, StatusCode::OK, "{body}");
-    let (_, bundle) = api
-        .call(
-            "GET",
-            &format!("/fhir/AllergyIntolerance?patient={patient}"),
-            READER,
-            "",
-        )
-        .await;
+    let bundle = api.fhir_search("AllergyIntolerance", &patient).await;
     assert_eq!(bundle["total"], 2, "{bundle}");
     let statement = &bundle["entry"][1]["resource"];
     assert_eq!(statement["code"]["coding"][0]["code"], "716186003");

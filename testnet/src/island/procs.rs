@@ -147,24 +147,37 @@ impl Procs {
         Ok(procs)
     }
 
+    /// An admin read; anything but success is an error.
     fn get(&self, node: usize, path: &str) -> anyhow::Result<Value> {
+        let process = &self.nodes[node];
+        self.get_as(node, path, &process.admin)?
+            .with_context(|| format!("node {node}: GET {path} answered 404"))
+    }
+
+    /// A read with `token`: `None` if the node answers 404, an error for any other failure.
+    fn get_as(&self, node: usize, path: &str, token: &str) -> anyhow::Result<Option<Value>> {
         let process = &self.nodes[node];
         let mut response = self
             .agent
             .get(format!("{}{path}", process.api))
-            .header("Authorization", format!("Bearer {}", process.admin))
+            .header("Authorization", format!("Bearer {token}"))
             .call()
             .with_context(|| format!("node {node}: GET {path}"))?;
+        if response.status().as_u16() == 404 {
+            return Ok(None);
+        }
         anyhow::ensure!(
             response.status().is_success(),
             "node {node}: GET {path} answered {}",
             response.status()
         );
-        Ok(response
-            .body_mut()
-            .with_config()
-            .limit(RESPONSE_BYTES_MAX)
-            .read_json()?)
+        Ok(Some(
+            response
+                .body_mut()
+                .with_config()
+                .limit(RESPONSE_BYTES_MAX)
+                .read_json()?,
+        ))
     }
 
     /// Every document with its heads and changes, page by page.
@@ -233,18 +246,9 @@ impl Cluster for Procs {
         let write = match write {
             Write::CorrectOwnExam(id, institution) => {
                 let path = format!("/v1/health-files/{id}");
-                let mut response = self
-                    .agent
-                    .get(format!("{}{path}", process.api))
-                    .header("Authorization", format!("Bearer {}", process.app))
-                    .call()
-                    .with_context(|| format!("node {node}: GET {path}"))?;
-                match response.status().as_u16() {
-                    200 => {}
-                    404 => return Ok(Err(Skip::NotYetHere)),
-                    status => anyhow::bail!("node {node}: GET {path} answered {status}"),
-                }
-                let answer: Value = response.body_mut().read_json()?;
+                let Some(answer) = self.get_as(node, &path, &process.app)? else {
+                    return Ok(Err(Skip::NotYetHere));
+                };
                 let file: HealthFileView = serde_json::from_value(answer["view"].clone())
                     .with_context(|| format!("node {node}: GET {path}: not a health file"))?;
                 let Some(op) = exam_correction(&file, institution) else {
