@@ -172,6 +172,17 @@ pub enum OpError {
     Automerge(#[from] automerge::AutomergeError),
 }
 
+/// Why a health file with records (`HealthFile::create_with_records`) was not made. Nothing
+/// was made.
+#[derive(Debug, thiserror::Error)]
+#[error("{}: {error}", match record { Some(i) => format!("record {i}"), None => "the demographics".to_string() })]
+pub struct RecordRefused {
+    /// The refused record's index, or `None` when the demographics were refused.
+    pub record: Option<usize>,
+    /// Why.
+    pub error: Box<OpError>,
+}
+
 /// Why bytes could not be loaded as a model document.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {

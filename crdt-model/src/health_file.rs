@@ -747,30 +747,35 @@ impl HealthFile {
         editor: &Editor,
         demographics: &Demographics,
     ) -> Result<Self, OpError> {
+        Self::create_with(actor, editor, |tx| write_creation(tx, demographics))
+    }
+
+    /// Creates a health file holding a resident's existing records, as **one** change by
+    /// `editor`: how a member's records are loaded in bulk. Each record is applied as its
+    /// operation would be, in order, each at its own time (the `recorded_at` it gets), in
+    /// `editor`'s institution's name; the change itself is made at `editor.at`. On error
+    /// nothing is made, and the error says which record (by index) was refused.
+    pub fn create_with_records(
+        actor: &Actor,
+        editor: &Editor,
+        demographics: &Demographics,
+        records: &[(Timestamp, HealthFileOp)],
+    ) -> Result<Self, crate::RecordRefused> {
+        let mut refused = None;
         Self::create_with(actor, editor, |tx| {
-            let root = automerge::ROOT;
-            let section = tx.put_object(&root, "demographics", ObjType::Map)?;
-            for list in LISTS.iter().copied() {
-                tx.put_object(&root, list, ObjType::List)?;
-            }
-            let d = demographics;
-            write_demographic(tx, &section, &DemographicField::Name(d.name.clone()))?;
-            write_demographic(tx, &section, &DemographicField::Sex(d.sex))?;
-            write_demographic(
-                tx,
-                &section,
-                &DemographicField::BirthDate(d.birth_date.clone()),
-            )?;
-            let optional = [
-                d.phone.clone().map(DemographicField::Phone),
-                d.address.clone().map(DemographicField::Address),
-                d.national_id.clone().map(DemographicField::NationalId),
-                d.insurance.clone().map(DemographicField::Insurance),
-            ];
-            for field in optional.into_iter().flatten() {
-                write_demographic(tx, &section, &field)?;
+            write_creation(tx, demographics)?;
+            for (index, (at, op)) in records.iter().enumerate() {
+                let editor = Editor {
+                    institution: editor.institution.clone(),
+                    at: *at,
+                };
+                apply_op(tx, &editor, op).inspect_err(|_| refused = Some(index))?;
             }
             Ok(())
+        })
+        .map_err(|error| crate::RecordRefused {
+            record: refused,
+            error: Box::new(error),
         })
     }
 
@@ -797,6 +802,33 @@ impl HealthFile {
         let written = apply_op(doc, editor, op);
         crate::document::commit_or_roll_back(doc, editor, written)
     }
+}
+
+/// Writes a new health file's skeleton and its demographics.
+fn write_creation(tx: &mut AutoCommit, demographics: &Demographics) -> Result<(), OpError> {
+    let root = automerge::ROOT;
+    let section = tx.put_object(&root, "demographics", ObjType::Map)?;
+    for list in LISTS.iter().copied() {
+        tx.put_object(&root, list, ObjType::List)?;
+    }
+    let d = demographics;
+    write_demographic(tx, &section, &DemographicField::Name(d.name.clone()))?;
+    write_demographic(tx, &section, &DemographicField::Sex(d.sex))?;
+    write_demographic(
+        tx,
+        &section,
+        &DemographicField::BirthDate(d.birth_date.clone()),
+    )?;
+    let optional = [
+        d.phone.clone().map(DemographicField::Phone),
+        d.address.clone().map(DemographicField::Address),
+        d.national_id.clone().map(DemographicField::NationalId),
+        d.insurance.clone().map(DemographicField::Insurance),
+    ];
+    for field in optional.into_iter().flatten() {
+        write_demographic(tx, &section, &field)?;
+    }
+    Ok(())
 }
 
 fn section(doc: &AutoCommit, key: &'static str) -> Result<ObjId, OpError> {

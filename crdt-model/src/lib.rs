@@ -29,7 +29,7 @@ pub use document::{
     DocumentKind, SCHEMA_VERSION, decode_change, decode_changes_onto, document_id, document_id_of,
     load_document,
 };
-pub use error::{LoadError, OpError, ValidationError};
+pub use error::{LoadError, OpError, RecordRefused, ValidationError};
 pub use health_file::{
     Address, AllergyView, CorrectableList, DemographicField, Demographics, DemographicsView,
     Diagnosis, EncounterView, EnteredInError, ExamResultView, FamilyDoctorContract, FollowUpView,

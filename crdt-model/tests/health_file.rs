@@ -752,3 +752,76 @@ fn the_view_shows_automerges_winner() {
         assert_eq!(phone.conflicts.len(), 2);
     }
 }
+
+/// A member's existing records load as one change that creates the file: each record written
+/// at its own time in the loading institution's name, the file valid, and the change judged
+/// as any creation is.
+#[test]
+fn a_resident_with_records_is_created_in_one_change() {
+    let records = vec![
+        (
+            Timestamp(1_500_000_000_000),
+            HealthFileOp::SetContract(contract()),
+        ),
+        (
+            Timestamp(1_400_000_000_000),
+            HealthFileOp::AddAllergy(NewAllergy {
+                substance: "Penicillin".into(),
+                reaction: "urticaria".into(),
+                severity: Severity::Severe,
+            }),
+        ),
+        (
+            Timestamp(1_600_000_000_000),
+            HealthFileOp::AddEncounter(NewEncounter {
+                time: Timestamp(1_600_000_000_000),
+                kind: EncounterKind::Outpatient,
+                diagnoses: vec![Diagnosis {
+                    icd10: Icd10::in_system(Icd10System::CnClinical, "I10.x00x002").unwrap(),
+                    display: "高血压1级".into(),
+                }],
+                note: "BP 150/95".into(),
+            }),
+        ),
+    ];
+    let file =
+        HealthFile::create_with_records(&actor(1), &chc(), &demographics(), &records).unwrap();
+    let mut doc = file.automerge().clone();
+    assert_eq!(doc.get_changes(&[]).len(), 1, "one change");
+    assert_eq!(document_id(&mut doc).unwrap(), file.id());
+    validate(file.automerge()).expect("the file validates");
+    let change = doc.get_changes(&[])[0].clone();
+    judge_change(&doc, &change, &institution("chc-jianshe")).expect("judged as a creation");
+
+    let view = file.view();
+    assert_eq!(view.contract.as_ref().unwrap().value, contract());
+    assert_eq!(view.allergies.len(), 1);
+    assert_eq!(view.allergies[0].recorded_at, Timestamp(1_400_000_000_000));
+    assert_eq!(view.allergies[0].recorded_by, institution("chc-jianshe"));
+    assert_eq!(view.encounters.len(), 1);
+    assert_eq!(view.encounters[0].note, "BP 150/95");
+    assert!(view.conflicts().is_empty());
+}
+
+/// A record the model refuses makes nothing, and the error names the record.
+#[test]
+fn a_refused_record_makes_no_file_and_is_named() {
+    let records = vec![
+        (
+            Timestamp(1_500_000_000_000),
+            HealthFileOp::SetContract(contract()),
+        ),
+        (
+            Timestamp(1_400_000_000_000),
+            HealthFileOp::AddAllergy(NewAllergy {
+                substance: String::new(),
+                reaction: "urticaria".into(),
+                severity: Severity::Severe,
+            }),
+        ),
+    ];
+    let refused =
+        HealthFile::create_with_records(&actor(1), &chc(), &demographics(), &records).unwrap_err();
+    assert_eq!(refused.record, Some(1));
+    assert!(refused.to_string().starts_with("record 1: "), "{refused}");
+}

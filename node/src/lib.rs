@@ -14,6 +14,7 @@ pub mod config;
 pub mod crash_writer;
 pub mod envelope;
 pub mod identity;
+pub mod import;
 mod index;
 pub mod membership;
 pub mod reconcile;

@@ -238,6 +238,115 @@ fn every_route_is_described_in_the_openapi_file_and_every_described_route_exists
     assert!(missing.is_empty(), "described but not served: {missing:?}");
 }
 
+/// A member's existing records load in bulk: each resident one health file written as one
+/// change, every bad line refused with its number and a reason that quotes nothing, and a
+/// load run twice adds nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bulk_load_writes_each_resident_once_and_refuses_bad_lines_by_number() {
+    let api = api();
+    let first = include_str!("data/resident.json").trim();
+    let record: Value = serde_json::from_str(first).unwrap();
+    let other = first.replace("310230195410170433", "310230195410170999");
+    let bad_date = other
+        .replace("310230195410170999", "310230195410170777")
+        .replace("\"birthDate\":\"1954", "\"birthDate\":\"19x4");
+    let body = [first, "{\"id\": ", other.as_str(), first, bad_date.as_str()].join("\n");
+    let load = |token: &'static str| {
+        let (api, body) = (&api, body.clone());
+        async move {
+            let request = Request::builder()
+                .method("POST")
+                .uri("/v1/import")
+                .header("authorization", format!("Bearer {token}"))
+                .header("content-type", "application/x-ndjson")
+                .body(Body::from(body))
+                .unwrap();
+            let response = api.router.clone().oneshot(request).await.unwrap();
+            let status = response.status();
+            let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
+                .await
+                .unwrap();
+            (status, serde_json::from_slice::<Value>(&bytes).unwrap())
+        }
+    };
+    assert_eq!(load(READER).await.0, StatusCode::FORBIDDEN);
+
+    let (status, answer) = load(WRITER).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let lines = |key: &str| -> Vec<(u64, String)> {
+        answer[key]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                let what = r.get("code").unwrap_or(&r["id"]);
+                (
+                    r["line"].as_u64().unwrap(),
+                    what.as_str().unwrap().to_owned(),
+                )
+            })
+            .collect()
+    };
+    let loaded = lines("loaded");
+    assert_eq!(loaded.iter().map(|l| l.0).collect::<Vec<_>>(), vec![1, 3]);
+    let refused = lines("refused");
+    assert_eq!(
+        refused,
+        vec![
+            (2, "invalid_record".to_owned()),
+            (4, "repeated_in_load".to_owned()),
+            (5, "invalid_record".to_owned()),
+        ],
+        "{answer}"
+    );
+    let reasons = answer["refused"].to_string();
+    assert!(
+        reasons.contains("line 1") && reasons.contains("demographics.birthDate"),
+        "{reasons}"
+    );
+    assert!(
+        !reasons.contains("19x4") && !reasons.contains("3102301954"),
+        "{reasons}"
+    );
+
+    // One change made the whole file, every record in it.
+    let id = DocumentId::parse(&loaded[0].1).unwrap();
+    assert_eq!(api.node.history(id).unwrap().len(), 1);
+    let view = api.node.health_file(id).unwrap();
+    assert_eq!(view.demographics.name.value.family, "Lu");
+    assert_eq!(
+        view.problems.len(),
+        record["problems"].as_array().unwrap().len()
+    );
+    assert_eq!(
+        view.encounters.len(),
+        record["encounters"].as_array().unwrap().len()
+    );
+    assert_eq!(view.exams.len(), record["exams"].as_array().unwrap().len());
+    assert_eq!(view.contract.unwrap().value.doctor_id, "doc-44552");
+
+    // Run again (with the admin token, as `estuary import` loads): nothing more is written.
+    let (status, answer) = load(ADMIN).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert!(answer["loaded"].as_array().unwrap().is_empty(), "{answer}");
+    let codes: Vec<&str> = answer["refused"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["code"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        codes,
+        [
+            "already_held",
+            "invalid_record",
+            "already_held",
+            "already_held",
+            "invalid_record"
+        ]
+    );
+}
+
 /// A resident registered again (offline at a centre, then at the hospital) is registered,
 /// and the answer names the files that may be the same person: the same national id, or
 /// the same name and birth date.

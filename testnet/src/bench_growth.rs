@@ -95,7 +95,7 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     )?;
     let created = node.post(
         "/v1/health-files",
-        &serde_json::to_value(first.writes()?.demographics)?,
+        &serde_json::to_value(crate::health_data::writes(&first)?.demographics.clone())?,
     )?;
     let id = created["id"]
         .as_str()

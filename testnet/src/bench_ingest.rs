@@ -105,7 +105,7 @@ fn build(options: &Options) -> anyhow::Result<(Vec<Fetched>, usize)> {
     let mut fetched = Vec::with_capacity(records.len());
     let mut changes = 0;
     for record in &records {
-        let file = record.writes()?.build(&actor, sample::HOSPITAL)?;
+        let file = crate::health_data::writes(record)?.build(&actor, sample::HOSPITAL)?;
         let id = file.id();
         let mut doc = file.automerge().clone();
         let mut signed: Vec<([u8; 32], [u8; 64])> = doc

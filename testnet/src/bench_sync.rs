@@ -203,7 +203,7 @@ fn build(
         records.len()
     );
     for (n, record) in records.iter().enumerate() {
-        let mut file = record.writes()?.build(&actor, sample::HOSPITAL)?;
+        let mut file = crate::health_data::writes(record)?.build(&actor, sample::HOSPITAL)?;
         payload += file.save().len() as u64;
         let id = file.id();
         ids.push(id);

@@ -56,9 +56,9 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     let mut plans: Vec<Vec<(serde_json::Value, Vec<serde_json::Value>)>> =
         vec![Vec::new(); options.writers];
     for (n, record) in records.iter().enumerate() {
-        let writes = record.writes()?;
+        let writes = crate::health_data::writes(record)?;
         let operations = writes
-            .operations
+            .records
             .iter()
             .map(|(_, op)| serde_json::to_value(op))
             .collect::<Result<Vec<_>, _>>()?;

@@ -13,164 +13,14 @@ use std::path::Path;
 
 use anyhow::Context;
 use estuary_node::model::*;
-use serde::{Deserialize, Serialize};
 
 /// The seed `gen.js` uses by default.
 pub const DEFAULT_SEED: u32 = 20_261_123;
 /// Longest record line read from an input file, in bytes (records are 1.6-9 KB).
 const RECORD_BYTES_MAX: usize = 256 * 1024;
 
-/// One resident's health file as the data set writes it.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct FileRecord {
-    pub id: String,
-    pub demographics: RecordDemographics,
-    pub family_doctor_contract: RecordContract,
-    pub allergies: Vec<RecordAllergy>,
-    pub problems: Vec<RecordProblem>,
-    pub medications: Vec<RecordMedication>,
-    pub encounters: Vec<RecordEncounter>,
-    pub exams: Vec<RecordExam>,
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct RecordName {
-    pub family: String,
-    pub given: String,
-    pub text: String,
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct RecordAddress {
-    pub line: String,
-    pub town: String,
-    pub district: String,
-    pub city: String,
-    pub postal_code: String,
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct RecordInsurance {
-    pub scheme: String,
-    pub number: String,
-    pub valid_until: String,
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct RecordDemographics {
-    pub name: RecordName,
-    pub sex: String,
-    pub birth_date: String,
-    pub phone: String,
-    pub address: RecordAddress,
-    pub national_id: String,
-    pub insurance: RecordInsurance,
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct RecordDoctor {
-    pub id: String,
-    pub name: String,
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct RecordContract {
-    pub community_centre: String,
-    pub district_hospital: String,
-    pub municipal_hospital: String,
-    pub doctor: RecordDoctor,
-    pub since: String,
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct RecordAllergy {
-    pub substance: String,
-    pub reaction: String,
-    pub severity: String,
-    pub recorded: String,
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct RecordProblem {
-    pub icd10: String,
-    pub display: String,
-    pub onset: String,
-    pub status: String,
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct RecordMedication {
-    pub drug: String,
-    pub dose: String,
-    pub frequency: String,
-    pub start: String,
-    pub days: u64,
-    pub prescriber: String,
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct RecordDiagnosis {
-    pub icd10: String,
-    pub display: String,
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct RecordEncounter {
-    pub id: String,
-    pub institution: String,
-    pub time: String,
-    pub kind: String,
-    pub diagnoses: Vec<RecordDiagnosis>,
-    pub note: String,
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct RecordEcg {
-    pub heart_rate: u64,
-    pub pr_ms: u64,
-    pub qrs_ms: u64,
-    pub qtc_ms: u64,
-}
-
-/// An exam: a lab value, an imaging finding or an ECG (fields in the order `gen.js` writes
-/// them, so the JSON made here is byte for byte the JSON `gen.js` prints).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct RecordExam {
-    pub id: String,
-    pub kind: String,
-    pub institution: String,
-    pub time: String,
-    pub name: String,
-    #[serde(
-        default,
-        skip_serializing_if = "Option::is_none",
-        serialize_with = "js_number"
-    )]
-    pub value: Option<f64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub unit: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub finding: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub values: Option<RecordEcg>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rhythm: Option<String>,
-}
-
-/// A number as JavaScript prints it: whole numbers without a fraction.
-fn js_number<S: serde::Serializer>(value: &Option<f64>, serializer: S) -> Result<S::Ok, S::Error> {
-    match value {
-        Some(v) if v.fract() == 0.0 && v.abs() < 1e15 => serializer.serialize_i64(*v as i64),
-        Some(v) => serializer.serialize_f64(*v),
-        None => serializer.serialize_none(),
-    }
-}
+pub use estuary_node::import::ResidentRecords;
+pub use estuary_node::import::records::*;
 
 // ---- The generator: `gen.js`, call for call ---------------------------------------------
 
@@ -488,6 +338,7 @@ pub fn record(i: u32, seed: u32) -> FileRecord {
                     let (icd10, display) = *r.pick(&PROBLEMS);
                     RecordDiagnosis {
                         icd10: icd10.into(),
+                        icd10_system: None,
                         display: display.into(),
                     }
                 })
@@ -592,6 +443,7 @@ pub fn record(i: u32, seed: u32) -> FileRecord {
             let (icd10, display) = *r.pick(&PROBLEMS);
             RecordProblem {
                 icd10: icd10.into(),
+                icd10_system: None,
                 display: display.into(),
                 onset: r.date(1995, 2026),
                 status: (*r.pick(&STATUSES)).into(),
@@ -704,214 +556,32 @@ fn read_ndjson(path: &Path, count: usize) -> anyhow::Result<Vec<FileRecord>> {
 
 /// A record as the writes an app makes: the file's creation, then one operation each (every
 /// operation with the time the record gives it, when it gives one).
-pub struct Writes {
-    pub demographics: Demographics,
-    pub created_at: Timestamp,
-    pub operations: Vec<(Timestamp, HealthFileOp)>,
+pub struct Writes(pub ResidentRecords);
+
+impl std::ops::Deref for Writes {
+    type Target = ResidentRecords;
+
+    fn deref(&self) -> &ResidentRecords {
+        &self.0
+    }
 }
 
 impl Writes {
-    /// The file these writes make, written by `actor` as an editor of `institution`.
+    /// The file these writes make, written by `actor` as an editor of `institution`, one
+    /// change per operation.
     pub fn build(&self, actor: &Actor, institution: &str) -> anyhow::Result<HealthFile> {
         let editor = |at: Timestamp| crate::sample::editor(institution, at.0);
         let mut file = HealthFile::create(actor, &editor(self.created_at), &self.demographics)?;
-        for (at, op) in &self.operations {
+        for (at, op) in &self.records {
             file.apply(&editor(*at), op)?;
         }
         Ok(file)
     }
 }
 
-/// An institution id from a name: lower case, runs of other characters as one '-'.
-pub fn institution_id(name: &str) -> anyhow::Result<InstitutionId> {
-    let mut id = String::new();
-    for c in name.chars() {
-        if c.is_ascii_alphanumeric() {
-            id.push(c.to_ascii_lowercase());
-        } else if !id.ends_with('-') && !id.is_empty() {
-            id.push('-');
-        }
-    }
-    let id = id.trim_end_matches('-');
-    InstitutionId::new(id).map_err(|e| anyhow::anyhow!("institution {name:?}: {e}"))
-}
-
-/// Milliseconds since the epoch of `YYYY-MM-DD` (midnight, UTC+8) or of
-/// `YYYY-MM-DDTHH:MM:SS+08:00`.
-fn millis(text: &str) -> anyhow::Result<Timestamp> {
-    let bad = || anyhow::anyhow!("not a date or time of the data set: {text:?}");
-    let number = |range: std::ops::Range<usize>| -> anyhow::Result<i64> {
-        text.get(range).and_then(|t| t.parse().ok()).ok_or_else(bad)
-    };
-    let (year, month, day) = (number(0..4)?, number(5..7)?, number(8..10)?);
-    let (hour, minute, second) = if text.len() > 10 {
-        (number(11..13)?, number(14..16)?, number(17..19)?)
-    } else {
-        (0, 0, 0)
-    };
-    // Days from the civil date (Howard Hinnant's algorithm).
-    let y = if month <= 2 { year - 1 } else { year };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let doy = (153 * ((month + 9) % 12) + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    let local = ((days * 24 + hour) * 60 + minute) * 60 + second;
-    Ok(Timestamp((local - 8 * 3_600) * 1_000))
-}
-
-fn date(text: &str) -> anyhow::Result<Date> {
-    Date::new(text).map_err(|e| anyhow::anyhow!("date {text:?}: {e}"))
-}
-
-fn icd10(code: &str) -> anyhow::Result<Icd10> {
-    Icd10::new(code).map_err(|e| anyhow::anyhow!("code {code:?}: {e}"))
-}
-
-fn vocabulary<T>(
-    parse: fn(&str, &'static str) -> Result<T, ValidationError>,
-    text: &str,
-) -> anyhow::Result<T> {
-    parse(text, "value").map_err(|e| anyhow::anyhow!("{text:?}: {e}"))
-}
-
-impl FileRecord {
-    /// The record as an app writes it.
-    pub fn writes(&self) -> anyhow::Result<Writes> {
-        let d = &self.demographics;
-        let demographics = Demographics {
-            name: PersonName {
-                family: d.name.family.clone(),
-                given: d.name.given.clone(),
-                text: Some(d.name.text.clone()),
-            },
-            sex: vocabulary(Sex::parse, &d.sex)?,
-            birth_date: date(&d.birth_date)?,
-            phone: Some(d.phone.clone()),
-            address: Some(Address {
-                line: d.address.line.clone(),
-                town: Some(d.address.town.clone()),
-                district: Some(d.address.district.clone()),
-                city: Some(d.address.city.clone()),
-                postal_code: Some(d.address.postal_code.clone()),
-            }),
-            national_id: Some(d.national_id.clone()),
-            insurance: Some(Insurance {
-                scheme: d.insurance.scheme.clone(),
-                number: d.insurance.number.clone(),
-                valid_until: Some(date(&d.insurance.valid_until)?),
-            }),
-        };
-        let c = &self.family_doctor_contract;
-        let created_at = millis(&c.since)?;
-        let mut operations = vec![(
-            created_at,
-            HealthFileOp::SetContract(FamilyDoctorContract {
-                community_centre: institution_id(&c.community_centre)?,
-                district_hospital: institution_id(&c.district_hospital)?,
-                municipal_hospital: institution_id(&c.municipal_hospital)?,
-                doctor_id: c.doctor.id.clone(),
-                doctor_name: c.doctor.name.clone(),
-                since: date(&c.since)?,
-            }),
-        )];
-        for a in &self.allergies {
-            operations.push((
-                millis(&a.recorded)?,
-                HealthFileOp::AddAllergy(NewAllergy {
-                    substance: a.substance.clone(),
-                    reaction: a.reaction.clone(),
-                    severity: vocabulary(Severity::parse, &a.severity)?,
-                }),
-            ));
-        }
-        for p in &self.problems {
-            operations.push((
-                millis(&p.onset)?,
-                HealthFileOp::AddProblem(NewProblem {
-                    icd10: icd10(&p.icd10)?,
-                    display: p.display.clone(),
-                    onset: Some(date(&p.onset)?),
-                    status: vocabulary(ProblemStatus::parse, &p.status)?,
-                }),
-            ));
-        }
-        for m in &self.medications {
-            operations.push((
-                millis(&m.start)?,
-                HealthFileOp::AddMedication(NewMedication {
-                    drug: m.drug.clone(),
-                    dose: m.dose.clone(),
-                    frequency: m.frequency.clone(),
-                    start: date(&m.start)?,
-                    days: m.days,
-                }),
-            ));
-        }
-        for e in &self.encounters {
-            operations.push((millis(&e.time)?, HealthFileOp::AddEncounter(e.to_new()?)));
-        }
-        for x in &self.exams {
-            let time = millis(&x.time)?;
-            let measurements = match (&x.value, &x.values) {
-                (Some(value), _) => vec![Measurement {
-                    name: x.name.clone(),
-                    value: *value,
-                    unit: x.unit.clone(),
-                }],
-                (None, Some(ecg)) => [
-                    ("heart rate", ecg.heart_rate, "/min"),
-                    ("PR interval", ecg.pr_ms, "ms"),
-                    ("QRS duration", ecg.qrs_ms, "ms"),
-                    ("QTc interval", ecg.qtc_ms, "ms"),
-                ]
-                .into_iter()
-                .map(|(name, value, unit)| Measurement {
-                    name: name.into(),
-                    value: value as f64,
-                    unit: Some(unit.into()),
-                })
-                .collect(),
-                (None, None) => Vec::new(),
-            };
-            operations.push((
-                time,
-                HealthFileOp::AddExamResult(NewExamResult {
-                    kind: vocabulary(ExamKind::parse, &x.kind)?,
-                    time,
-                    name: x.name.clone(),
-                    measurements,
-                    report: x.finding.clone().or_else(|| x.rhythm.clone()),
-                }),
-            ));
-        }
-        Ok(Writes {
-            demographics,
-            created_at,
-            operations,
-        })
-    }
-}
-
-impl RecordEncounter {
-    /// The encounter as an app records it.
-    pub fn to_new(&self) -> anyhow::Result<NewEncounter> {
-        Ok(NewEncounter {
-            time: millis(&self.time)?,
-            kind: vocabulary(EncounterKind::parse, &self.kind)?,
-            diagnoses: self
-                .diagnoses
-                .iter()
-                .map(|d| {
-                    Ok(Diagnosis {
-                        icd10: icd10(&d.icd10)?,
-                        display: d.display.clone(),
-                    })
-                })
-                .collect::<anyhow::Result<_>>()?,
-            note: self.note.clone(),
-        })
-    }
+/// The record as an app writes it.
+pub fn writes(record: &FileRecord) -> anyhow::Result<Writes> {
+    Ok(Writes(record.resident()?))
 }
 
 #[cfg(test)]
@@ -946,10 +616,10 @@ mod tests {
             at: Timestamp(0),
         };
         for i in 0..200 {
-            let writes = record(i, DEFAULT_SEED).writes().unwrap();
+            let writes = writes(&record(i, DEFAULT_SEED)).unwrap();
             let actor = Actor::from_bytes(vec![7; 32]);
             let mut file = HealthFile::create(&actor, &editor, &writes.demographics).unwrap();
-            for (at, op) in &writes.operations {
+            for (at, op) in &writes.records {
                 let editor = Editor {
                     at: *at,
                     ..editor.clone()
@@ -989,15 +659,5 @@ mod tests {
         std::fs::write(&bad, "{\"id\": 1}\n").unwrap();
         let error = Source::from_input(Some(&bad)).records(1).unwrap_err();
         assert!(format!("{error:#}").contains("line 1"), "{error:#}");
-    }
-
-    #[test]
-    fn times_of_the_data_set_are_read_in_china_standard_time() {
-        assert_eq!(millis("1970-01-01T08:00:00+08:00").unwrap(), Timestamp(0));
-        assert_eq!(
-            millis("2015-04-28T19:51:00+08:00").unwrap(),
-            Timestamp(1_430_221_860_000)
-        );
-        assert_eq!(millis("2024-12-03").unwrap(), Timestamp(1_733_155_200_000));
     }
 }

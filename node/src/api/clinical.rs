@@ -11,8 +11,8 @@ use axum::response::IntoResponse;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use serde::{Deserialize, Serialize};
 
-use super::error::{JsonBody, QueryParams};
-use super::{ApiError, ApiState, Caller, Route, Writer, blocking};
+use super::error::{JsonBody, QueryParams, RawBody};
+use super::{ApiError, ApiState, Caller, Loader, Route, Writer, blocking};
 use crate::audit::AuditRecord;
 use crate::model::automerge::ChangeHash;
 use crate::model::{
@@ -24,12 +24,16 @@ use crate::model::{
 const FEED_PAGE_RECORDS: usize = 256;
 /// How long a quiet feed waits before a keep-alive, in seconds.
 const FEED_KEEP_ALIVE_S: u64 = 15;
+/// Most residents one bulk-load request may carry (lines of NDJSON); a loader sends more in
+/// several requests.
+pub const IMPORT_RESIDENTS_MAX: usize = 4_096;
 
 pub(super) fn routes() -> Vec<Route> {
     vec![
         Route::get("/v1/health-files", search_health_files),
         Route::post("/v1/health-files", create_health_file),
         Route::post("/v1/health-files/search", search_residents),
+        Route::post("/v1/import", import_residents),
         Route::get("/v1/health-files/{id}", get_health_file),
         Route::post("/v1/health-files/{id}/operations", apply_health_file),
         Route::get("/v1/health-files/{id}/history", history),
@@ -176,6 +180,102 @@ async fn create_health_file(
     })
     .await?;
     Ok((StatusCode::CREATED, registered))
+}
+
+/// A resident loaded: its line and its new file.
+#[derive(Serialize)]
+struct Loaded {
+    line: usize,
+    id: DocumentId,
+    change: ChangeHash,
+}
+
+/// A resident not loaded: its line and why.
+#[derive(Serialize)]
+struct NotLoaded {
+    line: usize,
+    code: &'static str,
+    reason: String,
+}
+
+/// What a bulk load did, line by line.
+#[derive(Serialize)]
+struct LoadAnswer {
+    loaded: Vec<Loaded>,
+    refused: Vec<NotLoaded>,
+}
+
+/// Bulk load: NDJSON, one resident's existing records per line in the data set's shape
+/// (`crate::import::records`), each resident written as one signed change. A line that is
+/// refused is reported with its number and the reason; the others are loaded.
+async fn import_residents(
+    State(state): State<ApiState>,
+    Loader(caller): Loader,
+    RawBody(body): RawBody,
+) -> Result<Json<LoadAnswer>, ApiError> {
+    blocking(move || {
+        let text = std::str::from_utf8(&body).map_err(|_| {
+            ApiError::bad_request(
+                "malformed_import",
+                "the body must be NDJSON in UTF-8: one resident's records per line",
+            )
+        })?;
+        if text.lines().filter(|l| !l.trim().is_empty()).count() > IMPORT_RESIDENTS_MAX {
+            return Err(ApiError::bad_request(
+                "malformed_import",
+                format!("at most {IMPORT_RESIDENTS_MAX} residents per request; send the rest in further requests"),
+            ));
+        }
+        let mut refused = Vec::new();
+        let (mut lines, mut residents) = (Vec::new(), Vec::new());
+        for (line, read) in crate::import::residents_from_ndjson(text) {
+            match read {
+                Ok(resident) => {
+                    lines.push(line);
+                    residents.push(resident);
+                }
+                Err(error) => refused.push(NotLoaded {
+                    line,
+                    code: "invalid_record",
+                    reason: error.to_string(),
+                }),
+            }
+        }
+        let outcomes = state
+            .node
+            .writer(Some(&caller.app))
+            .import_health_files(&state.editor(), &residents)?;
+        let mut loaded = Vec::with_capacity(outcomes.len());
+        for (&line, outcome) in lines.iter().zip(outcomes) {
+            match outcome {
+                Ok((id, change)) => loaded.push(Loaded { line, id, change }),
+                Err(crate::replica::NodeError::RepeatedInLoad { first }) => {
+                    refused.push(NotLoaded {
+                        line,
+                        code: "repeated_in_load",
+                        reason: format!(
+                            "the same national id as line {}; one resident, one health file",
+                            lines.get(first).copied().unwrap_or_default()
+                        ),
+                    })
+                }
+                Err(error) => {
+                    let error = ApiError::from(error);
+                    if error.status.is_server_error() {
+                        return Err(error);
+                    }
+                    refused.push(NotLoaded {
+                        line,
+                        code: error.code,
+                        reason: error.reason,
+                    });
+                }
+            }
+        }
+        refused.sort_by_key(|r| r.line);
+        Ok(Json(LoadAnswer { loaded, refused }))
+    })
+    .await
 }
 
 async fn apply_health_file(

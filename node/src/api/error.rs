@@ -70,31 +70,10 @@ impl ApiError {
     /// own checks (a date, a diagnosis code), whose `ValidationError` names the field and
     /// the rule and never the value.
     pub fn from_json(error: &serde_json::Error) -> Self {
-        let at = format!("line {} column {}", error.line(), error.column());
-        let text = error.to_string();
-        let reason = match error.classify() {
-            serde_json::error::Category::Syntax | serde_json::error::Category::Eof => {
-                format!("the body is not valid JSON (at {at})")
-            }
-            serde_json::error::Category::Data => match text
-                .strip_prefix("missing field `")
-                .and_then(|rest| rest.split('`').next())
-            {
-                Some(field) => format!("required field `{field}` is missing (at {at})"),
-                // `ValidationError::InvalidValue`'s words; serde's own never start so.
-                None if text.starts_with("field `") && text.contains("` is invalid: ") => {
-                    let rule = text
-                        .rsplit_once(" at line ")
-                        .map_or(text.as_str(), |(rule, _)| rule);
-                    format!("{rule} (at {at})")
-                }
-                None => format!(
-                    "the JSON does not match the expected shape at {at}: check field names, types and allowed values against node/openapi.json"
-                ),
-            },
-            serde_json::error::Category::Io => format!("the body could not be read (at {at})"),
-        };
-        Self::bad_request("malformed_json", reason)
+        Self::bad_request(
+            "malformed_json",
+            crate::import::json_reason(error, "the body"),
+        )
     }
 }
 
@@ -105,6 +84,12 @@ impl From<NodeError> for ApiError {
                 Self::not_found("this node holds no document with that id")
             }
             NodeError::BadCursor => Self::bad_request("bad_cursor", error.to_string()),
+            NodeError::AlreadyHeld { .. } => {
+                Self::new(StatusCode::CONFLICT, "already_held", error.to_string())
+            }
+            NodeError::RepeatedInLoad { .. } => {
+                Self::bad_request("repeated_in_load", error.to_string())
+            }
             NodeError::WrongKind {
                 expected, found, ..
             } => Self::not_found(format!(

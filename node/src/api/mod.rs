@@ -57,8 +57,11 @@ use crate::sync::StatsReader;
 
 /// Change-feed subscribers served at once; more get 503 until one leaves.
 pub const FEED_SUBSCRIBERS_MAX: usize = 64;
-/// Largest body of an import request (a chunk of envelopes), in bytes.
+/// Largest body of an import request (a chunk of envelopes, or of residents' records), in
+/// bytes.
 pub const IMPORT_BODY_BYTES_MAX: usize = 8 * 1024 * 1024;
+/// The routes whose bodies may be as large as [`IMPORT_BODY_BYTES_MAX`].
+const IMPORT_ROUTES: &[&str] = &["/admin/import", "/v1/import"];
 /// The name audit records carry for reads made with the admin token.
 pub const ADMIN_APP: &str = "estuary-admin";
 /// `/health` requests served at once; more get 503 at once. A probe answers in
@@ -205,6 +208,23 @@ impl FromRequestParts<ApiState> for Writer {
     }
 }
 
+/// A caller that may load residents' records in bulk: an app with a read-write token, or
+/// the admin token (institution IT loading a member's records with `estuary import`).
+/// Checked before the body is read.
+pub struct Loader(pub Caller);
+
+impl FromRequestParts<ApiState> for Loader {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &ApiState) -> Result<Self, ApiError> {
+        let caller = Caller::from_request_parts(parts, state).await?;
+        if !caller.admin {
+            caller.require_write()?;
+        }
+        Ok(Loader(caller))
+    }
+}
+
 /// A caller holding the admin token; checked before the body is read.
 pub struct Admin(pub Caller);
 
@@ -270,7 +290,7 @@ pub fn routes() -> Vec<Route> {
 pub fn router(state: ApiState) -> Router {
     let mut router = Router::new();
     for route in routes() {
-        let handler = if route.path == "/admin/import" {
+        let handler = if IMPORT_ROUTES.contains(&route.path) {
             route
                 .handler
                 .layer(DefaultBodyLimit::max(IMPORT_BODY_BYTES_MAX))

@@ -50,6 +50,7 @@ use sha2::{Digest, Sha256};
 use crate::audit::{self, AuditAction, AuditHead, AuditRecord};
 use crate::envelope::{Envelope, EnvelopeError, VerifiedChange};
 use crate::identity::{Identity, IdentityError};
+use crate::import::ResidentRecords;
 use crate::index::{self, ResidentSummary};
 use crate::membership::{Admission, Membership, RosterError, SignedRoster};
 use crate::model::automerge::{AutoCommit, Change, ChangeHash};
@@ -190,6 +191,20 @@ pub enum NodeError {
     /// A listing cursor that is not one this node gave out.
     #[error("the cursor is not one this node gave out; start from the first page")]
     BadCursor,
+    /// A resident loaded in bulk whose national id already names a health file here.
+    #[error(
+        "a health file with this resident's national id is already held ({existing}); write to it rather than load the resident again"
+    )]
+    AlreadyHeld {
+        /// The file held.
+        existing: DocumentId,
+    },
+    /// A resident loaded in bulk with the same national id as an earlier one of the load.
+    #[error("the same national id as resident {first} of this load (counted from 0)")]
+    RepeatedInLoad {
+        /// The earlier resident's place in the load.
+        first: usize,
+    },
 }
 
 /// Why an envelope was refused without being stored at all.
@@ -316,6 +331,9 @@ pub struct Node {
     audit_updates: tokio::sync::watch::Sender<u64>,
 }
 
+/// One resident of a bulk load: their new file and its change, or why they were not loaded.
+pub type Loaded = Result<(DocumentId, ChangeHash), NodeError>;
+
 /// Writes to this node on behalf of an app (see `Node::writer`).
 #[derive(Clone, Copy, Debug)]
 pub struct Writer<'a> {
@@ -341,6 +359,83 @@ impl Writer<'_> {
         };
         let hash = node.write_local(id, changes, Some(written), self.app)?;
         Ok((id, hash))
+    }
+
+    /// Loads residents' existing records (a member joining brings them): each resident's
+    /// health file is created with every record in it as **one** signed change
+    /// (`HealthFile::create_with_records`), made and signed on every core, decided in order
+    /// and made durable with one flush. A resident whose national id already names a health
+    /// file here is refused (`AlreadyHeld`), and so is one whose national id an earlier
+    /// resident of `residents` has (`RepeatedInLoad`): a load run twice adds nothing. Returns
+    /// each resident's file and change, or why it was not loaded; fails as a whole only if
+    /// the store fails.
+    pub fn import_health_files(
+        &self,
+        editor: &Editor,
+        residents: &[ResidentRecords],
+    ) -> Result<Vec<Loaded>, NodeError> {
+        let node = self.node;
+        node.check_editor(editor)?;
+        let mut first_with: HashMap<&str, usize> = HashMap::new();
+        let mut refused: Vec<Option<NodeError>> = Vec::with_capacity(residents.len());
+        for (index, resident) in residents.iter().enumerate() {
+            let Some(national_id) = resident.demographics.national_id.as_deref() else {
+                refused.push(None);
+                continue;
+            };
+            refused.push(if let Some(&first) = first_with.get(national_id) {
+                Some(NodeError::RepeatedInLoad { first })
+            } else if let Some(&existing) = node.find_by_national_id(national_id)?.first() {
+                Some(NodeError::AlreadyHeld { existing })
+            } else {
+                first_with.insert(national_id, index);
+                None
+            });
+        }
+        let made = parallel_map(residents, refused, |resident| {
+            let file = HealthFile::create_with_records(
+                &node.actor,
+                editor,
+                &resident.demographics,
+                &resident.records,
+            )
+            .map_err(|refused| NodeError::Op(*refused.error))?;
+            let id = file.id();
+            let mut doc = file.into_automerge();
+            let change = doc
+                .get_changes(&[])
+                .pop()
+                .ok_or(StoreError::Corrupt {
+                    what: "a file just made",
+                })?
+                .clone();
+            let verified =
+                Envelope::sign_own(&node.identity, id, change).map_err(IngestError::from)?;
+            Ok((verified, Written { doc, bytes: 0 }))
+        });
+        let mut outcomes = Vec::with_capacity(made.len());
+        let mut to_decide = Vec::new();
+        for made in made {
+            match made {
+                Ok((verified, written)) => {
+                    outcomes.push(Ok((verified.document, verified.hash)));
+                    to_decide.push((verified, Some(written)));
+                }
+                Err(error) => outcomes.push(Err(error)),
+            }
+        }
+        let mut decided = node.decide_local(to_decide, self.app)?.into_iter();
+        for outcome in outcomes.iter_mut().filter(|outcome| outcome.is_ok()) {
+            let decision = decided
+                .next()
+                .unwrap_or(Err(NodeError::Store(StoreError::Corrupt {
+                    what: "import outcome",
+                })));
+            if let Err(error) = decision {
+                *outcome = Err(error);
+            }
+        }
+        Ok(outcomes)
     }
 
     /// Sends a referral from this node's institution. Returns once it is durable.
@@ -396,6 +491,54 @@ impl Writer<'_> {
         referral.apply(editor, op)?;
         node.write_local(id, referral.changes_since(&heads), None, self.app)
     }
+}
+
+/// Threads that make and sign a bulk load's changes: one per core, at most this many.
+const IMPORT_THREADS_MAX: usize = 8;
+
+/// `make` over `items` on every core (items already `refused` are not made), in order.
+fn parallel_map<T: Sync, R: Send>(
+    items: &[T],
+    refused: Vec<Option<NodeError>>,
+    make: impl Fn(&T) -> Result<R, NodeError> + Sync,
+) -> Vec<Result<R, NodeError>> {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, usize::from)
+        .clamp(1, IMPORT_THREADS_MAX);
+    let chunk = items.len().div_ceil(threads).max(1);
+    let mut refused = refused.into_iter();
+    let work: Vec<Vec<(&T, Option<NodeError>)>> = items
+        .chunks(chunk)
+        .map(|part| {
+            part.iter()
+                .map(|item| (item, refused.next().flatten()))
+                .collect()
+        })
+        .collect();
+    std::thread::scope(|scope| {
+        let make = &make;
+        let handles: Vec<_> = work
+            .into_iter()
+            .map(|part| {
+                scope.spawn(move || {
+                    part.into_iter()
+                        .map(|(item, refused)| match refused {
+                            Some(error) => Err(error),
+                            None => make(item),
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|handle| {
+                handle
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            })
+            .collect()
+    })
 }
 
 impl std::fmt::Debug for Node {

@@ -174,9 +174,10 @@ impl Node {
                 Ok(verified) => Incoming::Verified(verified),
                 Err(error) => Incoming::Failed(error, e.as_ref()),
             })
+            .map(|incoming| (incoming, None))
             .collect();
         let _one_at_a_time = self.peer_batches.lock().unwrap_or_else(|p| p.into_inner());
-        self.decide_in_order(verified, None, None)
+        self.decide_in_order(verified, None)
     }
 
     /// Makes the decisions applied up to batch `ticket` durable (one flush, shared with
@@ -192,21 +193,20 @@ impl Node {
 
     /// Decides changes in order, each prepared (`prepare`) before the decision lock is taken
     /// for it, and makes every decision durable with one flush shared with concurrent callers.
-    /// `written` is the document the first change was made on, for a local write. Returns one
+    /// Each change comes with the document it was made on, for a local write. Returns one
     /// outcome per change; fails as a whole only if the flush fails.
     pub(super) fn decide_in_order(
         &self,
-        changes: Vec<Incoming<'_>>,
-        mut written: Option<Written>,
+        changes: Vec<(Incoming<'_>, Option<Written>)>,
         app: Option<&str>,
     ) -> Result<Vec<Result<Ingested, IngestError>>, IngestError> {
         // Until its batches are applied, a flush about to start waits for this call.
         let deciding = self.commit.enter();
         let mut ticket = 0;
         let mut outcomes = Vec::with_capacity(changes.len());
-        for change in changes {
+        for (change, written) in changes {
             let prepared = match &change {
-                Incoming::Verified(verified) => self.prepare(verified, written.take()),
+                Incoming::Verified(verified) => self.prepare(verified, written),
                 Incoming::Failed(..) => None,
             };
             let mut ledger = self.lock_ledger();
@@ -308,32 +308,53 @@ impl Node {
         };
         debug_assert!(changes.is_empty(), "a typed operation makes one change");
         let verified = Envelope::sign_own(&self.identity, id, change).map_err(IngestError::from)?;
-        let envelope = verified.encoded.clone();
-        let outcome = self
-            .decide_in_order(vec![Incoming::Verified(verified)], written, app)?
+        self.decide_local(vec![(verified, written)], app)?
             .pop()
-            .unwrap_or(Err(IngestError::Store(StoreError::Corrupt {
+            .unwrap_or(Err(NodeError::Store(StoreError::Corrupt {
                 what: "ingest outcome",
-            })))?;
-        match outcome {
-            Ingested::Accepted(hash) => {
-                // No subscriber is fine: a node without a network layer.
-                let _ = self.local_changes.send(LocalChange {
-                    document: id,
-                    hash,
-                    envelope,
-                });
-                Ok(hash)
-            }
-            // The same write made twice (a registration sent again) is already there.
-            Ingested::Duplicate(hash) => {
-                if let Some(app) = app {
-                    self.record_access(app, &[(id, Some(hash))])?;
+            })))
+    }
+
+    /// Decides changes this node made and signed, each with the document it was made on when
+    /// at hand, with one flush for them all; tells the network layer of each one accepted.
+    /// Returns each change's hash, or why it was not accepted.
+    pub(super) fn decide_local(
+        &self,
+        changes: Vec<(VerifiedChange, Option<Written>)>,
+        app: Option<&str>,
+    ) -> Result<Vec<Result<ChangeHash, NodeError>>, NodeError> {
+        let published: Vec<_> = changes
+            .iter()
+            .map(|(verified, _)| (verified.document, verified.encoded.clone()))
+            .collect();
+        let incoming = changes
+            .into_iter()
+            .map(|(verified, written)| (Incoming::Verified(verified), written))
+            .collect();
+        let outcomes = self.decide_in_order(incoming, app)?;
+        Ok(outcomes
+            .into_iter()
+            .zip(published)
+            .map(|(outcome, (document, envelope))| match outcome? {
+                Ingested::Accepted(hash) => {
+                    // No subscriber is fine: a node without a network layer.
+                    let _ = self.local_changes.send(LocalChange {
+                        document,
+                        hash,
+                        envelope,
+                    });
+                    Ok(hash)
                 }
-                Ok(hash)
-            }
-            other => Err(NodeError::LocalChangeRefused(other)),
-        }
+                // The same write made twice (a registration sent again) is already there.
+                Ingested::Duplicate(hash) => {
+                    if let Some(app) = app {
+                        self.record_access(app, &[(document, Some(hash))])?;
+                    }
+                    Ok(hash)
+                }
+                other => Err(NodeError::LocalChangeRefused(other)),
+            })
+            .collect())
     }
 
     pub(super) fn check_editor(&self, editor: &Editor) -> Result<(), NodeError> {
