@@ -185,12 +185,22 @@ impl Client {
         read_json(response)
     }
 
-    /// POSTs bytes, reads JSON.
+    /// POSTs CBOR bytes, reads JSON.
     pub fn post_bytes(&self, path: &str, body: &[u8]) -> Result<Value, Failure> {
+        self.post_bytes_as(path, body, "application/cbor")
+    }
+
+    /// POSTs bytes of `content_type`, reads JSON.
+    pub fn post_bytes_as(
+        &self,
+        path: &str,
+        body: &[u8],
+        content_type: &str,
+    ) -> Result<Value, Failure> {
         let response = agent(LONG_REQUEST)
             .post(self.url(path))
             .header("Authorization", self.bearer())
-            .header("Content-Type", "application/cbor")
+            .header("Content-Type", content_type)
             .send(body)
             .map_err(|e| Failure::unreachable(anyhow::anyhow!("cannot reach the node: {e}")))?;
         read_json(response)

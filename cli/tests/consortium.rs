@@ -848,3 +848,66 @@ fn patient_search_sends_the_name_in_the_body_never_in_the_url() {
         );
     }
 }
+
+/// A member joining loads its residents' records with `estuary import`: each resident one
+/// health file, a bad line refused by its number (counted across the chunks the command
+/// sends), and a second run adds nothing.
+#[test]
+fn a_member_loads_its_residents_records_and_a_second_load_adds_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let nodes = stopped_consortium(root);
+    let jianshe = &nodes[1].0;
+    let record = include_str!("../../node/tests/data/resident.json").trim();
+    let mut lines = Vec::new();
+    for i in 0..700 {
+        lines.push(record.replace("310230195410170433", &format!("3102301954101{i:05}")));
+    }
+    lines[9] = String::new(); // A blank line: skipped, still counted.
+    lines[599] = lines[599].replace("\"sex\":\"female\"", "\"sex\":\"feminine\"");
+    std::fs::write(root.join("members.ndjson"), lines.join("\n") + "\n").unwrap();
+    let documents = |root| {
+        estuary_json(root, &["--config", jianshe, "--json", "status"])["documents"]
+            .as_u64()
+            .unwrap()
+    };
+    let before = documents(root);
+
+    let output = estuary(
+        root,
+        &["--config", jianshe, "--json", "import", "members.ndjson"],
+    );
+    assert_eq!(output.status.code(), Some(6), "{output:?}");
+    let answer: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(answer["loaded"], 698, "{answer}");
+    let refused = answer["refused"].as_array().unwrap();
+    assert_eq!(refused.len(), 1, "{answer}");
+    assert_eq!(refused[0]["line"], 600);
+    assert_eq!(refused[0]["code"], "invalid_record");
+    assert!(
+        refused[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("demographics.sex"),
+        "{answer}"
+    );
+
+    let again = estuary(
+        root,
+        &["--config", jianshe, "--json", "import", "members.ndjson"],
+    );
+    let answer: Value = serde_json::from_slice(&again.stdout).unwrap();
+    assert_eq!(answer["loaded"], 0, "{answer}");
+    let codes: std::collections::BTreeMap<String, usize> = answer["refused"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .fold(Default::default(), |mut counts, r| {
+            *counts
+                .entry(r["code"].as_str().unwrap().to_owned())
+                .or_default() += 1;
+            counts
+        });
+    assert_eq!(codes["already_held"], 698, "{codes:?}");
+    assert_eq!(documents(root), before + 698);
+}

@@ -457,36 +457,6 @@ pub(crate) fn is_entry_of(entry: &EntryId, id: &ObjId) -> bool {
             })
 }
 
-/// Writes a text field, refusing what `validate` would refuse.
-pub(crate) fn put_text(
-    tx: &mut impl Transactable,
-    obj: &ObjId,
-    key: &str,
-    value: &str,
-    field: &'static str,
-    max: usize,
-) -> Result<(), crate::OpError> {
-    check_text(value, field, max, true)?;
-    tx.put(obj, key, value)?;
-    Ok(())
-}
-
-/// Writes an optional text field, if present.
-pub(crate) fn put_opt_text(
-    tx: &mut impl Transactable,
-    obj: &ObjId,
-    key: &str,
-    value: Option<&str>,
-    field: &'static str,
-    max: usize,
-) -> Result<(), crate::OpError> {
-    if let Some(value) = value {
-        check_text(value, field, max, false)?;
-        tx.put(obj, key, value)?;
-    }
-    Ok(())
-}
-
 /// Writes a timestamp field.
 pub(crate) fn put_time(
     tx: &mut impl Transactable,
@@ -498,13 +468,110 @@ pub(crate) fn put_time(
     Ok(())
 }
 
-/// Appends a new map to the list at `key` of `parent`, refusing when the list is full.
+/// A new entry's fields, written in one batch when it is appended (`append_entry`): automerge
+/// splices its op set twice for the whole entry, where a put per field splices it once per
+/// field (a health file's entry holds ten to twenty values, an encounter's note one per
+/// character).
+#[derive(Default)]
+pub(crate) struct NewEntry(std::collections::HashMap<String, automerge::hydrate::Value>);
+
+impl NewEntry {
+    /// Sets a scalar field.
+    pub(crate) fn put(&mut self, key: &str, value: impl Into<ScalarValue>) -> &mut Self {
+        self.0.insert(
+            key.to_owned(),
+            automerge::hydrate::Value::Scalar(value.into()),
+        );
+        self
+    }
+
+    /// Sets a timestamp field.
+    pub(crate) fn time(&mut self, key: &str, at: Timestamp) -> &mut Self {
+        self.put(key, ScalarValue::Timestamp(at.0))
+    }
+
+    /// Sets a text field, checked against `max` bytes, when there is one.
+    pub(crate) fn opt_text(
+        &mut self,
+        key: &str,
+        value: Option<&str>,
+        field: &'static str,
+        max: usize,
+    ) -> Result<&mut Self, crate::OpError> {
+        if let Some(value) = value {
+            check_text(value, field, max, false)?;
+            self.put(key, value);
+        }
+        Ok(self)
+    }
+
+    /// Sets a text object (merged character-wise by later edits).
+    pub(crate) fn text_object(&mut self, key: &str, text: &str) -> &mut Self {
+        let text = automerge::hydrate::Text::new(automerge::TextEncoding::platform_default(), text);
+        self.0.insert(key.to_owned(), text.into());
+        self
+    }
+
+    /// Sets a list of nested entries.
+    pub(crate) fn list(&mut self, key: &str, items: Vec<NewEntry>) -> &mut Self {
+        let items: Vec<automerge::hydrate::Value> =
+            items.into_iter().map(NewEntry::into_value).collect();
+        self.0.insert(key.to_owned(), items.into());
+        self
+    }
+
+    /// Sets a list of scalars.
+    pub(crate) fn scalars(&mut self, key: &str, items: Vec<ScalarValue>) -> &mut Self {
+        let items: Vec<automerge::hydrate::Value> = items
+            .into_iter()
+            .map(automerge::hydrate::Value::Scalar)
+            .collect();
+        self.0.insert(key.to_owned(), items.into());
+        self
+    }
+
+    /// Sets a field to a value already built.
+    pub(crate) fn value(&mut self, key: &str, value: automerge::hydrate::Value) -> &mut Self {
+        self.0.insert(key.to_owned(), value);
+        self
+    }
+
+    /// The entry as one value.
+    pub(crate) fn into_value(self) -> automerge::hydrate::Value {
+        self.into_map().into()
+    }
+
+    /// The entry as a map.
+    pub(crate) fn into_map(self) -> automerge::hydrate::Map {
+        automerge::hydrate::Map::from(self.0)
+    }
+}
+
+/// Writes `value` at `key` of the map `obj`: a scalar as a put, an object in one batch.
+pub(crate) fn put_value(
+    tx: &mut impl Transactable,
+    obj: &ObjId,
+    key: &str,
+    value: &automerge::hydrate::Value,
+) -> Result<(), crate::OpError> {
+    match value {
+        automerge::hydrate::Value::Scalar(scalar) => tx.put(obj, key, scalar.clone())?,
+        object => {
+            tx.batch_create_object(obj, key, object, false)?;
+        }
+    }
+    Ok(())
+}
+
+/// Appends `entry` to the list at `key` of `parent` in one batch, refusing when the list is
+/// full. Returns the new entry's object.
 pub(crate) fn append_entry(
     tx: &mut impl Transactable,
     parent: &ObjId,
     key: &str,
     field: &'static str,
     max: usize,
+    entry: NewEntry,
 ) -> Result<ObjId, crate::OpError> {
     let list = match tx.get(parent, key)? {
         Some((Value::Object(ObjType::List), id)) => id,
@@ -516,7 +583,7 @@ pub(crate) fn append_entry(
     if len >= max {
         return Err(crate::OpError::Full { field, max });
     }
-    Ok(tx.insert_object(&list, len, ObjType::Map)?)
+    Ok(tx.batch_create_object(&list, len, &entry.into_value(), true)?)
 }
 
 /// Finds the list index and object id of `entry` in the list at `key` of `parent`.

@@ -519,8 +519,23 @@ macro_rules! replica {
                 Ok(())
             }
 
-            /// Commits a new document's first change and derives its id from it.
+            /// Commits a new document's first change, its identity and what `write` writes,
+            /// and derives its id from it.
+            #[allow(dead_code)] // Not every document type creates itself this way.
             fn create_with(
+                actor: &$crate::Actor,
+                editor: &$crate::Editor,
+                write: impl FnOnce(&mut automerge::AutoCommit) -> Result<(), $crate::OpError>,
+            ) -> Result<Self, $crate::OpError> {
+                Self::create_blank(actor, editor, |tx| {
+                    $crate::document::write_identity(tx, Self::KIND)?;
+                    write(tx)
+                })
+            }
+
+            /// Commits a new document's first change, which `write` makes whole (its
+            /// identity included), and derives its id from it.
+            fn create_blank(
                 actor: &$crate::Actor,
                 editor: &$crate::Editor,
                 write: impl FnOnce(&mut automerge::AutoCommit) -> Result<(), $crate::OpError>,
@@ -529,10 +544,7 @@ macro_rules! replica {
                     doc: automerge::AutoCommit::new().with_actor(actor.to_automerge()),
                     id: $crate::DocumentId::from_bytes([0; 16]),
                 };
-                created.transact(editor, |tx| {
-                    $crate::document::write_identity(tx, Self::KIND)?;
-                    write(tx)
-                })?;
+                created.transact(editor, write)?;
                 let creation = created.doc.get_heads();
                 let [creation] = creation.as_slice() else {
                     unreachable!("a new document has exactly one change");

@@ -11,14 +11,14 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 
+use automerge::hydrate::Value as HydrateValue;
 use automerge::transaction::Transactable;
 use automerge::{AutoCommit, ObjId, ObjType, ReadDoc, Value};
 use serde::{Deserialize, Serialize};
 
 use crate::access::{
-    self, Obj, Register, append_entry, check_text, date, entry_id, find_entry, finite, icd10,
-    institution, is_entry_of, long_text, object, put_opt_text, put_text, put_time, text, timestamp,
-    uint,
+    self, NewEntry, Obj, Register, append_entry, check_text, date, entry_id, find_entry, finite,
+    icd10, institution, is_entry_of, long_text, object, put_time, put_value, text, timestamp, uint,
 };
 use crate::document::{DocumentKind, IDENTITY_KEYS, read_identity, replica};
 use crate::error::{OpError, ValidationError};
@@ -747,7 +747,7 @@ impl HealthFile {
         editor: &Editor,
         demographics: &Demographics,
     ) -> Result<Self, OpError> {
-        Self::create_with(actor, editor, |tx| write_creation(tx, demographics))
+        Self::create_blank(actor, editor, |tx| write_creation(tx, demographics))
     }
 
     /// Creates a health file holding a resident's existing records, as **one** change by
@@ -762,9 +762,31 @@ impl HealthFile {
         records: &[(Timestamp, HealthFileOp)],
     ) -> Result<Self, crate::RecordRefused> {
         let mut refused = None;
-        Self::create_with(actor, editor, |tx| {
-            write_creation(tx, demographics)?;
+        Self::create_blank(actor, editor, |tx| {
+            // The appends before the first operation that reads a clinical list are written
+            // with the skeleton, one batch per list: the same entries, in the same order, as
+            // one operation each would write. The operations among them that touch no list
+            // (the contract, a demographic field) commute with them and are applied after,
+            // in order, and so is everything from the first that reads a list on.
+            let mut entries = Vec::new();
+            let mut later = Vec::new();
             for (index, (at, op)) in records.iter().enumerate() {
+                let editor = Editor {
+                    institution: editor.institution.clone(),
+                    at: *at,
+                };
+                if reads_lists(op) {
+                    later.extend(index..records.len());
+                    break;
+                }
+                match new_entry(&editor, op).inspect_err(|_| refused = Some(index))? {
+                    Some(entry) => entries.push(entry),
+                    None => later.push(index),
+                }
+            }
+            write_creation_with(tx, demographics, entries)?;
+            for index in later {
+                let (at, op) = &records[index];
                 let editor = Editor {
                     institution: editor.institution.clone(),
                     at: *at,
@@ -806,28 +828,50 @@ impl HealthFile {
 
 /// Writes a new health file's skeleton and its demographics.
 fn write_creation(tx: &mut AutoCommit, demographics: &Demographics) -> Result<(), OpError> {
-    let root = automerge::ROOT;
-    let section = tx.put_object(&root, "demographics", ObjType::Map)?;
-    for list in LISTS.iter().copied() {
-        tx.put_object(&root, list, ObjType::List)?;
-    }
+    write_creation_with(tx, demographics, Vec::new())
+}
+
+/// Writes a new health file whole, in one batch: its identity, its demographics, and its
+/// lists, each holding those of `entries` that are for it (checked against the list's limit).
+/// `tx` must be a new, empty document.
+fn write_creation_with(
+    tx: &mut AutoCommit,
+    demographics: &Demographics,
+    mut entries: Vec<(&'static str, NewEntry)>,
+) -> Result<(), OpError> {
     let d = demographics;
-    write_demographic(tx, &section, &DemographicField::Name(d.name.clone()))?;
-    write_demographic(tx, &section, &DemographicField::Sex(d.sex))?;
-    write_demographic(
-        tx,
-        &section,
-        &DemographicField::BirthDate(d.birth_date.clone()),
-    )?;
-    let optional = [
+    let mut section = NewEntry::default();
+    let fields = [
+        Some(DemographicField::Name(d.name.clone())),
+        Some(DemographicField::Sex(d.sex)),
+        Some(DemographicField::BirthDate(d.birth_date.clone())),
         d.phone.clone().map(DemographicField::Phone),
         d.address.clone().map(DemographicField::Address),
         d.national_id.clone().map(DemographicField::NationalId),
         d.insurance.clone().map(DemographicField::Insurance),
     ];
-    for field in optional.into_iter().flatten() {
-        write_demographic(tx, &section, &field)?;
+    for field in fields.into_iter().flatten() {
+        let (key, value) = demographic(&field)?;
+        section.value(key, value);
     }
+    let mut root = NewEntry::default();
+    root.put("type", DocumentKind::HealthFile.as_str())
+        .put("schema", crate::SCHEMA_VERSION)
+        .value("demographics", section.into_value());
+    for list in LISTS.iter().copied() {
+        let (items, rest): (Vec<_>, Vec<_>) =
+            entries.into_iter().partition(|(into, _)| *into == list);
+        entries = rest;
+        if items.len() > ENTRIES_PER_LIST_MAX {
+            return Err(OpError::Full {
+                field: list,
+                max: ENTRIES_PER_LIST_MAX,
+            });
+        }
+        let items: Vec<HydrateValue> = items.into_iter().map(|(_, e)| e.into_value()).collect();
+        root.value(list, items.into());
+    }
+    tx.init_root_from_hydrate(&root.into_map())?;
     Ok(())
 }
 
@@ -842,47 +886,26 @@ fn apply_op(tx: &mut AutoCommit, editor: &Editor, op: &HealthFileOp) -> Result<(
     let root = automerge::ROOT;
     let by = &editor.institution;
     match op {
+        HealthFileOp::AddAllergy(_)
+        | HealthFileOp::AddProblem(_)
+        | HealthFileOp::AddMedication(_)
+        | HealthFileOp::AddEncounter(_)
+        | HealthFileOp::AddExamResult(_)
+        | HealthFileOp::AddFollowUp(_) => match new_entry(editor, op)? {
+            Some((list, entry)) => append(tx, list, entry),
+            None => Ok(()),
+        },
         HealthFileOp::SetDemographic(field) => {
             let demographics = section(tx, "demographics")?;
             write_demographic(tx, &demographics, field)
         }
         HealthFileOp::SetContract(contract) => write_contract(tx, contract),
-        HealthFileOp::AddAllergy(allergy) => {
-            check_text(
-                &allergy.substance,
-                "allergies.substance",
-                FIELD_BYTES_MAX,
-                true,
-            )?;
-            check_text(
-                &allergy.reaction,
-                "allergies.reaction",
-                FIELD_BYTES_MAX,
-                true,
-            )?;
-            let entry = append_entry(tx, &root, "allergies", "allergies", ENTRIES_PER_LIST_MAX)?;
-            tx.put(&entry, "substance", allergy.substance.as_str())?;
-            tx.put(&entry, "reaction", allergy.reaction.as_str())?;
-            tx.put(&entry, "severity", allergy.severity.as_str())?;
-            record_provenance(tx, &entry, "recorded_by", editor)
-        }
         HealthFileOp::RemoveAllergy { substance } => {
             let wanted = substance.to_lowercase();
             remove_matching(tx, "allergies", |doc, entry| {
                 Ok(matches!(doc.get(entry, "substance")?,
                     Some((Value::Scalar(s), _)) if s.as_str().is_some_and(|t| t.to_lowercase() == wanted)))
             })
-        }
-        HealthFileOp::AddProblem(problem) => {
-            check_text(&problem.display, "problems.display", FIELD_BYTES_MAX, true)?;
-            let entry = append_entry(tx, &root, "problems", "problems", ENTRIES_PER_LIST_MAX)?;
-            put_icd10(tx, &entry, &problem.icd10)?;
-            tx.put(&entry, "display", problem.display.as_str())?;
-            if let Some(onset) = &problem.onset {
-                tx.put(&entry, "onset", onset.as_str())?;
-            }
-            tx.put(&entry, "status", problem.status.as_str())?;
-            record_provenance(tx, &entry, "recorded_by", editor)
         }
         HealthFileOp::MarkEnteredInError {
             list,
@@ -943,49 +966,9 @@ fn apply_op(tx: &mut AutoCommit, editor: &Editor, op: &HealthFileOp) -> Result<(
                 && system.as_deref().unwrap_or(Icd10System::Who.as_str())
                     == icd10.system().as_str())
         }),
-        HealthFileOp::AddMedication(medication) => {
-            check_prescription(medication.days)?;
-            for (value, field) in [
-                (&medication.drug, "medications.drug"),
-                (&medication.dose, "medications.dose"),
-                (&medication.frequency, "medications.frequency"),
-            ] {
-                check_text(value, field, FIELD_BYTES_MAX, true)?;
-            }
-            let entry = append_entry(
-                tx,
-                &root,
-                "medications",
-                "medications",
-                ENTRIES_PER_LIST_MAX,
-            )?;
-            tx.put(&entry, "drug", medication.drug.as_str())?;
-            tx.put(&entry, "dose", medication.dose.as_str())?;
-            tx.put(&entry, "frequency", medication.frequency.as_str())?;
-            tx.put(&entry, "start", medication.start.as_str())?;
-            tx.put(&entry, "days", medication.days)?;
-            record_provenance(tx, &entry, "prescribed_by", editor)
-        }
         HealthFileOp::StopMedication { entry, on } => {
             let (_, _, id) = find_entry(tx, &root, "medications", "medications", entry)?;
             tx.put(&id, "stopped", on.as_str())?;
-            Ok(())
-        }
-        HealthFileOp::AddEncounter(encounter) => {
-            check_text(&encounter.note, "encounters.note", NOTE_BYTES_MAX, false)?;
-            check_diagnoses(&encounter.diagnoses)?;
-            let entry = append_entry(tx, &root, "encounters", "encounters", ENTRIES_PER_LIST_MAX)?;
-            tx.put(&entry, "institution", by.as_str())?;
-            put_time(tx, &entry, "time", encounter.time)?;
-            tx.put(&entry, "kind", encounter.kind.as_str())?;
-            let diagnoses = tx.put_object(&entry, "diagnoses", ObjType::List)?;
-            for (index, diagnosis) in encounter.diagnoses.iter().enumerate() {
-                let item = tx.insert_object(&diagnoses, index, ObjType::Map)?;
-                put_icd10(tx, &item, &diagnosis.icd10)?;
-                tx.put(&item, "display", diagnosis.display.as_str())?;
-            }
-            let note = tx.put_object(&entry, "note", ObjType::Text)?;
-            tx.splice_text(&note, 0, 0, &encounter.note)?;
             Ok(())
         }
         HealthFileOp::EditEncounterNote { entry, note } => {
@@ -1010,6 +993,107 @@ fn apply_op(tx: &mut AutoCommit, editor: &Editor, op: &HealthFileOp) -> Result<(
             tx.update_text(&text, note)?;
             Ok(())
         }
+    }
+}
+
+/// Whether an operation reads a clinical list (to find an entry, or to check it): all but
+/// the appends and the writes of the contract and of demographic fields.
+fn reads_lists(op: &HealthFileOp) -> bool {
+    !matches!(
+        op,
+        HealthFileOp::AddAllergy(_)
+            | HealthFileOp::AddProblem(_)
+            | HealthFileOp::AddMedication(_)
+            | HealthFileOp::AddEncounter(_)
+            | HealthFileOp::AddExamResult(_)
+            | HealthFileOp::AddFollowUp(_)
+            | HealthFileOp::SetContract(_)
+            | HealthFileOp::SetDemographic(_)
+    )
+}
+
+/// The entry an operation that appends to a clinical list makes, and the list, checked;
+/// `None` for other operations.
+fn new_entry(
+    editor: &Editor,
+    op: &HealthFileOp,
+) -> Result<Option<(&'static str, NewEntry)>, OpError> {
+    let by = &editor.institution;
+    match op {
+        HealthFileOp::AddAllergy(allergy) => {
+            check_text(
+                &allergy.substance,
+                "allergies.substance",
+                FIELD_BYTES_MAX,
+                true,
+            )?;
+            check_text(
+                &allergy.reaction,
+                "allergies.reaction",
+                FIELD_BYTES_MAX,
+                true,
+            )?;
+            let mut entry = NewEntry::default();
+            entry
+                .put("substance", allergy.substance.as_str())
+                .put("reaction", allergy.reaction.as_str())
+                .put("severity", allergy.severity.as_str());
+            provenance(&mut entry, "recorded_by", editor);
+            Ok(Some(("allergies", entry)))
+        }
+        HealthFileOp::AddProblem(problem) => {
+            check_text(&problem.display, "problems.display", FIELD_BYTES_MAX, true)?;
+            let mut entry = NewEntry::default();
+            icd10_fields(&mut entry, &problem.icd10)
+                .put("display", problem.display.as_str())
+                .put("status", problem.status.as_str());
+            if let Some(onset) = &problem.onset {
+                entry.put("onset", onset.as_str());
+            }
+            provenance(&mut entry, "recorded_by", editor);
+            Ok(Some(("problems", entry)))
+        }
+        HealthFileOp::AddMedication(medication) => {
+            check_prescription(medication.days)?;
+            for (value, field) in [
+                (&medication.drug, "medications.drug"),
+                (&medication.dose, "medications.dose"),
+                (&medication.frequency, "medications.frequency"),
+            ] {
+                check_text(value, field, FIELD_BYTES_MAX, true)?;
+            }
+            let mut entry = NewEntry::default();
+            entry
+                .put("drug", medication.drug.as_str())
+                .put("dose", medication.dose.as_str())
+                .put("frequency", medication.frequency.as_str())
+                .put("start", medication.start.as_str())
+                .put("days", medication.days);
+            provenance(&mut entry, "prescribed_by", editor);
+            Ok(Some(("medications", entry)))
+        }
+        HealthFileOp::AddEncounter(encounter) => {
+            check_text(&encounter.note, "encounters.note", NOTE_BYTES_MAX, false)?;
+            check_diagnoses(&encounter.diagnoses)?;
+            let diagnoses = encounter
+                .diagnoses
+                .iter()
+                .map(|diagnosis| {
+                    let mut item = NewEntry::default();
+                    icd10_fields(&mut item, &diagnosis.icd10)
+                        .put("display", diagnosis.display.as_str());
+                    item
+                })
+                .collect();
+            let mut entry = NewEntry::default();
+            entry
+                .put("institution", by.as_str())
+                .time("time", encounter.time)
+                .put("kind", encounter.kind.as_str())
+                .list("diagnoses", diagnoses)
+                .text_object("note", &encounter.note);
+            Ok(Some(("encounters", entry)))
+        }
         HealthFileOp::AddExamResult(result) => {
             check_text(&result.name, "exams.name", FIELD_BYTES_MAX, true)?;
             check_exam_content(&result.measurements, result.report.as_deref())?;
@@ -1017,33 +1101,36 @@ fn apply_op(tx: &mut AutoCommit, editor: &Editor, op: &HealthFileOp) -> Result<(
                 check_text(report, "exams.report", SUMMARY_BYTES_MAX, false)?;
             }
             check_measurements(&result.measurements)?;
-            let entry = append_entry(tx, &root, "exams", "exams", ENTRIES_PER_LIST_MAX)?;
-            tx.put(&entry, "kind", result.kind.as_str())?;
-            tx.put(&entry, "institution", by.as_str())?;
-            put_time(tx, &entry, "time", result.time)?;
-            tx.put(&entry, "name", result.name.as_str())?;
-            let list = tx.put_object(&entry, "measurements", ObjType::List)?;
-            for (index, m) in result.measurements.iter().enumerate() {
-                let item = tx.insert_object(&list, index, ObjType::Map)?;
-                tx.put(&item, "name", m.name.as_str())?;
-                tx.put(&item, "value", m.value)?;
-                put_opt_text(
-                    tx,
-                    &item,
-                    "unit",
-                    m.unit.as_deref(),
-                    "exams.measurements.unit",
-                    FIELD_BYTES_MAX,
+            let measurements = result
+                .measurements
+                .iter()
+                .map(|m| {
+                    let mut item = NewEntry::default();
+                    item.put("name", m.name.as_str())
+                        .put("value", m.value)
+                        .opt_text(
+                            "unit",
+                            m.unit.as_deref(),
+                            "exams.measurements.unit",
+                            FIELD_BYTES_MAX,
+                        )?;
+                    Ok(item)
+                })
+                .collect::<Result<_, OpError>>()?;
+            let mut entry = NewEntry::default();
+            entry
+                .put("kind", result.kind.as_str())
+                .put("institution", by.as_str())
+                .time("time", result.time)
+                .put("name", result.name.as_str())
+                .list("measurements", measurements)
+                .opt_text(
+                    "report",
+                    result.report.as_deref(),
+                    "exams.report",
+                    SUMMARY_BYTES_MAX,
                 )?;
-            }
-            put_opt_text(
-                tx,
-                &entry,
-                "report",
-                result.report.as_deref(),
-                "exams.report",
-                SUMMARY_BYTES_MAX,
-            )
+            Ok(Some(("exams", entry)))
         }
         HealthFileOp::AddFollowUp(follow_up) => {
             check_follow_up(
@@ -1051,20 +1138,22 @@ fn apply_op(tx: &mut AutoCommit, editor: &Editor, op: &HealthFileOp) -> Result<(
                 follow_up.diastolic_mmhg,
                 follow_up.glucose_mmol_per_l,
             )?;
-            let entry = append_entry(tx, &root, "follow_ups", "follow_ups", ENTRIES_PER_LIST_MAX)?;
-            tx.put(&entry, "institution", by.as_str())?;
-            put_time(tx, &entry, "time", follow_up.time)?;
+            let mut entry = NewEntry::default();
+            entry
+                .put("institution", by.as_str())
+                .time("time", follow_up.time);
             if let Some(v) = follow_up.systolic_mmhg {
-                tx.put(&entry, "systolic_mmhg", v)?;
+                entry.put("systolic_mmhg", v);
             }
             if let Some(v) = follow_up.diastolic_mmhg {
-                tx.put(&entry, "diastolic_mmhg", v)?;
+                entry.put("diastolic_mmhg", v);
             }
             if let Some(v) = follow_up.glucose_mmol_per_l {
-                tx.put(&entry, "glucose_mmol_per_l", v)?;
+                entry.put("glucose_mmol_per_l", v);
             }
-            Ok(())
+            Ok(Some(("follow_ups", entry)))
         }
+        _ => Ok(None),
     }
 }
 
@@ -1079,14 +1168,34 @@ fn record_provenance(
     put_time(tx, entry, "recorded_at", editor.at)
 }
 
+/// Writes who recorded a new entry and when.
+fn provenance(entry: &mut NewEntry, key: &str, editor: &Editor) {
+    entry
+        .put(key, editor.institution.as_str())
+        .time("recorded_at", editor.at);
+}
+
+/// Appends a new entry to a clinical list of the file, refused when the list is full.
+fn append(tx: &mut AutoCommit, list: &'static str, entry: NewEntry) -> Result<(), OpError> {
+    append_entry(
+        tx,
+        &automerge::ROOT,
+        list,
+        list,
+        ENTRIES_PER_LIST_MAX,
+        entry,
+    )?;
+    Ok(())
+}
+
 /// Writes `code` into `entry`: the code as written, and its system's name unless it is WHO
 /// ICD-10 (so a WHO code is stored as it always was).
-fn put_icd10(tx: &mut AutoCommit, entry: &ObjId, code: &Icd10) -> Result<(), OpError> {
-    tx.put(entry, "icd10", code.as_str())?;
+fn icd10_fields<'e>(entry: &'e mut NewEntry, code: &Icd10) -> &'e mut NewEntry {
+    entry.put("icd10", code.as_str());
     if code.system() != Icd10System::Who {
-        tx.put(entry, "icd10_system", code.system().as_str())?;
+        entry.put("icd10_system", code.system().as_str());
     }
-    Ok(())
+    entry
 }
 
 /// Deletes every entry of the list at `key` that `matches`. Only entries this replica holds
@@ -1226,41 +1335,43 @@ fn write_demographic(
     demographics: &ObjId,
     field: &DemographicField,
 ) -> Result<(), OpError> {
-    match field {
+    let (key, value) = demographic(field)?;
+    put_value(tx, demographics, key, &value)
+}
+
+/// A demographic field's key and value, checked. A field that is a map (name, address,
+/// insurance) is written whole: concurrent writes conflict as wholes.
+fn demographic(field: &DemographicField) -> Result<(&'static str, HydrateValue), OpError> {
+    let scalar = |text: &str| HydrateValue::Scalar(text.into());
+    Ok(match field {
         DemographicField::Name(name) => {
             check_name(name)?;
-            let obj = tx.put_object(demographics, "name", ObjType::Map)?;
-            tx.put(&obj, "family", name.family.as_str())?;
-            tx.put(&obj, "given", name.given.as_str())?;
-            put_opt_text(
-                tx,
-                &obj,
-                "text",
-                name.text.as_deref(),
-                "demographics.name.text",
+            let mut obj = NewEntry::default();
+            obj.put("family", name.family.as_str())
+                .put("given", name.given.as_str())
+                .opt_text(
+                    "text",
+                    name.text.as_deref(),
+                    "demographics.name.text",
+                    FIELD_BYTES_MAX,
+                )?;
+            ("name", obj.into_value())
+        }
+        DemographicField::Sex(sex) => ("sex", scalar(sex.as_str())),
+        DemographicField::BirthDate(date) => ("birth_date", scalar(date.as_str())),
+        DemographicField::Phone(phone) => {
+            check_text(phone, "demographics.phone", FIELD_BYTES_MAX, true)?;
+            ("phone", scalar(phone))
+        }
+        DemographicField::NationalId(national_id) => {
+            check_text(
+                national_id,
+                "demographics.national_id",
                 FIELD_BYTES_MAX,
-            )
+                true,
+            )?;
+            ("national_id", scalar(national_id))
         }
-        DemographicField::Sex(sex) => Ok(tx.put(demographics, "sex", sex.as_str())?),
-        DemographicField::BirthDate(date) => {
-            Ok(tx.put(demographics, "birth_date", date.as_str())?)
-        }
-        DemographicField::Phone(phone) => put_text(
-            tx,
-            demographics,
-            "phone",
-            phone,
-            "demographics.phone",
-            FIELD_BYTES_MAX,
-        ),
-        DemographicField::NationalId(national_id) => put_text(
-            tx,
-            demographics,
-            "national_id",
-            national_id,
-            "demographics.national_id",
-            FIELD_BYTES_MAX,
-        ),
         DemographicField::Address(address) => {
             check_text(
                 &address.line,
@@ -1268,24 +1379,22 @@ fn write_demographic(
                 FIELD_BYTES_MAX,
                 true,
             )?;
-            let obj = tx.put_object(demographics, "address", ObjType::Map)?;
-            tx.put(&obj, "line", address.line.as_str())?;
+            let mut obj = NewEntry::default();
+            obj.put("line", address.line.as_str());
             for (key, value) in [
                 ("town", &address.town),
                 ("district", &address.district),
                 ("city", &address.city),
                 ("postal_code", &address.postal_code),
             ] {
-                put_opt_text(
-                    tx,
-                    &obj,
+                obj.opt_text(
                     key,
                     value.as_deref(),
                     "demographics.address",
                     FIELD_BYTES_MAX,
                 )?;
             }
-            Ok(())
+            ("address", obj.into_value())
         }
         DemographicField::Insurance(insurance) => {
             check_text(
@@ -1300,15 +1409,15 @@ fn write_demographic(
                 FIELD_BYTES_MAX,
                 true,
             )?;
-            let obj = tx.put_object(demographics, "insurance", ObjType::Map)?;
-            tx.put(&obj, "scheme", insurance.scheme.as_str())?;
-            tx.put(&obj, "number", insurance.number.as_str())?;
+            let mut obj = NewEntry::default();
+            obj.put("scheme", insurance.scheme.as_str())
+                .put("number", insurance.number.as_str());
             if let Some(until) = &insurance.valid_until {
-                tx.put(&obj, "valid_until", until.as_str())?;
+                obj.put("valid_until", until.as_str());
             }
-            Ok(())
+            ("insurance", obj.into_value())
         }
-    }
+    })
 }
 
 fn check_name(name: &PersonName) -> Result<(), ValidationError> {
@@ -1344,21 +1453,14 @@ fn write_contract(tx: &mut AutoCommit, contract: &FamilyDoctorContract) -> Resul
         true,
     )?;
     // A fresh map per write: concurrent contracts conflict as wholes, never field by field.
-    let obj = tx.put_object(automerge::ROOT, "contract", ObjType::Map)?;
-    tx.put(&obj, "community_centre", contract.community_centre.as_str())?;
-    tx.put(
-        &obj,
-        "district_hospital",
-        contract.district_hospital.as_str(),
-    )?;
-    tx.put(
-        &obj,
-        "municipal_hospital",
-        contract.municipal_hospital.as_str(),
-    )?;
-    tx.put(&obj, "doctor_id", contract.doctor_id.as_str())?;
-    tx.put(&obj, "doctor_name", contract.doctor_name.as_str())?;
-    tx.put(&obj, "since", contract.since.as_str())?;
+    let mut obj = NewEntry::default();
+    obj.put("community_centre", contract.community_centre.as_str())
+        .put("district_hospital", contract.district_hospital.as_str())
+        .put("municipal_hospital", contract.municipal_hospital.as_str())
+        .put("doctor_id", contract.doctor_id.as_str())
+        .put("doctor_name", contract.doctor_name.as_str())
+        .put("since", contract.since.as_str());
+    put_value(tx, &automerge::ROOT, "contract", &obj.into_value())?;
     Ok(())
 }
 

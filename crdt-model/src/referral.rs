@@ -24,8 +24,8 @@ use automerge::{AutoCommit, ObjType, ReadDoc, Value};
 use serde::{Deserialize, Serialize};
 
 use crate::access::{
-    Obj, Register, append_entry, check_text, checked, entry_id, institution, put_time, text,
-    timestamp,
+    NewEntry, Obj, Register, append_entry, check_text, checked, entry_id, institution, put_time,
+    text, timestamp,
 };
 use crate::document::{DocumentKind, IDENTITY_KEYS, read_identity, replica};
 use crate::error::{OpError, ValidationError};
@@ -329,24 +329,24 @@ impl Referral {
         let all: BTreeSet<EntryId> = events.keys().cloned().collect();
         let after = frontier(&events, &all);
         self.transact(editor, |tx| {
-            let event = append_entry(
+            let mut event = NewEntry::default();
+            event
+                .put("institution", editor.institution.as_str())
+                .time("at", editor.at)
+                .put("from", view.status.as_str())
+                .put("to", to.as_str())
+                .scalars("after", after.iter().map(|id| id.as_str().into()).collect());
+            if let ReferralOp::Schedule { appointment } = op {
+                event.time("appointment", *appointment);
+            }
+            append_entry(
                 tx,
                 &automerge::ROOT,
                 "events",
                 "events",
                 REFERRAL_EVENTS_MAX,
+                event,
             )?;
-            tx.put(&event, "institution", editor.institution.as_str())?;
-            put_time(tx, &event, "at", editor.at)?;
-            tx.put(&event, "from", view.status.as_str())?;
-            tx.put(&event, "to", to.as_str())?;
-            let list = tx.put_object(&event, "after", ObjType::List)?;
-            for (index, id) in after.iter().enumerate() {
-                tx.insert(&list, index, id.as_str())?;
-            }
-            if let ReferralOp::Schedule { appointment } = op {
-                put_time(tx, &event, "appointment", *appointment)?;
-            }
             Ok(())
         })
     }

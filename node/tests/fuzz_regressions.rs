@@ -21,24 +21,16 @@ fn fuzz_editor() -> Editor {
     }
 }
 
-/// The genuine creation change the `ingest_change` target splices its input into.
+/// The genuine creation change the `ingest_change` target spliced its input into when the
+/// inputs below were found: a health file created by `HealthFile::create` for the target's
+/// member, as the model then wrote it (one operation per field; it now writes the file in one
+/// batch, which makes other bytes). Kept as bytes so that the inputs replay exactly.
 fn template() -> Vec<u8> {
-    let demographics = Demographics {
-        name: PersonName {
-            family: "Fuzz".into(),
-            given: "Resident".into(),
-            text: None,
-        },
-        sex: Sex::Female,
-        birth_date: Date::new("1950-01-01").unwrap(),
-        phone: None,
-        address: None,
-        national_id: None,
-        insurance: None,
-    };
-    let actor = Identity::from_secret(NODE_KEY).actor();
-    let mut file = HealthFile::create(&actor, &fuzz_editor(), &demographics).unwrap();
-    file.changes_since(&[]).remove(0).bytes().into_owned()
+    let hex = include_str!("data/ingest-change-template.hex").trim();
+    (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+        .collect()
 }
 
 /// The target's splice: `patch` XORed into the template at `8 + at % (len − 8)`, then the

@@ -627,7 +627,40 @@ mod tests {
                 file.apply(&editor, op).unwrap();
             }
             assert_eq!(validate(file.automerge()), Ok(DocumentKind::HealthFile));
+            // Loaded in bulk, as one change: the same file, entry for entry.
+            let loaded = HealthFile::create_with_records(
+                &actor,
+                &editor,
+                &writes.demographics,
+                &writes.records,
+            )
+            .unwrap();
+            assert_eq!(validate(loaded.automerge()), Ok(DocumentKind::HealthFile));
+            assert_eq!(
+                without_ids(&loaded.view()),
+                without_ids(&file.view()),
+                "record {i}"
+            );
         }
+    }
+
+    /// A view as JSON without what differs between two writings of the same content: the
+    /// document id and the entry ids (both derived from the changes that wrote them).
+    fn without_ids(view: &HealthFileView) -> serde_json::Value {
+        fn strip(value: &mut serde_json::Value) {
+            match value {
+                serde_json::Value::Object(map) => {
+                    map.remove("entry");
+                    map.remove("id");
+                    map.values_mut().for_each(strip);
+                }
+                serde_json::Value::Array(items) => items.iter_mut().for_each(strip),
+                _ => {}
+            }
+        }
+        let mut value = serde_json::to_value(view).unwrap();
+        strip(&mut value);
+        value
     }
 
     #[test]

@@ -9,8 +9,14 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+/// The in-process island runs every node here: automerge allocates and frees per operation,
+/// and mimalloc makes that cheaper than the system allocator.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod bench_byzantine;
 mod bench_growth;
+mod bench_import;
 mod bench_ingest;
 mod bench_island;
 mod bench_model;
@@ -137,6 +143,15 @@ enum Bench {
         /// Writes in all.
         #[arg(long, default_value_t = 8_000)]
         writes: usize,
+        #[command(flatten)]
+        through: ThroughApi,
+    },
+    /// A member's existing records loaded in bulk: `estuary import` of an NDJSON file into an
+    /// `estuary node run` process, each resident one signed change: residents per second.
+    Import {
+        /// Residents loaded.
+        #[arg(long, default_value_t = 10_000)]
+        files: usize,
         #[command(flatten)]
         through: ThroughApi,
     },
@@ -357,6 +372,23 @@ fn main() -> ExitCode {
         } => bench_writes::run(&bench_writes::Options {
             writers,
             writes,
+            input,
+            estuary,
+            json,
+        }),
+        Command::Bench {
+            bench:
+                Bench::Import {
+                    files,
+                    through:
+                        ThroughApi {
+                            input,
+                            estuary,
+                            json,
+                        },
+                },
+        } => bench_import::run(&bench_import::Options {
+            files,
             input,
             estuary,
             json,
