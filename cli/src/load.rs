@@ -1,6 +1,7 @@
 //! `estuary import` of residents' existing records: NDJSON, one resident per line (plain or
 //! gzipped), sent to the node's `/v1/import` in chunks, two in flight so that the node makes
-//! one chunk's files while it writes the other's. Each resident becomes one signed change. A progress bar shows residents done;
+//! one chunk's files while it writes the other's; or a FHIR `transaction` Bundle, sent whole
+//! to `/fhir` (all or nothing). Each resident becomes one signed change. A progress bar shows residents done;
 //! at the end, every refused resident is listed with its line (or Bundle entry) and reason.
 
 use std::fs::File;
@@ -34,12 +35,14 @@ const LINE_BYTES_MAX: u64 = estuary_node::import::RECORD_BYTES_MAX as u64 + 1;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
     /// Chosen from the file's name: `.ndjson`, `.jsonl` (either also `.gz`) are records,
-    /// anything else an export bundle.
+    /// `.json` a FHIR Bundle, anything else an export bundle.
     Auto,
     /// A bundle written by `estuary export`.
     Bundle,
     /// Residents' records, one per line, in the consortium data set's shape.
     Ndjson,
+    /// A FHIR R4 `transaction` Bundle.
+    Fhir,
 }
 
 impl Format {
@@ -52,6 +55,8 @@ impl Format {
         let name = name.strip_suffix(".gz").unwrap_or(&name);
         if name.ends_with(".ndjson") || name.ends_with(".jsonl") {
             Self::Ndjson
+        } else if name.ends_with(".json") {
+            Self::Fhir
         } else {
             Self::Bundle
         }
@@ -198,6 +203,37 @@ pub fn ndjson(client: &Client, file: &Path, json_output: bool) -> Result<(), Fai
     let mut refused = refused.into_inner().unwrap_or_else(|p| p.into_inner());
     refused.sort_by_key(|r| r.line);
     report(loaded, &refused, seconds, "line", json_output)
+}
+
+/// Loads a FHIR transaction Bundle, sent whole: all or nothing.
+pub fn fhir(client: &Client, file: &Path, json_output: bool) -> Result<(), Failure> {
+    let limit = estuary_node::api::IMPORT_BODY_BYTES_MAX;
+    let mut body = Vec::new();
+    open(file)?
+        .take(limit as u64 + 1)
+        .read_to_end(&mut body)
+        .with_context(|| format!("cannot read {}", file.display()))?;
+    if body.len() > limit {
+        return Err(Failure::error(anyhow::anyhow!(
+            "the Bundle is larger than {} MiB, the most the node takes at once; split it into several transaction Bundles (or load NDJSON)",
+            limit / (1024 * 1024)
+        )));
+    }
+    let started = Instant::now();
+    let answer = client.post_bytes_as("/fhir", &body, "application/fhir+json")?;
+    let loaded = answer["entry"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["response"]["location"].is_string())
+        .count() as u64;
+    report(
+        loaded,
+        &[],
+        started.elapsed().as_secs_f64(),
+        "entry",
+        json_output,
+    )
 }
 
 /// Prints what a load did; fails (exit 6) if any resident was refused.

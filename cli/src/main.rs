@@ -94,12 +94,14 @@ enum Command {
     /// node is decrypted with its key, read from the data directory.
     ///
     /// Or load residents' existing records (a member joining brings them): NDJSON, one
-    /// resident per line in the consortium data set's shape.
+    /// resident per line in the consortium data set's shape, or a FHIR R4 transaction Bundle
+    /// (all or nothing).
     /// Each resident becomes one health file written as one signed change; a resident whose
     /// national id a file here already has is not loaded again. Refused residents are listed
     /// with their line and reason (exit 6); the others are loaded.
     Import {
-        /// The file: a bundle, or records (`.ndjson`, `.jsonl`, either also `.gz`).
+        /// The file: a bundle, records (`.ndjson`, `.jsonl`, either also `.gz`) or a FHIR
+        /// Bundle (`.json`).
         file: PathBuf,
         /// What the file holds, when its name does not say.
         #[arg(long, value_enum, default_value = "auto")]
@@ -209,6 +211,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Import { file, format } => match format.of(&file) {
             load::Format::Ndjson => load::ndjson(&connect()?, &file, json),
+            load::Format::Fhir => load::fhir(&connect()?, &file, json),
             _ => inspect::import(&connect()?, &cli.config, &file, json),
         },
         Command::Inspect { file } => inspect::inspect_file(&file, json),

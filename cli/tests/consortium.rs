@@ -910,4 +910,27 @@ fn a_member_loads_its_residents_records_and_a_second_load_adds_nothing() {
         });
     assert_eq!(codes["already_held"], 698, "{codes:?}");
     assert_eq!(documents(root), before + 698);
+
+    // A FHIR transaction Bundle (`.json`): all or nothing.
+    let bundle = json!({
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [{
+            "fullUrl": "urn:uuid:7f000000-0000-4000-8000-000000000001",
+            "request": { "method": "POST", "url": "Patient" },
+            "resource": {
+                "resourceType": "Patient",
+                "name": [{ "family": "Cai", "given": ["Xiuying"] }],
+                "gender": "female",
+                "birthDate": "1939-02-11",
+            },
+        }],
+    });
+    std::fs::write(root.join("members.json"), bundle.to_string()).unwrap();
+    let loaded = estuary_json(
+        root,
+        &["--config", jianshe, "--json", "import", "members.json"],
+    );
+    assert_eq!(loaded["loaded"], 1, "{loaded}");
+    assert_eq!(documents(root), before + 699);
 }

@@ -347,6 +347,142 @@ async fn a_bulk_load_writes_each_resident_once_and_refuses_bad_lines_by_number()
     );
 }
 
+/// A FHIR client loads a member's records as a transaction Bundle: each Patient one health
+/// file with its records, all or nothing; a Bundle with one bad entry loads nothing and names
+/// the entry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fhir_transaction_loads_each_patient_with_its_records_all_or_nothing() {
+    let api = api();
+    let patient = |url: &str, national_id: &str, family: &str| {
+        json!({
+            "fullUrl": url,
+            "request": { "method": "POST", "url": "Patient" },
+            "resource": {
+                "resourceType": "Patient",
+                "identifier": [{ "system": "urn:estuary:national-id", "value": national_id }],
+                "name": [{ "use": "official", "family": family, "given": ["Guilan"] }],
+                "gender": "female",
+                "birthDate": "1948-05-02",
+                "telecom": [{ "system": "phone", "value": "+86 138 0000 0000" }],
+                "address": [{ "line": ["12 Nanmen Rd"], "city": "Shanghai", "postalCode": "202150" }],
+            },
+        })
+    };
+    let record = |resource: Value| json!({ "request": { "method": "POST" }, "resource": resource });
+    let guilan = "urn:uuid:0c1a2b3c-0000-4000-8000-000000000001";
+    let mut entries = vec![
+        patient(guilan, "310230194805020024", "Gu"),
+        record(json!({
+            "resourceType": "AllergyIntolerance",
+            "patient": { "reference": guilan },
+            "code": { "text": "Penicillin" },
+            "recordedDate": "2012-03-04",
+            "reaction": [{ "manifestation": [{ "text": "urticaria" }], "severity": "severe" }],
+        })),
+        record(json!({
+            "resourceType": "Condition",
+            "subject": { "reference": guilan },
+            "clinicalStatus": { "coding": [{ "code": "active" }] },
+            "code": { "coding": [{
+                "system": "urn:estuary:code-system:icd-10-cn-clinical",
+                "code": "I10.x00x002",
+                "display": "高血压1级",
+            }] },
+            "onsetDateTime": "2009-06-01",
+        })),
+        record(json!({
+            "resourceType": "MedicationRequest",
+            "subject": { "reference": guilan },
+            "medicationCodeableConcept": { "text": "Amlodipine 5 mg tablet" },
+            "authoredOn": "2026-11-02T09:30:00+08:00",
+            "dosageInstruction": [{
+                "text": "5 mg once daily",
+                "timing": { "code": { "text": "once daily" } },
+                "doseAndRate": [{ "doseQuantity": { "value": 5, "unit": "mg" } }],
+            }],
+            "dispenseRequest": { "expectedSupplyDuration": { "value": 30, "code": "d" } },
+        })),
+        record(json!({
+            "resourceType": "Encounter",
+            "subject": { "reference": guilan },
+            "class": { "code": "AMB" },
+            "period": { "start": "2026-11-02T09:00:00+08:00" },
+            "reasonCode": [{ "coding": [{ "system": "http://hl7.org/fhir/sid/icd-10", "code": "I10", "display": "Hypertension" }] }],
+        })),
+        record(json!({
+            "resourceType": "Observation",
+            "status": "final",
+            "subject": { "reference": guilan },
+            "category": [{ "coding": [{ "code": "vital-signs" }] }],
+            "code": { "coding": [{ "system": "http://loinc.org", "code": "85354-9" }] },
+            "effectiveDateTime": "2026-11-02T09:05:00+08:00",
+            "component": [
+                { "code": { "coding": [{ "system": "http://loinc.org", "code": "8480-6" }] }, "valueQuantity": { "value": 148, "unit": "mmHg" } },
+                { "code": { "coding": [{ "system": "http://loinc.org", "code": "8462-4" }] }, "valueQuantity": { "value": 92, "unit": "mmHg" } },
+            ],
+        })),
+        record(json!({
+            "resourceType": "Observation",
+            "status": "final",
+            "subject": { "reference": guilan },
+            "category": [{ "coding": [{ "code": "laboratory" }] }],
+            "code": { "text": "HbA1c" },
+            "effectiveDateTime": "2026-10-20",
+            "valueQuantity": { "value": 6.9, "unit": "%" },
+        })),
+    ];
+    let other = "urn:uuid:0c1a2b3c-0000-4000-8000-000000000002";
+    entries.push(patient(other, "310230195101010011", "Shen"));
+    entries.push(record(json!({
+        "resourceType": "AllergyIntolerance",
+        "patient": { "reference": other },
+        "code": { "coding": [{ "system": "http://snomed.info/sct", "code": "716186003" }] },
+    })));
+    let bundle = |entries: &[Value]| {
+        json!({ "resourceType": "Bundle", "type": "transaction", "entry": entries }).to_string()
+    };
+    let before = api.node.catalogue().len();
+
+    // One bad entry (a code in no accepted system): nothing is loaded, and the entry is named.
+    let mut bad = entries.clone();
+    bad[2]["resource"]["code"]["coding"][0]["system"] = json!("http://snomed.info/sct");
+    let (status, answer) = api.call("POST", "/fhir", WRITER, &bundle(&bad)).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
+    let reason = answer["error"]["reason"].as_str().unwrap();
+    assert!(reason.starts_with("entry 2 (Condition): "), "{reason}");
+    assert_eq!(api.node.catalogue().len(), before);
+
+    let (status, answer) = api.call("POST", "/fhir", WRITER, &bundle(&entries)).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(answer["type"], "transaction-response");
+    let responses = answer["entry"].as_array().unwrap();
+    assert_eq!(responses.len(), entries.len());
+    let location = responses[0]["response"]["location"].as_str().unwrap();
+    let id = DocumentId::parse(location.strip_prefix("Patient/").unwrap()).unwrap();
+    assert_eq!(api.node.history(id).unwrap().len(), 1, "one change");
+    let view = api.node.health_file(id).unwrap();
+    assert_eq!(view.allergies[0].substance, "Penicillin");
+    assert_eq!(view.problems[0].icd10.as_str(), "I10.x00x002");
+    assert_eq!(view.medications[0].days, 30);
+    assert_eq!(view.encounters[0].diagnoses[0].icd10.as_str(), "I10");
+    assert_eq!(view.follow_ups[0].systolic_mmhg, Some(148));
+    assert_eq!(view.exams[0].measurements[0].value, 6.9);
+    let second = responses[7]["response"]["location"].as_str().unwrap();
+    let second = DocumentId::parse(second.strip_prefix("Patient/").unwrap()).unwrap();
+    assert!(
+        api.node
+            .health_file(second)
+            .unwrap()
+            .no_known_allergies_now()
+            .is_some()
+    );
+
+    // The same Bundle again: the residents are held already; nothing more is written.
+    let (status, answer) = api.call("POST", "/fhir", WRITER, &bundle(&entries)).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{answer}");
+    assert_eq!(api.node.catalogue().len(), before + 2);
+}
+
 /// A resident registered again (offline at a centre, then at the hospital) is registered,
 /// and the answer names the files that may be the same person: the same national id, or
 /// the same name and birth date.

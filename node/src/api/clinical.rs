@@ -244,7 +244,7 @@ async fn import_residents(
         let outcomes = state
             .node
             .writer(Some(&caller.app))
-            .import_health_files(&state.editor(), &residents)?;
+            .import_health_files(&state.editor(), &residents, false)?;
         let mut loaded = Vec::with_capacity(outcomes.len());
         for (&line, outcome) in lines.iter().zip(outcomes) {
             match outcome {

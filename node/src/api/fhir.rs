@@ -1,7 +1,9 @@
 //! FHIR R4 read views of the model, the shape health apps expect: `Patient` for a health
 //! file, `ServiceRequest` for a referral, `AllergyIntolerance`, `Condition` (problems, coded
 //! in ICD-10) and `Observation` (follow-ups, exam results) for a resident, and `Bundle` of
-//! type `searchset` for searches. Read only: writes go through the typed `/v1` operations.
+//! type `searchset` for searches. Writes go through the typed `/v1` operations, except a
+//! member's existing records, which load as a `transaction` Bundle posted to `/fhir`
+//! (`crate::import::fhir`), each resident one signed change.
 
 use axum::Json;
 use axum::extract::{Path, State};
@@ -12,8 +14,8 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
 use super::clinical::{document_id, institution_id, referral_status};
-use super::error::{FormBody, QueryParams};
-use super::{ApiError, ApiState, Caller, Route, blocking};
+use super::error::{FormBody, QueryParams, RawBody};
+use super::{ApiError, ApiState, Caller, Loader, Route, blocking};
 use crate::model::{
     AllergyVerification, DocumentId, EnteredInError, EntryId, ExamKind, HealthFileView,
     ReferralStatus, ReferralView, Register, Severity, Sex, Urgency,
@@ -53,6 +55,7 @@ const FHIR_JSON: &str = "application/fhir+json";
 
 pub(super) fn routes() -> Vec<Route> {
     vec![
+        Route::post("/fhir", transaction),
         Route::get("/fhir/Patient", search_patients),
         Route::post("/fhir/Patient/_search", search_patients_by_post),
         Route::get("/fhir/Patient/{id}", patient),
@@ -66,6 +69,71 @@ pub(super) fn routes() -> Vec<Route> {
 
 fn fhir(resource: Value) -> impl IntoResponse {
     ([(header::CONTENT_TYPE, FHIR_JSON)], Json(resource))
+}
+
+/// A `transaction` Bundle of a member's existing records: every Patient a health file written
+/// as one signed change with its records, all or nothing. Answers a `transaction-response`
+/// Bundle, one entry per entry posted, a Patient's with the new file's location.
+async fn transaction(
+    State(state): State<ApiState>,
+    Loader(caller): Loader,
+    RawBody(body): RawBody,
+) -> Result<impl IntoResponse, ApiError> {
+    let answer = blocking(move || {
+        let bundle: Value = serde_json::from_slice(&body).map_err(|e| ApiError::from_json(&e))?;
+        let editor = state.editor();
+        let residents = crate::import::fhir::residents_from_bundle(&bundle, editor.at)
+            .map_err(|e| ApiError::bad_request("invalid_bundle", e.to_string()))?;
+        let (places, residents): (Vec<usize>, Vec<_>) = residents.into_iter().unzip();
+        let outcomes = state
+            .node
+            .writer(Some(&caller.app))
+            .import_health_files(&editor, &residents, true)?;
+        let mut locations = std::collections::HashMap::new();
+        for (&place, outcome) in places.iter().zip(outcomes) {
+            let error = match outcome {
+                Ok((id, _)) => {
+                    locations.insert(place, format!("Patient/{id}"));
+                    continue;
+                }
+                Err(crate::replica::NodeError::LoadRolledBack) => continue,
+                Err(crate::replica::NodeError::RepeatedInLoad { first }) => ApiError::bad_request(
+                    "repeated_in_load",
+                    format!(
+                        "the same national id as entry {}; one resident, one health file",
+                        places.get(first).copied().unwrap_or_default()
+                    ),
+                ),
+                Err(error) => ApiError::from(error),
+            };
+            if error.status.is_server_error() {
+                return Err(error);
+            }
+            return Err(ApiError {
+                reason: format!(
+                    "entry {place} (Patient): {}; nothing was loaded",
+                    error.reason
+                ),
+                ..error
+            });
+        }
+        let entries = bundle["entry"].as_array().map_or(0, Vec::len);
+        let entry: Vec<Value> = (0..entries)
+            .map(|index| match locations.get(&index) {
+                Some(location) => {
+                    json!({ "response": { "status": "201 Created", "location": location } })
+                }
+                None => json!({ "response": { "status": "201 Created" } }),
+            })
+            .collect();
+        Ok(json!({
+            "resourceType": "Bundle",
+            "type": "transaction-response",
+            "entry": entry,
+        }))
+    })
+    .await?;
+    Ok(fhir(answer))
 }
 
 /// RFC 3339 UTC from milliseconds since the epoch (FHIR `instant` and `dateTime`).

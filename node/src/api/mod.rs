@@ -61,7 +61,7 @@ pub const FEED_SUBSCRIBERS_MAX: usize = 64;
 /// bytes.
 pub const IMPORT_BODY_BYTES_MAX: usize = 8 * 1024 * 1024;
 /// The routes whose bodies may be as large as [`IMPORT_BODY_BYTES_MAX`].
-const IMPORT_ROUTES: &[&str] = &["/admin/import", "/v1/import"];
+const IMPORT_ROUTES: &[&str] = &["/admin/import", "/v1/import", "/fhir"];
 /// The name audit records carry for reads made with the admin token.
 pub const ADMIN_APP: &str = "estuary-admin";
 /// `/health` requests served at once; more get 503 at once. A probe answers in

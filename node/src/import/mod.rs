@@ -12,6 +12,7 @@
 //! that names fields and rules, never the values; the other records are loaded. Parsing here
 //! is pure: the node writes what it yields (`Writer::import_health_files`).
 
+pub mod fhir;
 pub mod records;
 
 use crate::model::{Demographics, HealthFileOp, Timestamp};

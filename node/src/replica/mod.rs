@@ -199,6 +199,10 @@ pub enum NodeError {
         /// The file held.
         existing: DocumentId,
     },
+    /// A resident of an all-or-nothing load (a FHIR transaction) not written because another
+    /// was refused.
+    #[error("not loaded: another resident of this all-or-nothing load was refused")]
+    LoadRolledBack,
     /// A resident loaded in bulk with the same national id as an earlier one of the load.
     #[error("the same national id as resident {first} of this load (counted from 0)")]
     RepeatedInLoad {
@@ -368,11 +372,13 @@ impl Writer<'_> {
     /// file here is refused (`AlreadyHeld`), and so is one whose national id an earlier
     /// resident of `residents` has (`RepeatedInLoad`): a load run twice adds nothing. Returns
     /// each resident's file and change, or why it was not loaded; fails as a whole only if
-    /// the store fails.
+    /// the store fails. `all_or_nothing` (a FHIR transaction) writes nothing when any
+    /// resident is refused before its decision.
     pub fn import_health_files(
         &self,
         editor: &Editor,
         residents: &[ResidentRecords],
+        all_or_nothing: bool,
     ) -> Result<Vec<Loaded>, NodeError> {
         let node = self.node;
         node.check_editor(editor)?;
@@ -413,6 +419,10 @@ impl Writer<'_> {
                 Envelope::sign_own(&node.identity, id, change).map_err(IngestError::from)?;
             Ok((verified, Written { doc, bytes: 0 }))
         });
+        if all_or_nothing && made.iter().any(Result::is_err) {
+            let not_written = |_| Err(NodeError::LoadRolledBack);
+            return Ok(made.into_iter().map(|m| m.and_then(not_written)).collect());
+        }
         let mut outcomes = Vec::with_capacity(made.len());
         let mut to_decide = Vec::new();
         for made in made {
