@@ -50,6 +50,8 @@ fn seven_nodes_in_process_converge_through_partitions_loss_and_restarts() {
     assert!(passed, "the checker failed: {text}");
     assert_clean(&report, &text);
     assert_eq!(report["restarts"], 2, "{text}");
+    // A joining member's records, a quarter of the files, loaded in bulk and converged.
+    assert_eq!(report["loaded"], 10, "{text}");
     let faults = report["faults"].as_array().unwrap();
     let partitions = faults.iter().filter(|f| f["fault"] == "partition").count();
     assert_eq!(partitions, 2, "{text}");
@@ -129,6 +131,7 @@ fn five_node_processes_converge_through_proxy_partitions_loss_and_sigkill() {
     assert!(passed, "the checker failed: {text}");
     assert_clean(&report, &text);
     assert_eq!(report["mode"], "procs");
+    assert_eq!(report["loaded"], 7, "{text}");
     assert_eq!(report["faults_applied"], true, "{text}");
     let faults = report["faults"].as_array().unwrap();
     assert_eq!(

@@ -131,6 +131,13 @@ pub trait Cluster {
         node: usize,
         write: &Write,
     ) -> anyhow::Result<Result<(DocumentId, ChangeHash), Skip>>;
+    /// Loads residents' existing records at a node (NDJSON, the data set's shape), each
+    /// resident one change; the files and changes loaded, or why nothing was.
+    fn load(
+        &mut self,
+        node: usize,
+        ndjson: &str,
+    ) -> anyhow::Result<Result<Vec<(DocumentId, ChangeHash)>, Skip>>;
     /// Kills a node.
     fn crash(&mut self, node: usize) -> anyhow::Result<()>;
     /// Restarts a killed node from its data directory.

@@ -207,6 +207,38 @@ impl Cluster for InProc {
         }
     }
 
+    fn load(
+        &mut self,
+        index: usize,
+        ndjson: &str,
+    ) -> anyhow::Result<Result<Vec<(DocumentId, ChangeHash)>, Skip>> {
+        let Some(node) = self.node(index) else {
+            return Ok(Err(Skip::NodeDown));
+        };
+        let residents = estuary_node::import::residents_from_ndjson(ndjson)
+            .map(|(line, read)| read.with_context(|| format!("line {line} of the load")))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let editor = estuary_node::model::Editor {
+            institution: node.institution().clone(),
+            at: estuary_node::model::Timestamp(estuary_node::audit::now_ms()),
+        };
+        let loaded = match node
+            .writer(None)
+            .import_health_files(&editor, &residents, false)
+        {
+            Ok(loaded) => loaded,
+            Err(error) => match refused(&error) {
+                Some(skip) => return Ok(Err(skip)),
+                None => {
+                    return Err(
+                        anyhow::Error::from(error).context(format!("a load at node {index}"))
+                    );
+                }
+            },
+        };
+        Ok(Ok(loaded.into_iter().filter_map(Result::ok).collect()))
+    }
+
     fn read(&mut self, index: usize, id: DocumentId) -> anyhow::Result<Option<Duration>> {
         let Some(node) = self.node(index) else {
             return Ok(None);

@@ -48,6 +48,9 @@ impl Rng {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(tag = "action", rename_all = "snake_case")]
 pub enum Action {
+    /// A member brings its existing records: `residents` files of the consortium's data set
+    /// (`gen.js`), loaded in bulk, each one change.
+    Load { residents: u32 },
     /// A resident registers at their home centre.
     Register { resident: u32 },
     /// An outpatient or follow-up encounter.
@@ -239,6 +242,9 @@ pub struct Plan {
 /// most are completed, some cancelled by the sender.
 const REFERRAL_STEP_GAP_MS: u64 = 1_500;
 
+/// When the bulk load of a joining member's records starts, in ms from the start.
+const LOAD_AT_MS: u64 = 1_000;
+
 /// Builds the plan for `members` writing `files` health files over `duration_ms`.
 pub fn plan(
     seed: u64,
@@ -274,6 +280,15 @@ pub fn plan(
     };
     let mut steps = Vec::new();
     let mut referrals = 0u32;
+    // A member joins with its existing records: the first centre loads a quarter as many
+    // residents as the plan registers, from the consortium's data set, in one bulk load.
+    steps.push(Step {
+        at_ms: LOAD_AT_MS,
+        node: centres[0],
+        action: Action::Load {
+            residents: (files / 4).max(1),
+        },
+    });
     // Registrations fill the first half; the rest of the work follows the residents.
     let clinical_ms = quiet_ms.saturating_sub(REFERRAL_STEP_GAP_MS * 5).max(1);
     for resident in 0..files {

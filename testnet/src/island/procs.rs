@@ -304,6 +304,47 @@ impl Cluster for Procs {
         }
     }
 
+    fn load(
+        &mut self,
+        node: usize,
+        ndjson: &str,
+    ) -> anyhow::Result<Result<Vec<(DocumentId, ChangeHash)>, Skip>> {
+        let process = &self.nodes[node];
+        if process.child.is_none() {
+            return Ok(Err(Skip::NodeDown));
+        }
+        let mut response = self
+            .agent
+            .post(format!("{}/v1/import", process.api))
+            .header("Authorization", format!("Bearer {}", process.app))
+            .header("Content-Type", "application/x-ndjson")
+            .send(ndjson)
+            .with_context(|| format!("node {node}: POST /v1/import"))?;
+        let status = response.status().as_u16();
+        let answer: Value = response.body_mut().read_json().unwrap_or(Value::Null);
+        match status {
+            200 => answer["loaded"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|loaded| {
+                    let id = loaded["id"]
+                        .as_str()
+                        .and_then(|t| DocumentId::parse(t).ok());
+                    let change = loaded["change"].as_str().and_then(hex_to_bytes::<32>);
+                    id.zip(change.map(ChangeHash))
+                        .context("a load's answer without an id or a change")
+                })
+                .collect::<anyhow::Result<_>>()
+                .map(Ok),
+            403 | 409 => Ok(Err(Skip::Refused)),
+            _ => anyhow::bail!(
+                "node {node}: POST /v1/import answered {status}: {}",
+                answer["error"]["reason"]
+            ),
+        }
+    }
+
     fn read(&mut self, node: usize, id: DocumentId) -> anyhow::Result<Option<Duration>> {
         let process = &self.nodes[node];
         if process.child.is_none() {

@@ -54,6 +54,8 @@ pub struct Report {
     pub restarts: u64,
     /// Exam results marked entered in error by the hospital that filed them.
     pub corrections: u64,
+    /// Residents a joining member loaded in bulk, each one change.
+    pub loaded: u64,
     /// Planned writes not made, by reason (a node down, a document not there yet, a
     /// transition made moot by a concurrent one).
     pub skipped_writes: BTreeMap<&'static str, u64>,
@@ -98,6 +100,7 @@ impl Report {
             traffic,
             restarts,
             corrections,
+            loaded,
             elapsed_ms,
             propagation,
             byzantine,
@@ -167,6 +170,7 @@ impl Report {
             writes_delayed,
             restarts,
             corrections,
+            loaded,
             skipped_writes: skipped,
             faults,
             agreement: timeline,
@@ -241,6 +245,10 @@ impl Report {
         println!(
             "  corrections           {} exam results marked entered in error (kept, on every node)",
             self.corrections
+        );
+        println!(
+            "  bulk load             {} residents of a joining member, one change each",
+            self.loaded
         );
         println!(
             "  converged             {} ({})",
