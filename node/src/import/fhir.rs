@@ -252,12 +252,7 @@ fn instant(value: &Value, element: &str) -> Result<Timestamp, Refused> {
         };
         ((hour * 60 + minute) * 60 + second, offset)
     };
-    // Days from the civil date (Howard Hinnant's algorithm).
-    let y = if month <= 2 { year - 1 } else { year };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let doy = (153 * ((month + 9) % 12) + 2) / 5 + day - 1;
-    let days = era * 146_097 + yoe * 365 + yoe / 4 - yoe / 100 + doy - 719_468;
+    let days = super::days_from_civil(year, month, day);
     Ok(Timestamp((days * 86_400 + seconds - offset) * 1_000))
 }
 

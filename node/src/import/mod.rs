@@ -85,6 +85,16 @@ pub fn json_reason(error: &serde_json::Error, what: &str) -> String {
     }
 }
 
+/// Days from 1970-01-01 to a civil date (Howard Hinnant's algorithm), for the times records
+/// carry.
+pub(crate) fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * ((month + 9) % 12) + 2) / 5 + day - 1;
+    era * 146_097 + yoe * 365 + yoe / 4 - yoe / 100 + doy - 719_468
+}
+
 /// One NDJSON line as a resident's records.
 pub fn resident_from_line(line: &str) -> Result<ResidentRecords, RecordError> {
     if line.len() > RECORD_BYTES_MAX {

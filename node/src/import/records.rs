@@ -214,13 +214,7 @@ fn millis(field: &'static str, text: &str) -> Result<Timestamp, RecordError> {
     {
         return Err(bad());
     }
-    // Days from the civil date (Howard Hinnant's algorithm).
-    let y = if month <= 2 { year - 1 } else { year };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let doy = (153 * ((month + 9) % 12) + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
+    let days = super::days_from_civil(year, month, day);
     let local = ((days * 24 + hour) * 60 + minute) * 60 + second;
     Ok(Timestamp((local - 8 * 3_600) * 1_000))
 }

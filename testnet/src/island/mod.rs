@@ -497,6 +497,21 @@ struct Created {
     referrals: BTreeMap<u32, DocumentId>,
 }
 
+/// Notes a write acknowledged at `node`: the checker looks for it everywhere, and propagation
+/// is timed from now.
+fn acknowledge(
+    outcome: &mut Outcome,
+    written: &mut BTreeMap<String, (usize, i64)>,
+    node: usize,
+    id: DocumentId,
+    change: estuary_node::model::automerge::ChangeHash,
+) {
+    written.insert(change.to_string(), (node, estuary_node::audit::now_ms()));
+    outcome
+        .acknowledged
+        .insert((id.to_string(), change.to_string()));
+}
+
 /// The write a planned action makes, given what was created so far.
 fn write_for(
     plan: &Plan,
@@ -657,13 +672,7 @@ fn run(
                     Ok(loaded) => {
                         outcome.loaded += loaded.len() as u64;
                         for (id, change) in loaded {
-                            written.insert(
-                                change.to_string(),
-                                (step.node, estuary_node::audit::now_ms()),
-                            );
-                            outcome
-                                .acknowledged
-                                .insert((id.to_string(), change.to_string()));
+                            acknowledge(&mut outcome, &mut written, step.node, id, change);
                         }
                     }
                     Err(skip) => *outcome.skipped.entry(skip.name()).or_default() += 1,
@@ -677,13 +686,7 @@ fn run(
             match cluster.write(step.node, &write)? {
                 Ok((id, change)) => {
                     writes += 1;
-                    written.insert(
-                        change.to_string(),
-                        (step.node, estuary_node::audit::now_ms()),
-                    );
-                    outcome
-                        .acknowledged
-                        .insert((id.to_string(), change.to_string()));
+                    acknowledge(&mut outcome, &mut written, step.node, id, change);
                     match step.action {
                         Action::Register { resident } => {
                             created.residents.insert(resident, id);
