@@ -17,8 +17,9 @@ use automerge::{AutoCommit, ObjId, ObjType, ReadDoc, Value};
 use serde::{Deserialize, Serialize};
 
 use crate::access::{
-    self, NewEntry, Obj, Register, append_entry, check_text, date, entry_id, find_entry, finite,
-    icd10, institution, is_entry_of, long_text, object, put_time, put_value, text, timestamp, uint,
+    self, NewEntry, Obj, Register, append_entry, check_text, checked, date, entry_id, find_entry,
+    finite, icd10, institution, is_entry_of, long_text, object, put_time, put_value, text,
+    timestamp, uint,
 };
 use crate::document::{DocumentKind, IDENTITY_KEYS, read_identity, replica};
 use crate::error::{OpError, ValidationError};
@@ -256,6 +257,57 @@ pub struct EnteredInError {
     pub recorded_at: Timestamp,
 }
 
+/// A record of an append-only list amended by the institution that wrote it: the record
+/// stays, kept and audited, and reads as replaced by the amending record, a new entry of the
+/// same list written in the same change.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct Amended {
+    /// The amending record's entry.
+    pub by: EntryId,
+    /// Why, for example "potassium re-measured: haemolysed sample".
+    pub reason: String,
+    /// The institution that amended it (always the one that wrote the record).
+    pub recorded_by: InstitutionId,
+    /// When.
+    pub recorded_at: Timestamp,
+}
+
+/// The corrected record that amends one of the editor's own records of an append-only list.
+#[derive(Clone, PartialEq, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Amendment {
+    /// A prescription.
+    Medication(NewMedication),
+    /// An encounter.
+    Encounter(NewEncounter),
+    /// An exam result.
+    ExamResult(NewExamResult),
+    /// A follow-up.
+    FollowUp(NewFollowUp),
+}
+
+impl Amendment {
+    /// The list the amended and the amending record are in.
+    pub fn list(&self) -> CorrectableList {
+        match self {
+            Self::Medication(_) => CorrectableList::Medications,
+            Self::Encounter(_) => CorrectableList::Encounters,
+            Self::ExamResult(_) => CorrectableList::Exams,
+            Self::FollowUp(_) => CorrectableList::FollowUps,
+        }
+    }
+
+    /// The operation that appends the amending record.
+    fn append(&self) -> HealthFileOp {
+        match self {
+            Self::Medication(m) => HealthFileOp::AddMedication(m.clone()),
+            Self::Encounter(e) => HealthFileOp::AddEncounter(e.clone()),
+            Self::ExamResult(r) => HealthFileOp::AddExamResult(r.clone()),
+            Self::FollowUp(f) => HealthFileOp::AddFollowUp(f.clone()),
+        }
+    }
+}
+
 /// The append-only lists whose records can be marked entered in error.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -270,7 +322,7 @@ pub enum CorrectableList {
     FollowUps,
 }
 
-/// Schema paths of one list's entered-in-error marker.
+/// Schema paths of one of a list's markers (entered in error, amended).
 struct MarkerFields {
     marker: &'static str,
     reason: &'static str,
@@ -298,21 +350,38 @@ impl CorrectableList {
     }
 
     fn marker_fields(self) -> MarkerFields {
+        self.fields_of("entered_in_error")
+    }
+
+    fn amend_fields(self) -> MarkerFields {
+        self.fields_of("amended")
+    }
+
+    /// The schema paths of the marker at `key` (`entered_in_error` or `amended`).
+    fn fields_of(self, key: &'static str) -> MarkerFields {
         macro_rules! fields {
-            ($list:literal) => {
+            ($list:literal, $key:literal) => {
                 MarkerFields {
-                    marker: concat!($list, ".entered_in_error"),
-                    reason: concat!($list, ".entered_in_error.reason"),
-                    recorded_by: concat!($list, ".entered_in_error.recorded_by"),
-                    recorded_at: concat!($list, ".entered_in_error.recorded_at"),
+                    marker: concat!($list, ".", $key),
+                    reason: concat!($list, ".", $key, ".reason"),
+                    recorded_by: concat!($list, ".", $key, ".recorded_by"),
+                    recorded_at: concat!($list, ".", $key, ".recorded_at"),
                 }
             };
         }
-        match self {
-            Self::Medications => fields!("medications"),
-            Self::Encounters => fields!("encounters"),
-            Self::Exams => fields!("exams"),
-            Self::FollowUps => fields!("follow_ups"),
+        macro_rules! lists {
+            ($key:literal) => {
+                match self {
+                    Self::Medications => fields!("medications", $key),
+                    Self::Encounters => fields!("encounters", $key),
+                    Self::Exams => fields!("exams", $key),
+                    Self::FollowUps => fields!("follow_ups", $key),
+                }
+            };
+        }
+        match key {
+            "amended" => lists!("amended"),
+            _ => lists!("entered_in_error"),
         }
     }
 }
@@ -359,6 +428,17 @@ pub enum HealthFileOp {
         entry: EntryId,
         /// Why.
         reason: String,
+    },
+    /// Amends a record of an append-only list with a corrected one (a re-measured value, a
+    /// corrected dose): the corrected record is appended, and the original, kept and audited,
+    /// is marked as amended by it. Only the institution that wrote the record may.
+    Amend {
+        /// The record's entry.
+        entry: EntryId,
+        /// Why.
+        reason: String,
+        /// The corrected record (its list is the record's).
+        with: Amendment,
     },
     /// Records that the resident has no known allergies. Refused while the file holds an
     /// allergy that is not refuted.
@@ -475,6 +555,9 @@ pub struct MedicationView {
     /// Marked entered in error by the prescriber, if so.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub entered_in_error: Option<Register<EnteredInError>>,
+    /// Amended by its institution with a corrected record, if so.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub amended: Option<Register<Amended>>,
 }
 
 /// An encounter in a view.
@@ -495,6 +578,9 @@ pub struct EncounterView {
     /// Marked entered in error by its institution, if so.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub entered_in_error: Option<Register<EnteredInError>>,
+    /// Amended by its institution with a corrected record, if so.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub amended: Option<Register<Amended>>,
 }
 
 /// An exam result in a view.
@@ -517,6 +603,9 @@ pub struct ExamResultView {
     /// Marked entered in error by the producing institution, if so.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub entered_in_error: Option<Register<EnteredInError>>,
+    /// Amended by its institution with a corrected record, if so.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub amended: Option<Register<Amended>>,
 }
 
 /// A follow-up in a view.
@@ -537,6 +626,9 @@ pub struct FollowUpView {
     /// Marked entered in error by its institution, if so.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub entered_in_error: Option<Register<EnteredInError>>,
+    /// Amended by its institution with a corrected record, if so.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub amended: Option<Register<Amended>>,
 }
 
 /// The demographics in a view: every field a register, so conflicts show.
@@ -669,6 +761,26 @@ impl HealthFileView {
         for (list, entry, marker) in markers {
             if marker.as_ref().is_some_and(Register::is_conflicted) {
                 fields.push(format!("{list}[{entry}].entered_in_error"));
+            }
+        }
+        let amendments = self
+            .medications
+            .iter()
+            .map(|m| ("medications", &m.entry, &m.amended))
+            .chain(
+                self.encounters
+                    .iter()
+                    .map(|e| ("encounters", &e.entry, &e.amended)),
+            )
+            .chain(self.exams.iter().map(|e| ("exams", &e.entry, &e.amended)))
+            .chain(
+                self.follow_ups
+                    .iter()
+                    .map(|f| ("follow_ups", &f.entry, &f.amended)),
+            );
+        for (list, entry, amended) in amendments {
+            if amended.as_ref().is_some_and(Register::is_conflicted) {
+                fields.push(format!("{list}[{entry}].amended"));
             }
         }
         for medication in &self.medications {
@@ -912,21 +1024,29 @@ fn apply_op(tx: &mut AutoCommit, editor: &Editor, op: &HealthFileOp) -> Result<(
             entry,
             reason,
         } => {
-            let fields = list.marker_fields();
-            check_text(reason, fields.reason, FIELD_BYTES_MAX, true)?;
-            let (_, _, id) = find_entry(tx, &root, list.key(), list.key(), entry)?;
-            let owner = match tx.get(&id, list.owner_key())? {
-                Some((Value::Scalar(owner), _)) => owner.as_str().map(str::to_string),
-                _ => None,
-            };
-            if owner.as_deref() != Some(editor.institution.as_str()) {
-                return Err(ValidationError::Provenance {
-                    field: fields.marker,
-                }
-                .into());
-            }
+            let id = own_record(tx, *list, list.marker_fields(), entry, reason, editor)?;
             // A fresh map per marking: concurrent markings conflict as wholes.
             let marker = tx.put_object(&id, "entered_in_error", ObjType::Map)?;
+            tx.put(&marker, "reason", reason.as_str())?;
+            record_provenance(tx, &marker, "recorded_by", editor)
+        }
+        HealthFileOp::Amend {
+            entry,
+            reason,
+            with,
+        } => {
+            let list = with.list();
+            let id = own_record(tx, list, list.amend_fields(), entry, reason, editor)?;
+            let Some((key, record)) = new_entry(editor, &with.append())? else {
+                return Err(ValidationError::MissingField {
+                    field: list.amend_fields().marker,
+                }
+                .into());
+            };
+            let amending = append_entry(tx, &root, key, key, ENTRIES_PER_LIST_MAX, record)?;
+            // A fresh map per amendment: concurrent amendments conflict as wholes.
+            let marker = tx.put_object(&id, "amended", ObjType::Map)?;
+            tx.put(&marker, "by", entry_id(&amending).as_str())?;
             tx.put(&marker, "reason", reason.as_str())?;
             record_provenance(tx, &marker, "recorded_by", editor)
         }
@@ -1155,6 +1275,31 @@ fn new_entry(
         }
         _ => Ok(None),
     }
+}
+
+/// The object of `entry`, a record of `list` that the editor's institution wrote, for one of
+/// its markers (`fields`) with `reason`; a Provenance error for another institution's.
+fn own_record(
+    tx: &AutoCommit,
+    list: CorrectableList,
+    fields: MarkerFields,
+    entry: &EntryId,
+    reason: &str,
+    editor: &Editor,
+) -> Result<ObjId, OpError> {
+    check_text(reason, fields.reason, FIELD_BYTES_MAX, true)?;
+    let (_, _, id) = find_entry(tx, &automerge::ROOT, list.key(), list.key(), entry)?;
+    let owner = match tx.get(&id, list.owner_key())? {
+        Some((Value::Scalar(owner), _)) => owner.as_str().map(str::to_string),
+        _ => None,
+    };
+    if owner.as_deref() != Some(editor.institution.as_str()) {
+        return Err(ValidationError::Provenance {
+            field: fields.marker,
+        }
+        .into());
+    }
+    Ok(id)
 }
 
 /// Writes who recorded an entry and when.
@@ -1819,6 +1964,7 @@ fn parse_medication<D: ReadDoc>(entry: &Obj<'_, D>) -> Result<MedicationView, Va
         "recorded_at",
         "stopped",
         "entered_in_error",
+        "amended",
     ])?;
     let days = entry.once("days", "medications.days", uint("medications.days"))?;
     check_prescription(days)?;
@@ -1857,6 +2003,7 @@ fn parse_medication<D: ReadDoc>(entry: &Obj<'_, D>) -> Result<MedicationView, Va
             date("medications.stopped"),
         )?,
         entered_in_error: entered_in_error(entry, CorrectableList::Medications)?,
+        amended: amended(entry, CorrectableList::Medications)?,
     })
 }
 
@@ -1894,21 +2041,71 @@ fn entered_in_error<D: ReadDoc>(
     })
 }
 
-/// Checks that every value of an entry's marker names the entry's own institution: only it
-/// marks its records, in its own name.
+/// The amendment marker of an entry of `list`, if it has one.
+fn amended<D: ReadDoc>(
+    entry: &Obj<'_, D>,
+    list: CorrectableList,
+) -> Result<Option<Register<Amended>>, ValidationError> {
+    let fields = list.amend_fields();
+    entry.register("amended", fields.marker, |obj, value, id| {
+        let marker = map_child(
+            obj,
+            value,
+            id,
+            fields.marker,
+            &["by", "reason", "recorded_by", "recorded_at"],
+        )?;
+        Ok(Amended {
+            by: marker.once(
+                "by",
+                fields.marker,
+                checked(fields.marker, |text, _| EntryId::parse(text)),
+            )?,
+            reason: marker.once(
+                "reason",
+                fields.reason,
+                text(fields.reason, FIELD_BYTES_MAX, true),
+            )?,
+            recorded_by: marker.once(
+                "recorded_by",
+                fields.recorded_by,
+                institution(fields.recorded_by),
+            )?,
+            recorded_at: marker.once(
+                "recorded_at",
+                fields.recorded_at,
+                timestamp(fields.recorded_at),
+            )?,
+        })
+    })
+}
+
+/// Checks that every value of an entry's markers names the entry's own institution: only it
+/// marks or amends its records, in its own name.
 fn marked_by_owner(
     marker: &Option<Register<EnteredInError>>,
+    amended: &Option<Register<Amended>>,
     owner: &InstitutionId,
     list: CorrectableList,
 ) -> Result<(), ValidationError> {
-    let foreign = marker.iter().any(|register| {
+    let marked_elsewhere = marker.iter().any(|register| {
         std::iter::once(&register.value)
             .chain(&register.conflicts)
             .any(|m| m.recorded_by != *owner)
     });
-    if foreign {
+    if marked_elsewhere {
         return Err(ValidationError::Provenance {
             field: list.marker_fields().recorded_by,
+        });
+    }
+    let amended_elsewhere = amended.iter().any(|register| {
+        std::iter::once(&register.value)
+            .chain(&register.conflicts)
+            .any(|m| m.recorded_by != *owner)
+    });
+    if amended_elsewhere {
+        return Err(ValidationError::Provenance {
+            field: list.amend_fields().recorded_by,
         });
     }
     Ok(())
@@ -1922,6 +2119,7 @@ fn parse_encounter<D: ReadDoc>(entry: &Obj<'_, D>) -> Result<EncounterView, Vali
         "diagnoses",
         "note",
         "entered_in_error",
+        "amended",
     ])?;
     let diagnoses = entry
         .entries(
@@ -1963,6 +2161,7 @@ fn parse_encounter<D: ReadDoc>(entry: &Obj<'_, D>) -> Result<EncounterView, Vali
         diagnoses,
         note: entry.once("note", "encounters.note", long_text("encounters.note"))?,
         entered_in_error: entered_in_error(entry, CorrectableList::Encounters)?,
+        amended: amended(entry, CorrectableList::Encounters)?,
     })
 }
 
@@ -1975,6 +2174,7 @@ fn parse_exam<D: ReadDoc>(entry: &Obj<'_, D>) -> Result<ExamResultView, Validati
         "measurements",
         "report",
         "entered_in_error",
+        "amended",
     ])?;
     let measurements: Vec<Measurement> = entry
         .entries(
@@ -2032,6 +2232,7 @@ fn parse_exam<D: ReadDoc>(entry: &Obj<'_, D>) -> Result<ExamResultView, Validati
         measurements,
         report,
         entered_in_error: entered_in_error(entry, CorrectableList::Exams)?,
+        amended: amended(entry, CorrectableList::Exams)?,
     })
 }
 
@@ -2043,6 +2244,7 @@ fn parse_follow_up<D: ReadDoc>(entry: &Obj<'_, D>) -> Result<FollowUpView, Valid
         "diastolic_mmhg",
         "glucose_mmol_per_l",
         "entered_in_error",
+        "amended",
     ])?;
     let systolic = entry.once_opt(
         "systolic_mmhg",
@@ -2072,6 +2274,7 @@ fn parse_follow_up<D: ReadDoc>(entry: &Obj<'_, D>) -> Result<FollowUpView, Valid
         diastolic_mmhg: diastolic,
         glucose_mmol_per_l: glucose,
         entered_in_error: entered_in_error(entry, CorrectableList::FollowUps)?,
+        amended: amended(entry, CorrectableList::FollowUps)?,
     })
 }
 
@@ -2155,6 +2358,23 @@ macro_rules! listed {
     };
 }
 
+/// Which marker of a record of `list` a change edited, if any: only the record's institution
+/// may.
+type Markers<'a> = (
+    &'a Option<Register<EnteredInError>>,
+    &'a Option<Register<Amended>>,
+);
+
+fn marker_edit(old: Markers<'_>, new: Markers<'_>, list: CorrectableList) -> Option<&'static str> {
+    if old.0 != new.0 {
+        Some(list.marker_fields().marker)
+    } else if old.1 != new.1 {
+        Some(list.amend_fields().marker)
+    } else {
+        None
+    }
+}
+
 fn no_owner_only_edit<T>(_: &T, _: &T) -> Option<&'static str> {
     None
 }
@@ -2213,14 +2433,18 @@ listed!(
         fixed: |m| MedicationView {
             stopped: None,
             entered_in_error: None,
+            amended: None,
             ..m.clone()
         },
-        owner_only_edit: |old, new| {
-            (old.entered_in_error != new.entered_in_error).then_some("medications.entered_in_error")
-        },
+        owner_only_edit: |old, new| marker_edit(
+            (&old.entered_in_error, &old.amended),
+            (&new.entered_in_error, &new.amended),
+            CorrectableList::Medications,
+        ),
         entry_limits: |m| {
             marked_by_owner(
                 &m.entered_in_error,
+                &m.amended,
                 &m.prescribed_by,
                 CorrectableList::Medications,
             )
@@ -2240,20 +2464,25 @@ listed!(
         fixed: |e| EncounterView {
             note: String::new(),
             entered_in_error: None,
+            amended: None,
             ..e.clone()
         },
         owner_only_edit: |old, new| {
             if old.note != new.note {
                 Some("encounters.note")
             } else {
-                (old.entered_in_error != new.entered_in_error)
-                    .then_some("encounters.entered_in_error")
+                marker_edit(
+                    (&old.entered_in_error, &old.amended),
+                    (&new.entered_in_error, &new.amended),
+                    CorrectableList::Encounters,
+                )
             }
         },
         entry_limits: |e| {
             check_text(&e.note, "encounters.note", NOTE_BYTES_MAX, false)?;
             marked_by_owner(
                 &e.entered_in_error,
+                &e.amended,
                 &e.institution,
                 CorrectableList::Encounters,
             )
@@ -2272,13 +2501,17 @@ listed!(
         owner: |e| &e.institution,
         fixed: |e| ExamResultView {
             entered_in_error: None,
+            amended: None,
             ..e.clone()
         },
-        owner_only_edit: |old, new| {
-            (old.entered_in_error != new.entered_in_error).then_some("exams.entered_in_error")
-        },
+        owner_only_edit: |old, new| marker_edit(
+            (&old.entered_in_error, &old.amended),
+            (&new.entered_in_error, &new.amended),
+            CorrectableList::Exams,
+        ),
         entry_limits: |e| marked_by_owner(
             &e.entered_in_error,
+            &e.amended,
             &e.institution,
             CorrectableList::Exams
         ),
@@ -2296,14 +2529,18 @@ listed!(
         owner: |f| &f.institution,
         fixed: |f| FollowUpView {
             entered_in_error: None,
+            amended: None,
             ..f.clone()
         },
-        owner_only_edit: |old, new| {
-            (old.entered_in_error != new.entered_in_error).then_some("follow_ups.entered_in_error")
-        },
+        owner_only_edit: |old, new| marker_edit(
+            (&old.entered_in_error, &old.amended),
+            (&new.entered_in_error, &new.amended),
+            CorrectableList::FollowUps,
+        ),
         entry_limits: |f| {
             marked_by_owner(
                 &f.entered_in_error,
+                &f.amended,
                 &f.institution,
                 CorrectableList::FollowUps,
             )

@@ -31,11 +31,11 @@ pub use document::{
 };
 pub use error::{LoadError, OpError, RecordRefused, ValidationError};
 pub use health_file::{
-    Address, AllergyView, CorrectableList, DemographicField, Demographics, DemographicsView,
-    Diagnosis, EncounterView, EnteredInError, ExamResultView, FamilyDoctorContract, FollowUpView,
-    HealthFile, HealthFileOp, HealthFileView, Insurance, Measurement, MedicationView, NewAllergy,
-    NewEncounter, NewExamResult, NewFollowUp, NewMedication, NewProblem, NoKnownAllergies,
-    PersonName, ProblemView,
+    Address, AllergyView, Amended, Amendment, CorrectableList, DemographicField, Demographics,
+    DemographicsView, Diagnosis, EncounterView, EnteredInError, ExamResultView,
+    FamilyDoctorContract, FollowUpView, HealthFile, HealthFileOp, HealthFileView, Insurance,
+    Measurement, MedicationView, NewAllergy, NewEncounter, NewExamResult, NewFollowUp,
+    NewMedication, NewProblem, NoKnownAllergies, PersonName, ProblemView,
 };
 pub use ids::{
     Actor, Date, DocumentId, Editor, EntryId, Icd10, Icd10System, InstitutionId, Timestamp,

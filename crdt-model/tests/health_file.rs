@@ -322,6 +322,82 @@ fn a_record_filed_in_error_is_marked_by_its_institution_and_kept() {
     );
 }
 
+/// A wrong value is amended by the institution that wrote it: the corrected record is
+/// appended, the original stays, marked as amended by it; no one else may amend it, and two
+/// amendments made at once are both kept, as a conflict to review.
+#[test]
+fn a_record_amended_by_its_institution_keeps_the_original() {
+    let mut file = new_file(1);
+    let hospital = editor("xinhua", 3_000);
+    file.apply(&hospital, &ecg()).unwrap();
+    let original = file.view().exams[0].clone();
+    let HealthFileOp::AddExamResult(mut corrected) = ecg() else {
+        unreachable!("an exam result")
+    };
+    corrected.measurements[0].value = 398.0;
+    let amend = HealthFileOp::Amend {
+        entry: original.entry.clone(),
+        reason: "QTc re-read".into(),
+        with: Amendment::ExamResult(corrected.clone()),
+    };
+    let heads = file.heads();
+    let error = file.apply(&chc(), &amend).unwrap_err();
+    assert!(
+        matches!(
+            error,
+            OpError::Invalid(ValidationError::Provenance {
+                field: "exams.amended"
+            })
+        ),
+        "{error:?}"
+    );
+    assert_eq!(file.heads(), heads, "nothing written");
+    file.apply(&hospital, &amend).unwrap();
+    validate(file.automerge()).unwrap();
+    let view = file.view();
+    assert_eq!(view.exams.len(), 2, "the original and its correction");
+    let amended = view.exams[0].amended.clone().expect("amended").value;
+    assert_eq!(amended.by, view.exams[1].entry);
+    assert_eq!(amended.reason, "QTc re-read");
+    assert_eq!(amended.recorded_by, institution("xinhua"));
+    assert_eq!(view.exams[1].measurements[0].value, 398.0);
+    assert_eq!(
+        ExamResultView {
+            amended: None,
+            ..view.exams[0].clone()
+        },
+        original,
+        "the original is unchanged"
+    );
+
+    // Two amendments at once, from two replicas of the hospital: both kept, a conflict.
+    let mut other = HealthFile::load(&file.save(), &actor(2)).unwrap();
+    let again = |value: f64| HealthFileOp::Amend {
+        entry: original.entry.clone(),
+        reason: "re-read".into(),
+        with: Amendment::ExamResult(NewExamResult {
+            measurements: vec![Measurement {
+                name: "qtc".into(),
+                value,
+                unit: Some("ms".into()),
+            }],
+            ..corrected.clone()
+        }),
+    };
+    file.apply(&hospital, &again(400.0)).unwrap();
+    other.apply(&hospital, &again(401.0)).unwrap();
+    file.merge(&mut other).unwrap();
+    validate(file.automerge()).unwrap();
+    let view = file.view();
+    assert_eq!(view.exams.len(), 4);
+    assert!(
+        view.conflicts()
+            .contains(&format!("exams[{}].amended", original.entry)),
+        "{:?}",
+        view.conflicts()
+    );
+}
+
 /// A peer's change marking another institution's record, or marking its own in another's
 /// name, is refused by validation.
 #[test]

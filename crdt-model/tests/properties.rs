@@ -96,6 +96,7 @@ enum FileAction {
     VerifyAllergy(usize, AllergyVerification),
     NoKnownAllergies,
     MarkInError(CorrectableList, usize),
+    Amend(CorrectableList, usize, u8),
     AddProblem(usize),
     SetProblemStatus(usize, bool),
     RemoveProblem(usize),
@@ -133,6 +134,17 @@ fn file_action() -> impl Strategy<Value = FileAction> + Clone {
             0..4usize
         )
             .prop_map(|(list, i)| FileAction::MarkInError(list, i)),
+        (
+            prop::sample::select(vec![
+                CorrectableList::Medications,
+                CorrectableList::Encounters,
+                CorrectableList::Exams,
+                CorrectableList::FollowUps,
+            ]),
+            0..4usize,
+            any::<u8>(),
+        )
+            .prop_map(|(list, i, n)| FileAction::Amend(list, i, n)),
         (0..CODES.len()).prop_map(FileAction::AddProblem),
         (0..4usize, any::<bool>()).prop_map(|(i, a)| FileAction::SetProblemStatus(i, a)),
         (0..CODES.len()).prop_map(FileAction::RemoveProblem),
@@ -186,6 +198,38 @@ fn file_op(action: &FileAction, view: &HealthFileView) -> Option<HealthFileOp> {
             },
             reason: "entered in error".into(),
         },
+        // Refused unless the replica's institution wrote the record (a Provenance error).
+        FileAction::Amend(list, i, n) => {
+            let (entry, append) = match list {
+                CorrectableList::Medications => (
+                    view.medications.get(*i)?.entry.clone(),
+                    FileAction::AddMedication(u64::from(*n % 60) + 1),
+                ),
+                CorrectableList::Encounters => (
+                    view.encounters.get(*i)?.entry.clone(),
+                    FileAction::AddEncounter(usize::from(*n) % CODES.len()),
+                ),
+                CorrectableList::Exams => {
+                    (view.exams.get(*i)?.entry.clone(), FileAction::AddExam(*n))
+                }
+                CorrectableList::FollowUps => (
+                    view.follow_ups.get(*i)?.entry.clone(),
+                    FileAction::AddFollowUp(90 + *n % 100),
+                ),
+            };
+            let with = match file_op(&append, view)? {
+                HealthFileOp::AddMedication(m) => Amendment::Medication(m),
+                HealthFileOp::AddEncounter(e) => Amendment::Encounter(e),
+                HealthFileOp::AddExamResult(r) => Amendment::ExamResult(r),
+                HealthFileOp::AddFollowUp(f) => Amendment::FollowUp(f),
+                _ => return None,
+            };
+            HealthFileOp::Amend {
+                entry,
+                reason: "re-measured".into(),
+                with,
+            }
+        }
         FileAction::AddProblem(c) => HealthFileOp::AddProblem(NewProblem {
             icd10: code(*c),
             display: "problem".into(),
@@ -587,6 +631,8 @@ enum FileFault {
     ReplaceMedication,
     /// A new entry with a field the schema does not define.
     UnknownEntryField,
+    /// Another institution's exam result marked amended, in the writer's own name.
+    ForeignAmendment,
 }
 
 fn file_fault() -> impl Strategy<Value = FileFault> + Clone {
@@ -603,6 +649,7 @@ fn file_fault() -> impl Strategy<Value = FileFault> + Clone {
         Just(FileFault::ScalarInList),
         Just(FileFault::ReplaceMedication),
         Just(FileFault::UnknownEntryField),
+        Just(FileFault::ForeignAmendment),
     ]
 }
 
@@ -713,6 +760,26 @@ fn write_file_fault(
             .ok()?;
             doc.put(&entry, "time", ScalarValue::Timestamp(1)).ok()?;
             doc.put(&entry, "remark", "extra").ok()?
+        }
+        FileFault::ForeignAmendment => {
+            let list = at(doc, &root, "exams")?;
+            let own = INSTITUTIONS[replica % INSTITUTIONS.len()];
+            let (foreign, amending) = (0..doc.length(&list)).find_map(|index| {
+                let (_, entry) = doc.get(&list, index).ok().flatten()?;
+                let (owner, _) = doc.get(&entry, "institution").ok().flatten()?;
+                (owner.as_str() != Some(own)).then_some((entry, index))
+            })?;
+            let (_, amending) = doc.get(&list, amending).ok().flatten()?;
+            let marker = doc.put_object(&foreign, "amended", ObjType::Map).ok()?;
+            let by = match amending {
+                automerge::ObjId::Id(counter, actor, _) => format!("{counter}@{actor}"),
+                automerge::ObjId::Root => return None,
+            };
+            doc.put(&marker, "by", by).ok()?;
+            doc.put(&marker, "reason", "re-measured").ok()?;
+            doc.put(&marker, "recorded_by", own).ok()?;
+            doc.put(&marker, "recorded_at", ScalarValue::Timestamp(1))
+                .ok()?
         }
     }
     doc.commit()

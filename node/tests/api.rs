@@ -844,6 +844,53 @@ async fn name_searches_by_post_answer_as_the_get_forms_do_and_are_audited_alike(
     assert_eq!(status, StatusCode::UNAUTHORIZED);
 }
 
+/// A result amended by the institution that filed it: the view keeps both records, the
+/// original marked; FHIR serves the corrected value under the original's id, as amended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_amended_result_is_served_as_amended_with_the_corrected_value() {
+    let api = api();
+    let patient = api.register("Jianguo").await;
+    let operations = format!("/v1/health-files/{patient}/operations");
+    let result = |value: f64| {
+        json!({"kind": "lab", "time": 1_790_000_000_000i64, "name": "potassium",
+               "measurements": [{"name": "potassium", "value": value, "unit": "mmol/L"}]})
+    };
+    let op = json!({"op": "add_exam_result", "args": result(6.4)});
+    let (status, body) = api.call("POST", &operations, WRITER, &op.to_string()).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (_, file) = api
+        .call("GET", &format!("/v1/health-files/{patient}"), READER, "")
+        .await;
+    let entry = file["view"]["exams"][0]["entry"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let op = json!({"op": "amend", "args": {"entry": entry, "reason": "haemolysed sample; re-measured",
+                    "with": {"exam_result": result(4.1)}}});
+    let (status, body) = api.call("POST", &operations, WRITER, &op.to_string()).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    let (_, file) = api
+        .call("GET", &format!("/v1/health-files/{patient}"), READER, "")
+        .await;
+    let exams = file["view"]["exams"].as_array().unwrap();
+    assert_eq!(exams.len(), 2, "{file}");
+    assert_eq!(
+        exams[0]["measurements"][0]["value"], 6.4,
+        "the original is kept"
+    );
+    assert_eq!(exams[0]["amended"]["value"]["by"], exams[1]["entry"]);
+    let bundle = api.fhir_search("Observation", &patient).await;
+    assert_eq!(
+        bundle["total"], 1,
+        "the correction is served once, as the original: {bundle}"
+    );
+    let resource = &bundle["entry"][0]["resource"];
+    assert_eq!(resource["status"], "amended");
+    assert_eq!(resource["identifier"][0]["value"], entry.as_str());
+    assert_eq!(resource["component"][0]["valueQuantity"]["value"], 4.1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fhir_views_carry_the_required_elements() {
     let api = api();

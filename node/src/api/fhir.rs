@@ -16,8 +16,10 @@ use sha2::{Digest, Sha256};
 use super::clinical::{document_id, institution_id, referral_status};
 use super::error::{FormBody, QueryParams, RawBody};
 use super::{ApiError, ApiState, Caller, Loader, Route, blocking};
+use std::collections::{HashMap, HashSet};
+
 use crate::model::{
-    AllergyVerification, DocumentId, EnteredInError, EntryId, ExamKind, HealthFileView,
+    AllergyVerification, Amended, DocumentId, EnteredInError, EntryId, ExamKind, HealthFileView,
     ReferralStatus, ReferralView, Register, Severity, Sex, Urgency,
 };
 
@@ -630,12 +632,50 @@ fn loinc(code: &str, display: &str) -> Value {
 }
 
 /// An observation's status: `entered-in-error` once its institution marked it so (with any
-/// concurrent marking), `final` otherwise.
-fn observation_status(marker: &Option<Register<EnteredInError>>) -> &'static str {
-    match marker {
-        Some(_) => "entered-in-error",
-        None => "final",
+/// concurrent marking), `amended` once it amended it, `final` otherwise.
+fn observation_status(
+    marker: &Option<Register<EnteredInError>>,
+    amended: &Option<Register<Amended>>,
+) -> &'static str {
+    match (marker, amended) {
+        (Some(_), _) => "entered-in-error",
+        (None, Some(_)) => "amended",
+        (None, None) => "final",
     }
+}
+
+/// Records as FHIR serves them: an amended record under its own id with the value of the
+/// record that amends it (the latest of a chain), the amending records not again. Yields
+/// (the record whose id and status are served, the record whose value is).
+fn current<T>(
+    records: &[T],
+    entry: impl Fn(&T) -> &EntryId,
+    amended: impl Fn(&T) -> &Option<Register<Amended>>,
+) -> Vec<(&T, &T)> {
+    let by_entry: HashMap<&EntryId, &T> = records.iter().map(|r| (entry(r), r)).collect();
+    let amending: HashSet<&EntryId> = records
+        .iter()
+        .filter_map(|r| amended(r).as_ref())
+        .map(|register| &register.value.by)
+        .collect();
+    records
+        .iter()
+        .filter(|r| !amending.contains(entry(r)))
+        .map(|record| {
+            let mut shown = record;
+            // A chain is at most as long as the list.
+            for _ in 0..records.len() {
+                match amended(shown)
+                    .as_ref()
+                    .and_then(|r| by_entry.get(&r.value.by))
+                {
+                    Some(next) => shown = next,
+                    None => break,
+                }
+            }
+            (record, shown)
+        })
+        .collect()
 }
 
 /// Follow-ups (blood pressure panel, glucose) and exam results as `Observation`s.
@@ -647,14 +687,14 @@ async fn observations(
     let view = patient_file(&state, &caller, &query).await?;
     let subject = reference("Patient", &view.id);
     let mut entries = Vec::new();
-    for follow_up in &view.follow_ups {
+    for (record, follow_up) in current(&view.follow_ups, |f| &f.entry, |f| &f.amended) {
         let base = |suffix: &str, code: Value| {
             json!({
                 "resourceType": "Observation",
-                "id": format!("{}-{suffix}", entry_id(&view.id, &follow_up.entry)),
-                "identifier": [entry_identifier(&follow_up.entry)],
+                "id": format!("{}-{suffix}", entry_id(&view.id, &record.entry)),
+                "identifier": [entry_identifier(&record.entry)],
                 "meta": meta(follow_up.time.0),
-                "status": observation_status(&follow_up.entered_in_error),
+                "status": observation_status(&record.entered_in_error, &record.amended),
                 "category": [{ "coding": [{ "system": OBSERVATION_CATEGORY_SYSTEM, "code": "vital-signs" }] }],
                 "code": code,
                 "subject": subject,
@@ -682,13 +722,13 @@ async fn observations(
             entries.push(observation);
         }
     }
-    for exam in &view.exams {
+    for (record, exam) in current(&view.exams, |e| &e.entry, |e| &e.amended) {
         let mut observation = json!({
             "resourceType": "Observation",
-            "id": entry_id(&view.id, &exam.entry),
-            "identifier": [entry_identifier(&exam.entry)],
+            "id": entry_id(&view.id, &record.entry),
+            "identifier": [entry_identifier(&record.entry)],
             "meta": meta(exam.time.0),
-            "status": observation_status(&exam.entered_in_error),
+            "status": observation_status(&record.entered_in_error, &record.amended),
             "category": [{ "coding": [{
                 "system": OBSERVATION_CATEGORY_SYSTEM,
                 "code": match exam.kind {
