@@ -247,7 +247,9 @@ fn report_edit(version: u64, json: bool) {
     if json {
         output::json(&serde_json::json!({ "version": version, "signed": false }));
     } else {
-        println!("roster is now at version {version} (not yet signed: run estuary roster sign)");
+        println!(
+            "roster is now at version {version}: every edit raises it by one, and `roster add` makes two (the institution, then its node key); not yet signed: run estuary roster sign"
+        );
     }
 }
 
@@ -256,7 +258,10 @@ fn show(view: &serde_json::Value, json: bool) {
         output::json(view);
         return;
     }
-    println!("roster version {}", output::cell(&view["version"]));
+    println!(
+        "roster version {} (every edit raises it by one: `roster add` makes two, the institution and its node key; `roster revoke` one)",
+        output::cell(&view["version"])
+    );
     let empty = Vec::new();
     let rows: Vec<Vec<String>> = view["institutions"]
         .as_array()
