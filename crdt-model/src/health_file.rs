@@ -2021,22 +2021,11 @@ fn entered_in_error<D: ReadDoc>(
             fields.marker,
             &["reason", "recorded_by", "recorded_at"],
         )?;
+        let (reason, recorded_by, recorded_at) = marker_provenance(&marker, &fields)?;
         Ok(EnteredInError {
-            reason: marker.once(
-                "reason",
-                fields.reason,
-                text(fields.reason, FIELD_BYTES_MAX, true),
-            )?,
-            recorded_by: marker.once(
-                "recorded_by",
-                fields.recorded_by,
-                institution(fields.recorded_by),
-            )?,
-            recorded_at: marker.once(
-                "recorded_at",
-                fields.recorded_at,
-                timestamp(fields.recorded_at),
-            )?,
+            reason,
+            recorded_by,
+            recorded_at,
         })
     })
 }
@@ -2055,29 +2044,42 @@ fn amended<D: ReadDoc>(
             fields.marker,
             &["by", "reason", "recorded_by", "recorded_at"],
         )?;
+        let (reason, recorded_by, recorded_at) = marker_provenance(&marker, &fields)?;
         Ok(Amended {
             by: marker.once(
                 "by",
                 fields.marker,
                 checked(fields.marker, |text, _| EntryId::parse(text)),
             )?,
-            reason: marker.once(
-                "reason",
-                fields.reason,
-                text(fields.reason, FIELD_BYTES_MAX, true),
-            )?,
-            recorded_by: marker.once(
-                "recorded_by",
-                fields.recorded_by,
-                institution(fields.recorded_by),
-            )?,
-            recorded_at: marker.once(
-                "recorded_at",
-                fields.recorded_at,
-                timestamp(fields.recorded_at),
-            )?,
+            reason,
+            recorded_by,
+            recorded_at,
         })
     })
+}
+
+/// What every marker of a record holds: why, who wrote it and when.
+fn marker_provenance<D: ReadDoc>(
+    marker: &Obj<'_, D>,
+    fields: &MarkerFields,
+) -> Result<(String, InstitutionId, Timestamp), ValidationError> {
+    Ok((
+        marker.once(
+            "reason",
+            fields.reason,
+            text(fields.reason, FIELD_BYTES_MAX, true),
+        )?,
+        marker.once(
+            "recorded_by",
+            fields.recorded_by,
+            institution(fields.recorded_by),
+        )?,
+        marker.once(
+            "recorded_at",
+            fields.recorded_at,
+            timestamp(fields.recorded_at),
+        )?,
+    ))
 }
 
 /// Checks that every value of an entry's markers names the entry's own institution: only it
@@ -2088,22 +2090,24 @@ fn marked_by_owner(
     owner: &InstitutionId,
     list: CorrectableList,
 ) -> Result<(), ValidationError> {
-    let marked_elsewhere = marker.iter().any(|register| {
-        std::iter::once(&register.value)
-            .chain(&register.conflicts)
-            .any(|m| m.recorded_by != *owner)
-    });
-    if marked_elsewhere {
+    /// Whether a marker (any of its concurrent values) was written by another institution.
+    fn elsewhere<T>(
+        marker: &Option<Register<T>>,
+        owner: &InstitutionId,
+        recorded_by: fn(&T) -> &InstitutionId,
+    ) -> bool {
+        marker.iter().any(|register| {
+            std::iter::once(&register.value)
+                .chain(&register.conflicts)
+                .any(|m| recorded_by(m) != owner)
+        })
+    }
+    if elsewhere(marker, owner, |m| &m.recorded_by) {
         return Err(ValidationError::Provenance {
             field: list.marker_fields().recorded_by,
         });
     }
-    let amended_elsewhere = amended.iter().any(|register| {
-        std::iter::once(&register.value)
-            .chain(&register.conflicts)
-            .any(|m| m.recorded_by != *owner)
-    });
-    if amended_elsewhere {
+    if elsewhere(amended, owner, |m| &m.recorded_by) {
         return Err(ValidationError::Provenance {
             field: list.amend_fields().recorded_by,
         });
