@@ -395,6 +395,23 @@ pub struct NoKnownAllergies {
     pub recorded_at: Timestamp,
 }
 
+/// A file's link to another file of the same resident: what the last link or unlink of the
+/// file said. A resident registered twice (offline, at a centre and at the district hospital)
+/// has two files; linking the duplicate to the file that holds the resident's main record
+/// makes reads through either show one combined record (see [`crate::linked`]).
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct FileLink {
+    /// The file this one is the same resident as; `None` once unlinked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<DocumentId>,
+    /// Why it was linked or unlinked.
+    pub reason: String,
+    /// The institution that linked or unlinked it.
+    pub recorded_by: InstitutionId,
+    /// When.
+    pub recorded_at: Timestamp,
+}
+
 /// A typed edit of a health file. This is also the JSON form apps send through the API.
 #[derive(Clone, PartialEq, Debug, Serialize, Deserialize)]
 #[serde(tag = "op", content = "args", rename_all = "snake_case")]
@@ -480,6 +497,22 @@ pub enum HealthFileOp {
     AddExamResult(NewExamResult),
     /// Appends a chronic-disease follow-up at the editor's institution.
     AddFollowUp(NewFollowUp),
+    /// Links this file to `to`, another file of the same resident (a duplicate
+    /// registration), which holds the resident's main record: reads through either file
+    /// show one combined record. Any member institution may, in its own name; a later link
+    /// replaces it, and an unlink undoes it.
+    Link {
+        /// The file of the same resident.
+        to: DocumentId,
+        /// Why (how the two were found to be one resident).
+        reason: String,
+    },
+    /// Undoes this file's link (two residents linked in error): both read as separate files
+    /// again. The link stays in the file's history and in the audit log.
+    Unlink {
+        /// Why.
+        reason: String,
+    },
 }
 
 /// An allergy record in a view.
@@ -665,6 +698,9 @@ pub struct HealthFileView {
     /// always outweighs it ([`HealthFileView::no_known_allergies_now`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub no_known_allergies: Option<Register<NoKnownAllergies>>,
+    /// The file's link to another file of the same resident, once linked or unlinked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link: Option<Register<FileLink>>,
     /// Allergy records.
     pub allergies: Vec<AllergyView>,
     /// Chronic problem records.
@@ -719,6 +755,10 @@ impl HealthFileView {
                 self.no_known_allergies
                     .as_ref()
                     .is_some_and(Register::is_conflicted),
+            ),
+            (
+                "link",
+                self.link.as_ref().is_some_and(Register::is_conflicted),
             ),
         ]
         .into_iter()
@@ -822,13 +862,14 @@ replica!(
     parse_health_file
 );
 
-const ROOT_KEYS: [&str; 11] = [
+const ROOT_KEYS: [&str; 12] = [
     IDENTITY_KEYS[0],
     IDENTITY_KEYS[1],
     "demographics",
     "contract",
-    // Written rarely: a change writing it is judged against the whole file.
+    // Written rarely: a change writing them is judged against the whole file.
     "no_known_allergies",
+    "link",
     "allergies",
     "problems",
     "medications",
@@ -915,6 +956,11 @@ impl HealthFile {
 
     /// Applies one typed operation as one change. On error nothing is written.
     pub fn apply(&mut self, editor: &Editor, op: &HealthFileOp) -> Result<(), OpError> {
+        if let HealthFileOp::Link { to, .. } = op
+            && *to == self.id
+        {
+            return Err(LINK_TO_ITSELF.into());
+        }
         self.transact(editor, |tx| apply_op(tx, editor, op))
     }
 
@@ -1062,6 +1108,21 @@ fn apply_op(tx: &mut AutoCommit, editor: &Editor, op: &HealthFileOp) -> Result<(
             // A fresh map per statement: concurrent ones conflict as wholes.
             let statement = tx.put_object(automerge::ROOT, "no_known_allergies", ObjType::Map)?;
             record_provenance(tx, &statement, "recorded_by", editor)
+        }
+        HealthFileOp::Link { to, reason } => write_link(tx, Some(to), reason, editor),
+        HealthFileOp::Unlink { reason } => {
+            let linked = match tx.get(automerge::ROOT, "link")? {
+                Some((Value::Object(ObjType::Map), link)) => tx.get(&link, "to")?.is_some(),
+                _ => false,
+            };
+            if !linked {
+                return Err(ValidationError::InvalidValue {
+                    field: "link",
+                    reason: "the file is not linked to another",
+                }
+                .into());
+            }
+            write_link(tx, None, reason, editor)
         }
         HealthFileOp::SetAllergyVerification { entry, status } => {
             let (_, _, id) = find_entry(tx, &root, "allergies", "allergies", entry)?;
@@ -1300,6 +1361,29 @@ fn own_record(
         .into());
     }
     Ok(id)
+}
+
+/// A link of a file to itself, which says nothing.
+pub(crate) const LINK_TO_ITSELF: ValidationError = ValidationError::InvalidValue {
+    field: "link.to",
+    reason: "another file of the same resident, not the file itself",
+};
+
+/// Writes a file's link (`to`) or unlink (`None`), in the editor's name: a fresh map per
+/// write, so that concurrent links conflict as wholes and show for review.
+fn write_link(
+    tx: &mut AutoCommit,
+    to: Option<&DocumentId>,
+    reason: &str,
+    editor: &Editor,
+) -> Result<(), OpError> {
+    check_text(reason, "link.reason", FIELD_BYTES_MAX, true)?;
+    let link = tx.put_object(automerge::ROOT, "link", ObjType::Map)?;
+    if let Some(to) = to {
+        tx.put(&link, "to", to.to_string())?;
+    }
+    tx.put(&link, "reason", reason)?;
+    record_provenance(tx, &link, "recorded_by", editor)
 }
 
 /// Writes who recorded an entry and when.
@@ -1639,12 +1723,14 @@ pub(crate) fn parse_health_file<D: ReadDoc>(doc: &D) -> Result<HealthFileView, V
         "no_known_allergies",
         parse_no_known_allergies,
     )?;
+    let link = root.register("link", "link", parse_link)?;
     Ok(HealthFileView {
         // The id is not content: it is derived from the creation change by the replica.
         id: DocumentId::from_bytes([0; 16]),
         demographics,
         contract,
         no_known_allergies,
+        link,
         allergies: read_list(&root)?,
         problems: read_list(&root)?,
         medications: read_list(&root)?,
@@ -1815,6 +1901,42 @@ fn parse_no_known_allergies<D: ReadDoc>(
             "recorded_at",
             "no_known_allergies.recorded_at",
             timestamp("no_known_allergies.recorded_at"),
+        )?,
+    })
+}
+
+fn parse_link<D: ReadDoc>(
+    obj: &Obj<'_, D>,
+    value: &Value<'_>,
+    id: &ObjId,
+) -> Result<FileLink, ValidationError> {
+    let link = map_child(
+        obj,
+        value,
+        id,
+        "link",
+        &["to", "reason", "recorded_by", "recorded_at"],
+    )?;
+    Ok(FileLink {
+        to: link.once_opt(
+            "to",
+            "link.to",
+            checked("link.to", |text, _| DocumentId::parse(text)),
+        )?,
+        reason: link.once(
+            "reason",
+            "link.reason",
+            text("link.reason", FIELD_BYTES_MAX, true),
+        )?,
+        recorded_by: link.once(
+            "recorded_by",
+            "link.recorded_by",
+            institution("link.recorded_by"),
+        )?,
+        recorded_at: link.once(
+            "recorded_at",
+            "link.recorded_at",
+            timestamp("link.recorded_at"),
         )?,
     })
 }
@@ -2298,23 +2420,22 @@ pub(crate) fn check_change(
         let (before, after) = (T::list(before), T::list(after));
         T::RULES.check(before, after, (before.len(), after.len()), author)
     }
-    // A statement of no known allergies is made only in its author's own name.
-    if after.no_known_allergies != before.no_known_allergies
-        && let Some(statements) = &after.no_known_allergies
-    {
-        let held: Vec<&NoKnownAllergies> = before
-            .no_known_allergies
-            .iter()
-            .flat_map(|r| std::iter::once(&r.value).chain(&r.conflicts))
-            .collect();
-        if std::iter::once(&statements.value)
-            .chain(&statements.conflicts)
-            .any(|s| !held.contains(&s) && s.recorded_by != *author)
-        {
-            return Err(ValidationError::Provenance {
-                field: "no_known_allergies.recorded_by",
-            });
-        }
+    // A statement of no known allergies, and a link, are made only in their author's own
+    // name.
+    if in_another_name(
+        &before.no_known_allergies,
+        &after.no_known_allergies,
+        author,
+        |s| &s.recorded_by,
+    ) {
+        return Err(ValidationError::Provenance {
+            field: "no_known_allergies.recorded_by",
+        });
+    }
+    if in_another_name(&before.link, &after.link, author, |l| &l.recorded_by) {
+        return Err(ValidationError::Provenance {
+            field: "link.recorded_by",
+        });
     }
     whole::<AllergyView>(before, after, author)?;
     whole::<ProblemView>(before, after, author)?;
@@ -2322,6 +2443,23 @@ pub(crate) fn check_change(
     whole::<EncounterView>(before, after, author)?;
     whole::<ExamResultView>(before, after, author)?;
     whole::<FollowUpView>(before, after, author)
+}
+
+/// Whether a change wrote a value of a root register (one not held before it, any of its
+/// concurrent values) in the name of another institution than its author's.
+fn in_another_name<T: PartialEq>(
+    before: &Option<Register<T>>,
+    after: &Option<Register<T>>,
+    author: &InstitutionId,
+    recorded_by: fn(&T) -> &InstitutionId,
+) -> bool {
+    fn values<T>(register: &Option<Register<T>>) -> impl Iterator<Item = &T> {
+        register
+            .iter()
+            .flat_map(|r| std::iter::once(&r.value).chain(&r.conflicts))
+    }
+    let held: Vec<&T> = values(before).collect();
+    values(after).any(|value| !held.contains(&value) && recorded_by(value) != author)
 }
 
 /// An entry of one of the clinical lists: where it lives, how it is read, and the rules the

@@ -19,6 +19,7 @@ mod health_file;
 mod ids;
 mod judge;
 pub mod limits;
+pub mod linked;
 mod referral;
 mod roster;
 mod vocab;
@@ -33,14 +34,15 @@ pub use error::{LoadError, OpError, RecordRefused, ValidationError};
 pub use health_file::{
     Address, AllergyView, Amended, Amendment, CorrectableList, DemographicField, Demographics,
     DemographicsView, Diagnosis, EncounterView, EnteredInError, ExamResultView,
-    FamilyDoctorContract, FollowUpView, HealthFile, HealthFileOp, HealthFileView, Insurance,
-    Measurement, MedicationView, NewAllergy, NewEncounter, NewExamResult, NewFollowUp,
+    FamilyDoctorContract, FileLink, FollowUpView, HealthFile, HealthFileOp, HealthFileView,
+    Insurance, Measurement, MedicationView, NewAllergy, NewEncounter, NewExamResult, NewFollowUp,
     NewMedication, NewProblem, NoKnownAllergies, PersonName, ProblemView,
 };
 pub use ids::{
     Actor, Date, DocumentId, Editor, EntryId, Icd10, Icd10System, InstitutionId, Timestamp,
 };
 pub use judge::{HistoryRefused, Judged, judge_change, judge_history};
+pub use linked::{CombinedRecord, LINKED_FILES_MAX};
 pub use referral::{
     EventView, NewReferral, Referral, ReferralOp, ReferralStatus, ReferralView, Role,
 };
@@ -159,6 +161,8 @@ fn check_creation(view: &View, author: &InstitutionId) -> Result<(), ValidationE
                 encounters: Vec::new(),
                 exams: Vec::new(),
                 follow_ups: Vec::new(),
+                no_known_allergies: None,
+                link: None,
                 ..(**view).clone()
             };
             health_file::check_change(&blank, view, author)

@@ -106,6 +106,14 @@ enum FileAction {
     EditNote(usize, String),
     AddExam(u8),
     AddFollowUp(u8),
+    /// Linked to one of a few other files of the same resident.
+    Link(u8),
+    Unlink,
+}
+
+/// The other files a file in these tests may be linked to.
+fn other_file(n: u8) -> DocumentId {
+    DocumentId::from_bytes([n % 3 + 1; 16])
 }
 
 fn file_action() -> impl Strategy<Value = FileAction> + Clone {
@@ -154,6 +162,8 @@ fn file_action() -> impl Strategy<Value = FileAction> + Clone {
         (0..4usize, "[a-z ]{0,12}").prop_map(|(i, t)| FileAction::EditNote(i, t)),
         any::<u8>().prop_map(FileAction::AddExam),
         (90u8..200).prop_map(FileAction::AddFollowUp),
+        any::<u8>().prop_map(FileAction::Link),
+        Just(FileAction::Unlink),
     ]
 }
 
@@ -286,6 +296,17 @@ fn file_op(action: &FileAction, view: &HealthFileView) -> Option<HealthFileOp> {
             diastolic_mmhg: Some(80),
             glucose_mmol_per_l: None,
         }),
+        FileAction::Link(n) => HealthFileOp::Link {
+            to: other_file(*n),
+            reason: "same national id".into(),
+        },
+        // Refused while the file is not linked (tested in linked.rs).
+        FileAction::Unlink => {
+            view.link.as_ref()?.value.to?;
+            HealthFileOp::Unlink {
+                reason: "two residents".into(),
+            }
+        }
     })
 }
 
@@ -633,6 +654,8 @@ enum FileFault {
     UnknownEntryField,
     /// Another institution's exam result marked amended, in the writer's own name.
     ForeignAmendment,
+    /// The file linked in another institution's name.
+    ForeignLink,
 }
 
 fn file_fault() -> impl Strategy<Value = FileFault> + Clone {
@@ -650,6 +673,7 @@ fn file_fault() -> impl Strategy<Value = FileFault> + Clone {
         Just(FileFault::ReplaceMedication),
         Just(FileFault::UnknownEntryField),
         Just(FileFault::ForeignAmendment),
+        Just(FileFault::ForeignLink),
     ]
 }
 
@@ -779,6 +803,15 @@ fn write_file_fault(
             doc.put(&marker, "reason", "re-measured").ok()?;
             doc.put(&marker, "recorded_by", own).ok()?;
             doc.put(&marker, "recorded_at", ScalarValue::Timestamp(1))
+                .ok()?
+        }
+        FileFault::ForeignLink => {
+            let link = doc.put_object(&root, "link", ObjType::Map).ok()?;
+            doc.put(&link, "to", other_file(0).to_string()).ok()?;
+            doc.put(&link, "reason", "same resident").ok()?;
+            let other = INSTITUTIONS[(replica + 1) % INSTITUTIONS.len()];
+            doc.put(&link, "recorded_by", other).ok()?;
+            doc.put(&link, "recorded_at", ScalarValue::Timestamp(1))
                 .ok()?
         }
     }

@@ -1,6 +1,6 @@
 //! The node's indexes: residents by a salted hash of their national id and by normalised
 //! name; referrals by destination institution and status, and by patient; documents holding
-//! conflicts for a clinician to review.
+//! conflicts for a clinician to review; health files by the file their link names.
 //!
 //! Index entries are keys of the store, so a lookup is a prefix scan in key order. A resident's
 //! entries (name, national id) hold the resident's summary (`ResidentSummary`: name, sex,
@@ -25,6 +25,8 @@ const DESTINATION: u8 = b'r';
 const PATIENT: u8 = b't';
 /// Key prefix: `k ‖ document`, for a document with conflicts to review.
 const CONFLICTED: u8 = b'k';
+/// Key prefix: `j ‖ linked file ‖ document`, for a health file linked to another.
+const LINKED: u8 = b'j';
 /// Most results a search returns.
 pub const SEARCH_RESULTS_MAX: usize = 100;
 /// Longest normalised name indexed, in bytes.
@@ -102,6 +104,9 @@ fn keys_of(salt: &[u8; 32], id: &DocumentId, view: &View) -> Vec<Vec<u8>> {
                         );
                     }
                 }
+            }
+            if let Some(to) = crate::model::linked::linked_to(*id, view) {
+                keys.push([&[LINKED][..], to.as_bytes(), id.as_bytes()].concat());
             }
         }
         View::Referral(view) => {
@@ -197,6 +202,11 @@ pub(crate) fn destination_prefix(to: &str, status: ReferralStatus) -> Vec<u8> {
 /// The key prefix to scan for referrals of `patient`.
 pub(crate) fn patient_prefix(patient: &DocumentId) -> Vec<u8> {
     [&[PATIENT][..], patient.as_bytes()].concat()
+}
+
+/// The key prefix to scan for the health files linked to `to`.
+pub(crate) fn linked_prefix(to: &DocumentId) -> Vec<u8> {
+    [&[LINKED][..], to.as_bytes()].concat()
 }
 
 /// The key prefix to scan for documents with conflicts.

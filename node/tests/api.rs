@@ -844,6 +844,120 @@ async fn name_searches_by_post_answer_as_the_get_forms_do_and_are_audited_alike(
     assert_eq!(status, StatusCode::UNAUTHORIZED);
 }
 
+/// A resident registered twice, the duplicate linked to the main file: reads through either
+/// file show both files' records, FHIR says how the files relate, and an unlink separates them
+/// again. Links that cannot be made are refused with a reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_linked_duplicate_reads_as_one_record_through_either_file_until_unlinked() {
+    let api = api();
+    let main = api.register("Jianguo").await;
+    // Registered again with the given name misspelt.
+    let duplicate = api.register("Jiangguo").await;
+    let operate = |file: &str, op: Value| {
+        let (path, body) = (
+            format!("/v1/health-files/{file}/operations"),
+            op.to_string(),
+        );
+        let api = &api;
+        async move { api.call("POST", &path, WRITER, &body).await }
+    };
+    let allergy = |substance: &str| json!({"op": "add_allergy", "args": {"substance": substance, "reaction": "urticaria", "severity": "severe"}});
+    assert_eq!(
+        operate(&main, allergy("penicillin")).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        operate(&duplicate, allergy("iodine contrast")).await.0,
+        StatusCode::OK
+    );
+    let link = |to: &str| json!({"op": "link", "args": {"to": to, "reason": "same national id"}});
+    let (status, body) = operate(&duplicate, link(&main)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    let read = |file: &str| {
+        let path = format!("/v1/health-files/{file}");
+        let api = &api;
+        async move {
+            let (status, body) = api.call("GET", &path, READER, "").await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+            body
+        }
+    };
+    let through_duplicate = read(&duplicate).await;
+    let through_main = read(&main).await;
+    assert_eq!(through_duplicate["view"], through_main["view"]);
+    assert_eq!(through_duplicate["linked"], through_main["linked"]);
+    let linked = &through_duplicate["linked"];
+    assert_eq!(linked["main"], main.as_str());
+    assert_eq!(linked["files"], json!([main, duplicate]));
+    assert_eq!(linked["links"][&duplicate]["value"]["to"], main.as_str());
+    assert_eq!(linked["links"][&duplicate]["value"]["recorded_by"], "chc-a");
+    let allergies = through_duplicate["view"]["allergies"].as_array().unwrap();
+    let substances: Vec<&str> = allergies
+        .iter()
+        .map(|a| a["substance"].as_str().unwrap())
+        .collect();
+    assert_eq!(substances, ["penicillin", "iodine contrast"]);
+    let iodine = allergies[1]["entry"].as_str().unwrap();
+    assert_eq!(linked["entry_files"][iodine], duplicate.as_str());
+
+    // FHIR: the duplicate is replaced by the main file, which sees the duplicate also; the
+    // allergies of the resident are every file's.
+    let patient = |file: &str| {
+        let path = format!("/fhir/Patient/{file}");
+        let api = &api;
+        async move { api.call("GET", &path, READER, "").await.1 }
+    };
+    let link_of = |patient: &Value| {
+        (
+            patient["link"][0]["type"].clone(),
+            patient["link"][0]["other"]["reference"].clone(),
+        )
+    };
+    assert_eq!(
+        link_of(&patient(&duplicate).await),
+        (json!("replaced-by"), json!(format!("Patient/{main}")))
+    );
+    assert_eq!(
+        link_of(&patient(&main).await),
+        (json!("seealso"), json!(format!("Patient/{duplicate}")))
+    );
+    assert_eq!(
+        api.fhir_search("AllergyIntolerance", &duplicate).await["total"],
+        2
+    );
+
+    // Refused: a link to the file itself, or to a file this node does not hold.
+    for to in [duplicate.clone(), "0".repeat(32)] {
+        let (status, body) = operate(&duplicate, link(&to)).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+        assert_eq!(body["error"]["code"], "link_refused", "{body}");
+    }
+
+    let unlink = json!({"op": "unlink", "args": {"reason": "two residents with one name"}});
+    let (status, body) = operate(&duplicate, unlink.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let apart = read(&duplicate).await;
+    assert!(apart.get("linked").is_none(), "{apart}");
+    assert_eq!(apart["view"]["allergies"].as_array().unwrap().len(), 1);
+    assert_eq!(
+        apart["view"]["link"]["value"]["reason"],
+        "two residents with one name"
+    );
+    assert!(read(&main).await.get("linked").is_none());
+    assert!(patient(&main).await.get("link").is_none());
+    // Nothing is linked any more: a second unlink says so.
+    let (status, body) = operate(&duplicate, unlink).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(
+        body["error"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("not linked"),
+        "{body}"
+    );
+}
+
 /// A result amended by the institution that filed it: the view keeps both records, the
 /// original marked; FHIR serves the corrected value under the original's id, as amended.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -52,6 +52,10 @@ fn seven_nodes_in_process_converge_through_partitions_loss_and_restarts() {
     assert_eq!(report["restarts"], 2, "{text}");
     // A joining member's records, a quarter of the files, loaded in bulk and converged.
     assert_eq!(report["loaded"], 10, "{text}");
+    // Residents registered twice, the duplicates linked: every node reads each as one record.
+    let links = &report["links"];
+    assert!(links["linked"].as_u64().unwrap() > 0, "{text}");
+    assert_eq!(links["as_one"], links["reads"], "{text}");
     let faults = report["faults"].as_array().unwrap();
     let partitions = faults.iter().filter(|f| f["fault"] == "partition").count();
     assert_eq!(partitions, 2, "{text}");
@@ -132,6 +136,9 @@ fn five_node_processes_converge_through_proxy_partitions_loss_and_sigkill() {
     assert_clean(&report, &text);
     assert_eq!(report["mode"], "procs");
     assert_eq!(report["loaded"], 7, "{text}");
+    let links = &report["links"];
+    assert!(links["linked"].as_u64().unwrap() > 0, "{text}");
+    assert_eq!(links["as_one"], links["reads"], "{text}");
     assert_eq!(report["faults_applied"], true, "{text}");
     let faults = report["faults"].as_array().unwrap();
     assert_eq!(

@@ -119,6 +119,11 @@ async fn read_document(
 ) -> Result<axum::response::Response, ApiError> {
     let id = document_id(id)?;
     blocking(move || {
+        if kind == DocumentKind::HealthFile
+            && let Some(record) = state.node.resident_record(id)?
+        {
+            return linked_answer(&state, &caller, id, record);
+        }
         let kept = state.node.view(id, kind)?;
         let body = match kept.as_ref() {
             View::HealthFile(view) => serde_json::to_vec(&DocumentAnswer {
@@ -147,6 +152,68 @@ async fn read_document(
             .into_response())
     })
     .await
+}
+
+/// A health file linked with others of the same resident, as the API answers it: the
+/// combined record as the view, and how the files are linked.
+#[derive(Serialize)]
+struct LinkedAnswer<'a> {
+    id: DocumentId,
+    kind: DocumentKind,
+    conflicts: Vec<String>,
+    view: &'a crate::model::HealthFileView,
+    linked: LinkedFiles<'a>,
+}
+
+/// How a resident's files are linked: the combined record's parts other than its view.
+#[derive(Serialize)]
+struct LinkedFiles<'a> {
+    main: DocumentId,
+    files: &'a [DocumentId],
+    #[serde(skip_serializing_if = "<[DocumentId]>::is_empty")]
+    missing: &'a [DocumentId],
+    links:
+        &'a std::collections::BTreeMap<DocumentId, crate::model::Register<crate::model::FileLink>>,
+    entry_files: &'a std::collections::BTreeMap<crate::model::EntryId, DocumentId>,
+}
+
+/// A JSON answer already serialised.
+fn json_body(body: Vec<u8>) -> axum::response::Response {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            axum::http::HeaderValue::from_static("application/json"),
+        )],
+        body,
+    )
+        .into_response()
+}
+
+/// Answers a read of a linked health file with its resident's combined record, the read of
+/// every file in it audited.
+fn linked_answer(
+    state: &ApiState,
+    caller: &Caller,
+    id: DocumentId,
+    record: crate::model::CombinedRecord,
+) -> Result<axum::response::Response, ApiError> {
+    let body = serde_json::to_vec(&LinkedAnswer {
+        id,
+        kind: DocumentKind::HealthFile,
+        conflicts: record.view.conflicts(),
+        view: &record.view,
+        linked: LinkedFiles {
+            main: record.main,
+            files: &record.files,
+            missing: &record.missing,
+            links: &record.links,
+            entry_files: &record.entry_files,
+        },
+    })
+    .map_err(|_| ApiError::internal())?;
+    let accesses: Vec<_> = record.files.iter().map(|file| (*file, None)).collect();
+    state.node.record_access(&caller.app, &accesses)?;
+    Ok(json_body(body))
 }
 
 /// A registration's answer: the new file, and the files that may be the same resident

@@ -87,6 +87,11 @@ impl From<NodeError> for ApiError {
             NodeError::AlreadyHeld { .. } => {
                 Self::new(StatusCode::CONFLICT, "already_held", error.to_string())
             }
+            NodeError::LinkRefused { .. } => Self::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "link_refused",
+                error.to_string(),
+            ),
             NodeError::RepeatedInLoad { .. } => {
                 Self::bad_request("repeated_in_load", error.to_string())
             }

@@ -351,10 +351,33 @@ fn searchset(state: &ApiState, kind: &str, entries: Vec<Value>) -> Value {
     })
 }
 
-/// A health file as a `Patient`.
+/// A health file as a `Patient`; one linked with others of the same resident says so in
+/// `link` (see `patient_links`).
 fn patient_of(state: &ApiState, id: DocumentId) -> Result<Value, ApiError> {
     let view = state.node.health_file(id)?;
-    Ok(patient_resource(&view, last_updated(state, id)?))
+    let mut patient = patient_resource(&view, last_updated(state, id)?);
+    if let Some(record) = state.node.resident_record(id)? {
+        patient["link"] = patient_links(id, &record);
+    }
+    Ok(patient)
+}
+
+/// `Patient.link` of a file linked with others: the main file's Patient is `seealso` each
+/// other file of the resident; any other file's is `replaced-by` the main file, whose Patient
+/// is where the resident's record is read whole.
+fn patient_links(id: DocumentId, record: &crate::model::CombinedRecord) -> Value {
+    let link = |other: &DocumentId, kind: &str| json!({ "other": reference("Patient", other), "type": kind });
+    if id == record.main {
+        record
+            .files
+            .iter()
+            .chain(&record.missing)
+            .filter(|file| **file != id)
+            .map(|file| link(file, "seealso"))
+            .collect()
+    } else {
+        json!([link(&record.main, "replaced-by")])
+    }
 }
 
 /// A referral as a `ServiceRequest`.
@@ -493,7 +516,8 @@ struct PatientSearch {
     patient: String,
 }
 
-/// The resident's health file for a `?patient=` search (`Patient/<id>` or the bare id).
+/// The resident's health file for a `?patient=` search (`Patient/<id>` or the bare id): with
+/// every file linked with it, combined.
 async fn patient_file(
     state: &ApiState,
     caller: &Caller,
@@ -507,6 +531,13 @@ async fn patient_file(
     )?;
     let (state, app) = (state.clone(), caller.app.clone());
     blocking(move || {
+        // A file linked with others answers for the resident's every file, under the main
+        // file's id.
+        if let Some(record) = state.node.resident_record(id)? {
+            let accesses: Vec<_> = record.files.iter().map(|file| (*file, None)).collect();
+            state.node.record_access(&app, &accesses)?;
+            return Ok(record.view);
+        }
         let view = state.node.health_file(id)?;
         state.node.record_access(&app, &[(id, None)])?;
         Ok(view)

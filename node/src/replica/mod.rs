@@ -15,6 +15,7 @@
 
 mod audit_trail;
 mod documents;
+mod linked;
 mod migrate;
 mod pending;
 mod pipeline;
@@ -203,6 +204,12 @@ pub enum NodeError {
     /// was refused.
     #[error("not loaded: another resident of this all-or-nothing load was refused")]
     LoadRolledBack,
+    /// A link of a health file that cannot be made here.
+    #[error("the link is refused: {reason}")]
+    LinkRefused {
+        /// Why.
+        reason: &'static str,
+    },
     /// A resident loaded in bulk with the same national id as an earlier one of the load.
     #[error("the same national id as resident {first} of this load (counted from 0)")]
     RepeatedInLoad {
@@ -476,6 +483,9 @@ impl Writer<'_> {
     ) -> Result<ChangeHash, NodeError> {
         let node = self.node;
         node.check_editor(editor)?;
+        if let HealthFileOp::Link { to, .. } = op {
+            node.check_link(id, *to)?;
+        }
         let _writing = node.lock_document(&id);
         match node.write_in_place(id, DocumentKind::HealthFile, |doc| {
             HealthFile::apply_to(doc, &node.actor, editor, op)

@@ -175,6 +175,9 @@ pub trait Cluster {
     /// where nodes serve one) and says how long the node took to answer; `None` if the node is
     /// down or does not hold the file yet.
     fn read(&mut self, node: usize, id: DocumentId) -> anyhow::Result<Option<Duration>>;
+    /// The file holding the resident's main record, as `node` reads the health file `id`
+    /// (itself for a file linked with none); `None` if the node is down or lacks the file.
+    fn main_file(&mut self, node: usize, id: DocumentId) -> anyhow::Result<Option<DocumentId>>;
     /// A node's `/metrics` text, where nodes serve their HTTP API.
     fn metrics(&mut self, _node: usize) -> anyhow::Result<Option<String>> {
         Ok(None)

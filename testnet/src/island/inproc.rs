@@ -132,7 +132,8 @@ fn traffic_of(sync: &SyncHandle) -> Traffic {
 /// Whether an error means the model refused the write given what the node holds.
 fn refused(error: &NodeError) -> Option<Skip> {
     match error {
-        NodeError::UnknownDocument(_) => Some(Skip::NotYetHere),
+        // A link to a file that has not reached the node yet.
+        NodeError::UnknownDocument(_) | NodeError::LinkRefused { .. } => Some(Skip::NotYetHere),
         // A revoked node that has learnt of its revocation, or a write built on a change
         // withdrawn by a revocation meanwhile.
         NodeError::NotAMember
@@ -237,6 +238,19 @@ impl Cluster for InProc {
             },
         };
         Ok(Ok(loaded.into_iter().filter_map(Result::ok).collect()))
+    }
+
+    fn main_file(&mut self, index: usize, id: DocumentId) -> anyhow::Result<Option<DocumentId>> {
+        let Some(node) = self.node(index) else {
+            return Ok(None);
+        };
+        match node.resident_record(id) {
+            Ok(record) => Ok(Some(record.map_or(id, |r| r.main))),
+            Err(NodeError::UnknownDocument(_)) => Ok(None),
+            Err(error) => {
+                Err(anyhow::Error::from(error).context(format!("a read at node {index}")))
+            }
+        }
     }
 
     fn read(&mut self, index: usize, id: DocumentId) -> anyhow::Result<Option<Duration>> {

@@ -368,6 +368,8 @@ pub struct Outcome {
     pub restarts: u64,
     /// Exam results marked entered in error by the hospital that filed them.
     pub corrections: u64,
+    /// Duplicate files linked to their resident's main file, and how the nodes read them.
+    pub links: LinkReads,
     /// Residents a joining member loaded in bulk, each one change.
     pub loaded: u64,
     pub elapsed_ms: u64,
@@ -494,6 +496,8 @@ impl Propagation {
 #[derive(Default)]
 struct Created {
     residents: BTreeMap<u32, DocumentId>,
+    /// Second files of residents registered again, by plan number.
+    duplicates: BTreeMap<u32, DocumentId>,
     referrals: BTreeMap<u32, DocumentId>,
 }
 
@@ -530,6 +534,16 @@ fn write_for(
         Action::Register { resident } => {
             Write::CreateHealthFile(content::demographics(seed, *resident))
         }
+        Action::RegisterAgain { resident } => {
+            Write::CreateHealthFile(content::demographics(seed, *resident))
+        }
+        Action::LinkDuplicate { resident: r } => Write::HealthFile(
+            created.duplicates.get(r).copied()?,
+            estuary_node::model::HealthFileOp::Link {
+                to: resident(r)?,
+                reason: "registered twice: the same national id".into(),
+            },
+        ),
         Action::Encounter { resident: r } => {
             Write::HealthFile(resident(r)?, content::encounter(seed, *r, now))
         }
@@ -614,6 +628,8 @@ fn run(
         .collect();
     // Each acknowledged write's writer and acknowledgement time (epoch milliseconds).
     let mut written: BTreeMap<String, (usize, i64)> = BTreeMap::new();
+    // Duplicate files linked, each with its resident's main file.
+    let mut linked: Vec<(DocumentId, DocumentId)> = Vec::new();
     let start = Instant::now();
     let elapsed = || start.elapsed().as_millis() as u64;
     let mut next = 0;
@@ -693,6 +709,14 @@ fn run(
                         }
                         Action::Refer { referral, .. } => {
                             created.referrals.insert(referral, id);
+                        }
+                        Action::RegisterAgain { resident } => {
+                            created.duplicates.insert(resident, id);
+                        }
+                        Action::LinkDuplicate { resident } => {
+                            if let Some(main) = created.residents.get(&resident) {
+                                linked.push((id, *main));
+                            }
                         }
                         Action::CorrectExam { .. } => outcome.corrections += 1,
                         _ => {}
@@ -806,6 +830,18 @@ fn run(
         }
     }
     outcome.verdict = check(&states, &outcome.acknowledged, &expected);
+    // Every checked node reads a linked resident's record as one, through either file.
+    outcome.links.linked = linked.len() as u64;
+    for (duplicate, main) in &linked {
+        for node in &checked {
+            for file in [duplicate, main] {
+                outcome.links.reads += 1;
+                if cluster.main_file(*node, *file)? == Some(*main) {
+                    outcome.links.as_one += 1;
+                }
+            }
+        }
+    }
     // Propagation of the workload's writes among the nodes other than a bad one.
     let workload: BTreeMap<String, (usize, i64)> = written
         .into_iter()
@@ -934,4 +970,16 @@ impl Progress {
             eprintln!();
         }
     }
+}
+
+/// Duplicate files linked in a run, and how nodes read them at the end.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct LinkReads {
+    /// Links made.
+    pub linked: u64,
+    /// Reads, through a duplicate or its main file, that named the main file as the
+    /// resident's record.
+    pub as_one: u64,
+    /// Reads made: each linked pair, both files, every node checked.
+    pub reads: u64,
 }

@@ -64,6 +64,11 @@ pub enum Action {
     /// The hospital that filed an exam result marks it entered in error (filed on the wrong
     /// resident, say).
     CorrectExam { resident: u32 },
+    /// A hospital registers a resident again, not finding the file the home centre made
+    /// (registered offline, or under another spelling): a second file of one resident.
+    RegisterAgain { resident: u32 },
+    /// The hospital links its duplicate file to the resident's main file.
+    LinkDuplicate { resident: u32 },
     /// The phone number changed (two institutions at once make a conflict to review).
     Phone { resident: u32, variant: u32 },
     /// A referral sent: up from the home centre to a hospital, or down for recovery.
@@ -299,6 +304,22 @@ pub fn plan(
             node: home,
             action: Action::Register { resident },
         });
+        // One resident in twelve is registered again at a hospital, which then links the
+        // duplicate to the main file.
+        if rng.below(12) == 0 {
+            let hospital = *rng.pick(&hospitals);
+            let again = registered + REFERRAL_STEP_GAP_MS;
+            steps.push(Step {
+                at_ms: again,
+                node: hospital,
+                action: Action::RegisterAgain { resident },
+            });
+            steps.push(Step {
+                at_ms: again + 2 * REFERRAL_STEP_GAP_MS,
+                node: hospital,
+                action: Action::LinkDuplicate { resident },
+            });
+        }
         // Two or three further events per resident.
         let events = 2 + rng.below(2);
         for _ in 0..events {

@@ -296,6 +296,8 @@ impl Cluster for Procs {
                 Ok(Ok((id, change)))
             }
             404 => Ok(Err(Skip::NotYetHere)),
+            // A link to a file that has not reached the node yet.
+            422 if answer["error"]["code"] == "link_refused" => Ok(Err(Skip::NotYetHere)),
             403 | 409 => Ok(Err(Skip::Refused)),
             _ => anyhow::bail!(
                 "node {node}: POST {path} answered {status}: {}",
@@ -343,6 +345,25 @@ impl Cluster for Procs {
                 answer["error"]["reason"]
             ),
         }
+    }
+
+    fn main_file(&mut self, node: usize, id: DocumentId) -> anyhow::Result<Option<DocumentId>> {
+        let process = &self.nodes[node];
+        if process.child.is_none() {
+            return Ok(None);
+        }
+        let path = format!("/v1/health-files/{id}");
+        let Some(answer) = self.get_as(node, &path, &process.app)? else {
+            return Ok(None);
+        };
+        Ok(match answer["linked"]["main"].as_str() {
+            Some(main) => {
+                Some(DocumentId::parse(main).ok().with_context(|| {
+                    format!("node {node}: GET {path}: a main file that is no id")
+                })?)
+            }
+            None => Some(id),
+        })
     }
 
     fn read(&mut self, node: usize, id: DocumentId) -> anyhow::Result<Option<Duration>> {

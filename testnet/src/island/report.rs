@@ -54,6 +54,8 @@ pub struct Report {
     pub restarts: u64,
     /// Exam results marked entered in error by the hospital that filed them.
     pub corrections: u64,
+    /// Residents registered twice whose duplicate was linked, and the end's reads of them.
+    pub links: super::LinkReads,
     /// Residents a joining member loaded in bulk, each one change.
     pub loaded: u64,
     /// Planned writes not made, by reason (a node down, a document not there yet, a
@@ -100,6 +102,7 @@ impl Report {
             traffic,
             restarts,
             corrections,
+            links,
             loaded,
             elapsed_ms,
             propagation,
@@ -170,6 +173,7 @@ impl Report {
             writes_delayed,
             restarts,
             corrections,
+            links,
             loaded,
             skipped_writes: skipped,
             faults,
@@ -245,6 +249,10 @@ impl Report {
         println!(
             "  corrections           {} exam results marked entered in error (kept, on every node)",
             self.corrections
+        );
+        println!(
+            "  linked duplicates     {} residents registered twice, the duplicate linked; {}/{} reads through either file showed the main record",
+            self.links.linked, self.links.as_one, self.links.reads
         );
         println!(
             "  bulk load             {} residents of a joining member, one change each",
