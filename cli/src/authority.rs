@@ -8,7 +8,7 @@ use anyhow::Context;
 use estuary_node::identity::Identity;
 use estuary_node::membership::SignedRoster;
 use estuary_node::model::{
-    Bytes32, Editor, InstitutionId, InstitutionKind, Roster, RosterOp, Timestamp,
+    Bytes32, DocumentId, Editor, InstitutionId, InstitutionKind, Roster, RosterOp, Timestamp,
 };
 
 use crate::setup::{ROSTER_FILE, private_dir, write_private};
@@ -55,6 +55,20 @@ pub enum RosterCommand {
         /// Why, for operators (no patient data).
         #[arg(long)]
         reason: String,
+    },
+    /// Order a health file erased (a court's or a regulator's order): once nodes adopt the
+    /// signed roster, each deletes the file and its resident's referrals and refuses them for
+    /// good. It cannot be undone.
+    Erase {
+        /// The authority directory.
+        #[arg(long, default_value = AUTHORITY_DIR_DEFAULT)]
+        dir: PathBuf,
+        /// The health file's id (32 hex characters).
+        #[arg(long)]
+        document: String,
+        /// The order's reference, for the audit (no patient data), e.g. `court order 2026-117`.
+        #[arg(long)]
+        order: String,
     },
     /// Sign the roster as it stands, for nodes to adopt.
     Sign {
@@ -211,6 +225,18 @@ pub fn roster(command: RosterCommand, config: &Path, json: bool) -> Result<(), F
             report_edit(version, json);
             Ok(())
         }
+        RosterCommand::Erase {
+            dir,
+            document,
+            order,
+        } => {
+            let document = DocumentId::parse(&document).map_err(|_| {
+                anyhow::anyhow!("--document is a health file id: 32 hex characters")
+            })?;
+            let version = apply(&dir, &[RosterOp::Erase { document, order }])?;
+            report_edit(version, json);
+            Ok(())
+        }
         RosterCommand::Sign { dir } => {
             let (authority, mut roster) = load(&dir)?;
             // Nodes refuse a roster whose history changes a revocation: never sign one.
@@ -259,7 +285,7 @@ fn show(view: &serde_json::Value, json: bool) {
         return;
     }
     println!(
-        "roster version {} (every edit raises it by one: `roster add` makes two, the institution and its node key; `roster revoke` one)",
+        "roster version {} (every edit raises it by one: `roster add` makes two, the institution and its node key; `roster revoke` and `roster erase` one)",
         output::cell(&view["version"])
     );
     let empty = Vec::new();
@@ -298,5 +324,21 @@ fn show(view: &serde_json::Value, json: bool) {
     if !revoked.is_empty() {
         println!();
         output::table(&["REVOKED KEY", "AT", "REASON"], &revoked);
+    }
+    let erased: Vec<Vec<String>> = view["erasures"]
+        .as_array()
+        .unwrap_or(&empty)
+        .iter()
+        .map(|e| {
+            vec![
+                output::cell(&e["document"]),
+                output::time(&e["at"]),
+                output::cell(&e["order"]),
+            ]
+        })
+        .collect();
+    if !erased.is_empty() {
+        println!();
+        output::table(&["ERASED HEALTH FILE", "AT", "ORDER"], &erased);
     }
 }

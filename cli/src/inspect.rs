@@ -949,8 +949,15 @@ pub fn import(client: &Client, config_path: &Path, file: &Path, json: bool) -> R
             summary.envelopes
         );
         output::fields(
-            &["accepted", "duplicate", "pending", "quarantined", "refused"]
-                .map(|k| (k, cell(totals.get(k).unwrap_or(&Value::Null)))),
+            &[
+                "accepted",
+                "duplicate",
+                "pending",
+                "quarantined",
+                "refused",
+                "erased",
+            ]
+            .map(|k| (k, cell(totals.get(k).unwrap_or(&Value::Null)))),
         );
     }
     Ok(())

@@ -92,3 +92,42 @@ fn a_key_is_revoked_once_and_a_roster_that_revokes_it_again_is_never_signed() {
         signed
     );
 }
+
+#[test]
+fn an_erasure_is_ordered_once_signed_and_shown() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    succeeds(
+        root,
+        &["init", "--authority", "--data-dir", "auth", "--json"],
+    );
+    let file = "0123456789abcdef0123456789abcdef";
+    let erase = |document: &'static str| {
+        [
+            "roster",
+            "erase",
+            "--dir",
+            "auth",
+            "--document",
+            document,
+            "--order",
+            "court order 2026-117",
+        ]
+    };
+    let refused = fails(root, &erase("not-an-id"));
+    assert!(refused.contains("--document"), "{refused}");
+    succeeds(root, &erase(file));
+    let refused = fails(root, &erase(file));
+    assert!(refused.contains("already erased"), "{refused}");
+    succeeds(root, &["roster", "sign", "--dir", "auth"]);
+    let shown = estuary(root, &["roster", "show", "--dir", "auth", "--json"]);
+    let view: serde_json::Value = serde_json::from_slice(&shown.stdout).unwrap();
+    assert_eq!(view["erasures"][0]["document"], file);
+    assert_eq!(view["erasures"][0]["order"], "court order 2026-117");
+    let shown = estuary(root, &["roster", "show", "--dir", "auth"]);
+    let text = String::from_utf8_lossy(&shown.stdout);
+    assert!(
+        text.contains("ERASED HEALTH FILE") && text.contains(file),
+        "{text}"
+    );
+}

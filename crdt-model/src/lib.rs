@@ -47,7 +47,8 @@ pub use referral::{
     EventView, NewReferral, Referral, ReferralOp, ReferralStatus, ReferralView, Role,
 };
 pub use roster::{
-    Bytes32, InstitutionView, RevocationHistoryError, RevocationView, Roster, RosterOp, RosterView,
+    Bytes32, ErasureView, InstitutionView, RevocationHistoryError, RevocationView, Roster,
+    RosterOp, RosterView,
 };
 pub use vocab::{
     AllergyVerification, Direction, EncounterKind, ExamKind, InstitutionKind, ProblemStatus,

@@ -33,9 +33,12 @@ pub const NODE_KEYS_PER_INSTITUTION_MAX: usize = 16;
 pub const REVOCATIONS_MAX: usize = 4_096;
 /// Most heads a revocation may name as its cut-off.
 pub const REVOCATION_HEADS_MAX: usize = 1_024;
+/// Most erasures (health files erased on legal order) in one roster.
+pub const ERASURES_MAX: usize = 16_384;
 /// Most changes in a roster's history. Every edit is one change, and the other limits allow
-/// 21,505 (the creation, 1,024 institutions, 16,384 node keys, 4,096 revocations); the rest is
-/// room for renames. It bounds the walk over the history that checks revocations are final.
+/// 37,889 (the creation, 1,024 institutions, 16,384 node keys, 4,096 revocations, 16,384
+/// erasures); the rest is room for renames. It bounds the walk over the history that checks
+/// revocations are final.
 pub const ROSTER_CHANGES_MAX: usize = 65_536;
 /// Longest institution id, in bytes.
 pub const INSTITUTION_ID_BYTES_MAX: usize = 64;

@@ -19,8 +19,8 @@ use crate::document::{DocumentKind, IDENTITY_KEYS, read_identity, replica};
 use crate::error::{OpError, ValidationError};
 use crate::ids::{Actor, DocumentId, Editor, InstitutionId, Timestamp};
 use crate::limits::{
-    FIELD_BYTES_MAX, INSTITUTIONS_MAX, NODE_KEYS_PER_INSTITUTION_MAX, REVOCATION_HEADS_MAX,
-    REVOCATIONS_MAX, ROSTER_CHANGES_MAX,
+    ERASURES_MAX, FIELD_BYTES_MAX, INSTITUTIONS_MAX, NODE_KEYS_PER_INSTITUTION_MAX,
+    REVOCATION_HEADS_MAX, REVOCATIONS_MAX, ROSTER_CHANGES_MAX,
 };
 use crate::vocab::InstitutionKind;
 
@@ -95,6 +95,14 @@ pub enum RosterOp {
         /// Why, for operators (no patient data).
         reason: String,
     },
+    /// Orders a health file erased (a court's or a regulator's order): every node deletes its
+    /// content and refuses it from then on. Final, like a revocation.
+    Erase {
+        /// The health file.
+        document: DocumentId,
+        /// The order's reference, for the audit (no patient data).
+        order: String,
+    },
 }
 
 /// An institution in a view.
@@ -123,6 +131,17 @@ pub struct RevocationView {
     pub cutoff: Vec<Bytes32>,
 }
 
+/// An erasure in a view.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct ErasureView {
+    /// The health file erased.
+    pub document: DocumentId,
+    /// When the authority ordered it.
+    pub at: Timestamp,
+    /// The order's reference.
+    pub order: String,
+}
+
 /// The roster as nodes and operators see it.
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
 pub struct RosterView {
@@ -134,12 +153,20 @@ pub struct RosterView {
     pub institutions: Vec<InstitutionView>,
     /// Revoked keys, by key.
     pub revocations: Vec<RevocationView>,
+    /// Health files erased on legal order, by id.
+    #[serde(default)]
+    pub erasures: Vec<ErasureView>,
 }
 
 impl RosterView {
     /// The institution holding `key`, if any (revoked or not).
     pub fn institution_of(&self, key: &Bytes32) -> Option<&InstitutionView> {
         self.institutions.iter().find(|i| i.node_keys.contains(key))
+    }
+
+    /// The erasure of `document`, if it was ordered erased.
+    pub fn erasure_of(&self, document: &DocumentId) -> Option<&ErasureView> {
+        self.erasures.iter().find(|e| e.document == *document)
     }
 
     /// The revocation of `key`, if it was revoked.
@@ -270,6 +297,21 @@ impl Roster {
                     });
                 }
             }
+            RosterOp::Erase { document, .. } => {
+                if view.erasure_of(document).is_some() {
+                    return Err(ValidationError::InvalidValue {
+                        field: "erasures",
+                        reason: "the health file is already erased",
+                    }
+                    .into());
+                }
+                if view.erasures.len() >= ERASURES_MAX {
+                    return Err(OpError::Full {
+                        field: "erasures",
+                        max: ERASURES_MAX,
+                    });
+                }
+            }
             RosterOp::AddInstitution { .. } => {}
         }
         self.transact(editor, |tx| {
@@ -312,6 +354,18 @@ impl Roster {
                     for (index, head) in cutoff.iter().enumerate() {
                         tx.insert(&list, index, ScalarValue::Bytes(head.0.to_vec()))?;
                     }
+                }
+                RosterOp::Erase { document, order } => {
+                    check_text(order, "erasures.order", FIELD_BYTES_MAX, true)?;
+                    // Rosters made before erasures existed have no map: the first makes it
+                    // (only the authority writes a roster, so no one writes it concurrently).
+                    let erasures = match tx.get(automerge::ROOT, "erasures")? {
+                        Some((Value::Object(ObjType::Map), obj)) => obj,
+                        _ => tx.put_object(automerge::ROOT, "erasures", ObjType::Map)?,
+                    };
+                    let entry = tx.put_object(&erasures, document.to_string(), ObjType::Map)?;
+                    put_time(tx, &entry, "at", editor.at)?;
+                    tx.put(&entry, "order", order.as_str())?;
                 }
             }
             let version = view
@@ -416,6 +470,7 @@ pub(crate) fn parse_roster<D: ReadDoc>(doc: &D) -> Result<RosterView, Validation
         "version",
         "institutions",
         "revocations",
+        "erasures",
     ])?;
     let version = root.once("version", "version", uint("version"))?;
     let institutions_obj = root.child(
@@ -558,11 +613,47 @@ pub(crate) fn parse_roster<D: ReadDoc>(doc: &D) -> Result<RosterView, Validation
             cutoff,
         });
     }
+    let erasures = match root.once_opt("erasures", "erasures", object(ObjType::Map, "an object"))? {
+        Some(obj) => parse_erasures(&root.child(obj, "erasures"))?,
+        None => Vec::new(),
+    };
     Ok(RosterView {
         // The id is not content: it is derived from the creation change by the replica.
         id: DocumentId::from_bytes([0; 16]),
         version,
         institutions,
         revocations,
+        erasures,
     })
+}
+
+/// The erasures map of a roster: health file id → when and by which order.
+fn parse_erasures<D: ReadDoc>(map: &Obj<'_, D>) -> Result<Vec<ErasureView>, ValidationError> {
+    let ids = map.keys();
+    if ids.len() > ERASURES_MAX {
+        return Err(ValidationError::TooMany {
+            field: "erasures",
+            count: ids.len(),
+            max: ERASURES_MAX,
+        });
+    }
+    let mut erasures = Vec::with_capacity(ids.len());
+    for hex in ids {
+        let document = DocumentId::parse(&hex)?;
+        let entry = map.child(
+            map.once(&hex, "erasures", object(ObjType::Map, "an object"))?,
+            "erasures",
+        );
+        entry.only_keys(&["at", "order"])?;
+        erasures.push(ErasureView {
+            document,
+            at: entry.once("at", "erasures.at", timestamp("erasures.at"))?,
+            order: entry.once(
+                "order",
+                "erasures.order",
+                text("erasures.order", FIELD_BYTES_MAX, true),
+            )?,
+        });
+    }
+    Ok(erasures)
 }

@@ -34,6 +34,9 @@ pub enum AuditAction {
     Exported,
     /// An operator purged quarantine records; the record's document is the zero id.
     QuarantinePurged,
+    /// A document was erased on the consortium authority's order: its content deleted here,
+    /// and its changes refused from now on.
+    Erased,
 }
 
 impl AuditAction {
@@ -71,6 +74,26 @@ pub struct AuditRecord {
 }
 
 impl AuditRecord {
+    /// A record of something the node itself did to `document` (no change, no app), to be
+    /// appended: `append_record` gives it its place in the chain.
+    pub(crate) fn of_node(
+        at_ms: i64,
+        action: AuditAction,
+        document: DocumentId,
+        institution: Option<InstitutionId>,
+    ) -> Self {
+        Self {
+            sequence: 0,
+            previous: [0; 32],
+            at_ms,
+            action,
+            document,
+            change: None,
+            institution,
+            app: None,
+        }
+    }
+
     /// The record's hash, which the next record holds.
     pub fn hash(&self) -> [u8; 32] {
         let mut bytes = Vec::new();
@@ -97,7 +120,8 @@ struct Stored(
     Option<String>,
 );
 
-const ACTIONS: [AuditAction; 7] = [
+/// Every action, by the code a record stores it as: new actions go at the end.
+const ACTIONS: [AuditAction; 8] = [
     AuditAction::Accepted,
     AuditAction::Quarantined,
     AuditAction::Withdrawn,
@@ -105,10 +129,12 @@ const ACTIONS: [AuditAction; 7] = [
     AuditAction::Written,
     AuditAction::Exported,
     AuditAction::QuarantinePurged,
+    AuditAction::Erased,
 ];
 
 /// The value record `record` is stored as (under `record_key(record.sequence)`).
 pub(crate) fn encode_record(record: &AuditRecord) -> Vec<u8> {
+    // Every action has a code: `every_action_has_a_code` checks `ACTIONS` is complete.
     let action = ACTIONS
         .iter()
         .position(|a| *a == record.action)
@@ -201,6 +227,23 @@ impl ChainCheck {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_action_has_a_code() {
+        // A new action must be added to `ACTIONS`, or its records would not read back.
+        let all = |action: AuditAction| match action {
+            AuditAction::Accepted
+            | AuditAction::Quarantined
+            | AuditAction::Withdrawn
+            | AuditAction::Read
+            | AuditAction::Written
+            | AuditAction::Exported
+            | AuditAction::QuarantinePurged
+            | AuditAction::Erased => ACTIONS.contains(&action),
+        };
+        assert!(ACTIONS.iter().all(|a| all(*a)));
+        assert!(all(AuditAction::Erased));
+    }
 
     #[test]
     fn records_are_stored_compactly_and_read_back_in_either_encoding() {

@@ -448,6 +448,8 @@ struct Imported {
     pending: u64,
     quarantined: u64,
     refused: u64,
+    /// Changes of documents erased on the authority's order: refused, not kept.
+    erased: u64,
 }
 
 /// A chunk of a bundle's envelopes (CBOR array of byte strings), through the ordinary
@@ -482,6 +484,7 @@ async fn import(
                 Ok(Ingested::Duplicate(_)) => imported.duplicate += 1,
                 Ok(Ingested::Pending(_)) => imported.pending += 1,
                 Ok(Ingested::Quarantined(..)) => imported.quarantined += 1,
+                Err(crate::replica::IngestError::Erased { .. }) => imported.erased += 1,
                 Err(_) => imported.refused += 1,
             }
         }

@@ -119,6 +119,17 @@ async fn read_document(
 ) -> Result<axum::response::Response, ApiError> {
     let id = document_id(id)?;
     blocking(move || {
+        if state
+            .node
+            .is_erased(&id)
+            .map_err(crate::replica::NodeError::from)?
+        {
+            return Err(ApiError::new(
+                StatusCode::GONE,
+                "erased",
+                "the document was erased on the consortium authority's order",
+            ));
+        }
         if kind == DocumentKind::HealthFile
             && let Some(record) = state.node.resident_record(id)?
         {

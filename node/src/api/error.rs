@@ -110,6 +110,11 @@ impl From<NodeError> for ApiError {
             NodeError::NotAMember => {
                 Self::new(StatusCode::FORBIDDEN, "not_a_member", error.to_string())
             }
+            NodeError::Ingest(IngestError::Erased { .. }) => Self::new(
+                StatusCode::GONE,
+                "erased",
+                "the document, or the resident it is about, was erased on the consortium authority's order",
+            ),
             NodeError::Ingest(IngestError::QuarantineFull | IngestError::RevokedBacklogFull) => {
                 Self::busy(error.to_string())
             }

@@ -15,6 +15,7 @@
 
 mod audit_trail;
 mod documents;
+mod erasure;
 mod linked;
 mod migrate;
 mod pending;
@@ -33,6 +34,7 @@ use pipeline::*;
 use quarantine::*;
 
 pub use documents::HistoryEntry;
+pub use erasure::ErasureRecord;
 pub use pending::PendingEntry;
 pub(crate) use quarantine::hex_encode;
 pub use quarantine::{
@@ -242,6 +244,15 @@ pub enum IngestError {
         "{REVOKED_HELD_PER_KEY_MAX} changes of this revoked key already wait until its cut-off can be drawn; the change was refused and not kept"
     )]
     RevokedBacklogFull,
+    /// The change is to a document erased on the consortium authority's order (or a referral
+    /// of an erased resident's): refused, and nothing of it kept.
+    #[error(
+        "document {document} was erased on the consortium authority's order; its changes are refused and not kept"
+    )]
+    Erased {
+        /// The document.
+        document: DocumentId,
+    },
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),

@@ -530,6 +530,9 @@ impl Node {
         app: Option<&str>,
     ) -> Result<Ingested, IngestError> {
         let (id, hash) = (verified.document, verified.hash);
+        if self.is_erased(&id)? {
+            return Err(IngestError::Erased { document: id });
+        }
         if self.store.get(&keys::envelope(&id, &hash))?.is_some() {
             return Ok(Ingested::Duplicate(hash));
         }
@@ -662,6 +665,11 @@ impl Node {
             snapshot,
             ..
         } = decided;
+        if let View::Referral(referral) = &view
+            && self.is_erased(&referral.patient)?
+        {
+            return Err(self.refuse_erased_referral(ledger, ticket, id, &referral.patient)?);
+        }
         let kind = view.kind();
         let cached_bytes = bytes + verified.encoded.len();
         let heads = current.get_heads();

@@ -241,16 +241,12 @@ impl Node {
             ledger.audit = append_record(
                 &mut batch,
                 ledger.audit,
-                AuditRecord {
-                    sequence: 0,
-                    previous: [0; 32],
-                    at_ms: audit::now_ms(),
-                    action: AuditAction::QuarantinePurged,
-                    document: DocumentId::from_bytes([0; 16]),
-                    change: None,
-                    institution: Some(self.institution.clone()),
-                    app: None,
-                },
+                AuditRecord::of_node(
+                    audit::now_ms(),
+                    AuditAction::QuarantinePurged,
+                    DocumentId::from_bytes([0; 16]),
+                    Some(self.institution.clone()),
+                ),
             );
             let mut purged = 0usize;
             for prefix in [keys::REFUSED, keys::QUARANTINE] {

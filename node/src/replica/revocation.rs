@@ -210,6 +210,7 @@ impl Node {
                 }
             }
             self.apply_revocations(&mut ledger, &mut ticket)?;
+            self.apply_erasures(&mut ledger, &mut ticket)?;
             self.settle(&mut ledger, &mut ticket);
             ticket
         };

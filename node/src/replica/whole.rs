@@ -143,6 +143,18 @@ impl Node {
         let institutions: Vec<InstitutionId> =
             checked.iter().map(|c| c.institution.clone()).collect();
         let view = crate::model::judge_history(&whole.doc, &changes, &institutions).ok()?;
+        // An erased document, or a referral of an erased resident, is refused change by
+        // change, and nothing of it kept.
+        let patient = match &view {
+            View::Referral(referral) => Some(referral.patient),
+            _ => None,
+        };
+        if std::iter::once(id)
+            .chain(patient)
+            .any(|document| !matches!(self.is_erased(&document), Ok(false)))
+        {
+            return None;
+        }
         Some(PreparedWhole {
             changes: checked,
             view,

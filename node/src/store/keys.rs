@@ -68,6 +68,10 @@ pub const HELD: u8 = b'h';
 /// `u ‖ author ‖ document` → nothing: the documents each key has changes accepted in, so
 /// a revocation reaches only the documents it concerns.
 pub const AUTHOR: u8 = b'u';
+/// `z ‖ document` → `ErasureRecord`: a document erased on legal order (a health file the
+/// roster orders erased, or a referral of its resident). Its content is gone and a change to
+/// it is refused without being stored, for good.
+pub const ERASED: u8 = b'z';
 /// `m/revocation/ ‖ key` → nothing: revocations whose withdrawals are complete.
 pub const REVOCATION_APPLIED: &[u8] = b"m/revocation/";
 

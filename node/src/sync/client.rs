@@ -251,7 +251,10 @@ impl Driver {
             && let Some((id, difference)) = state.kept.pop_front()
         {
             let document = DocumentId::from_bytes(*id);
-            if difference == Difference::OnlyTheirs && self.node.catalogue().get(&id).is_some()
+            // Held now, or erased here: nothing to fetch.
+            if difference == Difference::OnlyTheirs
+                && (self.node.catalogue().get(&id).is_some()
+                    || matches!(self.node.is_erased(&document), Ok(true)))
                 || !self.in_progress.take(peer, document)
             {
                 continue;

@@ -246,6 +246,10 @@ impl Driver {
                     | crate::replica::IngestError::QuarantineFull
                     | crate::replica::IngestError::RevokedBacklogFull,
                 ) => (MessageAcceptance::Ignore, false),
+                // Erased here: a relay that has not adopted the order yet is not at fault.
+                Err(crate::replica::IngestError::Erased { .. }) => {
+                    (MessageAcceptance::Ignore, false)
+                }
                 Err(_) => (MessageAcceptance::Reject, false),
             };
             Job::Validated {
