@@ -147,6 +147,11 @@ impl Client {
         })
     }
 
+    /// Whether the node is not running: the command reads its stopped data directory.
+    pub fn is_offline(&self) -> bool {
+        self._offline.is_some()
+    }
+
     fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }
@@ -286,12 +291,16 @@ fn read_json(mut response: ureq::http::Response<ureq::Body>) -> Result<Value, Fa
     if status.is_success() {
         return Ok(body);
     }
+    // `/fhir` answers errors as an OperationOutcome, the rest as `{"error": {code, reason}}`.
+    let issue = &body["issue"][0]["details"];
     let reason = body["error"]["reason"]
         .as_str()
+        .or(issue["text"].as_str())
         .unwrap_or("no reason given")
         .to_owned();
     let code = body["error"]["code"]
         .as_str()
+        .or(issue["coding"][0]["code"].as_str())
         .unwrap_or("unknown")
         .to_owned();
     Err(Failure::refused(status.as_u16(), code, reason))

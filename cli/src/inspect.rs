@@ -136,6 +136,9 @@ pub fn status(client: &Client, json: bool) -> Result<(), Failure> {
         output::json(&status);
         return Ok(());
     }
+    if client.is_offline() {
+        println!("the node is not running: these figures are read from its stopped data directory");
+    }
     output::fields(&[
         ("institution", cell(&status["institution"])),
         ("node key", cell(&status["node_key"])),

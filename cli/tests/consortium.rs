@@ -192,17 +192,30 @@ fn follow_feed(node: &Running) -> mpsc::Receiver<String> {
             .http_status_as_error(false)
             .build()
             .into();
-        let Ok(response) = agent.get(url).header("Authorization", bearer).call() else {
-            return;
-        };
-        let reader = BufReader::new(response.into_body().into_reader());
-        for line in reader.lines() {
-            let Ok(line) = line else { return };
-            if let Some(data) = line.strip_prefix("data:")
-                && sender.send(data.trim().to_owned()).is_err()
-            {
-                return;
+        // As an SSE client does: a stream that ends is resumed from the last event seen.
+        let started = Instant::now();
+        let mut last_id: Option<String> = None;
+        while started.elapsed() < PATIENCE {
+            let mut request = agent.get(&url).header("Authorization", &bearer);
+            if let Some(id) = &last_id {
+                request = request.header("Last-Event-ID", id);
             }
+            let Ok(response) = request.call() else {
+                std::thread::sleep(Duration::from_millis(200));
+                continue;
+            };
+            let reader = BufReader::new(response.into_body().into_reader());
+            for line in reader.lines() {
+                let Ok(line) = line else { break };
+                if let Some(id) = line.strip_prefix("id:") {
+                    last_id = Some(id.trim().to_owned());
+                } else if let Some(data) = line.strip_prefix("data:")
+                    && sender.send(data.trim().to_owned()).is_err()
+                {
+                    return;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(200));
         }
     });
     receiver
@@ -459,6 +472,15 @@ fn three_institutions_share_a_health_file_and_a_referral_through_the_api_and_the
     baozhen.stop();
     let offline = estuary_json(root, &["--config", &config2, "--json", "status"]);
     assert_eq!(offline["network"], false);
+    // Read as a person would, it says so first.
+    let shown = common::estuary(root, &["--config", &config2, "status"]);
+    let text = String::from_utf8_lossy(&shown.stdout);
+    assert!(
+        text.lines()
+            .next()
+            .is_some_and(|first| first.starts_with("the node is not running")),
+        "{text}"
+    );
     let exported = estuary_json(
         root,
         &["--config", &config0, "--json", "export", "courier.bundle"],

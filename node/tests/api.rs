@@ -238,6 +238,40 @@ fn every_route_is_described_in_the_openapi_file_and_every_described_route_exists
     assert!(missing.is_empty(), "described but not served: {missing:?}");
 }
 
+/// A FHIR client discovers the server without a token: every resource type a `/fhir` route
+/// serves is in the CapabilityStatement, and nothing else is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_capability_statement_names_every_resource_served_and_needs_no_token() {
+    let api = api();
+    let request = Request::builder()
+        .method("GET")
+        .uri("/fhir/metadata")
+        .body(Body::empty())
+        .unwrap();
+    let response = api.router.clone().oneshot(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let bytes = axum::body::to_bytes(response.into_body(), 1024 * 1024)
+        .await
+        .unwrap();
+    let statement: Value = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(statement["resourceType"], "CapabilityStatement");
+    assert_eq!(statement["fhirVersion"], "4.0.1");
+    assert_eq!(statement["kind"], "instance");
+    let described: BTreeSet<String> = statement["rest"][0]["resource"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["type"].as_str().unwrap().to_owned())
+        .collect();
+    let served: BTreeSet<String> = routes()
+        .iter()
+        .filter_map(|r| r.path.strip_prefix("/fhir/"))
+        .map(|rest| rest.split('/').next().unwrap().to_owned())
+        .filter(|kind| kind != "metadata")
+        .collect();
+    assert_eq!(described, served);
+}
+
 /// A member's existing records load in bulk: each resident one health file written as one
 /// change, every bad line refused with its number and a reason that quotes nothing, and a
 /// load run twice adds nothing.
@@ -448,7 +482,10 @@ async fn a_fhir_transaction_loads_each_patient_with_its_records_all_or_nothing()
     bad[2]["resource"]["code"]["coding"][0]["system"] = json!("http://snomed.info/sct");
     let (status, answer) = api.call("POST", "/fhir", WRITER, &bundle(&bad)).await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
-    let reason = answer["error"]["reason"].as_str().unwrap();
+    // A FHIR client gets an OperationOutcome.
+    assert_eq!(answer["resourceType"], "OperationOutcome", "{answer}");
+    assert_eq!(answer["issue"][0]["code"], "invalid");
+    let reason = answer["issue"][0]["details"]["text"].as_str().unwrap();
     assert!(reason.starts_with("entry 2 (Condition): "), "{reason}");
     assert_eq!(api.node.catalogue().len(), before);
 
@@ -698,6 +735,21 @@ async fn referral_transitions_are_checked_and_every_access_is_audited_with_the_a
     assert_eq!(status, StatusCode::CREATED, "{created}");
     let referral = created["id"].as_str().unwrap().to_owned();
     let operations = format!("/v1/referrals/{referral}/operations");
+    // A destination no member is named (a typo) is refused: no desk would ever see it.
+    let (status, body) = api
+        .call(
+            "POST",
+            "/v1/referrals",
+            WRITER,
+            &json!({
+                "patient": patient, "direction": "up", "to": "coer",
+                "reason": "chest pain", "urgency": "priority", "handover": "",
+            })
+            .to_string(),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert_eq!(body["error"]["code"], "unknown_member", "{body}");
 
     // Only the receiving institution may accept.
     let (status, body) = api
@@ -832,16 +884,35 @@ async fn name_searches_by_post_answer_as_the_get_forms_do_and_are_audited_alike(
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
     assert!(
-        !body["error"]["reason"]
+        !body["issue"][0]["details"]["text"]
             .as_str()
             .unwrap()
             .contains("Zhangsan"),
         "{body}"
     );
-    let (status, _) = api
+    let (status, body) = api
         .call_form("/fhir/Patient/_search", "not-a-token", "name=lu")
         .await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(body["issue"][0]["code"], "login", "{body}");
+    // Every FHIR error is an OperationOutcome: an unknown resource, an unknown id.
+    let (status, body) = api.call("GET", "/fhir/Practitioner/1", READER, "").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(body["resourceType"], "OperationOutcome", "{body}");
+    let (status, body) = api
+        .call(
+            "GET",
+            &format!("/fhir/Patient/{}", "0".repeat(32)),
+            READER,
+            "",
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(body["issue"][0]["code"], "not-found", "{body}");
+    assert_eq!(
+        body["issue"][0]["details"]["coding"][0]["code"], "not_found",
+        "{body}"
+    );
 }
 
 /// A resident registered twice, the duplicate linked to the main file: reads through either
@@ -1120,6 +1191,117 @@ async fn fhir_views_carry_the_required_elements() {
     assert_eq!(
         statement["verificationStatus"]["coding"][0]["code"],
         "confirmed"
+    );
+}
+
+/// Prescriptions and encounters are served as MedicationRequest and Encounter, and what is
+/// served loads back, through a FHIR transaction, as the same records.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prescriptions_and_encounters_are_served_and_load_back_as_the_same_records() {
+    let api = api();
+    let patient = api.register("Jianguo").await;
+    let operations = format!("/v1/health-files/{patient}/operations");
+    for op in [
+        json!({"op": "add_medication", "args": {"drug": "amlodipine", "dose": "5 mg", "frequency": "once daily", "start": "2020-02-20", "days": 14}}),
+        json!({"op": "add_medication", "args": {"drug": "metformin", "dose": "500 mg", "frequency": "twice daily", "start": "2099-12-20", "days": 60}}),
+        json!({"op": "add_encounter", "args": {"time": 1_790_000_000_000i64, "kind": "outpatient", "note": "seen",
+               "diagnoses": [{"icd10": "I10", "display": "Essential hypertension"},
+                             {"icd10": {"system": "icd-10-cn-clinical", "code": "E11.900"}, "display": "Type 2 diabetes"}]}}),
+    ] {
+        let (status, body) = api.call("POST", &operations, WRITER, &op.to_string()).await;
+        assert_eq!(status, StatusCode::OK, "{op}: {body}");
+    }
+    let requests = api.fhir_search("MedicationRequest", &patient).await;
+    assert_eq!(requests["total"], 2, "{requests}");
+    let past = &requests["entry"][0]["resource"];
+    assert_eq!(past["status"], "completed", "{past}");
+    assert_eq!(past["intent"], "order");
+    let validity = &past["dispenseRequest"]["validityPeriod"];
+    // 14 days from 20 February 2020, a leap year.
+    assert_eq!(
+        (validity["start"].as_str(), validity["end"].as_str()),
+        (Some("2020-02-20"), Some("2020-03-04"))
+    );
+    assert_eq!(
+        past["dispenseRequest"]["expectedSupplyDuration"]["value"],
+        14
+    );
+    let future = &requests["entry"][1]["resource"];
+    assert_eq!(future["status"], "active", "{future}");
+    assert_eq!(
+        future["dispenseRequest"]["validityPeriod"]["end"],
+        "2100-02-17"
+    );
+
+    let encounters = api.fhir_search("Encounter", &patient).await;
+    let encounter = &encounters["entry"][0]["resource"];
+    assert_eq!(encounter["status"], "finished");
+    assert_eq!(encounter["class"]["code"], "AMB");
+    assert_eq!(
+        encounter["subject"]["reference"],
+        format!("Patient/{patient}")
+    );
+    assert_eq!(encounter["reasonCode"][1]["coding"][0]["code"], "E11.900");
+    assert_eq!(
+        encounter["contained"][0]["category"][0]["coding"][0]["code"],
+        "encounter-diagnosis"
+    );
+    assert_eq!(
+        encounter["diagnosis"][1]["condition"]["reference"],
+        "#diagnosis-1"
+    );
+
+    // What was served, posted back for a new resident, holds the same records.
+    let url = "urn:uuid:0c1a2b3c-0000-4000-8000-0000000000aa";
+    let mut entries = vec![json!({
+        "fullUrl": url,
+        "request": { "method": "POST", "url": "Patient" },
+        "resource": { "resourceType": "Patient", "name": [{ "family": "Gu", "given": ["Guilan"] }],
+                      "gender": "female", "birthDate": "1948-05-02" },
+    })];
+    for served in [
+        &requests["entry"][0],
+        &requests["entry"][1],
+        &encounters["entry"][0],
+    ] {
+        let mut resource = served["resource"].clone();
+        resource["subject"] = json!({ "reference": url });
+        entries.push(json!({ "request": { "method": "POST" }, "resource": resource }));
+    }
+    let bundle = json!({ "resourceType": "Bundle", "type": "transaction", "entry": entries });
+    let (status, answer) = api.call("POST", "/fhir", WRITER, &bundle.to_string()).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let location = answer["entry"][0]["response"]["location"].as_str().unwrap();
+    let loaded = location.trim_start_matches("Patient/").to_owned();
+    let read = |file: String| {
+        let api = &api;
+        async move {
+            api.call("GET", &format!("/v1/health-files/{file}"), READER, "")
+                .await
+                .1["view"]
+                .clone()
+        }
+    };
+    let (original, copy) = (read(patient.clone()).await, read(loaded).await);
+    for field in ["drug", "dose", "frequency", "start", "days"] {
+        for index in 0..2 {
+            assert_eq!(
+                original["medications"][index][field], copy["medications"][index][field],
+                "{field}"
+            );
+        }
+    }
+    assert_eq!(
+        original["encounters"][0]["diagnoses"],
+        copy["encounters"][0]["diagnoses"]
+    );
+    assert_eq!(
+        original["encounters"][0]["kind"],
+        copy["encounters"][0]["kind"]
+    );
+    assert_eq!(
+        original["encounters"][0]["time"],
+        copy["encounters"][0]["time"]
     );
 }
 

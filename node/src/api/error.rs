@@ -2,7 +2,6 @@
 //! act on. Reasons name fields, rules and limits; never a value an app sent, so no patient
 //! data ends up in an app's error log.
 
-use axum::Json;
 use axum::extract::FromRequestParts;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -87,6 +86,11 @@ impl From<NodeError> for ApiError {
             NodeError::AlreadyHeld { .. } => {
                 Self::new(StatusCode::CONFLICT, "already_held", error.to_string())
             }
+            NodeError::UnknownMember { .. } => Self::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "unknown_member",
+                error.to_string(),
+            ),
             NodeError::LinkRefused { .. } => Self::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "link_refused",
@@ -150,13 +154,46 @@ impl From<ValidationError> for ApiError {
     }
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
+impl ApiError {
+    /// The error as a FHIR `OperationOutcome`: what a FHIR client expects from `/fhir`. The
+    /// stable code is the issue's `details` coding (system `urn:estuary:error`); the reason
+    /// its text.
+    pub fn operation_outcome(&self) -> serde_json::Value {
+        // The FHIR issue type closest to each status (FHIR R4 `issue-type`).
+        let issue_type = match self.status {
+            StatusCode::BAD_REQUEST => "invalid",
+            StatusCode::UNAUTHORIZED => "login",
+            StatusCode::FORBIDDEN => "forbidden",
+            StatusCode::NOT_FOUND => "not-found",
+            StatusCode::METHOD_NOT_ALLOWED => "not-supported",
+            StatusCode::CONFLICT => "conflict",
+            StatusCode::GONE => "deleted",
+            StatusCode::PAYLOAD_TOO_LARGE => "too-costly",
+            StatusCode::UNPROCESSABLE_ENTITY => "processing",
+            StatusCode::SERVICE_UNAVAILABLE => "transient",
+            status if status.is_client_error() => "invalid",
+            _ => "exception",
+        };
+        serde_json::json!({
+            "resourceType": "OperationOutcome",
+            "issue": [{
+                "severity": "error",
+                "code": issue_type,
+                "details": {
+                    "coding": [{ "system": ERROR_CODE_SYSTEM, "code": self.code }],
+                    "text": self.reason,
+                },
+            }],
+        })
+    }
+
+    /// The response: `{"error": {code, reason}}`, or, for a `/fhir` request, an
+    /// `OperationOutcome` (`fhir_errors` rewrites it on the way out).
+    fn response(&self, body: serde_json::Value, content_type: &'static str) -> Response {
         let mut response = (
             self.status,
-            Json(serde_json::json!({
-                "error": { "code": self.code, "reason": self.reason }
-            })),
+            [(axum::http::header::CONTENT_TYPE, content_type)],
+            body.to_string(),
         )
             .into_response();
         if self.status == StatusCode::UNAUTHORIZED {
@@ -166,6 +203,35 @@ impl IntoResponse for ApiError {
             );
         }
         response
+    }
+}
+
+/// The system of the stable error codes in an `OperationOutcome`.
+pub const ERROR_CODE_SYSTEM: &str = "urn:estuary:error";
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = serde_json::json!({
+            "error": { "code": self.code, "reason": self.reason }
+        });
+        let mut response = self.response(body, "application/json");
+        // Kept for `fhir_errors`, which answers a FHIR client in its own terms.
+        response.extensions_mut().insert(self);
+        response
+    }
+}
+
+/// Rewrites every error answered to a `/fhir` request — from a handler, an extractor, the
+/// token check or the router's fallbacks — as an `OperationOutcome`.
+pub(super) async fn fhir_errors(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let fhir = request.uri().path() == "/fhir" || request.uri().path().starts_with("/fhir/");
+    let response = next.run(request).await;
+    match response.extensions().get::<ApiError>() {
+        Some(error) if fhir => error.response(error.operation_outcome(), "application/fhir+json"),
+        _ => response,
     }
 }
 

@@ -19,8 +19,8 @@ use super::{ApiError, ApiState, Caller, Loader, Route, blocking};
 use std::collections::{HashMap, HashSet};
 
 use crate::model::{
-    AllergyVerification, Amended, DocumentId, EnteredInError, EntryId, ExamKind, HealthFileView,
-    ReferralStatus, ReferralView, Register, Severity, Sex, Urgency,
+    AllergyVerification, Amended, DocumentId, EncounterKind, EnteredInError, EntryId, ExamKind,
+    HealthFileView, ReferralStatus, ReferralView, Register, Severity, Sex, Urgency,
 };
 
 /// Identifier system of Estuary document ids.
@@ -50,6 +50,9 @@ const NO_KNOWN_ALLERGY_SNOMED: &str = "716186003";
 const ALLERGY_VERIFICATION_SYSTEM: &str =
     "http://terminology.hl7.org/CodeSystem/allergyintolerance-verification";
 const CONDITION_CLINICAL_SYSTEM: &str = "http://terminology.hl7.org/CodeSystem/condition-clinical";
+const CONDITION_CATEGORY_SYSTEM: &str = "http://terminology.hl7.org/CodeSystem/condition-category";
+/// HL7 v3 ActCode: an encounter's class.
+const ACT_CODE_SYSTEM: &str = "http://terminology.hl7.org/CodeSystem/v3-ActCode";
 /// 0001-01-01T00:00:00Z and 9999-12-31T23:59:59.999Z.
 const INSTANT_MS_MIN: i64 = -62_135_596_800_000;
 const INSTANT_MS_MAX: i64 = 253_402_300_799_999;
@@ -57,6 +60,7 @@ const FHIR_JSON: &str = "application/fhir+json";
 
 pub(super) fn routes() -> Vec<Route> {
     vec![
+        Route::get("/fhir/metadata", metadata),
         Route::post("/fhir", transaction),
         Route::get("/fhir/Patient", search_patients),
         Route::post("/fhir/Patient/_search", search_patients_by_post),
@@ -65,8 +69,76 @@ pub(super) fn routes() -> Vec<Route> {
         Route::get("/fhir/ServiceRequest/{id}", service_request),
         Route::get("/fhir/AllergyIntolerance", allergies),
         Route::get("/fhir/Condition", conditions),
+        Route::get("/fhir/MedicationRequest", medication_requests),
+        Route::get("/fhir/Encounter", encounters),
         Route::get("/fhir/Observation", observations),
     ]
+}
+
+/// When this server's capability statement last changed (its `date`).
+const CAPABILITY_STATEMENT_DATE: &str = "2026-12-05";
+
+/// `GET /fhir/metadata`: what this server does, for a FHIR client to discover. It needs no
+/// token, as FHIR clients ask before they authenticate; it holds nothing of any resident.
+async fn metadata(State(state): State<ApiState>) -> impl IntoResponse {
+    fhir(capability_statement(state.node.institution().as_str()))
+}
+
+/// The `CapabilityStatement` of a node of `institution`: the resources served, how each is
+/// read and searched, and the transaction that loads a member's records.
+pub fn capability_statement(institution: &str) -> Value {
+    let param = |name: &str, kind: &str, documentation: &str| json!({ "name": name, "type": kind, "documentation": documentation });
+    let resource = |kind: &str, interactions: &[&str], params: Vec<Value>| {
+        let interactions: Vec<Value> = interactions
+            .iter()
+            .map(|code| json!({ "code": code }))
+            .collect();
+        json!({ "type": kind, "interaction": interactions, "searchParam": params })
+    };
+    let patient = || {
+        param(
+            "patient",
+            "reference",
+            "Required: Patient/<id> or the id. A file linked with others of the same resident answers for all of them, under the main file's id.",
+        )
+    };
+    json!({
+        "resourceType": "CapabilityStatement",
+        "status": "active",
+        "date": CAPABILITY_STATEMENT_DATE,
+        "publisher": "Estuary",
+        "kind": "instance",
+        "software": { "name": "Estuary", "version": env!("CARGO_PKG_VERSION") },
+        "implementation": { "description": format!("Estuary node of {institution}") },
+        "fhirVersion": "4.0.1",
+        "format": ["json"],
+        "rest": [{
+            "mode": "server",
+            "security": {
+                "description": "A bearer token of an app configured on this node (Authorization: Bearer <token>): a read token for reads and searches, a read-write one for the transaction. Every read is recorded in the node's audit log under the app's name.",
+            },
+            "resource": [
+                resource("Patient", &["read", "search-type"], vec![param(
+                    "name",
+                    "string",
+                    "The beginning of the family and given name, or of the name as written locally, ignoring case; by POST to Patient/_search so the name stays out of URLs.",
+                )]),
+                resource("ServiceRequest", &["read", "search-type"], vec![
+                    param("performer", "reference", "Required: the receiving institution, Organization/<id> or the id."),
+                    param("status", "token", "active, completed or revoked, or a referral status."),
+                ]),
+                resource("AllergyIntolerance", &["search-type"], vec![patient()]),
+                resource("Condition", &["search-type"], vec![patient()]),
+                resource("MedicationRequest", &["search-type"], vec![patient()]),
+                resource("Encounter", &["search-type"], vec![patient()]),
+                resource("Observation", &["search-type"], vec![patient()]),
+            ],
+            "interaction": [{
+                "code": "transaction",
+                "documentation": "POST /fhir: a member's existing records (Patient, AllergyIntolerance, Condition, MedicationRequest, Encounter, Observation), each Patient one new health file, all or nothing.",
+            }],
+        }],
+    })
 }
 
 fn fhir(resource: Value) -> impl IntoResponse {
@@ -652,6 +724,160 @@ async fn conditions(
         })
         .collect();
     Ok(fhir(searchset(&state, "Condition", entries)))
+}
+
+/// The last day of a prescription of `days` days from `start` (`YYYY-MM-DD`), if it reads.
+fn last_day(start: &str, days: u64) -> Option<String> {
+    let mut parts = start.splitn(3, '-').map(str::parse::<i64>);
+    let (year, month, day) = (
+        parts.next()?.ok()?,
+        parts.next()?.ok()?,
+        parts.next()?.ok()?,
+    );
+    let first = crate::import::days_from_civil(year, month, day);
+    let (year, month, day) =
+        crate::import::civil_from_days(first + i64::try_from(days).ok()?.saturating_sub(1));
+    Some(format!("{year:04}-{month:02}-{day:02}"))
+}
+
+/// A resident's prescriptions as `MedicationRequest`s: the 60-day cap as the validity period
+/// and the expected supply; stopped, entered in error, or completed once the period is over.
+/// An amended prescription is served under its own id with the corrected values.
+async fn medication_requests(
+    State(state): State<ApiState>,
+    caller: Caller,
+    QueryParams(query): QueryParams<PatientSearch>,
+) -> Result<impl IntoResponse, ApiError> {
+    let view = patient_file(&state, &caller, &query).await?;
+    let today = {
+        let (year, month, day) =
+            crate::import::civil_from_days(crate::audit::now_ms().div_euclid(86_400_000));
+        format!("{year:04}-{month:02}-{day:02}")
+    };
+    let entries = current(&view.medications, |m| &m.entry, |m| &m.amended)
+        .into_iter()
+        .map(|(record, medication)| {
+            let end = last_day(medication.start.as_str(), medication.days);
+            let status = if record.entered_in_error.is_some() {
+                "entered-in-error"
+            } else if medication.stopped.is_some() {
+                "stopped"
+            } else if end.as_deref().is_some_and(|end| end < today.as_str()) {
+                "completed"
+            } else {
+                "active"
+            };
+            let mut period = json!({ "start": medication.start.as_str() });
+            if let Some(end) = &end {
+                period["end"] = json!(end);
+            }
+            json!({
+                "resourceType": "MedicationRequest",
+                "id": entry_id(&view.id, &record.entry),
+                "identifier": [entry_identifier(&record.entry)],
+                "meta": meta(medication.recorded_at.0),
+                "status": status,
+                "intent": "order",
+                "medicationCodeableConcept": { "text": medication.drug },
+                "subject": reference("Patient", &view.id),
+                "authoredOn": instant(medication.recorded_at.0),
+                "requester": organisation(medication.prescribed_by.as_str()),
+                "dosageInstruction": [{
+                    "text": medication.dose,
+                    "timing": { "code": { "text": medication.frequency } },
+                }],
+                "dispenseRequest": {
+                    "validityPeriod": period,
+                    "expectedSupplyDuration": {
+                        "value": medication.days,
+                        "unit": "days",
+                        "system": UCUM_SYSTEM,
+                        "code": "d",
+                    },
+                },
+            })
+        })
+        .collect();
+    Ok(fhir(searchset(&state, "MedicationRequest", entries)))
+}
+
+/// A resident's encounters as `Encounter`s, each diagnosis both a `reasonCode` and a
+/// contained `Condition` of category encounter-diagnosis that `diagnosis` names. An amended
+/// encounter is served under its own id with the corrected values.
+async fn encounters(
+    State(state): State<ApiState>,
+    caller: Caller,
+    QueryParams(query): QueryParams<PatientSearch>,
+) -> Result<impl IntoResponse, ApiError> {
+    let view = patient_file(&state, &caller, &query).await?;
+    let entries = current(&view.encounters, |e| &e.entry, |e| &e.amended)
+        .into_iter()
+        .map(|(record, encounter)| {
+            let (class, display) = match encounter.kind {
+                EncounterKind::Inpatient => ("IMP", "inpatient encounter"),
+                EncounterKind::Emergency => ("EMER", "emergency"),
+                EncounterKind::HomeVisit => ("HH", "home health"),
+                _ => ("AMB", "ambulatory"),
+            };
+            let coded: Vec<Value> = encounter
+                .diagnoses
+                .iter()
+                .map(|d| {
+                    json!({
+                        "coding": [{
+                            "system": d.icd10.system().fhir_uri(),
+                            "code": d.icd10.as_str(),
+                            "display": d.display,
+                        }],
+                        "text": d.display,
+                    })
+                })
+                .collect();
+            let contained: Vec<Value> = coded
+                .iter()
+                .enumerate()
+                .map(|(index, code)| {
+                    json!({
+                        "resourceType": "Condition",
+                        "id": format!("diagnosis-{index}"),
+                        "category": [{ "coding": [{
+                            "system": CONDITION_CATEGORY_SYSTEM,
+                            "code": "encounter-diagnosis",
+                        }] }],
+                        "code": code,
+                        "subject": reference("Patient", &view.id),
+                    })
+                })
+                .collect();
+            let diagnoses: Vec<Value> = (0..coded.len())
+                .map(|index| {
+                    json!({
+                        "condition": { "reference": format!("#diagnosis-{index}") },
+                        "rank": index + 1,
+                    })
+                })
+                .collect();
+            let mut resource = json!({
+                "resourceType": "Encounter",
+                "id": entry_id(&view.id, &record.entry),
+                "identifier": [entry_identifier(&record.entry)],
+                "meta": meta(encounter.time.0),
+                "status": if record.entered_in_error.is_some() { "entered-in-error" } else { "finished" },
+                "class": { "system": ACT_CODE_SYSTEM, "code": class, "display": display },
+                "type": [{ "text": encounter.kind.as_str() }],
+                "subject": reference("Patient", &view.id),
+                "serviceProvider": organisation(encounter.institution.as_str()),
+                "period": { "start": instant(encounter.time.0) },
+            });
+            if !coded.is_empty() {
+                resource["reasonCode"] = json!(coded);
+                resource["contained"] = json!(contained);
+                resource["diagnosis"] = json!(diagnoses);
+            }
+            resource
+        })
+        .collect();
+    Ok(fhir(searchset(&state, "Encounter", entries)))
 }
 
 fn quantity(value: f64, unit: &str, ucum: &str) -> Value {

@@ -309,6 +309,7 @@ pub fn router(state: ApiState) -> Router {
             )
         })
         .layer(DefaultBodyLimit::max(state.config.api.body_bytes_max))
+        .layer(axum::middleware::from_fn(error::fhir_errors))
         .layer(axum::middleware::from_fn_with_state(state.clone(), admit))
         .with_state(state)
 }

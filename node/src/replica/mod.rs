@@ -206,6 +206,14 @@ pub enum NodeError {
     /// was refused.
     #[error("not loaded: another resident of this all-or-nothing load was refused")]
     LoadRolledBack,
+    /// A referral to an institution the roster does not name.
+    #[error(
+        "no member of the consortium is named {institution}; check the destination against the roster (estuary roster show)"
+    )]
+    UnknownMember {
+        /// The destination named.
+        institution: InstitutionId,
+    },
     /// A link of a health file that cannot be made here.
     #[error("the link is refused: {reason}")]
     LinkRefused {
@@ -474,6 +482,18 @@ impl Writer<'_> {
     ) -> Result<(DocumentId, ChangeHash), NodeError> {
         let node = self.node;
         node.check_editor(editor)?;
+        // A referral to an institution the roster does not name would reach no desk.
+        if node
+            .membership()
+            .view()
+            .institutions
+            .iter()
+            .all(|member| member.id != referral.to)
+        {
+            return Err(NodeError::UnknownMember {
+                institution: referral.to.clone(),
+            });
+        }
         let mut created = Referral::create(&node.actor, editor, referral)?;
         let id = created.id();
         let changes = created.changes_since(&[]);
