@@ -29,8 +29,11 @@ pub use index::{ResidentSummary, SEARCH_RESULTS_MAX};
 /// log stored or carried values when verbose are held at `info`. sled logs whole write
 /// batches and pages at trace — envelopes, snapshots and name index keys, which hold patient
 /// data; yamux logs a data frame that arrives for a stream already dropped, body and all, at
-/// trace — decrypted sync messages, envelopes included (the canary test found both).
-pub const LOG_CAPS: [&str; 2] = ["sled=info", "yamux=info"];
+/// trace — decrypted sync messages, envelopes included (the canary test found both); and the
+/// HTTP client of the `estuary` command and the testnet, ureq, hex-dumps every body it sends
+/// and receives at trace — health files read through the API (found by the canary test once
+/// the demo read files back to check their links).
+pub const LOG_CAPS: [&str; 4] = ["sled=info", "yamux=info", "ureq=info", "ureq_proto=info"];
 
 use model::{DocumentKind, ValidationError};
 

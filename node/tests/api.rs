@@ -865,7 +865,15 @@ async fn name_searches_by_post_answer_as_the_get_forms_do_and_are_audited_alike(
         .call_form("/fhir/Patient/_search", READER, "name=lu")
         .await;
     assert_eq!(status, StatusCode::OK, "{by_post}");
-    assert_eq!(by_post, by_get);
+    // The same Bundle, but for its self link, which is the request's own.
+    assert_eq!(by_post["entry"], by_get["entry"]);
+    assert_eq!(by_post["total"], by_get["total"]);
+    assert!(
+        by_get["link"][0]["url"]
+            .as_str()
+            .unwrap()
+            .ends_with("/fhir/Patient?name=lu")
+    );
     assert_eq!(by_post["type"], "searchset");
     assert_eq!(by_post["total"], 2);
     assert_eq!(api.reads_by("dashboard") - reads, 2);
@@ -1074,6 +1082,23 @@ async fn an_amended_result_is_served_as_amended_with_the_corrected_value() {
     assert_eq!(resource["status"], "amended");
     assert_eq!(resource["identifier"][0]["value"], entry.as_str());
     assert_eq!(resource["component"][0]["valueQuantity"]["value"], 4.1);
+    // Potassium in mmol/L has one LOINC code; eGFR's depends on the formula, so it is text,
+    // and says so.
+    assert_eq!(
+        resource["code"]["coding"][0]["code"], "2823-3",
+        "{resource}"
+    );
+    let egfr = json!({"op": "add_exam_result", "args": {"kind": "lab", "time": 1_790_000_000_000i64, "name": "eGFR",
+                      "measurements": [{"name": "eGFR", "value": 62.0, "unit": "mL/min/1.73m2"}]}});
+    let (status, body) = api
+        .call("POST", &operations, WRITER, &egfr.to_string())
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let bundle = api.fhir_search("Observation", &patient).await;
+    let code = &bundle["entry"][1]["resource"]["code"];
+    assert_eq!(code["text"], "eGFR", "{bundle}");
+    assert!(code["coding"].is_null(), "{code}");
+    assert_eq!(code["extension"][0]["url"], "urn:estuary:fhir:uncoded");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1191,6 +1216,114 @@ async fn fhir_views_carry_the_required_elements() {
     assert_eq!(
         statement["verificationStatus"]["coding"][0]["code"],
         "confirmed"
+    );
+}
+
+/// A FHIR client pages through a search with `_count`, finds a resident by national id
+/// without putting it in a URL, and reads the whole record with `$everything`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fhir_searches_page_find_by_identifier_and_read_everything() {
+    let api = api();
+    let patient = api.register("Jianguo").await;
+    api.register("Jianhua").await;
+    api.register("Jianping").await;
+    let (status, page) = api
+        .call_form("/fhir/Patient/_search?_count=2", READER, "name=lu")
+        .await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    assert_eq!(page["total"], 3);
+    assert_eq!(page["entry"].as_array().unwrap().len(), 2);
+    let next = page["link"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["relation"] == "next")
+        .expect("a next page")["url"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let path = &next[next.find("/fhir").unwrap()..];
+    assert!(
+        path.contains("_offset=2") && path.contains("_count=2"),
+        "{path}"
+    );
+    let (status, second) = api.call_form(path, READER, "name=lu").await;
+    assert_eq!(status, StatusCode::OK, "{second}");
+    assert_eq!(second["entry"].as_array().unwrap().len(), 1);
+    assert!(
+        second["link"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|l| l["relation"] == "previous")
+    );
+    let (status, body) = api
+        .call_form("/fhir/Patient/_search?_count=0", READER, "name=lu")
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+
+    // By national id, in the body only.
+    let (status, found) = api
+        .call_form(
+            "/fhir/Patient/_search",
+            READER,
+            "identifier=urn%3Aestuary%3Anational-id%7C310230195410170433",
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{found}");
+    assert_eq!(
+        found["total"], 3,
+        "all three registrations carry the id: {found}"
+    );
+    let (status, body) = api
+        .call_form(
+            "/fhir/Patient/_search",
+            READER,
+            "identifier=urn%3Aother%7C1",
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["resourceType"], "OperationOutcome");
+
+    // The whole record.
+    let operations = format!("/v1/health-files/{patient}/operations");
+    for op in [
+        json!({"op": "add_allergy", "args": {"substance": "penicillin", "reaction": "rash", "severity": "severe"}}),
+        json!({"op": "add_medication", "args": {"drug": "amlodipine", "dose": "5 mg", "frequency": "once daily", "start": "2026-03-01", "days": 30}}),
+    ] {
+        let (status, body) = api.call("POST", &operations, WRITER, &op.to_string()).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    let referral = json!({"patient": patient, "direction": "up", "to": "core",
+                          "reason": "chest pain", "urgency": "priority", "handover": ""});
+    let (status, body) = api
+        .call("POST", "/v1/referrals", WRITER, &referral.to_string())
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let (status, everything) = api
+        .call(
+            "GET",
+            &format!("/fhir/Patient/{patient}/$everything"),
+            READER,
+            "",
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{everything}");
+    let kinds: Vec<&str> = everything["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["resource"]["resourceType"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "Patient",
+            "AllergyIntolerance",
+            "MedicationRequest",
+            "ServiceRequest"
+        ],
+        "{everything}"
     );
 }
 

@@ -8,7 +8,7 @@
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::header;
-use axum::response::IntoResponse;
+use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -65,6 +65,7 @@ pub(super) fn routes() -> Vec<Route> {
         Route::get("/fhir/Patient", search_patients),
         Route::post("/fhir/Patient/_search", search_patients_by_post),
         Route::get("/fhir/Patient/{id}", patient),
+        Route::get("/fhir/Patient/{id}/$everything", everything),
         Route::get("/fhir/ServiceRequest", search_service_requests),
         Route::get("/fhir/ServiceRequest/{id}", service_request),
         Route::get("/fhir/AllergyIntolerance", allergies),
@@ -102,6 +103,30 @@ pub fn capability_statement(institution: &str) -> Value {
             "Required: Patient/<id> or the id. A file linked with others of the same resident answers for all of them, under the main file's id.",
         )
     };
+    let patient_resource = {
+        let mut patient = resource(
+            "Patient",
+            &["read", "search-type"],
+            vec![
+                param(
+                    "name",
+                    "string",
+                    "The beginning of the family and given name, or of the name as written locally, ignoring case; by POST to Patient/_search so the name stays out of URLs.",
+                ),
+                param(
+                    "identifier",
+                    "token",
+                    "A national id (urn:estuary:national-id|<id>, or the id alone); only by POST to Patient/_search, so it never appears in a URL.",
+                ),
+            ],
+        );
+        patient["operation"] = json!([{
+            "name": "everything",
+            "definition": "http://hl7.org/fhir/OperationDefinition/Patient-everything",
+            "documentation": "GET Patient/<id>/$everything: the Patient with its allergies, problems, prescriptions, encounters, observations and referrals, every linked file included.",
+        }]);
+        patient
+    };
     json!({
         "resourceType": "CapabilityStatement",
         "status": "active",
@@ -118,11 +143,7 @@ pub fn capability_statement(institution: &str) -> Value {
                 "description": "A bearer token of an app configured on this node (Authorization: Bearer <token>): a read token for reads and searches, a read-write one for the transaction. Every read is recorded in the node's audit log under the app's name.",
             },
             "resource": [
-                resource("Patient", &["read", "search-type"], vec![param(
-                    "name",
-                    "string",
-                    "The beginning of the family and given name, or of the name as written locally, ignoring case; by POST to Patient/_search so the name stays out of URLs.",
-                )]),
+                patient_resource,
                 resource("ServiceRequest", &["read", "search-type"], vec![
                     param("performer", "reference", "Required: the receiving institution, Organization/<id> or the id."),
                     param("status", "token", "active, completed or revoked, or a referral status."),
@@ -132,6 +153,9 @@ pub fn capability_statement(institution: &str) -> Value {
                 resource("MedicationRequest", &["search-type"], vec![patient()]),
                 resource("Encounter", &["search-type"], vec![patient()]),
                 resource("Observation", &["search-type"], vec![patient()]),
+            ],
+            "searchParam": [
+                param("_count", "number", "Entries per page, 1 to 1,000; the Bundle's next and previous links carry _offset. Without it, every entry."),
             ],
             "interaction": [{
                 "code": "transaction",
@@ -409,14 +433,101 @@ pub fn service_request_resource(view: &ReferralView, last_updated_ms: i64) -> Va
 }
 
 /// A searchset Bundle; entries' `fullUrl`s are absolute, under this node's API address.
-fn searchset(state: &ApiState, kind: &str, entries: Vec<Value>) -> Value {
-    let base = format!("http://{}/fhir", state.config.api.listen);
+/// Most entries one page of a search answers (`_count`).
+pub const PAGE_ENTRIES_MAX: usize = 1_000;
+
+/// Which page of a search to answer: `_count` entries from `_offset` (FHIR's paging; the
+/// `next` and `previous` links carry them), and the request's path and query for the links.
+/// Without `_count`, every entry.
+pub(super) struct Page {
+    path: String,
+    /// The query's other parameters, as sent (encoded).
+    others: Vec<String>,
+    count: Option<usize>,
+    offset: usize,
+}
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Page {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _: &S,
+    ) -> Result<Self, ApiError> {
+        let malformed = || {
+            ApiError::bad_request(
+                "malformed_query",
+                format!("_count is 1 to {PAGE_ENTRIES_MAX}, and _offset a whole number"),
+            )
+        };
+        let (mut count, mut offset, mut others) = (None, 0, Vec::new());
+        for pair in parts
+            .uri
+            .query()
+            .unwrap_or("")
+            .split('&')
+            .filter(|p| !p.is_empty())
+        {
+            match pair.split_once('=') {
+                Some(("_count", n)) => {
+                    count = Some(
+                        n.parse::<usize>()
+                            .ok()
+                            .filter(|n| (1..=PAGE_ENTRIES_MAX).contains(n))
+                            .ok_or_else(malformed)?,
+                    );
+                }
+                Some(("_offset", n)) => offset = n.parse().map_err(|_| malformed())?,
+                _ => others.push(pair.to_owned()),
+            }
+        }
+        Ok(Self {
+            path: parts.uri.path().to_owned(),
+            others,
+            count,
+            offset,
+        })
+    }
+}
+
+impl Page {
+    /// The URL of the page starting at `offset` (this page's, if it is this one's offset).
+    fn url(&self, base: &str, offset: usize) -> String {
+        let mut query = self.others.clone();
+        if let Some(count) = self.count {
+            query.push(format!("_count={count}"));
+        }
+        if offset > 0 {
+            query.push(format!("_offset={offset}"));
+        }
+        match query.is_empty() {
+            true => format!("{base}{}", self.path),
+            false => format!("{base}{}?{}", self.path, query.join("&")),
+        }
+    }
+}
+
+/// A `searchset` Bundle of the page of `entries` that `page` asks for, `total` counting them
+/// all, with `next` and `previous` links where there are such pages.
+fn searchset(state: &ApiState, page: &Page, entries: Vec<Value>) -> Value {
+    let host = format!("http://{}", state.config.api.listen);
+    let total = entries.len();
+    let count = page.count.unwrap_or(total.max(1));
+    let mut links = vec![json!({ "relation": "self", "url": page.url(&host, page.offset) })];
+    if page.offset.saturating_add(count) < total {
+        links.push(json!({ "relation": "next", "url": page.url(&host, page.offset + count) }));
+    }
+    if page.offset > 0 {
+        let previous = page.offset.saturating_sub(count);
+        links.push(json!({ "relation": "previous", "url": page.url(&host, previous) }));
+    }
+    let base = format!("{host}/fhir");
     json!({
         "resourceType": "Bundle",
         "type": "searchset",
-        "total": entries.len(),
-        "link": [{ "relation": "self", "url": format!("{base}/{kind}") }],
-        "entry": entries.into_iter().map(|resource| {
+        "total": total,
+        "link": links,
+        "entry": entries.into_iter().skip(page.offset).take(count).map(|resource| {
             let url = format!("{base}/{}/{}", resource["resourceType"].as_str().unwrap_or(""), resource["id"].as_str().unwrap_or(""));
             json!({ "fullUrl": url, "resource": resource, "search": { "mode": "match" } })
         }).collect::<Vec<_>>(),
@@ -509,29 +620,108 @@ struct NameSearch {
 async fn search_patients(
     State(state): State<ApiState>,
     caller: Caller,
+    page: Page,
     QueryParams(query): QueryParams<NameSearch>,
 ) -> Result<impl IntoResponse, ApiError> {
-    patients_named(state, caller, query).await
+    patients_named(state, caller, page, query).await
 }
 
 /// FHIR's search by POST: the parameters as a form body, the same searchset as the GET.
+/// A search by POST: by `name`, or by `identifier` (a national id, as
+/// `urn:estuary:national-id|<id>` or the id alone), which is searched only this way so that it
+/// never appears in a URL.
+#[derive(Deserialize)]
+struct PatientForm {
+    name: Option<String>,
+    identifier: Option<String>,
+}
+
 async fn search_patients_by_post(
     State(state): State<ApiState>,
     caller: Caller,
-    FormBody(query): FormBody<NameSearch>,
+    page: Page,
+    FormBody(form): FormBody<PatientForm>,
 ) -> Result<impl IntoResponse, ApiError> {
-    patients_named(state, caller, query).await
+    match (form.name, form.identifier) {
+        (Some(name), None) => patients_named(state, caller, page, NameSearch { name }).await,
+        (None, Some(identifier)) => {
+            let national_id = match identifier.split_once('|') {
+                Some((NATIONAL_ID_SYSTEM, value)) => value.to_owned(),
+                Some(_) => {
+                    return Err(ApiError::bad_request(
+                        "unknown_identifier_system",
+                        format!(
+                            "patients are searched by national id: the system is {NATIONAL_ID_SYSTEM}"
+                        ),
+                    ));
+                }
+                None => identifier,
+            };
+            patients_found(state, caller, page, move |node| {
+                node.find_by_national_id(&national_id)
+            })
+            .await
+        }
+        _ => Err(ApiError::bad_request(
+            "malformed_query",
+            "search patients by name or by identifier (a national id), one of the two",
+        )),
+    }
 }
 
 async fn patients_named(
     state: ApiState,
     caller: Caller,
+    page: Page,
     query: NameSearch,
-) -> Result<impl IntoResponse, ApiError> {
+) -> Result<Response, ApiError> {
+    patients_found(state, caller, page, move |node| {
+        node.search_by_name(&query.name)
+    })
+    .await
+}
+
+/// The Patients of the health files `find` finds, a page of them, every read audited.
+async fn patients_found(
+    state: ApiState,
+    caller: Caller,
+    page: Page,
+    find: impl FnOnce(&crate::replica::Node) -> Result<Vec<DocumentId>, crate::replica::NodeError>
+    + Send
+    + 'static,
+) -> Result<Response, ApiError> {
     blocking(move || {
-        let found = state.node.search_by_name(&query.name)?;
+        let found = find(&state.node)?;
         let entries = read_all(&state, &caller, &found, patient_of)?;
-        Ok(fhir(searchset(&state, "Patient", entries)))
+        Ok(fhir(searchset(&state, &page, entries)).into_response())
+    })
+    .await
+}
+
+/// `Patient/{id}/$everything`: the resident's whole record in one Bundle — the Patient, its
+/// allergies, problems, prescriptions, encounters, observations and referrals (every file
+/// linked with it included), each read audited.
+async fn everything(
+    State(state): State<ApiState>,
+    caller: Caller,
+    page: Page,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    let file = document_id(&id)?;
+    let view = patient_file(&state, &caller, &PatientSearch { patient: id }).await?;
+    blocking(move || {
+        let mut entries = vec![patient_of(&state, file)?];
+        entries.extend(allergy_resources(&view));
+        entries.extend(condition_resources(&view));
+        entries.extend(medication_request_resources(&view));
+        entries.extend(encounter_resources(&view));
+        entries.extend(observation_resources(&view));
+        let mut referrals = state.node.referrals_of(&file)?;
+        if view.id != file {
+            referrals.extend(state.node.referrals_of(&view.id)?);
+        }
+        entries.extend(read_all(&state, &caller, &referrals, service_request_of)?);
+        Ok(fhir(searchset(&state, &page, entries)))
     })
     .await
 }
@@ -555,6 +745,7 @@ struct ServiceRequestSearch {
 async fn search_service_requests(
     State(state): State<ApiState>,
     caller: Caller,
+    page: Page,
     QueryParams(query): QueryParams<ServiceRequestSearch>,
 ) -> Result<impl IntoResponse, ApiError> {
     let performer = institution_id(
@@ -578,7 +769,7 @@ async fn search_service_requests(
             found.extend(state.node.referrals_to(&performer, status)?);
         }
         let entries = read_all(&state, &caller, &found, service_request_of)?;
-        Ok(fhir(searchset(&state, "ServiceRequest", entries)))
+        Ok(fhir(searchset(&state, &page, entries)))
     })
     .await
 }
@@ -620,9 +811,14 @@ async fn patient_file(
 async fn allergies(
     State(state): State<ApiState>,
     caller: Caller,
+    page: Page,
     QueryParams(query): QueryParams<PatientSearch>,
 ) -> Result<impl IntoResponse, ApiError> {
     let view = patient_file(&state, &caller, &query).await?;
+    Ok(fhir(searchset(&state, &page, allergy_resources(&view))))
+}
+
+fn allergy_resources(view: &HealthFileView) -> Vec<Value> {
     let mut entries: Vec<Value> = view
         .allergies
         .iter()
@@ -683,17 +879,21 @@ async fn allergies(
             "extension": [recorded_by(statement.recorded_by.as_str())],
         }));
     }
-    Ok(fhir(searchset(&state, "AllergyIntolerance", entries)))
+    entries
 }
 
 async fn conditions(
     State(state): State<ApiState>,
     caller: Caller,
+    page: Page,
     QueryParams(query): QueryParams<PatientSearch>,
 ) -> Result<impl IntoResponse, ApiError> {
     let view = patient_file(&state, &caller, &query).await?;
-    let entries = view
-        .problems
+    Ok(fhir(searchset(&state, &page, condition_resources(&view))))
+}
+
+fn condition_resources(view: &HealthFileView) -> Vec<Value> {
+    view.problems
         .iter()
         .map(|problem| {
             let mut condition = json!({
@@ -722,8 +922,7 @@ async fn conditions(
             }
             condition
         })
-        .collect();
-    Ok(fhir(searchset(&state, "Condition", entries)))
+        .collect()
 }
 
 /// The last day of a prescription of `days` days from `start` (`YYYY-MM-DD`), if it reads.
@@ -746,15 +945,24 @@ fn last_day(start: &str, days: u64) -> Option<String> {
 async fn medication_requests(
     State(state): State<ApiState>,
     caller: Caller,
+    page: Page,
     QueryParams(query): QueryParams<PatientSearch>,
 ) -> Result<impl IntoResponse, ApiError> {
     let view = patient_file(&state, &caller, &query).await?;
+    Ok(fhir(searchset(
+        &state,
+        &page,
+        medication_request_resources(&view),
+    )))
+}
+
+fn medication_request_resources(view: &HealthFileView) -> Vec<Value> {
     let today = {
         let (year, month, day) =
             crate::import::civil_from_days(crate::audit::now_ms().div_euclid(86_400_000));
         format!("{year:04}-{month:02}-{day:02}")
     };
-    let entries = current(&view.medications, |m| &m.entry, |m| &m.amended)
+    current(&view.medications, |m| &m.entry, |m| &m.amended)
         .into_iter()
         .map(|(record, medication)| {
             let end = last_day(medication.start.as_str(), medication.days);
@@ -797,8 +1005,7 @@ async fn medication_requests(
                 },
             })
         })
-        .collect();
-    Ok(fhir(searchset(&state, "MedicationRequest", entries)))
+        .collect()
 }
 
 /// A resident's encounters as `Encounter`s, each diagnosis both a `reasonCode` and a
@@ -807,10 +1014,15 @@ async fn medication_requests(
 async fn encounters(
     State(state): State<ApiState>,
     caller: Caller,
+    page: Page,
     QueryParams(query): QueryParams<PatientSearch>,
 ) -> Result<impl IntoResponse, ApiError> {
     let view = patient_file(&state, &caller, &query).await?;
-    let entries = current(&view.encounters, |e| &e.entry, |e| &e.amended)
+    Ok(fhir(searchset(&state, &page, encounter_resources(&view))))
+}
+
+fn encounter_resources(view: &HealthFileView) -> Vec<Value> {
+    current(&view.encounters, |e| &e.entry, |e| &e.amended)
         .into_iter()
         .map(|(record, encounter)| {
             let (class, display) = match encounter.kind {
@@ -876,8 +1088,94 @@ async fn encounters(
             }
             resource
         })
-        .collect();
-    Ok(fhir(searchset(&state, "Encounter", entries)))
+        .collect()
+}
+
+/// LOINC codes of exams and measurements, by name (compared ignoring case) and unit: only
+/// where the name and unit leave one code (eGFR, whose code depends on the formula, and the
+/// imaging studies, whose codes depend on views and contrast, are not coded).
+const EXAM_LOINC: [(&str, Option<&str>, &str, &str); 13] = [
+    (
+        "hba1c",
+        Some("%"),
+        "4548-4",
+        "Hemoglobin A1c/Hemoglobin.total in Blood",
+    ),
+    (
+        "fasting glucose",
+        Some("mmol/L"),
+        "14771-0",
+        "Fasting glucose [Moles/volume] in Serum or Plasma",
+    ),
+    (
+        "ldl-c",
+        Some("mmol/L"),
+        "22748-8",
+        "Cholesterol in LDL [Moles/volume] in Serum or Plasma",
+    ),
+    (
+        "creatinine",
+        Some("µmol/L"),
+        "14682-9",
+        "Creatinine [Moles/volume] in Serum or Plasma",
+    ),
+    (
+        "potassium",
+        Some("mmol/L"),
+        "2823-3",
+        "Potassium [Moles/volume] in Serum or Plasma",
+    ),
+    (
+        "haemoglobin",
+        Some("g/L"),
+        "718-7",
+        "Hemoglobin [Mass/volume] in Blood",
+    ),
+    (
+        "alt",
+        Some("U/L"),
+        "1742-6",
+        "Alanine aminotransferase [Enzymatic activity/volume] in Serum or Plasma",
+    ),
+    (
+        "tsh",
+        Some("mIU/L"),
+        "3016-3",
+        "Thyrotropin [Units/volume] in Serum or Plasma",
+    ),
+    ("12-lead ecg", None, "11524-6", "EKG study"),
+    ("heart rate", Some("/min"), "8867-4", "Heart rate"),
+    ("pr interval", Some("ms"), "8625-6", "P-R Interval"),
+    ("qrs duration", Some("ms"), "8633-0", "QRS duration"),
+    (
+        "qtc interval",
+        Some("ms"),
+        "8636-3",
+        "Q-T interval corrected",
+    ),
+];
+/// Extension saying an exam's code is its name alone: no LOINC code is known for it.
+const UNCODED_EXTENSION: &str = "urn:estuary:fhir:uncoded";
+
+/// An exam's or a measurement's code: its LOINC code with the name as text where
+/// `EXAM_LOINC` knows one, else the name as text with an extension saying it is uncoded.
+fn exam_code(name: &str, unit: Option<&str>) -> Value {
+    let known = EXAM_LOINC.iter().find(|(known, known_unit, ..)| {
+        known.eq_ignore_ascii_case(name.trim()) && known_unit.is_none_or(|u| Some(u) == unit)
+    });
+    match known {
+        Some((_, _, code, display)) => json!({
+            "coding": [{ "system": LOINC_SYSTEM, "code": code, "display": display }],
+            "text": name,
+        }),
+        None => json!({
+            "text": name,
+            "extension": [{
+                "url": UNCODED_EXTENSION,
+                "valueString": "no LOINC code is known for this name; the text is the name as recorded",
+            }],
+        }),
+    }
 }
 
 fn quantity(value: f64, unit: &str, ucum: &str) -> Value {
@@ -939,9 +1237,14 @@ fn current<T>(
 async fn observations(
     State(state): State<ApiState>,
     caller: Caller,
+    page: Page,
     QueryParams(query): QueryParams<PatientSearch>,
 ) -> Result<impl IntoResponse, ApiError> {
     let view = patient_file(&state, &caller, &query).await?;
+    Ok(fhir(searchset(&state, &page, observation_resources(&view))))
+}
+
+fn observation_resources(view: &HealthFileView) -> Vec<Value> {
     let subject = reference("Patient", &view.id);
     let mut entries = Vec::new();
     for (record, follow_up) in current(&view.follow_ups, |f| &f.entry, |f| &f.amended) {
@@ -994,7 +1297,7 @@ async fn observations(
                     ExamKind::Ecg => "procedure",
                 },
             }] }],
-            "code": { "text": exam.name },
+            "code": exam_code(&exam.name, exam.measurements.first().and_then(|m| m.unit.as_deref())),
             "subject": subject,
             "effectiveDateTime": instant(exam.time.0),
             "performer": [organisation(exam.institution.as_str())],
@@ -1008,7 +1311,7 @@ async fn observations(
                     if let Some(unit) = &m.unit {
                         value["unit"] = json!(unit);
                     }
-                    json!({ "code": { "text": m.name }, "valueQuantity": value })
+                    json!({ "code": exam_code(&m.name, m.unit.as_deref()), "valueQuantity": value })
                 })
                 .collect();
         }
@@ -1017,7 +1320,7 @@ async fn observations(
         }
         entries.push(observation);
     }
-    Ok(fhir(searchset(&state, "Observation", entries)))
+    entries
 }
 
 #[cfg(test)]
