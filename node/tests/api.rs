@@ -272,6 +272,394 @@ async fn the_capability_statement_names_every_resource_served_and_needs_no_token
     assert_eq!(described, served);
 }
 
+/// Which `HealthFileOp` an operation is: the one exhaustive match, so that a new operation
+/// cannot be left out of the description check below.
+fn health_file_op_index(op: &HealthFileOp) -> usize {
+    match op {
+        HealthFileOp::SetDemographic(_) => 0,
+        HealthFileOp::SetContract(_) => 1,
+        HealthFileOp::AddAllergy(_) => 2,
+        HealthFileOp::RemoveAllergy { .. } => 3,
+        HealthFileOp::SetAllergyVerification { .. } => 4,
+        HealthFileOp::MarkEnteredInError { .. } => 5,
+        HealthFileOp::Amend { .. } => 6,
+        HealthFileOp::RecordNoKnownAllergies => 7,
+        HealthFileOp::AddProblem(_) => 8,
+        HealthFileOp::SetProblemStatus { .. } => 9,
+        HealthFileOp::RemoveProblem { .. } => 10,
+        HealthFileOp::AddMedication(_) => 11,
+        HealthFileOp::StopMedication { .. } => 12,
+        HealthFileOp::AddEncounter(_) => 13,
+        HealthFileOp::EditEncounterNote { .. } => 14,
+        HealthFileOp::AddExamResult(_) => 15,
+        HealthFileOp::AddFollowUp(_) => 16,
+        HealthFileOp::Link { .. } => 17,
+        HealthFileOp::Unlink { .. } => 18,
+    }
+}
+const HEALTH_FILE_OPS: usize = 19;
+
+/// As `health_file_op_index`, for referrals.
+fn referral_op_index(op: &ReferralOp) -> usize {
+    match op {
+        ReferralOp::Accept => 0,
+        ReferralOp::Decline => 1,
+        ReferralOp::Schedule { .. } => 2,
+        ReferralOp::MarkArrived => 3,
+        ReferralOp::Complete => 4,
+        ReferralOp::Cancel => 5,
+        ReferralOp::EditHandover { .. } => 6,
+        ReferralOp::SetUrgency { .. } => 7,
+    }
+}
+const REFERRAL_OPS: usize = 8;
+
+impl Api {
+    /// Sends `body` (JSON) as a request of the described operation `method path` (the path
+    /// as described, `{id}` for its parameter; `concrete` the path sent) and checks the
+    /// request against its described body and the answer against the description of its
+    /// status. Returns the status and the answer.
+    async fn described(
+        &self,
+        method: &str,
+        path: &str,
+        concrete: &str,
+        token: &str,
+        body: Option<&Value>,
+    ) -> (StatusCode, Value) {
+        let openapi = schema::openapi();
+        if let Some(body) = body {
+            let request = &openapi["paths"][path][method.to_lowercase()]["requestBody"]["content"]
+                ["application/json"]["schema"];
+            schema::check(&openapi, request, body, "request").unwrap_or_else(|e| {
+                panic!("{method} {path}: the request is not as described: {e}")
+            });
+        }
+        let text = body.map(Value::to_string).unwrap_or_default();
+        let (status, answer) = self.call(method, concrete, token, &text).await;
+        let described = schema::response_schema(&openapi, method, path, status.as_u16())
+            .unwrap_or_else(|| {
+                panic!("{method} {path}: status {status} is not described: {answer}")
+            });
+        schema::check(&openapi, described, &answer, "answer").unwrap_or_else(|e| {
+            panic!("{method} {path} answered {status}, not as described: {e}: {answer}")
+        });
+        (status, answer)
+    }
+}
+
+/// Every operation on a health file and on a referral, as an app sends it, is what
+/// `node/openapi.json` describes; so is every answer, success or error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_operation_and_its_answer_are_as_the_openapi_file_describes() {
+    let api = api();
+    let file = api.register("Jianguo").await;
+    let other = api.register("Jianhua").await;
+    let (path, concrete) = (
+        "/v1/health-files/{id}/operations",
+        format!("/v1/health-files/{file}/operations"),
+    );
+    let (status, view) = api
+        .described(
+            "GET",
+            "/v1/health-files/{id}",
+            &format!("/v1/health-files/{file}"),
+            READER,
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{view}");
+
+    let encounter = NewEncounter {
+        time: Timestamp(1_790_000_000_000),
+        kind: EncounterKind::Outpatient,
+        diagnoses: vec![Diagnosis {
+            icd10: Icd10::new("I10").unwrap(),
+            display: "Hypertension".into(),
+        }],
+        note: "seen".into(),
+    };
+    let exam = NewExamResult {
+        kind: ExamKind::Lab,
+        time: Timestamp(1_790_000_000_000),
+        name: "potassium".into(),
+        measurements: vec![Measurement {
+            name: "potassium".into(),
+            value: 6.4,
+            unit: Some("mmol/L".into()),
+        }],
+        report: None,
+    };
+    let medication = NewMedication {
+        drug: "amlodipine".into(),
+        dose: "5 mg".into(),
+        frequency: "once daily".into(),
+        start: Date::new("2026-03-01").unwrap(),
+        days: 30,
+    };
+    let mut sent = vec![false; HEALTH_FILE_OPS];
+    let mut send = |op: HealthFileOp, expected: StatusCode| {
+        sent[health_file_op_index(&op)] = true;
+        let (api, path, concrete) = (&api, path, concrete.clone());
+        async move {
+            let body = serde_json::to_value(&op).unwrap();
+            let (status, answer) = api
+                .described("POST", path, &concrete, WRITER, Some(&body))
+                .await;
+            assert_eq!(status, expected, "{body}: {answer}");
+        }
+    };
+    // Writes that add entries, then those that name them.
+    send(
+        HealthFileOp::SetDemographic(DemographicField::Phone("+86 139".into())),
+        StatusCode::OK,
+    )
+    .await;
+    send(
+        HealthFileOp::SetContract(FamilyDoctorContract {
+            community_centre: InstitutionId::new("chc-a").unwrap(),
+            district_hospital: InstitutionId::new("core").unwrap(),
+            municipal_hospital: InstitutionId::new("core").unwrap(),
+            doctor_id: "doc-1".into(),
+            doctor_name: "Dr Shen".into(),
+            since: Date::new("2026-01-01").unwrap(),
+        }),
+        StatusCode::OK,
+    )
+    .await;
+    send(
+        HealthFileOp::AddAllergy(NewAllergy {
+            substance: "penicillin".into(),
+            reaction: "rash".into(),
+            severity: Severity::Severe,
+        }),
+        StatusCode::OK,
+    )
+    .await;
+    // Refused while an allergy stands: the error is as described too.
+    send(
+        HealthFileOp::RecordNoKnownAllergies,
+        StatusCode::BAD_REQUEST,
+    )
+    .await;
+    send(
+        HealthFileOp::AddProblem(NewProblem {
+            icd10: Icd10::new("I10").unwrap(),
+            display: "Hypertension".into(),
+            onset: None,
+            status: ProblemStatus::Active,
+        }),
+        StatusCode::OK,
+    )
+    .await;
+    send(
+        HealthFileOp::AddMedication(medication.clone()),
+        StatusCode::OK,
+    )
+    .await;
+    send(
+        HealthFileOp::AddEncounter(encounter.clone()),
+        StatusCode::OK,
+    )
+    .await;
+    send(HealthFileOp::AddExamResult(exam.clone()), StatusCode::OK).await;
+    send(
+        HealthFileOp::AddFollowUp(NewFollowUp {
+            time: Timestamp(1_790_000_000_000),
+            systolic_mmhg: Some(150),
+            diastolic_mmhg: Some(95),
+            glucose_mmol_per_l: None,
+        }),
+        StatusCode::OK,
+    )
+    .await;
+    let (_, view) = api
+        .call("GET", &format!("/v1/health-files/{file}"), READER, "")
+        .await;
+    let entry =
+        |list: &str| EntryId::parse(view["view"][list][0]["entry"].as_str().unwrap()).unwrap();
+    send(
+        HealthFileOp::SetAllergyVerification {
+            entry: entry("allergies"),
+            status: AllergyVerification::Confirmed,
+        },
+        StatusCode::OK,
+    )
+    .await;
+    send(
+        HealthFileOp::SetProblemStatus {
+            entry: entry("problems"),
+            status: ProblemStatus::Resolved,
+        },
+        StatusCode::OK,
+    )
+    .await;
+    send(
+        HealthFileOp::StopMedication {
+            entry: entry("medications"),
+            on: Date::new("2026-03-20").unwrap(),
+        },
+        StatusCode::OK,
+    )
+    .await;
+    send(
+        HealthFileOp::EditEncounterNote {
+            entry: entry("encounters"),
+            note: "seen; BP high".into(),
+        },
+        StatusCode::OK,
+    )
+    .await;
+    send(
+        HealthFileOp::MarkEnteredInError {
+            list: CorrectableList::FollowUps,
+            entry: entry("follow_ups"),
+            reason: "another resident's".into(),
+        },
+        StatusCode::OK,
+    )
+    .await;
+    send(
+        HealthFileOp::Amend {
+            entry: entry("exams"),
+            reason: "haemolysed".into(),
+            with: Amendment::ExamResult(NewExamResult {
+                measurements: vec![Measurement {
+                    name: "potassium".into(),
+                    value: 4.1,
+                    unit: Some("mmol/L".into()),
+                }],
+                ..exam
+            }),
+        },
+        StatusCode::OK,
+    )
+    .await;
+    send(
+        HealthFileOp::RemoveProblem {
+            icd10: Icd10::new("I10").unwrap(),
+        },
+        StatusCode::OK,
+    )
+    .await;
+    send(
+        HealthFileOp::RemoveAllergy {
+            substance: "Penicillin".into(),
+        },
+        StatusCode::OK,
+    )
+    .await;
+    send(
+        HealthFileOp::Link {
+            to: DocumentId::parse(&other).unwrap(),
+            reason: "same national id".into(),
+        },
+        StatusCode::OK,
+    )
+    .await;
+    send(
+        HealthFileOp::Unlink {
+            reason: "two residents".into(),
+        },
+        StatusCode::OK,
+    )
+    .await;
+    // A link to the file itself: refused, as described.
+    send(
+        HealthFileOp::Link {
+            to: DocumentId::parse(&file).unwrap(),
+            reason: "itself".into(),
+        },
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
+    assert!(
+        sent.iter().all(|s| *s),
+        "an operation was not sent: {sent:?}"
+    );
+    let (status, _) = api
+        .described(
+            "GET",
+            "/v1/health-files/{id}",
+            &format!("/v1/health-files/{file}"),
+            READER,
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+
+    // A referral to the core hospital: this node sends it, so the receiver's operations are
+    // refused (403), the sender's applied; every one is sent, and each answer is described.
+    let new_referral = json!({"patient": file, "direction": "up", "to": "core",
+                              "reason": "chest pain", "urgency": "priority", "handover": ""});
+    let (status, created) = api
+        .described(
+            "POST",
+            "/v1/referrals",
+            "/v1/referrals",
+            WRITER,
+            Some(&new_referral),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let referral = created["id"].as_str().unwrap().to_owned();
+    let mut sent = vec![false; REFERRAL_OPS];
+    let ops = [
+        (
+            ReferralOp::EditHandover {
+                handover: "ECG attached".into(),
+            },
+            StatusCode::OK,
+        ),
+        (
+            ReferralOp::SetUrgency {
+                urgency: Urgency::Routine,
+            },
+            StatusCode::OK,
+        ),
+        (ReferralOp::Accept, StatusCode::FORBIDDEN),
+        (
+            ReferralOp::Schedule {
+                appointment: Timestamp(1_800_000_000_000),
+            },
+            StatusCode::FORBIDDEN,
+        ),
+        (ReferralOp::MarkArrived, StatusCode::FORBIDDEN),
+        (ReferralOp::Complete, StatusCode::FORBIDDEN),
+        (ReferralOp::Decline, StatusCode::FORBIDDEN),
+        (ReferralOp::Cancel, StatusCode::OK),
+    ];
+    let concrete = format!("/v1/referrals/{referral}/operations");
+    for (op, expected) in ops {
+        sent[referral_op_index(&op)] = true;
+        let body = serde_json::to_value(&op).unwrap();
+        let (status, answer) = api
+            .described(
+                "POST",
+                "/v1/referrals/{id}/operations",
+                &concrete,
+                WRITER,
+                Some(&body),
+            )
+            .await;
+        assert_eq!(status, expected, "{body}: {answer}");
+    }
+    assert!(
+        sent.iter().all(|s| *s),
+        "a referral operation was not sent: {sent:?}"
+    );
+    let (status, _) = api
+        .described(
+            "GET",
+            "/v1/referrals/{id}",
+            &format!("/v1/referrals/{referral}"),
+            READER,
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+}
+
 /// A member's existing records load in bulk: each resident one health file written as one
 /// change, every bad line refused with its number and a reason that quotes nothing, and a
 /// load run twice adds nothing.

@@ -1,6 +1,8 @@
 //! Builders shared by the node's integration tests.
 #![allow(dead_code)]
 
+pub mod schema;
+
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
