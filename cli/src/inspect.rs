@@ -177,6 +177,60 @@ fn peer_rows(stats: &Value, connected_only: bool) -> Vec<(String, Value)> {
         .unwrap_or_default()
 }
 
+/// `--watch`: a live view instead of one reading.
+#[derive(clap::Args)]
+pub struct Watch {
+    /// Refresh in place (like `top`) until interrupted; with --json, one object per line.
+    #[arg(long)]
+    watch: bool,
+    /// Seconds between refreshes.
+    #[arg(long, default_value_t = 2, requires = "watch",
+          value_parser = clap::value_parser!(u64).range(1..=WATCH_EVERY_MAX_S))]
+    every: u64,
+    /// Stop after this many refreshes (for scripts).
+    #[arg(long, requires = "watch")]
+    count: Option<u64>,
+}
+
+/// Longest interval between refreshes of a watch, in seconds.
+const WATCH_EVERY_MAX_S: u64 = 3_600;
+
+/// Shows `show` once, or, with `--watch`, every `--every` seconds: on a terminal in place (the
+/// screen cleared first), otherwise one reading after another. Stops at Ctrl-C, after
+/// `--count` readings, or when a reading fails.
+pub fn watching(
+    client: &Client,
+    watch: &Watch,
+    json: bool,
+    show: fn(&Client, bool) -> Result<(), Failure>,
+) -> Result<(), Failure> {
+    if !watch.watch {
+        return show(client, json);
+    }
+    let in_place = !json && std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let mut shown = 0u64;
+    loop {
+        if in_place {
+            // Home, then clear: the new reading replaces the old one.
+            print!("\x1b[H\x1b[2J");
+            println!(
+                "every {} s, Ctrl-C to stop; read at {}",
+                watch.every,
+                time(&Value::from(estuary_node::audit::now_ms()))
+            );
+        }
+        show(client, json)?;
+        std::io::stdout()
+            .flush()
+            .map_err(|e| Failure::error(e.into()))?;
+        shown += 1;
+        if watch.count.is_some_and(|count| shown >= count) {
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_secs(watch.every));
+    }
+}
+
 pub fn peers(client: &Client, json: bool) -> Result<(), Failure> {
     let stats = client.get("/admin/sync")?;
     let peers = peer_rows(&stats, true);

@@ -56,9 +56,9 @@ enum Command {
     /// The node: institution, roster version, documents, quarantine, storage.
     Status,
     /// Members connected now, with addresses, round-trip times and last reconciliation.
-    Peers,
+    Peers(inspect::Watch),
     /// Per-peer lag and bytes, and bulk catch-up progress.
-    Sync,
+    Sync(inspect::Watch),
     /// Residents' health files.
     #[command(subcommand)]
     Patient(inspect::PatientCommand),
@@ -199,8 +199,8 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Roster(command) => authority::roster(command, &cli.config, json),
         Command::Node(command) => run::node(command, &cli.config),
         Command::Status => inspect::status(&connect()?, json),
-        Command::Peers => inspect::peers(&connect()?, json),
-        Command::Sync => inspect::sync(&connect()?, json),
+        Command::Peers(watch) => inspect::watching(&connect()?, &watch, json, inspect::peers),
+        Command::Sync(watch) => inspect::watching(&connect()?, &watch, json, inspect::sync),
         Command::Patient(command) => inspect::patient(&connect()?, command, json),
         Command::Referral(command) => inspect::referral(&connect()?, command, json),
         Command::Quarantine(command) => inspect::quarantine(&connect()?, command, json),

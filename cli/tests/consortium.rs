@@ -467,6 +467,28 @@ fn three_institutions_share_a_health_file_and_a_referral_through_the_api_and_the
     let peers = estuary_json(root, &["--config", &config0, "--json", "peers"]);
     assert_eq!(peers.as_object().unwrap().len(), 2, "{peers}");
 
+    // A watch reads again every second, each reading a line of JSON for a script.
+    let watched = common::estuary(
+        root,
+        &[
+            "--config", &config0, "--json", "sync", "--watch", "--every", "1", "--count", "2",
+        ],
+    );
+    assert!(
+        watched.status.success(),
+        "{}",
+        String::from_utf8_lossy(&watched.stderr)
+    );
+    let readings: Vec<Value> = serde_json::Deserializer::from_slice(&watched.stdout)
+        .into_iter::<Value>()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(readings.len(), 2);
+    assert!(
+        readings.iter().all(|r| r["peers"].is_object()),
+        "{readings:?}"
+    );
+
     // The courier path: Baozhen stopped, a bundle exported at the hospital and imported.
     let config2 = baozhen.config.to_str().unwrap().to_owned();
     baozhen.stop();
