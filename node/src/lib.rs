@@ -16,6 +16,7 @@ pub mod envelope;
 pub mod identity;
 pub mod import;
 mod index;
+pub mod latency;
 pub mod membership;
 pub mod reconcile;
 pub mod replica;

@@ -660,6 +660,134 @@ async fn every_operation_and_its_answer_are_as_the_openapi_file_describes() {
     assert_eq!(status, StatusCode::OK);
 }
 
+/// Every `estuary_` metric an expression names.
+fn metrics_named(expr: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut rest = expr;
+    while let Some(at) = rest.find("estuary_") {
+        let name: String = rest[at..]
+            .chars()
+            .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')
+            .collect();
+        rest = &rest[at + name.len()..];
+        names.push(name);
+    }
+    names
+}
+
+/// The alert rules and the Grafana dashboard shipped in `deploy/` name only metrics a node
+/// serves (a renamed metric would silence an alert), and every rule says how severe it is and
+/// what it means.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shipped_alert_rules_and_dashboard_name_only_metrics_the_node_serves() {
+    let api = api();
+    let patient = api.register("Jianguo").await;
+    api.call("GET", &format!("/v1/health-files/{patient}"), READER, "")
+        .await;
+    let request = Request::builder()
+        .uri("/metrics")
+        .header("authorization", format!("Bearer {ADMIN}"))
+        .body(Body::empty())
+        .unwrap();
+    let response = api.router.clone().oneshot(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let text = String::from_utf8(
+        axum::body::to_bytes(response.into_body(), 1024 * 1024)
+            .await
+            .unwrap()
+            .to_vec(),
+    )
+    .unwrap();
+    // Families and their kinds, from the `# TYPE` lines.
+    let families: std::collections::BTreeMap<String, String> = text
+        .lines()
+        .filter_map(|line| line.strip_prefix("# TYPE "))
+        .filter_map(|rest| rest.split_once(' '))
+        .map(|(name, kind)| (name.to_owned(), kind.to_owned()))
+        .collect();
+    for expected in [
+        "estuary_api_request_duration_seconds",
+        "estuary_decision_duration_seconds",
+        "estuary_peer_lag_documents",
+    ] {
+        assert!(
+            families.contains_key(expected),
+            "{expected} is not served: {text}"
+        );
+    }
+    // The write of the registration and the read were timed.
+    assert!(
+        text.contains("estuary_api_request_duration_seconds_count{kind=\"read\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("estuary_decision_duration_seconds_count 1"),
+        "{text}"
+    );
+    let served = |name: &str| {
+        families.contains_key(name)
+            || ["_bucket", "_count", "_sum"].iter().any(|suffix| {
+                name.strip_suffix(suffix)
+                    .is_some_and(|base| families.get(base).is_some_and(|k| k == "histogram"))
+            })
+    };
+
+    let deploy = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy");
+    let read = |path: &str| -> Value {
+        serde_json::from_str(&std::fs::read_to_string(format!("{deploy}/{path}")).unwrap()).unwrap()
+    };
+    let rules = read("prometheus/estuary-alerts.yml");
+    let mut alerts = BTreeSet::new();
+    for rule in rules["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|g| g["rules"].as_array().unwrap())
+    {
+        let alert = rule["alert"].as_str().expect("every rule is an alert");
+        assert!(alerts.insert(alert.to_owned()), "{alert} twice");
+        assert!(
+            ["warning", "critical"].contains(&rule["labels"]["severity"].as_str().unwrap_or("")),
+            "{alert}"
+        );
+        assert!(
+            !rule["annotations"]["summary"]
+                .as_str()
+                .unwrap_or("")
+                .is_empty(),
+            "{alert}"
+        );
+        assert!(
+            rule["for"].as_str().is_some_and(|f| f.ends_with('m')),
+            "{alert}"
+        );
+        for name in metrics_named(rule["expr"].as_str().unwrap()) {
+            assert!(
+                served(&name),
+                "{alert} names {name}, which a node does not serve"
+            );
+        }
+    }
+    assert!(alerts.len() >= 8, "{alerts:?}");
+    let dashboard = read("grafana/estuary-dashboard.json");
+    let mut named = 0;
+    for target in dashboard["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| p["targets"].as_array().unwrap())
+    {
+        for name in metrics_named(target["expr"].as_str().unwrap()) {
+            assert!(
+                served(&name),
+                "the dashboard names {name}, which a node does not serve"
+            );
+            named += 1;
+        }
+    }
+    assert!(named > 10);
+}
+
 /// A member's existing records load in bulk: each resident one health file written as one
 /// change, every bad line refused with its number and a reason that quotes nothing, and a
 /// load run twice adds nothing.

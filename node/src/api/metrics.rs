@@ -11,13 +11,14 @@ use std::fmt::Write;
 use std::time::Duration;
 
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::response::IntoResponse;
 use serde::Deserialize;
 
 use super::challenge::{self, CHALLENGE_NONCE_BYTES};
 use super::error::QueryParams;
 use super::{ApiError, ApiState, Counter, bearer_token, blocking};
+use crate::latency::Histogram;
 use crate::model::Bytes32;
 
 /// The API's own figures.
@@ -27,10 +28,15 @@ pub(super) struct ApiMetrics {
     client_errors: Counter,
     server_errors: Counter,
     duration_us: Counter,
+    /// Latency of the clinical reads (GET of `/v1` and `/fhir`).
+    reads: Histogram,
+    /// Latency of the clinical writes (POST of `/v1` and `/fhir`).
+    writes: Histogram,
 }
 
 impl ApiMetrics {
-    pub(super) fn record(&self, status: StatusCode, took: Duration) {
+    /// Counts a request to `route` (the matched route, never the URI).
+    pub(super) fn record(&self, method: &Method, route: &str, status: StatusCode, took: Duration) {
         match status.as_u16() {
             500.. => self.server_errors.add(1),
             400..500 => self.client_errors.add(1),
@@ -38,6 +44,32 @@ impl ApiMetrics {
         }
         self.duration_us
             .add(u64::try_from(took.as_micros()).unwrap_or(u64::MAX));
+        if route.starts_with("/v1/") || route == "/fhir" || route.starts_with("/fhir/") {
+            match *method {
+                Method::GET => self.reads.observe(took),
+                Method::POST => self.writes.observe(took),
+                _ => {}
+            }
+        }
+    }
+}
+
+impl Families {
+    /// A histogram family with its buckets, count and sum.
+    fn histogram(&mut self, name: &str, labels: &[(&str, &str)], histogram: &Histogram) {
+        let (buckets, count, sum) = histogram.snapshot();
+        let bucket = format!("{name}_bucket");
+        for (bound, cumulative) in buckets {
+            let le = bound.to_string();
+            let mut with = labels.to_vec();
+            with.push(("le", &le));
+            self.sample(&bucket, &with, cumulative);
+        }
+        let mut with = labels.to_vec();
+        with.push(("le", "+Inf"));
+        self.sample(&bucket, &with, count);
+        self.sample(&format!("{name}_count"), labels, count);
+        self.sample(&format!("{name}_sum"), labels, sum);
     }
 }
 
@@ -176,9 +208,23 @@ fn render(state: &ApiState, access: Access) -> Result<impl IntoResponse + use<>,
         "Seconds since the API started.",
         state.started.elapsed().as_secs(),
     );
-    if let Some(sync) = &state.sync {
-        write_sync(&mut out, &sync.get());
-    }
+    out.family(
+        "estuary_decision_duration_seconds",
+        "histogram",
+        "Seconds from a change's arrival in the pipeline to its durable decision, per change.",
+    );
+    out.histogram(
+        "estuary_decision_duration_seconds",
+        &[],
+        state.node.decision_latency(),
+    );
+    // Without a network (a command reading a stopped store) the families are there, empty.
+    let stats = state
+        .sync
+        .as_ref()
+        .map(|sync| sync.get())
+        .unwrap_or_default();
+    write_sync(&mut out, &stats);
     if access == Access::Full {
         write_reads(&mut out, state)?;
     }
@@ -229,6 +275,21 @@ fn write_reads(out: &mut Families, state: &ApiState) -> Result<(), ApiError> {
         "estuary_api_request_seconds_total",
         &[],
         m.duration_us.get() as f64 / 1e6,
+    );
+    out.family(
+        "estuary_api_request_duration_seconds",
+        "histogram",
+        "Seconds to answer a clinical request (/v1 and /fhir), by kind: read (GET) or write (POST).",
+    );
+    out.histogram(
+        "estuary_api_request_duration_seconds",
+        &[("kind", "read")],
+        &m.reads,
+    );
+    out.histogram(
+        "estuary_api_request_duration_seconds",
+        &[("kind", "write")],
+        &m.writes,
     );
     Ok(())
 }

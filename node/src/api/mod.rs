@@ -338,7 +338,9 @@ async fn admit(State(state): State<ApiState>, request: Request, next: Next) -> R
                     "this route's few request slots are all in use; retry in a moment",
                 )
                 .into_response();
-                state.metrics.record(response.status(), started.elapsed());
+                state
+                    .metrics
+                    .record(&method, &route, response.status(), started.elapsed());
                 return response;
             }
         },
@@ -347,7 +349,9 @@ async fn admit(State(state): State<ApiState>, request: Request, next: Next) -> R
     };
     let response = next.run(request).await;
     let status = response.status();
-    state.metrics.record(status, started.elapsed());
+    state
+        .metrics
+        .record(&method, &route, status, started.elapsed());
     // The matched route, never the URI: query strings may carry names.
     tracing::debug!(%method, route, status = status.as_u16(), "api request");
     response

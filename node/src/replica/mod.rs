@@ -327,6 +327,9 @@ pub struct Node {
     commit: GroupCommit,
     /// Acknowledged changes the store lost before this open (see `WitnessedStore`).
     lost_at_open: std::sync::atomic::AtomicU64,
+    /// How long decisions take, from a change's arrival in the pipeline to its durable
+    /// decision (one observation per change).
+    decisions: crate::latency::Histogram,
     /// Salt of the national-id index; random per node, so the index is useless elsewhere.
     salt: [u8; 32],
     /// The roster in force, published whole: a reader (a decision, the swarm checking a peer)
@@ -808,6 +811,7 @@ impl Node {
             store,
             commit,
             lost_at_open: std::sync::atomic::AtomicU64::new(lost_at_open),
+            decisions: crate::latency::Histogram::default(),
             salt,
             membership: tokio::sync::watch::channel(Arc::new(membership)).0,
             document_locks: (0..DOCUMENT_LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
@@ -914,6 +918,12 @@ impl Node {
         };
         self.catch_up_revocations()?;
         Ok(RosterUpdate::Adopted { version })
+    }
+
+    /// How long decisions take, from a change's arrival in the pipeline to its durable
+    /// decision.
+    pub fn decision_latency(&self) -> &crate::latency::Histogram {
+        &self.decisions
     }
 
     /// Registers a resident: creates their health file. Returns once it is durable.

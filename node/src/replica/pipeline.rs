@@ -200,6 +200,7 @@ impl Node {
         changes: Vec<(Incoming<'_>, Option<Written>)>,
         app: Option<&str>,
     ) -> Result<Vec<Result<Ingested, IngestError>>, IngestError> {
+        let started = std::time::Instant::now();
         // Until its batches are applied, a flush about to start waits for this call.
         let deciding = self.commit.enter();
         let mut ticket = 0;
@@ -237,6 +238,10 @@ impl Node {
         }
         drop(deciding);
         self.make_durable(ticket)?;
+        let took = started.elapsed();
+        for _ in &outcomes {
+            self.decisions.observe(took);
+        }
         Ok(outcomes)
     }
 

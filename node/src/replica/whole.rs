@@ -69,6 +69,7 @@ impl Node {
                 None => given_back.push(whole),
             }
         }
+        let started = std::time::Instant::now();
         let deciding = self.commit.enter();
         let mut ticket = 0;
         let mut outcomes = Vec::new();
@@ -89,6 +90,10 @@ impl Node {
         }
         drop(deciding);
         self.make_durable(ticket)?;
+        let took = started.elapsed();
+        for _ in &outcomes {
+            self.decisions.observe(took);
+        }
         Ok((outcomes, given_back))
     }
 
