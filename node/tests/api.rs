@@ -1841,6 +1841,29 @@ async fn fhir_searches_page_find_by_identifier_and_read_everything() {
         ],
         "{everything}"
     );
+
+    // The referral's workflow as a Task, and the members as Organizations.
+    let referral = body["id"].as_str().unwrap();
+    let (status, task) = api
+        .call("GET", &format!("/fhir/Task/{referral}"), READER, "")
+        .await;
+    assert_eq!(status, StatusCode::OK, "{task}");
+    assert_eq!(task["status"], "requested");
+    assert_eq!(task["businessStatus"]["text"], "requested");
+    assert_eq!(task["owner"]["identifier"]["value"], "core");
+    assert_eq!(
+        task["focus"]["reference"],
+        format!("ServiceRequest/{referral}")
+    );
+    let (_, desk) = api
+        .call("GET", "/fhir/Task?owner=Organization/core", READER, "")
+        .await;
+    assert_eq!(desk["total"], 1, "{desk}");
+    let (_, members) = api.call("GET", "/fhir/Organization", READER, "").await;
+    assert_eq!(members["total"], 2, "{members}");
+    let (status, core) = api.call("GET", "/fhir/Organization/core", READER, "").await;
+    assert_eq!(status, StatusCode::OK, "{core}");
+    assert_eq!(core["identifier"][0]["value"], "core");
 }
 
 /// Prescriptions and encounters are served as MedicationRequest and Encounter, and what is

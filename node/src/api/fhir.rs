@@ -68,6 +68,10 @@ pub(super) fn routes() -> Vec<Route> {
         Route::get("/fhir/Patient/{id}/$everything", everything),
         Route::get("/fhir/ServiceRequest", search_service_requests),
         Route::get("/fhir/ServiceRequest/{id}", service_request),
+        Route::get("/fhir/Task", search_tasks),
+        Route::get("/fhir/Task/{id}", task),
+        Route::get("/fhir/Organization", organizations),
+        Route::get("/fhir/Organization/{id}", organization),
         Route::get("/fhir/AllergyIntolerance", allergies),
         Route::get("/fhir/Condition", conditions),
         Route::get("/fhir/MedicationRequest", medication_requests),
@@ -144,6 +148,11 @@ pub fn capability_statement(institution: &str) -> Value {
             },
             "resource": [
                 patient_resource,
+                resource("Task", &["read", "search-type"], vec![
+                    param("owner", "reference", "The receiving institution: its referrals as a desk's worklist, every status."),
+                    param("patient", "reference", "Patient/<id> or the id: the resident's referrals."),
+                ]),
+                resource("Organization", &["read", "search-type"], Vec::new()),
                 resource("ServiceRequest", &["read", "search-type"], vec![
                     param("performer", "reference", "Required: the receiving institution, Organization/<id> or the id."),
                     param("status", "token", "active, completed or revoked, or a referral status."),
@@ -432,7 +441,6 @@ pub fn service_request_resource(view: &ReferralView, last_updated_ms: i64) -> Va
     request
 }
 
-/// A searchset Bundle; entries' `fullUrl`s are absolute, under this node's API address.
 /// Most entries one page of a search answers (`_count`).
 pub const PAGE_ENTRIES_MAX: usize = 1_000;
 
@@ -508,7 +516,8 @@ impl Page {
 }
 
 /// A `searchset` Bundle of the page of `entries` that `page` asks for, `total` counting them
-/// all, with `next` and `previous` links where there are such pages.
+/// all, with `next` and `previous` links where there are such pages; entries' `fullUrl`s are
+/// absolute, under this node's API address.
 fn searchset(state: &ApiState, page: &Page, entries: Vec<Value>) -> Value {
     let host = format!("http://{}", state.config.api.listen);
     let total = entries.len();
@@ -567,6 +576,156 @@ fn patient_links(id: DocumentId, record: &crate::model::CombinedRecord) -> Value
 fn service_request_of(state: &ApiState, id: DocumentId) -> Result<Value, ApiError> {
     let view = state.node.referral(id)?;
     Ok(service_request_resource(&view, last_updated(state, id)?))
+}
+
+/// A referral's workflow as a `Task` (its id the referral's), for a desk's FHIR client: the
+/// status follows the referral's one to one (scheduled is `accepted` with business status
+/// `scheduled`, arrived `in-progress`), the receiver owns it, and it focuses on the referral's
+/// `ServiceRequest`.
+pub fn task_resource(view: &ReferralView, last_updated_ms: i64) -> Value {
+    let status = match view.status {
+        ReferralStatus::Requested => "requested",
+        ReferralStatus::Accepted | ReferralStatus::Scheduled => "accepted",
+        ReferralStatus::Arrived => "in-progress",
+        ReferralStatus::Completed => "completed",
+        ReferralStatus::Declined => "rejected",
+        ReferralStatus::Cancelled => "cancelled",
+    };
+    let mut task = json!({
+        "resourceType": "Task",
+        "id": view.id.to_string(),
+        "meta": meta(last_updated_ms),
+        "identifier": [{ "system": DOCUMENT_SYSTEM, "value": view.id.to_string() }],
+        "basedOn": [reference("ServiceRequest", &view.id)],
+        "status": status,
+        "businessStatus": { "text": view.status.as_str() },
+        "intent": "order",
+        "priority": match view.urgency.value {
+            Urgency::Routine => "routine",
+            Urgency::Priority => "urgent",
+        },
+        "focus": reference("ServiceRequest", &view.id),
+        "for": reference("Patient", &view.patient),
+        "authoredOn": instant(view.created_at.0),
+        "lastModified": instant(last_updated_ms),
+        "requester": organisation(view.from.as_str()),
+        "owner": organisation(view.to.as_str()),
+    });
+    match view.status {
+        ReferralStatus::Declined => {
+            task["statusReason"] = json!({ "text": format!("declined by {}", view.to) });
+        }
+        ReferralStatus::Cancelled => {
+            task["statusReason"] = json!({ "text": format!("cancelled by {}", view.from) });
+        }
+        _ => {}
+    }
+    if let Some(appointment) = view.appointment {
+        task["restriction"] = json!({ "period": { "start": instant(appointment.0) } });
+    }
+    task
+}
+
+/// A referral as a `Task`.
+fn task_of(state: &ApiState, id: DocumentId) -> Result<Value, ApiError> {
+    let view = state.node.referral(id)?;
+    Ok(task_resource(&view, last_updated(state, id)?))
+}
+
+async fn task(
+    State(state): State<ApiState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    read_one(state, caller, &id, task_of).await
+}
+
+#[derive(Deserialize)]
+struct TaskSearch {
+    owner: Option<String>,
+    patient: Option<String>,
+}
+
+/// `Task?owner=<institution>` (a desk's worklist, every status) or `Task?patient=<file>`.
+async fn search_tasks(
+    State(state): State<ApiState>,
+    caller: Caller,
+    page: Page,
+    QueryParams(query): QueryParams<TaskSearch>,
+) -> Result<impl IntoResponse, ApiError> {
+    enum Of {
+        Owner(crate::model::InstitutionId),
+        Patient(DocumentId),
+    }
+    let of = match (query.owner, query.patient) {
+        (Some(owner), None) => Of::Owner(institution_id(
+            owner.strip_prefix("Organization/").unwrap_or(&owner),
+        )?),
+        (None, Some(patient)) => Of::Patient(document_id(
+            patient.strip_prefix("Patient/").unwrap_or(&patient),
+        )?),
+        _ => {
+            return Err(ApiError::bad_request(
+                "malformed_query",
+                "search tasks by owner (an institution) or by patient, one of the two",
+            ));
+        }
+    };
+    blocking(move || {
+        let found = match of {
+            Of::Owner(owner) => {
+                let mut found = Vec::new();
+                for status in ReferralStatus::ALL {
+                    found.extend(state.node.referrals_to(&owner, *status)?);
+                }
+                found
+            }
+            Of::Patient(patient) => state.node.referrals_of(&patient)?,
+        };
+        let entries = read_all(&state, &caller, &found, task_of)?;
+        Ok(fhir(searchset(&state, &page, entries)))
+    })
+    .await
+}
+
+/// A member institution as an `Organization`, from the roster (no patient data: reading it is
+/// not audited).
+fn organization_resource(member: &crate::model::InstitutionView) -> Value {
+    json!({
+        "resourceType": "Organization",
+        "id": member.id.as_str(),
+        "identifier": [{ "system": INSTITUTION_SYSTEM, "value": member.id.as_str() }],
+        "active": true,
+        "type": [{ "coding": [{
+            "system": "http://terminology.hl7.org/CodeSystem/organization-type",
+            "code": "prov",
+            "display": "Healthcare Provider",
+        }], "text": member.kind.as_str() }],
+        "name": member.name,
+    })
+}
+
+async fn organizations(
+    State(state): State<ApiState>,
+    _caller: Caller,
+    page: Page,
+) -> Result<impl IntoResponse, ApiError> {
+    let members = state.node.roster_view().institutions;
+    let entries = members.iter().map(organization_resource).collect();
+    Ok(fhir(searchset(&state, &page, entries)))
+}
+
+async fn organization(
+    State(state): State<ApiState>,
+    _caller: Caller,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    let members = state.node.roster_view().institutions;
+    members
+        .iter()
+        .find(|member| member.id.as_str() == id)
+        .map(|member| fhir(organization_resource(member)))
+        .ok_or_else(|| ApiError::not_found("no member of the consortium has this id"))
 }
 
 type Resource = fn(&ApiState, DocumentId) -> Result<Value, ApiError>;

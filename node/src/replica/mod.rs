@@ -920,6 +920,11 @@ impl Node {
         Ok(RosterUpdate::Adopted { version })
     }
 
+    /// The roster in force: its institutions, revocations and erasures.
+    pub fn roster_view(&self) -> crate::model::RosterView {
+        self.membership().view().clone()
+    }
+
     /// How long decisions take, from a change's arrival in the pipeline to its durable
     /// decision.
     pub fn decision_latency(&self) -> &crate::latency::Histogram {
