@@ -1615,6 +1615,17 @@ async fn an_amended_result_is_served_as_amended_with_the_corrected_value() {
     assert_eq!(code["text"], "eGFR", "{bundle}");
     assert!(code["coding"].is_null(), "{code}");
     assert_eq!(code["extension"][0]["url"], "urn:estuary:fhir:uncoded");
+    // Each exam is also a DiagnosticReport whose result is its Observation.
+    let reports = api.fhir_search("DiagnosticReport", &patient).await;
+    assert_eq!(reports["total"], 2, "{reports}");
+    let report = &reports["entry"][0]["resource"];
+    assert_eq!(report["status"], "amended");
+    assert_eq!(report["category"][0]["coding"][0]["code"], "LAB");
+    let observation = bundle["entry"][0]["resource"]["id"].as_str().unwrap();
+    assert_eq!(
+        report["result"][0]["reference"],
+        format!("Observation/{observation}")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

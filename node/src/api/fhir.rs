@@ -51,6 +51,8 @@ const ALLERGY_VERIFICATION_SYSTEM: &str =
     "http://terminology.hl7.org/CodeSystem/allergyintolerance-verification";
 const CONDITION_CLINICAL_SYSTEM: &str = "http://terminology.hl7.org/CodeSystem/condition-clinical";
 const CONDITION_CATEGORY_SYSTEM: &str = "http://terminology.hl7.org/CodeSystem/condition-category";
+/// HL7 v2 table 0074: a diagnostic report's service section.
+const DIAGNOSTIC_SERVICE_SYSTEM: &str = "http://terminology.hl7.org/CodeSystem/v2-0074";
 /// HL7 v3 ActCode: an encounter's class.
 const ACT_CODE_SYSTEM: &str = "http://terminology.hl7.org/CodeSystem/v3-ActCode";
 /// 0001-01-01T00:00:00Z and 9999-12-31T23:59:59.999Z.
@@ -77,6 +79,7 @@ pub(super) fn routes() -> Vec<Route> {
         Route::get("/fhir/MedicationRequest", medication_requests),
         Route::get("/fhir/Encounter", encounters),
         Route::get("/fhir/Observation", observations),
+        Route::get("/fhir/DiagnosticReport", diagnostic_reports),
     ]
 }
 
@@ -162,6 +165,7 @@ pub fn capability_statement(institution: &str) -> Value {
                 resource("MedicationRequest", &["search-type"], vec![patient()]),
                 resource("Encounter", &["search-type"], vec![patient()]),
                 resource("Observation", &["search-type"], vec![patient()]),
+                resource("DiagnosticReport", &["search-type"], vec![patient()]),
             ],
             "searchParam": [
                 param("_count", "number", "Entries per page, 1 to 1,000; the Bundle's next and previous links carry _offset. Without it, every entry."),
@@ -875,6 +879,7 @@ async fn everything(
         entries.extend(medication_request_resources(&view));
         entries.extend(encounter_resources(&view));
         entries.extend(observation_resources(&view));
+        entries.extend(diagnostic_report_resources(&view));
         let mut referrals = state.node.referrals_of(&file)?;
         if view.id != file {
             referrals.extend(state.node.referrals_of(&view.id)?);
@@ -1401,6 +1406,64 @@ async fn observations(
 ) -> Result<impl IntoResponse, ApiError> {
     let view = patient_file(&state, &caller, &query).await?;
     Ok(fhir(searchset(&state, &page, observation_resources(&view))))
+}
+
+async fn diagnostic_reports(
+    State(state): State<ApiState>,
+    caller: Caller,
+    page: Page,
+    QueryParams(query): QueryParams<PatientSearch>,
+) -> Result<impl IntoResponse, ApiError> {
+    let view = patient_file(&state, &caller, &query).await?;
+    Ok(fhir(searchset(
+        &state,
+        &page,
+        diagnostic_report_resources(&view),
+    )))
+}
+
+/// A resident's exam results as `DiagnosticReport`s: a lab panel, an imaging study or an ECG,
+/// each the report of the exam's `Observation` (its `result`), with the report's text as the
+/// conclusion. Served under the exam's id with `-report`, amended and entered in error as the
+/// Observation is.
+fn diagnostic_report_resources(view: &HealthFileView) -> Vec<Value> {
+    current(&view.exams, |e| &e.entry, |e| &e.amended)
+        .into_iter()
+        .map(|(record, exam)| {
+            let observation = entry_id(&view.id, &record.entry);
+            let (code, display) = match exam.kind {
+                ExamKind::Lab => ("LAB", "Laboratory"),
+                ExamKind::Imaging => ("RAD", "Radiology"),
+                ExamKind::Ecg => ("EC", "Electrocardiac (e.g., EKG, EEC, Holter)"),
+            };
+            let mut report = json!({
+                "resourceType": "DiagnosticReport",
+                "id": format!("{observation}-report"),
+                "identifier": [entry_identifier(&record.entry)],
+                "meta": meta(exam.time.0),
+                "status": match observation_status(&record.entered_in_error, &record.amended) {
+                    "entered-in-error" => "entered-in-error",
+                    "amended" => "amended",
+                    _ => "final",
+                },
+                "category": [{ "coding": [{
+                    "system": DIAGNOSTIC_SERVICE_SYSTEM,
+                    "code": code,
+                    "display": display,
+                }] }],
+                "code": exam_code(&exam.name, exam.measurements.first().and_then(|m| m.unit.as_deref())),
+                "subject": reference("Patient", &view.id),
+                "effectiveDateTime": instant(exam.time.0),
+                "issued": instant(exam.time.0),
+                "performer": [organisation(exam.institution.as_str())],
+                "result": [{ "reference": format!("Observation/{observation}") }],
+            });
+            if let Some(text) = &exam.report {
+                report["conclusion"] = json!(text);
+            }
+            report
+        })
+        .collect()
 }
 
 fn observation_resources(view: &HealthFileView) -> Vec<Value> {
