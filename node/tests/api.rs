@@ -348,6 +348,48 @@ impl Api {
     }
 }
 
+/// Every route that takes a token refuses a request without one, and its answer is the one
+/// `node/openapi.json` describes for 401: `{"error"}` for `/v1` and `/admin`, an
+/// OperationOutcome for `/fhir`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_route_refuses_a_request_without_a_token_as_described() {
+    let api = api();
+    let openapi = schema::openapi();
+    let mut checked = 0;
+    for (path, methods) in openapi["paths"].as_object().unwrap() {
+        for (method, operation) in methods.as_object().unwrap() {
+            if operation["security"].as_array().is_some_and(Vec::is_empty) {
+                continue;
+            }
+            let concrete = path
+                .replace("{id}", &"0".repeat(32))
+                .replace("{change}", &"0".repeat(64));
+            let request = Request::builder()
+                .method(method.to_uppercase().as_str())
+                .uri(&concrete)
+                .body(Body::empty())
+                .unwrap();
+            let response = api.router.clone().oneshot(request).await.unwrap();
+            let status = response.status();
+            let bytes = axum::body::to_bytes(response.into_body(), 1024 * 1024)
+                .await
+                .unwrap();
+            let answer: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            assert_eq!(
+                status,
+                StatusCode::UNAUTHORIZED,
+                "{method} {path}: {answer}"
+            );
+            let described = schema::response_schema(&openapi, method, path, 401)
+                .unwrap_or_else(|| panic!("{method} {path}: 401 is not described"));
+            schema::check(&openapi, described, &answer, "answer")
+                .unwrap_or_else(|e| panic!("{method} {path}: {e}: {answer}"));
+            checked += 1;
+        }
+    }
+    assert!(checked > 40, "{checked}");
+}
+
 /// Every operation on a health file and on a referral, as an app sends it, is what
 /// `node/openapi.json` describes; so is every answer, success or error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
