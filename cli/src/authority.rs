@@ -309,36 +309,31 @@ fn show(view: &serde_json::Value, json: bool) {
         })
         .collect();
     output::table(&["INSTITUTION", "KIND", "NAME", "NODE KEYS"], &rows);
-    let revoked: Vec<Vec<String>> = view["revocations"]
-        .as_array()
-        .unwrap_or(&empty)
-        .iter()
-        .map(|r| {
-            vec![
-                output::cell(&r["key"]),
-                output::time(&r["at"]),
-                output::cell(&r["reason"]),
-            ]
-        })
-        .collect();
-    if !revoked.is_empty() {
-        println!();
-        output::table(&["REVOKED KEY", "AT", "REASON"], &revoked);
-    }
-    let erased: Vec<Vec<String>> = view["erasures"]
-        .as_array()
-        .unwrap_or(&empty)
-        .iter()
-        .map(|e| {
-            vec![
-                output::cell(&e["document"]),
-                output::time(&e["at"]),
-                output::cell(&e["order"]),
-            ]
-        })
-        .collect();
-    if !erased.is_empty() {
-        println!();
-        output::table(&["ERASED HEALTH FILE", "AT", "ORDER"], &erased);
+    // Revocations and erasures: an id, when, and why, each under its own header if any.
+    for (list, header, id, why) in [
+        ("revocations", "REVOKED KEY", "key", ("REASON", "reason")),
+        (
+            "erasures",
+            "ERASED HEALTH FILE",
+            "document",
+            ("ORDER", "order"),
+        ),
+    ] {
+        let rows: Vec<Vec<String>> = view[list]
+            .as_array()
+            .unwrap_or(&empty)
+            .iter()
+            .map(|r| {
+                vec![
+                    output::cell(&r[id]),
+                    output::time(&r["at"]),
+                    output::cell(&r[why.1]),
+                ]
+            })
+            .collect();
+        if !rows.is_empty() {
+            println!();
+            output::table(&[header, "AT", why.0], &rows);
+        }
     }
 }

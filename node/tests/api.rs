@@ -452,169 +452,158 @@ async fn every_operation_and_its_answer_are_as_the_openapi_file_describes() {
         }
     };
     // Writes that add entries, then those that name them.
-    send(
-        HealthFileOp::SetDemographic(DemographicField::Phone("+86 139".into())),
-        StatusCode::OK,
-    )
-    .await;
-    send(
-        HealthFileOp::SetContract(FamilyDoctorContract {
-            community_centre: InstitutionId::new("chc-a").unwrap(),
-            district_hospital: InstitutionId::new("core").unwrap(),
-            municipal_hospital: InstitutionId::new("core").unwrap(),
-            doctor_id: "doc-1".into(),
-            doctor_name: "Dr Shen".into(),
-            since: Date::new("2026-01-01").unwrap(),
-        }),
-        StatusCode::OK,
-    )
-    .await;
-    send(
-        HealthFileOp::AddAllergy(NewAllergy {
-            substance: "penicillin".into(),
-            reaction: "rash".into(),
-            severity: Severity::Severe,
-        }),
-        StatusCode::OK,
-    )
-    .await;
-    // Refused while an allergy stands: the error is as described too.
-    send(
-        HealthFileOp::RecordNoKnownAllergies,
-        StatusCode::BAD_REQUEST,
-    )
-    .await;
-    send(
-        HealthFileOp::AddProblem(NewProblem {
-            icd10: Icd10::new("I10").unwrap(),
-            display: "Hypertension".into(),
-            onset: None,
-            status: ProblemStatus::Active,
-        }),
-        StatusCode::OK,
-    )
-    .await;
-    send(
-        HealthFileOp::AddMedication(medication.clone()),
-        StatusCode::OK,
-    )
-    .await;
-    send(
-        HealthFileOp::AddEncounter(encounter.clone()),
-        StatusCode::OK,
-    )
-    .await;
-    send(HealthFileOp::AddExamResult(exam.clone()), StatusCode::OK).await;
-    send(
-        HealthFileOp::AddFollowUp(NewFollowUp {
-            time: Timestamp(1_790_000_000_000),
-            systolic_mmhg: Some(150),
-            diastolic_mmhg: Some(95),
-            glucose_mmol_per_l: None,
-        }),
-        StatusCode::OK,
-    )
-    .await;
+    for (op, expected) in [
+        (
+            HealthFileOp::SetDemographic(DemographicField::Phone("+86 139".into())),
+            StatusCode::OK,
+        ),
+        (
+            HealthFileOp::SetContract(FamilyDoctorContract {
+                community_centre: InstitutionId::new("chc-a").unwrap(),
+                district_hospital: InstitutionId::new("core").unwrap(),
+                municipal_hospital: InstitutionId::new("core").unwrap(),
+                doctor_id: "doc-1".into(),
+                doctor_name: "Dr Shen".into(),
+                since: Date::new("2026-01-01").unwrap(),
+            }),
+            StatusCode::OK,
+        ),
+        (
+            HealthFileOp::AddAllergy(NewAllergy {
+                substance: "penicillin".into(),
+                reaction: "rash".into(),
+                severity: Severity::Severe,
+            }),
+            StatusCode::OK,
+        ),
+        // Refused while an allergy stands: the error is as described too.
+        (
+            HealthFileOp::RecordNoKnownAllergies,
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            HealthFileOp::AddProblem(NewProblem {
+                icd10: Icd10::new("I10").unwrap(),
+                display: "Hypertension".into(),
+                onset: None,
+                status: ProblemStatus::Active,
+            }),
+            StatusCode::OK,
+        ),
+        (
+            HealthFileOp::AddMedication(medication.clone()),
+            StatusCode::OK,
+        ),
+        (
+            HealthFileOp::AddEncounter(encounter.clone()),
+            StatusCode::OK,
+        ),
+        (HealthFileOp::AddExamResult(exam.clone()), StatusCode::OK),
+        (
+            HealthFileOp::AddFollowUp(NewFollowUp {
+                time: Timestamp(1_790_000_000_000),
+                systolic_mmhg: Some(150),
+                diastolic_mmhg: Some(95),
+                glucose_mmol_per_l: None,
+            }),
+            StatusCode::OK,
+        ),
+    ] {
+        send(op, expected).await;
+    }
     let (_, view) = api
         .call("GET", &format!("/v1/health-files/{file}"), READER, "")
         .await;
     let entry =
         |list: &str| EntryId::parse(view["view"][list][0]["entry"].as_str().unwrap()).unwrap();
-    send(
-        HealthFileOp::SetAllergyVerification {
-            entry: entry("allergies"),
-            status: AllergyVerification::Confirmed,
-        },
-        StatusCode::OK,
-    )
-    .await;
-    send(
-        HealthFileOp::SetProblemStatus {
-            entry: entry("problems"),
-            status: ProblemStatus::Resolved,
-        },
-        StatusCode::OK,
-    )
-    .await;
-    send(
-        HealthFileOp::StopMedication {
-            entry: entry("medications"),
-            on: Date::new("2026-03-20").unwrap(),
-        },
-        StatusCode::OK,
-    )
-    .await;
-    send(
-        HealthFileOp::EditEncounterNote {
-            entry: entry("encounters"),
-            note: "seen; BP high".into(),
-        },
-        StatusCode::OK,
-    )
-    .await;
-    send(
-        HealthFileOp::MarkEnteredInError {
-            list: CorrectableList::FollowUps,
-            entry: entry("follow_ups"),
-            reason: "another resident's".into(),
-        },
-        StatusCode::OK,
-    )
-    .await;
-    send(
-        HealthFileOp::Amend {
-            entry: entry("exams"),
-            reason: "haemolysed".into(),
-            with: Amendment::ExamResult(NewExamResult {
-                measurements: vec![Measurement {
-                    name: "potassium".into(),
-                    value: 4.1,
-                    unit: Some("mmol/L".into()),
-                }],
-                ..exam
-            }),
-        },
-        StatusCode::OK,
-    )
-    .await;
-    send(
-        HealthFileOp::RemoveProblem {
-            icd10: Icd10::new("I10").unwrap(),
-        },
-        StatusCode::OK,
-    )
-    .await;
-    send(
-        HealthFileOp::RemoveAllergy {
-            substance: "Penicillin".into(),
-        },
-        StatusCode::OK,
-    )
-    .await;
-    send(
-        HealthFileOp::Link {
-            to: DocumentId::parse(&other).unwrap(),
-            reason: "same national id".into(),
-        },
-        StatusCode::OK,
-    )
-    .await;
-    send(
-        HealthFileOp::Unlink {
-            reason: "two residents".into(),
-        },
-        StatusCode::OK,
-    )
-    .await;
-    // A link to the file itself: refused, as described.
-    send(
-        HealthFileOp::Link {
-            to: DocumentId::parse(&file).unwrap(),
-            reason: "itself".into(),
-        },
-        StatusCode::UNPROCESSABLE_ENTITY,
-    )
-    .await;
+    for (op, expected) in [
+        (
+            HealthFileOp::SetAllergyVerification {
+                entry: entry("allergies"),
+                status: AllergyVerification::Confirmed,
+            },
+            StatusCode::OK,
+        ),
+        (
+            HealthFileOp::SetProblemStatus {
+                entry: entry("problems"),
+                status: ProblemStatus::Resolved,
+            },
+            StatusCode::OK,
+        ),
+        (
+            HealthFileOp::StopMedication {
+                entry: entry("medications"),
+                on: Date::new("2026-03-20").unwrap(),
+            },
+            StatusCode::OK,
+        ),
+        (
+            HealthFileOp::EditEncounterNote {
+                entry: entry("encounters"),
+                note: "seen; BP high".into(),
+            },
+            StatusCode::OK,
+        ),
+        (
+            HealthFileOp::MarkEnteredInError {
+                list: CorrectableList::FollowUps,
+                entry: entry("follow_ups"),
+                reason: "another resident's".into(),
+            },
+            StatusCode::OK,
+        ),
+        (
+            HealthFileOp::Amend {
+                entry: entry("exams"),
+                reason: "haemolysed".into(),
+                with: Amendment::ExamResult(NewExamResult {
+                    measurements: vec![Measurement {
+                        name: "potassium".into(),
+                        value: 4.1,
+                        unit: Some("mmol/L".into()),
+                    }],
+                    ..exam
+                }),
+            },
+            StatusCode::OK,
+        ),
+        (
+            HealthFileOp::RemoveProblem {
+                icd10: Icd10::new("I10").unwrap(),
+            },
+            StatusCode::OK,
+        ),
+        (
+            HealthFileOp::RemoveAllergy {
+                substance: "Penicillin".into(),
+            },
+            StatusCode::OK,
+        ),
+        (
+            HealthFileOp::Link {
+                to: DocumentId::parse(&other).unwrap(),
+                reason: "same national id".into(),
+            },
+            StatusCode::OK,
+        ),
+        (
+            HealthFileOp::Unlink {
+                reason: "two residents".into(),
+            },
+            StatusCode::OK,
+        ),
+        // A link to the file itself: refused, as described.
+        (
+            HealthFileOp::Link {
+                to: DocumentId::parse(&file).unwrap(),
+                reason: "itself".into(),
+            },
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+    ] {
+        send(op, expected).await;
+    }
     assert!(
         sent.iter().all(|s| *s),
         "an operation was not sent: {sent:?}"

@@ -130,12 +130,12 @@ async fn read_document(
                 "the document was erased on the consortium authority's order",
             ));
         }
+        let kept = state.node.view(id, kind)?;
         if kind == DocumentKind::HealthFile
-            && let Some(record) = state.node.resident_record(id)?
+            && let Some(record) = state.node.resident_record_of(id, kept.as_ref())?
         {
             return linked_answer(&state, &caller, id, record);
         }
-        let kept = state.node.view(id, kind)?;
         let body = match kept.as_ref() {
             View::HealthFile(view) => serde_json::to_vec(&DocumentAnswer {
                 id,

@@ -972,14 +972,26 @@ async fn patient_file(
     .await
 }
 
+/// A `?patient=` search: the resources `resources` makes of the resident's record (every
+/// linked file included), a page of them.
+async fn of_patient(
+    state: ApiState,
+    caller: Caller,
+    page: Page,
+    query: PatientSearch,
+    resources: fn(&HealthFileView) -> Vec<Value>,
+) -> Result<impl IntoResponse, ApiError> {
+    let view = patient_file(&state, &caller, &query).await?;
+    Ok(fhir(searchset(&state, &page, resources(&view))))
+}
+
 async fn allergies(
     State(state): State<ApiState>,
     caller: Caller,
     page: Page,
     QueryParams(query): QueryParams<PatientSearch>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let view = patient_file(&state, &caller, &query).await?;
-    Ok(fhir(searchset(&state, &page, allergy_resources(&view))))
+    of_patient(state, caller, page, query, allergy_resources).await
 }
 
 fn allergy_resources(view: &HealthFileView) -> Vec<Value> {
@@ -1052,8 +1064,7 @@ async fn conditions(
     page: Page,
     QueryParams(query): QueryParams<PatientSearch>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let view = patient_file(&state, &caller, &query).await?;
-    Ok(fhir(searchset(&state, &page, condition_resources(&view))))
+    of_patient(state, caller, page, query, condition_resources).await
 }
 
 fn condition_resources(view: &HealthFileView) -> Vec<Value> {
@@ -1089,6 +1100,12 @@ fn condition_resources(view: &HealthFileView) -> Vec<Value> {
         .collect()
 }
 
+/// The date (`YYYY-MM-DD`) `days` after 1970-01-01.
+fn civil_date(days: i64) -> String {
+    let (year, month, day) = crate::import::civil_from_days(days);
+    format!("{year:04}-{month:02}-{day:02}")
+}
+
 /// The last day of a prescription of `days` days from `start` (`YYYY-MM-DD`), if it reads.
 fn last_day(start: &str, days: u64) -> Option<String> {
     let mut parts = start.splitn(3, '-').map(str::parse::<i64>);
@@ -1098,9 +1115,9 @@ fn last_day(start: &str, days: u64) -> Option<String> {
         parts.next()?.ok()?,
     );
     let first = crate::import::days_from_civil(year, month, day);
-    let (year, month, day) =
-        crate::import::civil_from_days(first + i64::try_from(days).ok()?.saturating_sub(1));
-    Some(format!("{year:04}-{month:02}-{day:02}"))
+    Some(civil_date(
+        first + i64::try_from(days).ok()?.saturating_sub(1),
+    ))
 }
 
 /// A resident's prescriptions as `MedicationRequest`s: the 60-day cap as the validity period
@@ -1112,20 +1129,11 @@ async fn medication_requests(
     page: Page,
     QueryParams(query): QueryParams<PatientSearch>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let view = patient_file(&state, &caller, &query).await?;
-    Ok(fhir(searchset(
-        &state,
-        &page,
-        medication_request_resources(&view),
-    )))
+    of_patient(state, caller, page, query, medication_request_resources).await
 }
 
 fn medication_request_resources(view: &HealthFileView) -> Vec<Value> {
-    let today = {
-        let (year, month, day) =
-            crate::import::civil_from_days(crate::audit::now_ms().div_euclid(86_400_000));
-        format!("{year:04}-{month:02}-{day:02}")
-    };
+    let today = civil_date(crate::audit::now_ms().div_euclid(86_400_000));
     current(&view.medications, |m| &m.entry, |m| &m.amended)
         .into_iter()
         .map(|(record, medication)| {
@@ -1181,8 +1189,7 @@ async fn encounters(
     page: Page,
     QueryParams(query): QueryParams<PatientSearch>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let view = patient_file(&state, &caller, &query).await?;
-    Ok(fhir(searchset(&state, &page, encounter_resources(&view))))
+    of_patient(state, caller, page, query, encounter_resources).await
 }
 
 fn encounter_resources(view: &HealthFileView) -> Vec<Value> {
@@ -1404,8 +1411,7 @@ async fn observations(
     page: Page,
     QueryParams(query): QueryParams<PatientSearch>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let view = patient_file(&state, &caller, &query).await?;
-    Ok(fhir(searchset(&state, &page, observation_resources(&view))))
+    of_patient(state, caller, page, query, observation_resources).await
 }
 
 async fn diagnostic_reports(
@@ -1414,12 +1420,7 @@ async fn diagnostic_reports(
     page: Page,
     QueryParams(query): QueryParams<PatientSearch>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let view = patient_file(&state, &caller, &query).await?;
-    Ok(fhir(searchset(
-        &state,
-        &page,
-        diagnostic_report_resources(&view),
-    )))
+    of_patient(state, caller, page, query, diagnostic_report_resources).await
 }
 
 /// A resident's exam results as `DiagnosticReport`s: a lab panel, an imaging study or an ECG,

@@ -43,8 +43,17 @@ impl Node {
     /// with it; `None` when the file is linked with no other (its own view is the record, read
     /// as kept, without a copy).
     pub fn resident_record(&self, id: DocumentId) -> Result<Option<CombinedRecord>, NodeError> {
-        let kept = self.view(id, DocumentKind::HealthFile)?;
-        let linked_out = match kept.as_ref() {
+        self.resident_record_of(id, self.view(id, DocumentKind::HealthFile)?.as_ref())
+    }
+
+    /// As [`Node::resident_record`], given the file's view as kept (`kept`), which a reader
+    /// already holds: the file is not looked up again.
+    pub fn resident_record_of(
+        &self,
+        id: DocumentId,
+        kept: &View,
+    ) -> Result<Option<CombinedRecord>, NodeError> {
+        let linked_out = match kept {
             View::HealthFile(view) => linked::linked_to(id, view).is_some(),
             _ => false,
         };
