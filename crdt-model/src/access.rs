@@ -412,16 +412,21 @@ pub(crate) fn finite<D: ReadDoc>(
     }
 }
 
-/// Parser of an automerge Text object; yields the text. Its length grows by merging
-/// concurrent edits, so it is bounded per change by `validate_change`, not here.
+/// Parser of a note: a string, or an automerge Text object, as releases before notes became
+/// plain registers wrote them (see ARCHITECTURE.md). Its length is bounded per change by
+/// `validate_change`, not here: a Text note could grow past the bound by merging concurrent
+/// edits, and such a note stays readable.
 pub(crate) fn long_text<D: ReadDoc>(
     field: &'static str,
 ) -> impl Fn(&Obj<'_, D>, &Value<'_>, &ObjId) -> Result<String, ValidationError> {
-    move |obj, value, id| match value {
-        Value::Object(ObjType::Text) => obj.doc.text(id).map_err(|_| ValidationError::WrongType {
-            field,
-            expected: "text",
-        }),
+    move |obj, value, id| match (value, scalar(value)) {
+        (_, Some(ScalarValue::Str(text))) => Ok(text.to_string()),
+        (Value::Object(ObjType::Text), _) => {
+            obj.doc.text(id).map_err(|_| ValidationError::WrongType {
+                field,
+                expected: "text",
+            })
+        }
         _ => Err(ValidationError::WrongType {
             field,
             expected: "text",
@@ -503,13 +508,6 @@ impl NewEntry {
             self.put(key, value);
         }
         Ok(self)
-    }
-
-    /// Sets a text object (merged character-wise by later edits).
-    pub(crate) fn text_object(&mut self, key: &str, text: &str) -> &mut Self {
-        let text = automerge::hydrate::Text::new(automerge::TextEncoding::platform_default(), text);
-        self.0.insert(key.to_owned(), text.into());
-        self
     }
 
     /// Sets a list of nested entries.

@@ -608,6 +608,10 @@ pub struct EncounterView {
     pub diagnoses: Vec<Diagnosis>,
     /// The note.
     pub note: String,
+    /// Notes written concurrently with `note` (by two nodes of its institution), to review;
+    /// empty when there is no conflict.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub note_conflicts: Vec<String>,
     /// Marked entered in error by its institution, if so.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub entered_in_error: Option<Register<EnteredInError>>,
@@ -921,7 +925,10 @@ impl HealthFile {
             // one operation each would write. The operations among them that touch no list
             // (the contract, a demographic field) commute with them and are applied after,
             // in order, and so is everything from the first that reads a list on.
+            // So is the last contract among them (a contract is one register, so an earlier
+            // one there is overwritten whatever the order).
             let mut entries = Vec::new();
+            let mut contract = None;
             let mut later = Vec::new();
             for (index, (at, op)) in records.iter().enumerate() {
                 let editor = Editor {
@@ -932,12 +939,17 @@ impl HealthFile {
                     later.extend(index..records.len());
                     break;
                 }
+                if let HealthFileOp::SetContract(written) = op {
+                    contract =
+                        Some(contract_entry(written).inspect_err(|_| refused = Some(index))?);
+                    continue;
+                }
                 match new_entry(&editor, op).inspect_err(|_| refused = Some(index))? {
                     Some(entry) => entries.push(entry),
                     None => later.push(index),
                 }
             }
-            write_creation_with(tx, demographics, entries)?;
+            write_creation_with(tx, demographics, contract, entries)?;
             for index in later {
                 let (at, op) = &records[index];
                 let editor = Editor {
@@ -986,7 +998,7 @@ impl HealthFile {
 
 /// Writes a new health file's skeleton and its demographics.
 fn write_creation(tx: &mut AutoCommit, demographics: &Demographics) -> Result<(), OpError> {
-    write_creation_with(tx, demographics, Vec::new())
+    write_creation_with(tx, demographics, None, Vec::new())
 }
 
 /// Writes a new health file whole, in one batch: its identity, its demographics, and its
@@ -995,6 +1007,7 @@ fn write_creation(tx: &mut AutoCommit, demographics: &Demographics) -> Result<()
 fn write_creation_with(
     tx: &mut AutoCommit,
     demographics: &Demographics,
+    contract: Option<NewEntry>,
     mut entries: Vec<(&'static str, NewEntry)>,
 ) -> Result<(), OpError> {
     let d = demographics;
@@ -1016,6 +1029,9 @@ fn write_creation_with(
     root.put("type", DocumentKind::HealthFile.as_str())
         .put("schema", crate::SCHEMA_VERSION)
         .value("demographics", section.into_value());
+    if let Some(contract) = contract {
+        root.value("contract", contract.into_value());
+    }
     for list in LISTS.iter().copied() {
         let (items, rest): (Vec<_>, Vec<_>) =
             entries.into_iter().partition(|(into, _)| *into == list);
@@ -1165,14 +1181,26 @@ fn apply_op(tx: &mut AutoCommit, editor: &Editor, op: &HealthFileOp) -> Result<(
                 }
                 .into());
             }
-            let Some((Value::Object(ObjType::Text), text)) = tx.get(&id, "note")? else {
-                return Err(ValidationError::MissingField {
+            // A plain register: the whole note is replaced, a Text note of an earlier release
+            // included; a note edited to what it says already, without a conflict to settle,
+            // writes nothing.
+            let settled = tx.get_all(&id, "note")?.len() == 1;
+            let current = match tx.get(&id, "note")? {
+                Some((Value::Object(ObjType::Text), text)) => Some(tx.text(&text)?),
+                Some((Value::Scalar(value), _)) => value.as_str().map(str::to_owned),
+                _ => None,
+            };
+            match current {
+                None => Err(ValidationError::MissingField {
                     field: "encounters.note",
                 }
-                .into());
-            };
-            tx.update_text(&text, note)?;
-            Ok(())
+                .into()),
+                Some(current) if settled && current == *note => Ok(()),
+                Some(_) => {
+                    tx.put(&id, "note", note.as_str())?;
+                    Ok(())
+                }
+            }
         }
     }
 }
@@ -1272,7 +1300,7 @@ fn new_entry(
                 .time("time", encounter.time)
                 .put("kind", encounter.kind.as_str())
                 .list("diagnoses", diagnoses)
-                .text_object("note", &encounter.note);
+                .put("note", encounter.note.as_str());
             Ok(Some(("encounters", entry)))
         }
         HealthFileOp::AddExamResult(result) => {
@@ -1669,6 +1697,17 @@ fn check_name(name: &PersonName) -> Result<(), ValidationError> {
 }
 
 fn write_contract(tx: &mut AutoCommit, contract: &FamilyDoctorContract) -> Result<(), OpError> {
+    put_value(
+        tx,
+        &automerge::ROOT,
+        "contract",
+        &contract_entry(contract)?.into_value(),
+    )?;
+    Ok(())
+}
+
+/// A contract as the map a write of it puts, checked.
+fn contract_entry(contract: &FamilyDoctorContract) -> Result<NewEntry, OpError> {
     check_text(
         &contract.doctor_id,
         "contract.doctor_id",
@@ -1689,8 +1728,7 @@ fn write_contract(tx: &mut AutoCommit, contract: &FamilyDoctorContract) -> Resul
         .put("doctor_id", contract.doctor_id.as_str())
         .put("doctor_name", contract.doctor_name.as_str())
         .put("since", contract.since.as_str());
-    put_value(tx, &automerge::ROOT, "contract", &obj.into_value())?;
-    Ok(())
+    Ok(obj)
 }
 
 // ---- Reading and validation -------------------------------------------------------------
@@ -2271,6 +2309,10 @@ fn parse_encounter<D: ReadDoc>(entry: &Obj<'_, D>) -> Result<EncounterView, Vali
             })
         })
         .collect::<Result<_, ValidationError>>()?;
+    let Register {
+        value: note,
+        conflicts: note_conflicts,
+    } = entry.required("note", "encounters.note", long_text("encounters.note"))?;
     Ok(EncounterView {
         entry: entry_id(&entry.id),
         institution: entry.once(
@@ -2285,7 +2327,8 @@ fn parse_encounter<D: ReadDoc>(entry: &Obj<'_, D>) -> Result<EncounterView, Vali
             access::checked("encounters.kind", EncounterKind::parse),
         )?,
         diagnoses,
-        note: entry.once("note", "encounters.note", long_text("encounters.note"))?,
+        note,
+        note_conflicts,
         entered_in_error: entered_in_error(entry, CorrectableList::Encounters)?,
         amended: amended(entry, CorrectableList::Encounters)?,
     })
@@ -2605,12 +2648,13 @@ listed!(
         owner: |e| &e.institution,
         fixed: |e| EncounterView {
             note: String::new(),
+            note_conflicts: Vec::new(),
             entered_in_error: None,
             amended: None,
             ..e.clone()
         },
         owner_only_edit: |old, new| {
-            if old.note != new.note {
+            if (&old.note, &old.note_conflicts) != (&new.note, &new.note_conflicts) {
                 Some("encounters.note")
             } else {
                 marker_edit(

@@ -248,22 +248,48 @@ pub fn judge_change<D: ReadDoc>(
     change: &Change,
     author: &InstitutionId,
 ) -> Result<Judged, ValidationError> {
-    let before = At::new(doc, change.deps());
-    let hash: [ChangeHash; 1] = [change.hash()];
+    judge_at(doc, change.deps(), change.hash(), Some(change), author)
+}
+
+/// Judges the creation of a document, the change `hash`, as [`judge_change`] would, given
+/// that `doc` holds exactly that change: for a document made here, without encoding the
+/// change (automerge encodes it anew from the document on every request for it). Returns the
+/// document's view.
+pub fn judge_creation<D: ReadDoc>(
+    doc: &D,
+    hash: ChangeHash,
+    author: &InstitutionId,
+) -> Result<View, ValidationError> {
+    let judged = judge_at(doc, &[], hash, None, author)?;
+    judged.view_at_change(doc, None)
+}
+
+/// [`judge_change`] for the change `hash` with dependencies `deps`; `change`, which only a
+/// change that is not a creation needs, is the change itself.
+fn judge_at<D: ReadDoc>(
+    doc: &D,
+    deps: &[ChangeHash],
+    hash: ChangeHash,
+    change: Option<&Change>,
+    author: &InstitutionId,
+) -> Result<Judged, ValidationError> {
+    let before = At::new(doc, deps);
+    let hash: [ChangeHash; 1] = [hash];
     let after = At::new(doc, &hash);
-    let creation = change.deps().is_empty();
+    let creation = deps.is_empty();
     let kind = if creation {
         read_identity(&after)?
     } else {
         read_identity(&before)?
     };
-    let touch = if creation || kind != DocumentKind::HealthFile {
-        Touch {
+    let touch = match change {
+        Some(change) if !creation && kind == DocumentKind::HealthFile => {
+            Touch::of(doc, change, &health_file::PARTS, health_file::ROOT_REGISTER)
+        }
+        _ => Touch {
             whole: true,
             ..Touch::default()
-        }
-    } else {
-        Touch::of(doc, change, &health_file::PARTS, health_file::ROOT_REGISTER)
+        },
     };
     if touch.whole {
         let view = validate_change_view(&before, &after, author)?;

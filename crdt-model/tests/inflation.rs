@@ -137,7 +137,7 @@ fn compressed_changes_count_towards_the_limit_of_one_decode() {
 
 #[test]
 fn honest_documents_with_compressed_columns_load_on_every_path() {
-    let mut file = file_with_notes(60);
+    let mut file = file_with_notes(80);
     let saved = file.save();
     let mut chunk = DocumentChunk::parse(&saved);
     let inflated: u64 = chunk

@@ -744,8 +744,7 @@ fn write_file_fault(
                 let (owner, _) = doc.get(&entry, "institution").ok().flatten()?;
                 (owner.as_str() != Some(own)).then_some(entry)
             })?;
-            let note = at(doc, &foreign, "note")?;
-            doc.splice_text(&note, 0, 0, "amended ").ok()?
+            doc.put(&foreign, "note", "amended").ok()?
         }
         FileFault::ScalarInList => {
             let list = at(doc, &root, "follow_ups")?;

@@ -329,8 +329,7 @@ fn editing_another_institutions_note_is_rejected() {
     let (before, after) = raw_change(&raw_file().save(), |doc| {
         let encounters = map(doc, &automerge::ROOT, "encounters");
         let encounter = item(doc, &encounters, 0);
-        let note = map(doc, &encounter, "note");
-        doc.splice_text(&note, 0, 0, "amended: ").unwrap();
+        doc.put(&encounter, "note", "amended: note").unwrap();
     });
     assert!(validate_change(&before, &after, &institution("chc-jianshe")).is_ok());
     assert_eq!(
@@ -339,6 +338,70 @@ fn editing_another_institutions_note_is_rejected() {
             field: "encounters.note"
         })
     );
+}
+
+/// A file whose encounter note is an automerge Text object, as releases before notes became
+/// plain registers wrote it.
+fn file_with_a_text_note() -> AutoCommit {
+    let mut doc = raw_file();
+    let encounters = map(&doc, &automerge::ROOT, "encounters");
+    let encounter = item(&doc, &encounters, 0);
+    let note = doc.put_object(&encounter, "note", ObjType::Text).unwrap();
+    doc.splice_text(&note, 0, 0, "BP 150/95").unwrap();
+    doc.commit();
+    doc
+}
+
+#[test]
+fn a_note_written_as_text_is_read_edited_by_its_institution_and_kept_from_others() {
+    let saved = file_with_a_text_note().save();
+    let mut file = HealthFile::load(&saved, &actor(3)).unwrap();
+    let view = file.view();
+    assert_eq!(view.encounters[0].note, "BP 150/95");
+    // Another institution may not touch it, character by character or whole.
+    for edit in [
+        (|doc: &mut AutoCommit, note: ObjId, _: ObjId| {
+            doc.splice_text(&note, 0, 0, "amended: ").unwrap();
+        }) as fn(&mut AutoCommit, ObjId, ObjId),
+        |doc, _, encounter| {
+            doc.put(&encounter, "note", "amended").unwrap();
+        },
+    ] {
+        let (before, after) = raw_change(&saved, |doc| {
+            let encounters = map(doc, &automerge::ROOT, "encounters");
+            let encounter = item(doc, &encounters, 0);
+            let note = map(doc, &encounter, "note");
+            edit(doc, note, encounter);
+        });
+        assert!(validate_change(&before, &after, &institution("chc-jianshe")).is_ok());
+        assert_eq!(
+            validate_change(&before, &after, &institution("xinhua")),
+            Err(ValidationError::Provenance {
+                field: "encounters.note"
+            })
+        );
+    }
+    // Its institution's edit replaces it with a plain note.
+    let entry = view.encounters[0].entry.clone();
+    file.apply(
+        &editor("chc-jianshe", 3_000),
+        &HealthFileOp::EditEncounterNote {
+            entry: entry.clone(),
+            note: "BP 150/95; recheck in two weeks".into(),
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        file.view().encounters[0].note,
+        "BP 150/95; recheck in two weeks"
+    );
+    let doc = file.into_automerge();
+    let encounters = map(&doc, &automerge::ROOT, "encounters");
+    let encounter = item(&doc, &encounters, 0);
+    assert!(matches!(
+        doc.get(&encounter, "note").unwrap(),
+        Some((automerge::Value::Scalar(_), _))
+    ));
 }
 
 #[test]
@@ -525,11 +588,11 @@ fn saved_documents_and_incremental_saves_pass_the_chunk_check() {
     assert_eq!(copy.view(), file.view());
 }
 
-/// Bounds that merges can cross are per change: two concurrent note edits, each within the
-/// bound, merge into a longer note that stays valid on every replica, while one change past
-/// the bound is refused.
+/// A note is one register: two concurrent edits (two nodes of its institution) keep both,
+/// one shown and the other a conflict to review, on every replica; a note past the bound is
+/// refused.
 #[test]
-fn a_merge_may_grow_past_a_per_change_bound() {
+fn concurrent_note_edits_show_as_a_conflict() {
     let chc = editor("chc-jianshe", 2_000);
     let mut a = new_file(1);
     a.apply(
@@ -544,27 +607,34 @@ fn a_merge_may_grow_past_a_per_change_bound() {
     .unwrap();
     let entry = a.view().encounters[0].entry.clone();
     let mut b = HealthFile::load(&a.save(), &actor(2)).unwrap();
-    let half = limits::NOTE_BYTES_MAX / 2 + 100;
+    for (file, note) in [(&mut a, "BP 150/95"), (&mut b, "BP 150/95, seen at home")] {
+        file.apply(
+            &chc,
+            &HealthFileOp::EditEncounterNote {
+                entry: entry.clone(),
+                note: note.into(),
+            },
+        )
+        .unwrap();
+    }
+    a.merge(&mut b).unwrap();
+    b.merge(&mut a).unwrap();
+    assert_eq!(a.view(), b.view());
+    let encounter = &a.view().encounters[0];
+    let mut both = vec![encounter.note.clone()];
+    both.extend(encounter.note_conflicts.clone());
+    both.sort();
+    assert_eq!(both, ["BP 150/95", "BP 150/95, seen at home"]);
+    // An edit after both settles it.
     a.apply(
         &chc,
         &HealthFileOp::EditEncounterNote {
             entry: entry.clone(),
-            note: "a".repeat(half),
+            note: "BP 150/95, seen at home".into(),
         },
     )
     .unwrap();
-    b.apply(
-        &chc,
-        &HealthFileOp::EditEncounterNote {
-            entry: entry.clone(),
-            note: "b".repeat(half),
-        },
-    )
-    .unwrap();
-    a.merge(&mut b).unwrap();
-    b.merge(&mut a).unwrap();
-    assert!(a.view().encounters[0].note.len() > limits::NOTE_BYTES_MAX);
-    assert_eq!(a.view(), b.view());
+    assert!(a.view().encounters[0].note_conflicts.is_empty());
     let error = a
         .apply(
             &chc,

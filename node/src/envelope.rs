@@ -119,7 +119,7 @@ fn signing_message(document: &DocumentId, hash: &ChangeHash) -> Vec<u8> {
 impl Envelope {
     /// Signs `change` of `document` as `identity`.
     pub fn sign(identity: &Identity, document: DocumentId, change: &mut Change) -> Self {
-        let signature = identity.sign(&signing_message(&document, &change.hash()));
+        let signature = sign_change(identity, &document, &change.hash());
         Self::seal(document, change, &signature)
     }
 
@@ -213,6 +213,16 @@ impl Envelope {
             signature: signature.to_vec(),
         }
     }
+}
+
+/// The signature of the change `hash` of `document` by `identity`, as an envelope carries it
+/// (for a document stored whole, whose change is never encoded on its own).
+pub(crate) fn sign_change(
+    identity: &Identity,
+    document: &DocumentId,
+    hash: &ChangeHash,
+) -> [u8; 64] {
+    identity.sign(&signing_message(document, hash))
 }
 
 /// Verifies `signature` over `change` in `document` against the change's author, as

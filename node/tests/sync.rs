@@ -130,6 +130,51 @@ async fn a_node_offline_while_1000_changes_were_made_catches_up() {
     b_sync.shutdown().await;
 }
 
+/// A bulk load is stored whole (snapshot and signatures) and not gossiped: a running peer
+/// takes it by reconciliation, fetched whole, and holds it as the loading node does. The
+/// roster's revocation of another member does not stand in the load's way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bulk_load_reaches_a_running_peer_by_reconciliation() {
+    let mut consortium = Consortium::new(3);
+    let revoked = consortium.revoke("member-2");
+    let (a, b) = (consortium.node(0), consortium.node(1));
+    for node in [&a, &b] {
+        node.update_roster(&revoked).unwrap();
+    }
+    let a_address = memory_address();
+    let a_sync = start(&a, &a_address, vec![]);
+    let b_sync = start(&b, &memory_address(), vec![a_address]);
+    let line = include_str!("data/resident.json").trim();
+    let residents: Vec<_> = (0..40)
+        .map(|i| {
+            let line = line.replace("310230195410170433", &format!("3102301954101{i:05}"));
+            estuary_node::import::resident_from_line(&line).unwrap()
+        })
+        .collect();
+    let loaded = a
+        .writer(Some("emr"))
+        .import_health_files(&editor("member-0"), &residents, false)
+        .unwrap();
+    let loaded: Vec<_> = loaded.into_iter().map(Result::unwrap).collect();
+    assert_eq!(loaded.len(), 40);
+    converge(&[a.clone(), b.clone()], &[&a_sync, &b_sync], 40).await;
+    for (id, hash) in &loaded {
+        assert_eq!(b.heads(*id).unwrap(), vec![*hash]);
+        assert_eq!(b.health_file(*id).unwrap(), a.health_file(*id).unwrap());
+    }
+    for node in [&a, &b] {
+        assert!(node.verify().unwrap().problems.is_empty());
+    }
+    let audit = a.audit(0, 1_000).unwrap();
+    let written = audit
+        .iter()
+        .filter(|record| record.action == estuary_node::audit::AuditAction::Written)
+        .count();
+    assert_eq!(written, 40, "the app is recorded as each file's writer");
+    a_sync.shutdown().await;
+    b_sync.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_nodes_in_a_line_carry_every_change_to_every_node() {
     let consortium = Consortium::new(5);

@@ -32,6 +32,7 @@ use migrate::*;
 use pending::*;
 use pipeline::*;
 use quarantine::*;
+use whole::{PreparedWhole, WholeChange};
 
 pub use documents::HistoryEntry;
 pub use erasure::ErasureRecord;
@@ -396,13 +397,16 @@ impl Writer<'_> {
 
     /// Loads residents' existing records (a member joining brings them): each resident's
     /// health file is created with every record in it as **one** signed change
-    /// (`HealthFile::create_with_records`), made and signed on every core, decided in order
-    /// and made durable with one flush. A resident whose national id already names a health
-    /// file here is refused (`AlreadyHeld`), and so is one whose national id an earlier
-    /// resident of `residents` has (`RepeatedInLoad`): a load run twice adds nothing. Returns
-    /// each resident's file and change, or why it was not loaded; fails as a whole only if
-    /// the store fails. `all_or_nothing` (a FHIR transaction) writes nothing when any
-    /// resident is refused before its decision.
+    /// (`HealthFile::create_with_records`). Each file is made, judged (`judge_creation`),
+    /// signed and saved on every core, then stored whole (its snapshot and the change's
+    /// signature, as a document fetched whole is) in order, with one flush for the request.
+    /// The change is never encoded on its own: a peer takes a loaded file by reconciliation,
+    /// fetched whole, not by gossip (a load outruns what gossip queues anyway). A resident
+    /// whose national id already names a health file here is refused (`AlreadyHeld`), and so
+    /// is one whose national id an earlier resident of `residents` has (`RepeatedInLoad`): a
+    /// load run twice adds nothing. Returns each resident's file and change, or why it was
+    /// not loaded; fails as a whole only if the store fails. `all_or_nothing` (a FHIR
+    /// transaction) writes nothing when any resident is refused before its decision.
     pub fn import_health_files(
         &self,
         editor: &Editor,
@@ -427,6 +431,7 @@ impl Writer<'_> {
                 None
             });
         }
+        let author = node.identity.public_key();
         let made = parallel_map(residents, refused, |resident| {
             let file = HealthFile::create_with_records(
                 &node.actor,
@@ -437,16 +442,45 @@ impl Writer<'_> {
             .map_err(|refused| NodeError::Op(*refused.error))?;
             let id = file.id();
             let mut doc = file.into_automerge();
-            let change = doc
-                .get_changes(&[])
-                .pop()
-                .ok_or(StoreError::Corrupt {
-                    what: "a file just made",
-                })?
-                .clone();
-            let verified =
-                Envelope::sign_own(&node.identity, id, change).map_err(IngestError::from)?;
-            Ok((verified, Written { doc, bytes: 0 }))
+            let hash = *doc.get_heads().first().ok_or(StoreError::Corrupt {
+                what: "a file just made",
+            })?;
+            // What peers would judge, judged here first: a file this node cannot keep valid
+            // is not stored.
+            let view = crate::model::judge_creation(&doc, hash, &node.institution)
+                .map_err(|error| NodeError::Op(error.into()))?;
+            let snapshot = doc.save();
+            // A change too large for an envelope could not travel change by change: refused
+            // as the envelope path refuses it (compressed, as automerge encodes it, only when
+            // the document's own bytes say it could matter).
+            if snapshot.len() > crate::envelope::CHANGE_BYTES_MAX / 2
+                && let Some(mut change) = doc.get_last_local_change()
+                && change.bytes().len() > crate::envelope::CHANGE_BYTES_MAX
+            {
+                let bytes = change.bytes().len();
+                return Err(IngestError::from(EnvelopeError::TooLarge { bytes }).into());
+            }
+            let signature = crate::envelope::sign_change(&node.identity, &id, &hash);
+            let change = WholeChange {
+                hash,
+                author,
+                institution: node.institution.clone(),
+                signature,
+            };
+            let whole = WholeDocument {
+                id,
+                doc,
+                signatures: HashMap::from([(hash.0, signature)]),
+            };
+            Ok((
+                whole,
+                PreparedWhole {
+                    changes: vec![change],
+                    view,
+                    snapshot,
+                    made_here: true,
+                },
+            ))
         });
         if all_or_nothing && made.iter().any(Result::is_err) {
             let not_written = |_| Err(NodeError::LoadRolledBack);
@@ -456,22 +490,20 @@ impl Writer<'_> {
         let mut to_decide = Vec::new();
         for made in made {
             match made {
-                Ok((verified, written)) => {
-                    outcomes.push(Ok((verified.document, verified.hash)));
-                    to_decide.push((verified, Some(written)));
+                Ok((whole, prepared)) => {
+                    outcomes.push(Ok((whole.id, prepared.changes[0].hash)));
+                    to_decide.push((whole, prepared));
                 }
                 Err(error) => outcomes.push(Err(error)),
             }
         }
-        let mut decided = node.decide_local(to_decide, self.app)?.into_iter();
-        for outcome in outcomes.iter_mut().filter(|outcome| outcome.is_ok()) {
-            let decision = decided
-                .next()
-                .unwrap_or(Err(NodeError::Store(StoreError::Corrupt {
-                    what: "import outcome",
-                })));
-            if let Err(error) = decision {
-                *outcome = Err(error);
+        let (_, given_back) = node.decide_prepared_whole(to_decide, self.app)?;
+        // A file is given back only if this node's standing changed while the load ran (its
+        // id is new): it was not stored.
+        let not_stored: HashSet<DocumentId> = given_back.iter().map(|whole| whole.id).collect();
+        for outcome in &mut outcomes {
+            if matches!(outcome, Ok((id, _)) if not_stored.contains(id)) {
+                *outcome = Err(NodeError::NotAMember);
             }
         }
         Ok(outcomes)

@@ -31,6 +31,9 @@ pub(super) struct PreparedWhole {
     pub(super) changes: Vec<WholeChange>,
     pub(super) view: View,
     pub(super) snapshot: Vec<u8>,
+    /// Made by this node (a bulk load): its one author is this node's key, whose standing
+    /// `Membership::admit` settles, so a revocation of another key cannot concern it.
+    pub(super) made_here: bool,
 }
 
 /// What became of a document prepared whole (see `Node::decide_whole`).
@@ -69,21 +72,37 @@ impl Node {
                 None => given_back.push(whole),
             }
         }
+        let (outcomes, decided_back) = self.decide_prepared_whole(prepared, None)?;
+        given_back.extend(decided_back);
+        Ok((outcomes, given_back))
+    }
+
+    /// Decides documents prepared whole, in order, each under the decision lock only while it
+    /// is written (`decide_whole`), and makes them durable with one flush; `app`, when an app
+    /// made them through the API, is recorded as their writer. Returns one outcome per change
+    /// of the documents accepted, once durable, and the documents given back.
+    #[allow(clippy::type_complexity)]
+    pub(super) fn decide_prepared_whole(
+        &self,
+        prepared: Vec<(WholeDocument, PreparedWhole)>,
+        app: Option<&str>,
+    ) -> Result<(Vec<Result<Ingested, IngestError>>, Vec<WholeDocument>), IngestError> {
         let started = std::time::Instant::now();
         let deciding = self.commit.enter();
         let mut ticket = 0;
         let mut outcomes = Vec::new();
+        let mut given_back = Vec::new();
         for (whole, prepared) in prepared {
             let mut ledger = self.lock_ledger();
             let hashes: Vec<ChangeHash> = prepared.changes.iter().map(|c| c.hash).collect();
-            match self.decide_whole(&mut ledger, &mut ticket, whole, prepared) {
+            match self.decide_whole(&mut ledger, &mut ticket, whole, prepared, app) {
                 WholeDecision::Accepted => {
                     outcomes.extend(hashes.into_iter().map(|h| Ok(Ingested::Accepted(h))))
                 }
                 WholeDecision::GivenBack(whole) => given_back.push(whole),
                 // The change-by-change pipeline meets the same failure and reports it.
                 WholeDecision::Failed(error, whole) => {
-                    tracing::warn!(%error, "storing a document fetched whole failed");
+                    tracing::warn!(%error, "storing a document decided whole failed");
                     given_back.push(whole);
                 }
             }
@@ -164,6 +183,7 @@ impl Node {
             changes: checked,
             view,
             snapshot: whole.doc.save(),
+            made_here: false,
         })
     }
 
@@ -177,6 +197,7 @@ impl Node {
         ticket: &mut u64,
         mut whole: WholeDocument,
         prepared: PreparedWhole,
+        app: Option<&str>,
     ) -> WholeDecision {
         let id = whole.id;
         match self.holds_any_of(&id, &prepared) {
@@ -186,7 +207,7 @@ impl Node {
         }
         {
             let membership = self.membership();
-            if !membership.view().revocations.is_empty()
+            if (!prepared.made_here && !membership.view().revocations.is_empty())
                 || prepared.changes.iter().any(|c| {
                     !matches!(membership.admit(&c.author, &c.hash),
                         Admission::Member(institution) if institution == c.institution)
@@ -199,6 +220,7 @@ impl Node {
             changes,
             mut view,
             snapshot,
+            ..
         } = prepared;
         let kind = view.kind();
         let heads = whole.doc.get_heads();
@@ -222,6 +244,14 @@ impl Node {
                 (id, change.hash),
                 Some(change.institution),
             );
+            if let Some(app) = app {
+                // Who wrote it is durable exactly when the change is.
+                head = append_record(
+                    &mut batch,
+                    head,
+                    self.app_record(app, AuditAction::Written, id, Some(change.hash.0)),
+                );
+            }
         }
         let record = DocumentRecord {
             kind,
