@@ -941,6 +941,12 @@ pub fn import(client: &Client, config_path: &Path, file: &Path, json: bool) -> R
     };
     // First pass: the signature, before anything is sent.
     let summary = open()?.check().map_err(refused)?;
+    // The exporter's roster first (the authority signed it; the node keeps the newer of the
+    // two): an erasure or a revocation it orders is in force before any envelope is decided.
+    let offered = match &summary.header.roster {
+        Some(signed) => Some(client.post_bytes("/admin/roster", signed)?),
+        None => None,
+    };
     let roster = client.get("/admin/roster")?;
     let exporter = summary.header.created_by.to_string();
     let institution = list(&roster["institutions"])
@@ -992,6 +998,9 @@ pub fn import(client: &Client, config_path: &Path, file: &Path, json: bool) -> R
     }
     bar.finish_and_clear();
     totals.insert("exported_by".into(), institution.clone().into());
+    if let Some(offered) = &offered {
+        totals.insert("roster_adopted".into(), offered["adopted"].clone());
+    }
     totals.insert("encrypted".into(), identity.is_some().into());
     if json {
         output::json(&Value::Object(totals));
@@ -1005,6 +1014,14 @@ pub fn import(client: &Client, config_path: &Path, file: &Path, json: bool) -> R
             "bundle from {institution}{sealed}, {} envelopes:",
             summary.envelopes
         );
+        if let Some(offered) = &offered {
+            let held = if offered["adopted"] == Value::Bool(true) {
+                "adopted first"
+            } else {
+                "not newer than this node's"
+            };
+            println!("its roster: {held} (version {})", cell(&offered["version"]));
+        }
         output::fields(
             &[
                 "accepted",

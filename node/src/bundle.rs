@@ -4,7 +4,7 @@
 //!
 //! The format streams both ways in bounded memory:
 //! `MAGIC ‖ frame* ‖ end`, where a frame is `length (u32, big-endian) ‖ bytes`. The first
-//! frame is the CBOR [`BundleHeader`]; each following frame is one envelope, documents one
+//! frame is the CBOR [`BundleHeader`] (with the exporter's signed roster); each following frame is one envelope, documents one
 //! after another and each document's envelopes in causal order. `end` is a zero length
 //! followed by the 64-byte ed25519 signature of the exporting node over
 //! `estuary/bundle/v1 ‖ SHA-256(everything before end)`.
@@ -39,8 +39,8 @@ use crate::replica::{Node, NodeError};
 /// The first bytes of every bundle.
 pub const MAGIC: &[u8; 16] = b"ESTUARY-BUNDLE1\n";
 const SIGNING_DOMAIN: &[u8] = b"estuary/bundle/v1";
-/// Largest header frame, in bytes.
-const HEADER_BYTES_MAX: usize = 4 * 1024;
+/// Largest header frame, in bytes: a few fields and the signed roster.
+const HEADER_BYTES_MAX: usize = 4 * 1024 + crate::membership::SIGNED_ROSTER_BYTES_MAX;
 /// Most envelopes one bundle may hold: 700,000 files of a few dozen changes each.
 pub const BUNDLE_ENVELOPES_MAX: u64 = 100_000_000;
 /// The first bytes of a bundle sealed to one node's key; the digit is the sealed format's
@@ -128,6 +128,11 @@ pub struct BundleHeader {
     pub created_at_ms: i64,
     /// Documents the exporting node held.
     pub documents: u64,
+    /// The roster the exporting node held, as the authority signed it: the importing node
+    /// adopts it, when newer, before any envelope, so an erasure or a revocation in it is in
+    /// force before the bundle's changes are decided. Absent from bundles of earlier releases.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub roster: Option<serde_bytes::ByteBuf>,
 }
 
 /// What an export or a check found.
@@ -182,6 +187,7 @@ pub fn export(
         created_by: node.public_key(),
         created_at_ms: crate::audit::now_ms(),
         documents: ids.len() as u64,
+        roster: Some(serde_bytes::ByteBuf::from(node.signed_roster())),
     };
     let mut out = Hashing {
         inner: out,
@@ -305,6 +311,7 @@ impl<R: Read> BundleReader<R> {
                 created_by: Bytes32([0; 32]),
                 created_at_ms: 0,
                 documents: 0,
+                roster: None,
             },
             envelopes: 0,
             bytes: 16,
@@ -656,6 +663,7 @@ mod tests {
                 created_by: signer.public_key(),
                 created_at_ms: 1,
                 documents: 1,
+                roster: None,
             },
             &mut header,
         )
@@ -829,6 +837,7 @@ mod tests {
                 created_by: Bytes32([9; 32]),
                 created_at_ms: 1,
                 documents: 1,
+                roster: None,
             },
             &mut header,
         )

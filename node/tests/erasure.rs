@@ -208,3 +208,47 @@ fn a_referral_of_an_erased_resident_written_elsewhere_is_refused_and_not_kept() 
         "{refused:?}"
     );
 }
+
+/// A courier's bundle carries its exporter's roster, adopted before its envelopes (as
+/// `estuary import` offers it): a node reached only by courier erases what the authority
+/// ordered erased before anything in the bundle is decided.
+#[test]
+fn a_bundle_carries_the_erasure_to_a_node_reached_only_by_courier() {
+    let mut consortium = Consortium::new(2);
+    let (a, c) = (consortium.node(0), consortium.node(1));
+    let writer = editor("member-0");
+    let (file, _) = a.create_health_file(&writer, &resident("Jianguo")).unwrap();
+    let (kept, _) = a.create_health_file(&writer, &resident("Guilan")).unwrap();
+    for document in [file, kept] {
+        for envelope in a.envelopes(document).unwrap() {
+            c.ingest(&envelope).unwrap();
+        }
+    }
+    let signed = erase(&mut consortium, file);
+    a.update_roster(&signed).unwrap();
+    let mut bundle = Vec::new();
+    estuary_node::bundle::export(&a, &mut bundle, |_, _| {}).unwrap();
+
+    let mut reader = estuary_node::bundle::BundleReader::open(bundle.as_slice()).unwrap();
+    let roster = reader
+        .header()
+        .roster
+        .clone()
+        .expect("the bundle carries its exporter's roster");
+    assert_eq!(
+        c.update_roster(&roster).unwrap().version(),
+        a.roster_version()
+    );
+    assert!(erased_everything_of(&c, &[file]));
+    let mut envelopes = 0;
+    while let Some(envelope) = reader.next_envelope().unwrap() {
+        assert!(matches!(
+            c.ingest(&envelope),
+            Ok(estuary_node::replica::Ingested::Duplicate(_))
+        ));
+        envelopes += 1;
+    }
+    assert_eq!(envelopes, 1, "only the file not erased travels");
+    assert_eq!(c.heads(kept).unwrap(), a.heads(kept).unwrap());
+    assert!(erased_everything_of(&c, &[file]));
+}

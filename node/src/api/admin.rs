@@ -6,7 +6,7 @@ use std::io::Write;
 use axum::Json;
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, State};
-use axum::http::header;
+use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use serde::{Deserialize, Serialize};
 
@@ -36,6 +36,7 @@ pub(super) fn routes() -> Vec<Route> {
         Route::get("/admin/status", status),
         Route::get("/admin/sync", sync),
         Route::get("/admin/roster", roster),
+        Route::post("/admin/roster", offer_roster),
         Route::get("/admin/documents", documents),
         Route::get("/admin/quarantine", quarantine),
         Route::get("/admin/quarantine/{change}", quarantined_change),
@@ -454,6 +455,41 @@ struct Imported {
 
 /// A chunk of a bundle's envelopes (CBOR array of byte strings), through the ordinary
 /// pipeline. The `estuary` command checks the bundle's signature before it sends any.
+/// A signed roster offered to the node (a courier's bundle carries its exporter's): adopted
+/// when newer, an erasure or a revocation in it in force before this answers. The network
+/// layer reads the roster in force for every peer it checks, and offers it to peers.
+async fn offer_roster(
+    State(state): State<ApiState>,
+    _admin: Admin,
+    RawBody(body): RawBody,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    use crate::membership::{RosterError, RosterUpdate};
+    use crate::replica::NodeError;
+    let signed = body.to_vec();
+    let node = state.node.clone();
+    let update = blocking(move || Ok(node.update_roster(&signed))).await?;
+    // An older roster than the node's (a bundle exported before the node's last update) is
+    // no error: the node keeps the newer one.
+    let (version, adopted) = match update {
+        Ok(RosterUpdate::Adopted { version }) => (version, true),
+        Ok(RosterUpdate::AlreadyHeld { version })
+        | Err(NodeError::Roster(RosterError::Stale {
+            current: version, ..
+        })) => (version, false),
+        Err(NodeError::Roster(refused)) => {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "roster_refused",
+                refused.to_string(),
+            ));
+        }
+        Err(error) => return Err(error.into()),
+    };
+    Ok(Json(
+        serde_json::json!({ "version": version, "adopted": adopted }),
+    ))
+}
+
 async fn import(
     State(state): State<ApiState>,
     _admin: Admin,
