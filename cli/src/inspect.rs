@@ -61,14 +61,33 @@ pub enum ReferralCommand {
         /// The document id.
         id: String,
     },
-    /// A worklist: referrals to an institution in a status, or a resident's referrals.
+    /// A desk's worklist, priority first then oldest first: the referrals an institution
+    /// receives (--to) or sent (--from), filtered; or a resident's referrals (--patient).
     List {
-        /// The receiving institution.
-        #[arg(long, requires = "status", conflicts_with = "patient")]
+        /// The desk of the institution the referrals are addressed to.
+        #[arg(long, conflicts_with_all = ["from", "patient"])]
         to: Option<String>,
-        /// The status (requested, accepted, scheduled, …).
-        #[arg(long, requires = "to")]
+        /// The desk of the institution that sent them.
+        #[arg(long, conflicts_with = "patient")]
+        from: Option<String>,
+        /// Only these statuses, comma-separated (requested, accepted, scheduled, …).
+        #[arg(long)]
         status: Option<String>,
+        /// Only routine or only priority referrals.
+        #[arg(long)]
+        urgency: Option<String>,
+        /// Only referrals up or only referrals down.
+        #[arg(long)]
+        direction: Option<String>,
+        /// Only referrals sent on or after this day (YYYY-MM-DD, UTC).
+        #[arg(long)]
+        since: Option<String>,
+        /// Only referrals sent on or before this day (YYYY-MM-DD, UTC).
+        #[arg(long)]
+        until: Option<String>,
+        /// Referrals shown, at most (pages are read up to it).
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
         /// The resident's health file id.
         #[arg(long)]
         patient: Option<String>,
@@ -451,27 +470,72 @@ fn url_encode(text: &str) -> String {
         .collect()
 }
 
+/// The query of a desk's worklist: `side` (`to` or `from`) of `institution`, with the filters
+/// given.
+fn desk_query(side: &str, institution: &str, filters: &[(&str, Option<String>)]) -> String {
+    let mut query = format!("{side}={}", url_encode(institution));
+    for (name, value) in filters {
+        if let Some(value) = value {
+            query.push_str(&format!("&{name}={}", url_encode(value)));
+        }
+    }
+    query
+}
+
 pub fn referral(client: &Client, command: ReferralCommand, json: bool) -> Result<(), Failure> {
     match command {
         ReferralCommand::Show { id } => show(client, "referrals", &id, false, json)?,
         ReferralCommand::History { id } => show(client, "referrals", &id, true, json)?,
         ReferralCommand::List {
             to,
+            from,
             status,
+            urgency,
+            direction,
+            since,
+            until,
+            limit,
             patient,
         } => {
-            let query = match (to, status, patient) {
-                (Some(to), Some(status), None) => {
-                    format!("to={}&status={}", url_encode(&to), url_encode(&status))
+            let filters = [
+                ("status", status),
+                ("urgency", urgency),
+                ("direction", direction),
+                ("since", since),
+                ("until", until),
+            ];
+            let query = match (to, from, patient) {
+                (None, None, Some(patient)) => {
+                    if filters.iter().any(|(_, value)| value.is_some()) {
+                        return Err(Failure::error(anyhow::anyhow!(
+                            "--patient lists every referral of the resident; filters are for a desk (--to or --from)"
+                        )));
+                    }
+                    format!("patient={}", url_encode(&patient))
                 }
-                (None, None, Some(patient)) => format!("patient={}", url_encode(&patient)),
+                (Some(institution), None, None) => desk_query("to", &institution, &filters),
+                (None, Some(institution), None) => desk_query("from", &institution, &filters),
                 _ => {
                     return Err(Failure::error(anyhow::anyhow!(
-                        "give --to and --status together, or --patient"
+                        "give --to or --from (a desk), or --patient"
                     )));
                 }
             };
-            let found = client.get(&format!("/v1/referrals?{query}"))?;
+            // Page by page, up to --limit.
+            let mut results = Vec::new();
+            let mut path = format!("/v1/referrals?{query}");
+            loop {
+                let page = client.get(&path)?;
+                results.extend(list(&page["results"]).iter().cloned());
+                match page["next"].as_str() {
+                    Some(next) if results.len() < limit => {
+                        path = format!("/v1/referrals?{query}&cursor={next}");
+                    }
+                    _ => break,
+                }
+            }
+            results.truncate(limit);
+            let found = serde_json::json!({ "results": results });
             if json {
                 output::json(&found);
             } else {

@@ -466,6 +466,30 @@ fn three_institutions_share_a_health_file_and_a_referral_through_the_api_and_the
     assert_eq!(status["network"], true);
     let peers = estuary_json(root, &["--config", &config0, "--json", "peers"]);
     assert_eq!(peers.as_object().unwrap().len(), 2, "{peers}");
+    // The hospital's desk as an operator lists it: the priority referral it receives, and
+    // none that it sent.
+    let desk = estuary_json(
+        root,
+        &[
+            "--config",
+            &config0,
+            "--json",
+            "referral",
+            "list",
+            "--to",
+            "xinhua",
+            "--urgency",
+            "priority",
+        ],
+    );
+    assert_eq!(desk["results"][0]["id"], referral.as_str(), "{desk}");
+    let sent = estuary_json(
+        root,
+        &[
+            "--config", &config0, "--json", "referral", "list", "--from", "xinhua",
+        ],
+    );
+    assert!(sent["results"].as_array().unwrap().is_empty(), "{sent}");
 
     // A watch reads again every second, each reading a line of JSON for a script.
     let watched = common::estuary(

@@ -1,6 +1,7 @@
 //! The node's indexes: residents by a salted hash of their national id and by normalised
-//! name; referrals by destination institution and status, and by patient; documents holding
-//! conflicts for a clinician to review; health files by the file their link names.
+//! name; referrals on the desks of the institutions that receive and send them (by status,
+//! direction, urgency and time), and by patient; documents holding conflicts for a clinician
+//! to review; health files by the file their link names.
 //!
 //! Index entries are keys of the store, so a lookup is a prefix scan in key order. A resident's
 //! entries (name, national id) hold the resident's summary (`ResidentSummary`: name, sex,
@@ -11,7 +12,10 @@
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::model::{Date, DocumentId, PersonName, ReferralStatus, Register, Sex, View};
+use crate::model::{
+    Date, Direction, DocumentId, PersonName, ReferralStatus, Register, Sex, Timestamp, Urgency,
+    View,
+};
 
 /// Key prefix: `x ‖ document` → the document's current index keys.
 pub(crate) const RECORD: u8 = b'x';
@@ -19,8 +23,14 @@ pub(crate) const RECORD: u8 = b'x';
 const NATIONAL_ID: u8 = b'n';
 /// Key prefix: `a ‖ normalised name ‖ 0 ‖ document`.
 const NAME: u8 = b'a';
-/// Key prefix: `r ‖ destination ‖ 0 ‖ status ‖ 0 ‖ document`.
-const DESTINATION: u8 = b'r';
+/// Key prefix: `b ‖ institution ‖ 0 ‖ side ‖ status ‖ 0 ‖ direction ‖ rank ‖ time ‖
+/// document`, a referral on an institution's desk (see [`DeskPosition`]): `side` is `i` for the
+/// institution that receives it, `o` for the one that sent it; `direction` its first byte (`u`
+/// or `d`); `rank` 0 for priority (the green channel; a referral whose urgency is in conflict
+/// counts as priority), 1 for routine; `time` when it was sent, in milliseconds, big-endian
+/// with the sign bit flipped so that byte order is time order. Every filter a desk asks for
+/// is a range of keys, and each range is in the order a desk works: urgent first, oldest first.
+const DESK: u8 = b'b';
 /// Key prefix: `t ‖ patient ‖ document`.
 const PATIENT: u8 = b't';
 /// Key prefix: `k ‖ document`, for a document with conflicts to review.
@@ -110,7 +120,25 @@ fn keys_of(salt: &[u8; 32], id: &DocumentId, view: &View) -> Vec<Vec<u8>> {
             }
         }
         View::Referral(view) => {
-            keys.push(destination_key(view.to.as_str(), view.status, id));
+            let position = DeskPosition {
+                rank: if all_values(Some(&view.urgency)).any(|u| *u == Urgency::Priority) {
+                    0
+                } else {
+                    1
+                },
+                time: view.created_at,
+                document: *id,
+            };
+            for (side, institution) in [(Side::Receiving, &view.to), (Side::Sending, &view.from)] {
+                keys.push(
+                    [
+                        desk_prefix(institution.as_str(), side, view.status, view.direction)
+                            .as_slice(),
+                        &position.encode(),
+                    ]
+                    .concat(),
+                );
+            }
             keys.push([&[PATIENT][..], view.patient.as_bytes(), id.as_bytes()].concat());
         }
         View::Roster(_) => {}
@@ -132,18 +160,6 @@ fn all_values<T>(register: Option<&Register<T>>) -> impl Iterator<Item = &T> {
     register
         .into_iter()
         .flat_map(|r| std::iter::once(&r.value).chain(&r.conflicts))
-}
-
-fn destination_key(to: &str, status: ReferralStatus, id: &DocumentId) -> Vec<u8> {
-    [
-        &[DESTINATION][..],
-        to.as_bytes(),
-        &[0],
-        status.as_str().as_bytes(),
-        &[0],
-        id.as_bytes(),
-    ]
-    .concat()
 }
 
 /// The salted hash a national id is indexed under: the id itself is never a key.
@@ -187,14 +203,76 @@ pub(crate) fn name_prefix(name: &str) -> Vec<u8> {
     [&[NAME][..], normalise_name(name).as_bytes()].concat()
 }
 
-/// The key prefix to scan for referrals to `to` in `status`.
-pub(crate) fn destination_prefix(to: &str, status: ReferralStatus) -> Vec<u8> {
+/// Which side of a referral a desk is on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    /// The institution the referral is addressed to.
+    Receiving,
+    /// The institution that sent it.
+    Sending,
+}
+
+/// Where a referral stands on a desk, in the order a desk works: priority before routine,
+/// then oldest first, then by id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct DeskPosition {
+    /// 0 for priority, 1 for routine.
+    pub rank: u8,
+    /// When the referral was sent.
+    pub time: Timestamp,
+    /// The referral.
+    pub document: DocumentId,
+}
+
+/// Bytes of an encoded [`DeskPosition`]: rank, time, document.
+pub const DESK_POSITION_BYTES: usize = 1 + 8 + 16;
+
+impl DeskPosition {
+    /// The position as it ends a desk key.
+    pub fn encode(&self) -> [u8; DESK_POSITION_BYTES] {
+        let mut bytes = [0u8; DESK_POSITION_BYTES];
+        bytes[0] = self.rank;
+        bytes[1..9].copy_from_slice(&time_key(self.time));
+        bytes[9..].copy_from_slice(self.document.as_bytes());
+        bytes
+    }
+
+    /// The position a desk key (or an encoded position) ends with.
+    pub fn decode(key: &[u8]) -> Option<Self> {
+        let start = key.len().checked_sub(DESK_POSITION_BYTES)?;
+        let bytes = &key[start..];
+        let time = u64::from_be_bytes(bytes[1..9].try_into().ok()?) ^ (1 << 63);
+        Some(Self {
+            rank: bytes[0],
+            time: Timestamp(time as i64),
+            document: DocumentId::from_bytes(bytes[9..].try_into().ok()?),
+        })
+    }
+}
+
+/// A time as desk keys order it: big-endian, sign bit flipped.
+pub(crate) fn time_key(time: Timestamp) -> [u8; 8] {
+    ((time.0 as u64) ^ (1 << 63)).to_be_bytes()
+}
+
+/// The key prefix of the referrals on `institution`'s desk on `side`, in `status` and
+/// `direction`; a rank and a time follow.
+pub(crate) fn desk_prefix(
+    institution: &str,
+    side: Side,
+    status: ReferralStatus,
+    direction: Direction,
+) -> Vec<u8> {
+    let side = match side {
+        Side::Receiving => b'i',
+        Side::Sending => b'o',
+    };
     [
-        &[DESTINATION][..],
-        to.as_bytes(),
-        &[0],
+        &[DESK][..],
+        institution.as_bytes(),
+        &[0, side],
         status.as_str().as_bytes(),
-        &[0],
+        &[0, direction.as_str().as_bytes()[0]],
     ]
     .concat()
 }

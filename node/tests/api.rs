@@ -1320,7 +1320,12 @@ async fn referral_transitions_are_checked_and_every_access_is_audited_with_the_a
         .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(list["results"][0]["id"], referral.as_str());
-    let (status, _) = api.call("GET", "/v1/referrals?to=core", READER, "").await;
+    let (status, list) = api.call("GET", "/v1/referrals?to=core", READER, "").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(list["results"][0]["id"], referral.as_str());
+    let (status, _) = api
+        .call("GET", "/v1/referrals?to=core&from=chc-a", READER, "")
+        .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
 
     let (_, search) = api
@@ -1347,8 +1352,8 @@ async fn referral_transitions_are_checked_and_every_access_is_audited_with_the_a
     use estuary_node::audit::AuditAction::{Read, Written};
     // Patient created, referral created, cancelled.
     assert_eq!(by("emr", Written), 3);
-    // The worklist and the two searches.
-    assert_eq!(by("dashboard", Read), 3);
+    // The two worklists and the two searches.
+    assert_eq!(by("dashboard", Read), 4);
     assert!(
         records
             .iter()
@@ -2056,6 +2061,73 @@ async fn the_change_feed_resumes_from_a_cursor_and_follows_new_changes() {
     );
 }
 
+/// A desk follows only its own referrals, or only priority ones, each event with the
+/// referral's status: "accepted" reaches the sender's desk at once, and no health file's
+/// event reaches it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_desk_follows_its_own_priority_referrals_with_their_status_on_the_feed() {
+    let api = api();
+    let patient = api.register("Jianguo").await;
+    let refer = |urgency: &'static str| {
+        let (api, patient) = (&api, patient.clone());
+        async move {
+            let (status, created) = api
+                .call(
+                    "POST",
+                    "/v1/referrals",
+                    WRITER,
+                    &json!({
+                        "patient": patient, "direction": "up", "to": "core",
+                        "reason": "review", "urgency": urgency, "handover": "",
+                    })
+                    .to_string(),
+                )
+                .await;
+            assert_eq!(status, StatusCode::CREATED, "{created}");
+            created["id"].as_str().unwrap().to_owned()
+        }
+    };
+    let routine = refer("routine").await;
+    let priority = refer("priority").await;
+    let (status, _) = api
+        .call(
+            "POST",
+            &format!("/v1/referrals/{priority}/operations"),
+            WRITER,
+            r#"{"op":"cancel"}"#,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let feed = |query: &str| {
+        Request::builder()
+            .uri(format!("/v1/changes?{query}"))
+            .header("authorization", format!("Bearer {READER}"))
+            .body(Body::empty())
+            .unwrap()
+    };
+    let mut desk = Events::open(&api, feed("referrals_of=chc-a&priority=true")).await;
+    let first = desk.next().await;
+    assert!(first.contains(&priority), "{first}");
+    assert!(first.contains("\"priority\":true"), "{first}");
+    assert!(first.contains("\"status\":\"cancelled\""), "{first}");
+    // The priority referral's second change comes next: nothing of the routine one, and
+    // nothing of the health file, in between.
+    let second = desk.next().await;
+    assert!(second.contains(&priority), "{second}");
+    let mut core = Events::open(&api, feed("referrals_of=core")).await;
+    let first = core.next().await;
+    assert!(
+        first.contains(&routine) && !first.contains(&patient),
+        "{first}"
+    );
+    assert!(first.contains("\"status\":\"requested\""), "{first}");
+    // A malformed institution is refused.
+    let (status, _) = api
+        .call("GET", "/v1/changes?referrals_of=not%20an%20id", READER, "")
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+}
+
 /// Server-Sent Events read off a response body.
 struct Events {
     stream: axum::body::BodyDataStream,
@@ -2214,4 +2286,129 @@ async fn health_signs_a_challenge_with_the_node_key_for_its_address() {
     assert!(!body.contains("signature"), "{body}");
     let (status, body) = api.get_text("/health?challenge=not-hex", None).await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+}
+
+/// A referral desk's worklist: green channel first, then oldest first; filtered by status,
+/// urgency, direction and date; paged with `next`; and the sender's list of what it sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_desk_works_urgent_first_then_oldest_with_filters_and_pages() {
+    let api = api();
+    let patient = api.register("Jianguo").await;
+    let mut sent = Vec::new();
+    for (urgency, direction) in [
+        ("routine", "up"),
+        ("priority", "up"),
+        ("routine", "down"),
+        ("priority", "up"),
+        ("routine", "up"),
+    ] {
+        let (status, created) = api
+            .call(
+                "POST",
+                "/v1/referrals",
+                WRITER,
+                &json!({
+                    "patient": patient, "direction": direction, "to": "core",
+                    "reason": "review", "urgency": urgency, "handover": "",
+                })
+                .to_string(),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{created}");
+        sent.push(created["id"].as_str().unwrap().to_owned());
+        // Sent a moment apart, so that oldest first is an order to check.
+        tokio::time::sleep(std::time::Duration::from_millis(3)).await;
+    }
+    let list = |query: String| {
+        let api = &api;
+        async move {
+            let (status, page) = api
+                .call("GET", &format!("/v1/referrals?{query}"), READER, "")
+                .await;
+            assert_eq!(status, StatusCode::OK, "{query}: {page}");
+            let ids: Vec<String> = page["results"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| r["id"].as_str().unwrap().to_owned())
+                .collect();
+            (ids, page["next"].as_str().map(str::to_owned))
+        }
+    };
+    let ids =
+        |indices: &[usize]| -> Vec<String> { indices.iter().map(|&i| sent[i].clone()).collect() };
+    let worked = ids(&[1, 3, 0, 2, 4]);
+    assert_eq!(list("to=core".into()).await, (worked.clone(), None));
+    // The sender's list holds the same referrals in the same order; no one else's desk does.
+    assert_eq!(list("from=chc-a".into()).await.0, worked);
+    assert!(list("from=core".into()).await.0.is_empty());
+    assert_eq!(
+        list("to=core&urgency=routine".into()).await.0,
+        ids(&[0, 2, 4])
+    );
+    assert_eq!(list("to=core&direction=down".into()).await.0, ids(&[2]));
+    assert_eq!(
+        list("to=core&urgency=priority&direction=up".into()).await.0,
+        ids(&[1, 3])
+    );
+    assert_eq!(list("to=core&since=1970-01-02".into()).await.0, worked);
+    assert!(list("to=core&since=2999-01-01".into()).await.0.is_empty());
+    assert!(list("to=core&until=1970-01-01".into()).await.0.is_empty());
+    assert_eq!(list("to=core&until=2999-01-01".into()).await.0, worked);
+
+    // Pages of two follow one another to the end.
+    let mut paged = Vec::new();
+    let mut cursor: Option<String> = None;
+    for _ in 0..5 {
+        let query = match &cursor {
+            None => "to=core&_count=2".to_owned(),
+            Some(next) => format!("to=core&_count=2&cursor={next}"),
+        };
+        let (page, next) = list(query).await;
+        assert!(page.len() <= 2);
+        paged.extend(page);
+        cursor = next;
+        if cursor.is_none() {
+            break;
+        }
+    }
+    assert_eq!(paged, worked);
+    assert!(cursor.is_none());
+
+    // A cancelled referral leaves the desk's open list and shows among the cancelled.
+    let (status, _) = api
+        .call(
+            "POST",
+            &format!("/v1/referrals/{}/operations", sent[1]),
+            WRITER,
+            r#"{"op":"cancel"}"#,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        list("to=core&status=requested".into()).await.0,
+        ids(&[3, 0, 2, 4])
+    );
+    assert_eq!(list("to=core&status=cancelled".into()).await.0, ids(&[1]));
+    assert_eq!(
+        list("to=core&status=requested,cancelled".into()).await.0,
+        worked
+    );
+
+    let with_patient = format!("patient={patient}&to=core");
+    for (query, code) in [
+        ("to=core&_count=0", "malformed_query"),
+        ("to=core&_count=501", "malformed_query"),
+        ("to=core&cursor=zz", "bad_cursor"),
+        ("to=core&urgency=high", "malformed_query"),
+        ("to=core&since=2026-02-30", "malformed_query"),
+        ("to=core&status=open", "malformed_status"),
+        (with_patient.as_str(), "malformed_query"),
+    ] {
+        let (status, body) = api
+            .call("GET", &format!("/v1/referrals?{query}"), READER, "")
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{query}: {body}");
+        assert_eq!(body["error"]["code"], code, "{query}: {body}");
+    }
 }

@@ -115,7 +115,7 @@ fn a_store_written_in_a_newer_format_is_refused_with_the_versions_named() {
     drop(Node::open(&config, Some(&roster)).unwrap());
     {
         let db = open_stopped_store(&config.data_dir.join("store"));
-        db.insert(b"m/format", 4u32.to_be_bytes().to_vec()).unwrap();
+        db.insert(b"m/format", 5u32.to_be_bytes().to_vec()).unwrap();
         db.flush().unwrap();
     }
     let error = Node::open(&config, Some(&roster)).unwrap_err();
@@ -123,11 +123,88 @@ fn a_store_written_in_a_newer_format_is_refused_with_the_versions_named() {
         matches!(
             error,
             NodeError::Store(estuary_node::store::StoreError::Format {
-                found: 4,
-                supported: 3
+                found: 5,
+                supported: 4
             })
         ),
         "{error}"
+    );
+}
+
+/// A store of format 3 indexed referrals by destination and status; at open its referrals
+/// are put on the desks of the institutions that receive and send them, and the old entries
+/// go.
+#[test]
+fn a_format_3_store_gets_its_referrals_on_the_desks_at_open() {
+    use estuary_node::replica::{DeskQuery, Side};
+
+    let consortium = common::Consortium::new(2);
+    let sender = editor("member-0");
+    let referral = {
+        let node = consortium.node(0);
+        let (patient, _) = node.create_health_file(&sender, &resident("M")).unwrap();
+        let (referral, _) = node
+            .create_referral(
+                &sender,
+                &NewReferral {
+                    patient,
+                    direction: Direction::Up,
+                    to: common::institution("member-1"),
+                    reason: "chest pain".into(),
+                    urgency: Urgency::Priority,
+                    handover: String::new(),
+                },
+            )
+            .unwrap();
+        referral
+    };
+    // Rewrite the referral's index entries as format 3 kept them.
+    let old_key = [
+        &b"r"[..],
+        b"member-1",
+        &[0],
+        b"requested",
+        &[0],
+        referral.as_bytes(),
+    ]
+    .concat();
+    {
+        let db = open_stopped_store(&consortium.dir.path().join("member-0/store"));
+        let record_key = [&b"x"[..], referral.as_bytes()].concat();
+        let recorded: Vec<Vec<u8>> =
+            ciborium::from_reader(db.get(&record_key).unwrap().unwrap().as_ref()).unwrap();
+        let mut old: Vec<Vec<u8>> = recorded.into_iter().filter(|k| k[0] != b'b').collect();
+        for entry in db.scan_prefix(b"b") {
+            db.remove(entry.unwrap().0).unwrap();
+        }
+        db.insert(&old_key, Vec::new()).unwrap();
+        old.push(old_key.clone());
+        old.sort();
+        let mut encoded = Vec::new();
+        ciborium::into_writer(&old, &mut encoded).unwrap();
+        db.insert(&record_key, encoded).unwrap();
+        db.insert(b"m/format", 3u32.to_be_bytes().to_vec()).unwrap();
+        db.flush().unwrap();
+    }
+    let node = consortium.node(0);
+    for (institution, side) in [("member-1", Side::Receiving), ("member-0", Side::Sending)] {
+        let desk = node
+            .desk(&DeskQuery::new(common::institution(institution), side))
+            .unwrap();
+        assert_eq!(desk.referrals, vec![referral], "{institution}");
+    }
+    assert_eq!(
+        node.referrals_to(&common::institution("member-1"), ReferralStatus::Requested)
+            .unwrap(),
+        vec![referral]
+    );
+    assert!(node.verify().unwrap().problems.is_empty());
+    drop(node);
+    let db = open_stopped_store(&consortium.dir.path().join("member-0/store"));
+    assert!(db.get(&old_key).unwrap().is_none(), "the old entry is gone");
+    assert_eq!(
+        db.get(b"m/format").unwrap().unwrap().as_ref(),
+        4u32.to_be_bytes()
     );
 }
 

@@ -14,11 +14,13 @@ use serde::{Deserialize, Serialize};
 use super::error::{JsonBody, QueryParams, RawBody};
 use super::{ApiError, ApiState, Caller, Loader, Route, Writer, blocking};
 use crate::audit::AuditRecord;
+use crate::index::{DESK_POSITION_BYTES, DeskPosition, Side};
 use crate::model::automerge::ChangeHash;
 use crate::model::{
-    Demographics, DocumentId, DocumentKind, HealthFileOp, InstitutionId, NewReferral, ReferralOp,
-    ReferralStatus, View,
+    Demographics, Direction, DocumentId, DocumentKind, HealthFileOp, InstitutionId, NewReferral,
+    ReferralOp, ReferralStatus, Timestamp, Urgency, View,
 };
+use crate::replica::{DESK_PAGE_MAX, DeskQuery, hex_encode as hex};
 
 /// Events sent per read of the audit log by a change feed.
 const FEED_PAGE_RECORDS: usize = 256;
@@ -480,17 +482,29 @@ async fn get_referral(
 #[serde(deny_unknown_fields)]
 struct ReferralQuery {
     to: Option<String>,
+    from: Option<String>,
     status: Option<String>,
+    urgency: Option<String>,
+    direction: Option<String>,
+    since: Option<String>,
+    until: Option<String>,
+    #[serde(rename = "_count")]
+    count: Option<usize>,
+    cursor: Option<String>,
     patient: Option<String>,
 }
 
-/// A worklist: `?to=INST&status=S` (a referral desk), or `?patient=ID`.
+/// A desk's worklist, `?to=INST` (referrals it receives) or `?from=INST` (referrals it sent),
+/// urgent first then oldest first, with optional filters (`status`, a comma-separated list;
+/// `urgency`; `direction`; `since` and `until`, dates the referral was sent on or after and on
+/// or before) and paging (`_count`, `cursor` from the page before's `next`); or the referrals
+/// of a resident, `?patient=ID`.
 async fn list_referrals(
     State(state): State<ApiState>,
     caller: Caller,
     QueryParams(query): QueryParams<ReferralQuery>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let found = referral_query(&state, query).await?;
+    let (found, next) = referral_query(&state, query).await?;
     blocking(move || {
         let mut results = Vec::with_capacity(found.len());
         for id in &found {
@@ -498,38 +512,132 @@ async fn list_referrals(
         }
         let accesses: Vec<_> = found.iter().map(|id| (*id, None)).collect();
         state.node.record_access(&caller.app, &accesses)?;
-        Ok(Json(serde_json::json!({ "results": results })))
+        let mut answer = serde_json::json!({ "results": results });
+        if let Some(next) = next {
+            answer["next"] = hex(&next.encode()).into();
+        }
+        Ok(Json(answer))
     })
     .await
 }
 
+/// The referrals a query names, and where the next page starts.
 async fn referral_query(
     state: &ApiState,
     query: ReferralQuery,
-) -> Result<Vec<DocumentId>, ApiError> {
+) -> Result<(Vec<DocumentId>, Option<DeskPosition>), ApiError> {
     let node = state.node.clone();
-    match query {
-        ReferralQuery {
-            to: Some(to),
-            status: Some(status),
-            patient: None,
-        } => {
-            let (to, status) = (institution_id(&to)?, referral_status(&status)?);
-            blocking(move || Ok(node.referrals_to(&to, status)?)).await
+    if let Some(patient) = &query.patient {
+        let filtered = [
+            &query.to,
+            &query.from,
+            &query.status,
+            &query.urgency,
+            &query.direction,
+        ]
+        .iter()
+        .chain([&query.since, &query.until, &query.cursor].iter())
+        .any(|value| value.is_some())
+            || query.count.is_some();
+        if filtered {
+            return Err(ApiError::bad_request(
+                "malformed_query",
+                "ask for `patient` alone, or for a desk (`to` or `from`) with its filters",
+            ));
         }
-        ReferralQuery {
-            to: None,
-            status: None,
-            patient: Some(patient),
-        } => {
-            let patient = document_id(&patient)?;
-            blocking(move || Ok(node.referrals_of(&patient)?)).await
-        }
-        _ => Err(ApiError::bad_request(
-            "malformed_query",
-            "ask for `to` and `status` together (a worklist), or for `patient` alone",
-        )),
+        let patient = document_id(patient)?;
+        return Ok((
+            blocking(move || Ok(node.referrals_of(&patient)?)).await?,
+            None,
+        ));
     }
+    let (institution, side) = match (&query.to, &query.from) {
+        (Some(to), None) => (institution_id(to)?, Side::Receiving),
+        (None, Some(from)) => (institution_id(from)?, Side::Sending),
+        _ => {
+            return Err(ApiError::bad_request(
+                "malformed_query",
+                "ask for one desk, `to` (referrals it receives) or `from` (referrals it sent), or for `patient` alone",
+            ));
+        }
+    };
+    let mut desk = DeskQuery::new(institution, side);
+    if let Some(statuses) = &query.status {
+        desk.statuses = statuses
+            .split(',')
+            .map(referral_status)
+            .collect::<Result<_, _>>()?;
+    }
+    if let Some(urgency) = &query.urgency {
+        desk.urgency = Some(Urgency::parse(urgency, "urgency").map_err(|_| {
+            ApiError::bad_request("malformed_query", "urgency is routine or priority")
+        })?);
+    }
+    if let Some(direction) = &query.direction {
+        desk.direction =
+            Some(Direction::parse(direction, "direction").map_err(|_| {
+                ApiError::bad_request("malformed_query", "direction is up or down")
+            })?);
+    }
+    desk.since = query
+        .since
+        .as_deref()
+        .map(|d| day_start(d, "since"))
+        .transpose()?;
+    desk.until = query
+        .until
+        .as_deref()
+        .map(|d| day_start(d, "until").map(|start| Timestamp(start.0 + DAY_MS)))
+        .transpose()?;
+    if let Some(count) = query.count {
+        if !(1..=DESK_PAGE_MAX).contains(&count) {
+            return Err(ApiError::bad_request(
+                "malformed_query",
+                format!("_count is 1 to {DESK_PAGE_MAX}"),
+            ));
+        }
+        desk.count = count;
+    }
+    if let Some(cursor) = &query.cursor {
+        desk.after = Some(desk_cursor(cursor)?);
+    }
+    let page = blocking(move || Ok(node.desk(&desk)?)).await?;
+    Ok((page.referrals, page.next))
+}
+
+/// Milliseconds in a day.
+const DAY_MS: i64 = 86_400_000;
+
+/// The first moment (UTC) of a `YYYY-MM-DD` date in a query.
+fn day_start(text: &str, field: &'static str) -> Result<Timestamp, ApiError> {
+    let invalid = || {
+        ApiError::bad_request(
+            "malformed_query",
+            format!("`{field}` is a date, YYYY-MM-DD"),
+        )
+    };
+    let date = crate::model::Date::new(text).map_err(|_| invalid())?;
+    let mut parts = date.as_str().splitn(3, '-').map(str::parse::<i64>);
+    let mut part = || parts.next().and_then(Result::ok).ok_or_else(invalid);
+    let (year, month, day) = (part()?, part()?, part()?);
+    Ok(Timestamp(
+        crate::import::days_from_civil(year, month, day) * DAY_MS,
+    ))
+}
+
+/// A desk page's `next`, as the page before answered it.
+fn desk_cursor(text: &str) -> Result<DeskPosition, ApiError> {
+    let malformed = || {
+        ApiError::bad_request(
+            "bad_cursor",
+            "cursor is the `next` a page of the same desk answered",
+        )
+    };
+    let bytes = crate::replica::hex_decode(text).ok_or_else(malformed)?;
+    if bytes.len() != DESK_POSITION_BYTES {
+        return Err(malformed());
+    }
+    DeskPosition::decode(&bytes).ok_or_else(malformed)
 }
 
 async fn history(
@@ -576,10 +684,52 @@ async fn conflicts(
 #[serde(deny_unknown_fields)]
 struct FeedQuery {
     cursor: Option<u64>,
+    /// Only referrals to or from this institution (a desk following its own).
+    referrals_of: Option<String>,
+    /// Only priority (green-channel) referrals.
+    priority: Option<bool>,
+}
+
+/// What a feed follows.
+#[derive(Clone)]
+struct FeedFilter {
+    referrals_of: Option<InstitutionId>,
+    priority_only: bool,
+}
+
+impl FeedFilter {
+    /// Whether the feed follows every event (no referral filter).
+    fn is_everything(&self) -> bool {
+        self.referrals_of.is_none() && !self.priority_only
+    }
+
+    /// Whether an event about `referral` (none for another kind of document) passes.
+    fn passes(&self, referral: Option<&crate::model::ReferralView>) -> bool {
+        if self.is_everything() {
+            return true;
+        }
+        let Some(referral) = referral else {
+            return false;
+        };
+        let ours = self
+            .referrals_of
+            .as_ref()
+            .is_none_or(|institution| referral.from == *institution || referral.to == *institution);
+        ours && (!self.priority_only || is_priority(referral))
+    }
+}
+
+/// A referral whose urgency is priority, or in conflict with priority.
+fn is_priority(referral: &crate::model::ReferralView) -> bool {
+    std::iter::once(&referral.urgency.value)
+        .chain(&referral.urgency.conflicts)
+        .any(|urgency| *urgency == Urgency::Priority)
 }
 
 /// One event of the change feed: a decision about a change, by audit sequence (the cursor).
-/// Ids only: an app that wants the content reads the document, and that read is audited.
+/// Ids only: an app that wants the content reads the document, and that read is audited. A
+/// referral's event carries the status and urgency it has when the event is read, so a desk
+/// learns "accepted" or "report ready" without a read.
 #[derive(Serialize)]
 struct FeedEvent {
     cursor: u64,
@@ -589,19 +739,26 @@ struct FeedEvent {
     change: Option<String>,
     institution: Option<InstitutionId>,
     at_ms: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    status: Option<ReferralStatus>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    priority: Option<bool>,
 }
 
 struct Feed {
     state: ApiState,
     cursor: u64,
+    filter: FeedFilter,
     buffered: VecDeque<FeedEvent>,
     updates: tokio::sync::watch::Receiver<u64>,
     _slot: tokio::sync::OwnedSemaphorePermit,
 }
 
 /// The change feed (Server-Sent Events): every change accepted, quarantined or withdrawn
-/// after `cursor` (or the `Last-Event-ID` header), then new ones as they are decided. Each
-/// event's id is its cursor: reconnect with it to resume without gaps.
+/// after `cursor` (or the `Last-Event-ID` header), then new ones as they are decided; with
+/// `referrals_of=INST`, only those of referrals to or from that institution, and with
+/// `priority=true` only those of priority referrals. Each event's id is its cursor: reconnect
+/// with it (and the same filters) to resume without gaps.
 async fn changes(
     State(state): State<ApiState>,
     _caller: Caller,
@@ -613,6 +770,14 @@ async fn changes(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     let cursor = query.cursor.or(resume).unwrap_or(0);
+    let filter = FeedFilter {
+        referrals_of: query
+            .referrals_of
+            .as_deref()
+            .map(institution_id)
+            .transpose()?,
+        priority_only: query.priority.unwrap_or(false),
+    };
     if cursor > state.node.audit_sequence() {
         return Err(ApiError::bad_request(
             "cursor_ahead",
@@ -629,6 +794,7 @@ async fn changes(
         updates: state.node.audit_updates(),
         state,
         cursor,
+        filter,
         buffered: VecDeque::new(),
         _slot: slot,
     };
@@ -650,18 +816,23 @@ async fn next_event(mut feed: Feed) -> Option<(Result<Event, std::convert::Infal
             return Some((Ok(sse), feed));
         }
         let node = feed.state.node.clone();
+        let filter = feed.filter.clone();
         let from = feed.cursor.saturating_add(1);
         let page = tokio::task::spawn_blocking(move || {
             let records = node.audit(from, FEED_PAGE_RECORDS)?;
             let last = records.last().map(|r| r.sequence);
-            let events: Vec<FeedEvent> = records
-                .into_iter()
-                .filter(|r| r.action.is_decision())
-                .map(|record| {
-                    let kind = node.kind_of(record.document).ok().flatten();
-                    feed_event(record, kind)
-                })
-                .collect();
+            let mut events = Vec::new();
+            for record in records.into_iter().filter(|r| r.action.is_decision()) {
+                let kind = node.kind_of(record.document).ok().flatten();
+                // A referral withdrawn or erased since is read as none.
+                let referral = match kind {
+                    Some(DocumentKind::Referral) => node.referral(record.document).ok(),
+                    _ => None,
+                };
+                if filter.passes(referral.as_ref()) {
+                    events.push(feed_event(record, kind, referral.as_ref()));
+                }
+            }
             Ok::<_, crate::replica::NodeError>((last, events))
         })
         .await
@@ -683,7 +854,11 @@ async fn next_event(mut feed: Feed) -> Option<(Result<Event, std::convert::Infal
     }
 }
 
-fn feed_event(record: AuditRecord, kind: Option<DocumentKind>) -> FeedEvent {
+fn feed_event(
+    record: AuditRecord,
+    kind: Option<DocumentKind>,
+    referral: Option<&crate::model::ReferralView>,
+) -> FeedEvent {
     FeedEvent {
         cursor: record.sequence,
         action: record.action,
@@ -692,5 +867,7 @@ fn feed_event(record: AuditRecord, kind: Option<DocumentKind>) -> FeedEvent {
         change: record.change.map(|c| ChangeHash(c).to_string()),
         institution: record.institution,
         at_ms: record.at_ms,
+        status: referral.map(|r| r.status),
+        priority: referral.map(is_priority),
     }
 }

@@ -2,6 +2,44 @@
 
 use super::*;
 
+impl Node {
+    /// Converts a store of format 3 to format 4: every referral's index entries are written
+    /// again (`reindex`), so the desk index holds it and the destination index of earlier
+    /// releases (`r ‖ destination ‖ 0 ‖ status ‖ 0 ‖ document`) no longer does (its keys are
+    /// among the document's recorded ones); then the
+    /// format. A page of documents per batch; a conversion a crash interrupted runs again at
+    /// the next open, and reindexing what is already converted writes nothing new.
+    pub(super) fn index_desks(&self) -> Result<(), NodeError> {
+        const PAGE_DOCUMENTS: usize = 256;
+        let ids: Vec<DocumentId> = self
+            .catalogue()
+            .ids()
+            .map(|id| DocumentId::from_bytes(*id))
+            .collect();
+        let mut referrals = 0usize;
+        for page in ids.chunks(PAGE_DOCUMENTS) {
+            let mut batch = Batch::default();
+            for id in page {
+                if self.kind_of(*id)? != Some(DocumentKind::Referral) {
+                    continue;
+                }
+                let view = View::Referral(self.referral(*id)?);
+                self.reindex(&mut batch, id, &view)?;
+                referrals += 1;
+            }
+            self.commit.commit(&self.store, batch)?;
+        }
+        let mut batch = Batch::default();
+        batch.put(keys::FORMAT, STORE_FORMAT.to_be_bytes().to_vec());
+        self.commit.commit(&self.store, batch)?;
+        tracing::info!(
+            referrals,
+            "referrals indexed on their desks (store format 4)"
+        );
+        Ok(())
+    }
+}
+
 /// Converts a store of format 1 (quarantine and pending records keyed by change alone) to
 /// format 2: pending records under their document, with their waits and their place in their
 /// author's order; quarantine records under their change and document, with their digest,

@@ -34,13 +34,15 @@ use pipeline::*;
 use quarantine::*;
 use whole::{PreparedWhole, WholeChange};
 
+pub use crate::index::{DeskPosition, Side};
 pub use documents::HistoryEntry;
 pub use erasure::ErasureRecord;
 pub use pending::PendingEntry;
-pub(crate) use quarantine::hex_encode;
 pub use quarantine::{
     QuarantineEntry, QuarantinePage, REASON_DEPENDS_ON_QUARANTINED, REASON_PAST_CUTOFF,
 };
+pub(crate) use quarantine::{hex_decode, hex_encode};
+pub use search::{DESK_PAGE_MAX, DeskPage, DeskQuery};
 pub use verify::{KeyspaceBytes, Problem, RepairReport, VerifyReport};
 pub use whole::WholeDocument;
 
@@ -127,8 +129,10 @@ pub const STORE_DIR: &str = "store";
 /// encodings raises it and converts older stores at open. 2: quarantine and pending records
 /// keyed by document as well as change, pending changes ordered per author. 3: a change its
 /// document's snapshot holds may be stored as its signature alone (`StoredChange`); a format-2
-/// store is a valid format-3 store as it is.
-pub const STORE_FORMAT: u32 = 3;
+/// store is a valid format-3 store as it is. 4: referrals indexed on the desks of the
+/// institutions that receive and send them (`index::DeskPosition`), replacing the index by
+/// destination and status.
+pub const STORE_FORMAT: u32 = 4;
 /// Audit records read at a time when the whole log is checked.
 const AUDIT_PAGE_RECORDS: usize = 4_096;
 
@@ -689,6 +693,8 @@ impl Node {
                     .map_err(|_| StoreError::Corrupt { what: "lost count" })?,
             ),
         };
+        // A store of format 3 or older gets the desk index once the node is open.
+        let mut desks_due = false;
         if let Some(bytes) = store.get(keys::FORMAT)? {
             let found = <[u8; 4]>::try_from(bytes.as_slice())
                 .map(u32::from_be_bytes)
@@ -705,6 +711,7 @@ impl Node {
             if found < 2 {
                 migrate_to_format_2(&store)?;
             }
+            desks_due = found < 4;
         }
         let lost_now = store.witnessed_at_open().saturating_sub(accepted);
         if lost_now > 0 {
@@ -765,7 +772,9 @@ impl Node {
             }
             .into());
         }
-        batch.put(keys::FORMAT, STORE_FORMAT.to_be_bytes().to_vec());
+        // Format 4 is written once the desk index is built (`index_desks`).
+        let format: u32 = if desks_due { 3 } else { STORE_FORMAT };
+        batch.put(keys::FORMAT, format.to_be_bytes().to_vec());
         batch.put(keys::ROSTER, membership.encoded().to_vec());
         if lost_now > 0 {
             batch.put(keys::LOST, lost_at_open.to_be_bytes().to_vec());
@@ -867,6 +876,9 @@ impl Node {
             },
         };
         node.catch_up_revocations()?;
+        if desks_due {
+            node.index_desks()?;
+        }
         Ok(node)
     }
 

@@ -46,7 +46,7 @@ const _: () = assert!(1 + 32 + 16 <= CURSOR_BYTES_MAX);
 
 /// A listing cursor back to bytes; `None` if it is not even-length hex within
 /// `CURSOR_BYTES_MAX`.
-pub(super) fn hex_decode(text: &str) -> Option<Vec<u8>> {
+pub(crate) fn hex_decode(text: &str) -> Option<Vec<u8>> {
     if !text.len().is_multiple_of(2) || text.len() > 2 * CURSOR_BYTES_MAX {
         return None;
     }

@@ -1,7 +1,8 @@
-//! Reads through the store's indexes: residents by name or national id, referrals by
-//! destination or patient, conflicted documents.
+//! Reads through the store's indexes: residents by name or national id, referrals on a desk
+//! or of a patient, conflicted documents.
 
 use super::*;
+use crate::model::{Direction, ReferralStatus, Timestamp, Urgency};
 
 impl Node {
     /// Adds to `batch` the index updates for a document's new content: its old entries out,
@@ -154,13 +155,99 @@ impl Node {
         Ok(found.into_iter().map(|resident| resident.id).collect())
     }
 
-    /// Referrals addressed to `to` that are in `status`: a referral desk's worklist.
+    /// Referrals addressed to `to` that are in `status`, urgent first, then oldest first; at
+    /// most `SEARCH_RESULTS_MAX`.
     pub fn referrals_to(
         &self,
         to: &InstitutionId,
         status: crate::model::ReferralStatus,
     ) -> Result<Vec<DocumentId>, NodeError> {
-        self.lookup(&index::destination_prefix(to.as_str(), status))
+        let query = DeskQuery {
+            statuses: vec![status],
+            ..DeskQuery::new(to.clone(), index::Side::Receiving)
+        };
+        Ok(self.desk(&query)?.referrals)
+    }
+
+    /// A page of the referrals on an institution's desk that `query` asks for, in the order a
+    /// desk works: priority (green channel) first, then oldest first. Every filter is a range
+    /// of the desk index, so a page reads at most its own length per status and direction,
+    /// however many referrals the desk holds.
+    pub fn desk(&self, query: &DeskQuery) -> Result<DeskPage, NodeError> {
+        let count = query.count.clamp(1, DESK_PAGE_MAX);
+        let statuses: &[ReferralStatus] = if query.statuses.is_empty() {
+            ReferralStatus::ALL
+        } else {
+            &query.statuses
+        };
+        let directions: Vec<Direction> = match query.direction {
+            Some(direction) => vec![direction],
+            None => Direction::ALL.to_vec(),
+        };
+        let ranks: &[u8] = match query.urgency {
+            Some(Urgency::Priority) => &[0],
+            Some(Urgency::Routine) => &[1],
+            None => &[0, 1],
+        };
+        let since = query.since.map_or([0u8; 8], index::time_key);
+        let until = query.until.map(index::time_key);
+        let mut found: Vec<index::DeskPosition> = Vec::new();
+        for &rank in ranks {
+            if query.after.is_some_and(|after| after.rank > rank) {
+                continue;
+            }
+            for &status in statuses {
+                for &direction in &directions {
+                    let prefix = [
+                        index::desk_prefix(
+                            query.institution.as_str(),
+                            query.side,
+                            status,
+                            direction,
+                        )
+                        .as_slice(),
+                        &[rank],
+                    ]
+                    .concat();
+                    let mut start = [prefix.as_slice(), &since].concat();
+                    if let Some(after) = query.after.filter(|after| after.rank == rank) {
+                        // Just past the position the last page ended on.
+                        let resume = [
+                            &index::desk_prefix(
+                                query.institution.as_str(),
+                                query.side,
+                                status,
+                                direction,
+                            ),
+                            &after.encode()[..],
+                            &[0],
+                        ]
+                        .concat();
+                        start = start.max(resume);
+                    }
+                    for (key, _) in self.store.scan_from(&prefix, &start, count + 1)? {
+                        let Some(position) = index::DeskPosition::decode(&key) else {
+                            continue;
+                        };
+                        if until.is_some_and(|until| index::time_key(position.time) >= until) {
+                            break;
+                        }
+                        found.push(position);
+                    }
+                }
+            }
+            // Every later rank sorts after a full page of this one.
+            if found.len() > count {
+                break;
+            }
+        }
+        found.sort();
+        let next = (found.len() > count).then(|| found[count - 1]);
+        found.truncate(count);
+        Ok(DeskPage {
+            referrals: found.into_iter().map(|p| p.document).collect(),
+            next,
+        })
     }
 
     /// Documents holding concurrent values for a clinician to review (at most
@@ -183,4 +270,57 @@ impl Node {
     pub fn referrals_of(&self, patient: &DocumentId) -> Result<Vec<DocumentId>, NodeError> {
         self.lookup(&index::patient_prefix(patient))
     }
+}
+
+/// Most referrals one page of a desk holds.
+pub const DESK_PAGE_MAX: usize = 500;
+
+/// What a desk asks for: its referrals on one side, filtered, a page at a time.
+#[derive(Clone, Debug)]
+pub struct DeskQuery {
+    /// The desk's institution.
+    pub institution: InstitutionId,
+    /// The referrals it receives, or those it sent.
+    pub side: index::Side,
+    /// Only these statuses; all when empty.
+    pub statuses: Vec<ReferralStatus>,
+    /// Only this urgency (a referral whose urgency is in conflict counts as priority).
+    pub urgency: Option<Urgency>,
+    /// Only this direction.
+    pub direction: Option<Direction>,
+    /// Only referrals sent at or after this time.
+    pub since: Option<Timestamp>,
+    /// Only referrals sent before this time.
+    pub until: Option<Timestamp>,
+    /// Resume after this position (the `next` of the page before).
+    pub after: Option<index::DeskPosition>,
+    /// Referrals per page, at most `DESK_PAGE_MAX`.
+    pub count: usize,
+}
+
+impl DeskQuery {
+    /// Every referral on `institution`'s desk on `side`, a first page of
+    /// `SEARCH_RESULTS_MAX`.
+    pub fn new(institution: InstitutionId, side: index::Side) -> Self {
+        Self {
+            institution,
+            side,
+            statuses: Vec::new(),
+            urgency: None,
+            direction: None,
+            since: None,
+            until: None,
+            after: None,
+            count: index::SEARCH_RESULTS_MAX,
+        }
+    }
+}
+
+/// A page of a desk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeskPage {
+    /// The referrals, in the order a desk works.
+    pub referrals: Vec<DocumentId>,
+    /// Where the next page starts, when there may be one.
+    pub next: Option<index::DeskPosition>,
 }
