@@ -68,8 +68,8 @@ use automerge::ReadDoc;
 pub enum View {
     /// A health file (boxed: its view is several times larger than the others).
     HealthFile(Box<HealthFileView>),
-    /// A referral.
-    Referral(ReferralView),
+    /// A referral (boxed too: a health file's view box and the roster's view are small).
+    Referral(Box<ReferralView>),
     /// The roster.
     Roster(RosterView),
 }
@@ -91,7 +91,7 @@ pub fn view<D: ReadDoc>(doc: &D) -> Result<View, ValidationError> {
         DocumentKind::HealthFile => {
             View::HealthFile(Box::new(health_file::parse_health_file(doc)?))
         }
-        DocumentKind::Referral => View::Referral(referral::parse_referral(doc)?),
+        DocumentKind::Referral => View::Referral(Box::new(referral::parse_referral(doc)?)),
         DocumentKind::Roster => View::Roster(roster::parse_roster(doc)?),
     })
 }
@@ -174,7 +174,8 @@ fn check_creation(view: &View, author: &InstitutionId) -> Result<(), ValidationE
             }
             let blank = ReferralView {
                 history: Vec::new(),
-                ..view.clone()
+                return_summary: None,
+                ..(**view).clone()
             };
             referral::check_change(&blank, view, author)
         }

@@ -8,12 +8,20 @@
 //! 1. The *frontier* is the set of events no other event names in `after`.
 //! 2. The frontier event whose target status has the highest precedence wins, ties broken by
 //!    event id; the derived status is its target. Precedence, highest first:
-//!    completed > arrived > cancelled > scheduled > accepted > declined.
+//!    completed > arrived > cancelled > no-show > scheduled > accepted > declined.
 //!
 //! So a cancel beats a concurrent accept or schedule (the sender withdrew; the hospital frees
 //! the slot rather than the patient being expected somewhere they will not go), nothing beats
 //! an arrival (the patient is physically there and must be cared for), and an accept beats a
 //! concurrent decline (of two desks of the receiver, the one keeping the patient in care wins).
+//! A no-show beats a concurrent reschedule (the missed appointment is a fact; the new booking
+//! shows among the superseded events, to book again) and loses to an arrival (a resident
+//! marked missing who did come is in care) and to a cancel.
+//!
+//! The receiver books (`schedule`), books again (`reschedule`, from scheduled or no-show: a
+//! move from scheduled to scheduled), records a no-show, and declines with a reason that the
+//! declining event carries. The receiver alone writes the return summary (a register, like
+//! the sender's handover), when care completes or the resident goes back down for recovery.
 //! Every event is checked against the status derived from the events it names, so the winning
 //! chain is always a legal path of the state machine made by institutions allowed to make it.
 
@@ -44,6 +52,8 @@ vocabulary! {
         Declined = "declined",
         /// An appointment is booked.
         Scheduled = "scheduled",
+        /// The resident did not come to the booked appointment; the receiver may book again.
+        NoShow = "no_show",
         /// The patient arrived at the receiver.
         Arrived = "arrived",
         /// Care at the receiver is complete (final).
@@ -71,7 +81,8 @@ impl ReferralStatus {
             (self, to),
             (Requested, Accepted | Declined | Cancelled)
                 | (Accepted, Scheduled | Cancelled)
-                | (Scheduled, Arrived | Cancelled)
+                | (Scheduled, Scheduled | NoShow | Arrived | Cancelled)
+                | (NoShow, Scheduled | Cancelled)
                 | (Arrived, Completed)
         )
     }
@@ -91,9 +102,10 @@ impl ReferralStatus {
             ReferralStatus::Declined => 1,
             ReferralStatus::Accepted => 2,
             ReferralStatus::Scheduled => 3,
-            ReferralStatus::Cancelled => 4,
-            ReferralStatus::Arrived => 5,
-            ReferralStatus::Completed => 6,
+            ReferralStatus::NoShow => 4,
+            ReferralStatus::Cancelled => 5,
+            ReferralStatus::Arrived => 6,
+            ReferralStatus::Completed => 7,
         }
     }
 }
@@ -121,13 +133,24 @@ pub struct NewReferral {
 pub enum ReferralOp {
     /// The receiver accepts.
     Accept,
-    /// The receiver declines.
-    Decline,
+    /// The receiver declines, saying why (the sender's clinician acts on it).
+    Decline {
+        /// Why the receiver cannot take the resident.
+        reason: String,
+    },
     /// The receiver books an appointment.
     Schedule {
         /// When the resident is expected.
         appointment: Timestamp,
     },
+    /// The receiver books another appointment for a referral already booked, or after the
+    /// resident did not come.
+    Reschedule {
+        /// When the resident is expected now.
+        appointment: Timestamp,
+    },
+    /// The receiver records that the resident did not come to the appointment.
+    MarkNoShow,
     /// The receiver records the resident's arrival.
     MarkArrived,
     /// The receiver completes its care.
@@ -144,6 +167,13 @@ pub enum ReferralOp {
         /// The new urgency.
         urgency: Urgency,
     },
+    /// The receiver writes (or rewrites) the return summary: what was done and what the
+    /// sender's clinicians should do next, when care completes or the resident goes back
+    /// down for recovery.
+    WriteReturnSummary {
+        /// The summary.
+        summary: String,
+    },
 }
 
 impl ReferralOp {
@@ -151,21 +181,28 @@ impl ReferralOp {
     fn intent(&self) -> Intent<'_> {
         match self {
             ReferralOp::Accept => Intent::Transition(ReferralStatus::Accepted),
-            ReferralOp::Decline => Intent::Transition(ReferralStatus::Declined),
-            ReferralOp::Schedule { .. } => Intent::Transition(ReferralStatus::Scheduled),
+            ReferralOp::Decline { .. } => Intent::Transition(ReferralStatus::Declined),
+            ReferralOp::Schedule { .. } | ReferralOp::Reschedule { .. } => {
+                Intent::Transition(ReferralStatus::Scheduled)
+            }
+            ReferralOp::MarkNoShow => Intent::Transition(ReferralStatus::NoShow),
             ReferralOp::MarkArrived => Intent::Transition(ReferralStatus::Arrived),
             ReferralOp::Complete => Intent::Transition(ReferralStatus::Completed),
             ReferralOp::Cancel => Intent::Transition(ReferralStatus::Cancelled),
             ReferralOp::EditHandover { handover } => Intent::SenderEdit("handover", handover),
             ReferralOp::SetUrgency { urgency } => Intent::SenderEdit("urgency", urgency.as_str()),
+            ReferralOp::WriteReturnSummary { summary } => {
+                Intent::ReceiverEdit("return_summary", summary)
+            }
         }
     }
 }
 
-/// A referral operation: a status transition, or an edit of a field only the sender writes.
+/// A referral operation: a status transition, or an edit of a field only one side writes.
 enum Intent<'a> {
     Transition(ReferralStatus),
     SenderEdit(&'static str, &'a str),
+    ReceiverEdit(&'static str, &'a str),
 }
 
 /// One status event in a view.
@@ -186,6 +223,9 @@ pub struct EventView {
     /// The booked appointment, on a move to `scheduled`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub appointment: Option<Timestamp>,
+    /// Why, on a move to `declined` (declines of earlier releases have none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// A referral as apps see it.
@@ -209,6 +249,9 @@ pub struct ReferralView {
     pub urgency: Register<Urgency>,
     /// Handover summary, with concurrent versions.
     pub handover: Register<String>,
+    /// The receiver's return (discharge) summary, with concurrent versions, once written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub return_summary: Option<Register<String>>,
     /// The derived status.
     pub status: ReferralStatus,
     /// The appointment on the effective path, if one was booked.
@@ -248,6 +291,13 @@ impl ReferralView {
         if self.handover.is_conflicted() {
             fields.push("handover".to_string());
         }
+        if self
+            .return_summary
+            .as_ref()
+            .is_some_and(Register::is_conflicted)
+        {
+            fields.push("return_summary".to_string());
+        }
         fields
     }
 }
@@ -266,7 +316,7 @@ replica!(
     parse_referral
 );
 
-const ROOT_KEYS: [&str; 11] = [
+const ROOT_KEYS: [&str; 12] = [
     IDENTITY_KEYS[0],
     IDENTITY_KEYS[1],
     "patient",
@@ -278,6 +328,7 @@ const ROOT_KEYS: [&str; 11] = [
     "urgency",
     "handover",
     "events",
+    "return_summary",
 ];
 
 impl Referral {
@@ -316,8 +367,12 @@ impl Referral {
         let role = view.role_of(&editor.institution);
         let to = match op.intent() {
             Intent::Transition(to) => to,
-            Intent::SenderEdit(field, value) => {
-                if role != Some(Role::Sender) {
+            Intent::SenderEdit(field, value) | Intent::ReceiverEdit(field, value) => {
+                let side = match op.intent() {
+                    Intent::ReceiverEdit(..) => Role::Receiver,
+                    _ => Role::Sender,
+                };
+                if role != Some(side) {
                     return Err(ValidationError::Provenance { field }.into());
                 }
                 check_text(value, field, SUMMARY_BYTES_MAX, false)?;
@@ -325,6 +380,22 @@ impl Referral {
             }
         };
         check_transition(view.status, to, role)?;
+        // A reschedule books again what was booked (or missed); a first booking is `schedule`.
+        if matches!(op, ReferralOp::Reschedule { .. })
+            && !matches!(
+                view.status,
+                ReferralStatus::Scheduled | ReferralStatus::NoShow
+            )
+        {
+            return Err(ValidationError::IllegalTransition {
+                from: view.status,
+                to,
+            }
+            .into());
+        }
+        if let ReferralOp::Decline { reason } = op {
+            check_text(reason, "events.reason", FIELD_BYTES_MAX, true)?;
+        }
         let events = index_events(&view.history);
         let all: BTreeSet<EntryId> = events.keys().cloned().collect();
         let after = frontier(&events, &all);
@@ -336,8 +407,14 @@ impl Referral {
                 .put("from", view.status.as_str())
                 .put("to", to.as_str())
                 .scalars("after", after.iter().map(|id| id.as_str().into()).collect());
-            if let ReferralOp::Schedule { appointment } = op {
-                event.time("appointment", *appointment);
+            match op {
+                ReferralOp::Schedule { appointment } | ReferralOp::Reschedule { appointment } => {
+                    event.time("appointment", *appointment);
+                }
+                ReferralOp::Decline { reason } => {
+                    event.put("reason", reason.as_str());
+                }
+                _ => {}
             }
             append_entry(
                 tx,
@@ -470,6 +547,12 @@ fn check_event(
             reason: "an appointment is recorded exactly on a move to scheduled",
         });
     }
+    if event.reason.is_some() && event.to != ReferralStatus::Declined {
+        return Err(ValidationError::InvalidValue {
+            field: "events.reason",
+            reason: "a reason is recorded only on a move to declined",
+        });
+    }
     Ok(())
 }
 
@@ -534,6 +617,11 @@ pub(crate) fn parse_referral<D: ReadDoc>(doc: &D) -> Result<ReferralView, Valida
             "handover",
             text("handover", SUMMARY_BYTES_MAX, false),
         )?,
+        return_summary: root.register(
+            "return_summary",
+            "return_summary",
+            text("return_summary", SUMMARY_BYTES_MAX, false),
+        )?,
         status,
         appointment,
         effective,
@@ -563,7 +651,15 @@ fn effective_path(
 }
 
 fn parse_event<D: ReadDoc>(event: &Obj<'_, D>) -> Result<EventView, ValidationError> {
-    event.only_keys(&["institution", "at", "from", "to", "after", "appointment"])?;
+    event.only_keys(&[
+        "institution",
+        "at",
+        "from",
+        "to",
+        "after",
+        "appointment",
+        "reason",
+    ])?;
     let after_list = event.once(
         "after",
         "events.after",
@@ -630,12 +726,18 @@ fn parse_event<D: ReadDoc>(event: &Obj<'_, D>) -> Result<EventView, ValidationEr
             "events.appointment",
             timestamp("events.appointment"),
         )?,
+        reason: event.once_opt(
+            "reason",
+            "events.reason",
+            text("events.reason", FIELD_BYTES_MAX, true),
+        )?,
     })
 }
 
 /// Checks what a change may do to a referral given what it saw (`before`): fixed fields stay
 /// fixed, events are append-only, new events are the author's own and start from exactly the
-/// events it held, and only the sender edits the handover and urgency.
+/// events it held, only the sender edits the handover and urgency, and only the receiver the
+/// return summary.
 pub(crate) fn check_change(
     before: &ReferralView,
     after: &ReferralView,
@@ -659,6 +761,11 @@ pub(crate) fn check_change(
         && author_role != Some(Role::Sender)
     {
         return Err(ValidationError::Provenance { field: "handover" });
+    }
+    if before.return_summary != after.return_summary && author_role != Some(Role::Receiver) {
+        return Err(ValidationError::Provenance {
+            field: "return_summary",
+        });
     }
     let old: BTreeMap<&EntryId, &EventView> =
         before.history.iter().map(|e| (&e.entry, e)).collect();

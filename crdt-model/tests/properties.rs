@@ -484,14 +484,21 @@ const REFERRAL_NODES: [&str; 5] = [
 fn referral_action() -> impl Strategy<Value = ReferralOp> + Clone {
     prop_oneof![
         Just(ReferralOp::Accept),
-        Just(ReferralOp::Decline),
+        Just(ReferralOp::Decline {
+            reason: "no bed".into()
+        }),
         (0i64..5).prop_map(|h| ReferralOp::Schedule {
             appointment: Timestamp(h * 3_600_000)
         }),
+        (0i64..5).prop_map(|h| ReferralOp::Reschedule {
+            appointment: Timestamp(h * 3_600_000)
+        }),
+        Just(ReferralOp::MarkNoShow),
         Just(ReferralOp::MarkArrived),
         Just(ReferralOp::Complete),
         Just(ReferralOp::Cancel),
         "[a-z]{0,8}".prop_map(|handover| ReferralOp::EditHandover { handover }),
+        "[a-z]{0,8}".prop_map(|summary| ReferralOp::WriteReturnSummary { summary }),
     ]
 }
 
@@ -1143,6 +1150,8 @@ enum ReferralFault {
     ReplaceEvents,
     /// A fixed field rewritten.
     ChangeReason,
+    /// The return summary written by the sender or a third party.
+    ReturnSummary,
 }
 
 fn referral_fault() -> impl Strategy<Value = ReferralFault> + Clone {
@@ -1151,6 +1160,7 @@ fn referral_fault() -> impl Strategy<Value = ReferralFault> + Clone {
         Just(ReferralFault::StaleBase),
         Just(ReferralFault::ReplaceEvents),
         Just(ReferralFault::ChangeReason),
+        Just(ReferralFault::ReturnSummary),
     ]
 }
 
@@ -1195,6 +1205,13 @@ fn write_referral_fault(
             doc.put_object(&root, "events", ObjType::List).ok()?;
         }
         ReferralFault::ChangeReason => doc.put(&root, "reason", "rewritten").ok()?,
+        ReferralFault::ReturnSummary => {
+            // Faulty only in another's hands than the receiver's.
+            if view.to.as_str() == by {
+                return None;
+            }
+            doc.put(&root, "return_summary", "seen").ok()?
+        }
     }
     doc.commit()
 }

@@ -84,7 +84,14 @@ fn full_life_cycle() {
 #[test]
 fn decline_is_final() {
     let mut referral = new_referral(1);
-    referral.apply(&receiver(), &ReferralOp::Decline).unwrap();
+    referral
+        .apply(
+            &receiver(),
+            &ReferralOp::Decline {
+                reason: "no bed".into(),
+            },
+        )
+        .unwrap();
     assert_eq!(referral.view().status, ReferralStatus::Declined);
     let error = referral
         .apply(&receiver(), &ReferralOp::Accept)
@@ -103,7 +110,9 @@ fn only_the_receiver_moves_the_referral_forward() {
     let mut referral = new_referral(1);
     for op in [
         ReferralOp::Accept,
-        ReferralOp::Decline,
+        ReferralOp::Decline {
+            reason: "no bed".into(),
+        },
         schedule(),
         ReferralOp::MarkArrived,
         ReferralOp::Complete,
@@ -229,7 +238,13 @@ fn nothing_overrides_an_arrival() {
 fn accept_beats_a_concurrent_decline() {
     let mut a = new_referral(1);
     let mut b = replica(&mut a, 2);
-    a.apply(&receiver(), &ReferralOp::Decline).unwrap();
+    a.apply(
+        &receiver(),
+        &ReferralOp::Decline {
+            reason: "no bed".into(),
+        },
+    )
+    .unwrap();
     b.apply(&receiver(), &ReferralOp::Accept).unwrap();
     sync(&mut a, &mut b);
     assert_eq!(a.view().status, ReferralStatus::Accepted);
@@ -268,4 +283,134 @@ fn save_incremental_round_trips() {
         assert_eq!(a.view(), b.view());
         assert_eq!(a.heads(), b.heads());
     }
+}
+
+#[test]
+fn a_decline_says_why() {
+    let mut referral = new_referral(1);
+    let error = referral
+        .apply(
+            &receiver(),
+            &ReferralOp::Decline {
+                reason: String::new(),
+            },
+        )
+        .unwrap_err();
+    assert!(matches!(
+        error,
+        OpError::Invalid(ValidationError::Empty {
+            field: "events.reason"
+        })
+    ));
+    referral
+        .apply(
+            &receiver(),
+            &ReferralOp::Decline {
+                reason: "no cardiology bed this week".into(),
+            },
+        )
+        .unwrap();
+    let view = referral.view();
+    assert_eq!(view.status, ReferralStatus::Declined);
+    assert_eq!(
+        view.history[0].reason.as_deref(),
+        Some("no cardiology bed this week")
+    );
+    validate(referral.automerge()).unwrap();
+}
+
+#[test]
+fn a_missed_appointment_is_booked_again_and_the_resident_arrives() {
+    let mut referral = new_referral(1);
+    referral.apply(&receiver(), &ReferralOp::Accept).unwrap();
+    // A reschedule needs a booking to move.
+    let error = referral
+        .apply(
+            &receiver(),
+            &ReferralOp::Reschedule {
+                appointment: Timestamp(1_800_000_000_000),
+            },
+        )
+        .unwrap_err();
+    assert!(matches!(
+        error,
+        OpError::Invalid(ValidationError::IllegalTransition {
+            from: ReferralStatus::Accepted,
+            ..
+        })
+    ));
+    referral.apply(&receiver(), &schedule()).unwrap();
+    let later = Timestamp(1_800_000_000_000 + 86_400_000);
+    referral
+        .apply(&receiver(), &ReferralOp::Reschedule { appointment: later })
+        .unwrap();
+    assert_eq!(referral.view().appointment, Some(later));
+    referral
+        .apply(&receiver(), &ReferralOp::MarkNoShow)
+        .unwrap();
+    assert_eq!(referral.view().status, ReferralStatus::NoShow);
+    // Only the receiver records a no-show; from a no-show it books again or the sender cancels.
+    assert!(referral.apply(&sender(), &ReferralOp::MarkNoShow).is_err());
+    assert!(
+        referral
+            .apply(&receiver(), &ReferralOp::MarkArrived)
+            .is_err()
+    );
+    let again = Timestamp(later.0 + 7 * 86_400_000);
+    referral
+        .apply(&receiver(), &ReferralOp::Reschedule { appointment: again })
+        .unwrap();
+    referral
+        .apply(&receiver(), &ReferralOp::MarkArrived)
+        .unwrap();
+    let view = referral.view();
+    assert_eq!(view.status, ReferralStatus::Arrived);
+    assert_eq!(view.appointment, Some(again));
+    validate(referral.automerge()).unwrap();
+}
+
+#[test]
+fn a_no_show_beats_a_concurrent_reschedule_and_loses_to_an_arrival() {
+    let mut a = new_referral(1);
+    a.apply(&receiver(), &ReferralOp::Accept).unwrap();
+    a.apply(&receiver(), &schedule()).unwrap();
+    let mut b = Referral::load(&a.save(), &actor(2)).unwrap();
+    let mut c = Referral::load(&a.save(), &actor(3)).unwrap();
+    a.apply(&receiver(), &ReferralOp::MarkNoShow).unwrap();
+    b.apply(
+        &receiver(),
+        &ReferralOp::Reschedule {
+            appointment: Timestamp(1_900_000_000_000),
+        },
+    )
+    .unwrap();
+    c.apply(&receiver(), &ReferralOp::MarkArrived).unwrap();
+    a.merge(&mut b).unwrap();
+    assert_eq!(a.view().status, ReferralStatus::NoShow);
+    assert_eq!(a.view().superseded().len(), 1);
+    a.merge(&mut c).unwrap();
+    assert_eq!(a.view().status, ReferralStatus::Arrived);
+    validate(a.automerge()).unwrap();
+}
+
+#[test]
+fn only_the_receiver_writes_the_return_summary() {
+    let mut referral = new_referral(1);
+    let summary = ReferralOp::WriteReturnSummary {
+        summary: "PCI to LAD; aspirin and clopidogrel 12 months; review in 4 weeks".into(),
+    };
+    let error = referral.apply(&sender(), &summary).unwrap_err();
+    assert!(matches!(
+        error,
+        OpError::Invalid(ValidationError::Provenance {
+            field: "return_summary"
+        })
+    ));
+    referral.apply(&receiver(), &summary).unwrap();
+    let view = referral.view();
+    assert_eq!(
+        view.return_summary.unwrap().value,
+        "PCI to LAD; aspirin and clopidogrel 12 months; review in 4 weeks"
+    );
+    validate(referral.automerge()).unwrap();
 }

@@ -303,16 +303,19 @@ const HEALTH_FILE_OPS: usize = 19;
 fn referral_op_index(op: &ReferralOp) -> usize {
     match op {
         ReferralOp::Accept => 0,
-        ReferralOp::Decline => 1,
+        ReferralOp::Decline { .. } => 1,
         ReferralOp::Schedule { .. } => 2,
         ReferralOp::MarkArrived => 3,
         ReferralOp::Complete => 4,
         ReferralOp::Cancel => 5,
         ReferralOp::EditHandover { .. } => 6,
         ReferralOp::SetUrgency { .. } => 7,
+        ReferralOp::Reschedule { .. } => 8,
+        ReferralOp::MarkNoShow => 9,
+        ReferralOp::WriteReturnSummary { .. } => 10,
     }
 }
-const REFERRAL_OPS: usize = 8;
+const REFERRAL_OPS: usize = 11;
 
 impl Api {
     /// Sends `body` (JSON) as a request of the described operation `method path` (the path
@@ -655,9 +658,27 @@ async fn every_operation_and_its_answer_are_as_the_openapi_file_describes() {
             },
             StatusCode::FORBIDDEN,
         ),
+        (
+            ReferralOp::Reschedule {
+                appointment: Timestamp(1_800_086_400_000),
+            },
+            StatusCode::FORBIDDEN,
+        ),
+        (ReferralOp::MarkNoShow, StatusCode::FORBIDDEN),
         (ReferralOp::MarkArrived, StatusCode::FORBIDDEN),
         (ReferralOp::Complete, StatusCode::FORBIDDEN),
-        (ReferralOp::Decline, StatusCode::FORBIDDEN),
+        (
+            ReferralOp::WriteReturnSummary {
+                summary: "seen; back to the centre".into(),
+            },
+            StatusCode::FORBIDDEN,
+        ),
+        (
+            ReferralOp::Decline {
+                reason: "no bed".into(),
+            },
+            StatusCode::FORBIDDEN,
+        ),
         (ReferralOp::Cancel, StatusCode::OK),
     ];
     let concrete = format!("/v1/referrals/{referral}/operations");

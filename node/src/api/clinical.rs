@@ -70,7 +70,7 @@ pub(super) fn referral_status(text: &str) -> Result<ReferralStatus, ApiError> {
     ReferralStatus::parse(text, "status").map_err(|_| {
         ApiError::bad_request(
             "malformed_status",
-            "status is one of requested, accepted, declined, scheduled, arrived, completed, cancelled",
+            "status is one of requested, accepted, declined, scheduled, no_show, arrived, completed, cancelled",
         )
     })
 }

@@ -402,6 +402,7 @@ pub fn request_status(status: ReferralStatus) -> &'static str {
         ReferralStatus::Requested
         | ReferralStatus::Accepted
         | ReferralStatus::Scheduled
+        | ReferralStatus::NoShow
         | ReferralStatus::Arrived => "active",
         ReferralStatus::Completed => "completed",
         ReferralStatus::Declined | ReferralStatus::Cancelled => "revoked",
@@ -584,12 +585,14 @@ fn service_request_of(state: &ApiState, id: DocumentId) -> Result<Value, ApiErro
 
 /// A referral's workflow as a `Task` (its id the referral's), for a desk's FHIR client: the
 /// status follows the referral's one to one (scheduled is `accepted` with business status
-/// `scheduled`, arrived `in-progress`), the receiver owns it, and it focuses on the referral's
-/// `ServiceRequest`.
+/// `scheduled`, a no-show `on-hold` until booked again, arrived `in-progress`), the receiver
+/// owns it, and it focuses on the referral's `ServiceRequest`. A decline's reason is its
+/// `statusReason`; the receiver's return summary is its output.
 pub fn task_resource(view: &ReferralView, last_updated_ms: i64) -> Value {
     let status = match view.status {
         ReferralStatus::Requested => "requested",
         ReferralStatus::Accepted | ReferralStatus::Scheduled => "accepted",
+        ReferralStatus::NoShow => "on-hold",
         ReferralStatus::Arrived => "in-progress",
         ReferralStatus::Completed => "completed",
         ReferralStatus::Declined => "rejected",
@@ -617,7 +620,17 @@ pub fn task_resource(view: &ReferralView, last_updated_ms: i64) -> Value {
     });
     match view.status {
         ReferralStatus::Declined => {
-            task["statusReason"] = json!({ "text": format!("declined by {}", view.to) });
+            // The reason the winning decline gave (declines of earlier releases gave none).
+            let reason = view
+                .effective
+                .last()
+                .and_then(|last| view.history.iter().find(|e| e.entry == *last))
+                .and_then(|event| event.reason.as_deref());
+            let text = match reason {
+                Some(reason) => format!("declined by {}: {reason}", view.to),
+                None => format!("declined by {}", view.to),
+            };
+            task["statusReason"] = json!({ "text": text });
         }
         ReferralStatus::Cancelled => {
             task["statusReason"] = json!({ "text": format!("cancelled by {}", view.from) });
@@ -626,6 +639,12 @@ pub fn task_resource(view: &ReferralView, last_updated_ms: i64) -> Value {
     }
     if let Some(appointment) = view.appointment {
         task["restriction"] = json!({ "period": { "start": instant(appointment.0) } });
+    }
+    if let Some(summary) = &view.return_summary {
+        task["output"] = json!([{
+            "type": { "text": "return summary" },
+            "valueString": summary.value,
+        }]);
     }
     task
 }

@@ -232,7 +232,7 @@ impl Node {
     /// The typed view of a referral.
     pub fn referral(&self, id: DocumentId) -> Result<ReferralView, NodeError> {
         match self.view_of(id, DocumentKind::Referral)?.as_ref() {
-            View::Referral(view) => Ok(view.clone()),
+            View::Referral(view) => Ok((**view).clone()),
             other => Err(NodeError::WrongKind {
                 document: id,
                 expected: DocumentKind::Referral,

@@ -23,7 +23,7 @@ impl Node {
                 if self.kind_of(*id)? != Some(DocumentKind::Referral) {
                     continue;
                 }
-                let view = View::Referral(self.referral(*id)?);
+                let view = View::Referral(Box::new(self.referral(*id)?));
                 self.reindex(&mut batch, id, &view)?;
                 referrals += 1;
             }
