@@ -1101,12 +1101,7 @@ async fn a_registration_names_the_files_that_may_be_the_same_resident() {
                 .call("POST", "/v1/health-files", WRITER, &body.to_string())
                 .await;
             assert_eq!(status, StatusCode::CREATED, "{answer}");
-            let candidates: Vec<String> = answer["possible_duplicates"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|c| c["id"].as_str().unwrap().to_owned())
-                .collect();
+            let candidates = ids_of(&answer["possible_duplicates"]);
             (answer["id"].as_str().unwrap().to_owned(), candidates)
         }
     };
@@ -2309,6 +2304,15 @@ async fn health_signs_a_challenge_with_the_node_key_for_its_address() {
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
 }
 
+/// The `id` of each object of a JSON array.
+fn ids_of(list: &Value) -> Vec<String> {
+    list.as_array()
+        .unwrap()
+        .iter()
+        .map(|item| item["id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
 /// A referral desk's worklist: green channel first, then oldest first; filtered by status,
 /// urgency, direction and date; paged with `next`; and the sender's list of what it sent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -2347,13 +2351,10 @@ async fn a_desk_works_urgent_first_then_oldest_with_filters_and_pages() {
                 .call("GET", &format!("/v1/referrals?{query}"), READER, "")
                 .await;
             assert_eq!(status, StatusCode::OK, "{query}: {page}");
-            let ids: Vec<String> = page["results"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|r| r["id"].as_str().unwrap().to_owned())
-                .collect();
-            (ids, page["next"].as_str().map(str::to_owned))
+            (
+                ids_of(&page["results"]),
+                page["next"].as_str().map(str::to_owned),
+            )
         }
     };
     let ids =
