@@ -393,6 +393,287 @@ async fn every_route_refuses_a_request_without_a_token_as_described() {
     assert!(checked > 40, "{checked}");
 }
 
+/// Every route that answers JSON answers a request that succeeds as `node/openapi.json`
+/// describes: searches, views, histories, worklists, FHIR reads and the admin API. (Bodies
+/// that are not JSON — NDJSON, CBOR, FHIR transactions — and the streams are checked by
+/// their own tests.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_json_route_answers_success_as_described() {
+    let api = api();
+    let file = api.register("Jianguo").await;
+    let (status, created) = api
+        .described(
+            "POST",
+            "/v1/referrals",
+            "/v1/referrals",
+            WRITER,
+            Some(&json!({"patient": file, "direction": "up", "to": "core",
+                         "reason": "chest pain", "urgency": "priority", "handover": ""})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let referral = created["id"].as_str().unwrap().to_owned();
+    let registration = json!({
+        "name": {"family": "Gu", "given": "Guilan"}, "sex": "female", "birth_date": "1948-05-02",
+    });
+    let search = json!({"name": "lu jian"});
+    let purge = json!({});
+    let routes: Vec<(&str, &str, String, &str, Option<&Value>)> = vec![
+        ("GET", "/health", "/health".into(), READER, None),
+        (
+            "GET",
+            "/v1/health-files",
+            "/v1/health-files?name=lu".into(),
+            READER,
+            None,
+        ),
+        (
+            "POST",
+            "/v1/health-files",
+            "/v1/health-files".into(),
+            WRITER,
+            Some(&registration),
+        ),
+        (
+            "POST",
+            "/v1/health-files/search",
+            "/v1/health-files/search".into(),
+            READER,
+            Some(&search),
+        ),
+        (
+            "GET",
+            "/v1/health-files/{id}",
+            format!("/v1/health-files/{file}"),
+            READER,
+            None,
+        ),
+        (
+            "GET",
+            "/v1/health-files/{id}/history",
+            format!("/v1/health-files/{file}/history"),
+            READER,
+            None,
+        ),
+        (
+            "GET",
+            "/v1/referrals",
+            "/v1/referrals?to=core&_count=1".into(),
+            READER,
+            None,
+        ),
+        (
+            "GET",
+            "/v1/referrals",
+            format!("/v1/referrals?patient={file}"),
+            READER,
+            None,
+        ),
+        (
+            "GET",
+            "/v1/referrals/{id}",
+            format!("/v1/referrals/{referral}"),
+            READER,
+            None,
+        ),
+        (
+            "GET",
+            "/v1/referrals/{id}/history",
+            format!("/v1/referrals/{referral}/history"),
+            READER,
+            None,
+        ),
+        ("GET", "/v1/conflicts", "/v1/conflicts".into(), READER, None),
+        (
+            "GET",
+            "/fhir/metadata",
+            "/fhir/metadata".into(),
+            READER,
+            None,
+        ),
+        (
+            "GET",
+            "/fhir/Patient",
+            "/fhir/Patient?name=lu".into(),
+            READER,
+            None,
+        ),
+        (
+            "GET",
+            "/fhir/Patient/{id}",
+            format!("/fhir/Patient/{file}"),
+            READER,
+            None,
+        ),
+        (
+            "GET",
+            "/fhir/Patient/{id}/$everything",
+            format!("/fhir/Patient/{file}/$everything"),
+            READER,
+            None,
+        ),
+        (
+            "GET",
+            "/fhir/ServiceRequest",
+            "/fhir/ServiceRequest?performer=core".into(),
+            READER,
+            None,
+        ),
+        (
+            "GET",
+            "/fhir/ServiceRequest/{id}",
+            format!("/fhir/ServiceRequest/{referral}"),
+            READER,
+            None,
+        ),
+        (
+            "GET",
+            "/fhir/Task",
+            "/fhir/Task?owner=core".into(),
+            READER,
+            None,
+        ),
+        (
+            "GET",
+            "/fhir/Task/{id}",
+            format!("/fhir/Task/{referral}"),
+            READER,
+            None,
+        ),
+        (
+            "GET",
+            "/fhir/Organization",
+            "/fhir/Organization".into(),
+            READER,
+            None,
+        ),
+        (
+            "GET",
+            "/fhir/Organization/{id}",
+            "/fhir/Organization/core".into(),
+            READER,
+            None,
+        ),
+        (
+            "GET",
+            "/fhir/AllergyIntolerance",
+            format!("/fhir/AllergyIntolerance?patient={file}"),
+            READER,
+            None,
+        ),
+        (
+            "GET",
+            "/fhir/Condition",
+            format!("/fhir/Condition?patient={file}"),
+            READER,
+            None,
+        ),
+        (
+            "GET",
+            "/fhir/Observation",
+            format!("/fhir/Observation?patient={file}"),
+            READER,
+            None,
+        ),
+        (
+            "GET",
+            "/fhir/MedicationRequest",
+            format!("/fhir/MedicationRequest?patient={file}"),
+            READER,
+            None,
+        ),
+        (
+            "GET",
+            "/fhir/Encounter",
+            format!("/fhir/Encounter?patient={file}"),
+            READER,
+            None,
+        ),
+        (
+            "GET",
+            "/fhir/DiagnosticReport",
+            format!("/fhir/DiagnosticReport?patient={file}"),
+            READER,
+            None,
+        ),
+        ("GET", "/admin/status", "/admin/status".into(), ADMIN, None),
+        ("GET", "/admin/roster", "/admin/roster".into(), ADMIN, None),
+        (
+            "GET",
+            "/admin/documents",
+            "/admin/documents".into(),
+            ADMIN,
+            None,
+        ),
+        (
+            "GET",
+            "/admin/quarantine",
+            "/admin/quarantine".into(),
+            ADMIN,
+            None,
+        ),
+        ("GET", "/admin/audit", "/admin/audit".into(), ADMIN, None),
+        (
+            "GET",
+            "/admin/audit/verify",
+            "/admin/audit/verify".into(),
+            ADMIN,
+            None,
+        ),
+        ("GET", "/admin/verify", "/admin/verify".into(), ADMIN, None),
+        (
+            "POST",
+            "/admin/quarantine/purge",
+            "/admin/quarantine/purge".into(),
+            ADMIN,
+            Some(&purge),
+        ),
+        ("POST", "/admin/repair", "/admin/repair".into(), ADMIN, None),
+    ];
+    let mut described = std::collections::BTreeSet::from([("POST", "/v1/referrals")]);
+    for (method, path, concrete, token, body) in routes {
+        let (status, answer) = api.described(method, path, &concrete, token, body).await;
+        assert!(
+            status.is_success(),
+            "{method} {concrete}: {status}: {answer}"
+        );
+        described.insert((method, path));
+    }
+    // This node runs no network layer: its sync figures are absent, as described.
+    let (status, answer) = api
+        .described("GET", "/admin/sync", "/admin/sync", ADMIN, None)
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{answer}");
+    described.insert(("GET", "/admin/sync"));
+    // Every JSON route with a JSON body or none is among them (the operations routes are
+    // checked operation by operation below).
+    let openapi = schema::openapi();
+    for (path, methods) in openapi["paths"].as_object().unwrap() {
+        for (method, operation) in methods.as_object().unwrap() {
+            let answers_json = operation["responses"]
+                .as_object()
+                .unwrap()
+                .iter()
+                .filter(|(status, _)| status.starts_with('2'))
+                .any(|(_, answer)| {
+                    answer["content"]
+                        .as_object()
+                        .is_some_and(|c| c.keys().any(|k| k.ends_with("json")))
+                });
+            let json_or_no_body = operation["requestBody"].is_null()
+                || operation["requestBody"]["content"]["application/json"].is_object();
+            let method = method.to_uppercase();
+            let elsewhere = path.contains("{change}") || path.ends_with("/operations");
+            if answers_json && json_or_no_body && !elsewhere {
+                assert!(
+                    described.contains(&(method.as_str(), path.as_str())),
+                    "{method} {path} answers JSON and is not checked here"
+                );
+            }
+        }
+    }
+}
+
 /// Every operation on a health file and on a referral, as an app sends it, is what
 /// `node/openapi.json` describes; so is every answer, success or error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -139,6 +139,23 @@ pub fn check(root: &Value, schema: &Value, value: &Value, at: &str) -> Result<()
                         return Err(format!("{at}: {text} is not 32 lowercase hex characters"));
                     }
                 }
+                Some(r"^\d{4}-\d{2}-\d{2}$") => {
+                    if let Some(text) = value.as_str() {
+                        let digits = |range: std::ops::Range<usize>| {
+                            text.get(range)
+                                .is_some_and(|d| d.bytes().all(|b| b.is_ascii_digit()))
+                        };
+                        let shaped = text.len() == 10
+                            && digits(0..4)
+                            && &text[4..5] == "-"
+                            && digits(5..7)
+                            && &text[7..8] == "-"
+                            && digits(8..10);
+                        if !shaped {
+                            return Err(format!("{at}: {text} is not a YYYY-MM-DD date"));
+                        }
+                    }
+                }
                 other => {
                     return Err(format!(
                         "{at}: pattern {other:?} is not one this check reads"
