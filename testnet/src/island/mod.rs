@@ -577,14 +577,36 @@ fn write_for(
             *priority,
         )),
         Action::Accept { referral: k } => Write::Referral(referral(k)?, ReferralOp::Accept),
+        Action::Decline { referral: k } => Write::Referral(
+            referral(k)?,
+            ReferralOp::Decline {
+                reason: "no bed on the ward this week; please refer to the other district hospital"
+                    .into(),
+            },
+        ),
         Action::Schedule { referral: k } => Write::Referral(
             referral(k)?,
             ReferralOp::Schedule {
                 appointment: Timestamp(now + 3 * 86_400_000),
             },
         ),
+        Action::NoShow { referral: k } => Write::Referral(referral(k)?, ReferralOp::MarkNoShow),
+        Action::Reschedule { referral: k } => Write::Referral(
+            referral(k)?,
+            ReferralOp::Reschedule {
+                appointment: Timestamp(now + 7 * 86_400_000),
+            },
+        ),
         Action::Arrive { referral: k } => Write::Referral(referral(k)?, ReferralOp::MarkArrived),
         Action::Complete { referral: k } => Write::Referral(referral(k)?, ReferralOp::Complete),
+        Action::ReturnSummary { referral: k } => Write::Referral(
+            referral(k)?,
+            ReferralOp::WriteReturnSummary {
+                summary:
+                    "seen and treated; medication adjusted; follow up at the centre in two weeks"
+                        .into(),
+            },
+        ),
         Action::Cancel { referral: k } => Write::Referral(referral(k)?, ReferralOp::Cancel),
     })
 }

@@ -81,12 +81,20 @@ pub enum Action {
     },
     /// The receiver accepts.
     Accept { referral: u32 },
+    /// The receiver declines, saying why.
+    Decline { referral: u32 },
     /// The receiver books an appointment.
     Schedule { referral: u32 },
+    /// The resident does not come to the appointment.
+    NoShow { referral: u32 },
+    /// The receiver books again.
+    Reschedule { referral: u32 },
     /// The resident arrives.
     Arrive { referral: u32 },
     /// Care completed.
     Complete { referral: u32 },
+    /// The receiver writes the return summary for the sender.
+    ReturnSummary { referral: u32 },
     /// The sender cancels.
     Cancel { referral: u32 },
 }
@@ -371,14 +379,27 @@ pub fn plan(
                         (hospital, home)
                     };
                     let priority = rng.chance(30);
-                    let mut life = vec![(to, Action::Accept { referral })];
-                    if rng.chance(10) {
+                    let mut life = Vec::new();
+                    if rng.chance(5) {
+                        life.push((to, Action::Decline { referral }));
+                    } else if rng.chance(10) {
+                        life.push((to, Action::Accept { referral }));
                         life.push((from, Action::Cancel { referral }));
                     } else {
                         life.extend([
+                            (to, Action::Accept { referral }),
                             (to, Action::Schedule { referral }),
+                        ]);
+                        if rng.chance(10) {
+                            life.extend([
+                                (to, Action::NoShow { referral }),
+                                (to, Action::Reschedule { referral }),
+                            ]);
+                        }
+                        life.extend([
                             (to, Action::Arrive { referral }),
                             (to, Action::Complete { referral }),
+                            (to, Action::ReturnSummary { referral }),
                         ]);
                     }
                     for (n, (node, action)) in life.into_iter().enumerate() {
