@@ -1,5 +1,6 @@
 //! Arbitrary bodies on every route of the HTTP API that takes one — the clinical JSON
-//! operations, the national-id search, and the admin bundle import — through the real router
+//! operations, the national-id search, bulk loads (NDJSON and FHIR transactions), the admin
+//! bundle import and the offered roster — through the real router
 //! with a valid token: a typed 4xx or a success, never a panic or a 5xx.
 #![no_main]
 
@@ -63,7 +64,7 @@ fuzz_target!(|input: &[u8]| {
         return;
     };
     let file = common::member().file;
-    let (path, token, content_type) = match route % 8 {
+    let (path, token, content_type) = match route % 11 {
         0 => ("/v1/health-files".to_owned(), WRITER, "application/json"),
         1 => (
             format!("/v1/health-files/{file}/operations"),
@@ -91,6 +92,9 @@ fuzz_target!(|input: &[u8]| {
             ADMIN,
             "application/json",
         ),
+        7 => ("/admin/roster".to_owned(), ADMIN, "application/cbor"),
+        8 => ("/v1/import".to_owned(), WRITER, "application/x-ndjson"),
+        9 => ("/fhir".to_owned(), WRITER, "application/fhir+json"),
         _ => (
             "/admin/import".to_owned(),
             ADMIN,
