@@ -268,6 +268,7 @@ pub fn plan(
     loss_percent: u64,
 ) -> Plan {
     let mut rng = Rng::new(seed);
+    let mut desk = Rng::new(seed ^ 0x0de5_c0de_5eed_0001);
     let quiet_ms = duration_ms * 8 / 10;
     let nodes = members.len();
     let byzantine = byzantine(preset, members, quiet_ms);
@@ -380,17 +381,20 @@ pub fn plan(
                     };
                     let priority = rng.chance(30);
                     let mut life = Vec::new();
-                    if rng.chance(5) {
-                        life.push((to, Action::Decline { referral }));
-                    } else if rng.chance(10) {
+                    // The desk's other moves are drawn from their own stream, so the rest of
+                    // a seed's plan is what it was before they were added.
+                    let cancelled = rng.chance(10);
+                    if cancelled {
                         life.push((to, Action::Accept { referral }));
                         life.push((from, Action::Cancel { referral }));
+                    } else if desk.chance(5) {
+                        life.push((to, Action::Decline { referral }));
                     } else {
                         life.extend([
                             (to, Action::Accept { referral }),
                             (to, Action::Schedule { referral }),
                         ]);
-                        if rng.chance(10) {
+                        if desk.chance(10) {
                             life.extend([
                                 (to, Action::NoShow { referral }),
                                 (to, Action::Reschedule { referral }),
