@@ -205,6 +205,25 @@ impl Api {
         assert_eq!(status, StatusCode::CREATED, "{written}");
         written["id"].as_str().unwrap().to_owned()
     }
+
+    /// Sends a referral of `patient` from this node's institution to the core hospital;
+    /// returns its id.
+    async fn refer(&self, patient: &str, urgency: &str, direction: &str) -> String {
+        let (status, created) = self
+            .call(
+                "POST",
+                "/v1/referrals",
+                WRITER,
+                &json!({
+                    "patient": patient, "direction": direction, "to": "core",
+                    "reason": "review", "urgency": urgency, "handover": "",
+                })
+                .to_string(),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{created}");
+        created["id"].as_str().unwrap().to_owned()
+    }
 }
 
 #[test]
@@ -2365,27 +2384,8 @@ async fn the_change_feed_resumes_from_a_cursor_and_follows_new_changes() {
 async fn a_desk_follows_its_own_priority_referrals_with_their_status_on_the_feed() {
     let api = api();
     let patient = api.register("Jianguo").await;
-    let refer = |urgency: &'static str| {
-        let (api, patient) = (&api, patient.clone());
-        async move {
-            let (status, created) = api
-                .call(
-                    "POST",
-                    "/v1/referrals",
-                    WRITER,
-                    &json!({
-                        "patient": patient, "direction": "up", "to": "core",
-                        "reason": "review", "urgency": urgency, "handover": "",
-                    })
-                    .to_string(),
-                )
-                .await;
-            assert_eq!(status, StatusCode::CREATED, "{created}");
-            created["id"].as_str().unwrap().to_owned()
-        }
-    };
-    let routine = refer("routine").await;
-    let priority = refer("priority").await;
+    let routine = api.refer(&patient, "routine", "up").await;
+    let priority = api.refer(&patient, "priority", "up").await;
     let (status, _) = api
         .call(
             "POST",
@@ -2608,20 +2608,7 @@ async fn a_desk_works_urgent_first_then_oldest_with_filters_and_pages() {
         ("priority", "up"),
         ("routine", "up"),
     ] {
-        let (status, created) = api
-            .call(
-                "POST",
-                "/v1/referrals",
-                WRITER,
-                &json!({
-                    "patient": patient, "direction": direction, "to": "core",
-                    "reason": "review", "urgency": urgency, "handover": "",
-                })
-                .to_string(),
-            )
-            .await;
-        assert_eq!(status, StatusCode::CREATED, "{created}");
-        sent.push(created["id"].as_str().unwrap().to_owned());
+        sent.push(api.refer(&patient, urgency, direction).await);
         // Sent a moment apart, so that oldest first is an order to check.
         tokio::time::sleep(std::time::Duration::from_millis(3)).await;
     }
