@@ -10,6 +10,7 @@
 //!   removed (a medication is stopped, not deleted).
 
 use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
 
 use automerge::hydrate::Value as HydrateValue;
 use automerge::transaction::Transactable;
@@ -706,17 +707,17 @@ pub struct HealthFileView {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub link: Option<Register<FileLink>>,
     /// Allergy records.
-    pub allergies: Vec<AllergyView>,
+    pub allergies: Vec<Arc<AllergyView>>,
     /// Chronic problem records.
-    pub problems: Vec<ProblemView>,
+    pub problems: Vec<Arc<ProblemView>>,
     /// Prescriptions.
-    pub medications: Vec<MedicationView>,
+    pub medications: Vec<Arc<MedicationView>>,
     /// Encounters.
-    pub encounters: Vec<EncounterView>,
+    pub encounters: Vec<Arc<EncounterView>>,
     /// Exam results.
-    pub exams: Vec<ExamResultView>,
+    pub exams: Vec<Arc<ExamResultView>>,
     /// Chronic-disease follow-ups.
-    pub follow_ups: Vec<FollowUpView>,
+    pub follow_ups: Vec<Arc<FollowUpView>>,
 }
 
 impl HealthFileView {
@@ -724,7 +725,7 @@ impl HealthFileView {
     /// stands beside it (one recorded concurrently or since outweighs it).
     pub fn no_known_allergies_now(&self) -> Option<&NoKnownAllergies> {
         let statement = self.no_known_allergies.as_ref()?;
-        (!self.allergies.iter().any(AllergyView::stands)).then_some(&statement.value)
+        (!self.allergies.iter().any(|a| a.stands())).then_some(&statement.value)
     }
 
     /// The schema paths of the fields holding concurrent values for a clinician to review.
@@ -1113,8 +1114,8 @@ fn apply_op(tx: &mut AutoCommit, editor: &Editor, op: &HealthFileOp) -> Result<(
             record_provenance(tx, &marker, "recorded_by", editor)
         }
         HealthFileOp::RecordNoKnownAllergies => {
-            let allergies: Vec<AllergyView> = read_list(&Obj::root(&*tx))?;
-            if allergies.iter().any(AllergyView::stands) {
+            let allergies: Vec<Arc<AllergyView>> = read_list(&Obj::root(&*tx))?;
+            if allergies.iter().any(|a| a.stands()) {
                 return Err(ValidationError::InvalidValue {
                     field: "no_known_allergies",
                     reason: "the file records an allergy that is not refuted; refute it first if it is wrong",
@@ -1804,10 +1805,10 @@ fn read_contract<D: ReadDoc>(
 }
 
 /// Every entry of one clinical list, in document order.
-fn read_list<T: Listed, D: ReadDoc>(root: &Obj<'_, D>) -> Result<Vec<T>, ValidationError> {
+fn read_list<T: Listed, D: ReadDoc>(root: &Obj<'_, D>) -> Result<Vec<Arc<T>>, ValidationError> {
     root.entries(T::KEY, T::KEY, None)?
         .iter()
-        .map(|id| T::parse(&root.child(id.clone(), T::KEY)))
+        .map(|id| T::parse(&root.child(id.clone(), T::KEY)).map(Arc::new))
         .collect()
 }
 
@@ -2517,9 +2518,9 @@ pub(crate) trait Listed: Clone + PartialEq + Sized {
     /// The entry's id.
     fn entry(&self) -> &EntryId;
     /// The list in a view.
-    fn list(view: &HealthFileView) -> &Vec<Self>;
+    fn list(view: &HealthFileView) -> &Vec<Arc<Self>>;
     /// The list in a view, to replace.
-    fn list_mut(view: &mut HealthFileView) -> &mut Vec<Self>;
+    fn list_mut(view: &mut HealthFileView) -> &mut Vec<Arc<Self>>;
 }
 
 macro_rules! listed {
@@ -2533,10 +2534,10 @@ macro_rules! listed {
             fn entry(&self) -> &EntryId {
                 &self.entry
             }
-            fn list(view: &HealthFileView) -> &Vec<Self> {
+            fn list(view: &HealthFileView) -> &Vec<Arc<Self>> {
                 &view.$field
             }
-            fn list_mut(view: &mut HealthFileView) -> &mut Vec<Self> {
+            fn list_mut(view: &mut HealthFileView) -> &mut Vec<Arc<Self>> {
                 &mut view.$field
             }
         }
@@ -2759,10 +2760,10 @@ impl<T: Listed> ListCheck<T> {
     /// `before` and `after` may leave out entries the change did not touch (kept, unchanged):
     /// those break no rule, so the answer is the same as for the whole lists. `counts` are the
     /// whole lists' lengths.
-    pub(crate) fn check(
+    pub(crate) fn check<E: std::borrow::Borrow<T>>(
         &self,
-        before: &[T],
-        after: &[T],
+        before: &[E],
+        after: &[E],
         counts: (usize, usize),
         author: &InstitutionId,
     ) -> Result<(), ValidationError> {
@@ -2776,8 +2777,11 @@ impl<T: Listed> ListCheck<T> {
                 max: ENTRIES_PER_LIST_MAX,
             });
         }
-        let kept: HashMap<&EntryId, &T> = after.iter().map(|e| (e.entry(), e)).collect();
-        for old in before {
+        let kept: HashMap<&EntryId, &T> = after
+            .iter()
+            .map(|e| (e.borrow().entry(), e.borrow()))
+            .collect();
+        for old in before.iter().map(E::borrow) {
             match kept.get(old.entry()) {
                 None if self.append_only => return Err(ValidationError::EntryRemoved { field }),
                 None => {}
@@ -2794,8 +2798,12 @@ impl<T: Listed> ListCheck<T> {
                 }
             }
         }
-        let seen: HashSet<&EntryId> = before.iter().map(|e| e.entry()).collect();
-        for new in after.iter().filter(|e| !seen.contains(e.entry())) {
+        let seen: HashSet<&EntryId> = before.iter().map(|e| e.borrow().entry()).collect();
+        for new in after
+            .iter()
+            .map(E::borrow)
+            .filter(|e| !seen.contains(e.entry()))
+        {
             if (self.owner)(new) != author {
                 return Err(ValidationError::Provenance {
                     field: self.owner_field,
@@ -2842,26 +2850,41 @@ struct AfterSide<T> {
     ids_after: Vec<ObjId>,
     parsed: Vec<T>,
     parsed_ids: Vec<ObjId>,
+    /// The change only inserted entries: it removed none.
+    only_inserted: bool,
 }
 
 /// Reads a touched list after the change: its entry ids, and the entries that are new or that
 /// the change wrote into. Errors here are those `parse_health_file(after)` meets in this list.
+///
+/// A change that only inserted objects into the list (`inserted`, see
+/// `DirectWrites::only_inserted`) leaves every earlier entry in place: the list before it is
+/// the list after it without them, so the earlier state's list is not read.
 fn after_side<T: Listed, B: ReadDoc, A: ReadDoc>(
     before: &B,
     after: &A,
     touched: &BTreeSet<ObjId>,
+    inserted: Option<&BTreeSet<ObjId>>,
 ) -> Result<AfterSide<T>, ValidationError> {
     let root = Obj::root(after);
     let ids_after = root.entries(T::KEY, T::KEY, None)?;
-    let ids_before = Obj::root(before).entries(T::KEY, T::KEY, None);
-    let known: Option<HashSet<&ObjId>> = ids_before.as_ref().ok().map(|ids| ids.iter().collect());
+    let ids_before = match inserted {
+        Some(inserted) => Ok(ids_after
+            .iter()
+            .filter(|id| !inserted.contains(id))
+            .cloned()
+            .collect()),
+        None => Obj::root(before).entries(T::KEY, T::KEY, None),
+    };
+    let known = match (inserted, &ids_before) {
+        (Some(inserted), _) => Known::AllBut(inserted),
+        (None, Ok(ids)) => Known::These(ids.iter().collect()),
+        (None, Err(_)) => Known::Unreadable,
+    };
     let mut parsed = Vec::new();
     let mut parsed_ids = Vec::new();
     for id in &ids_after {
-        // Unknown before (an unreadable earlier state): every entry, as a whole read would.
-        let needed = known
-            .as_ref()
-            .is_none_or(|known| !known.contains(id) || touched.contains(id));
+        let needed = touched.contains(id) || !known.held(id);
         if needed {
             parsed.push(T::parse(&root.child(id.clone(), T::KEY))?);
             parsed_ids.push(id.clone());
@@ -2872,7 +2895,29 @@ fn after_side<T: Listed, B: ReadDoc, A: ReadDoc>(
         ids_after,
         parsed,
         parsed_ids,
+        only_inserted: inserted.is_some(),
     })
+}
+
+/// Which entries of a list were there before a change.
+enum Known<'a> {
+    /// Every entry but those the change inserted.
+    AllBut(&'a BTreeSet<ObjId>),
+    /// These.
+    These(HashSet<&'a ObjId>),
+    /// Unknown (an unreadable earlier state): none counts as held, so every entry is read,
+    /// as a whole read would.
+    Unreadable,
+}
+
+impl Known<'_> {
+    fn held(&self, id: &ObjId) -> bool {
+        match self {
+            Known::AllBut(inserted) => !inserted.contains(id),
+            Known::These(ids) => ids.contains(id),
+            Known::Unreadable => false,
+        }
+    }
 }
 
 /// Completes a touched list with the entries the change removed or wrote into, read before it.
@@ -2884,14 +2929,15 @@ fn before_side<T: Listed, B: ReadDoc>(
         ids_after,
         parsed: after,
         parsed_ids,
+        only_inserted,
     }: AfterSide<T>,
 ) -> Result<ListSides<T>, ValidationError> {
     let ids_before = ids_before?;
-    let kept: HashSet<&ObjId> = ids_after.iter().collect();
+    let kept: Option<HashSet<&ObjId>> = (!only_inserted).then(|| ids_after.iter().collect());
     let root = Obj::root(before);
     let before_entries = ids_before
         .iter()
-        .filter(|id| !kept.contains(id) || touched.contains(id))
+        .filter(|id| touched.contains(id) || kept.as_ref().is_some_and(|kept| !kept.contains(id)))
         .map(|id| T::parse(&root.child(id.clone(), T::KEY)))
         .collect::<Result<_, _>>()?;
     Ok(ListSides {
@@ -2954,19 +3000,25 @@ pub(crate) fn judge_touched<B: ReadDoc, A: ReadDoc>(
     fn after_of<T: Listed, B: ReadDoc, A: ReadDoc>(
         before: &B,
         after: &A,
-        touched: Option<&BTreeSet<ObjId>>,
+        touch: &Touch,
     ) -> Result<Option<AfterSide<T>>, ValidationError> {
-        touched
-            .map(|entries| after_side::<T, _, _>(before, after, entries))
-            .transpose()
+        let Some(entries) = touch.under.get(T::KEY) else {
+            return Ok(None);
+        };
+        // Nothing written into the list itself: it holds what it held.
+        let inserted = match touch.direct.get(T::KEY) {
+            Some(direct) => direct.only_inserted(),
+            None => Some(&NONE_INSERTED),
+        };
+        after_side::<T, _, _>(before, after, entries, inserted).map(Some)
     }
-    let allergies = after_of::<AllergyView, _, _>(before, after, touched(AllergyView::KEY))?;
-    let problems = after_of::<ProblemView, _, _>(before, after, touched(ProblemView::KEY))?;
-    let medications =
-        after_of::<MedicationView, _, _>(before, after, touched(MedicationView::KEY))?;
-    let encounters = after_of::<EncounterView, _, _>(before, after, touched(EncounterView::KEY))?;
-    let exams = after_of::<ExamResultView, _, _>(before, after, touched(ExamResultView::KEY))?;
-    let follow_ups = after_of::<FollowUpView, _, _>(before, after, touched(FollowUpView::KEY))?;
+    static NONE_INSERTED: BTreeSet<ObjId> = BTreeSet::new();
+    let allergies = after_of::<AllergyView, _, _>(before, after, touch)?;
+    let problems = after_of::<ProblemView, _, _>(before, after, touch)?;
+    let medications = after_of::<MedicationView, _, _>(before, after, touch)?;
+    let encounters = after_of::<EncounterView, _, _>(before, after, touch)?;
+    let exams = after_of::<ExamResultView, _, _>(before, after, touch)?;
+    let follow_ups = after_of::<FollowUpView, _, _>(before, after, touch)?;
 
     let root = Obj::root(before);
     if touched("demographics").is_some() {
@@ -3019,10 +3071,10 @@ pub(crate) fn judge_touched<B: ReadDoc, A: ReadDoc>(
 /// not next in the old list is new, or the old entries before it were removed; only then is
 /// the old list searched.
 fn relist<T: Listed, E>(
-    old: Vec<T>,
+    old: Vec<Arc<T>>,
     ids: &[ObjId],
-    mut pick: impl FnMut(&ObjId, Option<T>) -> Result<T, E>,
-) -> Result<Vec<T>, E> {
+    mut pick: impl FnMut(&ObjId, Option<Arc<T>>) -> Result<Arc<T>, E>,
+) -> Result<Vec<Arc<T>>, E> {
     let mut old = old.into_iter();
     let mut list = Vec::with_capacity(ids.len());
     for id in ids {
@@ -3064,7 +3116,7 @@ pub(crate) fn view_after(
         let old = std::mem::take(T::list_mut(view));
         let list = relist(old, &ids, |id, kept| {
             match parsed.next_if(|(parsed, _)| parsed == id) {
-                Some((_, entry)) => Ok(entry),
+                Some((_, entry)) => Ok(Arc::new(entry)),
                 None => kept.ok_or(()),
             }
         })
@@ -3106,7 +3158,7 @@ pub(crate) fn update_view<D: ReadDoc>(
         let old = std::mem::take(T::list_mut(view));
         *T::list_mut(view) = relist(old, &ids, |id, kept| match kept {
             Some(entry) if !touched.contains(id) => Ok(entry),
-            _ => T::parse(&root.child(id.clone(), T::KEY)),
+            _ => T::parse(&root.child(id.clone(), T::KEY)).map(Arc::new),
         })?;
         Ok(())
     }

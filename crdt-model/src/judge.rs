@@ -33,6 +33,26 @@ pub(crate) struct Touch {
     /// (objects directly in it) whose content the change wrote. A list named here with no
     /// entries was written itself (an insert, a delete, a replaced element).
     pub under: BTreeMap<String, BTreeSet<ObjId>>,
+    /// What the change wrote directly into each section or list it wrote into, by root key.
+    pub direct: BTreeMap<String, DirectWrites>,
+}
+
+/// The operations of a change on a section or list object itself (not inside its entries).
+#[derive(Debug, Default)]
+pub(crate) struct DirectWrites {
+    /// The objects it inserted into the list.
+    pub inserted: BTreeSet<ObjId>,
+    /// Whether it wrote the object in any other way: a delete, a replaced element, a value
+    /// that is not an object, a map key.
+    pub other: bool,
+}
+
+impl DirectWrites {
+    /// The objects the change inserted, if inserting objects is all it did to the list: the
+    /// list before it is then the list after it without them.
+    pub(crate) fn only_inserted(&self) -> Option<&BTreeSet<ObjId>> {
+        (!self.other).then_some(&self.inserted)
+    }
 }
 
 impl Touch {
@@ -82,6 +102,16 @@ impl Touch {
                     }
                     let entries = touch.under.entry(place.key.clone()).or_default();
                     entries.extend(place.entry.clone());
+                    if place.depth == 1 {
+                        let direct = touch.direct.entry(place.key.clone()).or_default();
+                        match (&op.action, op.insert) {
+                            (OpType::Make(_), true) => {
+                                let made = object_id(change.start_op().get() + index as u64, actor);
+                                direct.inserted.insert(made);
+                            }
+                            _ => direct.other = true,
+                        }
+                    }
                     Some(place)
                 }
             };

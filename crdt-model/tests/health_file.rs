@@ -272,7 +272,7 @@ fn a_record_filed_in_error_is_marked_by_its_institution_and_kept() {
     let mut file = new_file(1);
     let hospital = editor("xinhua", 3_000);
     file.apply(&hospital, &ecg()).unwrap();
-    let original = file.view().exams[0].clone();
+    let original = ExamResultView::clone(&file.view().exams[0]);
     let mark = HealthFileOp::MarkEnteredInError {
         list: CorrectableList::Exams,
         entry: original.entry.clone(),
@@ -293,7 +293,7 @@ fn a_record_filed_in_error_is_marked_by_its_institution_and_kept() {
     assert_eq!(file.heads(), heads);
     file.apply(&hospital, &mark).unwrap();
     validate(file.automerge()).unwrap();
-    let marked = file.view().exams[0].clone();
+    let marked = ExamResultView::clone(&file.view().exams[0]);
     let marker = marked.entered_in_error.clone().expect("marked").value;
     assert_eq!(marker.reason, "filed on the wrong resident");
     assert_eq!(marker.recorded_by, institution("xinhua"));
@@ -330,7 +330,7 @@ fn a_record_amended_by_its_institution_keeps_the_original() {
     let mut file = new_file(1);
     let hospital = editor("xinhua", 3_000);
     file.apply(&hospital, &ecg()).unwrap();
-    let original = file.view().exams[0].clone();
+    let original = ExamResultView::clone(&file.view().exams[0]);
     let HealthFileOp::AddExamResult(mut corrected) = ecg() else {
         unreachable!("an exam result")
     };
@@ -364,7 +364,7 @@ fn a_record_amended_by_its_institution_keeps_the_original() {
     assert_eq!(
         ExamResultView {
             amended: None,
-            ..view.exams[0].clone()
+            ..ExamResultView::clone(&view.exams[0])
         },
         original,
         "the original is unchanged"
@@ -525,7 +525,12 @@ fn national_edition_codes_are_recorded_as_written_in_their_own_system() {
     );
     // Removing the insurance edition's code leaves the clinical edition's of the same text.
     apply(&mut file, HealthFileOp::RemoveProblem { icd10: insurance });
-    let problems: Vec<Icd10> = file.view().problems.into_iter().map(|p| p.icd10).collect();
+    let problems: Vec<Icd10> = file
+        .view()
+        .problems
+        .iter()
+        .map(|p| p.icd10.clone())
+        .collect();
     assert_eq!(problems, vec![clinical]);
 }
 

@@ -334,7 +334,7 @@ proptest! {
             let mut expected: Vec<EntryId> = Vec::new();
             for file in &record.files {
                 let position = ids.iter().position(|id| id == file).unwrap();
-                expected.extend(held[0][position].view().allergies.into_iter().map(|a| a.entry));
+                expected.extend(held[0][position].view().allergies.into_iter().map(|a| a.entry.clone()));
             }
             let shown: Vec<EntryId> = record.view.allergies.iter().map(|a| a.entry.clone()).collect();
             prop_assert_eq!(shown, expected);

@@ -192,7 +192,7 @@ fn file_op(action: &FileAction, view: &HealthFileView) -> Option<HealthFileOp> {
         },
         // Refused while an allergy stands (tested in health_file.rs).
         FileAction::NoKnownAllergies => {
-            if view.allergies.iter().any(AllergyView::stands) {
+            if view.allergies.iter().any(|a| a.stands()) {
                 return None;
             }
             HealthFileOp::RecordNoKnownAllergies
