@@ -25,6 +25,9 @@ pub const PRESCRIPTION_DAYS_MAX: u64 = 60;
 /// for concurrent transitions, and a bound on what a faulty node can append. Checked per
 /// change, like `ENTRIES_PER_LIST_MAX`.
 pub const REFERRAL_EVENTS_MAX: usize = 64;
+/// Longest booked appointment, in minutes (a day): a referral's slot is booked for a visit,
+/// an examination or a day's admission, not for a stay.
+pub const APPOINTMENT_MINUTES_MAX: u64 = 24 * 60;
 /// Most institutions in one roster.
 pub const INSTITUTIONS_MAX: usize = 1_024;
 /// Most node keys one institution may hold at once (a node and its standby, rotations).

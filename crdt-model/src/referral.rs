@@ -8,7 +8,7 @@
 //! 1. The *frontier* is the set of events no other event names in `after`.
 //! 2. The frontier event whose target status has the highest precedence wins, ties broken by
 //!    event id; the derived status is its target. Precedence, highest first:
-//!    completed > arrived > cancelled > no-show > scheduled > accepted > declined.
+//!    completed > arrived > cancelled > redirected > no-show > scheduled > accepted > declined.
 //!
 //! So a cancel beats a concurrent accept or schedule (the sender withdrew; the hospital frees
 //! the slot rather than the patient being expected somewhere they will not go), nothing beats
@@ -17,6 +17,15 @@
 //! A no-show beats a concurrent reschedule (the missed appointment is a fact; the new booking
 //! shows among the superseded events, to book again) and loses to an arrival (a resident
 //! marked missing who did come is in care) and to a cancel.
+//!
+//! The receiver may also *redirect* a referral it cannot serve to another member (from
+//! requested, accepted, scheduled or no-show), saying to whom and why. The node then sends an
+//! onward referral from the redirecting institution to that member, which names the original
+//! (`redirected_from`). A redirect beats a concurrent accept, booking, no-show or decline of the
+//! receiver's other desks (the resident is already expected elsewhere: keeping the booking
+//! would expect them in two places) and loses to a cancel and to an arrival, as any move of the
+//! receiver does; a redirect that lost shows among the superseded events, and its onward
+//! referral is then withdrawn by its own sender.
 //!
 //! The receiver books (`schedule`), books again (`reschedule`, from scheduled or no-show: a
 //! move from scheduled to scheduled), records a no-show, and declines with a reason that the
@@ -33,12 +42,14 @@ use serde::{Deserialize, Serialize};
 
 use crate::access::{
     NewEntry, Obj, Register, append_entry, check_text, checked, entry_id, institution, put_time,
-    text, timestamp,
+    text, timestamp, uint,
 };
 use crate::document::{DocumentKind, IDENTITY_KEYS, read_identity, replica};
 use crate::error::{OpError, ValidationError};
 use crate::ids::{Actor, DocumentId, Editor, EntryId, InstitutionId, Timestamp};
-use crate::limits::{FIELD_BYTES_MAX, REFERRAL_EVENTS_MAX, SUMMARY_BYTES_MAX};
+use crate::limits::{
+    APPOINTMENT_MINUTES_MAX, FIELD_BYTES_MAX, REFERRAL_EVENTS_MAX, SUMMARY_BYTES_MAX,
+};
 use crate::vocab::{Direction, Urgency, vocabulary};
 
 vocabulary! {
@@ -60,6 +71,8 @@ vocabulary! {
         Completed = "completed",
         /// Withdrawn by the sender before arrival (final).
         Cancelled = "cancelled",
+        /// Passed on by the receiver to another member, through an onward referral (final).
+        Redirected = "redirected",
     }
 }
 
@@ -79,10 +92,13 @@ impl ReferralStatus {
         use ReferralStatus::*;
         matches!(
             (self, to),
-            (Requested, Accepted | Declined | Cancelled)
-                | (Accepted, Scheduled | Cancelled)
-                | (Scheduled, Scheduled | NoShow | Arrived | Cancelled)
-                | (NoShow, Scheduled | Cancelled)
+            (Requested, Accepted | Declined | Cancelled | Redirected)
+                | (Accepted, Scheduled | Cancelled | Redirected)
+                | (
+                    Scheduled,
+                    Scheduled | NoShow | Arrived | Cancelled | Redirected
+                )
+                | (NoShow, Scheduled | Cancelled | Redirected)
                 | (Arrived, Completed)
         )
     }
@@ -103,9 +119,10 @@ impl ReferralStatus {
             ReferralStatus::Accepted => 2,
             ReferralStatus::Scheduled => 3,
             ReferralStatus::NoShow => 4,
-            ReferralStatus::Cancelled => 5,
-            ReferralStatus::Arrived => 6,
-            ReferralStatus::Completed => 7,
+            ReferralStatus::Redirected => 5,
+            ReferralStatus::Cancelled => 6,
+            ReferralStatus::Arrived => 7,
+            ReferralStatus::Completed => 8,
         }
     }
 }
@@ -142,15 +159,31 @@ pub enum ReferralOp {
     Schedule {
         /// When the resident is expected.
         appointment: Timestamp,
+        /// How long the slot is booked for, in minutes (1 to `APPOINTMENT_MINUTES_MAX`).
+        /// Optional, as earlier releases booked without it; a FHIR `Appointment` is served
+        /// only for a booking that has it (R4 requires a booked appointment's end).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        minutes: Option<u64>,
     },
     /// The receiver books another appointment for a referral already booked, or after the
     /// resident did not come.
     Reschedule {
         /// When the resident is expected now.
         appointment: Timestamp,
+        /// How long the slot is booked for, in minutes, as for `schedule`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        minutes: Option<u64>,
     },
     /// The receiver records that the resident did not come to the appointment.
     MarkNoShow,
+    /// The receiver passes the referral on to another member, which it cannot serve (see the
+    /// module docs); the node sends the onward referral.
+    Redirect {
+        /// The member the resident is sent on to (neither side of this referral).
+        to: InstitutionId,
+        /// Why the receiver passes it on.
+        reason: String,
+    },
     /// The receiver records the resident's arrival.
     MarkArrived,
     /// The receiver completes its care.
@@ -186,6 +219,7 @@ impl ReferralOp {
                 Intent::Transition(ReferralStatus::Scheduled)
             }
             ReferralOp::MarkNoShow => Intent::Transition(ReferralStatus::NoShow),
+            ReferralOp::Redirect { .. } => Intent::Transition(ReferralStatus::Redirected),
             ReferralOp::MarkArrived => Intent::Transition(ReferralStatus::Arrived),
             ReferralOp::Complete => Intent::Transition(ReferralStatus::Completed),
             ReferralOp::Cancel => Intent::Transition(ReferralStatus::Cancelled),
@@ -223,9 +257,16 @@ pub struct EventView {
     /// The booked appointment, on a move to `scheduled`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub appointment: Option<Timestamp>,
-    /// Why, on a move to `declined` (declines of earlier releases have none).
+    /// How long the booked slot is, in minutes, when the booking said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub minutes: Option<u64>,
+    /// Why, on a move to `declined` (declines of earlier releases have none) or to
+    /// `redirected`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// The member the resident is sent on to, on a move to `redirected`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redirect: Option<InstitutionId>,
 }
 
 /// A referral as apps see it.
@@ -243,6 +284,9 @@ pub struct ReferralView {
     pub to: InstitutionId,
     /// When it was sent.
     pub created_at: Timestamp,
+    /// The referral this one passes on, when a receiver redirected that one here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redirected_from: Option<DocumentId>,
     /// Why.
     pub reason: String,
     /// How urgent, with concurrent settings.
@@ -254,8 +298,14 @@ pub struct ReferralView {
     pub return_summary: Option<Register<String>>,
     /// The derived status.
     pub status: ReferralStatus,
+    /// Where the receiver sent the resident on, when the status is `redirected`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redirected_to: Option<InstitutionId>,
     /// The appointment on the effective path, if one was booked.
     pub appointment: Option<Timestamp>,
+    /// How long that appointment's slot is, in minutes, when its booking said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub appointment_minutes: Option<u64>,
     /// The events that make up the effective path, oldest first.
     pub effective: Vec<EntryId>,
     /// Every event, in causal (event id) order.
@@ -316,7 +366,7 @@ replica!(
     parse_referral
 );
 
-const ROOT_KEYS: [&str; 12] = [
+const ROOT_KEYS: [&str; 13] = [
     IDENTITY_KEYS[0],
     IDENTITY_KEYS[1],
     "patient",
@@ -329,6 +379,7 @@ const ROOT_KEYS: [&str; 12] = [
     "handover",
     "events",
     "return_summary",
+    "redirected_from",
 ];
 
 impl Referral {
@@ -336,6 +387,15 @@ impl Referral {
     ///
     /// The referral's id is derived from this first change (see [`crate::document_id_of`]).
     pub fn create(actor: &Actor, editor: &Editor, referral: &NewReferral) -> Result<Self, OpError> {
+        Self::create_from(actor, editor, referral, None)
+    }
+
+    fn create_from(
+        actor: &Actor,
+        editor: &Editor,
+        referral: &NewReferral,
+        redirected_from: Option<DocumentId>,
+    ) -> Result<Self, OpError> {
         if referral.to == editor.institution {
             return Err(ValidationError::InvalidValue {
                 field: "to",
@@ -356,8 +416,39 @@ impl Referral {
             tx.put(&root, "urgency", referral.urgency.as_str())?;
             tx.put(&root, "handover", referral.handover.as_str())?;
             tx.put_object(&root, "events", ObjType::List)?;
+            if let Some(original) = redirected_from {
+                tx.put(&root, "redirected_from", original.to_string())?;
+            }
             Ok(())
         })
+    }
+
+    /// The onward referral of a redirect: from the redirecting institution (the editor, the
+    /// receiver of `original`) to `to`, for the same resident, direction, reason, urgency and
+    /// handover, naming `original_id` as the referral it passes on. The redirect's event on
+    /// the original is written apart ([`ReferralOp::Redirect`]).
+    pub fn create_onward(
+        actor: &Actor,
+        editor: &Editor,
+        original_id: DocumentId,
+        original: &ReferralView,
+        to: &InstitutionId,
+    ) -> Result<Self, OpError> {
+        if original.to != editor.institution {
+            return Err(ValidationError::Provenance {
+                field: "redirected_from",
+            }
+            .into());
+        }
+        let onward = NewReferral {
+            patient: original.patient,
+            direction: original.direction,
+            to: to.clone(),
+            reason: original.reason.clone(),
+            urgency: original.urgency.value,
+            handover: original.handover.value.clone(),
+        };
+        Self::create_from(actor, editor, &onward, Some(original_id))
     }
 
     /// Applies one typed operation as one change. Refused with a typed error (and nothing
@@ -396,6 +487,21 @@ impl Referral {
         if let ReferralOp::Decline { reason } = op {
             check_text(reason, "events.reason", FIELD_BYTES_MAX, true)?;
         }
+        if let ReferralOp::Redirect { to, reason } = op {
+            check_text(reason, "events.reason", FIELD_BYTES_MAX, true)?;
+            check_redirect(&view, to)?;
+        }
+        if let ReferralOp::Schedule {
+            minutes: Some(minutes),
+            ..
+        }
+        | ReferralOp::Reschedule {
+            minutes: Some(minutes),
+            ..
+        } = op
+        {
+            check_minutes(*minutes)?;
+        }
         let events = index_events(&view.history);
         let all: BTreeSet<EntryId> = events.keys().cloned().collect();
         let after = frontier(&events, &all);
@@ -408,11 +514,26 @@ impl Referral {
                 .put("to", to.as_str())
                 .scalars("after", after.iter().map(|id| id.as_str().into()).collect());
             match op {
-                ReferralOp::Schedule { appointment } | ReferralOp::Reschedule { appointment } => {
+                ReferralOp::Schedule {
+                    appointment,
+                    minutes,
+                }
+                | ReferralOp::Reschedule {
+                    appointment,
+                    minutes,
+                } => {
                     event.time("appointment", *appointment);
+                    if let Some(minutes) = minutes {
+                        event.put("minutes", *minutes);
+                    }
                 }
                 ReferralOp::Decline { reason } => {
                     event.put("reason", reason.as_str());
+                }
+                ReferralOp::Redirect { to, reason } => {
+                    event
+                        .put("redirect", to.as_str())
+                        .put("reason", reason.as_str());
                 }
                 _ => {}
             }
@@ -547,13 +668,57 @@ fn check_event(
             reason: "an appointment is recorded exactly on a move to scheduled",
         });
     }
-    if event.reason.is_some() && event.to != ReferralStatus::Declined {
+    if let Some(minutes) = event.minutes {
+        if event.appointment.is_none() {
+            return Err(ValidationError::InvalidValue {
+                field: "events.minutes",
+                reason: "a slot's length is recorded only with its appointment",
+            });
+        }
+        check_minutes(minutes)?;
+    }
+    if event.reason.is_some()
+        && !matches!(
+            event.to,
+            ReferralStatus::Declined | ReferralStatus::Redirected
+        )
+    {
         return Err(ValidationError::InvalidValue {
             field: "events.reason",
-            reason: "a reason is recorded only on a move to declined",
+            reason: "a reason is recorded only on a move to declined or redirected",
+        });
+    }
+    let redirects = event.to == ReferralStatus::Redirected;
+    if event.redirect.is_some() != redirects || (redirects && event.reason.is_none()) {
+        return Err(ValidationError::InvalidValue {
+            field: "events.redirect",
+            reason: "a redirect names the member the resident is sent on to, and why, and only a redirect does",
         });
     }
     Ok(())
+}
+
+/// A redirect sends the resident on to a member that is neither side of the referral.
+fn check_redirect(view: &ReferralView, to: &InstitutionId) -> Result<(), ValidationError> {
+    if *to == view.from || *to == view.to {
+        return Err(ValidationError::InvalidValue {
+            field: "events.redirect",
+            reason: "a referral is redirected to a member other than its sender and receiver",
+        });
+    }
+    Ok(())
+}
+
+/// A booked slot's length is 1 to `APPOINTMENT_MINUTES_MAX` minutes.
+fn check_minutes(minutes: u64) -> Result<(), ValidationError> {
+    if (1..=APPOINTMENT_MINUTES_MAX).contains(&minutes) {
+        Ok(())
+    } else {
+        Err(ValidationError::InvalidValue {
+            field: "events.minutes",
+            reason: "a booked slot lasts from 1 minute to a day (1,440 minutes)",
+        })
+    }
 }
 
 /// Parses and validates a whole referral.
@@ -589,9 +754,22 @@ pub(crate) fn parse_referral<D: ReadDoc>(doc: &D) -> Result<ReferralView, Valida
             None
         };
         check_transition(event.from, event.to, role)?;
+        if let Some(onward) = &event.redirect
+            && (*onward == from || *onward == to)
+        {
+            return Err(ValidationError::InvalidValue {
+                field: "events.redirect",
+                reason: "a referral is redirected to a member other than its sender and receiver",
+            });
+        }
     }
     let all: BTreeSet<EntryId> = events.keys().cloned().collect();
-    let (status, effective, appointment) = effective_path(&events, &all);
+    let (status, effective, booking) = effective_path(&events, &all);
+    let redirected_to = effective
+        .last()
+        .and_then(|last| events.get(last))
+        .filter(|event| event.to == ReferralStatus::Redirected)
+        .and_then(|event| event.redirect.clone());
     drop(events);
 
     Ok(ReferralView {
@@ -610,6 +788,11 @@ pub(crate) fn parse_referral<D: ReadDoc>(doc: &D) -> Result<ReferralView, Valida
         from,
         to,
         created_at: root.once("created_at", "created_at", timestamp("created_at"))?,
+        redirected_from: root.once_opt(
+            "redirected_from",
+            "redirected_from",
+            checked("redirected_from", |t, _| DocumentId::parse(t)),
+        )?,
         reason: root.once("reason", "reason", text("reason", FIELD_BYTES_MAX, true))?,
         urgency: root.required("urgency", "urgency", checked("urgency", Urgency::parse))?,
         handover: root.required(
@@ -623,25 +806,33 @@ pub(crate) fn parse_referral<D: ReadDoc>(doc: &D) -> Result<ReferralView, Valida
             text("return_summary", SUMMARY_BYTES_MAX, false),
         )?,
         status,
-        appointment,
+        redirected_to,
+        appointment: booking.map(|(at, _)| at),
+        appointment_minutes: booking.and_then(|(_, minutes)| minutes),
         effective,
         history,
     })
 }
 
 /// Follows winners back from the whole set: the derived status, the effective path (oldest
-/// first) and the last appointment booked on it.
+/// first) and the last appointment booked on it, with its slot's length if the booking gave
+/// one.
+#[allow(clippy::type_complexity)]
 fn effective_path(
     events: &BTreeMap<EntryId, &EventView>,
     all: &BTreeSet<EntryId>,
-) -> (ReferralStatus, Vec<EntryId>, Option<Timestamp>) {
+) -> (
+    ReferralStatus,
+    Vec<EntryId>,
+    Option<(Timestamp, Option<u64>)>,
+) {
     let status = derive(events, all);
     let mut path = Vec::new();
     let mut appointment = None;
     let mut set = all.clone();
     while let Some(event) = winner(events, &set) {
         if appointment.is_none() {
-            appointment = event.appointment;
+            appointment = event.appointment.map(|at| (at, event.minutes));
         }
         path.push(event.entry.clone());
         set = closure(events, &event.after);
@@ -658,7 +849,9 @@ fn parse_event<D: ReadDoc>(event: &Obj<'_, D>) -> Result<EventView, ValidationEr
         "to",
         "after",
         "appointment",
+        "minutes",
         "reason",
+        "redirect",
     ])?;
     let after_list = event.once(
         "after",
@@ -726,10 +919,16 @@ fn parse_event<D: ReadDoc>(event: &Obj<'_, D>) -> Result<EventView, ValidationEr
             "events.appointment",
             timestamp("events.appointment"),
         )?,
+        minutes: event.once_opt("minutes", "events.minutes", uint("events.minutes"))?,
         reason: event.once_opt(
             "reason",
             "events.reason",
             text("events.reason", FIELD_BYTES_MAX, true),
+        )?,
+        redirect: event.once_opt(
+            "redirect",
+            "events.redirect",
+            institution("events.redirect"),
         )?,
     })
 }
@@ -751,6 +950,7 @@ pub(crate) fn check_change(
             v.to.clone(),
             v.created_at,
             v.reason.clone(),
+            v.redirected_from,
         )
     };
     if fixed(before) != fixed(after) {

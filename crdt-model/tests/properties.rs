@@ -487,13 +487,23 @@ fn referral_action() -> impl Strategy<Value = ReferralOp> + Clone {
         Just(ReferralOp::Decline {
             reason: "no bed".into()
         }),
-        (0i64..5).prop_map(|h| ReferralOp::Schedule {
-            appointment: Timestamp(h * 3_600_000)
+        (0i64..5, prop::option::of(1u64..=1_440)).prop_map(|(h, minutes)| {
+            ReferralOp::Schedule {
+                appointment: Timestamp(h * 3_600_000),
+                minutes,
+            }
         }),
-        (0i64..5).prop_map(|h| ReferralOp::Reschedule {
-            appointment: Timestamp(h * 3_600_000)
+        (0i64..5, prop::option::of(1u64..=1_440)).prop_map(|(h, minutes)| {
+            ReferralOp::Reschedule {
+                appointment: Timestamp(h * 3_600_000),
+                minutes,
+            }
         }),
         Just(ReferralOp::MarkNoShow),
+        Just(ReferralOp::Redirect {
+            to: InstitutionId::new("district-n").unwrap(),
+            reason: "no bed".into(),
+        }),
         Just(ReferralOp::MarkArrived),
         Just(ReferralOp::Complete),
         Just(ReferralOp::Cancel),
@@ -1152,6 +1162,10 @@ enum ReferralFault {
     ChangeReason,
     /// The return summary written by the sender or a third party.
     ReturnSummary,
+    /// A referral made an onward one after its creation (`redirected_from` added).
+    RedirectedFromAdded,
+    /// A redirect back to the referral's sender.
+    RedirectBack,
 }
 
 fn referral_fault() -> impl Strategy<Value = ReferralFault> + Clone {
@@ -1161,6 +1175,8 @@ fn referral_fault() -> impl Strategy<Value = ReferralFault> + Clone {
         Just(ReferralFault::ReplaceEvents),
         Just(ReferralFault::ChangeReason),
         Just(ReferralFault::ReturnSummary),
+        Just(ReferralFault::RedirectedFromAdded),
+        Just(ReferralFault::RedirectBack),
     ]
 }
 
@@ -1211,6 +1227,19 @@ fn write_referral_fault(
                 return None;
             }
             doc.put(&root, "return_summary", "seen").ok()?
+        }
+        ReferralFault::RedirectedFromAdded => doc
+            .put(&root, "redirected_from", "00000000000000000000000000000001")
+            .ok()?,
+        ReferralFault::RedirectBack => {
+            let frontier: Vec<EntryId> = view.effective.last().cloned().into_iter().collect();
+            event(doc, by, view.status, &frontier)?;
+            let events = doc.get(&root, "events").ok().flatten()?.1;
+            let last = doc.length(&events) - 1;
+            let entry = doc.get(&events, last).ok().flatten()?.1;
+            doc.put(&entry, "to", "redirected").ok()?;
+            doc.put(&entry, "redirect", view.from.as_str()).ok()?;
+            doc.put(&entry, "reason", "back").ok()?;
         }
     }
     doc.commit()

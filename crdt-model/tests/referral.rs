@@ -16,6 +16,7 @@ fn receiver() -> Editor {
 fn schedule() -> ReferralOp {
     ReferralOp::Schedule {
         appointment: Timestamp(1_800_000_000_000),
+        minutes: Some(30),
     }
 }
 
@@ -329,6 +330,7 @@ fn a_missed_appointment_is_booked_again_and_the_resident_arrives() {
             &receiver(),
             &ReferralOp::Reschedule {
                 appointment: Timestamp(1_800_000_000_000),
+                minutes: None,
             },
         )
         .unwrap_err();
@@ -340,11 +342,40 @@ fn a_missed_appointment_is_booked_again_and_the_resident_arrives() {
         })
     ));
     referral.apply(&receiver(), &schedule()).unwrap();
+    assert_eq!(referral.view().appointment_minutes, Some(30));
     let later = Timestamp(1_800_000_000_000 + 86_400_000);
+    // A slot lasts a minute to a day.
+    for minutes in [0, 24 * 60 + 1] {
+        let refused = referral.apply(
+            &receiver(),
+            &ReferralOp::Reschedule {
+                appointment: later,
+                minutes: Some(minutes),
+            },
+        );
+        assert!(
+            matches!(
+                refused,
+                Err(OpError::Invalid(ValidationError::InvalidValue {
+                    field: "events.minutes",
+                    ..
+                }))
+            ),
+            "{minutes} minutes: {refused:?}"
+        );
+    }
+    // A booking without a length (as earlier releases booked) leaves it unknown.
     referral
-        .apply(&receiver(), &ReferralOp::Reschedule { appointment: later })
+        .apply(
+            &receiver(),
+            &ReferralOp::Reschedule {
+                appointment: later,
+                minutes: None,
+            },
+        )
         .unwrap();
     assert_eq!(referral.view().appointment, Some(later));
+    assert_eq!(referral.view().appointment_minutes, None);
     referral
         .apply(&receiver(), &ReferralOp::MarkNoShow)
         .unwrap();
@@ -358,7 +389,13 @@ fn a_missed_appointment_is_booked_again_and_the_resident_arrives() {
     );
     let again = Timestamp(later.0 + 7 * 86_400_000);
     referral
-        .apply(&receiver(), &ReferralOp::Reschedule { appointment: again })
+        .apply(
+            &receiver(),
+            &ReferralOp::Reschedule {
+                appointment: again,
+                minutes: Some(45),
+            },
+        )
         .unwrap();
     referral
         .apply(&receiver(), &ReferralOp::MarkArrived)
@@ -366,6 +403,7 @@ fn a_missed_appointment_is_booked_again_and_the_resident_arrives() {
     let view = referral.view();
     assert_eq!(view.status, ReferralStatus::Arrived);
     assert_eq!(view.appointment, Some(again));
+    assert_eq!(view.appointment_minutes, Some(45));
     validate(referral.automerge()).unwrap();
 }
 
@@ -381,6 +419,7 @@ fn a_no_show_beats_a_concurrent_reschedule_and_loses_to_an_arrival() {
         &receiver(),
         &ReferralOp::Reschedule {
             appointment: Timestamp(1_900_000_000_000),
+            minutes: Some(20),
         },
     )
     .unwrap();
@@ -413,4 +452,97 @@ fn only_the_receiver_writes_the_return_summary() {
         "PCI to LAD; aspirin and clopidogrel 12 months; review in 4 weeks"
     );
     validate(referral.automerge()).unwrap();
+}
+
+/// The receiver passes a referral it cannot serve on to another member: from requested,
+/// accepted, scheduled or no-show, saying to whom and why; only the receiver, never back to a
+/// side; the onward referral names the original; redirected is final; a redirect beats a
+/// concurrent booking and loses to a concurrent cancel.
+#[test]
+fn the_receiver_redirects_to_another_member_and_the_redirect_wins_over_its_own_desks_moves() {
+    let district = InstitutionId::new("district-n").unwrap();
+    let redirect = |to: &InstitutionId| ReferralOp::Redirect {
+        to: to.clone(),
+        reason: "no rehabilitation bed".into(),
+    };
+    for moves in [
+        vec![],
+        vec![ReferralOp::Accept],
+        vec![ReferralOp::Accept, schedule()],
+        vec![ReferralOp::Accept, schedule(), ReferralOp::MarkNoShow],
+    ] {
+        let mut referral = new_referral(1);
+        for op in &moves {
+            referral.apply(&receiver(), op).unwrap();
+        }
+        assert!(matches!(
+            referral.apply(&sender(), &redirect(&district)),
+            Err(OpError::Invalid(ValidationError::NotAuthorised { .. }))
+        ));
+        for side in [sender().institution, receiver().institution] {
+            assert!(matches!(
+                referral.apply(&receiver(), &redirect(&side)),
+                Err(OpError::Invalid(ValidationError::InvalidValue {
+                    field: "events.redirect",
+                    ..
+                }))
+            ));
+        }
+        referral.apply(&receiver(), &redirect(&district)).unwrap();
+        let view = referral.view();
+        assert_eq!(view.status, ReferralStatus::Redirected);
+        assert_eq!(view.redirected_to.as_ref(), Some(&district));
+        assert_eq!(
+            view.history.last().unwrap().reason.as_deref(),
+            Some("no rehabilitation bed")
+        );
+        validate(referral.automerge()).unwrap();
+        // Final.
+        for op in [ReferralOp::Accept, schedule(), ReferralOp::MarkArrived] {
+            assert!(referral.apply(&receiver(), &op).is_err(), "{op:?}");
+        }
+        assert!(referral.apply(&sender(), &ReferralOp::Cancel).is_err());
+
+        let onward =
+            Referral::create_onward(&actor(3), &receiver(), referral.id(), &view, &district)
+                .unwrap();
+        let sent = onward.view();
+        assert_eq!(sent.from, receiver().institution);
+        assert_eq!(sent.to, district);
+        assert_eq!(sent.redirected_from, Some(referral.id()));
+        assert_eq!(
+            (sent.patient, sent.direction),
+            (view.patient, view.direction)
+        );
+        assert_eq!(sent.status, ReferralStatus::Requested);
+        validate(onward.automerge()).unwrap();
+    }
+    // Only the receiver sends an onward referral.
+    let referral = new_referral(1);
+    assert!(
+        Referral::create_onward(
+            &actor(3),
+            &sender(),
+            referral.id(),
+            &referral.view(),
+            &district,
+        )
+        .is_err()
+    );
+
+    // Concurrently: a redirect beats a booking of another desk, a cancel beats a redirect.
+    let mut a = new_referral(1);
+    a.apply(&receiver(), &ReferralOp::Accept).unwrap();
+    let mut b = replica(&mut a, 2);
+    let mut c = replica(&mut a, 3);
+    a.apply(&receiver(), &redirect(&district)).unwrap();
+    b.apply(&receiver(), &schedule()).unwrap();
+    a.merge(&mut b).unwrap();
+    assert_eq!(a.view().status, ReferralStatus::Redirected);
+    assert_eq!(a.view().superseded().len(), 1);
+    c.apply(&sender(), &ReferralOp::Cancel).unwrap();
+    a.merge(&mut c).unwrap();
+    assert_eq!(a.view().status, ReferralStatus::Cancelled);
+    assert_eq!(a.view().redirected_to, None);
+    validate(a.automerge()).unwrap();
 }

@@ -22,6 +22,8 @@ use tower::ServiceExt;
 const WRITER: &str = "writer-token-0123456789abcdef0123456789";
 const READER: &str = "reader-token-0123456789abcdef0123456789";
 const ADMIN: &str = "admin-token-0123456789abcdef01234567890";
+/// The core hospital's node key (secret), for referrals it sends this centre.
+const CORE: [u8; 32] = [7; 32];
 
 struct Api {
     router: axum::Router,
@@ -56,7 +58,14 @@ fn api_with(adjust: impl FnOnce(&mut Config)) -> Api {
         &by,
         "core",
         InstitutionKind::CoreHospital,
-        Bytes32([7; 32]),
+        Identity::from_secret(CORE).public_key(),
+    );
+    add_member(
+        &mut roster,
+        &by,
+        "district",
+        InstitutionKind::DistrictHospital,
+        Bytes32([8; 32]),
     );
     let signed = SignedRoster::sign(&authority, &mut roster).encode();
     let node = Arc::new(
@@ -104,6 +113,22 @@ fn api_with(adjust: impl FnOnce(&mut Config)) -> Api {
     }
 }
 
+/// Whether an answer is FHIR JSON (every answer under `/fhir`, errors included).
+fn is_fhir(response: &axum::response::Response) -> bool {
+    response
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|kind| kind.starts_with("application/fhir+json"))
+}
+
+/// Every FHIR answer any test receives must validate against the official R4 JSON schema.
+fn fhir_valid(method: &str, path: &str, answer: &Value) {
+    if let Err(error) = schema::check_fhir(answer) {
+        panic!("{method} {path} answered FHIR that R4's schema refuses: {error}\n{answer:#}");
+    }
+}
+
 impl Api {
     async fn call(&self, method: &str, path: &str, token: &str, body: &str) -> (StatusCode, Value) {
         let request = Request::builder()
@@ -115,10 +140,14 @@ impl Api {
             .unwrap();
         let response = self.router.clone().oneshot(request).await.unwrap();
         let status = response.status();
+        let fhir = is_fhir(&response);
         let bytes = axum::body::to_bytes(response.into_body(), 16 * 1024 * 1024)
             .await
             .unwrap();
         let value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        if fhir {
+            fhir_valid(method, path, &value);
+        }
         (status, value)
     }
 
@@ -152,13 +181,15 @@ impl Api {
             .unwrap();
         let response = self.router.clone().oneshot(request).await.unwrap();
         let status = response.status();
+        let fhir = is_fhir(&response);
         let bytes = axum::body::to_bytes(response.into_body(), 16 * 1024 * 1024)
             .await
             .unwrap();
-        (
-            status,
-            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-        )
+        let value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        if fhir {
+            fhir_valid("POST", path, &value);
+        }
+        (status, value)
     }
 
     /// Reads recorded in the audit log under `app`.
@@ -223,6 +254,372 @@ impl Api {
             .await;
         assert_eq!(status, StatusCode::CREATED, "{created}");
         created["id"].as_str().unwrap().to_owned()
+    }
+}
+
+/// A referral the core hospital sends this centre, every change of it signed by the core's
+/// node and ingested here, with the moves `moves` made at the centre's desk: a desk's
+/// receiving side without a second node.
+fn referral_from_core(api: &Api, patient: &str, moves: &[ReferralOp]) -> String {
+    // Each one its own document: the reason tells them apart.
+    static SENT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let core = Identity::from_secret(CORE);
+    let new = NewReferral {
+        patient: DocumentId::parse(patient).unwrap(),
+        direction: Direction::Down,
+        to: institution("chc-a"),
+        reason: format!(
+            "recovery after a stroke, referral {n}",
+            n = SENT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ),
+        urgency: Urgency::Routine,
+        handover: "rehabilitation twice a week".into(),
+    };
+    let mut referral = Referral::create(&core.actor(), &editor("core"), &new).unwrap();
+    // The centre answers, here written as its desk would (the envelopes are signed by the
+    // centre's own key, which the roster names).
+    let centre = Identity::load_or_create(&api._dir.path().join("node")).unwrap();
+    let id = referral.id();
+    let mut doc = referral.automerge().clone();
+    let mut envelopes: Vec<Vec<u8>> = doc
+        .get_changes(&[])
+        .into_iter()
+        .map(|mut c| estuary_node::envelope::Envelope::sign(&core, id, &mut c).encode())
+        .collect();
+    let mut desk = Referral::load(&referral.save(), &centre.actor()).unwrap();
+    for (n, op) in moves.iter().enumerate() {
+        let heads = desk.automerge().clone().get_heads();
+        let at = Editor {
+            institution: institution("chc-a"),
+            at: Timestamp(2_000 + n as i64),
+        };
+        desk.apply(&at, op).unwrap();
+        let mut doc = desk.automerge().clone();
+        envelopes.extend(
+            doc.get_changes(&heads)
+                .into_iter()
+                .map(|mut c| estuary_node::envelope::Envelope::sign(&centre, id, &mut c).encode()),
+        );
+    }
+    drop(referral);
+    for envelope in envelopes {
+        let outcome = api.node.ingest(&envelope).unwrap();
+        assert!(
+            matches!(outcome, estuary_node::replica::Ingested::Accepted(_)),
+            "{outcome:?}"
+        );
+    }
+    id.to_string()
+}
+
+/// A desk that cannot take a resident redirects the referral to another member: the node
+/// sends the onward referral, which names the original, and the original moves to
+/// redirected; a second attempt after a crash finds the onward referral already sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_desk_redirects_a_referral_to_another_member_through_an_onward_referral() {
+    let api = api();
+    let patient = api.register("Jianguo").await;
+    let original = referral_from_core(&api, &patient, &[ReferralOp::Accept]);
+    let operations = format!("/v1/referrals/{original}/operations");
+    let redirect = |to: &str| json!({"op": "redirect", "args": {"to": to, "reason": "no rehabilitation bed this month"}});
+    // Only to a member the roster names, and not back to either side.
+    let (status, answer) = api
+        .call(
+            "POST",
+            &operations,
+            WRITER,
+            &redirect("nowhere").to_string(),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{answer}");
+    assert_eq!(answer["error"]["code"], "unknown_member", "{answer}");
+    let (status, answer) = api
+        .call("POST", &operations, WRITER, &redirect("core").to_string())
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
+    assert_eq!(
+        api.node
+            .referrals_of(&DocumentId::parse(&patient).unwrap())
+            .unwrap()
+            .len(),
+        1
+    );
+
+    let (status, answer) = api
+        .described(
+            "POST",
+            "/v1/referrals/{id}/operations",
+            &operations,
+            WRITER,
+            Some(&redirect("district")),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let onward = answer["onward"].as_str().unwrap().to_owned();
+    let (_, view) = api
+        .call("GET", &format!("/v1/referrals/{original}"), READER, "")
+        .await;
+    assert_eq!(view["view"]["status"], "redirected", "{view}");
+    assert_eq!(view["view"]["redirected_to"], "district");
+    let (_, sent) = api
+        .call("GET", &format!("/v1/referrals/{onward}"), READER, "")
+        .await;
+    let sent = &sent["view"];
+    assert_eq!(sent["from"], "chc-a");
+    assert_eq!(sent["to"], "district");
+    assert_eq!(sent["redirected_from"], original.as_str());
+    assert_eq!(sent["status"], "requested");
+    assert_eq!(sent["reason"], view["view"]["reason"]);
+    assert_eq!(sent["patient"], patient.as_str());
+    // Each on its desk: the onward one at the district hospital's, the original among the
+    // centre's redirected ones.
+    let (_, desk) = api
+        .call("GET", "/v1/referrals?to=district", READER, "")
+        .await;
+    assert_eq!(ids_of(&desk["results"]), vec![onward.clone()]);
+    let (_, desk) = api
+        .call(
+            "GET",
+            "/v1/referrals?to=chc-a&status=redirected",
+            READER,
+            "",
+        )
+        .await;
+    assert_eq!(ids_of(&desk["results"]), vec![original.clone()]);
+    // FHIR: the original's Task is rejected with why and where; the onward request replaces it.
+    let (_, task) = api
+        .call("GET", &format!("/fhir/Task/{original}"), READER, "")
+        .await;
+    assert_eq!(task["status"], "rejected");
+    assert_eq!(task["businessStatus"]["text"], "redirected");
+    assert_eq!(
+        task["statusReason"]["text"],
+        "redirected by chc-a to district: no rehabilitation bed this month"
+    );
+    let (_, request) = api
+        .call("GET", &format!("/fhir/ServiceRequest/{onward}"), READER, "")
+        .await;
+    assert_eq!(
+        request["replaces"][0]["reference"],
+        format!("ServiceRequest/{original}")
+    );
+    // Redirected is final.
+    let (status, _) = api
+        .call(
+            "POST",
+            &operations,
+            WRITER,
+            &redirect("district").to_string(),
+        )
+        .await;
+    assert_ne!(status, StatusCode::OK);
+
+    // After a crash between the two writes, the onward referral is sent and the original not
+    // yet redirected: the second attempt finds it rather than sending another.
+    let second = referral_from_core(&api, &patient, &[]);
+    let centre = Identity::load_or_create(&api._dir.path().join("node")).unwrap();
+    let second_view = api
+        .node
+        .referral(DocumentId::parse(&second).unwrap())
+        .unwrap();
+    let sent_before = Referral::create_onward(
+        &centre.actor(),
+        &editor("chc-a"),
+        DocumentId::parse(&second).unwrap(),
+        &second_view,
+        &institution("district"),
+    )
+    .unwrap();
+    let sent_id = sent_before.id();
+    let mut doc = sent_before.automerge().clone();
+    for mut change in doc.get_changes(&[]) {
+        let envelope = estuary_node::envelope::Envelope::sign(&centre, sent_id, &mut change);
+        api.node.ingest(&envelope.encode()).unwrap();
+    }
+    let (status, answer) = api
+        .call(
+            "POST",
+            &format!("/v1/referrals/{second}/operations"),
+            WRITER,
+            &redirect("district").to_string(),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(answer["onward"], sent_id.to_string());
+    let (_, desk) = api
+        .call("GET", "/v1/referrals?to=district", READER, "")
+        .await;
+    assert_eq!(ids_of(&desk["results"]).len(), 2, "{desk}");
+}
+
+/// Every FHIR answer of every test here is checked against the official FHIR R4 JSON schema
+/// (`Api::call`). This one makes sure each kind is among them, Appointment in each of its
+/// states, and that the check refuses what R4 refuses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_kind_of_fhir_answer_validates_against_the_r4_schema() {
+    let api = api();
+    let before = schema::fhir_checked();
+    // A resident with records of every kind (a line of the gen.js data set), loaded in bulk.
+    let request = Request::builder()
+        .method("POST")
+        .uri("/v1/import")
+        .header("authorization", format!("Bearer {WRITER}"))
+        .header("content-type", "application/x-ndjson")
+        .body(Body::from(include_str!("data/resident.json").trim()))
+        .unwrap();
+    let response = api.router.clone().oneshot(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let (_, found) = api
+        .call_form(
+            "/fhir/Patient/_search",
+            READER,
+            "identifier=310230195410170433",
+        )
+        .await;
+    let patient = found["entry"][0]["resource"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let up = api.refer(&patient, "priority", "up").await;
+    let slot = |minutes| ReferralOp::Schedule {
+        appointment: Timestamp(1_800_000_000_000),
+        minutes,
+    };
+    let booked = referral_from_core(&api, &patient, &[ReferralOp::Accept, slot(Some(30))]);
+    let missed = referral_from_core(
+        &api,
+        &patient,
+        &[ReferralOp::Accept, slot(Some(20)), ReferralOp::MarkNoShow],
+    );
+    let done = referral_from_core(
+        &api,
+        &patient,
+        &[
+            ReferralOp::Accept,
+            slot(Some(45)),
+            ReferralOp::MarkArrived,
+            ReferralOp::Complete,
+        ],
+    );
+    let lengthless = referral_from_core(&api, &patient, &[ReferralOp::Accept, slot(None)]);
+    let declined = referral_from_core(
+        &api,
+        &patient,
+        &[ReferralOp::Decline {
+            reason: "no therapist this month".into(),
+        }],
+    );
+
+    // Appointments: one per booking whose slot has a length, its status with the referral's.
+    let expected = [
+        (&booked, "booked", Some(30)),
+        (&missed, "noshow", Some(20)),
+        (&done, "fulfilled", Some(45)),
+    ];
+    for (id, status, minutes) in expected {
+        let (code, appointment) = api
+            .call("GET", &format!("/fhir/Appointment/{id}"), READER, "")
+            .await;
+        assert_eq!(code, StatusCode::OK, "{appointment}");
+        assert_eq!(appointment["status"], status);
+        assert_eq!(appointment["minutesDuration"], json!(minutes));
+        assert_eq!(
+            appointment["basedOn"][0]["reference"],
+            format!("ServiceRequest/{id}")
+        );
+    }
+    for id in [&lengthless, &declined, &up] {
+        let (code, outcome) = api
+            .call("GET", &format!("/fhir/Appointment/{id}"), READER, "")
+            .await;
+        assert_eq!(code, StatusCode::NOT_FOUND, "{outcome}");
+        assert_eq!(outcome["resourceType"], "OperationOutcome");
+    }
+    let (_, bundle) = api
+        .call(
+            "GET",
+            &format!("/fhir/Appointment?patient={patient}"),
+            READER,
+            "",
+        )
+        .await;
+    assert_eq!(bundle["total"], 3, "{bundle}");
+
+    // Every other kind of answer, each checked on the way in.
+    let mut kinds = BTreeSet::new();
+    for path in [
+        "/fhir/metadata".to_string(),
+        format!("/fhir/Patient/{patient}"),
+        format!("/fhir/Patient/{patient}/$everything"),
+        format!("/fhir/ServiceRequest/{up}"),
+        "/fhir/ServiceRequest?performer=chc-a".into(),
+        format!("/fhir/Task/{declined}"),
+        format!("/fhir/Task?patient={patient}"),
+        "/fhir/Organization".into(),
+        "/fhir/Organization/core".into(),
+        format!("/fhir/AllergyIntolerance?patient={patient}"),
+        format!("/fhir/Condition?patient={patient}"),
+        format!("/fhir/MedicationRequest?patient={patient}"),
+        format!("/fhir/Encounter?patient={patient}"),
+        format!("/fhir/Observation?patient={patient}"),
+        format!("/fhir/DiagnosticReport?patient={patient}"),
+        format!("/fhir/Patient/{patient}/$everything?_count=2"),
+    ] {
+        let (code, answer) = api.call("GET", &path, READER, "").await;
+        assert_eq!(code, StatusCode::OK, "{path}: {answer}");
+        kinds.insert(answer["resourceType"].as_str().unwrap().to_owned());
+        for entry in answer["entry"].as_array().into_iter().flatten() {
+            kinds.insert(
+                entry["resource"]["resourceType"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned(),
+            );
+        }
+    }
+    let served: BTreeSet<String> = [
+        "Appointment",
+        "Bundle",
+        "CapabilityStatement",
+        "Condition",
+        "DiagnosticReport",
+        "Encounter",
+        "MedicationRequest",
+        "Observation",
+        "Organization",
+        "Patient",
+        "ServiceRequest",
+        "Task",
+    ]
+    .map(String::from)
+    .into();
+    assert!(
+        served.is_subset(&kinds),
+        "missing: {:?}",
+        served.difference(&kinds).collect::<Vec<_>>()
+    );
+    // Errors are OperationOutcomes, checked too.
+    let (code, _) = api.call("GET", "/fhir/Patient/not-an-id", READER, "").await;
+    assert_eq!(code, StatusCode::BAD_REQUEST);
+    assert!(
+        schema::fhir_checked() - before >= 30,
+        "the answers were not all checked"
+    );
+
+    // The check refuses what R4 refuses.
+    let (_, patient_resource) = api
+        .call("GET", &format!("/fhir/Patient/{patient}"), READER, "")
+        .await;
+    let broken = [
+        ("gender", json!("unknown-to-r4")),
+        ("birthDate", json!("17-10-1954")),
+        ("nickname", json!("Lu")),
+        ("resourceType", json!("Resident")),
+    ];
+    for (field, value) in broken {
+        let mut wrong = patient_resource.clone();
+        wrong[field] = value;
+        assert!(schema::check_fhir(&wrong).is_err(), "{field} passed");
     }
 }
 
@@ -332,9 +729,10 @@ fn referral_op_index(op: &ReferralOp) -> usize {
         ReferralOp::Reschedule { .. } => 8,
         ReferralOp::MarkNoShow => 9,
         ReferralOp::WriteReturnSummary { .. } => 10,
+        ReferralOp::Redirect { .. } => 11,
     }
 }
-const REFERRAL_OPS: usize = 11;
+const REFERRAL_OPS: usize = 12;
 
 impl Api {
     /// Sends `body` (JSON) as a request of the described operation `method path` (the path
@@ -432,6 +830,17 @@ async fn every_json_route_answers_success_as_described() {
         .await;
     assert_eq!(status, StatusCode::CREATED, "{created}");
     let referral = created["id"].as_str().unwrap().to_owned();
+    let booked = referral_from_core(
+        &api,
+        &file,
+        &[
+            ReferralOp::Accept,
+            ReferralOp::Schedule {
+                appointment: Timestamp(1_800_000_000_000),
+                minutes: Some(30),
+            },
+        ],
+    );
     let registration = json!({
         "name": {"family": "Gu", "given": "Guilan"}, "sex": "female", "birth_date": "1948-05-02",
     });
@@ -556,6 +965,20 @@ async fn every_json_route_answers_success_as_described() {
             "GET",
             "/fhir/Task/{id}",
             format!("/fhir/Task/{referral}"),
+            READER,
+            None,
+        ),
+        (
+            "GET",
+            "/fhir/Appointment",
+            format!("/fhir/Appointment?patient={file}"),
+            READER,
+            None,
+        ),
+        (
+            "GET",
+            "/fhir/Appointment/{id}",
+            format!("/fhir/Appointment/{booked}"),
             READER,
             None,
         ),
@@ -955,16 +1378,25 @@ async fn every_operation_and_its_answer_are_as_the_openapi_file_describes() {
         (
             ReferralOp::Schedule {
                 appointment: Timestamp(1_800_000_000_000),
+                minutes: Some(30),
             },
             StatusCode::FORBIDDEN,
         ),
         (
             ReferralOp::Reschedule {
                 appointment: Timestamp(1_800_086_400_000),
+                minutes: None,
             },
             StatusCode::FORBIDDEN,
         ),
         (ReferralOp::MarkNoShow, StatusCode::FORBIDDEN),
+        (
+            ReferralOp::Redirect {
+                to: institution("district"),
+                reason: "no rehabilitation bed".into(),
+            },
+            StatusCode::FORBIDDEN,
+        ),
         (ReferralOp::MarkArrived, StatusCode::FORBIDDEN),
         (ReferralOp::Complete, StatusCode::FORBIDDEN),
         (
@@ -2223,7 +2655,7 @@ async fn fhir_searches_page_find_by_identifier_and_read_everything() {
         .await;
     assert_eq!(desk["total"], 1, "{desk}");
     let (_, members) = api.call("GET", "/fhir/Organization", READER, "").await;
-    assert_eq!(members["total"], 2, "{members}");
+    assert_eq!(members["total"], 3, "{members}");
     let (status, core) = api.call("GET", "/fhir/Organization/core", READER, "").await;
     assert_eq!(status, StatusCode::OK, "{core}");
     assert_eq!(core["identifier"][0]["value"], "core");

@@ -59,6 +59,7 @@ fn build_referral() -> anyhow::Result<Referral> {
         ReferralOp::Accept,
         ReferralOp::Schedule {
             appointment: Timestamp(MORNING_MS + 3_600_000),
+            minutes: Some(30),
         },
         ReferralOp::MarkArrived,
         ReferralOp::Complete,

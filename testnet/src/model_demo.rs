@@ -88,6 +88,7 @@ pub fn run(json: bool, save_dir: Option<&Path>) -> anyhow::Result<()> {
         &hospital(18),
         &ReferralOp::Schedule {
             appointment: Timestamp(MORNING_MS + 6 * 3_600_000),
+            minutes: Some(40),
         },
     )?;
     println!("hospital  sets another phone number, records a severe iodine-contrast reaction,");

@@ -80,6 +80,9 @@ pub(super) fn referral_status(text: &str) -> Result<ReferralStatus, ApiError> {
 struct Written {
     id: DocumentId,
     change: ChangeHash,
+    /// A redirect's onward referral.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    onward: Option<DocumentId>,
 }
 
 /// Makes a write on the blocking pool, as the app: its audit record names the app and is
@@ -94,11 +97,26 @@ async fn write(
     + Send
     + 'static,
 ) -> Result<Json<Written>, ApiError> {
-    blocking(move || {
-        let (id, change) = make(&state, state.node.writer(Some(&caller.app)))?;
-        Ok(Json(Written { id, change }))
+    write_answer(state, caller, move |state, writer| {
+        let (id, change) = make(state, writer)?;
+        Ok(Written {
+            id,
+            change,
+            onward: None,
+        })
     })
     .await
+}
+
+/// As `write`, for a write that answers more than its change.
+async fn write_answer(
+    state: ApiState,
+    caller: Caller,
+    make: impl FnOnce(&ApiState, crate::replica::Writer<'_>) -> Result<Written, ApiError>
+    + Send
+    + 'static,
+) -> Result<Json<Written>, ApiError> {
+    blocking(move || Ok(Json(make(&state, state.node.writer(Some(&caller.app)))?))).await
 }
 
 /// A document's view with its conflicts to review, read and audited.
@@ -464,8 +482,23 @@ async fn apply_referral(
     JsonBody(op): JsonBody<ReferralOp>,
 ) -> Result<Json<Written>, ApiError> {
     let id = document_id(&id)?;
-    write(state, caller, move |state, writer| {
-        Ok((id, writer.apply_referral(id, &state.editor(), &op)?))
+    write_answer(state, caller, move |state, writer| {
+        Ok(match &op {
+            // A redirect also sends the onward referral: the answer names it.
+            ReferralOp::Redirect { to, reason } => {
+                let (change, onward) = writer.redirect_referral(id, &state.editor(), to, reason)?;
+                Written {
+                    id,
+                    change,
+                    onward: Some(onward),
+                }
+            }
+            op => Written {
+                id,
+                change: writer.apply_referral(id, &state.editor(), op)?,
+                onward: None,
+            },
+        })
     })
     .await
 }

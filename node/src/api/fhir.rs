@@ -72,6 +72,8 @@ pub(super) fn routes() -> Vec<Route> {
         Route::get("/fhir/ServiceRequest/{id}", service_request),
         Route::get("/fhir/Task", search_tasks),
         Route::get("/fhir/Task/{id}", task),
+        Route::get("/fhir/Appointment", search_appointments),
+        Route::get("/fhir/Appointment/{id}", appointment),
         Route::get("/fhir/Organization", organizations),
         Route::get("/fhir/Organization/{id}", organization),
         Route::get("/fhir/AllergyIntolerance", allergies),
@@ -84,7 +86,7 @@ pub(super) fn routes() -> Vec<Route> {
 }
 
 /// When this server's capability statement last changed (its `date`).
-const CAPABILITY_STATEMENT_DATE: &str = "2026-12-05";
+const CAPABILITY_STATEMENT_DATE: &str = "2026-12-06";
 
 /// `GET /fhir/metadata`: what this server does, for a FHIR client to discover. It needs no
 /// token, as FHIR clients ask before they authenticate; it holds nothing of any resident.
@@ -154,6 +156,9 @@ pub fn capability_statement(institution: &str) -> Value {
                 resource("Task", &["read", "search-type"], vec![
                     param("owner", "reference", "The receiving institution: its referrals as a desk's worklist, every status."),
                     param("patient", "reference", "Patient/<id> or the id: the resident's referrals."),
+                ]),
+                resource("Appointment", &["read", "search-type"], vec![
+                    param("patient", "reference", "Required: Patient/<id> or the id: the booked slots of the resident's referrals."),
                 ]),
                 resource("Organization", &["read", "search-type"], Vec::new()),
                 resource("ServiceRequest", &["read", "search-type"], vec![
@@ -405,7 +410,9 @@ pub fn request_status(status: ReferralStatus) -> &'static str {
         | ReferralStatus::NoShow
         | ReferralStatus::Arrived => "active",
         ReferralStatus::Completed => "completed",
-        ReferralStatus::Declined | ReferralStatus::Cancelled => "revoked",
+        ReferralStatus::Declined | ReferralStatus::Cancelled | ReferralStatus::Redirected => {
+            "revoked"
+        }
     }
 }
 
@@ -442,6 +449,10 @@ pub fn service_request_resource(view: &ReferralView, last_updated_ms: i64) -> Va
     }
     if let Some(appointment) = view.appointment {
         request["occurrenceDateTime"] = json!(instant(appointment.0));
+    }
+    if let Some(original) = &view.redirected_from {
+        // The onward referral of a redirect takes the place of the one passed on.
+        request["replaces"] = json!([reference("ServiceRequest", original)]);
     }
     request
 }
@@ -595,7 +606,7 @@ pub fn task_resource(view: &ReferralView, last_updated_ms: i64) -> Value {
         ReferralStatus::NoShow => "on-hold",
         ReferralStatus::Arrived => "in-progress",
         ReferralStatus::Completed => "completed",
-        ReferralStatus::Declined => "rejected",
+        ReferralStatus::Declined | ReferralStatus::Redirected => "rejected",
         ReferralStatus::Cancelled => "cancelled",
     };
     let mut task = json!({
@@ -621,11 +632,7 @@ pub fn task_resource(view: &ReferralView, last_updated_ms: i64) -> Value {
     match view.status {
         ReferralStatus::Declined => {
             // The reason the winning decline gave (declines of earlier releases gave none).
-            let reason = view
-                .effective
-                .last()
-                .and_then(|last| view.history.iter().find(|e| e.entry == *last))
-                .and_then(|event| event.reason.as_deref());
+            let reason = winning_event(view).and_then(|event| event.reason.as_deref());
             let text = match reason {
                 Some(reason) => format!("declined by {}: {reason}", view.to),
                 None => format!("declined by {}", view.to),
@@ -634,6 +641,15 @@ pub fn task_resource(view: &ReferralView, last_updated_ms: i64) -> Value {
         }
         ReferralStatus::Cancelled => {
             task["statusReason"] = json!({ "text": format!("cancelled by {}", view.from) });
+        }
+        ReferralStatus::Redirected => {
+            let reason = winning_event(view).and_then(|event| event.reason.as_deref());
+            let onward = view.redirected_to.as_ref().map_or("", |to| to.as_str());
+            let text = match reason {
+                Some(reason) => format!("redirected by {} to {onward}: {reason}", view.to),
+                None => format!("redirected by {} to {onward}", view.to),
+            };
+            task["statusReason"] = json!({ "text": text });
         }
         _ => {}
     }
@@ -647,6 +663,134 @@ pub fn task_resource(view: &ReferralView, last_updated_ms: i64) -> Value {
         }]);
     }
     task
+}
+
+/// A referral's booked slot as an `Appointment` (its id the referral's), once the receiver
+/// booked one: booked while scheduled, `noshow`, `arrived`, `fulfilled` once care completed,
+/// `cancelled` if the sender withdrew after the booking. It is based on the referral's
+/// `ServiceRequest`; its participants are the resident and the receiving institution.
+///
+/// R4 requires a start and an end of every appointment but a proposed or cancelled one, so a
+/// booking made without its slot's length (`minutes`, which earlier releases did not record)
+/// is served only once cancelled; until then the `Task`'s `restriction` still carries its
+/// start. `None` when there is no appointment to serve.
+pub fn appointment_resource(view: &ReferralView, last_updated_ms: i64) -> Option<Value> {
+    let start = view.appointment?;
+    let status = match view.status {
+        ReferralStatus::Scheduled => "booked",
+        ReferralStatus::NoShow => "noshow",
+        ReferralStatus::Arrived => "arrived",
+        ReferralStatus::Completed => "fulfilled",
+        // A booking given up: the sender withdrew, or the receiver sent the resident on.
+        ReferralStatus::Cancelled | ReferralStatus::Redirected => "cancelled",
+        ReferralStatus::Requested | ReferralStatus::Accepted | ReferralStatus::Declined => {
+            return None;
+        }
+    };
+    let participant =
+        |actor: Value| json!({ "actor": actor, "required": "required", "status": "accepted" });
+    let mut appointment = json!({
+        "resourceType": "Appointment",
+        "id": view.id.to_string(),
+        "meta": meta(last_updated_ms),
+        "identifier": [{ "system": DOCUMENT_SYSTEM, "value": view.id.to_string() }],
+        "status": status,
+        "basedOn": [reference("ServiceRequest", &view.id)],
+        "participant": [
+            participant(reference("Patient", &view.patient)),
+            participant(organisation(view.to.as_str())),
+        ],
+    });
+    match view.appointment_minutes {
+        Some(minutes) => {
+            let end = i64::try_from(minutes)
+                .ok()
+                .and_then(|m| m.checked_mul(60_000))
+                .and_then(|ms| start.0.checked_add(ms))?;
+            appointment["start"] = json!(instant(start.0));
+            appointment["end"] = json!(instant(end));
+            appointment["minutesDuration"] = json!(minutes);
+        }
+        None if status == "cancelled" => {}
+        None => return None,
+    }
+    if status == "cancelled" {
+        let reason = match &view.redirected_to {
+            Some(onward) => format!("referral redirected by {} to {onward}", view.to),
+            None => format!("referral cancelled by {}", view.from),
+        };
+        appointment["cancelationReason"] = json!({ "text": reason });
+    }
+    Some(appointment)
+}
+
+/// A referral's appointment, or 404 if it has none to serve.
+fn appointment_of(state: &ApiState, id: DocumentId) -> Result<Value, ApiError> {
+    let view = state.node.referral(id)?;
+    appointment_resource(&view, last_updated(state, id)?).ok_or_else(|| {
+        ApiError::not_found(
+            "this referral has no appointment to serve: none is booked, or its booking gave no slot length",
+        )
+    })
+}
+
+async fn appointment(
+    State(state): State<ApiState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    read_one(state, caller, &id, appointment_of).await
+}
+
+#[derive(Deserialize)]
+struct AppointmentSearch {
+    patient: String,
+}
+
+/// `Appointment?patient=<file>`: the booked slots of a resident's referrals.
+async fn search_appointments(
+    State(state): State<ApiState>,
+    caller: Caller,
+    page: Page,
+    QueryParams(query): QueryParams<AppointmentSearch>,
+) -> Result<impl IntoResponse, ApiError> {
+    let patient = document_id(
+        query
+            .patient
+            .strip_prefix("Patient/")
+            .unwrap_or(&query.patient),
+    )?;
+    blocking(move || {
+        let referrals = state.node.referrals_of(&patient)?;
+        let entries = appointments(&state, &caller, &referrals)?;
+        Ok(fhir(searchset(&state, &page, entries)))
+    })
+    .await
+}
+
+/// The appointments among `referrals`, each read recorded as any referral read is.
+fn appointments(
+    state: &ApiState,
+    caller: &Caller,
+    referrals: &[DocumentId],
+) -> Result<Vec<Value>, ApiError> {
+    let mut found = Vec::new();
+    let mut read = Vec::new();
+    for id in referrals {
+        let view = state.node.referral(*id)?;
+        if let Some(resource) = appointment_resource(&view, last_updated(state, *id)?) {
+            found.push(resource);
+            read.push((*id, None));
+        }
+    }
+    state.node.record_access(&caller.app, &read)?;
+    Ok(found)
+}
+
+/// The event that decided a referral's status (the last of its effective path).
+fn winning_event(view: &ReferralView) -> Option<&crate::model::EventView> {
+    let last = view.effective.last()?;
+    view.history.iter().find(|e| e.entry == *last)
 }
 
 /// A referral as a `Task`.
@@ -904,6 +1048,7 @@ async fn everything(
             referrals.extend(state.node.referrals_of(&view.id)?);
         }
         entries.extend(read_all(&state, &caller, &referrals, service_request_of)?);
+        entries.extend(appointments(&state, &caller, &referrals)?);
         Ok(fhir(searchset(&state, &page, entries)))
     })
     .await

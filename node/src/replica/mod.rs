@@ -521,27 +521,72 @@ impl Writer<'_> {
     ) -> Result<(DocumentId, ChangeHash), NodeError> {
         let node = self.node;
         node.check_editor(editor)?;
-        // A referral to an institution the roster does not name would reach no desk.
-        if node
-            .membership()
-            .view()
-            .institutions
-            .iter()
-            .all(|member| member.id != referral.to)
-        {
-            return Err(NodeError::UnknownMember {
-                institution: referral.to.clone(),
-            });
-        }
-        let mut created = Referral::create(&node.actor, editor, referral)?;
+        node.check_member(&referral.to)?;
+        self.send(Referral::create(&node.actor, editor, referral)?)
+    }
+
+    /// Writes a referral just made here.
+    fn send(&self, mut created: Referral) -> Result<(DocumentId, ChangeHash), NodeError> {
         let id = created.id();
         let changes = created.changes_since(&[]);
         let written = Written {
             doc: created.into_automerge(),
             bytes: 0,
         };
-        let hash = node.write_local(id, changes, Some(written), self.app)?;
+        let hash = self
+            .node
+            .write_local(id, changes, Some(written), self.app)?;
         Ok((id, hash))
+    }
+
+    /// Redirects a referral this institution received to another member: sends the onward
+    /// referral (`Referral::create_onward`), then writes the redirect on the original. Returns
+    /// the redirect's change and the onward referral's id, once both are durable.
+    ///
+    /// The redirect is checked on the original before anything is written. The onward
+    /// referral is written first: a crash between the two writes leaves it sent and the
+    /// original not yet redirected, and the desk's second attempt finds that onward referral
+    /// (same original, same member) instead of sending another.
+    pub fn redirect_referral(
+        &self,
+        id: DocumentId,
+        editor: &Editor,
+        to: &InstitutionId,
+        reason: &str,
+    ) -> Result<(ChangeHash, DocumentId), NodeError> {
+        let node = self.node;
+        node.check_editor(editor)?;
+        node.check_member(to)?;
+        let _writing = node.lock_document(&id);
+        let doc = node.document(id, DocumentKind::Referral)?;
+        let mut referral = Referral::from_automerge(doc, &node.actor)?;
+        let original = referral.view();
+        let heads = referral.heads();
+        referral.apply(
+            editor,
+            &ReferralOp::Redirect {
+                to: to.clone(),
+                reason: reason.to_owned(),
+            },
+        )?;
+        let mut sent = None;
+        for candidate in node.referrals_of(&original.patient)? {
+            let view = node.referral(candidate)?;
+            if view.redirected_from == Some(id) && view.to == *to && view.from == editor.institution
+            {
+                sent = Some(candidate);
+                break;
+            }
+        }
+        let onward = match sent {
+            Some(onward) => onward,
+            None => {
+                let onward = Referral::create_onward(&node.actor, editor, id, &original, to)?;
+                self.send(onward)?.0
+            }
+        };
+        let hash = node.write_local(id, referral.changes_since(&heads), None, self.app)?;
+        Ok((hash, onward))
     }
 
     /// Applies a typed edit to a health file. Returns the change's hash once it is durable.
@@ -572,6 +617,9 @@ impl Writer<'_> {
         editor: &Editor,
         op: &ReferralOp,
     ) -> Result<ChangeHash, NodeError> {
+        if let ReferralOp::Redirect { to, reason } = op {
+            return Ok(self.redirect_referral(id, editor, to, reason)?.0);
+        }
         let node = self.node;
         node.check_editor(editor)?;
         let _writing = node.lock_document(&id);

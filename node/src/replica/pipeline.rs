@@ -362,6 +362,23 @@ impl Node {
             .collect())
     }
 
+    /// A referral (or a redirect) to an institution the roster does not name would reach no
+    /// desk.
+    pub(super) fn check_member(&self, institution: &InstitutionId) -> Result<(), NodeError> {
+        if self
+            .membership()
+            .view()
+            .institutions
+            .iter()
+            .all(|member| member.id != *institution)
+        {
+            return Err(NodeError::UnknownMember {
+                institution: institution.clone(),
+            });
+        }
+        Ok(())
+    }
+
     pub(super) fn check_editor(&self, editor: &Editor) -> Result<(), NodeError> {
         if editor.institution != self.institution {
             return Err(NodeError::WrongInstitution {

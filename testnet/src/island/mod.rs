@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use estuary_node::identity::Identity;
-use estuary_node::model::{DocumentId, ReferralOp, Timestamp};
+use estuary_node::model::{DocumentId, InstitutionId, ReferralOp, Timestamp};
 
 use byzantine::Adversary;
 use check::{Acknowledged, Expected, NodeState, agreement, check};
@@ -584,10 +584,21 @@ fn write_for(
                     .into(),
             },
         ),
+        Action::Redirect {
+            referral: k,
+            to: onward,
+        } => Write::Referral(
+            referral(k)?,
+            ReferralOp::Redirect {
+                to: InstitutionId::new(members[*onward].id).ok()?,
+                reason: "no rehabilitation bed this month; the other hospital has one".into(),
+            },
+        ),
         Action::Schedule { referral: k } => Write::Referral(
             referral(k)?,
             ReferralOp::Schedule {
                 appointment: Timestamp(now + 3 * 86_400_000),
+                minutes: Some(30),
             },
         ),
         Action::NoShow { referral: k } => Write::Referral(referral(k)?, ReferralOp::MarkNoShow),
@@ -595,6 +606,7 @@ fn write_for(
             referral(k)?,
             ReferralOp::Reschedule {
                 appointment: Timestamp(now + 7 * 86_400_000),
+                minutes: Some(30),
             },
         ),
         Action::Arrive { referral: k } => Write::Referral(referral(k)?, ReferralOp::MarkArrived),

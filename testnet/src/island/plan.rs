@@ -83,6 +83,9 @@ pub enum Action {
     Accept { referral: u32 },
     /// The receiver declines, saying why.
     Decline { referral: u32 },
+    /// The receiver passes the referral on to another hospital (`to`, a member index), which
+    /// gets an onward referral.
+    Redirect { referral: u32, to: usize },
     /// The receiver books an appointment.
     Schedule { referral: u32 },
     /// The resident does not come to the appointment.
@@ -389,6 +392,28 @@ pub fn plan(
                         life.push((from, Action::Cancel { referral }));
                     } else if desk.chance(5) {
                         life.push((to, Action::Decline { referral }));
+                    } else if let Some(onward) = desk
+                        .chance(4)
+                        .then(|| {
+                            let onward: Vec<usize> = hospitals
+                                .iter()
+                                .copied()
+                                .filter(|h| *h != from && *h != to)
+                                .collect();
+                            (!onward.is_empty()).then(|| *desk.pick(&onward))
+                        })
+                        .flatten()
+                    {
+                        life.extend([
+                            (to, Action::Accept { referral }),
+                            (
+                                to,
+                                Action::Redirect {
+                                    referral,
+                                    to: onward,
+                                },
+                            ),
+                        ]);
                     } else {
                         life.extend([
                             (to, Action::Accept { referral }),
