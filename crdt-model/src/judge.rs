@@ -214,6 +214,13 @@ impl Judged {
         self.kind
     }
 
+    /// Whether the change wrote into the part of the document under root key `key` (a
+    /// section, a list, the root register); `None` when it was judged whole, which tells
+    /// nothing of where it wrote.
+    pub fn wrote(&self, key: &str) -> Option<bool> {
+        (!self.touch.whole).then(|| self.touch.under.contains_key(key))
+    }
+
     /// The view of `doc` now, where `doc` holds the judged change (applied last, or merged
     /// with changes it was concurrent with), and `previous` is the view of `doc` before the
     /// change was applied. Only what the change touched is read again; the rest of `previous`

@@ -355,7 +355,7 @@ async fn a_desk_redirects_a_referral_to_another_member_through_an_onward_referra
         )
         .await;
     assert_eq!(status, StatusCode::OK, "{answer}");
-    let onward = answer["onward"].as_str().unwrap().to_owned();
+    let onward = answer["onward"]["id"].as_str().unwrap().to_owned();
     let (_, view) = api
         .call("GET", &format!("/v1/referrals/{original}"), READER, "")
         .await;
@@ -445,7 +445,7 @@ async fn a_desk_redirects_a_referral_to_another_member_through_an_onward_referra
         )
         .await;
     assert_eq!(status, StatusCode::OK, "{answer}");
-    assert_eq!(answer["onward"], sent_id.to_string());
+    assert_eq!(answer["onward"]["id"], sent_id.to_string());
     let (_, desk) = api
         .call("GET", "/v1/referrals?to=district", READER, "")
         .await;

@@ -131,6 +131,78 @@ async fn a_node_offline_while_1000_changes_were_made_catches_up() {
     b_sync.shutdown().await;
 }
 
+/// A node back from offline takes what its peer holds urgent first: a priority referral and a
+/// file whose allergies just changed, written while it was away, arrive before the routine
+/// files its reconciliation finds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_catching_up_takes_urgent_documents_before_routine_ones() {
+    let consortium = Consortium::new(2);
+    let (a, b) = (consortium.node(0), consortium.node(1));
+    let a_address = memory_address();
+    let a_sync = start(&a, &a_address, vec![]);
+    let a_editor = editor("member-0");
+    const ROUTINE: usize = 600;
+    let mut files = Vec::new();
+    for i in 0..ROUTINE {
+        let (file, _) = a
+            .create_health_file(&a_editor, &resident(&format!("R{i}")))
+            .unwrap();
+        files.push(file);
+    }
+    // An allergy recorded on one file, and a priority referral of another to member-1.
+    a.apply_health_file(files[17], &a_editor, &allergy("penicillin"))
+        .unwrap();
+    let (referral, _) = a
+        .create_referral(
+            &a_editor,
+            &NewReferral {
+                patient: files[42],
+                direction: Direction::Up,
+                to: common::institution("member-1"),
+                reason: "suspected stroke".into(),
+                urgency: Urgency::Priority,
+                handover: String::new(),
+            },
+        )
+        .unwrap();
+    assert!(a.is_urgent(&referral), "the referral");
+    assert!(a.is_urgent(&files[17]), "the allergy");
+    assert!(!a.is_urgent(&files[18]));
+    let mut urgent: Vec<[u8; 16]> = a.urgent_documents().iter().map(|(id, _)| *id).collect();
+    urgent.sort();
+    let mut expected = vec![*referral.as_bytes(), *files[17].as_bytes()];
+    expected.sort();
+    assert_eq!(urgent, expected);
+
+    // B comes online only now, and catches up.
+    let b_sync = start(&b, &memory_address(), vec![a_address]);
+    converge(&[a.clone(), b.clone()], &[&a_sync, &b_sync], ROUTINE + 1).await;
+    // The order B accepted the documents in.
+    let mut order = Vec::new();
+    for record in b.audit(1, 10 * ROUTINE).unwrap() {
+        if record.action == estuary_node::audit::AuditAction::Accepted
+            && !order.contains(&record.document)
+        {
+            order.push(record.document);
+        }
+    }
+    let at = |id: DocumentId| order.iter().position(|d| *d == id).unwrap();
+    // Both before all but at most one batch of routine files (one fetch may overtake).
+    let batch = 64; // FETCH_DOCUMENTS_MAX
+    assert!(
+        at(referral) <= batch,
+        "the referral came {}th",
+        at(referral)
+    );
+    assert!(
+        at(files[17]) <= batch,
+        "the allergy came {}th",
+        at(files[17])
+    );
+    a_sync.shutdown().await;
+    b_sync.shutdown().await;
+}
+
 /// A bulk load is stored whole (snapshot and signatures) and not gossiped: a running peer
 /// takes it by reconciliation, fetched whole, and holds it as the loading node does. The
 /// roster's revocation of another member does not stand in the load's way.

@@ -23,6 +23,7 @@ fn assert_clean(report: &Value, text: &str) {
         "{text}"
     );
     assert!(report["convergence_ms"].is_u64(), "{text}");
+    assert!(report["urgent_convergence_ms"].is_u64(), "{text}");
     assert!(report["wire_bytes"].as_u64().unwrap() > 0, "{text}");
     assert!(report["messages"].as_u64().unwrap() > 0, "{text}");
 }

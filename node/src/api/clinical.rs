@@ -82,7 +82,14 @@ struct Written {
     change: ChangeHash,
     /// A redirect's onward referral.
     #[serde(skip_serializing_if = "Option::is_none")]
-    onward: Option<DocumentId>,
+    onward: Option<Onward>,
+}
+
+/// The referral a redirect sent on, and the change that created it.
+#[derive(Serialize)]
+struct Onward {
+    id: DocumentId,
+    change: ChangeHash,
 }
 
 /// Makes a write on the blocking pool, as the app: its audit record names the app and is
@@ -486,11 +493,15 @@ async fn apply_referral(
         Ok(match &op {
             // A redirect also sends the onward referral: the answer names it.
             ReferralOp::Redirect { to, reason } => {
-                let (change, onward) = writer.redirect_referral(id, &state.editor(), to, reason)?;
+                let (change, (onward, created)) =
+                    writer.redirect_referral(id, &state.editor(), to, reason)?;
                 Written {
                     id,
                     change,
-                    onward: Some(onward),
+                    onward: Some(Onward {
+                        id: onward,
+                        change: created,
+                    }),
                 }
             }
             op => Written {

@@ -23,6 +23,7 @@ mod pipeline;
 mod quarantine;
 mod revocation;
 mod search;
+mod urgent;
 mod verify;
 mod whole;
 
@@ -43,6 +44,7 @@ pub use quarantine::{
 };
 pub(crate) use quarantine::{hex_decode, hex_encode};
 pub use search::{DESK_PAGE_MAX, DeskPage, DeskQuery};
+pub use urgent::{URGENT_DOCUMENTS_MAX, URGENT_WINDOW_MS};
 pub use verify::{KeyspaceBytes, Problem, RepairReport, VerifyReport};
 pub use whole::WholeDocument;
 
@@ -317,6 +319,8 @@ pub struct LocalChange {
     pub hash: ChangeHash,
     /// Its signed envelope.
     pub envelope: Vec<u8>,
+    /// Its document is urgent (`Node::is_urgent`): gossiped ahead of the others.
+    pub urgent: bool,
 }
 
 /// One member institution's node.
@@ -356,6 +360,8 @@ pub struct Node {
     counts: LedgerCounts,
     /// Typed views for reads that need not wait for decisions.
     views: Mutex<Views>,
+    /// Documents a peer should take first (`urgent.rs`).
+    urgent: Mutex<urgent::Urgent>,
     /// Local writers to one document take turns from reading it to deciding their change:
     /// two writes based on the same state would give the node's actor one sequence number
     /// twice, and automerge refuses the second. Striped by document id: bounded memory.
@@ -546,14 +552,15 @@ impl Writer<'_> {
     /// The redirect is checked on the original before anything is written. The onward
     /// referral is written first: a crash between the two writes leaves it sent and the
     /// original not yet redirected, and the desk's second attempt finds that onward referral
-    /// (same original, same member) instead of sending another.
+    /// (same original, same member) instead of sending another. The onward referral is
+    /// returned with the change that created it.
     pub fn redirect_referral(
         &self,
         id: DocumentId,
         editor: &Editor,
         to: &InstitutionId,
         reason: &str,
-    ) -> Result<(ChangeHash, DocumentId), NodeError> {
+    ) -> Result<(ChangeHash, (DocumentId, ChangeHash)), NodeError> {
         let node = self.node;
         node.check_editor(editor)?;
         node.check_member(to)?;
@@ -579,10 +586,13 @@ impl Writer<'_> {
             }
         }
         let onward = match sent {
-            Some(onward) => onward,
+            Some(onward) => {
+                let created = node.history(onward)?.first().map(|entry| entry.change);
+                (onward, created.ok_or(NodeError::UnknownDocument(onward))?)
+            }
             None => {
                 let onward = Referral::create_onward(&node.actor, editor, id, &original, to)?;
-                self.send(onward)?.0
+                self.send(onward)?
             }
         };
         let hash = node.write_local(id, referral.changes_since(&heads), None, self.app)?;
@@ -908,6 +918,7 @@ impl Node {
             local_changes: tokio::sync::broadcast::channel(LOCAL_CHANGES_QUEUE_MAX).0,
             audit_updates: tokio::sync::watch::Sender::new(audit_head.sequence),
             views: Mutex::new(Views::default()),
+            urgent: Mutex::new(urgent::Urgent::default()),
             ledger: Mutex::new(Ledger {
                 accepted,
                 audit: audit_head,

@@ -94,16 +94,17 @@ pub(super) struct Prepared {
     pub(super) view: View,
     /// A snapshot of `doc`, when the document's tail of envelopes outgrows its last one.
     pub(super) snapshot: Option<Vec<u8>>,
+    /// The change moved the file's allergies (see `Judgement::Accepted`).
+    pub(super) allergies: bool,
 }
 
 /// A change judged on its document.
 pub(super) enum Judgement {
-    Accepted(Box<View>),
+    /// Accepted: the view with the change, and whether the change moved a health file's
+    /// allergies (what makes the file urgent for peers, `urgent.rs`).
+    Accepted(Box<View>, bool),
     /// Refused; `clean` when the document was left as it was (judged on a copy).
-    Refused {
-        reason: String,
-        clean: bool,
-    },
+    Refused { reason: String, clean: bool },
 }
 
 /// Why a change that automerge cannot apply at its own dependencies is refused.
@@ -347,6 +348,7 @@ impl Node {
                         document,
                         hash,
                         envelope,
+                        urgent: self.is_urgent(&document),
                     });
                     Ok(hash)
                 }
@@ -426,7 +428,7 @@ impl Node {
         };
         base.sort();
         // A refused change is judged again by `decide`, which quarantines it.
-        let Ok(Judgement::Accepted(view)) =
+        let Ok(Judgement::Accepted(view, allergies)) =
             self.judge_into(&id, &mut doc, verified, &author, applied)
         else {
             return None;
@@ -442,6 +444,7 @@ impl Node {
             bytes,
             view: *view,
             snapshot,
+            allergies,
         })
     }
 
@@ -508,6 +511,15 @@ impl Node {
         let previous = digest_before
             .and_then(|digest| self.lock_views().get(id, &digest))
             .map(Arc::unwrap_or_clone);
+        // Whether the change moved the allergies: where it wrote, or, for a change judged
+        // whole, the allergies before it (when that view is kept) against those after.
+        let wrote = judged.as_ref().ok().and_then(|j| j.wrote("allergies"));
+        let allergies_before = match (wrote, &previous) {
+            (None, Some(View::HealthFile(before))) => {
+                Some((before.allergies.clone(), before.no_known_allergies.clone()))
+            }
+            _ => None,
+        };
         let view = judged.and_then(|judged| {
             // Built on the heads, the change is `current`'s only head: its view is what
             // judging it read, over the view before it.
@@ -518,7 +530,16 @@ impl Node {
             view.map_err(|error| format!("merging it breaks the document: {error}"))
         });
         Ok(match view {
-            Ok(view) => Judgement::Accepted(Box::new(view)),
+            Ok(view) => {
+                let allergies = match (wrote, allergies_before, &view) {
+                    (Some(wrote), ..) => wrote,
+                    (None, Some((allergies, none_known)), View::HealthFile(after)) => {
+                        after.allergies != allergies || after.no_known_allergies != none_known
+                    }
+                    _ => false,
+                };
+                Judgement::Accepted(Box::new(view), allergies)
+            }
             // `current` holds the refused change, or part of it.
             Err(reason) => Judgement::Refused {
                 reason,
@@ -626,7 +647,7 @@ impl Node {
             (doc, bytes)
         };
         match self.judge_into(&id, &mut current, &verified, &author, false)? {
-            Judgement::Accepted(view) => {
+            Judgement::Accepted(view, allergies) => {
                 let snapshot = self
                     .snapshot_due(&id, verified.encoded.len())?
                     .then(|| current.save());
@@ -637,6 +658,7 @@ impl Node {
                     bytes,
                     view: *view,
                     snapshot,
+                    allergies,
                 };
                 self.accept(ledger, ticket, &verified, decided, app)
             }
@@ -685,6 +707,7 @@ impl Node {
             bytes,
             view,
             snapshot,
+            allergies,
             ..
         } = decided;
         if let View::Referral(referral) = &view
@@ -753,6 +776,7 @@ impl Node {
         }
         *ticket = self.commit.apply(&self.store, batch)?;
         ledger.pending.settled(unparked);
+        self.note_urgency(id, &view, allergies);
         let digest = catalogue_digest(&heads);
         self.catalogue_mut().insert(*id.as_bytes(), digest);
         // The view the judgement read is the document's view now: kept for reads at no

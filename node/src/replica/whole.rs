@@ -278,6 +278,7 @@ impl Node {
         self.store.set_accepted(accepted);
         self.catalogue_mut().insert(*id.as_bytes(), digest);
         set_view_id(&mut view, id);
+        self.note_urgency(id, &view, false);
         self.lock_views().insert(id, digest, Arc::new(view));
         self.lock_documents().insert(
             id,

@@ -160,6 +160,17 @@ impl Driver {
                 self.adopt_roster(signed.into_vec(), None, Some(peer), None);
             }
             (Outbound::Roster, Response::Roster(None)) => {}
+            (Outbound::Roster, Response::RosterAndUrgent { roster, urgent }) => {
+                if let Some(signed) = roster {
+                    self.adopt_roster(signed.into_vec(), None, Some(peer), None);
+                }
+                if urgent.len() > URGENT_DOCUMENTS_MAX {
+                    self.strike(peer, "more urgent documents than any node names");
+                } else {
+                    self.take_urgent(peer, urgent);
+                    self.pump(peer);
+                }
+            }
             (Outbound::Sync { slot, .. }, Response::Refused(Refusal::TooLarge)) => {
                 self.fetch_instead(peer, slot);
             }
@@ -236,6 +247,46 @@ impl Driver {
         }
         // Given back, the slot starts what was found (`pump`).
         self.release(slot);
+    }
+
+    /// A peer named the documents it holds urgent: those this node lacks go to the front of
+    /// the peer's fetches, and those it holds at other heads to the front of its syncs, ahead
+    /// of what reconciliations found (in the order named, newest first). A document in progress
+    /// with another peer is left to it.
+    pub(super) fn take_urgent(&mut self, peer: PeerId, urgent: Vec<UrgentDocument>) {
+        let wanted: Vec<(ByteArray<16>, bool)> = {
+            let catalogue = self.node.catalogue();
+            urgent
+                .into_iter()
+                .filter_map(|u| match catalogue.get(&u.document) {
+                    Some(held) if held == *u.digest => None,
+                    held => Some((u.document, held.is_none())),
+                })
+                .collect()
+        };
+        let mut new_missing = 0;
+        // Pushed to the front in reverse, so the queue keeps the order named.
+        for (id, missing) in wanted.into_iter().rev() {
+            let document = DocumentId::from_bytes(*id);
+            if !self.peers.contains_key(&peer)
+                || missing && matches!(self.node.is_erased(&document), Ok(true))
+                || !self.in_progress.take(peer, document)
+            {
+                continue;
+            }
+            let Some(state) = self.peers.get_mut(&peer) else {
+                continue;
+            };
+            if missing {
+                state.to_fetch.push_front(id);
+                new_missing += 1;
+            } else {
+                state.to_sync.push_front(document);
+            }
+        }
+        if new_missing > 0 {
+            self.stats_mut().catch_up.documents_total += new_missing;
+        }
     }
 
     /// Takes the differences kept for `peer` into progress, in the order found, while its

@@ -155,7 +155,7 @@ impl Driver {
                 event = self.swarm.select_next_some() => self.on_swarm_event(event),
                 Some(job) = jobs.recv() => self.on_job(job),
                 change = local.recv() => match change {
-                    Ok(change) => self.publish(change),
+                    Ok(change) => self.publish_local(change, &mut local),
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
                         tracing::warn!(missed, "local changes not gossiped; anti-entropy will carry them");
                     }

@@ -41,7 +41,37 @@ pub(super) struct PublisherQueue {
     pub(super) waiting: VecDeque<QueuedChange>,
 }
 
+/// Most local changes published in one go (the one received and those already queued behind
+/// it), urgent ones first.
+const LOCAL_BURST_MAX: usize = 256;
+
 impl Driver {
+    /// Publishes a local change with those already queued behind it, at most
+    /// `LOCAL_BURST_MAX`: changes to urgent documents first, each group in the order written.
+    pub(super) fn publish_local(
+        &mut self,
+        first: crate::replica::LocalChange,
+        local: &mut tokio::sync::broadcast::Receiver<crate::replica::LocalChange>,
+    ) {
+        let mut burst = vec![first];
+        while burst.len() < LOCAL_BURST_MAX {
+            match local.try_recv() {
+                Ok(change) => burst.push(change),
+                Err(tokio::sync::broadcast::error::TryRecvError::Lagged(missed)) => {
+                    tracing::warn!(
+                        missed,
+                        "local changes not gossiped; anti-entropy will carry them"
+                    );
+                }
+                Err(_) => break,
+            }
+        }
+        burst.sort_by_key(|change| !change.urgent);
+        for change in burst {
+            self.publish(change);
+        }
+    }
+
     pub(super) fn publish(&mut self, change: crate::replica::LocalChange) {
         let gossip = if change.envelope.len() <= self.config.gossip_envelope_bytes_max {
             Gossip::Change(change.envelope.into())
@@ -106,7 +136,11 @@ impl Driver {
     /// Asks a peer for its roster if newer than ours.
     pub(super) fn ask_roster(&mut self, peer: PeerId) {
         let have = self.node.roster_version();
-        self.send(peer, Request::Roster { have }, Outbound::Roster);
+        self.send(
+            peer,
+            Request::Roster { have, urgent: true },
+            Outbound::Roster,
+        );
     }
 
     pub(super) fn report(

@@ -42,7 +42,7 @@ pub use document::{Carried, DocumentSyncError};
 pub use libp2p::{Multiaddr, PeerId};
 use protocol::{
     FETCH_DOCUMENTS_MAX, FetchedDocument, GOSSIP_ENVELOPE_BYTES_MAX, GOSSIP_MESSAGE_BYTES_MAX,
-    Gossip, PROTOCOL, Refusal, Request, Response, SyncMessage,
+    Gossip, PROTOCOL, Refusal, Request, Response, SyncMessage, UrgentDocument,
 };
 
 use crate::membership::RosterUpdate;
@@ -50,7 +50,7 @@ use crate::model::DocumentId;
 use crate::model::automerge::sync::State;
 use crate::reconcile::Difference;
 use crate::reconcile::Reconciliation;
-use crate::replica::{Ingested, Node, NodeError};
+use crate::replica::{Ingested, Node, NodeError, URGENT_DOCUMENTS_MAX};
 use driver::*;
 use gossip::*;
 use peers::*;

@@ -170,6 +170,11 @@ pub enum Request {
     Roster {
         /// The version the asker holds.
         have: u64,
+        /// The asker also reads the documents the responder holds urgent
+        /// (`Response::RosterAndUrgent`). A responder that predates it ignores the field and
+        /// answers `Response::Roster`.
+        #[serde(default)]
+        urgent: bool,
     },
 }
 
@@ -200,8 +205,27 @@ pub enum Response {
     },
     /// The responder's signed roster when it is newer than the asker's.
     Roster(Option<ByteBuf>),
+    /// The same, with the documents the responder holds urgent (priority referrals in motion,
+    /// health files whose allergies just changed), newest first, at most
+    /// `URGENT_DOCUMENTS_MAX`: the asker takes those it lacks, or holds otherwise, ahead of
+    /// anything else. Sent only to an asker that said it reads it.
+    RosterAndUrgent {
+        /// The responder's signed roster when it is newer than the asker's.
+        roster: Option<ByteBuf>,
+        /// The documents it holds urgent.
+        urgent: Vec<UrgentDocument>,
+    },
     /// The request was not served.
     Refused(Refusal),
+}
+
+/// A document a peer holds urgent, with the digest of its heads (as its catalogue holds it).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UrgentDocument {
+    /// The document's id.
+    pub document: ByteArray<16>,
+    /// SHA-256 of its sorted heads.
+    pub digest: ByteArray<32>,
 }
 
 /// Why a request was not served.
@@ -525,7 +549,10 @@ mod tests {
     fn a_padded_sync_message_is_refused() {
         futures::executor::block_on(async {
             let mut codec = Codec;
-            let request = Request::Roster { have: 3 };
+            let request = Request::Roster {
+                have: 3,
+                urgent: true,
+            };
             let mut bytes = Vec::new();
             codec
                 .write_request(&PROTOCOL, &mut bytes, request.clone())

@@ -107,9 +107,23 @@ impl Driver {
         }
         let node = self.node.clone();
         match request {
-            Request::Roster { have } => {
+            Request::Roster { have, urgent } => {
                 let newer = (node.roster_version() > have).then(|| node.signed_roster().into());
-                self.respond(peer, channel, Response::Roster(newer));
+                let response = match urgent {
+                    true => Response::RosterAndUrgent {
+                        roster: newer,
+                        urgent: node
+                            .urgent_documents()
+                            .into_iter()
+                            .map(|(document, digest)| UrgentDocument {
+                                document: ByteArray::new(document),
+                                digest: ByteArray::new(digest),
+                            })
+                            .collect(),
+                    },
+                    false => Response::Roster(newer),
+                };
+                self.respond(peer, channel, response);
                 self.release(slot);
             }
             Request::Reconcile(query) => {

@@ -118,6 +118,26 @@ impl NetworkFaults {
     }
 }
 
+/// What a write made at a node: its own change, and a document the node sent with it (a
+/// redirect's onward referral, with the change that created it).
+#[derive(Clone, Copy, Debug)]
+pub struct Made {
+    pub id: DocumentId,
+    pub change: ChangeHash,
+    pub onward: Option<(DocumentId, ChangeHash)>,
+}
+
+impl Made {
+    /// A write that made one change.
+    pub fn one((id, change): (DocumentId, ChangeHash)) -> Self {
+        Self {
+            id,
+            change,
+            onward: None,
+        }
+    }
+}
+
 /// A set of nodes.
 pub trait Cluster {
     /// How many nodes.
@@ -126,11 +146,7 @@ pub trait Cluster {
     fn is_up(&self, node: usize) -> bool;
     /// Makes a write at a node; `Err` if it was not made (and why). An error of the harness
     /// itself is a panic-free `anyhow` error.
-    fn write(
-        &mut self,
-        node: usize,
-        write: &Write,
-    ) -> anyhow::Result<Result<(DocumentId, ChangeHash), Skip>>;
+    fn write(&mut self, node: usize, write: &Write) -> anyhow::Result<Result<Made, Skip>>;
     /// Loads residents' existing records at a node (NDJSON, the data set's shape), each
     /// resident one change; the files and changes loaded, or why nothing was.
     fn load(

@@ -15,7 +15,7 @@ use estuary_node::sync::faults::Faults;
 use estuary_node::sync::{Multiaddr, SyncConfig, SyncHandle, TransportKind};
 
 use super::check::{DocumentState, NodeState};
-use super::cluster::{Cluster, NetworkFaults, Skip, Traffic, Write, exam_correction};
+use super::cluster::{Cluster, Made, NetworkFaults, Skip, Traffic, Write, exam_correction};
 
 /// How long after a restart a node is given to rejoin before the run goes on.
 const RECONCILE_EVERY: Duration = Duration::from_secs(1);
@@ -158,8 +158,18 @@ fn apply(
     node: &Node,
     write: &Write,
     editor: &estuary_node::model::Editor,
-) -> Result<Result<(DocumentId, ChangeHash), Skip>, NodeError> {
-    Ok(Ok(match write {
+) -> Result<Result<Made, Skip>, NodeError> {
+    if let Write::Referral(id, estuary_node::model::ReferralOp::Redirect { to, reason }) = write {
+        let (change, onward) = node
+            .writer(None)
+            .redirect_referral(*id, editor, to, reason)?;
+        return Ok(Ok(Made {
+            id: *id,
+            change,
+            onward: Some(onward),
+        }));
+    }
+    Ok(Ok(Made::one(match write {
         Write::CreateHealthFile(demographics) => node.create_health_file(editor, demographics)?,
         Write::HealthFile(id, op) => (*id, node.apply_health_file(*id, editor, op)?),
         Write::CorrectOwnExam(id, _) => {
@@ -175,7 +185,7 @@ fn apply(
             node.create_referral(editor, referral)?
         }
         Write::Referral(id, op) => (*id, node.apply_referral(*id, editor, op)?),
-    }))
+    })))
 }
 
 impl Cluster for InProc {
@@ -187,11 +197,7 @@ impl Cluster for InProc {
         self.nodes[node].is_some()
     }
 
-    fn write(
-        &mut self,
-        index: usize,
-        write: &Write,
-    ) -> anyhow::Result<Result<(DocumentId, ChangeHash), Skip>> {
+    fn write(&mut self, index: usize, write: &Write) -> anyhow::Result<Result<Made, Skip>> {
         let Some(node) = self.node(index) else {
             return Ok(Err(Skip::NodeDown));
         };

@@ -25,7 +25,7 @@ use estuary_node::model::{DocumentId, InstitutionId, ReferralOp, Timestamp};
 
 use byzantine::Adversary;
 use check::{Acknowledged, Expected, NodeState, agreement, check};
-use cluster::{Cluster, NetworkFaults, Write};
+use cluster::{Cluster, Made, NetworkFaults, Write};
 use consortium::Member;
 use plan::{Action, BadNode, Fault, Plan, Preset};
 
@@ -363,11 +363,16 @@ pub struct Outcome {
     pub skipped: BTreeMap<&'static str, u64>,
     pub timeline: Vec<(u64, u64, u64)>,
     pub converged_at_ms: Option<u64>,
+    /// When every node agreed on the priority referrals and the files whose allergies were
+    /// written, from the end of faults.
+    pub urgent_converged_at_ms: Option<u64>,
     pub verdict: check::Verdict,
     pub traffic: cluster::Traffic,
     pub restarts: u64,
     /// Exam results marked entered in error by the hospital that filed them.
     pub corrections: u64,
+    /// Referrals a hospital redirected to another, each with its onward referral.
+    pub redirected: u64,
     /// Duplicate files linked to their resident's main file, and how the nodes read them.
     pub links: LinkReads,
     /// Residents a joining member loaded in bulk, each one change.
@@ -664,6 +669,8 @@ fn run(
     let mut written: BTreeMap<String, (usize, i64)> = BTreeMap::new();
     // Duplicate files linked, each with its resident's main file.
     let mut linked: Vec<(DocumentId, DocumentId)> = Vec::new();
+    // Priority referrals and files whose allergies were written: what peers take first.
+    let mut urgent: BTreeSet<[u8; 16]> = BTreeSet::new();
     let start = Instant::now();
     let elapsed = || start.elapsed().as_millis() as u64;
     let mut next = 0;
@@ -734,15 +741,27 @@ fn run(
                 continue;
             };
             match cluster.write(step.node, &write)? {
-                Ok((id, change)) => {
+                Ok(Made { id, change, onward }) => {
                     writes += 1;
                     acknowledge(&mut outcome, &mut written, step.node, id, change);
+                    if let Some((onward, created)) = onward {
+                        acknowledge(&mut outcome, &mut written, step.node, onward, created);
+                        outcome.redirected += 1;
+                    }
                     match step.action {
                         Action::Register { resident } => {
                             created.residents.insert(resident, id);
                         }
-                        Action::Refer { referral, .. } => {
+                        Action::Refer {
+                            referral, priority, ..
+                        } => {
                             created.referrals.insert(referral, id);
+                            if priority {
+                                urgent.insert(*id.as_bytes());
+                            }
+                        }
+                        Action::Allergy { .. } => {
+                            urgent.insert(*id.as_bytes());
                         }
                         Action::RegisterAgain { resident } => {
                             created.duplicates.insert(resident, id);
@@ -814,6 +833,9 @@ fn run(
         let sample = sample(cluster, &checked, t)?;
         outcome.timeline.push(sample);
         progress.show(t, "converging", writes, sample, &[]);
+        if outcome.urgent_converged_at_ms.is_none() && agree_on(cluster, &checked, &urgent)? {
+            outcome.urgent_converged_at_ms = Some(t - healed);
+        }
         if sample.1 == sample.2 && all_catalogues_equal(cluster, &checked)? {
             outcome.converged_at_ms = Some(t - healed);
             break;
@@ -941,6 +963,28 @@ fn sample(cluster: &mut dyn Cluster, checked: &[usize], t: u64) -> anyhow::Resul
     }
     let (agreed, total) = agreement(&catalogues);
     Ok((t, agreed, total))
+}
+
+/// Whether every node checked holds each of `documents` at the same heads.
+fn agree_on(
+    cluster: &mut dyn Cluster,
+    checked: &[usize],
+    documents: &BTreeSet<[u8; 16]>,
+) -> anyhow::Result<bool> {
+    let mut seen: Option<Vec<Option<[u8; 32]>>> = None;
+    for node in checked {
+        let catalogue = cluster.catalogue(*node)?;
+        let digests: Vec<Option<[u8; 32]>> = documents
+            .iter()
+            .map(|d| catalogue.get(d).copied())
+            .collect();
+        match &seen {
+            Some(first) if *first != digests => return Ok(false),
+            Some(_) => {}
+            None => seen = Some(digests),
+        }
+    }
+    Ok(true)
 }
 
 fn all_catalogues_equal(cluster: &mut dyn Cluster, checked: &[usize]) -> anyhow::Result<bool> {

@@ -18,7 +18,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use super::check::{DocumentState, NodeState};
-use super::cluster::{Cluster, NetworkFaults, Skip, Traffic, Write, exam_correction};
+use super::cluster::{Cluster, Made, NetworkFaults, Skip, Traffic, Write, exam_correction};
 use super::proxy::Proxy;
 
 /// How long a started process may take to answer on its API.
@@ -233,11 +233,7 @@ impl Cluster for Procs {
         self.nodes[node].child.is_some()
     }
 
-    fn write(
-        &mut self,
-        node: usize,
-        write: &Write,
-    ) -> anyhow::Result<Result<(DocumentId, ChangeHash), Skip>> {
+    fn write(&mut self, node: usize, write: &Write) -> anyhow::Result<Result<Made, Skip>> {
         let process = &self.nodes[node];
         if process.child.is_none() {
             return Ok(Err(Skip::NodeDown));
@@ -293,7 +289,22 @@ impl Cluster for Procs {
                     .and_then(hex_to_bytes::<32>)
                     .map(ChangeHash)
                     .context("a write's answer without a change")?;
-                Ok(Ok((id, change)))
+                let onward = &answer["onward"];
+                let onward = match onward.is_null() {
+                    true => None,
+                    false => Some((
+                        onward["id"]
+                            .as_str()
+                            .and_then(|t| DocumentId::parse(t).ok())
+                            .context("a redirect's answer without its onward referral")?,
+                        onward["change"]
+                            .as_str()
+                            .and_then(hex_to_bytes::<32>)
+                            .map(ChangeHash)
+                            .context("a redirect's answer without its onward change")?,
+                    )),
+                };
+                Ok(Ok(Made { id, change, onward }))
             }
             404 => Ok(Err(Skip::NotYetHere)),
             // A link to a file that has not reached the node yet.

@@ -33,6 +33,9 @@ pub struct Report {
     pub converged: bool,
     /// From the end of faults to full agreement.
     pub convergence_ms: Option<u64>,
+    /// From the end of faults to agreement on the priority referrals and the files whose
+    /// allergies were written (what peers take first).
+    pub urgent_convergence_ms: Option<u64>,
     pub acknowledged_writes: u64,
     /// Acknowledged on some node, missing on some node (counted per node).
     pub lost: u64,
@@ -54,6 +57,8 @@ pub struct Report {
     pub restarts: u64,
     /// Exam results marked entered in error by the hospital that filed them.
     pub corrections: u64,
+    /// Referrals a hospital redirected to another, each with its onward referral.
+    pub redirected: u64,
     /// Residents registered twice whose duplicate was linked, and the end's reads of them.
     pub links: super::LinkReads,
     /// Residents a joining member loaded in bulk, each one change.
@@ -98,10 +103,12 @@ impl Report {
             skipped,
             timeline,
             converged_at_ms,
+            urgent_converged_at_ms,
             verdict,
             traffic,
             restarts,
             corrections,
+            redirected,
             links,
             loaded,
             elapsed_ms,
@@ -158,6 +165,7 @@ impl Report {
             writes,
             reads,
             convergence_ms: converged_at_ms,
+            urgent_convergence_ms: urgent_converged_at_ms,
             acknowledged_writes: acknowledged.len() as u64,
             lost,
             phantom,
@@ -173,6 +181,7 @@ impl Report {
             writes_delayed,
             restarts,
             corrections,
+            redirected,
             links,
             loaded,
             skipped_writes: skipped,
@@ -251,6 +260,10 @@ impl Report {
             self.corrections
         );
         println!(
+            "  redirected            {} referrals passed on to another hospital, each with its onward referral",
+            self.redirected
+        );
+        println!(
             "  linked duplicates     {} residents registered twice, the duplicate linked; {}/{} reads through either file showed the main record",
             self.links.linked, self.links.as_one, self.links.reads
         );
@@ -262,6 +275,14 @@ impl Report {
             "  converged             {} ({})",
             yes(self.converged),
             self.convergence_ms
+                .map_or("not within the timeout".into(), |ms| format!(
+                    "{:.1} s after the faults stopped",
+                    ms as f64 / 1000.0
+                ))
+        );
+        println!(
+            "  urgent first          priority referrals and allergy changes agreed {}",
+            self.urgent_convergence_ms
                 .map_or("not within the timeout".into(), |ms| format!(
                     "{:.1} s after the faults stopped",
                     ms as f64 / 1000.0
