@@ -1,7 +1,7 @@
 //! What a peer should take before anything else: priority referrals still in motion, and
 //! health files whose allergies just changed. A node names them (`Node::urgent_documents`)
 //! when a peer asks for its roster (`Request::Roster { urgent: true }`, at every connection and
-//! reconciliation), and that peer fetches or syncs the ones it lacks ahead of whatever its
+//! reconciliation), and that peer fetches the ones it lacks ahead of whatever its
 //! reconciliations find; its own local changes to them are gossiped ahead of the others.
 //!
 //! The set lives in memory, noted as changes are accepted: it is bounded

@@ -207,7 +207,7 @@ pub enum Response {
     Roster(Option<ByteBuf>),
     /// The same, with the documents the responder holds urgent (priority referrals in motion,
     /// health files whose allergies just changed), newest first, at most
-    /// `URGENT_DOCUMENTS_MAX`: the asker takes those it lacks, or holds otherwise, ahead of
+    /// `URGENT_DOCUMENTS_MAX`: the asker fetches those it lacks ahead of
     /// anything else. Sent only to an asker that said it reads it.
     RosterAndUrgent {
         /// The responder's signed roster when it is newer than the asker's.
