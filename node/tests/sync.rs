@@ -203,6 +203,59 @@ async fn a_node_catching_up_takes_urgent_documents_before_routine_ones() {
     b_sync.shutdown().await;
 }
 
+/// After time apart, an allergy recorded on a file both nodes hold comes back before the
+/// routine edits made meanwhile: the reconciliation that finds the differences takes the ones
+/// its peer names urgent first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_allergy_change_to_a_file_both_hold_comes_back_before_routine_edits() {
+    let consortium = Consortium::new(2);
+    let (a, b) = (consortium.node(0), consortium.node(1));
+    let a_address = memory_address();
+    let a_sync = start(&a, &a_address, vec![]);
+    let a_editor = editor("member-0");
+    const FILES: usize = 400;
+    let mut files = Vec::new();
+    for i in 0..FILES {
+        let (file, _) = a
+            .create_health_file(&a_editor, &resident(&format!("R{i}")))
+            .unwrap();
+        files.push(file);
+    }
+    let b_sync = start(&b, &memory_address(), vec![a_address.clone()]);
+    converge(&[a.clone(), b.clone()], &[&a_sync, &b_sync], FILES).await;
+    b_sync.shutdown().await;
+    let seen = b.audit(1, 100 * FILES).unwrap().len() as u64;
+    // Apart: a routine edit of every file, and an allergy on one of them.
+    for (n, file) in files.iter().enumerate() {
+        a.apply_health_file(
+            *file,
+            &a_editor,
+            &HealthFileOp::SetDemographic(DemographicField::Phone(format!("+86 {n}"))),
+        )
+        .unwrap();
+    }
+    a.apply_health_file(files[217], &a_editor, &allergy("iodinated contrast"))
+        .unwrap();
+    assert!(a.is_urgent(&files[217]) && !a.is_urgent(&files[216]));
+    let b_sync = start(&b, &memory_address(), vec![a_address]);
+    converge(&[a.clone(), b.clone()], &[&a_sync, &b_sync], FILES).await;
+    // The order B took the files' new changes in, since it came back.
+    let mut order = Vec::new();
+    for record in b.audit(seen + 1, 100 * FILES).unwrap() {
+        if record.action == estuary_node::audit::AuditAction::Accepted
+            && !order.contains(&record.document)
+        {
+            order.push(record.document);
+        }
+    }
+    assert_eq!(order.len(), FILES);
+    let at = order.iter().position(|d| *d == files[217]).unwrap();
+    // Among the first sessions of the first reconciliation (a peer's share of them).
+    assert!(at < FILES / 8, "the allergy came back {at}th of {FILES}");
+    a_sync.shutdown().await;
+    b_sync.shutdown().await;
+}
+
 /// A bulk load is stored whole (snapshot and signatures) and not gossiped: a running peer
 /// takes it by reconciliation, fetched whole, and holds it as the loading node does. The
 /// roster's revocation of another member does not stand in the load's way.

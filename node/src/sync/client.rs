@@ -238,12 +238,20 @@ impl Driver {
             };
             state.reconcile_after =
                 (state.lopsided > 0).then(|| Instant::now() + every * (1 << state.lopsided));
-            state.kept = differing
+            // What this node or its peers hold urgent first, then in the order found. This
+            // peer found the difference, so this peer syncs it (both sides of a pair order
+            // alike: each side's sessions carry changes both ways).
+            let mut found: Vec<(ByteArray<16>, Difference)> = differing
                 .iter()
                 .filter(|(_, difference)| *difference != Difference::OnlyOurs)
-                .take(room)
                 .map(|(id, difference)| (ByteArray::new(*id), *difference))
                 .collect();
+            let node = &self.node;
+            let named = &self.urgent_named;
+            found.sort_by_cached_key(|(id, _)| {
+                !(named.contains(&**id) || node.is_urgent(&DocumentId::from_bytes(**id)))
+            });
+            state.kept = found.into_iter().take(room).collect();
         }
         // Given back, the slot starts what was found (`pump`).
         self.release(slot);
@@ -253,12 +261,16 @@ impl Driver {
     /// the peer's fetches, ahead of what reconciliations found (in the order named, newest
     /// first). A document in progress with another peer is left to it.
     ///
-    /// One this node holds at other heads is left to reconciliation. Taken into progress with
-    /// whichever peer named it (every peer names it while the island catches up, and a
-    /// document is worked on with one peer at a time), it kept the peer whose reconciliation
-    /// found the changes this node lacked from syncing it: 21-process demo runs ended with the
-    /// core hospital three changes short of one referral, until it was left out.
+    /// One this node holds at other heads is left to reconciliation, which takes it first
+    /// (`reconciled`). Taken into progress with whichever peer named it (every peer names it
+    /// while the island catches up, and a document is worked on with one peer at a time), it
+    /// kept the peer whose reconciliation found the changes this node lacked from syncing it:
+    /// 21-process demo runs ended with the core hospital three changes short of one referral.
     pub(super) fn take_urgent(&mut self, peer: PeerId, urgent: Vec<UrgentDocument>) {
+        if self.urgent_named.len() + urgent.len() > URGENT_NAMED_MAX {
+            self.urgent_named.clear();
+        }
+        self.urgent_named.extend(urgent.iter().map(|u| *u.document));
         let missing: Vec<ByteArray<16>> = {
             let catalogue = self.node.catalogue();
             urgent

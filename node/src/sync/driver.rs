@@ -115,7 +115,13 @@ pub(super) struct Driver {
     pub(super) in_progress: InProgress,
     /// Connections to peers so far, numbering each peer's state (`PeerState::connection`).
     pub(super) connections: u64,
+    /// The documents peers named urgent lately (at most `URGENT_NAMED_MAX`): a
+    /// reconciliation's differences among them are taken first.
+    pub(super) urgent_named: HashSet<[u8; 16]>,
 }
+
+/// Most documents kept as named urgent by peers; past it the set starts again.
+pub(super) const URGENT_NAMED_MAX: usize = 4 * URGENT_DOCUMENTS_MAX;
 
 /// The size of a value as CBOR, for the byte counters.
 pub(super) fn cbor_len(value: &impl Serialize) -> u64 {

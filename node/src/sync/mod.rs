@@ -433,6 +433,7 @@ impl SyncHandle {
             bootstrap_peers: HashMap::new(),
             in_progress: InProgress::default(),
             connections: 0,
+            urgent_named: HashSet::new(),
         };
         let task = tokio::spawn(driver.run(commands_rx, jobs_rx, local));
         Ok(Self {
