@@ -107,11 +107,9 @@ impl Node {
     }
 }
 
-/// Milliseconds since the epoch, by this machine's clock.
+/// Milliseconds since the epoch, by this machine's clock (the audit log's clock).
 fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+    u64::try_from(crate::audit::now_ms()).unwrap_or(0)
 }
 
 #[cfg(test)]
