@@ -40,6 +40,10 @@ pub enum RosterCommand {
         /// The node's public key (hex), which `estuary init` prints.
         #[arg(long)]
         key: String,
+        /// Where dashboards draw it on the consortium's map, e.g. `north shore` (one more
+        /// edit).
+        #[arg(long)]
+        area: Option<String>,
     },
     /// Revoke a node key; its changes are kept only up to the cut-off heads.
     Revoke {
@@ -179,6 +183,7 @@ pub fn roster(command: RosterCommand, config: &Path, json: bool) -> Result<(), F
             name,
             kind,
             key,
+            area,
         } => {
             let id = InstitutionId::new(&institution)
                 .map_err(|e| anyhow::anyhow!("--institution: {e}"))?;
@@ -186,20 +191,22 @@ pub fn roster(command: RosterCommand, config: &Path, json: bool) -> Result<(), F
                 anyhow::anyhow!("--kind is core_hospital, district_hospital or community_centre")
             })?;
             let key = parse_key(&key, "--key")?;
-            let version = apply(
-                &dir,
-                &[
-                    RosterOp::AddInstitution {
-                        id: id.clone(),
-                        name,
-                        kind,
-                    },
-                    RosterOp::AddNodeKey {
-                        institution: id,
-                        key,
-                    },
-                ],
-            )?;
+            let mut ops = vec![
+                RosterOp::AddInstitution {
+                    id: id.clone(),
+                    name,
+                    kind,
+                },
+                RosterOp::AddNodeKey {
+                    institution: id.clone(),
+                    key,
+                },
+            ];
+            ops.extend(area.map(|area| RosterOp::SetArea {
+                institution: id,
+                area,
+            }));
+            let version = apply(&dir, &ops)?;
             report_edit(version, json);
             Ok(())
         }
@@ -274,7 +281,7 @@ fn report_edit(version: u64, json: bool) {
         output::json(&serde_json::json!({ "version": version, "signed": false }));
     } else {
         println!(
-            "roster is now at version {version}: every edit raises it by one, and `roster add` makes two (the institution, then its node key); not yet signed: run estuary roster sign"
+            "roster is now at version {version}: every edit raises it by one, and `roster add` makes two (the institution, then its node key), three with --area; not yet signed: run estuary roster sign"
         );
     }
 }
@@ -285,7 +292,7 @@ fn show(view: &serde_json::Value, json: bool) {
         return;
     }
     println!(
-        "roster version {} (every edit raises it by one: `roster add` makes two, the institution and its node key; `roster revoke` and `roster erase` one)",
+        "roster version {} (every edit raises it by one: `roster add` makes two, the institution and its node key, three with --area; `roster revoke` and `roster erase` one)",
         output::cell(&view["version"])
     );
     let empty = Vec::new();
@@ -303,12 +310,13 @@ fn show(view: &serde_json::Value, json: bool) {
             vec![
                 output::cell(&i["id"]),
                 output::cell(&i["kind"]),
+                output::cell(&i["area"]),
                 output::cell(&i["name"]),
                 keys.join(" "),
             ]
         })
         .collect();
-    output::table(&["INSTITUTION", "KIND", "NAME", "NODE KEYS"], &rows);
+    output::table(&["INSTITUTION", "KIND", "AREA", "NAME", "NODE KEYS"], &rows);
     // Revocations and erasures: an id, when, and why, each under its own header if any.
     for (list, header, id, why) in [
         ("revocations", "REVOKED KEY", "key", ("REASON", "reason")),

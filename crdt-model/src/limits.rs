@@ -6,6 +6,8 @@
 
 /// Longest short text field (names, addresses, reasons, codes), in UTF-8 bytes.
 pub const FIELD_BYTES_MAX: usize = 512;
+/// Longest name of a member's area on the consortium's map, in bytes.
+pub const AREA_BYTES_MAX: usize = 64;
 /// Longest free-text note on an encounter, in UTF-8 bytes. Checked per change: concurrent
 /// edits, each within it, may merge into a longer note (see `validate_change`).
 pub const NOTE_BYTES_MAX: usize = 16 * 1024;

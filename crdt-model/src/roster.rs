@@ -19,7 +19,7 @@ use crate::document::{DocumentKind, IDENTITY_KEYS, read_identity, replica};
 use crate::error::{OpError, ValidationError};
 use crate::ids::{Actor, DocumentId, Editor, InstitutionId, Timestamp};
 use crate::limits::{
-    ERASURES_MAX, FIELD_BYTES_MAX, INSTITUTIONS_MAX, NODE_KEYS_PER_INSTITUTION_MAX,
+    AREA_BYTES_MAX, ERASURES_MAX, FIELD_BYTES_MAX, INSTITUTIONS_MAX, NODE_KEYS_PER_INSTITUTION_MAX,
     REVOCATION_HEADS_MAX, REVOCATIONS_MAX, ROSTER_CHANGES_MAX,
 };
 use crate::vocab::InstitutionKind;
@@ -77,6 +77,14 @@ pub enum RosterOp {
         /// Core hospital, district hospital or community centre.
         kind: InstitutionKind,
     },
+    /// Places a member on the consortium's map (for instance "north shore"): where
+    /// operators' dashboards draw it. Replaces the area it had.
+    SetArea {
+        /// The institution.
+        institution: InstitutionId,
+        /// The area's name, 1 to `AREA_BYTES_MAX` bytes (no patient data).
+        area: String,
+    },
     /// Gives an institution a node key.
     AddNodeKey {
         /// The institution.
@@ -114,6 +122,9 @@ pub struct InstitutionView {
     pub name: String,
     /// Kind.
     pub kind: InstitutionKind,
+    /// Where on the consortium's map it is, if the authority said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub area: Option<String>,
     /// Node keys, sorted.
     pub node_keys: Vec<Bytes32>,
 }
@@ -312,6 +323,15 @@ impl Roster {
                     });
                 }
             }
+            RosterOp::SetArea { institution, .. } => {
+                if view.institutions.iter().all(|i| i.id != *institution) {
+                    return Err(ValidationError::InvalidValue {
+                        field: "institutions",
+                        reason: "no such institution in the roster",
+                    }
+                    .into());
+                }
+            }
             RosterOp::AddInstitution { .. } => {}
         }
         self.transact(editor, |tx| {
@@ -333,6 +353,12 @@ impl Roster {
                     };
                     tx.put(&entry, "name", name.as_str())?;
                     tx.put(&entry, "kind", kind.as_str())?;
+                }
+                RosterOp::SetArea { institution, area } => {
+                    check_text(area, "institutions.area", AREA_BYTES_MAX, true)?;
+                    let institutions = map_at(tx, &automerge::ROOT, "institutions")?;
+                    let entry = map_at(tx, &institutions, institution.as_str())?;
+                    tx.put(&entry, "area", area.as_str())?;
                 }
                 RosterOp::AddNodeKey { institution, key } => {
                     let institutions = map_at(tx, &automerge::ROOT, "institutions")?;
@@ -499,7 +525,7 @@ pub(crate) fn parse_roster<D: ReadDoc>(doc: &D) -> Result<RosterView, Validation
             institutions_obj.once(&key, "institutions", object(ObjType::Map, "an object"))?,
             "institutions",
         );
-        entry.only_keys(&["name", "kind", "node_keys"])?;
+        entry.only_keys(&["name", "kind", "area", "node_keys"])?;
         let keys_obj = entry.child(
             entry.once(
                 "node_keys",
@@ -536,6 +562,11 @@ pub(crate) fn parse_roster<D: ReadDoc>(doc: &D) -> Result<RosterView, Validation
                 "kind",
                 "institutions.kind",
                 checked("institutions.kind", InstitutionKind::parse),
+            )?,
+            area: entry.once_opt(
+                "area",
+                "institutions.area",
+                text("institutions.area", AREA_BYTES_MAX, true),
             )?,
             node_keys,
         });

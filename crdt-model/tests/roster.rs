@@ -347,3 +347,38 @@ fn concurrent_revocations_of_one_key_are_refused_and_of_two_keys_accepted() {
     assert_eq!(first.view().revocations.len(), 2);
     assert_eq!(first.check_revocations_final(), Ok(()));
 }
+
+#[test]
+fn a_member_is_placed_on_the_map_by_one_edit_and_an_area_is_bounded() {
+    let mut roster = roster();
+    assert_eq!(roster.view().institutions[0].area, None);
+    let place = |area: &str| RosterOp::SetArea {
+        institution: institution("xinhua"),
+        area: area.into(),
+    };
+    roster.apply(&authority(), &place("north shore")).unwrap();
+    roster.apply(&authority(), &place("south shore")).unwrap();
+    let view = roster.view();
+    assert_eq!(view.version, 4);
+    assert_eq!(view.institutions[0].area.as_deref(), Some("south shore"));
+    // It survives a save and a load, and its view's JSON names it.
+    let loaded = Roster::load(&roster.save(), &actor(2)).unwrap();
+    assert_eq!(loaded.view(), view);
+    assert_eq!(
+        serde_json::to_value(&view.institutions[0]).unwrap()["area"],
+        "south shore"
+    );
+
+    let too_long = "n".repeat(limits::AREA_BYTES_MAX + 1);
+    assert!(roster.apply(&authority(), &place(&too_long)).is_err());
+    assert!(roster.apply(&authority(), &place("")).is_err());
+    let elsewhere = RosterOp::SetArea {
+        institution: institution("nowhere"),
+        area: "north shore".into(),
+    };
+    assert!(roster.apply(&authority(), &elsewhere).is_err());
+    assert_eq!(
+        roster.view().institutions[0].area.as_deref(),
+        Some("south shore")
+    );
+}

@@ -207,15 +207,15 @@ pub fn now_ms() -> i64 {
 /// Checks a chain of records fed in order: sequences contiguous from 1, each holding the
 /// hash of the one before, the last matching the head. Holds one hash, so a log of any length
 /// is checked page by page.
-#[derive(Default)]
-pub(crate) struct ChainCheck {
+#[derive(Clone, Default, Debug)]
+pub struct ChainCheck {
     previous: [u8; 32],
     checked: u64,
 }
 
 impl ChainCheck {
     /// Checks the next record; on a break, returns its sequence.
-    pub fn push(&mut self, record: &AuditRecord) -> Result<(), u64> {
+    pub(crate) fn push(&mut self, record: &AuditRecord) -> Result<(), u64> {
         let expected = self.checked + 1;
         if record.sequence != expected || record.previous != self.previous {
             return Err(expected);
@@ -225,8 +225,13 @@ impl ChainCheck {
         Ok(())
     }
 
+    /// Records checked so far, all sound.
+    pub fn checked(&self) -> u64 {
+        self.checked
+    }
+
     /// Checks that the last record pushed is the head; returns the records checked.
-    pub fn finish(&self, head: &AuditHead) -> Result<u64, u64> {
+    pub(crate) fn finish(&self, head: &AuditHead) -> Result<u64, u64> {
         if head.sequence != self.checked || (head.sequence > 0 && head.hash != self.previous) {
             return Err(self.checked + 1);
         }

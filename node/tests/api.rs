@@ -688,6 +688,108 @@ async fn the_capability_statement_names_every_resource_served_and_needs_no_token
     assert_eq!(described, served);
 }
 
+/// The dashboard's page needs no token and holds no figures; its figures need the admin
+/// token, name members, peers and documents by id only, and estimate what a disconnected
+/// peer lacks from the changes decided since it left. A static copy carries them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_shows_members_lag_and_audit_by_id_and_needs_the_admin_token() {
+    use estuary_node::api::dashboard;
+    use estuary_node::sync::{PeerStats, SyncStats};
+
+    let api = api();
+    let request = Request::builder()
+        .uri("/dashboard")
+        .body(Body::empty())
+        .unwrap();
+    let response = api.router.clone().oneshot(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let headers = response.headers().clone();
+    assert!(
+        headers["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/html")
+    );
+    assert!(
+        headers["content-security-policy"]
+            .to_str()
+            .unwrap()
+            .contains("default-src 'none'")
+    );
+    let page = axum::body::to_bytes(response.into_body(), 1024 * 1024)
+        .await
+        .unwrap();
+    let page = String::from_utf8(page.to_vec()).unwrap();
+    assert!(page.contains(r#"id="map""#) && page.contains("/admin/dashboard"));
+    // Nothing from elsewhere (the SVG namespace is a name, not an address).
+    let elsewhere = page.replace("http://www.w3.org/2000/svg", "");
+    assert!(!elsewhere.contains("http://") && !elsewhere.contains("https://"));
+    assert!(!elsewhere.contains(" src=") && !elsewhere.contains("<link"));
+
+    let (status, _) = api.call("GET", "/admin/dashboard", READER, "").await;
+    assert_eq!(
+        status,
+        StatusCode::FORBIDDEN,
+        "an app token is not the admin's"
+    );
+
+    // The core hospital's node was connected, 2 documents apart, then left; this node then
+    // registers 3 residents, which it cannot have had.
+    let left_at = api.node.audit_sequence();
+    for given in ["Jianguo", "Meilan", "Xiaoming"] {
+        api.register(given).await;
+    }
+    let mut stats = SyncStats::default();
+    stats.peers.insert(
+        "12D3KooWcore".into(),
+        PeerStats {
+            institution: Some("core".into()),
+            connected: false,
+            lag: Some(2),
+            bytes_in: 4_096,
+            strikes: 1,
+            disconnected_ms: Some(1),
+            audit_sequence_at_disconnect: Some(left_at),
+            ..PeerStats::default()
+        },
+    );
+    let history = dashboard::SharedHistory::default();
+    dashboard::sample_once(&api.node, Some(&stats), &history);
+    let snapshot = dashboard::snapshot(&api.node, Some(&stats), &history, 5).unwrap();
+    let member = |id: &str| snapshot.members.iter().find(|m| m.id == id).unwrap();
+    assert_eq!(member("chc-a").state, "this_node");
+    assert_eq!(member("core").state, "disconnected");
+    assert_eq!(member("core").lag, Some(2 + 3));
+    assert_eq!(member("core").peers[0].strikes, 1);
+    assert_eq!(member("district").state, "not_seen");
+    assert!(snapshot.node.documents >= 3);
+    assert!(snapshot.audit.sound);
+    assert_eq!(snapshot.audit.checked, snapshot.audit.records);
+    assert_eq!(snapshot.lag_history.len(), 1);
+    assert_eq!(snapshot.lag_history[0].points[0][1], 5);
+
+    // Ids and counts only: no name, birth date or national id, live or in a static copy.
+    let copy = dashboard::static_page(&snapshot);
+    let json = serde_json::to_string(&snapshot).unwrap();
+    for text in [&copy, &json] {
+        for private in ["Jianguo", "Meilan", "1954-10-17", "310230195410170433"] {
+            assert!(!text.contains(private), "{private} is on the dashboard");
+        }
+    }
+    assert!(
+        copy.contains(r#""state":"disconnected""#),
+        "the copy carries the figures"
+    );
+
+    // Through the API, as described (the node runs no network layer here).
+    let (status, answer) = api
+        .described("GET", "/admin/dashboard", "/admin/dashboard", ADMIN, None)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(answer["node"]["network"], false);
+    assert_eq!(answer["members"].as_array().unwrap().len(), 3);
+}
+
 /// Which `HealthFileOp` an operation is: the one exhaustive match, so that a new operation
 /// cannot be left out of the description check below.
 fn health_file_op_index(op: &HealthFileOp) -> usize {
@@ -1071,6 +1173,13 @@ async fn every_json_route_answers_success_as_described() {
             Some(&purge),
         ),
         ("POST", "/admin/repair", "/admin/repair".into(), ADMIN, None),
+        (
+            "GET",
+            "/admin/dashboard",
+            "/admin/dashboard".into(),
+            ADMIN,
+            None,
+        ),
     ];
     let mut described = std::collections::BTreeSet::from([("POST", "/v1/referrals")]);
     for (method, path, concrete, token, body) in routes {

@@ -9,6 +9,8 @@
 //!   that names and national ids stay out of URLs; the GET name searches remain, deprecated.
 //! - `/admin/…`: status, sync figures, quarantine, audit, verify, export and import, for the
 //!   admin token only.
+//! - `/dashboard`: a web page for operators (static code embedded in the binary); its
+//!   figures come from `/admin/dashboard` and the change feed with the admin token.
 //! - `/health` needs no token; with `?challenge=<nonce>` it also proves, by the node key's
 //!   signature, that this node is the process answering ([`Challenge`]), so the `estuary`
 //!   command sends its token nowhere else.
@@ -29,6 +31,7 @@
 mod admin;
 mod challenge;
 mod clinical;
+pub mod dashboard;
 mod error;
 mod fhir;
 mod metrics;
@@ -84,6 +87,7 @@ pub struct ApiState {
     metrics_requests: Arc<Semaphore>,
     feeds: Arc<Semaphore>,
     metrics: Arc<metrics::ApiMetrics>,
+    dashboard: dashboard::SharedHistory,
     started: Instant,
     shutdown: watch::Receiver<bool>,
 }
@@ -98,7 +102,18 @@ impl ApiState {
         config: Arc<Config>,
         shutdown: watch::Receiver<bool>,
     ) -> Self {
+        let history = dashboard::SharedHistory::default();
+        // The dashboard's sampler runs as long as the API (where a runtime is running it).
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(dashboard::sample(
+                node.clone(),
+                sync.clone(),
+                history.clone(),
+                shutdown.clone(),
+            ));
+        }
         Self {
+            dashboard: history,
             requests: Arc::new(Semaphore::new(config.api.concurrency_max)),
             health_requests: Arc::new(Semaphore::new(HEALTH_REQUESTS_IN_FLIGHT_MAX)),
             metrics_requests: Arc::new(Semaphore::new(METRICS_REQUESTS_IN_FLIGHT_MAX)),
@@ -282,6 +297,7 @@ pub fn routes() -> Vec<Route> {
     routes.extend(clinical::routes());
     routes.extend(fhir::routes());
     routes.extend(admin::routes());
+    routes.extend(dashboard::routes());
     routes
 }
 

@@ -173,6 +173,47 @@ impl Node {
         })
     }
 
+    /// Goes on checking the audit log's hash chain from where `check` stopped, at most
+    /// `limit` records: how a check that runs alongside the node (the dashboard's) follows the
+    /// log without reading it from the start each time. Once it reaches the head, the head's
+    /// hash must match too. `Err` names the first break.
+    pub fn continue_audit_check(
+        &self,
+        check: &mut audit::ChainCheck,
+        limit: usize,
+    ) -> Result<(), Problem> {
+        let head = self.lock_ledger().audit;
+        let broken = |what: String| Problem {
+            document: None,
+            what,
+        };
+        let mut left = limit;
+        while left > 0 && check.checked() < head.sequence {
+            let page = self
+                .audit(check.checked() + 1, left.min(AUDIT_PAGE_RECORDS))
+                .map_err(|error| broken(format!("the audit log is unreadable: {error}")))?;
+            if page.is_empty() {
+                break;
+            }
+            for record in page.iter().take_while(|r| r.sequence <= head.sequence) {
+                check.push(record).map_err(|sequence| {
+                    broken(format!(
+                        "the audit log's hash chain breaks at record {sequence}"
+                    ))
+                })?;
+                left -= 1;
+            }
+        }
+        if check.checked() == head.sequence {
+            check.finish(&head).map_err(|sequence| {
+                broken(format!(
+                    "the audit log's hash chain breaks at record {sequence}"
+                ))
+            })?;
+        }
+        Ok(())
+    }
+
     /// The sequence of the last durable audit record (without waiting for the decision lock).
     pub fn audit_sequence(&self) -> u64 {
         *self.audit_updates.borrow()

@@ -331,6 +331,8 @@ impl Driver {
                 let address = endpoint.get_remote_address().to_string();
                 self.with_peer_stats(&peer_id, |s| {
                     s.connected = true;
+                    s.disconnected_ms = None;
+                    s.audit_sequence_at_disconnect = None;
                     s.institution = institution.map(|i| i.to_string());
                     s.address = Some(address);
                 });
@@ -347,7 +349,12 @@ impl Driver {
                 self.peers.remove(&peer_id);
                 self.in_progress.release_peer(&peer_id);
                 self.responder.forget(&peer_id);
-                self.with_peer_stats(&peer_id, |s| s.connected = false);
+                let sequence = self.node.audit_sequence();
+                self.with_peer_stats(&peer_id, |s| {
+                    s.connected = false;
+                    s.disconnected_ms = Some(now_ms());
+                    s.audit_sequence_at_disconnect = Some(sequence);
+                });
             }
             SwarmEvent::IncomingConnectionError { error, .. } => {
                 if matches!(error, libp2p::swarm::ListenError::Denied { .. }) {

@@ -289,6 +289,11 @@ pub struct PeerStats {
     pub strikes: u32,
     /// This node's sync requests it let time out.
     pub unanswered: u64,
+    /// When it last disconnected (milliseconds since the epoch); absent while connected.
+    pub disconnected_ms: Option<u64>,
+    /// This node's audit sequence when it last disconnected: the changes decided here since
+    /// then are what it has not had from this node (absent while connected).
+    pub audit_sequence_at_disconnect: Option<u64>,
 }
 
 /// Progress of pulling documents this node lacks.

@@ -20,6 +20,17 @@ pub struct Member {
     pub north: bool,
 }
 
+impl Member {
+    /// Its area on the consortium's map, as the roster names it.
+    pub fn area(&self) -> &'static str {
+        if self.north {
+            "north shore"
+        } else {
+            "south shore"
+        }
+    }
+}
+
 const fn member(
     id: &'static str,
     name: &'static str,
@@ -234,8 +245,12 @@ fn roster_document(seed: u64, members: &[Member], keys: &[Bytes32]) -> (Identity
                 kind: member.kind,
             },
             RosterOp::AddNodeKey {
-                institution: id,
+                institution: id.clone(),
                 key: *key,
+            },
+            RosterOp::SetArea {
+                institution: id,
+                area: member.area().into(),
             },
         ] {
             roster

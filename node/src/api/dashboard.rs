@@ -1,0 +1,513 @@
+//! `/dashboard`: the consortium at a glance for institution IT, in a browser. The page is
+//! static code embedded in the binary (no CDN, no data of its own); everything it shows comes
+//! from `/admin/dashboard` and the change feed, both behind the admin token, which the page
+//! takes from its URL fragment (`/dashboard#token=…`, which a browser never sends to a
+//! server) or from a form. What it shows names members, peers, documents and changes by id
+//! and counts them: never patient data.
+//!
+//! A sampler beside the API keeps what the figures of one moment cannot give: each peer's
+//! lag over the last hour, and the audit chain checked as it grows.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::header;
+use axum::response::IntoResponse;
+use serde::Serialize;
+
+use super::{Admin, ApiError, ApiState, Route, blocking};
+use crate::audit::{AuditAction, ChainCheck};
+use crate::model::{InstitutionKind, RosterView};
+use crate::replica::{Node, hex_encode as hex};
+use crate::sync::{CatchUp, PeerStats, StatsReader, SyncStats};
+
+/// How often the sampler records each peer's lag, in seconds.
+pub const LAG_SAMPLE_INTERVAL_S: u64 = 10;
+/// How far back the lag chart reaches, in seconds.
+pub const LAG_HISTORY_WINDOW_S: u64 = 3_600;
+/// Samples kept per peer: the window at the sampling interval.
+const LAG_SAMPLES_PER_PEER_MAX: usize = (LAG_HISTORY_WINDOW_S / LAG_SAMPLE_INTERVAL_S) as usize;
+/// Peers whose lag history is kept; a peer beyond it is charted from its next sample after
+/// one that has been gone a whole window is forgotten.
+pub const LAG_HISTORY_PEERS_MAX: usize = 256;
+/// Audit records read to estimate what a disconnected peer lacks; beyond it the estimate is
+/// a lower bound (`lag_at_least`).
+pub const LAG_SCAN_RECORDS_MAX: usize = 20_000;
+/// Audit records the sampler checks per sample, so that a long log is checked over several
+/// samples rather than in one long read.
+pub const AUDIT_CHECK_RECORDS_PER_SAMPLE: usize = 200_000;
+/// Quarantined changes listed with their reasons (the count is always whole).
+pub const QUARANTINE_SHOWN_MAX: usize = 50;
+
+const _: () = assert!(LAG_SAMPLES_PER_PEER_MAX >= 2 && LAG_SAMPLES_PER_PEER_MAX <= 3_600);
+
+/// The page: HTML, style and script in one file.
+const PAGE: &str = include_str!("dashboard.html");
+/// Where a static copy carries its snapshot.
+const SNAPSHOT_SLOT: &str = r#"<script id="snapshot" type="application/json"></script>"#;
+
+pub(super) fn routes() -> Vec<Route> {
+    vec![
+        Route::get("/dashboard", page),
+        Route::get("/admin/dashboard", figures),
+    ]
+}
+
+async fn page() -> impl IntoResponse {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            // Everything the page needs is in it or on this node.
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
+                 connect-src 'self'; img-src 'self' data:",
+            ),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        PAGE,
+    )
+}
+
+async fn figures(State(state): State<ApiState>, _admin: Admin) -> Result<Json<Snapshot>, ApiError> {
+    let stats = state.sync.as_ref().map(StatsReader::get);
+    let history = state.dashboard.clone();
+    let uptime_s = state.started.elapsed().as_secs();
+    blocking(move || {
+        snapshot(&state.node, stats.as_ref(), &history, uptime_s)
+            .map(Json)
+            .map_err(|_| ApiError::internal())
+    })
+    .await
+}
+
+/// A static copy of the dashboard showing `snapshot`: the page with the figures in it, for a
+/// report. It fetches nothing.
+pub fn static_page(snapshot: &Snapshot) -> String {
+    let json = serde_json::to_string(snapshot)
+        .expect("a snapshot serializes")
+        // Inside a script element, `</` could end it.
+        .replace("</", "<\\/");
+    PAGE.replacen(
+        SNAPSHOT_SLOT,
+        &format!(r#"<script id="snapshot" type="application/json">{json}</script>"#),
+        1,
+    )
+}
+
+/// Everything the dashboard shows at one moment.
+#[derive(Clone, Debug, Serialize)]
+pub struct Snapshot {
+    /// When it was taken (milliseconds since the epoch).
+    pub at_ms: u64,
+    /// This node.
+    pub node: NodeFigures,
+    /// Every member of the roster, with its nodes as this node sees them.
+    pub members: Vec<MemberState>,
+    /// Peers connected or seen that the roster does not name (revoked or not yet listed).
+    pub strangers: Vec<PeerState>,
+    /// Bulk catch-up progress.
+    pub catch_up: CatchUp,
+    /// What is quarantined and why.
+    pub quarantine: QuarantineFigures,
+    /// The audit log's hash chain.
+    pub audit: AuditState,
+    /// Each peer's lag over the last hour.
+    pub lag_history: Vec<LagSeries>,
+}
+
+/// This node's own figures.
+#[derive(Clone, Debug, Serialize)]
+pub struct NodeFigures {
+    /// Its institution.
+    pub institution: String,
+    /// Its libp2p peer id.
+    pub peer_id: String,
+    /// The release it runs.
+    pub version: &'static str,
+    /// Seconds since the API started.
+    pub uptime_s: u64,
+    /// Documents held.
+    pub documents: u64,
+    /// Changes waiting for their dependencies.
+    pub pending: u64,
+    /// Bytes on disk.
+    pub storage_bytes: u64,
+    /// The roster version held.
+    pub roster_version: u64,
+    /// Whether the network layer runs (a node started without it shows no peers).
+    pub network: bool,
+}
+
+/// A member institution on the map.
+#[derive(Clone, Debug, Serialize)]
+pub struct MemberState {
+    /// Its id.
+    pub id: String,
+    /// Its display name.
+    pub name: String,
+    /// Core hospital, district hospital or community centre.
+    pub kind: InstitutionKind,
+    /// Its area on the consortium's map, if the roster says.
+    pub area: Option<String>,
+    /// `this_node`, `connected` (a node of it is), `disconnected` (none is, one was),
+    /// `not_seen` (none has been connected since this node started) or `revoked` (every key
+    /// of it is revoked).
+    pub state: &'static str,
+    /// Documents it lacks or this node lacks, as far as this node knows: the most over its
+    /// nodes (see `PeerState::lag`).
+    pub lag: Option<u64>,
+    /// Its nodes this node has seen.
+    pub peers: Vec<PeerState>,
+}
+
+/// One peer node.
+#[derive(Clone, Debug, Serialize)]
+pub struct PeerState {
+    /// Its libp2p peer id.
+    pub peer_id: String,
+    /// Its institution, if the roster names it.
+    pub institution: Option<String>,
+    /// Whether it is connected now.
+    pub connected: bool,
+    /// How far apart the two nodes are, in documents: while connected, the documents that
+    /// differed at the last reconciliation; once disconnected, those plus the documents this
+    /// node has accepted changes to since (which the peer cannot have had from it).
+    pub lag: Option<u64>,
+    /// Whether the lag is a lower bound (more changes since the disconnection than were read).
+    pub lag_at_least: bool,
+    /// When a reconciliation with it last completed.
+    pub last_reconciled_ms: Option<u64>,
+    /// When it disconnected, while it is.
+    pub disconnected_ms: Option<u64>,
+    /// Bytes received from it.
+    pub bytes_in: u64,
+    /// Bytes sent to it.
+    pub bytes_out: u64,
+    /// Its gossipsub score.
+    pub score: Option<f64>,
+    /// Faulty answers it gave.
+    pub strikes: u32,
+}
+
+/// The quarantine: its size and the latest reasons.
+#[derive(Clone, Debug, Serialize)]
+pub struct QuarantineFigures {
+    /// Changes quarantined or refused.
+    pub count: u64,
+    /// Up to `QUARANTINE_SHOWN_MAX` of them, the latest first.
+    pub shown: Vec<QuarantinedChange>,
+}
+
+/// A quarantined change, by id.
+#[derive(Clone, Debug, Serialize)]
+pub struct QuarantinedChange {
+    /// The change hash.
+    pub change: String,
+    /// Its document.
+    pub document: String,
+    /// Why (names fields and rules, never content).
+    pub reason: String,
+    /// When.
+    pub at_ms: u64,
+}
+
+/// The audit chain's state.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct AuditState {
+    /// Records in the log.
+    pub records: u64,
+    /// Records whose hash chain the sampler has checked, from the first.
+    pub checked: u64,
+    /// `false` once a break is found.
+    pub sound: bool,
+    /// The break, if any.
+    pub problem: Option<String>,
+    /// When the check last ran (milliseconds since the epoch).
+    pub checked_ms: Option<u64>,
+}
+
+/// One peer's lag over time.
+#[derive(Clone, Debug, Serialize)]
+pub struct LagSeries {
+    /// The peer.
+    pub peer_id: String,
+    /// Its institution, if known.
+    pub institution: Option<String>,
+    /// `[milliseconds since the epoch, documents]`, oldest first.
+    pub points: Vec<[u64; 2]>,
+}
+
+/// What the sampler keeps between requests; shared with the API.
+#[derive(Debug, Default)]
+pub struct History {
+    lag: BTreeMap<String, (Option<String>, VecDeque<[u64; 2]>)>,
+    audit_check: ChainCheck,
+    audit: AuditState,
+}
+
+/// The sampler's state, shared between it and the API.
+pub type SharedHistory = Arc<Mutex<History>>;
+
+fn lock(history: &SharedHistory) -> std::sync::MutexGuard<'_, History> {
+    history.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn now_ms() -> u64 {
+    u64::try_from(crate::audit::now_ms()).unwrap_or(0)
+}
+
+/// Runs the sampler until `shutdown` turns true: every `LAG_SAMPLE_INTERVAL_S`, each peer's
+/// lag and the next stretch of the audit chain.
+pub async fn sample(
+    node: Arc<Node>,
+    stats: Option<StatsReader>,
+    history: SharedHistory,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(LAG_SAMPLE_INTERVAL_S));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        if *shutdown.borrow() {
+            return;
+        }
+        let (node, stats, history) = (node.clone(), stats.clone(), history.clone());
+        let sampled = tokio::task::spawn_blocking(move || {
+            sample_once(&node, stats.map(|s| s.get()).as_ref(), &history);
+        })
+        .await;
+        if sampled.is_err() {
+            tracing::warn!("the dashboard's sampler failed once; it samples again next time");
+        }
+    }
+}
+
+/// One sample: each peer's lag now, and the audit chain checked further.
+pub fn sample_once(node: &Node, stats: Option<&SyncStats>, history: &SharedHistory) {
+    let at = now_ms();
+    let lags: Vec<(String, Option<String>, u64)> = stats
+        .map(|stats| {
+            stats
+                .peers
+                .iter()
+                .filter_map(|(peer, s)| {
+                    let (lag, _) = lag_of(node, s);
+                    Some((peer.clone(), s.institution.clone(), lag?))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut check = lock(history).audit_check.clone();
+    let result = node.continue_audit_check(&mut check, AUDIT_CHECK_RECORDS_PER_SAMPLE);
+    let mut history = lock(history);
+    for (peer, institution, lag) in lags {
+        if !history.lag.contains_key(&peer) && history.lag.len() >= LAG_HISTORY_PEERS_MAX {
+            // Make room by forgetting a peer with no sample in the window, if there is one.
+            let stale = history
+                .lag
+                .iter()
+                .find(|(_, (_, points))| {
+                    points
+                        .back()
+                        .is_none_or(|p| at.saturating_sub(p[0]) > LAG_HISTORY_WINDOW_S * 1_000)
+                })
+                .map(|(peer, _)| peer.clone());
+            match stale {
+                Some(stale) => {
+                    history.lag.remove(&stale);
+                }
+                None => continue,
+            }
+        }
+        let (known, points) = history.lag.entry(peer).or_default();
+        *known = institution;
+        if points.len() == LAG_SAMPLES_PER_PEER_MAX {
+            points.pop_front();
+        }
+        points.push_back([at, lag]);
+    }
+    history.audit_check = check;
+    history.audit.checked = history.audit_check.checked();
+    history.audit.checked_ms = Some(at);
+    match result {
+        Ok(()) => {
+            history.audit.sound = history.audit.problem.is_none();
+        }
+        Err(problem) => {
+            history.audit.sound = false;
+            history.audit.problem = Some(problem.what);
+        }
+    }
+}
+
+/// A peer's lag now (see `PeerState::lag`), and whether it is a lower bound.
+fn lag_of(node: &Node, stats: &PeerStats) -> (Option<u64>, bool) {
+    let Some(since) = stats
+        .audit_sequence_at_disconnect
+        .filter(|_| !stats.connected)
+    else {
+        return (stats.lag, false);
+    };
+    let records = match node.audit(since + 1, LAG_SCAN_RECORDS_MAX) {
+        Ok(records) => records,
+        Err(_) => return (stats.lag, true),
+    };
+    let at_least = records.len() == LAG_SCAN_RECORDS_MAX;
+    let changed: BTreeSet<_> = records
+        .iter()
+        .filter(|r| {
+            matches!(r.action, AuditAction::Accepted)
+                && (stats.institution.is_none()
+                    || r.institution.as_ref().map(|i| i.as_str()) != stats.institution.as_deref())
+        })
+        .map(|r| r.document)
+        .collect();
+    let lag = stats.lag.unwrap_or(0) + changed.len() as u64;
+    (Some(lag), at_least)
+}
+
+fn peer_state(node: &Node, peer_id: &str, stats: &PeerStats) -> PeerState {
+    let (lag, lag_at_least) = lag_of(node, stats);
+    PeerState {
+        peer_id: peer_id.to_owned(),
+        institution: stats.institution.clone(),
+        connected: stats.connected,
+        lag,
+        lag_at_least,
+        last_reconciled_ms: stats.last_reconciled_ms,
+        disconnected_ms: stats.disconnected_ms,
+        bytes_in: stats.bytes_in,
+        bytes_out: stats.bytes_out,
+        score: stats.score,
+        strikes: stats.strikes,
+    }
+}
+
+/// The figures now: from the node, the sync layer's (`None` without a network layer) and the
+/// sampler's history.
+pub fn snapshot(
+    node: &Node,
+    stats: Option<&SyncStats>,
+    history: &SharedHistory,
+    uptime_s: u64,
+) -> Result<Snapshot, crate::replica::NodeError> {
+    let roster = node.roster_view();
+    let own = node.institution().as_str().to_owned();
+    let mut peers: BTreeMap<Option<String>, Vec<PeerState>> = BTreeMap::new();
+    if let Some(stats) = stats {
+        for (peer_id, s) in &stats.peers {
+            peers
+                .entry(s.institution.clone())
+                .or_default()
+                .push(peer_state(node, peer_id, s));
+        }
+    }
+    let members = members(&roster, &own, &mut peers);
+    let strangers = peers.into_values().flatten().collect();
+
+    let quarantine = node.quarantine_page(None, crate::replica::QUARANTINE_PAGE_RECORDS_MAX)?;
+    let mut shown: Vec<QuarantinedChange> = quarantine
+        .entries
+        .into_iter()
+        .map(|e| QuarantinedChange {
+            change: hex(&e.change),
+            document: e.document.to_string(),
+            reason: e.reason,
+            at_ms: e.at_ms,
+        })
+        .collect();
+    shown.sort_by_key(|q| std::cmp::Reverse(q.at_ms));
+    shown.truncate(QUARANTINE_SHOWN_MAX);
+
+    let (audit, lag_history) = {
+        let history = lock(history);
+        let mut audit = history.audit.clone();
+        if audit.checked_ms.is_none() {
+            audit.sound = true;
+        }
+        let series = history
+            .lag
+            .iter()
+            .map(|(peer, (institution, points))| LagSeries {
+                peer_id: peer.clone(),
+                institution: institution.clone(),
+                points: points.iter().copied().collect(),
+            })
+            .collect();
+        (audit, series)
+    };
+    Ok(Snapshot {
+        at_ms: now_ms(),
+        node: NodeFigures {
+            institution: own,
+            peer_id: node.identity().peer_id().to_string(),
+            version: env!("CARGO_PKG_VERSION"),
+            uptime_s,
+            documents: node.catalogue().len() as u64,
+            pending: node.pending_count()? as u64,
+            storage_bytes: node.storage_bytes()?,
+            roster_version: node.roster_version(),
+            network: stats.is_some(),
+        },
+        members,
+        strangers,
+        catch_up: stats.map(|s| s.catch_up.clone()).unwrap_or_default(),
+        quarantine: QuarantineFigures {
+            count: node.quarantine_count() as u64,
+            shown,
+        },
+        audit: AuditState {
+            records: node.audit_sequence(),
+            ..audit
+        },
+        lag_history,
+    })
+}
+
+/// Each member of the roster with its peers (taken out of `peers`).
+fn members(
+    roster: &RosterView,
+    own: &str,
+    peers: &mut BTreeMap<Option<String>, Vec<PeerState>>,
+) -> Vec<MemberState> {
+    roster
+        .institutions
+        .iter()
+        .map(|institution| {
+            let id = institution.id.as_str().to_owned();
+            let mine = peers.remove(&Some(id.clone())).unwrap_or_default();
+            let revoked = !institution.node_keys.is_empty()
+                && institution
+                    .node_keys
+                    .iter()
+                    .all(|k| roster.revocation_of(k).is_some());
+            let state = if id == own {
+                "this_node"
+            } else if revoked {
+                "revoked"
+            } else if mine.iter().any(|p| p.connected) {
+                "connected"
+            } else if mine.is_empty() {
+                "not_seen"
+            } else {
+                "disconnected"
+            };
+            MemberState {
+                name: institution.name.clone(),
+                kind: institution.kind,
+                area: institution.area.clone(),
+                state,
+                lag: mine.iter().filter_map(|p| p.lag).max(),
+                peers: mine,
+                id,
+            }
+        })
+        .collect()
+}
