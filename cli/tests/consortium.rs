@@ -14,17 +14,25 @@ use common::estuary;
 use estuary_node::config::Config;
 use serde_json::{Value, json};
 
-const INSTITUTIONS: [(&str, &str, &str); 3] = [
-    ("xinhua", "Xinhua Hospital Chongming", "core_hospital"),
+/// Id, name, kind and area on the map of each institution.
+const INSTITUTIONS: [(&str, &str, &str, &str); 3] = [
+    (
+        "xinhua",
+        "Xinhua Hospital Chongming",
+        "core_hospital",
+        "south shore",
+    ),
     (
         "chc-jianshe",
         "Jianshe Community Health Centre",
         "community_centre",
+        "north shore",
     ),
     (
         "chc-baozhen",
         "Baozhen Community Health Centre",
         "community_centre",
+        "south shore",
     ),
 ];
 /// How long anything in this test may take to propagate or start.
@@ -221,10 +229,9 @@ fn follow_feed(node: &Running) -> mpsc::Receiver<String> {
     receiver
 }
 
-#[test]
-fn three_institutions_share_a_health_file_and_a_referral_through_the_api_and_the_command() {
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path();
+/// An authority and three institutions set up with `estuary init`, `estuary roster add` (each
+/// placed on the map) and a signed roster, each node reconciling every second; not started.
+fn consortium(root: &Path) {
     let authority = estuary_json(
         root,
         &["init", "--authority", "--data-dir", "auth", "--json"],
@@ -232,7 +239,7 @@ fn three_institutions_share_a_health_file_and_a_referral_through_the_api_and_the
     let authority_key = authority["authority_key"].as_str().unwrap().to_owned();
 
     let p2p: Vec<u16> = (0..3).map(|_| free_port()).collect();
-    for (i, (id, name, kind)) in INSTITUTIONS.iter().enumerate() {
+    for (i, (id, name, kind, area)) in INSTITUTIONS.iter().enumerate() {
         let data_dir = format!("n{i}");
         let listen = format!("/ip4/127.0.0.1/tcp/{}", p2p[i]);
         let api = format!("127.0.0.1:{}", free_port());
@@ -273,6 +280,8 @@ fn three_institutions_share_a_health_file_and_a_referral_through_the_api_and_the
                 kind,
                 "--key",
                 key,
+                "--area",
+                area,
                 "--json",
             ],
         );
@@ -286,7 +295,7 @@ fn three_institutions_share_a_health_file_and_a_referral_through_the_api_and_the
         .unwrap();
     }
     let signed = estuary_json(root, &["roster", "sign", "--dir", "auth", "--json"]);
-    assert!(signed["version"].as_u64().unwrap() >= 6);
+    assert!(signed["version"].as_u64().unwrap() >= 9);
     for i in 0..3 {
         std::fs::copy(
             root.join("auth/roster.signed"),
@@ -295,8 +304,20 @@ fn three_institutions_share_a_health_file_and_a_referral_through_the_api_and_the
         .unwrap();
     }
     let roster = estuary_json(root, &["roster", "show", "--dir", "auth", "--json"]);
-    assert_eq!(roster["institutions"].as_array().unwrap().len(), 3);
+    let institutions = roster["institutions"].as_array().unwrap();
+    assert_eq!(institutions.len(), 3);
+    assert!(
+        institutions
+            .iter()
+            .all(|i| i["area"].as_str().unwrap().ends_with("shore"))
+    );
+}
 
+#[test]
+fn three_institutions_share_a_health_file_and_a_referral_through_the_api_and_the_command() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    consortium(root);
     let hospital = Running::start(root, "n0");
     let jianshe = Running::start(root, "n1");
     let baozhen = Running::start(root, "n2");
@@ -563,7 +584,7 @@ fn stopped_consortium(root: &Path) -> Vec<(String, String)> {
     );
     let authority_key = authority["authority_key"].as_str().unwrap().to_owned();
     let mut nodes = Vec::new();
-    for (i, (id, name, kind)) in INSTITUTIONS.iter().enumerate() {
+    for (i, (id, name, kind, _)) in INSTITUTIONS.iter().enumerate() {
         let data_dir = format!("n{i}");
         let listen = format!("/ip4/127.0.0.1/tcp/{}", free_port());
         let api = format!("127.0.0.1:{}", free_port());
@@ -1001,4 +1022,190 @@ fn a_member_loads_its_residents_records_and_a_second_load_adds_nothing() {
     );
     assert_eq!(loaded["loaded"], 1, "{loaded}");
     assert_eq!(documents(root), before + 699);
+}
+
+/// A headless Chromium: Debian's `chromium` package (which `.ci/run` installs).
+fn chromium() -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    for name in ["chromium", "chromium-browser", "google-chrome"] {
+        for dir in std::env::split_paths(&path) {
+            let candidate = dir.join(name);
+            if candidate.is_file() {
+                return candidate;
+            }
+        }
+    }
+    panic!(
+        "the dashboard test needs Chromium: install Debian's chromium package (bash .ci/run does)"
+    )
+}
+
+/// How long one page load in the browser may take.
+const BROWSER_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// Loads `url` in a fresh headless Chromium, lets the page run for 4 s of its own time
+/// (fetches complete first), and returns what it printed: the page's DOM with `--dump-dom`,
+/// nothing with `--screenshot=…`.
+fn browse(chromium: &Path, profile: &Path, url: &str, mode: &str) -> String {
+    let mut child = Command::new(chromium)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--no-first-run",
+            "--hide-scrollbars",
+            "--window-size=1400,1300",
+            "--virtual-time-budget=4000",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .arg(mode)
+        .arg(url)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("chromium starts");
+    let mut stdout = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = std::io::Read::read_to_string(&mut stdout, &mut text);
+        text
+    });
+    let start = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > BROWSER_TIMEOUT {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("chromium did not finish loading {mode} within {BROWSER_TIMEOUT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    reader.join().unwrap()
+}
+
+/// Each member's row in the dashboard's table: `(state, lag)` by member id.
+fn member_rows(dom: &str) -> std::collections::BTreeMap<String, (String, Option<u64>)> {
+    let attribute = |tag: &str, name: &str| {
+        let start = tag.find(&format!("{name}=\""))? + name.len() + 2;
+        let end = start + tag[start..].find('"')?;
+        Some(tag[start..end].to_owned())
+    };
+    dom.split("<tr ")
+        .skip(1)
+        .filter_map(|rest| {
+            let tag = &rest[..rest.find('>')?];
+            let member = attribute(tag, "data-member")?;
+            let state = attribute(tag, "data-state")?;
+            let lag = attribute(tag, "data-lag").and_then(|l| l.parse().ok());
+            Some((member, (state, lag)))
+        })
+        .collect()
+}
+
+/// Where tests leave what a person looks at afterwards: `ESTUARY_REPORT_DIR`, or the
+/// workspace's `testnet-report/`.
+fn report_dir() -> PathBuf {
+    let dir = std::env::var_os("ESTUARY_REPORT_DIR").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../testnet-report"),
+        PathBuf::from,
+    );
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// The operators' dashboard in a real browser. Three node processes; headless Chromium opens
+/// the hospital's `/dashboard` with the admin token in the URL fragment and waits for the two
+/// other members to show connected. One of them is stopped (a partition, as far as the
+/// hospital can tell): the page shows it disconnected, and its lag grows with each file the
+/// hospital registers while it is gone. The change feed shows those registrations by id,
+/// and a screenshot is kept in the report folder.
+#[test]
+fn the_dashboard_shows_a_member_disconnect_and_its_lag_grow_in_a_browser() {
+    let chromium = chromium();
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    consortium(root);
+    let hospital = Running::start(root, "n0");
+    let _jianshe = Running::start(root, "n1");
+    let baozhen = Running::start(root, "n2");
+    let admin = Config::load(&hospital.config).unwrap().api.admin_token;
+    let url = format!("{}/dashboard#token={admin}", hospital.api);
+    let profile = root.join("browser");
+    let state = |rows: &std::collections::BTreeMap<String, (String, Option<u64>)>, id: &str| {
+        rows.get(id)
+            .map(|(state, _)| state.clone())
+            .unwrap_or_default()
+    };
+
+    let mut dom = String::new();
+    hospital.wait_until("the dashboard shows both other members connected", || {
+        dom = browse(&chromium, &profile, &url, "--dump-dom");
+        let rows = member_rows(&dom);
+        state(&rows, "xinhua") == "this_node"
+            && state(&rows, "chc-jianshe") == "connected"
+            && state(&rows, "chc-baozhen") == "connected"
+    });
+    assert!(dom.contains(r#"data-ready="true""#), "{dom}");
+    assert!(dom.contains(r#"data-map-member="chc-baozhen" data-state="connected""#));
+    assert!(dom.contains("north shore") && dom.contains("south shore"));
+
+    baozhen.stop();
+    let mut lag_when_gone = 0;
+    hospital.wait_until("the dashboard shows Baozhen disconnected", || {
+        let rows = member_rows(&browse(&chromium, &profile, &url, "--dump-dom"));
+        match rows.get("chc-baozhen") {
+            Some((state, Some(lag))) if state == "disconnected" => {
+                lag_when_gone = *lag;
+                true
+            }
+            _ => false,
+        }
+    });
+
+    let mut registered = Vec::new();
+    for given in ["Jianguo", "Meilan", "Xiaoming"] {
+        let (status, written) = hospital.post(
+            "/v1/health-files",
+            &json!({"name": {"family": "Lu", "given": given}, "sex": "female",
+                    "birth_date": "1950-03-02"}),
+        );
+        assert_eq!(status, 201, "{written}");
+        registered.push(written["id"].as_str().unwrap().to_owned());
+    }
+    let mut lag_now = 0;
+    hospital.wait_until("Baozhen's lag grows by the files registered since", || {
+        dom = browse(&chromium, &profile, &url, "--dump-dom");
+        if let Some((state, Some(lag))) = member_rows(&dom).get("chc-baozhen") {
+            assert_eq!(state, "disconnected");
+            lag_now = *lag;
+        }
+        lag_now >= lag_when_gone + 3
+    });
+    assert!(dom.contains(r#"data-map-member="chc-baozhen" data-state="disconnected""#));
+    assert!(
+        dom.contains(&format!("lag {lag_now}")),
+        "the map shows the lag"
+    );
+    // The feed lists the registrations by id, and nothing of the residents.
+    for id in &registered {
+        assert!(dom.contains(&id[..12]), "the feed lacks {id}");
+    }
+    for private in ["Jianguo", "Meilan", "1950-03-02"] {
+        assert!(!dom.contains(private), "{private} is on the dashboard");
+    }
+
+    let shot = report_dir().join("dashboard.png");
+    let _ = std::fs::remove_file(&shot);
+    browse(
+        &chromium,
+        &profile,
+        &url,
+        &format!("--screenshot={}", shot.display()),
+    );
+    let png = std::fs::read(&shot).expect("chromium saved the screenshot");
+    assert!(
+        png.starts_with(b"\x89PNG") && png.len() > 20_000,
+        "{} bytes",
+        png.len()
+    );
 }

@@ -89,6 +89,18 @@ fn seven_nodes_in_process_converge_through_partitions_loss_and_restarts() {
     assert!(text.contains("slowest part"), "{text}");
     assert!(text.contains("writes on the clock"), "{text}");
     assert!(dir.path().join("agreement.svg").exists());
+    assert_dashboard_copy(&report, dir.path());
+}
+
+/// The report links a static copy of the core hospital's dashboard with its figures in it.
+fn assert_dashboard_copy(report: &Value, dir: &Path) {
+    assert_eq!(report["dashboard"], "dashboard.html");
+    let page = std::fs::read_to_string(dir.join("dashboard.html")).unwrap();
+    assert!(
+        page.contains(r#""institution":"xinhua""#),
+        "the copy carries no figures"
+    );
+    assert!(page.contains(r#""state":"this_node""#));
 }
 
 /// The `estuary` binary, built beside this package's if a workspace build has not already.
@@ -149,6 +161,7 @@ fn five_node_processes_converge_through_proxy_partitions_loss_and_sigkill() {
     );
     assert!(faults.iter().any(|f| f["fault"] == "loss"), "{text}");
     assert_eq!(report["restarts"], 2, "{text}");
+    assert_dashboard_copy(&report, dir.path());
     // The proxy did cut connections and hold writes back.
     assert!(report["connections_cut"].as_u64().unwrap() > 0, "{text}");
     assert!(report["writes_delayed"].as_u64().unwrap() > 0, "{text}");

@@ -30,8 +30,8 @@ pub const LAG_SAMPLE_INTERVAL_S: u64 = 10;
 pub const LAG_HISTORY_WINDOW_S: u64 = 3_600;
 /// Samples kept per peer: the window at the sampling interval.
 const LAG_SAMPLES_PER_PEER_MAX: usize = (LAG_HISTORY_WINDOW_S / LAG_SAMPLE_INTERVAL_S) as usize;
-/// Peers whose lag history is kept; a peer beyond it is charted from its next sample after
-/// one that has been gone a whole window is forgotten.
+/// Peers whose lag history is kept. A new peer beyond it takes the place of one with no
+/// sample in the last window, or goes uncharted until one ages out.
 pub const LAG_HISTORY_PEERS_MAX: usize = 256;
 /// Audit records read to estimate what a disconnected peer lacks; beyond it the estimate is
 /// a lower bound (`lag_at_least`).
@@ -84,9 +84,10 @@ async fn figures(State(state): State<ApiState>, _admin: Admin) -> Result<Json<Sn
     .await
 }
 
-/// A static copy of the dashboard showing `snapshot`: the page with the figures in it, for a
-/// report. It fetches nothing.
-pub fn static_page(snapshot: &Snapshot) -> String {
+/// A static copy of the dashboard showing `snapshot` (a [`Snapshot`], or its JSON as
+/// `/admin/dashboard` answers it): the page with the figures in it, for a report. It fetches
+/// nothing.
+pub fn static_page(snapshot: &impl Serialize) -> String {
     let json = serde_json::to_string(snapshot)
         .expect("a snapshot serializes")
         // Inside a script element, `</` could end it.
@@ -292,20 +293,20 @@ pub async fn sample(
 /// One sample: each peer's lag now, and the audit chain checked further.
 pub fn sample_once(node: &Node, stats: Option<&SyncStats>, history: &SharedHistory) {
     let at = now_ms();
+    let since = SinceDisconnections::read(node, stats);
     let lags: Vec<(String, Option<String>, u64)> = stats
         .map(|stats| {
             stats
                 .peers
                 .iter()
                 .filter_map(|(peer, s)| {
-                    let (lag, _) = lag_of(node, s);
+                    let (lag, _) = since.lag(s);
                     Some((peer.clone(), s.institution.clone(), lag?))
                 })
                 .collect()
         })
         .unwrap_or_default();
-    let mut check = lock(history).audit_check.clone();
-    let result = node.continue_audit_check(&mut check, AUDIT_CHECK_RECORDS_PER_SAMPLE);
+    check_audit(node, history);
     let mut history = lock(history);
     for (peer, institution, lag) in lags {
         if !history.lag.contains_key(&peer) && history.lag.len() >= LAG_HISTORY_PEERS_MAX {
@@ -333,48 +334,89 @@ pub fn sample_once(node: &Node, stats: Option<&SyncStats>, history: &SharedHisto
         }
         points.push_back([at, lag]);
     }
-    history.audit_check = check;
-    history.audit.checked = history.audit_check.checked();
-    history.audit.checked_ms = Some(at);
-    match result {
-        Ok(()) => {
-            history.audit.sound = history.audit.problem.is_none();
-        }
-        Err(problem) => {
-            history.audit.sound = false;
-            history.audit.problem = Some(problem.what);
-        }
+}
+
+/// Checks the audit chain on from where the last check stopped, at most
+/// `AUDIT_CHECK_RECORDS_PER_SAMPLE` records. Two checks at once each go on from the same
+/// place; the one that got further is kept.
+fn check_audit(node: &Node, history: &SharedHistory) {
+    let mut check = lock(history).audit_check.clone();
+    let result = node.continue_audit_check(&mut check, AUDIT_CHECK_RECORDS_PER_SAMPLE);
+    let mut history = lock(history);
+    history.audit.checked_ms = Some(now_ms());
+    if let Err(problem) = result {
+        history.audit.sound = false;
+        history.audit.problem = Some(problem.what);
+    } else if history.audit.problem.is_none() {
+        history.audit.sound = true;
+    }
+    if check.checked() > history.audit_check.checked() {
+        history.audit.checked = check.checked();
+        history.audit_check = check;
     }
 }
 
-/// A peer's lag now (see `PeerState::lag`), and whether it is a lower bound.
-fn lag_of(node: &Node, stats: &PeerStats) -> (Option<u64>, bool) {
-    let Some(since) = stats
-        .audit_sequence_at_disconnect
-        .filter(|_| !stats.connected)
-    else {
-        return (stats.lag, false);
-    };
-    let records = match node.audit(since + 1, LAG_SCAN_RECORDS_MAX) {
-        Ok(records) => records,
-        Err(_) => return (stats.lag, true),
-    };
-    let at_least = records.len() == LAG_SCAN_RECORDS_MAX;
-    let changed: BTreeSet<_> = records
-        .iter()
-        .filter(|r| {
-            matches!(r.action, AuditAction::Accepted)
-                && (stats.institution.is_none()
-                    || r.institution.as_ref().map(|i| i.as_str()) != stats.institution.as_deref())
-        })
-        .map(|r| r.document)
-        .collect();
-    let lag = stats.lag.unwrap_or(0) + changed.len() as u64;
-    (Some(lag), at_least)
+/// The audit records since the earliest disconnection among the peers, read once for every
+/// disconnected peer's lag (at most `LAG_SCAN_RECORDS_MAX`).
+struct SinceDisconnections {
+    records: Vec<crate::audit::AuditRecord>,
+    /// Whether the records reach the log's end.
+    complete: bool,
 }
 
-fn peer_state(node: &Node, peer_id: &str, stats: &PeerStats) -> PeerState {
-    let (lag, lag_at_least) = lag_of(node, stats);
+impl SinceDisconnections {
+    fn read(node: &Node, stats: Option<&SyncStats>) -> Self {
+        let earliest = stats
+            .into_iter()
+            .flat_map(|s| s.peers.values())
+            .filter(|p| !p.connected)
+            .filter_map(|p| p.audit_sequence_at_disconnect)
+            .min();
+        let Some(earliest) = earliest else {
+            return Self {
+                records: Vec::new(),
+                complete: true,
+            };
+        };
+        match node.audit(earliest + 1, LAG_SCAN_RECORDS_MAX) {
+            Ok(records) => Self {
+                complete: records.len() < LAG_SCAN_RECORDS_MAX,
+                records,
+            },
+            Err(_) => Self {
+                records: Vec::new(),
+                complete: false,
+            },
+        }
+    }
+
+    /// A peer's lag now (see `PeerState::lag`), and whether it is a lower bound.
+    fn lag(&self, stats: &PeerStats) -> (Option<u64>, bool) {
+        let Some(since) = stats
+            .audit_sequence_at_disconnect
+            .filter(|_| !stats.connected)
+        else {
+            return (stats.lag, false);
+        };
+        let changed: BTreeSet<_> = self
+            .records
+            .iter()
+            .filter(|r| {
+                r.sequence > since
+                    && matches!(r.action, AuditAction::Accepted)
+                    && (stats.institution.is_none()
+                        || r.institution.as_ref().map(|i| i.as_str())
+                            != stats.institution.as_deref())
+            })
+            .map(|r| r.document)
+            .collect();
+        let lag = stats.lag.unwrap_or(0) + changed.len() as u64;
+        (Some(lag), !self.complete)
+    }
+}
+
+fn peer_state(since: &SinceDisconnections, peer_id: &str, stats: &PeerStats) -> PeerState {
+    let (lag, lag_at_least) = since.lag(stats);
     PeerState {
         peer_id: peer_id.to_owned(),
         institution: stats.institution.clone(),
@@ -391,7 +433,8 @@ fn peer_state(node: &Node, peer_id: &str, stats: &PeerStats) -> PeerState {
 }
 
 /// The figures now: from the node, the sync layer's (`None` without a network layer) and the
-/// sampler's history.
+/// sampler's history; the audit chain is first checked up to the records written since the
+/// last check.
 pub fn snapshot(
     node: &Node,
     stats: Option<&SyncStats>,
@@ -400,17 +443,19 @@ pub fn snapshot(
 ) -> Result<Snapshot, crate::replica::NodeError> {
     let roster = node.roster_view();
     let own = node.institution().as_str().to_owned();
+    check_audit(node, history);
+    let since = SinceDisconnections::read(node, stats);
     let mut peers: BTreeMap<Option<String>, Vec<PeerState>> = BTreeMap::new();
     if let Some(stats) = stats {
         for (peer_id, s) in &stats.peers {
             peers
                 .entry(s.institution.clone())
                 .or_default()
-                .push(peer_state(node, peer_id, s));
+                .push(peer_state(&since, peer_id, s));
         }
     }
     let members = members(&roster, &own, &mut peers);
-    let strangers = peers.into_values().flatten().collect();
+    let strangers: Vec<PeerState> = peers.into_values().flatten().collect();
 
     let quarantine = node.quarantine_page(None, crate::replica::QUARANTINE_PAGE_RECORDS_MAX)?;
     let mut shown: Vec<QuarantinedChange> = quarantine
@@ -426,25 +471,43 @@ pub fn snapshot(
     shown.sort_by_key(|q| std::cmp::Reverse(q.at_ms));
     shown.truncate(QUARANTINE_SHOWN_MAX);
 
+    let at_ms = now_ms();
     let (audit, lag_history) = {
         let history = lock(history);
         let mut audit = history.audit.clone();
         if audit.checked_ms.is_none() {
             audit.sound = true;
         }
-        let series = history
+        let mut series: BTreeMap<&str, LagSeries> = history
             .lag
             .iter()
-            .map(|(peer, (institution, points))| LagSeries {
-                peer_id: peer.clone(),
-                institution: institution.clone(),
-                points: points.iter().copied().collect(),
+            .map(|(peer, (institution, points))| {
+                let series = LagSeries {
+                    peer_id: peer.clone(),
+                    institution: institution.clone(),
+                    points: points.iter().copied().collect(),
+                };
+                (peer.as_str(), series)
             })
             .collect();
-        (audit, series)
+        // Each chart ends with the lag now.
+        for peer in members.iter().flat_map(|m| &m.peers).chain(&strangers) {
+            if let Some(lag) = peer.lag {
+                series
+                    .entry(&peer.peer_id)
+                    .or_insert_with(|| LagSeries {
+                        peer_id: peer.peer_id.clone(),
+                        institution: peer.institution.clone(),
+                        points: Vec::new(),
+                    })
+                    .points
+                    .push([at_ms, lag]);
+            }
+        }
+        (audit, series.into_values().collect())
     };
     Ok(Snapshot {
-        at_ms: now_ms(),
+        at_ms,
         node: NodeFigures {
             institution: own,
             peer_id: node.identity().peer_id().to_string(),

@@ -198,4 +198,9 @@ pub trait Cluster {
     fn metrics(&mut self, _node: usize) -> anyhow::Result<Option<String>> {
         Ok(None)
     }
+    /// Lets a node's dashboard record its peers' lag now, where the harness must do it (a
+    /// node process samples itself).
+    fn sample_dashboard(&mut self, _node: usize) {}
+    /// A static copy of a node's dashboard as it is now (HTML); `None` if the node is down.
+    fn dashboard(&mut self, node: usize) -> anyhow::Result<Option<String>>;
 }

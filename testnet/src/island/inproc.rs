@@ -5,9 +5,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use estuary_node::api::dashboard;
 use estuary_node::model::automerge::ChangeHash;
 use estuary_node::model::{DocumentId, DocumentKind, OpError, ValidationError};
 use estuary_node::replica::{Node, NodeConfig, NodeError};
@@ -43,6 +44,10 @@ pub struct InProc {
     restarted: BTreeSet<usize>,
     /// Slots never started: a rogue holds the member's key instead.
     absent: BTreeSet<usize>,
+    /// Each node's dashboard history (lag samples, the audit chain checked so far), sampled
+    /// by the harness: a node in this process runs no API, so no sampler of its own.
+    dashboards: Vec<(dashboard::SharedHistory, Option<Instant>)>,
+    started: Instant,
 }
 
 /// A memory-transport address on a random port.
@@ -100,7 +105,12 @@ impl InProc {
             applied: NetworkFaults::default(),
             restarted: BTreeSet::new(),
             absent,
+            dashboards: Vec::new(),
+            started: Instant::now(),
         };
+        cluster.dashboards = (0..cluster.configs.len())
+            .map(|_| Default::default())
+            .collect();
         for node in 0..cluster.configs.len() {
             cluster.restart(node)?;
         }
@@ -385,6 +395,32 @@ impl Cluster for InProc {
             .block_on(running.sync.update_roster(signed.to_vec()))
             .with_context(|| format!("node {index} refused the roster"))?;
         Ok(())
+    }
+
+    fn sample_dashboard(&mut self, node: usize) {
+        let Some(running) = &self.nodes[node] else {
+            return;
+        };
+        let (history, sampled) = &mut self.dashboards[node];
+        let due = Duration::from_secs(dashboard::LAG_SAMPLE_INTERVAL_S);
+        if sampled.is_some_and(|at| at.elapsed() < due) {
+            return;
+        }
+        *sampled = Some(Instant::now());
+        dashboard::sample_once(&running.node, Some(&running.sync.stats()), history);
+    }
+
+    fn dashboard(&mut self, node: usize) -> anyhow::Result<Option<String>> {
+        let Some(running) = &self.nodes[node] else {
+            return Ok(None);
+        };
+        let snapshot = dashboard::snapshot(
+            &running.node,
+            Some(&running.sync.stats()),
+            &self.dashboards[node].0,
+            self.started.elapsed().as_secs(),
+        )?;
+        Ok(Some(dashboard::static_page(&snapshot)))
     }
 
     fn sync_stats(&self, node: usize) -> Option<estuary_node::sync::SyncStats> {

@@ -209,14 +209,37 @@ pub fn run_demo(args: &DemoArgs) -> anyhow::Result<report::Report> {
     if args.canary {
         keep_metrics(cluster.as_mut(), &args.report_dir)?;
     }
+    let dashboard = keep_dashboard(cluster.as_mut(), &args.report_dir);
     cluster.shutdown();
     if args.canary {
         keep_logs(&setup.data_dirs, &args.report_dir)?;
     }
     let outcome = outcome?;
-    let report = report::Report::new(args, seed, &members, outcome, &replay);
+    let mut report = report::Report::new(args, seed, &members, outcome, &replay);
+    report.dashboard = dashboard;
     report.write(&args.report_dir)?;
     Ok(report)
+}
+
+/// Writes a static copy of the core hospital's dashboard as the run ended into the report
+/// folder; its file name, or `None` if the node was down or the copy could not be made (the
+/// run's verdict does not depend on it).
+fn keep_dashboard(cluster: &mut dyn Cluster, report_dir: &Path) -> Option<String> {
+    const FILE: &str = "dashboard.html";
+    let written = cluster.dashboard(0).and_then(|page| {
+        let Some(page) = page else { return Ok(false) };
+        std::fs::create_dir_all(report_dir)?;
+        std::fs::write(report_dir.join(FILE), page)?;
+        Ok(true)
+    });
+    match written {
+        Ok(true) => Some(FILE.into()),
+        Ok(false) => None,
+        Err(error) => {
+            eprintln!("the dashboard's static copy was not written: {error:#}");
+            None
+        }
+    }
 }
 
 /// Writes each node's `/metrics` (where nodes serve it) into `metrics/` of the report folder.
@@ -955,6 +978,8 @@ fn network_faults(active: &[&plan::FaultWindow]) -> NetworkFaults {
 
 /// (time, documents in agreement among the checked nodes that are up, documents).
 fn sample(cluster: &mut dyn Cluster, checked: &[usize], t: u64) -> anyhow::Result<(u64, u64, u64)> {
+    // The core hospital's dashboard charts its peers' lag over the run.
+    cluster.sample_dashboard(0);
     let mut catalogues = Vec::new();
     for node in checked {
         if cluster.is_up(*node) {

@@ -498,6 +498,14 @@ impl Cluster for Procs {
         Ok(catalogue)
     }
 
+    fn dashboard(&mut self, node: usize) -> anyhow::Result<Option<String>> {
+        if !self.is_up(node) {
+            return Ok(None);
+        }
+        let figures = self.get(node, "/admin/dashboard")?;
+        Ok(Some(estuary_node::api::dashboard::static_page(&figures)))
+    }
+
     fn metrics(&mut self, node: usize) -> anyhow::Result<Option<String>> {
         if !self.is_up(node) {
             return Ok(None);

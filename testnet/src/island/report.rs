@@ -88,6 +88,9 @@ pub struct Report {
     pub byzantine: Option<ByzantineReport>,
     pub failures: Vec<String>,
     pub replay: String,
+    /// The static copy of the core hospital's dashboard as the run ended, in the report
+    /// folder (absent if the node was down at the end).
+    pub dashboard: Option<String>,
 }
 
 impl Report {
@@ -198,6 +201,7 @@ impl Report {
                 .collect(),
             byzantine,
             replay: replay.to_owned(),
+            dashboard: None,
         }
     }
 
@@ -369,6 +373,12 @@ impl Report {
             "  report                {} (and agreement.svg)",
             dir.join("report.json").display()
         );
+        if let Some(dashboard) = &self.dashboard {
+            println!(
+                "  dashboard             {} (the core hospital's, as the run ended)",
+                dir.join(dashboard).display()
+            );
+        }
     }
 
     /// The share of documents in agreement over time, fault periods shaded.
