@@ -767,6 +767,15 @@ async fn the_dashboard_shows_members_lag_and_audit_by_id_and_needs_the_admin_tok
     assert_eq!(snapshot.audit.checked, snapshot.audit.records);
     assert_eq!(snapshot.lag_history.len(), 1);
     assert_eq!(snapshot.lag_history[0].points[0][1], 5);
+    // The page opens with the latest decisions: the three registrations among them.
+    let recent = serde_json::to_value(&snapshot.recent_changes).unwrap();
+    let registered = recent
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["action"] == "accepted" && e["kind"] == "health_file")
+        .count();
+    assert!(registered >= 3, "{recent}");
 
     // Ids and counts only: no name, birth date or national id, live or in a static copy.
     let copy = dashboard::static_page(&snapshot);

@@ -20,7 +20,7 @@ use crate::model::{
     Demographics, Direction, DocumentId, DocumentKind, HealthFileOp, InstitutionId, NewReferral,
     ReferralOp, ReferralStatus, Timestamp, Urgency, View,
 };
-use crate::replica::{DESK_PAGE_MAX, DeskQuery, hex_encode as hex};
+use crate::replica::{DESK_PAGE_MAX, DeskQuery, Node, hex_encode as hex};
 
 /// Events sent per read of the audit log by a change feed.
 const FEED_PAGE_RECORDS: usize = 256;
@@ -735,8 +735,8 @@ struct FeedQuery {
 }
 
 /// What a feed follows.
-#[derive(Clone)]
-struct FeedFilter {
+#[derive(Clone, Default)]
+pub(super) struct FeedFilter {
     referrals_of: Option<InstitutionId>,
     priority_only: bool,
 }
@@ -774,8 +774,8 @@ fn is_priority(referral: &crate::model::ReferralView) -> bool {
 /// Ids only: an app that wants the content reads the document, and that read is audited. A
 /// referral's event carries the status and urgency it has when the event is read, so a desk
 /// learns "accepted" or "report ready" without a read.
-#[derive(Serialize)]
-struct FeedEvent {
+#[derive(Clone, Debug, Serialize)]
+pub struct FeedEvent {
     cursor: u64,
     action: crate::audit::AuditAction,
     document: DocumentId,
@@ -865,19 +865,7 @@ async fn next_event(mut feed: Feed) -> Option<(Result<Event, std::convert::Infal
         let page = tokio::task::spawn_blocking(move || {
             let records = node.audit(from, FEED_PAGE_RECORDS)?;
             let last = records.last().map(|r| r.sequence);
-            let mut events = Vec::new();
-            for record in records.into_iter().filter(|r| r.action.is_decision()) {
-                let kind = node.kind_of(record.document).ok().flatten();
-                // A referral withdrawn or erased since is read as none.
-                let referral = match kind {
-                    Some(DocumentKind::Referral) => node.referral(record.document).ok(),
-                    _ => None,
-                };
-                if filter.passes(referral.as_ref()) {
-                    events.push(feed_event(record, kind, referral.as_ref()));
-                }
-            }
-            Ok::<_, crate::replica::NodeError>((last, events))
+            Ok::<_, crate::replica::NodeError>((last, decision_events(&node, records, &filter)))
         })
         .await
         .ok()?
@@ -896,6 +884,27 @@ async fn next_event(mut feed: Feed) -> Option<(Result<Event, std::convert::Infal
         feed.cursor = last;
         feed.buffered.extend(events);
     }
+}
+
+/// The feed's events among `records` (decisions about changes) that pass `filter`.
+pub(super) fn decision_events(
+    node: &Node,
+    records: Vec<AuditRecord>,
+    filter: &FeedFilter,
+) -> Vec<FeedEvent> {
+    let mut events = Vec::new();
+    for record in records.into_iter().filter(|r| r.action.is_decision()) {
+        let kind = node.kind_of(record.document).ok().flatten();
+        // A referral withdrawn or erased since is read as none.
+        let referral = match kind {
+            Some(DocumentKind::Referral) => node.referral(record.document).ok(),
+            _ => None,
+        };
+        if filter.passes(referral.as_ref()) {
+            events.push(feed_event(record, kind, referral.as_ref()));
+        }
+    }
+    events
 }
 
 fn feed_event(

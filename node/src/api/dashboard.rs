@@ -41,6 +41,11 @@ pub const LAG_SCAN_RECORDS_MAX: usize = 20_000;
 pub const AUDIT_CHECK_RECORDS_PER_SAMPLE: usize = 200_000;
 /// Quarantined changes listed with their reasons (the count is always whole).
 pub const QUARANTINE_SHOWN_MAX: usize = 50;
+/// The latest decisions a snapshot carries, so that the page (and a static copy) opens with
+/// the feed's recent past; the live feed goes on from the snapshot's last record.
+pub const RECENT_CHANGES_MAX: usize = 40;
+/// Audit records read back from the head to find them (reads among them are skipped).
+const RECENT_SCAN_RECORDS: u64 = 400;
 
 const _: () = assert!(LAG_SAMPLES_PER_PEER_MAX >= 2 && LAG_SAMPLES_PER_PEER_MAX <= 3_600);
 
@@ -114,6 +119,9 @@ pub struct Snapshot {
     pub catch_up: CatchUp,
     /// What is quarantined and why.
     pub quarantine: QuarantineFigures,
+    /// The latest decisions, the latest last, as the change feed carries them, up to
+    /// `audit.records`; the live feed goes on from there.
+    pub recent_changes: Vec<super::clinical::FeedEvent>,
     /// The audit log's hash chain.
     pub audit: AuditState,
     /// Each peer's lag over the last hour.
@@ -444,6 +452,7 @@ pub fn snapshot(
     let roster = node.roster_view();
     let own = node.institution().as_str().to_owned();
     check_audit(node, history);
+    let head = node.audit_sequence();
     let since = SinceDisconnections::read(node, stats);
     let mut peers: BTreeMap<Option<String>, Vec<PeerState>> = BTreeMap::new();
     if let Some(stats) = stats {
@@ -527,11 +536,26 @@ pub fn snapshot(
             shown,
         },
         audit: AuditState {
-            records: node.audit_sequence(),
+            records: head,
             ..audit
         },
+        recent_changes: recent_changes(node, head)?,
         lag_history,
     })
+}
+
+/// The latest `RECENT_CHANGES_MAX` decisions up to the audit record `head`.
+fn recent_changes(
+    node: &Node,
+    head: u64,
+) -> Result<Vec<super::clinical::FeedEvent>, crate::replica::NodeError> {
+    let from = head.saturating_sub(RECENT_SCAN_RECORDS - 1).max(1);
+    let mut records = node.audit(from, RECENT_SCAN_RECORDS as usize)?;
+    records.retain(|r| r.sequence <= head);
+    let mut events = super::clinical::decision_events(node, records, &Default::default());
+    let skip = events.len().saturating_sub(RECENT_CHANGES_MAX);
+    events.drain(..skip);
+    Ok(events)
 }
 
 /// Each member of the roster with its peers (taken out of `peers`).
