@@ -147,6 +147,11 @@ impl Client {
         })
     }
 
+    /// The address of the node's dashboard with the admin token in its fragment.
+    pub fn dashboard_url(&self) -> String {
+        self.url(&format!("/dashboard#token={}", self.token))
+    }
+
     /// Whether the node is not running: the command reads its stopped data directory.
     pub fn is_offline(&self) -> bool {
         self._offline.is_some()

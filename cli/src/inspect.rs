@@ -149,6 +149,24 @@ fn list(value: &Value) -> &Vec<Value> {
     value.as_array().unwrap_or(empty())
 }
 
+pub fn dashboard(client: &Client, json: bool) -> Result<(), Failure> {
+    if client.is_offline() {
+        return Err(Failure::unreachable(anyhow::anyhow!(
+            "the node is not running, and only a running node serves its dashboard: start it with estuary node run"
+        )));
+    }
+    let url = client.dashboard_url();
+    if json {
+        output::json(&serde_json::json!({ "url": url }));
+    } else {
+        println!("{url}");
+        println!(
+            "open it in a browser on this machine; the token after # stays in the browser (anyone with this address is the node's admin)"
+        );
+    }
+    Ok(())
+}
+
 pub fn status(client: &Client, json: bool) -> Result<(), Failure> {
     let status = client.get("/admin/status")?;
     if json {

@@ -59,6 +59,10 @@ enum Command {
     Peers(inspect::Watch),
     /// Per-peer lag and bytes, and bulk catch-up progress.
     Sync(inspect::Watch),
+    /// The address of the running node's web dashboard, the admin token in its fragment
+    /// (which a browser never sends): open it in a browser on this machine. Printed only once
+    /// the node has proved, by its key, that it is the process answering there.
+    Dashboard,
     /// Residents' health files.
     #[command(subcommand)]
     Patient(inspect::PatientCommand),
@@ -201,6 +205,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Status => inspect::status(&connect()?, json),
         Command::Peers(watch) => inspect::watching(&connect()?, &watch, json, inspect::peers),
         Command::Sync(watch) => inspect::watching(&connect()?, &watch, json, inspect::sync),
+        Command::Dashboard => inspect::dashboard(&connect()?, json),
         Command::Patient(command) => inspect::patient(&connect()?, command, json),
         Command::Referral(command) => inspect::referral(&connect()?, command, json),
         Command::Quarantine(command) => inspect::quarantine(&connect()?, command, json),

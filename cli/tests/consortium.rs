@@ -1055,7 +1055,7 @@ fn browse(chromium: &Path, profile: &Path, url: &str, mode: &str) -> String {
             "--disable-dev-shm-usage",
             "--no-first-run",
             "--hide-scrollbars",
-            "--window-size=1400,1300",
+            "--window-size=1400,1600",
             "--virtual-time-budget=4000",
         ])
         .arg(format!("--user-data-dir={}", profile.display()))
@@ -1128,8 +1128,12 @@ fn the_dashboard_shows_a_member_disconnect_and_its_lag_grow_in_a_browser() {
     let hospital = Running::start(root, "n0");
     let _jianshe = Running::start(root, "n1");
     let baozhen = Running::start(root, "n2");
+    // The address as the command gives it to an operator.
+    let config = hospital.config.to_str().unwrap().to_owned();
+    let shown = estuary_json(root, &["--config", &config, "dashboard", "--json"]);
+    let url = shown["url"].as_str().unwrap().to_owned();
     let admin = Config::load(&hospital.config).unwrap().api.admin_token;
-    let url = format!("{}/dashboard#token={admin}", hospital.api);
+    assert_eq!(url, format!("{}/dashboard#token={admin}", hospital.api));
     let profile = root.join("browser");
     let state = |rows: &std::collections::BTreeMap<String, (String, Option<u64>)>, id: &str| {
         rows.get(id)
