@@ -45,6 +45,20 @@ pub enum RosterCommand {
         #[arg(long)]
         area: Option<String>,
     },
+    /// Place a member on the consortium's map (e.g. `north shore`): where dashboards draw
+    /// it. Nodes of releases before areas refuse a roster that holds one: upgrade every
+    /// member first.
+    SetArea {
+        /// The authority directory.
+        #[arg(long, default_value = AUTHORITY_DIR_DEFAULT)]
+        dir: PathBuf,
+        /// The institution's id.
+        #[arg(long)]
+        institution: String,
+        /// The area's name, 1 to 64 bytes.
+        #[arg(long)]
+        area: String,
+    },
     /// Revoke a node key; its changes are kept only up to the cut-off heads.
     Revoke {
         /// The authority directory.
@@ -210,6 +224,17 @@ pub fn roster(command: RosterCommand, config: &Path, json: bool) -> Result<(), F
             report_edit(version, json);
             Ok(())
         }
+        RosterCommand::SetArea {
+            dir,
+            institution,
+            area,
+        } => {
+            let institution = InstitutionId::new(&institution)
+                .map_err(|e| anyhow::anyhow!("--institution: {e}"))?;
+            let version = apply(&dir, &[RosterOp::SetArea { institution, area }])?;
+            report_edit(version, json);
+            Ok(())
+        }
         RosterCommand::Revoke {
             dir,
             key,
@@ -292,7 +317,7 @@ fn show(view: &serde_json::Value, json: bool) {
         return;
     }
     println!(
-        "roster version {} (every edit raises it by one: `roster add` makes two, the institution and its node key, three with --area; `roster revoke` and `roster erase` one)",
+        "roster version {} (every edit raises it by one: `roster add` makes two, the institution and its node key, three with --area; `roster set-area`, `roster revoke` and `roster erase` one)",
         output::cell(&view["version"])
     );
     let empty = Vec::new();

@@ -131,3 +131,61 @@ fn an_erasure_is_ordered_once_signed_and_shown() {
         "{text}"
     );
 }
+
+#[test]
+fn a_member_added_earlier_is_placed_on_the_map_and_roster_show_lists_its_area() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    succeeds(
+        root,
+        &["init", "--authority", "--data-dir", "auth", "--json"],
+    );
+    let key = "11".repeat(32);
+    succeeds(
+        root,
+        &[
+            "roster",
+            "add",
+            "--dir",
+            "auth",
+            "--institution",
+            "chc-jianshe",
+            "--name",
+            "Jianshe Community Health Centre",
+            "--kind",
+            "community_centre",
+            "--key",
+            &key,
+        ],
+    );
+    let place = |institution: &'static str| {
+        [
+            "roster",
+            "set-area",
+            "--dir",
+            "auth",
+            "--institution",
+            institution,
+            "--area",
+            "north shore",
+        ]
+    };
+    let refused = fails(root, &place("chc-nowhere"));
+    assert!(refused.contains("no such institution"), "{refused}");
+    succeeds(root, &place("chc-jianshe"));
+    let shown = estuary(root, &["roster", "show", "--dir", "auth", "--json"]);
+    let view: serde_json::Value = serde_json::from_slice(&shown.stdout).unwrap();
+    let member = view["institutions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["id"] == "chc-jianshe")
+        .unwrap();
+    assert_eq!(member["area"], "north shore");
+    let shown = estuary(root, &["roster", "show", "--dir", "auth"]);
+    let text = String::from_utf8_lossy(&shown.stdout);
+    assert!(
+        text.contains("AREA") && text.contains("north shore"),
+        "{text}"
+    );
+}

@@ -1024,7 +1024,7 @@ fn a_member_loads_its_residents_records_and_a_second_load_adds_nothing() {
     assert_eq!(documents(root), before + 699);
 }
 
-/// A headless Chromium: Debian's `chromium` package (which `.ci/run` installs).
+/// A headless Chromium: Debian's `chromium` package (which `bash .ci/test` installs).
 fn chromium() -> PathBuf {
     let path = std::env::var_os("PATH").unwrap_or_default();
     for name in ["chromium", "chromium-browser", "google-chrome"] {
@@ -1036,68 +1036,205 @@ fn chromium() -> PathBuf {
         }
     }
     panic!(
-        "the dashboard test needs Chromium: install Debian's chromium package (bash .ci/run does)"
+        "the dashboard test needs Chromium: install Debian's chromium package (bash .ci/test does)"
     )
 }
 
-/// How long one page load in the browser may take.
-const BROWSER_TIMEOUT: Duration = Duration::from_secs(90);
+/// How long the browser may take to answer one command.
+const BROWSER_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Loads `url` in a fresh headless Chromium, lets the page run for 4 s of its own time
-/// (fetches complete first), and returns what it printed: the page's DOM with `--dump-dom`,
-/// nothing with `--screenshot=…`.
-fn browse(chromium: &Path, profile: &Path, url: &str, mode: &str) -> String {
-    let mut child = Command::new(chromium)
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-dev-shm-usage",
-            "--no-first-run",
-            "--hide-scrollbars",
-            "--window-size=1400,1600",
-            "--virtual-time-budget=4000",
-        ])
-        .arg(format!("--user-data-dir={}", profile.display()))
-        .arg(mode)
-        .arg(url)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("chromium starts");
-    let mut stdout = child.stdout.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut text = String::new();
-        let _ = std::io::Read::read_to_string(&mut stdout, &mut text);
-        text
-    });
-    let start = Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        if start.elapsed() > BROWSER_TIMEOUT {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("chromium did not finish loading {mode} within {BROWSER_TIMEOUT:?}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    reader.join().unwrap()
+/// A headless Chromium driven over the DevTools protocol on a pipe (`--remote-debugging-pipe`:
+/// it reads NUL-terminated JSON commands on fd 3 and writes answers and events on fd 4), with
+/// one page open: what a person watching the dashboard sees, as it updates.
+struct Browser {
+    child: Child,
+    commands: std::process::ChildStdin,
+    answers: mpsc::Receiver<Value>,
+    session: String,
+    next_id: u64,
 }
 
-/// Each member's row in the dashboard's table: `(state, lag)` by member id.
-fn member_rows(dom: &str) -> std::collections::BTreeMap<String, (String, Option<u64>)> {
-    let attribute = |tag: &str, name: &str| {
-        let start = tag.find(&format!("{name}=\""))? + name.len() + 2;
-        let end = start + tag[start..].find('"')?;
-        Some(tag[start..end].to_owned())
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Browser {
+    /// Starts Chromium with a fresh profile under `profile` and opens `url` in a page of
+    /// `width` × `height` CSS pixels.
+    fn open(chromium: &Path, profile: &Path, url: &str, width: u32, height: u32) -> Self {
+        // The shell hands Chromium this process's pipes as the fds the protocol uses.
+        let mut child = Command::new("sh")
+            .arg("-c")
+            .arg(r#"exec "$0" "$@" 3<&0 4>&1 0</dev/null 1>/dev/null"#)
+            .arg(chromium)
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-dev-shm-usage",
+                "--no-first-run",
+                "--hide-scrollbars",
+                "--remote-debugging-pipe",
+            ])
+            .arg(format!("--user-data-dir={}", profile.display()))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("chromium starts");
+        let commands = child.stdin.take().unwrap();
+        let mut output = child.stdout.take().unwrap();
+        let (sender, answers) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut buffered = Vec::new();
+            let mut chunk = [0u8; 64 * 1024];
+            loop {
+                let read = match std::io::Read::read(&mut output, &mut chunk) {
+                    Ok(0) | Err(_) => return,
+                    Ok(read) => read,
+                };
+                buffered.extend_from_slice(&chunk[..read]);
+                while let Some(end) = buffered.iter().position(|b| *b == 0) {
+                    let message: Vec<u8> = buffered.drain(..=end).collect();
+                    let Ok(value) = serde_json::from_slice::<Value>(&message[..end]) else {
+                        continue;
+                    };
+                    if sender.send(value).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        let mut browser = Self {
+            child,
+            commands,
+            answers,
+            session: String::new(),
+            next_id: 0,
+        };
+        let target = browser.command("Target.createTarget", json!({ "url": "about:blank" }));
+        let attached = browser.command(
+            "Target.attachToTarget",
+            json!({ "targetId": target["targetId"], "flatten": true }),
+        );
+        browser.session = attached["sessionId"].as_str().unwrap().to_owned();
+        browser.command(
+            "Emulation.setDeviceMetricsOverride",
+            json!({ "width": width, "height": height, "deviceScaleFactor": 1, "mobile": false }),
+        );
+        browser.command("Page.navigate", json!({ "url": url }));
+        browser
+    }
+
+    /// Sends a command (to the page, once one is attached) and returns its result.
+    fn command(&mut self, method: &str, params: Value) -> Value {
+        self.next_id += 1;
+        let id = self.next_id;
+        let mut message = json!({ "id": id, "method": method, "params": params });
+        if !self.session.is_empty() {
+            message["sessionId"] = json!(self.session);
+        }
+        let mut bytes = serde_json::to_vec(&message).unwrap();
+        bytes.push(0);
+        std::io::Write::write_all(&mut self.commands, &bytes).expect("chromium takes commands");
+        let start = Instant::now();
+        loop {
+            let left = BROWSER_TIMEOUT.saturating_sub(start.elapsed());
+            let answer = self.answers.recv_timeout(left).unwrap_or_else(|_| {
+                panic!("chromium did not answer {method} within {BROWSER_TIMEOUT:?}")
+            });
+            if answer["id"] == id {
+                assert!(answer["error"].is_null(), "{method}: {answer}");
+                return answer["result"].clone();
+            }
+        }
+    }
+
+    /// The value of a JavaScript expression in the page.
+    fn evaluate(&mut self, expression: &str) -> Value {
+        let result = self.command(
+            "Runtime.evaluate",
+            json!({ "expression": expression, "returnByValue": true }),
+        );
+        result["result"]["value"].clone()
+    }
+
+    /// What the dashboard shows now: each member's state and lag in the table and on the map,
+    /// the feed's rows (cursor and text), and the whole page's markup.
+    fn dashboard(&mut self) -> Dashboard {
+        let shown = self.evaluate(
+            r##"JSON.stringify({
+                ready: document.body.dataset.ready === "true",
+                rows: [...document.querySelectorAll("tr[data-member]")].map(r =>
+                    [r.dataset.member, r.dataset.state, r.dataset.lag]),
+                map: [...document.querySelectorAll("[data-map-member]")].map(g =>
+                    [g.getAttribute("data-map-member"), g.getAttribute("data-state")]),
+                feed: [...document.querySelectorAll("#feed-rows tr")].map(r =>
+                    [Number(r.dataset.cursor), r.textContent]),
+                feedState: document.getElementById("feed-state").textContent,
+                records: Number((/^(\d+) records/.exec(document.getElementById("audit").textContent) || [0, 0])[1]),
+                html: document.documentElement.outerHTML,
+            })"##,
+        );
+        serde_json::from_str(shown.as_str().unwrap_or("null")).unwrap()
+    }
+
+    /// A screenshot of the page as it is, PNG.
+    fn screenshot(&mut self) -> Vec<u8> {
+        let shot = self.command("Page.captureScreenshot", json!({ "format": "png" }));
+        base64_decode(shot["data"].as_str().unwrap())
+    }
+}
+
+/// What the dashboard page shows, as `Browser::dashboard` reads it.
+#[derive(serde::Deserialize, Debug, Default)]
+struct Dashboard {
+    ready: bool,
+    rows: Vec<(String, String, String)>,
+    map: Vec<(String, String)>,
+    feed: Vec<(u64, String)>,
+    #[serde(rename = "feedState")]
+    feed_state: String,
+    records: u64,
+    html: String,
+}
+
+impl Dashboard {
+    /// A member's state and lag in the table, and its state on the map.
+    fn member(&self, id: &str) -> Option<(&str, Option<u64>, Option<&str>)> {
+        let (_, state, lag) = self.rows.iter().find(|(member, _, _)| member == id)?;
+        let on_map = self
+            .map
+            .iter()
+            .find(|(member, _)| member == id)
+            .map(|(_, state)| state.as_str());
+        Some((state, lag.parse().ok(), on_map))
+    }
+}
+
+/// Standard base64 (what the DevTools protocol sends binary data as).
+fn base64_decode(text: &str) -> Vec<u8> {
+    let value = |c: u8| match c {
+        b'A'..=b'Z' => c - b'A',
+        b'a'..=b'z' => c - b'a' + 26,
+        b'0'..=b'9' => c - b'0' + 52,
+        b'+' => 62,
+        b'/' => 63,
+        _ => panic!("not base64: {c}"),
     };
-    dom.split("<tr ")
-        .skip(1)
-        .filter_map(|rest| {
-            let tag = &rest[..rest.find('>')?];
-            let member = attribute(tag, "data-member")?;
-            let state = attribute(tag, "data-state")?;
-            let lag = attribute(tag, "data-lag").and_then(|l| l.parse().ok());
-            Some((member, (state, lag)))
+    let digits: Vec<u8> = text.bytes().filter(|c| *c != b'=').map(value).collect();
+    digits
+        .chunks(4)
+        .flat_map(|group| {
+            let word = group
+                .iter()
+                .enumerate()
+                .fold(0u32, |word, (i, d)| word | u32::from(*d) << (18 - 6 * i));
+            let bytes = word.to_be_bytes();
+            bytes[1..group.len()].to_vec()
         })
         .collect()
 }
@@ -1113,12 +1250,12 @@ fn report_dir() -> PathBuf {
     dir
 }
 
-/// The operators' dashboard in a real browser. Three node processes; headless Chromium opens
-/// the hospital's `/dashboard` with the admin token in the URL fragment and waits for the two
-/// other members to show connected. One of them is stopped (a partition, as far as the
-/// hospital can tell): the page shows it disconnected, and its lag grows with each file the
-/// hospital registers while it is gone. The change feed shows those registrations by id,
-/// and a screenshot is kept in the report folder.
+/// The operators' dashboard in a real browser, watched live. Three node processes; headless
+/// Chromium keeps the hospital's `/dashboard` open (the address `estuary dashboard` prints)
+/// and waits for the two other members to show connected. One of them is stopped (a
+/// partition, as far as the hospital can tell): the open page turns it disconnected, and its
+/// lag grows with each file the hospital registers while it is gone; the registrations
+/// reach the page's feed through its live stream. A screenshot is kept in the report folder.
 #[test]
 fn the_dashboard_shows_a_member_disconnect_and_its_lag_grow_in_a_browser() {
     let chromium = chromium();
@@ -1134,32 +1271,27 @@ fn the_dashboard_shows_a_member_disconnect_and_its_lag_grow_in_a_browser() {
     let url = shown["url"].as_str().unwrap().to_owned();
     let admin = Config::load(&hospital.config).unwrap().api.admin_token;
     assert_eq!(url, format!("{}/dashboard#token={admin}", hospital.api));
-    let profile = root.join("browser");
-    let state = |rows: &std::collections::BTreeMap<String, (String, Option<u64>)>, id: &str| {
-        rows.get(id)
-            .map(|(state, _)| state.clone())
-            .unwrap_or_default()
-    };
+    let mut browser = Browser::open(&chromium, &root.join("browser"), &url, 1400, 1600);
 
-    let mut dom = String::new();
+    let mut page = Dashboard::default();
     hospital.wait_until("the dashboard shows both other members connected", || {
-        dom = browse(&chromium, &profile, &url, "--dump-dom");
-        let rows = member_rows(&dom);
-        state(&rows, "xinhua") == "this_node"
-            && state(&rows, "chc-jianshe") == "connected"
-            && state(&rows, "chc-baozhen") == "connected"
+        page = browser.dashboard();
+        page.member("xinhua").is_some_and(|m| m.0 == "this_node")
+            && page.member("chc-jianshe") == Some(("connected", Some(0), Some("connected")))
+            && page.member("chc-baozhen") == Some(("connected", Some(0), Some("connected")))
     });
-    assert!(dom.contains(r#"data-ready="true""#), "{dom}");
-    assert!(dom.contains(r#"data-map-member="chc-baozhen" data-state="connected""#));
-    assert!(dom.contains("north shore") && dom.contains("south shore"));
+    assert!(page.ready);
+    assert!(page.html.contains("north shore") && page.html.contains("south shore"));
+    // What the feed held when the page opened; what comes later arrives live.
+    let opened_at = page.records;
 
     baozhen.stop();
     let mut lag_when_gone = 0;
-    hospital.wait_until("the dashboard shows Baozhen disconnected", || {
-        let rows = member_rows(&browse(&chromium, &profile, &url, "--dump-dom"));
-        match rows.get("chc-baozhen") {
-            Some((state, Some(lag))) if state == "disconnected" => {
-                lag_when_gone = *lag;
+    hospital.wait_until("the open page turns Baozhen disconnected", || {
+        page = browser.dashboard();
+        match page.member("chc-baozhen") {
+            Some(("disconnected", Some(lag), Some("disconnected"))) => {
+                lag_when_gone = lag;
                 true
             }
             _ => false,
@@ -1176,40 +1308,38 @@ fn the_dashboard_shows_a_member_disconnect_and_its_lag_grow_in_a_browser() {
         assert_eq!(status, 201, "{written}");
         registered.push(written["id"].as_str().unwrap().to_owned());
     }
-    let mut lag_now = 0;
-    hospital.wait_until("Baozhen's lag grows by the files registered since", || {
-        dom = browse(&chromium, &profile, &url, "--dump-dom");
-        if let Some((state, Some(lag))) = member_rows(&dom).get("chc-baozhen") {
-            assert_eq!(state, "disconnected");
-            lag_now = *lag;
-        }
-        lag_now >= lag_when_gone + 3
-    });
-    assert!(dom.contains(r#"data-map-member="chc-baozhen" data-state="disconnected""#));
+    hospital.wait_until(
+        "Baozhen's lag grows and the feed shows the files, live",
+        || {
+            page = browser.dashboard();
+            let grown = matches!(page.member("chc-baozhen"),
+            Some(("disconnected", Some(lag), _)) if lag >= lag_when_gone + 3);
+            let live = registered.iter().all(|id| {
+                page.feed
+                    .iter()
+                    .any(|(cursor, text)| *cursor > opened_at && text.contains(&id[..12]))
+            });
+            grown && live
+        },
+    );
+    assert_eq!(page.feed_state, "(live)");
+    let lag = page.member("chc-baozhen").unwrap().1.unwrap();
     assert!(
-        dom.contains(&format!("lag {lag_now}")),
+        page.html.contains(&format!("lag {lag}")),
         "the map shows the lag"
     );
-    // The feed lists the registrations by id, and nothing of the residents.
-    for id in &registered {
-        assert!(dom.contains(&id[..12]), "the feed lacks {id}");
-    }
     for private in ["Jianguo", "Meilan", "1950-03-02"] {
-        assert!(!dom.contains(private), "{private} is on the dashboard");
+        assert!(
+            !page.html.contains(private),
+            "{private} is on the dashboard"
+        );
     }
 
-    let shot = report_dir().join("dashboard.png");
-    let _ = std::fs::remove_file(&shot);
-    browse(
-        &chromium,
-        &profile,
-        &url,
-        &format!("--screenshot={}", shot.display()),
-    );
-    let png = std::fs::read(&shot).expect("chromium saved the screenshot");
+    let png = browser.screenshot();
     assert!(
         png.starts_with(b"\x89PNG") && png.len() > 20_000,
         "{} bytes",
         png.len()
     );
+    std::fs::write(report_dir().join("dashboard.png"), &png).unwrap();
 }

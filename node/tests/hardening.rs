@@ -417,3 +417,51 @@ fn shares_are_counted_again_at_open_and_a_purge_can_keep_the_recent() {
     assert_eq!(node.purge_quarantine(Some(at + 1)).unwrap(), 1);
     assert!(node.quarantine().unwrap().is_empty());
 }
+
+/// The dashboard's audit check follows the log a stretch at a time: a sound log is checked
+/// through its head in stretches, and a record missing from the middle or the end of the log
+/// is a break, as the whole check finds it.
+#[test]
+fn the_audit_check_in_stretches_finds_a_record_missing_from_the_middle_or_the_end() {
+    use estuary_node::audit::ChainCheck;
+    for missing_last in [false, true] {
+        let consortium = Consortium::new(1);
+        let head = {
+            let node = consortium.node(0);
+            for name in ["A", "B", "C", "D"] {
+                node.create_health_file(&editor("member-0"), &resident(name))
+                    .unwrap();
+            }
+            let head = node.audit_sequence();
+            assert!(head >= 4, "{head}");
+            let mut check = ChainCheck::default();
+            node.continue_audit_check(&mut check, 3).unwrap().unwrap();
+            assert_eq!(check.checked(), 3);
+            node.continue_audit_check(&mut check, 1_000)
+                .unwrap()
+                .unwrap();
+            assert_eq!(check.checked(), head);
+            head
+        };
+        let gone = if missing_last { head } else { 2 };
+        {
+            let db = open_stopped_store(&consortium.dir.path().join("member-0/store"));
+            let key = [&[b'l'][..], &gone.to_be_bytes()].concat();
+            assert!(db.remove(key).unwrap().is_some());
+            db.flush().unwrap();
+        }
+        let node = consortium.node(0);
+        let mut check = ChainCheck::default();
+        let problem = node
+            .continue_audit_check(&mut check, 1_000)
+            .unwrap()
+            .unwrap_err();
+        assert!(
+            problem.what.contains(&format!("record {gone}")),
+            "{}",
+            problem.what
+        );
+        assert_eq!(check.checked(), gone - 1);
+        assert!(node.verify_audit().is_some());
+    }
+}

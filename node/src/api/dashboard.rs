@@ -33,12 +33,18 @@ const LAG_SAMPLES_PER_PEER_MAX: usize = (LAG_HISTORY_WINDOW_S / LAG_SAMPLE_INTER
 /// Peers whose lag history is kept. A new peer beyond it takes the place of one with no
 /// sample in the last window, or goes uncharted until one ages out.
 pub const LAG_HISTORY_PEERS_MAX: usize = 256;
-/// Audit records read to estimate what a disconnected peer lacks; beyond it the estimate is
-/// a lower bound (`lag_at_least`).
+/// Audit records read back from the head to estimate what a disconnected peer lacks; a peer
+/// that left before them gets a lower bound (`lag_at_least`).
 pub const LAG_SCAN_RECORDS_MAX: usize = 20_000;
+/// Disconnected peers whose lag is estimated, the most recently gone first; the others show
+/// the lag they left with, as a lower bound.
+pub const LAG_ESTIMATED_PEERS_MAX: usize = 64;
 /// Audit records the sampler checks per sample, so that a long log is checked over several
 /// samples rather than in one long read.
 pub const AUDIT_CHECK_RECORDS_PER_SAMPLE: usize = 200_000;
+/// Audit records a dashboard request checks (what was written since the last sample, on a
+/// node that is not catching up a long log), so that a page's poll stays short.
+pub const AUDIT_CHECK_RECORDS_PER_REQUEST: usize = 10_000;
 /// Quarantined changes listed with their reasons (the count is always whole).
 pub const QUARANTINE_SHOWN_MAX: usize = 50;
 /// The latest decisions a snapshot carries, so that the page (and a static copy) opens with
@@ -69,7 +75,7 @@ async fn page() -> impl IntoResponse {
             (
                 header::CONTENT_SECURITY_POLICY,
                 "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
-                 connect-src 'self'; img-src 'self' data:",
+                 connect-src 'self'; img-src 'self' data:; frame-ancestors 'none'",
             ),
             (header::CACHE_CONTROL, "no-store"),
         ],
@@ -82,6 +88,7 @@ async fn figures(State(state): State<ApiState>, _admin: Admin) -> Result<Json<Sn
     let history = state.dashboard.clone();
     let uptime_s = state.started.elapsed().as_secs();
     blocking(move || {
+        check_audit(&state.node, &history, AUDIT_CHECK_RECORDS_PER_REQUEST);
         snapshot(&state.node, stats.as_ref(), &history, uptime_s)
             .map(Json)
             .map_err(|_| ApiError::internal())
@@ -92,16 +99,15 @@ async fn figures(State(state): State<ApiState>, _admin: Admin) -> Result<Json<Sn
 /// A static copy of the dashboard showing `snapshot` (a [`Snapshot`], or its JSON as
 /// `/admin/dashboard` answers it): the page with the figures in it, for a report. It fetches
 /// nothing.
-pub fn static_page(snapshot: &impl Serialize) -> String {
-    let json = serde_json::to_string(snapshot)
-        .expect("a snapshot serializes")
-        // Inside a script element, `</` could end it.
-        .replace("</", "<\\/");
-    PAGE.replacen(
+pub fn static_page(snapshot: &impl Serialize) -> Result<String, serde_json::Error> {
+    // Inside a script element, a `<` could start `</script>` or `<!--`: JSON spells it as an
+    // escape instead.
+    let json = serde_json::to_string(snapshot)?.replace('<', "\\u003c");
+    Ok(PAGE.replacen(
         SNAPSHOT_SLOT,
         &format!(r#"<script id="snapshot" type="application/json">{json}</script>"#),
         1,
-    )
+    ))
 }
 
 /// Everything the dashboard shows at one moment.
@@ -207,8 +213,11 @@ pub struct PeerState {
 pub struct QuarantineFigures {
     /// Changes quarantined or refused.
     pub count: u64,
-    /// Up to `QUARANTINE_SHOWN_MAX` of them, the latest first.
+    /// Up to `QUARANTINE_SHOWN_MAX` of them, the latest first among the `scanned` read.
     pub shown: Vec<QuarantinedChange>,
+    /// Entries read to choose them (the first page in key order: refused changes, then
+    /// quarantined ones); when it is less than `count`, later ones may be missing.
+    pub scanned: u64,
 }
 
 /// A quarantined change, by id.
@@ -308,13 +317,13 @@ pub fn sample_once(node: &Node, stats: Option<&SyncStats>, history: &SharedHisto
                 .peers
                 .iter()
                 .filter_map(|(peer, s)| {
-                    let (lag, _) = since.lag(s);
+                    let (lag, _) = since.lag(peer, s);
                     Some((peer.clone(), s.institution.clone(), lag?))
                 })
                 .collect()
         })
         .unwrap_or_default();
-    check_audit(node, history);
+    check_audit(node, history, AUDIT_CHECK_RECORDS_PER_SAMPLE);
     let mut history = lock(history);
     for (peer, institution, lag) in lags {
         if !history.lag.contains_key(&peer) && history.lag.len() >= LAG_HISTORY_PEERS_MAX {
@@ -342,21 +351,37 @@ pub fn sample_once(node: &Node, stats: Option<&SyncStats>, history: &SharedHisto
         }
         points.push_back([at, lag]);
     }
+    // Samples older than the window go, however irregular the sampling was.
+    let oldest = at.saturating_sub(LAG_HISTORY_WINDOW_S * 1_000);
+    for (_, points) in history.lag.values_mut() {
+        while points.front().is_some_and(|p| p[0] < oldest) {
+            points.pop_front();
+        }
+    }
+    history.lag.retain(|_, (_, points)| !points.is_empty());
 }
 
-/// Checks the audit chain on from where the last check stopped, at most
-/// `AUDIT_CHECK_RECORDS_PER_SAMPLE` records. Two checks at once each go on from the same
-/// place; the one that got further is kept.
-fn check_audit(node: &Node, history: &SharedHistory) {
+/// Checks the audit chain on from where the last check stopped, at most `limit` records.
+/// Two checks at once each go on from the same place; the one that got further is kept. A
+/// store that cannot be read now leaves the state as it was (the next check tries again).
+pub fn check_audit(node: &Node, history: &SharedHistory, limit: usize) {
     let mut check = lock(history).audit_check.clone();
-    let result = node.continue_audit_check(&mut check, AUDIT_CHECK_RECORDS_PER_SAMPLE);
+    let verdict = match node.continue_audit_check(&mut check, limit) {
+        Ok(verdict) => verdict,
+        Err(error) => {
+            tracing::warn!(%error, "the dashboard could not read the audit log this time");
+            return;
+        }
+    };
     let mut history = lock(history);
     history.audit.checked_ms = Some(now_ms());
-    if let Err(problem) = result {
-        history.audit.sound = false;
-        history.audit.problem = Some(problem.what);
-    } else if history.audit.problem.is_none() {
-        history.audit.sound = true;
+    match verdict {
+        Err(problem) => {
+            history.audit.sound = false;
+            history.audit.problem = Some(problem.what);
+        }
+        Ok(()) if history.audit.problem.is_none() => history.audit.sound = true,
+        Ok(()) => {}
     }
     if check.checked() > history.audit_check.checked() {
         history.audit.checked = check.checked();
@@ -364,67 +389,87 @@ fn check_audit(node: &Node, history: &SharedHistory) {
     }
 }
 
-/// The audit records since the earliest disconnection among the peers, read once for every
-/// disconnected peer's lag (at most `LAG_SCAN_RECORDS_MAX`).
+/// The latest audit records (at most `LAG_SCAN_RECORDS_MAX`, back from the head), read once
+/// for every disconnected peer's lag, and which peers get an estimate.
 struct SinceDisconnections {
-    records: Vec<crate::audit::AuditRecord>,
-    /// Whether the records reach the log's end.
-    complete: bool,
+    /// `(sequence, document, institution)` of each change accepted, in sequence order.
+    accepted: Vec<(u64, crate::model::DocumentId, Option<String>)>,
+    /// The first sequence read: a peer gone before it gets a lower bound.
+    from: u64,
+    /// Whether the records could be read.
+    read: bool,
+    /// The peers estimated: the `LAG_ESTIMATED_PEERS_MAX` most recently gone.
+    estimated: BTreeSet<String>,
 }
 
 impl SinceDisconnections {
     fn read(node: &Node, stats: Option<&SyncStats>) -> Self {
-        let earliest = stats
+        let mut gone: Vec<(u64, &String)> = stats
             .into_iter()
-            .flat_map(|s| s.peers.values())
-            .filter(|p| !p.connected)
-            .filter_map(|p| p.audit_sequence_at_disconnect)
-            .min();
+            .flat_map(|s| &s.peers)
+            .filter(|(_, p)| !p.connected)
+            .filter_map(|(peer, p)| Some((p.audit_sequence_at_disconnect?, peer)))
+            .collect();
+        gone.sort_unstable_by(|a, b| b.cmp(a));
+        gone.truncate(LAG_ESTIMATED_PEERS_MAX);
+        let estimated: BTreeSet<String> = gone.iter().map(|(_, peer)| (*peer).clone()).collect();
+        let head = node.audit_sequence();
+        let earliest = gone.iter().map(|(sequence, _)| sequence + 1).min();
         let Some(earliest) = earliest else {
             return Self {
-                records: Vec::new(),
-                complete: true,
+                accepted: Vec::new(),
+                from: head + 1,
+                read: true,
+                estimated,
             };
         };
-        match node.audit(earliest + 1, LAG_SCAN_RECORDS_MAX) {
+        let from = earliest.max((head + 1).saturating_sub(LAG_SCAN_RECORDS_MAX as u64));
+        match node.audit(from, LAG_SCAN_RECORDS_MAX) {
             Ok(records) => Self {
-                complete: records.len() < LAG_SCAN_RECORDS_MAX,
-                records,
+                accepted: records
+                    .into_iter()
+                    .filter(|r| r.sequence <= head && r.action == AuditAction::Accepted)
+                    .map(|r| (r.sequence, r.document, r.institution.map(|i| i.to_string())))
+                    .collect(),
+                from,
+                read: true,
+                estimated,
             },
             Err(_) => Self {
-                records: Vec::new(),
-                complete: false,
+                accepted: Vec::new(),
+                from,
+                read: false,
+                estimated,
             },
         }
     }
 
     /// A peer's lag now (see `PeerState::lag`), and whether it is a lower bound.
-    fn lag(&self, stats: &PeerStats) -> (Option<u64>, bool) {
+    fn lag(&self, peer: &str, stats: &PeerStats) -> (Option<u64>, bool) {
         let Some(since) = stats
             .audit_sequence_at_disconnect
             .filter(|_| !stats.connected)
         else {
             return (stats.lag, false);
         };
-        let changed: BTreeSet<_> = self
-            .records
+        if !self.estimated.contains(peer) || !self.read {
+            return (stats.lag, true);
+        }
+        let start = self
+            .accepted
+            .partition_point(|(sequence, _, _)| *sequence <= since);
+        let changed: BTreeSet<_> = self.accepted[start..]
             .iter()
-            .filter(|r| {
-                r.sequence > since
-                    && matches!(r.action, AuditAction::Accepted)
-                    && (stats.institution.is_none()
-                        || r.institution.as_ref().map(|i| i.as_str())
-                            != stats.institution.as_deref())
-            })
-            .map(|r| r.document)
+            .filter(|(_, _, by)| stats.institution.is_none() || *by != stats.institution)
+            .map(|(_, document, _)| document)
             .collect();
         let lag = stats.lag.unwrap_or(0) + changed.len() as u64;
-        (Some(lag), !self.complete)
+        (Some(lag), since + 1 < self.from)
     }
 }
 
 fn peer_state(since: &SinceDisconnections, peer_id: &str, stats: &PeerStats) -> PeerState {
-    let (lag, lag_at_least) = since.lag(stats);
+    let (lag, lag_at_least) = since.lag(peer_id, stats);
     PeerState {
         peer_id: peer_id.to_owned(),
         institution: stats.institution.clone(),
@@ -441,8 +486,7 @@ fn peer_state(since: &SinceDisconnections, peer_id: &str, stats: &PeerStats) -> 
 }
 
 /// The figures now: from the node, the sync layer's (`None` without a network layer) and the
-/// sampler's history; the audit chain is first checked up to the records written since the
-/// last check.
+/// sampler's history (the audit chain as far as it was last checked).
 pub fn snapshot(
     node: &Node,
     stats: Option<&SyncStats>,
@@ -451,7 +495,6 @@ pub fn snapshot(
 ) -> Result<Snapshot, crate::replica::NodeError> {
     let roster = node.roster_view();
     let own = node.institution().as_str().to_owned();
-    check_audit(node, history);
     let head = node.audit_sequence();
     let since = SinceDisconnections::read(node, stats);
     let mut peers: BTreeMap<Option<String>, Vec<PeerState>> = BTreeMap::new();
@@ -467,6 +510,7 @@ pub fn snapshot(
     let strangers: Vec<PeerState> = peers.into_values().flatten().collect();
 
     let quarantine = node.quarantine_page(None, crate::replica::QUARANTINE_PAGE_RECORDS_MAX)?;
+    let scanned = quarantine.entries.len() as u64;
     let mut shown: Vec<QuarantinedChange> = quarantine
         .entries
         .into_iter()
@@ -494,7 +538,11 @@ pub fn snapshot(
                 let series = LagSeries {
                     peer_id: peer.clone(),
                     institution: institution.clone(),
-                    points: points.iter().copied().collect(),
+                    points: points
+                        .iter()
+                        .filter(|p| p[0] + LAG_HISTORY_WINDOW_S * 1_000 >= at_ms)
+                        .copied()
+                        .collect(),
                 };
                 (peer.as_str(), series)
             })
@@ -534,9 +582,11 @@ pub fn snapshot(
         quarantine: QuarantineFigures {
             count: node.quarantine_count() as u64,
             shown,
+            scanned,
         },
         audit: AuditState {
-            records: head,
+            // The check may have read a record made durable a moment after `head` was read.
+            records: head.max(audit.checked),
             ..audit
         },
         recent_changes: recent_changes(node, head)?,

@@ -176,42 +176,43 @@ impl Node {
     /// Goes on checking the audit log's hash chain from where `check` stopped, at most
     /// `limit` records: how a check that runs alongside the node (the dashboard's) follows the
     /// log without reading it from the start each time. Once it reaches the head, the head's
-    /// hash must match too. `Err` names the first break.
+    /// hash must match too. The inner `Err` names the first break (a record missing, out of
+    /// place or not holding the hash of the one before); the outer `Err` is a store that could
+    /// not be read now, which says nothing of the chain.
     pub fn continue_audit_check(
         &self,
         check: &mut audit::ChainCheck,
         limit: usize,
-    ) -> Result<(), Problem> {
+    ) -> Result<Result<(), Problem>, NodeError> {
         let head = self.lock_ledger().audit;
-        let broken = |what: String| Problem {
+        let broken = |sequence: u64| Problem {
             document: None,
-            what,
+            what: format!("the audit log's hash chain breaks at record {sequence}"),
         };
         let mut left = limit;
         while left > 0 && check.checked() < head.sequence {
-            let page = self
-                .audit(check.checked() + 1, left.min(AUDIT_PAGE_RECORDS))
-                .map_err(|error| broken(format!("the audit log is unreadable: {error}")))?;
+            let page = self.audit(check.checked() + 1, left.min(AUDIT_PAGE_RECORDS))?;
             if page.is_empty() {
-                break;
+                // Every record up to the head is written before the head moves.
+                return Ok(Err(broken(check.checked() + 1)));
             }
-            for record in page.iter().take_while(|r| r.sequence <= head.sequence) {
-                check.push(record).map_err(|sequence| {
-                    broken(format!(
-                        "the audit log's hash chain breaks at record {sequence}"
-                    ))
-                })?;
+            for record in &page {
+                if check.checked() == head.sequence {
+                    break;
+                }
+                // A record past the head here means the ones before it are missing.
+                if let Err(sequence) = check.push(record) {
+                    return Ok(Err(broken(sequence)));
+                }
                 left -= 1;
             }
         }
-        if check.checked() == head.sequence {
-            check.finish(&head).map_err(|sequence| {
-                broken(format!(
-                    "the audit log's hash chain breaks at record {sequence}"
-                ))
-            })?;
+        if check.checked() == head.sequence
+            && let Err(sequence) = check.finish(&head)
+        {
+            return Ok(Err(broken(sequence)));
         }
-        Ok(())
+        Ok(Ok(()))
     }
 
     /// The sequence of the last durable audit record (without waiting for the decision lock).

@@ -503,7 +503,7 @@ impl Cluster for Procs {
             return Ok(None);
         }
         let figures = self.get(node, "/admin/dashboard")?;
-        Ok(Some(estuary_node::api::dashboard::static_page(&figures)))
+        Ok(Some(estuary_node::api::dashboard::static_page(&figures)?))
     }
 
     fn metrics(&mut self, node: usize) -> anyhow::Result<Option<String>> {
