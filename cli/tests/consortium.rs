@@ -1163,23 +1163,28 @@ impl Browser {
     }
 
     /// What the dashboard shows now: each member's state and lag in the table and on the map,
-    /// the feed's rows (cursor and text), and the whole page's markup.
+    /// the feed's rows (cursor and text), and the whole page's markup (nothing while the page
+    /// is still loading).
     fn dashboard(&mut self) -> Dashboard {
         let shown = self.evaluate(
             r##"JSON.stringify({
-                ready: document.body.dataset.ready === "true",
+                ready: document.body?.dataset.ready === "true",
                 rows: [...document.querySelectorAll("tr[data-member]")].map(r =>
                     [r.dataset.member, r.dataset.state, r.dataset.lag]),
                 map: [...document.querySelectorAll("[data-map-member]")].map(g =>
                     [g.getAttribute("data-map-member"), g.getAttribute("data-state")]),
                 feed: [...document.querySelectorAll("#feed-rows tr")].map(r =>
                     [Number(r.dataset.cursor), r.textContent]),
-                feedState: document.getElementById("feed-state").textContent,
-                records: Number((/^(\d+) records/.exec(document.getElementById("audit").textContent) || [0, 0])[1]),
+                feedState: document.getElementById("feed-state")?.textContent ?? "",
+                records: Number((/^(\d+) records/.exec(document.getElementById("audit")?.textContent ?? "") || [0, 0])[1]),
                 html: document.documentElement.outerHTML,
             })"##,
         );
-        serde_json::from_str(shown.as_str().unwrap_or("null")).unwrap()
+        // Before the page has loaded (the navigation has only started), nothing is shown.
+        match shown.as_str() {
+            Some(text) => serde_json::from_str(text).unwrap(),
+            None => Dashboard::default(),
+        }
     }
 
     /// A screenshot of the page as it is, PNG.
