@@ -204,6 +204,11 @@ pub fn now_ms() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
+/// The same clock unsigned, for the figures that compare times (sync, urgency, dashboard).
+pub(crate) fn now_unix_ms() -> u64 {
+    u64::try_from(now_ms()).unwrap_or(0)
+}
+
 /// Checks a chain of records fed in order: sequences contiguous from 1, each holding the
 /// hash of the one before, the last matching the head. Holds one hash, so a log of any length
 /// is checked page by page.

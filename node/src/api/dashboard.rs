@@ -19,7 +19,7 @@ use axum::response::IntoResponse;
 use serde::Serialize;
 
 use super::{Admin, ApiError, ApiState, Route, blocking};
-use crate::audit::{AuditAction, ChainCheck};
+use crate::audit::{AuditAction, ChainCheck, now_unix_ms as now_ms};
 use crate::model::{InstitutionKind, RosterView};
 use crate::replica::{Node, hex_encode as hex};
 use crate::sync::{CatchUp, PeerStats, StatsReader, SyncStats};
@@ -274,10 +274,6 @@ fn lock(history: &SharedHistory) -> std::sync::MutexGuard<'_, History> {
     history.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn now_ms() -> u64 {
-    u64::try_from(crate::audit::now_ms()).unwrap_or(0)
-}
-
 /// Runs the sampler until `shutdown` turns true: every `LAG_SAMPLE_INTERVAL_S`, each peer's
 /// lag and the next stretch of the audit chain.
 pub async fn sample(
@@ -286,7 +282,10 @@ pub async fn sample(
     history: SharedHistory,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
-    let mut tick = tokio::time::interval(Duration::from_secs(LAG_SAMPLE_INTERVAL_S));
+    // The first sample one interval in: a node starting (or a command reading a stopped
+    // node's directory) does not also read its audit log at once.
+    let every = Duration::from_secs(LAG_SAMPLE_INTERVAL_S);
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {

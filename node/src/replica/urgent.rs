@@ -71,7 +71,7 @@ impl Node {
         };
         let mut noted = self.lock_urgent();
         if urgent {
-            noted.note(id, now_ms());
+            noted.note(id, crate::audit::now_unix_ms());
         } else if matches!(view, View::Referral(_)) {
             noted.noted.remove(&id);
         }
@@ -86,7 +86,7 @@ impl Node {
     /// heads (as the catalogue holds it), at most `URGENT_DOCUMENTS_MAX`: those noted within
     /// `URGENT_WINDOW_MS` that it still holds.
     pub fn urgent_documents(&self) -> Vec<([u8; 16], [u8; 32])> {
-        let now = now_ms();
+        let now = crate::audit::now_unix_ms();
         let mut noted: Vec<(DocumentId, u64)> = {
             let mut urgent = self.lock_urgent();
             urgent
@@ -105,11 +105,6 @@ impl Node {
             })
             .collect()
     }
-}
-
-/// Milliseconds since the epoch, by this machine's clock (the audit log's clock).
-fn now_ms() -> u64 {
-    u64::try_from(crate::audit::now_ms()).unwrap_or(0)
 }
 
 #[cfg(test)]

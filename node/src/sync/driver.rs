@@ -141,10 +141,7 @@ pub(super) fn cbor_len(value: &impl Serialize) -> u64 {
 }
 
 pub(super) fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    crate::audit::now_unix_ms()
 }
 
 impl Driver {
