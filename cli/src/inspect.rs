@@ -7,7 +7,7 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
 use anyhow::Context;
-use estuary_node::bundle::{BundleError, BundleReader, BundleSummary, SealedWriter};
+use estuary_node::bundle::{BundleError, BundleItem, BundleReader, BundleSummary, SealedWriter};
 use estuary_node::config::Config;
 use estuary_node::identity::Identity;
 use estuary_node::model::Bytes32;
@@ -945,6 +945,7 @@ pub fn export(
             "file": file,
             "envelopes": summary.envelopes,
             "documents": summary.header.documents,
+            "documents_carried": summary.documents,
             "bytes": file_bytes,
         });
         if let Some((key, institution)) = &recipient {
@@ -958,8 +959,8 @@ pub fn export(
             .map(|(_, institution)| format!(", encrypted to {institution}'s node key"))
             .unwrap_or_default();
         println!(
-            "exported {} envelopes of {} documents ({}{sealed}) to {}",
-            summary.envelopes,
+            "exported {} of {} documents ({}{sealed}) to {}",
+            summary.documents,
             summary.header.documents,
             output::bytes(&file_bytes.into()),
             file.display()
@@ -1006,6 +1007,14 @@ fn node_identity(config_path: &Path, recipient: &Bytes32) -> Result<Identity, Fa
     })
 }
 
+/// One item of an import request, as `/admin/import` reads it.
+#[derive(serde::Serialize)]
+#[serde(untagged)]
+enum ImportItem {
+    Envelope(serde_bytes::ByteBuf),
+    Document(estuary_node::sync::protocol::CoveredDocument),
+}
+
 pub fn import(client: &Client, config_path: &Path, file: &Path, json: bool) -> Result<(), Failure> {
     let input = || -> Result<BufReader<File>, Failure> {
         let file = File::open(file).with_context(|| format!("cannot read {}", file.display()))?;
@@ -1043,24 +1052,38 @@ pub fn import(client: &Client, config_path: &Path, file: &Path, json: bool) -> R
     let bar = if json {
         ProgressBar::hidden()
     } else {
-        ProgressBar::new(summary.envelopes)
+        ProgressBar::new(summary.envelopes + summary.documents)
+    };
+    let unit = if summary.envelopes > 0 {
+        "envelopes"
+    } else {
+        "documents"
     };
     bar.set_style(
-        ProgressStyle::with_template("import {bar:30} {pos}/{len} envelopes ({eta} left)")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        ProgressStyle::with_template(&format!(
+            "import {{bar:30}} {{pos}}/{{len}} {unit} ({{eta}} left)"
+        ))
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let mut reader = open()?;
     let mut totals = serde_json::Map::new();
     loop {
         // Bounded by count and by bytes: the node takes at most 8 MiB per request, and one
-        // envelope may be half a MiB.
+        // envelope may be half a MiB (a document more: it goes alone).
         let mut chunk = Vec::with_capacity(IMPORT_CHUNK_ENVELOPES);
         let mut bytes = 0;
         while chunk.len() < IMPORT_CHUNK_ENVELOPES && bytes < IMPORT_CHUNK_BYTES {
-            match reader.next_envelope().map_err(refused)? {
-                Some(envelope) => {
+            match reader.next_item().map_err(refused)? {
+                Some(BundleItem::Envelope(envelope)) => {
                     bytes += envelope.len() + 16;
-                    chunk.push(serde_bytes::ByteBuf::from(envelope));
+                    chunk.push(ImportItem::Envelope(serde_bytes::ByteBuf::from(envelope)));
+                }
+                Some(BundleItem::Document(document)) => {
+                    bytes += document.len() + 16;
+                    let document = ciborium::from_reader(document.as_slice()).map_err(|_| {
+                        Failure::unsound("the bundle holds a document that does not decode")
+                    })?;
+                    chunk.push(ImportItem::Document(document));
                 }
                 None => break,
             }
@@ -1093,8 +1116,8 @@ pub fn import(client: &Client, config_path: &Path, file: &Path, json: bool) -> R
             ""
         };
         println!(
-            "bundle from {institution}{sealed}, {} envelopes:",
-            summary.envelopes
+            "bundle from {institution}{sealed}, {} {unit}:",
+            summary.envelopes + summary.documents
         );
         if let Some(offered) = &offered {
             let held = if offered["adopted"] == Value::Bool(true) {

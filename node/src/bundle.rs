@@ -1,11 +1,15 @@
-//! Offline bundles: every envelope a node holds, in a file signed by the node's key, for a
-//! courier to carry to a node the network cannot reach. The receiving node runs each envelope
-//! through its ordinary pipeline, so a bundle can add nothing a peer could not have sent.
+//! Offline bundles: every document a node holds, in a file signed by the node's key, for a
+//! courier to carry to a node the network cannot reach. The receiving node takes each document
+//! as it takes one fetched from a peer, so a bundle can add nothing a peer could not have sent.
 //!
 //! The format streams both ways in bounded memory:
 //! `MAGIC ‖ frame* ‖ end`, where a frame is `length (u32, big-endian) ‖ bytes`. The first
-//! frame is the CBOR [`BundleHeader`] (with the exporter's signed roster); each following frame is one envelope, documents one
-//! after another and each document's envelopes in causal order. `end` is a zero length
+//! frame is the CBOR [`BundleHeader`] (with the exporter's signed roster); each following
+//! frame is one document as a covered fetch carries it (`sync::protocol::CoveredDocument`,
+//! CBOR: its automerge bytes and the signatures of its authors' latest changes, which vouch
+//! for the rest; see `crate::authorship`). Bundles of format 1 (`MAGIC_V1`), written by
+//! earlier releases, carry one envelope per frame instead, documents one after another and
+//! each document's envelopes in causal order; they are still read. `end` is a zero length
 //! followed by the 64-byte ed25519 signature of the exporting node over
 //! `estuary/bundle/v1 ‖ SHA-256(everything before end)`.
 //!
@@ -36,8 +40,18 @@ use crate::identity::Identity;
 use crate::model::{Bytes32, DocumentId};
 use crate::replica::{Node, NodeError};
 
-/// The first bytes of every bundle.
-pub const MAGIC: &[u8; 16] = b"ESTUARY-BUNDLE1\n";
+/// The first bytes of every bundle this build writes (format 2: a document per frame).
+pub const MAGIC: &[u8; 16] = b"ESTUARY-BUNDLE2\n";
+/// The first bytes of a bundle of format 1 (an envelope per frame), which earlier releases
+/// wrote; still read.
+pub const MAGIC_V1: &[u8; 16] = b"ESTUARY-BUNDLE1\n";
+/// What every bundle's magic starts with, before its format's digit.
+const MAGIC_STEM: &[u8] = b"ESTUARY-BUNDLE";
+/// Largest document frame, in bytes: a document as large as a fetch answer may carry, with
+/// as many signatures as one document may have.
+pub const BUNDLE_DOCUMENT_BYTES_MAX: usize = crate::sync::protocol::RESPONSE_BYTES_MAX as usize
+    + crate::sync::protocol::SYNC_SIGNATURES_MAX * crate::sync::protocol::COVER_ENTRY_BYTES
+    + 1024;
 const SIGNING_DOMAIN: &[u8] = b"estuary/bundle/v1";
 /// Largest header frame, in bytes: a few fields and the signed roster.
 const HEADER_BYTES_MAX: usize = 4 * 1024 + crate::membership::SIGNED_ROSTER_BYTES_MAX;
@@ -66,11 +80,20 @@ pub enum BundleError {
     /// The node's store failed.
     #[error(transparent)]
     Node(#[from] Box<NodeError>),
-    /// The bytes are not a bundle of this format.
-    #[error("not an Estuary bundle (version 1): {reason}")]
+    /// The bytes are not a bundle of a format this build reads.
+    #[error("not an Estuary bundle (formats 1 and 2): {reason}")]
     Malformed {
         /// What is wrong.
         reason: &'static str,
+    },
+    /// A bundle of a format newer than this build reads.
+    #[error(
+        "this bundle is of format {found}, newer than this build reads (formats 1 and 2); \
+         import it on a node of a newer release, or upgrade this one"
+    )]
+    NewerFormat {
+        /// The format's digit as the bundle names it.
+        found: char,
     },
     /// The signature does not verify: the bundle was altered or truncated after export.
     #[error("the bundle's signature does not verify: it was altered or cut short after export")]
@@ -140,8 +163,11 @@ pub struct BundleHeader {
 pub struct BundleSummary {
     /// The header.
     pub header: BundleHeader,
-    /// Envelopes in the bundle.
+    /// Envelopes in the bundle (format 1).
     pub envelopes: u64,
+    /// Documents in the bundle (format 2).
+    #[serde(default)]
+    pub documents: u64,
     /// Bytes of the whole bundle.
     pub bytes: u64,
 }
@@ -198,11 +224,22 @@ pub fn export(
     let mut encoded = Vec::new();
     ciborium::into_writer(&header, &mut encoded).expect("CBOR encoding into memory");
     out.frame(&encoded)?;
-    let mut envelopes = 0u64;
+    let mut documents = 0u64;
     for (done, id) in ids.iter().enumerate() {
-        for envelope in node.envelopes(*id).map_err(Box::new)? {
-            out.frame(&envelope)?;
-            envelopes += 1;
+        // A document erased or set aside since the catalogue was read is not held any more.
+        if let Some((saved, signatures)) = node.whole_document(*id, true).map_err(Box::new)? {
+            let document = crate::sync::protocol::CoveredDocument {
+                document: serde_bytes::ByteArray::new(*id.as_bytes()),
+                saved: serde_bytes::ByteBuf::from(saved),
+                signatures: serde_bytes::ByteBuf::from(
+                    signatures
+                        .iter()
+                        .flat_map(|(hash, signature)| hash.0.iter().chain(signature).copied())
+                        .collect::<Vec<u8>>(),
+                ),
+            };
+            out.frame(&crate::cbor::encode(&document))?;
+            documents += 1;
         }
         progress(done as u64 + 1, ids.len() as u64);
     }
@@ -213,9 +250,19 @@ pub fn export(
     out.inner.flush()?;
     Ok(BundleSummary {
         header,
-        envelopes,
+        envelopes: 0,
+        documents,
         bytes: out.bytes + 4 + 64,
     })
+}
+
+/// What one frame of a bundle carries.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BundleItem {
+    /// An envelope (format 1).
+    Envelope(Vec<u8>),
+    /// A document as a covered fetch carries it, CBOR (format 2).
+    Document(Vec<u8>),
 }
 
 /// Reads a bundle frame by frame.
@@ -223,7 +270,10 @@ pub struct BundleReader<R> {
     input: Source<R>,
     hasher: Sha256,
     header: BundleHeader,
+    /// The bundle's format: 1 or 2.
+    format: u8,
     envelopes: u64,
+    documents: u64,
     bytes: u64,
     ended: bool,
 }
@@ -299,11 +349,20 @@ impl<R: Read> BundleReader<R> {
 
     /// Checks the magic already read and reads the header.
     fn start(input: Source<R>, magic: [u8; 16]) -> Result<Self, BundleError> {
-        if &magic != MAGIC {
-            return Err(BundleError::Malformed {
-                reason: "it does not start with ESTUARY-BUNDLE1",
-            });
-        }
+        let format = match &magic {
+            m if m == MAGIC => 2,
+            m if m == MAGIC_V1 => 1,
+            m if m.starts_with(MAGIC_STEM) && m[15] == b'\n' && m[14].is_ascii_digit() => {
+                return Err(BundleError::NewerFormat {
+                    found: char::from(m[14]),
+                });
+            }
+            _ => {
+                return Err(BundleError::Malformed {
+                    reason: "it does not start with ESTUARY-BUNDLE",
+                });
+            }
+        };
         let mut reader = Self {
             input,
             hasher: Sha256::new(),
@@ -313,7 +372,9 @@ impl<R: Read> BundleReader<R> {
                 documents: 0,
                 roster: None,
             },
+            format,
             envelopes: 0,
+            documents: 0,
             bytes: 16,
             ended: false,
         };
@@ -334,20 +395,28 @@ impl<R: Read> BundleReader<R> {
         &self.header
     }
 
-    /// The next envelope, or `None` at the end, once the signature has been checked.
-    pub fn next_envelope(&mut self) -> Result<Option<Vec<u8>>, BundleError> {
+    /// The next item, or `None` at the end, once the signature has been checked.
+    pub fn next_item(&mut self) -> Result<Option<BundleItem>, BundleError> {
         if self.ended {
             return Ok(None);
         }
-        match self.frame(ENVELOPE_BYTES_MAX)? {
-            Some(envelope) => {
-                self.envelopes += 1;
-                if self.envelopes > BUNDLE_ENVELOPES_MAX {
+        let max = match self.format {
+            1 => ENVELOPE_BYTES_MAX,
+            _ => BUNDLE_DOCUMENT_BYTES_MAX,
+        };
+        match self.frame(max)? {
+            Some(bytes) => {
+                self.envelopes += u64::from(self.format == 1);
+                self.documents += u64::from(self.format != 1);
+                if self.envelopes + self.documents > BUNDLE_ENVELOPES_MAX {
                     return Err(BundleError::Malformed {
                         reason: "it holds more envelopes than any consortium has",
                     });
                 }
-                Ok(Some(envelope))
+                Ok(Some(match self.format {
+                    1 => BundleItem::Envelope(bytes),
+                    _ => BundleItem::Document(bytes),
+                }))
             }
             None => {
                 self.check_signature()?;
@@ -359,10 +428,11 @@ impl<R: Read> BundleReader<R> {
 
     /// Reads to the end and checks the signature without keeping anything.
     pub fn check(mut self) -> Result<BundleSummary, BundleError> {
-        while self.next_envelope()?.is_some() {}
+        while self.next_item()?.is_some() {}
         Ok(BundleSummary {
             header: self.header,
             envelopes: self.envelopes,
+            documents: self.documents,
             bytes: self.bytes,
         })
     }
@@ -380,7 +450,7 @@ impl<R: Read> BundleReader<R> {
         }
         if length > max {
             return Err(BundleError::Malformed {
-                reason: "a frame is larger than any envelope",
+                reason: "a frame is larger than any envelope or document",
             });
         }
         self.hasher.update(prefix);
@@ -643,12 +713,16 @@ mod tests {
     use super::*;
 
     fn write_frames(frames: &[&[u8]]) -> Vec<u8> {
+        write_frames_as(MAGIC, frames)
+    }
+
+    fn write_frames_as(magic: &[u8; 16], frames: &[&[u8]]) -> Vec<u8> {
         let mut out = Hashing {
             inner: Vec::new(),
             hasher: Sha256::new(),
             bytes: 0,
         };
-        out.put(MAGIC).unwrap();
+        out.put(magic).unwrap();
         for frame in frames {
             out.frame(frame).unwrap();
         }
@@ -751,17 +825,17 @@ mod tests {
         let exporter = Identity::from_secret([2; 32]);
         let recipient = Identity::from_secret([3; 32]);
         let other = Identity::from_secret([4; 32]);
-        let envelopes: Vec<Vec<u8>> = (0..40u8).map(|i| vec![i; 5_000]).collect();
-        let plain = signed_bundle(&exporter, &envelopes);
+        let documents: Vec<Vec<u8>> = (0..40u8).map(|i| vec![i; 5_000]).collect();
+        let plain = signed_bundle(&exporter, &documents);
         let sealed = seal(&plain, &recipient);
         assert!(sealed.starts_with(SEALED_MAGIC));
-        assert!(!sealed.windows(5_000).any(|w| w == envelopes[7].as_slice()));
+        assert!(!sealed.windows(5_000).any(|w| w == documents[7].as_slice()));
 
         let summary = BundleReader::open_with_key(sealed.as_slice(), &recipient)
             .unwrap()
             .check()
             .unwrap();
-        assert_eq!(summary.envelopes, 40);
+        assert_eq!(summary.documents, 40);
         assert_eq!(summary.header.created_by, exporter.public_key());
         // A bundle in clear opens with a key as well.
         let clear = BundleReader::open_with_key(plain.as_slice(), &recipient)
@@ -826,6 +900,31 @@ mod tests {
     }
 
     #[test]
+    fn a_bundle_of_format_one_reads_as_envelopes_and_a_newer_format_is_refused_by_name() {
+        let mut header = Vec::new();
+        ciborium::into_writer(
+            &BundleHeader {
+                created_by: Bytes32([9; 32]),
+                created_at_ms: 1,
+                documents: 1,
+                roster: None,
+            },
+            &mut header,
+        )
+        .unwrap();
+        let old = write_frames_as(MAGIC_V1, &[&header, b"envelope"]);
+        let mut reader = BundleReader::open(old.as_slice()).unwrap();
+        assert_eq!(
+            reader.next_item().unwrap().unwrap(),
+            BundleItem::Envelope(b"envelope".to_vec())
+        );
+        let newer = write_frames_as(b"ESTUARY-BUNDLE7\n", &[&header]);
+        let error = BundleReader::open(newer.as_slice()).err().unwrap();
+        assert!(matches!(error, BundleError::NewerFormat { found: '7' }));
+        assert!(error.to_string().contains("format 7"), "{error}");
+    }
+
+    #[test]
     fn a_bundle_cut_short_or_altered_is_refused_with_a_reason() {
         assert!(matches!(
             BundleReader::open(&b"GARBAGE"[..]),
@@ -844,8 +943,11 @@ mod tests {
         .unwrap();
         let bytes = write_frames(&[&header, b"envelope"]);
         let mut reader = BundleReader::open(bytes.as_slice()).unwrap();
-        assert_eq!(reader.next_envelope().unwrap().unwrap(), b"envelope");
-        let error = reader.next_envelope().unwrap_err().to_string();
+        assert_eq!(
+            reader.next_item().unwrap().unwrap(),
+            BundleItem::Document(b"envelope".to_vec())
+        );
+        let error = reader.next_item().unwrap_err().to_string();
         assert!(error.contains("cut short"), "{error}");
 
         let mut signed = bytes.clone();

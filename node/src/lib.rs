@@ -8,6 +8,7 @@ pub use estuary_crdt_model as model;
 
 pub mod api;
 pub mod audit;
+pub mod authorship;
 pub mod bundle;
 mod cbor;
 pub mod config;

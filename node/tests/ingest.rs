@@ -956,8 +956,9 @@ fn a_document_fetched_whole_is_accepted_as_its_changes_one_by_one_would_be() {
     let same = |a: &Node, b: &Node| {
         assert_eq!(a.heads(id).unwrap(), b.heads(id).unwrap());
         assert_eq!(a.health_file(id).unwrap(), b.health_file(id).unwrap());
-        // The same changes with the same signatures (an envelope rebuilt from a snapshot may
-        // compress its change differently).
+        // The same changes, each author's latest with the same signature (an envelope rebuilt
+        // from a snapshot may compress its change differently); a node that took the document
+        // whole keeps no other signature.
         let signed = |node: &Node| {
             let mut signed: Vec<_> = node
                 .envelopes(id)
@@ -971,7 +972,19 @@ fn a_document_fetched_whole_is_accepted_as_its_changes_one_by_one_would_be() {
             signed.sort();
             signed
         };
-        assert_eq!(signed(a), signed(b));
+        let (whole, by_change) = (signed(a), signed(b));
+        assert!(whole.iter().all(|s| by_change.contains(s)));
+        let mut covered: Vec<automerge::ChangeHash> = a
+            .whole_document(id, true)
+            .unwrap()
+            .unwrap()
+            .1
+            .into_iter()
+            .map(|(hash, _)| hash)
+            .collect();
+        covered.sort();
+        assert_eq!(whole.iter().map(|(h, _)| *h).collect::<Vec<_>>(), covered);
+        assert_eq!(a.change_hashes(id).unwrap(), b.change_hashes(id).unwrap());
         assert_eq!(a.audit_sequence(), b.audit_sequence());
         assert_eq!(
             a.search_by_name("Lu").unwrap(),
@@ -983,15 +996,19 @@ fn a_document_fetched_whole_is_accepted_as_its_changes_one_by_one_would_be() {
     assert!(whole.verify().unwrap().problems.is_empty());
     assert_eq!(whole.verify_audit(), None);
 
-    // The same document again is held: given back, and every change is a duplicate.
-    let (outcomes, mut given_back) = whole
+    // The same document again is held whole: nothing to decide.
+    let audited = whole.audit_sequence();
+    let (outcomes, given_back) = whole
         .ingest_whole(vec![fetched_whole(&mut doc, id, &signers)])
         .unwrap();
-    assert!(outcomes.is_empty());
-    assert_eq!(given_back.len(), 1);
-    for outcome in whole.ingest_many(&one_by_one(&mut given_back[0])).unwrap() {
-        assert!(matches!(outcome, Ok(Ingested::Duplicate(_))), "{outcome:?}");
-    }
+    assert!(given_back.is_empty());
+    assert_eq!(outcomes.len(), envelopes.len());
+    assert!(
+        outcomes
+            .iter()
+            .all(|o| matches!(o, Ok(Ingested::Duplicate(_))))
+    );
+    assert_eq!(whole.audit_sequence(), audited);
 
     // A local write builds on it, and all of it survives reopening.
     whole
@@ -1076,7 +1093,7 @@ fn a_document_fetched_whole_that_is_not_accepted_whole_is_decided_change_by_chan
 }
 
 #[test]
-fn a_document_fetched_whole_while_one_of_its_changes_waits_is_decided_change_by_change() {
+fn a_document_fetched_whole_while_one_of_its_changes_waits_is_taken_whole_with_it() {
     let (id, mut doc) = file_of_two_members();
     let signers = [
         &Identity::from_secret(PEER),
@@ -1090,9 +1107,12 @@ fn a_document_fetched_whole_while_one_of_its_changes_waits_is_decided_change_by_
     let last = envelopes.last().unwrap();
     assert!(matches!(node.ingest(last).unwrap(), Ingested::Pending(_)));
 
-    let (outcomes, mut given_back) = node.ingest_whole(vec![sent]).unwrap();
-    assert!(outcomes.is_empty());
-    let outcomes = node.ingest_many(&one_by_one(&mut given_back[0])).unwrap();
+    let (outcomes, given_back) = node.ingest_whole(vec![sent]).unwrap();
+    assert!(
+        given_back.is_empty(),
+        "taken whole, the waiting change's record with it"
+    );
+    assert_eq!(outcomes.len(), envelopes.len());
     assert!(
         outcomes
             .iter()
@@ -1152,7 +1172,7 @@ fn a_whole_document_as_a_fetch_sends_it_loads_to_the_node_copy_with_every_signat
         )
         .unwrap();
     }
-    let (bytes, signatures) = node.whole_document(id).unwrap().unwrap();
+    let (bytes, signatures) = node.whole_document(id, false).unwrap().unwrap();
     let mut loaded = load_document(&bytes).unwrap();
     let mut heads = loaded.get_heads();
     heads.sort();
@@ -1167,4 +1187,11 @@ fn a_whole_document_as_a_fetch_sends_it_loads_to_the_node_copy_with_every_signat
         let signature = by_hash[&change.hash()];
         estuary_node::envelope::verify_signature(&id, change, &signature).unwrap();
     }
+    // Covered: the one author's latest change alone vouches for the other forty.
+    let (covered_bytes, cover) = node.whole_document(id, true).unwrap().unwrap();
+    assert_eq!(covered_bytes, bytes);
+    assert_eq!(cover.len(), 1, "one author, one signature");
+    let cover: std::collections::HashMap<_, _> = cover.into_iter().map(|(h, s)| (h.0, s)).collect();
+    let proven = estuary_node::authorship::authenticate(&id, &changes, &cover).unwrap();
+    assert_eq!(proven.iter().filter(|p| p.signature.is_some()).count(), 1);
 }

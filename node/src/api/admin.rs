@@ -422,7 +422,7 @@ async fn export(
         };
         match crate::bundle::export(&node, writer, |_, _| {}) {
             Ok(summary) => tracing::info!(
-                envelopes = summary.envelopes,
+                documents = summary.documents,
                 bytes = summary.bytes,
                 "bundle exported"
             ),
@@ -453,8 +453,17 @@ struct Imported {
     erased: u64,
 }
 
-/// A chunk of a bundle's envelopes (CBOR array of byte strings), through the ordinary
-/// pipeline. The `estuary` command checks the bundle's signature before it sends any.
+/// One item of an import request: an envelope (a bundle of format 1) or a document as a
+/// covered fetch carries it (format 2).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum ImportItem {
+    Envelope(serde_bytes::ByteBuf),
+    Document(crate::sync::protocol::CoveredDocument),
+}
+
+/// A chunk of a bundle's envelopes or documents (CBOR array of byte strings or maps), through
+/// the ordinary pipeline. The `estuary` command checks the bundle's signature before it sends any.
 /// A signed roster offered to the node (a courier's bundle carries its exporter's): adopted
 /// when newer, an erasure or a revocation in it in force before this answers. The network
 /// layer reads the roster in force for every peer it checks, and offers it to peers.
@@ -495,25 +504,51 @@ async fn import(
     _admin: Admin,
     RawBody(body): RawBody,
 ) -> Result<Json<Imported>, ApiError> {
-    let envelopes: Vec<serde_bytes::ByteBuf> =
-        crate::cbor::decode_exact(body.as_ref()).map_err(|_| {
-            ApiError::bad_request(
-                "malformed_import",
-                "the body must be a CBOR array of envelopes (byte strings)",
-            )
-        })?;
-    if envelopes.len() > IMPORT_ENVELOPES_MAX {
+    let items: Vec<ImportItem> = crate::cbor::decode_exact(body.as_ref()).map_err(|_| {
+        ApiError::bad_request(
+            "malformed_import",
+            "the body must be a CBOR array of envelopes (byte strings) or documents (maps)",
+        )
+    })?;
+    if items.len() > IMPORT_ENVELOPES_MAX {
         return Err(ApiError::bad_request(
             "malformed_import",
-            format!("at most {IMPORT_ENVELOPES_MAX} envelopes per import request"),
+            format!("at most {IMPORT_ENVELOPES_MAX} envelopes or documents per import request"),
         ));
     }
+    let (mut envelopes, mut documents) = (Vec::new(), Vec::new());
+    for item in items {
+        match item {
+            ImportItem::Envelope(envelope) => envelopes.push(envelope),
+            ImportItem::Document(document) => documents.push(document),
+        }
+    }
     blocking(move || {
+        // Documents go as fetched ones do: whole where they can, change by change otherwise.
+        let carried =
+            crate::sync::document::ingest_covered(&state.node, &documents).map_err(|error| {
+                match error {
+                    crate::sync::document::DocumentSyncError::Node(error) => ApiError::from(*error),
+                    crate::sync::document::DocumentSyncError::Ingest(error) => {
+                        ApiError::from(crate::replica::NodeError::from(*error))
+                    }
+                    error => {
+                        tracing::warn!(%error, "importing documents failed");
+                        ApiError::internal()
+                    }
+                }
+            })?;
         let outcomes = state
             .node
             .ingest_many(&envelopes)
             .map_err(crate::replica::NodeError::from)?;
-        let mut imported = Imported::default();
+        let mut imported = Imported {
+            accepted: carried.accepted as u64,
+            duplicate: carried.duplicate as u64,
+            pending: carried.pending as u64,
+            refused: carried.rejected as u64,
+            ..Imported::default()
+        };
         for outcome in outcomes {
             match outcome {
                 Ok(Ingested::Accepted(_)) => imported.accepted += 1,

@@ -14,6 +14,60 @@ pub(super) struct DocumentRecord {
     /// Bytes of that snapshot.
     #[serde(default)]
     pub(super) snapshot: u64,
+    /// The changes whose signatures prove every change's author (`crate::authorship`), each
+    /// as its hash and its author's key (64 bytes an entry): at least every author's latest
+    /// change, each stored with its signature. Absent in records of earlier releases: then
+    /// every stored signature is sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) cover: Option<serde_bytes::ByteBuf>,
+}
+
+impl DocumentRecord {
+    /// The cover's entries: change hash and author.
+    pub(super) fn cover(&self) -> Option<Vec<(ChangeHash, Bytes32)>> {
+        let cover = self.cover.as_ref()?;
+        if cover.len() % 64 != 0 {
+            return None;
+        }
+        cover
+            .chunks_exact(64)
+            .map(|entry| {
+                Some((
+                    ChangeHash(entry[..32].try_into().ok()?),
+                    Bytes32(entry[32..].try_into().ok()?),
+                ))
+            })
+            .collect()
+    }
+
+    /// A cover from its entries.
+    pub(super) fn encode_cover(entries: &[(ChangeHash, Bytes32)]) -> serde_bytes::ByteBuf {
+        serde_bytes::ByteBuf::from(
+            entries
+                .iter()
+                .flat_map(|(hash, author)| hash.0.into_iter().chain(author.0))
+                .collect::<Vec<u8>>(),
+        )
+    }
+
+    /// The cover after accepting `hash` by `author` on `deps`: the change joins it, and any
+    /// change of the same author among its dependencies leaves it, since the new change now
+    /// vouches for it. A change of that author further below stays (the cover may hold more
+    /// than the latest changes, never fewer). `None` (an earlier release's record) stays so.
+    pub(super) fn cover_after(
+        previous: Option<&DocumentRecord>,
+        hash: ChangeHash,
+        author: Bytes32,
+        deps: &[ChangeHash],
+    ) -> Option<serde_bytes::ByteBuf> {
+        let mut entries = match previous {
+            None => Vec::new(),
+            Some(record) => record.cover()?,
+        };
+        entries.retain(|(entry, by)| !(*by == author && deps.contains(entry)));
+        entries.push((hash, author));
+        Some(Self::encode_cover(&entries))
+    }
 }
 
 /// A change as the store keeps it (`keys::ENVELOPE`): its envelope, as received or signed; or,
@@ -22,17 +76,28 @@ pub(super) struct DocumentRecord {
 /// is rebuilt from the document when one must be sent (`into_envelope`). The cost: a snapshot
 /// damaged beyond loading loses those changes here, and `repair` then fetches the document
 /// from peers, as for any damaged document.
+///
+/// A change that came inside a whole document, vouched for by a later change of its author
+/// (`crate::authorship`), is stored *vouched*: no signature of its own, its bytes in the
+/// snapshot, its authorship proven by the signature of that later change, which is stored.
+/// It travels only inside its document, beside that signature.
 pub(super) enum StoredChange {
     Envelope(Vec<u8>),
     Signature([u8; 64]),
+    Vouched,
 }
 
 /// The first byte of a change stored as its signature alone; an envelope (a CBOR map) never
 /// starts with it.
 pub(super) const SIGNATURE_ONLY: u8 = b'S';
+/// The whole value of a change stored vouched for by a later change of its author.
+pub(super) const VOUCHED: &[u8] = b"V";
 
 impl StoredChange {
     pub(super) fn decode(value: Vec<u8>) -> Result<Self, StoreError> {
+        if value == VOUCHED {
+            return Ok(Self::Vouched);
+        }
         match value.split_first() {
             Some((&SIGNATURE_ONLY, signature)) => signature
                 .try_into()
@@ -49,32 +114,44 @@ impl StoredChange {
         [&[SIGNATURE_ONLY][..], signature].concat()
     }
 
-    pub(super) fn signature(&self) -> Result<[u8; 64], StoreError> {
+    /// The value that stores a change its snapshot holds: by its signature alone, or vouched
+    /// for when it has none of its own.
+    pub(super) fn in_snapshot(signature: Option<&[u8; 64]>) -> Vec<u8> {
+        signature.map_or_else(|| VOUCHED.to_vec(), Self::signature_only)
+    }
+
+    /// The change's own signature; `None` for a change stored vouched for.
+    pub(super) fn signature(&self) -> Result<Option<[u8; 64]>, StoreError> {
         match self {
-            Self::Signature(signature) => Ok(*signature),
+            Self::Signature(signature) => Ok(Some(*signature)),
+            Self::Vouched => Ok(None),
             Self::Envelope(envelope) => Envelope::decode(envelope)
                 .ok()
                 .and_then(|envelope| envelope.signature.try_into().ok())
+                .map(Some)
                 .ok_or(StoreError::Corrupt { what: "envelope" }),
         }
     }
 
     /// The change's envelope; rebuilt from `doc`, which must hold the change, when only its
-    /// signature is stored.
+    /// signature is stored; `None` for a change stored vouched for, which has no envelope.
     pub(super) fn into_envelope(
         self,
         document: DocumentId,
         hash: &ChangeHash,
         doc: &AutoCommit,
-    ) -> Result<Vec<u8>, StoreError> {
+    ) -> Result<Option<Vec<u8>>, StoreError> {
         match self {
-            Self::Envelope(envelope) => Ok(envelope),
+            Self::Envelope(envelope) => Ok(Some(envelope)),
+            Self::Vouched => Ok(None),
             Self::Signature(signature) => {
                 let mut change = crate::model::automerge::ReadDoc::get_change_by_hash(doc, hash)
                     .ok_or(StoreError::Corrupt {
                         what: "a change its snapshot lacks",
                     })?;
-                Ok(Envelope::seal(document, &mut change, &signature).encode())
+                Ok(Some(
+                    Envelope::seal(document, &mut change, &signature).encode(),
+                ))
             }
         }
     }
@@ -305,9 +382,9 @@ impl Node {
         Ok(self.store.get(&keys::envelope(&id, change))?.is_some())
     }
 
-    /// Every stored envelope of a document, for sync and export.
-    /// A document's envelopes in causal order (each after its dependencies): how they are
-    /// sent to a peer that lacks the document.
+    /// A document's envelopes in causal order (each after its dependencies). A change stored
+    /// vouched for has no envelope and is left out: it travels only inside its document
+    /// (`whole_document`).
     pub fn envelopes(&self, id: DocumentId) -> Result<Vec<Vec<u8>>, NodeError> {
         let mut by_hash: HashMap<[u8; 32], StoredChange> = HashMap::new();
         for (hash, value) in self.stored_changes(&id)? {
@@ -318,13 +395,13 @@ impl Node {
         for change in doc.get_changes(&[]) {
             let hash = change.hash();
             if let Some(stored) = by_hash.remove(&hash.0) {
-                ordered.push(stored.into_envelope(id, &hash, &doc)?);
+                ordered.extend(stored.into_envelope(id, &hash, &doc)?);
             }
         }
         // Anything the document does not hold (damage `verify` reports) goes last, if it can.
         ordered.extend(by_hash.into_values().filter_map(|stored| match stored {
             StoredChange::Envelope(envelope) => Some(envelope),
-            StoredChange::Signature(_) => None,
+            StoredChange::Signature(_) | StoredChange::Vouched => None,
         }));
         Ok(ordered)
     }
@@ -342,22 +419,26 @@ impl Node {
     /// Who changed a document and when, oldest first: each accepted change with its hash,
     /// the institution whose key signed it, and the writer's clock.
     pub fn history(&self, id: DocumentId) -> Result<Vec<HistoryEntry>, NodeError> {
-        let envelopes = self.envelopes(id)?;
-        if envelopes.is_empty() {
+        let Some(mut doc) = self.sync_document(id)? else {
             return Err(NodeError::UnknownDocument(id));
-        }
+        };
         let membership = self.membership();
-        envelopes
+        // Every change the document holds was accepted, its author's key proven then (by its
+        // own signature, or one of its author's later changes): the key is the actor's.
+        doc.get_changes(&[])
             .iter()
-            .map(|bytes| {
-                let verified = Envelope::verify(bytes)
-                    .map_err(|_| StoreError::Corrupt { what: "envelope" })?;
+            .map(|change| {
+                let author = crate::envelope::author_of(change.actor_id().to_bytes())
+                    .map(Bytes32)
+                    .ok_or(StoreError::Corrupt {
+                        what: "a change's author",
+                    })?;
                 Ok(HistoryEntry {
-                    change: verified.hash,
-                    institution: membership.institution_of(&verified.author),
-                    author: verified.author,
+                    change: change.hash(),
+                    institution: membership.institution_of(&author),
+                    author,
                     // Changes carry whole seconds of the writer's clock.
-                    at_ms: verified.change.timestamp().saturating_mul(1000),
+                    at_ms: change.timestamp().saturating_mul(1000),
                 })
             })
             .collect()
@@ -379,7 +460,9 @@ impl Node {
     }
 
     /// A document as a fetch sends it: automerge bytes that load to it, with the signature of
-    /// each of its changes. The bytes are the stored snapshot followed by the changes accepted
+    /// each of its changes that has one stored; with `cover_only`, only the signatures that
+    /// prove every change's author (`crate::authorship`): its authors' latest changes, as the
+    /// record's cover names them. The bytes are the stored snapshot followed by the changes accepted
     /// since (their envelopes' change chunks, which automerge loads after a document chunk),
     /// so serving a document decodes nothing of it. Should a decision land while they are read
     /// (the record's heads moved), or the snapshot be missing, the document is saved afresh
@@ -388,12 +471,16 @@ impl Node {
     pub fn whole_document(
         &self,
         id: DocumentId,
+        cover_only: bool,
     ) -> Result<Option<(Vec<u8>, Vec<(ChangeHash, [u8; 64])>)>, NodeError> {
         let Some(record) = self.document_record(&id)? else {
             return Ok(None);
         };
-        if let Some(stored) = self.stored_whole(&id, &record)? {
-            return Ok(Some(stored));
+        if let Some((bytes, mut signatures)) = self.stored_whole(&id, &record)? {
+            if cover_only && let Some(cover) = record.cover() {
+                signatures.retain(|(hash, _)| cover.iter().any(|(c, _)| c == hash));
+            }
+            return Ok(Some((bytes, signatures)));
         }
         let Some((mut doc, _)) = self.copy_of(&id)? else {
             return Ok(None);
@@ -401,15 +488,23 @@ impl Node {
         // Read after the copy, so none is missing; a change accepted meanwhile is not in the
         // copy, and its signature is left out (a compact answer pairs signatures with the
         // document's changes one to one).
-        let held: HashSet<ChangeHash> = doc
-            .get_changes_meta(&[])
-            .into_iter()
-            .map(|meta| meta.hash)
-            .collect();
+        let held: HashSet<ChangeHash> = if cover_only {
+            crate::authorship::cover(&doc.get_changes(&[]))
+                .into_iter()
+                .map(|(hash, _)| hash)
+                .collect()
+        } else {
+            doc.get_changes_meta(&[])
+                .into_iter()
+                .map(|meta| meta.hash)
+                .collect()
+        };
         let mut signatures = Vec::new();
         for (hash, value) in self.stored_changes(&id)? {
-            if held.contains(&hash) {
-                signatures.push((hash, StoredChange::decode(value)?.signature()?));
+            if held.contains(&hash)
+                && let Some(signature) = StoredChange::decode(value)?.signature()?
+            {
+                signatures.push((hash, signature));
             }
         }
         Ok(Some((doc.save(), signatures)))
@@ -439,6 +534,7 @@ impl Node {
         for (hash, value) in stored {
             let signature = match StoredChange::decode(value)? {
                 StoredChange::Signature(signature) => signature,
+                StoredChange::Vouched => continue,
                 StoredChange::Envelope(envelope) => {
                     let envelope = Envelope::decode(&envelope)
                         .ok()
@@ -462,7 +558,7 @@ impl Node {
     }
 
     /// The signatures of accepted changes of a document, to send beside them; a change not
-    /// held is left out.
+    /// held, or held vouched for (without a signature of its own), is left out.
     pub fn signatures(
         &self,
         id: DocumentId,
@@ -470,8 +566,10 @@ impl Node {
     ) -> Result<Vec<(ChangeHash, [u8; 64])>, NodeError> {
         let mut found = Vec::with_capacity(changes.len());
         for hash in changes {
-            if let Some(value) = self.store.get(&keys::envelope(&id, hash))? {
-                found.push((*hash, StoredChange::decode(value)?.signature()?));
+            if let Some(value) = self.store.get(&keys::envelope(&id, hash))?
+                && let Some(signature) = StoredChange::decode(value)?.signature()?
+            {
+                found.push((*hash, signature));
             }
         }
         Ok(found)

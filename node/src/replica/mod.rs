@@ -475,7 +475,7 @@ impl Writer<'_> {
                 hash,
                 author,
                 institution: node.institution.clone(),
-                signature,
+                signature: Some(signature),
             };
             let whole = WholeDocument {
                 id,
@@ -488,7 +488,11 @@ impl Writer<'_> {
                     changes: vec![change],
                     view,
                     snapshot,
-                    made_here: true,
+                    base: Vec::new(),
+                    merged: None,
+                    base_authors: Vec::new(),
+                    cover: vec![(hash, author)],
+                    held: Vec::new(),
                 },
             ))
         });

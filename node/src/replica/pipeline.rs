@@ -683,7 +683,10 @@ impl Node {
             .scan_prefix(&keys::per_document(keys::ENVELOPE, id))?
         {
             if let envelope @ StoredChange::Envelope(_) = StoredChange::decode(value)? {
-                batch.put(key, StoredChange::signature_only(&envelope.signature()?));
+                batch.put(
+                    key,
+                    StoredChange::in_snapshot(envelope.signature()?.as_ref()),
+                );
             }
         }
         Ok(())
@@ -719,6 +722,7 @@ impl Node {
         let cached_bytes = bytes + verified.encoded.len();
         let heads = current.get_heads();
         let mut batch = Batch::default();
+        let previous = self.document_record(&id)?;
         // A load replays only the envelopes the snapshot lacks (see `snapshot_due`).
         let (tail, snapshot_bytes) = match snapshot {
             Some(snapshot) => {
@@ -730,13 +734,14 @@ impl Node {
                 let signature = StoredChange::Envelope(verified.encoded.clone()).signature()?;
                 batch.put(
                     keys::envelope(&id, &hash),
-                    StoredChange::signature_only(&signature),
+                    StoredChange::in_snapshot(signature.as_ref()),
                 );
                 (0, saved)
             }
             None => {
                 batch.put(keys::envelope(&id, &hash), verified.encoded.clone());
-                self.document_record(&id)?
+                previous
+                    .as_ref()
                     .map_or((verified.encoded.len() as u64, 0), |record| {
                         (record.tail + verified.encoded.len() as u64, record.snapshot)
                     })
@@ -747,6 +752,12 @@ impl Node {
             heads: heads.iter().map(|h| h.0).collect(),
             tail,
             snapshot: snapshot_bytes,
+            cover: DocumentRecord::cover_after(
+                previous.as_ref(),
+                hash,
+                verified.author,
+                verified.change.deps(),
+            ),
         };
         batch.put(keys::per_document(keys::DOCUMENT, &id), encode(&record));
         batch.put(

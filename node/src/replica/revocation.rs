@@ -318,6 +318,40 @@ impl Node {
                 kept.push(change);
             }
         }
+        // A change kept vouched for needs a signed later change of its author among those
+        // kept, or nothing proves who wrote it: it is withdrawn too (with what builds on it),
+        // and not held, having no signature of its own. Peers that hold it with its proof
+        // send it again, to be decided against the cut-off afresh.
+        let mut unsigned = HashSet::new();
+        for change in &kept {
+            let hash = change.hash();
+            if let Some(value) = self.store.get(&keys::envelope(&document, &hash))?
+                && matches!(StoredChange::decode(value)?, StoredChange::Vouched)
+            {
+                unsigned.insert(hash);
+            }
+        }
+        while !unsigned.is_empty() {
+            let unproven: HashSet<ChangeHash> = crate::authorship::cover(&kept)
+                .into_iter()
+                .map(|(hash, _)| hash)
+                .filter(|hash| unsigned.contains(hash))
+                .collect();
+            if unproven.is_empty() {
+                break;
+            }
+            let mut still = Vec::with_capacity(kept.len());
+            for change in kept {
+                let hash = change.hash();
+                if unproven.contains(&hash) || change.deps().iter().any(|d| gone.contains(d)) {
+                    gone.insert(hash);
+                    withdrawn.push(hash);
+                } else {
+                    still.push(change);
+                }
+            }
+            kept = still;
+        }
         if withdrawn.is_empty() {
             self.put_back(ledger, document, doc, bytes);
             *ticket = self.commit.apply(&self.store, batch)?;
@@ -329,12 +363,30 @@ impl Node {
         let mut held = Vec::new();
         for hash in &withdrawn {
             let envelope_key = keys::envelope(&document, hash);
-            let envelope = StoredChange::decode(
+            let Some(envelope) = StoredChange::decode(
                 self.store
                     .get(&envelope_key)?
                     .ok_or(StoreError::Corrupt { what: "envelope" })?,
             )?
-            .into_envelope(document, hash, &doc)?;
+            .into_envelope(document, hash, &doc)?
+            else {
+                // Vouched for, without a signature of its own: not held (see above).
+                batch.delete(envelope_key);
+                let author = crate::model::automerge::ReadDoc::get_change_by_hash(&doc, hash)
+                    .and_then(|change| crate::envelope::author_of(change.actor_id().to_bytes()))
+                    .ok_or(StoreError::Corrupt {
+                        what: "a change its snapshot lacks",
+                    })?;
+                let institution = self.membership().institution_of(&Bytes32(author));
+                audit_head = self.append_audit(
+                    &mut batch,
+                    audit_head,
+                    AuditAction::Withdrawn,
+                    (document, *hash),
+                    institution,
+                );
+                continue;
+            };
             let verified = Envelope::verify(&envelope)
                 .map_err(|_| StoreError::Corrupt { what: "envelope" })?;
             withdrawn_bytes += envelope.len();
@@ -369,6 +421,7 @@ impl Node {
                 institution,
             );
         }
+        let cover = DocumentRecord::encode_cover(&crate::authorship::cover(&kept));
         let mut rebuilt = AutoCommit::new();
         rebuilt
             .apply_changes(kept)
@@ -393,6 +446,7 @@ impl Node {
                 heads: heads.iter().map(|h| h.0).collect(),
                 tail: 0,
                 snapshot: snapshot.len() as u64,
+                cover: Some(cover),
             };
             batch.put(keys::per_document(keys::SNAPSHOT, &document), snapshot);
             batch.put(

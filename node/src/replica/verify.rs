@@ -161,6 +161,7 @@ impl Node {
         let snapshot_loads = snapshot.is_some();
         let mut doc = snapshot.unwrap_or_default();
         let mut hashes = HashSet::new();
+        let mut vouched = HashSet::new();
         let mut tail = Vec::new();
         for (key, value) in stored {
             *envelopes += 1;
@@ -181,6 +182,15 @@ impl Node {
                         problems.push(format!("envelope {hash} fails verification: {error}"))
                     }
                 },
+                Ok(StoredChange::Vouched) => {
+                    if crate::model::automerge::ReadDoc::get_change_by_hash(&doc, &hash).is_none()
+                    {
+                        problems.push(format!(
+                            "change {hash} is stored vouched for, and its snapshot lacks it"
+                        ));
+                    }
+                    vouched.insert(hash);
+                }
                 Ok(StoredChange::Signature(signature)) => {
                     match crate::model::automerge::ReadDoc::get_change_by_hash(&doc, &hash) {
                         None => problems.push(format!(
@@ -210,12 +220,18 @@ impl Node {
             problems.push("its snapshot holds changes whose dependencies it lacks".into());
         }
         // Every change the document holds (its snapshot's too) is an accepted change.
-        if doc
-            .get_changes(&[])
-            .iter()
-            .any(|c| !hashes.contains(&c.hash()))
-        {
+        let changes = doc.get_changes(&[]);
+        if changes.iter().any(|c| !hashes.contains(&c.hash())) {
             problems.push("its snapshot holds a change that is not stored as accepted".into());
+        }
+        // A change stored vouched for has a signed later change of its author: every author's
+        // latest change is stored with its signature (checked above).
+        for (hash, _) in crate::authorship::cover(&changes) {
+            if vouched.contains(&hash) {
+                problems.push(format!(
+                    "change {hash} is its author's latest and is stored without its signature"
+                ));
+            }
         }
         let mut heads = doc.get_heads();
         let mut recorded: Vec<ChangeHash> = record.heads.iter().copied().map(ChangeHash).collect();

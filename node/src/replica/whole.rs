@@ -20,20 +20,43 @@ pub(super) struct WholeChange {
     pub(super) hash: ChangeHash,
     pub(super) author: Bytes32,
     pub(super) institution: InstitutionId,
-    pub(super) signature: [u8; 64],
+    /// Its own signature when it is its author's latest in the document; `None` when a later
+    /// change of its author vouches for it (`crate::authorship`).
+    pub(super) signature: Option<[u8; 64]>,
 }
 
 /// A document sent whole, judged at once before the decision lock is taken (see
-/// `Node::prepare_whole`). The decision uses it only if the store still holds nothing of the
-/// document and every author still belongs to the institution named here.
+/// `Node::prepare_whole`). The decision uses it only if the store still holds the document at
+/// `base` (nothing of it, when `base` is empty) and every author still belongs to the
+/// institution named here.
 pub(super) struct PreparedWhole {
-    /// Its changes, in causal order.
+    /// Its changes this node lacks, in causal order.
     pub(super) changes: Vec<WholeChange>,
     pub(super) view: View,
     pub(super) snapshot: Vec<u8>,
-    /// Made by this node (a bulk load): its one author is this node's key, whose standing
-    /// `Membership::admit` settles, so a revocation of another key cannot concern it.
-    pub(super) made_here: bool,
+    /// The heads, sorted, of the document as this node held it when it was prepared; empty
+    /// when it held nothing of it.
+    pub(super) base: Vec<ChangeHash>,
+    /// The document as it will be: what this node held with the new changes applied, when it
+    /// held any of it (otherwise the document sent).
+    pub(super) merged: Option<AutoCommit>,
+    /// One change of each author of what this node held, with the institution it was
+    /// admitted for: their standing is checked again under the decision lock.
+    pub(super) base_authors: Vec<(Bytes32, ChangeHash, InstitutionId)>,
+    /// The changes whose signatures prove every author (`DocumentRecord::cover`).
+    pub(super) cover: Vec<(ChangeHash, Bytes32)>,
+    /// The changes sent that this node held already.
+    pub(super) held: Vec<ChangeHash>,
+}
+
+/// What `Node::prepare_whole` made of a document sent whole.
+pub(super) enum Preparation {
+    /// Judged, to be written.
+    Judged(Box<PreparedWhole>),
+    /// This node holds every change it carries: these.
+    NothingNew(Vec<ChangeHash>),
+    /// Out of the ordinary: decided change by change.
+    Unusual,
 }
 
 /// What became of a document prepared whole (see `Node::decide_whole`).
@@ -47,16 +70,18 @@ pub(super) enum WholeDecision {
 }
 
 impl Node {
-    /// Takes documents this node holds nothing of, sent whole by a peer (a fetch): each is
-    /// judged at once (`judge_history`, as deciding its changes one by one in causal order
-    /// would) before the decision lock is taken, and accepted in one write: one load, one
-    /// judgement pass and one batch per document instead of one per change. A document is
-    /// given back, for `ingest_many` to decide change by change as usual, when this node holds
-    /// any part of it (accepted, pending or quarantined) or its history is not accepted whole:
-    /// a change unsigned, badly signed or refused, an author who is not a plain member, a
-    /// revocation in force. Returns one outcome per change of the documents taken, once their
-    /// decisions are durable, and the documents given back. Unlike `ingest_many`, calls run
-    /// side by side: the decision lock is held only to write a document already judged.
+    /// Takes documents sent whole by a peer (a fetch): each is judged at once
+    /// (`judge_history`, as deciding its changes one by one in causal order would) before the
+    /// decision lock is taken, and accepted in one write: one load, one judgement pass and one
+    /// batch per document instead of one per change. A document this node holds part of is
+    /// merged with it and its whole history judged the same way. Authorship is proven by one
+    /// signature per author's latest change (`crate::authorship`). A document is given back,
+    /// for `ingest_many` to decide change by change as usual, when its history is not
+    /// accepted whole: a change unproven or refused, an author who is not a plain member (a
+    /// revocation concerns it), a change this node quarantined. Returns one outcome per change
+    /// taken, once their decisions are durable, and the documents given back. Unlike
+    /// `ingest_many`, calls run side by side: the decision lock is held only to write a
+    /// document already judged.
     #[allow(clippy::type_complexity)]
     pub fn ingest_whole(
         &self,
@@ -66,14 +91,19 @@ impl Node {
         // (on threads of lower priority than reads, see `sync::background`).
         let mut prepared = Vec::with_capacity(documents.len());
         let mut given_back = Vec::new();
+        let mut duplicates = Vec::new();
         for mut whole in documents {
             match self.prepare_whole(&mut whole) {
-                Some(judged) => prepared.push((whole, judged)),
-                None => given_back.push(whole),
+                Preparation::Judged(judged) => prepared.push((whole, *judged)),
+                Preparation::NothingNew(held) => {
+                    duplicates.extend(held.into_iter().map(|h| Ok(Ingested::Duplicate(h))))
+                }
+                Preparation::Unusual => given_back.push(whole),
             }
         }
-        let (outcomes, decided_back) = self.decide_prepared_whole(prepared, None)?;
+        let (mut outcomes, decided_back) = self.decide_prepared_whole(prepared, None)?;
         given_back.extend(decided_back);
+        outcomes.extend(duplicates);
         Ok((outcomes, given_back))
     }
 
@@ -95,9 +125,14 @@ impl Node {
         for (whole, prepared) in prepared {
             let mut ledger = self.lock_ledger();
             let hashes: Vec<ChangeHash> = prepared.changes.iter().map(|c| c.hash).collect();
+            let held = prepared.held.clone();
             match self.decide_whole(&mut ledger, &mut ticket, whole, prepared, app) {
                 WholeDecision::Accepted => {
-                    outcomes.extend(hashes.into_iter().map(|h| Ok(Ingested::Accepted(h))))
+                    // Pending changes may have waited for these.
+                    ledger.woken.extend(hashes.iter().copied());
+                    self.settle(&mut ledger, &mut ticket);
+                    outcomes.extend(hashes.into_iter().map(|h| Ok(Ingested::Accepted(h))));
+                    outcomes.extend(held.into_iter().map(|h| Ok(Ingested::Duplicate(h))));
                 }
                 WholeDecision::GivenBack(whole) => given_back.push(whole),
                 // The change-by-change pipeline meets the same failure and reports it.
@@ -116,57 +151,118 @@ impl Node {
         Ok((outcomes, given_back))
     }
 
-    /// Checks and judges a document sent whole without the decision lock: every change
-    /// signed by its author, every author a plain member, the creation change naming the
-    /// document, the history judged at once (`judge_history`). `None` if anything is out of
-    /// the ordinary: the per-change pipeline then decides it.
-    pub(super) fn prepare_whole(&self, whole: &mut WholeDocument) -> Option<PreparedWhole> {
+    /// Checks and judges a document sent whole without the decision lock: every change's
+    /// author proven (`crate::authorship::authenticate`) and a plain member, the creation
+    /// change naming the document, the history — merged with what this node holds of it —
+    /// judged at once (`judge_history`). `Unusual` if anything is out of the ordinary: the
+    /// per-change pipeline then decides it.
+    pub(super) fn prepare_whole(&self, whole: &mut WholeDocument) -> Preparation {
         let id = whole.id;
-        if !matches!(self.document_record(&id), Ok(None)) {
-            return None;
-        }
         // Changes whose dependencies the bytes lack are held inside automerge, out of
         // `get_changes`, yet saved with the document: such a document goes change by change.
         if !whole.doc.get_missing_deps(&[]).is_empty() {
-            return None;
+            return Preparation::Unusual;
         }
-        let mut changes = whole.doc.get_changes(&[]);
-        let mut checked = Vec::with_capacity(changes.len());
+        let sent = whole.doc.get_changes(&[]);
+        if sent
+            .iter()
+            .any(|change| change.deps().is_empty() && document_id_of(&change.hash()) != id)
+        {
+            return Preparation::Unusual;
+        }
+        let Ok(authored) = crate::authorship::authenticate(&id, &sent, &whole.signatures) else {
+            return Preparation::Unusual;
+        };
+        let record = match self.document_record(&id) {
+            Ok(record) => record,
+            Err(_) => return Preparation::Unusual,
+        };
+        // The document as it will be, and its changes this node lacks.
+        let (merged, base, history, new, held) = match record {
+            None => (None, Vec::new(), sent, authored, Vec::new()),
+            Some(_) => {
+                let Ok(Some((mut held, _))) = self.copy_of(&id) else {
+                    return Preparation::Unusual;
+                };
+                let mut base = held.get_heads();
+                base.sort_unstable();
+                let known: HashSet<ChangeHash> = held
+                    .get_changes_meta(&[])
+                    .into_iter()
+                    .map(|meta| meta.hash)
+                    .collect();
+                let (lacking, new): (Vec<_>, Vec<_>) = sent
+                    .iter()
+                    .cloned()
+                    .zip(authored)
+                    .filter(|(change, _)| !known.contains(&change.hash()))
+                    .unzip();
+                let held_already: Vec<ChangeHash> = sent
+                    .iter()
+                    .map(|change| change.hash())
+                    .filter(|hash| known.contains(hash))
+                    .collect();
+                if lacking.is_empty() {
+                    return Preparation::NothingNew(held_already);
+                }
+                if held.apply_changes(lacking).is_err() {
+                    return Preparation::Unusual;
+                }
+                let history = held.get_changes(&[]);
+                (Some(held), base, history, new, held_already)
+            }
+        };
+        let doc = merged.as_ref().unwrap_or(&whole.doc);
+        let new_hashes: HashMap<ChangeHash, usize> =
+            new.iter().enumerate().map(|(i, a)| (a.hash, i)).collect();
+        let mut institutions = Vec::with_capacity(history.len());
+        let mut changes = Vec::with_capacity(new.len());
+        let mut base_authors: Vec<(Bytes32, ChangeHash, InstitutionId)> = Vec::new();
         {
             let membership = self.membership();
-            // A revoked key's changes are decided against its cut-off, change by change.
-            if !membership.view().revocations.is_empty() {
-                return None;
-            }
-            for change in &mut changes {
+            for change in &history {
                 let hash = change.hash();
-                if change.deps().is_empty() && document_id_of(&hash) != id {
-                    return None;
-                }
-                let signature = whole.signatures.get(&hash.0)?;
-                let author = crate::envelope::verify_signature(&id, change, signature).ok()?;
-                let Admission::Member(institution) = membership.admit(&author, &hash) else {
-                    return None;
+                let author = match new_hashes.get(&hash) {
+                    Some(&i) => new[i].author,
+                    None => match crate::envelope::author_of(change.actor_id().to_bytes()) {
+                        Some(author) => Bytes32(author),
+                        None => return Preparation::Unusual,
+                    },
                 };
-                // A change too large for an envelope is refused by the envelope path, which
-                // holds its bytes as automerge encodes them (compressed above 256 bytes, which
-                // may make them larger): compressed only when it could matter.
-                if change.raw_bytes().len() > crate::envelope::CHANGE_BYTES_MAX / 2
-                    && change.bytes().len() > crate::envelope::CHANGE_BYTES_MAX
-                {
-                    return None;
+                // A revoked key's changes are decided against its cut-off, change by change.
+                let Admission::Member(institution) = membership.admit(&author, &hash) else {
+                    return Preparation::Unusual;
+                };
+                match new_hashes.get(&hash) {
+                    Some(&i) => {
+                        // A change too large for an envelope is refused by the envelope
+                        // path, which holds its bytes as automerge encodes them (compressed
+                        // above 256 bytes, which may make them larger): compressed only when
+                        // it could matter.
+                        if change.raw_bytes().len() > crate::envelope::CHANGE_BYTES_MAX / 2
+                            && change.clone().bytes().len() > crate::envelope::CHANGE_BYTES_MAX
+                        {
+                            return Preparation::Unusual;
+                        }
+                        changes.push(WholeChange {
+                            hash,
+                            author,
+                            institution: institution.clone(),
+                            signature: new[i].signature,
+                        });
+                    }
+                    None => {
+                        if !base_authors.iter().any(|(a, ..)| *a == author) {
+                            base_authors.push((author, hash, institution.clone()));
+                        }
+                    }
                 }
-                checked.push(WholeChange {
-                    hash,
-                    author,
-                    institution,
-                    signature: *signature,
-                });
+                institutions.push(institution);
             }
         }
-        let institutions: Vec<InstitutionId> =
-            checked.iter().map(|c| c.institution.clone()).collect();
-        let view = crate::model::judge_history(&whole.doc, &changes, &institutions).ok()?;
+        let Ok(view) = crate::model::judge_history(doc, &history, &institutions) else {
+            return Preparation::Unusual;
+        };
         // An erased document, or a referral of an erased resident, is refused change by
         // change, and nothing of it kept.
         let patient = match &view {
@@ -177,20 +273,29 @@ impl Node {
             .chain(patient)
             .any(|document| !matches!(self.is_erased(&document), Ok(false)))
         {
-            return None;
+            return Preparation::Unusual;
         }
-        Some(PreparedWhole {
-            changes: checked,
+        let cover = crate::authorship::cover(&history);
+        let mut merged = merged;
+        let snapshot = merged.as_mut().unwrap_or(&mut whole.doc).save();
+        Preparation::Judged(Box::new(PreparedWhole {
+            changes,
             view,
-            snapshot: whole.doc.save(),
-            made_here: false,
-        })
+            snapshot,
+            base,
+            merged,
+            base_authors,
+            cover,
+            held,
+        }))
     }
 
-    /// Accepts a document prepared whole (`prepare_whole`) in one batch: its envelopes,
-    /// snapshot, record, catalogue and index entries, and an audit record per change, as
-    /// accepting its changes one by one would leave them. Gives the document back if the store
-    /// now holds any part of it or an author's standing changed.
+    /// Accepts a document prepared whole (`prepare_whole`) in one batch: its new changes
+    /// (each by its signature, or vouched for), snapshot, record, catalogue and index entries,
+    /// and an audit record per new change, as accepting its changes one by one would leave
+    /// them; a pending record of a new change goes. Gives the document back if the store no
+    /// longer holds it as it was prepared against, holds one of its changes in quarantine, or
+    /// an author's standing changed.
     pub(super) fn decide_whole(
         &self,
         ledger: &mut Ledger,
@@ -200,18 +305,25 @@ impl Node {
         app: Option<&str>,
     ) -> WholeDecision {
         let id = whole.id;
-        match self.holds_any_of(&id, &prepared) {
-            Ok(false) => {}
-            Ok(true) => return WholeDecision::GivenBack(whole),
+        match self.still_as_prepared(&id, &prepared) {
+            Ok(true) => {}
+            Ok(false) => return WholeDecision::GivenBack(whole),
             Err(error) => return WholeDecision::Failed(error, whole),
         }
         {
             let membership = self.membership();
-            if (!prepared.made_here && !membership.view().revocations.is_empty())
-                || prepared.changes.iter().any(|c| {
-                    !matches!(membership.admit(&c.author, &c.hash),
-                        Admission::Member(institution) if institution == c.institution)
-                })
+            let standing = |author: &Bytes32, hash: &ChangeHash, institution: &InstitutionId| {
+                matches!(membership.admit(author, hash),
+                    Admission::Member(admitted) if admitted == *institution)
+            };
+            if prepared
+                .changes
+                .iter()
+                .any(|c| !standing(&c.author, &c.hash, &c.institution))
+                || prepared
+                    .base_authors
+                    .iter()
+                    .any(|(author, hash, institution)| !standing(author, hash, institution))
             {
                 return WholeDecision::GivenBack(whole);
             }
@@ -220,59 +332,80 @@ impl Node {
             changes,
             mut view,
             snapshot,
+            base,
+            merged,
+            cover,
             ..
         } = prepared;
         let kind = view.kind();
-        let heads = whole.doc.get_heads();
+        let mut doc = merged.unwrap_or_else(|| std::mem::take(&mut whole.doc));
+        let heads = doc.get_heads();
         let digest = catalogue_digest(&heads);
         let accepted = ledger.accepted + changes.len() as u64;
         let mut batch = Batch::default();
         let bytes = snapshot.len();
         let mut authors = BTreeSet::new();
         let mut head = ledger.audit;
-        // The snapshot holds every change: each is stored as its signature alone.
-        for change in changes {
-            batch.put(
-                keys::envelope(&id, &change.hash),
-                StoredChange::signature_only(&change.signature),
-            );
-            authors.insert(change.author);
-            head = self.append_audit(
-                &mut batch,
-                head,
-                AuditAction::Accepted,
-                (id, change.hash),
-                Some(change.institution),
-            );
-            if let Some(app) = app {
-                // Who wrote it is durable exactly when the change is.
-                head = append_record(
+        let mut unparked = Vec::new();
+        let stored = (|| {
+            if !base.is_empty() {
+                // The new snapshot holds the changes accepted since the last one too.
+                self.keep_signatures_only(&mut batch, &id)?;
+            }
+            // The snapshot holds every change: each is stored as its signature alone, or
+            // vouched for.
+            for change in &changes {
+                batch.put(
+                    keys::envelope(&id, &change.hash),
+                    StoredChange::in_snapshot(change.signature.as_ref()),
+                );
+                unparked.push(self.unpark(&mut batch, &id, &change.hash)?);
+                authors.insert(change.author);
+                head = self.append_audit(
                     &mut batch,
                     head,
-                    self.app_record(app, AuditAction::Written, id, Some(change.hash.0)),
+                    AuditAction::Accepted,
+                    (id, change.hash),
+                    Some(change.institution.clone()),
                 );
+                if let Some(app) = app {
+                    // Who wrote it is durable exactly when the change is.
+                    head = append_record(
+                        &mut batch,
+                        head,
+                        self.app_record(app, AuditAction::Written, id, Some(change.hash.0)),
+                    );
+                }
             }
-        }
-        let record = DocumentRecord {
-            kind,
-            heads: heads.iter().map(|h| h.0).collect(),
-            tail: 0,
-            snapshot: snapshot.len() as u64,
-        };
-        batch.put(keys::per_document(keys::SNAPSHOT, &id), snapshot);
-        batch.put(keys::per_document(keys::DOCUMENT, &id), encode(&record));
-        batch.put(keys::per_document(keys::CATALOGUE, &id), digest.to_vec());
-        for author in &authors {
-            batch.put(keys::author(author, &id), Vec::new());
-        }
-        batch.put(keys::ACCEPTED, accepted.to_be_bytes().to_vec());
-        let applied = self
-            .reindex(&mut batch, &id, &view)
-            .and_then(|()| self.commit.apply(&self.store, batch));
-        *ticket = match applied {
+            let record = DocumentRecord {
+                kind,
+                heads: heads.iter().map(|h| h.0).collect(),
+                tail: 0,
+                snapshot: snapshot.len() as u64,
+                cover: Some(DocumentRecord::encode_cover(&cover)),
+            };
+            batch.put(keys::per_document(keys::SNAPSHOT, &id), snapshot);
+            batch.put(keys::per_document(keys::DOCUMENT, &id), encode(&record));
+            batch.put(keys::per_document(keys::CATALOGUE, &id), digest.to_vec());
+            for author in &authors {
+                batch.put(keys::author(author, &id), Vec::new());
+            }
+            batch.put(keys::ACCEPTED, accepted.to_be_bytes().to_vec());
+            self.reindex(&mut batch, &id, &view)?;
+            self.commit.apply(&self.store, batch)
+        })();
+        *ticket = match stored {
             Ok(applied) => applied,
-            Err(error) => return WholeDecision::Failed(error, whole),
+            Err(error) => {
+                if base.is_empty() {
+                    whole.doc = doc;
+                }
+                return WholeDecision::Failed(error, whole);
+            }
         };
+        for unparked in unparked {
+            ledger.pending.settled(unparked);
+        }
         ledger.audit = head;
         ledger.accepted = accepted;
         self.store.set_accepted(accepted);
@@ -280,10 +413,12 @@ impl Node {
         set_view_id(&mut view, id);
         self.note_urgency(id, &view, false);
         self.lock_views().insert(id, digest, Arc::new(view));
-        self.lock_documents().insert(
+        let mut documents = self.lock_documents();
+        documents.remove(&id);
+        documents.insert(
             id,
             Cached {
-                doc: whole.doc,
+                doc,
                 kind,
                 bytes,
                 used: 0,
@@ -292,20 +427,15 @@ impl Node {
         WholeDecision::Accepted
     }
 
-    /// Whether the store holds any part of a document prepared whole: its record (an accepted
-    /// change), a pending change of it, or one of its changes in quarantine.
-    pub(super) fn holds_any_of(
+    /// Whether the store still holds a document as it was when prepared whole: at the same
+    /// heads (or nothing of it), and none of its new changes in quarantine.
+    pub(super) fn still_as_prepared(
         &self,
         id: &DocumentId,
         prepared: &PreparedWhole,
     ) -> Result<bool, StoreError> {
-        if self.document_record(id)?.is_some()
-            || !self
-                .store
-                .keys_with_prefix(&keys::per_document(keys::PENDING, id))?
-                .is_empty()
-        {
-            return Ok(true);
+        if self.stored_heads(id)? != prepared.base {
+            return Ok(false);
         }
         for change in &prepared.changes {
             if self
@@ -313,9 +443,9 @@ impl Node {
                 .get(&keys::quarantined(&change.hash, id))?
                 .is_some()
             {
-                return Ok(true);
+                return Ok(false);
             }
         }
-        Ok(false)
+        Ok(true)
     }
 }

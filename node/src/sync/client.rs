@@ -156,6 +156,23 @@ impl Driver {
                 deferred,
                 bytes,
             ),
+            (
+                Outbound::Fetch {
+                    exchange,
+                    documents,
+                },
+                Response::FetchCovered {
+                    documents: fetched,
+                    deferred,
+                },
+            ) => self.fetch_answered(
+                peer,
+                exchange,
+                documents,
+                Fetched::Covered(fetched.into_vec()),
+                deferred,
+                bytes,
+            ),
             (Outbound::Roster, Response::Roster(Some(signed))) => {
                 self.adopt_roster(signed.into_vec(), None, Some(peer), None);
             }
@@ -354,6 +371,7 @@ impl Driver {
                 let request = Request::Fetch {
                     documents: ids.clone(),
                     deflated: true,
+                    covered: true,
                 };
                 let exchange = self.take(peer, Held::Fetch);
                 let documents = self.take(peer, Held::Documents(ids));
@@ -452,6 +470,12 @@ impl Driver {
                     .and_then(|fetched| {
                         check(ids(fetched.iter().map(|d| d.document)))?;
                         document::ingest_compact(&node, &fetched)
+                    }),
+                Fetched::Covered(deflated) => protocol::inflate_covered(&deflated)
+                    .map_err(|error| DocumentSyncError::Malformed(error.reason()))
+                    .and_then(|fetched| {
+                        check(ids(fetched.iter().map(|d| d.document)))?;
+                        document::ingest_covered(&node, &fetched)
                     }),
             };
             Job::Fetched {
@@ -553,4 +577,6 @@ enum Fetched {
     Plain(Vec<FetchedDocument>),
     /// `Response::FetchDeflated`'s stream.
     Deflated(Vec<u8>),
+    /// `Response::FetchCovered`'s stream.
+    Covered(Vec<u8>),
 }

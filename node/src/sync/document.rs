@@ -7,9 +7,9 @@ use std::collections::HashMap;
 use serde_bytes::{ByteArray, ByteBuf};
 
 use super::protocol::{
-    ChangeSignature, CompactDocument, FETCH_DOCUMENTS_MAX, FETCH_RESPONSE_BYTES_MAX,
-    FetchedDocument, RESPONSE_BYTES_MAX, SIGNATURE_ENTRY_BYTES, SYNC_MESSAGE_BYTES_MAX,
-    SYNC_SIGNATURES_MAX, SyncMessage,
+    ChangeSignature, CompactDocument, CoveredDocument, FETCH_DOCUMENTS_MAX,
+    FETCH_RESPONSE_BYTES_MAX, FetchedDocument, RESPONSE_BYTES_MAX, SIGNATURE_ENTRY_BYTES,
+    SYNC_MESSAGE_BYTES_MAX, SYNC_SIGNATURES_MAX, SyncMessage,
 };
 use crate::envelope::Envelope;
 use crate::model::automerge::sync::{self, ChunkList, SyncDoc};
@@ -27,6 +27,11 @@ pub enum DocumentSyncError {
          {SYNC_MESSAGE_BYTES_MAX} bytes and {SYNC_SIGNATURES_MAX} changes"
     )]
     TooLarge(usize),
+    /// A change the message would carry is held vouched for (`crate::authorship`): it has no
+    /// signature of its own and travels only inside its whole document, which the peer is to
+    /// fetch instead.
+    #[error("a change to send travels only inside its whole document")]
+    WholeOnly,
     /// Not a well-formed sync message.
     #[error("malformed sync message: {0}")]
     Malformed(&'static str),
@@ -157,6 +162,9 @@ pub fn outgoing(
         ));
     }
     let signatures = change_signatures(node, document, &carried)?;
+    if signatures.len() < carried.len() {
+        return Err(DocumentSyncError::WholeOnly);
+    }
     Ok(Some(SyncMessage {
         document: ByteArray::new(*document.as_bytes()),
         message: ByteBuf::from(encoded),
@@ -266,6 +274,7 @@ fn sealed(
 pub fn fetch(
     node: &Node,
     documents: &[ByteArray<16>],
+    covered: bool,
 ) -> Result<(Vec<FetchedDocument>, Vec<ByteArray<16>>), DocumentSyncError> {
     if documents.len() > FETCH_DOCUMENTS_MAX {
         return Err(DocumentSyncError::Malformed(
@@ -281,7 +290,7 @@ pub fn fetch(
             deferred.push(*id);
             continue;
         }
-        let Some((saved, signatures)) = node.whole_document(document)? else {
+        let Some((saved, signatures)) = node.whole_document(document, covered)? else {
             // Not held (any more): nothing to send, nothing to ask again.
             continue;
         };
@@ -371,6 +380,32 @@ pub fn ingest_compact(
                 })
             });
         let Some((doc, signatures)) = paired else {
+            carried.rejected += 1;
+            continue;
+        };
+        whole.push(WholeDocument {
+            id: DocumentId::from_bytes(*document.document),
+            doc,
+            signatures,
+        });
+    }
+    ingest_loaded(node, whole, carried)
+}
+
+/// Takes fetched documents in their covered form (`Response::FetchCovered`), as
+/// `ingest_fetched` does. A document whose signatures are not whole entries is counted as
+/// refused.
+pub fn ingest_covered(
+    node: &Node,
+    fetched: &[CoveredDocument],
+) -> Result<Carried, DocumentSyncError> {
+    let mut carried = Carried::default();
+    let mut whole = Vec::with_capacity(fetched.len());
+    for document in fetched {
+        let loaded = document.signatures().and_then(|signatures| {
+            Some((load_fetched(&document.saved, signatures.len())?, signatures))
+        });
+        let Some((doc, signatures)) = loaded else {
             carried.rejected += 1;
             continue;
         };

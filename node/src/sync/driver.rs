@@ -512,7 +512,10 @@ impl Driver {
                     if error.is_peers_fault() && !matches!(error, DocumentSyncError::TooLarge(_)) {
                         self.strike(peer, "a malformed sync message");
                     }
-                    if matches!(error, DocumentSyncError::TooLarge(_)) {
+                    if matches!(
+                        error,
+                        DocumentSyncError::TooLarge(_) | DocumentSyncError::WholeOnly
+                    ) {
                         self.fetch_instead(peer, slot);
                     } else {
                         self.release(slot);

@@ -163,6 +163,11 @@ pub enum Request {
         /// field and answers `Response::Fetch`.
         #[serde(default)]
         deflated: bool,
+        /// The asker reads `Response::FetchCovered`: each document with only the signatures
+        /// that prove its authors (`crate::authorship`). A responder that predates it ignores
+        /// the field and answers as `deflated` says.
+        #[serde(default)]
+        covered: bool,
     },
     /// The responder's signed roster, if newer than the version the asker holds (asked at
     /// every connection and reconciliation, so a node that missed the roster gossip learns
@@ -198,6 +203,16 @@ pub enum Response {
     /// see. Sent only to an asker that said it reads it.
     FetchDeflated {
         /// `deflate(CBOR(Vec<FetchedDocument>))`, inflating to at most
+        /// `FETCH_INFLATED_BYTES_MAX`.
+        documents: ByteBuf,
+        /// Documents left out for lack of room, to ask for again.
+        deferred: Vec<ByteArray<16>>,
+    },
+    /// The documents asked for, each with the signatures of its authors' latest changes
+    /// only, which vouch for the rest (`crate::authorship`), their CBOR deflated as one
+    /// stream. Sent only to an asker that said it reads it.
+    FetchCovered {
+        /// `deflate(CBOR(Vec<CoveredDocument>))`, inflating to at most
         /// `FETCH_INFLATED_BYTES_MAX`.
         documents: ByteBuf,
         /// Documents left out for lack of room, to ask for again.
@@ -313,12 +328,71 @@ impl From<&FetchedDocument> for CompactDocument {
     }
 }
 
+/// A fetched document as `Response::FetchCovered` carries it: the signatures that prove its
+/// authors, each beside the hash of its change.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CoveredDocument {
+    /// The document.
+    #[serde(rename = "d")]
+    pub document: ByteArray<16>,
+    /// Automerge bytes that load to the document.
+    #[serde(rename = "b")]
+    pub saved: ByteBuf,
+    /// `COVER_ENTRY_BYTES` per signature: the change hash (32 bytes), then the signature of
+    /// its author over it (64 bytes).
+    #[serde(rename = "s")]
+    pub signatures: ByteBuf,
+}
+
+/// Bytes of one entry of `CoveredDocument::signatures`.
+pub const COVER_ENTRY_BYTES: usize = 32 + 64;
+
+impl From<&FetchedDocument> for CoveredDocument {
+    fn from(document: &FetchedDocument) -> Self {
+        Self {
+            document: document.document,
+            saved: document.saved.clone(),
+            signatures: ByteBuf::from(
+                document
+                    .signatures
+                    .iter()
+                    .flat_map(|s| s.change.iter().chain(s.signature.iter()).copied())
+                    .collect::<Vec<u8>>(),
+            ),
+        }
+    }
+}
+
+impl CoveredDocument {
+    /// Its signatures by change hash; `None` if they are not whole entries.
+    pub fn signatures(&self) -> Option<std::collections::HashMap<[u8; 32], [u8; 64]>> {
+        let entries = self.signatures.chunks_exact(COVER_ENTRY_BYTES);
+        if !entries.remainder().is_empty() {
+            return None;
+        }
+        entries
+            .map(|entry| Some((entry[..32].try_into().ok()?, entry[32..].try_into().ok()?)))
+            .collect()
+    }
+}
+
 /// Fetched documents as `Response::FetchDeflated` carries them: compact, then deflated as
 /// one stream.
 pub fn deflate_fetched(documents: &[FetchedDocument]) -> Vec<u8> {
-    use std::io::Write;
     let compact: Vec<CompactDocument> = documents.iter().map(CompactDocument::from).collect();
-    let plain = cbor::encode(&compact);
+    deflate(&compact)
+}
+
+/// Fetched documents as `Response::FetchCovered` carries them.
+pub fn deflate_covered(documents: &[FetchedDocument]) -> Vec<u8> {
+    let covered: Vec<CoveredDocument> = documents.iter().map(CoveredDocument::from).collect();
+    deflate(&covered)
+}
+
+/// A value's CBOR, deflated.
+fn deflate<T: Serialize>(value: &T) -> Vec<u8> {
+    use std::io::Write;
+    let plain = cbor::encode(value);
     let mut encoder = flate2::write::DeflateEncoder::new(
         Vec::with_capacity(plain.len() / 2),
         flate2::Compression::new(FETCH_DEFLATE_LEVEL),
@@ -355,6 +429,16 @@ impl InflateError {
 
 /// The documents of a `Response::FetchDeflated`, inflated within `FETCH_INFLATED_BYTES_MAX`.
 pub fn inflate_fetched(deflated: &[u8]) -> Result<Vec<CompactDocument>, InflateError> {
+    inflate(deflated)
+}
+
+/// The documents of a `Response::FetchCovered`, inflated within `FETCH_INFLATED_BYTES_MAX`.
+pub fn inflate_covered(deflated: &[u8]) -> Result<Vec<CoveredDocument>, InflateError> {
+    inflate(deflated)
+}
+
+/// A deflated CBOR value, inflated within `FETCH_INFLATED_BYTES_MAX`.
+fn inflate<T: DeserializeOwned>(deflated: &[u8]) -> Result<T, InflateError> {
     use std::io::Read;
     let mut plain = Vec::new();
     // One byte past the bound tells a stream at the bound from one beyond it.
@@ -699,7 +783,33 @@ mod tests {
             Request::Fetch {
                 documents: vec![ByteArray::new([7; 16])],
                 deflated: false,
+                covered: false,
             }
         );
+    }
+
+    /// A covered document's signatures read back by change hash; entries that are not whole
+    /// are refused.
+    #[test]
+    fn a_covered_document_pairs_each_signature_with_its_change_hash() {
+        let fetched = FetchedDocument {
+            document: ByteArray::new([1; 16]),
+            saved: ByteBuf::from(vec![9; 40]),
+            signatures: vec![ChangeSignature {
+                change: ByteArray::new([2; 32]),
+                signature: ByteArray::new([3; 64]),
+            }],
+        };
+        let covered = CoveredDocument::from(&fetched);
+        assert_eq!(covered.signatures.len(), COVER_ENTRY_BYTES);
+        assert_eq!(
+            covered.signatures(),
+            Some(std::collections::HashMap::from([([2; 32], [3; 64])]))
+        );
+        let inflated = inflate_covered(&deflate_covered(&[fetched])).unwrap();
+        assert_eq!(inflated, vec![covered.clone()]);
+        let mut cut = covered;
+        cut.signatures.pop();
+        assert_eq!(cut.signatures(), None);
     }
 }

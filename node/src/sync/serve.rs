@@ -166,7 +166,7 @@ impl Driver {
                             message.message.len() <= RESPONDER_STATE_MESSAGE_BYTES_MAX,
                         ),
                         // Its own answer, not the asker's message, is too large.
-                        Err(DocumentSyncError::TooLarge(_))
+                        Err(DocumentSyncError::TooLarge(_) | DocumentSyncError::WholeOnly)
                             if message.message.len() <= protocol::SYNC_MESSAGE_BYTES_MAX
                                 && message.signatures.len() <= protocol::SYNC_SIGNATURES_MAX =>
                         {
@@ -194,9 +194,16 @@ impl Driver {
             Request::Fetch {
                 documents,
                 deflated,
+                covered,
             } => {
                 self.spawn_job(peer, move || {
-                    let response = match document::fetch(&node, &documents) {
+                    let response = match document::fetch(&node, &documents, covered) {
+                        Ok((documents, deferred)) if covered => Response::FetchCovered {
+                            documents: serde_bytes::ByteBuf::from(protocol::deflate_covered(
+                                &documents,
+                            )),
+                            deferred,
+                        },
                         Ok((documents, deferred)) if deflated => Response::FetchDeflated {
                             documents: serde_bytes::ByteBuf::from(protocol::deflate_fetched(
                                 &documents,

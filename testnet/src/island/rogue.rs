@@ -737,6 +737,7 @@ impl Script {
                         })
                         .collect(),
                     deflated: true,
+                    covered: true,
                 });
                 state.request(Request::Sync(SyncMessage {
                     document,
