@@ -1067,26 +1067,43 @@ pub fn import(client: &Client, config_path: &Path, file: &Path, json: bool) -> R
     );
     let mut reader = open()?;
     let mut totals = serde_json::Map::new();
+    // An item read that did not fit the chunk before: it opens the next.
+    let mut next: Option<(ImportItem, usize)> = None;
     loop {
         // Bounded by count and by bytes: the node takes at most 8 MiB per request, and one
-        // envelope may be half a MiB (a document more: it goes alone).
+        // envelope may be half a MiB; an item that would take a chunk past its bytes waits
+        // for the next, and a larger one goes alone.
         let mut chunk = Vec::with_capacity(IMPORT_CHUNK_ENVELOPES);
         let mut bytes = 0;
-        while chunk.len() < IMPORT_CHUNK_ENVELOPES && bytes < IMPORT_CHUNK_BYTES {
-            match reader.next_item().map_err(refused)? {
-                Some(BundleItem::Envelope(envelope)) => {
-                    bytes += envelope.len() + 16;
-                    chunk.push(ImportItem::Envelope(serde_bytes::ByteBuf::from(envelope)));
-                }
-                Some(BundleItem::Document(document)) => {
-                    bytes += document.len() + 16;
-                    let document = ciborium::from_reader(document.as_slice()).map_err(|_| {
-                        Failure::unsound("the bundle holds a document that does not decode")
-                    })?;
-                    chunk.push(ImportItem::Document(document));
-                }
-                None => break,
+        while chunk.len() < IMPORT_CHUNK_ENVELOPES {
+            let item = match next.take() {
+                Some(item) => Some(item),
+                None => match reader.next_item().map_err(refused)? {
+                    Some(BundleItem::Envelope(envelope)) => {
+                        let size = envelope.len() + 16;
+                        Some((
+                            ImportItem::Envelope(serde_bytes::ByteBuf::from(envelope)),
+                            size,
+                        ))
+                    }
+                    Some(BundleItem::Document(document)) => Some((
+                        ImportItem::Document(ciborium::from_reader(document.as_slice()).map_err(
+                            |_| {
+                                Failure::unsound("the bundle holds a document that does not decode")
+                            },
+                        )?),
+                        document.len() + 16,
+                    )),
+                    None => None,
+                },
+            };
+            let Some((item, size)) = item else { break };
+            if !chunk.is_empty() && bytes + size > IMPORT_CHUNK_BYTES {
+                next = Some((item, size));
+                break;
             }
+            bytes += size;
+            chunk.push(item);
         }
         if chunk.is_empty() {
             break;

@@ -22,6 +22,12 @@ use crate::envelope::{EnvelopeError, author_of, verify_signature};
 use crate::model::automerge::{Change, ChangeHash};
 use crate::model::{Bytes32, DocumentId};
 
+/// Most changes one set may hold to be proven at once: what one fetched document may carry
+/// (`sync::protocol::SYNC_SIGNATURES_MAX`). Finding each author's latest change takes a bit
+/// per change and author, and each author needs a signature, so a set within both bounds
+/// costs at most 16,384 × 16,384 bits (32 MiB) however its bytes were crafted.
+pub const CHANGES_PROVEN_MAX: usize = 16_384;
+
 /// A change whose authorship is proven, with the signature that proves it when it is its
 /// author's latest in its set (`None`: a later change of the same author vouches for it).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -49,6 +55,20 @@ pub enum AuthorshipError {
     Unsigned {
         /// Its place in the set.
         index: usize,
+    },
+    /// More changes than `CHANGES_PROVEN_MAX`.
+    #[error("the set holds {count} changes, more than the {CHANGES_PROVEN_MAX} proven at once")]
+    TooManyChanges {
+        /// How many.
+        count: usize,
+    },
+    /// More authors than signatures: some author's latest change carries none.
+    #[error("the set has {authors} authors and only {signatures} signatures")]
+    TooManyAuthors {
+        /// Distinct authors.
+        authors: usize,
+        /// Signatures given.
+        signatures: usize,
     },
     /// An author's latest change carries a signature that does not verify.
     #[error("the signature of change {index} of the set does not match it and its author")]
@@ -115,11 +135,26 @@ pub fn authenticate(
     changes: &[Change],
     signatures: &HashMap<[u8; 32], [u8; 64]>,
 ) -> Result<Vec<Authored>, AuthorshipError> {
+    if changes.len() > CHANGES_PROVEN_MAX {
+        return Err(AuthorshipError::TooManyChanges {
+            count: changes.len(),
+        });
+    }
     let mut authors = Vec::with_capacity(changes.len());
     for (index, change) in changes.iter().enumerate() {
         let author = author_of(change.actor_id().to_bytes())
             .ok_or(AuthorshipError::NotANodeKey { index })?;
         authors.push(Bytes32(author));
+    }
+    // Each author needs a signature: checked before anything is allocated per author.
+    let mut distinct = authors.clone();
+    distinct.sort_unstable();
+    distinct.dedup();
+    if distinct.len() > signatures.len() {
+        return Err(AuthorshipError::TooManyAuthors {
+            authors: distinct.len(),
+            signatures: signatures.len(),
+        });
     }
     let hashes: Vec<ChangeHash> = changes.iter().map(Change::hash).collect();
     let deps: Vec<&[ChangeHash]> = changes.iter().map(Change::deps).collect();

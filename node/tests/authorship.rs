@@ -80,6 +80,14 @@ fn a_signature_by_one_author_never_vouches_for_another_authors_change() {
     let signatures = signed_by(&a, id, &changes[2..]);
     assert_eq!(
         authenticate(&id, &changes, &signatures),
+        Err(AuthorshipError::TooManyAuthors {
+            authors: 2,
+            signatures: 1
+        })
+    );
+    let both_of_a = signed_by(&a, id, &[changes[0].clone(), changes[2].clone()]);
+    assert_eq!(
+        authenticate(&id, &changes, &both_of_a),
         Err(AuthorshipError::Unsigned { index: 1 })
     );
     // b's change signed by a's key: a forgery in b's name.

@@ -1195,3 +1195,48 @@ fn a_whole_document_as_a_fetch_sends_it_loads_to_the_node_copy_with_every_signat
     let proven = estuary_node::authorship::authenticate(&id, &changes, &cover).unwrap();
     assert_eq!(proven.iter().filter(|p| p.signature.is_some()).count(), 1);
 }
+
+/// A document a revoked key wrote in is still taken whole when every change of that key lies
+/// within its cut-off, with one signature per author; past the cut-off, it goes change by
+/// change.
+#[test]
+fn a_document_a_revoked_key_wrote_within_its_cutoff_is_taken_whole_and_past_it_is_not() {
+    let (id, mut doc) = file_of_two_members();
+    let revoked = Identity::from_secret(REVOKED);
+    let signers = [&Identity::from_secret(PEER), &revoked];
+    let latex = doc
+        .get_changes(&[])
+        .into_iter()
+        .find(|c| c.actor_id().to_bytes()[..32] == revoked.public_key().0[..])
+        .unwrap()
+        .hash();
+    for (cutoff, taken_whole) in [(vec![Bytes32(latex.0)], true), (vec![], false)] {
+        let mut consortium = Consortium::new();
+        let roster = consortium.revoke(cutoff);
+        let node = consortium.open();
+        node.update_roster(&roster).unwrap();
+        let mut sent = fetched_whole(&mut doc, id, &signers);
+        // Only each author's latest signature travels.
+        let cover: std::collections::HashSet<[u8; 32]> =
+            estuary_node::authorship::cover(&sent.doc.get_changes(&[]))
+                .into_iter()
+                .map(|(hash, _)| hash.0)
+                .collect();
+        sent.signatures.retain(|hash, _| cover.contains(hash));
+        assert_eq!(sent.signatures.len(), 2);
+        let (outcomes, given_back) = node.ingest_whole(vec![sent]).unwrap();
+        assert_eq!(given_back.is_empty(), taken_whole);
+        if taken_whole {
+            assert_eq!(outcomes.len(), 5);
+            assert!(
+                outcomes
+                    .iter()
+                    .all(|o| matches!(o, Ok(Ingested::Accepted(_))))
+            );
+            assert_eq!(node.health_file(id).unwrap().allergies.len(), 3);
+            assert!(node.verify().unwrap().problems.is_empty());
+        } else {
+            assert!(outcomes.is_empty());
+        }
+    }
+}

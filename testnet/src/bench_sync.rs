@@ -83,6 +83,10 @@ struct Bootstrap {
     /// The data's compressed size: every file saved by automerge.
     payload_bytes: u64,
     wire_to_payload: f64,
+    /// What the files cannot travel in less: their compressed saves plus one signature (64
+    /// bytes) per author per file (every file here has one author, the hospital).
+    floor_bytes: u64,
+    wire_to_floor: f64,
     /// The catching-up node's store on disk, per file, against the file's automerge save.
     store_bytes_per_file: f64,
     payload_bytes_per_file: f64,
@@ -493,6 +497,8 @@ async fn bootstrap(pair: &Pair, options: &Options) -> anyhow::Result<Bootstrap> 
         wire_bytes,
         payload_bytes: payload,
         wire_to_payload: wire_bytes as f64 / payload as f64,
+        floor_bytes: payload + 64 * files as u64,
+        wire_to_floor: wire_bytes as f64 / (payload + 64 * files as u64) as f64,
         store_bytes_per_file: store_bytes as f64 / files as f64,
         payload_bytes_per_file: payload as f64 / files as f64,
         store_to_payload: store_bytes as f64 / payload as f64,
@@ -510,11 +516,12 @@ async fn bootstrap(pair: &Pair, options: &Options) -> anyhow::Result<Bootstrap> 
         propagation_p99_ms: percentile(&latencies, 0.99),
     };
     println!(
-        "bootstrap of {files} realistic files ({changes} changes): {seconds:.1} s, {:.0} files/s, wire {} KiB = {:.2}× the compressed payload ({} KiB)",
+        "bootstrap of {files} realistic files ({changes} changes): {seconds:.1} s, {:.0} files/s, wire {} KiB = {:.2}× the compressed payload ({} KiB), {:.2}× the floor (payload and a signature per author per file)",
         report.files_per_s,
         wire_bytes / 1024,
         report.wire_to_payload,
-        payload / 1024
+        payload / 1024,
+        report.wire_to_floor
     );
     println!(
         "CPU over both nodes meanwhile: {cpu_seconds:.1} s, {:.2} ms per file",

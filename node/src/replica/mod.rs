@@ -442,6 +442,7 @@ impl Writer<'_> {
             });
         }
         let author = node.identity.public_key();
+        let roster = node.roster_version();
         let made = parallel_map(residents, refused, |resident| {
             let file = HealthFile::create_with_records(
                 &node.actor,
@@ -490,7 +491,7 @@ impl Writer<'_> {
                     snapshot,
                     base: Vec::new(),
                     merged: None,
-                    base_authors: Vec::new(),
+                    roster,
                     cover: vec![(hash, author)],
                     held: Vec::new(),
                 },

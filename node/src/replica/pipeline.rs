@@ -723,6 +723,7 @@ impl Node {
         let heads = current.get_heads();
         let mut batch = Batch::default();
         let previous = self.document_record(&id)?;
+        let snapshotted = snapshot.is_some();
         // A load replays only the envelopes the snapshot lacks (see `snapshot_due`).
         let (tail, snapshot_bytes) = match snapshot {
             Some(snapshot) => {
@@ -752,12 +753,19 @@ impl Node {
             heads: heads.iter().map(|h| h.0).collect(),
             tail,
             snapshot: snapshot_bytes,
-            cover: DocumentRecord::cover_after(
-                previous.as_ref(),
-                hash,
-                verified.author,
-                verified.change.deps(),
-            ),
+            cover: if snapshotted {
+                // A snapshot is written: the exact cover, at a cost amortised like the save's.
+                Some(DocumentRecord::encode_cover(&crate::authorship::cover(
+                    &current.get_changes(&[]),
+                )))
+            } else {
+                DocumentRecord::cover_after(
+                    previous.as_ref(),
+                    hash,
+                    verified.author,
+                    verified.change.deps(),
+                )
+            },
         };
         batch.put(keys::per_document(keys::DOCUMENT, &id), encode(&record));
         batch.put(

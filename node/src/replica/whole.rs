@@ -40,9 +40,10 @@ pub(super) struct PreparedWhole {
     /// The document as it will be: what this node held with the new changes applied, when it
     /// held any of it (otherwise the document sent).
     pub(super) merged: Option<AutoCommit>,
-    /// One change of each author of what this node held, with the institution it was
-    /// admitted for: their standing is checked again under the decision lock.
-    pub(super) base_authors: Vec<(Bytes32, ChangeHash, InstitutionId)>,
+    /// The version of the roster it was judged under: under the decision lock, a newer one
+    /// lets it stand only if the document is new here and every change a plain member's of
+    /// the same institution.
+    pub(super) roster: u64,
     /// The changes whose signatures prove every author (`DocumentRecord::cover`).
     pub(super) cover: Vec<(ChangeHash, Bytes32)>,
     /// The changes sent that this node held already.
@@ -217,9 +218,11 @@ impl Node {
             new.iter().enumerate().map(|(i, a)| (a.hash, i)).collect();
         let mut institutions = Vec::with_capacity(history.len());
         let mut changes = Vec::with_capacity(new.len());
-        let mut base_authors: Vec<(Bytes32, ChangeHash, InstitutionId)> = Vec::new();
+        let roster;
         {
             let membership = self.membership();
+            roster = membership.version();
+            let mut admitted = Vec::with_capacity(history.len());
             for change in &history {
                 let hash = change.hash();
                 let author = match new_hashes.get(&hash) {
@@ -229,33 +232,41 @@ impl Node {
                         None => return Preparation::Unusual,
                     },
                 };
-                // A revoked key's changes are decided against its cut-off, change by change.
-                let Admission::Member(institution) = membership.admit(&author, &hash) else {
-                    return Preparation::Unusual;
+                admitted.push((author, membership.admit(&author, &hash)));
+            }
+            // A revoked key's changes stand when they are its cut-off's heads here or below
+            // one of them; anything else of a revoked key (held until its cut-off can be
+            // drawn, or refused) is decided change by change.
+            let within = within_cutoffs(&history, &admitted);
+            for (change, (author, admission)) in history.iter().zip(admitted) {
+                let hash = change.hash();
+                let institution = match admission {
+                    Admission::Member(institution) | Admission::WithinCutoff(institution) => {
+                        institution
+                    }
+                    Admission::Revoked { institution, key } if within.contains(&(key, hash)) => {
+                        institution
+                    }
+                    Admission::Revoked { .. } | Admission::Stranger => {
+                        return Preparation::Unusual;
+                    }
                 };
-                match new_hashes.get(&hash) {
-                    Some(&i) => {
-                        // A change too large for an envelope is refused by the envelope
-                        // path, which holds its bytes as automerge encodes them (compressed
-                        // above 256 bytes, which may make them larger): compressed only when
-                        // it could matter.
-                        if change.raw_bytes().len() > crate::envelope::CHANGE_BYTES_MAX / 2
-                            && change.clone().bytes().len() > crate::envelope::CHANGE_BYTES_MAX
-                        {
-                            return Preparation::Unusual;
-                        }
-                        changes.push(WholeChange {
-                            hash,
-                            author,
-                            institution: institution.clone(),
-                            signature: new[i].signature,
-                        });
+                if let Some(&i) = new_hashes.get(&hash) {
+                    // A change too large for an envelope is refused by the envelope path,
+                    // which holds its bytes as automerge encodes them (compressed above 256
+                    // bytes, which may make them larger): compressed only when it could
+                    // matter.
+                    if change.raw_bytes().len() > crate::envelope::CHANGE_BYTES_MAX / 2
+                        && change.clone().bytes().len() > crate::envelope::CHANGE_BYTES_MAX
+                    {
+                        return Preparation::Unusual;
                     }
-                    None => {
-                        if !base_authors.iter().any(|(a, ..)| *a == author) {
-                            base_authors.push((author, hash, institution.clone()));
-                        }
-                    }
+                    changes.push(WholeChange {
+                        hash,
+                        author,
+                        institution: institution.clone(),
+                        signature: new[i].signature,
+                    });
                 }
                 institutions.push(institution);
             }
@@ -284,7 +295,7 @@ impl Node {
             snapshot,
             base,
             merged,
-            base_authors,
+            roster,
             cover,
             held,
         }))
@@ -312,18 +323,12 @@ impl Node {
         }
         {
             let membership = self.membership();
-            let standing = |author: &Bytes32, hash: &ChangeHash, institution: &InstitutionId| {
-                matches!(membership.admit(author, hash),
-                    Admission::Member(admitted) if admitted == *institution)
-            };
-            if prepared
-                .changes
-                .iter()
-                .any(|c| !standing(&c.author, &c.hash, &c.institution))
-                || prepared
-                    .base_authors
-                    .iter()
-                    .any(|(author, hash, institution)| !standing(author, hash, institution))
+            if membership.version() != prepared.roster
+                && (!prepared.base.is_empty()
+                    || prepared.changes.iter().any(|c| {
+                        !matches!(membership.admit(&c.author, &c.hash),
+                            Admission::Member(admitted) if admitted == c.institution)
+                    }))
             {
                 return WholeDecision::GivenBack(whole);
             }
@@ -448,4 +453,34 @@ impl Node {
         }
         Ok(true)
     }
+}
+
+/// The changes of `history` (in causal order, with each one's author and admission) that lie
+/// within a revoked key's cut-off: the key's cut-off heads among them and every change below
+/// one, as (key, change).
+fn within_cutoffs(
+    history: &[Change],
+    admitted: &[(Bytes32, Admission)],
+) -> HashSet<(Bytes32, ChangeHash)> {
+    let mut within = HashSet::new();
+    if !admitted
+        .iter()
+        .any(|(_, admission)| matches!(admission, Admission::WithinCutoff(_)))
+    {
+        return within;
+    }
+    let deps: HashMap<ChangeHash, &[ChangeHash]> =
+        history.iter().map(|c| (c.hash(), c.deps())).collect();
+    for (change, (author, admission)) in history.iter().zip(admitted) {
+        if !matches!(admission, Admission::WithinCutoff(_)) {
+            continue;
+        }
+        let mut below = vec![change.hash()];
+        while let Some(hash) = below.pop() {
+            if within.insert((*author, hash)) {
+                below.extend(deps.get(&hash).copied().into_iter().flatten());
+            }
+        }
+    }
+    within
 }

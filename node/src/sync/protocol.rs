@@ -64,6 +64,8 @@ const _: () = {
     assert!(SYNC_REQUEST_BYTES_MAX as u64 <= RESPONSE_BYTES_MAX);
     assert!((FETCH_RESPONSE_BYTES_MAX as u64) < RESPONSE_BYTES_MAX);
     assert!(GOSSIP_ENVELOPE_BYTES_MAX < GOSSIP_MESSAGE_BYTES_MAX);
+    // A fetched document's changes are proven at once (`crate::authorship`).
+    assert!(crate::authorship::CHANGES_PROVEN_MAX == SYNC_SIGNATURES_MAX);
 };
 
 /// The request-response codec of `PROTOCOL`: one CBOR value per stream, read whole up to
