@@ -185,13 +185,35 @@ pub fn authenticate(
 /// The changes whose signatures prove a set: its authors' latest, as `latest_by_author`
 /// finds them, by hash.
 pub fn cover(changes: &[Change]) -> Vec<(ChangeHash, Bytes32)> {
-    let authors: Vec<Bytes32> = changes
-        .iter()
-        .map(|c| Bytes32(author_of(c.actor_id().to_bytes()).unwrap_or([0; 32])))
-        .collect();
     let hashes: Vec<ChangeHash> = changes.iter().map(Change::hash).collect();
     let deps: Vec<&[ChangeHash]> = changes.iter().map(Change::deps).collect();
-    latest_by_author(&hashes, &deps, &authors)
+    latest_entries(
+        hashes,
+        &deps,
+        changes.iter().map(|c| c.actor_id().to_bytes()),
+    )
+}
+
+/// `cover` from changes' metadata, which a document lists without rebuilding each change
+/// (`get_changes_meta`): what a node computes for its own documents.
+pub fn cover_of_metadata(
+    changes: &[crate::model::automerge::ChangeMetadata<'_>],
+) -> Vec<(ChangeHash, Bytes32)> {
+    let hashes: Vec<ChangeHash> = changes.iter().map(|c| c.hash).collect();
+    let deps: Vec<&[ChangeHash]> = changes.iter().map(|c| c.deps.as_slice()).collect();
+    latest_entries(hashes, &deps, changes.iter().map(|c| c.actor.to_bytes()))
+}
+
+/// Each author's latest change, with its author, from the parts `latest_by_author` reads.
+fn latest_entries<'a>(
+    hashes: Vec<ChangeHash>,
+    deps: &[&[ChangeHash]],
+    actors: impl Iterator<Item = &'a [u8]>,
+) -> Vec<(ChangeHash, Bytes32)> {
+    let authors: Vec<Bytes32> = actors
+        .map(|actor| Bytes32(author_of(actor).unwrap_or([0; 32])))
+        .collect();
+    latest_by_author(&hashes, deps, &authors)
         .into_iter()
         .zip(hashes.into_iter().zip(authors))
         .filter_map(|(latest, entry)| latest.then_some(entry))

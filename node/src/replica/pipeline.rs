@@ -755,9 +755,9 @@ impl Node {
             snapshot: snapshot_bytes,
             cover: if snapshotted {
                 // A snapshot is written: the exact cover, at a cost amortised like the save's.
-                Some(DocumentRecord::encode_cover(&crate::authorship::cover(
-                    &current.get_changes(&[]),
-                )))
+                Some(DocumentRecord::encode_cover(
+                    &crate::authorship::cover_of_metadata(&current.get_changes_meta(&[])),
+                ))
             } else {
                 DocumentRecord::cover_after(
                     previous.as_ref(),
