@@ -50,6 +50,12 @@ pub(super) struct PreparedWhole {
     pub(super) held: Vec<ChangeHash>,
 }
 
+/// How many times a document sent whole is judged before it goes change by change, when the
+/// store moves on between its judgement and its decision (or the roster changes): a change of
+/// it arriving meanwhile (gossip) must not send a document whose changes are vouched for down
+/// the change-by-change path, where only changes with their own signature can go.
+const WHOLE_ATTEMPTS_MAX: usize = 3;
+
 /// What `Node::prepare_whole` made of a document sent whole.
 pub(super) enum Preparation {
     /// Judged, to be written.
@@ -88,23 +94,32 @@ impl Node {
         &self,
         documents: Vec<WholeDocument>,
     ) -> Result<(Vec<Result<Ingested, IngestError>>, Vec<WholeDocument>), IngestError> {
-        // Judged first, without any lock: fetches answered at once are judged side by side
-        // (on threads of lower priority than reads, see `sync::background`).
-        let mut prepared = Vec::with_capacity(documents.len());
+        let mut outcomes = Vec::new();
         let mut given_back = Vec::new();
-        let mut duplicates = Vec::new();
-        for mut whole in documents {
-            match self.prepare_whole(&mut whole) {
-                Preparation::Judged(judged) => prepared.push((whole, *judged)),
-                Preparation::NothingNew(held) => {
-                    duplicates.extend(held.into_iter().map(|h| Ok(Ingested::Duplicate(h))))
+        let mut to_judge = documents;
+        // A document the store moved on for between its judgement and its decision (a change
+        // of it arrived meanwhile) is judged again against what the store holds now.
+        for _ in 0..WHOLE_ATTEMPTS_MAX {
+            // Judged first, without any lock: fetches answered at once are judged side by
+            // side (on threads of lower priority than reads, see `sync::background`).
+            let mut prepared = Vec::with_capacity(to_judge.len());
+            for mut whole in to_judge.drain(..) {
+                match self.prepare_whole(&mut whole) {
+                    Preparation::Judged(judged) => prepared.push((whole, *judged)),
+                    Preparation::NothingNew(held) => {
+                        outcomes.extend(held.into_iter().map(|h| Ok(Ingested::Duplicate(h))))
+                    }
+                    Preparation::Unusual => given_back.push(whole),
                 }
-                Preparation::Unusual => given_back.push(whole),
+            }
+            let (decided, moved_on) = self.decide_prepared_whole(prepared, None)?;
+            outcomes.extend(decided);
+            to_judge = moved_on;
+            if to_judge.is_empty() {
+                break;
             }
         }
-        let (mut outcomes, decided_back) = self.decide_prepared_whole(prepared, None)?;
-        given_back.extend(decided_back);
-        outcomes.extend(duplicates);
+        given_back.extend(to_judge);
         Ok((outcomes, given_back))
     }
 
