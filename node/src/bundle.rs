@@ -228,17 +228,10 @@ pub fn export(
     for (done, id) in ids.iter().enumerate() {
         // A document erased or set aside since the catalogue was read is not held any more.
         if let Some((saved, signatures)) = node.whole_document(*id, true).map_err(Box::new)? {
-            let document = crate::sync::protocol::CoveredDocument {
-                document: serde_bytes::ByteArray::new(*id.as_bytes()),
-                saved: serde_bytes::ByteBuf::from(saved),
-                signatures: serde_bytes::ByteBuf::from(
-                    signatures
-                        .iter()
-                        .flat_map(|(hash, signature)| hash.0.iter().chain(signature).copied())
-                        .collect::<Vec<u8>>(),
-                ),
-            };
-            out.frame(&crate::cbor::encode(&document))?;
+            let document = crate::sync::protocol::FetchedDocument::new(*id, saved, signatures);
+            out.frame(&crate::cbor::encode(
+                &crate::sync::protocol::CoveredDocument::from(&document),
+            ))?;
             documents += 1;
         }
         progress(done as u64 + 1, ids.len() as u64);
@@ -712,6 +705,22 @@ impl<R: Read> Read for SealedReader<R> {
 mod tests {
     use super::*;
 
+    /// A header frame of a bundle exported by key `[9; 32]`.
+    fn header_frame() -> Vec<u8> {
+        let mut header = Vec::new();
+        ciborium::into_writer(
+            &BundleHeader {
+                created_by: Bytes32([9; 32]),
+                created_at_ms: 1,
+                documents: 1,
+                roster: None,
+            },
+            &mut header,
+        )
+        .unwrap();
+        header
+    }
+
     fn write_frames(frames: &[&[u8]]) -> Vec<u8> {
         write_frames_as(MAGIC, frames)
     }
@@ -901,17 +910,7 @@ mod tests {
 
     #[test]
     fn a_bundle_of_format_one_reads_as_envelopes_and_a_newer_format_is_refused_by_name() {
-        let mut header = Vec::new();
-        ciborium::into_writer(
-            &BundleHeader {
-                created_by: Bytes32([9; 32]),
-                created_at_ms: 1,
-                documents: 1,
-                roster: None,
-            },
-            &mut header,
-        )
-        .unwrap();
+        let header = header_frame();
         let old = write_frames_as(MAGIC_V1, &[&header, b"envelope"]);
         let mut reader = BundleReader::open(old.as_slice()).unwrap();
         assert_eq!(
@@ -930,17 +929,7 @@ mod tests {
             BundleReader::open(&b"GARBAGE"[..]),
             Err(BundleError::Malformed { .. })
         ));
-        let mut header = Vec::new();
-        ciborium::into_writer(
-            &BundleHeader {
-                created_by: Bytes32([9; 32]),
-                created_at_ms: 1,
-                documents: 1,
-                roster: None,
-            },
-            &mut header,
-        )
-        .unwrap();
+        let header = header_frame();
         let bytes = write_frames(&[&header, b"envelope"]);
         let mut reader = BundleReader::open(bytes.as_slice()).unwrap();
         assert_eq!(

@@ -722,8 +722,13 @@ impl Node {
         let cached_bytes = bytes + verified.encoded.len();
         let heads = current.get_heads();
         let mut batch = Batch::default();
-        let previous = self.document_record(&id)?;
         let snapshotted = snapshot.is_some();
+        // The record before this change: its tail and cover go on when no snapshot is written.
+        let previous = if snapshotted {
+            None
+        } else {
+            self.document_record(&id)?
+        };
         // A load replays only the envelopes the snapshot lacks (see `snapshot_due`).
         let (tail, snapshot_bytes) = match snapshot {
             Some(snapshot) => {

@@ -138,10 +138,10 @@ impl Node {
         let mut ticket = 0;
         let mut outcomes = Vec::new();
         let mut given_back = Vec::new();
-        for (whole, prepared) in prepared {
+        for (whole, mut prepared) in prepared {
             let mut ledger = self.lock_ledger();
             let hashes: Vec<ChangeHash> = prepared.changes.iter().map(|c| c.hash).collect();
-            let held = prepared.held.clone();
+            let held = std::mem::take(&mut prepared.held);
             match self.decide_whole(&mut ledger, &mut ticket, whole, prepared, app) {
                 WholeDecision::Accepted => {
                     // Pending changes may have waited for these.

@@ -294,24 +294,13 @@ pub fn fetch(
             // Not held (any more): nothing to send, nothing to ask again.
             continue;
         };
-        let signatures: Vec<ChangeSignature> = signatures
-            .into_iter()
-            .map(|(hash, signature)| ChangeSignature {
-                change: ByteArray::new(hash.0),
-                signature: ByteArray::new(signature),
-            })
-            .collect();
         let size = saved.len() + signatures.len() * SIGNATURE_ENTRY_BYTES;
         if !fetched.is_empty() && bytes + size > FETCH_RESPONSE_BYTES_MAX {
             deferred.push(*id);
             continue;
         }
         bytes += size;
-        fetched.push(FetchedDocument {
-            document: *id,
-            saved: ByteBuf::from(saved),
-            signatures,
-        });
+        fetched.push(FetchedDocument::new(document, saved, signatures));
     }
     Ok((fetched, deferred))
 }
@@ -325,24 +314,15 @@ pub fn ingest_fetched(
     node: &Node,
     fetched: &[FetchedDocument],
 ) -> Result<Carried, DocumentSyncError> {
-    let mut carried = Carried::default();
-    let mut whole = Vec::with_capacity(fetched.len());
-    for document in fetched {
-        let Some(doc) = load_fetched(&document.saved, document.signatures.len()) else {
-            carried.rejected += 1;
-            continue;
-        };
-        whole.push(WholeDocument {
-            id: DocumentId::from_bytes(*document.document),
-            doc,
-            signatures: document
-                .signatures
-                .iter()
-                .map(|s| (*s.change, *s.signature))
-                .collect(),
-        });
-    }
-    ingest_loaded(node, whole, carried)
+    ingest_each(node, fetched, |document| {
+        let doc = load_fetched(&document.saved, document.signatures.len())?;
+        let signatures = document
+            .signatures
+            .iter()
+            .map(|s| (*s.change, *s.signature))
+            .collect();
+        Some((document.document, doc, signatures))
+    })
 }
 
 /// Takes fetched documents in their compact form (`Response::FetchDeflated`), as
@@ -353,43 +333,28 @@ pub fn ingest_compact(
     node: &Node,
     fetched: &[CompactDocument],
 ) -> Result<Carried, DocumentSyncError> {
-    let mut carried = Carried::default();
-    let mut whole = Vec::with_capacity(fetched.len());
-    for document in fetched {
+    ingest_each(node, fetched, |document| {
         let signatures = document.signatures.chunks_exact(64);
         let count = signatures.len();
-        let paired = signatures
-            .remainder()
-            .is_empty()
-            .then_some(())
-            .and_then(|()| {
-                let mut doc = load_fetched(&document.saved, count)?;
-                let mut hashes: Vec<ChangeHash> = doc
-                    .get_changes_meta(&[])
-                    .into_iter()
-                    .map(|meta| meta.hash)
-                    .collect();
-                hashes.sort_unstable();
-                (hashes.len() == count).then(|| {
-                    let signatures = hashes
-                        .iter()
-                        .zip(signatures)
-                        .filter_map(|(hash, signature)| Some((hash.0, signature.try_into().ok()?)))
-                        .collect();
-                    (doc, signatures)
-                })
-            });
-        let Some((doc, signatures)) = paired else {
-            carried.rejected += 1;
-            continue;
-        };
-        whole.push(WholeDocument {
-            id: DocumentId::from_bytes(*document.document),
-            doc,
-            signatures,
-        });
-    }
-    ingest_loaded(node, whole, carried)
+        if !signatures.remainder().is_empty() {
+            return None;
+        }
+        let mut doc = load_fetched(&document.saved, count)?;
+        let mut hashes: Vec<ChangeHash> = doc
+            .get_changes_meta(&[])
+            .into_iter()
+            .map(|meta| meta.hash)
+            .collect();
+        hashes.sort_unstable();
+        (hashes.len() == count).then(|| {
+            let signatures = hashes
+                .iter()
+                .zip(signatures)
+                .filter_map(|(hash, signature)| Some((hash.0, signature.try_into().ok()?)))
+                .collect();
+            (document.document, doc, signatures)
+        })
+    })
 }
 
 /// Takes fetched documents in their covered form (`Response::FetchCovered`), as
@@ -399,18 +364,29 @@ pub fn ingest_covered(
     node: &Node,
     fetched: &[CoveredDocument],
 ) -> Result<Carried, DocumentSyncError> {
+    ingest_each(node, fetched, |document| {
+        let signatures = document.signatures()?;
+        let doc = load_fetched(&document.saved, signatures.len())?;
+        Some((document.document, doc, signatures))
+    })
+}
+
+/// Loads each fetched document with `load` (its id, the loaded document and its signatures by
+/// change hash; `None` counts it refused) and takes them (`ingest_loaded`).
+fn ingest_each<D>(
+    node: &Node,
+    fetched: &[D],
+    load: impl Fn(&D) -> Option<(ByteArray<16>, AutoCommit, HashMap<[u8; 32], [u8; 64]>)>,
+) -> Result<Carried, DocumentSyncError> {
     let mut carried = Carried::default();
     let mut whole = Vec::with_capacity(fetched.len());
     for document in fetched {
-        let loaded = document.signatures().and_then(|signatures| {
-            Some((load_fetched(&document.saved, signatures.len())?, signatures))
-        });
-        let Some((doc, signatures)) = loaded else {
+        let Some((id, doc, signatures)) = load(document) else {
             carried.rejected += 1;
             continue;
         };
         whole.push(WholeDocument {
-            id: DocumentId::from_bytes(*document.document),
+            id: DocumentId::from_bytes(*id),
             doc,
             signatures,
         });

@@ -297,6 +297,27 @@ pub struct FetchedDocument {
     pub signatures: Vec<ChangeSignature>,
 }
 
+impl FetchedDocument {
+    /// A document as `Node::whole_document` gives it: its bytes and signatures by change.
+    pub fn new(
+        document: crate::model::DocumentId,
+        saved: Vec<u8>,
+        signatures: Vec<(crate::model::automerge::ChangeHash, [u8; 64])>,
+    ) -> Self {
+        Self {
+            document: ByteArray::new(*document.as_bytes()),
+            saved: ByteBuf::from(saved),
+            signatures: signatures
+                .into_iter()
+                .map(|(hash, signature)| ChangeSignature {
+                    change: ByteArray::new(hash.0),
+                    signature: ByteArray::new(signature),
+                })
+                .collect(),
+        }
+    }
+}
+
 /// A fetched document as `Response::FetchDeflated` carries it: its signatures without the
 /// change hashes beside them, in the order of those hashes, which the receiver reads from the
 /// document itself (32 bytes and their framing saved per change).
@@ -366,10 +387,11 @@ impl From<&FetchedDocument> for CoveredDocument {
 }
 
 impl CoveredDocument {
-    /// Its signatures by change hash; `None` if they are not whole entries.
+    /// Its signatures by change hash; `None` if they are not whole entries or more than one
+    /// document may carry (`SYNC_SIGNATURES_MAX`).
     pub fn signatures(&self) -> Option<std::collections::HashMap<[u8; 32], [u8; 64]>> {
         let entries = self.signatures.chunks_exact(COVER_ENTRY_BYTES);
-        if !entries.remainder().is_empty() {
+        if !entries.remainder().is_empty() || entries.len() > SYNC_SIGNATURES_MAX {
             return None;
         }
         entries
