@@ -525,6 +525,22 @@ impl Reconciliation {
     pub fn rounds(&self) -> usize {
         self.rounds
     }
+
+    /// The difference of the two catalogues' sizes, theirs less ours (known from the first
+    /// answer on).
+    pub fn size_difference(&self) -> i64 {
+        self.decoder.size_difference().unwrap_or(0)
+    }
+
+    /// Symbols received so far.
+    pub fn received(&self) -> u64 {
+        self.decoder.received() as u64
+    }
+
+    /// The symbol after the last one the next query asks for.
+    pub fn next_end(&self) -> u64 {
+        self.query.from + u64::from(self.query.count)
+    }
 }
 
 #[cfg(test)]

@@ -788,6 +788,56 @@ fn files_by(node: &Node, institution_id: &str, n: usize) -> Vec<Vec<u8>> {
         .collect()
 }
 
+/// A node catching up thousands of documents does not reconcile again while its fetches move:
+/// each reconciliation would find the same thousands of differences.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_catching_up_does_not_reconcile_again_while_its_fetches_move() {
+    let consortium = Consortium::new(3);
+    let (a, b, c) = (consortium.node(0), consortium.node(1), consortium.node(2));
+    let files = 5_000;
+    for chunk in files_by(&a, "member-0", files).chunks(1_000) {
+        a.ingest_many(chunk).unwrap();
+        c.ingest_many(chunk).unwrap();
+    }
+    let (a_address, c_address) = (memory_address(), memory_address());
+    // Reconciling every 50 ms with whichever peer it is not fetching from, B would find the
+    // same thousands of differences again dozens of times during its catch-up.
+    let config = |listen: Vec<Multiaddr>, bootstrap: Vec<Multiaddr>| SyncConfig {
+        listen,
+        bootstrap,
+        reconcile_every: Duration::from_millis(50),
+        transport: TransportKind::Memory,
+        ..SyncConfig::default()
+    };
+    let a_sync = SyncHandle::start(a.clone(), config(vec![a_address.clone()], vec![])).unwrap();
+    let c_sync = SyncHandle::start(c.clone(), config(vec![c_address.clone()], vec![])).unwrap();
+    let started = Instant::now();
+    let b_sync = SyncHandle::start(
+        b.clone(),
+        config(vec![memory_address()], vec![a_address, c_address]),
+    )
+    .unwrap();
+    let nodes = [a.clone(), b.clone(), c.clone()];
+    converge(&nodes, &[&a_sync, &b_sync, &c_sync], files).await;
+    let took = started.elapsed();
+    let stats = [a_sync.stats(), b_sync.stats(), c_sync.stats()];
+    let reconcile_bytes: u64 = stats.iter().map(|s| s.sent.reconcile).sum();
+    println!(
+        "caught up {files} documents in {took:?}: {} reconciliations, {reconcile_bytes} bytes",
+        stats[1].reconciliations
+    );
+    // One reconciliation finds them all (about 60 bytes each); the last few hundred
+    // documents let reconciliations start again, each finding at most those.
+    assert!(
+        reconcile_bytes < files as u64 * 400,
+        "{reconcile_bytes} bytes of reconciliation for {files} documents, {} reconciliations in {took:?}",
+        stats[1].reconciliations
+    );
+    a_sync.shutdown().await;
+    b_sync.shutdown().await;
+    c_sync.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_nodes_holding_the_same_10000_documents_confirm_it_in_at_most_3_round_trips() {
     let consortium = Consortium::new(2);

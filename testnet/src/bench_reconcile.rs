@@ -1,12 +1,13 @@
 //! `bench reconcile`: what it costs two nodes to find the documents that differ between
 //! their catalogues — bytes on the wire (CBOR, both directions), rounds, and CPU time — for
-//! catalogues of up to 700,000 documents and a few to a thousand differences.
+//! catalogues of up to 700,000 documents and a few to a thousand differences: by ranges, by
+//! rateless IBLT symbols, and by the hybrid of the two that nodes run (`Hybrid`).
 
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Instant;
 
-use estuary_node::reconcile::{Catalogue, Reconciliation};
+use estuary_node::reconcile::{Catalogue, Hybrid, Reconciliation};
 use estuary_node::riblt;
 use serde::Serialize;
 
@@ -29,6 +30,12 @@ struct Figure {
     riblt_rounds: usize,
     riblt_ms: f64,
     riblt_bytes_per_difference: Option<f64>,
+    /// The hybrid nodes run: symbols, then ranges when the differences are many.
+    hybrid_bytes: usize,
+    hybrid_rounds: usize,
+    hybrid_ms: f64,
+    hybrid_bytes_per_difference: Option<f64>,
+    hybrid_went_on_with_ranges: bool,
 }
 
 struct Rng(u64);
@@ -87,6 +94,27 @@ fn reconcile_riblt(ours: &Catalogue, theirs: &Catalogue) -> anyhow::Result<(usiz
     Ok((run.differing().len(), bytes, run.rounds()))
 }
 
+/// Reconciliation as nodes run it (`Hybrid`). Returns (documents found, bytes, rounds,
+/// whether it went on with ranges).
+fn reconcile_hybrid(
+    ours: &Catalogue,
+    theirs: &Catalogue,
+) -> anyhow::Result<(usize, usize, usize, bool)> {
+    let mut run = Hybrid::new(ours);
+    let (mut bytes, mut rounds) = (0, 0);
+    loop {
+        let query = run.query();
+        bytes += cbor_len(&query)?;
+        let reply = theirs.answer(&query)?;
+        bytes += cbor_len(&reply)?;
+        rounds += 1;
+        if !run.receive(ours, &reply)? {
+            break;
+        }
+    }
+    Ok((run.differing().len(), bytes, rounds, run.is_ranges()))
+}
+
 fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
     values[values.len() / 2]
@@ -100,7 +128,7 @@ pub fn run(docs: usize, json: Option<&Path>) -> anyhow::Result<()> {
     sizes.push(docs);
     let mut figures = Vec::new();
     println!(
-        "{:>9} {:>8} {:>8} {:>10} {:>7} {:>9} {:>12} {:>10} {:>7} {:>9}",
+        "{:>9} {:>8} {:>8} {:>10} {:>7} {:>9} {:>12} {:>10} {:>7} {:>9} {:>10} {:>7} {:>9} {:>7}",
         "docs",
         "differ",
         "found",
@@ -110,7 +138,11 @@ pub fn run(docs: usize, json: Option<&Path>) -> anyhow::Result<()> {
         "catalogue B",
         "riblt B",
         "rounds",
-        "ms"
+        "ms",
+        "hybrid B",
+        "rounds",
+        "ms",
+        "ranges"
     );
     for &n in &sizes {
         let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ n as u64);
@@ -155,6 +187,19 @@ pub fn run(docs: usize, json: Option<&Path>) -> anyhow::Result<()> {
                 riblt_found == differences,
                 "rateless IBLT found {riblt_found} of {differences} differences among {n} documents"
             );
+            let mut times = Vec::with_capacity(RUNS);
+            let mut hybrid = (0, 0, 0, false);
+            for _ in 0..RUNS {
+                let started = Instant::now();
+                hybrid = reconcile_hybrid(&ours, &theirs)?;
+                times.push(started.elapsed().as_secs_f64() * 1e3);
+            }
+            let hybrid_ms = median(times);
+            let (hybrid_found, hybrid_bytes, hybrid_rounds, hybrid_ranges) = hybrid;
+            anyhow::ensure!(
+                hybrid_found == differences,
+                "the hybrid found {hybrid_found} of {differences} differences among {n} documents"
+            );
             let figure = Figure {
                 docs: n,
                 differences,
@@ -169,9 +214,15 @@ pub fn run(docs: usize, json: Option<&Path>) -> anyhow::Result<()> {
                 riblt_ms,
                 riblt_bytes_per_difference: (differences > 0)
                     .then(|| riblt_bytes as f64 / differences as f64),
+                hybrid_bytes,
+                hybrid_rounds,
+                hybrid_ms,
+                hybrid_bytes_per_difference: (differences > 0)
+                    .then(|| hybrid_bytes as f64 / differences as f64),
+                hybrid_went_on_with_ranges: hybrid_ranges,
             };
             println!(
-                "{:>9} {:>8} {:>8} {:>10} {:>7} {:>9.2} {:>12} {:>10} {:>7} {:>9.2}",
+                "{:>9} {:>8} {:>8} {:>10} {:>7} {:>9.2} {:>12} {:>10} {:>7} {:>9.2} {:>10} {:>7} {:>9.2} {:>7}",
                 n,
                 differences,
                 found,
@@ -181,7 +232,11 @@ pub fn run(docs: usize, json: Option<&Path>) -> anyhow::Result<()> {
                 figure.whole_catalogue_bytes,
                 riblt_bytes,
                 riblt_rounds,
-                riblt_ms
+                riblt_ms,
+                hybrid_bytes,
+                hybrid_rounds,
+                hybrid_ms,
+                if hybrid_ranges { "yes" } else { "no" }
             );
             figures.push(figure);
         }

@@ -22,7 +22,7 @@ use estuary_node::envelope::Envelope;
 use estuary_node::identity::Identity;
 use estuary_node::membership::SignedRoster;
 use estuary_node::model::*;
-use estuary_node::reconcile::Reconciliation;
+use estuary_node::reconcile::Hybrid;
 use estuary_node::replica::{Node, NodeConfig};
 use estuary_node::sync::{Multiaddr, PeerStats, SyncConfig, SyncHandle, TransportKind};
 use serde::Serialize;
@@ -587,8 +587,8 @@ fn reconciliation_cpu_ms(pair: &Pair) -> anyhow::Result<f64> {
         let started = Instant::now();
         let ours = pair.centre.catalogue();
         let theirs = pair.hospital.catalogue();
-        let mut run = Reconciliation::new(&ours);
-        while run.receive(&ours, &theirs.answer(run.query())?)? {}
+        let mut run = Hybrid::new(&ours);
+        while run.receive(&ours, &theirs.answer(&run.query())?)? {}
         times.push(started.elapsed().as_secs_f64() * 1e3);
     }
     times.sort_by(f64::total_cmp);

@@ -213,6 +213,13 @@ enum Bench {
         /// The seed of the consortium's keys and content.
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// Health files (NDJSON in the shape of `gen.js`, gzipped if `.gz`) to write; default:
+        /// the generated data set.
+        #[arg(long)]
+        input: Option<PathBuf>,
+        /// Write files of one change each (the resident's demographics) instead.
+        #[arg(long, conflicts_with = "input")]
+        one_change: bool,
         /// Write the figures as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -427,9 +434,19 @@ fn main() -> ExitCode {
                     nodes,
                     files,
                     seed,
+                    input,
+                    one_change,
                     json,
                 },
-        } => bench_island::heal(nodes, files, seed, json.as_deref()).map(|_| ()),
+        } => {
+            let data = match one_change {
+                true => bench_island::HealData::OneChange,
+                false => bench_island::HealData::Realistic(health_data::Source::from_input(
+                    input.as_deref(),
+                )),
+            };
+            bench_island::heal(nodes, files, seed, &data, json.as_deref()).map(|_| ())
+        }
         Command::Bench {
             bench:
                 Bench::Latency {

@@ -5,7 +5,20 @@ use super::*;
 
 impl Driver {
     pub(super) fn reconcile_with_someone(&mut self) {
+        // With plenty still to fetch or sync, and that work moving, a reconciliation would
+        // only find the same differences again.
         let now = Instant::now();
+        let finished = self.in_progress.finished();
+        if finished > self.backlog_finished {
+            self.backlog_finished = finished;
+            self.backlog_moved = now;
+        }
+        if self.catch_up_backlog() > CATCH_UP_BACKLOG_RECONCILE_MAX
+            && now.duration_since(self.backlog_moved) < BACKLOG_STALLED_AFTER
+            && now.duration_since(self.reconciled_at) < RECONCILE_HELD_MAX
+        {
+            return;
+        }
         let candidates: Vec<PeerId> = self
             .peers
             .iter()
@@ -33,6 +46,11 @@ impl Driver {
         self.reconcile_with(peer);
     }
 
+    /// Documents still to fetch or sync: in progress with some peer, or kept to take.
+    pub(super) fn catch_up_backlog(&self) -> usize {
+        self.in_progress.len() + self.peers.values().map(|s| s.kept.len()).sum::<usize>()
+    }
+
     pub(super) fn reconcile_with(&mut self, peer: PeerId) {
         let Some(state) = self.peers.get_mut(&peer) else {
             return;
@@ -41,10 +59,14 @@ impl Driver {
             return;
         }
         let slot = self.take(peer, Held::Reconciliation);
+        // A reconciliation starts the backlog it finds moving.
+        self.reconciled_at = Instant::now();
+        self.backlog_moved = self.reconciled_at;
+        self.stats_mut().reconciliations += 1;
         self.ask_roster(peer);
         let node = self.node.clone();
         self.spawn_job(peer, move || {
-            let run = Box::new(Reconciliation::new(&node.catalogue()));
+            let run = Box::new(Hybrid::new(&node.catalogue()));
             Job::ReconcileStep {
                 slot,
                 peer,
@@ -221,7 +243,7 @@ impl Driver {
         &mut self,
         slot: Slot,
         peer: PeerId,
-        run: &Reconciliation,
+        run: &Hybrid,
         round_trips: u64,
         bytes: u64,
     ) {

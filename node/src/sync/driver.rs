@@ -8,7 +8,7 @@ use super::*;
 pub(super) enum Outbound {
     Reconcile {
         slot: Slot,
-        run: Box<Reconciliation>,
+        run: Box<Hybrid>,
         round_trips: u64,
         bytes: u64,
     },
@@ -56,7 +56,7 @@ pub(super) enum Job {
     ReconcileStep {
         slot: Slot,
         peer: PeerId,
-        run: Box<Reconciliation>,
+        run: Box<Hybrid>,
         round_trips: u64,
         bytes: u64,
         result: Result<bool, crate::reconcile::ReconcileError>,
@@ -115,6 +115,12 @@ pub(super) struct Driver {
     pub(super) in_progress: InProgress,
     /// Connections to peers so far, numbering each peer's state (`PeerState::connection`).
     pub(super) connections: u64,
+    /// Documents in progress finished as of the last reconciliation interval, when that
+    /// count last rose, and when a reconciliation last started: what decides whether a
+    /// backlog holds the next one back (`CATCH_UP_BACKLOG_RECONCILE_MAX`).
+    pub(super) backlog_finished: u64,
+    pub(super) backlog_moved: Instant,
+    pub(super) reconciled_at: Instant,
     /// The documents peers named urgent lately (at most `URGENT_NAMED_MAX`): a
     /// reconciliation's differences among them are taken first.
     pub(super) urgent_named: HashSet<[u8; 16]>,
@@ -457,7 +463,7 @@ impl Driver {
                 result,
             } => match result {
                 Ok(true) => {
-                    let query = run.query().clone();
+                    let query = run.query();
                     let sent = cbor_len(&query);
                     self.send(
                         peer,

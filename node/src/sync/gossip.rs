@@ -97,12 +97,14 @@ impl Driver {
                     .mesh_peers(&self.topics.changes.hash())
                     .copied()
                     .collect();
+                let mesh_len = mesh.len() as u64;
                 for peer in mesh {
                     self.with_peer_stats(&peer, |s| {
                         s.bytes_out += bytes;
                         s.messages_out += 1;
                     });
                 }
+                self.stats_mut().sent.gossip += bytes * mesh_len;
             }
             // No peer to send to (alone, or still connecting): anti-entropy carries it.
             Err(error) => tracing::debug!(%error, "change not gossiped"),

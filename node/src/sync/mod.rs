@@ -49,7 +49,7 @@ use crate::membership::RosterUpdate;
 use crate::model::DocumentId;
 use crate::model::automerge::sync::State;
 use crate::reconcile::Difference;
-use crate::reconcile::Reconciliation;
+use crate::reconcile::Hybrid;
 use crate::replica::{Ingested, Node, NodeError, URGENT_DOCUMENTS_MAX};
 use driver::*;
 use gossip::*;
@@ -78,6 +78,19 @@ pub const DOCUMENTS_IN_PROGRESS_PER_PEER_MAX: usize = DOCUMENTS_IN_PROGRESS_MAX 
 /// reconciliation: a document id and a flag each, about 17 MB at most. A node catching up
 /// from a single peer reconciles once, not once per share.
 pub const DIFFERENCES_KEPT_MAX: usize = 1_000_000;
+/// A node with more documents than this still to fetch or sync (in progress or kept, with
+/// any peer) starts no reconciliation while that work moves: each would find the same
+/// differences again, at about 50 bytes per differing document (a heal of 5,000 realistic
+/// files a side spent six times the files' bytes so). Below it, the next reconciliation finds
+/// more before the queues run dry: a full round of fetches with one peer.
+pub const CATCH_UP_BACKLOG_RECONCILE_MAX: usize = FETCHES_PER_PEER_MAX * FETCH_DOCUMENTS_MAX;
+/// Backlogged work with no document finished for this long is stalled (a peer holding its
+/// share of fetches unanswered): it no longer holds reconciliations back, so that they find
+/// other peers to take the documents from.
+pub const BACKLOG_STALLED_AFTER: Duration = Duration::from_secs(10);
+/// Longest a backlog holds reconciliations back, however it moves (a peer serving a document
+/// now and then).
+pub const RECONCILE_HELD_MAX: Duration = Duration::from_secs(60);
 /// A peer whose reconciliations keep finding only documents it lacks (it is catching up from
 /// this node, and pulls them itself) is asked again after `reconcile_every` × 2ⁿ for the n-th
 /// such reconciliation in a row, n at most this.
@@ -320,6 +333,77 @@ pub struct SyncStats {
     pub disconnected: u64,
     /// Connections the gate denied (strangers, revoked keys, banned peers).
     pub denied: u64,
+    /// Bytes sent, by what they were for.
+    pub sent: SentBytes,
+    /// Reconciliations this node started.
+    pub reconciliations: u64,
+}
+
+/// Bytes this node sent, by what they were for (requests and answers alike; gossip once per
+/// mesh peer it went to).
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct SentBytes {
+    /// Reconciliation queries and replies.
+    pub reconcile: u64,
+    /// Fetch requests and the documents sent in answer.
+    pub fetch: u64,
+    /// Automerge sync messages, both ways.
+    pub sync: u64,
+    /// Roster and urgent-list requests and answers.
+    pub roster: u64,
+    /// Refusals.
+    pub refused: u64,
+    /// Gossiped changes and announcements.
+    pub gossip: u64,
+}
+
+impl std::ops::AddAssign<&SentBytes> for SentBytes {
+    fn add_assign(&mut self, other: &SentBytes) {
+        self.reconcile += other.reconcile;
+        self.fetch += other.fetch;
+        self.sync += other.sync;
+        self.roster += other.roster;
+        self.refused += other.refused;
+        self.gossip += other.gossip;
+    }
+}
+
+impl std::ops::Sub<&SentBytes> for &SentBytes {
+    type Output = SentBytes;
+
+    fn sub(self, other: &SentBytes) -> SentBytes {
+        SentBytes {
+            reconcile: self.reconcile.saturating_sub(other.reconcile),
+            fetch: self.fetch.saturating_sub(other.fetch),
+            sync: self.sync.saturating_sub(other.sync),
+            roster: self.roster.saturating_sub(other.roster),
+            refused: self.refused.saturating_sub(other.refused),
+            gossip: self.gossip.saturating_sub(other.gossip),
+        }
+    }
+}
+
+impl SentBytes {
+    pub(crate) fn request(&mut self, request: &Request, bytes: u64) {
+        *match request {
+            Request::Reconcile(_) => &mut self.reconcile,
+            Request::Sync(_) => &mut self.sync,
+            Request::Fetch { .. } => &mut self.fetch,
+            Request::Roster { .. } => &mut self.roster,
+        } += bytes;
+    }
+
+    pub(crate) fn response(&mut self, response: &Response, bytes: u64) {
+        *match response {
+            Response::Reconcile(_) => &mut self.reconcile,
+            Response::Sync(_) => &mut self.sync,
+            Response::Fetch { .. }
+            | Response::FetchDeflated { .. }
+            | Response::FetchCovered { .. } => &mut self.fetch,
+            Response::Roster(_) | Response::RosterAndUrgent { .. } => &mut self.roster,
+            Response::Refused(_) => &mut self.refused,
+        } += bytes;
+    }
 }
 
 /// Reads the sync layer's figures; cheap to clone.
@@ -438,6 +522,9 @@ impl SyncHandle {
             bootstrap_peers: HashMap::new(),
             in_progress: InProgress::default(),
             connections: 0,
+            backlog_finished: 0,
+            backlog_moved: Instant::now(),
+            reconciled_at: Instant::now(),
             urgent_named: HashSet::new(),
         };
         let task = tokio::spawn(driver.run(commands_rx, jobs_rx, local));

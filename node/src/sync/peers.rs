@@ -342,6 +342,7 @@ impl Driver {
             s.bytes_out += bytes;
             s.messages_out += 1;
         });
+        self.stats_mut().sent.request(&request, bytes);
         let id = self.swarm.behaviour_mut().sync.send_request(&peer, request);
         self.outbound.insert(id, (peer, outbound));
         bytes

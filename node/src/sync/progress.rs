@@ -17,6 +17,8 @@ pub(super) struct InProgress {
     documents: HashSet<DocumentId>,
     /// The documents in progress with each peer (only peers with some).
     by_peer: HashMap<PeerId, HashSet<DocumentId>>,
+    /// Documents released one by one so far (done, or given up on): how work moves.
+    finished: u64,
 }
 
 impl InProgress {
@@ -45,6 +47,7 @@ impl InProgress {
         };
         if held.remove(document) {
             self.documents.remove(document);
+            self.finished += 1;
         }
         if held.is_empty() {
             self.by_peer.remove(peer);
@@ -71,9 +74,13 @@ impl InProgress {
         self.by_peer.get(peer).map_or(0, HashSet::len)
     }
 
+    /// Documents released one by one so far (not counting a peer's released at once).
+    pub(super) fn finished(&self) -> u64 {
+        self.finished
+    }
+
     /// Documents in progress with any peer.
-    #[cfg(test)]
-    fn len(&self) -> usize {
+    pub(super) fn len(&self) -> usize {
         self.documents.len()
     }
 }

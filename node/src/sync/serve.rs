@@ -71,6 +71,7 @@ impl Driver {
             s.bytes_out += bytes;
             s.messages_out += 1;
         });
+        self.stats_mut().sent.response(&response, bytes);
         let _ = self
             .swarm
             .behaviour_mut()

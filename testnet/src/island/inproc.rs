@@ -125,6 +125,35 @@ impl InProc {
     pub fn node_handle(&self, node: usize) -> Option<Arc<Node>> {
         self.node(node).cloned()
     }
+
+    /// Bytes the running nodes among `from` sent to the running nodes among `to`.
+    pub fn bytes_between(&self, from: &[usize], to: &[usize]) -> u64 {
+        let receivers: Vec<String> = to
+            .iter()
+            .filter_map(|n| self.nodes[*n].as_ref())
+            .map(|running| running.sync.peer_id().to_string())
+            .collect();
+        from.iter()
+            .filter_map(|n| self.nodes[*n].as_ref())
+            .map(|running| {
+                let stats = running.sync.stats();
+                receivers
+                    .iter()
+                    .filter_map(|peer| stats.peers.get(peer))
+                    .map(|peer| peer.bytes_out)
+                    .sum::<u64>()
+            })
+            .sum()
+    }
+
+    /// Bytes the running nodes sent, by what they were for.
+    pub fn sent(&self) -> estuary_node::sync::SentBytes {
+        let mut total = estuary_node::sync::SentBytes::default();
+        for running in self.nodes.iter().flatten() {
+            total += &running.sync.stats().sent;
+        }
+        total
+    }
 }
 
 fn traffic_of(sync: &SyncHandle) -> Traffic {
