@@ -466,6 +466,18 @@ impl Catalogue {
                 Answer::Split(parts)
             })
             .collect();
+        // A query asks for ranges or for symbols, and for no symbols past those the hybrid
+        // takes: each such query then costs at most one pass over the catalogue.
+        if let Some(asked) = &query.symbols {
+            if !query.ranges.is_empty() {
+                return Err(ReconcileError::Malformed {
+                    reason: "ranges and coded symbols asked for at once",
+                });
+            }
+            if asked.from.saturating_add(u64::from(asked.count)) > SYMBOLS_HYBRID_MAX {
+                return Err(ReconcileError::TooManySymbols);
+            }
+        }
         let symbols = query
             .symbols
             .as_ref()
@@ -657,6 +669,11 @@ impl Hybrid {
         Self::Symbols(crate::riblt::Reconciliation::new(ours))
     }
 
+    /// Starts a reconciliation of `ours` as it is now by ranges alone.
+    pub fn by_ranges(ours: &Catalogue) -> Self {
+        Self::Ranges(Reconciliation::new(ours))
+    }
+
     /// The query to send now.
     pub fn query(&self) -> Query {
         match self {
@@ -687,8 +704,9 @@ impl Hybrid {
         if !more {
             return Ok(false);
         }
-        // At least this many documents differ: the sizes' difference, and about two thirds
-        // of the symbols taken without decoding (it takes about 1.35 per difference).
+        // About this many documents differ at least: the sizes' difference, or two thirds of
+        // the symbols taken without decoding (it takes about 1.35 per difference; a
+        // heuristic, which only decides how the differences are found, never which).
         let at_least = run
             .size_difference()
             .unsigned_abs()
@@ -1048,6 +1066,28 @@ mod tests {
             theirs.insert(id(i), digest(i, 1));
         }
         assert_eq!(reconcile(&full, &theirs).0.len(), 7_500);
+    }
+
+    /// A query asking for symbols past what the hybrid takes, or for ranges and symbols at
+    /// once, is refused before any pass over the catalogue.
+    #[test]
+    fn symbol_queries_beyond_the_hybrids_bound_are_refused() {
+        let ours = catalogue(1_000);
+        let far = Query {
+            ranges: Vec::new(),
+            symbols: Some(crate::riblt::Query {
+                version: None,
+                from: SYMBOLS_HYBRID_MAX,
+                count: 1,
+            }),
+        };
+        assert_eq!(ours.answer(&far), Err(ReconcileError::TooManySymbols));
+        let mut both = Reconciliation::new(&ours).query().clone();
+        both.symbols = Hybrid::new(&ours).query().symbols;
+        assert!(matches!(
+            ours.answer(&both),
+            Err(ReconcileError::Malformed { .. })
+        ));
     }
 
     #[test]

@@ -38,6 +38,10 @@ pub const ROUNDS_MAX: usize = 64;
 
 const _: () = assert!(SYMBOLS_PER_REPLY_MAX as u64 <= SYMBOLS_MAX);
 
+/// Most items peeled per symbol received: every item lands in symbol 0, and peeling stops
+/// once it is empty, so honest symbols give far fewer (about one per 1.35 symbols).
+const FOUND_PER_SYMBOL_MAX: usize = 2;
+
 /// A set's element: a document id and a tag that changes with the document's heads.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Item {
@@ -216,6 +220,8 @@ pub struct Decoder {
     symbols: Vec<Symbol>,
     /// Items found, with their side and their mapping at the first index past `symbols`.
     found: Vec<(Item, i64, u64, Mapping)>,
+    /// The same items, to refuse one found twice.
+    seen: std::collections::HashSet<Item>,
 }
 
 impl Decoder {
@@ -225,8 +231,10 @@ impl Decoder {
     }
 
     /// Takes the peer's next symbols and this node's same symbols, and peels what it can.
-    /// Both must be of the same length.
-    pub fn take(&mut self, theirs: &[Symbol], ours: &[Symbol]) {
+    /// Both must be of the same length. Symbols that could not come from a set — an item
+    /// found twice, or more items than the symbols could hold — are refused: peeling them
+    /// could otherwise go on for ever.
+    pub fn take(&mut self, theirs: &[Symbol], ours: &[Symbol]) -> Result<(), ReconcileError> {
         let from = self.symbols.len();
         let to = (from + theirs.len().min(ours.len())) as u64;
         self.symbols.extend(theirs.iter().zip(ours).map(|(t, o)| {
@@ -250,6 +258,11 @@ impl Decoder {
             let Some((item, side)) = self.symbols[index].pure() else {
                 continue;
             };
+            if !self.seen.insert(item) || self.found.len() >= FOUND_PER_SYMBOL_MAX * to as usize {
+                return Err(ReconcileError::Malformed {
+                    reason: "coded symbols that no set could give",
+                });
+            }
             let check = item.check();
             let mut mapping = Mapping::new(check);
             while mapping.index < to {
@@ -262,6 +275,7 @@ impl Decoder {
             }
             self.found.push((item, side, check, mapping));
         }
+        Ok(())
     }
 
     /// Whether every item only one side holds has been found: symbol 0, which holds every
@@ -469,7 +483,7 @@ impl Reconciliation {
                 reason: "not the symbols asked for",
             })?;
         let own = ours.symbols(self.ours, self.query.from, theirs.len())?;
-        self.decoder.take(&theirs, &own);
+        self.decoder.take(&theirs, &own)?;
         if self.decoder.is_done() {
             let mut sides: BTreeMap<Id, (bool, bool)> = BTreeMap::new();
             for (item, theirs) in self.decoder.found() {
@@ -501,7 +515,7 @@ impl Reconciliation {
         let wanted = if received < SECOND_SYMBOLS_TOTAL {
             SECOND_SYMBOLS_TOTAL - received
         } else {
-            (received / 2).max((missing * 3 / 2).saturating_sub(received))
+            (received / 2).max((missing.saturating_mul(3) / 2).saturating_sub(received))
         };
         let count = wanted
             .min(u64::from(SYMBOLS_PER_REPLY_MAX))
@@ -561,6 +575,26 @@ mod tests {
         }
     }
 
+    /// Symbols that contradict each other (an item in symbol 0 but missing from another
+    /// symbol it maps to) are refused, where peeling them would take the item out and put it
+    /// back for ever.
+    #[test]
+    fn symbols_that_no_set_could_give_are_refused_not_peeled_for_ever() {
+        let a = item(7);
+        let mut mapping = Mapping::new(a.check());
+        mapping.advance();
+        let second = mapping.index as usize;
+        let count = second + 4;
+        let mut theirs = Encoder::new([a]).produce(count);
+        theirs[second] = Symbol::default();
+        let ours = Encoder::new([]).produce(count);
+        let mut decoder = Decoder::default();
+        assert!(matches!(
+            decoder.take(&theirs, &ours),
+            Err(ReconcileError::Malformed { .. })
+        ));
+    }
+
     /// Reconciles `ours` against `theirs` as the protocol does (doubling batches from one
     /// symbol); returns what was found and the symbols it took.
     fn reconcile(ours: &[Item], theirs: &[Item]) -> (BTreeSet<(Item, bool)>, usize) {
@@ -571,7 +605,9 @@ mod tests {
         while !decoder.is_done() {
             assert!(decoder.received() < 64 + 4 * (ours.len() + theirs.len()));
             let wire = Symbols::encode(&encoder.produce(batch));
-            decoder.take(&wire.decode().unwrap(), &own.produce(batch));
+            decoder
+                .take(&wire.decode().unwrap(), &own.produce(batch))
+                .unwrap();
             batch = decoder.received();
         }
         (decoder.found().collect(), decoder.received())
@@ -600,7 +636,9 @@ mod tests {
         let mut own = Encoder::new(ours.iter().copied());
         let mut encoder = Encoder::new(theirs.iter().copied());
         while !decoder.is_done() {
-            decoder.take(&encoder.produce(50), &own.produce(50));
+            decoder
+                .take(&encoder.produce(50), &own.produce(50))
+                .unwrap();
         }
         let per_difference = decoder.received() as f64 / 1_000.0;
         assert!(

@@ -262,7 +262,7 @@ pub fn heal(
     let seconds = agreed.duration_since(healed).as_secs_f64();
     let wire = cluster.traffic().wire_bytes - before;
     let sent = &cluster.sent() - &sent_before;
-    let cut_bytes = cut(&cluster) - cut_before;
+    let cut_bytes = cut(&cluster).saturating_sub(cut_before);
     cluster.shutdown();
     let report = Heal {
         profile: profile(),

@@ -66,7 +66,10 @@ impl Driver {
         self.ask_roster(peer);
         let node = self.node.clone();
         self.spawn_job(peer, move || {
-            let run = Box::new(Hybrid::new(&node.catalogue()));
+            // By ranges: coded symbols carry 64 bits of each entry's hash, and a writing
+            // member could make two versions of a document agree in them and hide the fork
+            // from the symbols (docs/node.md, *Pull*).
+            let run = Box::new(Hybrid::by_ranges(&node.catalogue()));
             Job::ReconcileStep {
                 slot,
                 peer,

@@ -339,8 +339,9 @@ pub struct SyncStats {
     pub reconciliations: u64,
 }
 
-/// Bytes this node sent, by what they were for (requests and answers alike; gossip once per
-/// mesh peer it went to).
+/// Bytes this node sent, by what they were for (requests and answers alike; of gossip, only
+/// this node's own changes, once per mesh peer: messages relayed for others and gossipsub's
+/// control messages are not counted).
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct SentBytes {
     /// Reconciliation queries and replies.
@@ -571,7 +572,8 @@ impl SyncHandle {
             .map_err(|_| SyncError::Stopped)
     }
 
-    /// Reconciles with a connected member now rather than at the next tick.
+    /// Reconciles with a connected member now rather than at the next tick (unless a backlog
+    /// that still moves holds reconciliations back: `CATCH_UP_BACKLOG_RECONCILE_MAX`).
     pub async fn reconcile_now(&self) -> Result<(), SyncError> {
         self.commands
             .send(Command::ReconcileNow)
