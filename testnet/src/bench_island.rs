@@ -138,12 +138,12 @@ fn write_side(
     files: u32,
     first: u32,
     seed: u64,
-    data: &HealData,
+    records: Option<&[crate::health_data::FileRecord]>,
 ) -> anyhow::Result<(Vec<DocumentId>, u64)> {
     let mut ids = Vec::with_capacity(files as usize);
     let mut floor = 0u64;
-    match data {
-        HealData::OneChange => {
+    match records {
+        None => {
             for k in 0..files {
                 let node = &all[writers[k as usize % writers.len()]];
                 let editor = Editor {
@@ -159,17 +159,10 @@ fn write_side(
                 ids.push(id);
             }
         }
-        HealData::Realistic(source) => {
-            let records = source.records((first + files) as usize)?;
-            anyhow::ensure!(
-                records.len() == (first + files) as usize,
-                "{} holds {} files, not {}",
-                source.describe(),
-                records.len(),
-                first + files
-            );
+        Some(records) => {
             let mut batches: Vec<Vec<Vec<u8>>> = vec![Vec::new(); writers.len()];
-            for (k, record) in records[first as usize..].iter().enumerate() {
+            let side = &records[first as usize..(first + files) as usize];
+            for (k, record) in side.iter().enumerate() {
                 let writer = &all[writers[k % writers.len()]];
                 let mut file = crate::health_data::writes(record)?
                     .build(&writer.identity().actor(), writer.institution().as_str())?;
@@ -224,8 +217,25 @@ pub fn heal(
     });
     let all = handles(&cluster)?;
     let started = Instant::now();
-    let (north_written, north_floor) = write_side(&all, &north, files, 0, seed, data)?;
-    let (south_written, south_floor) = write_side(&all, &south, files, files, seed, data)?;
+    // Both sides' records, read once: the north writes the first `files`, the south the rest.
+    let records = match data {
+        HealData::OneChange => None,
+        HealData::Realistic(source) => {
+            let records = source.records(2 * files as usize)?;
+            anyhow::ensure!(
+                records.len() == 2 * files as usize,
+                "{} holds {} files, not {}",
+                source.describe(),
+                records.len(),
+                2 * files
+            );
+            Some(records)
+        }
+    };
+    let (north_written, north_floor) =
+        write_side(&all, &north, files, 0, seed, records.as_deref())?;
+    let (south_written, south_floor) =
+        write_side(&all, &south, files, files, seed, records.as_deref())?;
     eprintln!(
         "heal: {} files written on each side in {:.1} s; waiting for each side to agree",
         files,
