@@ -65,12 +65,12 @@ impl Entry {
     }
 }
 
-/// Changes of a catalogue remembered (about 4.7 MB): a reconciliation by coded symbols is
+/// Changes of a catalogue remembered (about 7 MB): a reconciliation by coded symbols is
 /// about one version of each side's catalogue, and must end before this many of its
 /// documents change.
 pub const CATALOGUE_LOG_MAX: usize = 65_536;
 
-/// Coded symbols of a catalogue kept up to date as it changes (about 40 KB): an exchange of
+/// Coded symbols of a catalogue kept up to date as it changes (about 50 KB): an exchange of
 /// up to this many symbols (a few hundred differing documents) costs no pass over the
 /// catalogue on either side.
 pub const CACHED_SYMBOLS: usize = 1_024;
@@ -121,11 +121,11 @@ impl Default for Catalogue {
     }
 }
 
-/// An entry as a rateless IBLT item: its id and 64 bits of its hash.
+/// An entry as a rateless IBLT item: its id and its hash.
 fn item(id: &Id, entry: &Entry) -> crate::riblt::Item {
     crate::riblt::Item {
         id: *id,
-        tag: entry.hash as u64,
+        tag: entry.hash,
     }
 }
 
@@ -173,8 +173,10 @@ pub struct Query {
     /// The ranges, in increasing order, not overlapping.
     #[serde(rename = "r")]
     pub ranges: Vec<Asked>,
-    /// Coded symbols asked for.
-    #[serde(rename = "c", default, skip_serializing_if = "Option::is_none")]
+    /// Coded symbols asked for. (Field `c` carried symbols with 64 bits of each entry's hash,
+    /// which no node asked for; a node that answered it reads this query as one about no
+    /// ranges and answers without symbols.)
+    #[serde(rename = "y", default, skip_serializing_if = "Option::is_none")]
     pub symbols: Option<crate::riblt::Query>,
 }
 
@@ -222,7 +224,7 @@ pub struct Reply {
     #[serde(rename = "a")]
     pub answers: Vec<Answer>,
     /// The coded symbols asked for (absent from a responder that predates them).
-    #[serde(rename = "c", default, skip_serializing_if = "Option::is_none")]
+    #[serde(rename = "y", default, skip_serializing_if = "Option::is_none")]
     pub symbols: Option<crate::riblt::Reply>,
 }
 
@@ -364,7 +366,7 @@ impl Catalogue {
         self.entries.keys()
     }
 
-    /// Every entry as a rateless IBLT item (`crate::riblt`): its id and 64 bits of its hash.
+    /// Every entry as a rateless IBLT item (`crate::riblt`): its id and its hash.
     pub fn riblt_items(&self) -> impl Iterator<Item = crate::riblt::Item> + '_ {
         self.entries.iter().map(|(id, entry)| item(id, entry))
     }
@@ -642,15 +644,16 @@ impl Reconciliation {
 }
 
 /// Most coded symbols a reconciliation asks for before it goes on with ranges (about 12,000
-/// differing documents, 560 KB). Symbols cost about 1.35 × 41 bytes per differing document
+/// differing items, 670 KB). Symbols cost about 1.35 × 41 bytes per differing document
 /// on either side, and each round past the `CACHED_SYMBOLS` each catalogue keeps up to date
 /// a pass over both catalogues; ranges about 50 bytes per document only the responder holds
 /// where the differences are dense, but about 2 KB per difference where they are sparse.
 pub const SYMBOLS_HYBRID_MAX: u64 = 16_384;
 /// How nodes reconcile: coded symbols first (a few bytes tell equal catalogues apart, about
-/// 110 bytes per difference find up to thousands), then ranges once at least half the larger
-/// catalogue is known to differ — from the catalogues' sizes (a node catching up, or one that
-/// holds twice what its peer does) or from the symbols taken without decoding — for ranges
+/// 115–155 bytes per difference find up to thousands), then ranges once at least half the
+/// larger catalogue is known to differ — from the catalogues' sizes (a node catching up, or
+/// one that holds twice what its peer does), from the symbols taken without decoding, or from
+/// the estimate of the items that differ — for ranges
 /// then cost no more bytes (only the responder's documents travel, about 50 bytes each) and
 /// no passes over the catalogues; also when `SYMBOLS_HYBRID_MAX` symbols did not suffice, or
 /// the responder predates symbols. Where differences are sparser, symbols cost a fraction of
@@ -660,7 +663,12 @@ pub enum Hybrid {
     /// Asking for coded symbols.
     Symbols(crate::riblt::Reconciliation),
     /// Asking about ranges.
-    Ranges(Reconciliation),
+    Ranges {
+        /// The exchange of ranges.
+        run: Reconciliation,
+        /// Whether the responder answered without symbols (it predates them).
+        older_responder: bool,
+    },
 }
 
 impl Hybrid {
@@ -669,9 +677,13 @@ impl Hybrid {
         Self::Symbols(crate::riblt::Reconciliation::new(ours))
     }
 
-    /// Starts a reconciliation of `ours` as it is now by ranges alone.
+    /// Starts a reconciliation of `ours` as it is now by ranges alone, with a responder that
+    /// predates symbols.
     pub fn by_ranges(ours: &Catalogue) -> Self {
-        Self::Ranges(Reconciliation::new(ours))
+        Self::Ranges {
+            run: Reconciliation::new(ours),
+            older_responder: true,
+        }
     }
 
     /// The query to send now.
@@ -681,14 +693,14 @@ impl Hybrid {
                 ranges: Vec::new(),
                 symbols: Some(run.query().clone()),
             },
-            Self::Ranges(run) => run.query().clone(),
+            Self::Ranges { run, .. } => run.query().clone(),
         }
     }
 
     /// Takes the peer's reply to the last query; returns whether another query is needed.
     pub fn receive(&mut self, ours: &Catalogue, reply: &Reply) -> Result<bool, ReconcileError> {
         let run = match self {
-            Self::Ranges(run) => return run.receive(ours, reply),
+            Self::Ranges { run, .. } => return run.receive(ours, reply),
             Self::Symbols(run) => run,
         };
         if !reply.answers.is_empty() {
@@ -698,29 +710,39 @@ impl Hybrid {
         }
         let more = match &reply.symbols {
             Some(symbols) => run.receive(ours, symbols)?,
-            // A responder that predates symbols.
-            None => return self.go_on_with_ranges(ours),
+            None => return self.go_on_with_ranges(ours, true),
         };
         if !more {
             return Ok(false);
         }
-        // About this many documents differ at least: the sizes' difference, or two thirds of
-        // the symbols taken without decoding (it takes about 1.35 per difference; a
-        // heuristic, which only decides how the differences are found, never which).
+        // About this many documents differ at least: the sizes' difference, two thirds of
+        // the symbols taken without decoding (it takes about 1.35 per difference), or half
+        // the items estimated to differ (a heuristic, which only decides how the differences
+        // are found, never which).
         let at_least = run
             .size_difference()
             .unsigned_abs()
-            .max(run.received() * 2 / 3);
+            .max(run.received() * 2 / 3)
+            .max(run.differing_estimate() / 2);
         let larger = (ours.len() as u64).saturating_add_signed(run.size_difference().max(0));
         let dense = at_least.saturating_mul(2) >= larger;
         match dense || run.next_end() > SYMBOLS_HYBRID_MAX {
-            true => self.go_on_with_ranges(ours),
+            true => self.go_on_with_ranges(ours, false),
             false => Ok(true),
         }
     }
 
-    fn go_on_with_ranges(&mut self, ours: &Catalogue) -> Result<bool, ReconcileError> {
-        *self = Self::Ranges(Reconciliation::new(ours));
+    /// Goes on with ranges; `older_responder`: because the responder answered without
+    /// symbols.
+    fn go_on_with_ranges(
+        &mut self,
+        ours: &Catalogue,
+        older_responder: bool,
+    ) -> Result<bool, ReconcileError> {
+        *self = Self::Ranges {
+            run: Reconciliation::new(ours),
+            older_responder,
+        };
         Ok(true)
     }
 
@@ -729,13 +751,25 @@ impl Hybrid {
     pub fn differing(&self) -> &[(Id, Difference)] {
         match self {
             Self::Symbols(run) => run.differing(),
-            Self::Ranges(run) => run.differing(),
+            Self::Ranges { run, .. } => run.differing(),
         }
     }
 
     /// Whether it went on with ranges.
     pub fn is_ranges(&self) -> bool {
-        matches!(self, Self::Ranges(_))
+        matches!(self, Self::Ranges { .. })
+    }
+
+    /// Whether the responder answered without symbols: a node that predates them, to be
+    /// asked by ranges alone (`Hybrid::by_ranges`).
+    pub fn older_responder(&self) -> bool {
+        matches!(
+            self,
+            Self::Ranges {
+                older_responder: true,
+                ..
+            }
+        )
     }
 }
 
@@ -906,6 +940,14 @@ mod tests {
         assert!(ranges);
         assert_eq!(differing, by_ranges(&ours, &theirs));
         assert_eq!(differing.len(), 2);
+        // The hybrid says so, and one started by ranges asks no symbols.
+        let mut run = Hybrid::new(&ours);
+        assert!(!run.older_responder());
+        assert!(run.receive(&ours, &old(&run.query())).unwrap());
+        assert!(run.older_responder());
+        let run = Hybrid::by_ranges(&ours);
+        assert_eq!(run.query().symbols, None);
+        assert!(run.older_responder());
     }
 
     /// The fields of a query and a reply as nodes read them before coded symbols.
@@ -919,6 +961,26 @@ mod tests {
     struct OldReply {
         #[serde(rename = "a")]
         answers: Vec<Answer>,
+    }
+
+    /// A query as nodes read it when symbols carried 64 bits of each entry's hash (field `c`).
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    struct ShortTagQuery {
+        #[serde(rename = "r")]
+        ranges: Vec<Asked>,
+        #[serde(rename = "c", default)]
+        symbols: Option<crate::riblt::Query>,
+    }
+
+    /// Such a node reads today's symbol query as one about no ranges, so it answers no symbols
+    /// (which it would encode in the old form) and the hybrid goes on with ranges.
+    #[test]
+    fn a_node_of_short_tags_reads_a_symbol_query_as_one_without_symbols() {
+        let ours = catalogue(100);
+        let query = Hybrid::new(&ours).query();
+        let old: ShortTagQuery = crate::cbor::decode_exact(&crate::cbor::encode(&query)).unwrap();
+        assert_eq!(old.symbols, None);
+        assert!(old.ranges.is_empty());
     }
 
     #[test]

@@ -58,18 +58,19 @@ impl Driver {
         if state.reconciling {
             return;
         }
+        let by_ranges = state.predates_symbols;
         let slot = self.take(peer, Held::Reconciliation);
         // A reconciliation starts the backlog it finds moving.
-        self.reconciled_at = Instant::now();
-        self.backlog_moved = self.reconciled_at;
+        self.backlog_moved = Instant::now();
         self.stats_mut().reconciliations += 1;
         self.ask_roster(peer);
         let node = self.node.clone();
         self.spawn_job(peer, move || {
-            // By ranges: coded symbols carry 64 bits of each entry's hash, and a writing
-            // member could make two versions of a document agree in them and hide the fork
-            // from the symbols (docs/node.md, *Pull*).
-            let run = Box::new(Hybrid::by_ranges(&node.catalogue()));
+            let catalogue = node.catalogue();
+            let run = Box::new(match by_ranges {
+                true => Hybrid::by_ranges(&catalogue),
+                false => Hybrid::new(&catalogue),
+            });
             Job::ReconcileStep {
                 slot,
                 peer,
@@ -250,6 +251,7 @@ impl Driver {
         round_trips: u64,
         bytes: u64,
     ) {
+        self.reconciled_at = Instant::now();
         let differing = run.differing();
         let lag = differing.len() as u64;
         let _span = tracing::debug_span!("reconciled", %peer, round_trips, bytes, lag).entered();
@@ -270,6 +272,7 @@ impl Driver {
         let room = DIFFERENCES_KEPT_MAX.saturating_sub(kept_elsewhere);
         let every = self.config.reconcile_every;
         if let Some(state) = self.peers.get_mut(&peer) {
+            state.predates_symbols = run.older_responder();
             let only_ours = differing
                 .iter()
                 .all(|(_, difference)| *difference == Difference::OnlyOurs);

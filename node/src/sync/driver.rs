@@ -116,7 +116,8 @@ pub(super) struct Driver {
     /// Connections to peers so far, numbering each peer's state (`PeerState::connection`).
     pub(super) connections: u64,
     /// Documents in progress finished as of the last reconciliation interval, when that
-    /// count last rose, and when a reconciliation last started: what decides whether a
+    /// count last rose (or a reconciliation started), and when a reconciliation last ended
+    /// well (one refused or cut short does not hold the next back): what decides whether a
     /// backlog holds the next one back (`CATCH_UP_BACKLOG_RECONCILE_MAX`).
     pub(super) backlog_finished: u64,
     pub(super) backlog_moved: Instant,

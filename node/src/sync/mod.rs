@@ -88,8 +88,8 @@ pub const CATCH_UP_BACKLOG_RECONCILE_MAX: usize = FETCHES_PER_PEER_MAX * FETCH_D
 /// share of fetches unanswered): it no longer holds reconciliations back, so that they find
 /// other peers to take the documents from.
 pub const BACKLOG_STALLED_AFTER: Duration = Duration::from_secs(10);
-/// Longest a backlog holds reconciliations back, however it moves (a peer serving a document
-/// now and then).
+/// Longest a backlog holds reconciliations back after the last one that ended well, however
+/// it moves (a peer serving a document now and then).
 pub const RECONCILE_HELD_MAX: Duration = Duration::from_secs(60);
 /// A peer whose reconciliations keep finding only documents it lacks (it is catching up from
 /// this node, and pulls them itself) is asked again after `reconcile_every` × 2ⁿ for the n-th
@@ -155,11 +155,9 @@ const _: () = {
     assert!(GOSSIP_VALIDATIONS_PER_PUBLISHER_MAX <= GOSSIP_VALIDATIONS_MAX);
     assert!(GOSSIP_QUEUED_PER_PUBLISHER_MAX <= GOSSIP_QUEUED_MAX);
     assert!(GOSSIP_ENVELOPE_BYTES_MAX <= GOSSIP_QUEUED_BYTES_MAX);
-    // An answer of coded symbols at its limit, should nodes send them (a count takes at most
-    // 9 bytes of CBOR).
+    // An answer of coded symbols at its limit, with its envelope.
     assert!(
-        crate::riblt::SYMBOLS_PER_REPLY_MAX as u64 * (crate::riblt::SYMBOL_SUM_BYTES as u64 + 9)
-            + 64
+        crate::riblt::SYMBOLS_PER_REPLY_MAX as u64 * crate::riblt::SYMBOL_WIRE_BYTES as u64 + 64
             <= protocol::RESPONSE_BYTES_MAX
     );
 };

@@ -53,6 +53,9 @@ pub(super) struct PeerState {
     pub(super) lopsided: u32,
     /// Not asked to reconcile before then (its last reconciliations were lopsided).
     pub(super) reconcile_after: Option<Instant>,
+    /// It answered a reconciliation without coded symbols (it predates them): it is asked
+    /// by ranges alone while this connection lasts, rather than a wasted round each time.
+    pub(super) predates_symbols: bool,
 }
 
 /// Sync states of sessions peers run with this node, bounded in total and per peer; the
