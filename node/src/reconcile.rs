@@ -650,7 +650,7 @@ impl Reconciliation {
 /// where the differences are dense, but about 2 KB per difference where they are sparse.
 pub const SYMBOLS_HYBRID_MAX: u64 = 16_384;
 /// How nodes reconcile: coded symbols first (a few bytes tell equal catalogues apart, about
-/// 115–155 bytes per difference find up to thousands), then ranges once at least half the
+/// 117–160 bytes per difference find up to thousands), then ranges once at least half the
 /// larger catalogue is known to differ — from the catalogues' sizes (a node catching up, or
 /// one that holds twice what its peer does), from the symbols taken without decoding, or from
 /// the estimate of the items that differ — for ranges

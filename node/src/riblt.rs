@@ -12,9 +12,10 @@
 //! symbol 0. The sequence depends on the set alone: the responder needs no state, and the
 //! initiator compares each symbol with its own and peels the items that stand alone.
 //!
-//! On the wire a symbol is 41 bytes: its id, tag and check sums and its count's last byte
-//! (the differences of two sets' counts are small; symbol 0's whole count, the sets' sizes'
-//! difference, travels whole).
+//! On the wire a symbol is 41 bytes: its id, tag and check sums and its count's last byte.
+//! The initiator needs its count less its own only where that is small (a symbol of ±1 item),
+//! and its other uses read it modulo 2⁸; symbol 0's whole count, the sets' sizes'
+//! difference, travels whole.
 
 use std::collections::BTreeMap;
 
@@ -33,6 +34,10 @@ pub const FIRST_SYMBOLS: u32 = 1;
 pub const SECOND_SYMBOLS_TOTAL: u64 = 8;
 /// Fewest symbols a round after the second asks for.
 pub const MORE_SYMBOLS_MIN: u64 = 4;
+/// Rounds past the symbols each catalogue keeps (`reconcile::CACHED_SYMBOLS`), each a pass
+/// over both catalogues, that may ask for as little as an eighth more; later ones ask for half
+/// as many again at least. An honest exchange of thousands of differences takes one or two.
+pub const PASSES_AT_AN_EIGHTH: usize = 3;
 /// Most symbols one answer carries (about 10.7 MB).
 pub const SYMBOLS_PER_REPLY_MAX: u32 = 262_144;
 /// Most symbols one reconciliation takes (about 50 MB at the initiator): enough for about
@@ -40,9 +45,11 @@ pub const SYMBOLS_PER_REPLY_MAX: u32 = 262_144;
 /// has fetched those.
 pub const SYMBOLS_MAX: u64 = 1 << 20;
 /// Most rounds one reconciliation takes. Honest symbols take a handful: each round asks for
-/// what the estimate says is left, up to four times as many as received (from 16, that
-/// reaches `SYMBOLS_MAX` in 8 rounds). A responder whose symbols keep the estimate low makes
-/// each round ask for an eighth more at least, and is stopped here.
+/// what the estimate says is left, up to four times as many as received (from 8, that
+/// reaches `SYMBOLS_MAX` in 9 rounds). Symbols that keep the estimate low make each round ask
+/// for an eighth more at least (half as many again after `PASSES_AT_AN_EIGHTH` rounds past
+/// `CACHED_SYMBOLS`): about 36 rounds to `CACHED_SYMBOLS`, 20 more to `SYMBOLS_MAX`, within
+/// this limit.
 pub const ROUNDS_MAX: usize = 64;
 
 const _: () = assert!(SYMBOLS_PER_REPLY_MAX as u64 <= SYMBOLS_MAX);
@@ -327,25 +334,28 @@ impl Decoder {
 
     /// An estimate of the items not found yet, from what is left of the symbols after
     /// peeling: symbol `i` holds each of them with probability `p = 1 / (1 + i/2)`, so its
-    /// count `c` (theirs less ours) has `E[c²] = m·p(1 − p) + (μ·p)²`, where `m` is how many
-    /// are left and `μ` their sides' difference (what is left of symbol 0's count). Summed
-    /// over the last `ESTIMATE_WINDOW` symbols. At least `|μ|`; `None` before any symbol.
+    /// count `c` (theirs less ours) has mean `μ·p` and variance `m·p(1 − p)`, where `m` is how
+    /// many are left and `μ` their sides' difference (what is left of symbol 0's whole
+    /// count). Past symbol 0 a count is known modulo 2⁸, so its distance from the mean is
+    /// taken modulo 2⁸ too (small either way). Summed over the last `ESTIMATE_WINDOW`
+    /// symbols. At least `|μ|`; `None` before any symbol.
     pub fn unfound_estimate(&self) -> Option<u64> {
-        let net = self.symbols.first()?.count.unsigned_abs();
+        let net = self.symbols.first()?.count;
         let from = self.symbols.len().saturating_sub(ESTIMATE_WINDOW).max(1);
-        let (mut excess, mut weight) = (0.0f64, 0.0f64);
+        let (mut spread, mut weight) = (0.0f64, 0.0f64);
         for (i, symbol) in self.symbols.iter().enumerate().skip(from) {
             let p = 1.0 / (1.0 + i as f64 / 2.0);
-            let count = f64::from(symbol.short_count());
-            excess += count * count - (net as f64 * p).powi(2);
+            let mean = (net as f64 * p).round() as i64;
+            let distance = f64::from(symbol.count.wrapping_sub(mean) as i8);
+            spread += distance * distance;
             weight += p * (1.0 - p);
         }
         let estimate = if weight > 0.0 {
-            (excess / weight).max(0.0).round() as u64
+            (spread / weight).round() as u64
         } else {
             0
         };
-        Some(estimate.max(net))
+        Some(estimate.max(net.unsigned_abs()))
     }
 }
 
@@ -510,6 +520,8 @@ pub struct Reconciliation {
     decoder: Decoder,
     query: Query,
     rounds: usize,
+    /// Rounds so far that asked past the symbols each catalogue keeps (each a pass over both).
+    passes: usize,
     differing: Vec<(Id, Difference)>,
 }
 
@@ -526,6 +538,7 @@ impl Reconciliation {
                 count: FIRST_SYMBOLS,
             },
             rounds: 0,
+            passes: 0,
             differing: Vec::new(),
         }
     }
@@ -538,6 +551,9 @@ impl Reconciliation {
     /// Takes the peer's reply to the last query; returns whether another query is needed.
     pub fn receive(&mut self, ours: &Catalogue, reply: &Reply) -> Result<bool, ReconcileError> {
         self.rounds += 1;
+        if self.next_end() > crate::reconcile::CACHED_SYMBOLS as u64 {
+            self.passes += 1;
+        }
         if self.rounds > ROUNDS_MAX {
             return Err(ReconcileError::TooManyRounds);
         }
@@ -585,10 +601,16 @@ impl Reconciliation {
         }
         // As many as the items found and those estimated left take, a few more at least, and
         // at most four times as many as received (the estimate is rough while few are in).
+        // After `PASSES_AT_AN_EIGHTH` rounds past the symbols each catalogue keeps (each a
+        // pass over both), half as many again at least: symbols that keep the estimate low
+        // cost few passes.
         let differing = self.differing_estimate();
-        let at_least = match received < SECOND_SYMBOLS_TOTAL {
-            true => SECOND_SYMBOLS_TOTAL,
-            false => received + (received / 8).max(MORE_SYMBOLS_MIN),
+        let at_least = if received < SECOND_SYMBOLS_TOTAL {
+            SECOND_SYMBOLS_TOTAL
+        } else if self.passes < PASSES_AT_AN_EIGHTH {
+            received + (received / 8).max(MORE_SYMBOLS_MIN)
+        } else {
+            received + received / 2
         };
         let wanted = symbols_for(differing)
             .clamp(at_least, received.saturating_mul(4).max(at_least))
@@ -777,6 +799,30 @@ mod tests {
             first_count: 3,
         };
         assert!(none.decode().is_none());
+    }
+
+    /// The estimate of the items left reads their number from a few symbols, whether both
+    /// sides hold some or one holds far more (where counts wrap modulo 2⁸).
+    #[test]
+    fn the_estimate_of_differing_items_is_near_their_number() {
+        let shared: Vec<Item> = (0..2_000).map(item).collect();
+        for (ours_only, theirs_only) in [(100u64, 100u64), (2_000, 3_000), (0, 4_000), (20, 0)] {
+            let mut ours = shared.clone();
+            let mut theirs = shared.clone();
+            ours.extend((1_000_000..1_000_000 + ours_only).map(item));
+            theirs.extend((2_000_000..2_000_000 + theirs_only).map(item));
+            let mut decoder = Decoder::default();
+            let wire = Symbols::encode(&Encoder::new(theirs).produce(64));
+            let own = Encoder::new(ours).produce(64);
+            decoder.take(&wire.decode().unwrap(), &own).unwrap();
+            let differing = (ours_only + theirs_only) as f64;
+            let estimate =
+                (decoder.found_len() as u64 + decoder.unfound_estimate().unwrap()) as f64;
+            assert!(
+                estimate > differing / 2.0 && estimate < differing * 2.0,
+                "{estimate} estimated for {differing}"
+            );
+        }
     }
 
     /// Two sets of a thousand items each, differing in a few: the decoder finds them from

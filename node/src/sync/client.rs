@@ -13,9 +13,12 @@ impl Driver {
             self.backlog_finished = finished;
             self.backlog_moved = now;
         }
+        // One in flight holds the next back too: it may find the same.
+        let in_flight = self.peers.values().any(|s| s.reconciling);
         if self.catch_up_backlog() > CATCH_UP_BACKLOG_RECONCILE_MAX
-            && now.duration_since(self.backlog_moved) < BACKLOG_STALLED_AFTER
-            && now.duration_since(self.reconciled_at) < RECONCILE_HELD_MAX
+            && (in_flight
+                || (now.duration_since(self.backlog_moved) < BACKLOG_STALLED_AFTER
+                    && now.duration_since(self.reconciled_at) < RECONCILE_HELD_MAX))
         {
             return;
         }
