@@ -680,6 +680,15 @@ mod tests {
         }
     }
 
+    /// Two sets sharing `shared` items, each with items of its own besides: (ours, theirs).
+    fn two_sets(shared: u64, ours_only: u64, theirs_only: u64) -> (Vec<Item>, Vec<Item>) {
+        let mut ours: Vec<Item> = (0..shared).map(item).collect();
+        let mut theirs = ours.clone();
+        ours.extend((1_000_000..1_000_000 + ours_only).map(item));
+        theirs.extend((2_000_000..2_000_000 + theirs_only).map(item));
+        (ours, theirs)
+    }
+
     /// Symbols that contradict each other (an item in symbol 0 but missing from another
     /// symbol it maps to) are refused, where peeling them would take the item out and put it
     /// back for ever.
@@ -728,11 +737,7 @@ mod tests {
 
     #[test]
     fn about_one_and_a_half_symbols_find_each_difference_among_many_items() {
-        let shared: Vec<Item> = (0..50_000).map(item).collect();
-        let mut ours = shared.clone();
-        let mut theirs = shared;
-        ours.extend((1_000_000..1_000_500).map(item));
-        theirs.extend((2_000_000..2_000_500).map(item));
+        let (ours, theirs) = two_sets(50_000, 500, 500);
         let (found, _) = reconcile(&ours, &theirs);
         assert_eq!(found.len(), 1_000);
         assert_eq!(found.iter().filter(|(_, theirs)| *theirs).count(), 500);
@@ -805,12 +810,8 @@ mod tests {
     /// sides hold some or one holds far more (where counts wrap modulo 2⁸).
     #[test]
     fn the_estimate_of_differing_items_is_near_their_number() {
-        let shared: Vec<Item> = (0..2_000).map(item).collect();
         for (ours_only, theirs_only) in [(100u64, 100u64), (2_000, 3_000), (0, 4_000), (20, 0)] {
-            let mut ours = shared.clone();
-            let mut theirs = shared.clone();
-            ours.extend((1_000_000..1_000_000 + ours_only).map(item));
-            theirs.extend((2_000_000..2_000_000 + theirs_only).map(item));
+            let (ours, theirs) = two_sets(2_000, ours_only, theirs_only);
             let mut decoder = Decoder::default();
             let wire = Symbols::encode(&Encoder::new(theirs).produce(64));
             let own = Encoder::new(ours).produce(64);
@@ -829,11 +830,7 @@ mod tests {
     /// symbols whose counts travelled modulo 2⁸.
     #[test]
     fn differences_are_found_from_counts_that_travelled_short() {
-        let shared: Vec<Item> = (0..1_000).map(item).collect();
-        let mut ours = shared.clone();
-        let mut theirs = shared;
-        ours.extend((5_000..5_003).map(item));
-        theirs.extend((6_000..6_300).map(item));
+        let (ours, theirs) = two_sets(1_000, 3, 300);
         let mut decoder = Decoder::default();
         let mut own = Encoder::new(ours.iter().copied());
         let mut encoder = Encoder::new(theirs.iter().copied());
