@@ -741,6 +741,74 @@ fn a_document_chunk_building_on_changes_the_receiver_holds_is_applied() {
     assert_eq!(b.pending_count().unwrap(), 0);
 }
 
+/// Found by the island testnet: a node holding changes that wait for their dependencies asks
+/// for those dependencies by name, and automerge encodes a message's needs only in hash order
+/// (out of order, a debug build panicked while serving the peer, and the document never
+/// converged).
+#[test]
+fn a_node_asks_for_the_dependencies_its_held_changes_wait_on_in_hash_order() {
+    use estuary_node::envelope::Envelope;
+    use estuary_node::model::automerge::sync::{Message, State};
+    use estuary_node::replica::Ingested;
+    use estuary_node::sync::document::{incoming, outgoing};
+    use estuary_node::sync::protocol::SYNC_MESSAGE_BYTES_MAX;
+    let consortium = Consortium::new(2);
+    let (a, b) = (consortium.node(0), consortium.node(1));
+    let by = editor("member-0");
+    let (file, _) = a.create_health_file(&by, &resident("Gaps")).unwrap();
+    for k in 0..16 {
+        a.apply_health_file(file, &by, &allergy(&format!("substance {k}")))
+            .unwrap();
+    }
+    // One author's chain in order; `b` receives the creation and every other change after it.
+    let mut chain: Vec<_> = a
+        .envelopes(file)
+        .unwrap()
+        .into_iter()
+        .map(|bytes| (Envelope::verify(&bytes).unwrap(), bytes))
+        .collect();
+    chain.sort_by_key(|(envelope, _)| envelope.change.seq());
+    let mut missing = Vec::new();
+    for (k, (envelope, bytes)) in chain.iter().enumerate() {
+        if k % 2 == 1 {
+            missing.push(envelope.hash);
+            continue;
+        }
+        let decision = b.ingest(bytes).unwrap();
+        assert_eq!(
+            matches!(decision, Ingested::Pending(_)),
+            k > 0,
+            "change {k}: {decision:?}"
+        );
+    }
+    assert_eq!(missing.len(), 8);
+    // `a` writes on (none of it reaches `b`) until its head sorts after one of those
+    // dependencies, then says what it has: automerge's own need (that head) comes first.
+    loop {
+        a.apply_health_file(file, &by, &allergy("later")).unwrap();
+        let heads = a.heads(file).unwrap();
+        if missing.iter().any(|hash| *hash < heads[0]) {
+            break;
+        }
+    }
+    let mut b_state = State::new();
+    let hello = outgoing(&a, file, &mut State::new(), SYNC_MESSAGE_BYTES_MAX)
+        .unwrap()
+        .expect("a first message");
+    incoming(&b, &hello, &mut b_state).unwrap();
+    let message = outgoing(&b, file, &mut b_state, SYNC_MESSAGE_BYTES_MAX)
+        .unwrap()
+        .expect("an answer");
+    let need = Message::decode(&message.message).unwrap().need;
+    assert!(need.is_sorted(), "needs out of hash order");
+    for hash in missing.iter().chain(&a.heads(file).unwrap()) {
+        assert!(
+            need.contains(hash),
+            "a dependency or the peer's head is not asked for"
+        );
+    }
+}
+
 #[test]
 fn changes_in_a_sync_message_without_their_authors_signatures_are_refused() {
     let consortium = Consortium::new(2);

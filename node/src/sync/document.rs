@@ -145,11 +145,10 @@ pub fn outgoing(
     // Changes held pending here are not in the document automerge sees, so it would never
     // ask for what they wait on; a peer whose view of our changes has a false positive for
     // that dependency would never send it. Ask for it by name.
-    for missing in node.missing_dependencies(document)? {
-        if !message.need.contains(&missing) {
-            message.need.push(missing);
-        }
-    }
+    // automerge encodes needs only in hash order (and panics otherwise in a debug build).
+    message.need.extend(node.missing_dependencies(document)?);
+    message.need.sort_unstable();
+    message.need.dedup();
     let carried: Vec<ChangeHash> = state.sent_hashes.difference(&before).copied().collect();
     let encoded = message.encode();
     if encoded.len() > bytes_max.min(SYNC_MESSAGE_BYTES_MAX) || carried.len() > SYNC_SIGNATURES_MAX
