@@ -217,11 +217,7 @@ impl Envelope {
 
 /// The signature of the change `hash` of `document` by `identity`, as an envelope carries it
 /// (for a document stored whole, whose change is never encoded on its own).
-pub(crate) fn sign_change(
-    identity: &Identity,
-    document: &DocumentId,
-    hash: &ChangeHash,
-) -> [u8; 64] {
+pub fn sign_change(identity: &Identity, document: &DocumentId, hash: &ChangeHash) -> [u8; 64] {
     identity.sign(&signing_message(document, hash))
 }
 

@@ -430,6 +430,7 @@ pub fn all(dir: &Path) -> anyhow::Result<()> {
             source: crate::health_data::Source::from_input(None),
             diff: 100,
             writes: 200,
+            build: crate::bench_sync::Build::Changes,
             json: Some(path(name)),
         })?;
     }

@@ -242,17 +242,6 @@ fn populate(node: &Arc<Node>, docs: usize, offset: usize) -> anyhow::Result<()> 
     Ok(())
 }
 
-/// Resident memory of this process, in MiB (Linux).
-fn rss_mb() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|status| {
-            let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-            line.split_whitespace().nth(1)?.parse::<f64>().ok()
-        })
-        .map_or(0.0, |kb| kb / 1024.0)
-}
-
 /// Hidden subcommand: opens the node in `dir`, prints `open_ms rss_mb`. Run in a fresh
 /// process so the figures are the open's alone.
 pub fn open_probe(dir: &Path) -> anyhow::Result<()> {
@@ -263,7 +252,7 @@ pub fn open_probe(dir: &Path) -> anyhow::Result<()> {
     let start = Instant::now();
     let node = Node::open(&config, None)?;
     let open_ms = start.elapsed().as_secs_f64() * 1_000.0;
-    println!("{open_ms} {}", rss_mb());
+    println!("{open_ms} {}", crate::process_stats::rss_mib());
     drop(node);
     Ok(())
 }

@@ -497,9 +497,32 @@ impl Source {
 
     /// The first `count` records (fewer if a file holds fewer).
     pub fn records(&self, count: usize) -> anyhow::Result<Vec<FileRecord>> {
+        let mut records = Vec::new();
+        self.each_record(count, |record| {
+            records.push(record);
+            Ok(())
+        })?;
+        Ok(records)
+    }
+
+    /// Hands the first `count` records to `take` one at a time, holding none of them (a
+    /// data set of 700,000 files is several GiB as records); returns how many there were
+    /// (fewer if a file holds fewer).
+    pub fn each_record(
+        &self,
+        count: usize,
+        mut take: impl FnMut(FileRecord) -> anyhow::Result<()>,
+    ) -> anyhow::Result<usize> {
         match self {
-            Self::Generated { seed } => Ok((0..count as u32).map(|i| record(i, *seed)).collect()),
-            Self::File(path) => read_ndjson(path, count),
+            Self::Generated { seed } => {
+                let count =
+                    u32::try_from(count).context("more records than the generator makes")?;
+                for i in 0..count {
+                    take(record(i, *seed))?;
+                }
+                Ok(count as usize)
+            }
+            Self::File(path) => read_ndjson(path, count, take),
         }
     }
 
@@ -512,7 +535,11 @@ impl Source {
     }
 }
 
-fn read_ndjson(path: &Path, count: usize) -> anyhow::Result<Vec<FileRecord>> {
+fn read_ndjson(
+    path: &Path,
+    count: usize,
+    mut take: impl FnMut(FileRecord) -> anyhow::Result<()>,
+) -> anyhow::Result<usize> {
     let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let reader: Box<dyn Read> = if path.extension().is_some_and(|e| e == "gz") {
         Box::new(flate2::read::GzDecoder::new(file))
@@ -520,9 +547,9 @@ fn read_ndjson(path: &Path, count: usize) -> anyhow::Result<Vec<FileRecord>> {
         Box::new(file)
     };
     let mut lines = BufReader::new(reader);
-    let mut records = Vec::new();
+    let mut read_records = 0;
     let mut line = String::new();
-    while records.len() < count {
+    while read_records < count {
         line.clear();
         let read = (&mut lines)
             .take(RECORD_BYTES_MAX as u64 + 1)
@@ -535,7 +562,7 @@ fn read_ndjson(path: &Path, count: usize) -> anyhow::Result<Vec<FileRecord>> {
             read <= RECORD_BYTES_MAX,
             "{} line {}: longer than {RECORD_BYTES_MAX} bytes",
             path.display(),
-            records.len() + 1
+            read_records + 1
         );
         if line.trim().is_empty() {
             continue;
@@ -544,12 +571,13 @@ fn read_ndjson(path: &Path, count: usize) -> anyhow::Result<Vec<FileRecord>> {
             format!(
                 "{} line {}: not a health file record in the data set's shape",
                 path.display(),
-                records.len() + 1
+                read_records + 1
             )
         })?;
-        records.push(record);
+        take(record)?;
+        read_records += 1;
     }
-    Ok(records)
+    Ok(read_records)
 }
 
 // ---- Writing a record as an app would -------------------------------------------------------

@@ -29,6 +29,7 @@ mod health_data;
 mod island;
 mod model_demo;
 mod node_process;
+mod process_stats;
 mod sample;
 
 #[derive(Parser)]
@@ -197,6 +198,10 @@ enum Bench {
         /// New writes whose gossip propagation is timed (`bootstrap`).
         #[arg(long, default_value_t = 200)]
         writes: usize,
+        /// How the serving node's files are built: change by change as an app writes them,
+        /// or each file whole (faster, for 100,000 files and more).
+        #[arg(long, value_enum, default_value_t = bench_sync::Build::Changes)]
+        build: bench_sync::Build,
         /// Write the figures as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -418,6 +423,7 @@ fn main() -> ExitCode {
                     input,
                     diff,
                     writes,
+                    build,
                     json,
                 },
         } => bench_sync::run(&bench_sync::Options {
@@ -426,6 +432,7 @@ fn main() -> ExitCode {
             source: health_data::Source::from_input(input.as_deref()),
             diff,
             writes,
+            build,
             json,
         }),
         Command::Bench {

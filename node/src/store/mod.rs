@@ -145,6 +145,11 @@ pub struct SledStore {
     dir: std::path::PathBuf,
 }
 
+/// Most bytes of pages sled keeps in memory (its cache), per store. sled's own default is
+/// 1 GiB, which a catch-up of 100,000 files fills: the node's memory then grows with its
+/// store. Pages beyond it are read back from the file system's cache.
+pub const STORE_CACHE_BYTES: u64 = 256 * 1024 * 1024;
+
 /// How long opening a store waits for another holder of its file lock to let go: sled's
 /// threads can hold it for a moment after the store that owned them was dropped (a node
 /// restarted in the same process), and a command reading a stopped store holds it briefly.
@@ -163,6 +168,7 @@ impl SledStore {
                 // holding the store's file lock, and takes sled's flush lock, which stops
                 // every batch while it works.
                 .flush_every_ms(None)
+                .cache_capacity(STORE_CACHE_BYTES)
                 .open();
             match opened {
                 Ok(db) => {
