@@ -44,7 +44,8 @@ const BUILD_WHOLE_BATCH: usize = 128;
 const BUILD_THREADS: usize = 2;
 
 /// How the serving node comes to hold its files before a measurement.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Build {
     /// Each change signed and decided one by one, as an app's writes leave a file: a snapshot
     /// and the envelopes written since.
@@ -90,8 +91,8 @@ pub struct Options {
 struct Bootstrap {
     profile: &'static str,
     data: String,
-    /// How the serving node's files were built (`Build`).
-    built: String,
+    /// How the serving node's files were built.
+    built: Build,
     files: usize,
     changes: usize,
     seconds: f64,
@@ -304,7 +305,7 @@ fn build_whole(
     let (records_to, records) =
         std::sync::mpsc::sync_channel::<(usize, Vec<FileRecord>)>(BUILD_THREADS);
     let records = std::sync::Mutex::new(records);
-    let built: Vec<(usize, Vec<BuiltFile>)> = std::thread::scope(|scope| {
+    let mut built: Vec<(usize, Vec<BuiltFile>)> = std::thread::scope(|scope| {
         let workers: Vec<_> = (0..BUILD_THREADS)
             .map(|_| {
                 scope.spawn(|| -> anyhow::Result<Vec<(usize, Vec<BuiltFile>)>> {
@@ -361,7 +362,6 @@ fn build_whole(
         );
         anyhow::Ok(built)
     })?;
-    let mut built = built;
     built.sort_by_key(|(first, _)| *first);
     let (mut ids, mut names, mut changes, mut payload) =
         (Vec::with_capacity(files), Vec::with_capacity(files), 0, 0);
@@ -402,7 +402,7 @@ fn decide_whole_batch(
         });
         documents.push(WholeDocument {
             id,
-            doc: std::mem::take(&mut doc),
+            doc,
             signatures,
         });
     }
@@ -410,14 +410,7 @@ fn decide_whole_batch(
         let copies = if n + 1 == into.len() {
             std::mem::take(&mut documents)
         } else {
-            documents
-                .iter()
-                .map(|whole| WholeDocument {
-                    id: whole.id,
-                    doc: whole.doc.clone(),
-                    signatures: whole.signatures.clone(),
-                })
-                .collect()
+            documents.clone()
         };
         let (outcomes, given_back) = node.ingest_whole(copies)?;
         anyhow::ensure!(
@@ -685,7 +678,7 @@ async fn bootstrap(pair: &Pair, options: &Options) -> anyhow::Result<Bootstrap> 
     let report = Bootstrap {
         profile: profile(),
         data: options.source.describe(),
-        built: format!("{:?}", options.build).to_lowercase(),
+        built: options.build,
         files,
         changes,
         seconds,

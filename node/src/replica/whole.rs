@@ -6,6 +6,7 @@ use super::*;
 
 /// A document a peer sent whole (a fetch), loaded, with its changes' signatures by change
 /// hash (see `Node::ingest_whole`).
+#[derive(Clone)]
 pub struct WholeDocument {
     /// The document's id, as the peer named it (its creation change must agree).
     pub id: DocumentId,
