@@ -22,6 +22,47 @@ const RESPONSE_BYTES_MAX: u64 = 64 * 1024 * 1024;
 /// The process's log, in its data directory.
 const LOG: &str = "node.log";
 
+/// The agent the benchmarks reach a node's API with, each request within `timeout`: connections kept alive, and the API's
+/// address, an IP literal, taken as it is. ureq's own resolver starts a thread per request
+/// when a timeout is set, which on this 2-core machine took CPU from the node being measured.
+pub(crate) fn api_agent(timeout: Duration) -> ureq::Agent {
+    let config = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(timeout))
+        .build();
+    ureq::Agent::with_parts(
+        config,
+        ureq::unversioned::transport::DefaultConnector::default(),
+        LiteralResolver::default(),
+    )
+}
+
+/// Takes an address written as an IP literal as it is; any other goes to ureq's resolver.
+#[derive(Debug, Default)]
+struct LiteralResolver(ureq::unversioned::resolver::DefaultResolver);
+
+impl ureq::unversioned::resolver::Resolver for LiteralResolver {
+    fn resolve(
+        &self,
+        uri: &ureq::http::Uri,
+        config: &ureq::config::Config,
+        timeout: ureq::unversioned::transport::NextTimeout,
+    ) -> Result<ureq::unversioned::resolver::ResolvedSocketAddrs, ureq::Error> {
+        let literal = uri.authority().and_then(|authority| {
+            let ip = authority.host().parse::<std::net::IpAddr>().ok()?;
+            Some(std::net::SocketAddr::new(ip, authority.port_u16()?))
+        });
+        match literal {
+            Some(address) => {
+                let mut addresses = self.empty();
+                addresses.push(address);
+                Ok(addresses)
+            }
+            None => self.0.resolve(uri, config, timeout),
+        }
+    }
+}
+
 /// A running node process.
 pub struct NodeProcess {
     api: String,
@@ -95,11 +136,7 @@ impl NodeProcess {
             app: config.api.apps[0].token.clone(),
             child,
             log,
-            agent: ureq::Agent::config_builder()
-                .http_status_as_error(false)
-                .timeout_global(Some(REQUEST_TIMEOUT))
-                .build()
-                .into(),
+            agent: api_agent(REQUEST_TIMEOUT),
         };
         let started = Instant::now();
         loop {

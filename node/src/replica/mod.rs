@@ -1411,6 +1411,30 @@ pub(crate) mod tests {
             node.search_residents_by_name("shi").unwrap(),
             [summary(Sex::Female, "Shi")]
         );
+        // An edit that leaves the names and ids alone writes no index entry: the one blanked
+        // above stays blank (and is still answered from the file) until the name moves.
+        let entry_value = || node.store.scan_from(&key, &key, 1).unwrap().remove(0).1;
+        node.apply_health_file(
+            id,
+            &editor,
+            &HealthFileOp::AddAllergy(crate::model::NewAllergy {
+                substance: "penicillin".into(),
+                reaction: "rash".into(),
+                severity: crate::model::Severity::Mild,
+            }),
+        )
+        .unwrap();
+        assert!(entry_value().is_empty());
+        assert_eq!(
+            node.search_residents_by_name("shi").unwrap(),
+            [summary(Sex::Female, "Shi")]
+        );
+        edit(DemographicField::Sex(Sex::Male));
+        assert!(!entry_value().is_empty());
+        assert_eq!(
+            node.search_residents_by_name("shi").unwrap(),
+            [summary(Sex::Male, "Shi")]
+        );
     }
 
     #[test]

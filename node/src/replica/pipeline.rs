@@ -778,9 +778,19 @@ impl Node {
             catalogue_digest(&heads).to_vec(),
         );
         let unparked = self.unpark(&mut batch, &id, &hash)?;
-        batch.put(keys::author(&verified.author, &id), Vec::new());
+        // A cover names every author of the document, each of whom has its key already.
+        let author_known = previous
+            .as_ref()
+            .and_then(DocumentRecord::cover)
+            .is_some_and(|cover| cover.iter().any(|(_, by)| *by == verified.author));
+        if !author_known {
+            batch.put(keys::author(&verified.author, &id), Vec::new());
+        }
         batch.put(keys::ACCEPTED, (ledger.accepted + 1).to_be_bytes().to_vec());
-        self.reindex(&mut batch, &id, &view)?;
+        // The view before this change, if kept: the catalogue still names the heads before it.
+        let digest_before = self.catalogue().get(id.as_bytes());
+        let before = digest_before.and_then(|digest| self.lock_views().get(&id, &digest));
+        self.reindex_after(&mut batch, &id, before.as_deref(), &view)?;
         let mut view = view;
         set_view_id(&mut view, id);
         let mut head = self.append_audit(

@@ -16,7 +16,25 @@ impl Node {
         self.set_index(batch, id, index::entries_of(&self.salt, id, view))
     }
 
-    /// Adds to `batch` the index updates that make `new` a document's index keys.
+    /// As `reindex`, after a change to a document whose index was written from `before`, its
+    /// view before the change when that is kept: nothing is written when the change left the
+    /// entries as they were, as most do (an encounter or a result leaves a resident's names
+    /// and ids alone). A view is a function of the heads it shows, and every writer of the
+    /// index writes the entries of the view of what it stores.
+    pub(super) fn reindex_after(
+        &self,
+        batch: &mut Batch,
+        id: &DocumentId,
+        before: Option<&crate::model::View>,
+        view: &crate::model::View,
+    ) -> Result<(), StoreError> {
+        let entries = index::entries_of(&self.salt, id, view);
+        if before.is_some_and(|before| index::entries_of(&self.salt, id, before) == entries) {
+            return Ok(());
+        }
+        self.set_index(batch, id, entries)
+    }
+
     /// Adds to `batch` the index updates that make `new` (keys, each with its value) a
     /// document's index entries. An entry holding a value is written again, as its value (a
     /// resident's summary) may have changed under the same key.

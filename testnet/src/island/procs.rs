@@ -131,11 +131,7 @@ impl Procs {
         let mut procs = Self {
             binary: binary.to_owned(),
             nodes,
-            agent: ureq::Agent::config_builder()
-                .http_status_as_error(false)
-                .timeout_global(Some(REQUEST_TIMEOUT))
-                .build()
-                .into(),
+            agent: crate::node_process::api_agent(REQUEST_TIMEOUT),
             past: Traffic::default(),
             faults,
             applied: NetworkFaults::default(),
