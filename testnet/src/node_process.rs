@@ -22,9 +22,10 @@ const RESPONSE_BYTES_MAX: u64 = 64 * 1024 * 1024;
 /// The process's log, in its data directory.
 const LOG: &str = "node.log";
 
-/// The agent the benchmarks reach a node's API with, each request within `timeout`: connections kept alive, and the API's
-/// address, an IP literal, taken as it is. ureq's own resolver starts a thread per request
-/// when a timeout is set, which on this 2-core machine took CPU from the node being measured.
+/// The agent the benchmarks reach a node's API with, each request within `timeout`:
+/// connections kept alive, and the API's address, an IP literal, taken as it is. ureq's own
+/// resolver starts a thread per request when a timeout is set, which on this 2-core machine
+/// took CPU from the node being measured.
 pub(crate) fn api_agent(timeout: Duration) -> ureq::Agent {
     let config = ureq::Agent::config_builder()
         .http_status_as_error(false)

@@ -778,13 +778,11 @@ impl Node {
             catalogue_digest(&heads).to_vec(),
         );
         let unparked = self.unpark(&mut batch, &id, &hash)?;
-        // A cover names every author of the document, each of whom has its key already.
-        let author_known = previous
-            .as_ref()
-            .and_then(DocumentRecord::cover)
-            .is_some_and(|cover| cover.iter().any(|(_, by)| *by == verified.author));
-        if !author_known {
-            batch.put(keys::author(&verified.author, &id), Vec::new());
+        // Written once per author and document (revocation finds an author's documents by
+        // it): a read, where it is there already, is cheaper than writing it again.
+        let author_key = keys::author(&verified.author, &id);
+        if self.store.get(&author_key)?.is_none() {
+            batch.put(author_key, Vec::new());
         }
         batch.put(keys::ACCEPTED, (ledger.accepted + 1).to_be_bytes().to_vec());
         // The view before this change, if kept: the catalogue still names the heads before it.
