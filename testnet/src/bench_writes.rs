@@ -13,6 +13,7 @@ use serde::Serialize;
 use crate::bench_store::{quantile, setup};
 use crate::health_data::Source;
 use crate::node_process::NodeProcess;
+use crate::process_stats;
 
 /// What to run.
 pub struct Options {
@@ -39,6 +40,11 @@ struct Report {
     ack_ms_p50: f64,
     ack_ms_p99: f64,
     ack_ms_max: f64,
+    /// CPU time per acknowledged write (user and kernel, in the kernel's 10 ms ticks): of the
+    /// node process, and of this benchmark's own writers (the HTTP client). Steadier than
+    /// writes/s on a machine whose speed drifts.
+    node_cpu_ms_per_write: f64,
+    client_cpu_ms_per_write: f64,
     /// Targets: at least this many writes per second, acknowledged within this p99.
     writes_per_s_target: f64,
     ack_ms_p99_target: f64,
@@ -96,6 +102,8 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         jobs.push(ops);
     }
     let started = Instant::now();
+    let node_cpu_before = process_stats::cpu_seconds_of(node.pid());
+    let client_cpu_before = process_stats::cpu_seconds();
     let threads: Vec<_> = jobs
         .into_iter()
         .map(|ops| {
@@ -120,6 +128,10 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         );
     }
     let seconds = started.elapsed().as_secs_f64();
+    let per_write = |cpu_seconds: f64| cpu_seconds * 1e3 / latencies.len() as f64;
+    let node_cpu_ms_per_write =
+        per_write(process_stats::cpu_seconds_of(node.pid()) - node_cpu_before);
+    let client_cpu_ms_per_write = per_write(process_stats::cpu_seconds() - client_cpu_before);
     let report = Report {
         profile: crate::bench_sync::profile(),
         data: source.describe(),
@@ -130,6 +142,8 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         ack_ms_p50: quantile(&mut latencies, 0.5),
         ack_ms_p99: quantile(&mut latencies, 0.99),
         ack_ms_max: quantile(&mut latencies, 1.0),
+        node_cpu_ms_per_write,
+        client_cpu_ms_per_write,
         writes_per_s_target: 2_000.0,
         ack_ms_p99_target: 25.0,
     };
@@ -148,6 +162,10 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         report.ack_ms_p99,
         report.ack_ms_p99_target,
         report.ack_ms_max
+    );
+    println!(
+        "  CPU per write: node {:.3} ms, this benchmark's writers {:.3} ms",
+        report.node_cpu_ms_per_write, report.client_cpu_ms_per_write
     );
     if let Some(path) = &options.json {
         std::fs::write(path, serde_json::to_vec_pretty(&report)?)

@@ -84,6 +84,11 @@ pub enum As {
 }
 
 impl NodeProcess {
+    /// The node's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Writes a config into `dir` (which holds the node's key) and starts the node, admitted by
     /// `roster`, dialling `bootstrap`.
     pub fn start(

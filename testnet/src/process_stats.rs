@@ -4,8 +4,17 @@
 /// CPU time this process has used, in seconds (`/proc/self/stat`, in the kernel's `USER_HZ`
 /// ticks of 10 ms).
 pub fn cpu_seconds() -> f64 {
+    cpu_seconds_at("/proc/self/stat")
+}
+
+/// CPU time the process `pid` has used so far, in seconds, as [`cpu_seconds`] reads it.
+pub fn cpu_seconds_of(pid: u32) -> f64 {
+    cpu_seconds_at(&format!("/proc/{pid}/stat"))
+}
+
+fn cpu_seconds_at(stat: &str) -> f64 {
     const TICKS_PER_SECOND: f64 = 100.0;
-    std::fs::read_to_string("/proc/self/stat")
+    std::fs::read_to_string(stat)
         .ok()
         .and_then(|stat| {
             // The fields after the command name, which is in parentheses and may hold spaces.
