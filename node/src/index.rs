@@ -85,6 +85,12 @@ pub(crate) fn summary_of(value: &[u8]) -> Option<ResidentSummary> {
     crate::cbor::decode_exact(value).ok()
 }
 
+/// Whether an index entry is a resident's (by name or national id) without the summary it
+/// holds since store format 5: written by an earlier release.
+pub(crate) fn lacks_summary(key: &[u8], value: &[u8]) -> bool {
+    matches!(key.first(), Some(&NAME | &NATIONAL_ID)) && summary_of(value).is_none()
+}
+
 /// The index keys a document's content calls for.
 fn keys_of(salt: &[u8; 32], id: &DocumentId, view: &View) -> Vec<Vec<u8>> {
     let mut keys = Vec::new();

@@ -115,7 +115,7 @@ fn a_store_written_in_a_newer_format_is_refused_with_the_versions_named() {
     drop(Node::open(&config, Some(&roster)).unwrap());
     {
         let db = open_stopped_store(&config.data_dir.join("store"));
-        db.insert(b"m/format", 5u32.to_be_bytes().to_vec()).unwrap();
+        db.insert(b"m/format", 6u32.to_be_bytes().to_vec()).unwrap();
         db.flush().unwrap();
     }
     let error = Node::open(&config, Some(&roster)).unwrap_err();
@@ -123,8 +123,8 @@ fn a_store_written_in_a_newer_format_is_refused_with_the_versions_named() {
         matches!(
             error,
             NodeError::Store(estuary_node::store::StoreError::Format {
-                found: 5,
-                supported: 4
+                found: 6,
+                supported: 5
             })
         ),
         "{error}"
@@ -204,7 +204,57 @@ fn a_format_3_store_gets_its_referrals_on_the_desks_at_open() {
     assert!(db.get(&old_key).unwrap().is_none(), "the old entry is gone");
     assert_eq!(
         db.get(b"m/format").unwrap().unwrap().as_ref(),
-        4u32.to_be_bytes()
+        5u32.to_be_bytes()
+    );
+}
+
+/// A store of format 4 may hold residents' index entries without their summaries (written
+/// before entries held one). A write leaves a file's entries alone when its view's entries
+/// are unchanged, trusting the stored ones, so at open every such file is indexed again.
+#[test]
+fn a_format_4_store_gets_its_residents_summaries_at_open() {
+    let consortium = common::Consortium::new(2);
+    let member = editor("member-0");
+    let (file, _) = consortium
+        .node(0)
+        .create_health_file(&member, &resident("M"))
+        .unwrap();
+    let store = consortium.dir.path().join("member-0/store");
+    // The resident's entries (by name) as a release before summaries wrote them.
+    let resident_keys: Vec<Vec<u8>> = {
+        let db = open_stopped_store(&store);
+        let record_key = [&b"x"[..], file.as_bytes()].concat();
+        let recorded: Vec<Vec<u8>> =
+            ciborium::from_reader(db.get(&record_key).unwrap().unwrap().as_ref()).unwrap();
+        let resident_keys: Vec<Vec<u8>> = recorded.into_iter().filter(|k| k[0] == b'a').collect();
+        assert!(!resident_keys.is_empty());
+        for key in &resident_keys {
+            assert!(!db.get(key).unwrap().unwrap().is_empty());
+            db.insert(key.as_slice(), Vec::new()).unwrap();
+        }
+        db.insert(b"m/format", 4u32.to_be_bytes().to_vec()).unwrap();
+        db.flush().unwrap();
+        resident_keys
+    };
+    {
+        let node = consortium.node(0);
+        // An allergy leaves the entries as they were: only the conversion writes them.
+        node.apply_health_file(file, &member, &common::allergy("penicillin"))
+            .unwrap();
+        let found = node.search_residents_by_name("Lu").unwrap();
+        assert_eq!(found.iter().map(|r| r.id).collect::<Vec<_>>(), vec![file]);
+        assert!(node.verify().unwrap().problems.is_empty());
+    }
+    let db = open_stopped_store(&store);
+    for key in &resident_keys {
+        assert!(
+            !db.get(key).unwrap().unwrap().is_empty(),
+            "the entry holds the resident's summary again"
+        );
+    }
+    assert_eq!(
+        db.get(b"m/format").unwrap().unwrap().as_ref(),
+        5u32.to_be_bytes()
     );
 }
 

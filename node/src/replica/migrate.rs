@@ -6,37 +6,101 @@ impl Node {
     /// Converts a store of format 3 to format 4: every referral's index entries are written
     /// again (`reindex`), so the desk index holds it and the destination index of earlier
     /// releases (`r ‖ destination ‖ 0 ‖ status ‖ 0 ‖ document`) no longer does (its keys are
-    /// among the document's recorded ones); then the
-    /// format. A page of documents per batch; a conversion a crash interrupted runs again at
-    /// the next open, and reindexing what is already converted writes nothing new.
+    /// among the document's recorded ones); then the format. A conversion a crash interrupted
+    /// runs again at the next open, and reindexing what is already converted writes nothing
+    /// new.
     pub(super) fn index_desks(&self) -> Result<(), NodeError> {
+        let referrals = self.reindex_to_format(4, |id| {
+            Ok(match self.kind_of(*id)? {
+                Some(DocumentKind::Referral) => Some(View::Referral(Box::new(self.referral(*id)?))),
+                _ => None,
+            })
+        })?;
+        tracing::info!(
+            referrals,
+            "referrals indexed on their desks (store format 4)"
+        );
+        Ok(())
+    }
+
+    /// Converts a store of format 4 to format 5: every health file whose index entries lack
+    /// the resident's summary (written before entries held one, and so before conflicted
+    /// documents had their own entry too) is indexed again from its view; then the format.
+    ///
+    /// Since format 5 a write rewrites a document's entries only when its view's entries
+    /// change, trusting the stored entries to be those of the view before it: entries of an
+    /// earlier release would otherwise stay as they are. A conversion a crash interrupted runs
+    /// again at the next open and finds fewer to do. A store whose entries all hold summaries
+    /// costs a read of each file's index record.
+    pub(super) fn index_summaries(&self) -> Result<(), NodeError> {
+        let files = self.reindex_to_format(5, |id| {
+            if self.kind_of(*id)? != Some(DocumentKind::HealthFile)
+                || !self.index_lacks_summaries(id)?
+            {
+                return Ok(None);
+            }
+            // A file that cannot be read is left as it is, for `verify` to name; the store
+            // failing ends the conversion.
+            match self.health_file(*id) {
+                Ok(view) => Ok(Some(View::HealthFile(Box::new(view)))),
+                Err(error @ NodeError::Store(_)) => Err(error),
+                Err(error) => {
+                    tracing::warn!(document = %id, %error, "a health file not indexed again");
+                    Ok(None)
+                }
+            }
+        })?;
+        tracing::info!(
+            files,
+            "health files indexed with their residents' summaries (store format 5)"
+        );
+        Ok(())
+    }
+
+    /// Indexes again every document `view_of` gives a view for, a page of documents per
+    /// batch, then writes `format`. Returns how many were indexed.
+    fn reindex_to_format(
+        &self,
+        format: u32,
+        view_of: impl Fn(&DocumentId) -> Result<Option<View>, NodeError>,
+    ) -> Result<usize, NodeError> {
         const PAGE_DOCUMENTS: usize = 256;
         let ids: Vec<DocumentId> = self
             .catalogue()
             .ids()
             .map(|id| DocumentId::from_bytes(*id))
             .collect();
-        let mut referrals = 0usize;
+        let mut indexed = 0usize;
         for page in ids.chunks(PAGE_DOCUMENTS) {
             let mut batch = Batch::default();
             for id in page {
-                if self.kind_of(*id)? != Some(DocumentKind::Referral) {
-                    continue;
+                if let Some(view) = view_of(id)? {
+                    self.reindex(&mut batch, id, &view)?;
+                    indexed += 1;
                 }
-                let view = View::Referral(Box::new(self.referral(*id)?));
-                self.reindex(&mut batch, id, &view)?;
-                referrals += 1;
             }
             self.commit.commit(&self.store, batch)?;
         }
         let mut batch = Batch::default();
-        batch.put(keys::FORMAT, STORE_FORMAT.to_be_bytes().to_vec());
+        batch.put(keys::FORMAT, format.to_be_bytes().to_vec());
         self.commit.commit(&self.store, batch)?;
-        tracing::info!(
-            referrals,
-            "referrals indexed on their desks (store format 4)"
-        );
-        Ok(())
+        Ok(indexed)
+    }
+
+    /// Whether a document's index record is missing, or names a resident's entry without a
+    /// summary (`index::lacks_summary`).
+    fn index_lacks_summaries(&self, id: &DocumentId) -> Result<bool, NodeError> {
+        let Some(bytes) = self.store.get(&keys::per_document(index::RECORD, id))? else {
+            return Ok(true);
+        };
+        let recorded: Vec<Vec<u8>> = decode(&bytes, "index record")?;
+        for key in recorded {
+            let value = self.store.get(&key)?.unwrap_or_default();
+            if index::lacks_summary(&key, &value) {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 }
 

@@ -133,8 +133,10 @@ pub const STORE_DIR: &str = "store";
 /// document's snapshot holds may be stored as its signature alone (`StoredChange`); a format-2
 /// store is a valid format-3 store as it is. 4: referrals indexed on the desks of the
 /// institutions that receive and send them (`index::DeskPosition`), replacing the index by
-/// destination and status.
-pub const STORE_FORMAT: u32 = 4;
+/// destination and status. 5: every resident's index entry holds the resident's summary
+/// (`index_summaries` writes them for files indexed by an earlier release), which a write
+/// trusts when it leaves a file's entries alone.
+pub const STORE_FORMAT: u32 = 5;
 /// Audit records read at a time when the whole log is checked.
 const AUDIT_PAGE_RECORDS: usize = 4_096;
 
@@ -756,8 +758,9 @@ impl Node {
                     .map_err(|_| StoreError::Corrupt { what: "lost count" })?,
             ),
         };
-        // A store of format 3 or older gets the desk index once the node is open.
-        let mut desks_due = false;
+        // A store of format 3 or older gets the desk index once the node is open, and one of
+        // format 4 or older its residents' summaries.
+        let (mut desks_due, mut summaries_due) = (false, false);
         if let Some(bytes) = store.get(keys::FORMAT)? {
             let found = <[u8; 4]>::try_from(bytes.as_slice())
                 .map(u32::from_be_bytes)
@@ -775,6 +778,7 @@ impl Node {
                 migrate_to_format_2(&store)?;
             }
             desks_due = found < 4;
+            summaries_due = found < 5;
         }
         let lost_now = store.witnessed_at_open().saturating_sub(accepted);
         if lost_now > 0 {
@@ -835,8 +839,15 @@ impl Node {
             }
             .into());
         }
-        // Format 4 is written once the desk index is built (`index_desks`).
-        let format: u32 = if desks_due { 3 } else { STORE_FORMAT };
+        // Formats 4 and 5 are written once their conversions are done (`index_desks`,
+        // `index_summaries`).
+        let format: u32 = if desks_due {
+            3
+        } else if summaries_due {
+            4
+        } else {
+            STORE_FORMAT
+        };
         batch.put(keys::FORMAT, format.to_be_bytes().to_vec());
         batch.put(keys::ROSTER, membership.encoded().to_vec());
         if lost_now > 0 {
@@ -942,6 +953,9 @@ impl Node {
         node.catch_up_revocations()?;
         if desks_due {
             node.index_desks()?;
+        }
+        if summaries_due {
+            node.index_summaries()?;
         }
         Ok(node)
     }
