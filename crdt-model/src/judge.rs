@@ -285,7 +285,14 @@ pub fn judge_change<D: ReadDoc>(
     change: &Change,
     author: &InstitutionId,
 ) -> Result<Judged, ValidationError> {
-    judge_at(doc, change.deps(), change.hash(), Some(change), author)
+    judge_at(
+        doc,
+        change.deps(),
+        change.hash(),
+        Some(change),
+        author,
+        None,
+    )
 }
 
 /// Judges the creation of a document, the change `hash`, as [`judge_change`] would, given
@@ -297,27 +304,29 @@ pub fn judge_creation<D: ReadDoc>(
     hash: ChangeHash,
     author: &InstitutionId,
 ) -> Result<View, ValidationError> {
-    let judged = judge_at(doc, &[], hash, None, author)?;
+    let judged = judge_at(doc, &[], hash, None, author, None)?;
     judged.view_at_change(doc, None)
 }
 
 /// [`judge_change`] for the change `hash` with dependencies `deps`; `change`, which only a
-/// change that is not a creation needs, is the change itself.
+/// change that is not a creation needs, is the change itself. `known`, when given, is the
+/// kind the document has at `deps` (and there reads as valid), read there otherwise.
 fn judge_at<D: ReadDoc>(
     doc: &D,
     deps: &[ChangeHash],
     hash: ChangeHash,
     change: Option<&Change>,
     author: &InstitutionId,
+    known: Option<DocumentKind>,
 ) -> Result<Judged, ValidationError> {
     let before = At::new(doc, deps);
     let hash: [ChangeHash; 1] = [hash];
     let after = At::new(doc, &hash);
     let creation = deps.is_empty();
-    let kind = if creation {
-        read_identity(&after)?
-    } else {
-        read_identity(&before)?
+    let kind = match known {
+        Some(kind) if !creation => kind,
+        _ if creation => read_identity(&after)?,
+        _ => read_identity(&before)?,
     };
     let touch = match change {
         Some(change) if !creation && kind == DocumentKind::HealthFile => {
@@ -405,10 +414,23 @@ pub fn judge_history<D: ReadDoc>(
     // The view at `heads`, while it is known without reading the whole document: each change
     // that builds on exactly the heads so far brings it forward from what judging it read.
     let mut running: Option<View> = None;
+    // The document's kind, from its creation on. Every state a later change builds on has it
+    // and reads as valid: a change that writes another kind or schema is refused, and
+    // concurrent rewrites of the same kind, which conflict, are refused where they meet (the
+    // state at the heads is read whole there, before any change can build on it). So the
+    // identity is not read again at each change's dependencies.
+    let mut kind: Option<DocumentKind> = None;
     for (index, (change, author)) in changes.iter().zip(authors).enumerate() {
         let at = [change.hash()];
         let judged = catch_unwind(AssertUnwindSafe(|| {
-            judge_change(&At::new(doc, &at), change, author)
+            judge_at(
+                &At::new(doc, &at),
+                change.deps(),
+                change.hash(),
+                Some(change),
+                author,
+                kind,
+            )
         }));
         let judged = match judged {
             Ok(Ok(judged)) => judged,
@@ -420,6 +442,7 @@ pub fn judge_history<D: ReadDoc>(
             }
             Err(_) => return Err(HistoryRefused { index, error: None }),
         };
+        kind = kind.or(Some(judged.kind));
         let on_heads = change.deps().len() == heads.len()
             && change.deps().iter().all(|dep| heads.contains(dep));
         running = if on_heads {

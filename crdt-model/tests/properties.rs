@@ -673,6 +673,10 @@ enum FileFault {
     ForeignAmendment,
     /// The file linked in another institution's name.
     ForeignLink,
+    /// The document's kind rewritten.
+    ChangeKind,
+    /// The document's schema version rewritten.
+    ChangeSchema,
 }
 
 fn file_fault() -> impl Strategy<Value = FileFault> + Clone {
@@ -691,6 +695,8 @@ fn file_fault() -> impl Strategy<Value = FileFault> + Clone {
         Just(FileFault::UnknownEntryField),
         Just(FileFault::ForeignAmendment),
         Just(FileFault::ForeignLink),
+        Just(FileFault::ChangeKind),
+        Just(FileFault::ChangeSchema),
     ]
 }
 
@@ -830,6 +836,8 @@ fn write_file_fault(
             doc.put(&link, "recorded_at", ScalarValue::Timestamp(1))
                 .ok()?
         }
+        FileFault::ChangeKind => doc.put(&root, "type", "referral").ok()?,
+        FileFault::ChangeSchema => doc.put(&root, "schema", 99u64).ok()?,
     }
     doc.commit()
 }
@@ -1019,6 +1027,33 @@ proptest! {
         prop_assert!(accepted || !faulty.is_empty(), "an honest history was refused");
         prop_assert!(!accepted || faulty.is_empty(), "a faulty history was accepted");
     }
+}
+
+/// Two replicas rewrite the file's kind concurrently, each with the value it has, and a change
+/// builds on both; then one writes another kind. Judged at once (which reads the kind only at
+/// the creation, see `judge_history`), the history gets the answer deciding it one by one
+/// gets: equal values do not conflict, so the rewrites are accepted, and the other kind is
+/// refused at its own change.
+#[test]
+fn rewrites_of_a_files_kind_are_judged_at_once_as_one_by_one() {
+    use automerge::transaction::Transactable;
+    let mut replicas = replicas_of(&new_file(100).save(), 2);
+    for replica in &mut replicas {
+        replica.put(automerge::ROOT, "type", "health_file").unwrap();
+        replica.commit();
+    }
+    let theirs = replicas[1].get_changes(&[]);
+    replicas[0].apply_changes(theirs).unwrap();
+    replicas[0]
+        .put(automerge::ROOT, "type", "health_file")
+        .unwrap();
+    replicas[0].commit();
+    assert!(check_judged_at_once(&all_changes(&replicas), file_author).unwrap());
+    replicas[0]
+        .put(automerge::ROOT, "type", "referral")
+        .unwrap();
+    replicas[0].commit();
+    assert!(!check_judged_at_once(&all_changes(&replicas), file_author).unwrap());
 }
 
 /// The institution a test change's actor stands for.
