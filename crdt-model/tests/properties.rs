@@ -1029,31 +1029,34 @@ proptest! {
     }
 }
 
-/// Two replicas rewrite the file's kind concurrently, each with the value it has, and a change
-/// builds on both; then one writes another kind. Judged at once (which reads the kind only at
-/// the creation, see `judge_history`), the history gets the answer deciding it one by one
-/// gets: equal values do not conflict, so the rewrites are accepted, and the other kind is
-/// refused at its own change.
+/// Two replicas rewrite the file's kind concurrently, each ending with the value it has (a
+/// change that writes another kind and then the same one again, so that automerge records a
+/// write), and a change builds on both. Equal values written concurrently conflict, so the
+/// history is refused where the two meet, judged at once (which reads the kind only at the
+/// creation, see `judge_history`) as one by one. One such rewrite alone is accepted; another
+/// kind is refused at its own change.
 #[test]
 fn rewrites_of_a_files_kind_are_judged_at_once_as_one_by_one() {
     use automerge::transaction::Transactable;
+    fn rewrite(doc: &mut AutoCommit, kind: &str) {
+        doc.put(automerge::ROOT, "type", "roster").unwrap();
+        doc.put(automerge::ROOT, "type", kind).unwrap();
+        assert!(doc.commit().is_some(), "the rewrite was recorded");
+    }
     let mut replicas = replicas_of(&new_file(100).save(), 2);
     for replica in &mut replicas {
-        replica.put(automerge::ROOT, "type", "health_file").unwrap();
-        replica.commit();
+        rewrite(replica, "health_file");
     }
     let theirs = replicas[1].get_changes(&[]);
     replicas[0].apply_changes(theirs).unwrap();
-    replicas[0]
-        .put(automerge::ROOT, "type", "health_file")
-        .unwrap();
-    replicas[0].commit();
-    assert!(check_judged_at_once(&all_changes(&replicas), file_author).unwrap());
-    replicas[0]
-        .put(automerge::ROOT, "type", "referral")
-        .unwrap();
-    replicas[0].commit();
+    rewrite(&mut replicas[0], "health_file");
     assert!(!check_judged_at_once(&all_changes(&replicas), file_author).unwrap());
+
+    let mut alone = replicas_of(&new_file(100).save(), 1);
+    rewrite(&mut alone[0], "health_file");
+    assert!(check_judged_at_once(&all_changes(&alone), file_author).unwrap());
+    rewrite(&mut alone[0], "referral");
+    assert!(!check_judged_at_once(&all_changes(&alone), file_author).unwrap());
 }
 
 /// The institution a test change's actor stands for.

@@ -37,6 +37,9 @@ pub fn author_of(actor: &[u8]) -> Option<[u8; 32]> {
 pub const ENVELOPE_VERSION: u8 = 1;
 /// Largest automerge change an envelope may carry, in bytes.
 pub const CHANGE_BYTES_MAX: usize = 512 * 1024;
+/// Largest change, in bytes, a node puts in its own envelope uncompressed (`Envelope::sign_own`).
+pub const OWN_CHANGE_PLAIN_BYTES_MAX: usize = 4 * 1024;
+const _: () = assert!(OWN_CHANGE_PLAIN_BYTES_MAX <= CHANGE_BYTES_MAX);
 /// Largest encoded envelope, in bytes: the change plus room for ids, signature and framing.
 /// Checked before anything is decoded or allocated.
 pub const ENVELOPE_BYTES_MAX: usize = CHANGE_BYTES_MAX + 1024;
@@ -127,19 +130,19 @@ impl Envelope {
     /// gets every check `decode` makes (sizes, encoding), but the signature, just made with
     /// the node's own key, is not verified again.
     ///
-    /// The change travels as automerge encodes it uncompressed: deflating a change of a few
-    /// hundred bytes, as an app's writes are, cost about a twentieth of a write's CPU to save
-    /// about an eighth of its bytes (381 against 339 bytes on average for the changes of
-    /// realistic files). The signature covers the change's hash, not its bytes, and every
-    /// reader takes either form. A change too large for an envelope uncompressed goes
-    /// compressed.
+    /// A change of at most `OWN_CHANGE_PLAIN_BYTES_MAX` travels as automerge encodes it
+    /// uncompressed: deflating a change of a few hundred bytes, as an app's writes are, cost
+    /// about a twentieth of a write's CPU to save about an eighth of its bytes (381 against
+    /// 339 bytes on average for the changes of realistic files). The signature covers the
+    /// change's hash, not its bytes, and every reader takes either form. A larger change goes
+    /// compressed, as peers rebuild it (`seal`): its size decides whether gossip carries it.
     pub fn sign_own(
         identity: &Identity,
         document: DocumentId,
         mut change: Change,
     ) -> Result<VerifiedChange, EnvelopeError> {
         let signature = sign_change(identity, &document, &change.hash());
-        let bytes = if change.raw_bytes().len() <= CHANGE_BYTES_MAX {
+        let bytes = if change.raw_bytes().len() <= OWN_CHANGE_PLAIN_BYTES_MAX {
             change.raw_bytes().to_vec()
         } else {
             change.bytes().into_owned()
@@ -168,7 +171,10 @@ impl Envelope {
 
     /// Decodes an envelope, refusing oversized input before decoding it. Only the encoding
     /// `encode` writes is taken: an envelope is stored, quarantined and gossiped under the
-    /// digest of its bytes, so one change must not have several encodings that all verify.
+    /// digest of its bytes, so its CBOR must not have several encodings that all verify. (The
+    /// change inside may be automerge's compressed or uncompressed chunk: a node's own small
+    /// changes travel uncompressed and peers rebuild them compressed, so a refused change may
+    /// be recorded under both.)
     pub fn decode(bytes: &[u8]) -> Result<Self, EnvelopeError> {
         if bytes.len() > ENVELOPE_BYTES_MAX {
             return Err(EnvelopeError::TooLarge { bytes: bytes.len() });

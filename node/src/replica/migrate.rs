@@ -34,20 +34,24 @@ impl Node {
     /// costs a read of each file's index record.
     pub(super) fn index_summaries(&self) -> Result<(), NodeError> {
         let files = self.reindex_to_format(5, |id| {
-            if self.kind_of(*id)? != Some(DocumentKind::HealthFile)
-                || !self.index_lacks_summaries(id)?
-            {
-                return Ok(None);
-            }
-            // A file that cannot be read is left as it is, for `verify` to name; the store
+            // A file whose records or content cannot be read is left as it is, for `verify`
+            // to name and `repair` to take out (both need the node open); only the store
             // failing ends the conversion.
-            match self.health_file(*id) {
-                Ok(view) => Ok(Some(View::HealthFile(Box::new(view)))),
-                Err(error @ NodeError::Store(_)) => Err(error),
+            let view = (|| -> Result<Option<View>, NodeError> {
+                if self.kind_of(*id)? != Some(DocumentKind::HealthFile)
+                    || !self.index_lacks_summaries(id)?
+                {
+                    return Ok(None);
+                }
+                Ok(Some(View::HealthFile(Box::new(self.health_file(*id)?))))
+            })();
+            match view {
+                Err(error @ NodeError::Store(StoreError::Backend(_))) => Err(error),
                 Err(error) => {
                     tracing::warn!(document = %id, %error, "a health file not indexed again");
                     Ok(None)
                 }
+                view => view,
             }
         })?;
         tracing::info!(
