@@ -147,13 +147,7 @@ impl Envelope {
         } else {
             change.bytes().into_owned()
         };
-        let encoded = Self {
-            version: ENVELOPE_VERSION,
-            document: document.as_bytes().to_vec(),
-            change: bytes,
-            signature: signature.to_vec(),
-        }
-        .encode();
+        let encoded = Self::of_bytes(document, bytes, &signature).encode();
         Self::decode(&encoded)?;
         Ok(VerifiedChange {
             document,
@@ -231,10 +225,15 @@ impl Envelope {
     /// The envelope of a change and its signature, as a peer sends them apart (a sync
     /// message, a fetched document).
     pub fn seal(document: DocumentId, change: &mut Change, signature: &[u8; 64]) -> Self {
+        Self::of_bytes(document, change.bytes().into_owned(), signature)
+    }
+
+    /// The envelope of a change's bytes (automerge's chunk, compressed or not).
+    fn of_bytes(document: DocumentId, change: Vec<u8>, signature: &[u8; 64]) -> Self {
         Self {
             version: ENVELOPE_VERSION,
             document: document.as_bytes().to_vec(),
-            change: change.bytes().into_owned(),
+            change,
             signature: signature.to_vec(),
         }
     }

@@ -33,26 +33,16 @@ impl Node {
     /// again at the next open and finds fewer to do. A store whose entries all hold summaries
     /// costs a read of each file's index record.
     pub(super) fn index_summaries(&self) -> Result<(), NodeError> {
-        let files = self.reindex_to_format(5, |id| {
-            // A file whose records or content cannot be read is left as it is, for `verify`
-            // to name and `repair` to take out (both need the node open); only the store
-            // failing ends the conversion.
-            let view = (|| -> Result<Option<View>, NodeError> {
-                if self.kind_of(*id)? != Some(DocumentKind::HealthFile)
-                    || !self.index_lacks_summaries(id)?
-                {
-                    return Ok(None);
-                }
-                Ok(Some(View::HealthFile(Box::new(self.health_file(*id)?))))
-            })();
-            match view {
-                Err(error @ NodeError::Store(StoreError::Backend(_))) => Err(error),
-                Err(error) => {
-                    tracing::warn!(document = %id, %error, "a health file not indexed again");
-                    Ok(None)
-                }
-                view => view,
+        // A file whose records or content cannot be read is left as it is, for `verify` to
+        // name and `repair` to take out (both need the node open); only the store failing
+        // ends the conversion.
+        let files = self.reindex_to_format(5, |id| match self.view_lacking_summaries(id) {
+            Err(error @ NodeError::Store(StoreError::Backend(_))) => Err(error),
+            Err(error) => {
+                tracing::warn!(document = %id, %error, "a health file not indexed again");
+                Ok(None)
             }
+            view => view,
         })?;
         tracing::info!(
             files,
@@ -89,6 +79,17 @@ impl Node {
         batch.put(keys::FORMAT, format.to_be_bytes().to_vec());
         self.commit.commit(&self.store, batch)?;
         Ok(indexed)
+    }
+
+    /// The view of a health file whose resident's entries lack their summary; `None` for any
+    /// other document.
+    fn view_lacking_summaries(&self, id: &DocumentId) -> Result<Option<View>, NodeError> {
+        if self.kind_of(*id)? != Some(DocumentKind::HealthFile)
+            || !self.index_lacks_summaries(id)?
+        {
+            return Ok(None);
+        }
+        Ok(Some(View::HealthFile(Box::new(self.health_file(*id)?))))
     }
 
     /// Whether a document's index record is missing, or names a resident's entry without a
