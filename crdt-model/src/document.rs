@@ -149,21 +149,12 @@ const CHANGE_HASH_BYTES: u64 = 32;
 /// allocates gigabytes on crafted bundles, found by fuzzing) and inflates what automerge would
 /// inflate without a bound — compressed changes, and the compressed columns of a document
 /// chunk — through bounds first, counting the bytes and never holding them.
-pub(crate) fn check_chunks(mut bytes: &[u8]) -> Result<(), crate::LoadError> {
+pub(crate) fn check_chunks(bytes: &[u8]) -> Result<(), crate::LoadError> {
     let mut inflated_bytes = 0;
-    while !bytes.is_empty() {
-        // magic (4) | checksum (4) | chunk type (1) | data length (LEB128) | data
-        if bytes.len() < 9 || bytes[..4] != CHUNK_MAGIC {
-            return Err(refused("not automerge chunk framing"));
-        }
-        let chunk_type = bytes[8];
-        let (length, length_bytes) =
-            read_uleb128(&bytes[9..]).ok_or_else(|| refused("bad chunk length"))?;
-        let start = 9 + length_bytes;
-        let data = usize::try_from(length)
-            .ok()
-            .and_then(|length| bytes.get(start..start.checked_add(length)?))
-            .ok_or_else(|| refused("chunk longer than the bytes given"))?;
+    for chunk in (Chunks { bytes }) {
+        let Chunk {
+            chunk_type, data, ..
+        } = chunk?;
         match chunk_type {
             // A change chunk's columns are never compressed: automerge refuses one that is.
             CHUNK_CHANGE => {}
@@ -180,9 +171,54 @@ pub(crate) fn check_chunks(mut bytes: &[u8]) -> Result<(), crate::LoadError> {
                 ));
             }
         }
-        bytes = &bytes[start + data.len()..];
     }
     Ok(())
+}
+
+/// One automerge chunk of untrusted bytes, framed but not parsed.
+struct Chunk<'a> {
+    chunk_type: u8,
+    /// The whole chunk, header included.
+    whole: &'a [u8],
+    /// Its data, after the header.
+    data: &'a [u8],
+}
+
+/// The chunks of untrusted automerge bytes, in order; an error ends the walk.
+struct Chunks<'a> {
+    bytes: &'a [u8],
+}
+
+impl<'a> Iterator for Chunks<'a> {
+    type Item = Result<Chunk<'a>, crate::LoadError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.bytes.is_empty() {
+            return None;
+        }
+        let bytes = std::mem::take(&mut self.bytes);
+        // magic (4) | checksum (4) | chunk type (1) | data length (LEB128) | data
+        if bytes.len() < 9 || bytes[..4] != CHUNK_MAGIC {
+            return Some(Err(refused("not automerge chunk framing")));
+        }
+        let Some((length, length_bytes)) = read_uleb128(&bytes[9..]) else {
+            return Some(Err(refused("bad chunk length")));
+        };
+        let start = 9 + length_bytes;
+        let Some(end) = usize::try_from(length)
+            .ok()
+            .and_then(|length| start.checked_add(length))
+            .filter(|end| *end <= bytes.len())
+        else {
+            return Some(Err(refused("chunk longer than the bytes given")));
+        };
+        self.bytes = &bytes[end..];
+        Some(Ok(Chunk {
+            chunk_type: bytes[8],
+            whole: &bytes[..end],
+            data: &bytes[start..end],
+        }))
+    }
 }
 
 fn refused(reason: &'static str) -> crate::LoadError {
@@ -356,6 +392,37 @@ pub fn decode_changes_onto(
     let before = fork.get_heads();
     guard_decoder(|| fork.load_incremental(bytes))?;
     Ok(fork.get_changes(&before))
+}
+
+/// A piece of a sync message's changes: one change, or a document.
+pub enum SyncChunk<'a> {
+    /// One change.
+    Change(Box<automerge::Change>),
+    /// A document chunk: decoded onto what the receiver holds (`decode_changes_onto`).
+    Document(&'a [u8]),
+}
+
+/// Splits one chunk of a sync message's changes, from untrusted bytes, without panicking.
+///
+/// automerge's sync messages carry a change as its own chunk, several changes concatenated
+/// in one chunk (its version-2 messages), or a document. Each change is decoded on its own,
+/// so one whose dependencies the receiver lacks comes out like any other, for the receiver to
+/// hold until they arrive. (Loaded onto the receiver's document, such a change would wait
+/// inside automerge, out of sight.)
+pub fn split_sync_chunk(bytes: &[u8]) -> Result<Vec<SyncChunk<'_>>, crate::LoadError> {
+    if bytes.is_empty() {
+        return Err(crate::LoadError::Refused { reason: "no bytes" });
+    }
+    check_chunks(bytes)?;
+    (Chunks { bytes })
+        .map(|chunk| {
+            let chunk = chunk?;
+            Ok(match chunk.chunk_type {
+                CHUNK_DOCUMENT => SyncChunk::Document(chunk.whole),
+                _ => SyncChunk::Change(Box::new(decode_change(chunk.whole)?)),
+            })
+        })
+        .collect()
 }
 
 /// Decodes one automerge change from untrusted bytes (a peer's envelope), without panicking.

@@ -27,8 +27,8 @@ mod vocab;
 pub use access::Register;
 pub use at::At;
 pub use document::{
-    DocumentKind, SCHEMA_VERSION, decode_change, decode_changes_onto, document_id, document_id_of,
-    load_document,
+    DocumentKind, SCHEMA_VERSION, SyncChunk, decode_change, decode_changes_onto, document_id,
+    document_id_of, load_document, split_sync_chunk,
 };
 pub use error::{LoadError, OpError, RecordRefused, ValidationError};
 pub use health_file::{

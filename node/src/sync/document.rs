@@ -14,7 +14,7 @@ use super::protocol::{
 use crate::envelope::Envelope;
 use crate::model::automerge::sync::{self, ChunkList, SyncDoc};
 use crate::model::automerge::{AutoCommit, ChangeHash};
-use crate::model::{DocumentId, decode_change, decode_changes_onto, load_document};
+use crate::model::{DocumentId, SyncChunk, decode_changes_onto, load_document, split_sync_chunk};
 use crate::replica::{IngestError, Ingested, Node, NodeError, WholeDocument};
 
 /// Why a peer's sync message was refused, or ours could not be made.
@@ -213,18 +213,23 @@ pub fn incoming(
     let mut changes = Vec::new();
     let mut base = None;
     for chunk in message.changes.iter() {
-        match decode_change(chunk) {
-            Ok(change) => changes.push(change),
-            Err(_) => {
-                // A document chunk: the changes the peer found we lack, in document encoding,
-                // building on what we hold.
-                if base.is_none() {
-                    base = Some(copy_of(node, document)?);
+        let pieces = split_sync_chunk(chunk).map_err(|_| {
+            DocumentSyncError::Malformed("a chunk that is neither changes nor a document")
+        })?;
+        for piece in pieces {
+            match piece {
+                SyncChunk::Change(change) => changes.push(*change),
+                SyncChunk::Document(bytes) => {
+                    // The changes the peer found we lack, in document encoding, building on
+                    // what we hold.
+                    if base.is_none() {
+                        base = Some(copy_of(node, document)?);
+                    }
+                    let base = base.as_ref().unwrap_or_else(|| unreachable!("just set"));
+                    changes.extend(decode_changes_onto(base, bytes).map_err(|_| {
+                        DocumentSyncError::Malformed("a document chunk that does not load")
+                    })?);
                 }
-                let base = base.as_ref().unwrap_or_else(|| unreachable!("just set"));
-                changes.extend(decode_changes_onto(base, chunk).map_err(|_| {
-                    DocumentSyncError::Malformed("a chunk that is neither a change nor a document")
-                })?);
             }
         }
         if changes.len() > SYNC_SIGNATURES_MAX {
