@@ -376,10 +376,9 @@ pub fn load_document(bytes: &[u8]) -> Result<automerge::AutoCommit, crate::LoadE
     guard_decoder(|| automerge::AutoCommit::load(bytes))
 }
 
-/// Decodes the changes of untrusted automerge bytes that build on `base` (a sync message's
-/// document chunk carries only the changes the receiver lacks, so it does not load on its
-/// own), without panicking and without changing `base`. Changes whose dependencies are in
-/// neither are left out.
+/// Decodes the changes of untrusted automerge bytes that `base` lacks (a sync message's
+/// document chunk: the sender's whole document), without panicking and without changing
+/// `base`. Changes whose dependencies are in neither are left out.
 pub fn decode_changes_onto(
     base: &automerge::AutoCommit,
     bytes: &[u8],
@@ -405,7 +404,9 @@ pub enum SyncChunk<'a> {
 /// Splits one chunk of a sync message's changes, from untrusted bytes, without panicking.
 ///
 /// automerge's sync messages carry a change as its own chunk, several changes concatenated
-/// in one chunk (its version-2 messages), or a document. Each change is decoded on its own,
+/// in one chunk (its version-2 messages), or a whole document (`save()`, which puts any
+/// change automerge holds aside for its dependencies after the document, as change chunks).
+/// Each change is decoded on its own,
 /// so one whose dependencies the receiver lacks comes out like any other, for the receiver to
 /// hold until they arrive. (Loaded onto the receiver's document, such a change would wait
 /// inside automerge, out of sight.)

@@ -58,7 +58,8 @@ pub const CHANGE_INFLATED_BYTES_MAX: u64 = 16 * 1024 * 1024;
 /// honest column stays far below.
 pub const DOCUMENT_COLUMN_INFLATED_BYTES_MAX: u64 = 32 * 1024 * 1024;
 /// Largest total that the compressed changes and compressed document columns of one decode
-/// (one call of `load_document`, `decode_changes_onto`, `decode_change` or `load_incremental`)
+/// (one call of `load_document`, `decode_changes_onto`, `decode_change`, `split_sync_chunk` or
+/// `load_incremental`)
 /// may inflate to, in bytes. At the 4 to 1 measured on honest documents it admits 16 MiB of
 /// compressed input, the largest response a node reads. Without it, many compressed parts,
 /// each within its own bound, could still inflate to gigabytes.

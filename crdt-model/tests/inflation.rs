@@ -60,6 +60,7 @@ fn every_decode(bytes: &[u8]) -> Vec<(&'static str, Result<(), LoadError>)> {
             decode_changes_onto(base.automerge(), bytes).map(drop),
         ),
         ("decode_change", decode_change(bytes).map(drop)),
+        ("split_sync_chunk", split_sync_chunk(bytes).map(drop)),
     ];
     assert_eq!(replica.heads(), heads, "a refused load changes nothing");
     verdicts
@@ -273,4 +274,57 @@ fn the_document_load_fuzz_seed_is_a_refused_bomb() {
         load_document(seed).map(drop),
         "document column inflates past its limit",
     );
+}
+
+/// A sync message's chunk splits into its changes, each decoded on its own, and its
+/// documents: concatenated changes (automerge's version-2 messages), a compressed change, and
+/// a whole document followed by change chunks (as `save()` writes the changes it holds aside).
+/// A change whose dependency is missing comes out like the others. Bad framing after a good
+/// chunk refuses the whole.
+#[test]
+fn a_sync_chunk_splits_into_its_changes_and_documents() {
+    let mut doc = file_with_notes(3).automerge().clone();
+    let changes = doc.get_changes(&[]);
+    assert_eq!(changes.len(), 4);
+    // The last two, without the one they build on.
+    let mut gap = changes[2].raw_bytes().to_vec();
+    gap.extend_from_slice(changes[3].raw_bytes());
+    let pieces = split_sync_chunk(&gap).expect("two changes");
+    let hashes: Vec<_> = pieces
+        .iter()
+        .map(|piece| match piece {
+            SyncChunk::Change(change) => change.hash(),
+            SyncChunk::Document(_) => panic!("no document here"),
+        })
+        .collect();
+    assert_eq!(hashes, vec![changes[2].hash(), changes[3].hash()]);
+    // A compressed change (automerge compresses a change's bytes above 256 bytes).
+    let compressed = changes[3].clone().bytes().to_vec();
+    assert_eq!(compressed[8], 2, "a compressed change chunk");
+    match split_sync_chunk(&compressed)
+        .expect("a compressed change")
+        .as_slice()
+    {
+        [SyncChunk::Change(change)] => assert_eq!(change.hash(), changes[3].hash()),
+        _ => panic!("one change"),
+    }
+    // A document, then a change.
+    let mut saved = doc.save();
+    let document_bytes = saved.len();
+    saved.extend_from_slice(changes[1].raw_bytes());
+    match split_sync_chunk(&saved)
+        .expect("a document and a change")
+        .as_slice()
+    {
+        [SyncChunk::Document(document), SyncChunk::Change(change)] => {
+            assert_eq!(document.len(), document_bytes);
+            assert_eq!(change.hash(), changes[1].hash());
+        }
+        _ => panic!("a document and a change"),
+    }
+    // Framing cut short after a good chunk.
+    let mut cut = changes[1].raw_bytes().to_vec();
+    cut.extend_from_slice(&changes[2].raw_bytes()[..20]);
+    assert!(split_sync_chunk(&cut).is_err());
+    assert!(split_sync_chunk(&[]).is_err());
 }

@@ -857,29 +857,37 @@ fn changes_sent_in_one_chunk_over_a_missing_dependency_wait_for_it_and_ask_for_i
     let consortium = Consortium::new(2);
     let (a, b) = (consortium.node(0), consortium.node(1));
     let by = editor("member-0");
-    let (file, _) = a.create_health_file(&by, &resident("Chunked")).unwrap();
-    for k in 0..6 {
-        a.apply_health_file(file, &by, &allergy(&format!("early {k}")))
-            .unwrap();
-    }
-    sync_directly(&a, &b, file, |_| {});
-    assert_eq!(b.heads(file).unwrap(), a.heads(file).unwrap());
-    let lacked = a.apply_health_file(file, &by, &allergy("lacked")).unwrap();
-    let later = [
-        a.apply_health_file(file, &by, &allergy("second")).unwrap(),
-        a.apply_health_file(file, &by, &allergy("third")).unwrap(),
-    ];
-
-    // B opens a session with a filter that, falsely, holds `lacked`.
-    let mut believed = b.sync_document(file).unwrap().unwrap();
-    let mut held_by_a = a.sync_document(file).unwrap().unwrap();
-    believed
-        .apply_changes([held_by_a.get_change_by_hash(&lacked).unwrap().clone()])
-        .unwrap();
-    let hello = believed
-        .sync()
-        .generate_sync_message(&mut State::new())
-        .unwrap();
+    // Keys, and so change hashes, differ from run to run: should the filter also falsely hold
+    // the first of the two changes sent (about 1 in 100), A would send one change alone.
+    let (file, lacked, later, hello) = (0..8)
+        .find_map(|attempt| {
+            let (file, _) = a
+                .create_health_file(&by, &resident(&format!("Chunked {attempt}")))
+                .unwrap();
+            for k in 0..6 {
+                a.apply_health_file(file, &by, &allergy(&format!("early {k}")))
+                    .unwrap();
+            }
+            sync_directly(&a, &b, file, |_| {});
+            assert_eq!(b.heads(file).unwrap(), a.heads(file).unwrap());
+            let lacked = a.apply_health_file(file, &by, &allergy("lacked")).unwrap();
+            let later = [
+                a.apply_health_file(file, &by, &allergy("second")).unwrap(),
+                a.apply_health_file(file, &by, &allergy("third")).unwrap(),
+            ];
+            // B opens a session with a filter that, falsely, holds `lacked`.
+            let mut believed = b.sync_document(file).unwrap().unwrap();
+            let mut held_by_a = a.sync_document(file).unwrap().unwrap();
+            believed
+                .apply_changes([held_by_a.get_change_by_hash(&lacked).unwrap().clone()])
+                .unwrap();
+            let hello = believed
+                .sync()
+                .generate_sync_message(&mut State::new())
+                .unwrap();
+            (!hello.have[0].bloom.contains_hash(&later[0])).then_some((file, lacked, later, hello))
+        })
+        .expect("a filter without a second false positive");
     let hello = SyncMessage {
         document: serde_bytes::ByteArray::new(*file.as_bytes()),
         message: serde_bytes::ByteBuf::from(hello.encode()),

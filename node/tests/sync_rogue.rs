@@ -14,7 +14,7 @@ use estuary_node::reconcile::Catalogue;
 use estuary_node::replica::Node;
 use estuary_node::sync::protocol::{
     ChangeSignature, FetchedDocument, Gossip, PROTOCOL, REQUEST_BYTES_MAX, RESPONSE_BYTES_MAX,
-    Request, Response, deflate_fetched,
+    Request, Response, SyncMessage, deflate_fetched,
 };
 use estuary_node::sync::{
     DOCUMENTS_IN_PROGRESS_MAX, SYNC_STRIKES_MAX, SyncConfig, SyncHandle, TransportKind,
@@ -101,16 +101,21 @@ struct Seen {
     asked: HashSet<[u8; 16]>,
     /// Every document it deferred without being asked for it.
     unasked: HashSet<[u8; 16]>,
+    /// Sync messages received, and of those the first of a session.
+    syncs: usize,
+    sessions: usize,
 }
 
 /// Runs a rogue under `member`'s key that dials `target` and claims, in reconciliation, to
-/// hold the documents `claims` (with heads nobody has). It never answers a sync message.
+/// hold the documents `claims` (with heads nobody has). It answers every sync message with
+/// `on_sync`, or never if `None`.
 fn rogue(
     consortium: &Consortium,
     member: &str,
     target: Multiaddr,
     claims: &[[u8; 16]],
     on_fetch: OnFetch,
+    on_sync: Option<SyncMessage>,
 ) -> (PeerId, Arc<Mutex<Seen>>, tokio::task::JoinHandle<()>) {
     let mut catalogue = Catalogue::default();
     for id in claims {
@@ -198,9 +203,17 @@ fn rogue(
                             }
                         }
                     }
-                    Request::Sync(_) => {
-                        held.push(channel);
-                        continue;
+                    Request::Sync(message) => {
+                        let mut seen = seen.lock().unwrap();
+                        seen.syncs += 1;
+                        seen.sessions += usize::from(message.first);
+                        match &on_sync {
+                            Some(reply) => Response::Sync(Some(reply.clone())),
+                            None => {
+                                held.push(channel);
+                                continue;
+                            }
+                        }
                     }
                 };
                 let _ = swarm.behaviour_mut().sync.send_response(channel, response);
@@ -282,6 +295,7 @@ async fn a_member_claiming_documents_it_never_serves_does_not_stop_others_being_
         a_address.clone(),
         &claims,
         OnFetch::Hold,
+        None,
     );
     wait_until(CONVERGENCE, "A never fetched from the rogue", || {
         seen.lock().unwrap().fetches > 0
@@ -317,6 +331,7 @@ async fn documents_queued_with_a_member_that_stops_answering_are_fetched_from_an
         a_address.clone(),
         &claims,
         OnFetch::Hold,
+        None,
     );
     wait_until(CONVERGENCE, "A never fetched from the rogue", || {
         seen.lock().unwrap().fetches > 0
@@ -349,6 +364,7 @@ async fn a_fetch_answer_deferring_documents_not_asked_for_creates_no_work() {
         a_address,
         &claims,
         OnFetch::DeferUnasked(100),
+        None,
     );
     // A asks again for what was deferred.
     wait_until(CONVERGENCE, "A did not ask the rogue again", || {
@@ -382,6 +398,7 @@ async fn a_member_whose_fetch_answers_carry_forged_changes_is_struck_off() {
         a_address,
         &claims,
         OnFetch::Forged(Arc::new(forged)),
+        None,
     );
     wait_until(CONVERGENCE, "A never fetched the forged documents", || {
         seen.lock().unwrap().fetches > 0 && !a.quarantine().unwrap().is_empty()
@@ -416,6 +433,7 @@ async fn a_fetch_answer_carrying_documents_not_asked_for_is_refused_whole() {
         a_address,
         &claims,
         OnFetch::AddUnasked(Arc::new(claimed), unasked),
+        None,
     );
     wait_until(CONVERGENCE, "the rogue was never struck", || {
         seen.lock().unwrap().fetches > 0 && strikes(&a_sync, &rogue_peer) >= Some(1)
@@ -447,6 +465,7 @@ async fn documents_a_member_keeps_deferring_are_fetched_from_another() {
         a_address.clone(),
         &wanted,
         OnFetch::DeferAsked,
+        None,
     );
     wait_until(CONVERGENCE, "A never fetched from the rogue", || {
         seen.lock().unwrap().fetches > 0
@@ -555,4 +574,51 @@ async fn a_roster_gossiped_again_is_not_passed_on() {
         "the sender was penalised: {score:?}"
     );
     a_sync.shutdown().await;
+}
+
+/// A member that answers every sync message of a document with the same message, carrying
+/// nothing and naming heads nobody has, holds a session for a few rounds, not for
+/// `SYNC_ROUNDS_MAX` (32): a round that would repeat the last ends it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_that_would_repeat_itself_ends() {
+    use estuary_node::model::automerge::ChangeHash;
+    use estuary_node::model::automerge::sync::{State, SyncDoc};
+    let consortium = Consortium::new(3);
+    let a = consortium.node(0);
+    let (file, _) = a
+        .create_health_file(&editor("member-0"), &resident("Repeated"))
+        .unwrap();
+    let mut doc = a.sync_document(file).unwrap().unwrap();
+    let mut stuck = doc.sync().generate_sync_message(&mut State::new()).unwrap();
+    stuck.heads = vec![ChangeHash(random())];
+    let reply = SyncMessage {
+        document: ByteArray::new(*file.as_bytes()),
+        message: ByteBuf::from(stuck.encode()),
+        signatures: vec![],
+        first: false,
+    };
+    let a_address = memory_address();
+    let a_sync = start_with(&a, &a_address, vec![], Duration::from_secs(600));
+    let (_, seen, rogue) = rogue(
+        &consortium,
+        "member-2",
+        a_address,
+        &[*file.as_bytes()],
+        OnFetch::Hold,
+        Some(reply),
+    );
+    wait_until(CONVERGENCE, "A never synced twice with the rogue", || {
+        seen.lock().unwrap().sessions >= 3
+    })
+    .await;
+    rogue.abort();
+    a_sync.shutdown().await;
+    let seen = seen.lock().unwrap();
+    // The first message, the one asking for the unknown heads, and that one again.
+    assert!(
+        seen.syncs <= 4 * seen.sessions,
+        "{} messages in {} sessions",
+        seen.syncs,
+        seen.sessions
+    );
 }

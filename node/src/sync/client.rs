@@ -122,6 +122,7 @@ impl Driver {
                     document,
                     state,
                     rounds,
+                    sent,
                 },
                 Response::Sync(reply),
             ) => {
@@ -141,6 +142,7 @@ impl Driver {
                             document::outgoing(&node, document, &mut state, bytes_max)
                         })
                         .map(|next| (carried, next));
+                    let (result, sent) = unless_repeated(result, sent);
                     Job::SyncStep {
                         slot,
                         peer,
@@ -148,6 +150,7 @@ impl Driver {
                         state,
                         rounds: rounds + 1,
                         result,
+                        sent,
                     }
                 });
             }
@@ -439,6 +442,10 @@ impl Driver {
                 });
                 (Carried::default(), next)
             });
+            let sent = match &result {
+                Ok((_, Some(message))) => document::message_digest(message),
+                _ => 0,
+            };
             Job::SyncStep {
                 slot,
                 peer,
@@ -446,6 +453,7 @@ impl Driver {
                 state,
                 rounds: 0,
                 result,
+                sent,
             }
         });
     }
@@ -596,6 +604,33 @@ impl Driver {
         if carried.blamed > 0 {
             self.strike(*peer, "changes an honest member never sends");
         }
+    }
+}
+
+/// A session's next step, ended instead when it would repeat the last: the peer's answer
+/// carried no change and the message to send is the one sent before (`previous`, its
+/// digest). The peer, answering the same message from the same state, would answer the same
+/// again, round after round up to `SYNC_ROUNDS_MAX`; the next reconciliation that finds the
+/// document differing starts afresh. Returns the step and the digest of the message to send.
+#[allow(clippy::type_complexity)]
+fn unless_repeated(
+    step: Result<(Carried, Option<SyncMessage>), DocumentSyncError>,
+    previous: u64,
+) -> (
+    Result<(Carried, Option<SyncMessage>), DocumentSyncError>,
+    u64,
+) {
+    match step {
+        Ok((carried, Some(message))) => {
+            let digest = document::message_digest(&message);
+            if carried == Carried::default() && digest == previous {
+                tracing::debug!("document sync ends: it would repeat its last round");
+                (Ok((carried, None)), 0)
+            } else {
+                (Ok((carried, Some(message))), digest)
+            }
+        }
+        other => (other, 0),
     }
 }
 

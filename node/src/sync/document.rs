@@ -172,6 +172,15 @@ pub fn outgoing(
     }))
 }
 
+/// A digest of a sync message as sent, to tell a session repeating itself
+/// (`Driver::on_response`); never 0, which stands for no message.
+pub fn message_digest(message: &SyncMessage) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::hash::DefaultHasher::new();
+    message.message.hash(&mut hasher);
+    hasher.finish().max(1)
+}
+
 /// Takes a peer's sync message: every change it carries — one by one, or inside a whole
 /// document, which is loaded into a scratch document — is put in an envelope with its
 /// signature and decided by the pipeline; then automerge's state learns the rest of the

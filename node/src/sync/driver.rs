@@ -17,6 +17,8 @@ pub(super) enum Outbound {
         document: DocumentId,
         state: Box<State>,
         rounds: usize,
+        /// The digest of the message sent (`document::message_digest`).
+        sent: u64,
     },
     Fetch {
         exchange: Slot,
@@ -68,6 +70,8 @@ pub(super) enum Job {
         state: Box<State>,
         rounds: usize,
         result: Result<(Carried, Option<SyncMessage>), DocumentSyncError>,
+        /// The digest of the message to send, if any (`document::message_digest`).
+        sent: u64,
     },
     Fetched {
         /// The documents fetched (`Held::Documents`).
@@ -495,6 +499,7 @@ impl Driver {
                 state,
                 rounds,
                 result,
+                sent,
             } => match result {
                 Ok((carried, Some(message))) if rounds < SYNC_ROUNDS_MAX => {
                     self.count_carried(&peer, &carried);
@@ -506,6 +511,7 @@ impl Driver {
                             document,
                             state,
                             rounds,
+                            sent,
                         },
                     );
                 }
