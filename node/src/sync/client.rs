@@ -608,10 +608,11 @@ impl Driver {
 }
 
 /// A session's next step, ended instead when it would repeat the last: the peer's answer
-/// carried no change and the message to send is the one sent before (`previous`, its
-/// digest). The peer, answering the same message from the same state, would answer the same
-/// again, round after round up to `SYNC_ROUNDS_MAX`; the next reconciliation that finds the
-/// document differing starts afresh. Returns the step and the digest of the message to send.
+/// brought no change this node accepted and the message to send is the one sent before
+/// (`previous`, its digest). The peer, answering the same message from the same state, would
+/// answer the same again, round after round up to `SYNC_ROUNDS_MAX`, unless a document
+/// changed meanwhile; the next reconciliation that finds the document differing starts
+/// afresh. Returns the step and the digest of the message to send.
 #[allow(clippy::type_complexity)]
 fn unless_repeated(
     step: Result<(Carried, Option<SyncMessage>), DocumentSyncError>,
@@ -623,7 +624,7 @@ fn unless_repeated(
     match step {
         Ok((carried, Some(message))) => {
             let digest = document::message_digest(&message);
-            if carried == Carried::default() && digest == previous {
+            if carried.accepted == 0 && digest == previous {
                 tracing::debug!("document sync ends: it would repeat its last round");
                 (Ok((carried, None)), 0)
             } else {
