@@ -406,10 +406,10 @@ pub enum SyncChunk<'a> {
 /// automerge's sync messages carry a change as its own chunk, several changes concatenated
 /// in one chunk (its version-2 messages), or a whole document (`save()`, which puts any
 /// change automerge holds aside for its dependencies after the document, as change chunks).
-/// Each change is decoded on its own,
-/// so one whose dependencies the receiver lacks comes out like any other, for the receiver to
-/// hold until they arrive. (Loaded onto the receiver's document, such a change would wait
-/// inside automerge, out of sight.)
+/// Each change is decoded on its own, so one whose dependencies the receiver lacks comes out
+/// like any other, for the receiver to hold until they arrive. (Loaded onto the receiver's
+/// document, such a change would wait inside automerge, out of sight.) The framing and its
+/// inflation bounds are checked once, for the whole chunk.
 pub fn split_sync_chunk(bytes: &[u8]) -> Result<Vec<SyncChunk<'_>>, crate::LoadError> {
     if bytes.is_empty() {
         return Err(crate::LoadError::Refused { reason: "no bytes" });
@@ -420,7 +420,7 @@ pub fn split_sync_chunk(bytes: &[u8]) -> Result<Vec<SyncChunk<'_>>, crate::LoadE
             let chunk = chunk?;
             Ok(match chunk.chunk_type {
                 CHUNK_DOCUMENT => SyncChunk::Document(chunk.whole),
-                _ => SyncChunk::Change(Box::new(decode_change(chunk.whole)?)),
+                _ => SyncChunk::Change(Box::new(decode_checked_change(chunk.whole)?)),
             })
         })
         .collect()
@@ -432,6 +432,11 @@ pub fn decode_change(bytes: &[u8]) -> Result<automerge::Change, crate::LoadError
         return Err(crate::LoadError::Refused { reason: "no bytes" });
     }
     check_chunks(bytes)?;
+    decode_checked_change(bytes)
+}
+
+/// `decode_change` on bytes whose framing `check_chunks` has passed.
+fn decode_checked_change(bytes: &[u8]) -> Result<automerge::Change, crate::LoadError> {
     match std::panic::catch_unwind(|| automerge::Change::from_bytes(bytes.to_vec())) {
         Ok(Ok(change)) => Ok(change),
         Ok(Err(_)) => Err(crate::LoadError::Refused {

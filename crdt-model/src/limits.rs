@@ -58,11 +58,10 @@ pub const CHANGE_INFLATED_BYTES_MAX: u64 = 16 * 1024 * 1024;
 /// honest column stays far below.
 pub const DOCUMENT_COLUMN_INFLATED_BYTES_MAX: u64 = 32 * 1024 * 1024;
 /// Largest total that the compressed changes and compressed document columns of one decode
-/// (one call of `load_document`, `decode_changes_onto`, `decode_change`, `split_sync_chunk` or
-/// `load_incremental`)
-/// may inflate to, in bytes. At the 4 to 1 measured on honest documents it admits 16 MiB of
-/// compressed input, the largest response a node reads. Without it, many compressed parts,
-/// each within its own bound, could still inflate to gigabytes.
+/// (one call of `load_document`, `decode_changes_onto`, `decode_change`, `split_sync_chunk`
+/// or `load_incremental`) may inflate to, in bytes. At the 4 to 1 measured on honest
+/// documents it admits 16 MiB of compressed input, the largest response a node reads. Without
+/// it, many compressed parts, each within its own bound, could still inflate to gigabytes.
 pub const INFLATED_BYTES_PER_DECODE_MAX: u64 = 64 * 1024 * 1024;
 /// Most columns in one block of a document chunk's column metadata (change columns, op
 /// columns). automerge 0.12 defines 9 change columns and 16 op columns; the rest is room for

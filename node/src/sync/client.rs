@@ -442,10 +442,8 @@ impl Driver {
                 });
                 (Carried::default(), next)
             });
-            let sent = match &result {
-                Ok((_, Some(message))) => document::message_digest(message),
-                _ => 0,
-            };
+            // Nothing was sent before the first message (0).
+            let (result, sent) = unless_repeated(result, 0);
             Job::SyncStep {
                 slot,
                 peer,
