@@ -106,6 +106,7 @@ impl Client {
             &NodeConfig {
                 data_dir: config.data_dir.clone(),
                 authority: config.authority_key()?,
+                store_engine: config.store.engine,
             },
             roster.as_deref(),
         )

@@ -71,6 +71,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let node_config = NodeConfig {
         data_dir: config.data_dir.clone(),
         authority: config.authority_key()?,
+        store_engine: config.store.engine,
     };
     let node = tokio::task::spawn_blocking(move || {
         Node::open(&node_config, roster.as_deref()).map_err(anyhow::Error::from)

@@ -127,6 +127,7 @@ pub fn init(args: InitArgs, json: bool) -> Result<(), Failure> {
         data_dir: PathBuf::from("."),
         authority,
         roster: Some(PathBuf::from(ROSTER_FILE)),
+        store: Default::default(),
         network,
         api,
     };

@@ -651,6 +651,7 @@ fn register_offline(config_path: &str) {
         &NodeConfig {
             data_dir: config.data_dir.clone(),
             authority: config.authority_key().unwrap(),
+            store_engine: Default::default(),
         },
         Some(&roster),
     )

@@ -34,8 +34,17 @@ pub use index::{ResidentSummary, SEARCH_RESULTS_MAX};
 /// trace — decrypted sync messages, envelopes included (the canary test found both); and the
 /// HTTP client of the `estuary` command and the testnet, ureq, hex-dumps every body it sends
 /// and receives at trace — health files read through the API (found by the canary test once
-/// the demo read files back to check their links).
-pub const LOG_CAPS: [&str; 4] = ["sled=info", "yamux=info", "ureq=info", "ureq_proto=info"];
+/// the demo read files back to check their links). The log-structured engine (fjall and its
+/// tree, lsm-tree) is held at `info` too: its debug and trace lines name tables by their key
+/// ranges, and a key of the name index holds a resident's name.
+pub const LOG_CAPS: [&str; 6] = [
+    "sled=info",
+    "yamux=info",
+    "ureq=info",
+    "ureq_proto=info",
+    "fjall=info",
+    "lsm_tree=info",
+];
 
 use model::{DocumentKind, ValidationError};
 

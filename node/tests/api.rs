@@ -73,6 +73,7 @@ fn api_with(adjust: impl FnOnce(&mut Config)) -> Api {
             &NodeConfig {
                 data_dir: data_dir.clone(),
                 authority: authority.public_key(),
+                store_engine: Default::default(),
             },
             Some(&signed),
         )
@@ -82,6 +83,7 @@ fn api_with(adjust: impl FnOnce(&mut Config)) -> Api {
         data_dir,
         authority: authority.public_key().to_string(),
         roster: None,
+        store: Default::default(),
         network: NetworkConfig::default(),
         api: ApiConfig {
             admin_token: ADMIN.into(),

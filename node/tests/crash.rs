@@ -12,6 +12,7 @@ use common::single_node;
 use estuary_node::model::automerge::ChangeHash;
 use estuary_node::model::*;
 use estuary_node::replica::Node;
+use estuary_node::store::StoreEngine;
 
 /// Kills in the test (the issue asks for at least 30).
 const KILLS: usize = 32;
@@ -24,6 +25,16 @@ fn parse_hash(hex: &str) -> ChangeHash {
 
 #[test]
 fn acknowledged_writes_survive_sigkill() {
+    sigkill_loop(StoreEngine::Sled);
+}
+
+#[test]
+fn acknowledged_writes_survive_sigkill_in_the_log_structured_store() {
+    sigkill_loop(StoreEngine::Lsm);
+}
+
+/// Writes into a store of `engine`, killed `KILLS` times; every acknowledged write is there.
+fn sigkill_loop(engine: StoreEngine) {
     let seed: u64 = std::env::var("CRASH_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -43,7 +54,8 @@ fn acknowledged_writes_survive_sigkill() {
     };
 
     let dir = tempfile::tempdir().unwrap();
-    let (config, roster) = single_node(dir.path(), "chc-a");
+    let (mut config, roster) = single_node(dir.path(), "chc-a");
+    config.store_engine = engine;
     let roster_file = dir.path().join("roster.cbor");
     std::fs::write(&roster_file, roster).unwrap();
 
@@ -54,6 +66,8 @@ fn acknowledged_writes_survive_sigkill() {
             .arg(&roster_file)
             .arg(config.authority.to_string())
             .arg("chc-a")
+            .arg("100000")
+            .arg(engine.to_string())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -87,6 +101,7 @@ fn acknowledged_writes_survive_sigkill() {
 
     let node = Node::open(&config, None)
         .unwrap_or_else(|e| panic!("store does not reopen (seed {seed}): {e}"));
+    assert_eq!(node.store_engine(), engine);
     let lost: Vec<_> = acknowledged
         .iter()
         .filter(|(document, hash)| !node.has_change(*document, hash).unwrap())

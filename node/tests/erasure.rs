@@ -148,6 +148,7 @@ async fn an_erased_file_is_gone_everywhere_and_a_node_back_from_offline_cannot_b
             &estuary_node::replica::NodeConfig {
                 data_dir: consortium.dir.path().join("member-2"),
                 authority: Identity::from_secret(AUTHORITY).public_key(),
+                store_engine: Default::default(),
             },
             None,
         )

@@ -73,6 +73,7 @@ fn member_node(dir: &std::path::Path) -> Node {
         &NodeConfig {
             data_dir,
             authority: authority.public_key(),
+            store_engine: Default::default(),
         },
         Some(&signed),
     )

@@ -66,6 +66,7 @@ impl Consortium {
         let config = NodeConfig {
             data_dir: dir.path().join("chc-jianshe"),
             authority: Identity::from_secret(AUTHORITY).public_key(),
+            store_engine: Default::default(),
         };
         std::fs::create_dir_all(&config.data_dir).unwrap();
         let own = Identity::load_or_create(&config.data_dir)
@@ -839,6 +840,7 @@ fn peers_batches_and_local_writes_decided_at_once_end_as_if_decided_one_by_one()
     let config = NodeConfig {
         data_dir: elsewhere.path().to_path_buf(),
         authority: Identity::from_secret(AUTHORITY).public_key(),
+        store_engine: Default::default(),
     };
     let key = Identity::load_or_create(&config.data_dir)
         .unwrap()

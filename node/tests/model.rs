@@ -85,6 +85,7 @@ proptest! {
         let config = NodeConfig {
             data_dir: dir.path().join("node"),
             authority: Identity::from_secret(AUTHORITY).public_key(),
+            store_engine: Default::default(),
         };
         std::fs::create_dir_all(&config.data_dir).unwrap();
         let own = Identity::load_or_create(&config.data_dir).unwrap();

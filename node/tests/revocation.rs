@@ -70,6 +70,7 @@ impl Consortium {
         NodeConfig {
             data_dir,
             authority: Identity::from_secret(AUTHORITY).public_key(),
+            store_engine: Default::default(),
         }
     }
 

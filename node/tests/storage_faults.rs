@@ -12,6 +12,7 @@ use std::sync::Arc;
 use common::{Consortium, allergy, converge, editor, files_under, memory_address, resident, start};
 use estuary_node::model::DocumentId;
 use estuary_node::replica::Node;
+use estuary_node::store::StoreEngine;
 
 /// Files written at each node before the damage.
 const FILES_PER_NODE: usize = 8;
@@ -77,8 +78,9 @@ fn held(node: &Node) -> BTreeSet<(DocumentId, String)> {
         .collect()
 }
 
-async fn damaged_store_is_detected_repaired_and_resynced(how: Damage) {
-    let consortium = Consortium::new(3);
+async fn damaged_store_is_detected_repaired_and_resynced(how: Damage, engine: StoreEngine) {
+    let mut consortium = Consortium::new(3);
+    consortium.store_engine = engine;
     let (a, b) = (consortium.node(0), consortium.node(1));
     let (a_address, b_address) = (memory_address(), memory_address());
     let a_sync = start(&a, &a_address, vec![]);
@@ -121,17 +123,19 @@ async fn damaged_store_is_detected_repaired_and_resynced(how: Damage) {
         damage(&c_dir.join("store"), how, &needle),
         "{how:?}: nothing to damage"
     );
+    let how = (how, engine);
 
     // Detected at open (the witness: the log lost acknowledged changes) or by verify (a
     // damaged envelope or record, named by document). Never a panic.
     let config = estuary_node::replica::NodeConfig {
         data_dir: c_dir.clone(),
         authority: estuary_node::identity::Identity::from_secret(common::AUTHORITY).public_key(),
+        store_engine: engine,
     };
     let c = match Node::open(&config, Some(&consortium.roster)) {
         Ok(node) => node,
         Err(error) => {
-            // sled refuses the files: a typed error at open, naming the store. The operator
+            // The engine refuses the files: a typed error at open, naming the store. The operator
             // moves the store aside and the node starts empty, to re-sync everything.
             assert!(
                 matches!(
@@ -198,15 +202,32 @@ async fn damaged_store_is_detected_repaired_and_resynced(how: Damage) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flipped_envelope_byte_is_named_and_the_document_refetched() {
-    damaged_store_is_detected_repaired_and_resynced(Damage::FlippedEnvelope).await;
+    damaged_store_is_detected_repaired_and_resynced(Damage::FlippedEnvelope, StoreEngine::Sled)
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bit_flips_through_the_store_files_are_detected_and_resynced() {
-    damaged_store_is_detected_repaired_and_resynced(Damage::FlippedPages).await;
+    damaged_store_is_detected_repaired_and_resynced(Damage::FlippedPages, StoreEngine::Sled).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn truncated_store_files_are_detected_and_resynced() {
-    damaged_store_is_detected_repaired_and_resynced(Damage::Truncated).await;
+    damaged_store_is_detected_repaired_and_resynced(Damage::Truncated, StoreEngine::Sled).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flipped_envelope_byte_in_the_log_structured_store_is_named_and_refetched() {
+    damaged_store_is_detected_repaired_and_resynced(Damage::FlippedEnvelope, StoreEngine::Lsm)
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bit_flips_through_the_log_structured_store_are_detected_and_resynced() {
+    damaged_store_is_detected_repaired_and_resynced(Damage::FlippedPages, StoreEngine::Lsm).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_truncated_log_structured_store_is_detected_and_resynced() {
+    damaged_store_is_detected_repaired_and_resynced(Damage::Truncated, StoreEngine::Lsm).await;
 }

@@ -25,6 +25,8 @@ pub struct Options {
     pub estuary: Option<PathBuf>,
     /// Where to write the JSON report.
     pub json: Option<PathBuf>,
+    /// The storage engine of the node's store.
+    pub store_engine: estuary_node::store::StoreEngine,
 }
 
 #[derive(Serialize)]
@@ -67,6 +69,7 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         &setup.config.authority,
         &setup.roster,
         &[],
+        options.store_engine,
     )?;
     let started = Instant::now();
     let output = Command::new(&binary)

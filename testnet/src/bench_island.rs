@@ -432,6 +432,7 @@ pub fn all(dir: &Path) -> anyhow::Result<()> {
             writes: 200,
             build: crate::bench_sync::Build::Changes,
             json: Some(path(name)),
+            store_engine: Default::default(),
         })?;
     }
     // Realistic files cost a heal about ten times the CPU of one-change files: 1,000 a side

@@ -104,6 +104,7 @@ pub(crate) fn setup(dir: &Path) -> anyhow::Result<Setup> {
         config: NodeConfig {
             data_dir: dir.to_path_buf(),
             authority: authority.public_key(),
+            store_engine: Default::default(),
         },
         roster: SignedRoster::sign(&authority, &mut roster).encode(),
     })
@@ -248,6 +249,7 @@ pub fn open_probe(dir: &Path) -> anyhow::Result<()> {
     let config = NodeConfig {
         data_dir: dir.to_path_buf(),
         authority: Identity::from_secret(AUTHORITY).public_key(),
+        store_engine: Default::default(),
     };
     let start = Instant::now();
     let node = Node::open(&config, None)?;
@@ -262,6 +264,7 @@ pub fn crash_writer(dir: &Path, roster: &Path) -> anyhow::Result<()> {
     let config = NodeConfig {
         data_dir: dir.to_path_buf(),
         authority: Identity::from_secret(AUTHORITY).public_key(),
+        store_engine: Default::default(),
     };
     let roster = std::fs::read(roster)?;
     estuary_node::crash_writer::run(

@@ -26,6 +26,7 @@ use estuary_node::membership::SignedRoster;
 use estuary_node::model::*;
 use estuary_node::reconcile::Hybrid;
 use estuary_node::replica::{Ingested, Node, NodeConfig, WholeDocument};
+use estuary_node::store::StoreEngine;
 use estuary_node::sync::{Multiaddr, PeerStats, SyncConfig, SyncHandle, TransportKind};
 use serde::Serialize;
 
@@ -85,6 +86,8 @@ pub struct Options {
     pub writes: usize,
     pub build: Build,
     pub json: Option<PathBuf>,
+    /// The storage engine of the node's store.
+    pub store_engine: estuary_node::store::StoreEngine,
 }
 
 #[derive(Serialize)]
@@ -93,6 +96,8 @@ struct Bootstrap {
     data: String,
     /// How the serving node's files were built.
     built: Build,
+    /// The storage engine of both nodes' stores.
+    store_engine: StoreEngine,
     files: usize,
     changes: usize,
     seconds: f64,
@@ -123,7 +128,7 @@ struct Bootstrap {
     payload_bytes_per_file: f64,
     store_to_payload: f64,
     /// The catching-up node's live bytes (keys and values) per keyspace, per file: what the
-    /// store holds before sled's own overhead.
+    /// store holds before the storage engine's own overhead.
     keyspaces: Vec<KeyspacePerFile>,
     /// Priority referrals the hospital sent the centre while it caught up (one every 250 ms),
     /// and how long each took from the hospital's acknowledgement until the centre held it,
@@ -192,7 +197,7 @@ struct Pair {
     centre: Arc<Node>,
 }
 
-fn pair(root: &Path) -> anyhow::Result<Pair> {
+fn pair(root: &Path, store_engine: StoreEngine) -> anyhow::Result<Pair> {
     let authority = Identity::from_secret(AUTHORITY);
     let by = sample::editor(sample::HOSPITAL, 0);
     let mut roster = Roster::create(&authority.actor(), &by)?;
@@ -222,6 +227,7 @@ fn pair(root: &Path) -> anyhow::Result<Pair> {
         configs.push(NodeConfig {
             data_dir,
             authority: authority.public_key(),
+            store_engine,
         });
     }
     let roster = SignedRoster::sign(&authority, &mut roster).encode();
@@ -512,7 +518,7 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let result = runtime.block_on(async {
-        let pair = pair(&root)?;
+        let pair = pair(&root, options.store_engine)?;
         let report = match options.which {
             Which::Bootstrap => serde_json::to_value(bootstrap(&pair, options).await?)?,
             Which::Insync => serde_json::to_value(insync(&pair, options).await?)?,
@@ -679,6 +685,7 @@ async fn bootstrap(pair: &Pair, options: &Options) -> anyhow::Result<Bootstrap> 
         profile: profile(),
         data: options.source.describe(),
         built: options.build,
+        store_engine: options.store_engine,
         files,
         changes,
         seconds,
@@ -736,7 +743,8 @@ async fn bootstrap(pair: &Pair, options: &Options) -> anyhow::Result<Bootstrap> 
     );
     let live: f64 = report.keyspaces.iter().map(|k| k.bytes_per_file).sum();
     println!(
-        "  live keys and values: {live:.0} bytes per file (the rest is sled's overhead); by keyspace: {}",
+        "  live keys and values: {live:.0} bytes per file (the rest is the {} engine's overhead); by keyspace: {}",
+        report.store_engine,
         report
             .keyspaces
             .iter()

@@ -27,6 +27,8 @@ pub struct Options {
     pub estuary: Option<PathBuf>,
     /// Where to write the JSON report.
     pub json: Option<PathBuf>,
+    /// The storage engine of the node's store.
+    pub store_engine: estuary_node::store::StoreEngine,
 }
 
 #[derive(Serialize)]
@@ -81,6 +83,7 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         &setup.config.authority,
         &setup.roster,
         &[],
+        options.store_engine,
     )?);
     // Every writer's files exist before the clock starts.
     let mut jobs = Vec::new();

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use estuary_node::store::StoreEngine;
 
 /// The in-process island runs every node here: automerge allocates and frees per operation,
 /// and mimalloc makes that cheaper than the system allocator.
@@ -79,6 +80,18 @@ struct ThroughApi {
     /// Write the figures as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// The storage engine of the node's store: sled or lsm.
+    #[arg(long, default_value = "sled", value_parser = store_engine)]
+    store_engine: StoreEngine,
+}
+
+/// Parses a storage engine's name as the config file writes it.
+fn store_engine(name: &str) -> Result<StoreEngine, String> {
+    match name {
+        "sled" => Ok(StoreEngine::Sled),
+        "lsm" => Ok(StoreEngine::Lsm),
+        other => Err(format!("{other:?}: the engines are sled and lsm")),
+    }
 }
 
 #[derive(Subcommand)]
@@ -205,6 +218,9 @@ enum Bench {
         /// Write the figures as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
+        /// The storage engine of both nodes' stores: sled or lsm.
+        #[arg(long, default_value = "sled", value_parser = store_engine)]
+        store_engine: StoreEngine,
     },
     /// The consortium splits in two, each side writes `files` new files, the link heals:
     /// time to agreement and bytes against nodes × missing payload.
@@ -360,6 +376,7 @@ fn main() -> ExitCode {
                             input,
                             estuary,
                             json,
+                            store_engine,
                         },
                 },
         } => bench_growth::run(&bench_growth::Options {
@@ -368,6 +385,7 @@ fn main() -> ExitCode {
             input,
             estuary,
             json,
+            store_engine,
         }),
         Command::Bench {
             bench:
@@ -379,6 +397,7 @@ fn main() -> ExitCode {
                             input,
                             estuary,
                             json,
+                            store_engine,
                         },
                 },
         } => bench_writes::run(&bench_writes::Options {
@@ -387,6 +406,7 @@ fn main() -> ExitCode {
             input,
             estuary,
             json,
+            store_engine,
         }),
         Command::Bench {
             bench:
@@ -397,6 +417,7 @@ fn main() -> ExitCode {
                             input,
                             estuary,
                             json,
+                            store_engine,
                         },
                 },
         } => bench_import::run(&bench_import::Options {
@@ -404,6 +425,7 @@ fn main() -> ExitCode {
             input,
             estuary,
             json,
+            store_engine,
         }),
         Command::Bench {
             bench: Bench::Reconcile { docs, json },
@@ -425,6 +447,7 @@ fn main() -> ExitCode {
                     writes,
                     build,
                     json,
+                    store_engine,
                 },
         } => bench_sync::run(&bench_sync::Options {
             which,
@@ -434,6 +457,7 @@ fn main() -> ExitCode {
             writes,
             build,
             json,
+            store_engine,
         }),
         Command::Bench {
             bench:

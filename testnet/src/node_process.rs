@@ -7,7 +7,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use estuary_node::config::{ApiConfig, AppToken, Config, NetworkConfig, Scope, generate_token};
+use estuary_node::config::{
+    ApiConfig, AppToken, Config, NetworkConfig, Scope, StoreConfig, generate_token,
+};
 use estuary_node::model::Bytes32;
 use serde_json::Value;
 
@@ -97,6 +99,7 @@ impl NodeProcess {
         authority: &Bytes32,
         roster: &[u8],
         bootstrap: &[String],
+        store_engine: estuary_node::store::StoreEngine,
     ) -> anyhow::Result<Self> {
         std::fs::write(dir.join("roster.signed"), roster)?;
         let listen = format!("/ip4/127.0.0.1/tcp/{}", free_port()?);
@@ -104,6 +107,9 @@ impl NodeProcess {
             data_dir: ".".into(),
             authority: authority.to_string(),
             roster: Some("roster.signed".into()),
+            store: StoreConfig {
+                engine: store_engine,
+            },
             network: NetworkConfig {
                 listen: vec![listen],
                 bootstrap: bootstrap.to_vec(),

@@ -77,6 +77,7 @@ pub fn member() -> &'static Member {
         let config = NodeConfig {
             data_dir,
             authority: authority.public_key(),
+            store_engine: Default::default(),
         };
         let node = Arc::new(Node::open(&config, Some(&roster)).expect("the node opens"));
         let demographics = Demographics {

@@ -66,6 +66,7 @@ async fn status(
             "quarantined": node.quarantine_count(),
             "pending": node.pending_count()?,
             "storage_bytes": node.storage_bytes()?,
+            "store_engine": node.store_engine(),
             "audit_records": node.audit_sequence(),
             "network": sync.is_some(),
             "connected_peers": sync.map_or(0, |s| s.peers.values().filter(|p| p.connected).count()),

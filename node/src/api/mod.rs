@@ -429,6 +429,7 @@ mod tests {
             data_dir,
             authority: authority.to_string(),
             roster: None,
+            store: Default::default(),
             network: NetworkConfig::default(),
             api: ApiConfig {
                 admin_token: "admin-token-0123456789abcdef01234567890".into(),

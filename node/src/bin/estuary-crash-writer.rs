@@ -1,13 +1,15 @@
 //! Writes signed changes and prints `ack DOC HASH` for each only after its durable
 //! acknowledgement, until killed (or after WRITES_MAX writes). Used by the crash test.
 //!
-//! Usage: estuary-crash-writer DATA_DIR ROSTER_FILE AUTHORITY_KEY_HEX INSTITUTION [WRITES_MAX]
+//! Usage: estuary-crash-writer DATA_DIR ROSTER_FILE AUTHORITY_KEY_HEX INSTITUTION [WRITES_MAX
+//! [ENGINE]], ENGINE being the storage engine of a new store, `sled` (the default) or `lsm`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use estuary_node::model::{Bytes32, InstitutionId};
 use estuary_node::replica::NodeConfig;
+use estuary_node::store::StoreEngine;
 
 /// Stop by itself after this many writes if nobody kills it first.
 const DEFAULT_WRITES_MAX: u64 = 100_000;
@@ -16,7 +18,7 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
     let [_, data_dir, roster_file, authority, institution, rest @ ..] = args.as_slice() else {
         eprintln!(
-            "usage: estuary-crash-writer DATA_DIR ROSTER_FILE AUTHORITY_KEY_HEX INSTITUTION [WRITES_MAX]"
+            "usage: estuary-crash-writer DATA_DIR ROSTER_FILE AUTHORITY_KEY_HEX INSTITUTION [WRITES_MAX [sled|lsm]]"
         );
         return ExitCode::from(2);
     };
@@ -26,9 +28,15 @@ fn main() -> ExitCode {
             .map(|n| n.parse())
             .transpose()?
             .unwrap_or(DEFAULT_WRITES_MAX);
+        let store_engine = match rest.get(1).map(String::as_str) {
+            None | Some("sled") => StoreEngine::Sled,
+            Some("lsm") => StoreEngine::Lsm,
+            Some(other) => return Err(format!("{other:?}: the engines are sled and lsm").into()),
+        };
         let config = NodeConfig {
             data_dir: PathBuf::from(data_dir),
             authority: Bytes32::parse_hex(authority, "authority")?,
+            store_engine,
         };
         let roster = std::fs::read(roster_file)?;
         let institution = InstitutionId::new(institution.as_str())?;

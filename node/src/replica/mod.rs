@@ -69,7 +69,9 @@ use crate::model::{
 };
 use crate::reconcile::{Catalogue, HeadsDigest};
 use crate::store::keys;
-use crate::store::{Batch, GroupCommit, KeyValue, StoreError, WITNESS_FILE, WitnessedStore, pages};
+use crate::store::{
+    Batch, GroupCommit, KeyValue, StoreEngine, StoreError, WITNESS_FILE, WitnessedStore, pages,
+};
 
 /// Most documents held decoded in memory at once.
 pub const CACHE_DOCUMENTS_MAX: usize = 1_024;
@@ -310,6 +312,9 @@ pub struct NodeConfig {
     pub data_dir: PathBuf,
     /// The consortium authority's public key.
     pub authority: Bytes32,
+    /// The engine a new store is created in (an existing one keeps its own, except that a
+    /// sled store moves to `Lsm` when this asks for it).
+    pub store_engine: StoreEngine,
 }
 
 /// A change this node wrote, once durable: what the network layer publishes.
@@ -706,7 +711,7 @@ impl std::fmt::Debug for Node {
 }
 
 impl Node {
-    /// Moves a store that no longer opens (sled refuses its damaged files) aside, to
+    /// Moves a store that no longer opens (its storage engine refuses its damaged files) aside, to
     /// `store.damaged-<seconds since the epoch>` in the data directory, so the node starts
     /// with an empty store and fetches everything from its peers. The key and the witness
     /// stay: at the next open the witness reports how many acknowledged changes the store
@@ -740,6 +745,7 @@ impl Node {
         let store = WitnessedStore::open(
             &config.data_dir.join(STORE_DIR),
             &config.data_dir.join(WITNESS_FILE),
+            config.store_engine,
         )?;
         let accepted = match store.get(keys::ACCEPTED)? {
             None => 0,
@@ -1190,6 +1196,7 @@ pub(crate) mod tests {
         let config = NodeConfig {
             data_dir,
             authority: authority.public_key(),
+            store_engine: Default::default(),
         };
         let node = Node::open(
             &config,

@@ -324,9 +324,14 @@ impl Node {
         Ok(self.store.size_on_disk()?)
     }
 
+    /// The engine the store is kept in.
+    pub fn store_engine(&self) -> crate::store::StoreEngine {
+        self.store.engine()
+    }
+
     /// The bytes of keys and values the store holds, per keyspace (named by its first key
-    /// byte, `m` for every `m/…` key): what `storage_bytes` holds beyond them is sled's own
-    /// overhead and space not yet reclaimed. Reads the whole store a page at a time, so it is
+    /// byte, `m` for every `m/…` key): what `storage_bytes` holds beyond them is the storage
+    /// engine's own overhead and space not yet reclaimed. Reads the whole store a page at a time, so it is
     /// for benchmarks and diagnosis, not a request path.
     pub fn keyspace_bytes(&self) -> Result<Vec<KeyspaceBytes>, NodeError> {
         const PAGE: usize = 4_096;

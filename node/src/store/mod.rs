@@ -1,10 +1,15 @@
 //! Durable storage behind a narrow interface of our own: ordered keys, atomic batches, flush.
 //!
-//! sled 0.34 is the backend today; the interface is small so that the crash test and the
-//! benchmarks can decide the backend on evidence. Writes are acknowledged only after a flush,
-//! and concurrent writers share flushes (group commit).
+//! Two engines implement it: sled 0.34 (`SledStore`) and fjall, a log-structured tree
+//! (`LsmStore`, in `lsm.rs`). A store keeps the engine it was created with; a sled store is
+//! moved to the log-structured engine when the node is configured for it (`migrate_to_lsm`).
+//! Writes are acknowledged only after a flush, and concurrent writers share flushes (group
+//! commit).
 
 pub(crate) mod keys;
+mod lsm;
+
+pub use lsm::LsmStore;
 
 use std::path::Path;
 use std::sync::{Condvar, Mutex};
@@ -12,7 +17,7 @@ use std::sync::{Condvar, Mutex};
 /// Why the store failed. The messages name keys' kinds, never values.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// The backend reported an error (I/O, corruption detected by sled).
+    /// The backend reported an error (I/O, corruption detected by the engine).
     #[error("storage backend error: {0}")]
     Backend(String),
     /// A stored record does not decode: the data directory is damaged.
@@ -21,12 +26,12 @@ pub enum StoreError {
         /// Which kind of record.
         what: &'static str,
     },
-    /// sled refuses to open the store: its files are damaged.
+    /// The storage engine refuses to open the store: its files are damaged.
     #[error(
-        "the store's files are damaged and sled refuses to open them ({reason}). Stop the node, move the `store` folder aside and start it again: it opens an empty store and re-syncs every document from its peers (the witness reports the changes lost until then)"
+        "the store's files are damaged and the storage engine refuses to open them ({reason}). Stop the node, move the `store` folder aside and start it again: it opens an empty store and re-syncs every document from its peers (the witness reports the changes lost until then)"
     )]
     Damaged {
-        /// sled's own words.
+        /// The engine's own words.
         reason: String,
     },
     /// The store was written by a newer release in a layout this one cannot read.
@@ -39,6 +44,47 @@ pub enum StoreError {
         /// The newest this release reads.
         supported: u32,
     },
+}
+
+/// The engine a store is kept in.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StoreEngine {
+    /// sled 0.34: one B-tree of pages in a log.
+    #[default]
+    Sled,
+    /// fjall: a log-structured merge tree (journal, memtable, sorted compressed tables).
+    Lsm,
+}
+
+impl StoreEngine {
+    /// The engine of the store in `dir`, if there is one.
+    pub fn found_in(dir: &Path) -> Option<Self> {
+        if dir.join("conf").exists() || dir.join("db").exists() {
+            Some(Self::Sled)
+        } else if dir.join(lsm::MARKER_FILE).exists() {
+            Some(Self::Lsm)
+        } else {
+            None
+        }
+    }
+
+    /// Opens (or creates) a store of this engine in `dir`.
+    fn open(self, dir: &Path) -> Result<Box<dyn KeyValue>, StoreError> {
+        Ok(match self {
+            Self::Sled => Box::new(SledStore::open(dir)?),
+            Self::Lsm => Box::new(LsmStore::open(dir)?),
+        })
+    }
+}
+
+impl std::fmt::Display for StoreEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Sled => "sled",
+            Self::Lsm => "lsm",
+        })
+    }
 }
 
 impl From<sled::Error> for StoreError {
@@ -143,6 +189,13 @@ pub struct SledStore {
     db: sled::Db,
     /// The directory sled keeps its files in.
     dir: std::path::PathBuf,
+    /// sled's data file, opened to `fdatasync` it: sled 0.34 flushes with `sync_file_range`,
+    /// which neither flushes the drive's write cache nor persists a grown file's size.
+    /// `fdatasync` does both; the rest of `fsync` (times) is not needed to read the data.
+    data_file: std::fs::File,
+    /// sled writes values over about 128 KiB as files in `blobs/` and never `fsync`s them;
+    /// the store does, once per file. The names already synced.
+    synced_blobs: Mutex<std::collections::HashSet<std::ffi::OsString>>,
 }
 
 /// Most bytes of pages sled keeps in memory (its cache), per store. sled's own default is
@@ -172,9 +225,13 @@ impl SledStore {
                 .open();
             match opened {
                 Ok(db) => {
+                    let data_file = std::fs::File::open(dir.join("db"))
+                        .map_err(|e| StoreError::Backend(format!("store data file: {e}")))?;
                     return Ok(Self {
                         db,
                         dir: dir.to_path_buf(),
+                        data_file,
+                        synced_blobs: Mutex::new(std::collections::HashSet::new()),
                     });
                 }
                 Err(sled::Error::Io(error))
@@ -183,12 +240,7 @@ impl SledStore {
                     std::thread::sleep(std::time::Duration::from_millis(20));
                 }
                 Err(sled::Error::Io(error)) if lock_held(&error) => {
-                    return Err(StoreError::Backend(format!(
-                        "another process holds the store in {} (its lock was not released \
-                         within {} s); stop it and start again",
-                        dir.display(),
-                        STORE_LOCK_WAIT_MAX.as_secs()
-                    )));
+                    return Err(lock_held_error(dir));
                 }
                 Err(error @ sled::Error::Corruption { .. }) => {
                     return Err(StoreError::Damaged {
@@ -199,6 +251,16 @@ impl SledStore {
             }
         }
     }
+}
+
+/// Another process holds the store in `dir`, past `STORE_LOCK_WAIT_MAX`.
+fn lock_held_error(dir: &Path) -> StoreError {
+    StoreError::Backend(format!(
+        "another process holds the store in {} (its lock was not released within {} s); stop \
+         it and start again",
+        dir.display(),
+        STORE_LOCK_WAIT_MAX.as_secs()
+    ))
 }
 
 /// The bytes the file system holds for the files under `dir`, as `du` counts them: sled
@@ -273,7 +335,11 @@ impl KeyValue for SledStore {
 
     fn flush(&self) -> Result<(), StoreError> {
         self.db.flush()?;
-        Ok(())
+        // Power-loss durability, beyond what sled's own flush gives (see `data_file`).
+        self.data_file
+            .sync_data()
+            .map_err(|e| StoreError::Backend(format!("store data file: {e}")))?;
+        self.sync_new_blobs()
     }
 
     fn size_on_disk(&self) -> Result<u64, StoreError> {
@@ -290,23 +356,17 @@ impl KeyValue for SledStore {
 /// the store had accepted when the flush began.
 ///
 /// sled 0.34 recovers from a damaged log entry by discarding it and everything after it,
-/// silently, and then opens normally: within the store nothing is inconsistent, so nothing
-/// inside it can notice. The witness can: if it records more accepted changes than the store
-/// holds, acknowledged writes were lost, and the node says so (and re-syncs from peers).
+/// silently, and then opens normally, and fjall drops a journal's torn tail the same way:
+/// within the store nothing is inconsistent, so nothing inside it can notice. The witness
+/// can: if it records more accepted changes than the store holds, acknowledged writes were
+/// lost, and the node says so (and re-syncs from peers).
 pub struct WitnessedStore {
-    inner: SledStore,
-    /// sled's data file, opened to `fdatasync` it: sled 0.34 flushes with `sync_file_range`,
-    /// which neither flushes the drive's write cache nor persists a grown file's size.
-    /// `fdatasync` does both; the rest of `fsync` (times) is not needed to read the data.
-    data_file: std::fs::File,
+    inner: Box<dyn KeyValue>,
+    engine: StoreEngine,
     witness: Mutex<std::fs::File>,
     accepted: std::sync::atomic::AtomicU64,
     /// What the witness said at open.
     witnessed_at_open: u64,
-    /// sled writes values over about 128 KiB as files in `blobs/` and never `fsync`s them;
-    /// the node does, once per file. The names already synced.
-    blobs_dir: std::path::PathBuf,
-    synced_blobs: Mutex<std::collections::HashSet<std::ffi::OsString>>,
 }
 
 /// Name of the witness file in the data directory.
@@ -315,12 +375,29 @@ pub const WITNESS_FILE: &str = "store.witness";
 const WITNESS_BYTES: usize = 16;
 
 impl WitnessedStore {
-    /// Opens the store in `dir` and its witness file beside it.
-    pub fn open(dir: &Path, witness: &Path) -> Result<Self, StoreError> {
+    /// Opens the store in `dir` and its witness file beside it. A new store is created in
+    /// `engine`; an existing one keeps its own, except that a sled store is moved to the
+    /// log-structured engine when `engine` asks for it (`migrate_to_lsm`).
+    pub fn open(dir: &Path, witness: &Path, engine: StoreEngine) -> Result<Self, StoreError> {
         use std::io::Read;
-        let inner = SledStore::open(dir)?;
-        let data_file = std::fs::File::open(dir.join("db"))
-            .map_err(|e| StoreError::Backend(format!("store data file: {e}")))?;
+        finish_migration(dir)?;
+        let engine = match (StoreEngine::found_in(dir), engine) {
+            (Some(StoreEngine::Sled), StoreEngine::Lsm) => {
+                migrate_to_lsm(dir)?;
+                StoreEngine::Lsm
+            }
+            (Some(found), wanted) => {
+                if found != wanted {
+                    tracing::warn!(
+                        %found, %wanted,
+                        "the store keeps the engine it was created with"
+                    );
+                }
+                found
+            }
+            (None, wanted) => wanted,
+        };
+        let inner = engine.open(dir)?;
         let mut file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -339,13 +416,16 @@ impl WitnessedStore {
         };
         Ok(Self {
             inner,
-            data_file,
-            blobs_dir: dir.join("blobs"),
-            synced_blobs: Mutex::new(std::collections::HashSet::new()),
+            engine,
             witness: Mutex::new(file),
             accepted: std::sync::atomic::AtomicU64::new(0),
             witnessed_at_open,
         })
+    }
+
+    /// The engine the store is kept in.
+    pub fn engine(&self) -> StoreEngine {
+        self.engine
     }
 
     /// How many accepted changes the witness recorded at open.
@@ -360,11 +440,98 @@ impl WitnessedStore {
     }
 }
 
-impl WitnessedStore {
+/// Where a store being moved to the log-structured engine is built, beside `dir`.
+fn migration_dir(dir: &Path) -> std::path::PathBuf {
+    let mut name = dir.file_name().unwrap_or_default().to_os_string();
+    name.push(".migrating");
+    dir.with_file_name(name)
+}
+
+/// Finishes or discards a move to the log-structured engine that stopped part-way: a copy
+/// is only ever renamed into place whole, after the sled store was renamed aside, so a copy
+/// beside a store is unfinished (and discarded), and a copy without one is finished.
+fn finish_migration(dir: &Path) -> Result<(), StoreError> {
+    let copy = migration_dir(dir);
+    if !copy.exists() {
+        return Ok(());
+    }
+    let io = |e: std::io::Error| {
+        StoreError::Backend(format!(
+            "cannot finish moving the store to the log-structured engine ({}): {e}",
+            copy.display()
+        ))
+    };
+    if dir.exists() {
+        std::fs::remove_dir_all(&copy).map_err(io)
+    } else {
+        std::fs::rename(&copy, dir).map_err(io)?;
+        sync_parent(dir).map_err(io)
+    }
+}
+
+/// `fsync`s the directory holding `path`, so a rename in it survives a power loss.
+fn sync_parent(path: &Path) -> std::io::Result<()> {
+    match path.parent() {
+        Some(parent) => std::fs::File::open(parent)?.sync_all(),
+        None => Ok(()),
+    }
+}
+
+/// Moves the sled store in `dir` to the log-structured engine: every key is copied, a page
+/// at a time (`pages`), into a new store beside it, which is made durable; the sled store is
+/// renamed to `<dir>.sled-<seconds since the epoch>` (kept for whoever wants to check the
+/// copy; the node never reads it again) and the copy takes its place. A stop part-way leaves
+/// the sled store in place (or the finished copy, which `finish_migration` puts there).
+fn migrate_to_lsm(dir: &Path) -> Result<(), StoreError> {
+    let copy_dir = migration_dir(dir);
+    let started = std::time::Instant::now();
+    let (mut keys, mut bytes) = (0u64, 0u64);
+    {
+        let sled = SledStore::open(dir)?;
+        let copy = LsmStore::open(&copy_dir)?;
+        for page in pages(&sled, &[]) {
+            let mut batch = Batch::default();
+            for (key, value) in page? {
+                keys += 1;
+                bytes += (key.len() + value.len()) as u64;
+                batch.put(key, value);
+            }
+            copy.apply(batch)?;
+        }
+        copy.flush()?;
+    }
+    let seconds = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let mut name = dir.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".sled-{seconds}"));
+    let aside = dir.with_file_name(name);
+    let io = |e: std::io::Error| {
+        StoreError::Backend(format!(
+            "cannot move the store in {} to the log-structured engine: {e}",
+            dir.display()
+        ))
+    };
+    std::fs::rename(dir, &aside).map_err(io)?;
+    std::fs::rename(&copy_dir, dir).map_err(io)?;
+    sync_parent(dir).map_err(io)?;
+    tracing::warn!(
+        keys,
+        bytes,
+        seconds = started.elapsed().as_secs_f64(),
+        old = %aside.display(),
+        "the store moved to the log-structured engine; the old sled store is kept beside it \
+         and can be deleted once the node runs"
+    );
+    Ok(())
+}
+
+impl SledStore {
     /// `fsync`s the blob files sled wrote since the last flush, and their directory.
     fn sync_new_blobs(&self) -> Result<(), StoreError> {
         let io = |e: std::io::Error| StoreError::Backend(format!("store blob files: {e}"));
-        let entries = match std::fs::read_dir(&self.blobs_dir) {
+        let entries = match std::fs::read_dir(self.dir.join("blobs")) {
             Ok(entries) => entries,
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(()),
             Err(error) => return Err(io(error)),
@@ -375,7 +542,7 @@ impl WitnessedStore {
         for entry in entries {
             let name = entry.map_err(io)?.file_name();
             if !synced.contains(&name) {
-                std::fs::File::open(self.blobs_dir.join(&name))
+                std::fs::File::open(self.dir.join("blobs").join(&name))
                     .and_then(|f| f.sync_all())
                     .map_err(io)?;
                 new = true;
@@ -383,7 +550,7 @@ impl WitnessedStore {
             present.insert(name);
         }
         if new {
-            std::fs::File::open(&self.blobs_dir)
+            std::fs::File::open(self.dir.join("blobs"))
                 .and_then(|d| d.sync_all())
                 .map_err(io)?;
         }
@@ -435,11 +602,6 @@ impl KeyValue for WitnessedStore {
         // Captured before the flush: every change counted was applied before it began.
         let accepted = self.accepted.load(std::sync::atomic::Ordering::SeqCst);
         self.inner.flush()?;
-        // Power-loss durability, beyond what sled's own flush gives (see `data_file`).
-        self.data_file
-            .sync_data()
-            .map_err(|e| StoreError::Backend(format!("store data file: {e}")))?;
-        self.sync_new_blobs()?;
         let mut file = self.witness.lock().unwrap_or_else(|p| p.into_inner());
         let io = |e: std::io::Error| StoreError::Backend(format!("witness file: {e}"));
         file.seek(SeekFrom::Start(0)).map_err(io)?;
@@ -613,10 +775,23 @@ mod tests {
     use super::*;
     use std::sync::Arc;
 
+    /// Both engines, each in a new store in `dir`.
+    fn both_engines(dir: &Path) -> [(StoreEngine, Box<dyn KeyValue>); 2] {
+        [StoreEngine::Sled, StoreEngine::Lsm].map(|engine| {
+            let store = engine.open(&dir.join(engine.to_string())).unwrap();
+            (engine, store)
+        })
+    }
+
     #[test]
     fn pages_walk_a_keyspace_whole_in_order_and_nothing_beside_it() {
         let dir = tempfile::tempdir().unwrap();
-        let store = SledStore::open(dir.path()).unwrap();
+        for (engine, store) in both_engines(dir.path()) {
+            walk_pages(&*store, engine);
+        }
+    }
+
+    fn walk_pages(store: &dyn KeyValue, engine: StoreEngine) {
         // A keyspace of exactly two pages, one of two and a half, with neighbours on both sides.
         for (prefix, count) in [
             (b'a', 3),
@@ -634,13 +809,13 @@ mod tests {
             store.apply(batch).unwrap();
         }
         for (prefix, count) in [(b'b', 2 * SCAN_PAGE_RECORDS), (b'c', 2_560), (b'e', 0)] {
-            let pages: Vec<Entries> = pages(&store, &[prefix]).map(Result::unwrap).collect();
+            let pages: Vec<Entries> = pages(store, &[prefix]).map(Result::unwrap).collect();
             assert!(pages.iter().all(|page| page.len() <= SCAN_PAGE_RECORDS));
             let keys: Vec<Vec<u8>> = pages.into_iter().flatten().map(|(key, _)| key).collect();
             let expected: Vec<Vec<u8>> = (0..count as u32)
                 .map(|n| [&[prefix][..], &n.to_be_bytes()].concat())
                 .collect();
-            assert_eq!(keys, expected);
+            assert_eq!(keys, expected, "{engine}");
         }
     }
 
@@ -648,10 +823,9 @@ mod tests {
     fn a_value_too_large_for_sleds_log_is_stored_as_a_synced_blob_and_survives_reopening() {
         let dir = tempfile::tempdir().unwrap();
         let store_dir = dir.path().join("store");
-        let witness = dir.path().join(WITNESS_FILE);
         let big = vec![7u8; 300 * 1024];
         {
-            let store = WitnessedStore::open(&store_dir, &witness).unwrap();
+            let store = SledStore::open(&store_dir).unwrap();
             let mut batch = Batch::default();
             batch.put(b"big".to_vec(), big.clone());
             GroupCommit::default().commit(&store, batch).unwrap();
@@ -664,23 +838,133 @@ mod tests {
                 "and the node synced it"
             );
         }
-        let store = WitnessedStore::open(&store_dir, &witness).unwrap();
+        let store = SledStore::open(&store_dir).unwrap();
         assert_eq!(store.get(b"big").unwrap(), Some(big));
     }
 
     #[test]
     fn a_batch_is_atomic_and_survives_reopening() {
         let dir = tempfile::tempdir().unwrap();
+        for engine in [StoreEngine::Sled, StoreEngine::Lsm] {
+            let dir = dir.path().join(engine.to_string());
+            {
+                let store = engine.open(&dir).unwrap();
+                let mut batch = Batch::default();
+                batch.put(b"a/1".to_vec(), b"one".to_vec());
+                batch.put(b"b/1".to_vec(), b"two".to_vec());
+                // A key written twice in a batch holds the last write; one put then deleted
+                // in the same batch is gone.
+                batch.put(b"b/2".to_vec(), b"first".to_vec());
+                batch.put(b"b/2".to_vec(), b"second".to_vec());
+                batch.put(b"b/3".to_vec(), b"gone".to_vec());
+                batch.delete(b"b/3".to_vec());
+                GroupCommit::default().commit(&*store, batch).unwrap();
+            }
+            assert_eq!(StoreEngine::found_in(&dir), Some(engine));
+            let store = engine.open(&dir).unwrap();
+            assert_eq!(
+                store.get(b"a/1").unwrap(),
+                Some(b"one".to_vec()),
+                "{engine}"
+            );
+            assert_eq!(
+                store.scan_prefix(b"b/").unwrap(),
+                vec![
+                    (b"b/1".to_vec(), b"two".to_vec()),
+                    (b"b/2".to_vec(), b"second".to_vec())
+                ],
+                "{engine}"
+            );
+            assert_eq!(
+                store.keys_with_prefix(b"a/").unwrap(),
+                vec![b"a/1".to_vec()]
+            );
+            assert_eq!(
+                store.scan_from(b"b/", b"b/2", 10).unwrap(),
+                vec![(b"b/2".to_vec(), b"second".to_vec())],
+                "{engine}"
+            );
+        }
+    }
+
+    /// A witnessed store of `engine` in `dir`, its witness beside it.
+    fn witnessed(dir: &Path, engine: StoreEngine) -> WitnessedStore {
+        WitnessedStore::open(&dir.join("store"), &dir.join(WITNESS_FILE), engine).unwrap()
+    }
+
+    #[test]
+    fn a_sled_store_moves_to_the_log_structured_engine_whole_and_keeps_its_old_files_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        // More than a page of keys, and a value sled keeps as a blob file.
+        let keys = 2 * SCAN_PAGE_RECORDS + 7;
         {
-            let store = SledStore::open(dir.path()).unwrap();
+            let store = witnessed(dir.path(), StoreEngine::Sled);
             let mut batch = Batch::default();
-            batch.put(b"a/1".to_vec(), b"one".to_vec());
-            batch.put(b"b/1".to_vec(), b"two".to_vec());
+            for n in 0..keys as u32 {
+                batch.put(n.to_be_bytes().to_vec(), vec![n as u8; 40]);
+            }
+            batch.put(b"big".to_vec(), vec![9u8; 300 * 1024]);
+            store.set_accepted(keys as u64);
             GroupCommit::default().commit(&store, batch).unwrap();
         }
-        let store = SledStore::open(dir.path()).unwrap();
-        assert_eq!(store.get(b"a/1").unwrap(), Some(b"one".to_vec()));
-        assert_eq!(store.scan_prefix(b"b/").unwrap().len(), 1);
+        // Asking for sled again keeps it; asking for lsm moves it.
+        assert_eq!(
+            witnessed(dir.path(), StoreEngine::Sled).engine(),
+            StoreEngine::Sled
+        );
+        let store = witnessed(dir.path(), StoreEngine::Lsm);
+        assert_eq!(store.engine(), StoreEngine::Lsm);
+        assert_eq!(store.witnessed_at_open(), keys as u64);
+        let copied: Vec<(Vec<u8>, Vec<u8>)> = pages(&store, &[])
+            .flat_map(Result::unwrap)
+            .filter(|(key, _)| key.len() == 4)
+            .collect();
+        let expected: Vec<(Vec<u8>, Vec<u8>)> = (0..keys as u32)
+            .map(|n| (n.to_be_bytes().to_vec(), vec![n as u8; 40]))
+            .collect();
+        assert_eq!(copied, expected);
+        assert_eq!(store.get(b"big").unwrap(), Some(vec![9u8; 300 * 1024]));
+        drop(store);
+        let aside: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|name| name.starts_with("store.sled-"))
+            .collect();
+        assert_eq!(aside.len(), 1, "the old store is kept aside");
+        assert_eq!(
+            StoreEngine::found_in(&dir.path().join(&aside[0])),
+            Some(StoreEngine::Sled)
+        );
+        // Opened again, nothing moves: the store is the log-structured one.
+        assert_eq!(
+            witnessed(dir.path(), StoreEngine::Sled).engine(),
+            StoreEngine::Lsm
+        );
+    }
+
+    #[test]
+    fn a_move_to_the_log_structured_engine_stopped_part_way_is_redone_or_finished() {
+        let dir = tempfile::tempdir().unwrap();
+        let store_dir = dir.path().join("store");
+        let copy_dir = migration_dir(&store_dir);
+        let put = |store: &dyn KeyValue, value: &[u8]| {
+            let mut batch = Batch::default();
+            batch.put(b"k".to_vec(), value.to_vec());
+            GroupCommit::default().commit(store, batch).unwrap();
+        };
+        // Stopped while copying: the sled store is still in place; the copy is discarded
+        // and the move done again from the store.
+        put(&witnessed(dir.path(), StoreEngine::Sled), b"sled");
+        put(&LsmStore::open(&copy_dir).unwrap(), b"half-made copy");
+        let store = witnessed(dir.path(), StoreEngine::Lsm);
+        assert_eq!(store.get(b"k").unwrap(), Some(b"sled".to_vec()));
+        assert!(!copy_dir.exists());
+        drop(store);
+        // Stopped between the two renames: the finished copy takes the store's place.
+        std::fs::rename(&store_dir, &copy_dir).unwrap();
+        let store = witnessed(dir.path(), StoreEngine::Sled);
+        assert_eq!(store.engine(), StoreEngine::Lsm);
+        assert_eq!(store.get(b"k").unwrap(), Some(b"sled".to_vec()));
     }
 
     /// An in-memory store whose flushes wait at a gate, so a test can hold one flush open.

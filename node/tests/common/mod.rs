@@ -98,6 +98,7 @@ pub fn single_node(dir: &Path, institution_id: &str) -> (NodeConfig, Vec<u8>) {
         NodeConfig {
             data_dir,
             authority: authority.public_key(),
+            store_engine: Default::default(),
         },
         SignedRoster::sign(&authority, &mut roster).encode(),
     )
@@ -112,6 +113,8 @@ pub struct Consortium {
     pub roster: Vec<u8>,
     pub document: Roster,
     pub members: Vec<String>,
+    /// The engine of the stores `node` opens.
+    pub store_engine: estuary_node::store::StoreEngine,
 }
 
 impl Consortium {
@@ -140,6 +143,7 @@ impl Consortium {
             roster: signed,
             document: roster,
             members,
+            store_engine: Default::default(),
         }
     }
 
@@ -169,6 +173,7 @@ impl Consortium {
         let config = NodeConfig {
             data_dir: self.dir.path().join(name),
             authority: Identity::from_secret(AUTHORITY).public_key(),
+            store_engine: self.store_engine,
         };
         Arc::new(Node::open(&config, Some(&self.roster)).unwrap())
     }

@@ -91,6 +91,7 @@ impl InProc {
             .map(|data_dir| NodeConfig {
                 data_dir,
                 authority,
+                store_engine: Default::default(),
             })
             .collect();
         let mut cluster = Self {

@@ -101,6 +101,7 @@ impl Procs {
                 data_dir: ".".into(),
                 authority: authority.to_string(),
                 roster: Some("roster.signed".into()),
+                store: Default::default(),
                 network: NetworkConfig {
                     listen: vec![format!("/ip4/127.0.0.1/tcp/{}", p2p[i])],
                     bootstrap: links[i]
