@@ -10,8 +10,11 @@
 //!
 //! Like sled's one tree, the store is one keyspace of fjall: the node's keyspaces are key
 //! prefixes inside it, so a batch spanning them is one atomic write. A batch is durable once
-//! `flush` has `fsync`ed the journal; fjall replays the journal at open and drops a torn tail,
-//! which the witness (`WitnessedStore`) then reports as lost, as it does for sled.
+//! `flush` has `fsync`ed the journal. At open fjall replays the journal: a batch cut short at
+//! its end is dropped (the witness, `WitnessedStore`, then reports what it held as lost, as
+//! for sled), and a batch whose checksum does not match refuses the store
+//! (`StoreError::Damaged`). A table block that fails its checksum fails the read that meets
+//! it, as `Damaged` too.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -37,9 +40,26 @@ pub struct LsmStore {
     dir: PathBuf,
 }
 
-fn backend(error: fjall::Error) -> StoreError {
-    StoreError::Backend(error.to_string())
+/// What a fjall error means for the node: an I/O failure (a full disk, a permission) is the
+/// backend's error, to retry or fix; anything that says the files do not read back as fjall
+/// wrote them (a checksum, a version, a block that does not decode) is a damaged store.
+fn error(error: fjall::Error) -> StoreError {
+    match error {
+        fjall::Error::Io(_) | fjall::Error::Storage(fjall::LsmError::Io(_)) => {
+            StoreError::Backend(error.to_string())
+        }
+        fjall::Error::Poisoned => StoreError::Backend(
+            "an earlier flush of the store failed (see the log); restart the node".into(),
+        ),
+        fjall::Error::Locked => StoreError::Backend("another process holds the store".into()),
+        other => StoreError::Damaged {
+            reason: other.to_string(),
+        },
+    }
 }
+
+/// Longest key fjall takes, in bytes (it asserts on longer ones and on empty ones).
+const KEY_BYTES_MAX: usize = u16::MAX as usize;
 
 impl LsmStore {
     /// Opens (or creates) the store in `dir`, waiting up to `STORE_LOCK_WAIT_MAX` for its
@@ -48,15 +68,21 @@ impl LsmStore {
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         let started = std::time::Instant::now();
         loop {
-            match fjall::Database::builder(dir)
-                .cache_size(STORE_CACHE_BYTES)
-                .max_journaling_size(JOURNALS_BYTES_MAX)
-                .open()
-            {
-                Ok(db) => {
-                    let tree = db
-                        .keyspace(KEYSPACE, fjall::KeyspaceCreateOptions::default)
-                        .map_err(damaged)?;
+            // fjall asserts on some files it cannot make sense of at recovery (a folder of
+            // its own named otherwise than it names them): a damaged store, not a crash.
+            let opened = std::panic::catch_unwind(|| {
+                let db = fjall::Database::builder(dir)
+                    .cache_size(STORE_CACHE_BYTES)
+                    .max_journaling_size(JOURNALS_BYTES_MAX)
+                    .open()?;
+                let tree = db.keyspace(KEYSPACE, fjall::KeyspaceCreateOptions::default)?;
+                Ok::<_, fjall::Error>((db, tree))
+            })
+            .map_err(|_| StoreError::Damaged {
+                reason: "the log-structured store's files do not recover".into(),
+            })?;
+            match opened {
+                Ok((db, tree)) => {
                     return Ok(Self {
                         db,
                         tree,
@@ -67,33 +93,20 @@ impl LsmStore {
                     std::thread::sleep(std::time::Duration::from_millis(20));
                 }
                 Err(fjall::Error::Locked) => return Err(super::lock_held_error(dir)),
-                Err(fjall::Error::Io(error)) => {
-                    return Err(StoreError::Backend(format!(
-                        "cannot open the store in {}: {error}",
-                        dir.display()
-                    )));
-                }
-                // A journal or table that does not read back, or a version it does not know.
-                Err(other) => return Err(damaged(other)),
+                Err(other) => return Err(error(other)),
             }
         }
     }
 }
 
-fn damaged(error: fjall::Error) -> StoreError {
-    StoreError::Damaged {
-        reason: error.to_string(),
-    }
-}
-
 fn owned(pair: fjall::Guard) -> Result<(Vec<u8>, Vec<u8>), StoreError> {
-    let (key, value) = pair.into_inner().map_err(backend)?;
+    let (key, value) = pair.into_inner().map_err(error)?;
     Ok((key.to_vec(), value.to_vec()))
 }
 
 impl KeyValue for LsmStore {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.tree.get(key).map_err(backend)?.map(|v| v.to_vec()))
+        Ok(self.tree.get(key).map_err(error)?.map(|v| v.to_vec()))
     }
 
     fn scan_prefix(&self, prefix: &[u8]) -> Result<Entries, StoreError> {
@@ -103,7 +116,7 @@ impl KeyValue for LsmStore {
     fn keys_with_prefix(&self, prefix: &[u8]) -> Result<Vec<Vec<u8>>, StoreError> {
         self.tree
             .prefix(prefix)
-            .map(|pair| pair.key().map(|k| k.to_vec()).map_err(backend))
+            .map(|pair| pair.key().map(|k| k.to_vec()).map_err(error))
             .collect()
     }
 
@@ -120,6 +133,16 @@ impl KeyValue for LsmStore {
         // Every write of a fjall batch carries the batch's one sequence number, so two writes
         // of one key in it would be ambiguous: the last one per key is kept, as sled keeps it.
         let writes: BTreeMap<Vec<u8>, Option<Vec<u8>>> = batch.writes.into_iter().collect();
+        if let Some(key) = writes
+            .keys()
+            .find(|key| key.is_empty() || key.len() > KEY_BYTES_MAX)
+        {
+            return Err(StoreError::Backend(format!(
+                "a key of {} bytes: the log-structured store takes keys of 1 to {KEY_BYTES_MAX} \
+                 bytes",
+                key.len()
+            )));
+        }
         let mut fjall_batch = self.db.batch();
         for (key, value) in writes {
             match value {
@@ -127,14 +150,12 @@ impl KeyValue for LsmStore {
                 None => fjall_batch.remove(&self.tree, key),
             }
         }
-        fjall_batch.commit().map_err(backend)
+        fjall_batch.commit().map_err(error)
     }
 
     fn flush(&self) -> Result<(), StoreError> {
         // `SyncAll`: the journal's data and its size, and a journal fjall has just started.
-        self.db
-            .persist(fjall::PersistMode::SyncAll)
-            .map_err(backend)
+        self.db.persist(fjall::PersistMode::SyncAll).map_err(error)
     }
 
     fn size_on_disk(&self) -> Result<u64, StoreError> {

@@ -380,6 +380,10 @@ impl WitnessedStore {
     /// log-structured engine when `engine` asks for it (`migrate_to_lsm`).
     pub fn open(dir: &Path, witness: &Path, engine: StoreEngine) -> Result<Self, StoreError> {
         use std::io::Read;
+        // Held until the store is open: one process at a time finishes, discards or makes a
+        // move between engines (a command run while the node moves its store waits, then
+        // meets the store's own lock).
+        let _opening = OpeningLock::take(dir)?;
         finish_migration(dir)?;
         let engine = match (StoreEngine::found_in(dir), engine) {
             (Some(StoreEngine::Sled), StoreEngine::Lsm) => {
@@ -440,32 +444,82 @@ impl WitnessedStore {
     }
 }
 
-/// Where a store being moved to the log-structured engine is built, beside `dir`.
-fn migration_dir(dir: &Path) -> std::path::PathBuf {
+/// An exclusive lock on a file beside the store (`<dir>.open-lock`), held while a store is
+/// opened, and so while it moves between engines. The lock lives as long as the file is open.
+struct OpeningLock {
+    _held: std::fs::File,
+}
+
+impl OpeningLock {
+    /// Takes the lock, waiting up to `STORE_LOCK_WAIT_MAX` for another holder.
+    fn take(dir: &Path) -> Result<Self, StoreError> {
+        let path = beside(dir, ".open-lock");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| StoreError::Backend(format!("{}: {e}", path.display())))?;
+        let started = std::time::Instant::now();
+        loop {
+            match file.try_lock() {
+                Ok(()) => return Ok(Self { _held: file }),
+                Err(std::fs::TryLockError::WouldBlock)
+                    if started.elapsed() < STORE_LOCK_WAIT_MAX =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(std::fs::TryLockError::WouldBlock) => return Err(lock_held_error(dir)),
+                Err(std::fs::TryLockError::Error(e)) => {
+                    return Err(StoreError::Backend(format!("{}: {e}", path.display())));
+                }
+            }
+        }
+    }
+}
+
+/// `dir`'s path with `suffix` added to its name.
+fn beside(dir: &Path, suffix: &str) -> std::path::PathBuf {
     let mut name = dir.file_name().unwrap_or_default().to_os_string();
-    name.push(".migrating");
+    name.push(suffix);
     dir.with_file_name(name)
 }
 
-/// Finishes or discards a move to the log-structured engine that stopped part-way: a copy
-/// is only ever renamed into place whole, after the sled store was renamed aside, so a copy
-/// beside a store is unfinished (and discarded), and a copy without one is finished.
+/// Where a store being moved to the log-structured engine is built, beside `dir`.
+fn migration_dir(dir: &Path) -> std::path::PathBuf {
+    beside(dir, ".migrating")
+}
+
+/// Written (and made durable) beside the copy once it holds every key and is durable itself:
+/// only then may the sled store be renamed aside.
+fn migration_done(dir: &Path) -> std::path::PathBuf {
+    beside(dir, ".migrating.done")
+}
+
+/// Finishes or discards a move to the log-structured engine that stopped part-way. The sled
+/// store is renamed aside only once the copy is whole and `migration_done` says so; so a copy
+/// beside a store is discarded (the move starts again if still asked for), a copy without a
+/// store is put in its place if it was finished, and discarded if not (the store was moved
+/// away by hand, as for a damaged store).
 fn finish_migration(dir: &Path) -> Result<(), StoreError> {
-    let copy = migration_dir(dir);
-    if !copy.exists() {
-        return Ok(());
-    }
+    let (copy, done) = (migration_dir(dir), migration_done(dir));
     let io = |e: std::io::Error| {
         StoreError::Backend(format!(
             "cannot finish moving the store to the log-structured engine ({}): {e}",
             copy.display()
         ))
     };
-    if dir.exists() {
-        std::fs::remove_dir_all(&copy).map_err(io)
-    } else {
-        std::fs::rename(&copy, dir).map_err(io)?;
-        sync_parent(dir).map_err(io)
+    if copy.exists() {
+        if !dir.exists() && done.exists() {
+            std::fs::rename(&copy, dir).map_err(io)?;
+            sync_parent(dir).map_err(io)?;
+        } else {
+            std::fs::remove_dir_all(&copy).map_err(io)?;
+        }
+    }
+    match std::fs::remove_file(&done) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io(e)),
+        _ => Ok(()),
     }
 }
 
@@ -486,7 +540,7 @@ fn migrate_to_lsm(dir: &Path) -> Result<(), StoreError> {
     let copy_dir = migration_dir(dir);
     let started = std::time::Instant::now();
     let (mut keys, mut bytes) = (0u64, 0u64);
-    {
+    let copied = (|| {
         let sled = SledStore::open(dir)?;
         let copy = LsmStore::open(&copy_dir)?;
         for page in pages(&sled, &[]) {
@@ -498,24 +552,37 @@ fn migrate_to_lsm(dir: &Path) -> Result<(), StoreError> {
             }
             copy.apply(batch)?;
         }
-        copy.flush()?;
-    }
-    let seconds = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let mut name = dir.file_name().unwrap_or_default().to_os_string();
-    name.push(format!(".sled-{seconds}"));
-    let aside = dir.with_file_name(name);
+        copy.flush()
+    })();
     let io = |e: std::io::Error| {
         StoreError::Backend(format!(
             "cannot move the store in {} to the log-structured engine: {e}",
             dir.display()
         ))
     };
+    if let Err(error) = copied {
+        // The sled store is untouched; the next open starts the move again.
+        let _ = std::fs::remove_dir_all(&copy_dir);
+        return Err(error);
+    }
+    let done = migration_done(dir);
+    std::fs::File::create(&done)
+        .and_then(|file| file.sync_all())
+        .and_then(|()| sync_parent(dir))
+        .map_err(io)?;
+    let seconds = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let aside = beside(dir, &format!(".sled-{seconds}"));
     std::fs::rename(dir, &aside).map_err(io)?;
-    std::fs::rename(&copy_dir, dir).map_err(io)?;
+    if let Err(error) = std::fs::rename(&copy_dir, dir) {
+        // Put the sled store back rather than leave no store where the node looks for one.
+        let _ = std::fs::rename(&aside, dir);
+        return Err(io(error));
+    }
     sync_parent(dir).map_err(io)?;
+    std::fs::remove_file(&done).map_err(io)?;
     tracing::warn!(
         keys,
         bytes,
@@ -843,7 +910,7 @@ mod tests {
     }
 
     #[test]
-    fn a_batch_is_atomic_and_survives_reopening() {
+    fn a_batch_survives_reopening_and_keeps_the_last_write_of_each_key() {
         let dir = tempfile::tempdir().unwrap();
         for engine in [StoreEngine::Sled, StoreEngine::Lsm] {
             let dir = dir.path().join(engine.to_string());
@@ -962,9 +1029,34 @@ mod tests {
         drop(store);
         // Stopped between the two renames: the finished copy takes the store's place.
         std::fs::rename(&store_dir, &copy_dir).unwrap();
+        std::fs::File::create(migration_done(&store_dir)).unwrap();
         let store = witnessed(dir.path(), StoreEngine::Sled);
         assert_eq!(store.engine(), StoreEngine::Lsm);
         assert_eq!(store.get(b"k").unwrap(), Some(b"sled".to_vec()));
+        assert!(!migration_done(&store_dir).exists());
+        drop(store);
+        // A copy never finished, with no store beside it (moved away by hand): discarded,
+        // never taken for the store.
+        std::fs::rename(&store_dir, &copy_dir).unwrap();
+        let store = witnessed(dir.path(), StoreEngine::Lsm);
+        assert_eq!(store.get(b"k").unwrap(), None);
+        assert!(!copy_dir.exists());
+    }
+
+    #[test]
+    fn a_store_being_opened_is_opened_by_one_process_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let store_dir = dir.path().join("store");
+        let held = OpeningLock::take(&store_dir).unwrap();
+        let waiting = std::thread::spawn({
+            let dir = dir.path().to_path_buf();
+            move || witnessed(&dir, StoreEngine::Lsm).engine()
+        });
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert!(!waiting.is_finished(), "it waits for the lock");
+        assert!(!store_dir.exists(), "and touches nothing meanwhile");
+        drop(held);
+        assert_eq!(waiting.join().unwrap(), StoreEngine::Lsm);
     }
 
     /// An in-memory store whose flushes wait at a gate, so a test can hold one flush open.
