@@ -90,9 +90,10 @@ pub struct AppToken {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
-    /// The engine a new store is created in; a sled store moves to `lsm` at the next start
-    /// when this says `lsm`.
-    pub engine: crate::store::StoreEngine,
+    /// The engine a new store is created in (the log-structured one if unset); a sled store
+    /// moves to `lsm` at the next start when this says `lsm`, and only then.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub engine: Option<crate::store::StoreEngine>,
 }
 
 /// The HTTP API.
@@ -363,11 +364,12 @@ authority = {authority}
 {roster}
 
 [store]
-# The storage engine: "sled", or "lsm" (a log-structured tree: a catch-up 1.4× as fast as on
-# sled, on two thirds of its disk; see docs/performance.md). A new store is created in this engine;
-# a sled store moves to "lsm" at the next start when this says "lsm" (the old files are kept
-# beside it, in store.sled-<time>, until you delete them). A store never moves back.
-engine = {engine}
+# The storage engine: "lsm" (a log-structured tree) or "sled". A new store is created in this
+# engine, "lsm" if unset: a catch-up runs 1.4x as fast as on sled, on two thirds of its disk
+# (docs/performance.md). A store made by an earlier release is on sled and stays there until
+# this says "lsm": it then moves at the next start (the old files are kept beside it, in
+# store.sled-<time>, until you delete them). A store never moves back.
+{engine}
 
 [network]
 # Addresses to listen on for peers (libp2p multiaddrs: TCP and QUIC).
@@ -410,7 +412,10 @@ admin_token = {admin}
                 Some(path) => format!("roster = {}", quote(&path.display().to_string())),
                 None => "# roster = \"roster.signed\"".to_owned(),
             },
-            engine = quote(&self.store.engine.to_string()),
+            engine = match self.store.engine {
+                Some(engine) => format!("engine = {}", quote(&engine.to_string())),
+                None => "# engine = \"lsm\"".to_owned(),
+            },
             listen = list(&n.listen),
             bootstrap = list(&n.bootstrap),
             mdns = n.mdns,

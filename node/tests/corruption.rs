@@ -172,7 +172,7 @@ fn a_format_3_store_gets_its_referrals_on_the_desks_at_open() {
         let db = open_stopped_store(&consortium.dir.path().join("member-0/store"));
         let record_key = [&b"x"[..], referral.as_bytes()].concat();
         let recorded: Vec<Vec<u8>> =
-            ciborium::from_reader(db.get(&record_key).unwrap().unwrap().as_ref()).unwrap();
+            ciborium::from_reader(db.get(&record_key).unwrap().unwrap().as_slice()).unwrap();
         let mut old: Vec<Vec<u8>> = recorded.into_iter().filter(|k| k[0] != b'b').collect();
         for entry in db.scan_prefix(b"b") {
             db.remove(entry.unwrap().0).unwrap();
@@ -203,7 +203,7 @@ fn a_format_3_store_gets_its_referrals_on_the_desks_at_open() {
     let db = open_stopped_store(&consortium.dir.path().join("member-0/store"));
     assert!(db.get(&old_key).unwrap().is_none(), "the old entry is gone");
     assert_eq!(
-        db.get(b"m/format").unwrap().unwrap().as_ref(),
+        db.get(b"m/format").unwrap().unwrap().as_slice(),
         5u32.to_be_bytes()
     );
 }
@@ -225,7 +225,7 @@ fn a_format_4_store_gets_its_residents_summaries_at_open() {
         let db = open_stopped_store(&store);
         let record_key = [&b"x"[..], file.as_bytes()].concat();
         let recorded: Vec<Vec<u8>> =
-            ciborium::from_reader(db.get(&record_key).unwrap().unwrap().as_ref()).unwrap();
+            ciborium::from_reader(db.get(&record_key).unwrap().unwrap().as_slice()).unwrap();
         let resident_keys: Vec<Vec<u8>> = recorded.into_iter().filter(|k| k[0] == b'a').collect();
         assert!(!resident_keys.is_empty());
         for key in &resident_keys {
@@ -247,7 +247,7 @@ fn a_format_4_store_gets_its_residents_summaries_at_open() {
             );
         }
         assert_eq!(
-            db.get(b"m/format").unwrap().unwrap().as_ref(),
+            db.get(b"m/format").unwrap().unwrap().as_slice(),
             5u32.to_be_bytes()
         );
     }

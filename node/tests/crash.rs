@@ -55,7 +55,7 @@ fn sigkill_loop(engine: StoreEngine) {
 
     let dir = tempfile::tempdir().unwrap();
     let (mut config, roster) = single_node(dir.path(), "chc-a");
-    config.store_engine = engine;
+    config.store_engine = Some(engine);
     let roster_file = dir.path().join("roster.cbor");
     std::fs::write(&roster_file, roster).unwrap();
 

@@ -99,7 +99,7 @@ fn held(node: &Node) -> BTreeSet<(DocumentId, String)> {
 
 async fn damaged_store_is_detected_repaired_and_resynced(how: Damage, engine: StoreEngine) {
     let mut consortium = Consortium::new(3);
-    consortium.store_engine = engine;
+    consortium.store_engine = Some(engine);
     let (a, b) = (consortium.node(0), consortium.node(1));
     let (a_address, b_address) = (memory_address(), memory_address());
     let a_sync = start(&a, &a_address, vec![]);
@@ -149,7 +149,7 @@ async fn damaged_store_is_detected_repaired_and_resynced(how: Damage, engine: St
     let config = estuary_node::replica::NodeConfig {
         data_dir: c_dir.clone(),
         authority: estuary_node::identity::Identity::from_secret(common::AUTHORITY).public_key(),
-        store_engine: engine,
+        store_engine: Some(engine),
     };
     let c = match Node::open(&config, Some(&consortium.roster)) {
         Ok(node) => node,

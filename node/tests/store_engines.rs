@@ -1,5 +1,6 @@
-//! The node on each storage engine: a node on the log-structured store keeps what it wrote
-//! across restarts, and a node on sled moved to it at a restart keeps every change, its
+//! The node on each storage engine: a new node's store is log-structured unless its config
+//! names sled, and keeps what it wrote across restarts; a node on sled stays there until its
+//! config names the log-structured engine, then moves at a restart keeping every change, its
 //! witness reporting nothing lost.
 
 mod common;
@@ -45,7 +46,8 @@ fn holds_all(node: &Node, written: &[(DocumentId, ChangeHash)]) {
 fn a_node_on_the_log_structured_store_keeps_what_it_wrote_across_restarts() {
     let dir = tempfile::tempdir().unwrap();
     let (mut config, roster) = single_node(dir.path(), "chc-a");
-    config.store_engine = StoreEngine::Lsm;
+    // A new store with no engine named is log-structured.
+    config.store_engine = None;
     let mut written = {
         let node = Node::open(&config, Some(&roster)).unwrap();
         assert_eq!(node.store_engine(), StoreEngine::Lsm);
@@ -57,7 +59,7 @@ fn a_node_on_the_log_structured_store_keeps_what_it_wrote_across_restarts() {
     written.extend(write_files(&node, "Second"));
     drop(node);
     // A config asking for sled does not move a log-structured store back.
-    config.store_engine = StoreEngine::Sled;
+    config.store_engine = Some(StoreEngine::Sled);
     let node = Node::open(&config, None).unwrap();
     assert_eq!(node.store_engine(), StoreEngine::Lsm);
     holds_all(&node, &written);
@@ -67,12 +69,19 @@ fn a_node_on_the_log_structured_store_keeps_what_it_wrote_across_restarts() {
 fn a_sled_node_moved_to_the_log_structured_store_keeps_every_change_and_loses_none() {
     let dir = tempfile::tempdir().unwrap();
     let (mut config, roster) = single_node(dir.path(), "chc-a");
+    config.store_engine = Some(StoreEngine::Sled);
     let (written, audit) = {
         let node = Node::open(&config, Some(&roster)).unwrap();
         assert_eq!(node.store_engine(), StoreEngine::Sled);
         (write_files(&node, "Sled"), node.audit_sequence())
     };
-    config.store_engine = StoreEngine::Lsm;
+    // With no engine named, as a config of an earlier release has none, it stays on sled.
+    config.store_engine = None;
+    assert_eq!(
+        Node::open(&config, None).unwrap().store_engine(),
+        StoreEngine::Sled
+    );
+    config.store_engine = Some(StoreEngine::Lsm);
     let node = Node::open(&config, None).unwrap();
     assert_eq!(node.store_engine(), StoreEngine::Lsm);
     holds_all(&node, &written);

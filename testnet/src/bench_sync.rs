@@ -227,7 +227,7 @@ fn pair(root: &Path, store_engine: StoreEngine) -> anyhow::Result<Pair> {
         configs.push(NodeConfig {
             data_dir,
             authority: authority.public_key(),
-            store_engine,
+            store_engine: Some(store_engine),
         });
     }
     let roster = SignedRoster::sign(&authority, &mut roster).encode();

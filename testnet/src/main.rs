@@ -80,8 +80,8 @@ struct ThroughApi {
     /// Write the figures as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
-    /// The storage engine of the node's store: sled or lsm.
-    #[arg(long, default_value = "sled", value_parser = store_engine)]
+    /// The storage engine of the node's store: lsm or sled.
+    #[arg(long, default_value = "lsm", value_parser = store_engine)]
     store_engine: StoreEngine,
 }
 
@@ -218,8 +218,8 @@ enum Bench {
         /// Write the figures as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
-        /// The storage engine of both nodes' stores: sled or lsm.
-        #[arg(long, default_value = "sled", value_parser = store_engine)]
+        /// The storage engine of both nodes' stores: lsm or sled.
+        #[arg(long, default_value = "lsm", value_parser = store_engine)]
         store_engine: StoreEngine,
     },
     /// The consortium splits in two, each side writes `files` new files, the link heals:

@@ -108,7 +108,7 @@ impl NodeProcess {
             authority: authority.to_string(),
             roster: Some("roster.signed".into()),
             store: StoreConfig {
-                engine: store_engine,
+                engine: Some(store_engine),
             },
             network: NetworkConfig {
                 listen: vec![listen],

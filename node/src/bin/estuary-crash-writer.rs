@@ -2,7 +2,7 @@
 //! acknowledgement, until killed (or after WRITES_MAX writes). Used by the crash test.
 //!
 //! Usage: estuary-crash-writer DATA_DIR ROSTER_FILE AUTHORITY_KEY_HEX INSTITUTION [WRITES_MAX
-//! [ENGINE]], ENGINE being the storage engine of a new store, `sled` (the default) or `lsm`.
+//! [ENGINE]], ENGINE being the storage engine of a new store, `lsm` (the default) or `sled`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -29,8 +29,9 @@ fn main() -> ExitCode {
             .transpose()?
             .unwrap_or(DEFAULT_WRITES_MAX);
         let store_engine = match rest.get(1).map(String::as_str) {
-            None | Some("sled") => StoreEngine::Sled,
-            Some("lsm") => StoreEngine::Lsm,
+            None => None,
+            Some("sled") => Some(StoreEngine::Sled),
+            Some("lsm") => Some(StoreEngine::Lsm),
             Some(other) => return Err(format!("{other:?}: the engines are sled and lsm").into()),
         };
         let config = NodeConfig {

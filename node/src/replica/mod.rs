@@ -312,9 +312,9 @@ pub struct NodeConfig {
     pub data_dir: PathBuf,
     /// The consortium authority's public key.
     pub authority: Bytes32,
-    /// The engine a new store is created in (an existing one keeps its own, except that a
-    /// sled store moves to `Lsm` when this asks for it).
-    pub store_engine: StoreEngine,
+    /// The engine a new store is created in (`StoreEngine::default()` if none); an existing
+    /// store keeps its own, except that a sled store moves to `Lsm` when this names it.
+    pub store_engine: Option<StoreEngine>,
 }
 
 /// A change this node wrote, once durable: what the network layer publishes.

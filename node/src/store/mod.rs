@@ -51,9 +51,10 @@ pub enum StoreError {
 #[serde(rename_all = "snake_case")]
 pub enum StoreEngine {
     /// sled 0.34: one B-tree of pages in a log.
-    #[default]
     Sled,
-    /// fjall: a log-structured merge tree (journal, memtable, sorted compressed tables).
+    /// fjall: a log-structured merge tree (journal, memtable, sorted compressed tables). The
+    /// engine of a new store unless the config names another.
+    #[default]
     Lsm,
 }
 
@@ -75,6 +76,18 @@ impl StoreEngine {
             Self::Sled => Box::new(SledStore::open(dir)?),
             Self::Lsm => Box::new(LsmStore::open(dir)?),
         })
+    }
+}
+
+/// Opens the store in `dir` in the engine it is kept in, as a tool that reads or mends a
+/// stopped node's store does: no store is created and none is moved.
+pub fn open_existing(dir: &Path) -> Result<Box<dyn KeyValue>, StoreError> {
+    match StoreEngine::found_in(dir) {
+        Some(engine) => engine.open(dir),
+        None => Err(StoreError::Backend(format!(
+            "no store in {}",
+            dir.display()
+        ))),
     }
 }
 
@@ -376,9 +389,14 @@ const WITNESS_BYTES: usize = 16;
 
 impl WitnessedStore {
     /// Opens the store in `dir` and its witness file beside it. A new store is created in
-    /// `engine`; an existing one keeps its own, except that a sled store is moved to the
-    /// log-structured engine when `engine` asks for it (`migrate_to_lsm`).
-    pub fn open(dir: &Path, witness: &Path, engine: StoreEngine) -> Result<Self, StoreError> {
+    /// `engine` (`StoreEngine::default()` if none is named); an existing one keeps its own,
+    /// except that a sled store is moved to the log-structured engine when `engine` names it
+    /// (`migrate_to_lsm`): a store moves only when its operator asks.
+    pub fn open(
+        dir: &Path,
+        witness: &Path,
+        engine: Option<StoreEngine>,
+    ) -> Result<Self, StoreError> {
         use std::io::Read;
         // Held until the store is open: one process at a time finishes, discards or makes a
         // move between engines (a command run while the node moves its store waits, then
@@ -386,20 +404,19 @@ impl WitnessedStore {
         let _opening = OpeningLock::take(dir)?;
         finish_migration(dir)?;
         let engine = match (StoreEngine::found_in(dir), engine) {
-            (Some(StoreEngine::Sled), StoreEngine::Lsm) => {
+            (Some(StoreEngine::Sled), Some(StoreEngine::Lsm)) => {
                 migrate_to_lsm(dir)?;
                 StoreEngine::Lsm
             }
-            (Some(found), wanted) => {
-                if found != wanted {
-                    tracing::warn!(
-                        %found, %wanted,
-                        "the store keeps the engine it was created with"
-                    );
-                }
+            (Some(found), Some(wanted)) if found != wanted => {
+                tracing::warn!(
+                    %found, %wanted,
+                    "the store keeps the engine it was created with"
+                );
                 found
             }
-            (None, wanted) => wanted,
+            (Some(found), _) => found,
+            (None, wanted) => wanted.unwrap_or_default(),
         };
         let inner = engine.open(dir)?;
         let mut file = std::fs::OpenOptions::new()
@@ -956,7 +973,7 @@ mod tests {
 
     /// A witnessed store of `engine` in `dir`, its witness beside it.
     fn witnessed(dir: &Path, engine: StoreEngine) -> WitnessedStore {
-        WitnessedStore::open(&dir.join("store"), &dir.join(WITNESS_FILE), engine).unwrap()
+        WitnessedStore::open(&dir.join("store"), &dir.join(WITNESS_FILE), Some(engine)).unwrap()
     }
 
     #[test]

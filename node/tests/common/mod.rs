@@ -11,6 +11,7 @@ use estuary_node::identity::Identity;
 use estuary_node::membership::SignedRoster;
 use estuary_node::model::*;
 use estuary_node::replica::{Node, NodeConfig};
+use estuary_node::store::{Batch, StoreError};
 use estuary_node::sync::{SyncConfig, SyncHandle, TransportKind};
 use libp2p::Multiaddr;
 
@@ -113,8 +114,8 @@ pub struct Consortium {
     pub roster: Vec<u8>,
     pub document: Roster,
     pub members: Vec<String>,
-    /// The engine of the stores `node` opens.
-    pub store_engine: estuary_node::store::StoreEngine,
+    /// The engine of the stores `node` opens (none named: the default).
+    pub store_engine: Option<estuary_node::store::StoreEngine>,
 }
 
 impl Consortium {
@@ -285,25 +286,67 @@ pub fn bare_swarm<B: libp2p::swarm::NetworkBehaviour>(
         .build()
 }
 
-/// Opens a stopped node's sled store directly, as a test that damages or rewrites it does.
-/// sled's own threads may hold the store's file lock for a moment after the node is dropped:
-/// the open is retried for up to ten seconds while the lock is held.
-pub fn open_stopped_store(dir: &Path) -> sled::Db {
-    let started = std::time::Instant::now();
-    loop {
-        match sled::open(dir) {
-            Ok(db) => return db,
-            Err(sled::Error::Io(error))
-                if error.kind() == std::io::ErrorKind::WouldBlock
-                    || error.to_string().contains("lock") =>
-            {
-                assert!(
-                    started.elapsed() < std::time::Duration::from_secs(10),
-                    "the store's lock was still held after ten seconds: {error}"
-                );
-                std::thread::sleep(std::time::Duration::from_millis(20));
-            }
-            Err(error) => panic!("the store does not open: {error}"),
-        }
+/// Opens a stopped node's store directly, in whichever engine it is kept, as a test that
+/// damages or rewrites it does (each engine's open waits a moment for a lock its threads may
+/// still hold after the node is dropped).
+pub fn open_stopped_store(dir: &Path) -> StoppedStore {
+    StoppedStore(estuary_node::store::open_existing(dir).expect("the store opens"))
+}
+
+/// A stopped node's store, written a key at a time.
+pub struct StoppedStore(Box<dyn estuary_node::store::KeyValue>);
+
+impl StoppedStore {
+    /// The value of `key`.
+    pub fn get(&self, key: impl AsRef<[u8]>) -> Result<Option<Vec<u8>>, StoreError> {
+        self.0.get(key.as_ref())
+    }
+
+    /// Sets `key` to `value`; returns what it held.
+    pub fn insert(
+        &self,
+        key: impl AsRef<[u8]>,
+        value: impl Into<Vec<u8>>,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        let before = self.get(key.as_ref())?;
+        let mut batch = Batch::default();
+        batch.put(key.as_ref().to_vec(), value);
+        self.0.apply(batch)?;
+        Ok(before)
+    }
+
+    /// Removes `key`; returns what it held.
+    pub fn remove(&self, key: impl AsRef<[u8]>) -> Result<Option<Vec<u8>>, StoreError> {
+        let before = self.get(key.as_ref())?;
+        let mut batch = Batch::default();
+        batch.delete(key.as_ref().to_vec());
+        self.0.apply(batch)?;
+        Ok(before)
+    }
+
+    /// Every key and value starting with `prefix`.
+    pub fn scan_prefix(
+        &self,
+        prefix: impl AsRef<[u8]>,
+    ) -> impl Iterator<Item = Result<(Vec<u8>, Vec<u8>), StoreError>> {
+        let entries = self.0.scan_prefix(prefix.as_ref());
+        let (entries, error) = match entries {
+            Ok(entries) => (entries, None),
+            Err(error) => (Vec::new(), Some(error)),
+        };
+        error
+            .into_iter()
+            .map(Err)
+            .chain(entries.into_iter().map(Ok))
+    }
+
+    /// Every key and value.
+    pub fn iter(&self) -> impl Iterator<Item = Result<(Vec<u8>, Vec<u8>), StoreError>> {
+        self.scan_prefix([])
+    }
+
+    /// Makes every write durable.
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.0.flush()
     }
 }
