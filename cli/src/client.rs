@@ -18,6 +18,7 @@ use estuary_node::config::{Config, generate_token};
 use estuary_node::identity::{Identity, KEY_FILE};
 use estuary_node::model::Bytes32;
 use estuary_node::replica::{Node, NodeConfig};
+use estuary_node::store::StoreEngine;
 use serde_json::Value;
 
 use crate::Failure;
@@ -55,7 +56,7 @@ struct Offline {
 impl Drop for Offline {
     fn drop(&mut self) {
         // Requests are over by now; the server stops, and dropping the runtime closes the
-        // node (sled flushes on close).
+        // node (the store flushes on close).
         let _ = self.shutdown.send(true);
     }
 }
@@ -106,7 +107,12 @@ impl Client {
             &NodeConfig {
                 data_dir: config.data_dir.clone(),
                 authority: config.authority_key()?,
-                store_engine: config.store.engine,
+                // A command on a stopped node opens its store as it is: a move to another
+                // engine, which copies the whole store, is the node's to make at its start.
+                store_engine: StoreEngine::found_in(
+                    &config.data_dir.join(estuary_node::replica::STORE_DIR),
+                )
+                .or(config.store.engine),
             },
             roster.as_deref(),
         )

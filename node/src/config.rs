@@ -368,7 +368,7 @@ authority = {authority}
 # engine, "lsm" if unset: a catch-up runs 1.4x as fast as on sled, on two thirds of its disk
 # (docs/performance.md). A store made by an earlier release is on sled and stays there until
 # this says "lsm": it then moves at the next start (the old files are kept beside it, in
-# store.sled-<time>, until you delete them). A store never moves back.
+# store.sled-<seconds since 1970>, until you delete them). A store never moves back.
 {engine}
 
 [network]
@@ -522,6 +522,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::StoreEngine;
 
     fn sample() -> Config {
         Config {
@@ -544,6 +545,14 @@ mod tests {
 
     #[test]
     fn the_template_reads_back_as_the_config_it_was_written_from() {
+        for engine in [None, Some(StoreEngine::Sled), Some(StoreEngine::Lsm)] {
+            let mut config = sample();
+            config.store.engine = engine;
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("estuary.toml");
+            std::fs::write(&path, config.template()).unwrap();
+            assert_eq!(Config::load(&path).unwrap().store, config.store);
+        }
         let config = sample();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("estuary.toml");

@@ -39,7 +39,7 @@ struct Report {
     refused: usize,
     seconds: f64,
     files_per_s: f64,
-    /// The node's store after the load (sled's files), per file loaded.
+    /// The node's store after the load (its engine's files), per file loaded.
     store_bytes_per_file: f64,
     /// Target: at least this many residents per second, durably.
     files_per_s_target: f64,

@@ -14,7 +14,7 @@
 //! its end is dropped (the witness, `WitnessedStore`, then reports what it held as lost, as
 //! for sled), and a batch whose checksum does not match refuses the store
 //! (`StoreError::Damaged`). A table block that fails its checksum fails the read that meets
-//! it, as `Damaged` too.
+//! it (`StoreError::DamagedOnRead`).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -24,10 +24,25 @@ use super::{Batch, Entries, KeyValue, STORE_CACHE_BYTES, STORE_LOCK_WAIT_MAX, St
 /// The fjall keyspace that holds the store.
 const KEYSPACE: &str = "estuary";
 
-/// Most bytes of journal kept on disk (fjall's own default is 512 MiB, its least 64 MiB):
-/// past it, the memtables the oldest journal holds are written out as tables and the journal
-/// is deleted. A journal holds nothing a table does not once its memtable is written.
+/// Bytes of journal kept on disk, about (fjall's own default is 512 MiB, its least 64 MiB):
+/// fjall checks it as a journal fills (one journal file is about 64 MB), and past it writes
+/// the memtables the oldest journal holds out as tables and deletes the journal. A journal
+/// holds nothing a table does not once its memtable is written.
 pub const JOURNALS_BYTES_MAX: u64 = 64 * 1024 * 1024;
+
+/// Bytes of writes a memtable holds before it is sealed and written out as a table (fjall's
+/// default is 64 MiB). fjall holds at most four sealed memtables before it stalls writes, so
+/// a store's memtables stay under five times this. It is kept in the store when the store is
+/// made.
+pub const MEMTABLE_BYTES_MAX: u64 = 16 * 1024 * 1024;
+
+/// Threads a store's background work (writing memtables out, merging tables) runs on. Tests
+/// and the testnet run up to 21 nodes in one process.
+pub const STORE_WORKER_THREADS: usize = 2;
+
+/// Table files a store keeps open at once (fjall's default is 900; a process may have 1,024
+/// open files in all by default, and up to 21 nodes share one process in the testnet).
+pub const STORE_OPEN_FILES_MAX: usize = 32;
 
 /// A file fjall keeps at the top of its directory (and sled never writes): how a store's
 /// engine is recognised.
@@ -40,10 +55,19 @@ pub struct LsmStore {
     dir: PathBuf,
 }
 
-/// What a fjall error means for the node: an I/O failure (a full disk, a permission) is the
-/// backend's error, to retry or fix; anything that says the files do not read back as fjall
-/// wrote them (a checksum, a version, a block that does not decode) is a damaged store.
+/// What a fjall error met on a read or write means for the node: an I/O failure (a full disk,
+/// a permission) is the backend's error, to retry or fix; anything that says the files do not
+/// read back as fjall wrote them (a checksum, a block that does not decode) is a damaged
+/// store (`DamagedOnRead`).
 fn error(error: fjall::Error) -> StoreError {
+    match at_open(error) {
+        StoreError::Damaged { reason } => StoreError::DamagedOnRead { reason },
+        other => other,
+    }
+}
+
+/// `error`, for an error met while opening the store.
+fn at_open(error: fjall::Error) -> StoreError {
     match error {
         fjall::Error::Io(_) | fjall::Error::Storage(fjall::LsmError::Io(_)) => {
             StoreError::Backend(error.to_string())
@@ -74,8 +98,12 @@ impl LsmStore {
                 let db = fjall::Database::builder(dir)
                     .cache_size(STORE_CACHE_BYTES)
                     .max_journaling_size(JOURNALS_BYTES_MAX)
+                    .worker_threads(STORE_WORKER_THREADS)
+                    .max_cached_files(Some(STORE_OPEN_FILES_MAX))
                     .open()?;
-                let tree = db.keyspace(KEYSPACE, fjall::KeyspaceCreateOptions::default)?;
+                let tree = db.keyspace(KEYSPACE, || {
+                    fjall::KeyspaceCreateOptions::default().max_memtable_size(MEMTABLE_BYTES_MAX)
+                })?;
                 Ok::<_, fjall::Error>((db, tree))
             })
             .map_err(|_| StoreError::Damaged {
@@ -93,7 +121,7 @@ impl LsmStore {
                     std::thread::sleep(std::time::Duration::from_millis(20));
                 }
                 Err(fjall::Error::Locked) => return Err(super::lock_held_error(dir)),
-                Err(other) => return Err(error(other)),
+                Err(other) => return Err(at_open(other)),
             }
         }
     }

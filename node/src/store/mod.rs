@@ -34,6 +34,14 @@ pub enum StoreError {
         /// The engine's own words.
         reason: String,
     },
+    /// A read of the store met data that does not read back as the engine wrote it.
+    #[error(
+        "a read of the store met damaged data ({reason}). Run `estuary verify`; if it cannot finish, stop the node, move the `store` folder aside and start it again: it opens an empty store and re-syncs every document from its peers"
+    )]
+    DamagedOnRead {
+        /// The engine's own words.
+        reason: String,
+    },
     /// The store was written by a newer release in a layout this one cannot read.
     #[error(
         "the store's format is version {found}; this release reads up to version {supported}. Run the newer release, or re-sync into a fresh data directory"
@@ -211,9 +219,10 @@ pub struct SledStore {
     synced_blobs: Mutex<std::collections::HashSet<std::ffi::OsString>>,
 }
 
-/// Most bytes of pages sled keeps in memory (its cache), per store. sled's own default is
-/// 1 GiB, which a catch-up of 100,000 files fills: the node's memory then grows with its
-/// store. Pages beyond it are read back from the file system's cache.
+/// Most bytes of pages sled keeps in memory (its cache), and of blocks the log-structured
+/// engine keeps (its block cache), per store. sled's own default is 1 GiB, which a catch-up
+/// of 100,000 files fills: the node's memory then grows with its store. Pages and blocks
+/// beyond it are read back from the file system's cache.
 pub const STORE_CACHE_BYTES: u64 = 256 * 1024 * 1024;
 
 /// How long opening a store waits for another holder of its file lock to let go: sled's
@@ -403,6 +412,14 @@ impl WitnessedStore {
         // meets the store's own lock).
         let _opening = OpeningLock::take(dir)?;
         finish_migration(dir)?;
+        if dir.join("conf").exists() && dir.join(lsm::MARKER_FILE).exists() {
+            return Err(StoreError::Backend(format!(
+                "{} holds a log-structured store and sled's files beside it: a release that \
+                 knows only sled opened it. Move sled's files (conf, db, snap.*, blobs) out \
+                 of it and start again",
+                dir.display()
+            )));
+        }
         let engine = match (StoreEngine::found_in(dir), engine) {
             (Some(StoreEngine::Sled), Some(StoreEngine::Lsm)) => {
                 migrate_to_lsm(dir)?;
@@ -556,6 +573,11 @@ fn sync_parent(path: &Path) -> std::io::Result<()> {
 fn migrate_to_lsm(dir: &Path) -> Result<(), StoreError> {
     let copy_dir = migration_dir(dir);
     let started = std::time::Instant::now();
+    tracing::warn!(
+        store = %dir.display(),
+        "moving the store from sled to the log-structured engine: every key is copied beside \
+         it (room for about the live data is needed); the node starts once the copy is done"
+    );
     let (mut keys, mut bytes) = (0u64, 0u64);
     let copied = (|| {
         let sled = SledStore::open(dir)?;
@@ -1058,6 +1080,25 @@ mod tests {
         let store = witnessed(dir.path(), StoreEngine::Lsm);
         assert_eq!(store.get(b"k").unwrap(), None);
         assert!(!copy_dir.exists());
+    }
+
+    #[test]
+    fn a_folder_holding_both_engines_files_is_refused_not_read_as_either() {
+        let dir = tempfile::tempdir().unwrap();
+        let store_dir = dir.path().join("store");
+        {
+            let store = witnessed(dir.path(), StoreEngine::Lsm);
+            let mut batch = Batch::default();
+            batch.put(b"k".to_vec(), b"held".to_vec());
+            GroupCommit::default().commit(&store, batch).unwrap();
+        }
+        // A release that knows only sled opens the folder: sled makes its files beside.
+        drop(SledStore::open(&store_dir).unwrap());
+        let refused = WitnessedStore::open(&store_dir, &dir.path().join(WITNESS_FILE), None);
+        let Err(StoreError::Backend(reason)) = refused else {
+            panic!("opened a folder holding both engines' files");
+        };
+        assert!(reason.contains("Move sled's files"), "{reason}");
     }
 
     #[test]
