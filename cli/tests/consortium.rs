@@ -94,7 +94,8 @@ impl Running {
                 .token
                 .clone()
         };
-        let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
+        let log_path = dir.join(format!("{name}.log"));
+        let log = std::fs::File::create(&log_path).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_estuary"))
             .current_dir(dir)
             .args(["--config", config_path.to_str().unwrap(), "node", "run"])
@@ -103,19 +104,38 @@ impl Running {
             .stderr(log)
             .spawn()
             .unwrap();
-        let running = Self {
+        let mut running = Self {
             child: Some(child),
             config: config_path,
             api: format!("http://{}", config.api.listen),
             writer: token("clinical-app"),
             reader: token("dashboard"),
         };
-        running.wait_until("the API answers", || {
-            http()
-                .get(format!("{}/health", running.api))
-                .call()
-                .is_ok_and(|r| r.status() == 200)
-        });
+        // Until the API answers; a node that exits or never answers fails the test with the
+        // end of its log, which says why (a port taken meanwhile, a store that did not open).
+        let start = Instant::now();
+        while !http()
+            .get(format!("{}/health", running.api))
+            .call()
+            .is_ok_and(|r| r.status() == 200)
+        {
+            let exited = running
+                .child
+                .as_mut()
+                .and_then(|child| child.try_wait().ok().flatten());
+            if exited.is_some() || start.elapsed() >= PATIENCE {
+                let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+                let lines: Vec<&str> = log.lines().collect();
+                let tail = lines[lines.len().saturating_sub(30)..].join("\n");
+                match exited {
+                    Some(status) => {
+                        panic!("{name} exited ({status}) before its API answered:\n{tail}")
+                    }
+                    None => panic!("{name}'s API did not answer within {PATIENCE:?}:\n{tail}"),
+                }
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
         running
     }
 
