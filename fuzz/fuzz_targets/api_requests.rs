@@ -32,6 +32,7 @@ fn api() -> &'static Api {
             data_dir: member.config.data_dir.clone(),
             authority: member.config.authority.to_string(),
             roster: None,
+            store: Default::default(),
             network: NetworkConfig::default(),
             api: ApiConfig {
                 admin_token: ADMIN.into(),
