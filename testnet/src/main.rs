@@ -81,17 +81,8 @@ struct ThroughApi {
     #[arg(long)]
     json: Option<PathBuf>,
     /// The storage engine of the node's store: lsm or sled.
-    #[arg(long, default_value = "lsm", value_parser = store_engine)]
+    #[arg(long, default_value = "lsm", value_parser = str::parse::<StoreEngine>)]
     store_engine: StoreEngine,
-}
-
-/// Parses a storage engine's name as the config file writes it.
-fn store_engine(name: &str) -> Result<StoreEngine, String> {
-    match name {
-        "sled" => Ok(StoreEngine::Sled),
-        "lsm" => Ok(StoreEngine::Lsm),
-        other => Err(format!("{other:?}: the engines are sled and lsm")),
-    }
 }
 
 #[derive(Subcommand)]
@@ -219,7 +210,7 @@ enum Bench {
         #[arg(long)]
         json: Option<PathBuf>,
         /// The storage engine of both nodes' stores: lsm or sled.
-        #[arg(long, default_value = "lsm", value_parser = store_engine)]
+        #[arg(long, default_value = "lsm", value_parser = str::parse::<StoreEngine>)]
         store_engine: StoreEngine,
     },
     /// The consortium splits in two, each side writes `files` new files, the link heals:

@@ -28,12 +28,10 @@ fn main() -> ExitCode {
             .map(|n| n.parse())
             .transpose()?
             .unwrap_or(DEFAULT_WRITES_MAX);
-        let store_engine = match rest.get(1).map(String::as_str) {
-            None => None,
-            Some("sled") => Some(StoreEngine::Sled),
-            Some("lsm") => Some(StoreEngine::Lsm),
-            Some(other) => return Err(format!("{other:?}: the engines are sled and lsm").into()),
-        };
+        let store_engine = rest
+            .get(1)
+            .map(|name| name.parse::<StoreEngine>())
+            .transpose()?;
         let config = NodeConfig {
             data_dir: PathBuf::from(data_dir),
             authority: Bytes32::parse_hex(authority, "authority")?,

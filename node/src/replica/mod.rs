@@ -711,9 +711,9 @@ impl std::fmt::Debug for Node {
 }
 
 impl Node {
-    /// Moves a store that no longer opens (its storage engine refuses its damaged files) aside, to
-    /// `store.damaged-<seconds since the epoch>` in the data directory, so the node starts
-    /// with an empty store and fetches everything from its peers. The key and the witness
+    /// Moves a store that no longer opens (its storage engine refuses its damaged files)
+    /// aside, to `store.damaged-<seconds since the epoch>` in the data directory, so the node
+    /// starts with an empty store and fetches everything from its peers. The key and the witness
     /// stay: at the next open the witness reports how many acknowledged changes the store
     /// held, as lost until the re-sync brings them back (`repair` then clears the count).
     /// The damaged files are kept for whoever wants to salvage this node's own writes that

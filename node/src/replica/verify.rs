@@ -331,8 +331,8 @@ impl Node {
 
     /// The bytes of keys and values the store holds, per keyspace (named by its first key
     /// byte, `m` for every `m/…` key): what `storage_bytes` holds beyond them is the storage
-    /// engine's own overhead and space not yet reclaimed. Reads the whole store a page at a time, so it is
-    /// for benchmarks and diagnosis, not a request path.
+    /// engine's own overhead and space not yet reclaimed. Reads the whole store a page at a
+    /// time, so it is for benchmarks and diagnosis, not a request path.
     pub fn keyspace_bytes(&self) -> Result<Vec<KeyspaceBytes>, NodeError> {
         const PAGE: usize = 4_096;
         let mut spaces: BTreeMap<u8, KeyspaceBytes> = BTreeMap::new();

@@ -1,5 +1,6 @@
 //! Key prefixes of the store's keyspaces: one ordered tree (sled's, or the log-structured
-//! engine's one keyspace), so a batch across keyspaces is atomic. Every key the replica writes is built here.
+//! engine's one keyspace), so a batch across keyspaces is atomic. Every key the replica
+//! writes is built here.
 
 use crate::model::automerge::ChangeHash;
 use crate::model::{Bytes32, DocumentId};

@@ -3,8 +3,8 @@
 //! A batch is appended to a journal and applied to a memtable; full memtables are written out
 //! as sorted, compressed, checksummed tables and merged in the background. Against sled 0.34
 //! (the other engine), a catch-up of realistic files (`bench sync bootstrap --store-engine`)
-//! runs 1.4× as fast on two thirds of the disk, and acknowledged writes through the API
-//! (`bench writes --store-engine`) run 1.25× as fast (docs/performance.md, *Storage
+//! runs 1.2–1.4× as fast on two thirds of the disk, and acknowledged writes through the API
+//! (`bench writes --store-engine`) run 1.26× as fast (docs/performance.md, *Storage
 //! engines*): sled rewrites a page of its tree for every key written and keeps old page
 //! versions until it reclaims a segment.
 //!
@@ -187,11 +187,6 @@ impl KeyValue for LsmStore {
     }
 
     fn size_on_disk(&self) -> Result<u64, StoreError> {
-        super::allocated_bytes(&self.dir).map_err(|error| {
-            StoreError::Backend(format!(
-                "could not read the size of {}: {error}",
-                self.dir.display()
-            ))
-        })
+        super::size_on_disk(&self.dir)
     }
 }

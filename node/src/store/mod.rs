@@ -69,7 +69,7 @@ pub enum StoreEngine {
 impl StoreEngine {
     /// The engine of the store in `dir`, if there is one.
     pub fn found_in(dir: &Path) -> Option<Self> {
-        if dir.join("conf").exists() || dir.join("db").exists() {
+        if holds_sled_files(dir) {
             Some(Self::Sled)
         } else if dir.join(lsm::MARKER_FILE).exists() {
             Some(Self::Lsm)
@@ -87,6 +87,11 @@ impl StoreEngine {
     }
 }
 
+/// Whether `dir` holds sled's files (its config or its data file).
+fn holds_sled_files(dir: &Path) -> bool {
+    dir.join("conf").exists() || dir.join("db").exists()
+}
+
 /// Opens the store in `dir` in the engine it is kept in, as a tool that reads or mends a
 /// stopped node's store does: no store is created and none is moved.
 pub fn open_existing(dir: &Path) -> Result<Box<dyn KeyValue>, StoreError> {
@@ -96,6 +101,19 @@ pub fn open_existing(dir: &Path) -> Result<Box<dyn KeyValue>, StoreError> {
             "no store in {}",
             dir.display()
         ))),
+    }
+}
+
+impl std::str::FromStr for StoreEngine {
+    type Err = String;
+
+    /// An engine by the name the config file and `Display` give it.
+    fn from_str(name: &str) -> Result<Self, Self::Err> {
+        match name {
+            "sled" => Ok(Self::Sled),
+            "lsm" => Ok(Self::Lsm),
+            other => Err(format!("{other:?}: the engines are sled and lsm")),
+        }
     }
 }
 
@@ -285,6 +303,16 @@ fn lock_held_error(dir: &Path) -> StoreError {
     ))
 }
 
+/// `allocated_bytes` of a store's directory, as the store's error.
+fn size_on_disk(dir: &Path) -> Result<u64, StoreError> {
+    allocated_bytes(dir).map_err(|error| {
+        StoreError::Backend(format!(
+            "could not read the size of {}: {error}",
+            dir.display()
+        ))
+    })
+}
+
 /// The bytes the file system holds for the files under `dir`, as `du` counts them: sled
 /// punches holes in the segments it frees, so a file's length overstates what it holds.
 fn allocated_bytes(dir: &Path) -> std::io::Result<u64> {
@@ -365,12 +393,7 @@ impl KeyValue for SledStore {
     }
 
     fn size_on_disk(&self) -> Result<u64, StoreError> {
-        allocated_bytes(&self.dir).map_err(|error| {
-            StoreError::Backend(format!(
-                "could not read the size of {}: {error}",
-                self.dir.display()
-            ))
-        })
+        size_on_disk(&self.dir)
     }
 }
 
@@ -412,7 +435,7 @@ impl WitnessedStore {
         // meets the store's own lock).
         let _opening = OpeningLock::take(dir)?;
         finish_migration(dir)?;
-        if dir.join("conf").exists() && dir.join(lsm::MARKER_FILE).exists() {
+        if holds_sled_files(dir) && dir.join(lsm::MARKER_FILE).exists() {
             return Err(StoreError::Backend(format!(
                 "{} holds a log-structured store and sled's files beside it: a release that \
                  knows only sled opened it. Move sled's files (conf, db, snap.*, blobs) out \
@@ -637,7 +660,8 @@ impl SledStore {
     /// `fsync`s the blob files sled wrote since the last flush, and their directory.
     fn sync_new_blobs(&self) -> Result<(), StoreError> {
         let io = |e: std::io::Error| StoreError::Backend(format!("store blob files: {e}"));
-        let entries = match std::fs::read_dir(self.dir.join("blobs")) {
+        let blobs = self.dir.join("blobs");
+        let entries = match std::fs::read_dir(&blobs) {
             Ok(entries) => entries,
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(()),
             Err(error) => return Err(io(error)),
@@ -648,7 +672,7 @@ impl SledStore {
         for entry in entries {
             let name = entry.map_err(io)?.file_name();
             if !synced.contains(&name) {
-                std::fs::File::open(self.dir.join("blobs").join(&name))
+                std::fs::File::open(blobs.join(&name))
                     .and_then(|f| f.sync_all())
                     .map_err(io)?;
                 new = true;
@@ -656,7 +680,7 @@ impl SledStore {
             present.insert(name);
         }
         if new {
-            std::fs::File::open(self.dir.join("blobs"))
+            std::fs::File::open(&blobs)
                 .and_then(|d| d.sync_all())
                 .map_err(io)?;
         }
