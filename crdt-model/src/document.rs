@@ -175,6 +175,20 @@ pub(crate) fn check_chunks(bytes: &[u8]) -> Result<(), crate::LoadError> {
     Ok(())
 }
 
+/// Whether `bytes` are exactly one document chunk (a `save()`, with no change chunks after
+/// it): such bytes, once loaded, can be kept as the document's snapshot instead of saving the
+/// loaded document again.
+pub fn is_one_document_chunk(bytes: &[u8]) -> bool {
+    let mut chunks = Chunks { bytes };
+    matches!(
+        chunks.next(),
+        Some(Ok(Chunk {
+            chunk_type: CHUNK_DOCUMENT,
+            ..
+        }))
+    ) && chunks.next().is_none()
+}
+
 /// One automerge chunk of untrusted bytes, framed but not parsed.
 struct Chunk<'a> {
     chunk_type: u8,
@@ -374,6 +388,19 @@ pub fn load_document(bytes: &[u8]) -> Result<automerge::AutoCommit, crate::LoadE
     }
     check_chunks(bytes)?;
     guard_decoder(|| automerge::AutoCommit::load(bytes))
+}
+
+/// Decodes a saved automerge document from untrusted bytes, without panicking, with its
+/// changes as `get_changes(&[])` lists them: loading one document chunk builds every change
+/// to check the document's heads, and they are kept rather than built again.
+pub fn load_document_with_changes(
+    bytes: &[u8],
+) -> Result<(automerge::AutoCommit, Vec<automerge::Change>), crate::LoadError> {
+    if bytes.is_empty() {
+        return Err(crate::LoadError::Refused { reason: "no bytes" });
+    }
+    check_chunks(bytes)?;
+    guard_decoder(|| automerge::AutoCommit::load_with_changes(bytes))
 }
 
 /// Decodes the changes of untrusted automerge bytes that `base` lacks (a sync message's

@@ -28,7 +28,8 @@ pub use access::Register;
 pub use at::At;
 pub use document::{
     DocumentKind, SCHEMA_VERSION, SyncChunk, decode_change, decode_changes_onto, document_id,
-    document_id_of, load_document, split_sync_chunk,
+    document_id_of, is_one_document_chunk, load_document, load_document_with_changes,
+    split_sync_chunk,
 };
 pub use error::{LoadError, OpError, RecordRefused, ValidationError};
 pub use health_file::{

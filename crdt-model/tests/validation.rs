@@ -588,6 +588,54 @@ fn saved_documents_and_incremental_saves_pass_the_chunk_check() {
     assert_eq!(copy.view(), file.view());
 }
 
+/// Loading with the changes lists them as `get_changes` does: from one document chunk (the
+/// changes loading builds to check the heads) and from a document with changes after it.
+#[test]
+fn a_document_loads_with_its_changes_in_the_order_get_changes_lists_them() {
+    let mut file = new_file(1);
+    for n in 0..4 {
+        file.apply(
+            &editor("chc-jianshe", 5 + n),
+            &HealthFileOp::AddEncounter(NewEncounter {
+                time: Timestamp(5 + n),
+                kind: EncounterKind::Outpatient,
+                diagnoses: vec![],
+                note: format!("visit {n}"),
+            }),
+        )
+        .unwrap();
+    }
+    let one_chunk = file.save();
+    assert!(is_one_document_chunk(&one_chunk));
+    let mut with_tail = one_chunk.clone();
+    file.save_incremental();
+    file.apply(
+        &editor("chc-jianshe", 20),
+        &HealthFileOp::AddAllergy(NewAllergy {
+            substance: "penicillin".into(),
+            reaction: "rash".into(),
+            severity: Severity::Mild,
+        }),
+    )
+    .unwrap();
+    with_tail.extend(file.save_incremental());
+    assert!(!is_one_document_chunk(&with_tail));
+    for bytes in [&one_chunk, &with_tail] {
+        let (mut doc, changes) = load_document_with_changes(bytes).unwrap();
+        let mut listed = load_document(bytes).unwrap();
+        let hashes = |changes: &[automerge::Change]| -> Vec<_> {
+            changes
+                .iter()
+                .map(|c| (c.hash(), c.raw_bytes().to_vec()))
+                .collect()
+        };
+        assert_eq!(hashes(&changes), hashes(&listed.get_changes(&[])));
+        assert_eq!(doc.get_heads(), listed.get_heads());
+    }
+    assert_eq!(load_document_with_changes(&with_tail).unwrap().1.len(), 6);
+    assert!(load_document_with_changes(&one_chunk[..one_chunk.len() - 1]).is_err());
+}
+
 /// A note is one register: two concurrent edits (two nodes of its institution) keep both,
 /// one shown and the other a conflict to review, on every replica; a note past the bound is
 /// refused.

@@ -105,7 +105,8 @@ impl AuditRecord {
     }
 }
 
-/// A record as the store keeps it: a CBOR array of its fields, hashes and ids as byte strings,
+/// A record as stores of format 5 and before keep it (since, runs: `append_to_run`): a CBOR
+/// array of its fields, hashes and ids as byte strings,
 /// the action as a number, the sequence in the key only (~110 bytes for a decision about a
 /// change, where the CBOR map the hash is computed over takes ~260). The hash does not depend
 /// on it: `AuditRecord::hash` encodes the record itself.
@@ -147,17 +148,120 @@ const ACTIONS: [AuditAction; 8] = [
     AuditAction::Erased,
 ];
 
-/// The value record `record` is stored as (under `record_key(record.sequence)`).
+/// The first byte of a run: records appended in one batch, stored as one value under the key
+/// of the last (`record_key`). It follows with the hash of the record before the run's first
+/// (32 bytes) and then each record's fields as a CBOR array (`Entry`), one after another. A
+/// record inside a run does not store the hash of the one before: it is the hash of the
+/// record read just before it, so the chain is checked whole from the first record of each
+/// run, and an altered record breaks it at the next run or at the head. No other stored
+/// record starts with this byte (they are CBOR arrays and maps).
+const RUN: u8 = 0x01;
+
+/// Most bytes of a run: the records appended in one batch start a new run past it, so that
+/// reading one record never decodes more than this (about 100 records of a decision).
+pub(crate) const RUN_BYTES_MAX: usize = 8 * 1024;
+
+/// A record's fields as a run stores them: `Stored` without the hash of the record before.
+#[derive(Serialize, Deserialize)]
+struct Entry(
+    i64,
+    u8,
+    serde_bytes::ByteArray<16>,
+    Option<serde_bytes::ByteArray<32>>,
+    Option<InstitutionId>,
+    Option<String>,
+);
+
+impl Entry {
+    fn of(record: &AuditRecord) -> Self {
+        Entry(
+            record.at_ms,
+            code_of(record.action),
+            serde_bytes::ByteArray::new(*record.document.as_bytes()),
+            record.change.map(serde_bytes::ByteArray::new),
+            record.institution.clone(),
+            record.app.clone(),
+        )
+    }
+
+    /// The record at `sequence`, after the record whose hash is `previous`; `None` if its
+    /// action code is unknown.
+    fn into_record(self, sequence: u64, previous: [u8; 32]) -> Option<AuditRecord> {
+        let Entry(at_ms, action, document, change, institution, app) = self;
+        Some(AuditRecord {
+            sequence,
+            previous,
+            at_ms,
+            action: *ACTIONS.get(usize::from(action))?,
+            document: DocumentId::from_bytes(document.into_array()),
+            change: change.map(serde_bytes::ByteArray::into_array),
+            institution,
+            app,
+        })
+    }
+}
+
+/// Adds `record` to `run`, the stored value of the records appended before it in the same
+/// batch (`None`: it starts a run). Returns the value to store under `record_key` of
+/// `record.sequence`, and `run` itself when the record did not fit in it: that run stays
+/// stored as it was, under its own key.
+pub(crate) fn append_to_run(
+    run: Option<Vec<u8>>,
+    record: &AuditRecord,
+) -> (Vec<u8>, Option<Vec<u8>>) {
+    let mut encoded = Vec::new();
+    ciborium::into_writer(&Entry::of(record), &mut encoded).expect("CBOR encoding into memory");
+    let (mut run, kept) = match run {
+        Some(run) if run.first() == Some(&RUN) && run.len() + encoded.len() <= RUN_BYTES_MAX => {
+            (run, None)
+        }
+        kept => ([&[RUN][..], &record.previous].concat(), kept),
+    };
+    run.extend_from_slice(&encoded);
+    (run, kept)
+}
+
+/// Reads a stored value under `key`: a run (`append_to_run`), or a single record of an
+/// earlier format (`decode_record`). `None` if it is none of them.
+pub(crate) fn decode_records(key: &[u8], value: &[u8]) -> Option<Vec<AuditRecord>> {
+    let Some((&RUN, rest)) = value.split_first() else {
+        return decode_record(key, value).map(|record| vec![record]);
+    };
+    let last = u64::from_be_bytes(key.get(1..9)?.try_into().ok()?);
+    let (previous, mut entries) = rest.split_at_checked(32)?;
+    let mut stored = Vec::new();
+    while !entries.is_empty() {
+        stored.push(ciborium::from_reader::<Entry, _>(&mut entries).ok()?);
+    }
+    let first = last
+        .checked_add(1)?
+        .checked_sub(u64::try_from(stored.len()).ok()?)?;
+    if stored.is_empty() || first == 0 {
+        return None;
+    }
+    let mut previous: [u8; 32] = previous.try_into().ok()?;
+    let mut records = Vec::with_capacity(stored.len());
+    for (sequence, entry) in (first..).zip(stored) {
+        let record = entry.into_record(sequence, previous)?;
+        previous = record.hash();
+        records.push(record);
+    }
+    Some(records)
+}
+
+/// The value record `record` is stored as (under `record_key(record.sequence)`) by stores of
+/// format 5 and before; runs (`append_to_run`) since.
+#[cfg(test)]
 pub(crate) fn encode_record(record: &AuditRecord) -> Vec<u8> {
-    let action = code_of(record.action);
+    let Entry(at_ms, action, document, change, institution, app) = Entry::of(record);
     let stored = Stored(
         serde_bytes::ByteArray::new(record.previous),
-        record.at_ms,
+        at_ms,
         action,
-        serde_bytes::ByteArray::new(*record.document.as_bytes()),
-        record.change.map(serde_bytes::ByteArray::new),
-        record.institution.clone(),
-        record.app.clone(),
+        document,
+        change,
+        institution,
+        app,
     );
     let mut bytes = Vec::new();
     ciborium::into_writer(&stored, &mut bytes).expect("CBOR encoding into memory");
@@ -171,16 +275,8 @@ pub(crate) fn decode_record(key: &[u8], value: &[u8]) -> Option<AuditRecord> {
         ciborium::from_reader::<Stored, _>(value)
     {
         let sequence = u64::from_be_bytes(key.get(1..9)?.try_into().ok()?);
-        return Some(AuditRecord {
-            sequence,
-            previous: previous.into_array(),
-            at_ms,
-            action: *ACTIONS.get(usize::from(action))?,
-            document: DocumentId::from_bytes(document.into_array()),
-            change: change.map(serde_bytes::ByteArray::into_array),
-            institution,
-            app,
-        });
+        return Entry(at_ms, action, document, change, institution, app)
+            .into_record(sequence, previous.into_array());
     }
     ciborium::from_reader::<AuditRecord, _>(value).ok()
 }
@@ -287,5 +383,92 @@ mod tests {
             assert_eq!(decode_record(&key, &map), Some(record));
         }
         assert_eq!(decode_record(&record_key(1), b"junk"), None);
+    }
+
+    /// Records chained after `previous` from sequence `first` on, as `append_record` fills
+    /// them in.
+    fn chained(first: u64, previous: [u8; 32], count: usize) -> Vec<AuditRecord> {
+        let mut previous = previous;
+        (0..count)
+            .map(|n| {
+                let record = AuditRecord {
+                    sequence: first + n as u64,
+                    previous,
+                    at_ms: 1_764_000_000_000 + n as i64,
+                    action: if n % 2 == 0 {
+                        AuditAction::Accepted
+                    } else {
+                        AuditAction::Written
+                    },
+                    document: DocumentId::from_bytes([n as u8; 16]),
+                    change: Some([(n % 251) as u8 + 1; 32]),
+                    institution: Some(InstitutionId::new("chc-jianshe").unwrap()),
+                    app: (n % 2 == 1).then(|| "emr".to_string()),
+                };
+                previous = record.hash();
+                record
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_run_reads_back_every_record_with_the_hash_of_the_one_before() {
+        let records = chained(5, [9; 32], 3);
+        let mut run = None;
+        for record in &records {
+            let (next, full) = append_to_run(run, record);
+            assert_eq!(full, None);
+            run = Some(next);
+        }
+        let run = run.unwrap();
+        assert_eq!(decode_records(&record_key(7), &run), Some(records.clone()));
+        // Each record after the first stores no hash: the run is smaller than the records.
+        let singles: usize = records.iter().map(|r| encode_record(r).len()).sum();
+        assert!(run.len() + 2 * 30 < singles, "{} vs {singles}", run.len());
+        // Under a key that would put its first record before the log's start, or with bytes
+        // that do not read as records, it is refused.
+        assert_eq!(decode_records(&record_key(2), &run), None);
+        assert_eq!(decode_records(&record_key(7), &run[..run.len() - 1]), None);
+        assert_eq!(decode_records(&record_key(7), &run[..33]), None);
+        assert_eq!(decode_records(&record_key(7), &[RUN]), None);
+        // A record of an earlier format reads as a run of one.
+        assert_eq!(
+            decode_records(&record_key(5), &encode_record(&records[0])),
+            Some(vec![records[0].clone()])
+        );
+    }
+
+    #[test]
+    fn a_run_past_its_bound_gives_way_to_a_new_one() {
+        let records = chained(1, [0; 32], 400);
+        let mut run: Option<Vec<u8>> = None;
+        let mut runs = Vec::new();
+        for record in &records {
+            let before = run.clone();
+            let (next, full) = append_to_run(run.take(), record);
+            assert!(next.len() <= RUN_BYTES_MAX);
+            let decoded = decode_records(&record_key(record.sequence), &next).unwrap();
+            if decoded.len() == 1 && record.sequence > 1 {
+                // The full run is handed back whole, to stay under its own key.
+                assert_eq!(full, before);
+                let kept = decode_records(&record_key(record.sequence - 1), &full.unwrap());
+                assert_eq!(
+                    kept.unwrap().last(),
+                    Some(&records[record.sequence as usize - 2])
+                );
+                runs.push(record.sequence - 1);
+            } else {
+                assert_eq!(full, None);
+            }
+            assert_eq!(decoded.last(), Some(record));
+            run = Some(next);
+        }
+        assert!(runs.len() >= 3, "{runs:?}");
+        // A key past the largest sequence is refused, not a panic.
+        let (one, _) = append_to_run(None, &records[0]);
+        assert_eq!(
+            decode_records(&[&[RECORD][..], &[0xff; 8]].concat(), &one),
+            None
+        );
     }
 }

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use common::{editor, files_under, open_stopped_store, resident, single_node};
 use estuary_node::model::*;
-use estuary_node::replica::{Node, NodeError};
+use estuary_node::replica::{Node, NodeError, STORE_FORMAT};
 use estuary_node::store::StoreEngine;
 
 /// Flips one byte of the first occurrence of `needle` in any file under `dir`.
@@ -120,7 +120,8 @@ fn a_store_written_in_a_newer_format_is_refused_with_the_versions_named() {
     drop(Node::open(&config, Some(&roster)).unwrap());
     {
         let db = open_stopped_store(&config.data_dir.join("store"));
-        db.insert(b"m/format", 6u32.to_be_bytes().to_vec()).unwrap();
+        db.insert(b"m/format", (STORE_FORMAT + 1).to_be_bytes().to_vec())
+            .unwrap();
         db.flush().unwrap();
     }
     let error = Node::open(&config, Some(&roster)).unwrap_err();
@@ -128,9 +129,9 @@ fn a_store_written_in_a_newer_format_is_refused_with_the_versions_named() {
         matches!(
             error,
             NodeError::Store(estuary_node::store::StoreError::Format {
-                found: 6,
-                supported: 5
-            })
+                found,
+                supported: STORE_FORMAT
+            }) if found == STORE_FORMAT + 1
         ),
         "{error}"
     );
@@ -211,7 +212,7 @@ fn a_format_3_store_gets_its_referrals_on_the_desks_at_open() {
     assert!(db.get(&old_key).unwrap().is_none(), "the old entry is gone");
     assert_eq!(
         db.get(b"m/format").unwrap().unwrap().as_slice(),
-        5u32.to_be_bytes()
+        STORE_FORMAT.to_be_bytes()
     );
 }
 
@@ -257,7 +258,7 @@ fn a_format_4_store_gets_its_residents_summaries_at_open() {
         }
         assert_eq!(
             db.get(b"m/format").unwrap().unwrap().as_slice(),
-            5u32.to_be_bytes()
+            STORE_FORMAT.to_be_bytes()
         );
     }
     // An allergy written after it leaves them as they are, and the search finds the resident.

@@ -419,6 +419,87 @@ fn shares_are_counted_again_at_open_and_a_purge_can_keep_the_recent() {
     assert!(node.quarantine().unwrap().is_empty());
 }
 
+/// Records appended in one batch are stored as one run: each reads back from any place in
+/// it, in order, holding the hash of the one before; a record altered inside a run breaks the
+/// chain, as an altered record on its own does.
+#[test]
+fn records_of_one_batch_read_back_from_any_place_and_an_altered_one_breaks_the_chain() {
+    let consortium = Consortium::new(1);
+    let (before, head) = {
+        let node = consortium.node(0);
+        let (file, _) = node
+            .create_health_file(&editor("member-0"), &resident("A"))
+            .unwrap();
+        let before = node.audit_sequence();
+        let reads: Vec<_> = (0..6).map(|_| (file, None)).collect();
+        node.record_access("emr", &reads).unwrap();
+        node.create_health_file(&editor("member-0"), &resident("B"))
+            .unwrap();
+        let seven = node.audit_sequence();
+        assert_eq!(seven, before + 7);
+        let all = node.audit(1, 1_000).unwrap();
+        assert_eq!(all.len() as u64, seven);
+        for (n, record) in all.iter().enumerate() {
+            assert_eq!(record.sequence, n as u64 + 1);
+            if n > 0 {
+                assert_eq!(record.previous, all[n - 1].hash());
+            }
+        }
+        // From the middle of the run, a few at a time.
+        let middle = node.audit(before + 3, 2).unwrap();
+        assert_eq!(
+            middle,
+            all[before as usize + 2..before as usize + 4].to_vec()
+        );
+        assert!(
+            middle
+                .iter()
+                .all(|r| r.action == AuditAction::Read && r.app.as_deref() == Some("emr"))
+        );
+        assert!(node.verify_audit().is_none());
+        // A batch of records past one run's bound keeps every one: its runs follow each other,
+        // each under its last record's key.
+        node.record_access("emr", &vec![(file, None); 300]).unwrap();
+        let head = node.audit_sequence();
+        assert_eq!(head, before + 307);
+        let all = node.audit(1, 10_000).unwrap();
+        assert_eq!(all.len() as u64, head);
+        for (n, record) in all.iter().enumerate().skip(1) {
+            assert_eq!(record.sequence, n as u64 + 1);
+            assert_eq!(record.previous, all[n - 1].hash());
+        }
+        assert_eq!(node.audit(head - 1, 10).unwrap().len(), 2);
+        assert!(node.verify_audit().is_none());
+        (before, head)
+    };
+    {
+        // The run is kept under its last record's key; its first record's app is altered.
+        let db = open_stopped_store(&consortium.dir.path().join("member-0/store"));
+        let key = [&[b'l'][..], &(before + 6).to_be_bytes()].concat();
+        let mut run = db
+            .get(&key)
+            .unwrap()
+            .expect("the run under its last record");
+        let at = run
+            .windows(3)
+            .position(|w| w == b"emr")
+            .expect("the app's name");
+        run[at + 2] = b'q';
+        db.insert(&key, run).unwrap();
+        db.flush().unwrap();
+    }
+    let node = consortium.node(0);
+    let records = node.audit(1, 1_000).unwrap();
+    assert_eq!(records.len() as u64, head);
+    assert_eq!(records[before as usize].app.as_deref(), Some("emq"));
+    let problem = node.verify_audit().expect("the chain breaks");
+    assert!(
+        problem.what.contains("hash chain breaks"),
+        "{}",
+        problem.what
+    );
+}
+
 /// The dashboard's audit check follows the log a stretch at a time: a sound log is checked
 /// through its head in stretches, and a record missing from the middle or the end of the log
 /// is a break, as the whole check finds it.

@@ -877,10 +877,16 @@ fn fetched_whole(doc: &mut AutoCommit, id: DocumentId, signers: &[&Identity]) ->
             (change.hash().0, envelope.signature.try_into().unwrap())
         })
         .collect();
+    // As a fetch carries it: one document chunk, loaded with its changes, kept as the
+    // snapshot of a document new here.
+    let saved = doc.save();
+    let (loaded, changes) = load_document_with_changes(&saved).unwrap();
     WholeDocument {
         id,
-        doc: AutoCommit::load(&doc.save()).unwrap(),
+        doc: loaded,
         signatures,
+        changes: Some(changes),
+        saved: Some(saved),
     }
 }
 
@@ -943,6 +949,7 @@ fn a_document_fetched_whole_is_accepted_as_its_changes_one_by_one_would_be() {
 
     let mut sent = fetched_whole(&mut doc, id, &signers);
     let envelopes = one_by_one(&mut sent);
+    let sent_bytes = sent.saved.clone().unwrap();
     let (outcomes, given_back) = whole.ingest_whole(vec![sent]).unwrap();
     assert!(given_back.is_empty(), "an honest document is taken whole");
     assert_eq!(outcomes.len(), envelopes.len());
@@ -994,6 +1001,12 @@ fn a_document_fetched_whole_is_accepted_as_its_changes_one_by_one_would_be() {
         );
     };
     same(&whole, &by_change);
+    // The peer's bytes, one document chunk no larger than its changes, are its snapshot as
+    // they came: what this node serves is what it was sent.
+    assert_eq!(
+        whole.whole_document(id, true).unwrap().unwrap().0,
+        sent_bytes
+    );
     assert_eq!(whole.health_file(id).unwrap().allergies.len(), 3);
     assert!(whole.verify().unwrap().problems.is_empty());
     assert_eq!(whole.verify_audit(), None);

@@ -3,8 +3,17 @@
 
 use super::*;
 
+/// How far back in a batch (in writes) the run of the record before is looked for: the
+/// writes of one accepted change between two records are fewer (its change key, its pending
+/// record's keys when it waited, the head). A run not found there is not lost: the record
+/// starts a new one.
+const RUN_LOOKBACK_WRITES: usize = 16;
+
 /// Adds `record` to `batch` as the record after `head`, filling in its place in the chain;
-/// returns the new head, to adopt once the batch is applied.
+/// returns the new head, to adopt once the batch is applied. Records appended to one batch
+/// are stored as one run (`audit::append_to_run`), under the key of the last: a decision
+/// about a document's dozen changes stores the hash of the record before once, not a dozen
+/// times.
 pub(super) fn append_record(
     batch: &mut Batch,
     head: AuditHead,
@@ -16,10 +25,14 @@ pub(super) fn append_record(
         sequence: record.sequence,
         hash: record.hash(),
     };
-    batch.put(
-        audit::record_key(record.sequence),
-        audit::encode_record(&record),
-    );
+    // The run this batch holds ends at `head` when the record before was appended to it.
+    let run = batch.take_recent_put(&audit::record_key(head.sequence), RUN_LOOKBACK_WRITES);
+    let (value, full) = audit::append_to_run(run, &record);
+    if let Some(full) = full {
+        batch.put(audit::record_key(head.sequence), full);
+    }
+    batch.put(audit::record_key(record.sequence), value);
+    batch.take_recent_put(audit::HEAD, RUN_LOOKBACK_WRITES);
     batch.put(audit::HEAD, encode(&next));
     next
 }
@@ -229,15 +242,35 @@ impl Node {
 
     /// Audit records from sequence `from` on, at most `limit`.
     pub fn audit(&self, from: u64, limit: usize) -> Result<Vec<AuditRecord>, NodeError> {
-        // Keys are in sequence order; only the records asked for are read.
-        self.store
-            .scan_from(&[audit::RECORD], &audit::record_key(from.max(1)), limit)?
-            .into_iter()
-            .map(|(key, value)| {
-                audit::decode_record(&key, &value).ok_or(NodeError::Store(StoreError::Corrupt {
-                    what: "audit record",
-                }))
-            })
-            .collect()
+        // Runs read at a time: no more are read than the records asked for need, and at most
+        // this many more.
+        const AUDIT_SCAN_RUNS: usize = 16;
+        // Keys are in sequence order, each run under its last record's: the first key from
+        // `from` on holds the record `from`.
+        let mut records: Vec<AuditRecord> = Vec::new();
+        let mut next = from.max(1);
+        while records.len() < limit {
+            let asked = AUDIT_SCAN_RUNS.min(limit - records.len());
+            let runs = self
+                .store
+                .scan_from(&[audit::RECORD], &audit::record_key(next), asked)?;
+            let read = runs.len();
+            for (key, value) in runs {
+                let run = audit::decode_records(&key, &value).ok_or(NodeError::Store(
+                    StoreError::Corrupt {
+                        what: "audit record",
+                    },
+                ))?;
+                records.extend(run.into_iter().filter(|record| record.sequence >= next));
+                if let Some(last) = records.last() {
+                    next = last.sequence.saturating_add(1);
+                }
+            }
+            if read < asked || next == u64::MAX {
+                break;
+            }
+        }
+        records.truncate(limit);
+        Ok(records)
     }
 }

@@ -35,15 +35,16 @@ impl Node {
     pub(super) fn index_summaries(&self) -> Result<(), NodeError> {
         // A file whose records or content cannot be read is left as it is, for `verify` to
         // name and `repair` to take out (both need the node open); only the store failing
-        // ends the conversion.
-        let files = self.reindex_to_format(5, |id| match self.view_lacking_summaries(id) {
-            Err(error @ NodeError::Store(StoreError::Backend(_))) => Err(error),
-            Err(error) => {
-                tracing::warn!(document = %id, %error, "a health file not indexed again");
-                Ok(None)
-            }
-            view => view,
-        })?;
+        // ends the conversion. Format 6 (audit runs) needs no conversion: this is the last.
+        let files =
+            self.reindex_to_format(STORE_FORMAT, |id| match self.view_lacking_summaries(id) {
+                Err(error @ NodeError::Store(StoreError::Backend(_))) => Err(error),
+                Err(error) => {
+                    tracing::warn!(document = %id, %error, "a health file not indexed again");
+                    Ok(None)
+                }
+                view => view,
+            })?;
         tracing::info!(
             files,
             "health files indexed with their residents' summaries (store format 5)"

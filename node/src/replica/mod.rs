@@ -137,8 +137,10 @@ pub const STORE_DIR: &str = "store";
 /// institutions that receive and send them (`index::DeskPosition`), replacing the index by
 /// destination and status. 5: every resident's index entry holds the resident's summary
 /// (`index_summaries` writes them for files indexed by an earlier release), which a write
-/// trusts when it leaves a file's entries alone.
-pub const STORE_FORMAT: u32 = 5;
+/// trusts when it leaves a file's entries alone. 6: audit records appended in one batch are
+/// stored as one run (`audit::append_to_run`); a format-5 store is a valid format-6 store as
+/// it is, its records read as runs of one.
+pub const STORE_FORMAT: u32 = 6;
 /// Audit records read at a time when the whole log is checked.
 const AUDIT_PAGE_RECORDS: usize = 4_096;
 
@@ -489,6 +491,8 @@ impl Writer<'_> {
                 id,
                 doc,
                 signatures: HashMap::from([(hash.0, signature)]),
+                changes: None,
+                saved: None,
             };
             Ok((
                 whole,

@@ -324,6 +324,13 @@ impl Node {
         Ok(self.store.size_on_disk()?)
     }
 
+    /// Of `storage_bytes`, the bytes of the store engine's journals: a bounded amount kept
+    /// until the engine has the writes in its tables (the log-structured engine's journal
+    /// is rotated at 64 MB), which does not grow with the store.
+    pub fn storage_journal_bytes(&self) -> Result<u64, NodeError> {
+        Ok(self.store.journal_bytes_on_disk()?)
+    }
+
     /// The engine the store is kept in.
     pub fn store_engine(&self) -> crate::store::StoreEngine {
         self.store.engine()

@@ -14,6 +14,13 @@ pub struct WholeDocument {
     pub doc: AutoCommit,
     /// The signature of each change, by change hash.
     pub signatures: HashMap<[u8; 32], [u8; 64]>,
+    /// The changes of `doc` as `get_changes(&[])` lists them, when loading built them already
+    /// (`model::load_document_with_changes`); `None`: listed when needed.
+    pub changes: Option<Vec<Change>>,
+    /// The bytes `doc` was loaded from, when they are exactly one document chunk (a peer's
+    /// snapshot, `model::is_one_document_chunk`): a document new here keeps them as its
+    /// snapshot instead of saving `doc` again.
+    pub saved: Option<Vec<u8>>,
 }
 
 /// A change of a document sent whole, checked before the decision lock is taken.
@@ -56,6 +63,11 @@ pub(super) struct PreparedWhole {
 /// it arriving meanwhile (gossip) must not send a document whose changes are vouched for down
 /// the change-by-change path, where only changes with their own signature can go.
 const WHOLE_ATTEMPTS_MAX: usize = 3;
+
+/// Bytes a peer's document chunk may hold beyond its changes' own (its header, heads, actors
+/// and column framing) and still be kept as the document's snapshot: a `save()` of realistic
+/// files is smaller than its changes, one of a single change a few dozen bytes larger.
+const KEPT_SNAPSHOT_SLACK_BYTES: usize = 512;
 
 /// What `Node::prepare_whole` made of a document sent whole.
 pub(super) enum Preparation {
@@ -180,7 +192,10 @@ impl Node {
         if !whole.doc.get_missing_deps(&[]).is_empty() {
             return Preparation::Unusual;
         }
-        let sent = whole.doc.get_changes(&[]);
+        let sent = match whole.changes.take() {
+            Some(changes) => changes,
+            None => whole.doc.get_changes(&[]),
+        };
         if sent
             .iter()
             .any(|change| change.deps().is_empty() && document_id_of(&change.hash()) != id)
@@ -304,7 +319,23 @@ impl Node {
         }
         let cover = crate::authorship::cover(&history);
         let mut merged = merged;
-        let snapshot = merged.as_mut().unwrap_or(&mut whole.doc).save();
+        let snapshot = match (&mut merged, whole.saved.take()) {
+            (Some(merged), _) => merged.save(),
+            // The bytes loaded, one document chunk, load to exactly the document judged; but
+            // automerge skips columns it does not know, so a chunk larger than its changes
+            // (padded: kept, it would be served on as it is) is saved again.
+            (None, Some(saved))
+                if saved.len()
+                    <= history
+                        .iter()
+                        .map(|change| change.raw_bytes().len())
+                        .sum::<usize>()
+                        + KEPT_SNAPSHOT_SLACK_BYTES =>
+            {
+                saved
+            }
+            (None, _) => whole.doc.save(),
+        };
         Preparation::Judged(Box::new(PreparedWhole {
             changes,
             view,
@@ -380,7 +411,11 @@ impl Node {
                     keys::envelope(&id, &change.hash),
                     StoredChange::in_snapshot(change.signature.as_ref()),
                 );
-                unparked.push(self.unpark(&mut batch, &id, &change.hash)?);
+                // With nothing held pending (the book counts every record), there is no
+                // record to take off.
+                if ledger.pending.total.changes > 0 {
+                    unparked.push(self.unpark(&mut batch, &id, &change.hash)?);
+                }
                 authors.insert(change.author);
                 head = self.append_audit(
                     &mut batch,

@@ -153,6 +153,18 @@ impl Batch {
     pub fn is_empty(&self) -> bool {
         self.writes.is_empty()
     }
+
+    /// Takes back the value of a put of `key` among the batch's last `within` writes (the
+    /// write is removed), so that what follows can replace it; `None` if there is none there,
+    /// or if the last write of `key` there is a delete.
+    pub fn take_recent_put(&mut self, key: &[u8], within: usize) -> Option<Vec<u8>> {
+        let start = self.writes.len().saturating_sub(within);
+        let index = (start..self.writes.len())
+            .rev()
+            .find(|&index| self.writes[index].0 == key)?;
+        self.writes[index].1.as_ref()?;
+        self.writes.remove(index).1
+    }
 }
 
 /// Keys and values in key order, as a prefix scan returns them.
@@ -220,6 +232,12 @@ pub trait KeyValue: Send + Sync {
     fn flush(&self) -> Result<(), StoreError>;
     /// Bytes the store occupies on disk.
     fn size_on_disk(&self) -> Result<u64, StoreError>;
+    /// Of `size_on_disk`, the bytes of journals: writes kept until the engine has them in its
+    /// tables, a bounded amount that does not grow with the store (none for sled, whose log
+    /// is its data file).
+    fn journal_bytes_on_disk(&self) -> Result<u64, StoreError> {
+        Ok(0)
+    }
 }
 
 /// The sled backend: one tree, keyspaces separated by key prefixes so that a batch spanning
@@ -305,7 +323,12 @@ fn lock_held_error(dir: &Path) -> StoreError {
 
 /// `allocated_bytes` of a store's directory, as the store's error.
 fn size_on_disk(dir: &Path) -> Result<u64, StoreError> {
-    allocated_bytes(dir).map_err(|error| {
+    size_on_disk_of(dir, &|_| true)
+}
+
+/// `allocated_bytes` of the files under `dir` that `counted` names, as the store's error.
+fn size_on_disk_of(dir: &Path, counted: &dyn Fn(&Path) -> bool) -> Result<u64, StoreError> {
+    allocated_bytes(dir, counted).map_err(|error| {
         StoreError::Backend(format!(
             "could not read the size of {}: {error}",
             dir.display()
@@ -313,18 +336,22 @@ fn size_on_disk(dir: &Path) -> Result<u64, StoreError> {
     })
 }
 
-/// The bytes the file system holds for the files under `dir`, as `du` counts them: sled
-/// punches holes in the segments it frees, so a file's length overstates what it holds.
-fn allocated_bytes(dir: &Path) -> std::io::Result<u64> {
+/// The bytes the file system holds for the files under `dir` that `counted` names, as `du`
+/// counts them: sled punches holes in the segments it frees, and the log-structured engine
+/// lays its journals out at full size ahead of the data, so a file's length overstates what
+/// it holds.
+fn allocated_bytes(dir: &Path, counted: &dyn Fn(&Path) -> bool) -> std::io::Result<u64> {
     use std::os::unix::fs::MetadataExt;
     let mut total = 0;
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
         let metadata = entry.metadata()?;
         total += if metadata.is_dir() {
-            allocated_bytes(&entry.path())?
-        } else {
+            allocated_bytes(&entry.path(), counted)?
+        } else if counted(&entry.path()) {
             metadata.blocks() * 512
+        } else {
+            0
         };
     }
     Ok(total)
@@ -741,6 +768,10 @@ impl KeyValue for WitnessedStore {
 
     fn size_on_disk(&self) -> Result<u64, StoreError> {
         self.inner.size_on_disk()
+    }
+
+    fn journal_bytes_on_disk(&self) -> Result<u64, StoreError> {
+        self.inner.journal_bytes_on_disk()
     }
 }
 

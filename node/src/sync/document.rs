@@ -13,8 +13,11 @@ use super::protocol::{
 };
 use crate::envelope::Envelope;
 use crate::model::automerge::sync::{self, ChunkList, SyncDoc};
-use crate::model::automerge::{AutoCommit, ChangeHash};
-use crate::model::{DocumentId, SyncChunk, decode_changes_onto, load_document, split_sync_chunk};
+use crate::model::automerge::{AutoCommit, Change, ChangeHash};
+use crate::model::{
+    DocumentId, SyncChunk, decode_changes_onto, is_one_document_chunk, load_document_with_changes,
+    split_sync_chunk,
+};
 use crate::replica::{IngestError, Ingested, Node, NodeError, WholeDocument};
 
 /// Why a peer's sync message was refused, or ours could not be made.
@@ -328,13 +331,13 @@ pub fn ingest_fetched(
     fetched: &[FetchedDocument],
 ) -> Result<Carried, DocumentSyncError> {
     ingest_each(node, fetched, |document| {
-        let doc = load_fetched(&document.saved, document.signatures.len())?;
+        let loaded = load_fetched(&document.saved, document.signatures.len())?;
         let signatures = document
             .signatures
             .iter()
             .map(|s| (*s.change, *s.signature))
             .collect();
-        Some((document.document, doc, signatures))
+        Some((document.document, loaded, signatures))
     })
 }
 
@@ -352,12 +355,8 @@ pub fn ingest_compact(
         if !signatures.remainder().is_empty() {
             return None;
         }
-        let mut doc = load_fetched(&document.saved, count)?;
-        let mut hashes: Vec<ChangeHash> = doc
-            .get_changes_meta(&[])
-            .into_iter()
-            .map(|meta| meta.hash)
-            .collect();
+        let loaded = load_fetched(&document.saved, count)?;
+        let mut hashes: Vec<ChangeHash> = loaded.1.iter().map(Change::hash).collect();
         hashes.sort_unstable();
         (hashes.len() == count).then(|| {
             let signatures = hashes
@@ -365,7 +364,7 @@ pub fn ingest_compact(
                 .zip(signatures)
                 .filter_map(|(hash, signature)| Some((hash.0, signature.try_into().ok()?)))
                 .collect();
-            (document.document, doc, signatures)
+            (document.document, loaded, signatures)
         })
     })
 }
@@ -379,41 +378,72 @@ pub fn ingest_covered(
 ) -> Result<Carried, DocumentSyncError> {
     ingest_each(node, fetched, |document| {
         let signatures = document.signatures()?;
-        let doc = load_fetched(&document.saved, signatures.len())?;
-        Some((document.document, doc, signatures))
+        let loaded = load_fetched(&document.saved, signatures.len())?;
+        Some((document.document, loaded, signatures))
     })
 }
 
-/// Loads each fetched document with `load` (its id, the loaded document and its signatures by
-/// change hash; `None` counts it refused) and takes them (`ingest_loaded`).
-fn ingest_each<D>(
+/// A fetched document in any of its forms: the bytes it is loaded from.
+trait Fetched {
+    fn saved(&self) -> &[u8];
+}
+
+impl Fetched for FetchedDocument {
+    fn saved(&self) -> &[u8] {
+        &self.saved
+    }
+}
+
+impl Fetched for CompactDocument {
+    fn saved(&self) -> &[u8] {
+        &self.saved
+    }
+}
+
+impl Fetched for CoveredDocument {
+    fn saved(&self) -> &[u8] {
+        &self.saved
+    }
+}
+
+/// Loads each fetched document with `load` (its id, the loaded document with its changes, and
+/// its signatures by change hash; `None` counts it refused) and takes them (`ingest_loaded`). Bytes that are one
+/// document chunk are kept as its snapshot (`WholeDocument::saved`).
+fn ingest_each<D: Fetched>(
     node: &Node,
     fetched: &[D],
-    load: impl Fn(&D) -> Option<(ByteArray<16>, AutoCommit, HashMap<[u8; 32], [u8; 64]>)>,
+    load: impl Fn(&D) -> Option<(ByteArray<16>, Loaded, HashMap<[u8; 32], [u8; 64]>)>,
 ) -> Result<Carried, DocumentSyncError> {
     let mut carried = Carried::default();
     let mut whole = Vec::with_capacity(fetched.len());
     for document in fetched {
-        let Some((id, doc, signatures)) = load(document) else {
+        let Some((id, (doc, changes), signatures)) = load(document) else {
             carried.rejected += 1;
             continue;
         };
+        let saved = document.saved();
         whole.push(WholeDocument {
             id: DocumentId::from_bytes(*id),
             doc,
             signatures,
+            changes: Some(changes),
+            saved: is_one_document_chunk(saved).then(|| saved.to_vec()),
         });
     }
     ingest_loaded(node, whole, carried)
 }
 
-/// A fetched document's bytes loaded, within the limits of one response and of the changes
-/// one document may carry.
-fn load_fetched(saved: &[u8], signatures: usize) -> Option<AutoCommit> {
+/// A fetched document loaded, with its changes as `get_changes(&[])` lists them.
+type Loaded = (AutoCommit, Vec<Change>);
+
+/// A fetched document's bytes loaded with its changes (built once, as loading checks the
+/// document's heads), within the limits of one response and of the changes one document may
+/// carry.
+fn load_fetched(saved: &[u8], signatures: usize) -> Option<Loaded> {
     if saved.len() > RESPONSE_BYTES_MAX as usize || signatures > SYNC_SIGNATURES_MAX {
         return None;
     }
-    load_document(saved).ok()
+    load_document_with_changes(saved).ok()
 }
 
 /// Takes fetched documents once loaded: whole where this node lacks them, change by change
@@ -427,7 +457,10 @@ fn ingest_loaded(
     carried.count(&outcomes);
     let mut envelopes = Vec::new();
     for mut document in given_back {
-        let changes = document.doc.get_changes(&[]);
+        let changes = match document.changes.take() {
+            Some(changes) => changes,
+            None => document.doc.get_changes(&[]),
+        };
         envelopes.extend(sealed(
             document.id,
             changes,
