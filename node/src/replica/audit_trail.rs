@@ -255,6 +255,7 @@ impl Node {
                 .store
                 .scan_from(&[audit::RECORD], &audit::record_key(next), asked)?;
             let read = runs.len();
+            let scanned_from = next;
             for (key, value) in runs {
                 let run = audit::decode_records(&key, &value).ok_or(NodeError::Store(
                     StoreError::Corrupt {
@@ -268,6 +269,13 @@ impl Node {
             }
             if read < asked || next == u64::MAX {
                 break;
+            }
+            // Every value read holds a record at or past its key's sequence; values that do
+            // not (a damaged store's) must not hold the scan in place.
+            if next == scanned_from {
+                return Err(NodeError::Store(StoreError::Corrupt {
+                    what: "audit record",
+                }));
             }
         }
         records.truncate(limit);

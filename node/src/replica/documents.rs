@@ -263,10 +263,11 @@ pub struct HistoryEntry {
     pub at_ms: i64,
 }
 
-/// Loads a snapshot this node saved. It is loaded as a peer's bytes are (`load_document`:
-/// bounded, guarded); a snapshot beyond the bounds set for peers' bytes — a document the model
-/// allows to grow that large — is loaded by automerge unbounded, still guarded against a
-/// panic: it is this node's own, and its changes may be stored by their signatures alone.
+/// Loads a snapshot this node keeps (saved here, or a peer's chunk kept as it came once it
+/// loaded within the bounds set for peers' bytes). It is loaded as a peer's bytes are
+/// (`load_document`: bounded, guarded); a snapshot beyond those bounds — a document the model
+/// allows to grow that large, saved here — is loaded by automerge unbounded, still guarded
+/// against a panic: its changes may be stored by their signatures alone.
 pub(super) fn load_own_snapshot(bytes: &[u8]) -> Option<AutoCommit> {
     crate::model::load_document(bytes).ok().or_else(|| {
         std::panic::catch_unwind(|| AutoCommit::load(bytes))

@@ -23,9 +23,10 @@ impl Node {
         Ok(())
     }
 
-    /// Converts a store of format 4 to format 5: every health file whose index entries lack
-    /// the resident's summary (written before entries held one, and so before conflicted
-    /// documents had their own entry too) is indexed again from its view; then the format.
+    /// Converts a store of format 4 to format 5 (and so 6, which needs no conversion): every
+    /// health file whose index entries lack the resident's summary (written before entries
+    /// held one, and so before conflicted documents had their own entry too) is indexed again
+    /// from its view; then the format.
     ///
     /// Since format 5 a write rewrites a document's entries only when its view's entries
     /// change, trusting the stored entries to be those of the view before it: entries of an
@@ -47,7 +48,7 @@ impl Node {
             })?;
         tracing::info!(
             files,
-            "health files indexed with their residents' summaries (store format 5)"
+            "health files indexed with their residents' summaries (store format 5 and on)"
         );
         Ok(())
     }

@@ -849,8 +849,8 @@ impl Node {
             }
             .into());
         }
-        // Formats 4 and 5 are written once their conversions are done (`index_desks`,
-        // `index_summaries`).
+        // Formats 4 and 6 are written once their conversions are done (`index_desks`,
+        // `index_summaries`; format 6, audit runs, needs none of its own).
         let format: u32 = if desks_due {
             3
         } else if summaries_due {
