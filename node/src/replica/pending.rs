@@ -114,6 +114,13 @@ pub(super) struct PendingBook {
 }
 
 impl PendingBook {
+    /// Whether no change is held pending: the book counts every pending record (each is
+    /// parked with its order key, which the book is counted from at open), so the store need
+    /// not be asked.
+    pub(super) fn holds_none(&self) -> bool {
+        self.total.changes == 0
+    }
+
     pub(super) fn quota(bucket: &[u8; 32]) -> Usage {
         if *bucket == STRANGERS_BUCKET {
             Usage {
@@ -455,9 +462,8 @@ impl Node {
         ticket: &mut u64,
         decided: ChangeHash,
     ) -> Result<(), IngestError> {
-        // The book counts every pending record (each is parked with its order key): with none
-        // held, no change waits for this one, and the store need not be asked.
-        if ledger.pending.total.changes == 0 {
+        // With none held, no change waits for this one, and the store need not be asked.
+        if ledger.pending.holds_none() {
             return Ok(());
         }
         let mut settled = vec![decided];

@@ -319,21 +319,17 @@ impl Node {
         }
         let cover = crate::authorship::cover(&history);
         let mut merged = merged;
+        // The bytes loaded, one document chunk, load to exactly the document judged; but
+        // automerge skips columns it does not know, so a chunk larger than its changes (padded:
+        // kept, it would be served on as it is) is saved again.
+        let kept_bytes_max = history
+            .iter()
+            .map(|change| change.raw_bytes().len())
+            .sum::<usize>()
+            + KEPT_SNAPSHOT_SLACK_BYTES;
         let snapshot = match (&mut merged, whole.saved.take()) {
             (Some(merged), _) => merged.save(),
-            // The bytes loaded, one document chunk, load to exactly the document judged; but
-            // automerge skips columns it does not know, so a chunk larger than its changes
-            // (padded: kept, it would be served on as it is) is saved again.
-            (None, Some(saved))
-                if saved.len()
-                    <= history
-                        .iter()
-                        .map(|change| change.raw_bytes().len())
-                        .sum::<usize>()
-                        + KEPT_SNAPSHOT_SLACK_BYTES =>
-            {
-                saved
-            }
+            (None, Some(saved)) if saved.len() <= kept_bytes_max => saved,
             (None, _) => whole.doc.save(),
         };
         Preparation::Judged(Box::new(PreparedWhole {
@@ -411,9 +407,8 @@ impl Node {
                     keys::envelope(&id, &change.hash),
                     StoredChange::in_snapshot(change.signature.as_ref()),
                 );
-                // With nothing held pending (the book counts every record), there is no
-                // record to take off.
-                if ledger.pending.total.changes > 0 {
+                // With nothing held pending, there is no record to take off.
+                if !ledger.pending.holds_none() {
                     unparked.push(self.unpark(&mut batch, &id, &change.hash)?);
                 }
                 authors.insert(change.author);
