@@ -9,7 +9,7 @@
 //! - `medications`, `encounters`, `exams`, `follow_ups`: append-only lists; entries are never
 //!   removed (a medication is stopped, not deleted).
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use automerge::hydrate::Value as HydrateValue;
@@ -2804,14 +2804,20 @@ impl<T: Listed> ListCheck<T> {
             .map(E::borrow)
             .filter(|e| !seen.contains(e.entry()))
         {
-            if (self.owner)(new) != author {
-                return Err(ValidationError::Provenance {
-                    field: self.owner_field,
-                });
-            }
-            (self.entry_limits)(new)?;
+            self.check_new(new, author)?;
         }
         Ok(())
+    }
+
+    /// The rules an entry a change adds is held to: it is recorded in its author's own name,
+    /// and within an entry's bounds.
+    fn check_new(&self, new: &T, author: &InstitutionId) -> Result<(), ValidationError> {
+        if (self.owner)(new) != author {
+            return Err(ValidationError::Provenance {
+                field: self.owner_field,
+            });
+        }
+        (self.entry_limits)(new)
     }
 }
 
@@ -3063,6 +3069,85 @@ pub(crate) fn judge_touched<B: ReadDoc, A: ReadDoc>(
         exams: rules(exams, author)?,
         follow_ups: rules(follow_ups, author)?,
     })
+}
+
+/// What the changes of a history wrote into a file after its creation, when they only
+/// appended entries and wrote the contract (see `judge::judge_appends`).
+#[derive(Default)]
+pub(crate) struct Appended {
+    /// The entries appended, by list (root key), each with the index of the change that
+    /// inserted it, the only change that wrote into it.
+    pub entries: BTreeMap<String, HashMap<ObjId, usize>>,
+    /// Whether a change wrote the contract (one change at most).
+    pub contract: bool,
+}
+
+/// The view of a file whose history after its creation only appended entries to its lists
+/// and wrote its contract (`appended`), given `created`, the view at its creation, where
+/// `authors[i]` is the institution of change `i`. Each appended entry, and the contract, is
+/// read once, in `doc` as it is now: no change after its own wrote into it, so it reads as it
+/// did at that change. An entry is held to the rules `judge_touched` holds an appended entry
+/// to (`ListCheck::check_new`), and its list to the bound on entries (the whole list now is
+/// the longest it has been: lists only grew); the contract, as there, only has to read.
+///
+/// `None` if an entry breaks a rule, does not read, or a list is not its entries at the
+/// creation with the appended ones: the history is then judged change by change, which names
+/// the change refused and why.
+pub(crate) fn view_with_appended<D: ReadDoc>(
+    doc: &D,
+    created: HealthFileView,
+    appended: &Appended,
+    authors: &[InstitutionId],
+) -> Option<HealthFileView> {
+    fn list<T: Listed, D: ReadDoc>(
+        root: &Obj<'_, D>,
+        view: &mut HealthFileView,
+        appended: &Appended,
+        authors: &[InstitutionId],
+    ) -> Option<()> {
+        let Some(new) = appended.entries.get(T::KEY) else {
+            return Some(());
+        };
+        let ids = root.entries(T::KEY, T::KEY, None).ok()?;
+        let old = std::mem::take(T::list_mut(view));
+        if ids.len() > ENTRIES_PER_LIST_MAX || ids.len() != old.len() + new.len() {
+            return None;
+        }
+        // Entries only went in, so the entries at the creation keep their order: one walk.
+        let mut old = old.into_iter();
+        let mut list = Vec::with_capacity(ids.len());
+        let mut read = 0;
+        for id in &ids {
+            let entry = match new.get(id) {
+                Some(&change) => {
+                    let entry = T::parse(&root.child(id.clone(), T::KEY)).ok()?;
+                    T::RULES.check_new(&entry, authors.get(change)?).ok()?;
+                    read += 1;
+                    Arc::new(entry)
+                }
+                None => old.next().filter(|e| is_entry_of(e.entry(), id))?,
+            };
+            list.push(entry);
+        }
+        (read == new.len() && old.next().is_none()).then(|| *T::list_mut(view) = list)
+    }
+    let root = Obj::root(doc);
+    let mut view = created;
+    if appended.contract {
+        view.contract = read_contract(&root).ok()?;
+    }
+    list::<AllergyView, _>(&root, &mut view, appended, authors)?;
+    list::<ProblemView, _>(&root, &mut view, appended, authors)?;
+    list::<MedicationView, _>(&root, &mut view, appended, authors)?;
+    list::<EncounterView, _>(&root, &mut view, appended, authors)?;
+    list::<ExamResultView, _>(&root, &mut view, appended, authors)?;
+    list::<FollowUpView, _>(&root, &mut view, appended, authors)?;
+    // Every list appended to is one of those above.
+    appended
+        .entries
+        .keys()
+        .all(|key| LISTS.contains(&key.as_str()))
+        .then_some(view)
 }
 
 /// A list rebuilt in the order of `ids` (document order) from `old`, the list before in

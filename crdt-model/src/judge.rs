@@ -410,6 +410,10 @@ pub fn judge_history<D: ReadDoc>(
             error: None,
         });
     }
+    if let Ok(Some(view)) = catch_unwind(AssertUnwindSafe(|| judge_appends(doc, changes, authors)))
+    {
+        return Ok(view);
+    }
     let mut heads: Vec<ChangeHash> = Vec::new();
     // The view at `heads`, while it is known without reading the whole document: each change
     // that builds on exactly the heads so far brings it forward from what judging it read.
@@ -464,5 +468,248 @@ pub fn judge_history<D: ReadDoc>(
     match running {
         Some(view) => Ok(view),
         None => read(changes.len().saturating_sub(1), &|| view(doc)),
+    }
+}
+
+/// [`judge_history`] for the usual history of a health file: in one line (each change builds
+/// on the one before it), every change after the creation only appending entries to the
+/// file's lists, each entry written by the change that appended it alone, and perhaps one
+/// change writing the contract. What those changes wrote is then read once, in `doc` as it is
+/// now, where it reads as it did at its own change (`health_file::view_with_appended`),
+/// instead of reading the document at every change.
+///
+/// `Some` only where judging change by change accepts every change, with the same view.
+/// `None` for any other history, and for any doubt (an entry that breaks a rule or does not
+/// read): judging change by change then gives the answer, and names the change refused.
+fn judge_appends<D: ReadDoc>(
+    doc: &D,
+    changes: &[Change],
+    authors: &[InstitutionId],
+) -> Option<View> {
+    let (creation, rest) = changes.split_first()?;
+    if !creation.deps().is_empty()
+        || changes
+            .windows(2)
+            .any(|pair| pair[1].deps() != [pair[0].hash()])
+    {
+        return None;
+    }
+    // What the changes after the creation wrote, first: other histories (a referral's, a
+    // file edited) are told apart here, before the creation is read.
+    let mut appended = health_file::Appended::default();
+    for (index, change) in rest.iter().enumerate() {
+        // Objects never move: `doc` names the parents the document at the change names.
+        let touch = Touch::of(doc, change, &health_file::PARTS, health_file::ROOT_REGISTER);
+        if touch.whole {
+            return None;
+        }
+        for (key, written) in &touch.under {
+            if key == health_file::ROOT_REGISTER {
+                // Read once, as it is now: so only if no other change wrote it since.
+                if std::mem::replace(&mut appended.contract, true) {
+                    return None;
+                }
+                continue;
+            }
+            let inserted = touch.direct.get(key)?.only_inserted()?;
+            if !written.is_subset(inserted) {
+                return None;
+            }
+            let list = appended.entries.entry(key.clone()).or_default();
+            for entry in inserted {
+                if list.insert(entry.clone(), index + 1).is_some() {
+                    return None;
+                }
+            }
+        }
+    }
+    // The creation, judged as change by change judges it.
+    let at = [creation.hash()];
+    let created = judge_at(
+        &At::new(doc, &at),
+        &[],
+        creation.hash(),
+        Some(creation),
+        authors.first()?,
+        None,
+    )
+    .ok()?
+    .into_view_at_change(None)?;
+    let View::HealthFile(created) = created else {
+        return None;
+    };
+    health_file::view_with_appended(doc, *created, &appended, authors)
+        .map(|view| View::HealthFile(Box::new(view)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        Actor, Demographics, Editor, HealthFile, HealthFileOp, NewEncounter, PersonName, Sex,
+        Timestamp,
+    };
+    use automerge::AutoCommit;
+
+    fn editor(at: i64) -> Editor {
+        Editor {
+            institution: InstitutionId::new("chc-jianshe").unwrap(),
+            at: Timestamp(at),
+        }
+    }
+
+    /// A file created, then `encounters` encounters appended, each its own change.
+    fn file_with_encounters(encounters: usize) -> AutoCommit {
+        let demographics = Demographics {
+            name: PersonName {
+                family: "Lu".into(),
+                given: "Jianguo".into(),
+                text: None,
+            },
+            sex: Sex::Female,
+            birth_date: crate::Date::new("1954-10-17").unwrap(),
+            phone: None,
+            address: None,
+            national_id: None,
+            insurance: None,
+        };
+        let mut file = HealthFile::create(
+            &Actor::from_bytes(vec![1; 32]),
+            &editor(1_000),
+            &demographics,
+        )
+        .unwrap();
+        for n in 0..encounters {
+            file.apply(
+                &editor(2_000 + n as i64),
+                &HealthFileOp::AddEncounter(NewEncounter {
+                    time: Timestamp(2_000 + n as i64),
+                    kind: crate::EncounterKind::Outpatient,
+                    diagnoses: Vec::new(),
+                    note: format!("visit {n}"),
+                }),
+            )
+            .unwrap();
+        }
+        AutoCommit::load(&file.save()).unwrap()
+    }
+
+    fn judged(doc: &mut AutoCommit) -> (Option<View>, Result<View, HistoryRefused>) {
+        let changes = doc.get_changes(&[]);
+        let authors = vec![InstitutionId::new("chc-jianshe").unwrap(); changes.len()];
+        (
+            judge_appends(doc, &changes, &authors),
+            judge_history(doc, &changes, &authors),
+        )
+    }
+
+    fn contract(doctor: &str) -> HealthFileOp {
+        let institution = |id: &str| InstitutionId::new(id).unwrap();
+        HealthFileOp::SetContract(crate::FamilyDoctorContract {
+            community_centre: institution("chc-jianshe"),
+            district_hospital: institution("dh-chongming-2"),
+            municipal_hospital: institution("xinhua"),
+            doctor_id: doctor.into(),
+            doctor_name: "Shi Jianguo".into(),
+            since: crate::Date::new("2024-12-03").unwrap(),
+        })
+    }
+
+    /// `doc` with `op` applied as one more change.
+    fn with(doc: &mut AutoCommit, op: &HealthFileOp) -> AutoCommit {
+        let mut file = HealthFile::load(&doc.save(), &Actor::from_bytes(vec![1; 32])).unwrap();
+        file.apply(&editor(9_000), op).unwrap();
+        AutoCommit::load(&file.save()).unwrap()
+    }
+
+    #[test]
+    fn a_history_of_appends_is_judged_by_its_entries_and_reads_as_the_whole_document() {
+        let mut doc = file_with_encounters(5);
+        // And a contract, as most files have.
+        let mut doc = with(&mut doc, &contract("doc-1"));
+        let (appends, history) = judged(&mut doc);
+        let whole = crate::view(&doc).unwrap();
+        let View::HealthFile(file) = &whole else {
+            unreachable!("a health file")
+        };
+        assert!(file.contract.is_some());
+        assert_eq!(appends.as_ref(), Some(&whole), "judged at once");
+        assert_eq!(history.unwrap(), whole);
+
+        // A contract written twice: judged change by change, as the first value is read
+        // only where it was written.
+        let mut twice = with(&mut doc, &contract("doc-2"));
+        let (appends, history) = judged(&mut twice);
+        assert!(appends.is_none());
+        assert_eq!(history.unwrap(), crate::view(&twice).unwrap());
+    }
+
+    /// `doc` with one more change, written raw on its encounters list by `write`.
+    fn with_raw(doc: &AutoCommit, write: fn(&mut AutoCommit, &automerge::ObjId)) -> AutoCommit {
+        let mut raw = AutoCommit::load(&doc.clone().save())
+            .unwrap()
+            .with_actor(automerge::ActorId::from(vec![1u8; 32]));
+        let (_, list) = raw.get(automerge::ROOT, "encounters").unwrap().unwrap();
+        write(&mut raw, &list);
+        assert!(raw.commit().is_some(), "the write was recorded");
+        raw
+    }
+
+    #[test]
+    fn writes_that_are_not_whole_new_entries_are_refused_at_their_own_change() {
+        use automerge::ObjType;
+        use automerge::transaction::Transactable;
+        let doc = file_with_encounters(2);
+        let writes: [fn(&mut AutoCommit, &automerge::ObjId); 3] = [
+            // A list where an entry goes.
+            |doc, list| {
+                let end = doc.length(list);
+                doc.insert_object(list, end, ObjType::List).unwrap();
+            },
+            // An entry with nothing in it.
+            |doc, list| {
+                let end = doc.length(list);
+                doc.insert_object(list, end, ObjType::Map).unwrap();
+            },
+            // An earlier entry rewritten in another institution's name.
+            |doc, list| {
+                let (_, entry) = doc.get(list, 0).unwrap().unwrap();
+                doc.put(&entry, "institution", "xinhua").unwrap();
+            },
+        ];
+        for write in writes {
+            let mut written = with_raw(&doc, write);
+            let (appends, history) = judged(&mut written);
+            assert!(appends.is_none());
+            // The creation, two encounters, then this change.
+            let refused = history.unwrap_err();
+            assert_eq!(refused.index, 3, "{refused}");
+        }
+    }
+
+    #[test]
+    fn an_entry_written_again_or_in_another_name_is_judged_change_by_change() {
+        // A note edited after its encounter was appended: judged change by change, accepted.
+        let mut doc = file_with_encounters(3);
+        let View::HealthFile(view) = crate::view(&doc).unwrap() else {
+            unreachable!("a health file")
+        };
+        let edit = HealthFileOp::EditEncounterNote {
+            entry: view.encounters[1].entry.clone(),
+            note: "seen again".into(),
+        };
+        let mut edited = with(&mut doc, &edit);
+        let (appends, history) = judged(&mut edited);
+        assert!(appends.is_none());
+        assert_eq!(history.unwrap(), crate::view(&edited).unwrap());
+
+        // The appends of another institution's actor, judged as this one's: refused, at the
+        // first append, as change by change refuses them.
+        let changes = doc.get_changes(&[]);
+        let mut authors = vec![InstitutionId::new("chc-jianshe").unwrap(); changes.len()];
+        authors[2] = InstitutionId::new("xinhua").unwrap();
+        assert!(judge_appends(&doc, &changes, &authors).is_none());
+        let refused = judge_history(&doc, &changes, &authors).unwrap_err();
+        assert_eq!(refused.index, 2, "{refused}");
     }
 }

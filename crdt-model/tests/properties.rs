@@ -117,53 +117,50 @@ fn other_file(n: u8) -> DocumentId {
 }
 
 fn file_action() -> impl Strategy<Value = FileAction> + Clone {
+    let list = || {
+        prop::sample::select(vec![
+            CorrectableList::Medications,
+            CorrectableList::Encounters,
+            CorrectableList::Exams,
+            CorrectableList::FollowUps,
+        ])
+    };
     prop_oneof![
-        any::<u8>().prop_map(FileAction::Phone),
-        any::<u8>().prop_map(FileAction::Contract),
+        6 => appending_action(),
+        1 => any::<u8>().prop_map(FileAction::Phone),
+        1 => any::<u8>().prop_map(FileAction::Contract),
+        1 => (0..SUBSTANCES.len()).prop_map(FileAction::RemoveAllergy),
+        1 => (
+            0..4usize,
+            prop::sample::select(AllergyVerification::ALL.to_vec())
+        )
+            .prop_map(|(i, v)| FileAction::VerifyAllergy(i, v)),
+        1 => Just(FileAction::NoKnownAllergies),
+        1 => (list(), 0..4usize).prop_map(|(list, i)| FileAction::MarkInError(list, i)),
+        1 => (list(), 0..4usize, any::<u8>())
+            .prop_map(|(list, i, n)| FileAction::Amend(list, i, n)),
+        1 => (0..4usize, any::<bool>()).prop_map(|(i, a)| FileAction::SetProblemStatus(i, a)),
+        1 => (0..CODES.len()).prop_map(FileAction::RemoveProblem),
+        1 => (0..4usize).prop_map(FileAction::StopMedication),
+        1 => (0..4usize, "[a-z ]{0,12}").prop_map(|(i, t)| FileAction::EditNote(i, t)),
+        1 => any::<u8>().prop_map(FileAction::Link),
+        1 => Just(FileAction::Unlink),
+    ]
+}
+
+/// The actions that append an entry to one of a file's lists.
+fn appending_action() -> impl Strategy<Value = FileAction> + Clone {
+    prop_oneof![
         (
             0..SUBSTANCES.len(),
             prop::sample::select(Severity::ALL.to_vec())
         )
             .prop_map(|(s, v)| FileAction::AddAllergy(s, v)),
-        (0..SUBSTANCES.len()).prop_map(FileAction::RemoveAllergy),
-        (
-            0..4usize,
-            prop::sample::select(AllergyVerification::ALL.to_vec())
-        )
-            .prop_map(|(i, v)| FileAction::VerifyAllergy(i, v)),
-        Just(FileAction::NoKnownAllergies),
-        (
-            prop::sample::select(vec![
-                CorrectableList::Medications,
-                CorrectableList::Encounters,
-                CorrectableList::Exams,
-                CorrectableList::FollowUps,
-            ]),
-            0..4usize
-        )
-            .prop_map(|(list, i)| FileAction::MarkInError(list, i)),
-        (
-            prop::sample::select(vec![
-                CorrectableList::Medications,
-                CorrectableList::Encounters,
-                CorrectableList::Exams,
-                CorrectableList::FollowUps,
-            ]),
-            0..4usize,
-            any::<u8>(),
-        )
-            .prop_map(|(list, i, n)| FileAction::Amend(list, i, n)),
         (0..CODES.len()).prop_map(FileAction::AddProblem),
-        (0..4usize, any::<bool>()).prop_map(|(i, a)| FileAction::SetProblemStatus(i, a)),
-        (0..CODES.len()).prop_map(FileAction::RemoveProblem),
         (1..=limits::PRESCRIPTION_DAYS_MAX).prop_map(FileAction::AddMedication),
-        (0..4usize).prop_map(FileAction::StopMedication),
         (0..CODES.len()).prop_map(FileAction::AddEncounter),
-        (0..4usize, "[a-z ]{0,12}").prop_map(|(i, t)| FileAction::EditNote(i, t)),
         any::<u8>().prop_map(FileAction::AddExam),
         (90u8..200).prop_map(FileAction::AddFollowUp),
-        any::<u8>().prop_map(FileAction::Link),
-        Just(FileAction::Unlink),
     ]
 }
 
@@ -1017,16 +1014,42 @@ proptest! {
         honest in steps(1, file_action().prop_map(FileStep::Honest), 1..60),
         fault in prop::option::of(file_fault()),
     ) {
-        let history = honest.into_iter().chain(fault.map(|fault| Step::Edit {
-            replica: 0,
-            action: FileStep::Faulty(fault),
-        }));
-        let history = history.collect();
-        let (changes, faulty) = file_history(history);
-        let accepted = check_judged_at_once(&changes, file_author)?;
-        prop_assert!(accepted || !faulty.is_empty(), "an honest history was refused");
-        prop_assert!(!accepted || faulty.is_empty(), "a faulty history was accepted");
+        check_single_writer(honest, fault)?;
     }
+
+    /// The same for a file that only grows (entries appended, and a contract written, as
+    /// clinics write most files), which is judged by what its changes wrote, each read once,
+    /// perhaps ending with a fault.
+    #[test]
+    fn a_growing_health_file_judged_at_once_is_judged_as_one_by_one(
+        honest in steps(1, prop_oneof![8 => appending_action(), 1 => any::<u8>().prop_map(FileAction::Contract)].prop_map(FileStep::Honest), 1..60),
+        fault in prop::option::of(file_fault()),
+    ) {
+        check_single_writer(honest, fault)?;
+    }
+}
+
+/// One replica's `honest` steps, then `fault` if any, judged at once and one by one (see
+/// `check_judged_at_once`): an honest history is accepted, a faulty one refused.
+fn check_single_writer(
+    honest: Vec<Step<FileStep>>,
+    fault: Option<FileFault>,
+) -> Result<(), TestCaseError> {
+    let history = honest.into_iter().chain(fault.map(|fault| Step::Edit {
+        replica: 0,
+        action: FileStep::Faulty(fault),
+    }));
+    let (changes, faulty) = file_history(history.collect());
+    let accepted = check_judged_at_once(&changes, file_author)?;
+    prop_assert!(
+        accepted || !faulty.is_empty(),
+        "an honest history was refused"
+    );
+    prop_assert!(
+        !accepted || faulty.is_empty(),
+        "a faulty history was accepted"
+    );
+    Ok(())
 }
 
 /// Two replicas rewrite the file's kind concurrently, each ending with the value it has (a

@@ -334,9 +334,10 @@ impl Node {
 
     /// A document's typed view. When the view kept for it shows the heads the catalogue
     /// holds now, that view is the answer: no copy of the document. Otherwise the document
-    /// is read from the store, without the decision lock (a clinical read does not wait
-    /// while the node decides a peer's batch), and its view is kept under the digest of the
-    /// heads it shows: an accepted state at least as recent as the catalogue was when the
+    /// is copied from the cache or read from the store (`copy_of`), without the decision lock
+    /// (a clinical read does not wait while the node decides a peer's batch) unless that read
+    /// met a decision or a withdrawal half written, and its view is kept under the digest of
+    /// the heads it shows: an accepted state at least as recent as the catalogue was when the
     /// read began.
     pub(super) fn view_of(
         &self,
@@ -348,9 +349,9 @@ impl Node {
         {
             return Ok(view);
         }
-        let (mut doc, found, _, _) = self
-            .stored_document(&id)?
-            .ok_or(NodeError::UnknownDocument(id))?;
+        // A store read that raced a decision, or a withdrawal that removed the document, is
+        // read again under the lock: never a view of half a write.
+        let (mut doc, found) = self.copy_of(&id)?.ok_or(NodeError::UnknownDocument(id))?;
         if found != expected {
             return Err(NodeError::WrongKind {
                 document: id,
