@@ -3090,8 +3090,9 @@ pub(crate) struct Appended {
 /// to (`ListCheck::check_new`), and its list to the bound on entries (the whole list now is
 /// the longest it has been: lists only grew); the contract, as there, only has to read.
 ///
-/// `None` if an entry breaks a rule, does not read, or a list is not its entries at the
-/// creation with the appended ones: the history is then judged change by change, which names
+/// `None` if an entry breaks a rule or does not read, a list is longer than
+/// `ENTRIES_PER_LIST_MAX` or is not its entries at the creation with the appended ones, or the
+/// contract does not read: the history is then judged change by change, which names
 /// the change refused and why.
 pub(crate) fn view_with_appended<D: ReadDoc>(
     doc: &D,
