@@ -3132,6 +3132,14 @@ pub(crate) fn view_with_appended<D: ReadDoc>(
         }
         (read == new.len() && old.next().is_none()).then(|| *T::list_mut(view) = list)
     }
+    // Every list appended to is one of those below.
+    if !appended
+        .entries
+        .keys()
+        .all(|key| LISTS.contains(&key.as_str()))
+    {
+        return None;
+    }
     let root = Obj::root(doc);
     let mut view = created;
     if appended.contract {
@@ -3143,12 +3151,7 @@ pub(crate) fn view_with_appended<D: ReadDoc>(
     list::<EncounterView, _>(&root, &mut view, appended, authors)?;
     list::<ExamResultView, _>(&root, &mut view, appended, authors)?;
     list::<FollowUpView, _>(&root, &mut view, appended, authors)?;
-    // Every list appended to is one of those above.
-    appended
-        .entries
-        .keys()
-        .all(|key| LISTS.contains(&key.as_str()))
-        .then_some(view)
+    Some(view)
 }
 
 /// A list rebuilt in the order of `ids` (document order) from `old`, the list before in

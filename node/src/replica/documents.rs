@@ -336,9 +336,9 @@ impl Node {
     /// holds now, that view is the answer: no copy of the document. Otherwise the document
     /// is copied from the cache or read from the store (`copy_of`), without the decision lock
     /// (a clinical read does not wait while the node decides a peer's batch) unless that read
-    /// met a decision or a withdrawal half-written (or failed), and its view is kept under the digest of
-    /// the heads it shows: an accepted state at least as recent as the catalogue was when the
-    /// read began.
+    /// met a decision or a withdrawal half-written (or failed), and its view is kept under the
+    /// digest of the heads it shows: an accepted state at least as recent as the catalogue was
+    /// when the read began.
     pub(super) fn view_of(
         &self,
         id: DocumentId,
