@@ -14,7 +14,6 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
-use automerge::legacy::{Key, ObjectId, OpType};
 use automerge::{ActorId, Change, ChangeHash, ObjId, Prop, ReadDoc};
 
 use crate::at::At;
@@ -69,24 +68,27 @@ impl Touch {
             whole: true,
             ..Touch::default()
         };
-        let decoded = change.decode();
-        let actor = &decoded.actor_id;
+        let actor = change.actor_id();
         // The objects a change writes are few; each is placed once.
         let mut placed: BTreeMap<ObjId, Place> = BTreeMap::new();
-        for (index, op) in decoded.operations.iter().enumerate() {
-            let parent = match &op.obj {
-                ObjectId::Root => match &op.key {
-                    Key::Map(key) => {
-                        if &**key != register {
+        // Only where each operation writes is read, not what it writes.
+        for (index, op) in change.outline().enumerate() {
+            let Ok(op) = op else {
+                return whole();
+            };
+            let parent = match op.obj {
+                None => match op.map_key() {
+                    Some(key) => {
+                        if key != register {
                             return whole();
                         }
                         touch.under.entry(key.to_string()).or_default();
                         None
                     }
-                    Key::Seq(_) => return whole(),
+                    None => return whole(),
                 },
-                ObjectId::Id(id) => {
-                    let obj = object_id(id.counter(), id.actor());
+                Some((counter, made_by)) => {
+                    let obj = object_id(counter, made_by);
                     let place = match placed.get(&obj) {
                         Some(place) => place.clone(),
                         None => {
@@ -104,8 +106,8 @@ impl Touch {
                     entries.extend(place.entry.clone());
                     if place.depth == 1 {
                         let direct = touch.direct.entry(place.key.clone()).or_default();
-                        match (&op.action, op.insert) {
-                            (OpType::Make(_), true) => {
+                        match (op.make, op.insert) {
+                            (Some(_), true) => {
                                 let made = object_id(change.start_op().get() + index as u64, actor);
                                 direct.inserted.insert(made);
                             }
@@ -115,15 +117,15 @@ impl Touch {
                     Some(place)
                 }
             };
-            if let OpType::Make(_) = op.action {
+            if op.make.is_some() {
                 let made = object_id(change.start_op().get() + index as u64, actor);
-                let place = match (parent, &op.key) {
-                    (None, Key::Map(key)) => Place {
+                let place = match (parent, op.map_key()) {
+                    (None, Some(key)) => Place {
                         key: key.to_string(),
                         depth: 1,
                         entry: None,
                     },
-                    (None, Key::Seq(_)) => continue,
+                    (None, None) => continue,
                     (Some(parent), _) => Place {
                         entry: match parent.depth {
                             1 => Some(made.clone()),

@@ -1006,6 +1006,19 @@ proptest! {
         prop_assert!(!accepted || faulty.is_empty(), "a faulty history was accepted");
     }
 
+    /// A change's outline (where each operation writes, which judging a change by its parts
+    /// reads) says what decoding the whole change says, op by op, for honest and faulty
+    /// histories alike.
+    #[test]
+    fn a_changes_outline_agrees_with_its_decoding(
+        history in steps(3, prop_oneof![3 => file_action().prop_map(FileStep::Honest), 1 => file_fault().prop_map(FileStep::Faulty)], 1..30),
+    ) {
+        let (changes, _) = file_history(history);
+        for change in &changes {
+            check_outline(change)?;
+        }
+    }
+
     /// The same for histories written by one replica alone, honest then perhaps one fault
     /// (every change builds on the one before: the view is carried from change to change,
     /// never read whole at the end).
@@ -1027,6 +1040,36 @@ proptest! {
     ) {
         check_single_writer(honest, fault)?;
     }
+}
+
+/// Compares `change.outline()` with `change.decode()`, operation by operation.
+fn check_outline(change: &automerge::Change) -> Result<(), TestCaseError> {
+    use automerge::legacy::{Key, ObjectId, OpType};
+    let decoded = change.decode();
+    let outline = change
+        .outline()
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|error| TestCaseError::fail(format!("outline unreadable: {error}")))?;
+    prop_assert_eq!(outline.len(), decoded.operations.len());
+    for (outlined, op) in outline.iter().zip(&decoded.operations) {
+        let obj = match &op.obj {
+            ObjectId::Root => None,
+            ObjectId::Id(id) => Some((id.counter(), id.actor().clone())),
+        };
+        prop_assert_eq!(outlined.obj.map(|(c, a)| (c, a.clone())), obj);
+        let key = match &op.key {
+            Key::Map(key) => Some(key.to_string()),
+            Key::Seq(_) => None,
+        };
+        prop_assert_eq!(outlined.map_key().map(str::to_string), key);
+        prop_assert_eq!(outlined.insert, op.insert);
+        let make = match op.action {
+            OpType::Make(made) => Some(made),
+            _ => None,
+        };
+        prop_assert_eq!(outlined.make, make);
+    }
+    Ok(())
 }
 
 /// One replica's `honest` steps, then `fault` if any, judged at once and one by one (see

@@ -94,14 +94,105 @@ impl AuditRecord {
         }
     }
 
-    /// The record's hash, which the next record holds.
+    /// The record's hash, which the next record holds: over its CBOR map as serde writes it
+    /// (`hashed_form`).
     pub fn hash(&self) -> [u8; 32] {
-        let mut bytes = Vec::new();
-        ciborium::into_writer(self, &mut bytes).expect("CBOR encoding into memory");
         let mut hasher = Sha256::new();
         hasher.update(b"estuary/audit/v1");
-        hasher.update(&bytes);
+        hasher.update(self.hashed_form());
         hasher.finalize().into()
+    }
+
+    /// The record as a CBOR map, byte for byte as `ciborium` serialises it (the form every
+    /// chain so far was hashed over; a test holds the two equal), written directly: serde
+    /// writes each of the 32 bytes of a hash as an item of its own, and a record is hashed
+    /// for every decision.
+    fn hashed_form(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(320);
+        cbor_head(&mut out, MAJOR_MAP, 7 + u64::from(self.app.is_some()));
+        cbor_text(&mut out, "sequence");
+        cbor_head(&mut out, MAJOR_UNSIGNED, self.sequence);
+        cbor_text(&mut out, "previous");
+        cbor_byte_array(&mut out, &self.previous);
+        cbor_text(&mut out, "at_ms");
+        match u64::try_from(self.at_ms) {
+            Ok(at) => cbor_head(&mut out, MAJOR_UNSIGNED, at),
+            Err(_) => cbor_head(&mut out, MAJOR_NEGATIVE, !(self.at_ms as u64)),
+        }
+        cbor_text(&mut out, "action");
+        cbor_text(&mut out, action_name(self.action));
+        cbor_text(&mut out, "document");
+        cbor_text(&mut out, &self.document.to_string());
+        cbor_text(&mut out, "change");
+        match &self.change {
+            Some(change) => cbor_byte_array(&mut out, change),
+            None => out.push(CBOR_NULL),
+        }
+        cbor_text(&mut out, "institution");
+        match &self.institution {
+            Some(institution) => cbor_text(&mut out, institution.as_str()),
+            None => out.push(CBOR_NULL),
+        }
+        if let Some(app) = &self.app {
+            cbor_text(&mut out, "app");
+            cbor_text(&mut out, app);
+        }
+        out
+    }
+}
+
+const MAJOR_UNSIGNED: u8 = 0;
+const MAJOR_NEGATIVE: u8 = 1;
+const MAJOR_TEXT: u8 = 3;
+const MAJOR_ARRAY: u8 = 4;
+const MAJOR_MAP: u8 = 5;
+const CBOR_NULL: u8 = 0xf6;
+
+/// A CBOR item head: the major type and its argument, in the shortest form.
+fn cbor_head(out: &mut Vec<u8>, major: u8, argument: u64) {
+    let major = major << 5;
+    match argument {
+        0..24 => out.push(major | argument as u8),
+        24..0x100 => out.extend_from_slice(&[major | 24, argument as u8]),
+        0x100..0x1_0000 => {
+            out.push(major | 25);
+            out.extend_from_slice(&(argument as u16).to_be_bytes());
+        }
+        0x1_0000..0x1_0000_0000 => {
+            out.push(major | 26);
+            out.extend_from_slice(&(argument as u32).to_be_bytes());
+        }
+        _ => {
+            out.push(major | 27);
+            out.extend_from_slice(&argument.to_be_bytes());
+        }
+    }
+}
+
+fn cbor_text(out: &mut Vec<u8>, text: &str) {
+    cbor_head(out, MAJOR_TEXT, text.len() as u64);
+    out.extend_from_slice(text.as_bytes());
+}
+
+/// A byte array as serde writes one: an array of small unsigned integers.
+fn cbor_byte_array(out: &mut Vec<u8>, bytes: &[u8]) {
+    cbor_head(out, MAJOR_ARRAY, bytes.len() as u64);
+    for &byte in bytes {
+        cbor_head(out, MAJOR_UNSIGNED, u64::from(byte));
+    }
+}
+
+/// The action's name as serde writes it (`rename_all = "snake_case"`).
+const fn action_name(action: AuditAction) -> &'static str {
+    match action {
+        AuditAction::Accepted => "accepted",
+        AuditAction::Quarantined => "quarantined",
+        AuditAction::Withdrawn => "withdrawn",
+        AuditAction::Read => "read",
+        AuditAction::Written => "written",
+        AuditAction::Exported => "exported",
+        AuditAction::QuarantinePurged => "quarantine_purged",
+        AuditAction::Erased => "erased",
     }
 }
 
@@ -351,6 +442,64 @@ mod tests {
     fn every_action_is_listed_at_its_code() {
         for (index, action) in ACTIONS.iter().enumerate() {
             assert_eq!(usize::from(code_of(*action)), index, "{action:?}");
+        }
+    }
+
+    proptest::proptest! {
+        /// The hash is over exactly the bytes serde's CBOR encoding of the record gives, for
+        /// every action and any field's value.
+        #[test]
+        fn a_record_is_hashed_over_its_serde_encoding(
+            sequence in proptest::prelude::any::<u64>(),
+            previous in proptest::prelude::any::<[u8; 32]>(),
+            at_ms in proptest::prelude::any::<i64>(),
+            action in 0..ACTIONS.len(),
+            document in proptest::prelude::any::<[u8; 16]>(),
+            change in proptest::prelude::any::<Option<[u8; 32]>>(),
+            institution in proptest::option::of("[a-z0-9-]{1,64}"),
+            app in proptest::option::of(".{0,300}"),
+        ) {
+            let record = AuditRecord {
+                sequence,
+                previous,
+                at_ms,
+                action: ACTIONS[action],
+                document: DocumentId::from_bytes(document),
+                change,
+                institution: institution.map(|i| InstitutionId::new(i).unwrap()),
+                app,
+            };
+            let mut serde = Vec::new();
+            ciborium::into_writer(&record, &mut serde).unwrap();
+            proptest::prop_assert_eq!(record.hashed_form(), serde);
+        }
+    }
+
+    #[test]
+    fn every_small_and_boundary_integer_is_encoded_as_serde_does() {
+        for at_ms in [
+            0,
+            1,
+            23,
+            24,
+            255,
+            256,
+            65_535,
+            65_536,
+            u32::MAX as i64,
+            i64::MAX,
+        ]
+        .into_iter()
+        .flat_map(|n: i64| [n, -n, -n - 1, n.saturating_add(1)])
+        {
+            let record = AuditRecord {
+                sequence: at_ms.unsigned_abs(),
+                at_ms,
+                ..chained(1, [0; 32], 1).remove(0)
+            };
+            let mut serde = Vec::new();
+            ciborium::into_writer(&record, &mut serde).unwrap();
+            assert_eq!(record.hashed_form(), serde, "{at_ms}");
         }
     }
 

@@ -171,6 +171,10 @@ pub(super) struct Cached {
 #[derive(Default)]
 pub(super) struct Documents {
     pub(super) documents: HashMap<DocumentId, Cached>,
+    /// Each document's id by its last use (`Cached::used`), least recent first: what to evict
+    /// is found without a scan of the cache (every fetched document a catch-up decides goes
+    /// in, and one goes out).
+    by_use: BTreeMap<u64, DocumentId>,
     pub(super) bytes: usize,
     pub(super) clock: u64,
 }
@@ -180,12 +184,15 @@ impl Documents {
         self.clock += 1;
         let clock = self.clock;
         let cached = self.documents.get_mut(id)?;
+        self.by_use.remove(&cached.used);
+        self.by_use.insert(clock, *id);
         cached.used = clock;
         Some(cached)
     }
 
     pub(super) fn remove(&mut self, id: &DocumentId) -> Option<Cached> {
         let cached = self.documents.remove(id)?;
+        self.by_use.remove(&cached.used);
         self.bytes -= cached.bytes;
         Some(cached)
     }
@@ -198,18 +205,17 @@ impl Documents {
         self.clock += 1;
         cached.used = self.clock;
         self.bytes += cached.bytes;
+        self.by_use.insert(cached.used, id);
         self.documents.insert(id, cached);
         while self.documents.len() > CACHE_DOCUMENTS_MAX || self.bytes > CACHE_BYTES_MAX {
-            let Some(oldest) = self
-                .documents
-                .iter()
-                .filter(|(other, _)| **other != id)
-                .min_by_key(|(_, c)| c.used)
-                .map(|(id, _)| *id)
-            else {
-                break;
-            };
-            self.remove(&oldest);
+            // The document just inserted is the most recent: first only when it is alone.
+            match self.by_use.first_key_value() {
+                Some((_, oldest)) if *oldest != id => {
+                    let oldest = *oldest;
+                    self.remove(&oldest);
+                }
+                _ => break,
+            }
         }
     }
 }
@@ -219,8 +225,10 @@ impl Documents {
 /// decision, a load or I/O.
 #[derive(Default)]
 pub(super) struct Views {
-    pub(super) entries: HashMap<DocumentId, (HeadsDigest, Arc<View>, u64)>,
-    pub(super) clock: u64,
+    entries: HashMap<DocumentId, (HeadsDigest, Arc<View>, u64)>,
+    /// Each view's document by its last use, least recent first (as `Documents::by_use`).
+    by_use: BTreeMap<u64, DocumentId>,
+    clock: u64,
 }
 
 impl Views {
@@ -231,21 +239,28 @@ impl Views {
         if held != digest {
             return None;
         }
+        self.by_use.remove(used);
+        self.by_use.insert(clock, *id);
         *used = clock;
         Some(view.clone())
     }
 
     pub(super) fn insert(&mut self, id: DocumentId, digest: HeadsDigest, view: Arc<View>) {
         self.clock += 1;
-        self.entries.insert(id, (digest, view, self.clock));
+        if let Some((_, _, used)) = self.entries.insert(id, (digest, view, self.clock)) {
+            self.by_use.remove(&used);
+        }
+        self.by_use.insert(self.clock, id);
         if self.entries.len() > VIEWS_CACHED_MAX
-            && let Some(oldest) = self
-                .entries
-                .iter()
-                .min_by_key(|(_, (_, _, used))| *used)
-                .map(|(id, _)| *id)
+            && let Some((_, oldest)) = self.by_use.pop_first()
         {
             self.entries.remove(&oldest);
+        }
+    }
+
+    pub(super) fn remove(&mut self, id: &DocumentId) {
+        if let Some((_, _, used)) = self.entries.remove(id) {
+            self.by_use.remove(&used);
         }
     }
 }

@@ -141,7 +141,7 @@ impl Node {
             }
         }
         self.catalogue_mut().remove(document.as_bytes());
-        self.lock_views().entries.remove(&document);
+        self.lock_views().remove(&document);
         Ok(())
     }
 

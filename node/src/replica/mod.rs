@@ -1501,6 +1501,37 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn the_cache_evicts_the_least_recently_used_document() {
+        let id = |n: u64| {
+            let mut id = [0u8; 16];
+            id[..8].copy_from_slice(&n.to_be_bytes());
+            DocumentId::from_bytes(id)
+        };
+        let mut cache = Documents::default();
+        for n in 0..CACHE_DOCUMENTS_MAX as u64 {
+            cache.insert(id(n), cached(1));
+        }
+        // The first is used again, the second taken out and put back: the third is now the
+        // least recently used, then the first of the rest.
+        assert!(cache.touch(&id(0)).is_some());
+        let second = cache.remove(&id(1)).unwrap();
+        cache.insert(id(1), second);
+        let full = CACHE_DOCUMENTS_MAX as u64;
+        cache.insert(id(full), cached(1));
+        assert!(!cache.documents.contains_key(&id(2)));
+        cache.insert(id(full + 1), cached(1));
+        assert!(!cache.documents.contains_key(&id(3)));
+        for kept in [0, 1, 4, full, full + 1] {
+            assert!(
+                cache.documents.contains_key(&id(kept)),
+                "{kept} was evicted"
+            );
+        }
+        assert_eq!(cache.documents.len(), CACHE_DOCUMENTS_MAX);
+        assert_eq!(cache.bytes, CACHE_DOCUMENTS_MAX);
+    }
+
+    #[test]
     fn the_cache_keeps_its_bounds_and_the_document_just_inserted() {
         let mut cache = Documents::default();
         for n in 0..(CACHE_DOCUMENTS_MAX + 10) {

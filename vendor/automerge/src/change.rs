@@ -6,7 +6,7 @@ use crate::{
         change::{Unverified, Verified},
         parse, Change as StoredChange, ChangeOp, Chunk, Compressed, ReadChangeOpError,
     },
-    types::{ActorId, ChangeHash, ElemId},
+    types::{ActorId, ChangeHash, ElemId, ObjType},
     Author,
 };
 
@@ -123,6 +123,47 @@ impl Change {
         self.stored.iter_ops()
     }
 
+    /// Where each operation writes and whether it makes an object, in order, without
+    /// decoding any value or predecessor (cheaper than [`Change::decode`] for a reader that
+    /// needs only the places a change writes).
+    pub fn outline(&self) -> impl Iterator<Item = Result<OpOutline<'_>, LoadError>> + '_ {
+        self.stored.outline_ops().map(move |op| {
+            let op = op.map_err(|e| LoadError::Parse(Box::new(e)))?;
+            let obj = match op.obj.id() {
+                Some(id) => Some((id.counter(), self.actor_at(id.actor())?)),
+                None => None,
+            };
+            let key = match op.key {
+                StoredKey::Prop(prop) => OutlineKey::Map(prop),
+                StoredKey::Elem(_) => OutlineKey::Seq,
+            };
+            let make = match op.action {
+                0 => Some(ObjType::Map),
+                2 => Some(ObjType::List),
+                4 => Some(ObjType::Text),
+                6 => Some(ObjType::Table),
+                _ => None,
+            };
+            Ok(OpOutline {
+                obj,
+                key,
+                insert: op.insert,
+                make,
+            })
+        })
+    }
+
+    /// The actor at `index` of the change's actor list (its own actor first).
+    fn actor_at(&self, index: usize) -> Result<&ActorId, LoadError> {
+        match index {
+            0 => Ok(self.actor_id()),
+            n => self
+                .other_actor_ids()
+                .get(n - 1)
+                .ok_or(LoadError::Parse("an operation names an actor the change lacks".into())),
+        }
+    }
+
     pub fn extra_bytes(&self) -> &[u8] {
         self.stored.extra_bytes()
     }
@@ -134,6 +175,35 @@ impl Change {
 
     pub fn decode(&self) -> crate::ExpandedChange {
         crate::ExpandedChange::from(self)
+    }
+}
+
+/// An operation of a change as [`Change::outline`] reads it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OpOutline<'a> {
+    /// The object it writes into: `None` for the root, otherwise the operation that made the
+    /// object, as its counter and actor.
+    pub obj: Option<(u64, &'a ActorId)>,
+    key: OutlineKey,
+    /// Whether it inserts into a sequence.
+    pub insert: bool,
+    /// The type of object it makes, if it makes one.
+    pub make: Option<ObjType>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+enum OutlineKey {
+    Map(smol_str::SmolStr),
+    Seq,
+}
+
+impl OpOutline<'_> {
+    /// The key it writes in a map; `None` for a position in a sequence.
+    pub fn map_key(&self) -> Option<&str> {
+        match &self.key {
+            OutlineKey::Map(key) => Some(key),
+            OutlineKey::Seq => None,
+        }
     }
 }
 

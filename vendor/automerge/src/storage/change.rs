@@ -6,7 +6,7 @@ use super::{parse, shift_range, CheckSum, ChunkType, Header, RawColumns};
 
 mod change_op_columns;
 pub(crate) use change_op_columns::ChangeOpsColumns;
-pub(crate) use change_op_columns::{ChangeOp, ReadChangeOpError};
+pub(crate) use change_op_columns::{ChangeOp, ChangeOpOutline, ReadChangeOpError};
 
 mod change_actors;
 pub(crate) use change_actors::PredOutOfOrder;
@@ -208,6 +208,13 @@ impl<'a> Change<'a, Verified> {
 
     pub(crate) fn builder() -> ChangeBuilder<Unset, Unset, Unset, Unset> {
         ChangeBuilder::new()
+    }
+
+    /// The place and action of each op, without decoding values or predecessors.
+    pub(crate) fn outline_ops(
+        &'a self,
+    ) -> impl Iterator<Item = Result<ChangeOpOutline, ReadChangeOpError>> + 'a {
+        self.ops_meta.outline(self.ops_data())
     }
 
     pub(crate) fn iter_ops(&'a self) -> impl Iterator<Item = ChangeOp> + Clone + 'a {

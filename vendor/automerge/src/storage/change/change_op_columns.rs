@@ -180,6 +180,18 @@ impl ChangeOpsColumns {
         }
     }
 
+    /// The place and action of each op (object, key, insert, action), reading none of the
+    /// other columns: no value or predecessor is decoded.
+    pub(crate) fn outline<'a>(&self, data: &'a [u8]) -> ChangeOpsOutlineIter<'a> {
+        ChangeOpsOutlineIter {
+            failed: false,
+            obj: self.obj.as_ref().map(|o| o.iter(data)),
+            key: self.key.iter(data),
+            insert: self.insert.decoder(data),
+            action: self.action.decoder(data),
+        }
+    }
+
     #[tracing::instrument(skip(ops, out))]
     pub(crate) fn encode<'a, 'b, 'c, I, C, Op>(ops: I, out: &'b mut Vec<u8>) -> ChangeOpsColumns
     where
@@ -433,6 +445,58 @@ impl ChangeOpsIter<'_> {
 
 impl Iterator for ChangeOpsIter<'_> {
     type Item = Result<ChangeOp, ReadChangeOpError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        match self.try_next() {
+            Ok(v) => v.map(Ok),
+            Err(e) => {
+                self.failed = true;
+                Some(Err(e))
+            }
+        }
+    }
+}
+
+/// An op's place and action, as [`ChangeOpsColumns::outline`] reads them.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct ChangeOpOutline {
+    pub(crate) obj: ObjId,
+    pub(crate) key: Key,
+    pub(crate) insert: bool,
+    pub(crate) action: u64,
+}
+
+pub(crate) struct ChangeOpsOutlineIter<'a> {
+    failed: bool,
+    obj: Option<ObjIdIter<'a>>,
+    key: KeyIter<'a>,
+    insert: BooleanDecoder<'a>,
+    action: RleDecoder<'a, u64>,
+}
+
+impl ChangeOpsOutlineIter<'_> {
+    fn try_next(&mut self) -> Result<Option<ChangeOpOutline>, ReadChangeOpError> {
+        if self.failed || self.action.done() {
+            return Ok(None);
+        }
+        let obj = match self.obj {
+            Some(ref mut objs) => objs.next_in_col("obj")?,
+            None => ObjId::root(),
+        };
+        let key = self.key.next_in_col("key")?;
+        let insert = self.insert.next_in_col("insert")?;
+        let action = self.action.next_in_col("action")?;
+        Ok(Some(ChangeOpOutline {
+            obj,
+            key,
+            insert,
+            action,
+        }))
+    }
+}
+
+impl Iterator for ChangeOpsOutlineIter<'_> {
+    type Item = Result<ChangeOpOutline, ReadChangeOpError>;
 
     fn next(&mut self) -> Option<Self::Item> {
         match self.try_next() {
