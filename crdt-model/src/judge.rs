@@ -297,6 +297,26 @@ pub fn judge_change<D: ReadDoc>(
     )
 }
 
+/// [`judge_change`] for a change to a document its holder holds as of `kind`: every state a
+/// replica accepted has the kind the document was created with (a change that writes
+/// another kind is refused, see [`judge_history`]), so the kind is not read again at the
+/// change's dependencies. `kind` must be the kind of the document at those dependencies.
+pub fn judge_change_of_kind<D: ReadDoc>(
+    doc: &D,
+    change: &Change,
+    author: &InstitutionId,
+    kind: DocumentKind,
+) -> Result<Judged, ValidationError> {
+    judge_at(
+        doc,
+        change.deps(),
+        change.hash(),
+        Some(change),
+        author,
+        Some(kind),
+    )
+}
+
 /// Judges the creation of a document, the change `hash`, as [`judge_change`] would, given
 /// that `doc` holds exactly that change: for a document made here, without encoding the
 /// change (automerge encodes it anew from the document on every request for it). Returns the

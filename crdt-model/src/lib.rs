@@ -42,7 +42,9 @@ pub use health_file::{
 pub use ids::{
     Actor, Date, DocumentId, Editor, EntryId, Icd10, Icd10System, InstitutionId, Timestamp,
 };
-pub use judge::{HistoryRefused, Judged, judge_change, judge_creation, judge_history};
+pub use judge::{
+    HistoryRefused, Judged, judge_change, judge_change_of_kind, judge_creation, judge_history,
+};
 pub use linked::{CombinedRecord, LINKED_FILES_MAX};
 pub use referral::{
     EventView, NewReferral, Referral, ReferralOp, ReferralStatus, ReferralView, Role,

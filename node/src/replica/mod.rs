@@ -409,6 +409,7 @@ impl Writer<'_> {
         let written = Written {
             doc: file.into_automerge(),
             bytes: 0,
+            kind: None,
         };
         let hash = node.write_local(id, changes, Some(written), self.app)?;
         Ok((id, hash))
@@ -554,6 +555,7 @@ impl Writer<'_> {
         let written = Written {
             doc: created.into_automerge(),
             bytes: 0,
+            kind: None,
         };
         let hash = self
             .node

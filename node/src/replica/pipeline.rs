@@ -12,7 +12,9 @@ pub(super) struct Ledger {
     pub(super) accepted: u64,
     /// The audit log's head (mirrors `audit::HEAD`).
     pub(super) audit: AuditHead,
-    /// Changes in quarantine (counted at open).
+    /// Records of changes in quarantine or refused: counted at open, one more for each
+    /// written, fewer only for those purged. Never fewer than the records the store holds, so
+    /// zero means there are none (a document decided whole then looks none up).
     pub(super) quarantined: usize,
     /// Changes to decide again: those waiting for a change just decided, and held changes of
     /// a revoked key that were just vouched for.
@@ -76,6 +78,8 @@ pub(super) struct Written {
     pub(super) doc: AutoCommit,
     /// Its cache weight before the change.
     pub(super) bytes: usize,
+    /// Its kind, as this node holds it; `None` for a document the change creates.
+    pub(super) kind: Option<DocumentKind>,
 }
 
 /// A change applied to its document and judged there before the decision lock is taken (see
@@ -113,14 +117,17 @@ pub(super) const APPLY_TO_DEPENDENCIES: &str = "the change does not apply to its
 pub(super) const APPLY_TO_DOCUMENT: &str = "the change does not apply to the document";
 
 /// Judges `change` by what it wrote, on `doc`, which holds exactly the change and its
-/// ancestors. On refusal callers drop `doc`: it holds the refused change.
+/// ancestors; `kind`, when known, is the kind this node holds the document as (see
+/// `judge_change_of_kind`). On refusal callers drop `doc`: it holds the refused change.
 pub(super) fn judge_applied(
     doc: &AutoCommit,
     change: &Change,
     author: &InstitutionId,
+    kind: Option<DocumentKind>,
 ) -> Result<crate::model::Judged, String> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        crate::model::judge_change(doc, change, author)
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match kind {
+        Some(kind) => crate::model::judge_change_of_kind(doc, change, author, kind),
+        None => crate::model::judge_change(doc, change, author),
     }))
     .map_err(|_| "the change could not be read".to_string())?
     .map_err(|error| error.to_string())
@@ -287,7 +294,14 @@ impl Node {
             .ok_or(StoreError::Corrupt {
                 what: "a change just written",
             })?;
-        Ok(Some((change, Written { doc, bytes })))
+        Ok(Some((
+            change,
+            Written {
+                doc,
+                bytes,
+                kind: Some(found),
+            },
+        )))
     }
 
     /// Signs and decides the change a typed operation made (on `written`, when it was made on
@@ -416,20 +430,20 @@ impl Node {
         };
         let deps = verified.change.deps();
         let applied = written.is_some();
-        let (mut doc, bytes, mut base) = match written {
+        let (mut doc, bytes, mut base, kind) = match written {
             // Made on the document at its heads: the change's dependencies.
-            Some(written) => (written.doc, written.bytes, deps.to_vec()),
-            None if deps.is_empty() => (AutoCommit::new(), 0, Vec::new()),
+            Some(written) => (written.doc, written.bytes, deps.to_vec(), written.kind),
+            None if deps.is_empty() => (AutoCommit::new(), 0, Vec::new(), None),
             None => {
-                let (mut doc, _, bytes) = self.take_unlocked(&id)?;
+                let (mut doc, kind, bytes) = self.take_unlocked(&id)?;
                 let heads = doc.get_heads();
-                (doc, bytes, heads)
+                (doc, bytes, heads, Some(kind))
             }
         };
         base.sort();
         // A refused change is judged again by `decide`, which quarantines it.
         let Ok(Judgement::Accepted(view, allergies)) =
-            self.judge_into(&id, &mut doc, verified, &author, applied)
+            self.judge_into(&id, &mut doc, verified, &author, kind, applied)
         else {
             return None;
         };
@@ -460,6 +474,7 @@ impl Node {
         current: &mut AutoCommit,
         verified: &VerifiedChange,
         author: &InstitutionId,
+        kind: Option<DocumentKind>,
         applied: bool,
     ) -> Result<Judgement, StoreError> {
         let deps = verified.change.deps();
@@ -478,7 +493,7 @@ impl Node {
         };
         let judged = if on_current {
             if applied || applies(current, &verified.change) {
-                judge_applied(current, &verified.change, author)
+                judge_applied(current, &verified.change, author, kind)
             } else {
                 Err(APPLY_TO_DEPENDENCIES.to_string())
             }
@@ -493,7 +508,7 @@ impl Node {
                     what: "document history",
                 })?;
             let judged = if applies(&mut judged_at, &verified.change) {
-                judge_applied(&judged_at, &verified.change, author)
+                judge_applied(&judged_at, &verified.change, author, kind)
             } else {
                 Err(APPLY_TO_DEPENDENCIES.to_string())
             };
@@ -638,15 +653,15 @@ impl Node {
             return self.accept(ledger, ticket, &verified, prepared, app);
         }
         // The document is taken out of the cache, not copied; it goes back once decided.
-        let (mut current, bytes) = if deps.is_empty() {
-            (AutoCommit::new(), 0)
+        let (mut current, bytes, kind) = if deps.is_empty() {
+            (AutoCommit::new(), 0, None)
         } else {
-            let (doc, _, bytes) = self.take(ledger, &id)?.ok_or(StoreError::Corrupt {
+            let (doc, kind, bytes) = self.take(ledger, &id)?.ok_or(StoreError::Corrupt {
                 what: "document record",
             })?;
-            (doc, bytes)
+            (doc, bytes, Some(kind))
         };
-        match self.judge_into(&id, &mut current, &verified, &author, false)? {
+        match self.judge_into(&id, &mut current, &verified, &author, kind, false)? {
             Judgement::Accepted(view, allergies) => {
                 let snapshot = self
                     .snapshot_due(&id, verified.encoded.len())?

@@ -359,7 +359,8 @@ impl Node {
         app: Option<&str>,
     ) -> WholeDecision {
         let id = whole.id;
-        match self.still_as_prepared(&id, &prepared) {
+        // With no record in quarantine, none of its changes is there.
+        match self.still_as_prepared(&id, &prepared, ledger.quarantined > 0) {
             Ok(true) => {}
             Ok(false) => return WholeDecision::GivenBack(whole),
             Err(error) => return WholeDecision::Failed(error, whole),
@@ -479,14 +480,19 @@ impl Node {
     }
 
     /// Whether the store still holds a document as it was when prepared whole: at the same
-    /// heads (or nothing of it), and none of its new changes in quarantine.
+    /// heads (or nothing of it), and none of its new changes in quarantine (looked up only
+    /// when `any_quarantined`: the ledger counts a record for every one kept).
     pub(super) fn still_as_prepared(
         &self,
         id: &DocumentId,
         prepared: &PreparedWhole,
+        any_quarantined: bool,
     ) -> Result<bool, StoreError> {
         if self.stored_heads(id)? != prepared.base {
             return Ok(false);
+        }
+        if !any_quarantined {
+            return Ok(true);
         }
         for change in &prepared.changes {
             if self

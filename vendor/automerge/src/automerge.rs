@@ -260,6 +260,11 @@ pub struct Automerge {
     actor: Actor,
     /// The current author.
     author: Option<Author<'static>>,
+    /// The change committed here last, as the commit built it: asked for by its hash right
+    /// after the commit (to sign, store or send it), it is handed out again instead of being
+    /// built anew from the op set. A change's content is fixed by its hash, so this is never
+    /// stale; it is handed out only while the change graph holds the change.
+    last_commit: Option<Change>,
 }
 
 impl Automerge {
@@ -273,6 +278,7 @@ impl Automerge {
             deps: Default::default(),
             actor: Actor::Unused(ActorId::random()),
             author: None,
+            last_commit: None,
         }
     }
 
@@ -304,6 +310,11 @@ impl Automerge {
         Ok(())
     }
 
+    /// Keeps `change`, just committed here, to hand out when it is asked for by its hash.
+    pub(crate) fn keep_last_commit(&mut self, change: Change) {
+        self.last_commit = Some(change);
+    }
+
     pub fn new_with_encoding(encoding: TextEncoding) -> Self {
         Automerge {
             queue: ChangeQueue::new(),
@@ -313,6 +324,7 @@ impl Automerge {
             deps: Default::default(),
             actor: Actor::Unused(ActorId::random()),
             author: None,
+            last_commit: None,
         }
     }
 
@@ -328,6 +340,7 @@ impl Automerge {
             deps,
             actor: Actor::Unused(ActorId::random()),
             author: None,
+            last_commit: None,
         };
         doc.remove_unused_actors(false);
         doc
@@ -2291,6 +2304,11 @@ impl ReadDoc for Automerge {
     }
 
     fn get_change_by_hash(&self, hash: &ChangeHash) -> Option<Change> {
+        if let Some(change) = &self.last_commit {
+            if change.hash() == *hash && self.change_graph.has_change(hash) {
+                return Some(change.clone());
+            }
+        }
         ChangeCollector::for_hashes(&self.ops, &self.change_graph, [*hash])
             .ok()?
             .pop()
