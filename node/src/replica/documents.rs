@@ -493,8 +493,9 @@ impl Node {
         let Some(record) = self.document_record(&id)? else {
             return Ok(None);
         };
-        if let Some((bytes, mut signatures)) = self.stored_whole(&id, &record)? {
-            if cover_only && let Some(cover) = record.cover() {
+        let cover = if cover_only { record.cover() } else { None };
+        if let Some((bytes, mut signatures)) = self.stored_whole(&id, &record, cover.as_deref())? {
+            if let Some(cover) = &cover {
                 signatures.retain(|(hash, _)| cover.iter().any(|(c, _)| c == hash));
             }
             return Ok(Some((bytes, signatures)));
@@ -530,11 +531,15 @@ impl Node {
     /// A document's snapshot followed by the change chunks of the envelopes it lacks, with every
     /// change's signature, read from the store as `record` describes it; `None` if the
     /// snapshot is not the one `record` names or a decision on the document landed meanwhile.
+    /// With `cover` (the record's), when nothing was accepted since the snapshot, only the
+    /// cover's changes are read: the snapshot is the whole document, and only their
+    /// signatures are wanted.
     #[allow(clippy::type_complexity)]
     fn stored_whole(
         &self,
         id: &DocumentId,
         record: &DocumentRecord,
+        cover: Option<&[(ChangeHash, Bytes32)]>,
     ) -> Result<Option<(Vec<u8>, Vec<(ChangeHash, [u8; 64])>)>, StoreError> {
         if record.snapshot == 0 {
             return Ok(None);
@@ -546,7 +551,21 @@ impl Node {
         else {
             return Ok(None);
         };
-        let stored = self.stored_changes(id)?;
+        let stored = match cover {
+            Some(cover) if record.tail == 0 => {
+                let mut stored = Vec::with_capacity(cover.len());
+                for (hash, _) in cover {
+                    if let Some(value) = self.store.get(&keys::envelope(id, hash))? {
+                        stored.push((*hash, value));
+                    }
+                }
+                // In the order of their keys, as a scan gives them.
+                stored.sort_unstable_by_key(|(hash, _)| hash.0);
+                stored.dedup_by(|(a, _), (b, _)| a == b);
+                stored
+            }
+            _ => self.stored_changes(id)?,
+        };
         let mut signatures = Vec::with_capacity(stored.len());
         for (hash, value) in stored {
             let signature = match StoredChange::decode(value)? {
