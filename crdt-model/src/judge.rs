@@ -299,8 +299,11 @@ pub fn judge_change<D: ReadDoc>(
 
 /// [`judge_change`] for a change to a document its holder holds as of `kind`: every state a
 /// replica accepted has the kind the document was created with (a change that writes
-/// another kind is refused, see [`judge_history`]), so the kind is not read again at the
-/// change's dependencies. `kind` must be the kind of the document at those dependencies.
+/// another kind is refused, see [`judge_history`]), so the identity is not read again at the
+/// change's dependencies. `kind` must be the kind of the document at those dependencies, and
+/// the holder must have accepted those under this release's `SCHEMA_VERSION` (their schema,
+/// which reading the identity also checks, is then not checked again: a release that reads
+/// another schema migrates the documents it holds first).
 pub fn judge_change_of_kind<D: ReadDoc>(
     doc: &D,
     change: &Change,

@@ -533,7 +533,8 @@ impl Node {
     /// snapshot is not the one `record` names or a decision on the document landed meanwhile.
     /// With `cover` (the record's), when nothing was accepted since the snapshot, only the
     /// cover's changes are read: the snapshot is the whole document, and only their
-    /// signatures are wanted.
+    /// signatures are wanted. (A withdrawal's new snapshot may leave changes it holds stored
+    /// as envelopes; their chunks, which add nothing to the snapshot, are then not sent.)
     #[allow(clippy::type_complexity)]
     fn stored_whole(
         &self,
