@@ -287,28 +287,22 @@ pub fn judge_change<D: ReadDoc>(
     change: &Change,
     author: &InstitutionId,
 ) -> Result<Judged, ValidationError> {
-    judge_at(
-        doc,
-        change.deps(),
-        change.hash(),
-        Some(change),
-        author,
-        None,
-    )
+    judge_change_of_kind(doc, change, author, None)
 }
 
-/// [`judge_change`] for a change to a document its holder holds as of `kind`: every state a
-/// replica accepted has the kind the document was created with (a change that writes
-/// another kind is refused, see [`judge_history`]), so the identity is not read again at the
-/// change's dependencies. `kind` must be the kind of the document at those dependencies, and
-/// the holder must have accepted those under this release's `SCHEMA_VERSION` (their schema,
-/// which reading the identity also checks, is then not checked again: a release that reads
-/// another schema migrates the documents it holds first).
+/// [`judge_change`] for a change to a document its holder holds as of `kind`, when it knows
+/// it (`None`: the kind is read at the change's dependencies): every state a replica
+/// accepted has the kind the document was created with (a change that writes another kind is
+/// refused, see [`judge_history`]), so the identity is not read again there. `kind` must be
+/// the kind of the document at those dependencies, and the holder must have accepted those
+/// under this release's `SCHEMA_VERSION` (their schema, which reading the identity also
+/// checks, is then not checked again: a release that reads another schema migrates the
+/// documents it holds first).
 pub fn judge_change_of_kind<D: ReadDoc>(
     doc: &D,
     change: &Change,
     author: &InstitutionId,
-    kind: DocumentKind,
+    kind: Option<DocumentKind>,
 ) -> Result<Judged, ValidationError> {
     judge_at(
         doc,
@@ -316,7 +310,7 @@ pub fn judge_change_of_kind<D: ReadDoc>(
         change.hash(),
         Some(change),
         author,
-        Some(kind),
+        kind,
     )
 }
 

@@ -125,9 +125,8 @@ pub(super) fn judge_applied(
     author: &InstitutionId,
     kind: Option<DocumentKind>,
 ) -> Result<crate::model::Judged, String> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match kind {
-        Some(kind) => crate::model::judge_change_of_kind(doc, change, author, kind),
-        None => crate::model::judge_change(doc, change, author),
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        crate::model::judge_change_of_kind(doc, change, author, kind)
     }))
     .map_err(|_| "the change could not be read".to_string())?
     .map_err(|error| error.to_string())
