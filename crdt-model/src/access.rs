@@ -217,42 +217,51 @@ impl<'d, D: ReadDoc> Obj<'d, D> {
         max: Option<usize>,
     ) -> Result<Vec<ObjId>, ValidationError> {
         let list = self.container(key, field, ObjType::List, "a list")?;
-        // A list's length at past heads is counted by a scan: only when it is bounded.
-        if let Some(max) = max {
-            let count = self.doc.length(&list);
-            if count > max {
-                return Err(ValidationError::TooMany { field, count, max });
-            }
-        }
         let not_objects = || ValidationError::WrongType {
             field,
             expected: "a list of objects",
         };
         // One pass over the list: reading it index by index costs a search per index, and
         // at past heads (`At`) that search is a scan, which made a list's read quadratic.
-        // Only an element holding concurrent values is read again, for all of them.
+        // Only an element holding concurrent values is read again, for all of them. The pass
+        // also counts the list (its length, at past heads, is another scan); past `max`, or
+        // once an element is wrong, it only counts, so a list too long is refused as such.
         let mut entries = Vec::new();
+        let mut count = 0;
+        let mut wrong = None;
         for item in self.doc.list_range(&list, ..) {
+            count += 1;
+            if wrong.is_some() || max.is_some_and(|max| count > max) {
+                continue;
+            }
             if !item.conflict {
                 if item.value != automerge::ValueRef::Object(ObjType::Map) {
-                    return Err(not_objects());
+                    wrong = Some(not_objects());
+                    continue;
                 }
                 entries.push(item.id());
                 continue;
             }
-            let values =
-                self.doc
-                    .get_all(&list, item.index)
-                    .map_err(|_| ValidationError::WrongType {
-                        field,
-                        expected: "a list",
-                    })?;
+            let Ok(values) = self.doc.get_all(&list, item.index) else {
+                wrong = Some(ValidationError::WrongType {
+                    field,
+                    expected: "a list",
+                });
+                continue;
+            };
             for (value, id) in values {
                 if value != Value::Object(ObjType::Map) {
-                    return Err(not_objects());
+                    wrong = Some(not_objects());
+                    break;
                 }
                 entries.push(id);
             }
+        }
+        if let Some(max) = max.filter(|max| count > *max) {
+            return Err(ValidationError::TooMany { field, count, max });
+        }
+        if let Some(wrong) = wrong {
+            return Err(wrong);
         }
         Ok(entries)
     }

@@ -150,6 +150,11 @@ const CHANGE_HASH_BYTES: u64 = 32;
 /// inflate without a bound — compressed changes, and the compressed columns of a document
 /// chunk — through bounds first, counting the bytes and never holding them.
 pub(crate) fn check_chunks(bytes: &[u8]) -> Result<(), crate::LoadError> {
+    check_framing(bytes, true)
+}
+
+/// `check_chunks`, inflating the compressed parts to count them only if `inflate`.
+fn check_framing(bytes: &[u8], inflate: bool) -> Result<(), crate::LoadError> {
     let mut inflated_bytes = 0;
     for chunk in (Chunks { bytes }) {
         let Chunk {
@@ -158,13 +163,14 @@ pub(crate) fn check_chunks(bytes: &[u8]) -> Result<(), crate::LoadError> {
         match chunk_type {
             // A change chunk's columns are never compressed: automerge refuses one that is.
             CHUNK_CHANGE => {}
-            CHUNK_DOCUMENT => check_document_columns(data, &mut inflated_bytes)?,
-            CHUNK_COMPRESSED_CHANGE => inflate_within(
+            CHUNK_DOCUMENT => check_document_columns(data, inflate, &mut inflated_bytes)?,
+            CHUNK_COMPRESSED_CHANGE if inflate => inflate_within(
                 data,
                 Compressed::Change,
                 crate::limits::CHANGE_INFLATED_BYTES_MAX,
                 &mut inflated_bytes,
             )?,
+            CHUNK_COMPRESSED_CHANGE => {}
             _ => {
                 return Err(refused(
                     "chunk type not accepted (only documents and changes)",
@@ -239,14 +245,19 @@ fn refused(reason: &'static str) -> crate::LoadError {
     crate::LoadError::Refused { reason }
 }
 
-/// Inflates the compressed columns of one document chunk's data through their bounds.
+/// Walks the column layout of one document chunk's data and, if `inflate`, inflates its
+/// compressed columns through their bounds, counting into `inflated_bytes`.
 ///
 /// The layout is automerge 0.12's (`storage/document.rs`): the actors (a count, then each
 /// as a length and its bytes); the heads (a count, then 32-byte hashes); the change columns'
 /// metadata, then the op columns' metadata (each a count, then a column specification and a
 /// data length per column); the change columns' data and the op columns' data, in the order
 /// of their metadata; then the heads' indices, which this walk does not need.
-fn check_document_columns(data: &[u8], inflated_bytes: &mut u64) -> Result<(), crate::LoadError> {
+fn check_document_columns(
+    data: &[u8],
+    inflate: bool,
+    inflated_bytes: &mut u64,
+) -> Result<(), crate::LoadError> {
     let malformed = || refused("malformed document chunk: its column layout is unreadable");
     let mut cursor = Cursor { bytes: data };
     // Each actor takes at least one byte, so a huge count ends at the end of the data.
@@ -264,7 +275,7 @@ fn check_document_columns(data: &[u8], inflated_bytes: &mut u64) -> Result<(), c
         let column = cursor
             .take(length)
             .ok_or_else(|| refused("malformed document chunk: a column runs past its end"))?;
-        if specification & COLUMN_DEFLATE != 0 {
+        if inflate && specification & COLUMN_DEFLATE != 0 {
             inflate_within(
                 column,
                 Compressed::DocumentColumn,
@@ -386,8 +397,7 @@ pub fn load_document(bytes: &[u8]) -> Result<automerge::AutoCommit, crate::LoadE
     if bytes.is_empty() {
         return Err(crate::LoadError::Refused { reason: "no bytes" });
     }
-    check_chunks(bytes)?;
-    guard_decoder(|| automerge::AutoCommit::load(bytes))
+    load_checked(bytes, || automerge::AutoCommit::load(bytes))
 }
 
 /// Decodes a saved automerge document from untrusted bytes, without panicking, with its
@@ -399,8 +409,42 @@ pub fn load_document_with_changes(
     if bytes.is_empty() {
         return Err(crate::LoadError::Refused { reason: "no bytes" });
     }
-    check_chunks(bytes)?;
-    guard_decoder(|| automerge::AutoCommit::load_with_changes(bytes))
+    load_checked(bytes, || automerge::AutoCommit::load_with_changes(bytes))
+}
+
+/// Runs one of automerge's loaders on untrusted bytes once their framing is checked
+/// (`check_chunks`). Bytes too few to inflate past any bound (`cannot_inflate_past_bounds`)
+/// skip inflating their compressed parts to count them, which automerge does again: if
+/// automerge then fails, the full check runs, so a stream that does not inflate is refused
+/// with the same reason as before.
+fn load_checked<T>(
+    bytes: &[u8],
+    load: impl FnOnce() -> Result<T, automerge::AutomergeError>,
+) -> Result<T, crate::LoadError> {
+    if !cannot_inflate_past_bounds(bytes.len()) {
+        check_chunks(bytes)?;
+        return guard_decoder(load);
+    }
+    check_framing(bytes, false)?;
+    guard_decoder(load).map_err(|error| match check_chunks(bytes) {
+        Err(refused) => refused,
+        Ok(()) => error,
+    })
+}
+
+/// The most bytes one byte of a DEFLATE stream can inflate to: a length-258 match at distance
+/// 1 coded in two bits (a one-bit length code and a one-bit distance code) gives 1,032 bytes
+/// per byte, and no other coding gives more.
+const DEFLATE_INFLATION_RATIO_MAX: u64 = 1_032;
+
+/// Whether `bytes` bytes of anything are too few for the DEFLATE streams in them to inflate
+/// past any bound of one decode, alone or together: then inflating them to count is
+/// pointless.
+fn cannot_inflate_past_bounds(bytes: usize) -> bool {
+    let bound = crate::limits::CHANGE_INFLATED_BYTES_MAX
+        .min(crate::limits::DOCUMENT_COLUMN_INFLATED_BYTES_MAX)
+        .min(crate::limits::INFLATED_BYTES_PER_DECODE_MAX);
+    (bytes as u64).saturating_mul(DEFLATE_INFLATION_RATIO_MAX) <= bound
 }
 
 /// Decodes the changes of untrusted automerge bytes that `base` lacks (a sync message's
@@ -674,3 +718,24 @@ macro_rules! replica {
     };
 }
 pub(crate) use replica;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The best compression of the most compressible input stays within the ratio that lets
+    /// small bytes skip their inflation check.
+    #[test]
+    fn deflate_never_inflates_past_its_ratio() {
+        use std::io::Write;
+        let zeros = vec![0u8; 64 * 1024 * 1024];
+        let mut encoder =
+            flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::best());
+        encoder.write_all(&zeros).expect("deflating into memory");
+        let deflated = encoder.finish().expect("deflating into memory");
+        assert!((zeros.len() as u64) <= deflated.len() as u64 * DEFLATE_INFLATION_RATIO_MAX);
+        // The bound admits no more bytes than inflate within every limit.
+        assert!(cannot_inflate_past_bounds(16_256));
+        assert!(!cannot_inflate_past_bounds(16_257));
+    }
+}

@@ -69,8 +69,10 @@ impl Touch {
             ..Touch::default()
         };
         let actor = change.actor_id();
-        // The objects a change writes are few; each is placed once.
-        let mut placed: BTreeMap<ObjId, Place> = BTreeMap::new();
+        // The objects a change writes are few; each is placed once, and what writing into it
+        // adds to `under` (and `direct`, but for inserts) is added once.
+        let mut places: Vec<(Place, bool)> = Vec::new();
+        let mut placed: BTreeMap<(u64, &ActorId), usize> = BTreeMap::new();
         // Only where each operation writes is read, not what it writes.
         for (index, op) in change.outline().enumerate() {
             let Ok(op) = op else {
@@ -88,24 +90,31 @@ impl Touch {
                     None => return whole(),
                 },
                 Some((counter, made_by)) => {
-                    let obj = object_id(counter, made_by);
-                    let place = match placed.get(&obj) {
-                        Some(place) => place.clone(),
+                    let at = match placed.get(&(counter, made_by)) {
+                        Some(&at) => at,
                         None => {
-                            let Some(place) = place(doc, &obj) else {
+                            let Some(place) = place(doc, &object_id(counter, made_by)) else {
                                 return whole();
                             };
-                            placed.insert(obj, place.clone());
-                            place
+                            places.push((place, false));
+                            placed.insert((counter, made_by), places.len() - 1);
+                            places.len() - 1
                         }
                     };
-                    if !parts.contains(&place.key.as_str()) {
-                        return whole();
+                    let (place, noted) = &mut places[at];
+                    if !*noted {
+                        if !parts.contains(&place.key.as_str()) {
+                            return whole();
+                        }
+                        let entries = touch.under.entry(place.key.clone()).or_default();
+                        entries.extend(place.entry.clone());
+                        *noted = true;
                     }
-                    let entries = touch.under.entry(place.key.clone()).or_default();
-                    entries.extend(place.entry.clone());
                     if place.depth == 1 {
-                        let direct = touch.direct.entry(place.key.clone()).or_default();
+                        let direct = match touch.direct.get_mut(place.key.as_str()) {
+                            Some(direct) => direct,
+                            None => touch.direct.entry(place.key.clone()).or_default(),
+                        };
                         match (op.make, op.insert) {
                             (Some(_), true) => {
                                 let made = object_id(change.start_op().get() + index as u64, actor);
@@ -114,11 +123,11 @@ impl Touch {
                             _ => direct.other = true,
                         }
                     }
-                    Some(place)
+                    Some(&*place)
                 }
             };
             if op.make.is_some() {
-                let made = object_id(change.start_op().get() + index as u64, actor);
+                let counter = change.start_op().get() + index as u64;
                 let place = match (parent, op.map_key()) {
                     (None, Some(key)) => Place {
                         key: key.to_string(),
@@ -128,14 +137,15 @@ impl Touch {
                     (None, None) => continue,
                     (Some(parent), _) => Place {
                         entry: match parent.depth {
-                            1 => Some(made.clone()),
-                            _ => parent.entry,
+                            1 => Some(object_id(counter, actor)),
+                            _ => parent.entry.clone(),
                         },
-                        key: parent.key,
+                        key: parent.key.clone(),
                         depth: parent.depth + 1,
                     },
                 };
-                placed.insert(made, place);
+                places.push((place, false));
+                placed.insert((counter, actor), places.len() - 1);
             }
         }
         touch
