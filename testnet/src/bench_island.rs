@@ -56,6 +56,12 @@ pub struct Heal {
     cut_bytes: u64,
     /// Those against the floor of both sides' new files (each crossing once).
     cut_over_files: f64,
+    /// CPU time of this process (every node) from the heal to agreement, in seconds; how many
+    /// of the machine's cores it kept busy on average; and per file a node took (each node
+    /// takes the other side's files), in ms.
+    cpu_s: f64,
+    cores_busy: f64,
+    cpu_ms_per_file_taken: f64,
     target_seconds: f64,
     target_ratio: f64,
 }
@@ -265,11 +271,14 @@ pub fn heal(
     };
     let cut_before = cut(&cluster);
     let healed = Instant::now();
+    let cpu_before = crate::process_stats::cpu_seconds();
     cluster.set_faults(&NetworkFaults::default());
     cluster.reconcile_now();
     let everyone: Vec<usize> = (0..nodes).collect();
     let agreed = wait_agreement(&mut cluster, &everyone)?;
     let seconds = agreed.duration_since(healed).as_secs_f64();
+    let cpu_s = crate::process_stats::cpu_seconds() - cpu_before;
+    let files_taken = (north.len() + south.len()) as f64 * f64::from(files);
     let wire = cluster.traffic().wire_bytes - before;
     let sent = &cluster.sent() - &sent_before;
     let cut_bytes = cut(&cluster).saturating_sub(cut_before);
@@ -293,6 +302,9 @@ pub fn heal(
         wire_over_floor: wire as f64 / missing_floor.max(1) as f64,
         cut_bytes,
         cut_over_files: cut_bytes as f64 / (north_floor + south_floor).max(1) as f64,
+        cpu_s,
+        cores_busy: cpu_s / seconds,
+        cpu_ms_per_file_taken: cpu_s * 1e3 / files_taken.max(1.0),
         target_seconds: 20.0,
         target_ratio: 1.5,
     };
@@ -319,6 +331,13 @@ pub fn heal(
         mib(report.sent.gossip),
         mib(report.sent.roster),
         mib(report.sent.refused),
+    );
+    println!(
+        "heal: CPU {:.1} s over all nodes = {:.2} ms per file a node took; {:.2} of {} cores busy",
+        report.cpu_s,
+        report.cpu_ms_per_file_taken,
+        report.cores_busy,
+        std::thread::available_parallelism().map_or(1, |n| n.get()),
     );
     write_json(json, &report)?;
     Ok(report)
