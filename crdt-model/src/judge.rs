@@ -11,6 +11,7 @@
 //! [`Judged::view`] then brings a kept view up to date the same way, reading again only what
 //! the change touched.
 
+use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, BTreeSet};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
@@ -61,18 +62,24 @@ impl Touch {
     ///
     /// An object the change itself creates is placed from the operation that made it (objects
     /// never move: `doc` would name the same parents); only objects made by earlier changes
-    /// are looked up in `doc`.
-    fn of<D: ReadDoc>(doc: &D, change: &Change, parts: &[&str], register: &str) -> Self {
+    /// are looked up in `doc`. `places` keeps where objects live across the changes of one
+    /// document judged against the same `doc`, so each is looked up once.
+    fn of<'c, D: ReadDoc>(
+        doc: &D,
+        change: &'c Change,
+        parts: &[&str],
+        register: &str,
+        places: &mut Places<'c>,
+    ) -> Self {
         let mut touch = Touch::default();
         let whole = || Touch {
             whole: true,
             ..Touch::default()
         };
         let actor = change.actor_id();
-        // The objects a change writes are few; each is placed once, and what writing into it
-        // adds to `under` (and `direct`, but for inserts) is added once.
-        let mut places: Vec<(Place, bool)> = Vec::new();
-        let mut placed: BTreeMap<(u64, &ActorId), usize> = BTreeMap::new();
+        // The objects a change writes are few; what writing into each adds to `under` (and
+        // to `direct`, but for inserts) is added once.
+        let mut noted: Vec<(u64, &ActorId)> = Vec::new();
         // Only where each operation writes is read, not what it writes.
         for (index, op) in change.outline().enumerate() {
             let Ok(op) = op else {
@@ -89,26 +96,23 @@ impl Touch {
                     }
                     None => return whole(),
                 },
-                Some((counter, made_by)) => {
-                    let at = match placed.get(&(counter, made_by)) {
-                        Some(&at) => at,
-                        None => {
-                            let Some(place) = place(doc, &object_id(counter, made_by)) else {
+                Some(obj) => {
+                    let place = match places.entry(obj) {
+                        Entry::Occupied(known) => known.into_mut(),
+                        Entry::Vacant(unknown) => {
+                            let Some(place) = place(doc, &object_id(obj.0, obj.1)) else {
                                 return whole();
                             };
-                            places.push((place, false));
-                            placed.insert((counter, made_by), places.len() - 1);
-                            places.len() - 1
+                            unknown.insert(place)
                         }
                     };
-                    let (place, noted) = &mut places[at];
-                    if !*noted {
+                    if !noted.contains(&obj) {
                         if !parts.contains(&place.key.as_str()) {
                             return whole();
                         }
                         let entries = touch.under.entry(place.key.clone()).or_default();
                         entries.extend(place.entry.clone());
-                        *noted = true;
+                        noted.push(obj);
                     }
                     if place.depth == 1 {
                         let direct = match touch.direct.get_mut(place.key.as_str()) {
@@ -144,13 +148,16 @@ impl Touch {
                         depth: parent.depth + 1,
                     },
                 };
-                places.push((place, false));
-                placed.insert((counter, actor), places.len() - 1);
+                places.insert((counter, actor), place);
             }
         }
         touch
     }
 }
+
+/// Where objects live, by the operation that made each (its counter and actor): kept while
+/// the changes of one document are judged against one state of it (objects never move).
+type Places<'c> = BTreeMap<(u64, &'c ActorId), Place>;
 
 /// Where an object lives: the root key its path starts from, how many objects deep it is
 /// (1: directly at the root), and, deeper than a section or list, the object directly in that
@@ -358,9 +365,13 @@ fn judge_at<D: ReadDoc>(
         _ => read_identity(&before)?,
     };
     let touch = match change {
-        Some(change) if !creation && kind == DocumentKind::HealthFile => {
-            Touch::of(doc, change, &health_file::PARTS, health_file::ROOT_REGISTER)
-        }
+        Some(change) if !creation && kind == DocumentKind::HealthFile => Touch::of(
+            doc,
+            change,
+            &health_file::PARTS,
+            health_file::ROOT_REGISTER,
+            &mut Places::new(),
+        ),
         _ => Touch {
             whole: true,
             ..Touch::default()
@@ -526,9 +537,16 @@ fn judge_appends<D: ReadDoc>(
     // What the changes after the creation wrote, first: other histories (a referral's, a
     // file edited) are told apart here, before the creation is read.
     let mut appended = health_file::Appended::default();
+    // Objects never move: `doc` names the parents the document at each change names.
+    let mut places = Places::new();
     for (index, change) in rest.iter().enumerate() {
-        // Objects never move: `doc` names the parents the document at the change names.
-        let touch = Touch::of(doc, change, &health_file::PARTS, health_file::ROOT_REGISTER);
+        let touch = Touch::of(
+            doc,
+            change,
+            &health_file::PARTS,
+            health_file::ROOT_REGISTER,
+            &mut places,
+        );
         if touch.whole {
             return None;
         }
