@@ -425,7 +425,10 @@ fn load_checked<T>(
         check_chunks(bytes)?;
         return guard_decoder(load);
     }
-    check_framing(bytes, false)?;
+    // Refused by the walk alone: the reason the full check gives, as it would have first.
+    if let Err(refused) = check_framing(bytes, false) {
+        return Err(check_chunks(bytes).err().unwrap_or(refused));
+    }
     guard_decoder(load).map_err(|error| match check_chunks(bytes) {
         Err(refused) => refused,
         Ok(()) => error,

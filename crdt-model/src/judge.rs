@@ -148,7 +148,11 @@ impl Touch {
                         depth: parent.depth + 1,
                     },
                 };
-                places.insert((counter, actor), place);
+                // An object id already placed is an op id used twice (honest changes never
+                // do): judged whole rather than placed again.
+                if places.insert((counter, actor), place).is_some() {
+                    return whole();
+                }
             }
         }
         touch
@@ -528,9 +532,10 @@ fn judge_appends<D: ReadDoc>(
 ) -> Option<View> {
     let (creation, rest) = changes.split_first()?;
     if !creation.deps().is_empty()
-        || changes
-            .windows(2)
-            .any(|pair| pair[1].deps() != [pair[0].hash()])
+        || changes.windows(2).any(|pair| {
+            // In one line, op ids only grow: each object id names one object (`Places`).
+            pair[1].deps() != [pair[0].hash()] || pair[1].start_op().get() <= pair[0].max_op()
+        })
     {
         return None;
     }

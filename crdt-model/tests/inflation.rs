@@ -240,6 +240,14 @@ fn malformed_column_layouts_are_refused_not_panicked_on() {
         load_document(&document.to_bytes()).map(drop),
         "document column does not inflate",
     );
+    // Refused for what comes first, as when every stream was inflated before the rest was
+    // walked: a compressed change that does not inflate, then a chunk of a type not accepted.
+    let bytes = [chunk(2, &[0xff; 16]), chunk(5, &[0; 4])].concat();
+    assert_refused(
+        "a broken compressed change before a chunk of another type",
+        load_document(&bytes).map(drop),
+        "compressed change does not inflate",
+    );
 
     // Every cut of a genuine document before its heads' indices is refused by the walk.
     let (document, _) = genuine_chunk();
