@@ -871,6 +871,8 @@ impl Automerge {
                 return Ok((doc.with_author(options.author), changes));
             }
         }
+        // Parsed again below: the first parse (its inflated columns) is not held meanwhile.
+        drop(first_chunk);
         let doc = Self::load(data)?;
         let changes = doc.get_changes(&[]);
         Ok((doc, changes))
