@@ -161,7 +161,13 @@ fn a_document_held_by_its_authors_latest_signature_reaches_a_peer_holding_part_o
         assert!(deferred.is_empty());
         CoveredDocument::from(&documents[0])
     };
-    assert_eq!(ingest_covered(&c, &[fetched(&a)]).unwrap().accepted, 2);
+    assert_eq!(
+        ingest_covered(&c, &[fetched(&a)])
+            .and_then(|taken| taken.durable(&c))
+            .unwrap()
+            .accepted,
+        2
+    );
     for k in 0..8 {
         a.apply_health_file(file, &by, &allergy(&format!("later {k}")))
             .unwrap();
@@ -169,7 +175,13 @@ fn a_document_held_by_its_authors_latest_signature_reaches_a_peer_holding_part_o
     // B takes the document whole from A: one signature for ten changes.
     let from_a = fetched(&a);
     assert_eq!(from_a.signatures().unwrap().len(), 1);
-    assert_eq!(ingest_covered(&b, &[from_a]).unwrap().accepted, 10);
+    assert_eq!(
+        ingest_covered(&b, &[from_a])
+            .and_then(|taken| taken.durable(&b))
+            .unwrap()
+            .accepted,
+        10
+    );
     assert!(b.verify().unwrap().problems.is_empty());
     assert_eq!(
         b.envelopes(file).unwrap().len(),
@@ -189,7 +201,9 @@ fn a_document_held_by_its_authors_latest_signature_reaches_a_peer_holding_part_o
         Err(DocumentSyncError::WholeOnly)
     ));
     // C fetches it instead, and merges it with the two changes it holds.
-    let carried = ingest_covered(&c, &[fetched(&b)]).unwrap();
+    let carried = ingest_covered(&c, &[fetched(&b)])
+        .and_then(|taken| taken.durable(&c))
+        .unwrap();
     assert_eq!((carried.accepted, carried.rejected), (8, 0), "{carried:?}");
     assert_eq!(c.heads(file).unwrap(), a.heads(file).unwrap());
     assert_eq!(c.health_file(file).unwrap().allergies.len(), 9);

@@ -250,7 +250,9 @@ fn a_bundle_carries_the_erasure_to_a_node_reached_only_by_courier() {
         let document: estuary_node::sync::protocol::CoveredDocument =
             ciborium::from_reader(document.as_slice()).unwrap();
         assert_eq!(DocumentId::from_bytes(*document.document), kept);
-        let carried = estuary_node::sync::document::ingest_covered(&c, &[document]).unwrap();
+        let carried = estuary_node::sync::document::ingest_covered(&c, &[document])
+            .and_then(|taken| taken.durable(&c))
+            .unwrap();
         assert_eq!(carried.accepted + carried.rejected, 0, "{carried:?}");
         documents += 1;
     }

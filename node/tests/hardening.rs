@@ -140,7 +140,9 @@ fn a_node_restored_from_an_older_bundle_writes_without_splitting_documents() {
             panic!("a bundle of this release carries documents");
         };
         let document = ciborium::from_reader(document.as_slice()).unwrap();
-        let carried = estuary_node::sync::document::ingest_covered(&a, &[document]).unwrap();
+        let carried = estuary_node::sync::document::ingest_covered(&a, &[document])
+            .and_then(|taken| taken.durable(&a))
+            .unwrap();
         assert_eq!(carried.accepted, 2, "{carried:?}");
     }
     assert_eq!(a.change_hashes(id).unwrap().len(), 2);

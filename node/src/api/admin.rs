@@ -526,17 +526,16 @@ async fn import(
     }
     blocking(move || {
         // Documents go as fetched ones do: whole where they can, change by change otherwise.
-        let carried =
-            crate::sync::document::ingest_covered(&state.node, &documents).map_err(|error| {
-                match error {
-                    crate::sync::document::DocumentSyncError::Node(error) => ApiError::from(*error),
-                    crate::sync::document::DocumentSyncError::Ingest(error) => {
-                        ApiError::from(crate::replica::NodeError::from(*error))
-                    }
-                    error => {
-                        tracing::warn!(%error, "importing documents failed");
-                        ApiError::internal()
-                    }
+        let carried = crate::sync::document::ingest_covered(&state.node, &documents)
+            .and_then(|taken| taken.durable(&state.node))
+            .map_err(|error| match error {
+                crate::sync::document::DocumentSyncError::Node(error) => ApiError::from(*error),
+                crate::sync::document::DocumentSyncError::Ingest(error) => {
+                    ApiError::from(crate::replica::NodeError::from(*error))
+                }
+                error => {
+                    tracing::warn!(%error, "importing documents failed");
+                    ApiError::internal()
                 }
             })?;
         let outcomes = state

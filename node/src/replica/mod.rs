@@ -46,7 +46,7 @@ pub(crate) use quarantine::{hex_decode, hex_encode};
 pub use search::{DESK_PAGE_MAX, DeskPage, DeskQuery};
 pub use urgent::{URGENT_DOCUMENTS_MAX, URGENT_WINDOW_MS};
 pub use verify::{KeyspaceBytes, Problem, RepairReport, VerifyReport};
-pub use whole::WholeDocument;
+pub use whole::{Undurable, WholeDocument};
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};

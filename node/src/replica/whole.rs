@@ -79,6 +79,19 @@ pub(super) enum Preparation {
     Unusual,
 }
 
+/// Decisions applied to the store but not yet durable (`Node::ingest_whole_undurable`): what
+/// was decided holds once `Node::make_whole_durable` has returned `Ok` for it.
+#[must_use = "decisions hold only once made durable"]
+#[derive(Debug)]
+pub struct Undurable {
+    /// The store's ticket for the last batch applied (0: none).
+    ticket: u64,
+    /// When deciding started.
+    started: std::time::Instant,
+    /// Outcomes decided, each counted in the decision latencies once durable.
+    decided: usize,
+}
+
 /// What became of a document prepared whole (see `Node::decide_whole`).
 pub(super) enum WholeDecision {
     Accepted,
@@ -107,6 +120,29 @@ impl Node {
         &self,
         documents: Vec<WholeDocument>,
     ) -> Result<(Vec<Result<Ingested, IngestError>>, Vec<WholeDocument>), IngestError> {
+        let (outcomes, given_back, undurable) = self.ingest_whole_undurable(documents)?;
+        self.make_whole_durable(undurable)?;
+        Ok((outcomes, given_back))
+    }
+
+    /// [`Node::ingest_whole`] without waiting for its decisions to be durable: the outcomes
+    /// hold only once [`Node::make_whole_durable`] has returned `Ok` for the `Undurable`
+    /// returned (nothing may be reported of them before). The caller can decide more
+    /// meanwhile, as a flush makes these durable.
+    #[allow(clippy::type_complexity)]
+    pub fn ingest_whole_undurable(
+        &self,
+        documents: Vec<WholeDocument>,
+    ) -> Result<
+        (
+            Vec<Result<Ingested, IngestError>>,
+            Vec<WholeDocument>,
+            Undurable,
+        ),
+        IngestError,
+    > {
+        let started = std::time::Instant::now();
+        let mut ticket = 0;
         let mut outcomes = Vec::new();
         let mut given_back = Vec::new();
         let mut to_judge = documents;
@@ -125,15 +161,33 @@ impl Node {
                     Preparation::Unusual => given_back.push(whole),
                 }
             }
-            let (decided, moved_on) = self.decide_prepared_whole(prepared, None)?;
+            let (decided, moved_on, applied) =
+                self.decide_prepared_whole_undurable(prepared, None)?;
             outcomes.extend(decided);
+            ticket = ticket.max(applied);
             to_judge = moved_on;
             if to_judge.is_empty() {
                 break;
             }
         }
         given_back.extend(to_judge);
-        Ok((outcomes, given_back))
+        let undurable = Undurable {
+            ticket,
+            started,
+            decided: outcomes.len(),
+        };
+        Ok((outcomes, given_back, undurable))
+    }
+
+    /// Makes durable the decisions of [`Node::ingest_whole_undurable`] (one flush, shared
+    /// with concurrent callers), and counts how long they took, from their start to durable.
+    pub fn make_whole_durable(&self, undurable: Undurable) -> Result<(), IngestError> {
+        self.make_durable(undurable.ticket)?;
+        let took = undurable.started.elapsed();
+        for _ in 0..undurable.decided {
+            self.decisions.observe(took);
+        }
+        Ok(())
     }
 
     /// Decides documents prepared whole, in order, each under the decision lock only while it
@@ -147,6 +201,23 @@ impl Node {
         app: Option<&str>,
     ) -> Result<(Vec<Result<Ingested, IngestError>>, Vec<WholeDocument>), IngestError> {
         let started = std::time::Instant::now();
+        let (outcomes, given_back, ticket) = self.decide_prepared_whole_undurable(prepared, app)?;
+        self.make_whole_durable(Undurable {
+            ticket,
+            started,
+            decided: outcomes.len(),
+        })?;
+        Ok((outcomes, given_back))
+    }
+
+    /// [`Node::decide_prepared_whole`] up to its flush: returns the store's ticket for what it
+    /// applied, which is durable once `make_durable` has returned for it.
+    #[allow(clippy::type_complexity)]
+    fn decide_prepared_whole_undurable(
+        &self,
+        prepared: Vec<(WholeDocument, PreparedWhole)>,
+        app: Option<&str>,
+    ) -> Result<(Vec<Result<Ingested, IngestError>>, Vec<WholeDocument>, u64), IngestError> {
         let deciding = self.commit.enter();
         let mut ticket = 0;
         let mut outcomes = Vec::new();
@@ -172,12 +243,7 @@ impl Node {
             }
         }
         drop(deciding);
-        self.make_durable(ticket)?;
-        let took = started.elapsed();
-        for _ in &outcomes {
-            self.decisions.observe(took);
-        }
-        Ok((outcomes, given_back))
+        Ok((outcomes, given_back, ticket))
     }
 
     /// Checks and judges a document sent whole without the decision lock: every change's

@@ -18,11 +18,28 @@ pub const CATCH_UP_NICE: i32 = 10;
 
 type Task = Box<dyn FnOnce() + Send>;
 
-/// The catch-up threads. Dropping it lets them finish the tasks queued, then end. Tasks queue
-/// without a bound of their own: the sync driver bounds them (each holds documents in
-/// progress, at most `DOCUMENTS_IN_PROGRESS_MAX`).
+/// The catch-up threads, and the thread that waits for their decisions to be durable.
+/// Dropping it lets them finish the tasks queued, then end. Tasks queue without a bound of
+/// their own: the sync driver bounds them (each holds documents in progress, at most
+/// `DOCUMENTS_IN_PROGRESS_MAX`).
 pub struct Background {
     sender: Sender<Task>,
+    durable: Waiter,
+}
+
+/// Runs tasks that wait for decisions to be durable, in the order given, on a thread of their
+/// own (`Background::waiter`): a catch-up thread that hands its wait there takes its next
+/// work while a flush runs, instead of leaving its core idle for it.
+#[derive(Clone)]
+pub struct Waiter {
+    sender: Sender<Task>,
+}
+
+impl Waiter {
+    /// Queues `task`; false if the thread is gone (then it is dropped, not run).
+    pub fn run(&self, task: impl FnOnce() + Send + 'static) -> bool {
+        self.sender.send(Box::new(task)).is_ok()
+    }
 }
 
 impl Background {
@@ -41,7 +58,25 @@ impl Background {
                     }
                 })?;
         }
-        Ok(Self { sender })
+        // It only waits (for a flush, or leads one): at the usual priority, so that a flush
+        // every decision waits for is not put off.
+        let (durable, waits) = channel::<Task>();
+        std::thread::Builder::new()
+            .name("estuary-durable".into())
+            .spawn(move || {
+                while let Ok(task) = waits.recv() {
+                    task();
+                }
+            })?;
+        Ok(Self {
+            sender,
+            durable: Waiter { sender: durable },
+        })
+    }
+
+    /// Where to queue a wait for durability (see [`Waiter`]).
+    pub fn waiter(&self) -> Waiter {
+        self.durable.clone()
     }
 
     /// Queues `task`; false if the threads are gone (then it is dropped, not run).
@@ -95,5 +130,29 @@ mod tests {
             .recv_timeout(std::time::Duration::from_secs(10))
             .unwrap();
         assert!(nice >= CATCH_UP_NICE, "nice {nice}");
+    }
+
+    #[test]
+    fn waits_for_durability_run_in_order_on_their_own_thread() {
+        let background = Background::start().unwrap();
+        let (sender, receiver) = std::sync::mpsc::channel();
+        // Handed over from a catch-up thread, as a fetch's wait is.
+        let waiter = background.waiter();
+        assert!(background.run(move || {
+            for n in 0..3 {
+                let sender = sender.clone();
+                assert!(waiter.run(move || {
+                    let thread = std::thread::current().name().map(str::to_string);
+                    sender.send((n, thread)).unwrap();
+                }));
+            }
+        }));
+        for n in 0..3 {
+            let (ran, thread) = receiver
+                .recv_timeout(std::time::Duration::from_secs(10))
+                .unwrap();
+            assert_eq!(ran, n);
+            assert_eq!(thread.as_deref(), Some("estuary-durable"));
+        }
     }
 }

@@ -481,7 +481,8 @@ impl Driver {
         let node = self.node.clone();
         // The exchange is over; reading and ingesting are the catch-up threads' work.
         self.release(exchange);
-        self.spawn_catch_up_job(peer, move || {
+        let deferring = !deferred.is_empty();
+        let work = move || {
             // An answer carries only documents asked for, each once at most: anything else is
             // work this node never chose (a deflated answer could make it out of a few bytes:
             // it is refused before any is loaded). One strike per fault of the answer.
@@ -491,7 +492,7 @@ impl Driver {
                         "a fetch answer with documents not asked for",
                     ));
                 }
-                match !deferred.is_empty() && sent.is_empty() && !struck {
+                match deferring && sent.is_empty() && !struck {
                     true => Err(DocumentSyncError::Malformed(
                         "a fetch answer deferring documents without sending one",
                     )),
@@ -499,7 +500,7 @@ impl Driver {
                 }
             };
             let _span = tracing::debug_span!("fetch", %peer).entered();
-            let carried = match fetched {
+            match fetched {
                 Fetched::Plain(fetched) => check(ids(fetched.iter().map(|d| d.document)))
                     .and_then(|()| document::ingest_fetched(&node, &fetched)),
                 Fetched::Deflated(deflated) => protocol::inflate_fetched(&deflated)
@@ -514,15 +515,17 @@ impl Driver {
                         check(ids(fetched.iter().map(|d| d.document)))?;
                         document::ingest_covered(&node, &fetched)
                     }),
-            };
-            Job::Fetched {
-                peer,
-                documents,
-                bytes,
-                carried,
-                deferred,
             }
-        });
+        };
+        // Reported once durable: until then the documents stay in progress.
+        let then = move |carried| Job::Fetched {
+            peer,
+            documents,
+            bytes,
+            carried,
+            deferred,
+        };
+        self.spawn_catch_up_job_durable(peer, work, then);
     }
 
     pub(super) fn fetched(

@@ -18,7 +18,7 @@ use crate::model::{
     DocumentId, SyncChunk, decode_changes_onto, is_one_document_chunk, load_document_with_changes,
     split_sync_chunk,
 };
-use crate::replica::{IngestError, Ingested, Node, NodeError, WholeDocument};
+use crate::replica::{IngestError, Ingested, Node, NodeError, Undurable, WholeDocument};
 
 /// Why a peer's sync message was refused, or ours could not be made.
 #[derive(Debug, thiserror::Error)]
@@ -325,11 +325,11 @@ pub fn fetch(
 /// any peer's bytes). A document this node lacks is taken whole (`Node::ingest_whole`: judged
 /// at once, stored in one write); any other goes through the pipeline change by change, each
 /// change in its envelope. A document that does not load, or a change without a signature, is
-/// counted as refused.
+/// counted as refused. What they carried holds once durable (`Taken::durable`).
 pub fn ingest_fetched(
     node: &Node,
     fetched: &[FetchedDocument],
-) -> Result<Carried, DocumentSyncError> {
+) -> Result<Taken, DocumentSyncError> {
     ingest_each(node, fetched, |document| {
         let loaded = load_fetched(&document.saved, document.signatures.len())?;
         let signatures = document
@@ -348,7 +348,7 @@ pub fn ingest_fetched(
 pub fn ingest_compact(
     node: &Node,
     fetched: &[CompactDocument],
-) -> Result<Carried, DocumentSyncError> {
+) -> Result<Taken, DocumentSyncError> {
     ingest_each(node, fetched, |document| {
         let signatures = document.signatures.chunks_exact(64);
         let count = signatures.len();
@@ -375,7 +375,7 @@ pub fn ingest_compact(
 pub fn ingest_covered(
     node: &Node,
     fetched: &[CoveredDocument],
-) -> Result<Carried, DocumentSyncError> {
+) -> Result<Taken, DocumentSyncError> {
     ingest_each(node, fetched, |document| {
         let signatures = document.signatures()?;
         let loaded = load_fetched(&document.saved, signatures.len())?;
@@ -413,7 +413,7 @@ fn ingest_each<D: Fetched>(
     node: &Node,
     fetched: &[D],
     load: impl Fn(&D) -> Option<(ByteArray<16>, Loaded, HashMap<[u8; 32], [u8; 64]>)>,
-) -> Result<Carried, DocumentSyncError> {
+) -> Result<Taken, DocumentSyncError> {
     let mut carried = Carried::default();
     let mut whole = Vec::with_capacity(fetched.len());
     for document in fetched {
@@ -452,8 +452,8 @@ fn ingest_loaded(
     node: &Node,
     whole: Vec<WholeDocument>,
     mut carried: Carried,
-) -> Result<Carried, DocumentSyncError> {
-    let (outcomes, given_back) = node.ingest_whole(whole)?;
+) -> Result<Taken, DocumentSyncError> {
+    let (outcomes, given_back, undurable) = node.ingest_whole_undurable(whole)?;
     carried.count(&outcomes);
     let mut envelopes = Vec::new();
     for mut document in given_back {
@@ -469,7 +469,26 @@ fn ingest_loaded(
         ));
     }
     carried.count(&node.ingest_many(&envelopes)?);
-    Ok(carried)
+    Ok(Taken { carried, undurable })
+}
+
+/// Fetched documents taken (`ingest_fetched` and its kin): what they carried holds once their
+/// decisions are durable (`Taken::durable`), and nothing of it may be reported before. So a
+/// catch-up thread can take the next documents while a flush makes these durable.
+#[must_use = "what was taken holds only once durable"]
+#[derive(Debug)]
+pub struct Taken {
+    carried: Carried,
+    undurable: Undurable,
+}
+
+impl Taken {
+    /// Waits for the decisions to be durable (one flush, shared with concurrent callers);
+    /// then what the documents carried.
+    pub fn durable(self, node: &Node) -> Result<Carried, DocumentSyncError> {
+        node.make_whole_durable(self.undurable)?;
+        Ok(self.carried)
+    }
 }
 
 /// Most probes per hash in a peer's Bloom filter (automerge makes 7).

@@ -151,6 +151,30 @@ pub(super) fn cbor_len(value: &impl Serialize) -> u64 {
     count.0
 }
 
+/// `work`, reporting its job to the driver through `jobs`.
+fn report(
+    jobs: mpsc::UnboundedSender<Job>,
+    peer: PeerId,
+    work: impl FnOnce() -> Job + Send + 'static,
+) -> impl FnOnce() + Send + 'static {
+    move || {
+        if let Some(job) = caught(peer, work) {
+            let _ = jobs.send(job);
+        }
+    }
+}
+
+/// `work`'s result, or `None` (logged) if it panicked.
+fn caught<T>(peer: PeerId, work: impl FnOnce() -> T) -> Option<T> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)) {
+        Ok(result) => Some(result),
+        Err(_) => {
+            tracing::error!(%peer, "a sync job failed unexpectedly; its work is released");
+            None
+        }
+    }
+}
+
 pub(super) fn now_ms() -> u64 {
     crate::audit::now_unix_ms()
 }
@@ -195,14 +219,30 @@ impl Driver {
         tokio::task::spawn_blocking(self.job(peer, work));
     }
 
-    /// `spawn_job` for catch-up work, on the threads of lower priority (`background`).
-    pub(super) fn spawn_catch_up_job(
+    /// `spawn_job` for fetched documents taken (`work`), on the catch-up threads of lower
+    /// priority (`background`), whose job (`then`) is made of what they carried once durable: the wait for durability runs on the thread that
+    /// waits for flushes (`background::Waiter`), and the catch-up thread takes its next work.
+    /// The slots `then` holds travel with it; if either part panics, they are given back as
+    /// it unwinds.
+    pub(super) fn spawn_catch_up_job_durable(
         &self,
         peer: PeerId,
-        work: impl FnOnce() -> Job + Send + 'static,
+        work: impl FnOnce() -> Result<document::Taken, DocumentSyncError> + Send + 'static,
+        then: impl FnOnce(Result<document::Carried, DocumentSyncError>) -> Job + Send + 'static,
     ) {
-        // Not run, the work is dropped, and its slots with it.
-        if !self.background.run(self.job(peer, work)) {
+        let node = self.node.clone();
+        let jobs = self.jobs.clone();
+        let waiter = self.background.waiter();
+        let taken = move || {
+            let Some(taken) = caught(peer, work) else {
+                return;
+            };
+            let durable = move || then(taken.and_then(|taken| taken.durable(&node)));
+            if !waiter.run(report(jobs, peer, durable)) {
+                tracing::error!(%peer, "the thread waiting for flushes is gone; the work is released");
+            }
+        };
+        if !self.background.run(taken) {
             tracing::error!(%peer, "the catch-up threads are gone; the work is released");
         }
     }
@@ -213,15 +253,7 @@ impl Driver {
         peer: PeerId,
         work: impl FnOnce() -> Job + Send + 'static,
     ) -> impl FnOnce() + Send + 'static {
-        let jobs = self.jobs.clone();
-        move || match std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)) {
-            Ok(job) => {
-                let _ = jobs.send(job);
-            }
-            Err(_) => {
-                tracing::error!(%peer, "a sync job failed unexpectedly; its work is released");
-            }
-        }
+        report(self.jobs.clone(), peer, work)
     }
 
     pub(super) fn close(&mut self) {
