@@ -124,7 +124,13 @@ struct Bootstrap {
     floor_bytes: u64,
     wire_to_floor: f64,
     /// The catching-up node's store on disk, per file, against the file's automerge save.
+    /// Once the store settled (`settled_storage_bytes`): its engine compacts in the
+    /// background, and right after a fast catch-up it holds tables not yet compacted.
     store_bytes_per_file: f64,
+    /// The same right as the catch-up ended.
+    store_bytes_per_file_at_end: f64,
+    /// How long the store took to settle, in seconds.
+    store_settle_s: f64,
     payload_bytes_per_file: f64,
     store_to_payload: f64,
     /// Of the store per file, the storage engine's journal: a bounded amount (up to about
@@ -190,6 +196,35 @@ pub fn profile() -> &'static str {
     } else {
         "release"
     }
+}
+
+/// How long the store may take to settle after a catch-up, in seconds.
+const STORE_SETTLE_MAX_S: f64 = 60.0;
+/// How often its size is read meanwhile.
+const STORE_SETTLE_POLL: Duration = Duration::from_millis(500);
+/// It has settled once its size stays within this fraction for `STORE_SETTLED_READS` reads.
+const STORE_SETTLED_FRACTION: f64 = 0.005;
+const STORE_SETTLED_READS: usize = 4;
+
+/// The store's bytes on disk once its engine's background compaction has caught up (its size
+/// steady over `STORE_SETTLED_READS` reads), or after `STORE_SETTLE_MAX_S`; with the seconds
+/// it took.
+fn settled_storage_bytes(node: &Node) -> anyhow::Result<(u64, f64)> {
+    let started = Instant::now();
+    let mut last = node.storage_bytes()?;
+    let mut steady = 0;
+    while steady < STORE_SETTLED_READS && started.elapsed().as_secs_f64() < STORE_SETTLE_MAX_S {
+        std::thread::sleep(STORE_SETTLE_POLL);
+        let now = node.storage_bytes()?;
+        let moved = (now as f64 - last as f64).abs() / (last.max(1) as f64);
+        steady = if moved < STORE_SETTLED_FRACTION {
+            steady + 1
+        } else {
+            0
+        };
+        last = now;
+    }
+    Ok((last, started.elapsed().as_secs_f64()))
 }
 
 pub fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -643,7 +678,8 @@ async fn bootstrap(pair: &Pair, options: &Options) -> anyhow::Result<Bootstrap> 
     let wire_bytes = peer_stats(&centre, &hospital)
         .map(|p| p.bytes_in + p.bytes_out)
         .unwrap_or(0);
-    let store_bytes = pair.centre.storage_bytes()?;
+    let store_bytes_at_end = pair.centre.storage_bytes()?;
+    let (store_bytes, store_settle_s) = settled_storage_bytes(&pair.centre)?;
     let journal_bytes = pair.centre.storage_journal_bytes()?;
     let keyspaces: Vec<KeyspacePerFile> = pair
         .centre
@@ -711,6 +747,8 @@ async fn bootstrap(pair: &Pair, options: &Options) -> anyhow::Result<Bootstrap> 
         floor_bytes: payload + 64 * files as u64,
         wire_to_floor: wire_bytes as f64 / (payload + 64 * files as u64) as f64,
         store_bytes_per_file: store_bytes as f64 / files as f64,
+        store_bytes_per_file_at_end: store_bytes_at_end as f64 / files as f64,
+        store_settle_s,
         payload_bytes_per_file: payload as f64 / files as f64,
         store_to_payload: store_bytes as f64 / payload as f64,
         store_journal_bytes_per_file: journal_bytes as f64 / files as f64,
@@ -750,8 +788,12 @@ async fn bootstrap(pair: &Pair, options: &Options) -> anyhow::Result<Bootstrap> 
         }
     );
     println!(
-        "the centre's store: {:.0} bytes per file = {:.2}× the file's automerge save ({:.0} bytes)",
-        report.store_bytes_per_file, report.store_to_payload, report.payload_bytes_per_file
+        "the centre's store: {:.0} bytes per file = {:.2}× the file's automerge save ({:.0} bytes), {:.1} s after the catch-up ended ({:.0} bytes per file as it ended, before the engine's compaction caught up)",
+        report.store_bytes_per_file,
+        report.store_to_payload,
+        report.payload_bytes_per_file,
+        report.store_settle_s,
+        report.store_bytes_per_file_at_end
     );
     println!(
         "  of which the engine's journal (bounded, not per file) {:.0} bytes per file; without it {:.0} bytes per file = {:.2}× the save plus a signature",
