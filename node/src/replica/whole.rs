@@ -156,6 +156,9 @@ impl Node {
                 match self.prepare_whole(&mut whole) {
                     Preparation::Judged(judged) => prepared.push((whole, *judged)),
                     Preparation::NothingNew(held) => {
+                        // Their first copies may not be durable yet: wait for everything
+                        // applied so far.
+                        ticket = ticket.max(self.commit.applied());
                         outcomes.extend(held.into_iter().map(|h| Ok(Ingested::Duplicate(h))))
                     }
                     Preparation::Unusual => given_back.push(whole),

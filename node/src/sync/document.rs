@@ -468,7 +468,14 @@ fn ingest_loaded(
             &mut carried,
         ));
     }
-    carried.count(&node.ingest_many(&envelopes)?);
+    match node.ingest_many(&envelopes) {
+        Ok(outcomes) => carried.count(&outcomes),
+        Err(error) => {
+            // Reported as failed only once what was decided whole is durable too.
+            node.make_whole_durable(undurable)?;
+            return Err(error.into());
+        }
+    }
     Ok(Taken { carried, undurable })
 }
 
