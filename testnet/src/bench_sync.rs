@@ -202,8 +202,10 @@ pub fn profile() -> &'static str {
 const STORE_SETTLE_MAX_S: f64 = 60.0;
 /// How often its size is read meanwhile.
 const STORE_SETTLE_POLL: Duration = Duration::from_millis(500);
-/// It has settled once its size stays within this fraction for `STORE_SETTLED_READS` reads.
+/// It has settled once its size stays within this fraction (of its size) from one read to
+/// the next…
 const STORE_SETTLED_FRACTION: f64 = 0.005;
+/// …for this many reads in a row.
 const STORE_SETTLED_READS: usize = 4;
 
 /// The store's bytes on disk once its engine's background compaction has caught up (its size
@@ -788,7 +790,7 @@ async fn bootstrap(pair: &Pair, options: &Options) -> anyhow::Result<Bootstrap> 
         }
     );
     println!(
-        "the centre's store: {:.0} bytes per file = {:.2}× the file's automerge save ({:.0} bytes), {:.1} s after the catch-up ended ({:.0} bytes per file as it ended, before the engine's compaction caught up)",
+        "the centre's store: {:.0} bytes per file = {:.2}× the file's automerge save ({:.0} bytes), {:.1} s after the catch-up ended ({:.0} bytes per file as it ended)",
         report.store_bytes_per_file,
         report.store_to_payload,
         report.payload_bytes_per_file,

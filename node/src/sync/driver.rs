@@ -220,10 +220,10 @@ impl Driver {
     }
 
     /// `spawn_job` for fetched documents taken (`work`), on the catch-up threads of lower
-    /// priority (`background`), whose job (`then`) is made of what they carried once durable: the wait for durability runs on the thread that
-    /// waits for flushes (`background::Waiter`), and the catch-up thread takes its next work.
-    /// The slots `then` holds travel with it; if either part panics, they are given back as
-    /// it unwinds.
+    /// priority (`background`), whose job (`then`) is made of what they carried once durable:
+    /// the wait for durability runs on the thread that waits for flushes
+    /// (`background::Waiter`), and the catch-up thread takes its next work. The slots `then`
+    /// holds travel with it; if either part panics, they are given back as it unwinds.
     pub(super) fn spawn_catch_up_job_durable(
         &self,
         peer: PeerId,
