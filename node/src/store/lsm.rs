@@ -14,7 +14,8 @@
 //! its end is dropped (the witness, `WitnessedStore`, then reports what it held as lost, as
 //! for sled), and a batch whose checksum does not match refuses the store
 //! (`StoreError::Damaged`). A table block that fails its checksum fails the read that meets
-//! it (`StoreError::DamagedOnRead`).
+//! it (`StoreError::DamagedOnRead`). A creation of the store cut short before fjall wrote its
+//! marker is cleared and made again (`clear_cut_creation`): fjall 3.1 cannot finish one.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -98,6 +99,7 @@ impl LsmStore {
     /// store).
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         let started = std::time::Instant::now();
+        clear_cut_creation(dir)?;
         loop {
             // fjall asserts on some files it cannot make sense of at recovery (a folder of
             // its own named otherwise than it names them): a damaged store, not a crash.
@@ -136,6 +138,81 @@ impl LsmStore {
             }
         }
     }
+}
+
+/// The files fjall makes, in this order, when it creates a database, before it writes its
+/// `version` marker (`MARKER_FILE`) and `fsync`s it: its lock file, its keyspaces' folder
+/// (empty until the marker is written) and its first journal.
+const CREATION_FILES: [&str; 3] = ["lock", "keyspaces", "0.jnl"];
+
+/// Clears what a creation of the store cut short left in `dir`, so that the creation starts
+/// over.
+///
+/// fjall writes its `version` marker last when it creates a database, so a folder with
+/// fjall's first files and no marker (or an empty one) is a creation that a kill or a power
+/// cut stopped: nothing was written to it yet, let alone acknowledged. fjall 3.1 cannot
+/// finish such a creation (it refuses to make its first journal again, "File exists"), so
+/// without this a node killed while it first opened its store would never start again.
+/// Only fjall's own creation files are cleared, and only while fjall's lock on them is ours;
+/// a folder holding anything else is refused, untouched.
+fn clear_cut_creation(dir: &Path) -> Result<(), StoreError> {
+    let marker = dir.join(MARKER_FILE);
+    let marker_bytes = match std::fs::metadata(&marker) {
+        Ok(metadata) => Some(metadata.len()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(StoreError::Backend(format!("{}: {e}", marker.display()))),
+    };
+    if marker_bytes.is_some_and(|bytes| bytes > 0) {
+        return Ok(()); // a store fjall finished creating
+    }
+    let lock_path = dir.join(CREATION_FILES[0]);
+    let lock = match std::fs::OpenOptions::new().write(true).open(&lock_path) {
+        Ok(lock) => lock,
+        // No lock file: fjall never began here (or `dir` does not exist yet).
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(StoreError::Backend(format!("{}: {e}", lock_path.display()))),
+    };
+    match lock.try_lock() {
+        Ok(()) => {}
+        // Another process is creating it now: fjall's own lock wait takes over.
+        Err(std::fs::TryLockError::WouldBlock) => return Ok(()),
+        Err(std::fs::TryLockError::Error(e)) => {
+            return Err(StoreError::Backend(format!("{}: {e}", lock_path.display())));
+        }
+    }
+    let io = |e: std::io::Error| StoreError::Backend(format!("{}: {e}", dir.display()));
+    let refused = |what: String| StoreError::Damaged {
+        reason: format!(
+            "the log-structured store has no version marker, so its creation never finished, \
+             but it holds {what}, which its creation does not make"
+        ),
+    };
+    for entry in std::fs::read_dir(dir).map_err(io)? {
+        let name = entry.map_err(io)?.file_name();
+        let known = name == MARKER_FILE || CREATION_FILES.iter().any(|file| name == *file);
+        if !known {
+            return Err(refused(format!("{name:?}")));
+        }
+    }
+    let keyspaces = dir.join(CREATION_FILES[1]);
+    if keyspaces.exists() {
+        if !keyspaces.is_dir() || std::fs::read_dir(&keyspaces).map_err(io)?.next().is_some() {
+            return Err(refused("a keyspace".into()));
+        }
+        std::fs::remove_dir(&keyspaces).map_err(io)?;
+    }
+    for file in [MARKER_FILE, CREATION_FILES[2]] {
+        match std::fs::remove_file(dir.join(file)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(e)),
+        }
+    }
+    tracing::warn!(
+        store = %dir.display(),
+        "the log-structured store's creation was cut short (no writes reached it); it starts over"
+    );
+    Ok(())
 }
 
 fn owned(pair: fjall::Guard) -> Result<(Vec<u8>, Vec<u8>), StoreError> {

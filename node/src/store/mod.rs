@@ -1104,6 +1104,56 @@ mod tests {
     }
 
     #[test]
+    fn a_log_structured_store_whose_creation_was_cut_short_is_created_again() {
+        let dir = tempfile::tempdir().unwrap();
+        // The first journal as fjall makes it, from a creation that finished.
+        let finished = dir.path().join("finished");
+        drop(fjall::Database::builder(&finished).open().unwrap());
+        let journal = std::fs::read(finished.join("0.jnl")).unwrap();
+        // Each point at which a kill can stop fjall's creation before its marker is written
+        // (lock file, keyspaces' folder, first journal, marker), in the order fjall makes them.
+        let cuts: [&dyn Fn(&Path); 5] = [
+            &|dir| std::fs::write(dir.join("lock"), b"").unwrap(),
+            &|dir| std::fs::create_dir(dir.join("keyspaces")).unwrap(),
+            &|dir| std::fs::write(dir.join("0.jnl"), b"").unwrap(),
+            &|dir| std::fs::write(dir.join("0.jnl"), &journal).unwrap(),
+            &|dir| std::fs::write(dir.join(lsm::MARKER_FILE), b"").unwrap(),
+        ];
+        for made in 1..=cuts.len() {
+            let store_dir = dir.path().join(format!("cut-{made}"));
+            std::fs::create_dir(&store_dir).unwrap();
+            for cut in &cuts[..made] {
+                cut(&store_dir);
+            }
+            {
+                let store = LsmStore::open(&store_dir)
+                    .unwrap_or_else(|e| panic!("cut after {made} steps: {e}"));
+                let mut batch = Batch::default();
+                batch.put(b"k".to_vec(), b"v".to_vec());
+                GroupCommit::default().commit(&store, batch).unwrap();
+            }
+            assert_eq!(StoreEngine::found_in(&store_dir), Some(StoreEngine::Lsm));
+            let store = LsmStore::open(&store_dir).unwrap();
+            assert_eq!(store.get(b"k").unwrap(), Some(b"v".to_vec()), "cut {made}");
+        }
+        // A folder without the marker that holds anything else is refused, untouched.
+        let store_dir = dir.path().join("other");
+        std::fs::create_dir(&store_dir).unwrap();
+        for cut in &cuts[..3] {
+            cut(&store_dir);
+        }
+        std::fs::write(store_dir.join("notes.txt"), b"kept").unwrap();
+        match LsmStore::open(&store_dir) {
+            Err(StoreError::Damaged { reason }) => {
+                assert!(reason.contains("notes.txt"), "{reason}")
+            }
+            other => panic!("a folder holding a stray file: {:?}", other.err()),
+        }
+        assert_eq!(std::fs::read(store_dir.join("notes.txt")).unwrap(), b"kept");
+        assert!(store_dir.join("0.jnl").exists());
+    }
+
+    #[test]
     fn a_move_to_the_log_structured_engine_stopped_part_way_is_redone_or_finished() {
         let dir = tempfile::tempdir().unwrap();
         let store_dir = dir.path().join("store");
