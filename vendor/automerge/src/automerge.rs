@@ -1203,6 +1203,39 @@ impl Automerge {
         bytes
     }
 
+    /// Estuary, for tests of the loader only (feature `crafted-chunks`): this document saved
+    /// as one uncompressed document chunk whose ops are stored in the order `reorder` leaves
+    /// `order` in. `order` starts as the positions of the ops as stored, and `reorder` is
+    /// given each op (as stored) as its object, its key (a map key, or the element it
+    /// updates or inserts after) and its id, each as `ExId`'s or the key's text, and whether
+    /// it inserts. The chunk's changes, and so its heads, are this document's.
+    #[cfg(feature = "crafted-chunks")]
+    #[doc(hidden)]
+    pub fn save_with_ops_reordered(
+        &self,
+        reorder: impl FnOnce(&[(ExId, String, ExId, bool)], &mut Vec<usize>),
+    ) -> Vec<u8> {
+        let described: Vec<(ExId, String, ExId, bool)> = self
+            .ops
+            .iter()
+            .map(|op| {
+                let key = match &op.key {
+                    KeyRef::Map(key) => key.to_string(),
+                    KeyRef::Seq(element) if element.is_head() => "_head".into(),
+                    KeyRef::Seq(element) => {
+                        self.ops.id_to_exid(element.0).to_string()
+                    }
+                };
+                let obj = self.ops.id_to_exid(op.obj.0);
+                (obj, key, self.ops.id_to_exid(op.id), op.insert)
+            })
+            .collect();
+        let mut order: Vec<usize> = (0..described.len()).collect();
+        reorder(&described, &mut order);
+        let ops = self.ops.reordered(&order);
+        Document::new(&ops, &self.change_graph, CompressConfig::None).into_bytes()
+    }
+
     #[cfg(test)]
     pub fn debug_cmp(&self, other: &Self) {
         self.ops.debug_cmp(&other.ops);

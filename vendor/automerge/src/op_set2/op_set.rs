@@ -35,10 +35,12 @@ mod mark_index;
 mod marks;
 mod op_iter;
 mod op_query;
+mod order;
 mod top_op;
 mod visible;
 
 pub(crate) use index::{IndexBuilder, MarkOrderValidator, ObjIndex, ObjInfo};
+pub(crate) use order::OpOrderValidator;
 
 pub(crate) use crate::iter::{Keys, ListRange, MapRange, SpansInternal};
 
@@ -1203,6 +1205,24 @@ impl OpSet {
             cols,
             obj_info: ObjIndex::default(),
             text_encoding: TextEncoding::platform_default(),
+        }
+    }
+
+    /// Estuary, for tests of the loader only: this op set with its ops stored in the order of
+    /// `order` (positions in this op set).
+    #[cfg(feature = "crafted-chunks")]
+    pub(crate) fn reordered(&self, order: &[usize]) -> Self {
+        let ops: Vec<Op<'_>> = self.iter().collect();
+        let reordered: Vec<Op<'_>> = order.iter().map(|&pos| ops[pos].clone()).collect();
+        OpSet {
+            actors: self.actors.clone(),
+            cols: {
+                let mut cols = Columns::default();
+                cols.splice(0, &reordered, self.text_encoding);
+                cols
+            },
+            obj_info: ObjIndex::default(),
+            text_encoding: self.text_encoding,
         }
     }
 

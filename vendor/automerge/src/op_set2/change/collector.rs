@@ -15,7 +15,7 @@ use crate::author::Authors;
 use crate::change_graph::{ChangeGraph, ChangeGraphCols};
 use crate::error::AutomergeError;
 use crate::op_set2::change::{write_change_ops, GetHash};
-use crate::op_set2::op_set::{IndexBuilder, MarkOrderValidator};
+use crate::op_set2::op_set::{IndexBuilder, MarkOrderValidator, OpOrderValidator};
 use crate::storage::bundle::BundleChange;
 use crate::storage::change::{Change as StoredChange, Verified};
 use crate::storage::load::change_collector::Error;
@@ -36,7 +36,12 @@ pub(crate) struct IndexedChangeCollector<'a> {
 }
 
 impl<'a> IndexedChangeCollector<'a> {
-    pub(crate) fn process_ops(&mut self, op_set: &'a OpSet) -> Result<(), ReadOpError> {
+    /// Estuary: `order` checks the order the ops are stored in (`OpOrderValidator`).
+    pub(crate) fn process_ops(
+        &mut self,
+        op_set: &'a OpSet,
+        order: &mut OpOrderValidator<'a>,
+    ) -> Result<(), ReadOpError> {
         let mut iter = op_set.iter();
 
         while let Some(op) = iter.try_next()? {
@@ -44,6 +49,9 @@ impl<'a> IndexedChangeCollector<'a> {
             let op_is_counter = op.is_counter();
             let op_succ = op.succ();
 
+            if !order.process_op(&op) {
+                return Ok(());
+            }
             self.process_op(op);
 
             for id in op_succ {
