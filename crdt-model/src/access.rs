@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::ValidationError;
 use crate::ids::{Date, EntryId, Icd10, Icd10System, InstitutionId, Timestamp};
+use crate::written::{Field, Made, Written};
 
 /// A single-valued field as replicas see it after a merge: the value every replica shows by
 /// default, and the concurrent values it won over, kept for a clinician to review.
@@ -48,12 +49,10 @@ pub(crate) struct Obj<'d, D: ReadDoc> {
     pub path: &'static str,
     /// The object's fields, read in one pass when first asked for (see `fields`).
     fields: OnceCell<Vec<Field>>,
+    /// What changes of `doc` wrote into objects they made, read from their operations: an
+    /// object held there is read from there, not from `doc` (see `written`).
+    written: Option<&'d Written>,
 }
-
-/// A field of a map object as one pass over the map reads it: its key, and its value with the
-/// value's id, or `None` where concurrent values stand behind it (then read again, all of
-/// them).
-type Field = (String, Option<(Value<'static>, ObjId)>);
 
 impl<'d, D: ReadDoc> Obj<'d, D> {
     pub fn root(doc: &'d D) -> Self {
@@ -62,6 +61,16 @@ impl<'d, D: ReadDoc> Obj<'d, D> {
             id: automerge::ROOT,
             path: "root",
             fields: OnceCell::new(),
+            written: None,
+        }
+    }
+
+    /// The root of `doc`, where the objects `written` holds are read from there: `written`
+    /// must have read every change of `doc` that wrote into them.
+    pub fn root_written(doc: &'d D, written: &'d Written) -> Self {
+        Self {
+            written: Some(written),
+            ..Self::root(doc)
         }
     }
 
@@ -71,7 +80,13 @@ impl<'d, D: ReadDoc> Obj<'d, D> {
             id,
             path,
             fields: OnceCell::new(),
+            written: self.written,
         }
+    }
+
+    /// What the change that made this object wrote into it, if that is all it holds.
+    fn made(&self, id: &ObjId) -> Option<&'d Made> {
+        self.written?.get(id)
     }
 
     /// The object's fields in key order, read in one pass over it: reading a map field by
@@ -79,6 +94,9 @@ impl<'d, D: ReadDoc> Obj<'d, D> {
     /// empty map and for an object that is not a map, which are then read as before, key by
     /// key, so that what they hold (nothing, or a wrong type) is reported as before.
     fn fields(&self) -> &[Field] {
+        if let Some(Made::Map(fields)) = self.made(&self.id) {
+            return fields;
+        }
         self.fields.get_or_init(|| {
             let mut fields = self
                 .doc
@@ -229,32 +247,47 @@ impl<'d, D: ReadDoc> Obj<'d, D> {
         let mut entries = Vec::new();
         let mut count = 0;
         let mut wrong = None;
-        for item in self.doc.list_range(&list, ..) {
-            count += 1;
-            if wrong.is_some() || max.is_some_and(|max| count > max) {
-                continue;
-            }
-            if !item.conflict {
-                if item.value != automerge::ValueRef::Object(ObjType::Map) {
+        if let Some(Made::List(elements)) = self.made(&list) {
+            // Written by one change, as inserts one after another: none is conflicted.
+            for (value, id) in elements {
+                count += 1;
+                if wrong.is_some() || max.is_some_and(|max| count > max) {
+                    continue;
+                }
+                if *value != Value::Object(ObjType::Map) {
                     wrong = Some(not_objects());
                     continue;
                 }
-                entries.push(item.id());
-                continue;
+                entries.push(id.clone());
             }
-            let Ok(values) = self.doc.get_all(&list, item.index) else {
-                wrong = Some(ValidationError::WrongType {
-                    field,
-                    expected: "a list",
-                });
-                continue;
-            };
-            for (value, id) in values {
-                if value != Value::Object(ObjType::Map) {
-                    wrong = Some(not_objects());
-                    break;
+        } else {
+            for item in self.doc.list_range(&list, ..) {
+                count += 1;
+                if wrong.is_some() || max.is_some_and(|max| count > max) {
+                    continue;
                 }
-                entries.push(id);
+                if !item.conflict {
+                    if item.value != automerge::ValueRef::Object(ObjType::Map) {
+                        wrong = Some(not_objects());
+                        continue;
+                    }
+                    entries.push(item.id());
+                    continue;
+                }
+                let Ok(values) = self.doc.get_all(&list, item.index) else {
+                    wrong = Some(ValidationError::WrongType {
+                        field,
+                        expected: "a list",
+                    });
+                    continue;
+                };
+                for (value, id) in values {
+                    if value != Value::Object(ObjType::Map) {
+                        wrong = Some(not_objects());
+                        break;
+                    }
+                    entries.push(id);
+                }
             }
         }
         if let Some(max) = max.filter(|max| count > *max) {

@@ -29,7 +29,13 @@ pub(crate) const IDENTITY_KEYS: [&str; 2] = ["type", "schema"];
 
 /// Reads and checks a document's kind and schema version.
 pub(crate) fn read_identity<D: ReadDoc>(doc: &D) -> Result<DocumentKind, ValidationError> {
-    let root = Obj::root(doc);
+    read_identity_of(&Obj::root(doc))
+}
+
+/// [`read_identity`] of the document whose root is `root`.
+pub(crate) fn read_identity_of<D: ReadDoc>(
+    root: &Obj<'_, D>,
+) -> Result<DocumentKind, ValidationError> {
     let kind = root
         .register("type", "type", checked("type", DocumentKind::parse))
         .map_err(|_| ValidationError::UnknownDocumentType)?

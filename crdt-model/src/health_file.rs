@@ -22,7 +22,7 @@ use crate::access::{
     finite, icd10, institution, is_entry_of, long_text, object, put_time, put_value, text,
     timestamp, uint,
 };
-use crate::document::{DocumentKind, IDENTITY_KEYS, read_identity, replica};
+use crate::document::{DocumentKind, IDENTITY_KEYS, read_identity, read_identity_of, replica};
 use crate::error::{OpError, ValidationError};
 use crate::ids::{
     Actor, Date, DocumentId, Editor, EntryId, Icd10, Icd10System, InstitutionId, Timestamp,
@@ -33,6 +33,7 @@ use crate::limits::{
     MEASUREMENTS_PER_RESULT_MAX, NOTE_BYTES_MAX, PRESCRIPTION_DAYS_MAX, SUMMARY_BYTES_MAX,
 };
 use crate::vocab::{AllergyVerification, EncounterKind, ExamKind, ProblemStatus, Severity, Sex};
+use crate::written::Written;
 
 /// A resident's name: family and given names in Latin script, and the name as written
 /// (for example in Chinese characters).
@@ -1750,13 +1751,19 @@ fn map_child<'d, D: ReadDoc>(
 
 /// Parses and validates a whole health file.
 pub(crate) fn parse_health_file<D: ReadDoc>(doc: &D) -> Result<HealthFileView, ValidationError> {
-    if read_identity(doc)? != DocumentKind::HealthFile {
+    parse_health_file_of(&Obj::root(doc))
+}
+
+/// [`parse_health_file`] of the document whose root is `root`.
+pub(crate) fn parse_health_file_of<D: ReadDoc>(
+    root: &Obj<'_, D>,
+) -> Result<HealthFileView, ValidationError> {
+    if read_identity_of(root)? != DocumentKind::HealthFile {
         return Err(ValidationError::UnknownDocumentType);
     }
-    let root = Obj::root(doc);
     root.only_keys(&ROOT_KEYS)?;
-    let demographics = read_demographics(&root)?;
-    let contract = read_contract(&root)?;
+    let demographics = read_demographics(root)?;
+    let contract = read_contract(root)?;
     let no_known_allergies = root.register(
         "no_known_allergies",
         "no_known_allergies",
@@ -1770,12 +1777,12 @@ pub(crate) fn parse_health_file<D: ReadDoc>(doc: &D) -> Result<HealthFileView, V
         contract,
         no_known_allergies,
         link,
-        allergies: read_list(&root)?,
-        problems: read_list(&root)?,
-        medications: read_list(&root)?,
-        encounters: read_list(&root)?,
-        exams: read_list(&root)?,
-        follow_ups: read_list(&root)?,
+        allergies: read_list(root)?,
+        problems: read_list(root)?,
+        medications: read_list(root)?,
+        encounters: read_list(root)?,
+        exams: read_list(root)?,
+        follow_ups: read_list(root)?,
     })
 }
 
@@ -3086,7 +3093,8 @@ pub(crate) struct Appended {
 /// and wrote its contract (`appended`), given `created`, the view at its creation, where
 /// `authors[i]` is the institution of change `i`. Each appended entry, and the contract, is
 /// read once, in `doc` as it is now: no change after its own wrote into it, so it reads as it
-/// did at that change. An entry is held to the rules `judge_touched` holds an appended entry
+/// did at that change. What `written` holds (what each change wrote into the objects it made,
+/// from its operations, with every change of `doc` read) is read from there. An entry is held to the rules `judge_touched` holds an appended entry
 /// to (`ListCheck::check_new`), and its list to the bound on entries (the whole list now is
 /// the longest it has been: lists only grew); the contract, as there, only has to read.
 ///
@@ -3096,6 +3104,7 @@ pub(crate) struct Appended {
 /// the change refused and why.
 pub(crate) fn view_with_appended<D: ReadDoc>(
     doc: &D,
+    written: &Written,
     created: HealthFileView,
     appended: &Appended,
     authors: &[InstitutionId],
@@ -3140,7 +3149,7 @@ pub(crate) fn view_with_appended<D: ReadDoc>(
     {
         return None;
     }
-    let root = Obj::root(doc);
+    let root = Obj::root_written(doc, written);
     let mut view = created;
     if appended.contract {
         view.contract = read_contract(&root).ok()?;

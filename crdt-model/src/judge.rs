@@ -13,14 +13,19 @@
 
 use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, BTreeSet};
+use std::convert::Infallible;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
-use automerge::{ActorId, Change, ChangeHash, ObjId, Prop, ReadDoc};
+use automerge::{
+    ActorId, Change, ChangeHash, ObjId, ObjType, OpAction, OpOutline, OpRead, Prop, ReadDoc,
+};
 
+use crate::access::Obj;
 use crate::at::At;
 use crate::document::{DocumentKind, read_identity};
 use crate::error::ValidationError;
 use crate::ids::InstitutionId;
+use crate::written::Written;
 use crate::{View, health_file, validate_change_view, view};
 
 /// The parts of a document one change wrote.
@@ -64,9 +69,10 @@ impl Touch {
     /// never move: `doc` would name the same parents); only objects made by earlier changes
     /// are looked up in `doc`. `places` keeps where objects live across the changes of one
     /// document judged against the same `doc`, so each is looked up once.
-    fn of<'c, D: ReadDoc>(
+    fn of<'c, D: ReadDoc, P: Placed<'c>, E>(
         doc: &D,
         change: &'c Change,
+        ops: impl IntoIterator<Item = Result<P, E>>,
         parts: &[&str],
         register: &str,
         places: &mut Places<'c>,
@@ -81,11 +87,11 @@ impl Touch {
         // to `direct`, but for inserts) is added once.
         let mut noted: Vec<(u64, &ActorId)> = Vec::new();
         // Only where each operation writes is read, not what it writes.
-        for (index, op) in change.outline().enumerate() {
+        for (index, op) in ops.into_iter().enumerate() {
             let Ok(op) = op else {
                 return whole();
             };
-            let parent = match op.obj {
+            let parent = match op.obj() {
                 None => match op.map_key() {
                     Some(key) => {
                         if key != register {
@@ -119,7 +125,7 @@ impl Touch {
                             Some(direct) => direct,
                             None => touch.direct.entry(place.key.clone()).or_default(),
                         };
-                        match (op.make, op.insert) {
+                        match (op.makes(), op.inserts()) {
                             (Some(_), true) => {
                                 let made = object_id(change.start_op().get() + index as u64, actor);
                                 direct.inserted.insert(made);
@@ -130,7 +136,7 @@ impl Touch {
                     Some(&*place)
                 }
             };
-            if op.make.is_some() {
+            if op.makes().is_some() {
                 let counter = change.start_op().get() + index as u64;
                 let place = match (parent, op.map_key()) {
                     (None, Some(key)) => Place {
@@ -156,6 +162,52 @@ impl Touch {
             }
         }
         touch
+    }
+}
+
+/// Where an operation of a change writes, as [`Touch::of`] reads it: from `Change::outline`,
+/// or from `Change::ops` where what it writes is read too.
+trait Placed<'c> {
+    /// The object it writes into (`None`: the root), as the operation that made it.
+    fn obj(&self) -> Option<(u64, &'c ActorId)>;
+    /// The key it writes in a map.
+    fn map_key(&self) -> Option<&str>;
+    /// Whether it inserts into a sequence.
+    fn inserts(&self) -> bool;
+    /// The type of object it makes, if it makes one.
+    fn makes(&self) -> Option<ObjType>;
+}
+
+impl<'c> Placed<'c> for OpOutline<'c> {
+    fn obj(&self) -> Option<(u64, &'c ActorId)> {
+        self.obj
+    }
+    fn map_key(&self) -> Option<&str> {
+        OpOutline::map_key(self)
+    }
+    fn inserts(&self) -> bool {
+        self.insert
+    }
+    fn makes(&self) -> Option<ObjType> {
+        self.make
+    }
+}
+
+impl<'c> Placed<'c> for &OpRead<'c> {
+    fn obj(&self) -> Option<(u64, &'c ActorId)> {
+        self.obj
+    }
+    fn map_key(&self) -> Option<&str> {
+        OpRead::map_key(self)
+    }
+    fn inserts(&self) -> bool {
+        self.insert
+    }
+    fn makes(&self) -> Option<ObjType> {
+        match self.action {
+            OpAction::Make(kind) => Some(kind),
+            _ => None,
+        }
     }
 }
 
@@ -372,6 +424,7 @@ fn judge_at<D: ReadDoc>(
         Some(change) if !creation && kind == DocumentKind::HealthFile => Touch::of(
             doc,
             change,
+            change.outline(),
             &health_file::PARTS,
             health_file::ROOT_REGISTER,
             &mut Places::new(),
@@ -395,6 +448,19 @@ fn judge_at<D: ReadDoc>(
         touch,
         after: After::Parts(Box::new(parts)),
     })
+}
+
+/// The view at the creation of a document, judged as [`judge_at`] judges a creation: `doc`
+/// is the document at exactly the creation, and `written` what the creation wrote, root
+/// included (`Written::add`), from which it is read.
+fn judge_creation_written<D: ReadDoc>(
+    doc: &D,
+    written: &Written,
+    author: &InstitutionId,
+) -> Result<View, ValidationError> {
+    let view = crate::view_of(&Obj::root_written(doc, written))?;
+    crate::check_creation(&view, author)?;
+    Ok(view)
 }
 
 /// Why [`judge_history`] refused a history: the first change that deciding the changes one by
@@ -544,10 +610,16 @@ fn judge_appends<D: ReadDoc>(
     let mut appended = health_file::Appended::default();
     // Objects never move: `doc` names the parents the document at each change names.
     let mut places = Places::new();
+    // What each change wrote into the objects it made, from the operations decoded here
+    // once: each appended entry is read from there.
+    let mut written = Written::default();
     for (index, change) in rest.iter().enumerate() {
+        let ops = change.ops().collect::<Result<Vec<_>, _>>().ok()?;
+        written.add(change, &ops, false);
         let touch = Touch::of(
             doc,
             change,
+            ops.iter().map(Ok::<_, Infallible>),
             &health_file::PARTS,
             health_file::ROOT_REGISTER,
             &mut places,
@@ -575,75 +647,32 @@ fn judge_appends<D: ReadDoc>(
             }
         }
     }
-    // The creation, judged as change by change judges it.
+    // The creation, judged as change by change judges it, reading what it wrote from its
+    // operations: at its own state, the document holds nothing else.
+    let creation_ops = creation.ops().collect::<Result<Vec<_>, _>>().ok()?;
+    written.add(creation, &creation_ops, false);
+    let mut at_creation = Written::default();
+    at_creation.add(creation, &creation_ops, true);
     let at = [creation.hash()];
-    let created = judge_at(
-        &At::new(doc, &at),
-        &[],
-        creation.hash(),
-        Some(creation),
-        authors.first()?,
-        None,
-    )
-    .ok()?
-    .into_view_at_change(None)?;
+    let created =
+        judge_creation_written(&At::new(doc, &at), &at_creation, authors.first()?).ok()?;
     let View::HealthFile(created) = created else {
         return None;
     };
-    health_file::view_with_appended(doc, *created, &appended, authors)
+    health_file::view_with_appended(doc, &written, *created, &appended, authors)
         .map(|view| View::HealthFile(Box::new(view)))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{
-        Actor, Demographics, Editor, HealthFile, HealthFileOp, NewEncounter, PersonName, Sex,
-        Timestamp,
-    };
+    use crate::testing::{editor, health_file};
+    use crate::{Actor, HealthFile, HealthFileOp};
     use automerge::AutoCommit;
-
-    fn editor(at: i64) -> Editor {
-        Editor {
-            institution: InstitutionId::new("chc-jianshe").unwrap(),
-            at: Timestamp(at),
-        }
-    }
 
     /// A file created, then `encounters` encounters appended, each its own change.
     fn file_with_encounters(encounters: usize) -> AutoCommit {
-        let demographics = Demographics {
-            name: PersonName {
-                family: "Lu".into(),
-                given: "Jianguo".into(),
-                text: None,
-            },
-            sex: Sex::Female,
-            birth_date: crate::Date::new("1954-10-17").unwrap(),
-            phone: None,
-            address: None,
-            national_id: None,
-            insurance: None,
-        };
-        let mut file = HealthFile::create(
-            &Actor::from_bytes(vec![1; 32]),
-            &editor(1_000),
-            &demographics,
-        )
-        .unwrap();
-        for n in 0..encounters {
-            file.apply(
-                &editor(2_000 + n as i64),
-                &HealthFileOp::AddEncounter(NewEncounter {
-                    time: Timestamp(2_000 + n as i64),
-                    kind: crate::EncounterKind::Outpatient,
-                    diagnoses: Vec::new(),
-                    note: format!("visit {n}"),
-                }),
-            )
-            .unwrap();
-        }
-        AutoCommit::load(&file.save()).unwrap()
+        AutoCommit::load(&health_file(encounters, 0).save()).unwrap()
     }
 
     fn judged(doc: &mut AutoCommit) -> (Option<View>, Result<View, HistoryRefused>) {

@@ -22,7 +22,10 @@ pub mod limits;
 pub mod linked;
 mod referral;
 mod roster;
+#[cfg(test)]
+mod testing;
 mod vocab;
+mod written;
 
 pub use access::Register;
 pub use at::At;
@@ -90,12 +93,17 @@ impl View {
 
 /// Validates a document and returns its typed view, read once.
 pub fn view<D: ReadDoc>(doc: &D) -> Result<View, ValidationError> {
-    Ok(match document::read_identity(doc)? {
+    view_of(&access::Obj::root(doc))
+}
+
+/// [`view`] of the document whose root is `root`.
+pub(crate) fn view_of<D: ReadDoc>(root: &access::Obj<'_, D>) -> Result<View, ValidationError> {
+    Ok(match document::read_identity_of(root)? {
         DocumentKind::HealthFile => {
-            View::HealthFile(Box::new(health_file::parse_health_file(doc)?))
+            View::HealthFile(Box::new(health_file::parse_health_file_of(root)?))
         }
-        DocumentKind::Referral => View::Referral(Box::new(referral::parse_referral(doc)?)),
-        DocumentKind::Roster => View::Roster(roster::parse_roster(doc)?),
+        DocumentKind::Referral => View::Referral(Box::new(referral::parse_referral(root.doc)?)),
+        DocumentKind::Roster => View::Roster(roster::parse_roster(root.doc)?),
     })
 }
 
@@ -155,7 +163,7 @@ pub fn validate_change_view<B: ReadDoc, A: ReadDoc>(
 
 /// The first change of a document: a referral is sent by its `from` institution, and nothing
 /// is recorded in another institution's name.
-fn check_creation(view: &View, author: &InstitutionId) -> Result<(), ValidationError> {
+pub(crate) fn check_creation(view: &View, author: &InstitutionId) -> Result<(), ValidationError> {
     match view {
         View::HealthFile(view) => {
             let blank = HealthFileView {

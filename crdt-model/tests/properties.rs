@@ -1007,8 +1007,8 @@ proptest! {
     }
 
     /// A change's outline (where each operation writes, which judging a change by its parts
-    /// reads) says what decoding the whole change says, op by op, for honest and faulty
-    /// histories alike.
+    /// reads) and its operations as `Change::ops` reads them say what decoding the whole
+    /// change says, op by op, for honest and faulty histories alike.
     #[test]
     fn a_changes_outline_agrees_with_its_decoding(
         history in steps(3, prop_oneof![3 => file_action().prop_map(FileStep::Honest), 1 => file_fault().prop_map(FileStep::Faulty)], 1..30),
@@ -1044,7 +1044,8 @@ proptest! {
 
 /// Compares `change.outline()` with `change.decode()`, operation by operation.
 fn check_outline(change: &automerge::Change) -> Result<(), TestCaseError> {
-    use automerge::legacy::{Key, ObjectId, OpType};
+    use automerge::OpAction;
+    use automerge::legacy::{ElementId, Key, ObjectId, OpType};
     let decoded = change.decode();
     let outline = change
         .outline()
@@ -1068,6 +1069,36 @@ fn check_outline(change: &automerge::Change) -> Result<(), TestCaseError> {
             _ => None,
         };
         prop_assert_eq!(outlined.make, make);
+    }
+    // And the operations as `Change::ops` reads them, values and all.
+    let ops = change
+        .ops()
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|error| TestCaseError::fail(format!("operations unreadable: {error}")))?;
+    prop_assert_eq!(ops.len(), decoded.operations.len());
+    for (read, op) in ops.iter().zip(&decoded.operations) {
+        let obj = match &op.obj {
+            ObjectId::Root => None,
+            ObjectId::Id(id) => Some((id.counter(), id.actor().clone())),
+        };
+        prop_assert_eq!(read.obj.map(|(c, a)| (c, a.clone())), obj);
+        let (key, elem) = match &op.key {
+            Key::Map(key) => (Some(key.to_string()), None),
+            Key::Seq(ElementId::Head) => (None, Some(None)),
+            Key::Seq(ElementId::Id(id)) => (None, Some(Some((id.counter(), id.actor().clone())))),
+        };
+        prop_assert_eq!(read.map_key().map(str::to_string), key);
+        prop_assert_eq!(read.elem().map(|e| e.map(|(c, a)| (c, a.clone()))), elem);
+        prop_assert_eq!(read.insert, op.insert);
+        prop_assert_eq!(read.overwrites, op.pred.len());
+        let action = match &op.action {
+            OpType::Make(made) => OpAction::Make(*made),
+            OpType::Put(value) => OpAction::Put(value.clone()),
+            OpType::Delete => OpAction::Delete,
+            OpType::Increment(_) => OpAction::Increment,
+            OpType::MarkBegin(_) | OpType::MarkEnd(_) => OpAction::Mark,
+        };
+        prop_assert_eq!(&read.action, &action);
     }
     Ok(())
 }

@@ -153,6 +153,43 @@ impl Change {
         })
     }
 
+    /// Every operation of the change in order, as [`Change::outline`] reads it and with what
+    /// it writes: its value and how many operations it overwrites (cheaper than
+    /// [`Change::decode`], which copies an actor id for every operation id it holds).
+    pub fn ops(&self) -> impl Iterator<Item = Result<OpRead<'_>, LoadError>> + '_ {
+        self.stored.iter_ops().map(move |op| {
+            let id = |o: crate::types::OpId| -> Result<(u64, &ActorId), LoadError> {
+                Ok((o.counter(), self.actor_at(o.actor())?))
+            };
+            let obj = match op.obj.id() {
+                Some(o) => Some(id(*o)?),
+                None => None,
+            };
+            let key = match op.key {
+                StoredKey::Prop(prop) => ReadKey::Map(prop),
+                StoredKey::Elem(e) if e.is_head() => ReadKey::Seq(None),
+                StoredKey::Elem(ElemId(o)) => ReadKey::Seq(Some(id(o)?)),
+            };
+            let action = match op.action {
+                0 => OpAction::Make(ObjType::Map),
+                1 => OpAction::Put(op.val),
+                2 => OpAction::Make(ObjType::List),
+                3 => OpAction::Delete,
+                4 => OpAction::Make(ObjType::Text),
+                5 => OpAction::Increment,
+                6 => OpAction::Make(ObjType::Table),
+                _ => OpAction::Mark,
+            };
+            Ok(OpRead {
+                obj,
+                key,
+                insert: op.insert,
+                action,
+                overwrites: op.pred.len(),
+            })
+        })
+    }
+
     /// The actor at `index` of the change's actor list (its own actor first).
     fn actor_at(&self, index: usize) -> Result<&ActorId, LoadError> {
         match index {
@@ -205,6 +242,61 @@ impl OpOutline<'_> {
             OutlineKey::Seq => None,
         }
     }
+}
+
+/// An operation of a change as [`Change::ops`] reads it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OpRead<'a> {
+    /// The object it writes into: `None` for the root, otherwise the operation that made the
+    /// object, as its counter and actor.
+    pub obj: Option<(u64, &'a ActorId)>,
+    key: ReadKey<'a>,
+    /// Whether it inserts into a sequence.
+    pub insert: bool,
+    /// What it does.
+    pub action: OpAction,
+    /// How many operations it overwrites (its predecessors).
+    pub overwrites: usize,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+enum ReadKey<'a> {
+    Map(smol_str::SmolStr),
+    Seq(Option<(u64, &'a ActorId)>),
+}
+
+impl<'a> OpRead<'a> {
+    /// The key it writes in a map; `None` for a position in a sequence.
+    pub fn map_key(&self) -> Option<&str> {
+        match &self.key {
+            ReadKey::Map(key) => Some(key),
+            ReadKey::Seq(_) => None,
+        }
+    }
+
+    /// The position it writes in a sequence, `None` for a key in a map: `Some(None)` for the
+    /// head, otherwise the operation that made the element it writes (or inserts after).
+    pub fn elem(&self) -> Option<Option<(u64, &'a ActorId)>> {
+        match &self.key {
+            ReadKey::Map(_) => None,
+            ReadKey::Seq(elem) => Some(*elem),
+        }
+    }
+}
+
+/// What an operation of a change does (see [`Change::ops`]).
+#[derive(Clone, Debug, PartialEq)]
+pub enum OpAction {
+    /// Makes an object of this type.
+    Make(ObjType),
+    /// Puts a value.
+    Put(crate::ScalarValue),
+    /// Deletes.
+    Delete,
+    /// Increments a counter.
+    Increment,
+    /// Begins or ends a mark.
+    Mark,
 }
 
 #[derive(Clone, Debug, PartialEq)]

@@ -300,7 +300,7 @@ pub use crate::automerge::{Automerge, LoadOptions, OnPartialLoad, SaveOptions, S
 pub use author::Author;
 pub use autocommit::AutoCommit;
 pub use autoserde::AutoSerde;
-pub use change::{Change, LoadError as LoadChangeError, OpOutline};
+pub use change::{Change, LoadError as LoadChangeError, OpAction, OpOutline, OpRead};
 #[doc(hidden)]
 pub use change_graph::Fragment;
 pub use cursor::{Cursor, CursorPosition, MoveCursor, OpCursor};
