@@ -981,6 +981,26 @@ mod tests {
     }
 
     #[test]
+    fn a_sled_snapshot_whose_writing_was_cut_short_is_passed_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let store_dir = dir.path().join("store");
+        {
+            let store = SledStore::open(&store_dir).unwrap();
+            let mut batch = Batch::default();
+            batch.put(b"k".to_vec(), b"v".to_vec());
+            GroupCommit::default().commit(&store, batch).unwrap();
+        }
+        // What a kill leaves while sled writes a snapshot: the file it renames once whole,
+        // named after a later point of the log than any snapshot before it, cut short.
+        for partial in [&b""[..], &b"\x01\x02\x03"[..], &[0u8; 64][..]] {
+            std::fs::write(store_dir.join("snap.FFFFFFFFFFFFFFFF.generating"), partial).unwrap();
+            let store = SledStore::open(&store_dir)
+                .unwrap_or_else(|e| panic!("a cut snapshot of {} bytes: {e}", partial.len()));
+            assert_eq!(store.get(b"k").unwrap(), Some(b"v".to_vec()));
+        }
+    }
+
+    #[test]
     fn a_value_too_large_for_sleds_log_is_stored_as_a_synced_blob_and_survives_reopening() {
         let dir = tempfile::tempdir().unwrap();
         let store_dir = dir.path().join("store");

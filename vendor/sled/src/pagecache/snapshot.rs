@@ -456,7 +456,15 @@ pub fn read_snapshot_or_default(config: &RunningConfig) -> Result<Snapshot> {
 /// Returns an error if the read snapshot was corrupted.
 /// Returns `Ok(Some(snapshot))` if there was nothing written.
 fn read_snapshot(config: &RunningConfig) -> Result<Option<Snapshot>> {
-    let mut candidates = config.get_snapshot_files()?;
+    // Estuary: a `.generating` file is a snapshot whose writing a crash cut short (it is
+    // renamed only once whole and synced, and the snapshot before it is removed only after
+    // that rename), so it is never read: taking it, as the latest by name, refused the
+    // store as corrupt ("Read corrupted data at file offset None").
+    let mut candidates: Vec<_> = config
+        .get_snapshot_files()?
+        .into_iter()
+        .filter(|path| !path.to_string_lossy().ends_with(".generating"))
+        .collect();
     if candidates.is_empty() {
         debug!("no previous snapshot found");
         return Ok(None);
