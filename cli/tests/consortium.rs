@@ -599,6 +599,9 @@ fn three_institutions_share_a_health_file_and_a_referral_through_the_api_and_the
     hospital.stop();
 }
 
+/// The first API port of the nodes of `stopped_consortium` (on 127.43.0.1).
+const OFFLINE_API_PORT: usize = 1001;
+
 /// An authority and three institutions set up with `estuary init` and a signed roster, none
 /// of them running: commands open their data directories. Returns each node's config path
 /// and node key.
@@ -612,7 +615,12 @@ fn stopped_consortium(root: &Path) -> Vec<(String, String)> {
     for (i, (id, name, kind, _)) in INSTITUTIONS.iter().enumerate() {
         let data_dir = format!("n{i}");
         let listen = format!("/ip4/127.0.0.1/tcp/{}", free_port());
-        let api = format!("127.0.0.1:{}", free_port());
+        // These nodes never run, so commands reach their stores directly; but a free port
+        // handed out here can be taken meanwhile by a node of a test running beside this
+        // one, and a command would then meet that node on the API address (and refuse to
+        // send it the token). An address of the loopback range no test listens on, at a
+        // port below the range the system hands out, is never taken.
+        let api = format!("127.43.0.1:{}", OFFLINE_API_PORT + i);
         let created = estuary_json(
             root,
             &[
