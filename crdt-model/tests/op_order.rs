@@ -20,8 +20,21 @@ fn actor(n: u8) -> ActorId {
     ActorId::from([n; 16])
 }
 
+/// A document of the first writer's, its status a draft.
+fn drafted() -> AutoCommit {
+    let mut doc = AutoCommit::new().with_actor(actor(1));
+    doc.put(ROOT, "status", "draft").unwrap();
+    doc.commit();
+    doc
+}
+
 /// Both loaders refuse `bytes`, naming the stored order as the reason.
 fn refused_for_order(bytes: &[u8]) {
+    refused_because(bytes, "out of order");
+}
+
+/// Both loaders refuse `bytes`, with a reason that says `reason`.
+fn refused_because(bytes: &[u8], reason: &str) {
     for (loader, verdict) in [
         ("load_document", load_document(bytes).map(drop)),
         (
@@ -31,10 +44,10 @@ fn refused_for_order(bytes: &[u8]) {
     ] {
         match verdict {
             Err(LoadError::Decode(error)) => assert!(
-                error.to_string().contains("out of order"),
+                error.to_string().contains(reason),
                 "{loader}: refused for another reason: {error}"
             ),
-            other => panic!("{loader}: a chunk stored out of order: {other:?}"),
+            other => panic!("{loader}: a crafted chunk loads: {other:?}"),
         }
     }
 }
@@ -76,9 +89,7 @@ fn sibling_elements_stored_in_another_order_are_refused() {
 /// value would.
 #[test]
 fn conflicting_values_of_a_key_stored_in_another_order_are_refused() {
-    let mut base = AutoCommit::new().with_actor(actor(1));
-    base.put(ROOT, "status", "draft").unwrap();
-    base.commit();
+    let mut base = drafted();
     let mut other = base.fork().with_actor(actor(2));
     base.put(ROOT, "status", "final").unwrap();
     other.put(ROOT, "status", "cancelled").unwrap();
@@ -114,6 +125,19 @@ fn keys_objects_and_updates_stored_out_of_place_are_refused() {
     let in_list = positions(doc, |(obj, _, _, _)| *obj == second);
     assert_eq!(in_list.len(), 3, "two inserts and an update");
     refused_for_order(&swapped(doc, in_list[1], in_list[2]));
+}
+
+/// A chunk holding ops of a change it does not carry (with the heads of the changes it does)
+/// would read that change's writes under heads that leave them out.
+#[test]
+fn ops_of_no_change_in_the_chunk_are_refused() {
+    let mut doc = drafted();
+    let mut before = doc.fork().with_actor(actor(1));
+    doc.put(ROOT, "status", "final").unwrap();
+    doc.put(ROOT, "extra", 1).unwrap();
+    doc.commit();
+    let crafted = doc.document().save_with_changes_of(before.document());
+    refused_because(&crafted, "belongs to no change");
 }
 
 /// What one writer does to its replica in a random history.

@@ -180,6 +180,10 @@ fn clear_cut_creation(dir: &Path) -> Result<(), StoreError> {
             return Err(StoreError::Backend(format!("{}: {e}", lock_path.display())));
         }
     }
+    // Read again under the lock: another process may have finished the creation meanwhile.
+    if std::fs::metadata(&marker).is_ok_and(|metadata| metadata.len() > 0) {
+        return Ok(());
+    }
     let io = |e: std::io::Error| StoreError::Backend(format!("{}: {e}", dir.display()));
     let refused = |what: String| StoreError::Damaged {
         reason: format!(

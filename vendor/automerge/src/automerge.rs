@@ -1236,6 +1236,15 @@ impl Automerge {
         Document::new(&ops, &self.change_graph, CompressConfig::None).into_bytes()
     }
 
+    /// Estuary, for tests of the loader only (feature `crafted-chunks`): this document's ops
+    /// saved as one uncompressed document chunk with the changes (and heads) of `other`,
+    /// which must name the same actors in the same order.
+    #[cfg(feature = "crafted-chunks")]
+    #[doc(hidden)]
+    pub fn save_with_changes_of(&self, other: &Automerge) -> Vec<u8> {
+        Document::new(&self.ops, &other.change_graph, CompressConfig::None).into_bytes()
+    }
+
     #[cfg(test)]
     pub fn debug_cmp(&self, other: &Self) {
         self.ops.debug_cmp(&other.ops);

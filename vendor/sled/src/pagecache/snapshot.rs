@@ -551,7 +551,9 @@ fn write_snapshot(config: &RunningConfig, snapshot: &Snapshot) -> Result<()> {
     let parent = path_1.parent().unwrap();
     std::fs::create_dir_all(parent)?;
     let mut f =
-        std::fs::OpenOptions::new().write(true).create(true).open(&path_1)?;
+        // Estuary: truncated, since a file a kill left under this name is passed over by
+        // `read_snapshot` and may still be here, longer than what is written now.
+        std::fs::OpenOptions::new().write(true).create(true).truncate(true).open(&path_1)?;
 
     // write the snapshot bytes, followed by a crc64 checksum at the end
     io_fail!(config, "snap write");

@@ -55,6 +55,9 @@ impl<'a> IndexedChangeCollector<'a> {
             self.process_op(op);
 
             for id in op_succ {
+                if id <= op_id {
+                    self.collector.ops_of_no_change = true;
+                }
                 self.index.process_succ(op_is_counter, id);
                 self.collector.process_succ(op_id, id);
             }
@@ -62,7 +65,16 @@ impl<'a> IndexedChangeCollector<'a> {
         Ok(())
     }
 
-    pub(crate) fn collect(self, op_set: &OpSet) -> Result<CollectedChanges, Error> {
+    /// Estuary: when a document chunk loads, every op and every delete its successors imply
+    /// must belong to one of the chunk's changes, and every successor must come after its op.
+    /// The collector drops what it cannot place in a change (rightly, when it builds only
+    /// some changes of a document), so a chunk carrying an extra op or a dangling successor
+    /// would load, with the same heads, into a document that reads otherwise than its changes.
+    pub(crate) fn collect(mut self, op_set: &OpSet) -> Result<CollectedChanges, Error> {
+        self.collector.flush_deletes();
+        if self.collector.ops_of_no_change {
+            return Err(Error::OpsOfNoChange);
+        }
         self.collector.collect(op_set)
     }
 
@@ -101,6 +113,9 @@ pub(crate) struct ChangeCollector<'a> {
     pub(crate) builders: Vec<ChangeBuilder<'a>>,
     last: Option<(ObjId, KeyRef<'a>)>,
     preds: HashMap<OpId, Vec<OpId>>,
+    /// Estuary: whether an op, or a delete rebuilt from successors, fell in no change's
+    /// range (see `IndexedChangeCollector::collect`).
+    pub(crate) ops_of_no_change: bool,
 }
 
 #[derive(Clone, PartialEq, Debug)]
@@ -651,6 +666,7 @@ impl<'a> ChangeCollector<'a> {
             builders,
             last: None,
             preds: HashMap::default(),
+            ops_of_no_change: false,
         })
     }
 
@@ -826,6 +842,8 @@ impl<'a> ChangeCollector<'a> {
     pub(crate) fn add(&mut self, op: OpBuilder<'a>) {
         if let Some(index) = self.builders_index(op.id) {
             self.builders[index].add(op);
+        } else {
+            self.ops_of_no_change = true;
         }
     }
 
@@ -851,6 +869,8 @@ impl<'a> ChangeCollector<'a> {
                 let op = op.build(pred.to_vec());
                 if let Some(index) = self.builders_index(op.id) {
                     self.builders[index].add(op);
+                } else {
+                    self.ops_of_no_change = true;
                 }
             }
             self.preds.clear();

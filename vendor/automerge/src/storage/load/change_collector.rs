@@ -10,6 +10,9 @@ pub(crate) enum Error {
     IncorrectMaxOp,
     #[error("missing ops")]
     MissingOps,
+    /// Estuary: see `IndexedChangeCollector::collect`.
+    #[error("an op, or a successor, belongs to no change, or a successor precedes its op")]
+    OpsOfNoChange,
     #[error("missing ops")]
     MissingDep(#[from] crate::change_graph::MissingDep),
 }
